@@ -1,0 +1,123 @@
+/// Limits on what a clone may hold; they bound memory, prompt size and storage per clone.
+public struct CloneLimits: Sendable, Equatable {
+    public var maxNameLength = 80
+    public var maxTraits = 32
+    public var maxTraitLength = 80
+    public var maxSystemPromptLength = 16_000
+    public var maxSliders = 32
+    public var maxMemoryEntries = 256
+    public var maxMemoryEntryLength = 2_000
+
+    public init() {}
+}
+
+/// The editable fields of a clone, as a client sends them to `POST` (all required but `traits`,
+/// `sliders`, `memory`, `system_prompt`) or `PATCH` (any subset).
+public struct CloneFields: Sendable, Equatable {
+    public var name: String?
+    public var traits: [String]?
+    public var systemPrompt: String?
+    public var sliders: [String: Int]?
+    public var memory: [String]?
+
+    public init(name: String? = nil, traits: [String]? = nil, systemPrompt: String? = nil,
+                sliders: [String: Int]? = nil, memory: [String]? = nil) {
+        self.name = name
+        self.traits = traits
+        self.systemPrompt = systemPrompt
+        self.sliders = sliders
+        self.memory = memory
+    }
+
+    /// Parses and validates a request body. `requireName` is true for creation.
+    public static func parse(_ body: JSONValue, requireName: Bool, limits: CloneLimits = CloneLimits()) throws(ValidationError) -> CloneFields {
+        var reader = try JSONObjectReader(body)
+        var fields = CloneFields()
+        if let name = try reader.string("name") {
+            let trimmed = name.trimmedWhitespace
+            guard !trimmed.isEmpty else { throw ValidationError("'name' must not be empty") }
+            guard trimmed.count <= limits.maxNameLength else {
+                throw ValidationError("'name' is longer than \(limits.maxNameLength) characters")
+            }
+            fields.name = trimmed
+        } else if requireName {
+            throw ValidationError("missing field 'name'")
+        }
+        if let traits = try reader.stringArray("traits") {
+            guard traits.count <= limits.maxTraits else { throw ValidationError("at most \(limits.maxTraits) traits") }
+            fields.traits = try traits.enumerated().map { (i, t) throws(ValidationError) in
+                let trimmed = t.trimmedWhitespace
+                guard !trimmed.isEmpty else { throw ValidationError("'traits[\(i)]' must not be empty") }
+                guard trimmed.count <= limits.maxTraitLength else {
+                    throw ValidationError("'traits[\(i)]' is longer than \(limits.maxTraitLength) characters")
+                }
+                return trimmed
+            }
+        }
+        if let prompt = try reader.string("system_prompt") {
+            guard prompt.count <= limits.maxSystemPromptLength else {
+                throw ValidationError("'system_prompt' is longer than \(limits.maxSystemPromptLength) characters")
+            }
+            fields.systemPrompt = prompt
+        }
+        if let sliders = try reader.intMap("sliders") {
+            guard sliders.count <= limits.maxSliders else { throw ValidationError("at most \(limits.maxSliders) sliders") }
+            var out: [String: Int] = [:]
+            for (name, value) in sliders {
+                guard Self.isValidSliderName(name) else {
+                    throw ValidationError("slider name '\(name)' must be 1-32 characters of a-z, 0-9 and _, starting with a letter")
+                }
+                guard (0...100).contains(value) else { throw ValidationError("slider '\(name)' must be between 0 and 100") }
+                out[name] = Int(value)
+            }
+            fields.sliders = out
+        }
+        if let memory = try reader.stringArray("memory") {
+            guard memory.count <= limits.maxMemoryEntries else {
+                throw ValidationError("at most \(limits.maxMemoryEntries) memory entries")
+            }
+            fields.memory = try memory.enumerated().map { (i, m) throws(ValidationError) in
+                let trimmed = m.trimmedWhitespace
+                guard !trimmed.isEmpty else { throw ValidationError("'memory[\(i)]' must not be empty") }
+                guard trimmed.count <= limits.maxMemoryEntryLength else {
+                    throw ValidationError("'memory[\(i)]' is longer than \(limits.maxMemoryEntryLength) characters")
+                }
+                return trimmed
+            }
+        }
+        // id, timestamps and owner are the server's; naming them is a client bug worth reporting.
+        try reader.rejectUnknown()
+        return fields
+    }
+
+    static func isValidSliderName(_ name: String) -> Bool {
+        let bytes = Array(name.utf8)
+        guard (1...32).contains(bytes.count), let first = bytes.first, (UInt8(ascii: "a")...UInt8(ascii: "z")).contains(first) else {
+            return false
+        }
+        return bytes.allSatisfy {
+            (UInt8(ascii: "a")...UInt8(ascii: "z")).contains($0) || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains($0) || $0 == UInt8(ascii: "_")
+        }
+    }
+
+    /// Applies these fields over an existing clone.
+    public func applied(to clone: Clone, at now: Int64) -> Clone {
+        var c = clone
+        if let name { c.name = name }
+        if let traits { c.traits = traits }
+        if let systemPrompt { c.systemPrompt = systemPrompt }
+        if let sliders { c.sliders = sliders }
+        if let memory { c.memory = memory }
+        c.updatedAt = now
+        return c
+    }
+}
+
+extension String {
+    /// The string without leading and trailing whitespace and newlines.
+    public var trimmedWhitespace: String {
+        guard let first = firstIndex(where: { !$0.isWhitespace }) else { return "" }
+        let last = lastIndex(where: { !$0.isWhitespace })!
+        return String(self[first...last])
+    }
+}

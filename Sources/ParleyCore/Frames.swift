@@ -1,0 +1,165 @@
+/// Protocol version spoken by this server; sent in `welcome`.
+public let parleyProtocolVersion = 1
+
+/// Error codes of `error` frames (and of REST error bodies).
+public enum ErrorCode: String, Sendable, Equatable, CaseIterable {
+    case badRequest = "bad_request"
+    case unauthorized
+    case forbidden
+    case notFound = "not_found"
+    case rateLimited = "rate_limited"
+    case insufficientCredits = "insufficient_credits"
+    case tooLarge = "too_large"
+    case providerError = "provider_error"
+    case streamGone = "stream_gone"
+    /// The server is shutting down and takes no new work.
+    case unavailable
+    case `internal`
+}
+
+/// A request the client sent over the WebSocket.
+public enum ClientFrame: Sendable, Equatable {
+    case chatSend(id: String, clone: String, conversation: String?, text: String)
+    case chatCancel(id: String, stream: String)
+    case streamResume(id: String, stream: String, after: Int64)
+
+    public var id: String {
+        switch self {
+        case .chatSend(let id, _, _, _), .chatCancel(let id, _), .streamResume(let id, _, _): id
+        }
+    }
+}
+
+/// Why a client frame was refused; becomes an `error` frame with `ref` set when the id was readable.
+public struct FrameError: Error, Equatable, Sendable {
+    public var ref: String?
+    public var code: ErrorCode
+    public var message: String
+
+    public init(ref: String?, code: ErrorCode, message: String) {
+        self.ref = ref
+        self.code = code
+        self.message = message
+    }
+}
+
+public struct FrameLimits: Sendable, Equatable {
+    /// Longest `chat.send` text, in characters.
+    public var maxTextLength = 8_000
+    public var maxIDLength = 128
+
+    public init() {}
+}
+
+extension ClientFrame {
+    /// Parses one text message. Every failure is a `FrameError` the socket can answer and survive.
+    public static func parse(_ bytes: some Sequence<UInt8>, limits: FrameLimits = FrameLimits()) throws(FrameError) -> ClientFrame {
+        let value: JSONValue
+        do {
+            value = try JSONValue.parse(bytes)
+        } catch {
+            throw FrameError(ref: nil, code: .badRequest, message: "malformed JSON")
+        }
+        guard case .object = value else {
+            throw FrameError(ref: nil, code: .badRequest, message: "a frame must be a JSON object")
+        }
+        var ref: String?
+        if case .string(let id)? = value["id"], !id.isEmpty, id.utf8.count <= limits.maxIDLength { ref = id }
+        do {
+            var reader = try JSONObjectReader(value, what: "frame")
+            guard let type = try reader.string("type") else { throw ValidationError("missing field 'type'") }
+            let id = try reader.requiredString("id")
+            guard !id.isEmpty, id.utf8.count <= limits.maxIDLength else {
+                throw ValidationError("'id' must be 1-\(limits.maxIDLength) bytes")
+            }
+            let frame: ClientFrame
+            switch type {
+            case "chat.send":
+                let clone = try reader.requiredString("clone")
+                let conversation = try reader.string("conversation")
+                let text = try reader.requiredString("text")
+                guard !text.trimmedWhitespace.isEmpty else { throw ValidationError("'text' must not be empty") }
+                guard text.count <= limits.maxTextLength else {
+                    throw FrameError(ref: ref, code: .tooLarge, message: "'text' is longer than \(limits.maxTextLength) characters")
+                }
+                frame = .chatSend(id: id, clone: clone, conversation: conversation, text: text)
+            case "chat.cancel":
+                frame = .chatCancel(id: id, stream: try reader.requiredString("stream"))
+            case "stream.resume":
+                let stream = try reader.requiredString("stream")
+                guard let after = try reader.int("after") else { throw ValidationError("missing field 'after'") }
+                guard after >= 0 else { throw ValidationError("'after' must be 0 or more") }
+                frame = .streamResume(id: id, stream: stream, after: after)
+            default:
+                throw ValidationError("unknown frame type '\(type)'")
+            }
+            try reader.rejectUnknown()
+            return frame
+        } catch let error as ValidationError {
+            throw FrameError(ref: ref, code: .badRequest, message: error.message)
+        } catch let error as FrameError {
+            throw error
+        } catch {
+            throw FrameError(ref: ref, code: .badRequest, message: "\(error)")
+        }
+    }
+}
+
+/// Encoders for every frame the server sends. Each returns the UTF-8 JSON text of one message.
+public enum ServerFrame {
+    public static func welcome(user: String) -> [UInt8] {
+        JSONValue.object([
+            ("type", .string("welcome")),
+            ("user", .string(user)),
+            ("protocol", .int(Int64(parleyProtocolVersion))),
+        ]).serialized()
+    }
+
+    public static func streamStart(ref: String?, stream: String, conversation: String, clone: String, model: String) -> [UInt8] {
+        var pairs: [(String, JSONValue)] = [("type", .string("stream.start"))]
+        if let ref { pairs.append(("ref", .string(ref))) }
+        pairs += [
+            ("stream", .string(stream)),
+            ("conversation", .string(conversation)),
+            ("clone", .string(clone)),
+            ("model", .string(model)),
+        ]
+        return JSONValue.object(pairs).serialized()
+    }
+
+    /// The hot path: one per generated token, written without building a JSON tree.
+    public static func token(stream: String, seq: Int64, text: Substring) -> [UInt8] {
+        var out = [UInt8]()
+        out.reserveCapacity(48 + stream.utf8.count + text.utf8.count)
+        out.append(contentsOf: #"{"type":"token","stream":"#.utf8)
+        JSONString.append(stream, to: &out)
+        out.append(contentsOf: #","seq":"#.utf8)
+        out.append(contentsOf: String(seq).utf8)
+        out.append(contentsOf: #","text":"#.utf8)
+        JSONString.append(String(text), to: &out)
+        out.append(UInt8(ascii: "}"))
+        return out
+    }
+
+    public static func streamEnd(stream: String, reason: StreamEndReason, usage: Usage, message: String?) -> [UInt8] {
+        var pairs: [(String, JSONValue)] = [
+            ("type", .string("stream.end")),
+            ("stream", .string(stream)),
+            ("reason", .string(reason.rawValue)),
+            ("usage", usage.json),
+        ]
+        if let message { pairs.append(("message", .string(message))) }
+        return JSONValue.object(pairs).serialized()
+    }
+
+    public static func error(ref: String?, code: ErrorCode, message: String) -> [UInt8] {
+        var pairs: [(String, JSONValue)] = [("type", .string("error"))]
+        if let ref { pairs.append(("ref", .string(ref))) }
+        pairs += [("code", .string(code.rawValue)), ("message", .string(message))]
+        return JSONValue.object(pairs).serialized()
+    }
+
+    public static func error(_ error: FrameError) -> [UInt8] {
+        Self.error(ref: error.ref, code: error.code, message: error.message)
+    }
+}

@@ -1,0 +1,92 @@
+import Synchronization
+
+/// Generates identifiers that sort by creation time: a prefix, 10 Crockford-base32 characters of
+/// milliseconds since the epoch and 16 of a monotonic counter seeded at random each millisecond.
+/// Sortable ids let every store paginate with `id < before` and need no separate sequence column.
+public final class IDGenerator: Sendable {
+    private struct State {
+        var lastMillis: UInt64 = 0
+        var counter: UInt64 = 0
+    }
+
+    private static let alphabet = Array("0123456789ABCDEFGHJKMNPQRSTVWXYZ".utf8)
+    private let state = Mutex(State())
+    private let clock: @Sendable () -> UInt64
+
+    public init(clock: @escaping @Sendable () -> UInt64 = { Timestamp.nowMillis() }) {
+        self.clock = clock
+    }
+
+    /// A new id, e.g. `cl_01JD3V6Q2M0000000000000ABC`.
+    public func make(_ kind: IDKind) -> String {
+        let (millis, counter) = state.withLock { s -> (UInt64, UInt64) in
+            let now = clock()
+            if now > s.lastMillis {
+                s.lastMillis = now
+                // Keep the top bits clear so the counter cannot overflow within a millisecond.
+                s.counter = UInt64.random(in: 0..<(1 << 60))
+            } else {
+                s.counter &+= 1
+            }
+            return (s.lastMillis, s.counter)
+        }
+        var out = [UInt8]()
+        out.reserveCapacity(kind.rawValue.utf8.count + 1 + 26)
+        out.append(contentsOf: kind.rawValue.utf8)
+        out.append(UInt8(ascii: "_"))
+        for shift in stride(from: 45, through: 0, by: -5) {
+            out.append(Self.alphabet[Int((millis >> UInt64(shift)) & 31)])
+        }
+        for shift in stride(from: 75, through: 0, by: -5) {
+            let value = shift >= 64 ? 0 : (counter >> UInt64(shift)) & 31
+            out.append(Self.alphabet[Int(value)])
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    /// Whether `id` has the shape this generator makes for `kind` (used to reject junk early).
+    public static func isValid(_ id: String, kind: IDKind) -> Bool {
+        let prefix = kind.rawValue + "_"
+        guard id.hasPrefix(prefix) else { return false }
+        let body = id.utf8.dropFirst(prefix.utf8.count)
+        return body.count == 26 && body.allSatisfy { alphabet.contains($0) }
+    }
+}
+
+public enum IDKind: String, Sendable {
+    case clone = "cl"
+    case conversation = "cv"
+    case message = "msg"
+    case stream = "st"
+    case connection = "conn"
+}
+
+public enum Timestamp {
+    public static func nowMillis() -> UInt64 {
+        UInt64(max(0, (Date().timeIntervalSince1970 * 1000).rounded(.down)))
+    }
+
+    /// RFC 3339 in UTC with milliseconds, e.g. `2026-11-22T20:07:40.123Z`.
+    public static func rfc3339(millis: Int64) -> String {
+        let ms = Int(((millis % 1000) + 1000) % 1000)
+        let seconds = (millis - Int64(ms)) / 1000
+        var days = Int(seconds / 86_400)
+        var rem = Int(seconds % 86_400)
+        if rem < 0 { rem += 86_400; days -= 1 }
+        // Civil-from-days (H. Hinnant), valid for the whole proleptic Gregorian calendar.
+        let z = days + 719_468
+        let era = (z >= 0 ? z : z - 146_096) / 146_097
+        let doe = z - era * 146_097
+        let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100)
+        let mp = (5 * doy + 2) / 153
+        let day = doy - (153 * mp + 2) / 5 + 1
+        let month = mp < 10 ? mp + 3 : mp - 9
+        let year = yoe + era * 400 + (month <= 2 ? 1 : 0)
+        func pad(_ v: Int, _ width: Int) -> String {
+            let s = String(v)
+            return String(repeating: "0", count: max(0, width - s.count)) + s
+        }
+        return "\(pad(year, 4))-\(pad(month, 2))-\(pad(day, 2))T\(pad(rem / 3600, 2)):\(pad(rem % 3600 / 60, 2)):\(pad(rem % 60, 2)).\(pad(ms, 3))Z"
+    }
+}

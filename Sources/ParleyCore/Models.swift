@@ -1,0 +1,109 @@
+/// A person, identified by the `sub` claim of their token.
+public struct User: Sendable, Equatable {
+    public var id: String
+    public var createdAt: Int64
+
+    public init(id: String, createdAt: Int64) {
+        self.id = id
+        self.createdAt = createdAt
+    }
+}
+
+/// An AI persona a user created.
+public struct Clone: Sendable, Equatable {
+    public var id: String
+    public var owner: String
+    public var name: String
+    public var traits: [String]
+    public var systemPrompt: String
+    /// Personality sliders, each 0...100.
+    public var sliders: [String: Int]
+    public var memory: [String]
+    public var createdAt: Int64
+    public var updatedAt: Int64
+
+    public init(
+        id: String, owner: String, name: String, traits: [String], systemPrompt: String,
+        sliders: [String: Int], memory: [String], createdAt: Int64, updatedAt: Int64
+    ) {
+        self.id = id
+        self.owner = owner
+        self.name = name
+        self.traits = traits
+        self.systemPrompt = systemPrompt
+        self.sliders = sliders
+        self.memory = memory
+        self.createdAt = createdAt
+        self.updatedAt = updatedAt
+    }
+}
+
+/// A one-to-one chat between a user and one of their clones.
+public struct Conversation: Sendable, Equatable {
+    public var id: String
+    public var owner: String
+    public var clone: String
+    public var title: String
+    public var createdAt: Int64
+    public var updatedAt: Int64
+
+    public init(id: String, owner: String, clone: String, title: String, createdAt: Int64, updatedAt: Int64) {
+        self.id = id
+        self.owner = owner
+        self.clone = clone
+        self.title = title
+        self.createdAt = createdAt
+        self.updatedAt = updatedAt
+    }
+}
+
+public enum Role: String, Sendable, Codable, Equatable {
+    case system, user, assistant
+}
+
+public struct Usage: Sendable, Equatable, Codable {
+    public var inputTokens: Int
+    public var outputTokens: Int
+
+    public init(inputTokens: Int, outputTokens: Int) {
+        self.inputTokens = inputTokens
+        self.outputTokens = outputTokens
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case inputTokens = "input_tokens"
+        case outputTokens = "output_tokens"
+    }
+}
+
+/// Why a stream ended; stored with the assistant message and sent in `stream.end`.
+public enum StreamEndReason: String, Sendable, Codable, Equatable, CaseIterable {
+    case complete, cancelled, insufficientCredits = "insufficient_credits", error, shutdown
+}
+
+/// One turn of a transcript.
+public struct Message: Sendable, Equatable {
+    public var id: String
+    public var conversation: String
+    public var role: Role
+    public var text: String
+    public var createdAt: Int64
+    /// Assistant messages only: how the stream that produced it ended.
+    public var reason: StreamEndReason?
+    public var usage: Usage?
+    public var stream: String?
+
+    public init(
+        id: String, conversation: String, role: Role, text: String, createdAt: Int64,
+        reason: StreamEndReason? = nil, usage: Usage? = nil, stream: String? = nil
+    ) {
+        self.id = id
+        self.conversation = conversation
+        self.role = role
+        self.text = text
+        self.createdAt = createdAt
+        self.reason = reason
+        self.usage = usage
+        self.stream = stream
+    }
+}

@@ -1,0 +1,49 @@
+/// JSON shapes of domain objects as the REST API and the protocol show them.
+extension Clone {
+    public var json: JSONValue {
+        .object([
+            ("id", .string(id)),
+            ("name", .string(name)),
+            ("traits", .array(traits.map(JSONValue.string))),
+            ("system_prompt", .string(systemPrompt)),
+            ("sliders", .object(sliders.sorted { $0.key < $1.key }.map { ($0.key, .int(Int64($0.value))) })),
+            ("memory", .array(memory.map(JSONValue.string))),
+            ("created_at", .string(Timestamp.rfc3339(millis: createdAt))),
+            ("updated_at", .string(Timestamp.rfc3339(millis: updatedAt))),
+        ])
+    }
+}
+
+extension Conversation {
+    public var json: JSONValue {
+        .object([
+            ("id", .string(id)),
+            ("clone", .string(clone)),
+            ("title", .string(title)),
+            ("created_at", .string(Timestamp.rfc3339(millis: createdAt))),
+            ("updated_at", .string(Timestamp.rfc3339(millis: updatedAt))),
+        ])
+    }
+}
+
+extension Usage {
+    public var json: JSONValue {
+        .object([("input_tokens", .int(Int64(inputTokens))), ("output_tokens", .int(Int64(outputTokens)))])
+    }
+}
+
+extension Message {
+    public var json: JSONValue {
+        var pairs: [(String, JSONValue)] = [
+            ("id", .string(id)),
+            ("conversation", .string(conversation)),
+            ("role", .string(role.rawValue)),
+            ("text", .string(text)),
+            ("created_at", .string(Timestamp.rfc3339(millis: createdAt))),
+        ]
+        if let reason { pairs.append(("reason", .string(reason.rawValue))) }
+        if let usage { pairs.append(("usage", usage.json)) }
+        if let stream { pairs.append(("stream", .string(stream))) }
+        return .object(pairs)
+    }
+}

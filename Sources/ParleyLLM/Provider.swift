@@ -1,0 +1,42 @@
+import ParleyCore
+
+/// What a provider is asked to complete.
+public struct CompletionRequest: Sendable, Equatable {
+    /// The model to use; nil means the provider's default.
+    public var model: String?
+    /// System message first, then the conversation, ending with the message to answer.
+    public var messages: [PromptMessage]
+    /// The name the reply speaks as (a clone's name), for providers that can use it.
+    public var speaker: String?
+    public var maxOutputTokens: Int
+
+    public init(model: String? = nil, messages: [PromptMessage], speaker: String? = nil, maxOutputTokens: Int) {
+        self.model = model
+        self.messages = messages
+        self.speaker = speaker
+        self.maxOutputTokens = maxOutputTokens
+    }
+}
+
+/// One event of a streamed completion: text tokens in order, then usage once at the end.
+public enum LLMEvent: Sendable, Equatable {
+    case token(String)
+    case usage(Usage)
+}
+
+/// A streamed completion. Cancelling the consuming task stops generation: the next element
+/// throws `CancellationError` (providers must check cancellation while waiting).
+public typealias LLMEventStream = AsyncThrowingStream<LLMEvent, any Error>
+
+/// The one interface every LLM backend implements.
+public protocol LLMProvider: Sendable {
+    /// The model name reported to clients in `stream.start`.
+    func modelName(for request: CompletionRequest) -> String
+    func stream(_ request: CompletionRequest) -> LLMEventStream
+}
+
+/// A provider failure whose message is safe to show the client.
+public struct ProviderError: Error, Equatable, Sendable {
+    public var message: String
+    public init(_ message: String) { self.message = message }
+}

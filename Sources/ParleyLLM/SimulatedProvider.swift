@@ -1,0 +1,155 @@
+import ParleyCore
+import Synchronization
+
+/// A development and load-test provider: no model, no network. Its replies are deterministic
+/// functions of the prompt and speaker (the same prompt always gets the same reply), its token
+/// counts are exact, and its pacing (time to first token, tokens per second) is configurable, so
+/// tests can predict every frame and load tests can model a real model's rhythm.
+/// It is not an LLM and must never be presented to users as one.
+public struct SimulatedProvider: LLMProvider {
+    public struct Configuration: Sendable, Equatable {
+        /// Delay before the first token.
+        public var timeToFirstToken: Duration
+        /// Pace after the first token; 0 or less means as fast as possible.
+        public var tokensPerSecond: Double
+        /// Length of every reply in tokens, unless the request asks for fewer.
+        public var replyTokens: Int
+
+        public init(timeToFirstToken: Duration = .milliseconds(200), tokensPerSecond: Double = 30, replyTokens: Int = 60) {
+            self.timeToFirstToken = timeToFirstToken
+            self.tokensPerSecond = tokensPerSecond
+            self.replyTokens = replyTokens
+        }
+    }
+
+    public static let modelName = "simulated"
+
+    public var configuration: Configuration
+
+    public init(configuration: Configuration = Configuration()) {
+        self.configuration = configuration
+    }
+
+    public func modelName(for request: CompletionRequest) -> String { Self.modelName }
+
+    /// Input tokens as this provider counts them: every prompt message plus its framing.
+    public static func inputTokens(_ request: CompletionRequest) -> Int {
+        request.messages.reduce(0) { $0 + Tokenizer.count($1.text) + PromptAssembler.perMessageOverhead }
+    }
+
+    /// The exact tokens `stream` will emit for `request`.
+    public func replyTokens(for request: CompletionRequest) -> [String] {
+        let length = max(0, min(configuration.replyTokens, request.maxOutputTokens))
+        guard length > 0 else { return [] }
+        var hasher = FNV1a()
+        hasher.add(request.speaker ?? "")
+        for message in request.messages {
+            hasher.add(message.role.rawValue)
+            hasher.add(message.text)
+        }
+        var rng = SplitMix64(seed: hasher.value)
+        let lastUser = request.messages.last { $0.role == .user }?.text ?? ""
+        let topics = Tokenizer.tokens(lastUser)
+            .map { String($0).trimmedWhitespace }
+            .filter { $0.count >= 4 && $0.allSatisfy { $0.isLetter } }
+            .map { $0.lowercased() }
+
+        var text = ""
+        if let speaker = request.speaker, !speaker.isEmpty {
+            text += "\(Self.openers[Int(rng.next() % UInt64(Self.openers.count))]) \(speaker) here."
+        } else {
+            text += Self.openers[Int(rng.next() % UInt64(Self.openers.count))] + "."
+        }
+        // Generate past the wanted length, then cut to exactly `length` tokens.
+        while Tokenizer.count(text) < length + 1 {
+            let words = 5 + Int(rng.next() % 8)
+            var sentence: [String] = []
+            for w in 0..<words {
+                if !topics.isEmpty, w == 2 || rng.next() % 6 == 0 {
+                    sentence.append(topics[Int(rng.next() % UInt64(topics.count))])
+                } else {
+                    sentence.append(Self.words[Int(rng.next() % UInt64(Self.words.count))])
+                }
+            }
+            let first = sentence[0]
+            sentence[0] = first.prefix(1).uppercased() + first.dropFirst()
+            text += " " + sentence.joined(separator: " ") + (rng.next() % 4 == 0 ? "?" : ".")
+        }
+        return Tokenizer.tokens(text).prefix(length).map(String.init)
+    }
+
+    public func stream(_ request: CompletionRequest) -> LLMEventStream {
+        let tokens = replyTokens(for: request)
+        let usage = Usage(inputTokens: Self.inputTokens(request), outputTokens: tokens.count)
+        let pacing = Pacing(configuration)
+        let state = Mutex(StreamState())
+        // `unfolding` runs in the consumer's task, so cancelling that task interrupts the sleep.
+        return LLMEventStream(unfolding: {
+            let (index, start) = state.withLock { s -> (Int, ContinuousClock.Instant) in
+                if s.start == nil { s.start = .now }
+                defer { s.next += 1 }
+                return (s.next, s.start!)
+            }
+            if index < tokens.count {
+                try await ContinuousClock().sleep(until: start.advanced(by: pacing.offset(ofToken: index)))
+                return .token(tokens[index])
+            }
+            if index == tokens.count { return .usage(usage) }
+            return nil
+        })
+    }
+
+    private struct StreamState {
+        var next = 0
+        var start: ContinuousClock.Instant?
+    }
+
+    /// When each token is due, measured from the start of the stream (not from the previous
+    /// token, so scheduling jitter does not accumulate).
+    struct Pacing {
+        var ttft: Duration
+        var interval: Duration
+
+        init(_ c: Configuration) {
+            ttft = c.timeToFirstToken
+            interval = c.tokensPerSecond > 0 ? .nanoseconds(Int64(1e9 / c.tokensPerSecond)) : .zero
+        }
+
+        func offset(ofToken index: Int) -> Duration { ttft + interval * index }
+    }
+
+    static let openers = ["Well", "Hello", "Right", "Honestly", "So", "Listen", "Ah"]
+    static let words = [
+        "the", "idea", "seems", "quite", "bright", "and", "I", "would", "say", "it", "really", "depends",
+        "on", "how", "we", "look", "at", "small", "things", "every", "day", "maybe", "you", "could",
+        "try", "another", "angle", "because", "time", "changes", "what", "matters", "most", "to",
+        "people", "who", "care", "about", "stories", "music", "questions", "answers", "together",
+    ]
+}
+
+/// 64-bit FNV-1a: a stable hash (Swift's `Hasher` is seeded per process, so replies would vary).
+struct FNV1a {
+    private(set) var value: UInt64 = 0xcbf2_9ce4_8422_2325
+
+    mutating func add(_ string: String) {
+        for byte in string.utf8 {
+            value ^= UInt64(byte)
+            value = value &* 0x0000_0100_0000_01B3
+        }
+        value ^= 0xFF
+        value = value &* 0x0000_0100_0000_01B3
+    }
+}
+
+struct SplitMix64 {
+    private var state: UInt64
+    init(seed: UInt64) { state = seed }
+
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}

@@ -1,0 +1,214 @@
+import Logging
+import NIOCore
+import ParleyCore
+import ParleyLLM
+import ParleyStore
+import Synchronization
+
+/// Clone chat over the protocol: turns `chat.send` into a stored user message, a streamed reply
+/// and a stored assistant message; handles `chat.cancel` and `stream.resume`.
+final class ChatService: Sendable {
+    let store: any Store
+    let provider: any LLMProvider
+    let hub: StreamHub
+    let configuration: ServerConfiguration
+    let logger: Logger
+    let ids: IDGenerator
+    private let allocator = ByteBufferAllocator()
+
+    private struct Requests {
+        var accepting = true
+        var nextKey: UInt64 = 0
+        var running: [UInt64: Task<Void, Never>] = [:]
+    }
+
+    private let requests = Mutex(Requests())
+
+    init(store: any Store, provider: any LLMProvider, hub: StreamHub, configuration: ServerConfiguration, logger: Logger, ids: IDGenerator) {
+        self.store = store
+        self.provider = provider
+        self.hub = hub
+        self.configuration = configuration
+        self.logger = logger
+        self.ids = ids
+    }
+
+    /// Serves one client request. Never throws: every failure becomes an `error` frame.
+    func handle(_ frame: ClientFrame, from connection: ClientConnection) {
+        switch frame {
+        case let .chatSend(id, clone, conversation, text):
+            let started = requests.withLock { r -> Bool in
+                guard r.accepting else { return false }
+                let key = r.nextKey
+                r.nextKey += 1
+                r.running[key] = Task {
+                    await self.chatSend(ref: id, cloneID: clone, conversationID: conversation, text: text, from: connection)
+                    _ = self.requests.withLock { $0.running.removeValue(forKey: key) }
+                }
+                return true
+            }
+            if !started {
+                connection.send(ServerFrame.error(ref: id, code: .unavailable, message: "the server is shutting down"))
+            }
+        case let .chatCancel(id, stream):
+            guard let live = hub.stream(id: stream, owner: connection.identity.user) else {
+                connection.send(ServerFrame.error(ref: id, code: .notFound, message: "no stream \(stream)"))
+                return
+            }
+            // An already ended stream needs no answer: its stream.end was the answer.
+            live.stop(.cancelled)
+        case let .streamResume(id, stream, after):
+            guard let live = hub.stream(id: stream, owner: connection.identity.user) else {
+                connection.send(ServerFrame.error(ref: id, code: .streamGone, message: "stream \(stream) is no longer buffered"))
+                return
+            }
+            let ack = allocator.buffer(bytes: live.startFrame(ref: id))
+            if live.resume(connection, after: after, ack: ack) == .gone {
+                connection.send(ServerFrame.error(ref: id, code: .streamGone, message: "tokens after seq \(after) of stream \(stream) are no longer buffered"))
+            }
+        }
+    }
+
+    /// Stops every stream, lets each store its partial reply and send `stream.end` with reason
+    /// `shutdown`, and returns when all requests in flight have finished.
+    func shutdown() async {
+        let running = requests.withLock { r -> [Task<Void, Never>] in
+            r.accepting = false
+            return Array(r.running.values)
+        }
+        for stream in hub.liveStreams { stream.stop(.shutdown) }
+        for task in running { await task.value }
+    }
+
+    var isAccepting: Bool { requests.withLock { $0.accepting } }
+
+    /// Stops the owner's streams on `clone` and waits for them to end (before the clone is deleted).
+    func stopStreams(clone: String, owner: String) async {
+        let tasks = hub.liveStreams.filter { $0.owner == owner && $0.clone == clone }.compactMap { $0.stop(.cancelled) }
+        for task in tasks { await task.value }
+    }
+
+    // MARK: chat.send
+
+    private func chatSend(ref: String, cloneID: String, conversationID: String?, text: String, from connection: ClientConnection) async {
+        let user = connection.identity.user
+        var reservedConversation: String?
+        do {
+            guard let clone = try await store.clone(id: cloneID, owner: user) else {
+                throw FrameError(ref: ref, code: .notFound, message: "no clone \(cloneID)")
+            }
+            let now = Int64(Timestamp.nowMillis())
+            let conversation: Conversation
+            if let conversationID {
+                guard let existing = try await store.conversation(id: conversationID, owner: user) else {
+                    throw FrameError(ref: ref, code: .notFound, message: "no conversation \(conversationID)")
+                }
+                guard existing.clone == clone.id else {
+                    throw FrameError(ref: ref, code: .badRequest, message: "conversation \(conversationID) is with another clone")
+                }
+                conversation = existing
+            } else {
+                conversation = Conversation(
+                    id: ids.make(.conversation), owner: user, clone: clone.id, title: Self.title(for: text),
+                    createdAt: now, updatedAt: now
+                )
+                try await store.createConversation(conversation)
+            }
+            switch hub.reserve(user: user, conversation: conversation.id) {
+            case .reserved: reservedConversation = conversation.id
+            case .conversationBusy:
+                throw FrameError(ref: ref, code: .rateLimited, message: "a reply is already streaming in conversation \(conversation.id)")
+            case .tooManyStreams:
+                throw FrameError(ref: ref, code: .rateLimited, message: "at most \(configuration.maxConcurrentStreamsPerUser) replies may stream at once")
+            }
+
+            // The user's message is durable before anything is generated for it.
+            let userMessage = Message(id: ids.make(.message), conversation: conversation.id, role: .user, text: text, createdAt: now)
+            try await store.appendMessage(userMessage)
+
+            let history = try await store.messages(conversation: conversation.id, limit: configuration.historyMessages, before: nil)
+            let prompt = PromptAssembler(contextBudget: configuration.contextBudgetTokens).assemble(clone: clone, history: history)
+            let request = CompletionRequest(messages: prompt.messages, speaker: clone.name, maxOutputTokens: configuration.maxOutputTokens)
+
+            let live = LiveStream(
+                id: ids.make(.stream), owner: user, conversation: conversation.id, clone: clone.id,
+                model: provider.modelName(for: request), bufferCapacity: configuration.resumeBufferTokens,
+                subscribers: hub.connections(of: user)
+            )
+            live.start(allocator.buffer(bytes: live.startFrame(ref: ref)))
+            hub.register(live)
+            if !isAccepting { live.stop(.shutdown) }
+            let generation = Task {
+                await self.generate(live, request: request, prompt: prompt, ref: ref, requester: connection)
+            }
+            live.attach(generation)
+            reservedConversation = nil  // `generate` releases it when the stream ends
+            await generation.value
+        } catch let error as FrameError {
+            connection.send(ServerFrame.error(error))
+        } catch {
+            logger.error("chat.send failed", metadata: ["user": "\(user)", "error": "\(error)"])
+            connection.send(ServerFrame.error(ref: ref, code: .internal, message: "the request failed; try again"))
+        }
+        if let reservedConversation { hub.release(user: user, conversation: reservedConversation) }
+    }
+
+    private func generate(_ live: LiveStream, request: CompletionRequest, prompt: AssembledPrompt, ref: String, requester: ClientConnection) async {
+        var text = ""
+        var seq: Int64 = 0
+        var reported: Usage?
+        var failure: String?
+        do {
+            for try await event in provider.stream(request) {
+                switch event {
+                case .token(let token):
+                    seq += 1
+                    text += token
+                    live.publish(seq: seq, frame: allocator.buffer(bytes: ServerFrame.token(stream: live.id, seq: seq, text: token[...])))
+                case .usage(let usage):
+                    reported = usage
+                }
+            }
+        } catch is CancellationError {
+        } catch let error as ProviderError {
+            failure = error.message
+        } catch {
+            logger.error("provider failed", metadata: ["stream": "\(live.id)", "error": "\(error)"])
+            failure = "the model provider failed"
+        }
+
+        let reason: StreamEndReason
+        if failure != nil, live.stopReason == nil {
+            reason = .error
+        } else if reported != nil, failure == nil {
+            reason = .complete  // every token arrived, even if a stop came in just after
+        } else {
+            reason = live.stopReason ?? .cancelled
+        }
+        let usage = reason == .complete ? reported! : Usage(inputTokens: prompt.estimatedTokens, outputTokens: Int(seq))
+
+        let message = Message(
+            id: ids.make(.message), conversation: live.conversation, role: .assistant, text: text,
+            createdAt: Int64(Timestamp.nowMillis()), reason: reason, usage: usage, stream: live.id
+        )
+        // Stored outside this (possibly cancelled) task so a stop never prevents the write.
+        let store = self.store
+        let stored = await Task { try await store.appendMessage(message) }.result
+        var messageID: String? = message.id
+        if case .failure(let error) = stored {
+            logger.error("storing the reply failed", metadata: ["stream": "\(live.id)", "error": "\(error)"])
+            messageID = nil
+        }
+        if reason == .error, let failure {
+            live.send(allocator.buffer(bytes: ServerFrame.error(ref: ref, code: .providerError, message: failure)), to: requester)
+        }
+        live.finish(allocator.buffer(bytes: ServerFrame.streamEnd(stream: live.id, reason: reason, usage: usage, message: messageID)))
+        hub.ended(live)
+        hub.release(user: live.owner, conversation: live.conversation)
+    }
+
+    static func title(for text: String) -> String {
+        let line = text.trimmedWhitespace.split(whereSeparator: \.isNewline).first.map(String.init) ?? ""
+        return line.count <= 60 ? line : String(line.prefix(59)) + "…"
+    }
+}

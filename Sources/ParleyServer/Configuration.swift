@@ -1,0 +1,44 @@
+import ParleyCore
+import ParleyLLM
+
+/// Everything `parley serve` can be told; defaults are the embedded, zero-setup configuration.
+public struct ServerConfiguration: Sendable {
+    public var host = "127.0.0.1"
+    /// 0 picks a free port (tests); the bound port is reported by `ParleyServer.port`.
+    public var port = 8080
+    /// Holds the SQLite database and, when no secret is given, the generated JWT secret.
+    public var dataDirectory = "./parley-data"
+    /// HS256 secret for tokens; nil reads or creates `<data dir>/jwt-secret`.
+    public var jwtSecret: String?
+    /// Event loop threads; nil means one per core.
+    public var eventLoopThreads: Int?
+
+    public var simulated = SimulatedProvider.Configuration()
+
+    /// Tokens of prompt (persona + history) sent to the provider at most.
+    public var contextBudgetTokens = 4_096
+    /// Messages read from the store to build a prompt, before trimming to the budget.
+    public var historyMessages = 200
+    /// Longest reply a stream may generate.
+    public var maxOutputTokens = 1_024
+    /// Streams one user may run at once (one per conversation in any case).
+    public var maxConcurrentStreamsPerUser = 4
+    /// Tokens kept per stream for `stream.resume`.
+    public var resumeBufferTokens = 1_024
+    /// How long an ended stream stays resumable.
+    public var resumeRetention: Duration = .seconds(60)
+    /// Largest WebSocket message accepted (after reassembling fragments), in bytes.
+    public var maxMessageBytes = 64 * 1024
+    /// Largest HTTP request body accepted, in bytes.
+    public var maxRequestBodyBytes = 1024 * 1024
+    /// How long a clean shutdown waits for sockets to finish closing.
+    public var shutdownGrace: Duration = .seconds(5)
+
+    public var frameLimits = FrameLimits()
+    public var cloneLimits = CloneLimits()
+
+    public init() {}
+
+    public var sqlitePath: String { dataDirectory + "/parley.sqlite" }
+    public var secretPath: String { dataDirectory + "/jwt-secret" }
+}

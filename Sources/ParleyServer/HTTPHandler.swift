@@ -1,0 +1,79 @@
+import NIOCore
+import NIOHTTP1
+
+/// Reads one HTTP request at a time (bodies capped), answers it through `RESTAPI` off the event
+/// loop, and writes the response back in order. Pipelined requests wait in NIO's
+/// `HTTPServerPipelineHandler` until the previous response has been written.
+final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    static let name = "parley.http"
+
+    private enum State {
+        case idle
+        case receiving(HTTPRequestHead, ByteBuffer?)
+        /// The body passed the cap; the rest is read and dropped, then 413 answers.
+        case discarding(HTTPRequestHead)
+    }
+
+    private var state = State.idle
+    private let api: RESTAPI
+    private let maxBodyBytes: Int
+
+    init(api: RESTAPI, maxBodyBytes: Int) {
+        self.api = api
+        self.maxBodyBytes = maxBodyBytes
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch (unwrapInboundIn(data), state) {
+        case (.head(let head), _):
+            state = .receiving(head, nil)
+        case (.body(var chunk), .receiving(let head, var body)):
+            if (body?.readableBytes ?? 0) + chunk.readableBytes > maxBodyBytes {
+                state = .discarding(head)
+            } else if body == nil {
+                state = .receiving(head, chunk)
+            } else {
+                body!.writeBuffer(&chunk)
+                state = .receiving(head, body)
+            }
+        case (.body, _):
+            break
+        case (.end, .receiving(let head, let body)):
+            state = .idle
+            respond(context: context, head: head, request: HTTPRequest(head: head, body: body))
+        case (.end, .discarding(let head)):
+            state = .idle
+            let error = APIError(.payloadTooLarge, .tooLarge, "the request body is larger than \(maxBodyBytes) bytes")
+            write(error.response, for: head, keepAlive: false, context: context)
+        case (.end, .idle):
+            break
+        }
+    }
+
+    private func respond(context: ChannelHandlerContext, head: HTTPRequestHead, request: HTTPRequest) {
+        let api = self.api
+        context.eventLoop.makeFutureWithTask {
+            await api.respond(to: request)
+        }.assumeIsolated().whenSuccess { response in
+            self.write(response, for: head, keepAlive: head.isKeepAlive, context: context)
+        }
+    }
+
+    private func write(_ response: HTTPResponse, for request: HTTPRequestHead, keepAlive: Bool, context: ChannelHandlerContext) {
+        var headers = response.headers
+        headers.replaceOrAdd(name: "content-length", value: String(response.body.count))
+        headers.replaceOrAdd(name: "connection", value: keepAlive ? "keep-alive" : "close")
+        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: request.version, status: response.status, headers: headers))), promise: nil)
+        if !response.body.isEmpty, request.method != .HEAD {
+            context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(bytes: response.body)))), promise: nil)
+        }
+        let written = context.writeAndFlush(wrapOutboundOut(.end(nil)))
+        if !keepAlive {
+            let channel = context.channel
+            written.whenComplete { _ in channel.close(promise: nil) }
+        }
+    }
+}

@@ -1,0 +1,83 @@
+import Foundation
+import NIOCore
+import NIOHTTP1
+import ParleyCore
+
+/// An HTTP request, fully read.
+struct HTTPRequest: Sendable {
+    var method: HTTPMethod
+    var uri: String
+    var path: String
+    var query: [String: String]
+    var headers: HTTPHeaders
+    var body: ByteBuffer?
+
+    init(head: HTTPRequestHead, body: ByteBuffer?) {
+        method = head.method
+        uri = head.uri
+        headers = head.headers
+        self.body = body
+        let components = URLComponents(string: head.uri)
+        path = components?.percentEncodedPath ?? head.uri
+        var query: [String: String] = [:]
+        for item in components?.queryItems ?? [] where query[item.name] == nil {
+            query[item.name] = item.value ?? ""
+        }
+        self.query = query
+    }
+
+    /// The body parsed as JSON; a 400 when absent or malformed.
+    func json() throws(APIError) -> JSONValue {
+        guard let body, body.readableBytes > 0 else { throw APIError(.badRequest, .badRequest, "the request needs a JSON body") }
+        do {
+            return try JSONValue.parse(body.readableBytesView)
+        } catch {
+            throw APIError(.badRequest, .badRequest, "the body is not valid JSON")
+        }
+    }
+}
+
+/// An HTTP response with a JSON (or empty) body.
+struct HTTPResponse: Sendable {
+    var status: HTTPResponseStatus
+    var headers: HTTPHeaders
+    var body: [UInt8]
+
+    init(_ status: HTTPResponseStatus, json: JSONValue? = nil, headers: HTTPHeaders = [:]) {
+        self.status = status
+        self.headers = headers
+        if let json {
+            self.body = json.serialized()
+            self.headers.replaceOrAdd(name: "content-type", value: "application/json; charset=utf-8")
+        } else {
+            self.body = []
+        }
+    }
+}
+
+/// A failed request: an HTTP status and a `{"error":{"code","message"}}` body.
+struct APIError: Error, Sendable {
+    var status: HTTPResponseStatus
+    var code: ErrorCode
+    var message: String
+    var headers: HTTPHeaders = [:]
+
+    init(_ status: HTTPResponseStatus, _ code: ErrorCode, _ message: String, headers: HTTPHeaders = [:]) {
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+    }
+
+    var response: HTTPResponse {
+        HTTPResponse(
+            status,
+            json: .object([("error", .object([("code", .string(code.rawValue)), ("message", .string(message))]))]),
+            headers: headers
+        )
+    }
+
+    static func unauthorized(_ error: AuthError) -> APIError {
+        APIError(.unauthorized, .unauthorized, error.description, headers: ["www-authenticate": "Bearer"])
+    }
+}

@@ -1,0 +1,156 @@
+import NIOCore
+import ParleyCore
+import Synchronization
+
+/// A reply being streamed (or recently ended): who receives its frames, and the last tokens kept
+/// for `stream.resume`. All frame writes happen under the stream's lock, so a resume's replay and
+/// the live frames that follow it reach a socket in seq order with no gap and no duplicate.
+final class LiveStream: Sendable {
+    let id: String
+    let owner: String
+    let conversation: String
+    let clone: String
+    let model: String
+
+    enum ResumeOutcome: Equatable {
+        /// Replayed `count` tokens; `ended` tells whether `stream.end` was replayed too.
+        case replayed(count: Int, ended: Bool)
+        /// Tokens after `after` were already evicted from the buffer.
+        case gone
+    }
+
+    private struct State {
+        var subscribers: [String: ClientConnection] = [:]
+        /// Encoded token frames; `buffer[i]` holds seq `firstBufferedSeq + i`.
+        var buffer = CircularBuffer<ByteBuffer>()
+        var firstBufferedSeq: Int64 = 1
+        var lastSeq: Int64 = 0
+        var endFrame: ByteBuffer?
+        var endedAt: ContinuousClock.Instant?
+        var stopReason: StreamEndReason?
+        var task: Task<Void, Never>?
+    }
+
+    private let capacity: Int
+    private let state: Mutex<State>
+
+    init(id: String, owner: String, conversation: String, clone: String, model: String, bufferCapacity: Int, subscribers: [ClientConnection]) {
+        self.id = id
+        self.model = model
+        self.owner = owner
+        self.conversation = conversation
+        self.clone = clone
+        self.capacity = max(1, bufferCapacity)
+        var state = State()
+        for connection in subscribers { state.subscribers[connection.id] = connection }
+        state.buffer.reserveCapacity(min(64, capacity))
+        self.state = Mutex(state)
+    }
+
+    var isEnded: Bool { state.withLock { $0.endedAt != nil } }
+    var endedAt: ContinuousClock.Instant? { state.withLock { $0.endedAt } }
+    var stopReason: StreamEndReason? { state.withLock { $0.stopReason } }
+
+    /// The `stream.start` frame of this stream, answering request `ref`.
+    func startFrame(ref: String?) -> [UInt8] {
+        ServerFrame.streamStart(ref: ref, stream: id, conversation: conversation, clone: clone, model: model)
+    }
+
+    /// Sends `stream.start` to every subscriber.
+    func start(_ frame: ByteBuffer) {
+        state.withLock { s in broadcast(frame, &s) }
+    }
+
+    /// Sends one token frame (seq `seq`, which must follow the last) and keeps it for resumes.
+    func publish(seq: Int64, frame: ByteBuffer) {
+        state.withLock { s in
+            precondition(seq == s.lastSeq + 1, "token seqs must be contiguous")
+            s.lastSeq = seq
+            if s.buffer.count == capacity {
+                s.buffer.removeFirst()
+                s.firstBufferedSeq += 1
+            }
+            s.buffer.append(frame)
+            broadcast(frame, &s)
+        }
+    }
+
+    /// Sends `stream.end`; later resumes replay it.
+    func finish(_ frame: ByteBuffer) {
+        state.withLock { s in
+            s.endFrame = frame
+            s.endedAt = .now
+            s.task = nil
+            broadcast(frame, &s)
+            s.subscribers.removeAll()
+        }
+    }
+
+    /// Sends an extra frame to one subscriber, ordered with the stream's own frames.
+    func send(_ frame: ByteBuffer, to connection: ClientConnection) {
+        state.withLock { _ in connection.send(frame) }
+    }
+
+    /// Replays tokens with seq > `after` (and `stream.end` if ended) to `connection`, then keeps
+    /// it subscribed while the stream runs. `ack` is sent first.
+    func resume(_ connection: ClientConnection, after: Int64, ack: ByteBuffer) -> ResumeOutcome {
+        state.withLock { s in
+            // Tokens after `after` must all still be buffered.
+            if after + 1 < s.firstBufferedSeq { return .gone }
+            connection.send(ack)
+            var count = 0
+            if after < s.lastSeq {
+                let skip = Int(max(0, after + 1 - s.firstBufferedSeq))
+                for index in skip..<s.buffer.count {
+                    connection.send(s.buffer[s.buffer.index(s.buffer.startIndex, offsetBy: index)])
+                    count += 1
+                }
+            }
+            if let end = s.endFrame {
+                connection.send(end)
+                return .replayed(count: count, ended: true)
+            }
+            s.subscribers[connection.id] = connection
+            return .replayed(count: count, ended: false)
+        }
+    }
+
+    func unsubscribe(_ connectionID: String) {
+        state.withLock { _ = $0.subscribers.removeValue(forKey: connectionID) }
+    }
+
+    /// Adopts the generating task, so `stop` can cancel it. A stop that came first cancels it now.
+    func attach(_ task: Task<Void, Never>) {
+        let cancelNow = state.withLock { s -> Bool in
+            guard s.endedAt == nil else { return false }
+            s.task = task
+            return s.stopReason != nil
+        }
+        if cancelNow { task.cancel() }
+    }
+
+    /// Asks generation to stop; the first reason given is the one reported. Returns the task to
+    /// await for the stream's end, nil when it already ended.
+    @discardableResult
+    func stop(_ reason: StreamEndReason) -> Task<Void, Never>? {
+        let task = state.withLock { s -> Task<Void, Never>? in
+            guard s.endedAt == nil else { return nil }
+            if s.stopReason == nil { s.stopReason = reason }
+            return s.task
+        }
+        task?.cancel()
+        return task
+    }
+
+    var task: Task<Void, Never>? { state.withLock { $0.task } }
+
+    private func broadcast(_ frame: ByteBuffer, _ s: inout State) {
+        for (key, connection) in s.subscribers {
+            if connection.isActive {
+                connection.send(frame)
+            } else {
+                s.subscribers.removeValue(forKey: key)
+            }
+        }
+    }
+}

@@ -1,0 +1,171 @@
+import Foundation
+import Logging
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import NIOWebSocket
+import ParleyCore
+import ParleyLLM
+import ParleyStore
+import Synchronization
+
+/// The running server: event loops, listening socket, store, provider and chat service.
+public final class ParleyServer: Sendable {
+    public let configuration: ServerConfiguration
+    /// The port actually bound (useful with port 0).
+    public let port: Int
+    public let store: any Store
+    public let authenticator: Authenticator
+    let chat: ChatService
+    let hub: StreamHub
+    private let group: MultiThreadedEventLoopGroup
+    private let serverChannel: any Channel
+    private let logger: Logger
+    private let stopped = Mutex(false)
+
+    private init(
+        configuration: ServerConfiguration, port: Int, store: any Store, authenticator: Authenticator, chat: ChatService,
+        hub: StreamHub, group: MultiThreadedEventLoopGroup, serverChannel: any Channel, logger: Logger
+    ) {
+        self.configuration = configuration
+        self.port = port
+        self.store = store
+        self.authenticator = authenticator
+        self.chat = chat
+        self.hub = hub
+        self.group = group
+        self.serverChannel = serverChannel
+        self.logger = logger
+    }
+
+    /// Opens the store and binds the listening socket. Throws `ConfigurationError` with an
+    /// operator-readable message when the data directory or address cannot be used.
+    public static func start(
+        configuration: ServerConfiguration,
+        provider: (any LLMProvider)? = nil,
+        logger: Logger = Logger(label: "parley")
+    ) async throws -> ParleyServer {
+        do {
+            try FileManager.default.createDirectory(atPath: configuration.dataDirectory, withIntermediateDirectories: true)
+        } catch {
+            throw ConfigurationError("cannot create the data directory \(configuration.dataDirectory): \(error.localizedDescription)")
+        }
+        let secret = try configuration.jwtSecret ?? SecretFile.loadOrCreate(at: configuration.secretPath)
+        let authenticator = await Authenticator.make(secret: secret)
+        let store = try await SQLiteStore.open(path: configuration.sqlitePath)
+        let provider = provider ?? SimulatedProvider(configuration: configuration.simulated)
+        let ids = IDGenerator()
+        let hub = StreamHub(retention: configuration.resumeRetention, maxStreamsPerUser: configuration.maxConcurrentStreamsPerUser)
+        let chat = ChatService(store: store, provider: provider, hub: hub, configuration: configuration, logger: logger, ids: ids)
+        let api = RESTAPI(store: store, chat: chat, authenticator: authenticator, configuration: configuration, ids: ids, logger: logger)
+
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: configuration.eventLoopThreads ?? System.coreCount)
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 1024)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try Self.configurePipeline(channel, api: api, chat: chat, hub: hub, authenticator: authenticator,
+                                               configuration: configuration, ids: ids, logger: logger)
+                }
+            }
+        let serverChannel: any Channel
+        do {
+            serverChannel = try await bootstrap.bind(host: configuration.host, port: configuration.port).get()
+        } catch {
+            try? await store.close()
+            try? await group.shutdownGracefully()
+            throw ConfigurationError("cannot listen on \(configuration.host):\(configuration.port): \(error)")
+        }
+        let port = serverChannel.localAddress?.port ?? configuration.port
+        logger.info("listening", metadata: ["host": "\(configuration.host)", "port": "\(port)", "store": "sqlite \(configuration.sqlitePath)"])
+        if provider is SimulatedProvider {
+            logger.notice("LLM provider: simulated (a development and load-test stand-in, not a model)")
+        }
+        return ParleyServer(
+            configuration: configuration, port: port, store: store, authenticator: authenticator, chat: chat, hub: hub,
+            group: group, serverChannel: serverChannel, logger: logger
+        )
+    }
+
+    private static func configurePipeline(
+        _ channel: any Channel, api: RESTAPI, chat: ChatService, hub: StreamHub, authenticator: Authenticator,
+        configuration: ServerConfiguration, ids: IDGenerator, logger: Logger
+    ) throws {
+        let upgrader = NIOWebSocketServerUpgrader(
+            maxFrameSize: configuration.maxMessageBytes,
+            automaticErrorHandling: true,
+            shouldUpgrade: { channel, head in
+                guard HTTPRequest(head: head, body: nil).path == "/v1/ws" else {
+                    return channel.eventLoop.makeSucceededFuture(nil)
+                }
+                // A refused upgrade falls through to the HTTP handler, which answers 401.
+                return channel.eventLoop.makeFutureWithTask {
+                    (try? await authenticator.verify(headers: head.headers, uri: head.uri)) == nil ? nil : HTTPHeaders()
+                }
+            },
+            upgradePipelineHandler: { channel, head in
+                channel.eventLoop.makeFutureWithTask {
+                    try await authenticator.verify(headers: head.headers, uri: head.uri)
+                }.flatMapError { error in
+                    // The token expired between the check and the upgrade.
+                    var data = channel.allocator.buffer(capacity: 32)
+                    data.write(webSocketErrorCode: .policyViolation)
+                    data.writeString("\(error)")
+                    return channel.writeAndFlush(WebSocketFrame(fin: true, opcode: .connectionClose, data: data))
+                        .flatMap { channel.close() }
+                        .flatMapThrowing { throw error }
+                }.flatMapThrowing { identity in
+                    let connection = ClientConnection(id: ids.make(.connection), identity: identity, channel: channel)
+                    try channel.pipeline.syncOperations.addHandlers([
+                        NIOWebSocketFrameAggregator(
+                            minNonFinalFragmentSize: 0,
+                            maxAccumulatedFrameCount: 1024,
+                            maxAccumulatedFrameSize: configuration.maxMessageBytes
+                        ),
+                        WebSocketHandler(connection: connection, chat: chat, hub: hub, limits: configuration.frameLimits),
+                    ])
+                }
+            }
+        )
+        let http = HTTPHandler(api: api, maxBodyBytes: configuration.maxRequestBodyBytes)
+        try channel.pipeline.syncOperations.configureHTTPServerPipeline(
+            withServerUpgrade: (upgraders: [upgrader], completionHandler: { context in
+                _ = context.pipeline.removeHandler(name: HTTPHandler.name)
+            })
+        )
+        try channel.pipeline.syncOperations.addHandler(http, name: HTTPHandler.name)
+    }
+
+    /// Stops cleanly: stops accepting, ends every stream with reason `shutdown` (its partial reply
+    /// stored), closes every socket with 1001, then flushes and closes the store. Idempotent.
+    public func shutdown() async {
+        let first = stopped.withLock { s -> Bool in
+            defer { s = true }
+            return !s
+        }
+        guard first else { return }
+        logger.info("shutting down", metadata: ["sockets": "\(hub.connectionCount)"])
+        try? await serverChannel.close()
+        await chat.shutdown()
+        let closing = hub.allConnections.map { $0.close(code: .goingAway, reason: "server shutting down") }
+        if !closing.isEmpty {
+            let all = EventLoopFuture.andAllComplete(closing, on: group.any())
+            let grace = configuration.shutdownGrace
+            await withTaskGroup(of: Void.self) { waiters in
+                waiters.addTask { try? await all.get() }
+                waiters.addTask { try? await Task.sleep(for: grace) }
+                await waiters.next()
+                waiters.cancelAll()
+            }
+        }
+        do {
+            try await store.close()
+        } catch {
+            logger.error("closing the store failed", metadata: ["error": "\(error)"])
+        }
+        try? await group.shutdownGracefully()
+        logger.info("stopped")
+    }
+}

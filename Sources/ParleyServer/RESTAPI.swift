@@ -1,0 +1,174 @@
+import Logging
+import NIOHTTP1
+import ParleyCore
+import ParleyStore
+
+/// The REST routes. Each handler gets the verified identity; ownership is enforced by the store
+/// (another user's resource answers 404, exactly like a missing one).
+struct RESTAPI: Sendable {
+    let store: any Store
+    let chat: ChatService
+    let authenticator: Authenticator
+    let configuration: ServerConfiguration
+    let ids: IDGenerator
+    let logger: Logger
+
+    private var router = Router<Identity>()
+
+    init(store: any Store, chat: ChatService, authenticator: Authenticator, configuration: ServerConfiguration, ids: IDGenerator, logger: Logger) {
+        self.store = store
+        self.chat = chat
+        self.authenticator = authenticator
+        self.configuration = configuration
+        self.ids = ids
+        self.logger = logger
+        router.add(.POST, "/v1/clones") { [self] request, _, identity in try await createClone(request, identity) }
+        router.add(.GET, "/v1/clones") { [self] _, _, identity in try await listClones(identity) }
+        router.add(.GET, "/v1/clones/:id") { [self] _, p, identity in try await getClone(p["id"]!, identity) }
+        router.add(.PATCH, "/v1/clones/:id") { [self] request, p, identity in try await patchClone(p["id"]!, request, identity) }
+        router.add(.DELETE, "/v1/clones/:id") { [self] _, p, identity in try await deleteClone(p["id"]!, identity) }
+        router.add(.GET, "/v1/conversations") { [self] request, _, identity in try await listConversations(request, identity) }
+        router.add(.GET, "/v1/conversations/:id") { [self] _, p, identity in try await getConversation(p["id"]!, identity) }
+        router.add(.GET, "/v1/conversations/:id/messages") { [self] request, p, identity in
+            try await listMessages(p["id"]!, request, identity)
+        }
+    }
+
+    /// Answers one request; never throws.
+    func respond(to request: HTTPRequest) async -> HTTPResponse {
+        do {
+            switch request.path {
+            case "/healthz":
+                guard request.method == .GET || request.method == .HEAD else { throw Self.methodNotAllowed([.GET]) }
+                return HTTPResponse(.ok, json: .object([("status", .string("ok"))]))
+            case "/v1/ws":
+                // Reached only when the WebSocket upgrade was declined.
+                _ = try await authenticate(request)
+                throw APIError(.upgradeRequired, .badRequest, "this endpoint speaks WebSocket; send an Upgrade: websocket request",
+                               headers: ["upgrade": "websocket", "connection": "upgrade"])
+            default:
+                break
+            }
+            switch router.match(request.method, path: request.path) {
+            case .notFound:
+                throw APIError(.notFound, .notFound, "no route \(request.path)")
+            case .methodNotAllowed(let allowed):
+                throw Self.methodNotAllowed(allowed)
+            case .found(let handler, let parameters):
+                let identity = try await authenticate(request)
+                return try await handler(request, parameters, identity)
+            }
+        } catch let error as APIError {
+            return error.response
+        } catch let error as ValidationError {
+            return APIError(.badRequest, .badRequest, error.message).response
+        } catch {
+            logger.error("request failed", metadata: ["method": "\(request.method)", "path": "\(request.path)", "error": "\(error)"])
+            return APIError(.internalServerError, .internal, "the request failed; try again").response
+        }
+    }
+
+    private func authenticate(_ request: HTTPRequest) async throws(APIError) -> Identity {
+        do {
+            return try await authenticator.verify(headers: request.headers, uri: request.uri)
+        } catch {
+            throw APIError.unauthorized(error)
+        }
+    }
+
+    private static func methodNotAllowed(_ allowed: [HTTPMethod]) -> APIError {
+        APIError(.methodNotAllowed, .badRequest, "method not allowed",
+                 headers: ["allow": allowed.map(\.rawValue).joined(separator: ", ")])
+    }
+
+    // MARK: Clones
+
+    private func createClone(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
+        let fields = try CloneFields.parse(try request.json(), requireName: true, limits: configuration.cloneLimits)
+        let now = Int64(Timestamp.nowMillis())
+        _ = try await store.ensureUser(identity.user, now: now)
+        let clone = fields.applied(
+            to: Clone(id: ids.make(.clone), owner: identity.user, name: "", traits: [], systemPrompt: "", sliders: [:], memory: [],
+                      createdAt: now, updatedAt: now),
+            at: now
+        )
+        try await store.createClone(clone)
+        return HTTPResponse(.created, json: clone.json, headers: ["location": "/v1/clones/\(clone.id)"])
+    }
+
+    private func listClones(_ identity: Identity) async throws -> HTTPResponse {
+        let clones = try await store.clones(owner: identity.user)
+        return HTTPResponse(.ok, json: .object([("clones", .array(clones.map(\.json)))]))
+    }
+
+    private func getClone(_ id: String, _ identity: Identity) async throws -> HTTPResponse {
+        HTTPResponse(.ok, json: try await ownedClone(id, identity).json)
+    }
+
+    private func patchClone(_ id: String, _ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
+        let fields = try CloneFields.parse(try request.json(), requireName: false, limits: configuration.cloneLimits)
+        let updated = fields.applied(to: try await ownedClone(id, identity), at: Int64(Timestamp.nowMillis()))
+        guard try await store.updateClone(updated) else { throw Self.noClone(id) }
+        return HTTPResponse(.ok, json: updated.json)
+    }
+
+    private func deleteClone(_ id: String, _ identity: Identity) async throws -> HTTPResponse {
+        _ = try await ownedClone(id, identity)
+        // Replies still streaming end (and are stored) before their transcript is deleted.
+        await chat.stopStreams(clone: id, owner: identity.user)
+        guard try await store.deleteClone(id: id, owner: identity.user) else { throw Self.noClone(id) }
+        return HTTPResponse(.noContent)
+    }
+
+    private func ownedClone(_ id: String, _ identity: Identity) async throws -> Clone {
+        guard let clone = try await store.clone(id: id, owner: identity.user) else { throw Self.noClone(id) }
+        return clone
+    }
+
+    private static func noClone(_ id: String) -> APIError { APIError(.notFound, .notFound, "no clone \(id)") }
+
+    // MARK: Conversations
+
+    private func listConversations(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
+        let limit = try Self.limit(request)
+        let before = request.query["before"]
+        let page = try await store.conversations(owner: identity.user, limit: limit + 1, before: before)
+        let items = Array(page.prefix(limit))
+        return HTTPResponse(.ok, json: .object([
+            ("conversations", .array(items.map(\.json))),
+            ("next_before", page.count > limit ? .string(items.last!.id) : .null),
+        ]))
+    }
+
+    private func getConversation(_ id: String, _ identity: Identity) async throws -> HTTPResponse {
+        guard let conversation = try await store.conversation(id: id, owner: identity.user) else {
+            throw APIError(.notFound, .notFound, "no conversation \(id)")
+        }
+        return HTTPResponse(.ok, json: conversation.json)
+    }
+
+    private func listMessages(_ id: String, _ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
+        guard try await store.conversation(id: id, owner: identity.user) != nil else {
+            throw APIError(.notFound, .notFound, "no conversation \(id)")
+        }
+        let limit = try Self.limit(request)
+        let page = try await store.messages(conversation: id, limit: limit + 1, before: request.query["before"])
+        // The store returns the page oldest first; the extra row, if any, is the oldest.
+        let items = page.count > limit ? Array(page.dropFirst()) : page
+        return HTTPResponse(.ok, json: .object([
+            ("messages", .array(items.map(\.json))),
+            ("next_before", page.count > limit ? .string(items.first!.id) : .null),
+        ]))
+    }
+
+    static let defaultPageSize = 50
+    static let maxPageSize = 200
+
+    private static func limit(_ request: HTTPRequest) throws(APIError) -> Int {
+        guard let raw = request.query["limit"] else { return defaultPageSize }
+        guard let limit = Int(raw), (1...maxPageSize).contains(limit) else {
+            throw APIError(.badRequest, .badRequest, "'limit' must be an integer from 1 to \(maxPageSize)")
+        }
+        return limit
+    }
+}

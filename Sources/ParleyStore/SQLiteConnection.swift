@@ -1,0 +1,135 @@
+import CSQLite
+import ParleyCore
+
+/// A value bound to or read from an SQLite statement.
+public enum SQLValue: Sendable, Equatable {
+    case null
+    case int(Int64)
+    case text(String)
+
+    var int: Int64? { if case .int(let v) = self { v } else { nil } }
+    var text: String? { if case .text(let v) = self { v } else { nil } }
+}
+
+/// One SQLite connection. Owns the `sqlite3*` and every prepared statement. Not thread-safe:
+/// it may move between threads, but its owner serialises every use (`SQLiteStore` holds it in a
+/// `Mutex`), which is what the unchecked `Sendable` promises. Statements are prepared once and cached.
+final class SQLiteConnection: @unchecked Sendable {
+    private var handle: OpaquePointer?
+    private var statements: [String: OpaquePointer] = [:]
+
+    init(path: String) throws {
+        var db: OpaquePointer?
+        let flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX
+        let rc = sqlite3_open_v2(path, &db, flags, nil)
+        guard rc == SQLITE_OK, let db else {
+            let message = db.map { String(cString: sqlite3_errmsg($0)) } ?? "out of memory"
+            sqlite3_close_v2(db)
+            throw StoreError.backend("cannot open SQLite database at \(path): \(message)")
+        }
+        handle = db
+        sqlite3_extended_result_codes(db, 1)
+    }
+
+    deinit { close() }
+
+    func close() {
+        for statement in statements.values { sqlite3_finalize(statement) }
+        statements.removeAll()
+        if let handle { sqlite3_close_v2(handle) }
+        handle = nil
+    }
+
+    /// Runs one or more statements that take no parameters (schema, pragmas).
+    func exec(_ sql: String) throws {
+        let db = try open()
+        var error: UnsafeMutablePointer<CChar>?
+        let rc = sqlite3_exec(db, sql, nil, nil, &error)
+        if rc != SQLITE_OK {
+            let message = error.map { String(cString: $0) } ?? "code \(rc)"
+            sqlite3_free(error)
+            throw StoreError.backend("SQLite: \(message)")
+        }
+    }
+
+    /// Runs a statement and returns its rows.
+    @discardableResult
+    func query(_ sql: String, _ params: [SQLValue] = []) throws -> [[SQLValue]] {
+        let db = try open()
+        let statement = try prepared(sql, db)
+        defer {
+            sqlite3_reset(statement)
+            sqlite3_clear_bindings(statement)
+        }
+        for (i, param) in params.enumerated() {
+            let index = Int32(i + 1)
+            let rc: Int32 = switch param {
+            case .null: sqlite3_bind_null(statement, index)
+            case .int(let v): sqlite3_bind_int64(statement, index, v)
+            case .text(let v): sqlite3_bind_text(statement, index, v, -1, parley_sqlite_transient())
+            }
+            guard rc == SQLITE_OK else { throw error(db, rc) }
+        }
+        var rows: [[SQLValue]] = []
+        while true {
+            let rc = sqlite3_step(statement)
+            if rc == SQLITE_DONE { break }
+            guard rc == SQLITE_ROW else { throw error(db, rc) }
+            let columns = sqlite3_column_count(statement)
+            var row: [SQLValue] = []
+            row.reserveCapacity(Int(columns))
+            for c in 0..<columns {
+                switch sqlite3_column_type(statement, c) {
+                case SQLITE_NULL: row.append(.null)
+                case SQLITE_INTEGER: row.append(.int(sqlite3_column_int64(statement, c)))
+                default:
+                    if let text = sqlite3_column_text(statement, c) {
+                        row.append(.text(String(cString: text)))
+                    } else {
+                        row.append(.null)
+                    }
+                }
+            }
+            rows.append(row)
+        }
+        return rows
+    }
+
+    /// Rows changed by the last statement.
+    var changes: Int { handle.map { Int(sqlite3_changes($0)) } ?? 0 }
+
+    /// Runs `body` in one transaction, rolled back if it throws.
+    func transaction<T>(_ body: () throws -> T) throws -> T {
+        try exec("BEGIN IMMEDIATE")
+        do {
+            let result = try body()
+            try exec("COMMIT")
+            return result
+        } catch {
+            try? exec("ROLLBACK")
+            throw error
+        }
+    }
+
+    private func open() throws -> OpaquePointer {
+        guard let handle else { throw StoreError.closed }
+        return handle
+    }
+
+    private func prepared(_ sql: String, _ db: OpaquePointer) throws -> OpaquePointer {
+        if let cached = statements[sql] { return cached }
+        var statement: OpaquePointer?
+        let rc = sqlite3_prepare_v3(db, sql, -1, UInt32(SQLITE_PREPARE_PERSISTENT), &statement, nil)
+        guard rc == SQLITE_OK, let statement else { throw error(db, rc) }
+        statements[sql] = statement
+        return statement
+    }
+
+    private func error(_ db: OpaquePointer, _ rc: Int32) -> StoreError {
+        let message = String(cString: sqlite3_errmsg(db))
+        if parley_sqlite_is_unique_violation(rc) != 0 {
+            return .duplicateKey(message)
+        }
+        return .backend("SQLite error \(rc): \(message)")
+    }
+}

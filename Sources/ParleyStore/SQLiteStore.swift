@@ -1,0 +1,281 @@
+import NIOCore
+import NIOPosix
+import ParleyCore
+import Synchronization
+
+/// The embedded, zero-setup store: one SQLite file in WAL mode with `synchronous=FULL`, so a
+/// commit that returned survives a crash of the process or the machine. Calls run on a private
+/// NIOThreadPool; the single connection is serialised by a mutex (SQLite writes are serial anyway).
+public final class SQLiteStore: Store {
+    /// Schema migrations; entry N brings the schema from version N to N+1.
+    static let migrations: [String] = [
+        """
+        CREATE TABLE users (
+            id TEXT PRIMARY KEY,
+            created_at INTEGER NOT NULL
+        );
+        CREATE TABLE clones (
+            id TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            name TEXT NOT NULL,
+            traits TEXT NOT NULL,
+            system_prompt TEXT NOT NULL,
+            sliders TEXT NOT NULL,
+            memory TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL
+        );
+        CREATE INDEX clones_by_owner ON clones(owner, id);
+        CREATE TABLE conversations (
+            id TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            clone TEXT NOT NULL REFERENCES clones(id) ON DELETE CASCADE,
+            title TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL
+        );
+        CREATE INDEX conversations_by_owner ON conversations(owner, id);
+        CREATE INDEX conversations_by_clone ON conversations(clone);
+        CREATE TABLE messages (
+            id TEXT PRIMARY KEY,
+            conversation TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+            role TEXT NOT NULL,
+            text TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            reason TEXT,
+            input_tokens INTEGER,
+            output_tokens INTEGER,
+            stream TEXT
+        );
+        CREATE INDEX messages_by_conversation ON messages(conversation, id);
+        """,
+    ]
+
+    public static var schemaVersion: Int { migrations.count }
+
+    private let db: Mutex<SQLiteConnection>
+    private let pool: NIOThreadPool
+
+    private init(connection: SQLiteConnection, pool: NIOThreadPool) {
+        self.db = Mutex(connection)
+        self.pool = pool
+    }
+
+    /// Opens (creating if needed) the database at `path` and migrates it to the current schema.
+    public static func open(path: String) async throws -> SQLiteStore {
+        let pool = NIOThreadPool(numberOfThreads: 1)
+        pool.start()
+        do {
+            let connection = try await pool.runIfActive { () throws -> SQLiteConnection in
+                let connection = try SQLiteConnection(path: path)
+                do {
+                    try connection.exec("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000;")
+                    try migrate(connection)
+                } catch {
+                    connection.close()
+                    throw error
+                }
+                return connection
+            }
+            return SQLiteStore(connection: connection, pool: pool)
+        } catch {
+            try? await pool.shutdownGracefully()
+            throw error
+        }
+    }
+
+    static func migrate(_ connection: SQLiteConnection) throws {
+        let version = Int(try connection.query("PRAGMA user_version").first?.first?.int ?? 0)
+        guard version <= migrations.count else {
+            throw StoreError.schemaTooNew(found: version, supported: migrations.count)
+        }
+        for step in version..<migrations.count {
+            try connection.transaction {
+                try connection.exec(migrations[step])
+                try connection.exec("PRAGMA user_version = \(step + 1)")
+            }
+        }
+    }
+
+    /// Runs `body` with the connection on the store's thread pool.
+    @discardableResult
+    private func run<T: Sendable>(_ body: @escaping @Sendable (SQLiteConnection) throws -> T) async throws -> T {
+        do {
+            return try await pool.runIfActive {
+                try self.db.withLock { connection in try body(connection) }
+            }
+        } catch is NIOThreadPoolError.ThreadPoolInactive {
+            throw StoreError.closed
+        }
+    }
+
+    public func close() async throws {
+        try await run { connection in
+            // Fold the WAL back into the main file so the data dir is one self-contained file.
+            try? connection.exec("PRAGMA wal_checkpoint(TRUNCATE)")
+            connection.close()
+        }
+        try await pool.shutdownGracefully()
+    }
+
+    // MARK: Users
+
+    public func ensureUser(_ id: String, now: Int64) async throws -> User {
+        try await run { db in
+            try db.query("INSERT INTO users(id, created_at) VALUES(?, ?) ON CONFLICT(id) DO NOTHING", [.text(id), .int(now)])
+            let row = try db.query("SELECT created_at FROM users WHERE id = ?", [.text(id)]).first
+            return User(id: id, createdAt: row?.first?.int ?? now)
+        }
+    }
+
+    // MARK: Clones
+
+    private static let cloneColumns = "id, owner, name, traits, system_prompt, sliders, memory, created_at, updated_at"
+
+    public func createClone(_ clone: Clone) async throws {
+        try await run { db in
+            try db.query(
+                "INSERT INTO clones(\(Self.cloneColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [.text(clone.id), .text(clone.owner)] + Self.cloneValues(clone) + [.int(clone.createdAt), .int(clone.updatedAt)]
+            )
+        }
+    }
+
+    public func clone(id: String, owner: String) async throws -> Clone? {
+        try await run { db in
+            try db.query("SELECT \(Self.cloneColumns) FROM clones WHERE id = ? AND owner = ?", [.text(id), .text(owner)])
+                .first.map(Self.clone(from:))
+        }
+    }
+
+    public func clones(owner: String) async throws -> [Clone] {
+        try await run { db in
+            try db.query("SELECT \(Self.cloneColumns) FROM clones WHERE owner = ? ORDER BY id", [.text(owner)])
+                .map(Self.clone(from:))
+        }
+    }
+
+    public func updateClone(_ clone: Clone) async throws -> Bool {
+        try await run { db in
+            try db.query(
+                "UPDATE clones SET name = ?, traits = ?, system_prompt = ?, sliders = ?, memory = ?, updated_at = ? WHERE id = ? AND owner = ?",
+                Self.cloneValues(clone) + [.int(clone.updatedAt), .text(clone.id), .text(clone.owner)]
+            )
+            return db.changes > 0
+        }
+    }
+
+    public func deleteClone(id: String, owner: String) async throws -> Bool {
+        try await run { db in
+            // Conversations and messages go with it through ON DELETE CASCADE.
+            try db.query("DELETE FROM clones WHERE id = ? AND owner = ?", [.text(id), .text(owner)])
+            return db.changes > 0
+        }
+    }
+
+    private static func cloneValues(_ clone: Clone) -> [SQLValue] {
+        [
+            .text(clone.name),
+            .text(JSONValue.array(clone.traits.map(JSONValue.string)).serializedString()),
+            .text(clone.systemPrompt),
+            .text(JSONValue.object(clone.sliders.sorted { $0.key < $1.key }.map { ($0.key, .int(Int64($0.value))) }).serializedString()),
+            .text(JSONValue.array(clone.memory.map(JSONValue.string)).serializedString()),
+        ]
+    }
+
+    private static func clone(from row: [SQLValue]) throws -> Clone {
+        func strings(_ value: SQLValue) throws -> [String] {
+            guard case .array(let items) = try JSONValue.parse(Array((value.text ?? "[]").utf8)) else { return [] }
+            return items.compactMap { if case .string(let s) = $0 { s } else { nil } }
+        }
+        var sliders: [String: Int] = [:]
+        if case .object(let pairs) = try JSONValue.parse(Array((row[5].text ?? "{}").utf8)) {
+            for (key, value) in pairs { if case .int(let v) = value { sliders[key] = Int(v) } }
+        }
+        return Clone(
+            id: row[0].text ?? "", owner: row[1].text ?? "", name: row[2].text ?? "",
+            traits: try strings(row[3]), systemPrompt: row[4].text ?? "", sliders: sliders,
+            memory: try strings(row[6]), createdAt: row[7].int ?? 0, updatedAt: row[8].int ?? 0
+        )
+    }
+
+    // MARK: Conversations
+
+    private static let conversationColumns = "id, owner, clone, title, created_at, updated_at"
+
+    public func createConversation(_ c: Conversation) async throws {
+        try await run { db in
+            try db.query(
+                "INSERT INTO conversations(\(Self.conversationColumns)) VALUES(?, ?, ?, ?, ?, ?)",
+                [.text(c.id), .text(c.owner), .text(c.clone), .text(c.title), .int(c.createdAt), .int(c.updatedAt)]
+            )
+        }
+    }
+
+    public func conversation(id: String, owner: String) async throws -> Conversation? {
+        try await run { db in
+            try db.query("SELECT \(Self.conversationColumns) FROM conversations WHERE id = ? AND owner = ?", [.text(id), .text(owner)])
+                .first.map(Self.conversation(from:))
+        }
+    }
+
+    public func conversations(owner: String, limit: Int, before: String?) async throws -> [Conversation] {
+        try await run { db in
+            try db.query(
+                "SELECT \(Self.conversationColumns) FROM conversations WHERE owner = ? AND (? IS NULL OR id < ?) ORDER BY id DESC LIMIT ?",
+                [.text(owner), before.map(SQLValue.text) ?? .null, before.map(SQLValue.text) ?? .null, .int(Int64(limit))]
+            ).map(Self.conversation(from:))
+        }
+    }
+
+    private static func conversation(from row: [SQLValue]) -> Conversation {
+        Conversation(
+            id: row[0].text ?? "", owner: row[1].text ?? "", clone: row[2].text ?? "", title: row[3].text ?? "",
+            createdAt: row[4].int ?? 0, updatedAt: row[5].int ?? 0
+        )
+    }
+
+    // MARK: Messages
+
+    private static let messageColumns = "id, conversation, role, text, created_at, reason, input_tokens, output_tokens, stream"
+
+    public func appendMessage(_ m: Message) async throws {
+        try await run { db in
+            try db.transaction {
+                try db.query(
+                    "INSERT INTO messages(\(Self.messageColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        .text(m.id), .text(m.conversation), .text(m.role.rawValue), .text(m.text), .int(m.createdAt),
+                        m.reason.map { .text($0.rawValue) } ?? .null,
+                        m.usage.map { .int(Int64($0.inputTokens)) } ?? .null,
+                        m.usage.map { .int(Int64($0.outputTokens)) } ?? .null,
+                        m.stream.map(SQLValue.text) ?? .null,
+                    ]
+                )
+                try db.query(
+                    "UPDATE conversations SET updated_at = max(updated_at, ?) WHERE id = ?",
+                    [.int(m.createdAt), .text(m.conversation)]
+                )
+            }
+        }
+    }
+
+    public func messages(conversation: String, limit: Int, before: String?) async throws -> [Message] {
+        try await run { db in
+            try db.query(
+                "SELECT \(Self.messageColumns) FROM messages WHERE conversation = ? AND (? IS NULL OR id < ?) ORDER BY id DESC LIMIT ?",
+                [.text(conversation), before.map(SQLValue.text) ?? .null, before.map(SQLValue.text) ?? .null, .int(Int64(limit))]
+            ).reversed().map(Self.message(from:))
+        }
+    }
+
+    private static func message(from row: [SQLValue]) -> Message {
+        var usage: Usage?
+        if let input = row[6].int, let output = row[7].int { usage = Usage(inputTokens: Int(input), outputTokens: Int(output)) }
+        return Message(
+            id: row[0].text ?? "", conversation: row[1].text ?? "", role: Role(rawValue: row[2].text ?? "") ?? .user,
+            text: row[3].text ?? "", createdAt: row[4].int ?? 0,
+            reason: row[5].text.flatMap(StreamEndReason.init(rawValue:)), usage: usage, stream: row[8].text
+        )
+    }
+}

@@ -1,0 +1,55 @@
+import ParleyCore
+
+/// Everything Parley persists, behind one async interface. Every backend passes the same
+/// conformance suite (Tests/ParleyStoreTests). Implementations must never block an event loop:
+/// blocking drivers run their calls on a thread pool.
+///
+/// Ownership is part of every read: asking for another user's clone or conversation answers nil,
+/// exactly as if it did not exist, so callers cannot leak existence by accident.
+public protocol Store: Sendable {
+    /// Records the user on first sight; returns the stored user either way.
+    func ensureUser(_ id: String, now: Int64) async throws -> User
+
+    func createClone(_ clone: Clone) async throws
+    func clone(id: String, owner: String) async throws -> Clone?
+    /// The owner's clones, oldest first.
+    func clones(owner: String) async throws -> [Clone]
+    /// Replaces the stored clone with the same id and owner; false when there is none.
+    func updateClone(_ clone: Clone) async throws -> Bool
+    /// Deletes the clone with its conversations and their messages; false when there is none.
+    func deleteClone(id: String, owner: String) async throws -> Bool
+
+    func createConversation(_ conversation: Conversation) async throws
+    func conversation(id: String, owner: String) async throws -> Conversation?
+    /// The owner's conversations, newest first, `limit` at most, older than `before` when given.
+    func conversations(owner: String, limit: Int, before: String?) async throws -> [Conversation]
+
+    /// Appends a message and moves the conversation's `updated_at` to the message's time.
+    func appendMessage(_ message: Message) async throws
+    /// A page of a conversation's messages in chronological order: the newest `limit` messages
+    /// older than `before` (a message id) when given.
+    func messages(conversation: String, limit: Int, before: String?) async throws -> [Message]
+
+    /// Flushes and releases resources. Calls after `close` fail with `StoreError.closed`.
+    func close() async throws
+}
+
+public enum StoreError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// A unique key already holds that value.
+    case duplicateKey(String)
+    /// The stored schema is newer than this build understands; refuse rather than corrupt it.
+    case schemaTooNew(found: Int, supported: Int)
+    case closed
+    /// The backend failed; the message is for operators, not clients.
+    case backend(String)
+
+    public var description: String {
+        switch self {
+        case .duplicateKey(let key): "duplicate key: \(key)"
+        case .schemaTooNew(let found, let supported):
+            "the store's schema version \(found) is newer than this build supports (\(supported)); upgrade Parley"
+        case .closed: "the store is closed"
+        case .backend(let message): message
+        }
+    }
+}

@@ -1,0 +1,156 @@
+import ArgumentParser
+import Foundation
+import Logging
+import ParleyCore
+import ParleyServer
+
+@main
+struct Parley: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "parley",
+        abstract: "Parley: a real-time chat server for AI personas.",
+        subcommands: [Serve.self, Token.self]
+    )
+}
+
+/// Options both commands share: where the data lives and which secret signs tokens.
+struct SecretOptions: ParsableArguments {
+    @Option(name: .long, help: "Data directory (SQLite database, generated JWT secret).")
+    var dataDir = "./parley-data"
+
+    @Option(name: .long, help: "HS256 secret for tokens (or env PARLEY_JWT_SECRET). Default: generated once into the data directory.")
+    var jwtSecret: String?
+
+    var resolvedSecret: String? {
+        jwtSecret ?? ProcessInfo.processInfo.environment["PARLEY_JWT_SECRET"].flatMap { $0.isEmpty ? nil : $0 }
+    }
+}
+
+struct Serve: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Run the server.")
+
+    @OptionGroup var secret: SecretOptions
+
+    @Option(help: "Address to listen on.")
+    var host = "127.0.0.1"
+
+    @Option(help: "Port to listen on (0 picks a free one).")
+    var port = 8080
+
+    @Option(help: "Simulated provider (development and load tests only): time to first token, in ms.")
+    var simTtftMs = 200
+
+    @Option(help: "Simulated provider (development and load tests only): tokens per second after the first.")
+    var simTokensPerSec: Double = 30
+
+    @Option(help: "Simulated provider (development and load tests only): tokens in each reply.")
+    var simReplyTokens = 60
+
+    @Option(help: "Prompt budget in tokens (persona + newest history).")
+    var contextBudget = 4096
+
+    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
+    var logLevel: Logger.Level = .info
+
+    func validate() throws {
+        guard (0...65535).contains(port) else { throw ArgumentParser.ValidationError("--port must be 0-65535") }
+        guard simTtftMs >= 0 else { throw ArgumentParser.ValidationError("--sim-ttft-ms must be 0 or more") }
+        guard simTokensPerSec >= 0 else { throw ArgumentParser.ValidationError("--sim-tokens-per-sec must be 0 or more (0: no pacing)") }
+        guard (1...100_000).contains(simReplyTokens) else { throw ArgumentParser.ValidationError("--sim-reply-tokens must be 1-100000") }
+        guard contextBudget >= 64 else { throw ArgumentParser.ValidationError("--context-budget must be at least 64") }
+        if let s = secret.resolvedSecret, s.count < 32 { throw ArgumentParser.ValidationError("the JWT secret must be at least 32 characters") }
+    }
+
+    func run() async throws {
+        let level = logLevel
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        var configuration = ServerConfiguration()
+        configuration.host = host
+        configuration.port = port
+        configuration.dataDirectory = secret.dataDir
+        configuration.jwtSecret = secret.resolvedSecret
+        configuration.contextBudgetTokens = contextBudget
+        configuration.simulated.timeToFirstToken = .milliseconds(simTtftMs)
+        configuration.simulated.tokensPerSecond = simTokensPerSec
+        configuration.simulated.replyTokens = simReplyTokens
+
+        let signals = SignalWaiter(SIGINT, SIGTERM)
+        let server: ParleyServer
+        do {
+            server = try await ParleyServer.start(configuration: configuration)
+        } catch {
+            FileHandle.standardError.write(Data("parley: \(error)\n".utf8))
+            throw ExitCode(1)
+        }
+        // One machine-readable line on stdout: scripts and tests read the bound port from it.
+        FileHandle.standardOutput.write(Data("parley listening on http://\(host):\(server.port)\n".utf8))
+        let signal = await signals.next()
+        Logger(label: "parley").info("received \(signal == SIGINT ? "SIGINT" : "SIGTERM")")
+        await server.shutdown()
+    }
+}
+
+struct Token: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Print a signed token for a user.")
+
+    @OptionGroup var secret: SecretOptions
+
+    @Option(help: "The user the token speaks for.")
+    var sub: String
+
+    @Option(help: "Optional role claim, e.g. admin.")
+    var role: String?
+
+    @Option(help: "Lifetime in seconds.")
+    var ttl = 3600
+
+    func validate() throws {
+        guard ttl > 0 else { throw ArgumentParser.ValidationError("--ttl must be positive") }
+    }
+
+    func run() async throws {
+        do {
+            let key: String
+            if let given = secret.resolvedSecret {
+                key = given
+            } else {
+                try FileManager.default.createDirectory(atPath: secret.dataDir, withIntermediateDirectories: true)
+                key = try SecretFile.loadOrCreate(at: secret.dataDir + "/jwt-secret")
+            }
+            let authenticator = await Authenticator.make(secret: key)
+            print(try await authenticator.issue(subject: sub, role: role, ttl: .seconds(ttl)))
+        } catch {
+            FileHandle.standardError.write(Data("parley: \(error)\n".utf8))
+            throw ExitCode(1)
+        }
+    }
+}
+
+extension Logger.Level: @retroactive ExpressibleByArgument {}
+
+/// Turns SIGINT/SIGTERM into an awaitable event instead of killing the process.
+final class SignalWaiter {
+    private let stream: AsyncStream<Int32>
+    private let sources: [any DispatchSourceSignal]
+
+    init(_ signals: Int32...) {
+        let (stream, continuation) = AsyncStream<Int32>.makeStream()
+        self.stream = stream
+        sources = signals.map { number in
+            signal(number, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
+            source.setEventHandler { continuation.yield(number) }
+            source.resume()
+            return source
+        }
+    }
+
+    func next() async -> Int32 {
+        for await signal in stream { return signal }
+        return SIGTERM
+    }
+}
