@@ -55,6 +55,7 @@ public final class SQLiteStore: Store {
 
     private let db: Mutex<SQLiteConnection>
     private let pool: NIOThreadPool
+    private let closed = Atomic(false)
 
     private init(connection: SQLiteConnection, pool: NIOThreadPool) {
         self.db = Mutex(connection)
@@ -100,6 +101,7 @@ public final class SQLiteStore: Store {
     /// Runs `body` with the connection on the store's thread pool.
     @discardableResult
     private func run<T: Sendable>(_ body: @escaping @Sendable (SQLiteConnection) throws -> T) async throws -> T {
+        guard !closed.load(ordering: .acquiring) else { throw StoreError.closed }
         do {
             return try await pool.runIfActive {
                 try self.db.withLock { connection in try body(connection) }
@@ -110,11 +112,13 @@ public final class SQLiteStore: Store {
     }
 
     public func close() async throws {
+        guard !closed.load(ordering: .acquiring) else { return }
         try await run { connection in
             // Fold the WAL back into the main file so the data dir is one self-contained file.
             try? connection.exec("PRAGMA wal_checkpoint(TRUNCATE)")
             connection.close()
         }
+        closed.store(true, ordering: .releasing)
         try await pool.shutdownGracefully()
     }
 

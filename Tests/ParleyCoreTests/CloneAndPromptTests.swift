@@ -1,0 +1,83 @@
+import ParleyCore
+import Testing
+
+@Suite struct CloneFieldsTests {
+    func parse(_ text: String, requireName: Bool = true) throws(ValidationError) -> CloneFields {
+        try CloneFields.parse(try! JSONValue.parse(Array(text.utf8)), requireName: requireName)
+    }
+
+    func message(_ text: String, requireName: Bool = true) -> String? {
+        do { _ = try parse(text, requireName: requireName); return nil } catch { return error.message }
+    }
+
+    @Test func acceptsAFullClone() throws {
+        let fields = try parse(#"{"name":" Ada ","traits":["curious"],"system_prompt":"Be kind.","sliders":{"warmth":80,"humor":0},"memory":["likes tea"]}"#)
+        #expect(fields == CloneFields(name: "Ada", traits: ["curious"], systemPrompt: "Be kind.", sliders: ["warmth": 80, "humor": 0], memory: ["likes tea"]))
+    }
+
+    @Test func rejectsWhatIsWrongWithAClearMessage() {
+        #expect(message(#"{}"#) == "missing field 'name'")
+        #expect(message(#"{"name":"   "}"#) == "'name' must not be empty")
+        #expect(message(#"{"name":"A","sliders":{"warmth":101}}"#) == "slider 'warmth' must be between 0 and 100")
+        #expect(message(#"{"name":"A","sliders":{"warmth":50.5}}"#) == "'sliders.warmth' must be an integer, not number")
+        #expect(message(#"{"name":"A","sliders":{"Warmth!":5}}"#)?.hasPrefix("slider name 'Warmth!'") == true)
+        #expect(message(#"{"name":"A","traits":"curious"}"#) == "'traits' must be an array of strings")
+        #expect(message(#"{"name":"A","memory":[""]}"#) == "'memory[0]' must not be empty")
+        #expect(message(#"{"name":"A","id":"cl_x"}"#) == "unknown field 'id'")
+        #expect(message(#"{"name":"\#(String(repeating: "x", count: 81))"}"#) == "'name' is longer than 80 characters")
+        #expect(message("[]") == "body must be a JSON object, not array")
+    }
+
+    @Test func patchNeedsNoNameAndChangesOnlyWhatItNames() throws {
+        let fields = try parse(#"{"traits":["bold"]}"#, requireName: false)
+        let clone = Clone(id: "cl", owner: "u", name: "Ada", traits: ["shy"], systemPrompt: "p", sliders: ["a": 1], memory: ["m"], createdAt: 1, updatedAt: 1)
+        let patched = fields.applied(to: clone, at: 5)
+        #expect(patched.traits == ["bold"])
+        #expect(patched.name == "Ada" && patched.systemPrompt == "p" && patched.sliders == ["a": 1] && patched.memory == ["m"])
+        #expect(patched.updatedAt == 5 && patched.createdAt == 1)
+    }
+}
+
+@Suite struct PromptAssemblerTests {
+    let clone = Clone(
+        id: "cl", owner: "u", name: "Ada", traits: ["curious", "warm"], systemPrompt: "Speak plainly.",
+        sliders: ["warmth": 80, "humor": 20], memory: ["Her cat is Tom."], createdAt: 0, updatedAt: 0
+    )
+
+    func history(_ count: Int, wordsEach: Int = 10) -> [Message] {
+        (0..<count).map { i in
+            Message(id: "m\(i)", conversation: "c", role: i % 2 == 0 ? .user : .assistant,
+                    text: (0..<wordsEach).map { _ in "word" }.joined(separator: " ") + " #\(i)", createdAt: Int64(i))
+        }
+    }
+
+    @Test func systemTextCarriesTheWholePersona() {
+        let text = PromptAssembler.systemText(for: clone)
+        #expect(text == "Speak plainly.\nYou are Ada.\nTraits: curious, warm.\nPersonality (0-100): humor 20, warmth 80.\nThings you remember:\n- Her cat is Tom.")
+    }
+
+    @Test func everythingFitsInALargeBudget() {
+        let prompt = PromptAssembler(contextBudget: 100_000).assemble(clone: clone, history: history(10))
+        #expect(prompt.messages.count == 11)
+        #expect(prompt.messages.first?.role == .system)
+        #expect(prompt.droppedMessages == 0)
+        #expect(prompt.messages.last?.text.hasSuffix("#9") == true)
+    }
+
+    @Test func theNewestMessagesAreKeptWithinBudget() {
+        let system = Tokenizer.count(PromptAssembler.systemText(for: clone)) + PromptAssembler.perMessageOverhead
+        let perMessage = Tokenizer.count(history(1)[0].text) + PromptAssembler.perMessageOverhead
+        let budget = system + perMessage * 3 + perMessage / 2
+        let prompt = PromptAssembler(contextBudget: budget).assemble(clone: clone, history: history(10))
+        #expect(prompt.messages.dropFirst().map { $0.text.split(separator: "#").last! } == ["7", "8", "9"])
+        #expect(prompt.droppedMessages == 7)
+        #expect(prompt.estimatedTokens <= budget)
+    }
+
+    @Test func theLastMessageIsKeptEvenOverBudget() {
+        let prompt = PromptAssembler(contextBudget: 1).assemble(clone: clone, history: history(3, wordsEach: 50))
+        #expect(prompt.messages.count == 2)
+        #expect(prompt.messages.last?.text.hasSuffix("#2") == true)
+        #expect(prompt.droppedMessages == 2)
+    }
+}

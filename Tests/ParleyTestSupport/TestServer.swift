@@ -1,0 +1,64 @@
+import Foundation
+import Logging
+import ParleyCore
+import ParleyServer
+
+/// A real Parley server on an ephemeral port with its own temporary data directory.
+public final class TestServer: Sendable {
+    public let server: ParleyServer
+    public let dataDirectory: String
+
+    public var port: Int { server.port }
+
+    public static func start(_ configure: (inout ServerConfiguration) -> Void = { _ in }) async throws -> TestServer {
+        var configuration = ServerConfiguration()
+        configuration.port = 0
+        configuration.dataDirectory = FileManager.default.temporaryDirectory
+            .appendingPathComponent("parley-test-\(UUID().uuidString)").path
+        configuration.eventLoopThreads = 2
+        configuration.simulated.timeToFirstToken = .zero
+        configuration.simulated.tokensPerSecond = 0
+        configuration.simulated.replyTokens = 24
+        configure(&configuration)
+        var logger = Logger(label: "parley-test")
+        logger.logLevel = .warning
+        let server = try await ParleyServer.start(configuration: configuration, logger: logger)
+        return TestServer(server: server, dataDirectory: configuration.dataDirectory)
+    }
+
+    private init(server: ParleyServer, dataDirectory: String) {
+        self.server = server
+        self.dataDirectory = dataDirectory
+    }
+
+    public func token(_ user: String, role: String? = nil, ttl: Duration = .seconds(600)) async throws -> String {
+        try await server.authenticator.issue(subject: user, role: role, ttl: ttl)
+    }
+
+    /// Creates a clone through the REST API and returns its JSON.
+    public func createClone(token: String, name: String = "Ada", fields: [(String, JSONValue)] = []) async throws -> JSONValue {
+        let response = try await TestHTTPClient.json(port: port, .POST, "/v1/clones", token: token,
+                                                     json: .object([("name", .string(name))] + fields))
+        guard response.status == .created else { throw TestTimeout(description: "clone creation answered \(response.status): \(response.text)") }
+        return try response.json()
+    }
+
+    /// Connects a WebSocket as `token` and consumes the welcome frame.
+    public func connect(token: String) async throws -> TestWebSocket {
+        let socket = try await TestWebSocket.connect(port: port, token: token)
+        let welcome = try await socket.nextJSON()
+        guard welcome["type"] == .string("welcome") else { throw TestTimeout(description: "expected welcome, got \(welcome)") }
+        return socket
+    }
+
+    public func stop() async {
+        await server.shutdown()
+        try? FileManager.default.removeItem(atPath: dataDirectory)
+    }
+}
+
+extension JSONValue {
+    public var stringValue: String? { if case .string(let s) = self { s } else { nil } }
+    public var intValue: Int64? { if case .int(let i) = self { i } else { nil } }
+    public var arrayValue: [JSONValue]? { if case .array(let a) = self { a } else { nil } }
+}

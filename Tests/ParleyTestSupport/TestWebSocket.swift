@@ -1,0 +1,185 @@
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import NIOWebSocket
+import ParleyCore
+
+/// What a test WebSocket receives.
+public enum TestInbound: Sendable, Equatable {
+    case text(String)
+    case binary([UInt8])
+    case pong([UInt8])
+    case close(code: UInt16?, reason: String)
+    /// The TCP connection ended.
+    case disconnected
+}
+
+public struct TestTimeout: Error, CustomStringConvertible {
+    public var description: String
+}
+
+public struct UpgradeRefused: Error {}
+
+/// A WebSocket client for tests, built on NIO's client upgrader. Frames are read in order with
+/// `next()`, which fails after a watchdog timeout instead of hanging the suite.
+public final class TestWebSocket {
+    private enum Event: Sendable {
+        case inbound(TestInbound)
+        case timedOut(UInt64)
+    }
+
+    private let channel: any Channel
+    private var iterator: AsyncStream<Event>.AsyncIterator
+    private let continuation: AsyncStream<Event>.Continuation
+    private var waits: UInt64 = 0
+    private var ended = false
+
+    private init(channel: any Channel, stream: AsyncStream<Event>, continuation: AsyncStream<Event>.Continuation) {
+        self.channel = channel
+        self.iterator = stream.makeAsyncIterator()
+        self.continuation = continuation
+    }
+
+    /// Connects and upgrades. Throws `UpgradeRefused` when the server answers anything but 101
+    /// (use `TestHTTPClient` to see that answer).
+    public static func connect(port: Int, uri: String = "/v1/ws", token: String? = nil, headers: HTTPHeaders = [:]) async throws -> TestWebSocket {
+        let (stream, continuation) = AsyncStream<Event>.makeStream()
+        var headers = headers
+        headers.replaceOrAdd(name: "host", value: "127.0.0.1:\(port)")
+        headers.replaceOrAdd(name: "content-length", value: "0")
+        if let token { headers.replaceOrAdd(name: "authorization", value: "Bearer \(token)") }
+        let head = HTTPRequestHead(version: .http1_1, method: .GET, uri: uri, headers: headers)
+
+        let result: EventLoopFuture<(any Channel)?> = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .connect(host: "127.0.0.1", port: port) { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let upgrader = NIOTypedWebSocketClientUpgrader<(any Channel)?>(
+                        maxFrameSize: 1 << 24,
+                        upgradePipelineHandler: { channel, _ in
+                            channel.eventLoop.makeCompletedFuture {
+                                try channel.pipeline.syncOperations.addHandler(FrameCollector(continuation: continuation))
+                                return channel
+                            }
+                        }
+                    )
+                    let configuration = NIOTypedHTTPClientUpgradeConfiguration<(any Channel)?>(
+                        upgradeRequestHead: head,
+                        upgraders: [upgrader],
+                        notUpgradingCompletionHandler: { channel in
+                            channel.close(promise: nil)
+                            return channel.eventLoop.makeSucceededFuture(nil)
+                        }
+                    )
+                    return try channel.pipeline.syncOperations.configureUpgradableHTTPClientPipeline(
+                        configuration: .init(upgradeConfiguration: configuration)
+                    )
+                }
+            }
+        let upgraded: (any Channel)?
+        do {
+            upgraded = try await result.get()
+        } catch {
+            throw UpgradeRefused()
+        }
+        guard let channel = upgraded else { throw UpgradeRefused() }
+        return TestWebSocket(channel: channel, stream: stream, continuation: continuation)
+    }
+
+    /// Sends a text message (masked, as a client must).
+    public func send(_ text: String) async throws {
+        try await send(WebSocketFrame(fin: true, opcode: .text, data: ByteBuffer(string: text)))
+    }
+
+    public func send(_ json: JSONValue) async throws {
+        try await send(json.serializedString())
+    }
+
+    public func send(_ frame: WebSocketFrame) async throws {
+        var frame = frame
+        if frame.maskKey == nil { frame.maskKey = .random() }
+        try await channel.writeAndFlush(frame)
+    }
+
+    /// The next thing received, or `TestTimeout` after `timeout`.
+    public func next(timeout: Duration = .seconds(10)) async throws -> TestInbound {
+        if ended { return .disconnected }
+        waits += 1
+        let token = waits
+        let continuation = self.continuation
+        let watchdog = Task {
+            try await Task.sleep(for: timeout)
+            continuation.yield(.timedOut(token))
+        }
+        defer { watchdog.cancel() }
+        while let event = await iterator.next() {
+            switch event {
+            case .timedOut(let t) where t == token:
+                throw TestTimeout(description: "nothing received within \(timeout)")
+            case .timedOut:
+                continue
+            case .inbound(let inbound):
+                if inbound == .disconnected { ended = true }
+                return inbound
+            }
+        }
+        ended = true
+        return .disconnected
+    }
+
+    /// The next text message parsed as JSON; fails on anything else.
+    public func nextJSON(timeout: Duration = .seconds(10)) async throws -> JSONValue {
+        let inbound = try await next(timeout: timeout)
+        guard case .text(let text) = inbound else {
+            throw TestTimeout(description: "expected a text frame, got \(inbound)")
+        }
+        return try JSONValue.parse(Array(text.utf8))
+    }
+
+    /// Reads JSON frames until one has `type == type`, returning it and those skipped before it.
+    public func next(type: String, timeout: Duration = .seconds(10)) async throws -> (frame: JSONValue, skipped: [JSONValue]) {
+        var skipped: [JSONValue] = []
+        while true {
+            let frame = try await nextJSON(timeout: timeout)
+            if frame["type"] == .string(type) { return (frame, skipped) }
+            skipped.append(frame)
+        }
+    }
+
+    /// Closes the TCP connection without a closing handshake (a dropped network).
+    public func drop() async {
+        try? await channel.close()
+    }
+
+    /// Sends a close frame with `code`.
+    public func sendClose(code: WebSocketErrorCode = .normalClosure) async throws {
+        var data = ByteBuffer()
+        data.write(webSocketErrorCode: code)
+        try await send(WebSocketFrame(fin: true, opcode: .connectionClose, data: data))
+    }
+
+    private final class FrameCollector: ChannelInboundHandler {
+        typealias InboundIn = WebSocketFrame
+        let continuation: AsyncStream<Event>.Continuation
+
+        init(continuation: AsyncStream<Event>.Continuation) { self.continuation = continuation }
+
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            let frame = unwrapInboundIn(data)
+            var payload = frame.unmaskedData
+            switch frame.opcode {
+            case .text: continuation.yield(.inbound(.text(String(buffer: payload))))
+            case .binary: continuation.yield(.inbound(.binary(Array(payload.readableBytesView))))
+            case .pong: continuation.yield(.inbound(.pong(Array(payload.readableBytesView))))
+            case .connectionClose:
+                let code = payload.readableBytes >= 2 ? payload.readInteger(as: UInt16.self) : nil
+                continuation.yield(.inbound(.close(code: code, reason: String(buffer: payload))))
+            default: break
+            }
+        }
+
+        func channelInactive(context: ChannelHandlerContext) {
+            continuation.yield(.inbound(.disconnected))
+            continuation.finish()
+        }
+    }
+}
