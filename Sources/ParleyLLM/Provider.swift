@@ -24,8 +24,10 @@ public enum LLMEvent: Sendable, Equatable {
     case usage(Usage)
 }
 
-/// A streamed completion. Cancelling the consuming task stops generation: the next element
-/// throws `CancellationError` (providers must check cancellation while waiting).
+/// A streamed completion: tokens, then exactly one `.usage` when generation finished. Cancelling
+/// the consuming task stops generation early: iteration then throws `CancellationError` or
+/// simply ends, in either case without a `.usage` event (which is how a consumer tells a
+/// stopped stream from a finished one).
 public typealias LLMEventStream = AsyncThrowingStream<LLMEvent, any Error>
 
 /// The one interface every LLM backend implements.

@@ -54,24 +54,26 @@ import Testing
     @Test func cancellingTheConsumerStopsGeneration() async throws {
         let p = provider(ttft: .zero, tps: 50, reply: 10_000)
         let (first, firstContinuation) = AsyncStream<Void>.makeStream()
-        let consumer = Task { () -> (Int, Bool) in
+        let consumer = Task { () -> (count: Int, sawUsage: Bool) in
             var count = 0
+            var sawUsage = false
             do {
                 for try await event in p.stream(request) {
-                    if case .token = event {
+                    switch event {
+                    case .token:
                         count += 1
                         if count == 1 { firstContinuation.yield() }
+                    case .usage:
+                        sawUsage = true
                     }
                 }
-                return (count, false)
-            } catch is CancellationError {
-                return (count, true)
-            }
+            } catch is CancellationError {}
+            return (count, sawUsage)
         }
         for await _ in first { break }
         consumer.cancel()
-        let (count, cancelled) = try await consumer.value
-        #expect(cancelled)
-        #expect(count < 10_000)
+        let result = try await consumer.value
+        #expect(!result.sawUsage)
+        #expect(result.count < 10_000)
     }
 }

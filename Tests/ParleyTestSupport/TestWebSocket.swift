@@ -14,8 +14,10 @@ public enum TestInbound: Sendable, Equatable {
     case disconnected
 }
 
+/// A test expectation about the wire that did not hold (nothing arrived, or the wrong thing).
 public struct TestTimeout: Error, CustomStringConvertible {
     public var description: String
+    public init(description: String) { self.description = description }
 }
 
 public struct UpgradeRefused: Error {}
@@ -70,9 +72,11 @@ public final class TestWebSocket {
                             return channel.eventLoop.makeSucceededFuture(nil)
                         }
                     )
-                    return try channel.pipeline.syncOperations.configureUpgradableHTTPClientPipeline(
-                        configuration: .init(upgradeConfiguration: configuration)
-                    )
+                    var pipeline = NIOUpgradableHTTPClientPipelineConfiguration(upgradeConfiguration: configuration)
+                    // Frames the server sends right after its 101 share a read with it; the
+                    // default (.dropBytes) would silently lose them.
+                    pipeline.leftOverBytesStrategy = .forwardBytes
+                    return try channel.pipeline.syncOperations.configureUpgradableHTTPClientPipeline(configuration: pipeline)
                 }
             }
         let upgraded: (any Channel)?
@@ -82,6 +86,10 @@ public final class TestWebSocket {
             throw UpgradeRefused()
         }
         guard let channel = upgraded else { throw UpgradeRefused() }
+        // The async connect API turns autoRead off for NIOAsyncChannel; this client reads with a
+        // plain handler, so turn it back on (and read what came with the 101, e.g. the welcome).
+        try await channel.setOption(.autoRead, value: true)
+        channel.read()
         return TestWebSocket(channel: channel, stream: stream, continuation: continuation)
     }
 

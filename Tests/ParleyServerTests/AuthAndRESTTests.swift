@@ -1,0 +1,175 @@
+import Foundation
+import NIOHTTP1
+import ParleyCore
+import ParleyServer
+import ParleyTestSupport
+import Testing
+
+@Suite struct AuthTests {
+    @Test func validTokensUpgradeByHeaderOrQuery() async throws {
+        let server = try await TestServer.start()
+        let token = try await server.token("alice")
+        let byHeader = try await TestWebSocket.connect(port: server.port, token: token)
+        #expect(try await byHeader.nextJSON() == .object([("type", .string("welcome")), ("user", .string("alice")), ("protocol", .int(1))]))
+        let byQuery = try await TestWebSocket.connect(port: server.port, uri: "/v1/ws?token=\(token)")
+        #expect(try await byQuery.nextJSON()["user"] == .string("alice"))
+        await server.stop()
+    }
+
+    @Test func missingForgedAndExpiredTokensAre401WithoutUpgrade() async throws {
+        let server = try await TestServer.start()
+        let forged = try await Authenticator.make(secret: String(repeating: "x", count: 40)).issue(subject: "alice", ttl: .seconds(60))
+        let expired = try await server.server.authenticator.issue(subject: "alice", ttl: .seconds(60), now: Date(timeIntervalSinceNow: -3600))
+        let cases: [(String?, String)] = [
+            (nil, "missing token"), (forged, "invalid token"), (expired, "token expired"), ("garbage", "invalid token"),
+        ]
+        for (token, message) in cases {
+            let response = try await server.upgradeAttempt(token: token)
+            #expect(response.status == .unauthorized, "\(message)")
+            #expect(response.errorCode == "unauthorized")
+            #expect(response.headers.first(name: "www-authenticate") == "Bearer")
+            #expect(try response.json()["error"]?["message"]?.stringValue?.hasPrefix(message) == true)
+            await #expect(throws: UpgradeRefused.self) {
+                _ = try await TestWebSocket.connect(port: server.port, token: token)
+            }
+        }
+        #expect(try await server.get("/v1/clones", token: nil).status == .unauthorized)
+        #expect(try await server.get("/v1/clones", token: expired).status == .unauthorized)
+        await server.stop()
+    }
+
+    @Test func aPlainGETOfTheSocketEndpointAsksForAnUpgrade() async throws {
+        let server = try await TestServer.start()
+        let response = try await server.get("/v1/ws", token: try await server.token("alice"))
+        #expect(response.status == .upgradeRequired)
+        await server.stop()
+    }
+
+    @Test func subjectsAreValidated() async throws {
+        let server = try await TestServer.start()
+        await #expect(throws: AuthError.invalidSubject) {
+            _ = try await server.token("not a valid subject!")
+        }
+        await server.stop()
+    }
+}
+
+@Suite struct RESTTests {
+    @Test func healthz() async throws {
+        let server = try await TestServer.start()
+        let response = try await server.get("/healthz", token: nil)
+        #expect(response.status == .ok)
+        #expect(response.text == #"{"status":"ok"}"#)
+        #expect(response.headers.first(name: "content-type") == "application/json; charset=utf-8")
+        await server.stop()
+    }
+
+    @Test func cloneLifecycle() async throws {
+        let server = try await TestServer.start()
+        let token = try await server.token("alice")
+        let created = try await TestHTTPClient.json(port: server.port, .POST, "/v1/clones", token: token, json: .object([
+            ("name", .string("Ada")), ("traits", .array([.string("witty")])), ("system_prompt", .string("Hi")),
+            ("sliders", .object([("warmth", .int(10))])), ("memory", .array([.string("m1")])),
+        ]))
+        #expect(created.status == .created)
+        let clone = try created.json()
+        let id = clone["id"]!.stringValue!
+        #expect(created.headers.first(name: "location") == "/v1/clones/\(id)")
+        #expect(try await server.get("/v1/clones/\(id)", token: token).json() == clone)
+        #expect(try await server.get("/v1/clones", token: token).json()["clones"] == .array([clone]))
+
+        let patched = try await TestHTTPClient.json(port: server.port, .PATCH, "/v1/clones/\(id)", token: token,
+                                                    json: .object([("traits", .array([.string("calm")]))]))
+        #expect(patched.status == .ok)
+        #expect(try patched.json()["traits"] == .array([.string("calm")]))
+        #expect(try patched.json()["name"] == .string("Ada"))
+        #expect(try await server.get("/v1/clones/\(id)", token: token).json()["traits"] == .array([.string("calm")]))
+
+        let deleted = try await TestHTTPClient.request(port: server.port, .DELETE, "/v1/clones/\(id)", token: token)
+        #expect(deleted.status == .noContent)
+        #expect(try await server.get("/v1/clones/\(id)", token: token).status == .notFound)
+        await server.stop()
+    }
+
+    @Test func badInputIsA400WithAJSONError() async throws {
+        let server = try await TestServer.start()
+        let token = try await server.token("alice")
+        let cases: [([UInt8]?, String)] = [
+            (nil, "the request needs a JSON body"),
+            (Array("{oops".utf8), "the body is not valid JSON"),
+            (Array(#"{"traits":[]}"#.utf8), "missing field 'name'"),
+            (Array(#"{"name":"A","sliders":{"x":500}}"#.utf8), "slider 'x' must be between 0 and 100"),
+            (Array(#"{"name":"A","nmae":"B"}"#.utf8), "unknown field 'nmae'"),
+        ]
+        for (body, message) in cases {
+            let response = try await TestHTTPClient.request(port: server.port, .POST, "/v1/clones", token: token, body: body)
+            #expect(response.status == .badRequest)
+            #expect(try response.json() == .object([("error", .object([("code", .string("bad_request")), ("message", .string(message))]))]))
+        }
+        #expect(try await server.get("/v1/conversations?limit=0", token: token).status == .badRequest)
+        #expect(try await server.get("/v1/conversations?limit=abc", token: token).status == .badRequest)
+        await server.stop()
+    }
+
+    @Test func unknownRoutesWrongMethodsAndHugeBodies() async throws {
+        let server = try await TestServer.start { $0.maxRequestBodyBytes = 1024 }
+        let token = try await server.token("alice")
+        let missing = try await server.get("/v1/nothing", token: token)
+        #expect(missing.status == .notFound)
+        #expect(missing.errorCode == "not_found")
+        let wrong = try await TestHTTPClient.request(port: server.port, .PUT, "/v1/clones", token: token)
+        #expect(wrong.status == .methodNotAllowed)
+        #expect(wrong.headers.first(name: "allow") == "POST, GET")
+        let huge = try await TestHTTPClient.request(port: server.port, .POST, "/v1/clones", token: token, body: Array(repeating: 0x41, count: 5000))
+        #expect(huge.status == .payloadTooLarge)
+        #expect(huge.errorCode == "too_large")
+        await server.stop()
+    }
+
+    @Test func messagesAndConversationsPage() async throws {
+        let server = try await TestServer.start { $0.simulated.replyTokens = 3 }
+        let token = try await server.token("alice")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        try await socket.chatSend(id: "c0", clone: clone, text: "turn 0")
+        let conversation = try await socket.readReply().conversation
+        for i in 1..<3 {
+            try await socket.chatSend(id: "c\(i)", clone: clone, conversation: conversation, text: "turn \(i)")
+            _ = try await socket.readReply()
+        }
+        let newest = try await server.get("/v1/conversations/\(conversation)/messages?limit=4", token: token).json()
+        let texts = newest["messages"]!.arrayValue!.map { $0["text"]!.stringValue! }
+        #expect(texts.count == 4)
+        #expect(texts[0] == "turn 1" && texts[2] == "turn 2")
+        let cursor = newest["next_before"]!.stringValue!
+        let older = try await server.get("/v1/conversations/\(conversation)/messages?limit=4&before=\(cursor)", token: token).json()
+        #expect(older["messages"]!.arrayValue!.map { $0["role"]!.stringValue! } == ["user", "assistant"])
+        #expect(older["messages"]!.arrayValue![0]["text"] == .string("turn 0"))
+        #expect(older["next_before"] == .null)
+
+        try await socket.chatSend(id: "n", clone: clone, text: "another conversation")
+        let second = try await socket.readReply().conversation
+        let list = try await server.get("/v1/conversations?limit=1", token: token).json()
+        #expect(list["conversations"]!.arrayValue!.map { $0["id"]!.stringValue! } == [second])
+        let rest = try await server.get("/v1/conversations?limit=1&before=\(list["next_before"]!.stringValue!)", token: token).json()
+        #expect(rest["conversations"]!.arrayValue!.map { $0["id"]!.stringValue! } == [conversation])
+        #expect(rest["conversations"]!.arrayValue![0]["title"] == .string("turn 0"))
+        await server.stop()
+    }
+
+    @Test func deletingACloneEndsItsStreamsAndDeletesItsTranscripts() async throws {
+        let server = try await TestServer.start { $0.simulated.tokensPerSecond = 20; $0.simulated.replyTokens = 1000 }
+        let token = try await server.token("alice")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        try await socket.chatSend(id: "c1", clone: clone, text: "Hello")
+        let conversation = try await socket.nextJSON()["conversation"]!.stringValue!
+        _ = try await socket.readUntilToken()
+
+        let deleted = try await TestHTTPClient.request(port: server.port, .DELETE, "/v1/clones/\(clone)", token: token)
+        #expect(deleted.status == .noContent)
+        #expect(try await socket.next(type: "stream.end").frame["reason"] == .string("cancelled"))
+        #expect(try await server.get("/v1/conversations/\(conversation)/messages", token: token).status == .notFound)
+        await server.stop()
+    }
+}

@@ -1,0 +1,259 @@
+import Foundation
+import NIOHTTP1
+import ParleyCore
+import ParleyLLM
+import ParleyServer
+import ParleyStore
+import ParleyTestSupport
+import Testing
+
+/// The real server on an ephemeral port, driven over real sockets.
+@Suite struct ChatIntegrationTests {
+    @Test func aFullReplyStreamsWithContiguousSeqsAndIsStored() async throws {
+        let server = try await TestServer.start()
+        let token = try await server.token("alice")
+        let cloneJSON = try await server.createClone(token: token, name: "Ada", fields: [
+            ("traits", .array([.string("curious")])), ("system_prompt", .string("Be brief.")),
+            ("sliders", .object([("warmth", .int(70))])), ("memory", .array([.string("Has a cat")])),
+        ])
+        let clone = cloneValue(cloneJSON, owner: "alice")
+        let socket = try await server.connect(token: token)
+
+        try await socket.chatSend(id: "c1", clone: clone.id, text: "Tell me about music")
+        let reply = try await socket.readReply()
+        #expect(reply.start["ref"] == .string("c1"))
+        #expect(reply.start["clone"] == .string(clone.id))
+        #expect(reply.start["model"] == .string("simulated"))
+        #expect(reply.seqs == Array(1...Int64(reply.tokens.count)))
+        #expect(reply.tokens.allSatisfy { $0["stream"] == .string(reply.stream) })
+        #expect(reply.reason == "complete")
+
+        let user = Message(id: "", conversation: "", role: .user, text: "Tell me about music", createdAt: 0)
+        let expected = expectedReply(configuration: server.server.configuration, clone: clone, history: [user])
+        #expect(reply.text == expected.tokens.joined())
+        #expect(reply.end["usage"] == .object([("input_tokens", .int(Int64(expected.inputTokens))), ("output_tokens", .int(24))]))
+
+        // Both turns are in the transcript, the reply under the id stream.end named.
+        let page = try await server.get("/v1/conversations/\(reply.conversation)/messages", token: token).json()
+        let messages = page["messages"]!.arrayValue!
+        #expect(messages.map { $0["role"]!.stringValue! } == ["user", "assistant"])
+        #expect(messages[0]["text"] == .string("Tell me about music"))
+        #expect(messages[1]["id"] == reply.end["message"])
+        #expect(messages[1]["text"] == .string(reply.text))
+        #expect(messages[1]["reason"] == .string("complete"))
+        #expect(messages[1]["stream"] == .string(reply.stream))
+
+        // The next turn in the same conversation is prompted with the history.
+        try await socket.chatSend(id: "c2", clone: clone.id, conversation: reply.conversation, text: "And painting?")
+        let second = try await socket.readReply()
+        #expect(second.conversation == reply.conversation)
+        let assistant = Message(id: "", conversation: "", role: .assistant, text: reply.text, createdAt: 0)
+        let followUp = Message(id: "", conversation: "", role: .user, text: "And painting?", createdAt: 0)
+        #expect(second.text == expectedReply(configuration: server.server.configuration, clone: clone, history: [user, assistant, followUp]).tokens.joined())
+        await server.stop()
+    }
+
+    @Test func cancelStopsTheStreamAndStoresThePartialReply() async throws {
+        let server = try await TestServer.start { $0.simulated.tokensPerSecond = 50; $0.simulated.replyTokens = 1000 }
+        let token = try await server.token("alice")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+
+        try await socket.chatSend(id: "c1", clone: clone, text: "Talk for a long time")
+        let start = try await socket.nextJSON()
+        let stream = start["stream"]!.stringValue!
+        var tokens = [try await socket.readUntilToken()]
+        try await socket.send(.object([("type", .string("chat.cancel")), ("id", .string("x1")), ("stream", .string(stream))]))
+        let (end, more) = try await socket.next(type: "stream.end")
+        tokens += more
+        #expect(end["reason"] == .string("cancelled"))
+        #expect(tokens.count < 1000)
+        #expect(end["usage"]?["output_tokens"] == .int(Int64(tokens.count)))
+
+        let messages = try await server.get("/v1/conversations/\(start["conversation"]!.stringValue!)/messages", token: token).json()["messages"]!.arrayValue!
+        #expect(messages.last?["reason"] == .string("cancelled"))
+        #expect(messages.last?["text"] == .string(tokens.map { $0["text"]!.stringValue! }.joined()))
+        await server.stop()
+    }
+
+    @Test func resumeAfterReconnectReplaysTheRestWithoutGapsOrDuplicates() async throws {
+        let server = try await TestServer.start { $0.simulated.tokensPerSecond = 100; $0.simulated.replyTokens = 60 }
+        let token = try await server.token("alice")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let first = try await server.connect(token: token)
+
+        try await first.chatSend(id: "c1", clone: clone, text: "Hello")
+        let start = try await first.nextJSON()
+        let stream = start["stream"]!.stringValue!
+        var received: [JSONValue] = []
+        for _ in 0..<3 { received.append(try await first.readUntilToken()) }
+        await first.drop()
+
+        let second = try await server.connect(token: token)
+        let after = received.last!["seq"]!.intValue!
+        try await second.send(.object([("type", .string("stream.resume")), ("id", .string("r1")), ("stream", .string(stream)), ("after", .int(after))]))
+        let ack = try await second.nextJSON()
+        #expect(ack["type"] == .string("stream.start"))
+        #expect(ack["ref"] == .string("r1"))
+        #expect(ack["stream"] == .string(stream))
+        let (end, rest) = try await second.next(type: "stream.end")
+        received += rest
+        #expect(received.map { $0["seq"]!.intValue! } == Array(1...60))
+        #expect(end["reason"] == .string("complete"))
+
+        // A resume after the end replays the ended stream's tail and its end.
+        try await second.send(.object([("type", .string("stream.resume")), ("id", .string("r2")), ("stream", .string(stream)), ("after", .int(58))]))
+        #expect(try await second.nextJSON()["ref"] == .string("r2"))
+        #expect(try await second.nextJSON()["seq"] == .int(59))
+        #expect(try await second.nextJSON()["seq"] == .int(60))
+        #expect(try await second.nextJSON() == end)
+        await server.stop()
+    }
+
+    @Test func streamsNoLongerBufferedAreGone() async throws {
+        let server = try await TestServer.start { $0.resumeBufferTokens = 4; $0.simulated.replyTokens = 20 }
+        let token = try await server.token("alice")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        try await socket.chatSend(id: "c1", clone: clone, text: "Hello")
+        let reply = try await socket.readReply()
+
+        try await socket.send(.object([("type", .string("stream.resume")), ("id", .string("r1")), ("stream", .string(reply.stream)), ("after", .int(3))]))
+        let gone = try await socket.nextJSON()
+        #expect(gone["type"] == .string("error"))
+        #expect(gone["code"] == .string("stream_gone"))
+        #expect(gone["ref"] == .string("r1"))
+
+        // The last four are still there.
+        try await socket.send(.object([("type", .string("stream.resume")), ("id", .string("r2")), ("stream", .string(reply.stream)), ("after", .int(16))]))
+        #expect(try await socket.nextJSON()["type"] == .string("stream.start"))
+        #expect(try await socket.nextJSON()["seq"] == .int(17))
+
+        try await socket.send(.object([("type", .string("stream.resume")), ("id", .string("r3")), ("stream", .string("st_unknown")), ("after", .int(0))]))
+        _ = try await socket.next(type: "stream.end")
+        let unknown = try await socket.nextJSON()
+        #expect(unknown["code"] == .string("stream_gone"))
+        #expect(unknown["ref"] == .string("r3"))
+        await server.stop()
+    }
+
+    @Test func everySocketOfTheUserSeesTheStream() async throws {
+        let server = try await TestServer.start()
+        let token = try await server.token("alice")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let tab1 = try await server.connect(token: token)
+        let tab2 = try await server.connect(token: try await server.token("alice"))
+        try await tab1.chatSend(id: "c1", clone: clone, text: "Hi both")
+        let one = try await tab1.readReply()
+        let two = try await tab2.readReply()
+        #expect(one.start == two.start)
+        #expect(one.tokens == two.tokens)
+        #expect(one.end == two.end)
+        await server.stop()
+    }
+
+    @Test func anotherUsersThingsAreNotFound() async throws {
+        let server = try await TestServer.start()
+        let alice = try await server.token("alice")
+        let bob = try await server.token("bob")
+        let clone = try await server.createClone(token: alice)["id"]!.stringValue!
+        let aliceSocket = try await server.connect(token: alice)
+        try await aliceSocket.chatSend(id: "c1", clone: clone, text: "secret")
+        let reply = try await aliceSocket.readReply()
+
+        for (method, uri) in [(HTTPMethod.GET, "/v1/clones/\(clone)"), (.DELETE, "/v1/clones/\(clone)"),
+                              (.GET, "/v1/conversations/\(reply.conversation)"), (.GET, "/v1/conversations/\(reply.conversation)/messages")] {
+            let response = try await TestHTTPClient.request(port: server.port, method, uri, token: bob)
+            #expect(response.status == .notFound, "\(method) \(uri)")
+            #expect(response.errorCode == "not_found")
+        }
+        let patch = try await TestHTTPClient.json(port: server.port, .PATCH, "/v1/clones/\(clone)", token: bob, json: .object([("name", .string("Mine"))]))
+        #expect(patch.status == .notFound)
+        #expect(try await server.get("/v1/clones", token: bob).json()["clones"] == .array([]))
+        #expect(try await server.get("/v1/conversations", token: bob).json()["conversations"] == .array([]))
+
+        let bobSocket = try await server.connect(token: bob)
+        try await bobSocket.chatSend(id: "b1", clone: clone, text: "let me in")
+        #expect(try await bobSocket.nextJSON() == .object([("type", .string("error")), ("ref", .string("b1")), ("code", .string("not_found")), ("message", .string("no clone \(clone)"))]))
+        try await bobSocket.send(.object([("type", .string("stream.resume")), ("id", .string("b2")), ("stream", .string(reply.stream)), ("after", .int(0))]))
+        #expect(try await bobSocket.nextJSON()["code"] == .string("stream_gone"))
+        try await bobSocket.send(.object([("type", .string("chat.cancel")), ("id", .string("b3")), ("stream", .string(reply.stream))]))
+        #expect(try await bobSocket.nextJSON()["code"] == .string("not_found"))
+
+        // Alice's clone and transcript are untouched.
+        #expect(try await server.get("/v1/clones/\(clone)", token: alice).status == .ok)
+        await server.stop()
+    }
+
+    @Test func malformedFramesGetBadRequestAndTheSocketStaysOpen() async throws {
+        let server = try await TestServer.start()
+        let token = try await server.token("alice")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        let bad = [
+            "not json at all", "[]", #"{"id":"m1"}"#, #"{"type":"chat.send","id":"m2"}"#, #"{"type":"warp","id":"m3"}"#,
+            #"{"type":"chat.send","id":"m4","clone":"x","text":"hi","extra":1}"#, #"{"type":"stream.resume","id":"m5","stream":"s"}"#,
+        ]
+        for text in bad {
+            try await socket.send(text)
+            let error = try await socket.nextJSON()
+            #expect(error["type"] == .string("error"), "\(text)")
+            #expect(error["code"] == .string("bad_request"), "\(text)")
+        }
+        try await socket.chatSend(id: "ok", clone: clone, text: "still here?")
+        #expect(try await socket.readReply().reason == "complete")
+        await server.stop()
+    }
+
+    @Test func oneStreamPerConversationAtATime() async throws {
+        let server = try await TestServer.start { $0.simulated.tokensPerSecond = 20; $0.simulated.replyTokens = 1000 }
+        let token = try await server.token("alice")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let other = try await server.createClone(token: token, name: "Bo")["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        try await socket.chatSend(id: "c1", clone: clone, text: "Go on")
+        let start = try await socket.nextJSON()
+        let conversation = start["conversation"]!.stringValue!
+
+        try await socket.chatSend(id: "c2", clone: clone, conversation: conversation, text: "Interrupt")
+        let busy = try await socket.next(type: "error").frame
+        #expect(busy["ref"] == .string("c2"))
+        #expect(busy["code"] == .string("rate_limited"))
+
+        try await socket.chatSend(id: "c3", clone: other, conversation: conversation, text: "Wrong clone")
+        let wrong = try await socket.next(type: "error").frame
+        #expect(wrong["ref"] == .string("c3"))
+        #expect(wrong["code"] == .string("bad_request"))
+
+        try await socket.send(.object([("type", .string("chat.cancel")), ("id", .string("x")), ("stream", start["stream"]!)]))
+        _ = try await socket.next(type: "stream.end")
+        await server.stop()
+    }
+
+    @Test func shutdownEndsStreamsStoresThemAndClosesWith1001() async throws {
+        let server = try await TestServer.start { $0.simulated.tokensPerSecond = 20; $0.simulated.replyTokens = 1000 }
+        let token = try await server.token("alice")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        try await socket.chatSend(id: "c1", clone: clone, text: "Keep talking")
+        let start = try await socket.nextJSON()
+        _ = try await socket.readUntilToken()
+
+        let stopping = Task { await server.server.shutdown() }
+        let (end, _) = try await socket.next(type: "stream.end")
+        #expect(end["reason"] == .string("shutdown"))
+        let messageID = end["message"]?.stringValue
+        #expect(messageID != nil)
+        #expect(try await socket.next() == .close(code: 1001, reason: "server shutting down"))
+        await stopping.value
+
+        // The partial reply was flushed to disk before the store closed.
+        let store = try await SQLiteStore.open(path: server.server.configuration.sqlitePath)
+        let messages = try await store.messages(conversation: start["conversation"]!.stringValue!, limit: 10, before: nil)
+        #expect(messages.map(\.role) == [.user, .assistant])
+        #expect(messages.last?.id == messageID)
+        #expect(messages.last?.reason == .shutdown)
+        try await store.close()
+        await server.stop()
+    }
+}

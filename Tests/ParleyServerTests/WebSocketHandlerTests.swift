@@ -1,0 +1,154 @@
+import Logging
+import NIOCore
+import NIOEmbedded
+import NIOWebSocket
+import ParleyCore
+import ParleyLLM
+import ParleyStore
+@testable import ParleyServer
+import ParleyTestSupport
+import Foundation
+import Testing
+
+/// The WebSocket handler on an EmbeddedChannel: control frames, bad input and hub bookkeeping,
+/// with no sockets involved.
+@Suite struct WebSocketHandlerTests {
+    final class Fixture {
+        let channel = EmbeddedChannel()
+        let hub = StreamHub(retention: .seconds(60), maxStreamsPerUser: 4)
+        let store: SQLiteStore
+
+        init() async throws {
+            let dir = FileManager.default.temporaryDirectory.appendingPathComponent("parley-embedded-\(UUID().uuidString)").path
+            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+            store = try await SQLiteStore.open(path: dir + "/parley.sqlite")
+            let chat = ChatService(store: store, provider: SimulatedProvider(), hub: hub, configuration: ServerConfiguration(),
+                                   logger: Logger(label: "test"), ids: IDGenerator())
+            let connection = ClientConnection(id: "conn_1", identity: Identity(user: "alice", role: nil), channel: channel)
+            try channel.pipeline.syncOperations.addHandler(
+                WebSocketHandler(connection: connection, chat: chat, hub: hub, limits: FrameLimits()))
+            try await channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).get()
+        }
+
+        func inbound(_ opcode: WebSocketOpcode, _ bytes: [UInt8]) throws {
+            try channel.writeInbound(WebSocketFrame(fin: true, opcode: opcode, data: ByteBuffer(bytes: bytes)))
+        }
+
+        func outbound() throws -> WebSocketFrame? {
+            try channel.readOutbound(as: WebSocketFrame.self)
+        }
+
+        func outboundJSON() throws -> JSONValue? {
+            guard let frame = try outbound() else { return nil }
+            #expect(frame.opcode == .text)
+            return try JSONValue.parse(frame.unmaskedData.readableBytesView)
+        }
+
+        func finish() async throws {
+            _ = try? channel.finish()
+            try await store.close()
+        }
+    }
+
+    func closeCode(_ frame: WebSocketFrame?) -> WebSocketErrorCode? {
+        guard let frame, frame.opcode == .connectionClose else { return nil }
+        var data = frame.unmaskedData
+        return data.readWebSocketErrorCode()
+    }
+
+    @Test func welcomesTheUserAndJoinsTheHub() async throws {
+        let f = try await Fixture()
+        #expect(try f.outboundJSON() == .object([("type", .string("welcome")), ("user", .string("alice")), ("protocol", .int(1))]))
+        #expect(f.hub.connections(of: "alice").map(\.id) == ["conn_1"])
+        try await f.channel.close()
+        #expect(f.hub.connectionCount == 0)
+        try await f.finish()
+    }
+
+    @Test func answersPingWithPong() async throws {
+        let f = try await Fixture()
+        _ = try f.outbound()
+        try f.inbound(.ping, Array("are you there".utf8))
+        let pong = try f.outbound()
+        #expect(pong?.opcode == .pong)
+        #expect(pong.map { Array($0.unmaskedData.readableBytesView) } == Array("are you there".utf8))
+        try await f.finish()
+    }
+
+    @Test func malformedJSONIsAnErrorFrameAndTheSocketStaysOpen() async throws {
+        let f = try await Fixture()
+        _ = try f.outbound()
+        try f.inbound(.text, Array("{not json".utf8))
+        #expect(try f.outboundJSON()?["code"] == .string("bad_request"))
+        try f.inbound(.text, Array(#"{"type":"nope","id":"n1"}"#.utf8))
+        let error = try f.outboundJSON()
+        #expect(error?["ref"] == .string("n1"))
+        #expect(error?["message"] == .string("unknown frame type 'nope'"))
+        #expect(f.channel.isActive)
+        try await f.finish()
+    }
+
+    @Test func invalidUTF8ClosesWith1007() async throws {
+        let f = try await Fixture()
+        _ = try f.outbound()
+        try f.inbound(.text, [0x7B, 0xFF, 0xFE, 0x7D])
+        #expect(closeCode(try f.outbound()) == .dataInconsistentWithMessage)
+        #expect(!f.channel.isActive)
+        try await f.finish()
+    }
+
+    @Test func binaryFramesCloseWith1003() async throws {
+        let f = try await Fixture()
+        _ = try f.outbound()
+        try f.inbound(.binary, [1, 2, 3])
+        #expect(closeCode(try f.outbound()) == .unacceptableData)
+        #expect(!f.channel.isActive)
+        try await f.finish()
+    }
+
+    @Test func aPeerCloseIsEchoedWithItsCode() async throws {
+        let f = try await Fixture()
+        _ = try f.outbound()
+        var data = ByteBuffer()
+        data.write(webSocketErrorCode: .goingAway)
+        try f.channel.writeInbound(WebSocketFrame(fin: true, opcode: .connectionClose, data: data))
+        #expect(closeCode(try f.outbound()) == .goingAway)
+        #expect(!f.channel.isActive)
+        try await f.finish()
+    }
+}
+
+@Suite struct RouterTests {
+    func router() -> Router<Int> {
+        var r = Router<Int>()
+        r.add(.GET, "/v1/clones") { _, _, _ in HTTPResponse(.ok) }
+        r.add(.GET, "/v1/clones/:id") { _, p, _ in HTTPResponse(.ok, json: .string(p["id"]!)) }
+        r.add(.DELETE, "/v1/clones/:id") { _, _, _ in HTTPResponse(.noContent) }
+        return r
+    }
+
+    @Test func matchesLiteralAndParameterSegments() {
+        guard case .found(_, let parameters) = router().match(.GET, path: "/v1/clones/cl_1") else {
+            Issue.record("no match")
+            return
+        }
+        #expect(parameters == ["id": "cl_1"])
+        guard case .found(_, let none) = router().match(.GET, path: "/v1/clones/") else {
+            Issue.record("no match for the trailing slash")
+            return
+        }
+        #expect(none.isEmpty)
+    }
+
+    @Test func distinguishesUnknownPathsFromWrongMethods() {
+        guard case .notFound = router().match(.GET, path: "/v1/nothing") else {
+            Issue.record("expected 404")
+            return
+        }
+        guard case .methodNotAllowed(let allowed) = router().match(.PUT, path: "/v1/clones/x") else {
+            Issue.record("expected 405")
+            return
+        }
+        #expect(allowed == [.GET, .DELETE])
+    }
+}
