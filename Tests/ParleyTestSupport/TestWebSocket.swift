@@ -88,7 +88,7 @@ public final class TestWebSocket {
         guard let channel = upgraded else { throw UpgradeRefused() }
         // The async connect API turns autoRead off for NIOAsyncChannel; this client reads with a
         // plain handler, so turn it back on (and read what came with the 101, e.g. the welcome).
-        try await channel.setOption(.autoRead, value: true)
+        try await channel.setOption(.autoRead, value: true).get()
         channel.read()
         return TestWebSocket(channel: channel, stream: stream, continuation: continuation)
     }
