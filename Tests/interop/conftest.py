@@ -1,0 +1,82 @@
+"""Starts the real `parley` binary on an ephemeral port for the interop tests."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import tempfile
+import urllib.error
+import urllib.request
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+BINARY = pathlib.Path(os.environ.get("PARLEY_BIN", ROOT / ".build" / "debug" / "parley"))
+
+
+class Server:
+    def __init__(self, data_dir, *extra):
+        self.data_dir = data_dir
+        self.proc = subprocess.Popen(
+            [str(BINARY), "serve", "--port", "0", "--data-dir", str(data_dir), "--log-level", "warning", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        line = self.proc.stdout.readline()  # blocks until the server has bound its port
+        if not line.startswith("parley listening on http://"):
+            self.proc.kill()
+            raise RuntimeError(f"server did not start: {line!r} {self.proc.stderr.read()}")
+        self.base = line.strip().split(" ")[-1]
+        self.port = int(self.base.rsplit(":", 1)[1])
+        self.ws = f"ws://127.0.0.1:{self.port}/v1/ws"
+
+    def token(self, sub):
+        out = subprocess.run([str(BINARY), "token", "--sub", sub, "--data-dir", str(self.data_dir)],
+                             check=True, capture_output=True, text=True)
+        return out.stdout.strip()
+
+    def http(self, method, path, token=None, body=None):
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.base + path, data=data, method=method)
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                raw = resp.read()
+                return resp.status, json.loads(raw) if raw else None
+        except urllib.error.HTTPError as err:
+            raw = err.read()
+            return err.code, json.loads(raw) if raw else None
+
+    def stop(self, sig=signal.SIGTERM, timeout=20):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+
+@pytest.fixture
+def data_dir():
+    with tempfile.TemporaryDirectory(prefix="parley-interop-") as d:
+        yield pathlib.Path(d)
+
+
+@pytest.fixture
+def start_server(data_dir):
+    started = []
+
+    def start(*extra):
+        server = Server(data_dir, *extra)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
+
+
+@pytest.fixture
+def server(start_server):
+    return start_server("--sim-ttft-ms", "0", "--sim-tokens-per-sec", "0", "--sim-reply-tokens", "20")

@@ -1,0 +1,183 @@
+"""Drives the real server with Python's `websockets` package, a client nobody here wrote, and
+checks every frame it receives against the published JSON Schemas."""
+import asyncio
+import json
+import signal
+
+import pytest
+import websockets
+
+from schemas import FRAMES, REST, SCHEMAS, validate_frame, validate_rest
+
+TIMEOUT = 10  # a watchdog per receive, not a synchronisation delay
+
+
+async def recv(ws):
+    return validate_frame(json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT)))
+
+
+async def read_stream(ws):
+    start = await recv(ws)
+    assert start["type"] == "stream.start", start
+    tokens = []
+    while True:
+        frame = await recv(ws)
+        if frame["type"] == "stream.end":
+            return start, tokens, frame
+        assert frame["type"] == "token", frame
+        tokens.append(frame)
+
+
+def make_clone(server, token, **fields):
+    status, body = server.http("POST", "/v1/clones", token, {"name": "Ada", "traits": ["curious"], **fields})
+    assert status == 201, body
+    return validate_rest("clone", body)
+
+
+def test_full_chat_over_websockets(server):
+    token = server.token("alice")
+    assert validate_rest("health", server.http("GET", "/healthz")[1]) == {"status": "ok"}
+    clone = make_clone(server, token, sliders={"warmth": 60}, memory=["likes jazz"])
+
+    async def run():
+        async with websockets.connect(f"{server.ws}?token={token}") as ws:
+            assert await recv(ws) == {"type": "welcome", "user": "alice", "protocol": 1}
+            await ws.send(json.dumps({"type": "chat.send", "id": "c1", "clone": clone["id"], "text": "Hi there"}))
+            return await read_stream(ws)
+
+    start, tokens, end = asyncio.run(run())
+    assert start["ref"] == "c1" and start["clone"] == clone["id"]
+    assert [t["seq"] for t in tokens] == list(range(1, 21))
+    assert end["reason"] == "complete" and end["usage"]["output_tokens"] == 20
+
+    status, page = server.http("GET", f"/v1/conversations/{start['conversation']}/messages", token)
+    assert status == 200
+    validate_rest("message-page", page)
+    assert [m["role"] for m in page["messages"]] == ["user", "assistant"]
+    assert page["messages"][1]["id"] == end["message"]
+    assert page["messages"][1]["text"] == "".join(t["text"] for t in tokens)
+    validate_rest("conversation-page", server.http("GET", "/v1/conversations", token)[1])
+    validate_rest("clone-list", server.http("GET", "/v1/clones", token)[1])
+
+
+def test_authorization_header_and_refusals(server):
+    token = server.token("bob")
+
+    async def run():
+        async with websockets.connect(server.ws, additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+            assert (await recv(ws))["user"] == "bob"
+        for bad in [None, token[:-4] + "AAAA"]:
+            url = server.ws if bad is None else f"{server.ws}?token={bad}"
+            with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+                async with websockets.connect(url):
+                    pass
+            assert refused.value.response.status_code == 401
+            validate_rest("error", json.loads(refused.value.response.body))
+
+    asyncio.run(run())
+
+
+def test_errors_keep_the_socket_open(server):
+    token = server.token("carol")
+    clone = make_clone(server, token)
+
+    async def run():
+        async with websockets.connect(f"{server.ws}?token={token}") as ws:
+            await recv(ws)
+            for raw in ["{nope", json.dumps({"type": "chat.send", "id": "x"}), json.dumps({"type": "who", "id": "y"})]:
+                await ws.send(raw)
+                error = await recv(ws)
+                assert error["type"] == "error" and error["code"] == "bad_request"
+            await ws.send(json.dumps({"type": "chat.send", "id": "z", "clone": "cl_nope", "text": "hi"}))
+            assert (await recv(ws))["code"] == "not_found"
+            await ws.send(json.dumps({"type": "chat.send", "id": "ok", "clone": clone["id"], "text": "hi"}))
+            _, _, end = await read_stream(ws)
+            assert end["reason"] == "complete"
+
+    asyncio.run(run())
+
+
+def test_resume_after_reconnect(start_server):
+    server = start_server("--sim-ttft-ms", "0", "--sim-tokens-per-sec", "100", "--sim-reply-tokens", "40")
+    token = server.token("dana")
+    clone = make_clone(server, token)
+
+    async def run():
+        async with websockets.connect(f"{server.ws}?token={token}") as ws:
+            await recv(ws)
+            await ws.send(json.dumps({"type": "chat.send", "id": "c1", "clone": clone["id"], "text": "story"}))
+            start = await recv(ws)
+            seen = [await recv(ws) for _ in range(5)]
+        async with websockets.connect(f"{server.ws}?token={token}") as ws:
+            await recv(ws)
+            await ws.send(json.dumps({"type": "stream.resume", "id": "r1", "stream": start["stream"], "after": seen[-1]["seq"]}))
+            ack, rest, end = await read_stream(ws)
+            assert ack["ref"] == "r1"
+            return seen + rest, end
+
+    tokens, end = asyncio.run(run())
+    assert [t["seq"] for t in tokens] == list(range(1, 41))
+    assert end["reason"] == "complete"
+
+
+def test_sigterm_ends_streams_stores_them_and_closes_with_1001(start_server, data_dir):
+    server = start_server("--sim-ttft-ms", "0", "--sim-tokens-per-sec", "20", "--sim-reply-tokens", "5000")
+    token = server.token("erin")
+    clone = make_clone(server, token)
+
+    async def run():
+        async with websockets.connect(f"{server.ws}?token={token}") as ws:
+            await recv(ws)
+            await ws.send(json.dumps({"type": "chat.send", "id": "c1", "clone": clone["id"], "text": "go"}))
+            start = await recv(ws)
+            await recv(ws)  # the first token: the stream is running
+            server.proc.send_signal(signal.SIGTERM)
+            while True:
+                frame = await recv(ws)
+                if frame["type"] == "stream.end":
+                    break
+            with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), TIMEOUT)
+            return start, frame, closed.value.rcvd
+
+    start, end, close = asyncio.run(run())
+    assert end["reason"] == "shutdown" and "message" in end
+    assert close.code == 1001
+    assert server.proc.wait(timeout=20) == 0
+
+    # Restarted on the same data directory, the partial reply is there.
+    again = start_server("--sim-ttft-ms", "0", "--sim-tokens-per-sec", "0")
+    status, page = again.http("GET", f"/v1/conversations/{start['conversation']}/messages", again.token("erin"))
+    assert status == 200
+    last = page["messages"][-1]
+    assert last["id"] == end["message"] and last["reason"] == "shutdown"
+    assert again.stop() == 0
+
+
+def test_examples_match_the_schemas():
+    examples = sorted((SCHEMAS.parent / "examples").glob("*.jsonl"))
+    assert examples, "no example sessions"
+    count = 0
+    for path in examples:
+        for line in path.read_text().splitlines():
+            entry = json.loads(line)
+            if "frame" not in entry:
+                continue
+            if entry.get("invalid"):
+                with pytest.raises(Exception):
+                    validate_frame(entry["frame"])
+            else:
+                validate_frame(entry["frame"])
+            count += 1
+    assert count > 10
+    assert {"welcome", "chat.send", "chat.cancel", "stream.resume", "stream.start", "token", "stream.end", "error"} <= FRAMES.keys()
+    assert {"clone", "message", "error"} <= REST.keys()
+
+
+def test_schemas_reject_what_the_server_must_never_send():
+    with pytest.raises(Exception):
+        validate_frame({"type": "token", "stream": "s", "seq": 0, "text": "x"})
+    with pytest.raises(Exception):
+        validate_frame({"type": "stream.end", "stream": "s", "reason": "finished", "usage": {"input_tokens": 1, "output_tokens": 1}})
+    with pytest.raises(Exception):
+        validate_frame({"type": "welcome", "user": "a", "protocol": 1, "extra": True})

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what a fresh Debian machine with the Swift toolchain lacks. Idempotent.
+#   scripts/setup.sh          system packages needed to build and run Parley
+#   scripts/setup.sh --test   also the Python packages the interop tests use
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+command -v swift >/dev/null || { echo "setup: the Swift toolchain (6.0 or later) must be on PATH" >&2; exit 1; }
+
+apt_packages=(libsqlite3-dev pkg-config)
+missing=()
+for package in "${apt_packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if ((${#missing[@]})); then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "setup: installing ${missing[*]}" >&2
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ "${1:-}" = "--test" ]; then
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -r Tests/interop/requirements.txt
+fi
