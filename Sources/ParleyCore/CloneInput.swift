@@ -44,15 +44,7 @@ public struct CloneFields: Sendable, Equatable {
             throw ValidationError("missing field 'name'")
         }
         if let traits = try reader.stringArray("traits") {
-            guard traits.count <= limits.maxTraits else { throw ValidationError("at most \(limits.maxTraits) traits") }
-            fields.traits = try traits.enumerated().map { (i, t) throws(ValidationError) in
-                let trimmed = t.trimmedWhitespace
-                guard !trimmed.isEmpty else { throw ValidationError("'traits[\(i)]' must not be empty") }
-                guard trimmed.count <= limits.maxTraitLength else {
-                    throw ValidationError("'traits[\(i)]' is longer than \(limits.maxTraitLength) characters")
-                }
-                return trimmed
-            }
+            fields.traits = try entries(traits, field: "traits", maxCount: limits.maxTraits, maxLength: limits.maxTraitLength)
         }
         if let prompt = try reader.string("system_prompt") {
             guard prompt.count <= limits.maxSystemPromptLength else {
@@ -73,21 +65,24 @@ public struct CloneFields: Sendable, Equatable {
             fields.sliders = out
         }
         if let memory = try reader.stringArray("memory") {
-            guard memory.count <= limits.maxMemoryEntries else {
-                throw ValidationError("at most \(limits.maxMemoryEntries) memory entries")
-            }
-            fields.memory = try memory.enumerated().map { (i, m) throws(ValidationError) in
-                let trimmed = m.trimmedWhitespace
-                guard !trimmed.isEmpty else { throw ValidationError("'memory[\(i)]' must not be empty") }
-                guard trimmed.count <= limits.maxMemoryEntryLength else {
-                    throw ValidationError("'memory[\(i)]' is longer than \(limits.maxMemoryEntryLength) characters")
-                }
-                return trimmed
-            }
+            fields.memory = try entries(memory, field: "memory", maxCount: limits.maxMemoryEntries, maxLength: limits.maxMemoryEntryLength)
         }
         // id, timestamps and owner are the server's; naming them is a client bug worth reporting.
         try reader.rejectUnknown()
         return fields
+    }
+
+    /// A list of short texts (traits, memory entries): trimmed, none empty, bounded in count and length.
+    static func entries(_ list: [String], field: String, maxCount: Int, maxLength: Int) throws(ValidationError) -> [String] {
+        guard list.count <= maxCount else { throw ValidationError("'\(field)' has more than \(maxCount) entries") }
+        return try list.enumerated().map { (i, entry) throws(ValidationError) in
+            let trimmed = entry.trimmedWhitespace
+            guard !trimmed.isEmpty else { throw ValidationError("'\(field)[\(i)]' must not be empty") }
+            guard trimmed.count <= maxLength else {
+                throw ValidationError("'\(field)[\(i)]' is longer than \(maxLength) characters")
+            }
+            return trimmed
+        }
     }
 
     static func isValidSliderName(_ name: String) -> Bool {

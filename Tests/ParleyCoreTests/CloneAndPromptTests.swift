@@ -26,6 +26,7 @@ import Testing
         #expect(message(#"{"name":"A","id":"cl_x"}"#) == "unknown field 'id'")
         #expect(message(#"{"name":"\#(String(repeating: "x", count: 81))"}"#) == "'name' is longer than 80 characters")
         #expect(message("[]") == "body must be a JSON object, not array")
+        #expect(message(#"{"name":"A","traits":[\#((0..<33).map { "\"t\($0)\"" }.joined(separator: ","))]}"#) == "'traits' has more than 32 entries")
     }
 
     @Test func patchNeedsNoNameAndChangesOnlyWhatItNames() throws {

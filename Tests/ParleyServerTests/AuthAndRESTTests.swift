@@ -158,18 +158,11 @@ import Testing
     }
 
     @Test func deletingACloneEndsItsStreamsAndDeletesItsTranscripts() async throws {
-        let server = try await TestServer.start { $0.simulated.tokensPerSecond = 20; $0.simulated.replyTokens = 1000 }
-        let token = try await server.token("alice")
-        let clone = try await server.createClone(token: token)["id"]!.stringValue!
-        let socket = try await server.connect(token: token)
-        try await socket.chatSend(id: "c1", clone: clone, text: "Hello")
-        let conversation = try await socket.nextJSON()["conversation"]!.stringValue!
-        _ = try await socket.readUntilToken()
-
-        let deleted = try await TestHTTPClient.request(port: server.port, .DELETE, "/v1/clones/\(clone)", token: token)
+        let chat = try await LongReply.start()
+        let deleted = try await TestHTTPClient.request(port: chat.server.port, .DELETE, "/v1/clones/\(chat.clone)", token: chat.token)
         #expect(deleted.status == .noContent)
-        #expect(try await socket.next(type: "stream.end").frame["reason"] == .string("cancelled"))
-        #expect(try await server.get("/v1/conversations/\(conversation)/messages", token: token).status == .notFound)
-        await server.stop()
+        #expect(try await chat.socket.next(type: "stream.end").frame["reason"] == .string("cancelled"))
+        #expect(try await chat.server.get("/v1/conversations/\(chat.conversation)/messages", token: chat.token).status == .notFound)
+        await chat.server.stop()
     }
 }

@@ -54,26 +54,18 @@ import Testing
     }
 
     @Test func cancelStopsTheStreamAndStoresThePartialReply() async throws {
-        let server = try await TestServer.start { $0.simulated.tokensPerSecond = 50; $0.simulated.replyTokens = 1000 }
-        let token = try await server.token("alice")
-        let clone = try await server.createClone(token: token)["id"]!.stringValue!
-        let socket = try await server.connect(token: token)
-
-        try await socket.chatSend(id: "c1", clone: clone, text: "Talk for a long time")
-        let start = try await socket.nextJSON()
-        let stream = start["stream"]!.stringValue!
-        var tokens = [try await socket.readUntilToken()]
-        try await socket.send(.object([("type", .string("chat.cancel")), ("id", .string("x1")), ("stream", .string(stream))]))
-        let (end, more) = try await socket.next(type: "stream.end")
-        tokens += more
+        var chat = try await LongReply.start(tokensPerSecond: 50)
+        try await chat.socket.send(.object([("type", .string("chat.cancel")), ("id", .string("x1")), ("stream", chat.stream)]))
+        let (end, more) = try await chat.socket.next(type: "stream.end")
+        chat.tokens += more
         #expect(end["reason"] == .string("cancelled"))
-        #expect(tokens.count < 1000)
-        #expect(end["usage"]?["output_tokens"] == .int(Int64(tokens.count)))
+        #expect(chat.tokens.count < 1000)
+        #expect(end["usage"]?["output_tokens"] == .int(Int64(chat.tokens.count)))
 
-        let messages = try await server.get("/v1/conversations/\(start["conversation"]!.stringValue!)/messages", token: token).json()["messages"]!.arrayValue!
+        let messages = try await chat.server.get("/v1/conversations/\(chat.conversation)/messages", token: chat.token).json()["messages"]!.arrayValue!
         #expect(messages.last?["reason"] == .string("cancelled"))
-        #expect(messages.last?["text"] == .string(tokens.map { $0["text"]!.stringValue! }.joined()))
-        await server.stop()
+        #expect(messages.last?["text"] == .string(chat.tokens.map { $0["text"]!.stringValue! }.joined()))
+        await chat.server.stop()
     }
 
     @Test func resumeAfterReconnectReplaysTheRestWithoutGapsOrDuplicates() async throws {
@@ -206,54 +198,43 @@ import Testing
     }
 
     @Test func oneStreamPerConversationAtATime() async throws {
-        let server = try await TestServer.start { $0.simulated.tokensPerSecond = 20; $0.simulated.replyTokens = 1000 }
-        let token = try await server.token("alice")
-        let clone = try await server.createClone(token: token)["id"]!.stringValue!
-        let other = try await server.createClone(token: token, name: "Bo")["id"]!.stringValue!
-        let socket = try await server.connect(token: token)
-        try await socket.chatSend(id: "c1", clone: clone, text: "Go on")
-        let start = try await socket.nextJSON()
-        let conversation = start["conversation"]!.stringValue!
+        let chat = try await LongReply.start()
+        let socket = chat.socket
+        let other = try await chat.server.createClone(token: chat.token, name: "Bo")["id"]!.stringValue!
 
-        try await socket.chatSend(id: "c2", clone: clone, conversation: conversation, text: "Interrupt")
+        try await socket.chatSend(id: "c2", clone: chat.clone, conversation: chat.conversation, text: "Interrupt")
         let busy = try await socket.next(type: "error").frame
         #expect(busy["ref"] == .string("c2"))
         #expect(busy["code"] == .string("rate_limited"))
 
-        try await socket.chatSend(id: "c3", clone: other, conversation: conversation, text: "Wrong clone")
+        try await socket.chatSend(id: "c3", clone: other, conversation: chat.conversation, text: "Wrong clone")
         let wrong = try await socket.next(type: "error").frame
         #expect(wrong["ref"] == .string("c3"))
         #expect(wrong["code"] == .string("bad_request"))
 
-        try await socket.send(.object([("type", .string("chat.cancel")), ("id", .string("x")), ("stream", start["stream"]!)]))
+        try await socket.send(.object([("type", .string("chat.cancel")), ("id", .string("x")), ("stream", chat.stream)]))
         _ = try await socket.next(type: "stream.end")
-        await server.stop()
+        await chat.server.stop()
     }
 
     @Test func shutdownEndsStreamsStoresThemAndClosesWith1001() async throws {
-        let server = try await TestServer.start { $0.simulated.tokensPerSecond = 20; $0.simulated.replyTokens = 1000 }
-        let token = try await server.token("alice")
-        let clone = try await server.createClone(token: token)["id"]!.stringValue!
-        let socket = try await server.connect(token: token)
-        try await socket.chatSend(id: "c1", clone: clone, text: "Keep talking")
-        let start = try await socket.nextJSON()
-        _ = try await socket.readUntilToken()
-
-        let stopping = Task { await server.server.shutdown() }
-        let (end, _) = try await socket.next(type: "stream.end")
+        let chat = try await LongReply.start()
+        let server = chat.server.server
+        let stopping = Task { await server.shutdown() }
+        let (end, _) = try await chat.socket.next(type: "stream.end")
         #expect(end["reason"] == .string("shutdown"))
         let messageID = end["message"]?.stringValue
         #expect(messageID != nil)
-        #expect(try await socket.next() == .close(code: 1001, reason: "server shutting down"))
+        #expect(try await chat.socket.next() == .close(code: 1001, reason: "server shutting down"))
         await stopping.value
 
         // The partial reply was flushed to disk before the store closed.
-        let store = try await SQLiteStore.open(path: server.server.configuration.sqlitePath)
-        let messages = try await store.messages(conversation: start["conversation"]!.stringValue!, limit: 10, before: nil)
+        let store = try await SQLiteStore.open(path: chat.server.server.configuration.sqlitePath)
+        let messages = try await store.messages(conversation: chat.conversation, limit: 10, before: nil)
         #expect(messages.map(\.role) == [.user, .assistant])
         #expect(messages.last?.id == messageID)
         #expect(messages.last?.reason == .shutdown)
         try await store.close()
-        await server.stop()
+        await chat.server.stop()
     }
 }

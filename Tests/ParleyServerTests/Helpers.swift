@@ -80,3 +80,31 @@ func cloneValue(_ json: JSONValue, owner: String) -> Clone {
         sliders: sliders, memory: json["memory"]!.arrayValue!.map { $0.stringValue! }, createdAt: 0, updatedAt: 0
     )
 }
+
+/// A server whose replies are long and paced, with one reply already streaming.
+struct LongReply {
+    var server: TestServer
+    var token: String
+    var clone: String
+    var socket: TestWebSocket
+    var start: JSONValue
+    /// The tokens read so far (at least the first, so generation is under way).
+    var tokens: [JSONValue]
+
+    var stream: JSONValue { start["stream"]! }
+    var conversation: String { start["conversation"]!.stringValue! }
+
+    static func start(tokensPerSecond: Double = 20) async throws -> LongReply {
+        let server = try await TestServer.start {
+            $0.simulated.tokensPerSecond = tokensPerSecond
+            $0.simulated.replyTokens = 1000
+        }
+        let token = try await server.token("alice")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        try await socket.chatSend(id: "c1", clone: clone, text: "Talk for a long time")
+        let start = try await socket.nextJSON()
+        let first = try await socket.readUntilToken()
+        return LongReply(server: server, token: token, clone: clone, socket: socket, start: start, tokens: [first])
+    }
+}
