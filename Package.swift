@@ -25,6 +25,12 @@ let package = Package(
             pkgConfig: "sqlite3",
             providers: [.apt(["libsqlite3-dev"])]
         ),
+        // The MongoDB C driver (Debian libmongoc-dev, libbson-dev).
+        .systemLibrary(
+            name: "CMongo",
+            pkgConfig: "libmongoc-1.0",
+            providers: [.apt(["libmongoc-dev", "libbson-dev"])]
+        ),
         // Pure domain logic: models, protocol frames, validation, tokenizer, prompt assembly. No I/O.
         .target(name: "ParleyCore", swiftSettings: strict),
         // Persistence behind one Store protocol; blocking calls run on a NIOThreadPool.
@@ -37,13 +43,23 @@ let package = Package(
             ],
             swiftSettings: strict
         ),
+        // The production store: MongoDB through libmongoc, conforming to the same Store protocol.
+        .target(
+            name: "ParleyMongoStore",
+            dependencies: [
+                "ParleyCore", "ParleyStore", "CMongo",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            swiftSettings: strict
+        ),
         // LLM providers behind one streaming protocol.
         .target(name: "ParleyLLM", dependencies: ["ParleyCore"], swiftSettings: strict),
         // The NIO server that wires store, providers and protocol together.
         .target(
             name: "ParleyServer",
             dependencies: [
-                "ParleyCore", "ParleyStore", "ParleyLLM",
+                "ParleyCore", "ParleyStore", "ParleyMongoStore", "ParleyLLM",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -81,7 +97,7 @@ let package = Package(
             swiftSettings: strict
         ),
         .testTarget(name: "ParleyCoreTests", dependencies: ["ParleyCore"], swiftSettings: strict),
-        .testTarget(name: "ParleyStoreTests", dependencies: ["ParleyStore", "ParleyCore"], swiftSettings: strict),
+        .testTarget(name: "ParleyStoreTests", dependencies: ["ParleyStore", "ParleyMongoStore", "ParleyCore"], swiftSettings: strict),
         .testTarget(name: "ParleyLLMTests", dependencies: ["ParleyLLM", "ParleyCore"], swiftSettings: strict),
         .testTarget(
             name: "ParleyServerTests",

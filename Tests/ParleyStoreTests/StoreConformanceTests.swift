@@ -1,5 +1,6 @@
 import Foundation
 import ParleyCore
+import ParleyMongoStore
 import ParleyStore
 import Testing
 
@@ -10,10 +11,13 @@ struct Backend: Sendable, CustomTestStringConvertible {
 
     var testDescription: String { name }
 
-    /// Every backend the conformance suite runs against. MongoDB joins this list.
+    /// Every backend the conformance suite runs against.
     static let all: [Backend] = [
         Backend(name: "sqlite") {
             try await SQLiteStore.open(path: temporaryPath("conformance") + "/parley.sqlite")
+        },
+        Backend(name: MongoFixture.isRealServer ? "mongodb" : "mongodb (wire test server)") {
+            try await MongoStore.open(uri: MongoFixture.uri())
         },
     ]
 }

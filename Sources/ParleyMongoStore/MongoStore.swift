@@ -1,0 +1,367 @@
+import CMongo
+import Foundation
+import NIOCore
+import NIOPosix
+import ParleyCore
+import ParleyStore
+import Synchronization
+
+/// Parley's production store: MongoDB through libmongoc. One client pool per process; every
+/// blocking driver call runs on a NIOThreadPool, never on an event loop. Transient failures
+/// (network, server selection, a primary stepping down) are retried with bounded exponential
+/// backoff; everything else surfaces as a typed `StoreError`.
+public final class MongoStore: Store {
+    public struct Options: Sendable {
+        /// Threads that run driver calls (and so the most commands in flight at once).
+        public var threads = 4
+        /// Attempts for a command that fails transiently, the first included.
+        public var attempts = 4
+        /// Delay before the first retry; doubled for each further one.
+        public var backoff: Duration = .milliseconds(25)
+        public var serverSelectionTimeoutMS: Int32 = 5_000
+
+        public init() {}
+    }
+
+    public static let schemaVersion = 1
+
+    private let pool: MongoClientPool
+    private let threads: NIOThreadPool
+    private let options: Options
+    private let closed = Atomic(false)
+
+    public var database: String { pool.database }
+
+    private init(pool: MongoClientPool, threads: NIOThreadPool, options: Options) {
+        self.pool = pool
+        self.threads = threads
+        self.options = options
+    }
+
+    /// Connects, checks the schema version and creates the indexes (idempotent). Fails with a
+    /// clear message, after the server selection timeout, when the server cannot be reached.
+    public static func open(uri: String, options: Options = Options()) async throws -> MongoStore {
+        let pool = try MongoClientPool(uri: uri, serverSelectionTimeoutMS: options.serverSelectionTimeoutMS)
+        let threads = NIOThreadPool(numberOfThreads: max(1, options.threads))
+        threads.start()
+        let store = MongoStore(pool: pool, threads: threads, options: options)
+        do {
+            try await store.run { db in
+                do {
+                    _ = try db.command(.object([("ping", .int(1))]), attempts: 1)
+                } catch {
+                    throw StoreError.backend("cannot reach MongoDB at \(Self.redacted(uri)): \(error)")
+                }
+                try db.migrate()
+            }
+        } catch {
+            try? await threads.shutdownGracefully()
+            throw error
+        }
+        return store
+    }
+
+    /// The URI without its password, for messages.
+    static func redacted(_ uri: String) -> String {
+        guard let at = uri.firstIndex(of: "@"), let scheme = uri.range(of: "://") else { return uri }
+        return String(uri[..<scheme.upperBound]) + "…" + String(uri[at...])
+    }
+
+    public func close() async throws {
+        guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        try await threads.shutdownGracefully()
+    }
+
+    private func run<T: Sendable>(_ body: @escaping @Sendable (Database) throws -> T) async throws -> T {
+        guard !closed.load(ordering: .acquiring) else { throw StoreError.closed }
+        let db = Database(pool: pool, options: options)
+        do {
+            return try await threads.runIfActive { try body(db) }
+        } catch is NIOThreadPoolError.ThreadPoolInactive {
+            throw StoreError.closed
+        }
+    }
+
+    // MARK: Users
+
+    public func ensureUser(_ id: String, now: Int64) async throws -> User {
+        try await run { db in
+            let doc = try db.findAndModify("users", query: .object([("_id", .string(id))]),
+                                           update: .object([("$setOnInsert", .object([("created_at", .long(now))]))]),
+                                           upsert: true, returnNew: true)
+            return User(id: id, createdAt: doc?["created_at"]?.int64 ?? now)
+        }
+    }
+
+    // MARK: Clones
+
+    public func createClone(_ clone: Clone) async throws {
+        try await run { db in try db.insert("clones", Self.document(clone)) }
+    }
+
+    public func clone(id: String, owner: String) async throws -> Clone? {
+        try await run { db in
+            try db.find("clones", filter: .object([("_id", .string(id)), ("owner", .string(owner))]), limit: 1).first.map(Self.clone(from:))
+        }
+    }
+
+    public func clones(owner: String) async throws -> [Clone] {
+        try await run { db in
+            try db.find("clones", filter: .object([("owner", .string(owner))]), sort: .object([("_id", .int(1))])).map(Self.clone(from:))
+        }
+    }
+
+    public func updateClone(_ clone: Clone) async throws -> Bool {
+        try await run { db in
+            var fields = Self.document(clone)
+            if case .object(let pairs) = fields { fields = .object(pairs.filter { !["_id", "owner", "created_at"].contains($0.0) }) }
+            return try db.update("clones", query: .object([("_id", .string(clone.id)), ("owner", .string(clone.owner))]),
+                                 update: .object([("$set", fields)])).matched > 0
+        }
+    }
+
+    public func deleteClone(id: String, owner: String) async throws -> Bool {
+        try await run { db in
+            // No multi-document transactions on a standalone server: delete children first, so a
+            // crash part-way leaves the clone in place and a retried delete finishes the job.
+            guard try !db.find("clones", filter: .object([("_id", .string(id)), ("owner", .string(owner))]), limit: 1).isEmpty else {
+                return false
+            }
+            let conversations = try db.find("conversations", filter: .object([("clone", .string(id)), ("owner", .string(owner))]),
+                                            projection: .object([("_id", .int(1))]))
+            let ids = conversations.compactMap { $0["_id"] }
+            if !ids.isEmpty {
+                _ = try db.delete("messages", query: .object([("conversation", .object([("$in", .array(ids))]))]))
+            }
+            _ = try db.delete("conversations", query: .object([("clone", .string(id)), ("owner", .string(owner))]))
+            return try db.delete("clones", query: .object([("_id", .string(id)), ("owner", .string(owner))])) > 0
+        }
+    }
+
+    static func document(_ c: Clone) -> JSONValue {
+        .object([
+            ("_id", .string(c.id)), ("owner", .string(c.owner)), ("name", .string(c.name)),
+            ("traits", .array(c.traits.map(JSONValue.string))), ("system_prompt", .string(c.systemPrompt)),
+            ("sliders", .object(c.sliders.sorted { $0.key < $1.key }.map { ($0.key, .int(Int64($0.value))) })),
+            ("memory", .array(c.memory.map(JSONValue.string))),
+            ("created_at", .long(c.createdAt)), ("updated_at", .long(c.updatedAt)),
+        ])
+    }
+
+    static func clone(from d: JSONValue) -> Clone {
+        var sliders: [String: Int] = [:]
+        if case .object(let pairs)? = d["sliders"] { for (k, v) in pairs { sliders[k] = v.int64.map(Int.init) ?? 0 } }
+        return Clone(
+            id: d["_id"]?.string ?? "", owner: d["owner"]?.string ?? "", name: d["name"]?.string ?? "",
+            traits: d["traits"]?.strings ?? [], systemPrompt: d["system_prompt"]?.string ?? "", sliders: sliders,
+            memory: d["memory"]?.strings ?? [], createdAt: d["created_at"]?.int64 ?? 0, updatedAt: d["updated_at"]?.int64 ?? 0
+        )
+    }
+
+    // MARK: Conversations
+
+    public func createConversation(_ c: Conversation) async throws {
+        try await run { db in
+            try db.insert("conversations", .object([
+                ("_id", .string(c.id)), ("owner", .string(c.owner)), ("clone", .string(c.clone)), ("title", .string(c.title)),
+                ("created_at", .long(c.createdAt)), ("updated_at", .long(c.updatedAt)),
+            ]))
+        }
+    }
+
+    public func conversation(id: String, owner: String) async throws -> Conversation? {
+        try await run { db in
+            try db.find("conversations", filter: .object([("_id", .string(id)), ("owner", .string(owner))]), limit: 1)
+                .first.map(Self.conversation(from:))
+        }
+    }
+
+    public func conversations(owner: String, limit: Int, before: String?) async throws -> [Conversation] {
+        try await run { db in
+            var filter: [(String, JSONValue)] = [("owner", .string(owner))]
+            if let before { filter.append(("_id", .object([("$lt", .string(before))]))) }
+            return try db.find("conversations", filter: .object(filter), sort: .object([("_id", .int(-1))]), limit: limit)
+                .map(Self.conversation(from:))
+        }
+    }
+
+    static func conversation(from d: JSONValue) -> Conversation {
+        Conversation(id: d["_id"]?.string ?? "", owner: d["owner"]?.string ?? "", clone: d["clone"]?.string ?? "",
+                     title: d["title"]?.string ?? "", createdAt: d["created_at"]?.int64 ?? 0, updatedAt: d["updated_at"]?.int64 ?? 0)
+    }
+
+    // MARK: Messages
+
+    public func appendMessage(_ m: Message) async throws {
+        try await run { db in
+            var doc: [(String, JSONValue)] = [
+                ("_id", .string(m.id)), ("conversation", .string(m.conversation)), ("role", .string(m.role.rawValue)),
+                ("text", .string(m.text)), ("created_at", .long(m.createdAt)),
+            ]
+            if let reason = m.reason { doc.append(("reason", .string(reason.rawValue))) }
+            if let usage = m.usage {
+                doc.append(("input_tokens", .long(Int64(usage.inputTokens))))
+                doc.append(("output_tokens", .long(Int64(usage.outputTokens))))
+            }
+            if let stream = m.stream { doc.append(("stream", .string(stream))) }
+            try db.insert("messages", .object(doc))
+            _ = try db.update("conversations", query: .object([("_id", .string(m.conversation))]),
+                              update: .object([("$max", .object([("updated_at", .long(m.createdAt))]))]))
+        }
+    }
+
+    public func messages(conversation: String, limit: Int, before: String?) async throws -> [Message] {
+        try await run { db in
+            var filter: [(String, JSONValue)] = [("conversation", .string(conversation))]
+            if let before { filter.append(("_id", .object([("$lt", .string(before))]))) }
+            return try db.find("messages", filter: .object(filter), sort: .object([("_id", .int(-1))]), limit: limit)
+                .reversed().map(Self.message(from:))
+        }
+    }
+
+    static func message(from d: JSONValue) -> Message {
+        var usage: Usage?
+        if let input = d["input_tokens"]?.int64, let output = d["output_tokens"]?.int64 {
+            usage = Usage(inputTokens: Int(input), outputTokens: Int(output))
+        }
+        return Message(
+            id: d["_id"]?.string ?? "", conversation: d["conversation"]?.string ?? "",
+            role: Role(rawValue: d["role"]?.string ?? "") ?? .user, text: d["text"]?.string ?? "",
+            createdAt: d["created_at"]?.int64 ?? 0, reason: d["reason"]?.string.flatMap(StreamEndReason.init(rawValue:)),
+            usage: usage, stream: d["stream"]?.string
+        )
+    }
+}
+
+/// The command helpers, run on a store thread: each is one or a few generic database commands.
+struct Database: Sendable {
+    let pool: MongoClientPool
+    let options: MongoStore.Options
+
+    /// Indexes every query needs (created idempotently at start-up) and the schema version.
+    static let indexes: [(collection: String, name: String, key: JSONValue, unique: Bool)] = [
+        ("clones", "owner_id", .object([("owner", .int(1)), ("_id", .int(1))]), false),
+        ("conversations", "owner_id", .object([("owner", .int(1)), ("_id", .int(1))]), false),
+        ("conversations", "clone", .object([("clone", .int(1))]), false),
+        // Message ids sort by creation time, so (conversation, _id) is the (conversation, created) order.
+        ("messages", "conversation_id", .object([("conversation", .int(1)), ("_id", .int(1))]), false),
+    ]
+
+    func migrate() throws {
+        let stored = try find("meta", filter: .object([("_id", .string("schema"))]), limit: 1).first?["version"]?.int64 ?? 0
+        guard stored <= Int64(MongoStore.schemaVersion) else {
+            throw StoreError.schemaTooNew(found: Int(stored), supported: MongoStore.schemaVersion)
+        }
+        for (collection, entries) in Dictionary(grouping: Self.indexes, by: \.collection) {
+            _ = try command(.object([
+                ("createIndexes", .string(collection)),
+                ("indexes", .array(entries.map { .object([("key", $0.key), ("name", .string($0.name)), ("unique", .bool($0.unique))]) })),
+            ]))
+        }
+        if stored < Int64(MongoStore.schemaVersion) {
+            _ = try update("meta", query: .object([("_id", .string("schema"))]),
+                           update: .object([("$set", .object([("version", .int(Int64(MongoStore.schemaVersion)))]))]), upsert: true)
+        }
+    }
+
+    /// Runs a command, retrying transient failures with exponential backoff. `retried` tells the
+    /// body's caller whether an earlier attempt may have been applied already.
+    func command(_ json: JSONValue, attempts: Int? = nil, retried: ((Bool) -> Void)? = nil) throws -> JSONValue {
+        let limit = max(1, attempts ?? options.attempts)
+        var delay = options.backoff
+        var attempt = 0
+        while true {
+            retried?(attempt > 0)
+            do {
+                return try pool.command(json)
+            } catch let error as MongoCommandError {
+                attempt += 1
+                if error.isDuplicateKey { throw StoreError.duplicateKey(error.message) }
+                guard error.isTransient, attempt < limit else {
+                    throw StoreError.backend(attempt > 1 ? "\(error) (after \(attempt) attempts)" : "\(error)")
+                }
+                // A store thread, never an event loop: sleeping here blocks nobody else.
+                let (seconds, attoseconds) = delay.components
+                usleep(UInt32(seconds * 1_000_000 + attoseconds / 1_000_000_000_000))
+                delay *= 2
+            }
+        }
+    }
+
+    func insert(_ collection: String, _ document: JSONValue) throws {
+        var wasRetried = false
+        let reply = try command(.object([("insert", .string(collection)), ("documents", .array([document]))]),
+                                retried: { wasRetried = $0 })
+        if let error = reply["writeErrors"]?.array?.first {
+            let code = error["code"]?.int64 ?? 0
+            // A retry after a lost reply finds its own first attempt: that is success, not a clash.
+            if code == 11000, wasRetried, Self.isIDClash(error) { return }
+            if code == 11000 || code == 11001 { throw StoreError.duplicateKey(error["errmsg"]?.string ?? "duplicate key") }
+            throw StoreError.backend("insert into \(collection) failed: \(error["errmsg"]?.string ?? "\(error)")")
+        }
+    }
+
+    private static func isIDClash(_ error: JSONValue) -> Bool {
+        let message = error["errmsg"]?.string ?? ""
+        return message.contains("_id_") || message.contains("_id")
+    }
+
+    func find(_ collection: String, filter: JSONValue, sort: JSONValue? = nil, projection: JSONValue? = nil, limit: Int? = nil) throws -> [JSONValue] {
+        var cmd: [(String, JSONValue)] = [("find", .string(collection)), ("filter", filter)]
+        if let sort { cmd.append(("sort", sort)) }
+        if let projection { cmd.append(("projection", projection)) }
+        if let limit { cmd.append(("limit", .long(Int64(limit)))) }
+        var reply = try command(.object(cmd))
+        var documents = reply["cursor"]?["firstBatch"]?.array ?? []
+        while let id = reply["cursor"]?["id"]?.int64, id != 0 {
+            reply = try command(.object([("getMore", .long(id)), ("collection", .string(collection))]))
+            documents += reply["cursor"]?["nextBatch"]?.array ?? []
+        }
+        return documents
+    }
+
+    func update(_ collection: String, query: JSONValue, update: JSONValue, upsert: Bool = false, multi: Bool = false) throws -> (matched: Int64, modified: Int64) {
+        let reply = try command(.object([
+            ("update", .string(collection)),
+            ("updates", .array([.object([("q", query), ("u", update), ("upsert", .bool(upsert)), ("multi", .bool(multi))])])),
+        ]))
+        if let error = reply["writeErrors"]?.array?.first {
+            let code = error["code"]?.int64 ?? 0
+            if code == 11000 || code == 11001 { throw StoreError.duplicateKey(error["errmsg"]?.string ?? "duplicate key") }
+            throw StoreError.backend("update of \(collection) failed: \(error["errmsg"]?.string ?? "\(error)")")
+        }
+        return (reply["n"]?.int64 ?? 0, reply["nModified"]?.int64 ?? 0)
+    }
+
+    func delete(_ collection: String, query: JSONValue, limit: Int = 0) throws -> Int64 {
+        let reply = try command(.object([
+            ("delete", .string(collection)),
+            ("deletes", .array([.object([("q", query), ("limit", .int(Int64(limit)))])])),
+        ]))
+        return reply["n"]?.int64 ?? 0
+    }
+
+    /// Atomic read-modify-write of one document; returns it (after the update when `returnNew`).
+    func findAndModify(_ collection: String, query: JSONValue, update: JSONValue, upsert: Bool = false, returnNew: Bool = true) throws -> JSONValue? {
+        let reply = try command(.object([
+            ("findAndModify", .string(collection)), ("query", query), ("update", update),
+            ("upsert", .bool(upsert)), ("new", .bool(returnNew)),
+        ]))
+        guard let value = reply["value"], value != .null else { return nil }
+        return value
+    }
+}
+
+extension JSONValue {
+    var string: String? { if case .string(let s) = self { s } else { nil } }
+    var array: [JSONValue]? { if case .array(let a) = self { a } else { nil } }
+    var strings: [String]? { array?.compactMap(\.string) }
+    var int64: Int64? {
+        switch self {
+        case .int(let i): i
+        case .double(let d) where d == d.rounded(): Int64(d)
+        case .object: self["$numberLong"]?.string.flatMap { Int64($0) }
+        default: nil
+        }
+    }
+}
