@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 command -v swift >/dev/null || { echo "setup: the Swift toolchain (6.0 or later) must be on PATH" >&2; exit 1; }
 
-apt_packages=(libsqlite3-dev pkg-config)
+apt_packages=(libsqlite3-dev libmongoc-dev libbson-dev pkg-config)
 missing=()
 for package in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

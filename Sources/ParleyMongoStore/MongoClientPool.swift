@@ -1,4 +1,7 @@
 import CMongo
+#if canImport(Glibc)
+import Glibc
+#endif
 import ParleyCore
 import ParleyStore
 
@@ -7,6 +10,12 @@ import ParleyStore
 final class MongoClientPool: @unchecked Sendable {
     private static let initialized: Bool = {
         mongoc_init()
+        // The driver logs every monitoring event by default; keep warnings and worse.
+        mongoc_log_set_handler({ level, domain, message, _ in
+            guard level.rawValue <= MONGOC_LOG_LEVEL_WARNING.rawValue, let message else { return }
+            let line = Array("mongoc \(domain.map { String(cString: $0) } ?? ""): \(String(cString: message))\n".utf8)
+            _ = line.withUnsafeBytes { write(2, $0.baseAddress, $0.count) }
+        }, nil)
         return true
     }()
 
@@ -44,7 +53,7 @@ final class MongoClientPool: @unchecked Sendable {
     /// Runs one database command and returns the server's reply. A reply with `ok: 0` or a
     /// network failure throws `MongoCommandError`; `writeErrors` inside an `ok: 1` reply do not
     /// (the caller interprets them).
-    func command(_ command: JSONValue) throws -> JSONValue {
+    func command(_ command: JSONValue, database: String? = nil) throws -> JSONValue {
         let document = try BSONDocument(command)
         guard let client = mongoc_client_pool_pop(pool) else {
             throw StoreError.backend("no MongoDB client available")
@@ -52,7 +61,7 @@ final class MongoClientPool: @unchecked Sendable {
         defer { mongoc_client_pool_push(pool, client) }
         var error = bson_error_t()
         let (ok, reply) = BSONDocument.output { reply in
-            mongoc_client_command_simple(client, database, document.pointer, nil, reply, &error)
+            mongoc_client_command_simple(client, database ?? self.database, document.pointer, nil, reply, &error)
         }
         guard ok else {
             throw MongoCommandError(domain: error.domain, code: error.code, message: error.messageText)

@@ -62,7 +62,7 @@ public final class MongoStore: Store {
     }
 
     /// The URI without its password, for messages.
-    static func redacted(_ uri: String) -> String {
+    public static func redacted(_ uri: String) -> String {
         guard let at = uri.firstIndex(of: "@"), let scheme = uri.range(of: "://") else { return uri }
         return String(uri[..<scheme.upperBound]) + "…" + String(uri[at...])
     }

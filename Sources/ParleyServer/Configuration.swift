@@ -8,6 +8,12 @@ public struct ServerConfiguration: Sendable {
     public var port = 8080
     /// Holds the SQLite database and, when no secret is given, the generated JWT secret.
     public var dataDirectory = "./parley-data"
+    /// Where data lives: nil is the embedded SQLite file in the data directory; a
+    /// `mongodb://` or `mongodb+srv://` URI selects MongoDB.
+    public var storeURI: String?
+    /// Threads running MongoDB driver calls.
+    public var mongoThreads = 4
+
     /// HS256 secret for tokens; nil reads or creates `<data dir>/jwt-secret`.
     public var jwtSecret: String?
     /// Event loop threads; nil means one per core.

@@ -6,6 +6,7 @@ import NIOPosix
 import NIOWebSocket
 import ParleyCore
 import ParleyLLM
+import ParleyMongoStore
 import ParleyStore
 import Synchronization
 
@@ -52,7 +53,7 @@ public final class ParleyServer: Sendable {
         }
         let secret = try configuration.jwtSecret ?? SecretFile.loadOrCreate(at: configuration.secretPath)
         let authenticator = await Authenticator.make(secret: secret)
-        let store = try await SQLiteStore.open(path: configuration.sqlitePath)
+        let store = try await openStore(configuration)
         let provider = provider ?? SimulatedProvider(configuration: configuration.simulated)
         let ids = IDGenerator()
         let hub = StreamHub(retention: configuration.resumeRetention, maxStreamsPerUser: configuration.maxConcurrentStreamsPerUser)
@@ -79,7 +80,7 @@ public final class ParleyServer: Sendable {
             throw ConfigurationError("cannot listen on \(configuration.host):\(configuration.port): \(error)")
         }
         let port = serverChannel.localAddress?.port ?? configuration.port
-        logger.info("listening", metadata: ["host": "\(configuration.host)", "port": "\(port)", "store": "sqlite \(configuration.sqlitePath)"])
+        logger.info("listening", metadata: ["host": "\(configuration.host)", "port": "\(port)", "store": "\(describeStore(configuration))"])
         if provider is SimulatedProvider {
             logger.notice("LLM provider: simulated (a development and load-test stand-in, not a model)")
         }
@@ -87,6 +88,27 @@ public final class ParleyServer: Sendable {
             configuration: configuration, port: port, store: store, authenticator: authenticator, chat: chat, hub: hub,
             group: group, serverChannel: serverChannel, logger: logger
         )
+    }
+
+    /// Opens the configured store: SQLite in the data directory unless a MongoDB URI is given.
+    static func openStore(_ configuration: ServerConfiguration) async throws -> any Store {
+        guard let uri = configuration.storeURI else {
+            return try await SQLiteStore.open(path: configuration.sqlitePath)
+        }
+        guard uri.hasPrefix("mongodb://") || uri.hasPrefix("mongodb+srv://") else {
+            throw ConfigurationError("unsupported store '\(uri)': give a mongodb:// URI, or none for the embedded SQLite store")
+        }
+        var options = MongoStore.Options()
+        options.threads = configuration.mongoThreads
+        do {
+            return try await MongoStore.open(uri: uri, options: options)
+        } catch {
+            throw ConfigurationError("\(error)")
+        }
+    }
+
+    static func describeStore(_ configuration: ServerConfiguration) -> String {
+        configuration.storeURI.map { "mongodb \(MongoStore.redacted($0))" } ?? "sqlite \(configuration.sqlitePath)"
     }
 
     private static func configurePipeline(

@@ -31,6 +31,12 @@ struct Serve: AsyncParsableCommand {
 
     @OptionGroup var secret: SecretOptions
 
+    @Option(help: "Store: a mongodb:// URI (or env PARLEY_STORE); default: embedded SQLite in the data directory.")
+    var store: String?
+
+    @Option(help: "Threads running MongoDB driver calls.")
+    var mongoThreads = 4
+
     @Option(help: "Address to listen on.")
     var host = "127.0.0.1"
 
@@ -57,6 +63,7 @@ struct Serve: AsyncParsableCommand {
         guard simTtftMs >= 0 else { throw ArgumentParser.ValidationError("--sim-ttft-ms must be 0 or more") }
         guard simTokensPerSec >= 0 else { throw ArgumentParser.ValidationError("--sim-tokens-per-sec must be 0 or more (0: no pacing)") }
         guard (1...100_000).contains(simReplyTokens) else { throw ArgumentParser.ValidationError("--sim-reply-tokens must be 1-100000") }
+        guard (1...256).contains(mongoThreads) else { throw ArgumentParser.ValidationError("--mongo-threads must be 1-256") }
         guard contextBudget >= 64 else { throw ArgumentParser.ValidationError("--context-budget must be at least 64") }
         if let s = secret.resolvedSecret, s.count < 32 { throw ArgumentParser.ValidationError("the JWT secret must be at least 32 characters") }
     }
@@ -73,6 +80,8 @@ struct Serve: AsyncParsableCommand {
         configuration.port = port
         configuration.dataDirectory = secret.dataDir
         configuration.jwtSecret = secret.resolvedSecret
+        configuration.storeURI = store ?? ProcessInfo.processInfo.environment["PARLEY_STORE"].flatMap { $0.isEmpty ? nil : $0 }
+        configuration.mongoThreads = mongoThreads
         configuration.contextBudgetTokens = contextBudget
         configuration.simulated.timeToFirstToken = .milliseconds(simTtftMs)
         configuration.simulated.tokensPerSecond = simTokensPerSec

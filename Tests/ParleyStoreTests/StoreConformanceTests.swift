@@ -67,6 +67,20 @@ func makeMessage(_ conversation: String, _ text: String, role: Role = .user, at 
     }
 
     @Test(arguments: Backend.all)
+    func concurrentFirstSightsOfAUserRecordItOnce(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            let users = try await withThrowingTaskGroup(of: User.self) { group in
+                for i in 0..<50 {
+                    group.addTask { try await store.ensureUser("zed", now: 1_000 + Int64(i)) }
+                }
+                return try await group.reduce(into: []) { $0.append($1) }
+            }
+            #expect(Set(users.map(\.createdAt)).count == 1)
+            #expect(try await store.ensureUser("zed", now: 5) == users[0])
+        }
+    }
+
+    @Test(arguments: Backend.all)
     func clonesRoundTripAndBelongToTheirOwner(_ backend: Backend) async throws {
         try await withStore(backend) { store in
             let clone = makeClone(owner: "alice")

@@ -4,9 +4,11 @@ import os
 import pathlib
 import signal
 import subprocess
+import sys
 import tempfile
 import urllib.error
 import urllib.request
+import uuid
 
 import pytest
 
@@ -61,12 +63,38 @@ def data_dir():
         yield pathlib.Path(d)
 
 
+@pytest.fixture(scope="session")
+def mongo_base():
+    """The MongoDB wire-protocol test server (Tests/fixtures), one per test session; or a real
+    server when PARLEY_TEST_MONGODB_URI is set."""
+    real = os.environ.get("PARLEY_TEST_MONGODB_URI")
+    if real:
+        yield real.rstrip("/")
+        return
+    proc = subprocess.Popen([sys.executable, str(ROOT / "Tests" / "fixtures" / "mongo_wire_server.py"), "--port", "0"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line.startswith("listening on "), line
+    yield f"mongodb://127.0.0.1:{int(line.split()[-1])}"
+    proc.stdin.close()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(params=["sqlite", "mongodb"])
+def store_args(request):
+    """Every server test runs once per store: the embedded default, then MongoDB."""
+    if request.param == "sqlite":
+        return []
+    base = request.getfixturevalue("mongo_base")
+    return ["--store", f"{base}/parley_{uuid.uuid4().hex[:16]}"]
+
+
 @pytest.fixture
-def start_server(data_dir):
+def start_server(data_dir, store_args):
     started = []
 
     def start(*extra):
-        server = Server(data_dir, *extra)
+        server = Server(data_dir, *store_args, *extra)
         started.append(server)
         return server
 

@@ -1,0 +1,98 @@
+import ParleyCore
+@testable import ParleyMongoStore
+import ParleyStore
+import Testing
+
+/// What only the MongoDB backend promises: retries of transient failures, schema versioning,
+/// and a clear failure when the server cannot be reached. Runs against the wire test server or,
+/// with PARLEY_TEST_MONGODB_URI, a real mongod started with enableTestCommands.
+@Suite(.serialized) struct MongoStoreTests {
+    /// Arms mongod's `failCommand` fail point (the wire test server implements the same subset).
+    /// A database URI whose clients carry their own appName, so a fail point armed for it
+    /// cannot hit the other tests running in parallel.
+    func isolatedURI() -> (uri: String, app: String) {
+        let app = "parley-test-" + String(UInt64.random(in: 0...UInt64.max), radix: 36)
+        return (MongoFixture.uri() + "?appname=" + app, app)
+    }
+
+    func failNext(_ times: Int, _ commands: [String], app: String, errorCode: Int? = nil, closeConnection: Bool = false) throws {
+        let pool = try MongoClientPool(uri: MongoFixture.uri())
+        var data: [(String, JSONValue)] = [("failCommands", .array(commands.map(JSONValue.string))), ("appName", .string(app))]
+        if let errorCode { data.append(("errorCode", .int(Int64(errorCode)))) }
+        if closeConnection { data.append(("closeConnection", .bool(true))) }
+        _ = try pool.command(.object([
+            ("configureFailPoint", .string("failCommand")),
+            ("mode", .object([("times", .int(Int64(times)))])),
+            ("data", .object(data)),
+        ]), database: "admin")
+    }
+
+    func turnOffFailPoint() throws {
+        _ = try MongoClientPool(uri: MongoFixture.uri()).command(.object([("configureFailPoint", .string("failCommand")), ("mode", .string("off"))]), database: "admin")
+    }
+
+    @Test func transientFailuresAreRetried() async throws {
+        let (uri, app) = isolatedURI()
+        let store = try await MongoStore.open(uri: uri)
+        let clone = makeClone(owner: "alice")
+        try failNext(2, ["insert"], app: app, errorCode: 10107)  // NotWritablePrimary, twice
+        try await store.createClone(clone)
+        #expect(try await store.clone(id: clone.id, owner: "alice") == clone)
+
+        try failNext(1, ["find"], app: app, closeConnection: true)  // the network drops once
+        #expect(try await store.clones(owner: "alice") == [clone])
+        try await store.close()
+    }
+
+    @Test func retriesAreBoundedAndPermanentErrorsAreNotRetried() async throws {
+        let (uri, app) = isolatedURI()
+        var options = MongoStore.Options()
+        options.attempts = 3
+        options.backoff = .milliseconds(1)
+        let store = try await MongoStore.open(uri: uri, options: options)
+        try failNext(3, ["find"], app: app, errorCode: 10107)
+        await #expect {
+            _ = try await store.clones(owner: "alice")
+        } throws: { error in
+            "\(error)".contains("after 3 attempts")
+        }
+        // The fail point is used up: the store works again.
+        #expect(try await store.clones(owner: "alice").isEmpty)
+
+        try failNext(1, ["find"], app: app, errorCode: 2)  // BadValue: permanent
+        await #expect(throws: StoreError.self) {
+            _ = try await store.clones(owner: "alice")
+        }
+        #expect(try await store.clones(owner: "alice").isEmpty)
+        try turnOffFailPoint()
+        try await store.close()
+    }
+
+    @Test func aNewerSchemaIsRefusedAndIndexesAreIdempotent() async throws {
+        let uri = MongoFixture.uri()
+        try await MongoStore.open(uri: uri).close()
+        try await MongoStore.open(uri: uri).close()  // indexes and version again: no error
+        _ = try MongoClientPool(uri: uri).command(.object([
+            ("update", .string("meta")),
+            ("updates", .array([.object([("q", .object([("_id", .string("schema"))])), ("u", .object([("$set", .object([("version", .int(99))]))]))])])),
+        ]))
+        await #expect(throws: StoreError.schemaTooNew(found: 99, supported: MongoStore.schemaVersion)) {
+            _ = try await MongoStore.open(uri: uri)
+        }
+    }
+
+    @Test func anUnreachableServerIsAClearErrorNotAHang() async throws {
+        var options = MongoStore.Options()
+        options.serverSelectionTimeoutMS = 300
+        await #expect {
+            _ = try await MongoStore.open(uri: "mongodb://127.0.0.1:1/parley", options: options)
+        } throws: { error in
+            "\(error)".hasPrefix("cannot reach MongoDB at mongodb://127.0.0.1:1/parley")
+        }
+    }
+
+    @Test func passwordsStayOutOfMessages() {
+        #expect(MongoStore.redacted("mongodb://parley:s3cret@db.internal:27017/parley") == "mongodb://…@db.internal:27017/parley")
+        #expect(MongoStore.redacted("mongodb://127.0.0.1/parley") == "mongodb://127.0.0.1/parley")
+    }
+}
