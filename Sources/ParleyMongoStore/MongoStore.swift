@@ -72,7 +72,7 @@ public final class MongoStore: Store {
         try await threads.shutdownGracefully()
     }
 
-    private func run<T: Sendable>(_ body: @escaping @Sendable (Database) throws -> T) async throws -> T {
+    func run<T: Sendable>(_ body: @escaping @Sendable (Database) throws -> T) async throws -> T {
         guard !closed.load(ordering: .acquiring) else { throw StoreError.closed }
         let db = Database(pool: pool, options: options)
         do {
@@ -245,6 +245,8 @@ struct Database: Sendable {
         ("conversations", "clone", .object([("clone", .int(1))]), false),
         // Message ids sort by creation time, so (conversation, _id) is the (conversation, created) order.
         ("messages", "conversation_id", .object([("conversation", .int(1)), ("_id", .int(1))]), false),
+        ("ledger", "user_created", .object([("user", .int(1)), ("created_at", .int(-1)), ("_id", .int(-1))]), false),
+        ("ledger", "state", .object([("state", .int(1))]), false),
     ]
 
     func migrate() throws {

@@ -49,6 +49,28 @@ public final class SQLiteStore: Store {
         );
         CREATE INDEX messages_by_conversation ON messages(conversation, id);
         """,
+        // v2: credits. A ledger row and its balance change commit in one transaction.
+        """
+        CREATE TABLE accounts (
+            user TEXT PRIMARY KEY,
+            balance INTEGER NOT NULL
+        );
+        CREATE TABLE ledger (
+            id TEXT PRIMARY KEY,
+            user TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            credits INTEGER NOT NULL,
+            tokens INTEGER NOT NULL,
+            stream TEXT,
+            conversation TEXT,
+            room TEXT,
+            model TEXT,
+            feature TEXT,
+            note TEXT,
+            created_at INTEGER NOT NULL
+        );
+        CREATE INDEX ledger_by_user ON ledger(user, created_at, id);
+        """,
     ]
 
     public static var schemaVersion: Int { migrations.count }
@@ -282,4 +304,79 @@ public final class SQLiteStore: Store {
             reason: row[5].text.flatMap(StreamEndReason.init(rawValue:)), usage: usage, stream: row[8].text
         )
     }
+
+    // MARK: Credits
+
+    private static let ledgerColumns = "id, user, kind, credits, tokens, stream, conversation, room, model, feature, note, created_at"
+
+    public func balance(user: String) async throws -> Int64 {
+        try await run { db in try Self.balance(db, user) }
+    }
+
+    private static func balance(_ db: SQLiteConnection, _ user: String) throws -> Int64 {
+        try db.query("SELECT balance FROM accounts WHERE user = ?", [.text(user)]).first?.first?.int ?? 0
+    }
+
+    public func apply(_ entry: LedgerEntry, allowOverdraft: Bool) async throws -> LedgerOutcome {
+        try await run { db in
+            try db.transaction {
+                let current = try Self.balance(db, entry.user)
+                if try !db.query("SELECT 1 FROM ledger WHERE id = ?", [.text(entry.id)]).isEmpty {
+                    return .alreadyApplied(balance: current)
+                }
+                if entry.credits < 0, !allowOverdraft, current + entry.credits < 0 {
+                    return .insufficient(balance: current)
+                }
+                let optional: (String?) -> SQLValue = { $0.map(SQLValue.text) ?? .null }
+                try db.query(
+                    "INSERT INTO ledger(\(Self.ledgerColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        .text(entry.id), .text(entry.user), .text(entry.kind.rawValue), .int(entry.credits), .int(Int64(entry.tokens)),
+                        optional(entry.stream), optional(entry.conversation), optional(entry.room), optional(entry.model),
+                        optional(entry.feature), optional(entry.note), .int(entry.createdAt),
+                    ]
+                )
+                let updated = current + entry.credits
+                try db.query(
+                    "INSERT INTO accounts(user, balance) VALUES(?, ?) ON CONFLICT(user) DO UPDATE SET balance = excluded.balance",
+                    [.text(entry.user), .int(updated)]
+                )
+                return .applied(balance: updated)
+            }
+        }
+    }
+
+    public func ledger(user: String, limit: Int, before: String?) async throws -> [LedgerEntry] {
+        try await run { db in
+            var cursor: (Int64, String)?
+            if let before {
+                guard let row = try db.query("SELECT created_at, id FROM ledger WHERE id = ? AND user = ?", [.text(before), .text(user)]).first else {
+                    return []
+                }
+                cursor = (row[0].int ?? 0, row[1].text ?? "")
+            }
+            let rows: [[SQLValue]]
+            if let (at, id) = cursor {
+                rows = try db.query(
+                    "SELECT \(Self.ledgerColumns) FROM ledger WHERE user = ? AND (created_at < ? OR (created_at = ? AND id < ?)) ORDER BY created_at DESC, id DESC LIMIT ?",
+                    [.text(user), .int(at), .int(at), .text(id), .int(Int64(limit))]
+                )
+            } else {
+                rows = try db.query(
+                    "SELECT \(Self.ledgerColumns) FROM ledger WHERE user = ? ORDER BY created_at DESC, id DESC LIMIT ?",
+                    [.text(user), .int(Int64(limit))]
+                )
+            }
+            return rows.map { r in
+                LedgerEntry(
+                    id: r[0].text ?? "", user: r[1].text ?? "", kind: LedgerEntry.Kind(rawValue: r[2].text ?? "") ?? .debit,
+                    credits: r[3].int ?? 0, tokens: Int(r[4].int ?? 0), stream: r[5].text, conversation: r[6].text, room: r[7].text,
+                    model: r[8].text, feature: r[9].text, note: r[10].text, createdAt: r[11].int ?? 0
+                )
+            }
+        }
+    }
+
+    /// Applying is one transaction here: nothing is ever left half-applied.
+    public func recoverLedger() async throws -> Int { 0 }
 }

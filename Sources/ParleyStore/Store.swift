@@ -30,6 +30,25 @@ public protocol Store: Sendable {
     /// older than `before` (a message id) when given.
     func messages(conversation: String, limit: Int, before: String?) async throws -> [Message]
 
+    // MARK: Credits
+
+    /// The user's balance; 0 for a user with no ledger entries.
+    func balance(user: String) async throws -> Int64
+
+    /// Applies one ledger entry atomically and idempotently: the balance changes by
+    /// `entry.credits` and the entry is recorded, or neither happens. A negative entry that the
+    /// balance does not cover is refused (`insufficient`) unless `allowOverdraft`. An entry whose
+    /// id was applied before changes nothing (`alreadyApplied`). Concurrent callers can never
+    /// overdraw a balance.
+    func apply(_ entry: LedgerEntry, allowOverdraft: Bool) async throws -> LedgerOutcome
+
+    /// The user's applied ledger entries, newest first, `limit` at most, older than `before`.
+    func ledger(user: String, limit: Int, before: String?) async throws -> [LedgerEntry]
+
+    /// Completes or voids entries a crash left half-applied (a no-op where applying is one
+    /// transaction). Called at start-up, before serving. Returns how many it settled.
+    func recoverLedger() async throws -> Int
+
     /// Flushes and releases resources. Calls after `close` fail with `StoreError.closed`.
     func close() async throws
 }

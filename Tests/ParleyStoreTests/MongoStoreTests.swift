@@ -96,3 +96,40 @@ import Testing
         #expect(MongoStore.redacted("mongodb://127.0.0.1/parley") == "mongodb://127.0.0.1/parley")
     }
 }
+
+/// A crash in the middle of MongoDB's two-phase apply, staged by writing what each crash point
+/// leaves behind, then recovered.
+@Suite struct MongoLedgerRecoveryTests {
+    @Test func recoveryFinishesOrVoidsWhatACrashLeftPending() async throws {
+        let uri = MongoFixture.uri()
+        let store = try await MongoStore.open(uri: uri)
+        _ = try await store.apply(grant("alice", 100, id: "welcome"), allowOverdraft: false)
+        let pool = try MongoClientPool(uri: uri)
+        func insert(_ collection: String, _ doc: JSONValue) throws {
+            _ = try pool.command(.object([("insert", .string(collection)), ("documents", .array([doc]))]))
+        }
+        // Crash after step 1 of a debit: the row is pending, the balance untouched.
+        try insert("ledger", MongoStore.document(debit("alice", 7, id: "st_a:1", at: 3_000), state: "pending"))
+        // Crash after step 1 of a payment: it must still be credited.
+        try insert("ledger", MongoStore.document(grant("alice", 50, id: "order:9", at: 3_001), state: "pending"))
+        // Crash after step 2 of a debit: the balance moved, the row still says pending.
+        try insert("ledger", MongoStore.document(debit("alice", 4, id: "st_b:1", at: 3_002), state: "pending"))
+        _ = try pool.command(.object([
+            ("update", .string("accounts")),
+            ("updates", .array([.object([
+                ("q", .object([("_id", .string("alice"))])),
+                ("u", .object([("$inc", .object([("balance", .long(-4))])), ("$push", .object([("recent", .string("st_b:1"))]))])),
+            ])])),
+        ]))
+
+        #expect(try await store.recoverLedger() == 3)
+        #expect(try await store.balance(user: "alice") == 100 - 4 + 50)
+        let entries = try await allEntries(store, "alice").map(\.id)
+        #expect(Set(entries) == ["welcome", "order:9", "st_b:1"])
+        try await expectLedgerInvariant(store, "alice")
+        #expect(try await store.recoverLedger() == 0)
+        // The voided debit can be retried under its id and then applies once.
+        #expect(try await store.apply(debit("alice", 7, id: "st_a:1"), allowOverdraft: false) == .applied(balance: 139))
+        try await store.close()
+    }
+}

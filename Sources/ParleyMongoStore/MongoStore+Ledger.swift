@@ -1,0 +1,144 @@
+import ParleyCore
+import ParleyStore
+
+/// Credits on MongoDB without multi-document transactions (a standalone server has none).
+///
+/// Applying an entry takes three steps, each atomic on one document:
+/// 1. insert the ledger row with `state: "pending"` (its `_id` is the entry id: unique);
+/// 2. one conditional `findAndModify` on the account: `$inc` the balance and `$push` the entry id
+///    onto `recent`, only if `recent` does not hold the id yet and (for a debit) the balance
+///    covers it. This is the step that decides, and it cannot half-happen;
+/// 3. mark the row `applied` (or `void` when step 2 refused it).
+///
+/// A crash between 1 and 2 leaves a pending row and an untouched balance; between 2 and 3, a
+/// pending row whose id is in `recent`. `recoverLedger` (run at start-up, before serving) marks
+/// the second kind applied; of the first kind, grants and settlements are applied and debits are
+/// voided, because Parley releases tokens only after their debit returned, so a debit that never
+/// finished paid for nothing the user received. The balance always equals the sum of applied rows.
+extension MongoStore {
+    /// How many recent entry ids an account remembers; far more than can be in flight per user.
+    static let recentWindow = 1000
+
+    public func balance(user: String) async throws -> Int64 {
+        try await run { db in try Self.account(db, user)?.balance ?? 0 }
+    }
+
+    public func apply(_ entry: LedgerEntry, allowOverdraft: Bool) async throws -> LedgerOutcome {
+        try await run { db in
+            do {
+                try db.insert("ledger", Self.document(entry, state: "pending"))
+            } catch StoreError.duplicateKey {
+                guard let existing = try db.find("ledger", filter: .object([("_id", .string(entry.id))]), limit: 1).first else {
+                    throw StoreError.backend("ledger entry \(entry.id) vanished")
+                }
+                switch existing["state"]?.string {
+                case "applied":
+                    return .alreadyApplied(balance: try Self.account(db, entry.user)?.balance ?? 0)
+                case "void":
+                    // Refused before; this is a new attempt with the same id.
+                    _ = try db.update("ledger", query: .object([("_id", .string(entry.id)), ("state", .string("void"))]),
+                                      update: .object([("$set", .object([("state", .string("pending"))]))]))
+                default:
+                    break  // pending: a crashed or failed attempt; finish it now
+                }
+            }
+            return try Self.settle(db, id: entry.id, user: entry.user, credits: entry.credits, allowOverdraft: allowOverdraft)
+        }
+    }
+
+    /// Steps 2 and 3 for a pending entry.
+    static func settle(_ db: Database, id: String, user: String, credits: Int64, allowOverdraft: Bool) throws -> LedgerOutcome {
+        var filter: [(String, JSONValue)] = [("_id", .string(user)), ("recent", .object([("$ne", .string(id))]))]
+        let mayCreate = credits >= 0 || allowOverdraft
+        if credits < 0, !allowOverdraft {
+            filter.append(("balance", .object([("$gte", .long(-credits))])))
+        }
+        let update: JSONValue = .object([
+            ("$inc", .object([("balance", .long(credits))])),
+            ("$push", .object([("recent", .object([("$each", .array([.string(id)])), ("$slice", .int(-Int64(recentWindow)))]))])),
+        ])
+        var updated: JSONValue?
+        do {
+            updated = try db.findAndModify("accounts", query: .object(filter), update: update, upsert: mayCreate, returnNew: true)
+        } catch StoreError.duplicateKey {
+            updated = nil  // the upsert met an account the filter excluded: decided below
+        }
+        if let updated {
+            try mark(db, id, "applied")
+            return .applied(balance: updated["balance"]?.int64 ?? 0)
+        }
+        let account = try self.account(db, user)
+        if account?.recent.contains(id) == true {
+            try mark(db, id, "applied")
+            return .alreadyApplied(balance: account?.balance ?? 0)
+        }
+        try mark(db, id, "void")
+        return .insufficient(balance: account?.balance ?? 0)
+    }
+
+    private static func mark(_ db: Database, _ id: String, _ state: String) throws {
+        _ = try db.update("ledger", query: .object([("_id", .string(id))]), update: .object([("$set", .object([("state", .string(state))]))]))
+    }
+
+    static func account(_ db: Database, _ user: String) throws -> (balance: Int64, recent: [String])? {
+        guard let doc = try db.find("accounts", filter: .object([("_id", .string(user))]), limit: 1).first else { return nil }
+        return (doc["balance"]?.int64 ?? 0, doc["recent"]?.strings ?? [])
+    }
+
+    public func ledger(user: String, limit: Int, before: String?) async throws -> [LedgerEntry] {
+        try await run { db in
+            var filter: [(String, JSONValue)] = [("user", .string(user)), ("state", .string("applied"))]
+            if let before {
+                guard let cursor = try db.find("ledger", filter: .object([("_id", .string(before)), ("user", .string(user))]), limit: 1).first,
+                      let at = cursor["created_at"]?.int64 else { return [] }
+                filter.append(("$or", .array([
+                    .object([("created_at", .object([("$lt", .long(at))]))]),
+                    .object([("created_at", .long(at)), ("_id", .object([("$lt", .string(before))]))]),
+                ])))
+            }
+            return try db.find("ledger", filter: .object(filter), sort: .object([("created_at", .int(-1)), ("_id", .int(-1))]), limit: limit)
+                .map(Self.entry(from:))
+        }
+    }
+
+    public func recoverLedger() async throws -> Int {
+        try await run { db in
+            let pending = try db.find("ledger", filter: .object([("state", .string("pending"))]), sort: .object([("created_at", .int(1))]))
+            for row in pending {
+                let entry = Self.entry(from: row)
+                if entry.kind == .debit {
+                    // Only finish a debit whose balance change already happened; void the rest.
+                    if try Self.account(db, entry.user)?.recent.contains(entry.id) == true {
+                        try Self.mark(db, entry.id, "applied")
+                    } else {
+                        try Self.mark(db, entry.id, "void")
+                    }
+                } else {
+                    _ = try Self.settle(db, id: entry.id, user: entry.user, credits: entry.credits, allowOverdraft: true)
+                }
+            }
+            return pending.count
+        }
+    }
+
+    static func document(_ e: LedgerEntry, state: String) -> JSONValue {
+        var pairs: [(String, JSONValue)] = [
+            ("_id", .string(e.id)), ("user", .string(e.user)), ("kind", .string(e.kind.rawValue)), ("credits", .long(e.credits)),
+            ("tokens", .long(Int64(e.tokens))), ("created_at", .long(e.createdAt)), ("state", .string(state)),
+        ]
+        for (key, value) in [("stream", e.stream), ("conversation", e.conversation), ("room", e.room), ("model", e.model),
+                             ("feature", e.feature), ("note", e.note)] {
+            if let value { pairs.append((key, .string(value))) }
+        }
+        return .object(pairs)
+    }
+
+    static func entry(from d: JSONValue) -> LedgerEntry {
+        LedgerEntry(
+            id: d["_id"]?.string ?? "", user: d["user"]?.string ?? "", kind: LedgerEntry.Kind(rawValue: d["kind"]?.string ?? "") ?? .debit,
+            credits: d["credits"]?.int64 ?? 0, tokens: Int(d["tokens"]?.int64 ?? 0), stream: d["stream"]?.string,
+            conversation: d["conversation"]?.string, room: d["room"]?.string, model: d["model"]?.string,
+            feature: d["feature"]?.string, note: d["note"]?.string, createdAt: d["created_at"]?.int64 ?? 0
+        )
+    }
+}

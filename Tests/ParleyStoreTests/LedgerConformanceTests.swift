@@ -1,0 +1,127 @@
+import ParleyCore
+import ParleyStore
+import Testing
+
+func grant(_ user: String, _ credits: Int64, id: String? = nil, at time: Int64 = 1_000) -> LedgerEntry {
+    LedgerEntry(id: id ?? ids.make(.message), user: user, kind: .grant, credits: credits, note: "test", createdAt: time)
+}
+
+func debit(_ user: String, _ credits: Int64, id: String? = nil, at time: Int64 = 2_000) -> LedgerEntry {
+    LedgerEntry(id: id ?? ids.make(.message), user: user, kind: .debit, credits: -credits, tokens: Int(credits),
+                stream: "st_x", conversation: "cv_x", model: "simulated", feature: "chat", createdAt: time)
+}
+
+/// Every applied entry of the user, following the pages to the end.
+func allEntries(_ store: any Store, _ user: String) async throws -> [LedgerEntry] {
+    var all: [LedgerEntry] = []
+    var before: String?
+    while true {
+        let page = try await store.ledger(user: user, limit: 7, before: before)
+        all += page
+        guard page.count == 7 else { return all }
+        before = page.last!.id
+    }
+}
+
+/// The invariant the whole credits feature rests on: the balance is the sum of applied entries.
+func expectLedgerInvariant(_ store: any Store, _ user: String, sourceLocation: SourceLocation = #_sourceLocation) async throws {
+    let entries = try await allEntries(store, user)
+    #expect(Set(entries.map(\.id)).count == entries.count, "an entry appears twice", sourceLocation: sourceLocation)
+    #expect(entries.reduce(0) { $0 + $1.credits } == (try await store.balance(user: user)), sourceLocation: sourceLocation)
+}
+
+@Suite("Ledger conformance") struct LedgerConformanceTests {
+    @Test(arguments: Backend.all)
+    func grantsAndDebitsMoveTheBalance(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            #expect(try await store.balance(user: "alice") == 0)
+            #expect(try await store.apply(grant("alice", 100), allowOverdraft: false) == .applied(balance: 100))
+            #expect(try await store.apply(debit("alice", 30), allowOverdraft: false) == .applied(balance: 70))
+            #expect(try await store.balance(user: "alice") == 70)
+            #expect(try await store.balance(user: "bob") == 0)
+            try await expectLedgerInvariant(store, "alice")
+        }
+    }
+
+    @Test(arguments: Backend.all)
+    func uncoveredDebitsChangeNothingUnlessOverdraftIsAllowed(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            _ = try await store.apply(grant("alice", 10), allowOverdraft: false)
+            let refused = debit("alice", 11)
+            #expect(try await store.apply(refused, allowOverdraft: false) == .insufficient(balance: 10))
+            #expect(try await store.ledger(user: "alice", limit: 10, before: nil).map(\.id).contains(refused.id) == false)
+            #expect(try await store.apply(debit("nobody", 1), allowOverdraft: false) == .insufficient(balance: 0))
+            // The same id may be tried again once the balance covers it.
+            _ = try await store.apply(grant("alice", 5), allowOverdraft: false)
+            #expect(try await store.apply(refused, allowOverdraft: false) == .applied(balance: 4))
+            #expect(try await store.apply(debit("alice", 9), allowOverdraft: true) == .applied(balance: -5))
+            try await expectLedgerInvariant(store, "alice")
+        }
+    }
+
+    @Test(arguments: Backend.all)
+    func anEntryAppliesOnceHoweverOftenItIsRetried(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            let order = grant("alice", 50, id: "order:1234")
+            #expect(try await store.apply(order, allowOverdraft: false) == .applied(balance: 50))
+            #expect(try await store.apply(order, allowOverdraft: false) == .alreadyApplied(balance: 50))
+            let batch = debit("alice", 5, id: "st_1:1")
+            let outcomes = try await withThrowingTaskGroup(of: LedgerOutcome.self) { group in
+                for _ in 0..<20 { group.addTask { try await store.apply(batch, allowOverdraft: false) } }
+                return try await group.reduce(into: []) { $0.append($1) }
+            }
+            #expect(outcomes.filter { if case .applied = $0 { true } else { false } }.count == 1)
+            #expect(try await store.balance(user: "alice") == 45)
+            try await expectLedgerInvariant(store, "alice")
+        }
+    }
+
+    @Test(arguments: Backend.all)
+    func concurrentDebitsNeverOverdraw(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            _ = try await store.apply(grant("alice", 100), allowOverdraft: false)
+            let outcomes = try await withThrowingTaskGroup(of: LedgerOutcome.self) { group in
+                for _ in 0..<60 { group.addTask { try await store.apply(debit("alice", 3), allowOverdraft: false) } }
+                return try await group.reduce(into: []) { $0.append($1) }
+            }
+            let applied = outcomes.filter { if case .applied = $0 { true } else { false } }
+            #expect(applied.count == 33)
+            #expect(applied.allSatisfy { $0.balance >= 0 })
+            #expect(outcomes.allSatisfy { $0.balance >= 0 })
+            #expect(try await store.balance(user: "alice") == 1)
+            try await expectLedgerInvariant(store, "alice")
+        }
+    }
+
+    @Test(arguments: Backend.all)
+    func theLedgerPagesNewestFirstAndKeepsEveryField(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            var applied: [LedgerEntry] = []
+            for i in 0..<16 {
+                let entry = i == 0 ? grant("alice", 1000, at: 1_000) : debit("alice", Int64(i), at: 1_000 + Int64(i / 3))
+                _ = try await store.apply(entry, allowOverdraft: false)
+                applied.append(entry)
+            }
+            _ = try await store.apply(grant("bob", 5), allowOverdraft: false)
+            let all = try await allEntries(store, "alice")
+            #expect(all.count == 16)
+            #expect(Set(all.map(\.id)) == Set(applied.map(\.id)))
+            let order = all.map { ($0.createdAt, $0.id) }
+            #expect(zip(order, order.dropFirst()).allSatisfy { $0.0 > $1.0 || ($0.0 == $1.0 && $0.1 > $1.1) })
+            #expect(all.first { $0.id == applied[5].id } == applied[5])
+            #expect(try await store.ledger(user: "alice", limit: 5, before: "no-such-entry").isEmpty)
+            try await expectLedgerInvariant(store, "alice")
+            try await expectLedgerInvariant(store, "bob")
+        }
+    }
+
+    @Test(arguments: Backend.all)
+    func recoveryLeavesACleanLedgerClean(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            _ = try await store.apply(grant("alice", 10), allowOverdraft: false)
+            _ = try await store.recoverLedger()
+            #expect(try await store.balance(user: "alice") == 10)
+            try await expectLedgerInvariant(store, "alice")
+        }
+    }
+}
