@@ -35,11 +35,16 @@ public struct FrameError: Error, Equatable, Sendable {
     public var ref: String?
     public var code: ErrorCode
     public var message: String
+    /// For `insufficient_credits`: the balance, and what the request needed.
+    public var balance: Int64?
+    public var required: Int64?
 
-    public init(ref: String?, code: ErrorCode, message: String) {
+    public init(ref: String?, code: ErrorCode, message: String, balance: Int64? = nil, required: Int64? = nil) {
         self.ref = ref
         self.code = code
         self.message = message
+        self.balance = balance
+        self.required = required
     }
 }
 
@@ -141,7 +146,8 @@ public enum ServerFrame {
         return out
     }
 
-    public static func streamEnd(stream: String, reason: StreamEndReason, usage: Usage, message: String?) -> [UInt8] {
+    /// `cost` is what the stream charged in total; `balance` the user's balance after it.
+    public static func streamEnd(stream: String, reason: StreamEndReason, usage: Usage, message: String?, cost: Int64, balance: Int64) -> [UInt8] {
         var pairs: [(String, JSONValue)] = [
             ("type", .string("stream.end")),
             ("stream", .string(stream)),
@@ -149,17 +155,27 @@ public enum ServerFrame {
             ("usage", usage.json),
         ]
         if let message { pairs.append(("message", .string(message))) }
+        pairs += [("cost", .int(cost)), ("balance", .int(balance))]
         return JSONValue.object(pairs).serialized()
     }
 
-    public static func error(ref: String?, code: ErrorCode, message: String) -> [UInt8] {
+    /// A stream stopped because the next token was not affordable.
+    public static func paywall(stream: String, balance: Int64, required: Int64) -> [UInt8] {
+        JSONValue.object([
+            ("type", .string("paywall")), ("stream", .string(stream)), ("balance", .int(balance)), ("required", .int(required)),
+        ]).serialized()
+    }
+
+    public static func error(ref: String?, code: ErrorCode, message: String, balance: Int64? = nil, required: Int64? = nil) -> [UInt8] {
         var pairs: [(String, JSONValue)] = [("type", .string("error"))]
         if let ref { pairs.append(("ref", .string(ref))) }
         pairs += [("code", .string(code.rawValue)), ("message", .string(message))]
+        if let balance { pairs.append(("balance", .int(balance))) }
+        if let required { pairs.append(("required", .int(required))) }
         return JSONValue.object(pairs).serialized()
     }
 
     public static func error(_ error: FrameError) -> [UInt8] {
-        Self.error(ref: error.ref, code: error.code, message: error.message)
+        Self.error(ref: error.ref, code: error.code, message: error.message, balance: error.balance, required: error.required)
     }
 }

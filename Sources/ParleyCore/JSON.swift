@@ -177,6 +177,11 @@ public struct JSONObjectReader {
         return value
     }
 
+    /// Any value under `key` (nil when absent or null).
+    public mutating func value(_ key: String) throws(ValidationError) -> JSONValue? {
+        raw(key)
+    }
+
     public mutating func string(_ key: String) throws(ValidationError) -> String? {
         guard let value = raw(key) else { return nil }
         guard case .string(let s) = value else { throw ValidationError("'\(key)' must be a string, not \(value.typeName)") }

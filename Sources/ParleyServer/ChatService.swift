@@ -9,6 +9,7 @@ import Synchronization
 /// and a stored assistant message; handles `chat.cancel` and `stream.resume`.
 final class ChatService: Sendable {
     let store: any Store
+    let credits: Credits
     let provider: any LLMProvider
     let hub: StreamHub
     let configuration: ServerConfiguration
@@ -24,8 +25,9 @@ final class ChatService: Sendable {
 
     private let requests = Mutex(Requests())
 
-    init(store: any Store, provider: any LLMProvider, hub: StreamHub, configuration: ServerConfiguration, logger: Logger, ids: IDGenerator) {
+    init(store: any Store, credits: Credits, provider: any LLMProvider, hub: StreamHub, configuration: ServerConfiguration, logger: Logger, ids: IDGenerator) {
         self.store = store
+        self.credits = credits
         self.provider = provider
         self.hub = hub
         self.configuration = configuration
@@ -93,12 +95,14 @@ final class ChatService: Sendable {
     private func chatSend(ref: String, cloneID: String, conversationID: String?, text: String, from connection: ClientConnection) async {
         let user = connection.identity.user
         var reservedConversation: String?
+        var meterToRefund: CreditMeter?
         do {
             guard let clone = try await store.clone(id: cloneID, owner: user) else {
                 throw FrameError(ref: ref, code: .notFound, message: "no clone \(cloneID)")
             }
             let now = Int64(Timestamp.nowMillis())
             let conversation: Conversation
+            var isNew = false
             if let conversationID {
                 guard let existing = try await store.conversation(id: conversationID, owner: user) else {
                     throw FrameError(ref: ref, code: .notFound, message: "no conversation \(conversationID)")
@@ -112,7 +116,7 @@ final class ChatService: Sendable {
                     id: ids.make(.conversation), owner: user, clone: clone.id, title: Self.title(for: text),
                     createdAt: now, updatedAt: now
                 )
-                try await store.createConversation(conversation)
+                isNew = true
             }
             switch hub.reserve(user: user, conversation: conversation.id) {
             case .reserved: reservedConversation = conversation.id
@@ -122,24 +126,38 @@ final class ChatService: Sendable {
                 throw FrameError(ref: ref, code: .rateLimited, message: "at most \(configuration.maxConcurrentStreamsPerUser) replies may stream at once")
             }
 
-            // The user's message is durable before anything is generated for it.
             let userMessage = Message(id: ids.make(.message), conversation: conversation.id, role: .user, text: text, createdAt: now)
-            try await store.appendMessage(userMessage)
-
-            let history = try await store.messages(conversation: conversation.id, limit: configuration.historyMessages, before: nil)
-            let prompt = PromptAssembler(contextBudget: configuration.contextBudgetTokens).assemble(clone: clone, history: history)
+            let history = isNew ? [] : try await store.messages(conversation: conversation.id, limit: configuration.historyMessages - 1, before: nil)
+            let prompt = PromptAssembler(contextBudget: configuration.contextBudgetTokens).assemble(clone: clone, history: history + [userMessage])
             let request = CompletionRequest(messages: prompt.messages, speaker: clone.name, maxOutputTokens: configuration.maxOutputTokens)
+            let model = provider.modelName(for: request)
+            let streamID = ids.make(.stream)
+
+            // The prompt and a minimum reply must be affordable before anything is stored or generated.
+            let meter = credits.meter(user: user, stream: streamID, conversation: conversation.id, model: model, feature: .chat)
+            do {
+                try await meter.begin(inputTokens: prompt.estimatedTokens)
+            } catch let refusal as CreditMeter.Refusal {
+                throw FrameError(ref: ref, code: .insufficientCredits,
+                                 message: "this reply needs \(refusal.required) credits; the balance is \(refusal.balance)",
+                                 balance: refusal.balance, required: refusal.required)
+            }
+            meterToRefund = meter
+
+            // The user's message is durable before anything is generated for it.
+            if isNew { try await store.createConversation(conversation) }
+            try await store.appendMessage(userMessage)
+            meterToRefund = nil
 
             let live = LiveStream(
-                id: ids.make(.stream), owner: user, conversation: conversation.id, clone: clone.id,
-                model: provider.modelName(for: request), bufferCapacity: configuration.resumeBufferTokens,
-                subscribers: hub.connections(of: user)
+                id: streamID, owner: user, conversation: conversation.id, clone: clone.id, model: model,
+                bufferCapacity: configuration.resumeBufferTokens, subscribers: hub.connections(of: user)
             )
             live.start(allocator.buffer(bytes: live.startFrame(ref: ref)))
             hub.register(live)
             if !isAccepting { live.stop(.shutdown) }
             let generation = Task {
-                await self.generate(live, request: request, prompt: prompt, ref: ref, requester: connection)
+                await self.generate(live, request: request, prompt: prompt, meter: meter, ref: ref, requester: connection)
             }
             live.attach(generation)
             reservedConversation = nil  // `generate` releases it when the stream ends
@@ -150,18 +168,28 @@ final class ChatService: Sendable {
             logger.error("chat.send failed", metadata: ["user": "\(user)", "error": "\(error)"])
             connection.send(ServerFrame.error(ref: ref, code: .internal, message: "the request failed; try again"))
         }
+        // Charged for a prompt whose message could not be stored: give it back.
+        if let meterToRefund { _ = await meterToRefund.settle(usage: Usage(inputTokens: 0, outputTokens: 0)) }
         if let reservedConversation { hub.release(user: user, conversation: reservedConversation) }
     }
 
-    private func generate(_ live: LiveStream, request: CompletionRequest, prompt: AssembledPrompt, ref: String, requester: ClientConnection) async {
+    private func generate(
+        _ live: LiveStream, request: CompletionRequest, prompt: AssembledPrompt, meter: CreditMeter, ref: String, requester: ClientConnection
+    ) async {
         var text = ""
         var seq: Int64 = 0
         var reported: Usage?
         var failure: String?
+        var outOfCredits = false
         do {
-            for try await event in provider.stream(request) {
+            tokens: for try await event in provider.stream(request) {
                 switch event {
                 case .token(let token):
+                    // Released only once paid for: the stream stops exactly at the last covered token.
+                    guard try await meter.authorize(token: Int(seq) + 1) else {
+                        outOfCredits = true
+                        break tokens
+                    }
                     seq += 1
                     text += token
                     live.publish(seq: seq, frame: allocator.buffer(bytes: ServerFrame.token(stream: live.id, seq: seq, text: token[...])))
@@ -172,13 +200,18 @@ final class ChatService: Sendable {
         } catch is CancellationError {
         } catch let error as ProviderError {
             failure = error.message
+        } catch let error as StoreError {
+            logger.error("metering failed; stopping the stream", metadata: ["stream": "\(live.id)", "error": "\(error)"])
+            failure = "credits could not be charged; try again"
         } catch {
             logger.error("provider failed", metadata: ["stream": "\(live.id)", "error": "\(error)"])
             failure = "the model provider failed"
         }
 
         let reason: StreamEndReason
-        if failure != nil, live.stopReason == nil {
+        if outOfCredits {
+            reason = .insufficientCredits
+        } else if failure != nil, live.stopReason == nil {
             reason = .error
         } else if reported != nil, failure == nil {
             reason = .complete  // every token arrived, even if a stop came in just after
@@ -186,12 +219,13 @@ final class ChatService: Sendable {
             reason = live.stopReason ?? .cancelled
         }
         let usage = reason == .complete ? reported! : Usage(inputTokens: prompt.estimatedTokens, outputTokens: Int(seq))
+        // Charging and storing happen outside this (possibly cancelled) task so a stop never skips them.
+        let (cost, balance) = await Task { await meter.settle(usage: usage) }.value
 
         let message = Message(
             id: ids.make(.message), conversation: live.conversation, role: .assistant, text: text,
             createdAt: Int64(Timestamp.nowMillis()), reason: reason, usage: usage, stream: live.id
         )
-        // Stored outside this (possibly cancelled) task so a stop never prevents the write.
         let store = self.store
         let stored = await Task { try await store.appendMessage(message) }.result
         var messageID: String? = message.id
@@ -202,7 +236,11 @@ final class ChatService: Sendable {
         if reason == .error, let failure {
             live.send(allocator.buffer(bytes: ServerFrame.error(ref: ref, code: .providerError, message: failure)), to: requester)
         }
-        live.finish(allocator.buffer(bytes: ServerFrame.streamEnd(stream: live.id, reason: reason, usage: usage, message: messageID)))
+        if outOfCredits {
+            live.broadcast(allocator.buffer(bytes: ServerFrame.paywall(stream: live.id, balance: balance, required: await meter.nextTokenCost)))
+        }
+        live.finish(allocator.buffer(bytes: ServerFrame.streamEnd(
+            stream: live.id, reason: reason, usage: usage, message: messageID, cost: cost, balance: balance)))
         hub.ended(live)
         hub.release(user: live.owner, conversation: live.conversation)
     }

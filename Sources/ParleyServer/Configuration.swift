@@ -40,6 +40,8 @@ public struct ServerConfiguration: Sendable {
     /// How long a clean shutdown waits for sockets to finish closing.
     public var shutdownGrace: Duration = .seconds(5)
 
+    public var credits = CreditsConfiguration()
+
     public var frameLimits = FrameLimits()
     public var cloneLimits = CloneLimits()
 

@@ -86,6 +86,11 @@ final class LiveStream: Sendable {
         }
     }
 
+    /// Sends an extra frame to every subscriber, ordered with the stream's own frames.
+    func broadcast(_ frame: ByteBuffer) {
+        state.withLock { s in broadcast(frame, &s) }
+    }
+
     /// Sends an extra frame to one subscriber, ordered with the stream's own frames.
     func send(_ frame: ByteBuffer, to connection: ClientConnection) {
         state.withLock { _ in connection.send(frame) }

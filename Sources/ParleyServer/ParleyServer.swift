@@ -57,8 +57,12 @@ public final class ParleyServer: Sendable {
         let provider = provider ?? SimulatedProvider(configuration: configuration.simulated)
         let ids = IDGenerator()
         let hub = StreamHub(retention: configuration.resumeRetention, maxStreamsPerUser: configuration.maxConcurrentStreamsPerUser)
-        let chat = ChatService(store: store, provider: provider, hub: hub, configuration: configuration, logger: logger, ids: ids)
-        let api = RESTAPI(store: store, chat: chat, authenticator: authenticator, configuration: configuration, ids: ids, logger: logger)
+        // Finish or void ledger entries a crash left half-applied, before anything is charged.
+        let recovered = try await store.recoverLedger()
+        if recovered > 0 { logger.notice("recovered ledger entries left pending by a crash", metadata: ["count": "\(recovered)"]) }
+        let credits = Credits(store: store, configuration: configuration.credits, logger: logger)
+        let chat = ChatService(store: store, credits: credits, provider: provider, hub: hub, configuration: configuration, logger: logger, ids: ids)
+        let api = RESTAPI(store: store, chat: chat, credits: credits, authenticator: authenticator, configuration: configuration, ids: ids, logger: logger)
 
         let group = MultiThreadedEventLoopGroup(numberOfThreads: configuration.eventLoopThreads ?? System.coreCount)
         let bootstrap = ServerBootstrap(group: group)

@@ -1,3 +1,5 @@
+import Crypto
+import Foundation
 import Logging
 import NIOHTTP1
 import ParleyCore
@@ -8,6 +10,7 @@ import ParleyStore
 struct RESTAPI: Sendable {
     let store: any Store
     let chat: ChatService
+    let credits: Credits
     let authenticator: Authenticator
     let configuration: ServerConfiguration
     let ids: IDGenerator
@@ -15,9 +18,10 @@ struct RESTAPI: Sendable {
 
     private var router = Router<Identity>()
 
-    init(store: any Store, chat: ChatService, authenticator: Authenticator, configuration: ServerConfiguration, ids: IDGenerator, logger: Logger) {
+    init(store: any Store, chat: ChatService, credits: Credits, authenticator: Authenticator, configuration: ServerConfiguration, ids: IDGenerator, logger: Logger) {
         self.store = store
         self.chat = chat
+        self.credits = credits
         self.authenticator = authenticator
         self.configuration = configuration
         self.ids = ids
@@ -32,6 +36,8 @@ struct RESTAPI: Sendable {
         router.add(.GET, "/v1/conversations/:id/messages") { [self] request, p, identity in
             try await listMessages(p["id"]!, request, identity)
         }
+        router.add(.GET, "/v1/credits") { [self] request, _, identity in try await listCredits(request, identity) }
+        router.add(.POST, "/v1/admin/credits") { [self] request, _, identity in try await adminGrant(request, identity) }
     }
 
     /// Answers one request; never throws.
@@ -41,6 +47,12 @@ struct RESTAPI: Sendable {
             case "/healthz":
                 guard request.method == .GET || request.method == .HEAD else { throw Self.methodNotAllowed([.GET]) }
                 return HTTPResponse(.ok, json: .object([("status", .string("ok"))]))
+            case "/v1/credits/prices":
+                guard request.method == .GET || request.method == .HEAD else { throw Self.methodNotAllowed([.GET]) }
+                return HTTPResponse(.ok, json: configuration.credits.pricing.json)
+            case "/v1/webhooks/payments":
+                guard request.method == .POST else { throw Self.methodNotAllowed([.POST]) }
+                return try await paymentWebhook(request)
             case "/v1/ws":
                 // Reached only when the WebSocket upgrade was declined.
                 _ = try await authenticate(request)
@@ -170,5 +182,100 @@ struct RESTAPI: Sendable {
             throw APIError(.badRequest, .badRequest, "'limit' must be an integer from 1 to \(maxPageSize)")
         }
         return limit
+    }
+
+    // MARK: Credits
+
+    private func listCredits(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
+        try await credits.ensureStartingGrant(identity.user)
+        let limit = try Self.limit(request)
+        let page = try await store.ledger(user: identity.user, limit: limit + 1, before: request.query["before"])
+        let items = Array(page.prefix(limit))
+        return HTTPResponse(.ok, json: .object([
+            ("balance", .int(try await store.balance(user: identity.user))),
+            ("entries", .array(items.map(\.json))),
+            ("next_before", page.count > limit ? .string(items.last!.id) : .null),
+        ]))
+    }
+
+    /// `POST /v1/admin/credits {"user","credits","note"?,"key"?}`: `key` makes a retried grant
+    /// apply once (ledger id `admin:<key>`).
+    private func adminGrant(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
+        guard identity.isAdmin else { throw APIError(.forbidden, .forbidden, "granting credits needs the admin role") }
+        var reader = try JSONObjectReader(try request.json())
+        let user = try reader.requiredString("user")
+        guard Authenticator.isValidSubject(user) else { throw ValidationError("'user' is not a valid user id") }
+        guard let amount = try reader.int("credits") else { throw ValidationError("missing field 'credits'") }
+        guard (1...configuration.credits.maxGrant).contains(amount) else {
+            throw ValidationError("'credits' must be from 1 to \(configuration.credits.maxGrant)")
+        }
+        let note = try reader.string("note")
+        let key = try reader.string("key")
+        if let key, !(1...128).contains(key.utf8.count) { throw ValidationError("'key' must be 1-128 bytes") }
+        try reader.rejectUnknown()
+        let entry = LedgerEntry(id: "admin:" + (key ?? ids.make(.message)), user: user, kind: .grant, credits: amount,
+                                note: "granted by \(identity.user)" + (note.map { ": \($0)" } ?? ""), createdAt: Int64(Timestamp.nowMillis()))
+        let outcome = try await store.apply(entry, allowOverdraft: false)
+        let applied: Bool = if case .applied = outcome { true } else { false }
+        return HTTPResponse(applied ? .created : .ok, json: .object([
+            ("entry", entry.json), ("balance", .int(outcome.balance)), ("applied", .bool(applied)),
+        ]))
+    }
+
+    /// A payment provider's notification: `{"order_id","user","credits","timestamp"}` signed with
+    /// `X-Parley-Signature: sha256=<hex HMAC-SHA256 of the raw body>`. The order id makes it
+    /// idempotent; the timestamp (Unix seconds) must be within the tolerance of now.
+    private func paymentWebhook(_ request: HTTPRequest) async throws -> HTTPResponse {
+        guard let secret = configuration.credits.paymentsSecret else {
+            throw APIError(.notFound, .notFound, "payments are not configured on this server")
+        }
+        let body = request.body.map { Array($0.readableBytesView) } ?? []
+        guard let header = request.headers.first(name: "x-parley-signature"), header.hasPrefix("sha256="),
+              let signature = Self.hexBytes(header.dropFirst("sha256=".count)),
+              HMAC<SHA256>.isValidAuthenticationCode(signature, authenticating: body, using: SymmetricKey(data: Array(secret.utf8))) else {
+            throw APIError(.unauthorized, .unauthorized, "missing or invalid X-Parley-Signature")
+        }
+        var reader = try JSONObjectReader(try request.json())
+        let order = try reader.requiredString("order_id")
+        let user = try reader.requiredString("user")
+        guard let amount = try reader.int("credits"), let timestamp = try reader.int("timestamp") else {
+            throw ValidationError("'credits' and 'timestamp' are required integers")
+        }
+        try reader.rejectUnknown()
+        guard (1...128).contains(order.utf8.count) else { throw ValidationError("'order_id' must be 1-128 bytes") }
+        guard Authenticator.isValidSubject(user) else { throw ValidationError("'user' is not a valid user id") }
+        guard (1...configuration.credits.maxGrant).contains(amount) else { throw ValidationError("'credits' is out of range") }
+        let skew = abs(Date().timeIntervalSince1970 - Double(timestamp))
+        guard skew <= Double(configuration.credits.paymentsTolerance.components.seconds) else {
+            throw APIError(.unauthorized, .unauthorized, "the timestamp is too far from now; replays are refused")
+        }
+        let entry = LedgerEntry(id: "order:" + order, user: user, kind: .grant, credits: amount, note: "payment \(order)",
+                                createdAt: Int64(Timestamp.nowMillis()))
+        let outcome = try await store.apply(entry, allowOverdraft: false)
+        let applied: Bool = if case .applied = outcome { true } else { false }
+        return HTTPResponse(.ok, json: .object([("status", .string(applied ? "credited" : "already_credited")), ("balance", .int(outcome.balance))]))
+    }
+
+    static func hexBytes(_ text: Substring) -> [UInt8]? {
+        let chars = Array(text.utf8)
+        guard chars.count % 2 == 0, !chars.isEmpty else { return nil }
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(chars.count / 2)
+        var index = 0
+        while index < chars.count {
+            guard let high = Self.nibble(chars[index]), let low = Self.nibble(chars[index + 1]) else { return nil }
+            bytes.append(high << 4 | low)
+            index += 2
+        }
+        return bytes
+    }
+
+    private static func nibble(_ c: UInt8) -> UInt8? {
+        switch c {
+        case UInt8(ascii: "0")...UInt8(ascii: "9"): c - UInt8(ascii: "0")
+        case UInt8(ascii: "a")...UInt8(ascii: "f"): c - UInt8(ascii: "a") + 10
+        case UInt8(ascii: "A")...UInt8(ascii: "F"): c - UInt8(ascii: "A") + 10
+        default: nil
+        }
     }
 }

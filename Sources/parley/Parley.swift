@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import Logging
 import ParleyCore
+import ParleyLLM
 import ParleyServer
 
 @main
@@ -55,6 +56,18 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Prompt budget in tokens (persona + newest history).")
     var contextBudget = 4096
 
+    @Option(help: "Credits each new user starts with (the embedded demo default is generous; use 0 in production).")
+    var startingCredits: Int64 = 10_000
+
+    @Option(help: "Price list JSON file (credits per 1000 tokens per model, feature multipliers). Default: built-in list.")
+    var prices: String?
+
+    @Option(help: "Output tokens paid for per debit; tokens are released only once paid.")
+    var creditBatchTokens = 16
+
+    @Option(help: "HMAC-SHA256 secret of the payment webhook (or env PARLEY_PAYMENTS_SECRET); without one the webhook is off.")
+    var paymentsSecret: String?
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: Logger.Level = .info
 
@@ -64,6 +77,8 @@ struct Serve: AsyncParsableCommand {
         guard simTokensPerSec >= 0 else { throw ArgumentParser.ValidationError("--sim-tokens-per-sec must be 0 or more (0: no pacing)") }
         guard (1...100_000).contains(simReplyTokens) else { throw ArgumentParser.ValidationError("--sim-reply-tokens must be 1-100000") }
         guard (1...256).contains(mongoThreads) else { throw ArgumentParser.ValidationError("--mongo-threads must be 1-256") }
+        guard startingCredits >= 0 else { throw ArgumentParser.ValidationError("--starting-credits must be 0 or more") }
+        guard (1...10_000).contains(creditBatchTokens) else { throw ArgumentParser.ValidationError("--credit-batch-tokens must be 1-10000") }
         guard contextBudget >= 64 else { throw ArgumentParser.ValidationError("--context-budget must be at least 64") }
         if let s = secret.resolvedSecret, s.count < 32 { throw ArgumentParser.ValidationError("the JWT secret must be at least 32 characters") }
     }
@@ -82,6 +97,25 @@ struct Serve: AsyncParsableCommand {
         configuration.jwtSecret = secret.resolvedSecret
         configuration.storeURI = store ?? ProcessInfo.processInfo.environment["PARLEY_STORE"].flatMap { $0.isEmpty ? nil : $0 }
         configuration.mongoThreads = mongoThreads
+        configuration.credits.startingGrant = startingCredits
+        configuration.credits.batchTokens = creditBatchTokens
+        configuration.credits.paymentsSecret = paymentsSecret ?? ProcessInfo.processInfo.environment["PARLEY_PAYMENTS_SECRET"].flatMap { $0.isEmpty ? nil : $0 }
+        if let prices {
+            do {
+                let text = try Data(contentsOf: URL(fileURLWithPath: prices))
+                configuration.credits.pricing = try PricingTable.parse(try JSONValue.parse(text))
+            } catch let error as ParleyCore.ValidationError {
+                FileHandle.standardError.write(Data("parley: \(prices): \(error.message)\n".utf8))
+                throw ExitCode(1)
+            } catch {
+                FileHandle.standardError.write(Data("parley: cannot read the price list \(prices): \(error)\n".utf8))
+                throw ExitCode(1)
+            }
+        }
+        guard configuration.credits.pricing.price(for: SimulatedProvider.modelName) != nil else {
+            FileHandle.standardError.write(Data("parley: the price list has no entry for model '\(SimulatedProvider.modelName)'\n".utf8))
+            throw ExitCode(1)
+        }
         configuration.contextBudgetTokens = contextBudget
         configuration.simulated.timeToFirstToken = .milliseconds(simTtftMs)
         configuration.simulated.tokensPerSecond = simTokensPerSec

@@ -58,7 +58,9 @@ import Testing
     }
 
     @Test func streamEndCarriesReasonUsageAndMessage() throws {
-        let value = try JSONValue.parse(ServerFrame.streamEnd(stream: "s", reason: .insufficientCredits, usage: Usage(inputTokens: 3, outputTokens: 4), message: "m"))
+        let value = try JSONValue.parse(ServerFrame.streamEnd(stream: "s", reason: .insufficientCredits, usage: Usage(inputTokens: 3, outputTokens: 4), message: "m", cost: 11, balance: 0))
+        #expect(value["cost"] == .int(11))
+        #expect(value["balance"] == .int(0))
         #expect(value["reason"] == .string("insufficient_credits"))
         #expect(value["usage"]?["output_tokens"] == .int(4))
         #expect(value["message"] == .string("m"))

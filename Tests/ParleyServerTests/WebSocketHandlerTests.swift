@@ -22,7 +22,8 @@ import Testing
             let dir = FileManager.default.temporaryDirectory.appendingPathComponent("parley-embedded-\(UUID().uuidString)").path
             try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
             store = try await SQLiteStore.open(path: dir + "/parley.sqlite")
-            let chat = ChatService(store: store, provider: SimulatedProvider(), hub: hub, configuration: ServerConfiguration(),
+            let credits = Credits(store: store, configuration: CreditsConfiguration(), logger: Logger(label: "test"))
+            let chat = ChatService(store: store, credits: credits, provider: SimulatedProvider(), hub: hub, configuration: ServerConfiguration(),
                                    logger: Logger(label: "test"), ids: IDGenerator())
             let connection = ClientConnection(id: "conn_1", identity: Identity(user: "alice", role: nil), channel: channel)
             try channel.pipeline.syncOperations.addHandler(

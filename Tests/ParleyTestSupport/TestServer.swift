@@ -19,6 +19,7 @@ public final class TestServer: Sendable {
         configuration.simulated.timeToFirstToken = .zero
         configuration.simulated.tokensPerSecond = 0
         configuration.simulated.replyTokens = 24
+        configuration.credits.startingGrant = 1_000_000
         configure(&configuration)
         var logger = Logger(label: "parley-test")
         logger.logLevel = .warning

@@ -1,0 +1,185 @@
+import Logging
+import ParleyCore
+import ParleyStore
+import Synchronization
+
+/// How credits are charged; see README "Credits".
+public struct CreditsConfiguration: Sendable {
+    public var pricing = PricingTable.standard
+    /// Credits a new user starts with (granted once, as ledger entry `welcome:<user>`).
+    /// 0 in production; `parley serve` defaults to a generous demo grant.
+    public var startingGrant: Int64 = 0
+    /// Output tokens that must be affordable, beyond the prompt, before a stream may start.
+    public var outputReserveTokens = 32
+    /// Output tokens paid for per debit. Tokens are released only once paid for.
+    public var batchTokens = 16
+    /// HMAC-SHA256 secret of the payment webhook; nil disables the webhook.
+    public var paymentsSecret: String?
+    /// How far a webhook's timestamp may be from now before it is refused as a replay.
+    public var paymentsTolerance: Duration = .seconds(300)
+    /// Largest single grant (admin or payment).
+    public var maxGrant: Int64 = 1_000_000_000
+
+    public init() {}
+}
+
+/// Grants and the one-time starting grant.
+final class Credits: Sendable {
+    let store: any Store
+    let configuration: CreditsConfiguration
+    let logger: Logger
+    /// Users whose starting grant is known to be applied; only saves a store round trip.
+    private let welcomed = Mutex(Set<String>())
+
+    init(store: any Store, configuration: CreditsConfiguration, logger: Logger) {
+        self.store = store
+        self.configuration = configuration
+        self.logger = logger
+    }
+
+    func ensureStartingGrant(_ user: String) async throws {
+        guard configuration.startingGrant > 0, !welcomed.withLock({ $0.contains(user) }) else { return }
+        let entry = LedgerEntry(id: "welcome:\(user)", user: user, kind: .grant, credits: configuration.startingGrant,
+                                note: "starting grant", createdAt: Int64(Timestamp.nowMillis()))
+        _ = try await store.apply(entry, allowOverdraft: false)
+        welcomed.withLock { set in
+            if set.count >= 100_000 { set.removeAll() }  // bounded: worst case one more idempotent write
+            set.insert(user)
+        }
+    }
+
+    func meter(user: String, stream: String, conversation: String?, room: String? = nil, model: String, feature: Feature) -> CreditMeter {
+        CreditMeter(credits: self, user: user, stream: stream, conversation: conversation, room: room, model: model, feature: feature)
+    }
+}
+
+/// Charges one stream: its prompt up front, its output in prepaid batches, and a settlement at
+/// the end. Ledger ids are `<stream>:in`, `<stream>:1`, `<stream>:2`…, `<stream>:settle`, so a
+/// retried write can never charge twice. An actor: the stream's task and its settlement use it.
+actor CreditMeter {
+    private let credits: Credits
+    private let user: String
+    private let stream: String
+    private let conversation: String?
+    private let room: String?
+    private let model: String
+    private let feature: Feature
+    private var pricing: PricingTable { credits.configuration.pricing }
+
+    private(set) var charged: Int64 = 0
+    private(set) var prepaidTokens = 0
+    private(set) var balance: Int64 = 0
+    private var batches = 0
+    private var inputTokens = 0
+
+    init(credits: Credits, user: String, stream: String, conversation: String?, room: String?, model: String, feature: Feature) {
+        self.credits = credits
+        self.user = user
+        self.stream = stream
+        self.conversation = conversation
+        self.room = room
+        self.model = model
+        self.feature = feature
+    }
+
+    /// Why a stream may not start: the balance and what it needed.
+    struct Refusal: Error {
+        var balance: Int64
+        var required: Int64
+    }
+
+    /// Checks that the prompt and the minimum output reserve are covered and charges the
+    /// prompt. Throws `Refusal` (nothing charged) when they are not.
+    func begin(inputTokens: Int) async throws {
+        guard let inputCost = pricing.inputCost(tokens: inputTokens, model: model, feature: feature),
+              let reserve = pricing.outputCost(tokens: credits.configuration.outputReserveTokens, model: model, feature: feature) else {
+            throw ProviderPriceMissing(model: model)
+        }
+        try await credits.ensureStartingGrant(user)
+        self.inputTokens = inputTokens
+        let current = try await credits.store.balance(user: user)
+        guard current >= inputCost + reserve else { throw Refusal(balance: current, required: inputCost + reserve) }
+        let outcome = try await credits.store.apply(entry("in", -inputCost, tokens: inputTokens), allowOverdraft: false)
+        if case .insufficient(let balance) = outcome { throw Refusal(balance: balance, required: inputCost + reserve) }
+        charged += inputCost
+        balance = outcome.balance
+    }
+
+    /// Makes sure output token number `index` (1-based) is paid for, buying the next batch when
+    /// needed, or as much of it as the balance covers. False: not even this token is affordable.
+    func authorize(token index: Int) async throws -> Bool {
+        guard index > prepaidTokens else { return true }
+        let wanted = max(1, credits.configuration.batchTokens)
+        var size = wanted
+        while size >= 1 {
+            let cost = outputCost(prepaidTokens + size) - outputCost(prepaidTokens)
+            let outcome = try await credits.store.apply(entry(String(batches + 1), -cost, tokens: size), allowOverdraft: false)
+            balance = outcome.balance
+            switch outcome {
+            case .applied, .alreadyApplied:
+                batches += 1
+                prepaidTokens += size
+                charged += cost
+                return true
+            case .insufficient(let available):
+                // Buy the largest smaller batch the balance covers (a refused id may be reused).
+                var affordable = size - 1
+                while affordable >= 1, outputCost(prepaidTokens + affordable) - outputCost(prepaidTokens) > available {
+                    affordable -= 1
+                }
+                size = affordable
+            }
+        }
+        return false
+    }
+
+    /// The cost of the next output token, for the paywall frame.
+    var nextTokenCost: Int64 { outputCost(prepaidTokens + 1) - outputCost(prepaidTokens) }
+
+    /// Reconciles what was charged with what the stream really used (the provider's usage when
+    /// it reported one, else the prompt estimate and the tokens delivered): refunds unused
+    /// prepaid credits or charges the rest, as far as the balance allows. Returns the stream's
+    /// cost and the balance after it.
+    func settle(usage: Usage) async -> (cost: Int64, balance: Int64) {
+        let actual = (pricing.inputCost(tokens: usage.inputTokens, model: model, feature: feature) ?? 0)
+            + outputCost(usage.outputTokens)
+        var difference = charged - actual  // positive: refund
+        do {
+            if difference != 0 {
+                var outcome = try await credits.store.apply(entry("settle", difference, tokens: 0, kind: .settlement), allowOverdraft: false)
+                if case .insufficient(let available) = outcome, available > 0 {
+                    credits.logger.warning("settlement charged only part of the usage", metadata: ["stream": "\(stream)", "short": "\(-difference - available)"])
+                    difference = -available
+                    outcome = try await credits.store.apply(entry("settle", difference, tokens: 0, kind: .settlement), allowOverdraft: false)
+                }
+                if case .insufficient = outcome {
+                    difference = 0
+                } else {
+                    charged -= difference
+                }
+                balance = outcome.balance
+            } else {
+                balance = try await credits.store.balance(user: user)
+            }
+        } catch {
+            credits.logger.error("settling a stream failed", metadata: ["stream": "\(stream)", "error": "\(error)"])
+        }
+        return (charged, balance)
+    }
+
+    private func outputCost(_ tokens: Int) -> Int64 {
+        pricing.outputCost(tokens: tokens, model: model, feature: feature) ?? 0
+    }
+
+    private func entry(_ suffix: String, _ credits: Int64, tokens: Int, kind: LedgerEntry.Kind = .debit) -> LedgerEntry {
+        LedgerEntry(id: "\(stream):\(suffix)", user: user, kind: kind, credits: credits, tokens: tokens, stream: stream,
+                    conversation: conversation, room: room, model: model, feature: feature.rawValue,
+                    createdAt: Int64(Timestamp.nowMillis()))
+    }
+}
+
+/// The price list has no entry for the model a reply would use: a configuration error.
+struct ProviderPriceMissing: Error, CustomStringConvertible {
+    var model: String
+    var description: String { "no price is configured for model '\(model)'" }
+}
