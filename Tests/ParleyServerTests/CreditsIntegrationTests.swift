@@ -1,0 +1,246 @@
+import Crypto
+import Foundation
+import NIOHTTP1
+import ParleyCore
+import ParleyServer
+import ParleyTestSupport
+import Testing
+
+/// One credit per output token, prompts free: figures in these tests are token counts.
+func creditServer(grant: Int64, batch: Int = 4, reserve: Int = 4, replyTokens: Int = 100, tokensPerSecond: Double = 0,
+                  _ more: (inout ServerConfiguration) -> Void = { _ in }) async throws -> TestServer {
+    try await TestServer.start {
+        $0.credits.pricing = PricingTable(models: ["simulated": ModelPrice(inputPer1K: 0, outputPer1K: 1_000)])
+        $0.credits.startingGrant = grant
+        $0.credits.batchTokens = batch
+        $0.credits.outputReserveTokens = reserve
+        $0.simulated.replyTokens = replyTokens
+        $0.simulated.tokensPerSecond = tokensPerSecond
+        more(&$0)
+    }
+}
+
+/// GET /v1/credits followed to its last page: the balance, and every entry.
+func creditsOf(_ server: TestServer, token: String) async throws -> (balance: Int64, entries: [JSONValue]) {
+    var entries: [JSONValue] = []
+    var uri = "/v1/credits?limit=200"
+    var balance: Int64 = 0
+    while true {
+        let page = try await server.get(uri, token: token).json()
+        balance = page["balance"]!.intValue!
+        entries += page["entries"]!.arrayValue!
+        guard let next = page["next_before"]?.stringValue else { return (balance, entries) }
+        uri = "/v1/credits?limit=200&before=\(next)"
+    }
+}
+
+/// The ledger invariant, through the API: the balance is the sum of the entries, each once.
+func expectInvariant(_ server: TestServer, token: String, sourceLocation: SourceLocation = #_sourceLocation) async throws {
+    let (balance, entries) = try await creditsOf(server, token: token)
+    let ids = entries.map { $0["id"]!.stringValue! }
+    #expect(Set(ids).count == ids.count, "an entry appears twice", sourceLocation: sourceLocation)
+    #expect(entries.reduce(0) { $0 + $1["credits"]!.intValue! } == balance, sourceLocation: sourceLocation)
+}
+
+@Suite struct CreditsIntegrationTests {
+    @Test func aStreamThatRunsOutStopsAtTheLastPaidToken() async throws {
+        let server = try await creditServer(grant: 10)
+        let token = try await server.token("alice")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        try await socket.chatSend(id: "c1", clone: clone, text: "Talk a lot")
+        let start = try await socket.nextJSON()
+        var tokens: [JSONValue] = []
+        var frame = try await socket.nextJSON()
+        while frame["type"] == .string("token") {
+            tokens.append(frame)
+            frame = try await socket.nextJSON()
+        }
+        #expect(tokens.count == 10)
+        #expect(frame == .object([("type", .string("paywall")), ("stream", start["stream"]!), ("balance", .int(0)), ("required", .int(1))]))
+        let end = try await socket.nextJSON()
+        #expect(end["reason"] == .string("insufficient_credits"))
+        #expect(end["cost"] == .int(10))
+        #expect(end["balance"] == .int(0))
+        #expect(end["usage"]?["output_tokens"] == .int(10))
+
+        let messages = try await server.get("/v1/conversations/\(start["conversation"]!.stringValue!)/messages", token: token).json()["messages"]!.arrayValue!
+        #expect(messages.last?["reason"] == .string("insufficient_credits"))
+        #expect(messages.last?["text"] == .string(tokens.map { $0["text"]!.stringValue! }.joined()))
+        try await expectInvariant(server, token: token)
+        await server.stop()
+    }
+
+    @Test func aStreamIsRefusedBeforeItStartsWhenTheReserveIsNotCovered() async throws {
+        let server = try await creditServer(grant: 3, reserve: 4)
+        let token = try await server.token("alice")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        try await socket.chatSend(id: "c1", clone: clone, text: "Hello?")
+        let error = try await socket.nextJSON()
+        #expect(error["code"] == .string("insufficient_credits"))
+        #expect(error["ref"] == .string("c1"))
+        #expect(error["balance"] == .int(3))
+        #expect(error["required"] == .int(4))
+        // Nothing was generated, stored or charged.
+        #expect(try await server.get("/v1/conversations", token: token).json()["conversations"] == .array([]))
+        #expect(try await creditsOf(server, token: token).balance == 3)
+        try await expectInvariant(server, token: token)
+        await server.stop()
+    }
+
+    @Test func concurrentStreamsOfOneUserNeverOverdraw() async throws {
+        let server = try await creditServer(grant: 50, batch: 3, reserve: 1, tokensPerSecond: 400)
+        let token = try await server.token("alice")
+        let socket = try await server.connect(token: token)
+        var clones: [String] = []
+        for i in 0..<4 { clones.append(try await server.createClone(token: token, name: "C\(i)")["id"]!.stringValue!) }
+        for (i, clone) in clones.enumerated() { try await socket.chatSend(id: "c\(i)", clone: clone, text: "Go") }
+        var delivered = 0
+        var ends: [JSONValue] = []
+        while ends.count < 4 {
+            let frame = try await socket.nextJSON()
+            switch frame["type"]?.stringValue {
+            case "token": delivered += 1
+            case "stream.end": ends.append(frame)
+            case "stream.start", "paywall": break
+            default: Issue.record("unexpected \(frame)")
+            }
+        }
+        #expect(delivered == 50)
+        #expect(ends.reduce(0) { $0 + $1["cost"]!.intValue! } == 50)
+        #expect(ends.allSatisfy { $0["balance"]!.intValue! >= 0 })
+        #expect(try await creditsOf(server, token: token).balance == 0)
+        try await expectInvariant(server, token: token)
+        await server.stop()
+    }
+
+    @Test func unusedPrepaidCreditsAreRefundedAndCostIsExact() async throws {
+        let server = try await TestServer.start {
+            $0.credits.startingGrant = 1_000
+            $0.credits.batchTokens = 16
+            $0.simulated.replyTokens = 10
+        }
+        let token = try await server.token("alice")
+        let cloneJSON = try await server.createClone(token: token)
+        let socket = try await server.connect(token: token)
+        try await socket.chatSend(id: "c1", clone: cloneJSON["id"]!.stringValue!, text: "Short one")
+        let reply = try await socket.readReply()
+        let pricing = PricingTable.standard
+        let usage = reply.end["usage"]!
+        let expected = pricing.inputCost(tokens: Int(usage["input_tokens"]!.intValue!), model: "simulated", feature: .chat)!
+            + pricing.outputCost(tokens: 10, model: "simulated", feature: .chat)!
+        #expect(reply.end["cost"] == .int(expected))
+        #expect(reply.end["balance"] == .int(1_000 - expected))
+        let entries = try await creditsOf(server, token: token).entries
+        let settle = entries.first { $0["id"] == .string("\(reply.stream):settle") }
+        #expect(settle?["kind"] == .string("settlement"))
+        #expect(settle?["credits"] == .int(pricing.outputCost(tokens: 16, model: "simulated", feature: .chat)! - pricing.outputCost(tokens: 10, model: "simulated", feature: .chat)!))
+        try await expectInvariant(server, token: token)
+        await server.stop()
+    }
+
+    @Test func aCancelledStreamPaysOnlyForWhatWasDelivered() async throws {
+        let server = try await creditServer(grant: 1_000, batch: 16, replyTokens: 1000, tokensPerSecond: 50)
+        let token = try await server.token("alice")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        try await socket.chatSend(id: "c1", clone: clone, text: "Long")
+        let start = try await socket.nextJSON()
+        _ = try await socket.readUntilToken()
+        try await socket.send(.object([("type", .string("chat.cancel")), ("id", .string("x")), ("stream", start["stream"]!)]))
+        let (end, _) = try await socket.next(type: "stream.end")
+        let delivered = end["usage"]!["output_tokens"]!.intValue!
+        #expect(end["reason"] == .string("cancelled"))
+        #expect(end["cost"] == .int(delivered))
+        #expect(end["balance"] == .int(1_000 - delivered))
+        try await expectInvariant(server, token: token)
+        await server.stop()
+    }
+
+    @Test func pricesArePublic() async throws {
+        let server = try await TestServer.start()
+        let prices = try await server.get("/v1/credits/prices", token: nil)
+        #expect(prices.status == .ok)
+        #expect(try PricingTable.parse(try prices.json()).price(for: "simulated") == PricingTable.standard.price(for: "simulated"))
+        await server.stop()
+    }
+}
+
+@Suite struct GrantTests {
+    @Test func onlyAdminsGrantAndAKeyMakesAGrantApplyOnce() async throws {
+        let server = try await creditServer(grant: 0)
+        let admin = try await server.token("root", role: "admin")
+        let user = try await server.token("alice")
+        let body: JSONValue = .object([("user", .string("alice")), ("credits", .int(500)), ("key", .string("support-ticket-7"))])
+        let refused = try await TestHTTPClient.json(port: server.port, .POST, "/v1/admin/credits", token: user, json: body)
+        #expect(refused.status == .forbidden)
+        #expect(try await creditsOf(server, token: user).balance == 0)
+
+        let granted = try await TestHTTPClient.json(port: server.port, .POST, "/v1/admin/credits", token: admin, json: body)
+        #expect(granted.status == .created)
+        #expect(try granted.json()["balance"] == .int(500))
+        let again = try await TestHTTPClient.json(port: server.port, .POST, "/v1/admin/credits", token: admin, json: body)
+        #expect(again.status == .ok)
+        #expect(try again.json()["applied"] == .bool(false))
+        #expect(try await creditsOf(server, token: user).balance == 500)
+        let bad = try await TestHTTPClient.json(port: server.port, .POST, "/v1/admin/credits", token: admin,
+                                                json: .object([("user", .string("alice")), ("credits", .int(-5))]))
+        #expect(bad.status == .badRequest)
+        try await expectInvariant(server, token: user)
+        await server.stop()
+    }
+
+    static let secret = "whsec_test_0123456789abcdef0123456789"
+
+    func signed(_ body: JSONValue, secret: String = GrantTests.secret) -> (HTTPHeaders, [UInt8]) {
+        let bytes = body.serialized()
+        let mac = HMAC<SHA256>.authenticationCode(for: bytes, using: SymmetricKey(data: Array(secret.utf8)))
+        let hex = mac.map { String(format: "%02x", $0) }.joined()
+        return (["x-parley-signature": "sha256=\(hex)", "content-type": "application/json"], bytes)
+    }
+
+    func payment(order: String, credits: Int64 = 250, timestamp: Int64 = Int64(Date().timeIntervalSince1970)) -> JSONValue {
+        .object([("order_id", .string(order)), ("user", .string("alice")), ("credits", .int(credits)), ("timestamp", .int(timestamp))])
+    }
+
+    @Test func aPaymentCreditsOnceHoweverOftenItIsDelivered() async throws {
+        let server = try await creditServer(grant: 0) { $0.credits.paymentsSecret = GrantTests.secret }
+        let user = try await server.token("alice")
+        let (headers, body) = signed(payment(order: "ord_1"))
+        for attempt in 0..<3 {
+            let response = try await TestHTTPClient.request(port: server.port, .POST, "/v1/webhooks/payments", headers: headers, body: body)
+            #expect(response.status == .ok)
+            #expect(try response.json()["status"] == .string(attempt == 0 ? "credited" : "already_credited"))
+        }
+        #expect(try await creditsOf(server, token: user).balance == 250)
+        try await expectInvariant(server, token: user)
+        await server.stop()
+    }
+
+    @Test func forgedStaleAndUnsignedPaymentsChangeNothing() async throws {
+        let server = try await creditServer(grant: 0) { $0.credits.paymentsSecret = GrantTests.secret }
+        let user = try await server.token("alice")
+        let forged = signed(payment(order: "ord_2"), secret: "not-the-secret-at-all-not-the-secret")
+        let stale = signed(payment(order: "ord_3", timestamp: Int64(Date().timeIntervalSince1970) - 3_600))
+        var tampered = signed(payment(order: "ord_4"))
+        tampered.1 = payment(order: "ord_4", credits: 1_000_000).serialized()
+        let unsigned: (HTTPHeaders, [UInt8]) = ([:], payment(order: "ord_5").serialized())
+        for (headers, body) in [forged, stale, tampered, unsigned] {
+            let response = try await TestHTTPClient.request(port: server.port, .POST, "/v1/webhooks/payments", headers: headers, body: body)
+            #expect(response.status == .unauthorized)
+            #expect(response.errorCode == "unauthorized")
+        }
+        #expect(try await creditsOf(server, token: user).balance == 0)
+        #expect(try await creditsOf(server, token: user).entries.isEmpty)
+        await server.stop()
+    }
+
+    @Test func withoutASecretTheWebhookIsOff() async throws {
+        let server = try await creditServer(grant: 0)
+        let (headers, body) = signed(payment(order: "ord_6"))
+        let response = try await TestHTTPClient.request(port: server.port, .POST, "/v1/webhooks/payments", headers: headers, body: body)
+        #expect(response.status == .notFound)
+        await server.stop()
+    }
+}
