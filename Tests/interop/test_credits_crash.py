@@ -1,0 +1,104 @@
+"""Kills the server with SIGKILL in the middle of many metered streams, restarts it on the same
+store, and checks the ledger: the balance is the sum of the entries, no entry is doubled, and
+every token a client received was paid for before it was sent."""
+import asyncio
+import collections
+import json
+import signal
+
+import websockets
+
+from schemas import validate_rest
+
+BATCH = 8
+USERS = ["kim", "lee", "max"]
+STREAMS_PER_USER = 3
+
+
+def credits(server, token):
+    entries, before, balance = [], None, None
+    while True:
+        status, page = server.http("GET", "/v1/credits?limit=200" + (f"&before={before}" if before else ""), token)
+        assert status == 200, page
+        validate_rest("credits", page)
+        balance = page["balance"]
+        entries += page["entries"]
+        before = page["next_before"]
+        if before is None:
+            return balance, entries
+
+
+def test_sigkill_mid_stream_loses_and_doubles_no_debit(start_server):
+    args = ["--sim-ttft-ms", "0", "--sim-tokens-per-sec", "150", "--sim-reply-tokens", "5000",
+            "--credit-batch-tokens", str(BATCH), "--starting-credits", "1000000"]
+    server = start_server(*args)
+    tokens = {user: server.token(user) for user in USERS}
+    clones = {}
+    for user in USERS:
+        status, body = server.http("POST", "/v1/clones", tokens[user], {"name": f"Clone of {user}"})
+        assert status == 201, body
+        clones[user] = body["id"]
+
+    received = collections.Counter()  # stream id -> tokens the client got
+    owner = {}
+
+    async def run_user(user, started):
+        async with websockets.connect(f"{server.ws}?token={tokens[user]}") as ws:
+            json.loads(await ws.recv())
+            for i in range(STREAMS_PER_USER):
+                await ws.send(json.dumps({"type": "chat.send", "id": f"{user}{i}", "clone": clones[user], "text": f"story {i}"}))
+            try:
+                while True:
+                    frame = json.loads(await asyncio.wait_for(ws.recv(), 20))
+                    if frame["type"] == "stream.start":
+                        owner[frame["stream"]] = user
+                    elif frame["type"] == "token":
+                        assert frame["seq"] == received[frame["stream"]] + 1
+                        received[frame["stream"]] += 1
+                        if sum(received[s] >= 25 for s in owner) == len(USERS) * STREAMS_PER_USER:
+                            started.set()
+            except websockets.exceptions.ConnectionClosed:
+                return  # the server died: everything it sent has been read
+
+    async def main():
+        started = asyncio.Event()
+        users = [asyncio.create_task(run_user(u, started)) for u in USERS]
+        await asyncio.wait_for(started.wait(), 30)
+        server.proc.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(asyncio.gather(*users), 30)
+
+    asyncio.run(main())
+    assert server.proc.wait(timeout=10) == -signal.SIGKILL
+    assert len(owner) == len(USERS) * STREAMS_PER_USER
+
+    again = start_server(*args)  # same data dir and store: recovery runs before serving
+    for user in USERS:
+        token = again.token(user)
+        balance, entries = credits(again, token)
+        ids = [e["id"] for e in entries]
+        assert len(ids) == len(set(ids)), "a ledger entry appears twice"
+        assert sum(e["credits"] for e in entries) == balance, "balance is not the sum of the entries"
+        assert balance >= 0
+        for stream, user_of_stream in owner.items():
+            if user_of_stream != user:
+                continue
+            paid = sum(e["tokens"] for e in entries if e.get("stream") == stream and e["kind"] == "debit" and not e["id"].endswith(":in"))
+            # Nothing was sent unpaid, and at most the batch being prepaid (plus one in flight) is unsent.
+            assert received[stream] <= paid <= received[stream] + 2 * BATCH, (stream, received[stream], paid)
+
+    # The restarted server meters new streams on top of the recovered ledger.
+    async def one_more():
+        async with websockets.connect(f"{again.ws}?token={again.token('kim')}") as ws:
+            json.loads(await ws.recv())
+            await ws.send(json.dumps({"type": "chat.send", "id": "after", "clone": clones["kim"], "text": "still there?"}))
+            while True:
+                frame = json.loads(await asyncio.wait_for(ws.recv(), 20))
+                if frame["type"] == "token" and frame["seq"] == 3:
+                    await ws.send(json.dumps({"type": "chat.cancel", "id": "stop", "stream": frame["stream"]}))
+                if frame["type"] == "stream.end":
+                    return frame
+
+    end = asyncio.run(one_more())
+    assert end["reason"] == "cancelled" and end["cost"] > 0
+    balance, entries = credits(again, again.token("kim"))
+    assert sum(e["credits"] for e in entries) == balance == end["balance"]
