@@ -1,3 +1,4 @@
+import CoreMetrics
 import ParleyCore
 import ParleyLLM
 
@@ -41,6 +42,8 @@ public struct ServerConfiguration: Sendable {
     public var shutdownGrace: Duration = .seconds(5)
 
     public var credits = CreditsConfiguration()
+    /// Where metrics go: the process-wide swift-metrics backend unless a test gives its own.
+    public var metrics: any MetricsFactory = MetricsSystem.factory
 
     public var frameLimits = FrameLimits()
     public var cloneLimits = CloneLimits()

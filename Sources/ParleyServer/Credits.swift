@@ -1,3 +1,4 @@
+import CoreMetrics
 import Logging
 import ParleyCore
 import ParleyStore
@@ -23,18 +24,35 @@ public struct CreditsConfiguration: Sendable {
     public init() {}
 }
 
+/// Counters an operator watches for the credits feature.
+struct CreditMetrics: Sendable {
+    let debited: Counter
+    let refunded: Counter
+    let paywallHits: Counter
+    let refusals: Counter
+
+    init(factory: any MetricsFactory) {
+        debited = Counter(label: "parley_credits_debited_total", factory: factory)
+        refunded = Counter(label: "parley_credits_refunded_total", factory: factory)
+        paywallHits = Counter(label: "parley_paywall_hits_total", factory: factory)
+        refusals = Counter(label: "parley_insufficient_credits_refusals_total", factory: factory)
+    }
+}
+
 /// Grants and the one-time starting grant.
 final class Credits: Sendable {
     let store: any Store
     let configuration: CreditsConfiguration
     let logger: Logger
+    let metrics: CreditMetrics
     /// Users whose starting grant is known to be applied; only saves a store round trip.
     private let welcomed = Mutex(Set<String>())
 
-    init(store: any Store, configuration: CreditsConfiguration, logger: Logger) {
+    init(store: any Store, configuration: CreditsConfiguration, logger: Logger, metrics: any MetricsFactory = MetricsSystem.factory) {
         self.store = store
         self.configuration = configuration
         self.logger = logger
+        self.metrics = CreditMetrics(factory: metrics)
     }
 
     func ensureStartingGrant(_ user: String) async throws {
@@ -98,9 +116,16 @@ actor CreditMeter {
         try await credits.ensureStartingGrant(user)
         self.inputTokens = inputTokens
         let current = try await credits.store.balance(user: user)
-        guard current >= inputCost + reserve else { throw Refusal(balance: current, required: inputCost + reserve) }
+        guard current >= inputCost + reserve else {
+            credits.metrics.refusals.increment()
+            throw Refusal(balance: current, required: inputCost + reserve)
+        }
         let outcome = try await credits.store.apply(entry("in", -inputCost, tokens: inputTokens), allowOverdraft: false)
-        if case .insufficient(let balance) = outcome { throw Refusal(balance: balance, required: inputCost + reserve) }
+        if case .insufficient(let balance) = outcome {
+            credits.metrics.refusals.increment()
+            throw Refusal(balance: balance, required: inputCost + reserve)
+        }
+        if case .applied = outcome { credits.metrics.debited.increment(by: inputCost) }
         charged += inputCost
         balance = outcome.balance
     }
@@ -117,6 +142,7 @@ actor CreditMeter {
             balance = outcome.balance
             switch outcome {
             case .applied, .alreadyApplied:
+                if case .applied = outcome { credits.metrics.debited.increment(by: cost) }
                 batches += 1
                 prepaidTokens += size
                 charged += cost
@@ -130,6 +156,7 @@ actor CreditMeter {
                 size = affordable
             }
         }
+        credits.metrics.paywallHits.increment()
         return false
     }
 
@@ -156,6 +183,10 @@ actor CreditMeter {
                     difference = 0
                 } else {
                     charged -= difference
+                    if case .applied = outcome {
+                        if difference > 0 { credits.metrics.refunded.increment(by: difference) }
+                        if difference < 0 { credits.metrics.debited.increment(by: -difference) }
+                    }
                 }
                 balance = outcome.balance
             } else {

@@ -60,7 +60,7 @@ public final class ParleyServer: Sendable {
         // Finish or void ledger entries a crash left half-applied, before anything is charged.
         let recovered = try await store.recoverLedger()
         if recovered > 0 { logger.notice("recovered ledger entries left pending by a crash", metadata: ["count": "\(recovered)"]) }
-        let credits = Credits(store: store, configuration: configuration.credits, logger: logger)
+        let credits = Credits(store: store, configuration: configuration.credits, logger: logger, metrics: configuration.metrics)
         let chat = ChatService(store: store, credits: credits, provider: provider, hub: hub, configuration: configuration, logger: logger, ids: ids)
         let api = RESTAPI(store: store, chat: chat, credits: credits, authenticator: authenticator, configuration: configuration, ids: ids, logger: logger)
 

@@ -1,5 +1,6 @@
 import Crypto
 import Foundation
+import MetricsTestKit
 import NIOHTTP1
 import ParleyCore
 import ParleyServer
@@ -44,7 +45,8 @@ func expectInvariant(_ server: TestServer, token: String, sourceLocation: Source
 
 @Suite struct CreditsIntegrationTests {
     @Test func aStreamThatRunsOutStopsAtTheLastPaidToken() async throws {
-        let server = try await creditServer(grant: 10)
+        let metrics = TestMetrics()
+        let server = try await creditServer(grant: 10) { $0.metrics = metrics }
         let token = try await server.token("alice")
         let clone = try await server.createClone(token: token)["id"]!.stringValue!
         let socket = try await server.connect(token: token)
@@ -68,6 +70,13 @@ func expectInvariant(_ server: TestServer, token: String, sourceLocation: Source
         #expect(messages.last?["reason"] == .string("insufficient_credits"))
         #expect(messages.last?["text"] == .string(tokens.map { $0["text"]!.stringValue! }.joined()))
         try await expectInvariant(server, token: token)
+        #expect(try metrics.expectCounter("parley_credits_debited_total").totalValue == 10)
+        #expect(try metrics.expectCounter("parley_paywall_hits_total").totalValue == 1)
+
+        // Now broke: the next request is refused before it starts, and counted.
+        try await socket.chatSend(id: "c2", clone: clone, text: "More?")
+        #expect(try await socket.nextJSON()["code"] == .string("insufficient_credits"))
+        #expect(try metrics.expectCounter("parley_insufficient_credits_refusals_total").totalValue == 1)
         await server.stop()
     }
 
