@@ -24,6 +24,17 @@ public enum JSONValue: Sendable, Equatable {
         }
     }
 
+    public var stringValue: String? { if case .string(let s) = self { s } else { nil } }
+    public var arrayValue: [JSONValue]? { if case .array(let a) = self { a } else { nil } }
+    /// An integer, also when written as an integral floating-point number.
+    public var intValue: Int64? {
+        switch self {
+        case .int(let i): i
+        case .double(let d) where d == d.rounded() && abs(d) < 9e15: Int64(d)
+        default: nil
+        }
+    }
+
     public subscript(key: String) -> JSONValue? {
         if case .object(let pairs) = self { return pairs.first { $0.0 == key }?.1 }
         return nil

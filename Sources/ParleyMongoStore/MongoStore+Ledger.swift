@@ -31,7 +31,7 @@ extension MongoStore {
                 guard let existing = try db.find("ledger", filter: .object([("_id", .string(entry.id))]), limit: 1).first else {
                     throw StoreError.backend("ledger entry \(entry.id) vanished")
                 }
-                switch existing["state"]?.string {
+                switch existing["state"]?.stringValue {
                 case "applied":
                     return .alreadyApplied(balance: try Self.account(db, entry.user)?.balance ?? 0)
                 case "void":
@@ -135,10 +135,10 @@ extension MongoStore {
 
     static func entry(from d: JSONValue) -> LedgerEntry {
         LedgerEntry(
-            id: d["_id"]?.string ?? "", user: d["user"]?.string ?? "", kind: LedgerEntry.Kind(rawValue: d["kind"]?.string ?? "") ?? .debit,
-            credits: d["credits"]?.int64 ?? 0, tokens: Int(d["tokens"]?.int64 ?? 0), stream: d["stream"]?.string,
-            conversation: d["conversation"]?.string, room: d["room"]?.string, model: d["model"]?.string,
-            feature: d["feature"]?.string, note: d["note"]?.string, createdAt: d["created_at"]?.int64 ?? 0
+            id: d["_id"]?.stringValue ?? "", user: d["user"]?.stringValue ?? "", kind: LedgerEntry.Kind(rawValue: d["kind"]?.stringValue ?? "") ?? .debit,
+            credits: d["credits"]?.int64 ?? 0, tokens: Int(d["tokens"]?.int64 ?? 0), stream: d["stream"]?.stringValue,
+            conversation: d["conversation"]?.stringValue, room: d["room"]?.stringValue, model: d["model"]?.stringValue,
+            feature: d["feature"]?.stringValue, note: d["note"]?.stringValue, createdAt: d["created_at"]?.int64 ?? 0
         )
     }
 }

@@ -152,8 +152,8 @@ public final class MongoStore: Store {
         var sliders: [String: Int] = [:]
         if case .object(let pairs)? = d["sliders"] { for (k, v) in pairs { sliders[k] = v.int64.map(Int.init) ?? 0 } }
         return Clone(
-            id: d["_id"]?.string ?? "", owner: d["owner"]?.string ?? "", name: d["name"]?.string ?? "",
-            traits: d["traits"]?.strings ?? [], systemPrompt: d["system_prompt"]?.string ?? "", sliders: sliders,
+            id: d["_id"]?.stringValue ?? "", owner: d["owner"]?.stringValue ?? "", name: d["name"]?.stringValue ?? "",
+            traits: d["traits"]?.strings ?? [], systemPrompt: d["system_prompt"]?.stringValue ?? "", sliders: sliders,
             memory: d["memory"]?.strings ?? [], createdAt: d["created_at"]?.int64 ?? 0, updatedAt: d["updated_at"]?.int64 ?? 0
         )
     }
@@ -186,8 +186,8 @@ public final class MongoStore: Store {
     }
 
     static func conversation(from d: JSONValue) -> Conversation {
-        Conversation(id: d["_id"]?.string ?? "", owner: d["owner"]?.string ?? "", clone: d["clone"]?.string ?? "",
-                     title: d["title"]?.string ?? "", createdAt: d["created_at"]?.int64 ?? 0, updatedAt: d["updated_at"]?.int64 ?? 0)
+        Conversation(id: d["_id"]?.stringValue ?? "", owner: d["owner"]?.stringValue ?? "", clone: d["clone"]?.stringValue ?? "",
+                     title: d["title"]?.stringValue ?? "", createdAt: d["created_at"]?.int64 ?? 0, updatedAt: d["updated_at"]?.int64 ?? 0)
     }
 
     // MARK: Messages
@@ -225,10 +225,10 @@ public final class MongoStore: Store {
             usage = Usage(inputTokens: Int(input), outputTokens: Int(output))
         }
         return Message(
-            id: d["_id"]?.string ?? "", conversation: d["conversation"]?.string ?? "",
-            role: Role(rawValue: d["role"]?.string ?? "") ?? .user, text: d["text"]?.string ?? "",
-            createdAt: d["created_at"]?.int64 ?? 0, reason: d["reason"]?.string.flatMap(StreamEndReason.init(rawValue:)),
-            usage: usage, stream: d["stream"]?.string
+            id: d["_id"]?.stringValue ?? "", conversation: d["conversation"]?.stringValue ?? "",
+            role: Role(rawValue: d["role"]?.stringValue ?? "") ?? .user, text: d["text"]?.stringValue ?? "",
+            createdAt: d["created_at"]?.int64 ?? 0, reason: d["reason"]?.stringValue.flatMap(StreamEndReason.init(rawValue:)),
+            usage: usage, stream: d["stream"]?.stringValue
         )
     }
 }
@@ -294,17 +294,17 @@ struct Database: Sendable {
         var wasRetried = false
         let reply = try command(.object([("insert", .string(collection)), ("documents", .array([document]))]),
                                 retried: { wasRetried = $0 })
-        if let error = reply["writeErrors"]?.array?.first {
+        if let error = reply["writeErrors"]?.arrayValue?.first {
             let code = error["code"]?.int64 ?? 0
             // A retry after a lost reply finds its own first attempt: that is success, not a clash.
             if code == 11000, wasRetried, Self.isIDClash(error) { return }
-            if code == 11000 || code == 11001 { throw StoreError.duplicateKey(error["errmsg"]?.string ?? "duplicate key") }
-            throw StoreError.backend("insert into \(collection) failed: \(error["errmsg"]?.string ?? "\(error)")")
+            if code == 11000 || code == 11001 { throw StoreError.duplicateKey(error["errmsg"]?.stringValue ?? "duplicate key") }
+            throw StoreError.backend("insert into \(collection) failed: \(error["errmsg"]?.stringValue ?? "\(error)")")
         }
     }
 
     private static func isIDClash(_ error: JSONValue) -> Bool {
-        let message = error["errmsg"]?.string ?? ""
+        let message = error["errmsg"]?.stringValue ?? ""
         return message.contains("_id_") || message.contains("_id")
     }
 
@@ -314,10 +314,10 @@ struct Database: Sendable {
         if let projection { cmd.append(("projection", projection)) }
         if let limit { cmd.append(("limit", .long(Int64(limit)))) }
         var reply = try command(.object(cmd))
-        var documents = reply["cursor"]?["firstBatch"]?.array ?? []
+        var documents = reply["cursor"]?["firstBatch"]?.arrayValue ?? []
         while let id = reply["cursor"]?["id"]?.int64, id != 0 {
             reply = try command(.object([("getMore", .long(id)), ("collection", .string(collection))]))
-            documents += reply["cursor"]?["nextBatch"]?.array ?? []
+            documents += reply["cursor"]?["nextBatch"]?.arrayValue ?? []
         }
         return documents
     }
@@ -327,10 +327,10 @@ struct Database: Sendable {
             ("update", .string(collection)),
             ("updates", .array([.object([("q", query), ("u", update), ("upsert", .bool(upsert)), ("multi", .bool(multi))])])),
         ]))
-        if let error = reply["writeErrors"]?.array?.first {
+        if let error = reply["writeErrors"]?.arrayValue?.first {
             let code = error["code"]?.int64 ?? 0
-            if code == 11000 || code == 11001 { throw StoreError.duplicateKey(error["errmsg"]?.string ?? "duplicate key") }
-            throw StoreError.backend("update of \(collection) failed: \(error["errmsg"]?.string ?? "\(error)")")
+            if code == 11000 || code == 11001 { throw StoreError.duplicateKey(error["errmsg"]?.stringValue ?? "duplicate key") }
+            throw StoreError.backend("update of \(collection) failed: \(error["errmsg"]?.stringValue ?? "\(error)")")
         }
         return (reply["n"]?.int64 ?? 0, reply["nModified"]?.int64 ?? 0)
     }
@@ -355,15 +355,7 @@ struct Database: Sendable {
 }
 
 extension JSONValue {
-    var string: String? { if case .string(let s) = self { s } else { nil } }
-    var array: [JSONValue]? { if case .array(let a) = self { a } else { nil } }
-    var strings: [String]? { array?.compactMap(\.string) }
-    var int64: Int64? {
-        switch self {
-        case .int(let i): i
-        case .double(let d) where d == d.rounded(): Int64(d)
-        case .object: self["$numberLong"]?.string.flatMap { Int64($0) }
-        default: nil
-        }
-    }
+    var strings: [String]? { arrayValue?.compactMap(\.stringValue) }
+    /// Also reads canonical extended JSON's `{"$numberLong":"…"}`.
+    var int64: Int64? { intValue ?? self["$numberLong"]?.stringValue.flatMap { Int64($0) } }
 }

@@ -57,9 +57,3 @@ public final class TestServer: Sendable {
         try? FileManager.default.removeItem(atPath: dataDirectory)
     }
 }
-
-extension JSONValue {
-    public var stringValue: String? { if case .string(let s) = self { s } else { nil } }
-    public var intValue: Int64? { if case .int(let i) = self { i } else { nil } }
-    public var arrayValue: [JSONValue]? { if case .array(let a) = self { a } else { nil } }
-}
