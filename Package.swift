@@ -101,7 +101,7 @@ let package = Package(
             swiftSettings: strict
         ),
         .testTarget(name: "ParleyCoreTests", dependencies: ["ParleyCore"], swiftSettings: strict),
-        .testTarget(name: "ParleyStoreTests", dependencies: ["ParleyStore", "ParleyMongoStore", "ParleyCore"], swiftSettings: strict),
+        .testTarget(name: "ParleyStoreTests", dependencies: ["ParleyStore", "ParleyMongoStore", "ParleyCore", "ParleyTestSupport"], swiftSettings: strict),
         .testTarget(name: "ParleyLLMTests", dependencies: ["ParleyLLM", "ParleyCore"], swiftSettings: strict),
         .testTarget(
             name: "ParleyServerTests",

@@ -35,9 +35,11 @@ extension MongoStore {
                 case "applied":
                     return .alreadyApplied(balance: try Self.account(db, entry.user)?.balance ?? 0)
                 case "void":
-                    // Refused before; this is a new attempt with the same id.
+                    // Refused before; this is a new attempt with the same id, possibly for another
+                    // amount: the row takes the new attempt's fields.
+                    guard case .object(let fields) = Self.document(entry, state: "pending") else { break }
                     _ = try db.update("ledger", query: .object([("_id", .string(entry.id)), ("state", .string("void"))]),
-                                      update: .object([("$set", .object([("state", .string("pending"))]))]))
+                                      update: .object([("$set", .object(fields.filter { $0.0 != "_id" }))]))
                 default:
                     break  // pending: a crashed or failed attempt; finish it now
                 }

@@ -8,9 +8,9 @@ import ParleyTestSupport
 import Testing
 
 /// One credit per output token, prompts free: figures in these tests are token counts.
-func creditServer(grant: Int64, batch: Int = 4, reserve: Int = 4, replyTokens: Int = 100, tokensPerSecond: Double = 0,
-                  _ more: (inout ServerConfiguration) -> Void = { _ in }) async throws -> TestServer {
-    try await TestServer.start {
+func creditServer(_ store: TestServer.StoreKind = .sqlite, grant: Int64, batch: Int = 4, reserve: Int = 4, replyTokens: Int = 100,
+                  tokensPerSecond: Double = 0, _ more: (inout ServerConfiguration) -> Void = { _ in }) async throws -> TestServer {
+    try await TestServer.start(store: store) {
         $0.credits.pricing = PricingTable(models: ["simulated": ModelPrice(inputPer1K: 0, outputPer1K: 1_000)])
         $0.credits.startingGrant = grant
         $0.credits.batchTokens = batch
@@ -44,9 +44,10 @@ func expectInvariant(_ server: TestServer, token: String, sourceLocation: Source
 }
 
 @Suite struct CreditsIntegrationTests {
-    @Test func aStreamThatRunsOutStopsAtTheLastPaidToken() async throws {
+    @Test(arguments: TestServer.StoreKind.allCases)
+    func aStreamThatRunsOutStopsAtTheLastPaidToken(_ store: TestServer.StoreKind) async throws {
         let metrics = TestMetrics()
-        let server = try await creditServer(grant: 10) { $0.metrics = metrics }
+        let server = try await creditServer(store, grant: 10) { $0.metrics = metrics }
         let token = try await server.token("alice")
         let clone = try await server.createClone(token: token)["id"]!.stringValue!
         let socket = try await server.connect(token: token)
@@ -80,8 +81,9 @@ func expectInvariant(_ server: TestServer, token: String, sourceLocation: Source
         await server.stop()
     }
 
-    @Test func aStreamIsRefusedBeforeItStartsWhenTheReserveIsNotCovered() async throws {
-        let server = try await creditServer(grant: 3, reserve: 4)
+    @Test(arguments: TestServer.StoreKind.allCases)
+    func aStreamIsRefusedBeforeItStartsWhenTheReserveIsNotCovered(_ store: TestServer.StoreKind) async throws {
+        let server = try await creditServer(store, grant: 3, reserve: 4)
         let token = try await server.token("alice")
         let clone = try await server.createClone(token: token)["id"]!.stringValue!
         let socket = try await server.connect(token: token)
@@ -98,8 +100,9 @@ func expectInvariant(_ server: TestServer, token: String, sourceLocation: Source
         await server.stop()
     }
 
-    @Test func concurrentStreamsOfOneUserNeverOverdraw() async throws {
-        let server = try await creditServer(grant: 50, batch: 3, reserve: 1, tokensPerSecond: 400)
+    @Test(arguments: TestServer.StoreKind.allCases)
+    func concurrentStreamsOfOneUserNeverOverdraw(_ store: TestServer.StoreKind) async throws {
+        let server = try await creditServer(store, grant: 50, batch: 3, reserve: 1, tokensPerSecond: 400)
         let token = try await server.token("alice")
         let socket = try await server.connect(token: token)
         var clones: [String] = []
@@ -149,8 +152,9 @@ func expectInvariant(_ server: TestServer, token: String, sourceLocation: Source
         await server.stop()
     }
 
-    @Test func aCancelledStreamPaysOnlyForWhatWasDelivered() async throws {
-        let server = try await creditServer(grant: 1_000, batch: 16, replyTokens: 1000, tokensPerSecond: 50)
+    @Test(arguments: TestServer.StoreKind.allCases)
+    func aCancelledStreamPaysOnlyForWhatWasDelivered(_ store: TestServer.StoreKind) async throws {
+        let server = try await creditServer(store, grant: 1_000, batch: 16, replyTokens: 1000, tokensPerSecond: 50)
         let token = try await server.token("alice")
         let clone = try await server.createClone(token: token)["id"]!.stringValue!
         let socket = try await server.connect(token: token)
@@ -177,8 +181,9 @@ func expectInvariant(_ server: TestServer, token: String, sourceLocation: Source
 }
 
 @Suite struct GrantTests {
-    @Test func onlyAdminsGrantAndAKeyMakesAGrantApplyOnce() async throws {
-        let server = try await creditServer(grant: 0)
+    @Test(arguments: TestServer.StoreKind.allCases)
+    func onlyAdminsGrantAndAKeyMakesAGrantApplyOnce(_ store: TestServer.StoreKind) async throws {
+        let server = try await creditServer(store, grant: 0)
         let admin = try await server.token("root", role: "admin")
         let user = try await server.token("alice")
         let body: JSONValue = .object([("user", .string("alice")), ("credits", .int(500)), ("key", .string("support-ticket-7"))])
@@ -213,8 +218,9 @@ func expectInvariant(_ server: TestServer, token: String, sourceLocation: Source
         .object([("order_id", .string(order)), ("user", .string("alice")), ("credits", .int(credits)), ("timestamp", .int(timestamp))])
     }
 
-    @Test func aPaymentCreditsOnceHoweverOftenItIsDelivered() async throws {
-        let server = try await creditServer(grant: 0) { $0.credits.paymentsSecret = GrantTests.secret }
+    @Test(arguments: TestServer.StoreKind.allCases)
+    func aPaymentCreditsOnceHoweverOftenItIsDelivered(_ store: TestServer.StoreKind) async throws {
+        let server = try await creditServer(store, grant: 0) { $0.credits.paymentsSecret = GrantTests.secret }
         let user = try await server.token("alice")
         let (headers, body) = signed(payment(order: "ord_1"))
         for attempt in 0..<3 {

@@ -60,6 +60,18 @@ func expectLedgerInvariant(_ store: any Store, _ user: String, sourceLocation: S
     }
 
     @Test(arguments: Backend.all)
+    func aRefusedIdRetriedForASmallerAmountRecordsTheNewAmount(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            _ = try await store.apply(grant("alice", 10), allowOverdraft: false)
+            #expect(try await store.apply(debit("alice", 16, id: "st_1:1"), allowOverdraft: false) == .insufficient(balance: 10))
+            let smaller = debit("alice", 10, id: "st_1:1")
+            #expect(try await store.apply(smaller, allowOverdraft: false) == .applied(balance: 0))
+            #expect(try await store.ledger(user: "alice", limit: 10, before: nil).first { $0.id == "st_1:1" } == smaller)
+            try await expectLedgerInvariant(store, "alice")
+        }
+    }
+
+    @Test(arguments: Backend.all)
     func anEntryAppliesOnceHoweverOftenItIsRetried(_ backend: Backend) async throws {
         try await withStore(backend) { store in
             let order = grant("alice", 50, id: "order:1234")

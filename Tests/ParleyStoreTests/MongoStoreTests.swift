@@ -1,6 +1,7 @@
 import ParleyCore
 @testable import ParleyMongoStore
 import ParleyStore
+import ParleyTestSupport
 import Testing
 
 /// What only the MongoDB backend promises: retries of transient failures, schema versioning,

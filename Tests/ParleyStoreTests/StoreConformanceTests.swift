@@ -2,6 +2,7 @@ import Foundation
 import ParleyCore
 import ParleyMongoStore
 import ParleyStore
+import ParleyTestSupport
 import Testing
 
 /// A store backend under test: how to open a fresh, empty instance.

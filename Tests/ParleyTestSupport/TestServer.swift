@@ -10,7 +10,14 @@ public final class TestServer: Sendable {
 
     public var port: Int { server.port }
 
-    public static func start(_ configure: (inout ServerConfiguration) -> Void = { _ in }) async throws -> TestServer {
+    /// The stores a server test can run on: the embedded default, and MongoDB (the wire test
+    /// server, or the real one named by PARLEY_TEST_MONGODB_URI).
+    public enum StoreKind: String, Sendable, CaseIterable, CustomStringConvertible {
+        case sqlite, mongodb
+        public var description: String { rawValue }
+    }
+
+    public static func start(store: StoreKind = .sqlite, _ configure: (inout ServerConfiguration) -> Void = { _ in }) async throws -> TestServer {
         var configuration = ServerConfiguration()
         configuration.port = 0
         configuration.dataDirectory = FileManager.default.temporaryDirectory
@@ -20,6 +27,7 @@ public final class TestServer: Sendable {
         configuration.simulated.tokensPerSecond = 0
         configuration.simulated.replyTokens = 24
         configuration.credits.startingGrant = 1_000_000
+        if store == .mongodb { configuration.storeURI = MongoFixture.uri() }
         configure(&configuration)
         var logger = Logger(label: "parley-test")
         logger.logLevel = .warning

@@ -1,23 +1,22 @@
 import Foundation
-import ParleyMongoStore
 
 /// Where the MongoDB conformance run points: a real server when PARLEY_TEST_MONGODB_URI is set,
 /// otherwise the wire-protocol test server in Tests/fixtures, started once for the whole run.
-enum MongoFixture {
+public enum MongoFixture {
     /// A base URI without a database; each test gets a database of its own.
-    static let baseURI: String = {
+    public static let baseURI: String = {
         if let real = ProcessInfo.processInfo.environment["PARLEY_TEST_MONGODB_URI"], !real.isEmpty {
             return real.hasSuffix("/") ? String(real.dropLast()) : real
         }
         return WireServer.start()
     }()
 
-    static var isRealServer: Bool {
+    public static var isRealServer: Bool {
         !(ProcessInfo.processInfo.environment["PARLEY_TEST_MONGODB_URI"] ?? "").isEmpty
     }
 
     /// A fresh database's URI.
-    static func uri() -> String {
+    public static func uri() -> String {
         let database = "parley_test_" + UUID().uuidString.replacingOccurrences(of: "-", with: "").prefix(16).lowercased()
         if let query = baseURI.firstIndex(of: "?") {
             return baseURI[..<query] + "/" + database + baseURI[query...]
