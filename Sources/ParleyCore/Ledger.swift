@@ -55,6 +55,11 @@ public enum LedgerOutcome: Sendable, Equatable {
     /// A debit the balance does not cover: nothing changed.
     case insufficient(balance: Int64)
 
+    /// Whether this call recorded the entry (not a retry, not a refusal).
+    public var isApplied: Bool {
+        if case .applied = self { true } else { false }
+    }
+
     public var balance: Int64 {
         switch self {
         case .applied(let b), .alreadyApplied(let b), .insufficient(let b): b

@@ -304,8 +304,7 @@ struct Database: Sendable {
     }
 
     private static func isIDClash(_ error: JSONValue) -> Bool {
-        let message = error["errmsg"]?.stringValue ?? ""
-        return message.contains("_id_") || message.contains("_id")
+        (error["errmsg"]?.stringValue ?? "").contains("_id")
     }
 
     func find(_ collection: String, filter: JSONValue, sort: JSONValue? = nil, projection: JSONValue? = nil, limit: Int? = nil) throws -> [JSONValue] {

@@ -57,13 +57,30 @@ final class Credits: Sendable {
 
     func ensureStartingGrant(_ user: String) async throws {
         guard configuration.startingGrant > 0, !welcomed.withLock({ $0.contains(user) }) else { return }
-        let entry = LedgerEntry(id: "welcome:\(user)", user: user, kind: .grant, credits: configuration.startingGrant,
-                                note: "starting grant", createdAt: Int64(Timestamp.nowMillis()))
-        _ = try await store.apply(entry, allowOverdraft: false)
+        _ = try await store.apply(Self.grantEntry(id: "welcome:\(user)", user: user, credits: configuration.startingGrant,
+                                                  note: "starting grant"), allowOverdraft: false)
         welcomed.withLock { set in
             if set.count >= 100_000 { set.removeAll() }  // bounded: worst case one more idempotent write
             set.insert(user)
         }
+    }
+
+    /// Checks a grant from outside (an admin, a payment) before it is applied.
+    func validateGrant(user: String, credits amount: Int64) throws(ValidationError) {
+        guard Authenticator.isValidSubject(user) else { throw ValidationError("'user' is not a valid user id") }
+        guard (1...configuration.maxGrant).contains(amount) else {
+            throw ValidationError("'credits' must be from 1 to \(configuration.maxGrant)")
+        }
+    }
+
+    /// Applies a grant validated by `validateGrant` under its idempotency id.
+    func grant(id: String, user: String, credits amount: Int64, note: String) async throws -> (entry: LedgerEntry, outcome: LedgerOutcome) {
+        let entry = Self.grantEntry(id: id, user: user, credits: amount, note: note)
+        return (entry, try await store.apply(entry, allowOverdraft: false))
+    }
+
+    private static func grantEntry(id: String, user: String, credits: Int64, note: String) -> LedgerEntry {
+        LedgerEntry(id: id, user: user, kind: .grant, credits: credits, note: note, createdAt: Int64(Timestamp.nowMillis()))
     }
 
     func meter(user: String, stream: String, conversation: String?, room: String? = nil, model: String, feature: Feature) -> CreditMeter {
@@ -88,7 +105,6 @@ actor CreditMeter {
     private(set) var prepaidTokens = 0
     private(set) var balance: Int64 = 0
     private var batches = 0
-    private var inputTokens = 0
 
     init(credits: Credits, user: String, stream: String, conversation: String?, room: String?, model: String, feature: Feature) {
         self.credits = credits
@@ -114,7 +130,6 @@ actor CreditMeter {
             throw ProviderPriceMissing(model: model)
         }
         try await credits.ensureStartingGrant(user)
-        self.inputTokens = inputTokens
         let current = try await credits.store.balance(user: user)
         guard current >= inputCost + reserve else {
             credits.metrics.refusals.increment()
@@ -125,7 +140,7 @@ actor CreditMeter {
             credits.metrics.refusals.increment()
             throw Refusal(balance: balance, required: inputCost + reserve)
         }
-        if case .applied = outcome { credits.metrics.debited.increment(by: inputCost) }
+        if outcome.isApplied { credits.metrics.debited.increment(by: inputCost) }
         charged += inputCost
         balance = outcome.balance
     }
@@ -134,15 +149,14 @@ actor CreditMeter {
     /// needed, or as much of it as the balance covers. False: not even this token is affordable.
     func authorize(token index: Int) async throws -> Bool {
         guard index > prepaidTokens else { return true }
-        let wanted = max(1, credits.configuration.batchTokens)
-        var size = wanted
+        var size = max(1, credits.configuration.batchTokens)
         while size >= 1 {
             let cost = outputCost(prepaidTokens + size) - outputCost(prepaidTokens)
             let outcome = try await credits.store.apply(entry(String(batches + 1), -cost, tokens: size), allowOverdraft: false)
             balance = outcome.balance
             switch outcome {
             case .applied, .alreadyApplied:
-                if case .applied = outcome { credits.metrics.debited.increment(by: cost) }
+                if outcome.isApplied { credits.metrics.debited.increment(by: cost) }
                 batches += 1
                 prepaidTokens += size
                 charged += cost
@@ -183,7 +197,7 @@ actor CreditMeter {
                     difference = 0
                 } else {
                     charged -= difference
-                    if case .applied = outcome {
+                    if outcome.isApplied {
                         if difference > 0 { credits.metrics.refunded.increment(by: difference) }
                         if difference < 0 { credits.metrics.debited.increment(by: -difference) }
                     }

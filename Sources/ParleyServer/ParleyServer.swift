@@ -58,7 +58,13 @@ public final class ParleyServer: Sendable {
         let ids = IDGenerator()
         let hub = StreamHub(retention: configuration.resumeRetention, maxStreamsPerUser: configuration.maxConcurrentStreamsPerUser)
         // Finish or void ledger entries a crash left half-applied, before anything is charged.
-        let recovered = try await store.recoverLedger()
+        let recovered: Int
+        do {
+            recovered = try await store.recoverLedger()
+        } catch {
+            try? await store.close()
+            throw error
+        }
         if recovered > 0 { logger.notice("recovered ledger entries left pending by a crash", metadata: ["count": "\(recovered)"]) }
         let credits = Credits(store: store, configuration: configuration.credits, logger: logger, metrics: configuration.metrics)
         let chat = ChatService(store: store, credits: credits, provider: provider, hub: hub, configuration: configuration, logger: logger, ids: ids)

@@ -204,21 +204,16 @@ struct RESTAPI: Sendable {
         guard identity.isAdmin else { throw APIError(.forbidden, .forbidden, "granting credits needs the admin role") }
         var reader = try JSONObjectReader(try request.json())
         let user = try reader.requiredString("user")
-        guard Authenticator.isValidSubject(user) else { throw ValidationError("'user' is not a valid user id") }
         guard let amount = try reader.int("credits") else { throw ValidationError("missing field 'credits'") }
-        guard (1...configuration.credits.maxGrant).contains(amount) else {
-            throw ValidationError("'credits' must be from 1 to \(configuration.credits.maxGrant)")
-        }
         let note = try reader.string("note")
         let key = try reader.string("key")
         if let key, !(1...128).contains(key.utf8.count) { throw ValidationError("'key' must be 1-128 bytes") }
         try reader.rejectUnknown()
-        let entry = LedgerEntry(id: "admin:" + (key ?? ids.make(.message)), user: user, kind: .grant, credits: amount,
-                                note: "granted by \(identity.user)" + (note.map { ": \($0)" } ?? ""), createdAt: Int64(Timestamp.nowMillis()))
-        let outcome = try await store.apply(entry, allowOverdraft: false)
-        let applied: Bool = if case .applied = outcome { true } else { false }
-        return HTTPResponse(applied ? .created : .ok, json: .object([
-            ("entry", entry.json), ("balance", .int(outcome.balance)), ("applied", .bool(applied)),
+        try credits.validateGrant(user: user, credits: amount)
+        let (entry, outcome) = try await credits.grant(id: "admin:" + (key ?? ids.make(.message)), user: user, credits: amount,
+                                                       note: "granted by \(identity.user)" + (note.map { ": \($0)" } ?? ""))
+        return HTTPResponse(outcome.isApplied ? .created : .ok, json: .object([
+            ("entry", entry.json), ("balance", .int(outcome.balance)), ("applied", .bool(outcome.isApplied)),
         ]))
     }
 
@@ -243,17 +238,15 @@ struct RESTAPI: Sendable {
         }
         try reader.rejectUnknown()
         guard (1...128).contains(order.utf8.count) else { throw ValidationError("'order_id' must be 1-128 bytes") }
-        guard Authenticator.isValidSubject(user) else { throw ValidationError("'user' is not a valid user id") }
-        guard (1...configuration.credits.maxGrant).contains(amount) else { throw ValidationError("'credits' is out of range") }
+        try credits.validateGrant(user: user, credits: amount)
         let skew = abs(Date().timeIntervalSince1970 - Double(timestamp))
         guard skew <= Double(configuration.credits.paymentsTolerance.components.seconds) else {
             throw APIError(.unauthorized, .unauthorized, "the timestamp is too far from now; replays are refused")
         }
-        let entry = LedgerEntry(id: "order:" + order, user: user, kind: .grant, credits: amount, note: "payment \(order)",
-                                createdAt: Int64(Timestamp.nowMillis()))
-        let outcome = try await store.apply(entry, allowOverdraft: false)
-        let applied: Bool = if case .applied = outcome { true } else { false }
-        return HTTPResponse(.ok, json: .object([("status", .string(applied ? "credited" : "already_credited")), ("balance", .int(outcome.balance))]))
+        let (_, outcome) = try await credits.grant(id: "order:" + order, user: user, credits: amount, note: "payment \(order)")
+        return HTTPResponse(.ok, json: .object([
+            ("status", .string(outcome.isApplied ? "credited" : "already_credited")), ("balance", .int(outcome.balance)),
+        ]))
     }
 
     static func hexBytes(_ text: Substring) -> [UInt8]? {
