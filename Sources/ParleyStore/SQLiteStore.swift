@@ -355,18 +355,13 @@ public final class SQLiteStore: Store {
                 }
                 cursor = (row[0].int ?? 0, row[1].text ?? "")
             }
-            let rows: [[SQLValue]]
-            if let (at, id) = cursor {
-                rows = try db.query(
-                    "SELECT \(Self.ledgerColumns) FROM ledger WHERE user = ? AND (created_at < ? OR (created_at = ? AND id < ?)) ORDER BY created_at DESC, id DESC LIMIT ?",
-                    [.text(user), .int(at), .int(at), .text(id), .int(Int64(limit))]
-                )
-            } else {
-                rows = try db.query(
-                    "SELECT \(Self.ledgerColumns) FROM ledger WHERE user = ? ORDER BY created_at DESC, id DESC LIMIT ?",
-                    [.text(user), .int(Int64(limit))]
-                )
-            }
+            // One query for every page, as for conversations and messages: no cursor, no condition.
+            let at: SQLValue = cursor.map { .int($0.0) } ?? .null
+            let id: SQLValue = cursor.map { .text($0.1) } ?? .null
+            let rows = try db.query(
+                "SELECT \(Self.ledgerColumns) FROM ledger WHERE user = ? AND (? IS NULL OR created_at < ? OR (created_at = ? AND id < ?)) ORDER BY created_at DESC, id DESC LIMIT ?",
+                [.text(user), at, at, at, id, .int(Int64(limit))]
+            )
             return rows.map { r in
                 LedgerEntry(
                     id: r[0].text ?? "", user: r[1].text ?? "", kind: LedgerEntry.Kind(rawValue: r[2].text ?? "") ?? .debit,
