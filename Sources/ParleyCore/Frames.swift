@@ -12,6 +12,10 @@ public enum ErrorCode: String, Sendable, Equatable, CaseIterable {
     case tooLarge = "too_large"
     case providerError = "provider_error"
     case streamGone = "stream_gone"
+    /// The resource is not in a state that allows the request (e.g. cancelling a fired schedule).
+    case conflict
+    /// A per-user quota is used up (e.g. pending schedules).
+    case limitExceeded = "limit_exceeded"
     /// The server is shutting down and takes no new work.
     case unavailable
     case `internal`
@@ -22,10 +26,13 @@ public enum ClientFrame: Sendable, Equatable {
     case chatSend(id: String, clone: String, conversation: String?, text: String)
     case chatCancel(id: String, stream: String)
     case streamResume(id: String, stream: String, after: Int64)
+    case scheduleCreate(id: String, ScheduleRequest)
+    case scheduleCancel(id: String, schedule: String)
 
     public var id: String {
         switch self {
-        case .chatSend(let id, _, _, _), .chatCancel(let id, _), .streamResume(let id, _, _): id
+        case .chatSend(let id, _, _, _), .chatCancel(let id, _), .streamResume(let id, _, _), .scheduleCreate(let id, _),
+             .scheduleCancel(let id, _): id
         }
     }
 }
@@ -52,13 +59,17 @@ public struct FrameLimits: Sendable, Equatable {
     /// Longest `chat.send` text, in characters.
     public var maxTextLength = 8_000
     public var maxIDLength = 128
+    public var schedule = ScheduleLimits()
 
     public init() {}
 }
 
 extension ClientFrame {
     /// Parses one text message. Every failure is a `FrameError` the socket can answer and survive.
-    public static func parse(_ bytes: some Sequence<UInt8>, limits: FrameLimits = FrameLimits()) throws(FrameError) -> ClientFrame {
+    /// `now` (milliseconds) turns a schedule's `delay_ms` into a time.
+    public static func parse(
+        _ bytes: some Sequence<UInt8>, limits: FrameLimits = FrameLimits(), now: Int64 = Int64(Timestamp.nowMillis())
+    ) throws(FrameError) -> ClientFrame {
         let value: JSONValue
         do {
             value = try JSONValue.parse(bytes)
@@ -95,6 +106,10 @@ extension ClientFrame {
                 guard let after = try reader.int("after") else { throw ValidationError("missing field 'after'") }
                 guard after >= 0 else { throw ValidationError("'after' must be 0 or more") }
                 frame = .streamResume(id: id, stream: stream, after: after)
+            case "schedule.create":
+                frame = .scheduleCreate(id: id, try ScheduleRequest.read(&reader, now: now, limits: limits.schedule))
+            case "schedule.cancel":
+                frame = .scheduleCancel(id: id, schedule: try reader.requiredString("schedule"))
             default:
                 throw ValidationError("unknown frame type '\(type)'")
             }
@@ -120,7 +135,8 @@ public enum ServerFrame {
         ]).serialized()
     }
 
-    public static func streamStart(ref: String?, stream: String, conversation: String, clone: String, model: String) -> [UInt8] {
+    /// `schedule` is set when a scheduled message is being generated.
+    public static func streamStart(ref: String?, stream: String, conversation: String, clone: String, model: String, schedule: String? = nil) -> [UInt8] {
         var pairs: [(String, JSONValue)] = [("type", .string("stream.start"))]
         if let ref { pairs.append(("ref", .string(ref))) }
         pairs += [
@@ -129,7 +145,30 @@ public enum ServerFrame {
             ("clone", .string(clone)),
             ("model", .string(model)),
         ]
+        if let schedule { pairs.append(("schedule", .string(schedule))) }
         return JSONValue.object(pairs).serialized()
+    }
+
+    public static func scheduleOK(ref: String, schedule: Schedule) -> [UInt8] {
+        JSONValue.object([("type", .string("schedule.ok")), ("ref", .string(ref)), ("schedule", schedule.json)]).serialized()
+    }
+
+    public static func scheduleCancelled(ref: String, schedule: Schedule) -> [UInt8] {
+        JSONValue.object([("type", .string("schedule.cancelled")), ("ref", .string(ref)), ("schedule", schedule.json)]).serialized()
+    }
+
+    /// A schedule could not fire (its clone or conversation was deleted, or credits ran out).
+    public static func scheduleFailed(schedule: Schedule) -> [UInt8] {
+        JSONValue.object([("type", .string("schedule.failed")), ("schedule", schedule.json)]).serialized()
+    }
+
+    /// A scheduled message, stored in `conversation`; sent to every open socket of the owner, or
+    /// on their next connect.
+    public static func delivery(schedule: String, conversation: String, message: Message) -> [UInt8] {
+        JSONValue.object([
+            ("type", .string("delivery")), ("schedule", .string(schedule)), ("conversation", .string(conversation)),
+            ("message", message.json),
+        ]).serialized()
     }
 
     /// The hot path: one per generated token, written without building a JSON tree.

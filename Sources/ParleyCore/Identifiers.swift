@@ -59,6 +59,7 @@ public enum IDKind: String, Sendable {
     case message = "msg"
     case stream = "st"
     case connection = "conn"
+    case schedule = "sch"
 }
 
 public enum Timestamp {

@@ -161,12 +161,14 @@ public final class MongoStore: Store {
     // MARK: Conversations
 
     public func createConversation(_ c: Conversation) async throws {
-        try await run { db in
-            try db.insert("conversations", .object([
-                ("_id", .string(c.id)), ("owner", .string(c.owner)), ("clone", .string(c.clone)), ("title", .string(c.title)),
-                ("created_at", .long(c.createdAt)), ("updated_at", .long(c.updatedAt)),
-            ]))
-        }
+        try await run { db in try db.insert("conversations", Self.document(c)) }
+    }
+
+    static func document(_ c: Conversation) -> JSONValue {
+        .object([
+            ("_id", .string(c.id)), ("owner", .string(c.owner)), ("clone", .string(c.clone)), ("title", .string(c.title)),
+            ("created_at", .long(c.createdAt)), ("updated_at", .long(c.updatedAt)),
+        ])
     }
 
     public func conversation(id: String, owner: String) async throws -> Conversation? {
@@ -193,7 +195,12 @@ public final class MongoStore: Store {
     // MARK: Messages
 
     public func appendMessage(_ m: Message) async throws {
-        try await run { db in
+        try await run { db in try Self.append(m, db, orIgnore: false) }
+    }
+
+    /// Inserts a message and moves its conversation's `updated_at`; `orIgnore` keeps an existing
+    /// message with the same id instead of failing.
+    static func append(_ m: Message, _ db: Database, orIgnore: Bool) throws {
             var doc: [(String, JSONValue)] = [
                 ("_id", .string(m.id)), ("conversation", .string(m.conversation)), ("role", .string(m.role.rawValue)),
                 ("text", .string(m.text)), ("created_at", .long(m.createdAt)),
@@ -204,9 +211,19 @@ public final class MongoStore: Store {
                 doc.append(("output_tokens", .long(Int64(usage.outputTokens))))
             }
             if let stream = m.stream { doc.append(("stream", .string(stream))) }
-            try db.insert("messages", .object(doc))
+            do {
+                try db.insert("messages", .object(doc))
+            } catch StoreError.duplicateKey(let key) {
+                guard orIgnore else { throw StoreError.duplicateKey(key) }
+            }
             _ = try db.update("conversations", query: .object([("_id", .string(m.conversation))]),
                               update: .object([("$max", .object([("updated_at", .long(m.createdAt))]))]))
+    }
+
+    public func message(id: String, conversation: String) async throws -> Message? {
+        try await run { db in
+            try db.find("messages", filter: .object([("_id", .string(id)), ("conversation", .string(conversation))]), limit: 1)
+                .first.map(Self.message(from:))
         }
     }
 
@@ -247,6 +264,8 @@ struct Database: Sendable {
         ("messages", "conversation_id", .object([("conversation", .int(1)), ("_id", .int(1))]), false),
         ("ledger", "user_created", .object([("user", .int(1)), ("created_at", .int(-1)), ("_id", .int(-1))]), false),
         ("ledger", "state", .object([("state", .int(1))]), false),
+        ("schedules", "owner_id", .object([("owner", .int(1)), ("_id", .int(1))]), false),
+        ("schedules", "status_id", .object([("status", .int(1)), ("_id", .int(1))]), false),
     ]
 
     func migrate() throws {

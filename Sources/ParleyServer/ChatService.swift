@@ -39,15 +39,8 @@ final class ChatService: Sendable {
     func handle(_ frame: ClientFrame, from connection: ClientConnection) {
         switch frame {
         case let .chatSend(id, clone, conversation, text):
-            let started = requests.withLock { r -> Bool in
-                guard r.accepting else { return false }
-                let key = r.nextKey
-                r.nextKey += 1
-                r.running[key] = Task {
-                    await self.chatSend(ref: id, cloneID: clone, conversationID: conversation, text: text, from: connection)
-                    _ = self.requests.withLock { $0.running.removeValue(forKey: key) }
-                }
-                return true
+            let started = track {
+                await self.chatSend(ref: id, cloneID: clone, conversationID: conversation, text: text, from: connection)
             }
             if !started {
                 connection.send(ServerFrame.error(ref: id, code: .unavailable, message: "the server is shutting down"))
@@ -68,6 +61,23 @@ final class ChatService: Sendable {
             if live.resume(connection, after: after, ack: ack) == .gone {
                 connection.send(ServerFrame.error(ref: id, code: .streamGone, message: "tokens after seq \(after) of stream \(stream) are no longer buffered"))
             }
+        case .scheduleCreate, .scheduleCancel:
+            preconditionFailure("schedule frames are dispatched to ScheduleService")
+        }
+    }
+
+    /// Runs `body` as a request the shutdown waits for; false (and `body` never runs) once the
+    /// server stopped accepting work.
+    func track(_ body: @escaping @Sendable () async -> Void) -> Bool {
+        requests.withLock { r -> Bool in
+            guard r.accepting else { return false }
+            let key = r.nextKey
+            r.nextKey += 1
+            r.running[key] = Task {
+                await body()
+                _ = self.requests.withLock { $0.running.removeValue(forKey: key) }
+            }
+            return true
         }
     }
 
@@ -156,8 +166,10 @@ final class ChatService: Sendable {
             live.start(allocator.buffer(bytes: live.startFrame(ref: ref)))
             hub.register(live)
             if !isAccepting { live.stop(.shutdown) }
+            let store = self.store
             let generation = Task {
-                await self.generate(live, request: request, prompt: prompt, meter: meter, ref: ref, requester: connection)
+                _ = await self.generate(live, request: request, prompt: prompt, meter: meter, ref: ref, requester: connection,
+                                        messageID: self.ids.make(.message)) { try await store.appendMessage($0) }
             }
             live.attach(generation)
             reservedConversation = nil  // `generate` releases it when the stream ends
@@ -173,9 +185,13 @@ final class ChatService: Sendable {
         if let reservedConversation { hub.release(user: user, conversation: reservedConversation) }
     }
 
-    private func generate(
-        _ live: LiveStream, request: CompletionRequest, prompt: AssembledPrompt, meter: CreditMeter, ref: String, requester: ClientConnection
-    ) async {
+    /// Streams one reply to `live`'s subscribers, metered by `meter`, and stores it under
+    /// `messageID` with `persist` (even when stopped part-way). Returns the stored message, nil
+    /// when storing failed. Releases the conversation's reservation when done.
+    func generate(
+        _ live: LiveStream, request: CompletionRequest, prompt: AssembledPrompt, meter: CreditMeter, ref: String?,
+        requester: ClientConnection?, messageID: String, persist: @escaping @Sendable (Message) async throws -> Void
+    ) async -> Message? {
         var text = ""
         var seq: Int64 = 0
         var reported: Usage?
@@ -223,26 +239,27 @@ final class ChatService: Sendable {
         let (cost, balance) = await Task { await meter.settle(usage: usage) }.value
 
         let message = Message(
-            id: ids.make(.message), conversation: live.conversation, role: .assistant, text: text,
+            id: messageID, conversation: live.conversation, role: .assistant, text: text,
             createdAt: Int64(Timestamp.nowMillis()), reason: reason, usage: usage, stream: live.id
         )
-        let store = self.store
-        let stored = await Task { try await store.appendMessage(message) }.result
-        var messageID: String? = message.id
+        let stored = await Task { try await persist(message) }.result
+        var storedID: String? = message.id
         if case .failure(let error) = stored {
             logger.error("storing the reply failed", metadata: ["stream": "\(live.id)", "error": "\(error)"])
-            messageID = nil
+            storedID = nil
         }
         if reason == .error, let failure {
-            live.send(allocator.buffer(bytes: ServerFrame.error(ref: ref, code: .providerError, message: failure)), to: requester)
+            let frame = allocator.buffer(bytes: ServerFrame.error(ref: ref, code: .providerError, message: failure))
+            if let requester { live.send(frame, to: requester) } else { live.broadcast(frame) }
         }
         if outOfCredits {
             live.broadcast(allocator.buffer(bytes: ServerFrame.paywall(stream: live.id, balance: balance, required: await meter.nextTokenCost)))
         }
         live.finish(allocator.buffer(bytes: ServerFrame.streamEnd(
-            stream: live.id, reason: reason, usage: usage, message: messageID, cost: cost, balance: balance)))
+            stream: live.id, reason: reason, usage: usage, message: storedID, cost: cost, balance: balance)))
         hub.ended(live)
         hub.release(user: live.owner, conversation: live.conversation)
+        return storedID == nil ? nil : message
     }
 
     static func title(for text: String) -> String {

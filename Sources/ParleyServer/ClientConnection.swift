@@ -22,6 +22,11 @@ public final class ClientConnection: Sendable {
         channel.writeAndFlush(WebSocketFrame(fin: true, opcode: .text, data: buffer), promise: nil)
     }
 
+    /// Sends one text message; the future succeeds once it was written to the socket.
+    func write(_ buffer: ByteBuffer) -> EventLoopFuture<Void> {
+        channel.writeAndFlush(WebSocketFrame(fin: true, opcode: .text, data: buffer))
+    }
+
     func send(_ bytes: [UInt8]) {
         send(channel.allocator.buffer(bytes: bytes))
     }

@@ -41,6 +41,15 @@ public struct ServerConfiguration: Sendable {
     /// How long a clean shutdown waits for sockets to finish closing.
     public var shutdownGrace: Duration = .seconds(5)
 
+    /// The scheduled-message timer wheel's tick: deadlines are met to within one tick.
+    public var scheduleTickMillis: Int64 = 10
+    /// Scheduled messages generated at once (a backlog after an outage queues behind these).
+    public var maxConcurrentFirings = 32
+    /// How long a schedule whose conversation is busy (a reply streaming) waits before retrying.
+    public var scheduleBusyRetry: Duration = .seconds(1)
+    /// How long a schedule whose firing failed (the store was unreachable) waits before retrying.
+    public var scheduleErrorRetry: Duration = .seconds(30)
+
     public var credits = CreditsConfiguration()
     /// Where metrics go: the process-wide swift-metrics backend unless a test gives its own.
     public var metrics: any MetricsFactory = MetricsSystem.factory

@@ -11,6 +11,8 @@ final class LiveStream: Sendable {
     let conversation: String
     let clone: String
     let model: String
+    /// The schedule whose message this stream generates, if any.
+    let schedule: String?
 
     enum ResumeOutcome: Equatable {
         /// Replayed `count` tokens; `ended` tells whether `stream.end` was replayed too.
@@ -34,8 +36,12 @@ final class LiveStream: Sendable {
     private let capacity: Int
     private let state: Mutex<State>
 
-    init(id: String, owner: String, conversation: String, clone: String, model: String, bufferCapacity: Int, subscribers: [ClientConnection]) {
+    init(
+        id: String, owner: String, conversation: String, clone: String, model: String, schedule: String? = nil, bufferCapacity: Int,
+        subscribers: [ClientConnection]
+    ) {
         self.id = id
+        self.schedule = schedule
         self.model = model
         self.owner = owner
         self.conversation = conversation
@@ -53,7 +59,7 @@ final class LiveStream: Sendable {
 
     /// The `stream.start` frame of this stream, answering request `ref`.
     func startFrame(ref: String?) -> [UInt8] {
-        ServerFrame.streamStart(ref: ref, stream: id, conversation: conversation, clone: clone, model: model)
+        ServerFrame.streamStart(ref: ref, stream: id, conversation: conversation, clone: clone, model: model, schedule: schedule)
     }
 
     /// Sends `stream.start` to every subscriber.

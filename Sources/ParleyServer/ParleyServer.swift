@@ -18,6 +18,7 @@ public final class ParleyServer: Sendable {
     public let store: any Store
     public let authenticator: Authenticator
     let chat: ChatService
+    let schedules: ScheduleService
     let hub: StreamHub
     private let group: MultiThreadedEventLoopGroup
     private let serverChannel: any Channel
@@ -26,8 +27,9 @@ public final class ParleyServer: Sendable {
 
     private init(
         configuration: ServerConfiguration, port: Int, store: any Store, authenticator: Authenticator, chat: ChatService,
-        hub: StreamHub, group: MultiThreadedEventLoopGroup, serverChannel: any Channel, logger: Logger
+        schedules: ScheduleService, hub: StreamHub, group: MultiThreadedEventLoopGroup, serverChannel: any Channel, logger: Logger
     ) {
+        self.schedules = schedules
         self.configuration = configuration
         self.port = port
         self.store = store
@@ -68,16 +70,29 @@ public final class ParleyServer: Sendable {
         if recovered > 0 { logger.notice("recovered ledger entries left pending by a crash", metadata: ["count": "\(recovered)"]) }
         let credits = Credits(store: store, configuration: configuration.credits, logger: logger, metrics: configuration.metrics)
         let chat = ChatService(store: store, credits: credits, provider: provider, hub: hub, configuration: configuration, logger: logger, ids: ids)
-        let api = RESTAPI(store: store, chat: chat, credits: credits, authenticator: authenticator, configuration: configuration, ids: ids, logger: logger)
-
         let group = MultiThreadedEventLoopGroup(numberOfThreads: configuration.eventLoopThreads ?? System.coreCount)
+        // The timer wheel lives on one event loop; firing hands work to tasks, never blocking it.
+        let schedules = ScheduleService(store: store, chat: chat, provider: provider, hub: hub, configuration: configuration,
+                                        logger: logger, ids: ids, loop: group.next())
+        do {
+            try await schedules.start()
+        } catch {
+            await schedules.stopFiring()
+            await schedules.drain()
+            try? await store.close()
+            try? await group.shutdownGracefully()
+            throw error
+        }
+        let api = RESTAPI(store: store, chat: chat, schedules: schedules, credits: credits, authenticator: authenticator,
+                          configuration: configuration, ids: ids, logger: logger)
+
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try Self.configurePipeline(channel, api: api, chat: chat, hub: hub, authenticator: authenticator,
+                    try Self.configurePipeline(channel, api: api, chat: chat, schedules: schedules, hub: hub, authenticator: authenticator,
                                                configuration: configuration, ids: ids, logger: logger)
                 }
             }
@@ -85,6 +100,8 @@ public final class ParleyServer: Sendable {
         do {
             serverChannel = try await bootstrap.bind(host: configuration.host, port: configuration.port).get()
         } catch {
+            await schedules.stopFiring()
+            await schedules.drain()
             try? await store.close()
             try? await group.shutdownGracefully()
             throw ConfigurationError("cannot listen on \(configuration.host):\(configuration.port): \(error)")
@@ -95,7 +112,7 @@ public final class ParleyServer: Sendable {
             logger.notice("LLM provider: simulated (a development and load-test stand-in, not a model)")
         }
         return ParleyServer(
-            configuration: configuration, port: port, store: store, authenticator: authenticator, chat: chat, hub: hub,
+            configuration: configuration, port: port, store: store, authenticator: authenticator, chat: chat, schedules: schedules, hub: hub,
             group: group, serverChannel: serverChannel, logger: logger
         )
     }
@@ -122,7 +139,7 @@ public final class ParleyServer: Sendable {
     }
 
     private static func configurePipeline(
-        _ channel: any Channel, api: RESTAPI, chat: ChatService, hub: StreamHub, authenticator: Authenticator,
+        _ channel: any Channel, api: RESTAPI, chat: ChatService, schedules: ScheduleService, hub: StreamHub, authenticator: Authenticator,
         configuration: ServerConfiguration, ids: IDGenerator, logger: Logger
     ) throws {
         let upgrader = NIOWebSocketServerUpgrader(
@@ -156,7 +173,7 @@ public final class ParleyServer: Sendable {
                             maxAccumulatedFrameCount: 1024,
                             maxAccumulatedFrameSize: configuration.maxMessageBytes
                         ),
-                        WebSocketHandler(connection: connection, chat: chat, hub: hub, limits: configuration.frameLimits),
+                        WebSocketHandler(connection: connection, chat: chat, schedules: schedules, hub: hub, limits: configuration.frameLimits),
                     ])
                 }
             }
@@ -180,7 +197,9 @@ public final class ParleyServer: Sendable {
         guard first else { return }
         logger.info("shutting down", metadata: ["sockets": "\(hub.connectionCount)"])
         try? await serverChannel.close()
-        await chat.shutdown()
+        await schedules.stopFiring()
+        await chat.shutdown()  // also stops the streams of scheduled messages in flight
+        await schedules.drain()
         let closing = hub.allConnections.map { $0.close(code: .goingAway, reason: "server shutting down") }
         if !closing.isEmpty {
             let all = EventLoopFuture.andAllComplete(closing, on: group.any())

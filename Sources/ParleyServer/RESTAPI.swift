@@ -10,6 +10,7 @@ import ParleyStore
 struct RESTAPI: Sendable {
     let store: any Store
     let chat: ChatService
+    let schedules: ScheduleService
     let credits: Credits
     let authenticator: Authenticator
     let configuration: ServerConfiguration
@@ -18,9 +19,13 @@ struct RESTAPI: Sendable {
 
     private var router = Router<Identity>()
 
-    init(store: any Store, chat: ChatService, credits: Credits, authenticator: Authenticator, configuration: ServerConfiguration, ids: IDGenerator, logger: Logger) {
+    init(
+        store: any Store, chat: ChatService, schedules: ScheduleService, credits: Credits, authenticator: Authenticator,
+        configuration: ServerConfiguration, ids: IDGenerator, logger: Logger
+    ) {
         self.store = store
         self.chat = chat
+        self.schedules = schedules
         self.credits = credits
         self.authenticator = authenticator
         self.configuration = configuration
@@ -36,6 +41,10 @@ struct RESTAPI: Sendable {
         router.add(.GET, "/v1/conversations/:id/messages") { [self] request, p, identity in
             try await listMessages(p["id"]!, request, identity)
         }
+        router.add(.POST, "/v1/schedules") { [self] request, _, identity in try await createSchedule(request, identity) }
+        router.add(.GET, "/v1/schedules") { [self] request, _, identity in try await listSchedules(request, identity) }
+        router.add(.GET, "/v1/schedules/:id") { [self] _, p, identity in try await getSchedule(p["id"]!, identity) }
+        router.add(.DELETE, "/v1/schedules/:id") { [self] _, p, identity in try await cancelSchedule(p["id"]!, identity) }
         router.add(.GET, "/v1/credits") { [self] request, _, identity in try await listCredits(request, identity) }
         router.add(.POST, "/v1/admin/credits") { [self] request, _, identity in try await adminGrant(request, identity) }
     }
@@ -126,8 +135,10 @@ struct RESTAPI: Sendable {
 
     private func deleteClone(_ id: String, _ identity: Identity) async throws -> HTTPResponse {
         _ = try await ownedClone(id, identity)
-        // Replies still streaming end (and are stored) before their transcript is deleted.
+        // Replies still streaming end (and are stored) before their transcript is deleted, and
+        // the clone's pending scheduled messages are cancelled.
         await chat.stopStreams(clone: id, owner: identity.user)
+        await schedules.cancelAll(clone: id, owner: identity.user)
         guard try await store.deleteClone(id: id, owner: identity.user) else { throw Self.noClone(id) }
         return HTTPResponse(.noContent)
     }
@@ -182,6 +193,47 @@ struct RESTAPI: Sendable {
             throw APIError(.badRequest, .badRequest, "'limit' must be an integer from 1 to \(maxPageSize)")
         }
         return limit
+    }
+
+    // MARK: Schedules
+
+    /// `POST /v1/schedules`: the fields of the `schedule.create` frame, without `type` and `id`.
+    private func createSchedule(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
+        var reader = try JSONObjectReader(try request.json())
+        let fields = try ScheduleRequest.read(&reader, now: Int64(Timestamp.nowMillis()), limits: configuration.frameLimits.schedule)
+        try reader.rejectUnknown()
+        do {
+            let schedule = try await schedules.create(owner: identity.user, fields)
+            return HTTPResponse(.created, json: schedule.json, headers: ["location": "/v1/schedules/\(schedule.id)"])
+        } catch {
+            throw APIError(error)
+        }
+    }
+
+    private func listSchedules(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
+        let limit = try Self.limit(request)
+        let page = try await store.schedules(owner: identity.user, limit: limit + 1, before: request.query["before"])
+        let items = Array(page.prefix(limit))
+        return HTTPResponse(.ok, json: .object([
+            ("schedules", .array(items.map(\.json))),
+            ("next_before", page.count > limit ? .string(items.last!.id) : .null),
+        ]))
+    }
+
+    private func getSchedule(_ id: String, _ identity: Identity) async throws -> HTTPResponse {
+        guard let schedule = try await store.schedule(id: id, owner: identity.user) else {
+            throw APIError(.notFound, .notFound, "no schedule \(id)")
+        }
+        return HTTPResponse(.ok, json: schedule.json)
+    }
+
+    /// Cancels a pending schedule and answers it (status `cancelled`); 409 once it started firing.
+    private func cancelSchedule(_ id: String, _ identity: Identity) async throws -> HTTPResponse {
+        do {
+            return HTTPResponse(.ok, json: try await schedules.cancel(owner: identity.user, id: id).json)
+        } catch {
+            throw APIError(error)
+        }
     }
 
     // MARK: Credits

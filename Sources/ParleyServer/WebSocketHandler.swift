@@ -11,14 +11,16 @@ final class WebSocketHandler: ChannelInboundHandler {
 
     private let connection: ClientConnection
     private let chat: ChatService
+    private let schedules: ScheduleService
     private let hub: StreamHub
     private let limits: FrameLimits
     private var opened = false
     private var closing = false
 
-    init(connection: ClientConnection, chat: ChatService, hub: StreamHub, limits: FrameLimits) {
+    init(connection: ClientConnection, chat: ChatService, schedules: ScheduleService, hub: StreamHub, limits: FrameLimits) {
         self.connection = connection
         self.chat = chat
+        self.schedules = schedules
         self.hub = hub
         self.limits = limits
     }
@@ -37,6 +39,7 @@ final class WebSocketHandler: ChannelInboundHandler {
         opened = true
         hub.add(connection)
         send(ServerFrame.welcome(user: connection.identity.user), context: context)
+        schedules.connected(connection)  // scheduled messages that fired while no socket was open
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -56,7 +59,10 @@ final class WebSocketHandler: ChannelInboundHandler {
             }
             do {
                 let request = try ClientFrame.parse(payload.readableBytesView, limits: limits)
-                chat.handle(request, from: connection)
+                switch request {
+                case .scheduleCreate, .scheduleCancel: schedules.handle(request, from: connection)
+                default: chat.handle(request, from: connection)
+                }
             } catch {
                 send(ServerFrame.error(error), context: context)
             }

@@ -71,6 +71,25 @@ public final class SQLiteStore: Store {
         );
         CREATE INDEX ledger_by_user ON ledger(user, created_at, id);
         """,
+        // v3: scheduled messages. No foreign key to clones: a schedule outlives its clone as history.
+        """
+        CREATE TABLE schedules (
+            id TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            clone TEXT NOT NULL,
+            conversation TEXT,
+            at INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            body TEXT NOT NULL,
+            status TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL,
+            message TEXT,
+            failure TEXT
+        );
+        CREATE INDEX schedules_by_owner ON schedules(owner, id);
+        CREATE INDEX schedules_by_status ON schedules(status, id);
+        """,
     ]
 
     public static var schemaVersion: Int { migrations.count }
@@ -230,12 +249,14 @@ public final class SQLiteStore: Store {
     private static let conversationColumns = "id, owner, clone, title, created_at, updated_at"
 
     public func createConversation(_ c: Conversation) async throws {
-        try await run { db in
-            try db.query(
-                "INSERT INTO conversations(\(Self.conversationColumns)) VALUES(?, ?, ?, ?, ?, ?)",
-                [.text(c.id), .text(c.owner), .text(c.clone), .text(c.title), .int(c.createdAt), .int(c.updatedAt)]
-            )
-        }
+        try await run { db in try Self.insert(c, into: db, orIgnore: false) }
+    }
+
+    private static func insert(_ c: Conversation, into db: SQLiteConnection, orIgnore: Bool) throws {
+        try db.query(
+            "INSERT INTO conversations(\(Self.conversationColumns)) VALUES(?, ?, ?, ?, ?, ?)" + (orIgnore ? " ON CONFLICT(id) DO NOTHING" : ""),
+            [.text(c.id), .text(c.owner), .text(c.clone), .text(c.title), .int(c.createdAt), .int(c.updatedAt)]
+        )
     }
 
     public func conversation(id: String, owner: String) async throws -> Conversation? {
@@ -267,9 +288,15 @@ public final class SQLiteStore: Store {
 
     public func appendMessage(_ m: Message) async throws {
         try await run { db in
-            try db.transaction {
+            try db.transaction { try Self.insert(m, into: db, orIgnore: false) }
+        }
+    }
+
+    /// Inserts a message and moves its conversation's `updated_at`; `orIgnore` keeps an existing
+    /// message with the same id instead of failing.
+    private static func insert(_ m: Message, into db: SQLiteConnection, orIgnore: Bool) throws {
                 try db.query(
-                    "INSERT INTO messages(\(Self.messageColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO messages(\(Self.messageColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)" + (orIgnore ? " ON CONFLICT(id) DO NOTHING" : ""),
                     [
                         .text(m.id), .text(m.conversation), .text(m.role.rawValue), .text(m.text), .int(m.createdAt),
                         m.reason.map { .text($0.rawValue) } ?? .null,
@@ -282,7 +309,12 @@ public final class SQLiteStore: Store {
                     "UPDATE conversations SET updated_at = max(updated_at, ?) WHERE id = ?",
                     [.int(m.createdAt), .text(m.conversation)]
                 )
-            }
+    }
+
+    public func message(id: String, conversation: String) async throws -> Message? {
+        try await run { db in
+            try db.query("SELECT \(Self.messageColumns) FROM messages WHERE id = ? AND conversation = ?", [.text(id), .text(conversation)])
+                .first.map(Self.message(from:))
         }
     }
 
@@ -374,4 +406,99 @@ public final class SQLiteStore: Store {
 
     /// Applying is one transaction here: nothing is ever left half-applied.
     public func recoverLedger() async throws -> Int { 0 }
+
+    // MARK: Schedules
+
+    private static func optional(_ text: String?) -> SQLValue { text.map(SQLValue.text) ?? .null }
+
+    private static let scheduleColumns = "id, owner, clone, conversation, at, kind, body, status, created_at, updated_at, message, failure"
+
+    public func createSchedule(_ s: Schedule) async throws {
+        let (kind, body): (String, String) = switch s.content {
+        case .prompt(let prompt): ("prompt", prompt)
+        case .text(let text): ("text", text)
+        }
+        try await run { db in
+            try db.query(
+                "INSERT INTO schedules(\(Self.scheduleColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    .text(s.id), .text(s.owner), .text(s.clone), Self.optional(s.conversation), .int(s.at), .text(kind), .text(body),
+                    .text(s.status.rawValue), .int(s.createdAt), .int(s.updatedAt), Self.optional(s.message), Self.optional(s.failure),
+                ]
+            )
+        }
+    }
+
+    public func schedule(id: String, owner: String) async throws -> Schedule? {
+        try await run { db in
+            try db.query("SELECT \(Self.scheduleColumns) FROM schedules WHERE id = ? AND owner = ?", [.text(id), .text(owner)])
+                .first.map(Self.schedule(from:))
+        }
+    }
+
+    public func schedules(owner: String, limit: Int, before: String?) async throws -> [Schedule] {
+        try await run { db in
+            try db.query(
+                "SELECT \(Self.scheduleColumns) FROM schedules WHERE owner = ? AND (? IS NULL OR id < ?) ORDER BY id DESC LIMIT ?",
+                [.text(owner), before.map(SQLValue.text) ?? .null, before.map(SQLValue.text) ?? .null, .int(Int64(limit))]
+            ).map(Self.schedule(from:))
+        }
+    }
+
+    public func schedules(statuses: [Schedule.Status], owner: String?, limit: Int, after: String?) async throws -> [Schedule] {
+        guard !statuses.isEmpty else { return [] }
+        return try await run { db in
+            let marks = Array(repeating: "?", count: statuses.count).joined(separator: ", ")
+            return try db.query(
+                "SELECT \(Self.scheduleColumns) FROM schedules WHERE status IN (\(marks)) AND (? IS NULL OR owner = ?) AND (? IS NULL OR id > ?) ORDER BY id LIMIT ?",
+                statuses.map { .text($0.rawValue) } + [
+                    owner.map(SQLValue.text) ?? .null, owner.map(SQLValue.text) ?? .null,
+                    after.map(SQLValue.text) ?? .null, after.map(SQLValue.text) ?? .null, .int(Int64(limit)),
+                ]
+            ).map(Self.schedule(from:))
+        }
+    }
+
+    public func transitionSchedule(id: String, from: Schedule.Status, to change: ScheduleChange) async throws -> Schedule? {
+        try await run { db in try db.transaction { try Self.transition(db, id: id, from: from, change) } }
+    }
+
+    private static func transition(_ db: SQLiteConnection, id: String, from: Schedule.Status, _ change: ScheduleChange) throws -> Schedule? {
+        try db.query(
+            """
+            UPDATE schedules SET status = ?, updated_at = ?, conversation = coalesce(?, conversation),
+                message = coalesce(?, message), failure = coalesce(?, failure)
+            WHERE id = ? AND status = ?
+            """,
+            [
+                .text(change.status.rawValue), .int(change.updatedAt), Self.optional(change.conversation), Self.optional(change.message),
+                Self.optional(change.failure), .text(id), .text(from.rawValue),
+            ]
+        )
+        guard db.changes > 0 else { return nil }
+        return try db.query("SELECT \(Self.scheduleColumns) FROM schedules WHERE id = ?", [.text(id)]).first.map(Self.schedule(from:))
+    }
+
+    public func completeSchedule(id: String, message: Message, newConversation: Conversation?, now: Int64) async throws -> Schedule? {
+        try await run { db in
+            try db.transaction {
+                guard try db.query("SELECT status FROM schedules WHERE id = ?", [.text(id)]).first?.first?.text == Schedule.Status.firing.rawValue else {
+                    return nil
+                }
+                if let newConversation { try Self.insert(newConversation, into: db, orIgnore: true) }
+                try Self.insert(message, into: db, orIgnore: true)
+                return try Self.transition(db, id: id, from: .firing,
+                                           ScheduleChange(status: .fired, updatedAt: now, conversation: message.conversation, message: message.id))
+            }
+        }
+    }
+
+    private static func schedule(from r: [SQLValue]) -> Schedule {
+        let body = r[6].text ?? ""
+        return Schedule(
+            id: r[0].text ?? "", owner: r[1].text ?? "", clone: r[2].text ?? "", conversation: r[3].text, at: r[4].int ?? 0,
+            content: r[5].text == "prompt" ? .prompt(body) : .text(body), status: Schedule.Status(rawValue: r[7].text ?? "") ?? .failed,
+            createdAt: r[8].int ?? 0, updatedAt: r[9].int ?? 0, message: r[10].text, failure: r[11].text
+        )
+    }
 }

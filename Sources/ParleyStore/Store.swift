@@ -49,8 +49,45 @@ public protocol Store: Sendable {
     /// transaction). Called at start-up, before serving. Returns how many it settled.
     func recoverLedger() async throws -> Int
 
+    // MARK: Schedules
+
+    func createSchedule(_ schedule: Schedule) async throws
+    func schedule(id: String, owner: String) async throws -> Schedule?
+    /// The owner's schedules, newest first, `limit` at most, older than `before` when given.
+    func schedules(owner: String, limit: Int, before: String?) async throws -> [Schedule]
+    /// Schedules in one of `statuses` (of `owner` when given), oldest first, `limit` at most,
+    /// created after `after` when given: start-up loading and the undelivered inbox.
+    func schedules(statuses: [Schedule.Status], owner: String?, limit: Int, after: String?) async throws -> [Schedule]
+    /// Atomically moves a schedule that is in status `from` to `change`; nil (and no change)
+    /// when it was not in `from`. This compare-and-set is what makes a schedule fire once.
+    func transitionSchedule(id: String, from: Schedule.Status, to change: ScheduleChange) async throws -> Schedule?
+    /// Stores the message of a `firing` schedule (and its conversation when `newConversation`)
+    /// and marks it `fired`. In one transaction where the backend has them; idempotent always: a
+    /// message or conversation already stored under its id (by an attempt a crash interrupted) is
+    /// kept. Returns the fired schedule, nil when it was not firing.
+    func completeSchedule(id: String, message: Message, newConversation: Conversation?, now: Int64) async throws -> Schedule?
+    /// One message of a conversation, nil when absent.
+    func message(id: String, conversation: String) async throws -> Message?
+
     /// Flushes and releases resources. Calls after `close` fail with `StoreError.closed`.
     func close() async throws
+}
+
+/// The new state of a schedule; nil fields keep their stored value.
+public struct ScheduleChange: Sendable, Equatable {
+    public var status: Schedule.Status
+    public var updatedAt: Int64
+    public var conversation: String?
+    public var message: String?
+    public var failure: String?
+
+    public init(status: Schedule.Status, updatedAt: Int64, conversation: String? = nil, message: String? = nil, failure: String? = nil) {
+        self.status = status
+        self.updatedAt = updatedAt
+        self.conversation = conversation
+        self.message = message
+        self.failure = failure
+    }
 }
 
 public enum StoreError: Error, Equatable, Sendable, CustomStringConvertible {

@@ -7,6 +7,7 @@ import ParleyServer
 public final class TestServer: Sendable {
     public let server: ParleyServer
     public let dataDirectory: String
+    public let configuration: ServerConfiguration
 
     public var port: Int { server.port }
 
@@ -29,15 +30,29 @@ public final class TestServer: Sendable {
         configuration.credits.startingGrant = 1_000_000
         if store == .mongodb { configuration.storeURI = MongoFixture.uri() }
         configure(&configuration)
+        return try await start(configuration)
+    }
+
+    private static func start(_ configuration: ServerConfiguration) async throws -> TestServer {
         var logger = Logger(label: "parley-test")
         logger.logLevel = .warning
         let server = try await ParleyServer.start(configuration: configuration, logger: logger)
-        return TestServer(server: server, dataDirectory: configuration.dataDirectory)
+        return TestServer(server: server, configuration: configuration)
     }
 
-    private init(server: ParleyServer, dataDirectory: String) {
+    private init(server: ParleyServer, configuration: ServerConfiguration) {
         self.server = server
-        self.dataDirectory = dataDirectory
+        self.configuration = configuration
+        self.dataDirectory = configuration.dataDirectory
+    }
+
+    /// Shuts this server down cleanly and starts a new one on the same data (same data
+    /// directory, same MongoDB database), as an operator's restart would.
+    public func restarted(_ reconfigure: (inout ServerConfiguration) -> Void = { _ in }) async throws -> TestServer {
+        await server.shutdown()
+        var configuration = self.configuration
+        reconfigure(&configuration)
+        return try await Self.start(configuration)
     }
 
     public func token(_ user: String, role: String? = nil, ttl: Duration = .seconds(600)) async throws -> String {

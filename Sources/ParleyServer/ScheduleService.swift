@@ -1,0 +1,427 @@
+import CoreMetrics
+import Logging
+import NIOCore
+import ParleyCore
+import ParleyLLM
+import ParleyStore
+import Synchronization
+
+/// Scheduled messages: creation and cancellation (protocol and REST), firing from the timer
+/// wheel, and delivery to the owner's sockets or, when none is open, on their next connect.
+///
+/// What holds at each step of a firing (see `Schedule` for the statuses):
+/// 1. `pending → firing` is a compare-and-set in the store that also fixes the message id (and
+///    so the stream's ledger ids): only one firing can ever win, and a cancel after it fails.
+/// 2. The message is generated and stored under that id, and the schedule moves to `fired`, in
+///    one transaction (SQLite) or in idempotent steps ending with a compare-and-set (MongoDB).
+///    A crash before that leaves it `firing`; the next start fires it again: an already stored
+///    message is reused as is, otherwise it is generated again and its ledger ids, already
+///    applied, are not charged twice. So the message is stored exactly once and never lost.
+/// 3. `delivery` goes to every open socket; once one write succeeded the schedule moves to
+///    `delivered`. A crash between the write and that update sends it again on the next
+///    connect: delivery is at least once, and clients drop a repeat by its `schedule` id.
+final class ScheduleService: Sendable {
+    let store: any Store
+    let chat: ChatService
+    let provider: any LLMProvider
+    let hub: StreamHub
+    let configuration: ServerConfiguration
+    let logger: Logger
+    let ids: IDGenerator
+    let timer: ScheduleTimer
+    private let allocator = ByteBufferAllocator()
+    private var limits: ScheduleLimits { configuration.frameLimits.schedule }
+
+    private struct State {
+        /// Pending schedules per owner (id → clone): the quota, and what a clone deletion cancels.
+        var pending: [String: [String: String]] = [:]
+        /// Schedules whose delivery is being written, so a connect and a firing never both send it.
+        var delivering: Set<String> = []
+        var consumer: Task<Void, Never>?
+        var stopping = false
+    }
+
+    private let state = Mutex(State())
+
+    init(
+        store: any Store, chat: ChatService, provider: any LLMProvider, hub: StreamHub, configuration: ServerConfiguration,
+        logger: Logger, ids: IDGenerator, loop: any EventLoop
+    ) {
+        self.store = store
+        self.chat = chat
+        self.provider = provider
+        self.hub = hub
+        self.configuration = configuration
+        self.logger = logger
+        self.ids = ids
+        self.timer = ScheduleTimer(loop: loop, tickMillis: configuration.scheduleTickMillis, metrics: configuration.metrics)
+    }
+
+    // MARK: Start and stop
+
+    /// Loads every pending (and interrupted) schedule into the wheel, oldest deadline first, and
+    /// starts firing. Those whose time passed while the server was down fire at once, in order.
+    func start() async throws {
+        var live: [Schedule] = []
+        var after: String?
+        while true {
+            let page = try await store.schedules(statuses: [.pending, .firing], owner: nil, limit: 1_000, after: after)
+            live += page
+            guard page.count == 1_000 else { break }
+            after = page.last?.id
+        }
+        live.sort { ($0.at, $0.id) < ($1.at, $1.id) }
+        state.withLock { s in
+            for schedule in live where schedule.status == .pending {
+                s.pending[schedule.owner, default: [:]][schedule.id] = schedule.clone
+            }
+        }
+        timer.add(live.map { ScheduleTimer.Entry(id: $0.id, owner: $0.owner, at: $0.at) })
+        if !live.isEmpty { logger.info("loaded schedules", metadata: ["count": "\(live.count)"]) }
+        let consumer = Task { await self.consume() }
+        state.withLock { $0.consumer = consumer }
+    }
+
+    /// Stops firing: timers that come due from now on stay pending in the store for the next start.
+    func stopFiring() async {
+        state.withLock { $0.stopping = true }
+        await timer.stop()
+    }
+
+    /// Waits for the firings in flight (their streams are stopped by `ChatService.shutdown`).
+    func drain() async {
+        let consumer = state.withLock { $0.consumer }
+        await consumer?.value
+    }
+
+    /// Fires timers as they come, at most `maxConcurrentFirings` at once (a backlog after a long
+    /// outage must not start thousands of generations together).
+    private func consume() async {
+        await withTaskGroup(of: Void.self) { group in
+            var running = 0
+            for await entry in timer.fired {
+                if state.withLock({ $0.stopping }) { continue }
+                if running >= configuration.maxConcurrentFirings {
+                    await group.next()
+                    running -= 1
+                }
+                running += 1
+                // Message ids sort by time and order the transcript, so they are taken here, in
+                // firing order, not in whatever order the concurrent firings reach their claim.
+                let messageID = ids.make(.message)
+                group.addTask { await self.fire(entry, messageID: messageID) }
+            }
+        }
+    }
+
+    // MARK: Create, list, cancel
+
+    /// Validates and stores a new schedule for `owner` and arms its timer.
+    func create(owner: String, _ request: ScheduleRequest) async throws(FrameError) -> Schedule {
+        do {
+            guard try await store.clone(id: request.clone, owner: owner) != nil else {
+                throw FrameError(ref: nil, code: .notFound, message: "no clone \(request.clone)")
+            }
+            if let conversationID = request.conversation {
+                guard let conversation = try await store.conversation(id: conversationID, owner: owner) else {
+                    throw FrameError(ref: nil, code: .notFound, message: "no conversation \(conversationID)")
+                }
+                guard conversation.clone == request.clone else {
+                    throw FrameError(ref: nil, code: .badRequest, message: "conversation \(conversationID) is with another clone")
+                }
+            }
+        } catch let error as FrameError {
+            throw error
+        } catch {
+            throw internalError(error)
+        }
+        let now = Int64(Timestamp.nowMillis())
+        let schedule = Schedule(id: ids.make(.schedule), owner: owner, clone: request.clone, conversation: request.conversation,
+                                at: request.at, content: request.content, status: .pending, createdAt: now, updatedAt: now)
+        // The quota is taken before the write, so concurrent creates cannot overshoot it.
+        let admitted = state.withLock { s -> Bool in
+            guard s.pending[owner, default: [:]].count < limits.maxPendingPerUser else { return false }
+            s.pending[owner, default: [:]][schedule.id] = schedule.clone
+            return true
+        }
+        guard admitted else {
+            throw FrameError(ref: nil, code: .limitExceeded,
+                             message: "at most \(limits.maxPendingPerUser) schedules may be pending; cancel one or wait for one to fire")
+        }
+        do {
+            try await store.createSchedule(schedule)
+        } catch {
+            releaseQuota(schedule)
+            throw internalError(error)
+        }
+        timer.add(ScheduleTimer.Entry(id: schedule.id, owner: owner, at: schedule.at))
+        return schedule
+    }
+
+    /// Cancels a pending schedule; `conflict` once it started firing.
+    func cancel(owner: String, id: String) async throws(FrameError) -> Schedule {
+        do {
+            let change = ScheduleChange(status: .cancelled, updatedAt: Int64(Timestamp.nowMillis()))
+            if let cancelled = try await store.transitionSchedule(id: id, from: .pending, to: change), cancelled.owner == owner {
+                timer.cancel(id: id)
+                releaseQuota(cancelled)
+                return cancelled
+            }
+            guard let existing = try await store.schedule(id: id, owner: owner) else {
+                throw FrameError(ref: nil, code: .notFound, message: "no schedule \(id)")
+            }
+            throw FrameError(ref: nil, code: .conflict, message: "schedule \(id) is \(existing.status.rawValue) and can no longer be cancelled")
+        } catch let error as FrameError {
+            throw error
+        } catch {
+            throw internalError(error)
+        }
+    }
+
+    /// Cancels the owner's pending schedules of a clone that is being deleted.
+    func cancelAll(clone: String, owner: String) async {
+        let victims = state.withLock { s in (s.pending[owner] ?? [:]).filter { $0.value == clone }.map(\.key) }
+        for id in victims { _ = try? await cancel(owner: owner, id: id) }
+    }
+
+    private func releaseQuota(_ schedule: Schedule) {
+        state.withLock { s in
+            s.pending[schedule.owner]?.removeValue(forKey: schedule.id)
+            if s.pending[schedule.owner]?.isEmpty == true { s.pending.removeValue(forKey: schedule.owner) }
+        }
+    }
+
+    private func internalError(_ error: any Error) -> FrameError {
+        logger.error("schedule request failed", metadata: ["error": "\(error)"])
+        return FrameError(ref: nil, code: .internal, message: "the request failed; try again")
+    }
+
+    // MARK: Protocol
+
+    func handle(_ frame: ClientFrame, from connection: ClientConnection) {
+        let started = chat.track {
+            let owner = connection.identity.user
+            do {
+                switch frame {
+                case let .scheduleCreate(id, request):
+                    let schedule = try await self.create(owner: owner, request)
+                    connection.send(ServerFrame.scheduleOK(ref: id, schedule: schedule))
+                case let .scheduleCancel(id, scheduleID):
+                    let schedule = try await self.cancel(owner: owner, id: scheduleID)
+                    connection.send(ServerFrame.scheduleCancelled(ref: id, schedule: schedule))
+                default:
+                    preconditionFailure("not a schedule frame")
+                }
+            } catch var error as FrameError {
+                error.ref = frame.id
+                connection.send(ServerFrame.error(error))
+            } catch {
+                connection.send(ServerFrame.error(ref: frame.id, code: .internal, message: "the request failed; try again"))
+            }
+        }
+        if !started {
+            connection.send(ServerFrame.error(ref: frame.id, code: .unavailable, message: "the server is shutting down"))
+        }
+    }
+
+    // MARK: Firing
+
+    private func fire(_ entry: ScheduleTimer.Entry, messageID: String) async {
+        do {
+            guard let schedule = try await store.schedule(id: entry.id, owner: entry.owner) else { return }
+            switch schedule.status {
+            case .pending: try await claimAndProduce(schedule, messageID: messageID)
+            case .firing: try await resume(schedule)
+            default: releaseQuota(schedule)  // cancelled or done meanwhile
+            }
+        } catch {
+            // The schedule stays as stored (pending or firing); try again a little later (and at
+            // the next start in any case).
+            logger.error("firing a schedule failed; retrying", metadata: ["schedule": "\(entry.id)", "error": "\(error)"])
+            timer.add(ScheduleTimer.Entry(id: entry.id, owner: entry.owner, at: Self.millis(after: configuration.scheduleErrorRetry)))
+        }
+    }
+
+    private func claimAndProduce(_ schedule: Schedule, messageID: String) async throws {
+        guard let clone = try await store.clone(id: schedule.clone, owner: schedule.owner) else {
+            releaseQuota(schedule)
+            return try await fail(schedule, from: .pending, "the clone \(schedule.clone) was deleted")
+        }
+        let newConversation = schedule.conversation == nil
+        let conversationID = schedule.conversation ?? Self.conversationID(forMessage: messageID)
+        if !newConversation, try await store.conversation(id: conversationID, owner: schedule.owner) == nil {
+            releaseQuota(schedule)
+            return try await fail(schedule, from: .pending, "the conversation \(conversationID) was deleted")
+        }
+        guard reserve(schedule, conversation: conversationID) else { return }
+        let change = ScheduleChange(status: .firing, updatedAt: Int64(Timestamp.nowMillis()), conversation: conversationID, message: messageID)
+        guard let claimed = try await store.transitionSchedule(id: schedule.id, from: .pending, to: change) else {
+            hub.release(user: schedule.owner, conversation: conversationID)
+            releaseQuota(schedule)
+            return  // cancelled just now
+        }
+        releaseQuota(schedule)
+        try await produce(claimed, clone: clone, newConversation: newConversation)
+    }
+
+    /// A firing a crash interrupted: reuse the stored message if it got that far, else produce it again.
+    private func resume(_ schedule: Schedule) async throws {
+        guard let messageID = schedule.message, let conversationID = schedule.conversation else {
+            return try await fail(schedule, from: .firing, "the schedule's record is incomplete")
+        }
+        let newConversation = conversationID == Self.conversationID(forMessage: messageID)
+        if let stored = try await store.message(id: messageID, conversation: conversationID) {
+            let fired = try await store.completeSchedule(id: schedule.id, message: stored, newConversation: nil, now: Int64(Timestamp.nowMillis()))
+            if let fired { await deliver(fired, stored) }
+            return
+        }
+        guard let clone = try await store.clone(id: schedule.clone, owner: schedule.owner) else {
+            return try await fail(schedule, from: .firing, "the clone \(schedule.clone) was deleted")
+        }
+        guard reserve(schedule, conversation: conversationID) else { return }
+        try await produce(schedule, clone: clone, newConversation: newConversation)
+    }
+
+    /// Claims the conversation for one stream; when it is busy (the owner is chatting in it),
+    /// the timer is re-armed to try again shortly.
+    private func reserve(_ schedule: Schedule, conversation: String) -> Bool {
+        if hub.reserve(user: schedule.owner, conversation: conversation) == .reserved { return true }
+        timer.add(ScheduleTimer.Entry(id: schedule.id, owner: schedule.owner, at: Self.millis(after: configuration.scheduleBusyRetry)))
+        return false
+    }
+
+    /// Generates or writes the message of a claimed (`firing`) schedule, stores it and delivers it.
+    /// The conversation is reserved by the caller and released here.
+    private func produce(_ schedule: Schedule, clone: Clone, newConversation: Bool) async throws {
+        let messageID = schedule.message!
+        let conversationID = schedule.conversation!
+        let now = Int64(Timestamp.nowMillis())
+        let conversation = newConversation
+            ? Conversation(id: conversationID, owner: schedule.owner, clone: clone.id, title: Self.title(schedule, clone: clone),
+                           createdAt: now, updatedAt: now)
+            : nil
+        let store = self.store
+        switch schedule.content {
+        case .text(let text):
+            defer { hub.release(user: schedule.owner, conversation: conversationID) }
+            let message = Message(id: messageID, conversation: conversationID, role: .assistant, text: text, createdAt: now)
+            if let fired = try await store.completeSchedule(id: schedule.id, message: message, newConversation: conversation, now: now) {
+                await deliver(fired, message)
+            }
+        case .prompt(let instruction):
+            let history = newConversation ? [] : try await store.messages(conversation: conversationID, limit: configuration.historyMessages - 1, before: nil)
+            // The instruction is part of the prompt only; the transcript shows the clone's message alone.
+            let cue = Message(id: messageID, conversation: conversationID, role: .user,
+                              text: "(Scheduled message: write to the user now, unprompted, about: \(instruction))", createdAt: now)
+            let prompt = PromptAssembler(contextBudget: configuration.contextBudgetTokens).assemble(clone: clone, history: history + [cue])
+            let request = CompletionRequest(messages: prompt.messages, speaker: clone.name, maxOutputTokens: configuration.maxOutputTokens)
+            let model = provider.modelName(for: request)
+            let streamID = schedule.streamID!
+            let meter = chat.credits.meter(user: schedule.owner, stream: streamID, conversation: conversationID, model: model, feature: .scheduled)
+            do {
+                try await meter.begin(inputTokens: prompt.estimatedTokens)
+            } catch let refusal as CreditMeter.Refusal {
+                hub.release(user: schedule.owner, conversation: conversationID)
+                return try await fail(schedule, from: .firing,
+                                      "insufficient_credits: the message needs \(refusal.required) credits; the balance was \(refusal.balance)")
+            } catch {
+                hub.release(user: schedule.owner, conversation: conversationID)
+                throw error
+            }
+            let live = LiveStream(id: streamID, owner: schedule.owner, conversation: conversationID, clone: clone.id, model: model,
+                                  schedule: schedule.id, bufferCapacity: configuration.resumeBufferTokens,
+                                  subscribers: hub.connections(of: schedule.owner))
+            live.start(allocator.buffer(bytes: live.startFrame(ref: nil)))
+            hub.register(live)
+            if !chat.isAccepting { live.stop(.shutdown) }
+            let fired = Mutex<(Schedule, Message)?>(nil)
+            let generation = Task {
+                _ = await self.chat.generate(live, request: request, prompt: prompt, meter: meter, ref: nil, requester: nil, messageID: messageID) { message in
+                    if let done = try await store.completeSchedule(id: schedule.id, message: message, newConversation: conversation, now: message.createdAt) {
+                        fired.withLock { $0 = (done, message) }
+                    }
+                }
+            }
+            live.attach(generation)
+            await generation.value
+            if let (done, message) = fired.withLock({ $0 }) {
+                await deliver(done, message)
+            }
+        }
+    }
+
+    private func fail(_ schedule: Schedule, from: Schedule.Status, _ reason: String) async throws {
+        let change = ScheduleChange(status: .failed, updatedAt: Int64(Timestamp.nowMillis()), failure: reason)
+        guard let failed = try await store.transitionSchedule(id: schedule.id, from: from, to: change) else { return }
+        logger.notice("schedule failed", metadata: ["schedule": "\(schedule.id)", "reason": "\(reason)"])
+        let frame = allocator.buffer(bytes: ServerFrame.scheduleFailed(schedule: failed))
+        for connection in hub.connections(of: schedule.owner) { connection.send(frame) }
+    }
+
+    // MARK: Delivery
+
+    /// Sends a fired schedule's message to every open socket of its owner and records it
+    /// delivered once a write succeeded. With no socket open it waits in the inbox.
+    private func deliver(_ schedule: Schedule, _ message: Message) async {
+        await deliver(schedule, message, to: hub.connections(of: schedule.owner))
+    }
+
+    private func deliver(_ schedule: Schedule, _ message: Message, to connections: [ClientConnection]) async {
+        guard !connections.isEmpty, state.withLock({ $0.delivering.insert(schedule.id).inserted }) else { return }
+        defer { _ = state.withLock { $0.delivering.remove(schedule.id) } }
+        let frame = allocator.buffer(bytes: ServerFrame.delivery(schedule: schedule.id, conversation: message.conversation, message: message))
+        var written = false
+        for connection in connections {
+            if (try? await connection.write(frame).get()) != nil { written = true }
+        }
+        guard written else { return }
+        do {
+            _ = try await store.transitionSchedule(id: schedule.id, from: .fired,
+                                                   to: ScheduleChange(status: .delivered, updatedAt: Int64(Timestamp.nowMillis())))
+        } catch {
+            logger.error("recording a delivery failed; it will be sent again", metadata: ["schedule": "\(schedule.id)", "error": "\(error)"])
+        }
+    }
+
+    /// A socket opened: send it the owner's undelivered messages, oldest first.
+    func connected(_ connection: ClientConnection) {
+        _ = chat.track {
+            let owner = connection.identity.user
+            var after: String?
+            do {
+                while true {
+                    let page = try await self.store.schedules(statuses: [.fired], owner: owner, limit: 100, after: after)
+                    for schedule in page.sorted(by: { ($0.at, $0.id) < ($1.at, $1.id) }) {
+                        guard let id = schedule.message, let conversation = schedule.conversation,
+                              let message = try await self.store.message(id: id, conversation: conversation) else { continue }
+                        await self.deliver(schedule, message, to: [connection])
+                    }
+                    guard page.count == 100 else { break }
+                    after = page.last?.id
+                }
+            } catch {
+                self.logger.error("sending undelivered messages failed", metadata: ["user": "\(owner)", "error": "\(error)"])
+            }
+        }
+    }
+
+    // MARK: Helpers
+
+    static func millis(after delay: Duration) -> Int64 {
+        let (seconds, attoseconds) = delay.components
+        return Int64(Timestamp.nowMillis()) + seconds * 1000 + attoseconds / 1_000_000_000_000_000
+    }
+
+    /// The id of the conversation a schedule without one creates: derived from its message id,
+    /// so a retried firing creates the same one.
+    static func conversationID(forMessage message: String) -> String {
+        "cv_" + message.dropFirst("msg_".count)
+    }
+
+    static func title(_ schedule: Schedule, clone: Clone) -> String {
+        switch schedule.content {
+        case .prompt(let prompt): ChatService.title(for: prompt)
+        case .text: "Message from \(clone.name)"
+        }
+    }
+}
