@@ -3,14 +3,20 @@ import json
 import pathlib
 
 from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
 
 SCHEMAS = pathlib.Path(__file__).resolve().parents[2] / "protocol" / "schemas"
+
+# Schemas refer to each other by relative `$ref` (a delivery holds a rest/message); resolve them
+# from the files, never from the network.
+_ALL = [json.loads(p.read_text()) for p in sorted(SCHEMAS.rglob("*.schema.json"))]
+_REGISTRY = Registry().with_resources((s["$id"], Resource.from_contents(s)) for s in _ALL)
 
 
 def _load(path):
     schema = json.loads(path.read_text())
     Draft202012Validator.check_schema(schema)
-    return Draft202012Validator(schema)
+    return Draft202012Validator(schema, registry=_REGISTRY)
 
 
 FRAMES = {p.name.removesuffix(".schema.json"): _load(p) for p in SCHEMAS.glob("*.schema.json")}
