@@ -11,6 +11,7 @@ let package = Package(
     products: [
         .executable(name: "parley", targets: ["parley"]),
         .executable(name: "parley-load", targets: ["parley-load"]),
+        .executable(name: "parley-bench-timers", targets: ["parley-bench-timers"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -19,6 +20,8 @@ let package = Package(
         .package(url: "https://github.com/vapor/jwt-kit.git", from: "5.7.1"),
         .package(url: "https://github.com/apple/swift-crypto.git", "4.0.0"..<"5.0.0"),
         .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
+        // Only for the timer benchmark's binary-heap baseline.
+        .package(url: "https://github.com/apple/swift-collections.git", from: "1.6.0"),
     ],
     targets: [
         // System SQLite (Debian libsqlite3-dev): the only C surface of the embedded store.
@@ -85,6 +88,13 @@ let package = Package(
         .executableTarget(
             name: "parley-load",
             path: "loadtest/Sources/parley-load",
+            swiftSettings: strict
+        ),
+        // Timer wheel vs binary heap with 1M pending timers (BENCHMARKS.md).
+        .executableTarget(
+            name: "parley-bench-timers",
+            dependencies: ["ParleyCore", .product(name: "HeapModule", package: "swift-collections")],
+            path: "loadtest/Sources/parley-bench-timers",
             swiftSettings: strict
         ),
         // Test helpers shared by the test targets (a small NIO WebSocket client, server fixtures).

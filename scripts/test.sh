@@ -7,4 +7,7 @@ scripts/setup.sh --test
 swift build --build-tests
 swift test --skip-build
 swift build --product parley
+# The timer benchmark's own checks (every timer fires on its tick, none early), at toy size.
+swift build --product parley-bench-timers
+.build/debug/parley-bench-timers --timers 20000 --realtime-ms 200 --realtime-timers 2000
 python3 -m pytest -q Tests/interop

@@ -13,59 +13,83 @@
 /// timers fired by one call come out ordered by deadline, then by scheduling order. A deadline
 /// already passed fires in the next `advance`.
 public struct TimerWheel<Payload> {
-    static var slotBits: Int { 6 }
-    static var slotsPerLevel: Int { 64 }
-    public static var levels: Int { 6 }
+    @inlinable static var slotBits: Int { 6 }
+    @inlinable static var slotsPerLevel: Int { 64 }
+    @inlinable public static var levels: Int { 6 }
     /// Ticks covered by all the levels.
-    static var span: UInt64 { 1 << 36 }
+    @inlinable static var span: UInt64 { 1 << 36 }
     /// Deadlines at least this far ahead go to the overflow list. One top-level slot short of the
     /// span, so a top-level slot never holds timers from two laps of the wheel.
-    static var reach: UInt64 { span - (1 << 30) }
-    private static var overflowBucket: UInt16 { UInt16(levels * slotsPerLevel) }
-    private static var freeBucket: UInt16 { .max }
+    @inlinable static var reach: UInt64 { span - (1 << 30) }
+    @inlinable static var overflowBucket: UInt16 { UInt16(levels * slotsPerLevel) }
+    @inlinable static var freeBucket: UInt16 { .max }
 
-    private struct Entry {
-        var deadline: UInt64
-        var sequence: UInt64
-        var prev: Int32
-        var next: Int32
-        var generation: UInt32
+    @usableFromInline
+    struct Entry: Sendable {
+        @usableFromInline var deadline: UInt64
+        @usableFromInline var sequence: UInt64
+        @usableFromInline var prev: Int32
+        @usableFromInline var next: Int32
+        @usableFromInline var generation: UInt32
         /// Level * 64 + slot, `overflowBucket`, or `freeBucket`.
-        var bucket: UInt16
+        @usableFromInline var bucket: UInt16
+
+        @inlinable
+        init(deadline: UInt64, sequence: UInt64, prev: Int32, next: Int32, generation: UInt32, bucket: UInt16) {
+            self.deadline = deadline
+            self.sequence = sequence
+            self.prev = prev
+            self.next = next
+            self.generation = generation
+            self.bucket = bucket
+        }
     }
 
-    private var entries: [Entry] = []
-    private var payloads: [Payload?] = []
-    private var freeHead: Int32 = -1
-    private var heads: [Int32]
-    private var occupied: [UInt64]
-    private var overflowHead: Int32 = -1
+    @usableFromInline var entries: [Entry] = []
+    @usableFromInline var payloads: [Payload?] = []
+    @usableFromInline var freeHead: Int32 = -1
+    @usableFromInline var heads: [Int32]
+    @usableFromInline var occupied: [UInt64]
+    @usableFromInline var overflowHead: Int32 = -1
     /// The earliest tick at which an overflow timer comes within reach; stale-early is harmless.
-    private var overflowCheck: UInt64 = .max
-    private var nextSequence: UInt64 = 0
+    @usableFromInline var overflowCheck: UInt64 = .max
+    @usableFromInline var nextSequence: UInt64 = 0
 
+    @usableFromInline var _now: UInt64
     /// The tick the wheel has advanced to.
-    public private(set) var now: UInt64
-    /// Pending timers.
-    public private(set) var count = 0
+    @inlinable public var now: UInt64 { _now }
 
+    /// Pending timers.
+    @usableFromInline var _count = 0
+    @inlinable public var count: Int { _count }
+
+    @inlinable
     public init(now: UInt64 = 0) {
-        self.now = now
+        self._now = now
         heads = Array(repeating: -1, count: Self.levels * Self.slotsPerLevel)
         occupied = Array(repeating: 0, count: Self.levels)
     }
 
     /// Reserves room for `capacity` pending timers, so scheduling them does not reallocate.
+    @inlinable
     public mutating func reserveCapacity(_ capacity: Int) {
         entries.reserveCapacity(capacity)
         payloads.reserveCapacity(capacity)
     }
 
-    public var isEmpty: Bool { count == 0 }
+    @inlinable public var isEmpty: Bool { count == 0 }
+
+    /// Bytes of storage the wheel holds (array capacities, not counting the payloads' own
+    /// heap allocations): for capacity planning and the benchmark.
+    public var storageBytes: Int {
+        entries.capacity * MemoryLayout<Entry>.stride + payloads.capacity * MemoryLayout<Payload?>.stride
+            + heads.capacity * MemoryLayout<Int32>.stride + occupied.capacity * MemoryLayout<UInt64>.stride
+    }
 
     // MARK: Scheduling
 
     /// Schedules `payload` for tick `deadline`; a deadline not after `now` fires on the next advance.
+    @inlinable
     @discardableResult
     public mutating func schedule(at deadline: UInt64, _ payload: Payload) -> TimerHandle {
         let index: Int32
@@ -82,12 +106,13 @@ public struct TimerWheel<Payload> {
             payloads.append(payload)
         }
         nextSequence += 1
-        count += 1
+        _count += 1
         place(index)
         return TimerHandle(index: UInt32(index), generation: entries[Int(index)].generation)
     }
 
     /// Cancels a pending timer and returns its payload; nil when it already fired or was cancelled.
+    @inlinable
     @discardableResult
     public mutating func cancel(_ handle: TimerHandle) -> Payload? {
         let index = Int(handle.index)
@@ -99,6 +124,7 @@ public struct TimerWheel<Payload> {
     }
 
     /// The deadline of a pending timer, nil when it is not pending.
+    @inlinable
     public func deadline(of handle: TimerHandle) -> UInt64? {
         let index = Int(handle.index)
         guard index < entries.count, entries[index].generation == handle.generation, entries[index].bucket != Self.freeBucket else {
@@ -113,18 +139,26 @@ public struct TimerWheel<Payload> {
         public var handle: TimerHandle
         public var deadline: UInt64
         public var payload: Payload
+
+        @inlinable
+        init(handle: TimerHandle, deadline: UInt64, payload: Payload) {
+            self.handle = handle
+            self.deadline = deadline
+            self.payload = payload
+        }
     }
 
     /// The next tick at which `advance` has work to do (fire or cascade), nil when idle. A driver
     /// sleeps until then; waking early or late is harmless.
-    public var nextWakeup: UInt64? { nextExpiration()?.tick }
+    @inlinable public var nextWakeup: UInt64? { nextExpiration()?.tick }
 
     /// Moves time forward to `tick` (never backwards) and returns the timers whose deadline it
     /// reached, ordered by deadline, then by scheduling order.
+    @inlinable
     public mutating func advance(to tick: UInt64) -> [Expired] {
         var fired: [(sequence: UInt64, expired: Expired)] = []
         while let expiration = nextExpiration(), expiration.tick <= tick {
-            now = max(now, expiration.tick)
+            _now = max(_now, expiration.tick)
             if expiration.bucket == Int(Self.overflowBucket) {
                 refillFromOverflow()
                 continue
@@ -139,7 +173,7 @@ public struct TimerWheel<Payload> {
                 cursor = entries[Int(index)].next
                 entries[Int(index)].prev = -1
                 entries[Int(index)].next = -1
-                if level == 0 || entries[Int(index)].deadline <= now {
+                if level == 0 || entries[Int(index)].deadline <= _now {
                     let entry = entries[Int(index)]
                     let handle = TimerHandle(index: UInt32(index), generation: entry.generation)
                     let payload = release(index)!
@@ -149,7 +183,7 @@ public struct TimerWheel<Payload> {
                 }
             }
         }
-        now = max(now, tick)
+        _now = max(_now, tick)
         if fired.count > 1 {
             fired.sort { ($0.expired.deadline, $0.sequence) < ($1.expired.deadline, $1.sequence) }
         }
@@ -158,43 +192,46 @@ public struct TimerWheel<Payload> {
 
     // MARK: Internals
 
-    private func nextExpiration() -> (tick: UInt64, bucket: Int)? {
+    @inlinable
+    func nextExpiration() -> (tick: UInt64, bucket: Int)? {
         var best: (tick: UInt64, bucket: Int)?
         for level in 0..<Self.levels where occupied[level] != 0 {
             best = expiration(level: level)
             break
         }
         if overflowHead >= 0, best.map({ overflowCheck < $0.tick }) ?? true {
-            best = (max(overflowCheck, now), Int(Self.overflowBucket))
+            best = (max(overflowCheck, _now), Int(Self.overflowBucket))
         }
         return best
     }
 
     /// The earliest non-empty slot of `level` at or after `now`, and the tick it starts.
-    private func expiration(level: Int) -> (tick: UInt64, bucket: Int) {
+    @inlinable
+    func expiration(level: Int) -> (tick: UInt64, bucket: Int) {
         let shift = UInt64(level * Self.slotBits)
         let slotRange: UInt64 = 1 << shift
         let levelRange: UInt64 = slotRange << UInt64(Self.slotBits)
-        let nowSlot = Int((now >> shift) & 63)
+        let nowSlot = Int((_now >> shift) & 63)
         let rotated = occupied[level].rotatedRight(by: nowSlot)
         let slot = (rotated.trailingZeroBitCount + nowSlot) & 63
-        let levelStart = now & ~(levelRange &- 1)
+        let levelStart = _now & ~(levelRange &- 1)
         var tick = levelStart + UInt64(slot) * slotRange
-        if tick + slotRange <= now {
+        if tick + slotRange <= _now {
             // Only the top level wraps: the slot is in the next lap of the wheel.
             tick += levelRange
         }
-        return (max(tick, now), level * Self.slotsPerLevel + slot)
+        return (max(tick, _now), level * Self.slotsPerLevel + slot)
     }
 
-    private mutating func place(_ index: Int32) {
-        let target = max(entries[Int(index)].deadline, now)
-        if target - now >= Self.reach {
+    @inlinable
+    mutating func place(_ index: Int32) {
+        let target = max(entries[Int(index)].deadline, _now)
+        if target - _now >= Self.reach {
             link(index, bucket: Self.overflowBucket)
             overflowCheck = min(overflowCheck, target - Self.reach + 1)
             return
         }
-        var masked = (now ^ target) | 63
+        var masked = (_now ^ target) | 63
         if masked >= Self.span { masked = Self.span - 1 }
         let level = (63 - masked.leadingZeroBitCount) / Self.slotBits
         let slot = Int((target >> UInt64(level * Self.slotBits)) & 63)
@@ -203,7 +240,8 @@ public struct TimerWheel<Payload> {
         occupied[level] |= UInt64(1) << UInt64(slot)
     }
 
-    private mutating func refillFromOverflow() {
+    @inlinable
+    mutating func refillFromOverflow() {
         var cursor = overflowHead
         overflowHead = -1
         overflowCheck = .max
@@ -216,7 +254,8 @@ public struct TimerWheel<Payload> {
         }
     }
 
-    private mutating func link(_ index: Int32, bucket: UInt16) {
+    @inlinable
+    mutating func link(_ index: Int32, bucket: UInt16) {
         let head = bucket == Self.overflowBucket ? overflowHead : heads[Int(bucket)]
         entries[Int(index)].bucket = bucket
         entries[Int(index)].prev = -1
@@ -225,7 +264,8 @@ public struct TimerWheel<Payload> {
         if bucket == Self.overflowBucket { overflowHead = index } else { heads[Int(bucket)] = index }
     }
 
-    private mutating func unlink(_ index: Int32) {
+    @inlinable
+    mutating func unlink(_ index: Int32) {
         let entry = entries[Int(index)]
         if entry.next >= 0 { entries[Int(entry.next)].prev = entry.prev }
         if entry.prev >= 0 {
@@ -242,7 +282,8 @@ public struct TimerWheel<Payload> {
     }
 
     /// Returns a detached entry to the free list; its old handles stop matching.
-    private mutating func release(_ index: Int32) -> Payload? {
+    @inlinable
+    mutating func release(_ index: Int32) -> Payload? {
         let payload = payloads[Int(index)]
         payloads[Int(index)] = nil
         entries[Int(index)].bucket = Self.freeBucket
@@ -250,7 +291,7 @@ public struct TimerWheel<Payload> {
         entries[Int(index)].prev = -1
         entries[Int(index)].next = freeHead
         freeHead = index
-        count -= 1
+        _count -= 1
         return payload
     }
 }
@@ -260,12 +301,19 @@ extension TimerWheel: Sendable where Payload: Sendable {}
 /// Identifies one scheduled timer; stale after it fires or is cancelled (a reused slot gets a
 /// new generation, so an old handle cannot cancel someone else's timer).
 public struct TimerHandle: Hashable, Sendable {
-    let index: UInt32
-    let generation: UInt32
+    @usableFromInline let index: UInt32
+    @usableFromInline let generation: UInt32
+
+    @inlinable
+    init(index: UInt32, generation: UInt32) {
+        self.index = index
+        self.generation = generation
+    }
 }
 
 extension UInt64 {
-    fileprivate func rotatedRight(by count: Int) -> UInt64 {
+    @inlinable
+    func rotatedRight(by count: Int) -> UInt64 {
         let n = UInt64(count & 63)
         return n == 0 ? self : (self >> n) | (self << (64 - n))
     }

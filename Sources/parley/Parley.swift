@@ -68,6 +68,12 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "HMAC-SHA256 secret of the payment webhook (or env PARLEY_PAYMENTS_SECRET); without one the webhook is off.")
     var paymentsSecret: String?
 
+    @Option(help: "Scheduled messages: the timer wheel's tick in ms (deadlines are met to within one tick).")
+    var scheduleTickMs = 10
+
+    @Option(help: "Scheduled messages: how many one user may have pending.")
+    var maxPendingSchedules = 100
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: Logger.Level = .info
 
@@ -79,6 +85,8 @@ struct Serve: AsyncParsableCommand {
         guard (1...256).contains(mongoThreads) else { throw ArgumentParser.ValidationError("--mongo-threads must be 1-256") }
         guard startingCredits >= 0 else { throw ArgumentParser.ValidationError("--starting-credits must be 0 or more") }
         guard (1...10_000).contains(creditBatchTokens) else { throw ArgumentParser.ValidationError("--credit-batch-tokens must be 1-10000") }
+        guard (1...1_000).contains(scheduleTickMs) else { throw ArgumentParser.ValidationError("--schedule-tick-ms must be 1-1000") }
+        guard (0...1_000_000).contains(maxPendingSchedules) else { throw ArgumentParser.ValidationError("--max-pending-schedules must be 0-1000000") }
         guard contextBudget >= 64 else { throw ArgumentParser.ValidationError("--context-budget must be at least 64") }
         if let s = secret.resolvedSecret, s.count < 32 { throw ArgumentParser.ValidationError("the JWT secret must be at least 32 characters") }
     }
@@ -117,6 +125,8 @@ struct Serve: AsyncParsableCommand {
             throw ExitCode(1)
         }
         configuration.contextBudgetTokens = contextBudget
+        configuration.scheduleTickMillis = Int64(scheduleTickMs)
+        configuration.frameLimits.schedule.maxPendingPerUser = maxPendingSchedules
         configuration.simulated.timeToFirstToken = .milliseconds(simTtftMs)
         configuration.simulated.tokensPerSecond = simTokensPerSec
         configuration.simulated.replyTokens = simReplyTokens

@@ -153,6 +153,10 @@ struct SplitMix64: RandomNumberGenerator {
                 #expect(wheel.now == target)
             }
             #expect(wheel.count == pending.count)
+            // A driver sleeping until `nextWakeup` must never oversleep the earliest deadline.
+            if let earliest = pending.values.map(\.deadline).min() {
+                #expect(wheel.nextWakeup != nil && wheel.nextWakeup! <= max(earliest, wheel.now), "seed \(seed)")
+            }
         }
         // Drain: everything left fires exactly once, in order.
         let expected = pending.sorted { ($0.value.deadline, $0.key) < ($1.value.deadline, $1.key) }.map(\.key)

@@ -1,4 +1,5 @@
 import Foundation
+import MetricsTestKit
 import NIOHTTP1
 import ParleyCore
 import ParleyStore
@@ -130,6 +131,27 @@ func seedSchedule(_ store: any Store, owner: String, clone: String, conversation
         #expect(failed["status"] == .string("failed"))
         #expect(failed["failure"]?.stringValue?.hasPrefix("insufficient_credits") == true)
         #expect(try await creditsOf(server, token: token).balance == 2)
+        await server.stop()
+    }
+
+    @Test func pendingTimersAndFireLatenessAreMeasured() async throws {
+        let metrics = TestMetrics()
+        let server = try await TestServer.start { $0.metrics = metrics }
+        let token = try await server.token("alice")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        try await socket.scheduleCreate(id: "s1", clone: clone, delayMS: 3_600_000, text: "later")
+        _ = try await socket.next(type: "schedule.ok")
+        #expect(await server.server.schedules.timer.count() == 1)  // runs on the wheel's loop after the add
+        #expect(try metrics.expectMeter("parley_schedules_pending").lastValue == 1)
+
+        try await socket.scheduleCreate(id: "s2", clone: clone, delayMS: 20, text: "soon")
+        let at = RFC3339.parse(try await socket.next(type: "schedule.ok").frame["schedule"]!["at"]!.stringValue!)!
+        _ = try await socket.next(type: "delivery")
+        let lateness = try metrics.expectTimer("parley_schedule_fire_lateness").values
+        #expect(lateness.count == 1)
+        #expect(lateness.allSatisfy { $0 >= 0 && $0 <= (Int64(Timestamp.nowMillis()) - at) * 1_000_000 })
+        #expect(try metrics.expectMeter("parley_schedules_pending").lastValue == 1)
         await server.stop()
     }
 
