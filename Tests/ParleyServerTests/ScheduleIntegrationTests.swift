@@ -27,6 +27,13 @@ extension TestServer {
         try await get("/v1/schedules/\(id)", token: token).json()
     }
 
+    /// POST /v1/schedules; returns the created schedule's id.
+    func createSchedule(token: String, _ fields: [(String, JSONValue)]) async throws -> String {
+        let response = try await TestHTTPClient.json(port: port, .POST, "/v1/schedules", token: token, json: .object(fields))
+        guard response.status == .created else { throw TestTimeout(description: "POST /v1/schedules answered \(response.status): \(response.text)") }
+        return try response.json()["id"]!.stringValue!
+    }
+
     /// Polls until the schedule reaches `status` (a status change that has no frame of its own).
     func awaitSchedule(_ id: String, token: String, status: String, timeout: Duration = .seconds(10)) async throws -> JSONValue {
         let deadline = ContinuousClock.now + timeout
@@ -232,10 +239,7 @@ func seedSchedule(_ store: any Store, owner: String, clone: String, conversation
         let server = try await TestServer.start()
         let token = try await server.token("alice")
         let clone = try await server.createClone(token: token)["id"]!.stringValue!
-        let created = try await TestHTTPClient.json(port: server.port, .POST, "/v1/schedules", token: token,
-                                                    json: .object([("clone", .string(clone)), ("delay_ms", .int(600_000)), ("prompt", .string("hi"))]))
-        #expect(created.status == .created)
-        let id = try created.json()["id"]!.stringValue!
+        let id = try await server.createSchedule(token: token, [("clone", .string(clone)), ("delay_ms", .int(600_000)), ("prompt", .string("hi"))])
         #expect(try await TestHTTPClient.request(port: server.port, .DELETE, "/v1/clones/\(clone)", token: token).status == .noContent)
         #expect(try await server.schedule(id, token: token)["status"] == .string("cancelled"))
         #expect(await server.server.schedules.timer.count() == 0)
@@ -247,9 +251,7 @@ func seedSchedule(_ store: any Store, owner: String, clone: String, conversation
         let server = try await TestServer.start(store: store)
         let token = try await server.token("alice")
         let clone = try await server.createClone(token: token)["id"]!.stringValue!
-        let created = try await TestHTTPClient.json(port: server.port, .POST, "/v1/schedules", token: token,
-                                                    json: .object([("clone", .string(clone)), ("delay_ms", .int(0)), ("text", .string("while you were away"))]))
-        let id = try created.json()["id"]!.stringValue!
+        let id = try await server.createSchedule(token: token, [("clone", .string(clone)), ("delay_ms", .int(0)), ("text", .string("while you were away"))])
         _ = try await server.awaitSchedule(id, token: token, status: "fired")
 
         let socket = try await server.connect(token: token)
