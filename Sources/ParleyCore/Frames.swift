@@ -28,13 +28,25 @@ public enum ClientFrame: Sendable, Equatable {
     case streamResume(id: String, stream: String, after: Int64)
     case scheduleCreate(id: String, ScheduleRequest)
     case scheduleCancel(id: String, schedule: String)
+    case roomJoin(id: String, room: String)
+    case roomLeave(id: String, room: String)
+    case roomSay(id: String, room: String, text: String)
+    case roomControl(id: String, room: String, action: RoomAction, target: String?)
 
     public var id: String {
         switch self {
         case .chatSend(let id, _, _, _), .chatCancel(let id, _), .streamResume(let id, _, _), .scheduleCreate(let id, _),
-             .scheduleCancel(let id, _): id
+             .scheduleCancel(let id, _), .roomJoin(let id, _), .roomLeave(let id, _), .roomSay(let id, _, _), .roomControl(let id, _, _, _): id
         }
     }
+}
+
+/// What a moderator can do to a room.
+public enum RoomAction: String, Sendable, Equatable, CaseIterable {
+    case start, pause, resume, next, end, mute, unmute, kick
+
+    /// Actions that name a clone or user in `target`.
+    public var needsTarget: Bool { self == .mute || self == .unmute || self == .kick }
 }
 
 /// Why a client frame was refused; becomes an `error` frame with `ref` set when the id was readable.
@@ -60,6 +72,7 @@ public struct FrameLimits: Sendable, Equatable {
     public var maxTextLength = 8_000
     public var maxIDLength = 128
     public var schedule = ScheduleLimits()
+    public var rooms = RoomLimits()
 
     public init() {}
 }
@@ -110,6 +123,27 @@ extension ClientFrame {
                 frame = .scheduleCreate(id: id, try ScheduleRequest.read(&reader, now: now, limits: limits.schedule))
             case "schedule.cancel":
                 frame = .scheduleCancel(id: id, schedule: try reader.requiredString("schedule"))
+            case "room.join":
+                frame = .roomJoin(id: id, room: try reader.requiredString("room"))
+            case "room.leave":
+                frame = .roomLeave(id: id, room: try reader.requiredString("room"))
+            case "room.say":
+                let room = try reader.requiredString("room")
+                let text = try reader.requiredString("text")
+                guard !text.trimmedWhitespace.isEmpty else { throw ValidationError("'text' must not be empty") }
+                guard text.count <= limits.rooms.maxSayLength else {
+                    throw FrameError(ref: ref, code: .tooLarge, message: "'text' is longer than \(limits.rooms.maxSayLength) characters")
+                }
+                frame = .roomSay(id: id, room: room, text: text)
+            case "room.control":
+                let room = try reader.requiredString("room")
+                let actionText = try reader.requiredString("action")
+                guard let action = RoomAction(rawValue: actionText) else {
+                    throw ValidationError("'action' must be one of \(RoomAction.allCases.map(\.rawValue).joined(separator: ", "))")
+                }
+                let target = try reader.string("target")
+                if action.needsTarget, target == nil { throw ValidationError("'\(action.rawValue)' needs a 'target'") }
+                frame = .roomControl(id: id, room: room, action: action, target: target)
             default:
                 throw ValidationError("unknown frame type '\(type)'")
             }
@@ -136,12 +170,15 @@ public enum ServerFrame {
     }
 
     /// `schedule` is set when a scheduled message is being generated.
-    public static func streamStart(ref: String?, stream: String, conversation: String, clone: String, model: String, schedule: String? = nil) -> [UInt8] {
+    public static func streamStart(
+        ref: String?, stream: String, conversation: String, clone: String, model: String, schedule: String? = nil, room: String? = nil
+    ) -> [UInt8] {
         var pairs: [(String, JSONValue)] = [("type", .string("stream.start"))]
         if let ref { pairs.append(("ref", .string(ref))) }
         pairs += [
             ("stream", .string(stream)),
-            ("conversation", .string(conversation)),
+            // A room's turn belongs to the room, not to a conversation.
+            room.map { ("room", .string($0)) } ?? ("conversation", .string(conversation)),
             ("clone", .string(clone)),
             ("model", .string(model)),
         ]
@@ -199,10 +236,28 @@ public enum ServerFrame {
     }
 
     /// A stream stopped because the next token was not affordable.
-    public static func paywall(stream: String, balance: Int64, required: Int64) -> [UInt8] {
+    public static func paywall(stream: String, balance: Int64, required: Int64, room: String? = nil) -> [UInt8] {
+        var pairs: [(String, JSONValue)] = [("type", .string("paywall")), ("stream", .string(stream))]
+        if let room { pairs.append(("room", .string(room))) }
+        pairs += [("balance", .int(balance)), ("required", .int(required))]
+        return JSONValue.object(pairs).serialized()
+    }
+
+    /// The answer to `room.join`: everything a late joiner needs; the turn being streamed follows
+    /// as `stream.start` and its tokens so far, then live.
+    public static func roomState(ref: String, room: Room, members: [String], transcript: [RoomEntry], speaker: String?, stream: String?) -> [UInt8] {
         JSONValue.object([
-            ("type", .string("paywall")), ("stream", .string(stream)), ("balance", .int(balance)), ("required", .int(required)),
+            ("type", .string("room.state")), ("ref", .string(ref)), ("room", room.json),
+            ("members", .array(members.map(JSONValue.string))),
+            ("speaker", speaker.map(JSONValue.string) ?? .null),
+            ("stream", stream.map(JSONValue.string) ?? .null),
+            ("transcript", .array(transcript.map(\.json))),
         ]).serialized()
+    }
+
+    /// Something happened in a room; `fields` are the event's own (`user`, `clone`, `entry`…).
+    public static func roomEvent(room: String, event: String, _ fields: [(String, JSONValue)] = []) -> [UInt8] {
+        JSONValue.object([("type", .string("room.event")), ("room", .string(room)), ("event", .string(event))] + fields).serialized()
     }
 
     public static func error(ref: String?, code: ErrorCode, message: String, balance: Int64? = nil, required: Int64? = nil) -> [UInt8] {

@@ -60,6 +60,8 @@ public enum IDKind: String, Sendable {
     case stream = "st"
     case connection = "conn"
     case schedule = "sch"
+    case room = "rm"
+    case roomEntry = "re"
 }
 
 public enum Timestamp {

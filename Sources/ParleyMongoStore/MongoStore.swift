@@ -266,6 +266,8 @@ struct Database: Sendable {
         ("ledger", "state", .object([("state", .int(1))]), false),
         ("schedules", "owner_id", .object([("owner", .int(1)), ("_id", .int(1))]), false),
         ("schedules", "status_id", .object([("status", .int(1)), ("_id", .int(1))]), false),
+        ("rooms", "status_id", .object([("status", .int(1)), ("_id", .int(1))]), false),
+        ("room_entries", "room_id", .object([("room", .int(1)), ("_id", .int(1))]), false),
     ]
 
     func migrate() throws {

@@ -61,8 +61,8 @@ final class ChatService: Sendable {
             if live.resume(connection, after: after, ack: ack) == .gone {
                 connection.send(ServerFrame.error(ref: id, code: .streamGone, message: "tokens after seq \(after) of stream \(stream) are no longer buffered"))
             }
-        case .scheduleCreate, .scheduleCancel:
-            preconditionFailure("schedule frames are dispatched to ScheduleService")
+        default:
+            preconditionFailure("schedule and room frames are dispatched to their own services")
         }
     }
 
@@ -187,10 +187,12 @@ final class ChatService: Sendable {
 
     /// Streams one reply to `live`'s subscribers, metered by `meter`, and stores it under
     /// `messageID` with `persist` (even when stopped part-way). Returns the stored message, nil
-    /// when storing failed. Releases the conversation's reservation when done.
+    /// when storing failed. Releases the conversation's reservation when done. A paywall goes to
+    /// every subscriber, or to `paywallTo` (a room's moderator) when given.
     func generate(
         _ live: LiveStream, request: CompletionRequest, prompt: AssembledPrompt, meter: CreditMeter, ref: String?,
-        requester: ClientConnection?, messageID: String, persist: @escaping @Sendable (Message) async throws -> Void
+        requester: ClientConnection?, messageID: String, paywallTo: (@Sendable () -> [ClientConnection])? = nil,
+        persist: @escaping @Sendable (Message) async throws -> Void
     ) async -> Message? {
         var text = ""
         var seq: Int64 = 0
@@ -253,7 +255,12 @@ final class ChatService: Sendable {
             if let requester { live.send(frame, to: requester) } else { live.broadcast(frame) }
         }
         if outOfCredits {
-            live.broadcast(allocator.buffer(bytes: ServerFrame.paywall(stream: live.id, balance: balance, required: await meter.nextTokenCost)))
+            let paywall = allocator.buffer(bytes: ServerFrame.paywall(stream: live.id, balance: balance, required: await meter.nextTokenCost, room: live.room))
+            if let paywallTo = paywallTo?() {
+                for connection in paywallTo { live.send(paywall, to: connection) }
+            } else {
+                live.broadcast(paywall)
+            }
         }
         live.finish(allocator.buffer(bytes: ServerFrame.streamEnd(
             stream: live.id, reason: reason, usage: usage, message: storedID, cost: cost, balance: balance)))

@@ -1,30 +1,72 @@
 import NIOCore
 import NIOWebSocket
 import ParleyCore
+import Synchronization
 
 /// One authenticated WebSocket. Sendable: frames may be sent from any thread; NIO hops them onto
 /// the channel's event loop in order.
+///
+/// Its outbound queue is bounded: bytes handed to `send` but not yet written to the socket are
+/// counted, and a socket that lets more than `maxQueuedBytes` pile up (a reader too slow for the
+/// streams it follows) is closed with 1008 so it cannot hold memory or slow anyone else. It can
+/// reconnect and catch up (`stream.resume`, `room.join`).
 public final class ClientConnection: Sendable {
     public let id: String
     public let identity: Identity
     let channel: any Channel
+    let maxQueuedBytes: Int
+    private let queued = Atomic<Int>(0)
+    private let cutOff = Atomic<Bool>(false)
 
-    init(id: String, identity: Identity, channel: any Channel) {
+    init(id: String, identity: Identity, channel: any Channel, maxQueuedBytes: Int = 4 * 1024 * 1024) {
         self.id = id
         self.identity = identity
         self.channel = channel
+        self.maxQueuedBytes = maxQueuedBytes
     }
 
-    var isActive: Bool { channel.isActive }
+    var isActive: Bool { channel.isActive && !cutOff.load(ordering: .relaxed) }
+
+    /// Bytes sent but not yet written to the socket.
+    var queuedBytes: Int { queued.load(ordering: .relaxed) }
+
+    /// True once the socket was closed for falling too far behind.
+    var wasCutOff: Bool { cutOff.load(ordering: .relaxed) }
 
     /// Sends one text message. The buffer is shared, not copied, when fanned out to many sockets.
     func send(_ buffer: ByteBuffer) {
-        channel.writeAndFlush(WebSocketFrame(fin: true, opcode: .text, data: buffer), promise: nil)
+        _ = enqueue(buffer)
     }
 
     /// Sends one text message; the future succeeds once it was written to the socket.
     func write(_ buffer: ByteBuffer) -> EventLoopFuture<Void> {
-        channel.writeAndFlush(WebSocketFrame(fin: true, opcode: .text, data: buffer))
+        enqueue(buffer) ?? channel.eventLoop.makeFailedFuture(ChannelError.ioOnClosedChannel)
+    }
+
+    private func enqueue(_ buffer: ByteBuffer) -> EventLoopFuture<Void>? {
+        guard !cutOff.load(ordering: .relaxed) else { return nil }
+        let size = buffer.readableBytes
+        let total = queued.wrappingAdd(size, ordering: .relaxed).newValue
+        if total > maxQueuedBytes {
+            queued.wrappingSubtract(size, ordering: .relaxed)
+            cutOffSlowReader()
+            return nil
+        }
+        let written = channel.writeAndFlush(WebSocketFrame(fin: true, opcode: .text, data: buffer))
+        written.whenComplete { _ in self.queued.wrappingSubtract(size, ordering: .relaxed) }
+        return written
+    }
+
+    /// Queues a 1008 close after what is already queued and drops the socket a moment later
+    /// whether or not the peer read it: a peer that stopped reading must not keep the memory.
+    private func cutOffSlowReader() {
+        guard !cutOff.exchange(true, ordering: .relaxed) else { return }
+        var data = channel.allocator.buffer(capacity: 64)
+        data.write(webSocketErrorCode: .policyViolation)
+        data.writeString("too slow: more than \(maxQueuedBytes) bytes were waiting; reconnect to catch up")
+        let channel = self.channel
+        channel.writeAndFlush(WebSocketFrame(fin: true, opcode: .connectionClose, data: data)).whenComplete { _ in channel.close(promise: nil) }
+        channel.eventLoop.scheduleTask(in: .seconds(1)) { channel.close(promise: nil) }
     }
 
     func send(_ bytes: [UInt8]) {

@@ -13,6 +13,8 @@ final class LiveStream: Sendable {
     let model: String
     /// The schedule whose message this stream generates, if any.
     let schedule: String?
+    /// The room whose turn this stream is, if any (then `conversation` is the room id too).
+    let room: String?
 
     enum ResumeOutcome: Equatable {
         /// Replayed `count` tokens; `ended` tells whether `stream.end` was replayed too.
@@ -37,11 +39,12 @@ final class LiveStream: Sendable {
     private let state: Mutex<State>
 
     init(
-        id: String, owner: String, conversation: String, clone: String, model: String, schedule: String? = nil, bufferCapacity: Int,
-        subscribers: [ClientConnection]
+        id: String, owner: String, conversation: String, clone: String, model: String, schedule: String? = nil, room: String? = nil,
+        bufferCapacity: Int, subscribers: [ClientConnection]
     ) {
         self.id = id
         self.schedule = schedule
+        self.room = room
         self.model = model
         self.owner = owner
         self.conversation = conversation
@@ -59,7 +62,7 @@ final class LiveStream: Sendable {
 
     /// The `stream.start` frame of this stream, answering request `ref`.
     func startFrame(ref: String?) -> [UInt8] {
-        ServerFrame.streamStart(ref: ref, stream: id, conversation: conversation, clone: clone, model: model, schedule: schedule)
+        ServerFrame.streamStart(ref: ref, stream: id, conversation: conversation, clone: clone, model: model, schedule: schedule, room: room)
     }
 
     /// Sends `stream.start` to every subscriber.
@@ -125,6 +128,9 @@ final class LiveStream: Sendable {
             return .replayed(count: count, ended: false)
         }
     }
+
+    /// Subscribers right now (rooms use it to send a frame to one of them in order).
+    var subscriberCount: Int { state.withLock { $0.subscribers.count } }
 
     func unsubscribe(_ connectionID: String) {
         state.withLock { _ = $0.subscribers.removeValue(forKey: connectionID) }

@@ -19,6 +19,7 @@ public final class ParleyServer: Sendable {
     public let authenticator: Authenticator
     let chat: ChatService
     let schedules: ScheduleService
+    let rooms: RoomService
     let hub: StreamHub
     private let group: MultiThreadedEventLoopGroup
     private let serverChannel: any Channel
@@ -27,9 +28,11 @@ public final class ParleyServer: Sendable {
 
     private init(
         configuration: ServerConfiguration, port: Int, store: any Store, authenticator: Authenticator, chat: ChatService,
-        schedules: ScheduleService, hub: StreamHub, group: MultiThreadedEventLoopGroup, serverChannel: any Channel, logger: Logger
+        schedules: ScheduleService, rooms: RoomService, hub: StreamHub, group: MultiThreadedEventLoopGroup, serverChannel: any Channel,
+        logger: Logger
     ) {
         self.schedules = schedules
+        self.rooms = rooms
         self.configuration = configuration
         self.port = port
         self.store = store
@@ -74,7 +77,9 @@ public final class ParleyServer: Sendable {
         // The timer wheel lives on one event loop; firing hands work to tasks, never blocking it.
         let schedules = ScheduleService(store: store, chat: chat, provider: provider, hub: hub, configuration: configuration,
                                         logger: logger, ids: ids, loop: group.next())
+        let rooms = RoomService(store: store, chat: chat, provider: provider, configuration: configuration, logger: logger, ids: ids)
         do {
+            try await rooms.start()
             try await schedules.start()
         } catch {
             await schedules.stopFiring()
@@ -83,7 +88,7 @@ public final class ParleyServer: Sendable {
             try? await group.shutdownGracefully()
             throw error
         }
-        let api = RESTAPI(store: store, chat: chat, schedules: schedules, credits: credits, authenticator: authenticator,
+        let api = RESTAPI(store: store, chat: chat, schedules: schedules, rooms: rooms, credits: credits, authenticator: authenticator,
                           configuration: configuration, ids: ids, logger: logger)
 
         let bootstrap = ServerBootstrap(group: group)
@@ -92,7 +97,10 @@ public final class ParleyServer: Sendable {
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try Self.configurePipeline(channel, api: api, chat: chat, schedules: schedules, hub: hub, authenticator: authenticator,
+                    if let size = configuration.socketSendBufferBytes {
+                        try channel.syncOptions?.setOption(.socketOption(.so_sndbuf), value: SocketOptionValue(size))
+                    }
+                    try Self.configurePipeline(channel, api: api, chat: chat, schedules: schedules, rooms: rooms, hub: hub, authenticator: authenticator,
                                                configuration: configuration, ids: ids, logger: logger)
                 }
             }
@@ -112,7 +120,7 @@ public final class ParleyServer: Sendable {
             logger.notice("LLM provider: simulated (a development and load-test stand-in, not a model)")
         }
         return ParleyServer(
-            configuration: configuration, port: port, store: store, authenticator: authenticator, chat: chat, schedules: schedules, hub: hub,
+            configuration: configuration, port: port, store: store, authenticator: authenticator, chat: chat, schedules: schedules, rooms: rooms, hub: hub,
             group: group, serverChannel: serverChannel, logger: logger
         )
     }
@@ -139,7 +147,8 @@ public final class ParleyServer: Sendable {
     }
 
     private static func configurePipeline(
-        _ channel: any Channel, api: RESTAPI, chat: ChatService, schedules: ScheduleService, hub: StreamHub, authenticator: Authenticator,
+        _ channel: any Channel, api: RESTAPI, chat: ChatService, schedules: ScheduleService, rooms: RoomService, hub: StreamHub,
+        authenticator: Authenticator,
         configuration: ServerConfiguration, ids: IDGenerator, logger: Logger
     ) throws {
         let upgrader = NIOWebSocketServerUpgrader(
@@ -166,14 +175,16 @@ public final class ParleyServer: Sendable {
                         .flatMap { channel.close() }
                         .flatMapThrowing { throw error }
                 }.flatMapThrowing { identity in
-                    let connection = ClientConnection(id: ids.make(.connection), identity: identity, channel: channel)
+                    let connection = ClientConnection(id: ids.make(.connection), identity: identity, channel: channel,
+                                                      maxQueuedBytes: configuration.maxQueuedBytesPerSocket)
                     try channel.pipeline.syncOperations.addHandlers([
                         NIOWebSocketFrameAggregator(
                             minNonFinalFragmentSize: 0,
                             maxAccumulatedFrameCount: 1024,
                             maxAccumulatedFrameSize: configuration.maxMessageBytes
                         ),
-                        WebSocketHandler(connection: connection, chat: chat, schedules: schedules, hub: hub, limits: configuration.frameLimits),
+                        WebSocketHandler(connection: connection, chat: chat, schedules: schedules, rooms: rooms, hub: hub,
+                                         limits: configuration.frameLimits),
                     ])
                 }
             }
@@ -198,6 +209,7 @@ public final class ParleyServer: Sendable {
         logger.info("shutting down", metadata: ["sockets": "\(hub.connectionCount)"])
         try? await serverChannel.close()
         await schedules.stopFiring()
+        await rooms.shutdown()  // ends debate turns in flight and stores the rooms paused
         await chat.shutdown()  // also stops the streams of scheduled messages in flight
         await schedules.drain()
         let closing = hub.allConnections.map { $0.close(code: .goingAway, reason: "server shutting down") }

@@ -11,6 +11,7 @@ struct RESTAPI: Sendable {
     let store: any Store
     let chat: ChatService
     let schedules: ScheduleService
+    let rooms: RoomService
     let credits: Credits
     let authenticator: Authenticator
     let configuration: ServerConfiguration
@@ -20,12 +21,13 @@ struct RESTAPI: Sendable {
     private var router = Router<Identity>()
 
     init(
-        store: any Store, chat: ChatService, schedules: ScheduleService, credits: Credits, authenticator: Authenticator,
+        store: any Store, chat: ChatService, schedules: ScheduleService, rooms: RoomService, credits: Credits, authenticator: Authenticator,
         configuration: ServerConfiguration, ids: IDGenerator, logger: Logger
     ) {
         self.store = store
         self.chat = chat
         self.schedules = schedules
+        self.rooms = rooms
         self.credits = credits
         self.authenticator = authenticator
         self.configuration = configuration
@@ -45,6 +47,8 @@ struct RESTAPI: Sendable {
         router.add(.GET, "/v1/schedules") { [self] request, _, identity in try await listSchedules(request, identity) }
         router.add(.GET, "/v1/schedules/:id") { [self] _, p, identity in try await getSchedule(p["id"]!, identity) }
         router.add(.DELETE, "/v1/schedules/:id") { [self] _, p, identity in try await cancelSchedule(p["id"]!, identity) }
+        router.add(.POST, "/v1/rooms") { [self] request, _, identity in try await createRoom(request, identity) }
+        router.add(.GET, "/v1/rooms/:id") { [self] _, p, identity in try await getRoom(p["id"]!, identity) }
         router.add(.GET, "/v1/credits") { [self] request, _, identity in try await listCredits(request, identity) }
         router.add(.POST, "/v1/admin/credits") { [self] request, _, identity in try await adminGrant(request, identity) }
     }
@@ -231,6 +235,28 @@ struct RESTAPI: Sendable {
     private func cancelSchedule(_ id: String, _ identity: Identity) async throws -> HTTPResponse {
         do {
             return HTTPResponse(.ok, json: try await schedules.cancel(owner: identity.user, id: id).json)
+        } catch {
+            throw APIError(error)
+        }
+    }
+
+    // MARK: Rooms
+
+    private func createRoom(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
+        let body = try DebateRequest.parse(try request.json(), limits: configuration.frameLimits.rooms)
+        do {
+            let room = try await rooms.create(owner: identity.user, body)
+            return HTTPResponse(.created, json: room.json, headers: ["location": "/v1/rooms/\(room.id)"])
+        } catch {
+            throw APIError(error)
+        }
+    }
+
+    /// The room's state and its newest transcript entries (chronological).
+    private func getRoom(_ id: String, _ identity: Identity) async throws -> HTTPResponse {
+        do {
+            let (room, transcript) = try await rooms.snapshot(id: id, user: identity.user)
+            return HTTPResponse(.ok, json: .object([("room", room.json), ("transcript", .array(transcript.map(\.json)))]))
         } catch {
             throw APIError(error)
         }

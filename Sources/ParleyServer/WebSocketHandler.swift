@@ -12,15 +12,17 @@ final class WebSocketHandler: ChannelInboundHandler {
     private let connection: ClientConnection
     private let chat: ChatService
     private let schedules: ScheduleService
+    private let rooms: RoomService
     private let hub: StreamHub
     private let limits: FrameLimits
     private var opened = false
     private var closing = false
 
-    init(connection: ClientConnection, chat: ChatService, schedules: ScheduleService, hub: StreamHub, limits: FrameLimits) {
+    init(connection: ClientConnection, chat: ChatService, schedules: ScheduleService, rooms: RoomService, hub: StreamHub, limits: FrameLimits) {
         self.connection = connection
         self.chat = chat
         self.schedules = schedules
+        self.rooms = rooms
         self.hub = hub
         self.limits = limits
     }
@@ -44,6 +46,7 @@ final class WebSocketHandler: ChannelInboundHandler {
 
     func channelInactive(context: ChannelHandlerContext) {
         hub.remove(connection)
+        rooms.disconnected(connection)
         context.fireChannelInactive()
     }
 
@@ -61,6 +64,7 @@ final class WebSocketHandler: ChannelInboundHandler {
                 let request = try ClientFrame.parse(payload.readableBytesView, limits: limits)
                 switch request {
                 case .scheduleCreate, .scheduleCancel: schedules.handle(request, from: connection)
+                case .roomJoin, .roomLeave, .roomSay, .roomControl: rooms.handle(request, from: connection)
                 default: chat.handle(request, from: connection)
                 }
             } catch {

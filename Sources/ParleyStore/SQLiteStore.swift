@@ -90,6 +90,37 @@ public final class SQLiteStore: Store {
         CREATE INDEX schedules_by_owner ON schedules(owner, id);
         CREATE INDEX schedules_by_status ON schedules(status, id);
         """,
+        // v4: debate rooms and their transcripts.
+        """
+        CREATE TABLE rooms (
+            id TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            topic TEXT NOT NULL,
+            debaters TEXT NOT NULL,
+            rounds INTEGER NOT NULL,
+            policy TEXT NOT NULL,
+            max_tokens INTEGER NOT NULL,
+            visibility TEXT NOT NULL,
+            status TEXT NOT NULL,
+            turns_taken INTEGER NOT NULL,
+            muted TEXT NOT NULL,
+            kicked TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL
+        );
+        CREATE INDEX rooms_by_status ON rooms(status, id);
+        CREATE TABLE room_entries (
+            id TEXT PRIMARY KEY,
+            room TEXT NOT NULL REFERENCES rooms(id) ON DELETE CASCADE,
+            kind TEXT NOT NULL,
+            speaker TEXT NOT NULL,
+            text TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            reason TEXT,
+            stream TEXT
+        );
+        CREATE INDEX room_entries_by_room ON room_entries(room, id);
+        """,
     ]
 
     public static var schemaVersion: Int { migrations.count }
@@ -500,5 +531,96 @@ public final class SQLiteStore: Store {
             content: r[5].text == "prompt" ? .prompt(body) : .text(body), status: Schedule.Status(rawValue: r[7].text ?? "") ?? .failed,
             createdAt: r[8].int ?? 0, updatedAt: r[9].int ?? 0, message: r[10].text, failure: r[11].text
         )
+    }
+
+    // MARK: Rooms
+
+    private static let roomColumns = "id, owner, topic, debaters, rounds, policy, max_tokens, visibility, status, turns_taken, muted, kicked, created_at, updated_at"
+
+    private static func roomValues(_ r: Room) -> [SQLValue] {
+        let debaters = JSONValue.array(r.debaters.map {
+            .object([("clone", .string($0.clone)), ("stance", .string($0.stance)), ("name", .string($0.name))])
+        })
+        return [
+            .text(r.id), .text(r.owner), .text(r.topic), .text(debaters.serializedString()), .int(Int64(r.rounds)),
+            .text(r.policy.rawValue), .int(Int64(r.maxTokensPerTurn)), .text(r.visibility.rawValue), .text(r.status.rawValue),
+            .int(Int64(r.turnsTaken)), .text(JSONValue.array(r.muted.map(JSONValue.string)).serializedString()),
+            .text(JSONValue.array(r.kicked.map(JSONValue.string)).serializedString()), .int(r.createdAt), .int(r.updatedAt),
+        ]
+    }
+
+    private static func room(from r: [SQLValue]) throws -> Room {
+        func strings(_ value: SQLValue) throws -> [String] {
+            (try JSONValue.parse(Array((value.text ?? "[]").utf8))).arrayValue?.compactMap(\.stringValue) ?? []
+        }
+        let debaters = (try JSONValue.parse(Array((r[3].text ?? "[]").utf8))).arrayValue ?? []
+        return Room(
+            id: r[0].text ?? "", owner: r[1].text ?? "", topic: r[2].text ?? "",
+            debaters: debaters.map { Room.Debater(clone: $0["clone"]?.stringValue ?? "", stance: $0["stance"]?.stringValue ?? "",
+                                                  name: $0["name"]?.stringValue ?? "") },
+            rounds: Int(r[4].int ?? 0), policy: Room.TurnPolicy(rawValue: r[5].text ?? "") ?? .roundRobin,
+            maxTokensPerTurn: Int(r[6].int ?? 0), visibility: Room.Visibility(rawValue: r[7].text ?? "") ?? .private,
+            status: Room.Status(rawValue: r[8].text ?? "") ?? .ended, turnsTaken: Int(r[9].int ?? 0),
+            muted: try strings(r[10]), kicked: try strings(r[11]), createdAt: r[12].int ?? 0, updatedAt: r[13].int ?? 0
+        )
+    }
+
+    public func createRoom(_ room: Room) async throws {
+        try await run { db in
+            try db.query("INSERT INTO rooms(\(Self.roomColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", Self.roomValues(room))
+        }
+    }
+
+    public func room(id: String) async throws -> Room? {
+        try await run { db in
+            try db.query("SELECT \(Self.roomColumns) FROM rooms WHERE id = ?", [.text(id)]).first.map(Self.room(from:))
+        }
+    }
+
+    public func updateRoom(_ room: Room) async throws -> Bool {
+        try await run { db in
+            let values = Self.roomValues(room)
+            try db.query(
+                "UPDATE rooms SET topic = ?, debaters = ?, rounds = ?, policy = ?, max_tokens = ?, visibility = ?, status = ?, turns_taken = ?, muted = ?, kicked = ?, updated_at = ? WHERE id = ? AND owner = ?",
+                Array(values[2...11]) + [values[13], values[0], values[1]]
+            )
+            return db.changes > 0
+        }
+    }
+
+    public func rooms(statuses: [Room.Status], limit: Int, after: String?) async throws -> [Room] {
+        guard !statuses.isEmpty else { return [] }
+        return try await run { db in
+            let marks = Array(repeating: "?", count: statuses.count).joined(separator: ", ")
+            return try db.query(
+                "SELECT \(Self.roomColumns) FROM rooms WHERE status IN (\(marks)) AND (? IS NULL OR id > ?) ORDER BY id LIMIT ?",
+                statuses.map { .text($0.rawValue) } + [Self.optional(after), Self.optional(after), .int(Int64(limit))]
+            ).map(Self.room(from:))
+        }
+    }
+
+    private static let entryColumns = "id, room, kind, speaker, text, created_at, reason, stream"
+
+    public func appendRoomEntry(_ e: RoomEntry) async throws {
+        try await run { db in
+            try db.query(
+                "INSERT INTO room_entries(\(Self.entryColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
+                [.text(e.id), .text(e.room), .text(e.kind.rawValue), .text(e.speaker), .text(e.text), .int(e.createdAt),
+                 Self.optional(e.reason?.rawValue), Self.optional(e.stream)]
+            )
+        }
+    }
+
+    public func roomEntries(room: String, limit: Int, before: String?) async throws -> [RoomEntry] {
+        try await run { db in
+            try db.query(
+                "SELECT \(Self.entryColumns) FROM room_entries WHERE room = ? AND (? IS NULL OR id < ?) ORDER BY id DESC LIMIT ?",
+                [.text(room), Self.optional(before), Self.optional(before), .int(Int64(limit))]
+            ).reversed().map { r in
+                RoomEntry(id: r[0].text ?? "", room: r[1].text ?? "", kind: RoomEntry.Kind(rawValue: r[2].text ?? "") ?? .said,
+                          speaker: r[3].text ?? "", text: r[4].text ?? "", createdAt: r[5].int ?? 0,
+                          reason: r[6].text.flatMap(StreamEndReason.init(rawValue:)), stream: r[7].text)
+            }
+        }
     }
 }

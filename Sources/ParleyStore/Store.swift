@@ -69,6 +69,21 @@ public protocol Store: Sendable {
     /// One message of a conversation, nil when absent.
     func message(id: String, conversation: String) async throws -> Message?
 
+    // MARK: Rooms
+
+    func createRoom(_ room: Room) async throws
+    /// A room by id whoever asks: link rooms are readable by anyone with the id, so the caller
+    /// checks access (the one read here without an owner).
+    func room(id: String) async throws -> Room?
+    /// Replaces the stored room with the same id; false when there is none.
+    func updateRoom(_ room: Room) async throws -> Bool
+    /// Rooms in one of `statuses`, oldest first, `limit` at most, created after `after`.
+    func rooms(statuses: [Room.Status], limit: Int, after: String?) async throws -> [Room]
+    func appendRoomEntry(_ entry: RoomEntry) async throws
+    /// A page of a room's transcript in chronological order: the newest `limit` entries older
+    /// than `before` (an entry id) when given.
+    func roomEntries(room: String, limit: Int, before: String?) async throws -> [RoomEntry]
+
     /// Flushes and releases resources. Calls after `close` fail with `StoreError.closed`.
     func close() async throws
 }

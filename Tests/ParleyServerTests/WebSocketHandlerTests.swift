@@ -27,9 +27,11 @@ import Testing
                                    logger: Logger(label: "test"), ids: IDGenerator())
             let schedules = ScheduleService(store: store, chat: chat, provider: SimulatedProvider(), hub: hub, configuration: ServerConfiguration(),
                                             logger: Logger(label: "test"), ids: IDGenerator(), loop: EmbeddedEventLoop())
+            let rooms = RoomService(store: store, chat: chat, provider: SimulatedProvider(), configuration: ServerConfiguration(),
+                                    logger: Logger(label: "test"), ids: IDGenerator())
             let connection = ClientConnection(id: "conn_1", identity: Identity(user: "alice", role: nil), channel: channel)
             try channel.pipeline.syncOperations.addHandler(
-                WebSocketHandler(connection: connection, chat: chat, schedules: schedules, hub: hub, limits: FrameLimits()))
+                WebSocketHandler(connection: connection, chat: chat, schedules: schedules, rooms: rooms, hub: hub, limits: FrameLimits()))
             try await channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).get()
         }
 

@@ -44,7 +44,11 @@ public final class TestWebSocket {
 
     /// Connects and upgrades. Throws `UpgradeRefused` when the server answers anything but 101
     /// (use `TestHTTPClient` to see that answer).
-    public static func connect(port: Int, uri: String = "/v1/ws", token: String? = nil, headers: HTTPHeaders = [:]) async throws -> TestWebSocket {
+    /// `receiveBuffer` sets SO_RCVBUF before connecting (a small one makes a slow reader's
+    /// backlog pile up on the server instead of in this kernel).
+    public static func connect(
+        port: Int, uri: String = "/v1/ws", token: String? = nil, headers: HTTPHeaders = [:], receiveBuffer: Int? = nil
+    ) async throws -> TestWebSocket {
         let (stream, continuation) = AsyncStream<Event>.makeStream()
         var headers = headers
         headers.replaceOrAdd(name: "host", value: "127.0.0.1:\(port)")
@@ -52,7 +56,10 @@ public final class TestWebSocket {
         if let token { headers.replaceOrAdd(name: "authorization", value: "Bearer \(token)") }
         let head = HTTPRequestHead(version: .http1_1, method: .GET, uri: uri, headers: headers)
 
-        let result: EventLoopFuture<(any Channel)?> = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+        var bootstrap = ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+        if let receiveBuffer { bootstrap = bootstrap.channelOption(.socketOption(.so_rcvbuf), value: SocketOptionValue(receiveBuffer)) }
+        let result: EventLoopFuture<(any Channel)?> = try await bootstrap
             .connect(host: "127.0.0.1", port: port) { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let upgrader = NIOTypedWebSocketClientUpgrader<(any Channel)?>(
@@ -134,6 +141,38 @@ public final class TestWebSocket {
         return .disconnected
     }
 
+    /// Text messages up to and including the first for which `last` is true, under one watchdog
+    /// for the whole batch (cheaper than `next` per message when there are thousands).
+    public func texts(until last: (String) -> Bool, timeout: Duration = .seconds(30)) async throws -> [String] {
+        if ended { throw TestTimeout(description: "disconnected") }
+        waits += 1
+        let token = waits
+        let continuation = self.continuation
+        let watchdog = Task {
+            try await Task.sleep(for: timeout)
+            continuation.yield(.timedOut(token))
+        }
+        defer { watchdog.cancel() }
+        var texts: [String] = []
+        while let event = await iterator.next() {
+            switch event {
+            case .timedOut(let t) where t == token:
+                throw TestTimeout(description: "no end of batch within \(timeout) (\(texts.count) messages)")
+            case .timedOut:
+                continue
+            case .inbound(.text(let text)):
+                texts.append(text)
+                if last(text) { return texts }
+            case .inbound(.disconnected):
+                ended = true
+                throw TestTimeout(description: "disconnected after \(texts.count) messages")
+            case .inbound:
+                continue
+            }
+        }
+        throw TestTimeout(description: "disconnected after \(texts.count) messages")
+    }
+
     /// The next text message parsed as JSON; fails on anything else.
     public func nextJSON(timeout: Duration = .seconds(10)) async throws -> JSONValue {
         let inbound = try await next(timeout: timeout)
@@ -151,6 +190,16 @@ public final class TestWebSocket {
             if frame["type"] == .string(type) { return (frame, skipped) }
             skipped.append(frame)
         }
+    }
+
+    /// Stops reading from the socket (a client that stalls); `resumeReading` starts again.
+    public func pauseReading() async throws {
+        try await channel.setOption(.autoRead, value: false).get()
+    }
+
+    public func resumeReading() async throws {
+        try await channel.setOption(.autoRead, value: true).get()
+        channel.read()
     }
 
     /// Closes the TCP connection without a closing handshake (a dropped network).

@@ -1,0 +1,84 @@
+import ParleyCore
+import ParleyStore
+
+/// Debate rooms (one document each, replaced whole on update) and their transcript entries.
+extension MongoStore {
+    public func createRoom(_ room: Room) async throws {
+        try await run { db in try db.insert("rooms", Self.document(room)) }
+    }
+
+    public func room(id: String) async throws -> Room? {
+        try await run { db in
+            try db.find("rooms", filter: .object([("_id", .string(id))]), limit: 1).first.map(Self.room(from:))
+        }
+    }
+
+    public func updateRoom(_ room: Room) async throws -> Bool {
+        try await run { db in
+            var fields = Self.document(room)
+            if case .object(let pairs) = fields { fields = .object(pairs.filter { !["_id", "owner", "created_at"].contains($0.0) }) }
+            return try db.update("rooms", query: .object([("_id", .string(room.id)), ("owner", .string(room.owner))]),
+                                 update: .object([("$set", fields)])).matched > 0
+        }
+    }
+
+    public func rooms(statuses: [Room.Status], limit: Int, after: String?) async throws -> [Room] {
+        guard !statuses.isEmpty else { return [] }
+        return try await run { db in
+            var filter: [(String, JSONValue)] = [("status", .object([("$in", .array(statuses.map { .string($0.rawValue) }))]))]
+            if let after { filter.append(("_id", .object([("$gt", .string(after))]))) }
+            return try db.find("rooms", filter: .object(filter), sort: .object([("_id", .int(1))]), limit: limit).map(Self.room(from:))
+        }
+    }
+
+    public func appendRoomEntry(_ e: RoomEntry) async throws {
+        try await run { db in
+            var doc: [(String, JSONValue)] = [
+                ("_id", .string(e.id)), ("room", .string(e.room)), ("kind", .string(e.kind.rawValue)), ("speaker", .string(e.speaker)),
+                ("text", .string(e.text)), ("created_at", .long(e.createdAt)),
+            ]
+            if let reason = e.reason { doc.append(("reason", .string(reason.rawValue))) }
+            if let stream = e.stream { doc.append(("stream", .string(stream))) }
+            try db.insert("room_entries", .object(doc))
+        }
+    }
+
+    public func roomEntries(room: String, limit: Int, before: String?) async throws -> [RoomEntry] {
+        try await run { db in
+            var filter: [(String, JSONValue)] = [("room", .string(room))]
+            if let before { filter.append(("_id", .object([("$lt", .string(before))]))) }
+            return try db.find("room_entries", filter: .object(filter), sort: .object([("_id", .int(-1))]), limit: limit).reversed().map { d in
+                RoomEntry(id: d["_id"]?.stringValue ?? "", room: d["room"]?.stringValue ?? "",
+                          kind: RoomEntry.Kind(rawValue: d["kind"]?.stringValue ?? "") ?? .said, speaker: d["speaker"]?.stringValue ?? "",
+                          text: d["text"]?.stringValue ?? "", createdAt: d["created_at"]?.int64 ?? 0,
+                          reason: d["reason"]?.stringValue.flatMap(StreamEndReason.init(rawValue:)), stream: d["stream"]?.stringValue)
+            }
+        }
+    }
+
+    static func document(_ r: Room) -> JSONValue {
+        .object([
+            ("_id", .string(r.id)), ("owner", .string(r.owner)), ("topic", .string(r.topic)),
+            ("debaters", .array(r.debaters.map { .object([("clone", .string($0.clone)), ("stance", .string($0.stance)), ("name", .string($0.name))]) })),
+            ("rounds", .long(Int64(r.rounds))), ("policy", .string(r.policy.rawValue)), ("max_tokens", .long(Int64(r.maxTokensPerTurn))),
+            ("visibility", .string(r.visibility.rawValue)), ("status", .string(r.status.rawValue)), ("turns_taken", .long(Int64(r.turnsTaken))),
+            ("muted", .array(r.muted.map(JSONValue.string))), ("kicked", .array(r.kicked.map(JSONValue.string))),
+            ("created_at", .long(r.createdAt)), ("updated_at", .long(r.updatedAt)),
+        ])
+    }
+
+    static func room(from d: JSONValue) -> Room {
+        Room(
+            id: d["_id"]?.stringValue ?? "", owner: d["owner"]?.stringValue ?? "", topic: d["topic"]?.stringValue ?? "",
+            debaters: (d["debaters"]?.arrayValue ?? []).map {
+                Room.Debater(clone: $0["clone"]?.stringValue ?? "", stance: $0["stance"]?.stringValue ?? "", name: $0["name"]?.stringValue ?? "")
+            },
+            rounds: Int(d["rounds"]?.int64 ?? 0), policy: Room.TurnPolicy(rawValue: d["policy"]?.stringValue ?? "") ?? .roundRobin,
+            maxTokensPerTurn: Int(d["max_tokens"]?.int64 ?? 0),
+            visibility: Room.Visibility(rawValue: d["visibility"]?.stringValue ?? "") ?? .private,
+            status: Room.Status(rawValue: d["status"]?.stringValue ?? "") ?? .ended, turnsTaken: Int(d["turns_taken"]?.int64 ?? 0),
+            muted: d["muted"]?.strings ?? [], kicked: d["kicked"]?.strings ?? [],
+            createdAt: d["created_at"]?.int64 ?? 0, updatedAt: d["updated_at"]?.int64 ?? 0
+        )
+    }
+}

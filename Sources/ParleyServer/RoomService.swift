@@ -1,0 +1,548 @@
+import Logging
+import NIOCore
+import ParleyCore
+import ParleyLLM
+import ParleyStore
+import Synchronization
+
+/// Debate rooms: creation (REST), membership, interjections and moderation (protocol), and the
+/// turn loop that has clones argue while every member watches the same stream.
+///
+/// Fan-out: each turn is a `LiveStream` whose subscribers are the room's members; every token
+/// frame is encoded once and the same buffer is written to every member's socket. Sockets have
+/// bounded outbound queues (`ClientConnection`), so a member who reads too slowly is cut off
+/// instead of slowing the others, and can join again to catch up.
+final class RoomService: Sendable {
+    let store: any Store
+    let chat: ChatService
+    let provider: any LLMProvider
+    let configuration: ServerConfiguration
+    let logger: Logger
+    let ids: IDGenerator
+    private let allocator = ByteBufferAllocator()
+    /// Transcript entries kept in memory per room for prompts and `room.state`.
+    static let keptEntries = 200
+
+    private struct State {
+        var rooms: [String: LiveRoom] = [:]
+        var accepting = true
+    }
+
+    private let state = Mutex(State())
+
+    init(store: any Store, chat: ChatService, provider: any LLMProvider, configuration: ServerConfiguration, logger: Logger, ids: IDGenerator) {
+        self.store = store
+        self.chat = chat
+        self.provider = provider
+        self.configuration = configuration
+        self.logger = logger
+        self.ids = ids
+    }
+
+    // MARK: Start and stop
+
+    /// A room that was running when the server stopped is paused: its moderator resumes it.
+    func start() async throws {
+        var after: String?
+        while true {
+            let page = try await store.rooms(statuses: [.running], limit: 500, after: after)
+            for var room in page {
+                room.status = .paused
+                room.updatedAt = Int64(Timestamp.nowMillis())
+                _ = try await store.updateRoom(room)
+            }
+            guard page.count == 500 else { break }
+            after = page.last?.id
+        }
+    }
+
+    /// Ends every turn in flight (its partial text stored, marked interrupted) and waits for the
+    /// turn loops; rooms stay `running` in memory only, and are stored `paused`.
+    func shutdown() async {
+        let rooms = state.withLock { s -> [LiveRoom] in
+            s.accepting = false
+            return Array(s.rooms.values)
+        }
+        for room in rooms {
+            let loop = room.state.withLock { s -> Task<Void, Never>? in
+                s.current?.stop(.shutdown)
+                return s.loop
+            }
+            await loop?.value
+            var stored = room.state.withLock { $0.room }
+            if stored.status == .running {
+                stored.status = .paused
+                _ = try? await store.updateRoom(stored)
+            }
+        }
+    }
+
+    // MARK: REST
+
+    func create(owner: String, _ request: DebateRequest) async throws(FrameError) -> Room {
+        do {
+            var debaters: [Room.Debater] = []
+            for (clone, stance) in request.clones {
+                guard let found = try await store.clone(id: clone, owner: owner) else {
+                    throw FrameError(ref: nil, code: .notFound, message: "no clone \(clone)")
+                }
+                debaters.append(Room.Debater(clone: clone, stance: stance, name: found.name))
+            }
+            let now = Int64(Timestamp.nowMillis())
+            let room = Room(id: ids.make(.room), owner: owner, topic: request.topic, debaters: debaters, rounds: request.rounds,
+                            policy: request.policy, maxTokensPerTurn: request.maxTokensPerTurn, visibility: request.visibility,
+                            createdAt: now, updatedAt: now)
+            try await store.createRoom(room)
+            return room
+        } catch let error as FrameError {
+            throw error
+        } catch {
+            throw internalError(error)
+        }
+    }
+
+    /// The room and its transcript as `user` may see it.
+    func snapshot(id: String, user: String) async throws(FrameError) -> (room: Room, transcript: [RoomEntry]) {
+        if let live = state.withLock({ $0.rooms[id] }) {
+            let (room, transcript) = live.state.withLock { ($0.room, $0.transcript) }
+            try Self.checkAccess(room, user)
+            return (room, transcript)
+        }
+        do {
+            guard let room = try await store.room(id: id) else { throw Self.noRoom(id) }
+            try Self.checkAccess(room, user)
+            return (room, try await store.roomEntries(room: id, limit: Self.keptEntries, before: nil))
+        } catch let error as FrameError {
+            throw error
+        } catch {
+            throw internalError(error)
+        }
+    }
+
+    // MARK: Protocol
+
+    func handle(_ frame: ClientFrame, from connection: ClientConnection) {
+        let started = chat.track {
+            do {
+                switch frame {
+                case let .roomJoin(id, room): try await self.join(ref: id, room: room, connection)
+                case let .roomLeave(_, room): try await self.leave(room: room, connection)
+                case let .roomSay(_, room, text): try await self.say(room: room, text: text, connection)
+                case let .roomControl(_, room, action, target): try await self.control(room: room, action: action, target: target, connection)
+                default: preconditionFailure("not a room frame")
+                }
+            } catch var error as FrameError {
+                error.ref = frame.id
+                connection.send(ServerFrame.error(error))
+            } catch {
+                var failure = self.internalError(error)
+                failure.ref = frame.id
+                connection.send(ServerFrame.error(failure))
+            }
+        }
+        if !started {
+            connection.send(ServerFrame.error(ref: frame.id, code: .unavailable, message: "the server is shutting down"))
+        }
+    }
+
+    /// A socket closed: it leaves every room it was in.
+    func disconnected(_ connection: ClientConnection) {
+        let rooms = state.withLock { Array($0.rooms.values) }
+        for room in rooms where room.state.withLock({ $0.members[connection.id] != nil }) {
+            _ = chat.track { try? await self.leave(room: room.id, connection) }
+        }
+    }
+
+    private func join(ref: String, room id: String, _ connection: ClientConnection) async throws {
+        let user = connection.identity.user
+        var live = try await load(id, for: user)
+        // Under the room's lock: the state snapshot, the membership and the catch-up on the turn
+        // being streamed happen together, so no token and no later turn falls between them.
+        var joined: Bool?
+        while true {
+            joined = live.state.withLock { s -> Bool? in
+                guard !s.retired else { return nil }
+                return Self.add(connection, to: &s, ref: ref, allocator: allocator)
+            }
+            if joined != nil { break }
+            live = try await load(id, for: user)  // it was dropped from memory just now
+        }
+        if joined == true {
+            live.broadcast(allocator.buffer(bytes: ServerFrame.roomEvent(room: id, event: "joined", [("user", .string(user))])), except: connection.id)
+        }
+    }
+
+    /// Adds a member and sends it the room's state and the turn being streamed; true when the
+    /// user was not in the room with another socket already.
+    private static func add(_ connection: ClientConnection, to s: inout LiveRoom.State, ref: String, allocator: ByteBufferAllocator) -> Bool {
+        let user = connection.identity.user
+        let alreadyIn = s.members.values.contains { $0.identity.user == user }
+        s.members[connection.id] = connection
+        connection.send(ServerFrame.roomState(ref: ref, room: s.room, members: users(s.members), transcript: s.transcript,
+                                              speaker: s.current?.clone, stream: s.current?.id))
+        if let current = s.current {
+            _ = current.resume(connection, after: 0, ack: allocator.buffer(bytes: current.startFrame(ref: nil)))
+        }
+        return !alreadyIn
+    }
+
+    private func leave(room id: String, _ connection: ClientConnection) async throws {
+        guard let live = state.withLock({ $0.rooms[id] }), live.state.withLock({ $0.members[connection.id] != nil }) else {
+            throw FrameError(ref: nil, code: .notFound, message: "you are not in room \(id)")
+        }
+        let user = connection.identity.user
+        let gone = live.state.withLock { s -> Bool in
+            s.members.removeValue(forKey: connection.id)
+            s.current?.unsubscribe(connection.id)
+            return !s.members.values.contains { $0.identity.user == user }
+        }
+        let event = allocator.buffer(bytes: ServerFrame.roomEvent(room: id, event: "left", [("user", .string(user))]))
+        if connection.isActive { connection.send(event) }
+        if gone { live.broadcast(event) }
+        evictIfIdle(live)
+    }
+
+    /// Drops a room nobody is in and nothing runs in from memory (bounded memory: only rooms
+    /// in use are held); the store has everything.
+    private func evictIfIdle(_ live: LiveRoom) {
+        state.withLock { s in
+            let idle = live.state.withLock { r -> Bool in
+                guard r.members.isEmpty, r.loop == nil, r.current == nil else { return false }
+                r.retired = true
+                return true
+            }
+            if idle, s.rooms[live.id] === live { s.rooms.removeValue(forKey: live.id) }
+        }
+    }
+
+    private func say(room id: String, text: String, _ connection: ClientConnection) async throws {
+        let live = try member(id, connection)
+        let user = connection.identity.user
+        guard !live.state.withLock({ $0.room.muted.contains(user) }) else {
+            throw FrameError(ref: nil, code: .forbidden, message: "the moderator muted you in room \(id)")
+        }
+        let entry = RoomEntry(id: ids.make(.roomEntry), room: id, kind: .said, speaker: user, text: text, createdAt: Int64(Timestamp.nowMillis()))
+        try await store.appendRoomEntry(entry)
+        live.state.withLock { s in s.append(entry) }
+        live.broadcast(allocator.buffer(bytes: ServerFrame.roomEvent(room: id, event: "said", [("entry", entry.json)])))
+    }
+
+    private func control(room id: String, action: RoomAction, target: String?, _ connection: ClientConnection) async throws {
+        let live = try member(id, connection)
+        guard live.state.withLock({ $0.room.owner }) == connection.identity.user else {
+            throw FrameError(ref: nil, code: .forbidden, message: "only the moderator may \(action.rawValue) room \(id)")
+        }
+        let now = Int64(Timestamp.nowMillis())
+        var fields: [(String, JSONValue)] = [("by", .string(connection.identity.user))]
+        var kickedSockets: [ClientConnection] = []
+        // Each action changes the room under its lock; the turn loop reads the status there too.
+        let outcome: Result<(event: String, room: Room, startLoop: Bool), FrameError> = live.state.withLock { s in
+            var room = s.room
+            var startLoop = false
+            let event: String
+            switch action {
+            case .start, .resume:
+                let from: Room.Status = action == .start ? .open : .paused
+                guard room.status == from else {
+                    return .failure(FrameError(ref: nil, code: .conflict, message: "room \(id) is \(room.status.rawValue); \(action.rawValue) needs it \(from.rawValue)"))
+                }
+                room.status = .running
+                startLoop = true
+                event = action == .start ? "started" : "resumed"
+            case .pause:
+                guard room.status == .running else { return .failure(Self.notRunning(room)) }
+                room.status = .paused
+                s.current?.stop(.cancelled)  // stops after the token being sent
+                event = "paused"
+            case .end:
+                guard room.status != .ended else { return .failure(FrameError(ref: nil, code: .conflict, message: "room \(id) already ended")) }
+                room.status = .ended
+                s.current?.stop(.cancelled)
+                event = "ended"
+            case .next:
+                guard room.status == .running else { return .failure(Self.notRunning(room)) }
+                if let target {
+                    guard room.debater(target) != nil else { return .failure(FrameError(ref: nil, code: .notFound, message: "no clone \(target) in room \(id)")) }
+                    s.requested = target
+                    fields.append(("clone", .string(target)))
+                } else if room.policy == .moderator {
+                    return .failure(FrameError(ref: nil, code: .badRequest, message: "with turn_policy moderator, 'next' needs a 'target' clone"))
+                } else if let speaking = s.current?.clone {
+                    // Skip the speaker: without this a cut-short turn would be given back to it.
+                    s.requested = TurnTaking.after(speaking, in: room)
+                }
+                s.current?.stop(.cancelled)
+                startLoop = true
+                event = "next"
+            case .mute, .unmute:
+                let target = target!
+                guard room.debater(target) != nil || target != room.owner else {
+                    return .failure(FrameError(ref: nil, code: .badRequest, message: "the moderator cannot be muted"))
+                }
+                if action == .mute {
+                    if !room.muted.contains(target) { room.muted.append(target) }
+                } else {
+                    room.muted.removeAll { $0 == target }
+                }
+                fields.append((room.debater(target) != nil ? "clone" : "user", .string(target)))
+                event = action == .mute ? "muted" : "unmuted"
+                startLoop = action == .unmute && room.status == .running
+            case .kick:
+                let target = target!
+                guard target != room.owner else { return .failure(FrameError(ref: nil, code: .badRequest, message: "the moderator cannot be kicked")) }
+                if !room.kicked.contains(target) { room.kicked.append(target) }
+                kickedSockets = s.members.values.filter { $0.identity.user == target }
+                for socket in kickedSockets {
+                    s.members.removeValue(forKey: socket.id)
+                    s.current?.unsubscribe(socket.id)
+                }
+                fields.append(("user", .string(target)))
+                event = "kicked"
+            }
+            room.updatedAt = now
+            s.room = room
+            return .success((event, room, startLoop))
+        }
+        let (event, room, startLoop) = try outcome.get()
+        _ = try await store.updateRoom(room)
+        let frame = allocator.buffer(bytes: ServerFrame.roomEvent(room: id, event: event, fields))
+        for socket in kickedSockets { socket.send(frame) }
+        live.broadcast(frame)
+        if startLoop { runTurns(live) }
+    }
+
+    // MARK: Turns
+
+    /// Starts the room's turn loop unless one is running.
+    private func runTurns(_ live: LiveRoom) {
+        guard state.withLock({ $0.accepting }) else { return }
+        live.state.withLock { s in
+            guard s.loop == nil else { return }  // the running loop re-decides after its turn
+            s.loop = Task { await self.turns(live) }
+        }
+    }
+
+    private func turns(_ live: LiveRoom) async {
+        while true {
+            let accepting = state.withLock { $0.accepting }
+            // Decide under the lock whether another turn runs, and whose.
+            let decision = live.state.withLock { s -> (room: Room, transcript: [RoomEntry], speaker: String)? in
+                guard accepting, s.room.status == .running, s.room.turnsTaken < s.room.totalTurns,
+                      let speaker = TurnTaking.next(room: s.room, transcript: s.transcript, requested: s.requested) else {
+                    s.loop = nil
+                    return nil
+                }
+                s.requested = nil
+                return (s.room, s.transcript, speaker)
+            }
+            guard let (room, transcript, speaker) = decision else {
+                await finishIfDone(live)
+                return
+            }
+            await turn(live, room: room, transcript: transcript, speaker: speaker)
+        }
+    }
+
+    /// Ends the debate when its last turn was taken.
+    private func finishIfDone(_ live: LiveRoom) async {
+        let ended = live.state.withLock { s -> Room? in
+            guard s.room.status == .running, s.room.turnsTaken >= s.room.totalTurns else { return nil }
+            s.room.status = .ended
+            s.room.updatedAt = Int64(Timestamp.nowMillis())
+            return s.room
+        }
+        guard let ended else { return }
+        _ = try? await store.updateRoom(ended)
+        live.broadcast(allocator.buffer(bytes: ServerFrame.roomEvent(room: ended.id, event: "ended", [("reason", .string("rounds_done"))])))
+    }
+
+    private func turn(_ live: LiveRoom, room: Room, transcript: [RoomEntry], speaker: String) async {
+        do {
+            guard let clone = try await store.clone(id: speaker, owner: room.owner) else {
+                // The clone was deleted: it sits out the rest of the debate.
+                try await changeRoom(live) { $0.muted.append(speaker) }
+                live.broadcast(allocator.buffer(bytes: ServerFrame.roomEvent(room: room.id, event: "muted", [("clone", .string(speaker)), ("reason", .string("clone_deleted"))])))
+                return
+            }
+            let names = Dictionary(room.debaters.map { ($0.clone, $0.name) }, uniquingKeysWith: { a, _ in a })
+            let prompt = TurnTaking.prompt(room: room, speaker: clone, transcript: transcript, names: names, budget: configuration.contextBudgetTokens)
+            let request = CompletionRequest(messages: prompt.messages, speaker: clone.name, maxOutputTokens: room.maxTokensPerTurn)
+            let model = provider.modelName(for: request)
+            let streamID = ids.make(.stream)
+            let meter = chat.credits.meter(user: room.owner, stream: streamID, conversation: nil, room: room.id, model: model, feature: .debate)
+            do {
+                try await meter.begin(inputTokens: prompt.estimatedTokens)
+            } catch let refusal as CreditMeter.Refusal {
+                try await pauseForCredits(live, room: room.id, balance: refusal.balance, required: refusal.required, stream: nil)
+                return
+            }
+            // The turn starts under the room's lock: whoever is a member now receives all of it.
+            let stream = live.state.withLock { s -> LiveStream? in
+                guard s.room.status == .running else { return nil }
+                let stream = LiveStream(id: streamID, owner: room.owner, conversation: room.id, clone: clone.id, model: model, room: room.id,
+                                        bufferCapacity: max(room.maxTokensPerTurn, 1), subscribers: Array(s.members.values))
+                s.current = stream
+                stream.broadcast(allocator.buffer(bytes: ServerFrame.roomEvent(room: room.id, event: "turn", [
+                    ("clone", .string(clone.id)), ("stream", .string(streamID)), ("turn", .int(Int64(s.room.turnsTaken + 1))),
+                ])))
+                stream.start(allocator.buffer(bytes: stream.startFrame(ref: nil)))
+                return stream
+            }
+            guard let stream else {
+                _ = await meter.settle(usage: Usage(inputTokens: 0, outputTokens: 0))  // paused or ended meanwhile
+                return
+            }
+            if !state.withLock({ $0.accepting }) || !chat.isAccepting { stream.stop(.shutdown) }
+            let entryID = ids.make(.roomEntry)
+            let store = self.store
+            let recorded = Mutex<RoomEntry?>(nil)
+            let owner = room.owner
+            let generation = Task {
+                _ = await self.chat.generate(
+                    stream, request: request, prompt: prompt, meter: meter, ref: nil, requester: nil, messageID: entryID,
+                    paywallTo: { live.state.withLock { $0.members.values.filter { $0.identity.user == owner } } }
+                ) { message in
+                    let entry = RoomEntry(id: entryID, room: room.id, kind: .turn, speaker: clone.id, text: message.text,
+                                          createdAt: message.createdAt, reason: message.reason, stream: streamID)
+                    try await store.appendRoomEntry(entry)
+                    recorded.withLock { $0 = entry }
+                }
+            }
+            stream.attach(generation)
+            await generation.value
+            let entry = recorded.withLock { $0 }
+            let updated = live.state.withLock { s -> Room in
+                s.current = nil
+                if let entry {
+                    s.append(entry)
+                    if entry.reason == .complete { s.room.turnsTaken += 1 }
+                }
+                s.room.updatedAt = Int64(Timestamp.nowMillis())
+                return s.room
+            }
+            _ = try await store.updateRoom(updated)
+            if entry?.reason == .insufficientCredits {
+                try await pauseForCredits(live, room: room.id, balance: nil, required: nil, stream: streamID)
+            }
+        } catch {
+            logger.error("a debate turn failed; pausing the room", metadata: ["room": "\(room.id)", "error": "\(error)"])
+            try? await changeRoom(live) { $0.status = .paused }
+            live.broadcast(allocator.buffer(bytes: ServerFrame.roomEvent(room: room.id, event: "paused", [("reason", .string("error"))])))
+        }
+    }
+
+    /// The moderator's credits ran out: the room pauses; the moderator's sockets get a
+    /// `paywall` (unless the stream already sent one) and everyone the `paused` event.
+    private func pauseForCredits(_ live: LiveRoom, room: String, balance: Int64?, required: Int64?, stream: String?) async throws {
+        try await changeRoom(live) { $0.status = .paused }
+        if let balance, let required {
+            let owner = live.state.withLock { $0.room.owner }
+            let paywall = allocator.buffer(bytes: JSONValue.object([
+                ("type", .string("paywall")), ("room", .string(room)), ("balance", .int(balance)), ("required", .int(required)),
+            ]).serialized())
+            for socket in live.state.withLock({ $0.members.values.filter { $0.identity.user == owner } }) { socket.send(paywall) }
+        }
+        live.broadcast(allocator.buffer(bytes: ServerFrame.roomEvent(room: room, event: "paused", [("reason", .string("insufficient_credits"))])))
+    }
+
+    private func changeRoom(_ live: LiveRoom, _ change: (inout Room) -> Void) async throws {
+        let room = live.state.withLock { s -> Room in
+            change(&s.room)
+            s.room.updatedAt = Int64(Timestamp.nowMillis())
+            return s.room
+        }
+        _ = try await store.updateRoom(room)
+    }
+
+    // MARK: Helpers
+
+    /// The live room, loaded from the store on first use, if `user` may see it.
+    private func load(_ id: String, for user: String) async throws(FrameError) -> LiveRoom {
+        let live: LiveRoom
+        if let loaded = state.withLock({ $0.rooms[id] }) {
+            live = loaded
+        } else {
+            do {
+                guard let room = try await store.room(id: id) else { throw Self.noRoom(id) }
+                let transcript = try await store.roomEntries(room: id, limit: Self.keptEntries, before: nil)
+                let fresh = LiveRoom(room: room, transcript: transcript)
+                live = state.withLock { s in
+                    if let raced = s.rooms[id] { return raced }
+                    s.rooms[id] = fresh
+                    return fresh
+                }
+            } catch let error as FrameError {
+                throw error
+            } catch {
+                throw internalError(error)
+            }
+        }
+        try Self.checkAccess(live.state.withLock { $0.room }, user)
+        return live
+    }
+
+    /// Private rooms are the moderator's alone (others get `not_found`, as for anything not
+    /// theirs); link rooms are open to anyone with the id except who was kicked.
+    private static func checkAccess(_ room: Room, _ user: String) throws(FrameError) {
+        guard room.owner == user || room.visibility == .link else { throw noRoom(room.id) }
+        guard !room.kicked.contains(user) else { throw FrameError(ref: nil, code: .forbidden, message: "the moderator removed you from room \(room.id)") }
+    }
+
+    private func member(_ id: String, _ connection: ClientConnection) throws(FrameError) -> LiveRoom {
+        guard let live = state.withLock({ $0.rooms[id] }), live.state.withLock({ $0.members[connection.id] != nil }) else {
+            throw FrameError(ref: nil, code: .notFound, message: "join room \(id) first")
+        }
+        return live
+    }
+
+    private static func noRoom(_ id: String) -> FrameError { FrameError(ref: nil, code: .notFound, message: "no room \(id)") }
+
+    private static func notRunning(_ room: Room) -> FrameError {
+        FrameError(ref: nil, code: .conflict, message: "room \(room.id) is \(room.status.rawValue), not running")
+    }
+
+    private static func users(_ members: [String: ClientConnection]) -> [String] {
+        Array(Set(members.values.map(\.identity.user))).sorted()
+    }
+
+    private func internalError(_ error: any Error) -> FrameError {
+        logger.error("room request failed", metadata: ["error": "\(error)"])
+        return FrameError(ref: nil, code: .internal, message: "the request failed; try again")
+    }
+}
+
+/// A room in memory: its stored state, recent transcript, members and the turn being streamed.
+final class LiveRoom: Sendable {
+    struct State {
+        var room: Room
+        var transcript: [RoomEntry]
+        var members: [String: ClientConnection] = [:]
+        var current: LiveStream?
+        /// The clone the moderator asked for with `next`.
+        var requested: String?
+        var loop: Task<Void, Never>?
+        /// Dropped from memory (no members, nothing running); a join must load the room again.
+        var retired = false
+
+        mutating func append(_ entry: RoomEntry) {
+            transcript.append(entry)
+            if transcript.count > RoomService.keptEntries { transcript.removeFirst(transcript.count - RoomService.keptEntries) }
+        }
+    }
+
+    let id: String
+    let state: Mutex<State>
+
+    init(room: Room, transcript: [RoomEntry]) {
+        id = room.id
+        state = Mutex(State(room: room, transcript: transcript))
+    }
+
+    /// Sends one frame (encoded once) to every member (but `except`), in order with the room's
+    /// other frames.
+    func broadcast(_ frame: ByteBuffer, except: String? = nil) {
+        state.withLock { s in
+            for (id, member) in s.members where id != except && member.isActive { member.send(frame) }
+        }
+    }
+}
