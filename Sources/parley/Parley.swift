@@ -74,6 +74,9 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Scheduled messages: how many one user may have pending.")
     var maxPendingSchedules = 100
 
+    @Option(help: "Bytes a socket may have waiting to be sent before it is closed (1008) as too slow to keep up.")
+    var maxSocketQueueBytes = 4 * 1024 * 1024
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: Logger.Level = .info
 
@@ -87,6 +90,7 @@ struct Serve: AsyncParsableCommand {
         guard (1...10_000).contains(creditBatchTokens) else { throw ArgumentParser.ValidationError("--credit-batch-tokens must be 1-10000") }
         guard (1...1_000).contains(scheduleTickMs) else { throw ArgumentParser.ValidationError("--schedule-tick-ms must be 1-1000") }
         guard (0...1_000_000).contains(maxPendingSchedules) else { throw ArgumentParser.ValidationError("--max-pending-schedules must be 0-1000000") }
+        guard maxSocketQueueBytes >= 64 * 1024 else { throw ArgumentParser.ValidationError("--max-socket-queue-bytes must be at least 65536") }
         guard contextBudget >= 64 else { throw ArgumentParser.ValidationError("--context-budget must be at least 64") }
         if let s = secret.resolvedSecret, s.count < 32 { throw ArgumentParser.ValidationError("the JWT secret must be at least 32 characters") }
     }
@@ -126,6 +130,7 @@ struct Serve: AsyncParsableCommand {
         }
         configuration.contextBudgetTokens = contextBudget
         configuration.scheduleTickMillis = Int64(scheduleTickMs)
+        configuration.maxQueuedBytesPerSocket = maxSocketQueueBytes
         configuration.frameLimits.schedule.maxPendingPerUser = maxPendingSchedules
         configuration.simulated.timeToFirstToken = .milliseconds(simTtftMs)
         configuration.simulated.tokensPerSecond = simTokensPerSec

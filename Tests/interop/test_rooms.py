@@ -1,0 +1,54 @@
+"""A debate through the real binary with a third-party client: every frame against the schemas."""
+import asyncio
+import json
+
+import websockets
+
+from schemas import validate_rest
+from test_interop import make_clone, recv
+
+
+async def frames_until(ws, predicate):
+    out = []
+    while True:
+        frame = await recv(ws)
+        out.append(frame)
+        if predicate(frame):
+            return out
+
+
+def test_a_debate_streams_to_every_member_and_is_stored(server):
+    mod = server.token("mod")
+    ada, bob = make_clone(server, mod, name="Ada"), make_clone(server, mod, name="Bob")
+    status, room = server.http("POST", "/v1/rooms", mod, {
+        "kind": "debate", "topic": "Is cheese a dessert?", "rounds": 1, "visibility": "link",
+        "clones": [{"clone": ada["id"], "stance": "yes"}, {"clone": bob["id"], "stance": "no"}]})
+    assert status == 201, room
+    validate_rest("room", room)
+    viewer = server.token("vic")
+
+    async def run():
+        async with websockets.connect(f"{server.ws}?token={mod}") as m, websockets.connect(f"{server.ws}?token={viewer}") as v:
+            await recv(m), await recv(v)
+            await m.send(json.dumps({"type": "room.join", "id": "j1", "room": room["id"]}))
+            state = await recv(m)
+            assert state["type"] == "room.state" and state["stream"] is None
+            await v.send(json.dumps({"type": "room.join", "id": "j2", "room": room["id"]}))
+            assert (await recv(v))["type"] == "room.state"
+            await v.send(json.dumps({"type": "room.control", "id": "c0", "room": room["id"], "action": "start"}))
+            refused = await frames_until(v, lambda f: f["type"] == "error")
+            assert refused[-1]["code"] == "forbidden"
+            await m.send(json.dumps({"type": "room.control", "id": "c1", "room": room["id"], "action": "start"}))
+            ended = lambda f: f["type"] == "room.event" and f["event"] == "ended"
+            return await frames_until(m, ended), await frames_until(v, ended)
+
+    seen_by_mod, seen_by_viewer = asyncio.run(run())
+    streamed = lambda frames: [f for f in frames if f["type"] in ("stream.start", "token", "stream.end")]
+    assert streamed(seen_by_mod) == streamed(seen_by_viewer)
+    starts = [f for f in seen_by_mod if f["type"] == "stream.start"]
+    assert [s["clone"] for s in starts] == [ada["id"], bob["id"]] and all(s["room"] == room["id"] for s in starts)
+
+    status, detail = server.http("GET", f"/v1/rooms/{room['id']}", viewer)
+    assert status == 200
+    validate_rest("room-detail", detail)
+    assert detail["room"]["status"] == "ended" and [e["clone"] for e in detail["transcript"]] == [ada["id"], bob["id"]]
