@@ -12,6 +12,7 @@ let package = Package(
         .executable(name: "parley", targets: ["parley"]),
         .executable(name: "parley-load", targets: ["parley-load"]),
         .executable(name: "parley-bench-timers", targets: ["parley-bench-timers"]),
+        .executable(name: "parley-bench-fanout", targets: ["parley-bench-fanout"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -95,6 +96,16 @@ let package = Package(
             name: "parley-bench-timers",
             dependencies: ["ParleyCore", .product(name: "HeapModule", package: "swift-collections")],
             path: "loadtest/Sources/parley-bench-timers",
+            swiftSettings: strict
+        ),
+        // Fan-out delay in a debate room with 1000 members (BENCHMARKS.md).
+        .executableTarget(
+            name: "parley-bench-fanout",
+            dependencies: [
+                "ParleyServer", "ParleyCore", "ParleyTestSupport",
+                .product(name: "NIOCore", package: "swift-nio"),
+            ],
+            path: "loadtest/Sources/parley-bench-fanout",
             swiftSettings: strict
         ),
         // Test helpers shared by the test targets (a small NIO WebSocket client, server fixtures).

@@ -10,4 +10,7 @@ swift build --product parley
 # The timer benchmark's own checks (every timer fires on its tick, none early), at toy size.
 swift build --product parley-bench-timers
 .build/debug/parley-bench-timers --timers 20000 --realtime-ms 200 --realtime-timers 2000
+# The fan-out benchmark's own check (every member gets every token), at toy size.
+swift build --product parley-bench-fanout
+.build/debug/parley-bench-fanout --members 20 --tokens 20 --tokens-per-sec 100
 python3 -m pytest -q Tests/interop

@@ -85,3 +85,25 @@ public final class ClientConnection: Sendable {
         }.recover { _ in }
     }
 }
+
+/// Writes one encoded frame to many sockets with one hop per event loop instead of one per
+/// socket: the frame is handed to each loop once, and that loop writes it to all of its sockets.
+/// Per socket, frames keep the order they were sent in (each loop runs its tasks in order).
+enum FanOut {
+    static func send(_ frame: ByteBuffer, to connections: [ClientConnection]) {
+        if connections.count <= 1 {
+            connections.first?.send(frame)
+            return
+        }
+        var byLoop: [ObjectIdentifier: (loop: any EventLoop, members: [ClientConnection])] = [:]
+        for connection in connections {
+            let loop = connection.channel.eventLoop
+            byLoop[ObjectIdentifier(loop), default: (loop, [])].members.append(connection)
+        }
+        for (loop, members) in byLoop.values {
+            loop.execute {
+                for member in members { member.send(frame) }
+            }
+        }
+    }
+}

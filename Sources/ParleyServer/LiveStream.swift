@@ -162,12 +162,15 @@ final class LiveStream: Sendable {
     var task: Task<Void, Never>? { state.withLock { $0.task } }
 
     private func broadcast(_ frame: ByteBuffer, _ s: inout State) {
+        var active: [ClientConnection] = []
+        active.reserveCapacity(s.subscribers.count)
         for (key, connection) in s.subscribers {
             if connection.isActive {
-                connection.send(frame)
+                active.append(connection)
             } else {
                 s.subscribers.removeValue(forKey: key)
             }
         }
+        FanOut.send(frame, to: active)
     }
 }

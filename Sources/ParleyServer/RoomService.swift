@@ -542,7 +542,7 @@ final class LiveRoom: Sendable {
     /// other frames.
     func broadcast(_ frame: ByteBuffer, except: String? = nil) {
         state.withLock { s in
-            for (id, member) in s.members where id != except && member.isActive { member.send(frame) }
+            FanOut.send(frame, to: s.members.compactMap { id, member in id != except && member.isActive ? member : nil })
         }
     }
 }

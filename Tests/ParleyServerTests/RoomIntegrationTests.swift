@@ -71,6 +71,18 @@ struct DebateFixture {
         return DebateFixture(server: server, modToken: mod, clones: clones, room: try created.json()["id"]!.stringValue!)
     }
 
+    /// The moderator's socket, joined, the debate started and its first turn `tokens` tokens in.
+    func moderatorInFirstTurn(tokens: Int = 1) async throws -> TestWebSocket {
+        let mod = try await server.connect(token: modToken)
+        _ = try await mod.join(room)
+        try await mod.control(room, "start")
+        _ = try await mod.roomEvent("started")
+        _ = try await mod.roomEvent("turn")
+        _ = try await mod.nextJSON()  // stream.start
+        for _ in 0..<tokens { _ = try await mod.readUntilToken() }
+        return mod
+    }
+
     func transcript(token: String? = nil) async throws -> [JSONValue] {
         try await server.get("/v1/rooms/\(room)", token: token ?? modToken).json()["transcript"]!.arrayValue!
     }
@@ -158,13 +170,7 @@ struct DebateFixture {
             $0.simulated.replyTokens = 60
             $0.simulated.tokensPerSecond = 100
         }
-        let mod = try await f.server.connect(token: f.modToken)
-        _ = try await mod.join(f.room)
-        try await mod.control(f.room, "start")
-        _ = try await mod.roomEvent("started")
-        _ = try await mod.roomEvent("turn")
-        _ = try await mod.nextJSON()  // stream.start
-        for _ in 0..<5 { _ = try await mod.readUntilToken() }
+        _ = try await f.moderatorInFirstTurn(tokens: 5)
 
         let late = try await f.server.connect(token: try await f.server.token("vic"))
         let state = try await late.join(f.room)
@@ -225,13 +231,7 @@ struct DebateFixture {
             $0.simulated.replyTokens = 400
             $0.simulated.tokensPerSecond = 100
         }
-        let mod = try await f.server.connect(token: f.modToken)
-        _ = try await mod.join(f.room)
-        try await mod.control(f.room, "start")
-        _ = try await mod.roomEvent("started")
-        _ = try await mod.roomEvent("turn")
-        _ = try await mod.nextJSON()
-        _ = try await mod.readUntilToken()
+        let mod = try await f.moderatorInFirstTurn()
         try await mod.control(f.room, "pause")
         let (end, skipped) = try await mod.next(type: "stream.end")
         #expect(end["reason"] == .string("cancelled"))
@@ -349,13 +349,7 @@ struct DebateFixture {
             $0.simulated.replyTokens = 400
             $0.simulated.tokensPerSecond = 100
         }
-        let mod = try await f.server.connect(token: f.modToken)
-        _ = try await mod.join(f.room)
-        try await mod.control(f.room, "start")
-        _ = try await mod.roomEvent("started")
-        _ = try await mod.roomEvent("turn")
-        _ = try await mod.nextJSON()
-        _ = try await mod.readUntilToken()
+        _ = try await f.moderatorInFirstTurn()
         f.server = try await f.server.restarted()
         let after = try await f.server.get("/v1/rooms/\(f.room)", token: f.modToken).json()
         #expect(after["room"]?["status"] == .string("paused"))

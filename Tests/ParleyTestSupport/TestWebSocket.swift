@@ -46,8 +46,12 @@ public final class TestWebSocket {
     /// (use `TestHTTPClient` to see that answer).
     /// `receiveBuffer` sets SO_RCVBUF before connecting (a small one makes a slow reader's
     /// backlog pile up on the server instead of in this kernel).
+    /// `observe` sees every text message on the event loop the moment it is decoded, with its
+    /// arrival time (benchmarks time deliveries with it); messages it returns true for are
+    /// consumed, the others queue for `next` as usual.
     public static func connect(
-        port: Int, uri: String = "/v1/ws", token: String? = nil, headers: HTTPHeaders = [:], receiveBuffer: Int? = nil
+        port: Int, uri: String = "/v1/ws", token: String? = nil, headers: HTTPHeaders = [:], receiveBuffer: Int? = nil,
+        observe: (@Sendable (ByteBuffer, ContinuousClock.Instant) -> Bool)? = nil
     ) async throws -> TestWebSocket {
         let (stream, continuation) = AsyncStream<Event>.makeStream()
         var headers = headers
@@ -66,7 +70,7 @@ public final class TestWebSocket {
                         maxFrameSize: 1 << 24,
                         upgradePipelineHandler: { channel, _ in
                             channel.eventLoop.makeCompletedFuture {
-                                try channel.pipeline.syncOperations.addHandler(FrameCollector(continuation: continuation))
+                                try channel.pipeline.syncOperations.addHandler(FrameCollector(continuation: continuation, observe: observe))
                                 return channel
                             }
                         }
@@ -115,16 +119,22 @@ public final class TestWebSocket {
         try await channel.writeAndFlush(frame)
     }
 
-    /// The next thing received, or `TestTimeout` after `timeout`.
-    public func next(timeout: Duration = .seconds(10)) async throws -> TestInbound {
-        if ended { return .disconnected }
+    /// Puts a `timedOut` marker in the stream after `timeout`; the token tells this wait's marker
+    /// from an earlier one's.
+    private func startWatchdog(_ timeout: Duration) -> (UInt64, Task<Void, any Error>) {
         waits += 1
         let token = waits
         let continuation = self.continuation
-        let watchdog = Task {
+        return (token, Task {
             try await Task.sleep(for: timeout)
             continuation.yield(.timedOut(token))
-        }
+        })
+    }
+
+    /// The next thing received, or `TestTimeout` after `timeout`.
+    public func next(timeout: Duration = .seconds(10)) async throws -> TestInbound {
+        if ended { return .disconnected }
+        let (token, watchdog) = startWatchdog(timeout)
         defer { watchdog.cancel() }
         while let event = await iterator.next() {
             switch event {
@@ -145,13 +155,7 @@ public final class TestWebSocket {
     /// for the whole batch (cheaper than `next` per message when there are thousands).
     public func texts(until last: (String) -> Bool, timeout: Duration = .seconds(30)) async throws -> [String] {
         if ended { throw TestTimeout(description: "disconnected") }
-        waits += 1
-        let token = waits
-        let continuation = self.continuation
-        let watchdog = Task {
-            try await Task.sleep(for: timeout)
-            continuation.yield(.timedOut(token))
-        }
+        let (token, watchdog) = startWatchdog(timeout)
         defer { watchdog.cancel() }
         var texts: [String] = []
         while let event = await iterator.next() {
@@ -217,14 +221,20 @@ public final class TestWebSocket {
     private final class FrameCollector: ChannelInboundHandler {
         typealias InboundIn = WebSocketFrame
         let continuation: AsyncStream<Event>.Continuation
+        let observe: (@Sendable (ByteBuffer, ContinuousClock.Instant) -> Bool)?
 
-        init(continuation: AsyncStream<Event>.Continuation) { self.continuation = continuation }
+        init(continuation: AsyncStream<Event>.Continuation, observe: (@Sendable (ByteBuffer, ContinuousClock.Instant) -> Bool)?) {
+            self.continuation = continuation
+            self.observe = observe
+        }
 
         func channelRead(context: ChannelHandlerContext, data: NIOAny) {
             let frame = unwrapInboundIn(data)
             var payload = frame.unmaskedData
             switch frame.opcode {
-            case .text: continuation.yield(.inbound(.text(String(buffer: payload))))
+            case .text:
+                if let observe, observe(payload, .now) { return }
+                continuation.yield(.inbound(.text(String(buffer: payload))))
             case .binary: continuation.yield(.inbound(.binary(Array(payload.readableBytesView))))
             case .pong: continuation.yield(.inbound(.pong(Array(payload.readableBytesView))))
             case .connectionClose:

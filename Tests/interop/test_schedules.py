@@ -72,7 +72,7 @@ def test_a_schedule_survives_a_crash_and_is_delivered_once(start_server, data_di
     server = start_server()
     token = server.token("bob")
     clone = make_clone(server, token)
-    status, created = server.http("POST", "/v1/schedules", token, {"clone": clone["id"], "delay_ms": 1_500, "text": "remember me"})
+    status, created = server.http("POST", "/v1/schedules", token, {"clone": clone["id"], "delay_ms": 3_000, "text": "remember me"})
     assert status == 201, created
     validate_rest("schedule", created)
     server.stop(signal.SIGKILL)
