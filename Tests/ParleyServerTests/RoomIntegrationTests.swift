@@ -315,6 +315,12 @@ struct DebateFixture {
         }
         #expect(tokens < 2_000)
         #expect(closeCode == nil || closeCode == 1008)
+
+        // It reconnects and catches up from the stored transcript.
+        let again = try await f.server.connect(token: vic)
+        let state = try await again.join(f.room)
+        #expect(state["transcript"]?.arrayValue?.count == 2)
+        #expect(state["room"]?["status"] == .string("ended"))
         await f.server.stop()
     }
 
