@@ -235,9 +235,11 @@ public enum ServerFrame {
         return JSONValue.object(pairs).serialized()
     }
 
-    /// A stream stopped because the next token was not affordable.
-    public static func paywall(stream: String, balance: Int64, required: Int64, room: String? = nil) -> [UInt8] {
-        var pairs: [(String, JSONValue)] = [("type", .string("paywall")), ("stream", .string(stream))]
+    /// A stream stopped because the next token was not affordable; for a room, also a turn that
+    /// could not start at all (no `stream` then).
+    public static func paywall(stream: String?, balance: Int64, required: Int64, room: String? = nil) -> [UInt8] {
+        var pairs: [(String, JSONValue)] = [("type", .string("paywall"))]
+        if let stream { pairs.append(("stream", .string(stream))) }
         if let room { pairs.append(("room", .string(room))) }
         pairs += [("balance", .int(balance)), ("required", .int(required))]
         return JSONValue.object(pairs).serialized()

@@ -15,10 +15,8 @@ extension MongoStore {
 
     public func updateRoom(_ room: Room) async throws -> Bool {
         try await run { db in
-            var fields = Self.document(room)
-            if case .object(let pairs) = fields { fields = .object(pairs.filter { !["_id", "owner", "created_at"].contains($0.0) }) }
-            return try db.update("rooms", query: .object([("_id", .string(room.id)), ("owner", .string(room.owner))]),
-                                 update: .object([("$set", fields)])).matched > 0
+            try db.update("rooms", query: .object([("_id", .string(room.id)), ("owner", .string(room.owner))]),
+                          update: .object([("$set", Self.mutableFields(Self.document(room)))])).matched > 0
         }
     }
 

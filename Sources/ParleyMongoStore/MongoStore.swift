@@ -113,10 +113,8 @@ public final class MongoStore: Store {
 
     public func updateClone(_ clone: Clone) async throws -> Bool {
         try await run { db in
-            var fields = Self.document(clone)
-            if case .object(let pairs) = fields { fields = .object(pairs.filter { !["_id", "owner", "created_at"].contains($0.0) }) }
-            return try db.update("clones", query: .object([("_id", .string(clone.id)), ("owner", .string(clone.owner))]),
-                                 update: .object([("$set", fields)])).matched > 0
+            try db.update("clones", query: .object([("_id", .string(clone.id)), ("owner", .string(clone.owner))]),
+                          update: .object([("$set", Self.mutableFields(Self.document(clone)))])).matched > 0
         }
     }
 
@@ -136,6 +134,12 @@ public final class MongoStore: Store {
             _ = try db.delete("conversations", query: .object([("clone", .string(id)), ("owner", .string(owner))]))
             return try db.delete("clones", query: .object([("_id", .string(id)), ("owner", .string(owner))])) > 0
         }
+    }
+
+    /// A document without the fields an update never changes (id, owner, creation time).
+    static func mutableFields(_ document: JSONValue) -> JSONValue {
+        guard case .object(let pairs) = document else { return document }
+        return .object(pairs.filter { !["_id", "owner", "created_at"].contains($0.0) })
     }
 
     static func document(_ c: Clone) -> JSONValue {

@@ -66,6 +66,33 @@ final class ChatService: Sendable {
         }
     }
 
+    /// Serves a request of another service the way `handle` serves chat: as tracked work off the
+    /// event loop, a `FrameError` answered as an `error` frame with `ref`, any other failure logged
+    /// and answered `internal`, and `unavailable` once the server is shutting down.
+    func serve(_ frame: ClientFrame, from connection: ClientConnection, what: String, _ body: @escaping @Sendable () async throws -> Void) {
+        let started = track {
+            do {
+                try await body()
+            } catch var error as FrameError {
+                error.ref = frame.id
+                connection.send(ServerFrame.error(error))
+            } catch {
+                var failure = self.internalFailure(error, what: what)
+                failure.ref = frame.id
+                connection.send(ServerFrame.error(failure))
+            }
+        }
+        if !started {
+            connection.send(ServerFrame.error(ref: frame.id, code: .unavailable, message: "the server is shutting down"))
+        }
+    }
+
+    /// Logs a failure the client cannot act on and returns the `internal` error it is told.
+    func internalFailure(_ error: any Error, what: String) -> FrameError {
+        logger.error("\(what) failed", metadata: ["error": "\(error)"])
+        return FrameError(ref: nil, code: .internal, message: "the request failed; try again")
+    }
+
     /// Runs `body` as a request the shutdown waits for; false (and `body` never runs) once the
     /// server stopped accepting work.
     func track(_ body: @escaping @Sendable () async -> Void) -> Bool {

@@ -97,7 +97,7 @@ final class RoomService: Sendable {
         } catch let error as FrameError {
             throw error
         } catch {
-            throw internalError(error)
+            throw chat.internalFailure(error, what: "room request")
         }
     }
 
@@ -115,33 +115,21 @@ final class RoomService: Sendable {
         } catch let error as FrameError {
             throw error
         } catch {
-            throw internalError(error)
+            throw chat.internalFailure(error, what: "room request")
         }
     }
 
     // MARK: Protocol
 
     func handle(_ frame: ClientFrame, from connection: ClientConnection) {
-        let started = chat.track {
-            do {
-                switch frame {
-                case let .roomJoin(id, room): try await self.join(ref: id, room: room, connection)
-                case let .roomLeave(_, room): try await self.leave(room: room, connection)
-                case let .roomSay(_, room, text): try await self.say(room: room, text: text, connection)
-                case let .roomControl(_, room, action, target): try await self.control(room: room, action: action, target: target, connection)
-                default: preconditionFailure("not a room frame")
-                }
-            } catch var error as FrameError {
-                error.ref = frame.id
-                connection.send(ServerFrame.error(error))
-            } catch {
-                var failure = self.internalError(error)
-                failure.ref = frame.id
-                connection.send(ServerFrame.error(failure))
+        chat.serve(frame, from: connection, what: "room request") {
+            switch frame {
+            case let .roomJoin(id, room): try await self.join(ref: id, room: room, connection)
+            case let .roomLeave(_, room): try await self.leave(room: room, connection)
+            case let .roomSay(_, room, text): try await self.say(room: room, text: text, connection)
+            case let .roomControl(_, room, action, target): try await self.control(room: room, action: action, target: target, connection)
+            default: preconditionFailure("not a room frame")
             }
-        }
-        if !started {
-            connection.send(ServerFrame.error(ref: frame.id, code: .unavailable, message: "the server is shutting down"))
         }
     }
 
@@ -373,7 +361,7 @@ final class RoomService: Sendable {
             do {
                 try await meter.begin(inputTokens: prompt.estimatedTokens)
             } catch let refusal as CreditMeter.Refusal {
-                try await pauseForCredits(live, room: room.id, balance: refusal.balance, required: refusal.required, stream: nil)
+                try await pauseForCredits(live, room: room.id, refusal: refusal)
                 return
             }
             // The turn starts under the room's lock: whoever is a member now receives all of it.
@@ -422,7 +410,7 @@ final class RoomService: Sendable {
             }
             _ = try await store.updateRoom(updated)
             if entry?.reason == .insufficientCredits {
-                try await pauseForCredits(live, room: room.id, balance: nil, required: nil, stream: streamID)
+                try await pauseForCredits(live, room: room.id, refusal: nil)  // the stream sent its paywall
             }
         } catch {
             logger.error("a debate turn failed; pausing the room", metadata: ["room": "\(room.id)", "error": "\(error)"])
@@ -432,14 +420,13 @@ final class RoomService: Sendable {
     }
 
     /// The moderator's credits ran out: the room pauses; the moderator's sockets get a
-    /// `paywall` (unless the stream already sent one) and everyone the `paused` event.
-    private func pauseForCredits(_ live: LiveRoom, room: String, balance: Int64?, required: Int64?, stream: String?) async throws {
+    /// `paywall` when a turn was refused before it started (a stream that ran out sent its own)
+    /// and everyone the `paused` event.
+    private func pauseForCredits(_ live: LiveRoom, room: String, refusal: CreditMeter.Refusal?) async throws {
         try await changeRoom(live) { $0.status = .paused }
-        if let balance, let required {
+        if let refusal {
             let owner = live.state.withLock { $0.room.owner }
-            let paywall = allocator.buffer(bytes: JSONValue.object([
-                ("type", .string("paywall")), ("room", .string(room)), ("balance", .int(balance)), ("required", .int(required)),
-            ]).serialized())
+            let paywall = allocator.buffer(bytes: ServerFrame.paywall(stream: nil, balance: refusal.balance, required: refusal.required, room: room))
             for socket in live.state.withLock({ $0.members.values.filter { $0.identity.user == owner } }) { socket.send(paywall) }
         }
         live.broadcast(allocator.buffer(bytes: ServerFrame.roomEvent(room: room, event: "paused", [("reason", .string("insufficient_credits"))])))
@@ -474,7 +461,7 @@ final class RoomService: Sendable {
             } catch let error as FrameError {
                 throw error
             } catch {
-                throw internalError(error)
+                throw chat.internalFailure(error, what: "room request")
             }
         }
         try Self.checkAccess(live.state.withLock { $0.room }, user)
@@ -503,11 +490,6 @@ final class RoomService: Sendable {
 
     private static func users(_ members: [String: ClientConnection]) -> [String] {
         Array(Set(members.values.map(\.identity.user))).sorted()
-    }
-
-    private func internalError(_ error: any Error) -> FrameError {
-        logger.error("room request failed", metadata: ["error": "\(error)"])
-        return FrameError(ref: nil, code: .internal, message: "the request failed; try again")
     }
 }
 

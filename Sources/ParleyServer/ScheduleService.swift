@@ -133,7 +133,7 @@ final class ScheduleService: Sendable {
         } catch let error as FrameError {
             throw error
         } catch {
-            throw internalError(error)
+            throw chat.internalFailure(error, what: "schedule request")
         }
         let now = Int64(Timestamp.nowMillis())
         let schedule = Schedule(id: ids.make(.schedule), owner: owner, clone: request.clone, conversation: request.conversation,
@@ -152,7 +152,7 @@ final class ScheduleService: Sendable {
             try await store.createSchedule(schedule)
         } catch {
             releaseQuota(schedule)
-            throw internalError(error)
+            throw chat.internalFailure(error, what: "schedule request")
         }
         timer.add(ScheduleTimer.Entry(id: schedule.id, owner: owner, at: schedule.at))
         return schedule
@@ -174,7 +174,7 @@ final class ScheduleService: Sendable {
         } catch let error as FrameError {
             throw error
         } catch {
-            throw internalError(error)
+            throw chat.internalFailure(error, what: "schedule request")
         }
     }
 
@@ -191,36 +191,19 @@ final class ScheduleService: Sendable {
         }
     }
 
-    private func internalError(_ error: any Error) -> FrameError {
-        logger.error("schedule request failed", metadata: ["error": "\(error)"])
-        return FrameError(ref: nil, code: .internal, message: "the request failed; try again")
-    }
-
     // MARK: Protocol
 
     func handle(_ frame: ClientFrame, from connection: ClientConnection) {
-        let started = chat.track {
+        chat.serve(frame, from: connection, what: "schedule request") {
             let owner = connection.identity.user
-            do {
-                switch frame {
-                case let .scheduleCreate(id, request):
-                    let schedule = try await self.create(owner: owner, request)
-                    connection.send(ServerFrame.scheduleOK(ref: id, schedule: schedule))
-                case let .scheduleCancel(id, scheduleID):
-                    let schedule = try await self.cancel(owner: owner, id: scheduleID)
-                    connection.send(ServerFrame.scheduleCancelled(ref: id, schedule: schedule))
-                default:
-                    preconditionFailure("not a schedule frame")
-                }
-            } catch var error as FrameError {
-                error.ref = frame.id
-                connection.send(ServerFrame.error(error))
-            } catch {
-                connection.send(ServerFrame.error(ref: frame.id, code: .internal, message: "the request failed; try again"))
+            switch frame {
+            case let .scheduleCreate(id, request):
+                connection.send(ServerFrame.scheduleOK(ref: id, schedule: try await self.create(owner: owner, request)))
+            case let .scheduleCancel(id, scheduleID):
+                connection.send(ServerFrame.scheduleCancelled(ref: id, schedule: try await self.cancel(owner: owner, id: scheduleID)))
+            default:
+                preconditionFailure("not a schedule frame")
             }
-        }
-        if !started {
-            connection.send(ServerFrame.error(ref: frame.id, code: .unavailable, message: "the server is shutting down"))
         }
     }
 

@@ -206,6 +206,11 @@ public final class SQLiteStore: Store {
 
     // MARK: Clones
 
+    /// A JSON array of strings stored in a text column.
+    private static func strings(_ value: SQLValue) throws -> [String] {
+        (try JSONValue.parse(Array((value.text ?? "[]").utf8))).arrayValue?.compactMap(\.stringValue) ?? []
+    }
+
     private static let cloneColumns = "id, owner, name, traits, system_prompt, sliders, memory, created_at, updated_at"
 
     public func createClone(_ clone: Clone) async throws {
@@ -260,18 +265,14 @@ public final class SQLiteStore: Store {
     }
 
     private static func clone(from row: [SQLValue]) throws -> Clone {
-        func strings(_ value: SQLValue) throws -> [String] {
-            guard case .array(let items) = try JSONValue.parse(Array((value.text ?? "[]").utf8)) else { return [] }
-            return items.compactMap { if case .string(let s) = $0 { s } else { nil } }
-        }
         var sliders: [String: Int] = [:]
         if case .object(let pairs) = try JSONValue.parse(Array((row[5].text ?? "{}").utf8)) {
             for (key, value) in pairs { if case .int(let v) = value { sliders[key] = Int(v) } }
         }
         return Clone(
             id: row[0].text ?? "", owner: row[1].text ?? "", name: row[2].text ?? "",
-            traits: try strings(row[3]), systemPrompt: row[4].text ?? "", sliders: sliders,
-            memory: try strings(row[6]), createdAt: row[7].int ?? 0, updatedAt: row[8].int ?? 0
+            traits: try Self.strings(row[3]), systemPrompt: row[4].text ?? "", sliders: sliders,
+            memory: try Self.strings(row[6]), createdAt: row[7].int ?? 0, updatedAt: row[8].int ?? 0
         )
     }
 
@@ -550,9 +551,6 @@ public final class SQLiteStore: Store {
     }
 
     private static func room(from r: [SQLValue]) throws -> Room {
-        func strings(_ value: SQLValue) throws -> [String] {
-            (try JSONValue.parse(Array((value.text ?? "[]").utf8))).arrayValue?.compactMap(\.stringValue) ?? []
-        }
         let debaters = (try JSONValue.parse(Array((r[3].text ?? "[]").utf8))).arrayValue ?? []
         return Room(
             id: r[0].text ?? "", owner: r[1].text ?? "", topic: r[2].text ?? "",
@@ -561,7 +559,7 @@ public final class SQLiteStore: Store {
             rounds: Int(r[4].int ?? 0), policy: Room.TurnPolicy(rawValue: r[5].text ?? "") ?? .roundRobin,
             maxTokensPerTurn: Int(r[6].int ?? 0), visibility: Room.Visibility(rawValue: r[7].text ?? "") ?? .private,
             status: Room.Status(rawValue: r[8].text ?? "") ?? .ended, turnsTaken: Int(r[9].int ?? 0),
-            muted: try strings(r[10]), kicked: try strings(r[11]), createdAt: r[12].int ?? 0, updatedAt: r[13].int ?? 0
+            muted: try Self.strings(r[10]), kicked: try Self.strings(r[11]), createdAt: r[12].int ?? 0, updatedAt: r[13].int ?? 0
         )
     }
 
