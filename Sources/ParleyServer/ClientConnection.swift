@@ -27,12 +27,6 @@ public final class ClientConnection: Sendable {
 
     var isActive: Bool { channel.isActive && !cutOff.load(ordering: .relaxed) }
 
-    /// Bytes sent but not yet written to the socket.
-    var queuedBytes: Int { queued.load(ordering: .relaxed) }
-
-    /// True once the socket was closed for falling too far behind.
-    var wasCutOff: Bool { cutOff.load(ordering: .relaxed) }
-
     /// Sends one text message. The buffer is shared, not copied, when fanned out to many sockets.
     func send(_ buffer: ByteBuffer) {
         _ = enqueue(buffer)

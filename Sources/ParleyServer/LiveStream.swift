@@ -129,9 +129,6 @@ final class LiveStream: Sendable {
         }
     }
 
-    /// Subscribers right now (rooms use it to send a frame to one of them in order).
-    var subscriberCount: Int { state.withLock { $0.subscribers.count } }
-
     func unsubscribe(_ connectionID: String) {
         state.withLock { _ = $0.subscribers.removeValue(forKey: connectionID) }
     }
