@@ -28,7 +28,8 @@ public enum ClientFrame: Sendable, Equatable {
     case streamResume(id: String, stream: String, after: Int64)
     case scheduleCreate(id: String, ScheduleRequest)
     case scheduleCancel(id: String, schedule: String)
-    case roomJoin(id: String, room: String)
+    /// `language`: the joiner's language in a translation chat (stored for later joins).
+    case roomJoin(id: String, room: String, language: LanguageTag?)
     case roomLeave(id: String, room: String)
     case roomSay(id: String, room: String, text: String)
     case roomControl(id: String, room: String, action: RoomAction, target: String?)
@@ -36,7 +37,7 @@ public enum ClientFrame: Sendable, Equatable {
     public var id: String {
         switch self {
         case .chatSend(let id, _, _, _), .chatCancel(let id, _), .streamResume(let id, _, _), .scheduleCreate(let id, _),
-             .scheduleCancel(let id, _), .roomJoin(let id, _), .roomLeave(let id, _), .roomSay(let id, _, _), .roomControl(let id, _, _, _): id
+             .scheduleCancel(let id, _), .roomJoin(let id, _, _), .roomLeave(let id, _), .roomSay(let id, _, _), .roomControl(let id, _, _, _): id
         }
     }
 }
@@ -124,7 +125,13 @@ extension ClientFrame {
             case "schedule.cancel":
                 frame = .scheduleCancel(id: id, schedule: try reader.requiredString("schedule"))
             case "room.join":
-                frame = .roomJoin(id: id, room: try reader.requiredString("room"))
+                let room = try reader.requiredString("room")
+                var language: LanguageTag?
+                if let tag = try reader.string("language") {
+                    guard let parsed = LanguageTag(tag) else { throw ValidationError("'language' must be a BCP 47 language tag such as en, pt-BR or zh-Hant") }
+                    language = parsed
+                }
+                frame = .roomJoin(id: id, room: room, language: language)
             case "room.leave":
                 frame = .roomLeave(id: id, room: try reader.requiredString("room"))
             case "room.say":
@@ -169,9 +176,12 @@ public enum ServerFrame {
         ]).serialized()
     }
 
-    /// `schedule` is set when a scheduled message is being generated.
+    /// `schedule` is set when a scheduled message is being generated. In a translation chat,
+    /// `lang` is the language the stream is written in and `source` the message it translates
+    /// (whose speaker is `clone` or `user`).
     public static func streamStart(
-        ref: String?, stream: String, conversation: String, clone: String, model: String, schedule: String? = nil, room: String? = nil
+        ref: String?, stream: String, conversation: String, clone: String?, user: String? = nil, model: String, schedule: String? = nil,
+        room: String? = nil, source: String? = nil, lang: LanguageTag? = nil
     ) -> [UInt8] {
         var pairs: [(String, JSONValue)] = [("type", .string("stream.start"))]
         if let ref { pairs.append(("ref", .string(ref))) }
@@ -179,10 +189,13 @@ public enum ServerFrame {
             ("stream", .string(stream)),
             // A room's turn belongs to the room, not to a conversation.
             room.map { ("room", .string($0)) } ?? ("conversation", .string(conversation)),
-            ("clone", .string(clone)),
-            ("model", .string(model)),
         ]
+        if let clone { pairs.append(("clone", .string(clone))) }
+        if let user { pairs.append(("user", .string(user))) }
+        pairs.append(("model", .string(model)))
         if let schedule { pairs.append(("schedule", .string(schedule))) }
+        if let source { pairs.append(("source", .string(source))) }
+        if let lang { pairs.append(("lang", .string(lang.value))) }
         return JSONValue.object(pairs).serialized()
     }
 
@@ -222,8 +235,9 @@ public enum ServerFrame {
         return out
     }
 
-    /// `cost` is what the stream charged in total; `balance` the user's balance after it.
-    public static func streamEnd(stream: String, reason: StreamEndReason, usage: Usage, message: String?, cost: Int64, balance: Int64) -> [UInt8] {
+    /// `cost` is what the stream charged in total; `balance` the payer's balance after it (both
+    /// left out of the frame other members of a room receive).
+    public static func streamEnd(stream: String, reason: StreamEndReason, usage: Usage, message: String?, cost: Int64?, balance: Int64?) -> [UInt8] {
         var pairs: [(String, JSONValue)] = [
             ("type", .string("stream.end")),
             ("stream", .string(stream)),
@@ -231,7 +245,8 @@ public enum ServerFrame {
             ("usage", usage.json),
         ]
         if let message { pairs.append(("message", .string(message))) }
-        pairs += [("cost", .int(cost)), ("balance", .int(balance))]
+        if let cost { pairs.append(("cost", .int(cost))) }
+        if let balance { pairs.append(("balance", .int(balance))) }
         return JSONValue.object(pairs).serialized()
     }
 
@@ -247,13 +262,14 @@ public enum ServerFrame {
 
     /// The answer to `room.join`: everything a late joiner needs; the turn being streamed follows
     /// as `stream.start` and its tokens so far, then live.
-    public static func roomState(ref: String, room: Room, members: [String], transcript: [RoomEntry], speaker: String?, stream: String?) -> [UInt8] {
+    /// `transcript` is as the joiner reads it (see `TranslationChat.view` for translation chats).
+    public static func roomState(ref: String, room: Room, members: [String], transcript: [JSONValue], speaker: String?, stream: String?) -> [UInt8] {
         JSONValue.object([
             ("type", .string("room.state")), ("ref", .string(ref)), ("room", room.json),
             ("members", .array(members.map(JSONValue.string))),
             ("speaker", speaker.map(JSONValue.string) ?? .null),
             ("stream", stream.map(JSONValue.string) ?? .null),
-            ("transcript", .array(transcript.map(\.json))),
+            ("transcript", .array(transcript)),
         ]).serialized()
     }
 

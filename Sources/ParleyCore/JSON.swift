@@ -26,6 +26,7 @@ public enum JSONValue: Sendable, Equatable {
 
     public var stringValue: String? { if case .string(let s) = self { s } else { nil } }
     public var arrayValue: [JSONValue]? { if case .array(let a) = self { a } else { nil } }
+    public var boolValue: Bool? { if case .bool(let b) = self { b } else { nil } }
     /// An integer, also when written as an integral floating-point number.
     public var intValue: Int64? {
         switch self {

@@ -1,6 +1,11 @@
-/// A debate room: several clones argue a topic in turns while people watch, interject and
-/// moderate. The creator is the moderator and pays for every turn.
+/// A room. A debate: several clones argue a topic in turns while people watch, interject and
+/// moderate; the creator is the moderator and pays for every turn. A translation chat: people
+/// (and clones) each write in their own language and read everyone in theirs.
 public struct Room: Sendable, Equatable {
+    public enum Kind: String, Sendable, Equatable, CaseIterable {
+        case debate, translation
+    }
+
     public enum Status: String, Sendable, Equatable, CaseIterable {
         /// Created, not started yet.
         case open
@@ -39,6 +44,7 @@ public struct Room: Sendable, Equatable {
     }
 
     public var id: String
+    public var kind: Kind
     public var owner: String
     public var topic: String
     public var debaters: [Debater]
@@ -53,15 +59,22 @@ public struct Room: Sendable, Equatable {
     public var muted: [String]
     /// Users removed by the moderator; they cannot join again.
     public var kicked: [String]
+    /// Translation chats: the users besides the owner who may join.
+    public var members: [String]
+    /// Translation chats: the language each user or clone (by id) writes and reads in.
+    public var languages: [String: LanguageTag]
     public var createdAt: Int64
     public var updatedAt: Int64
 
     public init(
-        id: String, owner: String, topic: String, debaters: [Debater], rounds: Int, policy: TurnPolicy, maxTokensPerTurn: Int,
-        visibility: Visibility, status: Status = .open, turnsTaken: Int = 0, muted: [String] = [], kicked: [String] = [],
-        createdAt: Int64, updatedAt: Int64
+        id: String, kind: Kind = .debate, owner: String, topic: String, debaters: [Debater], rounds: Int, policy: TurnPolicy,
+        maxTokensPerTurn: Int, visibility: Visibility, status: Status = .open, turnsTaken: Int = 0, muted: [String] = [],
+        kicked: [String] = [], members: [String] = [], languages: [String: LanguageTag] = [:], createdAt: Int64, updatedAt: Int64
     ) {
         self.id = id
+        self.kind = kind
+        self.members = members
+        self.languages = languages
         self.owner = owner
         self.topic = topic
         self.debaters = debaters
@@ -81,8 +94,32 @@ public struct Room: Sendable, Equatable {
 
     public func debater(_ clone: String) -> Debater? { debaters.first { $0.clone == clone } }
 
+    /// Who may join: a debate's moderator (anyone for `link` visibility), a translation chat's
+    /// owner and members; never someone the moderator kicked.
+    public func admits(_ user: String) -> Bool {
+        guard !kicked.contains(user) else { return false }
+        return user == owner || visibility == .link || (kind == .translation && members.contains(user))
+    }
+
     public var json: JSONValue {
-        .object([
+        guard kind == .debate else {
+            return .object([
+                ("id", .string(id)),
+                ("kind", .string(kind.rawValue)),
+                ("owner", .string(owner)),
+                ("members", .array(([owner] + members).map(JSONValue.string))),
+                ("languages", .object(languages.sorted { $0.key < $1.key }.map { ($0.key, .string($0.value.value)) })),
+                ("clones", .array(debaters.map {
+                    .object([("clone", .string($0.clone)), ("name", .string($0.name)),
+                             ("language", languages[$0.clone].map { .string($0.value) } ?? .null)])
+                })),
+                ("status", .string(status.rawValue)),
+                ("muted", .array(muted.map(JSONValue.string))),
+                ("created_at", .string(Timestamp.rfc3339(millis: createdAt))),
+                ("updated_at", .string(Timestamp.rfc3339(millis: updatedAt))),
+            ])
+        }
+        return .object([
             ("id", .string(id)),
             ("kind", .string("debate")),
             ("moderator", .string(owner)),
@@ -101,10 +138,11 @@ public struct Room: Sendable, Equatable {
     }
 }
 
-/// One line of a room's transcript: a clone's turn or a person's interjection.
+/// One line of a room's transcript: a clone's turn or a person's interjection, or (translation
+/// chats) the translation of one of those into one language.
 public struct RoomEntry: Sendable, Equatable {
     public enum Kind: String, Sendable, Equatable {
-        case turn, said
+        case turn, said, translation
     }
 
     public var id: String
@@ -118,10 +156,20 @@ public struct RoomEntry: Sendable, Equatable {
     /// `error`); a turn cut short is `interrupted` in the transcript.
     public var reason: StreamEndReason?
     public var stream: String?
+    /// Translation chats: the language of `text`.
+    public var lang: LanguageTag?
+    /// Translations: the entry translated.
+    public var source: String?
+    /// Translations: whether `speaker` is a clone (else a user).
+    public var speakerIsClone: Bool
 
     public init(id: String, room: String, kind: Kind, speaker: String, text: String, createdAt: Int64,
-                reason: StreamEndReason? = nil, stream: String? = nil) {
+                reason: StreamEndReason? = nil, stream: String? = nil, lang: LanguageTag? = nil, source: String? = nil,
+                speakerIsClone: Bool? = nil) {
         self.id = id
+        self.lang = lang
+        self.source = source
+        self.speakerIsClone = speakerIsClone ?? (kind == .turn)
         self.room = room
         self.kind = kind
         self.speaker = speaker
@@ -131,19 +179,27 @@ public struct RoomEntry: Sendable, Equatable {
         self.stream = stream
     }
 
-    public var interrupted: Bool { kind == .turn && reason != .complete }
+    /// A turn or translation that ended before it was complete.
+    public var interrupted: Bool { kind != .said && reason != .complete }
 
-    public var json: JSONValue {
+    public var json: JSONValue { json(untranslated: false) }
+
+    /// `untranslated`: shown to a reader of another language because no translation exists (the
+    /// sender lacked credits, or the translation failed or is still missing).
+    public func json(untranslated: Bool) -> JSONValue {
         var pairs: [(String, JSONValue)] = [
             ("id", .string(id)), ("kind", .string(kind.rawValue)),
-            (kind == .turn ? "clone" : "user", .string(speaker)),
+            (speakerIsClone ? "clone" : "user", .string(speaker)),
             ("text", .string(text)), ("created_at", .string(Timestamp.rfc3339(millis: createdAt))),
         ]
-        if kind == .turn {
+        if let lang { pairs.append(("lang", .string(lang.value))) }
+        if let source { pairs.append(("source", .string(source))) }
+        if kind != .said {
             pairs.append(("interrupted", .bool(interrupted)))
             if let reason { pairs.append(("reason", .string(reason.rawValue))) }
             if let stream { pairs.append(("stream", .string(stream))) }
         }
+        if untranslated { pairs.append(("untranslated", .bool(true))) }
         return .object(pairs)
     }
 }
@@ -156,6 +212,8 @@ public struct RoomLimits: Sendable, Equatable {
     public var maxTopicLength = 500
     public var maxStanceLength = 500
     public var maxSayLength = 2_000
+    /// Users in a translation chat besides its owner.
+    public var maxMembers = 50
 
     public init() {}
 }

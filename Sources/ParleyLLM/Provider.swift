@@ -9,12 +9,29 @@ public struct CompletionRequest: Sendable, Equatable {
     /// The name the reply speaks as (a clone's name), for providers that can use it.
     public var speaker: String?
     public var maxOutputTokens: Int
+    /// Set when the completion is a translation (the prompt asks for it; real providers need
+    /// nothing more). The simulated provider uses it to give a predictable stand-in.
+    public var translation: TranslationTask?
 
-    public init(model: String? = nil, messages: [PromptMessage], speaker: String? = nil, maxOutputTokens: Int) {
+    public init(model: String? = nil, messages: [PromptMessage], speaker: String? = nil, maxOutputTokens: Int, translation: TranslationTask? = nil) {
         self.model = model
         self.messages = messages
         self.speaker = speaker
         self.maxOutputTokens = maxOutputTokens
+        self.translation = translation
+    }
+}
+
+/// What a translation completion translates.
+public struct TranslationTask: Sendable, Equatable {
+    public var text: String
+    public var from: LanguageTag
+    public var to: LanguageTag
+
+    public init(text: String, from: LanguageTag, to: LanguageTag) {
+        self.text = text
+        self.from = from
+        self.to = to
     }
 }
 

@@ -37,8 +37,17 @@ public struct SimulatedProvider: LLMProvider {
         request.messages.reduce(0) { $0 + Tokenizer.count($1.text) + PromptAssembler.perMessageOverhead }
     }
 
+    /// The simulated stand-in for a translation into `tag`: the original text, unchanged, behind
+    /// a label that says it is not a translation. Tests can predict it exactly.
+    public static func translationStandIn(_ text: String, to tag: LanguageTag) -> String {
+        "[simulated \(tag) translation] " + text
+    }
+
     /// The exact tokens `stream` will emit for `request`.
     public func replyTokens(for request: CompletionRequest) -> [String] {
+        if let task = request.translation {
+            return Tokenizer.tokens(Self.translationStandIn(task.text, to: task.to)).prefix(max(0, request.maxOutputTokens)).map(String.init)
+        }
         let length = max(0, min(configuration.replyTokens, request.maxOutputTokens))
         guard length > 0 else { return [] }
         var hasher = FNV1a()

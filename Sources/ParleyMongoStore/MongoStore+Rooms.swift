@@ -37,6 +37,9 @@ extension MongoStore {
             ]
             if let reason = e.reason { doc.append(("reason", .string(reason.rawValue))) }
             if let stream = e.stream { doc.append(("stream", .string(stream))) }
+            if let lang = e.lang { doc.append(("lang", .string(lang.value))) }
+            if let source = e.source { doc.append(("source", .string(source))) }
+            doc.append(("speaker_is_clone", .bool(e.speakerIsClone)))
             try db.insert("room_entries", .object(doc))
         }
     }
@@ -49,7 +52,9 @@ extension MongoStore {
                 RoomEntry(id: d["_id"]?.stringValue ?? "", room: d["room"]?.stringValue ?? "",
                           kind: RoomEntry.Kind(rawValue: d["kind"]?.stringValue ?? "") ?? .said, speaker: d["speaker"]?.stringValue ?? "",
                           text: d["text"]?.stringValue ?? "", createdAt: d["created_at"]?.int64 ?? 0,
-                          reason: d["reason"]?.stringValue.flatMap(StreamEndReason.init(rawValue:)), stream: d["stream"]?.stringValue)
+                          reason: d["reason"]?.stringValue.flatMap(StreamEndReason.init(rawValue:)), stream: d["stream"]?.stringValue,
+                          lang: d["lang"]?.stringValue.flatMap(LanguageTag.init), source: d["source"]?.stringValue,
+                          speakerIsClone: d["speaker_is_clone"]?.boolValue)
             }
         }
     }
@@ -62,12 +67,14 @@ extension MongoStore {
             ("visibility", .string(r.visibility.rawValue)), ("status", .string(r.status.rawValue)), ("turns_taken", .long(Int64(r.turnsTaken))),
             ("muted", .array(r.muted.map(JSONValue.string))), ("kicked", .array(r.kicked.map(JSONValue.string))),
             ("created_at", .long(r.createdAt)), ("updated_at", .long(r.updatedAt)),
+            ("kind", .string(r.kind.rawValue)), ("members", .array(r.members.map(JSONValue.string))),
+            ("languages", RoomCoding.languages(r.languages)),
         ])
     }
 
     static func room(from d: JSONValue) -> Room {
         Room(
-            id: d["_id"]?.stringValue ?? "", owner: d["owner"]?.stringValue ?? "", topic: d["topic"]?.stringValue ?? "",
+            id: d["_id"]?.stringValue ?? "", kind: Room.Kind(rawValue: d["kind"]?.stringValue ?? "") ?? .debate, owner: d["owner"]?.stringValue ?? "", topic: d["topic"]?.stringValue ?? "",
             debaters: (d["debaters"]?.arrayValue ?? []).map {
                 Room.Debater(clone: $0["clone"]?.stringValue ?? "", stance: $0["stance"]?.stringValue ?? "", name: $0["name"]?.stringValue ?? "")
             },
@@ -75,7 +82,8 @@ extension MongoStore {
             maxTokensPerTurn: Int(d["max_tokens"]?.int64 ?? 0),
             visibility: Room.Visibility(rawValue: d["visibility"]?.stringValue ?? "") ?? .private,
             status: Room.Status(rawValue: d["status"]?.stringValue ?? "") ?? .ended, turnsTaken: Int(d["turns_taken"]?.int64 ?? 0),
-            muted: d["muted"]?.strings ?? [], kicked: d["kicked"]?.strings ?? [],
+            muted: d["muted"]?.strings ?? [], kicked: d["kicked"]?.strings ?? [], members: d["members"]?.strings ?? [],
+            languages: RoomCoding.languages(d["languages"] ?? .object([])),
             createdAt: d["created_at"]?.int64 ?? 0, updatedAt: d["updated_at"]?.int64 ?? 0
         )
     }

@@ -121,6 +121,16 @@ public final class SQLiteStore: Store {
         );
         CREATE INDEX room_entries_by_room ON room_entries(room, id);
         """,
+        // v5: translation chats (members and languages; translations linked to their original).
+        """
+        ALTER TABLE rooms ADD COLUMN kind TEXT NOT NULL DEFAULT 'debate';
+        ALTER TABLE rooms ADD COLUMN members TEXT NOT NULL DEFAULT '[]';
+        ALTER TABLE rooms ADD COLUMN languages TEXT NOT NULL DEFAULT '{}';
+        ALTER TABLE room_entries ADD COLUMN lang TEXT;
+        ALTER TABLE room_entries ADD COLUMN source TEXT;
+        ALTER TABLE room_entries ADD COLUMN speaker_is_clone INTEGER NOT NULL DEFAULT 0;
+        UPDATE room_entries SET speaker_is_clone = 1 WHERE kind = 'turn';
+        """,
     ]
 
     public static var schemaVersion: Int { migrations.count }
@@ -536,7 +546,8 @@ public final class SQLiteStore: Store {
 
     // MARK: Rooms
 
-    private static let roomColumns = "id, owner, topic, debaters, rounds, policy, max_tokens, visibility, status, turns_taken, muted, kicked, created_at, updated_at"
+    private static let roomColumns =
+        "id, owner, topic, debaters, rounds, policy, max_tokens, visibility, status, turns_taken, muted, kicked, created_at, updated_at, kind, members, languages"
 
     private static func roomValues(_ r: Room) -> [SQLValue] {
         let debaters = JSONValue.array(r.debaters.map {
@@ -547,25 +558,29 @@ public final class SQLiteStore: Store {
             .text(r.policy.rawValue), .int(Int64(r.maxTokensPerTurn)), .text(r.visibility.rawValue), .text(r.status.rawValue),
             .int(Int64(r.turnsTaken)), .text(JSONValue.array(r.muted.map(JSONValue.string)).serializedString()),
             .text(JSONValue.array(r.kicked.map(JSONValue.string)).serializedString()), .int(r.createdAt), .int(r.updatedAt),
+            .text(r.kind.rawValue), .text(JSONValue.array(r.members.map(JSONValue.string)).serializedString()),
+            .text(RoomCoding.languages(r.languages).serializedString()),
         ]
     }
 
     private static func room(from r: [SQLValue]) throws -> Room {
         let debaters = (try JSONValue.parse(Array((r[3].text ?? "[]").utf8))).arrayValue ?? []
         return Room(
-            id: r[0].text ?? "", owner: r[1].text ?? "", topic: r[2].text ?? "",
+            id: r[0].text ?? "", kind: Room.Kind(rawValue: r[14].text ?? "") ?? .debate, owner: r[1].text ?? "", topic: r[2].text ?? "",
             debaters: debaters.map { Room.Debater(clone: $0["clone"]?.stringValue ?? "", stance: $0["stance"]?.stringValue ?? "",
                                                   name: $0["name"]?.stringValue ?? "") },
             rounds: Int(r[4].int ?? 0), policy: Room.TurnPolicy(rawValue: r[5].text ?? "") ?? .roundRobin,
             maxTokensPerTurn: Int(r[6].int ?? 0), visibility: Room.Visibility(rawValue: r[7].text ?? "") ?? .private,
             status: Room.Status(rawValue: r[8].text ?? "") ?? .ended, turnsTaken: Int(r[9].int ?? 0),
-            muted: try Self.strings(r[10]), kicked: try Self.strings(r[11]), createdAt: r[12].int ?? 0, updatedAt: r[13].int ?? 0
+            muted: try Self.strings(r[10]), kicked: try Self.strings(r[11]), members: try Self.strings(r[15]),
+            languages: RoomCoding.languages(try JSONValue.parse(Array((r[16].text ?? "{}").utf8))),
+            createdAt: r[12].int ?? 0, updatedAt: r[13].int ?? 0
         )
     }
 
     public func createRoom(_ room: Room) async throws {
         try await run { db in
-            try db.query("INSERT INTO rooms(\(Self.roomColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", Self.roomValues(room))
+            try db.query("INSERT INTO rooms(\(Self.roomColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", Self.roomValues(room))
         }
     }
 
@@ -579,8 +594,11 @@ public final class SQLiteStore: Store {
         try await run { db in
             let values = Self.roomValues(room)
             try db.query(
-                "UPDATE rooms SET topic = ?, debaters = ?, rounds = ?, policy = ?, max_tokens = ?, visibility = ?, status = ?, turns_taken = ?, muted = ?, kicked = ?, updated_at = ? WHERE id = ? AND owner = ?",
-                Array(values[2...11]) + [values[13], values[0], values[1]]
+                """
+                UPDATE rooms SET topic = ?, debaters = ?, rounds = ?, policy = ?, max_tokens = ?, visibility = ?, status = ?, turns_taken = ?,
+                muted = ?, kicked = ?, updated_at = ?, members = ?, languages = ? WHERE id = ? AND owner = ?
+                """,
+                Array(values[2...11]) + [values[13], values[15], values[16], values[0], values[1]]
             )
             return db.changes > 0
         }
@@ -597,14 +615,15 @@ public final class SQLiteStore: Store {
         }
     }
 
-    private static let entryColumns = "id, room, kind, speaker, text, created_at, reason, stream"
+    private static let entryColumns = "id, room, kind, speaker, text, created_at, reason, stream, lang, source, speaker_is_clone"
 
     public func appendRoomEntry(_ e: RoomEntry) async throws {
         try await run { db in
             try db.query(
-                "INSERT INTO room_entries(\(Self.entryColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO room_entries(\(Self.entryColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [.text(e.id), .text(e.room), .text(e.kind.rawValue), .text(e.speaker), .text(e.text), .int(e.createdAt),
-                 Self.optional(e.reason?.rawValue), Self.optional(e.stream)]
+                 Self.optional(e.reason?.rawValue), Self.optional(e.stream), Self.optional(e.lang?.value), Self.optional(e.source),
+                 .int(e.speakerIsClone ? 1 : 0)]
             )
         }
     }
@@ -617,7 +636,8 @@ public final class SQLiteStore: Store {
             ).reversed().map { r in
                 RoomEntry(id: r[0].text ?? "", room: r[1].text ?? "", kind: RoomEntry.Kind(rawValue: r[2].text ?? "") ?? .said,
                           speaker: r[3].text ?? "", text: r[4].text ?? "", createdAt: r[5].int ?? 0,
-                          reason: r[6].text.flatMap(StreamEndReason.init(rawValue:)), stream: r[7].text)
+                          reason: r[6].text.flatMap(StreamEndReason.init(rawValue:)), stream: r[7].text,
+                          lang: r[8].text.flatMap(LanguageTag.init), source: r[9].text, speakerIsClone: r[10].int == 1)
             }
         }
     }

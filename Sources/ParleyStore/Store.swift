@@ -124,3 +124,20 @@ public enum StoreError: Error, Equatable, Sendable, CustomStringConvertible {
         }
     }
 }
+
+/// How every backend stores a room's languages: a JSON object of id → tag.
+public enum RoomCoding {
+    public static func languages(_ languages: [String: LanguageTag]) -> JSONValue {
+        .object(languages.sorted { $0.key < $1.key }.map { ($0.key, .string($0.value.value)) })
+    }
+
+    /// Tags that no longer parse are dropped rather than failing the whole room.
+    public static func languages(_ value: JSONValue) -> [String: LanguageTag] {
+        guard case .object(let pairs) = value else { return [:] }
+        var out: [String: LanguageTag] = [:]
+        for (id, tag) in pairs {
+            if let text = tag.stringValue, let language = LanguageTag(text) { out[id] = language }
+        }
+        return out
+    }
+}

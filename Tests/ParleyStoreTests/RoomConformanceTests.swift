@@ -62,4 +62,33 @@ func makeRoom(owner: String = "mod", status: Room.Status = .open) -> Room {
             #expect(entries[4].interrupted && !entries[0].interrupted)
         }
     }
+
+    @Test(arguments: Backend.all)
+    func translationChatsKeepMembersLanguagesAndLinkedTranslations(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            let en = LanguageTag("en")!, pt = LanguageTag("pt-BR")!
+            var room = Room(id: ids.make(.room), kind: .translation, owner: "alice", topic: "", debaters: [Room.Debater(clone: "cl_z", stance: "", name: "Zoé")],
+                            rounds: 0, policy: .roundRobin, maxTokensPerTurn: 0, visibility: .private, members: ["bruno", "chen"],
+                            languages: ["alice": en, "cl_z": LanguageTag("fr")!], createdAt: 1_000, updatedAt: 1_000)
+            try await store.createRoom(room)
+            #expect(try await store.room(id: room.id) == room)
+            room.languages["bruno"] = pt
+            room.updatedAt = 2_000
+            #expect(try await store.updateRoom(room))
+            #expect(try await store.room(id: room.id)?.languages["bruno"] == pt)
+            #expect(try await store.room(id: room.id) == room)
+
+            let said = RoomEntry(id: ids.make(.roomEntry), room: room.id, kind: .said, speaker: "alice", text: "Hello", createdAt: 1, lang: en)
+            let translated = RoomEntry(id: ids.make(.roomEntry), room: room.id, kind: .translation, speaker: "alice", text: "Olá", createdAt: 2,
+                                       reason: .complete, stream: "st_1", lang: pt, source: said.id)
+            let reply = RoomEntry(id: ids.make(.roomEntry), room: room.id, kind: .turn, speaker: "cl_z", text: "Salut", createdAt: 3,
+                                  reason: .complete, stream: "st_2", lang: LanguageTag("fr")!)
+            let replyTranslated = RoomEntry(id: ids.make(.roomEntry), room: room.id, kind: .translation, speaker: "cl_z", text: "Hi", createdAt: 4,
+                                            reason: .cancelled, stream: "st_3", lang: en, source: reply.id, speakerIsClone: true)
+            for entry in [said, translated, reply, replyTranslated] { try await store.appendRoomEntry(entry) }
+            let back = try await store.roomEntries(room: room.id, limit: 10, before: nil)
+            #expect(back == [said, translated, reply, replyTranslated])
+            #expect(back.map(\.speakerIsClone) == [false, false, true, true])
+        }
+    }
 }
