@@ -289,8 +289,14 @@ final class ChatService: Sendable {
                 live.broadcast(paywall)
             }
         }
-        live.finish(allocator.buffer(bytes: ServerFrame.streamEnd(
-            stream: live.id, reason: reason, usage: usage, message: storedID, cost: cost, balance: balance)))
+        let end = allocator.buffer(bytes: ServerFrame.streamEnd(stream: live.id, reason: reason, usage: usage, message: storedID, cost: cost, balance: balance))
+        if live.room != nil {
+            // Others in the room see the stream end, not what it cost its payer or their balance.
+            live.finish(allocator.buffer(bytes: ServerFrame.streamEnd(stream: live.id, reason: reason, usage: usage, message: storedID, cost: nil, balance: nil)),
+                        ownerFrame: end)
+        } else {
+            live.finish(end)
+        }
         hub.ended(live)
         hub.release(user: live.owner, conversation: live.conversation)
         return storedID == nil ? nil : message

@@ -15,6 +15,11 @@ final class LiveStream: Sendable {
     let schedule: String?
     /// The room whose turn this stream is, if any (then `conversation` is the room id too).
     let room: String?
+    /// Translation chats: the language of the stream, and the message it translates (said by
+    /// `clone`, or by `user` when that is set).
+    let lang: LanguageTag?
+    let source: String?
+    let user: String?
 
     enum ResumeOutcome: Equatable {
         /// Replayed `count` tokens; `ended` tells whether `stream.end` was replayed too.
@@ -40,9 +45,12 @@ final class LiveStream: Sendable {
 
     init(
         id: String, owner: String, conversation: String, clone: String, model: String, schedule: String? = nil, room: String? = nil,
-        bufferCapacity: Int, subscribers: [ClientConnection]
+        lang: LanguageTag? = nil, source: String? = nil, user: String? = nil, bufferCapacity: Int, subscribers: [ClientConnection]
     ) {
         self.id = id
+        self.lang = lang
+        self.source = source
+        self.user = user
         self.schedule = schedule
         self.room = room
         self.model = model
@@ -62,7 +70,8 @@ final class LiveStream: Sendable {
 
     /// The `stream.start` frame of this stream, answering request `ref`.
     func startFrame(ref: String?) -> [UInt8] {
-        ServerFrame.streamStart(ref: ref, stream: id, conversation: conversation, clone: clone, model: model, schedule: schedule, room: room)
+        ServerFrame.streamStart(ref: ref, stream: id, conversation: conversation, clone: user == nil ? clone : nil, user: user, model: model,
+                                schedule: schedule, room: room, source: source, lang: lang)
     }
 
     /// Sends `stream.start` to every subscriber.
@@ -84,12 +93,18 @@ final class LiveStream: Sendable {
         }
     }
 
-    /// Sends `stream.end`; later resumes replay it.
-    func finish(_ frame: ByteBuffer) {
+    /// Sends `stream.end`; later resumes replay it. With `ownerFrame`, the owner's sockets get
+    /// that one instead (a room's stream: only the payer sees what it cost and their balance).
+    func finish(_ frame: ByteBuffer, ownerFrame: ByteBuffer? = nil) {
         state.withLock { s in
             s.endFrame = frame
             s.endedAt = .now
             s.task = nil
+            if let ownerFrame {
+                let owners = s.subscribers.values.filter { $0.identity.user == owner }
+                for connection in owners { s.subscribers.removeValue(forKey: connection.id) }
+                FanOut.send(ownerFrame, to: owners.filter(\.isActive))
+            }
             broadcast(frame, &s)
             s.subscribers.removeAll()
         }

@@ -243,7 +243,7 @@ struct RESTAPI: Sendable {
     // MARK: Rooms
 
     private func createRoom(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
-        let body = try DebateRequest.parse(try request.json(), limits: configuration.frameLimits.rooms)
+        let body = try RoomRequest.parse(try request.json(), limits: configuration.frameLimits.rooms)
         do {
             let room = try await rooms.create(owner: identity.user, body)
             return HTTPResponse(.created, json: room.json, headers: ["location": "/v1/rooms/\(room.id)"])
@@ -256,7 +256,7 @@ struct RESTAPI: Sendable {
     private func getRoom(_ id: String, _ identity: Identity) async throws -> HTTPResponse {
         do {
             let (room, transcript) = try await rooms.snapshot(id: id, user: identity.user)
-            return HTTPResponse(.ok, json: .object([("room", room.json), ("transcript", .array(transcript.map(\.json)))]))
+            return HTTPResponse(.ok, json: .object([("room", room.json), ("transcript", .array(transcript))]))
         } catch {
             throw APIError(error)
         }

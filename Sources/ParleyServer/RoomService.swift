@@ -19,7 +19,7 @@ final class RoomService: Sendable {
     let configuration: ServerConfiguration
     let logger: Logger
     let ids: IDGenerator
-    private let allocator = ByteBufferAllocator()
+    let allocator = ByteBufferAllocator()
     /// Transcript entries kept in memory per room for prompts and `room.state`.
     static let keptEntries = 200
 
@@ -64,11 +64,13 @@ final class RoomService: Sendable {
             return Array(s.rooms.values)
         }
         for room in rooms {
-            let loop = room.state.withLock { s -> Task<Void, Never>? in
+            let (loop, replies) = room.state.withLock { s -> (Task<Void, Never>?, Task<Void, Never>?) in
                 s.current?.stop(.shutdown)
-                return s.loop
+                for flight in s.inflight.values { flight.stream.stop(.shutdown) }
+                return (s.loop, s.replies)
             }
             await loop?.value
+            await replies?.value
             var stored = room.state.withLock { $0.room }
             if stored.status == .running {
                 stored.status = .paused
@@ -79,19 +81,33 @@ final class RoomService: Sendable {
 
     // MARK: REST
 
-    func create(owner: String, _ request: DebateRequest) async throws(FrameError) -> Room {
+    func create(owner: String, _ request: RoomRequest) async throws(FrameError) -> Room {
         do {
-            var debaters: [Room.Debater] = []
-            for (clone, stance) in request.clones {
-                guard let found = try await store.clone(id: clone, owner: owner) else {
-                    throw FrameError(ref: nil, code: .notFound, message: "no clone \(clone)")
-                }
-                debaters.append(Room.Debater(clone: clone, stance: stance, name: found.name))
-            }
             let now = Int64(Timestamp.nowMillis())
-            let room = Room(id: ids.make(.room), owner: owner, topic: request.topic, debaters: debaters, rounds: request.rounds,
+            let room: Room
+            switch request {
+            case .debate(let request):
+                var debaters: [Room.Debater] = []
+                for (clone, stance) in request.clones {
+                    debaters.append(Room.Debater(clone: clone, stance: stance, name: try await cloneName(clone, owner: owner)))
+                }
+                room = Room(id: ids.make(.room), owner: owner, topic: request.topic, debaters: debaters, rounds: request.rounds,
                             policy: request.policy, maxTokensPerTurn: request.maxTokensPerTurn, visibility: request.visibility,
                             createdAt: now, updatedAt: now)
+            case .translation(let request):
+                let members = request.members.filter { $0 != owner }
+                if let stranger = request.languages.keys.sorted().first(where: { $0 != owner && !members.contains($0) }) {
+                    throw FrameError(ref: nil, code: .badRequest, message: "'languages' names \(stranger), who is not in 'members'")
+                }
+                var languages = request.languages
+                var debaters: [Room.Debater] = []
+                for member in request.clones {
+                    debaters.append(Room.Debater(clone: member.clone, stance: "", name: try await cloneName(member.clone, owner: owner)))
+                    languages[member.clone] = member.language
+                }
+                room = Room(id: ids.make(.room), kind: .translation, owner: owner, topic: "", debaters: debaters, rounds: 0, policy: .roundRobin,
+                            maxTokensPerTurn: 0, visibility: .private, members: members, languages: languages, createdAt: now, updatedAt: now)
+            }
             try await store.createRoom(room)
             return room
         } catch let error as FrameError {
@@ -101,17 +117,23 @@ final class RoomService: Sendable {
         }
     }
 
-    /// The room and its transcript as `user` may see it.
-    func snapshot(id: String, user: String) async throws(FrameError) -> (room: Room, transcript: [RoomEntry]) {
+    private func cloneName(_ clone: String, owner: String) async throws -> String {
+        guard let found = try await store.clone(id: clone, owner: owner) else { throw FrameError(ref: nil, code: .notFound, message: "no clone \(clone)") }
+        return found.name
+    }
+
+    /// The room and its transcript as `user` may see it (in a translation chat: in their language).
+    func snapshot(id: String, user: String) async throws(FrameError) -> (room: Room, transcript: [JSONValue]) {
         if let live = state.withLock({ $0.rooms[id] }) {
             let (room, transcript) = live.state.withLock { ($0.room, $0.transcript) }
             try Self.checkAccess(room, user)
-            return (room, transcript)
+            return (room, Self.transcript(transcript, of: room, for: user))
         }
         do {
             guard let room = try await store.room(id: id) else { throw Self.noRoom(id) }
             try Self.checkAccess(room, user)
-            return (room, try await store.roomEntries(room: id, limit: Self.keptEntries, before: nil))
+            let transcript = try await store.roomEntries(room: id, limit: Self.keptEntries, before: nil)
+            return (room, Self.transcript(transcript, of: room, for: user))
         } catch let error as FrameError {
             throw error
         } catch {
@@ -124,9 +146,9 @@ final class RoomService: Sendable {
     func handle(_ frame: ClientFrame, from connection: ClientConnection) {
         chat.serve(frame, from: connection, what: "room request") {
             switch frame {
-            case let .roomJoin(id, room): try await self.join(ref: id, room: room, connection)
+            case let .roomJoin(id, room, language): try await self.join(ref: id, room: room, language: language, connection)
             case let .roomLeave(_, room): try await self.leave(room: room, connection)
-            case let .roomSay(_, room, text): try await self.say(room: room, text: text, connection)
+            case let .roomSay(id, room, text): try await self.say(ref: id, room: room, text: text, connection)
             case let .roomControl(_, room, action, target): try await self.control(room: room, action: action, target: target, connection)
             default: preconditionFailure("not a room frame")
             }
@@ -141,9 +163,14 @@ final class RoomService: Sendable {
         }
     }
 
-    private func join(ref: String, room id: String, _ connection: ClientConnection) async throws {
+    private func join(ref: String, room id: String, language: LanguageTag?, _ connection: ClientConnection) async throws {
         let user = connection.identity.user
         var live = try await load(id, for: user)
+        if live.state.withLock({ $0.room.kind }) == .translation {
+            try await setLanguage(language, of: user, in: live)
+        } else if language != nil {
+            throw FrameError(ref: nil, code: .badRequest, message: "'language' is for translation chats; room \(id) is a debate")
+        }
         // Under the room's lock: the state snapshot, the membership and the catch-up on the turn
         // being streamed happen together, so no token and no later turn falls between them.
         var joined: Bool?
@@ -166,7 +193,20 @@ final class RoomService: Sendable {
         let user = connection.identity.user
         let alreadyIn = s.members.values.contains { $0.identity.user == user }
         s.members[connection.id] = connection
-        connection.send(ServerFrame.roomState(ref: ref, room: s.room, members: users(s.members), transcript: s.transcript,
+        if s.room.kind == .translation {
+            // The chat in the joiner's language; messages whose stream in it is running follow as
+            // those streams (start and tokens so far), in the order the messages were said.
+            let lang = s.room.languages[user]
+            let streams = s.inflight.values.filter { $0.delivers(to: lang) }.sorted { $0.order < $1.order }
+            let pending = Set(streams.compactMap(\.stream.source))
+            let transcript = TranslationChat.view(s.transcript, for: lang, pending: pending).map { $0.entry.json(untranslated: $0.untranslated) }
+            connection.send(ServerFrame.roomState(ref: ref, room: s.room, members: users(s.members), transcript: transcript, speaker: nil, stream: nil))
+            for flight in streams {
+                _ = flight.stream.resume(connection, after: 0, ack: allocator.buffer(bytes: flight.stream.startFrame(ref: nil)))
+            }
+            return !alreadyIn
+        }
+        connection.send(ServerFrame.roomState(ref: ref, room: s.room, members: users(s.members), transcript: s.transcript.map(\.json),
                                               speaker: s.current?.clone, stream: s.current?.id))
         if let current = s.current {
             _ = current.resume(connection, after: 0, ack: allocator.buffer(bytes: current.startFrame(ref: nil)))
@@ -180,8 +220,7 @@ final class RoomService: Sendable {
         }
         let user = connection.identity.user
         let gone = live.state.withLock { s -> Bool in
-            s.members.removeValue(forKey: connection.id)
-            s.current?.unsubscribe(connection.id)
+            s.unsubscribe(connection.id)
             return !s.members.values.contains { $0.identity.user == user }
         }
         let event = allocator.buffer(bytes: ServerFrame.roomEvent(room: id, event: "left", [("user", .string(user))]))
@@ -192,10 +231,10 @@ final class RoomService: Sendable {
 
     /// Drops a room nobody is in and nothing runs in from memory (bounded memory: only rooms
     /// in use are held); the store has everything.
-    private func evictIfIdle(_ live: LiveRoom) {
+    func evictIfIdle(_ live: LiveRoom) {
         state.withLock { s in
             let idle = live.state.withLock { r -> Bool in
-                guard r.members.isEmpty, r.loop == nil, r.current == nil else { return false }
+                guard r.members.isEmpty, r.loop == nil, r.current == nil, r.inflight.isEmpty, r.pendingReplies == 0, !r.sequencing else { return false }
                 r.retired = true
                 return true
             }
@@ -203,11 +242,15 @@ final class RoomService: Sendable {
         }
     }
 
-    private func say(room id: String, text: String, _ connection: ClientConnection) async throws {
+    private func say(ref: String, room id: String, text: String, _ connection: ClientConnection) async throws {
         let live = try member(id, connection)
         let user = connection.identity.user
         guard !live.state.withLock({ $0.room.muted.contains(user) }) else {
             throw FrameError(ref: nil, code: .forbidden, message: "the moderator muted you in room \(id)")
+        }
+        if live.state.withLock({ $0.room.kind }) == .translation {
+            try await sayTranslated(ref: ref, live: live, text: text, connection)
+            return
         }
         let entry = RoomEntry(id: ids.make(.roomEntry), room: id, kind: .said, speaker: user, text: text, createdAt: Int64(Timestamp.nowMillis()))
         try await store.appendRoomEntry(entry)
@@ -226,6 +269,9 @@ final class RoomService: Sendable {
         // Each action changes the room under its lock; the turn loop reads the status there too.
         let outcome: Result<(event: String, room: Room, startLoop: Bool), FrameError> = live.state.withLock { s in
             var room = s.room
+            if room.kind == .translation, [.start, .pause, .resume, .next].contains(action) {
+                return .failure(FrameError(ref: nil, code: .badRequest, message: "a translation chat has no turns to \(action.rawValue); its owner may end, mute, unmute and kick"))
+            }
             var startLoop = false
             let event: String
             switch action {
@@ -246,6 +292,7 @@ final class RoomService: Sendable {
                 guard room.status != .ended else { return .failure(FrameError(ref: nil, code: .conflict, message: "room \(id) already ended")) }
                 room.status = .ended
                 s.current?.stop(.cancelled)
+                for flight in s.inflight.values { flight.stream.stop(.cancelled) }
                 event = "ended"
             case .next:
                 guard room.status == .running else { return .failure(Self.notRunning(room)) }
@@ -281,8 +328,7 @@ final class RoomService: Sendable {
                 if !room.kicked.contains(target) { room.kicked.append(target) }
                 kickedSockets = s.members.values.filter { $0.identity.user == target }
                 for socket in kickedSockets {
-                    s.members.removeValue(forKey: socket.id)
-                    s.current?.unsubscribe(socket.id)
+                    s.unsubscribe(socket.id)
                 }
                 fields.append(("user", .string(target)))
                 event = "kicked"
@@ -347,9 +393,7 @@ final class RoomService: Sendable {
     private func turn(_ live: LiveRoom, room: Room, transcript: [RoomEntry], speaker: String) async {
         do {
             guard let clone = try await store.clone(id: speaker, owner: room.owner) else {
-                // The clone was deleted: it sits out the rest of the debate.
-                try await changeRoom(live) { $0.muted.append(speaker) }
-                live.broadcast(allocator.buffer(bytes: ServerFrame.roomEvent(room: room.id, event: "muted", [("clone", .string(speaker)), ("reason", .string("clone_deleted"))])))
+                try await muteDeletedClone(speaker, in: live)
                 return
             }
             let names = Dictionary(room.debaters.map { ($0.clone, $0.name) }, uniquingKeysWith: { a, _ in a })
@@ -432,6 +476,15 @@ final class RoomService: Sendable {
         live.broadcast(allocator.buffer(bytes: ServerFrame.roomEvent(room: room, event: "paused", [("reason", .string("insufficient_credits"))])))
     }
 
+    /// A clone deleted since the room was made sits out the rest of it.
+    func muteDeletedClone(_ clone: String, in live: LiveRoom) async throws {
+        try await changeRoom(live) { if !$0.muted.contains(clone) { $0.muted.append(clone) } }
+        live.broadcast(allocator.buffer(bytes: ServerFrame.roomEvent(room: live.id, event: "muted", [("clone", .string(clone)), ("reason", .string("clone_deleted"))])))
+    }
+
+    /// False once the server is shutting down: no new turn, reply or translation starts.
+    var isAccepting: Bool { state.withLock { $0.accepting } && chat.isAccepting }
+
     private func changeRoom(_ live: LiveRoom, _ change: (inout Room) -> Void) async throws {
         let room = live.state.withLock { s -> Room in
             change(&s.room)
@@ -471,11 +524,11 @@ final class RoomService: Sendable {
     /// Private rooms are the moderator's alone (others get `not_found`, as for anything not
     /// theirs); link rooms are open to anyone with the id except who was kicked.
     private static func checkAccess(_ room: Room, _ user: String) throws(FrameError) {
-        guard room.owner == user || room.visibility == .link else { throw noRoom(room.id) }
         guard !room.kicked.contains(user) else { throw FrameError(ref: nil, code: .forbidden, message: "the moderator removed you from room \(room.id)") }
+        guard room.admits(user) else { throw noRoom(room.id) }
     }
 
-    private func member(_ id: String, _ connection: ClientConnection) throws(FrameError) -> LiveRoom {
+    func member(_ id: String, _ connection: ClientConnection) throws(FrameError) -> LiveRoom {
         guard let live = state.withLock({ $0.rooms[id] }), live.state.withLock({ $0.members[connection.id] != nil }) else {
             throw FrameError(ref: nil, code: .notFound, message: "join room \(id) first")
         }
@@ -505,6 +558,26 @@ final class LiveRoom: Sendable {
         var loop: Task<Void, Never>?
         /// Dropped from memory (no members, nothing running); a join must load the room again.
         var retired = false
+        /// Translation chats: streams running or waiting to run (clone replies and translations), by stream id.
+        var inflight: [String: RoomFlight] = [:]
+        /// Translation chats: clone replies queued or running; `replies` is the last one queued.
+        var pendingReplies = 0
+        var replies: Task<Void, Never>?
+        /// Translation chats: a message is being placed in order (see `LiveRoom.sequenced`).
+        var sequencing = false
+        var waiting: [CheckedContinuation<Void, Never>] = []
+        /// Translation chats: counts messages placed, so streams replay in the order they were said.
+        var placed: Int = 0
+
+        /// A socket leaves: it is no member and follows no stream of the room any more.
+        mutating func unsubscribe(_ connection: String) {
+            members.removeValue(forKey: connection)
+            current?.unsubscribe(connection)
+            for flight in inflight.values { flight.stream.unsubscribe(connection) }
+        }
+
+        /// The language a user reads in (nil: originals as written).
+        func language(of connection: ClientConnection) -> LanguageTag? { room.languages[connection.identity.user] }
 
         mutating func append(_ entry: RoomEntry) {
             transcript.append(entry)
@@ -518,6 +591,34 @@ final class LiveRoom: Sendable {
     init(room: Room, transcript: [RoomEntry]) {
         id = room.id
         state = Mutex(State(room: room, transcript: transcript))
+    }
+
+    /// Runs `body` after every body sequenced before it has finished: a translation chat's
+    /// messages are placed in order one at a time (FIFO), so every member sees them in the order
+    /// they were said and the transcript's ids follow that order.
+    func sequenced<T>(_ body: () async throws -> T) async throws -> T {
+        await withCheckedContinuation { (waiter: CheckedContinuation<Void, Never>) in
+            let runNow = state.withLock { s -> Bool in
+                guard s.sequencing else {
+                    s.sequencing = true
+                    return true
+                }
+                s.waiting.append(waiter)
+                return false
+            }
+            if runNow { waiter.resume() }
+        }
+        defer {
+            let next = state.withLock { s -> CheckedContinuation<Void, Never>? in
+                guard !s.waiting.isEmpty else {
+                    s.sequencing = false
+                    return nil
+                }
+                return s.waiting.removeFirst()
+            }
+            next?.resume()
+        }
+        return try await body()
     }
 
     /// Sends one frame (encoded once) to every member (but `except`), in order with the room's
