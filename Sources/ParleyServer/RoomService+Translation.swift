@@ -153,7 +153,7 @@ extension RoomService {
         let task = Task {
             let message = await self.chat.generate(
                 stream, request: job.request, prompt: job.prompt, meter: job.meter, ref: nil, requester: nil, messageID: self.ids.make(.roomEntry),
-                paywallTo: { live.state.withLock { $0.members.values.filter { $0.identity.user == payer } } }
+                paywallTo: { live.sockets(of: payer) }
             ) { message in try await store.appendRoomEntry(Self.translation(message, of: original, into: job.target, stream: stream.id)) }
             self.landed(stream, entry: message.map { Self.translation($0, of: original, into: job.target, stream: stream.id) }, original: original, in: live)
         }
@@ -231,7 +231,7 @@ extension RoomService {
                 try await meter.begin(inputTokens: prompt.estimatedTokens)
             } catch let refusal as CreditMeter.Refusal {
                 let paywall = allocator.buffer(bytes: ServerFrame.paywall(stream: nil, balance: refusal.balance, required: refusal.required, room: room.id))
-                for socket in live.state.withLock({ $0.members.values.filter { $0.identity.user == room.owner } }) { socket.send(paywall) }
+                for socket in live.sockets(of: room.owner) { socket.send(paywall) }
                 return
             }
             let entryID = ids.make(.roomEntry)
@@ -248,7 +248,7 @@ extension RoomService {
             let generation = Task {
                 let message = await self.chat.generate(
                     stream, request: request, prompt: prompt, meter: meter, ref: nil, requester: nil, messageID: entryID,
-                    paywallTo: { live.state.withLock { $0.members.values.filter { $0.identity.user == owner } } }
+                    paywallTo: { live.sockets(of: owner) }
                 ) { message in try await store.appendRoomEntry(toEntry(message)) }
                 recorded.withLock { $0 = message }
             }
@@ -271,7 +271,7 @@ extension RoomService {
                     try await job.meter.begin(inputTokens: job.prompt.estimatedTokens)
                 } catch let refusal as CreditMeter.Refusal {
                     let paywall = allocator.buffer(bytes: ServerFrame.paywall(stream: waiting.id, balance: refusal.balance, required: refusal.required, room: room.id))
-                    for socket in live.state.withLock({ $0.members.values.filter { $0.identity.user == owner } }) { socket.send(paywall) }
+                    for socket in live.sockets(of: owner) { socket.send(paywall) }
                     endUnstarted(waiting, reason: .insufficientCredits, original: said, in: live)
                     continue
                 }

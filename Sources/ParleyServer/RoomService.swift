@@ -396,8 +396,7 @@ final class RoomService: Sendable {
                 try await muteDeletedClone(speaker, in: live)
                 return
             }
-            let names = Dictionary(room.debaters.map { ($0.clone, $0.name) }, uniquingKeysWith: { a, _ in a })
-            let prompt = TurnTaking.prompt(room: room, speaker: clone, transcript: transcript, names: names, budget: configuration.contextBudgetTokens)
+            let prompt = TurnTaking.prompt(room: room, speaker: clone, transcript: transcript, names: Self.names(room), budget: configuration.contextBudgetTokens)
             let request = CompletionRequest(messages: prompt.messages, speaker: clone.name, maxOutputTokens: room.maxTokensPerTurn)
             let model = provider.modelName(for: request)
             let streamID = ids.make(.stream)
@@ -432,7 +431,7 @@ final class RoomService: Sendable {
             let generation = Task {
                 _ = await self.chat.generate(
                     stream, request: request, prompt: prompt, meter: meter, ref: nil, requester: nil, messageID: entryID,
-                    paywallTo: { live.state.withLock { $0.members.values.filter { $0.identity.user == owner } } }
+                    paywallTo: { live.sockets(of: owner) }
                 ) { message in
                     let entry = RoomEntry(id: entryID, room: room.id, kind: .turn, speaker: clone.id, text: message.text,
                                           createdAt: message.createdAt, reason: message.reason, stream: streamID)
@@ -471,7 +470,7 @@ final class RoomService: Sendable {
         if let refusal {
             let owner = live.state.withLock { $0.room.owner }
             let paywall = allocator.buffer(bytes: ServerFrame.paywall(stream: nil, balance: refusal.balance, required: refusal.required, room: room))
-            for socket in live.state.withLock({ $0.members.values.filter { $0.identity.user == owner } }) { socket.send(paywall) }
+            for socket in live.sockets(of: owner) { socket.send(paywall) }
         }
         live.broadcast(allocator.buffer(bytes: ServerFrame.roomEvent(room: room, event: "paused", [("reason", .string("insufficient_credits"))])))
     }
@@ -619,6 +618,11 @@ final class LiveRoom: Sendable {
             next?.resume()
         }
         return try await body()
+    }
+
+    /// The sockets `user` is in the room with (to reach a payer).
+    func sockets(of user: String) -> [ClientConnection] {
+        state.withLock { $0.members.values.filter { $0.identity.user == user } }
     }
 
     /// Sends one frame (encoded once) to every member (but `except`), in order with the room's
