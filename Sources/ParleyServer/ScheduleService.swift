@@ -236,7 +236,7 @@ final class ScheduleService: Sendable {
             releaseQuota(schedule)
             return try await fail(schedule, from: .pending, "the conversation \(conversationID) was deleted")
         }
-        guard reserve(schedule, conversation: conversationID) else { return }
+        guard reserve(schedule, conversation: conversationID, isNew: newConversation) else { return }
         let change = ScheduleChange(status: .firing, updatedAt: Int64(Timestamp.nowMillis()), conversation: conversationID, message: messageID)
         guard let claimed = try await store.transitionSchedule(id: schedule.id, from: .pending, to: change) else {
             hub.release(user: schedule.owner, conversation: conversationID)
@@ -261,13 +261,16 @@ final class ScheduleService: Sendable {
         guard let clone = try await store.clone(id: schedule.clone, owner: schedule.owner) else {
             return try await fail(schedule, from: .firing, "the clone \(schedule.clone) was deleted")
         }
-        guard reserve(schedule, conversation: conversationID) else { return }
+        guard reserve(schedule, conversation: conversationID, isNew: newConversation) else { return }
         try await produce(schedule, clone: clone, newConversation: newConversation)
     }
 
     /// Claims the conversation for one stream; when it is busy (the owner is chatting in it),
-    /// the timer is re-armed to try again shortly.
-    private func reserve(_ schedule: Schedule, conversation: String) -> Bool {
+    /// the timer is re-armed to try again shortly. A text message for a new conversation needs
+    /// no claim: nothing else can be in that conversation and nothing is generated (so many
+    /// reminders due at once are not held back by the user's concurrent-stream limit).
+    private func reserve(_ schedule: Schedule, conversation: String, isNew: Bool) -> Bool {
+        if isNew, case .text = schedule.content { return true }
         if hub.reserve(user: schedule.owner, conversation: conversation) == .reserved { return true }
         timer.add(ScheduleTimer.Entry(id: schedule.id, owner: schedule.owner, at: Self.millis(after: configuration.scheduleBusyRetry)))
         return false
@@ -286,7 +289,7 @@ final class ScheduleService: Sendable {
         let store = self.store
         switch schedule.content {
         case .text(let text):
-            defer { hub.release(user: schedule.owner, conversation: conversationID) }
+            defer { if !newConversation { hub.release(user: schedule.owner, conversation: conversationID) } }
             let message = Message(id: messageID, conversation: conversationID, role: .assistant, text: text, createdAt: now)
             if let fired = try await store.completeSchedule(id: schedule.id, message: message, newConversation: conversation, now: now) {
                 await deliver(fired, message)

@@ -92,6 +92,23 @@ func seedSchedule(_ store: any Store, owner: String, clone: String, conversation
         await server.stop()
     }
 
+    @Test func manyTextMessagesDueAtOnceAreNotHeldBackByTheStreamLimit() async throws {
+        // A retry would wait a minute: every delivery must come from the first firing.
+        let server = try await TestServer.start { $0.scheduleBusyRetry = .seconds(60) }
+        let token = try await server.token("alice")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        let at = Timestamp.rfc3339(millis: Int64(Timestamp.nowMillis()) + 1_000)
+        let count = server.configuration.maxConcurrentStreamsPerUser * 5
+        for n in 0..<count { try await socket.scheduleCreate(id: "s\(n)", clone: clone, at: at, text: "Reminder \(n)") }
+        var delivered = Set<String>()
+        while delivered.count < count {
+            delivered.insert(try await socket.next(type: "delivery").frame["message"]!["text"]!.stringValue!)
+        }
+        #expect(delivered == Set((0..<count).map { "Reminder \($0)" }))
+        await server.stop()
+    }
+
     @Test func aPromptIsAMeteredStreamFollowedByItsDelivery() async throws {
         let server = try await creditServer(grant: 1_000)
         let token = try await server.token("alice")
