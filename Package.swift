@@ -23,6 +23,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
         // Only for the timer benchmark's binary-heap baseline.
         .package(url: "https://github.com/apple/swift-collections.git", from: "1.6.0"),
+        // Only for the load-test client's latency histograms.
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift.git", from: "0.2.0"),
     ],
     targets: [
         // System SQLite (Debian libsqlite3-dev): the only C surface of the embedded store.
@@ -86,8 +88,18 @@ let package = Package(
             ],
             swiftSettings: strict
         ),
+        // The load-test client: a standalone WebSocket client (it links no server code).
         .executableTarget(
             name: "parley-load",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOWebSocket", package: "swift-nio"),
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
+            ],
             path: "loadtest/Sources/parley-load",
             swiftSettings: strict
         ),

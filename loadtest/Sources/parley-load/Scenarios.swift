@@ -1,0 +1,228 @@
+import Foundation
+import NIOCore
+
+// Every role below lives on its socket's event loop: the handler calls it there, and its sends
+// are scheduled there.
+
+// MARK: chat
+
+/// Sends `chat.send` on an open-loop schedule (at fixed times, whether or not replies came
+/// back) and times each reply from its *scheduled* send, so a stalled server cannot hide the
+/// wait it caused (no coordinated omission).
+final class ChatRole: SocketRole {
+    struct Track {
+        var scheduled: UInt64
+        var last: UInt64 = 0
+        var tokens = 0
+    }
+
+    let clone: String
+    let nominalGap: UInt64
+    var pending: [Int: UInt64] = [:]  // ref number → scheduled send
+    var streams: [Substring: Track] = [:]
+    var sent = 0
+    let ended: Countdown
+
+    init(clone: String, nominalGap: UInt64, ended: Countdown) {
+        self.clone = clone
+        self.nominalGap = nominalGap
+        self.ended = ended
+    }
+
+    /// Sends at `first`, `first + interval`, … while before `until`.
+    func schedule(on socket: LoadSocket, first: UInt64, interval: UInt64, until: UInt64) {
+        guard first < until else { return }
+        let bound = NIOLoopBound(self, eventLoop: socket.channel.eventLoop)
+        socket.channel.eventLoop.scheduleTask(deadline: .uptimeNanoseconds(first)) {
+            let role = bound.value
+            let number = role.sent
+            role.sent += 1
+            role.pending[number] = first
+            socket.send(#"{"type":"chat.send","id":"m\#(number)","clone":"\#(role.clone)","text":"Tell me something short about the sea."}"#)
+            role.schedule(on: socket, first: first + interval, interval: interval, until: until)
+        }
+    }
+
+    func received(_ type: FrameType, _ bytes: ByteBufferView, at nanos: UInt64, on socket: LoadSocket) {
+        switch type {
+        case .token:
+            guard let stream = field("stream", in: bytes), var track = streams[stream] else { return }
+            socket.recorder.tokens += 1
+            if track.tokens == 0 {
+                socket.recorder.record(.ttft, nanos: nanos &- track.scheduled)
+            } else {
+                let gap = nanos &- track.last
+                socket.recorder.record(.gap, nanos: gap)
+                socket.recorder.record(.addedGap, nanos: gap > nominalGap ? gap - nominalGap : 0)
+            }
+            track.tokens += 1
+            track.last = nanos
+            streams[stream] = track
+        case .streamStart:
+            guard let ref = field("ref", in: bytes), let number = Int(ref.dropFirst()), let stream = field("stream", in: bytes),
+                  let scheduled = pending.removeValue(forKey: number) else { return }
+            streams[stream] = Track(scheduled: scheduled)
+        case .streamEnd:
+            guard let stream = field("stream", in: bytes), let track = streams.removeValue(forKey: stream) else { return }
+            socket.recorder.record(.stream, nanos: nanos &- track.scheduled)
+            socket.recorder.streams += 1
+            ended.tick()
+        case .error:
+            if let ref = field("ref", in: bytes), let number = Int(ref.dropFirst()), pending.removeValue(forKey: number) != nil { ended.tick() }
+        default:
+            break
+        }
+    }
+}
+
+// MARK: debate
+
+/// A member listening to a debate: records each token's arrival, keyed by (stream, seq), so
+/// the fan-out delay (arrival minus the first member's arrival) is computed after the run.
+final class ListenerRole: SocketRole {
+    let joined: Countdown
+    let ended: Countdown
+
+    init(joined: Countdown, ended: Countdown) {
+        self.joined = joined
+        self.ended = ended
+    }
+
+    func received(_ type: FrameType, _ bytes: ByteBufferView, at nanos: UInt64, on socket: LoadSocket) {
+        switch type {
+        case .token:
+            socket.recorder.tokens += 1
+            guard let stream = field("stream", in: bytes), let seq = intField("seq", in: bytes) else { return }
+            socket.recorder.arrivals.append((key(stream.utf8, UInt64(seq)), nanos))
+        case .roomState:
+            joined.tick()
+        case .roomEvent:
+            if field("event", in: bytes) == "ended" { ended.tick() }
+        case .streamEnd:
+            socket.recorder.streams += 1
+        default:
+            break
+        }
+    }
+}
+
+/// Fan-out delay: for each token, every member's arrival minus the earliest member's.
+func recordFanOut(_ total: Recorder) {
+    var first: [UInt64: UInt64] = [:]
+    for (key, at) in total.arrivals { first[key] = min(first[key] ?? .max, at) }
+    for (key, at) in total.arrivals { total.record(.fanout, nanos: at - first[key]!) }
+}
+
+// MARK: translation
+
+/// A member of a translation chat: says something on an open-loop schedule, and records when
+/// each message (its original, or the first token of its translation) reaches it.
+final class TranslatorRole: SocketRole {
+    let room: String
+    let user: String
+    let nominalGap: UInt64
+    let joined: Countdown
+    var sent = 0
+    /// Text of each message said → its scheduled time; joined with the entry id on the echo.
+    var scheduled: [Substring: UInt64] = [:]
+    var streams: [Substring: (source: UInt64, last: UInt64, tokens: Int)] = [:]
+
+    init(room: String, user: String, nominalGap: UInt64, joined: Countdown) {
+        self.room = room
+        self.user = user
+        self.nominalGap = nominalGap
+        self.joined = joined
+    }
+
+    func schedule(on socket: LoadSocket, first: UInt64, interval: UInt64, until: UInt64) {
+        guard first < until else { return }
+        let bound = NIOLoopBound(self, eventLoop: socket.channel.eventLoop)
+        socket.channel.eventLoop.scheduleTask(deadline: .uptimeNanoseconds(first)) {
+            let role = bound.value
+            let text = "m\(role.sent) from \(role.user)"
+            role.sent += 1
+            role.scheduled[Substring(text)] = first
+            socket.send(#"{"type":"room.say","id":"s\#(role.sent)","room":"\#(role.room)","text":"\#(text)"}"#)
+            role.schedule(on: socket, first: first + interval, interval: interval, until: until)
+        }
+    }
+
+    func received(_ type: FrameType, _ bytes: ByteBufferView, at nanos: UInt64, on socket: LoadSocket) {
+        switch type {
+        case .roomState:
+            joined.tick()
+        case .roomEvent:
+            guard field("event", in: bytes) == "said", let id = field("id", in: bytes) else { return }
+            if field("user", in: bytes) == Substring(user), let text = field("text", in: bytes), let at = scheduled.removeValue(forKey: text) {
+                socket.recorder.origins.append((key(id.utf8), at))
+            } else {
+                socket.recorder.arrivals.append((key(id.utf8), nanos))
+            }
+        case .streamStart:
+            guard let stream = field("stream", in: bytes), let source = field("source", in: bytes) else { return }
+            streams[stream] = (key(source.utf8), 0, 0)
+        case .token:
+            socket.recorder.tokens += 1
+            guard let stream = field("stream", in: bytes), var track = streams[stream] else { return }
+            if track.tokens == 0 {
+                socket.recorder.arrivals.append((track.source, nanos))
+            } else {
+                let gap = nanos &- track.last
+                socket.recorder.record(.gap, nanos: gap)
+                socket.recorder.record(.addedGap, nanos: gap > nominalGap ? gap - nominalGap : 0)
+            }
+            track.tokens += 1
+            track.last = nanos
+            streams[stream] = track
+        case .streamEnd:
+            socket.recorder.streams += 1
+            if let stream = field("stream", in: bytes) { streams.removeValue(forKey: stream) }
+        default:
+            break
+        }
+    }
+}
+
+/// Delivery delay: each member's first frame of a message minus the time its sender was
+/// scheduled to say it.
+func recordDelivery(_ total: Recorder) {
+    let origins = Dictionary(total.origins, uniquingKeysWith: { a, _ in a })
+    for (key, at) in total.arrivals {
+        if let said = origins[key] { total.record(.delivery, nanos: at &- said) }
+    }
+}
+
+// MARK: schedule
+
+/// A user with many schedules due at one instant: counts `schedule.ok`s, then records each
+/// `delivery`'s lateness against the due time (wall clock, same machine).
+final class ScheduleRole: SocketRole {
+    let due: Int64
+    let created: Countdown
+    let delivered: Countdown
+
+    init(due: Int64, created: Countdown, delivered: Countdown) {
+        self.due = due
+        self.created = created
+        self.delivered = delivered
+    }
+
+    func received(_ type: FrameType, _ bytes: ByteBufferView, at nanos: UInt64, on socket: LoadSocket) {
+        switch type {
+        case .delivery:
+            let late = max(0, wallMillis() - due)
+            socket.recorder.record(.delivery, nanos: UInt64(late) * 1_000_000)
+            socket.recorder.streams += 1
+            delivered.tick()
+        case .other where bytes.starts(with: #"{"type":"schedule.ok""#.utf8):
+            created.tick()
+        default:
+            break
+        }
+    }
+}
+
+/// A socket that only listens (the idle scenario).
+final class IdleRole: SocketRole {
+    func received(_ type: FrameType, _ bytes: ByteBufferView, at nanos: UInt64, on socket: LoadSocket) {}
+}

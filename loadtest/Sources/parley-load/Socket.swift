@@ -1,0 +1,182 @@
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import NIOWebSocket
+
+/// The type of a server frame, read from its first bytes (`{"type":"…"`) without parsing JSON:
+/// the client must cost far less per frame than the server it measures.
+enum FrameType {
+    case token, streamStart, streamEnd, welcome, roomEvent, roomState, delivery, error, other
+
+    private static let prefix = Array(#"{"type":""#.utf8)
+
+    init(_ bytes: ByteBufferView) {
+        guard bytes.count > Self.prefix.count + 4, bytes.starts(with: Self.prefix) else {
+            self = .other
+            return
+        }
+        let rest = bytes.dropFirst(Self.prefix.count)
+        if rest.starts(with: "token\"".utf8) { self = .token }
+        else if rest.starts(with: "stream.start\"".utf8) { self = .streamStart }
+        else if rest.starts(with: "stream.end\"".utf8) { self = .streamEnd }
+        else if rest.starts(with: "room.event\"".utf8) { self = .roomEvent }
+        else if rest.starts(with: "room.state\"".utf8) { self = .roomState }
+        else if rest.starts(with: "delivery\"".utf8) { self = .delivery }
+        else if rest.starts(with: "welcome\"".utf8) { self = .welcome }
+        else if rest.starts(with: "error\"".utf8) { self = .error }
+        else { self = .other }
+    }
+}
+
+/// The string value of `"key":"…"` in a frame (no escapes expected in ids), or nil.
+func field(_ key: String, in bytes: ByteBufferView) -> Substring? {
+    let needle = Array("\"\(key)\":\"".utf8)
+    guard let range = bytes.firstRange(of: needle) else { return nil }
+    let start = range.upperBound
+    guard let end = bytes[start...].firstIndex(of: UInt8(ascii: "\"")) else { return nil }
+    return Substring(decoding: bytes[start..<end], as: UTF8.self)
+}
+
+/// The integer value of `"key":N` in a frame, or nil.
+func intField(_ key: String, in bytes: ByteBufferView) -> Int64? {
+    let needle = Array("\"\(key)\":".utf8)
+    guard let range = bytes.firstRange(of: needle) else { return nil }
+    var value: Int64 = 0
+    var index = range.upperBound
+    var digits = 0
+    while index < bytes.endIndex, bytes[index] >= 0x30, bytes[index] <= 0x39 {
+        value = value * 10 + Int64(bytes[index] - 0x30)
+        index += 1
+        digits += 1
+    }
+    return digits > 0 ? value : nil
+}
+
+/// What a scenario does with one socket's frames. Called on the socket's event loop only.
+protocol SocketRole: AnyObject {
+    func received(_ type: FrameType, _ bytes: ByteBufferView, at nanos: UInt64, on socket: LoadSocket)
+}
+
+/// One WebSocket of the load. Confined to its channel's event loop, like its role and recorder.
+final class LoadSocket: @unchecked Sendable {
+    let index: Int
+    let channel: any Channel
+    let recorder: Recorder
+    var role: (any SocketRole)?
+    /// Set before this client closes the socket, so the close is not counted as a drop.
+    var closing = false
+
+    init(index: Int, channel: any Channel, recorder: Recorder) {
+        self.index = index
+        self.channel = channel
+        self.recorder = recorder
+    }
+
+    /// Sends one text message, masked as a client must.
+    func send(_ text: String) {
+        let frame = WebSocketFrame(fin: true, opcode: .text, maskKey: .random(), data: channel.allocator.buffer(string: text))
+        channel.writeAndFlush(frame, promise: nil)
+    }
+
+    func close() {
+        closing = true
+        channel.close(promise: nil)
+    }
+}
+
+/// Reads frames into the socket's role and counters.
+final class LoadSocketHandler: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = WebSocketFrame
+    typealias OutboundOut = WebSocketFrame
+    var socket: LoadSocket?
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let frame = unwrapInboundIn(data)
+        guard let socket else { return }
+        switch frame.opcode {
+        case .text:
+            let at = nowNanos()
+            let bytes = frame.data.readableBytesView
+            socket.recorder.frames += 1
+            socket.recorder.bytes += bytes.count
+            let type = FrameType(bytes)
+            if type == .error {
+                socket.recorder.errors[field("code", in: bytes).map(String.init) ?? "unknown", default: 0] += 1
+            }
+            socket.role?.received(type, bytes, at: at, on: socket)
+        case .ping:
+            let pong = WebSocketFrame(fin: true, opcode: .pong, maskKey: .random(), data: frame.data)
+            context.writeAndFlush(wrapOutboundOut(pong), promise: nil)
+        case .connectionClose:
+            if !socket.closing { socket.recorder.errors["closed_by_server", default: 0] += 1 }
+            socket.closing = true
+            context.close(promise: nil)
+        default:
+            break
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        if let socket, !socket.closing {
+            socket.recorder.dropped += 1
+            socket.closing = true
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
+    }
+}
+
+struct UpgradeRefused: Error, CustomStringConvertible {
+    var description: String { "the server refused the WebSocket upgrade (bad token?)" }
+}
+
+/// Opens one authenticated socket; `recorder` belongs to the event loop the socket lands on.
+func openSocket(
+    group: any EventLoopGroup, host: String, port: Int, token: String, index: Int, recorderFor: @escaping @Sendable (any EventLoop) -> Recorder
+) async throws -> LoadSocket {
+    var headers = HTTPHeaders()
+    headers.add(name: "host", value: "\(host):\(port)")
+    headers.add(name: "content-length", value: "0")
+    headers.add(name: "authorization", value: "Bearer \(token)")
+    let head = HTTPRequestHead(version: .http1_1, method: .GET, uri: "/v1/ws", headers: headers)
+    let started = nowNanos()
+    let upgrade: EventLoopFuture<LoadSocket?> = try await ClientBootstrap(group: group)
+        .channelOption(.socketOption(.tcp_nodelay), value: 1)
+        .connect(host: host, port: port) { channel in
+            channel.eventLoop.makeCompletedFuture {
+                let upgrader = NIOTypedWebSocketClientUpgrader<LoadSocket?>(
+                    maxFrameSize: 1 << 20,
+                    upgradePipelineHandler: { channel, _ in
+                        channel.eventLoop.makeCompletedFuture {
+                            let handler = LoadSocketHandler()
+                            let socket = LoadSocket(index: index, channel: channel, recorder: recorderFor(channel.eventLoop))
+                            handler.socket = socket
+                            try channel.pipeline.syncOperations.addHandler(handler)
+                            return socket
+                        }
+                    }
+                )
+                let configuration = NIOTypedHTTPClientUpgradeConfiguration<LoadSocket?>(
+                    upgradeRequestHead: head, upgraders: [upgrader],
+                    notUpgradingCompletionHandler: { channel in
+                        channel.close(promise: nil)
+                        return channel.eventLoop.makeSucceededFuture(nil)
+                    }
+                )
+                var pipeline = NIOUpgradableHTTPClientPipelineConfiguration(upgradeConfiguration: configuration)
+                // The welcome shares a read with the 101; the default would drop it.
+                pipeline.leftOverBytesStrategy = .forwardBytes
+                return try channel.pipeline.syncOperations.configureUpgradableHTTPClientPipeline(configuration: pipeline)
+            }
+        }
+    guard let socket = try await upgrade.get() else { throw UpgradeRefused() }
+    let elapsed = nowNanos() - started
+    try await socket.channel.eventLoop.submit {
+        socket.recorder.record(.connect, nanos: elapsed)
+        // The async connect API leaves autoRead off; this client reads with a plain handler.
+        socket.channel.setOption(.autoRead, value: true).whenSuccess { socket.channel.read() }
+    }.get()
+    return socket
+}
