@@ -13,4 +13,6 @@ swift build --product parley-bench-timers
 # The fan-out benchmark's own check (every member gets every token), at toy size.
 swift build --product parley-bench-fanout
 .build/debug/parley-bench-fanout --members 20 --tokens 20 --tokens-per-sec 100
+# The load-test client, exercised at toy size by Tests/interop/test_load.py.
+swift build --product parley-load
 python3 -m pytest -q Tests/interop
