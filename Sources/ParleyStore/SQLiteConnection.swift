@@ -98,15 +98,31 @@ final class SQLiteConnection: @unchecked Sendable {
     /// Rows changed by the last statement.
     var changes: Int { handle.map { Int(sqlite3_changes($0)) } ?? 0 }
 
-    /// Runs `body` in one transaction, rolled back if it throws.
+    /// Whether a transaction is open (the store's group commit runs every call inside one).
+    var inTransaction: Bool { handle.map { sqlite3_get_autocommit($0) == 0 } ?? false }
+
+    /// Runs `body` atomically: its own transaction, or a savepoint inside the one that is open;
+    /// rolled back if it throws.
     func transaction<T>(_ body: () throws -> T) throws -> T {
-        try exec("BEGIN IMMEDIATE")
+        guard inTransaction else {
+            try exec("BEGIN IMMEDIATE")
+            do {
+                let result = try body()
+                try exec("COMMIT")
+                return result
+            } catch {
+                try? exec("ROLLBACK")
+                throw error
+            }
+        }
+        try exec("SAVEPOINT atomic")
         do {
             let result = try body()
-            try exec("COMMIT")
+            try exec("RELEASE atomic")
             return result
         } catch {
-            try? exec("ROLLBACK")
+            try? exec("ROLLBACK TO atomic")
+            try? exec("RELEASE atomic")
             throw error
         }
     }

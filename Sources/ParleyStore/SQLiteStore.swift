@@ -180,27 +180,118 @@ public final class SQLiteStore: Store {
         }
     }
 
-    /// Runs `body` with the connection on the store's thread pool.
+    /// One call waiting for the next group commit.
+    private struct Job: Sendable {
+        /// Runs the call in its own savepoint; returns what to do once the batch is committed.
+        let execute: @Sendable (SQLiteConnection) -> @Sendable ((any Error)?) -> Void
+        let fail: @Sendable (any Error) -> Void
+    }
+
+    private struct Queue {
+        var jobs: [Job] = []
+        var draining = false
+    }
+
+    private let queue = Mutex(Queue())
+    /// Calls committed together at most (a bound on how long one batch holds the others).
+    static let maxBatch = 256
+
+    /// Runs `body` with the connection on the store's thread: every call waiting at that moment
+    /// runs in one transaction, each in its own savepoint (a failing call rolls back only
+    /// itself), and one commit (one fsync) makes them all durable. A caller hears back only after
+    /// that commit, so group commit trades nothing away: `synchronous=FULL` still holds for each.
     @discardableResult
     private func run<T: Sendable>(_ body: @escaping @Sendable (SQLiteConnection) throws -> T) async throws -> T {
         guard !closed.load(ordering: .acquiring) else { throw StoreError.closed }
-        do {
-            return try await pool.runIfActive {
-                try self.db.withLock { connection in try body(connection) }
+        return try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, any Error>) in
+            let job = Job(
+                execute: { db in
+                    let result: Result<T, any Error>
+                    do {
+                        result = .success(try db.transaction { try body(db) })
+                    } catch {
+                        result = .failure(error)
+                    }
+                    return { commitFailure in
+                        if let commitFailure, case .success = result {
+                            continuation.resume(throwing: commitFailure)
+                        } else {
+                            continuation.resume(with: result)
+                        }
+                    }
+                },
+                fail: { continuation.resume(throwing: $0) }
+            )
+            enqueue(job)
+        }
+    }
+
+    private func enqueue(_ job: Job) {
+        let startDrain = queue.withLock { q -> Bool in
+            q.jobs.append(job)
+            guard !q.draining else { return false }
+            q.draining = true
+            return true
+        }
+        guard startDrain else { return }
+        pool.submit { state in
+            guard case .active = state else {
+                let orphans = self.queue.withLock { q -> [Job] in
+                    q.draining = false
+                    defer { q.jobs.removeAll() }
+                    return q.jobs
+                }
+                for orphan in orphans { orphan.fail(StoreError.closed) }
+                return
             }
-        } catch is NIOThreadPoolError.ThreadPoolInactive {
-            throw StoreError.closed
+            self.drain()
+        }
+    }
+
+    /// Commits batches until no call is waiting (on the store's single thread).
+    private func drain() {
+        while true {
+            let batch = queue.withLock { q -> [Job] in
+                guard !q.jobs.isEmpty else {
+                    q.draining = false
+                    return []
+                }
+                let batch = Array(q.jobs.prefix(Self.maxBatch))
+                q.jobs.removeFirst(batch.count)
+                return batch
+            }
+            guard !batch.isEmpty else { return }
+            db.withLock { connection in
+                do {
+                    try connection.exec("BEGIN IMMEDIATE")
+                } catch {
+                    for job in batch { job.fail(error) }
+                    return
+                }
+                let finishers = batch.map { $0.execute(connection) }
+                var commitFailure: (any Error)?
+                do {
+                    try connection.exec("COMMIT")
+                } catch {
+                    commitFailure = error
+                    try? connection.exec("ROLLBACK")
+                }
+                for finish in finishers { finish(commitFailure) }
+            }
         }
     }
 
     public func close() async throws {
         guard !closed.load(ordering: .acquiring) else { return }
-        try await run { connection in
-            // Fold the WAL back into the main file so the data dir is one self-contained file.
-            try? connection.exec("PRAGMA wal_checkpoint(TRUNCATE)")
-            connection.close()
-        }
+        try await run { _ in }  // every call queued before this one is committed
         closed.store(true, ordering: .releasing)
+        try await pool.runIfActive {
+            self.db.withLock { connection in
+                // Fold the WAL back into the main file so the data dir is one self-contained file.
+                try? connection.exec("PRAGMA wal_checkpoint(TRUNCATE)")
+                connection.close()
+            }
+        }
         try await pool.shutdownGracefully()
     }
 

@@ -98,13 +98,21 @@ func seedSchedule(_ store: any Store, owner: String, clone: String, conversation
         let token = try await server.token("alice")
         let clone = try await server.createClone(token: token)["id"]!.stringValue!
         let socket = try await server.connect(token: token)
-        let at = Timestamp.rfc3339(millis: Int64(Timestamp.nowMillis()) + 1_000)
+        // Far enough ahead that all are created in time even on a loaded machine.
+        let at = Timestamp.rfc3339(millis: Int64(Timestamp.nowMillis()) + 4_000)
         let count = server.configuration.maxConcurrentStreamsPerUser * 5
         for n in 0..<count { try await socket.scheduleCreate(id: "s\(n)", clone: clone, at: at, text: "Reminder \(n)") }
         var delivered = Set<String>()
+        var created = 0
         while delivered.count < count {
-            delivered.insert(try await socket.next(type: "delivery").frame["message"]!["text"]!.stringValue!)
+            let frame = try await socket.nextJSON()
+            switch frame["type"]?.stringValue {
+            case "schedule.ok": created += 1
+            case "delivery": delivered.insert(frame["message"]!["text"]!.stringValue!)
+            default: Issue.record("unexpected \(frame)")
+            }
         }
+        #expect(created == count)
         #expect(delivered == Set((0..<count).map { "Reminder \($0)" }))
         await server.stop()
     }
