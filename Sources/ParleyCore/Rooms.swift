@@ -214,6 +214,9 @@ public struct RoomLimits: Sendable, Equatable {
     public var maxSayLength = 2_000
     /// Users in a translation chat besides its owner.
     public var maxMembers = 50
+    /// Past this many sockets in a room, joins and leaves are announced to its moderator only
+    /// (a room with thousands of viewers would otherwise send each of them everyone's arrival).
+    public var presenceBroadcastMembers = 100
 
     public init() {}
 }

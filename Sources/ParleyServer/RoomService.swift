@@ -183,7 +183,8 @@ final class RoomService: Sendable {
             live = try await load(id, for: user)  // it was dropped from memory just now
         }
         if joined == true {
-            live.broadcast(allocator.buffer(bytes: ServerFrame.roomEvent(room: id, event: "joined", [("user", .string(user))])), except: connection.id)
+            live.announce(allocator.buffer(bytes: ServerFrame.roomEvent(room: id, event: "joined", [("user", .string(user))])),
+                          except: connection.id, limit: configuration.frameLimits.rooms.presenceBroadcastMembers)
         }
     }
 
@@ -225,7 +226,7 @@ final class RoomService: Sendable {
         }
         let event = allocator.buffer(bytes: ServerFrame.roomEvent(room: id, event: "left", [("user", .string(user))]))
         if connection.isActive { connection.send(event) }
-        if gone { live.broadcast(event) }
+        if gone { live.announce(event, except: nil, limit: configuration.frameLimits.rooms.presenceBroadcastMembers) }
         evictIfIdle(live)
     }
 
@@ -618,6 +619,17 @@ final class LiveRoom: Sendable {
             next?.resume()
         }
         return try await body()
+    }
+
+    /// Announces a join or leave: to every member while the room has at most `limit` sockets,
+    /// past that to the moderator's sockets only (N joins must not cost N² frames).
+    func announce(_ frame: ByteBuffer, except: String?, limit: Int) {
+        state.withLock { s in
+            let small = s.members.count <= limit
+            FanOut.send(frame, to: s.members.compactMap { id, member in
+                id != except && member.isActive && (small || member.identity.user == s.room.owner) ? member : nil
+            })
+        }
     }
 
     /// The sockets `user` is in the room with (to reach a payer).

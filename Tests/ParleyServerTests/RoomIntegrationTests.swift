@@ -335,6 +335,28 @@ struct DebateFixture {
         await f.server.stop()
     }
 
+    @Test func pastThePresenceLimitOnlyTheModeratorHearsOfJoinsAndLeaves() async throws {
+        let f = try await DebateFixture.make { $0.frameLimits.rooms.presenceBroadcastMembers = 2 }
+        let mod = try await f.server.connect(token: f.modToken)
+        _ = try await mod.join(f.room)
+        let ann = try await f.server.connect(token: try await f.server.token("ann"))
+        _ = try await ann.join(f.room)
+        #expect(try await mod.roomEvent("joined")["user"] == .string("ann"))
+        let bob = try await f.server.connect(token: try await f.server.token("bob"))
+        _ = try await bob.join(f.room)  // three sockets now: past the limit
+        #expect(try await mod.roomEvent("joined")["user"] == .string("bob"))
+        let cy = try await f.server.connect(token: try await f.server.token("cy"))
+        _ = try await cy.join(f.room)
+        #expect(try await mod.roomEvent("joined")["user"] == .string("cy"))
+        try await bob.room("room.leave", id: "l", room: f.room)  // three sockets stay
+        #expect(try await mod.roomEvent("left")["user"] == .string("bob"))
+        // Ann heard of neither: the next thing she gets is the moderator's start.
+        try await mod.control(f.room, "start")
+        let next = try await ann.nextJSON()
+        #expect(next["type"] == .string("room.event") && next["event"] == .string("started"))
+        await f.server.stop()
+    }
+
     @Test func fiveHundredMembersAllReceiveEveryToken() async throws {
         let f = try await DebateFixture.make(rounds: 1) { $0.simulated.replyTokens = 10 }
         var members: [TestWebSocket] = []

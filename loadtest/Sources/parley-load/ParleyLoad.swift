@@ -132,7 +132,7 @@ struct Debate: AsyncParsableCommand {
     @Option(help: "Listening members.") var members = 1000
     @Option(help: "Rounds (two clones, so twice as many turns).") var rounds = 2
     @Option(help: "Tokens per turn at most.") var turnTokens = 60
-    @Option(help: "Seconds to wait for the debate to end.") var timeout = 300.0
+    @Option(help: "Seconds to wait for the debate to end.") var timeout = 120.0
 
     func run() async throws {
         let run = target.run("debate")
@@ -157,10 +157,15 @@ struct Debate: AsyncParsableCommand {
             }
             guard await joined.wait(timeout: .seconds(60)) else { throw LoadError("\(joined.left) members did not join within 60 s") }
             let mod = try await run.connect(tokens: [moderator])[0]
+            let modJoined = Countdown(1)
+            try await mod.channel.eventLoop.submit {
+                mod.role = ListenerRole(joined: modJoined, ended: Countdown(1))
+                mod.send(#"{"type":"room.join","id":"j","room":"\#(room)"}"#)
+            }.get()
+            guard await modJoined.wait(timeout: .seconds(30)) else { throw LoadError("the moderator could not join") }
             run.startMeasuring()
             try await mod.channel.eventLoop.submit {
                 mod.role = IdleRole()
-                mod.send(#"{"type":"room.join","id":"j","room":"\#(room)"}"#)
                 mod.send(#"{"type":"room.control","id":"go","room":"\#(room)","action":"start"}"#)
             }.get()
             if !(await ended.wait(timeout: .seconds(timeout))) { print("\(ended.left) members did not see the debate end") }
