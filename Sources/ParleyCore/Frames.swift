@@ -224,6 +224,13 @@ public enum ServerFrame {
     /// The hot path: one per generated token, written without building a JSON tree.
     public static func token(stream: String, seq: Int64, text: Substring) -> [UInt8] {
         var out = [UInt8]()
+        token(stream: stream, seq: seq, text: text, into: &out)
+        return out
+    }
+
+    /// Writes a token frame into `out` (emptied first, its capacity kept for the next one).
+    public static func token(stream: String, seq: Int64, text: Substring, into out: inout [UInt8]) {
+        out.removeAll(keepingCapacity: true)
         out.reserveCapacity(48 + stream.utf8.count + text.utf8.count)
         out.append(contentsOf: #"{"type":"token","stream":"#.utf8)
         JSONString.append(stream, to: &out)
@@ -232,7 +239,6 @@ public enum ServerFrame {
         out.append(contentsOf: #","text":"#.utf8)
         JSONString.append(String(text), to: &out)
         out.append(UInt8(ascii: "}"))
-        return out
     }
 
     /// `cost` is what the stream charged in total; `balance` the payer's balance after it (both

@@ -223,6 +223,7 @@ final class ChatService: Sendable {
     ) async -> Message? {
         var text = ""
         var seq: Int64 = 0
+        var scratch: [UInt8] = []  // one token frame's bytes, reused: no allocation per token
         var reported: Usage?
         var failure: String?
         var outOfCredits = false
@@ -231,13 +232,17 @@ final class ChatService: Sendable {
                 switch event {
                 case .token(let token):
                     // Released only once paid for: the stream stops exactly at the last covered token.
-                    guard try await meter.authorize(token: Int(seq) + 1) else {
-                        outOfCredits = true
-                        break tokens
+                    // Paid batches are checked without a hop onto the meter; it is asked once per batch.
+                    if !meter.isPaid(token: Int(seq) + 1) {
+                        guard try await meter.authorize(token: Int(seq) + 1) else {
+                            outOfCredits = true
+                            break tokens
+                        }
                     }
                     seq += 1
                     text += token
-                    live.publish(seq: seq, frame: allocator.buffer(bytes: ServerFrame.token(stream: live.id, seq: seq, text: token[...])))
+                    ServerFrame.token(stream: live.id, seq: seq, text: token[...], into: &scratch)
+                    live.publish(seq: seq, frame: allocator.buffer(bytes: scratch))
                 case .usage(let usage):
                     reported = usage
                 }

@@ -103,6 +103,9 @@ actor CreditMeter {
 
     private(set) var charged: Int64 = 0
     private(set) var prepaidTokens = 0
+    /// `prepaidTokens` for readers outside the actor: the token loop asks `isPaid` first and only
+    /// hops onto the actor when a new batch must be bought (once per batch, not per token).
+    private nonisolated let prepaid = Atomic<Int>(0)
     private(set) var balance: Int64 = 0
     private var batches = 0
 
@@ -149,6 +152,7 @@ actor CreditMeter {
     /// needed, or as much of it as the balance covers. False: not even this token is affordable.
     func authorize(token index: Int) async throws -> Bool {
         guard index > prepaidTokens else { return true }
+        defer { prepaid.store(prepaidTokens, ordering: .releasing) }
         var size = max(1, credits.configuration.batchTokens)
         while size >= 1 {
             let cost = outputCost(prepaidTokens + size) - outputCost(prepaidTokens)
@@ -173,6 +177,9 @@ actor CreditMeter {
         credits.metrics.paywallHits.increment()
         return false
     }
+
+    /// Whether output token `index` (1-based) is already paid for; no actor hop.
+    nonisolated func isPaid(token index: Int) -> Bool { index <= prepaid.load(ordering: .acquiring) }
 
     /// The cost of the next output token, for the paywall frame.
     var nextTokenCost: Int64 { outputCost(prepaidTokens + 1) - outputCost(prepaidTokens) }

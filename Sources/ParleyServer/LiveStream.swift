@@ -174,6 +174,11 @@ final class LiveStream: Sendable {
     var task: Task<Void, Never>? { state.withLock { $0.task } }
 
     private func broadcast(_ frame: ByteBuffer, _ s: inout State) {
+        // A chat reply has one subscriber: no array to build per token.
+        if s.subscribers.count == 1, let (key, only) = s.subscribers.first {
+            if only.isActive { only.send(frame) } else { s.subscribers.removeValue(forKey: key) }
+            return
+        }
         var active: [ClientConnection] = []
         active.reserveCapacity(s.subscribers.count)
         for (key, connection) in s.subscribers {

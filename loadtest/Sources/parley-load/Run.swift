@@ -186,7 +186,7 @@ final class Countdown: Sendable {
     }
 }
 
-/// FNV-1a of an id, as a compact key for cross-loop joins.
+/// FNV-1a of an id, as a compact key for cross-loop joins (`extra` mixes in a seq).
 func key(_ id: some Sequence<UInt8>, _ extra: UInt64 = 0) -> UInt64 {
     var hash: UInt64 = 0xcbf2_9ce4_8422_2325
     for byte in id {

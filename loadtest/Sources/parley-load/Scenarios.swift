@@ -19,7 +19,7 @@ final class ChatRole: SocketRole {
     let clone: String
     let nominalGap: UInt64
     var pending: [Int: UInt64] = [:]  // ref number → scheduled send
-    var streams: [Substring: Track] = [:]
+    var streams: [UInt64: Track] = [:]
     var sent = 0
     let ended: Countdown
 
@@ -46,7 +46,7 @@ final class ChatRole: SocketRole {
     func received(_ type: FrameType, _ bytes: ByteBufferView, at nanos: UInt64, on socket: LoadSocket) {
         switch type {
         case .token:
-            guard let stream = field("stream", in: bytes), var track = streams[stream] else { return }
+            guard let stream = bytes.hash(.stream), var track = streams[stream] else { return }
             socket.recorder.tokens += 1
             if track.tokens == 0 {
                 socket.recorder.record(.ttft, nanos: nanos &- track.scheduled)
@@ -59,16 +59,16 @@ final class ChatRole: SocketRole {
             track.last = nanos
             streams[stream] = track
         case .streamStart:
-            guard let ref = field("ref", in: bytes), let number = Int(ref.dropFirst()), let stream = field("stream", in: bytes),
+            guard let ref = bytes.string(.ref), let number = Int(ref.dropFirst()), let stream = bytes.hash(.stream),
                   let scheduled = pending.removeValue(forKey: number) else { return }
             streams[stream] = Track(scheduled: scheduled)
         case .streamEnd:
-            guard let stream = field("stream", in: bytes), let track = streams.removeValue(forKey: stream) else { return }
+            guard let stream = bytes.hash(.stream), let track = streams.removeValue(forKey: stream) else { return }
             socket.recorder.record(.stream, nanos: nanos &- track.scheduled)
             socket.recorder.streams += 1
             ended.tick()
         case .error:
-            if let ref = field("ref", in: bytes), let number = Int(ref.dropFirst()), pending.removeValue(forKey: number) != nil { ended.tick() }
+            if let ref = bytes.string(.ref), let number = Int(ref.dropFirst()), pending.removeValue(forKey: number) != nil { ended.tick() }
         default:
             break
         }
@@ -92,12 +92,12 @@ final class ListenerRole: SocketRole {
         switch type {
         case .token:
             socket.recorder.tokens += 1
-            guard let stream = field("stream", in: bytes), let seq = intField("seq", in: bytes) else { return }
-            socket.recorder.arrivals.append((key(stream.utf8, UInt64(seq)), nanos))
+            guard let seq = bytes.int(.seq), let token = bytes.hash(.stream, UInt64(seq)) else { return }
+            socket.recorder.arrivals.append((token, nanos))
         case .roomState:
             joined.tick()
         case .roomEvent:
-            if field("event", in: bytes) == "ended" { ended.tick() }
+            if bytes.string(.event) == "ended" { ended.tick() }
         case .streamEnd:
             socket.recorder.streams += 1
         default:
@@ -125,7 +125,7 @@ final class TranslatorRole: SocketRole {
     var sent = 0
     /// Text of each message said → its scheduled time; joined with the entry id on the echo.
     var scheduled: [Substring: UInt64] = [:]
-    var streams: [Substring: (source: UInt64, last: UInt64, tokens: Int)] = [:]
+    var streams: [UInt64: (source: UInt64, last: UInt64, tokens: Int)] = [:]
 
     init(room: String, user: String, nominalGap: UInt64, joined: Countdown) {
         self.room = room
@@ -152,18 +152,18 @@ final class TranslatorRole: SocketRole {
         case .roomState:
             joined.tick()
         case .roomEvent:
-            guard field("event", in: bytes) == "said", let id = field("id", in: bytes) else { return }
-            if field("user", in: bytes) == Substring(user), let text = field("text", in: bytes), let at = scheduled.removeValue(forKey: text) {
-                socket.recorder.origins.append((key(id.utf8), at))
+            guard bytes.string(.event) == "said", let id = bytes.hash(.id) else { return }
+            if bytes.string(.user) == Substring(user), let text = bytes.string(.text), let at = scheduled.removeValue(forKey: text) {
+                socket.recorder.origins.append((id, at))
             } else {
-                socket.recorder.arrivals.append((key(id.utf8), nanos))
+                socket.recorder.arrivals.append((id, nanos))
             }
         case .streamStart:
-            guard let stream = field("stream", in: bytes), let source = field("source", in: bytes) else { return }
-            streams[stream] = (key(source.utf8), 0, 0)
+            guard let stream = bytes.hash(.stream), let source = bytes.hash(.source) else { return }
+            streams[stream] = (source, 0, 0)
         case .token:
             socket.recorder.tokens += 1
-            guard let stream = field("stream", in: bytes), var track = streams[stream] else { return }
+            guard let stream = bytes.hash(.stream), var track = streams[stream] else { return }
             if track.tokens == 0 {
                 socket.recorder.arrivals.append((track.source, nanos))
             } else {
@@ -176,7 +176,7 @@ final class TranslatorRole: SocketRole {
             streams[stream] = track
         case .streamEnd:
             socket.recorder.streams += 1
-            if let stream = field("stream", in: bytes) { streams.removeValue(forKey: stream) }
+            if let stream = bytes.hash(.stream) { streams.removeValue(forKey: stream) }
         default:
             break
         }
