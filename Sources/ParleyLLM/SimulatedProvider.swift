@@ -69,8 +69,11 @@ public struct SimulatedProvider: LLMProvider {
         } else {
             text += Self.openers[Int(rng.next() % UInt64(Self.openers.count))] + "."
         }
-        // Generate past the wanted length, then cut to exactly `length` tokens.
-        while Tokenizer.count(text) < length + 1 {
+        // Generate past the wanted length, then cut to exactly `length` tokens. Counting is
+        // additive here (the text ends in punctuation and each sentence starts with " " and a
+        // letter), so each sentence is counted once instead of the whole text again (O(n²)).
+        var count = Tokenizer.count(text)
+        while count < length + 1 {
             let words = 5 + Int(rng.next() % 8)
             var sentence: [String] = []
             for w in 0..<words {
@@ -82,7 +85,9 @@ public struct SimulatedProvider: LLMProvider {
             }
             let first = sentence[0]
             sentence[0] = first.prefix(1).uppercased() + first.dropFirst()
-            text += " " + sentence.joined(separator: " ") + (rng.next() % 4 == 0 ? "?" : ".")
+            let piece = " " + sentence.joined(separator: " ") + (rng.next() % 4 == 0 ? "?" : ".")
+            text += piece
+            count += Tokenizer.count(piece)
         }
         return Tokenizer.tokens(text).prefix(length).map(String.init)
     }

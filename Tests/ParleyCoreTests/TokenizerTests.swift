@@ -29,4 +29,20 @@ import Testing
         let family = "👩‍👩‍👧"
         #expect(Tokenizer.tokens(family) == [Substring(family)])
     }
+
+    /// The simulated provider counts its reply sentence by sentence; that is exact only because
+    /// counting is additive across "…." + " Word…" boundaries. Checked on random sentences.
+    @Test func countingIsAdditiveAfterPunctuationBeforeASpaceAndAWord() {
+        var rng = SplitMix64(seed: 7)
+        let words = ["a", "sea", "Harbour", "extraordinarily", "42", "naïve", "café", "x1y2"]
+        for _ in 0..<500 {
+            func sentence() -> String {
+                let n = 1 + Int(rng.next() % 6)
+                return (0..<n).map { _ in words[Int(rng.next() % UInt64(words.count))] }.joined(separator: " ") + (rng.next() % 2 == 0 ? "." : "?")
+            }
+            let text = sentence()
+            let piece = " " + sentence()
+            #expect(Tokenizer.count(text + piece) == Tokenizer.count(text) + Tokenizer.count(piece), "\(text)|\(piece)")
+        }
+    }
 }
