@@ -47,8 +47,9 @@ public struct ServerConfiguration: Sendable {
 
     /// The scheduled-message timer wheel's tick: deadlines are met to within one tick.
     public var scheduleTickMillis: Int64 = 10
-    /// Scheduled messages generated at once (a backlog after an outage queues behind these).
-    public var maxConcurrentFirings = 32
+    /// Schedules fired at once (a backlog after an outage queues behind these). Most of a firing
+    /// is waiting for store commits, which group commit shares, so this can be generous.
+    public var maxConcurrentFirings = 256
     /// How long a schedule whose conversation is busy (a reply streaming) waits before retrying.
     public var scheduleBusyRetry: Duration = .seconds(1)
     /// How long a schedule whose firing failed (the store was unreachable) waits before retrying.
