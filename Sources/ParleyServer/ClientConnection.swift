@@ -6,16 +6,19 @@ import Synchronization
 /// One authenticated WebSocket. Sendable: frames may be sent from any thread; NIO hops them onto
 /// the channel's event loop in order.
 ///
-/// Its outbound queue is bounded: bytes handed to `send` but not yet written to the socket are
-/// counted, and a socket that lets more than `maxQueuedBytes` pile up (a reader too slow for the
-/// streams it follows) is closed with 1008 so it cannot hold memory or slow anyone else. It can
-/// reconnect and catch up (`stream.resume`, `room.join`).
+/// Its outbound queue is bounded: a socket that lets more than `maxQueuedBytes` pile up (a reader
+/// too slow for the streams it follows) is closed with 1008 so it cannot hold memory or slow
+/// anyone else. It can reconnect and catch up (`stream.resume`, `room.join`). Two counts make the
+/// bound, neither costing a promise per frame: bytes on their way to the event loop (counted here),
+/// and bytes NIO holds for the socket (its write-buffer high water mark is `maxQueuedBytes`; the
+/// channel turning unwritable cuts the socket off, see `WebSocketHandler`).
 public final class ClientConnection: Sendable {
     public let id: String
     public let identity: Identity
     let channel: any Channel
     let maxQueuedBytes: Int
-    private let queued = Atomic<Int>(0)
+    /// Bytes handed to `send` off the event loop and not yet given to NIO.
+    private let inTransit = Atomic<Int>(0)
     private let cutOff = Atomic<Bool>(false)
 
     init(id: String, identity: Identity, channel: any Channel, maxQueuedBytes: Int = 4 * 1024 * 1024) {
@@ -27,33 +30,42 @@ public final class ClientConnection: Sendable {
 
     var isActive: Bool { channel.isActive && !cutOff.load(ordering: .relaxed) }
 
+    /// The water marks a socket's channel gets: unwritable past `maxQueuedBytes` pending.
+    static func waterMark(maxQueuedBytes: Int) -> ChannelOptions.Types.WriteBufferWaterMark {
+        ChannelOptions.Types.WriteBufferWaterMark(low: max(1, maxQueuedBytes / 2), high: max(2, maxQueuedBytes))
+    }
+
     /// Sends one text message. The buffer is shared, not copied, when fanned out to many sockets.
     func send(_ buffer: ByteBuffer) {
-        _ = enqueue(buffer)
+        guard !cutOff.load(ordering: .relaxed) else { return }
+        let frame = WebSocketFrame(fin: true, opcode: .text, data: buffer)
+        let loop = channel.eventLoop
+        if loop.inEventLoop {
+            channel.writeAndFlush(frame, promise: nil)
+            return
+        }
+        let size = buffer.readableBytes
+        guard inTransit.wrappingAdd(size, ordering: .relaxed).newValue <= maxQueuedBytes else {
+            inTransit.wrappingSubtract(size, ordering: .relaxed)
+            cutOffSlowReader()
+            return
+        }
+        let channel = self.channel
+        loop.execute {
+            self.inTransit.wrappingSubtract(size, ordering: .relaxed)
+            channel.writeAndFlush(frame, promise: nil)
+        }
     }
 
     /// Sends one text message; the future succeeds once it was written to the socket.
     func write(_ buffer: ByteBuffer) -> EventLoopFuture<Void> {
-        enqueue(buffer) ?? channel.eventLoop.makeFailedFuture(ChannelError.ioOnClosedChannel)
-    }
-
-    private func enqueue(_ buffer: ByteBuffer) -> EventLoopFuture<Void>? {
-        guard !cutOff.load(ordering: .relaxed) else { return nil }
-        let size = buffer.readableBytes
-        let total = queued.wrappingAdd(size, ordering: .relaxed).newValue
-        if total > maxQueuedBytes {
-            queued.wrappingSubtract(size, ordering: .relaxed)
-            cutOffSlowReader()
-            return nil
-        }
-        let written = channel.writeAndFlush(WebSocketFrame(fin: true, opcode: .text, data: buffer))
-        written.whenComplete { _ in self.queued.wrappingSubtract(size, ordering: .relaxed) }
-        return written
+        guard !cutOff.load(ordering: .relaxed) else { return channel.eventLoop.makeFailedFuture(ChannelError.ioOnClosedChannel) }
+        return channel.writeAndFlush(WebSocketFrame(fin: true, opcode: .text, data: buffer))
     }
 
     /// Queues a 1008 close after what is already queued and drops the socket a moment later
     /// whether or not the peer read it: a peer that stopped reading must not keep the memory.
-    private func cutOffSlowReader() {
+    func cutOffSlowReader() {
         guard !cutOff.exchange(true, ordering: .relaxed) else { return }
         var data = channel.allocator.buffer(capacity: 64)
         data.write(webSocketErrorCode: .policyViolation)

@@ -95,6 +95,7 @@ public final class ParleyServer: Sendable {
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.writeBufferWaterMark, value: ClientConnection.waterMark(maxQueuedBytes: configuration.maxQueuedBytesPerSocket))
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     if let size = configuration.socketSendBufferBytes {

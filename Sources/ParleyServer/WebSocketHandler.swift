@@ -90,6 +90,12 @@ final class WebSocketHandler: ChannelInboundHandler {
         }
     }
 
+    /// NIO holds more than the socket's queue bound for a reader that is not keeping up.
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if !context.channel.isWritable { connection.cutOffSlowReader() }
+        context.fireChannelWritabilityChanged()
+    }
+
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         if let error = error as? NIOWebSocketError {
             let code: WebSocketErrorCode = switch error {
