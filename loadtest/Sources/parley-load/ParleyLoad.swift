@@ -78,6 +78,11 @@ func running(_ run: LoadRun, _ body: () async throws -> Void) async throws {
     await run.shutdown()
 }
 
+/// Closes the sockets (on their loops, so the closes are not counted as drops).
+func close(_ sockets: [LoadSocket]) async throws {
+    for socket in sockets { try await socket.channel.eventLoop.submit { socket.close() }.get() }
+}
+
 struct Chat: AsyncParsableCommand {
     static let configuration = CommandConfiguration(abstract: "N sockets, each sending chat.send on an open-loop schedule and reading the streamed reply.")
     @OptionGroup var target: TargetOptions
@@ -121,7 +126,7 @@ struct Chat: AsyncParsableCommand {
             try await Task.sleep(for: .seconds(duration))
             if !(await ended.wait(timeout: .seconds(30))) { print("\(ended.left) replies did not end within 30 s of the last send") }
             try await run.finish(json: target.json)
-            for socket in connected { try await socket.channel.eventLoop.submit { socket.close() }.get() }
+            try await close(connected)
         }
     }
 }
@@ -170,7 +175,7 @@ struct Debate: AsyncParsableCommand {
             }.get()
             if !(await ended.wait(timeout: .seconds(timeout))) { print("\(ended.left) members did not see the debate end") }
             try await run.finish(json: target.json, analyze: recordFanOut)
-            for socket in connected + [mod] { try await socket.channel.eventLoop.submit { socket.close() }.get() }
+            try await close(connected + [mod])
         }
     }
 }
@@ -230,7 +235,7 @@ struct Translation: AsyncParsableCommand {
                 try await Task.sleep(for: .seconds(2))
             }
             try await run.finish(json: target.json, analyze: recordDelivery)
-            for socket in connected { try await socket.channel.eventLoop.submit { socket.close() }.get() }
+            try await close(connected)
         }
     }
 }
@@ -258,7 +263,7 @@ struct Idle: AsyncParsableCommand {
             }
             if let me = ProcessSample.of(pid: getpid()) { run.extra.append(("client_rss_bytes", me.rssBytes)) }
             try await run.finish(json: target.json)
-            for socket in connected { try await socket.channel.eventLoop.submit { socket.close() }.get() }
+            try await close(connected)
         }
     }
 }
@@ -299,7 +304,7 @@ struct Schedule: AsyncParsableCommand {
             run.startMeasuring()
             if !(await delivered.wait(timeout: .seconds(60) + .milliseconds(leadMs))) { print("\(delivered.left) deliveries did not arrive") }
             try await run.finish(json: target.json)
-            for socket in connected { try await socket.channel.eventLoop.submit { socket.close() }.get() }
+            try await close(connected)
         }
     }
 }

@@ -4,6 +4,18 @@ import NIOCore
 // Every role below lives on its socket's event loop: the handler calls it there, and its sends
 // are scheduled there.
 
+/// Calls `send` with each scheduled time `first`, `first + interval`, … before `until`, on the
+/// socket's event loop, whatever happened to earlier sends (open loop: no coordinated omission).
+func openLoop(on socket: LoadSocket, first: UInt64, interval: UInt64, until: UInt64, _ send: @escaping (UInt64) -> Void) {
+    guard first < until else { return }
+    let loop = socket.channel.eventLoop
+    let bound = NIOLoopBound(send, eventLoop: loop)
+    loop.scheduleTask(deadline: .uptimeNanoseconds(first)) {
+        bound.value(first)
+        openLoop(on: socket, first: first + interval, interval: interval, until: until, bound.value)
+    }
+}
+
 // MARK: chat
 
 /// Sends `chat.send` on an open-loop schedule (at fixed times, whether or not replies came
@@ -29,17 +41,13 @@ final class ChatRole: SocketRole {
         self.ended = ended
     }
 
-    /// Sends at `first`, `first + interval`, … while before `until`.
+    /// Sends a message at `first`, `first + interval`, … while before `until`.
     func schedule(on socket: LoadSocket, first: UInt64, interval: UInt64, until: UInt64) {
-        guard first < until else { return }
-        let bound = NIOLoopBound(self, eventLoop: socket.channel.eventLoop)
-        socket.channel.eventLoop.scheduleTask(deadline: .uptimeNanoseconds(first)) {
-            let role = bound.value
-            let number = role.sent
-            role.sent += 1
-            role.pending[number] = first
-            socket.send(#"{"type":"chat.send","id":"m\#(number)","clone":"\#(role.clone)","text":"Tell me something short about the sea."}"#)
-            role.schedule(on: socket, first: first + interval, interval: interval, until: until)
+        openLoop(on: socket, first: first, interval: interval, until: until) { scheduled in
+            let number = self.sent
+            self.sent += 1
+            self.pending[number] = scheduled
+            socket.send(#"{"type":"chat.send","id":"m\#(number)","clone":"\#(self.clone)","text":"Tell me something short about the sea."}"#)
         }
     }
 
@@ -135,15 +143,11 @@ final class TranslatorRole: SocketRole {
     }
 
     func schedule(on socket: LoadSocket, first: UInt64, interval: UInt64, until: UInt64) {
-        guard first < until else { return }
-        let bound = NIOLoopBound(self, eventLoop: socket.channel.eventLoop)
-        socket.channel.eventLoop.scheduleTask(deadline: .uptimeNanoseconds(first)) {
-            let role = bound.value
-            let text = "m\(role.sent) from \(role.user)"
-            role.sent += 1
-            role.scheduled[Substring(text)] = first
-            socket.send(#"{"type":"room.say","id":"s\#(role.sent)","room":"\#(role.room)","text":"\#(text)"}"#)
-            role.schedule(on: socket, first: first + interval, interval: interval, until: until)
+        openLoop(on: socket, first: first, interval: interval, until: until) { scheduled in
+            let text = "m\(self.sent) from \(self.user)"
+            self.sent += 1
+            self.scheduled[Substring(text)] = scheduled
+            socket.send(#"{"type":"room.say","id":"s\#(self.sent)","room":"\#(self.room)","text":"\#(text)"}"#)
         }
     }
 
