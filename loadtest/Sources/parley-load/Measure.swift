@@ -51,6 +51,12 @@ final class Recorder: @unchecked Sendable {
             .record(max(1, nanos / 1000))
     }
 
+    /// An inter-token gap, and how much longer than the nominal pace it was (the added delay).
+    func recordGap(_ gap: UInt64, nominal: UInt64) {
+        record(.gap, nanos: gap)
+        record(.addedGap, nanos: gap > nominal ? gap - nominal : 0)
+    }
+
     func merge(_ other: Recorder) {
         for (metric, histogram) in other.histograms {
             histograms[metric, default: Histogram(highestTrackableValue: 3_600_000_000, numberOfSignificantValueDigits: .three)].add(histogram)

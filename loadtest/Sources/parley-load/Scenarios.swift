@@ -59,9 +59,7 @@ final class ChatRole: SocketRole {
             if track.tokens == 0 {
                 socket.recorder.record(.ttft, nanos: nanos &- track.scheduled)
             } else {
-                let gap = nanos &- track.last
-                socket.recorder.record(.gap, nanos: gap)
-                socket.recorder.record(.addedGap, nanos: gap > nominalGap ? gap - nominalGap : 0)
+                socket.recorder.recordGap(nanos &- track.last, nominal: nominalGap)
             }
             track.tokens += 1
             track.last = nanos
@@ -171,9 +169,7 @@ final class TranslatorRole: SocketRole {
             if track.tokens == 0 {
                 socket.recorder.arrivals.append((track.source, nanos))
             } else {
-                let gap = nanos &- track.last
-                socket.recorder.record(.gap, nanos: gap)
-                socket.recorder.record(.addedGap, nanos: gap > nominalGap ? gap - nominalGap : 0)
+                socket.recorder.recordGap(nanos &- track.last, nominal: nominalGap)
             }
             track.tokens += 1
             track.last = nanos
