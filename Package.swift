@@ -23,6 +23,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
         // Only for the timer benchmark's binary-heap baseline.
         .package(url: "https://github.com/apple/swift-collections.git", from: "1.6.0"),
+        // HTTP for the real LLM providers (OpenAI-compatible, Anthropic).
+        .package(url: "https://github.com/swift-server/async-http-client.git", from: "1.37.0"),
         // Only for the load-test client's latency histograms.
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift.git", from: "0.2.0"),
     ],
@@ -63,6 +65,17 @@ let package = Package(
         ),
         // LLM providers behind one streaming protocol.
         .target(name: "ParleyLLM", dependencies: ["ParleyCore"], swiftSettings: strict),
+        // The HTTP providers (real models), kept apart so the pure provider logic builds without an HTTP stack.
+        .target(
+            name: "ParleyProviders",
+            dependencies: [
+                "ParleyLLM", "ParleyCore",
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ],
+            swiftSettings: strict
+        ),
         // The NIO server that wires store, providers and protocol together.
         .target(
             name: "ParleyServer",
@@ -136,6 +149,17 @@ let package = Package(
         .testTarget(name: "ParleyCoreTests", dependencies: ["ParleyCore"], swiftSettings: strict),
         .testTarget(name: "ParleyStoreTests", dependencies: ["ParleyStore", "ParleyMongoStore", "ParleyCore", "ParleyTestSupport"], swiftSettings: strict),
         .testTarget(name: "ParleyLLMTests", dependencies: ["ParleyLLM", "ParleyCore"], swiftSettings: strict),
+        .testTarget(
+            name: "ParleyProvidersTests",
+            dependencies: [
+                "ParleyProviders", "ParleyLLM", "ParleyCore",
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ],
+            swiftSettings: strict
+        ),
         .testTarget(
             name: "ParleyServerTests",
             dependencies: [

@@ -39,7 +39,7 @@ public enum OpenAIChatDialect {
     }
 
     /// The error object's message, cut short: it is shown to users, so no more than a line.
-    static func message(_ error: JSONValue) -> String {
+    public static func message(_ error: JSONValue) -> String {
         let text = error["message"]?.stringValue ?? error.stringValue ?? "unknown error"
         return text.count > 200 ? String(text.prefix(200)) + "…" : text
     }

@@ -1,0 +1,240 @@
+import AsyncHTTPClient
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import ParleyCore
+import ParleyLLM
+import ParleyProviders
+import Synchronization
+import Testing
+
+/// A model server on loopback that answers each request with the next scripted behaviour and
+/// records what it was sent and when its connections closed.
+final class FakeUpstream: Sendable {
+    enum Reply: Sendable {
+        /// 200 `text/event-stream`, the chunks written one by one (a read may split anything).
+        case stream([[UInt8]])
+        /// The chunks, then nothing more, the connection held open.
+        case hang([[UInt8]])
+        case status(Int, String)
+    }
+
+    struct Received: Sendable {
+        var head: HTTPRequestHead
+        var body: String
+    }
+
+    /// The replies still to give and the requests seen.
+    final class Script: Sendable {
+        let replies: Mutex<[Reply]>
+        let received = Mutex<[Received]>([])
+        init(_ replies: [Reply]) { self.replies = Mutex(replies) }
+        func next() -> Reply { replies.withLock { $0.isEmpty ? .status(500, "no more replies scripted") : $0.removeFirst() } }
+    }
+
+    let script: Script
+    let closed: EventLoopPromise<Void>
+    let channel: any Channel
+
+    var port: Int { channel.localAddress!.port! }
+
+    init(_ replies: [Reply]) async throws {
+        let script = Script(replies)
+        let closed = MultiThreadedEventLoopGroup.singleton.any().makePromise(of: Void.self)
+        self.script = script
+        self.closed = closed
+        channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.configureHTTPServerPipeline()
+                    try channel.pipeline.syncOperations.addHandler(Handler(script: script, closed: closed))
+                }
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+    }
+
+    var requests: [Received] { script.received.withLock { $0 } }
+
+    func stop() async { try? await channel.close() }
+
+    final class Handler: ChannelInboundHandler, @unchecked Sendable {
+        typealias InboundIn = HTTPServerRequestPart
+        typealias OutboundOut = HTTPServerResponsePart
+        let script: Script
+        let closed: EventLoopPromise<Void>
+        var head: HTTPRequestHead?
+        var body = ""
+
+        init(script: Script, closed: EventLoopPromise<Void>) {
+            self.script = script
+            self.closed = closed
+        }
+
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            switch unwrapInboundIn(data) {
+            case .head(let head): self.head = head
+            case .body(let buffer): body += String(buffer: buffer)
+            case .end:
+                script.received.withLock { $0.append(Received(head: head!, body: body)) }
+                body = ""
+                respond(context: context)
+            }
+        }
+
+        private func respond(context: ChannelHandlerContext) {
+            switch script.next() {
+            case .status(let code, let text):
+                let head = HTTPResponseHead(version: .http1_1, status: HTTPResponseStatus(statusCode: code),
+                                            headers: ["content-type": "application/json", "content-length": "\(text.utf8.count)"])
+                context.write(wrapOutboundOut(.head(head)), promise: nil)
+                context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: text)))), promise: nil)
+                context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+            case .stream(let chunks):
+                writeEvents(chunks, context: context)
+                context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+            case .hang(let chunks):
+                writeEvents(chunks, context: context)
+            }
+        }
+
+        private func writeEvents(_ chunks: [[UInt8]], context: ChannelHandlerContext) {
+            let head = HTTPResponseHead(version: .http1_1, status: .ok, headers: ["content-type": "text/event-stream", "transfer-encoding": "chunked"])
+            context.write(wrapOutboundOut(.head(head)), promise: nil)
+            for chunk in chunks { context.writeAndFlush(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(bytes: chunk)))), promise: nil) }
+        }
+
+        func channelInactive(context: ChannelHandlerContext) {
+            closed.succeed()
+            context.fireChannelInactive()
+        }
+    }
+}
+
+/// `text` cut into pieces of at most `size` bytes (splitting lines, CRLFs and UTF-8 characters).
+func pieces(_ text: String, size: Int) -> [[UInt8]] {
+    let bytes = Array(text.utf8)
+    return stride(from: 0, to: bytes.count, by: size).map { Array(bytes[$0..<min($0 + size, bytes.count)]) }
+}
+
+func collect(_ stream: LLMEventStream) async throws -> [LLMEvent] {
+    var events: [LLMEvent] = []
+    for try await event in stream { events.append(event) }
+    return events
+}
+
+let openAITranscript = """
+data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}
+
+data: {"choices":[{"index":0,"delta":{"content":"Olá, "},"finish_reason":null}]}
+
+: keep-alive
+
+data: {"choices":[{"index":0,"delta":{"content":"mundo 🌊"},"finish_reason":null}]}
+
+data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}
+
+data: {"choices":[],"usage":{"prompt_tokens":21,"completion_tokens":5}}
+
+data: [DONE]
+
+
+"""
+
+@Suite struct HTTPProviderTests {
+    let request = CompletionRequest(messages: [PromptMessage(role: .system, text: "You are Ada."), PromptMessage(role: .user, text: "Hi")],
+                                    maxOutputTokens: 64)
+
+    @Test func anOpenAIStreamSplitAnywhereGivesItsTokensAndTheReportedUsage() async throws {
+        let upstream = try await FakeUpstream([.stream(pieces(openAITranscript, size: 3))])
+        var options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1/", apiKey: "sk-test", model: "smol")
+        options.retries = 0
+        let events = try await collect(OpenAICompatibleProvider(options: options).stream(request))
+        #expect(events == [.token("Olá, "), .token("mundo 🌊"), .usage(Usage(inputTokens: 21, outputTokens: 5))])
+        let sent = try #require(upstream.requests.first)
+        #expect(sent.head.uri == "/v1/chat/completions" && sent.head.headers["authorization"] == ["Bearer sk-test"])
+        let body = try JSONValue.parse(Array(sent.body.utf8))
+        #expect(body["stream"] == .bool(true) && body["stream_options"]?["include_usage"] == .bool(true) && body["model"] == .string("smol"))
+        #expect(body["messages"]?.arrayValue?.map { $0["role"]! } == [.string("system"), .string("user")])
+        await upstream.stop()
+    }
+
+    @Test func aFailureBeforeTheFirstTokenIsRetriedAndAClientErrorIsNot() async throws {
+        let upstream = try await FakeUpstream([.status(503, #"{"error":{"message":"busy"}}"#), .stream(pieces(openAITranscript, size: 64)),
+                                               .status(401, #"{"error":{"message":"bad key","type":"auth"}}"#)])
+        let provider = OpenAICompatibleProvider(options: HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol"))
+        let events = try await collect(provider.stream(request))
+        #expect(events.count == 3 && upstream.requests.count == 2)
+        await #expect(throws: ProviderError("the model provider answered HTTP 401: bad key")) { try await collect(provider.stream(request)) }
+        #expect(upstream.requests.count == 3, "a 401 is not retried")
+        await upstream.stop()
+    }
+
+    @Test func cancellingTheConsumerClosesTheUpstreamConnection() async throws {
+        let first = #"data: {"choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}"# + "\n\n"
+        let upstream = try await FakeUpstream([.hang([Array(first.utf8)])])
+        var options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol")
+        options.idleTimeout = .seconds(120)  // only the cancel can close it within the bound below
+        let provider = OpenAICompatibleProvider(options: options)
+        let reader = Task {
+            for try await event in provider.stream(request) {
+                if event == .token("Hel") { return true }
+            }
+            return false
+        }
+        #expect(try await reader.value)  // the consumer got its token and stopped reading: its stream terminates
+        // The upstream connection was closed, not left streaming (bounded wait: a failure must not hang).
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await upstream.closed.futureResult.get() }
+            group.addTask {
+                try await Task.sleep(for: .seconds(10))
+                Issue.record("the upstream connection stayed open after the consumer stopped")
+            }
+            try await group.next()
+            group.cancelAll()
+        }
+        await upstream.stop()
+    }
+
+    @Test func anUpstreamThatStopsSendingTimesOut() async throws {
+        let first = #"data: {"choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}"# + "\n\n"
+        let upstream = try await FakeUpstream([.hang([Array(first.utf8)])])
+        var options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol")
+        options.idleTimeout = .milliseconds(300)
+        var tokens: [LLMEvent] = []
+        await #expect(throws: ProviderError("the model provider stopped sending")) {
+            for try await event in OpenAICompatibleProvider(options: options).stream(request) { tokens.append(event) }
+        }
+        #expect(tokens == [.token("Hel")] && upstream.requests.count == 1, "nothing is retried after the first token")
+        await upstream.stop()
+    }
+
+    @Test func anAnthropicStreamGivesItsTokensAndUsage() async throws {
+        let transcript = """
+        event: message_start
+        data: {"type":"message_start","message":{"usage":{"input_tokens":30,"output_tokens":1}}}
+
+        event: ping
+        data: {"type":"ping"}
+
+        event: content_block_delta
+        data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Bonjour"}}
+
+        event: message_delta
+        data: {"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":2}}
+
+        event: message_stop
+        data: {"type":"message_stop"}
+
+
+        """
+        let upstream = try await FakeUpstream([.stream(pieces(transcript, size: 5))])
+        let provider = AnthropicProvider(options: HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)", apiKey: "ak", model: "claude"))
+        let events = try await collect(provider.stream(request))
+        #expect(events == [.token("Bonjour"), .usage(Usage(inputTokens: 30, outputTokens: 2))])
+        let sent = try #require(upstream.requests.first)
+        #expect(sent.head.uri == "/v1/messages" && sent.head.headers["x-api-key"] == ["ak"] && sent.head.headers["anthropic-version"] == ["2023-06-01"])
+        let body = try JSONValue.parse(Array(sent.body.utf8))
+        #expect(body["system"] == .string("You are Ada.") && body["messages"]?.arrayValue?.count == 1)
+        await upstream.stop()
+    }
+}
