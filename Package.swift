@@ -95,7 +95,7 @@ let package = Package(
         .executableTarget(
             name: "parley",
             dependencies: [
-                "ParleyServer", "ParleyCore", "ParleyLLM",
+                "ParleyServer", "ParleyCore", "ParleyLLM", "ParleyProviders",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],

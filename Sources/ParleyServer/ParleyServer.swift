@@ -119,6 +119,8 @@ public final class ParleyServer: Sendable {
         logger.info("listening", metadata: ["host": "\(configuration.host)", "port": "\(port)", "store": "\(describeStore(configuration))"])
         if provider is SimulatedProvider {
             logger.notice("LLM provider: simulated (a development and load-test stand-in, not a model)")
+        } else {
+            logger.notice("LLM provider", metadata: ["type": "\(type(of: provider))"])
         }
         return ParleyServer(
             configuration: configuration, port: port, store: store, authenticator: authenticator, chat: chat, schedules: schedules, rooms: rooms, hub: hub,

@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import ParleyCore
 import ParleyLLM
+import ParleyProviders
 import ParleyServer
 
 @main
@@ -80,6 +81,24 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: Logger.Level = .info
 
+    @Option(help: "Model provider: simulated (default), openai (any OpenAI-compatible server) or anthropic.")
+    var provider = "simulated"
+
+    @Option(help: "The provider's base URL, e.g. http://127.0.0.1:8081/v1 (openai) or https://api.anthropic.com (anthropic).")
+    var providerUrl: String?
+
+    @Option(help: "The model to ask for; it needs an entry in the price list (--prices).")
+    var providerModel: String?
+
+    @Option(help: "Name of the environment variable holding the provider's API key (the key itself is never a flag or logged).")
+    var providerKeyEnv: String?
+
+    @Option(help: "Seconds to wait for a reply's first token from the provider.")
+    var providerFirstTokenTimeout = 60
+
+    @Option(help: "Seconds the provider may go silent between two tokens.")
+    var providerIdleTimeout = 30
+
     func validate() throws {
         guard (0...65535).contains(port) else { throw ArgumentParser.ValidationError("--port must be 0-65535") }
         guard simTtftMs >= 0 else { throw ArgumentParser.ValidationError("--sim-ttft-ms must be 0 or more") }
@@ -92,6 +111,18 @@ struct Serve: AsyncParsableCommand {
         guard (0...1_000_000).contains(maxPendingSchedules) else { throw ArgumentParser.ValidationError("--max-pending-schedules must be 0-1000000") }
         guard maxSocketQueueBytes >= 64 * 1024 else { throw ArgumentParser.ValidationError("--max-socket-queue-bytes must be at least 65536") }
         guard contextBudget >= 64 else { throw ArgumentParser.ValidationError("--context-budget must be at least 64") }
+        guard ["simulated", "openai", "anthropic"].contains(provider) else {
+            throw ArgumentParser.ValidationError("--provider must be simulated, openai or anthropic")
+        }
+        if provider != "simulated" {
+            guard let providerUrl, providerUrl.hasPrefix("http://") || providerUrl.hasPrefix("https://") else {
+                throw ArgumentParser.ValidationError("--provider \(provider) needs --provider-url (http:// or https://)")
+            }
+            guard providerModel?.isEmpty == false else { throw ArgumentParser.ValidationError("--provider \(provider) needs --provider-model") }
+        }
+        guard (1...3600).contains(providerFirstTokenTimeout), (1...3600).contains(providerIdleTimeout) else {
+            throw ArgumentParser.ValidationError("--provider-first-token-timeout and --provider-idle-timeout must be 1-3600 seconds")
+        }
         if let s = secret.resolvedSecret, s.count < 32 { throw ArgumentParser.ValidationError("the JWT secret must be at least 32 characters") }
     }
 
@@ -124,8 +155,9 @@ struct Serve: AsyncParsableCommand {
                 throw ExitCode(1)
             }
         }
-        guard configuration.credits.pricing.price(for: SimulatedProvider.modelName) != nil else {
-            FileHandle.standardError.write(Data("parley: the price list has no entry for model '\(SimulatedProvider.modelName)'\n".utf8))
+        let model = provider == "simulated" ? SimulatedProvider.modelName : providerModel!
+        guard configuration.credits.pricing.price(for: model) != nil else {
+            FileHandle.standardError.write(Data("parley: the price list has no entry for model '\(model)' (give one with --prices)\n".utf8))
             throw ExitCode(1)
         }
         configuration.contextBudgetTokens = contextBudget
@@ -139,7 +171,7 @@ struct Serve: AsyncParsableCommand {
         let signals = SignalWaiter(SIGINT, SIGTERM)
         let server: ParleyServer
         do {
-            server = try await ParleyServer.start(configuration: configuration)
+            server = try await ParleyServer.start(configuration: configuration, provider: try makeProvider())
         } catch {
             FileHandle.standardError.write(Data("parley: \(error)\n".utf8))
             throw ExitCode(1)
@@ -149,6 +181,19 @@ struct Serve: AsyncParsableCommand {
         let signal = await signals.next()
         Logger(label: "parley").info("received \(signal == SIGINT ? "SIGINT" : "SIGTERM")")
         await server.shutdown()
+    }
+}
+
+extension Serve {
+    /// The model provider the flags ask for (nil: the simulated one the server makes itself).
+    func makeProvider() throws -> (any LLMProvider)? {
+        guard provider != "simulated", let url = providerUrl, let model = providerModel else { return nil }
+        let keyVariable = providerKeyEnv ?? (provider == "anthropic" ? "ANTHROPIC_API_KEY" : "OPENAI_API_KEY")
+        var options = HTTPProviderOptions(baseURL: url, apiKey: ProcessInfo.processInfo.environment[keyVariable].flatMap { $0.isEmpty ? nil : $0 },
+                                          model: model)
+        options.firstTokenTimeout = .seconds(providerFirstTokenTimeout)
+        options.idleTimeout = .seconds(providerIdleTimeout)
+        return provider == "anthropic" ? AnthropicProvider(options: options) : OpenAICompatibleProvider(options: options)
     }
 }
 

@@ -1,0 +1,68 @@
+"""Parley with --provider openai against a scripted OpenAI-compatible server: a reply streamed
+through Parley token by token, usage reconciled from the provider's own usage chunk, and the
+clone's persona in the system prompt the provider received."""
+import asyncio
+import json
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+import websockets
+
+from conftest import ROOT, Server
+from test_interop import make_clone, read_stream, recv
+
+
+@pytest.fixture
+def fake_openai():
+    proc = subprocess.Popen([sys.executable, str(ROOT / "Tests" / "fixtures" / "fake_openai_server.py")],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line.startswith("listening on "), line
+    yield int(line.split()[-1])
+    proc.stdin.close()
+    proc.wait(timeout=10)
+
+
+def test_a_reply_streams_from_an_openai_compatible_provider(data_dir, fake_openai, monkeypatch):
+    prices = data_dir / "prices.json"
+    prices.write_text(json.dumps({"models": {"fake-model": {"input_per_1k": 1000, "output_per_1k": 2000}}}))
+    monkeypatch.setenv("FAKE_KEY", "sk-fake")
+    server = Server(data_dir, "--provider", "openai", "--provider-url", f"http://127.0.0.1:{fake_openai}/v1",
+                    "--provider-model", "fake-model", "--provider-key-env", "FAKE_KEY", "--prices", str(prices))
+    try:
+        token = server.token("alice")
+        clone = make_clone(server, token, system_prompt="You are Ada, a lighthouse keeper.")
+
+        async def chat():
+            async with websockets.connect(f"{server.ws}?token={token}") as ws:
+                await recv(ws)
+                await ws.send(json.dumps({"type": "chat.send", "id": "c1", "clone": clone["id"], "text": "Hello!"}))
+                return await read_stream(ws)
+
+        start, tokens, end = asyncio.run(chat())
+        assert start["model"] == "fake-model"
+        assert "".join(t["text"] for t in tokens) == "Olá, é um prazer 🌊"
+        assert end["reason"] == "complete"
+        assert end["usage"] == {"input_tokens": 17, "output_tokens": 6}, "usage is the provider's, reconciled"
+        # 17 input tokens at 1000/1k and 6 output at 2000/1k, each rounded up once.
+        assert end["cost"] == 17 + 12
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{fake_openai}/v1/requests", timeout=10) as resp:
+            sent = json.loads(resp.read())[-1]
+        assert sent["path"] == "/v1/chat/completions" and sent["authorization"] == "Bearer sk-fake"
+        body = sent["body"]
+        assert body["model"] == "fake-model" and body["stream"] is True and body["stream_options"] == {"include_usage": True}
+        assert body["messages"][0]["role"] == "system" and "lighthouse keeper" in body["messages"][0]["content"]
+        assert body["messages"][-1] == {"role": "user", "content": "Hello!"}
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_real_provider_needs_a_price_for_its_model(data_dir):
+    from conftest import BINARY
+    result = subprocess.run([str(BINARY), "serve", "--port", "0", "--data-dir", str(data_dir), "--provider", "openai",
+                             "--provider-url", "http://127.0.0.1:9/v1", "--provider-model", "unpriced"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "no entry for model 'unpriced'" in result.stderr
