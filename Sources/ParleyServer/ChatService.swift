@@ -226,6 +226,7 @@ final class ChatService: Sendable {
         var scratch: [UInt8] = []  // one token frame's bytes, reused: no allocation per token
         var reported: Usage?
         var failure: String?
+        var failureCode = ErrorCode.providerError
         var outOfCredits = false
         do {
             tokens: for try await event in provider.stream(request) {
@@ -250,6 +251,9 @@ final class ChatService: Sendable {
         } catch is CancellationError {
         } catch let error as ProviderError {
             failure = error.message
+        } catch is ProviderBusy {
+            failure = "the model is busy: too many replies are waiting for it; try again shortly"
+            failureCode = .rateLimited
         } catch let error as StoreError {
             logger.error("metering failed; stopping the stream", metadata: ["stream": "\(live.id)", "error": "\(error)"])
             failure = "credits could not be charged; try again"
@@ -283,7 +287,7 @@ final class ChatService: Sendable {
             storedID = nil
         }
         if reason == .error, let failure {
-            let frame = allocator.buffer(bytes: ServerFrame.error(ref: ref, code: .providerError, message: failure))
+            let frame = allocator.buffer(bytes: ServerFrame.error(ref: ref, code: failureCode, message: failure))
             if let requester { live.send(frame, to: requester) } else { live.broadcast(frame) }
         }
         if outOfCredits {

@@ -21,6 +21,10 @@ public struct ServerConfiguration: Sendable {
     public var eventLoopThreads: Int?
 
     public var simulated = SimulatedProvider.Configuration()
+    /// Streams the model provider may run at once (nil: no limit, the simulated default);
+    /// `providerQueue` more wait their turn, and beyond that a reply fails with `rate_limited`.
+    public var providerConcurrency: Int?
+    public var providerQueue = 256
 
     /// Tokens of prompt (persona + history) sent to the provider at most.
     public var contextBudgetTokens = 4_096

@@ -59,7 +59,10 @@ public final class ParleyServer: Sendable {
         let secret = try configuration.jwtSecret ?? SecretFile.loadOrCreate(at: configuration.secretPath)
         let authenticator = await Authenticator.make(secret: secret)
         let store = try await openStore(configuration)
-        let provider = provider ?? SimulatedProvider(configuration: configuration.simulated)
+        var provider: any LLMProvider = provider ?? SimulatedProvider(configuration: configuration.simulated)
+        if let limit = configuration.providerConcurrency {
+            provider = ConcurrencyLimitedProvider(provider, maxConcurrent: limit, maxQueued: configuration.providerQueue)
+        }
         let ids = IDGenerator()
         let hub = StreamHub(retention: configuration.resumeRetention, maxStreamsPerUser: configuration.maxConcurrentStreamsPerUser)
         // Finish or void ledger entries a crash left half-applied, before anything is charged.
@@ -117,7 +120,7 @@ public final class ParleyServer: Sendable {
         }
         let port = serverChannel.localAddress?.port ?? configuration.port
         logger.info("listening", metadata: ["host": "\(configuration.host)", "port": "\(port)", "store": "\(describeStore(configuration))"])
-        if provider is SimulatedProvider {
+        if provider is SimulatedProvider || (provider as? ConcurrencyLimitedProvider)?.inner is SimulatedProvider {
             logger.notice("LLM provider: simulated (a development and load-test stand-in, not a model)")
         } else {
             logger.notice("LLM provider", metadata: ["type": "\(type(of: provider))"])

@@ -99,6 +99,12 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Seconds the provider may go silent between two tokens.")
     var providerIdleTimeout = 30
 
+    @Option(help: "Replies the provider may generate at once (default 16 for a real provider, no limit for the simulated one).")
+    var providerConcurrency: Int?
+
+    @Option(help: "Replies that may wait for the provider beyond those; more fail with rate_limited.")
+    var providerQueue = 256
+
     func validate() throws {
         guard (0...65535).contains(port) else { throw ArgumentParser.ValidationError("--port must be 0-65535") }
         guard simTtftMs >= 0 else { throw ArgumentParser.ValidationError("--sim-ttft-ms must be 0 or more") }
@@ -119,6 +125,9 @@ struct Serve: AsyncParsableCommand {
                 throw ArgumentParser.ValidationError("--provider \(provider) needs --provider-url (http:// or https://)")
             }
             guard providerModel?.isEmpty == false else { throw ArgumentParser.ValidationError("--provider \(provider) needs --provider-model") }
+        }
+        guard (providerConcurrency ?? 1) >= 1, providerQueue >= 0 else {
+            throw ArgumentParser.ValidationError("--provider-concurrency must be at least 1 and --provider-queue 0 or more")
         }
         guard (1...3600).contains(providerFirstTokenTimeout), (1...3600).contains(providerIdleTimeout) else {
             throw ArgumentParser.ValidationError("--provider-first-token-timeout and --provider-idle-timeout must be 1-3600 seconds")
@@ -160,6 +169,8 @@ struct Serve: AsyncParsableCommand {
             FileHandle.standardError.write(Data("parley: the price list has no entry for model '\(model)' (give one with --prices)\n".utf8))
             throw ExitCode(1)
         }
+        configuration.providerConcurrency = providerConcurrency ?? (provider == "simulated" ? nil : 16)
+        configuration.providerQueue = providerQueue
         configuration.contextBudgetTokens = contextBudget
         configuration.scheduleTickMillis = Int64(scheduleTickMs)
         configuration.maxQueuedBytesPerSocket = maxSocketQueueBytes

@@ -53,6 +53,28 @@ import Testing
         await server.stop()
     }
 
+    @Test func aReplyBeyondTheProvidersLimitsFailsWithRateLimited() async throws {
+        let server = try await TestServer.start {
+            $0.providerConcurrency = 1
+            $0.providerQueue = 0
+            $0.simulated.tokensPerSecond = 20  // alice's reply holds the one slot for about a second
+        }
+        let alice = try await server.connect(token: try await server.token("alice"))
+        let bob = try await server.connect(token: try await server.token("bob"))
+        let aliceClone = try await server.createClone(token: try await server.token("alice"))["id"]!.stringValue!
+        let bobClone = try await server.createClone(token: try await server.token("bob"))["id"]!.stringValue!
+        try await alice.chatSend(id: "a1", clone: aliceClone, text: "Hello")
+        _ = try await alice.readUntilToken()
+        try await bob.chatSend(id: "b1", clone: bobClone, text: "Hello")
+        let refused = try await bob.next(type: "error").frame
+        #expect(refused["ref"] == .string("b1") && refused["code"] == .string("rate_limited"))
+        #expect(try await bob.next(type: "stream.end").frame["reason"] == .string("error"))
+        #expect(try await alice.next(type: "stream.end").frame["reason"] == .string("complete"))
+        try await bob.chatSend(id: "b2", clone: bobClone, text: "Hello again")
+        #expect(try await bob.readReply().reason == "complete", "the slot is free again")
+        await server.stop()
+    }
+
     @Test func cancelStopsTheStreamAndStoresThePartialReply() async throws {
         var chat = try await LongReply.start(tokensPerSecond: 50)
         try await chat.socket.send(.object([("type", .string("chat.cancel")), ("id", .string("x1")), ("stream", chat.stream)]))

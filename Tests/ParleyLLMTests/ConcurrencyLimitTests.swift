@@ -1,0 +1,77 @@
+import ParleyCore
+import ParleyLLM
+import Synchronization
+import Testing
+
+/// A provider whose streams each wait until the test lets them finish, and which counts how
+/// many are running.
+final class HeldProvider: LLMProvider {
+    let running = Atomic<Int>(0)
+    private let (released, release) = AsyncStream<Void>.makeStream()
+
+    func modelName(for request: CompletionRequest) -> String { "held" }
+
+    func stream(_ request: CompletionRequest) -> LLMEventStream {
+        let (stream, continuation) = LLMEventStream.makeStream()
+        running.add(1, ordering: .sequentiallyConsistent)
+        let released = self.released
+        Task {
+            var iterator = released.makeAsyncIterator()
+            _ = await iterator.next()
+            continuation.yield(.token("done"))
+            continuation.yield(.usage(Usage(inputTokens: 1, outputTokens: 1)))
+            self.running.subtract(1, ordering: .sequentiallyConsistent)
+            continuation.finish()
+        }
+        return stream
+    }
+
+    /// Lets one waiting stream finish.
+    func finishOne() { release.yield() }
+}
+
+func drain(_ stream: LLMEventStream) async throws -> [LLMEvent] {
+    var out: [LLMEvent] = []
+    for try await event in stream { out.append(event) }
+    return out
+}
+
+@Suite struct ConcurrencyLimitTests {
+    let request = CompletionRequest(messages: [], maxOutputTokens: 8)
+
+    @Test func beyondTheRunningAndQueuedLimitsAStreamFailsAtOnceAndTheQueueMovesInOrder() async throws {
+        let held = HeldProvider()
+        let limited = ConcurrencyLimitedProvider(held, maxConcurrent: 1, maxQueued: 1)
+        let first = Task { try await drain(limited.stream(self.request)) }
+        while limited.load.running < 1 { await Task.yield() }
+        let second = Task { try await drain(limited.stream(self.request)) }
+        while limited.load.queued < 1 { await Task.yield() }
+        await #expect(throws: ProviderBusy.self) { try await drain(limited.stream(self.request)) }
+        #expect(held.running.load(ordering: .sequentiallyConsistent) == 1, "the queued one has not reached the provider")
+
+        held.finishOne()
+        #expect(try await first.value == [.token("done"), .usage(Usage(inputTokens: 1, outputTokens: 1))])
+        while limited.load.queued > 0 { await Task.yield() }  // the slot went to the waiter
+        held.finishOne()
+        #expect(try await second.value.count == 2)
+        #expect(limited.load.running == 0 && limited.load.queued == 0)
+    }
+
+    @Test func aConsumerThatStopsWhileQueuedLeavesTheQueue() async throws {
+        let held = HeldProvider()
+        let limited = ConcurrencyLimitedProvider(held, maxConcurrent: 1, maxQueued: 1)
+        let first = Task { try await drain(limited.stream(self.request)) }
+        while limited.load.running < 1 { await Task.yield() }
+        let waiting = Task { try await drain(limited.stream(self.request)) }
+        while limited.load.queued < 1 { await Task.yield() }
+        waiting.cancel()
+        _ = try? await waiting.value
+        #expect(limited.load.queued == 0, "its place is free again")
+        let third = Task { try await drain(limited.stream(self.request)) }
+        while limited.load.queued < 1 { await Task.yield() }
+        held.finishOne()
+        _ = try await first.value
+        held.finishOne()
+        #expect(try await third.value.count == 2)
+    }
+}
