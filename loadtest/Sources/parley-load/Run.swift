@@ -35,29 +35,14 @@ final class LoadRun: @unchecked Sendable {
 
     func recorder(for loop: any EventLoop) -> Recorder { recorders[ObjectIdentifier(loop)]! }
 
-    /// Opens `count` sockets for `users` (one each), `width` handshakes at a time.
+    /// Opens one socket per token, `width` handshakes at a time.
     func connect(tokens: [String], width: Int = 64) async throws -> [LoadSocket] {
-        var sockets = [LoadSocket?](repeating: nil, count: tokens.count)
         let recorders = self.recorders
-        try await withThrowingTaskGroup(of: (Int, LoadSocket).self) { group in
-            var next = 0
-            func add() {
-                let index = next
-                next += 1
-                let token = tokens[index]
-                group.addTask {
-                    (index, try await openSocket(group: self.group, host: self.host, port: self.port, token: token, index: index) {
-                        recorders[ObjectIdentifier($0)]!
-                    })
-                }
-            }
-            while next < min(width, tokens.count) { add() }
-            while let (index, socket) = try await group.next() {
-                sockets[index] = socket
-                if next < tokens.count { add() }
+        return try await boundedMap(tokens.count, width: width) { index in
+            try await openSocket(group: self.group, host: self.host, port: self.port, token: tokens[index], index: index) {
+                recorders[ObjectIdentifier($0)]!
             }
         }
-        return sockets.map { $0! }
     }
 
     /// Marks the start of the measured part (CPU and RSS are sampled from here).

@@ -4,6 +4,21 @@ import NIOCore
 // Every role below lives on its socket's event loop: the handler calls it there, and its sends
 // are scheduled there.
 
+/// One stream's token arrivals, for its inter-token gaps.
+struct TokenClock {
+    var last: UInt64 = 0
+    var tokens = 0
+
+    /// Records a token arriving at `nanos`: the gap since the previous one, nil for the first.
+    mutating func tick(_ nanos: UInt64) -> UInt64? {
+        defer {
+            tokens += 1
+            last = nanos
+        }
+        return tokens == 0 ? nil : nanos &- last
+    }
+}
+
 /// Calls `send` with each scheduled time `first`, `first + interval`, … before `until`, on the
 /// socket's event loop, whatever happened to earlier sends (open loop: no coordinated omission).
 func openLoop(on socket: LoadSocket, first: UInt64, interval: UInt64, until: UInt64, _ send: @escaping (UInt64) -> Void) {
@@ -24,8 +39,7 @@ func openLoop(on socket: LoadSocket, first: UInt64, interval: UInt64, until: UIn
 final class ChatRole: SocketRole {
     struct Track {
         var scheduled: UInt64
-        var last: UInt64 = 0
-        var tokens = 0
+        var clock = TokenClock()
     }
 
     let clone: String
@@ -56,13 +70,11 @@ final class ChatRole: SocketRole {
         case .token:
             guard let stream = bytes.hash(.stream), var track = streams[stream] else { return }
             socket.recorder.tokens += 1
-            if track.tokens == 0 {
-                socket.recorder.record(.ttft, nanos: nanos &- track.scheduled)
+            if let gap = track.clock.tick(nanos) {
+                socket.recorder.recordGap(gap, nominal: nominalGap)
             } else {
-                socket.recorder.recordGap(nanos &- track.last, nominal: nominalGap)
+                socket.recorder.record(.ttft, nanos: nanos &- track.scheduled)
             }
-            track.tokens += 1
-            track.last = nanos
             streams[stream] = track
         case .streamStart:
             guard let ref = bytes.string(.ref), let number = Int(ref.dropFirst()), let stream = bytes.hash(.stream),
@@ -131,7 +143,7 @@ final class TranslatorRole: SocketRole {
     var sent = 0
     /// Text of each message said → its scheduled time; joined with the entry id on the echo.
     var scheduled: [Substring: UInt64] = [:]
-    var streams: [UInt64: (source: UInt64, last: UInt64, tokens: Int)] = [:]
+    var streams: [UInt64: (source: UInt64, clock: TokenClock)] = [:]
 
     init(room: String, user: String, nominalGap: UInt64, joined: Countdown) {
         self.room = room
@@ -162,17 +174,15 @@ final class TranslatorRole: SocketRole {
             }
         case .streamStart:
             guard let stream = bytes.hash(.stream), let source = bytes.hash(.source) else { return }
-            streams[stream] = (source, 0, 0)
+            streams[stream] = (source, TokenClock())
         case .token:
             socket.recorder.tokens += 1
             guard let stream = bytes.hash(.stream), var track = streams[stream] else { return }
-            if track.tokens == 0 {
-                socket.recorder.arrivals.append((track.source, nanos))
+            if let gap = track.clock.tick(nanos) {
+                socket.recorder.recordGap(gap, nominal: nominalGap)
             } else {
-                socket.recorder.recordGap(nanos &- track.last, nominal: nominalGap)
+                socket.recorder.arrivals.append((track.source, nanos))
             }
-            track.tokens += 1
-            track.last = nanos
             streams[stream] = track
         case .streamEnd:
             socket.recorder.streams += 1

@@ -69,24 +69,28 @@ struct RESTClient: Sendable {
 
     /// Creates one clone for each token, `width` requests at a time; returns their ids in order.
     func createClones(tokens: [String], width: Int = 16) async throws -> [String] {
-        var ids = [String](repeating: "", count: tokens.count)
-        try await withThrowingTaskGroup(of: (Int, String).self) { group in
-            var next = 0
-            func add() {
-                let index = next
-                next += 1
-                let token = tokens[index]
-                group.addTask {
-                    let clone = try await self.post("/v1/clones", token: token, json: ["name": "Load \(index)", "traits": ["brief"]])
-                    return (index, clone["id"] as? String ?? "")
-                }
-            }
-            while next < min(width, tokens.count) { add() }
-            while let (index, id) = try await group.next() {
-                ids[index] = id
-                if next < tokens.count { add() }
-            }
+        try await boundedMap(tokens.count, width: width) { index in
+            let clone = try await self.post("/v1/clones", token: tokens[index], json: ["name": "Load \(index)", "traits": ["brief"]])
+            return clone["id"] as? String ?? ""
         }
-        return ids
     }
+}
+
+/// `body(i)` for every `i` in `0..<count`, at most `width` at a time; the results in order.
+func boundedMap<T: Sendable>(_ count: Int, width: Int, _ body: @escaping @Sendable (Int) async throws -> T) async throws -> [T] {
+    var results = [T?](repeating: nil, count: count)
+    try await withThrowingTaskGroup(of: (Int, T).self) { group in
+        var next = 0
+        func add() {
+            let index = next
+            next += 1
+            group.addTask { (index, try await body(index)) }
+        }
+        while next < min(width, count) { add() }
+        while let (index, result) = try await group.next() {
+            results[index] = result
+            if next < count { add() }
+        }
+    }
+    return results.map { $0! }
 }
