@@ -27,13 +27,9 @@ public struct AnthropicProvider: LLMProvider {
             ("messages", .array(Self.turns(request.messages).map { .object([("role", .string($0.role)), ("content", .string($0.text))]) })),
         ]
         if !system.isEmpty { body.append(("system", .string(system))) }
-        var http = HTTPClientRequest(url: options.baseURL + "/v1/messages")
-        http.method = .POST
-        http.headers.add(name: "content-type", value: "application/json")
-        http.headers.add(name: "accept", value: "text/event-stream")
-        http.headers.add(name: "anthropic-version", value: Self.apiVersion)
-        if let key = options.apiKey { http.headers.add(name: "x-api-key", value: key) }
-        http.body = .bytes(ByteBuffer(bytes: JSONValue.object(body).serialized()))
+        var headers = [("anthropic-version", Self.apiVersion)]
+        if let key = options.apiKey { headers.append(("x-api-key", key)) }
+        let http = HTTPStreaming.post(options.baseURL + "/v1/messages", json: .object(body), headers: headers)
         return HTTPStreaming.stream(http, client: client, options: options, request: request, parts: AnthropicMessagesDialect.parts(of:))
     }
 

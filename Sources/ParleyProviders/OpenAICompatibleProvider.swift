@@ -58,12 +58,8 @@ public struct OpenAICompatibleProvider: LLMProvider {
             ("stream_options", .object([("include_usage", .bool(true))])),
             ("max_tokens", .int(Int64(request.maxOutputTokens))),
         ])
-        var http = HTTPClientRequest(url: options.baseURL + "/chat/completions")
-        http.method = .POST
-        http.headers.add(name: "content-type", value: "application/json")
-        http.headers.add(name: "accept", value: "text/event-stream")
-        if let key = options.apiKey { http.headers.add(name: "authorization", value: "Bearer \(key)") }
-        http.body = .bytes(ByteBuffer(bytes: body.serialized()))
+        let auth = options.apiKey.map { [("authorization", "Bearer \($0)")] } ?? []
+        let http = HTTPStreaming.post(options.baseURL + "/chat/completions", json: body, headers: auth)
         return HTTPStreaming.stream(http, client: client, options: options, request: request, parts: OpenAIChatDialect.parts(of:))
     }
 }
@@ -71,6 +67,17 @@ public struct OpenAICompatibleProvider: LLMProvider {
 /// The request loop both HTTP providers share: retries before the first token, first-token and
 /// idle timeouts, SSE parsing, usage, and error mapping to messages safe to show a user.
 enum HTTPStreaming {
+    /// A streaming JSON POST with the provider's own `headers` added.
+    static func post(_ url: String, json: JSONValue, headers: [(String, String)]) -> HTTPClientRequest {
+        var http = HTTPClientRequest(url: url)
+        http.method = .POST
+        http.headers.add(name: "content-type", value: "application/json")
+        http.headers.add(name: "accept", value: "text/event-stream")
+        for (name, value) in headers { http.headers.add(name: name, value: value) }
+        http.body = .bytes(ByteBuffer(bytes: json.serialized()))
+        return http
+    }
+
     static func stream(
         _ http: HTTPClientRequest, client: HTTPClient, options: HTTPProviderOptions, request: CompletionRequest,
         parts: @escaping @Sendable (SSEEvent) throws(ProviderError) -> [StreamPart]
