@@ -19,9 +19,17 @@ public struct CloneFields: Sendable, Equatable {
     public var systemPrompt: String?
     public var sliders: [String: Int]?
     public var memory: [String]?
+    /// `model`: a model name, or null for the server's default (nil here: not given).
+    public var model: ModelChoice?
+
+    public enum ModelChoice: Sendable, Equatable {
+        case serverDefault
+        case named(String)
+    }
 
     public init(name: String? = nil, traits: [String]? = nil, systemPrompt: String? = nil,
-                sliders: [String: Int]? = nil, memory: [String]? = nil) {
+                sliders: [String: Int]? = nil, memory: [String]? = nil, model: ModelChoice? = nil) {
+        self.model = model
         self.name = name
         self.traits = traits
         self.systemPrompt = systemPrompt
@@ -67,6 +75,14 @@ public struct CloneFields: Sendable, Equatable {
         if let memory = try reader.stringArray("memory") {
             fields.memory = try entries(memory, field: "memory", maxCount: limits.maxMemoryEntries, maxLength: limits.maxMemoryEntryLength)
         }
+        if reader.has("model") {
+            if let model = try reader.string("model") {
+                guard (1...200).contains(model.utf8.count) else { throw ValidationError("'model' must be 1-200 bytes, or null for the default") }
+                fields.model = .named(model)
+            } else {
+                fields.model = .serverDefault
+            }
+        }
         // id, timestamps and owner are the server's; naming them is a client bug worth reporting.
         try reader.rejectUnknown()
         return fields
@@ -103,6 +119,11 @@ public struct CloneFields: Sendable, Equatable {
         if let systemPrompt { c.systemPrompt = systemPrompt }
         if let sliders { c.sliders = sliders }
         if let memory { c.memory = memory }
+        switch model {
+        case .serverDefault?: c.model = nil
+        case .named(let name)?: c.model = name
+        case nil: break
+        }
         c.updatedAt = now
         return c
     }

@@ -21,11 +21,14 @@ public struct Clone: Sendable, Equatable {
     public var memory: [String]
     public var createdAt: Int64
     public var updatedAt: Int64
+    /// The model this clone's replies come from; nil means the server's default model.
+    public var model: String?
 
     public init(
         id: String, owner: String, name: String, traits: [String], systemPrompt: String,
-        sliders: [String: Int], memory: [String], createdAt: Int64, updatedAt: Int64
+        sliders: [String: Int], memory: [String], createdAt: Int64, updatedAt: Int64, model: String? = nil
     ) {
+        self.model = model
         self.id = id
         self.owner = owner
         self.name = name

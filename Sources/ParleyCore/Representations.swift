@@ -8,6 +8,7 @@ extension Clone {
             ("system_prompt", .string(systemPrompt)),
             ("sliders", .object(sliders.sorted { $0.key < $1.key }.map { ($0.key, .int(Int64($0.value))) })),
             ("memory", .array(memory.map(JSONValue.string))),
+            ("model", model.map(JSONValue.string) ?? .null),
             ("created_at", .string(Timestamp.rfc3339(millis: createdAt))),
             ("updated_at", .string(Timestamp.rfc3339(millis: updatedAt))),
         ])

@@ -147,7 +147,7 @@ public final class MongoStore: Store {
             ("_id", .string(c.id)), ("owner", .string(c.owner)), ("name", .string(c.name)),
             ("traits", .array(c.traits.map(JSONValue.string))), ("system_prompt", .string(c.systemPrompt)),
             ("sliders", .object(c.sliders.sorted { $0.key < $1.key }.map { ($0.key, .int(Int64($0.value))) })),
-            ("memory", .array(c.memory.map(JSONValue.string))),
+            ("memory", .array(c.memory.map(JSONValue.string))), ("model", c.model.map(JSONValue.string) ?? .null),
             ("created_at", .long(c.createdAt)), ("updated_at", .long(c.updatedAt)),
         ])
     }
@@ -158,7 +158,8 @@ public final class MongoStore: Store {
         return Clone(
             id: d["_id"]?.stringValue ?? "", owner: d["owner"]?.stringValue ?? "", name: d["name"]?.stringValue ?? "",
             traits: d["traits"]?.strings ?? [], systemPrompt: d["system_prompt"]?.stringValue ?? "", sliders: sliders,
-            memory: d["memory"]?.strings ?? [], createdAt: d["created_at"]?.int64 ?? 0, updatedAt: d["updated_at"]?.int64 ?? 0
+            memory: d["memory"]?.strings ?? [], createdAt: d["created_at"]?.int64 ?? 0, updatedAt: d["updated_at"]?.int64 ?? 0,
+            model: d["model"]?.stringValue
         )
     }
 

@@ -166,7 +166,7 @@ final class ChatService: Sendable {
             let userMessage = Message(id: ids.make(.message), conversation: conversation.id, role: .user, text: text, createdAt: now)
             let history = isNew ? [] : try await store.messages(conversation: conversation.id, limit: configuration.historyMessages - 1, before: nil)
             let prompt = PromptAssembler(contextBudget: configuration.contextBudgetTokens).assemble(clone: clone, history: history + [userMessage])
-            let request = CompletionRequest(messages: prompt.messages, speaker: clone.name, maxOutputTokens: configuration.maxOutputTokens)
+            let request = CompletionRequest(model: configuration.model(for: clone), messages: prompt.messages, speaker: clone.name, maxOutputTokens: configuration.maxOutputTokens)
             let model = provider.modelName(for: request)
             let streamID = ids.make(.stream)
 

@@ -60,6 +60,9 @@ public struct ServerConfiguration: Sendable {
     public var scheduleErrorRetry: Duration = .seconds(30)
 
     public var credits = CreditsConfiguration()
+    /// The models the provider serves: the first is the default, and a clone may name any of
+    /// them (each needs a price).
+    public var models = [SimulatedProvider.modelName]
     /// Where metrics go: the process-wide swift-metrics backend unless a test gives its own.
     public var metrics: any MetricsFactory = MetricsSystem.factory
 
@@ -67,6 +70,12 @@ public struct ServerConfiguration: Sendable {
     public var cloneLimits = CloneLimits()
 
     public init() {}
+
+    /// The model to ask for a clone's reply: its own while the server still offers it, else the
+    /// default (nil), so a model an operator withdrew never strands a clone.
+    public func model(for clone: Clone) -> String? {
+        clone.model.flatMap { models.contains($0) ? $0 : nil }
+    }
 
     public var sqlitePath: String { dataDirectory + "/parley.sqlite" }
     public var secretPath: String { dataDirectory + "/jwt-secret" }

@@ -109,7 +109,7 @@ struct RESTAPI: Sendable {
     // MARK: Clones
 
     private func createClone(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
-        let fields = try CloneFields.parse(try request.json(), requireName: true, limits: configuration.cloneLimits)
+        let fields = try cloneFields(request, requireName: true)
         let now = Int64(Timestamp.nowMillis())
         _ = try await store.ensureUser(identity.user, now: now)
         let clone = fields.applied(
@@ -119,6 +119,15 @@ struct RESTAPI: Sendable {
         )
         try await store.createClone(clone)
         return HTTPResponse(.created, json: clone.json, headers: ["location": "/v1/clones/\(clone.id)"])
+    }
+
+    /// A clone body, with its model (if named) one this server offers.
+    private func cloneFields(_ request: HTTPRequest, requireName: Bool) throws -> CloneFields {
+        let fields = try CloneFields.parse(try request.json(), requireName: requireName, limits: configuration.cloneLimits)
+        if case .named(let model)? = fields.model, !configuration.models.contains(model) {
+            throw APIError(.badRequest, .badRequest, "model '\(model)' is not offered here; offered: \(configuration.models.joined(separator: ", "))")
+        }
+        return fields
     }
 
     private func listClones(_ identity: Identity) async throws -> HTTPResponse {
@@ -131,7 +140,7 @@ struct RESTAPI: Sendable {
     }
 
     private func patchClone(_ id: String, _ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
-        let fields = try CloneFields.parse(try request.json(), requireName: false, limits: configuration.cloneLimits)
+        let fields = try cloneFields(request, requireName: false)
         let updated = fields.applied(to: try await ownedClone(id, identity), at: Int64(Timestamp.nowMillis()))
         guard try await store.updateClone(updated) else { throw Self.noClone(id) }
         return HTTPResponse(.ok, json: updated.json)

@@ -223,7 +223,7 @@ extension RoomService {
             }
             let view = TranslationChat.view(live.state.withLock { $0.transcript }, for: lang).map(\.entry)
             let prompt = TranslationChat.replyPrompt(room: room, clone: clone, lang: lang, view: view, names: Self.names(room), budget: configuration.contextBudgetTokens)
-            let request = CompletionRequest(messages: prompt.messages, speaker: clone.name, maxOutputTokens: configuration.maxOutputTokens)
+            let request = CompletionRequest(model: configuration.model(for: clone), messages: prompt.messages, speaker: clone.name, maxOutputTokens: configuration.maxOutputTokens)
             let model = provider.modelName(for: request)
             let streamID = ids.make(.stream)
             let meter = chat.credits.meter(user: room.owner, stream: streamID, conversation: nil, room: room.id, model: model, feature: .chat)

@@ -398,7 +398,7 @@ final class RoomService: Sendable {
                 return
             }
             let prompt = TurnTaking.prompt(room: room, speaker: clone, transcript: transcript, names: Self.names(room), budget: configuration.contextBudgetTokens)
-            let request = CompletionRequest(messages: prompt.messages, speaker: clone.name, maxOutputTokens: room.maxTokensPerTurn)
+            let request = CompletionRequest(model: configuration.model(for: clone), messages: prompt.messages, speaker: clone.name, maxOutputTokens: room.maxTokensPerTurn)
             let model = provider.modelName(for: request)
             let streamID = ids.make(.stream)
             let meter = chat.credits.meter(user: room.owner, stream: streamID, conversation: nil, room: room.id, model: model, feature: .debate)

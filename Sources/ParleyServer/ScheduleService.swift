@@ -300,7 +300,7 @@ final class ScheduleService: Sendable {
             let cue = Message(id: messageID, conversation: conversationID, role: .user,
                               text: "(Scheduled message: write to the user now, unprompted, about: \(instruction))", createdAt: now)
             let prompt = PromptAssembler(contextBudget: configuration.contextBudgetTokens).assemble(clone: clone, history: history + [cue])
-            let request = CompletionRequest(messages: prompt.messages, speaker: clone.name, maxOutputTokens: configuration.maxOutputTokens)
+            let request = CompletionRequest(model: configuration.model(for: clone), messages: prompt.messages, speaker: clone.name, maxOutputTokens: configuration.maxOutputTokens)
             let model = provider.modelName(for: request)
             let streamID = schedule.streamID!
             let meter = chat.credits.meter(user: schedule.owner, stream: streamID, conversation: conversationID, model: model, feature: .scheduled)

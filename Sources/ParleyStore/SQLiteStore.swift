@@ -131,6 +131,8 @@ public final class SQLiteStore: Store {
         ALTER TABLE room_entries ADD COLUMN speaker_is_clone INTEGER NOT NULL DEFAULT 0;
         UPDATE room_entries SET speaker_is_clone = 1 WHERE kind = 'turn';
         """,
+        // v6: a clone may name its model (NULL: the server's default).
+        "ALTER TABLE clones ADD COLUMN model TEXT;",
     ]
 
     public static var schemaVersion: Int { migrations.count }
@@ -312,12 +314,12 @@ public final class SQLiteStore: Store {
         (try JSONValue.parse(Array((value.text ?? "[]").utf8))).arrayValue?.compactMap(\.stringValue) ?? []
     }
 
-    private static let cloneColumns = "id, owner, name, traits, system_prompt, sliders, memory, created_at, updated_at"
+    private static let cloneColumns = "id, owner, name, traits, system_prompt, sliders, memory, model, created_at, updated_at"
 
     public func createClone(_ clone: Clone) async throws {
         try await run { db in
             try db.query(
-                "INSERT INTO clones(\(Self.cloneColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO clones(\(Self.cloneColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [.text(clone.id), .text(clone.owner)] + Self.cloneValues(clone) + [.int(clone.createdAt), .int(clone.updatedAt)]
             )
         }
@@ -340,7 +342,7 @@ public final class SQLiteStore: Store {
     public func updateClone(_ clone: Clone) async throws -> Bool {
         try await run { db in
             try db.query(
-                "UPDATE clones SET name = ?, traits = ?, system_prompt = ?, sliders = ?, memory = ?, updated_at = ? WHERE id = ? AND owner = ?",
+                "UPDATE clones SET name = ?, traits = ?, system_prompt = ?, sliders = ?, memory = ?, model = ?, updated_at = ? WHERE id = ? AND owner = ?",
                 Self.cloneValues(clone) + [.int(clone.updatedAt), .text(clone.id), .text(clone.owner)]
             )
             return db.changes > 0
@@ -362,6 +364,7 @@ public final class SQLiteStore: Store {
             .text(clone.systemPrompt),
             .text(JSONValue.object(clone.sliders.sorted { $0.key < $1.key }.map { ($0.key, .int(Int64($0.value))) }).serializedString()),
             .text(JSONValue.array(clone.memory.map(JSONValue.string)).serializedString()),
+            clone.model.map(SQLValue.text) ?? .null,
         ]
     }
 
@@ -373,7 +376,7 @@ public final class SQLiteStore: Store {
         return Clone(
             id: row[0].text ?? "", owner: row[1].text ?? "", name: row[2].text ?? "",
             traits: try Self.strings(row[3]), systemPrompt: row[4].text ?? "", sliders: sliders,
-            memory: try Self.strings(row[6]), createdAt: row[7].int ?? 0, updatedAt: row[8].int ?? 0
+            memory: try Self.strings(row[6]), createdAt: row[8].int ?? 0, updatedAt: row[9].int ?? 0, model: row[7].text
         )
     }
 

@@ -90,6 +90,9 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "The model to ask for; it needs an entry in the price list (--prices).")
     var providerModel: String?
 
+    @Option(help: "More models of the same provider a clone may name (comma-separated); each needs a price.")
+    var providerModels: String?
+
     @Option(help: "Name of the environment variable holding the provider's API key (the key itself is never a flag or logged).")
     var providerKeyEnv: String?
 
@@ -125,6 +128,9 @@ struct Serve: AsyncParsableCommand {
                 throw ArgumentParser.ValidationError("--provider \(provider) needs --provider-url (http:// or https://)")
             }
             guard providerModel?.isEmpty == false else { throw ArgumentParser.ValidationError("--provider \(provider) needs --provider-model") }
+        }
+        guard providerModels == nil || provider != "simulated" else {
+            throw ArgumentParser.ValidationError("--provider-models needs a real --provider")
         }
         guard (providerConcurrency ?? 1) >= 1, providerQueue >= 0 else {
             throw ArgumentParser.ValidationError("--provider-concurrency must be at least 1 and --provider-queue 0 or more")
@@ -164,8 +170,8 @@ struct Serve: AsyncParsableCommand {
                 throw ExitCode(1)
             }
         }
-        let model = provider == "simulated" ? SimulatedProvider.modelName : providerModel!
-        guard configuration.credits.pricing.price(for: model) != nil else {
+        configuration.models = [provider == "simulated" ? SimulatedProvider.modelName : providerModel!] + extraModels
+        for model in configuration.models where configuration.credits.pricing.price(for: model) == nil {
             FileHandle.standardError.write(Data("parley: the price list has no entry for model '\(model)' (give one with --prices)\n".utf8))
             throw ExitCode(1)
         }
@@ -196,6 +202,13 @@ struct Serve: AsyncParsableCommand {
 }
 
 extension Serve {
+    /// `--provider-models` as a list (blank entries and the default model left out).
+    var extraModels: [String] {
+        var seen: Set<String> = [providerModel ?? ""]
+        return (providerModels ?? "").split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
+            .filter { !$0.isEmpty && seen.insert($0).inserted }
+    }
+
     /// The model provider the flags ask for (nil: the simulated one the server makes itself).
     func makeProvider() throws -> (any LLMProvider)? {
         guard provider != "simulated", let url = providerUrl, let model = providerModel else { return nil }

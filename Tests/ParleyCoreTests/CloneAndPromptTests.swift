@@ -36,6 +36,21 @@ import Testing
         #expect(patched.traits == ["bold"])
         #expect(patched.name == "Ada" && patched.systemPrompt == "p" && patched.sliders == ["a": 1] && patched.memory == ["m"])
         #expect(patched.updatedAt == 5 && patched.createdAt == 1)
+        #expect(patched.model == nil)
+    }
+
+    @Test func aModelIsNamedKeptOrResetToTheDefault() throws {
+        let clone = Clone(id: "cl", owner: "u", name: "Ada", traits: [], systemPrompt: "", sliders: [:], memory: [], createdAt: 1, updatedAt: 1)
+        let named = try parse(#"{"model":"big-model"}"#, requireName: false)
+        #expect(named.model == .named("big-model"))
+        let withModel = named.applied(to: clone, at: 2)
+        #expect(withModel.model == "big-model")
+        #expect(try parse(#"{"name":"Ada"}"#, requireName: false).applied(to: withModel, at: 3).model == "big-model")
+        let reset = try parse(#"{"model":null}"#, requireName: false)
+        #expect(reset.model == .serverDefault)
+        #expect(reset.applied(to: withModel, at: 4).model == nil)
+        #expect(message(#"{"name":"A","model":""}"#) == "'model' must be 1-200 bytes, or null for the default")
+        #expect(message(#"{"name":"A","model":5}"#) == "'model' must be a string, not number")
     }
 }
 

@@ -112,7 +112,11 @@ func makeMessage(_ conversation: String, _ text: String, role: Role = .user, at 
             try await store.createClone(clone)
             clone.name = "Ada Lovelace"
             clone.sliders = ["focus": 100]
+            clone.model = "big-model"
             clone.updatedAt = 5_000
+            #expect(try await store.updateClone(clone))
+            #expect(try await store.clone(id: clone.id, owner: "alice") == clone)
+            clone.model = nil
             #expect(try await store.updateClone(clone))
             #expect(try await store.clone(id: clone.id, owner: "alice") == clone)
             var stolen = clone

@@ -66,3 +66,54 @@ def test_a_real_provider_needs_a_price_for_its_model(data_dir):
                              "--provider-url", "http://127.0.0.1:9/v1", "--provider-model", "unpriced"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "no entry for model 'unpriced'" in result.stderr
+
+
+def test_a_clone_names_its_model_and_is_metered_at_its_price(data_dir, fake_openai):
+    prices = data_dir / "prices.json"
+    prices.write_text(json.dumps({"models": {"fake-model": {"input_per_1k": 1000, "output_per_1k": 2000},
+                                             "fake-big": {"input_per_1k": 3000, "output_per_1k": 5000}}}))
+    server = Server(data_dir, "--provider", "openai", "--provider-url", f"http://127.0.0.1:{fake_openai}/v1",
+                    "--provider-model", "fake-model", "--provider-models", "fake-big", "--prices", str(prices))
+    try:
+        token = server.token("alice")
+        status, body = server.http("POST", "/v1/clones", token, {"name": "Ada", "model": "gpt-nope"})
+        assert status == 400 and body["error"]["code"] == "bad_request"
+        assert "gpt-nope" in body["error"]["message"] and "fake-model, fake-big" in body["error"]["message"]
+        big = make_clone(server, token, model="fake-big")
+        assert big["model"] == "fake-big"
+        plain = make_clone(server, token)
+        assert plain["model"] is None
+
+        async def chat(clone):
+            async with websockets.connect(f"{server.ws}?token={token}") as ws:
+                await recv(ws)
+                await ws.send(json.dumps({"type": "chat.send", "id": "c1", "clone": clone, "text": "Hello!"}))
+                return await read_stream(ws)
+
+        def last_model_asked():
+            with urllib.request.urlopen(f"http://127.0.0.1:{fake_openai}/v1/requests", timeout=10) as resp:
+                return json.loads(resp.read())[-1]["body"]["model"]
+
+        start, _, end = asyncio.run(chat(big["id"]))
+        assert start["model"] == "fake-big" and last_model_asked() == "fake-big"
+        assert end["cost"] == 17 * 3 + 6 * 5, "17 input tokens at 3000/1k, 6 output at 5000/1k"
+        start, _, end = asyncio.run(chat(plain["id"]))
+        assert start["model"] == "fake-model" and last_model_asked() == "fake-model" and end["cost"] == 17 + 12
+        # Back to the default with null.
+        status, body = server.http("PATCH", f"/v1/clones/{big['id']}", token, {"model": None})
+        assert status == 200 and body["model"] is None
+        start, _, _ = asyncio.run(chat(big["id"]))
+        assert start["model"] == "fake-model" and last_model_asked() == "fake-model"
+    finally:
+        assert server.stop() == 0
+
+
+def test_every_offered_model_needs_a_price(data_dir):
+    from conftest import BINARY
+    prices = data_dir / "prices.json"
+    prices.write_text(json.dumps({"models": {"fake-model": {"input_per_1k": 1, "output_per_1k": 1}}}))
+    result = subprocess.run([str(BINARY), "serve", "--port", "0", "--data-dir", str(data_dir), "--provider", "openai",
+                             "--provider-url", "http://127.0.0.1:9/v1", "--provider-model", "fake-model",
+                             "--provider-models", "fake-model,unpriced", "--prices", str(prices)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "no entry for model 'unpriced'" in result.stderr
