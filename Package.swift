@@ -105,6 +105,8 @@ let package = Package(
         .executableTarget(
             name: "parley-load",
             dependencies: [
+                "ParleyCore", "ParleyLLM", "ParleyProviders",
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),

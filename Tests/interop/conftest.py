@@ -108,3 +108,16 @@ def start_server(data_dir, store_args):
 @pytest.fixture
 def server(start_server):
     return start_server("--sim-ttft-ms", "0", "--sim-tokens-per-sec", "0", "--sim-reply-tokens", "20")
+
+
+@pytest.fixture(scope="session")
+def model_server():
+    """scripts/model-server.py (llama.cpp's server with SmolLM2-135M), one per test session."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "model-server.py"), "--max-seconds", "1800"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()
+    assert line.startswith("model server listening on "), line
+    proc.base = line.split()[-1]
+    yield proc
+    proc.stdin.close()
+    proc.wait(timeout=30)

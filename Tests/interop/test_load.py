@@ -8,15 +8,15 @@ from conftest import ROOT, Server
 LOAD = os.environ.get("PARLEY_LOAD_BIN", str(ROOT / ".build" / "debug" / "parley-load"))
 
 
-def load(server, data_dir, scenario, *args):
-    out = data_dir / f"{scenario}.json"
+def load(server, data_dir, scenario, *args, pid=None, name=None):
+    out = data_dir / f"{name or scenario}.json"
     result = subprocess.run(
         [LOAD, scenario, "--port", str(server.port), "--secret-file", str(data_dir / "jwt-secret"),
-         "--server-pid", str(server.proc.pid), "--json", str(out), *args],
+         "--server-pid", str(pid or server.proc.pid), "--json", str(out), *args],
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())
-    assert report["scenario"] == scenario
+    assert report["scenario"] == (name or scenario)
     assert report["counters"]["errors"] == {} and report["counters"]["sockets_dropped"] == 0, report
     assert report["server"]["cpu_s"] >= 0 and report["client"]["cpu_s"] >= 0 and report["server"]["rss_peak_bytes"] > 0
     return report, result.stdout
@@ -64,6 +64,27 @@ def test_translation_idle_and_schedule_scenarios_report_their_measures(data_dir)
         assert server.stop() == 0
 
 
+def test_model_times_a_real_model_through_parley_and_directly(data_dir, model_server):
+    prices = data_dir / "prices.json"
+    prices.write_text(json.dumps({"models": {"smollm2": {"input_per_1k": 0, "output_per_1k": 0}}}))
+    server = Server(data_dir, "--provider", "openai", "--provider-url", model_server.base + "/v1", "--provider-model", "smollm2",
+                    "--prices", str(prices))
+    try:
+        # Two streams asking three times each, closed loop: six replies, each with a first token.
+        for name, extra, pid in [("model", [], None), ("model-direct", ["--direct", model_server.base + "/v1"], model_server.pid)]:
+            report, table = load(server, data_dir, "model", "--streams", "2", "--requests", "3", "--max-tokens", "48", *extra,
+                                 pid=pid, name=name)
+            latency, counters = report["latency"], report["counters"]
+            assert counters["streams"] == 6 and latency["whole_stream"]["count"] == 6, name
+            assert latency["time_to_first_token"]["count"] == 6 and counters["tokens"] >= 6
+            assert latency["inter_token_gap"]["count"] == counters["tokens"] - 6
+            assert report["parameters"]["via"] == ("direct" if extra else "parley")
+    finally:
+        assert server.stop() == 0
+
+
 def test_it_refuses_targets_outside_loopback(data_dir):
     result = subprocess.run([LOAD, "idle", "--host", "10.1.2.3", "--secret", "x"], capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0 and "only loopback targets" in result.stderr
+    result = subprocess.run([LOAD, "model", "--direct", "http://10.1.2.3:8081/v1", "--secret", "x"], capture_output=True, text=True, timeout=30)
     assert result.returncode != 0 and "only loopback targets" in result.stderr

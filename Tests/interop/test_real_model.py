@@ -3,27 +3,14 @@ SmolLM2-135M), through both providers: a real streamed reply, credits settled fr
 model server reported, and a cancel that stops the model server's work."""
 import asyncio
 import json
-import subprocess
-import sys
 import time
 import urllib.request
 
 import pytest
 import websockets
 
-from conftest import ROOT, Server
+from conftest import Server
 from test_interop import make_clone, read_stream, recv
-
-
-@pytest.fixture(scope="module")
-def model_server():
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "model-server.py"), "--max-seconds", "900"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    line = proc.stdout.readline()
-    assert line.startswith("model server listening on "), line
-    yield line.split()[-1]
-    proc.stdin.close()
-    proc.wait(timeout=30)
 
 
 def slots_busy(base):
@@ -33,9 +20,10 @@ def slots_busy(base):
 
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
 def test_a_real_model_streams_through_parley(data_dir, model_server, provider):
+    base = model_server.base
     prices = data_dir / "prices.json"
     prices.write_text(json.dumps({"models": {"smollm2": {"input_per_1k": 1000, "output_per_1k": 2000}}}))
-    url = model_server + "/v1" if provider == "openai" else model_server
+    url = base + "/v1" if provider == "openai" else base
     server = Server(data_dir, "--provider", provider, "--provider-url", url, "--provider-model", "smollm2", "--prices", str(prices))
     try:
         token = server.token("alice")
@@ -67,7 +55,7 @@ def test_a_real_model_streams_through_parley(data_dir, model_server, provider):
         assert end["cost"] == usage["input_tokens"] + 2 * usage["output_tokens"], "settled from the model server's usage"
         assert cancelled["reason"] == "cancelled"
         deadline = time.monotonic() + 3  # the long story alone would keep a slot busy for several seconds
-        while slots_busy(model_server):  # bounded poll: the model server has no event to wait on
+        while slots_busy(base):  # bounded poll: the model server has no event to wait on
             assert time.monotonic() < deadline, "the model server kept generating after the cancel"
             time.sleep(0.05)
     finally:

@@ -34,9 +34,12 @@ struct TargetOptions: ParsableArguments {
     @Option(help: "Prefix of the user ids this run uses (runs with different prefixes do not share state).")
     var userPrefix = "load"
 
+    static func isLoopback(_ host: String) -> Bool {
+        host == "localhost" || host == "::1" || host == "[::1]" || host.hasPrefix("127.")
+    }
+
     func validate() throws {
-        let loopback = host == "localhost" || host == "::1" || host.hasPrefix("127.")
-        guard loopback || allowRemote else {
+        guard Self.isLoopback(host) || allowRemote else {
             throw ValidationError("refusing to load \(host): only loopback targets unless --allow-remote")
         }
     }
@@ -63,7 +66,7 @@ struct ParleyLoad: AsyncParsableCommand {
         commandName: "parley-load",
         abstract: "Load-test client for Parley: connect time, time to first token, inter-token gaps, fan-out and delivery delay.",
         discussion: "Every run is bounded in sockets and time. Latencies are HdrHistograms (p50…max); arrivals are open-loop.",
-        subcommands: [Chat.self, Debate.self, Translation.self, Idle.self, Schedule.self]
+        subcommands: [Chat.self, Debate.self, Translation.self, Idle.self, Schedule.self, Model.self]
     )
 }
 

@@ -62,6 +62,13 @@ final class LoadRun: @unchecked Sendable {
         return out
     }
 
+    /// Adds what was recorded off the loops (the direct model scenario's tasks) to the report.
+    func absorb(_ others: [Recorder]) async throws {
+        let loop = group.next()
+        let recorder = self.recorder(for: loop)
+        try await loop.submit { for other in others { recorder.merge(other) } }.get()
+    }
+
     /// Merges the loops' recorders and prints (and optionally writes) the report.
     func finish(json path: String?, analyze: (Recorder) -> Void = { _ in }) async throws {
         measured = nowNanos() - started
