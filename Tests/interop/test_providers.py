@@ -3,6 +3,7 @@ through Parley token by token, usage reconciled from the provider's own usage ch
 clone's persona in the system prompt the provider received."""
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import urllib.request
@@ -73,7 +74,8 @@ def test_a_clone_names_its_model_and_is_metered_at_its_price(data_dir, fake_open
     prices.write_text(json.dumps({"models": {"fake-model": {"input_per_1k": 1000, "output_per_1k": 2000},
                                              "fake-big": {"input_per_1k": 3000, "output_per_1k": 5000}}}))
     server = Server(data_dir, "--provider", "openai", "--provider-url", f"http://127.0.0.1:{fake_openai}/v1",
-                    "--provider-model", "fake-model", "--provider-models", "fake-big", "--prices", str(prices))
+                    "--provider-model", "fake-model", "--provider-models", "fake-big", "--prices", str(prices),
+                    "--max-reply-tokens", "77")
     try:
         token = server.token("alice")
         status, body = server.http("POST", "/v1/clones", token, {"name": "Ada", "model": "gpt-nope"})
@@ -92,7 +94,9 @@ def test_a_clone_names_its_model_and_is_metered_at_its_price(data_dir, fake_open
 
         def last_model_asked():
             with urllib.request.urlopen(f"http://127.0.0.1:{fake_openai}/v1/requests", timeout=10) as resp:
-                return json.loads(resp.read())[-1]["body"]["model"]
+                body = json.loads(resp.read())[-1]["body"]
+            assert body["max_tokens"] == 77, "--max-reply-tokens is the provider's max_tokens"
+            return body["model"]
 
         start, _, end = asyncio.run(chat(big["id"]))
         assert start["model"] == "fake-big" and last_model_asked() == "fake-big"
@@ -117,3 +121,29 @@ def test_every_offered_model_needs_a_price(data_dir):
                              "--provider-models", "fake-model,unpriced", "--prices", str(prices)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "no entry for model 'unpriced'" in result.stderr
+
+
+@pytest.mark.skipif(not os.environ.get("PARLEY_TEST_OPENAI_BASE_URL"),
+                    reason="set PARLEY_TEST_OPENAI_BASE_URL (and PARLEY_TEST_OPENAI_MODEL, PARLEY_TEST_OPENAI_API_KEY) to stream from a real server")
+def test_smoke_a_real_openai_compatible_server(data_dir):
+    """A reply streamed through Parley from the server the environment names (OpenAI, vLLM…)."""
+    model = os.environ.get("PARLEY_TEST_OPENAI_MODEL", "gpt-4o-mini")
+    prices = data_dir / "prices.json"
+    prices.write_text(json.dumps({"models": {model: {"input_per_1k": 1000, "output_per_1k": 1000}}}))
+    server = Server(data_dir, "--provider", "openai", "--provider-url", os.environ["PARLEY_TEST_OPENAI_BASE_URL"],
+                    "--provider-model", model, "--provider-key-env", "PARLEY_TEST_OPENAI_API_KEY", "--prices", str(prices))
+    try:
+        token = server.token("alice")
+        clone = make_clone(server, token, system_prompt="Answer in five words or fewer.")
+
+        async def chat():
+            async with websockets.connect(f"{server.ws}?token={token}") as ws:
+                await recv(ws)
+                await ws.send(json.dumps({"type": "chat.send", "id": "c1", "clone": clone["id"], "text": "Say hello."}))
+                return await read_stream(ws)
+
+        start, tokens, end = asyncio.run(chat())
+        assert start["model"] == model and end["reason"] == "complete", end
+        assert "".join(t["text"] for t in tokens).strip() and end["usage"]["output_tokens"] > 0
+    finally:
+        assert server.stop() == 0

@@ -19,7 +19,7 @@ struct Model: AsyncParsableCommand {
     @Option(help: "An OpenAI-compatible base URL (e.g. http://127.0.0.1:8081/v1): ask the model server directly, not Parley.")
     var direct: String?
     @Option(help: "--direct: the model to ask for.") var model = "smollm2"
-    @Option(help: "--direct: max_tokens (Parley's own cap on a reply is 1024).") var maxTokens = 1024
+    @Option(help: "--direct: max_tokens (give the Parley server's --max-reply-tokens).") var maxTokens = 1024
     @Option(help: "Seconds to wait for all replies.") var timeout = 300.0
 
     static let text = "Tell me something short about the sea."
@@ -99,7 +99,7 @@ struct Model: AsyncParsableCommand {
                     recorder.record(.stream, nanos: nowNanos() - sent)
                     recorder.streams += 1
                 } catch {
-                    recorder.errors["\(error)", default: 0] += 1
+                    recorder.errors[(error as? ProviderError)?.message ?? "\(error)", default: 0] += 1
                 }
             }
             return recorder
