@@ -182,6 +182,9 @@ public struct JSONObjectReader {
 
     public func has(_ key: String) -> Bool { pairs.contains { $0.0 == key } }
 
+    /// The fields nobody has read yet, in their order.
+    public var unread: [(String, JSONValue)] { pairs.filter { !consumed.contains($0.0) } }
+
     private mutating func raw(_ key: String) -> JSONValue? {
         consumed.insert(key)
         guard let value = pairs.first(where: { $0.0 == key })?.1 else { return nil }

@@ -23,12 +23,16 @@ public struct Clone: Sendable, Equatable {
     public var updatedAt: Int64
     /// The model this clone's replies come from; nil means the server's default model.
     public var model: String?
+    /// What a Character Card brought beyond the fields above (empty for a clone made here).
+    public var profile: CloneProfile
 
     public init(
         id: String, owner: String, name: String, traits: [String], systemPrompt: String,
-        sliders: [String: Int], memory: [String], createdAt: Int64, updatedAt: Int64, model: String? = nil
+        sliders: [String: Int], memory: [String], createdAt: Int64, updatedAt: Int64, model: String? = nil,
+        profile: CloneProfile = CloneProfile()
     ) {
         self.model = model
+        self.profile = profile
         self.id = id
         self.owner = owner
         self.name = name

@@ -30,12 +30,22 @@ public struct PromptAssembler: Sendable {
         self.contextBudget = contextBudget
     }
 
-    /// The persona as one system text: the clone's own prompt, then name, traits, sliders and memory.
+    /// Messages scanned for lorebook keys, and the lore's token budget, when the card's book sets none.
+    public static let defaultLoreScanDepth = 4
+    public static let defaultLoreBudget = 512
+
+    /// The persona as one system text: the clone's own prompt, then name, the card's description,
+    /// personality and scenario, traits, sliders, memory and example dialogue.
     public static func systemText(for clone: Clone) -> String {
         var parts: [String] = []
         let own = clone.systemPrompt.trimmedWhitespace
-        if !own.isEmpty { parts.append(own) }
+        if !own.isEmpty { parts.append(Self.expand(own, clone)) }
         parts.append("You are \(clone.name).")
+        let profile = clone.profile
+        for (label, text) in [("Description", profile.description), ("Personality", profile.personality), ("Scenario", profile.scenario)] {
+            let text = text.trimmedWhitespace
+            if !text.isEmpty { parts.append("\(label): \(Self.expand(text, clone))") }
+        }
         if !clone.traits.isEmpty {
             parts.append("Traits: \(clone.traits.joined(separator: ", ")).")
         }
@@ -46,18 +56,63 @@ public struct PromptAssembler: Sendable {
         if !clone.memory.isEmpty {
             parts.append("Things you remember:\n" + clone.memory.map { "- \($0)" }.joined(separator: "\n"))
         }
+        let examples = profile.exampleMessages.trimmedWhitespace
+        if !examples.isEmpty { parts.append("Examples of how you speak:\n" + Self.expand(examples, clone)) }
         return parts.joined(separator: "\n")
+    }
+
+    /// Card macros: `{{char}}` is the clone, `{{user}}` the person talking to it.
+    static func expand(_ text: String, _ clone: Clone) -> String {
+        guard text.contains("{{") else { return text }
+        return text.replacing("{{char}}", with: clone.name).replacing("{{user}}", with: "User")
+            .replacing("{{Char}}", with: clone.name).replacing("{{User}}", with: "User")
+    }
+
+    /// The lorebook entries that enter the prompt: enabled ones that are constant or whose key
+    /// appears in `recent`, within `budget` tokens (the lowest priority dropped first), in
+    /// insertion order.
+    public static func lore(for clone: Clone, recent: [String], budget: Int) -> [LoreEntry] {
+        let folded = recent.map { $0.lowercased() }
+        let triggered = clone.profile.lorebook.enumerated().filter { _, entry in
+            guard entry.enabled, !entry.content.trimmedWhitespace.isEmpty else { return false }
+            if entry.constant == true { return true }
+            return entry.keys.contains { key in
+                let key = key.trimmedWhitespace
+                guard !key.isEmpty else { return false }
+                return entry.caseSensitive == true ? recent.contains { $0.contains(key) } : folded.contains { $0.contains(key.lowercased()) }
+            }
+        }
+        // Highest priority first (earlier entries first among equals), kept while they fit.
+        var kept: [(Int, LoreEntry)] = []
+        var used = 0
+        for (index, entry) in triggered.sorted(by: { ($0.1.priority ?? 0, -$0.0) > ($1.1.priority ?? 0, -$1.0) }) {
+            let cost = Tokenizer.count(entry.content)
+            if used + cost > budget { continue }
+            used += cost
+            kept.append((index, entry))
+        }
+        return kept.sorted { ($0.1.insertionOrder, $0.0) < ($1.1.insertionOrder, $1.0) }.map(\.1)
     }
 
     /// `history` is chronological and ends with the user message being answered. The newest
     /// messages are kept; the last one is always kept, even alone over budget, because a reply
     /// to nothing is worse than a slightly long prompt (its length is capped at the edge).
     public func assemble(clone: Clone, history: [Message]) -> AssembledPrompt {
-        let system = PromptMessage(role: .system, text: Self.systemText(for: clone))
-        var total = Tokenizer.count(system.text) + Self.perMessageOverhead
+        let usable = history.filter { !$0.text.isEmpty && $0.role != .system }
+        var systemText = Self.systemText(for: clone)
+        let book = JSONValue.object(clone.profile.book)
+        if !clone.profile.lorebook.isEmpty {
+            let depth = book["scan_depth"]?.intValue.map { Int(clamping: $0) } ?? Self.defaultLoreScanDepth
+            let budget = book["token_budget"]?.intValue.map { Int(clamping: $0) } ?? Self.defaultLoreBudget
+            let lore = Self.lore(for: clone, recent: usable.suffix(max(0, depth)).map(\.text), budget: min(budget, contextBudget / 4))
+            if !lore.isEmpty { systemText += "\nWhat you know that matters here:\n" + lore.map { "- " + Self.expand($0.content, clone) }.joined(separator: "\n") }
+        }
+        let system = PromptMessage(role: .system, text: systemText)
+        let instructions = Self.expand(clone.profile.postHistoryInstructions.trimmedWhitespace, clone)
+        let after = instructions.isEmpty ? nil : PromptMessage(role: .system, text: instructions)
+        var total = Tokenizer.count(system.text) + Self.perMessageOverhead + (after.map { Tokenizer.count($0.text) + Self.perMessageOverhead } ?? 0)
         var kept: [PromptMessage] = []
         var dropped = 0
-        let usable = history.filter { !$0.text.isEmpty && $0.role != .system }
         for (offset, message) in usable.reversed().enumerated() {
             let cost = Tokenizer.count(message.text) + Self.perMessageOverhead
             if offset > 0, total + cost > contextBudget {
@@ -67,6 +122,7 @@ public struct PromptAssembler: Sendable {
             total += cost
             kept.append(PromptMessage(role: message.role, text: message.text))
         }
-        return AssembledPrompt(messages: [system] + kept.reversed(), estimatedTokens: total, droppedMessages: dropped)
+        // post_history_instructions come after the history, where the card wants them.
+        return AssembledPrompt(messages: [system] + kept.reversed() + (after.map { [$0] } ?? []), estimatedTokens: total, droppedMessages: dropped)
     }
 }

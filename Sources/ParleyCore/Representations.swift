@@ -9,6 +9,7 @@ extension Clone {
             ("sliders", .object(sliders.sorted { $0.key < $1.key }.map { ($0.key, .int(Int64($0.value))) })),
             ("memory", .array(memory.map(JSONValue.string))),
             ("model", model.map(JSONValue.string) ?? .null),
+            ("profile", CharacterCard.profileJSON(profile)),
             ("created_at", .string(Timestamp.rfc3339(millis: createdAt))),
             ("updated_at", .string(Timestamp.rfc3339(millis: updatedAt))),
         ])

@@ -148,6 +148,8 @@ public final class MongoStore: Store {
             ("traits", .array(c.traits.map(JSONValue.string))), ("system_prompt", .string(c.systemPrompt)),
             ("sliders", .object(c.sliders.sorted { $0.key < $1.key }.map { ($0.key, .int(Int64($0.value))) })),
             ("memory", .array(c.memory.map(JSONValue.string))), ("model", c.model.map(JSONValue.string) ?? .null),
+            // As JSON text: card keys may hold `.` or `$`, which field names cannot.
+            ("profile_json", c.profile.isEmpty ? .null : .string(CharacterCard.storageJSON(c.profile).serializedString())),
             ("created_at", .long(c.createdAt)), ("updated_at", .long(c.updatedAt)),
         ])
     }
@@ -159,7 +161,7 @@ public final class MongoStore: Store {
             id: d["_id"]?.stringValue ?? "", owner: d["owner"]?.stringValue ?? "", name: d["name"]?.stringValue ?? "",
             traits: d["traits"]?.strings ?? [], systemPrompt: d["system_prompt"]?.stringValue ?? "", sliders: sliders,
             memory: d["memory"]?.strings ?? [], createdAt: d["created_at"]?.int64 ?? 0, updatedAt: d["updated_at"]?.int64 ?? 0,
-            model: d["model"]?.stringValue
+            model: d["model"]?.stringValue, profile: CharacterCard.profile(fromStorage: d["profile_json"]?.stringValue)
         )
     }
 

@@ -42,6 +42,8 @@ public struct ServerConfiguration: Sendable {
     public var maxMessageBytes = 64 * 1024
     /// Largest HTTP request body accepted, in bytes.
     public var maxRequestBodyBytes = 1024 * 1024
+    /// Largest character card accepted by `POST /v1/clones/import` (card PNGs carry a picture).
+    public var maxCardBytes = 8 * 1024 * 1024
     /// Bytes a socket may have waiting to be written before it is closed (1008) as too slow.
     public var maxQueuedBytesPerSocket = 4 * 1024 * 1024
     /// SO_SNDBUF of accepted sockets; nil leaves the kernel's autotuning alone.

@@ -12,7 +12,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     private enum State {
         case idle
-        case receiving(HTTPRequestHead, ByteBuffer?)
+        case receiving(HTTPRequestHead, ByteBuffer?, limit: Int)
         /// The body passed the cap; the rest is read and dropped, then 413 answers.
         case discarding(HTTPRequestHead)
     }
@@ -20,33 +20,41 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var state = State.idle
     private let api: RESTAPI
     private let maxBodyBytes: Int
+    /// Paths allowed a body of another size than `maxBodyBytes`.
+    private let bodyLimits: [String: Int]
 
-    init(api: RESTAPI, maxBodyBytes: Int) {
+    init(api: RESTAPI, maxBodyBytes: Int, bodyLimits: [String: Int] = [:]) {
         self.api = api
         self.maxBodyBytes = maxBodyBytes
+        self.bodyLimits = bodyLimits
+    }
+
+    private func limit(for head: HTTPRequestHead) -> Int {
+        let path = head.uri.split(separator: "?", maxSplits: 1).first.map(String.init) ?? head.uri
+        return bodyLimits[path] ?? maxBodyBytes
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch (unwrapInboundIn(data), state) {
         case (.head(let head), _):
-            state = .receiving(head, nil)
-        case (.body(var chunk), .receiving(let head, var body)):
-            if (body?.readableBytes ?? 0) + chunk.readableBytes > maxBodyBytes {
+            state = .receiving(head, nil, limit: limit(for: head))
+        case (.body(var chunk), .receiving(let head, var body, let limit)):
+            if (body?.readableBytes ?? 0) + chunk.readableBytes > limit {
                 state = .discarding(head)
             } else if body == nil {
-                state = .receiving(head, chunk)
+                state = .receiving(head, chunk, limit: limit)
             } else {
                 body!.writeBuffer(&chunk)
-                state = .receiving(head, body)
+                state = .receiving(head, body, limit: limit)
             }
         case (.body, _):
             break
-        case (.end, .receiving(let head, let body)):
+        case (.end, .receiving(let head, let body, _)):
             state = .idle
             respond(context: context, head: head, request: HTTPRequest(head: head, body: body))
         case (.end, .discarding(let head)):
             state = .idle
-            let error = APIError(.payloadTooLarge, .tooLarge, "the request body is larger than \(maxBodyBytes) bytes")
+            let error = APIError(.payloadTooLarge, .tooLarge, "the request body is larger than \(limit(for: head)) bytes")
             write(error.response, for: head, keepAlive: false, context: context)
         case (.end, .idle):
             break

@@ -195,7 +195,8 @@ public final class ParleyServer: Sendable {
                 }
             }
         )
-        let http = HTTPHandler(api: api, maxBodyBytes: configuration.maxRequestBodyBytes)
+        let http = HTTPHandler(api: api, maxBodyBytes: configuration.maxRequestBodyBytes,
+                               bodyLimits: ["/v1/clones/import": configuration.maxCardBytes])
         try channel.pipeline.syncOperations.configureHTTPServerPipeline(
             withServerUpgrade: (upgraders: [upgrader], completionHandler: { context in
                 _ = context.pipeline.removeHandler(name: HTTPHandler.name)

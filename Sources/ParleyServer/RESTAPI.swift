@@ -34,6 +34,8 @@ struct RESTAPI: Sendable {
         self.ids = ids
         self.logger = logger
         router.add(.POST, "/v1/clones") { [self] request, _, identity in try await createClone(request, identity) }
+        router.add(.POST, "/v1/clones/import") { [self] request, _, identity in try await importCard(request, identity) }
+        router.add(.GET, "/v1/clones/:id/card") { [self] request, p, identity in try await exportCard(p["id"]!, request, identity) }
         router.add(.GET, "/v1/clones") { [self] _, _, identity in try await listClones(identity) }
         router.add(.GET, "/v1/clones/:id") { [self] _, p, identity in try await getClone(p["id"]!, identity) }
         router.add(.PATCH, "/v1/clones/:id") { [self] request, p, identity in try await patchClone(p["id"]!, request, identity) }
@@ -109,21 +111,46 @@ struct RESTAPI: Sendable {
     // MARK: Clones
 
     private func createClone(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
-        let fields = try cloneFields(request, requireName: true)
+        try await create(try offered(CloneFields.parse(try request.json(), requireName: true, limits: configuration.cloneLimits)), identity)
+    }
+
+    /// A clone from validated fields (and a card's profile), stored and answered with 201.
+    private func create(_ fields: CloneFields, profile: CloneProfile = CloneProfile(), _ identity: Identity) async throws -> HTTPResponse {
         let now = Int64(Timestamp.nowMillis())
         _ = try await store.ensureUser(identity.user, now: now)
         let clone = fields.applied(
             to: Clone(id: ids.make(.clone), owner: identity.user, name: "", traits: [], systemPrompt: "", sliders: [:], memory: [],
-                      createdAt: now, updatedAt: now),
+                      createdAt: now, updatedAt: now, profile: profile),
             at: now
         )
         try await store.createClone(clone)
         return HTTPResponse(.created, json: clone.json, headers: ["location": "/v1/clones/\(clone.id)"])
     }
 
-    /// A clone body, with its model (if named) one this server offers.
-    private func cloneFields(_ request: HTTPRequest, requireName: Bool) throws -> CloneFields {
-        let fields = try CloneFields.parse(try request.json(), requireName: requireName, limits: configuration.cloneLimits)
+    /// `POST /v1/clones/import`: a Character Card V2/V3 as JSON, or as a PNG that carries one.
+    private func importCard(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
+        guard let body = request.body, body.readableBytes > 0 else {
+            throw APIError(.badRequest, .badRequest, "the request needs a card: JSON, or a PNG image that carries one")
+        }
+        let type = request.headers.first(name: "content-type")?.lowercased() ?? ""
+        let card = type.hasPrefix("image/") || CardPNG.isPNG(body.readableBytesView)
+            ? try CardPNG.card(in: Array(body.readableBytesView))
+            : try request.json()
+        let imported = try CharacterCard.parse(card, cloneLimits: configuration.cloneLimits)
+        return try await create(try offered(imported.fields), profile: imported.profile, identity)
+    }
+
+    /// `GET /v1/clones/{id}/card?spec=v2|v3` (v2 unless asked).
+    private func exportCard(_ id: String, _ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
+        let asked = request.query["spec"] ?? "v2"
+        guard let spec = CharacterCard.Spec(query: asked) else {
+            throw APIError(.badRequest, .badRequest, "spec must be v2 or v3, not '\(asked)'")
+        }
+        return HTTPResponse(.ok, json: CharacterCard.export(try await ownedClone(id, identity), spec: spec))
+    }
+
+    /// `fields`, once their model (if named) is one this server offers.
+    private func offered(_ fields: CloneFields) throws -> CloneFields {
         if case .named(let model)? = fields.model, !configuration.models.contains(model) {
             throw APIError(.badRequest, .badRequest, "model '\(model)' is not offered here; offered: \(configuration.models.joined(separator: ", "))")
         }
@@ -140,7 +167,7 @@ struct RESTAPI: Sendable {
     }
 
     private func patchClone(_ id: String, _ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
-        let fields = try cloneFields(request, requireName: false)
+        let fields = try offered(CloneFields.parse(try request.json(), requireName: false, limits: configuration.cloneLimits))
         let updated = fields.applied(to: try await ownedClone(id, identity), at: Int64(Timestamp.nowMillis()))
         guard try await store.updateClone(updated) else { throw Self.noClone(id) }
         return HTTPResponse(.ok, json: updated.json)

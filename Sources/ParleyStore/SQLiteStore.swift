@@ -133,6 +133,8 @@ public final class SQLiteStore: Store {
         """,
         // v6: a clone may name its model (NULL: the server's default).
         "ALTER TABLE clones ADD COLUMN model TEXT;",
+        // v7: what a Character Card brought (CharacterCard.storageJSON; NULL for a clone made here).
+        "ALTER TABLE clones ADD COLUMN profile TEXT;",
     ]
 
     public static var schemaVersion: Int { migrations.count }
@@ -314,12 +316,12 @@ public final class SQLiteStore: Store {
         (try JSONValue.parse(Array((value.text ?? "[]").utf8))).arrayValue?.compactMap(\.stringValue) ?? []
     }
 
-    private static let cloneColumns = "id, owner, name, traits, system_prompt, sliders, memory, model, created_at, updated_at"
+    private static let cloneColumns = "id, owner, name, traits, system_prompt, sliders, memory, model, profile, created_at, updated_at"
 
     public func createClone(_ clone: Clone) async throws {
         try await run { db in
             try db.query(
-                "INSERT INTO clones(\(Self.cloneColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO clones(\(Self.cloneColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [.text(clone.id), .text(clone.owner)] + Self.cloneValues(clone) + [.int(clone.createdAt), .int(clone.updatedAt)]
             )
         }
@@ -342,7 +344,7 @@ public final class SQLiteStore: Store {
     public func updateClone(_ clone: Clone) async throws -> Bool {
         try await run { db in
             try db.query(
-                "UPDATE clones SET name = ?, traits = ?, system_prompt = ?, sliders = ?, memory = ?, model = ?, updated_at = ? WHERE id = ? AND owner = ?",
+                "UPDATE clones SET name = ?, traits = ?, system_prompt = ?, sliders = ?, memory = ?, model = ?, profile = ?, updated_at = ? WHERE id = ? AND owner = ?",
                 Self.cloneValues(clone) + [.int(clone.updatedAt), .text(clone.id), .text(clone.owner)]
             )
             return db.changes > 0
@@ -365,6 +367,7 @@ public final class SQLiteStore: Store {
             .text(JSONValue.object(clone.sliders.sorted { $0.key < $1.key }.map { ($0.key, .int(Int64($0.value))) }).serializedString()),
             .text(JSONValue.array(clone.memory.map(JSONValue.string)).serializedString()),
             clone.model.map(SQLValue.text) ?? .null,
+            clone.profile.isEmpty ? .null : .text(CharacterCard.storageJSON(clone.profile).serializedString()),
         ]
     }
 
@@ -376,7 +379,8 @@ public final class SQLiteStore: Store {
         return Clone(
             id: row[0].text ?? "", owner: row[1].text ?? "", name: row[2].text ?? "",
             traits: try Self.strings(row[3]), systemPrompt: row[4].text ?? "", sliders: sliders,
-            memory: try Self.strings(row[6]), createdAt: row[8].int ?? 0, updatedAt: row[9].int ?? 0, model: row[7].text
+            memory: try Self.strings(row[6]), createdAt: row[9].int ?? 0, updatedAt: row[10].int ?? 0, model: row[7].text,
+            profile: CharacterCard.profile(fromStorage: row[8].text)
         )
     }
 

@@ -78,6 +78,12 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Bytes a socket may have waiting to be sent before it is closed (1008) as too slow to keep up.")
     var maxSocketQueueBytes = 4 * 1024 * 1024
 
+    @Option(help: "Longest reply a chat, scheduled message or translation may generate, in tokens (the provider's max_tokens).")
+    var maxReplyTokens = 1024
+
+    @Option(help: "Largest character card (JSON or PNG) POST /v1/clones/import accepts, in bytes.")
+    var maxCardBytes = 8 * 1024 * 1024
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: Logger.Level = .info
 
@@ -118,6 +124,10 @@ struct Serve: AsyncParsableCommand {
         guard (1...10_000).contains(creditBatchTokens) else { throw ArgumentParser.ValidationError("--credit-batch-tokens must be 1-10000") }
         guard (1...1_000).contains(scheduleTickMs) else { throw ArgumentParser.ValidationError("--schedule-tick-ms must be 1-1000") }
         guard (0...1_000_000).contains(maxPendingSchedules) else { throw ArgumentParser.ValidationError("--max-pending-schedules must be 0-1000000") }
+        guard (1...32_768).contains(maxReplyTokens) else { throw ArgumentParser.ValidationError("--max-reply-tokens must be 1-32768") }
+        guard (1024...(256 * 1024 * 1024)).contains(maxCardBytes) else {
+            throw ArgumentParser.ValidationError("--max-card-bytes must be 1024 to 268435456")
+        }
         guard maxSocketQueueBytes >= 64 * 1024 else { throw ArgumentParser.ValidationError("--max-socket-queue-bytes must be at least 65536") }
         guard contextBudget >= 64 else { throw ArgumentParser.ValidationError("--context-budget must be at least 64") }
         guard ["simulated", "openai", "anthropic"].contains(provider) else {
@@ -180,6 +190,8 @@ struct Serve: AsyncParsableCommand {
         configuration.contextBudgetTokens = contextBudget
         configuration.scheduleTickMillis = Int64(scheduleTickMs)
         configuration.maxQueuedBytesPerSocket = maxSocketQueueBytes
+        configuration.maxCardBytes = maxCardBytes
+        configuration.maxOutputTokens = maxReplyTokens
         configuration.frameLimits.schedule.maxPendingPerUser = maxPendingSchedules
         configuration.simulated.timeToFirstToken = .milliseconds(simTtftMs)
         configuration.simulated.tokensPerSecond = simTokensPerSec

@@ -1,0 +1,302 @@
+/// A lorebook entry (a Character Card's `character_book.entries[]`): text that enters the prompt
+/// when one of its keys appears in the recent conversation.
+public struct LoreEntry: Sendable, Equatable {
+    public var keys: [String]
+    public var content: String
+    public var enabled: Bool
+    /// Lower comes first in the prompt.
+    public var insertionOrder: Int
+    /// When over the token budget, the lowest priority is dropped first (absent counts as 0).
+    public var priority: Int?
+    /// Always inserted, whatever the conversation says.
+    public var constant: Bool?
+    public var caseSensitive: Bool?
+    /// Every other field the entry carried (name, comment, secondary_keys, extensions…), kept
+    /// verbatim so an export gives back what came in.
+    public var extra: [(String, JSONValue)]
+
+    public init(keys: [String], content: String, enabled: Bool = true, insertionOrder: Int = 0, priority: Int? = nil,
+                constant: Bool? = nil, caseSensitive: Bool? = nil, extra: [(String, JSONValue)] = []) {
+        self.keys = keys
+        self.content = content
+        self.enabled = enabled
+        self.insertionOrder = insertionOrder
+        self.priority = priority
+        self.constant = constant
+        self.caseSensitive = caseSensitive
+        self.extra = extra
+    }
+
+    public static func == (a: LoreEntry, b: LoreEntry) -> Bool {
+        a.keys == b.keys && a.content == b.content && a.enabled == b.enabled && a.insertionOrder == b.insertionOrder
+            && a.priority == b.priority && a.constant == b.constant && a.caseSensitive == b.caseSensitive
+            && JSONValue.object(a.extra) == JSONValue.object(b.extra)
+    }
+}
+
+/// The persona fields a Character Card carries beyond Parley's own clone fields, and the rest of
+/// the card as received, so import then export is lossless (the spec forbids dropping unknown
+/// `extensions` keys).
+public struct CloneProfile: Sendable, Equatable {
+    public var description = ""
+    public var personality = ""
+    public var scenario = ""
+    public var firstMessage = ""
+    public var alternateGreetings: [String] = []
+    /// `mes_example`: example dialogue showing the clone's style.
+    public var exampleMessages = ""
+    /// Instructions placed after the conversation history in the prompt.
+    public var postHistoryInstructions = ""
+    public var lorebook: [LoreEntry] = []
+    /// The card's other `data` fields in their order (creator_notes, tags, extensions without
+    /// `parley`, `character_book` without its entries, V3 fields, unknown keys); fields equal to
+    /// what an export writes by default are left out.
+    public var rest: [(String, JSONValue)] = []
+    /// Fields beside `spec` and `data` at the card's top level (tools keep V1 copies of the
+    /// persona there for older readers), in their order.
+    public var top: [(String, JSONValue)] = []
+
+    public init() {}
+
+    public var isEmpty: Bool { self == CloneProfile() }
+
+    public static func == (a: CloneProfile, b: CloneProfile) -> Bool {
+        a.description == b.description && a.personality == b.personality && a.scenario == b.scenario
+            && a.firstMessage == b.firstMessage && a.alternateGreetings == b.alternateGreetings
+            && a.exampleMessages == b.exampleMessages && a.postHistoryInstructions == b.postHistoryInstructions
+            && a.lorebook == b.lorebook && JSONValue.object(a.rest) == JSONValue.object(b.rest)
+            && JSONValue.object(a.top) == JSONValue.object(b.top)
+    }
+
+    /// The rest's `character_book` object (book-level fields: scan_depth, token_budget…).
+    var book: [(String, JSONValue)] {
+        if case .object(let pairs)? = rest.first(where: { $0.0 == "character_book" })?.1 { pairs } else { [] }
+    }
+}
+
+/// Character Card V2 (`chara_card_v2`) and V3 (`chara_card_v3`), the format SillyTavern and most
+/// persona tools exchange: parsing into a clone and exporting a clone back.
+public enum CharacterCard {
+    public enum Spec: String, Sendable, CaseIterable {
+        case v2 = "chara_card_v2"
+        case v3 = "chara_card_v3"
+
+        public init?(query: String) {
+            switch query {
+            case "v2", "chara_card_v2": self = .v2
+            case "v3", "chara_card_v3": self = .v3
+            default: return nil
+            }
+        }
+
+        var version: String { self == .v2 ? "2.0" : "3.0" }
+    }
+
+    /// Limits on what a card may bring beyond the clone limits.
+    public struct Limits: Sendable, Equatable {
+        public var maxTextLength = 32_000
+        public var maxGreetings = 64
+        public var maxLoreEntries = 1_024
+        public var maxKeysPerEntry = 64
+        public init() {}
+    }
+
+    /// What a card turns into: the clone's own fields (validated as a clone body is) and its profile.
+    public struct Imported: Sendable, Equatable {
+        public var fields: CloneFields
+        public var profile: CloneProfile
+    }
+
+    /// What an export writes when the card had nothing of its own there; an imported field equal
+    /// to it is not kept, so a clone exported and imported again is equal to the original.
+    static func defaults(_ spec: Spec?) -> [(String, JSONValue)] {
+        var out: [(String, JSONValue)] = [
+            ("creator_notes", .string("")), ("tags", .array([])), ("creator", .string("")), ("character_version", .string("")),
+        ]
+        if spec != .v2 { out.append(("group_only_greetings", .array([]))) }
+        return out
+    }
+
+    // MARK: Import
+
+    public static func parse(_ card: JSONValue, cloneLimits: CloneLimits = CloneLimits(), limits: Limits = Limits()) throws(ValidationError) -> Imported {
+        guard case .object(let top) = card else { throw ValidationError("a character card must be a JSON object, not \(card.typeName)") }
+        let specName = top.first { $0.0 == "spec" }?.1.stringValue
+        guard let specName, Spec(rawValue: specName) != nil else {
+            throw ValidationError("unsupported card spec \(specName.map { "'\($0)'" } ?? "(none)"): expected chara_card_v2 or chara_card_v3")
+        }
+        guard let dataValue = top.first(where: { $0.0 == "data" })?.1 else { throw ValidationError("the card has no 'data' object") }
+        var data = try JSONObjectReader(dataValue, what: "'data'")
+        func text(_ key: String) throws(ValidationError) -> String {
+            let value = try data.string(key) ?? ""
+            guard value.count <= limits.maxTextLength else { throw ValidationError("'data.\(key)' is longer than \(limits.maxTextLength) characters") }
+            return value
+        }
+
+        var profile = CloneProfile()
+        guard let name = try data.string("name"), !name.trimmedWhitespace.isEmpty else { throw ValidationError("the card has no 'data.name'") }
+        let systemPrompt = try data.string("system_prompt") ?? ""
+        profile.description = try text("description")
+        profile.personality = try text("personality")
+        profile.scenario = try text("scenario")
+        profile.firstMessage = try text("first_mes")
+        profile.exampleMessages = try text("mes_example")
+        profile.postHistoryInstructions = try text("post_history_instructions")
+        profile.alternateGreetings = try data.stringArray("alternate_greetings") ?? []
+        guard profile.alternateGreetings.count <= limits.maxGreetings else {
+            throw ValidationError("'data.alternate_greetings' has more than \(limits.maxGreetings) entries")
+        }
+
+        // Parley's own fields travel in extensions.parley; every other extension is kept as is.
+        var clone: [(String, JSONValue)] = [("name", .string(name.trimmedWhitespace)), ("system_prompt", .string(systemPrompt))]
+        var extensions: [(String, JSONValue)] = []
+        if let value = try data.value("extensions") {
+            guard case .object(let pairs) = value else { throw ValidationError("'data.extensions' must be an object") }
+            for (key, value) in pairs {
+                if key == "parley" {
+                    guard case .object(let own) = value else { throw ValidationError("'data.extensions.parley' must be an object") }
+                    clone += own.filter { ["traits", "sliders", "memory", "model"].contains($0.0) }
+                } else {
+                    extensions.append((key, value))
+                }
+            }
+        }
+        var rest: [(String, JSONValue)] = []
+        if let value = try data.value("character_book") {
+            var book = try JSONObjectReader(value, what: "'data.character_book'")
+            guard case .array(let entries)? = try book.value("entries") else { throw ValidationError("'data.character_book.entries' must be an array") }
+            guard entries.count <= limits.maxLoreEntries else {
+                throw ValidationError("'data.character_book.entries' has more than \(limits.maxLoreEntries) entries")
+            }
+            profile.lorebook = try entries.enumerated().map { (i, entry) throws(ValidationError) in try loreEntry(entry, index: i, limits: limits) }
+            // Book-level fields are kept; so is an empty book (an export writes a non-empty one anyway).
+            if !book.unread.isEmpty || entries.isEmpty { rest.append(("character_book", .object(book.unread))) }
+        }
+        rest += data.unread  // the fields Parley does not read itself
+        if !extensions.isEmpty { rest.append(("extensions", .object(extensions))) }
+        let defaults = Self.defaults(nil)
+        profile.rest = rest.filter { pair in !defaults.contains { $0.0 == pair.0 && $0.1 == pair.1 } }
+        profile.top = top.filter { !["spec", "spec_version", "data"].contains($0.0) }
+        let fields = try CloneFields.parse(.object(clone), requireName: true, limits: cloneLimits)
+        return Imported(fields: fields, profile: profile)
+    }
+
+    static func loreEntry(_ value: JSONValue, index i: Int, limits: Limits) throws(ValidationError) -> LoreEntry {
+        let at = "'data.character_book.entries[\(i)]"
+        var entry = try JSONObjectReader(value, what: at + "'")
+        guard let keys = try entry.stringArray("keys") else { throw ValidationError(at + ".keys' is missing") }
+        guard keys.count <= limits.maxKeysPerEntry else { throw ValidationError(at + ".keys' has more than \(limits.maxKeysPerEntry) keys") }
+        guard let content = try entry.string("content") else { throw ValidationError(at + ".content' is missing") }
+        guard content.count <= limits.maxTextLength else { throw ValidationError(at + ".content' is longer than \(limits.maxTextLength) characters") }
+        func flag(_ key: String) throws(ValidationError) -> Bool? {
+            guard let value = try entry.value(key) else { return nil }
+            guard let bool = value.boolValue else { throw ValidationError(at + ".\(key)' must be a boolean") }
+            return bool
+        }
+        func number(_ key: String) throws(ValidationError) -> Int? {
+            do { return try entry.int(key).map { Int(clamping: $0) } } catch { throw ValidationError(at + ".\(key)' must be an integer") }
+        }
+        return LoreEntry(
+            keys: keys, content: content, enabled: try flag("enabled") ?? true, insertionOrder: try number("insertion_order") ?? 0,
+            priority: try number("priority"), constant: try flag("constant"), caseSensitive: try flag("case_sensitive"),
+            // An empty `extensions` is what an export writes anyway.
+            extra: entry.unread.filter { !($0.0 == "extensions" && $0.1 == .object([])) })
+    }
+
+    // MARK: Export
+
+    /// The clone as a card of `spec`: the profile's kept fields with Parley's current values over
+    /// them, Parley's own fields in `extensions.parley`.
+    public static func export(_ clone: Clone, spec: Spec) -> JSONValue {
+        let profile = clone.profile
+        var data: [(String, JSONValue)] = [
+            ("name", .string(clone.name)),
+            ("description", .string(profile.description)),
+            ("personality", .string(profile.personality)),
+            ("scenario", .string(profile.scenario)),
+            ("first_mes", .string(profile.firstMessage)),
+            ("mes_example", .string(profile.exampleMessages)),
+            ("system_prompt", .string(clone.systemPrompt)),
+            ("post_history_instructions", .string(profile.postHistoryInstructions)),
+            ("alternate_greetings", .array(profile.alternateGreetings.map(JSONValue.string))),
+        ]
+        for (key, value) in defaults(spec) where !profile.rest.contains(where: { $0.0 == key }) { data.append((key, value)) }
+        var extensions: [(String, JSONValue)] = []
+        for (key, value) in profile.rest {
+            switch key {
+            case "extensions": if case .object(let pairs) = value { extensions = pairs }
+            case "character_book": break
+            default: data.append((key, value))
+            }
+        }
+        if !profile.lorebook.isEmpty || profile.rest.contains(where: { $0.0 == "character_book" }) {
+            data.append(("character_book", .object(profile.book.filter { $0.0 != "entries" } + [("entries", .array(profile.lorebook.map(json)))])))
+        }
+        var parley: [(String, JSONValue)] = [
+            ("traits", .array(clone.traits.map(JSONValue.string))),
+            ("sliders", .object(clone.sliders.sorted { $0.key < $1.key }.map { ($0.key, .int(Int64($0.value))) })),
+            ("memory", .array(clone.memory.map(JSONValue.string))),
+        ]
+        if let model = clone.model { parley.append(("model", .string(model))) }
+        extensions.append(("parley", .object(parley)))
+        data.append(("extensions", .object(extensions)))
+        // Top-level V1 copies of the persona say what the clone says now; other fields come back as they were.
+        let top = profile.top.map { key, value in
+            v1Copies.contains(key) ? (key, data.first { $0.0 == key }?.1 ?? value) : (key, value)
+        }
+        return .object([("spec", .string(spec.rawValue)), ("spec_version", .string(spec.version)), ("data", .object(data))] + top)
+    }
+
+    /// Fields older readers find at a card's top level, copies of the ones in `data`.
+    static let v1Copies: Set<String> = ["name", "description", "personality", "scenario", "first_mes", "mes_example"]
+
+    static func json(_ entry: LoreEntry) -> JSONValue {
+        var pairs: [(String, JSONValue)] = [
+            ("keys", .array(entry.keys.map(JSONValue.string))), ("content", .string(entry.content)),
+            ("enabled", .bool(entry.enabled)), ("insertion_order", .int(Int64(entry.insertionOrder))),
+        ]
+        if let priority = entry.priority { pairs.append(("priority", .int(Int64(priority)))) }
+        if let constant = entry.constant { pairs.append(("constant", .bool(constant))) }
+        if let caseSensitive = entry.caseSensitive { pairs.append(("case_sensitive", .bool(caseSensitive))) }
+        // V2 requires `extensions` on every entry.
+        if !entry.extra.contains(where: { $0.0 == "extensions" }) { pairs.append(("extensions", .object([]))) }
+        return .object(pairs + entry.extra)
+    }
+
+    /// The profile as the REST API shows it (the card's other fields come with its export).
+    public static func profileJSON(_ profile: CloneProfile) -> JSONValue {
+        guard case .object(let pairs) = storageJSON(profile) else { return .object([]) }
+        return .object(pairs.filter { $0.0 != "rest" && $0.0 != "top" })
+    }
+
+    // MARK: Storage
+
+    /// The profile as one JSON document (both stores keep it as text: card keys may hold `.` or
+    /// `$`, which MongoDB field names cannot).
+    public static func storageJSON(_ profile: CloneProfile) -> JSONValue {
+        .object([
+            ("description", .string(profile.description)), ("personality", .string(profile.personality)),
+            ("scenario", .string(profile.scenario)), ("first_mes", .string(profile.firstMessage)),
+            ("alternate_greetings", .array(profile.alternateGreetings.map(JSONValue.string))),
+            ("mes_example", .string(profile.exampleMessages)), ("post_history_instructions", .string(profile.postHistoryInstructions)),
+            ("lorebook", .array(profile.lorebook.map(json))), ("rest", .object(profile.rest)), ("top", .object(profile.top)),
+        ])
+    }
+
+    /// Reads what `storageJSON` wrote; nil or unreadable text is an empty profile.
+    public static func profile(fromStorage text: String?) -> CloneProfile {
+        guard let text, !text.isEmpty, let value = try? JSONValue.parse(Array(text.utf8)) else { return CloneProfile() }
+        var profile = CloneProfile()
+        profile.description = value["description"]?.stringValue ?? ""
+        profile.personality = value["personality"]?.stringValue ?? ""
+        profile.scenario = value["scenario"]?.stringValue ?? ""
+        profile.firstMessage = value["first_mes"]?.stringValue ?? ""
+        profile.alternateGreetings = value["alternate_greetings"]?.arrayValue?.compactMap(\.stringValue) ?? []
+        profile.exampleMessages = value["mes_example"]?.stringValue ?? ""
+        profile.postHistoryInstructions = value["post_history_instructions"]?.stringValue ?? ""
+        profile.lorebook = (value["lorebook"]?.arrayValue ?? []).enumerated().compactMap { try? loreEntry($1, index: $0, limits: Limits()) }
+        if case .object(let rest)? = value["rest"] { profile.rest = rest }
+        if case .object(let top)? = value["top"] { profile.top = top }
+        return profile
+    }
+}

@@ -1,0 +1,192 @@
+import ParleyCore
+import Testing
+
+/// The sample cards in Tests/fixtures/cards, which cover every field of each spec.
+func sampleCard(_ name: String) throws -> JSONValue {
+    let directory = String(#filePath.prefix(upTo: #filePath.range(of: "/Tests/")!.upperBound))
+    let text = try String(contentsOfFile: directory + "fixtures/cards/\(name).json", encoding: .utf8)
+    return try JSONValue.parse(Array(text.utf8))
+}
+
+/// A clone made from an imported card, as the server makes one.
+func clone(from imported: CharacterCard.Imported) -> Clone {
+    imported.fields.applied(
+        to: Clone(id: "cl_1", owner: "u", name: "", traits: [], systemPrompt: "", sliders: [:], memory: [], createdAt: 1, updatedAt: 1,
+                  profile: imported.profile),
+        at: 1)
+}
+
+/// Whether everything in `received` is in `exported` with the same value (objects may gain keys).
+func keepsEverything(_ received: JSONValue, in exported: JSONValue?, at path: String = "") -> [String] {
+    guard let exported else { return [path] }
+    switch (received, exported) {
+    case let (.object(pairs), .object(_)):
+        return pairs.flatMap { key, value in keepsEverything(value, in: exported[key], at: path + "." + key) }
+    case let (.array(a), .array(b)) where a.count == b.count:
+        return zip(a, b).enumerated().flatMap { i, pair in keepsEverything(pair.0, in: pair.1, at: path + "[\(i)]") }
+    default:
+        return received == exported ? [] : [path]
+    }
+}
+
+@Suite struct CharacterCardTests {
+    @Test func aV2CardMapsOntoTheCloneAndComesBackUnchanged() throws {
+        let card = try sampleCard("v2-full")
+        let imported = try CharacterCard.parse(card)
+        let mara = clone(from: imported)
+        #expect(mara.name == "Captain Mara" && mara.systemPrompt == "Stay in character as {{char}}.")
+        #expect(mara.traits == ["gruff", "loyal"] && mara.sliders == ["warmth": 35, "humor": 60] && mara.memory == ["Owes a debt to the guild"])
+        let profile = mara.profile
+        #expect(profile.personality == "gruff, loyal, secretly sentimental" && profile.firstMessage == "Well, well. Who let you aboard?")
+        #expect(profile.alternateGreetings == ["Stowaway! Again?", "You look lost, sky-rat."])
+        #expect(profile.postHistoryInstructions == "Keep replies under three sentences.")
+        #expect(profile.lorebook.map(\.keys) == [["guild", "Skyguild"], ["engine"]])
+        #expect(profile.lorebook.map(\.insertionOrder) == [10, 20] && profile.lorebook.map(\.priority) == [5, nil])
+        #expect(profile.lorebook.map(\.enabled) == [true, false])
+
+        let exported = CharacterCard.export(mara, spec: .v2)
+        #expect(exported == card, "a V2 card with Parley's own extension comes back exactly")
+        #expect(keepsEverything(card, in: exported).isEmpty)
+        // The top-level V1 copies follow the clone; the card's other top-level fields stay.
+        var renamed = mara
+        renamed.name = "Admiral Mara"
+        let again = CharacterCard.export(renamed, spec: .v2)
+        #expect(again["name"] == .string("Admiral Mara") && again["data"]?["name"] == .string("Admiral Mara"))
+        #expect(again["avatar"] == .string("none") && again["description"] == card["description"])
+    }
+
+    @Test func aV3CardKeepsEveryFieldItReceived() throws {
+        let card = try sampleCard("v3-full")
+        let ilse = clone(from: try CharacterCard.parse(card))
+        #expect(ilse.model == "simulated" && ilse.sliders == ["formality": 90] && ilse.traits.isEmpty)
+        let exported = CharacterCard.export(ilse, spec: .v3)
+        #expect(keepsEverything(card, in: exported) == [], "V3 fields, assets, unknown extensions and entry fields all survive")
+        #expect(exported["spec"] == .string("chara_card_v3") && exported["spec_version"] == .string("3.0"))
+        // Importing the export gives the same clone again.
+        #expect(clone(from: try CharacterCard.parse(exported)) == ilse)
+    }
+
+    @Test func aCloneMadeHereExportsAndImportsToItself() throws {
+        var ada = Clone(id: "cl_1", owner: "u", name: "Ada", traits: ["curious"], systemPrompt: "Be brief.", sliders: ["warmth": 80],
+                        memory: ["Has a cat called Tom"], createdAt: 1, updatedAt: 1)
+        for spec in CharacterCard.Spec.allCases {
+            let card = CharacterCard.export(ada, spec: spec)
+            #expect(clone(from: try CharacterCard.parse(card)) == ada, "\(spec)")
+        }
+        ada.model = "simulated"
+        ada.profile.lorebook = [LoreEntry(keys: ["tom"], content: "Tom is a grey cat.", insertionOrder: 3, priority: 1)]
+        ada.profile.scenario = "A rainy afternoon."
+        for spec in CharacterCard.Spec.allCases {
+            #expect(clone(from: try CharacterCard.parse(CharacterCard.export(ada, spec: spec))) == ada, "\(spec)")
+        }
+    }
+
+    @Test func theStoredProfileReadsBackEqual() throws {
+        let profile = clone(from: try CharacterCard.parse(try sampleCard("v2-full"))).profile
+        let stored = CharacterCard.storageJSON(profile).serializedString()
+        #expect(CharacterCard.profile(fromStorage: stored) == profile)
+        #expect(CharacterCard.profile(fromStorage: nil).isEmpty)
+    }
+
+    func error(_ text: String) -> String? {
+        do {
+            _ = try CharacterCard.parse(try JSONValue.parse(Array(text.utf8)))
+            return nil
+        } catch let error as ValidationError {
+            return error.message
+        } catch {
+            return "not JSON"
+        }
+    }
+
+    @Test func malformedCardsAreRefusedWithAClearMessage() {
+        #expect(error("[]") == "a character card must be a JSON object, not array")
+        #expect(error(#"{"name":"V1 card"}"#) == "unsupported card spec (none): expected chara_card_v2 or chara_card_v3")
+        #expect(error(#"{"spec":"chara_card_v9","data":{}}"#) == "unsupported card spec 'chara_card_v9': expected chara_card_v2 or chara_card_v3")
+        #expect(error(#"{"spec":"chara_card_v2"}"#) == "the card has no 'data' object")
+        #expect(error(#"{"spec":"chara_card_v2","data":{"name":" "}}"#) == "the card has no 'data.name'")
+        #expect(error(#"{"spec":"chara_card_v2","data":{"name":"A","description":5}}"#) == "'description' must be a string, not number")
+        #expect(error(#"{"spec":"chara_card_v2","data":{"name":"A","character_book":{"entries":{}}}}"#) == "'data.character_book.entries' must be an array")
+        #expect(error(#"{"spec":"chara_card_v2","data":{"name":"A","character_book":{"entries":[{"content":"x"}]}}}"#)
+                == "'data.character_book.entries[0].keys' is missing")
+        #expect(error(#"{"spec":"chara_card_v2","data":{"name":"A","character_book":{"entries":[{"keys":[],"content":"x","enabled":"yes"}]}}}"#)
+                == "'data.character_book.entries[0].enabled' must be a boolean")
+        #expect(error(#"{"spec":"chara_card_v2","data":{"name":"A","extensions":{"parley":{"sliders":{"warmth":500}}}}}"#)
+                == "slider 'warmth' must be between 0 and 100")
+        #expect(error(#"{"spec":"chara_card_v2","data":{"name":"\#(String(repeating: "n", count: 81))"}}"#) == "'name' is longer than 80 characters")
+    }
+}
+
+@Suite struct CardPNGTests {
+    func base64(_ json: JSONValue) -> String { Data(json.serialized()).base64EncodedString() }
+
+    @Test func theCardComesOutOfItsTextChunkAndV3Wins() throws {
+        let v2 = try sampleCard("v2-full")
+        let v3 = try sampleCard("v3-full")
+        #expect(try CardPNG.card(in: CardPNG.make(text: [("chara", base64(v2))])) == v2)
+        #expect(try CardPNG.card(in: CardPNG.make(text: [("chara", base64(v2)), ("ccv3", base64(v3))])) == v3)
+    }
+
+    func error(_ bytes: [UInt8]) -> String? {
+        do { _ = try CardPNG.card(in: bytes); return nil } catch { return error.message }
+    }
+
+    @Test func imagesWithoutAReadableCardAreRefused() {
+        #expect(error(CardPNG.make(text: [("Comment", "just a picture")])) == "the PNG carries no character card (no 'chara' or 'ccv3' text chunk)")
+        #expect(error(Array("GIF89a".utf8)) == "not a PNG image")
+        var corrupt = CardPNG.make(text: [("chara", "e30=")])
+        corrupt[40] ^= 0xFF
+        #expect(error(corrupt) == "the PNG is corrupt (a chunk's CRC does not match)")
+        #expect(error(Array(CardPNG.make(text: [("chara", "e30=")]).prefix(30))) == "the PNG is truncated")
+        #expect(error(CardPNG.make(text: [("chara", "not base64!")])) == "the PNG's card is not valid base64")
+        #expect(error(CardPNG.make(text: [("chara", "bm90IGpzb24=")])) == "the PNG's card is not valid JSON")
+    }
+}
+
+@Suite struct LorebookPromptTests {
+    func mara() throws -> Clone { clone(from: try CharacterCard.parse(try sampleCard("v2-full"))) }
+
+    func message(_ text: String, _ role: Role = .user, _ n: Int = 0) -> Message {
+        Message(id: "m\(n)", conversation: "c", role: role, text: text, createdAt: Int64(n))
+    }
+
+    @Test func anEntryEntersThePromptWhenItsKeyIsMentioned() throws {
+        let assembler = PromptAssembler(contextBudget: 4096)
+        let quiet = assembler.assemble(clone: try mara(), history: [message("Nice weather up here.")])
+        #expect(!quiet.messages[0].text.contains("Skyguild taxes"))
+        let mentioned = assembler.assemble(clone: try mara(), history: [message("What do you think of the GUILD?")])
+        #expect(mentioned.messages[0].text.contains("The Skyguild taxes every cargo that crosses the Rift."))
+        // A disabled entry stays out even when its key is said.
+        #expect(!assembler.assemble(clone: try mara(), history: [message("How is the engine?")]).messages[0].text.contains("storm-glass"))
+        // Beyond the book's scan depth (3 messages) a mention no longer counts.
+        let old = [message("the guild", .user, 0)] + (1...3).map { message("later \($0)", $0 % 2 == 1 ? .assistant : .user, $0) }
+        #expect(!assembler.assemble(clone: try mara(), history: old).messages[0].text.contains("Skyguild taxes"))
+    }
+
+    @Test func thePersonaMacrosAndPostHistoryInstructionsAreInPlace() throws {
+        let prompt = PromptAssembler(contextBudget: 4096).assemble(clone: try mara(), history: [message("Hello")])
+        let system = prompt.messages[0].text
+        #expect(system.hasPrefix("Stay in character as Captain Mara.\nYou are Captain Mara."))
+        #expect(system.contains("Description: Captain Mara commands the airship Kestrel") && system.contains("Scenario: User has just stowed away"))
+        #expect(system.contains("Examples of how you speak:"))
+        #expect(prompt.messages.map(\.role) == [.system, .user, .system])
+        #expect(prompt.messages.last?.text == "Keep replies under three sentences.")
+    }
+
+    @Test func overTheBudgetTheLowestPriorityIsDroppedFirstAndOrderIsKept() {
+        let entries = [
+            LoreEntry(keys: ["sea"], content: "low " + String(repeating: "word ", count: 30), insertionOrder: 1, priority: 1),
+            LoreEntry(keys: ["sea"], content: "high " + String(repeating: "word ", count: 30), insertionOrder: 3, priority: 9),
+            LoreEntry(keys: ["sea"], content: "mid " + String(repeating: "word ", count: 30), insertionOrder: 2, priority: 5),
+            LoreEntry(keys: [], content: "always", insertionOrder: 0, constant: true),
+            LoreEntry(keys: ["Sea"], content: "case", insertionOrder: 4, caseSensitive: true),
+        ]
+        var clone = Clone(id: "c", owner: "u", name: "N", traits: [], systemPrompt: "", sliders: [:], memory: [], createdAt: 0, updatedAt: 0)
+        clone.profile.lorebook = entries
+        let one = Tokenizer.count(entries[0].content)
+        let kept = PromptAssembler.lore(for: clone, recent: ["the sea"], budget: 2 * one + 5 + Tokenizer.count("always"))
+        #expect(kept.map(\.content.first) == ["a", "m", "h"], "the low-priority entry is dropped; the rest in insertion order")
+        #expect(PromptAssembler.lore(for: clone, recent: ["the Sea"], budget: 10_000).map(\.content).contains("case"))
+        #expect(!PromptAssembler.lore(for: clone, recent: ["the sea"], budget: 10_000).map(\.content).contains("case"))
+    }
+}
