@@ -1,18 +1,15 @@
 """Character Card V2/V3 import and export through the real server: JSON and PNG cards, clear
 refusals, a lossless round trip, and the lorebook and post-history instructions in the prompt a
 provider receives."""
-import asyncio
 import base64
 import json
 import struct
 import urllib.request
 import zlib
 
-import websockets
-
 from conftest import ROOT, Server
 from schemas import validate_rest
-from test_interop import read_stream, recv
+from test_interop import chat_once
 from test_providers import fake_openai  # noqa: F401 (a fixture)
 
 CARDS = ROOT / "Tests" / "fixtures" / "cards"
@@ -106,17 +103,14 @@ def test_an_imported_lorebook_reaches_the_provider(data_dir, fake_openai):  # no
         status, mara = server.http("POST", "/v1/clones/import", token, json.loads((CARDS / "v2-full.json").read_text()))
         assert status == 201
 
-        async def chat(text):
-            async with websockets.connect(f"{server.ws}?token={token}") as ws:
-                await recv(ws)
-                await ws.send(json.dumps({"type": "chat.send", "id": "c1", "clone": mara["id"], "text": text}))
-                await read_stream(ws)
+        def chat(text):
+            chat_once(server, token, mara["id"], text)
             with urllib.request.urlopen(f"http://127.0.0.1:{fake_openai}/v1/requests", timeout=10) as resp:
                 return json.loads(resp.read())[-1]["body"]["messages"]
 
-        quiet = asyncio.run(chat("Nice weather."))
+        quiet = chat("Nice weather.")
         assert "Skyguild taxes" not in quiet[0]["content"]
-        asked = asyncio.run(chat("Tell me about the guild."))
+        asked = chat("Tell me about the guild.")
         system = asked[0]["content"]
         assert asked[0]["role"] == "system" and "The Skyguild taxes every cargo that crosses the Rift." in system
         assert "Captain Mara commands the airship Kestrel" in system and "{{char}}" not in system

@@ -28,6 +28,16 @@ async def read_stream(ws):
         tokens.append(frame)
 
 
+def chat_once(server, token, clone, text):
+    """One chat.send on a fresh socket: (stream.start, tokens, stream.end)."""
+    async def chat():
+        async with websockets.connect(f"{server.ws}?token={token}") as ws:
+            await recv(ws)
+            await ws.send(json.dumps({"type": "chat.send", "id": "c1", "clone": clone, "text": text}))
+            return await read_stream(ws)
+    return asyncio.run(chat())
+
+
 def make_clone(server, token, **fields):
     status, body = server.http("POST", "/v1/clones", token, {"name": "Ada", "traits": ["curious"], **fields})
     assert status == 201, body

@@ -1,7 +1,6 @@
 """Parley with --provider openai against a scripted OpenAI-compatible server: a reply streamed
 through Parley token by token, usage reconciled from the provider's own usage chunk, and the
 clone's persona in the system prompt the provider received."""
-import asyncio
 import json
 import os
 import subprocess
@@ -9,10 +8,9 @@ import sys
 import urllib.request
 
 import pytest
-import websockets
 
 from conftest import ROOT, Server
-from test_interop import make_clone, read_stream, recv
+from test_interop import chat_once, make_clone
 
 
 @pytest.fixture
@@ -36,13 +34,7 @@ def test_a_reply_streams_from_an_openai_compatible_provider(data_dir, fake_opena
         token = server.token("alice")
         clone = make_clone(server, token, system_prompt="You are Ada, a lighthouse keeper.")
 
-        async def chat():
-            async with websockets.connect(f"{server.ws}?token={token}") as ws:
-                await recv(ws)
-                await ws.send(json.dumps({"type": "chat.send", "id": "c1", "clone": clone["id"], "text": "Hello!"}))
-                return await read_stream(ws)
-
-        start, tokens, end = asyncio.run(chat())
+        start, tokens, end = chat_once(server, token, clone["id"], "Hello!")
         assert start["model"] == "fake-model"
         assert "".join(t["text"] for t in tokens) == "Olá, é um prazer 🌊"
         assert end["reason"] == "complete"
@@ -86,27 +78,21 @@ def test_a_clone_names_its_model_and_is_metered_at_its_price(data_dir, fake_open
         plain = make_clone(server, token)
         assert plain["model"] is None
 
-        async def chat(clone):
-            async with websockets.connect(f"{server.ws}?token={token}") as ws:
-                await recv(ws)
-                await ws.send(json.dumps({"type": "chat.send", "id": "c1", "clone": clone, "text": "Hello!"}))
-                return await read_stream(ws)
-
         def last_model_asked():
             with urllib.request.urlopen(f"http://127.0.0.1:{fake_openai}/v1/requests", timeout=10) as resp:
                 body = json.loads(resp.read())[-1]["body"]
             assert body["max_tokens"] == 77, "--max-reply-tokens is the provider's max_tokens"
             return body["model"]
 
-        start, _, end = asyncio.run(chat(big["id"]))
+        start, _, end = chat_once(server, token, big["id"], "Hello!")
         assert start["model"] == "fake-big" and last_model_asked() == "fake-big"
         assert end["cost"] == 17 * 3 + 6 * 5, "17 input tokens at 3000/1k, 6 output at 5000/1k"
-        start, _, end = asyncio.run(chat(plain["id"]))
+        start, _, end = chat_once(server, token, plain["id"], "Hello!")
         assert start["model"] == "fake-model" and last_model_asked() == "fake-model" and end["cost"] == 17 + 12
         # Back to the default with null.
         status, body = server.http("PATCH", f"/v1/clones/{big['id']}", token, {"model": None})
         assert status == 200 and body["model"] is None
-        start, _, _ = asyncio.run(chat(big["id"]))
+        start, _, _ = chat_once(server, token, big["id"], "Hello!")
         assert start["model"] == "fake-model" and last_model_asked() == "fake-model"
     finally:
         assert server.stop() == 0
@@ -136,13 +122,7 @@ def test_smoke_a_real_openai_compatible_server(data_dir):
         token = server.token("alice")
         clone = make_clone(server, token, system_prompt="Answer in five words or fewer.")
 
-        async def chat():
-            async with websockets.connect(f"{server.ws}?token={token}") as ws:
-                await recv(ws)
-                await ws.send(json.dumps({"type": "chat.send", "id": "c1", "clone": clone["id"], "text": "Say hello."}))
-                return await read_stream(ws)
-
-        start, tokens, end = asyncio.run(chat())
+        start, tokens, end = chat_once(server, token, clone["id"], "Say hello.")
         assert start["model"] == model and end["reason"] == "complete", end
         assert "".join(t["text"] for t in tokens).strip() and end["usage"]["output_tokens"] > 0
     finally:
