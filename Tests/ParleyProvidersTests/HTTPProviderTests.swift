@@ -237,4 +237,57 @@ data: [DONE]
         #expect(body["system"] == .string("You are Ada.") && body["messages"]?.arrayValue?.count == 1)
         await upstream.stop()
     }
+
+    @Test func rateLimitsAndServerErrorsBeforeTheFirstTokenAreRetried() async throws {
+        let upstream = try await FakeUpstream([.status(429, #"{"error":{"message":"slow down"}}"#), .status(500, "oops"),
+                                               .stream(pieces(openAITranscript, size: 7))])
+        let provider = OpenAICompatibleProvider(options: HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol"))
+        let events = try await collect(provider.stream(request))
+        #expect(events.last == .usage(Usage(inputTokens: 21, outputTokens: 5)) && upstream.requests.count == 3)
+        await upstream.stop()
+    }
+
+    @Test func anErrorInTheMiddleOfAStreamEndsItAfterTheTokensSentAndIsNotRetried() async throws {
+        let openAI = #"data: {"choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}"# + "\n\n"
+            + #"data: {"error":{"message":"the model is overloaded","type":"server_error"}}"# + "\n\n"
+        let anthropic = """
+        event: message_start
+        data: {"type":"message_start","message":{"usage":{"input_tokens":9,"output_tokens":1}}}
+
+        event: content_block_delta
+        data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Bon"}}
+
+        event: error
+        data: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}
+
+
+        """
+        let upstream = try await FakeUpstream([.stream(pieces(openAI, size: 11)), .stream(pieces(anthropic, size: 13))])
+        let base = "http://127.0.0.1:\(upstream.port)"
+        var tokens: [LLMEvent] = []
+        await #expect(throws: ProviderError("the model provider failed: the model is overloaded")) {
+            for try await event in OpenAICompatibleProvider(options: HTTPProviderOptions(baseURL: base + "/v1", model: "smol")).stream(request) {
+                tokens.append(event)
+            }
+        }
+        await #expect(throws: ProviderError("the model provider failed: Overloaded")) {
+            for try await event in AnthropicProvider(options: HTTPProviderOptions(baseURL: base, model: "claude")).stream(request) {
+                tokens.append(event)
+            }
+        }
+        #expect(tokens == [.token("Hel"), .token("Bon")] && upstream.requests.count == 2, "no usage, no retry once a token was sent")
+        await upstream.stop()
+    }
+
+    @Test func aFirstTokenThatNeverComesTimesOutAfterItsRetries() async throws {
+        let upstream = try await FakeUpstream([.hang([Array(": keep-alive\n\n".utf8)]), .hang([])])
+        var options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol")
+        options.firstTokenTimeout = .milliseconds(300)
+        options.retries = 1
+        await #expect(throws: ProviderError("the model provider sent nothing in time")) {
+            try await collect(OpenAICompatibleProvider(options: options).stream(request))
+        }
+        #expect(upstream.requests.count == 2, "a keep-alive is not a token; the silent attempt is retried once")
+        await upstream.stop()
+    }
 }
