@@ -48,6 +48,9 @@ public struct ServerConfiguration: Sendable {
     public var maxQueuedBytesPerSocket = 4 * 1024 * 1024
     /// SO_SNDBUF of accepted sockets; nil leaves the kernel's autotuning alone.
     public var socketSendBufferBytes: Int?
+    /// Server pings on every WebSocket this often; a socket silent for a whole interval after a
+    /// ping (no pong, no frame) is closed with 1011. nil: no keepalive.
+    public var webSocketPingInterval: Duration? = .seconds(30)
     /// How long a clean shutdown waits for sockets to finish closing.
     public var shutdownGrace: Duration = .seconds(5)
 

@@ -190,7 +190,7 @@ public final class ParleyServer: Sendable {
                             maxAccumulatedFrameSize: configuration.maxMessageBytes
                         ),
                         WebSocketHandler(connection: connection, chat: chat, schedules: schedules, rooms: rooms, hub: hub,
-                                         limits: configuration.frameLimits),
+                                         limits: configuration.frameLimits, pingInterval: configuration.webSocketPingInterval.map(TimeAmount.init)),
                     ])
                 }
             }

@@ -15,10 +15,17 @@ final class WebSocketHandler: ChannelInboundHandler {
     private let rooms: RoomService
     private let hub: StreamHub
     private let limits: FrameLimits
+    /// How often an idle-or-not socket is pinged; a socket that sent nothing (no pong, no frame)
+    /// for a whole interval after a ping is closed. nil: no keepalive.
+    private let pingInterval: TimeAmount?
     private var opened = false
     private var closing = false
+    private var heardSincePing = true
+    private var keepalive: Scheduled<Void>?
 
-    init(connection: ClientConnection, chat: ChatService, schedules: ScheduleService, rooms: RoomService, hub: StreamHub, limits: FrameLimits) {
+    init(connection: ClientConnection, chat: ChatService, schedules: ScheduleService, rooms: RoomService, hub: StreamHub, limits: FrameLimits,
+         pingInterval: TimeAmount? = nil) {
+        self.pingInterval = pingInterval
         self.connection = connection
         self.chat = chat
         self.schedules = schedules
@@ -42,9 +49,33 @@ final class WebSocketHandler: ChannelInboundHandler {
         hub.add(connection)
         send(ServerFrame.welcome(user: connection.identity.user), context: context)
         schedules.connected(connection)  // scheduled messages that fired while no socket was open
+        scheduleKeepalive(context: context)
+    }
+
+    /// Pings every `pingInterval`; a peer that sent nothing since the previous ping is gone
+    /// (a dead network path never says so): 1011, and the socket is released at once.
+    private func scheduleKeepalive(context: ChannelHandlerContext) {
+        guard let interval = pingInterval else { return }
+        keepalive = context.eventLoop.assumeIsolated().scheduleTask(in: interval) { [self] in
+            guard !closing, context.channel.isActive else { return }
+            guard heardSincePing else {
+                closing = true
+                var data = context.channel.allocator.buffer(capacity: 32)
+                data.write(webSocketErrorCode: .unexpectedServerError)
+                data.writeString("keepalive ping timeout")
+                context.writeAndFlush(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .connectionClose, data: data)), promise: nil)
+                context.close(promise: nil)
+                return
+            }
+            heardSincePing = false
+            context.writeAndFlush(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .ping, data: context.channel.allocator.buffer(string: "parley"))),
+                                  promise: nil)
+            scheduleKeepalive(context: context)
+        }
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        keepalive?.cancel()
         hub.remove(connection)
         rooms.disconnected(connection)
         context.fireChannelInactive()
@@ -52,6 +83,7 @@ final class WebSocketHandler: ChannelInboundHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let frame = unwrapInboundIn(data)
+        heardSincePing = true
         switch frame.opcode {
         case .text:
             guard !closing else { return }

@@ -78,6 +78,9 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Bytes a socket may have waiting to be sent before it is closed (1008) as too slow to keep up.")
     var maxSocketQueueBytes = 4 * 1024 * 1024
 
+    @Option(help: "Seconds between server pings on each WebSocket; a socket silent for a whole interval after a ping is closed (1011). 0: no pings.")
+    var wsPingInterval = 30
+
     @Option(help: "Longest reply a chat, scheduled message or translation may generate, in tokens (the provider's max_tokens).")
     var maxReplyTokens = 1024
 
@@ -124,6 +127,7 @@ struct Serve: AsyncParsableCommand {
         guard (1...10_000).contains(creditBatchTokens) else { throw ArgumentParser.ValidationError("--credit-batch-tokens must be 1-10000") }
         guard (1...1_000).contains(scheduleTickMs) else { throw ArgumentParser.ValidationError("--schedule-tick-ms must be 1-1000") }
         guard (0...1_000_000).contains(maxPendingSchedules) else { throw ArgumentParser.ValidationError("--max-pending-schedules must be 0-1000000") }
+        guard (0...3600).contains(wsPingInterval) else { throw ArgumentParser.ValidationError("--ws-ping-interval must be 0-3600 seconds") }
         guard (1...32_768).contains(maxReplyTokens) else { throw ArgumentParser.ValidationError("--max-reply-tokens must be 1-32768") }
         guard (1024...(256 * 1024 * 1024)).contains(maxCardBytes) else {
             throw ArgumentParser.ValidationError("--max-card-bytes must be 1024 to 268435456")
@@ -192,6 +196,7 @@ struct Serve: AsyncParsableCommand {
         configuration.maxQueuedBytesPerSocket = maxSocketQueueBytes
         configuration.maxCardBytes = maxCardBytes
         configuration.maxOutputTokens = maxReplyTokens
+        configuration.webSocketPingInterval = wsPingInterval == 0 ? nil : .seconds(wsPingInterval)
         configuration.frameLimits.schedule.maxPendingPerUser = maxPendingSchedules
         configuration.simulated.timeToFirstToken = .milliseconds(simTtftMs)
         configuration.simulated.tokensPerSecond = simTokensPerSec

@@ -14,11 +14,13 @@ import Testing
 /// with no sockets involved.
 @Suite struct WebSocketHandlerTests {
     final class Fixture {
-        let channel = EmbeddedChannel()
+        let loop = EmbeddedEventLoop()
+        let channel: EmbeddedChannel
         let hub = StreamHub(retention: .seconds(60), maxStreamsPerUser: 4)
         let store: SQLiteStore
 
-        init() async throws {
+        init(pingInterval: TimeAmount? = nil) async throws {
+            channel = EmbeddedChannel(loop: loop)
             let dir = FileManager.default.temporaryDirectory.appendingPathComponent("parley-embedded-\(UUID().uuidString)").path
             try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
             store = try await SQLiteStore.open(path: dir + "/parley.sqlite")
@@ -31,7 +33,8 @@ import Testing
                                     logger: Logger(label: "test"), ids: IDGenerator())
             let connection = ClientConnection(id: "conn_1", identity: Identity(user: "alice", role: nil), channel: channel)
             try channel.pipeline.syncOperations.addHandler(
-                WebSocketHandler(connection: connection, chat: chat, schedules: schedules, rooms: rooms, hub: hub, limits: FrameLimits()))
+                WebSocketHandler(connection: connection, chat: chat, schedules: schedules, rooms: rooms, hub: hub, limits: FrameLimits(),
+                                 pingInterval: pingInterval))
             try await channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).get()
         }
 
@@ -108,6 +111,36 @@ import Testing
         try f.inbound(.binary, [1, 2, 3])
         #expect(closeCode(try f.outbound()) == .unacceptableData)
         #expect(!f.channel.isActive)
+        try await f.finish()
+    }
+
+    @Test func theServerPingsAndClosesAPeerThatStoppedAnswering() async throws {
+        let f = try await Fixture(pingInterval: .seconds(30))
+        _ = try f.outbound()
+        f.loop.advanceTime(by: .seconds(29))
+        #expect(try f.outbound() == nil, "no ping before the interval")
+        f.loop.advanceTime(by: .seconds(1))
+        let ping = try f.outbound()
+        #expect(ping?.opcode == .ping)
+        // A pong (any frame would do) keeps it open through the next interval, which pings again.
+        try f.inbound(.pong, ping.map { Array($0.unmaskedData.readableBytesView) } ?? [])
+        f.loop.advanceTime(by: .seconds(30))
+        #expect(try f.outbound()?.opcode == .ping)
+        #expect(f.channel.isActive)
+        // Silence for a whole interval after that ping: closed with 1011 and released.
+        f.loop.advanceTime(by: .seconds(30))
+        let close = try f.outbound()
+        #expect(closeCode(close) == .unexpectedServerError)
+        #expect(close.map { String(buffer: $0.unmaskedData).hasSuffix("keepalive ping timeout") } == true)
+        #expect(!f.channel.isActive && f.hub.connectionCount == 0)
+        try await f.finish()
+    }
+
+    @Test func withoutAnIntervalNothingIsPinged() async throws {
+        let f = try await Fixture()
+        _ = try f.outbound()
+        f.loop.advanceTime(by: .hours(2))
+        #expect(try f.outbound() == nil && f.channel.isActive)
         try await f.finish()
     }
 
