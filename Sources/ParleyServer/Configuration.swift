@@ -48,6 +48,12 @@ public struct ServerConfiguration: Sendable {
     public var maxQueuedBytesPerSocket = 4 * 1024 * 1024
     /// SO_SNDBUF of accepted sockets; nil leaves the kernel's autotuning alone.
     public var socketSendBufferBytes: Int?
+    /// Sockets one user may hold open at once; one more is closed with 1008.
+    public var maxSocketsPerUser = 16
+    /// Client frames a socket may send per second (token bucket, bursts of twice that); beyond
+    /// it frames are dropped with an `error` `rate_limited`, and a socket that keeps going is
+    /// closed with 1008. nil: no limit.
+    public var maxFramesPerSecond: Int? = 50
     /// Server pings on every WebSocket this often; a socket silent for a whole interval after a
     /// ping (no pong, no frame) is closed with 1011. nil: no keepalive.
     public var webSocketPingInterval: Duration? = .seconds(30)

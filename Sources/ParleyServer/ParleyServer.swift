@@ -64,7 +64,8 @@ public final class ParleyServer: Sendable {
             provider = ConcurrencyLimitedProvider(provider, maxConcurrent: limit, maxQueued: configuration.providerQueue)
         }
         let ids = IDGenerator()
-        let hub = StreamHub(retention: configuration.resumeRetention, maxStreamsPerUser: configuration.maxConcurrentStreamsPerUser)
+        let hub = StreamHub(retention: configuration.resumeRetention, maxStreamsPerUser: configuration.maxConcurrentStreamsPerUser,
+                            maxSocketsPerUser: configuration.maxSocketsPerUser)
         // Finish or void ledger entries a crash left half-applied, before anything is charged.
         let recovered: Int
         do {
@@ -190,7 +191,8 @@ public final class ParleyServer: Sendable {
                             maxAccumulatedFrameSize: configuration.maxMessageBytes
                         ),
                         WebSocketHandler(connection: connection, chat: chat, schedules: schedules, rooms: rooms, hub: hub,
-                                         limits: configuration.frameLimits, pingInterval: configuration.webSocketPingInterval.map(TimeAmount.init)),
+                                         limits: configuration.frameLimits, pingInterval: configuration.webSocketPingInterval.map(TimeAmount.init),
+                                         frameRate: configuration.maxFramesPerSecond),
                     ])
                 }
             }

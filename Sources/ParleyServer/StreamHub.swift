@@ -23,16 +23,24 @@ final class StreamHub: Sendable {
     private let state = Mutex(State())
     private let retention: Duration
     private let maxStreamsPerUser: Int
+    private let maxSocketsPerUser: Int
 
-    init(retention: Duration, maxStreamsPerUser: Int) {
+    init(retention: Duration, maxStreamsPerUser: Int, maxSocketsPerUser: Int = .max) {
         self.retention = retention
         self.maxStreamsPerUser = maxStreamsPerUser
+        self.maxSocketsPerUser = maxSocketsPerUser
     }
 
     // MARK: Connections
 
-    func add(_ connection: ClientConnection) {
-        state.withLock { $0.connections[connection.identity.user, default: [:]][connection.id] = connection }
+    /// Adds a socket unless its user already has `maxSocketsPerUser` (checked and added under one lock).
+    func add(_ connection: ClientConnection) -> Bool {
+        state.withLock { s in
+            let user = connection.identity.user
+            guard (s.connections[user]?.count ?? 0) < maxSocketsPerUser else { return false }
+            s.connections[user, default: [:]][connection.id] = connection
+            return true
+        }
     }
 
     func remove(_ connection: ClientConnection) {

@@ -22,10 +22,16 @@ final class WebSocketHandler: ChannelInboundHandler {
     private var closing = false
     private var heardSincePing = true
     private var keepalive: Scheduled<Void>?
+    private let frameRate: Int?
+    private var frames: TokenBucket?
+    /// Frames dropped in a row for the rate; past a burst's worth the socket is closed.
+    private var droppedInARow = 0
 
     init(connection: ClientConnection, chat: ChatService, schedules: ScheduleService, rooms: RoomService, hub: StreamHub, limits: FrameLimits,
-         pingInterval: TimeAmount? = nil) {
+         pingInterval: TimeAmount? = nil, frameRate: Int? = nil) {
         self.pingInterval = pingInterval
+        self.frameRate = frameRate
+        frames = frameRate.map { TokenBucket(rate: Double($0), burst: 2 * $0, now: NIODeadline.now().uptimeNanoseconds) }
         self.connection = connection
         self.chat = chat
         self.schedules = schedules
@@ -46,7 +52,10 @@ final class WebSocketHandler: ChannelInboundHandler {
     private func open(context: ChannelHandlerContext) {
         guard !opened else { return }
         opened = true
-        hub.add(connection)
+        guard hub.add(connection) else {
+            close(context: context, code: .policyViolation, reason: "too many open sockets for this user")
+            return
+        }
         send(ServerFrame.welcome(user: connection.identity.user), context: context)
         schedules.connected(connection)  // scheduled messages that fired while no socket was open
         scheduleKeepalive(context: context)
@@ -86,7 +95,7 @@ final class WebSocketHandler: ChannelInboundHandler {
         heardSincePing = true
         switch frame.opcode {
         case .text:
-            guard !closing else { return }
+            guard !closing, withinFrameRate(context: context) else { return }
             let payload = frame.unmaskedData
             guard String(validating: payload.readableBytesView, as: UTF8.self) != nil else {
                 close(context: context, code: .dataInconsistentWithMessage, reason: "text frames must be valid UTF-8")
@@ -120,6 +129,25 @@ final class WebSocketHandler: ChannelInboundHandler {
         default:
             break
         }
+    }
+
+    /// Whether this frame is within the socket's frame rate; a frame beyond it is answered with
+    /// `rate_limited`, and a socket that goes on for a whole burst of drops is closed (1008).
+    private func withinFrameRate(context: ChannelHandlerContext) -> Bool {
+        guard var bucket = frames, let rate = frameRate else { return true }
+        defer { frames = bucket }
+        if bucket.take(now: NIODeadline.now().uptimeNanoseconds) {
+            droppedInARow = 0
+            return true
+        }
+        droppedInARow += 1
+        if droppedInARow > 2 * rate {
+            close(context: context, code: .policyViolation, reason: "frame rate limit exceeded")
+        } else if droppedInARow == 1 {
+            // One error per run of drops: answering each would amplify the flood.
+            send(ServerFrame.error(ref: nil, code: .rateLimited, message: "more than \(rate) frames a second; frames are being dropped"), context: context)
+        }
+        return false
     }
 
     /// NIO holds more than the socket's queue bound for a reader that is not keeping up.

@@ -78,6 +78,12 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Bytes a socket may have waiting to be sent before it is closed (1008) as too slow to keep up.")
     var maxSocketQueueBytes = 4 * 1024 * 1024
 
+    @Option(help: "Sockets one user may hold open at once; one more is closed with 1008.")
+    var maxSocketsPerUser = 16
+
+    @Option(help: "Frames a socket may send per second (bursts of twice that); beyond it frames are dropped with rate_limited, and a socket that keeps on is closed with 1008. 0: no limit.")
+    var maxFramesPerSecond = 50
+
     @Option(help: "Seconds between server pings on each WebSocket; a socket silent for a whole interval after a ping is closed (1011). 0: no pings.")
     var wsPingInterval = 30
 
@@ -127,6 +133,9 @@ struct Serve: AsyncParsableCommand {
         guard (1...10_000).contains(creditBatchTokens) else { throw ArgumentParser.ValidationError("--credit-batch-tokens must be 1-10000") }
         guard (1...1_000).contains(scheduleTickMs) else { throw ArgumentParser.ValidationError("--schedule-tick-ms must be 1-1000") }
         guard (0...1_000_000).contains(maxPendingSchedules) else { throw ArgumentParser.ValidationError("--max-pending-schedules must be 0-1000000") }
+        guard maxSocketsPerUser >= 1, maxFramesPerSecond >= 0 else {
+            throw ArgumentParser.ValidationError("--max-sockets-per-user must be at least 1 and --max-frames-per-second 0 or more")
+        }
         guard (0...3600).contains(wsPingInterval) else { throw ArgumentParser.ValidationError("--ws-ping-interval must be 0-3600 seconds") }
         guard (1...32_768).contains(maxReplyTokens) else { throw ArgumentParser.ValidationError("--max-reply-tokens must be 1-32768") }
         guard (1024...(256 * 1024 * 1024)).contains(maxCardBytes) else {
@@ -196,6 +205,8 @@ struct Serve: AsyncParsableCommand {
         configuration.maxQueuedBytesPerSocket = maxSocketQueueBytes
         configuration.maxCardBytes = maxCardBytes
         configuration.maxOutputTokens = maxReplyTokens
+        configuration.maxSocketsPerUser = maxSocketsPerUser
+        configuration.maxFramesPerSecond = maxFramesPerSecond == 0 ? nil : maxFramesPerSecond
         configuration.webSocketPingInterval = wsPingInterval == 0 ? nil : .seconds(wsPingInterval)
         configuration.frameLimits.schedule.maxPendingPerUser = maxPendingSchedules
         configuration.simulated.timeToFirstToken = .milliseconds(simTtftMs)

@@ -19,7 +19,7 @@ import Testing
         let hub = StreamHub(retention: .seconds(60), maxStreamsPerUser: 4)
         let store: SQLiteStore
 
-        init(pingInterval: TimeAmount? = nil) async throws {
+        init(pingInterval: TimeAmount? = nil, frameRate: Int? = nil) async throws {
             channel = EmbeddedChannel(loop: loop)
             let dir = FileManager.default.temporaryDirectory.appendingPathComponent("parley-embedded-\(UUID().uuidString)").path
             try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
@@ -34,7 +34,7 @@ import Testing
             let connection = ClientConnection(id: "conn_1", identity: Identity(user: "alice", role: nil), channel: channel)
             try channel.pipeline.syncOperations.addHandler(
                 WebSocketHandler(connection: connection, chat: chat, schedules: schedules, rooms: rooms, hub: hub, limits: FrameLimits(),
-                                 pingInterval: pingInterval))
+                                 pingInterval: pingInterval, frameRate: frameRate))
             try await channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).get()
         }
 
@@ -133,6 +133,26 @@ import Testing
         #expect(closeCode(close) == .unexpectedServerError)
         #expect(close.map { String(buffer: $0.unmaskedData).hasSuffix("keepalive ping timeout") } == true)
         #expect(!f.channel.isActive && f.hub.connectionCount == 0)
+        try await f.finish()
+    }
+
+    @Test func framesBeyondTheRateAreDroppedWithOneErrorThenTheSocketIsClosed() async throws {
+        // 2 frames a second, bursts of 4: the test sends far faster than the bucket refills.
+        let f = try await Fixture(frameRate: 2)
+        _ = try f.outbound()
+        for n in 0..<4 {
+            try f.inbound(.text, Array(#"{"type":"nope","id":"n\#(n)"}"#.utf8))
+            #expect(try f.outboundJSON()?["ref"] == .string("n\(n)"), "within the burst each frame is answered")
+        }
+        try f.inbound(.text, Array(#"{"type":"nope","id":"over"}"#.utf8))
+        let limited = try f.outboundJSON()
+        #expect(limited?["code"] == .string("rate_limited") && limited?["ref"] == nil)
+        for _ in 0..<3 { try f.inbound(.text, Array(#"{"type":"nope","id":"x"}"#.utf8)) }
+        #expect(try f.outbound() == nil, "the drops that follow are silent")
+        #expect(f.channel.isActive)
+        try f.inbound(.text, Array(#"{"type":"nope","id":"x"}"#.utf8))
+        #expect(closeCode(try f.outbound()) == .policyViolation, "a burst's worth of drops in a row closes it")
+        #expect(!f.channel.isActive)
         try await f.finish()
     }
 

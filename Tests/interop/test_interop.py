@@ -164,6 +164,31 @@ def test_sigterm_ends_streams_stores_them_and_closes_with_1001(start_server, dat
     assert again.stop() == 0
 
 
+def test_a_user_past_the_socket_limit_is_closed_with_1008_and_the_others_stay(data_dir):
+    from conftest import Server
+    server = Server(data_dir, "--max-sockets-per-user", "2")
+    try:
+        token = server.token("fay")
+
+        async def run():
+            async with websockets.connect(f"{server.ws}?token={token}") as a, websockets.connect(f"{server.ws}?token={token}") as b:
+                assert (await recv(a))["type"] == "welcome" and (await recv(b))["type"] == "welcome"
+                async with websockets.connect(f"{server.ws}?token={token}") as c:
+                    with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+                        await asyncio.wait_for(c.recv(), TIMEOUT)
+                # The two within the limit still work; another user is not affected.
+                await a.send(json.dumps({"type": "nope", "id": "still-here"}))
+                assert (await recv(a))["ref"] == "still-here"
+                async with websockets.connect(f"{server.ws}?token={server.token('gus')}") as other:
+                    assert (await recv(other))["type"] == "welcome"
+                return closed.value.rcvd
+
+        close = asyncio.run(run())
+        assert close.code == 1008 and "too many open sockets" in close.reason
+    finally:
+        assert server.stop() == 0
+
+
 def test_examples_match_the_schemas():
     examples = sorted((SCHEMAS.parent / "examples").glob("*.jsonl"))
     assert examples, "no example sessions"

@@ -1,0 +1,27 @@
+/// A token bucket: `rate` tokens a second refill it up to `burst`; each event takes one. Pure
+/// (the caller passes the clock), so limits are tested without waiting.
+public struct TokenBucket: Sendable, Equatable {
+    public let rate: Double
+    public let burst: Double
+    private var tokens: Double
+    private var last: UInt64
+
+    /// `now` is monotonic nanoseconds.
+    public init(rate: Double, burst: Int, now: UInt64) {
+        self.rate = rate
+        self.burst = Double(burst)
+        tokens = Double(burst)
+        last = now
+    }
+
+    /// Takes one token if there is one.
+    public mutating func take(now: UInt64) -> Bool {
+        if now > last {
+            tokens = min(burst, tokens + Double(now - last) / 1e9 * rate)
+            last = now
+        }
+        guard tokens >= 1 else { return false }
+        tokens -= 1
+        return true
+    }
+}
