@@ -86,7 +86,9 @@ public final class ClientConnection: Sendable {
         data.writeString(reason)
         let frame = WebSocketFrame(fin: true, opcode: .connectionClose, data: data)
         let channel = self.channel
-        return channel.writeAndFlush(frame).flatMap {
+        // Closed whether or not the close frame could be written (after a protocol error NIO may
+        // already have shut the output): a socket is never left open behind a failed write.
+        return channel.writeAndFlush(frame).recover { _ in }.flatMap {
             channel.close()
         }.recover { _ in }
     }

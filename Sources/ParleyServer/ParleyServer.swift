@@ -185,6 +185,7 @@ public final class ParleyServer: Sendable {
                     let connection = ClientConnection(id: ids.make(.connection), identity: identity, channel: channel,
                                                       maxQueuedBytes: configuration.maxQueuedBytesPerSocket)
                     try channel.pipeline.syncOperations.addHandlers([
+                        WebSocketFrameValidator(),
                         NIOWebSocketFrameAggregator(
                             minNonFinalFragmentSize: 0,
                             maxAccumulatedFrameCount: 1024,

@@ -157,13 +157,19 @@ final class WebSocketHandler: ChannelInboundHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        if let error = error as? NIOWebSocketError {
-            let code: WebSocketErrorCode = switch error {
-            case .invalidFrameLength: .messageTooLarge
-            default: .protocolError
+        switch error {
+        case let violation as WebSocketViolation:
+            close(context: context, code: violation.code, reason: violation.reason)
+        case let error as NIOWebSocketError:
+            close(context: context, code: error == .invalidFrameLength ? .messageTooLarge : .protocolError, reason: "\(error)")
+        case let error as NIOWebSocketFrameAggregator.Error:
+            switch error {
+            case .accumulatedFrameSizeIsTooLarge, .tooManyFragments:
+                close(context: context, code: .messageTooLarge, reason: "the message is larger than the server accepts")
+            default:
+                close(context: context, code: .protocolError, reason: "fragments out of order (\(error))")
             }
-            close(context: context, code: code, reason: "\(error)")
-        } else {
+        default:
             context.close(promise: nil)
         }
     }

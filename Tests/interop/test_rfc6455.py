@@ -1,0 +1,154 @@
+"""RFC 6455 at the byte level, against the real server: a raw socket that frames by hand, so
+fragmentation, interleaved control frames, masking, reserved bits, opcodes and sizes are exactly
+what the test says (no client library smoothing them over)."""
+import base64
+import json
+import os
+import socket
+import struct
+
+import pytest
+
+from conftest import Server
+
+TIMEOUT = 10
+
+
+class RawSocket:
+    def __init__(self, server, token):
+        self.sock = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET /v1/ws?token={token} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.sock.recv(1)
+            assert chunk, "closed during the handshake"
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 101"), head
+        self.buffer = b""
+
+    def send(self, opcode, payload=b"", fin=True, mask=True, rsv=0):
+        first = (0x80 if fin else 0) | (rsv << 4) | opcode
+        n = len(payload)
+        length = bytes([n | (0x80 if mask else 0)]) if n < 126 else (
+            bytes([126 | (0x80 if mask else 0)]) + struct.pack(">H", n) if n < 65536 else bytes([127 | (0x80 if mask else 0)]) + struct.pack(">Q", n))
+        if mask:
+            key = os.urandom(4)
+            payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+            length += key
+        self.sock.sendall(bytes([first]) + length + payload)
+
+    def _read(self, n):
+        while len(self.buffer) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError
+            self.buffer += chunk
+        out, self.buffer = self.buffer[:n], self.buffer[n:]
+        return out
+
+    def frame(self):
+        """(opcode, payload) of the next frame from the server (which never masks)."""
+        b0, b1 = self._read(2)
+        assert b1 & 0x80 == 0, "a server must not mask"
+        n = b1 & 0x7F
+        if n == 126:
+            n = struct.unpack(">H", self._read(2))[0]
+        elif n == 127:
+            n = struct.unpack(">Q", self._read(8))[0]
+        return b0 & 0x0F, self._read(n)
+
+    def json(self):
+        opcode, payload = self.frame()
+        assert opcode == 1, (opcode, payload)
+        return json.loads(payload)
+
+    def close_code(self):
+        """Reads to the close frame; its status code."""
+        while True:
+            opcode, payload = self.frame()
+            if opcode == 8:
+                return struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else None
+
+    def closed_by_server(self):
+        """Whether the server closed the TCP connection after its close frame (a reset counts: the
+        kernel sends one when the server closes with unread bytes, as after an oversized frame)."""
+        try:
+            while self.sock.recv(65536):
+                pass
+            return True
+        except ConnectionResetError:
+            return True
+        except socket.timeout:
+            return False
+
+
+@pytest.fixture
+def ws_server(data_dir):
+    server = Server(data_dir)
+    yield server
+    assert server.stop() == 0
+
+
+def connect(server):
+    raw = RawSocket(server, server.token("ray"))
+    assert raw.json()["type"] == "welcome"
+    return raw
+
+
+def unknown(id):
+    return json.dumps({"type": "nope", "id": id}).encode()
+
+
+def test_a_fragmented_message_with_control_frames_between_its_fragments(ws_server):
+    raw = connect(ws_server)
+    message = unknown("fragmented")
+    raw.send(0x1, message[:5], fin=False)
+    raw.send(0x9, b"mid-message ping")  # control frames may come between fragments
+    raw.send(0x0, message[5:12], fin=False)
+    raw.send(0x0, message[12:], fin=True)
+    assert raw.frame() == (0xA, b"mid-message ping"), "the ping is answered at once with its payload"
+    assert raw.json()["ref"] == "fragmented", "the fragments are one message"
+
+
+def test_close_handshake_echoes_the_code(ws_server):
+    raw = connect(ws_server)
+    raw.send(0x8, struct.pack(">H", 1000) + b"bye")
+    assert raw.close_code() == 1000
+    assert raw.closed_by_server()
+
+
+@pytest.mark.parametrize("case,send,code", [
+    ("unmasked client frame", dict(opcode=0x1, payload=b'{"type":"nope","id":"u"}', mask=False), 1002),
+    ("reserved bit without an extension", dict(opcode=0x1, payload=b'{"type":"nope","id":"r"}', rsv=0b100), 1002),
+    ("reserved opcode", dict(opcode=0x3, payload=b"x"), 1002),
+    ("reserved control opcode", dict(opcode=0xB, payload=b"x"), 1002),
+    ("fragmented control frame", dict(opcode=0x9, payload=b"x", fin=False), 1002),
+    ("continuation with nothing to continue", dict(opcode=0x0, payload=b"x"), 1002),
+    ("invalid UTF-8 in a text frame", dict(opcode=0x1, payload=b'{"x":"\xff\xfe"}'), 1007),
+    ("binary frame", dict(opcode=0x2, payload=b"\x00\x01"), 1003),
+    ("a frame over the message limit", dict(opcode=0x1, payload=b"x" * (64 * 1024 + 1)), 1009),
+])
+def test_protocol_violations_close_with_their_code(ws_server, case, send, code):
+    raw = connect(ws_server)
+    raw.send(**send)
+    assert raw.close_code() == code, case
+    assert raw.closed_by_server(), case
+    # The server is still there for everyone else.
+    assert connect(ws_server).json is not None
+
+
+def test_a_message_over_the_limit_in_fragments_closes_with_1009(ws_server):
+    raw = connect(ws_server)
+    piece = b"x" * (16 * 1024)
+    for _ in range(4):
+        raw.send(0x1 if _ == 0 else 0x0, piece, fin=False)
+    raw.send(0x0, b"xx", fin=True)
+    assert raw.close_code() == 1009
+
+
+def test_a_control_frame_over_125_bytes_closes_with_1002(ws_server):
+    raw = connect(ws_server)
+    raw.send(0x9, b"p" * 126)
+    assert raw.close_code() == 1002
