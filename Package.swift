@@ -1,4 +1,5 @@
 // swift-tools-version:6.0
+import Foundation
 import PackageDescription
 
 let strict: [SwiftSetting] = [
@@ -177,3 +178,22 @@ let package = Package(
         ),
     ]
 )
+
+// The libFuzzer target exists only for scripts/fuzz.sh (PARLEY_FUZZ=1): it has no main of its
+// own, since -sanitize=fuzzer supplies libFuzzer's, so an ordinary build could not link it.
+if ProcessInfo.processInfo.environment["PARLEY_FUZZ"] != nil {
+    package.targets.append(
+        .executableTarget(
+            name: "parley-fuzz",
+            dependencies: [
+                "ParleyServer", "ParleyCore",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOWebSocket", package: "swift-nio"),
+            ],
+            path: "Fuzz/parley-fuzz",
+            swiftSettings: strict + [.unsafeFlags(["-parse-as-library"])]
+        )
+    )
+    package.products.append(.executable(name: "parley-fuzz", targets: ["parley-fuzz"]))
+}

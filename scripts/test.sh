@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh --test
 swift build --build-tests
 swift test --skip-build
+# libFuzzer over the socket's inbound path and the upload parsers, for a bounded minute.
+scripts/fuzz.sh 60
 swift build --product parley
 # The timer benchmark's own checks (every timer fires on its tick, none early), at toy size.
 swift build --product parley-bench-timers
