@@ -114,6 +114,7 @@ final class WebSocketHandler: ChannelInboundHandler {
         case .binary:
             close(context: context, code: .unacceptableData, reason: "Parley speaks JSON in text frames")
         case .ping:
+            guard !closing, withinFrameRate(context: context) else { return }  // each ping costs a write: a flood is limited too
             let pong = WebSocketFrame(fin: true, opcode: .pong, data: frame.unmaskedData)
             context.writeAndFlush(wrapOutboundOut(pong), promise: nil)
         case .connectionClose:

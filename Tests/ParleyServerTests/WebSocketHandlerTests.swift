@@ -156,6 +156,17 @@ import Testing
         try await f.finish()
     }
 
+    @Test func aPingFloodIsLimitedLikeAnyOtherFrames() async throws {
+        let f = try await Fixture(frameRate: 1)  // bursts of 2
+        _ = try f.outbound()
+        for _ in 0..<3 { try f.inbound(.ping, Array("p".utf8)) }
+        #expect(try f.outbound()?.opcode == .pong)
+        #expect(try f.outbound()?.opcode == .pong)
+        #expect(try f.outboundJSON()?["code"] == .string("rate_limited"), "the third ping is dropped, not answered")
+        #expect(try f.outbound() == nil)
+        try await f.finish()
+    }
+
     @Test func withoutAnIntervalNothingIsPinged() async throws {
         let f = try await Fixture()
         _ = try f.outbound()
