@@ -14,6 +14,16 @@ public struct TokenBucket: Sendable, Equatable {
         last = now
     }
 
+    /// Whether the bucket would be full at `now` (an idle client: its bucket can be forgotten).
+    public func isFull(now: UInt64) -> Bool {
+        tokens + Double(now > last ? now - last : 0) / 1e9 * rate >= burst
+    }
+
+    /// Whether a take at `now` would fail, without taking.
+    public func isEmpty(now: UInt64) -> Bool {
+        tokens + Double(now > last ? now - last : 0) / 1e9 * rate < 1
+    }
+
     /// Takes one token if there is one.
     public mutating func take(now: UInt64) -> Bool {
         if now > last {

@@ -48,6 +48,11 @@ public struct ServerConfiguration: Sendable {
     public var maxQueuedBytesPerSocket = 4 * 1024 * 1024
     /// SO_SNDBUF of accepted sockets; nil leaves the kernel's autotuning alone.
     public var socketSendBufferBytes: Int?
+    /// WebSocket handshakes one client IP may make per second (bursts of twice that); beyond it
+    /// the upgrade is refused with 429. nil: no limit.
+    public var handshakesPerSecondPerIP: Int? = 10
+    /// Whether loopback clients are held to it too (they are a local proxy or a load test).
+    public var limitLoopbackHandshakes = false
     /// Sockets one user may hold open at once; one more is closed with 1008.
     public var maxSocketsPerUser = 16
     /// Client frames a socket may send per second (token bucket, bursts of twice that); beyond

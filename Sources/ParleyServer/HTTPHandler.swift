@@ -51,7 +51,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             break
         case (.end, .receiving(let head, let body, _)):
             state = .idle
-            respond(context: context, head: head, request: HTTPRequest(head: head, body: body))
+            respond(context: context, head: head, request: HTTPRequest(head: head, body: body, remoteIP: context.channel.remoteAddress?.ipAddress))
         case (.end, .discarding(let head)):
             state = .idle
             let error = APIError(.payloadTooLarge, .tooLarge, "the request body is larger than \(limit(for: head)) bytes")

@@ -11,8 +11,11 @@ struct HTTPRequest: Sendable {
     var query: [String: String]
     var headers: HTTPHeaders
     var body: ByteBuffer?
+    /// The client's IP address, when the socket has one.
+    var remoteIP: String?
 
-    init(head: HTTPRequestHead, body: ByteBuffer?) {
+    init(head: HTTPRequestHead, body: ByteBuffer?, remoteIP: String? = nil) {
+        self.remoteIP = remoteIP
         method = head.method
         uri = head.uri
         headers = head.headers

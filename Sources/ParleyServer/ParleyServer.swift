@@ -92,8 +92,9 @@ public final class ParleyServer: Sendable {
             try? await group.shutdownGracefully()
             throw error
         }
+        let handshakes = configuration.handshakesPerSecondPerIP.map { HandshakeLimiter(rate: $0, limitsLoopback: configuration.limitLoopbackHandshakes) }
         let api = RESTAPI(store: store, chat: chat, schedules: schedules, rooms: rooms, credits: credits, authenticator: authenticator,
-                          configuration: configuration, ids: ids, logger: logger)
+                          configuration: configuration, ids: ids, logger: logger, handshakes: handshakes)
 
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
@@ -163,6 +164,10 @@ public final class ParleyServer: Sendable {
             automaticErrorHandling: true,
             shouldUpgrade: { channel, head in
                 guard HTTPRequest(head: head, body: nil).path == "/v1/ws" else {
+                    return channel.eventLoop.makeSucceededFuture(nil)
+                }
+                // Over its handshake rate: declined, and the HTTP handler answers 429.
+                if let handshakes = api.handshakes, let ip = channel.remoteAddress?.ipAddress, !handshakes.allow(ip) {
                     return channel.eventLoop.makeSucceededFuture(nil)
                 }
                 // A refused upgrade falls through to the HTTP handler, which answers 401.

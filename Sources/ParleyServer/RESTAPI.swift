@@ -17,13 +17,15 @@ struct RESTAPI: Sendable {
     let configuration: ServerConfiguration
     let ids: IDGenerator
     let logger: Logger
+    let handshakes: HandshakeLimiter?
 
     private var router = Router<Identity>()
 
     init(
         store: any Store, chat: ChatService, schedules: ScheduleService, rooms: RoomService, credits: Credits, authenticator: Authenticator,
-        configuration: ServerConfiguration, ids: IDGenerator, logger: Logger
+        configuration: ServerConfiguration, ids: IDGenerator, logger: Logger, handshakes: HandshakeLimiter? = nil
     ) {
+        self.handshakes = handshakes
         self.store = store
         self.chat = chat
         self.schedules = schedules
@@ -69,7 +71,11 @@ struct RESTAPI: Sendable {
                 guard request.method == .POST else { throw Self.methodNotAllowed([.POST]) }
                 return try await paymentWebhook(request)
             case "/v1/ws":
-                // Reached only when the WebSocket upgrade was declined.
+                // Reached only when the WebSocket upgrade was declined: for the handshake rate, or the token.
+                if let ip = request.remoteIP, handshakes?.isLimited(ip) == true {
+                    throw APIError(.tooManyRequests, .rateLimited, "too many WebSocket handshakes from this address; try again shortly",
+                                   headers: ["retry-after": "1"])
+                }
                 _ = try await authenticate(request)
                 throw APIError(.upgradeRequired, .badRequest, "this endpoint speaks WebSocket; send an Upgrade: websocket request",
                                headers: ["upgrade": "websocket", "connection": "upgrade"])

@@ -78,6 +78,12 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Bytes a socket may have waiting to be sent before it is closed (1008) as too slow to keep up.")
     var maxSocketQueueBytes = 4 * 1024 * 1024
 
+    @Option(help: "WebSocket handshakes one client IP may make per second (bursts of twice that); beyond it 429. 0: no limit.")
+    var maxHandshakesPerIp = 10
+
+    @Flag(help: "Hold loopback clients to --max-handshakes-per-ip too (by default they are a local proxy or a load test).")
+    var limitLoopbackHandshakes = false
+
     @Option(help: "Sockets one user may hold open at once; one more is closed with 1008.")
     var maxSocketsPerUser = 16
 
@@ -133,7 +139,7 @@ struct Serve: AsyncParsableCommand {
         guard (1...10_000).contains(creditBatchTokens) else { throw ArgumentParser.ValidationError("--credit-batch-tokens must be 1-10000") }
         guard (1...1_000).contains(scheduleTickMs) else { throw ArgumentParser.ValidationError("--schedule-tick-ms must be 1-1000") }
         guard (0...1_000_000).contains(maxPendingSchedules) else { throw ArgumentParser.ValidationError("--max-pending-schedules must be 0-1000000") }
-        guard maxSocketsPerUser >= 1, maxFramesPerSecond >= 0 else {
+        guard maxSocketsPerUser >= 1, maxFramesPerSecond >= 0, maxHandshakesPerIp >= 0 else {
             throw ArgumentParser.ValidationError("--max-sockets-per-user must be at least 1 and --max-frames-per-second 0 or more")
         }
         guard (0...3600).contains(wsPingInterval) else { throw ArgumentParser.ValidationError("--ws-ping-interval must be 0-3600 seconds") }
@@ -206,6 +212,8 @@ struct Serve: AsyncParsableCommand {
         configuration.maxCardBytes = maxCardBytes
         configuration.maxOutputTokens = maxReplyTokens
         configuration.maxSocketsPerUser = maxSocketsPerUser
+        configuration.handshakesPerSecondPerIP = maxHandshakesPerIp == 0 ? nil : maxHandshakesPerIp
+        configuration.limitLoopbackHandshakes = limitLoopbackHandshakes
         configuration.maxFramesPerSecond = maxFramesPerSecond == 0 ? nil : maxFramesPerSecond
         configuration.webSocketPingInterval = wsPingInterval == 0 ? nil : .seconds(wsPingInterval)
         configuration.frameLimits.schedule.maxPendingPerUser = maxPendingSchedules

@@ -16,6 +16,15 @@ import Testing
         #expect(takes(6, &bucket, now: 60_000_000_000) == 5)
     }
 
+    @Test func emptyAndFullAreSeenWithoutTaking() {
+        var bucket = TokenBucket(rate: 2, burst: 2, now: 0)
+        #expect(bucket.isFull(now: 0) && !bucket.isEmpty(now: 0))
+        #expect(takes(2, &bucket, now: 0) == 2)
+        #expect(bucket.isEmpty(now: 100_000_000) && !bucket.isFull(now: 100_000_000))
+        #expect(!bucket.isEmpty(now: 500_000_000), "one token back after 0.5 s at 2/s")
+        #expect(bucket.isFull(now: 1_000_000_000))
+    }
+
     @Test func aClockThatGoesBackDoesNotRefill() {
         var bucket = TokenBucket(rate: 1, burst: 1, now: 5_000_000_000)
         #expect(takes(1, &bucket, now: 5_000_000_000) == 1)

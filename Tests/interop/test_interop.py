@@ -216,3 +216,26 @@ def test_schemas_reject_what_the_server_must_never_send():
         validate_frame({"type": "stream.end", "stream": "s", "reason": "finished", "usage": {"input_tokens": 1, "output_tokens": 1}})
     with pytest.raises(Exception):
         validate_frame({"type": "welcome", "user": "a", "protocol": 1, "extra": True})
+
+
+def test_handshakes_over_the_per_ip_rate_get_429_with_a_json_body(data_dir):
+    from conftest import Server
+    server = Server(data_dir, "--max-handshakes-per-ip", "1", "--limit-loopback-handshakes")  # bursts of 2
+    try:
+        token = server.token("hal")
+
+        async def run():
+            for _ in range(2):
+                async with websockets.connect(f"{server.ws}?token={token}") as ws:
+                    assert (await recv(ws))["type"] == "welcome"
+            with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+                await websockets.connect(f"{server.ws}?token={token}")
+            return refused.value.response
+
+        response = asyncio.run(run())
+        assert response.status_code == 429 and response.headers["retry-after"] == "1"
+        body = validate_rest("error", json.loads(response.body))
+        assert body["error"]["code"] == "rate_limited"
+        assert server.http("GET", "/healthz")[0] == 200, "only handshakes are limited"
+    finally:
+        assert server.stop() == 0
