@@ -84,6 +84,9 @@ struct Serve: AsyncParsableCommand {
     @Flag(help: "Hold loopback clients to --max-handshakes-per-ip too (by default they are a local proxy or a load test).")
     var limitLoopbackHandshakes = false
 
+    @Option(help: "Largest WebSocket message (after reassembling fragments) and frame, in bytes; larger closes with 1009.")
+    var maxMessageBytes = 64 * 1024
+
     @Option(help: "Sockets one user may hold open at once; one more is closed with 1008.")
     var maxSocketsPerUser = 16
 
@@ -139,6 +142,9 @@ struct Serve: AsyncParsableCommand {
         guard (1...10_000).contains(creditBatchTokens) else { throw ArgumentParser.ValidationError("--credit-batch-tokens must be 1-10000") }
         guard (1...1_000).contains(scheduleTickMs) else { throw ArgumentParser.ValidationError("--schedule-tick-ms must be 1-1000") }
         guard (0...1_000_000).contains(maxPendingSchedules) else { throw ArgumentParser.ValidationError("--max-pending-schedules must be 0-1000000") }
+        guard (1024...(16 * 1024 * 1024)).contains(maxMessageBytes) else {
+            throw ArgumentParser.ValidationError("--max-message-bytes must be 1024 to 16777216")
+        }
         guard maxSocketsPerUser >= 1, maxFramesPerSecond >= 0, maxHandshakesPerIp >= 0 else {
             throw ArgumentParser.ValidationError("--max-sockets-per-user must be at least 1 and --max-frames-per-second 0 or more")
         }
@@ -211,6 +217,7 @@ struct Serve: AsyncParsableCommand {
         configuration.maxQueuedBytesPerSocket = maxSocketQueueBytes
         configuration.maxCardBytes = maxCardBytes
         configuration.maxOutputTokens = maxReplyTokens
+        configuration.maxMessageBytes = maxMessageBytes
         configuration.maxSocketsPerUser = maxSocketsPerUser
         configuration.handshakesPerSecondPerIP = maxHandshakesPerIp == 0 ? nil : maxHandshakesPerIp
         configuration.limitLoopbackHandshakes = limitLoopbackHandshakes

@@ -148,6 +148,19 @@ def test_a_message_over_the_limit_in_fragments_closes_with_1009(ws_server):
     assert raw.close_code() == 1009
 
 
+def test_the_message_limit_is_configurable(data_dir):
+    server = Server(data_dir, "--max-message-bytes", "2048")
+    try:
+        raw = connect(server)
+        raw.send(0x1, json.dumps({"type": "nope", "id": "big", "pad": "x" * 1900}).encode())
+        assert raw.json()["ref"] == "big", "under the limit"
+        raw.send(0x1, b"x" * 1500, fin=False)
+        raw.send(0x0, b"x" * 600, fin=True)
+        assert raw.close_code() == 1009
+    finally:
+        assert server.stop() == 0
+
+
 def test_a_control_frame_over_125_bytes_closes_with_1002(ws_server):
     raw = connect(ws_server)
     raw.send(0x9, b"p" * 126)
