@@ -149,7 +149,7 @@ let package = Package(
             path: "Tests/ParleyTestSupport",
             swiftSettings: strict
         ),
-        .testTarget(name: "ParleyCoreTests", dependencies: ["ParleyCore"], swiftSettings: strict),
+        .testTarget(name: "ParleyCoreTests", dependencies: ["ParleyCore", "ParleyLLM"], swiftSettings: strict),
         .testTarget(name: "ParleyStoreTests", dependencies: ["ParleyStore", "ParleyMongoStore", "ParleyCore", "ParleyTestSupport"], swiftSettings: strict),
         .testTarget(name: "ParleyLLMTests", dependencies: ["ParleyLLM", "ParleyCore"], swiftSettings: strict),
         .testTarget(
