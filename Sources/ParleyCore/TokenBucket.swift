@@ -14,22 +14,21 @@ public struct TokenBucket: Sendable, Equatable {
         last = now
     }
 
-    /// Whether the bucket would be full at `now` (an idle client: its bucket can be forgotten).
-    public func isFull(now: UInt64) -> Bool {
-        tokens + Double(now > last ? now - last : 0) / 1e9 * rate >= burst
+    /// The tokens there are at `now` (a clock that went back refills nothing).
+    private func level(at now: UInt64) -> Double {
+        min(burst, tokens + Double(now > last ? now - last : 0) / 1e9 * rate)
     }
 
+    /// Whether the bucket would be full at `now` (an idle client: its bucket can be forgotten).
+    public func isFull(now: UInt64) -> Bool { level(at: now) >= burst }
+
     /// Whether a take at `now` would fail, without taking.
-    public func isEmpty(now: UInt64) -> Bool {
-        tokens + Double(now > last ? now - last : 0) / 1e9 * rate < 1
-    }
+    public func isEmpty(now: UInt64) -> Bool { level(at: now) < 1 }
 
     /// Takes one token if there is one.
     public mutating func take(now: UInt64) -> Bool {
-        if now > last {
-            tokens = min(burst, tokens + Double(now - last) / 1e9 * rate)
-            last = now
-        }
+        tokens = level(at: now)
+        last = max(last, now)
         guard tokens >= 1 else { return false }
         tokens -= 1
         return true
