@@ -80,11 +80,16 @@ public final class ClientConnection: Sendable {
     }
 
     /// Starts the closing handshake with `code`; the channel closes once the frame is written.
-    func close(code: WebSocketErrorCode, reason: String) -> EventLoopFuture<Void> {
-        var data = channel.allocator.buffer(capacity: 2 + reason.utf8.count)
+    /// A close frame with its status code and reason.
+    static func closeFrame(code: WebSocketErrorCode, reason: String, allocator: ByteBufferAllocator) -> WebSocketFrame {
+        var data = allocator.buffer(capacity: 2 + reason.utf8.count)
         data.write(webSocketErrorCode: code)
         data.writeString(reason)
-        let frame = WebSocketFrame(fin: true, opcode: .connectionClose, data: data)
+        return WebSocketFrame(fin: true, opcode: .connectionClose, data: data)
+    }
+
+    func close(code: WebSocketErrorCode, reason: String) -> EventLoopFuture<Void> {
+        let frame = Self.closeFrame(code: code, reason: reason, allocator: channel.allocator)
         let channel = self.channel
         // Closed whether or not the close frame could be written (after a protocol error NIO may
         // already have shut the output): a socket is never left open behind a failed write.

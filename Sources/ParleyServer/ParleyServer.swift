@@ -180,10 +180,7 @@ public final class ParleyServer: Sendable {
                     try await authenticator.verify(headers: head.headers, uri: head.uri)
                 }.flatMapError { error in
                     // The token expired between the check and the upgrade.
-                    var data = channel.allocator.buffer(capacity: 32)
-                    data.write(webSocketErrorCode: .policyViolation)
-                    data.writeString("\(error)")
-                    return channel.writeAndFlush(WebSocketFrame(fin: true, opcode: .connectionClose, data: data))
+                    channel.writeAndFlush(ClientConnection.closeFrame(code: .policyViolation, reason: "\(error)", allocator: channel.allocator))
                         .flatMap { channel.close() }
                         .flatMapThrowing { throw error }
                 }.flatMapThrowing { identity in

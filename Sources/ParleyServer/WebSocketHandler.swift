@@ -22,7 +22,6 @@ final class WebSocketHandler: ChannelInboundHandler {
     private var closing = false
     private var heardSincePing = true
     private var keepalive: Scheduled<Void>?
-    private let frameRate: Int?
     private var frames: TokenBucket?
     /// Frames dropped in a row for the rate; past a burst's worth the socket is closed.
     private var droppedInARow = 0
@@ -30,7 +29,6 @@ final class WebSocketHandler: ChannelInboundHandler {
     init(connection: ClientConnection, chat: ChatService, schedules: ScheduleService, rooms: RoomService, hub: StreamHub, limits: FrameLimits,
          pingInterval: TimeAmount? = nil, frameRate: Int? = nil) {
         self.pingInterval = pingInterval
-        self.frameRate = frameRate
         frames = frameRate.map { TokenBucket(rate: Double($0), burst: 2 * $0, now: NIODeadline.now().uptimeNanoseconds) }
         self.connection = connection
         self.chat = chat
@@ -69,10 +67,9 @@ final class WebSocketHandler: ChannelInboundHandler {
             guard !closing, context.channel.isActive else { return }
             guard heardSincePing else {
                 closing = true
-                var data = context.channel.allocator.buffer(capacity: 32)
-                data.write(webSocketErrorCode: .unexpectedServerError)
-                data.writeString("keepalive ping timeout")
-                context.writeAndFlush(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .connectionClose, data: data)), promise: nil)
+                // Closed at once, not after the write: a dead peer may never take it.
+                let frame = ClientConnection.closeFrame(code: .unexpectedServerError, reason: "keepalive ping timeout", allocator: context.channel.allocator)
+                context.writeAndFlush(wrapOutboundOut(frame), promise: nil)
                 context.close(promise: nil)
                 return
             }
@@ -135,18 +132,18 @@ final class WebSocketHandler: ChannelInboundHandler {
     /// Whether this frame is within the socket's frame rate; a frame beyond it is answered with
     /// `rate_limited`, and a socket that goes on for a whole burst of drops is closed (1008).
     private func withinFrameRate(context: ChannelHandlerContext) -> Bool {
-        guard var bucket = frames, let rate = frameRate else { return true }
+        guard var bucket = frames else { return true }
         defer { frames = bucket }
         if bucket.take(now: NIODeadline.now().uptimeNanoseconds) {
             droppedInARow = 0
             return true
         }
         droppedInARow += 1
-        if droppedInARow > 2 * rate {
+        if Double(droppedInARow) > bucket.burst {
             close(context: context, code: .policyViolation, reason: "frame rate limit exceeded")
         } else if droppedInARow == 1 {
             // One error per run of drops: answering each would amplify the flood.
-            send(ServerFrame.error(ref: nil, code: .rateLimited, message: "more than \(rate) frames a second; frames are being dropped"), context: context)
+            send(ServerFrame.error(ref: nil, code: .rateLimited, message: "more than \(Int(bucket.rate)) frames a second; frames are being dropped"), context: context)
         }
         return false
     }
