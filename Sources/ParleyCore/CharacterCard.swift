@@ -230,11 +230,11 @@ public enum CharacterCard {
             }
         }
         if !profile.lorebook.isEmpty || profile.rest.contains(where: { $0.0 == "character_book" }) {
-            data.append(("character_book", .object(profile.book.filter { $0.0 != "entries" } + [("entries", .array(profile.lorebook.map(json)))])))
+            data.append(("character_book", .object(profile.book + [("entries", .array(profile.lorebook.map(json)))])))
         }
         var parley: [(String, JSONValue)] = [
             ("traits", .array(clone.traits.map(JSONValue.string))),
-            ("sliders", .object(clone.sliders.sorted { $0.key < $1.key }.map { ($0.key, .int(Int64($0.value))) })),
+            ("sliders", clone.slidersJSON),
             ("memory", .array(clone.memory.map(JSONValue.string))),
         ]
         if let model = clone.model { parley.append(("model", .string(model))) }

@@ -6,13 +6,20 @@ extension Clone {
             ("name", .string(name)),
             ("traits", .array(traits.map(JSONValue.string))),
             ("system_prompt", .string(systemPrompt)),
-            ("sliders", .object(sliders.sorted { $0.key < $1.key }.map { ($0.key, .int(Int64($0.value))) })),
+            ("sliders", slidersJSON),
             ("memory", .array(memory.map(JSONValue.string))),
             ("model", model.map(JSONValue.string) ?? .null),
             ("profile", CharacterCard.profileJSON(profile)),
             ("created_at", .string(Timestamp.rfc3339(millis: createdAt))),
             ("updated_at", .string(Timestamp.rfc3339(millis: updatedAt))),
         ])
+    }
+}
+
+extension Clone {
+    /// The sliders as a JSON object in name order (the API, the stores and card exports agree).
+    public var slidersJSON: JSONValue {
+        .object(sliders.sorted { $0.key < $1.key }.map { ($0.key, .int(Int64($0.value))) })
     }
 }
 

@@ -146,7 +146,7 @@ public final class MongoStore: Store {
         .object([
             ("_id", .string(c.id)), ("owner", .string(c.owner)), ("name", .string(c.name)),
             ("traits", .array(c.traits.map(JSONValue.string))), ("system_prompt", .string(c.systemPrompt)),
-            ("sliders", .object(c.sliders.sorted { $0.key < $1.key }.map { ($0.key, .int(Int64($0.value))) })),
+            ("sliders", c.slidersJSON),
             ("memory", .array(c.memory.map(JSONValue.string))), ("model", c.model.map(JSONValue.string) ?? .null),
             // As JSON text: card keys may hold `.` or `$`, which field names cannot.
             ("profile_json", c.profile.isEmpty ? .null : .string(CharacterCard.storageJSON(c.profile).serializedString())),

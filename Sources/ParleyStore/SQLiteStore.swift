@@ -364,7 +364,7 @@ public final class SQLiteStore: Store {
             .text(clone.name),
             .text(JSONValue.array(clone.traits.map(JSONValue.string)).serializedString()),
             .text(clone.systemPrompt),
-            .text(JSONValue.object(clone.sliders.sorted { $0.key < $1.key }.map { ($0.key, .int(Int64($0.value))) }).serializedString()),
+            .text(clone.slidersJSON.serializedString()),
             .text(JSONValue.array(clone.memory.map(JSONValue.string)).serializedString()),
             clone.model.map(SQLValue.text) ?? .null,
             clone.profile.isEmpty ? .null : .text(CharacterCard.storageJSON(clone.profile).serializedString()),
