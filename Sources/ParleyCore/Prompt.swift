@@ -100,8 +100,8 @@ public struct PromptAssembler: Sendable {
     public func assemble(clone: Clone, history: [Message]) -> AssembledPrompt {
         let usable = history.filter { !$0.text.isEmpty && $0.role != .system }
         var systemText = Self.systemText(for: clone)
-        let book = JSONValue.object(clone.profile.book)
         if !clone.profile.lorebook.isEmpty {
+            let book = JSONValue.object(clone.profile.book)
             let depth = book["scan_depth"]?.intValue.map { Int(clamping: $0) } ?? Self.defaultLoreScanDepth
             let budget = book["token_budget"]?.intValue.map { Int(clamping: $0) } ?? Self.defaultLoreBudget
             let lore = Self.lore(for: clone, recent: usable.suffix(max(0, depth)).map(\.text), budget: min(budget, contextBudget / 4))

@@ -14,7 +14,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         case idle
         case receiving(HTTPRequestHead, ByteBuffer?, limit: Int)
         /// The body passed the cap; the rest is read and dropped, then 413 answers.
-        case discarding(HTTPRequestHead)
+        case discarding(HTTPRequestHead, limit: Int)
     }
 
     private var state = State.idle
@@ -40,7 +40,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             state = .receiving(head, nil, limit: limit(for: head))
         case (.body(var chunk), .receiving(let head, var body, let limit)):
             if (body?.readableBytes ?? 0) + chunk.readableBytes > limit {
-                state = .discarding(head)
+                state = .discarding(head, limit: limit)
             } else if body == nil {
                 state = .receiving(head, chunk, limit: limit)
             } else {
@@ -52,9 +52,9 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         case (.end, .receiving(let head, let body, _)):
             state = .idle
             respond(context: context, head: head, request: HTTPRequest(head: head, body: body, remoteIP: context.channel.remoteAddress?.ipAddress))
-        case (.end, .discarding(let head)):
+        case (.end, .discarding(let head, let limit)):
             state = .idle
-            let error = APIError(.payloadTooLarge, .tooLarge, "the request body is larger than \(limit(for: head)) bytes")
+            let error = APIError(.payloadTooLarge, .tooLarge, "the request body is larger than \(limit) bytes")
             write(error.response, for: head, keepAlive: false, context: context)
         case (.end, .idle):
             break

@@ -146,7 +146,7 @@ struct Serve: AsyncParsableCommand {
             throw ArgumentParser.ValidationError("--max-message-bytes must be 1024 to 16777216")
         }
         guard maxSocketsPerUser >= 1, maxFramesPerSecond >= 0, maxHandshakesPerIp >= 0 else {
-            throw ArgumentParser.ValidationError("--max-sockets-per-user must be at least 1 and --max-frames-per-second 0 or more")
+            throw ArgumentParser.ValidationError("--max-sockets-per-user must be at least 1, --max-frames-per-second and --max-handshakes-per-ip 0 or more")
         }
         guard (0...3600).contains(wsPingInterval) else { throw ArgumentParser.ValidationError("--ws-ping-interval must be 0-3600 seconds") }
         guard (1...32_768).contains(maxReplyTokens) else { throw ArgumentParser.ValidationError("--max-reply-tokens must be 1-32768") }
