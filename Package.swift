@@ -42,6 +42,18 @@ let package = Package(
             pkgConfig: "libmongoc-1.0",
             providers: [.apt(["libmongoc-dev", "libbson-dev"])]
         ),
+        // zlib (Debian zlib1g-dev), for WebSocket permessage-deflate.
+        .systemLibrary(
+            name: "CZlib",
+            pkgConfig: "zlib",
+            providers: [.apt(["zlib1g-dev"])]
+        ),
+        // permessage-deflate (RFC 7692): offer negotiation and the zlib streams that own their memory.
+        .target(
+            name: "ParleyDeflate",
+            dependencies: ["CZlib", .product(name: "NIOCore", package: "swift-nio")],
+            swiftSettings: strict
+        ),
         // Pure domain logic: models, protocol frames, validation, tokenizer, prompt assembly. No I/O.
         .target(name: "ParleyCore", swiftSettings: strict),
         // Persistence behind one Store protocol; blocking calls run on a NIOThreadPool.
@@ -81,7 +93,7 @@ let package = Package(
         .target(
             name: "ParleyServer",
             dependencies: [
-                "ParleyCore", "ParleyStore", "ParleyMongoStore", "ParleyLLM",
+                "ParleyCore", "ParleyStore", "ParleyMongoStore", "ParleyLLM", "ParleyDeflate",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -96,7 +108,7 @@ let package = Package(
         .executableTarget(
             name: "parley",
             dependencies: [
-                "ParleyServer", "ParleyCore", "ParleyLLM", "ParleyProviders",
+                "ParleyServer", "ParleyCore", "ParleyLLM", "ParleyProviders", "ParleyDeflate",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -106,7 +118,7 @@ let package = Package(
         .executableTarget(
             name: "parley-load",
             dependencies: [
-                "ParleyCore", "ParleyLLM", "ParleyProviders",
+                "ParleyCore", "ParleyLLM", "ParleyProviders", "ParleyDeflate",
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -151,6 +163,11 @@ let package = Package(
         ),
         .testTarget(name: "ParleyCoreTests", dependencies: ["ParleyCore", "ParleyLLM"], swiftSettings: strict),
         .testTarget(name: "ParleyStoreTests", dependencies: ["ParleyStore", "ParleyMongoStore", "ParleyCore", "ParleyTestSupport"], swiftSettings: strict),
+        .testTarget(
+            name: "ParleyDeflateTests",
+            dependencies: ["ParleyDeflate", .product(name: "NIOCore", package: "swift-nio")],
+            swiftSettings: strict
+        ),
         .testTarget(name: "ParleyLLMTests", dependencies: ["ParleyLLM", "ParleyCore"], swiftSettings: strict),
         .testTarget(
             name: "ParleyProvidersTests",
@@ -166,7 +183,7 @@ let package = Package(
         .testTarget(
             name: "ParleyServerTests",
             dependencies: [
-                "ParleyServer", "ParleyTestSupport", "ParleyStore", "ParleyLLM", "ParleyCore",
+                "ParleyServer", "ParleyTestSupport", "ParleyStore", "ParleyLLM", "ParleyCore", "ParleyDeflate",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "Crypto", package: "swift-crypto"),
@@ -186,7 +203,7 @@ if ProcessInfo.processInfo.environment["PARLEY_FUZZ"] != nil {
         .executableTarget(
             name: "parley-fuzz",
             dependencies: [
-                "ParleyServer", "ParleyCore",
+                "ParleyServer", "ParleyCore", "ParleyDeflate",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "NIOWebSocket", package: "swift-nio"),

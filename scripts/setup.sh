@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 command -v swift >/dev/null || { echo "setup: the Swift toolchain (6.0 or later) must be on PATH" >&2; exit 1; }
 
-apt_packages=(libsqlite3-dev libmongoc-dev libbson-dev pkg-config)
+apt_packages=(libsqlite3-dev libmongoc-dev libbson-dev zlib1g-dev pkg-config)
 # The tests also drive Parley with Node's `ws` (node-ws brings nodejs where there is none).
 [ "${1:-}" = "--test" ] && apt_packages+=(node-ws)
 missing=()

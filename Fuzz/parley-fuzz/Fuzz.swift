@@ -2,11 +2,13 @@ import NIOCore
 import NIOEmbedded
 import NIOWebSocket
 import ParleyCore
+import ParleyDeflate
 @testable import ParleyServer
 
 // libFuzzer's entry point: every input goes through the socket's inbound path (NIO's frame
-// decoder, Parley's frame validator, the fragment aggregator, the protocol frame parser) and
-// through the hand-written parsers of untrusted uploads (JSON, character cards, card PNGs).
+// decoder, Parley's frame validator, the permessage-deflate handler, the fragment aggregator,
+// the protocol frame parser) and through the hand-written parsers of untrusted input (extension
+// offers, JSON, character cards, card PNGs).
 // An error thrown is the expected answer to bad input; a crash, a trap or a leak is a bug.
 
 /// Ends the inbound path: what a text frame turns into, as the WebSocket handler parses it.
@@ -27,7 +29,9 @@ public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     let channel = EmbeddedChannel()
     try? channel.pipeline.syncOperations.addHandlers([
         ByteToMessageHandler(WebSocketFrameDecoder(maxFrameSize: 1 << 16)),
-        WebSocketFrameValidator(),
+        WebSocketFrameValidator(allowsRSV1: true),
+        PerMessageDeflateHandler(agreement: DeflateAgreement(serverWindowBits: 12, serverNoContextTakeover: false, level: 6),
+                                 maxMessageBytes: 1 << 16),
         NIOWebSocketFrameAggregator(minNonFinalFragmentSize: 0, maxAccumulatedFrameCount: 64, maxAccumulatedFrameSize: 1 << 16),
         ParseSink(),
     ])
@@ -37,6 +41,7 @@ public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     _ = try? channel.writeInbound(ByteBuffer(bytes: bytes[cut...]))
     _ = try? channel.finish()
 
+    _ = PerMessageDeflate.negotiate(offers: [String(decoding: bytes, as: UTF8.self)], settings: DeflateSettings())
     _ = try? ClientFrame.parse(bytes, limits: FrameLimits())
     if let json = try? JSONValue.parse(bytes) {
         _ = try? CharacterCard.parse(json)

@@ -1,5 +1,6 @@
 import CoreMetrics
 import ParleyCore
+import ParleyDeflate
 import ParleyLLM
 
 /// Everything `parley serve` can be told; defaults are the embedded, zero-setup configuration.
@@ -62,6 +63,10 @@ public struct ServerConfiguration: Sendable {
     /// Server pings on every WebSocket this often; a socket silent for a whole interval after a
     /// ping (no pong, no frame) is closed with 1011. nil: no keepalive.
     public var webSocketPingInterval: Duration? = .seconds(30)
+    /// permessage-deflate (RFC 7692) for clients that offer it; nil: no extension is negotiated.
+    public var webSocketDeflate: DeflateSettings? = DeflateSettings()
+    /// How long a socket's compressor is kept without a message to compress (then freed).
+    public var deflateIdleRelease: Duration = .seconds(30)
     /// How long a clean shutdown waits for sockets to finish closing.
     public var shutdownGrace: Duration = .seconds(5)
 

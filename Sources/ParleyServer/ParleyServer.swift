@@ -5,6 +5,7 @@ import NIOHTTP1
 import NIOPosix
 import NIOWebSocket
 import ParleyCore
+import ParleyDeflate
 import ParleyLLM
 import ParleyMongoStore
 import ParleyStore
@@ -172,7 +173,12 @@ public final class ParleyServer: Sendable {
                 }
                 // A refused upgrade falls through to the HTTP handler, which answers 401.
                 return channel.eventLoop.makeFutureWithTask {
-                    (try? await authenticator.verify(headers: head.headers, uri: head.uri)) == nil ? nil : HTTPHeaders()
+                    guard (try? await authenticator.verify(headers: head.headers, uri: head.uri)) != nil else { return nil }
+                    var headers = HTTPHeaders()
+                    if let deflate = deflateAgreement(head, configuration) {
+                        headers.add(name: "Sec-WebSocket-Extensions", value: deflate.responseHeader)
+                    }
+                    return headers
                 }
             },
             upgradePipelineHandler: { channel, head in
@@ -186,8 +192,14 @@ public final class ParleyServer: Sendable {
                 }.flatMapThrowing { identity in
                     let connection = ClientConnection(id: ids.make(.connection), identity: identity, channel: channel,
                                                       maxQueuedBytes: configuration.maxQueuedBytesPerSocket)
+                    let deflate = deflateAgreement(head, configuration)
+                    try channel.pipeline.syncOperations.addHandler(WebSocketFrameValidator(allowsRSV1: deflate != nil))
+                    if let deflate {
+                        try channel.pipeline.syncOperations.addHandler(
+                            PerMessageDeflateHandler(agreement: deflate, maxMessageBytes: configuration.maxMessageBytes,
+                                                     idleRelease: TimeAmount(configuration.deflateIdleRelease)))
+                    }
                     try channel.pipeline.syncOperations.addHandlers([
-                        WebSocketFrameValidator(),
                         NIOWebSocketFrameAggregator(
                             minNonFinalFragmentSize: 0,
                             maxAccumulatedFrameCount: 1024,
@@ -208,6 +220,14 @@ public final class ParleyServer: Sendable {
             })
         )
         try channel.pipeline.syncOperations.addHandler(http, name: HTTPHandler.name)
+    }
+
+    /// permessage-deflate for this upgrade request, if the server has it on and the client offered
+    /// an acceptable configuration; the same answer for the 101's header and the pipeline.
+    private static func deflateAgreement(_ head: HTTPRequestHead, _ configuration: ServerConfiguration) -> DeflateAgreement? {
+        guard let settings = configuration.webSocketDeflate else { return nil }
+        let offers = head.headers["Sec-WebSocket-Extensions"]
+        return offers.isEmpty ? nil : PerMessageDeflate.negotiate(offers: offers, settings: settings)
     }
 
     /// Stops cleanly: stops accepting, ends every stream with reason `shutdown` (its partial reply

@@ -2,21 +2,27 @@ import NIOCore
 import NIOWebSocket
 
 /// Checks each frame as it arrives, before fragments are reassembled, for what NIO's decoder
-/// lets through: client frames must be masked, no reserved bit may be set (Parley negotiates no
-/// extension), and reserved opcodes are errors (RFC 6455 section 5). A violation is raised as
+/// lets through: client frames must be masked, no reserved bit may be set (RSV1 only when the
+/// socket negotiated permessage-deflate, whose handler checks where it may appear), and reserved
+/// opcodes are errors (RFC 6455 section 5). A violation is raised as
 /// `WebSocketViolation` for the handler to close with its code; nothing after it is read.
 final class WebSocketFrameValidator: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = WebSocketFrame
     typealias InboundOut = WebSocketFrame
 
     private var failed = false
+    private let allowsRSV1: Bool
+
+    init(allowsRSV1: Bool = false) {
+        self.allowsRSV1 = allowsRSV1
+    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !failed else { return }
         let frame = unwrapInboundIn(data)
         let problem: String? =
             if frame.maskKey == nil { "client frames must be masked" }
-            else if frame.rsv1 || frame.rsv2 || frame.rsv3 { "reserved bits set without a negotiated extension" }
+            else if (frame.rsv1 && !allowsRSV1) || frame.rsv2 || frame.rsv3 { "reserved bits set without a negotiated extension" }
             else if !Self.known.contains(frame.opcode) { "reserved opcode \(frame.opcode)" }
             else { nil }
         guard let problem else {

@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import Logging
 import ParleyCore
+import ParleyDeflate
 import ParleyLLM
 import ParleyProviders
 import ParleyServer
@@ -96,6 +97,12 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Seconds between server pings on each WebSocket; a socket silent for a whole interval after a ping is closed (1011). 0: no pings.")
     var wsPingInterval = 30
 
+    @Flag(inversion: .prefixedNo, help: "Negotiate permessage-deflate (RFC 7692) with clients that offer it.")
+    var wsDeflate = true
+
+    @Option(help: "Largest LZ77 window the server compresses with, as a power of two (9-15): each socket's compressor holds 2^(bits+2) bytes + 7 KiB.")
+    var wsDeflateWindowBits = 12
+
     @Option(help: "Longest reply a chat, scheduled message or translation may generate, in tokens (the provider's max_tokens).")
     var maxReplyTokens = 1024
 
@@ -149,6 +156,9 @@ struct Serve: AsyncParsableCommand {
             throw ArgumentParser.ValidationError("--max-sockets-per-user must be at least 1, --max-frames-per-second and --max-handshakes-per-ip 0 or more")
         }
         guard (0...3600).contains(wsPingInterval) else { throw ArgumentParser.ValidationError("--ws-ping-interval must be 0-3600 seconds") }
+        guard DeflateSettings.windowBitsRange.contains(wsDeflateWindowBits) else {
+            throw ArgumentParser.ValidationError("--ws-deflate-window-bits must be 9-15 (zlib cannot compress raw deflate with an 8-bit window)")
+        }
         guard (1...32_768).contains(maxReplyTokens) else { throw ArgumentParser.ValidationError("--max-reply-tokens must be 1-32768") }
         guard (1024...(256 * 1024 * 1024)).contains(maxCardBytes) else {
             throw ArgumentParser.ValidationError("--max-card-bytes must be 1024 to 268435456")
@@ -223,6 +233,7 @@ struct Serve: AsyncParsableCommand {
         configuration.limitLoopbackHandshakes = limitLoopbackHandshakes
         configuration.maxFramesPerSecond = maxFramesPerSecond == 0 ? nil : maxFramesPerSecond
         configuration.webSocketPingInterval = wsPingInterval == 0 ? nil : .seconds(wsPingInterval)
+        configuration.webSocketDeflate = wsDeflate ? DeflateSettings(windowBits: wsDeflateWindowBits) : nil
         configuration.frameLimits.schedule.maxPendingPerUser = maxPendingSchedules
         configuration.simulated.timeToFirstToken = .milliseconds(simTtftMs)
         configuration.simulated.tokensPerSecond = simTokensPerSec

@@ -49,6 +49,23 @@ def test_debate_measures_fan_out_to_every_member(data_dir):
         assert server.stop() == 0
 
 
+def test_deflate_reports_bytes_on_the_wire_beside_the_json(data_dir):
+    server = Server(data_dir, "--sim-ttft-ms", "0", "--sim-tokens-per-sec", "200", "--sim-reply-tokens", "10")
+    try:
+        plain, _ = load(server, data_dir, "debate", "--members", "20", "--rounds", "1", "--turn-tokens", "10", name="debate")
+        report, table = load(server, data_dir, "debate", "--members", "20", "--rounds", "1", "--turn-tokens", "10", "--deflate",
+                             "--user-prefix", "deflated", name="debate")
+        # Every member got every token, decompressed, and the stream shrank on the wire.
+        assert report["latency"]["fanout_delay"]["count"] == 2 * 10 * 20 and report["counters"]["tokens"] == 400
+        deflate = report["deflate"]
+        assert deflate["compressed_sockets"] == 21  # the members and the moderator
+        assert deflate["wire_bytes"] < 0.5 * deflate["json_bytes"], deflate
+        assert "deflate" not in plain
+        assert "on the wire" in table
+    finally:
+        assert server.stop() == 0
+
+
 def test_translation_idle_and_schedule_scenarios_report_their_measures(data_dir):
     server = Server(data_dir, "--sim-ttft-ms", "0", "--sim-tokens-per-sec", "200")
     try:

@@ -15,17 +15,20 @@ TIMEOUT = 10
 
 
 class RawSocket:
-    def __init__(self, server, token):
+    def __init__(self, server, token, extensions=None):
         self.sock = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
         key = base64.b64encode(os.urandom(16)).decode()
+        offer = f"Sec-WebSocket-Extensions: {extensions}\r\n" if extensions else ""
         self.sock.sendall((f"GET /v1/ws?token={token} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n").encode())
         head = b""
         while b"\r\n\r\n" not in head:
             chunk = self.sock.recv(1)
             assert chunk, "closed during the handshake"
             head += chunk
         assert head.startswith(b"HTTP/1.1 101"), head
+        lines = head.decode().split("\r\n")[1:]
+        self.headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines if ":" in line)}
         self.buffer = b""
 
     def send(self, opcode, payload=b"", fin=True, mask=True, rsv=0):
@@ -50,6 +53,11 @@ class RawSocket:
 
     def frame(self):
         """(opcode, payload) of the next frame from the server (which never masks)."""
+        _, _, opcode, payload = self.full_frame()
+        return opcode, payload
+
+    def full_frame(self):
+        """(fin, rsv bits, opcode, payload) of the next frame from the server."""
         b0, b1 = self._read(2)
         assert b1 & 0x80 == 0, "a server must not mask"
         n = b1 & 0x7F
@@ -57,7 +65,7 @@ class RawSocket:
             n = struct.unpack(">H", self._read(2))[0]
         elif n == 127:
             n = struct.unpack(">Q", self._read(8))[0]
-        return b0 & 0x0F, self._read(n)
+        return bool(b0 & 0x80), (b0 >> 4) & 0x7, b0 & 0x0F, self._read(n)
 
     def json(self):
         opcode, payload = self.frame()

@@ -1,6 +1,7 @@
-"""A full chat stream through clients nobody here wrote: aiohttp (with and without offering
-permessage-deflate) and Node's `ws` (Debian's node-ws, which offers it by default). Parley
-negotiates no extension, so each must fall back to plain frames and still get every token."""
+"""A full chat stream through clients nobody here wrote, with permessage-deflate negotiated and
+without: Python's `websockets`, aiohttp, and Node's `ws` (Debian's node-ws). Each must get every
+token of the reply, and with compression on, the extension each reports is the one Parley
+answered (server window 12 bits, no client context takeover)."""
 import asyncio
 import json
 import os
@@ -9,6 +10,7 @@ import subprocess
 
 import aiohttp
 import pytest
+import websockets
 
 from test_interop import make_clone
 
@@ -29,7 +31,8 @@ def test_aiohttp_streams_a_whole_reply(server, compress):
         async with aiohttp.ClientSession() as session:
             async with session.ws_connect(f"{server.ws}?token={token}", compress=compress, timeout=aiohttp.ClientWSTimeout(ws_close=10)) as ws:
                 assert (await ws.receive_json(timeout=10))["type"] == "welcome"
-                assert ws.compress == 0, "no extension was negotiated"
+                # aiohttp reports its own compressor's window bits (15), 0 for no extension.
+                assert ws.compress == (15 if compress else 0)
                 await ws.send_json({"type": "chat.send", "id": "a1", "clone": clone["id"], "text": "Hello from aiohttp"})
                 tokens = []
                 while True:
@@ -45,16 +48,42 @@ def test_aiohttp_streams_a_whole_reply(server, compress):
     assert code == 1000
 
 
-def test_node_ws_streams_a_whole_reply(server):
+@pytest.mark.parametrize("compression", ["deflate", None], ids=["deflate", "plain"])
+def test_python_websockets_streams_a_whole_reply(server, compression):
+    token = server.token("pyw")
+    clone = make_clone(server, token)
+
+    async def run():
+        async with websockets.connect(f"{server.ws}?token={token}", compression=compression) as ws:
+            negotiated = [(e.name, e.remote_no_context_takeover, e.remote_max_window_bits) for e in ws.protocol.extensions]
+            assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "welcome"
+            await ws.send(json.dumps({"type": "chat.send", "id": "w1", "clone": clone["id"], "text": "Hello from websockets"}))
+            tokens = []
+            while True:
+                frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                if frame["type"] == "token":
+                    tokens.append(frame)
+                elif frame["type"] == "stream.end":
+                    return negotiated, tokens, frame
+
+    negotiated, tokens, end = asyncio.run(run())
+    check(tokens, end)
+    # Seen from the client, the server is the remote end: its window is 12 bits.
+    assert negotiated == ([("permessage-deflate", False, 12)] if compression else [])
+
+
+@pytest.mark.parametrize("deflate", [True, False], ids=["deflate", "plain"])
+def test_node_ws_streams_a_whole_reply(server, deflate):
     node = shutil.which("node") or shutil.which("nodejs")
     assert node, "node is installed by scripts/setup.sh --test"
     token = server.token("nod")
     clone = make_clone(server, token)
     env = dict(os.environ, NODE_PATH="/usr/share/nodejs")
-    result = subprocess.run([node, os.path.join(HERE, "ws_chat.mjs"), f"{server.ws}?token={token}", clone["id"]],
+    result = subprocess.run([node, os.path.join(HERE, "ws_chat.mjs"), f"{server.ws}?token={token}", clone["id"], "deflate" if deflate else "plain"],
                             capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads(result.stdout)
-    assert summary["binary"] is False and summary["extensions"] == ""
+    assert summary["binary"] is False
+    assert summary["extensions"] == ("permessage-deflate" if deflate else "")
     check([{"seq": s} for s in summary["seqs"]], summary["end"])
     assert summary["text"].strip()

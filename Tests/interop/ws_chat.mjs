@@ -1,11 +1,11 @@
 // One chat stream through Parley with Node's `ws` (Debian's node-ws): connect, wait for
 // welcome, send chat.send, collect tokens to stream.end, print a JSON summary on stdout.
-// Usage: NODE_PATH=/usr/share/nodejs node ws_chat.mjs URL CLONE
+// Usage: NODE_PATH=/usr/share/nodejs node ws_chat.mjs URL CLONE deflate|plain
 import { createRequire } from "node:module";
 const WebSocket = createRequire(import.meta.url)("ws");
 
-const [url, clone] = process.argv.slice(2);
-const ws = new WebSocket(url);
+const [url, clone, mode] = process.argv.slice(2);
+const ws = new WebSocket(url, { perMessageDeflate: mode === "deflate" });
 const tokens = [];
 const timer = setTimeout(() => { console.error("timed out"); process.exit(2); }, 20000);
 ws.on("message", (data, isBinary) => {

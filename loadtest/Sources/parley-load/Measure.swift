@@ -35,7 +35,12 @@ enum Metric: String, CaseIterable, Sendable {
 final class Recorder: @unchecked Sendable {
     var histograms: [Metric: Histogram<UInt64>] = [:]
     var frames = 0
+    /// Payload bytes of JSON received (after decompression).
     var bytes = 0
+    /// Payload bytes as they came over the wire (compressed or not).
+    var wireBytes = 0
+    /// Sockets on which permessage-deflate was negotiated.
+    var compressedSockets = 0
     var tokens = 0
     var streams = 0
     var errors: [String: Int] = [:]
@@ -63,6 +68,8 @@ final class Recorder: @unchecked Sendable {
         }
         frames += other.frames
         bytes += other.bytes
+        wireBytes += other.wireBytes
+        compressedSockets += other.compressedSockets
         tokens += other.tokens
         streams += other.streams
         dropped += other.dropped

@@ -28,6 +28,9 @@ struct TargetOptions: ParsableArguments {
     @Option(help: "Client event-loop threads.")
     var threads = 1
 
+    @Flag(help: "Offer permessage-deflate and decompress what the server compresses; the report gives bytes on the wire beside bytes of JSON.")
+    var deflate = false
+
     @Option(help: "Write the report as JSON to this file.")
     var json: String?
 
@@ -54,7 +57,7 @@ struct TargetOptions: ParsableArguments {
     }
 
     func run(_ scenario: String) -> LoadRun {
-        LoadRun(scenario: scenario, host: host, port: port, threads: threads, serverPID: serverPid)
+        LoadRun(scenario: scenario, host: host, port: port, threads: threads, serverPID: serverPid, deflate: deflate)
     }
 
     var rest: RESTClient { RESTClient(base: "http://\(host.contains(":") ? "[\(host)]" : host):\(port)") }

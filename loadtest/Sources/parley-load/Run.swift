@@ -20,8 +20,12 @@ final class LoadRun: @unchecked Sendable {
     /// Extra figures a scenario reports (memory per socket, concurrency…).
     var extra: [(String, Any)] = []
 
-    init(scenario: String, host: String, port: Int, threads: Int, serverPID: Int32?) {
+    /// Whether sockets offer permessage-deflate.
+    let deflate: Bool
+
+    init(scenario: String, host: String, port: Int, threads: Int, serverPID: Int32?, deflate: Bool = false) {
         self.scenario = scenario
+        self.deflate = deflate
         self.host = host
         self.port = port
         group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
@@ -39,7 +43,7 @@ final class LoadRun: @unchecked Sendable {
     func connect(tokens: [String], width: Int = 64) async throws -> [LoadSocket] {
         let recorders = self.recorders
         return try await boundedMap(tokens.count, width: width) { index in
-            try await openSocket(group: self.group, host: self.host, port: self.port, token: tokens[index], index: index) {
+            try await openSocket(group: self.group, host: self.host, port: self.port, token: tokens[index], index: index, deflate: self.deflate) {
                 recorders[ObjectIdentifier($0)]!
             }
         }
@@ -101,6 +105,14 @@ final class LoadRun: @unchecked Sendable {
             "errors": total.errors, "sockets_dropped": total.dropped,
         ]
         report["counters"] = counters
+        if deflate {
+            // Payload bytes only (frame headers are the same either way).
+            let ratio = total.bytes > 0 ? Double(total.wireBytes) / Double(total.bytes) : 0
+            report["deflate"] = ["compressed_sockets": total.compressedSockets, "wire_bytes": total.wireBytes, "json_bytes": total.bytes,
+                                 "wire_to_json": ratio]
+            print(String(format: "permessage-deflate on %d sockets: %.2f MB on the wire for %.2f MB of JSON (%.1f%%, %.1f%% saved)",
+                         total.compressedSockets, Double(total.wireBytes) / 1e6, Double(total.bytes) / 1e6, ratio * 100, (1 - ratio) * 100))
+        }
         print(String(format: "frames %d (%.0f/s), %.2f MB (%.2f MB/s), tokens %d, streams %d, sockets dropped %d",
                      total.frames, Double(total.frames) / seconds, Double(total.bytes) / 1e6, Double(total.bytes) / 1e6 / seconds,
                      total.tokens, total.streams, total.dropped))

@@ -2,6 +2,7 @@ import NIOCore
 import NIOHTTP1
 import NIOPosix
 import NIOWebSocket
+import ParleyDeflate
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -126,6 +127,13 @@ final class LoadSocketHandler: ChannelInboundHandler, @unchecked Sendable {
     typealias InboundIn = WebSocketFrame
     typealias OutboundOut = WebSocketFrame
     var socket: LoadSocket?
+    /// The server's compressed stream, one decompressor for the socket's life (the server keeps
+    /// its context); nil when permessage-deflate was not negotiated.
+    let inflater: Inflater?
+
+    init(deflate: Bool) {
+        inflater = deflate ? Inflater(limit: 1 << 20) : nil
+    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let frame = unwrapInboundIn(data)
@@ -133,8 +141,24 @@ final class LoadSocketHandler: ChannelInboundHandler, @unchecked Sendable {
         switch frame.opcode {
         case .text:
             let at = nowNanos()
-            let bytes = frame.data.readableBytesView
             socket.recorder.frames += 1
+            socket.recorder.wireBytes += frame.length
+            var payload = frame.data
+            if frame.rsv1 {
+                guard let inflater else {
+                    context.fireErrorCaught(InflateError.corrupt("a compressed frame on a socket without permessage-deflate"))
+                    return
+                }
+                payload = context.channel.allocator.buffer(capacity: frame.length * 4)
+                do {
+                    try inflater.inflate(frame.data, final: true, into: &payload)
+                } catch {
+                    socket.recorder.errors["inflate_failed", default: 0] += 1
+                    context.close(promise: nil)
+                    return
+                }
+            }
+            let bytes = payload.readableBytesView
             socket.recorder.bytes += bytes.count
             let type = FrameType(bytes)
             if type == .error {
@@ -171,9 +195,11 @@ struct UpgradeRefused: Error, CustomStringConvertible {
 
 /// Opens one authenticated socket; `recorder` belongs to the event loop the socket lands on.
 func openSocket(
-    group: any EventLoopGroup, host: String, port: Int, token: String, index: Int, recorderFor: @escaping @Sendable (any EventLoop) -> Recorder
+    group: any EventLoopGroup, host: String, port: Int, token: String, index: Int, deflate: Bool = false,
+    recorderFor: @escaping @Sendable (any EventLoop) -> Recorder
 ) async throws -> LoadSocket {
     var headers = HTTPHeaders()
+    if deflate { headers.add(name: "Sec-WebSocket-Extensions", value: PerMessageDeflate.name) }
     headers.add(name: "host", value: "\(host):\(port)")
     headers.add(name: "content-length", value: "0")
     headers.add(name: "authorization", value: "Bearer \(token)")
@@ -185,10 +211,12 @@ func openSocket(
             channel.eventLoop.makeCompletedFuture {
                 let upgrader = NIOTypedWebSocketClientUpgrader<LoadSocket?>(
                     maxFrameSize: 1 << 20,
-                    upgradePipelineHandler: { channel, _ in
+                    upgradePipelineHandler: { channel, response in
                         channel.eventLoop.makeCompletedFuture {
-                            let handler = LoadSocketHandler()
+                            let compressed = response.headers["Sec-WebSocket-Extensions"].contains { $0.hasPrefix(PerMessageDeflate.name) }
+                            let handler = LoadSocketHandler(deflate: compressed)
                             let socket = LoadSocket(index: index, channel: channel, recorder: recorderFor(channel.eventLoop))
+                            if compressed { socket.recorder.compressedSockets += 1 }
                             handler.socket = socket
                             try channel.pipeline.syncOperations.addHandler(handler)
                             return socket
