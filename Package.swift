@@ -103,6 +103,8 @@ let package = Package(
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
             ],
+            // The browser client, served at `/`.
+            resources: [.copy("WebClient")],
             swiftSettings: strict
         ),
         .executableTarget(

@@ -67,6 +67,9 @@ public struct ServerConfiguration: Sendable {
     public var webSocketDeflate: DeflateSettings? = DeflateSettings()
     /// How long a socket's compressor is kept without a message to compress (then freed).
     public var deflateIdleRelease: Duration = .seconds(30)
+    /// Development mode: `POST /v1/dev/token` mints a token for any name (the web client's dev
+    /// sign-in). Never on a server others can reach.
+    public var devSignIn = false
     /// How long a clean shutdown waits for sockets to finish closing.
     public var shutdownGrace: Duration = .seconds(5)
 

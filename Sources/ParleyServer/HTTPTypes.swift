@@ -58,6 +58,14 @@ struct HTTPResponse: Sendable {
     }
 }
 
+extension HTTPResponse {
+    /// A response with a body that is not JSON (the web client's files); headers give its type.
+    init(_ status: HTTPResponseStatus, body: [UInt8], headers: HTTPHeaders) {
+        self.init(status, headers: headers)
+        self.body = body
+    }
+}
+
 /// A failed request: an HTTP status and a `{"error":{"code","message"}}` body.
 struct APIError: Error, Sendable {
     var status: HTTPResponseStatus

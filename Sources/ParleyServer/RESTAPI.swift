@@ -20,6 +20,7 @@ struct RESTAPI: Sendable {
     let handshakes: HandshakeLimiter?
 
     private var router = Router<Identity>()
+    private let webClient = WebClient.load()
 
     init(
         store: any Store, chat: ChatService, schedules: ScheduleService, rooms: RoomService, credits: Credits, authenticator: Authenticator,
@@ -64,6 +65,19 @@ struct RESTAPI: Sendable {
             case "/healthz":
                 guard request.method == .GET || request.method == .HEAD else { throw Self.methodNotAllowed([.GET]) }
                 return HTTPResponse(.ok, json: .object([("status", .string("ok"))]))
+            case "/", "/app.js", "/app.css":
+                guard request.method == .GET || request.method == .HEAD else { throw Self.methodNotAllowed([.GET]) }
+                guard let file = webClient.response(for: request.path) else { throw APIError(.notFound, .notFound, "the web client is not installed") }
+                return file
+            case "/v1/info":
+                guard request.method == .GET || request.method == .HEAD else { throw Self.methodNotAllowed([.GET]) }
+                return HTTPResponse(.ok, json: .object([
+                    ("protocol", .int(1)), ("dev", .bool(configuration.devSignIn)),
+                    ("models", .array(configuration.models.map { .string($0) })),
+                ]))
+            case "/v1/dev/token":
+                guard request.method == .POST else { throw Self.methodNotAllowed([.POST]) }
+                return try await devToken(request)
             case "/v1/credits/prices":
                 guard request.method == .GET || request.method == .HEAD else { throw Self.methodNotAllowed([.GET]) }
                 return HTTPResponse(.ok, json: configuration.credits.pricing.json)
@@ -108,6 +122,27 @@ struct RESTAPI: Sendable {
             throw APIError.unauthorized(error)
         }
     }
+
+    /// `POST /v1/dev/token {"user"}`: a token for any name, for the web client's dev sign-in.
+    /// Only on a server started with `--dev` (which refuses a non-loopback address).
+    private func devToken(_ request: HTTPRequest) async throws -> HTTPResponse {
+        guard configuration.devSignIn else {
+            throw APIError(.notFound, .notFound, "dev sign-in is off on this server (it is on only with parley serve --dev)")
+        }
+        var reader = try JSONObjectReader(try request.json())
+        let user = try reader.requiredString("user")
+        try reader.rejectUnknown()
+        guard Authenticator.isValidSubject(user) else {
+            throw ValidationError("'user' must be 1-64 characters of letters, digits, '.', '_', '-' and '@'")
+        }
+        let ttl = Self.devTokenLifetime
+        let token = try await authenticator.issue(subject: user, ttl: ttl)
+        return HTTPResponse(.created, json: .object([
+            ("token", .string(token)), ("user", .string(user)), ("expires_in", .int(ttl.components.seconds)),
+        ]))
+    }
+
+    static let devTokenLifetime: Duration = .seconds(12 * 3600)
 
     private static func methodNotAllowed(_ allowed: [HTTPMethod]) -> APIError {
         APIError(.methodNotAllowed, .badRequest, "method not allowed",

@@ -109,6 +109,9 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Largest character card (JSON or PNG) POST /v1/clones/import accepts, in bytes.")
     var maxCardBytes = 8 * 1024 * 1024
 
+    @Flag(help: "Development mode: POST /v1/dev/token mints a token for any name (the web client's dev sign-in). Only with a loopback --host.")
+    var dev = false
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: Logger.Level = .info
 
@@ -165,6 +168,9 @@ struct Serve: AsyncParsableCommand {
         }
         guard maxSocketQueueBytes >= 64 * 1024 else { throw ArgumentParser.ValidationError("--max-socket-queue-bytes must be at least 65536") }
         guard contextBudget >= 64 else { throw ArgumentParser.ValidationError("--context-budget must be at least 64") }
+        guard !dev || ["127.0.0.1", "::1", "localhost"].contains(host) || host.hasPrefix("127.") else {
+            throw ArgumentParser.ValidationError("--dev lets anyone sign in as anyone: it needs a loopback --host (127.0.0.1, ::1), not \(host)")
+        }
         guard ["simulated", "openai", "anthropic"].contains(provider) else {
             throw ArgumentParser.ValidationError("--provider must be simulated, openai or anthropic")
         }
@@ -233,6 +239,7 @@ struct Serve: AsyncParsableCommand {
         configuration.limitLoopbackHandshakes = limitLoopbackHandshakes
         configuration.maxFramesPerSecond = maxFramesPerSecond == 0 ? nil : maxFramesPerSecond
         configuration.webSocketPingInterval = wsPingInterval == 0 ? nil : .seconds(wsPingInterval)
+        configuration.devSignIn = dev
         configuration.webSocketDeflate = wsDeflate ? DeflateSettings(windowBits: wsDeflateWindowBits) : nil
         configuration.frameLimits.schedule.maxPendingPerUser = maxPendingSchedules
         configuration.simulated.timeToFirstToken = .milliseconds(simTtftMs)

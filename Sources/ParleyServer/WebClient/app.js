@@ -1,0 +1,649 @@
+// Parley's browser client: plain modern JavaScript, no build step, no dependencies.
+// One WebSocket carries every stream (protocol/PROTOCOL.md); REST does the rest. Every text
+// from the server goes into the page as textContent, never as HTML.
+
+const $ = (id) => document.getElementById(id);
+const SLIDERS = ["warmth", "humor", "formality", "verbosity", "curiosity"];
+const LANGUAGES = [["en", "English"], ["es", "Español"], ["fr", "Français"], ["de", "Deutsch"], ["pt-BR", "Português (Brasil)"],
+                   ["it", "Italiano"], ["ja", "日本語"], ["zh-Hans", "中文（简体）"]];
+const REASONS = { cancelled: "stopped", insufficient_credits: "out of credits", error: "the reply failed", shutdown: "the server restarted" };
+
+const state = {
+  token: sessionStorage.getItem("parley.token"),
+  user: null,
+  clones: [],
+  cloneId: null,         // the clone chatted with
+  conversationId: null,  // the conversation shown
+  editingClone: null,
+  streams: new Map(),    // stream id → { el, seq, conversation, room, ended }
+  pending: new Map(),    // request id → what to do with its answer or error
+  deliveries: new Set(), // schedule ids already shown (delivery is at least once)
+  room: null,            // { room, members } of the room joined
+  nextId: 1,
+};
+
+// ---------- REST ----------
+
+async function api(method, path, body) {
+  const headers = { Authorization: `Bearer ${state.token}` };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  const text = await response.text();
+  const json = text ? JSON.parse(text) : null;
+  if (!response.ok) {
+    const error = new Error(json?.error?.message ?? `${response.status} ${response.statusText}`);
+    error.status = response.status;
+    error.code = json?.error?.code;
+    throw error;
+  }
+  return json;
+}
+
+// ---------- the socket ----------
+
+const socket = {
+  ws: null,
+  attempts: 0,
+  stopped: false,
+
+  connect() {
+    this.stopped = false;
+    const scheme = location.protocol === "https:" ? "wss" : "ws";
+    const ws = new WebSocket(`${scheme}://${location.host}/v1/ws?token=${encodeURIComponent(state.token)}`);
+    this.ws = ws;
+    setConnection("connecting…");
+    ws.onmessage = (event) => {
+      let frame;
+      try { frame = JSON.parse(event.data); } catch { return; }
+      onFrame(frame);
+    };
+    ws.onclose = (event) => {
+      if (this.ws !== ws || this.stopped) return;
+      this.ws = null;
+      if (event.code === 1008 && /token|expired|sockets/i.test(event.reason)) {
+        setConnection("disconnected");
+        showBanner(`Disconnected: ${event.reason}`);
+        return;
+      }
+      // Anything else (a network drop, a restart, a slow-reader cut-off) reconnects and resumes.
+      const delay = Math.min(10_000, 250 * 2 ** this.attempts++);
+      setConnection("reconnecting…");
+      setTimeout(() => { if (!this.stopped) this.connect(); }, delay);
+    };
+  },
+
+  send(frame) {
+    if (!this.ws || this.ws.readyState !== WebSocket.OPEN) {
+      showBanner("Not connected yet; try again in a moment.");
+      return false;
+    }
+    this.ws.send(JSON.stringify(frame));
+    return true;
+  },
+
+  close() {
+    this.stopped = true;
+    this.ws?.close(1000, "signed out");
+    this.ws = null;
+  },
+};
+
+function request(frame, handler = {}) {
+  const id = `w${state.nextId++}`;
+  state.pending.set(id, handler);
+  if (!socket.send({ ...frame, id })) state.pending.delete(id);
+  return id;
+}
+
+function onWelcome() {
+  socket.attempts = 0;
+  setConnection("connected");
+  // Streams cut by the drop: the server replays what came after the last token shown.
+  for (const [stream, s] of state.streams) {
+    if (!s.ended && !s.room) request({ type: "stream.resume", stream, after: s.seq }, { stream });
+  }
+  // A room is joined again: its state replaces the view, in-flight turns replay from the start.
+  if (state.room) joinRoom(state.room.room.id, state.room.language);
+}
+
+function onFrame(frame) {
+  const handler = frame.ref ? state.pending.get(frame.ref) : undefined;
+  if (frame.ref && frame.type !== "stream.start") state.pending.delete(frame.ref);
+  switch (frame.type) {
+    case "welcome": return onWelcome();
+    case "stream.start": return onStreamStart(frame);
+    case "token": return onToken(frame);
+    case "stream.end": return onStreamEnd(frame);
+    case "paywall": return onPaywall(frame);
+    case "error": return onError(frame, handler);
+    case "delivery": return onDelivery(frame);
+    case "schedule.ok": case "schedule.cancelled": case "schedule.failed": return loadSchedules();
+    case "room.state": return onRoomState(frame);
+    case "room.event": return onRoomEvent(frame);
+  }
+}
+
+// ---------- chat streams ----------
+
+function onStreamStart(frame) {
+  let s = state.streams.get(frame.stream);
+  if (s) {  // the answer to a resume: the bubble is already there
+    state.pending.delete(frame.ref);
+    s.el.setAttribute("aria-busy", "true");
+    return;
+  }
+  if (frame.room) {
+    if (!state.room || frame.room !== state.room.room.id) return;
+    const who = frame.clone ? cloneName(frame.clone) : frame.user ?? "";
+    const el = addBubble($("room-log"), { who: frame.lang ? `${who} (${frame.lang})` : who, text: "", kind: "clone" });
+    s = { el, seq: 0, room: frame.room };
+  } else {
+    if (frame.conversation !== state.conversationId) {
+      // A reply to a message just sent without a conversation starts one.
+      if (!(frame.ref && state.pending.get(frame.ref)?.newConversation)) return;
+      state.conversationId = frame.conversation;
+      loadConversations();
+    }
+    state.pending.delete(frame.ref);
+    const el = addBubble($("messages"), { who: cloneName(frame.clone), text: "", kind: "assistant" });
+    s = { el, seq: 0, conversation: frame.conversation };
+    $("stop").hidden = false;
+  }
+  s.el.dataset.stream = frame.stream;
+  s.el.setAttribute("aria-busy", "true");
+  state.streams.set(frame.stream, s);
+}
+
+function onToken(frame) {
+  const s = state.streams.get(frame.stream);
+  if (!s || frame.seq <= s.seq) return;  // not shown here, or already shown (a replay)
+  s.el.querySelector(".text").textContent += frame.text;
+  s.seq = frame.seq;
+  s.el.dataset.seq = String(frame.seq);
+  s.el.parentElement.scrollTop = s.el.parentElement.scrollHeight;
+}
+
+function onStreamEnd(frame) {
+  if (typeof frame.balance === "number") setCredits(frame.balance);
+  const s = state.streams.get(frame.stream);
+  if (!s) return;
+  s.ended = true;
+  s.el.setAttribute("aria-busy", "false");
+  s.el.dataset.reason = frame.reason;
+  if (frame.message) s.el.dataset.message = frame.message;
+  if (REASONS[frame.reason]) addNote(s.el, REASONS[frame.reason]);
+  state.streams.delete(frame.stream);
+  if (![...state.streams.values()].some((x) => !x.room)) $("stop").hidden = true;
+}
+
+function onPaywall(frame) {
+  setCredits(frame.balance);
+  showBanner(`You are out of credits: the reply stopped. Balance ${frame.balance}, the next token needs ${frame.required}.`);
+}
+
+function onError(frame, handler) {
+  if (handler?.stream && frame.code === "stream_gone") {
+    // Too late to resume: the stored message is the truth.
+    state.streams.delete(handler.stream);
+    if (state.conversationId) showConversation(state.conversationId);
+    return;
+  }
+  if (frame.code === "insufficient_credits") {
+    if (typeof frame.balance === "number") setCredits(frame.balance);
+    showBanner(`Not enough credits: you have ${frame.balance ?? 0}, this needs ${frame.required ?? "more"}.`);
+    return;
+  }
+  showBanner(frame.message ?? frame.code);
+}
+
+// ---------- views ----------
+
+function show(view) {
+  for (const section of document.querySelectorAll(".view")) section.hidden = section.id !== `view-${view}`;
+  for (const button of document.querySelectorAll("nav button")) {
+    if (button.dataset.view === view) button.setAttribute("aria-current", "page"); else button.removeAttribute("aria-current");
+  }
+  $(`${view}-title`).focus();
+  if (view === "schedules") loadSchedules();
+}
+
+function setConnection(text) { $("connection").textContent = text; }
+function setCredits(balance) { $("credits").textContent = `${balance} credits`; $("credits").dataset.balance = String(balance); }
+
+function showBanner(text) {
+  const banner = $("banner");
+  banner.textContent = text;
+  banner.hidden = false;
+}
+
+function addBubble(list, { who, text, kind }) {
+  const li = document.createElement("li");
+  li.className = `msg ${kind}`;
+  const name = document.createElement("span");
+  name.className = "who";
+  name.textContent = who;
+  const body = document.createElement("span");
+  body.className = "text";
+  body.textContent = text;
+  li.append(name, body);
+  list.append(li);
+  list.scrollTop = list.scrollHeight;
+  return li;
+}
+
+function addNote(el, text) {
+  const note = document.createElement("span");
+  note.className = "note";
+  note.textContent = text;
+  el.append(note);
+}
+
+function addEvent(list, text) {
+  const li = document.createElement("li");
+  li.className = "msg event";
+  li.textContent = text;
+  list.append(li);
+}
+
+function cloneName(id) {
+  return state.clones.find((c) => c.id === id)?.name ?? state.room?.room.clones?.find((c) => c.clone === id)?.name ?? "clone";
+}
+
+function fillSelect(select, options, selected) {
+  select.replaceChildren(...options.map(([value, label]) => new Option(label, value, false, value === selected)));
+}
+
+// ---------- clones ----------
+
+async function loadClones() {
+  state.clones = (await api("GET", "/v1/clones")).clones;
+  const options = state.clones.map((c) => [c.id, c.name]);
+  if (!state.cloneId || !state.clones.some((c) => c.id === state.cloneId)) state.cloneId = state.clones[0]?.id ?? null;
+  fillSelect($("chat-clone"), options, state.cloneId);
+  fillSelect($("schedule-clone"), options, state.cloneId);
+  const list = $("clone-list");
+  list.replaceChildren(...state.clones.map((c) => {
+    const li = document.createElement("li");
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = c.name;
+    if (state.editingClone?.id === c.id) button.setAttribute("aria-current", "true");
+    button.onclick = () => editClone(c);
+    li.append(button);
+    return li;
+  }));
+  renderDebaters();
+  $("send").disabled = !state.cloneId;
+}
+
+function renderSliders(values = {}) {
+  const names = [...new Set([...SLIDERS, ...Object.keys(values)])];
+  $("sliders").replaceChildren(...names.map((name) => {
+    const label = document.createElement("label");
+    const input = document.createElement("input");
+    input.type = "range"; input.min = "0"; input.max = "100"; input.name = name;
+    input.value = String(values[name] ?? 50);
+    const out = document.createElement("output");
+    out.textContent = input.value;
+    input.oninput = () => { out.textContent = input.value; };
+    label.append(name, input, out);
+    return label;
+  }));
+}
+
+function editClone(clone) {
+  state.editingClone = clone;
+  $("clone-form-title").textContent = clone ? `Edit ${clone.name}` : "New clone";
+  $("clone-name").value = clone?.name ?? "";
+  $("clone-traits").value = (clone?.traits ?? []).join(", ");
+  $("clone-prompt").value = clone?.system_prompt ?? "";
+  $("clone-memory").value = (clone?.memory ?? []).join("\n");
+  renderSliders(clone?.sliders ?? {});
+  $("save-clone").textContent = clone ? "Save changes" : "Create clone";
+  $("delete-clone").hidden = !clone;
+  $("clone-status").textContent = "";
+  loadClones();
+  $("clone-name").focus();
+}
+
+async function saveClone(event) {
+  event.preventDefault();
+  const sliders = {};
+  for (const input of $("sliders").querySelectorAll("input")) sliders[input.name] = Number(input.value);
+  const body = {
+    name: $("clone-name").value.trim(),
+    traits: $("clone-traits").value.split(",").map((t) => t.trim()).filter(Boolean),
+    system_prompt: $("clone-prompt").value,
+    sliders,
+    memory: $("clone-memory").value.split("\n").map((m) => m.trim()).filter(Boolean),
+  };
+  try {
+    const saved = state.editingClone
+      ? await api("PATCH", `/v1/clones/${state.editingClone.id}`, body)
+      : await api("POST", "/v1/clones", body);
+    state.editingClone = saved;
+    if (!state.cloneId) state.cloneId = saved.id;
+    await loadClones();
+    editClone(saved);
+    $("clone-status").textContent = `Saved ${saved.name}.`;
+  } catch (error) {
+    $("clone-status").textContent = `Could not save: ${error.message}`;
+  }
+}
+
+async function deleteClone() {
+  const clone = state.editingClone;
+  if (!clone || !confirm(`Delete ${clone.name} and all its conversations?`)) return;
+  try {
+    await api("DELETE", `/v1/clones/${clone.id}`);
+    if (state.cloneId === clone.id) { state.cloneId = null; state.conversationId = null; }
+    editClone(null);
+    $("clone-status").textContent = `Deleted ${clone.name}.`;
+    await loadClones();
+    await loadConversations();
+  } catch (error) {
+    $("clone-status").textContent = `Could not delete: ${error.message}`;
+  }
+}
+
+// ---------- conversations ----------
+
+async function loadConversations() {
+  const page = await api("GET", "/v1/conversations?limit=100");
+  const mine = page.conversations.filter((c) => c.clone === state.cloneId);
+  $("conversations").replaceChildren(...mine.map((c) => {
+    const li = document.createElement("li");
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = c.title || "Untitled";
+    if (c.id === state.conversationId) button.setAttribute("aria-current", "true");
+    button.onclick = () => showConversation(c.id);
+    li.append(button);
+    return li;
+  }));
+}
+
+async function showConversation(id) {
+  state.conversationId = id;
+  const list = $("messages");
+  list.replaceChildren();
+  loadConversations();
+  if (!id) return;
+  const page = await api("GET", `/v1/conversations/${id}/messages?limit=200`);
+  if (state.conversationId !== id) return;
+  const streaming = new Set([...state.streams.keys()]);
+  list.replaceChildren();
+  for (const m of page.messages) {
+    if (m.stream && streaming.has(m.stream)) continue;
+    const el = addBubble(list, { who: m.role === "user" ? state.user : cloneName(state.cloneId), text: m.text, kind: m.role });
+    el.dataset.message = m.id;
+    if (REASONS[m.reason]) addNote(el, REASONS[m.reason]);
+  }
+  // A reply still streaming into this conversation stays in place, at the end.
+  for (const s of state.streams.values()) if (s.conversation === id) list.append(s.el);
+}
+
+function sendChat(event) {
+  event.preventDefault();
+  const text = $("chat-text").value.trim();
+  if (!text || !state.cloneId) return;
+  $("banner").hidden = true;
+  const frame = { type: "chat.send", clone: state.cloneId, text };
+  if (state.conversationId) frame.conversation = state.conversationId;
+  if (request(frame, { newConversation: !state.conversationId })) {
+    addBubble($("messages"), { who: state.user, text, kind: "user" });
+    $("chat-text").value = "";
+  }
+}
+
+function stopStream() {
+  for (const [stream, s] of state.streams) {
+    if (!s.room && !s.ended && s.conversation === state.conversationId) request({ type: "chat.cancel", stream });
+  }
+}
+
+// ---------- scheduled messages ----------
+
+async function loadSchedules() {
+  const page = await api("GET", "/v1/schedules?limit=100");
+  $("schedule-list").replaceChildren(...page.schedules.map((s) => {
+    const li = document.createElement("li");
+    li.dataset.schedule = s.id;
+    li.dataset.status = s.status;
+    const what = document.createElement("span");
+    what.textContent = `${cloneName(s.clone)} · ${new Date(s.at).toLocaleString()} · ${s.text ?? `prompt: ${s.prompt}`} · ${s.status}`;
+    li.append(what);
+    if (s.status === "pending") {
+      const cancel = document.createElement("button");
+      cancel.type = "button";
+      cancel.className = "danger";
+      cancel.textContent = "Cancel";
+      cancel.setAttribute("aria-label", `Cancel the message from ${cloneName(s.clone)} at ${new Date(s.at).toLocaleString()}`);
+      cancel.onclick = () => request({ type: "schedule.cancel", schedule: s.id });
+      li.append(cancel);
+    }
+    return li;
+  }));
+}
+
+function createSchedule(event) {
+  event.preventDefault();
+  const frame = { type: "schedule.create", clone: $("schedule-clone").value, delay_ms: Number($("schedule-delay").value) * 1000 };
+  frame[$("schedule-kind").value] = $("schedule-text").value;
+  request(frame);
+  $("schedule-status").textContent = "Scheduled.";
+}
+
+function onDelivery(frame) {
+  if (state.deliveries.has(frame.schedule)) return;
+  state.deliveries.add(frame.schedule);
+  if (frame.conversation === state.conversationId && !$("messages").querySelector(`[data-message="${CSS.escape(frame.message.id)}"]`)) {
+    const el = addBubble($("messages"), { who: cloneName(state.cloneId), text: frame.message.text, kind: "assistant" });
+    el.dataset.message = frame.message.id;
+  }
+  $("schedule-status").textContent = `A scheduled message arrived: “${frame.message.text.slice(0, 80)}”`;
+  loadSchedules();
+  loadConversations();
+}
+
+// ---------- rooms ----------
+
+function renderDebaters() {
+  $("debate-clones").replaceChildren(...state.clones.map((c, i) => {
+    const div = document.createElement("div");
+    div.className = "debater";
+    const check = document.createElement("input");
+    check.type = "checkbox"; check.id = `debater-${i}`; check.value = c.id; check.checked = i < 2;
+    const label = document.createElement("label");
+    label.htmlFor = check.id;
+    label.textContent = c.name;
+    const stance = document.createElement("input");
+    stance.type = "text"; stance.placeholder = "stance"; stance.dataset.clone = c.id;
+    stance.setAttribute("aria-label", `${c.name}'s stance`);
+    stance.value = i === 0 ? "for" : i === 1 ? "against" : "";
+    div.append(check, label, stance);
+    return div;
+  }));
+}
+
+async function createDebate(event) {
+  event.preventDefault();
+  const clones = [...$("debate-clones").querySelectorAll("input[type=checkbox]:checked")].map((check) => ({
+    clone: check.value,
+    stance: $("debate-clones").querySelector(`input[data-clone="${CSS.escape(check.value)}"]`).value || "undecided",
+  }));
+  try {
+    const room = await api("POST", "/v1/rooms", {
+      kind: "debate", topic: $("debate-topic").value, clones, rounds: Number($("debate-rounds").value),
+      turn_policy: $("debate-policy").value, max_tokens_per_turn: Number($("debate-tokens").value),
+      visibility: $("debate-public").checked ? "link" : "private",
+    });
+    joinRoom(room.id);
+  } catch (error) {
+    showBanner(`Could not create the debate: ${error.message}`);
+  }
+}
+
+async function createTranslation(event) {
+  event.preventDefault();
+  const members = $("translation-members").value.split(",").map((m) => m.trim()).filter(Boolean);
+  const language = $("translation-language").value;
+  try {
+    const room = await api("POST", "/v1/rooms", { kind: "translation", members, languages: { [state.user]: language } });
+    joinRoom(room.id, language);
+  } catch (error) {
+    showBanner(`Could not create the chat: ${error.message}`);
+  }
+}
+
+function joinRoom(id, language) {
+  const frame = { type: "room.join", room: id };
+  if (language) frame.language = language;
+  request(frame, { room: id, language });
+  $("join-room").value = id;
+}
+
+function onRoomState(frame) {
+  const language = state.pending.get(frame.ref)?.language ?? state.room?.language;
+  for (const [stream, s] of state.streams) if (s.room) state.streams.delete(stream);
+  state.room = { room: frame.room, members: frame.members, language };
+  const room = frame.room;
+  $("room").hidden = false;
+  $("room-title").textContent = room.kind === "debate" ? `Debate: ${room.topic}` : "Translation chat";
+  renderRoomMeta();
+  $("room-controls").hidden = !(room.kind === "debate" && room.moderator === state.user);
+  const log = $("room-log");
+  log.replaceChildren();
+  for (const entry of frame.transcript) addEntry(entry);
+}
+
+function renderRoomMeta() {
+  const { room, members } = state.room;
+  const status = room.status ? ` · ${room.status}` : "";
+  $("room-meta").textContent = `Room ${room.id}${status} · here: ${members.join(", ")}`;
+  $("room-meta").dataset.status = room.status ?? "";
+}
+
+function addEntry(entry) {
+  const who = entry.clone ? cloneName(entry.clone) : entry.user === state.user ? "you" : entry.user;
+  const el = addBubble($("room-log"), { who, text: entry.text, kind: entry.user === state.user ? "user" : "clone" });
+  el.dataset.entry = entry.id;
+  if (entry.untranslated) addNote(el, "not translated");
+  if (entry.interrupted) addNote(el, "cut short");
+}
+
+function onRoomEvent(frame) {
+  if (!state.room || frame.room !== state.room.room.id) return;
+  const log = $("room-log");
+  const room = state.room.room;
+  switch (frame.event) {
+    case "said": return addEntry(frame.entry);
+    case "joined": if (!state.room.members.includes(frame.user)) state.room.members.push(frame.user); break;
+    case "left": state.room.members = state.room.members.filter((m) => m !== frame.user); break;
+    case "started": case "resumed": room.status = "running"; break;
+    case "paused": room.status = "paused"; break;
+    case "ended": room.status = "ended"; break;
+  }
+  const text = {
+    joined: `${frame.user} joined`, left: `${frame.user} left`, started: `${frame.by} started the debate`,
+    paused: frame.reason === "insufficient_credits" ? "paused: the moderator is out of credits" : `${frame.by} paused`,
+    resumed: `${frame.by} resumed`, next: `${frame.by} moved to the next turn`, turn: `turn ${frame.turn}: ${cloneName(frame.clone)}`,
+    muted: `${frame.by} muted ${frame.clone ? cloneName(frame.clone) : frame.user}`,
+    unmuted: `${frame.by} unmuted ${frame.clone ? cloneName(frame.clone) : frame.user}`, kicked: `${frame.by} removed ${frame.user}`,
+    ended: frame.reason === "rounds_done" ? "the debate is over" : "the room ended",
+  }[frame.event];
+  if (text) addEvent(log, text);
+  renderRoomMeta();
+}
+
+function sayInRoom(event) {
+  event.preventDefault();
+  const text = $("room-text").value.trim();
+  if (!text || !state.room) return;
+  if (request({ type: "room.say", room: state.room.room.id, text })) $("room-text").value = "";
+}
+
+function leaveRoom() {
+  if (!state.room) return;
+  request({ type: "room.leave", room: state.room.room.id });
+  state.room = null;
+  $("room").hidden = true;
+}
+
+// ---------- signing in ----------
+
+async function signIn(token) {
+  state.token = token;
+  try {
+    const credits = await api("GET", "/v1/credits?limit=1");
+    setCredits(credits.balance);
+  } catch (error) {
+    state.token = null;
+    sessionStorage.removeItem("parley.token");
+    $("signin-error").textContent = error.status === 401 ? "That token was not accepted (expired or from another server)." : error.message;
+    return;
+  }
+  sessionStorage.setItem("parley.token", token);
+  state.user = JSON.parse(atob(token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/"))).sub;
+  $("user-name").textContent = state.user;
+  $("signin").hidden = true;
+  $("app").hidden = false;
+  socket.connect();
+  await loadClones();
+  editClone(null);
+  await loadConversations();
+  show(state.clones.length ? "chat" : "clones");
+}
+
+function signOut() {
+  socket.close();
+  sessionStorage.removeItem("parley.token");
+  location.reload();
+}
+
+async function start() {
+  fillSelect($("join-language"), [["", "(unchanged)"], ...LANGUAGES], "");
+  fillSelect($("translation-language"), LANGUAGES, "en");
+  renderSliders();
+  for (const button of document.querySelectorAll("nav button")) button.onclick = () => show(button.dataset.view);
+  $("token-form").onsubmit = (event) => { event.preventDefault(); signIn($("token-input").value.trim()); };
+  $("dev-form").onsubmit = async (event) => {
+    event.preventDefault();
+    try {
+      const response = await fetch("/v1/dev/token", { method: "POST", headers: { "Content-Type": "application/json" },
+                                                      body: JSON.stringify({ user: $("dev-user").value.trim() }) });
+      const json = await response.json();
+      if (!response.ok) throw new Error(json.error?.message ?? response.statusText);
+      signIn(json.token);
+    } catch (error) {
+      $("signin-error").textContent = error.message;
+    }
+  };
+  $("sign-out").onclick = signOut;
+  $("chat-clone").onchange = () => { state.cloneId = $("chat-clone").value; showConversation(null); };
+  $("new-conversation").onclick = () => { showConversation(null); $("chat-text").focus(); };
+  $("chat-form").onsubmit = sendChat;
+  $("chat-text").onkeydown = (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) { event.preventDefault(); $("chat-form").requestSubmit(); }
+  };
+  $("stop").onclick = stopStream;
+  $("new-clone").onclick = () => editClone(null);
+  $("clone-form").onsubmit = saveClone;
+  $("delete-clone").onclick = deleteClone;
+  $("schedule-form").onsubmit = createSchedule;
+  $("join-form").onsubmit = (event) => { event.preventDefault(); joinRoom($("join-room").value.trim(), $("join-language").value || undefined); };
+  $("debate-form").onsubmit = createDebate;
+  $("translation-form").onsubmit = createTranslation;
+  $("room-form").onsubmit = sayInRoom;
+  $("leave-room").onclick = leaveRoom;
+  for (const button of $("room-controls").querySelectorAll("button")) {
+    button.onclick = () => request({ type: "room.control", room: state.room.room.id, action: button.dataset.control });
+  }
+
+  const info = await fetch("/v1/info").then((r) => r.json()).catch(() => ({}));
+  $("dev-form").hidden = !info.dev;
+  if (state.token) await signIn(state.token);
+  if (!state.user) { $("signin").hidden = false; $("signin-title").focus(); }
+}
+
+start();

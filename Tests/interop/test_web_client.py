@@ -1,0 +1,354 @@
+"""The browser client served at `/`, driven in Debian's Chromium (headless) by Playwright: sign
+in, clones, a streamed reply, stop, a dropped connection resumed mid-stream, a debate watched
+from two browsers, a translation chat, scheduled messages, labels and a phone-width screen.
+Screenshots land in $PARLEY_TEST_OUTPUT (default test-output/)/web-client."""
+import asyncio
+import os
+import pathlib
+import shutil
+import subprocess
+import threading
+import urllib.request
+
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+from conftest import BINARY, ROOT, Server
+
+OUT = pathlib.Path(os.environ.get("PARLEY_TEST_OUTPUT", ROOT / "test-output")) / "web-client"
+WAIT = 15_000  # ms: the longest any step may take
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is installed by scripts/setup.sh --test"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def web(data_dir):
+    # Replies of 50 tokens at 25 a second: two seconds to catch them mid-stream.
+    server = Server(data_dir, "--dev", "--sim-ttft-ms", "100", "--sim-tokens-per-sec", "25", "--sim-reply-tokens", "50")
+    yield server
+    assert server.stop() == 0
+
+
+class Proxy:
+    """A TCP relay in front of the server that can cut every connection at once, the way a
+    network drop does (the browser sees 1006, not a close handshake)."""
+
+    def __init__(self, port):
+        self.target = port
+        self.accepted = 0
+        self.writers = set()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(asyncio.start_server(self.handle, "127.0.0.1", 0), self.loop).result()
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def handle(self, reader, writer):
+        self.accepted += 1
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        self.writers |= {writer, up_writer}
+
+        async def pipe(src, dst):
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def sever(self):
+        async def cut():
+            for writer in list(self.writers):
+                writer.transport.abort()
+            self.writers.clear()
+        asyncio.run_coroutine_threadsafe(cut(), self.loop).result()
+
+    def close(self):
+        self.sever()
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def sign_in(page, base, user):
+    page.goto(base + "/")
+    page.get_by_label("Your name").fill(user)
+    page.get_by_role("button", name="Dev sign-in").click()
+    expect(page.locator("#user-name")).to_have_text(user, timeout=WAIT)
+    expect(page.locator("#connection")).to_have_text("connected", timeout=WAIT)
+
+
+def make_clone_in_ui(page, name, traits="curious, kind"):
+    page.get_by_role("button", name="Clones").click()
+    page.get_by_role("button", name="New clone").click()
+    page.get_by_label("Name", exact=True).fill(name)
+    page.get_by_label("Traits").fill(traits)
+    page.get_by_label("System prompt").fill(f"You are {name}.")
+    page.get_by_label("Memory entries").fill("Likes tea\nLives by the sea")
+    page.get_by_role("button", name="Create clone").click()
+    expect(page.locator("#clone-status")).to_have_text(f"Saved {name}.", timeout=WAIT)
+
+
+def assistant(page):
+    return page.locator("#messages li.assistant").last
+
+
+def send(page, text):
+    page.get_by_label("Message", exact=True).fill(text)
+    page.get_by_label("Message", exact=True).press("Enter")  # Enter sends
+
+
+def stored_reply(server, token):
+    status, page = server.http("GET", "/v1/conversations?limit=1", token)
+    assert status == 200 and page["conversations"], page
+    status, messages = server.http("GET", f"/v1/conversations/{page['conversations'][0]['id']}/messages", token)
+    return [m for m in messages["messages"] if m["role"] == "assistant"][-1]
+
+
+def test_sign_in_create_a_clone_and_see_a_reply_stream_in(web, browser):
+    page = browser.new_page()
+    sign_in(page, web.base, "ada")
+    expect(page.locator("#credits")).to_have_text("10000 credits")
+    make_clone_in_ui(page, "Socrates")
+    status, clones = web.http("GET", "/v1/clones", web.token("ada"))
+    assert [(c["name"], c["traits"], c["memory"]) for c in clones["clones"]] == [("Socrates", ["curious", "kind"], ["Likes tea", "Lives by the sea"])]
+
+    page.get_by_role("button", name="Chat").click()
+    send(page, "What is virtue?")
+    expect(page.locator("#messages li.user")).to_have_text("ada" + "What is virtue?")
+    reply = assistant(page)
+    # Seen mid-stream: some tokens shown, more to come, the Stop button offered.
+    expect(reply).to_have_attribute("aria-busy", "true", timeout=WAIT)
+    page.wait_for_function("() => Number(document.querySelector('#messages li.assistant')?.dataset.seq) >= 3", timeout=WAIT)
+    partial = reply.locator(".text").inner_text()
+    expect(page.get_by_role("button", name="Stop")).to_be_visible()
+    expect(reply).to_have_attribute("data-reason", "complete", timeout=WAIT)
+    final = reply.locator(".text").inner_text()
+    assert len(final) > len(partial) > 0 and final.startswith(partial)
+    expect(page.get_by_role("button", name="Stop")).to_be_hidden()
+
+    token = web.token("ada")
+    assert stored_reply(web, token)["text"] == final
+    balance = web.http("GET", "/v1/credits", token)[1]["balance"]
+    assert balance < 10000
+    expect(page.locator("#credits")).to_have_text(f"{balance} credits")
+    expect(page.locator("#conversations li")).to_have_count(1)
+    OUT.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(OUT / "chat.png"), full_page=True)
+    page.close()
+
+
+def test_a_pasted_token_signs_in_and_a_bad_one_is_refused(web, browser):
+    page = browser.new_page()
+    page.goto(web.base + "/")
+    page.get_by_label("Paste your token").fill("not-a-token")
+    page.get_by_role("button", name="Sign in", exact=True).click()
+    expect(page.get_by_role("alert").first).to_contain_text("not accepted")
+    page.get_by_label("Paste your token").fill(web.token("bob"))
+    page.get_by_role("button", name="Sign in", exact=True).click()
+    expect(page.locator("#user-name")).to_have_text("bob", timeout=WAIT)
+    page.close()
+
+
+def test_dev_sign_in_is_off_without_dev(data_dir, browser):
+    server = Server(data_dir)
+    try:
+        page = browser.new_page()
+        page.goto(server.base + "/")
+        expect(page.get_by_label("Paste your token")).to_be_visible()
+        expect(page.get_by_role("button", name="Dev sign-in")).to_be_hidden()
+        status, body = server.http("POST", "/v1/dev/token", body={"user": "mallory"})
+        assert status == 404 and body["error"]["code"] == "not_found"
+        page.close()
+    finally:
+        assert server.stop() == 0
+
+
+def test_stop_ends_the_stream_and_keeps_the_partial_reply(web, browser):
+    page = browser.new_page()
+    sign_in(page, web.base, "cy")
+    make_clone_in_ui(page, "Hypatia")
+    page.get_by_role("button", name="Chat").click()
+    send(page, "Tell me everything")
+    page.wait_for_function("() => Number(document.querySelector('#messages li.assistant')?.dataset.seq) >= 3", timeout=WAIT)
+    page.get_by_role("button", name="Stop").click()
+    reply = assistant(page)
+    expect(reply).to_have_attribute("data-reason", "cancelled", timeout=WAIT)
+    expect(reply.locator(".note")).to_have_text("stopped")
+    stored = stored_reply(web, web.token("cy"))
+    assert stored["reason"] == "cancelled" and stored["text"] == reply.locator(".text").inner_text()
+    assert 3 <= stored["usage"]["output_tokens"] < 50
+    page.close()
+
+
+def test_a_dropped_connection_resumes_the_stream_without_loss_or_duplication(web, browser):
+    proxy = Proxy(web.port)
+    try:
+        page = browser.new_page()
+        sign_in(page, f"http://127.0.0.1:{proxy.port}", "dee")
+        make_clone_in_ui(page, "Ada")
+        page.get_by_role("button", name="Chat").click()
+        send(page, "Count for me")
+        page.wait_for_function("() => Number(document.querySelector('#messages li.assistant')?.dataset.seq) >= 5", timeout=WAIT)
+        before = proxy.accepted
+        cut_at = int(assistant(page).get_attribute("data-seq"))
+        proxy.sever()
+        reply = assistant(page)
+        expect(reply).to_have_attribute("data-reason", "complete", timeout=WAIT)
+        expect(page.locator("#connection")).to_have_text("connected")
+        assert proxy.accepted > before, "the browser connected again"
+        assert cut_at < 50, "the stream was cut mid-way"
+        stored = stored_reply(web, web.token("dee"))
+        assert reply.locator(".text").inner_text() == stored["text"], "every token once, in order"
+        assert reply.get_attribute("data-seq") == "50"
+        expect(page.locator("#messages li.assistant")).to_have_count(1)
+        page.close()
+    finally:
+        proxy.close()
+
+
+def test_a_debate_watched_from_two_browsers(web, browser):
+    token = web.token("mod")
+    for name in ("Plato", "Aristotle"):
+        assert web.http("POST", "/v1/clones", token, {"name": name, "traits": ["sharp"]})[0] == 201
+    moderator, viewer = browser.new_context(), browser.new_context()
+    a, b = moderator.new_page(), viewer.new_page()
+    sign_in(a, web.base, "mod")
+    a.get_by_role("button", name="Rooms").click()
+    a.get_by_label("Topic").fill("Is cheese a dessert?")
+    a.get_by_label("Rounds").fill("1")
+    a.get_by_label("Tokens per turn").fill("20")
+    a.get_by_role("button", name="Create debate").click()
+    expect(a.locator("#room-title")).to_have_text("Debate: Is cheese a dessert?", timeout=WAIT)
+    room = a.get_by_label("Room id", exact=True).input_value()
+    assert room.startswith("rm_")
+
+    sign_in(b, web.base, "viewer")
+    b.get_by_role("button", name="Rooms").click()
+    b.get_by_label("Room id", exact=True).fill(room)
+    b.get_by_role("button", name="Join", exact=True).click()
+    expect(b.locator("#room-title")).to_have_text("Debate: Is cheese a dessert?", timeout=WAIT)
+    expect(b.locator("#room-controls")).to_be_hidden()  # only the moderator moderates
+    expect(a.locator("#room-log")).to_contain_text("viewer joined", timeout=WAIT)
+
+    a.get_by_role("button", name="Start").click()
+    for page in (a, b):
+        expect(page.locator("#room-log li.clone[data-reason=complete]")).to_have_count(2, timeout=WAIT)
+        expect(page.locator("#room-log")).to_contain_text("the debate is over", timeout=WAIT)
+    turns = [[t.inner_text() for t in page.locator("#room-log li.clone .text").all()] for page in (a, b)]
+    assert turns[0] == turns[1] and all(turns[0]), "one stream, fanned out to both"
+    assert [t.inner_text() for t in b.locator("#room-log li.clone .who").all()] == ["Plato", "Aristotle"]
+
+    b.get_by_label("Interject").fill("Cheese is a course of its own")
+    b.get_by_role("button", name="Say").click()
+    expect(a.locator("#room-log")).to_contain_text("Cheese is a course of its own", timeout=WAIT)
+    moderator.close()
+    viewer.close()
+
+
+def test_a_translation_chat_reads_in_each_members_language(web, browser):
+    owner, member = browser.new_context(), browser.new_context()
+    a, b = owner.new_page(), member.new_page()
+    sign_in(a, web.base, "ana")
+    a.get_by_role("button", name="Rooms").click()
+    a.get_by_label("Members").fill("bruno")
+    a.locator("#translation-language").select_option("en")
+    a.get_by_role("button", name="Create translation chat").click()
+    expect(a.locator("#room-title")).to_have_text("Translation chat", timeout=WAIT)
+    room = a.get_by_label("Room id", exact=True).input_value()
+
+    sign_in(b, web.base, "bruno")
+    b.get_by_role("button", name="Rooms").click()
+    b.get_by_label("Room id", exact=True).fill(room)
+    b.get_by_label("Your language (translation chats)").select_option("pt-BR")
+    b.get_by_role("button", name="Join", exact=True).click()
+    expect(b.locator("#room-title")).to_have_text("Translation chat", timeout=WAIT)
+
+    a.get_by_label("Interject").fill("Good morning")
+    a.get_by_role("button", name="Say").click()
+    # The simulated provider labels its stand-in translation.
+    expect(b.locator("#room-log li.clone[data-reason=complete] .text")).to_have_text("[simulated pt-BR translation] Good morning", timeout=WAIT)
+    expect(a.locator("#room-log li.user .text")).to_have_text("Good morning")
+    owner.close()
+    member.close()
+
+
+def test_scheduled_messages_are_created_listed_cancelled_and_delivered(web, browser):
+    token = web.token("sam")
+    assert web.http("POST", "/v1/clones", token, {"name": "Clock"})[0] == 201
+    page = browser.new_page()
+    sign_in(page, web.base, "sam")
+    page.get_by_role("button", name="Schedules").click()
+    page.get_by_label("In how many seconds").fill("3600")
+    page.get_by_label("Text or prompt").fill("Much later")
+    page.get_by_role("button", name="Schedule", exact=True).click()
+    later = page.locator("#schedule-list li[data-status=pending]")
+    expect(later).to_have_count(1, timeout=WAIT)
+    page.get_by_role("button", name="Cancel the message from Clock").click()
+    expect(page.locator("#schedule-list li[data-status=cancelled]")).to_have_count(1, timeout=WAIT)
+
+    page.get_by_label("In how many seconds").fill("1")
+    page.get_by_label("Text or prompt").fill("Wake up")
+    page.get_by_role("button", name="Schedule", exact=True).click()
+    expect(page.locator("#schedule-status")).to_contain_text("Wake up", timeout=WAIT)
+    expect(page.locator("#schedule-list li[data-status=delivered]")).to_have_count(1, timeout=WAIT)
+    page.close()
+
+
+def test_every_control_has_a_label_and_a_phone_screen_does_not_scroll_sideways(web, browser):
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True)
+    page = context.new_page()
+    sign_in(page, web.base, "pia")
+    make_clone_in_ui(page, "Pocket")
+    unlabeled_js = """() => [...document.querySelectorAll('input, select, textarea')]
+        .filter((el) => el.offsetParent !== null && !el.labels?.length && !el.getAttribute('aria-label'))
+        .map((el) => el.id || el.outerHTML)"""
+    for view in ("Chat", "Clones", "Rooms", "Schedules"):
+        page.get_by_role("button", name=view, exact=True).click()
+        # The view's heading takes the focus, so a screen reader announces where it is.
+        assert page.evaluate("() => document.activeElement.tagName") == "H1"
+        assert page.evaluate(unlabeled_js) == [], view
+        assert page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth"), f"{view} scrolls sideways"
+    page.get_by_role("button", name="Chat", exact=True).click()
+    send(page, "Hello from a phone")
+    expect(assistant(page)).to_have_attribute("data-reason", "complete", timeout=WAIT)
+    assert page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth")
+    OUT.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(OUT / "chat-phone.png"), full_page=True)
+    context.close()
+
+
+def test_the_client_is_served_with_strict_headers_and_dev_tokens_work(web):
+    with urllib.request.urlopen(web.base + "/", timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/html")
+        csp = response.headers["Content-Security-Policy"]
+        assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+    with urllib.request.urlopen(web.base + "/app.js", timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/javascript") and b"stream.resume" in response.read()
+    assert web.http("GET", "/v1/info") == (200, {"protocol": 1, "dev": True, "models": ["simulated"]})
+
+    status, minted = web.http("POST", "/v1/dev/token", body={"user": "zoe"})
+    assert status == 201 and minted["user"] == "zoe" and minted["expires_in"] == 12 * 3600
+    assert web.http("GET", "/v1/clones", minted["token"]) == (200, {"clones": []})
+    status, body = web.http("POST", "/v1/dev/token", body={"user": "no spaces"})
+    assert status == 400 and body["error"]["code"] == "bad_request"
+    status, body = web.http("POST", "/v1/dev/token", body={"user": "zoe", "role": "admin"})
+    assert status == 400, "no role can be minted"
+
+    # --dev on an address others can reach is refused at start-up.
+    result = subprocess.run([str(BINARY), "serve", "--dev", "--host", "0.0.0.0", "--port", "0", "--data-dir", str(web.data_dir)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0 and "loopback" in result.stderr
