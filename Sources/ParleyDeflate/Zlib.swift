@@ -16,6 +16,30 @@ public enum InflateError: Error, Equatable, CustomStringConvertible {
     }
 }
 
+/// A `z_stream` and the byte count its allocation hooks keep, at addresses that stay put for as
+/// long as zlib holds them; `end` (deflateEnd or inflateEnd) frees zlib's state with it.
+private final class ZStream {
+    let stream: UnsafeMutablePointer<z_stream>
+    let held: UnsafeMutablePointer<Int>
+    private let end: (UnsafeMutablePointer<z_stream>) -> Int32
+
+    init(end: @escaping (UnsafeMutablePointer<z_stream>) -> Int32) {
+        self.end = end
+        stream = .allocate(capacity: 1)
+        stream.initialize(to: z_stream())
+        held = .allocate(capacity: 1)
+        held.initialize(to: 0)
+        parley_zstream_prepare(stream, held)
+    }
+
+    deinit {
+        _ = end(stream)
+        stream.deinitialize(count: 1)
+        stream.deallocate()
+        held.deallocate()
+    }
+}
+
 /// The tail every message's sync flush ends with; RFC 7692 section 7.2.1 strips it on the wire
 /// and section 7.2.2 puts it back before decompressing.
 private let syncFlushTail: [UInt8] = [0x00, 0x00, 0xFF, 0xFF]
@@ -23,8 +47,8 @@ private let syncFlushTail: [UInt8] = [0x00, 0x00, 0xFF, 0xFF]
 /// One zlib raw-DEFLATE compressor for one socket's outbound messages (RFC 7692). Owns its
 /// `z_stream` and the memory zlib allocates for it; not thread-safe: one event loop uses it.
 public final class Deflater {
-    private let stream: UnsafeMutablePointer<z_stream>
-    private let held: UnsafeMutablePointer<Int>
+    private let z = ZStream(end: deflateEnd)
+    private var stream: UnsafeMutablePointer<z_stream> { z.stream }
     /// Whether each message starts from an empty window (`server_no_context_takeover`).
     public let resetsEachMessage: Bool
 
@@ -34,26 +58,14 @@ public final class Deflater {
     ///     messages this small (measured on token frames) and holds 7 KiB less per socket than 4.
     public init(level: Int32 = 6, windowBits: Int, memoryLevel: Int32 = 1, resetsEachMessage: Bool) {
         precondition((9...15).contains(windowBits) && (1...9).contains(memoryLevel) && (0...9).contains(level))
-        stream = .allocate(capacity: 1)
-        stream.initialize(to: z_stream())
-        held = .allocate(capacity: 1)
-        held.initialize(to: 0)
         self.resetsEachMessage = resetsEachMessage
-        parley_zstream_prepare(stream, held)
         // Fails only when memory is exhausted, which a server cannot carry on from anyway.
-        let rc = parley_deflate_init(stream, level, Int32(windowBits), memoryLevel)
+        let rc = parley_deflate_init(z.stream, level, Int32(windowBits), memoryLevel)
         precondition(rc == Z_OK, "deflateInit2 failed: \(rc)")
     }
 
-    deinit {
-        deflateEnd(stream)
-        stream.deinitialize(count: 1)
-        stream.deallocate()
-        held.deallocate()
-    }
-
     /// Bytes zlib currently holds for this compressor.
-    public var heldBytes: Int { held.pointee }
+    public var heldBytes: Int { z.held.pointee }
 
     /// Compresses one whole message: its DEFLATE blocks ending in a sync flush, without the
     /// flush's 00 00 FF FF tail (RFC 7692 section 7.2.1).
@@ -85,8 +97,8 @@ public final class Deflater {
 /// its window from one message to the next (context takeover) for as long as it lives. Owns its
 /// `z_stream`; decompresses at most `limit` bytes per message, so a bomb costs at most the limit.
 public final class Inflater {
-    private let stream: UnsafeMutablePointer<z_stream>
-    private let held: UnsafeMutablePointer<Int>
+    private let z = ZStream(end: inflateEnd)
+    private var stream: UnsafeMutablePointer<z_stream> { z.stream }
     public let limit: Int
     /// Bytes produced so far for the current message.
     public private(set) var produced = 0
@@ -94,23 +106,11 @@ public final class Inflater {
     /// - Parameter windowBits: the largest window the peer may use; 15 decompresses any.
     public init(limit: Int, windowBits: Int = 15) {
         self.limit = limit
-        stream = .allocate(capacity: 1)
-        stream.initialize(to: z_stream())
-        held = .allocate(capacity: 1)
-        held.initialize(to: 0)
-        parley_zstream_prepare(stream, held)
-        let rc = parley_inflate_init(stream, Int32(windowBits))
+        let rc = parley_inflate_init(z.stream, Int32(windowBits))
         precondition(rc == Z_OK, "inflateInit2 failed: \(rc)")
     }
 
-    deinit {
-        inflateEnd(stream)
-        stream.deinitialize(count: 1)
-        stream.deallocate()
-        held.deallocate()
-    }
-
-    public var heldBytes: Int { held.pointee }
+    public var heldBytes: Int { z.held.pointee }
 
     /// Decompresses one fragment of the message into `out`; `final` for the last, which gets the
     /// stripped 00 00 FF FF tail back first.
