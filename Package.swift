@@ -22,6 +22,8 @@ let package = Package(
         .package(url: "https://github.com/vapor/jwt-kit.git", from: "5.7.1"),
         .package(url: "https://github.com/apple/swift-crypto.git", "4.0.0"..<"5.0.0"),
         .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
+        // The Prometheus backend behind GET /metrics (the executable bootstraps it).
+        .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
         // Only for the timer benchmark's binary-heap baseline.
         .package(url: "https://github.com/apple/swift-collections.git", from: "1.6.0"),
         // HTTP for the real LLM providers (OpenAI-compatible, Anthropic).
@@ -61,6 +63,7 @@ let package = Package(
             name: "ParleyStore",
             dependencies: [
                 "ParleyCore", "CSQLite",
+                .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
             ],
@@ -71,6 +74,7 @@ let package = Package(
             name: "ParleyMongoStore",
             dependencies: [
                 "ParleyCore", "ParleyStore", "CMongo",
+                .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
             ],
@@ -112,6 +116,8 @@ let package = Package(
             dependencies: [
                 "ParleyServer", "ParleyCore", "ParleyLLM", "ParleyProviders", "ParleyDeflate",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict

@@ -1,4 +1,5 @@
 import CMongo
+import CoreMetrics
 import Foundation
 import NIOCore
 import NIOPosix
@@ -19,6 +20,8 @@ public final class MongoStore: Store {
         /// Delay before the first retry; doubled for each further one.
         public var backoff: Duration = .milliseconds(25)
         public var serverSelectionTimeoutMS: Int32 = 5_000
+        /// Where `parley_store_seconds{store="mongodb"}` goes.
+        public var metrics: any MetricsFactory = MetricsSystem.factory
 
         public init() {}
     }
@@ -29,10 +32,13 @@ public final class MongoStore: Store {
     private let threads: NIOThreadPool
     private let options: Options
     private let closed = Atomic(false)
+    /// Each call from asking to its answer, retries included.
+    private let latency: CoreMetrics.Timer
 
     public var database: String { pool.database }
 
     private init(pool: MongoClientPool, threads: NIOThreadPool, options: Options) {
+        latency = CoreMetrics.Timer(label: "parley_store_seconds", dimensions: [("store", "mongodb")], preferredDisplayUnit: .seconds, factory: options.metrics)
         self.pool = pool
         self.threads = threads
         self.options = options
@@ -75,6 +81,8 @@ public final class MongoStore: Store {
     func run<T: Sendable>(_ body: @escaping @Sendable (Database) throws -> T) async throws -> T {
         guard !closed.load(ordering: .acquiring) else { throw StoreError.closed }
         let db = Database(pool: pool, options: options)
+        let started = NIODeadline.now()
+        defer { latency.recordNanoseconds((NIODeadline.now() - started).nanoseconds) }
         do {
             return try await threads.runIfActive { try body(db) }
         } catch is NIOThreadPoolError.ThreadPoolInactive {

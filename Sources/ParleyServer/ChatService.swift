@@ -13,6 +13,7 @@ final class ChatService: Sendable {
     let provider: any LLMProvider
     let hub: StreamHub
     let configuration: ServerConfiguration
+    let streamMetrics: StreamMetrics
     let logger: Logger
     let ids: IDGenerator
     private let allocator = ByteBufferAllocator()
@@ -31,6 +32,7 @@ final class ChatService: Sendable {
         self.provider = provider
         self.hub = hub
         self.configuration = configuration
+        streamMetrics = StreamMetrics(factory: configuration.metrics)
         self.logger = logger
         self.ids = ids
     }
@@ -188,7 +190,8 @@ final class ChatService: Sendable {
 
             let live = LiveStream(
                 id: streamID, owner: user, conversation: conversation.id, clone: clone.id, model: model,
-                bufferCapacity: configuration.resumeBufferTokens, subscribers: hub.connections(of: user)
+                bufferCapacity: configuration.resumeBufferTokens, subscribers: hub.connections(of: user),
+                metrics: streamMetrics
             )
             live.start(allocator.buffer(bytes: live.startFrame(ref: ref)))
             hub.register(live)
@@ -302,9 +305,9 @@ final class ChatService: Sendable {
         if live.room != nil {
             // Others in the room see the stream end, not what it cost its payer or their balance.
             live.finish(allocator.buffer(bytes: ServerFrame.streamEnd(stream: live.id, reason: reason, usage: usage, message: storedID, cost: nil, balance: nil)),
-                        ownerFrame: end)
+                        ownerFrame: end, reason: reason)
         } else {
-            live.finish(end)
+            live.finish(end, reason: reason)
         }
         hub.ended(live)
         hub.release(user: live.owner, conversation: live.conversation)

@@ -1,3 +1,4 @@
+import CoreMetrics
 import NIOCore
 import NIOWebSocket
 import ParleyCore
@@ -17,11 +18,14 @@ public final class ClientConnection: Sendable {
     public let identity: Identity
     let channel: any Channel
     let maxQueuedBytes: Int
+    /// Counts sockets cut off as too slow (`parley_slow_reader_disconnects_total`).
+    private let slowReaderCutOffs: Counter?
     /// Bytes handed to `send` off the event loop and not yet given to NIO.
     private let inTransit = Atomic<Int>(0)
     private let cutOff = Atomic<Bool>(false)
 
-    init(id: String, identity: Identity, channel: any Channel, maxQueuedBytes: Int = 4 * 1024 * 1024) {
+    init(id: String, identity: Identity, channel: any Channel, maxQueuedBytes: Int = 4 * 1024 * 1024, slowReaderCutOffs: Counter? = nil) {
+        self.slowReaderCutOffs = slowReaderCutOffs
         self.id = id
         self.identity = identity
         self.channel = channel
@@ -67,6 +71,7 @@ public final class ClientConnection: Sendable {
     /// whether or not the peer read it: a peer that stopped reading must not keep the memory.
     func cutOffSlowReader() {
         guard !cutOff.exchange(true, ordering: .relaxed) else { return }
+        slowReaderCutOffs?.increment()
         var data = channel.allocator.buffer(capacity: 64)
         data.write(webSocketErrorCode: .policyViolation)
         data.writeString("too slow: more than \(maxQueuedBytes) bytes were waiting; reconnect to catch up")
@@ -103,7 +108,8 @@ public final class ClientConnection: Sendable {
 /// socket: the frame is handed to each loop once, and that loop writes it to all of its sockets.
 /// Per socket, frames keep the order they were sent in (each loop runs its tasks in order).
 enum FanOut {
-    static func send(_ frame: ByteBuffer, to connections: [ClientConnection]) {
+    /// `delay`, when given, records how long each loop took to get to the frame and write it.
+    static func send(_ frame: ByteBuffer, to connections: [ClientConnection], delay: Timer? = nil) {
         if connections.count <= 1 {
             connections.first?.send(frame)
             return
@@ -113,9 +119,11 @@ enum FanOut {
             let loop = connection.channel.eventLoop
             byLoop[ObjectIdentifier(loop), default: (loop, [])].members.append(connection)
         }
+        let sent = delay == nil ? 0 : NIODeadline.now().uptimeNanoseconds
         for (loop, members) in byLoop.values {
             loop.execute {
                 for member in members { member.send(frame) }
+                delay?.recordNanoseconds(Int64(NIODeadline.now().uptimeNanoseconds - sent))
             }
         }
     }

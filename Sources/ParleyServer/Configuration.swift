@@ -89,6 +89,9 @@ public struct ServerConfiguration: Sendable {
     public var models = [SimulatedProvider.modelName]
     /// Where metrics go: the process-wide swift-metrics backend unless a test gives its own.
     public var metrics: any MetricsFactory = MetricsSystem.factory
+    /// Renders every metric in the Prometheus text format for `GET /metrics` (admin role); nil
+    /// when the backend has no exposition (the route is then 404).
+    public var metricsExposition: (@Sendable () -> [UInt8])?
 
     public var frameLimits = FrameLimits()
     public var cloneLimits = CloneLimits()

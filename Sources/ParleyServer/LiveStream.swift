@@ -38,16 +38,22 @@ final class LiveStream: Sendable {
         var endedAt: ContinuousClock.Instant?
         var stopReason: StreamEndReason?
         var task: Task<Void, Never>?
+        /// Uptime nanoseconds of `stream.start` and of the last token, for the latency metrics.
+        var startedAt: UInt64?
+        var lastTokenAt: UInt64 = 0
     }
 
     private let capacity: Int
     private let state: Mutex<State>
+    private let metrics: StreamMetrics?
 
     init(
         id: String, owner: String, conversation: String, clone: String, model: String, schedule: String? = nil, room: String? = nil,
-        lang: LanguageTag? = nil, source: String? = nil, user: String? = nil, bufferCapacity: Int, subscribers: [ClientConnection]
+        lang: LanguageTag? = nil, source: String? = nil, user: String? = nil, bufferCapacity: Int, subscribers: [ClientConnection],
+        metrics: StreamMetrics? = nil
     ) {
         self.id = id
+        self.metrics = metrics
         self.lang = lang
         self.source = source
         self.user = user
@@ -76,7 +82,13 @@ final class LiveStream: Sendable {
 
     /// Sends `stream.start` to every subscriber.
     func start(_ frame: ByteBuffer) {
-        state.withLock { s in broadcast(frame, &s) }
+        state.withLock { s in
+            if s.startedAt == nil {
+                s.startedAt = NIODeadline.now().uptimeNanoseconds
+                metrics?.active.increment()
+            }
+            broadcast(frame, &s)
+        }
     }
 
     /// Sends one token frame (seq `seq`, which must follow the last) and keeps it for resumes.
@@ -84,6 +96,16 @@ final class LiveStream: Sendable {
         state.withLock { s in
             precondition(seq == s.lastSeq + 1, "token seqs must be contiguous")
             s.lastSeq = seq
+            if let metrics {
+                let now = NIODeadline.now().uptimeNanoseconds
+                metrics.tokens.increment()
+                if seq == 1, let started = s.startedAt {
+                    metrics.firstToken.recordNanoseconds(Int64(now - started))
+                } else if seq > 1 {
+                    metrics.interToken.recordNanoseconds(Int64(now - s.lastTokenAt))
+                }
+                s.lastTokenAt = now
+            }
             if s.buffer.count == capacity {
                 s.buffer.removeFirst()
                 s.firstBufferedSeq += 1
@@ -93,10 +115,12 @@ final class LiveStream: Sendable {
         }
     }
 
-    /// Sends `stream.end`; later resumes replay it. With `ownerFrame`, the owner's sockets get
-    /// that one instead (a room's stream: only the payer sees what it cost and their balance).
-    func finish(_ frame: ByteBuffer, ownerFrame: ByteBuffer? = nil) {
+    /// Sends `stream.end` (which says `reason`); later resumes replay it. With `ownerFrame`, the
+    /// owner's sockets get that one instead (a room's stream: only the payer sees what it cost and
+    /// their balance).
+    func finish(_ frame: ByteBuffer, ownerFrame: ByteBuffer? = nil, reason: StreamEndReason) {
         state.withLock { s in
+            if s.startedAt != nil, s.endFrame == nil { metrics?.end(reason) }
             s.endFrame = frame
             s.endedAt = .now
             s.task = nil
@@ -188,6 +212,6 @@ final class LiveStream: Sendable {
                 s.subscribers.removeValue(forKey: key)
             }
         }
-        FanOut.send(frame, to: active)
+        FanOut.send(frame, to: active, delay: metrics?.fanOutDelay)
     }
 }

@@ -1,4 +1,5 @@
 import Foundation
+import CoreMetrics
 import Logging
 import NIOCore
 import NIOHTTP1
@@ -65,8 +66,9 @@ public final class ParleyServer: Sendable {
             provider = ConcurrencyLimitedProvider(provider, maxConcurrent: limit, maxQueued: configuration.providerQueue)
         }
         let ids = IDGenerator()
+        let slowReaders = Counter(label: "parley_slow_reader_disconnects_total", factory: configuration.metrics)
         let hub = StreamHub(retention: configuration.resumeRetention, maxStreamsPerUser: configuration.maxConcurrentStreamsPerUser,
-                            maxSocketsPerUser: configuration.maxSocketsPerUser)
+                            maxSocketsPerUser: configuration.maxSocketsPerUser, metrics: configuration.metrics)
         // Finish or void ledger entries a crash left half-applied, before anything is charged.
         let recovered: Int
         do {
@@ -108,7 +110,7 @@ public final class ParleyServer: Sendable {
                         try channel.syncOptions?.setOption(.socketOption(.so_sndbuf), value: SocketOptionValue(size))
                     }
                     try Self.configurePipeline(channel, api: api, chat: chat, schedules: schedules, rooms: rooms, hub: hub, authenticator: authenticator,
-                                               configuration: configuration, ids: ids, logger: logger)
+                                               configuration: configuration, ids: ids, slowReaders: slowReaders, logger: logger)
                 }
             }
         let serverChannel: any Channel
@@ -137,13 +139,14 @@ public final class ParleyServer: Sendable {
     /// Opens the configured store: SQLite in the data directory unless a MongoDB URI is given.
     static func openStore(_ configuration: ServerConfiguration) async throws -> any Store {
         guard let uri = configuration.storeURI else {
-            return try await SQLiteStore.open(path: configuration.sqlitePath)
+            return try await SQLiteStore.open(path: configuration.sqlitePath, metrics: configuration.metrics)
         }
         guard uri.hasPrefix("mongodb://") || uri.hasPrefix("mongodb+srv://") else {
             throw ConfigurationError("unsupported store '\(uri)': give a mongodb:// URI, or none for the embedded SQLite store")
         }
         var options = MongoStore.Options()
         options.threads = configuration.mongoThreads
+        options.metrics = configuration.metrics
         do {
             return try await MongoStore.open(uri: uri, options: options)
         } catch {
@@ -158,7 +161,7 @@ public final class ParleyServer: Sendable {
     private static func configurePipeline(
         _ channel: any Channel, api: RESTAPI, chat: ChatService, schedules: ScheduleService, rooms: RoomService, hub: StreamHub,
         authenticator: Authenticator,
-        configuration: ServerConfiguration, ids: IDGenerator, logger: Logger
+        configuration: ServerConfiguration, ids: IDGenerator, slowReaders: Counter, logger: Logger
     ) throws {
         let upgrader = NIOWebSocketServerUpgrader(
             maxFrameSize: configuration.maxMessageBytes,
@@ -191,7 +194,7 @@ public final class ParleyServer: Sendable {
                         .flatMapThrowing { throw error }
                 }.flatMapThrowing { identity in
                     let connection = ClientConnection(id: ids.make(.connection), identity: identity, channel: channel,
-                                                      maxQueuedBytes: configuration.maxQueuedBytesPerSocket)
+                                                      maxQueuedBytes: configuration.maxQueuedBytesPerSocket, slowReaderCutOffs: slowReaders)
                     let deflate = deflateAgreement(head, configuration)
                     try channel.pipeline.syncOperations.addHandler(WebSocketFrameValidator(allowsRSV1: deflate != nil))
                     if let deflate {

@@ -75,6 +75,11 @@ struct RESTAPI: Sendable {
                     ("protocol", .int(1)), ("dev", .bool(configuration.devSignIn)),
                     ("models", .array(configuration.models.map { .string($0) })),
                 ]))
+            case "/metrics":
+                guard request.method == .GET || request.method == .HEAD else { throw Self.methodNotAllowed([.GET]) }
+                guard let render = configuration.metricsExposition else { throw APIError(.notFound, .notFound, "this server exports no metrics") }
+                guard try await authenticate(request).isAdmin else { throw APIError(.forbidden, .forbidden, "metrics need the admin role") }
+                return HTTPResponse(.ok, body: render(), headers: ["content-type": "text/plain; version=0.0.4; charset=utf-8"])
             case "/v1/dev/token":
                 guard request.method == .POST else { throw Self.methodNotAllowed([.POST]) }
                 return try await devToken(request)

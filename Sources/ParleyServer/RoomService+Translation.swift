@@ -139,7 +139,7 @@ extension RoomService {
             FanOut.send(allocator.buffer(bytes: ServerFrame.roomEvent(room: s.room.id, event: "said", [("entry", entry.json(untranslated: true))])), to: unserved)
             return translations.map { t in
                 let stream = LiveStream(id: t.id, owner: entry.speaker, conversation: s.room.id, clone: "", model: t.model, room: s.room.id, lang: t.target,
-                                        source: entry.id, user: entry.speaker, bufferCapacity: t.capacity, subscribers: byTarget[t.target] ?? [])
+                                        source: entry.id, user: entry.speaker, bufferCapacity: t.capacity, subscribers: byTarget[t.target] ?? [], metrics: streamMetrics)
                 s.inflight[stream.id] = RoomFlight(stream: stream, order: s.placed, target: t.target)
                 stream.start(allocator.buffer(bytes: stream.startFrame(ref: nil)))
                 return stream
@@ -185,7 +185,7 @@ extension RoomService {
     /// Ends a stream that never generated (its reply was empty, or its payer could not pay).
     private func endUnstarted(_ stream: LiveStream, reason: StreamEndReason, original: RoomEntry?, in live: LiveRoom) {
         let usage = Usage(inputTokens: 0, outputTokens: 0)
-        stream.finish(allocator.buffer(bytes: ServerFrame.streamEnd(stream: stream.id, reason: reason, usage: usage, message: nil, cost: nil, balance: nil)))
+        stream.finish(allocator.buffer(bytes: ServerFrame.streamEnd(stream: stream.id, reason: reason, usage: usage, message: nil, cost: nil, balance: nil)), reason: reason)
         landed(stream, entry: nil, original: original, in: live)
     }
 
@@ -301,12 +301,12 @@ extension RoomService {
             }
             // `source` names the reply itself, so every reader groups the reply's streams by one id.
             let reply = LiveStream(id: streamID, owner: s.room.owner, conversation: s.room.id, clone: clone, model: model, room: s.room.id, lang: lang,
-                                   source: entryID, bufferCapacity: configuration.maxOutputTokens, subscribers: readers)
+                                   source: entryID, bufferCapacity: configuration.maxOutputTokens, subscribers: readers, metrics: streamMetrics)
             s.inflight[reply.id] = RoomFlight(stream: reply, order: s.placed, target: nil)
             reply.start(allocator.buffer(bytes: reply.startFrame(ref: nil)))
             let translations = targets.map { target in
                 let stream = LiveStream(id: ids.make(.stream), owner: s.room.owner, conversation: s.room.id, clone: clone, model: model, room: s.room.id,
-                                        lang: target, source: entryID, bufferCapacity: configuration.maxOutputTokens, subscribers: byTarget[target] ?? [])
+                                        lang: target, source: entryID, bufferCapacity: configuration.maxOutputTokens, subscribers: byTarget[target] ?? [], metrics: streamMetrics)
                 s.inflight[stream.id] = RoomFlight(stream: stream, order: s.placed, target: target)
                 stream.start(allocator.buffer(bytes: stream.startFrame(ref: nil)))
                 return stream

@@ -17,6 +17,7 @@ final class RoomService: Sendable {
     let chat: ChatService
     let provider: any LLMProvider
     let configuration: ServerConfiguration
+    let streamMetrics: StreamMetrics
     let logger: Logger
     let ids: IDGenerator
     let allocator = ByteBufferAllocator()
@@ -35,6 +36,7 @@ final class RoomService: Sendable {
         self.chat = chat
         self.provider = provider
         self.configuration = configuration
+        streamMetrics = StreamMetrics(factory: configuration.metrics)
         self.logger = logger
         self.ids = ids
     }
@@ -412,7 +414,7 @@ final class RoomService: Sendable {
             let stream = live.state.withLock { s -> LiveStream? in
                 guard s.room.status == .running else { return nil }
                 let stream = LiveStream(id: streamID, owner: room.owner, conversation: room.id, clone: clone.id, model: model, room: room.id,
-                                        bufferCapacity: max(room.maxTokensPerTurn, 1), subscribers: Array(s.members.values))
+                                        bufferCapacity: max(room.maxTokensPerTurn, 1), subscribers: Array(s.members.values), metrics: streamMetrics)
                 s.current = stream
                 stream.broadcast(allocator.buffer(bytes: ServerFrame.roomEvent(room: room.id, event: "turn", [
                     ("clone", .string(clone.id)), ("stream", .string(streamID)), ("turn", .int(Int64(s.room.turnsTaken + 1))),

@@ -26,6 +26,7 @@ final class ScheduleService: Sendable {
     let provider: any LLMProvider
     let hub: StreamHub
     let configuration: ServerConfiguration
+    let streamMetrics: StreamMetrics
     let logger: Logger
     let ids: IDGenerator
     let timer: ScheduleTimer
@@ -52,6 +53,7 @@ final class ScheduleService: Sendable {
         self.provider = provider
         self.hub = hub
         self.configuration = configuration
+        streamMetrics = StreamMetrics(factory: configuration.metrics)
         self.logger = logger
         self.ids = ids
         self.timer = ScheduleTimer(loop: loop, tickMillis: configuration.scheduleTickMillis, metrics: configuration.metrics)
@@ -316,7 +318,7 @@ final class ScheduleService: Sendable {
             }
             let live = LiveStream(id: streamID, owner: schedule.owner, conversation: conversationID, clone: clone.id, model: model,
                                   schedule: schedule.id, bufferCapacity: configuration.resumeBufferTokens,
-                                  subscribers: hub.connections(of: schedule.owner))
+                                  subscribers: hub.connections(of: schedule.owner), metrics: streamMetrics)
             live.start(allocator.buffer(bytes: live.startFrame(ref: nil)))
             hub.register(live)
             if !chat.isAccepting { live.stop(.shutdown) }

@@ -36,7 +36,7 @@ final class ScheduleTimer: Sendable {
         self.state = .makeBoxSendingValue(State(wheel: TimerWheel()), eventLoop: loop)
         (fired, continuation) = AsyncStream.makeStream(of: Entry.self)
         pending = Meter(label: "parley_schedules_pending", factory: metrics)
-        lateness = Timer(label: "parley_schedule_fire_lateness", factory: metrics)
+        lateness = Timer(label: "parley_schedule_fire_lateness_seconds", factory: metrics)
     }
 
     /// Arms a timer for `entry.at`; a time already passed fires at once. Replaces a timer with the same id.

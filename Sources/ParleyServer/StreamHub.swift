@@ -1,3 +1,4 @@
+import CoreMetrics
 import NIOCore
 import ParleyCore
 import Synchronization
@@ -24,8 +25,11 @@ final class StreamHub: Sendable {
     private let retention: Duration
     private let maxStreamsPerUser: Int
     private let maxSocketsPerUser: Int
+    /// `parley_sockets_open`: authenticated WebSockets the hub holds.
+    private let socketsOpen: Meter?
 
-    init(retention: Duration, maxStreamsPerUser: Int, maxSocketsPerUser: Int = .max) {
+    init(retention: Duration, maxStreamsPerUser: Int, maxSocketsPerUser: Int = .max, metrics: (any MetricsFactory)? = nil) {
+        socketsOpen = metrics.map { Meter(label: "parley_sockets_open", factory: $0) }
         self.retention = retention
         self.maxStreamsPerUser = maxStreamsPerUser
         self.maxSocketsPerUser = maxSocketsPerUser
@@ -39,13 +43,14 @@ final class StreamHub: Sendable {
             let user = connection.identity.user
             guard (s.connections[user]?.count ?? 0) < maxSocketsPerUser else { return false }
             s.connections[user, default: [:]][connection.id] = connection
+            socketsOpen?.increment()
             return true
         }
     }
 
     func remove(_ connection: ClientConnection) {
         state.withLock { s in
-            s.connections[connection.identity.user]?.removeValue(forKey: connection.id)
+            if s.connections[connection.identity.user]?.removeValue(forKey: connection.id) != nil { socketsOpen?.decrement() }
             if s.connections[connection.identity.user]?.isEmpty == true {
                 s.connections.removeValue(forKey: connection.identity.user)
             }

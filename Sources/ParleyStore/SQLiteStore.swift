@@ -1,3 +1,4 @@
+import CoreMetrics
 import NIOCore
 import NIOPosix
 import ParleyCore
@@ -142,14 +143,17 @@ public final class SQLiteStore: Store {
     private let db: Mutex<SQLiteConnection>
     private let pool: NIOThreadPool
     private let closed = Atomic(false)
+    /// `parley_store_seconds{store="sqlite"}`: each call from asking to its commit.
+    private let latency: CoreMetrics.Timer
 
-    private init(connection: SQLiteConnection, pool: NIOThreadPool) {
+    private init(connection: SQLiteConnection, pool: NIOThreadPool, metrics: any MetricsFactory) {
         self.db = Mutex(connection)
         self.pool = pool
+        latency = CoreMetrics.Timer(label: "parley_store_seconds", dimensions: [("store", "sqlite")], preferredDisplayUnit: .seconds, factory: metrics)
     }
 
     /// Opens (creating if needed) the database at `path` and migrates it to the current schema.
-    public static func open(path: String) async throws -> SQLiteStore {
+    public static func open(path: String, metrics: any MetricsFactory = MetricsSystem.factory) async throws -> SQLiteStore {
         let pool = NIOThreadPool(numberOfThreads: 1)
         pool.start()
         do {
@@ -164,7 +168,7 @@ public final class SQLiteStore: Store {
                 }
                 return connection
             }
-            return SQLiteStore(connection: connection, pool: pool)
+            return SQLiteStore(connection: connection, pool: pool, metrics: metrics)
         } catch {
             try? await pool.shutdownGracefully()
             throw error
@@ -207,6 +211,8 @@ public final class SQLiteStore: Store {
     @discardableResult
     private func run<T: Sendable>(_ body: @escaping @Sendable (SQLiteConnection) throws -> T) async throws -> T {
         guard !closed.load(ordering: .acquiring) else { throw StoreError.closed }
+        let started = NIODeadline.now()
+        defer { latency.recordNanoseconds((NIODeadline.now() - started).nanoseconds) }
         return try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, any Error>) in
             let job = Job(
                 execute: { db in

@@ -1,4 +1,5 @@
 import ArgumentParser
+import CoreMetrics
 import Foundation
 import Logging
 import ParleyCore
@@ -6,6 +7,7 @@ import ParleyDeflate
 import ParleyLLM
 import ParleyProviders
 import ParleyServer
+import Prometheus
 
 @main
 struct Parley: AsyncParsableCommand {
@@ -245,6 +247,7 @@ struct Serve: AsyncParsableCommand {
         configuration.simulated.timeToFirstToken = .milliseconds(simTtftMs)
         configuration.simulated.tokensPerSecond = simTokensPerSec
         configuration.simulated.replyTokens = simReplyTokens
+        (configuration.metrics, configuration.metricsExposition) = Self.prometheus()
 
         let signals = SignalWaiter(SIGINT, SIGTERM)
         let server: ParleyServer
@@ -279,6 +282,27 @@ extension Serve {
         options.firstTokenTimeout = .seconds(providerFirstTokenTimeout)
         options.idleTimeout = .seconds(providerIdleTimeout)
         return provider == "anthropic" ? AnthropicProvider(options: options) : OpenAICompatibleProvider(options: options)
+    }
+}
+
+extension Serve {
+    /// The process's metrics backend: Prometheus, rendered at `GET /metrics`. Histogram buckets
+    /// fine enough for inter-token gaps and fan-out delays (milliseconds) and long enough for a
+    /// slow first token.
+    static func prometheus() -> (any MetricsFactory, @Sendable () -> [UInt8]) {
+        let registry = PrometheusCollectorRegistry()
+        var factory = PrometheusMetricsFactory(registry: registry)
+        factory.defaultDurationHistogramBuckets = [
+            .microseconds(500), .milliseconds(1), .milliseconds(2), .milliseconds(5), .milliseconds(10), .milliseconds(25),
+            .milliseconds(50), .milliseconds(100), .milliseconds(250), .milliseconds(500), .seconds(1), .seconds(2.5),
+            .seconds(5), .seconds(10), .seconds(30),
+        ]
+        MetricsSystem.bootstrap(factory)
+        return (factory, {
+            var out: [UInt8] = []
+            registry.emit(into: &out)
+            return out
+        })
     }
 }
 

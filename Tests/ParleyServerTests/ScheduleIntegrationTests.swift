@@ -180,7 +180,7 @@ func seedSchedule(_ store: any Store, owner: String, clone: String, conversation
         try await socket.scheduleCreate(id: "s2", clone: clone, delayMS: 20, text: "soon")
         let at = RFC3339.parse(try await socket.next(type: "schedule.ok").frame["schedule"]!["at"]!.stringValue!)!
         _ = try await socket.next(type: "delivery")
-        let lateness = try metrics.expectTimer("parley_schedule_fire_lateness").values
+        let lateness = try metrics.expectTimer("parley_schedule_fire_lateness_seconds").values
         #expect(lateness.count == 1)
         #expect(lateness.allSatisfy { $0 >= 0 && $0 <= (Int64(Timestamp.nowMillis()) - at) * 1_000_000 })
         #expect(try metrics.expectMeter("parley_schedules_pending").lastValue == 1)

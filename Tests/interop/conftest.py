@@ -31,8 +31,8 @@ class Server:
         self.port = int(self.base.rsplit(":", 1)[1])
         self.ws = f"ws://127.0.0.1:{self.port}/v1/ws"
 
-    def token(self, sub):
-        out = subprocess.run([str(BINARY), "token", "--sub", sub, "--data-dir", str(self.data_dir)],
+    def token(self, sub, role=None):
+        out = subprocess.run([str(BINARY), "token", "--sub", sub, "--data-dir", str(self.data_dir), *(["--role", role] if role else [])],
                              check=True, capture_output=True, text=True)
         return out.stdout.strip()
 
