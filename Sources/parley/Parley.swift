@@ -16,6 +16,34 @@ struct Parley: AsyncParsableCommand {
         abstract: "Parley: a real-time chat server for AI personas.",
         subcommands: [Serve.self, Token.self]
     )
+
+    /// `serve` also takes its options from a config file and the environment (ConfigSources):
+    /// they are expanded into arguments before ArgumentParser sees the command line.
+    static func main() async {
+        var arguments = Array(CommandLine.arguments.dropFirst())
+        if arguments.first == "serve" {
+            let expanded: ConfigSources.Expanded
+            do {
+                expanded = try Serve.sources.expand(Array(arguments.dropFirst()), environment: ProcessInfo.processInfo.environment,
+                                                    invertible: Serve.isInvertible)
+            } catch {
+                FileHandle.standardError.write(Data("parley serve: \(error)\n".utf8))
+                Foundation.exit(64)  // EX_USAGE, as ArgumentParser exits for a bad command line
+            }
+            // A value from the file or the environment that ArgumentParser refuses is reported
+            // with where it came from (help and version requests go on to the usual handling).
+            if !expanded.origins.isEmpty {
+                do {
+                    _ = try parseAsRoot(["serve"] + expanded.arguments)
+                } catch where exitCode(for: error) != .success {
+                    FileHandle.standardError.write(Data((fullMessage(for: error) + "\n(" + expanded.origins.joined(separator: "; ") + ")\n").utf8))
+                    Foundation.exit(exitCode(for: error).rawValue)
+                } catch {}
+            }
+            arguments = ["serve"] + expanded.arguments
+        }
+        await main(arguments)
+    }
 }
 
 /// Options both commands share: where the data lives and which secret signs tokens.
@@ -35,6 +63,9 @@ struct Serve: AsyncParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Run the server.")
 
     @OptionGroup var secret: SecretOptions
+
+    @Option(help: "JSON file of options (or env PARLEY_CONFIG): {\"port\": 9000, \"ws-deflate\": false, …}, each an option's long name. Environment variables PARLEY_<OPTION> (PARLEY_MAX_MESSAGE_BYTES) override the file, the command line overrides both.")
+    var config: String?
 
     @Option(help: "Store: a mongodb:// URI (or env PARLEY_STORE); default: embedded SQLite in the data directory.")
     var store: String?
@@ -99,7 +130,7 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Seconds between server pings on each WebSocket; a socket silent for a whole interval after a ping is closed (1011). 0: no pings.")
     var wsPingInterval = 30
 
-    @Flag(inversion: .prefixedNo, help: "Negotiate permessage-deflate (RFC 7692) with clients that offer it.")
+    @Flag(inversion: .prefixedNo, exclusivity: .chooseLast, help: "Negotiate permessage-deflate (RFC 7692) with clients that offer it.")
     var wsDeflate = true
 
     @Option(help: "Largest LZ77 window the server compresses with, as a power of two (9-15): each socket's compressor holds 2^(bits+2) bytes + 7 KiB.")
@@ -286,6 +317,14 @@ extension Serve {
 }
 
 extension Serve {
+    /// Every option of `serve`, for the config file and the environment.
+    static let sources = ConfigSources.of([Serve(), SecretOptions()])
+
+    /// Whether flag `name` has a `--no-` form (for a `false` from a config file or the environment).
+    static func isInvertible(_ name: String) -> Bool {
+        (try? Serve.parse(["--no-\(name)"])) != nil
+    }
+
     /// The process's metrics backend: Prometheus, rendered at `GET /metrics`. Histogram buckets
     /// fine enough for inter-token gaps and fan-out delays (milliseconds) and long enough for a
     /// slow first token.

@@ -1,0 +1,90 @@
+"""`parley serve` options from a JSON config file and PARLEY_<OPTION> environment variables:
+every option reachable, the command line over the environment over the file, and bad input
+refused at start-up with where it came from."""
+import json
+import os
+import re
+import subprocess
+
+from conftest import BINARY, Server
+from test_rfc6455 import RawSocket
+
+
+def write(path, options):
+    path.write_text(json.dumps(options))
+    return str(path)
+
+
+def serve(*args, env=None, data_dir):
+    return subprocess.run([str(BINARY), "serve", "--data-dir", str(data_dir), *args], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, **(env or {})})
+
+
+def limit_of(server):
+    """The message limit the server runs with: a 3000-byte message is read below it, closed 1009 above."""
+    raw = RawSocket(server, server.token("cfg"))
+    assert raw.json()["type"] == "welcome"
+    raw.send(0x1, json.dumps({"type": "nope", "id": "size", "pad": "x" * 2950}).encode())
+    opcode, payload = raw.frame()
+    return "under 3000" if opcode == 0x1 else ("1009" if struct_code(payload) == 1009 else payload)
+
+
+def struct_code(payload):
+    return int.from_bytes(payload[:2], "big")
+
+
+def test_a_config_file_sets_options_and_the_environment_and_command_line_override_it(data_dir, tmp_path):
+    config = write(tmp_path / "parley.json", {"max-message-bytes": 2048, "ws-deflate": False, "log-level": "warning"})
+    server = Server(data_dir, "--config", config)
+    try:
+        assert limit_of(server) == "1009"
+        offered = RawSocket(server, server.token("cfg"), extensions="permessage-deflate")
+        assert "sec-websocket-extensions" not in offered.headers, "ws-deflate false in the file turned it off"
+    finally:
+        assert server.stop() == 0
+
+    server = Server(data_dir, "--config", config, env={"PARLEY_MAX_MESSAGE_BYTES": "4096", "PARLEY_WS_DEFLATE": "true"})
+    try:
+        assert limit_of(server) == "under 3000", "the environment wins over the file"
+        offered = RawSocket(server, server.token("cfg"), extensions="permessage-deflate")
+        assert offered.headers["sec-websocket-extensions"].startswith("permessage-deflate")
+    finally:
+        assert server.stop() == 0
+
+    server = Server(data_dir, "--max-message-bytes", "2048", env={"PARLEY_CONFIG": config, "PARLEY_MAX_MESSAGE_BYTES": "4096"})
+    try:
+        assert limit_of(server) == "1009", "the command line wins over both (and PARLEY_CONFIG names the file)"
+    finally:
+        assert server.stop() == 0
+
+
+def test_every_option_of_serve_can_come_from_the_file_and_the_environment(data_dir, tmp_path):
+    helptext = subprocess.run([str(BINARY), "serve", "--help"], capture_output=True, text=True, check=True).stdout
+    options = sorted(set(re.findall(r"^\s+--(?:\[no-\])?([a-z][a-z0-9-]*)", helptext, re.M)) - {"help", "config"})
+    assert len(options) > 30 and "ws-deflate" in options and "max-message-bytes" in options
+    # Every name is accepted (null keeps the default); an invalid command-line value then stops
+    # the start before anything listens, so the refusal must be that value, not an unknown name.
+    config = write(tmp_path / "all.json", {name: None for name in options})
+    result = serve("--config", config, "--max-message-bytes", "1", data_dir=data_dir)
+    assert result.returncode == 64 and "unknown option" not in result.stderr and "--max-message-bytes must be" in result.stderr
+    env = {"PARLEY_" + name.upper().replace("-", "_"): "" for name in options}  # empty counts as unset
+    result = serve("--max-message-bytes", "1", env=env, data_dir=data_dir)
+    assert result.returncode == 64 and "--max-message-bytes must be" in result.stderr, result.stderr
+
+
+def test_bad_configuration_is_refused_with_its_source(data_dir, tmp_path):
+    cases = [
+        ({"prot": 8080}, None, "unknown option 'prot' (did you mean port?)"),
+        ({"dev": "yes"}, None, "'dev' is a flag: give true or false"),
+        ({"port": {"n": 1}}, None, "'port' needs a string, a number or a list of strings"),
+        ({"port": "eighty"}, None, "from "),
+        (None, {"PARLEY_WS_DEFLATE": "maybe"}, "PARLEY_WS_DEFLATE=maybe: a flag's value is true or false"),
+        (None, {"PARLEY_PORT": "99999"}, "(from the environment: --port)"),
+    ]
+    for options, env, message in cases:
+        args = ["--config", write(tmp_path / "bad.json", options)] if options is not None else []
+        result = serve(*args, env=env, data_dir=data_dir)
+        assert result.returncode == 64 and message in result.stderr, (options, env, result.stderr)
+    (tmp_path / "broken.json").write_text("{not json")
+    result = serve("--config", str(tmp_path / "broken.json"), data_dir=data_dir)
+    assert result.returncode == 64 and "not valid JSON" in result.stderr
