@@ -148,6 +148,9 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: Logger.Level = .info
 
+    @Option(help: "Log lines as text (default) or json: one JSON object per line, metadata as its own keys.")
+    var logFormat = "text"
+
     @Option(help: "Model provider: simulated (default), openai (any OpenAI-compatible server) or anthropic.")
     var provider = "simulated"
 
@@ -204,6 +207,7 @@ struct Serve: AsyncParsableCommand {
         guard !dev || ["127.0.0.1", "::1", "localhost"].contains(host) || host.hasPrefix("127.") else {
             throw ArgumentParser.ValidationError("--dev lets anyone sign in as anyone: it needs a loopback --host (127.0.0.1, ::1), not \(host)")
         }
+        guard ["text", "json"].contains(logFormat) else { throw ArgumentParser.ValidationError("--log-format must be text or json") }
         guard ["simulated", "openai", "anthropic"].contains(provider) else {
             throw ArgumentParser.ValidationError("--provider must be simulated, openai or anthropic")
         }
@@ -227,8 +231,9 @@ struct Serve: AsyncParsableCommand {
 
     func run() async throws {
         let level = logLevel
+        let json = logFormat == "json"
         LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
+            var handler: any LogHandler = json ? JSONLinesLogHandler(label: label) : StreamLogHandler.standardError(label: label)
             handler.logLevel = level
             return handler
         }
