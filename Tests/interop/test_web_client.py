@@ -352,3 +352,45 @@ def test_the_client_is_served_with_strict_headers_and_dev_tokens_work(web):
     result = subprocess.run([str(BINARY), "serve", "--dev", "--host", "0.0.0.0", "--port", "0", "--data-dir", str(web.data_dir)],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode != 0 and "loopback" in result.stderr
+
+
+def test_running_out_of_credits_shows_the_paywall_and_the_balance(data_dir, browser):
+    server = Server(data_dir, "--dev", "--starting-credits", "300", "--sim-ttft-ms", "50", "--sim-tokens-per-sec", "100",
+                    "--sim-reply-tokens", "400")
+    try:
+        page = browser.new_page()
+        sign_in(page, server.base, "pat")
+        expect(page.locator("#credits")).to_have_text("300 credits")
+        make_clone_in_ui(page, "Spender")
+        page.get_by_role("button", name="Chat").click()
+        send(page, "Tell me a very long story")
+        reply = assistant(page)
+        expect(reply).to_have_attribute("data-reason", "insufficient_credits", timeout=WAIT)
+        expect(reply.locator(".note")).to_have_text("out of credits")
+        expect(page.get_by_role("alert").filter(has_text="out of credits")).to_be_visible()
+        balance = server.http("GET", "/v1/credits", server.token("pat"))[1]["balance"]
+        expect(page.locator("#credits")).to_have_text(f"{balance} credits")
+        assert 0 < int(reply.get_attribute("data-seq")) < 400, "stopped mid-reply"
+        page.close()
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_clone_is_edited_and_deleted_from_the_form(web, browser):
+    page = browser.new_page()
+    sign_in(page, web.base, "eli")
+    make_clone_in_ui(page, "Draft")
+    page.get_by_label("Name", exact=True).fill("Final")
+    page.locator("#sliders input[name=warmth]").fill("90")
+    page.get_by_role("button", name="Save changes").click()
+    expect(page.locator("#clone-status")).to_have_text("Saved Final.", timeout=WAIT)
+    token = web.token("eli")
+    (clone,) = web.http("GET", "/v1/clones", token)[1]["clones"]
+    assert clone["name"] == "Final" and clone["sliders"]["warmth"] == 90
+
+    page.on("dialog", lambda dialog: dialog.accept())  # the "Delete … and all its conversations?" confirmation
+    page.get_by_role("button", name="Delete clone").click()
+    expect(page.locator("#clone-status")).to_have_text("Deleted Final.", timeout=WAIT)
+    assert web.http("GET", "/v1/clones", token)[1]["clones"] == []
+    expect(page.locator("#clone-list li")).to_have_count(0)
+    page.close()
