@@ -97,7 +97,8 @@ public final class ParleyServer: Sendable {
         }
         let handshakes = configuration.handshakesPerSecondPerIP.map { HandshakeLimiter(rate: $0, limitsLoopback: configuration.limitLoopbackHandshakes) }
         let api = RESTAPI(store: store, chat: chat, schedules: schedules, rooms: rooms, credits: credits, authenticator: authenticator,
-                          configuration: configuration, ids: ids, logger: logger, handshakes: handshakes)
+                          configuration: configuration, ids: ids, logger: logger, handshakes: handshakes,
+                          authFailures: AuthFailureLimiter(secret: secret, limitsLoopback: configuration.limitLoopbackHandshakes))
 
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
@@ -172,6 +173,11 @@ public final class ParleyServer: Sendable {
                 }
                 // Over its handshake rate: declined, and the HTTP handler answers 429.
                 if let handshakes = api.handshakes, let ip = channel.remoteAddress?.ipAddress, !handshakes.allow(ip) {
+                    return channel.eventLoop.makeSucceededFuture(nil)
+                }
+                // Blocked for failed sign-ins: declined, and the HTTP handler answers 429. A
+                // failed check below is declined too, and the HTTP handler's check counts it.
+                if let ip = channel.remoteAddress?.ipAddress, api.authFailures?.retryAfter(ip) != nil {
                     return channel.eventLoop.makeSucceededFuture(nil)
                 }
                 // A refused upgrade falls through to the HTTP handler, which answers 401.

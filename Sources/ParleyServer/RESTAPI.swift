@@ -18,15 +18,18 @@ struct RESTAPI: Sendable {
     let ids: IDGenerator
     let logger: Logger
     let handshakes: HandshakeLimiter?
+    let authFailures: AuthFailureLimiter?
 
     private var router = Router<Identity>()
     private let webClient = WebClient.load()
 
     init(
         store: any Store, chat: ChatService, schedules: ScheduleService, rooms: RoomService, credits: Credits, authenticator: Authenticator,
-        configuration: ServerConfiguration, ids: IDGenerator, logger: Logger, handshakes: HandshakeLimiter? = nil
+        configuration: ServerConfiguration, ids: IDGenerator, logger: Logger, handshakes: HandshakeLimiter? = nil,
+        authFailures: AuthFailureLimiter? = nil
     ) {
         self.handshakes = handshakes
+        self.authFailures = authFailures
         self.store = store
         self.chat = chat
         self.schedules = schedules
@@ -120,10 +123,21 @@ struct RESTAPI: Sendable {
         }
     }
 
+    /// The caller's identity. An address blocked for failed sign-ins is refused (429) before its
+    /// token is looked at; every failure counts against the address, a success clears it.
     private func authenticate(_ request: HTTPRequest) async throws(APIError) -> Identity {
+        let ip = request.remoteIP
+        if let ip, let wait = authFailures?.retryAfter(ip) {
+            let seconds = max(1, (wait.nanoseconds + 999_999_999) / 1_000_000_000)
+            throw APIError(.tooManyRequests, .rateLimited, "too many failed sign-ins from this address; try again in \(seconds) s",
+                           headers: ["retry-after": "\(seconds)"])
+        }
         do {
-            return try await authenticator.verify(headers: request.headers, uri: request.uri)
+            let identity = try await authenticator.verify(headers: request.headers, uri: request.uri)
+            if let ip { authFailures?.succeeded(ip) }
+            return identity
         } catch {
+            if let ip { authFailures?.failed(ip) }
             throw APIError.unauthorized(error)
         }
     }

@@ -115,7 +115,7 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "WebSocket handshakes one client IP may make per second (bursts of twice that); beyond it 429. 0: no limit.")
     var maxHandshakesPerIp = 10
 
-    @Flag(help: "Hold loopback clients to --max-handshakes-per-ip too (by default they are a local proxy or a load test).")
+    @Flag(help: "Hold loopback clients to --max-handshakes-per-ip and to the failed sign-in backoff too (by default they are a local proxy or a load test).")
     var limitLoopbackHandshakes = false
 
     @Option(help: "Largest WebSocket message (after reassembling fragments) and frame, in bytes; larger closes with 1009.")

@@ -239,3 +239,27 @@ def test_handshakes_over_the_per_ip_rate_get_429_with_a_json_body(data_dir):
         assert server.http("GET", "/healthz")[0] == 200, "only handshakes are limited"
     finally:
         assert server.stop() == 0
+
+
+def test_failed_sign_ins_from_one_address_are_slowed_down(data_dir):
+    from conftest import Server
+    from websockets.exceptions import InvalidStatus
+    # Loopback is exempt by default (a local proxy); this server holds it to the limit.
+    server = Server(data_dir, "--limit-loopback-handshakes", "--max-handshakes-per-ip", "0")
+    try:
+        for _ in range(5):
+            assert server.http("GET", "/v1/clones", "forged")[0] == 401
+        status, body = server.http("GET", "/v1/clones", "forged")
+        assert status == 401, "the sixth failure is answered, then the address waits"
+        status, body = server.http("GET", "/v1/clones", server.token("val"))
+        assert status == 429 and body["error"]["code"] == "rate_limited", "even a good token waits out the block"
+
+        async def handshake():
+            with pytest.raises(InvalidStatus) as refused:
+                async with websockets.connect(f"{server.ws}?token=forged"):
+                    pass
+            return refused.value.response
+        response = asyncio.run(handshake())
+        assert response.status_code == 429 and int(response.headers["Retry-After"]) >= 1
+    finally:
+        assert server.stop() == 0

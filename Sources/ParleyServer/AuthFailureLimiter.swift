@@ -1,0 +1,67 @@
+import Crypto
+import NIOCore
+import ParleyCore
+import Synchronization
+
+/// A client IP as Parley remembers it: HMAC-SHA256 under a key derived from the server's secret,
+/// hex. The same address gives the same hash on this server, and the address cannot be read back
+/// from it (nor tried against a list without the secret).
+struct IPHasher: Sendable {
+    private let key: SymmetricKey
+
+    init(secret: String) {
+        key = SymmetricKey(data: SHA256.hash(data: Array("parley client ip\u{0}\(secret)".utf8)))
+    }
+
+    func hash(_ ip: String) -> String {
+        HMAC<SHA256>.authenticationCode(for: Array(ip.utf8), using: key).map { byte in (byte < 16 ? "0" : "") + String(byte, radix: 16) }.joined()
+    }
+}
+
+/// Brute-force protection for authentication (REST tokens and WebSocket handshakes): failed
+/// sign-ins are counted per client IP, kept only as a keyed hash, with exponential backoff
+/// (`FailureBackoff`); a blocked address is answered 429 with `Retry-After` before its token is
+/// even checked. A success forgets the address. Memory is bounded like the handshake limiter's.
+final class AuthFailureLimiter: Sendable {
+    private let hasher: IPHasher
+    private let entries = Mutex<[String: FailureBackoff]>([:])
+    let maxTracked: Int
+    /// Loopback peers are a local proxy or a test harness: exempt unless asked.
+    let limitsLoopback: Bool
+
+    init(secret: String, maxTracked: Int = 10_000, limitsLoopback: Bool = false) {
+        hasher = IPHasher(secret: secret)
+        self.maxTracked = maxTracked
+        self.limitsLoopback = limitsLoopback
+    }
+
+    private func key(_ ip: String) -> String? {
+        if !limitsLoopback && (ip.hasPrefix("127.") || ip == "::1" || ip.hasPrefix("::ffff:127.")) { return nil }
+        return hasher.hash(ip)
+    }
+
+    /// How long `ip` must still wait before it may authenticate; nil when it may now.
+    func retryAfter(_ ip: String, now: UInt64 = NIODeadline.now().uptimeNanoseconds) -> TimeAmount? {
+        guard let key = key(ip) else { return nil }
+        return entries.withLock { $0[key]?.retryAfter(now: now) }.map { .nanoseconds(Int64($0)) }
+    }
+
+    func failed(_ ip: String, now: UInt64 = NIODeadline.now().uptimeNanoseconds) {
+        guard let key = key(ip) else { return }
+        entries.withLock { entries in
+            entries[key, default: FailureBackoff()].fail(now: now)
+            if entries.count > maxTracked {
+                entries = entries.filter { !$0.value.isForgotten(now: now) }
+                while entries.count > maxTracked, let any = entries.keys.first { entries.removeValue(forKey: any) }
+            }
+        }
+    }
+
+    func succeeded(_ ip: String) {
+        guard let key = key(ip) else { return }
+        _ = entries.withLock { $0.removeValue(forKey: key) }
+    }
+
+    /// What is remembered: hashes only (for tests that no raw address is kept).
+    var trackedKeys: [String] { entries.withLock { Array($0.keys) } }
+}

@@ -1,0 +1,45 @@
+@testable import ParleyServer
+import Testing
+
+@Suite struct AuthFailureLimiterTests {
+    @Test func anAddressIsBlockedAfterItsFreeFailuresAndASuccessClearsIt() {
+        let limiter = AuthFailureLimiter(secret: String(repeating: "s", count: 32))
+        let ip = "203.0.113.9"
+        for _ in 0..<5 { limiter.failed(ip, now: 1) }
+        #expect(limiter.retryAfter(ip, now: 1) == nil)
+        limiter.failed(ip, now: 1)
+        #expect(limiter.retryAfter(ip, now: 1) == .seconds(1))
+        #expect(limiter.retryAfter("203.0.113.10", now: 1) == nil, "other addresses are not affected")
+        limiter.succeeded(ip)
+        #expect(limiter.retryAfter(ip, now: 1) == nil)
+    }
+
+    @Test func addressesAreKeptOnlyAsKeyedHashes() {
+        let a = AuthFailureLimiter(secret: String(repeating: "a", count: 32))
+        let b = AuthFailureLimiter(secret: String(repeating: "b", count: 32))
+        a.failed("198.51.100.7", now: 1)
+        b.failed("198.51.100.7", now: 1)
+        let key = a.trackedKeys.first!
+        #expect(key.count == 64 && key.allSatisfy(\.isHexDigit))
+        #expect(!key.contains("198.51.100.7"))
+        #expect(b.trackedKeys.first! != key, "the hash depends on the server's secret")
+        #expect(IPHasher(secret: String(repeating: "a", count: 32)).hash("198.51.100.7") == key)
+    }
+
+    @Test func loopbackIsExemptUnlessAsked() {
+        let exempt = AuthFailureLimiter(secret: String(repeating: "s", count: 32))
+        let strict = AuthFailureLimiter(secret: String(repeating: "s", count: 32), limitsLoopback: true)
+        for _ in 0..<10 {
+            exempt.failed("127.0.0.1", now: 1)
+            strict.failed("127.0.0.1", now: 1)
+        }
+        #expect(exempt.retryAfter("127.0.0.1", now: 1) == nil && exempt.trackedKeys.isEmpty)
+        #expect(strict.retryAfter("127.0.0.1", now: 1) != nil)
+    }
+
+    @Test func memoryIsBounded() {
+        let limiter = AuthFailureLimiter(secret: String(repeating: "s", count: 32), maxTracked: 100)
+        for i in 0..<1_000 { limiter.failed("10.0.\(i / 256).\(i % 256)", now: 1) }
+        #expect(limiter.trackedKeys.count <= 100)
+    }
+}
