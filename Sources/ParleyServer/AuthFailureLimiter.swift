@@ -36,7 +36,7 @@ final class AuthFailureLimiter: Sendable {
     }
 
     private func key(_ ip: String) -> String? {
-        if !limitsLoopback && (ip.hasPrefix("127.") || ip == "::1" || ip.hasPrefix("::ffff:127.")) { return nil }
+        if !limitsLoopback && HandshakeLimiter.isLoopback(ip) { return nil }
         return hasher.hash(ip)
     }
 

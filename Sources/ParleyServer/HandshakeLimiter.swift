@@ -19,7 +19,12 @@ final class HandshakeLimiter: Sendable {
     }
 
     private func exempt(_ ip: String) -> Bool {
-        !limitsLoopback && (ip.hasPrefix("127.") || ip == "::1" || ip.hasPrefix("::ffff:127."))
+        !limitsLoopback && Self.isLoopback(ip)
+    }
+
+    /// A loopback peer (IPv4, IPv6, or IPv4 mapped into IPv6).
+    static func isLoopback(_ ip: String) -> Bool {
+        ip.hasPrefix("127.") || ip == "::1" || ip.hasPrefix("::ffff:127.")
     }
 
     /// Takes a handshake for `ip`; false when it is over its rate.
