@@ -394,3 +394,30 @@ def test_a_clone_is_edited_and_deleted_from_the_form(web, browser):
     assert web.http("GET", "/v1/clones", token)[1]["clones"] == []
     expect(page.locator("#clone-list li")).to_have_count(0)
     page.close()
+
+
+def test_the_moderator_pauses_resumes_and_ends_a_debate(web, browser):
+    token = web.token("chair")
+    for name in ("Hume", "Kant"):
+        assert web.http("POST", "/v1/clones", token, {"name": name})[0] == 201
+    page = browser.new_page()
+    sign_in(page, web.base, "chair")
+    page.get_by_role("button", name="Rooms").click()
+    page.get_by_label("Topic").fill("Is induction justified?")
+    page.get_by_label("Rounds").fill("5")
+    page.get_by_role("button", name="Create debate").click()
+    expect(page.locator("#room-controls")).to_be_visible(timeout=WAIT)
+    page.get_by_role("button", name="Start").click()
+    page.wait_for_function("() => Number(document.querySelector('#room-log li.clone')?.dataset.seq) >= 2", timeout=WAIT)
+    page.get_by_role("button", name="Pause").click()
+    expect(page.locator("#room-log")).to_contain_text("chair paused", timeout=WAIT)
+    expect(page.locator("#room-meta")).to_have_attribute("data-status", "paused")
+    expect(page.locator("#room-log li.clone").first).to_have_attribute("data-reason", "cancelled", timeout=WAIT)
+    page.get_by_role("button", name="Resume").click()
+    expect(page.locator("#room-log")).to_contain_text("chair resumed", timeout=WAIT)
+    page.get_by_role("button", name="End").click()
+    expect(page.locator("#room-log")).to_contain_text("the room ended", timeout=WAIT)
+    expect(page.locator("#room-meta")).to_have_attribute("data-status", "ended")
+    status, room = web.http("GET", f"/v1/rooms/{page.get_by_label('Room id', exact=True).input_value()}", token)
+    assert status == 200 and room["room"]["status"] == "ended"
+    page.close()
