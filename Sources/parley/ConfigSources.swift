@@ -67,6 +67,8 @@ struct ConfigSources {
         var fromFile: [String] = []
         if let path { fromFile = try file(path, invertible: invertible) }
         var fromEnvironment: [String] = []
+        // A flag the environment turns off that has no --no- form: the file's --flag must go.
+        var switchedOff: Set<String> = []
         for option in known.values.sorted(by: { $0.name < $1.name }) where option.name != "config" {
             let variable = Self.environmentName(option.name)
             guard let value = environment[variable], !value.isEmpty else { continue }
@@ -75,10 +77,12 @@ struct ConfigSources {
                     throw Failure(description: "\(variable)=\(value): a flag's value is true or false (or 1/0, yes/no)")
                 }
                 fromEnvironment += flag(option.name, on, invertible: invertible)
+                if !on { switchedOff.insert("--\(option.name)") }
             } else {
                 fromEnvironment += ["--\(option.name)", value]
             }
         }
+        fromFile.removeAll { switchedOff.contains($0) }
         var origins: [String] = []
         if let path, !fromFile.isEmpty { origins.append("from \(path): " + Self.options(in: fromFile).joined(separator: " ")) }
         if !fromEnvironment.isEmpty { origins.append("from the environment: " + Self.options(in: fromEnvironment).joined(separator: " ")) }

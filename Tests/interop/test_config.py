@@ -58,6 +58,20 @@ def test_a_config_file_sets_options_and_the_environment_and_command_line_overrid
         assert server.stop() == 0
 
 
+def test_the_environment_turns_off_a_flag_the_file_turned_on(data_dir, tmp_path):
+    config = write(tmp_path / "dev.json", {"dev": True})
+    server = Server(data_dir, "--config", config)
+    try:
+        assert server.http("GET", "/v1/info")[1]["dev"] is True
+    finally:
+        assert server.stop() == 0
+    server = Server(data_dir, "--config", config, env={"PARLEY_DEV": "false"})
+    try:
+        assert server.http("GET", "/v1/info")[1]["dev"] is False, "a flag with no --no- form is still turned off"
+    finally:
+        assert server.stop() == 0
+
+
 def test_every_option_of_serve_can_come_from_the_file_and_the_environment(data_dir, tmp_path):
     helptext = subprocess.run([str(BINARY), "serve", "--help"], capture_output=True, text=True, check=True).stdout
     options = sorted(set(re.findall(r"^\s+--(?:\[no-\])?([a-z][a-z0-9-]*)", helptext, re.M)) - {"help", "config"})
