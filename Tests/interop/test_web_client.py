@@ -14,6 +14,7 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from conftest import BINARY, ROOT, Server
+from schemas import validate_rest
 
 OUT = pathlib.Path(os.environ.get("PARLEY_TEST_OUTPUT", ROOT / "test-output")) / "web-client"
 WAIT = 15_000  # ms: the longest any step may take
@@ -338,10 +339,10 @@ def test_the_client_is_served_with_strict_headers_and_dev_tokens_work(web):
         assert response.headers["X-Content-Type-Options"] == "nosniff"
     with urllib.request.urlopen(web.base + "/app.js", timeout=10) as response:
         assert response.headers["Content-Type"].startswith("text/javascript") and b"stream.resume" in response.read()
-    assert web.http("GET", "/v1/info") == (200, {"protocol": 1, "dev": True, "models": ["simulated"]})
+    assert web.http("GET", "/v1/info") == (200, validate_rest("info", {"protocol": 1, "dev": True, "models": ["simulated"]}))
 
     status, minted = web.http("POST", "/v1/dev/token", body={"user": "zoe"})
-    assert status == 201 and minted["user"] == "zoe" and minted["expires_in"] == 12 * 3600
+    assert status == 201 and validate_rest("dev-token", minted)["user"] == "zoe" and minted["expires_in"] == 12 * 3600
     assert web.http("GET", "/v1/clones", minted["token"]) == (200, {"clones": []})
     status, body = web.http("POST", "/v1/dev/token", body={"user": "no spaces"})
     assert status == 400 and body["error"]["code"] == "bad_request"
