@@ -62,6 +62,7 @@ public enum IDKind: String, Sendable {
     case schedule = "sch"
     case room = "rm"
     case roomEntry = "re"
+    case audit = "au"
 }
 
 public enum Timestamp {

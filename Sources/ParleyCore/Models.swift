@@ -99,11 +99,14 @@ public struct Message: Sendable, Equatable {
     public var reason: StreamEndReason?
     public var usage: Usage?
     public var stream: String?
+    /// Marked by its owner to be kept: the retention purge leaves saved messages alone.
+    public var saved: Bool
 
     public init(
         id: String, conversation: String, role: Role, text: String, createdAt: Int64,
-        reason: StreamEndReason? = nil, usage: Usage? = nil, stream: String? = nil
+        reason: StreamEndReason? = nil, usage: Usage? = nil, stream: String? = nil, saved: Bool = false
     ) {
+        self.saved = saved
         self.id = id
         self.conversation = conversation
         self.role = role

@@ -53,6 +53,7 @@ extension Message {
         if let reason { pairs.append(("reason", .string(reason.rawValue))) }
         if let usage { pairs.append(("usage", usage.json)) }
         if let stream { pairs.append(("stream", .string(stream))) }
+        pairs.append(("saved", .bool(saved)))
         return .object(pairs)
     }
 }

@@ -226,6 +226,7 @@ public final class MongoStore: Store {
                 doc.append(("output_tokens", .long(Int64(usage.outputTokens))))
             }
             if let stream = m.stream { doc.append(("stream", .string(stream))) }
+            doc.append(("saved", .bool(m.saved)))
             do {
                 try db.insert("messages", .object(doc))
             } catch StoreError.duplicateKey(let key) {
@@ -260,7 +261,7 @@ public final class MongoStore: Store {
             id: d["_id"]?.stringValue ?? "", conversation: d["conversation"]?.stringValue ?? "",
             role: Role(rawValue: d["role"]?.stringValue ?? "") ?? .user, text: d["text"]?.stringValue ?? "",
             createdAt: d["created_at"]?.int64 ?? 0, reason: d["reason"]?.stringValue.flatMap(StreamEndReason.init(rawValue:)),
-            usage: usage, stream: d["stream"]?.stringValue
+            usage: usage, stream: d["stream"]?.stringValue, saved: d["saved"]?.boolValue == true
         )
     }
 }
@@ -283,6 +284,14 @@ struct Database: Sendable {
         ("schedules", "status_id", .object([("status", .int(1)), ("_id", .int(1))]), false),
         ("rooms", "status_id", .object([("status", .int(1)), ("_id", .int(1))]), false),
         ("room_entries", "room_id", .object([("room", .int(1)), ("_id", .int(1))]), false),
+        // The privacy promises: retention by age, export by owner, deletion by speaker, the audit log.
+        ("messages", "saved_created", .object([("saved", .int(1)), ("created_at", .int(1))]), false),
+        ("room_entries", "created", .object([("created_at", .int(1))]), false),
+        ("room_entries", "speaker", .object([("speaker", .int(1))]), false),
+        ("rooms", "owner_id", .object([("owner", .int(1)), ("_id", .int(1))]), false),
+        ("rooms", "members", .object([("members", .int(1))]), false),
+        ("audit", "actor", .object([("actor", .int(1))]), false),
+        ("audit", "target", .object([("target", .int(1))]), false),
     ]
 
     func migrate() throws {

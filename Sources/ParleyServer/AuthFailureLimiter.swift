@@ -5,12 +5,13 @@ import Synchronization
 
 /// A client IP as Parley remembers it: HMAC-SHA256 under a key derived from the server's secret,
 /// hex. The same address gives the same hash on this server, and the address cannot be read back
-/// from it (nor tried against a list without the secret).
+/// from it (nor tried against a list without the secret). `purpose` separates the keys, so a
+/// deleted user's pseudonym and an address never hash alike.
 struct IPHasher: Sendable {
     private let key: SymmetricKey
 
-    init(secret: String) {
-        key = SymmetricKey(data: SHA256.hash(data: Array("parley client ip\u{0}\(secret)".utf8)))
+    init(secret: String, purpose: String = "client ip") {
+        key = SymmetricKey(data: SHA256.hash(data: Array("parley \(purpose)\u{0}\(secret)".utf8)))
     }
 
     func hash(_ ip: String) -> String {

@@ -136,6 +136,25 @@ public final class SQLiteStore: Store {
         "ALTER TABLE clones ADD COLUMN model TEXT;",
         // v7: what a Character Card brought (CharacterCard.storageJSON; NULL for a clone made here).
         "ALTER TABLE clones ADD COLUMN profile TEXT;",
+        // v8: the privacy promises: saved messages, retention by age, export by owner, the audit log.
+        """
+        ALTER TABLE messages ADD COLUMN saved INTEGER NOT NULL DEFAULT 0;
+        CREATE INDEX messages_unsaved_by_age ON messages(created_at) WHERE saved = 0;
+        CREATE INDEX room_entries_by_age ON room_entries(created_at);
+        CREATE INDEX room_entries_by_speaker ON room_entries(speaker) WHERE speaker_is_clone = 0;
+        CREATE INDEX rooms_by_owner ON rooms(owner, id);
+        CREATE TABLE audit (
+            id TEXT PRIMARY KEY,
+            at INTEGER NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            target TEXT,
+            ip_hash TEXT,
+            detail TEXT NOT NULL
+        );
+        CREATE INDEX audit_by_actor ON audit(actor);
+        CREATE INDEX audit_by_target ON audit(target);
+        """,
     ]
 
     public static var schemaVersion: Int { migrations.count }
@@ -430,7 +449,7 @@ public final class SQLiteStore: Store {
 
     // MARK: Messages
 
-    private static let messageColumns = "id, conversation, role, text, created_at, reason, input_tokens, output_tokens, stream"
+    private static let messageColumns = "id, conversation, role, text, created_at, reason, input_tokens, output_tokens, stream, saved"
 
     public func appendMessage(_ m: Message) async throws {
         try await run { db in
@@ -442,13 +461,14 @@ public final class SQLiteStore: Store {
     /// message with the same id instead of failing.
     private static func insert(_ m: Message, into db: SQLiteConnection, orIgnore: Bool) throws {
                 try db.query(
-                    "INSERT INTO messages(\(Self.messageColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)" + (orIgnore ? " ON CONFLICT(id) DO NOTHING" : ""),
+                    "INSERT INTO messages(\(Self.messageColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" + (orIgnore ? " ON CONFLICT(id) DO NOTHING" : ""),
                     [
                         .text(m.id), .text(m.conversation), .text(m.role.rawValue), .text(m.text), .int(m.createdAt),
                         m.reason.map { .text($0.rawValue) } ?? .null,
                         m.usage.map { .int(Int64($0.inputTokens)) } ?? .null,
                         m.usage.map { .int(Int64($0.outputTokens)) } ?? .null,
                         m.stream.map(SQLValue.text) ?? .null,
+                        .int(m.saved ? 1 : 0),
                     ]
                 )
                 try db.query(
@@ -479,7 +499,7 @@ public final class SQLiteStore: Store {
         return Message(
             id: row[0].text ?? "", conversation: row[1].text ?? "", role: Role(rawValue: row[2].text ?? "") ?? .user,
             text: row[3].text ?? "", createdAt: row[4].int ?? 0,
-            reason: row[5].text.flatMap(StreamEndReason.init(rawValue:)), usage: usage, stream: row[8].text
+            reason: row[5].text.flatMap(StreamEndReason.init(rawValue:)), usage: usage, stream: row[8].text, saved: row[9].int == 1
         )
     }
 
@@ -742,6 +762,112 @@ public final class SQLiteStore: Store {
                           speaker: r[3].text ?? "", text: r[4].text ?? "", createdAt: r[5].int ?? 0,
                           reason: r[6].text.flatMap(StreamEndReason.init(rawValue:)), stream: r[7].text,
                           lang: r[8].text.flatMap(LanguageTag.init), source: r[9].text, speakerIsClone: r[10].int == 1)
+            }
+        }
+    }
+
+    // MARK: Privacy
+
+    public func rooms(owner: String, limit: Int, after: String?) async throws -> [Room] {
+        try await run { db in
+            try db.query(
+                "SELECT \(Self.roomColumns) FROM rooms WHERE owner = ? AND (? IS NULL OR id > ?) ORDER BY id LIMIT ?",
+                [.text(owner), Self.optional(after), Self.optional(after), .int(Int64(limit))]
+            ).map(Self.room(from:))
+        }
+    }
+
+    public func setMessageSaved(id: String, conversation: String, saved: Bool) async throws -> Bool {
+        try await run { db in
+            try db.query("UPDATE messages SET saved = ? WHERE id = ? AND conversation = ?", [.int(saved ? 1 : 0), .text(id), .text(conversation)])
+            return db.changes > 0
+        }
+    }
+
+    public func deleteUser(_ id: String, pseudonym: String) async throws -> UserDeletion {
+        try await run { db in
+            try db.transaction {
+                var report = UserDeletion()
+                let user: [SQLValue] = [.text(id)]
+                let count: (String) throws -> Int = { Int(try db.query($0, user).first?.first?.int ?? 0) }
+                let mine = "SELECT id FROM conversations WHERE owner = ?"
+                report.messages = try count("SELECT count(*) FROM messages WHERE conversation IN (\(mine))")
+                try db.query("DELETE FROM messages WHERE conversation IN (\(mine))", user)
+                try db.query("DELETE FROM conversations WHERE owner = ?", user)
+                report.conversations = db.changes
+                try db.query("DELETE FROM clones WHERE owner = ?", user)
+                report.clones = db.changes
+                try db.query("DELETE FROM schedules WHERE owner = ?", user)
+                report.schedules = db.changes
+                // Their rooms with every entry (ON DELETE CASCADE), then what they said elsewhere
+                // with its translations.
+                report.roomEntries = try count("SELECT count(*) FROM room_entries WHERE room IN (SELECT id FROM rooms WHERE owner = ?)")
+                try db.query("DELETE FROM rooms WHERE owner = ?", user)
+                report.rooms = db.changes
+                try db.query("DELETE FROM room_entries WHERE source IN (SELECT id FROM room_entries WHERE speaker = ? AND speaker_is_clone = 0)", user)
+                report.roomEntries += db.changes
+                try db.query("DELETE FROM room_entries WHERE speaker = ? AND speaker_is_clone = 0", user)
+                report.roomEntries += db.changes
+                // Membership elsewhere: the LIKE narrows, `involves` decides (ids may hold '_').
+                let quoted = JSONValue.string(id).serializedString()
+                let pattern = "%" + quoted + "%"
+                let rows = try db.query(
+                    "SELECT \(Self.roomColumns) FROM rooms WHERE members LIKE ? OR muted LIKE ? OR kicked LIKE ? OR languages LIKE ?",
+                    Array(repeating: .text(pattern), count: 4)
+                )
+                for room in try rows.map(Self.room(from:)) where room.involves(id) {
+                    let values = Self.roomValues(room.removingUser(id))
+                    try db.query("UPDATE rooms SET muted = ?, kicked = ?, members = ?, languages = ? WHERE id = ?",
+                                 [values[10], values[11], values[15], values[16], values[0]])
+                }
+                // The books: rows and balance move to the pseudonym, detached from content.
+                let alias: SQLValue = .text(pseudonym)
+                try db.query("UPDATE ledger SET id = ? WHERE id = ?", [.text("welcome:" + pseudonym), .text("welcome:" + id)])
+                try db.query("UPDATE ledger SET user = ?, stream = NULL, conversation = NULL, room = NULL, note = NULL WHERE user = ?", [alias, .text(id)])
+                report.ledgerRowsKept = Int(try db.query("SELECT count(*) FROM ledger WHERE user = ?", [alias]).first?.first?.int ?? 0)
+                if let balance = try db.query("SELECT balance FROM accounts WHERE user = ?", user).first?.first?.int {
+                    try db.query(
+                        "INSERT INTO accounts(user, balance) VALUES(?, ?) ON CONFLICT(user) DO UPDATE SET balance = accounts.balance + excluded.balance",
+                        [alias, .int(balance)]
+                    )
+                    try db.query("DELETE FROM accounts WHERE user = ?", user)
+                }
+                try db.query("UPDATE audit SET actor = ? WHERE actor = ?", [alias, .text(id)])
+                try db.query("UPDATE audit SET target = ? WHERE target = ?", [alias, .text(id)])
+                try db.query("DELETE FROM users WHERE id = ?", user)
+                return report
+            }
+        }
+    }
+
+    public func purge(createdBefore cutoff: Int64, limit: Int) async throws -> PurgeResult {
+        try await run { db in
+            let bounds: [SQLValue] = [.int(cutoff), .int(Int64(limit))]
+            try db.query("DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE saved = 0 AND created_at < ? ORDER BY created_at LIMIT ?)", bounds)
+            let messages = db.changes
+            try db.query("DELETE FROM room_entries WHERE id IN (SELECT id FROM room_entries WHERE created_at < ? ORDER BY created_at LIMIT ?)", bounds)
+            return PurgeResult(messages: messages, roomEntries: db.changes)
+        }
+    }
+
+    public func appendAudit(_ e: AuditEvent) async throws {
+        try await run { db in
+            try db.query(
+                "INSERT INTO audit(id, at, actor, action, target, ip_hash, detail) VALUES(?, ?, ?, ?, ?, ?, ?)",
+                [.text(e.id), .int(e.at), .text(e.actor), .text(e.action), Self.optional(e.target), Self.optional(e.ipHash),
+                 .text(AuditEvent.json(e.detail).serializedString())]
+            )
+        }
+    }
+
+    public func auditEvents(limit: Int, before: String?) async throws -> [AuditEvent] {
+        try await run { db in
+            try db.query(
+                "SELECT id, at, actor, action, target, ip_hash, detail FROM audit WHERE (? IS NULL OR id < ?) ORDER BY id DESC LIMIT ?",
+                [Self.optional(before), Self.optional(before), .int(Int64(limit))]
+            ).map { r in
+                AuditEvent(id: r[0].text ?? "", at: r[1].int ?? 0, actor: r[2].text ?? "", action: r[3].text ?? "", target: r[4].text,
+                           ipHash: r[5].text, detail: AuditEvent.detail(try? JSONValue.parse(Array((r[6].text ?? "{}").utf8))))
             }
         }
     }

@@ -84,6 +84,26 @@ public protocol Store: Sendable {
     /// than `before` (an entry id) when given.
     func roomEntries(room: String, limit: Int, before: String?) async throws -> [RoomEntry]
 
+    // MARK: Privacy
+
+    /// The rooms `owner` owns, oldest first, `limit` at most, created after `after` (the export).
+    func rooms(owner: String, limit: Int, after: String?) async throws -> [Room]
+    /// Marks a message of a conversation saved (kept by retention) or not; false when absent.
+    func setMessageSaved(id: String, conversation: String, saved: Bool) async throws -> Bool
+    /// Deletes everything stored of the user: their clones with their conversations and
+    /// messages, schedules, the rooms they own with their transcripts, what they said in other
+    /// rooms and their membership there, and the user record. Ledger rows and the balance are
+    /// kept, as the law requires, moved to `pseudonym` and detached from content
+    /// (`LedgerEntry.detached`); their audit events move to the pseudonym too. Idempotent: a
+    /// retried call after a crash part-way finishes the job.
+    func deleteUser(_ id: String, pseudonym: String) async throws -> UserDeletion
+    /// Deletes up to `limit` unsaved messages and up to `limit` room entries created before
+    /// `cutoff` (Unix ms), oldest first. Callers repeat until a pass deletes fewer than `limit`.
+    func purge(createdBefore cutoff: Int64, limit: Int) async throws -> PurgeResult
+    func appendAudit(_ event: AuditEvent) async throws
+    /// Audit events newest first, `limit` at most, older than `before` (an event id) when given.
+    func auditEvents(limit: Int, before: String?) async throws -> [AuditEvent]
+
     /// Flushes and releases resources. Calls after `close` fail with `StoreError.closed`.
     func close() async throws
 }

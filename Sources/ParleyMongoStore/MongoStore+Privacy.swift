@@ -1,0 +1,132 @@
+import Foundation
+import ParleyCore
+import ParleyStore
+
+/// Export by owner, saved messages, user deletion, retention and the audit log. Without
+/// multi-document transactions, deletion removes children before parents and ends with the
+/// user record, so a crash part-way leaves something a retried call finishes.
+extension MongoStore {
+    public func rooms(owner: String, limit: Int, after: String?) async throws -> [Room] {
+        try await run { db in
+            var filter: [(String, JSONValue)] = [("owner", .string(owner))]
+            if let after { filter.append(("_id", .object([("$gt", .string(after))]))) }
+            return try db.find("rooms", filter: .object(filter), sort: .object([("_id", .int(1))]), limit: limit).map(Self.room(from:))
+        }
+    }
+
+    public func setMessageSaved(id: String, conversation: String, saved: Bool) async throws -> Bool {
+        try await run { db in
+            try db.update("messages", query: .object([("_id", .string(id)), ("conversation", .string(conversation))]),
+                          update: .object([("$set", .object([("saved", .bool(saved))]))])).matched > 0
+        }
+    }
+
+    public func deleteUser(_ id: String, pseudonym: String) async throws -> UserDeletion {
+        try await run { db in
+            var report = UserDeletion()
+            let user = JSONValue.string(id)
+            let conversations = try Self.ids(db, "conversations", .object([("owner", user)]))
+            report.messages = try Self.delete(db, "messages", field: "conversation", in: conversations)
+            report.conversations = Int(try db.delete("conversations", query: .object([("owner", user)])))
+            report.clones = Int(try db.delete("clones", query: .object([("owner", user)])))
+            report.schedules = Int(try db.delete("schedules", query: .object([("owner", user)])))
+            let rooms = try Self.ids(db, "rooms", .object([("owner", user)]))
+            report.roomEntries = try Self.delete(db, "room_entries", field: "room", in: rooms)
+            report.rooms = Int(try db.delete("rooms", query: .object([("owner", user)])))
+            // What they said in other rooms, with its translations.
+            let said = try Self.ids(db, "room_entries", .object([("speaker", user), ("speaker_is_clone", .object([("$ne", .bool(true))]))]))
+            report.roomEntries += try Self.delete(db, "room_entries", field: "source", in: said)
+            report.roomEntries += try Self.delete(db, "room_entries", field: "_id", in: said)
+            let involved = try db.find("rooms", filter: .object([("$or", .array([
+                .object([("members", user)]), .object([("muted", user)]), .object([("kicked", user)]),
+            ]))]))
+            for room in involved.map(Self.room(from:)) where room.involves(id) {
+                _ = try db.update("rooms", query: .object([("_id", .string(room.id))]),
+                                  update: .object([("$set", Self.mutableFields(Self.document(room.removingUser(id))))]))
+            }
+            report.ledgerRowsKept = try Self.detachLedger(db, user: id, pseudonym: pseudonym)
+            for field in ["actor", "target"] {
+                _ = try db.update("audit", query: .object([(field, user)]), update: .object([("$set", .object([(field, .string(pseudonym))]))]), multi: true)
+            }
+            _ = try db.delete("users", query: .object([("_id", user)]))
+            return report
+        }
+    }
+
+    /// Moves the user's ledger rows and balance to the pseudonym (`LedgerEntry.detached`).
+    private static func detachLedger(_ db: Database, user: String, pseudonym: String) throws -> Int {
+        // The balance first, once: a token parked on the old account makes the move idempotent
+        // through the same `recent` check every ledger entry uses.
+        _ = try db.update("accounts", query: .object([("_id", .string(user)), ("closing", .object([("$exists", .bool(false))]))]),
+                          update: .object([("$set", .object([("closing", .string(UUID().uuidString))]))]))
+        if let account = try db.find("accounts", filter: .object([("_id", .string(user))]), limit: 1).first,
+           let token = account["closing"]?.stringValue {
+            _ = try settle(db, id: "merge:" + token, user: pseudonym, credits: account["balance"]?.int64 ?? 0, allowOverdraft: true)
+            _ = try db.delete("accounts", query: .object([("_id", .string(user))]))
+        }
+        // `_id` cannot change in place: the welcome row is copied under its new id, then removed.
+        if let welcome = try db.find("ledger", filter: .object([("_id", .string("welcome:" + user))]), limit: 1).first {
+            let moved = entry(from: welcome).detached(to: pseudonym)
+            do {
+                try db.insert("ledger", document(moved, state: welcome["state"]?.stringValue ?? "applied"))
+            } catch StoreError.duplicateKey {}
+            _ = try db.delete("ledger", query: .object([("_id", .string("welcome:" + user))]))
+        }
+        _ = try db.update("ledger", query: .object([("user", .string(user))]), update: .object([
+            ("$set", .object([("user", .string(pseudonym))])),
+            ("$unset", .object([("stream", .string("")), ("conversation", .string("")), ("room", .string("")), ("note", .string(""))])),
+        ]), multi: true)
+        return Int(try db.command(.object([("count", .string("ledger")), ("query", .object([("user", .string(pseudonym))]))]))["n"]?.int64 ?? 0)
+    }
+
+    private static func ids(_ db: Database, _ collection: String, _ filter: JSONValue) throws -> [JSONValue] {
+        try db.find(collection, filter: filter, projection: .object([("_id", .int(1))])).compactMap { $0["_id"] }
+    }
+
+    /// Deletes the documents whose `field` is one of `values`, a bounded `$in` at a time.
+    private static func delete(_ db: Database, _ collection: String, field: String, in values: [JSONValue]) throws -> Int {
+        var deleted = 0
+        var start = 0
+        while start < values.count {
+            let chunk = Array(values[start..<min(values.count, start + 1000)])
+            deleted += Int(try db.delete(collection, query: .object([(field, .object([("$in", .array(chunk))]))])))
+            start += chunk.count
+        }
+        return deleted
+    }
+
+    public func purge(createdBefore cutoff: Int64, limit: Int) async throws -> PurgeResult {
+        try await run { db in
+            let old: JSONValue = .object([("$lt", .long(cutoff))])
+            let messages = try db.find("messages", filter: .object([("saved", .object([("$ne", .bool(true))])), ("created_at", old)]),
+                                       sort: .object([("created_at", .int(1))]), projection: .object([("_id", .int(1))]), limit: limit)
+            let entries = try db.find("room_entries", filter: .object([("created_at", old)]),
+                                      sort: .object([("created_at", .int(1))]), projection: .object([("_id", .int(1))]), limit: limit)
+            return PurgeResult(
+                messages: try Self.delete(db, "messages", field: "_id", in: messages.compactMap { $0["_id"] }),
+                roomEntries: try Self.delete(db, "room_entries", field: "_id", in: entries.compactMap { $0["_id"] })
+            )
+        }
+    }
+
+    public func appendAudit(_ e: AuditEvent) async throws {
+        try await run { db in
+            try db.insert("audit", .object([
+                ("_id", .string(e.id)), ("at", .long(e.at)), ("actor", .string(e.actor)), ("action", .string(e.action)),
+                ("target", e.target.map(JSONValue.string) ?? .null), ("ip_hash", e.ipHash.map(JSONValue.string) ?? .null),
+                ("detail", AuditEvent.json(e.detail)),
+            ]))
+        }
+    }
+
+    public func auditEvents(limit: Int, before: String?) async throws -> [AuditEvent] {
+        try await run { db in
+            let filter: JSONValue = before.map { .object([("_id", .object([("$lt", .string($0))]))]) } ?? .object([])
+            return try db.find("audit", filter: filter, sort: .object([("_id", .int(-1))]), limit: limit).map { d in
+                AuditEvent(id: d["_id"]?.stringValue ?? "", at: d["at"]?.int64 ?? 0, actor: d["actor"]?.stringValue ?? "",
+                           action: d["action"]?.stringValue ?? "", target: d["target"]?.stringValue, ipHash: d["ip_hash"]?.stringValue,
+                           detail: AuditEvent.detail(d["detail"]))
+            }
+        }
+    }
+}
