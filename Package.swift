@@ -24,6 +24,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
         // The Prometheus backend behind GET /metrics (the executable bootstraps it).
         .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
+        // The executable's lifecycle: SIGTERM/SIGINT start a graceful shutdown (the drain).
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
         // Only for the timer benchmark's binary-heap baseline.
         .package(url: "https://github.com/apple/swift-collections.git", from: "1.6.0"),
         // HTTP for the real LLM providers (OpenAI-compatible, Anthropic).
@@ -119,6 +121,7 @@ let package = Package(
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
             swiftSettings: strict
         ),

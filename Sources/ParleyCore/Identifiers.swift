@@ -63,6 +63,7 @@ public enum IDKind: String, Sendable {
     case room = "rm"
     case roomEntry = "re"
     case audit = "au"
+    case request = "req"
 }
 
 public enum Timestamp {

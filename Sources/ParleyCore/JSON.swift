@@ -208,6 +208,12 @@ public struct JSONObjectReader {
         return s
     }
 
+    public mutating func bool(_ key: String) throws(ValidationError) -> Bool? {
+        guard let value = raw(key) else { return nil }
+        guard case .bool(let b) = value else { throw ValidationError("'\(key)' must be true or false, not \(value.typeName)") }
+        return b
+    }
+
     public mutating func int(_ key: String) throws(ValidationError) -> Int64? {
         guard let value = raw(key) else { return nil }
         switch value {

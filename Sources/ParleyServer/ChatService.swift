@@ -79,7 +79,7 @@ final class ChatService: Sendable {
                 error.ref = frame.id
                 connection.send(ServerFrame.error(error))
             } catch {
-                var failure = self.internalFailure(error, what: what)
+                var failure = self.internalFailure(error, what: what, connection: connection, ref: frame.id)
                 failure.ref = frame.id
                 connection.send(ServerFrame.error(failure))
             }
@@ -90,8 +90,11 @@ final class ChatService: Sendable {
     }
 
     /// Logs a failure the client cannot act on and returns the `internal` error it is told.
-    func internalFailure(_ error: any Error, what: String) -> FrameError {
-        logger.error("\(what) failed", metadata: ["error": "\(error)"])
+    func internalFailure(_ error: any Error, what: String, connection: ClientConnection? = nil, ref: String? = nil) -> FrameError {
+        var metadata: Logger.Metadata = ["error": "\(error)"]
+        if let connection { metadata["conn"] = "\(connection.id)" }
+        if let ref { metadata["ref"] = "\(ref)" }
+        logger.error("\(what) failed", metadata: metadata)
         return FrameError(ref: nil, code: .internal, message: "the request failed; try again")
     }
 
@@ -123,9 +126,49 @@ final class ChatService: Sendable {
 
     var isAccepting: Bool { requests.withLock { $0.accepting } }
 
-    /// Stops the owner's streams on `clone` and waits for them to end (before the clone is deleted).
-    func stopStreams(clone: String, owner: String) async {
-        let tasks = hub.liveStreams.filter { $0.owner == owner && $0.clone == clone }.compactMap { $0.stop(.cancelled) }
+    /// Stops taking requests (new ones are answered `unavailable`) and waits up to `grace` for
+    /// those in flight and every reply streaming (chats, scheduled messages, debate turns) to
+    /// finish on their own. True when they all did.
+    func drain(grace: Duration) async -> Bool {
+        let running = requests.withLock { r -> [Task<Void, Never>] in
+            r.accepting = false
+            return Array(r.running.values)
+        }
+        let hub = self.hub
+        guard !running.isEmpty || !hub.liveStreams.isEmpty else { return true }
+        guard grace > .zero else { return false }
+        return await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
+            let pending = Mutex<CheckedContinuation<Bool, Never>?>(continuation)
+            let finish: @Sendable (Bool) -> Void = { done in pending.withLock { $0.take() }?.resume(returning: done) }
+            let timer = Task {
+                try? await Task.sleep(for: grace)
+                finish(false)
+            }
+            Task {
+                // A finished request may have started a stream, a debate its next turn: look again.
+                var waiting = running
+                while true {
+                    let live = hub.liveStreams
+                    waiting += live.compactMap(\.task)
+                    if waiting.isEmpty {
+                        guard !live.isEmpty else { break }
+                        // A stream registered a moment before its task is attached.
+                        try? await Task.sleep(for: .milliseconds(5))
+                        continue
+                    }
+                    for task in waiting { await task.value }
+                    waiting = []
+                }
+                timer.cancel()
+                finish(true)
+            }
+        }
+    }
+
+    /// Stops the owner's streams (on `clone`, or all of them) and waits for them to end, before
+    /// the clone or the whole account is deleted.
+    func stopStreams(clone: String? = nil, owner: String) async {
+        let tasks = hub.liveStreams.filter { $0.owner == owner && (clone == nil || $0.clone == clone) }.compactMap { $0.stop(.cancelled) }
         for task in tasks { await task.value }
     }
 
@@ -207,7 +250,7 @@ final class ChatService: Sendable {
         } catch let error as FrameError {
             connection.send(ServerFrame.error(error))
         } catch {
-            logger.error("chat.send failed", metadata: ["user": "\(user)", "error": "\(error)"])
+            logger.error("chat.send failed", metadata: ["conn": "\(connection.id)", "ref": "\(ref)", "error": "\(error)"])
             connection.send(ServerFrame.error(ref: ref, code: .internal, message: "the request failed; try again"))
         }
         // Charged for a prompt whose message could not be stored: give it back.

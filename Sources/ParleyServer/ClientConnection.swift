@@ -32,6 +32,9 @@ public final class ClientConnection: Sendable {
         self.maxQueuedBytes = maxQueuedBytes
     }
 
+    /// The peer's address (for the audit log, which keeps only its hash).
+    var remoteIP: String? { channel.remoteAddress?.ipAddress }
+
     var isActive: Bool { channel.isActive && !cutOff.load(ordering: .relaxed) }
 
     /// The water marks a socket's channel gets: unwritable past `maxQueuedBytes` pending.

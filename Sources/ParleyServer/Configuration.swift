@@ -70,8 +70,17 @@ public struct ServerConfiguration: Sendable {
     /// Development mode: `POST /v1/dev/token` mints a token for any name (the web client's dev
     /// sign-in). Never on a server others can reach.
     public var devSignIn = false
-    /// How long a clean shutdown waits for sockets to finish closing.
+    /// How long a clean shutdown (SIGTERM) lets the replies in flight finish on their own before
+    /// ending the rest with reason `shutdown`. New requests are refused (`unavailable`) meanwhile.
+    public var drainGrace: Duration = .seconds(10)
+    /// How long a clean shutdown then waits for sockets to finish closing.
     public var shutdownGrace: Duration = .seconds(5)
+
+    /// Generated content (messages, room transcripts) older than this is deleted unless its
+    /// owner saved it; nil keeps everything.
+    public var retention: Duration? = .seconds(90 * 86_400)
+    /// How often the retention purge runs (the first pass soon after start).
+    public var retentionInterval: Duration = .seconds(3_600)
 
     /// The scheduled-message timer wheel's tick: deadlines are met to within one tick.
     public var scheduleTickMillis: Int64 = 10

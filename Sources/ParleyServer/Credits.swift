@@ -65,6 +65,11 @@ final class Credits: Sendable {
         }
     }
 
+    /// A deleted user's starting grant went with the account: should they return, they start anew.
+    func forget(_ user: String) {
+        _ = welcomed.withLock { $0.remove(user) }
+    }
+
     /// Checks a grant from outside (an admin, a payment) before it is applied.
     func validateGrant(user: String, credits amount: Int64) throws(ValidationError) {
         guard Authenticator.isValidSubject(user) else { throw ValidationError("'user' is not a valid user id") }

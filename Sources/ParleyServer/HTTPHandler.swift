@@ -51,11 +51,16 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             break
         case (.end, .receiving(let head, let body, _)):
             state = .idle
-            respond(context: context, head: head, request: HTTPRequest(head: head, body: body, remoteIP: context.channel.remoteAddress?.ipAddress))
+            respond(context: context, head: head, request: HTTPRequest(head: head, body: body, remoteIP: context.channel.remoteAddress?.ipAddress,
+                                                                       id: api.ids.make(.request)))
         case (.end, .discarding(let head, let limit)):
             state = .idle
             let error = APIError(.payloadTooLarge, .tooLarge, "the request body is larger than \(limit) bytes")
-            write(error.response, for: head, keepAlive: false, context: context)
+            let id = api.ids.make(.request)
+            api.logger.info("request", metadata: ["request": "\(id)", "method": "\(head.method)", "status": "413"])
+            var response = error.response
+            response.headers.replaceOrAdd(name: "x-request-id", value: id)
+            write(response, for: head, keepAlive: false, context: context)
         case (.end, .idle):
             break
         }
@@ -71,8 +76,11 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     private func write(_ response: HTTPResponse, for request: HTTPRequestHead, keepAlive: Bool, context: ChannelHandlerContext) {
+        if let stream = response.stream, request.method != .HEAD {
+            return writeStreamed(response, stream, for: request, keepAlive: keepAlive, context: context)
+        }
         var headers = response.headers
-        headers.replaceOrAdd(name: "content-length", value: String(response.body.count))
+        if response.stream == nil { headers.replaceOrAdd(name: "content-length", value: String(response.body.count)) }
         headers.replaceOrAdd(name: "connection", value: keepAlive ? "keep-alive" : "close")
         context.write(wrapOutboundOut(.head(HTTPResponseHead(version: request.version, status: response.status, headers: headers))), promise: nil)
         if !response.body.isEmpty, request.method != .HEAD {
@@ -82,6 +90,35 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         if !keepAlive {
             let channel = context.channel
             written.whenComplete { _ in channel.close(promise: nil) }
+        }
+    }
+
+    /// Sends the head, then lets the producer write the body off the event loop. Without a
+    /// length the encoder frames HTTP/1.1 with chunked encoding; HTTP/1.0 is framed by closing.
+    private func writeStreamed(
+        _ response: HTTPResponse, _ produce: @escaping @Sendable (inout HTTPBodyWriter) async throws -> Void,
+        for request: HTTPRequestHead, keepAlive: Bool, context: ChannelHandlerContext
+    ) {
+        let keepAlive = keepAlive && (request.version.major, request.version.minor) >= (1, 1)
+        var headers = response.headers
+        headers.remove(name: "content-length")
+        headers.replaceOrAdd(name: "connection", value: keepAlive ? "keep-alive" : "close")
+        context.writeAndFlush(wrapOutboundOut(.head(HTTPResponseHead(version: request.version, status: response.status, headers: headers))), promise: nil)
+        let channel = context.channel
+        let api = self.api
+        Task {
+            var writer = HTTPBodyWriter(channel: channel)
+            do {
+                try await produce(&writer)
+                try await writer.flush()
+                try await channel.writeAndFlush(HTTPServerResponsePart.end(nil)).get()
+                if !keepAlive { try? await channel.close() }
+            } catch {
+                api.logger.warning("streamed response cut short", metadata: [
+                    "request": "\(response.headers.first(name: "x-request-id") ?? "")", "error": "\(error)",
+                ])
+                try? await channel.close()
+            }
         }
     }
 }

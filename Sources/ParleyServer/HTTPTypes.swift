@@ -13,9 +13,12 @@ struct HTTPRequest: Sendable {
     var body: ByteBuffer?
     /// The client's IP address, when the socket has one.
     var remoteIP: String?
+    /// Names the request in every log line about it and in the `x-request-id` response header.
+    var id: String
 
-    init(head: HTTPRequestHead, body: ByteBuffer?, remoteIP: String? = nil) {
+    init(head: HTTPRequestHead, body: ByteBuffer?, remoteIP: String? = nil, id: String = "") {
         self.remoteIP = remoteIP
+        self.id = id
         method = head.method
         uri = head.uri
         headers = head.headers
@@ -40,11 +43,15 @@ struct HTTPRequest: Sendable {
     }
 }
 
-/// An HTTP response with a JSON (or empty) body.
+/// An HTTP response with a JSON (or empty) body, or a body streamed as it is produced.
 struct HTTPResponse: Sendable {
     var status: HTTPResponseStatus
     var headers: HTTPHeaders
     var body: [UInt8]
+    /// Produces the body piece by piece (sent chunked); `body` is ignored when set. A producer
+    /// that throws part-way gets the connection closed, so the client sees a truncated body and
+    /// never mistakes it for a whole one.
+    var stream: (@Sendable (inout HTTPBodyWriter) async throws -> Void)?
 
     init(_ status: HTTPResponseStatus, json: JSONValue? = nil, headers: HTTPHeaders = [:]) {
         self.status = status
@@ -58,7 +65,41 @@ struct HTTPResponse: Sendable {
     }
 }
 
+/// Where a streamed body goes: bytes gather up to `chunkBytes`, then go out as one chunk, and
+/// the producer waits until the socket took it, so a slow reader holds one chunk in memory, not
+/// the whole document.
+struct HTTPBodyWriter {
+    static let chunkBytes = 32 * 1024
+    private let channel: any Channel
+    private var pending: [UInt8] = []
+
+    init(channel: any Channel) {
+        self.channel = channel
+        pending.reserveCapacity(Self.chunkBytes)
+    }
+
+    mutating func write(_ bytes: [UInt8]) async throws {
+        pending += bytes
+        if pending.count >= Self.chunkBytes { try await flush() }
+    }
+
+    mutating func write(_ text: String) async throws { try await write(Array(text.utf8)) }
+
+    mutating func flush() async throws {
+        guard !pending.isEmpty else { return }
+        let buffer = channel.allocator.buffer(bytes: pending)
+        pending.removeAll(keepingCapacity: true)
+        try await channel.writeAndFlush(HTTPServerResponsePart.body(.byteBuffer(buffer))).get()
+    }
+}
+
 extension HTTPResponse {
+    /// A response whose body `produce` writes as it goes (chunked transfer encoding).
+    init(_ status: HTTPResponseStatus, contentType: String, stream produce: @escaping @Sendable (inout HTTPBodyWriter) async throws -> Void) {
+        self.init(status, headers: ["content-type": contentType])
+        stream = produce
+    }
+
     /// A response with a body that is not JSON (the web client's files); headers give its type.
     init(_ status: HTTPResponseStatus, body: [UInt8], headers: HTTPHeaders) {
         self.init(status, headers: headers)

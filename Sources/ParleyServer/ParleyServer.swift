@@ -27,12 +27,15 @@ public final class ParleyServer: Sendable {
     private let serverChannel: any Channel
     private let logger: Logger
     private let stopped = Mutex(false)
+    /// The retention purge, running until shutdown.
+    private let retention: Task<Void, Never>
 
     private init(
         configuration: ServerConfiguration, port: Int, store: any Store, authenticator: Authenticator, chat: ChatService,
         schedules: ScheduleService, rooms: RoomService, hub: StreamHub, group: MultiThreadedEventLoopGroup, serverChannel: any Channel,
-        logger: Logger
+        logger: Logger, retention: Task<Void, Never>
     ) {
+        self.retention = retention
         self.schedules = schedules
         self.rooms = rooms
         self.configuration = configuration
@@ -84,7 +87,10 @@ public final class ParleyServer: Sendable {
         // The timer wheel lives on one event loop; firing hands work to tasks, never blocking it.
         let schedules = ScheduleService(store: store, chat: chat, provider: provider, hub: hub, configuration: configuration,
                                         logger: logger, ids: ids, loop: group.next())
-        let rooms = RoomService(store: store, chat: chat, provider: provider, configuration: configuration, logger: logger, ids: ids)
+        let audit = AuditLog(store: store, secret: secret, ids: ids, logger: logger)
+        let rooms = RoomService(store: store, chat: chat, provider: provider, configuration: configuration, logger: logger, ids: ids, audit: audit)
+        let retention = RetentionJob(store: store, retention: configuration.retention, interval: configuration.retentionInterval,
+                                     logger: logger, metrics: configuration.metrics)
         do {
             try await rooms.start()
             try await schedules.start()
@@ -97,7 +103,7 @@ public final class ParleyServer: Sendable {
         }
         let handshakes = configuration.handshakesPerSecondPerIP.map { HandshakeLimiter(rate: $0, limitsLoopback: configuration.limitLoopbackHandshakes) }
         let api = RESTAPI(store: store, chat: chat, schedules: schedules, rooms: rooms, credits: credits, authenticator: authenticator,
-                          configuration: configuration, ids: ids, logger: logger, handshakes: handshakes,
+                          configuration: configuration, ids: ids, logger: logger, hub: hub, audit: audit, retention: retention, handshakes: handshakes,
                           authFailures: AuthFailureLimiter(secret: secret, limitsLoopback: configuration.limitLoopbackHandshakes))
 
         let bootstrap = ServerBootstrap(group: group)
@@ -133,7 +139,7 @@ public final class ParleyServer: Sendable {
         }
         return ParleyServer(
             configuration: configuration, port: port, store: store, authenticator: authenticator, chat: chat, schedules: schedules, rooms: rooms, hub: hub,
-            group: group, serverChannel: serverChannel, logger: logger
+            group: group, serverChannel: serverChannel, logger: logger, retention: Task { await retention.run() }
         )
     }
 
@@ -239,7 +245,8 @@ public final class ParleyServer: Sendable {
         return offers.isEmpty ? nil : PerMessageDeflate.negotiate(offers: offers, settings: settings)
     }
 
-    /// Stops cleanly: stops accepting, ends every stream with reason `shutdown` (its partial reply
+    /// Stops cleanly: stops accepting connections and requests, lets the replies in flight finish
+    /// for up to `drainGrace`, ends the rest with reason `shutdown` (their partial replies
     /// stored), closes every socket with 1001, then flushes and closes the store. Idempotent.
     public func shutdown() async {
         let first = stopped.withLock { s -> Bool in
@@ -250,6 +257,14 @@ public final class ParleyServer: Sendable {
         logger.info("shutting down", metadata: ["sockets": "\(hub.connectionCount)"])
         try? await serverChannel.close()
         await schedules.stopFiring()
+        retention.cancel()
+        let streaming = hub.liveStreams.count
+        if await chat.drain(grace: configuration.drainGrace) {
+            if streaming > 0 { logger.info("drained: every reply in flight finished", metadata: ["streams": "\(streaming)"]) }
+        } else {
+            logger.notice("grace period over; ending the replies still streaming with reason shutdown",
+                          metadata: ["streams": "\(hub.liveStreams.count)", "grace": "\(configuration.drainGrace)"])
+        }
         await rooms.shutdown()  // ends debate turns in flight and stores the rooms paused
         await chat.shutdown()  // also stops the streams of scheduled messages in flight
         await schedules.drain()

@@ -19,15 +19,21 @@ struct RESTAPI: Sendable {
     let logger: Logger
     let handshakes: HandshakeLimiter?
     let authFailures: AuthFailureLimiter?
+    let hub: StreamHub
+    let audit: AuditLog
+    let retention: RetentionJob
 
     private var router = Router<Identity>()
     private let webClient = WebClient.load()
 
     init(
         store: any Store, chat: ChatService, schedules: ScheduleService, rooms: RoomService, credits: Credits, authenticator: Authenticator,
-        configuration: ServerConfiguration, ids: IDGenerator, logger: Logger, handshakes: HandshakeLimiter? = nil,
-        authFailures: AuthFailureLimiter? = nil
+        configuration: ServerConfiguration, ids: IDGenerator, logger: Logger, hub: StreamHub, audit: AuditLog, retention: RetentionJob,
+        handshakes: HandshakeLimiter? = nil, authFailures: AuthFailureLimiter? = nil
     ) {
+        self.hub = hub
+        self.audit = audit
+        self.retention = retention
         self.handshakes = handshakes
         self.authFailures = authFailures
         self.store = store
@@ -45,7 +51,7 @@ struct RESTAPI: Sendable {
         router.add(.GET, "/v1/clones") { [self] _, _, identity in try await listClones(identity) }
         router.add(.GET, "/v1/clones/:id") { [self] _, p, identity in try await getClone(p["id"]!, identity) }
         router.add(.PATCH, "/v1/clones/:id") { [self] request, p, identity in try await patchClone(p["id"]!, request, identity) }
-        router.add(.DELETE, "/v1/clones/:id") { [self] _, p, identity in try await deleteClone(p["id"]!, identity) }
+        router.add(.DELETE, "/v1/clones/:id") { [self] request, p, identity in try await deleteClone(p["id"]!, request, identity) }
         router.add(.GET, "/v1/conversations") { [self] request, _, identity in try await listConversations(request, identity) }
         router.add(.GET, "/v1/conversations/:id") { [self] _, p, identity in try await getConversation(p["id"]!, identity) }
         router.add(.GET, "/v1/conversations/:id/messages") { [self] request, p, identity in
@@ -59,10 +65,30 @@ struct RESTAPI: Sendable {
         router.add(.GET, "/v1/rooms/:id") { [self] _, p, identity in try await getRoom(p["id"]!, identity) }
         router.add(.GET, "/v1/credits") { [self] request, _, identity in try await listCredits(request, identity) }
         router.add(.POST, "/v1/admin/credits") { [self] request, _, identity in try await adminGrant(request, identity) }
+        router.add(.PATCH, "/v1/conversations/:id/messages/:message") { [self] request, p, identity in
+            try await markSaved(conversation: p["id"]!, message: p["message"]!, request, identity)
+        }
+        router.add(.GET, "/v1/me/export") { [self] _, _, identity in try await exportAccount(identity) }
+        router.add(.DELETE, "/v1/me") { [self] request, _, identity in try await deleteAccount(request, identity) }
+        router.add(.GET, "/v1/admin/audit") { [self] request, _, identity in try await listAudit(request, identity) }
+        router.add(.POST, "/v1/admin/retention/purge") { [self] request, _, identity in try await purgeNow(request, identity) }
     }
 
-    /// Answers one request; never throws.
+    /// Answers one request; never throws. Each gets one access line (id, method, path, status,
+    /// time; never the query, which may hold a token) and its id back in `x-request-id`.
     func respond(to request: HTTPRequest) async -> HTTPResponse {
+        let started = ContinuousClock.now
+        var response = await answer(request)
+        response.headers.replaceOrAdd(name: "x-request-id", value: request.id)
+        let elapsed = ContinuousClock.now - started
+        logger.info("request", metadata: [
+            "request": "\(request.id)", "method": "\(request.method)", "path": "\(request.path)", "status": "\(response.status.code)",
+            "ms": "\(Double(elapsed.components.attoseconds / 1_000_000_000_000) / 1_000 + Double(elapsed.components.seconds) * 1_000)",
+        ])
+        return response
+    }
+
+    private func answer(_ request: HTTPRequest) async -> HTTPResponse {
         do {
             switch request.path {
             case "/healthz":
@@ -118,7 +144,7 @@ struct RESTAPI: Sendable {
         } catch let error as ValidationError {
             return APIError(.badRequest, .badRequest, error.message).response
         } catch {
-            logger.error("request failed", metadata: ["method": "\(request.method)", "path": "\(request.path)", "error": "\(error)"])
+            logger.error("request failed", metadata: ["request": "\(request.id)", "method": "\(request.method)", "path": "\(request.path)", "error": "\(error)"])
             return APIError(.internalServerError, .internal, "the request failed; try again").response
         }
     }
@@ -171,11 +197,12 @@ struct RESTAPI: Sendable {
     // MARK: Clones
 
     private func createClone(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
-        try await create(try offered(CloneFields.parse(try request.json(), requireName: true, limits: configuration.cloneLimits)), identity)
+        try await create(try offered(CloneFields.parse(try request.json(), requireName: true, limits: configuration.cloneLimits)), identity,
+                         remoteIP: request.remoteIP)
     }
 
     /// A clone from validated fields (and a card's profile), stored and answered with 201.
-    private func create(_ fields: CloneFields, profile: CloneProfile = CloneProfile(), _ identity: Identity) async throws -> HTTPResponse {
+    private func create(_ fields: CloneFields, profile: CloneProfile = CloneProfile(), _ identity: Identity, remoteIP: String?) async throws -> HTTPResponse {
         let now = Int64(Timestamp.nowMillis())
         _ = try await store.ensureUser(identity.user, now: now)
         let clone = fields.applied(
@@ -184,6 +211,8 @@ struct RESTAPI: Sendable {
             at: now
         )
         try await store.createClone(clone)
+        await audit.record("clone.created", actor: identity.user, target: clone.id, ip: remoteIP,
+                           detail: profile.isEmpty ? [:] : ["source": "card"])
         return HTTPResponse(.created, json: clone.json, headers: ["location": "/v1/clones/\(clone.id)"])
     }
 
@@ -197,7 +226,7 @@ struct RESTAPI: Sendable {
             ? try CardPNG.card(in: Array(body.readableBytesView))
             : try request.json()
         let imported = try CharacterCard.parse(card, cloneLimits: configuration.cloneLimits)
-        return try await create(try offered(imported.fields), profile: imported.profile, identity)
+        return try await create(try offered(imported.fields), profile: imported.profile, identity, remoteIP: request.remoteIP)
     }
 
     /// `GET /v1/clones/{id}/card?spec=v2|v3` (v2 unless asked).
@@ -233,13 +262,14 @@ struct RESTAPI: Sendable {
         return HTTPResponse(.ok, json: updated.json)
     }
 
-    private func deleteClone(_ id: String, _ identity: Identity) async throws -> HTTPResponse {
+    private func deleteClone(_ id: String, _ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
         _ = try await ownedClone(id, identity)
         // Replies still streaming end (and are stored) before their transcript is deleted, and
         // the clone's pending scheduled messages are cancelled.
         await chat.stopStreams(clone: id, owner: identity.user)
         await schedules.cancelAll(clone: id, owner: identity.user)
         guard try await store.deleteClone(id: id, owner: identity.user) else { throw Self.noClone(id) }
+        await audit.record("clone.deleted", actor: identity.user, target: id, ip: request.remoteIP)
         return HTTPResponse(.noContent)
     }
 
@@ -287,7 +317,7 @@ struct RESTAPI: Sendable {
     static let defaultPageSize = 50
     static let maxPageSize = 200
 
-    private static func limit(_ request: HTTPRequest) throws(APIError) -> Int {
+    static func limit(_ request: HTTPRequest) throws(APIError) -> Int {
         guard let raw = request.query["limit"] else { return defaultPageSize }
         guard let limit = Int(raw), (1...maxPageSize).contains(limit) else {
             throw APIError(.badRequest, .badRequest, "'limit' must be an integer from 1 to \(maxPageSize)")
@@ -342,6 +372,7 @@ struct RESTAPI: Sendable {
         let body = try RoomRequest.parse(try request.json(), limits: configuration.frameLimits.rooms)
         do {
             let room = try await rooms.create(owner: identity.user, body)
+            await audit.record("room.created", actor: identity.user, target: room.id, ip: request.remoteIP, detail: ["kind": room.kind.rawValue])
             return HTTPResponse(.created, json: room.json, headers: ["location": "/v1/rooms/\(room.id)"])
         } catch {
             throw APIError(error)
@@ -386,6 +417,10 @@ struct RESTAPI: Sendable {
         try credits.validateGrant(user: user, credits: amount)
         let (entry, outcome) = try await credits.grant(id: "admin:" + (key ?? ids.make(.message)), user: user, credits: amount,
                                                        note: "granted by \(identity.user)" + (note.map { ": \($0)" } ?? ""))
+        if outcome.isApplied {
+            await audit.record("credits.granted", actor: identity.user, target: user, ip: request.remoteIP,
+                               detail: ["credits": "\(amount)", "entry": entry.id])
+        }
         return HTTPResponse(outcome.isApplied ? .created : .ok, json: .object([
             ("entry", entry.json), ("balance", .int(outcome.balance)), ("applied", .bool(outcome.isApplied)),
         ]))
@@ -418,6 +453,9 @@ struct RESTAPI: Sendable {
             throw APIError(.unauthorized, .unauthorized, "the timestamp is too far from now; replays are refused")
         }
         let (_, outcome) = try await credits.grant(id: "order:" + order, user: user, credits: amount, note: "payment \(order)")
+        if outcome.isApplied {
+            await audit.record("credits.paid", actor: "system", target: user, ip: request.remoteIP, detail: ["credits": "\(amount)", "order": order])
+        }
         return HTTPResponse(.ok, json: .object([
             ("status", .string(outcome.isApplied ? "credited" : "already_credited")), ("balance", .int(outcome.balance)),
         ]))

@@ -31,7 +31,12 @@ final class RoomService: Sendable {
 
     private let state = Mutex(State())
 
-    init(store: any Store, chat: ChatService, provider: any LLMProvider, configuration: ServerConfiguration, logger: Logger, ids: IDGenerator) {
+    /// Where moderation actions are recorded.
+    let audit: AuditLog?
+
+    init(store: any Store, chat: ChatService, provider: any LLMProvider, configuration: ServerConfiguration, logger: Logger, ids: IDGenerator,
+         audit: AuditLog? = nil) {
+        self.audit = audit
         self.store = store
         self.chat = chat
         self.provider = provider
@@ -78,6 +83,37 @@ final class RoomService: Sendable {
                 stored.status = .paused
                 _ = try? await store.updateRoom(stored)
             }
+        }
+    }
+
+    /// A user's account is being deleted: the rooms they own end at once and leave memory (the
+    /// store deletes them next), and rooms they are in forget them (so no later update of a live
+    /// room writes their membership or words back).
+    func forget(user: String) async {
+        let rooms = state.withLock { Array($0.rooms.values) }
+        for live in rooms {
+            let owned = live.state.withLock { $0.room.owner == user }
+            guard owned else {
+                live.state.withLock { s in
+                    s.room = s.room.removingUser(user)
+                    let said = Set(s.transcript.filter { $0.speaker == user && !$0.speakerIsClone }.map(\.id))
+                    s.transcript.removeAll { said.contains($0.id) || $0.source.map(said.contains) == true }
+                }
+                continue
+            }
+            let (loop, replies) = live.state.withLock { s -> (Task<Void, Never>?, Task<Void, Never>?) in
+                s.room.status = .ended
+                s.current?.stop(.cancelled)
+                for flight in s.inflight.values { flight.stream.stop(.cancelled) }
+                return (s.loop, s.replies)
+            }
+            await loop?.value
+            await replies?.value
+            live.broadcast(allocator.buffer(bytes: ServerFrame.roomEvent(room: live.id, event: "ended", [("by", .string(user))])))
+            state.withLock { s in
+                if s.rooms[live.id] === live { s.rooms.removeValue(forKey: live.id) }
+            }
+            live.state.withLock { $0.retired = true }
         }
     }
 
@@ -342,6 +378,8 @@ final class RoomService: Sendable {
         }
         let (event, room, startLoop) = try outcome.get()
         _ = try await store.updateRoom(room)
+        await audit?.record("room.\(event)", actor: connection.identity.user, target: id, ip: connection.remoteIP,
+                            detail: target.map { ["subject": $0] } ?? [:])
         let frame = allocator.buffer(bytes: ServerFrame.roomEvent(room: id, event: event, fields))
         for socket in kickedSockets { socket.send(frame) }
         live.broadcast(frame)

@@ -180,9 +180,9 @@ final class ScheduleService: Sendable {
         }
     }
 
-    /// Cancels the owner's pending schedules of a clone that is being deleted.
-    func cancelAll(clone: String, owner: String) async {
-        let victims = state.withLock { s in (s.pending[owner] ?? [:]).filter { $0.value == clone }.map(\.key) }
+    /// Cancels the owner's pending schedules of a clone (or all of them) that is being deleted.
+    func cancelAll(clone: String? = nil, owner: String) async {
+        let victims = state.withLock { s in (s.pending[owner] ?? [:]).filter { clone == nil || $0.value == clone }.map(\.key) }
         for id in victims { _ = try? await cancel(owner: owner, id: id) }
     }
 

@@ -2,6 +2,7 @@ import ArgumentParser
 import CoreMetrics
 import Foundation
 import Logging
+import ServiceLifecycle
 import ParleyCore
 import ParleyDeflate
 import ParleyLLM
@@ -142,6 +143,12 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Largest character card (JSON or PNG) POST /v1/clones/import accepts, in bytes.")
     var maxCardBytes = 8 * 1024 * 1024
 
+    @Option(help: "Seconds SIGTERM lets the replies in flight finish (new requests are refused meanwhile) before ending the rest with reason shutdown.")
+    var shutdownGrace = 10
+
+    @Option(help: "Days generated content (messages, room transcripts) is kept unless its owner saved it; older is purged hourly. 0: keep forever.")
+    var retentionDays = 90
+
     @Flag(help: "Development mode: POST /v1/dev/token mints a token for any name (the web client's dev sign-in). Only with a loopback --host.")
     var dev = false
 
@@ -203,6 +210,8 @@ struct Serve: AsyncParsableCommand {
             throw ArgumentParser.ValidationError("--max-card-bytes must be 1024 to 268435456")
         }
         guard maxSocketQueueBytes >= 64 * 1024 else { throw ArgumentParser.ValidationError("--max-socket-queue-bytes must be at least 65536") }
+        guard (0...3600).contains(shutdownGrace) else { throw ArgumentParser.ValidationError("--shutdown-grace must be 0-3600 seconds") }
+        guard (0...36_500).contains(retentionDays) else { throw ArgumentParser.ValidationError("--retention-days must be 0-36500 (0 keeps everything)") }
         guard contextBudget >= 64 else { throw ArgumentParser.ValidationError("--context-budget must be at least 64") }
         guard !dev || ["127.0.0.1", "::1", "localhost"].contains(host) || host.hasPrefix("127.") else {
             throw ArgumentParser.ValidationError("--dev lets anyone sign in as anyone: it needs a loopback --host (127.0.0.1, ::1), not \(host)")
@@ -278,6 +287,8 @@ struct Serve: AsyncParsableCommand {
         configuration.maxFramesPerSecond = maxFramesPerSecond == 0 ? nil : maxFramesPerSecond
         configuration.webSocketPingInterval = wsPingInterval == 0 ? nil : .seconds(wsPingInterval)
         configuration.devSignIn = dev
+        configuration.drainGrace = .seconds(shutdownGrace)
+        configuration.retention = retentionDays == 0 ? nil : .seconds(Int64(retentionDays) * 86_400)
         configuration.webSocketDeflate = wsDeflate ? DeflateSettings(windowBits: wsDeflateWindowBits) : nil
         configuration.frameLimits.schedule.maxPendingPerUser = maxPendingSchedules
         configuration.simulated.timeToFirstToken = .milliseconds(simTtftMs)
@@ -285,7 +296,6 @@ struct Serve: AsyncParsableCommand {
         configuration.simulated.replyTokens = simReplyTokens
         (configuration.metrics, configuration.metricsExposition) = Self.prometheus()
 
-        let signals = SignalWaiter(SIGINT, SIGTERM)
         let server: ParleyServer
         do {
             server = try await ParleyServer.start(configuration: configuration, provider: try makeProvider())
@@ -295,9 +305,12 @@ struct Serve: AsyncParsableCommand {
         }
         // One machine-readable line on stdout: scripts and tests read the bound port from it.
         FileHandle.standardOutput.write(Data("parley listening on http://\(host):\(server.port)\n".utf8))
-        let signal = await signals.next()
-        Logger(label: "parley").info("received \(signal == SIGINT ? "SIGINT" : "SIGTERM")")
-        await server.shutdown()
+        // SIGTERM or SIGINT starts the graceful shutdown: the drain, then exit 0.
+        let logger = Logger(label: "parley")
+        let services = ServiceGroup(configuration: ServiceGroupConfiguration(
+            services: [.init(service: ServerService(server: server))], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger
+        ))
+        try await services.run()
     }
 }
 
@@ -388,25 +401,13 @@ struct Token: AsyncParsableCommand {
 
 extension Logger.Level: @retroactive ExpressibleByArgument {}
 
-/// Turns SIGINT/SIGTERM into an awaitable event instead of killing the process.
-final class SignalWaiter {
-    private let stream: AsyncStream<Int32>
-    private let sources: [any DispatchSourceSignal]
+/// The server as a service: it runs until a graceful shutdown is asked for, then drains.
+struct ServerService: Service {
+    let server: ParleyServer
 
-    init(_ signals: Int32...) {
-        let (stream, continuation) = AsyncStream<Int32>.makeStream()
-        self.stream = stream
-        sources = signals.map { number in
-            signal(number, SIG_IGN)
-            let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
-            source.setEventHandler { continuation.yield(number) }
-            source.resume()
-            return source
-        }
-    }
-
-    func next() async -> Int32 {
-        for await signal in stream { return signal }
-        return SIGTERM
+    func run() async throws {
+        // Returns when the group's graceful shutdown begins; throws when the task is cancelled.
+        try? await gracefulShutdown()
+        await server.shutdown()
     }
 }

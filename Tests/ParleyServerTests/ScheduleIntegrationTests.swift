@@ -343,7 +343,7 @@ func seedSchedule(_ store: any Store, owner: String, clone: String, conversation
         // stores them in separate steps).
         let messageID = IDGenerator().make(.message)
         try await server.server.store.appendMessage(
-            Message(id: messageID, conversation: chat.conversation, role: .assistant, text: "generated before the crash", createdAt: 5))
+            Message(id: messageID, conversation: chat.conversation, role: .assistant, text: "generated before the crash", createdAt: Int64(Timestamp.nowMillis())))
         let s = try await seedSchedule(server.server.store, owner: "alice", clone: clone, conversation: chat.conversation,
                                        at: Int64(Timestamp.nowMillis()) - 10, content: .prompt("news"), status: .firing, message: messageID)
 

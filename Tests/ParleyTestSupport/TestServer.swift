@@ -28,6 +28,8 @@ public final class TestServer: Sendable {
         configuration.simulated.tokensPerSecond = 0
         configuration.simulated.replyTokens = 24
         configuration.credits.startingGrant = 1_000_000
+        // Most tests stop a server to see what shutdown does to streams; draining tests ask for a grace.
+        configuration.drainGrace = .zero
         if store == .mongodb { configuration.storeURI = MongoFixture.uri() }
         configure(&configuration)
         return try await start(configuration)

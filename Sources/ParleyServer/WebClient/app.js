@@ -60,7 +60,7 @@ const socket = {
     ws.onclose = (event) => {
       if (this.ws !== ws || this.stopped) return;
       this.ws = null;
-      if (event.code === 1008 && /token|expired|sockets/i.test(event.reason)) {
+      if (event.code === 1008 && /token|expired|sockets|deleted/i.test(event.reason)) {
         setConnection("disconnected");
         showBanner(`Disconnected: ${event.reason}`);
         return;

@@ -1,0 +1,176 @@
+import Foundation
+import NIOWebSocket
+import ParleyCore
+import ParleyStore
+
+/// The privacy routes: export, deletion, saved messages, and the admin's audit log and purge.
+extension RESTAPI {
+    /// Rows read from the store per page while exporting.
+    static let exportPage = 200
+
+    /// `GET /v1/me/export`: the caller's account, clones, conversations with their messages,
+    /// rooms they own with their transcripts, schedules and ledger as one JSON document,
+    /// written page by page as it is read (never built whole in memory).
+    func exportAccount(_ identity: Identity) async throws -> HTTPResponse {
+        let user = identity.user
+        let account = try await store.ensureUser(user, now: Int64(Timestamp.nowMillis()))
+        let balance = try await store.balance(user: user)
+        let store = self.store
+        let header = JSONValue.object([
+            ("format", .string("parley-export")), ("version", .int(1)),
+            ("exported_at", .string(Timestamp.rfc3339(millis: Int64(Timestamp.nowMillis())))),
+            ("account", .object([
+                ("user", .string(user)), ("created_at", .string(Timestamp.rfc3339(millis: account.createdAt))), ("balance", .int(balance)),
+            ])),
+        ])
+        return HTTPResponse(.ok, contentType: "application/json; charset=utf-8") { out in
+            // The header object without its closing brace; each section follows as a member.
+            try await out.write(Array(header.serialized().dropLast()))
+            try await out.write(#","clones":["#)
+            try await Self.writeAll(&out, try await store.clones(owner: user).map(\.json))
+            try await out.write(#"],"conversations":["#)
+            try await Self.pages(&out, { try await store.conversations(owner: user, limit: Self.exportPage, before: $0) }, cursor: \.id) {
+                out, conversation in
+                try await out.write(Array(conversation.json.serialized().dropLast()))
+                try await out.write(#","messages":["#)
+                try await Self.pages(&out, { try await store.messages(conversation: conversation.id, limit: Self.exportPage, before: $0).reversed().map { $0 } },
+                                     cursor: \.id) { out, message in try await out.write(message.json.serialized()) }
+                try await out.write("]}")
+            }
+            try await out.write(#"],"rooms":["#)
+            try await Self.pages(&out, { try await store.rooms(owner: user, limit: Self.exportPage, after: $0) }, cursor: \.id) { out, room in
+                try await out.write(Array(room.json.serialized().dropLast()))
+                try await out.write(#","transcript":["#)
+                try await Self.pages(&out, { try await store.roomEntries(room: room.id, limit: Self.exportPage, before: $0).reversed().map { $0 } },
+                                     cursor: \.id) { out, entry in try await out.write(entry.json.serialized()) }
+                try await out.write("]}")
+            }
+            try await out.write(#"],"schedules":["#)
+            try await Self.pages(&out, { try await store.schedules(owner: user, limit: Self.exportPage, before: $0) }, cursor: \.id) {
+                out, schedule in try await out.write(schedule.json.serialized())
+            }
+            try await out.write(#"],"ledger":["#)
+            try await Self.pages(&out, { try await store.ledger(user: user, limit: Self.exportPage, before: $0) }, cursor: \.id) {
+                out, entry in try await out.write(entry.json.serialized())
+            }
+            try await out.write("]}")
+        }
+    }
+
+    private static func writeAll(_ out: inout HTTPBodyWriter, _ items: [JSONValue]) async throws {
+        for (index, item) in items.enumerated() {
+            if index > 0 { try await out.write(",") }
+            try await out.write(item.serialized())
+        }
+    }
+
+    /// Writes every item of a paged query, comma-separated: `fetch` gets the cursor of the last
+    /// item written (nil first) and answers the next page in the order to write it.
+    private static func pages<Item>(
+        _ out: inout HTTPBodyWriter, _ fetch: (String?) async throws -> [Item], cursor: KeyPath<Item, String>,
+        _ write: (inout HTTPBodyWriter, Item) async throws -> Void
+    ) async throws {
+        var after: String?
+        var first = true
+        while true {
+            let page = try await fetch(after)
+            for item in page {
+                if !first { try await out.write(",") }
+                first = false
+                try await write(&out, item)
+            }
+            guard page.count == exportPage, let last = page.last else { return }
+            after = last[keyPath: cursor]
+        }
+    }
+
+    /// `DELETE /v1/me`: the caller's sockets close at once (1008 "account deleted"), their
+    /// replies stop, pending schedules are cancelled, rooms they own end, and the store deletes
+    /// everything of them but the ledger rows the law requires (kept under a pseudonym).
+    func deleteAccount(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
+        let user = identity.user
+        let closing = hub.connections(of: user).map { $0.close(code: .policyViolation, reason: "account deleted") }
+        for socket in closing { try? await socket.get() }
+        await chat.stopStreams(owner: user)
+        await schedules.cancelAll(owner: user)
+        await rooms.forget(user: user)
+        let pseudonym = audit.pseudonym(for: user)
+        var report = try await store.deleteUser(user, pseudonym: pseudonym)
+        // A request its sockets sent just before they closed may have stored something since:
+        // a second pass (idempotent) takes that too.
+        await chat.stopStreams(owner: user)
+        let late = try await store.deleteUser(user, pseudonym: pseudonym)
+        report.clones += late.clones
+        report.conversations += late.conversations
+        report.messages += late.messages
+        report.schedules += late.schedules
+        report.rooms += late.rooms
+        report.roomEntries += late.roomEntries
+        report.ledgerRowsKept = late.ledgerRowsKept
+        credits.forget(user)
+        await audit.record("user.deleted", actor: pseudonym, target: pseudonym, ip: request.remoteIP, detail: report.detail)
+        logger.notice("account deleted", metadata: ["pseudonym": "\(pseudonym)", "sockets": "\(closing.count)"])
+        return HTTPResponse(.ok, json: .object([
+            ("deleted", .bool(true)),
+            ("removed", .object([
+                ("clones", .int(Int64(report.clones))), ("conversations", .int(Int64(report.conversations))),
+                ("messages", .int(Int64(report.messages))), ("schedules", .int(Int64(report.schedules))),
+                ("rooms", .int(Int64(report.rooms))), ("room_entries", .int(Int64(report.roomEntries))),
+            ])),
+            ("ledger_rows_kept", .int(Int64(report.ledgerRowsKept))),
+        ]))
+    }
+
+    /// `PATCH /v1/conversations/{id}/messages/{message} {"saved": true|false}`.
+    func markSaved(conversation: String, message: String, _ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
+        var reader = try JSONObjectReader(try request.json())
+        guard let saved = try reader.bool("saved") else { throw ValidationError("missing field 'saved' (true or false)") }
+        try reader.rejectUnknown()
+        guard try await store.conversation(id: conversation, owner: identity.user) != nil else {
+            throw APIError(.notFound, .notFound, "no conversation \(conversation)")
+        }
+        guard try await store.setMessageSaved(id: message, conversation: conversation, saved: saved),
+              let stored = try await store.message(id: message, conversation: conversation) else {
+            throw APIError(.notFound, .notFound, "no message \(message) in conversation \(conversation)")
+        }
+        return HTTPResponse(.ok, json: stored.json)
+    }
+
+    /// `GET /v1/admin/audit?limit&before`: the audit log, newest first (admin role).
+    func listAudit(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
+        guard identity.isAdmin else { throw APIError(.forbidden, .forbidden, "the audit log needs the admin role") }
+        let limit = try Self.limit(request)
+        let page = try await store.auditEvents(limit: limit + 1, before: request.query["before"])
+        let items = Array(page.prefix(limit))
+        return HTTPResponse(.ok, json: .object([
+            ("events", .array(items.map(\.json))),
+            ("next_before", page.count > limit ? .string(items.last!.id) : .null),
+        ]))
+    }
+
+    /// `POST /v1/admin/retention/purge {"older_than_seconds"?}`: a retention pass now, with the
+    /// configured limit unless the body gives a stricter one (admin role).
+    func purgeNow(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
+        guard identity.isAdmin else { throw APIError(.forbidden, .forbidden, "purging needs the admin role") }
+        var age = configuration.retention
+        if let body = request.body, body.readableBytes > 0 {
+            var reader = try JSONObjectReader(try request.json())
+            if let seconds = try reader.int("older_than_seconds") {
+                guard seconds >= 0 else { throw ValidationError("'older_than_seconds' must be 0 or more") }
+                let asked = Duration.seconds(seconds)
+                age = age.map { min($0, asked) } ?? asked
+            }
+            try reader.rejectUnknown()
+        }
+        guard let age else {
+            throw APIError(.conflict, .conflict, "retention is off on this server (--retention-days 0); give older_than_seconds to purge")
+        }
+        let result = try await retention.purge(olderThan: age)
+        await audit.record("retention.purged", actor: identity.user, ip: request.remoteIP,
+                           detail: ["messages": "\(result.messages)", "room_entries": "\(result.roomEntries)", "older_than_seconds": "\(age.components.seconds)"])
+        return HTTPResponse(.ok, json: .object([
+            ("messages", .int(Int64(result.messages))), ("room_entries", .int(Int64(result.roomEntries))),
+            ("older_than_seconds", .int(age.components.seconds)),
+        ]))
+    }
+}
