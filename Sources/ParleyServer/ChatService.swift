@@ -126,6 +126,11 @@ final class ChatService: Sendable {
 
     var isAccepting: Bool { requests.withLock { $0.accepting } }
 
+    /// From now on requests are answered `unavailable` (the first step of a shutdown).
+    func stopAccepting() {
+        requests.withLock { $0.accepting = false }
+    }
+
     /// Stops taking requests (new ones are answered `unavailable`) and waits up to `grace` for
     /// those in flight and every reply streaming (chats, scheduled messages, debate turns) to
     /// finish on their own. True when they all did.

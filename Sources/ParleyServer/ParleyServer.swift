@@ -255,6 +255,8 @@ public final class ParleyServer: Sendable {
         }
         guard first else { return }
         logger.info("shutting down", metadata: ["sockets": "\(hub.connectionCount)"])
+        // Requests first, then connections: once the port refuses, every request is refused too.
+        chat.stopAccepting()
         try? await serverChannel.close()
         await schedules.stopFiring()
         retention.cancel()

@@ -8,9 +8,9 @@ extension RESTAPI {
     /// Rows read from the store per page while exporting.
     static let exportPage = 200
 
-    /// `GET /v1/me/export`: the caller's account, clones, conversations with their messages,
-    /// rooms they own with their transcripts, schedules and ledger as one JSON document,
-    /// written page by page as it is read (never built whole in memory).
+    /// `GET /v1/me/export`: the caller's account, clones, conversations with their messages
+    /// (newest first), rooms they own with their transcripts, schedules and ledger as one JSON
+    /// document, written page by page as it is read (never built whole in memory).
     func exportAccount(_ identity: Identity) async throws -> HTTPResponse {
         let user = identity.user
         let account = try await store.ensureUser(user, now: Int64(Timestamp.nowMillis()))
@@ -31,7 +31,8 @@ extension RESTAPI {
             try await out.write(#"],"conversations":["#)
             try await Self.pages(&out, { try await store.conversations(owner: user, limit: Self.exportPage, before: $0) }, cursor: \.id) {
                 out, conversation in
-                try await out.write(Array(conversation.json.serialized().dropLast()))
+                try await out.write(#"{"conversation":"#)
+                try await out.write(conversation.json.serialized())
                 try await out.write(#","messages":["#)
                 try await Self.pages(&out, { try await store.messages(conversation: conversation.id, limit: Self.exportPage, before: $0).reversed().map { $0 } },
                                      cursor: \.id) { out, message in try await out.write(message.json.serialized()) }
@@ -39,7 +40,8 @@ extension RESTAPI {
             }
             try await out.write(#"],"rooms":["#)
             try await Self.pages(&out, { try await store.rooms(owner: user, limit: Self.exportPage, after: $0) }, cursor: \.id) { out, room in
-                try await out.write(Array(room.json.serialized().dropLast()))
+                try await out.write(#"{"room":"#)
+                try await out.write(room.json.serialized())
                 try await out.write(#","transcript":["#)
                 try await Self.pages(&out, { try await store.roomEntries(room: room.id, limit: Self.exportPage, before: $0).reversed().map { $0 } },
                                      cursor: \.id) { out, entry in try await out.write(entry.json.serialized()) }

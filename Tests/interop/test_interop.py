@@ -131,7 +131,8 @@ def test_resume_after_reconnect(start_server):
 
 
 def test_sigterm_ends_streams_stores_them_and_closes_with_1001(start_server, data_dir):
-    server = start_server("--sim-ttft-ms", "0", "--sim-tokens-per-sec", "20", "--sim-reply-tokens", "5000")
+    # No grace: the reply is ended at once (test_privacy.py covers the drain that lets it finish).
+    server = start_server("--sim-ttft-ms", "0", "--sim-tokens-per-sec", "20", "--sim-reply-tokens", "5000", "--shutdown-grace", "0")
     token = server.token("erin")
     clone = make_clone(server, token)
 
