@@ -332,3 +332,32 @@ func standIn(_ text: String, _ tag: String) -> String { SimulatedProvider.transl
         await f.server.stop()
     }
 }
+
+@Suite struct TranslationChatDeletionTests {
+    @Test(arguments: TestServer.StoreKind.allCases)
+    func aDeletedMemberLeavesNoTraceInAChatSomeoneElseOwns(_ store: TestServer.StoreKind) async throws {
+        let f = try await TranslationFixture.make(languages: ["alice": "en", "bruno": "pt"], members: ["bruno", "chen"], store: store)
+        let alice = try await f.connect("alice")
+        let bruno = try await f.connect("bruno")
+        try await bruno.say(f.room, "bom dia a todos")
+        _ = try await alice.readChat(messages: 1)
+        try await alice.say(f.room, "good morning")
+        _ = try await alice.readChat(messages: 1)
+
+        let deleted = try await TestHTTPClient.request(port: f.server.port, .DELETE, "/v1/me", token: f.tokens["bruno"]!)
+        #expect(deleted.status == .ok)
+        // The chat is live (alice is in it): what it answers now comes from memory, and after a
+        // restart from the store; neither may hold bruno.
+        func expectNoTrace(_ server: TestServer) async throws {
+            let detail = try await server.get("/v1/rooms/\(f.room)", token: f.tokens["alice"]!)
+            #expect(detail.status == .ok)
+            #expect(!detail.text.contains("bruno") && !detail.text.contains("bom dia"), "\(detail.text)")
+            let transcript = try #require(try detail.json()["transcript"]?.arrayValue)
+            #expect(transcript.map { $0["text"] } == [.string("good morning")])
+        }
+        try await expectNoTrace(f.server)
+        let restarted = try await f.server.restarted()
+        try await expectNoTrace(restarted)
+        await restarted.stop()
+    }
+}
