@@ -203,21 +203,26 @@ private func populate(_ server: TestServer, _ user: String) async throws -> Acco
         await server.stop()
     }
 
-    @Test func aDrainLetsARunningReplyFinishAndRefusesNewOnes() async throws {
+    /// A server with the drain grace given and alice's reply already streaming.
+    private func streaming(grace: Duration, tokensPerSecond: Double, replyTokens: Int) async throws -> (TestServer, TestWebSocket) {
         let server = try await TestServer.start {
-            $0.drainGrace = .seconds(60)
-            $0.simulated.tokensPerSecond = 50
-            $0.simulated.replyTokens = 40
+            $0.drainGrace = grace
+            $0.simulated.tokensPerSecond = tokensPerSecond
+            $0.simulated.replyTokens = replyTokens
         }
         let token = try await server.token("alice")
         let clone = try await server.createClone(token: token)["id"]!.stringValue!
         let socket = try await server.connect(token: token)
+        try await socket.chatSend(id: "c1", clone: clone, text: "go")
+        _ = try await socket.readUntilToken()
+        return (server, socket)
+    }
+
+    @Test func aDrainLetsARunningReplyFinishAndRefusesNewOnes() async throws {
+        let (server, socket) = try await streaming(grace: .seconds(60), tokensPerSecond: 50, replyTokens: 40)
         let bob = try await server.token("bob")
         let bobsClone = try await server.createClone(token: bob)["id"]!.stringValue!
         let other = try await server.connect(token: bob)
-        try await socket.chatSend(id: "c1", clone: clone, text: "go")
-        _ = try await socket.next(type: "stream.start")
-        _ = try await socket.readUntilToken()
         let stopping = Task { await server.server.shutdown() }
         // Once the drain began, a new request is refused…
         var refused = false
@@ -240,16 +245,7 @@ private func populate(_ server: TestServer, _ user: String) async throws -> Acco
     }
 
     @Test func aDrainEndsWhatOutlastsTheGraceWithReasonShutdown() async throws {
-        let server = try await TestServer.start {
-            $0.drainGrace = .milliseconds(300)
-            $0.simulated.tokensPerSecond = 20
-            $0.simulated.replyTokens = 1_000
-        }
-        let token = try await server.token("alice")
-        let clone = try await server.createClone(token: token)["id"]!.stringValue!
-        let socket = try await server.connect(token: token)
-        try await socket.chatSend(id: "c1", clone: clone, text: "go")
-        _ = try await socket.readUntilToken()
+        let (server, socket) = try await streaming(grace: .milliseconds(300), tokensPerSecond: 20, replyTokens: 1_000)
         let began = ContinuousClock.now
         let stopping = Task { await server.server.shutdown() }
         let (end, tokens) = try await socket.next(type: "stream.end")
