@@ -3,6 +3,7 @@ in, clones, a streamed reply, stop, a dropped connection resumed mid-stream, a d
 from two browsers, a translation chat, scheduled messages, labels and a phone-width screen.
 Screenshots land in $PARLEY_TEST_OUTPUT (default test-output/)/web-client."""
 import asyncio
+import json
 import os
 import pathlib
 import shutil
@@ -421,4 +422,41 @@ def test_the_moderator_pauses_resumes_and_ends_a_debate(web, browser):
     expect(page.locator("#room-meta")).to_have_attribute("data-status", "ended")
     status, room = web.http("GET", f"/v1/rooms/{page.get_by_label('Room id', exact=True).input_value()}", token)
     assert status == 200 and room["room"]["status"] == "ended"
+    page.close()
+
+
+def test_a_message_is_kept_the_data_downloaded_and_the_account_deleted(web, browser):
+    page = browser.new_page()
+    sign_in(page, web.base, "mia")
+    make_clone_in_ui(page, "Keeper")
+    page.get_by_role("button", name="Chat").click()
+    send(page, "Remember this")
+    expect(assistant(page)).to_have_attribute("data-reason", "complete", timeout=WAIT)
+    token = web.token("mia")
+    reply = stored_reply(web, token)
+    assert reply["saved"] is False
+
+    # Stored messages, shown again, each offer Keep; keeping one is stored.
+    page.locator("#conversations li button").first.click()
+    kept = page.locator(f"#messages li[data-message='{reply['id']}'] button.keep")
+    expect(kept).to_have_text("Keep", timeout=WAIT)
+    kept.click()
+    expect(kept).to_have_attribute("aria-pressed", "true", timeout=WAIT)
+    assert stored_reply(web, token)["saved"] is True
+
+    page.get_by_role("button", name="Account").click()
+    with page.expect_download(timeout=WAIT) as download:
+        page.get_by_role("button", name="Download my data").click()
+    export = json.loads(pathlib.Path(download.value.path()).read_text())
+    validate_rest("export", export)
+    assert download.value.suggested_filename == "parley-mia.json"
+    assert [c["name"] for c in export["clones"]] == ["Keeper"]
+    assert reply["id"] in [m["id"] for m in export["conversations"][0]["messages"]]
+
+    page.on("dialog", lambda dialog: dialog.accept())  # "Delete your account …?"
+    page.get_by_role("button", name="Delete my account").click()
+    expect(page.locator("#signin-error")).to_have_text("Your account was deleted.", timeout=WAIT)
+    expect(page.locator("#app")).to_be_hidden()
+    assert web.http("GET", "/v1/clones", token)[1]["clones"] == []
+    assert web.http("GET", "/v1/conversations", token)[1]["conversations"] == []
     page.close()

@@ -205,6 +205,7 @@ function show(view) {
   }
   $(`${view}-title`).focus();
   if (view === "schedules") loadSchedules();
+  if (view === "account") $("account-status").textContent = "";
 }
 
 function setConnection(text) { $("connection").textContent = text; }
@@ -378,9 +379,32 @@ async function showConversation(id) {
     const el = addBubble(list, { who: m.role === "user" ? state.user : cloneName(state.cloneId), text: m.text, kind: m.role });
     el.dataset.message = m.id;
     if (REASONS[m.reason]) addNote(el, REASONS[m.reason]);
+    el.append(keepButton(id, m));
   }
   // A reply still streaming into this conversation stays in place, at the end.
   for (const s of state.streams.values()) if (s.conversation === id) list.append(s.el);
+}
+
+// A toggle that marks a stored message saved, so the retention purge keeps it.
+function keepButton(conversation, message) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "keep link";
+  const render = (saved) => {
+    button.setAttribute("aria-pressed", String(saved));
+    button.textContent = saved ? "Kept" : "Keep";
+    button.title = saved ? "Kept past the retention period; press to let it expire" : "Keep this message past the retention period";
+  };
+  render(message.saved);
+  button.onclick = async () => {
+    const saved = button.getAttribute("aria-pressed") !== "true";
+    try {
+      render((await api("PATCH", `/v1/conversations/${conversation}/messages/${message.id}`, { saved })).saved);
+    } catch (error) {
+      showBanner(`Could not change it: ${error.message}`);
+    }
+  };
+  return button;
 }
 
 function sendChat(event) {
@@ -570,6 +594,45 @@ function leaveRoom() {
   $("room").hidden = true;
 }
 
+// ---------- account ----------
+
+async function exportAccount() {
+  $("account-status").textContent = "Preparing your data…";
+  try {
+    const response = await fetch("/v1/me/export", { headers: { Authorization: `Bearer ${state.token}` } });
+    if (!response.ok) throw new Error(`${response.status} ${response.statusText}`);
+    const url = URL.createObjectURL(await response.blob());
+    const link = document.createElement("a");
+    link.href = url;
+    link.download = `parley-${state.user}.json`;
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 60_000);
+    $("account-status").textContent = "Downloaded.";
+  } catch (error) {
+    $("account-status").textContent = `Could not export: ${error.message}`;
+  }
+}
+
+async function deleteAccount() {
+  if (!confirm("Delete your account and everything in it? This cannot be undone.")) return;
+  try {
+    await api("DELETE", "/v1/me");
+  } catch (error) {
+    $("account-status").textContent = `Could not delete: ${error.message}`;
+    return;
+  }
+  socket.close();
+  sessionStorage.removeItem("parley.token");
+  state.token = null;
+  state.user = null;
+  $("app").hidden = true;
+  $("signin").hidden = false;
+  $("signin-error").textContent = "Your account was deleted.";
+  $("signin-title").focus();
+}
+
 // ---------- signing in ----------
 
 async function signIn(token) {
@@ -620,6 +683,8 @@ async function start() {
     }
   };
   $("sign-out").onclick = signOut;
+  $("export-account").onclick = exportAccount;
+  $("delete-account").onclick = deleteAccount;
   $("chat-clone").onchange = () => { state.cloneId = $("chat-clone").value; showConversation(null); };
   $("new-conversation").onclick = () => { showConversation(null); $("chat-text").focus(); };
   $("chat-form").onsubmit = sendChat;
