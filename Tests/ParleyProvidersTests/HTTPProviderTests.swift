@@ -282,7 +282,9 @@ data: [DONE]
     @Test func aFirstTokenThatNeverComesTimesOutAfterItsRetries() async throws {
         let upstream = try await FakeUpstream([.hang([Array(": keep-alive\n\n".utf8)]), .hang([])])
         var options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol")
-        options.firstTokenTimeout = .milliseconds(300)
+        // Each attempt's budget covers connecting too: 300 ms was too little for the retry's new
+        // connection to reach the fake upstream when the whole suite loaded the machine.
+        options.firstTokenTimeout = .seconds(1)
         options.retries = 1
         await #expect(throws: ProviderError("the model provider sent nothing in time")) {
             try await collect(OpenAICompatibleProvider(options: options).stream(request))
