@@ -61,6 +61,13 @@ public struct PromptAssembler: Sendable {
         return parts.joined(separator: "\n")
     }
 
+    /// The card's greeting (`first_mes`, macros expanded) that opens a new conversation; nil
+    /// for a clone without one.
+    public static func greeting(of clone: Clone) -> String? {
+        let text = clone.profile.firstMessage.trimmedWhitespace
+        return text.isEmpty ? nil : expand(text, clone)
+    }
+
     /// Card macros: `{{char}}` is the clone, `{{user}}` the person talking to it.
     static func expand(_ text: String, _ clone: Clone) -> String {
         guard text.contains("{{") else { return text }

@@ -213,8 +213,14 @@ final class ChatService: Sendable {
                 throw FrameError(ref: ref, code: .rateLimited, message: "at most \(configuration.maxConcurrentStreamsPerUser) replies may stream at once")
             }
 
+            // A card's greeting opens a new conversation as its first message (made first, so its
+            // id sorts first): the transcript shows it and the prompt answers after it.
+            let greeting = isNew ? PromptAssembler.greeting(of: clone).map {
+                Message(id: ids.make(.message), conversation: conversation.id, role: .assistant, text: $0, createdAt: now)
+            } : nil
             let userMessage = Message(id: ids.make(.message), conversation: conversation.id, role: .user, text: text, createdAt: now)
-            let history = isNew ? [] : try await store.messages(conversation: conversation.id, limit: configuration.historyMessages - 1, before: nil)
+            let history = isNew ? (greeting.map { [$0] } ?? [])
+                : try await store.messages(conversation: conversation.id, limit: configuration.historyMessages - 1, before: nil)
             let prompt = PromptAssembler(contextBudget: configuration.contextBudgetTokens).assemble(clone: clone, history: history + [userMessage])
             let request = CompletionRequest(model: configuration.model(for: clone), messages: prompt.messages, speaker: clone.name, maxOutputTokens: configuration.maxOutputTokens)
             let model = provider.modelName(for: request)
@@ -233,6 +239,7 @@ final class ChatService: Sendable {
 
             // The user's message is durable before anything is generated for it.
             if isNew { try await store.createConversation(conversation) }
+            if let greeting { try await store.appendMessage(greeting) }
             try await store.appendMessage(userMessage)
             meterToRefund = nil
 

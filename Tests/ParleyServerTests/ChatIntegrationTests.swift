@@ -260,3 +260,42 @@ import Testing
         await chat.server.stop()
     }
 }
+
+@Suite struct CardGreetingTests {
+    @Test(arguments: TestServer.StoreKind.allCases)
+    func aCardsGreetingOpensEachNewConversationAndTheReplyFollowsIt(_ store: TestServer.StoreKind) async throws {
+        let server = try await TestServer.start(store: store)
+        let token = try await server.token("alice")
+        let card = JSONValue.object([
+            ("spec", .string("chara_card_v2")), ("spec_version", .string("2.0")),
+            ("data", .object([("name", .string("Seraphina")), ("first_mes", .string("  Welcome, {{user}}. I am {{char}}.  "))])),
+        ])
+        let imported = try await TestHTTPClient.json(port: server.port, .POST, "/v1/clones/import", token: token, json: card)
+        #expect(imported.status == .created)
+        let id = try imported.json()["id"]!.stringValue!
+        let clone = try #require(try await server.server.store.clone(id: id, owner: "alice"))
+        let socket = try await server.connect(token: token)
+
+        try await socket.chatSend(id: "c1", clone: id, text: "Hello")
+        let reply = try await socket.readReply()
+        let messages = try await server.get("/v1/conversations/\(reply.conversation)/messages", token: token).json()["messages"]!.arrayValue!
+        #expect(messages.map { $0["role"]!.stringValue! } == ["assistant", "user", "assistant"])
+        #expect(messages[0]["text"] == .string("Welcome, User. I am Seraphina."))
+        let greeting = Message(id: "", conversation: "", role: .assistant, text: "Welcome, User. I am Seraphina.", createdAt: 0)
+        let hello = Message(id: "", conversation: "", role: .user, text: "Hello", createdAt: 0)
+        #expect(reply.text == expectedReply(configuration: server.server.configuration, clone: clone, history: [greeting, hello]).tokens.joined(),
+                "the reply was prompted with the greeting before the user's words")
+
+        // Once per conversation: a further turn adds none, a clone without a card has none.
+        try await socket.chatSend(id: "c2", clone: id, conversation: reply.conversation, text: "Again")
+        _ = try await socket.readReply()
+        let after = try await server.get("/v1/conversations/\(reply.conversation)/messages", token: token).json()["messages"]!.arrayValue!
+        #expect(after.map { $0["role"]!.stringValue! } == ["assistant", "user", "assistant", "user", "assistant"])
+        let plain = try await server.createClone(token: token)["id"]!.stringValue!
+        try await socket.chatSend(id: "c3", clone: plain, text: "Hi")
+        let other = try await socket.readReply()
+        let plainMessages = try await server.get("/v1/conversations/\(other.conversation)/messages", token: token).json()["messages"]!.arrayValue!
+        #expect(plainMessages.map { $0["role"]!.stringValue! } == ["user", "assistant"])
+        await server.stop()
+    }
+}

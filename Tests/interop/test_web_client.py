@@ -460,3 +460,25 @@ def test_a_message_is_kept_the_data_downloaded_and_the_account_deleted(web, brow
     assert web.http("GET", "/v1/clones", token)[1]["clones"] == []
     assert web.http("GET", "/v1/conversations", token)[1]["conversations"] == []
     page.close()
+
+
+def test_a_cards_greeting_opens_a_new_conversation(web, browser):
+    token = web.token("noa")
+    card = {"spec": "chara_card_v2", "spec_version": "2.0", "data": {"name": "Seraphina", "first_mes": "Welcome, {{user}}. I am {{char}}."}}
+    status, clone = web.http("POST", "/v1/clones/import", token, card)
+    assert status == 201, clone
+    page = browser.new_page()
+    sign_in(page, web.base, "noa")
+    page.get_by_role("button", name="Chat").click()
+    greeting = page.locator("#messages li.greeting")
+    expect(greeting).to_contain_text("Welcome, User. I am Seraphina.", timeout=WAIT)
+    send(page, "Hello")
+    expect(assistant(page)).to_have_attribute("data-reason", "complete", timeout=WAIT)
+    # Stored as the conversation's first message, and shown from the store when reopened.
+    status, page_ = web.http("GET", "/v1/conversations?limit=1", token)
+    conversation = page_["conversations"][0]["id"]
+    messages = web.http("GET", f"/v1/conversations/{conversation}/messages", token)[1]["messages"]
+    assert [(m["role"], m["text"]) for m in messages[:2]] == [("assistant", "Welcome, User. I am Seraphina."), ("user", "Hello")]
+    page.locator("#conversations li button").first.click()
+    expect(page.locator("#messages li").first).to_contain_text("Welcome, User. I am Seraphina.", timeout=WAIT)
+    page.close()

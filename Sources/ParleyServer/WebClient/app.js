@@ -369,7 +369,16 @@ async function showConversation(id) {
   const list = $("messages");
   list.replaceChildren();
   loadConversations();
-  if (!id) return;
+  if (!id) {
+    // A card's greeting opens every new conversation (the server stores it with the first message).
+    const clone = state.clones.find((c) => c.id === state.cloneId);
+    const greeting = clone?.profile?.first_mes?.trim();
+    if (greeting) {
+      const text = greeting.replace(/\{\{[cC]har\}\}/g, clone.name).replace(/\{\{[uU]ser\}\}/g, "User");
+      addBubble(list, { who: clone.name, text, kind: "assistant greeting" });
+    }
+    return;
+  }
   const page = await api("GET", `/v1/conversations/${id}/messages?limit=200`);
   if (state.conversationId !== id) return;
   const streaming = new Set([...state.streams.keys()]);
@@ -654,7 +663,7 @@ async function signIn(token) {
   socket.connect();
   await loadClones();
   editClone(null);
-  await loadConversations();
+  await showConversation(null);  // an empty new conversation (with its clone's greeting, if any)
   show(state.clones.length ? "chat" : "clones");
 }
 
