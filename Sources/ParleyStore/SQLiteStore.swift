@@ -432,10 +432,11 @@ public final class SQLiteStore: Store {
     }
 
     public func conversations(owner: String, limit: Int, before: String?) async throws -> [Conversation] {
-        try await run { db in
+        let page = Self.cursor("id", "<", before)
+        return try await run { db in
             try db.query(
-                "SELECT \(Self.conversationColumns) FROM conversations WHERE owner = ? AND (? IS NULL OR id < ?) ORDER BY id DESC LIMIT ?",
-                [.text(owner), before.map(SQLValue.text) ?? .null, before.map(SQLValue.text) ?? .null, .int(Int64(limit))]
+                "SELECT \(Self.conversationColumns) FROM conversations WHERE owner = ?\(page.sql) ORDER BY id DESC LIMIT ?",
+                [.text(owner)] + page.params + [.int(Int64(limit))]
             ).map(Self.conversation(from:))
         }
     }
@@ -485,10 +486,11 @@ public final class SQLiteStore: Store {
     }
 
     public func messages(conversation: String, limit: Int, before: String?) async throws -> [Message] {
-        try await run { db in
+        let page = Self.cursor("id", "<", before)
+        return try await run { db in
             try db.query(
-                "SELECT \(Self.messageColumns) FROM messages WHERE conversation = ? AND (? IS NULL OR id < ?) ORDER BY id DESC LIMIT ?",
-                [.text(conversation), before.map(SQLValue.text) ?? .null, before.map(SQLValue.text) ?? .null, .int(Int64(limit))]
+                "SELECT \(Self.messageColumns) FROM messages WHERE conversation = ?\(page.sql) ORDER BY id DESC LIMIT ?",
+                [.text(conversation)] + page.params + [.int(Int64(limit))]
             ).reversed().map(Self.message(from:))
         }
     }
@@ -553,12 +555,12 @@ public final class SQLiteStore: Store {
                 }
                 cursor = (row[0].int ?? 0, row[1].text ?? "")
             }
-            // One query for every page, as for conversations and messages: no cursor, no condition.
-            let at: SQLValue = cursor.map { .int($0.0) } ?? .null
-            let id: SQLValue = cursor.map { .text($0.1) } ?? .null
+            // A row-value comparison, so the (user, created_at, id) index serves the range; the
+            // first page has no condition at all (see `cursor`).
+            let page: (sql: String, params: [SQLValue]) = cursor.map { (" AND (created_at, id) < (?, ?)", [.int($0.0), .text($0.1)]) } ?? ("", [])
             let rows = try db.query(
-                "SELECT \(Self.ledgerColumns) FROM ledger WHERE user = ? AND (? IS NULL OR created_at < ? OR (created_at = ? AND id < ?)) ORDER BY created_at DESC, id DESC LIMIT ?",
-                [.text(user), at, at, at, id, .int(Int64(limit))]
+                "SELECT \(Self.ledgerColumns) FROM ledger WHERE user = ?\(page.sql) ORDER BY created_at DESC, id DESC LIMIT ?",
+                [.text(user)] + page.params + [.int(Int64(limit))]
             )
             return rows.map { r in
                 LedgerEntry(
@@ -576,6 +578,15 @@ public final class SQLiteStore: Store {
     // MARK: Schedules
 
     private static func optional(_ text: String?) -> SQLValue { text.map(SQLValue.text) ?? .null }
+
+    /// A keyset-pagination condition, `AND <column> <op> ?` with its value, or nothing without a
+    /// cursor. Not `(? IS NULL OR id < ?)`: SQLite cannot use the index range through the OR, so
+    /// every page would scan from the newest row down to the cursor (an export of a long
+    /// conversation went quadratic).
+    private static func cursor(_ column: String, _ op: String, _ value: String?) -> (sql: String, params: [SQLValue]) {
+        guard let value else { return ("", []) }
+        return (" AND \(column) \(op) ?", [.text(value)])
+    }
 
     private static let scheduleColumns = "id, owner, clone, conversation, at, kind, body, status, created_at, updated_at, message, failure"
 
@@ -603,10 +614,11 @@ public final class SQLiteStore: Store {
     }
 
     public func schedules(owner: String, limit: Int, before: String?) async throws -> [Schedule] {
-        try await run { db in
+        let page = Self.cursor("id", "<", before)
+        return try await run { db in
             try db.query(
-                "SELECT \(Self.scheduleColumns) FROM schedules WHERE owner = ? AND (? IS NULL OR id < ?) ORDER BY id DESC LIMIT ?",
-                [.text(owner), before.map(SQLValue.text) ?? .null, before.map(SQLValue.text) ?? .null, .int(Int64(limit))]
+                "SELECT \(Self.scheduleColumns) FROM schedules WHERE owner = ?\(page.sql) ORDER BY id DESC LIMIT ?",
+                [.text(owner)] + page.params + [.int(Int64(limit))]
             ).map(Self.schedule(from:))
         }
     }
@@ -615,11 +627,11 @@ public final class SQLiteStore: Store {
         guard !statuses.isEmpty else { return [] }
         return try await run { db in
             let marks = Array(repeating: "?", count: statuses.count).joined(separator: ", ")
+            let (mine, page) = (Self.cursor("owner", "=", owner), Self.cursor("id", ">", after))
             return try db.query(
-                "SELECT \(Self.scheduleColumns) FROM schedules WHERE status IN (\(marks)) AND (? IS NULL OR owner = ?) AND (? IS NULL OR id > ?) ORDER BY id LIMIT ?",
-                statuses.map { .text($0.rawValue) } + [
-                    owner.map(SQLValue.text) ?? .null, owner.map(SQLValue.text) ?? .null,
-                    after.map(SQLValue.text) ?? .null, after.map(SQLValue.text) ?? .null, .int(Int64(limit)),
+                "SELECT \(Self.scheduleColumns) FROM schedules WHERE status IN (\(marks))\(mine.sql)\(page.sql) ORDER BY id LIMIT ?",
+                statuses.map { .text($0.rawValue) } + mine.params + page.params + [
+                    .int(Int64(limit)),
                 ]
             ).map(Self.schedule(from:))
         }
@@ -732,9 +744,10 @@ public final class SQLiteStore: Store {
         guard !statuses.isEmpty else { return [] }
         return try await run { db in
             let marks = Array(repeating: "?", count: statuses.count).joined(separator: ", ")
+            let page = Self.cursor("id", ">", after)
             return try db.query(
-                "SELECT \(Self.roomColumns) FROM rooms WHERE status IN (\(marks)) AND (? IS NULL OR id > ?) ORDER BY id LIMIT ?",
-                statuses.map { .text($0.rawValue) } + [Self.optional(after), Self.optional(after), .int(Int64(limit))]
+                "SELECT \(Self.roomColumns) FROM rooms WHERE status IN (\(marks))\(page.sql) ORDER BY id LIMIT ?",
+                statuses.map { .text($0.rawValue) } + page.params + [.int(Int64(limit))]
             ).map(Self.room(from:))
         }
     }
@@ -753,10 +766,11 @@ public final class SQLiteStore: Store {
     }
 
     public func roomEntries(room: String, limit: Int, before: String?) async throws -> [RoomEntry] {
-        try await run { db in
+        let page = Self.cursor("id", "<", before)
+        return try await run { db in
             try db.query(
-                "SELECT \(Self.entryColumns) FROM room_entries WHERE room = ? AND (? IS NULL OR id < ?) ORDER BY id DESC LIMIT ?",
-                [.text(room), Self.optional(before), Self.optional(before), .int(Int64(limit))]
+                "SELECT \(Self.entryColumns) FROM room_entries WHERE room = ?\(page.sql) ORDER BY id DESC LIMIT ?",
+                [.text(room)] + page.params + [.int(Int64(limit))]
             ).reversed().map { r in
                 RoomEntry(id: r[0].text ?? "", room: r[1].text ?? "", kind: RoomEntry.Kind(rawValue: r[2].text ?? "") ?? .said,
                           speaker: r[3].text ?? "", text: r[4].text ?? "", createdAt: r[5].int ?? 0,
@@ -769,10 +783,11 @@ public final class SQLiteStore: Store {
     // MARK: Privacy
 
     public func rooms(owner: String, limit: Int, after: String?) async throws -> [Room] {
-        try await run { db in
+        let page = Self.cursor("id", ">", after)
+        return try await run { db in
             try db.query(
-                "SELECT \(Self.roomColumns) FROM rooms WHERE owner = ? AND (? IS NULL OR id > ?) ORDER BY id LIMIT ?",
-                [.text(owner), Self.optional(after), Self.optional(after), .int(Int64(limit))]
+                "SELECT \(Self.roomColumns) FROM rooms WHERE owner = ?\(page.sql) ORDER BY id LIMIT ?",
+                [.text(owner)] + page.params + [.int(Int64(limit))]
             ).map(Self.room(from:))
         }
     }
@@ -861,10 +876,11 @@ public final class SQLiteStore: Store {
     }
 
     public func auditEvents(limit: Int, before: String?) async throws -> [AuditEvent] {
-        try await run { db in
+        let page = Self.cursor("id", "<", before)
+        return try await run { db in
             try db.query(
-                "SELECT id, at, actor, action, target, ip_hash, detail FROM audit WHERE (? IS NULL OR id < ?) ORDER BY id DESC LIMIT ?",
-                [Self.optional(before), Self.optional(before), .int(Int64(limit))]
+                "SELECT id, at, actor, action, target, ip_hash, detail FROM audit WHERE 1 = 1\(page.sql) ORDER BY id DESC LIMIT ?",
+                page.params + [.int(Int64(limit))]
             ).map { r in
                 AuditEvent(id: r[0].text ?? "", at: r[1].int ?? 0, actor: r[2].text ?? "", action: r[3].text ?? "", target: r[4].text,
                            ipHash: r[5].text, detail: AuditEvent.detail(try? JSONValue.parse(Array((r[6].text ?? "{}").utf8))))
