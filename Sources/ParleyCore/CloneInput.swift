@@ -21,6 +21,63 @@ public struct CloneFields: Sendable, Equatable {
     public var memory: [String]?
     /// `model`: a model name, or null for the server's default (nil here: not given).
     public var model: ModelChoice?
+    /// `profile`: the card fields to replace (the lorebook and unknown card fields change only
+    /// by importing a card).
+    public var profile: ProfileFields?
+
+    /// The editable card fields of a clone's profile; nil fields keep their value.
+    public struct ProfileFields: Sendable, Equatable {
+        public var description: String?
+        public var personality: String?
+        public var scenario: String?
+        public var firstMessage: String?
+        public var alternateGreetings: [String]?
+        public var exampleMessages: String?
+        public var postHistoryInstructions: String?
+
+        public init() {}
+
+        static var textKeys: [(String, WritableKeyPath<ProfileFields, String?>)] {
+            [
+                ("description", \.description), ("personality", \.personality), ("scenario", \.scenario), ("first_mes", \.firstMessage),
+                ("mes_example", \.exampleMessages), ("post_history_instructions", \.postHistoryInstructions),
+            ]
+        }
+
+        static func parse(_ value: JSONValue, limits: CharacterCard.Limits) throws(ValidationError) -> ProfileFields {
+            var reader = try JSONObjectReader(value, what: "'profile'")
+            var fields = ProfileFields()
+            for (key, path) in textKeys {
+                guard let text = try reader.string(key) else { continue }
+                guard text.count <= limits.maxTextLength else { throw ValidationError("'profile.\(key)' is longer than \(limits.maxTextLength) characters") }
+                fields[keyPath: path] = text
+            }
+            if let greetings = try reader.stringArray("alternate_greetings") {
+                fields.alternateGreetings = try CloneFields.entries(greetings, field: "profile.alternate_greetings", maxCount: limits.maxGreetings,
+                                                                    maxLength: limits.maxTextLength)
+            }
+            if reader.has("lorebook") {
+                throw ValidationError("'profile.lorebook' changes only by importing a card (POST /v1/clones/import)")
+            }
+            if let unknown = reader.unread.first {
+                let editable = (textKeys.map(\.0) + ["alternate_greetings"]).joined(separator: ", ")
+                throw ValidationError("unknown field 'profile.\(unknown.0)'; editable: \(editable)")
+            }
+            return fields
+        }
+
+        func applied(to profile: CloneProfile) -> CloneProfile {
+            var p = profile
+            if let description { p.description = description }
+            if let personality { p.personality = personality }
+            if let scenario { p.scenario = scenario }
+            if let firstMessage { p.firstMessage = firstMessage }
+            if let alternateGreetings { p.alternateGreetings = alternateGreetings }
+            if let exampleMessages { p.exampleMessages = exampleMessages }
+            if let postHistoryInstructions { p.postHistoryInstructions = postHistoryInstructions }
+            return p
+        }
+    }
 
     public enum ModelChoice: Sendable, Equatable {
         case serverDefault
@@ -83,6 +140,9 @@ public struct CloneFields: Sendable, Equatable {
                 fields.model = .serverDefault
             }
         }
+        if let profile = try reader.value("profile") {
+            fields.profile = try ProfileFields.parse(profile, limits: CharacterCard.Limits())
+        }
         // id, timestamps and owner are the server's; naming them is a client bug worth reporting.
         try reader.rejectUnknown()
         return fields
@@ -124,6 +184,7 @@ public struct CloneFields: Sendable, Equatable {
         case .named(let name)?: c.model = name
         case nil: break
         }
+        if let profile { c.profile = profile.applied(to: c.profile) }
         c.updatedAt = now
         return c
     }

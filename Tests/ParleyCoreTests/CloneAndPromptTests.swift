@@ -52,6 +52,26 @@ import Testing
         #expect(message(#"{"name":"A","model":""}"#) == "'model' must be 1-200 bytes, or null for the default")
         #expect(message(#"{"name":"A","model":5}"#) == "'model' must be a string, not number")
     }
+
+    @Test func profileFieldsChangeOneByOneAndTheRestOfTheCardStays() throws {
+        var clone = Clone(id: "cl", owner: "u", name: "Ada", traits: [], systemPrompt: "", sliders: [:], memory: [], createdAt: 1, updatedAt: 1)
+        clone.profile.description = "a lighthouse keeper"
+        clone.profile.firstMessage = "Ahoy."
+        clone.profile.lorebook = [LoreEntry(keys: ["lamp"], content: "The lamp is old.")]
+        clone.profile.rest = [("creator_notes", .string("kept"))]
+        let fields = try parse(#"{"profile":{"first_mes":"Welcome, {{user}}.","alternate_greetings":[" Hi! "],"scenario":""}}"#, requireName: false)
+        let patched = fields.applied(to: clone, at: 2)
+        #expect(patched.profile.firstMessage == "Welcome, {{user}}." && patched.profile.alternateGreetings == ["Hi!"])
+        #expect(patched.profile.scenario == "" && patched.profile.description == "a lighthouse keeper")
+        #expect(patched.profile.lorebook == clone.profile.lorebook)
+        #expect(JSONValue.object(patched.profile.rest) == .object([("creator_notes", .string("kept"))]))
+        #expect(message(#"{"profile":{"first_mes":1}}"#, requireName: false) == "'first_mes' must be a string, not number")
+        #expect(message(#"{"profile":{"lorebook":[]}}"#, requireName: false) == "'profile.lorebook' changes only by importing a card (POST /v1/clones/import)")
+        #expect(message(#"{"profile":{"tags":[]}}"#, requireName: false)?.hasPrefix("unknown field 'profile.tags'; editable: description") == true)
+        #expect(message(#"{"profile":"x"}"#, requireName: false) == "'profile' must be a JSON object, not string")
+        #expect(message(#"{"profile":{"scenario":"\#(String(repeating: "x", count: 32_001))"}}"#, requireName: false)
+            == "'profile.scenario' is longer than 32000 characters")
+    }
 }
 
 @Suite struct PromptAssemblerTests {

@@ -296,6 +296,18 @@ import Testing
         let other = try await socket.readReply()
         let plainMessages = try await server.get("/v1/conversations/\(other.conversation)/messages", token: token).json()["messages"]!.arrayValue!
         #expect(plainMessages.map { $0["role"]!.stringValue! } == ["user", "assistant"])
+
+        // The greeting is edited like any field, and the next new conversation opens with it.
+        let patched = try await TestHTTPClient.json(port: server.port, .PATCH, "/v1/clones/\(id)", token: token,
+                                                    json: .object([("profile", .object([("first_mes", .string("Back again, {{user}}?"))]))]))
+        #expect(patched.status == .ok)
+        #expect(try patched.json()["profile"]?["first_mes"] == .string("Back again, {{user}}?"))
+        let exported = try await server.get("/v1/clones/\(id)/card", token: token).json()
+        #expect(exported["data"]?["first_mes"] == .string("Back again, {{user}}?"))
+        try await socket.chatSend(id: "c4", clone: id, text: "Hello once more")
+        let third = try await socket.readReply()
+        let opened = try await server.get("/v1/conversations/\(third.conversation)/messages", token: token).json()["messages"]!.arrayValue!
+        #expect(opened.first?["text"] == .string("Back again, User?"))
         await server.stop()
     }
 }
