@@ -384,11 +384,17 @@ def test_a_clone_is_edited_and_deleted_from_the_form(web, browser):
     make_clone_in_ui(page, "Draft")
     page.get_by_label("Name", exact=True).fill("Final")
     page.locator("#sliders input[name=warmth]").fill("90")
+    page.get_by_label("Greeting").fill("Hello, {{user}}.")
     page.get_by_role("button", name="Save changes").click()
     expect(page.locator("#clone-status")).to_have_text("Saved Final.", timeout=WAIT)
     token = web.token("eli")
     (clone,) = web.http("GET", "/v1/clones", token)[1]["clones"]
     assert clone["name"] == "Final" and clone["sliders"]["warmth"] == 90
+    assert clone["profile"]["first_mes"] == "Hello, {{user}}."
+    page.get_by_role("button", name="Chat").click()
+    expect(page.locator("#messages li.greeting")).to_contain_text("Hello, User.", timeout=WAIT)
+    page.get_by_role("button", name="Clones").click()
+    page.locator("#clone-list li button").first.click()
 
     page.on("dialog", lambda dialog: dialog.accept())  # the "Delete … and all its conversations?" confirmation
     page.get_by_role("button", name="Delete clone").click()

@@ -205,6 +205,7 @@ function show(view) {
   }
   $(`${view}-title`).focus();
   if (view === "schedules") loadSchedules();
+  if (view === "chat" && !state.conversationId) showConversation(null);  // the current clone's greeting
   if (view === "account") $("account-status").textContent = "";
 }
 
@@ -299,6 +300,7 @@ function editClone(clone) {
   $("clone-traits").value = (clone?.traits ?? []).join(", ");
   $("clone-prompt").value = clone?.system_prompt ?? "";
   $("clone-memory").value = (clone?.memory ?? []).join("\n");
+  $("clone-greeting").value = clone?.profile?.first_mes ?? "";
   renderSliders(clone?.sliders ?? {});
   $("save-clone").textContent = clone ? "Save changes" : "Create clone";
   $("delete-clone").hidden = !clone;
@@ -317,6 +319,7 @@ async function saveClone(event) {
     system_prompt: $("clone-prompt").value,
     sliders,
     memory: $("clone-memory").value.split("\n").map((m) => m.trim()).filter(Boolean),
+    profile: { first_mes: $("clone-greeting").value.trim() },
   };
   try {
     const saved = state.editingClone
