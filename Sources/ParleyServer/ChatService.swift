@@ -22,6 +22,8 @@ final class ChatService: Sendable {
         var accepting = true
         var nextKey: UInt64 = 0
         var running: [UInt64: Task<Void, Never>] = [:]
+        /// Whose request each running one is (when a user's).
+        var owners: [UInt64: String] = [:]
     }
 
     private let requests = Mutex(Requests())
@@ -41,7 +43,7 @@ final class ChatService: Sendable {
     func handle(_ frame: ClientFrame, from connection: ClientConnection) {
         switch frame {
         case let .chatSend(id, clone, conversation, text):
-            let started = track {
+            let started = track(for: connection.identity.user) {
                 await self.chatSend(ref: id, cloneID: clone, conversationID: conversation, text: text, from: connection)
             }
             if !started {
@@ -72,7 +74,7 @@ final class ChatService: Sendable {
     /// event loop, a `FrameError` answered as an `error` frame with `ref`, any other failure logged
     /// and answered `internal`, and `unavailable` once the server is shutting down.
     func serve(_ frame: ClientFrame, from connection: ClientConnection, what: String, _ body: @escaping @Sendable () async throws -> Void) {
-        let started = track {
+        let started = track(for: connection.identity.user) {
             do {
                 try await body()
             } catch var error as FrameError {
@@ -100,17 +102,27 @@ final class ChatService: Sendable {
 
     /// Runs `body` as a request the shutdown waits for; false (and `body` never runs) once the
     /// server stopped accepting work.
-    func track(_ body: @escaping @Sendable () async -> Void) -> Bool {
+    func track(for user: String? = nil, _ body: @escaping @Sendable () async -> Void) -> Bool {
         requests.withLock { r -> Bool in
             guard r.accepting else { return false }
             let key = r.nextKey
             r.nextKey += 1
+            if let user { r.owners[key] = user }
             r.running[key] = Task {
                 await body()
-                _ = self.requests.withLock { $0.running.removeValue(forKey: key) }
+                self.requests.withLock {
+                    $0.running.removeValue(forKey: key)
+                    $0.owners.removeValue(forKey: key)
+                }
             }
             return true
         }
+    }
+
+    /// Waits for the user's requests in flight (their sockets are closed, so no new ones come).
+    func settle(user: String) async {
+        let running = requests.withLock { r in r.owners.filter { $0.value == user }.compactMap { r.running[$0.key] } }
+        for task in running { await task.value }
     }
 
     /// Stops every stream, lets each store its partial reply and send `stream.end` with reason

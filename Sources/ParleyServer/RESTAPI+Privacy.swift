@@ -93,13 +93,17 @@ extension RESTAPI {
         let user = identity.user
         let closing = hub.connections(of: user).map { $0.close(code: .policyViolation, reason: "account deleted") }
         for socket in closing { try? await socket.get() }
+        // What the sockets asked for before they closed finishes first (a chat.send stores the
+        // message it answers), then its streams stop: nothing is written after the deletion.
+        await chat.stopStreams(owner: user)
+        await chat.settle(user: user)
         await chat.stopStreams(owner: user)
         await schedules.cancelAll(owner: user)
         await rooms.forget(user: user)
         let pseudonym = audit.pseudonym(for: user)
         var report = try await store.deleteUser(user, pseudonym: pseudonym)
-        // A request its sockets sent just before they closed may have stored something since:
-        // a second pass (idempotent) takes that too.
+        // A scheduled reply or a REST call that raced the deletion may have stored something
+        // since: a second pass (idempotent) takes that too.
         await chat.stopStreams(owner: user)
         let late = try await store.deleteUser(user, pseudonym: pseudonym)
         report.clones += late.clones
