@@ -16,6 +16,14 @@ struct StreamMetrics: Sendable {
     /// sockets (fan-outs to more than one socket only).
     let fanOutDelay: Timer
     private let ended: [StreamEndReason: Counter]
+    private let failed: Counter
+    private let busy: Counter
+
+    enum ProviderFailure { case failed, busy }
+
+    /// `parley_provider_errors_total{kind}`: replies the provider failed (`failed`: an error
+    /// or timeout, after its retries) or could not take (`busy`: its queue was full).
+    func providerErrors(_ kind: ProviderFailure) -> Counter { kind == .failed ? failed : busy }
 
     init(factory: any MetricsFactory) {
         active = Meter(label: "parley_streams_active", factory: factory)
@@ -28,6 +36,8 @@ struct StreamMetrics: Sendable {
             ended[reason] = Counter(label: "parley_streams_ended_total", dimensions: [("reason", reason.rawValue)], factory: factory)
         }
         self.ended = ended
+        failed = Counter(label: "parley_provider_errors_total", dimensions: [("kind", "failed")], factory: factory)
+        busy = Counter(label: "parley_provider_errors_total", dimensions: [("kind", "busy")], factory: factory)
     }
 
     /// A stream ended; `reason` `error` is a provider that failed mid-reply or before it.

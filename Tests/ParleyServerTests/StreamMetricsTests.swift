@@ -1,5 +1,6 @@
 import MetricsTestKit
 import ParleyCore
+import ParleyLLM
 import ParleyServer
 import ParleyTestSupport
 import Testing
@@ -56,6 +57,43 @@ import Testing
         #expect(try metrics.expectCounter("parley_streams_ended_total", [("reason", "cancelled")]).totalValue == 1)
         #expect(try metrics.expectMeter("parley_streams_active").lastValue == 0)
         await server.stop()
+    }
+
+    @Test func providerFailuresAndAFullQueueAreCountedApart() async throws {
+        /// A provider that fails every reply before its first token.
+        struct Failing: LLMProvider {
+            func modelName(for request: CompletionRequest) -> String { "simulated" }
+            func stream(_ request: CompletionRequest) -> LLMEventStream {
+                LLMEventStream { $0.finish(throwing: ProviderError("the model provider answered HTTP 500")) }
+            }
+        }
+        let metrics = TestMetrics()
+        let failing = try await TestServer.start(provider: Failing()) { $0.metrics = metrics }
+        let token = try await failing.token("carol")
+        let clone = try await failing.createClone(token: token)["id"]!.stringValue!
+        let socket = try await failing.connect(token: token)
+        try await socket.chatSend(id: "c1", clone: clone, text: "Hello")
+        #expect(try await socket.next(type: "stream.end").frame["reason"] == .string("error"))
+        #expect(try metrics.expectCounter("parley_provider_errors_total", [("kind", "failed")]).totalValue == 1)
+        await failing.stop()
+
+        let busyMetrics = TestMetrics()
+        let busy = try await TestServer.start {
+            $0.metrics = busyMetrics
+            $0.providerConcurrency = 1
+            $0.providerQueue = 0
+            $0.simulated.tokensPerSecond = 20  // the first reply holds the one slot for about a second
+        }
+        let dan = try await busy.token("dan")
+        let danClone = try await busy.createClone(token: dan)["id"]!.stringValue!
+        let first = try await busy.connect(token: dan)
+        try await first.chatSend(id: "a", clone: danClone, text: "One")
+        _ = try await first.readUntilToken()
+        try await first.chatSend(id: "b", clone: danClone, text: "Two")
+        _ = try await first.next(type: "error")
+        #expect(try busyMetrics.expectCounter("parley_provider_errors_total", [("kind", "busy")]).totalValue == 1)
+        #expect((try? busyMetrics.expectCounter("parley_provider_errors_total", [("kind", "failed")]).totalValue) ?? 0 == 0)
+        await busy.stop()
     }
 }
 

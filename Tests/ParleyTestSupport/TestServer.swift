@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import ParleyLLM
 import ParleyCore
 import ParleyServer
 
@@ -18,7 +19,9 @@ public final class TestServer: Sendable {
         public var description: String { rawValue }
     }
 
-    public static func start(store: StoreKind = .sqlite, _ configure: (inout ServerConfiguration) -> Void = { _ in }) async throws -> TestServer {
+    /// `provider` replaces the simulated one (not kept by `restarted`).
+    public static func start(store: StoreKind = .sqlite, provider: (any LLMProvider)? = nil,
+                             _ configure: (inout ServerConfiguration) -> Void = { _ in }) async throws -> TestServer {
         var configuration = ServerConfiguration()
         configuration.port = 0
         configuration.dataDirectory = FileManager.default.temporaryDirectory
@@ -32,13 +35,13 @@ public final class TestServer: Sendable {
         configuration.drainGrace = .zero
         if store == .mongodb { configuration.storeURI = MongoFixture.uri() }
         configure(&configuration)
-        return try await start(configuration)
+        return try await start(configuration, provider: provider)
     }
 
-    private static func start(_ configuration: ServerConfiguration) async throws -> TestServer {
+    private static func start(_ configuration: ServerConfiguration, provider: (any LLMProvider)? = nil) async throws -> TestServer {
         var logger = Logger(label: "parley-test")
         logger.logLevel = .warning
-        let server = try await ParleyServer.start(configuration: configuration, logger: logger)
+        let server = try await ParleyServer.start(configuration: configuration, provider: provider, logger: logger)
         return TestServer(server: server, configuration: configuration)
     }
 
