@@ -126,7 +126,7 @@ public enum CharacterCard {
             throw ValidationError("unsupported card spec \(specName.map { "'\($0)'" } ?? "(none)"): expected chara_card_v2 or chara_card_v3")
         }
         guard let dataValue = top.first(where: { $0.0 == "data" })?.1 else { throw ValidationError("the card has no 'data' object") }
-        var data = try JSONObjectReader(dataValue, what: "'data'")
+        var data = try JSONObjectReader(dataValue, what: "'data'", prefix: "data.")
         func text(_ key: String) throws(ValidationError) -> String {
             let value = try data.string(key) ?? ""
             guard value.count <= limits.maxTextLength else { throw ValidationError("'data.\(key)' is longer than \(limits.maxTextLength) characters") }
@@ -163,7 +163,7 @@ public enum CharacterCard {
         }
         var rest: [(String, JSONValue)] = []
         if let value = try data.value("character_book") {
-            var book = try JSONObjectReader(value, what: "'data.character_book'")
+            var book = try JSONObjectReader(value, what: "'data.character_book'", prefix: "data.character_book.")
             guard case .array(let entries)? = try book.value("entries") else { throw ValidationError("'data.character_book.entries' must be an array") }
             guard entries.count <= limits.maxLoreEntries else {
                 throw ValidationError("'data.character_book.entries' has more than \(limits.maxLoreEntries) entries")
@@ -183,7 +183,7 @@ public enum CharacterCard {
 
     static func loreEntry(_ value: JSONValue, index i: Int, limits: Limits) throws(ValidationError) -> LoreEntry {
         let at = "'data.character_book.entries[\(i)]"
-        var entry = try JSONObjectReader(value, what: at + "'")
+        var entry = try JSONObjectReader(value, what: at + "'", prefix: "data.character_book.entries[\(i)].")
         guard let keys = try entry.stringArray("keys") else { throw ValidationError(at + ".keys' is missing") }
         guard keys.count <= limits.maxKeysPerEntry else { throw ValidationError(at + ".keys' has more than \(limits.maxKeysPerEntry) keys") }
         guard let content = try entry.string("content") else { throw ValidationError(at + ".content' is missing") }

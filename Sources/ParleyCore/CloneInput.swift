@@ -45,7 +45,7 @@ public struct CloneFields: Sendable, Equatable {
         }
 
         static func parse(_ value: JSONValue, limits: CharacterCard.Limits) throws(ValidationError) -> ProfileFields {
-            var reader = try JSONObjectReader(value, what: "'profile'")
+            var reader = try JSONObjectReader(value, what: "'profile'", prefix: "profile.")
             var fields = ProfileFields()
             for (key, path) in textKeys {
                 guard let text = try reader.string(key) else { continue }
@@ -61,7 +61,7 @@ public struct CloneFields: Sendable, Equatable {
             }
             if let unknown = reader.unread.first {
                 let editable = (textKeys.map(\.0) + ["alternate_greetings"]).joined(separator: ", ")
-                throw ValidationError("unknown field 'profile.\(unknown.0)'; editable: \(editable)")
+                throw ValidationError("unknown field '\(reader.prefix)\(unknown.0)'; editable: \(editable)")
             }
             return fields
         }

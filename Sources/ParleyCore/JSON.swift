@@ -172,12 +172,16 @@ public enum JSONString {
 public struct JSONObjectReader {
     public let pairs: [(String, JSONValue)]
     private var consumed: Set<String> = []
+    /// Prepended to every field name in messages (`profile.`), so a nested object's errors say
+    /// where the field is.
+    public let prefix: String
 
-    public init(_ value: JSONValue, what: String = "body") throws(ValidationError) {
+    public init(_ value: JSONValue, what: String = "body", prefix: String = "") throws(ValidationError) {
         guard case .object(let pairs) = value else {
             throw ValidationError("\(what) must be a JSON object, not \(value.typeName)")
         }
         self.pairs = pairs
+        self.prefix = prefix
     }
 
     public func has(_ key: String) -> Bool { pairs.contains { $0.0 == key } }
@@ -199,18 +203,18 @@ public struct JSONObjectReader {
 
     public mutating func string(_ key: String) throws(ValidationError) -> String? {
         guard let value = raw(key) else { return nil }
-        guard case .string(let s) = value else { throw ValidationError("'\(key)' must be a string, not \(value.typeName)") }
+        guard case .string(let s) = value else { throw ValidationError("'\(prefix)\(key)' must be a string, not \(value.typeName)") }
         return s
     }
 
     public mutating func requiredString(_ key: String) throws(ValidationError) -> String {
-        guard let s = try string(key) else { throw ValidationError("missing field '\(key)'") }
+        guard let s = try string(key) else { throw ValidationError("missing field '\(prefix)\(key)'") }
         return s
     }
 
     public mutating func bool(_ key: String) throws(ValidationError) -> Bool? {
         guard let value = raw(key) else { return nil }
-        guard case .bool(let b) = value else { throw ValidationError("'\(key)' must be true or false, not \(value.typeName)") }
+        guard case .bool(let b) = value else { throw ValidationError("'\(prefix)\(key)' must be true or false, not \(value.typeName)") }
         return b
     }
 
@@ -219,17 +223,17 @@ public struct JSONObjectReader {
         switch value {
         case .int(let i): return i
         case .double(let d) where d == d.rounded() && abs(d) < 9e15: return Int64(d)
-        default: throw ValidationError("'\(key)' must be an integer, not \(value.typeName)")
+        default: throw ValidationError("'\(prefix)\(key)' must be an integer, not \(value.typeName)")
         }
     }
 
     public mutating func stringArray(_ key: String) throws(ValidationError) -> [String]? {
         guard let value = raw(key) else { return nil }
-        guard case .array(let items) = value else { throw ValidationError("'\(key)' must be an array of strings") }
+        guard case .array(let items) = value else { throw ValidationError("'\(prefix)\(key)' must be an array of strings") }
         var out: [String] = []
         out.reserveCapacity(items.count)
         for (i, item) in items.enumerated() {
-            guard case .string(let s) = item else { throw ValidationError("'\(key)[\(i)]' must be a string, not \(item.typeName)") }
+            guard case .string(let s) = item else { throw ValidationError("'\(prefix)\(key)[\(i)]' must be a string, not \(item.typeName)") }
             out.append(s)
         }
         return out
@@ -237,13 +241,13 @@ public struct JSONObjectReader {
 
     public mutating func intMap(_ key: String) throws(ValidationError) -> [String: Int64]? {
         guard let value = raw(key) else { return nil }
-        guard case .object(let pairs) = value else { throw ValidationError("'\(key)' must be an object") }
+        guard case .object(let pairs) = value else { throw ValidationError("'\(prefix)\(key)' must be an object") }
         var out: [String: Int64] = [:]
         for (name, v) in pairs {
             switch v {
             case .int(let i): out[name] = i
             case .double(let d) where d == d.rounded() && abs(d) < 9e15: out[name] = Int64(d)
-            default: throw ValidationError("'\(key).\(name)' must be an integer, not \(v.typeName)")
+            default: throw ValidationError("'\(prefix)\(key).\(name)' must be an integer, not \(v.typeName)")
             }
         }
         return out
@@ -252,7 +256,7 @@ public struct JSONObjectReader {
     /// Throws when the object holds a field nobody read.
     public func rejectUnknown() throws(ValidationError) {
         if let unknown = pairs.first(where: { !consumed.contains($0.0) }) {
-            throw ValidationError("unknown field '\(unknown.0)'")
+            throw ValidationError("unknown field '\(prefix)\(unknown.0)'")
         }
     }
 }

@@ -249,7 +249,7 @@ public struct DebateRequest: Sendable, Equatable {
         }
         var clones: [(String, String)] = []
         for (index, item) in items.enumerated() {
-            var entry = try JSONObjectReader(item, what: "'clones[\(index)]'")
+            var entry = try JSONObjectReader(item, what: "'clones[\(index)]'", prefix: "clones[\(index)].")
             let clone = try entry.requiredString("clone")
             let stance = try entry.string("stance") ?? ""
             try entry.rejectUnknown()

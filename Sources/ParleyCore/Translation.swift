@@ -33,7 +33,7 @@ public struct TranslationRequest: Sendable, Equatable {
             guard case .array(let items) = given else { throw ValidationError("'clones' must be an array of {clone, language}") }
             guard items.count <= limits.maxDebaters else { throw ValidationError("at most \(limits.maxDebaters) clones") }
             for (index, item) in items.enumerated() {
-                var entry = try JSONObjectReader(item, what: "'clones[\(index)]'")
+                var entry = try JSONObjectReader(item, what: "'clones[\(index)]'", prefix: "clones[\(index)].")
                 let clone = try entry.requiredString("clone")
                 let text = try entry.requiredString("language")
                 try entry.rejectUnknown()

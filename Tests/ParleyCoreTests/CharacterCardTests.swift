@@ -105,7 +105,7 @@ func keepsEverything(_ received: JSONValue, in exported: JSONValue?, at path: St
         #expect(error(#"{"spec":"chara_card_v9","data":{}}"#) == "unsupported card spec 'chara_card_v9': expected chara_card_v2 or chara_card_v3")
         #expect(error(#"{"spec":"chara_card_v2"}"#) == "the card has no 'data' object")
         #expect(error(#"{"spec":"chara_card_v2","data":{"name":" "}}"#) == "the card has no 'data.name'")
-        #expect(error(#"{"spec":"chara_card_v2","data":{"name":"A","description":5}}"#) == "'description' must be a string, not number")
+        #expect(error(#"{"spec":"chara_card_v2","data":{"name":"A","description":5}}"#) == "'data.description' must be a string, not number")
         #expect(error(#"{"spec":"chara_card_v2","data":{"name":"A","character_book":{"entries":{}}}}"#) == "'data.character_book.entries' must be an array")
         #expect(error(#"{"spec":"chara_card_v2","data":{"name":"A","character_book":{"entries":[{"content":"x"}]}}}"#)
                 == "'data.character_book.entries[0].keys' is missing")

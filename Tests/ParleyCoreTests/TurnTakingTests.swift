@@ -91,6 +91,6 @@ import Testing
         #expect(message(#"{"kind":"debate","topic":"x","clones":[{"clone":"a"},{"clone":"a"}]}"#) == "clone a is listed twice")
         #expect(message(#"{"kind":"debate","topic":"x","clones":[{"clone":"a"},{"clone":"b"}],"turn_policy":"chaos"}"#) == "'turn_policy' must be one of round_robin, moderator, natural")
         #expect(message(#"{"kind":"debate","topic":"x","clones":[{"clone":"a"},{"clone":"b"}],"rounds":0}"#) == "'rounds' must be 1-50")
-        #expect(message(#"{"kind":"debate","topic":"x","clones":[{"clone":"a","mood":"x"},{"clone":"b"}]}"#) == "unknown field 'mood'")
+        #expect(message(#"{"kind":"debate","topic":"x","clones":[{"clone":"a","mood":"x"},{"clone":"b"}]}"#) == "unknown field 'clones[0].mood'")
     }
 }
