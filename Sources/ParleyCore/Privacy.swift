@@ -62,6 +62,19 @@ public struct UserDeletion: Sendable, Equatable {
 
     public init() {}
 
+    /// Two passes of one deletion: what each removed, and the ledger rows the last one counted.
+    public static func + (a: UserDeletion, b: UserDeletion) -> UserDeletion {
+        var sum = a
+        sum.clones += b.clones
+        sum.conversations += b.conversations
+        sum.messages += b.messages
+        sum.schedules += b.schedules
+        sum.rooms += b.rooms
+        sum.roomEntries += b.roomEntries
+        sum.ledgerRowsKept = b.ledgerRowsKept
+        return sum
+    }
+
     public var detail: [String: String] {
         ["clones": "\(clones)", "conversations": "\(conversations)", "messages": "\(messages)", "schedules": "\(schedules)",
          "rooms": "\(rooms)", "room_entries": "\(roomEntries)", "ledger_rows_kept": "\(ledgerRowsKept)"]

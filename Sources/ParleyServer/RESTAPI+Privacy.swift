@@ -101,18 +101,11 @@ extension RESTAPI {
         await schedules.cancelAll(owner: user)
         await rooms.forget(user: user)
         let pseudonym = audit.pseudonym(for: user)
-        var report = try await store.deleteUser(user, pseudonym: pseudonym)
+        let first = try await store.deleteUser(user, pseudonym: pseudonym)
         // A scheduled reply or a REST call that raced the deletion may have stored something
         // since: a second pass (idempotent) takes that too.
         await chat.stopStreams(owner: user)
-        let late = try await store.deleteUser(user, pseudonym: pseudonym)
-        report.clones += late.clones
-        report.conversations += late.conversations
-        report.messages += late.messages
-        report.schedules += late.schedules
-        report.rooms += late.rooms
-        report.roomEntries += late.roomEntries
-        report.ledgerRowsKept = late.ledgerRowsKept
+        let report = first + (try await store.deleteUser(user, pseudonym: pseudonym))
         credits.forget(user)
         await audit.record("user.deleted", actor: pseudonym, target: pseudonym, ip: request.remoteIP, detail: report.detail)
         logger.notice("account deleted", metadata: ["pseudonym": "\(pseudonym)", "sockets": "\(closing.count)"])
