@@ -71,13 +71,7 @@ final class RoomService: Sendable {
             return Array(s.rooms.values)
         }
         for room in rooms {
-            let (loop, replies) = room.state.withLock { s -> (Task<Void, Never>?, Task<Void, Never>?) in
-                s.current?.stop(.shutdown)
-                for flight in s.inflight.values { flight.stream.stop(.shutdown) }
-                return (s.loop, s.replies)
-            }
-            await loop?.value
-            await replies?.value
+            await room.halt(.shutdown)
             var stored = room.state.withLock { $0.room }
             if stored.status == .running {
                 stored.status = .paused
@@ -101,14 +95,7 @@ final class RoomService: Sendable {
                 }
                 continue
             }
-            let (loop, replies) = live.state.withLock { s -> (Task<Void, Never>?, Task<Void, Never>?) in
-                s.room.status = .ended
-                s.current?.stop(.cancelled)
-                for flight in s.inflight.values { flight.stream.stop(.cancelled) }
-                return (s.loop, s.replies)
-            }
-            await loop?.value
-            await replies?.value
+            await live.halt(.cancelled) { $0.room.status = .ended }
             live.broadcast(allocator.buffer(bytes: ServerFrame.roomEvent(room: live.id, event: "ended", [("by", .string(user))])))
             state.withLock { s in
                 if s.rooms[live.id] === live { s.rooms.removeValue(forKey: live.id) }
@@ -330,8 +317,7 @@ final class RoomService: Sendable {
             case .end:
                 guard room.status != .ended else { return .failure(FrameError(ref: nil, code: .conflict, message: "room \(id) already ended")) }
                 room.status = .ended
-                s.current?.stop(.cancelled)
-                for flight in s.inflight.values { flight.stream.stop(.cancelled) }
+                s.stopStreams(.cancelled)
                 event = "ended"
             case .next:
                 guard room.status == .running else { return .failure(Self.notRunning(room)) }
@@ -609,6 +595,12 @@ final class LiveRoom: Sendable {
         /// Translation chats: counts messages placed, so streams replay in the order they were said.
         var placed: Int = 0
 
+        /// Stops the turn being streamed and every translation or reply in flight.
+        mutating func stopStreams(_ reason: StreamEndReason) {
+            current?.stop(reason)
+            for flight in inflight.values { flight.stream.stop(reason) }
+        }
+
         /// A socket leaves: it is no member and follows no stream of the room any more.
         mutating func unsubscribe(_ connection: String) {
             members.removeValue(forKey: connection)
@@ -631,6 +623,18 @@ final class LiveRoom: Sendable {
     init(room: Room, transcript: [RoomEntry]) {
         id = room.id
         state = Mutex(State(room: room, transcript: transcript))
+    }
+
+    /// Stops every stream of the room (after `change`, under the same lock) and waits for its turn
+    /// loop and its queued replies to finish.
+    func halt(_ reason: StreamEndReason, _ change: (inout State) -> Void = { _ in }) async {
+        let (loop, replies) = state.withLock { s -> (Task<Void, Never>?, Task<Void, Never>?) in
+            change(&s)
+            s.stopStreams(reason)
+            return (s.loop, s.replies)
+        }
+        await loop?.value
+        await replies?.value
     }
 
     /// Runs `body` after every body sequenced before it has finished: a translation chat's
