@@ -320,18 +320,18 @@ final class ChatService: Sendable {
             }
         } catch is CancellationError {
         } catch let error as ProviderError {
-            streamMetrics.providerErrors(.failed).increment()
+            streamMetrics.providerFailed.increment()
             logger.warning("provider failed", metadata: ["stream": "\(live.id)", "error": "\(error.message)"])
             failure = error.message
         } catch is ProviderBusy {
-            streamMetrics.providerErrors(.busy).increment()
+            streamMetrics.providerBusy.increment()
             failure = "the model is busy: too many replies are waiting for it; try again shortly"
             failureCode = .rateLimited
         } catch let error as StoreError {
             logger.error("metering failed; stopping the stream", metadata: ["stream": "\(live.id)", "error": "\(error)"])
             failure = "credits could not be charged; try again"
         } catch {
-            streamMetrics.providerErrors(.failed).increment()
+            streamMetrics.providerFailed.increment()
             logger.error("provider failed", metadata: ["stream": "\(live.id)", "error": "\(error)"])
             failure = "the model provider failed"
         }

@@ -16,14 +16,11 @@ struct StreamMetrics: Sendable {
     /// sockets (fan-outs to more than one socket only).
     let fanOutDelay: Timer
     private let ended: [StreamEndReason: Counter]
-    private let failed: Counter
-    private let busy: Counter
-
-    enum ProviderFailure { case failed, busy }
-
-    /// `parley_provider_errors_total{kind}`: replies the provider failed (`failed`: an error
-    /// or timeout, after its retries) or could not take (`busy`: its queue was full).
-    func providerErrors(_ kind: ProviderFailure) -> Counter { kind == .failed ? failed : busy }
+    /// `parley_provider_errors_total{kind="failed"}`: replies the provider failed (an error or a
+    /// timeout, after its retries).
+    let providerFailed: Counter
+    /// `parley_provider_errors_total{kind="busy"}`: replies it could not take (its queue was full).
+    let providerBusy: Counter
 
     init(factory: any MetricsFactory) {
         active = Meter(label: "parley_streams_active", factory: factory)
@@ -36,8 +33,8 @@ struct StreamMetrics: Sendable {
             ended[reason] = Counter(label: "parley_streams_ended_total", dimensions: [("reason", reason.rawValue)], factory: factory)
         }
         self.ended = ended
-        failed = Counter(label: "parley_provider_errors_total", dimensions: [("kind", "failed")], factory: factory)
-        busy = Counter(label: "parley_provider_errors_total", dimensions: [("kind", "busy")], factory: factory)
+        providerFailed = Counter(label: "parley_provider_errors_total", dimensions: [("kind", "failed")], factory: factory)
+        providerBusy = Counter(label: "parley_provider_errors_total", dimensions: [("kind", "busy")], factory: factory)
     }
 
     /// A stream ended; `reason` `error` is a provider that failed mid-reply or before it.
