@@ -99,6 +99,9 @@ public struct PurgeResult: Sendable, Equatable {
 }
 
 extension LedgerEntry {
+    /// The id of a user's starting grant: one per user, so granting it again changes nothing.
+    public static func welcomeID(for user: String) -> String { "welcome:\(user)" }
+
     /// The row a deleted user's entry becomes: amounts, kind, model and time stay (the books
     /// must balance and be auditable); who it was and what it paid for go.
     public func detached(to pseudonym: String) -> LedgerEntry {
@@ -109,7 +112,7 @@ extension LedgerEntry {
         entry.room = nil
         entry.note = nil
         // The starting grant's id names the user; nothing else does.
-        if id == "welcome:\(user)" { entry.id = "welcome:\(pseudonym)" }
+        if id == Self.welcomeID(for: user) { entry.id = Self.welcomeID(for: pseudonym) }
         return entry
     }
 }

@@ -65,12 +65,13 @@ extension MongoStore {
             _ = try db.delete("accounts", query: .object([("_id", .string(user))]))
         }
         // `_id` cannot change in place: the welcome row is copied under its new id, then removed.
-        if let welcome = try db.find("ledger", filter: .object([("_id", .string("welcome:" + user))]), limit: 1).first {
+        let welcomeID = JSONValue.string(LedgerEntry.welcomeID(for: user))
+        if let welcome = try db.find("ledger", filter: .object([("_id", welcomeID)]), limit: 1).first {
             let moved = entry(from: welcome).detached(to: pseudonym)
             do {
                 try db.insert("ledger", document(moved, state: welcome["state"]?.stringValue ?? "applied"))
             } catch StoreError.duplicateKey {}
-            _ = try db.delete("ledger", query: .object([("_id", .string("welcome:" + user))]))
+            _ = try db.delete("ledger", query: .object([("_id", welcomeID)]))
         }
         _ = try db.update("ledger", query: .object([("user", .string(user))]), update: .object([
             ("$set", .object([("user", .string(pseudonym))])),

@@ -57,7 +57,7 @@ final class Credits: Sendable {
 
     func ensureStartingGrant(_ user: String) async throws {
         guard configuration.startingGrant > 0, !welcomed.withLock({ $0.contains(user) }) else { return }
-        _ = try await store.apply(Self.grantEntry(id: "welcome:\(user)", user: user, credits: configuration.startingGrant,
+        _ = try await store.apply(Self.grantEntry(id: LedgerEntry.welcomeID(for: user), user: user, credits: configuration.startingGrant,
                                                   note: "starting grant"), allowOverdraft: false)
         welcomed.withLock { set in
             if set.count >= 100_000 { set.removeAll() }  // bounded: worst case one more idempotent write

@@ -837,7 +837,7 @@ public final class SQLiteStore: Store {
                 }
                 // The books: rows and balance move to the pseudonym, detached from content.
                 let alias: SQLValue = .text(pseudonym)
-                try db.query("UPDATE ledger SET id = ? WHERE id = ?", [.text("welcome:" + pseudonym), .text("welcome:" + id)])
+                try db.query("UPDATE ledger SET id = ? WHERE id = ?", [.text(LedgerEntry.welcomeID(for: pseudonym)), .text(LedgerEntry.welcomeID(for: id))])
                 try db.query("UPDATE ledger SET user = ?, stream = NULL, conversation = NULL, room = NULL, note = NULL WHERE user = ?", [alias, .text(id)])
                 report.ledgerRowsKept = Int(try db.query("SELECT count(*) FROM ledger WHERE user = ?", [alias]).first?.first?.int ?? 0)
                 if let balance = try db.query("SELECT balance FROM accounts WHERE user = ?", user).first?.first?.int {

@@ -26,7 +26,7 @@ private func populate(_ store: any Store, _ user: String) async throws -> World 
     try await store.createRoom(room)
     let entry = RoomEntry(id: ids.make(.roomEntry), room: room.id, kind: .said, speaker: user, text: "\(user) opens", createdAt: 3_000)
     try await store.appendRoomEntry(entry)
-    _ = try await store.apply(grant(user, 100, id: "welcome:\(user)"), allowOverdraft: false)
+    _ = try await store.apply(grant(user, 100, id: LedgerEntry.welcomeID(for: user)), allowOverdraft: false)
     _ = try await store.apply(debit(user, 30), allowOverdraft: false)
     try await store.appendAudit(AuditEvent(id: ids.make(.audit), at: 4_000, actor: user, action: "clone.created", target: clone.id, ipHash: "ab12"))
     return World(clone: clone, conversation: conversation, messages: messages, schedule: schedule, ownRoom: room, ownRoomEntry: entry)
