@@ -3,19 +3,19 @@ import NIOCore
 import ParleyCore
 import Synchronization
 
-/// A client IP as Parley remembers it: HMAC-SHA256 under a key derived from the server's secret,
-/// hex. The same address gives the same hash on this server, and the address cannot be read back
-/// from it (nor tried against a list without the secret). `purpose` separates the keys, so a
-/// deleted user's pseudonym and an address never hash alike.
-struct IPHasher: Sendable {
+/// What Parley keeps instead of a client IP or a deleted user's id: HMAC-SHA256 under a key
+/// derived from the server's secret, hex. The same input gives the same hash on this server, and
+/// it cannot be read back from it (nor tried against a list without the secret). `purpose`
+/// separates the keys, so a pseudonym and an address never hash alike.
+struct KeyedHasher: Sendable {
     private let key: SymmetricKey
 
     init(secret: String, purpose: String = "client ip") {
         key = SymmetricKey(data: SHA256.hash(data: Array("parley \(purpose)\u{0}\(secret)".utf8)))
     }
 
-    func hash(_ ip: String) -> String {
-        HMAC<SHA256>.authenticationCode(for: Array(ip.utf8), using: key).map { byte in (byte < 16 ? "0" : "") + String(byte, radix: 16) }.joined()
+    func hash(_ value: String) -> String {
+        HMAC<SHA256>.authenticationCode(for: Array(value.utf8), using: key).map { byte in (byte < 16 ? "0" : "") + String(byte, radix: 16) }.joined()
     }
 }
 
@@ -24,14 +24,14 @@ struct IPHasher: Sendable {
 /// (`FailureBackoff`); a blocked address is answered 429 with `Retry-After` before its token is
 /// even checked. A success forgets the address. Memory is bounded like the handshake limiter's.
 final class AuthFailureLimiter: Sendable {
-    private let hasher: IPHasher
+    private let hasher: KeyedHasher
     private let entries = Mutex<[String: FailureBackoff]>([:])
     let maxTracked: Int
     /// Loopback peers are a local proxy or a test harness: exempt unless asked.
     let limitsLoopback: Bool
 
     init(secret: String, maxTracked: Int = 10_000, limitsLoopback: Bool = false) {
-        hasher = IPHasher(secret: secret)
+        hasher = KeyedHasher(secret: secret)
         self.maxTracked = maxTracked
         self.limitsLoopback = limitsLoopback
     }

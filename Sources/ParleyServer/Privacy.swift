@@ -10,15 +10,15 @@ struct AuditLog: Sendable {
     let store: any Store
     let ids: IDGenerator
     let logger: Logger
-    private let addresses: IPHasher
-    private let pseudonyms: IPHasher
+    private let addresses: KeyedHasher
+    private let pseudonyms: KeyedHasher
 
     init(store: any Store, secret: String, ids: IDGenerator, logger: Logger) {
         self.store = store
         self.ids = ids
         self.logger = logger
-        addresses = IPHasher(secret: secret)
-        pseudonyms = IPHasher(secret: secret, purpose: "deleted user")
+        addresses = KeyedHasher(secret: secret)
+        pseudonyms = KeyedHasher(secret: secret, purpose: "deleted user")
     }
 
     func record(_ action: String, actor: String, target: String? = nil, ip: String?, detail: [String: String] = [:]) async {
