@@ -67,6 +67,12 @@ public enum IDKind: String, Sendable {
 }
 
 public enum Timestamp {
+    /// A duration in whole milliseconds (truncated), to add to or subtract from Unix ms.
+    public static func millis(_ duration: Duration) -> Int64 {
+        let (seconds, attoseconds) = duration.components
+        return seconds * 1_000 + attoseconds / 1_000_000_000_000_000
+    }
+
     public static func nowMillis() -> UInt64 {
         UInt64(max(0, (Date().timeIntervalSince1970 * 1000).rounded(.down)))
     }

@@ -74,7 +74,7 @@ final class RetentionJob: Sendable {
 
     /// One whole pass: deletes everything unsaved created more than `age` ago.
     func purge(olderThan age: Duration, now: Int64 = Int64(Timestamp.nowMillis())) async throws -> PurgeResult {
-        let cutoff = now - age.components.seconds * 1_000 - age.components.attoseconds / 1_000_000_000_000_000
+        let cutoff = now - Timestamp.millis(age)
         var total = PurgeResult()
         while !Task.isCancelled {
             let pass = try await store.purge(createdBefore: cutoff, limit: Self.batch)

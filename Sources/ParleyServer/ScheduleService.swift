@@ -396,8 +396,7 @@ final class ScheduleService: Sendable {
     // MARK: Helpers
 
     static func millis(after delay: Duration) -> Int64 {
-        let (seconds, attoseconds) = delay.components
-        return Int64(Timestamp.nowMillis()) + seconds * 1000 + attoseconds / 1_000_000_000_000_000
+        Int64(Timestamp.nowMillis()) + Timestamp.millis(delay)
     }
 
     /// The id of the conversation a schedule without one creates: derived from its message id,
