@@ -49,7 +49,7 @@ public struct CloneFields: Sendable, Equatable {
             var fields = ProfileFields()
             for (key, path) in textKeys {
                 guard let text = try reader.string(key) else { continue }
-                guard text.count <= limits.maxTextLength else { throw ValidationError("'profile.\(key)' is longer than \(limits.maxTextLength) characters") }
+                guard text.count <= limits.maxTextLength else { throw ValidationError("'\(reader.prefix)\(key)' is longer than \(limits.maxTextLength) characters") }
                 fields[keyPath: path] = text
             }
             if let greetings = try reader.stringArray("alternate_greetings") {

@@ -34,7 +34,7 @@ extension RESTAPI {
                 try await out.write(#"{"conversation":"#)
                 try await out.write(conversation.json.serialized())
                 try await out.write(#","messages":["#)
-                try await Self.pages(&out, { try await store.messages(conversation: conversation.id, limit: Self.exportPage, before: $0).reversed().map { $0 } },
+                try await Self.pages(&out, { Array(try await store.messages(conversation: conversation.id, limit: Self.exportPage, before: $0).reversed()) },
                                      cursor: \.id) { out, message in try await out.write(message.json.serialized()) }
                 try await out.write("]}")
             }
@@ -43,7 +43,7 @@ extension RESTAPI {
                 try await out.write(#"{"room":"#)
                 try await out.write(room.json.serialized())
                 try await out.write(#","transcript":["#)
-                try await Self.pages(&out, { try await store.roomEntries(room: room.id, limit: Self.exportPage, before: $0).reversed().map { $0 } },
+                try await Self.pages(&out, { Array(try await store.roomEntries(room: room.id, limit: Self.exportPage, before: $0).reversed()) },
                                      cursor: \.id) { out, entry in try await out.write(entry.json.serialized()) }
                 try await out.write("]}")
             }
