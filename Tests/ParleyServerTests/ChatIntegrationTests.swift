@@ -273,6 +273,7 @@ import Testing
         let imported = try await TestHTTPClient.json(port: server.port, .POST, "/v1/clones/import", token: token, json: card)
         #expect(imported.status == .created)
         let id = try imported.json()["id"]!.stringValue!
+        #expect(try imported.json()["greeting"] == .string("Welcome, User. I am Seraphina."), "the clone says how its conversations open")
         let clone = try #require(try await server.server.store.clone(id: id, owner: "alice"))
         let socket = try await server.connect(token: token)
 

@@ -375,11 +375,7 @@ async function showConversation(id) {
   if (!id) {
     // A card's greeting opens every new conversation (the server stores it with the first message).
     const clone = state.clones.find((c) => c.id === state.cloneId);
-    const greeting = clone?.profile?.first_mes?.trim();
-    if (greeting) {
-      const text = greeting.replace(/\{\{[cC]har\}\}/g, clone.name).replace(/\{\{[uU]ser\}\}/g, "User");
-      addBubble(list, { who: clone.name, text, kind: "assistant greeting" });
-    }
+    if (clone?.greeting) addBubble(list, { who: clone.name, text: clone.greeting, kind: "assistant greeting" });
     return;
   }
   const page = await api("GET", `/v1/conversations/${id}/messages?limit=200`);
