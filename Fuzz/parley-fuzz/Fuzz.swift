@@ -7,7 +7,7 @@ import ParleyDeflate
 
 // libFuzzer's entry point: every input goes through the socket's inbound path (NIO's frame
 // decoder, Parley's frame validator, the permessage-deflate handler, the fragment aggregator,
-// the protocol frame parser) and through the hand-written parsers of untrusted input (extension
+// the protocol frame parser, the close-frame check) and through the hand-written parsers of untrusted input (extension
 // offers, JSON, character cards, card PNGs).
 // An error thrown is the expected answer to bad input; a crash, a trap or a leak is a bug.
 
@@ -18,6 +18,8 @@ final class ParseSink: ChannelInboundHandler {
         let frame = unwrapInboundIn(data)
         if frame.opcode == .text {
             _ = try? ClientFrame.parse(frame.unmaskedData.readableBytesView, limits: FrameLimits())
+        } else if frame.opcode == .connectionClose {
+            _ = CloseFrame.answer(to: frame.unmaskedData.readableBytesView)
         }
     }
     func errorCaught(context: ChannelHandlerContext, error: any Error) {}
@@ -43,6 +45,7 @@ public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
 
     _ = PerMessageDeflate.negotiate(offers: [String(decoding: bytes, as: UTF8.self)], settings: DeflateSettings())
     _ = try? ClientFrame.parse(bytes, limits: FrameLimits())
+    _ = CloseFrame.answer(to: bytes)
     if let json = try? JSONValue.parse(bytes) {
         _ = try? CharacterCard.parse(json)
         _ = json.serializedString()

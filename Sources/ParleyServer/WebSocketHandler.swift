@@ -119,10 +119,9 @@ final class WebSocketHandler: ChannelInboundHandler {
                 // The peer answered our close: the handshake is complete.
                 context.close(promise: nil)
             } else {
-                // Echo the peer's status code, then close (RFC 6455 section 5.5.1).
-                var data = frame.unmaskedData
-                let code = data.readableBytes >= 2 ? data.readWebSocketErrorCode() ?? .normalClosure : .normalClosure
-                close(context: context, code: code, reason: "")
+                // Echo a valid status code, refuse one a peer must not send (RFC 6455 sections 5.5.1, 7.4).
+                let answer = CloseFrame.answer(to: frame.unmaskedData.readableBytesView)
+                close(context: context, code: WebSocketErrorCode(codeNumber: Int(answer.code)), reason: answer.reason)
             }
         default:
             break
