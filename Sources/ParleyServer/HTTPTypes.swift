@@ -6,6 +6,7 @@ import ParleyCore
 /// An HTTP request, fully read.
 struct HTTPRequest: Sendable {
     var method: HTTPMethod
+    var version: HTTPVersion = .http1_1
     var uri: String
     var path: String
     var query: [String: String]
@@ -20,6 +21,7 @@ struct HTTPRequest: Sendable {
         self.remoteIP = remoteIP
         self.id = id
         method = head.method
+        version = head.version
         uri = head.uri
         headers = head.headers
         self.body = body

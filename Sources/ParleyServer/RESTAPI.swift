@@ -119,10 +119,13 @@ struct RESTAPI: Sendable {
                 guard request.method == .POST else { throw Self.methodNotAllowed([.POST]) }
                 return try await paymentWebhook(request)
             case "/v1/ws":
-                // Reached only when the WebSocket upgrade was declined: for the handshake rate, or the token.
+                // Reached only when the WebSocket upgrade was declined: for the handshake rate, its shape, or the token.
                 if let ip = request.remoteIP, handshakes?.isLimited(ip) == true {
                     throw APIError(.tooManyRequests, .rateLimited, "too many WebSocket handshakes from this address; try again shortly",
                                    headers: ["retry-after": "1"])
+                }
+                if let problem = WebSocketHandshake.problem(method: request.method, version: request.version, headers: request.headers) {
+                    throw problem
                 }
                 _ = try await authenticate(request)
                 throw APIError(.upgradeRequired, .badRequest, "this endpoint speaks WebSocket; send an Upgrade: websocket request",

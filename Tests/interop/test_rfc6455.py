@@ -127,6 +127,43 @@ def test_close_handshake_echoes_the_code(ws_server):
     assert raw.closed_by_server()
 
 
+@pytest.mark.parametrize("code", [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 3999, 4000, 4999])
+def test_a_valid_close_code_is_echoed(ws_server, code):
+    raw = connect(ws_server)
+    raw.send(0x8, struct.pack(">H", code) + "ça va".encode())
+    assert raw.close_code() == code
+    assert raw.closed_by_server()
+
+
+def test_an_empty_close_is_answered_1000_never_1005(ws_server):
+    raw = connect(ws_server)
+    raw.send(0x8, b"")
+    assert raw.close_code() == 1000
+    assert raw.closed_by_server()
+
+
+@pytest.mark.parametrize("code", [0, 1, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535])
+def test_a_close_code_that_must_not_be_sent_is_answered_1002(ws_server, code):
+    raw = connect(ws_server)
+    raw.send(0x8, struct.pack(">H", code))
+    assert raw.close_code() == 1002, code
+    assert raw.closed_by_server()
+
+
+def test_a_one_byte_close_payload_is_answered_1002(ws_server):
+    raw = connect(ws_server)
+    raw.send(0x8, b"\x03")
+    assert raw.close_code() == 1002
+    assert raw.closed_by_server()
+
+
+def test_a_close_reason_that_is_not_utf8_is_answered_1007(ws_server):
+    raw = connect(ws_server)
+    raw.send(0x8, struct.pack(">H", 1000) + b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80")
+    assert raw.close_code() == 1007
+    assert raw.closed_by_server()
+
+
 @pytest.mark.parametrize("case,send,code", [
     ("unmasked client frame", dict(opcode=0x1, payload=b'{"type":"nope","id":"u"}', mask=False), 1002),
     ("reserved bit without an extension", dict(opcode=0x1, payload=b'{"type":"nope","id":"r"}', rsv=0b100), 1002),
@@ -173,3 +210,65 @@ def test_a_control_frame_over_125_bytes_closes_with_1002(ws_server):
     raw = connect(ws_server)
     raw.send(0x9, b"p" * 126)
     assert raw.close_code() == 1002
+
+
+def raw_handshake(server, lines, request_line="GET /v1/ws?token={token} HTTP/1.1"):
+    """Sends a handshake made of `lines` by hand; (status, headers, JSON body) of the answer."""
+    token = server.token("ray")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
+        sock.sendall(("\r\n".join([request_line.format(token=token), *lines]) + "\r\n\r\n").encode())
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+            head, sep, body = data.partition(b"\r\n\r\n")
+            if sep:
+                length = [int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:")]
+                if length and len(body) >= length[0]:
+                    break
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ")[1])
+    headers = {k.strip().lower(): v.strip() for k, v in (l.split(":", 1) for l in head.decode().split("\r\n")[1:] if ":" in l)}
+    return status, headers, json.loads(body) if body else None
+
+
+KEY = "Sec-WebSocket-Key: " + base64.b64encode(b"0123456789abcdef").decode()
+GOOD = ["Host: 127.0.0.1", "Upgrade: websocket", "Connection: Upgrade", KEY, "Sec-WebSocket-Version: 13"]
+
+
+def without(name):
+    return [line for line in GOOD if not line.lower().startswith(name.lower() + ":")]
+
+
+@pytest.mark.parametrize("case,lines,request_line,status", [
+    ("no Sec-WebSocket-Key", without("Sec-WebSocket-Key"), None, 400),
+    ("a key that is not 16 bytes", without("Sec-WebSocket-Key") + ["Sec-WebSocket-Key: " + base64.b64encode(b"short").decode()], None, 400),
+    ("a key that is not base64", without("Sec-WebSocket-Key") + ["Sec-WebSocket-Key: !!!!!!!!!!!!!!!!!!!!!!=="], None, 400),
+    ("two keys", GOOD + [KEY], None, 400),
+    ("no Sec-WebSocket-Version", without("Sec-WebSocket-Version"), None, 400),
+    ("an unsupported version", without("Sec-WebSocket-Version") + ["Sec-WebSocket-Version: 8"], None, 426),
+    ("no Connection: Upgrade", without("Connection") + ["Connection: keep-alive"], None, 400),
+    ("no Host", without("Host"), None, 400),
+    ("HTTP/1.0", GOOD, "GET /v1/ws?token={token} HTTP/1.0", 400),
+    ("a POST", GOOD + ["Content-Length: 0"], "POST /v1/ws?token={token} HTTP/1.1", 405),
+])
+def test_a_malformed_handshake_gets_its_status(ws_server, case, lines, request_line, status):
+    got, headers, body = raw_handshake(ws_server, lines, *([request_line] if request_line else []))
+    assert got == status, case
+    assert body["error"]["code"] == "bad_request" and body["error"]["message"], case
+    if status == 426:
+        assert headers["sec-websocket-version"] == "13", "section 4.2.2: the versions the server speaks"
+
+
+def test_a_plain_get_of_the_socket_path_is_told_to_upgrade(ws_server):
+    status, headers, body = raw_handshake(ws_server, ["Host: 127.0.0.1"])
+    assert status == 426 and headers["upgrade"] == "websocket"
+
+
+def test_a_well_formed_handshake_still_upgrades(ws_server):
+    token = ws_server.token("ray")
+    with socket.create_connection(("127.0.0.1", ws_server.port), timeout=TIMEOUT) as sock:
+        sock.sendall(("\r\n".join([f"GET /v1/ws?token={token} HTTP/1.1", *GOOD]) + "\r\n\r\n").encode())
+        assert sock.recv(12) == b"HTTP/1.1 101"
