@@ -41,6 +41,12 @@ public struct ServerConfiguration: Sendable {
     public var resumeRetention: Duration = .seconds(60)
     /// Largest WebSocket message accepted (after reassembling fragments), in bytes.
     public var maxMessageBytes = 64 * 1024
+    /// How long a client may take to send a request head, to send the next request on a kept-alive
+    /// connection, and between two pieces of a body.
+    public var httpTimeouts = HTTPTimeouts()
+    /// Connections still speaking HTTP (not upgraded) at once; past it the oldest one waiting for
+    /// a request is closed. nil: a quarter of the process's descriptor limit.
+    public var maxHTTPConnections: Int?
     /// Largest HTTP request body accepted, in bytes.
     public var maxRequestBodyBytes = 1024 * 1024
     /// Largest character card accepted by `POST /v1/clones/import` (card PNGs carry a picture).

@@ -22,9 +22,12 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     private let maxBodyBytes: Int
     /// Paths allowed a body of another size than `maxBodyBytes`.
     private let bodyLimits: [String: Int]
+    /// Told when a request's head and end arrive and when its response went out.
+    private let timeouts: HTTPTimeoutHandler?
 
-    init(api: RESTAPI, maxBodyBytes: Int, bodyLimits: [String: Int] = [:]) {
+    init(api: RESTAPI, maxBodyBytes: Int, bodyLimits: [String: Int] = [:], timeouts: HTTPTimeoutHandler? = nil) {
         self.api = api
+        self.timeouts = timeouts
         self.maxBodyBytes = maxBodyBytes
         self.bodyLimits = bodyLimits
     }
@@ -37,6 +40,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch (unwrapInboundIn(data), state) {
         case (.head(let head), _):
+            timeouts?.headReceived()
             state = .receiving(head, nil, limit: limit(for: head))
         case (.body(var chunk), .receiving(let head, var body, let limit)):
             if (body?.readableBytes ?? 0) + chunk.readableBytes > limit {
@@ -50,10 +54,12 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         case (.body, _):
             break
         case (.end, .receiving(let head, let body, _)):
+            timeouts?.requestReceived()
             state = .idle
             respond(context: context, head: head, request: HTTPRequest(head: head, body: body, remoteIP: context.channel.remoteAddress?.ipAddress,
                                                                        id: api.ids.make(.request)))
         case (.end, .discarding(let head, let limit)):
+            timeouts?.requestReceived()
             state = .idle
             let error = APIError(.payloadTooLarge, .tooLarge, "the request body is larger than \(limit) bytes")
             let id = api.ids.make(.request)
@@ -90,6 +96,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         if !keepAlive {
             let channel = context.channel
             written.whenComplete { _ in channel.close(promise: nil) }
+        } else if let timeouts {
+            written.assumeIsolated().whenSuccess { timeouts.responseSent() }
         }
     }
 
@@ -106,13 +114,18 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         context.writeAndFlush(wrapOutboundOut(.head(HTTPResponseHead(version: request.version, status: response.status, headers: headers))), promise: nil)
         let channel = context.channel
         let api = self.api
+        let timeouts = self.timeouts.map { NIOLoopBound($0, eventLoop: context.eventLoop) }
         Task {
             var writer = HTTPBodyWriter(channel: channel)
             do {
                 try await produce(&writer)
                 try await writer.flush()
                 try await channel.writeAndFlush(HTTPServerResponsePart.end(nil)).get()
-                if !keepAlive { try? await channel.close() }
+                if !keepAlive {
+                    try? await channel.close()
+                } else if let timeouts {
+                    channel.eventLoop.execute { timeouts.value.responseSent() }
+                }
             } catch {
                 api.logger.warning("streamed response cut short", metadata: [
                     "request": "\(response.headers.first(name: "x-request-id") ?? "")", "error": "\(error)",

@@ -1,3 +1,4 @@
+import Foundation
 import NIOCore
 import ParleyCore
 import Synchronization
@@ -49,4 +50,22 @@ final class HandshakeLimiter: Sendable {
     }
 
     var tracked: Int { buckets.withLock { $0.count } }
+}
+
+/// Which listening addresses only this machine can reach.
+public enum LoopbackAddress {
+    /// Whether `host` is an IP literal on the loopback network (127.0.0.0/8, ::1, or IPv4-mapped
+    /// 127.x). Names are refused rather than resolved: `127.evil.example` or a `localhost` that
+    /// a hosts file or resolver points elsewhere must not pass for loopback.
+    public static func isLoopbackLiteral(_ host: String) -> Bool {
+        var v4 = in_addr()
+        if inet_pton(AF_INET, host, &v4) == 1 {
+            return UInt32(bigEndian: v4.s_addr) >> 24 == 127
+        }
+        var v6 = in6_addr()
+        guard inet_pton(AF_INET6, host, &v6) == 1 else { return false }
+        let bytes = withUnsafeBytes(of: &v6) { Array($0) }
+        if bytes == Array(repeating: 0, count: 15) + [1] { return true }
+        return bytes.prefix(12) == Array(repeating: 0, count: 10) + [0xFF, 0xFF] && bytes[12] == 127
+    }
 }

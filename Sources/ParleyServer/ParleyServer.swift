@@ -106,6 +106,7 @@ public final class ParleyServer: Sendable {
                           configuration: configuration, ids: ids, logger: logger, hub: hub, audit: audit, retention: retention, handshakes: handshakes,
                           authFailures: AuthFailureLimiter(secret: secret, limitsLoopback: configuration.limitLoopbackHandshakes))
 
+        let httpConnections = HTTPConnectionRegistry(limit: configuration.maxHTTPConnections ?? HTTPConnectionRegistry.defaultLimit())
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -113,11 +114,16 @@ public final class ParleyServer: Sendable {
             .childChannelOption(.writeBufferWaterMark, value: ClientConnection.waterMark(maxQueuedBytes: configuration.maxQueuedBytesPerSocket))
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    guard httpConnections.admit(channel) else {
+                        channel.close(promise: nil)
+                        return
+                    }
                     if let size = configuration.socketSendBufferBytes {
                         try channel.syncOptions?.setOption(.socketOption(.so_sndbuf), value: SocketOptionValue(size))
                     }
                     try Self.configurePipeline(channel, api: api, chat: chat, schedules: schedules, rooms: rooms, hub: hub, authenticator: authenticator,
-                                               configuration: configuration, ids: ids, slowReaders: slowReaders, logger: logger)
+                                               configuration: configuration, ids: ids, slowReaders: slowReaders, logger: logger,
+                                               httpConnections: httpConnections)
                 }
             }
         let serverChannel: any Channel
@@ -168,13 +174,16 @@ public final class ParleyServer: Sendable {
     private static func configurePipeline(
         _ channel: any Channel, api: RESTAPI, chat: ChatService, schedules: ScheduleService, rooms: RoomService, hub: StreamHub,
         authenticator: Authenticator,
-        configuration: ServerConfiguration, ids: IDGenerator, slowReaders: Counter, logger: Logger
+        configuration: ServerConfiguration, ids: IDGenerator, slowReaders: Counter, logger: Logger,
+        httpConnections: HTTPConnectionRegistry
     ) throws {
         let upgrader = NIOWebSocketServerUpgrader(
             maxFrameSize: configuration.maxMessageBytes,
             automaticErrorHandling: true,
             shouldUpgrade: { channel, head in
-                guard HTTPRequest(head: head, body: nil).path == "/v1/ws" else {
+                // A malformed handshake is declined, and the HTTP handler answers what is wrong.
+                guard HTTPRequest(head: head, body: nil).path == "/v1/ws",
+                      WebSocketHandshake.problem(method: head.method, version: head.version, headers: head.headers) == nil else {
                     return channel.eventLoop.makeSucceededFuture(nil)
                 }
                 // Over its handshake rate: declined, and the HTTP handler answers 429.
@@ -227,14 +236,18 @@ public final class ParleyServer: Sendable {
                 }
             }
         )
+        let timeouts = HTTPTimeoutHandler(timeouts: configuration.httpTimeouts, registry: httpConnections)
         let http = HTTPHandler(api: api, maxBodyBytes: configuration.maxRequestBodyBytes,
-                               bodyLimits: ["/v1/clones/import": configuration.maxCardBytes])
+                               bodyLimits: ["/v1/clones/import": configuration.maxCardBytes], timeouts: timeouts)
         try channel.pipeline.syncOperations.configureHTTPServerPipeline(
             withServerUpgrade: (upgraders: [upgrader], completionHandler: { context in
+                // A WebSocket now: its own keepalive and limits apply, and it leaves the HTTP cap.
                 _ = context.pipeline.removeHandler(name: HTTPHandler.name)
+                _ = context.pipeline.removeHandler(name: HTTPTimeoutHandler.name)
             })
         )
         try channel.pipeline.syncOperations.addHandler(http, name: HTTPHandler.name)
+        try channel.pipeline.syncOperations.addHandler(timeouts, name: HTTPTimeoutHandler.name, position: .first)
     }
 
     /// permessage-deflate for this upgrade request, if the server has it on and the client offered

@@ -122,6 +122,18 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Largest WebSocket message (after reassembling fragments) and frame, in bytes; larger closes with 1009.")
     var maxMessageBytes = 64 * 1024
 
+    @Option(help: "Seconds a client may take to send a request head (from connecting, or from the first byte of a later request); then 408 and closed.")
+    var httpHeadTimeout = 10.0
+
+    @Option(help: "Seconds a kept-alive HTTP connection may wait for its next request before it is closed.")
+    var httpIdleTimeout = 60.0
+
+    @Option(help: "Longest pause, in seconds, between two pieces of a request body; then 408 and closed.")
+    var httpBodyTimeout = 30.0
+
+    @Option(help: "Connections still speaking HTTP (not upgraded to WebSocket) at once; past it the oldest one waiting for a request is closed. Default: a quarter of the descriptor limit.")
+    var maxHttpConnections: Int?
+
     @Option(help: "Sockets one user may hold open at once; one more is closed with 1008.")
     var maxSocketsPerUser = 16
 
@@ -213,9 +225,14 @@ struct Serve: AsyncParsableCommand {
         guard (0...3600).contains(shutdownGrace) else { throw ArgumentParser.ValidationError("--shutdown-grace must be 0-3600 seconds") }
         guard (0...36_500).contains(retentionDays) else { throw ArgumentParser.ValidationError("--retention-days must be 0-36500 (0 keeps everything)") }
         guard contextBudget >= 64 else { throw ArgumentParser.ValidationError("--context-budget must be at least 64") }
-        guard !dev || ["127.0.0.1", "::1", "localhost"].contains(host) || host.hasPrefix("127.") else {
-            throw ArgumentParser.ValidationError("--dev lets anyone sign in as anyone: it needs a loopback --host (127.0.0.1, ::1), not \(host)")
+        guard !dev || LoopbackAddress.isLoopbackLiteral(host) else {
+            throw ArgumentParser.ValidationError("--dev lets anyone sign in as anyone: it needs a loopback IP address as --host (127.0.0.1, ::1; names are not resolved), not \(host)")
         }
+        for (name, seconds) in [("--http-head-timeout", httpHeadTimeout), ("--http-idle-timeout", httpIdleTimeout), ("--http-body-timeout", httpBodyTimeout)]
+        where !(0.05...3600).contains(seconds) {
+            throw ArgumentParser.ValidationError("\(name) must be 0.05-3600 seconds")
+        }
+        guard (maxHttpConnections ?? 1) >= 1 else { throw ArgumentParser.ValidationError("--max-http-connections must be at least 1") }
         guard ["text", "json"].contains(logFormat) else { throw ArgumentParser.ValidationError("--log-format must be text or json") }
         guard ["simulated", "openai", "anthropic"].contains(provider) else {
             throw ArgumentParser.ValidationError("--provider must be simulated, openai or anthropic")
@@ -287,6 +304,10 @@ struct Serve: AsyncParsableCommand {
         configuration.maxFramesPerSecond = maxFramesPerSecond == 0 ? nil : maxFramesPerSecond
         configuration.webSocketPingInterval = wsPingInterval == 0 ? nil : .seconds(wsPingInterval)
         configuration.devSignIn = dev
+        configuration.httpTimeouts.head = .milliseconds(Int64(httpHeadTimeout * 1000))
+        configuration.httpTimeouts.idle = .milliseconds(Int64(httpIdleTimeout * 1000))
+        configuration.httpTimeouts.bodyProgress = .milliseconds(Int64(httpBodyTimeout * 1000))
+        configuration.maxHTTPConnections = maxHttpConnections
         configuration.drainGrace = .seconds(shutdownGrace)
         configuration.retention = retentionDays == 0 ? nil : .seconds(Int64(retentionDays) * 86_400)
         configuration.webSocketDeflate = wsDeflate ? DeflateSettings(windowBits: wsDeflateWindowBits) : nil

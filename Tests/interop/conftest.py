@@ -17,11 +17,12 @@ BINARY = pathlib.Path(os.environ.get("PARLEY_BIN", ROOT / ".build" / "debug" / "
 
 
 class Server:
-    def __init__(self, data_dir, *extra, env=None):
+    def __init__(self, data_dir, *extra, env=None, preexec_fn=None):
         self.data_dir = data_dir
         self.proc = subprocess.Popen(
             [str(BINARY), "serve", "--port", "0", "--data-dir", str(data_dir), "--log-level", "warning", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=None if env is None else {**os.environ, **env},
+            preexec_fn=preexec_fn,
         )
         line = self.proc.stdout.readline()  # blocks until the server has bound its port
         if not line.startswith("parley listening on http://"):

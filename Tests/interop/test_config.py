@@ -102,3 +102,14 @@ def test_bad_configuration_is_refused_with_its_source(data_dir, tmp_path):
     (tmp_path / "broken.json").write_text("{not json")
     result = serve("--config", str(tmp_path / "broken.json"), data_dir=data_dir)
     assert result.returncode == 64 and "not valid JSON" in result.stderr
+
+
+def test_dev_mode_needs_a_loopback_ip_literal(data_dir):
+    # Names are not resolved: a name that starts with 127. or says localhost could point anywhere.
+    for host in ["127.evil.example", "127.0.0.1.nip.io", "localhost", "0.0.0.0", "::", "10.0.0.1"]:
+        result = serve("--dev", "--host", host, data_dir=data_dir)
+        assert result.returncode == 64 and "loopback IP address" in result.stderr, (host, result.stderr)
+    for host in ["127.0.0.2", "::1"]:
+        result = serve("--dev", "--host", host, "--http-head-timeout", "0", data_dir=data_dir)
+        # Accepted as loopback: the start stops at the next invalid option instead.
+        assert result.returncode == 64 and "--http-head-timeout must be" in result.stderr, (host, result.stderr)
