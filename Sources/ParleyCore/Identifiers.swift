@@ -3,6 +3,11 @@ import Synchronization
 /// Generates identifiers that sort by creation time: a prefix, 10 Crockford-base32 characters of
 /// milliseconds since the epoch and 16 of a monotonic counter seeded at random each millisecond.
 /// Sortable ids let every store paginate with `id < before` and need no separate sequence column.
+///
+/// The counter is guessable from a neighbouring id, so ids that grant access or are shown to
+/// anyone (`IDKind.isUnguessable`: room ids, which are a link room's capability, and request ids,
+/// which unauthenticated callers see) take 26 characters (130 bits) from the system CSPRNG
+/// instead: they still sort by millisecond, and reveal nothing about any other id.
 public final class IDGenerator: Sendable {
     private struct State {
         var lastMillis: UInt64 = 0
@@ -19,6 +24,7 @@ public final class IDGenerator: Sendable {
 
     /// A new id, e.g. `cl_01JD3V6Q2M0000000000000ABC`.
     public func make(_ kind: IDKind) -> String {
+        if kind.isUnguessable { return makeRandom(kind) }
         let (millis, counter) = state.withLock { s -> (UInt64, UInt64) in
             let now = clock()
             if now > s.lastMillis {
@@ -44,12 +50,33 @@ public final class IDGenerator: Sendable {
         return String(decoding: out, as: UTF8.self)
     }
 
+    private func makeRandom(_ kind: IDKind) -> String {
+        let millis = clock()
+        var random = SystemRandomNumberGenerator()  // getrandom(2) on Linux: a CSPRNG
+        var out = [UInt8]()
+        out.reserveCapacity(kind.rawValue.utf8.count + 1 + 36)
+        out.append(contentsOf: kind.rawValue.utf8)
+        out.append(UInt8(ascii: "_"))
+        for shift in stride(from: 45, through: 0, by: -5) {
+            out.append(Self.alphabet[Int((millis >> UInt64(shift)) & 31)])
+        }
+        for _ in 0..<Self.randomCharacters {
+            out.append(Self.alphabet[Int(random.next() & 31)])
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    /// Characters of randomness in an unguessable id: 26 × 5 = 130 bits.
+    public static let randomCharacters = 26
+
     /// Whether `id` has the shape this generator makes for `kind` (used to reject junk early).
+    /// Room ids made before they became unguessable had the counter's shape and stay valid.
     public static func isValid(_ id: String, kind: IDKind) -> Bool {
         let prefix = kind.rawValue + "_"
         guard id.hasPrefix(prefix) else { return false }
         let body = id.utf8.dropFirst(prefix.utf8.count)
-        return body.count == 26 && body.allSatisfy { alphabet.contains($0) }
+        let lengths = kind.isUnguessable ? [26, 10 + randomCharacters] : [26]
+        return lengths.contains(body.count) && body.allSatisfy { alphabet.contains($0) }
     }
 }
 
@@ -64,6 +91,9 @@ public enum IDKind: String, Sendable {
     case roomEntry = "re"
     case audit = "au"
     case request = "req"
+
+    /// Ids that must not be guessable from any other id.
+    public var isUnguessable: Bool { self == .room || self == .request }
 }
 
 public enum Timestamp {

@@ -29,6 +29,35 @@ import Testing
         #expect(!IDGenerator.isValid("cv_short", kind: .conversation))
     }
 
+    @Test func roomAndRequestIdsAreUnguessableFromTheirNeighbours() {
+        // One millisecond: the counter would make these consecutive; the CSPRNG must not.
+        let generator = IDGenerator(clock: { 1_700_000_000_000 })
+        let message = generator.make(.message)
+        let rooms = (0..<1000).map { _ in generator.make(.room) }
+        let requests = (0..<1000).map { _ in generator.make(.request) }
+        let next = generator.make(.message)
+        for id in rooms + requests {
+            #expect(id.split(separator: "_")[1].count == 36)
+            #expect(id.split(separator: "_")[1].prefix(10) == message.split(separator: "_")[1].prefix(10), "still sorted by millisecond")
+        }
+        #expect(IDGenerator.isValid(rooms[0], kind: .room))
+        #expect(IDGenerator.isValid("rm_01JD3V6Q2M0000000000000ABC", kind: .room), "rooms made before stay valid")
+        let randomParts = (rooms + requests).map { $0.split(separator: "_")[1].dropFirst(10) }
+        #expect(Set(randomParts).count == randomParts.count)
+        // Neither kind advances the counter the other ids share: the next message follows the last.
+        #expect(Self.counter(next) == Self.counter(message) + 1)
+        // 130 bits: every character of the random part takes many values across ids.
+        for position in 0..<IDGenerator.randomCharacters {
+            let values = Set(randomParts.map { Array($0.utf8)[position] })
+            #expect(values.count > 25, "position \(position) is not random")
+        }
+    }
+
+    private static func counter(_ id: String) -> UInt64 {
+        let alphabet = Array("0123456789ABCDEFGHJKMNPQRSTVWXYZ".utf8)
+        return id.split(separator: "_")[1].utf8.dropFirst(10).reduce(0) { $0 << 5 | UInt64(alphabet.firstIndex(of: $1)!) }
+    }
+
     @Test(arguments: [
         (Int64(0), "1970-01-01T00:00:00.000Z"),
         (1_700_000_000_123, "2023-11-14T22:13:20.123Z"),
