@@ -4,10 +4,10 @@ import Synchronization
 /// milliseconds since the epoch and 16 of a monotonic counter seeded at random each millisecond.
 /// Sortable ids let every store paginate with `id < before` and need no separate sequence column.
 ///
-/// The counter is guessable from a neighbouring id, so ids that grant access or are shown to
-/// anyone (`IDKind.isUnguessable`: room ids, which are a link room's capability, and request ids,
-/// which unauthenticated callers see) take 26 characters (130 bits) from the system CSPRNG
-/// instead: they still sort by millisecond, and reveal nothing about any other id.
+/// The counter is guessable from a neighbouring id. Ids that grant access (`IDKind.isCapability`:
+/// room ids, a link room's capability to join) add 26 characters (130 bits) from the system
+/// CSPRNG after it, so they still sort in creation order. Request ids, which unauthenticated
+/// callers see, take those 130 bits in place of the counter: they reveal nothing of other ids.
 public final class IDGenerator: Sendable {
     private struct State {
         var lastMillis: UInt64 = 0
@@ -24,7 +24,7 @@ public final class IDGenerator: Sendable {
 
     /// A new id, e.g. `cl_01JD3V6Q2M0000000000000ABC`.
     public func make(_ kind: IDKind) -> String {
-        if kind.isUnguessable { return makeRandom(kind) }
+        if kind == .request { return Self.withRandom(kind.rawValue + "_" + Self.encode(millis: clock())) }
         let (millis, counter) = state.withLock { s -> (UInt64, UInt64) in
             let now = clock()
             if now > s.lastMillis {
@@ -47,35 +47,30 @@ public final class IDGenerator: Sendable {
             let value = shift >= 64 ? 0 : (counter >> UInt64(shift)) & 31
             out.append(Self.alphabet[Int(value)])
         }
-        return String(decoding: out, as: UTF8.self)
+        let id = String(decoding: out, as: UTF8.self)
+        return kind.isCapability ? Self.withRandom(id) : id
     }
 
-    private func makeRandom(_ kind: IDKind) -> String {
-        let millis = clock()
-        var random = SystemRandomNumberGenerator()  // getrandom(2) on Linux: a CSPRNG
-        var out = [UInt8]()
-        out.reserveCapacity(kind.rawValue.utf8.count + 1 + 36)
-        out.append(contentsOf: kind.rawValue.utf8)
-        out.append(UInt8(ascii: "_"))
-        for shift in stride(from: 45, through: 0, by: -5) {
-            out.append(Self.alphabet[Int((millis >> UInt64(shift)) & 31)])
-        }
-        for _ in 0..<Self.randomCharacters {
-            out.append(Self.alphabet[Int(random.next() & 31)])
-        }
-        return String(decoding: out, as: UTF8.self)
+    private static func encode(millis: UInt64) -> String {
+        String(decoding: stride(from: 45, through: 0, by: -5).map { alphabet[Int((millis >> UInt64($0)) & 31)] }, as: UTF8.self)
+    }
+
+    /// `id` followed by `randomCharacters` characters from the system CSPRNG (getrandom(2) on Linux).
+    private static func withRandom(_ id: String) -> String {
+        var random = SystemRandomNumberGenerator()
+        return id + String(decoding: (0..<randomCharacters).map { _ in alphabet[Int(random.next() & 31)] }, as: UTF8.self)
     }
 
     /// Characters of randomness in an unguessable id: 26 × 5 = 130 bits.
     public static let randomCharacters = 26
 
     /// Whether `id` has the shape this generator makes for `kind` (used to reject junk early).
-    /// Room ids made before they became unguessable had the counter's shape and stay valid.
+    /// Room ids made before they carried randomness had the counter's shape and stay valid.
     public static func isValid(_ id: String, kind: IDKind) -> Bool {
         let prefix = kind.rawValue + "_"
         guard id.hasPrefix(prefix) else { return false }
         let body = id.utf8.dropFirst(prefix.utf8.count)
-        let lengths = kind.isUnguessable ? [26, 10 + randomCharacters] : [26]
+        let lengths = kind.isCapability ? [26, 26 + randomCharacters] : kind == .request ? [10 + randomCharacters] : [26]
         return lengths.contains(body.count) && body.allSatisfy { alphabet.contains($0) }
     }
 }
@@ -92,8 +87,8 @@ public enum IDKind: String, Sendable {
     case audit = "au"
     case request = "req"
 
-    /// Ids that must not be guessable from any other id.
-    public var isUnguessable: Bool { self == .room || self == .request }
+    /// Ids that grant access to whoever holds them: they must not be guessable from any other id.
+    public var isCapability: Bool { self == .room }
 }
 
 public enum Timestamp {

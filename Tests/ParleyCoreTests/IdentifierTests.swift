@@ -36,16 +36,14 @@ import Testing
         let rooms = (0..<1000).map { _ in generator.make(.room) }
         let requests = (0..<1000).map { _ in generator.make(.request) }
         let next = generator.make(.message)
-        for id in rooms + requests {
-            #expect(id.split(separator: "_")[1].count == 36)
-            #expect(id.split(separator: "_")[1].prefix(10) == message.split(separator: "_")[1].prefix(10), "still sorted by millisecond")
-        }
-        #expect(IDGenerator.isValid(rooms[0], kind: .room))
+        #expect(rooms == rooms.sorted(), "rooms still sort in creation order")
+        #expect(rooms.allSatisfy { $0.split(separator: "_")[1].count == 52 && IDGenerator.isValid($0, kind: .room) })
+        #expect(requests.allSatisfy { $0.split(separator: "_")[1].count == 36 })
         #expect(IDGenerator.isValid("rm_01JD3V6Q2M0000000000000ABC", kind: .room), "rooms made before stay valid")
-        let randomParts = (rooms + requests).map { $0.split(separator: "_")[1].dropFirst(10) }
+        let randomParts = rooms.map { $0.split(separator: "_")[1].dropFirst(26) } + requests.map { $0.split(separator: "_")[1].dropFirst(10) }
         #expect(Set(randomParts).count == randomParts.count)
-        // Neither kind advances the counter the other ids share: the next message follows the last.
-        #expect(Self.counter(next) == Self.counter(message) + 1)
+        // Request ids do not advance (so cannot reveal) the counter the other ids share.
+        #expect(Self.counter(next) == Self.counter(message) + 1001)
         // 130 bits: every character of the random part takes many values across ids.
         for position in 0..<IDGenerator.randomCharacters {
             let values = Set(randomParts.map { Array($0.utf8)[position] })
@@ -55,7 +53,7 @@ import Testing
 
     private static func counter(_ id: String) -> UInt64 {
         let alphabet = Array("0123456789ABCDEFGHJKMNPQRSTVWXYZ".utf8)
-        return id.split(separator: "_")[1].utf8.dropFirst(10).reduce(0) { $0 << 5 | UInt64(alphabet.firstIndex(of: $1)!) }
+        return id.split(separator: "_")[1].utf8.dropFirst(10).prefix(16).reduce(0) { $0 << 5 | UInt64(alphabet.firstIndex(of: $1)!) }
     }
 
     @Test(arguments: [
