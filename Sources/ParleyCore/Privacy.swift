@@ -115,6 +115,10 @@ extension LedgerEntry {
         if id == Self.welcomeID(for: user) { entry.id = Self.welcomeID(for: pseudonym) }
         return entry
     }
+
+    /// The id a deleted user's starting grant moves to when the pseudonym already holds one (a
+    /// subject deleted before, granted again by a version that re-granted returning users).
+    public func laterWelcomeID(of pseudonym: String) -> String { Self.welcomeID(for: pseudonym) + ":" + String(createdAt) }
 }
 
 extension Room {

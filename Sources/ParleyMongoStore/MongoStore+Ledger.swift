@@ -87,6 +87,12 @@ extension MongoStore {
         return (doc["balance"]?.int64 ?? 0, doc["recent"]?.strings ?? [])
     }
 
+    public func ledgerEntry(id: String) async throws -> LedgerEntry? {
+        try await run { db in
+            try db.find("ledger", filter: .object([("_id", .string(id)), ("state", .string("applied"))]), limit: 1).first.map(Self.entry(from:))
+        }
+    }
+
     public func ledger(user: String, limit: Int, before: String?) async throws -> [LedgerEntry] {
         try await run { db in
             var filter: [(String, JSONValue)] = [("user", .string(user)), ("state", .string("applied"))]

@@ -67,7 +67,12 @@ extension MongoStore {
         // `_id` cannot change in place: the welcome row is copied under its new id, then removed.
         let welcomeID = JSONValue.string(LedgerEntry.welcomeID(for: user))
         if let welcome = try db.find("ledger", filter: .object([("_id", welcomeID)]), limit: 1).first {
-            let moved = entry(from: welcome).detached(to: pseudonym)
+            var moved = entry(from: welcome).detached(to: pseudonym)
+            // A retry finds its own copy; a subject deleted before finds its earlier grant there.
+            if let earlier = try db.find("ledger", filter: .object([("_id", .string(moved.id))]), limit: 1).first,
+               earlier["created_at"]?.int64 != moved.createdAt {
+                moved.id = entry(from: welcome).laterWelcomeID(of: pseudonym)
+            }
             do {
                 try db.insert("ledger", document(moved, state: welcome["state"]?.stringValue ?? "applied"))
             } catch StoreError.duplicateKey {}

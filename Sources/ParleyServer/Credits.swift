@@ -7,8 +7,9 @@ import Synchronization
 /// How credits are charged; see README "Credits".
 public struct CreditsConfiguration: Sendable {
     public var pricing = PricingTable.standard
-    /// Credits a new user starts with (granted once, as ledger entry `welcome:<user>`).
-    /// 0 in production; `parley serve` defaults to a generous demo grant.
+    /// Credits a new user starts with (granted once, as ledger entry `welcome:<user>`), once per
+    /// subject ever: a subject whose account was deleted gets none again (the grant moved to its
+    /// pseudonym says it had one). 0 in production; `parley serve` defaults to a generous demo grant.
     public var startingGrant: Int64 = 0
     /// Output tokens that must be affordable, beyond the prompt, before a stream may start.
     public var outputReserveTokens = 32
@@ -42,14 +43,18 @@ struct CreditMetrics: Sendable {
 /// Grants and the one-time starting grant.
 final class Credits: Sendable {
     let store: any Store
+    /// What a deleted user's ledger rows are kept under (`AuditLog.pseudonym`).
+    private let pseudonym: @Sendable (String) -> String
     let configuration: CreditsConfiguration
     let logger: Logger
     let metrics: CreditMetrics
     /// Users whose starting grant is known to be applied; only saves a store round trip.
     private let welcomed = Mutex(Set<String>())
 
-    init(store: any Store, configuration: CreditsConfiguration, logger: Logger, metrics: any MetricsFactory = MetricsSystem.factory) {
+    init(store: any Store, configuration: CreditsConfiguration, logger: Logger, metrics: any MetricsFactory = MetricsSystem.factory,
+         pseudonym: @escaping @Sendable (String) -> String) {
         self.store = store
+        self.pseudonym = pseudonym
         self.configuration = configuration
         self.logger = logger
         self.metrics = CreditMetrics(factory: metrics)
@@ -57,15 +62,19 @@ final class Credits: Sendable {
 
     func ensureStartingGrant(_ user: String) async throws {
         guard configuration.startingGrant > 0, !welcomed.withLock({ $0.contains(user) }) else { return }
-        _ = try await store.apply(Self.grantEntry(id: LedgerEntry.welcomeID(for: user), user: user, credits: configuration.startingGrant,
+        // Deleting an account and coming back must not be a way to mint credits.
+        let hadAccount = try await store.ledgerEntry(id: LedgerEntry.welcomeID(for: pseudonym(user))) != nil
+        if !hadAccount {
+            _ = try await store.apply(Self.grantEntry(id: LedgerEntry.welcomeID(for: user), user: user, credits: configuration.startingGrant,
                                                   note: "starting grant"), allowOverdraft: false)
+        }
         welcomed.withLock { set in
             if set.count >= 100_000 { set.removeAll() }  // bounded: worst case one more idempotent write
             set.insert(user)
         }
     }
 
-    /// A deleted user's starting grant went with the account: should they return, they start anew.
+    /// A deleted user is looked up afresh should they return (and finds no grant due).
     func forget(_ user: String) {
         _ = welcomed.withLock { $0.remove(user) }
     }

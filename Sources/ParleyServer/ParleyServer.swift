@@ -81,13 +81,14 @@ public final class ParleyServer: Sendable {
             throw error
         }
         if recovered > 0 { logger.notice("recovered ledger entries left pending by a crash", metadata: ["count": "\(recovered)"]) }
-        let credits = Credits(store: store, configuration: configuration.credits, logger: logger, metrics: configuration.metrics)
+        let audit = AuditLog(store: store, secret: secret, ids: ids, logger: logger)
+        let credits = Credits(store: store, configuration: configuration.credits, logger: logger, metrics: configuration.metrics,
+                              pseudonym: audit.pseudonym(for:))
         let chat = ChatService(store: store, credits: credits, provider: provider, hub: hub, configuration: configuration, logger: logger, ids: ids)
         let group = MultiThreadedEventLoopGroup(numberOfThreads: configuration.eventLoopThreads ?? System.coreCount)
         // The timer wheel lives on one event loop; firing hands work to tasks, never blocking it.
         let schedules = ScheduleService(store: store, chat: chat, provider: provider, hub: hub, configuration: configuration,
                                         logger: logger, ids: ids, loop: group.next())
-        let audit = AuditLog(store: store, secret: secret, ids: ids, logger: logger)
         let rooms = RoomService(store: store, chat: chat, provider: provider, configuration: configuration, logger: logger, ids: ids, audit: audit)
         let retention = RetentionJob(store: store, retention: configuration.retention, interval: configuration.retentionInterval,
                                      logger: logger, metrics: configuration.metrics)

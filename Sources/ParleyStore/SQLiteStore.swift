@@ -546,6 +546,20 @@ public final class SQLiteStore: Store {
         }
     }
 
+    public func ledgerEntry(id: String) async throws -> LedgerEntry? {
+        try await run { db in
+            try db.query("SELECT \(Self.ledgerColumns) FROM ledger WHERE id = ?", [.text(id)]).first.map(Self.ledgerEntry(from:))
+        }
+    }
+
+    private static func ledgerEntry(from r: [SQLValue]) -> LedgerEntry {
+        LedgerEntry(
+            id: r[0].text ?? "", user: r[1].text ?? "", kind: LedgerEntry.Kind(rawValue: r[2].text ?? "") ?? .debit,
+            credits: r[3].int ?? 0, tokens: Int(r[4].int ?? 0), stream: r[5].text, conversation: r[6].text, room: r[7].text,
+            model: r[8].text, feature: r[9].text, note: r[10].text, createdAt: r[11].int ?? 0
+        )
+    }
+
     public func ledger(user: String, limit: Int, before: String?) async throws -> [LedgerEntry] {
         try await run { db in
             var cursor: (Int64, String)?
@@ -562,13 +576,7 @@ public final class SQLiteStore: Store {
                 "SELECT \(Self.ledgerColumns) FROM ledger WHERE user = ?\(page.sql) ORDER BY created_at DESC, id DESC LIMIT ?",
                 [.text(user)] + page.params + [.int(Int64(limit))]
             )
-            return rows.map { r in
-                LedgerEntry(
-                    id: r[0].text ?? "", user: r[1].text ?? "", kind: LedgerEntry.Kind(rawValue: r[2].text ?? "") ?? .debit,
-                    credits: r[3].int ?? 0, tokens: Int(r[4].int ?? 0), stream: r[5].text, conversation: r[6].text, room: r[7].text,
-                    model: r[8].text, feature: r[9].text, note: r[10].text, createdAt: r[11].int ?? 0
-                )
-            }
+            return rows.map(Self.ledgerEntry(from:))
         }
     }
 
@@ -837,7 +845,12 @@ public final class SQLiteStore: Store {
                 }
                 // The books: rows and balance move to the pseudonym, detached from content.
                 let alias: SQLValue = .text(pseudonym)
-                try db.query("UPDATE ledger SET id = ? WHERE id = ?", [.text(LedgerEntry.welcomeID(for: pseudonym)), .text(LedgerEntry.welcomeID(for: id))])
+                if let welcome = try db.query("SELECT \(Self.ledgerColumns) FROM ledger WHERE id = ?", [.text(LedgerEntry.welcomeID(for: id))]).first {
+                    let earlier = try db.query("SELECT 1 FROM ledger WHERE id = ?", [.text(LedgerEntry.welcomeID(for: pseudonym))]).first != nil
+                    let entry = Self.ledgerEntry(from: welcome)
+                    let moved = earlier ? entry.laterWelcomeID(of: pseudonym) : LedgerEntry.welcomeID(for: pseudonym)
+                    try db.query("UPDATE ledger SET id = ? WHERE id = ?", [.text(moved), .text(entry.id)])
+                }
                 try db.query("UPDATE ledger SET user = ?, stream = NULL, conversation = NULL, room = NULL, note = NULL WHERE user = ?", [alias, .text(id)])
                 report.ledgerRowsKept = Int(try db.query("SELECT count(*) FROM ledger WHERE user = ?", [alias]).first?.first?.int ?? 0)
                 if let balance = try db.query("SELECT balance FROM accounts WHERE user = ?", user).first?.first?.int {

@@ -42,6 +42,9 @@ public protocol Store: Sendable {
     /// overdraw a balance.
     func apply(_ entry: LedgerEntry, allowOverdraft: Bool) async throws -> LedgerOutcome
 
+    /// One applied ledger entry by id, whoever it belongs to; nil when there is none.
+    func ledgerEntry(id: String) async throws -> LedgerEntry?
+
     /// The user's applied ledger entries, newest first, `limit` at most, older than `before`.
     func ledger(user: String, limit: Int, before: String?) async throws -> [LedgerEntry]
 

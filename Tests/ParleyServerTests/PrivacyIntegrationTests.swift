@@ -110,9 +110,10 @@ private func populate(_ server: TestServer, _ user: String) async throws -> Acco
         for section in ["clones", "conversations", "rooms", "schedules", "ledger"] {
             #expect(export[section] == .array([]), "\(section) of a deleted account")
         }
-        // A returning user starts a fresh account; nothing of the old one shows.
+        // A returning user starts a fresh account with nothing of the old one, and no second
+        // starting grant: deleting an account is no way to mint credits.
         let credits = try await server.get("/v1/credits", token: t).json()
-        #expect(credits["entries"]?.arrayValue?.count == 1 && credits["balance"] == .int(server.server.configuration.credits.startingGrant))
+        #expect(credits["entries"] == .array([]) && credits["balance"] == .int(0))
         // The audit log names only the pseudonym, and no route gives back an "alice".
         let audit = try await server.get("/v1/admin/audit?limit=200", token: admin)
         #expect(!audit.text.contains("\"alice\""))
@@ -122,6 +123,31 @@ private func populate(_ server: TestServer, _ user: String) async throws -> Acco
         // Bob keeps everything.
         #expect(try await server.get("/v1/clones/\(bob.clone)", token: bob.token).status == .ok)
         #expect(try await server.get("/v1/conversations/\(bob.conversation)/messages", token: bob.token).json()["messages"]?.arrayValue?.count == 2)
+        await server.stop()
+    }
+
+    @Test(arguments: TestServer.StoreKind.allCases)
+    func theSameSubjectCanDeleteItsAccountAgainAndAgain(_ store: TestServer.StoreKind) async throws {
+        let server = try await TestServer.start(store: store)
+        let admin = try await server.token("root", role: "admin")
+        for round in 1...3 {
+            // Each time back: what they make is theirs, and each deletion takes all of it.
+            let token = try await server.token("alice")
+            let clone = try await server.createClone(token: token, name: "clone \(round)")["id"]!.stringValue!
+            let grant = try await TestHTTPClient.json(port: server.port, .POST, "/v1/admin/credits", token: admin,
+                                                      json: .object([("user", .string("alice")), ("credits", .int(500)), ("key", .string("r\(round)"))]))
+            #expect(grant.status == .created)
+            let socket = try await server.connect(token: token)
+            try await socket.chatSend(id: "c\(round)", clone: clone, text: "hello, round \(round)")
+            let reply = try await socket.readReply()
+            try await socket.sendClose()
+            let deleted = try await TestHTTPClient.request(port: server.port, .DELETE, "/v1/me", token: token)
+            #expect(deleted.status == .ok, "deletion \(round): \(deleted.text)")
+            #expect(try await server.get("/v1/clones", token: token).json()["clones"] == .array([]), "round \(round)")
+            #expect(try await server.get("/v1/conversations/\(reply.conversation)", token: token).status == .notFound)
+            let credits = try await server.get("/v1/credits", token: token).json()
+            #expect(credits["balance"] == .int(0) && credits["entries"] == .array([]), "no starting grant after a deletion (round \(round))")
+        }
         await server.stop()
     }
 

@@ -24,7 +24,7 @@ import Testing
             let dir = FileManager.default.temporaryDirectory.appendingPathComponent("parley-embedded-\(UUID().uuidString)").path
             try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
             store = try await SQLiteStore.open(path: dir + "/parley.sqlite")
-            let credits = Credits(store: store, configuration: CreditsConfiguration(), logger: Logger(label: "test"))
+            let credits = Credits(store: store, configuration: CreditsConfiguration(), logger: Logger(label: "test"), pseudonym: { "deleted:" + $0 })
             let chat = ChatService(store: store, credits: credits, provider: SimulatedProvider(), hub: hub, configuration: ServerConfiguration(),
                                    logger: Logger(label: "test"), ids: IDGenerator())
             let schedules = ScheduleService(store: store, chat: chat, provider: SimulatedProvider(), hub: hub, configuration: ServerConfiguration(),

@@ -12,7 +12,7 @@ private struct World {
     var ownRoomEntry: RoomEntry
 }
 
-private func populate(_ store: any Store, _ user: String) async throws -> World {
+private func populate(_ store: any Store, _ user: String, welcomeAt: Int64 = 1_000) async throws -> World {
     _ = try await store.ensureUser(user, now: 500)
     let clone = makeClone(owner: user)
     try await store.createClone(clone)
@@ -26,7 +26,7 @@ private func populate(_ store: any Store, _ user: String) async throws -> World 
     try await store.createRoom(room)
     let entry = RoomEntry(id: ids.make(.roomEntry), room: room.id, kind: .said, speaker: user, text: "\(user) opens", createdAt: 3_000)
     try await store.appendRoomEntry(entry)
-    _ = try await store.apply(grant(user, 100, id: LedgerEntry.welcomeID(for: user)), allowOverdraft: false)
+    _ = try await store.apply(grant(user, 100, id: LedgerEntry.welcomeID(for: user), at: welcomeAt), allowOverdraft: false)
     _ = try await store.apply(debit(user, 30), allowOverdraft: false)
     try await store.appendAudit(AuditEvent(id: ids.make(.audit), at: 4_000, actor: user, action: "clone.created", target: clone.id, ipHash: "ab12"))
     return World(clone: clone, conversation: conversation, messages: messages, schedule: schedule, ownRoom: room, ownRoomEntry: entry)
@@ -100,6 +100,32 @@ private func populate(_ store: any Store, _ user: String) async throws -> World 
             let again = try await store.deleteUser("alice", pseudonym: "deleted:0f0f")
             #expect(again.clones == 0 && again.messages == 0 && again.roomEntries == 0)
             #expect(try await store.balance(user: "deleted:0f0f") == aliceBalance)
+        }
+    }
+
+    @Test(arguments: Backend.all)
+    func aSubjectDeletedTwiceIsDeletedTwiceAndItsBooksKeepBothGrants(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            _ = try await populate(store, "alice")
+            _ = try await store.deleteUser("alice", pseudonym: "deleted:0f0f")
+            let first = try #require(try await store.ledgerEntry(id: LedgerEntry.welcomeID(for: "deleted:0f0f")))
+            #expect(first.user == "deleted:0f0f" && first.credits == 100)
+            #expect(try await store.ledgerEntry(id: LedgerEntry.welcomeID(for: "alice")) == nil)
+            // She comes back with everything again, a second starting grant among it (as versions
+            // that re-granted returning users did), and deletes her account again.
+            let world = try await populate(store, "alice", welcomeAt: 5_000)
+            let report = try await store.deleteUser("alice", pseudonym: "deleted:0f0f")
+            #expect(report.clones == 1 && report.conversations == 1 && report.messages == 2 && report.rooms == 1)
+            #expect(try await store.clones(owner: "alice").isEmpty)
+            #expect(try await store.conversation(id: world.conversation.id, owner: "alice") == nil)
+            #expect(try await store.balance(user: "alice") == 0)
+            let kept = try await allEntries(store, "deleted:0f0f")
+            #expect(kept.count == 4 && kept.filter { $0.id.hasPrefix(LedgerEntry.welcomeID(for: "deleted:0f0f")) }.count == 2)
+            #expect(try await store.balance(user: "deleted:0f0f") == 140)
+            try await expectLedgerInvariant(store, "deleted:0f0f")
+            // And a third time, with nothing new: nothing changes.
+            _ = try await store.deleteUser("alice", pseudonym: "deleted:0f0f")
+            #expect(try await allEntries(store, "deleted:0f0f").count == 4)
         }
     }
 
