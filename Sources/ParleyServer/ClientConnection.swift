@@ -102,8 +102,22 @@ public final class ClientConnection: Sendable {
         // Closed whether or not the close frame could be written (after a protocol error NIO may
         // already have shut the output): a socket is never left open behind a failed write.
         return channel.writeAndFlush(frame).recover { _ in }.flatMap {
-            channel.close()
+            Self.linger(channel)
         }.recover { _ in }
+    }
+
+    /// How long a closing socket waits for its peer to close its side.
+    static let lingerTime = TimeAmount.seconds(2)
+
+    /// Closes politely, as nginx's lingering close does: the output is shut (the close frame, then
+    /// FIN), and what the peer still sends is read and dropped until it closes its side or
+    /// `lingerTime` passes. Closing with unread input at once would make the kernel answer with a
+    /// reset, which can destroy the close frame before the peer reads its code.
+    static func linger(_ channel: any Channel) -> EventLoopFuture<Void> {
+        channel.close(mode: .output).recover { _ in }.flatMap {
+            let deadline = channel.eventLoop.scheduleTask(in: lingerTime) { channel.close(promise: nil) }
+            return channel.closeFuture.always { _ in deadline.cancel() }
+        }
     }
 }
 

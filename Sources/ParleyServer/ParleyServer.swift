@@ -180,7 +180,8 @@ public final class ParleyServer: Sendable {
     ) throws {
         let upgrader = NIOWebSocketServerUpgrader(
             maxFrameSize: configuration.maxMessageBytes,
-            automaticErrorHandling: true,
+            // WebSocketHandler answers decoder errors itself, with a lingering close (not a reset).
+            automaticErrorHandling: false,
             shouldUpgrade: { channel, head in
                 // A malformed handshake is declined, and the HTTP handler answers what is wrong.
                 guard HTTPRequest(head: head, body: nil).path == "/v1/ws",

@@ -154,6 +154,8 @@ final class WebSocketHandler: ChannelInboundHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        // Closing politely: the decoder's complaints about input after its error are expected.
+        guard !closing else { return }
         switch error {
         case let violation as WebSocketViolation:
             close(context: context, code: violation.code, reason: violation.reason)

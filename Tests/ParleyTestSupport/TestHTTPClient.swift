@@ -31,7 +31,8 @@ public enum TestHTTPClient {
     ) async throws -> TestHTTPResponse {
         var headers = headers
         headers.replaceOrAdd(name: "host", value: "127.0.0.1:\(port)")
-        headers.replaceOrAdd(name: "connection", value: "close")
+        // One request per connection; an upgrade attempt keeps its `upgrade` token beside `close`.
+        headers.replaceOrAdd(name: "connection", value: (headers["connection"] + ["close"]).joined(separator: ", "))
         if let token { headers.replaceOrAdd(name: "authorization", value: "Bearer \(token)") }
         if let body { headers.replaceOrAdd(name: "content-length", value: String(body.count)) }
         let head = HTTPRequestHead(version: .http1_1, method: method, uri: uri, headers: headers)

@@ -80,14 +80,14 @@ class RawSocket:
                 return struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else None
 
     def closed_by_server(self):
-        """Whether the server closed the TCP connection after its close frame (a reset counts: the
-        kernel sends one when the server closes with unread bytes, as after an oversized frame)."""
+        """Whether the server closed the TCP connection after its close frame, politely: a FIN,
+        never a reset (which can destroy the close frame before the peer reads it)."""
         try:
             while self.sock.recv(65536):
                 pass
             return True
         except ConnectionResetError:
-            return True
+            return False
         except socket.timeout:
             return False
 
@@ -182,6 +182,25 @@ def test_protocol_violations_close_with_their_code(ws_server, case, send, code):
     assert raw.closed_by_server(), case
     # The server is still there for everyone else.
     assert connect(ws_server).json is not None
+
+
+@pytest.mark.parametrize("size", [200_000, 2_000_000])
+def test_a_frame_far_over_the_limit_is_answered_1009_and_the_peer_can_read_it(ws_server, size):
+    raw = connect(ws_server)
+    # The whole frame goes out (the server reads and drops what follows the header) and the close
+    # frame is still there to read: no reset destroys it.
+    raw.send(0x1, b"x" * size)
+    assert raw.close_code() == 1009
+    assert raw.closed_by_server()
+
+
+def test_after_its_close_frame_the_server_half_closes_and_drops_what_still_comes(ws_server):
+    raw = connect(ws_server)
+    raw.send(0x1, b"\xff")  # invalid UTF-8: 1007, then the server waits for our FIN
+    assert raw.close_code() == 1007
+    raw.sock.settimeout(10)
+    assert raw.sock.recv(1) == b"", "the server's FIN comes right after its close frame"
+    raw.send(0x9, b"ignored")  # still accepted and dropped while the server lingers
 
 
 def test_a_message_over_the_limit_in_fragments_closes_with_1009(ws_server):
