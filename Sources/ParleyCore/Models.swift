@@ -86,6 +86,9 @@ public struct Usage: Sendable, Equatable, Codable {
 /// Why a stream ended; stored with the assistant message and sent in `stream.end`.
 public enum StreamEndReason: String, Sendable, Codable, Equatable, CaseIterable {
     case complete, cancelled, insufficientCredits = "insufficient_credits", error, shutdown
+    /// The server stopped without ending the stream (a crash, kill -9): stored at the next
+    /// start-up as far as its journal got. Never in a live `stream.end`.
+    case interrupted
 }
 
 /// One turn of a transcript.

@@ -44,6 +44,7 @@ extension MongoStore {
                 _ = try db.update("rooms", query: .object([("_id", .string(room.id))]),
                                   update: .object([("$set", Self.mutableFields(Self.document(room.removingUser(id))))]))
             }
+            _ = try db.delete("stream_journals", query: .object([("user", user)]))
             report.ledgerRowsKept = try Self.detachLedger(db, user: id, pseudonym: pseudonym)
             for field in ["actor", "target"] {
                 _ = try db.update("audit", query: .object([(field, user)]), update: .object([("$set", .object([(field, .string(pseudonym))]))]), multi: true)
@@ -112,6 +113,37 @@ extension MongoStore {
                 messages: try Self.delete(db, "messages", field: "_id", in: messages.compactMap { $0["_id"] }),
                 roomEntries: try Self.delete(db, "room_entries", field: "_id", in: entries.compactMap { $0["_id"] })
             )
+        }
+    }
+
+    public func saveStreamJournal(_ j: StreamJournal) async throws {
+        let target = j.target.columns
+        let fields: JSONValue = .object([
+            ("user", .string(j.user)), ("model", .string(j.model)), ("feature", .string(j.feature)), ("input_tokens", .long(Int64(j.inputTokens))),
+            ("target_kind", .string(target.kind)), ("target_id", target.id.map(JSONValue.string) ?? .null),
+            ("speaker", target.speaker.map(JSONValue.string) ?? .null), ("message_id", .string(j.messageID)), ("text", .string(j.text)),
+            ("output_tokens", .long(Int64(j.outputTokens))), ("created_at", .long(j.createdAt)), ("updated_at", .long(j.updatedAt)),
+        ])
+        try await run { db in
+            _ = try db.update("stream_journals", query: .object([("_id", .string(j.stream))]), update: .object([("$set", fields)]), upsert: true)
+        }
+    }
+
+    public func deleteStreamJournal(stream: String) async throws {
+        try await run { db in _ = try db.delete("stream_journals", query: .object([("_id", .string(stream))])) }
+    }
+
+    public func streamJournals(limit: Int) async throws -> [StreamJournal] {
+        try await run { db in
+            try db.find("stream_journals", filter: .object([]), sort: .object([("created_at", .int(1)), ("_id", .int(1))]), limit: limit).map { d in
+                StreamJournal(
+                    stream: d["_id"]?.stringValue ?? "", user: d["user"]?.stringValue ?? "", model: d["model"]?.stringValue ?? "",
+                    feature: d["feature"]?.stringValue ?? "", inputTokens: Int(d["input_tokens"]?.int64 ?? 0),
+                    target: .init(kind: d["target_kind"]?.stringValue ?? "", id: d["target_id"]?.stringValue, speaker: d["speaker"]?.stringValue),
+                    messageID: d["message_id"]?.stringValue ?? "", text: d["text"]?.stringValue ?? "", outputTokens: Int(d["output_tokens"]?.int64 ?? 0),
+                    createdAt: d["created_at"]?.int64 ?? 0, updatedAt: d["updated_at"]?.int64 ?? 0
+                )
+            }
         }
     }
 

@@ -155,6 +155,25 @@ public final class SQLiteStore: Store {
         CREATE INDEX audit_by_actor ON audit(actor);
         CREATE INDEX audit_by_target ON audit(target);
         """,
+        // v9: the journals of replies in flight, so a crash cannot lose what a user saw.
+        """
+        CREATE TABLE stream_journals (
+            stream TEXT PRIMARY KEY,
+            user TEXT NOT NULL,
+            model TEXT NOT NULL,
+            feature TEXT NOT NULL,
+            input_tokens INTEGER NOT NULL,
+            target_kind TEXT NOT NULL,
+            target_id TEXT,
+            speaker TEXT,
+            message_id TEXT NOT NULL,
+            text TEXT NOT NULL,
+            output_tokens INTEGER NOT NULL,
+            created_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL
+        );
+        CREATE INDEX stream_journals_by_user ON stream_journals(user);
+        """,
     ]
 
     public static var schemaVersion: Int { migrations.count }
@@ -862,6 +881,7 @@ public final class SQLiteStore: Store {
                 }
                 try db.query("UPDATE audit SET actor = ? WHERE actor = ?", [alias, .text(id)])
                 try db.query("UPDATE audit SET target = ? WHERE target = ?", [alias, .text(id)])
+                try db.query("DELETE FROM stream_journals WHERE user = ?", user)
                 try db.query("DELETE FROM users WHERE id = ?", user)
                 return report
             }
@@ -875,6 +895,39 @@ public final class SQLiteStore: Store {
             let messages = db.changes
             try db.query("DELETE FROM room_entries WHERE id IN (SELECT id FROM room_entries WHERE created_at < ? ORDER BY created_at LIMIT ?)", bounds)
             return PurgeResult(messages: messages, roomEntries: db.changes)
+        }
+    }
+
+    private static let journalColumns =
+        "stream, user, model, feature, input_tokens, target_kind, target_id, speaker, message_id, text, output_tokens, created_at, updated_at"
+
+    public func saveStreamJournal(_ j: StreamJournal) async throws {
+        let target = j.target.columns
+        try await run { db in
+            try db.query(
+                "INSERT OR REPLACE INTO stream_journals(\(Self.journalColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    .text(j.stream), .text(j.user), .text(j.model), .text(j.feature), .int(Int64(j.inputTokens)), .text(target.kind),
+                    target.id.map(SQLValue.text) ?? .null, target.speaker.map(SQLValue.text) ?? .null, .text(j.messageID), .text(j.text),
+                    .int(Int64(j.outputTokens)), .int(j.createdAt), .int(j.updatedAt),
+                ]
+            )
+        }
+    }
+
+    public func deleteStreamJournal(stream: String) async throws {
+        try await run { db in try db.query("DELETE FROM stream_journals WHERE stream = ?", [.text(stream)]) }
+    }
+
+    public func streamJournals(limit: Int) async throws -> [StreamJournal] {
+        try await run { db in
+            try db.query("SELECT \(Self.journalColumns) FROM stream_journals ORDER BY created_at, stream LIMIT ?", [.int(Int64(limit))]).map { r in
+                StreamJournal(
+                    stream: r[0].text ?? "", user: r[1].text ?? "", model: r[2].text ?? "", feature: r[3].text ?? "", inputTokens: Int(r[4].int ?? 0),
+                    target: .init(kind: r[5].text ?? "", id: r[6].text, speaker: r[7].text), messageID: r[8].text ?? "", text: r[9].text ?? "",
+                    outputTokens: Int(r[10].int ?? 0), createdAt: r[11].int ?? 0, updatedAt: r[12].int ?? 0
+                )
+            }
         }
     }
 

@@ -52,6 +52,14 @@ public protocol Store: Sendable {
     /// transaction). Called at start-up, before serving. Returns how many it settled.
     func recoverLedger() async throws -> Int
 
+    // MARK: Stream journals
+
+    /// Stores the journal of a reply in flight, replacing the one of the same stream.
+    func saveStreamJournal(_ journal: StreamJournal) async throws
+    func deleteStreamJournal(stream: String) async throws
+    /// Journals left by replies a crash cut short, oldest first, `limit` at most.
+    func streamJournals(limit: Int) async throws -> [StreamJournal]
+
     // MARK: Schedules
 
     func createSchedule(_ schedule: Schedule) async throws

@@ -1,0 +1,67 @@
+/// A reply being generated, as far as it got: kept in the store while it streams (rewritten with
+/// each prepaid credit batch and a few times a second), so that after a crash, even `kill -9`, the
+/// next start-up can store what the user saw, marked `interrupted`, and settle its credits for
+/// exactly that text. Removed once the reply is stored the ordinary way.
+public struct StreamJournal: Sendable, Equatable {
+    /// Where the finished text goes.
+    public enum Target: Sendable, Equatable {
+        /// An assistant message in this conversation.
+        case conversation(String)
+        /// A debate turn in this room, said by this clone.
+        case roomTurn(room: String, speaker: String)
+        /// Nowhere: the credits are settled and the text is produced again (a scheduled message
+        /// is fired anew) or dropped (a translation).
+        case settleOnly
+    }
+
+    public var stream: String
+    /// Who pays (the ledger entries `<stream>:…` are theirs).
+    public var user: String
+    public var model: String
+    public var feature: String
+    /// The prompt's estimated tokens, charged up front.
+    public var inputTokens: Int
+    public var target: Target
+    /// The id the stored message or room entry takes.
+    public var messageID: String
+    public var text: String
+    public var outputTokens: Int
+    public var createdAt: Int64
+    public var updatedAt: Int64
+
+    public init(
+        stream: String, user: String, model: String, feature: String, inputTokens: Int, target: Target, messageID: String,
+        text: String = "", outputTokens: Int = 0, createdAt: Int64, updatedAt: Int64? = nil
+    ) {
+        self.stream = stream
+        self.user = user
+        self.model = model
+        self.feature = feature
+        self.inputTokens = inputTokens
+        self.target = target
+        self.messageID = messageID
+        self.text = text
+        self.outputTokens = outputTokens
+        self.createdAt = createdAt
+        self.updatedAt = updatedAt ?? createdAt
+    }
+}
+
+extension StreamJournal.Target {
+    /// How every backend stores a target: a kind, an id and (for room turns) a speaker.
+    public var columns: (kind: String, id: String?, speaker: String?) {
+        switch self {
+        case .conversation(let id): ("conversation", id, nil)
+        case .roomTurn(let room, let speaker): ("room_turn", room, speaker)
+        case .settleOnly: ("settle_only", nil, nil)
+        }
+    }
+
+    public init(kind: String, id: String?, speaker: String?) {
+        switch (kind, id, speaker) {
+        case ("conversation", let id?, _): self = .conversation(id)
+        case ("room_turn", let room?, let speaker?): self = .roomTurn(room: room, speaker: speaker)
+        default: self = .settleOnly
+        }
+    }
+}

@@ -1,0 +1,39 @@
+import ParleyCore
+import ParleyStore
+import Testing
+
+@Suite("Stream journal conformance") struct StreamJournalConformanceTests {
+    private func journal(_ stream: String, user: String = "alice", target: StreamJournal.Target, at time: Int64) -> StreamJournal {
+        StreamJournal(stream: stream, user: user, model: "simulated", feature: "chat", inputTokens: 42, target: target,
+                      messageID: ids.make(.message), createdAt: time)
+    }
+
+    @Test(arguments: Backend.all)
+    func journalsAreReplacedListedOldestFirstAndDeleted(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            var chat = journal("st_chat", target: .conversation("cv_1"), at: 2_000)
+            let turn = journal("st_turn", user: "bob", target: .roomTurn(room: "rm_1", speaker: "cl_1"), at: 1_000)
+            let scheduled = journal("st_sched", target: .settleOnly, at: 3_000)
+            for j in [chat, turn, scheduled] { try await store.saveStreamJournal(j) }
+            #expect(try await store.streamJournals(limit: 10) == [turn, chat, scheduled])
+            #expect(try await store.streamJournals(limit: 1) == [turn])
+
+            // Saving again replaces the text as it grows; it never adds a row.
+            chat.text = "Hello, wor"
+            chat.outputTokens = 4
+            chat.updatedAt = 2_500
+            try await store.saveStreamJournal(chat)
+            chat.text = "Hello, world — ünïcode 🙂"
+            chat.outputTokens = 9
+            try await store.saveStreamJournal(chat)
+            #expect(try await store.streamJournals(limit: 10) == [turn, chat, scheduled])
+
+            try await store.deleteStreamJournal(stream: "st_turn")
+            try await store.deleteStreamJournal(stream: "st_none")  // absent: nothing happens
+            #expect(try await store.streamJournals(limit: 10) == [chat, scheduled])
+            // An account's deletion takes its journals (they hold its words).
+            _ = try await store.deleteUser("alice", pseudonym: "deleted:0f0f")
+            #expect(try await store.streamJournals(limit: 10).isEmpty)
+        }
+    }
+}
