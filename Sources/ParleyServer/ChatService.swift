@@ -266,7 +266,7 @@ final class ChatService: Sendable {
             let store = self.store
             let generation = Task {
                 _ = await self.generate(live, request: request, prompt: prompt, meter: meter, ref: ref, requester: connection,
-                                        messageID: self.ids.make(.message)) { try await store.appendMessage($0) }
+                                        messageID: self.ids.make(.message), journal: .conversation(conversation.id)) { try await store.appendMessage($0) }
             }
             live.attach(generation)
             reservedConversation = nil  // `generate` releases it when the stream ends
@@ -288,9 +288,16 @@ final class ChatService: Sendable {
     /// every subscriber, or to `paywallTo` (a room's moderator) when given.
     func generate(
         _ live: LiveStream, request: CompletionRequest, prompt: AssembledPrompt, meter: CreditMeter, ref: String?,
-        requester: ClientConnection?, messageID: String, paywallTo: (@Sendable () -> [ClientConnection])? = nil,
-        persist: @escaping @Sendable (Message) async throws -> Void
+        requester: ClientConnection?, messageID: String, journal target: StreamJournal.Target,
+        paywallTo: (@Sendable () -> [ClientConnection])? = nil, persist: @escaping @Sendable (Message) async throws -> Void
     ) async -> Message? {
+        // Journaled as it streams, so a crash loses at most the last moments of what was sent.
+        let journal = StreamJournalWriter(
+            StreamJournal(stream: live.id, user: meter.user, model: live.model, feature: meter.feature.rawValue, inputTokens: prompt.estimatedTokens,
+                          target: target, messageID: messageID, createdAt: Int64(Timestamp.nowMillis())),
+            store: store, logger: logger
+        )
+        var journaledAt = NIODeadline.now().uptimeNanoseconds
         var text = ""
         var seq: Int64 = 0
         var scratch: [UInt8] = []  // one token frame's bytes, reused: no allocation per token
@@ -304,16 +311,23 @@ final class ChatService: Sendable {
                 case .token(let token):
                     // Released only once paid for: the stream stops exactly at the last covered token.
                     // Paid batches are checked without a hop onto the meter; it is asked once per batch.
+                    var boughtBatch = false
                     if !meter.isPaid(token: Int(seq) + 1) {
                         guard try await meter.authorize(token: Int(seq) + 1) else {
                             outOfCredits = true
                             break tokens
                         }
+                        boughtBatch = true
                     }
                     seq += 1
                     text += token
                     ServerFrame.token(stream: live.id, seq: seq, text: token[...], into: &scratch)
                     live.publish(seq: seq, frame: allocator.buffer(bytes: scratch))
+                    let now = NIODeadline.now().uptimeNanoseconds
+                    if boughtBatch || now &- journaledAt >= StreamJournalWriter.interval {
+                        journaledAt = now
+                        journal.offer(text: text, outputTokens: Int(seq))
+                    }
                 case .usage(let usage):
                     reported = usage
                 }
@@ -357,9 +371,11 @@ final class ChatService: Sendable {
         let stored = await Task { try await persist(message) }.result
         var storedID: String? = message.id
         if case .failure(let error) = stored {
-            logger.error("storing the reply failed", metadata: ["stream": "\(live.id)", "error": "\(error)"])
+            logger.error("storing the reply failed; its journal keeps it for the next start-up", metadata: ["stream": "\(live.id)", "error": "\(error)"])
             storedID = nil
+            journal.offer(text: text, outputTokens: Int(seq))
         }
+        await journal.finish(keep: storedID == nil)
         if reason == .error, let failure {
             let frame = allocator.buffer(bytes: ServerFrame.error(ref: ref, code: failureCode, message: failure))
             if let requester { live.send(frame, to: requester) } else { live.broadcast(frame) }

@@ -107,12 +107,12 @@ final class Credits: Sendable {
 /// retried write can never charge twice. An actor: the stream's task and its settlement use it.
 actor CreditMeter {
     private let credits: Credits
-    private let user: String
+    let user: String
     private let stream: String
     private let conversation: String?
     private let room: String?
     private let model: String
-    private let feature: Feature
+    let feature: Feature
     private var pricing: PricingTable { credits.configuration.pricing }
 
     private(set) var charged: Int64 = 0
@@ -190,6 +190,13 @@ actor CreditMeter {
         }
         credits.metrics.paywallHits.increment()
         return false
+    }
+
+    /// Takes up a stream a crash cut short: what its ledger entries charged (`<stream>:in` and
+    /// `batches` prepaid batches), so that `settle` reconciles it like any other.
+    func recover(charged: Int64, batches: Int) {
+        self.charged = charged
+        self.batches = batches
     }
 
     /// Whether output token `index` (1-based) is already paid for; no actor hop.

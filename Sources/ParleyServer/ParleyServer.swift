@@ -84,6 +84,13 @@ public final class ParleyServer: Sendable {
         let audit = AuditLog(store: store, secret: secret, ids: ids, logger: logger)
         let credits = Credits(store: store, configuration: configuration.credits, logger: logger, metrics: configuration.metrics,
                               pseudonym: audit.pseudonym(for:))
+        // Store and settle the replies a crash cut short, before anything is charged or shown.
+        do {
+            _ = try await StreamRecovery(store: store, credits: credits, logger: logger).run()
+        } catch {
+            try? await store.close()
+            throw error
+        }
         let chat = ChatService(store: store, credits: credits, provider: provider, hub: hub, configuration: configuration, logger: logger, ids: ids)
         let group = MultiThreadedEventLoopGroup(numberOfThreads: configuration.eventLoopThreads ?? System.coreCount)
         // The timer wheel lives on one event loop; firing hands work to tasks, never blocking it.

@@ -153,7 +153,7 @@ extension RoomService {
         let task = Task {
             let message = await self.chat.generate(
                 stream, request: job.request, prompt: job.prompt, meter: job.meter, ref: nil, requester: nil, messageID: self.ids.make(.roomEntry),
-                paywallTo: { live.sockets(of: payer) }
+                journal: .settleOnly, paywallTo: { live.sockets(of: payer) }
             ) { message in try await store.appendRoomEntry(Self.translation(message, of: original, into: job.target, stream: stream.id)) }
             self.landed(stream, entry: message.map { Self.translation($0, of: original, into: job.target, stream: stream.id) }, original: original, in: live)
         }
@@ -248,7 +248,7 @@ extension RoomService {
             let generation = Task {
                 let message = await self.chat.generate(
                     stream, request: request, prompt: prompt, meter: meter, ref: nil, requester: nil, messageID: entryID,
-                    paywallTo: { live.sockets(of: owner) }
+                    journal: .settleOnly, paywallTo: { live.sockets(of: owner) }
                 ) { message in try await store.appendRoomEntry(toEntry(message)) }
                 recorded.withLock { $0 = message }
             }

@@ -458,7 +458,7 @@ final class RoomService: Sendable {
             let generation = Task {
                 _ = await self.chat.generate(
                     stream, request: request, prompt: prompt, meter: meter, ref: nil, requester: nil, messageID: entryID,
-                    paywallTo: { live.sockets(of: owner) }
+                    journal: .roomTurn(room: room.id, speaker: clone.id), paywallTo: { live.sockets(of: owner) }
                 ) { message in
                     let entry = RoomEntry(id: entryID, room: room.id, kind: .turn, speaker: clone.id, text: message.text,
                                           createdAt: message.createdAt, reason: message.reason, stream: streamID)

@@ -324,7 +324,8 @@ final class ScheduleService: Sendable {
             if !chat.isAccepting { live.stop(.shutdown) }
             let fired = Mutex<(Schedule, Message)?>(nil)
             let generation = Task {
-                _ = await self.chat.generate(live, request: request, prompt: prompt, meter: meter, ref: nil, requester: nil, messageID: messageID) { message in
+                _ = await self.chat.generate(live, request: request, prompt: prompt, meter: meter, ref: nil, requester: nil, messageID: messageID,
+                                        journal: .settleOnly) { message in
                     if let done = try await store.completeSchedule(id: schedule.id, message: message, newConversation: conversation, now: message.createdAt) {
                         fired.withLock { $0 = (done, message) }
                     }

@@ -102,3 +102,67 @@ def test_sigkill_mid_stream_loses_and_doubles_no_debit(start_server):
     assert end["reason"] == "cancelled" and end["cost"] > 0
     balance, entries = credits(again, again.token("kim"))
     assert sum(e["credits"] for e in entries) == balance == end["balance"]
+
+
+def test_a_reply_cut_by_sigkill_is_stored_as_far_as_it_was_seen_and_settled_exactly(start_server):
+    """37 tokens reach the user, then SIGKILL: after the restart the transcript holds the reply as
+    far as it was journaled (a prefix of what the user saw, at most one batch short), marked
+    interrupted, and the stream is settled for exactly that text: its prompt and the tokens stored."""
+    batch = 16
+    args = ["--sim-ttft-ms", "0", "--sim-tokens-per-sec", "40", "--sim-reply-tokens", "400",
+            "--credit-batch-tokens", str(batch), "--starting-credits", "100000"]
+    server = start_server(*args)
+    token = server.token("ivy")
+    status, clone = server.http("POST", "/v1/clones", token, {"name": "Ivy's clone"})
+    assert status == 201, clone
+    seen = []
+
+    async def chat():
+        async with websockets.connect(f"{server.ws}?token={token}") as ws:
+            json.loads(await ws.recv())
+            await ws.send(json.dumps({"type": "chat.send", "id": "c1", "clone": clone["id"], "text": "tell me a long story"}))
+            start = None
+            while len(seen) < 37:
+                frame = json.loads(await asyncio.wait_for(ws.recv(), 20))
+                if frame["type"] == "stream.start":
+                    start = frame
+                elif frame["type"] == "token":
+                    seen.append(frame["text"])
+            server.proc.send_signal(signal.SIGKILL)
+            return start
+
+    start = asyncio.run(chat())
+    assert server.proc.wait(timeout=10) == -signal.SIGKILL
+
+    again = start_server(*args)
+    status, page = again.http("GET", f"/v1/conversations/{start['conversation']}/messages", token)
+    assert status == 200, page
+    validate_rest("message-page", page)
+    assert [m["role"] for m in page["messages"]] == ["user", "assistant"], "the cut reply is in the transcript"
+    reply = page["messages"][1]
+    assert reply["reason"] == "interrupted" and reply["stream"] == start["stream"]
+    stored = reply["usage"]["output_tokens"]
+    # Journaled with every prepaid batch (tokens 1, 17, 33 bought one) and every 200 ms between.
+    assert 33 <= stored <= 37, stored
+    assert reply["text"] == "".join(seen[:stored]), "exactly the first tokens the user saw"
+
+    status, prices = again.http("GET", "/v1/credits/prices")
+    price = prices["models"]["simulated"]
+    percent = prices["features"]["chat"]
+
+    def cost(tokens, per_1k):
+        return -(-tokens * per_1k * percent // 100_000)
+
+    balance, entries = credits(again, token)
+    mine = [e for e in entries if e.get("stream") == start["stream"]]
+    assert any(e["id"] == start["stream"] + ":settle" for e in mine), "settled at start-up"
+    paid = -sum(e["credits"] for e in mine)
+    assert paid == cost(reply["usage"]["input_tokens"], price["input_per_1k"]) + cost(stored, price["output_per_1k"])
+    assert sum(e["credits"] for e in entries) == balance
+    # The journal is gone: a second restart stores and settles nothing twice.
+    again.proc.send_signal(signal.SIGKILL)
+    again.proc.wait(timeout=10)
+    third = start_server(*args)
+    status, page = third.http("GET", f"/v1/conversations/{start['conversation']}/messages", token)
+    assert len(page["messages"]) == 2 and page["messages"][1] == reply
+    assert credits(third, token) == (balance, entries)

@@ -6,7 +6,7 @@ const $ = (id) => document.getElementById(id);
 const SLIDERS = ["warmth", "humor", "formality", "verbosity", "curiosity"];
 const LANGUAGES = [["en", "English"], ["es", "Español"], ["fr", "Français"], ["de", "Deutsch"], ["pt-BR", "Português (Brasil)"],
                    ["it", "Italiano"], ["ja", "日本語"], ["zh-Hans", "中文（简体）"]];
-const REASONS = { cancelled: "stopped", insufficient_credits: "out of credits", error: "the reply failed", shutdown: "the server restarted" };
+const REASONS = { cancelled: "stopped", insufficient_credits: "out of credits", error: "the reply failed", shutdown: "the server restarted", interrupted: "cut short: the server stopped" };
 
 const state = {
   token: sessionStorage.getItem("parley.token"),

@@ -1,0 +1,74 @@
+import Logging
+import ParleyCore
+import ParleyStore
+
+/// Finishes, at start-up, the replies a crash (even `kill -9`) left open: each journal's text is
+/// stored where the reply belonged, marked `interrupted`, and its credits are settled for exactly
+/// that text (what its ledger entries prepaid beyond it is refunded). Runs before anything is
+/// served; every step is idempotent, so a crash during recovery only means it runs again.
+struct StreamRecovery {
+    let store: any Store
+    let credits: Credits
+    let logger: Logger
+
+    /// Finishes every journal; returns how many.
+    func run() async throws -> Int {
+        var finished = 0
+        while true {
+            let journals = try await store.streamJournals(limit: 100)
+            guard !journals.isEmpty else { return finished }
+            for journal in journals {
+                try await finish(journal)
+                finished += 1
+            }
+        }
+    }
+
+    private func finish(_ journal: StreamJournal) async throws {
+        let usage = Usage(inputTokens: journal.inputTokens, outputTokens: journal.outputTokens)
+        let stream = journal.stream
+        var room: String?
+        var conversation: String?
+        switch journal.target {
+        case .conversation(let id): conversation = id
+        case .roomTurn(let id, _): room = id
+        case .settleOnly: break
+        }
+        if try await store.ledgerEntry(id: "\(stream):settle") == nil {
+            // What the stream paid: its prompt and its prepaid batches (numbered without gaps).
+            var charged: Int64 = -(try await store.ledgerEntry(id: "\(stream):in")?.credits ?? 0)
+            var batches = 0
+            while let batch = try await store.ledgerEntry(id: "\(stream):\(batches + 1)") {
+                charged -= batch.credits
+                batches += 1
+            }
+            let meter = credits.meter(user: journal.user, stream: stream, conversation: conversation, room: room, model: journal.model,
+                                      feature: Feature(rawValue: journal.feature) ?? .chat)
+            await meter.recover(charged: charged, batches: batches)
+            _ = await meter.settle(usage: usage)
+        }
+        do {
+            switch journal.target {
+            case .conversation(let id):
+                // Absent when its owner deleted it (or the account) meanwhile: nothing to show.
+                if try await store.conversation(id: id, owner: journal.user) != nil {
+                    try await store.appendMessage(Message(id: journal.messageID, conversation: id, role: .assistant, text: journal.text,
+                                                          createdAt: journal.updatedAt, reason: .interrupted, usage: usage, stream: stream))
+                }
+            case .roomTurn(let id, let speaker):
+                if try await store.room(id: id) != nil {
+                    try await store.appendRoomEntry(RoomEntry(id: journal.messageID, room: id, kind: .turn, speaker: speaker, text: journal.text,
+                                                              createdAt: journal.updatedAt, reason: .interrupted, stream: stream))
+                }
+            case .settleOnly:
+                break
+            }
+        } catch StoreError.duplicateKey {
+            // Stored by the stream itself just before the crash, or by an earlier recovery.
+        }
+        try await store.deleteStreamJournal(stream: stream)
+        logger.notice("stored a reply a crash cut short", metadata: [
+            "stream": "\(stream)", "tokens": "\(journal.outputTokens)", "target": "\(journal.target.columns.kind)",
+        ])
+    }
+}
