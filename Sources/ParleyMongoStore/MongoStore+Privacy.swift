@@ -116,6 +116,11 @@ extension MongoStore {
         }
     }
 
+    public func ping() async throws {
+        // One attempt: a health check reports the store as it is now, not after backoff.
+        try await run { db in _ = try db.command(.object([("ping", .int(1))]), attempts: 1) }
+    }
+
     public func saveStreamJournal(_ j: StreamJournal) async throws {
         let target = j.target.columns
         let fields: JSONValue = .object([

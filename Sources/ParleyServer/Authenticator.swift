@@ -6,6 +6,8 @@ import NIOHTTP1
 public struct Identity: Sendable, Equatable {
     public var user: String
     public var role: String?
+    /// When the token stops being valid (its `exp`): a socket it opened is closed then.
+    public var expiresAt: Date?
 
     public var isAdmin: Bool { role == "admin" }
 }
@@ -14,6 +16,7 @@ public enum AuthError: Error, Equatable, Sendable, CustomStringConvertible {
     case missingToken
     case invalidToken
     case expired
+    case notYetValid
     case invalidSubject
 
     public var description: String {
@@ -21,6 +24,7 @@ public enum AuthError: Error, Equatable, Sendable, CustomStringConvertible {
         case .missingToken: "missing token: send 'Authorization: Bearer <token>' or '?token=<token>'"
         case .invalidToken: "invalid token"
         case .expired: "token expired"
+        case .notYetValid: "token not valid yet (its nbf is in the future)"
         case .invalidSubject: "token subject must be 1-64 characters of letters, digits, '.', '_', '-' or '@'"
         }
     }
@@ -30,6 +34,8 @@ public enum AuthError: Error, Equatable, Sendable, CustomStringConvertible {
 struct ParleyClaims: JWTPayload {
     var sub: SubjectClaim
     var exp: ExpirationClaim
+    /// Not before: a token presented earlier is refused (checked in `Authenticator.verify`).
+    var nbf: NotBeforeClaim?
     var role: String?
 
     func verify(using algorithm: some JWTAlgorithm) throws {
@@ -58,7 +64,10 @@ public struct Authenticator: Sendable {
         return try await keys.sign(claims)
     }
 
-    public func verify(_ token: String) async throws(AuthError) -> Identity {
+    public func verify(_ token: String, now: Date = Date()) async throws(AuthError) -> Identity {
+        // RFC 7515 4.1.11: a `crit` header names extensions the recipient must understand, and
+        // Parley understands none; jwt-kit would let it pass.
+        guard !Self.hasCriticalHeader(token) else { throw .invalidToken }
         let claims: ParleyClaims
         do {
             claims = try await keys.verify(token, as: ParleyClaims.self)
@@ -68,7 +77,18 @@ public struct Authenticator: Sendable {
             throw .invalidToken
         }
         guard Self.isValidSubject(claims.sub.value) else { throw .invalidSubject }
-        return Identity(user: claims.sub.value, role: claims.role)
+        if let nbf = claims.nbf, nbf.value > now { throw .notYetValid }
+        return Identity(user: claims.sub.value, role: claims.role, expiresAt: claims.exp.value)
+    }
+
+    /// Whether the token's protected header carries `crit` (or cannot be read at all).
+    static func hasCriticalHeader(_ token: String) -> Bool {
+        guard let encoded = token.split(separator: ".", maxSplits: 1, omittingEmptySubsequences: false).first else { return true }
+        var base64 = encoded.replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
+        base64 += String(repeating: "=", count: (4 - base64.count % 4) % 4)
+        guard let data = Data(base64Encoded: base64),
+              let header = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else { return true }
+        return header["crit"] != nil
     }
 
     /// Verifies the token a request carries in its `Authorization` header or `token` query item.

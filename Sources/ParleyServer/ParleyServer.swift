@@ -57,7 +57,9 @@ public final class ParleyServer: Sendable {
         logger: Logger = Logger(label: "parley")
     ) async throws -> ParleyServer {
         do {
-            try FileManager.default.createDirectory(atPath: configuration.dataDirectory, withIntermediateDirectories: true)
+            // Private to the server's user: it holds the database and the signing secret.
+            try FileManager.default.createDirectory(atPath: configuration.dataDirectory, withIntermediateDirectories: true,
+                                                    attributes: [.posixPermissions: 0o700])
         } catch {
             throw ConfigurationError("cannot create the data directory \(configuration.dataDirectory): \(error.localizedDescription)")
         }

@@ -4,6 +4,7 @@ import Logging
 import NIOHTTP1
 import ParleyCore
 import ParleyStore
+import Synchronization
 
 /// The REST routes. Each handler gets the verified identity; ownership is enforced by the store
 /// (another user's resource answers 404, exactly like a missing one).
@@ -93,7 +94,7 @@ struct RESTAPI: Sendable {
             switch request.path {
             case "/healthz":
                 guard request.method == .GET || request.method == .HEAD else { throw Self.methodNotAllowed([.GET]) }
-                return HTTPResponse(.ok, json: .object([("status", .string("ok"))]))
+                return await health()
             case "/", "/app.js", "/app.css":
                 guard request.method == .GET || request.method == .HEAD else { throw Self.methodNotAllowed([.GET]) }
                 guard let file = webClient.response(for: request.path) else { throw APIError(.notFound, .notFound, "the web client is not installed") }
@@ -150,6 +151,32 @@ struct RESTAPI: Sendable {
             logger.error("request failed", metadata: ["request": "\(request.id)", "method": "\(request.method)", "path": "\(request.path)", "error": "\(error)"])
             return APIError(.internalServerError, .internal, "the request failed; try again").response
         }
+    }
+
+    /// How long `/healthz` waits for the store before calling it down.
+    static let healthTimeout: Duration = .seconds(2)
+
+    /// `GET /healthz`: 200 when the store answers a round trip within `healthTimeout`, else 503
+    /// (a balancer then sends no one here). Says nothing more to the unauthenticated caller.
+    private func health() async -> HTTPResponse {
+        let store = self.store
+        // Unstructured, so a store that hangs cannot hold the answer (a task group would wait for it).
+        let healthy = await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
+            let pending = Mutex<CheckedContinuation<Bool, Never>?>(continuation)
+            let answer: @Sendable (Bool) -> Void = { healthy in pending.withLock { $0.take() }?.resume(returning: healthy) }
+            let timer = Task {
+                try? await Task.sleep(for: Self.healthTimeout)
+                answer(false)
+            }
+            Task {
+                answer((try? await store.ping()) != nil)
+                timer.cancel()
+            }
+        }
+        if !healthy { logger.warning("health check: the store did not answer") }
+        return HTTPResponse(healthy ? .ok : .serviceUnavailable, json: .object([
+            ("status", .string(healthy ? "ok" : "unavailable")), ("store", .string(healthy ? "ok" : "unreachable")),
+        ]))
     }
 
     /// The caller's identity. An address blocked for failed sign-ins is refused (429) before its
@@ -418,8 +445,15 @@ struct RESTAPI: Sendable {
         if let key, !(1...128).contains(key.utf8.count) { throw ValidationError("'key' must be 1-128 bytes") }
         try reader.rejectUnknown()
         try credits.validateGrant(user: user, credits: amount)
-        let (entry, outcome) = try await credits.grant(id: "admin:" + (key ?? ids.make(.message)), user: user, credits: amount,
+        var (entry, outcome) = try await credits.grant(id: "admin:" + (key ?? ids.make(.message)), user: user, credits: amount,
                                                        note: "granted by \(identity.user)" + (note.map { ": \($0)" } ?? ""))
+        if case .alreadyApplied = outcome, let stored = try await store.ledgerEntry(id: entry.id) {
+            // A retry answers with what the key did the first time; another grant under it is refused.
+            guard stored.user == user, stored.credits == amount else {
+                throw APIError(.conflict, .conflict, "key '\(key ?? "")' already granted \(stored.credits) credits to \(stored.user); another grant needs a new key")
+            }
+            entry = stored
+        }
         if outcome.isApplied {
             await audit.record("credits.granted", actor: identity.user, target: user, ip: request.remoteIP,
                                detail: ["credits": "\(amount)", "entry": entry.id])

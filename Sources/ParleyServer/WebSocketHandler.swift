@@ -22,6 +22,8 @@ final class WebSocketHandler: ChannelInboundHandler {
     private var closing = false
     private var heardSincePing = true
     private var keepalive: Scheduled<Void>?
+    /// Closes the socket when its token expires.
+    private var expiry: Scheduled<Void>?
     private var frames: TokenBucket?
     /// Frames dropped in a row for the rate; past a burst's worth the socket is closed.
     private var droppedInARow = 0
@@ -54,6 +56,13 @@ final class WebSocketHandler: ChannelInboundHandler {
             close(context: context, code: .policyViolation, reason: "too many open sockets for this user")
             return
         }
+        if let expiresAt = connection.identity.expiresAt {
+            // A token's lifetime bounds its socket's: 1008 at expiry, and the client reconnects with a new one.
+            let seconds = max(0, expiresAt.timeIntervalSinceNow)
+            expiry = context.eventLoop.assumeIsolated().scheduleTask(in: .milliseconds(Int64(min(seconds, 1e9) * 1000))) { [self] in
+                close(context: context, code: .policyViolation, reason: "token expired")
+            }
+        }
         send(ServerFrame.welcome(user: connection.identity.user), context: context)
         schedules.connected(connection)  // scheduled messages that fired while no socket was open
         scheduleKeepalive(context: context)
@@ -82,6 +91,7 @@ final class WebSocketHandler: ChannelInboundHandler {
 
     func channelInactive(context: ChannelHandlerContext) {
         keepalive?.cancel()
+        expiry?.cancel()
         hub.remove(connection)
         rooms.disconnected(connection)
         context.fireChannelInactive()

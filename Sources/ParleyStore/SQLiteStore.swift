@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import CoreMetrics
 import NIOCore
 import NIOPosix
@@ -196,6 +199,7 @@ public final class SQLiteStore: Store {
         pool.start()
         do {
             let connection = try await pool.runIfActive { () throws -> SQLiteConnection in
+                try restrictToOwner(path)
                 let connection = try SQLiteConnection(path: path)
                 do {
                     try connection.exec("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000;")
@@ -211,6 +215,17 @@ public final class SQLiteStore: Store {
             try? await pool.shutdownGracefully()
             throw error
         }
+    }
+
+    /// The database holds every user's words: readable by the server's user only (0600). SQLite
+    /// gives its -wal and -shm files the database file's mode. An existing file is tightened too.
+    static func restrictToOwner(_ path: String) throws {
+        guard path != ":memory:", !path.isEmpty else { return }
+        let fd = Glibc.open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw StoreError.backend("cannot open \(path): \(String(cString: strerror(errno)))") }
+        defer { Glibc.close(fd) }
+        guard fchmod(fd, 0o600) == 0 else { throw StoreError.backend("cannot make \(path) private: \(String(cString: strerror(errno)))") }
+        for suffix in ["-wal", "-shm"] { _ = chmod(path + suffix, 0o600) }
     }
 
     static func migrate(_ connection: SQLiteConnection) throws {
@@ -900,6 +915,10 @@ public final class SQLiteStore: Store {
 
     private static let journalColumns =
         "stream, user, model, feature, input_tokens, target_kind, target_id, speaker, message_id, text, output_tokens, created_at, updated_at"
+
+    public func ping() async throws {
+        try await run { db in _ = try db.query("SELECT 1") }
+    }
 
     public func saveStreamJournal(_ j: StreamJournal) async throws {
         let target = j.target.columns

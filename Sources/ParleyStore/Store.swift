@@ -115,6 +115,9 @@ public protocol Store: Sendable {
     /// Audit events newest first, `limit` at most, older than `before` (an event id) when given.
     func auditEvents(limit: Int, before: String?) async throws -> [AuditEvent]
 
+    /// A round trip through the store (for `/healthz`): throws when it cannot serve calls.
+    func ping() async throws
+
     /// Flushes and releases resources. Calls after `close` fail with `StoreError.closed`.
     func close() async throws
 }

@@ -324,12 +324,10 @@ struct Serve: AsyncParsableCommand {
             FileHandle.standardError.write(Data("parley: \(error)\n".utf8))
             throw ExitCode(1)
         }
-        // One machine-readable line on stdout: scripts and tests read the bound port from it.
-        FileHandle.standardOutput.write(Data("parley listening on http://\(host):\(server.port)\n".utf8))
         // SIGTERM or SIGINT starts the graceful shutdown: the drain, then exit 0.
         let logger = Logger(label: "parley")
         let services = ServiceGroup(configuration: ServiceGroupConfiguration(
-            services: [.init(service: ServerService(server: server))], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger
+            services: [.init(service: ServerService(server: server, host: host))], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger
         ))
         try await services.run()
     }
@@ -425,8 +423,12 @@ extension Logger.Level: @retroactive ExpressibleByArgument {}
 /// The server as a service: it runs until a graceful shutdown is asked for, then drains.
 struct ServerService: Service {
     let server: ParleyServer
+    let host: String
 
     func run() async throws {
+        // One machine-readable line on stdout: scripts and tests read the bound port from it.
+        // Printed here, once the group traps SIGTERM: a signal right after it drains, never kills.
+        FileHandle.standardOutput.write(Data("parley listening on http://\(host):\(server.port)\n".utf8))
         // Returns when the group's graceful shutdown begins; throws when the task is cancelled.
         try? await gracefulShutdown()
         await server.shutdown()

@@ -1,3 +1,4 @@
+import Crypto
 import Foundation
 import NIOHTTP1
 import ParleyCore
@@ -45,6 +46,47 @@ import Testing
         await server.stop()
     }
 
+    @Test func aSocketIsClosedWhenItsTokenExpires() async throws {
+        let server = try await TestServer.start()
+        let socket = try await server.connect(token: try await server.token("alice", ttl: .seconds(1)))
+        var closed: TestInbound?
+        while closed == nil {
+            let inbound = try await socket.next(timeout: .seconds(10))
+            if case .close = inbound { closed = inbound }
+        }
+        #expect(closed == .close(code: 1008, reason: "token expired"))
+        await server.stop()
+    }
+
+    /// An HS256 token written by hand, so its header and claims are exactly what the test says.
+    private func handMade(header: String, claims: String, secret: String) -> String {
+        func b64(_ bytes: some Sequence<UInt8>) -> String {
+            Data(bytes).base64EncodedString().replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_")
+                .replacingOccurrences(of: "=", with: "")
+        }
+        let input = b64(Array(header.utf8)) + "." + b64(Array(claims.utf8))
+        let mac = HMAC<SHA256>.authenticationCode(for: Array(input.utf8), using: SymmetricKey(data: Array(secret.utf8)))
+        return input + "." + b64(mac)
+    }
+
+    @Test func notBeforeAndCriticalHeadersAreHonoured() async throws {
+        let server = try await TestServer.start()
+        let secret = try String(contentsOfFile: server.configuration.secretPath, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        let now = Int(Date().timeIntervalSince1970)
+        let plain = #"{"alg":"HS256","typ":"JWT"}"#
+        let valid = handMade(header: plain, claims: #"{"sub":"alice","exp":\#(now + 600),"nbf":\#(now - 5)}"#, secret: secret)
+        #expect(try await server.server.authenticator.verify(valid).user == "alice")
+        let early = handMade(header: plain, claims: #"{"sub":"alice","exp":\#(now + 600),"nbf":\#(now + 300)}"#, secret: secret)
+        await #expect(throws: AuthError.notYetValid) { _ = try await server.server.authenticator.verify(early) }
+        let critical = handMade(header: #"{"alg":"HS256","typ":"JWT","crit":["b64"],"b64":false}"#,
+                                claims: #"{"sub":"alice","exp":\#(now + 600)}"#, secret: secret)
+        await #expect(throws: AuthError.invalidToken) { _ = try await server.server.authenticator.verify(critical) }
+        let refused = try await server.get("/v1/clones", token: early)
+        #expect(refused.status == .unauthorized)
+        #expect(try refused.json()["error"]?["message"]?.stringValue?.hasPrefix("token not valid yet") == true)
+        await server.stop()
+    }
+
     @Test func subjectsAreValidated() async throws {
         let server = try await TestServer.start()
         await #expect(throws: AuthError.invalidSubject) {
@@ -59,8 +101,13 @@ import Testing
         let server = try await TestServer.start()
         let response = try await server.get("/healthz", token: nil)
         #expect(response.status == .ok)
-        #expect(response.text == #"{"status":"ok"}"#)
+        #expect(response.text == #"{"status":"ok","store":"ok"}"#)
         #expect(response.headers.first(name: "content-type") == "application/json; charset=utf-8")
+        // A store that cannot serve calls makes the server unhealthy: a balancer stops sending here.
+        try await server.server.store.close()
+        let down = try await server.get("/healthz", token: nil)
+        #expect(down.status == .serviceUnavailable)
+        #expect(down.text == #"{"status":"unavailable","store":"unreachable"}"#)
         await server.stop()
     }
 

@@ -197,6 +197,17 @@ func expectInvariant(_ server: TestServer, token: String, sourceLocation: Source
         let again = try await TestHTTPClient.json(port: server.port, .POST, "/v1/admin/credits", token: admin, json: body)
         #expect(again.status == .ok)
         #expect(try again.json()["applied"] == .bool(false))
+        #expect(try again.json()["entry"] == granted.json()["entry"], "the retry answers with the stored grant")
+        #expect(try await creditsOf(server, token: user).balance == 500)
+        // The same key for another amount or user is another grant: refused, and the answer never
+        // claims what was not granted.
+        for (who, amount) in [("alice", 900), ("bob", 500)] {
+            let reused = try await TestHTTPClient.json(port: server.port, .POST, "/v1/admin/credits", token: admin, json: .object([
+                ("user", .string(who)), ("credits", .int(Int64(amount))), ("key", .string("support-ticket-7")),
+            ]))
+            #expect(reused.status == .conflict && reused.errorCode == "conflict")
+            #expect(try reused.json()["error"]?["message"]?.stringValue?.contains("500 credits to alice") == true)
+        }
         #expect(try await creditsOf(server, token: user).balance == 500)
         let bad = try await TestHTTPClient.json(port: server.port, .POST, "/v1/admin/credits", token: admin,
                                                 json: .object([("user", .string("alice")), ("credits", .int(-5))]))

@@ -46,7 +46,7 @@ def make_clone(server, token, **fields):
 
 def test_full_chat_over_websockets(server):
     token = server.token("alice")
-    assert validate_rest("health", server.http("GET", "/healthz")[1]) == {"status": "ok"}
+    assert validate_rest("health", server.http("GET", "/healthz")[1]) == {"status": "ok", "store": "ok"}
     clone = make_clone(server, token, sliders={"warmth": 60}, memory=["likes jazz"])
 
     async def run():

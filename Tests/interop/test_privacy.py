@@ -4,6 +4,8 @@ raw client address reaches a stored document or a log line, and SIGTERM drains."
 import asyncio
 import http.client
 import json
+import os
+import stat
 import signal
 import threading
 
@@ -190,3 +192,25 @@ def test_sigterm_lets_a_reply_finish_refuses_new_ones_and_exits_0(start_server):
     assert end["reason"] == "complete", "the reply in flight ran to its end"
     assert close.code == 1001
     assert server.proc.wait(timeout=20) == 0
+
+
+def test_the_data_files_are_readable_by_the_server_user_only(data_dir):
+    target = data_dir / "fresh"
+    server = Server(target)
+    try:
+        status, health = server.http("GET", "/healthz")
+        assert status == 200 and validate_rest("health", health) == {"status": "ok", "store": "ok"}
+        # A write, so the WAL exists too.
+        assert server.http("POST", "/v1/clones", server.token("ivy"), {"name": "Ivy"})[0] == 201
+        assert stat.S_IMODE(os.stat(target).st_mode) == 0o700
+        for name in ["parley.sqlite", "parley.sqlite-wal", "parley.sqlite-shm", "jwt-secret"]:
+            assert stat.S_IMODE(os.stat(target / name).st_mode) == 0o600, name
+    finally:
+        assert server.stop() == 0
+    # A database an older version left world-readable is tightened at the next start.
+    os.chmod(target / "parley.sqlite", 0o644)
+    server = Server(target)
+    try:
+        assert stat.S_IMODE(os.stat(target / "parley.sqlite").st_mode) == 0o600
+    finally:
+        assert server.stop() == 0
