@@ -222,7 +222,7 @@ public final class SQLiteStore: Store {
     static func restrictToOwner(_ path: String) throws {
         guard path != ":memory:", !path.isEmpty else { return }
         let fd = Glibc.open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw StoreError.backend("cannot open \(path): \(String(cString: strerror(errno)))") }
+        guard fd >= 0 else { throw StoreError.backend("cannot open SQLite database at \(path): \(String(cString: strerror(errno)))") }
         defer { Glibc.close(fd) }
         guard fchmod(fd, 0o600) == 0 else { throw StoreError.backend("cannot make \(path) private: \(String(cString: strerror(errno)))") }
         for suffix in ["-wal", "-shm"] { _ = chmod(path + suffix, 0o600) }
