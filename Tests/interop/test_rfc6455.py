@@ -127,40 +127,21 @@ def test_close_handshake_echoes_the_code(ws_server):
     assert raw.closed_by_server()
 
 
-@pytest.mark.parametrize("code", [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 3999, 4000, 4999])
-def test_a_valid_close_code_is_echoed(ws_server, code):
+VALID = [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 3999, 4000, 4999]
+MUST_NOT_BE_SENT = [0, 1, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535]
+
+
+@pytest.mark.parametrize("payload,answer", [
+    *[(struct.pack(">H", code) + "ça va".encode(), code) for code in VALID],  # echoed
+    (b"", 1000),  # no status: 1000, never 1005
+    *[(struct.pack(">H", code), 1002) for code in MUST_NOT_BE_SENT],
+    (b"\x03", 1002),  # one byte: no status code
+    (struct.pack(">H", 1000) + b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80", 1007),  # a reason that is not UTF-8
+])
+def test_a_close_frame_is_answered_with_its_code_or_the_error_it_is(ws_server, payload, answer):
     raw = connect(ws_server)
-    raw.send(0x8, struct.pack(">H", code) + "ça va".encode())
-    assert raw.close_code() == code
-    assert raw.closed_by_server()
-
-
-def test_an_empty_close_is_answered_1000_never_1005(ws_server):
-    raw = connect(ws_server)
-    raw.send(0x8, b"")
-    assert raw.close_code() == 1000
-    assert raw.closed_by_server()
-
-
-@pytest.mark.parametrize("code", [0, 1, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535])
-def test_a_close_code_that_must_not_be_sent_is_answered_1002(ws_server, code):
-    raw = connect(ws_server)
-    raw.send(0x8, struct.pack(">H", code))
-    assert raw.close_code() == 1002, code
-    assert raw.closed_by_server()
-
-
-def test_a_one_byte_close_payload_is_answered_1002(ws_server):
-    raw = connect(ws_server)
-    raw.send(0x8, b"\x03")
-    assert raw.close_code() == 1002
-    assert raw.closed_by_server()
-
-
-def test_a_close_reason_that_is_not_utf8_is_answered_1007(ws_server):
-    raw = connect(ws_server)
-    raw.send(0x8, struct.pack(">H", 1000) + b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80")
-    assert raw.close_code() == 1007
+    raw.send(0x8, payload)
+    assert raw.close_code() == answer, payload
     assert raw.closed_by_server()
 
 
