@@ -375,6 +375,8 @@ final class ChatService: Sendable {
             storedID = nil
             journal.offer(text: text, outputTokens: Int(seq))
         }
+        // Before stream.end: once a turn's task ends, its room moves on, and whoever awaits the
+        // stream (an account deletion) must find no journal left behind.
         await journal.finish(keep: storedID == nil)
         if reason == .error, let failure {
             let frame = allocator.buffer(bytes: ServerFrame.error(ref: ref, code: failureCode, message: failure))
