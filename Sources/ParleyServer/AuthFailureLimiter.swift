@@ -37,7 +37,7 @@ final class AuthFailureLimiter: Sendable {
     }
 
     private func key(_ ip: String) -> String? {
-        if !limitsLoopback && HandshakeLimiter.isLoopback(ip) { return nil }
+        if !limitsLoopback && LoopbackAddress.isLoopbackLiteral(ip) { return nil }
         return hasher.hash(ip)
     }
 

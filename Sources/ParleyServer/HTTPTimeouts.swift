@@ -79,8 +79,6 @@ final class HTTPConnectionRegistry: Sendable {
     func remove(_ channel: any Channel) {
         _ = state.withLock { $0.entries.removeValue(forKey: ObjectIdentifier(channel)) }
     }
-
-    var count: Int { state.withLock { $0.entries.count } }
 }
 
 /// The first handler of an HTTP connection: it sees every byte before the parser and enforces

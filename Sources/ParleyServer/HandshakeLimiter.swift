@@ -20,12 +20,7 @@ final class HandshakeLimiter: Sendable {
     }
 
     private func exempt(_ ip: String) -> Bool {
-        !limitsLoopback && Self.isLoopback(ip)
-    }
-
-    /// A loopback peer (IPv4, IPv6, or IPv4 mapped into IPv6).
-    static func isLoopback(_ ip: String) -> Bool {
-        ip.hasPrefix("127.") || ip == "::1" || ip.hasPrefix("::ffff:127.")
+        !limitsLoopback && LoopbackAddress.isLoopbackLiteral(ip)
     }
 
     /// Takes a handshake for `ip`; false when it is over its rate.
@@ -52,7 +47,7 @@ final class HandshakeLimiter: Sendable {
     var tracked: Int { buckets.withLock { $0.count } }
 }
 
-/// Which listening addresses only this machine can reach.
+/// Which addresses only this machine has: a peer's address (the limiters exempt it) or one to listen on (`--dev`).
 public enum LoopbackAddress {
     /// Whether `host` is an IP literal on the loopback network (127.0.0.0/8, ::1, or IPv4-mapped
     /// 127.x). Names are refused rather than resolved: `127.evil.example` or a `localhost` that

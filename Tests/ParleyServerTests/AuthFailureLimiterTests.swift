@@ -37,6 +37,15 @@ import Testing
         #expect(strict.retryAfter("127.0.0.1", now: 1) != nil)
     }
 
+    @Test func loopbackIsTheLoopbackNetworkWrittenAsAnAddress() {
+        for peer in ["127.0.0.1", "127.3.2.1", "::1", "::ffff:127.0.0.1"] {
+            #expect(LoopbackAddress.isLoopbackLiteral(peer), "\(peer)")
+        }
+        for other in ["128.0.0.1", "10.0.0.1", "::2", "::ffff:10.0.0.1", "127.evil.example", "localhost", ""] {
+            #expect(!LoopbackAddress.isLoopbackLiteral(other), "\(other)")
+        }
+    }
+
     @Test func memoryIsBounded() {
         let limiter = AuthFailureLimiter(secret: String(repeating: "s", count: 32), maxTracked: 100)
         for i in 0..<1_000 { limiter.failed("10.0.\(i / 256).\(i % 256)", now: 1) }
