@@ -657,13 +657,18 @@ async function signIn(token) {
   sessionStorage.setItem("parley.token", token);
   state.user = JSON.parse(atob(token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/"))).sub;
   $("user-name").textContent = state.user;
-  $("signin").hidden = true;
-  $("app").hidden = false;
   socket.connect();
-  await loadClones();
-  editClone(null);
-  await showConversation(null);  // an empty new conversation (with its clone's greeting, if any)
-  show(state.clones.length ? "chat" : "clones");
+  // The app appears once its first view is chosen: a nav click made while the clones load
+  // would otherwise be overridden by that choice.
+  try {
+    await loadClones();
+    editClone(null);
+    await showConversation(null);  // an empty new conversation (with its clone's greeting, if any)
+  } finally {
+    $("signin").hidden = true;
+    $("app").hidden = false;
+    show(state.clones.length ? "chat" : "clones");
+  }
 }
 
 function signOut() {
