@@ -113,10 +113,23 @@ let package = Package(
             resources: [.copy("WebClient")],
             swiftSettings: strict
         ),
+        // A model server run beside Parley (a sidecar): started, health-checked, restarted, stopped.
+        // Carries the local SmolLM2 server script that `parley serve --local-model` runs.
+        .target(
+            name: "ParleySidecar",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            resources: [.copy("model-server.py")],
+            swiftSettings: strict
+        ),
         .executableTarget(
             name: "parley",
             dependencies: [
-                "ParleyServer", "ParleyCore", "ParleyLLM", "ParleyProviders", "ParleyDeflate",
+                "ParleyServer", "ParleyCore", "ParleyLLM", "ParleyProviders", "ParleyDeflate", "ParleySidecar",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
@@ -177,6 +190,11 @@ let package = Package(
         .testTarget(
             name: "ParleyDeflateTests",
             dependencies: ["ParleyDeflate", .product(name: "NIOCore", package: "swift-nio")],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "ParleySidecarTests",
+            dependencies: ["ParleySidecar", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict
         ),
         .testTarget(name: "ParleyLLMTests", dependencies: ["ParleyLLM", "ParleyCore"], swiftSettings: strict),

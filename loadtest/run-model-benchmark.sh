@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Parley's added latency over a real model server: llama.cpp's server with SmolLM2-135M
-# (scripts/model-server.py), timed by `parley-load model` straight from the model server
+# (Sources/ParleySidecar/model-server.py), timed by `parley-load model` straight from the model server
 # (--direct, the same prompt Parley sends) and through a release Parley, runs interleaved so
 # drift on a noisy machine hits both alike. One JSON report per run in $OUT.
 # Replies are capped at 128 tokens on both paths.
@@ -22,7 +22,7 @@ trap 'kill "${PIDS[@]}" 2>/dev/null; rm -rf "$WORK"' EXIT
 wait_for() { for _ in $(seq 1 200); do grep -q "$2" "$1" 2>/dev/null && return; sleep 0.1; done; echo "no '$2' in $1" >&2; exit 1; }
 
 # The model server stops when its stdin closes: give it one that stays open and says nothing.
-sleep 1900 | python3 scripts/model-server.py --port 0 --max-seconds 1800 > "$WORK/model.out" 2>/dev/null &
+sleep 1900 | python3 Sources/ParleySidecar/model-server.py --port 0 --max-seconds 1800 > "$WORK/model.out" 2>/dev/null &
 PIDS+=($!); MODEL_PID=$!
 wait_for "$WORK/model.out" "listening"
 MODEL=$(awk '{print $NF}' "$WORK/model.out")/v1

@@ -113,8 +113,8 @@ def server(start_server):
 
 @pytest.fixture(scope="session")
 def model_server():
-    """scripts/model-server.py (llama.cpp's server with SmolLM2-135M), one per test session."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "model-server.py"), "--max-seconds", "1800"],
+    """Sources/ParleySidecar/model-server.py (llama.cpp's server with SmolLM2-135M), one per test session."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "Sources" / "ParleySidecar" / "model-server.py"), "--max-seconds", "1800"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline()
     assert line.startswith("model server listening on "), line

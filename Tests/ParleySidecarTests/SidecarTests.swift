@@ -1,0 +1,149 @@
+import Foundation
+import Logging
+import Testing
+
+@testable import ParleySidecar
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A stand-in model server: answers GET /health 200 on the port it is given, after starting a
+/// grandchild (`sleep`) whose pid it writes to a file, so a test sees what a stop leaves behind.
+private let fakeServer = """
+import http.server, subprocess, sys
+port, pidfile = int(sys.argv[1]), sys.argv[2]
+open(pidfile, "w").write(str(subprocess.Popen(["sleep", "300"]).pid))
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
+"""
+
+private func temporaryDirectory() throws -> String {
+    let path = NSTemporaryDirectory() + "parley-sidecar-\(UUID().uuidString)"
+    try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+    return path
+}
+
+/// Whether `pid` is a live process (a zombie waiting for a reaper counts as gone).
+private func isRunning(_ pid: pid_t) -> Bool {
+    guard kill(pid, 0) == 0 else { return false }
+    guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+          let close = stat.lastIndex(of: ")") else { return false }
+    return !stat[stat.index(close, offsetBy: 2)...].hasPrefix("Z")
+}
+
+private func healthAnswers(_ port: Int) async -> Bool {
+    await HealthCheck.status(port: port, path: "/health") == 200
+}
+
+@Suite struct SidecarTests {
+    let logger = Logger(label: "sidecar-test")
+
+    private func fake(in directory: String) async throws -> (Sidecar.Configuration, port: Int, pidFile: String) {
+        let port = try await Sidecar.freeLoopbackPort()
+        let pidFile = directory + "/grandchild.pid"
+        var configuration = Sidecar.Configuration(arguments: ["python3", "-c", fakeServer, String(port), pidFile],
+                                                  port: port, logPath: directory + "/sidecar.log")
+        configuration.restartDelay = .milliseconds(50)
+        return (configuration, port, pidFile)
+    }
+
+    private func grandchild(_ pidFile: String) throws -> pid_t {
+        try #require(pid_t(String(contentsOfFile: pidFile, encoding: .utf8)))
+    }
+
+    @Test func startReturnsOnceReadyAndStopLeavesNoProcessOfItsGroup() async throws {
+        let directory = try temporaryDirectory()
+        let (configuration, port, pidFile) = try await fake(in: directory)
+        let sidecar = try await Sidecar.start(configuration, logger: logger)
+        let pid = try #require(sidecar.pid)
+        #expect(await healthAnswers(port))
+        let sleeper = try grandchild(pidFile)
+        #expect(isRunning(pid) && isRunning(sleeper))
+        await sidecar.stop()
+        #expect(sidecar.pid == nil)
+        #expect(!isRunning(pid))
+        #expect(!isRunning(sleeper), "the grandchild went with its group")
+        #expect(await !healthAnswers(port))
+    }
+
+    @Test func aKilledProcessIsRestartedOnTheSamePort() async throws {
+        let directory = try temporaryDirectory()
+        let (configuration, port, _) = try await fake(in: directory)
+        let sidecar = try await Sidecar.start(configuration, logger: logger)
+        let first = try #require(sidecar.pid)
+        kill(first, SIGKILL)
+        await sidecar.restarted(count: 1)
+        let second = try #require(sidecar.pid)
+        #expect(second != first)
+        #expect(await healthAnswers(port))
+        kill(second, SIGKILL)
+        await sidecar.restarted(count: 2)
+        #expect(await healthAnswers(port))
+        await sidecar.stop()
+        #expect(!isRunning(second) && sidecar.pid == nil)
+    }
+
+    @Test func aCommandThatEndsBeforeItIsReadyFailsWithTheEndOfItsLog() async throws {
+        let directory = try temporaryDirectory()
+        let port = try await Sidecar.freeLoopbackPort()
+        let configuration = Sidecar.Configuration(
+            arguments: ["python3", "-c", "import sys; print('no module named xllamacpp', file=sys.stderr); sys.exit(3)"],
+            port: port, logPath: directory + "/sidecar.log"
+        )
+        do {
+            _ = try await Sidecar.start(configuration, logger: logger)
+            Issue.record("started")
+        } catch let error as Sidecar.StartError {
+            guard case .exited(.exited(3), let tail) = error else { Issue.record("\(error)"); return }
+            #expect(tail.contains("no module named xllamacpp"))
+            #expect("\(error)".contains("exit code 3"))
+        }
+    }
+
+    @Test func aCommandThatNeverAnswersItsHealthCheckIsStoppedAndReported() async throws {
+        let directory = try temporaryDirectory()
+        let port = try await Sidecar.freeLoopbackPort()
+        var configuration = Sidecar.Configuration(arguments: ["python3", "-c", "import os, time; print(os.getpid(), flush=True); time.sleep(300)"],
+                                                  port: port, logPath: directory + "/sidecar.log")
+        configuration.startTimeout = .milliseconds(500)
+        do {
+            _ = try await Sidecar.start(configuration, logger: logger)
+            Issue.record("started")
+        } catch let error as Sidecar.StartError {
+            guard case .notReady(_, let tail) = error else { Issue.record("\(error)"); return }
+            let pid = try #require(pid_t(tail.trimmingCharacters(in: .whitespacesAndNewlines)))
+            #expect(!isRunning(pid), "a sidecar that is not ready in time is stopped")
+        }
+    }
+
+    @Test func aCommandThatCannotRunSaysSo() async throws {
+        let directory = try temporaryDirectory()
+        let configuration = Sidecar.Configuration(arguments: ["parley-no-such-program"], port: 1,
+                                                  logPath: directory + "/sidecar.log")
+        do {
+            _ = try await Sidecar.start(configuration, logger: logger)
+            Issue.record("started")
+        } catch let error as Sidecar.StartError {
+            #expect("\(error)".contains("parley-no-such-program"), "\(error)")
+        }
+    }
+
+    @Test func theLocalModelCommandGetsItsPort() throws {
+        let model = try #require(LocalModel.command("llama-server -m m.gguf --port {port}  --host 127.0.0.1", parallel: 2))
+        let configuration = model.sidecar(port: 8123, logPath: "/tmp/x.log")
+        #expect(configuration.arguments == ["llama-server", "-m", "m.gguf", "--port", "8123", "--host", "127.0.0.1"])
+        #expect(configuration.healthURL == "http://127.0.0.1:8123/health")
+        #expect(configuration.environment["PARLEY_MODEL_PORT"] == "8123")
+        #expect(LocalModel.command("   ", parallel: 1) == nil)
+        let bundled = try #require(LocalModel.bundled(parallel: 4))
+        #expect(bundled.command.first == "python3" && bundled.command[1].hasSuffix("model-server.py"))
+        #expect(FileManager.default.fileExists(atPath: bundled.command[1]))
+        #expect(bundled.command.contains("8192"), "4 slots of 2048 tokens")
+    }
+}
