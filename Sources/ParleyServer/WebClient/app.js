@@ -135,7 +135,7 @@ function onStreamStart(frame) {
   if (frame.room) {
     if (!state.room || frame.room !== state.room.room.id) return;
     const who = frame.clone ? cloneName(frame.clone) : frame.user ?? "";
-    const el = addBubble($("room-log"), { who: frame.lang ? `${who} (${frame.lang})` : who, text: "", kind: "clone" });
+    const el = addBubble($("room-log"), { who: frame.lang ? `${who} (${frame.lang})` : who, text: "", kind: "clone", model: frame.model });
     s = { el, seq: 0, room: frame.room };
   } else {
     if (frame.conversation !== state.conversationId) {
@@ -145,7 +145,7 @@ function onStreamStart(frame) {
       loadConversations();
     }
     state.pending.delete(frame.ref);
-    const el = addBubble($("messages"), { who: cloneName(frame.clone), text: "", kind: "assistant" });
+    const el = addBubble($("messages"), { who: cloneName(frame.clone), text: "", kind: "assistant", model: frame.model });
     s = { el, seq: 0, conversation: frame.conversation };
     $("stop").hidden = false;
   }
@@ -218,7 +218,7 @@ function showBanner(text) {
   banner.hidden = false;
 }
 
-function addBubble(list, { who, text, kind }) {
+function addBubble(list, { who, text, kind, model }) {
   const li = document.createElement("li");
   li.className = `msg ${kind}`;
   const name = document.createElement("span");
@@ -228,6 +228,13 @@ function addBubble(list, { who, text, kind }) {
   body.className = "text";
   body.textContent = text;
   li.append(name, body);
+  if (model) {  // which model wrote a reply, under it
+    const label = document.createElement("span");
+    label.className = "model";
+    label.textContent = model;
+    label.title = "The model that wrote this reply";
+    li.append(label);
+  }
   list.append(li);
   list.scrollTop = list.scrollHeight;
   return li;
@@ -257,11 +264,23 @@ function fillSelect(select, options, selected) {
 
 // ---------- clones ----------
 
+// Which model answers the chosen clone: its own, or the server's default.
+const MODEL_HOSTS = { local: "runs on this server", simulated: "a stand-in that writes placeholder text, not a language model",
+                      openai: "through an OpenAI-compatible service", anthropic: "through Anthropic" };
+
+function showModel() {
+  const clone = state.clones.find((c) => c.id === state.cloneId);
+  const model = clone?.model ?? state.info?.model;
+  const host = !clone?.model || clone.model === state.info?.model ? MODEL_HOSTS[state.info?.model_host] : null;
+  $("chat-model").textContent = model ? `Replies come from ${model}${host ? ` (${host})` : ""}.` : "";
+}
+
 async function loadClones() {
   state.clones = (await api("GET", "/v1/clones")).clones;
   const options = state.clones.map((c) => [c.id, c.name]);
   if (!state.cloneId || !state.clones.some((c) => c.id === state.cloneId)) state.cloneId = state.clones[0]?.id ?? null;
   fillSelect($("chat-clone"), options, state.cloneId);
+  showModel();
   fillSelect($("schedule-clone"), options, state.cloneId);
   const list = $("clone-list");
   list.replaceChildren(...state.clones.map((c) => {
@@ -698,7 +717,7 @@ async function start() {
   $("sign-out").onclick = signOut;
   $("export-account").onclick = exportAccount;
   $("delete-account").onclick = deleteAccount;
-  $("chat-clone").onchange = () => { state.cloneId = $("chat-clone").value; showConversation(null); };
+  $("chat-clone").onchange = () => { state.cloneId = $("chat-clone").value; showModel(); showConversation(null); };
   $("new-conversation").onclick = () => { showConversation(null); $("chat-text").focus(); };
   $("chat-form").onsubmit = sendChat;
   $("chat-text").onkeydown = (event) => {
@@ -719,6 +738,7 @@ async function start() {
   }
 
   const info = await fetch("/v1/info").then((r) => r.json()).catch(() => ({}));
+  state.info = info;
   $("dev-form").hidden = !info.dev;
   if (state.token) await signIn(state.token);
   if (!state.user) { $("signin").hidden = false; $("signin-title").focus(); }
