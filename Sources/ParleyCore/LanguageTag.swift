@@ -10,6 +10,24 @@ public struct LanguageTag: Sendable, Hashable, CustomStringConvertible {
 
     public var description: String { value }
 
+    /// The language's English name followed by the tag ("French (fr-CA)"), or the tag alone for
+    /// a language not in the short list below: prompts name languages this way because a small
+    /// model knows "French" far better than "fr".
+    public var promptName: String {
+        guard let name = Self.englishNames[language] else { return value }
+        return "\(name) (\(value))"
+    }
+
+    /// English names of widely used languages, by primary subtag (ISO 639-1).
+    static let englishNames: [String: String] = [
+        "ar": "Arabic", "bn": "Bengali", "ca": "Catalan", "cs": "Czech", "da": "Danish", "de": "German",
+        "el": "Greek", "en": "English", "es": "Spanish", "fa": "Persian", "fi": "Finnish", "fr": "French",
+        "he": "Hebrew", "hi": "Hindi", "hu": "Hungarian", "id": "Indonesian", "it": "Italian", "ja": "Japanese",
+        "ko": "Korean", "ms": "Malay", "nb": "Norwegian", "nl": "Dutch", "no": "Norwegian", "pl": "Polish",
+        "pt": "Portuguese", "ro": "Romanian", "ru": "Russian", "sv": "Swedish", "sw": "Swahili", "ta": "Tamil",
+        "th": "Thai", "tr": "Turkish", "uk": "Ukrainian", "ur": "Urdu", "vi": "Vietnamese", "zh": "Chinese",
+    ]
+
     /// Longest tag accepted; real tags are far shorter.
     public static let maxLength = 35
 

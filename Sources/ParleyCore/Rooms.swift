@@ -366,7 +366,7 @@ public enum TurnTaking {
         let others = room.debaters.filter { $0.clone != speaker.id }.map(\.name).joined(separator: ", ")
         var debate = "You are in a debate on: \(room.topic)"
         if !stance.isEmpty { debate += "\nYour stance: \(stance)" }
-        debate += "\nThe other debaters: \(others). Give your next turn only, in your own voice; answer points made by others."
+        debate += "\nThe other debaters: \(others). Give your next turn only, in your own voice and in a few sentences; answer points made by others."
         var history: [Message] = transcript.map { entry in
             let own = entry.kind == .turn && entry.speaker == speaker.id
             let name = names[entry.speaker] ?? entry.speaker

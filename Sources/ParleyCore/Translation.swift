@@ -114,8 +114,8 @@ public enum TranslationChat {
     /// commentary, with the chat's recent messages (originals) as context for ambiguity.
     public static func prompt(text: String, from: LanguageTag, to: LanguageTag, context: [RoomEntry], names: [String: String]) -> AssembledPrompt {
         var system = """
-        You translate chat messages from the language tagged \(from) into the language tagged \(to) (BCP 47 tags). \
-        Reply with the translation of the user's message only: faithful to its meaning, tone and register, \
+        Translate the user's message from \(from.promptName) into \(to.promptName). \
+        Reply with the translation only: faithful to its meaning, tone and register, \
         with names, code and URLs left as they are. Add no notes, explanations, quotes or commentary, \
         and do not answer the message.
         """
@@ -144,7 +144,7 @@ public enum TranslationChat {
         }
         var persona = clone
         let chat = "You are in a group chat where everyone writes in their own language and reads translations. "
-            + "Write your replies in the language tagged \(lang) (BCP 47) only."
+            + "Write your replies in \(lang.promptName) only."
         persona.systemPrompt = [clone.systemPrompt.trimmedWhitespace, chat].filter { !$0.isEmpty }.joined(separator: "\n")
         return PromptAssembler(contextBudget: budget).assemble(clone: persona, history: history)
     }

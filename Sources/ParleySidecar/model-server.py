@@ -42,6 +42,11 @@ def main():
     params.n_parallel = args.parallel
     params.n_ctx = args.context
     params.endpoint_slots = True  # tests read /slots to see that a cancelled request stopped
+    # SmolLM2's model card suggests a low temperature and top-p 0.9; a repetition penalty keeps a
+    # 135M model from looping on one phrase (its debate turns did). A request may set its own.
+    params.sampling.temp = 0.2
+    params.sampling.top_p = 0.9
+    params.sampling.penalty_repeat = 1.2
     server = xllamacpp.Server(params)
     address = server.listening_address
     deadline = time.monotonic() + 30

@@ -75,10 +75,16 @@ import Testing
         let context = [entry("re_1", .said, "The bank by the river", en), entry("re_2", .translation, "O banco", pt, source: "re_1")]
         let prompt = TranslationChat.prompt(text: "Meet me at the bank", from: en, to: pt, context: context, names: [:])
         #expect(prompt.messages.count == 2 && prompt.messages[1].text == "Meet me at the bank")
-        #expect(prompt.messages[0].text.contains("from the language tagged en into the language tagged pt"))
+        #expect(prompt.messages[0].text.contains("from English (en) into Portuguese (pt)"))
         #expect(prompt.messages[0].text.contains("- x: The bank by the river"))
         #expect(!prompt.messages[0].text.contains("O banco"), "translations are not context")
         #expect(prompt.estimatedTokens == prompt.messages.reduce(0) { $0 + Tokenizer.count($1.text) + PromptAssembler.perMessageOverhead })
+    }
+
+    @Test func promptsNameALanguageInEnglishWithItsTag() {
+        #expect(LanguageTag("fr-ca")?.promptName == "French (fr-CA)")
+        #expect(LanguageTag("zh-Hant")?.promptName == "Chinese (zh-Hant)")
+        #expect(LanguageTag("tlh")?.promptName == "tlh", "a language the list lacks keeps its tag")
     }
 
     @Test func theSimulatedStandInIsLabelledAndExact() {
