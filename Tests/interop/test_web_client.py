@@ -519,3 +519,26 @@ def test_a_cards_greeting_opens_a_new_conversation(web, browser):
     page.locator("#conversations li button").first.click()
     expect(page.locator("#messages li").first).to_contain_text("Welcome, User. I am Seraphina.", timeout=WAIT)
     page.close()
+
+
+def test_a_real_reply_from_the_local_model_names_its_model(data_dir, browser):
+    # The first impression scripts/serve.sh gives: a clone answered by SmolLM2 running beside
+    # Parley, the chat saying which model answers. The screenshot is README's.
+    server = Server(data_dir, "--dev", "--local-model")
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 720})
+        sign_in(page, server.base, "ada")
+        make_clone_in_ui(page, "Socrates", traits="wise, patient")
+        page.get_by_role("button", name="Chat").click()
+        expect(page.locator("#chat-model")).to_have_text("Replies come from smollm2 (runs on this server).")
+        send(page, "Hello Socrates! What is a good life?")
+        reply = assistant(page)
+        expect(reply).to_have_attribute("data-reason", "complete", timeout=60_000)
+        expect(reply.locator(".model")).to_have_text("smollm2")
+        text = reply.locator(".text").inner_text()
+        assert text.strip() and text == stored_reply(server, server.token("ada"))["text"]
+        OUT.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(OUT / "local-model-reply.png"))
+        page.close()
+    finally:
+        assert server.stop() == 0
