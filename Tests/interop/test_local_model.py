@@ -2,8 +2,6 @@
 comes from it, a model server killed mid-run is restarted and the next reply succeeds, SIGTERM
 leaves no process behind, a Parley killed with -9 takes its model server with it, and a model
 that cannot start fails start-up with the way out."""
-import asyncio
-import json
 import os
 import queue
 import re
@@ -12,10 +10,8 @@ import signal
 import subprocess
 import threading
 
-import websockets
-
 from conftest import BINARY, Server
-from test_interop import make_clone, read_stream, recv
+from test_interop import chat_once as chat, make_clone
 
 WAIT = 120  # seconds: a start or restart loads the model (about a second here; generous for a busy CI)
 
@@ -70,15 +66,6 @@ def group_is_gone(pgid):
             if int(fields[2]) == pgid:
                 states.append(fields[0])
     return all(state == "Z" for state in states)
-
-
-def chat(server, token, clone, text):
-    async def run():
-        async with websockets.connect(f"{server.ws}?token={token}") as ws:
-            await recv(ws)
-            await ws.send(json.dumps({"type": "chat.send", "id": "c1", "clone": clone, "text": text}))
-            return await read_stream(ws)
-    return asyncio.run(run())
 
 
 def slots_released(data_dir):
