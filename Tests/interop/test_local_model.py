@@ -121,3 +121,15 @@ def test_a_model_that_cannot_start_fails_start_up_with_the_way_out(data_dir):
     assert "the local model could not start: it ended (exit code 3) before it was ready" in result.stderr, result.stderr
     assert "scripts/serve.sh --simulated" in result.stderr
     assert "parley listening" not in result.stdout
+
+
+def test_the_local_model_refuses_options_that_name_another_provider(data_dir):
+    for options, message in (
+        (["--local-model", "--provider", "anthropic"], "--local-model is the provider"),
+        (["--local-model", "--provider-url", "http://127.0.0.1:1/v1"], "--local-model is the provider"),
+        (["--local-model-command", "llama-server --port {port}"], "--local-model-command needs --provider-model"),
+        (["--local-model", "--local-model-command", " ", "--provider-model", "m"], "--local-model-command is empty"),
+    ):
+        result = subprocess.run([str(BINARY), "serve", "--port", "0", "--data-dir", str(data_dir), *options],
+                                capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+        assert result.returncode == 64 and message in result.stderr, (options, result.stderr)
