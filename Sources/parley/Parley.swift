@@ -427,6 +427,9 @@ extension Serve {
         var options = HTTPProviderOptions(baseURL: url, apiKey: key, model: model)
         options.firstTokenTimeout = .seconds(providerFirstTokenTimeout)
         options.idleTimeout = .seconds(providerIdleTimeout)
+        // A local model server that died is back in about a second: six retries (250 ms more
+        // each, 5.25 s in all) carry a reply asked for meanwhile over its restart.
+        if usesLocalModel { options.retries = 6 }
         return provider == "anthropic" ? AnthropicProvider(options: options) : OpenAICompatibleProvider(options: options)
     }
 }
