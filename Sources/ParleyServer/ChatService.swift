@@ -39,16 +39,35 @@ final class ChatService: Sendable {
         self.ids = ids
     }
 
-    /// Serves one client request. Never throws: every failure becomes an `error` frame.
-    func handle(_ frame: ClientFrame, from connection: ClientConnection) {
+    /// Serves one client request in its `turn` (see `RequestOrder`). Never throws: every failure
+    /// becomes an `error` frame.
+    func handle(_ frame: ClientFrame, from connection: ClientConnection, turn: RequestOrder.Turn) {
         switch frame {
         case let .chatSend(id, clone, conversation, text):
             let started = track(for: connection.identity.user) {
-                await self.chatSend(ref: id, cloneID: clone, conversationID: conversation, text: text, from: connection)
+                await turn.run { await self.chatSend(ref: id, cloneID: clone, conversationID: conversation, text: text, from: connection) }
             }
             if !started {
+                turn.admission.open()
                 connection.send(ServerFrame.error(ref: id, code: .unavailable, message: "the server is shutting down"))
             }
+        case .chatCancel, .streamResume:
+            // Not tracked: a cancel must work during the drain. Answered at once unless an earlier
+            // request of the socket (the chat.send it cancels) is still being admitted.
+            if turn.isReady {
+                control(frame, from: connection)
+                turn.admission.open()
+            } else {
+                Task { await turn.run { self.control(frame, from: connection) } }
+            }
+        default:
+            preconditionFailure("schedule and room frames are dispatched to their own services")
+        }
+    }
+
+    /// `chat.cancel` and `stream.resume`: they act on a stream that exists now.
+    private func control(_ frame: ClientFrame, from connection: ClientConnection) {
+        switch frame {
         case let .chatCancel(id, stream):
             guard let live = hub.stream(id: stream, owner: connection.identity.user) else {
                 connection.send(ServerFrame.error(ref: id, code: .notFound, message: "no stream \(stream)"))
@@ -66,27 +85,31 @@ final class ChatService: Sendable {
                 connection.send(ServerFrame.error(ref: id, code: .streamGone, message: "tokens after seq \(after) of stream \(stream) are no longer buffered"))
             }
         default:
-            preconditionFailure("schedule and room frames are dispatched to their own services")
+            preconditionFailure("only chat.cancel and stream.resume act on a stream")
         }
     }
 
     /// Serves a request of another service the way `handle` serves chat: as tracked work off the
     /// event loop, a `FrameError` answered as an `error` frame with `ref`, any other failure logged
     /// and answered `internal`, and `unavailable` once the server is shutting down.
-    func serve(_ frame: ClientFrame, from connection: ClientConnection, what: String, _ body: @escaping @Sendable () async throws -> Void) {
+    func serve(_ frame: ClientFrame, from connection: ClientConnection, turn: RequestOrder.Turn, what: String,
+               _ body: @escaping @Sendable () async throws -> Void) {
         let started = track(for: connection.identity.user) {
-            do {
-                try await body()
-            } catch var error as FrameError {
-                error.ref = frame.id
-                connection.send(ServerFrame.error(error))
-            } catch {
-                var failure = self.internalFailure(error, what: what, connection: connection, ref: frame.id)
-                failure.ref = frame.id
-                connection.send(ServerFrame.error(failure))
+            await turn.run {
+                do {
+                    try await body()
+                } catch var error as FrameError {
+                    error.ref = frame.id
+                    connection.send(ServerFrame.error(error))
+                } catch {
+                    var failure = self.internalFailure(error, what: what, connection: connection, ref: frame.id)
+                    failure.ref = frame.id
+                    connection.send(ServerFrame.error(failure))
+                }
             }
         }
         if !started {
+            turn.admission.open()
             connection.send(ServerFrame.error(ref: frame.id, code: .unavailable, message: "the server is shutting down"))
         }
     }
@@ -262,6 +285,7 @@ final class ChatService: Sendable {
             )
             live.start(allocator.buffer(bytes: live.startFrame(ref: ref)))
             hub.register(live)
+            Admission.admitCurrent()  // the stream exists: a pipelined chat.cancel finds it
             if !isAccepting { live.stop(.shutdown) }
             let store = self.store
             let generation = Task {

@@ -23,6 +23,8 @@ public final class ClientConnection: Sendable {
     /// Bytes handed to `send` off the event loop and not yet given to NIO.
     private let inTransit = Atomic<Int>(0)
     private let cutOff = Atomic<Bool>(false)
+    /// Its requests take effect in the order they arrived.
+    let order = RequestOrder()
 
     init(id: String, identity: Identity, channel: any Channel, maxQueuedBytes: Int = 4 * 1024 * 1024, slowReaderCutOffs: Counter? = nil) {
         self.slowReaderCutOffs = slowReaderCutOffs

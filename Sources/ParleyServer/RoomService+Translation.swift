@@ -98,6 +98,7 @@ extension RoomService {
             queueReplies(to: entry, in: live, after: running)
             return running
         }
+        Admission.admitCurrent()  // the message is placed; its translations stream on
         // The request ends when its translations have: shutdown waits for them.
         for (_, task) in translations { await task.value }
     }

@@ -168,8 +168,8 @@ final class RoomService: Sendable {
 
     // MARK: Protocol
 
-    func handle(_ frame: ClientFrame, from connection: ClientConnection) {
-        chat.serve(frame, from: connection, what: "room request") {
+    func handle(_ frame: ClientFrame, from connection: ClientConnection, turn: RequestOrder.Turn) {
+        chat.serve(frame, from: connection, turn: turn, what: "room request") {
             switch frame {
             case let .roomJoin(id, room, language): try await self.join(ref: id, room: room, language: language, connection)
             case let .roomLeave(_, room): try await self.leave(room: room, connection)

@@ -195,8 +195,8 @@ final class ScheduleService: Sendable {
 
     // MARK: Protocol
 
-    func handle(_ frame: ClientFrame, from connection: ClientConnection) {
-        chat.serve(frame, from: connection, what: "schedule request") {
+    func handle(_ frame: ClientFrame, from connection: ClientConnection, turn: RequestOrder.Turn) {
+        chat.serve(frame, from: connection, turn: turn, what: "schedule request") {
             let owner = connection.identity.user
             switch frame {
             case let .scheduleCreate(id, request):

@@ -110,10 +110,11 @@ final class WebSocketHandler: ChannelInboundHandler {
             }
             do {
                 let request = try ClientFrame.parse(payload.readableBytesView, limits: limits)
+                let turn = connection.order.next()
                 switch request {
-                case .scheduleCreate, .scheduleCancel: schedules.handle(request, from: connection)
-                case .roomJoin, .roomLeave, .roomSay, .roomControl: rooms.handle(request, from: connection)
-                default: chat.handle(request, from: connection)
+                case .scheduleCreate, .scheduleCancel: schedules.handle(request, from: connection, turn: turn)
+                case .roomJoin, .roomLeave, .roomSay, .roomControl: rooms.handle(request, from: connection, turn: turn)
+                default: chat.handle(request, from: connection, turn: turn)
                 }
             } catch {
                 send(ServerFrame.error(error), context: context)
