@@ -290,79 +290,28 @@ final class RoomService: Sendable {
             throw FrameError(ref: nil, code: .forbidden, message: "only the moderator may \(action.rawValue) room \(id)")
         }
         let now = Int64(Timestamp.nowMillis())
-        var fields: [(String, JSONValue)] = [("by", .string(connection.identity.user))]
         var kickedSockets: [ClientConnection] = []
-        // Each action changes the room under its lock; the turn loop reads the status there too.
-        let outcome: Result<(event: String, room: Room, startLoop: Bool), FrameError> = live.state.withLock { s in
-            var room = s.room
-            if room.kind == .translation, [.start, .pause, .resume, .next].contains(action) {
-                return .failure(FrameError(ref: nil, code: .badRequest, message: "a translation chat has no turns to \(action.rawValue); its owner may end, mute, unmute and kick"))
+        // Decided by the pure lifecycle and carried out under the room's lock, which the turn loop reads too.
+        let outcome = live.state.withLock { s -> Result<RoomControl, FrameError> in
+            let outcome = RoomLifecycle.apply(action, target: target, to: s.room, speaking: s.current?.clone, now: now)
+            guard case .success(let control) = outcome else { return outcome }
+            if control.stopsAllStreams { s.stopStreams(.cancelled) } else if control.stopsTurn { s.current?.stop(.cancelled) }  // after the token being sent
+            if let next = control.nextSpeaker { s.requested = next }
+            if let user = control.kickedUser {
+                kickedSockets = s.members.values.filter { $0.identity.user == user }
+                for socket in kickedSockets { s.unsubscribe(socket.id) }
             }
-            var startLoop = false
-            let event: String
-            switch action {
-            case .start, .resume:
-                let from: Room.Status = action == .start ? .open : .paused
-                guard room.status == from else {
-                    return .failure(FrameError(ref: nil, code: .conflict, message: "room \(id) is \(room.status.rawValue); \(action.rawValue) needs it \(from.rawValue)"))
-                }
-                room.status = .running
-                startLoop = true
-                event = action == .start ? "started" : "resumed"
-            case .pause:
-                guard room.status == .running else { return .failure(Self.notRunning(room)) }
-                room.status = .paused
-                s.current?.stop(.cancelled)  // stops after the token being sent
-                event = "paused"
-            case .end:
-                guard room.status != .ended else { return .failure(FrameError(ref: nil, code: .conflict, message: "room \(id) already ended")) }
-                room.status = .ended
-                s.stopStreams(.cancelled)
-                event = "ended"
-            case .next:
-                guard room.status == .running else { return .failure(Self.notRunning(room)) }
-                if let target {
-                    guard room.debater(target) != nil else { return .failure(FrameError(ref: nil, code: .notFound, message: "no clone \(target) in room \(id)")) }
-                    s.requested = target
-                    fields.append(("clone", .string(target)))
-                } else if room.policy == .moderator {
-                    return .failure(FrameError(ref: nil, code: .badRequest, message: "with turn_policy moderator, 'next' needs a 'target' clone"))
-                } else if let speaking = s.current?.clone {
-                    // Skip the speaker: without this a cut-short turn would be given back to it.
-                    s.requested = TurnTaking.after(speaking, in: room)
-                }
-                s.current?.stop(.cancelled)
-                startLoop = true
-                event = "next"
-            case .mute, .unmute:
-                let target = target!
-                guard room.debater(target) != nil || target != room.owner else {
-                    return .failure(FrameError(ref: nil, code: .badRequest, message: "the moderator cannot be muted"))
-                }
-                if action == .mute {
-                    if !room.muted.contains(target) { room.muted.append(target) }
-                } else {
-                    room.muted.removeAll { $0 == target }
-                }
-                fields.append((room.debater(target) != nil ? "clone" : "user", .string(target)))
-                event = action == .mute ? "muted" : "unmuted"
-                startLoop = action == .unmute && room.status == .running
-            case .kick:
-                let target = target!
-                guard target != room.owner else { return .failure(FrameError(ref: nil, code: .badRequest, message: "the moderator cannot be kicked")) }
-                if !room.kicked.contains(target) { room.kicked.append(target) }
-                kickedSockets = s.members.values.filter { $0.identity.user == target }
-                for socket in kickedSockets {
-                    s.unsubscribe(socket.id)
-                }
-                fields.append(("user", .string(target)))
-                event = "kicked"
-            }
-            room.updatedAt = now
-            s.room = room
-            return .success((event, room, startLoop))
+            s.room = control.room
+            return outcome
         }
-        let (event, room, startLoop) = try outcome.get()
+        let control = try outcome.get()
+        let (event, room, startLoop) = (control.event, control.room, control.startsLoop)
+        var fields: [(String, JSONValue)] = [("by", .string(connection.identity.user))]
+        switch control.subject {
+        case .clone(let clone)?: fields.append(("clone", .string(clone)))
+        case .user(let user)?: fields.append(("user", .string(user)))
+        case nil: break
+        }
         _ = try await store.updateRoom(room)
         await audit?.record("room.\(event)", actor: connection.identity.user, target: id, ip: connection.remoteIP,
                             detail: target.map { ["subject": $0] } ?? [:])
@@ -562,10 +511,6 @@ final class RoomService: Sendable {
     }
 
     private static func noRoom(_ id: String) -> FrameError { FrameError(ref: nil, code: .notFound, message: "no room \(id)") }
-
-    private static func notRunning(_ room: Room) -> FrameError {
-        FrameError(ref: nil, code: .conflict, message: "room \(room.id) is \(room.status.rawValue), not running")
-    }
 
     private static func users(_ members: [String: ClientConnection]) -> [String] {
         Array(Set(members.values.map(\.identity.user))).sorted()
