@@ -46,9 +46,11 @@ public final class ChildProcess: Sendable {
         var nextWaiter = 0
     }
 
-    /// Starts `arguments[0]` (looked up in PATH when it has no slash) with `arguments`, the
-    /// environment plus `environment`, stdout and stderr appended to `logPath`.
-    public static func spawn(arguments: [String], environment: [String: String] = [:], logPath: String) throws -> ChildProcess {
+    /// Starts `arguments[0]` (looked up in PATH when it has no slash) with `arguments`, this
+    /// process's environment without the variables `withheld` names, plus `environment`, stdout
+    /// and stderr appended to `logPath`.
+    public static func spawn(arguments: [String], environment: [String: String] = [:], withheld: @Sendable (String) -> Bool = { _ in false },
+                             logPath: String) throws -> ChildProcess {
         guard let program = arguments.first, !program.isEmpty else { throw SpawnError(description: "no command to run") }
         let log = open(logPath, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
         guard log >= 0 else { throw SpawnError(description: "cannot open \(logPath): \(String(cString: strerror(errno)))") }
@@ -82,7 +84,7 @@ public final class ChildProcess: Sendable {
         posix_spawnattr_setpgroup(&attributes, 0)
         posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK))
 
-        var env = ProcessInfo.processInfo.environment
+        var env = ProcessInfo.processInfo.environment.filter { !withheld($0.key) }
         for (key, value) in environment { env[key] = value }
         let argv = arguments.map { strdup($0) } + [nil]
         let envp = env.map { strdup("\($0.key)=\($0.value)") } + [nil]

@@ -15,6 +15,9 @@ public final class Sidecar: Sendable {
         /// What to run; the port is already in it (Parley picks one, see `freeLoopbackPort`).
         public var arguments: [String]
         public var environment: [String: String] = [:]
+        /// Parley's own variables (`PARLEY_JWT_SECRET`, `PARLEY_PAYMENTS_SECRET`, `PARLEY_STORE` with
+        /// its password, …) are not the model server's business: they are withheld from it.
+        public var withheld: @Sendable (String) -> Bool = { $0.hasPrefix("PARLEY_") }
         /// The loopback port it serves on, and the path that answers 200 once it is ready.
         public var port: Int
         public var healthPath = "/health"
@@ -157,7 +160,8 @@ public final class Sidecar: Sendable {
         rotateLog()
         let child: ChildProcess
         do {
-            child = try ChildProcess.spawn(arguments: configuration.arguments, environment: configuration.environment, logPath: configuration.logPath)
+            child = try ChildProcess.spawn(arguments: configuration.arguments, environment: configuration.environment,
+                                           withheld: configuration.withheld, logPath: configuration.logPath)
         } catch {
             throw StartError.couldNotRun("\(error)")
         }
