@@ -44,54 +44,42 @@ final class ChatService: Sendable {
     func handle(_ frame: ClientFrame, from connection: ClientConnection, turn: RequestOrder.Turn) {
         switch frame {
         case let .chatSend(id, clone, conversation, text):
-            let started = track(for: connection.identity.user) {
-                await turn.run { await self.chatSend(ref: id, cloneID: clone, conversationID: conversation, text: text, from: connection) }
+            serve(frame, from: connection, turn: turn, what: "chat.send") {
+                await self.chatSend(ref: id, cloneID: clone, conversationID: conversation, text: text, from: connection)
             }
-            if !started {
-                turn.admission.open()
-                connection.send(ServerFrame.error(ref: id, code: .unavailable, message: "the server is shutting down"))
-            }
-        case .chatCancel, .streamResume:
-            // Not tracked: a cancel must work during the drain. Answered at once unless an earlier
-            // request of the socket (the chat.send it cancels) is still being admitted.
-            if turn.isReady {
-                control(frame, from: connection)
-                turn.admission.open()
-            } else {
-                Task { await turn.run { self.control(frame, from: connection) } }
-            }
+        // Not tracked: a cancel must work during the drain.
+        case let .chatCancel(id, stream):
+            turn.runSoon { self.cancel(ref: id, stream: stream, from: connection) }
+        case let .streamResume(id, stream, after):
+            turn.runSoon { self.resume(ref: id, stream: stream, after: after, from: connection) }
         default:
             preconditionFailure("schedule and room frames are dispatched to their own services")
         }
     }
 
-    /// `chat.cancel` and `stream.resume`: they act on a stream that exists now.
-    private func control(_ frame: ClientFrame, from connection: ClientConnection) {
-        switch frame {
-        case let .chatCancel(id, stream):
-            guard let live = hub.stream(id: stream, owner: connection.identity.user) else {
-                connection.send(ServerFrame.error(ref: id, code: .notFound, message: "no stream \(stream)"))
-                return
-            }
-            // An already ended stream needs no answer: its stream.end was the answer.
-            live.stop(.cancelled)
-        case let .streamResume(id, stream, after):
-            guard let live = hub.stream(id: stream, owner: connection.identity.user) else {
-                connection.send(ServerFrame.error(ref: id, code: .streamGone, message: "stream \(stream) is no longer buffered"))
-                return
-            }
-            let ack = allocator.buffer(bytes: live.startFrame(ref: id))
-            if live.resume(connection, after: after, ack: ack) == .gone {
-                connection.send(ServerFrame.error(ref: id, code: .streamGone, message: "tokens after seq \(after) of stream \(stream) are no longer buffered"))
-            }
-        default:
-            preconditionFailure("only chat.cancel and stream.resume act on a stream")
+    private func cancel(ref: String, stream: String, from connection: ClientConnection) {
+        guard let live = hub.stream(id: stream, owner: connection.identity.user) else {
+            connection.send(ServerFrame.error(ref: ref, code: .notFound, message: "no stream \(stream)"))
+            return
+        }
+        // An already ended stream needs no answer: its stream.end was the answer.
+        live.stop(.cancelled)
+    }
+
+    private func resume(ref: String, stream: String, after: Int64, from connection: ClientConnection) {
+        guard let live = hub.stream(id: stream, owner: connection.identity.user) else {
+            connection.send(ServerFrame.error(ref: ref, code: .streamGone, message: "stream \(stream) is no longer buffered"))
+            return
+        }
+        let ack = allocator.buffer(bytes: live.startFrame(ref: ref))
+        if live.resume(connection, after: after, ack: ack) == .gone {
+            connection.send(ServerFrame.error(ref: ref, code: .streamGone, message: "tokens after seq \(after) of stream \(stream) are no longer buffered"))
         }
     }
 
-    /// Serves a request of another service the way `handle` serves chat: as tracked work off the
-    /// event loop, a `FrameError` answered as an `error` frame with `ref`, any other failure logged
-    /// and answered `internal`, and `unavailable` once the server is shutting down.
+    /// Serves a request (of this service or another) in its `turn`, as tracked work off the event
+    /// loop: a `FrameError` answered as an `error` frame with `ref`, any other failure logged and
+    /// answered `internal`, and `unavailable` once the server is shutting down.
     func serve(_ frame: ClientFrame, from connection: ClientConnection, turn: RequestOrder.Turn, what: String,
                _ body: @escaping @Sendable () async throws -> Void) {
         let started = track(for: connection.identity.user) {

@@ -35,6 +35,17 @@ final class RequestOrder: Sendable {
             await Admission.$current.withValue(admission) { await body() }
             admission.open()
         }
+
+        /// Runs `body`, which acts at once, now when every earlier request was admitted (the usual
+        /// case: no task), else in a task once they are.
+        func runSoon(_ body: @escaping @Sendable () -> Void) {
+            if isReady {
+                body()
+                admission.open()
+            } else {
+                Task { await run(body) }
+            }
+        }
     }
 }
 
