@@ -305,20 +305,19 @@ final class RoomService: Sendable {
             return outcome
         }
         let control = try outcome.get()
-        let (event, room, startLoop) = (control.event, control.room, control.startsLoop)
         var fields: [(String, JSONValue)] = [("by", .string(connection.identity.user))]
         switch control.subject {
         case .clone(let clone)?: fields.append(("clone", .string(clone)))
         case .user(let user)?: fields.append(("user", .string(user)))
         case nil: break
         }
-        _ = try await store.updateRoom(room)
-        await audit?.record("room.\(event)", actor: connection.identity.user, target: id, ip: connection.remoteIP,
+        _ = try await store.updateRoom(control.room)
+        await audit?.record("room.\(control.event)", actor: connection.identity.user, target: id, ip: connection.remoteIP,
                             detail: target.map { ["subject": $0] } ?? [:])
-        let frame = allocator.buffer(bytes: ServerFrame.roomEvent(room: id, event: event, fields))
+        let frame = allocator.buffer(bytes: ServerFrame.roomEvent(room: id, event: control.event, fields))
         for socket in kickedSockets { socket.send(frame) }
         live.broadcast(frame)
-        if startLoop { runTurns(live) }
+        if control.startsLoop { runTurns(live) }
     }
 
     // MARK: Turns
