@@ -17,8 +17,9 @@ enum HealthCheck {
             let channel = try await bootstrap.connect(host: "127.0.0.1", port: port).get()
             let request = "GET \(path) HTTP/1.1\r\nHost: 127.0.0.1:\(port)\r\nConnection: close\r\n\r\n"
             try await channel.writeAndFlush(channel.allocator.buffer(string: request)).get()
-            channel.eventLoop.scheduleTask(in: timeout) { promise.succeed(nil) }
+            let deadline = channel.eventLoop.scheduleTask(in: timeout) { promise.succeed(nil) }
             let status = try await promise.futureResult.get()
+            deadline.cancel()
             try? await channel.close()
             return status
         } catch {

@@ -9,25 +9,28 @@ public struct LocalModel: Sendable, Equatable {
     /// Context tokens per slot of the bundled server (SmolLM2 was trained on 8192; each of the
     /// server's slots gets this much, so memory grows with the slots, not with the budget).
     public static let bundledContextPerSlot = 2048
+    /// Parley's defaults with a local model: replies generated at once (the server's slots;
+    /// Parley queues the rest), and a prompt and a reply that fit one slot together with room to
+    /// spare, since Parley's token counts are estimates (a 135M model also answers better briefly).
+    public static let defaultParallel = 4
+    public static let defaultContextBudget = 1536
+    public static let defaultReplyTokens = 256
 
     /// The command, split into words; `{port}` in any word is the port Parley picked.
     public var command: [String]
-    /// Replies generated at once (the bundled server's slots; Parley queues the rest).
-    public var parallel: Int
 
     /// The bundled SmolLM2 server, or nil when this build's bundle lacks the script.
     public static func bundled(parallel: Int) -> LocalModel? {
         guard let script = Bundle.module.path(forResource: "model-server", ofType: "py") else { return nil }
         return LocalModel(command: ["python3", script, "--port", "{port}", "--parallel", String(parallel),
-                                    "--context", String(parallel * bundledContextPerSlot), "--max-seconds", "0"],
-                          parallel: parallel)
+                                    "--context", String(parallel * bundledContextPerSlot), "--max-seconds", "0"])
     }
 
     /// A command given as one string: split on whitespace (no shell, so no quoting: a command
     /// that needs it belongs in a script). Nil when it has no words.
-    public static func command(_ text: String, parallel: Int) -> LocalModel? {
+    public static func command(_ text: String) -> LocalModel? {
         let words = text.split(whereSeparator: \.isWhitespace).map(String.init)
-        return words.isEmpty ? nil : LocalModel(command: words, parallel: parallel)
+        return words.isEmpty ? nil : LocalModel(command: words)
     }
 
     /// The sidecar that runs this model on `port`, logging to `logPath`.

@@ -85,9 +85,6 @@ public final class Sidecar: Sendable {
     /// The running process's id (nil between a death and its restart, and after `stop`).
     public var pid: pid_t? { state.withLockedValue { $0.child?.exitStatus == nil ? $0.child?.pid : nil } }
 
-    /// Restarts so far (for logs and tests).
-    public var restarts: Int { state.withLockedValue { $0.restarts } }
-
     /// Returns once the process has been restarted `count` times and is ready again, or once
     /// the sidecar is stopped.
     public func restarted(count: Int) async {
@@ -110,13 +107,15 @@ public final class Sidecar: Sendable {
         due.forEach { $0.continuation.resume() }
     }
 
-    /// Stops supervising and stops the process (SIGTERM, then SIGKILL after the grace).
+    /// Stops supervising and stops the process (SIGTERM, then SIGKILL after the grace). A second
+    /// call only waits for the first: the process is gone, and its id may be someone else's.
     public func stop() async {
-        let child = state.withLockedValue { state -> ChildProcess? in
-            state.stopping = true
-            return state.child
+        let (child, first) = state.withLockedValue { state -> (ChildProcess?, Bool) in
+            defer { state.stopping = true }
+            return (state.child, !state.stopping)
         }
         let task = supervision.withLockedValue { $0 }
+        guard first else { return await task?.value ?? () }
         task?.cancel()
         resumeRestartWaiters()
         if let child {
@@ -173,25 +172,27 @@ public final class Sidecar: Sendable {
             _ = await child.stop(grace: configuration.stopGrace)
             throw CancellationError()
         }
-        let outcome = await withTaskGroup(of: StartError?.self) { group in
-            group.addTask { await child.exited().map { .exited($0, logTail: "") } ?? .couldNotRun("cancelled") }
-            group.addTask { await self.waitUntilHealthy() ? nil : .notReady(after: self.configuration.startTimeout, logTail: "") }
+        enum Outcome: Sendable { case ready, exited(ExitStatus?), timedOut }
+        let outcome = await withTaskGroup(of: Outcome.self) { group in
+            group.addTask { .exited(await child.exited()) }  // nil: this start was cancelled (a stop)
+            group.addTask { await self.waitUntilHealthy() ? .ready : .timedOut }
             let first = await group.next()!
             group.cancelAll()
             return first
         }
         switch outcome {
-        case nil:
+        case .ready:
             logger.notice("model server ready", metadata: ["pid": "\(child.pid)", "health": "\(configuration.healthURL)"])
             return child
-        case .exited(let status, _)?:
+        case .exited(let status?):
             _ = await child.stop(grace: .zero)  // whatever it started in its group goes with it
             throw StartError.exited(status, logTail: logTail())
-        case .notReady(let after, _)?:
+        case .exited(nil):
             _ = await child.stop(grace: configuration.stopGrace)
-            throw StartError.notReady(after: after, logTail: logTail())
-        case .couldNotRun(let reason)?:
-            throw StartError.couldNotRun(reason)
+            throw CancellationError()
+        case .timedOut:
+            _ = await child.stop(grace: configuration.stopGrace)
+            throw StartError.notReady(after: configuration.startTimeout, logTail: logTail())
         }
     }
 

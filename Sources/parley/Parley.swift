@@ -239,7 +239,7 @@ struct Serve: AsyncParsableCommand {
             guard provider == "simulated", providerUrl == nil, providerModels == nil else {
                 throw ArgumentParser.ValidationError("--local-model is the provider: leave out --provider, --provider-url and --provider-models")
             }
-            guard localModelCommand.map({ LocalModel.command($0, parallel: 1) != nil }) ?? true else {
+            guard localModelCommand.map({ LocalModel.command($0) != nil }) ?? true else {
                 throw ArgumentParser.ValidationError("--local-model-command is empty")
             }
             guard localModelCommand == nil || providerModel?.isEmpty == false else {
@@ -315,15 +315,13 @@ struct Serve: AsyncParsableCommand {
             FileHandle.standardError.write(Data("parley: the price list has no entry for model '\(model)' (give one with --prices)\n".utf8))
             throw ExitCode(1)
         }
-        // The local model: as many replies at once as its server has slots, prompts and replies
-        // that fit one slot's 2048 tokens (a 135M model also answers better briefly).
-        configuration.providerConcurrency = providerConcurrency ?? (usesLocalModel ? 4 : provider == "simulated" ? nil : 16)
+        configuration.providerConcurrency = providerConcurrency ?? (usesLocalModel ? LocalModel.defaultParallel : provider == "simulated" ? nil : 16)
         configuration.providerQueue = providerQueue
-        configuration.contextBudgetTokens = contextBudget ?? (usesLocalModel ? 1536 : 4096)
+        configuration.contextBudgetTokens = contextBudget ?? (usesLocalModel ? LocalModel.defaultContextBudget : 4096)
         configuration.scheduleTickMillis = Int64(scheduleTickMs)
         configuration.maxQueuedBytesPerSocket = maxSocketQueueBytes
         configuration.maxCardBytes = maxCardBytes
-        configuration.maxOutputTokens = maxReplyTokens ?? (usesLocalModel ? 256 : 1024)
+        configuration.maxOutputTokens = maxReplyTokens ?? (usesLocalModel ? LocalModel.defaultReplyTokens : 1024)
         configuration.maxMessageBytes = maxMessageBytes
         configuration.maxSocketsPerUser = maxSocketsPerUser
         configuration.handshakesPerSecondPerIP = maxHandshakesPerIp == 0 ? nil : maxHandshakesPerIp
@@ -345,7 +343,7 @@ struct Serve: AsyncParsableCommand {
         (configuration.metrics, configuration.metricsExposition) = Self.prometheus()
 
         // The local model first: replies recovered or scheduled at start-up already need it.
-        let model = usesLocalModel ? try await startLocalModel(parallel: configuration.providerConcurrency ?? 4) : nil
+        let model = usesLocalModel ? try await startLocalModel(parallel: configuration.providerConcurrency ?? LocalModel.defaultParallel) : nil
         let server: ParleyServer
         do {
             server = try await ParleyServer.start(configuration: configuration,
@@ -385,7 +383,7 @@ extension Serve {
                 """.utf8))
             return ExitCode(1)
         }
-        guard let model = localModelCommand.map({ LocalModel.command($0, parallel: parallel) }) ?? LocalModel.bundled(parallel: parallel) else {
+        guard let model = localModelCommand.map(LocalModel.command) ?? LocalModel.bundled(parallel: parallel) else {
             throw fail("this build has no model-server.py beside it (the ParleySidecar bundle)")
         }
         do {

@@ -156,12 +156,12 @@ private func healthAnswers(_ port: Int) async -> Bool {
     }
 
     @Test func theLocalModelCommandGetsItsPort() throws {
-        let model = try #require(LocalModel.command("llama-server -m m.gguf --port {port}  --host 127.0.0.1", parallel: 2))
+        let model = try #require(LocalModel.command("llama-server -m m.gguf --port {port}  --host 127.0.0.1"))
         let configuration = model.sidecar(port: 8123, logPath: "/tmp/x.log")
         #expect(configuration.arguments == ["llama-server", "-m", "m.gguf", "--port", "8123", "--host", "127.0.0.1"])
         #expect(configuration.healthURL == "http://127.0.0.1:8123/health")
         #expect(configuration.environment["PARLEY_MODEL_PORT"] == "8123")
-        #expect(LocalModel.command("   ", parallel: 1) == nil)
+        #expect(LocalModel.command("   ") == nil)
         let bundled = try #require(LocalModel.bundled(parallel: 4))
         #expect(bundled.command.first == "python3" && bundled.command[1].hasSuffix("model-server.py"))
         #expect(FileManager.default.fileExists(atPath: bundled.command[1]))
