@@ -129,7 +129,7 @@ let package = Package(
         .executableTarget(
             name: "parley",
             dependencies: [
-                "ParleyServer", "ParleyCore", "ParleyLLM", "ParleyProviders", "ParleyDeflate", "ParleySidecar",
+                "ParleyServer", "ParleyCore", "ParleyLLM", "ParleyProviders", "ParleyDeflate", "ParleySidecar", "ParleyMongoStore",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),

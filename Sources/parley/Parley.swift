@@ -6,6 +6,7 @@ import ServiceLifecycle
 import ParleyCore
 import ParleyDeflate
 import ParleyLLM
+import ParleyMongoStore
 import ParleyProviders
 import ParleyServer
 import ParleySidecar
@@ -22,6 +23,7 @@ struct Parley: AsyncParsableCommand {
     /// `serve` also takes its options from a config file and the environment (ConfigSources):
     /// they are expanded into arguments before ArgumentParser sees the command line.
     static func main() async {
+        MongoDriver.releaseStatisticsSegment()
         var arguments = Array(CommandLine.arguments.dropFirst())
         if arguments.first == "serve" {
             let expanded: ConfigSources.Expanded

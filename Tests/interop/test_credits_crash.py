@@ -4,6 +4,7 @@ every token a client received was paid for before it was sent."""
 import asyncio
 import collections
 import json
+import os
 import signal
 
 import websockets
@@ -166,3 +167,15 @@ def test_a_reply_cut_by_sigkill_is_stored_as_far_as_it_was_seen_and_settled_exac
     status, page = third.http("GET", f"/v1/conversations/{start['conversation']}/messages", token)
     assert len(page["messages"]) == 2 and page["messages"][1] == reply
     assert credits(third, token) == (balance, entries)
+
+
+def test_a_killed_server_leaves_no_shared_memory_segment(start_server, store_args):
+    """libmongoc keeps its statistics in /dev/shm/mongoc-<pid> unless told not to; a SIGKILLed
+    process never removes it, and a later process given the same pid warns on stderr at start-up."""
+    server = start_server()
+    segment = f"/dev/shm/mongoc-{server.proc.pid}"
+    status, _ = server.http("GET", "/healthz")
+    assert status == 200
+    server.proc.send_signal(signal.SIGKILL)
+    assert server.proc.wait(timeout=10) == -signal.SIGKILL
+    assert not os.path.exists(segment), f"{segment} outlived the server ({store_args or 'sqlite'})"
