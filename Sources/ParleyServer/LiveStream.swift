@@ -6,20 +6,74 @@ import Synchronization
 /// for `stream.resume`. All frame writes happen under the stream's lock, so a resume's replay and
 /// the live frames that follow it reach a socket in seq order with no gap and no duplicate.
 final class LiveStream: Sendable {
+    /// What a stream generates, and so what its `stream.start` says.
+    enum Kind: Sendable, Equatable {
+        /// A clone's reply in a conversation; `schedule` when a scheduled message generates it.
+        case reply(conversation: String, clone: String, schedule: String?)
+        /// A clone's turn in a debate room.
+        case debateTurn(room: String, clone: String)
+        /// Translation chats: a clone's reply written in `lang` (`source` names the reply itself,
+        /// so readers group it with its translations).
+        case roomReply(room: String, clone: String, lang: LanguageTag, source: String)
+        /// Translation chats: the message `source`, said by `speaker`, translated into `lang`.
+        case translation(room: String, lang: LanguageTag, source: String, speaker: Speaker)
+    }
+
+    enum Speaker: Sendable, Equatable {
+        case clone(String)
+        case user(String)
+    }
+
     let id: String
+    /// Who pays for the stream, and who may resume or cancel it.
     let owner: String
-    let conversation: String
-    let clone: String
     let model: String
-    /// The schedule whose message this stream generates, if any.
-    let schedule: String?
-    /// The room whose turn this stream is, if any (then `conversation` is the room id too).
-    let room: String?
-    /// Translation chats: the language of the stream, and the message it translates (said by
-    /// `clone`, or by `user` when that is set).
-    let lang: LanguageTag?
-    let source: String?
-    let user: String?
+    let kind: Kind
+
+    /// The conversation, or the room, the stream belongs to.
+    var conversation: String {
+        switch kind {
+        case .reply(let conversation, _, _): conversation
+        case .debateTurn(let room, _), .roomReply(let room, _, _, _), .translation(let room, _, _, _): room
+        }
+    }
+
+    /// The clone that speaks, nil when a person's message is translated.
+    var clone: String? {
+        switch kind {
+        case .reply(_, let clone, _), .debateTurn(_, let clone), .roomReply(_, let clone, _, _): clone
+        case .translation(_, _, _, .clone(let clone)): clone
+        case .translation(_, _, _, .user): nil
+        }
+    }
+
+    var room: String? {
+        switch kind {
+        case .reply: nil
+        case .debateTurn(let room, _), .roomReply(let room, _, _, _), .translation(let room, _, _, _): room
+        }
+    }
+
+    var schedule: String? {
+        if case .reply(_, _, let schedule) = kind { return schedule }
+        return nil
+    }
+
+    /// Translation chats: the language the stream is written in.
+    var lang: LanguageTag? {
+        switch kind {
+        case .roomReply(_, _, let lang, _), .translation(_, let lang, _, _): lang
+        case .reply, .debateTurn: nil
+        }
+    }
+
+    /// Translation chats: the message the stream translates (or, for a reply, the reply itself).
+    var source: String? {
+        switch kind {
+        case .roomReply(_, _, _, let source), .translation(_, _, let source, _): source
+        case .reply, .debateTurn: nil
+        }
+    }
 
     enum ResumeOutcome: Equatable {
         /// Replayed `count` tokens; `ended` tells whether `stream.end` was replayed too.
@@ -47,22 +101,12 @@ final class LiveStream: Sendable {
     private let state: Mutex<State>
     private let metrics: StreamMetrics?
 
-    init(
-        id: String, owner: String, conversation: String, clone: String, model: String, schedule: String? = nil, room: String? = nil,
-        lang: LanguageTag? = nil, source: String? = nil, user: String? = nil, bufferCapacity: Int, subscribers: [ClientConnection],
-        metrics: StreamMetrics? = nil
-    ) {
+    init(id: String, owner: String, model: String, kind: Kind, bufferCapacity: Int, subscribers: [ClientConnection], metrics: StreamMetrics? = nil) {
         self.id = id
         self.metrics = metrics
-        self.lang = lang
-        self.source = source
-        self.user = user
-        self.schedule = schedule
-        self.room = room
         self.model = model
         self.owner = owner
-        self.conversation = conversation
-        self.clone = clone
+        self.kind = kind
         self.capacity = max(1, bufferCapacity)
         var state = State()
         for connection in subscribers { state.subscribers[connection.id] = connection }
@@ -76,8 +120,10 @@ final class LiveStream: Sendable {
 
     /// The `stream.start` frame of this stream, answering request `ref`.
     func startFrame(ref: String?) -> [UInt8] {
-        ServerFrame.streamStart(ref: ref, stream: id, conversation: conversation, clone: user == nil ? clone : nil, user: user, model: model,
-                                schedule: schedule, room: room, source: source, lang: lang)
+        var user: String?
+        if case .translation(_, _, _, .user(let speaker)) = kind { user = speaker }
+        return ServerFrame.streamStart(ref: ref, stream: id, conversation: conversation, clone: clone, user: user, model: model,
+                                       schedule: schedule, room: room, source: source, lang: lang)
     }
 
     /// Sends `stream.start` to every subscriber.

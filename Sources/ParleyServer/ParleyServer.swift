@@ -20,6 +20,7 @@ public final class ParleyServer: Sendable {
     public let store: any Store
     public let authenticator: Authenticator
     let chat: ChatService
+    private var streams: StreamRunner { chat.streams }
     let schedules: ScheduleService
     let rooms: RoomService
     let hub: StreamHub
@@ -93,12 +94,13 @@ public final class ParleyServer: Sendable {
             try? await store.close()
             throw error
         }
-        let chat = ChatService(store: store, credits: credits, provider: provider, hub: hub, configuration: configuration, logger: logger, ids: ids)
+        let streams = StreamRunner(store: store, credits: credits, provider: provider, hub: hub, requests: RequestTracker(logger: logger),
+                                   configuration: configuration, logger: logger, ids: ids)
+        let chat = ChatService(store: store, streams: streams, configuration: configuration, ids: ids)
         let group = MultiThreadedEventLoopGroup(numberOfThreads: configuration.eventLoopThreads ?? System.coreCount)
         // The timer wheel lives on one event loop; firing hands work to tasks, never blocking it.
-        let schedules = ScheduleService(store: store, chat: chat, provider: provider, hub: hub, configuration: configuration,
-                                        logger: logger, ids: ids, loop: group.next())
-        let rooms = RoomService(store: store, chat: chat, provider: provider, configuration: configuration, logger: logger, ids: ids, audit: audit)
+        let schedules = ScheduleService(store: store, streams: streams, configuration: configuration, logger: logger, ids: ids, loop: group.next())
+        let rooms = RoomService(store: store, streams: streams, configuration: configuration, logger: logger, ids: ids, audit: audit)
         let retention = RetentionJob(store: store, retention: configuration.retention, interval: configuration.retentionInterval,
                                      logger: logger, metrics: configuration.metrics)
         do {
@@ -280,19 +282,19 @@ public final class ParleyServer: Sendable {
         guard first else { return }
         logger.info("shutting down", metadata: ["sockets": "\(hub.connectionCount)"])
         // Requests first, then connections: once the port refuses, every request is refused too.
-        chat.stopAccepting()
+        streams.requests.stopAccepting()
         try? await serverChannel.close()
         await schedules.stopFiring()
         retention.cancel()
         let streaming = hub.liveStreams.count
-        if await chat.drain(grace: configuration.drainGrace) {
+        if await streams.drain(grace: configuration.drainGrace) {
             if streaming > 0 { logger.info("drained: every reply in flight finished", metadata: ["streams": "\(streaming)"]) }
         } else {
             logger.notice("grace period over; ending the replies still streaming with reason shutdown",
                           metadata: ["streams": "\(hub.liveStreams.count)", "grace": "\(configuration.drainGrace)"])
         }
-        await rooms.shutdown()  // ends debate turns in flight and stores the rooms paused
-        await chat.shutdown()  // also stops the streams of scheduled messages in flight
+        await rooms.shutdown()  // ends debate turns and translations in flight and stores the rooms paused
+        await streams.shutdown()  // ends every other stream (chat replies, scheduled messages)
         await schedules.drain()
         let closing = hub.allConnections.map { $0.close(code: .goingAway, reason: "server shutting down") }
         if !closing.isEmpty {

@@ -95,16 +95,16 @@ extension RESTAPI {
         for socket in closing { try? await socket.get() }
         // What the sockets asked for before they closed finishes first (a chat.send stores the
         // message it answers), then its streams stop: nothing is written after the deletion.
-        await chat.stopStreams(owner: user)
-        await chat.settle(user: user)
-        await chat.stopStreams(owner: user)
+        await chat.streams.stopStreams(owner: user)
+        await chat.requests.settle(user: user)
+        await chat.streams.stopStreams(owner: user)
         await schedules.cancelAll(owner: user)
         await rooms.forget(user: user)
         let pseudonym = audit.pseudonym(for: user)
         let first = try await store.deleteUser(user, pseudonym: pseudonym)
         // A scheduled reply or a REST call that raced the deletion may have stored something
         // since: a second pass (idempotent) takes that too.
-        await chat.stopStreams(owner: user)
+        await chat.streams.stopStreams(owner: user)
         let report = first + (try await store.deleteUser(user, pseudonym: pseudonym))
         credits.forget(user)
         await audit.record("user.deleted", actor: pseudonym, target: pseudonym, ip: request.remoteIP, detail: report.detail)

@@ -28,14 +28,10 @@ struct RoomFlight: Sendable {
 /// reply) the reply's `stream.start`. So per member the starts arrive in the order the messages
 /// were said; the tokens of several streams may then interleave, told apart by `stream`.
 extension RoomService {
-    /// What one translation stream needs before it can start.
+    /// One translation, priced and paid for.
     struct TranslationJob {
         let target: LanguageTag
-        let streamID: String
-        let prompt: AssembledPrompt
-        let request: CompletionRequest
-        let model: String
-        let meter: CreditMeter
+        let prepared: StreamRunner.Prepared
     }
 
     /// Sets `user`'s language on joining (stored for later joins); the first join must give one.
@@ -70,20 +66,18 @@ extension RoomService {
             var refused: [(LanguageTag, CreditMeter.Refusal)] = []
             do {
                 for target in TranslationChat.targets(room: room, speaker: user, lang: lang) {
-                    let job = translationJob(of: entry, to: target, room: room, context: context, payer: user)
                     do {
-                        try await job.meter.begin(inputTokens: job.prompt.estimatedTokens)
-                        jobs.append(job)
+                        jobs.append(try await translationJob(of: entry, to: target, room: room, context: context, payer: user))
                     } catch let refusal as CreditMeter.Refusal {
                         refused.append((target, refusal))
                     }
                 }
                 try await store.appendRoomEntry(entry)
             } catch {
-                for job in jobs { _ = await job.meter.settle(usage: Usage(inputTokens: 0, outputTokens: 0)) }
+                for job in jobs { await streams.abandon(job.prepared) }
                 throw error
             }
-            let streams = place(entry, in: live, translations: jobs.map { ($0.target, $0.streamID, $0.model, $0.request.maxOutputTokens) })
+            let opened = place(entry, in: live, translations: jobs)
             if let (_, refusal) = refused.first {
                 let languages = refused.map(\.0.value).joined(separator: ", ")
                 connection.send(ServerFrame.error(
@@ -92,7 +86,7 @@ extension RoomService {
                     balance: refusal.balance, required: refusal.required))
             }
             var running: [(LanguageTag, Task<Void, Never>)] = []
-            for (job, stream) in zip(jobs, streams) {
+            for (job, stream) in zip(jobs, opened) {
                 running.append((job.target, translate(job, stream: stream, of: entry, in: live, payer: user)))
             }
             queueReplies(to: entry, in: live, after: running)
@@ -103,23 +97,22 @@ extension RoomService {
         for (_, task) in translations { await task.value }
     }
 
-    /// Prepares the translation of `original` into `target`, metered to `payer`.
+    /// Prices and charges the translation of `original` into `target` to `payer`; throws
+    /// `CreditMeter.Refusal` when they cannot pay for it.
     private func translationJob(of original: RoomEntry, to target: LanguageTag, room: Room, context: [RoomEntry], payer: String,
-                                streamID: String? = nil) -> TranslationJob {
+                                streamID: String? = nil) async throws -> TranslationJob {
         let prompt = TranslationChat.prompt(text: original.text, from: original.lang!, to: target,
                                             context: context.filter { $0.id < original.id }, names: Self.names(room))
         let request = CompletionRequest(messages: prompt.messages, maxOutputTokens: TranslationChat.maxOutputTokens(for: original.text, cap: configuration.maxOutputTokens),
                                         translation: TranslationTask(text: original.text, from: original.lang!, to: target))
-        let model = provider.modelName(for: request)
-        let streamID = streamID ?? ids.make(.stream)
-        let meter = chat.credits.meter(user: payer, stream: streamID, conversation: nil, room: room.id, model: model, feature: .translation)
-        return TranslationJob(target: target, streamID: streamID, prompt: prompt, request: request, model: model, meter: meter)
+        let prepared = try await streams.prepare(prompt, request: request, payer: payer, feature: .translation, room: room.id, streamID: streamID)
+        return TranslationJob(target: target, prepared: prepared)
     }
 
     /// Places a person's message in the chat (see the type's comment) with a stream for each
     /// translation, and returns those streams. Readers whose language has no stream get the
     /// original flagged `untranslated`.
-    private func place(_ entry: RoomEntry, in live: LiveRoom, translations: [(target: LanguageTag, id: String, model: String, capacity: Int)]) -> [LiveStream] {
+    private func place(_ entry: RoomEntry, in live: LiveRoom, translations: [TranslationJob]) -> [LiveStream] {
         live.state.withLock { s in
             s.append(entry)
             s.placed += 1
@@ -139,10 +132,10 @@ extension RoomService {
             FanOut.send(allocator.buffer(bytes: ServerFrame.roomEvent(room: s.room.id, event: "said", [("entry", entry.json)])), to: readers)
             FanOut.send(allocator.buffer(bytes: ServerFrame.roomEvent(room: s.room.id, event: "said", [("entry", entry.json(untranslated: true))])), to: unserved)
             return translations.map { t in
-                let stream = LiveStream(id: t.id, owner: entry.speaker, conversation: s.room.id, clone: "", model: t.model, room: s.room.id, lang: t.target,
-                                        source: entry.id, user: entry.speaker, bufferCapacity: t.capacity, subscribers: byTarget[t.target] ?? [], metrics: streamMetrics)
+                let stream = streams.open(id: t.prepared.id, owner: entry.speaker, model: t.prepared.model,
+                                          kind: .translation(room: s.room.id, lang: t.target, source: entry.id, speaker: .user(entry.speaker)),
+                                          subscribers: byTarget[t.target] ?? [], bufferCapacity: t.prepared.request.maxOutputTokens)
                 s.inflight[stream.id] = RoomFlight(stream: stream, order: s.placed, target: t.target)
-                stream.start(allocator.buffer(bytes: stream.startFrame(ref: nil)))
                 return stream
             }
         }
@@ -151,16 +144,13 @@ extension RoomService {
     /// Streams one translation and stores it linked to its original.
     private func translate(_ job: TranslationJob, stream: LiveStream, of original: RoomEntry, in live: LiveRoom, payer: String) -> Task<Void, Never> {
         let store = self.store
-        let task = Task {
-            let message = await self.chat.generate(
-                stream, request: job.request, prompt: job.prompt, meter: job.meter, ref: nil, requester: nil, messageID: self.ids.make(.roomEntry),
-                journal: .settleOnly, paywallTo: { live.sockets(of: payer) }
-            ) { message in try await store.appendRoomEntry(Self.translation(message, of: original, into: job.target, stream: stream.id)) }
+        return Task {
+            let message = await self.streams.run(stream, job.prepared, messageID: self.ids.make(.roomEntry), journal: .settleOnly,
+                                                 paywallTo: { live.sockets(of: payer) }) { message in
+                try await store.appendRoomEntry(Self.translation(message, of: original, into: job.target, stream: stream.id))
+            }
             self.landed(stream, entry: message.map { Self.translation($0, of: original, into: job.target, stream: stream.id) }, original: original, in: live)
         }
-        stream.attach(task)
-        if !isAccepting { stream.stop(.shutdown) }
-        return task
     }
 
     private static func translation(_ message: Message, of original: RoomEntry, into target: LanguageTag, stream: String) -> RoomEntry {
@@ -185,8 +175,7 @@ extension RoomService {
 
     /// Ends a stream that never generated (its reply was empty, or its payer could not pay).
     private func endUnstarted(_ stream: LiveStream, reason: StreamEndReason, original: RoomEntry?, in live: LiveRoom) {
-        let usage = Usage(inputTokens: 0, outputTokens: 0)
-        stream.finish(allocator.buffer(bytes: ServerFrame.streamEnd(stream: stream.id, reason: reason, usage: usage, message: nil, cost: nil, balance: nil)), reason: reason)
+        streams.end(stream, reason: reason)
         landed(stream, entry: nil, original: original, in: live)
     }
 
@@ -225,11 +214,9 @@ extension RoomService {
             let view = TranslationChat.view(live.state.withLock { $0.transcript }, for: lang).map(\.entry)
             let prompt = TranslationChat.replyPrompt(room: room, clone: clone, lang: lang, view: view, names: Self.names(room), budget: configuration.contextBudgetTokens)
             let request = CompletionRequest(model: configuration.model(for: clone), messages: prompt.messages, speaker: clone.name, maxOutputTokens: configuration.maxOutputTokens)
-            let model = provider.modelName(for: request)
-            let streamID = ids.make(.stream)
-            let meter = chat.credits.meter(user: room.owner, stream: streamID, conversation: nil, room: room.id, model: model, feature: .chat)
+            let prepared: StreamRunner.Prepared
             do {
-                try await meter.begin(inputTokens: prompt.estimatedTokens)
+                prepared = try await streams.prepare(prompt, request: request, payer: room.owner, feature: .chat, room: room.id)
             } catch let refusal as CreditMeter.Refusal {
                 let paywall = allocator.buffer(bytes: ServerFrame.paywall(stream: nil, balance: refusal.balance, required: refusal.required, room: room.id))
                 for socket in live.sockets(of: room.owner) { socket.send(paywall) }
@@ -237,26 +224,18 @@ extension RoomService {
             }
             let entryID = ids.make(.roomEntry)
             let (stream, pending) = try await live.sequenced {
-                placeReply(clone: clone.id, lang: lang, entryID: entryID, streamID: streamID, model: model, in: live)
+                placeReply(clone: clone.id, lang: lang, entryID: entryID, prepared: prepared, in: live)
             }
             let store = self.store
             let owner = room.owner
             let toEntry = { @Sendable (message: Message) in
                 RoomEntry(id: entryID, room: room.id, kind: .turn, speaker: clone.id, text: message.text, createdAt: message.createdAt,
-                          reason: message.reason, stream: streamID, lang: lang)
+                          reason: message.reason, stream: prepared.id, lang: lang)
             }
-            let recorded = Mutex<Message?>(nil)
-            let generation = Task {
-                let message = await self.chat.generate(
-                    stream, request: request, prompt: prompt, meter: meter, ref: nil, requester: nil, messageID: entryID,
-                    journal: .settleOnly, paywallTo: { live.sockets(of: owner) }
-                ) { message in try await store.appendRoomEntry(toEntry(message)) }
-                recorded.withLock { $0 = message }
+            let recorded = await streams.run(stream, prepared, messageID: entryID, journal: .settleOnly, paywallTo: { live.sockets(of: owner) }) { message in
+                try await store.appendRoomEntry(toEntry(message))
             }
-            stream.attach(generation)
-            if !isAccepting { stream.stop(.shutdown) }
-            await generation.value
-            let said = recorded.withLock { $0 }.map(toEntry)
+            let said = recorded.map(toEntry)
             landed(stream, entry: said, original: nil, in: live)
 
             var running: [Task<Void, Never>] = []
@@ -267,9 +246,9 @@ extension RoomService {
                     continue
                 }
                 let context = live.state.withLock { $0.transcript }
-                let job = translationJob(of: said, to: target, room: room, context: context, payer: owner, streamID: waiting.id)
+                let job: TranslationJob
                 do {
-                    try await job.meter.begin(inputTokens: job.prompt.estimatedTokens)
+                    job = try await translationJob(of: said, to: target, room: room, context: context, payer: owner, streamID: waiting.id)
                 } catch let refusal as CreditMeter.Refusal {
                     let paywall = allocator.buffer(bytes: ServerFrame.paywall(stream: waiting.id, balance: refusal.balance, required: refusal.required, room: room.id))
                     for socket in live.sockets(of: owner) { socket.send(paywall) }
@@ -286,7 +265,7 @@ extension RoomService {
 
     /// Places a clone's reply: its stream for readers of its language, and a translation stream
     /// (started now, generated once the reply is complete) for every other language.
-    private func placeReply(clone: String, lang: LanguageTag, entryID: String, streamID: String, model: String, in live: LiveRoom) -> (LiveStream, [LiveStream]) {
+    private func placeReply(clone: String, lang: LanguageTag, entryID: String, prepared: StreamRunner.Prepared, in live: LiveRoom) -> (LiveStream, [LiveStream]) {
         live.state.withLock { s in
             s.placed += 1
             let targets = TranslationChat.targets(room: s.room, speaker: clone, lang: lang)
@@ -301,15 +280,15 @@ extension RoomService {
                 }
             }
             // `source` names the reply itself, so every reader groups the reply's streams by one id.
-            let reply = LiveStream(id: streamID, owner: s.room.owner, conversation: s.room.id, clone: clone, model: model, room: s.room.id, lang: lang,
-                                   source: entryID, bufferCapacity: configuration.maxOutputTokens, subscribers: readers, metrics: streamMetrics)
+            let reply = streams.open(id: prepared.id, owner: s.room.owner, model: prepared.model,
+                                     kind: .roomReply(room: s.room.id, clone: clone, lang: lang, source: entryID),
+                                     subscribers: readers, bufferCapacity: configuration.maxOutputTokens)
             s.inflight[reply.id] = RoomFlight(stream: reply, order: s.placed, target: nil)
-            reply.start(allocator.buffer(bytes: reply.startFrame(ref: nil)))
             let translations = targets.map { target in
-                let stream = LiveStream(id: ids.make(.stream), owner: s.room.owner, conversation: s.room.id, clone: clone, model: model, room: s.room.id,
-                                        lang: target, source: entryID, bufferCapacity: configuration.maxOutputTokens, subscribers: byTarget[target] ?? [], metrics: streamMetrics)
+                let stream = streams.open(id: ids.make(.stream), owner: s.room.owner, model: prepared.model,
+                                          kind: .translation(room: s.room.id, lang: target, source: entryID, speaker: .clone(clone)),
+                                          subscribers: byTarget[target] ?? [], bufferCapacity: configuration.maxOutputTokens)
                 s.inflight[stream.id] = RoomFlight(stream: stream, order: s.placed, target: target)
-                stream.start(allocator.buffer(bytes: stream.startFrame(ref: nil)))
                 return stream
             }
             return (reply, translations)

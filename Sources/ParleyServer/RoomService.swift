@@ -14,10 +14,9 @@ import Synchronization
 /// instead of slowing the others, and can join again to catch up.
 final class RoomService: Sendable {
     let store: any Store
-    let chat: ChatService
-    let provider: any LLMProvider
+    let streams: StreamRunner
+    let requests: RequestTracker
     let configuration: ServerConfiguration
-    let streamMetrics: StreamMetrics
     let logger: Logger
     let ids: IDGenerator
     let allocator = ByteBufferAllocator()
@@ -34,14 +33,12 @@ final class RoomService: Sendable {
     /// Where moderation actions are recorded.
     let audit: AuditLog?
 
-    init(store: any Store, chat: ChatService, provider: any LLMProvider, configuration: ServerConfiguration, logger: Logger, ids: IDGenerator,
-         audit: AuditLog? = nil) {
+    init(store: any Store, streams: StreamRunner, configuration: ServerConfiguration, logger: Logger, ids: IDGenerator, audit: AuditLog? = nil) {
         self.audit = audit
         self.store = store
-        self.chat = chat
-        self.provider = provider
+        self.streams = streams
+        self.requests = streams.requests
         self.configuration = configuration
-        streamMetrics = StreamMetrics(factory: configuration.metrics)
         self.logger = logger
         self.ids = ids
     }
@@ -138,7 +135,7 @@ final class RoomService: Sendable {
         } catch let error as FrameError {
             throw error
         } catch {
-            throw chat.internalFailure(error, what: "room request")
+            throw requests.internalFailure(error, what: "room request")
         }
     }
 
@@ -162,14 +159,14 @@ final class RoomService: Sendable {
         } catch let error as FrameError {
             throw error
         } catch {
-            throw chat.internalFailure(error, what: "room request")
+            throw requests.internalFailure(error, what: "room request")
         }
     }
 
     // MARK: Protocol
 
     func handle(_ frame: ClientFrame, from connection: ClientConnection, turn: RequestOrder.Turn) {
-        chat.serve(frame, from: connection, turn: turn, what: "room request") {
+        requests.serve(frame, from: connection, turn: turn, what: "room request") {
             switch frame {
             case let .roomJoin(id, room, language): try await self.join(ref: id, room: room, language: language, connection)
             case let .roomLeave(_, room): try await self.leave(room: room, connection)
@@ -184,7 +181,7 @@ final class RoomService: Sendable {
     func disconnected(_ connection: ClientConnection) {
         let rooms = state.withLock { Array($0.rooms.values) }
         for room in rooms where room.state.withLock({ $0.members[connection.id] != nil }) {
-            _ = chat.track { try? await self.leave(room: room.id, connection) }
+            _ = requests.track { try? await self.leave(room: room.id, connection) }
         }
     }
 
@@ -324,7 +321,7 @@ final class RoomService: Sendable {
 
     /// Starts the room's turn loop unless one is running.
     private func runTurns(_ live: LiveRoom) {
-        guard state.withLock({ $0.accepting }) else { return }
+        guard isAccepting else { return }
         live.state.withLock { s in
             guard s.loop == nil else { return }  // the running loop re-decides after its turn
             s.loop = Task { await self.turns(live) }
@@ -333,7 +330,8 @@ final class RoomService: Sendable {
 
     private func turns(_ live: LiveRoom) async {
         while true {
-            let accepting = state.withLock { $0.accepting }
+            // A draining server lets the turn in flight finish and starts no other.
+            let accepting = isAccepting
             // Decide under the lock whether another turn runs, and whose.
             let decision = live.state.withLock { s -> (room: Room, transcript: [RoomEntry], speaker: String)? in
                 guard accepting, s.room.status == .running, s.room.turnsTaken < s.room.totalTurns,
@@ -373,11 +371,9 @@ final class RoomService: Sendable {
             }
             let prompt = TurnTaking.prompt(room: room, speaker: clone, transcript: transcript, names: Self.names(room), budget: configuration.contextBudgetTokens)
             let request = CompletionRequest(model: configuration.model(for: clone), messages: prompt.messages, speaker: clone.name, maxOutputTokens: room.maxTokensPerTurn)
-            let model = provider.modelName(for: request)
-            let streamID = ids.make(.stream)
-            let meter = chat.credits.meter(user: room.owner, stream: streamID, conversation: nil, room: room.id, model: model, feature: .debate)
+            let prepared: StreamRunner.Prepared
             do {
-                try await meter.begin(inputTokens: prompt.estimatedTokens)
+                prepared = try await streams.prepare(prompt, request: request, payer: room.owner, feature: .debate, room: room.id)
             } catch let refusal as CreditMeter.Refusal {
                 try await pauseForCredits(live, room: room.id, refusal: refusal)
                 return
@@ -385,37 +381,28 @@ final class RoomService: Sendable {
             // The turn starts under the room's lock: whoever is a member now receives all of it.
             let stream = live.state.withLock { s -> LiveStream? in
                 guard s.room.status == .running else { return nil }
-                let stream = LiveStream(id: streamID, owner: room.owner, conversation: room.id, clone: clone.id, model: model, room: room.id,
-                                        bufferCapacity: max(room.maxTokensPerTurn, 1), subscribers: Array(s.members.values), metrics: streamMetrics)
-                s.current = stream
-                stream.broadcast(allocator.buffer(bytes: ServerFrame.roomEvent(room: room.id, event: "turn", [
-                    ("clone", .string(clone.id)), ("stream", .string(streamID)), ("turn", .int(Int64(s.room.turnsTaken + 1))),
-                ])))
-                stream.start(allocator.buffer(bytes: stream.startFrame(ref: nil)))
-                return stream
+                let announcement = allocator.buffer(bytes: ServerFrame.roomEvent(room: room.id, event: "turn", [
+                    ("clone", .string(clone.id)), ("stream", .string(prepared.id)), ("turn", .int(Int64(s.room.turnsTaken + 1))),
+                ]))
+                s.current = streams.open(id: prepared.id, owner: room.owner, model: prepared.model, kind: .debateTurn(room: room.id, clone: clone.id),
+                                         subscribers: Array(s.members.values), bufferCapacity: max(room.maxTokensPerTurn, 1), before: announcement)
+                return s.current
             }
             guard let stream else {
-                _ = await meter.settle(usage: Usage(inputTokens: 0, outputTokens: 0))  // paused or ended meanwhile
+                await streams.abandon(prepared)  // paused or ended meanwhile
                 return
             }
-            if !state.withLock({ $0.accepting }) || !chat.isAccepting { stream.stop(.shutdown) }
             let entryID = ids.make(.roomEntry)
             let store = self.store
             let recorded = Mutex<RoomEntry?>(nil)
             let owner = room.owner
-            let generation = Task {
-                _ = await self.chat.generate(
-                    stream, request: request, prompt: prompt, meter: meter, ref: nil, requester: nil, messageID: entryID,
-                    journal: .roomTurn(room: room.id, speaker: clone.id), paywallTo: { live.sockets(of: owner) }
-                ) { message in
-                    let entry = RoomEntry(id: entryID, room: room.id, kind: .turn, speaker: clone.id, text: message.text,
-                                          createdAt: message.createdAt, reason: message.reason, stream: streamID)
-                    try await store.appendRoomEntry(entry)
-                    recorded.withLock { $0 = entry }
-                }
+            await streams.run(stream, prepared, messageID: entryID, journal: .roomTurn(room: room.id, speaker: clone.id),
+                              paywallTo: { live.sockets(of: owner) }) { message in
+                let entry = RoomEntry(id: entryID, room: room.id, kind: .turn, speaker: clone.id, text: message.text,
+                                      createdAt: message.createdAt, reason: message.reason, stream: prepared.id)
+                try await store.appendRoomEntry(entry)
+                recorded.withLock { $0 = entry }
             }
-            stream.attach(generation)
-            await generation.value
             let entry = recorded.withLock { $0 }
             let updated = live.state.withLock { s -> Room in
                 s.current = nil
@@ -457,7 +444,7 @@ final class RoomService: Sendable {
     }
 
     /// False once the server is shutting down: no new turn, reply or translation starts.
-    var isAccepting: Bool { state.withLock { $0.accepting } && chat.isAccepting }
+    var isAccepting: Bool { state.withLock { $0.accepting } && streams.isAccepting }
 
     private func changeRoom(_ live: LiveRoom, _ change: (inout Room) -> Void) async throws {
         let room = live.state.withLock { s -> Room in
@@ -488,7 +475,7 @@ final class RoomService: Sendable {
             } catch let error as FrameError {
                 throw error
             } catch {
-                throw chat.internalFailure(error, what: "room request")
+                throw requests.internalFailure(error, what: "room request")
             }
         }
         try Self.checkAccess(live.state.withLock { $0.room }, user)

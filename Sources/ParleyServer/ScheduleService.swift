@@ -22,11 +22,10 @@ import Synchronization
 ///    connect: delivery is at least once, and clients drop a repeat by its `schedule` id.
 final class ScheduleService: Sendable {
     let store: any Store
-    let chat: ChatService
-    let provider: any LLMProvider
+    let streams: StreamRunner
+    let requests: RequestTracker
     let hub: StreamHub
     let configuration: ServerConfiguration
-    let streamMetrics: StreamMetrics
     let logger: Logger
     let ids: IDGenerator
     let timer: ScheduleTimer
@@ -45,15 +44,13 @@ final class ScheduleService: Sendable {
     private let state = Mutex(State())
 
     init(
-        store: any Store, chat: ChatService, provider: any LLMProvider, hub: StreamHub, configuration: ServerConfiguration,
-        logger: Logger, ids: IDGenerator, loop: any EventLoop
+        store: any Store, streams: StreamRunner, configuration: ServerConfiguration, logger: Logger, ids: IDGenerator, loop: any EventLoop
     ) {
         self.store = store
-        self.chat = chat
-        self.provider = provider
-        self.hub = hub
+        self.streams = streams
+        self.requests = streams.requests
+        self.hub = streams.hub
         self.configuration = configuration
-        streamMetrics = StreamMetrics(factory: configuration.metrics)
         self.logger = logger
         self.ids = ids
         self.timer = ScheduleTimer(loop: loop, tickMillis: configuration.scheduleTickMillis, metrics: configuration.metrics)
@@ -90,7 +87,7 @@ final class ScheduleService: Sendable {
         await timer.stop()
     }
 
-    /// Waits for the firings in flight (their streams are stopped by `ChatService.shutdown`).
+    /// Waits for the firings in flight (their streams are stopped by `StreamRunner.shutdown`).
     func drain() async {
         let consumer = state.withLock { $0.consumer }
         await consumer?.value
@@ -135,7 +132,7 @@ final class ScheduleService: Sendable {
         } catch let error as FrameError {
             throw error
         } catch {
-            throw chat.internalFailure(error, what: "schedule request")
+            throw requests.internalFailure(error, what: "schedule request")
         }
         let now = Int64(Timestamp.nowMillis())
         let schedule = Schedule(id: ids.make(.schedule), owner: owner, clone: request.clone, conversation: request.conversation,
@@ -154,7 +151,7 @@ final class ScheduleService: Sendable {
             try await store.createSchedule(schedule)
         } catch {
             releaseQuota(schedule)
-            throw chat.internalFailure(error, what: "schedule request")
+            throw requests.internalFailure(error, what: "schedule request")
         }
         timer.add(ScheduleTimer.Entry(id: schedule.id, owner: owner, at: schedule.at))
         return schedule
@@ -176,7 +173,7 @@ final class ScheduleService: Sendable {
         } catch let error as FrameError {
             throw error
         } catch {
-            throw chat.internalFailure(error, what: "schedule request")
+            throw requests.internalFailure(error, what: "schedule request")
         }
     }
 
@@ -196,7 +193,7 @@ final class ScheduleService: Sendable {
     // MARK: Protocol
 
     func handle(_ frame: ClientFrame, from connection: ClientConnection, turn: RequestOrder.Turn) {
-        chat.serve(frame, from: connection, turn: turn, what: "schedule request") {
+        requests.serve(frame, from: connection, turn: turn, what: "schedule request") {
             let owner = connection.identity.user
             switch frame {
             case let .scheduleCreate(id, request):
@@ -303,11 +300,10 @@ final class ScheduleService: Sendable {
                               text: "(Scheduled message: write to the user now, unprompted, about: \(instruction))", createdAt: now)
             let prompt = PromptAssembler(contextBudget: configuration.contextBudgetTokens).assemble(clone: clone, history: history + [cue])
             let request = CompletionRequest(model: configuration.model(for: clone), messages: prompt.messages, speaker: clone.name, maxOutputTokens: configuration.maxOutputTokens)
-            let model = provider.modelName(for: request)
-            let streamID = schedule.streamID!
-            let meter = chat.credits.meter(user: schedule.owner, stream: streamID, conversation: conversationID, model: model, feature: .scheduled)
+            let prepared: StreamRunner.Prepared
             do {
-                try await meter.begin(inputTokens: prompt.estimatedTokens)
+                prepared = try await streams.prepare(prompt, request: request, payer: schedule.owner, feature: .scheduled, conversation: conversationID,
+                                                     streamID: schedule.streamID!)
             } catch let refusal as CreditMeter.Refusal {
                 hub.release(user: schedule.owner, conversation: conversationID)
                 return try await fail(schedule, from: .firing,
@@ -316,23 +312,15 @@ final class ScheduleService: Sendable {
                 hub.release(user: schedule.owner, conversation: conversationID)
                 throw error
             }
-            let live = LiveStream(id: streamID, owner: schedule.owner, conversation: conversationID, clone: clone.id, model: model,
-                                  schedule: schedule.id, bufferCapacity: configuration.resumeBufferTokens,
-                                  subscribers: hub.connections(of: schedule.owner), metrics: streamMetrics)
-            live.start(allocator.buffer(bytes: live.startFrame(ref: nil)))
-            hub.register(live)
-            if !chat.isAccepting { live.stop(.shutdown) }
+            let live = streams.open(id: prepared.id, owner: schedule.owner, model: prepared.model,
+                                    kind: .reply(conversation: conversationID, clone: clone.id, schedule: schedule.id),
+                                    subscribers: hub.connections(of: schedule.owner), bufferCapacity: configuration.resumeBufferTokens)
             let fired = Mutex<(Schedule, Message)?>(nil)
-            let generation = Task {
-                _ = await self.chat.generate(live, request: request, prompt: prompt, meter: meter, ref: nil, requester: nil, messageID: messageID,
-                                        journal: .settleOnly) { message in
-                    if let done = try await store.completeSchedule(id: schedule.id, message: message, newConversation: conversation, now: message.createdAt) {
-                        fired.withLock { $0 = (done, message) }
-                    }
+            await streams.run(live, prepared, messageID: messageID, journal: .settleOnly) { message in
+                if let done = try await store.completeSchedule(id: schedule.id, message: message, newConversation: conversation, now: message.createdAt) {
+                    fired.withLock { $0 = (done, message) }
                 }
             }
-            live.attach(generation)
-            await generation.value
             if let (done, message) = fired.withLock({ $0 }) {
                 await deliver(done, message)
             }
@@ -374,7 +362,7 @@ final class ScheduleService: Sendable {
 
     /// A socket opened: send it the owner's undelivered messages, oldest first.
     func connected(_ connection: ClientConnection) {
-        _ = chat.track {
+        _ = requests.track {
             let owner = connection.identity.user
             var after: String?
             do {

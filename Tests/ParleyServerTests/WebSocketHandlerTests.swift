@@ -25,12 +25,12 @@ import Testing
             try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
             store = try await SQLiteStore.open(path: dir + "/parley.sqlite")
             let credits = Credits(store: store, configuration: CreditsConfiguration(), logger: Logger(label: "test"), pseudonym: { "deleted:" + $0 })
-            let chat = ChatService(store: store, credits: credits, provider: SimulatedProvider(), hub: hub, configuration: ServerConfiguration(),
-                                   logger: Logger(label: "test"), ids: IDGenerator())
-            let schedules = ScheduleService(store: store, chat: chat, provider: SimulatedProvider(), hub: hub, configuration: ServerConfiguration(),
+            let streams = StreamRunner(store: store, credits: credits, provider: SimulatedProvider(), hub: hub, requests: RequestTracker(logger: Logger(label: "test")),
+                                       configuration: ServerConfiguration(), logger: Logger(label: "test"), ids: IDGenerator())
+            let chat = ChatService(store: store, streams: streams, configuration: ServerConfiguration(), ids: IDGenerator())
+            let schedules = ScheduleService(store: store, streams: streams, configuration: ServerConfiguration(),
                                             logger: Logger(label: "test"), ids: IDGenerator(), loop: EmbeddedEventLoop())
-            let rooms = RoomService(store: store, chat: chat, provider: SimulatedProvider(), configuration: ServerConfiguration(),
-                                    logger: Logger(label: "test"), ids: IDGenerator())
+            let rooms = RoomService(store: store, streams: streams, configuration: ServerConfiguration(), logger: Logger(label: "test"), ids: IDGenerator())
             let connection = ClientConnection(id: "conn_1", identity: Identity(user: "alice", role: nil), channel: channel)
             try channel.pipeline.syncOperations.addHandler(
                 WebSocketHandler(connection: connection, chat: chat, schedules: schedules, rooms: rooms, hub: hub, limits: FrameLimits(),

@@ -1,0 +1,97 @@
+import Logging
+import ParleyCore
+import Synchronization
+
+/// The requests the server is working on, whichever service serves them: each runs as a task
+/// the shutdown (and an account deletion) can wait for, and once the server stops accepting,
+/// a new one is answered `unavailable` instead of started.
+final class RequestTracker: Sendable {
+    private struct State {
+        var accepting = true
+        var nextKey: UInt64 = 0
+        var running: [UInt64: Task<Void, Never>] = [:]
+        /// Whose request each running one is (when a user's).
+        var owners: [UInt64: String] = [:]
+    }
+
+    private let state = Mutex(State())
+    private let logger: Logger
+
+    init(logger: Logger) {
+        self.logger = logger
+    }
+
+    var isAccepting: Bool { state.withLock { $0.accepting } }
+
+    /// From now on requests are answered `unavailable` (the first step of a shutdown).
+    func stopAccepting() {
+        state.withLock { $0.accepting = false }
+    }
+
+    /// Serves a client request in its `turn` (see `RequestOrder`), as tracked work off the event
+    /// loop: a `FrameError` answered as an `error` frame with `ref`, any other failure logged and
+    /// answered `internal`, and `unavailable` once the server is shutting down.
+    func serve(_ frame: ClientFrame, from connection: ClientConnection, turn: RequestOrder.Turn, what: String,
+               _ body: @escaping @Sendable () async throws -> Void) {
+        let started = track(for: connection.identity.user) {
+            await turn.run {
+                do {
+                    try await body()
+                } catch var error as FrameError {
+                    error.ref = frame.id
+                    connection.send(ServerFrame.error(error))
+                } catch {
+                    var failure = self.internalFailure(error, what: what, connection: connection, ref: frame.id)
+                    failure.ref = frame.id
+                    connection.send(ServerFrame.error(failure))
+                }
+            }
+        }
+        if !started {
+            turn.admission.open()
+            connection.send(ServerFrame.error(ref: frame.id, code: .unavailable, message: "the server is shutting down"))
+        }
+    }
+
+    /// Logs a failure the client cannot act on and returns the `internal` error it is told.
+    func internalFailure(_ error: any Error, what: String, connection: ClientConnection? = nil, ref: String? = nil) -> FrameError {
+        var metadata: Logger.Metadata = ["error": "\(error)"]
+        if let connection { metadata["conn"] = "\(connection.id)" }
+        if let ref { metadata["ref"] = "\(ref)" }
+        logger.error("\(what) failed", metadata: metadata)
+        return FrameError(ref: nil, code: .internal, message: "the request failed; try again")
+    }
+
+    /// Runs `body` as a request the shutdown waits for; false (and `body` never runs) once the
+    /// server stopped accepting work.
+    func track(for user: String? = nil, _ body: @escaping @Sendable () async -> Void) -> Bool {
+        state.withLock { r -> Bool in
+            guard r.accepting else { return false }
+            let key = r.nextKey
+            r.nextKey += 1
+            if let user { r.owners[key] = user }
+            r.running[key] = Task {
+                await body()
+                self.state.withLock {
+                    $0.running.removeValue(forKey: key)
+                    $0.owners.removeValue(forKey: key)
+                }
+            }
+            return true
+        }
+    }
+
+    /// Stops accepting and returns the requests in flight.
+    func close() -> [Task<Void, Never>] {
+        state.withLock { r in
+            r.accepting = false
+            return Array(r.running.values)
+        }
+    }
+
+    /// Waits for the user's requests in flight (their sockets are closed, so no new ones come).
+    func settle(user: String) async {
+        let running = state.withLock { r in r.owners.filter { $0.value == user }.compactMap { r.running[$0.key] } }
+        for task in running { await task.value }
+    }
+}

@@ -1,0 +1,289 @@
+import Logging
+import NIOCore
+import ParleyCore
+import ParleyLLM
+import ParleyStore
+import Synchronization
+
+/// The one place a generated stream lives its whole life, whatever it is for (a chat reply, a
+/// scheduled message, a debate turn, a translation chat's reply or translation):
+/// 1. `prepare` prices the prompt and charges it up front (or refuses, for lack of credits);
+/// 2. `open` makes the `LiveStream`, sends its `stream.start` to the sockets the caller names
+///    and registers it with the hub, for resume, cancel and the drain;
+/// 3. `run` generates it, releasing each token only once paid for, journals it against a crash,
+///    settles the ledger, stores the (partial) reply through the caller's `persist`, and ends it.
+/// The services say what to generate, who receives it and where it is stored; none of them
+/// touches the credits or registers a stream itself.
+final class StreamRunner: Sendable {
+    /// A stream whose prompt is paid for, ready to open and run.
+    struct Prepared: Sendable {
+        let id: String
+        let prompt: AssembledPrompt
+        let request: CompletionRequest
+        let model: String
+        let meter: CreditMeter
+    }
+
+    let store: any Store
+    let credits: Credits
+    let provider: any LLMProvider
+    let hub: StreamHub
+    let requests: RequestTracker
+    let metrics: StreamMetrics
+    let logger: Logger
+    let ids: IDGenerator
+    private let allocator = ByteBufferAllocator()
+
+    init(store: any Store, credits: Credits, provider: any LLMProvider, hub: StreamHub, requests: RequestTracker, configuration: ServerConfiguration,
+         logger: Logger, ids: IDGenerator) {
+        self.store = store
+        self.credits = credits
+        self.provider = provider
+        self.hub = hub
+        self.requests = requests
+        metrics = StreamMetrics(factory: configuration.metrics)
+        self.logger = logger
+        self.ids = ids
+    }
+
+    /// False once the server is shutting down: no new stream starts.
+    var isAccepting: Bool { requests.isAccepting }
+
+    // MARK: Prepare, open, run
+
+    /// Prices `prompt` for `feature` and charges it to `payer`, with a reserve for a first batch
+    /// of the reply. Throws `CreditMeter.Refusal` when the balance does not cover that.
+    func prepare(_ prompt: AssembledPrompt, request: CompletionRequest, payer: String, feature: Feature, conversation: String? = nil,
+                 room: String? = nil, streamID: String? = nil) async throws -> Prepared {
+        let model = provider.modelName(for: request)
+        let id = streamID ?? ids.make(.stream)
+        let meter = credits.meter(user: payer, stream: id, conversation: conversation, room: room, model: model, feature: feature)
+        try await meter.begin(inputTokens: prompt.estimatedTokens)
+        return Prepared(id: id, prompt: prompt, request: request, model: model, meter: meter)
+    }
+
+    /// Gives back what `prepare` charged, for a stream that will never run.
+    func abandon(_ prepared: Prepared) async {
+        _ = await prepared.meter.settle(usage: Usage(inputTokens: 0, outputTokens: 0))
+    }
+
+    /// Makes the stream, sends `before` (if any) and its `stream.start` to `subscribers`, and
+    /// registers it. Synchronous, so a room can open a stream under its own lock and every member
+    /// it has then receives all of it.
+    func open(id: String, owner: String, model: String, kind: LiveStream.Kind, subscribers: [ClientConnection], bufferCapacity: Int,
+              ref: String? = nil, before: ByteBuffer? = nil) -> LiveStream {
+        let live = LiveStream(id: id, owner: owner, model: model, kind: kind, bufferCapacity: bufferCapacity, subscribers: subscribers, metrics: metrics)
+        if let before { live.broadcast(before) }
+        live.start(allocator.buffer(bytes: live.startFrame(ref: ref)))
+        hub.register(live)
+        return live
+    }
+
+    /// Runs an opened stream (see `generate`) in a task the stream owns, so a stop cancels it,
+    /// and returns the stored reply once the stream has ended. A stream opened while the server
+    /// shuts down ends at once, with reason `shutdown`.
+    @discardableResult
+    func run(
+        _ live: LiveStream, _ prepared: Prepared, ref: String? = nil, requester: ClientConnection? = nil, messageID: String,
+        journal: StreamJournal.Target, paywallTo: (@Sendable () -> [ClientConnection])? = nil,
+        persist: @escaping @Sendable (Message) async throws -> Void
+    ) async -> Message? {
+        let stored = Mutex<Message?>(nil)
+        let generation = Task {
+            let message = await self.generate(live, prepared, ref: ref, requester: requester, messageID: messageID, journal: journal,
+                                               paywallTo: paywallTo, persist: persist)
+            stored.withLock { $0 = message }
+        }
+        live.attach(generation)
+        if !isAccepting { live.stop(.shutdown) }
+        await generation.value
+        return stored.withLock { $0 }
+    }
+
+    /// Ends a stream that was opened but never generated (its source came to nothing, or its
+    /// payer could not pay): `stream.end` with `reason` and no usage.
+    func end(_ live: LiveStream, reason: StreamEndReason) {
+        let usage = Usage(inputTokens: 0, outputTokens: 0)
+        live.finish(allocator.buffer(bytes: ServerFrame.streamEnd(stream: live.id, reason: reason, usage: usage, message: nil, cost: nil, balance: nil)),
+                    reason: reason)
+        hub.ended(live)
+    }
+
+    // MARK: Stop and drain
+
+    /// Stops the owner's streams (of `clone`, or all of them) and waits for them to end, before
+    /// the clone or the whole account is deleted.
+    func stopStreams(clone: String? = nil, owner: String) async {
+        let tasks = hub.liveStreams.filter { $0.owner == owner && (clone == nil || $0.clone == clone) }.compactMap { $0.stop(.cancelled) }
+        for task in tasks { await task.value }
+    }
+
+    /// Stops every stream, lets each store its partial reply and send `stream.end` with reason
+    /// `shutdown`, and returns when all requests in flight have finished.
+    func shutdown() async {
+        let running = requests.close()
+        for stream in hub.liveStreams { stream.stop(.shutdown) }
+        for task in running { await task.value }
+        for stream in hub.liveStreams { await stream.task?.value }
+    }
+
+    /// Stops taking requests (new ones are answered `unavailable`) and waits up to `grace` for
+    /// those in flight and every stream (chat replies, scheduled messages, debate turns,
+    /// translations) to finish on their own. True when they all did.
+    func drain(grace: Duration) async -> Bool {
+        let running = requests.close()
+        let hub = self.hub
+        guard !running.isEmpty || !hub.liveStreams.isEmpty else { return true }
+        guard grace > .zero else { return false }
+        return await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
+            let pending = Mutex<CheckedContinuation<Bool, Never>?>(continuation)
+            let finish: @Sendable (Bool) -> Void = { done in pending.withLock { $0.take() }?.resume(returning: done) }
+            let timer = Task {
+                try? await Task.sleep(for: grace)
+                finish(false)
+            }
+            Task {
+                // A finished request may have started a stream, a debate its next turn: look again.
+                var waiting = running
+                while true {
+                    let live = hub.liveStreams
+                    waiting += live.compactMap(\.task)
+                    if waiting.isEmpty {
+                        guard !live.isEmpty else { break }
+                        // A stream is opened a moment before it runs (a translation chat's waits
+                        // for the reply it translates).
+                        try? await Task.sleep(for: .milliseconds(5))
+                        continue
+                    }
+                    for task in waiting { await task.value }
+                    waiting = []
+                }
+                timer.cancel()
+                finish(true)
+            }
+        }
+    }
+
+    /// Streams one reply to `live`'s subscribers, metered by the prepared meter, and stores it
+    /// under `messageID` with `persist` (even when stopped part-way). Returns the stored message,
+    /// nil when storing failed. Releases a conversation's reservation when done. A paywall goes
+    /// to every subscriber, or to `paywallTo` (a room's moderator) when given.
+    private func generate(
+        _ live: LiveStream, _ prepared: Prepared, ref: String?, requester: ClientConnection?, messageID: String, journal target: StreamJournal.Target,
+        paywallTo: (@Sendable () -> [ClientConnection])?, persist: @escaping @Sendable (Message) async throws -> Void
+    ) async -> Message? {
+        let (request, prompt, meter) = (prepared.request, prepared.prompt, prepared.meter)
+        // Journaled as it streams, so a crash loses at most the last moments of what was sent.
+        let journal = StreamJournalWriter(
+            StreamJournal(stream: live.id, user: meter.user, model: live.model, feature: meter.feature.rawValue, inputTokens: prompt.estimatedTokens,
+                          target: target, messageID: messageID, createdAt: Int64(Timestamp.nowMillis())),
+            store: store, logger: logger
+        )
+        var journaledAt = NIODeadline.now().uptimeNanoseconds
+        var text = ""
+        var seq: Int64 = 0
+        var scratch: [UInt8] = []  // one token frame's bytes, reused: no allocation per token
+        var reported: Usage?
+        var failure: String?
+        var failureCode = ErrorCode.providerError
+        var outOfCredits = false
+        do {
+            tokens: for try await event in provider.stream(request) {
+                switch event {
+                case .token(let token):
+                    // Released only once paid for: the stream stops exactly at the last covered token.
+                    // Paid batches are checked without a hop onto the meter; it is asked once per batch.
+                    var boughtBatch = false
+                    if !meter.isPaid(token: Int(seq) + 1) {
+                        guard try await meter.authorize(token: Int(seq) + 1) else {
+                            outOfCredits = true
+                            break tokens
+                        }
+                        boughtBatch = true
+                    }
+                    seq += 1
+                    text += token
+                    ServerFrame.token(stream: live.id, seq: seq, text: token[...], into: &scratch)
+                    live.publish(seq: seq, frame: allocator.buffer(bytes: scratch))
+                    let now = NIODeadline.now().uptimeNanoseconds
+                    if boughtBatch || now &- journaledAt >= StreamJournalWriter.interval {
+                        journaledAt = now
+                        journal.offer(text: text, outputTokens: Int(seq))
+                    }
+                case .usage(let usage):
+                    reported = usage
+                }
+            }
+        } catch is CancellationError {
+        } catch let error as ProviderError {
+            metrics.providerFailed.increment()
+            logger.warning("provider failed", metadata: ["stream": "\(live.id)", "error": "\(error.message)"])
+            failure = error.message
+        } catch is ProviderBusy {
+            metrics.providerBusy.increment()
+            failure = "the model is busy: too many replies are waiting for it; try again shortly"
+            failureCode = .rateLimited
+        } catch let error as StoreError {
+            logger.error("metering failed; stopping the stream", metadata: ["stream": "\(live.id)", "error": "\(error)"])
+            failure = "credits could not be charged; try again"
+        } catch {
+            metrics.providerFailed.increment()
+            logger.error("provider failed", metadata: ["stream": "\(live.id)", "error": "\(error)"])
+            failure = "the model provider failed"
+        }
+
+        let reason: StreamEndReason
+        if outOfCredits {
+            reason = .insufficientCredits
+        } else if failure != nil, live.stopReason == nil {
+            reason = .error
+        } else if reported != nil, failure == nil {
+            reason = .complete  // every token arrived, even if a stop came in just after
+        } else {
+            reason = live.stopReason ?? .cancelled
+        }
+        let usage = reason == .complete ? reported! : Usage(inputTokens: prompt.estimatedTokens, outputTokens: Int(seq))
+        // Charging and storing happen outside this (possibly cancelled) task so a stop never skips them.
+        let (cost, balance) = await Task { await meter.settle(usage: usage) }.value
+
+        let message = Message(
+            id: messageID, conversation: live.conversation, role: .assistant, text: text,
+            createdAt: Int64(Timestamp.nowMillis()), reason: reason, usage: usage, stream: live.id
+        )
+        let stored = await Task { try await persist(message) }.result
+        var storedID: String? = message.id
+        if case .failure(let error) = stored {
+            logger.error("storing the reply failed; its journal keeps it for the next start-up", metadata: ["stream": "\(live.id)", "error": "\(error)"])
+            storedID = nil
+            journal.offer(text: text, outputTokens: Int(seq))
+        }
+        // Before stream.end: once a turn's task ends, its room moves on, and whoever awaits the
+        // stream (an account deletion) must find no journal left behind.
+        let keep = storedID == nil
+        await Task { await journal.finish(keep: keep) }.value
+        if reason == .error, let failure {
+            let frame = allocator.buffer(bytes: ServerFrame.error(ref: ref, code: failureCode, message: failure))
+            if let requester { live.send(frame, to: requester) } else { live.broadcast(frame) }
+        }
+        if outOfCredits {
+            let paywall = allocator.buffer(bytes: ServerFrame.paywall(stream: live.id, balance: balance, required: await meter.nextTokenCost, room: live.room))
+            if let paywallTo = paywallTo?() {
+                for connection in paywallTo { live.send(paywall, to: connection) }
+            } else {
+                live.broadcast(paywall)
+            }
+        }
+        let end = allocator.buffer(bytes: ServerFrame.streamEnd(stream: live.id, reason: reason, usage: usage, message: storedID, cost: cost, balance: balance))
+        if live.room != nil {
+            // Others in the room see the stream end, not what it cost its payer or their balance.
+            live.finish(allocator.buffer(bytes: ServerFrame.streamEnd(stream: live.id, reason: reason, usage: usage, message: storedID, cost: nil, balance: nil)),
+                        ownerFrame: end, reason: reason)
+        } else {
+            live.finish(end, reason: reason)
+        }
+        hub.ended(live)
+        if case .reply = live.kind { hub.release(user: live.owner, conversation: live.conversation) }
+        return storedID == nil ? nil : message
+    }
+
+}
