@@ -23,21 +23,54 @@ public enum ErrorCode: String, Sendable, Equatable, CaseIterable {
 
 /// A request the client sent over the WebSocket.
 public enum ClientFrame: Sendable, Equatable {
-    case chatSend(id: String, clone: String, conversation: String?, text: String)
-    case chatCancel(id: String, stream: String)
-    case streamResume(id: String, stream: String, after: Int64)
-    case scheduleCreate(id: String, ScheduleRequest)
-    case scheduleCancel(id: String, schedule: String)
-    /// `language`: the joiner's language in a translation chat (stored for later joins).
-    case roomJoin(id: String, room: String, language: LanguageTag?)
-    case roomLeave(id: String, room: String)
-    case roomSay(id: String, room: String, text: String)
-    case roomControl(id: String, room: String, action: RoomAction, target: String?)
+    /// Grouped by the service that serves them, so routing is a switch the compiler checks.
+    case chat(ChatFrame)
+    case schedule(ScheduleFrame)
+    case room(RoomFrame)
 
     public var id: String {
         switch self {
-        case .chatSend(let id, _, _, _), .chatCancel(let id, _), .streamResume(let id, _, _), .scheduleCreate(let id, _),
-             .scheduleCancel(let id, _), .roomJoin(let id, _, _), .roomLeave(let id, _), .roomSay(let id, _, _), .roomControl(let id, _, _, _): id
+        case .chat(let frame): frame.id
+        case .schedule(let frame): frame.id
+        case .room(let frame): frame.id
+        }
+    }
+}
+
+/// Clone chat: a message, stopping a reply, and catching up on one.
+public enum ChatFrame: Sendable, Equatable {
+    case send(id: String, clone: String, conversation: String?, text: String)
+    case cancel(id: String, stream: String)
+    case resume(id: String, stream: String, after: Int64)
+
+    public var id: String {
+        switch self {
+        case .send(let id, _, _, _), .cancel(let id, _), .resume(let id, _, _): id
+        }
+    }
+}
+
+public enum ScheduleFrame: Sendable, Equatable {
+    case create(id: String, ScheduleRequest)
+    case cancel(id: String, schedule: String)
+
+    public var id: String {
+        switch self {
+        case .create(let id, _), .cancel(let id, _): id
+        }
+    }
+}
+
+public enum RoomFrame: Sendable, Equatable {
+    /// `language`: the joiner's language in a translation chat (stored for later joins).
+    case join(id: String, room: String, language: LanguageTag?)
+    case leave(id: String, room: String)
+    case say(id: String, room: String, text: String)
+    case control(id: String, room: String, action: RoomAction, target: String?)
+
+    public var id: String {
+        switch self {
+        case .join(let id, _, _), .leave(let id, _), .say(let id, _, _), .control(let id, _, _, _): id
         }
     }
 }
@@ -112,18 +145,18 @@ extension ClientFrame {
                 guard text.count <= limits.maxTextLength else {
                     throw FrameError(ref: ref, code: .tooLarge, message: "'text' is longer than \(limits.maxTextLength) characters")
                 }
-                frame = .chatSend(id: id, clone: clone, conversation: conversation, text: text)
+                frame = .chat(.send(id: id, clone: clone, conversation: conversation, text: text))
             case "chat.cancel":
-                frame = .chatCancel(id: id, stream: try reader.requiredString("stream"))
+                frame = .chat(.cancel(id: id, stream: try reader.requiredString("stream")))
             case "stream.resume":
                 let stream = try reader.requiredString("stream")
                 guard let after = try reader.int("after") else { throw ValidationError("missing field 'after'") }
                 guard after >= 0 else { throw ValidationError("'after' must be 0 or more") }
-                frame = .streamResume(id: id, stream: stream, after: after)
+                frame = .chat(.resume(id: id, stream: stream, after: after))
             case "schedule.create":
-                frame = .scheduleCreate(id: id, try ScheduleRequest.read(&reader, now: now, limits: limits.schedule))
+                frame = .schedule(.create(id: id, try ScheduleRequest.read(&reader, now: now, limits: limits.schedule)))
             case "schedule.cancel":
-                frame = .scheduleCancel(id: id, schedule: try reader.requiredString("schedule"))
+                frame = .schedule(.cancel(id: id, schedule: try reader.requiredString("schedule")))
             case "room.join":
                 let room = try reader.requiredString("room")
                 var language: LanguageTag?
@@ -131,9 +164,9 @@ extension ClientFrame {
                     guard let parsed = LanguageTag(tag) else { throw ValidationError("'language' must be a BCP 47 language tag such as en, pt-BR or zh-Hant") }
                     language = parsed
                 }
-                frame = .roomJoin(id: id, room: room, language: language)
+                frame = .room(.join(id: id, room: room, language: language))
             case "room.leave":
-                frame = .roomLeave(id: id, room: try reader.requiredString("room"))
+                frame = .room(.leave(id: id, room: try reader.requiredString("room")))
             case "room.say":
                 let room = try reader.requiredString("room")
                 let text = try reader.requiredString("text")
@@ -141,7 +174,7 @@ extension ClientFrame {
                 guard text.count <= limits.rooms.maxSayLength else {
                     throw FrameError(ref: ref, code: .tooLarge, message: "'text' is longer than \(limits.rooms.maxSayLength) characters")
                 }
-                frame = .roomSay(id: id, room: room, text: text)
+                frame = .room(.say(id: id, room: room, text: text))
             case "room.control":
                 let room = try reader.requiredString("room")
                 let actionText = try reader.requiredString("action")
@@ -150,7 +183,7 @@ extension ClientFrame {
                 }
                 let target = try reader.string("target")
                 if action.needsTarget, target == nil { throw ValidationError("'\(action.rawValue)' needs a 'target'") }
-                frame = .roomControl(id: id, room: room, action: action, target: target)
+                frame = .room(.control(id: id, room: room, action: action, target: target))
             default:
                 throw ValidationError("unknown frame type '\(type)'")
             }

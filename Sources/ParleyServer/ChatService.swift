@@ -7,7 +7,7 @@ import Synchronization
 
 /// Clone chat over the protocol: turns `chat.send` into a stored user message, a streamed reply
 /// and a stored assistant message; handles `chat.cancel` and `stream.resume`.
-final class ChatService: Sendable {
+final class ChatService: FrameHandler {
     let store: any Store
     let streams: StreamRunner
     let requests: RequestTracker
@@ -26,19 +26,17 @@ final class ChatService: Sendable {
 
     /// Serves one client request in its `turn` (see `RequestOrder`). Never throws: every failure
     /// becomes an `error` frame.
-    func handle(_ frame: ClientFrame, from connection: ClientConnection, turn: RequestOrder.Turn) {
+    func handle(_ frame: ChatFrame, from connection: ClientConnection, turn: RequestOrder.Turn) {
         switch frame {
-        case let .chatSend(id, clone, conversation, text):
-            requests.serve(frame, from: connection, turn: turn, what: "chat.send") {
+        case let .send(id, clone, conversation, text):
+            requests.serve(id, from: connection, turn: turn, what: "chat.send") {
                 await self.chatSend(ref: id, cloneID: clone, conversationID: conversation, text: text, from: connection)
             }
         // Not tracked: a cancel must work during the drain.
-        case let .chatCancel(id, stream):
+        case let .cancel(id, stream):
             turn.runSoon { self.cancel(ref: id, stream: stream, from: connection) }
-        case let .streamResume(id, stream, after):
+        case let .resume(id, stream, after):
             turn.runSoon { self.resume(ref: id, stream: stream, after: after, from: connection) }
-        default:
-            preconditionFailure("schedule and room frames are dispatched to their own services")
         }
     }
 

@@ -118,6 +118,7 @@ public final class ParleyServer: Sendable {
                           configuration: configuration, ids: ids, logger: logger, hub: hub, audit: audit, retention: retention, handshakes: handshakes,
                           authFailures: AuthFailureLimiter(secret: secret, limitsLoopback: configuration.limitLoopbackHandshakes))
 
+        let sockets = ServerSocketServices(hub: hub, chat: chat, schedules: schedules, rooms: rooms)
         let httpConnections = HTTPConnectionRegistry(limit: configuration.maxHTTPConnections ?? HTTPConnectionRegistry.defaultLimit())
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
@@ -133,7 +134,7 @@ public final class ParleyServer: Sendable {
                     if let size = configuration.socketSendBufferBytes {
                         try channel.syncOptions?.setOption(.socketOption(.so_sndbuf), value: SocketOptionValue(size))
                     }
-                    try Self.configurePipeline(channel, api: api, chat: chat, schedules: schedules, rooms: rooms, hub: hub, authenticator: authenticator,
+                    try Self.configurePipeline(channel, api: api, sockets: sockets, authenticator: authenticator,
                                                configuration: configuration, ids: ids, slowReaders: slowReaders, logger: logger,
                                                httpConnections: httpConnections)
                 }
@@ -184,8 +185,7 @@ public final class ParleyServer: Sendable {
     }
 
     private static func configurePipeline(
-        _ channel: any Channel, api: RESTAPI, chat: ChatService, schedules: ScheduleService, rooms: RoomService, hub: StreamHub,
-        authenticator: Authenticator,
+        _ channel: any Channel, api: RESTAPI, sockets: ServerSocketServices, authenticator: Authenticator,
         configuration: ServerConfiguration, ids: IDGenerator, slowReaders: Counter, logger: Logger,
         httpConnections: HTTPConnectionRegistry
     ) throws {
@@ -242,7 +242,7 @@ public final class ParleyServer: Sendable {
                             maxAccumulatedFrameCount: 1024,
                             maxAccumulatedFrameSize: configuration.maxMessageBytes
                         ),
-                        WebSocketHandler(connection: connection, chat: chat, schedules: schedules, rooms: rooms, hub: hub,
+                        WebSocketHandler(connection: connection, services: sockets,
                                          limits: configuration.frameLimits, pingInterval: configuration.webSocketPingInterval.map(TimeAmount.init),
                                          frameRate: configuration.maxFramesPerSecond),
                     ])

@@ -31,25 +31,25 @@ final class RequestTracker: Sendable {
     /// Serves a client request in its `turn` (see `RequestOrder`), as tracked work off the event
     /// loop: a `FrameError` answered as an `error` frame with `ref`, any other failure logged and
     /// answered `internal`, and `unavailable` once the server is shutting down.
-    func serve(_ frame: ClientFrame, from connection: ClientConnection, turn: RequestOrder.Turn, what: String,
+    func serve(_ ref: String, from connection: ClientConnection, turn: RequestOrder.Turn, what: String,
                _ body: @escaping @Sendable () async throws -> Void) {
         let started = track(for: connection.identity.user) {
             await turn.run {
                 do {
                     try await body()
                 } catch var error as FrameError {
-                    error.ref = frame.id
+                    error.ref = ref
                     connection.send(ServerFrame.error(error))
                 } catch {
-                    var failure = self.internalFailure(error, what: what, connection: connection, ref: frame.id)
-                    failure.ref = frame.id
+                    var failure = self.internalFailure(error, what: what, connection: connection, ref: ref)
+                    failure.ref = ref
                     connection.send(ServerFrame.error(failure))
                 }
             }
         }
         if !started {
             turn.admission.open()
-            connection.send(ServerFrame.error(ref: frame.id, code: .unavailable, message: "the server is shutting down"))
+            connection.send(ServerFrame.error(ref: ref, code: .unavailable, message: "the server is shutting down"))
         }
     }
 

@@ -12,7 +12,7 @@ import Synchronization
 /// frame is encoded once and the same buffer is written to every member's socket. Sockets have
 /// bounded outbound queues (`ClientConnection`), so a member who reads too slowly is cut off
 /// instead of slowing the others, and can join again to catch up.
-final class RoomService: Sendable {
+final class RoomService: FrameHandler {
     let store: any Store
     let streams: StreamRunner
     let requests: RequestTracker
@@ -165,14 +165,13 @@ final class RoomService: Sendable {
 
     // MARK: Protocol
 
-    func handle(_ frame: ClientFrame, from connection: ClientConnection, turn: RequestOrder.Turn) {
-        requests.serve(frame, from: connection, turn: turn, what: "room request") {
+    func handle(_ frame: RoomFrame, from connection: ClientConnection, turn: RequestOrder.Turn) {
+        requests.serve(frame.id, from: connection, turn: turn, what: "room request") {
             switch frame {
-            case let .roomJoin(id, room, language): try await self.join(ref: id, room: room, language: language, connection)
-            case let .roomLeave(_, room): try await self.leave(room: room, connection)
-            case let .roomSay(id, room, text): try await self.say(ref: id, room: room, text: text, connection)
-            case let .roomControl(_, room, action, target): try await self.control(room: room, action: action, target: target, connection)
-            default: preconditionFailure("not a room frame")
+            case let .join(id, room, language): try await self.join(ref: id, room: room, language: language, connection)
+            case let .leave(_, room): try await self.leave(room: room, connection)
+            case let .say(id, room, text): try await self.say(ref: id, room: room, text: text, connection)
+            case let .control(_, room, action, target): try await self.control(room: room, action: action, target: target, connection)
             }
         }
     }

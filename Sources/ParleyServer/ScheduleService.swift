@@ -20,7 +20,7 @@ import Synchronization
 /// 3. `delivery` goes to every open socket; once one write succeeded the schedule moves to
 ///    `delivered`. A crash between the write and that update sends it again on the next
 ///    connect: delivery is at least once, and clients drop a repeat by its `schedule` id.
-final class ScheduleService: Sendable {
+final class ScheduleService: FrameHandler {
     let store: any Store
     let streams: StreamRunner
     let requests: RequestTracker
@@ -192,16 +192,14 @@ final class ScheduleService: Sendable {
 
     // MARK: Protocol
 
-    func handle(_ frame: ClientFrame, from connection: ClientConnection, turn: RequestOrder.Turn) {
-        requests.serve(frame, from: connection, turn: turn, what: "schedule request") {
+    func handle(_ frame: ScheduleFrame, from connection: ClientConnection, turn: RequestOrder.Turn) {
+        requests.serve(frame.id, from: connection, turn: turn, what: "schedule request") {
             let owner = connection.identity.user
             switch frame {
-            case let .scheduleCreate(id, request):
+            case let .create(id, request):
                 connection.send(ServerFrame.scheduleOK(ref: id, schedule: try await self.create(owner: owner, request)))
-            case let .scheduleCancel(id, scheduleID):
+            case let .cancel(id, scheduleID):
                 connection.send(ServerFrame.scheduleCancelled(ref: id, schedule: try await self.cancel(owner: owner, id: scheduleID)))
-            default:
-                preconditionFailure("not a schedule frame")
             }
         }
     }

@@ -4,16 +4,13 @@ import NIOWebSocket
 import ParleyCore
 
 /// One authenticated WebSocket after the upgrade: answers control frames, parses text frames
-/// into protocol requests for `ChatService`, and keeps the hub's view of the user's sockets.
+/// into protocol requests for the server's services, and tells them when it opens and closes.
 final class WebSocketHandler: ChannelInboundHandler {
     typealias InboundIn = WebSocketFrame
     typealias OutboundOut = WebSocketFrame
 
     private let connection: ClientConnection
-    private let chat: ChatService
-    private let schedules: ScheduleService
-    private let rooms: RoomService
-    private let hub: StreamHub
+    private let services: any SocketServices
     private let limits: FrameLimits
     /// How often an idle-or-not socket is pinged; a socket that sent nothing (no pong, no frame)
     /// for a whole interval after a ping is closed. nil: no keepalive.
@@ -28,15 +25,11 @@ final class WebSocketHandler: ChannelInboundHandler {
     /// Frames dropped in a row for the rate; past a burst's worth the socket is closed.
     private var droppedInARow = 0
 
-    init(connection: ClientConnection, chat: ChatService, schedules: ScheduleService, rooms: RoomService, hub: StreamHub, limits: FrameLimits,
-         pingInterval: TimeAmount? = nil, frameRate: Int? = nil) {
+    init(connection: ClientConnection, services: any SocketServices, limits: FrameLimits, pingInterval: TimeAmount? = nil, frameRate: Int? = nil) {
         self.pingInterval = pingInterval
         frames = frameRate.map { TokenBucket(rate: Double($0), burst: 2 * $0, now: NIODeadline.now().uptimeNanoseconds) }
         self.connection = connection
-        self.chat = chat
-        self.schedules = schedules
-        self.rooms = rooms
-        self.hub = hub
+        self.services = services
         self.limits = limits
     }
 
@@ -52,7 +45,7 @@ final class WebSocketHandler: ChannelInboundHandler {
     private func open(context: ChannelHandlerContext) {
         guard !opened else { return }
         opened = true
-        guard hub.add(connection) else {
+        guard services.register(connection) else {
             close(context: context, code: .policyViolation, reason: "too many open sockets for this user")
             return
         }
@@ -64,7 +57,7 @@ final class WebSocketHandler: ChannelInboundHandler {
             }
         }
         send(ServerFrame.welcome(user: connection.identity.user), context: context)
-        schedules.connected(connection)  // scheduled messages that fired while no socket was open
+        services.welcomed(connection)  // scheduled messages that fired while no socket was open
         scheduleKeepalive(context: context)
     }
 
@@ -92,8 +85,7 @@ final class WebSocketHandler: ChannelInboundHandler {
     func channelInactive(context: ChannelHandlerContext) {
         keepalive?.cancel()
         expiry?.cancel()
-        hub.remove(connection)
-        rooms.disconnected(connection)
+        services.unregister(connection)
         context.fireChannelInactive()
     }
 
@@ -110,12 +102,7 @@ final class WebSocketHandler: ChannelInboundHandler {
             }
             do {
                 let request = try ClientFrame.parse(payload.readableBytesView, limits: limits)
-                let turn = connection.order.next()
-                switch request {
-                case .scheduleCreate, .scheduleCancel: schedules.handle(request, from: connection, turn: turn)
-                case .roomJoin, .roomLeave, .roomSay, .roomControl: rooms.handle(request, from: connection, turn: turn)
-                default: chat.handle(request, from: connection, turn: turn)
-                }
+                services.handle(request, from: connection, turn: connection.order.next())
             } catch {
                 send(ServerFrame.error(error), context: context)
             }

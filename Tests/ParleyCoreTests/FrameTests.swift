@@ -18,12 +18,20 @@ import Testing
 
     @Test func parsesEveryClientFrame() throws {
         #expect(try parse(#"{"type":"chat.send","id":"c1","clone":"cl_1","text":"hi"}"#)
-            == .chatSend(id: "c1", clone: "cl_1", conversation: nil, text: "hi"))
+            == .chat(.send(id: "c1", clone: "cl_1", conversation: nil, text: "hi")))
         #expect(try parse(#"{"type":"chat.send","id":"c1","clone":"cl_1","conversation":"cv_1","text":"hi"}"#)
-            == .chatSend(id: "c1", clone: "cl_1", conversation: "cv_1", text: "hi"))
-        #expect(try parse(#"{"type":"chat.cancel","id":"c2","stream":"st_1"}"#) == .chatCancel(id: "c2", stream: "st_1"))
+            == .chat(.send(id: "c1", clone: "cl_1", conversation: "cv_1", text: "hi")))
+        #expect(try parse(#"{"type":"chat.cancel","id":"c2","stream":"st_1"}"#) == .chat(.cancel(id: "c2", stream: "st_1")))
         #expect(try parse(#"{"type":"stream.resume","id":"c3","stream":"st_1","after":12}"#)
-            == .streamResume(id: "c3", stream: "st_1", after: 12))
+            == .chat(.resume(id: "c3", stream: "st_1", after: 12)))
+        #expect(try parse(#"{"type":"schedule.cancel","id":"s1","schedule":"sc_1"}"#) == .schedule(.cancel(id: "s1", schedule: "sc_1")))
+        #expect(try parse(#"{"type":"room.join","id":"j1","room":"rm_1","language":"pt-br"}"#)
+            == .room(.join(id: "j1", room: "rm_1", language: LanguageTag("pt-BR"))))
+        #expect(try parse(#"{"type":"room.leave","id":"l1","room":"rm_1"}"#) == .room(.leave(id: "l1", room: "rm_1")))
+        #expect(try parse(#"{"type":"room.say","id":"s2","room":"rm_1","text":"hi"}"#) == .room(.say(id: "s2", room: "rm_1", text: "hi")))
+        #expect(try parse(#"{"type":"room.control","id":"c4","room":"rm_1","action":"mute","target":"cl_1"}"#)
+            == .room(.control(id: "c4", room: "rm_1", action: .mute, target: "cl_1")))
+        #expect(try parse(#"{"type":"room.join","id":"j2","room":"rm_1"}"#).id == "j2")
     }
 
     @Test func malformedFramesAreBadRequestsWithTheIdWhenReadable() {

@@ -8,33 +8,58 @@ import ParleyStore
 @testable import ParleyServer
 import ParleyTestSupport
 import Foundation
+import Synchronization
 import Testing
 
-/// The WebSocket handler on an EmbeddedChannel: control frames, bad input and hub bookkeeping,
-/// with no sockets involved.
+/// The WebSocket handler on an EmbeddedChannel with stand-in services: control frames, bad input,
+/// what the services are told and asked, with no sockets, store or services involved.
 @Suite struct WebSocketHandlerTests {
+    /// Stands in for the server's services: records what the handler asks of them.
+    final class RecordingServices: SocketServices {
+        struct State {
+            var open: [String] = []
+            var welcomed: [String] = []
+            var requests: [ClientFrame] = []
+        }
+
+        let state = Mutex(State())
+        let capacity: Int
+
+        init(capacity: Int = 1) {
+            self.capacity = capacity
+        }
+
+        func register(_ connection: ClientConnection) -> Bool {
+            state.withLock { s in
+                guard s.open.count < capacity else { return false }
+                s.open.append(connection.id)
+                return true
+            }
+        }
+
+        func welcomed(_ connection: ClientConnection) { state.withLock { $0.welcomed.append(connection.id) } }
+
+        func handle(_ request: ClientFrame, from connection: ClientConnection, turn: RequestOrder.Turn) {
+            state.withLock { $0.requests.append(request) }
+            turn.runSoon {}
+        }
+
+        func unregister(_ connection: ClientConnection) { state.withLock { $0.open.removeAll { $0 == connection.id } } }
+
+        var open: [String] { state.withLock { $0.open } }
+    }
+
     final class Fixture {
         let loop = EmbeddedEventLoop()
         let channel: EmbeddedChannel
-        let hub = StreamHub(retention: .seconds(60), maxStreamsPerUser: 4)
-        let store: SQLiteStore
+        let services: RecordingServices
 
-        init(pingInterval: TimeAmount? = nil, frameRate: Int? = nil) async throws {
+        init(pingInterval: TimeAmount? = nil, frameRate: Int? = nil, services: RecordingServices = RecordingServices()) async throws {
             channel = EmbeddedChannel(loop: loop)
-            let dir = FileManager.default.temporaryDirectory.appendingPathComponent("parley-embedded-\(UUID().uuidString)").path
-            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-            store = try await SQLiteStore.open(path: dir + "/parley.sqlite")
-            let credits = Credits(store: store, configuration: CreditsConfiguration(), logger: Logger(label: "test"), pseudonym: { "deleted:" + $0 })
-            let streams = StreamRunner(store: store, credits: credits, provider: SimulatedProvider(), hub: hub, requests: RequestTracker(logger: Logger(label: "test")),
-                                       configuration: ServerConfiguration(), logger: Logger(label: "test"), ids: IDGenerator())
-            let chat = ChatService(store: store, streams: streams, configuration: ServerConfiguration(), ids: IDGenerator())
-            let schedules = ScheduleService(store: store, streams: streams, configuration: ServerConfiguration(),
-                                            logger: Logger(label: "test"), ids: IDGenerator(), loop: EmbeddedEventLoop())
-            let rooms = RoomService(store: store, streams: streams, configuration: ServerConfiguration(), logger: Logger(label: "test"), ids: IDGenerator())
+            self.services = services
             let connection = ClientConnection(id: "conn_1", identity: Identity(user: "alice", role: nil), channel: channel)
             try channel.pipeline.syncOperations.addHandler(
-                WebSocketHandler(connection: connection, chat: chat, schedules: schedules, rooms: rooms, hub: hub, limits: FrameLimits(),
-                                 pingInterval: pingInterval, frameRate: frameRate))
+                WebSocketHandler(connection: connection, services: services, limits: FrameLimits(), pingInterval: pingInterval, frameRate: frameRate))
             try await channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).get()
         }
 
@@ -54,7 +79,6 @@ import Testing
 
         func finish() async throws {
             _ = try? channel.finish()
-            try await store.close()
         }
     }
 
@@ -64,12 +88,36 @@ import Testing
         return data.readWebSocketErrorCode()
     }
 
-    @Test func welcomesTheUserAndJoinsTheHub() async throws {
+    @Test func welcomesTheUserAndTellsTheServicesWhenItOpensAndCloses() async throws {
         let f = try await Fixture()
         #expect(try f.outboundJSON() == .object([("type", .string("welcome")), ("user", .string("alice")), ("protocol", .int(1))]))
-        #expect(f.hub.connections(of: "alice").map(\.id) == ["conn_1"])
+        #expect(f.services.open == ["conn_1"] && f.services.state.withLock { $0.welcomed } == ["conn_1"])
         try await f.channel.close()
-        #expect(f.hub.connectionCount == 0)
+        #expect(f.services.open.isEmpty)
+        try await f.finish()
+    }
+
+    @Test func aSocketBeyondTheUsersLimitIsClosedWith1008AndNotWelcomed() async throws {
+        let f = try await Fixture(services: RecordingServices(capacity: 0))
+        let close = try f.outbound()
+        #expect(closeCode(close) == .policyViolation)
+        #expect(close.map { String(buffer: $0.unmaskedData).hasSuffix("too many open sockets for this user") } == true)
+        #expect(try f.outbound() == nil && f.services.state.withLock { $0.welcomed }.isEmpty)
+        try await f.finish()
+    }
+
+    @Test func requestsGoToTheServicesParsedAndInOrder() async throws {
+        let f = try await Fixture()
+        _ = try f.outbound()
+        try f.inbound(.text, Array(#"{"type":"room.join","id":"j1","room":"rm_1"}"#.utf8))
+        try f.inbound(.text, Array(#"{"type":"room.control","id":"c1","room":"rm_1","action":"start"}"#.utf8))
+        try f.inbound(.text, Array(#"{"type":"chat.cancel","id":"x1","stream":"st_1"}"#.utf8))
+        #expect(f.services.state.withLock { $0.requests } == [
+            .room(.join(id: "j1", room: "rm_1", language: nil)),
+            .room(.control(id: "c1", room: "rm_1", action: .start, target: nil)),
+            .chat(.cancel(id: "x1", stream: "st_1")),
+        ])
+        #expect(try f.outbound() == nil, "nothing is answered by the handler itself")
         try await f.finish()
     }
 
@@ -132,7 +180,7 @@ import Testing
         let close = try f.outbound()
         #expect(closeCode(close) == .unexpectedServerError)
         #expect(close.map { String(buffer: $0.unmaskedData).hasSuffix("keepalive ping timeout") } == true)
-        #expect(!f.channel.isActive && f.hub.connectionCount == 0)
+        #expect(!f.channel.isActive && f.services.open.isEmpty)
         try await f.finish()
     }
 

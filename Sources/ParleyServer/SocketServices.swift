@@ -1,0 +1,46 @@
+import ParleyCore
+
+/// A service that serves one group of client frames. Each request runs in its socket's `turn`
+/// (see `RequestOrder`) and never throws: every failure becomes an `error` frame.
+protocol FrameHandler: Sendable {
+    associatedtype Frame: Sendable
+    func handle(_ frame: Frame, from connection: ClientConnection, turn: RequestOrder.Turn)
+}
+
+/// What a WebSocket's handler needs of the rest of the server: to be counted among its user's
+/// sockets, to have its requests served, and to be forgotten when it closes. A protocol so the
+/// handler can be tested on an `EmbeddedChannel` with no store and no services behind it.
+protocol SocketServices: Sendable {
+    /// Counts an opened socket; false when its user already has as many as allowed.
+    func register(_ connection: ClientConnection) -> Bool
+    /// The socket was welcomed: what waited for its user (scheduled messages) may be sent now.
+    func welcomed(_ connection: ClientConnection)
+    func handle(_ request: ClientFrame, from connection: ClientConnection, turn: RequestOrder.Turn)
+    /// The socket closed: it is in no room and follows no stream any more.
+    func unregister(_ connection: ClientConnection)
+}
+
+/// The server's services behind one socket: each frame group goes to its service.
+struct ServerSocketServices: SocketServices {
+    let hub: StreamHub
+    let chat: ChatService
+    let schedules: ScheduleService
+    let rooms: RoomService
+
+    func register(_ connection: ClientConnection) -> Bool { hub.add(connection) }
+
+    func welcomed(_ connection: ClientConnection) { schedules.connected(connection) }
+
+    func handle(_ request: ClientFrame, from connection: ClientConnection, turn: RequestOrder.Turn) {
+        switch request {
+        case .chat(let frame): chat.handle(frame, from: connection, turn: turn)
+        case .schedule(let frame): schedules.handle(frame, from: connection, turn: turn)
+        case .room(let frame): rooms.handle(frame, from: connection, turn: turn)
+        }
+    }
+
+    func unregister(_ connection: ClientConnection) {
+        hub.remove(connection)
+        rooms.disconnected(connection)
+    }
+}
