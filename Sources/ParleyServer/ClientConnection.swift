@@ -23,6 +23,9 @@ public final class ClientConnection: Sendable {
     /// Bytes handed to `send` off the event loop and not yet given to NIO.
     private let inTransit = Atomic<Int>(0)
     private let cutOff = Atomic<Bool>(false)
+    /// Open, closing or closed: every path that closes the socket goes through it, so one close
+    /// frame is sent whoever closes first (the handler, a shutdown, an account deletion, a cut-off).
+    private let lifecycle = Mutex(WebSocketLifecycle())
     /// Its requests take effect in the order they arrived.
     let order = RequestOrder()
 
@@ -77,12 +80,56 @@ public final class ClientConnection: Sendable {
     func cutOffSlowReader() {
         guard !cutOff.exchange(true, ordering: .relaxed) else { return }
         slowReaderCutOffs?.increment()
-        var data = channel.allocator.buffer(capacity: 64)
-        data.write(webSocketErrorCode: .policyViolation)
-        data.writeString("too slow: more than \(maxQueuedBytes) bytes were waiting; reconnect to catch up")
         let channel = self.channel
-        channel.writeAndFlush(WebSocketFrame(fin: true, opcode: .connectionClose, data: data)).whenComplete { _ in channel.close(promise: nil) }
+        let reason = "too slow: more than \(maxQueuedBytes) bytes were waiting; reconnect to catch up"
+        if case .sendClose(let answer) = lifecycle.withLock({ $0.close(code: 1008, reason: reason) }) {
+            channel.writeAndFlush(Self.closeFrame(answer, allocator: channel.allocator)).whenComplete { _ in channel.close(promise: nil) }
+        }
         channel.eventLoop.scheduleTask(in: .seconds(1)) { channel.close(promise: nil) }
+    }
+
+    // MARK: Lifecycle
+
+    /// The channel became active; false when it already was.
+    func opened() -> Bool { lifecycle.withLock { $0.open() } }
+
+    /// Whether frames from the peer are served (not once closing began).
+    var acceptsFrames: Bool { lifecycle.withLock { $0.isOpen } }
+
+    /// The channel is gone.
+    func channelClosed() { lifecycle.withLock { $0.channelClosed() } }
+
+    /// The peer sent a close frame: answered when the peer started closing, the end of the
+    /// handshake when the server did.
+    func peerClosed(payload: some Collection<UInt8>) {
+        carryOut(lifecycle.withLock { $0.peerClosed(payload: payload) })
+    }
+
+    /// Closes at once with `code` (the frame only for the record): a peer that stopped answering.
+    func drop(code: WebSocketErrorCode, reason: String) {
+        carryOut(lifecycle.withLock { $0.drop(code: UInt16(webSocketErrorCode: code), reason: reason) })
+    }
+
+    @discardableResult
+    private func carryOut(_ action: WebSocketLifecycle.Action) -> EventLoopFuture<Void> {
+        let channel = self.channel
+        switch action {
+        case .none:
+            return channel.closeFuture
+        case .closeChannel:
+            channel.close(promise: nil)
+            return channel.closeFuture
+        case .sendCloseAndDrop(let answer):
+            channel.writeAndFlush(Self.closeFrame(answer, allocator: channel.allocator), promise: nil)
+            channel.close(promise: nil)
+            return channel.closeFuture
+        case .sendClose(let answer):
+            // Closed whether or not the close frame could be written (after a protocol error NIO
+            // may already have shut the output): a socket is never left open behind a failed write.
+            return channel.writeAndFlush(Self.closeFrame(answer, allocator: channel.allocator)).recover { _ in }.flatMap {
+                Self.linger(channel)
+            }.recover { _ in }
+        }
     }
 
     func send(_ bytes: [UInt8]) {
@@ -98,14 +145,15 @@ public final class ClientConnection: Sendable {
         return WebSocketFrame(fin: true, opcode: .connectionClose, data: data)
     }
 
+    static func closeFrame(_ answer: CloseFrame.Answer, allocator: ByteBufferAllocator) -> WebSocketFrame {
+        closeFrame(code: WebSocketErrorCode(codeNumber: Int(answer.code)), reason: answer.reason, allocator: allocator)
+    }
+
+    /// Starts the closing handshake with `code` unless the socket is closing already; the future
+    /// completes once the channel is closed.
+    @discardableResult
     func close(code: WebSocketErrorCode, reason: String) -> EventLoopFuture<Void> {
-        let frame = Self.closeFrame(code: code, reason: reason, allocator: channel.allocator)
-        let channel = self.channel
-        // Closed whether or not the close frame could be written (after a protocol error NIO may
-        // already have shut the output): a socket is never left open behind a failed write.
-        return channel.writeAndFlush(frame).recover { _ in }.flatMap {
-            Self.linger(channel)
-        }.recover { _ in }
+        carryOut(lifecycle.withLock { $0.close(code: UInt16(webSocketErrorCode: code), reason: reason) })
     }
 
     /// How long a closing socket waits for its peer to close its side.

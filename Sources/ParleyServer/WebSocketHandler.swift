@@ -15,8 +15,6 @@ final class WebSocketHandler: ChannelInboundHandler {
     /// How often an idle-or-not socket is pinged; a socket that sent nothing (no pong, no frame)
     /// for a whole interval after a ping is closed. nil: no keepalive.
     private let pingInterval: TimeAmount?
-    private var opened = false
-    private var closing = false
     private var heardSincePing = true
     private var keepalive: Scheduled<Void>?
     /// Closes the socket when its token expires.
@@ -43,8 +41,7 @@ final class WebSocketHandler: ChannelInboundHandler {
     }
 
     private func open(context: ChannelHandlerContext) {
-        guard !opened else { return }
-        opened = true
+        guard connection.opened() else { return }
         guard services.register(connection) else {
             close(context: context, code: .policyViolation, reason: "too many open sockets for this user")
             return
@@ -66,13 +63,10 @@ final class WebSocketHandler: ChannelInboundHandler {
     private func scheduleKeepalive(context: ChannelHandlerContext) {
         guard let interval = pingInterval else { return }
         keepalive = context.eventLoop.assumeIsolated().scheduleTask(in: interval) { [self] in
-            guard !closing, context.channel.isActive else { return }
+            guard connection.acceptsFrames, context.channel.isActive else { return }
             guard heardSincePing else {
-                closing = true
                 // Closed at once, not after the write: a dead peer may never take it.
-                let frame = ClientConnection.closeFrame(code: .unexpectedServerError, reason: "keepalive ping timeout", allocator: context.channel.allocator)
-                context.writeAndFlush(wrapOutboundOut(frame), promise: nil)
-                context.close(promise: nil)
+                connection.drop(code: .unexpectedServerError, reason: "keepalive ping timeout")
                 return
             }
             heardSincePing = false
@@ -83,6 +77,7 @@ final class WebSocketHandler: ChannelInboundHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        connection.channelClosed()
         keepalive?.cancel()
         expiry?.cancel()
         services.unregister(connection)
@@ -94,7 +89,7 @@ final class WebSocketHandler: ChannelInboundHandler {
         heardSincePing = true
         switch frame.opcode {
         case .text:
-            guard !closing, withinFrameRate(context: context) else { return }
+            guard connection.acceptsFrames, withinFrameRate(context: context) else { return }
             let payload = frame.unmaskedData
             guard String(validating: payload.readableBytesView, as: UTF8.self) != nil else {
                 close(context: context, code: .dataInconsistentWithMessage, reason: "text frames must be valid UTF-8")
@@ -109,18 +104,13 @@ final class WebSocketHandler: ChannelInboundHandler {
         case .binary:
             close(context: context, code: .unacceptableData, reason: "Parley speaks JSON in text frames")
         case .ping:
-            guard !closing, withinFrameRate(context: context) else { return }  // each ping costs a write: a flood is limited too
+            guard connection.acceptsFrames, withinFrameRate(context: context) else { return }  // each ping costs a write: a flood is limited too
             let pong = WebSocketFrame(fin: true, opcode: .pong, data: frame.unmaskedData)
             context.writeAndFlush(wrapOutboundOut(pong), promise: nil)
         case .connectionClose:
-            if closing {
-                // The peer answered our close: the handshake is complete.
-                context.close(promise: nil)
-            } else {
-                // Echo a valid status code, refuse one a peer must not send (RFC 6455 sections 5.5.1, 7.4).
-                let answer = CloseFrame.answer(to: frame.unmaskedData.readableBytesView)
-                close(context: context, code: WebSocketErrorCode(codeNumber: Int(answer.code)), reason: answer.reason)
-            }
+            // Our close answered (the handshake is complete), or the peer's echoed with its code or
+            // refused as a code a peer must not send (RFC 6455 sections 5.5.1, 7.4).
+            connection.peerClosed(payload: frame.unmaskedData.readableBytesView)
         default:
             break
         }
@@ -153,7 +143,7 @@ final class WebSocketHandler: ChannelInboundHandler {
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         // Closing politely: the decoder's complaints about input after its error are expected.
-        guard !closing else { return }
+        guard connection.acceptsFrames else { return }
         switch error {
         case let violation as WebSocketViolation:
             close(context: context, code: violation.code, reason: violation.reason)
@@ -177,8 +167,6 @@ final class WebSocketHandler: ChannelInboundHandler {
     }
 
     private func close(context: ChannelHandlerContext, code: WebSocketErrorCode, reason: String) {
-        guard !closing else { return }
-        closing = true
-        _ = connection.close(code: code, reason: reason)
+        connection.close(code: code, reason: reason)
     }
 }

@@ -53,11 +53,12 @@ import Testing
         let loop = EmbeddedEventLoop()
         let channel: EmbeddedChannel
         let services: RecordingServices
+        let connection: ClientConnection
 
         init(pingInterval: TimeAmount? = nil, frameRate: Int? = nil, services: RecordingServices = RecordingServices()) async throws {
             channel = EmbeddedChannel(loop: loop)
             self.services = services
-            let connection = ClientConnection(id: "conn_1", identity: Identity(user: "alice", role: nil), channel: channel)
+            connection = ClientConnection(id: "conn_1", identity: Identity(user: "alice", role: nil), channel: channel)
             try channel.pipeline.syncOperations.addHandler(
                 WebSocketHandler(connection: connection, services: services, limits: FrameLimits(), pingInterval: pingInterval, frameRate: frameRate))
             try await channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).get()
@@ -220,6 +221,24 @@ import Testing
         _ = try f.outbound()
         f.loop.advanceTime(by: .hours(2))
         #expect(try f.outbound() == nil && f.channel.isActive)
+        try await f.finish()
+    }
+
+    @Test func aServerCloseAnsweredByThePeerIsOneCloseFrameAndNothingIsServedMeanwhile() async throws {
+        let f = try await Fixture()
+        _ = try f.outbound()
+        f.connection.close(code: .goingAway, reason: "server shutting down")
+        f.connection.close(code: .policyViolation, reason: "account deleted")
+        #expect(closeCode(try f.outbound()) == .goingAway)
+        #expect(try f.outbound() == nil, "the second reason sends no second frame")
+        try f.inbound(.text, Array(#"{"type":"chat.cancel","id":"x1","stream":"st_1"}"#.utf8))
+        try f.inbound(.ping, Array("p".utf8))
+        #expect(try f.outbound() == nil && f.services.state.withLock { $0.requests }.isEmpty, "a closing socket serves nothing")
+        var data = ByteBuffer()
+        data.write(webSocketErrorCode: .goingAway)
+        try f.channel.writeInbound(WebSocketFrame(fin: true, opcode: .connectionClose, data: data))
+        #expect(try f.outbound() == nil, "the peer's answer completes the handshake; it is not echoed")
+        #expect(!f.channel.isActive && f.services.open.isEmpty)
         try await f.finish()
     }
 
