@@ -131,7 +131,7 @@ final class ChatService: FrameHandler {
             toRefund = nil
 
             let live = streams.open(id: prepared.id, owner: user, model: prepared.model, kind: .reply(conversation: conversation.id, clone: clone.id, schedule: nil),
-                                    subscribers: hub.connections(of: user), bufferCapacity: configuration.resumeBufferTokens, ref: ref)
+                                    readers: [.user(user)], bufferCapacity: configuration.resumeBufferTokens, ref: ref)
             Admission.admitCurrent()  // the stream exists: a pipelined chat.cancel finds it
             reservedConversation = nil  // the runner releases it when the stream ends
             let store = self.store

@@ -188,6 +188,12 @@ enum FanOut {
         }
         let sent = delay == nil ? 0 : NIODeadline.now().uptimeNanoseconds
         for (loop, members) in byLoop.values {
+            // On its own loop already (a publish from an event loop): written now, as a single
+            // socket's frame would be, so frames keep their order whatever the audience's size.
+            if loop.inEventLoop {
+                for member in members { member.send(frame) }
+                continue
+            }
             loop.execute {
                 for member in members { member.send(frame) }
                 delay?.recordNanoseconds(Int64(NIODeadline.now().uptimeNanoseconds - sent))

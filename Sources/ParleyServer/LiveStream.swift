@@ -2,9 +2,10 @@ import NIOCore
 import ParleyCore
 import Synchronization
 
-/// A reply being streamed (or recently ended): who receives its frames, and the last tokens kept
-/// for `stream.resume`. All frame writes happen under the stream's lock, so a resume's replay and
-/// the live frames that follow it reach a socket in seq order with no gap and no duplicate.
+/// A reply being streamed (or recently ended): its frames, published to its topic, and the last
+/// tokens kept for `stream.resume`. Every publish happens under the stream's lock, so a resume's
+/// replay and the live frames that follow it reach a socket in seq order with no gap and no
+/// duplicate.
 final class LiveStream: Sendable {
     /// What a stream generates, and so what its `stream.start` says.
     enum Kind: Sendable, Equatable {
@@ -78,16 +79,12 @@ final class LiveStream: Sendable {
     enum ResumeOutcome: Equatable {
         /// Replayed `count` tokens; `ended` tells whether `stream.end` was replayed too.
         case replayed(count: Int, ended: Bool)
-        /// Tokens after `after` were already evicted from the buffer.
+        /// Tokens after `after` were already evicted from the history.
         case gone
     }
 
     private struct State {
-        var subscribers: [String: ClientConnection] = [:]
-        /// Encoded token frames; `buffer[i]` holds seq `firstBufferedSeq + i`.
-        var buffer = CircularBuffer<ByteBuffer>()
-        var firstBufferedSeq: Int64 = 1
-        var lastSeq: Int64 = 0
+        var history: StreamHistory
         var endFrame: ByteBuffer?
         var endedAt: ContinuousClock.Instant?
         var stopReason: StreamEndReason?
@@ -97,21 +94,27 @@ final class LiveStream: Sendable {
         var lastTokenAt: UInt64 = 0
     }
 
-    private let capacity: Int
+    /// Its frames go here; its readers are the topic's subscribers.
+    let topic: Topic
+    private let broker: any Broker
+    private let hub: SocketHub
     private let state: Mutex<State>
     private let metrics: StreamMetrics?
 
-    init(id: String, owner: String, model: String, kind: Kind, bufferCapacity: Int, subscribers: [ClientConnection], metrics: StreamMetrics? = nil) {
+    /// A stream read by every socket subscribed to one of `readers` now (and by whoever resumes
+    /// it later); all its frames go through `broker`.
+    init(id: String, owner: String, model: String, kind: Kind, bufferCapacity: Int, readers: [Topic], broker: any Broker, hub: SocketHub,
+         metrics: StreamMetrics? = nil) {
         self.id = id
         self.metrics = metrics
         self.model = model
         self.owner = owner
         self.kind = kind
-        self.capacity = max(1, bufferCapacity)
-        var state = State()
-        for connection in subscribers { state.subscribers[connection.id] = connection }
-        state.buffer.reserveCapacity(min(64, capacity))
-        self.state = Mutex(state)
+        self.broker = broker
+        self.hub = hub
+        topic = .stream(id)
+        state = Mutex(State(history: StreamHistory(capacity: bufferCapacity)))
+        hub.subscribe(subscribersOf: readers, to: topic)
     }
 
     var isEnded: Bool { state.withLock { $0.endedAt != nil } }
@@ -126,22 +129,20 @@ final class LiveStream: Sendable {
                                        schedule: schedule, room: room, source: source, lang: lang)
     }
 
-    /// Sends `stream.start` to every subscriber.
+    /// Sends `stream.start` to every reader.
     func start(_ frame: ByteBuffer) {
         state.withLock { s in
             if s.startedAt == nil {
                 s.startedAt = NIODeadline.now().uptimeNanoseconds
                 metrics?.active.increment()
             }
-            broadcast(frame, &s)
+            broker.publish(frame, to: topic)
         }
     }
 
     /// Sends one token frame (seq `seq`, which must follow the last) and keeps it for resumes.
     func publish(seq: Int64, frame: ByteBuffer) {
         state.withLock { s in
-            precondition(seq == s.lastSeq + 1, "token seqs must be contiguous")
-            s.lastSeq = seq
             if let metrics {
                 let now = NIODeadline.now().uptimeNanoseconds
                 metrics.tokens.increment()
@@ -152,12 +153,8 @@ final class LiveStream: Sendable {
                 }
                 s.lastTokenAt = now
             }
-            if s.buffer.count == capacity {
-                s.buffer.removeFirst()
-                s.firstBufferedSeq += 1
-            }
-            s.buffer.append(frame)
-            broadcast(frame, &s)
+            s.history.append(seq: seq, frame: frame)
+            broker.publish(frame, to: topic)
         }
     }
 
@@ -171,51 +168,39 @@ final class LiveStream: Sendable {
             s.endedAt = .now
             s.task = nil
             if let ownerFrame {
-                let owners = s.subscribers.values.filter { $0.identity.user == owner }
-                for connection in owners { s.subscribers.removeValue(forKey: connection.id) }
-                FanOut.send(ownerFrame, to: owners.filter(\.isActive))
+                broker.publish(ownerFrame, to: topic, audience: .only(user: owner))
+                broker.publish(frame, to: topic, audience: .except(user: owner))
+            } else {
+                broker.publish(frame, to: topic)
             }
-            broadcast(frame, &s)
-            s.subscribers.removeAll()
+            hub.close(topic)
         }
     }
 
-    /// Sends an extra frame to every subscriber, ordered with the stream's own frames.
-    func broadcast(_ frame: ByteBuffer) {
-        state.withLock { s in broadcast(frame, &s) }
-    }
-
-    /// Sends an extra frame to one subscriber, ordered with the stream's own frames.
-    func send(_ frame: ByteBuffer, to connection: ClientConnection) {
-        state.withLock { _ in connection.send(frame) }
+    /// Publishes an extra frame, ordered with the stream's own frames: to its readers (or those
+    /// of them `audience` admits), or to another topic (a room's payer who does not read it).
+    func publish(_ frame: ByteBuffer, to topic: Topic? = nil, audience: Audience = .everyone) {
+        state.withLock { _ in broker.publish(frame, to: topic ?? self.topic, audience: audience) }
     }
 
     /// Replays tokens with seq > `after` (and `stream.end` if ended) to `connection`, then keeps
     /// it subscribed while the stream runs. `ack` is sent first.
     func resume(_ connection: ClientConnection, after: Int64, ack: ByteBuffer) -> ResumeOutcome {
         state.withLock { s in
-            // Tokens after `after` must all still be buffered.
-            if after + 1 < s.firstBufferedSeq { return .gone }
+            guard case .frames(let missed) = s.history.replay(after: after) else { return .gone }
             connection.send(ack)
-            var count = 0
-            if after < s.lastSeq {
-                let skip = Int(max(0, after + 1 - s.firstBufferedSeq))
-                for index in skip..<s.buffer.count {
-                    connection.send(s.buffer[s.buffer.index(s.buffer.startIndex, offsetBy: index)])
-                    count += 1
-                }
-            }
+            for frame in missed { connection.send(frame) }
             if let end = s.endFrame {
                 connection.send(end)
-                return .replayed(count: count, ended: true)
+                return .replayed(count: missed.count, ended: true)
             }
-            s.subscribers[connection.id] = connection
-            return .replayed(count: count, ended: false)
+            hub.subscribe(connection, to: topic)
+            return .replayed(count: missed.count, ended: false)
         }
     }
 
     func unsubscribe(_ connectionID: String) {
-        state.withLock { _ = $0.subscribers.removeValue(forKey: connectionID) }
+        hub.unsubscribe(connectionID, from: topic)
     }
 
     /// Adopts the generating task, so `stop` can cancel it. A stop that came first cancels it now.
@@ -242,22 +227,4 @@ final class LiveStream: Sendable {
     }
 
     var task: Task<Void, Never>? { state.withLock { $0.task } }
-
-    private func broadcast(_ frame: ByteBuffer, _ s: inout State) {
-        // A chat reply has one subscriber: no array to build per token.
-        if s.subscribers.count == 1, let (key, only) = s.subscribers.first {
-            if only.isActive { only.send(frame) } else { s.subscribers.removeValue(forKey: key) }
-            return
-        }
-        var active: [ClientConnection] = []
-        active.reserveCapacity(s.subscribers.count)
-        for (key, connection) in s.subscribers {
-            if connection.isActive {
-                active.append(connection)
-            } else {
-                s.subscribers.removeValue(forKey: key)
-            }
-        }
-        FanOut.send(frame, to: active, delay: metrics?.fanOutDelay)
-    }
 }

@@ -73,8 +73,8 @@ public final class ParleyServer: Sendable {
         }
         let ids = IDGenerator()
         let slowReaders = Counter(label: "parley_slow_reader_disconnects_total", factory: configuration.metrics)
-        let hub = StreamHub(retention: configuration.resumeRetention, maxStreamsPerUser: configuration.maxConcurrentStreamsPerUser,
-                            maxSocketsPerUser: configuration.maxSocketsPerUser, metrics: configuration.metrics)
+        let hub = StreamHub(retention: configuration.resumeRetention, maxStreamsPerUser: configuration.maxConcurrentStreamsPerUser)
+        let sockets = SocketHub(maxSocketsPerUser: configuration.maxSocketsPerUser, metrics: configuration.metrics)
         // Finish or void ledger entries a crash left half-applied, before anything is charged.
         let recovered: Int
         do {
@@ -94,7 +94,8 @@ public final class ParleyServer: Sendable {
             try? await store.close()
             throw error
         }
-        let streams = StreamRunner(store: store, credits: credits, provider: provider, hub: hub, requests: RequestTracker(logger: logger),
+        let streams = StreamRunner(store: store, credits: credits, provider: provider, hub: hub, sockets: sockets, broker: LocalBroker(hub: sockets),
+                                   requests: RequestTracker(logger: logger),
                                    configuration: configuration, logger: logger, ids: ids)
         let chat = ChatService(store: store, streams: streams, configuration: configuration, ids: ids)
         let group = MultiThreadedEventLoopGroup(numberOfThreads: configuration.eventLoopThreads ?? System.coreCount)
@@ -115,10 +116,10 @@ public final class ParleyServer: Sendable {
         }
         let handshakes = configuration.handshakesPerSecondPerIP.map { HandshakeLimiter(rate: $0, limitsLoopback: configuration.limitLoopbackHandshakes) }
         let api = RESTAPI(store: store, chat: chat, schedules: schedules, rooms: rooms, credits: credits, authenticator: authenticator,
-                          configuration: configuration, ids: ids, logger: logger, hub: hub, audit: audit, retention: retention, handshakes: handshakes,
+                          configuration: configuration, ids: ids, logger: logger, sockets: sockets, audit: audit, retention: retention, handshakes: handshakes,
                           authFailures: AuthFailureLimiter(secret: secret, limitsLoopback: configuration.limitLoopbackHandshakes))
 
-        let sockets = ServerSocketServices(hub: hub, chat: chat, schedules: schedules, rooms: rooms)
+        let socketServices = ServerSocketServices(hub: sockets, chat: chat, schedules: schedules, rooms: rooms)
         let httpConnections = HTTPConnectionRegistry(limit: configuration.maxHTTPConnections ?? HTTPConnectionRegistry.defaultLimit())
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
@@ -134,7 +135,7 @@ public final class ParleyServer: Sendable {
                     if let size = configuration.socketSendBufferBytes {
                         try channel.syncOptions?.setOption(.socketOption(.so_sndbuf), value: SocketOptionValue(size))
                     }
-                    try Self.configurePipeline(channel, api: api, sockets: sockets, authenticator: authenticator,
+                    try Self.configurePipeline(channel, api: api, sockets: socketServices, authenticator: authenticator,
                                                configuration: configuration, ids: ids, slowReaders: slowReaders, logger: logger,
                                                httpConnections: httpConnections)
                 }
@@ -280,7 +281,7 @@ public final class ParleyServer: Sendable {
             return !s
         }
         guard first else { return }
-        logger.info("shutting down", metadata: ["sockets": "\(hub.connectionCount)"])
+        logger.info("shutting down", metadata: ["sockets": "\(chat.streams.sockets.connectionCount)"])
         // Requests first, then connections: once the port refuses, every request is refused too.
         streams.requests.stopAccepting()
         try? await serverChannel.close()
@@ -296,7 +297,7 @@ public final class ParleyServer: Sendable {
         await rooms.shutdown()  // ends debate turns and translations in flight and stores the rooms paused
         await streams.shutdown()  // ends every other stream (chat replies, scheduled messages)
         await schedules.drain()
-        let closing = hub.allConnections.map { $0.close(code: .goingAway, reason: "server shutting down") }
+        let closing = chat.streams.sockets.allConnections.map { $0.close(code: .goingAway, reason: "server shutting down") }
         if !closing.isEmpty {
             let all = EventLoopFuture.andAllComplete(closing, on: group.any())
             let grace = configuration.shutdownGrace

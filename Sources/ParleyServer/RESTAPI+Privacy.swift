@@ -91,7 +91,7 @@ extension RESTAPI {
     /// everything of them but the ledger rows the law requires (kept under a pseudonym).
     func deleteAccount(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
         let user = identity.user
-        let closing = hub.connections(of: user).map { $0.close(code: .policyViolation, reason: "account deleted") }
+        let closing = sockets.connections(of: user).map { $0.close(code: .policyViolation, reason: "account deleted") }
         for socket in closing { try? await socket.get() }
         // What the sockets asked for before they closed finishes first (a chat.send stores the
         // message it answers), then its streams stop: nothing is written after the deletion.

@@ -20,7 +20,7 @@ struct RESTAPI: Sendable {
     let logger: Logger
     let handshakes: HandshakeLimiter?
     let authFailures: AuthFailureLimiter?
-    let hub: StreamHub
+    let sockets: SocketHub
     let audit: AuditLog
     let retention: RetentionJob
 
@@ -29,10 +29,10 @@ struct RESTAPI: Sendable {
 
     init(
         store: any Store, chat: ChatService, schedules: ScheduleService, rooms: RoomService, credits: Credits, authenticator: Authenticator,
-        configuration: ServerConfiguration, ids: IDGenerator, logger: Logger, hub: StreamHub, audit: AuditLog, retention: RetentionJob,
+        configuration: ServerConfiguration, ids: IDGenerator, logger: Logger, sockets: SocketHub, audit: AuditLog, retention: RetentionJob,
         handshakes: HandshakeLimiter? = nil, authFailures: AuthFailureLimiter? = nil
     ) {
-        self.hub = hub
+        self.sockets = sockets
         self.audit = audit
         self.retention = retention
         self.handshakes = handshakes

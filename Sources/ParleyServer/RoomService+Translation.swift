@@ -38,7 +38,13 @@ extension RoomService {
     func setLanguage(_ language: LanguageTag?, of user: String, in live: LiveRoom) async throws {
         let (changed, known) = live.state.withLock { s -> (Room?, Bool) in
             guard let language else { return (nil, s.room.languages[user] != nil) }
-            guard s.room.languages[user] != language else { return (nil, true) }
+            let previous = s.room.languages[user]
+            guard previous != language else { return (nil, true) }
+            // The user's sockets already in the chat read the new language from now on.
+            for member in s.members.values where member.identity.user == user {
+                live.hub.unsubscribe(member.id, from: .room(s.room.id, readers: previous))
+                live.hub.subscribe(member, to: .room(s.room.id, readers: language))
+            }
             s.room.languages[user] = language
             s.room.updatedAt = Int64(Timestamp.nowMillis())
             return (s.room, true)
@@ -116,25 +122,21 @@ extension RoomService {
         live.state.withLock { s in
             s.append(entry)
             s.placed += 1
-            var readers: [ClientConnection] = []
-            var unserved: [ClientConnection] = []
-            var byTarget: [LanguageTag: [ClientConnection]] = [:]
-            for member in s.members.values where member.isActive {
-                let lang = s.language(of: member)
+            // One topic per language read in the chat: the original goes to the languages that read
+            // it as written, flagged untranslated to those no translation is made for.
+            let said = allocator.buffer(bytes: ServerFrame.roomEvent(room: s.room.id, event: "said", [("entry", entry.json)]))
+            let untranslated = allocator.buffer(bytes: ServerFrame.roomEvent(room: s.room.id, event: "said", [("entry", entry.json(untranslated: true))]))
+            for lang in s.readerLanguages {
                 if lang == nil || lang!.sharesLanguage(with: entry.lang!) {
-                    readers.append(member)
-                } else if translations.contains(where: { $0.target == lang }) {
-                    byTarget[lang!, default: []].append(member)
-                } else {
-                    unserved.append(member)
+                    live.broker.publish(said, to: .room(s.room.id, readers: lang))
+                } else if !translations.contains(where: { $0.target == lang }) {
+                    live.broker.publish(untranslated, to: .room(s.room.id, readers: lang))
                 }
             }
-            FanOut.send(allocator.buffer(bytes: ServerFrame.roomEvent(room: s.room.id, event: "said", [("entry", entry.json)])), to: readers)
-            FanOut.send(allocator.buffer(bytes: ServerFrame.roomEvent(room: s.room.id, event: "said", [("entry", entry.json(untranslated: true))])), to: unserved)
             return translations.map { t in
                 let stream = streams.open(id: t.prepared.id, owner: entry.speaker, model: t.prepared.model,
                                           kind: .translation(room: s.room.id, lang: t.target, source: entry.id, speaker: .user(entry.speaker)),
-                                          subscribers: byTarget[t.target] ?? [], bufferCapacity: t.prepared.request.maxOutputTokens)
+                                          readers: [.room(s.room.id, readers: t.target)], bufferCapacity: t.prepared.request.maxOutputTokens)
                 s.inflight[stream.id] = RoomFlight(stream: stream, order: s.placed, target: t.target)
                 return stream
             }
@@ -146,7 +148,7 @@ extension RoomService {
         let store = self.store
         return Task {
             let message = await self.streams.run(stream, job.prepared, messageID: self.ids.make(.roomEntry), journal: .settleOnly,
-                                                 paywallTo: { live.sockets(of: payer) }) { message in
+                                                 paywall: live.payer(payer)) { message in
                 try await store.appendRoomEntry(Self.translation(message, of: original, into: job.target, stream: stream.id))
             }
             self.landed(stream, entry: message.map { Self.translation($0, of: original, into: job.target, stream: stream.id) }, original: original, in: live)
@@ -165,9 +167,8 @@ extension RoomService {
             guard let flight = s.inflight.removeValue(forKey: stream.id) else { return }
             if let entry { s.append(entry) }
             if let target = flight.target, entry?.reason != .complete, let original {
-                let readers = s.members.values.filter { $0.isActive && s.language(of: $0) == target }
                 let frame = ServerFrame.roomEvent(room: s.room.id, event: "said", [("entry", original.json(untranslated: true))])
-                FanOut.send(allocator.buffer(bytes: frame), to: readers)
+                live.broker.publish(allocator.buffer(bytes: frame), to: .room(s.room.id, readers: target))
             }
         }
         evictIfIdle(live)
@@ -218,8 +219,8 @@ extension RoomService {
             do {
                 prepared = try await streams.prepare(prompt, request: request, payer: room.owner, feature: .chat, room: room.id)
             } catch let refusal as CreditMeter.Refusal {
-                let paywall = allocator.buffer(bytes: ServerFrame.paywall(stream: nil, balance: refusal.balance, required: refusal.required, room: room.id))
-                for socket in live.sockets(of: room.owner) { socket.send(paywall) }
+                live.broadcast(allocator.buffer(bytes: ServerFrame.paywall(stream: nil, balance: refusal.balance, required: refusal.required, room: room.id)),
+                               onlyTo: room.owner)
                 return
             }
             let entryID = ids.make(.roomEntry)
@@ -232,7 +233,7 @@ extension RoomService {
                 RoomEntry(id: entryID, room: room.id, kind: .turn, speaker: clone.id, text: message.text, createdAt: message.createdAt,
                           reason: message.reason, stream: prepared.id, lang: lang)
             }
-            let recorded = await streams.run(stream, prepared, messageID: entryID, journal: .settleOnly, paywallTo: { live.sockets(of: owner) }) { message in
+            let recorded = await streams.run(stream, prepared, messageID: entryID, journal: .settleOnly, paywall: live.payer(owner)) { message in
                 try await store.appendRoomEntry(toEntry(message))
             }
             let said = recorded.map(toEntry)
@@ -250,8 +251,8 @@ extension RoomService {
                 do {
                     job = try await translationJob(of: said, to: target, room: room, context: context, payer: owner, streamID: waiting.id)
                 } catch let refusal as CreditMeter.Refusal {
-                    let paywall = allocator.buffer(bytes: ServerFrame.paywall(stream: waiting.id, balance: refusal.balance, required: refusal.required, room: room.id))
-                    for socket in live.sockets(of: owner) { socket.send(paywall) }
+                    live.broadcast(allocator.buffer(bytes: ServerFrame.paywall(stream: waiting.id, balance: refusal.balance, required: refusal.required, room: room.id)),
+                                   onlyTo: owner)
                     endUnstarted(waiting, reason: .insufficientCredits, original: said, in: live)
                     continue
                 }
@@ -269,25 +270,16 @@ extension RoomService {
         live.state.withLock { s in
             s.placed += 1
             let targets = TranslationChat.targets(room: s.room, speaker: clone, lang: lang)
-            var readers: [ClientConnection] = []
-            var byTarget: [LanguageTag: [ClientConnection]] = [:]
-            for member in s.members.values where member.isActive {
-                let reader = s.language(of: member)
-                if reader == nil || reader!.sharesLanguage(with: lang) {
-                    readers.append(member)
-                } else if targets.contains(reader!) {
-                    byTarget[reader!, default: []].append(member)
-                }
-            }
+            let readers = s.readerLanguages.filter { $0 == nil || $0!.sharesLanguage(with: lang) }.map { Topic.room(s.room.id, readers: $0) }
             // `source` names the reply itself, so every reader groups the reply's streams by one id.
             let reply = streams.open(id: prepared.id, owner: s.room.owner, model: prepared.model,
                                      kind: .roomReply(room: s.room.id, clone: clone, lang: lang, source: entryID),
-                                     subscribers: readers, bufferCapacity: configuration.maxOutputTokens)
+                                     readers: readers, bufferCapacity: configuration.maxOutputTokens)
             s.inflight[reply.id] = RoomFlight(stream: reply, order: s.placed, target: nil)
             let translations = targets.map { target in
                 let stream = streams.open(id: ids.make(.stream), owner: s.room.owner, model: prepared.model,
                                           kind: .translation(room: s.room.id, lang: target, source: entryID, speaker: .clone(clone)),
-                                          subscribers: byTarget[target] ?? [], bufferCapacity: configuration.maxOutputTokens)
+                                          readers: [.room(s.room.id, readers: target)], bufferCapacity: configuration.maxOutputTokens)
                 s.inflight[stream.id] = RoomFlight(stream: stream, order: s.placed, target: target)
                 return stream
             }

@@ -8,8 +8,9 @@ import Synchronization
 /// Debate rooms: creation (REST), membership, interjections and moderation (protocol), and the
 /// turn loop that has clones argue while every member watches the same stream.
 ///
-/// Fan-out: each turn is a `LiveStream` whose subscribers are the room's members; every token
-/// frame is encoded once and the same buffer is written to every member's socket. Sockets have
+/// Fan-out: members subscribe to the room's topic, and each turn is a `LiveStream` read by the
+/// room's subscribers; every frame is published once through the broker, and the same buffer is
+/// written to every member's socket. Sockets have
 /// bounded outbound queues (`ClientConnection`), so a member who reads too slowly is cut off
 /// instead of slowing the others, and can join again to catch up.
 final class RoomService: FrameHandler {
@@ -198,7 +199,7 @@ final class RoomService: FrameHandler {
         while true {
             joined = live.state.withLock { s -> Bool? in
                 guard !s.retired else { return nil }
-                return Self.add(connection, to: &s, ref: ref, allocator: allocator)
+                return Self.add(connection, to: &s, ref: ref, hub: live.hub, allocator: allocator)
             }
             if joined != nil { break }
             live = try await load(id, for: user)  // it was dropped from memory just now
@@ -211,10 +212,11 @@ final class RoomService: FrameHandler {
 
     /// Adds a member and sends it the room's state and the turn being streamed; true when the
     /// user was not in the room with another socket already.
-    private static func add(_ connection: ClientConnection, to s: inout LiveRoom.State, ref: String, allocator: ByteBufferAllocator) -> Bool {
+    private static func add(_ connection: ClientConnection, to s: inout LiveRoom.State, ref: String, hub: SocketHub, allocator: ByteBufferAllocator) -> Bool {
         let user = connection.identity.user
         let alreadyIn = s.members.values.contains { $0.identity.user == user }
-        s.members[connection.id] = connection
+        s.unsubscribe(connection.id, hub: hub)  // joining again (maybe in another language)
+        s.subscribe(connection, hub: hub)
         if s.room.kind == .translation {
             // The chat in the joiner's language; messages whose stream in it is running follow as
             // those streams (start and tokens so far), in the order the messages were said.
@@ -242,7 +244,7 @@ final class RoomService: FrameHandler {
         }
         let user = connection.identity.user
         let gone = live.state.withLock { s -> Bool in
-            s.unsubscribe(connection.id)
+            s.unsubscribe(connection.id, hub: live.hub)
             return !s.members.values.contains { $0.identity.user == user }
         }
         let event = allocator.buffer(bytes: ServerFrame.roomEvent(room: id, event: "left", [("user", .string(user))]))
@@ -295,7 +297,7 @@ final class RoomService: FrameHandler {
             if let next = control.nextSpeaker { s.requested = next }
             if let user = control.kickedUser {
                 kickedSockets = s.members.values.filter { $0.identity.user == user }
-                for socket in kickedSockets { s.unsubscribe(socket.id) }
+                for socket in kickedSockets { s.unsubscribe(socket.id, hub: live.hub) }
             }
             s.room = control.room
             return outcome
@@ -383,8 +385,9 @@ final class RoomService: FrameHandler {
                 let announcement = allocator.buffer(bytes: ServerFrame.roomEvent(room: room.id, event: "turn", [
                     ("clone", .string(clone.id)), ("stream", .string(prepared.id)), ("turn", .int(Int64(s.room.turnsTaken + 1))),
                 ]))
+                live.broker.publish(announcement, to: .room(room.id))
                 s.current = streams.open(id: prepared.id, owner: room.owner, model: prepared.model, kind: .debateTurn(room: room.id, clone: clone.id),
-                                         subscribers: Array(s.members.values), bufferCapacity: max(room.maxTokensPerTurn, 1), before: announcement)
+                                         readers: [.room(room.id)], bufferCapacity: max(room.maxTokensPerTurn, 1))
                 return s.current
             }
             guard let stream else {
@@ -396,7 +399,7 @@ final class RoomService: FrameHandler {
             let recorded = Mutex<RoomEntry?>(nil)
             let owner = room.owner
             await streams.run(stream, prepared, messageID: entryID, journal: .roomTurn(room: room.id, speaker: clone.id),
-                              paywallTo: { live.sockets(of: owner) }) { message in
+                              paywall: live.payer(owner)) { message in
                 let entry = RoomEntry(id: entryID, room: room.id, kind: .turn, speaker: clone.id, text: message.text,
                                       createdAt: message.createdAt, reason: message.reason, stream: prepared.id)
                 try await store.appendRoomEntry(entry)
@@ -430,8 +433,7 @@ final class RoomService: FrameHandler {
         try await changeRoom(live) { $0.status = .paused }
         if let refusal {
             let owner = live.state.withLock { $0.room.owner }
-            let paywall = allocator.buffer(bytes: ServerFrame.paywall(stream: nil, balance: refusal.balance, required: refusal.required, room: room))
-            for socket in live.sockets(of: owner) { socket.send(paywall) }
+            live.broadcast(allocator.buffer(bytes: ServerFrame.paywall(stream: nil, balance: refusal.balance, required: refusal.required, room: room)), onlyTo: owner)
         }
         live.broadcast(allocator.buffer(bytes: ServerFrame.roomEvent(room: room, event: "paused", [("reason", .string("insufficient_credits"))])))
     }
@@ -465,7 +467,7 @@ final class RoomService: FrameHandler {
             do {
                 guard let room = try await store.room(id: id) else { throw Self.noRoom(id) }
                 let transcript = try await store.roomEntries(room: id, limit: Self.keptEntries, before: nil)
-                let fresh = LiveRoom(room: room, transcript: transcript)
+                let fresh = LiveRoom(room: room, transcript: transcript, broker: streams.broker, hub: streams.sockets)
                 live = state.withLock { s in
                     if let raced = s.rooms[id] { return raced }
                     s.rooms[id] = fresh
@@ -531,15 +533,28 @@ final class LiveRoom: Sendable {
             for flight in inflight.values { flight.stream.stop(reason) }
         }
 
-        /// A socket leaves: it is no member and follows no stream of the room any more.
-        mutating func unsubscribe(_ connection: String) {
-            members.removeValue(forKey: connection)
+        /// A socket becomes a member: it follows the room's topic and, in a translation chat, the
+        /// topic of the language it reads.
+        mutating func subscribe(_ connection: ClientConnection, hub: SocketHub) {
+            members[connection.id] = connection
+            hub.subscribe(connection, to: .room(room.id))
+            if room.kind == .translation { hub.subscribe(connection, to: .room(room.id, readers: language(of: connection))) }
+        }
+
+        /// A socket leaves: it is no member and follows no topic or stream of the room any more.
+        mutating func unsubscribe(_ connection: String, hub: SocketHub) {
+            guard let member = members.removeValue(forKey: connection) else { return }
+            hub.unsubscribe(connection, from: .room(room.id))
+            if room.kind == .translation { hub.unsubscribe(connection, from: .room(room.id, readers: language(of: member))) }
             current?.unsubscribe(connection)
             for flight in inflight.values { flight.stream.unsubscribe(connection) }
         }
 
         /// The language a user reads in (nil: originals as written).
         func language(of connection: ClientConnection) -> LanguageTag? { room.languages[connection.identity.user] }
+
+        /// The languages the members read in (nil among them: originals as written), one topic each.
+        var readerLanguages: Set<LanguageTag?> { Set(members.values.map { language(of: $0) }) }
 
         mutating func append(_ entry: RoomEntry) {
             transcript.append(entry)
@@ -549,10 +564,15 @@ final class LiveRoom: Sendable {
 
     let id: String
     let state: Mutex<State>
+    /// Its frames go to its members through the broker; the hub knows who they are.
+    let broker: any Broker
+    let hub: SocketHub
 
-    init(room: Room, transcript: [RoomEntry]) {
+    init(room: Room, transcript: [RoomEntry], broker: any Broker, hub: SocketHub) {
         id = room.id
         state = Mutex(State(room: room, transcript: transcript))
+        self.broker = broker
+        self.hub = hub
     }
 
     /// Stops every stream of the room (after `change`, under the same lock) and waits for its turn
@@ -599,23 +619,22 @@ final class LiveRoom: Sendable {
     /// past that to the moderator's sockets only (N joins must not cost N² frames).
     func announce(_ frame: ByteBuffer, except: String?, limit: Int) {
         state.withLock { s in
-            let small = s.members.count <= limit
-            FanOut.send(frame, to: s.members.compactMap { id, member in
-                id != except && member.isActive && (small || member.identity.user == s.room.owner) ? member : nil
-            })
+            var audience = Audience.except(connection: except)
+            if s.members.count > limit { audience.user = s.room.owner }
+            broker.publish(frame, to: .room(id), audience: audience)
         }
     }
 
-    /// The sockets `user` is in the room with (to reach a payer).
-    func sockets(of user: String) -> [ClientConnection] {
-        state.withLock { $0.members.values.filter { $0.identity.user == user } }
-    }
-
-    /// Sends one frame (encoded once) to every member (but `except`), in order with the room's
-    /// other frames.
-    func broadcast(_ frame: ByteBuffer, except: String? = nil) {
-        state.withLock { s in
-            FanOut.send(frame, to: s.members.compactMap { id, member in id != except && member.isActive ? member : nil })
+    /// Sends one frame (encoded once) to every member (but `except`), or to `user`'s member
+    /// sockets, in order with the room's other frames.
+    func broadcast(_ frame: ByteBuffer, except: String? = nil, onlyTo user: String? = nil) {
+        state.withLock { _ in
+            var audience = Audience.except(connection: except)
+            audience.user = user
+            broker.publish(frame, to: .room(id), audience: audience)
         }
     }
+
+    /// Where a stream's paywall goes: the payer's sockets in the room.
+    func payer(_ user: String) -> StreamRunner.Recipients { StreamRunner.Recipients(topic: .room(id), audience: .only(user: user)) }
 }

@@ -25,6 +25,7 @@ final class ScheduleService: FrameHandler {
     let streams: StreamRunner
     let requests: RequestTracker
     let hub: StreamHub
+    let sockets: SocketHub
     let configuration: ServerConfiguration
     let logger: Logger
     let ids: IDGenerator
@@ -50,6 +51,7 @@ final class ScheduleService: FrameHandler {
         self.streams = streams
         self.requests = streams.requests
         self.hub = streams.hub
+        self.sockets = streams.sockets
         self.configuration = configuration
         self.logger = logger
         self.ids = ids
@@ -312,7 +314,7 @@ final class ScheduleService: FrameHandler {
             }
             let live = streams.open(id: prepared.id, owner: schedule.owner, model: prepared.model,
                                     kind: .reply(conversation: conversationID, clone: clone.id, schedule: schedule.id),
-                                    subscribers: hub.connections(of: schedule.owner), bufferCapacity: configuration.resumeBufferTokens)
+                                    readers: [.user(schedule.owner)], bufferCapacity: configuration.resumeBufferTokens)
             let fired = Mutex<(Schedule, Message)?>(nil)
             await streams.run(live, prepared, messageID: messageID, journal: .settleOnly) { message in
                 if let done = try await store.completeSchedule(id: schedule.id, message: message, newConversation: conversation, now: message.createdAt) {
@@ -329,16 +331,16 @@ final class ScheduleService: FrameHandler {
         let change = ScheduleChange(status: .failed, updatedAt: Int64(Timestamp.nowMillis()), failure: reason)
         guard let failed = try await store.transitionSchedule(id: schedule.id, from: from, to: change) else { return }
         logger.notice("schedule failed", metadata: ["schedule": "\(schedule.id)", "reason": "\(reason)"])
-        let frame = allocator.buffer(bytes: ServerFrame.scheduleFailed(schedule: failed))
-        for connection in hub.connections(of: schedule.owner) { connection.send(frame) }
+        streams.broker.publish(allocator.buffer(bytes: ServerFrame.scheduleFailed(schedule: failed)), to: .user(schedule.owner))
     }
 
     // MARK: Delivery
 
     /// Sends a fired schedule's message to every open socket of its owner and records it
-    /// delivered once a write succeeded. With no socket open it waits in the inbox.
+    /// delivered once a write succeeded. With no socket open it waits in the inbox. Written to
+    /// the sockets directly, not published: "delivered" needs to know that a write succeeded.
     private func deliver(_ schedule: Schedule, _ message: Message) async {
-        await deliver(schedule, message, to: hub.connections(of: schedule.owner))
+        await deliver(schedule, message, to: sockets.connections(of: schedule.owner))
     }
 
     private func deliver(_ schedule: Schedule, _ message: Message, to connections: [ClientConnection]) async {

@@ -22,7 +22,7 @@ protocol SocketServices: Sendable {
 
 /// The server's services behind one socket: each frame group goes to its service.
 struct ServerSocketServices: SocketServices {
-    let hub: StreamHub
+    let hub: SocketHub
     let chat: ChatService
     let schedules: ScheduleService
     let rooms: RoomService

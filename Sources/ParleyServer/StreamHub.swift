@@ -1,10 +1,9 @@
-import CoreMetrics
 import NIOCore
 import ParleyCore
 import Synchronization
 
-/// Who is connected and which streams exist: the sockets of each user, the live and recently
-/// ended streams (for resume), and which conversations are busy. It owns no I/O of its own.
+/// Which streams exist: the live and recently ended ones (for resume, cancel and the drain), and
+/// which conversations are busy. Who is connected is the `SocketHub`'s. It owns no I/O.
 final class StreamHub: Sendable {
     enum Reservation: Equatable {
         case reserved
@@ -13,7 +12,6 @@ final class StreamHub: Sendable {
     }
 
     private struct State {
-        var connections: [String: [String: ClientConnection]] = [:]
         var streams: [String: LiveStream] = [:]
         /// Ended streams in the order they ended, for expiry.
         var ended = CircularBuffer<(id: String, at: ContinuousClock.Instant)>()
@@ -24,49 +22,10 @@ final class StreamHub: Sendable {
     private let state = Mutex(State())
     private let retention: Duration
     private let maxStreamsPerUser: Int
-    private let maxSocketsPerUser: Int
-    /// `parley_sockets_open`: authenticated WebSockets the hub holds.
-    private let socketsOpen: Meter?
 
-    init(retention: Duration, maxStreamsPerUser: Int, maxSocketsPerUser: Int = .max, metrics: (any MetricsFactory)? = nil) {
-        socketsOpen = metrics.map { Meter(label: "parley_sockets_open", factory: $0) }
+    init(retention: Duration, maxStreamsPerUser: Int) {
         self.retention = retention
         self.maxStreamsPerUser = maxStreamsPerUser
-        self.maxSocketsPerUser = maxSocketsPerUser
-    }
-
-    // MARK: Connections
-
-    /// Adds a socket unless its user already has `maxSocketsPerUser` (checked and added under one lock).
-    func add(_ connection: ClientConnection) -> Bool {
-        state.withLock { s in
-            let user = connection.identity.user
-            guard (s.connections[user]?.count ?? 0) < maxSocketsPerUser else { return false }
-            s.connections[user, default: [:]][connection.id] = connection
-            socketsOpen?.increment()
-            return true
-        }
-    }
-
-    func remove(_ connection: ClientConnection) {
-        state.withLock { s in
-            if s.connections[connection.identity.user]?.removeValue(forKey: connection.id) != nil { socketsOpen?.decrement() }
-            if s.connections[connection.identity.user]?.isEmpty == true {
-                s.connections.removeValue(forKey: connection.identity.user)
-            }
-        }
-    }
-
-    func connections(of user: String) -> [ClientConnection] {
-        state.withLock { Array(($0.connections[user] ?? [:]).values) }
-    }
-
-    var allConnections: [ClientConnection] {
-        state.withLock { $0.connections.values.flatMap { Array($0.values) } }
-    }
-
-    var connectionCount: Int {
-        state.withLock { $0.connections.values.reduce(0) { $0 + $1.count } }
     }
 
     // MARK: Reservations

@@ -12,9 +12,6 @@ struct StreamMetrics: Sendable {
     /// before it) made the reader wait.
     let firstToken: Timer
     let interToken: Timer
-    /// From handing a frame to the fan-out to the last event loop having written it to its
-    /// sockets (fan-outs to more than one socket only).
-    let fanOutDelay: Timer
     private let ended: [StreamEndReason: Counter]
     /// `parley_provider_errors_total{kind="failed"}`: replies the provider failed (an error or a
     /// timeout, after its retries).
@@ -27,7 +24,6 @@ struct StreamMetrics: Sendable {
         tokens = Counter(label: "parley_tokens_total", factory: factory)
         firstToken = Timer(label: "parley_time_to_first_token_seconds", preferredDisplayUnit: .seconds, factory: factory)
         interToken = Timer(label: "parley_inter_token_seconds", preferredDisplayUnit: .seconds, factory: factory)
-        fanOutDelay = Timer(label: "parley_fanout_delay_seconds", preferredDisplayUnit: .seconds, factory: factory)
         var ended: [StreamEndReason: Counter] = [:]
         for reason in StreamEndReason.allCases {
             ended[reason] = Counter(label: "parley_streams_ended_total", dimensions: [("reason", reason.rawValue)], factory: factory)

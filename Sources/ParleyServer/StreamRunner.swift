@@ -15,6 +15,12 @@ import Synchronization
 /// The services say what to generate, who receives it and where it is stored; none of them
 /// touches the credits or registers a stream itself.
 final class StreamRunner: Sendable {
+    /// Who gets a frame: the subscribers of `topic` that `audience` admits.
+    struct Recipients: Sendable {
+        let topic: Topic
+        let audience: Audience
+    }
+
     /// A stream whose prompt is paid for, ready to open and run.
     struct Prepared: Sendable {
         let id: String
@@ -28,18 +34,23 @@ final class StreamRunner: Sendable {
     let credits: Credits
     let provider: any LLMProvider
     let hub: StreamHub
+    /// The sockets of this process, and the broker every frame goes through.
+    let sockets: SocketHub
+    let broker: any Broker
     let requests: RequestTracker
     let metrics: StreamMetrics
     let logger: Logger
     let ids: IDGenerator
     private let allocator = ByteBufferAllocator()
 
-    init(store: any Store, credits: Credits, provider: any LLMProvider, hub: StreamHub, requests: RequestTracker, configuration: ServerConfiguration,
-         logger: Logger, ids: IDGenerator) {
+    init(store: any Store, credits: Credits, provider: any LLMProvider, hub: StreamHub, sockets: SocketHub, broker: any Broker, requests: RequestTracker,
+         configuration: ServerConfiguration, logger: Logger, ids: IDGenerator) {
         self.store = store
         self.credits = credits
         self.provider = provider
         self.hub = hub
+        self.sockets = sockets
+        self.broker = broker
         self.requests = requests
         metrics = StreamMetrics(factory: configuration.metrics)
         self.logger = logger
@@ -67,13 +78,12 @@ final class StreamRunner: Sendable {
         _ = await prepared.meter.settle(usage: Usage(inputTokens: 0, outputTokens: 0))
     }
 
-    /// Makes the stream, sends `before` (if any) and its `stream.start` to `subscribers`, and
-    /// registers it. Synchronous, so a room can open a stream under its own lock and every member
-    /// it has then receives all of it.
-    func open(id: String, owner: String, model: String, kind: LiveStream.Kind, subscribers: [ClientConnection], bufferCapacity: Int,
-              ref: String? = nil, before: ByteBuffer? = nil) -> LiveStream {
-        let live = LiveStream(id: id, owner: owner, model: model, kind: kind, bufferCapacity: bufferCapacity, subscribers: subscribers, metrics: metrics)
-        if let before { live.broadcast(before) }
+    /// Makes the stream, read by the sockets subscribed to `readers` now (a user's, a room's, a
+    /// language's), sends them its `stream.start`, and registers it. Synchronous, so a room can
+    /// open a stream under its own lock and every member it has then receives all of it.
+    func open(id: String, owner: String, model: String, kind: LiveStream.Kind, readers: [Topic], bufferCapacity: Int, ref: String? = nil) -> LiveStream {
+        let live = LiveStream(id: id, owner: owner, model: model, kind: kind, bufferCapacity: bufferCapacity, readers: readers, broker: broker, hub: sockets,
+                              metrics: metrics)
         live.start(allocator.buffer(bytes: live.startFrame(ref: ref)))
         hub.register(live)
         return live
@@ -85,13 +95,12 @@ final class StreamRunner: Sendable {
     @discardableResult
     func run(
         _ live: LiveStream, _ prepared: Prepared, ref: String? = nil, requester: ClientConnection? = nil, messageID: String,
-        journal: StreamJournal.Target, paywallTo: (@Sendable () -> [ClientConnection])? = nil,
-        persist: @escaping @Sendable (Message) async throws -> Void
+        journal: StreamJournal.Target, paywall: Recipients? = nil, persist: @escaping @Sendable (Message) async throws -> Void
     ) async -> Message? {
         let stored = Mutex<Message?>(nil)
         let generation = Task {
             let message = await self.generate(live, prepared, ref: ref, requester: requester, messageID: messageID, journal: journal,
-                                               paywallTo: paywallTo, persist: persist)
+                                               paywall: paywall, persist: persist)
             stored.withLock { $0 = message }
         }
         live.attach(generation)
@@ -167,10 +176,10 @@ final class StreamRunner: Sendable {
     /// Streams one reply to `live`'s subscribers, metered by the prepared meter, and stores it
     /// under `messageID` with `persist` (even when stopped part-way). Returns the stored message,
     /// nil when storing failed. Releases a conversation's reservation when done. A paywall goes
-    /// to every subscriber, or to `paywallTo` (a room's moderator) when given.
+    /// to every reader, or to `paywall` (a room's moderator) when given.
     private func generate(
         _ live: LiveStream, _ prepared: Prepared, ref: String?, requester: ClientConnection?, messageID: String, journal target: StreamJournal.Target,
-        paywallTo: (@Sendable () -> [ClientConnection])?, persist: @escaping @Sendable (Message) async throws -> Void
+        paywall recipients: Recipients?, persist: @escaping @Sendable (Message) async throws -> Void
     ) async -> Message? {
         let (request, prompt, meter) = (prepared.request, prepared.prompt, prepared.meter)
         // Journaled as it streams, so a crash loses at most the last moments of what was sent.
@@ -263,15 +272,11 @@ final class StreamRunner: Sendable {
         await Task { await journal.finish(keep: keep) }.value
         if reason == .error, let failure {
             let frame = allocator.buffer(bytes: ServerFrame.error(ref: ref, code: failureCode, message: failure))
-            if let requester { live.send(frame, to: requester) } else { live.broadcast(frame) }
+            live.publish(frame, audience: requester.map { .only(connection: $0.id) } ?? .everyone)
         }
         if outOfCredits {
             let paywall = allocator.buffer(bytes: ServerFrame.paywall(stream: live.id, balance: balance, required: await meter.nextTokenCost, room: live.room))
-            if let paywallTo = paywallTo?() {
-                for connection in paywallTo { live.send(paywall, to: connection) }
-            } else {
-                live.broadcast(paywall)
-            }
+            live.publish(paywall, to: recipients?.topic, audience: recipients?.audience ?? .everyone)
         }
         let end = allocator.buffer(bytes: ServerFrame.streamEnd(stream: live.id, reason: reason, usage: usage, message: storedID, cost: cost, balance: balance))
         if live.room != nil {

@@ -1,0 +1,232 @@
+import CoreMetrics
+import NIOCore
+import ParleyCore
+import Synchronization
+
+/// Where a frame is published: every socket subscribed to the topic receives it.
+struct Topic: Hashable, Sendable, CustomStringConvertible {
+    let name: String
+
+    /// Every socket of a user.
+    static func user(_ id: String) -> Topic { Topic(name: "user." + id) }
+    /// The sockets following one stream (its start, tokens and end).
+    static func stream(_ id: String) -> Topic { Topic(name: "stream." + id) }
+    /// Every member socket of a room.
+    static func room(_ id: String) -> Topic { Topic(name: "room." + id) }
+    /// Translation chats: the member sockets reading in `language` (nil: originals as written).
+    static func room(_ id: String, readers language: LanguageTag?) -> Topic { Topic(name: "room." + id + ".lang." + (language?.value ?? "-")) }
+
+    var description: String { name }
+}
+
+/// Which of a topic's subscribers get a frame: plain values, so a broker between nodes can carry
+/// them with the frame.
+struct Audience: Sendable, Equatable {
+    var user: String?
+    var exceptUser: String?
+    var connection: String?
+    var exceptConnection: String?
+
+    static let everyone = Audience()
+    static func only(user: String) -> Audience { Audience(user: user) }
+    static func except(user: String) -> Audience { Audience(exceptUser: user) }
+    static func only(connection: String) -> Audience { Audience(connection: connection) }
+    static func except(connection: String?) -> Audience { Audience(exceptConnection: connection) }
+
+    func admits(_ connection: ClientConnection) -> Bool {
+        (user == nil || connection.identity.user == user) && (exceptUser == nil || connection.identity.user != exceptUser)
+            && (self.connection == nil || connection.id == self.connection) && (exceptConnection == nil || connection.id != exceptConnection)
+    }
+}
+
+/// Carries published frames to the sockets subscribed to their topic, after Centrifugo's
+/// hub/broker split: services publish, the broker delivers to each node's `SocketHub`.
+///
+/// A frame is encoded once per publish and the same buffer goes to every socket. Frames published
+/// to one topic by one publisher (a stream, under its lock) reach each socket in that order.
+/// `LocalBroker` is the one-process broker; a broker between nodes publishes asynchronously and
+/// delivers on its own threads, so callers never assume delivery happened when `publish` returns.
+protocol Broker: Sendable {
+    func publish(_ frame: ByteBuffer, to topic: Topic, audience: Audience)
+}
+
+extension Broker {
+    func publish(_ frame: ByteBuffer, to topic: Topic) { publish(frame, to: topic, audience: .everyone) }
+}
+
+/// Delivery within this process: straight to the local hub, on the publisher's thread.
+struct LocalBroker: Broker {
+    let hub: SocketHub
+
+    func publish(_ frame: ByteBuffer, to topic: Topic, audience: Audience) {
+        hub.deliver(frame, to: topic, audience: audience)
+    }
+}
+
+/// The sockets of this process: each user's, and which of them are subscribed to which topic.
+/// It owns no I/O beyond handing frames to `FanOut`.
+final class SocketHub: Sendable {
+    private struct State {
+        var byUser: [String: [String: ClientConnection]] = [:]
+        var subscribers: [Topic: [String: ClientConnection]] = [:]
+        /// Each socket's topics, so closing it unsubscribes it everywhere.
+        var topics: [String: Set<Topic>] = [:]
+    }
+
+    private let state = Mutex(State())
+    private let maxSocketsPerUser: Int
+    /// `parley_sockets_open`: authenticated WebSockets the hub holds.
+    private let socketsOpen: Meter?
+    /// From handing a frame to the fan-out to the last event loop having written it.
+    private let fanOutDelay: Timer?
+
+    init(maxSocketsPerUser: Int = .max, metrics: (any MetricsFactory)? = nil) {
+        self.maxSocketsPerUser = maxSocketsPerUser
+        socketsOpen = metrics.map { Meter(label: "parley_sockets_open", factory: $0) }
+        fanOutDelay = metrics.map { Timer(label: "parley_fanout_delay_seconds", preferredDisplayUnit: .seconds, factory: $0) }
+    }
+
+    // MARK: Sockets
+
+    /// Adds a socket, subscribed to its user's topic, unless its user already has
+    /// `maxSocketsPerUser` (checked and added under one lock).
+    func add(_ connection: ClientConnection) -> Bool {
+        state.withLock { s in
+            let user = connection.identity.user
+            guard (s.byUser[user]?.count ?? 0) < maxSocketsPerUser else { return false }
+            s.byUser[user, default: [:]][connection.id] = connection
+            Self.subscribe(connection, to: .user(user), &s)
+            socketsOpen?.increment()
+            return true
+        }
+    }
+
+    /// Removes a closed socket and every subscription it had.
+    func remove(_ connection: ClientConnection) {
+        state.withLock { s in
+            let user = connection.identity.user
+            if s.byUser[user]?.removeValue(forKey: connection.id) != nil { socketsOpen?.decrement() }
+            if s.byUser[user]?.isEmpty == true { s.byUser.removeValue(forKey: user) }
+            for topic in s.topics.removeValue(forKey: connection.id) ?? [] {
+                s.subscribers[topic]?.removeValue(forKey: connection.id)
+                if s.subscribers[topic]?.isEmpty == true { s.subscribers.removeValue(forKey: topic) }
+            }
+        }
+    }
+
+    func connections(of user: String) -> [ClientConnection] {
+        state.withLock { Array(($0.byUser[user] ?? [:]).values) }
+    }
+
+    var allConnections: [ClientConnection] {
+        state.withLock { $0.byUser.values.flatMap { Array($0.values) } }
+    }
+
+    var connectionCount: Int {
+        state.withLock { $0.byUser.values.reduce(0) { $0 + $1.count } }
+    }
+
+    // MARK: Subscriptions
+
+    func subscribe(_ connection: ClientConnection, to topic: Topic) {
+        state.withLock { Self.subscribe(connection, to: topic, &$0) }
+    }
+
+    /// Subscribes every socket subscribed to one of `sources` (now) to `topic`: a stream's
+    /// readers are whoever follows its user, room or language at its start.
+    func subscribe(subscribersOf sources: [Topic], to topic: Topic) {
+        state.withLock { s in
+            for source in sources {
+                for connection in (s.subscribers[source] ?? [:]).values { Self.subscribe(connection, to: topic, &s) }
+            }
+        }
+    }
+
+    func unsubscribe(_ connection: String, from topic: Topic) {
+        state.withLock { s in
+            s.subscribers[topic]?.removeValue(forKey: connection)
+            if s.subscribers[topic]?.isEmpty == true { s.subscribers.removeValue(forKey: topic) }
+            s.topics[connection]?.remove(topic)
+        }
+    }
+
+    /// Forgets a topic that gets no more frames (an ended stream, a room out of memory).
+    func close(_ topic: Topic) {
+        state.withLock { s in
+            for id in (s.subscribers.removeValue(forKey: topic) ?? [:]).keys { s.topics[id]?.remove(topic) }
+        }
+    }
+
+    /// The users with a socket subscribed to `topic`.
+    func users(in topic: Topic) -> Set<String> {
+        state.withLock { Set(($0.subscribers[topic] ?? [:]).values.map(\.identity.user)) }
+    }
+
+    func isSubscribed(_ connection: String, to topic: Topic) -> Bool {
+        state.withLock { $0.subscribers[topic]?[connection] != nil }
+    }
+
+    var topicCount: Int { state.withLock { $0.subscribers.count } }
+
+    // MARK: Delivery
+
+    /// Writes `frame` to every active subscriber of `topic` that `audience` admits.
+    func deliver(_ frame: ByteBuffer, to topic: Topic, audience: Audience) {
+        let recipients = state.withLock { s -> [ClientConnection] in
+            guard let subscribers = s.subscribers[topic] else { return [] }
+            // A chat reply has one subscriber: no dictionary walk beyond it.
+            if subscribers.count == 1, let only = subscribers.first?.value {
+                return only.isActive && audience.admits(only) ? [only] : []
+            }
+            var recipients: [ClientConnection] = []
+            recipients.reserveCapacity(subscribers.count)
+            for connection in subscribers.values where connection.isActive && audience.admits(connection) { recipients.append(connection) }
+            return recipients
+        }
+        FanOut.send(frame, to: recipients, delay: fanOutDelay)
+    }
+
+    private static func subscribe(_ connection: ClientConnection, to topic: Topic, _ s: inout State) {
+        s.subscribers[topic, default: [:]][connection.id] = connection
+        s.topics[connection.id, default: []].insert(topic)
+    }
+}
+
+/// The last tokens of a stream, kept for `stream.resume` and for members who join a room while a
+/// stream runs: `frames[i]` holds seq `firstSeq + i`. Not thread-safe: its stream's lock guards it.
+struct StreamHistory {
+    enum Replay {
+        /// Frames with seq > `after`, oldest first.
+        case frames(ArraySlice<ByteBuffer>)
+        /// Some of them were already evicted.
+        case gone
+    }
+
+    private let capacity: Int
+    private var frames = CircularBuffer<ByteBuffer>()
+    private var firstSeq: Int64 = 1
+    private(set) var lastSeq: Int64 = 0
+
+    init(capacity: Int) {
+        self.capacity = max(1, capacity)
+        frames.reserveCapacity(min(64, self.capacity))
+    }
+
+    /// Keeps token `seq`, which must follow the last, evicting the oldest beyond capacity.
+    mutating func append(seq: Int64, frame: ByteBuffer) {
+        precondition(seq == lastSeq + 1, "token seqs must be contiguous")
+        lastSeq = seq
+        if frames.count == capacity {
+            frames.removeFirst()
+            firstSeq += 1
+        }
+        frames.append(frame)
+    }
+
+    func replay(after: Int64) -> Replay {
+        if after + 1 < firstSeq { return .gone }
+        guard after < lastSeq else { return .frames([]) }
+        let skip = Int(max(0, after + 1 - firstSeq))
+        return .frames(Array(frames)[skip...])
+    }
+}

@@ -1,0 +1,93 @@
+import NIOCore
+import NIOEmbedded
+import NIOWebSocket
+import ParleyCore
+@testable import ParleyServer
+import Testing
+
+/// The hub and the local broker on EmbeddedChannels: who receives a published frame, and what
+/// a closed socket or an ended topic leaves behind.
+@Suite struct SocketHubTests {
+    final class Socket {
+        let loop = EmbeddedEventLoop()
+        let channel: EmbeddedChannel
+        let connection: ClientConnection
+
+        init(_ id: String, user: String) throws {
+            channel = EmbeddedChannel(loop: loop)
+            try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+            connection = ClientConnection(id: id, identity: Identity(user: user, role: nil), channel: channel)
+        }
+
+        /// The text frames written to it so far.
+        func received() throws -> [String] {
+            loop.run()
+            var out: [String] = []
+            while let frame = try channel.readOutbound(as: WebSocketFrame.self) { out.append(String(buffer: frame.unmaskedData)) }
+            return out
+        }
+    }
+
+    func frame(_ text: String) -> ByteBuffer { ByteBuffer(string: text) }
+
+    @Test func aPublishReachesTheTopicsSubscribersThatItsAudienceAdmits() throws {
+        let hub = SocketHub()
+        let broker = LocalBroker(hub: hub)
+        let (ann1, ann2, bob) = (try Socket("c1", user: "ann"), try Socket("c2", user: "ann"), try Socket("c3", user: "bob"))
+        for socket in [ann1, ann2, bob] {
+            #expect(hub.add(socket.connection))
+            hub.subscribe(socket.connection, to: .room("rm_1"))
+        }
+        broker.publish(frame("all"), to: .room("rm_1"))
+        broker.publish(frame("ann"), to: .room("rm_1"), audience: .only(user: "ann"))
+        broker.publish(frame("not c1"), to: .room("rm_1"), audience: .except(connection: "c1"))
+        broker.publish(frame("not ann"), to: .room("rm_1"), audience: .except(user: "ann"))
+        broker.publish(frame("ann's"), to: .user("ann"))
+        broker.publish(frame("nobody"), to: .room("rm_2"))
+        #expect(try ann1.received() == ["all", "ann", "ann's"])
+        #expect(try ann2.received() == ["all", "ann", "not c1", "ann's"])
+        #expect(try bob.received() == ["all", "not c1", "not ann"])
+    }
+
+    @Test func aStreamsReadersAreTheSubscribersOfItsSourcesAtItsStart() throws {
+        let hub = SocketHub()
+        let (ann, bob, cy) = (try Socket("c1", user: "ann"), try Socket("c2", user: "bob"), try Socket("c3", user: "cy"))
+        for socket in [ann, bob, cy] { _ = hub.add(socket.connection) }
+        hub.subscribe(ann.connection, to: .room("rm_1", readers: LanguageTag("pt")))
+        hub.subscribe(bob.connection, to: .room("rm_1", readers: nil))
+        hub.subscribe(subscribersOf: [.room("rm_1", readers: LanguageTag("pt")), .room("rm_1", readers: nil)], to: .stream("st_1"))
+        hub.subscribe(cy.connection, to: .room("rm_1", readers: nil))  // joined after the start: not a reader
+        LocalBroker(hub: hub).publish(frame("token"), to: .stream("st_1"))
+        #expect(try ann.received() == ["token"] && bob.received() == ["token"] && cy.received().isEmpty)
+        #expect(hub.users(in: .stream("st_1")) == ["ann", "bob"])
+    }
+
+    @Test func aClosedSocketAndAnEndedTopicLeaveNothingBehind() throws {
+        let hub = SocketHub(maxSocketsPerUser: 1)
+        let (ann, again) = (try Socket("c1", user: "ann"), try Socket("c2", user: "ann"))
+        #expect(hub.add(ann.connection))
+        #expect(!hub.add(again.connection), "one socket per user here")
+        hub.subscribe(ann.connection, to: .room("rm_1"))
+        hub.subscribe(ann.connection, to: .stream("st_1"))
+        #expect(hub.topicCount == 3)  // user, room, stream
+        hub.close(.stream("st_1"))
+        #expect(hub.topicCount == 2 && !hub.isSubscribed("c1", to: .stream("st_1")))
+        hub.remove(ann.connection)
+        #expect(hub.topicCount == 0 && hub.connectionCount == 0)
+        #expect(hub.add(again.connection), "its place is free again")
+    }
+
+    @Test func historyReplaysWhatFollowsASeqUntilItWasEvicted() {
+        var history = StreamHistory(capacity: 3)
+        for seq in 1...5 { history.append(seq: Int64(seq), frame: frame("t\(seq)")) }
+        func texts(after: Int64) -> [String]? {
+            guard case .frames(let frames) = history.replay(after: after) else { return nil }
+            return frames.map { String(buffer: $0) }
+        }
+        #expect(texts(after: 2) == ["t3", "t4", "t5"])
+        #expect(texts(after: 4) == ["t5"])
+        #expect(texts(after: 5) == [])
+        #expect(texts(after: 1) == nil, "t2 was evicted")
+        #expect(history.lastSeq == 5)
+    }
+}
