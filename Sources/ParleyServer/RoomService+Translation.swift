@@ -52,7 +52,7 @@ extension RoomService {
         guard known else {
             throw FrameError(ref: nil, code: .badRequest, message: "room.join needs your 'language' (a BCP 47 tag such as en or pt-BR) in translation chat \(live.id)")
         }
-        if let changed { _ = try await store.updateRoom(changed) }
+        if changed != nil { try await live.save(store) }
     }
 
     /// A person's message: stored, shown as written to readers of its language, and translated

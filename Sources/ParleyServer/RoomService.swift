@@ -70,10 +70,8 @@ final class RoomService: FrameHandler {
         }
         for room in rooms {
             await room.halt(.shutdown)
-            var stored = room.state.withLock { $0.room }
-            if stored.status == .running {
-                stored.status = .paused
-                _ = try? await store.updateRoom(stored)
+            if room.state.withLock({ $0.room.status }) == .running {
+                try? await room.save(store) { $0.status = .paused }
             }
         }
     }
@@ -258,7 +256,7 @@ final class RoomService: FrameHandler {
     func evictIfIdle(_ live: LiveRoom) {
         state.withLock { s in
             let idle = live.state.withLock { r -> Bool in
-                guard r.members.isEmpty, r.loop == nil, r.current == nil, r.inflight.isEmpty, r.pendingReplies == 0, !r.sequencing else { return false }
+                guard r.members.isEmpty, r.loop == nil, r.current == nil, r.inflight.isEmpty, r.pendingReplies == 0, !live.placement.isBusy else { return false }
                 r.retired = true
                 return true
             }
@@ -309,7 +307,7 @@ final class RoomService: FrameHandler {
         case .user(let user)?: fields.append(("user", .string(user)))
         case nil: break
         }
-        _ = try await store.updateRoom(control.room)
+        try await live.save(store)
         await audit?.record("room.\(control.event)", actor: connection.identity.user, target: id, ip: connection.remoteIP,
                             detail: target.map { ["subject": $0] } ?? [:])
         let frame = allocator.buffer(bytes: ServerFrame.roomEvent(room: id, event: control.event, fields))
@@ -360,7 +358,7 @@ final class RoomService: FrameHandler {
             return s.room
         }
         guard let ended else { return }
-        _ = try? await store.updateRoom(ended)
+        try? await live.save(store)
         live.broadcast(allocator.buffer(bytes: ServerFrame.roomEvent(room: ended.id, event: "ended", [("reason", .string("rounds_done"))])))
     }
 
@@ -398,24 +396,28 @@ final class RoomService: FrameHandler {
             let store = self.store
             let recorded = Mutex<RoomEntry?>(nil)
             let owner = room.owner
+            // The room moves past the turn before its stream.end goes out: a control the moderator
+            // sends on seeing it finds the turn over and counted.
+            let turnOver: @Sendable () -> Void = {
+                let entry = recorded.withLock { $0 }
+                live.state.withLock { s in
+                    s.current = nil
+                    if let entry {
+                        s.append(entry)
+                        if entry.reason == .complete { s.room.turnsTaken += 1 }
+                    }
+                    s.room.updatedAt = Int64(Timestamp.nowMillis())
+                }
+            }
             await streams.run(stream, prepared, messageID: entryID, journal: .roomTurn(room: room.id, speaker: clone.id),
-                              paywall: live.payer(owner)) { message in
+                              paywall: live.payer(owner), beforeEnd: turnOver) { message in
                 let entry = RoomEntry(id: entryID, room: room.id, kind: .turn, speaker: clone.id, text: message.text,
                                       createdAt: message.createdAt, reason: message.reason, stream: prepared.id)
                 try await store.appendRoomEntry(entry)
                 recorded.withLock { $0 = entry }
             }
             let entry = recorded.withLock { $0 }
-            let updated = live.state.withLock { s -> Room in
-                s.current = nil
-                if let entry {
-                    s.append(entry)
-                    if entry.reason == .complete { s.room.turnsTaken += 1 }
-                }
-                s.room.updatedAt = Int64(Timestamp.nowMillis())
-                return s.room
-            }
-            _ = try await store.updateRoom(updated)
+            try await live.save(store)
             if entry?.reason == .insufficientCredits {
                 try await pauseForCredits(live, room: room.id, refusal: nil)  // the stream sent its paywall
             }
@@ -448,12 +450,11 @@ final class RoomService: FrameHandler {
     var isAccepting: Bool { state.withLock { $0.accepting } && streams.isAccepting }
 
     private func changeRoom(_ live: LiveRoom, _ change: (inout Room) -> Void) async throws {
-        let room = live.state.withLock { s -> Room in
+        live.state.withLock { s in
             change(&s.room)
             s.room.updatedAt = Int64(Timestamp.nowMillis())
-            return s.room
         }
-        _ = try await store.updateRoom(room)
+        try await live.save(store)
     }
 
     // MARK: Helpers
@@ -521,9 +522,6 @@ final class LiveRoom: Sendable {
         /// Translation chats: clone replies queued or running; `replies` is the last one queued.
         var pendingReplies = 0
         var replies: Task<Void, Never>?
-        /// Translation chats: a message is being placed in order (see `LiveRoom.sequenced`).
-        var sequencing = false
-        var waiting: [CheckedContinuation<Void, Never>] = []
         /// Translation chats: counts messages placed, so streams replay in the order they were said.
         var placed: Int = 0
 
@@ -564,6 +562,10 @@ final class LiveRoom: Sendable {
 
     let id: String
     let state: Mutex<State>
+    /// Translation chats: messages are placed one at a time (`sequenced`).
+    let placement = FIFOLock()
+    /// One write of the room at a time (`save`).
+    private let saves = FIFOLock()
     /// Its frames go to its members through the broker; the hub knows who they are.
     let broker: any Broker
     let hub: SocketHub
@@ -591,28 +593,18 @@ final class LiveRoom: Sendable {
     /// messages are placed in order one at a time (FIFO), so every member sees them in the order
     /// they were said and the transcript's ids follow that order.
     func sequenced<T>(_ body: () async throws -> T) async throws -> T {
-        await withCheckedContinuation { (waiter: CheckedContinuation<Void, Never>) in
-            let runNow = state.withLock { s -> Bool in
-                guard s.sequencing else {
-                    s.sequencing = true
-                    return true
-                }
-                s.waiting.append(waiter)
-                return false
-            }
-            if runNow { waiter.resume() }
+        try await placement.run(body)
+    }
+
+    /// Stores the room as it is when the write starts (after `change`, applied to the stored copy
+    /// only). Writes of one room never overlap, so an older state can never land over a newer
+    /// one: a moderator's control and the end of a turn both store the room, from other tasks.
+    func save(_ store: any Store, _ change: @Sendable (inout Room) -> Void = { _ in }) async throws {
+        try await saves.run {
+            var room = state.withLock { $0.room }
+            change(&room)
+            _ = try await store.updateRoom(room)
         }
-        defer {
-            let next = state.withLock { s -> CheckedContinuation<Void, Never>? in
-                guard !s.waiting.isEmpty else {
-                    s.sequencing = false
-                    return nil
-                }
-                return s.waiting.removeFirst()
-            }
-            next?.resume()
-        }
-        return try await body()
     }
 
     /// Announces a join or leave: to every member while the room has at most `limit` sockets,

@@ -95,12 +95,13 @@ final class StreamRunner: Sendable {
     @discardableResult
     func run(
         _ live: LiveStream, _ prepared: Prepared, ref: String? = nil, requester: ClientConnection? = nil, messageID: String,
-        journal: StreamJournal.Target, paywall: Recipients? = nil, persist: @escaping @Sendable (Message) async throws -> Void
+        journal: StreamJournal.Target, paywall: Recipients? = nil, beforeEnd: (@Sendable () -> Void)? = nil,
+        persist: @escaping @Sendable (Message) async throws -> Void
     ) async -> Message? {
         let stored = Mutex<Message?>(nil)
         let generation = Task {
             let message = await self.generate(live, prepared, ref: ref, requester: requester, messageID: messageID, journal: journal,
-                                               paywall: paywall, persist: persist)
+                                               paywall: paywall, beforeEnd: beforeEnd, persist: persist)
             stored.withLock { $0 = message }
         }
         live.attach(generation)
@@ -179,7 +180,7 @@ final class StreamRunner: Sendable {
     /// to every reader, or to `paywall` (a room's moderator) when given.
     private func generate(
         _ live: LiveStream, _ prepared: Prepared, ref: String?, requester: ClientConnection?, messageID: String, journal target: StreamJournal.Target,
-        paywall recipients: Recipients?, persist: @escaping @Sendable (Message) async throws -> Void
+        paywall recipients: Recipients?, beforeEnd: (@Sendable () -> Void)?, persist: @escaping @Sendable (Message) async throws -> Void
     ) async -> Message? {
         let (request, prompt, meter) = (prepared.request, prepared.prompt, prepared.meter)
         // Journaled as it streams, so a crash loses at most the last moments of what was sent.
@@ -278,6 +279,7 @@ final class StreamRunner: Sendable {
             let paywall = allocator.buffer(bytes: ServerFrame.paywall(stream: live.id, balance: balance, required: await meter.nextTokenCost, room: live.room))
             live.publish(paywall, to: recipients?.topic, audience: recipients?.audience ?? .everyone)
         }
+        beforeEnd?()
         let end = allocator.buffer(bytes: ServerFrame.streamEnd(stream: live.id, reason: reason, usage: usage, message: storedID, cost: cost, balance: balance))
         if live.room != nil {
             // Others in the room see the stream end, not what it cost its payer or their balance.

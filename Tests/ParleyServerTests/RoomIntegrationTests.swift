@@ -237,6 +237,29 @@ struct DebateFixture {
         await f.server.stop()
     }
 
+    @Test func aPauseSentOnSeeingStreamEndLeavesTheStoredRoomCountingEveryCompleteTurn() async throws {
+        // The moderator's pause and the turn loop both store the room, from different tasks: an
+        // older state must never land over a newer one (a turn counted in memory, not in the store).
+        let f = try await DebateFixture.make(rounds: 10)
+        let mod = try await f.server.connect(token: f.modToken)
+        _ = try await mod.join(f.room)
+        try await mod.control(f.room, "start")
+        for round in 0..<3 {
+            _ = try await mod.next(type: "stream.end")
+            try await mod.control(f.room, "pause", id: "p\(round)")  // sent the moment stream.end arrived
+            _ = try await mod.roomEvent("paused")
+            let viewer = try await f.server.connect(token: f.modToken)
+            let state = try await viewer.join(f.room)
+            #expect(state["stream"] == .null, "nothing streams in a paused room")
+            let room = try await f.server.get("/v1/rooms/\(f.room)", token: f.modToken).json()["room"]!
+            let complete = try await f.transcript().filter { $0["reason"] == .string("complete") }.count
+            #expect(room["status"] == .string("paused") && room["turns_taken"] == .int(Int64(complete)), "\(room)")
+            try await mod.control(f.room, "resume", id: "r\(round)")
+            _ = try await mod.roomEvent("resumed")
+        }
+        await f.server.stop()
+    }
+
     @Test func pauseCutsTheTurnShortAndResumeGivesItBack() async throws {
         let f = try await DebateFixture.make(rounds: 1) {
             $0.simulated.replyTokens = 400

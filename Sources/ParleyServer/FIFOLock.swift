@@ -1,0 +1,45 @@
+import NIOCore
+import Synchronization
+
+/// Mutual exclusion across suspension points, first come first served: the bodies run through
+/// one lock never overlap, and they start in the order `run` was called. (An actor would not do:
+/// it lets another call in while a body awaits.)
+final class FIFOLock: Sendable {
+    private struct State {
+        var busy = false
+        var waiting = CircularBuffer<CheckedContinuation<Void, Never>>()
+    }
+
+    private let state = Mutex(State())
+
+    /// Whether a body is running or waiting.
+    var isBusy: Bool { state.withLock { $0.busy } }
+
+    /// Bodies waiting for the one running.
+    var waitingCount: Int { state.withLock { $0.waiting.count } }
+
+    func run<T>(_ body: () async throws -> T) async rethrows -> T {
+        await withCheckedContinuation { (waiter: CheckedContinuation<Void, Never>) in
+            let runNow = state.withLock { s -> Bool in
+                guard s.busy else {
+                    s.busy = true
+                    return true
+                }
+                s.waiting.append(waiter)
+                return false
+            }
+            if runNow { waiter.resume() }
+        }
+        defer {
+            let next = state.withLock { s -> CheckedContinuation<Void, Never>? in
+                guard let next = s.waiting.popFirst() else {
+                    s.busy = false
+                    return nil
+                }
+                return next
+            }
+            next?.resume()
+        }
+        return try await body()
+    }
+}
