@@ -42,7 +42,7 @@ struct CreditMetrics: Sendable {
 
 /// Grants and the one-time starting grant.
 final class Credits: Sendable {
-    let store: any Store
+    let store: any LedgerStore
     /// What a deleted user's ledger rows are kept under (`AuditLog.pseudonym`).
     private let pseudonym: @Sendable (String) -> String
     let configuration: CreditsConfiguration
@@ -51,7 +51,7 @@ final class Credits: Sendable {
     /// Users whose starting grant is known to be applied; only saves a store round trip.
     private let welcomed = Mutex(Set<String>())
 
-    init(store: any Store, configuration: CreditsConfiguration, logger: Logger, metrics: any MetricsFactory = MetricsSystem.factory,
+    init(store: any LedgerStore, configuration: CreditsConfiguration, logger: Logger, metrics: any MetricsFactory = MetricsSystem.factory,
          pseudonym: @escaping @Sendable (String) -> String) {
         self.store = store
         self.pseudonym = pseudonym

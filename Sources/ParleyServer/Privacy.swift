@@ -7,13 +7,13 @@ import ParleyStore
 /// Records state changes in the store's audit log. The client address is kept only as its keyed
 /// hash; a failure to record is logged and does not undo the change it describes.
 struct AuditLog: Sendable {
-    let store: any Store
+    let store: any PrivacyStore
     let ids: IDGenerator
     let logger: Logger
     private let addresses: KeyedHasher
     private let pseudonyms: KeyedHasher
 
-    init(store: any Store, secret: String, ids: IDGenerator, logger: Logger) {
+    init(store: any PrivacyStore, secret: String, ids: IDGenerator, logger: Logger) {
         self.store = store
         self.ids = ids
         self.logger = logger
@@ -41,7 +41,7 @@ struct AuditLog: Sendable {
 /// The retention promise: every `interval`, generated content older than `retention` that its
 /// owner did not save is deleted, in bounded batches so one pass never holds the store long.
 final class RetentionJob: Sendable {
-    let store: any Store
+    let store: any PrivacyStore
     /// nil: retention is off (the job does nothing; an admin may still purge by hand).
     let retention: Duration?
     let interval: Duration
@@ -50,7 +50,7 @@ final class RetentionJob: Sendable {
     private let purgedEntries: Counter
     static let batch = 1_000
 
-    init(store: any Store, retention: Duration?, interval: Duration, logger: Logger, metrics: any MetricsFactory) {
+    init(store: any PrivacyStore, retention: Duration?, interval: Duration, logger: Logger, metrics: any MetricsFactory) {
         self.store = store
         self.retention = retention
         self.interval = interval

@@ -20,12 +20,12 @@ final class StreamJournalWriter: Sendable {
         var finished = false
     }
 
-    private let store: any Store
+    private let store: any StreamJournalStore
     private let logger: Logger
     private let state: Mutex<State>
 
     /// Starts journaling `journal` (no text yet): its first write goes out at once.
-    init(_ journal: StreamJournal, store: any Store, logger: Logger) {
+    init(_ journal: StreamJournal, store: any StreamJournalStore, logger: Logger) {
         self.store = store
         self.logger = logger
         state = Mutex(State(journal: journal))

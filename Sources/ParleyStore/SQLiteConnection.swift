@@ -11,6 +11,29 @@ public enum SQLValue: Sendable, Equatable {
     var text: String? { if case .text(let v) = self { v } else { nil } }
 }
 
+/// One result row, read by column name (`row["created_at"]`), so a decoder does not depend on
+/// the order of a SELECT's columns.
+struct SQLRow: Sendable {
+    /// Column name to position, shared by every row of one result.
+    final class Columns: Sendable {
+        let index: [String: Int]
+        init(_ names: [String]) {
+            index = Dictionary(names.enumerated().map { ($1, $0) }, uniquingKeysWith: { first, _ in first })
+        }
+    }
+
+    let values: [SQLValue]
+    let columns: Columns
+
+    subscript(_ name: String) -> SQLValue {
+        guard let position = columns.index[name] else {
+            assertionFailure("no column '\(name)' in this result")
+            return .null
+        }
+        return values[position]
+    }
+}
+
 /// One SQLite connection. Owns the `sqlite3*` and every prepared statement. Not thread-safe:
 /// it may move between threads, but its owner serialises every use (`SQLiteStore` holds it in a
 /// `Mutex`), which is what the unchecked `Sendable` promises. Statements are prepared once and cached.
@@ -54,7 +77,7 @@ final class SQLiteConnection: @unchecked Sendable {
 
     /// Runs a statement and returns its rows.
     @discardableResult
-    func query(_ sql: String, _ params: [SQLValue] = []) throws -> [[SQLValue]] {
+    func query(_ sql: String, _ params: [SQLValue] = []) throws -> [SQLRow] {
         let db = try open()
         let statement = try prepared(sql, db)
         defer {
@@ -70,7 +93,8 @@ final class SQLiteConnection: @unchecked Sendable {
             }
             guard rc == SQLITE_OK else { throw error(db, rc) }
         }
-        var rows: [[SQLValue]] = []
+        let names = SQLRow.Columns((0..<sqlite3_column_count(statement)).map { String(cString: sqlite3_column_name(statement, $0)) })
+        var rows: [SQLRow] = []
         while true {
             let rc = sqlite3_step(statement)
             if rc == SQLITE_DONE { break }
@@ -90,7 +114,7 @@ final class SQLiteConnection: @unchecked Sendable {
                     }
                 }
             }
-            rows.append(row)
+            rows.append(SQLRow(values: row, columns: names))
         }
         return rows
     }

@@ -1,12 +1,23 @@
 import ParleyCore
 
-/// Everything Parley persists, behind one async interface. Every backend passes the same
+/// Everything Parley persists, behind one async interface made of one protocol per domain, so a
+/// part of the server depends only on what it uses (the credits on the ledger, the audit log on
+/// privacy). One type per backend conforms to all of them, and every backend passes the same
 /// conformance suite (Tests/ParleyStoreTests). Implementations must never block an event loop:
 /// blocking drivers run their calls on a thread pool.
 ///
 /// Ownership is part of every read: asking for another user's clone or conversation answers nil,
 /// exactly as if it did not exist, so callers cannot leak existence by accident.
-public protocol Store: Sendable {
+public protocol Store: ChatStore, LedgerStore, StreamJournalStore, ScheduleStore, RoomStore, PrivacyStore {
+    /// A round trip through the store (for `/healthz`): throws when it cannot serve calls.
+    func ping() async throws
+
+    /// Flushes and releases resources. Calls after `close` fail with `StoreError.closed`.
+    func close() async throws
+}
+
+/// Users, clones, their conversations and messages.
+public protocol ChatStore: Sendable {
     /// Records the user on first sight; returns the stored user either way.
     func ensureUser(_ id: String, now: Int64) async throws -> User
 
@@ -29,9 +40,12 @@ public protocol Store: Sendable {
     /// A page of a conversation's messages in chronological order: the newest `limit` messages
     /// older than `before` (a message id) when given.
     func messages(conversation: String, limit: Int, before: String?) async throws -> [Message]
+    /// One message of a conversation, nil when absent.
+    func message(id: String, conversation: String) async throws -> Message?
+}
 
-    // MARK: Credits
-
+/// Credits: balances and the ledger that explains them.
+public protocol LedgerStore: Sendable {
     /// The user's balance; 0 for a user with no ledger entries.
     func balance(user: String) async throws -> Int64
 
@@ -51,17 +65,19 @@ public protocol Store: Sendable {
     /// Completes or voids entries a crash left half-applied (a no-op where applying is one
     /// transaction). Called at start-up, before serving. Returns how many it settled.
     func recoverLedger() async throws -> Int
+}
 
-    // MARK: Stream journals
-
+/// What a reply in flight has streamed so far, so a crash cannot lose what a user saw.
+public protocol StreamJournalStore: Sendable {
     /// Stores the journal of a reply in flight, replacing the one of the same stream.
     func saveStreamJournal(_ journal: StreamJournal) async throws
     func deleteStreamJournal(stream: String) async throws
     /// Journals left by replies a crash cut short, oldest first, `limit` at most.
     func streamJournals(limit: Int) async throws -> [StreamJournal]
+}
 
-    // MARK: Schedules
-
+/// Scheduled messages and the compare-and-set steps that fire each exactly once.
+public protocol ScheduleStore: Sendable {
     func createSchedule(_ schedule: Schedule) async throws
     func schedule(id: String, owner: String) async throws -> Schedule?
     /// The owner's schedules, newest first, `limit` at most, older than `before` when given.
@@ -77,11 +93,10 @@ public protocol Store: Sendable {
     /// message or conversation already stored under its id (by an attempt a crash interrupted) is
     /// kept. Returns the fired schedule, nil when it was not firing.
     func completeSchedule(id: String, message: Message, newConversation: Conversation?, now: Int64) async throws -> Schedule?
-    /// One message of a conversation, nil when absent.
-    func message(id: String, conversation: String) async throws -> Message?
+}
 
-    // MARK: Rooms
-
+/// Debate rooms and translation chats with their transcripts.
+public protocol RoomStore: Sendable {
     func createRoom(_ room: Room) async throws
     /// A room by id whoever asks: link rooms are readable by anyone with the id, so the caller
     /// checks access (the one read here without an owner).
@@ -94,11 +109,12 @@ public protocol Store: Sendable {
     /// A page of a room's transcript in chronological order: the newest `limit` entries older
     /// than `before` (an entry id) when given.
     func roomEntries(room: String, limit: Int, before: String?) async throws -> [RoomEntry]
-
-    // MARK: Privacy
-
     /// The rooms `owner` owns, oldest first, `limit` at most, created after `after` (the export).
     func rooms(owner: String, limit: Int, after: String?) async throws -> [Room]
+}
+
+/// What the privacy promises need: saved messages, deleting a user, retention, the audit log.
+public protocol PrivacyStore: Sendable {
     /// Marks a message of a conversation saved (kept by retention) or not; false when absent.
     func setMessageSaved(id: String, conversation: String, saved: Bool) async throws -> Bool
     /// Deletes everything stored of the user: their clones with their conversations and
@@ -114,12 +130,6 @@ public protocol Store: Sendable {
     func appendAudit(_ event: AuditEvent) async throws
     /// Audit events newest first, `limit` at most, older than `before` (an event id) when given.
     func auditEvents(limit: Int, before: String?) async throws -> [AuditEvent]
-
-    /// A round trip through the store (for `/healthz`): throws when it cannot serve calls.
-    func ping() async throws
-
-    /// Flushes and releases resources. Calls after `close` fail with `StoreError.closed`.
-    func close() async throws
 }
 
 /// The new state of a schedule; nil fields keep their stored value.

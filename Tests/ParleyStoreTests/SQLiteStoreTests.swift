@@ -34,8 +34,8 @@ import Testing
         try await SQLiteStore.open(path: path).close()
         let connection = try SQLiteConnection(path: path)
         defer { connection.close() }
-        #expect(try connection.query("PRAGMA user_version").first?.first == .int(Int64(SQLiteStore.schemaVersion)))
-        #expect(try connection.query("PRAGMA journal_mode").first?.first == .text("wal"))
+        #expect(try connection.query("PRAGMA user_version").first?["user_version"] == .int(Int64(SQLiteStore.schemaVersion)))
+        #expect(try connection.query("PRAGMA journal_mode").first?["journal_mode"] == .text("wal"))
     }
 
     @Test func anUnopenablePathIsAClearError() async throws {

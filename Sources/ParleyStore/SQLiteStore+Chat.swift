@@ -1,0 +1,180 @@
+import ParleyCore
+
+/// Users, clones, conversations and messages.
+extension SQLiteStore {
+    // MARK: Users
+
+    public func ensureUser(_ id: String, now: Int64) async throws -> User {
+        try await run { db in
+            try db.query("INSERT INTO users(id, created_at) VALUES(?, ?) ON CONFLICT(id) DO NOTHING", [.text(id), .int(now)])
+            let row = try db.query("SELECT created_at FROM users WHERE id = ?", [.text(id)]).first
+            return User(id: id, createdAt: row?["created_at"].int ?? now)
+        }
+    }
+
+    // MARK: Clones
+
+    static let cloneColumns = "id, owner, name, traits, system_prompt, sliders, memory, model, profile, created_at, updated_at"
+
+    public func createClone(_ clone: Clone) async throws {
+        try await run { db in
+            try db.query(
+                "INSERT INTO clones(\(Self.cloneColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [.text(clone.id), .text(clone.owner)] + Self.cloneValues(clone) + [.int(clone.createdAt), .int(clone.updatedAt)]
+            )
+        }
+    }
+
+    public func clone(id: String, owner: String) async throws -> Clone? {
+        try await run { db in
+            try db.query("SELECT \(Self.cloneColumns) FROM clones WHERE id = ? AND owner = ?", [.text(id), .text(owner)])
+                .first.map(Self.clone(from:))
+        }
+    }
+
+    public func clones(owner: String) async throws -> [Clone] {
+        try await run { db in
+            try db.query("SELECT \(Self.cloneColumns) FROM clones WHERE owner = ? ORDER BY id", [.text(owner)])
+                .map(Self.clone(from:))
+        }
+    }
+
+    public func updateClone(_ clone: Clone) async throws -> Bool {
+        try await run { db in
+            try db.query(
+                "UPDATE clones SET name = ?, traits = ?, system_prompt = ?, sliders = ?, memory = ?, model = ?, profile = ?, updated_at = ? WHERE id = ? AND owner = ?",
+                Self.cloneValues(clone) + [.int(clone.updatedAt), .text(clone.id), .text(clone.owner)]
+            )
+            return db.changes > 0
+        }
+    }
+
+    public func deleteClone(id: String, owner: String) async throws -> Bool {
+        try await run { db in
+            // Conversations and messages go with it through ON DELETE CASCADE.
+            try db.query("DELETE FROM clones WHERE id = ? AND owner = ?", [.text(id), .text(owner)])
+            return db.changes > 0
+        }
+    }
+
+    static func cloneValues(_ clone: Clone) -> [SQLValue] {
+        [
+            .text(clone.name),
+            .text(JSONValue.array(clone.traits.map(JSONValue.string)).serializedString()),
+            .text(clone.systemPrompt),
+            .text(clone.slidersJSON.serializedString()),
+            .text(JSONValue.array(clone.memory.map(JSONValue.string)).serializedString()),
+            clone.model.map(SQLValue.text) ?? .null,
+            clone.profile.isEmpty ? .null : .text(CharacterCard.storageJSON(clone.profile).serializedString()),
+        ]
+    }
+
+    static func clone(from row: SQLRow) throws -> Clone {
+        var sliders: [String: Int] = [:]
+        if case .object(let pairs) = try JSONValue.parse(Array((row["sliders"].text ?? "{}").utf8)) {
+            for (key, value) in pairs { if case .int(let v) = value { sliders[key] = Int(v) } }
+        }
+        return Clone(
+            id: row["id"].text ?? "", owner: row["owner"].text ?? "", name: row["name"].text ?? "",
+            traits: try Self.strings(row["traits"]), systemPrompt: row["system_prompt"].text ?? "", sliders: sliders,
+            memory: try Self.strings(row["memory"]), createdAt: row["created_at"].int ?? 0, updatedAt: row["updated_at"].int ?? 0, model: row["model"].text,
+            profile: CharacterCard.profile(fromStorage: row["profile"].text)
+        )
+    }
+
+    // MARK: Conversations
+
+    static let conversationColumns = "id, owner, clone, title, created_at, updated_at"
+
+    public func createConversation(_ c: Conversation) async throws {
+        try await run { db in try Self.insert(c, into: db, orIgnore: false) }
+    }
+
+    static func insert(_ c: Conversation, into db: SQLiteConnection, orIgnore: Bool) throws {
+        try db.query(
+            "INSERT INTO conversations(\(Self.conversationColumns)) VALUES(?, ?, ?, ?, ?, ?)" + (orIgnore ? " ON CONFLICT(id) DO NOTHING" : ""),
+            [.text(c.id), .text(c.owner), .text(c.clone), .text(c.title), .int(c.createdAt), .int(c.updatedAt)]
+        )
+    }
+
+    public func conversation(id: String, owner: String) async throws -> Conversation? {
+        try await run { db in
+            try db.query("SELECT \(Self.conversationColumns) FROM conversations WHERE id = ? AND owner = ?", [.text(id), .text(owner)])
+                .first.map(Self.conversation(from:))
+        }
+    }
+
+    public func conversations(owner: String, limit: Int, before: String?) async throws -> [Conversation] {
+        let page = Self.cursor("id", "<", before)
+        return try await run { db in
+            try db.query(
+                "SELECT \(Self.conversationColumns) FROM conversations WHERE owner = ?\(page.sql) ORDER BY id DESC LIMIT ?",
+                [.text(owner)] + page.params + [.int(Int64(limit))]
+            ).map(Self.conversation(from:))
+        }
+    }
+
+    static func conversation(from row: SQLRow) -> Conversation {
+        Conversation(
+            id: row["id"].text ?? "", owner: row["owner"].text ?? "", clone: row["clone"].text ?? "", title: row["title"].text ?? "",
+            createdAt: row["created_at"].int ?? 0, updatedAt: row["updated_at"].int ?? 0
+        )
+    }
+
+    // MARK: Messages
+
+    static let messageColumns = "id, conversation, role, text, created_at, reason, input_tokens, output_tokens, stream, saved"
+
+    public func appendMessage(_ m: Message) async throws {
+        try await run { db in
+            try db.transaction { try Self.insert(m, into: db, orIgnore: false) }
+        }
+    }
+
+    /// Inserts a message and moves its conversation's `updated_at`; `orIgnore` keeps an existing
+    /// message with the same id instead of failing.
+    static func insert(_ m: Message, into db: SQLiteConnection, orIgnore: Bool) throws {
+                try db.query(
+                    "INSERT INTO messages(\(Self.messageColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" + (orIgnore ? " ON CONFLICT(id) DO NOTHING" : ""),
+                    [
+                        .text(m.id), .text(m.conversation), .text(m.role.rawValue), .text(m.text), .int(m.createdAt),
+                        m.reason.map { .text($0.rawValue) } ?? .null,
+                        m.usage.map { .int(Int64($0.inputTokens)) } ?? .null,
+                        m.usage.map { .int(Int64($0.outputTokens)) } ?? .null,
+                        m.stream.map(SQLValue.text) ?? .null,
+                        .int(m.saved ? 1 : 0),
+                    ]
+                )
+                try db.query(
+                    "UPDATE conversations SET updated_at = max(updated_at, ?) WHERE id = ?",
+                    [.int(m.createdAt), .text(m.conversation)]
+                )
+    }
+
+    public func message(id: String, conversation: String) async throws -> Message? {
+        try await run { db in
+            try db.query("SELECT \(Self.messageColumns) FROM messages WHERE id = ? AND conversation = ?", [.text(id), .text(conversation)])
+                .first.map(Self.message(from:))
+        }
+    }
+
+    public func messages(conversation: String, limit: Int, before: String?) async throws -> [Message] {
+        let page = Self.cursor("id", "<", before)
+        return try await run { db in
+            try db.query(
+                "SELECT \(Self.messageColumns) FROM messages WHERE conversation = ?\(page.sql) ORDER BY id DESC LIMIT ?",
+                [.text(conversation)] + page.params + [.int(Int64(limit))]
+            ).reversed().map(Self.message(from:))
+        }
+    }
+
+    static func message(from row: SQLRow) -> Message {
+        var usage: Usage?
+        if let input = row["input_tokens"].int, let output = row["output_tokens"].int { usage = Usage(inputTokens: Int(input), outputTokens: Int(output)) }
+        return Message(
+            id: row["id"].text ?? "", conversation: row["conversation"].text ?? "", role: Role(rawValue: row["role"].text ?? "") ?? .user,
+            text: row["text"].text ?? "", createdAt: row["created_at"].int ?? 0,
+            reason: row["reason"].text.flatMap(StreamEndReason.init(rawValue:)), usage: usage, stream: row["stream"].text, saved: row["saved"].int == 1
+        )
+    }
+}

@@ -1,0 +1,82 @@
+import ParleyCore
+
+/// Credits: a ledger row and its balance change commit in one transaction.
+extension SQLiteStore {
+    // MARK: Credits
+
+    static let ledgerColumns = "id, user, kind, credits, tokens, stream, conversation, room, model, feature, note, created_at"
+
+    public func balance(user: String) async throws -> Int64 {
+        try await run { db in try Self.balance(db, user) }
+    }
+
+    static func balance(_ db: SQLiteConnection, _ user: String) throws -> Int64 {
+        try db.query("SELECT balance FROM accounts WHERE user = ?", [.text(user)]).first?["balance"].int ?? 0
+    }
+
+    public func apply(_ entry: LedgerEntry, allowOverdraft: Bool) async throws -> LedgerOutcome {
+        try await run { db in
+            try db.transaction {
+                let current = try Self.balance(db, entry.user)
+                if try !db.query("SELECT 1 FROM ledger WHERE id = ?", [.text(entry.id)]).isEmpty {
+                    return .alreadyApplied(balance: current)
+                }
+                if entry.credits < 0, !allowOverdraft, current + entry.credits < 0 {
+                    return .insufficient(balance: current)
+                }
+                let optional: (String?) -> SQLValue = { $0.map(SQLValue.text) ?? .null }
+                try db.query(
+                    "INSERT INTO ledger(\(Self.ledgerColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        .text(entry.id), .text(entry.user), .text(entry.kind.rawValue), .int(entry.credits), .int(Int64(entry.tokens)),
+                        optional(entry.stream), optional(entry.conversation), optional(entry.room), optional(entry.model),
+                        optional(entry.feature), optional(entry.note), .int(entry.createdAt),
+                    ]
+                )
+                let updated = current + entry.credits
+                try db.query(
+                    "INSERT INTO accounts(user, balance) VALUES(?, ?) ON CONFLICT(user) DO UPDATE SET balance = excluded.balance",
+                    [.text(entry.user), .int(updated)]
+                )
+                return .applied(balance: updated)
+            }
+        }
+    }
+
+    public func ledgerEntry(id: String) async throws -> LedgerEntry? {
+        try await run { db in
+            try db.query("SELECT \(Self.ledgerColumns) FROM ledger WHERE id = ?", [.text(id)]).first.map(Self.ledgerEntry(from:))
+        }
+    }
+
+    static func ledgerEntry(from r: SQLRow) -> LedgerEntry {
+        LedgerEntry(
+            id: r["id"].text ?? "", user: r["user"].text ?? "", kind: LedgerEntry.Kind(rawValue: r["kind"].text ?? "") ?? .debit,
+            credits: r["credits"].int ?? 0, tokens: Int(r["tokens"].int ?? 0), stream: r["stream"].text, conversation: r["conversation"].text, room: r["room"].text,
+            model: r["model"].text, feature: r["feature"].text, note: r["note"].text, createdAt: r["created_at"].int ?? 0
+        )
+    }
+
+    public func ledger(user: String, limit: Int, before: String?) async throws -> [LedgerEntry] {
+        try await run { db in
+            var cursor: (Int64, String)?
+            if let before {
+                guard let row = try db.query("SELECT created_at, id FROM ledger WHERE id = ? AND user = ?", [.text(before), .text(user)]).first else {
+                    return []
+                }
+                cursor = (row["created_at"].int ?? 0, row["id"].text ?? "")
+            }
+            // A row-value comparison, so the (user, created_at, id) index serves the range; the
+            // first page has no condition at all (see `cursor`).
+            let page: (sql: String, params: [SQLValue]) = cursor.map { (" AND (created_at, id) < (?, ?)", [.int($0.0), .text($0.1)]) } ?? ("", [])
+            let rows = try db.query(
+                "SELECT \(Self.ledgerColumns) FROM ledger WHERE user = ?\(page.sql) ORDER BY created_at DESC, id DESC LIMIT ?",
+                [.text(user)] + page.params + [.int(Int64(limit))]
+            )
+            return rows.map(Self.ledgerEntry(from:))
+        }
+    }
+
+    /// Applying is one transaction here: nothing is ever left half-applied.
+    public func recoverLedger() async throws -> Int { 0 }
+}
