@@ -1,0 +1,130 @@
+import NIOCore
+import ParleyCore
+import ParleyStore
+import Synchronization
+
+/// A room in memory: its stored state, recent transcript, members and the turn being streamed.
+final class LiveRoom: Sendable {
+    struct State {
+        var room: Room
+        var transcript: [RoomEntry]
+        var members: [String: ClientConnection] = [:]
+        var current: LiveStream?
+        /// The clone the moderator asked for with `next`.
+        var requested: String?
+        var loop: Task<Void, Never>?
+        /// Dropped from memory (no members, nothing running); a join must load the room again.
+        var retired = false
+        /// Translation chats: streams running or waiting to run (clone replies and translations), by stream id.
+        var inflight: [String: RoomFlight] = [:]
+        /// Translation chats: clone replies queued or running; `replies` is the last one queued.
+        var pendingReplies = 0
+        var replies: Task<Void, Never>?
+        /// Translation chats: counts messages placed, so streams replay in the order they were said.
+        var placed: Int = 0
+
+        /// Stops the turn being streamed and every translation or reply in flight.
+        mutating func stopStreams(_ reason: StreamEndReason) {
+            current?.stop(reason)
+            for flight in inflight.values { flight.stream.stop(reason) }
+        }
+
+        /// A socket becomes a member: it follows the room's topic and, in a translation chat, the
+        /// topic of the language it reads.
+        mutating func subscribe(_ connection: ClientConnection, hub: SocketHub) {
+            members[connection.id] = connection
+            hub.subscribe(connection, to: .room(room.id))
+            if room.kind == .translation { hub.subscribe(connection, to: .room(room.id, readers: language(of: connection))) }
+        }
+
+        /// A socket leaves: it is no member and follows no topic or stream of the room any more.
+        mutating func unsubscribe(_ connection: String, hub: SocketHub) {
+            guard let member = members.removeValue(forKey: connection) else { return }
+            hub.unsubscribe(connection, from: .room(room.id))
+            if room.kind == .translation { hub.unsubscribe(connection, from: .room(room.id, readers: language(of: member))) }
+            current?.unsubscribe(connection)
+            for flight in inflight.values { flight.stream.unsubscribe(connection) }
+        }
+
+        /// The language a user reads in (nil: originals as written).
+        func language(of connection: ClientConnection) -> LanguageTag? { room.languages[connection.identity.user] }
+
+        /// The languages the members read in (nil among them: originals as written), one topic each.
+        var readerLanguages: Set<LanguageTag?> { Set(members.values.map { language(of: $0) }) }
+
+        mutating func append(_ entry: RoomEntry) {
+            transcript.append(entry)
+            if transcript.count > RoomService.keptEntries { transcript.removeFirst(transcript.count - RoomService.keptEntries) }
+        }
+    }
+
+    let id: String
+    let state: Mutex<State>
+    /// Translation chats: messages are placed one at a time (`sequenced`).
+    let placement = FIFOLock()
+    /// One write of the room at a time (`save`).
+    private let saves = FIFOLock()
+    /// Its frames go to its members through the broker; the hub knows who they are.
+    let broker: any Broker
+    let hub: SocketHub
+
+    init(room: Room, transcript: [RoomEntry], broker: any Broker, hub: SocketHub) {
+        id = room.id
+        state = Mutex(State(room: room, transcript: transcript))
+        self.broker = broker
+        self.hub = hub
+    }
+
+    /// Stops every stream of the room (after `change`, under the same lock) and waits for its turn
+    /// loop and its queued replies to finish.
+    func halt(_ reason: StreamEndReason, _ change: (inout State) -> Void = { _ in }) async {
+        let (loop, replies) = state.withLock { s -> (Task<Void, Never>?, Task<Void, Never>?) in
+            change(&s)
+            s.stopStreams(reason)
+            return (s.loop, s.replies)
+        }
+        await loop?.value
+        await replies?.value
+    }
+
+    /// Runs `body` after every body sequenced before it has finished: a translation chat's
+    /// messages are placed in order one at a time (FIFO), so every member sees them in the order
+    /// they were said and the transcript's ids follow that order.
+    func sequenced<T>(_ body: () async throws -> T) async throws -> T {
+        try await placement.run(body)
+    }
+
+    /// Stores the room as it is when the write starts (after `change`, applied to the stored copy
+    /// only). Writes of one room never overlap, so an older state can never land over a newer
+    /// one: a moderator's control and the end of a turn both store the room, from other tasks.
+    func save(_ store: any Store, _ change: @Sendable (inout Room) -> Void = { _ in }) async throws {
+        try await saves.run {
+            var room = state.withLock { $0.room }
+            change(&room)
+            _ = try await store.updateRoom(room)
+        }
+    }
+
+    /// Announces a join or leave: to every member while the room has at most `limit` sockets,
+    /// past that to the moderator's sockets only (N joins must not cost N² frames).
+    func announce(_ frame: ByteBuffer, except: String?, limit: Int) {
+        state.withLock { s in
+            var audience = Audience.except(connection: except)
+            if s.members.count > limit { audience.user = s.room.owner }
+            broker.publish(frame, to: .room(id), audience: audience)
+        }
+    }
+
+    /// Sends one frame (encoded once) to every member (but `except`), or to `user`'s member
+    /// sockets, in order with the room's other frames.
+    func broadcast(_ frame: ByteBuffer, except: String? = nil, onlyTo user: String? = nil) {
+        state.withLock { _ in
+            var audience = Audience.except(connection: except)
+            audience.user = user
+            broker.publish(frame, to: .room(id), audience: audience)
+        }
+    }
+
+    /// Where a stream's paywall goes: the payer's sockets in the room.
+    func payer(_ user: String) -> StreamRunner.Recipients { StreamRunner.Recipients(topic: .room(id), audience: .only(user: user)) }
+}
