@@ -26,14 +26,14 @@ extension SQLiteStore {
     }
 
     public func clone(id: String, owner: String) async throws -> Clone? {
-        try await run { db in
+        try await read { db in
             try db.query("SELECT \(Self.cloneColumns) FROM clones WHERE id = ? AND owner = ?", [.text(id), .text(owner)])
                 .first.map(Self.clone(from:))
         }
     }
 
     public func clones(owner: String) async throws -> [Clone] {
-        try await run { db in
+        try await read { db in
             try db.query("SELECT \(Self.cloneColumns) FROM clones WHERE owner = ? ORDER BY id", [.text(owner)])
                 .map(Self.clone(from:))
         }
@@ -98,7 +98,7 @@ extension SQLiteStore {
     }
 
     public func conversation(id: String, owner: String) async throws -> Conversation? {
-        try await run { db in
+        try await read { db in
             try db.query("SELECT \(Self.conversationColumns) FROM conversations WHERE id = ? AND owner = ?", [.text(id), .text(owner)])
                 .first.map(Self.conversation(from:))
         }
@@ -106,7 +106,7 @@ extension SQLiteStore {
 
     public func conversations(owner: String, limit: Int, before: String?) async throws -> [Conversation] {
         let page = Self.cursor("id", "<", before)
-        return try await run { db in
+        return try await read { db in
             try db.query(
                 "SELECT \(Self.conversationColumns) FROM conversations WHERE owner = ?\(page.sql) ORDER BY id DESC LIMIT ?",
                 [.text(owner)] + page.params + [.int(Int64(limit))]
@@ -152,7 +152,7 @@ extension SQLiteStore {
     }
 
     public func message(id: String, conversation: String) async throws -> Message? {
-        try await run { db in
+        try await read { db in
             try db.query("SELECT \(Self.messageColumns) FROM messages WHERE id = ? AND conversation = ?", [.text(id), .text(conversation)])
                 .first.map(Self.message(from:))
         }
@@ -160,7 +160,7 @@ extension SQLiteStore {
 
     public func messages(conversation: String, limit: Int, before: String?) async throws -> [Message] {
         let page = Self.cursor("id", "<", before)
-        return try await run { db in
+        return try await read { db in
             try db.query(
                 "SELECT \(Self.messageColumns) FROM messages WHERE conversation = ?\(page.sql) ORDER BY id DESC LIMIT ?",
                 [.text(conversation)] + page.params + [.int(Int64(limit))]

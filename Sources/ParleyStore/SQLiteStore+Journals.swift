@@ -24,7 +24,7 @@ extension SQLiteStore {
     }
 
     public func streamJournals(limit: Int) async throws -> [StreamJournal] {
-        try await run { db in
+        try await read { db in
             try db.query("SELECT \(Self.journalColumns) FROM stream_journals ORDER BY created_at, stream LIMIT ?", [.int(Int64(limit))]).map { r in
                 StreamJournal(
                     stream: r["stream"].text ?? "", user: r["user"].text ?? "", model: r["model"].text ?? "", feature: r["feature"].text ?? "", inputTokens: Int(r["input_tokens"].int ?? 0),

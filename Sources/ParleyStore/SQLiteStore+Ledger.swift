@@ -7,7 +7,7 @@ extension SQLiteStore {
     static let ledgerColumns = "id, user, kind, credits, tokens, stream, conversation, room, model, feature, note, created_at"
 
     public func balance(user: String) async throws -> Int64 {
-        try await run { db in try Self.balance(db, user) }
+        try await read { db in try Self.balance(db, user) }
     }
 
     static func balance(_ db: SQLiteConnection, _ user: String) throws -> Int64 {
@@ -44,7 +44,7 @@ extension SQLiteStore {
     }
 
     public func ledgerEntry(id: String) async throws -> LedgerEntry? {
-        try await run { db in
+        try await read { db in
             try db.query("SELECT \(Self.ledgerColumns) FROM ledger WHERE id = ?", [.text(id)]).first.map(Self.ledgerEntry(from:))
         }
     }
@@ -58,7 +58,7 @@ extension SQLiteStore {
     }
 
     public func ledger(user: String, limit: Int, before: String?) async throws -> [LedgerEntry] {
-        try await run { db in
+        try await read { db in
             var cursor: (Int64, String)?
             if let before {
                 guard let row = try db.query("SELECT created_at, id FROM ledger WHERE id = ? AND user = ?", [.text(before), .text(user)]).first else {

@@ -95,7 +95,7 @@ extension SQLiteStore {
 
     public func auditEvents(limit: Int, before: String?) async throws -> [AuditEvent] {
         let page = Self.cursor("id", "<", before)
-        return try await run { db in
+        return try await read { db in
             try db.query(
                 "SELECT id, at, actor, action, target, ip_hash, detail FROM audit WHERE 1 = 1\(page.sql) ORDER BY id DESC LIMIT ?",
                 page.params + [.int(Int64(limit))]

@@ -43,7 +43,7 @@ extension SQLiteStore {
     }
 
     public func room(id: String) async throws -> Room? {
-        try await run { db in
+        try await read { db in
             try db.query("SELECT \(Self.roomColumns) FROM rooms WHERE id = ?", [.text(id)]).first.map(Self.room(from:))
         }
     }
@@ -64,7 +64,7 @@ extension SQLiteStore {
 
     public func rooms(statuses: [Room.Status], limit: Int, after: String?) async throws -> [Room] {
         guard !statuses.isEmpty else { return [] }
-        return try await run { db in
+        return try await read { db in
             let marks = Array(repeating: "?", count: statuses.count).joined(separator: ", ")
             let page = Self.cursor("id", ">", after)
             return try db.query(
@@ -89,7 +89,7 @@ extension SQLiteStore {
 
     public func roomEntries(room: String, limit: Int, before: String?) async throws -> [RoomEntry] {
         let page = Self.cursor("id", "<", before)
-        return try await run { db in
+        return try await read { db in
             try db.query(
                 "SELECT \(Self.entryColumns) FROM room_entries WHERE room = ?\(page.sql) ORDER BY id DESC LIMIT ?",
                 [.text(room)] + page.params + [.int(Int64(limit))]
@@ -105,7 +105,7 @@ extension SQLiteStore {
 
     public func rooms(owner: String, limit: Int, after: String?) async throws -> [Room] {
         let page = Self.cursor("id", ">", after)
-        return try await run { db in
+        return try await read { db in
             try db.query(
                 "SELECT \(Self.roomColumns) FROM rooms WHERE owner = ?\(page.sql) ORDER BY id LIMIT ?",
                 [.text(owner)] + page.params + [.int(Int64(limit))]

@@ -23,7 +23,7 @@ extension SQLiteStore {
     }
 
     public func schedule(id: String, owner: String) async throws -> Schedule? {
-        try await run { db in
+        try await read { db in
             try db.query("SELECT \(Self.scheduleColumns) FROM schedules WHERE id = ? AND owner = ?", [.text(id), .text(owner)])
                 .first.map(Self.schedule(from:))
         }
@@ -31,7 +31,7 @@ extension SQLiteStore {
 
     public func schedules(owner: String, limit: Int, before: String?) async throws -> [Schedule] {
         let page = Self.cursor("id", "<", before)
-        return try await run { db in
+        return try await read { db in
             try db.query(
                 "SELECT \(Self.scheduleColumns) FROM schedules WHERE owner = ?\(page.sql) ORDER BY id DESC LIMIT ?",
                 [.text(owner)] + page.params + [.int(Int64(limit))]
@@ -41,7 +41,7 @@ extension SQLiteStore {
 
     public func schedules(statuses: [Schedule.Status], owner: String?, limit: Int, after: String?) async throws -> [Schedule] {
         guard !statuses.isEmpty else { return [] }
-        return try await run { db in
+        return try await read { db in
             let marks = Array(repeating: "?", count: statuses.count).joined(separator: ", ")
             let (mine, page) = (Self.cursor("owner", "=", owner), Self.cursor("id", ">", after))
             return try db.query(

@@ -9,7 +9,9 @@ import Synchronization
 
 /// The embedded, zero-setup store: one SQLite file in WAL mode with `synchronous=FULL`, so a
 /// commit that returned survives a crash of the process or the machine. Calls run on a private
-/// NIOThreadPool; the single connection is serialised by a mutex (SQLite writes are serial anyway).
+/// NIOThreadPool of two threads: writes (and reads inside them) on the writer connection, group
+/// committed; plain reads on a read connection beside it, which WAL lets read the last commit
+/// while a batch is being written, so a read never waits for another call's fsync.
 ///
 /// This file holds the schema, the group commit and the shared helpers; each domain's calls are
 /// in their own file (`SQLiteStore+Chat.swift`, `+Ledger`, `+Schedules`, `+Rooms`, `+Privacy`,
@@ -186,35 +188,47 @@ public final class SQLiteStore: Store {
     public static var schemaVersion: Int { migrations.count }
 
     private let db: Mutex<SQLiteConnection>
+    /// Reads only (`PRAGMA query_only`); nil for an in-memory database, which a second
+    /// connection would not share.
+    private let reader: Mutex<SQLiteConnection?>
+    private let hasReader: Bool
     private let pool: NIOThreadPool
     private let closed = Atomic(false)
     /// `parley_store_seconds{store="sqlite"}`: each call from asking to its commit.
     private let latency: CoreMetrics.Timer
 
-    private init(connection: SQLiteConnection, pool: NIOThreadPool, metrics: any MetricsFactory) {
+    private init(connection: SQLiteConnection, reader: SQLiteConnection?, pool: NIOThreadPool, metrics: any MetricsFactory) {
         self.db = Mutex(connection)
+        self.reader = Mutex(reader)
+        hasReader = reader != nil
         self.pool = pool
         latency = CoreMetrics.Timer(label: "parley_store_seconds", dimensions: [("store", "sqlite")], preferredDisplayUnit: .seconds, factory: metrics)
     }
 
     /// Opens (creating if needed) the database at `path` and migrates it to the current schema.
     public static func open(path: String, metrics: any MetricsFactory = MetricsSystem.factory) async throws -> SQLiteStore {
-        let pool = NIOThreadPool(numberOfThreads: 1)
+        let pool = NIOThreadPool(numberOfThreads: 2)
         pool.start()
         do {
-            let connection = try await pool.runIfActive { () throws -> SQLiteConnection in
+            let (connection, reader) = try await pool.runIfActive { () throws -> (SQLiteConnection, SQLiteConnection?) in
                 try restrictToOwner(path)
                 let connection = try SQLiteConnection(path: path)
+                var reader: SQLiteConnection?
                 do {
                     try connection.exec("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000;")
                     try migrate(connection)
+                    if path != ":memory:", !path.isEmpty {
+                        reader = try SQLiteConnection(path: path)
+                        try reader?.exec("PRAGMA query_only=ON; PRAGMA busy_timeout=5000;")
+                    }
                 } catch {
+                    reader?.close()
                     connection.close()
                     throw error
                 }
-                return connection
+                return (connection, reader)
             }
-            return SQLiteStore(connection: connection, pool: pool, metrics: metrics)
+            return SQLiteStore(connection: connection, reader: reader, pool: pool, metrics: metrics)
         } catch {
             try? await pool.shutdownGracefully()
             throw error
@@ -293,6 +307,24 @@ public final class SQLiteStore: Store {
         }
     }
 
+    /// Runs a read-only `body` on the read connection, in one read transaction (a consistent
+    /// snapshot of the last commit), without waiting for the group commit. Every write a caller
+    /// awaited before is visible: a commit is answered only once it is durable and visible.
+    func read<T: Sendable>(_ body: @escaping @Sendable (SQLiteConnection) throws -> T) async throws -> T {
+        guard hasReader else { return try await run(body) }
+        guard !closed.load(ordering: .acquiring) else { throw StoreError.closed }
+        let started = NIODeadline.now()
+        defer { latency.recordNanoseconds((NIODeadline.now() - started).nanoseconds) }
+        return try await pool.runIfActive {
+            try self.reader.withLock { connection in
+                guard let connection else { throw StoreError.closed }
+                try connection.exec("BEGIN")
+                defer { try? connection.exec("COMMIT") }
+                return try body(connection)
+            }
+        }
+    }
+
     private func enqueue(_ job: Job) {
         let startDrain = queue.withLock { q -> Bool in
             q.jobs.append(job)
@@ -353,6 +385,10 @@ public final class SQLiteStore: Store {
         try await run { _ in }  // every call queued before this one is committed
         closed.store(true, ordering: .releasing)
         try await pool.runIfActive {
+            self.reader.withLock { connection in
+                connection?.close()
+                connection = nil
+            }
             self.db.withLock { connection in
                 // Fold the WAL back into the main file so the data dir is one self-contained file.
                 try? connection.exec("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -1,4 +1,5 @@
 import CSQLite
+import Dispatch
 import ParleyCore
 @testable import ParleyStore
 import Testing
@@ -15,6 +16,31 @@ import Testing
         let reopened = try await SQLiteStore.open(path: path)
         #expect(try await reopened.clone(id: clone.id, owner: "alice") == clone)
         try await reopened.close()
+    }
+
+    @Test func aReadIsAnsweredWhileAWriteBatchHoldsTheWriter() async throws {
+        let store = try await SQLiteStore.open(path: temporaryPath("reader") + "/parley.sqlite")
+        let clone = makeClone(owner: "alice")
+        try await store.createClone(clone)
+        // A write that cannot finish until told to: the group commit's thread is taken.
+        let (entered, release) = (DispatchSemaphore(value: 0), DispatchSemaphore(value: 0))
+        let write = Task { try await store.run { _ in entered.signal(); release.wait() } }
+        await Task.detached { entered.wait() }.value
+        let read = try await withThrowingTaskGroup(of: Clone?.self) { group in
+            group.addTask { try await store.clone(id: clone.id, owner: "alice") }
+            group.addTask {
+                try await Task.sleep(for: .seconds(30))
+                release.signal()  // the read waited for the write: let both finish, and fail
+                throw CancellationError()
+            }
+            defer { group.cancelAll() }
+            return try await group.next()!
+        }
+        #expect(read == clone, "the read connection answers from the last commit")
+        release.signal()
+        try await write.value
+        try await store.close()
+        await #expect(throws: StoreError.closed) { _ = try await store.clones(owner: "alice") }
     }
 
     @Test func aNewerSchemaIsRefused() async throws {
