@@ -3,6 +3,9 @@
 # integration) and the Python interop suite against the real binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The code's layout is .swift-format's (swift-format ships with the toolchain): fix with
+# `swift format format --in-place --recursive --parallel Sources Tests loadtest Package.swift`.
+swift format lint --strict --recursive --parallel Sources Tests loadtest Package.swift
 scripts/setup.sh --test
 swift build --build-tests
 swift test --skip-build

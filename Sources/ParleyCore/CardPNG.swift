@@ -32,11 +32,14 @@ public enum CardPNG {
             let type = bytes[(at + 4)..<(at + 8)]
             let data = bytes[(at + 8)..<(at + 8 + length)]
             let stored = bytes[(at + 8 + length)..<(at + 12 + length)].reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
-            guard crc32(bytes[(at + 4)..<(at + 8 + length)]) == stored else { throw ValidationError("the PNG is corrupt (a chunk's CRC does not match)") }
+            guard crc32(bytes[(at + 4)..<(at + 8 + length)]) == stored else {
+                throw ValidationError("the PNG is corrupt (a chunk's CRC does not match)")
+            }
             if type.elementsEqual("tEXt".utf8), let zero = data.firstIndex(of: 0) {
                 texts[latin1(data[..<zero])] = latin1(data[(zero + 1)...])
             } else if type.elementsEqual("iTXt".utf8), let zero = data.firstIndex(of: 0), zero + 2 < data.endIndex,
-                      data[zero + 1] == 0 {  // compression flag 0: the text is stored as is
+                data[zero + 1] == 0
+            {  // compression flag 0: the text is stored as is
                 // keyword \0 flag method language \0 translated keyword \0 text (UTF-8)
                 let afterMethod = zero + 3
                 if let languageEnd = data[afterMethod...].firstIndex(of: 0), let translatedEnd = data[(languageEnd + 1)...].firstIndex(of: 0) {

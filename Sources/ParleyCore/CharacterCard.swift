@@ -15,8 +15,10 @@ public struct LoreEntry: Sendable, Equatable {
     /// verbatim so an export gives back what came in.
     public var extra: [(String, JSONValue)]
 
-    public init(keys: [String], content: String, enabled: Bool = true, insertionOrder: Int = 0, priority: Int? = nil,
-                constant: Bool? = nil, caseSensitive: Bool? = nil, extra: [(String, JSONValue)] = []) {
+    public init(
+        keys: [String], content: String, enabled: Bool = true, insertionOrder: Int = 0, priority: Int? = nil,
+        constant: Bool? = nil, caseSensitive: Bool? = nil, extra: [(String, JSONValue)] = []
+    ) {
         self.keys = keys
         self.content = content
         self.enabled = enabled
@@ -119,7 +121,9 @@ public enum CharacterCard {
 
     // MARK: Import
 
-    public static func parse(_ card: JSONValue, cloneLimits: CloneLimits = CloneLimits(), limits: Limits = Limits()) throws(ValidationError) -> Imported {
+    public static func parse(
+        _ card: JSONValue, cloneLimits: CloneLimits = CloneLimits(), limits: Limits = Limits()
+    ) throws(ValidationError) -> Imported {
         guard case .object(let top) = card else { throw ValidationError("a character card must be a JSON object, not \(card.typeName)") }
         let specName = top.first { $0.0 == "spec" }?.1.stringValue
         guard let specName, Spec(rawValue: specName) != nil else {
@@ -129,7 +133,9 @@ public enum CharacterCard {
         var data = try JSONObjectReader(dataValue, what: "'data'", prefix: "data.")
         func text(_ key: String) throws(ValidationError) -> String {
             let value = try data.string(key) ?? ""
-            guard value.count <= limits.maxTextLength else { throw ValidationError("'data.\(key)' is longer than \(limits.maxTextLength) characters") }
+            guard value.count <= limits.maxTextLength else {
+                throw ValidationError("'data.\(key)' is longer than \(limits.maxTextLength) characters")
+            }
             return value
         }
 
@@ -164,7 +170,9 @@ public enum CharacterCard {
         var rest: [(String, JSONValue)] = []
         if let value = try data.value("character_book") {
             var book = try JSONObjectReader(value, what: "'data.character_book'", prefix: "data.character_book.")
-            guard case .array(let entries)? = try book.value("entries") else { throw ValidationError("'data.character_book.entries' must be an array") }
+            guard case .array(let entries)? = try book.value("entries") else {
+                throw ValidationError("'data.character_book.entries' must be an array")
+            }
             guard entries.count <= limits.maxLoreEntries else {
                 throw ValidationError("'data.character_book.entries' has more than \(limits.maxLoreEntries) entries")
             }

@@ -49,12 +49,15 @@ public struct CloneFields: Sendable, Equatable {
             var fields = ProfileFields()
             for (key, path) in textKeys {
                 guard let text = try reader.string(key) else { continue }
-                guard text.count <= limits.maxTextLength else { throw ValidationError("'\(reader.prefix)\(key)' is longer than \(limits.maxTextLength) characters") }
+                guard text.count <= limits.maxTextLength else {
+                    throw ValidationError("'\(reader.prefix)\(key)' is longer than \(limits.maxTextLength) characters")
+                }
                 fields[keyPath: path] = text
             }
             if let greetings = try reader.stringArray("alternate_greetings") {
-                fields.alternateGreetings = try CloneFields.entries(greetings, field: "profile.alternate_greetings", maxCount: limits.maxGreetings,
-                                                                    maxLength: limits.maxTextLength)
+                fields.alternateGreetings = try CloneFields.entries(
+                    greetings, field: "profile.alternate_greetings", maxCount: limits.maxGreetings,
+                    maxLength: limits.maxTextLength)
             }
             if reader.has("lorebook") {
                 throw ValidationError("'profile.lorebook' changes only by importing a card (POST /v1/clones/import)")
@@ -84,8 +87,10 @@ public struct CloneFields: Sendable, Equatable {
         case named(String)
     }
 
-    public init(name: String? = nil, traits: [String]? = nil, systemPrompt: String? = nil,
-                sliders: [String: Int]? = nil, memory: [String]? = nil, model: ModelChoice? = nil) {
+    public init(
+        name: String? = nil, traits: [String]? = nil, systemPrompt: String? = nil,
+        sliders: [String: Int]? = nil, memory: [String]? = nil, model: ModelChoice? = nil
+    ) {
         self.model = model
         self.name = name
         self.traits = traits

@@ -161,7 +161,9 @@ extension ClientFrame {
                 let room = try reader.requiredString("room")
                 var language: LanguageTag?
                 if let tag = try reader.string("language") {
-                    guard let parsed = LanguageTag(tag) else { throw ValidationError("'language' must be a BCP 47 language tag such as en, pt-BR or zh-Hant") }
+                    guard let parsed = LanguageTag(tag) else {
+                        throw ValidationError("'language' must be a BCP 47 language tag such as en, pt-BR or zh-Hant")
+                    }
                     language = parsed
                 }
                 frame = .room(.join(id: id, room: room, language: language))

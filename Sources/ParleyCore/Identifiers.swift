@@ -108,7 +108,10 @@ public enum Timestamp {
         let seconds = (millis - Int64(ms)) / 1000
         var days = Int(seconds / 86_400)
         var rem = Int(seconds % 86_400)
-        if rem < 0 { rem += 86_400; days -= 1 }
+        if rem < 0 {
+            rem += 86_400
+            days -= 1
+        }
         // Civil-from-days (H. Hinnant), valid for the whole proleptic Gregorian calendar.
         let z = days + 719_468
         let era = (z >= 0 ? z : z - 146_096) / 146_097

@@ -33,7 +33,8 @@ public struct LanguageTag: Sendable, Hashable, CustomStringConvertible {
 
     public init?(_ text: String) {
         guard !text.isEmpty, text.utf8.count <= Self.maxLength,
-              text.utf8.allSatisfy({ $0 == UInt8(ascii: "-") || Self.isAlphanumeric($0) }) else { return nil }
+            text.utf8.allSatisfy({ $0 == UInt8(ascii: "-") || Self.isAlphanumeric($0) })
+        else { return nil }
         let parts = text.split(separator: "-", omittingEmptySubsequences: false).map { String($0) }
         guard !parts.contains(where: \.isEmpty) else { return nil }
         var out: [String] = []

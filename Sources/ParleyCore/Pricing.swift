@@ -65,9 +65,13 @@ public struct PricingTable: Sendable, Equatable {
     public var json: JSONValue {
         .object([
             ("unit", .string("credits per 1000 tokens; feature multipliers in percent")),
-            ("models", .object(models.sorted { $0.key < $1.key }.map {
-                ($0.key, .object([("input_per_1k", .int($0.value.inputPer1K)), ("output_per_1k", .int($0.value.outputPer1K))]))
-            })),
+            (
+                "models",
+                .object(
+                    models.sorted { $0.key < $1.key }.map {
+                        ($0.key, .object([("input_per_1k", .int($0.value.inputPer1K)), ("output_per_1k", .int($0.value.outputPer1K))]))
+                    })
+            ),
             ("features", .object(Feature.allCases.map { ($0.rawValue, .int(multiplier($0))) })),
         ])
     }

@@ -76,8 +76,10 @@ public struct UserDeletion: Sendable, Equatable {
     }
 
     public var detail: [String: String] {
-        ["clones": "\(clones)", "conversations": "\(conversations)", "messages": "\(messages)", "schedules": "\(schedules)",
-         "rooms": "\(rooms)", "room_entries": "\(roomEntries)", "ledger_rows_kept": "\(ledgerRowsKept)"]
+        [
+            "clones": "\(clones)", "conversations": "\(conversations)", "messages": "\(messages)", "schedules": "\(schedules)",
+            "rooms": "\(rooms)", "room_entries": "\(roomEntries)", "ledger_rows_kept": "\(ledgerRowsKept)",
+        ]
     }
 }
 

@@ -112,7 +112,9 @@ public struct PromptAssembler: Sendable {
             let depth = book["scan_depth"]?.intValue.map { Int(clamping: $0) } ?? Self.defaultLoreScanDepth
             let budget = book["token_budget"]?.intValue.map { Int(clamping: $0) } ?? Self.defaultLoreBudget
             let lore = Self.lore(for: clone, recent: usable.suffix(max(0, depth)).map(\.text), budget: min(budget, contextBudget / 4))
-            if !lore.isEmpty { systemText += "\nWhat you know that matters here:\n" + lore.map { "- " + Self.expand($0.content, clone) }.joined(separator: "\n") }
+            if !lore.isEmpty {
+                systemText += "\nWhat you know that matters here:\n" + lore.map { "- " + Self.expand($0.content, clone) }.joined(separator: "\n")
+            }
         }
         let system = PromptMessage(role: .system, text: systemText)
         let instructions = Self.expand(clone.profile.postHistoryInstructions.trimmedWhitespace, clone)

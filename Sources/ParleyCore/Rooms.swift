@@ -109,10 +109,16 @@ public struct Room: Sendable, Equatable {
                 ("owner", .string(owner)),
                 ("members", .array(([owner] + members).map(JSONValue.string))),
                 ("languages", .object(languages.sorted { $0.key < $1.key }.map { ($0.key, .string($0.value.value)) })),
-                ("clones", .array(debaters.map {
-                    .object([("clone", .string($0.clone)), ("name", .string($0.name)),
-                             ("language", languages[$0.clone].map { .string($0.value) } ?? .null)])
-                })),
+                (
+                    "clones",
+                    .array(
+                        debaters.map {
+                            .object([
+                                ("clone", .string($0.clone)), ("name", .string($0.name)),
+                                ("language", languages[$0.clone].map { .string($0.value) } ?? .null),
+                            ])
+                        })
+                ),
                 ("status", .string(status.rawValue)),
                 ("muted", .array(muted.map(JSONValue.string))),
                 ("created_at", .string(Timestamp.rfc3339(millis: createdAt))),
@@ -163,9 +169,11 @@ public struct RoomEntry: Sendable, Equatable {
     /// Translations: whether `speaker` is a clone (else a user).
     public var speakerIsClone: Bool
 
-    public init(id: String, room: String, kind: Kind, speaker: String, text: String, createdAt: Int64,
-                reason: StreamEndReason? = nil, stream: String? = nil, lang: LanguageTag? = nil, source: String? = nil,
-                speakerIsClone: Bool? = nil) {
+    public init(
+        id: String, room: String, kind: Kind, speaker: String, text: String, createdAt: Int64,
+        reason: StreamEndReason? = nil, stream: String? = nil, lang: LanguageTag? = nil, source: String? = nil,
+        speakerIsClone: Bool? = nil
+    ) {
         self.id = id
         self.lang = lang
         self.source = source
@@ -371,8 +379,9 @@ public enum TurnTaking {
             let own = entry.kind == .turn && entry.speaker == speaker.id
             let name = names[entry.speaker] ?? entry.speaker
             let prefix = entry.kind == .said ? "\(name) (audience)" : name
-            return Message(id: entry.id, conversation: room.id, role: own ? .assistant : .user,
-                           text: own ? entry.text : "\(prefix): \(entry.text)", createdAt: entry.createdAt)
+            return Message(
+                id: entry.id, conversation: room.id, role: own ? .assistant : .user,
+                text: own ? entry.text : "\(prefix): \(entry.text)", createdAt: entry.createdAt)
         }
         if history.last?.role != .user {
             history.append(Message(id: "cue", conversation: room.id, role: .user, text: "(Moderator: \(speaker.name), your turn.)", createdAt: 0))

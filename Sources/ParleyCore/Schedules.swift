@@ -164,8 +164,9 @@ public enum RFC3339 {
             return value
         }
         guard let year = number(0, 4), c[4] == 45, let month = number(5, 2), c[7] == 45, let day = number(8, 2),
-              c[10] == 84 || c[10] == 116 || c[10] == 32,
-              let hour = number(11, 2), c[13] == 58, let minute = number(14, 2), c[16] == 58, let second = number(17, 2) else {
+            c[10] == 84 || c[10] == 116 || c[10] == 32,
+            let hour = number(11, 2), c[13] == 58, let minute = number(14, 2), c[16] == 58, let second = number(17, 2)
+        else {
             return nil
         }
         var index = 19
@@ -185,7 +186,8 @@ public enum RFC3339 {
             index += 1
         } else if c[index] == 43 || c[index] == 45 {
             guard let oh = number(index + 1, 2), index + 3 < c.count, c[index + 3] == 58, let om = number(index + 4, 2),
-                  oh < 24, om < 60 else { return nil }
+                oh < 24, om < 60
+            else { return nil }
             offsetMinutes = (oh * 60 + om) * (c[index] == 45 ? -1 : 1)
             index += 6
         } else {

@@ -92,7 +92,8 @@ public enum TranslationChat {
     /// untranslated when there is none. Originals in `pending`
     /// (their translation into `lang` is streaming) are left out: their streams follow.
     /// A nil `lang` sees every original as written.
-    public static func view(_ transcript: [RoomEntry], for lang: LanguageTag?, pending: Set<String> = []) -> [(entry: RoomEntry, untranslated: Bool)] {
+    public static func view(_ transcript: [RoomEntry], for lang: LanguageTag?, pending: Set<String> = []) -> [(entry: RoomEntry, untranslated: Bool)]
+    {
         // Complete translations by original: into `lang` itself, else into a tag of its language
         // (a `pt-BR` reader gets the `pt` translation when there is no `pt-BR` one).
         var translations: [String: RoomEntry] = [:]
@@ -114,11 +115,11 @@ public enum TranslationChat {
     /// commentary, with the chat's recent messages (originals) as context for ambiguity.
     public static func prompt(text: String, from: LanguageTag, to: LanguageTag, context: [RoomEntry], names: [String: String]) -> AssembledPrompt {
         var system = """
-        Translate the user's message from \(from.promptName) into \(to.promptName). \
-        Reply with the translation only: faithful to its meaning, tone and register, \
-        with names, code and URLs left as they are. Add no notes, explanations, quotes or commentary, \
-        and do not answer the message.
-        """
+            Translate the user's message from \(from.promptName) into \(to.promptName). \
+            Reply with the translation only: faithful to its meaning, tone and register, \
+            with names, code and URLs left as they are. Add no notes, explanations, quotes or commentary, \
+            and do not answer the message.
+            """
         let recent = context.filter { $0.kind != .translation }.suffix(contextMessages)
         if !recent.isEmpty {
             system += "\n\nRecent messages in the chat, for context only (do not translate them):"
@@ -136,14 +137,18 @@ public enum TranslationChat {
     /// A clone member's reply: its persona, told to write in its own language, and the chat as
     /// it reads it (`view` for its language): its own messages as assistant turns, everyone
     /// else's as named user messages.
-    public static func replyPrompt(room: Room, clone: Clone, lang: LanguageTag, view: [RoomEntry], names: [String: String], budget: Int) -> AssembledPrompt {
+    public static func replyPrompt(
+        room: Room, clone: Clone, lang: LanguageTag, view: [RoomEntry], names: [String: String], budget: Int
+    ) -> AssembledPrompt {
         let history: [Message] = view.map { entry in
             let own = entry.speaker == clone.id
-            return Message(id: entry.id, conversation: room.id, role: own ? .assistant : .user,
-                           text: own ? entry.text : "\(names[entry.speaker] ?? entry.speaker): \(entry.text)", createdAt: entry.createdAt)
+            return Message(
+                id: entry.id, conversation: room.id, role: own ? .assistant : .user,
+                text: own ? entry.text : "\(names[entry.speaker] ?? entry.speaker): \(entry.text)", createdAt: entry.createdAt)
         }
         var persona = clone
-        let chat = "You are in a group chat where everyone writes in their own language and reads translations. "
+        let chat =
+            "You are in a group chat where everyone writes in their own language and reads translations. "
             + "Write your replies in \(lang.promptName) only."
         persona.systemPrompt = [clone.systemPrompt.trimmedWhitespace, chat].filter { !$0.isEmpty }.joined(separator: "\n")
         return PromptAssembler(contextBudget: budget).assemble(clone: persona, history: history)

@@ -84,7 +84,8 @@ public enum PerMessageDeflate {
     /// 8...15 written as a plain decimal (no sign, no leading zero).
     private static func windowBits(_ text: String) -> Int? {
         guard let first = text.first, first != "0", text.utf8.allSatisfy({ (UInt8(ascii: "0")...UInt8(ascii: "9")).contains($0) }),
-              let bits = Int(text), (8...15).contains(bits) else { return nil }
+            let bits = Int(text), (8...15).contains(bits)
+        else { return nil }
         return bits
     }
 }
@@ -106,7 +107,10 @@ enum ExtensionHeader {
             var parameters: [(name: String, value: String?)] = []
             var valid = true
             for piece in pieces.dropFirst() {
-                guard let parameter = parameter(piece) else { valid = false; break }
+                guard let parameter = parameter(piece) else {
+                    valid = false
+                    break
+                }
                 parameters.append(parameter)
             }
             if valid { offers.append(Offer(name: name, parameters: parameters)) }
@@ -121,7 +125,13 @@ enum ExtensionHeader {
         var escaped = false
         for byte in bytes {
             if quoted {
-                if escaped { escaped = false } else if byte == UInt8(ascii: "\\") { escaped = true } else if byte == UInt8(ascii: "\"") { quoted = false }
+                if escaped {
+                    escaped = false
+                } else if byte == UInt8(ascii: "\\") {
+                    escaped = true
+                } else if byte == UInt8(ascii: "\"") {
+                    quoted = false
+                }
             } else if byte == UInt8(ascii: "\"") {
                 quoted = true
             } else if byte == separator {
@@ -144,7 +154,14 @@ enum ExtensionHeader {
             var value: [UInt8] = []
             var escaped = false
             for byte in raw.dropFirst().dropLast() {
-                if escaped { value.append(byte); escaped = false } else if byte == UInt8(ascii: "\\") { escaped = true } else { value.append(byte) }
+                if escaped {
+                    value.append(byte)
+                    escaped = false
+                } else if byte == UInt8(ascii: "\\") {
+                    escaped = true
+                } else {
+                    value.append(byte)
+                }
             }
             guard !escaped, let text = token(value) else { return nil }
             return (name, text)

@@ -60,7 +60,9 @@ public enum AnthropicMessagesDialect {
             let usage = body["message"]?["usage"]
             return [.usage(input: usage?["input_tokens"]?.intValue.map(Int.init), output: nil)]
         case "content_block_delta":
-            guard body["delta"]?["type"]?.stringValue == "text_delta", let text = body["delta"]?["text"]?.stringValue, !text.isEmpty else { return [] }
+            guard body["delta"]?["type"]?.stringValue == "text_delta", let text = body["delta"]?["text"]?.stringValue, !text.isEmpty else {
+                return []
+            }
             return [.text(text)]
         case "message_delta":
             var parts: [StreamPart] = []

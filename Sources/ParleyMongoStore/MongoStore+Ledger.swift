@@ -38,8 +38,9 @@ extension MongoStore {
                     // Refused before; this is a new attempt with the same id, possibly for another
                     // amount: the row takes the new attempt's fields.
                     guard case .object(let fields) = Self.document(entry, state: "pending") else { break }
-                    _ = try db.update("ledger", query: .object([("_id", .string(entry.id)), ("state", .string("void"))]),
-                                      update: .object([("$set", .object(fields.filter { $0.0 != "_id" }))]))
+                    _ = try db.update(
+                        "ledger", query: .object([("_id", .string(entry.id)), ("state", .string("void"))]),
+                        update: .object([("$set", .object(fields.filter { $0.0 != "_id" }))]))
                 default:
                     break  // pending: a crashed or failed attempt; finish it now
                 }
@@ -98,11 +99,16 @@ extension MongoStore {
             var filter: [(String, JSONValue)] = [("user", .string(user)), ("state", .string("applied"))]
             if let before {
                 guard let cursor = try db.find("ledger", filter: .object([("_id", .string(before)), ("user", .string(user))]), limit: 1).first,
-                      let at = cursor["created_at"]?.int64 else { return [] }
-                filter.append(("$or", .array([
-                    .object([("created_at", .object([("$lt", .long(at))]))]),
-                    .object([("created_at", .long(at)), ("_id", .object([("$lt", .string(before))]))]),
-                ])))
+                    let at = cursor["created_at"]?.int64
+                else { return [] }
+                filter.append(
+                    (
+                        "$or",
+                        .array([
+                            .object([("created_at", .object([("$lt", .long(at))]))]),
+                            .object([("created_at", .long(at)), ("_id", .object([("$lt", .string(before))]))]),
+                        ])
+                    ))
             }
             return try db.find("ledger", filter: .object(filter), sort: .object([("created_at", .int(-1)), ("_id", .int(-1))]), limit: limit)
                 .map(Self.entry(from:))
@@ -134,8 +140,10 @@ extension MongoStore {
             ("_id", .string(e.id)), ("user", .string(e.user)), ("kind", .string(e.kind.rawValue)), ("credits", .long(e.credits)),
             ("tokens", .long(Int64(e.tokens))), ("created_at", .long(e.createdAt)), ("state", .string(state)),
         ]
-        for (key, value) in [("stream", e.stream), ("conversation", e.conversation), ("room", e.room), ("model", e.model),
-                             ("feature", e.feature), ("note", e.note)] {
+        for (key, value) in [
+            ("stream", e.stream), ("conversation", e.conversation), ("room", e.room), ("model", e.model),
+            ("feature", e.feature), ("note", e.note),
+        ] {
             if let value { pairs.append((key, .string(value))) }
         }
         return .object(pairs)
@@ -143,7 +151,8 @@ extension MongoStore {
 
     static func entry(from d: JSONValue) -> LedgerEntry {
         LedgerEntry(
-            id: d["_id"]?.stringValue ?? "", user: d["user"]?.stringValue ?? "", kind: LedgerEntry.Kind(rawValue: d["kind"]?.stringValue ?? "") ?? .debit,
+            id: d["_id"]?.stringValue ?? "", user: d["user"]?.stringValue ?? "",
+            kind: LedgerEntry.Kind(rawValue: d["kind"]?.stringValue ?? "") ?? .debit,
             credits: d["credits"]?.int64 ?? 0, tokens: Int(d["tokens"]?.int64 ?? 0), stream: d["stream"]?.stringValue,
             conversation: d["conversation"]?.stringValue, room: d["room"]?.stringValue, model: d["model"]?.stringValue,
             feature: d["feature"]?.stringValue, note: d["note"]?.stringValue, createdAt: d["created_at"]?.int64 ?? 0

@@ -16,8 +16,10 @@ extension MongoStore {
 
     public func setMessageSaved(id: String, conversation: String, saved: Bool) async throws -> Bool {
         try await run { db in
-            try db.update("messages", query: .object([("_id", .string(id)), ("conversation", .string(conversation))]),
-                          update: .object([("$set", .object([("saved", .bool(saved))]))])).matched > 0
+            try db.update(
+                "messages", query: .object([("_id", .string(id)), ("conversation", .string(conversation))]),
+                update: .object([("$set", .object([("saved", .bool(saved))]))])
+            ).matched > 0
         }
     }
 
@@ -37,17 +39,26 @@ extension MongoStore {
             let said = try Self.ids(db, "room_entries", .object([("speaker", user), ("speaker_is_clone", .object([("$ne", .bool(true))]))]))
             report.roomEntries += try Self.delete(db, "room_entries", field: "source", in: said)
             report.roomEntries += try Self.delete(db, "room_entries", field: "_id", in: said)
-            let involved = try db.find("rooms", filter: .object([("$or", .array([
-                .object([("members", user)]), .object([("muted", user)]), .object([("kicked", user)]),
-            ]))]))
+            let involved = try db.find(
+                "rooms",
+                filter: .object([
+                    (
+                        "$or",
+                        .array([
+                            .object([("members", user)]), .object([("muted", user)]), .object([("kicked", user)]),
+                        ])
+                    )
+                ]))
             for room in involved.map(Self.room(from:)) where room.involves(id) {
-                _ = try db.update("rooms", query: .object([("_id", .string(room.id))]),
-                                  update: .object([("$set", Self.mutableFields(Self.document(room.removingUser(id))))]))
+                _ = try db.update(
+                    "rooms", query: .object([("_id", .string(room.id))]),
+                    update: .object([("$set", Self.mutableFields(Self.document(room.removingUser(id))))]))
             }
             _ = try db.delete("stream_journals", query: .object([("user", user)]))
             report.ledgerRowsKept = try Self.detachLedger(db, user: id, pseudonym: pseudonym)
             for field in ["actor", "target"] {
-                _ = try db.update("audit", query: .object([(field, user)]), update: .object([("$set", .object([(field, .string(pseudonym))]))]), multi: true)
+                _ = try db.update(
+                    "audit", query: .object([(field, user)]), update: .object([("$set", .object([(field, .string(pseudonym))]))]), multi: true)
             }
             _ = try db.delete("users", query: .object([("_id", user)]))
             return report
@@ -58,10 +69,12 @@ extension MongoStore {
     private static func detachLedger(_ db: Database, user: String, pseudonym: String) throws -> Int {
         // The balance first, once: a token parked on the old account makes the move idempotent
         // through the same `recent` check every ledger entry uses.
-        _ = try db.update("accounts", query: .object([("_id", .string(user)), ("closing", .object([("$exists", .bool(false))]))]),
-                          update: .object([("$set", .object([("closing", .string(UUID().uuidString))]))]))
+        _ = try db.update(
+            "accounts", query: .object([("_id", .string(user)), ("closing", .object([("$exists", .bool(false))]))]),
+            update: .object([("$set", .object([("closing", .string(UUID().uuidString))]))]))
         if let account = try db.find("accounts", filter: .object([("_id", .string(user))]), limit: 1).first,
-           let token = account["closing"]?.stringValue {
+            let token = account["closing"]?.stringValue
+        {
             _ = try settle(db, id: "merge:" + token, user: pseudonym, credits: account["balance"]?.int64 ?? 0, allowOverdraft: true)
             _ = try db.delete("accounts", query: .object([("_id", .string(user))]))
         }
@@ -71,7 +84,8 @@ extension MongoStore {
             var moved = entry(from: welcome).detached(to: pseudonym)
             // A retry finds its own copy; a subject deleted before finds its earlier grant there.
             if let earlier = try db.find("ledger", filter: .object([("_id", .string(moved.id))]), limit: 1).first,
-               earlier["created_at"]?.int64 != moved.createdAt {
+                earlier["created_at"]?.int64 != moved.createdAt
+            {
                 moved.id = entry(from: welcome).laterWelcomeID(of: pseudonym)
             }
             do {
@@ -79,10 +93,12 @@ extension MongoStore {
             } catch StoreError.duplicateKey {}
             _ = try db.delete("ledger", query: .object([("_id", welcomeID)]))
         }
-        _ = try db.update("ledger", query: .object([("user", .string(user))]), update: .object([
-            ("$set", .object([("user", .string(pseudonym))])),
-            ("$unset", .object([("stream", .string("")), ("conversation", .string("")), ("room", .string("")), ("note", .string(""))])),
-        ]), multi: true)
+        _ = try db.update(
+            "ledger", query: .object([("user", .string(user))]),
+            update: .object([
+                ("$set", .object([("user", .string(pseudonym))])),
+                ("$unset", .object([("stream", .string("")), ("conversation", .string("")), ("room", .string("")), ("note", .string(""))])),
+            ]), multi: true)
         return Int(try db.command(.object([("count", .string("ledger")), ("query", .object([("user", .string(pseudonym))]))]))["n"]?.int64 ?? 0)
     }
 
@@ -105,10 +121,12 @@ extension MongoStore {
     public func purge(createdBefore cutoff: Int64, limit: Int) async throws -> PurgeResult {
         try await run { db in
             let old: JSONValue = .object([("$lt", .long(cutoff))])
-            let messages = try db.find("messages", filter: .object([("saved", .object([("$ne", .bool(true))])), ("created_at", old)]),
-                                       sort: .object([("created_at", .int(1))]), projection: .object([("_id", .int(1))]), limit: limit)
-            let entries = try db.find("room_entries", filter: .object([("created_at", old)]),
-                                      sort: .object([("created_at", .int(1))]), projection: .object([("_id", .int(1))]), limit: limit)
+            let messages = try db.find(
+                "messages", filter: .object([("saved", .object([("$ne", .bool(true))])), ("created_at", old)]),
+                sort: .object([("created_at", .int(1))]), projection: .object([("_id", .int(1))]), limit: limit)
+            let entries = try db.find(
+                "room_entries", filter: .object([("created_at", old)]),
+                sort: .object([("created_at", .int(1))]), projection: .object([("_id", .int(1))]), limit: limit)
             return PurgeResult(
                 messages: try Self.delete(db, "messages", field: "_id", in: messages.compactMap { $0["_id"] }),
                 roomEntries: try Self.delete(db, "room_entries", field: "_id", in: entries.compactMap { $0["_id"] })
@@ -145,7 +163,8 @@ extension MongoStore {
                     stream: d["_id"]?.stringValue ?? "", user: d["user"]?.stringValue ?? "", model: d["model"]?.stringValue ?? "",
                     feature: d["feature"]?.stringValue ?? "", inputTokens: Int(d["input_tokens"]?.int64 ?? 0),
                     target: .init(kind: d["target_kind"]?.stringValue ?? "", id: d["target_id"]?.stringValue, speaker: d["speaker"]?.stringValue),
-                    messageID: d["message_id"]?.stringValue ?? "", text: d["text"]?.stringValue ?? "", outputTokens: Int(d["output_tokens"]?.int64 ?? 0),
+                    messageID: d["message_id"]?.stringValue ?? "", text: d["text"]?.stringValue ?? "",
+                    outputTokens: Int(d["output_tokens"]?.int64 ?? 0),
                     createdAt: d["created_at"]?.int64 ?? 0, updatedAt: d["updated_at"]?.int64 ?? 0
                 )
             }
@@ -154,11 +173,13 @@ extension MongoStore {
 
     public func appendAudit(_ e: AuditEvent) async throws {
         try await run { db in
-            try db.insert("audit", .object([
-                ("_id", .string(e.id)), ("at", .long(e.at)), ("actor", .string(e.actor)), ("action", .string(e.action)),
-                ("target", e.target.map(JSONValue.string) ?? .null), ("ip_hash", e.ipHash.map(JSONValue.string) ?? .null),
-                ("detail", AuditEvent.json(e.detail)),
-            ]))
+            try db.insert(
+                "audit",
+                .object([
+                    ("_id", .string(e.id)), ("at", .long(e.at)), ("actor", .string(e.actor)), ("action", .string(e.action)),
+                    ("target", e.target.map(JSONValue.string) ?? .null), ("ip_hash", e.ipHash.map(JSONValue.string) ?? .null),
+                    ("detail", AuditEvent.json(e.detail)),
+                ]))
         }
     }
 
@@ -166,9 +187,10 @@ extension MongoStore {
         try await run { db in
             let filter: JSONValue = before.map { .object([("_id", .object([("$lt", .string($0))]))]) } ?? .object([])
             return try db.find("audit", filter: filter, sort: .object([("_id", .int(-1))]), limit: limit).map { d in
-                AuditEvent(id: d["_id"]?.stringValue ?? "", at: d["at"]?.int64 ?? 0, actor: d["actor"]?.stringValue ?? "",
-                           action: d["action"]?.stringValue ?? "", target: d["target"]?.stringValue, ipHash: d["ip_hash"]?.stringValue,
-                           detail: AuditEvent.detail(d["detail"]))
+                AuditEvent(
+                    id: d["_id"]?.stringValue ?? "", at: d["at"]?.int64 ?? 0, actor: d["actor"]?.stringValue ?? "",
+                    action: d["action"]?.stringValue ?? "", target: d["target"]?.stringValue, ipHash: d["ip_hash"]?.stringValue,
+                    detail: AuditEvent.detail(d["detail"]))
             }
         }
     }

@@ -15,8 +15,10 @@ extension MongoStore {
 
     public func updateRoom(_ room: Room) async throws -> Bool {
         try await run { db in
-            try db.update("rooms", query: .object([("_id", .string(room.id)), ("owner", .string(room.owner))]),
-                          update: .object([("$set", Self.mutableFields(Self.document(room)))])).matched > 0
+            try db.update(
+                "rooms", query: .object([("_id", .string(room.id)), ("owner", .string(room.owner))]),
+                update: .object([("$set", Self.mutableFields(Self.document(room)))])
+            ).matched > 0
         }
     }
 
@@ -49,12 +51,13 @@ extension MongoStore {
             var filter: [(String, JSONValue)] = [("room", .string(room))]
             if let before { filter.append(("_id", .object([("$lt", .string(before))]))) }
             return try db.find("room_entries", filter: .object(filter), sort: .object([("_id", .int(-1))]), limit: limit).reversed().map { d in
-                RoomEntry(id: d["_id"]?.stringValue ?? "", room: d["room"]?.stringValue ?? "",
-                          kind: RoomEntry.Kind(rawValue: d["kind"]?.stringValue ?? "") ?? .said, speaker: d["speaker"]?.stringValue ?? "",
-                          text: d["text"]?.stringValue ?? "", createdAt: d["created_at"]?.int64 ?? 0,
-                          reason: d["reason"]?.stringValue.flatMap(StreamEndReason.init(rawValue:)), stream: d["stream"]?.stringValue,
-                          lang: d["lang"]?.stringValue.flatMap(LanguageTag.init), source: d["source"]?.stringValue,
-                          speakerIsClone: d["speaker_is_clone"]?.boolValue)
+                RoomEntry(
+                    id: d["_id"]?.stringValue ?? "", room: d["room"]?.stringValue ?? "",
+                    kind: RoomEntry.Kind(rawValue: d["kind"]?.stringValue ?? "") ?? .said, speaker: d["speaker"]?.stringValue ?? "",
+                    text: d["text"]?.stringValue ?? "", createdAt: d["created_at"]?.int64 ?? 0,
+                    reason: d["reason"]?.stringValue.flatMap(StreamEndReason.init(rawValue:)), stream: d["stream"]?.stringValue,
+                    lang: d["lang"]?.stringValue.flatMap(LanguageTag.init), source: d["source"]?.stringValue,
+                    speakerIsClone: d["speaker_is_clone"]?.boolValue)
             }
         }
     }
@@ -62,7 +65,10 @@ extension MongoStore {
     static func document(_ r: Room) -> JSONValue {
         .object([
             ("_id", .string(r.id)), ("owner", .string(r.owner)), ("topic", .string(r.topic)),
-            ("debaters", .array(r.debaters.map { .object([("clone", .string($0.clone)), ("stance", .string($0.stance)), ("name", .string($0.name))]) })),
+            (
+                "debaters",
+                .array(r.debaters.map { .object([("clone", .string($0.clone)), ("stance", .string($0.stance)), ("name", .string($0.name))]) })
+            ),
             ("rounds", .long(Int64(r.rounds))), ("policy", .string(r.policy.rawValue)), ("max_tokens", .long(Int64(r.maxTokensPerTurn))),
             ("visibility", .string(r.visibility.rawValue)), ("status", .string(r.status.rawValue)), ("turns_taken", .long(Int64(r.turnsTaken))),
             ("muted", .array(r.muted.map(JSONValue.string))), ("kicked", .array(r.kicked.map(JSONValue.string))),
@@ -74,7 +80,8 @@ extension MongoStore {
 
     static func room(from d: JSONValue) -> Room {
         Room(
-            id: d["_id"]?.stringValue ?? "", kind: Room.Kind(rawValue: d["kind"]?.stringValue ?? "") ?? .debate, owner: d["owner"]?.stringValue ?? "", topic: d["topic"]?.stringValue ?? "",
+            id: d["_id"]?.stringValue ?? "", kind: Room.Kind(rawValue: d["kind"]?.stringValue ?? "") ?? .debate, owner: d["owner"]?.stringValue ?? "",
+            topic: d["topic"]?.stringValue ?? "",
             debaters: (d["debaters"]?.arrayValue ?? []).map {
                 Room.Debater(clone: $0["clone"]?.stringValue ?? "", stance: $0["stance"]?.stringValue ?? "", name: $0["name"]?.stringValue ?? "")
             },

@@ -44,8 +44,10 @@ extension MongoStore {
         if let conversation = change.conversation { set.append(("conversation", .string(conversation))) }
         if let message = change.message { set.append(("message", .string(message))) }
         if let failure = change.failure { set.append(("failure", .string(failure))) }
-        return try db.findAndModify("schedules", query: .object([("_id", .string(id)), ("status", .string(from.rawValue))]),
-                                    update: .object([("$set", .object(set))])).map(Self.schedule(from:))
+        return try db.findAndModify(
+            "schedules", query: .object([("_id", .string(id)), ("status", .string(from.rawValue))]),
+            update: .object([("$set", .object(set))])
+        ).map(Self.schedule(from:))
     }
 
     /// No multi-document transaction on a standalone server, so each step is idempotent instead:
@@ -53,8 +55,12 @@ extension MongoStore {
     /// last step (firing → fired) is the conditional one.
     public func completeSchedule(id: String, message: Message, newConversation: Conversation?, now: Int64) async throws -> Schedule? {
         try await run { db in
-            guard try db.find("schedules", filter: .object([("_id", .string(id)), ("status", .string(Schedule.Status.firing.rawValue))]),
-                              limit: 1).first != nil else {
+            guard
+                try db.find(
+                    "schedules", filter: .object([("_id", .string(id)), ("status", .string(Schedule.Status.firing.rawValue))]),
+                    limit: 1
+                ).first != nil
+            else {
                 return nil
             }
             if let newConversation {
@@ -65,8 +71,9 @@ extension MongoStore {
                 }
             }
             try Self.append(message, db, orIgnore: true)
-            return try Self.transition(db, id: id, from: .firing,
-                                       ScheduleChange(status: .fired, updatedAt: now, conversation: message.conversation, message: message.id))
+            return try Self.transition(
+                db, id: id, from: .firing,
+                ScheduleChange(status: .fired, updatedAt: now, conversation: message.conversation, message: message.id))
         }
     }
 

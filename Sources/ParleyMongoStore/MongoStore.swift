@@ -38,7 +38,8 @@ public final class MongoStore: Store {
     public var database: String { pool.database }
 
     private init(pool: MongoClientPool, threads: NIOThreadPool, options: Options) {
-        latency = CoreMetrics.Timer(label: "parley_store_seconds", dimensions: [("store", "mongodb")], preferredDisplayUnit: .seconds, factory: options.metrics)
+        latency = CoreMetrics.Timer(
+            label: "parley_store_seconds", dimensions: [("store", "mongodb")], preferredDisplayUnit: .seconds, factory: options.metrics)
         self.pool = pool
         self.threads = threads
         self.options = options
@@ -94,9 +95,10 @@ public final class MongoStore: Store {
 
     public func ensureUser(_ id: String, now: Int64) async throws -> User {
         try await run { db in
-            let doc = try db.findAndModify("users", query: .object([("_id", .string(id))]),
-                                           update: .object([("$setOnInsert", .object([("created_at", .long(now))]))]),
-                                           upsert: true, returnNew: true)
+            let doc = try db.findAndModify(
+                "users", query: .object([("_id", .string(id))]),
+                update: .object([("$setOnInsert", .object([("created_at", .long(now))]))]),
+                upsert: true, returnNew: true)
             return User(id: id, createdAt: doc?["created_at"]?.int64 ?? now)
         }
     }
@@ -121,8 +123,10 @@ public final class MongoStore: Store {
 
     public func updateClone(_ clone: Clone) async throws -> Bool {
         try await run { db in
-            try db.update("clones", query: .object([("_id", .string(clone.id)), ("owner", .string(clone.owner))]),
-                          update: .object([("$set", Self.mutableFields(Self.document(clone)))])).matched > 0
+            try db.update(
+                "clones", query: .object([("_id", .string(clone.id)), ("owner", .string(clone.owner))]),
+                update: .object([("$set", Self.mutableFields(Self.document(clone)))])
+            ).matched > 0
         }
     }
 
@@ -133,8 +137,9 @@ public final class MongoStore: Store {
             guard try !db.find("clones", filter: .object([("_id", .string(id)), ("owner", .string(owner))]), limit: 1).isEmpty else {
                 return false
             }
-            let conversations = try db.find("conversations", filter: .object([("clone", .string(id)), ("owner", .string(owner))]),
-                                            projection: .object([("_id", .int(1))]))
+            let conversations = try db.find(
+                "conversations", filter: .object([("clone", .string(id)), ("owner", .string(owner))]),
+                projection: .object([("_id", .int(1))]))
             let ids = conversations.compactMap { $0["_id"] }
             if !ids.isEmpty {
                 _ = try db.delete("messages", query: .object([("conversation", .object([("$in", .array(ids))]))]))
@@ -203,8 +208,9 @@ public final class MongoStore: Store {
     }
 
     static func conversation(from d: JSONValue) -> Conversation {
-        Conversation(id: d["_id"]?.stringValue ?? "", owner: d["owner"]?.stringValue ?? "", clone: d["clone"]?.stringValue ?? "",
-                     title: d["title"]?.stringValue ?? "", createdAt: d["created_at"]?.int64 ?? 0, updatedAt: d["updated_at"]?.int64 ?? 0)
+        Conversation(
+            id: d["_id"]?.stringValue ?? "", owner: d["owner"]?.stringValue ?? "", clone: d["clone"]?.stringValue ?? "",
+            title: d["title"]?.stringValue ?? "", createdAt: d["created_at"]?.int64 ?? 0, updatedAt: d["updated_at"]?.int64 ?? 0)
     }
 
     // MARK: Messages
@@ -216,24 +222,25 @@ public final class MongoStore: Store {
     /// Inserts a message and moves its conversation's `updated_at`; `orIgnore` keeps an existing
     /// message with the same id instead of failing.
     static func append(_ m: Message, _ db: Database, orIgnore: Bool) throws {
-            var doc: [(String, JSONValue)] = [
-                ("_id", .string(m.id)), ("conversation", .string(m.conversation)), ("role", .string(m.role.rawValue)),
-                ("text", .string(m.text)), ("created_at", .long(m.createdAt)),
-            ]
-            if let reason = m.reason { doc.append(("reason", .string(reason.rawValue))) }
-            if let usage = m.usage {
-                doc.append(("input_tokens", .long(Int64(usage.inputTokens))))
-                doc.append(("output_tokens", .long(Int64(usage.outputTokens))))
-            }
-            if let stream = m.stream { doc.append(("stream", .string(stream))) }
-            doc.append(("saved", .bool(m.saved)))
-            do {
-                try db.insert("messages", .object(doc))
-            } catch StoreError.duplicateKey(let key) {
-                guard orIgnore else { throw StoreError.duplicateKey(key) }
-            }
-            _ = try db.update("conversations", query: .object([("_id", .string(m.conversation))]),
-                              update: .object([("$max", .object([("updated_at", .long(m.createdAt))]))]))
+        var doc: [(String, JSONValue)] = [
+            ("_id", .string(m.id)), ("conversation", .string(m.conversation)), ("role", .string(m.role.rawValue)),
+            ("text", .string(m.text)), ("created_at", .long(m.createdAt)),
+        ]
+        if let reason = m.reason { doc.append(("reason", .string(reason.rawValue))) }
+        if let usage = m.usage {
+            doc.append(("input_tokens", .long(Int64(usage.inputTokens))))
+            doc.append(("output_tokens", .long(Int64(usage.outputTokens))))
+        }
+        if let stream = m.stream { doc.append(("stream", .string(stream))) }
+        doc.append(("saved", .bool(m.saved)))
+        do {
+            try db.insert("messages", .object(doc))
+        } catch StoreError.duplicateKey(let key) {
+            guard orIgnore else { throw StoreError.duplicateKey(key) }
+        }
+        _ = try db.update(
+            "conversations", query: .object([("_id", .string(m.conversation))]),
+            update: .object([("$max", .object([("updated_at", .long(m.createdAt))]))]))
     }
 
     public func message(id: String, conversation: String) async throws -> Message? {
@@ -303,14 +310,16 @@ struct Database: Sendable {
             throw StoreError.schemaTooNew(found: Int(stored), supported: MongoStore.schemaVersion)
         }
         for (collection, entries) in Dictionary(grouping: Self.indexes, by: \.collection) {
-            _ = try command(.object([
-                ("createIndexes", .string(collection)),
-                ("indexes", .array(entries.map { .object([("key", $0.key), ("name", .string($0.name)), ("unique", .bool($0.unique))]) })),
-            ]))
+            _ = try command(
+                .object([
+                    ("createIndexes", .string(collection)),
+                    ("indexes", .array(entries.map { .object([("key", $0.key), ("name", .string($0.name)), ("unique", .bool($0.unique))]) })),
+                ]))
         }
         if stored < Int64(MongoStore.schemaVersion) {
-            _ = try update("meta", query: .object([("_id", .string("schema"))]),
-                           update: .object([("$set", .object([("version", .int(Int64(MongoStore.schemaVersion)))]))]), upsert: true)
+            _ = try update(
+                "meta", query: .object([("_id", .string("schema"))]),
+                update: .object([("$set", .object([("version", .int(Int64(MongoStore.schemaVersion)))]))]), upsert: true)
         }
     }
 
@@ -340,8 +349,9 @@ struct Database: Sendable {
 
     func insert(_ collection: String, _ document: JSONValue) throws {
         var wasRetried = false
-        let reply = try command(.object([("insert", .string(collection)), ("documents", .array([document]))]),
-                                retried: { wasRetried = $0 })
+        let reply = try command(
+            .object([("insert", .string(collection)), ("documents", .array([document]))]),
+            retried: { wasRetried = $0 })
         if let error = reply["writeErrors"]?.arrayValue?.first {
             let code = error["code"]?.int64 ?? 0
             // A retry after a lost reply finds its own first attempt: that is success, not a clash.
@@ -355,7 +365,8 @@ struct Database: Sendable {
         (error["errmsg"]?.stringValue ?? "").contains("_id")
     }
 
-    func find(_ collection: String, filter: JSONValue, sort: JSONValue? = nil, projection: JSONValue? = nil, limit: Int? = nil) throws -> [JSONValue] {
+    func find(_ collection: String, filter: JSONValue, sort: JSONValue? = nil, projection: JSONValue? = nil, limit: Int? = nil) throws -> [JSONValue]
+    {
         var cmd: [(String, JSONValue)] = [("find", .string(collection)), ("filter", filter)]
         if let sort { cmd.append(("sort", sort)) }
         if let projection { cmd.append(("projection", projection)) }
@@ -369,11 +380,14 @@ struct Database: Sendable {
         return documents
     }
 
-    func update(_ collection: String, query: JSONValue, update: JSONValue, upsert: Bool = false, multi: Bool = false) throws -> (matched: Int64, modified: Int64) {
-        let reply = try command(.object([
-            ("update", .string(collection)),
-            ("updates", .array([.object([("q", query), ("u", update), ("upsert", .bool(upsert)), ("multi", .bool(multi))])])),
-        ]))
+    func update(
+        _ collection: String, query: JSONValue, update: JSONValue, upsert: Bool = false, multi: Bool = false
+    ) throws -> (matched: Int64, modified: Int64) {
+        let reply = try command(
+            .object([
+                ("update", .string(collection)),
+                ("updates", .array([.object([("q", query), ("u", update), ("upsert", .bool(upsert)), ("multi", .bool(multi))])])),
+            ]))
         if let error = reply["writeErrors"]?.arrayValue?.first {
             let code = error["code"]?.int64 ?? 0
             if code == 11000 || code == 11001 { throw StoreError.duplicateKey(error["errmsg"]?.stringValue ?? "duplicate key") }
@@ -383,19 +397,21 @@ struct Database: Sendable {
     }
 
     func delete(_ collection: String, query: JSONValue, limit: Int = 0) throws -> Int64 {
-        let reply = try command(.object([
-            ("delete", .string(collection)),
-            ("deletes", .array([.object([("q", query), ("limit", .int(Int64(limit)))])])),
-        ]))
+        let reply = try command(
+            .object([
+                ("delete", .string(collection)),
+                ("deletes", .array([.object([("q", query), ("limit", .int(Int64(limit)))])])),
+            ]))
         return reply["n"]?.int64 ?? 0
     }
 
     /// Atomic read-modify-write of one document; returns it (after the update when `returnNew`).
     func findAndModify(_ collection: String, query: JSONValue, update: JSONValue, upsert: Bool = false, returnNew: Bool = true) throws -> JSONValue? {
-        let reply = try command(.object([
-            ("findAndModify", .string(collection)), ("query", query), ("update", update),
-            ("upsert", .bool(upsert)), ("new", .bool(returnNew)),
-        ]))
+        let reply = try command(
+            .object([
+                ("findAndModify", .string(collection)), ("query", query), ("update", update),
+                ("upsert", .bool(upsert)), ("new", .bool(returnNew)),
+            ]))
         guard let value = reply["value"], value != .null else { return nil }
         return value
     }

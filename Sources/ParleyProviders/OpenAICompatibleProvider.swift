@@ -88,13 +88,16 @@ enum HTTPStreaming {
             while true {
                 let progress = Progress()
                 do {
-                    try await once(http, client: client, options: options, request: request, parts: parts, continuation: continuation, progress: progress)
+                    try await once(
+                        http, client: client, options: options, request: request, parts: parts, continuation: continuation, progress: progress)
                     continuation.finish()
                     return
                 } catch is CancellationError {
                     continuation.finish()
                     return
-                } catch let failure as Failure where failure.retryable && progress.delivered.load(ordering: .relaxed) == 0 && attempt < options.retries {
+                } catch let failure as Failure
+                    where failure.retryable && progress.delivered.load(ordering: .relaxed) == 0 && attempt < options.retries
+                {
                     attempt += 1
                     try? await Task.sleep(for: .milliseconds(250 * attempt))
                     if Task.isCancelled {
@@ -152,8 +155,9 @@ enum HTTPStreaming {
                     let body = (try? await response.body.collect(upTo: 64 * 1024)) ?? ByteBuffer()
                     let detail = (try? JSONValue.parse(body.readableBytesView)).map { OpenAIChatDialect.message($0["error"] ?? $0) }
                     let code = response.status.code
-                    throw Failure(message: "the model provider answered HTTP \(code)" + (detail.map { ": \($0)" } ?? ""),
-                                  retryable: code == 429 || code >= 500)
+                    throw Failure(
+                        message: "the model provider answered HTTP \(code)" + (detail.map { ": \($0)" } ?? ""),
+                        retryable: code == 429 || code >= 500)
                 }
                 var parser = SSEParser()
                 var input: Int?
@@ -189,8 +193,9 @@ enum HTTPStreaming {
                     let limit = first ? options.firstTokenTimeout : options.idleTimeout
                     let due = since + limit
                     if ContinuousClock.now >= due {
-                        throw Failure(message: first ? "the model provider sent nothing in time" : "the model provider stopped sending",
-                                      retryable: first)
+                        throw Failure(
+                            message: first ? "the model provider sent nothing in time" : "the model provider stopped sending",
+                            retryable: first)
                     }
                     try await Task.sleep(until: min(due, .now + .milliseconds(500)))
                 }

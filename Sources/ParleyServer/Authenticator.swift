@@ -87,7 +87,8 @@ public struct Authenticator: Sendable {
         var base64 = encoded.replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
         base64 += String(repeating: "=", count: (4 - base64.count % 4) % 4)
         guard let data = Data(base64Encoded: base64),
-              let header = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else { return true }
+            let header = try? JSONSerialization.jsonObject(with: data) as? [String: Any]
+        else { return true }
         return header["crit"] != nil
     }
 
@@ -110,14 +111,15 @@ public struct Authenticator: Sendable {
 
     static func isValidSubject(_ subject: String) -> Bool {
         let bytes = subject.utf8
-        return (1...64).contains(bytes.count) && bytes.allSatisfy {
-            switch $0 {
-            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"),
-                UInt8(ascii: "."), UInt8(ascii: "_"), UInt8(ascii: "-"), UInt8(ascii: "@"):
-                true
-            default: false
+        return (1...64).contains(bytes.count)
+            && bytes.allSatisfy {
+                switch $0 {
+                case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"),
+                    UInt8(ascii: "."), UInt8(ascii: "_"), UInt8(ascii: "-"), UInt8(ascii: "@"):
+                    true
+                default: false
+                }
             }
-        }
     }
 }
 

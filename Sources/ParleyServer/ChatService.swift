@@ -62,7 +62,8 @@ final class ChatService: FrameHandler {
         }
         let ack = allocator.buffer(bytes: live.startFrame(ref: ref))
         if live.resume(connection, after: after, ack: ack) == .gone {
-            connection.send(ServerFrame.error(ref: ref, code: .streamGone, message: "tokens after seq \(after) of stream \(stream) are no longer buffered"))
+            connection.send(
+                ServerFrame.error(ref: ref, code: .streamGone, message: "tokens after seq \(after) of stream \(stream) are no longer buffered"))
         }
     }
 
@@ -99,28 +100,36 @@ final class ChatService: FrameHandler {
             case .conversationBusy:
                 throw FrameError(ref: ref, code: .rateLimited, message: "a reply is already streaming in conversation \(conversation.id)")
             case .tooManyStreams:
-                throw FrameError(ref: ref, code: .rateLimited, message: "at most \(configuration.maxConcurrentStreamsPerUser) replies may stream at once")
+                throw FrameError(
+                    ref: ref, code: .rateLimited, message: "at most \(configuration.maxConcurrentStreamsPerUser) replies may stream at once")
             }
 
             // A card's greeting opens a new conversation as its first message (made first, so its
             // id sorts first): the transcript shows it and the prompt answers after it.
-            let greeting = isNew ? PromptAssembler.greeting(of: clone).map {
-                Message(id: ids.make(.message), conversation: conversation.id, role: .assistant, text: $0, createdAt: now)
-            } : nil
+            let greeting =
+                isNew
+                ? PromptAssembler.greeting(of: clone).map {
+                    Message(id: ids.make(.message), conversation: conversation.id, role: .assistant, text: $0, createdAt: now)
+                } : nil
             let userMessage = Message(id: ids.make(.message), conversation: conversation.id, role: .user, text: text, createdAt: now)
-            let history = isNew ? (greeting.map { [$0] } ?? [])
+            let history =
+                isNew
+                ? (greeting.map { [$0] } ?? [])
                 : try await store.messages(conversation: conversation.id, limit: configuration.historyMessages - 1, before: nil)
             let prompt = PromptAssembler(contextBudget: configuration.contextBudgetTokens).assemble(clone: clone, history: history + [userMessage])
-            let request = CompletionRequest(model: configuration.model(for: clone), messages: prompt.messages, speaker: clone.name, maxOutputTokens: configuration.maxOutputTokens)
+            let request = CompletionRequest(
+                model: configuration.model(for: clone), messages: prompt.messages, speaker: clone.name, maxOutputTokens: configuration.maxOutputTokens
+            )
 
             // The prompt and a minimum reply must be affordable before anything is stored or generated.
             let prepared: StreamRunner.Prepared
             do {
                 prepared = try await streams.prepare(prompt, request: request, payer: user, feature: .chat, conversation: conversation.id)
             } catch let refusal as CreditMeter.Refusal {
-                throw FrameError(ref: ref, code: .insufficientCredits,
-                                 message: "this reply needs \(refusal.required) credits; the balance is \(refusal.balance)",
-                                 balance: refusal.balance, required: refusal.required)
+                throw FrameError(
+                    ref: ref, code: .insufficientCredits,
+                    message: "this reply needs \(refusal.required) credits; the balance is \(refusal.balance)",
+                    balance: refusal.balance, required: refusal.required)
             }
             toRefund = prepared
 
@@ -130,13 +139,16 @@ final class ChatService: FrameHandler {
             try await store.appendMessage(userMessage)
             toRefund = nil
 
-            let live = streams.open(id: prepared.id, owner: user, model: prepared.model, kind: .reply(conversation: conversation.id, clone: clone.id, schedule: nil),
-                                    readers: [.user(user)], bufferCapacity: configuration.resumeBufferTokens, ref: ref)
+            let live = streams.open(
+                id: prepared.id, owner: user, model: prepared.model, kind: .reply(conversation: conversation.id, clone: clone.id, schedule: nil),
+                readers: [.user(user)], bufferCapacity: configuration.resumeBufferTokens, ref: ref)
             Admission.admitCurrent()  // the stream exists: a pipelined chat.cancel finds it
             reservedConversation = nil  // the runner releases it when the stream ends
             let store = self.store
-            await streams.run(live, prepared, ref: ref, requester: connection, messageID: ids.make(.message),
-                              journal: .conversation(conversation.id)) { try await store.appendMessage($0) }
+            await streams.run(
+                live, prepared, ref: ref, requester: connection, messageID: ids.make(.message),
+                journal: .conversation(conversation.id)
+            ) { try await store.appendMessage($0) }
         } catch let error as FrameError {
             connection.send(ServerFrame.error(error))
         } catch {

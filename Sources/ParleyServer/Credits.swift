@@ -51,8 +51,10 @@ final class Credits: Sendable {
     /// Users whose starting grant is known to be applied; only saves a store round trip.
     private let welcomed = Mutex(Set<String>())
 
-    init(store: any LedgerStore, configuration: CreditsConfiguration, logger: Logger, metrics: any MetricsFactory = MetricsSystem.factory,
-         pseudonym: @escaping @Sendable (String) -> String) {
+    init(
+        store: any LedgerStore, configuration: CreditsConfiguration, logger: Logger, metrics: any MetricsFactory = MetricsSystem.factory,
+        pseudonym: @escaping @Sendable (String) -> String
+    ) {
         self.store = store
         self.pseudonym = pseudonym
         self.configuration = configuration
@@ -65,8 +67,10 @@ final class Credits: Sendable {
         // Deleting an account and coming back must not be a way to mint credits.
         let hadAccount = try await store.ledgerEntry(id: LedgerEntry.welcomeID(for: pseudonym(user))) != nil
         if !hadAccount {
-            _ = try await store.apply(Self.grantEntry(id: LedgerEntry.welcomeID(for: user), user: user, credits: configuration.startingGrant,
-                                                  note: "starting grant"), allowOverdraft: false)
+            _ = try await store.apply(
+                Self.grantEntry(
+                    id: LedgerEntry.welcomeID(for: user), user: user, credits: configuration.startingGrant,
+                    note: "starting grant"), allowOverdraft: false)
         }
         welcomed.withLock { set in
             if set.count >= 100_000 { set.removeAll() }  // bounded: worst case one more idempotent write
@@ -143,7 +147,8 @@ actor CreditMeter {
     /// prompt. Throws `Refusal` (nothing charged) when they are not.
     func begin(inputTokens: Int) async throws {
         guard let inputCost = pricing.inputCost(tokens: inputTokens, model: model, feature: feature),
-              let reserve = pricing.outputCost(tokens: credits.configuration.outputReserveTokens, model: model, feature: feature) else {
+            let reserve = pricing.outputCost(tokens: credits.configuration.outputReserveTokens, model: model, feature: feature)
+        else {
             throw ProviderPriceMissing(model: model)
         }
         try await credits.ensureStartingGrant(user)
@@ -210,14 +215,16 @@ actor CreditMeter {
     /// prepaid credits or charges the rest, as far as the balance allows. Returns the stream's
     /// cost and the balance after it.
     func settle(usage: Usage) async -> (cost: Int64, balance: Int64) {
-        let actual = (pricing.inputCost(tokens: usage.inputTokens, model: model, feature: feature) ?? 0)
+        let actual =
+            (pricing.inputCost(tokens: usage.inputTokens, model: model, feature: feature) ?? 0)
             + outputCost(usage.outputTokens)
         var difference = charged - actual  // positive: refund
         do {
             if difference != 0 {
                 var outcome = try await credits.store.apply(entry("settle", difference, tokens: 0, kind: .settlement), allowOverdraft: false)
                 if case .insufficient(let available) = outcome, available > 0 {
-                    credits.logger.warning("settlement charged only part of the usage", metadata: ["stream": "\(stream)", "short": "\(-difference - available)"])
+                    credits.logger.warning(
+                        "settlement charged only part of the usage", metadata: ["stream": "\(stream)", "short": "\(-difference - available)"])
                     difference = -available
                     outcome = try await credits.store.apply(entry("settle", difference, tokens: 0, kind: .settlement), allowOverdraft: false)
                 }
@@ -245,9 +252,10 @@ actor CreditMeter {
     }
 
     private func entry(_ suffix: String, _ credits: Int64, tokens: Int, kind: LedgerEntry.Kind = .debit) -> LedgerEntry {
-        LedgerEntry(id: "\(stream):\(suffix)", user: user, kind: kind, credits: credits, tokens: tokens, stream: stream,
-                    conversation: conversation, room: room, model: model, feature: feature.rawValue,
-                    createdAt: Int64(Timestamp.nowMillis()))
+        LedgerEntry(
+            id: "\(stream):\(suffix)", user: user, kind: kind, credits: credits, tokens: tokens, stream: stream,
+            conversation: conversation, room: room, model: model, feature: feature.rawValue,
+            createdAt: Int64(Timestamp.nowMillis()))
     }
 }
 

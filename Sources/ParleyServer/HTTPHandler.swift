@@ -56,8 +56,11 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         case (.end, .receiving(let head, let body, _)):
             timeouts?.requestReceived()
             state = .idle
-            respond(context: context, head: head, request: HTTPRequest(head: head, body: body, remoteIP: context.channel.remoteAddress?.ipAddress,
-                                                                       id: api.ids.make(.request)))
+            respond(
+                context: context, head: head,
+                request: HTTPRequest(
+                    head: head, body: body, remoteIP: context.channel.remoteAddress?.ipAddress,
+                    id: api.ids.make(.request)))
         case (.end, .discarding(let head, let limit)):
             timeouts?.requestReceived()
             state = .idle
@@ -111,7 +114,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         var headers = response.headers
         headers.remove(name: "content-length")
         headers.replaceOrAdd(name: "connection", value: keepAlive ? "keep-alive" : "close")
-        context.writeAndFlush(wrapOutboundOut(.head(HTTPResponseHead(version: request.version, status: response.status, headers: headers))), promise: nil)
+        context.writeAndFlush(
+            wrapOutboundOut(.head(HTTPResponseHead(version: request.version, status: response.status, headers: headers))), promise: nil)
         let channel = context.channel
         let api = self.api
         let timeouts = self.timeouts.map { NIOLoopBound($0, eventLoop: context.eventLoop) }
@@ -127,9 +131,11 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
                     channel.eventLoop.execute { timeouts.value.responseSent() }
                 }
             } catch {
-                api.logger.warning("streamed response cut short", metadata: [
-                    "request": "\(response.headers.first(name: "x-request-id") ?? "")", "error": "\(error)",
-                ])
+                api.logger.warning(
+                    "streamed response cut short",
+                    metadata: [
+                        "request": "\(response.headers.first(name: "x-request-id") ?? "")", "error": "\(error)",
+                    ])
                 try? await channel.close()
             }
         }

@@ -190,7 +190,8 @@ final class HTTPTimeoutHandler: ChannelInboundHandler, RemovableChannelHandler {
         // Written below the HTTP encoder: the parser may be mid-request, so no response part fits.
         let what = phase == .head ? "request head" : "request body"
         let body = #"{"error":{"code":"bad_request","message":"the \#(what) took too long to arrive"}}"#
-        let response = "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json; charset=utf-8\r\ncontent-length: \(body.utf8.count)\r\n"
+        let response =
+            "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json; charset=utf-8\r\ncontent-length: \(body.utf8.count)\r\n"
             + "connection: close\r\n\r\n" + body
         context.writeAndFlush(NIOAny(context.channel.allocator.buffer(string: response))).assumeIsolated().whenComplete { _ in
             context.close(promise: nil)

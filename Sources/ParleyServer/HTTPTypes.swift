@@ -133,18 +133,19 @@ struct APIError: Error, Sendable {
 
     /// The REST form of a protocol error: the same code and message, with the matching status.
     init(_ error: FrameError) {
-        let status: HTTPResponseStatus = switch error.code {
-        case .badRequest, .tooLarge: .badRequest
-        case .unauthorized: .unauthorized
-        case .forbidden: .forbidden
-        case .notFound, .streamGone: .notFound
-        case .conflict: .conflict
-        case .rateLimited, .limitExceeded: .tooManyRequests
-        case .insufficientCredits: .paymentRequired
-        case .providerError: .badGateway
-        case .unavailable: .serviceUnavailable
-        case .internal: .internalServerError
-        }
+        let status: HTTPResponseStatus =
+            switch error.code {
+            case .badRequest, .tooLarge: .badRequest
+            case .unauthorized: .unauthorized
+            case .forbidden: .forbidden
+            case .notFound, .streamGone: .notFound
+            case .conflict: .conflict
+            case .rateLimited, .limitExceeded: .tooManyRequests
+            case .insufficientCredits: .paymentRequired
+            case .providerError: .badGateway
+            case .unavailable: .serviceUnavailable
+            case .internal: .internalServerError
+            }
         self.init(status, error.code, error.message)
     }
 

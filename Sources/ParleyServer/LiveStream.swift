@@ -103,8 +103,10 @@ final class LiveStream: Sendable {
 
     /// A stream read by every socket subscribed to one of `readers` now (and by whoever resumes
     /// it later); all its frames go through `broker`.
-    init(id: String, owner: String, model: String, kind: Kind, bufferCapacity: Int, readers: [Topic], broker: any Broker, hub: SocketHub,
-         metrics: StreamMetrics? = nil) {
+    init(
+        id: String, owner: String, model: String, kind: Kind, bufferCapacity: Int, readers: [Topic], broker: any Broker, hub: SocketHub,
+        metrics: StreamMetrics? = nil
+    ) {
         self.id = id
         self.metrics = metrics
         self.model = model
@@ -125,8 +127,9 @@ final class LiveStream: Sendable {
     func startFrame(ref: String?) -> [UInt8] {
         var user: String?
         if case .translation(_, _, _, .user(let speaker)) = kind { user = speaker }
-        return ServerFrame.streamStart(ref: ref, stream: id, conversation: conversation, clone: clone, user: user, model: model,
-                                       schedule: schedule, room: room, source: source, lang: lang)
+        return ServerFrame.streamStart(
+            ref: ref, stream: id, conversation: conversation, clone: clone, user: user, model: model,
+            schedule: schedule, room: room, source: source, lang: lang)
     }
 
     /// Sends `stream.start` to every reader.

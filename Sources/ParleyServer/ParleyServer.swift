@@ -59,8 +59,9 @@ public final class ParleyServer: Sendable {
     ) async throws -> ParleyServer {
         do {
             // Private to the server's user: it holds the database and the signing secret.
-            try FileManager.default.createDirectory(atPath: configuration.dataDirectory, withIntermediateDirectories: true,
-                                                    attributes: [.posixPermissions: 0o700])
+            try FileManager.default.createDirectory(
+                atPath: configuration.dataDirectory, withIntermediateDirectories: true,
+                attributes: [.posixPermissions: 0o700])
         } catch {
             throw ConfigurationError("cannot create the data directory \(configuration.dataDirectory): \(error.localizedDescription)")
         }
@@ -85,8 +86,9 @@ public final class ParleyServer: Sendable {
         }
         if recovered > 0 { logger.notice("recovered ledger entries left pending by a crash", metadata: ["count": "\(recovered)"]) }
         let audit = AuditLog(store: store, secret: secret, ids: ids, logger: logger)
-        let credits = Credits(store: store, configuration: configuration.credits, logger: logger, metrics: configuration.metrics,
-                              pseudonym: audit.pseudonym(for:))
+        let credits = Credits(
+            store: store, configuration: configuration.credits, logger: logger, metrics: configuration.metrics,
+            pseudonym: audit.pseudonym(for:))
         // Store and settle the replies a crash cut short, before anything is charged or shown.
         do {
             _ = try await StreamRecovery(store: store, credits: credits, logger: logger).run()
@@ -94,16 +96,18 @@ public final class ParleyServer: Sendable {
             try? await store.close()
             throw error
         }
-        let streams = StreamRunner(store: store, credits: credits, provider: provider, hub: hub, sockets: sockets, broker: LocalBroker(hub: sockets),
-                                   requests: RequestTracker(logger: logger),
-                                   configuration: configuration, logger: logger, ids: ids)
+        let streams = StreamRunner(
+            store: store, credits: credits, provider: provider, hub: hub, sockets: sockets, broker: LocalBroker(hub: sockets),
+            requests: RequestTracker(logger: logger),
+            configuration: configuration, logger: logger, ids: ids)
         let chat = ChatService(store: store, streams: streams, configuration: configuration, ids: ids)
         let group = MultiThreadedEventLoopGroup(numberOfThreads: configuration.eventLoopThreads ?? System.coreCount)
         // The timer wheel lives on one event loop; firing hands work to tasks, never blocking it.
         let schedules = ScheduleService(store: store, streams: streams, configuration: configuration, logger: logger, ids: ids, loop: group.next())
         let rooms = RoomService(store: store, streams: streams, configuration: configuration, logger: logger, ids: ids, audit: audit)
-        let retention = RetentionJob(store: store, retention: configuration.retention, interval: configuration.retentionInterval,
-                                     logger: logger, metrics: configuration.metrics)
+        let retention = RetentionJob(
+            store: store, retention: configuration.retention, interval: configuration.retentionInterval,
+            logger: logger, metrics: configuration.metrics)
         do {
             try await rooms.start()
             try await schedules.start()
@@ -114,10 +118,13 @@ public final class ParleyServer: Sendable {
             try? await group.shutdownGracefully()
             throw error
         }
-        let handshakes = configuration.handshakesPerSecondPerIP.map { HandshakeLimiter(rate: $0, limitsLoopback: configuration.limitLoopbackHandshakes) }
-        let api = RESTAPI(store: store, chat: chat, schedules: schedules, rooms: rooms, credits: credits, authenticator: authenticator,
-                          configuration: configuration, ids: ids, logger: logger, sockets: sockets, audit: audit, retention: retention, handshakes: handshakes,
-                          authFailures: AuthFailureLimiter(secret: secret, limitsLoopback: configuration.limitLoopbackHandshakes))
+        let handshakes = configuration.handshakesPerSecondPerIP.map {
+            HandshakeLimiter(rate: $0, limitsLoopback: configuration.limitLoopbackHandshakes)
+        }
+        let api = RESTAPI(
+            store: store, chat: chat, schedules: schedules, rooms: rooms, credits: credits, authenticator: authenticator,
+            configuration: configuration, ids: ids, logger: logger, sockets: sockets, audit: audit, retention: retention, handshakes: handshakes,
+            authFailures: AuthFailureLimiter(secret: secret, limitsLoopback: configuration.limitLoopbackHandshakes))
 
         let socketServices = ServerSocketServices(hub: sockets, chat: chat, schedules: schedules, rooms: rooms)
         let httpConnections = HTTPConnectionRegistry(limit: configuration.maxHTTPConnections ?? HTTPConnectionRegistry.defaultLimit())
@@ -135,9 +142,10 @@ public final class ParleyServer: Sendable {
                     if let size = configuration.socketSendBufferBytes {
                         try channel.syncOptions?.setOption(.socketOption(.so_sndbuf), value: SocketOptionValue(size))
                     }
-                    try Self.configurePipeline(channel, api: api, sockets: socketServices, authenticator: authenticator,
-                                               configuration: configuration, ids: ids, slowReaders: slowReaders, logger: logger,
-                                               httpConnections: httpConnections)
+                    try Self.configurePipeline(
+                        channel, api: api, sockets: socketServices, authenticator: authenticator,
+                        configuration: configuration, ids: ids, slowReaders: slowReaders, logger: logger,
+                        httpConnections: httpConnections)
                 }
             }
         let serverChannel: any Channel
@@ -158,7 +166,8 @@ public final class ParleyServer: Sendable {
             logger.notice("LLM provider", metadata: ["type": "\(type(of: provider))"])
         }
         return ParleyServer(
-            configuration: configuration, port: port, store: store, authenticator: authenticator, chat: chat, schedules: schedules, rooms: rooms, hub: hub,
+            configuration: configuration, port: port, store: store, authenticator: authenticator, chat: chat, schedules: schedules, rooms: rooms,
+            hub: hub,
             group: group, serverChannel: serverChannel, logger: logger, retention: Task { await retention.run() }
         )
     }
@@ -197,7 +206,8 @@ public final class ParleyServer: Sendable {
             shouldUpgrade: { channel, head in
                 // A malformed handshake is declined, and the HTTP handler answers what is wrong.
                 guard HTTPRequest(head: head, body: nil).path == "/v1/ws",
-                      WebSocketHandshake.problem(method: head.method, version: head.version, headers: head.headers) == nil else {
+                    WebSocketHandshake.problem(method: head.method, version: head.version, headers: head.headers) == nil
+                else {
                     return channel.eventLoop.makeSucceededFuture(nil)
                 }
                 // Over its handshake rate: declined, and the HTTP handler answers 429.
@@ -228,14 +238,16 @@ public final class ParleyServer: Sendable {
                         .flatMap { channel.close() }
                         .flatMapThrowing { throw error }
                 }.flatMapThrowing { identity in
-                    let connection = ClientConnection(id: ids.make(.connection), identity: identity, channel: channel,
-                                                      maxQueuedBytes: configuration.maxQueuedBytesPerSocket, slowReaderCutOffs: slowReaders)
+                    let connection = ClientConnection(
+                        id: ids.make(.connection), identity: identity, channel: channel,
+                        maxQueuedBytes: configuration.maxQueuedBytesPerSocket, slowReaderCutOffs: slowReaders)
                     let deflate = deflateAgreement(head, configuration)
                     try channel.pipeline.syncOperations.addHandler(WebSocketFrameValidator(allowsRSV1: deflate != nil))
                     if let deflate {
                         try channel.pipeline.syncOperations.addHandler(
-                            PerMessageDeflateHandler(agreement: deflate, maxMessageBytes: configuration.maxMessageBytes,
-                                                     idleRelease: TimeAmount(configuration.deflateIdleRelease)))
+                            PerMessageDeflateHandler(
+                                agreement: deflate, maxMessageBytes: configuration.maxMessageBytes,
+                                idleRelease: TimeAmount(configuration.deflateIdleRelease)))
                     }
                     try channel.pipeline.syncOperations.addHandlers([
                         NIOWebSocketFrameAggregator(
@@ -243,22 +255,27 @@ public final class ParleyServer: Sendable {
                             maxAccumulatedFrameCount: 1024,
                             maxAccumulatedFrameSize: configuration.maxMessageBytes
                         ),
-                        WebSocketHandler(connection: connection, services: sockets,
-                                         limits: configuration.frameLimits, pingInterval: configuration.webSocketPingInterval.map(TimeAmount.init),
-                                         frameRate: configuration.maxFramesPerSecond),
+                        WebSocketHandler(
+                            connection: connection, services: sockets,
+                            limits: configuration.frameLimits, pingInterval: configuration.webSocketPingInterval.map(TimeAmount.init),
+                            frameRate: configuration.maxFramesPerSecond),
                     ])
                 }
             }
         )
         let timeouts = HTTPTimeoutHandler(timeouts: configuration.httpTimeouts, registry: httpConnections)
-        let http = HTTPHandler(api: api, maxBodyBytes: configuration.maxRequestBodyBytes,
-                               bodyLimits: ["/v1/clones/import": configuration.maxCardBytes], timeouts: timeouts)
+        let http = HTTPHandler(
+            api: api, maxBodyBytes: configuration.maxRequestBodyBytes,
+            bodyLimits: ["/v1/clones/import": configuration.maxCardBytes], timeouts: timeouts)
         try channel.pipeline.syncOperations.configureHTTPServerPipeline(
-            withServerUpgrade: (upgraders: [upgrader], completionHandler: { context in
-                // A WebSocket now: its own keepalive and limits apply, and it leaves the HTTP cap.
-                _ = context.pipeline.removeHandler(name: HTTPHandler.name)
-                _ = context.pipeline.removeHandler(name: HTTPTimeoutHandler.name)
-            })
+            withServerUpgrade: (
+                upgraders: [upgrader],
+                completionHandler: { context in
+                    // A WebSocket now: its own keepalive and limits apply, and it leaves the HTTP cap.
+                    _ = context.pipeline.removeHandler(name: HTTPHandler.name)
+                    _ = context.pipeline.removeHandler(name: HTTPTimeoutHandler.name)
+                }
+            )
         )
         try channel.pipeline.syncOperations.addHandler(http, name: HTTPHandler.name)
         try channel.pipeline.syncOperations.addHandler(timeouts, name: HTTPTimeoutHandler.name, position: .first)
@@ -291,8 +308,9 @@ public final class ParleyServer: Sendable {
         if await streams.drain(grace: configuration.drainGrace) {
             if streaming > 0 { logger.info("drained: every reply in flight finished", metadata: ["streams": "\(streaming)"]) }
         } else {
-            logger.notice("grace period over; ending the replies still streaming with reason shutdown",
-                          metadata: ["streams": "\(hub.liveStreams.count)", "grace": "\(configuration.drainGrace)"])
+            logger.notice(
+                "grace period over; ending the replies still streaming with reason shutdown",
+                metadata: ["streams": "\(hub.liveStreams.count)", "grace": "\(configuration.drainGrace)"])
         }
         await rooms.shutdown()  // ends debate turns and translations in flight and stores the rooms paused
         await streams.shutdown()  // ends every other stream (chat replies, scheduled messages)

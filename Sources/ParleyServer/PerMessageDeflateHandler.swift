@@ -122,8 +122,9 @@ final class PerMessageDeflateHandler: ChannelDuplexHandler, RemovableChannelHand
 
     private func compressor(context: ChannelHandlerContext) -> Deflater {
         if let deflater { return deflater }
-        let made = Deflater(level: Int32(agreement.level), windowBits: agreement.serverWindowBits,
-                            resetsEachMessage: agreement.serverNoContextTakeover)
+        let made = Deflater(
+            level: Int32(agreement.level), windowBits: agreement.serverWindowBits,
+            resetsEachMessage: agreement.serverNoContextTakeover)
         deflater = made
         scheduleReleaseCheck(context: context)
         return made

@@ -22,8 +22,9 @@ struct AuditLog: Sendable {
     }
 
     func record(_ action: String, actor: String, target: String? = nil, ip: String?, detail: [String: String] = [:]) async {
-        let event = AuditEvent(id: ids.make(.audit), at: Int64(Timestamp.nowMillis()), actor: actor, action: action, target: target,
-                               ipHash: ip.map(addresses.hash), detail: detail)
+        let event = AuditEvent(
+            id: ids.make(.audit), at: Int64(Timestamp.nowMillis()), actor: actor, action: action, target: target,
+            ipHash: ip.map(addresses.hash), detail: detail)
         do {
             try await store.appendAudit(event)
         } catch {
@@ -84,7 +85,8 @@ final class RetentionJob: Sendable {
             if pass.messages < Self.batch, pass.roomEntries < Self.batch { break }
         }
         if total.total > 0 {
-            logger.info("retention purge", metadata: ["messages": "\(total.messages)", "room_entries": "\(total.roomEntries)", "cutoff": "\(cutoff)"])
+            logger.info(
+                "retention purge", metadata: ["messages": "\(total.messages)", "room_entries": "\(total.roomEntries)", "cutoff": "\(cutoff)"])
         }
         return total
     }

@@ -10,11 +10,13 @@ extension RESTAPI {
         let limit = try Self.limit(request)
         let page = try await store.ledger(user: identity.user, limit: limit + 1, before: request.query["before"])
         let items = Array(page.prefix(limit))
-        return HTTPResponse(.ok, json: .object([
-            ("balance", .int(try await store.balance(user: identity.user))),
-            ("entries", .array(items.map(\.json))),
-            ("next_before", page.count > limit ? .string(items.last!.id) : .null),
-        ]))
+        return HTTPResponse(
+            .ok,
+            json: .object([
+                ("balance", .int(try await store.balance(user: identity.user))),
+                ("entries", .array(items.map(\.json))),
+                ("next_before", page.count > limit ? .string(items.last!.id) : .null),
+            ]))
     }
 
     /// `POST /v1/admin/credits {"user","credits","note"?,"key"?}`: `key` makes a retried grant
@@ -29,22 +31,28 @@ extension RESTAPI {
         if let key, !(1...128).contains(key.utf8.count) { throw ValidationError("'key' must be 1-128 bytes") }
         try reader.rejectUnknown()
         try credits.validateGrant(user: user, credits: amount)
-        var (entry, outcome) = try await credits.grant(id: "admin:" + (key ?? ids.make(.message)), user: user, credits: amount,
-                                                       note: "granted by \(identity.user)" + (note.map { ": \($0)" } ?? ""))
+        var (entry, outcome) = try await credits.grant(
+            id: "admin:" + (key ?? ids.make(.message)), user: user, credits: amount,
+            note: "granted by \(identity.user)" + (note.map { ": \($0)" } ?? ""))
         if case .alreadyApplied = outcome, let stored = try await store.ledgerEntry(id: entry.id) {
             // A retry answers with what the key did the first time; another grant under it is refused.
             guard stored.user == user, stored.credits == amount else {
-                throw APIError(.conflict, .conflict, "key '\(key ?? "")' already granted \(stored.credits) credits to \(stored.user); another grant needs a new key")
+                throw APIError(
+                    .conflict, .conflict,
+                    "key '\(key ?? "")' already granted \(stored.credits) credits to \(stored.user); another grant needs a new key")
             }
             entry = stored
         }
         if outcome.isApplied {
-            await audit.record("credits.granted", actor: identity.user, target: user, ip: request.remoteIP,
-                               detail: ["credits": "\(amount)", "entry": entry.id])
+            await audit.record(
+                "credits.granted", actor: identity.user, target: user, ip: request.remoteIP,
+                detail: ["credits": "\(amount)", "entry": entry.id])
         }
-        return HTTPResponse(outcome.isApplied ? .created : .ok, json: .object([
-            ("entry", entry.json), ("balance", .int(outcome.balance)), ("applied", .bool(outcome.isApplied)),
-        ]))
+        return HTTPResponse(
+            outcome.isApplied ? .created : .ok,
+            json: .object([
+                ("entry", entry.json), ("balance", .int(outcome.balance)), ("applied", .bool(outcome.isApplied)),
+            ]))
     }
 
     /// A payment provider's notification: `{"order_id","user","credits","timestamp"}` signed with
@@ -56,8 +64,9 @@ extension RESTAPI {
         }
         let body = request.body.map { Array($0.readableBytesView) } ?? []
         guard let header = request.headers.first(name: "x-parley-signature"), header.hasPrefix("sha256="),
-              let signature = Self.hexBytes(header.dropFirst("sha256=".count)),
-              HMAC<SHA256>.isValidAuthenticationCode(signature, authenticating: body, using: SymmetricKey(data: Array(secret.utf8))) else {
+            let signature = Self.hexBytes(header.dropFirst("sha256=".count)),
+            HMAC<SHA256>.isValidAuthenticationCode(signature, authenticating: body, using: SymmetricKey(data: Array(secret.utf8)))
+        else {
             throw APIError(.unauthorized, .unauthorized, "missing or invalid X-Parley-Signature")
         }
         var reader = try JSONObjectReader(try request.json())
@@ -77,9 +86,11 @@ extension RESTAPI {
         if outcome.isApplied {
             await audit.record("credits.paid", actor: "system", target: user, ip: request.remoteIP, detail: ["credits": "\(amount)", "order": order])
         }
-        return HTTPResponse(.ok, json: .object([
-            ("status", .string(outcome.isApplied ? "credited" : "already_credited")), ("balance", .int(outcome.balance)),
-        ]))
+        return HTTPResponse(
+            .ok,
+            json: .object([
+                ("status", .string(outcome.isApplied ? "credited" : "already_credited")), ("balance", .int(outcome.balance)),
+            ]))
     }
 
     static func hexBytes(_ text: Substring) -> [UInt8]? {

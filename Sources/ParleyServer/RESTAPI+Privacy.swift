@@ -19,9 +19,12 @@ extension RESTAPI {
         let header = JSONValue.object([
             ("format", .string("parley-export")), ("version", .int(1)),
             ("exported_at", .string(Timestamp.rfc3339(millis: Int64(Timestamp.nowMillis())))),
-            ("account", .object([
-                ("user", .string(user)), ("created_at", .string(Timestamp.rfc3339(millis: account.createdAt))), ("balance", .int(balance)),
-            ])),
+            (
+                "account",
+                .object([
+                    ("user", .string(user)), ("created_at", .string(Timestamp.rfc3339(millis: account.createdAt))), ("balance", .int(balance)),
+                ])
+            ),
         ])
         return HTTPResponse(.ok, contentType: "application/json; charset=utf-8") { out in
             // The header object without its closing brace; each section follows as a member.
@@ -34,8 +37,10 @@ extension RESTAPI {
                 try await out.write(#"{"conversation":"#)
                 try await out.write(conversation.json.serialized())
                 try await out.write(#","messages":["#)
-                try await Self.pages(&out, { Array(try await store.messages(conversation: conversation.id, limit: Self.exportPage, before: $0).reversed()) },
-                                     cursor: \.id) { out, message in try await out.write(message.json.serialized()) }
+                try await Self.pages(
+                    &out, { Array(try await store.messages(conversation: conversation.id, limit: Self.exportPage, before: $0).reversed()) },
+                    cursor: \.id
+                ) { out, message in try await out.write(message.json.serialized()) }
                 try await out.write("]}")
             }
             try await out.write(#"],"rooms":["#)
@@ -43,8 +48,10 @@ extension RESTAPI {
                 try await out.write(#"{"room":"#)
                 try await out.write(room.json.serialized())
                 try await out.write(#","transcript":["#)
-                try await Self.pages(&out, { Array(try await store.roomEntries(room: room.id, limit: Self.exportPage, before: $0).reversed()) },
-                                     cursor: \.id) { out, entry in try await out.write(entry.json.serialized()) }
+                try await Self.pages(
+                    &out, { Array(try await store.roomEntries(room: room.id, limit: Self.exportPage, before: $0).reversed()) },
+                    cursor: \.id
+                ) { out, entry in try await out.write(entry.json.serialized()) }
                 try await out.write("]}")
             }
             try await out.write(#"],"schedules":["#)
@@ -109,15 +116,20 @@ extension RESTAPI {
         credits.forget(user)
         await audit.record("user.deleted", actor: pseudonym, target: pseudonym, ip: request.remoteIP, detail: report.detail)
         logger.notice("account deleted", metadata: ["pseudonym": "\(pseudonym)", "sockets": "\(closing.count)"])
-        return HTTPResponse(.ok, json: .object([
-            ("deleted", .bool(true)),
-            ("removed", .object([
-                ("clones", .int(Int64(report.clones))), ("conversations", .int(Int64(report.conversations))),
-                ("messages", .int(Int64(report.messages))), ("schedules", .int(Int64(report.schedules))),
-                ("rooms", .int(Int64(report.rooms))), ("room_entries", .int(Int64(report.roomEntries))),
-            ])),
-            ("ledger_rows_kept", .int(Int64(report.ledgerRowsKept))),
-        ]))
+        return HTTPResponse(
+            .ok,
+            json: .object([
+                ("deleted", .bool(true)),
+                (
+                    "removed",
+                    .object([
+                        ("clones", .int(Int64(report.clones))), ("conversations", .int(Int64(report.conversations))),
+                        ("messages", .int(Int64(report.messages))), ("schedules", .int(Int64(report.schedules))),
+                        ("rooms", .int(Int64(report.rooms))), ("room_entries", .int(Int64(report.roomEntries))),
+                    ])
+                ),
+                ("ledger_rows_kept", .int(Int64(report.ledgerRowsKept))),
+            ]))
     }
 
     /// `PATCH /v1/conversations/{id}/messages/{message} {"saved": true|false}`.
@@ -129,7 +141,8 @@ extension RESTAPI {
             throw APIError(.notFound, .notFound, "no conversation \(conversation)")
         }
         guard try await store.setMessageSaved(id: message, conversation: conversation, saved: saved),
-              let stored = try await store.message(id: message, conversation: conversation) else {
+            let stored = try await store.message(id: message, conversation: conversation)
+        else {
             throw APIError(.notFound, .notFound, "no message \(message) in conversation \(conversation)")
         }
         return HTTPResponse(.ok, json: stored.json)
@@ -141,10 +154,12 @@ extension RESTAPI {
         let limit = try Self.limit(request)
         let page = try await store.auditEvents(limit: limit + 1, before: request.query["before"])
         let items = Array(page.prefix(limit))
-        return HTTPResponse(.ok, json: .object([
-            ("events", .array(items.map(\.json))),
-            ("next_before", page.count > limit ? .string(items.last!.id) : .null),
-        ]))
+        return HTTPResponse(
+            .ok,
+            json: .object([
+                ("events", .array(items.map(\.json))),
+                ("next_before", page.count > limit ? .string(items.last!.id) : .null),
+            ]))
     }
 
     /// `POST /v1/admin/retention/purge {"older_than_seconds"?}`: a retention pass now, with the
@@ -165,11 +180,14 @@ extension RESTAPI {
             throw APIError(.conflict, .conflict, "retention is off on this server (--retention-days 0); give older_than_seconds to purge")
         }
         let result = try await retention.purge(olderThan: age)
-        await audit.record("retention.purged", actor: identity.user, ip: request.remoteIP,
-                           detail: ["messages": "\(result.messages)", "room_entries": "\(result.roomEntries)", "older_than_seconds": "\(age.components.seconds)"])
-        return HTTPResponse(.ok, json: .object([
-            ("messages", .int(Int64(result.messages))), ("room_entries", .int(Int64(result.roomEntries))),
-            ("older_than_seconds", .int(age.components.seconds)),
-        ]))
+        await audit.record(
+            "retention.purged", actor: identity.user, ip: request.remoteIP,
+            detail: ["messages": "\(result.messages)", "room_entries": "\(result.roomEntries)", "older_than_seconds": "\(age.components.seconds)"])
+        return HTTPResponse(
+            .ok,
+            json: .object([
+                ("messages", .int(Int64(result.messages))), ("room_entries", .int(Int64(result.roomEntries))),
+                ("older_than_seconds", .int(age.components.seconds)),
+            ]))
     }
 }

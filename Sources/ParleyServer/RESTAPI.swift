@@ -82,10 +82,12 @@ struct RESTAPI: Sendable {
         var response = await answer(request)
         response.headers.replaceOrAdd(name: "x-request-id", value: request.id)
         let elapsed = ContinuousClock.now - started
-        logger.info("request", metadata: [
-            "request": "\(request.id)", "method": "\(request.method)", "path": "\(request.path)", "status": "\(response.status.code)",
-            "ms": "\(Double(elapsed.components.attoseconds / 1_000_000_000_000) / 1_000 + Double(elapsed.components.seconds) * 1_000)",
-        ])
+        logger.info(
+            "request",
+            metadata: [
+                "request": "\(request.id)", "method": "\(request.method)", "path": "\(request.path)", "status": "\(response.status.code)",
+                "ms": "\(Double(elapsed.components.attoseconds / 1_000_000_000_000) / 1_000 + Double(elapsed.components.seconds) * 1_000)",
+            ])
         return response
     }
 
@@ -97,15 +99,19 @@ struct RESTAPI: Sendable {
                 return await health()
             case "/", "/app.js", "/app.css":
                 guard request.method == .GET || request.method == .HEAD else { throw Self.methodNotAllowed([.GET]) }
-                guard let file = webClient.response(for: request.path) else { throw APIError(.notFound, .notFound, "the web client is not installed") }
+                guard let file = webClient.response(for: request.path) else {
+                    throw APIError(.notFound, .notFound, "the web client is not installed")
+                }
                 return file
             case "/v1/info":
                 guard request.method == .GET || request.method == .HEAD else { throw Self.methodNotAllowed([.GET]) }
-                return HTTPResponse(.ok, json: .object([
-                    ("protocol", .int(1)), ("dev", .bool(configuration.devSignIn)),
-                    ("models", .array(configuration.models.map { .string($0) })),
-                    ("model", .string(configuration.models[0])), ("model_host", .string(configuration.modelHost)),
-                ]))
+                return HTTPResponse(
+                    .ok,
+                    json: .object([
+                        ("protocol", .int(1)), ("dev", .bool(configuration.devSignIn)),
+                        ("models", .array(configuration.models.map { .string($0) })),
+                        ("model", .string(configuration.models[0])), ("model_host", .string(configuration.modelHost)),
+                    ]))
             case "/metrics":
                 guard request.method == .GET || request.method == .HEAD else { throw Self.methodNotAllowed([.GET]) }
                 guard let render = configuration.metricsExposition else { throw APIError(.notFound, .notFound, "this server exports no metrics") }
@@ -123,15 +129,17 @@ struct RESTAPI: Sendable {
             case "/v1/ws":
                 // Reached only when the WebSocket upgrade was declined: for the handshake rate, its shape, or the token.
                 if let ip = request.remoteIP, handshakes?.isLimited(ip) == true {
-                    throw APIError(.tooManyRequests, .rateLimited, "too many WebSocket handshakes from this address; try again shortly",
-                                   headers: ["retry-after": "1"])
+                    throw APIError(
+                        .tooManyRequests, .rateLimited, "too many WebSocket handshakes from this address; try again shortly",
+                        headers: ["retry-after": "1"])
                 }
                 if let problem = WebSocketHandshake.problem(method: request.method, version: request.version, headers: request.headers) {
                     throw problem
                 }
                 _ = try await authenticate(request)
-                throw APIError(.upgradeRequired, .badRequest, "this endpoint speaks WebSocket; send an Upgrade: websocket request",
-                               headers: ["upgrade": "websocket", "connection": "upgrade"])
+                throw APIError(
+                    .upgradeRequired, .badRequest, "this endpoint speaks WebSocket; send an Upgrade: websocket request",
+                    headers: ["upgrade": "websocket", "connection": "upgrade"])
             default:
                 break
             }
@@ -149,7 +157,9 @@ struct RESTAPI: Sendable {
         } catch let error as ValidationError {
             return APIError(.badRequest, .badRequest, error.message).response
         } catch {
-            logger.error("request failed", metadata: ["request": "\(request.id)", "method": "\(request.method)", "path": "\(request.path)", "error": "\(error)"])
+            logger.error(
+                "request failed",
+                metadata: ["request": "\(request.id)", "method": "\(request.method)", "path": "\(request.path)", "error": "\(error)"])
             return APIError(.internalServerError, .internal, "the request failed; try again").response
         }
     }
@@ -175,9 +185,11 @@ struct RESTAPI: Sendable {
             }
         }
         if !healthy { logger.warning("health check: the store did not answer") }
-        return HTTPResponse(healthy ? .ok : .serviceUnavailable, json: .object([
-            ("status", .string(healthy ? "ok" : "unavailable")), ("store", .string(healthy ? "ok" : "unreachable")),
-        ]))
+        return HTTPResponse(
+            healthy ? .ok : .serviceUnavailable,
+            json: .object([
+                ("status", .string(healthy ? "ok" : "unavailable")), ("store", .string(healthy ? "ok" : "unreachable")),
+            ]))
     }
 
     /// The caller's identity. An address blocked for failed sign-ins is refused (429) before its
@@ -186,8 +198,9 @@ struct RESTAPI: Sendable {
         let ip = request.remoteIP
         if let ip, let wait = authFailures?.retryAfter(ip) {
             let seconds = max(1, (wait.nanoseconds + 999_999_999) / 1_000_000_000)
-            throw APIError(.tooManyRequests, .rateLimited, "too many failed sign-ins from this address; try again in \(seconds) s",
-                           headers: ["retry-after": "\(seconds)"])
+            throw APIError(
+                .tooManyRequests, .rateLimited, "too many failed sign-ins from this address; try again in \(seconds) s",
+                headers: ["retry-after": "\(seconds)"])
         }
         do {
             let identity = try await authenticator.verify(headers: request.headers, uri: request.uri)
@@ -213,37 +226,45 @@ struct RESTAPI: Sendable {
         }
         let ttl = Self.devTokenLifetime
         let token = try await authenticator.issue(subject: user, ttl: ttl)
-        return HTTPResponse(.created, json: .object([
-            ("token", .string(token)), ("user", .string(user)), ("expires_in", .int(ttl.components.seconds)),
-        ]))
+        return HTTPResponse(
+            .created,
+            json: .object([
+                ("token", .string(token)), ("user", .string(user)), ("expires_in", .int(ttl.components.seconds)),
+            ]))
     }
 
     static let devTokenLifetime: Duration = .seconds(12 * 3600)
 
     private static func methodNotAllowed(_ allowed: [HTTPMethod]) -> APIError {
-        APIError(.methodNotAllowed, .badRequest, "method not allowed",
-                 headers: ["allow": allowed.map(\.rawValue).joined(separator: ", ")])
+        APIError(
+            .methodNotAllowed, .badRequest, "method not allowed",
+            headers: ["allow": allowed.map(\.rawValue).joined(separator: ", ")])
     }
 
     // MARK: Clones
 
     private func createClone(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
-        try await create(try offered(CloneFields.parse(try request.json(), requireName: true, limits: configuration.cloneLimits)), identity,
-                         remoteIP: request.remoteIP)
+        try await create(
+            try offered(CloneFields.parse(try request.json(), requireName: true, limits: configuration.cloneLimits)), identity,
+            remoteIP: request.remoteIP)
     }
 
     /// A clone from validated fields (and a card's profile), stored and answered with 201.
-    private func create(_ fields: CloneFields, profile: CloneProfile = CloneProfile(), _ identity: Identity, remoteIP: String?) async throws -> HTTPResponse {
+    private func create(
+        _ fields: CloneFields, profile: CloneProfile = CloneProfile(), _ identity: Identity, remoteIP: String?
+    ) async throws -> HTTPResponse {
         let now = Int64(Timestamp.nowMillis())
         _ = try await store.ensureUser(identity.user, now: now)
         let clone = fields.applied(
-            to: Clone(id: ids.make(.clone), owner: identity.user, name: "", traits: [], systemPrompt: "", sliders: [:], memory: [],
-                      createdAt: now, updatedAt: now, profile: profile),
+            to: Clone(
+                id: ids.make(.clone), owner: identity.user, name: "", traits: [], systemPrompt: "", sliders: [:], memory: [],
+                createdAt: now, updatedAt: now, profile: profile),
             at: now
         )
         try await store.createClone(clone)
-        await audit.record("clone.created", actor: identity.user, target: clone.id, ip: remoteIP,
-                           detail: profile.isEmpty ? [:] : ["source": "card"])
+        await audit.record(
+            "clone.created", actor: identity.user, target: clone.id, ip: remoteIP,
+            detail: profile.isEmpty ? [:] : ["source": "card"])
         return HTTPResponse(.created, json: clone.json, headers: ["location": "/v1/clones/\(clone.id)"])
     }
 
@@ -253,7 +274,8 @@ struct RESTAPI: Sendable {
             throw APIError(.badRequest, .badRequest, "the request needs a card: JSON, or a PNG image that carries one")
         }
         let type = request.headers.first(name: "content-type")?.lowercased() ?? ""
-        let card = type.hasPrefix("image/") || CardPNG.isPNG(body.readableBytesView)
+        let card =
+            type.hasPrefix("image/") || CardPNG.isPNG(body.readableBytesView)
             ? try CardPNG.card(in: Array(body.readableBytesView))
             : try request.json()
         let imported = try CharacterCard.parse(card, cloneLimits: configuration.cloneLimits)
@@ -318,10 +340,12 @@ struct RESTAPI: Sendable {
         let before = request.query["before"]
         let page = try await store.conversations(owner: identity.user, limit: limit + 1, before: before)
         let items = Array(page.prefix(limit))
-        return HTTPResponse(.ok, json: .object([
-            ("conversations", .array(items.map(\.json))),
-            ("next_before", page.count > limit ? .string(items.last!.id) : .null),
-        ]))
+        return HTTPResponse(
+            .ok,
+            json: .object([
+                ("conversations", .array(items.map(\.json))),
+                ("next_before", page.count > limit ? .string(items.last!.id) : .null),
+            ]))
     }
 
     private func getConversation(_ id: String, _ identity: Identity) async throws -> HTTPResponse {
@@ -339,10 +363,12 @@ struct RESTAPI: Sendable {
         let page = try await store.messages(conversation: id, limit: limit + 1, before: request.query["before"])
         // The store returns the page oldest first; the extra row, if any, is the oldest.
         let items = page.count > limit ? Array(page.dropFirst()) : page
-        return HTTPResponse(.ok, json: .object([
-            ("messages", .array(items.map(\.json))),
-            ("next_before", page.count > limit ? .string(items.first!.id) : .null),
-        ]))
+        return HTTPResponse(
+            .ok,
+            json: .object([
+                ("messages", .array(items.map(\.json))),
+                ("next_before", page.count > limit ? .string(items.first!.id) : .null),
+            ]))
     }
 
     static let defaultPageSize = 50
@@ -375,10 +401,12 @@ struct RESTAPI: Sendable {
         let limit = try Self.limit(request)
         let page = try await store.schedules(owner: identity.user, limit: limit + 1, before: request.query["before"])
         let items = Array(page.prefix(limit))
-        return HTTPResponse(.ok, json: .object([
-            ("schedules", .array(items.map(\.json))),
-            ("next_before", page.count > limit ? .string(items.last!.id) : .null),
-        ]))
+        return HTTPResponse(
+            .ok,
+            json: .object([
+                ("schedules", .array(items.map(\.json))),
+                ("next_before", page.count > limit ? .string(items.last!.id) : .null),
+            ]))
     }
 
     private func getSchedule(_ id: String, _ identity: Identity) async throws -> HTTPResponse {

@@ -31,8 +31,10 @@ final class RequestTracker: Sendable {
     /// Serves a client request in its `turn` (see `RequestOrder`), as tracked work off the event
     /// loop: a `FrameError` answered as an `error` frame with `ref`, any other failure logged and
     /// answered `internal`, and `unavailable` once the server is shutting down.
-    func serve(_ ref: String, from connection: ClientConnection, turn: RequestOrder.Turn, what: String,
-               _ body: @escaping @Sendable () async throws -> Void) {
+    func serve(
+        _ ref: String, from connection: ClientConnection, turn: RequestOrder.Turn, what: String,
+        _ body: @escaping @Sendable () async throws -> Void
+    ) {
         let started = track(for: connection.identity.user) {
             await turn.run {
                 do {

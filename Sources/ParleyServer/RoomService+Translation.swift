@@ -50,7 +50,9 @@ extension RoomService {
             return (s.room, true)
         }
         guard known else {
-            throw FrameError(ref: nil, code: .badRequest, message: "room.join needs your 'language' (a BCP 47 tag such as en or pt-BR) in translation chat \(live.id)")
+            throw FrameError(
+                ref: nil, code: .badRequest,
+                message: "room.join needs your 'language' (a BCP 47 tag such as en or pt-BR) in translation chat \(live.id)")
         }
         if changed != nil { try await live.save(store) }
     }
@@ -66,8 +68,9 @@ extension RoomService {
             guard let lang = room.languages[user] else {
                 throw FrameError(ref: nil, code: .badRequest, message: "join translation chat \(room.id) with your 'language' first")
             }
-            let entry = RoomEntry(id: ids.make(.roomEntry), room: room.id, kind: .said, speaker: user, text: text,
-                                  createdAt: Int64(Timestamp.nowMillis()), lang: lang)
+            let entry = RoomEntry(
+                id: ids.make(.roomEntry), room: room.id, kind: .said, speaker: user, text: text,
+                createdAt: Int64(Timestamp.nowMillis()), lang: lang)
             var jobs: [TranslationJob] = []
             var refused: [(LanguageTag, CreditMeter.Refusal)] = []
             do {
@@ -86,10 +89,12 @@ extension RoomService {
             let opened = place(entry, in: live, translations: jobs)
             if let (_, refusal) = refused.first {
                 let languages = refused.map(\.0.value).joined(separator: ", ")
-                connection.send(ServerFrame.error(
-                    ref: ref, code: .insufficientCredits,
-                    message: "translating into \(languages) needs \(refusal.required) credits; the balance is \(refusal.balance). Those readers got your message untranslated",
-                    balance: refusal.balance, required: refusal.required))
+                connection.send(
+                    ServerFrame.error(
+                        ref: ref, code: .insufficientCredits,
+                        message:
+                            "translating into \(languages) needs \(refusal.required) credits; the balance is \(refusal.balance). Those readers got your message untranslated",
+                        balance: refusal.balance, required: refusal.required))
             }
             var running: [(LanguageTag, Task<Void, Never>)] = []
             for (job, stream) in zip(jobs, opened) {
@@ -105,12 +110,16 @@ extension RoomService {
 
     /// Prices and charges the translation of `original` into `target` to `payer`; throws
     /// `CreditMeter.Refusal` when they cannot pay for it.
-    private func translationJob(of original: RoomEntry, to target: LanguageTag, room: Room, context: [RoomEntry], payer: String,
-                                streamID: String? = nil) async throws -> TranslationJob {
-        let prompt = TranslationChat.prompt(text: original.text, from: original.lang!, to: target,
-                                            context: context.filter { $0.id < original.id }, names: Self.names(room))
-        let request = CompletionRequest(messages: prompt.messages, maxOutputTokens: TranslationChat.maxOutputTokens(for: original.text, cap: configuration.maxOutputTokens),
-                                        translation: TranslationTask(text: original.text, from: original.lang!, to: target))
+    private func translationJob(
+        of original: RoomEntry, to target: LanguageTag, room: Room, context: [RoomEntry], payer: String,
+        streamID: String? = nil
+    ) async throws -> TranslationJob {
+        let prompt = TranslationChat.prompt(
+            text: original.text, from: original.lang!, to: target,
+            context: context.filter { $0.id < original.id }, names: Self.names(room))
+        let request = CompletionRequest(
+            messages: prompt.messages, maxOutputTokens: TranslationChat.maxOutputTokens(for: original.text, cap: configuration.maxOutputTokens),
+            translation: TranslationTask(text: original.text, from: original.lang!, to: target))
         let prepared = try await streams.prepare(prompt, request: request, payer: payer, feature: .translation, room: room.id, streamID: streamID)
         return TranslationJob(target: target, prepared: prepared)
     }
@@ -125,7 +134,8 @@ extension RoomService {
             // One topic per language read in the chat: the original goes to the languages that read
             // it as written, flagged untranslated to those no translation is made for.
             let said = allocator.buffer(bytes: ServerFrame.roomEvent(room: s.room.id, event: "said", [("entry", entry.json)]))
-            let untranslated = allocator.buffer(bytes: ServerFrame.roomEvent(room: s.room.id, event: "said", [("entry", entry.json(untranslated: true))]))
+            let untranslated = allocator.buffer(
+                bytes: ServerFrame.roomEvent(room: s.room.id, event: "said", [("entry", entry.json(untranslated: true))]))
             for lang in s.readerLanguages {
                 if lang == nil || lang!.sharesLanguage(with: entry.lang!) {
                     live.broker.publish(said, to: .room(s.room.id, readers: lang))
@@ -134,9 +144,10 @@ extension RoomService {
                 }
             }
             return translations.map { t in
-                let stream = streams.open(id: t.prepared.id, owner: entry.speaker, model: t.prepared.model,
-                                          kind: .translation(room: s.room.id, lang: t.target, source: entry.id, speaker: .user(entry.speaker)),
-                                          readers: [.room(s.room.id, readers: t.target)], bufferCapacity: t.prepared.request.maxOutputTokens)
+                let stream = streams.open(
+                    id: t.prepared.id, owner: entry.speaker, model: t.prepared.model,
+                    kind: .translation(room: s.room.id, lang: t.target, source: entry.id, speaker: .user(entry.speaker)),
+                    readers: [.room(s.room.id, readers: t.target)], bufferCapacity: t.prepared.request.maxOutputTokens)
                 s.inflight[stream.id] = RoomFlight(stream: stream, order: s.placed, target: t.target)
                 return stream
             }
@@ -147,17 +158,21 @@ extension RoomService {
     private func translate(_ job: TranslationJob, stream: LiveStream, of original: RoomEntry, in live: LiveRoom, payer: String) -> Task<Void, Never> {
         let store = self.store
         return Task {
-            let message = await self.streams.run(stream, job.prepared, messageID: self.ids.make(.roomEntry), journal: .settleOnly,
-                                                 paywall: live.payer(payer)) { message in
+            let message = await self.streams.run(
+                stream, job.prepared, messageID: self.ids.make(.roomEntry), journal: .settleOnly,
+                paywall: live.payer(payer)
+            ) { message in
                 try await store.appendRoomEntry(Self.translation(message, of: original, into: job.target, stream: stream.id))
             }
-            self.landed(stream, entry: message.map { Self.translation($0, of: original, into: job.target, stream: stream.id) }, original: original, in: live)
+            self.landed(
+                stream, entry: message.map { Self.translation($0, of: original, into: job.target, stream: stream.id) }, original: original, in: live)
         }
     }
 
     private static func translation(_ message: Message, of original: RoomEntry, into target: LanguageTag, stream: String) -> RoomEntry {
-        RoomEntry(id: message.id, room: original.room, kind: .translation, speaker: original.speaker, text: message.text, createdAt: message.createdAt,
-                  reason: message.reason, stream: stream, lang: target, source: original.id, speakerIsClone: original.speakerIsClone)
+        RoomEntry(
+            id: message.id, room: original.room, kind: .translation, speaker: original.speaker, text: message.text, createdAt: message.createdAt,
+            reason: message.reason, stream: stream, lang: target, source: original.id, speakerIsClone: original.speakerIsClone)
     }
 
     /// A stream of the chat ended: its entry joins the transcript; readers of a translation that
@@ -213,14 +228,18 @@ extension RoomService {
                 return
             }
             let view = TranslationChat.view(live.state.withLock { $0.transcript }, for: lang).map(\.entry)
-            let prompt = TranslationChat.replyPrompt(room: room, clone: clone, lang: lang, view: view, names: Self.names(room), budget: configuration.contextBudgetTokens)
-            let request = CompletionRequest(model: configuration.model(for: clone), messages: prompt.messages, speaker: clone.name, maxOutputTokens: configuration.maxOutputTokens)
+            let prompt = TranslationChat.replyPrompt(
+                room: room, clone: clone, lang: lang, view: view, names: Self.names(room), budget: configuration.contextBudgetTokens)
+            let request = CompletionRequest(
+                model: configuration.model(for: clone), messages: prompt.messages, speaker: clone.name, maxOutputTokens: configuration.maxOutputTokens
+            )
             let prepared: StreamRunner.Prepared
             do {
                 prepared = try await streams.prepare(prompt, request: request, payer: room.owner, feature: .chat, room: room.id)
             } catch let refusal as CreditMeter.Refusal {
-                live.broadcast(allocator.buffer(bytes: ServerFrame.paywall(stream: nil, balance: refusal.balance, required: refusal.required, room: room.id)),
-                               onlyTo: room.owner)
+                live.broadcast(
+                    allocator.buffer(bytes: ServerFrame.paywall(stream: nil, balance: refusal.balance, required: refusal.required, room: room.id)),
+                    onlyTo: room.owner)
                 return
             }
             let entryID = ids.make(.roomEntry)
@@ -230,8 +249,9 @@ extension RoomService {
             let store = self.store
             let owner = room.owner
             let toEntry = { @Sendable (message: Message) in
-                RoomEntry(id: entryID, room: room.id, kind: .turn, speaker: clone.id, text: message.text, createdAt: message.createdAt,
-                          reason: message.reason, stream: prepared.id, lang: lang)
+                RoomEntry(
+                    id: entryID, room: room.id, kind: .turn, speaker: clone.id, text: message.text, createdAt: message.createdAt,
+                    reason: message.reason, stream: prepared.id, lang: lang)
             }
             let recorded = await streams.run(stream, prepared, messageID: entryID, journal: .settleOnly, paywall: live.payer(owner)) { message in
                 try await store.appendRoomEntry(toEntry(message))
@@ -251,8 +271,10 @@ extension RoomService {
                 do {
                     job = try await translationJob(of: said, to: target, room: room, context: context, payer: owner, streamID: waiting.id)
                 } catch let refusal as CreditMeter.Refusal {
-                    live.broadcast(allocator.buffer(bytes: ServerFrame.paywall(stream: waiting.id, balance: refusal.balance, required: refusal.required, room: room.id)),
-                                   onlyTo: owner)
+                    live.broadcast(
+                        allocator.buffer(
+                            bytes: ServerFrame.paywall(stream: waiting.id, balance: refusal.balance, required: refusal.required, room: room.id)),
+                        onlyTo: owner)
                     endUnstarted(waiting, reason: .insufficientCredits, original: said, in: live)
                     continue
                 }
@@ -260,26 +282,31 @@ extension RoomService {
             }
             for task in running { await task.value }
         } catch {
-            logger.error("a clone's reply in a translation chat failed", metadata: ["room": "\(room.id)", "clone": "\(cloneID)", "error": "\(error)"])
+            logger.error(
+                "a clone's reply in a translation chat failed", metadata: ["room": "\(room.id)", "clone": "\(cloneID)", "error": "\(error)"])
         }
     }
 
     /// Places a clone's reply: its stream for readers of its language, and a translation stream
     /// (started now, generated once the reply is complete) for every other language.
-    private func placeReply(clone: String, lang: LanguageTag, entryID: String, prepared: StreamRunner.Prepared, in live: LiveRoom) -> (LiveStream, [LiveStream]) {
+    private func placeReply(
+        clone: String, lang: LanguageTag, entryID: String, prepared: StreamRunner.Prepared, in live: LiveRoom
+    ) -> (LiveStream, [LiveStream]) {
         live.state.withLock { s in
             s.placed += 1
             let targets = TranslationChat.targets(room: s.room, speaker: clone, lang: lang)
             let readers = s.readerLanguages.filter { $0 == nil || $0!.sharesLanguage(with: lang) }.map { Topic.room(s.room.id, readers: $0) }
             // `source` names the reply itself, so every reader groups the reply's streams by one id.
-            let reply = streams.open(id: prepared.id, owner: s.room.owner, model: prepared.model,
-                                     kind: .roomReply(room: s.room.id, clone: clone, lang: lang, source: entryID),
-                                     readers: readers, bufferCapacity: configuration.maxOutputTokens)
+            let reply = streams.open(
+                id: prepared.id, owner: s.room.owner, model: prepared.model,
+                kind: .roomReply(room: s.room.id, clone: clone, lang: lang, source: entryID),
+                readers: readers, bufferCapacity: configuration.maxOutputTokens)
             s.inflight[reply.id] = RoomFlight(stream: reply, order: s.placed, target: nil)
             let translations = targets.map { target in
-                let stream = streams.open(id: ids.make(.stream), owner: s.room.owner, model: prepared.model,
-                                          kind: .translation(room: s.room.id, lang: target, source: entryID, speaker: .clone(clone)),
-                                          readers: [.room(s.room.id, readers: target)], bufferCapacity: configuration.maxOutputTokens)
+                let stream = streams.open(
+                    id: ids.make(.stream), owner: s.room.owner, model: prepared.model,
+                    kind: .translation(room: s.room.id, lang: target, source: entryID, speaker: .clone(clone)),
+                    readers: [.room(s.room.id, readers: target)], bufferCapacity: configuration.maxOutputTokens)
                 s.inflight[stream.id] = RoomFlight(stream: stream, order: s.placed, target: target)
                 return stream
             }

@@ -112,9 +112,10 @@ final class RoomService: FrameHandler {
                 for (clone, stance) in request.clones {
                     debaters.append(Room.Debater(clone: clone, stance: stance, name: try await cloneName(clone, owner: owner)))
                 }
-                room = Room(id: ids.make(.room), owner: owner, topic: request.topic, debaters: debaters, rounds: request.rounds,
-                            policy: request.policy, maxTokensPerTurn: request.maxTokensPerTurn, visibility: request.visibility,
-                            createdAt: now, updatedAt: now)
+                room = Room(
+                    id: ids.make(.room), owner: owner, topic: request.topic, debaters: debaters, rounds: request.rounds,
+                    policy: request.policy, maxTokensPerTurn: request.maxTokensPerTurn, visibility: request.visibility,
+                    createdAt: now, updatedAt: now)
             case .translation(let request):
                 let members = request.members.filter { $0 != owner }
                 if let stranger = request.languages.keys.sorted().first(where: { $0 != owner && !members.contains($0) }) {
@@ -126,8 +127,9 @@ final class RoomService: FrameHandler {
                     debaters.append(Room.Debater(clone: member.clone, stance: "", name: try await cloneName(member.clone, owner: owner)))
                     languages[member.clone] = member.language
                 }
-                room = Room(id: ids.make(.room), kind: .translation, owner: owner, topic: "", debaters: debaters, rounds: 0, policy: .roundRobin,
-                            maxTokensPerTurn: 0, visibility: .private, members: members, languages: languages, createdAt: now, updatedAt: now)
+                room = Room(
+                    id: ids.make(.room), kind: .translation, owner: owner, topic: "", debaters: debaters, rounds: 0, policy: .roundRobin,
+                    maxTokensPerTurn: 0, visibility: .private, members: members, languages: languages, createdAt: now, updatedAt: now)
             }
             try await store.createRoom(room)
             return room
@@ -139,7 +141,9 @@ final class RoomService: FrameHandler {
     }
 
     private func cloneName(_ clone: String, owner: String) async throws -> String {
-        guard let found = try await store.clone(id: clone, owner: owner) else { throw FrameError(ref: nil, code: .notFound, message: "no clone \(clone)") }
+        guard let found = try await store.clone(id: clone, owner: owner) else {
+            throw FrameError(ref: nil, code: .notFound, message: "no clone \(clone)")
+        }
         return found.name
     }
 
@@ -203,14 +207,17 @@ final class RoomService: FrameHandler {
             live = try await load(id, for: user)  // it was dropped from memory just now
         }
         if joined == true {
-            live.announce(allocator.buffer(bytes: ServerFrame.roomEvent(room: id, event: "joined", [("user", .string(user))])),
-                          except: connection.id, limit: configuration.frameLimits.rooms.presenceBroadcastMembers)
+            live.announce(
+                allocator.buffer(bytes: ServerFrame.roomEvent(room: id, event: "joined", [("user", .string(user))])),
+                except: connection.id, limit: configuration.frameLimits.rooms.presenceBroadcastMembers)
         }
     }
 
     /// Adds a member and sends it the room's state and the turn being streamed; true when the
     /// user was not in the room with another socket already.
-    private static func add(_ connection: ClientConnection, to s: inout LiveRoom.State, ref: String, hub: SocketHub, allocator: ByteBufferAllocator) -> Bool {
+    private static func add(
+        _ connection: ClientConnection, to s: inout LiveRoom.State, ref: String, hub: SocketHub, allocator: ByteBufferAllocator
+    ) -> Bool {
         let user = connection.identity.user
         let alreadyIn = s.members.values.contains { $0.identity.user == user }
         s.unsubscribe(connection.id, hub: hub)  // joining again (maybe in another language)
@@ -222,14 +229,17 @@ final class RoomService: FrameHandler {
             let streams = s.inflight.values.filter { $0.delivers(to: lang) }.sorted { $0.order < $1.order }
             let pending = Set(streams.compactMap(\.stream.source))
             let transcript = TranslationChat.view(s.transcript, for: lang, pending: pending).map { $0.entry.json(untranslated: $0.untranslated) }
-            connection.send(ServerFrame.roomState(ref: ref, room: s.room, members: users(s.members), transcript: transcript, speaker: nil, stream: nil))
+            connection.send(
+                ServerFrame.roomState(ref: ref, room: s.room, members: users(s.members), transcript: transcript, speaker: nil, stream: nil))
             for flight in streams {
                 _ = flight.stream.resume(connection, after: 0, ack: allocator.buffer(bytes: flight.stream.startFrame(ref: nil)))
             }
             return !alreadyIn
         }
-        connection.send(ServerFrame.roomState(ref: ref, room: s.room, members: users(s.members), transcript: s.transcript.map(\.json),
-                                              speaker: s.current?.clone, stream: s.current?.id))
+        connection.send(
+            ServerFrame.roomState(
+                ref: ref, room: s.room, members: users(s.members), transcript: s.transcript.map(\.json),
+                speaker: s.current?.clone, stream: s.current?.id))
         if let current = s.current {
             _ = current.resume(connection, after: 0, ack: allocator.buffer(bytes: current.startFrame(ref: nil)))
         }
@@ -256,7 +266,9 @@ final class RoomService: FrameHandler {
     func evictIfIdle(_ live: LiveRoom) {
         state.withLock { s in
             let idle = live.state.withLock { r -> Bool in
-                guard r.members.isEmpty, r.loop == nil, r.current == nil, r.inflight.isEmpty, r.pendingReplies == 0, !live.placement.isBusy else { return false }
+                guard r.members.isEmpty, r.loop == nil, r.current == nil, r.inflight.isEmpty, r.pendingReplies == 0, !live.placement.isBusy else {
+                    return false
+                }
                 r.retired = true
                 return true
             }
@@ -291,7 +303,8 @@ final class RoomService: FrameHandler {
         let outcome = live.state.withLock { s -> Result<RoomControl, FrameError> in
             let outcome = RoomLifecycle.apply(action, target: target, to: s.room, speaking: s.current?.clone, now: now)
             guard case .success(let control) = outcome else { return outcome }
-            if control.stopsAllStreams { s.stopStreams(.cancelled) } else if control.stopsTurn { s.current?.stop(.cancelled) }  // after the token being sent
+            // A stopped turn ends after the token being sent.
+            if control.stopsAllStreams { s.stopStreams(.cancelled) } else if control.stopsTurn { s.current?.stop(.cancelled) }
             if let next = control.nextSpeaker { s.requested = next }
             if let user = control.kickedUser {
                 kickedSockets = s.members.values.filter { $0.identity.user == user }
@@ -308,8 +321,9 @@ final class RoomService: FrameHandler {
         case nil: break
         }
         try await live.save(store)
-        await audit?.record("room.\(control.event)", actor: connection.identity.user, target: id, ip: connection.remoteIP,
-                            detail: target.map { ["subject": $0] } ?? [:])
+        await audit?.record(
+            "room.\(control.event)", actor: connection.identity.user, target: id, ip: connection.remoteIP,
+            detail: target.map { ["subject": $0] } ?? [:])
         let frame = allocator.buffer(bytes: ServerFrame.roomEvent(room: id, event: control.event, fields))
         for socket in kickedSockets { socket.send(frame) }
         live.broadcast(frame)
@@ -334,7 +348,8 @@ final class RoomService: FrameHandler {
             // Decide under the lock whether another turn runs, and whose.
             let decision = live.state.withLock { s -> (room: Room, transcript: [RoomEntry], speaker: String)? in
                 guard accepting, s.room.status == .running, s.room.turnsTaken < s.room.totalTurns,
-                      let speaker = TurnTaking.next(room: s.room, transcript: s.transcript, requested: s.requested) else {
+                    let speaker = TurnTaking.next(room: s.room, transcript: s.transcript, requested: s.requested)
+                else {
                     s.loop = nil
                     return nil
                 }
@@ -368,8 +383,10 @@ final class RoomService: FrameHandler {
                 try await muteDeletedClone(speaker, in: live)
                 return
             }
-            let prompt = TurnTaking.prompt(room: room, speaker: clone, transcript: transcript, names: Self.names(room), budget: configuration.contextBudgetTokens)
-            let request = CompletionRequest(model: configuration.model(for: clone), messages: prompt.messages, speaker: clone.name, maxOutputTokens: room.maxTokensPerTurn)
+            let prompt = TurnTaking.prompt(
+                room: room, speaker: clone, transcript: transcript, names: Self.names(room), budget: configuration.contextBudgetTokens)
+            let request = CompletionRequest(
+                model: configuration.model(for: clone), messages: prompt.messages, speaker: clone.name, maxOutputTokens: room.maxTokensPerTurn)
             let prepared: StreamRunner.Prepared
             do {
                 prepared = try await streams.prepare(prompt, request: request, payer: room.owner, feature: .debate, room: room.id)
@@ -380,12 +397,16 @@ final class RoomService: FrameHandler {
             // The turn starts under the room's lock: whoever is a member now receives all of it.
             let stream = live.state.withLock { s -> LiveStream? in
                 guard s.room.status == .running else { return nil }
-                let announcement = allocator.buffer(bytes: ServerFrame.roomEvent(room: room.id, event: "turn", [
-                    ("clone", .string(clone.id)), ("stream", .string(prepared.id)), ("turn", .int(Int64(s.room.turnsTaken + 1))),
-                ]))
+                let announcement = allocator.buffer(
+                    bytes: ServerFrame.roomEvent(
+                        room: room.id, event: "turn",
+                        [
+                            ("clone", .string(clone.id)), ("stream", .string(prepared.id)), ("turn", .int(Int64(s.room.turnsTaken + 1))),
+                        ]))
                 live.broker.publish(announcement, to: .room(room.id))
-                s.current = streams.open(id: prepared.id, owner: room.owner, model: prepared.model, kind: .debateTurn(room: room.id, clone: clone.id),
-                                         readers: [.room(room.id)], bufferCapacity: max(room.maxTokensPerTurn, 1))
+                s.current = streams.open(
+                    id: prepared.id, owner: room.owner, model: prepared.model, kind: .debateTurn(room: room.id, clone: clone.id),
+                    readers: [.room(room.id)], bufferCapacity: max(room.maxTokensPerTurn, 1))
                 return s.current
             }
             guard let stream else {
@@ -409,10 +430,13 @@ final class RoomService: FrameHandler {
                     s.room.updatedAt = Int64(Timestamp.nowMillis())
                 }
             }
-            await streams.run(stream, prepared, messageID: entryID, journal: .roomTurn(room: room.id, speaker: clone.id),
-                              paywall: live.payer(owner), beforeEnd: turnOver) { message in
-                let entry = RoomEntry(id: entryID, room: room.id, kind: .turn, speaker: clone.id, text: message.text,
-                                      createdAt: message.createdAt, reason: message.reason, stream: prepared.id)
+            await streams.run(
+                stream, prepared, messageID: entryID, journal: .roomTurn(room: room.id, speaker: clone.id),
+                paywall: live.payer(owner), beforeEnd: turnOver
+            ) { message in
+                let entry = RoomEntry(
+                    id: entryID, room: room.id, kind: .turn, speaker: clone.id, text: message.text,
+                    createdAt: message.createdAt, reason: message.reason, stream: prepared.id)
                 try await store.appendRoomEntry(entry)
                 recorded.withLock { $0 = entry }
             }
@@ -435,7 +459,9 @@ final class RoomService: FrameHandler {
         try await changeRoom(live) { $0.status = .paused }
         if let refusal {
             let owner = live.state.withLock { $0.room.owner }
-            live.broadcast(allocator.buffer(bytes: ServerFrame.paywall(stream: nil, balance: refusal.balance, required: refusal.required, room: room)), onlyTo: owner)
+            live.broadcast(
+                allocator.buffer(bytes: ServerFrame.paywall(stream: nil, balance: refusal.balance, required: refusal.required, room: room)),
+                onlyTo: owner)
         }
         live.broadcast(allocator.buffer(bytes: ServerFrame.roomEvent(room: room, event: "paused", [("reason", .string("insufficient_credits"))])))
     }
@@ -443,7 +469,9 @@ final class RoomService: FrameHandler {
     /// A clone deleted since the room was made sits out the rest of it.
     func muteDeletedClone(_ clone: String, in live: LiveRoom) async throws {
         try await changeRoom(live) { if !$0.muted.contains(clone) { $0.muted.append(clone) } }
-        live.broadcast(allocator.buffer(bytes: ServerFrame.roomEvent(room: live.id, event: "muted", [("clone", .string(clone)), ("reason", .string("clone_deleted"))])))
+        live.broadcast(
+            allocator.buffer(
+                bytes: ServerFrame.roomEvent(room: live.id, event: "muted", [("clone", .string(clone)), ("reason", .string("clone_deleted"))])))
     }
 
     /// False once the server is shutting down: no new turn, reply or translation starts.
@@ -487,7 +515,9 @@ final class RoomService: FrameHandler {
     /// Private rooms are the moderator's alone (others get `not_found`, as for anything not
     /// theirs); link rooms are open to anyone with the id except who was kicked.
     private static func checkAccess(_ room: Room, _ user: String) throws(FrameError) {
-        guard !room.kicked.contains(user) else { throw FrameError(ref: nil, code: .forbidden, message: "the moderator removed you from room \(room.id)") }
+        guard !room.kicked.contains(user) else {
+            throw FrameError(ref: nil, code: .forbidden, message: "the moderator removed you from room \(room.id)")
+        }
         guard room.admits(user) else { throw noRoom(room.id) }
     }
 

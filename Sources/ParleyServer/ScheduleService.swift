@@ -137,8 +137,9 @@ final class ScheduleService: FrameHandler {
             throw requests.internalFailure(error, what: "schedule request")
         }
         let now = Int64(Timestamp.nowMillis())
-        let schedule = Schedule(id: ids.make(.schedule), owner: owner, clone: request.clone, conversation: request.conversation,
-                                at: request.at, content: request.content, status: .pending, createdAt: now, updatedAt: now)
+        let schedule = Schedule(
+            id: ids.make(.schedule), owner: owner, clone: request.clone, conversation: request.conversation,
+            at: request.at, content: request.content, status: .pending, createdAt: now, updatedAt: now)
         // The quota is taken before the write, so concurrent creates cannot overshoot it.
         let admitted = state.withLock { s -> Bool in
             guard s.pending[owner, default: [:]].count < limits.maxPendingPerUser else { return false }
@@ -146,8 +147,9 @@ final class ScheduleService: FrameHandler {
             return true
         }
         guard admitted else {
-            throw FrameError(ref: nil, code: .limitExceeded,
-                             message: "at most \(limits.maxPendingPerUser) schedules may be pending; cancel one or wait for one to fire")
+            throw FrameError(
+                ref: nil, code: .limitExceeded,
+                message: "at most \(limits.maxPendingPerUser) schedules may be pending; cancel one or wait for one to fire")
         }
         do {
             try await store.createSchedule(schedule)
@@ -281,9 +283,11 @@ final class ScheduleService: FrameHandler {
         let messageID = schedule.message!
         let conversationID = schedule.conversation!
         let now = Int64(Timestamp.nowMillis())
-        let conversation = newConversation
-            ? Conversation(id: conversationID, owner: schedule.owner, clone: clone.id, title: Self.title(schedule, clone: clone),
-                           createdAt: now, updatedAt: now)
+        let conversation =
+            newConversation
+            ? Conversation(
+                id: conversationID, owner: schedule.owner, clone: clone.id, title: Self.title(schedule, clone: clone),
+                createdAt: now, updatedAt: now)
             : nil
         let store = self.store
         switch schedule.content {
@@ -294,30 +298,39 @@ final class ScheduleService: FrameHandler {
                 await deliver(fired, message)
             }
         case .prompt(let instruction):
-            let history = newConversation ? [] : try await store.messages(conversation: conversationID, limit: configuration.historyMessages - 1, before: nil)
+            let history =
+                newConversation ? [] : try await store.messages(conversation: conversationID, limit: configuration.historyMessages - 1, before: nil)
             // The instruction is part of the prompt only; the transcript shows the clone's message alone.
-            let cue = Message(id: messageID, conversation: conversationID, role: .user,
-                              text: "(Scheduled message: write to the user now, unprompted, about: \(instruction))", createdAt: now)
+            let cue = Message(
+                id: messageID, conversation: conversationID, role: .user,
+                text: "(Scheduled message: write to the user now, unprompted, about: \(instruction))", createdAt: now)
             let prompt = PromptAssembler(contextBudget: configuration.contextBudgetTokens).assemble(clone: clone, history: history + [cue])
-            let request = CompletionRequest(model: configuration.model(for: clone), messages: prompt.messages, speaker: clone.name, maxOutputTokens: configuration.maxOutputTokens)
+            let request = CompletionRequest(
+                model: configuration.model(for: clone), messages: prompt.messages, speaker: clone.name, maxOutputTokens: configuration.maxOutputTokens
+            )
             let prepared: StreamRunner.Prepared
             do {
-                prepared = try await streams.prepare(prompt, request: request, payer: schedule.owner, feature: .scheduled, conversation: conversationID,
-                                                     streamID: schedule.streamID!)
+                prepared = try await streams.prepare(
+                    prompt, request: request, payer: schedule.owner, feature: .scheduled, conversation: conversationID,
+                    streamID: schedule.streamID!)
             } catch let refusal as CreditMeter.Refusal {
                 hub.release(user: schedule.owner, conversation: conversationID)
-                return try await fail(schedule, from: .firing,
-                                      "insufficient_credits: the message needs \(refusal.required) credits; the balance was \(refusal.balance)")
+                return try await fail(
+                    schedule, from: .firing,
+                    "insufficient_credits: the message needs \(refusal.required) credits; the balance was \(refusal.balance)")
             } catch {
                 hub.release(user: schedule.owner, conversation: conversationID)
                 throw error
             }
-            let live = streams.open(id: prepared.id, owner: schedule.owner, model: prepared.model,
-                                    kind: .reply(conversation: conversationID, clone: clone.id, schedule: schedule.id),
-                                    readers: [.user(schedule.owner)], bufferCapacity: configuration.resumeBufferTokens)
+            let live = streams.open(
+                id: prepared.id, owner: schedule.owner, model: prepared.model,
+                kind: .reply(conversation: conversationID, clone: clone.id, schedule: schedule.id),
+                readers: [.user(schedule.owner)], bufferCapacity: configuration.resumeBufferTokens)
             let fired = Mutex<(Schedule, Message)?>(nil)
             await streams.run(live, prepared, messageID: messageID, journal: .settleOnly) { message in
-                if let done = try await store.completeSchedule(id: schedule.id, message: message, newConversation: conversation, now: message.createdAt) {
+                if let done = try await store.completeSchedule(
+                    id: schedule.id, message: message, newConversation: conversation, now: message.createdAt)
+                {
                     fired.withLock { $0 = (done, message) }
                 }
             }
@@ -353,8 +366,9 @@ final class ScheduleService: FrameHandler {
         }
         guard written else { return }
         do {
-            _ = try await store.transitionSchedule(id: schedule.id, from: .fired,
-                                                   to: ScheduleChange(status: .delivered, updatedAt: Int64(Timestamp.nowMillis())))
+            _ = try await store.transitionSchedule(
+                id: schedule.id, from: .fired,
+                to: ScheduleChange(status: .delivered, updatedAt: Int64(Timestamp.nowMillis())))
         } catch {
             logger.error("recording a delivery failed; it will be sent again", metadata: ["schedule": "\(schedule.id)", "error": "\(error)"])
         }
@@ -370,7 +384,8 @@ final class ScheduleService: FrameHandler {
                     let page = try await self.store.schedules(statuses: [.fired], owner: owner, limit: 100, after: after)
                     for schedule in page.sorted(by: { ($0.at, $0.id) < ($1.at, $1.id) }) {
                         guard let id = schedule.message, let conversation = schedule.conversation,
-                              let message = try await self.store.message(id: id, conversation: conversation) else { continue }
+                            let message = try await self.store.message(id: id, conversation: conversation)
+                        else { continue }
                         await self.deliver(schedule, message, to: [connection])
                     }
                     guard page.count == 100 else { break }

@@ -29,7 +29,10 @@ final class ScheduleTimer: Sendable {
     private let pending: Meter
     private let lateness: Timer
 
-    init(loop: any EventLoop, tickMillis: Int64, metrics: any MetricsFactory, wallClock: @escaping @Sendable () -> Int64 = { Int64(Timestamp.nowMillis()) }) {
+    init(
+        loop: any EventLoop, tickMillis: Int64, metrics: any MetricsFactory,
+        wallClock: @escaping @Sendable () -> Int64 = { Int64(Timestamp.nowMillis()) }
+    ) {
         self.loop = loop
         self.wallClock = wallClock
         self.clock = WheelClock(originMillis: wallClock(), tickMillis: tickMillis)

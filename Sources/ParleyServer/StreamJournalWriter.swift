@@ -66,7 +66,8 @@ final class StreamJournalWriter: Sendable {
             do {
                 try await store.saveStreamJournal(next)
             } catch {
-                logger.warning("journaling a reply failed; a crash now would lose more of it", metadata: ["stream": "\(next.stream)", "error": "\(error)"])
+                logger.warning(
+                    "journaling a reply failed; a crash now would lose more of it", metadata: ["stream": "\(next.stream)", "error": "\(error)"])
             }
         }
     }

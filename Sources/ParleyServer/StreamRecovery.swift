@@ -42,8 +42,9 @@ struct StreamRecovery {
                 charged -= batch.credits
                 batches += 1
             }
-            let meter = credits.meter(user: journal.user, stream: stream, conversation: conversation, room: room, model: journal.model,
-                                      feature: Feature(rawValue: journal.feature) ?? .chat)
+            let meter = credits.meter(
+                user: journal.user, stream: stream, conversation: conversation, room: room, model: journal.model,
+                feature: Feature(rawValue: journal.feature) ?? .chat)
             await meter.recover(charged: charged, batches: batches)
             _ = await meter.settle(usage: usage)
         }
@@ -52,13 +53,17 @@ struct StreamRecovery {
             case .conversation(let id):
                 // Absent when its owner deleted it (or the account) meanwhile: nothing to show.
                 if try await store.conversation(id: id, owner: journal.user) != nil {
-                    try await store.appendMessage(Message(id: journal.messageID, conversation: id, role: .assistant, text: journal.text,
-                                                          createdAt: journal.updatedAt, reason: .interrupted, usage: usage, stream: stream))
+                    try await store.appendMessage(
+                        Message(
+                            id: journal.messageID, conversation: id, role: .assistant, text: journal.text,
+                            createdAt: journal.updatedAt, reason: .interrupted, usage: usage, stream: stream))
                 }
             case .roomTurn(let id, let speaker):
                 if try await store.room(id: id) != nil {
-                    try await store.appendRoomEntry(RoomEntry(id: journal.messageID, room: id, kind: .turn, speaker: speaker, text: journal.text,
-                                                              createdAt: journal.updatedAt, reason: .interrupted, stream: stream))
+                    try await store.appendRoomEntry(
+                        RoomEntry(
+                            id: journal.messageID, room: id, kind: .turn, speaker: speaker, text: journal.text,
+                            createdAt: journal.updatedAt, reason: .interrupted, stream: stream))
                 }
             case .settleOnly:
                 break
@@ -67,8 +72,10 @@ struct StreamRecovery {
             // Stored by the stream itself just before the crash, or by an earlier recovery.
         }
         try await store.deleteStreamJournal(stream: stream)
-        logger.notice("stored a reply a crash cut short", metadata: [
-            "stream": "\(stream)", "tokens": "\(journal.outputTokens)", "target": "\(journal.target.columns.kind)",
-        ])
+        logger.notice(
+            "stored a reply a crash cut short",
+            metadata: [
+                "stream": "\(stream)", "tokens": "\(journal.outputTokens)", "target": "\(journal.target.columns.kind)",
+            ])
     }
 }

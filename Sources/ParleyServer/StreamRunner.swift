@@ -43,8 +43,11 @@ final class StreamRunner: Sendable {
     let ids: IDGenerator
     private let allocator = ByteBufferAllocator()
 
-    init(store: any Store, credits: Credits, provider: any LLMProvider, hub: StreamHub, sockets: SocketHub, broker: any Broker, requests: RequestTracker,
-         configuration: ServerConfiguration, logger: Logger, ids: IDGenerator) {
+    init(
+        store: any Store, credits: Credits, provider: any LLMProvider, hub: StreamHub, sockets: SocketHub, broker: any Broker,
+        requests: RequestTracker,
+        configuration: ServerConfiguration, logger: Logger, ids: IDGenerator
+    ) {
         self.store = store
         self.credits = credits
         self.provider = provider
@@ -64,8 +67,10 @@ final class StreamRunner: Sendable {
 
     /// Prices `prompt` for `feature` and charges it to `payer`, with a reserve for a first batch
     /// of the reply. Throws `CreditMeter.Refusal` when the balance does not cover that.
-    func prepare(_ prompt: AssembledPrompt, request: CompletionRequest, payer: String, feature: Feature, conversation: String? = nil,
-                 room: String? = nil, streamID: String? = nil) async throws -> Prepared {
+    func prepare(
+        _ prompt: AssembledPrompt, request: CompletionRequest, payer: String, feature: Feature, conversation: String? = nil,
+        room: String? = nil, streamID: String? = nil
+    ) async throws -> Prepared {
         let model = provider.modelName(for: request)
         let id = streamID ?? ids.make(.stream)
         let meter = credits.meter(user: payer, stream: id, conversation: conversation, room: room, model: model, feature: feature)
@@ -81,9 +86,12 @@ final class StreamRunner: Sendable {
     /// Makes the stream, read by the sockets subscribed to `readers` now (a user's, a room's, a
     /// language's), sends them its `stream.start`, and registers it. Synchronous, so a room can
     /// open a stream under its own lock and every member it has then receives all of it.
-    func open(id: String, owner: String, model: String, kind: LiveStream.Kind, readers: [Topic], bufferCapacity: Int, ref: String? = nil) -> LiveStream {
-        let live = LiveStream(id: id, owner: owner, model: model, kind: kind, bufferCapacity: bufferCapacity, readers: readers, broker: broker, hub: sockets,
-                              metrics: metrics)
+    func open(
+        id: String, owner: String, model: String, kind: LiveStream.Kind, readers: [Topic], bufferCapacity: Int, ref: String? = nil
+    ) -> LiveStream {
+        let live = LiveStream(
+            id: id, owner: owner, model: model, kind: kind, bufferCapacity: bufferCapacity, readers: readers, broker: broker, hub: sockets,
+            metrics: metrics)
         live.start(allocator.buffer(bytes: live.startFrame(ref: ref)))
         hub.register(live)
         return live
@@ -100,8 +108,9 @@ final class StreamRunner: Sendable {
     ) async -> Message? {
         let stored = Mutex<Message?>(nil)
         let generation = Task {
-            let message = await self.generate(live, prepared, ref: ref, requester: requester, messageID: messageID, journal: journal,
-                                               paywall: paywall, beforeEnd: beforeEnd, persist: persist)
+            let message = await self.generate(
+                live, prepared, ref: ref, requester: requester, messageID: messageID, journal: journal,
+                paywall: paywall, beforeEnd: beforeEnd, persist: persist)
             stored.withLock { $0 = message }
         }
         live.attach(generation)
@@ -114,8 +123,9 @@ final class StreamRunner: Sendable {
     /// payer could not pay): `stream.end` with `reason` and no usage.
     func end(_ live: LiveStream, reason: StreamEndReason) {
         let usage = Usage(inputTokens: 0, outputTokens: 0)
-        live.finish(allocator.buffer(bytes: ServerFrame.streamEnd(stream: live.id, reason: reason, usage: usage, message: nil, cost: nil, balance: nil)),
-                    reason: reason)
+        live.finish(
+            allocator.buffer(bytes: ServerFrame.streamEnd(stream: live.id, reason: reason, usage: usage, message: nil, cost: nil, balance: nil)),
+            reason: reason)
         hub.ended(live)
     }
 
@@ -185,8 +195,9 @@ final class StreamRunner: Sendable {
         let (request, prompt, meter) = (prepared.request, prepared.prompt, prepared.meter)
         // Journaled as it streams, so a crash loses at most the last moments of what was sent.
         let journal = StreamJournalWriter(
-            StreamJournal(stream: live.id, user: meter.user, model: live.model, feature: meter.feature.rawValue, inputTokens: prompt.estimatedTokens,
-                          target: target, messageID: messageID, createdAt: Int64(Timestamp.nowMillis())),
+            StreamJournal(
+                stream: live.id, user: meter.user, model: live.model, feature: meter.feature.rawValue, inputTokens: prompt.estimatedTokens,
+                target: target, messageID: messageID, createdAt: Int64(Timestamp.nowMillis())),
             store: store, logger: logger
         )
         var journaledAt = NIODeadline.now().uptimeNanoseconds
@@ -263,7 +274,8 @@ final class StreamRunner: Sendable {
         let stored = await Task { try await persist(message) }.result
         var storedID: String? = message.id
         if case .failure(let error) = stored {
-            logger.error("storing the reply failed; its journal keeps it for the next start-up", metadata: ["stream": "\(live.id)", "error": "\(error)"])
+            logger.error(
+                "storing the reply failed; its journal keeps it for the next start-up", metadata: ["stream": "\(live.id)", "error": "\(error)"])
             storedID = nil
             journal.offer(text: text, outputTokens: Int(seq))
         }
@@ -276,15 +288,19 @@ final class StreamRunner: Sendable {
             live.publish(frame, audience: requester.map { .only(connection: $0.id) } ?? .everyone)
         }
         if outOfCredits {
-            let paywall = allocator.buffer(bytes: ServerFrame.paywall(stream: live.id, balance: balance, required: await meter.nextTokenCost, room: live.room))
+            let paywall = allocator.buffer(
+                bytes: ServerFrame.paywall(stream: live.id, balance: balance, required: await meter.nextTokenCost, room: live.room))
             live.publish(paywall, to: recipients?.topic, audience: recipients?.audience ?? .everyone)
         }
         beforeEnd?()
-        let end = allocator.buffer(bytes: ServerFrame.streamEnd(stream: live.id, reason: reason, usage: usage, message: storedID, cost: cost, balance: balance))
+        let end = allocator.buffer(
+            bytes: ServerFrame.streamEnd(stream: live.id, reason: reason, usage: usage, message: storedID, cost: cost, balance: balance))
         if live.room != nil {
             // Others in the room see the stream end, not what it cost its payer or their balance.
-            live.finish(allocator.buffer(bytes: ServerFrame.streamEnd(stream: live.id, reason: reason, usage: usage, message: storedID, cost: nil, balance: nil)),
-                        ownerFrame: end, reason: reason)
+            live.finish(
+                allocator.buffer(
+                    bytes: ServerFrame.streamEnd(stream: live.id, reason: reason, usage: usage, message: storedID, cost: nil, balance: nil)),
+                ownerFrame: end, reason: reason)
         } else {
             live.finish(end, reason: reason)
         }

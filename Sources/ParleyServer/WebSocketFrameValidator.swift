@@ -21,10 +21,9 @@ final class WebSocketFrameValidator: ChannelInboundHandler, RemovableChannelHand
         guard !failed else { return }
         let frame = unwrapInboundIn(data)
         let problem: String? =
-            if frame.maskKey == nil { "client frames must be masked" }
-            else if (frame.rsv1 && !allowsRSV1) || frame.rsv2 || frame.rsv3 { "reserved bits set without a negotiated extension" }
-            else if !Self.known.contains(frame.opcode) { "reserved opcode \(frame.opcode)" }
-            else { nil }
+            if frame.maskKey == nil { "client frames must be masked" } else if (frame.rsv1 && !allowsRSV1) || frame.rsv2 || frame.rsv3 {
+                "reserved bits set without a negotiated extension"
+            } else if !Self.known.contains(frame.opcode) { "reserved opcode \(frame.opcode)" } else { nil }
         guard let problem else {
             context.fireChannelRead(data)
             return

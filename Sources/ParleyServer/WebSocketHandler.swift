@@ -70,8 +70,9 @@ final class WebSocketHandler: ChannelInboundHandler {
                 return
             }
             heardSincePing = false
-            context.writeAndFlush(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .ping, data: context.channel.allocator.buffer(string: "parley"))),
-                                  promise: nil)
+            context.writeAndFlush(
+                wrapOutboundOut(WebSocketFrame(fin: true, opcode: .ping, data: context.channel.allocator.buffer(string: "parley"))),
+                promise: nil)
             scheduleKeepalive(context: context)
         }
     }
@@ -130,7 +131,9 @@ final class WebSocketHandler: ChannelInboundHandler {
             close(context: context, code: .policyViolation, reason: "frame rate limit exceeded")
         } else if droppedInARow == 1 {
             // One error per run of drops: answering each would amplify the flood.
-            send(ServerFrame.error(ref: nil, code: .rateLimited, message: "more than \(Int(bucket.rate)) frames a second; frames are being dropped"), context: context)
+            send(
+                ServerFrame.error(ref: nil, code: .rateLimited, message: "more than \(Int(bucket.rate)) frames a second; frames are being dropped"),
+                context: context)
         }
         return false
     }

@@ -49,8 +49,10 @@ public final class ChildProcess: Sendable {
     /// Starts `arguments[0]` (looked up in PATH when it has no slash) with `arguments`, this
     /// process's environment without the variables `withheld` names, plus `environment`, stdout
     /// and stderr appended to `logPath`.
-    public static func spawn(arguments: [String], environment: [String: String] = [:], withheld: @Sendable (String) -> Bool = { _ in false },
-                             logPath: String) throws -> ChildProcess {
+    public static func spawn(
+        arguments: [String], environment: [String: String] = [:], withheld: @Sendable (String) -> Bool = { _ in false },
+        logPath: String
+    ) throws -> ChildProcess {
         guard let program = arguments.first, !program.isEmpty else { throw SpawnError(description: "no command to run") }
         let log = open(logPath, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
         guard log >= 0 else { throw SpawnError(description: "cannot open \(logPath): \(String(cString: strerror(errno)))") }

@@ -22,8 +22,10 @@ public struct LocalModel: Sendable, Equatable {
     /// The bundled SmolLM2 server, or nil when this build's bundle lacks the script.
     public static func bundled(parallel: Int) -> LocalModel? {
         guard let script = Bundle.module.path(forResource: "model-server", ofType: "py") else { return nil }
-        return LocalModel(command: ["python3", script, "--port", "{port}", "--parallel", String(parallel),
-                                    "--context", String(parallel * bundledContextPerSlot), "--max-seconds", "0"])
+        return LocalModel(command: [
+            "python3", script, "--port", "{port}", "--parallel", String(parallel),
+            "--context", String(parallel * bundledContextPerSlot), "--max-seconds", "0",
+        ])
     }
 
     /// A command given as one string: split on whitespace (no shell, so no quoting: a command

@@ -159,8 +159,9 @@ public final class Sidecar: Sendable {
         rotateLog()
         let child: ChildProcess
         do {
-            child = try ChildProcess.spawn(arguments: configuration.arguments, environment: configuration.environment,
-                                           withheld: configuration.withheld, logPath: configuration.logPath)
+            child = try ChildProcess.spawn(
+                arguments: configuration.arguments, environment: configuration.environment,
+                withheld: configuration.withheld, logPath: configuration.logPath)
         } catch {
             throw StartError.couldNotRun("\(error)")
         }

@@ -86,11 +86,12 @@ final class SQLiteConnection: @unchecked Sendable {
         }
         for (i, param) in params.enumerated() {
             let index = Int32(i + 1)
-            let rc: Int32 = switch param {
-            case .null: sqlite3_bind_null(statement, index)
-            case .int(let v): sqlite3_bind_int64(statement, index, v)
-            case .text(let v): sqlite3_bind_text(statement, index, v, -1, parley_sqlite_transient())
-            }
+            let rc: Int32 =
+                switch param {
+                case .null: sqlite3_bind_null(statement, index)
+                case .int(let v): sqlite3_bind_int64(statement, index, v)
+                case .text(let v): sqlite3_bind_text(statement, index, v, -1, parley_sqlite_transient())
+                }
             guard rc == SQLITE_OK else { throw error(db, rc) }
         }
         let names = SQLRow.Columns((0..<sqlite3_column_count(statement)).map { String(cString: sqlite3_column_name(statement, $0)) })

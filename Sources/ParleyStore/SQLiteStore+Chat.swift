@@ -77,7 +77,8 @@ extension SQLiteStore {
         return Clone(
             id: row["id"].text ?? "", owner: row["owner"].text ?? "", name: row["name"].text ?? "",
             traits: try Self.strings(row["traits"]), systemPrompt: row["system_prompt"].text ?? "", sliders: sliders,
-            memory: try Self.strings(row["memory"]), createdAt: row["created_at"].int ?? 0, updatedAt: row["updated_at"].int ?? 0, model: row["model"].text,
+            memory: try Self.strings(row["memory"]), createdAt: row["created_at"].int ?? 0, updatedAt: row["updated_at"].int ?? 0,
+            model: row["model"].text,
             profile: CharacterCard.profile(fromStorage: row["profile"].text)
         )
     }
@@ -134,21 +135,21 @@ extension SQLiteStore {
     /// Inserts a message and moves its conversation's `updated_at`; `orIgnore` keeps an existing
     /// message with the same id instead of failing.
     static func insert(_ m: Message, into db: SQLiteConnection, orIgnore: Bool) throws {
-                try db.query(
-                    "INSERT INTO messages(\(Self.messageColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" + (orIgnore ? " ON CONFLICT(id) DO NOTHING" : ""),
-                    [
-                        .text(m.id), .text(m.conversation), .text(m.role.rawValue), .text(m.text), .int(m.createdAt),
-                        m.reason.map { .text($0.rawValue) } ?? .null,
-                        m.usage.map { .int(Int64($0.inputTokens)) } ?? .null,
-                        m.usage.map { .int(Int64($0.outputTokens)) } ?? .null,
-                        m.stream.map(SQLValue.text) ?? .null,
-                        .int(m.saved ? 1 : 0),
-                    ]
-                )
-                try db.query(
-                    "UPDATE conversations SET updated_at = max(updated_at, ?) WHERE id = ?",
-                    [.int(m.createdAt), .text(m.conversation)]
-                )
+        try db.query(
+            "INSERT INTO messages(\(Self.messageColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" + (orIgnore ? " ON CONFLICT(id) DO NOTHING" : ""),
+            [
+                .text(m.id), .text(m.conversation), .text(m.role.rawValue), .text(m.text), .int(m.createdAt),
+                m.reason.map { .text($0.rawValue) } ?? .null,
+                m.usage.map { .int(Int64($0.inputTokens)) } ?? .null,
+                m.usage.map { .int(Int64($0.outputTokens)) } ?? .null,
+                m.stream.map(SQLValue.text) ?? .null,
+                .int(m.saved ? 1 : 0),
+            ]
+        )
+        try db.query(
+            "UPDATE conversations SET updated_at = max(updated_at, ?) WHERE id = ?",
+            [.int(m.createdAt), .text(m.conversation)]
+        )
     }
 
     public func message(id: String, conversation: String) async throws -> Message? {
@@ -170,11 +171,14 @@ extension SQLiteStore {
 
     static func message(from row: SQLRow) -> Message {
         var usage: Usage?
-        if let input = row["input_tokens"].int, let output = row["output_tokens"].int { usage = Usage(inputTokens: Int(input), outputTokens: Int(output)) }
+        if let input = row["input_tokens"].int, let output = row["output_tokens"].int {
+            usage = Usage(inputTokens: Int(input), outputTokens: Int(output))
+        }
         return Message(
             id: row["id"].text ?? "", conversation: row["conversation"].text ?? "", role: Role(rawValue: row["role"].text ?? "") ?? .user,
             text: row["text"].text ?? "", createdAt: row["created_at"].int ?? 0,
-            reason: row["reason"].text.flatMap(StreamEndReason.init(rawValue:)), usage: usage, stream: row["stream"].text, saved: row["saved"].int == 1
+            reason: row["reason"].text.flatMap(StreamEndReason.init(rawValue:)), usage: usage, stream: row["stream"].text,
+            saved: row["saved"].int == 1
         )
     }
 }

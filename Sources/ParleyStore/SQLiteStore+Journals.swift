@@ -27,8 +27,10 @@ extension SQLiteStore {
         try await read { db in
             try db.query("SELECT \(Self.journalColumns) FROM stream_journals ORDER BY created_at, stream LIMIT ?", [.int(Int64(limit))]).map { r in
                 StreamJournal(
-                    stream: r["stream"].text ?? "", user: r["user"].text ?? "", model: r["model"].text ?? "", feature: r["feature"].text ?? "", inputTokens: Int(r["input_tokens"].int ?? 0),
-                    target: .init(kind: r["target_kind"].text ?? "", id: r["target_id"].text, speaker: r["speaker"].text), messageID: r["message_id"].text ?? "", text: r["text"].text ?? "",
+                    stream: r["stream"].text ?? "", user: r["user"].text ?? "", model: r["model"].text ?? "", feature: r["feature"].text ?? "",
+                    inputTokens: Int(r["input_tokens"].int ?? 0),
+                    target: .init(kind: r["target_kind"].text ?? "", id: r["target_id"].text, speaker: r["speaker"].text),
+                    messageID: r["message_id"].text ?? "", text: r["text"].text ?? "",
                     outputTokens: Int(r["output_tokens"].int ?? 0), createdAt: r["created_at"].int ?? 0, updatedAt: r["updated_at"].int ?? 0
                 )
             }

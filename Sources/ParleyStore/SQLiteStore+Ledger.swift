@@ -52,7 +52,8 @@ extension SQLiteStore {
     static func ledgerEntry(from r: SQLRow) -> LedgerEntry {
         LedgerEntry(
             id: r["id"].text ?? "", user: r["user"].text ?? "", kind: LedgerEntry.Kind(rawValue: r["kind"].text ?? "") ?? .debit,
-            credits: r["credits"].int ?? 0, tokens: Int(r["tokens"].int ?? 0), stream: r["stream"].text, conversation: r["conversation"].text, room: r["room"].text,
+            credits: r["credits"].int ?? 0, tokens: Int(r["tokens"].int ?? 0), stream: r["stream"].text, conversation: r["conversation"].text,
+            room: r["room"].text,
             model: r["model"].text, feature: r["feature"].text, note: r["note"].text, createdAt: r["created_at"].int ?? 0
         )
     }

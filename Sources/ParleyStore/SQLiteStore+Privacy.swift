@@ -31,7 +31,8 @@ extension SQLiteStore {
                 report.roomEntries = try count("SELECT count(*) AS n FROM room_entries WHERE room IN (SELECT id FROM rooms WHERE owner = ?)")
                 try db.query("DELETE FROM rooms WHERE owner = ?", user)
                 report.rooms = db.changes
-                try db.query("DELETE FROM room_entries WHERE source IN (SELECT id FROM room_entries WHERE speaker = ? AND speaker_is_clone = 0)", user)
+                try db.query(
+                    "DELETE FROM room_entries WHERE source IN (SELECT id FROM room_entries WHERE speaker = ? AND speaker_is_clone = 0)", user)
                 report.roomEntries += db.changes
                 try db.query("DELETE FROM room_entries WHERE speaker = ? AND speaker_is_clone = 0", user)
                 report.roomEntries += db.changes
@@ -44,18 +45,21 @@ extension SQLiteStore {
                 )
                 for room in try rows.map(Self.room(from:)) where room.involves(id) {
                     let values = Self.roomValues(room.removingUser(id))
-                    try db.query("UPDATE rooms SET muted = ?, kicked = ?, members = ?, languages = ? WHERE id = ?",
-                                 [values[10], values[11], values[15], values[16], values[0]])
+                    try db.query(
+                        "UPDATE rooms SET muted = ?, kicked = ?, members = ?, languages = ? WHERE id = ?",
+                        [values[10], values[11], values[15], values[16], values[0]])
                 }
                 // The books: rows and balance move to the pseudonym, detached from content.
                 let alias: SQLValue = .text(pseudonym)
-                if let welcome = try db.query("SELECT \(Self.ledgerColumns) FROM ledger WHERE id = ?", [.text(LedgerEntry.welcomeID(for: id))]).first {
+                if let welcome = try db.query("SELECT \(Self.ledgerColumns) FROM ledger WHERE id = ?", [.text(LedgerEntry.welcomeID(for: id))]).first
+                {
                     let earlier = try db.query("SELECT 1 FROM ledger WHERE id = ?", [.text(LedgerEntry.welcomeID(for: pseudonym))]).first != nil
                     let entry = Self.ledgerEntry(from: welcome)
                     let moved = earlier ? entry.laterWelcomeID(of: pseudonym) : LedgerEntry.welcomeID(for: pseudonym)
                     try db.query("UPDATE ledger SET id = ? WHERE id = ?", [.text(moved), .text(entry.id)])
                 }
-                try db.query("UPDATE ledger SET user = ?, stream = NULL, conversation = NULL, room = NULL, note = NULL WHERE user = ?", [alias, .text(id)])
+                try db.query(
+                    "UPDATE ledger SET user = ?, stream = NULL, conversation = NULL, room = NULL, note = NULL WHERE user = ?", [alias, .text(id)])
                 report.ledgerRowsKept = Int(try db.query("SELECT count(*) AS n FROM ledger WHERE user = ?", [alias]).first?["n"].int ?? 0)
                 if let balance = try db.query("SELECT balance FROM accounts WHERE user = ?", user).first?["balance"].int {
                     try db.query(
@@ -76,9 +80,11 @@ extension SQLiteStore {
     public func purge(createdBefore cutoff: Int64, limit: Int) async throws -> PurgeResult {
         try await run { db in
             let bounds: [SQLValue] = [.int(cutoff), .int(Int64(limit))]
-            try db.query("DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE saved = 0 AND created_at < ? ORDER BY created_at LIMIT ?)", bounds)
+            try db.query(
+                "DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE saved = 0 AND created_at < ? ORDER BY created_at LIMIT ?)", bounds)
             let messages = db.changes
-            try db.query("DELETE FROM room_entries WHERE id IN (SELECT id FROM room_entries WHERE created_at < ? ORDER BY created_at LIMIT ?)", bounds)
+            try db.query(
+                "DELETE FROM room_entries WHERE id IN (SELECT id FROM room_entries WHERE created_at < ? ORDER BY created_at LIMIT ?)", bounds)
             return PurgeResult(messages: messages, roomEntries: db.changes)
         }
     }
@@ -87,8 +93,10 @@ extension SQLiteStore {
         try await run { db in
             try db.query(
                 "INSERT INTO audit(id, at, actor, action, target, ip_hash, detail) VALUES(?, ?, ?, ?, ?, ?, ?)",
-                [.text(e.id), .int(e.at), .text(e.actor), .text(e.action), Self.optional(e.target), Self.optional(e.ipHash),
-                 .text(AuditEvent.json(e.detail).serializedString())]
+                [
+                    .text(e.id), .int(e.at), .text(e.actor), .text(e.action), Self.optional(e.target), Self.optional(e.ipHash),
+                    .text(AuditEvent.json(e.detail).serializedString()),
+                ]
             )
         }
     }
@@ -100,8 +108,10 @@ extension SQLiteStore {
                 "SELECT id, at, actor, action, target, ip_hash, detail FROM audit WHERE 1 = 1\(page.sql) ORDER BY id DESC LIMIT ?",
                 page.params + [.int(Int64(limit))]
             ).map { r in
-                AuditEvent(id: r["id"].text ?? "", at: r["at"].int ?? 0, actor: r["actor"].text ?? "", action: r["action"].text ?? "", target: r["target"].text,
-                           ipHash: r["ip_hash"].text, detail: AuditEvent.detail(try? JSONValue.parse(Array((r["detail"].text ?? "{}").utf8))))
+                AuditEvent(
+                    id: r["id"].text ?? "", at: r["at"].int ?? 0, actor: r["actor"].text ?? "", action: r["action"].text ?? "",
+                    target: r["target"].text,
+                    ipHash: r["ip_hash"].text, detail: AuditEvent.detail(try? JSONValue.parse(Array((r["detail"].text ?? "{}").utf8))))
             }
         }
     }

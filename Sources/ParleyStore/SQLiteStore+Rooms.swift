@@ -8,9 +8,10 @@ extension SQLiteStore {
         "id, owner, topic, debaters, rounds, policy, max_tokens, visibility, status, turns_taken, muted, kicked, created_at, updated_at, kind, members, languages"
 
     static func roomValues(_ r: Room) -> [SQLValue] {
-        let debaters = JSONValue.array(r.debaters.map {
-            .object([("clone", .string($0.clone)), ("stance", .string($0.stance)), ("name", .string($0.name))])
-        })
+        let debaters = JSONValue.array(
+            r.debaters.map {
+                .object([("clone", .string($0.clone)), ("stance", .string($0.stance)), ("name", .string($0.name))])
+            })
         return [
             .text(r.id), .text(r.owner), .text(r.topic), .text(debaters.serializedString()), .int(Int64(r.rounds)),
             .text(r.policy.rawValue), .int(Int64(r.maxTokensPerTurn)), .text(r.visibility.rawValue), .text(r.status.rawValue),
@@ -24,9 +25,13 @@ extension SQLiteStore {
     static func room(from r: SQLRow) throws -> Room {
         let debaters = (try JSONValue.parse(Array((r["debaters"].text ?? "[]").utf8))).arrayValue ?? []
         return Room(
-            id: r["id"].text ?? "", kind: Room.Kind(rawValue: r["kind"].text ?? "") ?? .debate, owner: r["owner"].text ?? "", topic: r["topic"].text ?? "",
-            debaters: debaters.map { Room.Debater(clone: $0["clone"]?.stringValue ?? "", stance: $0["stance"]?.stringValue ?? "",
-                                                  name: $0["name"]?.stringValue ?? "") },
+            id: r["id"].text ?? "", kind: Room.Kind(rawValue: r["kind"].text ?? "") ?? .debate, owner: r["owner"].text ?? "",
+            topic: r["topic"].text ?? "",
+            debaters: debaters.map {
+                Room.Debater(
+                    clone: $0["clone"]?.stringValue ?? "", stance: $0["stance"]?.stringValue ?? "",
+                    name: $0["name"]?.stringValue ?? "")
+            },
             rounds: Int(r["rounds"].int ?? 0), policy: Room.TurnPolicy(rawValue: r["policy"].text ?? "") ?? .roundRobin,
             maxTokensPerTurn: Int(r["max_tokens"].int ?? 0), visibility: Room.Visibility(rawValue: r["visibility"].text ?? "") ?? .private,
             status: Room.Status(rawValue: r["status"].text ?? "") ?? .ended, turnsTaken: Int(r["turns_taken"].int ?? 0),
@@ -80,9 +85,11 @@ extension SQLiteStore {
         try await run { db in
             try db.query(
                 "INSERT INTO room_entries(\(Self.entryColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [.text(e.id), .text(e.room), .text(e.kind.rawValue), .text(e.speaker), .text(e.text), .int(e.createdAt),
-                 Self.optional(e.reason?.rawValue), Self.optional(e.stream), Self.optional(e.lang?.value), Self.optional(e.source),
-                 .int(e.speakerIsClone ? 1 : 0)]
+                [
+                    .text(e.id), .text(e.room), .text(e.kind.rawValue), .text(e.speaker), .text(e.text), .int(e.createdAt),
+                    Self.optional(e.reason?.rawValue), Self.optional(e.stream), Self.optional(e.lang?.value), Self.optional(e.source),
+                    .int(e.speakerIsClone ? 1 : 0),
+                ]
             )
         }
     }
@@ -94,14 +101,14 @@ extension SQLiteStore {
                 "SELECT \(Self.entryColumns) FROM room_entries WHERE room = ?\(page.sql) ORDER BY id DESC LIMIT ?",
                 [.text(room)] + page.params + [.int(Int64(limit))]
             ).reversed().map { r in
-                RoomEntry(id: r["id"].text ?? "", room: r["room"].text ?? "", kind: RoomEntry.Kind(rawValue: r["kind"].text ?? "") ?? .said,
-                          speaker: r["speaker"].text ?? "", text: r["text"].text ?? "", createdAt: r["created_at"].int ?? 0,
-                          reason: r["reason"].text.flatMap(StreamEndReason.init(rawValue:)), stream: r["stream"].text,
-                          lang: r["lang"].text.flatMap(LanguageTag.init), source: r["source"].text, speakerIsClone: r["speaker_is_clone"].int == 1)
+                RoomEntry(
+                    id: r["id"].text ?? "", room: r["room"].text ?? "", kind: RoomEntry.Kind(rawValue: r["kind"].text ?? "") ?? .said,
+                    speaker: r["speaker"].text ?? "", text: r["text"].text ?? "", createdAt: r["created_at"].int ?? 0,
+                    reason: r["reason"].text.flatMap(StreamEndReason.init(rawValue:)), stream: r["stream"].text,
+                    lang: r["lang"].text.flatMap(LanguageTag.init), source: r["source"].text, speakerIsClone: r["speaker_is_clone"].int == 1)
             }
         }
     }
-
 
     public func rooms(owner: String, limit: Int, after: String?) async throws -> [Room] {
         let page = Self.cursor("id", ">", after)

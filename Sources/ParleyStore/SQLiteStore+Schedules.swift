@@ -7,10 +7,11 @@ extension SQLiteStore {
     static let scheduleColumns = "id, owner, clone, conversation, at, kind, body, status, created_at, updated_at, message, failure"
 
     public func createSchedule(_ s: Schedule) async throws {
-        let (kind, body): (String, String) = switch s.content {
-        case .prompt(let prompt): ("prompt", prompt)
-        case .text(let text): ("text", text)
-        }
+        let (kind, body): (String, String) =
+            switch s.content {
+            case .prompt(let prompt): ("prompt", prompt)
+            case .text(let text): ("text", text)
+            }
         try await run { db in
             try db.query(
                 "INSERT INTO schedules(\(Self.scheduleColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -47,7 +48,7 @@ extension SQLiteStore {
             return try db.query(
                 "SELECT \(Self.scheduleColumns) FROM schedules WHERE status IN (\(marks))\(mine.sql)\(page.sql) ORDER BY id LIMIT ?",
                 statuses.map { .text($0.rawValue) } + mine.params + page.params + [
-                    .int(Int64(limit)),
+                    .int(Int64(limit))
                 ]
             ).map(Self.schedule(from:))
         }
@@ -76,13 +77,15 @@ extension SQLiteStore {
     public func completeSchedule(id: String, message: Message, newConversation: Conversation?, now: Int64) async throws -> Schedule? {
         try await run { db in
             try db.transaction {
-                guard try db.query("SELECT status FROM schedules WHERE id = ?", [.text(id)]).first?["status"].text == Schedule.Status.firing.rawValue else {
+                guard try db.query("SELECT status FROM schedules WHERE id = ?", [.text(id)]).first?["status"].text == Schedule.Status.firing.rawValue
+                else {
                     return nil
                 }
                 if let newConversation { try Self.insert(newConversation, into: db, orIgnore: true) }
                 try Self.insert(message, into: db, orIgnore: true)
-                return try Self.transition(db, id: id, from: .firing,
-                                           ScheduleChange(status: .fired, updatedAt: now, conversation: message.conversation, message: message.id))
+                return try Self.transition(
+                    db, id: id, from: .firing,
+                    ScheduleChange(status: .fired, updatedAt: now, conversation: message.conversation, message: message.id))
             }
         }
     }
@@ -90,7 +93,8 @@ extension SQLiteStore {
     static func schedule(from r: SQLRow) -> Schedule {
         let body = r["body"].text ?? ""
         return Schedule(
-            id: r["id"].text ?? "", owner: r["owner"].text ?? "", clone: r["clone"].text ?? "", conversation: r["conversation"].text, at: r["at"].int ?? 0,
+            id: r["id"].text ?? "", owner: r["owner"].text ?? "", clone: r["clone"].text ?? "", conversation: r["conversation"].text,
+            at: r["at"].int ?? 0,
             content: r["kind"].text == "prompt" ? .prompt(body) : .text(body), status: Schedule.Status(rawValue: r["status"].text ?? "") ?? .failed,
             createdAt: r["created_at"].int ?? 0, updatedAt: r["updated_at"].int ?? 0, message: r["message"].text, failure: r["failure"].text
         )

@@ -202,7 +202,8 @@ public final class SQLiteStore: Store {
         self.reader = Mutex(reader)
         hasReader = reader != nil
         self.pool = pool
-        latency = CoreMetrics.Timer(label: "parley_store_seconds", dimensions: [("store", "sqlite")], preferredDisplayUnit: .seconds, factory: metrics)
+        latency = CoreMetrics.Timer(
+            label: "parley_store_seconds", dimensions: [("store", "sqlite")], preferredDisplayUnit: .seconds, factory: metrics)
     }
 
     /// Opens (creating if needed) the database at `path` and migrates it to the current schema.

@@ -110,7 +110,8 @@ struct ConfigSources {
             let name = key.hasPrefix("--") ? String(key.dropFirst(2)) : key
             guard let option = known[name], name != "config" else {
                 let near = known.keys.filter { Self.distance($0, name) <= 2 }.sorted()
-                throw Failure(description: "\(path): unknown option '\(key)'" + (near.isEmpty ? "" : " (did you mean \(near.joined(separator: ", "))?)"))
+                throw Failure(
+                    description: "\(path): unknown option '\(key)'" + (near.isEmpty ? "" : " (did you mean \(near.joined(separator: ", "))?)"))
             }
             switch (option.isFlag, value) {
             case (_, .null):

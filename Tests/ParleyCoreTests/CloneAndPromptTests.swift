@@ -7,12 +7,19 @@ import Testing
     }
 
     func message(_ text: String, requireName: Bool = true) -> String? {
-        do { _ = try parse(text, requireName: requireName); return nil } catch { return error.message }
+        do {
+            _ = try parse(text, requireName: requireName)
+            return nil
+        } catch { return error.message }
     }
 
     @Test func acceptsAFullClone() throws {
-        let fields = try parse(#"{"name":" Ada ","traits":["curious"],"system_prompt":"Be kind.","sliders":{"warmth":80,"humor":0},"memory":["likes tea"]}"#)
-        #expect(fields == CloneFields(name: "Ada", traits: ["curious"], systemPrompt: "Be kind.", sliders: ["warmth": 80, "humor": 0], memory: ["likes tea"]))
+        let fields = try parse(
+            #"{"name":" Ada ","traits":["curious"],"system_prompt":"Be kind.","sliders":{"warmth":80,"humor":0},"memory":["likes tea"]}"#)
+        #expect(
+            fields
+                == CloneFields(
+                    name: "Ada", traits: ["curious"], systemPrompt: "Be kind.", sliders: ["warmth": 80, "humor": 0], memory: ["likes tea"]))
     }
 
     @Test func rejectsWhatIsWrongWithAClearMessage() {
@@ -31,7 +38,8 @@ import Testing
 
     @Test func patchNeedsNoNameAndChangesOnlyWhatItNames() throws {
         let fields = try parse(#"{"traits":["bold"]}"#, requireName: false)
-        let clone = Clone(id: "cl", owner: "u", name: "Ada", traits: ["shy"], systemPrompt: "p", sliders: ["a": 1], memory: ["m"], createdAt: 1, updatedAt: 1)
+        let clone = Clone(
+            id: "cl", owner: "u", name: "Ada", traits: ["shy"], systemPrompt: "p", sliders: ["a": 1], memory: ["m"], createdAt: 1, updatedAt: 1)
         let patched = fields.applied(to: clone, at: 5)
         #expect(patched.traits == ["bold"])
         #expect(patched.name == "Ada" && patched.systemPrompt == "p" && patched.sliders == ["a": 1] && patched.memory == ["m"])
@@ -66,12 +74,17 @@ import Testing
         #expect(patched.profile.lorebook == clone.profile.lorebook)
         #expect(JSONValue.object(patched.profile.rest) == .object([("creator_notes", .string("kept"))]))
         #expect(message(#"{"profile":{"first_mes":1}}"#, requireName: false) == "'profile.first_mes' must be a string, not number")
-        #expect(message(#"{"profile":{"alternate_greetings":[2]}}"#, requireName: false) == "'profile.alternate_greetings[0]' must be a string, not number")
-        #expect(message(#"{"profile":{"lorebook":[]}}"#, requireName: false) == "'profile.lorebook' changes only by importing a card (POST /v1/clones/import)")
+        #expect(
+            message(#"{"profile":{"alternate_greetings":[2]}}"#, requireName: false)
+                == "'profile.alternate_greetings[0]' must be a string, not number")
+        #expect(
+            message(#"{"profile":{"lorebook":[]}}"#, requireName: false)
+                == "'profile.lorebook' changes only by importing a card (POST /v1/clones/import)")
         #expect(message(#"{"profile":{"tags":[]}}"#, requireName: false)?.hasPrefix("unknown field 'profile.tags'; editable: description") == true)
         #expect(message(#"{"profile":"x"}"#, requireName: false) == "'profile' must be a JSON object, not string")
-        #expect(message(#"{"profile":{"scenario":"\#(String(repeating: "x", count: 32_001))"}}"#, requireName: false)
-            == "'profile.scenario' is longer than 32000 characters")
+        #expect(
+            message(#"{"profile":{"scenario":"\#(String(repeating: "x", count: 32_001))"}}"#, requireName: false)
+                == "'profile.scenario' is longer than 32000 characters")
     }
 }
 
@@ -83,14 +96,18 @@ import Testing
 
     func history(_ count: Int, wordsEach: Int = 10) -> [Message] {
         (0..<count).map { i in
-            Message(id: "m\(i)", conversation: "c", role: i % 2 == 0 ? .user : .assistant,
-                    text: (0..<wordsEach).map { _ in "word" }.joined(separator: " ") + " #\(i)", createdAt: Int64(i))
+            Message(
+                id: "m\(i)", conversation: "c", role: i % 2 == 0 ? .user : .assistant,
+                text: (0..<wordsEach).map { _ in "word" }.joined(separator: " ") + " #\(i)", createdAt: Int64(i))
         }
     }
 
     @Test func systemTextCarriesTheWholePersona() {
         let text = PromptAssembler.systemText(for: clone)
-        #expect(text == "Speak plainly.\nYou are Ada.\nTraits: curious, warm.\nPersonality (0-100): humor 20, warmth 80.\nThings you remember:\n- Her cat is Tom.")
+        #expect(
+            text
+                == "Speak plainly.\nYou are Ada.\nTraits: curious, warm.\nPersonality (0-100): humor 20, warmth 80.\nThings you remember:\n- Her cat is Tom."
+        )
     }
 
     @Test func everythingFitsInALargeBudget() {

@@ -17,20 +17,25 @@ import Testing
     }
 
     @Test func parsesEveryClientFrame() throws {
-        #expect(try parse(#"{"type":"chat.send","id":"c1","clone":"cl_1","text":"hi"}"#)
-            == .chat(.send(id: "c1", clone: "cl_1", conversation: nil, text: "hi")))
-        #expect(try parse(#"{"type":"chat.send","id":"c1","clone":"cl_1","conversation":"cv_1","text":"hi"}"#)
-            == .chat(.send(id: "c1", clone: "cl_1", conversation: "cv_1", text: "hi")))
+        #expect(
+            try parse(#"{"type":"chat.send","id":"c1","clone":"cl_1","text":"hi"}"#)
+                == .chat(.send(id: "c1", clone: "cl_1", conversation: nil, text: "hi")))
+        #expect(
+            try parse(#"{"type":"chat.send","id":"c1","clone":"cl_1","conversation":"cv_1","text":"hi"}"#)
+                == .chat(.send(id: "c1", clone: "cl_1", conversation: "cv_1", text: "hi")))
         #expect(try parse(#"{"type":"chat.cancel","id":"c2","stream":"st_1"}"#) == .chat(.cancel(id: "c2", stream: "st_1")))
-        #expect(try parse(#"{"type":"stream.resume","id":"c3","stream":"st_1","after":12}"#)
-            == .chat(.resume(id: "c3", stream: "st_1", after: 12)))
+        #expect(
+            try parse(#"{"type":"stream.resume","id":"c3","stream":"st_1","after":12}"#)
+                == .chat(.resume(id: "c3", stream: "st_1", after: 12)))
         #expect(try parse(#"{"type":"schedule.cancel","id":"s1","schedule":"sc_1"}"#) == .schedule(.cancel(id: "s1", schedule: "sc_1")))
-        #expect(try parse(#"{"type":"room.join","id":"j1","room":"rm_1","language":"pt-br"}"#)
-            == .room(.join(id: "j1", room: "rm_1", language: LanguageTag("pt-BR"))))
+        #expect(
+            try parse(#"{"type":"room.join","id":"j1","room":"rm_1","language":"pt-br"}"#)
+                == .room(.join(id: "j1", room: "rm_1", language: LanguageTag("pt-BR"))))
         #expect(try parse(#"{"type":"room.leave","id":"l1","room":"rm_1"}"#) == .room(.leave(id: "l1", room: "rm_1")))
         #expect(try parse(#"{"type":"room.say","id":"s2","room":"rm_1","text":"hi"}"#) == .room(.say(id: "s2", room: "rm_1", text: "hi")))
-        #expect(try parse(#"{"type":"room.control","id":"c4","room":"rm_1","action":"mute","target":"cl_1"}"#)
-            == .room(.control(id: "c4", room: "rm_1", action: .mute, target: "cl_1")))
+        #expect(
+            try parse(#"{"type":"room.control","id":"c4","room":"rm_1","action":"mute","target":"cl_1"}"#)
+                == .room(.control(id: "c4", room: "rm_1", action: .mute, target: "cl_1")))
         #expect(try parse(#"{"type":"room.join","id":"j2","room":"rm_1"}"#).id == "j2")
     }
 
@@ -48,8 +53,9 @@ import Testing
     }
 
     @Test func unknownFieldsAreRejectedSoTyposDoNotChangeMeaning() {
-        #expect(failure(#"{"type":"chat.send","id":"c1","clone":"x","conversaton":"cv","text":"hi"}"#)
-            == FrameError(ref: "c1", code: .badRequest, message: "unknown field 'conversaton'"))
+        #expect(
+            failure(#"{"type":"chat.send","id":"c1","clone":"x","conversaton":"cv","text":"hi"}"#)
+                == FrameError(ref: "c1", code: .badRequest, message: "unknown field 'conversaton'"))
     }
 
     @Test func overlongTextIsTooLarge() {
@@ -62,11 +68,14 @@ import Testing
     @Test func tokenFramesAreValidJSONWithEscapedText() throws {
         let bytes = ServerFrame.token(stream: "st_1", seq: 42, text: "say \"hi\"\n\u{1}")
         let value = try JSONValue.parse(bytes)
-        #expect(value == .object([("type", .string("token")), ("stream", .string("st_1")), ("seq", .int(42)), ("text", .string("say \"hi\"\n\u{1}"))]))
+        #expect(
+            value == .object([("type", .string("token")), ("stream", .string("st_1")), ("seq", .int(42)), ("text", .string("say \"hi\"\n\u{1}"))]))
     }
 
     @Test func streamEndCarriesReasonUsageAndMessage() throws {
-        let value = try JSONValue.parse(ServerFrame.streamEnd(stream: "s", reason: .insufficientCredits, usage: Usage(inputTokens: 3, outputTokens: 4), message: "m", cost: 11, balance: 0))
+        let value = try JSONValue.parse(
+            ServerFrame.streamEnd(
+                stream: "s", reason: .insufficientCredits, usage: Usage(inputTokens: 3, outputTokens: 4), message: "m", cost: 11, balance: 0))
         #expect(value["cost"] == .int(11))
         #expect(value["balance"] == .int(0))
         #expect(value["reason"] == .string("insufficient_credits"))

@@ -6,10 +6,10 @@ import Testing
 
     @Test func costsRoundUpOnce() {
         #expect(table.inputCost(tokens: 0, model: "m", feature: .chat) == 0)
-        #expect(table.inputCost(tokens: 1, model: "m", feature: .chat) == 1)      // 0.3 → 1
+        #expect(table.inputCost(tokens: 1, model: "m", feature: .chat) == 1)  // 0.3 → 1
         #expect(table.inputCost(tokens: 10, model: "m", feature: .chat) == 3)
-        #expect(table.outputCost(tokens: 3, model: "m", feature: .chat) == 5)     // 4.5 → 5
-        #expect(table.outputCost(tokens: 2, model: "m", feature: .debate) == 5)   // 4.5 → 5
+        #expect(table.outputCost(tokens: 3, model: "m", feature: .chat) == 5)  // 4.5 → 5
+        #expect(table.outputCost(tokens: 2, model: "m", feature: .debate) == 5)  // 4.5 → 5
         #expect(table.outputCost(tokens: 1, model: "unknown", feature: .chat) == nil)
     }
 
@@ -30,12 +30,17 @@ import Testing
         let text = #"{"models":{"m":{"input_per_1k":300,"output_per_1k":1500}},"features":{"debate":150}}"#
         let parsed = try PricingTable.parse(try JSONValue.parse(Array(text.utf8)))
         #expect(parsed == table)
-        #expect(try PricingTable.parse(parsed.json) == PricingTable(models: table.models, featureMultipliers: [.chat: 100, .debate: 150, .translation: 100, .scheduled: 100]))
+        #expect(
+            try PricingTable.parse(parsed.json)
+                == PricingTable(models: table.models, featureMultipliers: [.chat: 100, .debate: 150, .translation: 100, .scheduled: 100]))
     }
 
     @Test func rejectsBadPriceLists() {
         func message(_ text: String) -> String? {
-            do { _ = try PricingTable.parse(try! JSONValue.parse(Array(text.utf8))); return nil } catch { return error.message }
+            do {
+                _ = try PricingTable.parse(try! JSONValue.parse(Array(text.utf8)))
+                return nil
+            } catch { return error.message }
         }
         #expect(message(#"{}"#) == "the price list needs a 'models' object")
         #expect(message(#"{"models":{"m":{"input_per_1k":-1,"output_per_1k":1}}}"#)?.contains("non-negative") == true)

@@ -4,9 +4,10 @@ import Testing
 /// The moderator's controls as a pure state machine: no sockets, no store.
 @Suite struct RoomLifecycleTests {
     func room(_ status: Room.Status, kind: Room.Kind = .debate, policy: Room.TurnPolicy = .roundRobin) -> Room {
-        Room(id: "rm_1", kind: kind, owner: "mod", topic: "Is cheese a dessert?",
-             debaters: [Room.Debater(clone: "a", stance: "yes", name: "Ada"), Room.Debater(clone: "b", stance: "no", name: "Bob")],
-             rounds: 2, policy: policy, maxTokensPerTurn: 50, visibility: .link, status: status, createdAt: 0, updatedAt: 0)
+        Room(
+            id: "rm_1", kind: kind, owner: "mod", topic: "Is cheese a dessert?",
+            debaters: [Room.Debater(clone: "a", stance: "yes", name: "Ada"), Room.Debater(clone: "b", stance: "no", name: "Bob")],
+            rounds: 2, policy: policy, maxTokensPerTurn: 50, visibility: .link, status: status, createdAt: 0, updatedAt: 0)
     }
 
     func apply(_ action: RoomAction, target: String? = nil, _ room: Room, speaking: String? = nil) -> Result<RoomControl, FrameError> {
@@ -29,7 +30,10 @@ import Testing
                 #expect(control.startsLoop == (action != .pause))
                 #expect(control.stopsTurn == (action == .pause || action == .next))
             } else {
-                guard case .failure(let error) = outcome else { Issue.record("\(action) from \(status) was allowed"); continue }
+                guard case .failure(let error) = outcome else {
+                    Issue.record("\(action) from \(status) was allowed")
+                    continue
+                }
                 #expect(error.code == .conflict, "\(action) from \(status)")
             }
         }
@@ -40,7 +44,10 @@ import Testing
             let control = try apply(.end, room(status)).get()
             #expect(control.room.status == .ended && control.event == "ended" && control.stopsAllStreams && !control.startsLoop)
         }
-        guard case .failure(let error) = apply(.end, room(.ended)) else { Issue.record("ended twice"); return }
+        guard case .failure(let error) = apply(.end, room(.ended)) else {
+            Issue.record("ended twice")
+            return
+        }
         #expect(error.code == .conflict && error.message == "room rm_1 already ended")
     }
 
@@ -50,7 +57,11 @@ import Testing
         let chosen = try apply(.next, target: "a", room(.running, policy: .moderator), speaking: "a").get()
         #expect(chosen.nextSpeaker == "a" && chosen.subject == .clone("a"))
         guard case .failure(let unknown) = apply(.next, target: "zz", room(.running)),
-              case .failure(let unnamed) = apply(.next, room(.running, policy: .moderator)) else { Issue.record("allowed"); return }
+            case .failure(let unnamed) = apply(.next, room(.running, policy: .moderator))
+        else {
+            Issue.record("allowed")
+            return
+        }
         #expect(unknown.code == .notFound && unnamed.code == .badRequest)
     }
 
@@ -66,7 +77,10 @@ import Testing
         let kicked = try apply(.kick, target: "vic", room(.running)).get()
         #expect(kicked.room.kicked == ["vic"] && kicked.kickedUser == "vic" && kicked.event == "kicked")
         for action in [RoomAction.mute, .kick] {
-            guard case .failure(let error) = apply(action, target: "mod", room(.running)) else { Issue.record("\(action) the moderator"); continue }
+            guard case .failure(let error) = apply(action, target: "mod", room(.running)) else {
+                Issue.record("\(action) the moderator")
+                continue
+            }
             #expect(error.code == .badRequest)
         }
     }
@@ -74,7 +88,10 @@ import Testing
     @Test func aTranslationChatHasNoTurnsButCanBeModerated() throws {
         let chat = room(.open, kind: .translation)
         for action in [RoomAction.start, .pause, .resume, .next] {
-            guard case .failure(let error) = apply(action, chat) else { Issue.record("\(action) in a translation chat"); continue }
+            guard case .failure(let error) = apply(action, chat) else {
+                Issue.record("\(action) in a translation chat")
+                continue
+            }
             #expect(error.code == .badRequest)
         }
         #expect(try apply(.end, chat).get().room.status == .ended)

@@ -121,12 +121,13 @@ import Testing
                     cancelled.append(handle)
                 }
             default:
-                let step: UInt64 = switch rng.next() % 4 {
-                case 0: 0
-                case 1: UInt64.random(in: 1...64, using: &rng)
-                case 2: UInt64.random(in: 1...(1 << 20), using: &rng)
-                default: wheel.nextWakeup.map { $0 - wheel.now } ?? 1
-                }
+                let step: UInt64 =
+                    switch rng.next() % 4 {
+                    case 0: 0
+                    case 1: UInt64.random(in: 1...64, using: &rng)
+                    case 2: UInt64.random(in: 1...(1 << 20), using: &rng)
+                    default: wheel.nextWakeup.map { $0 - wheel.now } ?? 1
+                    }
                 let target = wheel.now + step
                 let expected = pending.filter { $0.value.deadline <= target }
                     .sorted { ($0.value.deadline, $0.key) < ($1.value.deadline, $1.key) }

@@ -17,8 +17,10 @@ import Testing
     }
 
     @Test func malformedTagsAreRefused() {
-        for text in ["", "e", "english!", "pt_BR", "en--US", "-en", "en-", "x-klingon", "en-US-US", "de-1996-1996", "en-a", "en-a-x", "en-x",
-                     "toolongtag", "en-" + String(repeating: "a", count: 40), "ünï"] {
+        for text in [
+            "", "e", "english!", "pt_BR", "en--US", "-en", "en-", "x-klingon", "en-US-US", "de-1996-1996", "en-a", "en-a-x", "en-x",
+            "toolongtag", "en-" + String(repeating: "a", count: 40), "ünï",
+        ] {
             #expect(LanguageTag(text) == nil, "\(text)")
         }
     }
@@ -34,21 +36,27 @@ import Testing
     let en = LanguageTag("en")!, enUS = LanguageTag("en-US")!, pt = LanguageTag("pt")!, ptBR = LanguageTag("pt-BR")!, zh = LanguageTag("zh")!
 
     func room(muted: [String] = []) -> Room {
-        Room(id: "rm_1", kind: .translation, owner: "alice", topic: "", debaters: [Room.Debater(clone: "cl_z", stance: "", name: "Zoé")], rounds: 0,
-             policy: .roundRobin, maxTokensPerTurn: 0, visibility: .private, muted: muted, members: ["bruno", "chen", "dave"],
-             languages: ["alice": en, "bruno": pt, "chen": zh, "dave": enUS, "cl_z": LanguageTag("fr")!, "gone": LanguageTag("de")!],
-             createdAt: 0, updatedAt: 0)
+        Room(
+            id: "rm_1", kind: .translation, owner: "alice", topic: "", debaters: [Room.Debater(clone: "cl_z", stance: "", name: "Zoé")], rounds: 0,
+            policy: .roundRobin, maxTokensPerTurn: 0, visibility: .private, muted: muted, members: ["bruno", "chen", "dave"],
+            languages: ["alice": en, "bruno": pt, "chen": zh, "dave": enUS, "cl_z": LanguageTag("fr")!, "gone": LanguageTag("de")!],
+            createdAt: 0, updatedAt: 0)
     }
 
     @Test func targetsAreTheOtherMembersLanguagesTheSenderDoesNotShare() {
         #expect(TranslationChat.targets(room: room(), speaker: "alice", lang: en).map(\.value) == ["fr", "pt", "zh"])
         #expect(TranslationChat.targets(room: room(), speaker: "bruno", lang: pt).map(\.value) == ["en", "en-US", "fr", "zh"])
-        #expect(TranslationChat.targets(room: room(muted: ["cl_z"]), speaker: "alice", lang: en).map(\.value) == ["pt", "zh"],
-                "a muted clone needs no translation; 'gone' is no member")
+        #expect(
+            TranslationChat.targets(room: room(muted: ["cl_z"]), speaker: "alice", lang: en).map(\.value) == ["pt", "zh"],
+            "a muted clone needs no translation; 'gone' is no member")
     }
 
-    func entry(_ id: String, _ kind: RoomEntry.Kind, _ text: String, _ lang: LanguageTag, source: String? = nil, reason: StreamEndReason? = .complete) -> RoomEntry {
-        RoomEntry(id: id, room: "rm_1", kind: kind, speaker: "x", text: text, createdAt: 0, reason: kind == .said ? nil : reason, lang: lang, source: source)
+    func entry(
+        _ id: String, _ kind: RoomEntry.Kind, _ text: String, _ lang: LanguageTag, source: String? = nil, reason: StreamEndReason? = .complete
+    ) -> RoomEntry {
+        RoomEntry(
+            id: id, room: "rm_1", kind: kind, speaker: "x", text: text, createdAt: 0, reason: kind == .said ? nil : reason, lang: lang, source: source
+        )
     }
 
     @Test func aReaderSeesOriginalsInTheirLanguageAndTranslationsOfTheRest() {

@@ -3,11 +3,14 @@ import Testing
 
 @Suite struct TurnTakingTests {
     func room(_ policy: Room.TurnPolicy, muted: [String] = []) -> Room {
-        Room(id: "rm_1", owner: "mod", topic: "Is cheese a dessert?",
-             debaters: [Room.Debater(clone: "a", stance: "cheese is dessert", name: "Ada"),
-                        Room.Debater(clone: "b", stance: "savory always", name: "Bob"),
-                        Room.Debater(clone: "c", stance: "depends on wine", name: "Cy")],
-             rounds: 2, policy: policy, maxTokensPerTurn: 50, visibility: .link, muted: muted, createdAt: 0, updatedAt: 0)
+        Room(
+            id: "rm_1", owner: "mod", topic: "Is cheese a dessert?",
+            debaters: [
+                Room.Debater(clone: "a", stance: "cheese is dessert", name: "Ada"),
+                Room.Debater(clone: "b", stance: "savory always", name: "Bob"),
+                Room.Debater(clone: "c", stance: "depends on wine", name: "Cy"),
+            ],
+            rounds: 2, policy: policy, maxTokensPerTurn: 50, visibility: .link, muted: muted, createdAt: 0, updatedAt: 0)
     }
 
     func turn(_ clone: String, _ text: String = "I think so.", reason: StreamEndReason = .complete) -> RoomEntry {
@@ -58,8 +61,9 @@ import Testing
 
     @Test func aTurnPromptHoldsPersonaStanceTopicAndTheDebateSoFar() {
         let r = room(.roundRobin)
-        let ada = Clone(id: "a", owner: "mod", name: "Ada", traits: ["witty"], systemPrompt: "Be sharp.", sliders: [:], memory: [],
-                        createdAt: 0, updatedAt: 0)
+        let ada = Clone(
+            id: "a", owner: "mod", name: "Ada", traits: ["witty"], systemPrompt: "Be sharp.", sliders: [:], memory: [],
+            createdAt: 0, updatedAt: 0)
         let transcript = [turn("b", "Cheese belongs before dessert."), said("What about cheesecake?"), turn("a", "Cheesecake proves me right.")]
         let prompt = TurnTaking.prompt(room: r, speaker: ada, transcript: transcript, names: ["a": "Ada", "b": "Bob", "viewer": "Vi"], budget: 4_096)
         let system = prompt.messages[0].text
@@ -81,7 +85,10 @@ import Testing
     @Test func debateRequestsAreValidated() throws {
         func parse(_ text: String) throws -> DebateRequest { try DebateRequest.parse(try JSONValue.parse(Array(text.utf8)), limits: RoomLimits()) }
         func message(_ text: String) -> String? {
-            do { _ = try parse(text); return nil } catch let error as ValidationError { return error.message } catch { return "\(error)" }
+            do {
+                _ = try parse(text)
+                return nil
+            } catch let error as ValidationError { return error.message } catch { return "\(error)" }
         }
         let ok = try parse(#"{"kind":"debate","topic":" Tea or coffee ","clones":[{"clone":"a","stance":"tea"},{"clone":"b"}]}"#)
         #expect(ok.topic == "Tea or coffee")
@@ -89,7 +96,9 @@ import Testing
         #expect(message(#"{"kind":"chat","topic":"x","clones":[]}"#) == "'kind' must be 'debate'")
         #expect(message(#"{"kind":"debate","topic":"x","clones":[{"clone":"a"}]}"#) == "a debate needs 2-8 clones")
         #expect(message(#"{"kind":"debate","topic":"x","clones":[{"clone":"a"},{"clone":"a"}]}"#) == "clone a is listed twice")
-        #expect(message(#"{"kind":"debate","topic":"x","clones":[{"clone":"a"},{"clone":"b"}],"turn_policy":"chaos"}"#) == "'turn_policy' must be one of round_robin, moderator, natural")
+        #expect(
+            message(#"{"kind":"debate","topic":"x","clones":[{"clone":"a"},{"clone":"b"}],"turn_policy":"chaos"}"#)
+                == "'turn_policy' must be one of round_robin, moderator, natural")
         #expect(message(#"{"kind":"debate","topic":"x","clones":[{"clone":"a"},{"clone":"b"}],"rounds":0}"#) == "'rounds' must be 1-50")
         #expect(message(#"{"kind":"debate","topic":"x","clones":[{"clone":"a","mood":"x"},{"clone":"b"}]}"#) == "unknown field 'clones[0].mood'")
     }

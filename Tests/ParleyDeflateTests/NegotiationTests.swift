@@ -45,17 +45,17 @@ import Testing
     }
 
     @Test(arguments: [
-        "permessage-deflate; bogus",                                          // unknown parameter
+        "permessage-deflate; bogus",  // unknown parameter
         "permessage-deflate; server_no_context_takeover; server_no_context_takeover",  // repeated
-        "permessage-deflate; server_no_context_takeover=1",                   // value where none belongs
+        "permessage-deflate; server_no_context_takeover=1",  // value where none belongs
         "permessage-deflate; client_no_context_takeover=yes",
-        "permessage-deflate; server_max_window_bits",                         // value required
-        "permessage-deflate; server_max_window_bits=010",                     // leading zero
+        "permessage-deflate; server_max_window_bits",  // value required
+        "permessage-deflate; server_max_window_bits=010",  // leading zero
         "permessage-deflate; server_max_window_bits=+9",
         "permessage-deflate; server_max_window_bits=16",
-        "permessage-deflate; server_max_window_bits=\"1 0\"",                 // a quoted non-token
+        "permessage-deflate; server_max_window_bits=\"1 0\"",  // a quoted non-token
         "permessage-deflate; =9",
-        "x-webkit-deflate-frame",                                             // another extension
+        "x-webkit-deflate-frame",  // another extension
     ])
     func badOrForeignOffersAreDeclined(offer: String) {
         #expect(agree(offer) == nil)

@@ -9,13 +9,15 @@ import Testing
     }
 
     @Test func eventsCommentsMultiLineDataAndEveryLineEnding() throws {
-        let stream = "\u{FEFF}: keep-alive\n\nevent: message_start\ndata: {\"a\":1}\n\ndata: line one\r\ndata:line two\r\rid: 7\ndata\n\ndata: cut off at the end"
+        let stream =
+            "\u{FEFF}: keep-alive\n\nevent: message_start\ndata: {\"a\":1}\n\ndata: line one\r\ndata:line two\r\rid: 7\ndata\n\ndata: cut off at the end"
         let events = try parse([Array(stream.utf8)])
-        #expect(events == [
-            SSEEvent(event: "message_start", data: #"{"a":1}"#),
-            SSEEvent(data: "line one\nline two"),
-            SSEEvent(data: "", id: "7"),
-        ])
+        #expect(
+            events == [
+                SSEEvent(event: "message_start", data: #"{"a":1}"#),
+                SSEEvent(data: "line one\nline two"),
+                SSEEvent(data: "", id: "7"),
+            ])
     }
 
     /// The same bytes, cut anywhere (inside a CRLF, inside a UTF-8 character), give the same events.
@@ -46,22 +48,22 @@ import Testing
 
     @Test func openAIChunksBecomeTextFinishUsageAndDone() throws {
         let transcript = """
-        data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}
+            data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}
 
-        data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}
+            data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}
 
-        : OPENROUTER PROCESSING
+            : OPENROUTER PROCESSING
 
-        data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"lo!"},"finish_reason":null}]}
+            data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"lo!"},"finish_reason":null}]}
 
-        data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}
+            data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}
 
-        data: {"id":"c1","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":2,"total_tokens":14}}
+            data: {"id":"c1","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":2,"total_tokens":14}}
 
-        data: [DONE]
+            data: [DONE]
 
 
-        """
+            """
         let parts = try parse([Array(transcript.utf8)]).flatMap { try OpenAIChatDialect.parts(of: $0) }
         #expect(parts == [.text("Hel"), .text("lo!"), .finish("stop"), .usage(input: 12, output: 2), .done])
         #expect(throws: ProviderError("the model provider failed: Rate limit reached")) {
@@ -72,36 +74,37 @@ import Testing
 
     @Test func anthropicEventsBecomeTextFinishUsageAndDone() throws {
         let transcript = """
-        event: message_start
-        data: {"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","content":[],"model":"claude","stop_reason":null,"usage":{"input_tokens":25,"output_tokens":1}}}
+            event: message_start
+            data: {"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","content":[],"model":"claude","stop_reason":null,"usage":{"input_tokens":25,"output_tokens":1}}}
 
-        event: content_block_start
-        data: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}
+            event: content_block_start
+            data: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}
 
-        event: ping
-        data: {"type": "ping"}
+            event: ping
+            data: {"type": "ping"}
 
-        event: content_block_delta
-        data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Bon"}}
+            event: content_block_delta
+            data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Bon"}}
 
-        event: content_block_delta
-        data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"jour"}}
+            event: content_block_delta
+            data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"jour"}}
 
-        event: content_block_stop
-        data: {"type":"content_block_stop","index":0}
+            event: content_block_stop
+            data: {"type":"content_block_stop","index":0}
 
-        event: message_delta
-        data: {"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":15}}
+            event: message_delta
+            data: {"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":15}}
 
-        event: message_stop
-        data: {"type":"message_stop"}
+            event: message_stop
+            data: {"type":"message_stop"}
 
 
-        """
+            """
         let parts = try parse([Array(transcript.utf8)]).flatMap { try AnthropicMessagesDialect.parts(of: $0) }
         #expect(parts == [.usage(input: 25, output: nil), .text("Bon"), .text("jour"), .finish("end_turn"), .usage(input: nil, output: 15), .done])
         #expect(throws: ProviderError("the model provider failed: Overloaded")) {
-            try AnthropicMessagesDialect.parts(of: SSEEvent(event: "error", data: #"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#))
+            try AnthropicMessagesDialect.parts(
+                of: SSEEvent(event: "error", data: #"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#))
         }
     }
 }

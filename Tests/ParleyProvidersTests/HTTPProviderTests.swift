@@ -84,8 +84,9 @@ final class FakeUpstream: Sendable {
         private func respond(context: ChannelHandlerContext) {
             switch script.next() {
             case .status(let code, let text):
-                let head = HTTPResponseHead(version: .http1_1, status: HTTPResponseStatus(statusCode: code),
-                                            headers: ["content-type": "application/json", "content-length": "\(text.utf8.count)"])
+                let head = HTTPResponseHead(
+                    version: .http1_1, status: HTTPResponseStatus(statusCode: code),
+                    headers: ["content-type": "application/json", "content-length": "\(text.utf8.count)"])
                 context.write(wrapOutboundOut(.head(head)), promise: nil)
                 context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: text)))), promise: nil)
                 context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
@@ -98,7 +99,8 @@ final class FakeUpstream: Sendable {
         }
 
         private func writeEvents(_ chunks: [[UInt8]], context: ChannelHandlerContext) {
-            let head = HTTPResponseHead(version: .http1_1, status: .ok, headers: ["content-type": "text/event-stream", "transfer-encoding": "chunked"])
+            let head = HTTPResponseHead(
+                version: .http1_1, status: .ok, headers: ["content-type": "text/event-stream", "transfer-encoding": "chunked"])
             context.write(wrapOutboundOut(.head(head)), promise: nil)
             for chunk in chunks { context.writeAndFlush(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(bytes: chunk)))), promise: nil) }
         }
@@ -123,26 +125,27 @@ func collect(_ stream: LLMEventStream) async throws -> [LLMEvent] {
 }
 
 let openAITranscript = """
-data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}
+    data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}
 
-data: {"choices":[{"index":0,"delta":{"content":"Olá, "},"finish_reason":null}]}
+    data: {"choices":[{"index":0,"delta":{"content":"Olá, "},"finish_reason":null}]}
 
-: keep-alive
+    : keep-alive
 
-data: {"choices":[{"index":0,"delta":{"content":"mundo 🌊"},"finish_reason":null}]}
+    data: {"choices":[{"index":0,"delta":{"content":"mundo 🌊"},"finish_reason":null}]}
 
-data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}
+    data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}
 
-data: {"choices":[],"usage":{"prompt_tokens":21,"completion_tokens":5}}
+    data: {"choices":[],"usage":{"prompt_tokens":21,"completion_tokens":5}}
 
-data: [DONE]
+    data: [DONE]
 
 
-"""
+    """
 
 @Suite struct HTTPProviderTests {
-    let request = CompletionRequest(messages: [PromptMessage(role: .system, text: "You are Ada."), PromptMessage(role: .user, text: "Hi")],
-                                    maxOutputTokens: 64)
+    let request = CompletionRequest(
+        messages: [PromptMessage(role: .system, text: "You are Ada."), PromptMessage(role: .user, text: "Hi")],
+        maxOutputTokens: 64)
 
     @Test func anOpenAIStreamSplitAnywhereGivesItsTokensAndTheReportedUsage() async throws {
         let upstream = try await FakeUpstream([.stream(pieces(openAITranscript, size: 3))])
@@ -159,8 +162,10 @@ data: [DONE]
     }
 
     @Test func aFailureBeforeTheFirstTokenIsRetriedAndAClientErrorIsNot() async throws {
-        let upstream = try await FakeUpstream([.status(503, #"{"error":{"message":"busy"}}"#), .stream(pieces(openAITranscript, size: 64)),
-                                               .status(401, #"{"error":{"message":"bad key","type":"auth"}}"#)])
+        let upstream = try await FakeUpstream([
+            .status(503, #"{"error":{"message":"busy"}}"#), .stream(pieces(openAITranscript, size: 64)),
+            .status(401, #"{"error":{"message":"bad key","type":"auth"}}"#),
+        ])
         let provider = OpenAICompatibleProvider(options: HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol"))
         let events = try await collect(provider.stream(request))
         #expect(events.count == 3 && upstream.requests.count == 2)
@@ -210,37 +215,40 @@ data: [DONE]
 
     @Test func anAnthropicStreamGivesItsTokensAndUsage() async throws {
         let transcript = """
-        event: message_start
-        data: {"type":"message_start","message":{"usage":{"input_tokens":30,"output_tokens":1}}}
+            event: message_start
+            data: {"type":"message_start","message":{"usage":{"input_tokens":30,"output_tokens":1}}}
 
-        event: ping
-        data: {"type":"ping"}
+            event: ping
+            data: {"type":"ping"}
 
-        event: content_block_delta
-        data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Bonjour"}}
+            event: content_block_delta
+            data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Bonjour"}}
 
-        event: message_delta
-        data: {"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":2}}
+            event: message_delta
+            data: {"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":2}}
 
-        event: message_stop
-        data: {"type":"message_stop"}
+            event: message_stop
+            data: {"type":"message_stop"}
 
 
-        """
+            """
         let upstream = try await FakeUpstream([.stream(pieces(transcript, size: 5))])
         let provider = AnthropicProvider(options: HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)", apiKey: "ak", model: "claude"))
         let events = try await collect(provider.stream(request))
         #expect(events == [.token("Bonjour"), .usage(Usage(inputTokens: 30, outputTokens: 2))])
         let sent = try #require(upstream.requests.first)
-        #expect(sent.head.uri == "/v1/messages" && sent.head.headers["x-api-key"] == ["ak"] && sent.head.headers["anthropic-version"] == ["2023-06-01"])
+        #expect(
+            sent.head.uri == "/v1/messages" && sent.head.headers["x-api-key"] == ["ak"] && sent.head.headers["anthropic-version"] == ["2023-06-01"])
         let body = try JSONValue.parse(Array(sent.body.utf8))
         #expect(body["system"] == .string("You are Ada.") && body["messages"]?.arrayValue?.count == 1)
         await upstream.stop()
     }
 
     @Test func rateLimitsAndServerErrorsBeforeTheFirstTokenAreRetried() async throws {
-        let upstream = try await FakeUpstream([.status(429, #"{"error":{"message":"slow down"}}"#), .status(500, "oops"),
-                                               .stream(pieces(openAITranscript, size: 7))])
+        let upstream = try await FakeUpstream([
+            .status(429, #"{"error":{"message":"slow down"}}"#), .status(500, "oops"),
+            .stream(pieces(openAITranscript, size: 7)),
+        ])
         let provider = OpenAICompatibleProvider(options: HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol"))
         let events = try await collect(provider.stream(request))
         #expect(events.last == .usage(Usage(inputTokens: 21, outputTokens: 5)) && upstream.requests.count == 3)
@@ -248,20 +256,21 @@ data: [DONE]
     }
 
     @Test func anErrorInTheMiddleOfAStreamEndsItAfterTheTokensSentAndIsNotRetried() async throws {
-        let openAI = #"data: {"choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}"# + "\n\n"
+        let openAI =
+            #"data: {"choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}"# + "\n\n"
             + #"data: {"error":{"message":"the model is overloaded","type":"server_error"}}"# + "\n\n"
         let anthropic = """
-        event: message_start
-        data: {"type":"message_start","message":{"usage":{"input_tokens":9,"output_tokens":1}}}
+            event: message_start
+            data: {"type":"message_start","message":{"usage":{"input_tokens":9,"output_tokens":1}}}
 
-        event: content_block_delta
-        data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Bon"}}
+            event: content_block_delta
+            data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Bon"}}
 
-        event: error
-        data: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}
+            event: error
+            data: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}
 
 
-        """
+            """
         let upstream = try await FakeUpstream([.stream(pieces(openAI, size: 11)), .stream(pieces(anthropic, size: 13))])
         let base = "http://127.0.0.1:\(upstream.port)"
         var tokens: [LLMEvent] = []

@@ -78,8 +78,9 @@ import Testing
         #expect(try await server.server.authenticator.verify(valid).user == "alice")
         let early = handMade(header: plain, claims: #"{"sub":"alice","exp":\#(now + 600),"nbf":\#(now + 300)}"#, secret: secret)
         await #expect(throws: AuthError.notYetValid) { _ = try await server.server.authenticator.verify(early) }
-        let critical = handMade(header: #"{"alg":"HS256","typ":"JWT","crit":["b64"],"b64":false}"#,
-                                claims: #"{"sub":"alice","exp":\#(now + 600)}"#, secret: secret)
+        let critical = handMade(
+            header: #"{"alg":"HS256","typ":"JWT","crit":["b64"],"b64":false}"#,
+            claims: #"{"sub":"alice","exp":\#(now + 600)}"#, secret: secret)
         await #expect(throws: AuthError.invalidToken) { _ = try await server.server.authenticator.verify(critical) }
         let refused = try await server.get("/v1/clones", token: early)
         #expect(refused.status == .unauthorized)
@@ -114,10 +115,12 @@ import Testing
     @Test func cloneLifecycle() async throws {
         let server = try await TestServer.start()
         let token = try await server.token("alice")
-        let created = try await TestHTTPClient.json(port: server.port, .POST, "/v1/clones", token: token, json: .object([
-            ("name", .string("Ada")), ("traits", .array([.string("witty")])), ("system_prompt", .string("Hi")),
-            ("sliders", .object([("warmth", .int(10))])), ("memory", .array([.string("m1")])),
-        ]))
+        let created = try await TestHTTPClient.json(
+            port: server.port, .POST, "/v1/clones", token: token,
+            json: .object([
+                ("name", .string("Ada")), ("traits", .array([.string("witty")])), ("system_prompt", .string("Hi")),
+                ("sliders", .object([("warmth", .int(10))])), ("memory", .array([.string("m1")])),
+            ]))
         #expect(created.status == .created)
         let clone = try created.json()
         let id = clone["id"]!.stringValue!
@@ -125,8 +128,9 @@ import Testing
         #expect(try await server.get("/v1/clones/\(id)", token: token).json() == clone)
         #expect(try await server.get("/v1/clones", token: token).json()["clones"] == .array([clone]))
 
-        let patched = try await TestHTTPClient.json(port: server.port, .PATCH, "/v1/clones/\(id)", token: token,
-                                                    json: .object([("traits", .array([.string("calm")]))]))
+        let patched = try await TestHTTPClient.json(
+            port: server.port, .PATCH, "/v1/clones/\(id)", token: token,
+            json: .object([("traits", .array([.string("calm")]))]))
         #expect(patched.status == .ok)
         #expect(try patched.json()["traits"] == .array([.string("calm")]))
         #expect(try patched.json()["name"] == .string("Ada"))

@@ -12,10 +12,12 @@ import Testing
     @Test func aFullReplyStreamsWithContiguousSeqsAndIsStored() async throws {
         let server = try await TestServer.start()
         let token = try await server.token("alice")
-        let cloneJSON = try await server.createClone(token: token, name: "Ada", fields: [
-            ("traits", .array([.string("curious")])), ("system_prompt", .string("Be brief.")),
-            ("sliders", .object([("warmth", .int(70))])), ("memory", .array([.string("Has a cat")])),
-        ])
+        let cloneJSON = try await server.createClone(
+            token: token, name: "Ada",
+            fields: [
+                ("traits", .array([.string("curious")])), ("system_prompt", .string("Be brief.")),
+                ("sliders", .object([("warmth", .int(70))])), ("memory", .array([.string("Has a cat")])),
+            ])
         let clone = cloneValue(cloneJSON, owner: "alice")
         let socket = try await server.connect(token: token)
 
@@ -49,7 +51,9 @@ import Testing
         #expect(second.conversation == reply.conversation)
         let assistant = Message(id: "", conversation: "", role: .assistant, text: reply.text, createdAt: 0)
         let followUp = Message(id: "", conversation: "", role: .user, text: "And painting?", createdAt: 0)
-        #expect(second.text == expectedReply(configuration: server.server.configuration, clone: clone, history: [user, assistant, followUp]).tokens.joined())
+        #expect(
+            second.text
+                == expectedReply(configuration: server.server.configuration, clone: clone, history: [user, assistant, followUp]).tokens.joined())
         await server.stop()
     }
 
@@ -91,7 +95,10 @@ import Testing
     }
 
     @Test func resumeAfterReconnectReplaysTheRestWithoutGapsOrDuplicates() async throws {
-        let server = try await TestServer.start { $0.simulated.tokensPerSecond = 100; $0.simulated.replyTokens = 60 }
+        let server = try await TestServer.start {
+            $0.simulated.tokensPerSecond = 100
+            $0.simulated.replyTokens = 60
+        }
         let token = try await server.token("alice")
         let clone = try await server.createClone(token: token)["id"]!.stringValue!
         let first = try await server.connect(token: token)
@@ -105,7 +112,8 @@ import Testing
 
         let second = try await server.connect(token: token)
         let after = received.last!["seq"]!.intValue!
-        try await second.send(.object([("type", .string("stream.resume")), ("id", .string("r1")), ("stream", .string(stream)), ("after", .int(after))]))
+        try await second.send(
+            .object([("type", .string("stream.resume")), ("id", .string("r1")), ("stream", .string(stream)), ("after", .int(after))]))
         let ack = try await second.nextJSON()
         #expect(ack["type"] == .string("stream.start"))
         #expect(ack["ref"] == .string("r1"))
@@ -125,25 +133,31 @@ import Testing
     }
 
     @Test func streamsNoLongerBufferedAreGone() async throws {
-        let server = try await TestServer.start { $0.resumeBufferTokens = 4; $0.simulated.replyTokens = 20 }
+        let server = try await TestServer.start {
+            $0.resumeBufferTokens = 4
+            $0.simulated.replyTokens = 20
+        }
         let token = try await server.token("alice")
         let clone = try await server.createClone(token: token)["id"]!.stringValue!
         let socket = try await server.connect(token: token)
         try await socket.chatSend(id: "c1", clone: clone, text: "Hello")
         let reply = try await socket.readReply()
 
-        try await socket.send(.object([("type", .string("stream.resume")), ("id", .string("r1")), ("stream", .string(reply.stream)), ("after", .int(3))]))
+        try await socket.send(
+            .object([("type", .string("stream.resume")), ("id", .string("r1")), ("stream", .string(reply.stream)), ("after", .int(3))]))
         let gone = try await socket.nextJSON()
         #expect(gone["type"] == .string("error"))
         #expect(gone["code"] == .string("stream_gone"))
         #expect(gone["ref"] == .string("r1"))
 
         // The last four are still there.
-        try await socket.send(.object([("type", .string("stream.resume")), ("id", .string("r2")), ("stream", .string(reply.stream)), ("after", .int(16))]))
+        try await socket.send(
+            .object([("type", .string("stream.resume")), ("id", .string("r2")), ("stream", .string(reply.stream)), ("after", .int(16))]))
         #expect(try await socket.nextJSON()["type"] == .string("stream.start"))
         #expect(try await socket.nextJSON()["seq"] == .int(17))
 
-        try await socket.send(.object([("type", .string("stream.resume")), ("id", .string("r3")), ("stream", .string("st_unknown")), ("after", .int(0))]))
+        try await socket.send(
+            .object([("type", .string("stream.resume")), ("id", .string("r3")), ("stream", .string("st_unknown")), ("after", .int(0))]))
         _ = try await socket.next(type: "stream.end")
         let unknown = try await socket.nextJSON()
         #expect(unknown["code"] == .string("stream_gone"))
@@ -175,21 +189,29 @@ import Testing
         try await aliceSocket.chatSend(id: "c1", clone: clone, text: "secret")
         let reply = try await aliceSocket.readReply()
 
-        for (method, uri) in [(HTTPMethod.GET, "/v1/clones/\(clone)"), (.DELETE, "/v1/clones/\(clone)"),
-                              (.GET, "/v1/conversations/\(reply.conversation)"), (.GET, "/v1/conversations/\(reply.conversation)/messages")] {
+        for (method, uri) in [
+            (HTTPMethod.GET, "/v1/clones/\(clone)"), (.DELETE, "/v1/clones/\(clone)"),
+            (.GET, "/v1/conversations/\(reply.conversation)"), (.GET, "/v1/conversations/\(reply.conversation)/messages"),
+        ] {
             let response = try await TestHTTPClient.request(port: server.port, method, uri, token: bob)
             #expect(response.status == .notFound, "\(method) \(uri)")
             #expect(response.errorCode == "not_found")
         }
-        let patch = try await TestHTTPClient.json(port: server.port, .PATCH, "/v1/clones/\(clone)", token: bob, json: .object([("name", .string("Mine"))]))
+        let patch = try await TestHTTPClient.json(
+            port: server.port, .PATCH, "/v1/clones/\(clone)", token: bob, json: .object([("name", .string("Mine"))]))
         #expect(patch.status == .notFound)
         #expect(try await server.get("/v1/clones", token: bob).json()["clones"] == .array([]))
         #expect(try await server.get("/v1/conversations", token: bob).json()["conversations"] == .array([]))
 
         let bobSocket = try await server.connect(token: bob)
         try await bobSocket.chatSend(id: "b1", clone: clone, text: "let me in")
-        #expect(try await bobSocket.nextJSON() == .object([("type", .string("error")), ("ref", .string("b1")), ("code", .string("not_found")), ("message", .string("no clone \(clone)"))]))
-        try await bobSocket.send(.object([("type", .string("stream.resume")), ("id", .string("b2")), ("stream", .string(reply.stream)), ("after", .int(0))]))
+        #expect(
+            try await bobSocket.nextJSON()
+                == .object([
+                    ("type", .string("error")), ("ref", .string("b1")), ("code", .string("not_found")), ("message", .string("no clone \(clone)")),
+                ]))
+        try await bobSocket.send(
+            .object([("type", .string("stream.resume")), ("id", .string("b2")), ("stream", .string(reply.stream)), ("after", .int(0))]))
         #expect(try await bobSocket.nextJSON()["code"] == .string("stream_gone"))
         try await bobSocket.send(.object([("type", .string("chat.cancel")), ("id", .string("b3")), ("stream", .string(reply.stream))]))
         #expect(try await bobSocket.nextJSON()["code"] == .string("not_found"))
@@ -284,8 +306,9 @@ import Testing
         #expect(messages[0]["text"] == .string("Welcome, User. I am Seraphina."))
         let greeting = Message(id: "", conversation: "", role: .assistant, text: "Welcome, User. I am Seraphina.", createdAt: 0)
         let hello = Message(id: "", conversation: "", role: .user, text: "Hello", createdAt: 0)
-        #expect(reply.text == expectedReply(configuration: server.server.configuration, clone: clone, history: [greeting, hello]).tokens.joined(),
-                "the reply was prompted with the greeting before the user's words")
+        #expect(
+            reply.text == expectedReply(configuration: server.server.configuration, clone: clone, history: [greeting, hello]).tokens.joined(),
+            "the reply was prompted with the greeting before the user's words")
 
         // Once per conversation: a further turn adds none, a clone without a card has none.
         try await socket.chatSend(id: "c2", clone: id, conversation: reply.conversation, text: "Again")
@@ -299,8 +322,9 @@ import Testing
         #expect(plainMessages.map { $0["role"]!.stringValue! } == ["user", "assistant"])
 
         // The greeting is edited like any field, and the next new conversation opens with it.
-        let patched = try await TestHTTPClient.json(port: server.port, .PATCH, "/v1/clones/\(id)", token: token,
-                                                    json: .object([("profile", .object([("first_mes", .string("Back again, {{user}}?"))]))]))
+        let patched = try await TestHTTPClient.json(
+            port: server.port, .PATCH, "/v1/clones/\(id)", token: token,
+            json: .object([("profile", .object([("first_mes", .string("Back again, {{user}}?"))]))]))
         #expect(patched.status == .ok)
         #expect(try patched.json()["profile"]?["first_mes"] == .string("Back again, {{user}}?"))
         let exported = try await server.get("/v1/clones/\(id)/card", token: token).json()

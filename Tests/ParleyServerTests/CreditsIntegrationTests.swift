@@ -8,8 +8,10 @@ import ParleyTestSupport
 import Testing
 
 /// One credit per output token, prompts free: figures in these tests are token counts.
-func creditServer(_ store: TestServer.StoreKind = .sqlite, grant: Int64, batch: Int = 4, reserve: Int = 4, replyTokens: Int = 100,
-                  tokensPerSecond: Double = 0, _ more: (inout ServerConfiguration) -> Void = { _ in }) async throws -> TestServer {
+func creditServer(
+    _ store: TestServer.StoreKind = .sqlite, grant: Int64, batch: Int = 4, reserve: Int = 4, replyTokens: Int = 100,
+    tokensPerSecond: Double = 0, _ more: (inout ServerConfiguration) -> Void = { _ in }
+) async throws -> TestServer {
     try await TestServer.start(store: store) {
         $0.credits.pricing = PricingTable(models: ["simulated": ModelPrice(inputPer1K: 0, outputPer1K: 1_000)])
         $0.credits.startingGrant = grant
@@ -67,7 +69,8 @@ func expectInvariant(_ server: TestServer, token: String, sourceLocation: Source
         #expect(end["balance"] == .int(0))
         #expect(end["usage"]?["output_tokens"] == .int(10))
 
-        let messages = try await server.get("/v1/conversations/\(start["conversation"]!.stringValue!)/messages", token: token).json()["messages"]!.arrayValue!
+        let messages = try await server.get("/v1/conversations/\(start["conversation"]!.stringValue!)/messages", token: token).json()["messages"]!
+            .arrayValue!
         #expect(messages.last?["reason"] == .string("insufficient_credits"))
         #expect(messages.last?["text"] == .string(tokens.map { $0["text"]!.stringValue! }.joined()))
         try await expectInvariant(server, token: token)
@@ -140,14 +143,19 @@ func expectInvariant(_ server: TestServer, token: String, sourceLocation: Source
         let reply = try await socket.readReply()
         let pricing = PricingTable.standard
         let usage = reply.end["usage"]!
-        let expected = pricing.inputCost(tokens: Int(usage["input_tokens"]!.intValue!), model: "simulated", feature: .chat)!
+        let expected =
+            pricing.inputCost(tokens: Int(usage["input_tokens"]!.intValue!), model: "simulated", feature: .chat)!
             + pricing.outputCost(tokens: 10, model: "simulated", feature: .chat)!
         #expect(reply.end["cost"] == .int(expected))
         #expect(reply.end["balance"] == .int(1_000 - expected))
         let entries = try await creditsOf(server, token: token).entries
         let settle = entries.first { $0["id"] == .string("\(reply.stream):settle") }
         #expect(settle?["kind"] == .string("settlement"))
-        #expect(settle?["credits"] == .int(pricing.outputCost(tokens: 16, model: "simulated", feature: .chat)! - pricing.outputCost(tokens: 10, model: "simulated", feature: .chat)!))
+        #expect(
+            settle?["credits"]
+                == .int(
+                    pricing.outputCost(tokens: 16, model: "simulated", feature: .chat)! - pricing.outputCost(
+                        tokens: 10, model: "simulated", feature: .chat)!))
         try await expectInvariant(server, token: token)
         await server.stop()
     }
@@ -202,15 +210,18 @@ func expectInvariant(_ server: TestServer, token: String, sourceLocation: Source
         // The same key for another amount or user is another grant: refused, and the answer never
         // claims what was not granted.
         for (who, amount) in [("alice", 900), ("bob", 500)] {
-            let reused = try await TestHTTPClient.json(port: server.port, .POST, "/v1/admin/credits", token: admin, json: .object([
-                ("user", .string(who)), ("credits", .int(Int64(amount))), ("key", .string("support-ticket-7")),
-            ]))
+            let reused = try await TestHTTPClient.json(
+                port: server.port, .POST, "/v1/admin/credits", token: admin,
+                json: .object([
+                    ("user", .string(who)), ("credits", .int(Int64(amount))), ("key", .string("support-ticket-7")),
+                ]))
             #expect(reused.status == .conflict && reused.errorCode == "conflict")
             #expect(try reused.json()["error"]?["message"]?.stringValue?.contains("500 credits to alice") == true)
         }
         #expect(try await creditsOf(server, token: user).balance == 500)
-        let bad = try await TestHTTPClient.json(port: server.port, .POST, "/v1/admin/credits", token: admin,
-                                                json: .object([("user", .string("alice")), ("credits", .int(-5))]))
+        let bad = try await TestHTTPClient.json(
+            port: server.port, .POST, "/v1/admin/credits", token: admin,
+            json: .object([("user", .string("alice")), ("credits", .int(-5))]))
         #expect(bad.status == .badRequest)
         try await expectInvariant(server, token: user)
         await server.stop()

@@ -15,9 +15,15 @@ import Testing
             for _ in 0..<50 {
                 group.addTask {
                     await lock.run {
-                        inside.value.withLock { $0.now += 1; $0.most = max($0.most, $0.now) }
+                        inside.value.withLock {
+                            $0.now += 1
+                            $0.most = max($0.most, $0.now)
+                        }
                         for _ in 0..<3 { await Task.yield() }
-                        inside.value.withLock { $0.now -= 1; $0.runs += 1 }
+                        inside.value.withLock {
+                            $0.now -= 1
+                            $0.runs += 1
+                        }
                     }
                 }
             }

@@ -56,10 +56,12 @@ extension TestServer {
 
     /// The raw upgrade request a browser sends, answered with whatever status the server chose.
     func upgradeAttempt(uri: String = "/v1/ws", token: String? = nil) async throws -> TestHTTPResponse {
-        try await TestHTTPClient.request(port: port, .GET, uri, token: token, headers: [
-            "upgrade": "websocket", "connection": "upgrade",
-            "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==", "sec-websocket-version": "13",
-        ])
+        try await TestHTTPClient.request(
+            port: port, .GET, uri, token: token,
+            headers: [
+                "upgrade": "websocket", "connection": "upgrade",
+                "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==", "sec-websocket-version": "13",
+            ])
     }
 }
 

@@ -24,17 +24,28 @@ private func populate(_ server: TestServer, _ user: String) async throws -> Acco
     try await socket.chatSend(id: "c1", clone: clone, text: "hello from \(user)")
     let reply = try await socket.readReply()
     try await socket.sendClose()
-    let schedule = try await TestHTTPClient.json(port: server.port, .POST, "/v1/schedules", token: token, json: .object([
-        ("clone", .string(clone)), ("delay_ms", .int(3_600_000)), ("text", .string("later, \(user)")),
-    ]))
+    let schedule = try await TestHTTPClient.json(
+        port: server.port, .POST, "/v1/schedules", token: token,
+        json: .object([
+            ("clone", .string(clone)), ("delay_ms", .int(3_600_000)), ("text", .string("later, \(user)")),
+        ]))
     #expect(schedule.status == .created)
-    let room = try await TestHTTPClient.json(port: server.port, .POST, "/v1/rooms", token: token, json: .object([
-        ("kind", .string("debate")), ("topic", .string("\(user)'s topic")),
-        ("clones", .array([.object([("clone", .string(clone)), ("stance", .string("yes"))]), .object([("clone", .string(second)), ("stance", .string("no"))])])),
-    ]))
+    let room = try await TestHTTPClient.json(
+        port: server.port, .POST, "/v1/rooms", token: token,
+        json: .object([
+            ("kind", .string("debate")), ("topic", .string("\(user)'s topic")),
+            (
+                "clones",
+                .array([
+                    .object([("clone", .string(clone)), ("stance", .string("yes"))]),
+                    .object([("clone", .string(second)), ("stance", .string("no"))]),
+                ])
+            ),
+        ]))
     #expect(room.status == .created)
-    return Account(token: token, clone: clone, conversation: reply.conversation, schedule: try schedule.json()["id"]!.stringValue!,
-                   room: try room.json()["id"]!.stringValue!)
+    return Account(
+        token: token, clone: clone, conversation: reply.conversation, schedule: try schedule.json()["id"]!.stringValue!,
+        room: try room.json()["id"]!.stringValue!)
 }
 
 @Suite("Privacy routes") struct PrivacyIntegrationTests {
@@ -45,8 +56,10 @@ private func populate(_ server: TestServer, _ user: String) async throws -> Acco
         _ = try await populate(server, "bob-the-other")
         // Enough messages for several pages of the export.
         for i in 0..<450 {
-            try await server.server.store.appendMessage(Message(id: IDGenerator().make(.message), conversation: alice.conversation, role: .user,
-                                                                text: "note \(i)", createdAt: Int64(Timestamp.nowMillis())))
+            try await server.server.store.appendMessage(
+                Message(
+                    id: IDGenerator().make(.message), conversation: alice.conversation, role: .user,
+                    text: "note \(i)", createdAt: Int64(Timestamp.nowMillis())))
         }
         let response = try await server.get("/v1/me/export", token: alice.token)
         #expect(response.status == .ok)
@@ -134,8 +147,9 @@ private func populate(_ server: TestServer, _ user: String) async throws -> Acco
             // Each time back: what they make is theirs, and each deletion takes all of it.
             let token = try await server.token("alice")
             let clone = try await server.createClone(token: token, name: "clone \(round)")["id"]!.stringValue!
-            let grant = try await TestHTTPClient.json(port: server.port, .POST, "/v1/admin/credits", token: admin,
-                                                      json: .object([("user", .string("alice")), ("credits", .int(500)), ("key", .string("r\(round)"))]))
+            let grant = try await TestHTTPClient.json(
+                port: server.port, .POST, "/v1/admin/credits", token: admin,
+                json: .object([("user", .string("alice")), ("credits", .int(500)), ("key", .string("r\(round)"))]))
             #expect(grant.status == .created)
             let socket = try await server.connect(token: token)
             try await socket.chatSend(id: "c\(round)", clone: clone, text: "hello, round \(round)")
@@ -166,14 +180,21 @@ private func populate(_ server: TestServer, _ user: String) async throws -> Acco
         let savedJSON = try saved.json()
         #expect(saved.status == .ok && savedJSON["saved"] == .bool(true))
         let bob = try await server.token("bob")
-        #expect(try await TestHTTPClient.json(port: server.port, .PATCH, uri, token: bob, json: .object([("saved", .bool(true))])).status == .notFound)
-        #expect(try await TestHTTPClient.json(port: server.port, .PATCH, uri, token: alice.token, json: .object([("saved", .string("yes"))])).errorCode == "bad_request")
-        #expect(try await TestHTTPClient.json(port: server.port, .PATCH, "/v1/conversations/\(alice.conversation)/messages/msg_nope",
-                                              token: alice.token, json: .object([("saved", .bool(true))])).status == .notFound)
+        #expect(
+            try await TestHTTPClient.json(port: server.port, .PATCH, uri, token: bob, json: .object([("saved", .bool(true))])).status == .notFound)
+        #expect(
+            try await TestHTTPClient.json(port: server.port, .PATCH, uri, token: alice.token, json: .object([("saved", .string("yes"))])).errorCode
+                == "bad_request")
+        #expect(
+            try await TestHTTPClient.json(
+                port: server.port, .PATCH, "/v1/conversations/\(alice.conversation)/messages/msg_nope",
+                token: alice.token, json: .object([("saved", .bool(true))])
+            ).status == .notFound)
 
         let purge = { (token: String) in
-            try await TestHTTPClient.json(port: server.port, .POST, "/v1/admin/retention/purge", token: token,
-                                          json: .object([("older_than_seconds", .int(0))]))
+            try await TestHTTPClient.json(
+                port: server.port, .POST, "/v1/admin/retention/purge", token: token,
+                json: .object([("older_than_seconds", .int(0))]))
         }
         #expect(try await purge(alice.token).status == .forbidden)
         let purged = try await purge(admin)
@@ -198,8 +219,9 @@ private func populate(_ server: TestServer, _ user: String) async throws -> Acco
         ]
         for (method, path, body) in routes {
             let call = { (token: String?) in
-                try await TestHTTPClient.request(port: server.port, method, path, token: token, headers: ["content-type": "application/json"],
-                                                 body: body?.serialized())
+                try await TestHTTPClient.request(
+                    port: server.port, method, path, token: token, headers: ["content-type": "application/json"],
+                    body: body?.serialized())
             }
             #expect(try await call(nil).status == .unauthorized, "\(path) without a token")
             #expect(try await call(user).status == .forbidden, "\(path) for a user")
@@ -214,8 +236,11 @@ private func populate(_ server: TestServer, _ user: String) async throws -> Acco
         let socket = try await server.connect(token: alice.token)
         try await socket.send(.object([("type", .string("room.join")), ("id", .string("j")), ("room", .string(alice.room))]))
         _ = try await socket.next(type: "room.state")
-        try await socket.send(.object([("type", .string("room.control")), ("id", .string("k")), ("room", .string(alice.room)),
-                                       ("action", .string("end"))]))
+        try await socket.send(
+            .object([
+                ("type", .string("room.control")), ("id", .string("k")), ("room", .string(alice.room)),
+                ("action", .string("end")),
+            ]))
         _ = try await socket.next(type: "room.event")
         #expect(try await TestHTTPClient.request(port: server.port, .DELETE, "/v1/clones/\(alice.clone)", token: alice.token).status == .noContent)
         let events = try await server.server.store.auditEvents(limit: 50, before: nil)

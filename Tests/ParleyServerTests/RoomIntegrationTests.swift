@@ -210,10 +210,12 @@ struct DebateFixture {
         // The reply is what the model gives for a prompt that holds the interjection.
         let room = try #require(try await f.server.server.store.room(id: f.room))
         let cy = try #require(try await f.server.server.store.clone(id: f.clones[2], owner: "mod"))
-        let entry = RoomEntry(id: said["id"]!.stringValue!, room: f.room, kind: .said, speaker: "mod", text: "Cy, is cheesecake a dessert?", createdAt: 0)
-        let prompt = TurnTaking.prompt(room: room, speaker: cy, transcript: [entry],
-                                       names: Dictionary(uniqueKeysWithValues: room.debaters.map { ($0.clone, $0.name) }),
-                                       budget: f.server.configuration.contextBudgetTokens)
+        let entry = RoomEntry(
+            id: said["id"]!.stringValue!, room: f.room, kind: .said, speaker: "mod", text: "Cy, is cheesecake a dessert?", createdAt: 0)
+        let prompt = TurnTaking.prompt(
+            room: room, speaker: cy, transcript: [entry],
+            names: Dictionary(uniqueKeysWithValues: room.debaters.map { ($0.clone, $0.name) }),
+            budget: f.server.configuration.contextBudgetTokens)
         #expect(prompt.messages.contains { $0.text == "mod (audience): Cy, is cheesecake a dessert?" })
         let request = CompletionRequest(messages: prompt.messages, speaker: "Cy", maxOutputTokens: room.maxTokensPerTurn)
         #expect(reply.text == SimulatedProvider(configuration: f.server.configuration.simulated).replyTokens(for: request).joined())

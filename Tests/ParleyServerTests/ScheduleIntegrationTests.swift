@@ -9,8 +9,10 @@ import Testing
 @testable import ParleyServer
 
 extension TestWebSocket {
-    func scheduleCreate(id: String, clone: String, conversation: String? = nil, delayMS: Int64? = nil, at: String? = nil,
-                        prompt: String? = nil, text: String? = nil) async throws {
+    func scheduleCreate(
+        id: String, clone: String, conversation: String? = nil, delayMS: Int64? = nil, at: String? = nil,
+        prompt: String? = nil, text: String? = nil
+    ) async throws {
         var pairs: [(String, JSONValue)] = [("type", .string("schedule.create")), ("id", .string(id)), ("clone", .string(clone))]
         if let conversation { pairs.append(("conversation", .string(conversation))) }
         if let delayMS { pairs.append(("delay_ms", .int(delayMS))) }
@@ -49,11 +51,14 @@ extension TestServer {
 }
 
 /// Writes a schedule straight into the store, as an earlier run of the server would have left it.
-func seedSchedule(_ store: any Store, owner: String, clone: String, conversation: String? = nil, at: Int64,
-                  content: Schedule.Content, status: Schedule.Status = .pending, message: String? = nil) async throws -> Schedule {
+func seedSchedule(
+    _ store: any Store, owner: String, clone: String, conversation: String? = nil, at: Int64,
+    content: Schedule.Content, status: Schedule.Status = .pending, message: String? = nil
+) async throws -> Schedule {
     let now = Int64(Timestamp.nowMillis())
-    let schedule = Schedule(id: IDGenerator().make(.schedule), owner: owner, clone: clone, conversation: conversation, at: at,
-                            content: content, status: status, createdAt: now, updatedAt: now, message: message)
+    let schedule = Schedule(
+        id: IDGenerator().make(.schedule), owner: owner, clone: clone, conversation: conversation, at: at,
+        content: content, status: status, createdAt: now, updatedAt: now, message: message)
     try await store.createSchedule(schedule)
     return schedule
 }
@@ -245,7 +250,9 @@ func seedSchedule(_ store: any Store, owner: String, clone: String, conversation
         #expect(far["message"]?.stringValue?.contains("at most 366 days ahead") == true)
         let past = try await error([("clone", .string(clone)), ("at", .string("2001-01-01T00:00:00+02:00")), ("text", .string("hi"))])
         #expect(past["message"] == .string("'at' is in the past"))
-        let both = try await error([("clone", .string(clone)), ("delay_ms", .int(5)), ("at", .string("2030-01-01T00:00:00Z")), ("text", .string("x"))])
+        let both = try await error([
+            ("clone", .string(clone)), ("delay_ms", .int(5)), ("at", .string("2030-01-01T00:00:00Z")), ("text", .string("x")),
+        ])
         #expect(both["message"] == .string("give either 'at' or 'delay_ms', not both"))
         let neither = try await error([("clone", .string(clone)), ("delay_ms", .int(5))])
         #expect(neither["code"] == .string("bad_request"))
@@ -253,8 +260,9 @@ func seedSchedule(_ store: any Store, owner: String, clone: String, conversation
         #expect(badTime["message"]?.stringValue?.hasPrefix("'at' must be an RFC 3339 time") == true)
         let noClone = try await error([("clone", .string("cl_nope")), ("delay_ms", .int(5)), ("text", .string("x"))])
         #expect(noClone["code"] == .string("not_found"))
-        let rest = try await TestHTTPClient.json(port: server.port, .POST, "/v1/schedules", token: token,
-                                                 json: .object([("clone", .string(clone)), ("delay_ms", .int(1_000)), ("text", .string("hi"))]))
+        let rest = try await TestHTTPClient.json(
+            port: server.port, .POST, "/v1/schedules", token: token,
+            json: .object([("clone", .string(clone)), ("delay_ms", .int(1_000)), ("text", .string("hi"))]))
         #expect(rest.status == .tooManyRequests)
         #expect(rest.errorCode == "limit_exceeded")
         await server.stop()
@@ -276,7 +284,8 @@ func seedSchedule(_ store: any Store, owner: String, clone: String, conversation
         let server = try await TestServer.start(store: store)
         let token = try await server.token("alice")
         let clone = try await server.createClone(token: token)["id"]!.stringValue!
-        let id = try await server.createSchedule(token: token, [("clone", .string(clone)), ("delay_ms", .int(0)), ("text", .string("while you were away"))])
+        let id = try await server.createSchedule(
+            token: token, [("clone", .string(clone)), ("delay_ms", .int(0)), ("text", .string("while you were away"))])
         _ = try await server.awaitSchedule(id, token: token, status: "fired")
 
         let socket = try await server.connect(token: token)
@@ -343,9 +352,12 @@ func seedSchedule(_ store: any Store, owner: String, clone: String, conversation
         // stores them in separate steps).
         let messageID = IDGenerator().make(.message)
         try await server.server.store.appendMessage(
-            Message(id: messageID, conversation: chat.conversation, role: .assistant, text: "generated before the crash", createdAt: Int64(Timestamp.nowMillis())))
-        let s = try await seedSchedule(server.server.store, owner: "alice", clone: clone, conversation: chat.conversation,
-                                       at: Int64(Timestamp.nowMillis()) - 10, content: .prompt("news"), status: .firing, message: messageID)
+            Message(
+                id: messageID, conversation: chat.conversation, role: .assistant, text: "generated before the crash",
+                createdAt: Int64(Timestamp.nowMillis())))
+        let s = try await seedSchedule(
+            server.server.store, owner: "alice", clone: clone, conversation: chat.conversation,
+            at: Int64(Timestamp.nowMillis()) - 10, content: .prompt("news"), status: .firing, message: messageID)
 
         server = try await server.restarted()
         let again = try await server.connect(token: token)
@@ -366,8 +378,9 @@ func seedSchedule(_ store: any Store, owner: String, clone: String, conversation
         let clone = try await server.createClone(token: token)["id"]!.stringValue!
         let messageID = IDGenerator().make(.message)
         let conversation = ScheduleService.conversationID(forMessage: messageID)
-        let s = try await seedSchedule(server.server.store, owner: "alice", clone: clone, conversation: conversation,
-                                       at: Int64(Timestamp.nowMillis()) - 10, content: .prompt("news"), status: .firing, message: messageID)
+        let s = try await seedSchedule(
+            server.server.store, owner: "alice", clone: clone, conversation: conversation,
+            at: Int64(Timestamp.nowMillis()) - 10, content: .prompt("news"), status: .firing, message: messageID)
         server = try await server.restarted()
         let fired = try await server.awaitSchedule(s.id, token: token, status: "fired")
         #expect(fired["message"] == .string(messageID))

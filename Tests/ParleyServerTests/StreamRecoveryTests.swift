@@ -9,16 +9,21 @@ import Testing
 /// Tests/interop/test_credits_crash.py; these cover the other targets on both stores.
 @Suite("Stream recovery") struct StreamRecoveryTests {
     /// A stream as a crash leaves it: its prompt and one 16-token batch debited, its journal saved.
-    private func leaveOpen(_ store: any Store, stream: String, user: String, target: StreamJournal.Target, text: String, tokens: Int,
-                           feature: Feature) async throws -> StreamJournal {
+    private func leaveOpen(
+        _ store: any Store, stream: String, user: String, target: StreamJournal.Target, text: String, tokens: Int,
+        feature: Feature
+    ) async throws -> StreamJournal {
         for (suffix, credits, count) in [("in", Int64(-10), 10), ("1", Int64(-32), 16)] {
-            _ = try await store.apply(LedgerEntry(id: "\(stream):\(suffix)", user: user, kind: .debit, credits: credits, tokens: count, stream: stream,
-                                                  model: "simulated", feature: feature.rawValue, createdAt: 1_000), allowOverdraft: false)
+            _ = try await store.apply(
+                LedgerEntry(
+                    id: "\(stream):\(suffix)", user: user, kind: .debit, credits: credits, tokens: count, stream: stream,
+                    model: "simulated", feature: feature.rawValue, createdAt: 1_000), allowOverdraft: false)
         }
         // Recent: the retention purge at start-up must not take what recovery stores.
         let now = Int64(Timestamp.nowMillis())
-        let journal = StreamJournal(stream: stream, user: user, model: "simulated", feature: feature.rawValue, inputTokens: 10, target: target,
-                                    messageID: IDGenerator().make(.roomEntry), text: text, outputTokens: tokens, createdAt: now - 1_000, updatedAt: now)
+        let journal = StreamJournal(
+            stream: stream, user: user, model: "simulated", feature: feature.rawValue, inputTokens: 10, target: target,
+            messageID: IDGenerator().make(.roomEntry), text: text, outputTokens: tokens, createdAt: now - 1_000, updatedAt: now)
         try await store.saveStreamJournal(journal)
         return journal
     }
@@ -33,27 +38,39 @@ import Testing
         let token = try await server.token("moe")
         let first = try await server.createClone(token: token, name: "Pro")["id"]!.stringValue!
         let second = try await server.createClone(token: token, name: "Con")["id"]!.stringValue!
-        let created = try await TestHTTPClient.json(port: server.port, .POST, "/v1/rooms", token: token, json: .object([
-            ("kind", .string("debate")), ("topic", .string("tea or coffee")),
-            ("clones", .array([.object([("clone", .string(first)), ("stance", .string("tea"))]), .object([("clone", .string(second)), ("stance", .string("coffee"))])])),
-        ]))
+        let created = try await TestHTTPClient.json(
+            port: server.port, .POST, "/v1/rooms", token: token,
+            json: .object([
+                ("kind", .string("debate")), ("topic", .string("tea or coffee")),
+                (
+                    "clones",
+                    .array([
+                        .object([("clone", .string(first)), ("stance", .string("tea"))]),
+                        .object([("clone", .string(second)), ("stance", .string("coffee"))]),
+                    ])
+                ),
+            ]))
         let room = try created.json()["id"]!.stringValue!
         // Credits first, as a user's first request would grant them.
         _ = try await server.get("/v1/credits", token: token)
         let store = server.server.store
         let before = try await store.balance(user: "moe")
-        let turn = try await leaveOpen(store, stream: "st_turn", user: "moe", target: .roomTurn(room: room, speaker: first), text: "Tea, for a start,",
-                                       tokens: 5, feature: .debate)
+        let turn = try await leaveOpen(
+            store, stream: "st_turn", user: "moe", target: .roomTurn(room: room, speaker: first), text: "Tea, for a start,",
+            tokens: 5, feature: .debate)
         _ = try await leaveOpen(store, stream: "st_sched", user: "moe", target: .settleOnly, text: "Good morn", tokens: 3, feature: .scheduled)
-        _ = try await leaveOpen(store, stream: "st_gone", user: "moe", target: .conversation("cv_01M8ZZZZZZ0000000000000000"), text: "Hel",
-                                tokens: 1, feature: .chat)
+        _ = try await leaveOpen(
+            store, stream: "st_gone", user: "moe", target: .conversation("cv_01M8ZZZZZZ0000000000000000"), text: "Hel",
+            tokens: 1, feature: .chat)
 
         let again = try await server.restarted()
         let after = again.server.store
         #expect(try await after.streamJournals(limit: 10).isEmpty, "every journal finished")
         let entries = try await after.roomEntries(room: room, limit: 500, before: nil)
         let stored = try #require(entries.first { $0.id == turn.messageID })
-        #expect(stored.text == "Tea, for a start," && stored.speaker == first && stored.kind == .turn && stored.reason == .interrupted && stored.interrupted)
+        #expect(
+            stored.text == "Tea, for a start," && stored.speaker == first && stored.kind == .turn && stored.reason == .interrupted
+                && stored.interrupted)
         // Each is charged its prompt (10 tokens: 10 credits) and the tokens its journal holds (2
         // credits each); the rest of the prepaid batch comes back.
         #expect(try await paid(after, "moe", stream: "st_turn") == 10 + 10)

@@ -136,7 +136,9 @@ func standIn(_ text: String, _ tag: String) -> String { SimulatedProvider.transl
         let chen = try await f.connect("chen")
         let dave = try await f.connect("dave", language: "en-US")  // a language set on joining
         let long = Array(repeating: "the harbour lights were late tonight", count: 20).joined(separator: ", ")
-        var seen: [String: TranslatedChat] = ["alice": TranslatedChat(), "bruno": TranslatedChat(), "chen": TranslatedChat(), "dave": TranslatedChat()]
+        var seen: [String: TranslatedChat] = [
+            "alice": TranslatedChat(), "bruno": TranslatedChat(), "chen": TranslatedChat(), "dave": TranslatedChat(),
+        ]
         try await alice.say(f.room, long)
         try await alice.readChat(into: &seen["alice"]!) { $0.order.count == 1 }  // placed first
         try await bruno.say(f.room, "Bom dia!")
@@ -201,14 +203,18 @@ func standIn(_ text: String, _ tag: String) -> String { SimulatedProvider.transl
         }
         var burst: [[String]] = []
         for (_, socket) in sockets { burst.append(try await socket.readChat(messages: 6).order) }
-        let burstIDs = try await f.server.server.store.roomEntries(room: f.room, limit: 100, before: nil).filter { $0.kind != .translation }.map(\.id).suffix(6)
+        let burstIDs = try await f.server.server.store.roomEntries(room: f.room, limit: 100, before: nil).filter { $0.kind != .translation }.map(\.id)
+            .suffix(6)
         #expect(burst.allSatisfy { $0 == Array(burstIDs) })
 
         // A late joiner reads the transcript in their language: pt-BR gets the pt translations,
         // a language nobody translated into gets the originals, flagged.
         let erin = try await f.server.connect(token: f.tokens["erin"]!)
         let erinState = try await erin.joinChat(f.room, language: "pt-BR")
-        #expect(erinState["transcript"]!.arrayValue!.prefix(3).map { $0["text"]!.stringValue! } == [standIn(long, "pt"), "Bom dia!", standIn("你好，大家", "pt")])
+        #expect(
+            erinState["transcript"]!.arrayValue!.prefix(3).map { $0["text"]!.stringValue! } == [
+                standIn(long, "pt"), "Bom dia!", standIn("你好，大家", "pt"),
+            ])
         #expect(erinState["transcript"]!.arrayValue![0]["source"] == .string(ids[0]))
         let frank = try await f.server.connect(token: f.tokens["frank"]!)
         let frankState = try await frank.joinChat(f.room, language: "fr")
@@ -261,8 +267,9 @@ func standIn(_ text: String, _ tag: String) -> String { SimulatedProvider.transl
         let clone = try #require(try await f.server.server.store.clone(id: f.clones[0], owner: "alice"))
         let before = stored.filter { $0.id < reply.id }
         #expect(before.contains { $0.kind == .translation && $0.lang?.value == "fr" })
-        let prompt = TranslationChat.replyPrompt(room: room, clone: clone, lang: LanguageTag("fr")!, view: TranslationChat.view(before, for: LanguageTag("fr")!).map(\.entry),
-                                                 names: [clone.id: clone.name], budget: f.server.configuration.contextBudgetTokens)
+        let prompt = TranslationChat.replyPrompt(
+            room: room, clone: clone, lang: LanguageTag("fr")!, view: TranslationChat.view(before, for: LanguageTag("fr")!).map(\.entry),
+            names: [clone.id: clone.name], budget: f.server.configuration.contextBudgetTokens)
         #expect(prompt.messages.last?.text == "alice: " + standIn("What do you think of the sea?", "fr"))
         let request = CompletionRequest(messages: prompt.messages, speaker: clone.name, maxOutputTokens: f.server.configuration.maxOutputTokens)
         #expect(reply.text == SimulatedProvider(configuration: f.server.configuration.simulated).replyTokens(for: request).joined())

@@ -113,11 +113,12 @@ import Testing
         try f.inbound(.text, Array(#"{"type":"room.join","id":"j1","room":"rm_1"}"#.utf8))
         try f.inbound(.text, Array(#"{"type":"room.control","id":"c1","room":"rm_1","action":"start"}"#.utf8))
         try f.inbound(.text, Array(#"{"type":"chat.cancel","id":"x1","stream":"st_1"}"#.utf8))
-        #expect(f.services.state.withLock { $0.requests } == [
-            .room(.join(id: "j1", room: "rm_1", language: nil)),
-            .room(.control(id: "c1", room: "rm_1", action: .start, target: nil)),
-            .chat(.cancel(id: "x1", stream: "st_1")),
-        ])
+        #expect(
+            f.services.state.withLock { $0.requests } == [
+                .room(.join(id: "j1", room: "rm_1", language: nil)),
+                .room(.control(id: "c1", room: "rm_1", action: .start, target: nil)),
+                .chat(.cancel(id: "x1", stream: "st_1")),
+            ])
         #expect(try f.outbound() == nil, "nothing is answered by the handler itself")
         try await f.finish()
     }

@@ -11,17 +11,17 @@ import Glibc
 /// A stand-in model server: answers GET /health 200 on the port it is given, after starting a
 /// grandchild (`sleep`) whose pid it writes to a file, so a test sees what a stop leaves behind.
 private let fakeServer = """
-import http.server, subprocess, sys
-port, pidfile = int(sys.argv[1]), sys.argv[2]
-open(pidfile, "w").write(str(subprocess.Popen(["sleep", "300"]).pid))
-class Health(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200 if self.path == "/health" else 404)
-        self.end_headers()
-    def log_message(self, *args):
-        pass
-http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
-"""
+    import http.server, subprocess, sys
+    port, pidfile = int(sys.argv[1]), sys.argv[2]
+    open(pidfile, "w").write(str(subprocess.Popen(["sleep", "300"]).pid))
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+        def log_message(self, *args):
+            pass
+    http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
+    """
 
 private func temporaryDirectory() throws -> String {
     let path = NSTemporaryDirectory() + "parley-sidecar-\(UUID().uuidString)"
@@ -33,7 +33,8 @@ private func temporaryDirectory() throws -> String {
 private func isRunning(_ pid: pid_t) -> Bool {
     guard kill(pid, 0) == 0 else { return false }
     guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-          let close = stat.lastIndex(of: ")") else { return false }
+        let close = stat.lastIndex(of: ")")
+    else { return false }
     return !stat[stat.index(close, offsetBy: 2)...].hasPrefix("Z")
 }
 
@@ -47,8 +48,9 @@ private func healthAnswers(_ port: Int) async -> Bool {
     private func fake(in directory: String) async throws -> (Sidecar.Configuration, port: Int, pidFile: String) {
         let port = try await Sidecar.freeLoopbackPort()
         let pidFile = directory + "/grandchild.pid"
-        var configuration = Sidecar.Configuration(arguments: ["python3", "-c", fakeServer, String(port), pidFile],
-                                                  port: port, logPath: directory + "/sidecar.log")
+        var configuration = Sidecar.Configuration(
+            arguments: ["python3", "-c", fakeServer, String(port), pidFile],
+            port: port, logPath: directory + "/sidecar.log")
         configuration.restartDelay = .milliseconds(50)
         return (configuration, port, pidFile)
     }
@@ -100,7 +102,10 @@ private func healthAnswers(_ port: Int) async -> Bool {
             _ = try await Sidecar.start(configuration, logger: logger)
             Issue.record("started")
         } catch let error as Sidecar.StartError {
-            guard case .exited(.exited(3), let tail) = error else { Issue.record("\(error)"); return }
+            guard case .exited(.exited(3), let tail) = error else {
+                Issue.record("\(error)")
+                return
+            }
             #expect(tail.contains("no module named xllamacpp"))
             #expect("\(error)".contains("exit code 3"))
         }
@@ -116,7 +121,10 @@ private func healthAnswers(_ port: Int) async -> Bool {
             _ = try await Sidecar.start(configuration, logger: logger)
             Issue.record("started")
         } catch let error as Sidecar.StartError {
-            guard case .notReady = error else { Issue.record("\(error)"); return }
+            guard case .notReady = error else {
+                Issue.record("\(error)")
+                return
+            }
         }
         let running = (try FileManager.default.contentsOfDirectory(atPath: "/proc")).compactMap { pid_t($0) }.filter { pid in
             let cmdline = (try? String(contentsOfFile: "/proc/\(pid)/cmdline", encoding: .utf8)) ?? ""
@@ -130,7 +138,10 @@ private func healthAnswers(_ port: Int) async -> Bool {
         setenv("SIDECAR_TEST_PLAIN", "visible", 1)
         let directory = try temporaryDirectory()
         var configuration = Sidecar.Configuration(
-            arguments: ["python3", "-c", "import os; print(os.environ.get('PARLEY_SIDECAR_TEST_SECRET'), os.environ.get('SIDECAR_TEST_PLAIN'), os.environ.get('PARLEY_MODEL_PORT')); exit(3)"],
+            arguments: [
+                "python3", "-c",
+                "import os; print(os.environ.get('PARLEY_SIDECAR_TEST_SECRET'), os.environ.get('SIDECAR_TEST_PLAIN'), os.environ.get('PARLEY_MODEL_PORT')); exit(3)",
+            ],
             port: 1, logPath: directory + "/sidecar.log"
         )
         configuration.environment = ["PARLEY_MODEL_PORT": "1"]
@@ -138,15 +149,19 @@ private func healthAnswers(_ port: Int) async -> Bool {
             _ = try await Sidecar.start(configuration, logger: logger)
             Issue.record("started")
         } catch let error as Sidecar.StartError {
-            guard case .exited(_, let tail) = error else { Issue.record("\(error)"); return }
+            guard case .exited(_, let tail) = error else {
+                Issue.record("\(error)")
+                return
+            }
             #expect(tail == "None visible 1", "the secret is withheld, other variables and the port are passed")
         }
     }
 
     @Test func aCommandThatCannotRunSaysSo() async throws {
         let directory = try temporaryDirectory()
-        let configuration = Sidecar.Configuration(arguments: ["parley-no-such-program"], port: 1,
-                                                  logPath: directory + "/sidecar.log")
+        let configuration = Sidecar.Configuration(
+            arguments: ["parley-no-such-program"], port: 1,
+            logPath: directory + "/sidecar.log")
         do {
             _ = try await Sidecar.start(configuration, logger: logger)
             Issue.record("started")

@@ -7,8 +7,9 @@ func grant(_ user: String, _ credits: Int64, id: String? = nil, at time: Int64 =
 }
 
 func debit(_ user: String, _ credits: Int64, id: String? = nil, at time: Int64 = 2_000) -> LedgerEntry {
-    LedgerEntry(id: id ?? ids.make(.message), user: user, kind: .debit, credits: -credits, tokens: Int(credits),
-                stream: "st_x", conversation: "cv_x", model: "simulated", feature: "chat", createdAt: time)
+    LedgerEntry(
+        id: id ?? ids.make(.message), user: user, kind: .debit, credits: -credits, tokens: Int(credits),
+        stream: "st_x", conversation: "cv_x", model: "simulated", feature: "chat", createdAt: time)
 }
 
 /// Every applied entry of the user, following the pages to the end.

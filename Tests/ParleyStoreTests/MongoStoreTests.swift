@@ -21,15 +21,17 @@ import Testing
         var data: [(String, JSONValue)] = [("failCommands", .array(commands.map(JSONValue.string))), ("appName", .string(app))]
         if let errorCode { data.append(("errorCode", .int(Int64(errorCode)))) }
         if closeConnection { data.append(("closeConnection", .bool(true))) }
-        _ = try pool.command(.object([
-            ("configureFailPoint", .string("failCommand")),
-            ("mode", .object([("times", .int(Int64(times)))])),
-            ("data", .object(data)),
-        ]), database: "admin")
+        _ = try pool.command(
+            .object([
+                ("configureFailPoint", .string("failCommand")),
+                ("mode", .object([("times", .int(Int64(times)))])),
+                ("data", .object(data)),
+            ]), database: "admin")
     }
 
     func turnOffFailPoint() throws {
-        _ = try MongoClientPool(uri: MongoFixture.uri()).command(.object([("configureFailPoint", .string("failCommand")), ("mode", .string("off"))]), database: "admin")
+        _ = try MongoClientPool(uri: MongoFixture.uri()).command(
+            .object([("configureFailPoint", .string("failCommand")), ("mode", .string("off"))]), database: "admin")
     }
 
     @Test func transientFailuresAreRetried() async throws {
@@ -73,10 +75,14 @@ import Testing
         let uri = MongoFixture.uri()
         try await MongoStore.open(uri: uri).close()
         try await MongoStore.open(uri: uri).close()  // indexes and version again: no error
-        _ = try MongoClientPool(uri: uri).command(.object([
-            ("update", .string("meta")),
-            ("updates", .array([.object([("q", .object([("_id", .string("schema"))])), ("u", .object([("$set", .object([("version", .int(99))]))]))])])),
-        ]))
+        _ = try MongoClientPool(uri: uri).command(
+            .object([
+                ("update", .string("meta")),
+                (
+                    "updates",
+                    .array([.object([("q", .object([("_id", .string("schema"))])), ("u", .object([("$set", .object([("version", .int(99))]))]))])])
+                ),
+            ]))
         await #expect(throws: StoreError.schemaTooNew(found: 99, supported: MongoStore.schemaVersion)) {
             _ = try await MongoStore.open(uri: uri)
         }
@@ -115,13 +121,19 @@ import Testing
         try insert("ledger", MongoStore.document(grant("alice", 50, id: "order:9", at: 3_001), state: "pending"))
         // Crash after step 2 of a debit: the balance moved, the row still says pending.
         try insert("ledger", MongoStore.document(debit("alice", 4, id: "st_b:1", at: 3_002), state: "pending"))
-        _ = try pool.command(.object([
-            ("update", .string("accounts")),
-            ("updates", .array([.object([
-                ("q", .object([("_id", .string("alice"))])),
-                ("u", .object([("$inc", .object([("balance", .long(-4))])), ("$push", .object([("recent", .string("st_b:1"))]))])),
-            ])])),
-        ]))
+        _ = try pool.command(
+            .object([
+                ("update", .string("accounts")),
+                (
+                    "updates",
+                    .array([
+                        .object([
+                            ("q", .object([("_id", .string("alice"))])),
+                            ("u", .object([("$inc", .object([("balance", .long(-4))])), ("$push", .object([("recent", .string("st_b:1"))]))])),
+                        ])
+                    ])
+                ),
+            ]))
 
         #expect(try await store.recoverLedger() == 3)
         #expect(try await store.balance(user: "alice") == 100 - 4 + 50)

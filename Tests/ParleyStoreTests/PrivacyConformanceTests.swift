@@ -45,10 +45,12 @@ private func populate(_ store: any Store, _ user: String, welcomeAt: Int64 = 1_0
             shared.languages = ["alice": LanguageTag("fr")!, "bob": LanguageTag("en")!]
             shared.muted = ["alice"]
             try await store.createRoom(shared)
-            let said = RoomEntry(id: ids.make(.roomEntry), room: shared.id, kind: .said, speaker: "alice", text: "bonjour", createdAt: 3_100,
-                                 lang: LanguageTag("fr"))
-            let translated = RoomEntry(id: ids.make(.roomEntry), room: shared.id, kind: .translation, speaker: "alice", text: "hello",
-                                       createdAt: 3_200, lang: LanguageTag("en"), source: said.id)
+            let said = RoomEntry(
+                id: ids.make(.roomEntry), room: shared.id, kind: .said, speaker: "alice", text: "bonjour", createdAt: 3_100,
+                lang: LanguageTag("fr"))
+            let translated = RoomEntry(
+                id: ids.make(.roomEntry), room: shared.id, kind: .translation, speaker: "alice", text: "hello",
+                createdAt: 3_200, lang: LanguageTag("en"), source: said.id)
             let answer = RoomEntry(id: ids.make(.roomEntry), room: shared.id, kind: .turn, speaker: "cl_bob", text: "hi", createdAt: 3_300)
             for entry in [said, translated, answer] { try await store.appendRoomEntry(entry) }
             try await store.appendAudit(AuditEvent(id: ids.make(.audit), at: 4_100, actor: "admin", action: "credits.granted", target: "alice"))
@@ -177,8 +179,9 @@ private func populate(_ store: any Store, _ user: String, welcomeAt: Int64 = 1_0
             #expect(try await store.rooms(owner: "alice", limit: 2, after: mine[1].id) == [mine[2]])
 
             let events = (0..<5).map {
-                AuditEvent(id: ids.make(.audit), at: Int64(1_000 + $0), actor: "alice", action: "clone.deleted", target: "cl_\($0)",
-                           ipHash: $0 == 0 ? nil : "ff\($0)", detail: ["n": "\($0)"])
+                AuditEvent(
+                    id: ids.make(.audit), at: Int64(1_000 + $0), actor: "alice", action: "clone.deleted", target: "cl_\($0)",
+                    ipHash: $0 == 0 ? nil : "ff\($0)", detail: ["n": "\($0)"])
             }
             for event in events { try await store.appendAudit(event) }
             #expect(try await store.auditEvents(limit: 3, before: nil) == Array(events.reversed().prefix(3)))

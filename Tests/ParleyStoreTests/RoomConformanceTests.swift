@@ -3,9 +3,10 @@ import ParleyStore
 import Testing
 
 func makeRoom(owner: String = "mod", status: Room.Status = .open) -> Room {
-    Room(id: ids.make(.room), owner: owner, topic: "Tea or coffee?",
-         debaters: [Room.Debater(clone: "cl_a", stance: "tea", name: "Ada"), Room.Debater(clone: "cl_b", stance: "", name: "Bob")],
-         rounds: 2, policy: .natural, maxTokensPerTurn: 120, visibility: .link, status: status, createdAt: 1_000, updatedAt: 1_000)
+    Room(
+        id: ids.make(.room), owner: owner, topic: "Tea or coffee?",
+        debaters: [Room.Debater(clone: "cl_a", stance: "tea", name: "Ada"), Room.Debater(clone: "cl_b", stance: "", name: "Bob")],
+        rounds: 2, policy: .natural, maxTokensPerTurn: 120, visibility: .link, status: status, createdAt: 1_000, updatedAt: 1_000)
 }
 
 @Suite("Room conformance") struct RoomConformanceTests {
@@ -48,9 +49,11 @@ func makeRoom(owner: String = "mod", status: Room.Status = .open) -> Room {
             try await store.createRoom(room)
             var entries: [RoomEntry] = []
             for i in 0..<5 {
-                let entry = i % 2 == 0
-                    ? RoomEntry(id: ids.make(.roomEntry), room: room.id, kind: .turn, speaker: "cl_a", text: "turn \(i)", createdAt: Int64(i),
-                                reason: i == 4 ? .cancelled : .complete, stream: "st_\(i)")
+                let entry =
+                    i % 2 == 0
+                    ? RoomEntry(
+                        id: ids.make(.roomEntry), room: room.id, kind: .turn, speaker: "cl_a", text: "turn \(i)", createdAt: Int64(i),
+                        reason: i == 4 ? .cancelled : .complete, stream: "st_\(i)")
                     : RoomEntry(id: ids.make(.roomEntry), room: room.id, kind: .said, speaker: "vic", text: "said \(i)", createdAt: Int64(i))
                 try await store.appendRoomEntry(entry)
                 entries.append(entry)
@@ -67,9 +70,10 @@ func makeRoom(owner: String = "mod", status: Room.Status = .open) -> Room {
     func translationChatsKeepMembersLanguagesAndLinkedTranslations(_ backend: Backend) async throws {
         try await withStore(backend) { store in
             let en = LanguageTag("en")!, pt = LanguageTag("pt-BR")!
-            var room = Room(id: ids.make(.room), kind: .translation, owner: "alice", topic: "", debaters: [Room.Debater(clone: "cl_z", stance: "", name: "Zoé")],
-                            rounds: 0, policy: .roundRobin, maxTokensPerTurn: 0, visibility: .private, members: ["bruno", "chen"],
-                            languages: ["alice": en, "cl_z": LanguageTag("fr")!], createdAt: 1_000, updatedAt: 1_000)
+            var room = Room(
+                id: ids.make(.room), kind: .translation, owner: "alice", topic: "", debaters: [Room.Debater(clone: "cl_z", stance: "", name: "Zoé")],
+                rounds: 0, policy: .roundRobin, maxTokensPerTurn: 0, visibility: .private, members: ["bruno", "chen"],
+                languages: ["alice": en, "cl_z": LanguageTag("fr")!], createdAt: 1_000, updatedAt: 1_000)
             try await store.createRoom(room)
             #expect(try await store.room(id: room.id) == room)
             room.languages["bruno"] = pt
@@ -79,12 +83,15 @@ func makeRoom(owner: String = "mod", status: Room.Status = .open) -> Room {
             #expect(try await store.room(id: room.id) == room)
 
             let said = RoomEntry(id: ids.make(.roomEntry), room: room.id, kind: .said, speaker: "alice", text: "Hello", createdAt: 1, lang: en)
-            let translated = RoomEntry(id: ids.make(.roomEntry), room: room.id, kind: .translation, speaker: "alice", text: "Olá", createdAt: 2,
-                                       reason: .complete, stream: "st_1", lang: pt, source: said.id)
-            let reply = RoomEntry(id: ids.make(.roomEntry), room: room.id, kind: .turn, speaker: "cl_z", text: "Salut", createdAt: 3,
-                                  reason: .complete, stream: "st_2", lang: LanguageTag("fr")!)
-            let replyTranslated = RoomEntry(id: ids.make(.roomEntry), room: room.id, kind: .translation, speaker: "cl_z", text: "Hi", createdAt: 4,
-                                            reason: .cancelled, stream: "st_3", lang: en, source: reply.id, speakerIsClone: true)
+            let translated = RoomEntry(
+                id: ids.make(.roomEntry), room: room.id, kind: .translation, speaker: "alice", text: "Olá", createdAt: 2,
+                reason: .complete, stream: "st_1", lang: pt, source: said.id)
+            let reply = RoomEntry(
+                id: ids.make(.roomEntry), room: room.id, kind: .turn, speaker: "cl_z", text: "Salut", createdAt: 3,
+                reason: .complete, stream: "st_2", lang: LanguageTag("fr")!)
+            let replyTranslated = RoomEntry(
+                id: ids.make(.roomEntry), room: room.id, kind: .translation, speaker: "cl_z", text: "Hi", createdAt: 4,
+                reason: .cancelled, stream: "st_3", lang: en, source: reply.id, speakerIsClone: true)
             for entry in [said, translated, reply, replyTranslated] { try await store.appendRoomEntry(entry) }
             let back = try await store.roomEntries(room: room.id, limit: 10, before: nil)
             #expect(back == [said, translated, reply, replyTranslated])

@@ -24,7 +24,12 @@ import Testing
         try await store.createClone(clone)
         // A write that cannot finish until told to: the group commit's thread is taken.
         let (entered, release) = (DispatchSemaphore(value: 0), DispatchSemaphore(value: 0))
-        let write = Task { try await store.run { _ in entered.signal(); release.wait() } }
+        let write = Task {
+            try await store.run { _ in
+                entered.signal()
+                release.wait()
+            }
+        }
         await Task.detached { entered.wait() }.value
         let read = try await withThrowingTaskGroup(of: Clone?.self) { group in
             group.addTask { try await store.clone(id: clone.id, owner: "alice") }

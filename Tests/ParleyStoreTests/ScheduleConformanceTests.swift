@@ -2,9 +2,11 @@ import ParleyCore
 import ParleyStore
 import Testing
 
-func makeSchedule(owner: String, clone: String, conversation: String? = nil, at: Int64, content: Schedule.Content = .text("Good morning")) -> Schedule {
-    Schedule(id: ids.make(.schedule), owner: owner, clone: clone, conversation: conversation, at: at, content: content,
-             status: .pending, createdAt: 1_000, updatedAt: 1_000)
+func makeSchedule(owner: String, clone: String, conversation: String? = nil, at: Int64, content: Schedule.Content = .text("Good morning")) -> Schedule
+{
+    Schedule(
+        id: ids.make(.schedule), owner: owner, clone: clone, conversation: conversation, at: at, content: content,
+        status: .pending, createdAt: 1_000, updatedAt: 1_000)
 }
 
 @Suite("Schedule conformance") struct ScheduleConformanceTests {
@@ -72,7 +74,8 @@ func makeSchedule(owner: String, clone: String, conversation: String? = nil, at:
             #expect(try await store.completeSchedule(id: s.id, message: message, newConversation: conversation, now: 6_000) == nil)
             #expect(try await store.conversation(id: conversation.id, owner: "alice") == nil)
 
-            _ = try await store.transitionSchedule(id: s.id, from: .pending, to: ScheduleChange(status: .firing, updatedAt: 6_000, message: message.id))
+            _ = try await store.transitionSchedule(
+                id: s.id, from: .pending, to: ScheduleChange(status: .firing, updatedAt: 6_000, message: message.id))
             let fired = try await store.completeSchedule(id: s.id, message: message, newConversation: conversation, now: 6_001)
             #expect(fired?.status == .fired)
             #expect(fired?.conversation == conversation.id)

@@ -44,8 +44,9 @@ func withStore(_ backend: Backend, _ body: (any Store) async throws -> Void) asy
 let ids = IDGenerator()
 
 func makeClone(owner: String, name: String = "Ada", at time: Int64 = 1_000) -> Clone {
-    Clone(id: ids.make(.clone), owner: owner, name: name, traits: ["curious", "warm"], systemPrompt: "Be kind.",
-          sliders: ["warmth": 80, "humor": 5], memory: ["Likes tea"], createdAt: time, updatedAt: time)
+    Clone(
+        id: ids.make(.clone), owner: owner, name: name, traits: ["curious", "warm"], systemPrompt: "Be kind.",
+        sliders: ["warmth": 80, "humor": 5], memory: ["Likes tea"], createdAt: time, updatedAt: time)
 }
 
 func makeConversation(owner: String, clone: String, at time: Int64 = 1_000) -> Conversation {

@@ -4,8 +4,9 @@ import Testing
 
 @Suite("Stream journal conformance") struct StreamJournalConformanceTests {
     private func journal(_ stream: String, user: String = "alice", target: StreamJournal.Target, at time: Int64) -> StreamJournal {
-        StreamJournal(stream: stream, user: user, model: "simulated", feature: "chat", inputTokens: 42, target: target,
-                      messageID: ids.make(.message), createdAt: time)
+        StreamJournal(
+            stream: stream, user: user, model: "simulated", feature: "chat", inputTokens: 42, target: target,
+            messageID: ids.make(.message), createdAt: time)
     }
 
     @Test(arguments: Backend.all)

@@ -20,11 +20,14 @@ public final class TestServer: Sendable {
     }
 
     /// `provider` replaces the simulated one (not kept by `restarted`).
-    public static func start(store: StoreKind = .sqlite, provider: (any LLMProvider)? = nil,
-                             _ configure: (inout ServerConfiguration) -> Void = { _ in }) async throws -> TestServer {
+    public static func start(
+        store: StoreKind = .sqlite, provider: (any LLMProvider)? = nil,
+        _ configure: (inout ServerConfiguration) -> Void = { _ in }
+    ) async throws -> TestServer {
         var configuration = ServerConfiguration()
         configuration.port = 0
-        configuration.dataDirectory = FileManager.default.temporaryDirectory
+        configuration.dataDirectory =
+            FileManager.default.temporaryDirectory
             .appendingPathComponent("parley-test-\(UUID().uuidString)").path
         configuration.eventLoopThreads = 2
         configuration.simulated.timeToFirstToken = .zero
@@ -66,8 +69,9 @@ public final class TestServer: Sendable {
 
     /// Creates a clone through the REST API and returns its JSON.
     public func createClone(token: String, name: String = "Ada", fields: [(String, JSONValue)] = []) async throws -> JSONValue {
-        let response = try await TestHTTPClient.json(port: port, .POST, "/v1/clones", token: token,
-                                                     json: .object([("name", .string(name))] + fields))
+        let response = try await TestHTTPClient.json(
+            port: port, .POST, "/v1/clones", token: token,
+            json: .object([("name", .string(name))] + fields))
         guard response.status == .created else { throw TestTimeout(description: "clone creation answered \(response.status): \(response.text)") }
         return try response.json()
     }

@@ -63,7 +63,8 @@ public final class TestWebSocket {
         var bootstrap = ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
         if let receiveBuffer { bootstrap = bootstrap.channelOption(.socketOption(.so_rcvbuf), value: SocketOptionValue(receiveBuffer)) }
-        let result: EventLoopFuture<(any Channel)?> = try await bootstrap
+        let result: EventLoopFuture<(any Channel)?> =
+            try await bootstrap
             .connect(host: "127.0.0.1", port: port) { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let upgrader = NIOTypedWebSocketClientUpgrader<(any Channel)?>(
@@ -125,10 +126,13 @@ public final class TestWebSocket {
         waits += 1
         let token = waits
         let continuation = self.continuation
-        return (token, Task {
-            try await Task.sleep(for: timeout)
-            continuation.yield(.timedOut(token))
-        })
+        return (
+            token,
+            Task {
+                try await Task.sleep(for: timeout)
+                continuation.yield(.timedOut(token))
+            }
+        )
     }
 
     /// The next thing received, or `TestTimeout` after `timeout`.

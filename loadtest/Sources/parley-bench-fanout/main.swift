@@ -86,11 +86,13 @@ func post(_ path: String, _ body: JSONValue) async throws -> JSONValue {
 }
 let a = try await post("/v1/clones", .object([("name", .string("Ada"))]))["id"]!
 let b = try await post("/v1/clones", .object([("name", .string("Bob"))]))["id"]!
-let room = try await post("/v1/rooms", .object([
-    ("kind", .string("debate")), ("topic", .string("Is cheese a dessert?")), ("rounds", .int(1)), ("visibility", .string("link")),
-    ("max_tokens_per_turn", .int(Int64(options.tokens))),
-    ("clones", .array([.object([("clone", a), ("stance", .string("yes"))]), .object([("clone", b), ("stance", .string("no"))])])),
-]))["id"]!.stringValue!
+let room = try await post(
+    "/v1/rooms",
+    .object([
+        ("kind", .string("debate")), ("topic", .string("Is cheese a dessert?")), ("rounds", .int(1)), ("visibility", .string("link")),
+        ("max_tokens_per_turn", .int(Int64(options.tokens))),
+        ("clones", .array([.object([("clone", a), ("stance", .string("yes"))]), .object([("clone", b), ("stance", .string("no"))])])),
+    ]))["id"]!.stringValue!
 
 let arrivals = Arrivals(members: options.members, tokens: options.tokens)
 var sockets: [TestWebSocket] = []
@@ -137,7 +139,9 @@ print("\(options.members) members, one turn of \(options.tokens) tokens at \(opt
 print("| members | tokens delivered | missing | delay p50 | delay p99 | delay max | per-token spread p50 / p99 |")
 print("| --- | --- | --- | --- | --- | --- | --- |")
 func ms(_ x: Double) -> String { String((x * 100).rounded() / 100) + " ms" }
-print("| \(options.members) | \(delays.count) | \(missing) | \(ms(percentile(delays, 0.5))) | \(ms(percentile(delays, 0.99))) | \(ms(delays.last ?? 0)) | \(ms(percentile(spreads, 0.5))) / \(ms(percentile(spreads, 0.99))) |")
+print(
+    "| \(options.members) | \(delays.count) | \(missing) | \(ms(percentile(delays, 0.5))) | \(ms(percentile(delays, 0.99))) | \(ms(delays.last ?? 0)) | \(ms(percentile(spreads, 0.5))) / \(ms(percentile(spreads, 0.99))) |"
+)
 for socket in sockets { await socket.drop() }
 await mod.drop()
 await server.shutdown()

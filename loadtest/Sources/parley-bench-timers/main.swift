@@ -225,26 +225,35 @@ func run<Q: TimerQueue>(_ type: Q.Type, options: Options) -> Result {
         slowest = max(slowest, nowNanos() - t0)
         if tick >= horizon * 1_000 { break }
     }
-    precondition(latenessMillis.count == options.realtimeTimers, "\(Q.name) fired \(latenessMillis.count) of \(options.realtimeTimers) real-time timers")
+    precondition(
+        latenessMillis.count == options.realtimeTimers, "\(Q.name) fired \(latenessMillis.count) of \(options.realtimeTimers) real-time timers")
     precondition(latenessMillis.allSatisfy { $0 >= 0 }, "\(Q.name) fired a timer early")
     latenessMillis.sort()
     func percentile(_ p: Double) -> Double { latenessMillis[min(latenessMillis.count - 1, Int(Double(latenessMillis.count) * p))] }
-    return Result(name: Q.name, scheduleRate: rate(n, scheduleNanos), bytesPerTimer: bytes, cancelRate: rate(victims.count, cancelNanos),
-                  fireRate: rate(fired, fireNanos), lateness: (percentile(0.5), percentile(0.99), latenessMillis.last ?? 0), wakeups: wakeups,
-                  slowestAdvanceMicros: slowest / 1_000, lateTicks: lateTicks)
+    return Result(
+        name: Q.name, scheduleRate: rate(n, scheduleNanos), bytesPerTimer: bytes, cancelRate: rate(victims.count, cancelNanos),
+        fireRate: rate(fired, fireNanos), lateness: (percentile(0.5), percentile(0.99), latenessMillis.last ?? 0), wakeups: wakeups,
+        slowestAdvanceMicros: slowest / 1_000, lateTicks: lateTicks)
 }
 
 let options = Options(CommandLine.arguments)
 if let only = options.only {
-    let r = switch only {
-    case "wheel": run(WheelQueue.self, options: options)
-    case "heap": run(HeapQueue.self, options: options)
-    default: usage()
-    }
-    print("| \(r.name) | \(r.scheduleRate) | \(r.bytesPerTimer.formatted(1)) B | \(r.cancelRate) | \(r.fireRate) | \(r.lateness.p50.formatted(2)) / \(r.lateness.p99.formatted(2)) / \(r.lateness.max.formatted(2)) ms | \(r.lateTicks) | \(r.slowestAdvanceMicros) µs | \(r.wakeups) |")
+    let r =
+        switch only {
+        case "wheel": run(WheelQueue.self, options: options)
+        case "heap": run(HeapQueue.self, options: options)
+        default: usage()
+        }
+    print(
+        "| \(r.name) | \(r.scheduleRate) | \(r.bytesPerTimer.formatted(1)) B | \(r.cancelRate) | \(r.fireRate) | \(r.lateness.p50.formatted(2)) / \(r.lateness.p99.formatted(2)) / \(r.lateness.max.formatted(2)) ms | \(r.lateTicks) | \(r.slowestAdvanceMicros) µs | \(r.wakeups) |"
+    )
 } else {
-    print("\(options.timers) timers, deadlines over one hour of \(options.tickMillis) ms ticks; half cancelled; then \(options.realtimeTimers) timers fired in real time over \(options.realtimeMillis) ms with \(options.timers) more pending")
-    print("| structure | schedule | bytes per timer | cancel | fire (tick by tick) | real-time lateness p50 / p99 / max | fired > 1 tick late | slowest advance | wake-ups |")
+    print(
+        "\(options.timers) timers, deadlines over one hour of \(options.tickMillis) ms ticks; half cancelled; then \(options.realtimeTimers) timers fired in real time over \(options.realtimeMillis) ms with \(options.timers) more pending"
+    )
+    print(
+        "| structure | schedule | bytes per timer | cancel | fire (tick by tick) | real-time lateness p50 / p99 / max | fired > 1 tick late | slowest advance | wake-ups |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     let arguments = "--timers \(options.timers) --realtime-ms \(options.realtimeMillis) --realtime-timers \(options.realtimeTimers)"
     for structure in ["wheel", "heap"] {

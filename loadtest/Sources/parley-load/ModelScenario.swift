@@ -83,7 +83,10 @@ struct Model: AsyncParsableCommand {
         let recorders = try await boundedMap(streams, width: streams) { index in
             let recorder = Recorder()
             let request = CompletionRequest(
-                messages: [PromptMessage(role: .system, text: PromptAssembler.systemText(for: Self.clone(index))), PromptMessage(role: .user, text: Self.text)],
+                messages: [
+                    PromptMessage(role: .system, text: PromptAssembler.systemText(for: Self.clone(index))),
+                    PromptMessage(role: .user, text: Self.text),
+                ],
                 maxOutputTokens: maxTokens)
             for _ in 0..<requests {
                 let sent = nowNanos()

@@ -90,7 +90,8 @@ func close(_ sockets: [LoadSocket]) async throws {
 }
 
 struct Chat: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "N sockets, each sending chat.send on an open-loop schedule and reading the streamed reply.")
+    static let configuration = CommandConfiguration(
+        abstract: "N sockets, each sending chat.send on an open-loop schedule and reading the streamed reply.")
     @OptionGroup var target: TargetOptions
     @Option(help: "Sockets (one user and clone each).") var sockets = 100
     @Option(help: "Each socket sends one message every this many ms.") var intervalMs = 3000
@@ -152,10 +153,14 @@ struct Debate: AsyncParsableCommand {
             let source = try target.tokens()
             let moderator = try source.token(for: "\(target.userPrefix)-mod")
             let clones = try await target.rest.createClones(tokens: [moderator, moderator])
-            let room = try await target.rest.post("/v1/rooms", token: moderator, json: [
-                "kind": "debate", "topic": "Is the sea a good neighbour?", "rounds": rounds, "visibility": "link", "max_tokens_per_turn": turnTokens,
-                "clones": clones.map { ["clone": $0, "stance": "an honest one"] },
-            ])["id"] as! String
+            let room =
+                try await target.rest.post(
+                    "/v1/rooms", token: moderator,
+                    json: [
+                        "kind": "debate", "topic": "Is the sea a good neighbour?", "rounds": rounds, "visibility": "link",
+                        "max_tokens_per_turn": turnTokens,
+                        "clones": clones.map { ["clone": $0, "stance": "an honest one"] },
+                    ])["id"] as! String
             let tokens = try (0..<members).map { try source.token(for: "\(target.userPrefix)-m\($0)") }
             let connected = try await run.connect(tokens: tokens)
             let joined = Countdown(members)
@@ -187,7 +192,8 @@ struct Debate: AsyncParsableCommand {
 }
 
 struct Translation: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "One translation chat: members in several languages say things on an open-loop schedule.")
+    static let configuration = CommandConfiguration(
+        abstract: "One translation chat: members in several languages say things on an open-loop schedule.")
     @OptionGroup var target: TargetOptions
     @Option(help: "Members (the first one owns the chat).") var members = 30
     @Option(help: "Languages, spread over the members.") var languages = 3
@@ -198,7 +204,9 @@ struct Translation: AsyncParsableCommand {
     static let tags = ["en", "pt", "zh", "fr", "de", "es", "ja", "ko", "it", "nl"]
 
     func run() async throws {
-        guard (2...50).contains(members), (1...Self.tags.count).contains(languages) else { throw ValidationError("--members 2-50, --languages 1-\(Self.tags.count)") }
+        guard (2...50).contains(members), (1...Self.tags.count).contains(languages) else {
+            throw ValidationError("--members 2-50, --languages 1-\(Self.tags.count)")
+        }
         let run = target.run("translation")
         run.parameters = ["members": members, "languages": languages, "interval_ms": intervalMs, "duration_s": duration]
         try await running(run) {
@@ -206,10 +214,13 @@ struct Translation: AsyncParsableCommand {
             let users = (0..<members).map { "\(target.userPrefix)-t\($0)" }
             let tokens = try users.map { try source.token(for: $0) }
             let language = { (index: Int) in Self.tags[index % languages] }
-            let room = try await target.rest.post("/v1/rooms", token: tokens[0], json: [
-                "kind": "translation", "members": Array(users.dropFirst()),
-                "languages": Dictionary(uniqueKeysWithValues: users.enumerated().map { ($1, language($0)) }),
-            ])["id"] as! String
+            let room =
+                try await target.rest.post(
+                    "/v1/rooms", token: tokens[0],
+                    json: [
+                        "kind": "translation", "members": Array(users.dropFirst()),
+                        "languages": Dictionary(uniqueKeysWithValues: users.enumerated().map { ($1, language($0)) }),
+                    ])["id"] as! String
             let connected = try await run.connect(tokens: tokens)
             let joined = Countdown(members)
             let nominalGap = UInt64(1e9 / tokensPerSecond)
@@ -291,8 +302,9 @@ struct Schedule: AsyncParsableCommand {
             let clones = try await target.rest.createClones(tokens: tokens)
             let connected = try await run.connect(tokens: tokens)
             let due = wallMillis() + Int64(leadMs)
-            let at = ISO8601DateFormatter.string(from: Date(timeIntervalSince1970: Double(due) / 1000), timeZone: .gmt,
-                                                 formatOptions: [.withInternetDateTime, .withFractionalSeconds])
+            let at = ISO8601DateFormatter.string(
+                from: Date(timeIntervalSince1970: Double(due) / 1000), timeZone: .gmt,
+                formatOptions: [.withInternetDateTime, .withFractionalSeconds])
             let created = Countdown(users * perUser)
             let delivered = Countdown(users * perUser)
             for socket in connected {

@@ -93,10 +93,13 @@ final class LoadRun: @unchecked Sendable {
             guard let h = total.histograms[metric], h.totalCount > 0 else { continue }
             let q = [50.0, 90, 99, 99.9].map { Double(h.valueAtPercentile($0)) / 1000 }
             let max = Double(h.max) / 1000
-            print(metric.rawValue.padding(toLength: 28, withPad: " ", startingAt: 0)
-                  + String(format: "%10llu %8.2f %8.2f %8.2f %8.2f %8.2f", h.totalCount, q[0], q[1], q[2], q[3], max))
-            latencies[metric.rawValue] = ["count": h.totalCount, "p50_ms": q[0], "p90_ms": q[1], "p99_ms": q[2], "p99_9_ms": q[3], "max_ms": max,
-                                          "mean_ms": h.mean / 1000]
+            print(
+                metric.rawValue.padding(toLength: 28, withPad: " ", startingAt: 0)
+                    + String(format: "%10llu %8.2f %8.2f %8.2f %8.2f %8.2f", h.totalCount, q[0], q[1], q[2], q[3], max))
+            latencies[metric.rawValue] = [
+                "count": h.totalCount, "p50_ms": q[0], "p90_ms": q[1], "p99_ms": q[2], "p99_9_ms": q[3], "max_ms": max,
+                "mean_ms": h.mean / 1000,
+            ]
         }
         report["latency"] = latencies
         let counters: [String: Any] = [
@@ -108,29 +111,42 @@ final class LoadRun: @unchecked Sendable {
         if deflate {
             // Payload bytes only (frame headers are the same either way).
             let ratio = total.bytes > 0 ? Double(total.wireBytes) / Double(total.bytes) : 0
-            report["deflate"] = ["compressed_sockets": total.compressedSockets, "wire_bytes": total.wireBytes, "json_bytes": total.bytes,
-                                 "wire_to_json": ratio]
-            print(String(format: "permessage-deflate on %d sockets: %.2f MB on the wire for %.2f MB of JSON (%.1f%%, %.1f%% saved)",
-                         total.compressedSockets, Double(total.wireBytes) / 1e6, Double(total.bytes) / 1e6, ratio * 100, (1 - ratio) * 100))
+            report["deflate"] = [
+                "compressed_sockets": total.compressedSockets, "wire_bytes": total.wireBytes, "json_bytes": total.bytes,
+                "wire_to_json": ratio,
+            ]
+            print(
+                String(
+                    format: "permessage-deflate on %d sockets: %.2f MB on the wire for %.2f MB of JSON (%.1f%%, %.1f%% saved)",
+                    total.compressedSockets, Double(total.wireBytes) / 1e6, Double(total.bytes) / 1e6, ratio * 100, (1 - ratio) * 100))
         }
-        print(String(format: "frames %d (%.0f/s), %.2f MB (%.2f MB/s), tokens %d, streams %d, sockets dropped %d",
-                     total.frames, Double(total.frames) / seconds, Double(total.bytes) / 1e6, Double(total.bytes) / 1e6 / seconds,
-                     total.tokens, total.streams, total.dropped))
-        print("errors: " + (total.errors.isEmpty ? "none" : total.errors.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")))
+        print(
+            String(
+                format: "frames %d (%.0f/s), %.2f MB (%.2f MB/s), tokens %d, streams %d, sockets dropped %d",
+                total.frames, Double(total.frames) / seconds, Double(total.bytes) / 1e6, Double(total.bytes) / 1e6 / seconds,
+                total.tokens, total.streams, total.dropped))
+        print(
+            "errors: "
+                + (total.errors.isEmpty ? "none" : total.errors.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")))
         if let server {
             let perFrame = total.frames > 0 ? server.cpu / Double(total.frames) * 1e6 : 0
-            report["server"] = ["cpu_s": server.cpu, "cpu_utilization": server.cpu / seconds, "rss_start_bytes": server.rssStart,
-                                "rss_end_bytes": server.rssEnd, "rss_peak_bytes": server.rssPeak, "cpu_us_per_frame_delivered": perFrame]
-            print(String(format: "server: %.2f CPU-s (%.0f%% of one core), %.1f µs CPU per frame delivered, RSS %.1f → %.1f MiB (peak %.1f)",
-                         server.cpu, server.cpu / seconds * 100, perFrame, Double(server.rssStart) / 1_048_576, Double(server.rssEnd) / 1_048_576,
-                         Double(server.rssPeak) / 1_048_576))
+            report["server"] = [
+                "cpu_s": server.cpu, "cpu_utilization": server.cpu / seconds, "rss_start_bytes": server.rssStart,
+                "rss_end_bytes": server.rssEnd, "rss_peak_bytes": server.rssPeak, "cpu_us_per_frame_delivered": perFrame,
+            ]
+            print(
+                String(
+                    format: "server: %.2f CPU-s (%.0f%% of one core), %.1f µs CPU per frame delivered, RSS %.1f → %.1f MiB (peak %.1f)",
+                    server.cpu, server.cpu / seconds * 100, perFrame, Double(server.rssStart) / 1_048_576, Double(server.rssEnd) / 1_048_576,
+                    Double(server.rssPeak) / 1_048_576))
         }
         if let client {
             let utilization = client.cpu / seconds
             let bound = utilization > 0.85 * Double(threads)
             report["client"] = ["cpu_s": client.cpu, "cpu_utilization": utilization, "client_bound": bound]
-            print(String(format: "client: %.2f CPU-s (%.0f%% of one core)", client.cpu, utilization * 100)
-                  + (bound ? " — the CLIENT was saturated: these latencies measure it, not the server" : ""))
+            print(
+                String(format: "client: %.2f CPU-s (%.0f%% of one core)", client.cpu, utilization * 100)
+                    + (bound ? " — the CLIENT was saturated: these latencies measure it, not the server" : ""))
         }
         for (key, value) in extra {
             report[key] = value
@@ -168,7 +184,10 @@ final class Countdown: Sendable {
 
     private func fire() {
         finished.store(true, ordering: .sequentiallyConsistent)
-        done.withLock { $0?.resume(); $0 = nil }
+        done.withLock {
+            $0?.resume()
+            $0 = nil
+        }
     }
 
     /// Waits until the count reaches zero or `timeout` passes; false on timeout.

@@ -78,7 +78,8 @@ final class ChatRole: SocketRole {
             streams[stream] = track
         case .streamStart:
             guard let ref = bytes.string(.ref), let number = Int(ref.dropFirst()), let stream = bytes.hash(.stream),
-                  let scheduled = pending.removeValue(forKey: number) else { return }
+                let scheduled = pending.removeValue(forKey: number)
+            else { return }
             streams[stream] = Track(scheduled: scheduled)
         case .streamEnd:
             guard let stream = bytes.hash(.stream), let track = streams.removeValue(forKey: stream) else { return }

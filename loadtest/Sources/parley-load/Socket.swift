@@ -20,15 +20,25 @@ enum FrameType {
             return
         }
         let rest = bytes.dropFirst(Self.prefix.count)
-        if rest.starts(with: "token\"".utf8) { self = .token }
-        else if rest.starts(with: "stream.start\"".utf8) { self = .streamStart }
-        else if rest.starts(with: "stream.end\"".utf8) { self = .streamEnd }
-        else if rest.starts(with: "room.event\"".utf8) { self = .roomEvent }
-        else if rest.starts(with: "room.state\"".utf8) { self = .roomState }
-        else if rest.starts(with: "delivery\"".utf8) { self = .delivery }
-        else if rest.starts(with: "welcome\"".utf8) { self = .welcome }
-        else if rest.starts(with: "error\"".utf8) { self = .error }
-        else { self = .other }
+        if rest.starts(with: "token\"".utf8) {
+            self = .token
+        } else if rest.starts(with: "stream.start\"".utf8) {
+            self = .streamStart
+        } else if rest.starts(with: "stream.end\"".utf8) {
+            self = .streamEnd
+        } else if rest.starts(with: "room.event\"".utf8) {
+            self = .roomEvent
+        } else if rest.starts(with: "room.state\"".utf8) {
+            self = .roomState
+        } else if rest.starts(with: "delivery\"".utf8) {
+            self = .delivery
+        } else if rest.starts(with: "welcome\"".utf8) {
+            self = .welcome
+        } else if rest.starts(with: "error\"".utf8) {
+            self = .error
+        } else {
+            self = .other
+        }
     }
 }
 
