@@ -46,6 +46,11 @@ final class LiveRoom: Sendable {
             for flight in inflight.values { flight.stream.unsubscribe(connection) }
         }
 
+        /// Every socket of `user` leaves (a kick).
+        mutating func removeMembers(of user: String, hub: SocketHub) {
+            for id in members.values.filter({ $0.identity.user == user }).map(\.id) { unsubscribe(id, hub: hub) }
+        }
+
         /// The language a user reads in (nil: originals as written).
         func language(of connection: ClientConnection) -> LanguageTag? { room.languages[connection.identity.user] }
 

@@ -298,7 +298,6 @@ final class RoomService: FrameHandler {
             throw FrameError(ref: nil, code: .forbidden, message: "only the moderator may \(action.rawValue) room \(id)")
         }
         let now = Int64(Timestamp.nowMillis())
-        var kickedSockets: [ClientConnection] = []
         // Decided by the pure lifecycle and carried out under the room's lock, which the turn loop reads too.
         let outcome = live.state.withLock { s -> Result<RoomControl, FrameError> in
             let outcome = RoomLifecycle.apply(action, target: target, to: s.room, speaking: s.current?.clone, now: now)
@@ -306,10 +305,7 @@ final class RoomService: FrameHandler {
             // A stopped turn ends after the token being sent.
             if control.stopsAllStreams { s.stopStreams(.cancelled) } else if control.stopsTurn { s.current?.stop(.cancelled) }
             if let next = control.nextSpeaker { s.requested = next }
-            if let user = control.kickedUser {
-                kickedSockets = s.members.values.filter { $0.identity.user == user }
-                for socket in kickedSockets { s.unsubscribe(socket.id, hub: live.hub) }
-            }
+            if let user = control.kickedUser { s.removeMembers(of: user, hub: live.hub) }
             s.room = control.room
             return outcome
         }
@@ -325,7 +321,8 @@ final class RoomService: FrameHandler {
             "room.\(control.event)", actor: connection.identity.user, target: id, ip: connection.remoteIP,
             detail: target.map { ["subject": $0] } ?? [:])
         let frame = allocator.buffer(bytes: ServerFrame.roomEvent(room: id, event: control.event, fields))
-        for socket in kickedSockets { socket.send(frame) }
+        // The kicked user is no member any more: told on their own topic, every socket of theirs.
+        if let kicked = control.kickedUser { streams.broker.publish(frame, to: .user(kicked)) }
         live.broadcast(frame)
         if control.startsLoop { runTurns(live) }
     }
