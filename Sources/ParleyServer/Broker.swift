@@ -187,6 +187,9 @@ final class SocketHub: Sendable {
     }
 
     private static func subscribe(_ connection: ClientConnection, to topic: Topic, _ s: inout State) {
+        // A socket that closed already (a join or resume racing its disconnect) is not held:
+        // nothing would ever unsubscribe it.
+        guard s.byUser[connection.identity.user]?[connection.id] != nil else { return }
         s.subscribers[topic, default: [:]][connection.id] = connection
         s.topics[connection.id, default: []].insert(topic)
     }

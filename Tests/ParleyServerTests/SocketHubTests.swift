@@ -74,6 +74,8 @@ import Testing
         #expect(hub.topicCount == 2 && !hub.isSubscribed("c1", to: .stream("st_1")))
         hub.remove(ann.connection)
         #expect(hub.topicCount == 0 && hub.connectionCount == 0)
+        hub.subscribe(ann.connection, to: .stream("st_2"))  // a resume racing the close
+        #expect(hub.topicCount == 0, "a closed socket is not subscribed again")
         #expect(hub.add(again.connection), "its place is free again")
     }
 
