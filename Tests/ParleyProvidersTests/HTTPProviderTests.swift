@@ -174,6 +174,37 @@ let openAITranscript = """
         await upstream.stop()
     }
 
+    @Test func aHundredRepliesStreamFromOneUpstreamAtOnce() async throws {
+        // The speed issue (#26) saw 8 upstream connections at 100 concurrent streams (the HTTP/1
+        // per-host soft limit of AsyncHTTPClient's shared client). Here none ends until all have
+        // started: a pool that held replies back past 8 would fail this, not hang it.
+        let concurrent = 100
+        let first = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n"
+        let upstream = try await FakeUpstream(Array(repeating: .hang([Array(first.utf8)]), count: concurrent))
+        let provider = OpenAICompatibleProvider(options: HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol"))
+        let request = self.request
+        let started = try await withThrowingTaskGroup(of: Bool.self) { group in
+            for _ in 0..<concurrent {
+                group.addTask {
+                    for try await event in provider.stream(request) { return event == .token("Hi") }
+                    return false
+                }
+            }
+            group.addTask {
+                try await Task.sleep(for: .seconds(20))  // a bound, so a failure cannot hang
+                throw CancellationError()
+            }
+            var count = 0
+            while count < concurrent, let firstToken = try await group.next() {
+                if firstToken { count += 1 }
+            }
+            group.cancelAll()
+            return count
+        }
+        #expect(started == concurrent && upstream.requests.count == concurrent)
+        await upstream.stop()
+    }
+
     @Test func cancellingTheConsumerClosesTheUpstreamConnection() async throws {
         let first = #"data: {"choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}"# + "\n\n"
         let upstream = try await FakeUpstream([.hang([Array(first.utf8)])])
