@@ -71,6 +71,15 @@ final class SocketHub: Sendable {
         var subscribers: [Topic: [String: ClientConnection]] = [:]
         /// Each socket's topics, so closing it unsubscribes it everywhere.
         var topics: [String: Set<Topic>] = [:]
+        /// Each topic's subscribers by event loop, built at its first frame and dropped when they
+        /// change: a token then costs one lookup here, not a walk over a thousand members.
+        var byLoop: [Topic: [FanOut.Group]] = [:]
+
+        mutating func drop(_ connection: String, from topic: Topic) {
+            subscribers[topic]?.removeValue(forKey: connection)
+            if subscribers[topic]?.isEmpty == true { subscribers.removeValue(forKey: topic) }
+            byLoop.removeValue(forKey: topic)
+        }
     }
 
     private let state = Mutex(State())
@@ -107,10 +116,7 @@ final class SocketHub: Sendable {
             let user = connection.identity.user
             if s.byUser[user]?.removeValue(forKey: connection.id) != nil { socketsOpen?.decrement() }
             if s.byUser[user]?.isEmpty == true { s.byUser.removeValue(forKey: user) }
-            for topic in s.topics.removeValue(forKey: connection.id) ?? [] {
-                s.subscribers[topic]?.removeValue(forKey: connection.id)
-                if s.subscribers[topic]?.isEmpty == true { s.subscribers.removeValue(forKey: topic) }
-            }
+            for topic in s.topics.removeValue(forKey: connection.id) ?? [] { s.drop(connection.id, from: topic) }
         }
     }
 
@@ -144,8 +150,7 @@ final class SocketHub: Sendable {
 
     func unsubscribe(_ connection: String, from topic: Topic) {
         state.withLock { s in
-            s.subscribers[topic]?.removeValue(forKey: connection)
-            if s.subscribers[topic]?.isEmpty == true { s.subscribers.removeValue(forKey: topic) }
+            s.drop(connection, from: topic)
             s.topics[connection]?.remove(topic)
         }
     }
@@ -153,6 +158,7 @@ final class SocketHub: Sendable {
     /// Forgets a topic that gets no more frames (an ended stream, a room out of memory).
     func close(_ topic: Topic) {
         state.withLock { s in
+            s.byLoop.removeValue(forKey: topic)
             for id in (s.subscribers.removeValue(forKey: topic) ?? [:]).keys { s.topics[id]?.remove(topic) }
         }
     }
@@ -172,18 +178,14 @@ final class SocketHub: Sendable {
 
     /// Writes `frame` to every active subscriber of `topic` that `audience` admits.
     func deliver(_ frame: ByteBuffer, to topic: Topic, audience: Audience) {
-        let recipients = state.withLock { s -> [ClientConnection] in
+        let groups = state.withLock { s -> [FanOut.Group] in
+            if let groups = s.byLoop[topic] { return groups }
             guard let subscribers = s.subscribers[topic] else { return [] }
-            // A chat reply has one subscriber: no dictionary walk beyond it.
-            if subscribers.count == 1, let only = subscribers.first?.value {
-                return only.isActive && audience.admits(only) ? [only] : []
-            }
-            var recipients: [ClientConnection] = []
-            recipients.reserveCapacity(subscribers.count)
-            for connection in subscribers.values where connection.isActive && audience.admits(connection) { recipients.append(connection) }
-            return recipients
+            let groups = FanOut.groups(subscribers.values)
+            s.byLoop[topic] = groups
+            return groups
         }
-        FanOut.send(frame, to: recipients, delay: fanOutDelay)
+        FanOut.send(frame, to: groups, audience: audience, delay: fanOutDelay)
     }
 
     private static func subscribe(_ connection: ClientConnection, to topic: Topic, _ s: inout State) {
@@ -192,6 +194,7 @@ final class SocketHub: Sendable {
         guard s.byUser[connection.identity.user]?[connection.id] != nil else { return }
         s.subscribers[topic, default: [:]][connection.id] = connection
         s.topics[connection.id, default: []].insert(topic)
+        s.byLoop.removeValue(forKey: topic)
     }
 }
 

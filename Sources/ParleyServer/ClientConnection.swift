@@ -28,13 +28,35 @@ public final class ClientConnection: Sendable {
     private let lifecycle = Mutex(WebSocketLifecycle())
     /// Its requests take effect in the order they arrived.
     let order = RequestOrder()
+    /// Flushes its writes once per event-loop tick, with every other socket's on that loop.
+    private let flushes: FlushBatch
+    /// Loop-confined: how frames reach the socket, and whether a flush is due.
+    private let output: NIOLoopBoundBox<Output>
 
-    init(id: String, identity: Identity, channel: any Channel, maxQueuedBytes: Int = 4 * 1024 * 1024, slowReaderCutOffs: Counter? = nil) {
+    private struct Output {
+        /// The WebSocket encoder's context, when frames need nothing from the pipeline (no
+        /// permessage-deflate): a frame encoded once is written past the encoder to every socket.
+        var pastEncoder: ChannelHandlerContext?
+        var flushDue = false
+    }
+
+    init(
+        id: String, identity: Identity, channel: any Channel, maxQueuedBytes: Int = 4 * 1024 * 1024, slowReaderCutOffs: Counter? = nil,
+        flushes: FlushBatch? = nil
+    ) {
         self.slowReaderCutOffs = slowReaderCutOffs
         self.id = id
         self.identity = identity
         self.channel = channel
         self.maxQueuedBytes = maxQueuedBytes
+        self.flushes = flushes ?? FlushBatch(loop: channel.eventLoop)
+        output = .makeBoxSendingValue(Output(), as: Output.self, eventLoop: channel.eventLoop)
+    }
+
+    /// Frames may be written past the pipeline's WebSocket encoder (call on the loop, once the
+    /// pipeline is complete): only when no handler between it and the tail changes outbound frames.
+    func writePastEncoder() throws {
+        output.value.pastEncoder = try channel.pipeline.syncOperations.context(handlerType: WebSocketFrameEncoder.self)
     }
 
     /// The peer's address (for the audit log, which keeps only its hash).
@@ -50,10 +72,9 @@ public final class ClientConnection: Sendable {
     /// Sends one text message. The buffer is shared, not copied, when fanned out to many sockets.
     func send(_ buffer: ByteBuffer) {
         guard !cutOff.load(ordering: .relaxed) else { return }
-        let frame = WebSocketFrame(fin: true, opcode: .text, data: buffer)
         let loop = channel.eventLoop
         if loop.inEventLoop {
-            channel.writeAndFlush(frame, promise: nil)
+            writeOnLoop(buffer, encoded: nil)
             return
         }
         let size = buffer.readableBytes
@@ -62,11 +83,34 @@ public final class ClientConnection: Sendable {
             cutOffSlowReader()
             return
         }
-        let channel = self.channel
         loop.execute {
             self.inTransit.wrappingSubtract(size, ordering: .relaxed)
-            channel.writeAndFlush(frame, promise: nil)
+            self.writeOnLoop(buffer, encoded: nil)
         }
+    }
+
+    /// Writes one text message on the socket's loop: `encoded` is the whole WebSocket frame
+    /// (`WireFrame.text(payload)`) when the caller encoded it once for many sockets. Flushed at
+    /// the end of the loop's tick, so frames that queue for a socket leave in one `writev`.
+    func writeOnLoop(_ payload: ByteBuffer, encoded: ByteBuffer?) {
+        guard !cutOff.load(ordering: .relaxed) else { return }
+        // Not written inside an access to `output`: a failed write can close the channel at once,
+        // and its close handler clears `output` (an overlapping access would trap).
+        if let encoder = output.value.pastEncoder {
+            encoder.write(NIOAny(encoded ?? WireFrame.text(payload, allocator: channel.allocator)), promise: nil)
+        } else {
+            channel.write(WebSocketFrame(fin: true, opcode: .text, data: payload), promise: nil)
+        }
+        if !output.value.flushDue {
+            output.value.flushDue = true
+            flushes.add(self)
+        }
+    }
+
+    /// The batch's flush: every frame written since the last one leaves now.
+    fileprivate func flushOnLoop() {
+        output.value.flushDue = false
+        if let encoder = output.value.pastEncoder { encoder.flush() } else { channel.flush() }
     }
 
     /// Sends one text message; the future succeeds once it was written to the socket.
@@ -97,7 +141,11 @@ public final class ClientConnection: Sendable {
     var acceptsFrames: Bool { lifecycle.withLock { $0.isOpen } }
 
     /// The channel is gone.
-    func channelClosed() { lifecycle.withLock { $0.channelClosed() } }
+    func channelClosed() {
+        lifecycle.withLock { $0.channelClosed() }
+        // The context would keep the torn-down pipeline alive.
+        if channel.eventLoop.inEventLoop { output.value.pastEncoder = nil }
+    }
 
     /// The peer sent a close frame: answered when the peer started closing, the end of the
     /// handshake when the server did.
@@ -175,29 +223,105 @@ public final class ClientConnection: Sendable {
 /// socket: the frame is handed to each loop once, and that loop writes it to all of its sockets.
 /// Per socket, frames keep the order they were sent in (each loop runs its tasks in order).
 enum FanOut {
-    /// `delay`, when given, records how long each loop took to get to the frame and write it.
-    static func send(_ frame: ByteBuffer, to connections: [ClientConnection], delay: Timer? = nil) {
-        if connections.count <= 1 {
-            connections.first?.send(frame)
-            return
-        }
+    /// The members of an audience that one event loop serves.
+    struct Group: Sendable {
+        let loop: any EventLoop
+        let members: [ClientConnection]
+    }
+
+    static func groups(_ connections: some Sequence<ClientConnection>) -> [Group] {
         var byLoop: [ObjectIdentifier: (loop: any EventLoop, members: [ClientConnection])] = [:]
         for connection in connections {
             let loop = connection.channel.eventLoop
             byLoop[ObjectIdentifier(loop), default: (loop, [])].members.append(connection)
         }
+        return byLoop.values.map { Group(loop: $0.loop, members: $0.members) }
+    }
+
+    /// Writes `frame` to the members `audience` admits; `delay`, when given, records how long
+    /// each loop took to get to the frame and write it.
+    static func send(_ frame: ByteBuffer, to groups: [Group], audience: Audience, delay: Timer? = nil) {
+        // A chat reply has one reader: its frame goes as a single socket's does.
+        if groups.count == 1, groups[0].members.count == 1 {
+            let only = groups[0].members[0]
+            if audience.admits(only) { only.send(frame) }
+            return
+        }
+        guard !groups.isEmpty else { return }
+        // The WebSocket frame is encoded once and the same bytes written to every socket.
+        let encoded = WireFrame.text(frame, allocator: groups[0].members[0].channel.allocator)
+        let everyone = audience == .everyone
         let sent = delay == nil ? 0 : NIODeadline.now().uptimeNanoseconds
-        for (loop, members) in byLoop.values {
+        for group in groups {
             // On its own loop already (a publish from an event loop): written now, as a single
             // socket's frame would be, so frames keep their order whatever the audience's size.
-            if loop.inEventLoop {
-                for member in members { member.send(frame) }
+            if group.loop.inEventLoop {
+                for member in group.members where everyone || audience.admits(member) { member.writeOnLoop(frame, encoded: encoded) }
                 continue
             }
-            loop.execute {
-                for member in members { member.send(frame) }
+            group.loop.execute {
+                for member in group.members where everyone || audience.admits(member) { member.writeOnLoop(frame, encoded: encoded) }
                 delay?.recordNanoseconds(Int64(NIODeadline.now().uptimeNanoseconds - sent))
             }
         }
+    }
+}
+
+/// The sockets of one event loop with writes not yet flushed. The first write of a tick queues
+/// one flush task behind the loop's pending tasks: an idle socket's frame leaves at once (the
+/// flush runs right after the write), and frames that queue up behind a busy loop (a burst, a
+/// thousand members) leave together, one `writev` per socket instead of one per frame.
+final class FlushBatch: Sendable {
+    let loop: any EventLoop
+    private let due: NIOLoopBoundBox<[ClientConnection]>
+
+    init(loop: any EventLoop) {
+        self.loop = loop
+        due = .makeBoxSendingValue([], as: [ClientConnection].self, eventLoop: loop)
+    }
+
+    fileprivate func add(_ connection: ClientConnection) {
+        if due.value.isEmpty { loop.execute { self.flush() } }
+        due.value.append(connection)
+    }
+
+    private func flush() {
+        let connections = due.value
+        due.value = []
+        for connection in connections { connection.flushOnLoop() }
+    }
+}
+
+/// One `FlushBatch` per event loop of the server's group.
+struct FlushBatches: Sendable {
+    private let batches: [ObjectIdentifier: FlushBatch]
+
+    init(_ group: any EventLoopGroup) {
+        var batches: [ObjectIdentifier: FlushBatch] = [:]
+        for loop in group.makeIterator() { batches[ObjectIdentifier(loop)] = FlushBatch(loop: loop) }
+        self.batches = batches
+    }
+
+    subscript(loop: any EventLoop) -> FlushBatch? { batches[ObjectIdentifier(loop)] }
+}
+
+/// One server-to-client WebSocket frame as it goes on the wire (RFC 6455 §5.2: FIN, unmasked).
+enum WireFrame {
+    static func text(_ payload: ByteBuffer, allocator: ByteBufferAllocator) -> ByteBuffer {
+        let length = payload.readableBytes
+        var frame = allocator.buffer(capacity: length + 10)
+        frame.writeInteger(UInt8(0x81))  // FIN, text
+        switch length {
+        case 0...125:
+            frame.writeInteger(UInt8(length))
+        case 126...0xFFFF:
+            frame.writeInteger(UInt8(126))
+            frame.writeInteger(UInt16(length))
+        default:
+            frame.writeInteger(UInt8(127))
+            frame.writeInteger(UInt64(length))
+        }
+        frame.writeImmutableBuffer(payload)
+        return frame
     }
 }

@@ -128,6 +128,7 @@ public final class ParleyServer: Sendable {
 
         let socketServices = ServerSocketServices(hub: sockets, chat: chat, schedules: schedules, rooms: rooms)
         let httpConnections = HTTPConnectionRegistry(limit: configuration.maxHTTPConnections ?? HTTPConnectionRegistry.defaultLimit())
+        let flushes = FlushBatches(group)
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -145,7 +146,7 @@ public final class ParleyServer: Sendable {
                     try Self.configurePipeline(
                         channel, api: api, sockets: socketServices, authenticator: authenticator,
                         configuration: configuration, ids: ids, slowReaders: slowReaders, logger: logger,
-                        httpConnections: httpConnections)
+                        httpConnections: httpConnections, flushes: flushes)
                 }
             }
         let serverChannel: any Channel
@@ -197,7 +198,7 @@ public final class ParleyServer: Sendable {
     private static func configurePipeline(
         _ channel: any Channel, api: RESTAPI, sockets: ServerSocketServices, authenticator: Authenticator,
         configuration: ServerConfiguration, ids: IDGenerator, slowReaders: Counter, logger: Logger,
-        httpConnections: HTTPConnectionRegistry
+        httpConnections: HTTPConnectionRegistry, flushes: FlushBatches
     ) throws {
         let upgrader = NIOWebSocketServerUpgrader(
             maxFrameSize: configuration.maxMessageBytes,
@@ -240,7 +241,8 @@ public final class ParleyServer: Sendable {
                 }.flatMapThrowing { identity in
                     let connection = ClientConnection(
                         id: ids.make(.connection), identity: identity, channel: channel,
-                        maxQueuedBytes: configuration.maxQueuedBytesPerSocket, slowReaderCutOffs: slowReaders)
+                        maxQueuedBytes: configuration.maxQueuedBytesPerSocket, slowReaderCutOffs: slowReaders,
+                        flushes: flushes[channel.eventLoop])
                     let deflate = deflateAgreement(head, configuration)
                     try channel.pipeline.syncOperations.addHandler(WebSocketFrameValidator(allowsRSV1: deflate != nil))
                     if let deflate {
@@ -260,6 +262,8 @@ public final class ParleyServer: Sendable {
                             limits: configuration.frameLimits, pingInterval: configuration.webSocketPingInterval.map(TimeAmount.init),
                             frameRate: configuration.maxFramesPerSecond),
                     ])
+                    // Without permessage-deflate no handler after the encoder changes an outbound frame.
+                    if deflate == nil { try connection.writePastEncoder() }
                 }
             }
         )
