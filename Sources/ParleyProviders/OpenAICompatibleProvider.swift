@@ -205,3 +205,15 @@ enum HTTPStreaming {
         }
     }
 }
+
+extension HTTPClient {
+    /// A client of its own for one model provider, allowed as many HTTP/1 connections to the
+    /// provider's host as replies may stream at once. `HTTPClient.shared` allows 8 per host: at
+    /// 100 concurrent replies the other 92 waited seconds for a connection (#26). Shut it down
+    /// when the server is done with it.
+    public static func forProvider(connections: Int) -> HTTPClient {
+        var configuration = HTTPClient.Configuration.singletonConfiguration
+        configuration.connectionPool = .init(idleTimeout: .seconds(600), concurrentHTTP1ConnectionsPerHostSoftLimit: max(8, connections))
+        return HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
+    }
+}

@@ -1,3 +1,4 @@
+import AsyncHTTPClient
 import ArgumentParser
 import CoreMetrics
 import Foundation
@@ -385,21 +386,25 @@ struct Serve: AsyncParsableCommand {
 
         // The local model first: replies recovered or scheduled at start-up already need it.
         let model = usesLocalModel ? try await startLocalModel(parallel: configuration.providerConcurrency ?? LocalModel.defaultParallel) : nil
+        // A model server gets a client of its own, with a connection for every reply that may stream at once.
+        let upstream = usesHTTPProvider ? HTTPClient.forProvider(connections: configuration.providerConcurrency ?? 16) : nil
         let server: ParleyServer
         do {
             server = try await ParleyServer.start(
                 configuration: configuration,
                 provider: try makeProvider(
                     url: model.map { LocalModel.baseURL(port: $0.configuration.port) } ?? providerUrl,
-                    model: defaultModel))
+                    model: defaultModel, client: upstream))
         } catch {
             FileHandle.standardError.write(Data("parley: \(error)\n".utf8))
             await model?.stop()
+            try? await upstream?.shutdown()
             throw ExitCode(1)
         }
         // SIGTERM or SIGINT starts the graceful shutdown: the drain, then exit 0.
         let logger = Logger(label: "parley")
-        let service = ServerService(server: server, host: host, model: model, greeting: greeting(model: defaultModel, sidecar: model))
+        let service = ServerService(
+            server: server, host: host, model: model, upstream: upstream, greeting: greeting(model: defaultModel, sidecar: model))
         let services = ServiceGroup(
             configuration: ServiceGroupConfiguration(
                 services: [.init(service: service)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger
@@ -408,6 +413,7 @@ struct Serve: AsyncParsableCommand {
             try await services.run()
         } catch {
             await model?.stop()
+            try? await upstream?.shutdown()
             throw error
         }
     }
@@ -466,8 +472,10 @@ extension Serve {
     }
 
     /// The model provider the flags ask for (nil: the simulated one the server makes itself).
-    func makeProvider(url: String?, model: String) throws -> (any LLMProvider)? {
-        guard usesLocalModel || provider != "simulated", let url else { return nil }
+    var usesHTTPProvider: Bool { usesLocalModel || provider != "simulated" }
+
+    func makeProvider(url: String?, model: String, client: HTTPClient?) throws -> (any LLMProvider)? {
+        guard usesHTTPProvider, let url, let client else { return nil }
         let keyVariable = providerKeyEnv ?? (provider == "anthropic" ? "ANTHROPIC_API_KEY" : "OPENAI_API_KEY")
         let key = usesLocalModel ? nil : ProcessInfo.processInfo.environment[keyVariable].flatMap { $0.isEmpty ? nil : $0 }
         var options = HTTPProviderOptions(baseURL: url, apiKey: key, model: model)
@@ -476,7 +484,8 @@ extension Serve {
         // A local model server that died is back in about a second: six retries (250 ms more
         // each, 5.25 s in all) carry a reply asked for meanwhile over its restart.
         if usesLocalModel { options.retries = 6 }
-        return provider == "anthropic" ? AnthropicProvider(options: options) : OpenAICompatibleProvider(options: options)
+        return provider == "anthropic"
+            ? AnthropicProvider(options: options, client: client) : OpenAICompatibleProvider(options: options, client: client)
     }
 }
 
@@ -520,6 +529,8 @@ struct ServerService: Service {
     let host: String
     /// The local model server, stopped once the drain is over (the drain's replies need it).
     let model: Sidecar?
+    /// The model provider's HTTP client, shut down last.
+    let upstream: HTTPClient?
     /// A line for people after the machine-readable one, given the bound port.
     let greeting: @Sendable (Int) -> String
 
@@ -532,5 +543,6 @@ struct ServerService: Service {
         try? await gracefulShutdown()
         await server.shutdown()
         await model?.stop()
+        try? await upstream?.shutdown()
     }
 }

@@ -1,6 +1,7 @@
 """Parley with --provider openai against a scripted OpenAI-compatible server: a reply streamed
 through Parley token by token, usage reconciled from the provider's own usage chunk, and the
 clone's persona in the system prompt the provider received."""
+import asyncio
 import json
 import os
 import subprocess
@@ -10,18 +11,58 @@ import urllib.request
 import pytest
 
 from conftest import ROOT, Server
-from test_interop import chat_once, make_clone
+import websockets
+
+from test_interop import chat_once, make_clone, read_stream, recv
+
+
+def start_fake_openai(*args):
+    proc = subprocess.Popen([sys.executable, str(ROOT / "Tests" / "fixtures" / "fake_openai_server.py"), *args],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line.startswith("listening on "), line
+    return proc, int(line.split()[-1])
 
 
 @pytest.fixture
 def fake_openai():
-    proc = subprocess.Popen([sys.executable, str(ROOT / "Tests" / "fixtures" / "fake_openai_server.py")],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    assert line.startswith("listening on "), line
-    yield int(line.split()[-1])
+    proc, port = start_fake_openai()
+    yield port
     proc.stdin.close()
     proc.wait(timeout=10)
+
+
+def test_more_replies_stream_from_one_upstream_at_once_than_a_default_http_pool_holds(data_dir):
+    """#26 saw 8 upstream connections at 100 concurrent replies (AsyncHTTPClient's shared client and
+    its per-host soft limit of 8): the rest waited seconds for a connection. Here the upstream holds
+    every reply after its first piece until 20 stream at once."""
+    concurrent = 20
+    proc, port = start_fake_openai("--hold", str(concurrent), "--hold-seconds", "15")
+    prices = data_dir / "prices.json"
+    prices.write_text(json.dumps({"models": {"fake-model": {"input_per_1k": 1, "output_per_1k": 1}}}))
+    server = Server(data_dir, "--provider", "openai", "--provider-url", f"http://127.0.0.1:{port}/v1",
+                    "--provider-model", "fake-model", "--prices", str(prices), "--provider-concurrency", "32")
+    try:
+        users = [(server.token(f"u{i}"), None) for i in range(concurrent)]
+        users = [(token, make_clone(server, token)["id"]) for token, _ in users]
+
+        async def chat(token, clone):
+            async with websockets.connect(f"{server.ws}?token={token}") as ws:
+                await recv(ws)
+                await ws.send(json.dumps({"type": "chat.send", "id": "c1", "clone": clone, "text": "Hello!"}))
+                return await read_stream(ws)
+
+        async def everyone():
+            return await asyncio.wait_for(asyncio.gather(*(chat(token, clone) for token, clone in users)), 60)
+
+        ends = [end for _, _, end in asyncio.run(everyone())]
+        assert [end["reason"] for end in ends] == ["complete"] * concurrent
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/open", timeout=10) as resp:
+            assert json.loads(resp.read())["max_open"] == concurrent
+    finally:
+        assert server.stop() == 0
+        proc.stdin.close()
+        proc.wait(timeout=10)
 
 
 def test_a_reply_streams_from_an_openai_compatible_provider(data_dir, fake_openai, monkeypatch):
