@@ -1,5 +1,5 @@
 /// A JSON document with object keys kept in insertion order, so what we write is deterministic.
-/// Parsing goes through Foundation's JSONDecoder; writing is our own, allocation-light serializer.
+/// Parsing is `JSONParser`'s; writing is our own, allocation-light serializer.
 public enum JSONValue: Sendable, Equatable {
     case null
     case bool(Bool)
@@ -52,9 +52,12 @@ public enum JSONValue: Sendable, Equatable {
         }
     }
 
-    /// Parses UTF-8 JSON text.
-    public static func parse<Bytes: Sequence>(_ bytes: Bytes) throws -> JSONValue where Bytes.Element == UInt8 {
-        try JSONDecoder().decode(JSONValue.self, from: Data(bytes))
+    /// Parses UTF-8 JSON text (RFC 8259, strictly: see `JSONParser`).
+    public static func parse<Bytes: Sequence>(_ bytes: Bytes) throws(JSONSyntaxError) -> JSONValue where Bytes.Element == UInt8 {
+        if let parsed = bytes.withContiguousStorageIfAvailable({ buffer in Result { () throws(JSONSyntaxError) in try JSONParser.parse(buffer) } }) {
+            return try parsed.get()
+        }
+        return try Array(bytes).withUnsafeBufferPointer { buffer throws(JSONSyntaxError) in try JSONParser.parse(buffer) }
     }
 
     public func serialized() -> [UInt8] {

@@ -1,0 +1,89 @@
+import Foundation
+@testable import ParleyCore
+import Testing
+
+/// The hand-written parser against Foundation's JSONDecoder (what it replaced): the same values
+/// for valid texts, an error for every invalid one.
+@Suite struct JSONParserTests {
+    static let valid = [
+        "0", "-0", "1", "-1", "123456789", "9223372036854775807", "-9223372036854775808", "9223372036854775808",
+        "1.5", "-0.25", "1e3", "1E-3", "2.5e+10", "1.7976931348623157e308", "5e-324",
+        "true", "false", "null", "\"\"", " \t\r\n {} \n", "[]", "[[[]]]",
+        #""plain""#, #""quote \" backslash \\ slash \/ \b\f\n\r\t""#, #""\u0041\u00e9\u20AC\ud83d\ude00""#, "\"é 😀 \u{2028}\"",
+        #"{"a":1,"b":[true,false,null],"c":{"d":"e"},"f":1.5,"g":-7}"#,
+        #"{"choices":[{"index":0,"delta":{"content":" Olá"},"finish_reason":null}],"usage":{"prompt_tokens":17}}"#,
+        #"[1, "two", {"three": [3.0]}, null]"#, #"{"k":1,"k":2}"#, "\u{FEFF}{}",
+    ]
+
+    static let invalid = [
+        "", " ", "{", "}", "[", "[1 2]", "{\"a\"}", "{\"a\":}", "{a:1}", "{'a':1}", "01", "-", "+1",
+        "1.", ".5", "1e", "1e+", "0x10", "NaN", "Infinity", "-Infinity", "1e400", "tru", "nul", "truex", "\"abc", "\"\\x\"",
+        "\"\\u12\"", "\"\\uZZZZ\"", "\"\\ud83d\"", "\"\\ud83d\\u0041\"", "\"\\ude00\"", "\"tab\tinside\"", "\"nl\ninside\"",
+        "[1] [2]", "{} x", "{}\u{FEFF}", "[1,,2]", "[,1]",
+    ]
+
+    @Test(arguments: valid)
+    func aValidTextGetsWhatJSONDecoderGot(_ text: String) throws {
+        let ours = try JSONValue.parse(Array(text.utf8))
+        let foundation = try JSONDecoder().decode(JSONValue.self, from: Data(text.utf8))
+        #expect(ours == foundation)
+    }
+
+    @Test(arguments: invalid)
+    func anInvalidTextIsRefused(_ text: String) {
+        #expect(throws: JSONSyntaxError.self) { try JSONValue.parse(Array(text.utf8)) }
+        #expect(throws: (any Error).self) { try JSONDecoder().decode(JSONValue.self, from: Data(text.utf8)) }
+    }
+
+    @Test func bytesThatAreNotUTF8AreRefused() {
+        for bytes: [UInt8] in [[0x22, 0xFF, 0x22], [0x22, 0xC3, 0x22], [0x22, 0xED, 0xA0, 0x80, 0x22], [0x22, 0x5C, 0x6E, 0xC0, 0xAF, 0x22]] {
+            #expect(throws: JSONSyntaxError.self) { try JSONValue.parse(bytes) }
+        }
+    }
+
+    @Test func numbersKeepTheirKind() throws {
+        #expect(try JSONValue.parse(Array("42".utf8)) == .int(42))
+        guard case .int = try JSONValue.parse(Array("-9223372036854775808".utf8)) else {
+            Issue.record("Int64.min is an int")
+            return
+        }
+        guard case .double(let big) = try JSONValue.parse(Array("9223372036854775808".utf8)) else {
+            Issue.record("past Int64")
+            return
+        }
+        #expect(big == 9_223_372_036_854_775_808)
+        guard case .double = try JSONValue.parse(Array("1.0".utf8)) else {
+            Issue.record("1.0 is a double")
+            return
+        }
+    }
+
+    @Test func aRepeatedKeyKeepsItsFirstValue() throws {
+        let value = try JSONValue.parse(Array(#"{"k":1,"j":0,"k":2}"#.utf8))
+        #expect(value.serializedString() == #"{"k":1,"j":0}"#)
+    }
+
+    /// JSONDecoder let these through; RFC 8259 has no trailing comma.
+    @Test(arguments: ["[1,]", #"{"a":1,}"#, "[,]"])
+    func aTrailingCommaIsRefused(_ text: String) {
+        #expect(throws: JSONSyntaxError.self) { try JSONValue.parse(Array(text.utf8)) }
+    }
+
+    @Test func nestingStopsAt512Levels() throws {
+        let deep = String(repeating: "[", count: 512) + String(repeating: "]", count: 512)
+        #expect(throws: Never.self) { try JSONValue.parse(Array(deep.utf8)) }
+        let deeper = String(repeating: "[", count: 513) + String(repeating: "]", count: 513)
+        #expect(throws: JSONSyntaxError.self) { try JSONValue.parse(Array(deeper.utf8)) }
+        let unclosed = String(repeating: "{\"a\":", count: 100_000)
+        #expect(throws: JSONSyntaxError.self) { try JSONValue.parse(Array(unclosed.utf8)) }
+    }
+
+    @Test func anErrorSaysWhereAndWhy() {
+        #expect(throws: JSONSyntaxError(offset: 7, reason: "expected ',' or '}'")) { try JSONValue.parse(Array(#"{"a":1 "b":2}"#.utf8)) }
+    }
+
+    @Test func aNonContiguousSequenceParsesToo() throws {
+        let bytes = #"{"a":[1,2]}"#.utf8.lazy.map { $0 }
+        #expect(try JSONValue.parse(bytes) == .object([("a", .array([.int(1), .int(2)]))]))
+    }
+}
