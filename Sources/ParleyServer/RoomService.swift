@@ -298,7 +298,12 @@ final class RoomService: FrameHandler {
             throw FrameError(ref: nil, code: .forbidden, message: "only the moderator may \(action.rawValue) room \(id)")
         }
         let now = Int64(Timestamp.nowMillis())
-        // Decided by the pure lifecycle and carried out under the room's lock, which the turn loop reads too.
+        let by = connection.identity.user
+        // Read now: the event below may make the moderator close the socket before the audit record.
+        let ip = connection.remoteIP
+        // Decided by the pure lifecycle and carried out under the room's lock, which the turn loop
+        // reads too. Announced under it as well: a turn the change lets the loop start is
+        // announced (under that lock) after the event, never before it.
         let outcome = live.state.withLock { s -> Result<RoomControl, FrameError> in
             let outcome = RoomLifecycle.apply(action, target: target, to: s.room, speaking: s.current?.clone, now: now)
             guard case .success(let control) = outcome else { return outcome }
@@ -307,23 +312,21 @@ final class RoomService: FrameHandler {
             if let next = control.nextSpeaker { s.requested = next }
             if let user = control.kickedUser { s.removeMembers(of: user, hub: live.hub) }
             s.room = control.room
+            var fields: [(String, JSONValue)] = [("by", .string(by))]
+            switch control.subject {
+            case .clone(let clone)?: fields.append(("clone", .string(clone)))
+            case .user(let user)?: fields.append(("user", .string(user)))
+            case nil: break
+            }
+            let frame = allocator.buffer(bytes: ServerFrame.roomEvent(room: id, event: control.event, fields))
+            // The kicked user is no member any more: told on their own topic, every socket of theirs.
+            if let kicked = control.kickedUser { live.broker.publish(frame, to: .user(kicked)) }
+            live.broker.publish(frame, to: .room(id))
             return outcome
         }
         let control = try outcome.get()
-        var fields: [(String, JSONValue)] = [("by", .string(connection.identity.user))]
-        switch control.subject {
-        case .clone(let clone)?: fields.append(("clone", .string(clone)))
-        case .user(let user)?: fields.append(("user", .string(user)))
-        case nil: break
-        }
         try await live.save(store)
-        await audit?.record(
-            "room.\(control.event)", actor: connection.identity.user, target: id, ip: connection.remoteIP,
-            detail: target.map { ["subject": $0] } ?? [:])
-        let frame = allocator.buffer(bytes: ServerFrame.roomEvent(room: id, event: control.event, fields))
-        // The kicked user is no member any more: told on their own topic, every socket of theirs.
-        if let kicked = control.kickedUser { streams.broker.publish(frame, to: .user(kicked)) }
-        live.broadcast(frame)
+        await audit?.record("room.\(control.event)", actor: by, target: id, ip: ip, detail: target.map { ["subject": $0] } ?? [:])
         if control.startsLoop { runTurns(live) }
     }
 

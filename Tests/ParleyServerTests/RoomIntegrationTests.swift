@@ -242,7 +242,13 @@ struct DebateFixture {
     @Test func aPauseSentOnSeeingStreamEndLeavesTheStoredRoomCountingEveryCompleteTurn() async throws {
         // The moderator's pause and the turn loop both store the room, from different tasks: an
         // older state must never land over a newer one (a turn counted in memory, not in the store).
-        let f = try await DebateFixture.make(rounds: 10)
+        // Turns take about two seconds, so the turn after the one seen ending is still running when
+        // the pause lands and is cut: a turn that completed in that moment would be stored (its
+        // transcript entry, then its count) while the room is read (CI saw that under load).
+        let f = try await DebateFixture.make(rounds: 10) {
+            $0.simulated.timeToFirstToken = .seconds(1)
+            $0.simulated.tokensPerSecond = 6
+        }
         let mod = try await f.server.connect(token: f.modToken)
         _ = try await mod.join(f.room)
         try await mod.control(f.room, "start")
