@@ -41,22 +41,33 @@ public struct SSEParser: Sendable {
 
     /// Parses `bytes` and returns the events they completed, in order.
     public mutating func feed(_ bytes: some Sequence<UInt8>) throws(LineTooLong) -> [SSEEvent] {
+        let contiguous = bytes.withContiguousStorageIfAvailable { buffer in
+            Result { () throws(LineTooLong) in try feed(contiguous: buffer) }
+        }
+        if let contiguous { return try contiguous.get() }
+        return try Array(bytes).withUnsafeBufferPointer { buffer throws(LineTooLong) in try feed(contiguous: buffer) }
+    }
+
+    /// Lines are found by scanning for CR and LF and copied whole, not byte by byte.
+    private mutating func feed(contiguous bytes: UnsafeBufferPointer<UInt8>) throws(LineTooLong) -> [SSEEvent] {
         var out: [SSEEvent] = []
-        for byte in bytes {
+        var index = 0
+        while index < bytes.count {
             if afterCR {
                 afterCR = false
-                if byte == UInt8(ascii: "\n") { continue }
+                if bytes[index] == UInt8(ascii: "\n") {
+                    index += 1
+                    continue
+                }
             }
-            switch byte {
-            case UInt8(ascii: "\n"):
-                endLine(&out)
-            case UInt8(ascii: "\r"):
-                afterCR = true
-                endLine(&out)
-            default:
-                guard line.count < maxLineBytes else { throw LineTooLong() }
-                line.append(byte)
-            }
+            var end = index
+            while end < bytes.count, bytes[end] != UInt8(ascii: "\n"), bytes[end] != UInt8(ascii: "\r") { end += 1 }
+            guard line.count + (end - index) <= maxLineBytes else { throw LineTooLong() }
+            line.append(contentsOf: UnsafeBufferPointer(rebasing: bytes[index..<end]))
+            guard end < bytes.count else { break }
+            afterCR = bytes[end] == UInt8(ascii: "\r")
+            endLine(&out)
+            index = end + 1
         }
         return out
     }
@@ -68,7 +79,7 @@ public struct SSEParser: Sendable {
             if line.starts(with: [0xEF, 0xBB, 0xBF]) { line.removeFirst(3) }  // a byte order mark
         }
         guard !line.isEmpty else {
-            if hasData { out.append(SSEEvent(event: event, data: data.joined(separator: "\n"), id: id)) }
+            if hasData { out.append(SSEEvent(event: event, data: data.count == 1 ? data[0] : data.joined(separator: "\n"), id: id)) }
             data.removeAll()
             hasData = false
             event = nil

@@ -20,7 +20,7 @@ public enum OpenAIChatDialect {
         guard event.data != "[DONE]" else { return [.done] }
         let chunk: JSONValue
         do {
-            chunk = try JSONValue.parse(Array(event.data.utf8))
+            chunk = try JSONValue.parse(event.data.utf8)
         } catch {
             throw ProviderError("the model provider sent a malformed stream event")
         }
@@ -51,7 +51,7 @@ public enum AnthropicMessagesDialect {
     public static func parts(of event: SSEEvent) throws(ProviderError) -> [StreamPart] {
         let body: JSONValue
         do {
-            body = try JSONValue.parse(Array(event.data.utf8))
+            body = try JSONValue.parse(event.data.utf8)
         } catch {
             throw ProviderError("the model provider sent a malformed stream event")
         }

@@ -46,6 +46,15 @@ import Testing
         #expect(throws: SSEParser.LineTooLong.self) { try parser.feed(Array("data: \(String(repeating: "x", count: 32))".utf8)) }
     }
 
+    /// The limit counts a line's bytes across reads: exactly the limit passes, one more does not.
+    @Test func theLineLimitIsExactAcrossReads() throws {
+        var parser = SSEParser(maxLineBytes: 16)
+        _ = try parser.feed(Array("data: 012".utf8))
+        #expect(try parser.feed(Array("3456789\n\n".utf8)) == [SSEEvent(data: "0123456789")])
+        _ = try parser.feed(Array("data: 012".utf8))
+        #expect(throws: SSEParser.LineTooLong.self) { try parser.feed(Array("34567890".utf8)) }
+    }
+
     @Test func openAIChunksBecomeTextFinishUsageAndDone() throws {
         let transcript = """
             data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}
