@@ -23,31 +23,67 @@ public struct ConcurrencyLimitedProvider: LLMProvider {
     /// Streams running and waiting now.
     public var load: (running: Int, queued: Int) { gate.load }
 
+    /// No relay task: the consumer's own task waits for a slot, then reads the inner stream
+    /// straight through (each token used to cross a relay task and a second stream buffer).
     public func stream(_ request: CompletionRequest) -> LLMEventStream {
-        let (stream, continuation) = LLMEventStream.makeStream()
-        let inner = self.inner
-        let gate = self.gate
-        let task = Task {
-            switch await gate.acquire() {
-            case .full:
-                continuation.finish(throwing: ProviderBusy())
-                return
-            case .cancelled:
-                continuation.finish()
-                return
-            case .granted:
-                break
+        let slot = Slot(gate: gate, inner: inner, request: request)
+        return LLMEventStream(unfolding: { try await slot.next() })
+    }
+
+    /// One stream's place at the gate and its inner stream. Only its consumer calls `next`, one
+    /// call at a time (a stream has one iterator): that is why it is unchecked Sendable. The slot
+    /// is given back when the inner stream ends or fails, or when the consumer drops the stream.
+    final class Slot: @unchecked Sendable {
+        private let gate: Gate
+        private let inner: any LLMProvider
+        private let request: CompletionRequest
+        private var events: LLMEventStream.AsyncIterator?
+        private var holdsSlot = false
+        private var finished = false
+
+        init(gate: Gate, inner: any LLMProvider, request: CompletionRequest) {
+            self.gate = gate
+            self.inner = inner
+            self.request = request
+        }
+
+        func next() async throws -> LLMEvent? {
+            guard !finished else { return nil }
+            if events == nil {
+                switch await gate.acquire() {
+                case .full:
+                    finished = true
+                    throw ProviderBusy()
+                case .cancelled:
+                    finished = true
+                    return nil
+                case .granted:
+                    holdsSlot = true
+                    events = inner.stream(request).makeAsyncIterator()
+                }
             }
-            defer { gate.release() }
             do {
-                for try await event in inner.stream(request) { continuation.yield(event) }
-                continuation.finish()
+                if let event = try await events?.next() { return event }
+                finish()
+                return nil
             } catch {
-                continuation.finish(throwing: error)
+                finish()
+                throw error
             }
         }
-        continuation.onTermination = { _ in task.cancel() }
-        return stream
+
+        private func finish() {
+            finished = true
+            events = nil
+            if holdsSlot {
+                holdsSlot = false
+                gate.release()
+            }
+        }
+
+        deinit {
+            if holdsSlot { gate.release() }
+        }
     }
 
     final class Gate: Sendable {

@@ -74,4 +74,25 @@ func drain(_ stream: LLMEventStream) async throws -> [LLMEvent] {
         held.finishOne()
         #expect(try await third.value.count == 2)
     }
+
+    /// The slot is the consumer's until the stream ends: one that stops reading, or is cancelled,
+    /// gives it back (the limit has no relay task of its own to notice).
+    @Test func aConsumerThatStopsReadingOrIsCancelledGivesItsSlotBack() async throws {
+        let held = HeldProvider()
+        let limited = ConcurrencyLimitedProvider(held, maxConcurrent: 1, maxQueued: 0)
+        held.finishOne()
+        for try await event in limited.stream(request) {
+            #expect(event == .token("done"))
+            break
+        }
+        #expect(limited.load.running == 0)
+        let reader = Task { try await drain(limited.stream(self.request)) }
+        while limited.load.running < 1 { await Task.yield() }
+        reader.cancel()
+        _ = try? await reader.value
+        #expect(limited.load.running == 0)
+        held.finishOne()  // the cancelled reader's upstream, still waiting (the held provider ignores cancellation)
+        held.finishOne()
+        #expect(try await drain(limited.stream(request)).count == 2, "the slot is free for the next")
+    }
 }
