@@ -93,18 +93,7 @@ struct JSONParser: ~Copyable {
             skipWhitespace()
             let member = try value()
             if !pairs.contains(where: { $0.0 == key }) { pairs.append((key, member)) }
-            skipWhitespace()
-            guard index < bytes.count else { throw error("unexpected end of input") }
-            switch bytes[index] {
-            case UInt8(ascii: ","):
-                index += 1
-                skipWhitespace()
-            case UInt8(ascii: "}"):
-                index += 1
-                return .object(pairs)
-            default:
-                throw error("expected ',' or '}'")
-            }
+            if try closes(with: "}") { return .object(pairs) }
         }
     }
 
@@ -118,18 +107,24 @@ struct JSONParser: ~Copyable {
         }
         while true {
             items.append(try value())
+            if try closes(with: "]") { return .array(items) }
+        }
+    }
+
+    /// After a member: true past the closing bracket, false past a comma (another member follows).
+    private mutating func closes(with bracket: Unicode.Scalar) throws(JSONSyntaxError) -> Bool {
+        skipWhitespace()
+        guard index < bytes.count else { throw error("unexpected end of input") }
+        switch bytes[index] {
+        case UInt8(ascii: ","):
+            index += 1
             skipWhitespace()
-            guard index < bytes.count else { throw error("unexpected end of input") }
-            switch bytes[index] {
-            case UInt8(ascii: ","):
-                index += 1
-                skipWhitespace()
-            case UInt8(ascii: "]"):
-                index += 1
-                return .array(items)
-            default:
-                throw error("expected ',' or ']'")
-            }
+            return false
+        case UInt8(ascii: bracket):
+            index += 1
+            return true
+        default:
+            throw error("expected ',' or '\(bracket)'")
         }
     }
 
