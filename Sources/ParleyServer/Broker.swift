@@ -176,7 +176,8 @@ final class SocketHub: Sendable {
 
     // MARK: Delivery
 
-    /// Writes `frame` to every active subscriber of `topic` that `audience` admits.
+    /// Writes `frame` to every subscriber of `topic` that `audience` admits (a socket cut off or
+    /// closed since it subscribed writes nothing; its close unsubscribes it).
     func deliver(_ frame: ByteBuffer, to topic: Topic, audience: Audience) {
         let groups = state.withLock { s -> [FanOut.Group] in
             if let groups = s.byLoop[topic] { return groups }
