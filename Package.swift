@@ -83,7 +83,9 @@ let package = Package(
             swiftSettings: strict
         ),
         // LLM providers behind one streaming protocol.
-        .target(name: "ParleyLLM", dependencies: ["ParleyCore"], swiftSettings: strict),
+        // A provider may also push its events on an event loop (NIOCore's EventLoop, no I/O here).
+        .target(
+            name: "ParleyLLM", dependencies: ["ParleyCore", .product(name: "NIOCore", package: "swift-nio")], swiftSettings: strict),
         // The HTTP providers (real models), kept apart so the pure provider logic builds without an HTTP stack.
         .target(
             name: "ParleyProviders",
@@ -199,7 +201,11 @@ let package = Package(
             dependencies: ["ParleySidecar", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict
         ),
-        .testTarget(name: "ParleyLLMTests", dependencies: ["ParleyLLM", "ParleyCore"], swiftSettings: strict),
+        .testTarget(
+            name: "ParleyLLMTests",
+            dependencies: [
+                "ParleyLLM", "ParleyCore", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOEmbedded", package: "swift-nio"),
+            ], swiftSettings: strict),
         .testTarget(
             name: "ParleyProvidersTests",
             dependencies: [

@@ -1,3 +1,4 @@
+import NIOCore
 import ParleyCore
 
 /// What a provider is asked to complete.
@@ -58,4 +59,27 @@ public protocol LLMProvider: Sendable {
 public struct ProviderError: Error, Equatable, Sendable {
     public var message: String
     public init(_ message: String) { self.message = message }
+}
+
+/// Receives a pushed completion (`PushingLLMProvider.start`) on the event loop it was started on,
+/// and only there: tokens in order, then `.usage` once, then `finished(nil)`; or `finished` with
+/// the error that cut it short. Nothing arrives after `finished`, or after the run was cancelled.
+public protocol LLMEventSink: AnyObject {
+    func received(_ event: LLMEvent)
+    func finished(_ error: (any Error)?)
+}
+
+/// A pushed completion in progress.
+public protocol LLMRun: Sendable {
+    /// Stops generation; from any thread. Once the run's loop has taken the cancel, no event
+    /// and no `finished` reach the sink.
+    func cancel()
+}
+
+/// A provider that can hand each event to its reader on an event loop as it is made, with no
+/// task, stream buffer or thread hop between a token and the code that sends it on: the token
+/// path of a reply then runs on the loop of the socket it is written to.
+public protocol PushingLLMProvider: LLMProvider {
+    /// Starts generating `request`; every call to `sink` happens on `loop`. Call it on `loop`.
+    func start(_ request: CompletionRequest, on loop: any EventLoop, sink: any LLMEventSink) -> any LLMRun
 }

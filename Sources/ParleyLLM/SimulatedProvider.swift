@@ -1,3 +1,4 @@
+import NIOCore
 import ParleyCore
 import Synchronization
 
@@ -6,7 +7,7 @@ import Synchronization
 /// counts are exact, and its pacing (time to first token, tokens per second) is configurable, so
 /// tests can predict every frame and load tests can model a real model's rhythm.
 /// It is not an LLM and must never be presented to users as one.
-public struct SimulatedProvider: LLMProvider {
+public struct SimulatedProvider: PushingLLMProvider {
     public struct Configuration: Sendable, Equatable {
         /// Delay before the first token.
         public var timeToFirstToken: Duration
@@ -113,6 +114,93 @@ public struct SimulatedProvider: LLMProvider {
         })
     }
 
+    /// The same events as `stream`, pushed from timers on `loop`: no task and no sleep per token.
+    public func start(_ request: CompletionRequest, on loop: any EventLoop, sink: any LLMEventSink) -> any LLMRun {
+        let tokens = replyTokens(for: request)
+        let run = PushedRun(
+            tokens: tokens, usage: Usage(inputTokens: Self.inputTokens(request), outputTokens: tokens.count), pacing: Pacing(configuration),
+            loop: loop, sink: sink)
+        run.begin()
+        return run
+    }
+
+    /// One pushed reply. Its state is touched only on `loop` (hence unchecked Sendable): each
+    /// timer delivers every token due by then, so a late tick catches up instead of drifting.
+    final class PushedRun: LLMRun, @unchecked Sendable {
+        /// Most tokens handed over in one tick; the rest follow in the next, so an unpaced reply
+        /// does not hold its loop for its whole length.
+        static let tokensPerTick = 64
+
+        private let tokens: [String]
+        private let usage: Usage
+        private let pacing: Pacing
+        private let loop: any EventLoop
+        private var sink: (any LLMEventSink)?
+        private var next = 0
+        private var startedAt = NIODeadline.uptimeNanoseconds(0)
+        private var timer: Scheduled<Void>?
+
+        init(tokens: [String], usage: Usage, pacing: Pacing, loop: any EventLoop, sink: any LLMEventSink) {
+            self.tokens = tokens
+            self.usage = usage
+            self.pacing = pacing
+            self.loop = loop
+            self.sink = sink
+        }
+
+        func begin() {
+            loop.assertInEventLoop()
+            startedAt = loop.now
+            schedule()
+        }
+
+        func cancel() {
+            if loop.inEventLoop {
+                stop()
+            } else {
+                loop.execute { self.stop() }
+            }
+        }
+
+        private func stop() {
+            sink = nil
+            timer?.cancel()
+            timer = nil
+        }
+
+        private func due(_ index: Int) -> NIODeadline {
+            startedAt + .nanoseconds(Pacing.nanoseconds(pacing.offset(ofToken: index)))
+        }
+
+        private func schedule() {
+            if next < tokens.count {
+                timer = loop.scheduleTask(deadline: due(next)) { self.fire() }
+            } else {
+                loop.execute { self.fire() }
+            }
+        }
+
+        private func fire() {
+            timer = nil
+            let now = loop.now
+            var handed = 0
+            // The sink may cancel from inside `received`: it is looked up again for every event.
+            while let sink, next < tokens.count, due(next) <= now, handed < Self.tokensPerTick {
+                next += 1
+                handed += 1
+                sink.received(.token(tokens[next - 1]))
+            }
+            guard let sink else { return }
+            if next < tokens.count {
+                if handed == Self.tokensPerTick { loop.execute { self.fire() } } else { schedule() }
+                return
+            }
+            self.sink = nil
+            sink.received(.usage(usage))
+            sink.finished(nil)
+        }
+    }
+
     private struct StreamState {
         var next = 0
         var start: ContinuousClock.Instant?
@@ -130,6 +218,11 @@ public struct SimulatedProvider: LLMProvider {
         }
 
         func offset(ofToken index: Int) -> Duration { ttft + interval * index }
+
+        static func nanoseconds(_ duration: Duration) -> Int64 {
+            let (seconds, attoseconds) = duration.components
+            return seconds * 1_000_000_000 + attoseconds / 1_000_000_000
+        }
     }
 
     static let openers = ["Well", "Hello", "Right", "Honestly", "So", "Listen", "Ah"]

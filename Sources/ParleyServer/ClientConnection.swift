@@ -70,13 +70,22 @@ public final class ClientConnection: Sendable {
     }
 
     /// Sends one text message. The buffer is shared, not copied, when fanned out to many sockets.
+    /// On the socket's loop it is written at once; use `sendBehindQueued` for a topic's frames.
     func send(_ buffer: ByteBuffer) {
         guard !cutOff.load(ordering: .relaxed) else { return }
-        let loop = channel.eventLoop
-        if loop.inEventLoop {
+        if channel.eventLoop.inEventLoop {
             writeOnLoop(buffer, encoded: nil)
             return
         }
+        sendBehindQueued(buffer)
+    }
+
+    /// Sends one text message behind every task already queued for the socket's loop, even when
+    /// called on that loop: a stream's token published there (a `TokenPump`) must not overtake
+    /// the replay a resume handed over from another thread a moment before.
+    func sendBehindQueued(_ buffer: ByteBuffer) {
+        guard !cutOff.load(ordering: .relaxed) else { return }
+        let loop = channel.eventLoop
         let size = buffer.readableBytes
         guard inTransit.wrappingAdd(size, ordering: .relaxed).newValue <= maxQueuedBytes else {
             inTransit.wrappingSubtract(size, ordering: .relaxed)
@@ -241,10 +250,12 @@ enum FanOut {
     /// Writes `frame` to the members `audience` admits; `delay`, when given, records how long
     /// each loop took to get to the frame and write it.
     static func send(_ frame: ByteBuffer, to groups: [Group], audience: Audience, delay: Timer? = nil) {
-        // A chat reply has one reader: its frame goes as a single socket's does.
+        // A chat reply has one reader: its frame goes as a single socket's does. Every frame
+        // goes behind the tasks queued for its loop, also when published on that loop, so it
+        // never overtakes frames handed to the socket from another thread (a resume's replay).
         if groups.count == 1, groups[0].members.count == 1 {
             let only = groups[0].members[0]
-            if audience.admits(only) { only.send(frame) }
+            if audience.admits(only) { only.sendBehindQueued(frame) }
             return
         }
         guard !groups.isEmpty else { return }
@@ -253,12 +264,6 @@ enum FanOut {
         let everyone = audience == .everyone
         let sent = delay == nil ? 0 : NIODeadline.now().uptimeNanoseconds
         for group in groups {
-            // On its own loop already (a publish from an event loop): written now, as a single
-            // socket's frame would be, so frames keep their order whatever the audience's size.
-            if group.loop.inEventLoop {
-                for member in group.members where everyone || audience.admits(member) { member.writeOnLoop(frame, encoded: encoded) }
-                continue
-            }
             group.loop.execute {
                 for member in group.members where everyone || audience.admits(member) { member.writeOnLoop(frame, encoded: encoded) }
                 delay?.recordNanoseconds(Int64(NIODeadline.now().uptimeNanoseconds - sent))

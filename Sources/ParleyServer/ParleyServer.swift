@@ -96,12 +96,12 @@ public final class ParleyServer: Sendable {
             try? await store.close()
             throw error
         }
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: configuration.eventLoopThreads ?? System.coreCount)
         let streams = StreamRunner(
             store: store, credits: credits, provider: provider, hub: hub, sockets: sockets, broker: LocalBroker(hub: sockets),
-            requests: RequestTracker(logger: logger),
+            requests: RequestTracker(logger: logger), loops: group,
             configuration: configuration, logger: logger, ids: ids)
         let chat = ChatService(store: store, streams: streams, configuration: configuration, ids: ids)
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: configuration.eventLoopThreads ?? System.coreCount)
         // The timer wheel lives on one event loop; firing hands work to tasks, never blocking it.
         let schedules = ScheduleService(store: store, streams: streams, configuration: configuration, logger: logger, ids: ids, loop: group.next())
         let rooms = RoomService(store: store, streams: streams, configuration: configuration, logger: logger, ids: ids, audit: audit)

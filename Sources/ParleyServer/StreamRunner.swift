@@ -41,13 +41,16 @@ final class StreamRunner: Sendable {
     let metrics: StreamMetrics
     let logger: Logger
     let ids: IDGenerator
+    /// Where a pushing provider's tokens are handled when no requester's socket names a loop.
+    let loops: any EventLoopGroup
     private let allocator = ByteBufferAllocator()
 
     init(
         store: any Store, credits: Credits, provider: any LLMProvider, hub: StreamHub, sockets: SocketHub, broker: any Broker,
-        requests: RequestTracker,
+        requests: RequestTracker, loops: any EventLoopGroup,
         configuration: ServerConfiguration, logger: Logger, ids: IDGenerator
     ) {
+        self.loops = loops
         self.store = store
         self.credits = credits
         self.provider = provider
@@ -200,58 +203,37 @@ final class StreamRunner: Sendable {
                 target: target, messageID: messageID, createdAt: Int64(Timestamp.nowMillis())),
             store: store, logger: logger
         )
-        var journaledAt = NIODeadline.now().uptimeNanoseconds
-        var text = ""
-        var seq: Int64 = 0
-        var scratch: [UInt8] = []  // one token frame's bytes, reused: no allocation per token
-        var reported: Usage?
-        var failure: String?
-        var failureCode = ErrorCode.providerError
-        var outOfCredits = false
-        do {
-            tokens: for try await event in provider.stream(request) {
-                switch event {
-                case .token(let token):
-                    // Released only once paid for: the stream stops exactly at the last covered token.
-                    // Paid batches are checked without a hop onto the meter; it is asked once per batch.
-                    var boughtBatch = false
-                    if !meter.isPaid(token: Int(seq) + 1) {
-                        guard try await meter.authorize(token: Int(seq) + 1) else {
-                            outOfCredits = true
-                            break tokens
+        var reply = ReleasedReply(live: live, journal: journal, allocator: allocator)
+        if let pushing = provider as? any PushingLLMProvider {
+            // The requester's own loop when there is one: its frames are then written in place.
+            let loop = requester?.channel.eventLoop ?? loops.next()
+            reply = await TokenPump.pump(request, with: pushing, on: loop, meter: meter, reply: reply, metrics: metrics, logger: logger)
+        } else {
+            do {
+                tokens: for try await event in provider.stream(request) {
+                    switch event {
+                    case .token(let token):
+                        // Released only once paid for: the stream stops exactly at the last covered token.
+                        // Paid batches are checked without a hop onto the meter; it is asked once per batch.
+                        var boughtBatch = false
+                        if !meter.isPaid(token: reply.nextToken) {
+                            guard try await meter.authorize(token: reply.nextToken) else {
+                                reply.outOfCredits = true
+                                break tokens
+                            }
+                            boughtBatch = true
                         }
-                        boughtBatch = true
+                        reply.release(token, boughtBatch: boughtBatch)
+                    case .usage(let usage):
+                        reply.reported = usage
                     }
-                    seq += 1
-                    text += token
-                    ServerFrame.token(stream: live.id, seq: seq, text: token[...], into: &scratch)
-                    live.publish(seq: seq, frame: allocator.buffer(bytes: scratch))
-                    let now = NIODeadline.now().uptimeNanoseconds
-                    if boughtBatch || now &- journaledAt >= StreamJournalWriter.interval {
-                        journaledAt = now
-                        journal.offer(text: text, outputTokens: Int(seq))
-                    }
-                case .usage(let usage):
-                    reported = usage
                 }
+            } catch {
+                reply.fail(error, metrics: metrics, logger: logger)
             }
-        } catch is CancellationError {
-        } catch let error as ProviderError {
-            metrics.providerFailed.increment()
-            logger.warning("provider failed", metadata: ["stream": "\(live.id)", "error": "\(error.message)"])
-            failure = error.message
-        } catch is ProviderBusy {
-            metrics.providerBusy.increment()
-            failure = "the model is busy: too many replies are waiting for it; try again shortly"
-            failureCode = .rateLimited
-        } catch let error as StoreError {
-            logger.error("metering failed; stopping the stream", metadata: ["stream": "\(live.id)", "error": "\(error)"])
-            failure = "credits could not be charged; try again"
-        } catch {
-            metrics.providerFailed.increment()
-            logger.error("provider failed", metadata: ["stream": "\(live.id)", "error": "\(error)"])
-            failure = "the model provider failed"
         }
+        let (text, seq, reported, failure, failureCode, outOfCredits) =
+            (reply.text, reply.seq, reply.reported, reply.failure, reply.failureCode, reply.outOfCredits)
 
         let reason: StreamEndReason
         if outOfCredits {

@@ -62,6 +62,21 @@ import Testing
         #expect(hub.users(in: .stream("st_1")) == ["ann", "bob"])
     }
 
+    /// A token published on a socket's own loop (a `TokenPump`) goes behind the frames another
+    /// thread handed to that socket just before (a resume's replay), for one reader or many.
+    @Test(arguments: [1, 3]) func aFramePublishedOnTheLoopGoesBehindWhatIsQueuedForIt(readers: Int) throws {
+        let hub = SocketHub()
+        let sockets = try (0..<readers).map { try Socket("c\($0)", user: "ann") }
+        for socket in sockets {
+            _ = hub.add(socket.connection)
+            hub.subscribe(socket.connection, to: .stream("st_1"))
+        }
+        // What `send` does off the loop: queued for the loop.
+        sockets[0].connection.sendBehindQueued(frame("replayed 1"))
+        LocalBroker(hub: hub).publish(frame("token 2"), to: .stream("st_1"))
+        #expect(try sockets[0].received() == ["replayed 1", "token 2"])
+    }
+
     @Test func aClosedSocketAndAnEndedTopicLeaveNothingBehind() throws {
         let hub = SocketHub(maxSocketsPerUser: 1)
         let (ann, again) = (try Socket("c1", user: "ann"), try Socket("c2", user: "ann"))

@@ -1,0 +1,219 @@
+import Logging
+import NIOCore
+import ParleyCore
+import ParleyLLM
+import ParleyStore
+
+/// A reply as far as it was released to its readers, and how its generation ended. Both token
+/// paths build it the same way (`StreamRunner.generate`'s task reading a provider's stream, or a
+/// `TokenPump` on an event loop); the settlement reads it.
+struct ReleasedReply {
+    private(set) var text = ""
+    private(set) var seq: Int64 = 0
+    var reported: Usage?
+    private(set) var failure: String?
+    private(set) var failureCode = ErrorCode.providerError
+    var outOfCredits = false
+
+    private let live: LiveStream
+    private let journal: StreamJournalWriter
+    private let allocator: ByteBufferAllocator
+    private var journaledAt = NIODeadline.now().uptimeNanoseconds
+    private var scratch: [UInt8] = []  // one token frame's bytes, reused: no allocation per token
+
+    init(live: LiveStream, journal: StreamJournalWriter, allocator: ByteBufferAllocator) {
+        self.live = live
+        self.journal = journal
+        self.allocator = allocator
+    }
+
+    /// The 1-based index of the next token, the one that must be paid for before it is released.
+    var nextToken: Int { Int(seq) + 1 }
+
+    /// Sends a paid token to the readers and keeps it for resumes; journals the text when a new
+    /// batch was just bought or the last snapshot is old enough.
+    mutating func release(_ token: String, boughtBatch: Bool) {
+        seq += 1
+        text += token
+        ServerFrame.token(stream: live.id, seq: seq, text: token[...], into: &scratch)
+        live.publish(seq: seq, frame: allocator.buffer(bytes: scratch))
+        let now = NIODeadline.now().uptimeNanoseconds
+        if boughtBatch || now &- journaledAt >= StreamJournalWriter.interval {
+            journaledAt = now
+            journal.offer(text: text, outputTokens: Int(seq))
+        }
+    }
+
+    /// Records why generation stopped early, in words the client may see.
+    mutating func fail(_ error: any Error, metrics: StreamMetrics, logger: Logger) {
+        switch error {
+        case is CancellationError:
+            return
+        case let error as ProviderError:
+            metrics.providerFailed.increment()
+            logger.warning("provider failed", metadata: ["stream": "\(live.id)", "error": "\(error.message)"])
+            failure = error.message
+        case is ProviderBusy:
+            metrics.providerBusy.increment()
+            failure = "the model is busy: too many replies are waiting for it; try again shortly"
+            failureCode = .rateLimited
+        case let error as StoreError:
+            logger.error("metering failed; stopping the stream", metadata: ["stream": "\(live.id)", "error": "\(error)"])
+            failure = "credits could not be charged; try again"
+        default:
+            metrics.providerFailed.increment()
+            logger.error("provider failed", metadata: ["stream": "\(live.id)", "error": "\(error)"])
+            failure = "the model provider failed"
+        }
+    }
+}
+
+/// A reply's token path on one event loop, for a provider that pushes its events there
+/// (`PushingLLMProvider`): each token is checked against the prepaid batch, released and written
+/// to the sockets of that loop without a task, a stream buffer or a thread hop. Buying the next
+/// batch is the one asynchronous step; tokens that arrive meanwhile wait here, in order, and go
+/// out once it is paid (or are dropped when it cannot be). Touched only on `loop`, hence
+/// unchecked Sendable.
+final class TokenPump: LLMEventSink, @unchecked Sendable {
+    private let loop: any EventLoop
+    private let meter: CreditMeter
+    private let metrics: StreamMetrics
+    private let logger: Logger
+    private var reply: ReleasedReply
+    private var run: (any LLMRun)?
+    private var done: CheckedContinuation<ReleasedReply, Never>?
+    /// Tokens received while a batch is being bought, oldest first.
+    private var waiting = CircularBuffer<String>()
+    private var buying = false
+    private var boughtBatch = false
+    private var providerFinished = false
+    private var providerError: (any Error)?
+    /// No more events are taken (a stop, or no credits left).
+    private var stopping = false
+    /// The caller has its reply.
+    private var completed = false
+
+    init(loop: any EventLoop, meter: CreditMeter, reply: ReleasedReply, metrics: StreamMetrics, logger: Logger) {
+        self.loop = loop
+        self.meter = meter
+        self.reply = reply
+        self.metrics = metrics
+        self.logger = logger
+    }
+
+    /// Generates `request` with `provider` on this pump's loop until it finishes, runs out of
+    /// credits or the calling task is cancelled (a stop); returns what was released.
+    static func pump(
+        _ request: CompletionRequest, with provider: any PushingLLMProvider, on loop: any EventLoop, meter: CreditMeter, reply: ReleasedReply,
+        metrics: StreamMetrics, logger: Logger
+    ) async -> ReleasedReply {
+        let pump = TokenPump(loop: loop, meter: meter, reply: reply, metrics: metrics, logger: logger)
+        return await withTaskCancellationHandler {
+            await withCheckedContinuation { continuation in
+                loop.execute { pump.start(request, with: provider, then: continuation) }
+            }
+        } onCancel: {
+            loop.execute { pump.stop() }
+        }
+    }
+
+    private func start(_ request: CompletionRequest, with provider: any PushingLLMProvider, then done: CheckedContinuation<ReleasedReply, Never>) {
+        loop.assertInEventLoop()
+        guard !stopping else {
+            completed = true
+            done.resume(returning: reply)
+            return
+        }
+        self.done = done
+        run = provider.start(request, on: loop, sink: self)
+    }
+
+    func received(_ event: LLMEvent) {
+        loop.assertInEventLoop()
+        guard !stopping else { return }
+        switch event {
+        case .token(let token):
+            if waiting.isEmpty, !buying, meter.isPaid(token: reply.nextToken) {
+                reply.release(token, boughtBatch: false)
+            } else {
+                waiting.append(token)
+                releaseWaiting()
+            }
+        case .usage(let usage):
+            reply.reported = usage
+        }
+    }
+
+    func finished(_ error: (any Error)?) {
+        loop.assertInEventLoop()
+        guard !stopping else { return }
+        providerFinished = true
+        providerError = error
+        run = nil
+        releaseWaiting()
+    }
+
+    /// Releases waiting tokens while they are paid for; buys the next batch when one is not.
+    private func releaseWaiting() {
+        while !buying, !stopping, let token = waiting.first {
+            guard meter.isPaid(token: reply.nextToken) else {
+                buy(token: reply.nextToken)
+                return
+            }
+            waiting.removeFirst()
+            reply.release(token, boughtBatch: boughtBatch)
+            boughtBatch = false
+        }
+        if providerFinished, waiting.isEmpty, !buying { complete() }
+    }
+
+    private func buy(token index: Int) {
+        buying = true
+        let meter = self.meter
+        Task {
+            let paid: Result<Bool, any Error>
+            do { paid = .success(try await meter.authorize(token: index)) } catch { paid = .failure(error) }
+            self.loop.execute { self.bought(paid) }
+        }
+    }
+
+    private func bought(_ paid: Result<Bool, any Error>) {
+        buying = false
+        guard !stopping else {
+            complete()
+            return
+        }
+        switch paid {
+        case .success(true):
+            boughtBatch = true
+            releaseWaiting()
+        case .success(false):
+            reply.outOfCredits = true
+            stop()
+        case .failure(let error):
+            reply.fail(error, metrics: metrics, logger: logger)
+            stop()
+        }
+    }
+
+    /// Ends generation now (a stop, or no credits left): tokens still waiting are not sent. A
+    /// batch being bought is waited for, so the settlement never runs beside a debit.
+    func stop() {
+        loop.assertInEventLoop()
+        stopping = true
+        run?.cancel()
+        run = nil
+        waiting.removeAll()
+        if !buying { complete() }
+    }
+
+    private func complete() {
+        guard !completed else { return }
+        stopping = true
+        completed = true
+        if let providerError, !reply.outOfCredits { reply.fail(providerError, metrics: metrics, logger: logger) }
+        // Nil before `start` (a stop that came first): `start` answers then.
+        done?.resume(returning: reply)
+        done = nil
+    }
+}
