@@ -270,7 +270,7 @@ private func populate(_ server: TestServer, _ user: String) async throws -> Acco
     }
 
     @Test func aDrainLetsARunningReplyFinishAndRefusesNewOnes() async throws {
-        let (server, socket) = try await streaming(grace: .seconds(60), tokensPerSecond: 50, replyTokens: 100)
+        let (server, socket) = try await streaming(grace: .seconds(60), tokensPerSecond: 50, replyTokens: 250)
         let bob = try await server.token("bob")
         let bobsClone = try await server.createClone(token: bob)["id"]!.stringValue!
         let other = try await server.connect(token: bob)

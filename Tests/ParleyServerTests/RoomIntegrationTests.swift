@@ -177,9 +177,11 @@ struct DebateFixture {
     }
 
     @Test func aLateJoinerCatchesUpOnTheTurnBeingStreamedWithoutGapsOrRepeats() async throws {
+        // 3 s per turn: the late joiner connects and joins while the first turn streams, also
+        // on a loaded machine.
         let f = try await DebateFixture.make(rounds: 1) {
             $0.simulated.replyTokens = 60
-            $0.simulated.tokensPerSecond = 100
+            $0.simulated.tokensPerSecond = 20
         }
         _ = try await f.moderatorInFirstTurn(tokens: 5)
 
