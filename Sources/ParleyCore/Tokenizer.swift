@@ -26,6 +26,47 @@ public enum Tokenizer {
     }
 
     public static func forEachToken(_ text: String, _ body: (Substring) -> Void) {
+        if text.utf8.allSatisfy({ $0 < 0x80 }) {
+            forEachASCIIToken(text, body)
+        } else {
+            forEachTokenByCharacter(text, body)
+        }
+    }
+
+    /// The same tokens for ASCII text, found on its bytes: each byte is a character there, but
+    /// for "\r\n", which is one (a grapheme cluster), as in `forEachTokenByCharacter`.
+    static func forEachASCIIToken(_ text: String, _ body: (Substring) -> Void) {
+        @inline(__always) func isWord(_ b: UInt8) -> Bool {
+            (b &- 0x30) < 10 || ((b | 0x20) &- 0x61) < 26
+        }
+        let utf8 = text.utf8
+        var i = utf8.startIndex
+        let end = utf8.endIndex
+        while i < end {
+            let start = i
+            var b = utf8[i]
+            if b == 0x20 {
+                let next = utf8.index(after: i)
+                if next < end, isWord(utf8[next]) {
+                    i = next
+                    b = utf8[i]
+                }
+            }
+            if isWord(b) {
+                var length = 0
+                while i < end, length < maxWordLength, isWord(utf8[i]) {
+                    i = utf8.index(after: i)
+                    length += 1
+                }
+            } else {
+                i = utf8.index(after: i)
+                if b == 0x0D, i < end, utf8[i] == 0x0A { i = utf8.index(after: i) }
+            }
+            body(text[start..<i])
+        }
+    }
+
+    static func forEachTokenByCharacter(_ text: String, _ body: (Substring) -> Void) {
         var i = text.startIndex
         let end = text.endIndex
         while i < end {

@@ -1,4 +1,4 @@
-import ParleyCore
+@testable import ParleyCore
 import Testing
 
 @Suite struct TokenizerTests {
@@ -44,5 +44,30 @@ import Testing
             let piece = " " + sentence()
             #expect(Tokenizer.count(text + piece) == Tokenizer.count(text) + Tokenizer.count(piece), "\(text)|\(piece)")
         }
+    }
+}
+
+/// ASCII text is tokenized on its bytes: the same tokens as the character path gives it.
+@Suite struct ASCIITokenizerTests {
+    @Test func theByteAndCharacterPathsAgreeOnASCIIText() {
+        let alphabet = Array("aZ09 .,!?'\r\n\t-xyzQW  \r\r\n\n".utf8)
+        var state: UInt64 = 0x9E37_79B9_7F4A_7C15
+        for length in 0..<400 {
+            var bytes: [UInt8] = []
+            for _ in 0..<length {
+                state = state &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+                bytes.append(alphabet[Int(state >> 33) % alphabet.count])
+            }
+            let text = String(decoding: bytes, as: UTF8.self)
+            var fast: [Substring] = []
+            var slow: [Substring] = []
+            Tokenizer.forEachASCIIToken(text) { fast.append($0) }
+            Tokenizer.forEachTokenByCharacter(text) { slow.append($0) }
+            #expect(fast == slow, "\(Array(text.utf8))")
+            #expect(fast.joined() == text)
+        }
+        var crlf: [Substring] = []
+        Tokenizer.forEachASCIIToken("a\r\nb") { crlf.append($0) }
+        #expect(crlf == ["a", "\r\n", "b"])
     }
 }
