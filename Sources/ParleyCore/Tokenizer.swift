@@ -20,11 +20,6 @@ public enum Tokenizer {
         return n
     }
 
-    @inline(__always)
-    private static func isWordCharacter(_ c: Character) -> Bool {
-        c.isLetter || c.isNumber
-    }
-
     public static func forEachToken(_ text: String, _ body: (Substring) -> Void) {
         if text.utf8.allSatisfy({ $0 < 0x80 }) {
             forEachASCIIToken(text, body)
@@ -36,57 +31,43 @@ public enum Tokenizer {
     /// The same tokens for ASCII text, found on its bytes: each byte is a character there, but
     /// for "\r\n", which is one (a grapheme cluster), as in `forEachTokenByCharacter`.
     static func forEachASCIIToken(_ text: String, _ body: (Substring) -> Void) {
-        @inline(__always) func isWord(_ b: UInt8) -> Bool {
-            (b &- 0x30) < 10 || ((b | 0x20) &- 0x61) < 26
-        }
-        let utf8 = text.utf8
-        var i = utf8.startIndex
-        let end = utf8.endIndex
-        while i < end {
-            let start = i
-            var b = utf8[i]
-            if b == 0x20 {
-                let next = utf8.index(after: i)
-                if next < end, isWord(utf8[next]) {
-                    i = next
-                    b = utf8[i]
-                }
-            }
-            if isWord(b) {
-                var length = 0
-                while i < end, length < maxWordLength, isWord(utf8[i]) {
-                    i = utf8.index(after: i)
-                    length += 1
-                }
-            } else {
-                i = utf8.index(after: i)
-                if b == 0x0D, i < end, utf8[i] == 0x0A { i = utf8.index(after: i) }
-            }
-            body(text[start..<i])
+        split(text, text.utf8, isWord: { ($0 &- 0x30) < 10 || (($0 | 0x20) &- 0x61) < 26 }, space: 0x20, body: body) { utf8, i in
+            let next = utf8.index(after: i)
+            return utf8[i] == 0x0D && next < utf8.endIndex && utf8[next] == 0x0A ? utf8.index(after: next) : next
         }
     }
 
     static func forEachTokenByCharacter(_ text: String, _ body: (Substring) -> Void) {
-        var i = text.startIndex
-        let end = text.endIndex
+        split(text, text, isWord: { $0.isLetter || $0.isNumber }, space: " ", body: body) { text, i in text.index(after: i) }
+    }
+
+    /// The tokens of `text`, read as the elements of `view` (its characters, or its bytes when
+    /// they are all ASCII); `afterCharacter` steps over one character that is not a word's.
+    @inline(__always)
+    private static func split<View: Collection>(
+        _ text: String, _ view: View, isWord: (View.Element) -> Bool, space: View.Element, body: (Substring) -> Void,
+        afterCharacter: (View, View.Index) -> View.Index
+    ) where View.Index == String.Index, View.Element: Equatable {
+        var i = view.startIndex
+        let end = view.endIndex
         while i < end {
             let start = i
-            var c = text[i]
-            if c == " " {
-                let next = text.index(after: i)
-                if next < end, isWordCharacter(text[next]) {
+            var c = view[i]
+            if c == space {
+                let next = view.index(after: i)
+                if next < end, isWord(view[next]) {
                     i = next
-                    c = text[i]
+                    c = view[i]
                 }
             }
-            if isWordCharacter(c) {
+            if isWord(c) {
                 var length = 0
-                while i < end, length < maxWordLength, isWordCharacter(text[i]) {
-                    i = text.index(after: i)
+                while i < end, length < maxWordLength, isWord(view[i]) {
+                    i = view.index(after: i)
                     length += 1
                 }
             } else {
-                i = text.index(after: i)
+                i = afterCharacter(view, i)
             }
             body(text[start..<i])
         }

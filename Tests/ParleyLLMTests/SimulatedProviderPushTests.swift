@@ -7,13 +7,10 @@ import Testing
 /// The simulated provider's pushed path (`start` on an event loop), on an embedded loop whose
 /// clock the test moves: the same events as its stream, at the same deadlines.
 @Suite struct SimulatedProviderPushTests {
-    let request = CompletionRequest(
-        messages: [PromptMessage(role: .system, text: "You are Ada."), PromptMessage(role: .user, text: "Tell me about gardens and music")],
-        speaker: "Ada", maxOutputTokens: 1000
-    )
+    let request = SimulatedProviderTests().request
 
     func provider(ttft: Duration = .zero, tps: Double = 0, reply: Int = 30) -> SimulatedProvider {
-        SimulatedProvider(configuration: .init(timeToFirstToken: ttft, tokensPerSecond: tps, replyTokens: reply))
+        SimulatedProviderTests().provider(ttft: ttft, tps: tps, reply: reply)
     }
 
     /// Every event with the loop's time when it arrived; `cancelAfter` cancels the run from
