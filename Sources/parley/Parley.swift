@@ -234,6 +234,8 @@ struct Serve: AsyncParsableCommand {
 
     @Option(help: "Replies the provider may generate at once (default 16 for a real provider, no limit for the simulated one).")
     var providerConcurrency: Int?
+    /// Replies a real provider generates at once unless `--provider-concurrency` says otherwise.
+    static let defaultProviderConcurrency = 16
 
     @Option(help: "Replies that may wait for the provider beyond those; more fail with rate_limited.")
     var providerQueue = 256
@@ -357,7 +359,8 @@ struct Serve: AsyncParsableCommand {
             FileHandle.standardError.write(Data("parley: the price list has no entry for model '\(model)' (give one with --prices)\n".utf8))
             throw ExitCode(1)
         }
-        configuration.providerConcurrency = providerConcurrency ?? (usesLocalModel ? LocalModel.defaultParallel : provider == "simulated" ? nil : 16)
+        configuration.providerConcurrency =
+            providerConcurrency ?? (usesLocalModel ? LocalModel.defaultParallel : provider == "simulated" ? nil : Self.defaultProviderConcurrency)
         configuration.providerQueue = providerQueue
         configuration.contextBudgetTokens = contextBudget ?? (usesLocalModel ? LocalModel.defaultContextBudget : 4096)
         configuration.scheduleTickMillis = Int64(scheduleTickMs)
@@ -387,7 +390,8 @@ struct Serve: AsyncParsableCommand {
         // The local model first: replies recovered or scheduled at start-up already need it.
         let model = usesLocalModel ? try await startLocalModel(parallel: configuration.providerConcurrency ?? LocalModel.defaultParallel) : nil
         // A model server gets a client of its own, with a connection for every reply that may stream at once.
-        let upstream = usesHTTPProvider ? HTTPClient.forProvider(connections: configuration.providerConcurrency ?? 16) : nil
+        let upstream =
+            usesHTTPProvider ? HTTPClient.forProvider(connections: configuration.providerConcurrency ?? Self.defaultProviderConcurrency) : nil
         let server: ParleyServer
         do {
             server = try await ParleyServer.start(
