@@ -93,9 +93,14 @@ public struct SimulatedProvider: PushingLLMProvider {
         return Tokenizer.tokens(text).prefix(length).map(String.init)
     }
 
-    public func stream(_ request: CompletionRequest) -> LLMEventStream {
+    /// The reply's tokens and the usage reported after them.
+    private func reply(to request: CompletionRequest) -> (tokens: [String], usage: Usage) {
         let tokens = replyTokens(for: request)
-        let usage = Usage(inputTokens: Self.inputTokens(request), outputTokens: tokens.count)
+        return (tokens, Usage(inputTokens: Self.inputTokens(request), outputTokens: tokens.count))
+    }
+
+    public func stream(_ request: CompletionRequest) -> LLMEventStream {
+        let (tokens, usage) = reply(to: request)
         let pacing = Pacing(configuration)
         let state = Mutex(StreamState())
         // `unfolding` runs in the consumer's task, so cancelling that task interrupts the sleep.
@@ -116,10 +121,8 @@ public struct SimulatedProvider: PushingLLMProvider {
 
     /// The same events as `stream`, pushed from timers on `loop`: no task and no sleep per token.
     public func start(_ request: CompletionRequest, on loop: any EventLoop, sink: any LLMEventSink) -> any LLMRun {
-        let tokens = replyTokens(for: request)
-        let run = PushedRun(
-            tokens: tokens, usage: Usage(inputTokens: Self.inputTokens(request), outputTokens: tokens.count), pacing: Pacing(configuration),
-            loop: loop, sink: sink)
+        let (tokens, usage) = reply(to: request)
+        let run = PushedRun(tokens: tokens, usage: usage, pacing: Pacing(configuration), loop: loop, sink: sink)
         run.begin()
         return run
     }
@@ -133,7 +136,9 @@ public struct SimulatedProvider: PushingLLMProvider {
 
         private let tokens: [String]
         private let usage: Usage
-        private let pacing: Pacing
+        /// `Pacing` in nanoseconds, converted once rather than per token.
+        private let firstTokenNanos: Int64
+        private let intervalNanos: Int64
         private let loop: any EventLoop
         private var sink: (any LLMEventSink)?
         private var next = 0
@@ -143,7 +148,8 @@ public struct SimulatedProvider: PushingLLMProvider {
         init(tokens: [String], usage: Usage, pacing: Pacing, loop: any EventLoop, sink: any LLMEventSink) {
             self.tokens = tokens
             self.usage = usage
-            self.pacing = pacing
+            firstTokenNanos = Pacing.nanoseconds(pacing.ttft)
+            intervalNanos = Pacing.nanoseconds(pacing.interval)
             self.loop = loop
             self.sink = sink
         }
@@ -169,7 +175,7 @@ public struct SimulatedProvider: PushingLLMProvider {
         }
 
         private func due(_ index: Int) -> NIODeadline {
-            startedAt + .nanoseconds(Pacing.nanoseconds(pacing.offset(ofToken: index)))
+            startedAt + .nanoseconds(firstTokenNanos + intervalNanos * Int64(index))
         }
 
         private func schedule() {

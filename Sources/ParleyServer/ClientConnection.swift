@@ -72,7 +72,7 @@ public final class ClientConnection: Sendable {
     /// Sends one text message. The buffer is shared, not copied, when fanned out to many sockets.
     /// On the socket's loop it is written at once; use `sendBehindQueued` for a topic's frames.
     func send(_ buffer: ByteBuffer) {
-        guard !cutOff.load(ordering: .relaxed) else { return }
+        // Both ways check the cut-off themselves.
         if channel.eventLoop.inEventLoop {
             writeOnLoop(buffer, encoded: nil)
             return
