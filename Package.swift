@@ -83,9 +83,12 @@ let package = Package(
             swiftSettings: strict
         ),
         // LLM providers behind one streaming protocol.
-        // A provider may also push its events on an event loop (NIOCore's EventLoop, no I/O here).
+        // A provider may also push its events on an event loop (NIOCore); NIOPosix only lends the
+        // shared loops a pulled stream of a pushing provider runs on.
         .target(
-            name: "ParleyLLM", dependencies: ["ParleyCore", .product(name: "NIOCore", package: "swift-nio")], swiftSettings: strict),
+            name: "ParleyLLM",
+            dependencies: ["ParleyCore", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio")],
+            swiftSettings: strict),
         // The HTTP providers (real models), kept apart so the pure provider logic builds without an HTTP stack.
         .target(
             name: "ParleyProviders",
@@ -138,6 +141,8 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
             ],
             swiftSettings: strict
         ),

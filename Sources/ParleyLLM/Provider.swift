@@ -1,4 +1,5 @@
 import NIOCore
+import Synchronization
 import ParleyCore
 
 /// What a provider is asked to complete.
@@ -82,4 +83,97 @@ public protocol LLMRun: Sendable {
 public protocol PushingLLMProvider: LLMProvider {
     /// Starts generating `request`; every call to `sink` happens on `loop`. Call it on `loop`.
     func start(_ request: CompletionRequest, on loop: any EventLoop, sink: any LLMEventSink) -> any LLMRun
+}
+
+/// Starts `request` on `provider` with every event handed to `sink` on `loop`: through the
+/// provider's own push when it has one, otherwise by reading its stream in a task and handing
+/// each event over to `loop` (one hop per event). Call it on `loop`.
+public func startPushing(
+    _ provider: any LLMProvider, _ request: CompletionRequest, on loop: any EventLoop, sink: any LLMEventSink
+) -> any LLMRun {
+    if let pushing = provider as? any PushingLLMProvider { return pushing.start(request, on: loop, sink: sink) }
+    return PulledRun(provider.stream(request), on: loop, sink: sink)
+}
+
+/// A pulled stream pushed to a sink: a task reads it and hands each event to `loop`. Its
+/// `cancelled` flag is touched only on `loop` (hence unchecked Sendable).
+final class PulledRun: LLMRun, @unchecked Sendable {
+    private let loop: any EventLoop
+    private var sink: (any LLMEventSink)?
+    private var reader: Task<Void, Never>?
+
+    init(_ events: LLMEventStream, on loop: any EventLoop, sink: any LLMEventSink) {
+        self.loop = loop
+        self.sink = sink
+        reader = Task { [loop] in
+            do {
+                for try await event in events { loop.execute { self.sink?.received(event) } }
+                loop.execute { self.end(nil) }
+            } catch {
+                loop.execute { self.end(error) }
+            }
+        }
+    }
+
+    private func end(_ error: (any Error)?) {
+        let sink = self.sink
+        self.sink = nil
+        reader = nil
+        sink?.finished(error)
+    }
+
+    func cancel() {
+        if loop.inEventLoop {
+            sink = nil
+            reader?.cancel()
+            reader = nil
+        } else {
+            loop.execute { self.cancel() }
+        }
+    }
+}
+
+extension PushingLLMProvider {
+    /// The pushed events of `request` as a stream, for a reader that pulls (tests, tools): the
+    /// run is started on `loop`, and ending the stream (its reader cancelled or gone) cancels it.
+    public func pulledStream(_ request: CompletionRequest, on loop: any EventLoop) -> LLMEventStream {
+        let (stream, continuation) = LLMEventStream.makeStream()
+        let sink = ContinuationSink(continuation)
+        continuation.onTermination = { _ in sink.terminate() }
+        loop.execute { sink.started(self.start(request, on: loop, sink: sink)) }
+        return stream
+    }
+}
+
+/// Yields pushed events into a stream's continuation; cancels the run when the stream ends first.
+private final class ContinuationSink: LLMEventSink, Sendable {
+    private let continuation: LLMEventStream.Continuation
+    /// The run once started, and whether the reader is gone (then the run is cancelled).
+    private let state = Mutex<(run: (any LLMRun)?, terminated: Bool)>((nil, false))
+
+    init(_ continuation: LLMEventStream.Continuation) { self.continuation = continuation }
+
+    func started(_ run: any LLMRun) {
+        let terminated = state.withLock { s -> Bool in
+            s.run = run
+            return s.terminated
+        }
+        if terminated { run.cancel() }
+    }
+
+    func terminate() {
+        let run = state.withLock { s -> (any LLMRun)? in
+            s.terminated = true
+            defer { s.run = nil }
+            return s.run
+        }
+        run?.cancel()
+    }
+
+    func received(_ event: LLMEvent) { continuation.yield(event) }
+
+    func finished(_ error: (any Error)?) {
+        state.withLock { $0.run = nil }
+        if let error { continuation.finish(throwing: error) } else { continuation.finish() }
+    }
 }

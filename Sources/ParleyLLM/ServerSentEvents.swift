@@ -1,3 +1,4 @@
+import NIOCore
 import ParleyCore
 
 /// One server-sent event: its `event` type (nil means "message"), its data lines joined by
@@ -46,6 +47,14 @@ public struct SSEParser: Sendable {
         }
         if let contiguous { return try contiguous.get() }
         return try Array(bytes).withUnsafeBufferPointer { buffer throws(LineTooLong) in try feed(contiguous: buffer) }
+    }
+
+    /// Parses the readable bytes of `buffer` (not consumed) and returns the events they completed.
+    public mutating func feed(_ buffer: ByteBuffer) throws(LineTooLong) -> [SSEEvent] {
+        let parsed = buffer.withUnsafeReadableBytes { raw in
+            Result { () throws(LineTooLong) in try feed(contiguous: raw.assumingMemoryBound(to: UInt8.self)) }
+        }
+        return try parsed.get()
     }
 
     /// Lines are found by scanning for CR and LF and copied whole, not byte by byte.

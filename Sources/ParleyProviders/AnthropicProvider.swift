@@ -6,7 +6,7 @@ import ParleyLLM
 /// Anthropic's Messages API with `stream: true` (`x-api-key`, `anthropic-version`): input usage
 /// from `message_start`, text from `content_block_delta`, the stop reason and output usage from
 /// `message_delta`. Shares timeouts, retries and cancellation with the OpenAI-compatible provider.
-public struct AnthropicProvider: LLMProvider {
+public struct AnthropicProvider: PushingLLMProvider {
     public static let apiVersion = "2023-06-01"
     public let options: HTTPProviderOptions
     let client: HTTPClient
@@ -18,7 +18,7 @@ public struct AnthropicProvider: LLMProvider {
 
     public func modelName(for request: CompletionRequest) -> String { request.model ?? options.model }
 
-    public func stream(_ request: CompletionRequest) -> LLMEventStream {
+    public func start(_ request: CompletionRequest, on loop: any EventLoop, sink: any LLMEventSink) -> any LLMRun {
         let system = request.messages.filter { $0.role == .system }.map(\.text).joined(separator: "\n\n")
         var body: [(String, JSONValue)] = [
             ("model", .string(modelName(for: request))),
@@ -30,8 +30,11 @@ public struct AnthropicProvider: LLMProvider {
         var headers = [("anthropic-version", Self.apiVersion)]
         if let key = options.apiKey { headers.append(("x-api-key", key)) }
         let http = HTTPStreaming.post(options.baseURL + "/v1/messages", json: .object(body), headers: headers)
-        return HTTPStreaming.stream(http, client: client, options: options, request: request, parts: AnthropicMessagesDialect.parts(of:))
+        return HTTPStreaming.start(
+            http, client: client, options: options, request: request, parts: AnthropicMessagesDialect.parts(of:), on: loop, sink: sink)
     }
+
+    public func stream(_ request: CompletionRequest) -> LLMEventStream { pulledStream(request, on: client.eventLoopGroup.any()) }
 
     /// The conversation as Messages wants it: user and assistant turns, starting with the user,
     /// consecutive turns of one role merged.

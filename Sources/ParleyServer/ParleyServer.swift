@@ -25,6 +25,8 @@ public final class ParleyServer: Sendable {
     let rooms: RoomService
     let hub: StreamHub
     private let group: MultiThreadedEventLoopGroup
+    /// The server made its event loops (none were given to `start`), so it shuts them down.
+    private let ownsGroup: Bool
     private let serverChannel: any Channel
     private let logger: Logger
     private let stopped = Mutex(false)
@@ -33,9 +35,10 @@ public final class ParleyServer: Sendable {
 
     private init(
         configuration: ServerConfiguration, port: Int, store: any Store, authenticator: Authenticator, chat: ChatService,
-        schedules: ScheduleService, rooms: RoomService, hub: StreamHub, group: MultiThreadedEventLoopGroup, serverChannel: any Channel,
-        logger: Logger, retention: Task<Void, Never>
+        schedules: ScheduleService, rooms: RoomService, hub: StreamHub, group: MultiThreadedEventLoopGroup, ownsGroup: Bool,
+        serverChannel: any Channel, logger: Logger, retention: Task<Void, Never>
     ) {
+        self.ownsGroup = ownsGroup
         self.retention = retention
         self.schedules = schedules
         self.rooms = rooms
@@ -52,9 +55,13 @@ public final class ParleyServer: Sendable {
 
     /// Opens the store and binds the listening socket. Throws `ConfigurationError` with an
     /// operator-readable message when the data directory or address cannot be used.
+    /// `eventLoopGroup`, when given, is the caller's to shut down (after `shutdown`): give the
+    /// one the provider's HTTP client runs on, and a reply's upstream connection is read on the
+    /// loop of the socket its tokens go to. Without it the server makes its own.
     public static func start(
         configuration: ServerConfiguration,
         provider: (any LLMProvider)? = nil,
+        eventLoopGroup: MultiThreadedEventLoopGroup? = nil,
         logger: Logger = Logger(label: "parley")
     ) async throws -> ParleyServer {
         do {
@@ -96,7 +103,8 @@ public final class ParleyServer: Sendable {
             try? await store.close()
             throw error
         }
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: configuration.eventLoopThreads ?? System.coreCount)
+        let ownsGroup = eventLoopGroup == nil
+        let group = eventLoopGroup ?? MultiThreadedEventLoopGroup(numberOfThreads: configuration.eventLoopThreads ?? System.coreCount)
         let streams = StreamRunner(
             store: store, credits: credits, provider: provider, hub: hub, sockets: sockets, broker: LocalBroker(hub: sockets),
             requests: RequestTracker(logger: logger), loops: group,
@@ -115,7 +123,7 @@ public final class ParleyServer: Sendable {
             await schedules.stopFiring()
             await schedules.drain()
             try? await store.close()
-            try? await group.shutdownGracefully()
+            if ownsGroup { try? await group.shutdownGracefully() }
             throw error
         }
         let handshakes = configuration.handshakesPerSecondPerIP.map {
@@ -156,7 +164,7 @@ public final class ParleyServer: Sendable {
             await schedules.stopFiring()
             await schedules.drain()
             try? await store.close()
-            try? await group.shutdownGracefully()
+            if ownsGroup { try? await group.shutdownGracefully() }
             throw ConfigurationError("cannot listen on \(configuration.host):\(configuration.port): \(error)")
         }
         let port = serverChannel.localAddress?.port ?? configuration.port
@@ -169,7 +177,7 @@ public final class ParleyServer: Sendable {
         return ParleyServer(
             configuration: configuration, port: port, store: store, authenticator: authenticator, chat: chat, schedules: schedules, rooms: rooms,
             hub: hub,
-            group: group, serverChannel: serverChannel, logger: logger, retention: Task { await retention.run() }
+            group: group, ownsGroup: ownsGroup, serverChannel: serverChannel, logger: logger, retention: Task { await retention.run() }
         )
     }
 
@@ -335,7 +343,7 @@ public final class ParleyServer: Sendable {
         } catch {
             logger.error("closing the store failed", metadata: ["error": "\(error)"])
         }
-        try? await group.shutdownGracefully()
+        if ownsGroup { try? await group.shutdownGracefully() }
         logger.info("stopped")
     }
 }

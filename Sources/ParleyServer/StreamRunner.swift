@@ -41,7 +41,7 @@ final class StreamRunner: Sendable {
     let metrics: StreamMetrics
     let logger: Logger
     let ids: IDGenerator
-    /// Where a pushing provider's tokens are handled when no requester's socket names a loop.
+    /// Where a reply's tokens are handled when no requester's socket names a loop.
     let loops: any EventLoopGroup
     private let allocator = ByteBufferAllocator()
 
@@ -203,35 +203,11 @@ final class StreamRunner: Sendable {
                 target: target, messageID: messageID, createdAt: Int64(Timestamp.nowMillis())),
             store: store, logger: logger
         )
-        var reply = ReleasedReply(live: live, journal: journal, allocator: allocator)
-        if let pushing = provider as? any PushingLLMProvider {
-            // The requester's own loop when there is one: its frames are then written in place.
-            let loop = requester?.channel.eventLoop ?? loops.next()
-            reply = await TokenPump.pump(request, with: pushing, on: loop, meter: meter, reply: reply, metrics: metrics, logger: logger)
-        } else {
-            do {
-                tokens: for try await event in provider.stream(request) {
-                    switch event {
-                    case .token(let token):
-                        // Released only once paid for: the stream stops exactly at the last covered token.
-                        // Paid batches are checked without a hop onto the meter; it is asked once per batch.
-                        var boughtBatch = false
-                        if !meter.isPaid(token: reply.nextToken) {
-                            guard try await meter.authorize(token: reply.nextToken) else {
-                                reply.outOfCredits = true
-                                break tokens
-                            }
-                            boughtBatch = true
-                        }
-                        reply.release(token, boughtBatch: boughtBatch)
-                    case .usage(let usage):
-                        reply.reported = usage
-                    }
-                }
-            } catch {
-                reply.fail(error, metrics: metrics, logger: logger)
-            }
-        }
+        // The requester's own loop when there is one: its frames are then written in place.
+        let loop = requester?.channel.eventLoop ?? loops.next()
+        let reply = await TokenPump.pump(
+            request, with: provider, on: loop, meter: meter, reply: ReleasedReply(live: live, journal: journal, allocator: allocator),
+            metrics: metrics, logger: logger)
         let (text, seq, reported, failure, failureCode, outOfCredits) =
             (reply.text, reply.seq, reply.reported, reply.failure, reply.failureCode, reply.outOfCredits)
 

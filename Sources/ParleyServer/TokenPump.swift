@@ -4,9 +4,8 @@ import ParleyCore
 import ParleyLLM
 import ParleyStore
 
-/// A reply as far as it was released to its readers, and how its generation ended. Both token
-/// paths build it the same way (`StreamRunner.generate`'s task reading a provider's stream, or a
-/// `TokenPump` on an event loop); the settlement reads it.
+/// A reply as far as it was released to its readers, and how its generation ended: a
+/// `TokenPump` builds it, the settlement reads it.
 struct ReleasedReply {
     private(set) var text = ""
     private(set) var seq: Int64 = 0
@@ -68,9 +67,10 @@ struct ReleasedReply {
     }
 }
 
-/// A reply's token path on one event loop, for a provider that pushes its events there
-/// (`PushingLLMProvider`): each token is checked against the prepaid batch, released and written
-/// to the sockets of that loop without a task, a stream buffer or a thread hop. Buying the next
+/// A reply's token path on one event loop: each token the provider hands over there (itself, as
+/// a `PushingLLMProvider` does, or read from its stream by `startPushing`) is checked against the
+/// prepaid batch, released and written to the sockets of that loop without a task, a stream
+/// buffer or a thread hop. Buying the next
 /// batch is the one asynchronous step; tokens that arrive meanwhile wait here, in order, and go
 /// out once it is paid (or are dropped when it cannot be). Touched only on `loop`, hence
 /// unchecked Sendable.
@@ -104,7 +104,7 @@ final class TokenPump: LLMEventSink, @unchecked Sendable {
     /// Generates `request` with `provider` on this pump's loop until it finishes, runs out of
     /// credits or the calling task is cancelled (a stop); returns what was released.
     static func pump(
-        _ request: CompletionRequest, with provider: any PushingLLMProvider, on loop: any EventLoop, meter: CreditMeter, reply: ReleasedReply,
+        _ request: CompletionRequest, with provider: any LLMProvider, on loop: any EventLoop, meter: CreditMeter, reply: ReleasedReply,
         metrics: StreamMetrics, logger: Logger
     ) async -> ReleasedReply {
         let pump = TokenPump(loop: loop, meter: meter, reply: reply, metrics: metrics, logger: logger)
@@ -117,7 +117,7 @@ final class TokenPump: LLMEventSink, @unchecked Sendable {
         }
     }
 
-    private func start(_ request: CompletionRequest, with provider: any PushingLLMProvider, then done: CheckedContinuation<ReleasedReply, Never>) {
+    private func start(_ request: CompletionRequest, with provider: any LLMProvider, then done: CheckedContinuation<ReleasedReply, Never>) {
         loop.assertInEventLoop()
         guard !stopping else {
             completed = true
@@ -125,7 +125,7 @@ final class TokenPump: LLMEventSink, @unchecked Sendable {
             return
         }
         self.done = done
-        run = provider.start(request, on: loop, sink: self)
+        run = startPushing(provider, request, on: loop, sink: self)
     }
 
     func received(_ event: LLMEvent) {

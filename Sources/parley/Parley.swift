@@ -3,6 +3,8 @@ import ArgumentParser
 import CoreMetrics
 import Foundation
 import Logging
+import NIOCore
+import NIOPosix
 import ServiceLifecycle
 import ParleyCore
 import ParleyDeflate
@@ -389,26 +391,32 @@ struct Serve: AsyncParsableCommand {
 
         // The local model first: replies recovered or scheduled at start-up already need it.
         let model = usesLocalModel ? try await startLocalModel(parallel: configuration.providerConcurrency ?? LocalModel.defaultParallel) : nil
+        // The server's event loops, made here so that a model server's client shares them: a
+        // reply's upstream connection is then read on the loop that writes its tokens.
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: configuration.eventLoopThreads ?? System.coreCount)
         // A model server gets a client of its own, with a connection for every reply that may stream at once.
         let upstream =
-            usesHTTPProvider ? HTTPClient.forProvider(connections: configuration.providerConcurrency ?? Self.defaultProviderConcurrency) : nil
+            usesHTTPProvider
+            ? HTTPClient.forProvider(connections: configuration.providerConcurrency ?? Self.defaultProviderConcurrency, on: group) : nil
         let server: ParleyServer
         do {
             server = try await ParleyServer.start(
                 configuration: configuration,
                 provider: try makeProvider(
                     url: model.map { LocalModel.baseURL(port: $0.configuration.port) } ?? providerUrl,
-                    model: defaultModel, client: upstream))
+                    model: defaultModel, client: upstream),
+                eventLoopGroup: group)
         } catch {
             FileHandle.standardError.write(Data("parley: \(error)\n".utf8))
             await model?.stop()
             try? await upstream?.shutdown()
+            try? await group.shutdownGracefully()
             throw ExitCode(1)
         }
         // SIGTERM or SIGINT starts the graceful shutdown: the drain, then exit 0.
         let logger = Logger(label: "parley")
         let service = ServerService(
-            server: server, host: host, model: model, upstream: upstream, greeting: greeting(model: defaultModel, sidecar: model))
+            server: server, host: host, model: model, upstream: upstream, group: group, greeting: greeting(model: defaultModel, sidecar: model))
         let services = ServiceGroup(
             configuration: ServiceGroupConfiguration(
                 services: [.init(service: service)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger
@@ -418,6 +426,7 @@ struct Serve: AsyncParsableCommand {
         } catch {
             await model?.stop()
             try? await upstream?.shutdown()
+            try? await group.shutdownGracefully()
             throw error
         }
     }
@@ -533,8 +542,10 @@ struct ServerService: Service {
     let host: String
     /// The local model server, stopped once the drain is over (the drain's replies need it).
     let model: Sidecar?
-    /// The model provider's HTTP client, shut down last.
+    /// The model provider's HTTP client, shut down after the server.
     let upstream: HTTPClient?
+    /// The event loops the server and that client run on, shut down last.
+    let group: MultiThreadedEventLoopGroup
     /// A line for people after the machine-readable one, given the bound port.
     let greeting: @Sendable (Int) -> String
 
@@ -548,5 +559,6 @@ struct ServerService: Service {
         await server.shutdown()
         await model?.stop()
         try? await upstream?.shutdown()
+        try? await group.shutdownGracefully()
     }
 }

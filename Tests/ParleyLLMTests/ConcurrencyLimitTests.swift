@@ -1,3 +1,5 @@
+import NIOEmbedded
+import NIOCore
 import ParleyCore
 import ParleyLLM
 import Synchronization
@@ -94,5 +96,37 @@ func drain(_ stream: LLMEventStream) async throws -> [LLMEvent] {
         held.finishOne()  // the cancelled reader's upstream, still waiting (the held provider ignores cancellation)
         held.finishOne()
         #expect(try await drain(limited.stream(request)).count == 2, "the slot is free for the next")
+    }
+
+    final class Recorder: LLMEventSink {
+        var tokens = 0
+        var finishes: [String] = []
+        func received(_ event: LLMEvent) { if case .token = event { tokens += 1 } }
+        func finished(_ error: (any Error)?) { finishes.append(error.map { "\($0)" } ?? "ok") }
+    }
+
+    /// A pushing provider behind the limit pushes on the loop it was started on, straight
+    /// through; a waiting reply starts once a running one finishes, and one cancelled while it
+    /// waits never starts and leaves its place.
+    @Test func aPushingProviderBehindTheLimitWaitsItsTurnOnItsLoop() {
+        let loop = EmbeddedEventLoop()
+        let simulated = SimulatedProvider(configuration: .init(timeToFirstToken: .milliseconds(100), tokensPerSecond: 10, replyTokens: 3))
+        let limited = ConcurrencyLimitedProvider(simulated, maxConcurrent: 1, maxQueued: 2)
+        let (first, second, third, fourth) = (Recorder(), Recorder(), Recorder(), Recorder())
+        _ = limited.start(request, on: loop, sink: first)
+        _ = limited.start(request, on: loop, sink: second)
+        let cancelled = limited.start(request, on: loop, sink: third)
+        _ = limited.start(request, on: loop, sink: fourth)
+        loop.run()
+        #expect(limited.load == (running: 1, queued: 2) && fourth.finishes == ["ProviderBusy()"])
+        cancelled.cancel()
+        #expect(limited.load.queued == 1)
+        loop.advanceTime(by: .milliseconds(300))  // the first reply's three tokens: 100, 200, 300 ms
+        #expect(first.tokens == 3 && first.finishes == ["ok"] && second.tokens == 0)
+        #expect(limited.load == (running: 1, queued: 0), "the slot went to the second")
+        loop.advanceTime(by: .milliseconds(300))
+        #expect(second.tokens == 3 && second.finishes == ["ok"])
+        #expect(third.tokens == 0 && third.finishes.isEmpty, "a cancelled reply hears nothing")
+        #expect(limited.load == (running: 0, queued: 0))
     }
 }

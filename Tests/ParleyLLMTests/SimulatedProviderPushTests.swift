@@ -45,6 +45,10 @@ import Testing
 
     @Test func pushesTheStreamsEventsEachAtItsDeadline() async throws {
         let p = provider(ttft: .milliseconds(200), tps: 10, reply: 5)
+        // The pulled stream first: the embedded loop below must not outlive an `await` (it may
+        // resume on another thread, and an embedded loop is only for the thread that made it).
+        var pulled: [LLMEvent] = []
+        for try await event in p.stream(request) { pulled.append(event) }
         let (loop, recorder) = started(p, request)
         loop.advanceTime(by: .milliseconds(199))
         #expect(recorder.events.isEmpty)
@@ -54,10 +58,7 @@ import Testing
         #expect(recorder.millis == [200, 300, 400, 500, 600, 600])
         #expect(recorder.events.last?.event == .usage(Usage(inputTokens: SimulatedProvider.inputTokens(request), outputTokens: 5)))
         #expect(recorder.finishes == ["ok"])
-        // The pulled stream gives the same events.
-        var pulled: [LLMEvent] = []
-        for try await event in p.stream(request) { pulled.append(event) }
-        #expect(pulled == recorder.events.map(\.event))
+        #expect(pulled == recorder.events.map(\.event), "the pulled stream gives the same events")
     }
 
     @Test func anUnpacedReplyArrivesWhole() {

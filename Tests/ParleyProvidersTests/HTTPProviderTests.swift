@@ -238,11 +238,15 @@ let openAITranscript = """
         let upstream = try await FakeUpstream([.hang([Array(first.utf8)])])
         var options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol")
         options.idleTimeout = .milliseconds(300)
+        options.firstTokenTimeout = .seconds(30)
         var tokens: [LLMEvent] = []
+        let began = ContinuousClock.now
         await #expect(throws: ProviderError("the model provider stopped sending")) {
             for try await event in OpenAICompatibleProvider(options: options).stream(request) { tokens.append(event) }
         }
         #expect(tokens == [.token("Hel")] && upstream.requests.count == 1, "nothing is retried after the first token")
+        // The idle limit ended it, not the first token's (a timer left at that one fires at 30 s).
+        #expect(ContinuousClock.now - began < .seconds(30))
         await upstream.stop()
     }
 
@@ -333,5 +337,56 @@ let openAITranscript = """
         }
         #expect(upstream.requests.count == 2, "a keep-alive is not a token; the silent attempt is retried once")
         await upstream.stop()
+    }
+
+    /// Records pushed events, each checked to arrive on the loop the reply was started on.
+    final class LoopSink: LLMEventSink, @unchecked Sendable {
+        let loop: any EventLoop
+        var events: [LLMEvent] = []
+        var offLoop = 0
+        let done: EventLoopPromise<(any Error)?>
+
+        init(loop: any EventLoop) {
+            self.loop = loop
+            done = loop.makePromise()
+        }
+
+        func received(_ event: LLMEvent) {
+            if !loop.inEventLoop { offLoop += 1 }
+            events.append(event)
+        }
+
+        func finished(_ error: (any Error)?) {
+            if !loop.inEventLoop { offLoop += 1 }
+            done.succeed(error)
+        }
+    }
+
+    /// The server gives the provider's client its own event loops, and each reply is read on the
+    /// loop of the socket it is written to; a client on other loops hands each event over to it.
+    /// Both push every event on the loop asked for. (AsyncHTTPClient traps when asked for a
+    /// connection on a loop that is not the client's: the second client must not be asked.)
+    @Test func aPushedReplyArrivesOnTheLoopItWasStartedOnWhateverLoopsTheClientHas() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        let client = HTTPClient.forProvider(connections: 4, on: group)
+        let loops = Array(group.makeIterator())
+        let upstream = try await FakeUpstream(Array(repeating: .stream(pieces(openAITranscript, size: 9)), count: 3))
+        let options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol")
+        for (provider, loop) in [
+            (OpenAICompatibleProvider(options: options, client: client), loops[0]),
+            (OpenAICompatibleProvider(options: options, client: client), loops[1]),
+            (OpenAICompatibleProvider(options: options), loops[1]),  // HTTPClient.shared: other loops
+        ] {
+            let sink = LoopSink(loop: loop)
+            let request = self.request
+            _ = try await loop.submit { provider.start(request, on: loop, sink: sink) }.get()
+            let error = try await sink.done.futureResult.get()
+            let (events, offLoop) = try await loop.submit { (sink.events, sink.offLoop) }.get()
+            #expect(error == nil && offLoop == 0)
+            #expect(events == [.token("Olá, "), .token("mundo 🌊"), .usage(Usage(inputTokens: 21, outputTokens: 5))])
+        }
+        await upstream.stop()
+        try await client.shutdown()
+        try await group.shutdownGracefully()
     }
 }
