@@ -225,7 +225,7 @@ let package = Package(
         .testTarget(
             name: "ParleyServerTests",
             dependencies: [
-                "ParleyServer", "ParleyTestSupport", "ParleyStore", "ParleyLLM", "ParleyCore", "ParleyDeflate",
+                "ParleyServer", "ParleyTestSupport", "ParleyStore", "ParleyMongoStore", "ParleyLLM", "ParleyCore", "ParleyDeflate",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "Crypto", package: "swift-crypto"),

@@ -15,6 +15,9 @@ public struct ServerConfiguration: Sendable {
     public var storeURI: String?
     /// Threads running MongoDB driver calls.
     public var mongoThreads = 4
+    /// How long this node's lease on a MongoDB database lasts unrenewed (renewed every third of
+    /// it): the longest a second node waits for a crashed one's, and a stalled node keeps it.
+    public var nodeLeasePeriod: Duration = .seconds(15)
 
     /// HS256 secret for tokens; nil reads or creates `<data dir>/jwt-secret`.
     public var jwtSecret: String?

@@ -32,12 +32,17 @@ public final class ParleyServer: Sendable {
     private let stopped = Mutex(false)
     /// The retention purge, running until shutdown.
     private let retention: Task<Void, Never>
+    /// This process's hold on its data directory, and on its MongoDB database.
+    private let dataLock: DataDirectoryLock
+    private let nodeLease: NodeLeaseKeeper?
 
     private init(
         configuration: ServerConfiguration, port: Int, store: any Store, authenticator: Authenticator, chat: ChatService,
         schedules: ScheduleService, rooms: RoomService, hub: StreamHub, group: MultiThreadedEventLoopGroup, ownsGroup: Bool,
-        serverChannel: any Channel, logger: Logger, retention: Task<Void, Never>
+        serverChannel: any Channel, logger: Logger, retention: Task<Void, Never>, dataLock: DataDirectoryLock, nodeLease: NodeLeaseKeeper?
     ) {
+        self.dataLock = dataLock
+        self.nodeLease = nodeLease
         self.ownsGroup = ownsGroup
         self.retention = retention
         self.schedules = schedules
@@ -72,9 +77,24 @@ public final class ParleyServer: Sendable {
         } catch {
             throw ConfigurationError("cannot create the data directory \(configuration.dataDirectory): \(error.localizedDescription)")
         }
+        // One process per data directory, one node per MongoDB database (until #22's cluster).
+        let dataLock = try DataDirectoryLock.acquire(directory: configuration.dataDirectory)
         let secret = try configuration.jwtSecret ?? SecretFile.loadOrCreate(at: configuration.secretPath)
         let authenticator = await Authenticator.make(secret: secret)
         let store = try await openStore(configuration)
+        let nodeLease: NodeLeaseKeeper?
+        do {
+            nodeLease =
+                if let mongo = store as? MongoStore {
+                    try await NodeLeaseKeeper.claim(
+                        store: mongo, directory: configuration.dataDirectory, period: configuration.nodeLeasePeriod, logger: logger)
+                } else {
+                    nil
+                }
+        } catch {
+            try? await store.close()
+            throw error
+        }
         var provider: any LLMProvider = provider ?? SimulatedProvider(configuration: configuration.simulated)
         if let limit = configuration.providerConcurrency {
             provider = ConcurrencyLimitedProvider(provider, maxConcurrent: limit, maxQueued: configuration.providerQueue)
@@ -88,6 +108,7 @@ public final class ParleyServer: Sendable {
         do {
             recovered = try await store.recoverLedger()
         } catch {
+            await nodeLease?.release()
             try? await store.close()
             throw error
         }
@@ -100,6 +121,7 @@ public final class ParleyServer: Sendable {
         do {
             _ = try await StreamRecovery(store: store, credits: credits, logger: logger).run()
         } catch {
+            await nodeLease?.release()
             try? await store.close()
             throw error
         }
@@ -122,6 +144,7 @@ public final class ParleyServer: Sendable {
         } catch {
             await schedules.stopFiring()
             await schedules.drain()
+            await nodeLease?.release()
             try? await store.close()
             if ownsGroup { try? await group.shutdownGracefully() }
             throw error
@@ -163,6 +186,7 @@ public final class ParleyServer: Sendable {
         } catch {
             await schedules.stopFiring()
             await schedules.drain()
+            await nodeLease?.release()
             try? await store.close()
             if ownsGroup { try? await group.shutdownGracefully() }
             throw ConfigurationError("cannot listen on \(configuration.host):\(configuration.port): \(error)")
@@ -177,7 +201,8 @@ public final class ParleyServer: Sendable {
         return ParleyServer(
             configuration: configuration, port: port, store: store, authenticator: authenticator, chat: chat, schedules: schedules, rooms: rooms,
             hub: hub,
-            group: group, ownsGroup: ownsGroup, serverChannel: serverChannel, logger: logger, retention: Task { await retention.run() }
+            group: group, ownsGroup: ownsGroup, serverChannel: serverChannel, logger: logger, retention: Task { await retention.run() },
+            dataLock: dataLock, nodeLease: nodeLease
         )
     }
 
@@ -301,6 +326,14 @@ public final class ParleyServer: Sendable {
         return offers.isEmpty ? nil : PerMessageDeflate.negotiate(offers: offers, settings: settings)
     }
 
+    /// Returns why, if this node loses its lease on its MongoDB database (another node may be
+    /// serving from it now: stop the process at once, as after a crash, and let the journal and
+    /// ledger recovery of the next start finish what was cut); nil when there is no lease (the
+    /// embedded store) or after `shutdown`. Await it from one task only.
+    public func nodeLeaseLost() async -> String? {
+        await nodeLease?.lost()
+    }
+
     /// Stops cleanly: stops accepting connections and requests, lets the replies in flight finish
     /// for up to `drainGrace`, ends the rest with reason `shutdown` (their partial replies
     /// stored), closes every socket with 1001, then flushes and closes the store. Idempotent.
@@ -338,11 +371,13 @@ public final class ParleyServer: Sendable {
                 waiters.cancelAll()
             }
         }
+        await nodeLease?.release()
         do {
             try await store.close()
         } catch {
             logger.error("closing the store failed", metadata: ["error": "\(error)"])
         }
+        dataLock.release()
         if ownsGroup { try? await group.shutdownGracefully() }
         logger.info("stopped")
     }

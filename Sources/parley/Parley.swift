@@ -554,8 +554,28 @@ struct ServerService: Service {
         // Printed here, once the group traps SIGTERM: a signal right after it drains, never kills.
         FileHandle.standardOutput.write(Data("parley listening on http://\(host):\(server.port)\n".utf8))
         FileHandle.standardOutput.write(Data((greeting(server.port) + "\n").utf8))
-        // Returns when the group's graceful shutdown begins; throws when the task is cancelled.
-        try? await gracefulShutdown()
+        // Returns when the group's graceful shutdown begins (or throws when the task is
+        // cancelled), unless this node loses its MongoDB lease first: then another node may be
+        // serving from the database, and this one stops at once, as after a crash (the next
+        // start's recovery stores and settles what was cut).
+        let server = self.server
+        let lost = await withTaskGroup(of: String?.self) { race in
+            race.addTask {
+                try? await gracefulShutdown()
+                return nil
+            }
+            race.addTask {
+                if let reason = await server.nodeLeaseLost() { return reason }
+                while !Task.isCancelled { try? await Task.sleep(for: .seconds(3600)) }  // no lease: the shutdown decides
+                return nil
+            }
+            defer { race.cancelAll() }
+            return await race.next() ?? nil
+        }
+        if let lost {
+            FileHandle.standardError.write(Data("parley: stopping at once: \(lost)\n".utf8))
+            exit(70)
+        }
         await server.shutdown()
         await model?.stop()
         try? await upstream?.shutdown()

@@ -113,3 +113,13 @@ def test_dev_mode_needs_a_loopback_ip_literal(data_dir):
         result = serve("--dev", "--host", host, "--http-head-timeout", "0", data_dir=data_dir)
         # Accepted as loopback: the start stops at the next invalid option instead.
         assert result.returncode == 64 and "--http-head-timeout must be" in result.stderr, (host, result.stderr)
+
+
+def test_a_second_server_on_a_data_directory_in_use_is_refused_and_the_first_serves_on(start_server, store_args, data_dir):
+    """Two processes on one data directory would share its SQLite file, secret and node id and
+    each resume the other's rooms and schedules: the second is refused, naming the first."""
+    first = start_server()
+    second = serve("--port", "0", *store_args, data_dir=data_dir)
+    assert second.returncode == 1, second.stderr
+    assert f"another parley process (pid {first.proc.pid}) is using the data directory {data_dir}" in second.stderr, second.stderr
+    assert first.http("GET", "/healthz")[0] == 200

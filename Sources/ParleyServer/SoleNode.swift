@@ -1,0 +1,146 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import Logging
+import ParleyCore
+import ParleyMongoStore
+import Synchronization
+
+/// An exclusive `flock` on `<data directory>/parley.lock`, held while the server runs: a second
+/// process on the same directory (the same SQLite file, secret and node id) is refused with the
+/// first one's pid. The kernel lets go when the process dies, so a restart after a crash is not.
+final class DataDirectoryLock: Sendable {
+    private let descriptor: Mutex<Int32>
+
+    private init(_ descriptor: Int32) { self.descriptor = Mutex(descriptor) }
+
+    static func acquire(directory: String) throws -> DataDirectoryLock {
+        let path = directory + "/parley.lock"
+        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw ConfigurationError("cannot open \(path): \(String(cString: strerror(errno)))") }
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+            let holder = (try? String(contentsOfFile: path, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? ""
+            close(fd)
+            throw ConfigurationError(
+                "another parley process\(holder.isEmpty ? "" : " (pid \(holder))") is using the data directory \(directory); "
+                    + "stop it, or give this one a --data-dir of its own")
+        }
+        // The holder's pid, for the message above.
+        let pid = Array("\(getpid())\n".utf8)
+        _ = ftruncate(fd, 0)
+        _ = pwrite(fd, pid, pid.count, 0)
+        return DataDirectoryLock(fd)
+    }
+
+    func release() {
+        descriptor.withLock { fd in
+            guard fd >= 0 else { return }
+            close(fd)
+            fd = -1
+        }
+    }
+
+    deinit { release() }
+}
+
+/// Keeps this node's lease on a MongoDB database (`NodeLease`): claimed at start-up, waiting out
+/// at most one lease period for a holder that stopped renewing (a node that crashed), then
+/// renewed every third of the period, and given up at shutdown. The node's id lives in its data
+/// directory (under `DataDirectoryLock`), so a restart after a crash takes its own lease back at
+/// once. Losing the lease (this process stalled past the period and another node took over) is
+/// reported through `lost`: the node must stop at once, as after a crash.
+final class NodeLeaseKeeper: Sendable {
+    let node: String
+    /// This machine's name, for the message a second node gets.
+    private let host = ProcessInfo.processInfo.hostName
+    private let store: MongoStore
+    private let period: Duration
+    private let logger: Logger
+    private let renewal = Mutex<Task<Void, Never>?>(nil)
+    /// Why the lease was lost, once.
+    private let lostSignal: AsyncStream<String>
+    private let lostContinuation: AsyncStream<String>.Continuation
+
+    private init(node: String, store: MongoStore, period: Duration, logger: Logger) {
+        self.node = node
+        self.store = store
+        self.period = period
+        self.logger = logger
+        (lostSignal, lostContinuation) = AsyncStream.makeStream(bufferingPolicy: .bufferingNewest(1))
+    }
+
+    /// Claims the lease for the node whose id is kept in `directory`; throws `ConfigurationError`
+    /// naming the holder when another node keeps it.
+    static func claim(store: MongoStore, directory: String, period: Duration, logger: Logger) async throws -> NodeLeaseKeeper {
+        let node = try SecretFile.loadOrCreate(at: directory + "/node-id")
+        let keeper = NodeLeaseKeeper(node: String(node.prefix(16)), store: store, period: period, logger: logger)
+        let giveUp = ContinuousClock.now + period + .seconds(1)
+        while true {
+            guard let holder = try await keeper.claimOnce() else { break }
+            guard ContinuousClock.now < giveUp else {
+                throw ConfigurationError(
+                    "another Parley node (\(holder.node) on \(holder.host), pid \(holder.pid)) is serving from this MongoDB database; "
+                        + "Parley runs one node per database until clustering lands, so stop that one or give this one a database of its own")
+            }
+            logger.notice("waiting for the node lease of this database", metadata: ["holder": "\(holder.node) on \(holder.host)"])
+            try await Task.sleep(for: min(period / 3, giveUp - ContinuousClock.now))
+        }
+        keeper.renewal.withLock { $0 = Task { await keeper.renew() } }
+        return keeper
+    }
+
+    /// The lease as this node claims it now.
+    private func claimOnce() async throws -> NodeLease? {
+        let now = Int64(Date().timeIntervalSince1970 * 1000)
+        let (seconds, attoseconds) = period.components
+        let lease = NodeLease(
+            node: node, host: host, pid: Int64(getpid()),
+            expires: now + seconds * 1000 + attoseconds / 1_000_000_000_000_000)
+        return try await store.claimNodeLease(lease, now: now)
+    }
+
+    private func renew() async {
+        // Until then the lease is this node's, whatever a failed renewal says.
+        var heldUntil = ContinuousClock.now + period
+        while true {
+            do {
+                try await Task.sleep(for: period / 3)
+            } catch {
+                return  // cancelled: the shutdown gives the lease up
+            }
+            do {
+                if let holder = try await claimOnce() {
+                    lostContinuation.yield("node \(holder.node) on \(holder.host) (pid \(holder.pid)) took this database's node lease over")
+                    return
+                }
+                heldUntil = ContinuousClock.now + period
+            } catch {
+                guard ContinuousClock.now < heldUntil else {
+                    lostContinuation.yield("the node lease could not be renewed before it expired: \(error)")
+                    return
+                }
+                logger.error("renewing the node lease failed; trying again", metadata: ["error": "\(error)"])
+            }
+        }
+    }
+
+    /// Returns why, when this node lost its lease (another node may be serving from the
+    /// database now: the caller stops the process at once); nil after `release`.
+    func lost() async -> String? {
+        var iterator = lostSignal.makeAsyncIterator()
+        return await iterator.next()
+    }
+
+    /// Stops renewing and gives the lease up (a clean shutdown).
+    func release() async {
+        renewal.withLock { $0 }?.cancel()
+        await renewal.withLock { $0 }?.value
+        lostContinuation.finish()
+        do {
+            try await store.releaseNodeLease(node: node)
+        } catch {
+            logger.warning("could not give up the node lease; it expires by itself", metadata: ["error": "\(error)"])
+        }
+    }
+}

@@ -1,0 +1,78 @@
+import Foundation
+import ParleyCore
+import ParleyMongoStore
+@testable import ParleyServer
+import ParleyTestSupport
+import Testing
+
+/// One process per data directory, one node per MongoDB database, until the cluster (#22): a
+/// second one is refused with a message naming the first, and a node that loses its lease is told.
+@Suite struct SoleNodeTests {
+    func temporaryDirectory() throws -> String {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("parley-lock-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+        return path
+    }
+
+    @Test func aSecondHolderOfTheDataDirectoryIsRefusedUntilTheFirstLetsGo() throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let first = try DataDirectoryLock.acquire(directory: directory)
+        #expect {
+            _ = try DataDirectoryLock.acquire(directory: directory)
+        } throws: { error in
+            "\(error)".contains("another parley process (pid \(getpid())) is using the data directory \(directory)")
+        }
+        first.release()
+        try DataDirectoryLock.acquire(directory: directory).release()
+    }
+
+    @Test func theNodeLeaseIsOneNodesUntilItExpiresAndOnlyItsHolderGivesItUp() async throws {
+        let store = try await MongoStore.open(uri: MongoFixture.uri())
+        let a = NodeLease(node: "a", host: "h1", pid: 1, expires: 2_000)
+        let b = NodeLease(node: "b", host: "h2", pid: 2, expires: 3_000)
+        #expect(try await store.claimNodeLease(a, now: 1_000) == nil, "free: taken")
+        #expect(try await store.claimNodeLease(b, now: 1_500) == a, "held and live: refused, naming the holder")
+        var renewed = a
+        renewed.expires = 2_500
+        #expect(try await store.claimNodeLease(renewed, now: 1_900) == nil, "its holder renews it")
+        #expect(try await store.claimNodeLease(b, now: 2_400) == renewed, "renewed: still refused")
+        #expect(try await store.claimNodeLease(b, now: 2_600) == nil, "expired: taken over")
+        #expect(try await store.claimNodeLease(renewed, now: 2_700) == b, "the old holder finds it gone")
+        try await store.releaseNodeLease(node: "a")
+        #expect(try await store.claimNodeLease(a, now: 2_800) == b, "only the holder gives it up")
+        try await store.releaseNodeLease(node: "b")
+        #expect(try await store.claimNodeLease(a, now: 2_800) == nil)
+        try await store.close()
+    }
+
+    @Test func aSecondNodeOnOneDatabaseIsRefusedAndAnOvertakenNodeIsTold() async throws {
+        let first = try await TestServer.start(store: .mongodb) { $0.nodeLeasePeriod = .milliseconds(900) }
+        let uri = try #require(first.configuration.storeURI)
+        await #expect {
+            _ = try await TestServer.start(store: .mongodb) {
+                $0.storeURI = uri
+                $0.nodeLeasePeriod = .milliseconds(900)
+            }
+        } throws: { error in
+            "\(error)".contains("another Parley node") && "\(error)".contains("is serving from this MongoDB database")
+        }
+        // Another node takes the lease (as if the first had stalled past it): the first hears of it.
+        let intruder = try await MongoStore.open(uri: uri)
+        let farFuture = Int64(Date().timeIntervalSince1970 * 1000) + 3_600_000
+        let takeover = NodeLease(node: "intruder", host: "elsewhere", pid: 9, expires: farFuture * 2)
+        #expect(try await intruder.claimNodeLease(takeover, now: farFuture) == nil)
+        let reason = try await withThrowingTaskGroup(of: String?.self) { race in
+            race.addTask { await first.server.nodeLeaseLost() }
+            race.addTask {
+                try await Task.sleep(for: .seconds(20))  // a bound, so a failure cannot hang
+                return "no word within 20 s"
+            }
+            defer { race.cancelAll() }
+            return try await race.next() ?? nil
+        }
+        #expect(reason?.contains("node intruder on elsewhere (pid 9) took this database's node lease over") == true, "\(reason ?? "nil")")
+        try await intruder.close()
+        await first.stop()
+    }
+}
