@@ -46,6 +46,18 @@ let package = Package(
             pkgConfig: "libmongoc-1.0",
             providers: [.apt(["libmongoc-dev", "libbson-dev"])]
         ),
+        // The NATS C client (Debian libnats-dev), for the cluster's broker (issue #22).
+        .systemLibrary(
+            name: "CNats",
+            pkgConfig: "libnats",
+            providers: [.apt(["libnats-dev"])]
+        ),
+        // NATS and JetStream through nats.c: a Swift type owns every pointer; blocking calls run on a thread pool.
+        .target(
+            name: "ParleyNATS",
+            dependencies: ["CNats", .product(name: "NIOPosix", package: "swift-nio")],
+            swiftSettings: strict
+        ),
         // zlib (Debian zlib1g-dev), for WebSocket permessage-deflate.
         .systemLibrary(
             name: "CZlib",
@@ -220,6 +232,11 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
             ],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "ParleyNATSTests",
+            dependencies: ["ParleyNATS", .product(name: "NIOPosix", package: "swift-nio")],
             swiftSettings: strict
         ),
         .testTarget(

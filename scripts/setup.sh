@@ -7,10 +7,11 @@ cd "$(dirname "$0")/.."
 
 command -v swift >/dev/null || { echo "setup: the Swift toolchain (6.0 or later) must be on PATH" >&2; exit 1; }
 
-apt_packages=(libsqlite3-dev libmongoc-dev libbson-dev zlib1g-dev pkg-config)
-# The tests also drive Parley with Node's `ws` (node-ws brings nodejs where there is none), and
-# the web client in Debian's Chromium (headless, through Playwright; a font for its screenshots).
-[ "${1:-}" = "--test" ] && apt_packages+=(node-ws chromium fonts-dejavu-core)
+apt_packages=(libsqlite3-dev libmongoc-dev libbson-dev libnats-dev zlib1g-dev pkg-config)
+# The tests also drive Parley with Node's `ws` (node-ws brings nodejs where there is none), the
+# web client in Debian's Chromium (headless, through Playwright; a font for its screenshots), and
+# the NATS client against a real nats-server with JetStream.
+[ "${1:-}" = "--test" ] && apt_packages+=(node-ws chromium fonts-dejavu-core nats-server)
 missing=()
 for package in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

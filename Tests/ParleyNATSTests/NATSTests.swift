@@ -1,0 +1,127 @@
+import Foundation
+import NIOPosix
+import ParleyNATS
+import Testing
+
+struct FixtureError: Error, CustomStringConvertible {
+    var description: String
+}
+
+/// A real nats-server (Debian's, installed by `scripts/setup.sh --test`) with JetStream on, on
+/// a free loopback port, its store in a temporary directory; stopped (SIGKILL) by `stop`.
+final class NATSServer: @unchecked Sendable {
+    let process = Process()
+    let directory: String
+    private(set) var url = ""
+
+    init() throws {
+        directory = FileManager.default.temporaryDirectory.appendingPathComponent("parley-nats-\(UUID().uuidString)").path
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = ["nats-server", "-a", "127.0.0.1", "-p", "-1", "-js", "-sd", directory]
+        let output = Pipe()
+        process.standardError = output
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+        var text = ""
+        while !text.contains("Server is ready") {
+            let chunk = output.fileHandleForReading.availableData
+            guard !chunk.isEmpty else {
+                throw FixtureError(description: "nats-server exited: \(text) (install it with scripts/setup.sh --test)")
+            }
+            text += String(decoding: chunk, as: UTF8.self)
+        }
+        guard let line = text.split(separator: "\n").first(where: { $0.contains("Listening for client connections on ") }),
+            let port = line.split(separator: ":").last.map({ String($0).trimmingCharacters(in: .whitespaces) })
+        else { throw FixtureError(description: "nats-server printed no client port: \(text)") }
+        url = "nats://127.0.0.1:\(port)"
+        // Keep reading its log so the pipe never fills and blocks it.
+        output.fileHandleForReading.readabilityHandler = { handle in _ = handle.availableData }
+    }
+
+    func stop() {
+        process.terminate()
+        process.waitUntilExit()
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+}
+
+/// The next `count` messages (fewer if the subscription ends first).
+func next(_ count: Int, from messages: inout AsyncStream<NATSMessage>.AsyncIterator) async -> [NATSMessage] {
+    var out: [NATSMessage] = []
+    while out.count < count, let message = await messages.next() { out.append(message) }
+    return out
+}
+
+/// Cancels `subscription` after `seconds`, which ends its messages: a bound, so a failure cannot hang.
+func watchdog(_ subscription: NATSSubscription, seconds: Int = 10) -> Task<Void, Never> {
+    Task {
+        try? await Task.sleep(for: .seconds(seconds))
+        if !Task.isCancelled { subscription.cancel() }
+    }
+}
+
+@Suite(.serialized) struct NATSTests {
+    let threads = NIOThreadPool.singleton
+
+    @Test func coreMessagesArriveInOrder() async throws {
+        let server = try NATSServer()
+        defer { server.stop() }
+        let connection = try await NATSConnection.connect(url: server.url, threads: threads)
+        let subscription = try connection.subscribe("room.r1")
+        try await connection.flush()
+        for i in 0..<1_000 { try connection.publish("room.r1", Array("token \(i)".utf8)) }
+        try await connection.flush()
+        let bound = watchdog(subscription)
+        var iterator = subscription.messages.makeAsyncIterator()
+        let messages = await next(1_000, from: &iterator)
+        bound.cancel()
+        #expect(messages.map { String(decoding: $0.payload, as: UTF8.self) } == (0..<1_000).map { "token \($0)" })
+        #expect(messages.allSatisfy { $0.subject == "room.r1" && $0.sequence == nil } && subscription.dropped == 0)
+        subscription.cancel()
+        connection.close()
+    }
+
+    @Test func aRetriedPublishIsStoredOnceAndAStaleWriterIsFenced() async throws {
+        let server = try NATSServer()
+        defer { server.stop() }
+        let connection = try await NATSConnection.connect(url: server.url, threads: threads)
+        let js = try connection.jetStream()
+        try await js.addStream(.init(name: "STREAMS", subjects: ["stream.>"]))
+        try await js.addStream(.init(name: "STREAMS", subjects: ["stream.>"]))  // again, as every node's start does
+        let first = try await js.publish("stream.s1", Array("a".utf8), messageID: "STREAMS:1")
+        let retried = try await js.publish("stream.s1", Array("a".utf8), messageID: "STREAMS:1")
+        #expect(first == JetStream.PublishAck(stream: "STREAMS", sequence: 1, duplicate: false))
+        #expect(retried == JetStream.PublishAck(stream: "STREAMS", sequence: 1, duplicate: true))
+        let second = try await js.publish("stream.s1", Array("b".utf8), messageID: "STREAMS:2", expectedLastSubjectSequence: 1)
+        #expect(second.sequence == 2 && !second.duplicate)
+        // A writer that believes the subject's last sequence is still 1 is refused.
+        await #expect {
+            _ = try await js.publish("stream.s1", Array("stale".utf8), messageID: "STREAMS:3", expectedLastSubjectSequence: 1)
+        } throws: { error in
+            (error as? NATSError)?.isWrongLastSequence == true
+        }
+        connection.close()
+    }
+
+    @Test func anOrderedConsumerReplaysFromASequenceThenContinuesLive() async throws {
+        let server = try NATSServer()
+        defer { server.stop() }
+        let connection = try await NATSConnection.connect(url: server.url, threads: threads)
+        let js = try connection.jetStream()
+        try await js.addStream(.init(name: "STREAMS", subjects: ["stream.>"]))
+        for i in 1...10 { _ = try await js.publish("stream.s1", Array("t\(i)".utf8), messageID: "s1:\(i)") }
+        _ = try await js.publish("stream.other", Array("not this one".utf8))
+        // A resume after token 6: from sequence 7 on.
+        let subscription = try js.subscribeOrdered("stream.s1", from: 7)
+        let bound = watchdog(subscription)
+        var iterator = subscription.messages.makeAsyncIterator()
+        let replayed = await next(4, from: &iterator)
+        for i in 11...13 { _ = try await js.publish("stream.s1", Array("t\(i)".utf8), messageID: "s1:\(i)") }
+        let live = await next(3, from: &iterator)
+        bound.cancel()
+        #expect((replayed + live).map { String(decoding: $0.payload, as: UTF8.self) } == (7...13).map { "t\($0)" })
+        #expect((replayed + live).map(\.sequence) == [7, 8, 9, 10, 12, 13, 14], "stream sequences: 11 is the other subject's")
+        subscription.cancel()
+        connection.close()
+    }
+}
