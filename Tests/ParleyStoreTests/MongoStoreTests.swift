@@ -13,7 +13,7 @@ import Testing
     /// cannot hit the other tests running in parallel.
     func isolatedURI() -> (uri: String, app: String) {
         let app = "parley-test-" + String(UInt64.random(in: 0...UInt64.max), radix: 36)
-        return (MongoFixture.uri() + "?appname=" + app, app)
+        return (MongoFixture.uri(options: ["appname=" + app]), app)
     }
 
     func failNext(_ times: Int, _ commands: [String], app: String, errorCode: Int? = nil, closeConnection: Bool = false) throws {
@@ -32,6 +32,15 @@ import Testing
     func turnOffFailPoint() throws {
         _ = try MongoClientPool(uri: MongoFixture.uri()).command(
             .object([("configureFailPoint", .string("failCommand")), ("mode", .string("off"))]), database: "admin")
+    }
+
+    @Test func aTestDatabaseURIKeepsTheBasesOptionsAndReplacesItsPath() {
+        #expect(MongoFixture.uri(base: "mongodb://h:1", database: "d") == "mongodb://h:1/d")
+        #expect(MongoFixture.uri(base: "mongodb://h:1/", database: "d", options: ["appname=x"]) == "mongodb://h:1/d?appname=x")
+        let withOptions = MongoFixture.uri(base: "mongodb://h:1/?replicaSet=rs", database: "d", options: ["appname=x"])
+        #expect(withOptions == "mongodb://h:1/d?replicaSet=rs&appname=x")
+        let withAuthDatabase = MongoFixture.uri(base: "mongodb://u:p@h:1,h:2/admin?tls=true", database: "d")
+        #expect(withAuthDatabase == "mongodb://u:p@h:1,h:2/d?tls=true&authSource=admin")
     }
 
     @Test func transientFailuresAreRetried() async throws {

@@ -15,13 +15,31 @@ public enum MongoFixture {
         !(ProcessInfo.processInfo.environment["PARLEY_TEST_MONGODB_URI"] ?? "").isEmpty
     }
 
-    /// A fresh database's URI.
-    public static func uri() -> String {
+    /// A fresh database's URI, with `options` (`name=value` pairs) added to the base's own.
+    public static func uri(options: [String] = []) -> String {
         let database = "parley_test_" + UUID().uuidString.replacingOccurrences(of: "-", with: "").prefix(16).lowercased()
-        if let query = baseURI.firstIndex(of: "?") {
-            return baseURI[..<query] + "/" + database + baseURI[query...]
+        return uri(base: baseURI, database: database, options: options)
+    }
+
+    /// `base` (`mongodb://hosts[/][?options]`) naming `database`: its path replaced, its options
+    /// kept and `options` appended to them.
+    public static func uri(base: String, database: String, options: [String] = []) -> String {
+        var hosts = Substring(base)
+        var query: [Substring] = []
+        if let mark = base.firstIndex(of: "?") {
+            hosts = base[..<mark]
+            query = base[base.index(after: mark)...].split(separator: "&")
         }
-        return baseURI + "/" + database
+        // Past the scheme, a `/` starts the path: the database replaces it. A database named
+        // there is also the one credentials are checked against, so it stays that as authSource.
+        var authSource: [String] = []
+        if let scheme = hosts.range(of: "://"), let slash = hosts[scheme.upperBound...].firstIndex(of: "/") {
+            let path = hosts[hosts.index(after: slash)...]
+            if !path.isEmpty, !query.contains(where: { $0.lowercased().hasPrefix("authsource=") }) { authSource = ["authSource=\(path)"] }
+            hosts = hosts[..<slash]
+        }
+        let all = query.map(String.init) + authSource + options
+        return hosts + "/" + database + (all.isEmpty ? "" : "?" + all.joined(separator: "&"))
     }
 
     /// The Python wire server. Its stdin stays open as long as this process lives; when the test

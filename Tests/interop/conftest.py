@@ -86,8 +86,20 @@ def store_args(request):
     """Every server test runs once per store: the embedded default, then MongoDB."""
     if request.param == "sqlite":
         return []
-    base = request.getfixturevalue("mongo_base")
-    return ["--store", f"{base}/parley_{uuid.uuid4().hex[:16]}"]
+    return ["--store", database_uri(request.getfixturevalue("mongo_base"), f"parley_{uuid.uuid4().hex[:16]}")]
+
+
+def database_uri(base, database):
+    """`base` (mongodb://hosts[/path][?options]) naming `database`, its options kept; a database in
+    its path is where credentials are checked, so it stays that as authSource (as in
+    Tests/ParleyTestSupport/MongoFixture.swift)."""
+    hosts, _, query = base.partition("?")
+    options = [o for o in query.split("&") if o]
+    scheme, _, rest = hosts.partition("://")
+    rest, _, path = rest.partition("/")
+    if path and not any(o.lower().startswith("authsource=") for o in options):
+        options.append(f"authSource={path}")
+    return f"{scheme}://{rest}/{database}" + ("?" + "&".join(options) if options else "")
 
 
 @pytest.fixture
