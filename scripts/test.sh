@@ -9,6 +9,8 @@ swift format lint --strict --recursive --parallel Sources Tests loadtest Package
 scripts/setup.sh --test
 swift build --build-tests
 swift test --skip-build
+# The MongoDB store suites once more, against SecantusDB (real storage and driver monitoring).
+scripts/test-store-secantus.sh
 # libFuzzer over the socket's inbound path and the upload parsers, for a bounded minute.
 scripts/fuzz.sh 60
 swift build --product parley

@@ -20,8 +20,10 @@ public struct NodeLease: Sendable, Equatable {
 }
 
 extension MongoStore {
-    /// Takes or renews the database's node lease for `lease.node` until `lease.expires`: one
-    /// conditional upsert, matching only a lease that is `lease.node`'s or expired at `now`.
+    /// Takes or renews the database's node lease for `lease.node` until `lease.expires`: a
+    /// conditional update of the lease that is `lease.node`'s or expired at `now`, or, when there
+    /// is none yet, its insert (a lost race for that insert is a duplicate key). Not an upsert:
+    /// whether an upsert's insert keeps the `_id` of a query with `$or` differs between servers.
     /// Returns nil when it is `lease.node`'s now, or the live lease of the node that holds it.
     public func claimNodeLease(_ lease: NodeLease, now: Int64) async throws -> NodeLease? {
         try await run { db in
@@ -29,21 +31,24 @@ extension MongoStore {
                 ("_id", .string("node")),
                 ("$or", .array([.object([("node", .string(lease.node))]), .object([("expires", .object([("$lt", .long(now))]))])])),
             ])
-            let fields = JSONValue.object([
+            let fields: [(String, JSONValue)] = [
                 ("node", .string(lease.node)), ("host", .string(lease.host)), ("pid", .long(lease.pid)), ("expires", .long(lease.expires)),
-            ])
-            do {
-                _ = try db.findAndModify("node_lease", query: filter, update: .object([("$set", fields)]), upsert: true)
-                return nil
-            } catch StoreError.duplicateKey {
-                // Held by another node, and not expired: the upsert's insert met its document.
-                guard let held = try db.find("node_lease", filter: .object([("_id", .string("node"))]), limit: 1).first else {
-                    throw StoreError.backend("the node lease changed hands while it was claimed; try again")
+            ]
+            for _ in 0..<2 {
+                if try db.findAndModify("node_lease", query: filter, update: .object([("$set", .object(fields))])) != nil { return nil }
+                do {
+                    try db.insert("node_lease", .object([("_id", .string("node"))] + fields))
+                    return nil
+                } catch StoreError.duplicateKey {
+                    // Held; unless it expired between the two steps (then the update takes it).
+                    guard let held = try db.find("node_lease", filter: .object([("_id", .string("node"))]), limit: 1).first else { continue }
+                    let holder = NodeLease(
+                        node: held["node"]?.stringValue ?? "?", host: held["host"]?.stringValue ?? "?", pid: held["pid"]?.int64 ?? 0,
+                        expires: held["expires"]?.int64 ?? 0)
+                    if holder.node != lease.node, holder.expires >= now { return holder }
                 }
-                return NodeLease(
-                    node: held["node"]?.stringValue ?? "?", host: held["host"]?.stringValue ?? "?", pid: held["pid"]?.int64 ?? 0,
-                    expires: held["expires"]?.int64 ?? 0)
             }
+            throw StoreError.backend("the node lease changed hands while it was claimed; try again")
         }
     }
 

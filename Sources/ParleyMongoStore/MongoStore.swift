@@ -93,13 +93,23 @@ public final class MongoStore: Store {
 
     // MARK: Users
 
+    /// Read, else insert, else (another first sight won the insert) read again: not an upsert,
+    /// whose answer to concurrent first sights differs between servers (MongoDB before 4.2 gives
+    /// one of them a duplicate key; SecantusDB has let both insert).
     public func ensureUser(_ id: String, now: Int64) async throws -> User {
         try await run { db in
-            let doc = try db.findAndModify(
-                "users", query: .object([("_id", .string(id))]),
-                update: .object([("$setOnInsert", .object([("created_at", .long(now))]))]),
-                upsert: true, returnNew: true)
-            return User(id: id, createdAt: doc?["created_at"]?.int64 ?? now)
+            let filter = JSONValue.object([("_id", .string(id))])
+            func existing() throws -> User? {
+                try db.find("users", filter: filter, limit: 1).first.map { User(id: id, createdAt: $0["created_at"]?.int64 ?? now) }
+            }
+            if let user = try existing() { return user }
+            do {
+                try db.insert("users", .object([("_id", .string(id)), ("created_at", .long(now))]))
+                return User(id: id, createdAt: now)
+            } catch StoreError.duplicateKey {
+                guard let user = try existing() else { throw StoreError.backend("user \(id) was created and is gone again") }
+                return user
+            }
         }
     }
 
