@@ -7,7 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LOG="$(mktemp)"
-secantusd-py --standalone --enable-test-commands --storage-path :memory: --host 127.0.0.1 --port 0 > "$LOG" 2>&1 &
+# Its `secantusd-py` entry point, through python3: pip's script directory may not be on PATH.
+python3 -c 'import sys; from secantus.cli import main; sys.argv[0] = "secantusd-py"; sys.exit(main())' \
+    --standalone --enable-test-commands --storage-path :memory: --host 127.0.0.1 --port 0 > "$LOG" 2>&1 &
 SERVER=$!
 trap 'kill "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null; rm -f "$LOG"' EXIT
 PORT=""
