@@ -41,9 +41,10 @@ public final class ClientConnection: Sendable {
     }
 
     init(
-        id: String, identity: Identity, channel: any Channel, maxQueuedBytes: Int = 4 * 1024 * 1024, slowReaderCutOffs: Counter? = nil,
-        flushes: FlushBatch? = nil
+        id: String, identity: Identity, channel: any Channel, remoteIP: String? = nil, maxQueuedBytes: Int = 4 * 1024 * 1024,
+        slowReaderCutOffs: Counter? = nil, flushes: FlushBatch? = nil
     ) {
+        self.remoteIP = remoteIP ?? channel.remoteAddress?.ipAddress
         self.slowReaderCutOffs = slowReaderCutOffs
         self.id = id
         self.identity = identity
@@ -59,8 +60,9 @@ public final class ClientConnection: Sendable {
         output.value.pastEncoder = try channel.pipeline.syncOperations.context(handlerType: WebSocketFrameEncoder.self)
     }
 
-    /// The peer's address (for the audit log, which keeps only its hash).
-    var remoteIP: String? { channel.remoteAddress?.ipAddress }
+    /// The client's address (the peer's, or what a trusted proxy forwarded), for the audit log,
+    /// which keeps only its hash. Read at the upgrade: a closed socket has no peer address left.
+    let remoteIP: String?
 
     var isActive: Bool { channel.isActive && !cutOff.load(ordering: .relaxed) }
 

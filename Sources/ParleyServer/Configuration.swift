@@ -63,6 +63,8 @@ public struct ServerConfiguration: Sendable {
     public var handshakesPerSecondPerIP: Int? = 10
     /// Whether loopback clients are held to it too (they are a local proxy or a load test).
     public var limitLoopbackHandshakes = false
+    /// Proxies whose `X-Forwarded-For` names the client (per-address limits, the audit address).
+    public var trustedProxies = TrustedProxies.none
     /// Sockets one user may hold open at once; one more is closed with 1008.
     public var maxSocketsPerUser = 16
     /// Client frames a socket may send per second (token bucket, bursts of twice that); beyond

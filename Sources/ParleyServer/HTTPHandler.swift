@@ -59,7 +59,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             respond(
                 context: context, head: head,
                 request: HTTPRequest(
-                    head: head, body: body, remoteIP: context.channel.remoteAddress?.ipAddress,
+                    head: head, body: body, remoteIP: api.clientIP(context.channel, head.headers),
                     id: api.ids.make(.request)))
         case (.end, .discarding(let head, let limit)):
             timeouts?.requestReceived()

@@ -245,12 +245,12 @@ public final class ParleyServer: Sendable {
                     return channel.eventLoop.makeSucceededFuture(nil)
                 }
                 // Over its handshake rate: declined, and the HTTP handler answers 429.
-                if let handshakes = api.handshakes, let ip = channel.remoteAddress?.ipAddress, !handshakes.allow(ip) {
+                if let handshakes = api.handshakes, let ip = api.clientIP(channel, head.headers), !handshakes.allow(ip) {
                     return channel.eventLoop.makeSucceededFuture(nil)
                 }
                 // Blocked for failed sign-ins: declined, and the HTTP handler answers 429. A
                 // failed check below is declined too, and the HTTP handler's check counts it.
-                if let ip = channel.remoteAddress?.ipAddress, api.authFailures?.retryAfter(ip) != nil {
+                if let ip = api.clientIP(channel, head.headers), api.authFailures?.retryAfter(ip) != nil {
                     return channel.eventLoop.makeSucceededFuture(nil)
                 }
                 // A refused upgrade falls through to the HTTP handler, which answers 401.
@@ -273,7 +273,7 @@ public final class ParleyServer: Sendable {
                         .flatMapThrowing { throw error }
                 }.flatMapThrowing { identity in
                     let connection = ClientConnection(
-                        id: ids.make(.connection), identity: identity, channel: channel,
+                        id: ids.make(.connection), identity: identity, channel: channel, remoteIP: api.clientIP(channel, head.headers),
                         maxQueuedBytes: configuration.maxQueuedBytesPerSocket, slowReaderCutOffs: slowReaders,
                         flushes: flushes[channel.eventLoop])
                     let deflate = deflateAgreement(head, configuration)

@@ -1,6 +1,7 @@
 import Crypto
 import Foundation
 import Logging
+import NIOCore
 import NIOHTTP1
 import ParleyCore
 import ParleyStore
@@ -164,11 +165,21 @@ struct RESTAPI: Sendable {
         }
     }
 
+    /// The client's address on `channel`: its peer's, or, when the peer is a trusted proxy, the
+    /// one its `X-Forwarded-For` names (`--trusted-proxies`).
+    func clientIP(_ channel: any Channel, _ headers: HTTPHeaders) -> String? {
+        let peer = channel.remoteAddress?.ipAddress
+        guard !configuration.trustedProxies.blocks.isEmpty else { return peer }
+        return configuration.trustedProxies.client(peer: peer, forwardedFor: headers["x-forwarded-for"])
+    }
+
     /// How long `/healthz` waits for the store before calling it down.
     static let healthTimeout: Duration = .seconds(2)
 
     /// `GET /healthz`: 200 when the store answers a round trip within `healthTimeout`, else 503
-    /// (a balancer then sends no one here). Says nothing more to the unauthenticated caller.
+    /// (a balancer then sends no one here); 503 `draining` once a shutdown began, so a balancer
+    /// stops sending new sockets while the replies in flight finish. Says nothing more to the
+    /// unauthenticated caller.
     private func health() async -> HTTPResponse {
         let store = self.store
         // Unstructured, so a store that hangs cannot hold the answer (a task group would wait for it).
@@ -185,10 +196,11 @@ struct RESTAPI: Sendable {
             }
         }
         if !healthy { logger.warning("health check: the store did not answer") }
+        let draining = !chat.streams.isAccepting
         return HTTPResponse(
-            healthy ? .ok : .serviceUnavailable,
+            healthy && !draining ? .ok : .serviceUnavailable,
             json: .object([
-                ("status", .string(healthy ? "ok" : "unavailable")), ("store", .string(healthy ? "ok" : "unreachable")),
+                ("status", .string(draining ? "draining" : healthy ? "ok" : "unavailable")), ("store", .string(healthy ? "ok" : "unreachable")),
             ]))
     }
 

@@ -159,6 +159,12 @@ struct Serve: AsyncParsableCommand {
 
     @Option(
         help:
+            "Load balancers whose X-Forwarded-For names the client, as comma-separated addresses and CIDR blocks (10.0.0.0/8,fd00::/8); the per-address limits and the audit log's hashed address then use the client's address. Default: none, the peer's address is the client's."
+    )
+    var trustedProxies: String?
+
+    @Option(
+        help:
             "Frames a socket may send per second (bursts of twice that); beyond it frames are dropped with rate_limited, and a socket that keeps on is closed with 1008. 0: no limit."
     )
     var maxFramesPerSecond = 50
@@ -298,6 +304,11 @@ struct Serve: AsyncParsableCommand {
             throw ArgumentParser.ValidationError("\(name) must be 0.05-3600 seconds")
         }
         guard (maxHttpConnections ?? 1) >= 1 else { throw ArgumentParser.ValidationError("--max-http-connections must be at least 1") }
+        do {
+            _ = try TrustedProxies(parsing: trustedProxies ?? "")
+        } catch {
+            throw ArgumentParser.ValidationError("--trusted-proxies: \(error)")
+        }
         guard ["text", "json"].contains(logFormat) else { throw ArgumentParser.ValidationError("--log-format must be text or json") }
         guard ["simulated", "openai", "anthropic"].contains(provider) else {
             throw ArgumentParser.ValidationError("--provider must be simulated, openai or anthropic")
@@ -380,6 +391,7 @@ struct Serve: AsyncParsableCommand {
         configuration.httpTimeouts.idle = .milliseconds(Int64(httpIdleTimeout * 1000))
         configuration.httpTimeouts.bodyProgress = .milliseconds(Int64(httpBodyTimeout * 1000))
         configuration.maxHTTPConnections = maxHttpConnections
+        configuration.trustedProxies = (try? TrustedProxies(parsing: trustedProxies ?? "")) ?? .none  // validated above
         configuration.drainGrace = .seconds(shutdownGrace)
         configuration.retention = retentionDays == 0 ? nil : .seconds(Int64(retentionDays) * 86_400)
         configuration.webSocketDeflate = wsDeflate ? DeflateSettings(windowBits: wsDeflateWindowBits) : nil

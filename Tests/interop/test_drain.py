@@ -111,3 +111,43 @@ def test_sigterm_mid_translation_chat_reply_lets_it_stream_for_the_grace_then_st
     said, reply = detail["transcript"]
     assert said["text"] == "Tell me a long story"
     assert reply["reason"] == "shutdown" and reply["stream"] == first["stream"] and reply["clone"] == clone["id"]
+
+
+def test_healthz_says_draining_once_sigterm_arrives_so_a_balancer_stops_sending_sockets(start_server):
+    """A balancer that polls /healthz over a keep-alive connection learns of the drain (the
+    listening socket is already closed to new ones) while a reply in flight finishes."""
+    import http.client
+
+    from schemas import validate_rest
+    from test_privacy import wait_until_refused
+
+    server = start_server(*SLOW, "--sim-reply-tokens", "40")
+    token = server.token("hana")
+    clone = make_clone(server, token)
+    balancer = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+
+    def health():
+        balancer.request("GET", "/healthz")
+        response = balancer.getresponse()
+        return response.status, validate_rest("health", json.loads(response.read()))
+
+    assert health() == (200, {"status": "ok", "store": "ok"})
+
+    async def run():
+        async with websockets.connect(f"{server.ws}?token={token}") as ws:
+            await recv(ws)
+            await ws.send(json.dumps({"type": "chat.send", "id": "c1", "clone": clone["id"], "text": "go"}))
+            while (await recv(ws))["type"] != "token":
+                pass
+            server.proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(wait_until_refused, server.port)
+            during = await asyncio.to_thread(health)
+            while (frame := await recv(ws))["type"] != "stream.end":
+                pass
+            return during, frame
+
+    during, end = asyncio.run(run())
+    assert during == (503, {"status": "draining", "store": "ok"}), during
+    assert end["reason"] == "complete", "the reply in flight still ran to its end"
+    balancer.close()
+    assert server.proc.wait(timeout=30) == 0

@@ -264,3 +264,45 @@ def test_failed_sign_ins_from_one_address_are_slowed_down(data_dir):
         assert response.status_code == 429 and int(response.headers["Retry-After"]) >= 1
     finally:
         assert server.stop() == 0
+
+
+def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_handshake_budget(data_dir):
+    """`--trusted-proxies` names the balancer: the address its X-Forwarded-For gives is the
+    client's for the per-address limits; without it, the header is not believed."""
+    from conftest import Server
+
+    async def handshake(server, token, forwarded=None):
+        headers = {"X-Forwarded-For": forwarded} if forwarded else {}
+        try:
+            async with websockets.connect(f"{server.ws}?token={token}", additional_headers=headers) as ws:
+                return (await recv(ws))["type"]
+        except websockets.exceptions.InvalidStatus as refused:
+            return refused.response.status_code
+
+    proxied = Server(data_dir, "--max-handshakes-per-ip", "1", "--trusted-proxies", "127.0.0.1/32")  # bursts of 2
+    try:
+        token = proxied.token("pat")
+
+        async def run():
+            first = [await handshake(proxied, token, "203.0.113.5") for _ in range(3)]
+            # A client that writes its own header first is still known by what the proxy appended.
+            forged = await handshake(proxied, token, "198.51.100.99, 203.0.113.5")
+            other = await handshake(proxied, token, "198.51.100.7")
+            return first, forged, other
+
+        first, forged, other = asyncio.run(run())
+        assert first == ["welcome", "welcome", 429] and forged == 429, (first, forged)
+        assert other == "welcome", "another client behind the same proxy has a budget of its own"
+    finally:
+        assert proxied.stop() == 0
+
+    plain = Server(data_dir, "--max-handshakes-per-ip", "1")  # loopback is exempt, and the header is not believed
+    try:
+        token = plain.token("pat")
+        async def three():
+            return [await handshake(plain, token, "203.0.113.5") for _ in range(3)]
+
+        results = asyncio.run(three())
+        assert results == ["welcome"] * 3, results
+    finally:
+        assert plain.stop() == 0
