@@ -13,8 +13,6 @@ public struct HTTPProviderOptions: Sendable {
     public var apiKey: String?
     /// The model asked for when a request names none.
     public var model: String
-    /// Until the response head arrives (connecting included).
-    public var connectTimeout: Duration = .seconds(10)
     /// From the request to the first token.
     public var firstTokenTimeout: Duration = .seconds(60)
     /// Between two tokens.
@@ -73,12 +71,18 @@ extension HTTPClient {
     /// 100 concurrent replies the other 92 waited seconds for a connection (#26). Shut it down
     /// when the server is done with it. On the server's event loops (`group`), a reply's upstream
     /// connection is read on the loop that writes its tokens to the requester's socket.
-    public static func forProvider(connections: Int, on group: (any EventLoopGroup)? = nil) -> HTTPClient {
+    /// `connectTimeout`: how long a connection may take to open; AsyncHTTPClient keeps trying a
+    /// refused one until then (a model server restarting is back within it), after which the
+    /// attempt fails and is retried before the first token like any other.
+    public static func forProvider(
+        connections: Int, connectTimeout: Duration = .seconds(10), on group: (any EventLoopGroup)? = nil
+    ) -> HTTPClient {
         var configuration = HTTPClient.Configuration.singletonConfiguration
         configuration.connectionPool = .init(idleTimeout: .seconds(600), concurrentHTTP1ConnectionsPerHostSoftLimit: max(8, connections))
         // Parley asks for no compression; none is decoded (a decompressor per connection cost
         // CPU on every read).
         configuration.decompression = .disabled
+        configuration.timeout.connect = TimeAmount(connectTimeout)
         return HTTPClient(eventLoopGroupProvider: group.map { .shared($0) } ?? .singleton, configuration: configuration)
     }
 }

@@ -325,6 +325,20 @@ let openAITranscript = """
         await upstream.stop()
     }
 
+    @Test func aModelServerThatIsNotThereIsRetriedThenNamedUnreachable() async throws {
+        // A port that was just free: nothing listens on it.
+        let listener = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton).bind(host: "127.0.0.1", port: 0).get()
+        let port = try #require(listener.localAddress?.port)
+        try await listener.close()
+        var options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(port)/v1", model: "smol")
+        options.retries = 1
+        let client = HTTPClient.forProvider(connections: 2, connectTimeout: .milliseconds(300))
+        await #expect(throws: ProviderError("the model provider could not be reached")) {
+            try await collect(OpenAICompatibleProvider(options: options, client: client).stream(request))
+        }
+        try await client.shutdown()
+    }
+
     @Test func aFirstTokenThatNeverComesTimesOutAfterItsRetries() async throws {
         let upstream = try await FakeUpstream([.hang([Array(": keep-alive\n\n".utf8)]), .hang([])])
         var options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol")
