@@ -92,11 +92,8 @@ final class NodeLeaseKeeper: Sendable {
 
     /// The lease as this node claims it now.
     private func claimOnce() async throws -> NodeLease? {
-        let now = Int64(Date().timeIntervalSince1970 * 1000)
-        let (seconds, attoseconds) = period.components
-        let lease = NodeLease(
-            node: node, host: host, pid: Int64(getpid()),
-            expires: now + seconds * 1000 + attoseconds / 1_000_000_000_000_000)
+        let now = Int64(Timestamp.nowMillis())
+        let lease = NodeLease(node: node, host: host, pid: Int64(getpid()), expires: now + Timestamp.millis(period))
         return try await store.claimNodeLease(lease, now: now)
     }
 
@@ -109,12 +106,14 @@ final class NodeLeaseKeeper: Sendable {
             } catch {
                 return  // cancelled: the shutdown gives the lease up
             }
+            // The lease runs from when it was asked for, not from when the store answered.
+            let asked = ContinuousClock.now
             do {
                 if let holder = try await claimOnce() {
                     lostContinuation.yield("node \(holder.node) on \(holder.host) (pid \(holder.pid)) took this database's node lease over")
                     return
                 }
-                heldUntil = ContinuousClock.now + period
+                heldUntil = asked + period
             } catch {
                 guard ContinuousClock.now < heldUntil else {
                     lostContinuation.yield("the node lease could not be renewed before it expired: \(error)")
