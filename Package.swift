@@ -55,7 +55,7 @@ let package = Package(
         // NATS and JetStream through nats.c: a Swift type owns every pointer; blocking calls run on a thread pool.
         .target(
             name: "ParleyNATS",
-            dependencies: ["CNats", .product(name: "NIOPosix", package: "swift-nio")],
+            dependencies: ["CNats", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio")],
             swiftSettings: strict
         ),
         // zlib (Debian zlib1g-dev), for WebSocket permessage-deflate.

@@ -148,8 +148,8 @@ public struct SimulatedProvider: PushingLLMProvider {
         init(tokens: [String], usage: Usage, pacing: Pacing, loop: any EventLoop, sink: any LLMEventSink) {
             self.tokens = tokens
             self.usage = usage
-            firstTokenNanos = Pacing.nanoseconds(pacing.ttft)
-            intervalNanos = Pacing.nanoseconds(pacing.interval)
+            firstTokenNanos = TimeAmount(pacing.ttft).nanoseconds
+            intervalNanos = TimeAmount(pacing.interval).nanoseconds
             self.loop = loop
             self.sink = sink
         }
@@ -224,11 +224,6 @@ public struct SimulatedProvider: PushingLLMProvider {
         }
 
         func offset(ofToken index: Int) -> Duration { ttft + interval * index }
-
-        static func nanoseconds(_ duration: Duration) -> Int64 {
-            let (seconds, attoseconds) = duration.components
-            return seconds * 1_000_000_000 + attoseconds / 1_000_000_000
-        }
     }
 
     static let openers = ["Well", "Hello", "Right", "Honestly", "So", "Listen", "Ah"]

@@ -1,4 +1,5 @@
 import CNats
+import NIOCore
 import NIOPosix
 import Synchronization
 
@@ -71,10 +72,7 @@ public final class NATSConnection: @unchecked Sendable {
         }
     }
 
-    static func milliseconds(_ duration: Duration) -> Int64 {
-        let (seconds, attoseconds) = duration.components
-        return seconds * 1000 + attoseconds / 1_000_000_000_000_000
-    }
+    static func milliseconds(_ duration: Duration) -> Int64 { TimeAmount(duration).nanoseconds / 1_000_000 }
 
     /// Publishes to core NATS (buffered; `flush` waits until the server has it).
     public func publish(_ subject: String, _ payload: [UInt8]) throws(NATSError) {
@@ -93,7 +91,7 @@ public final class NATSConnection: @unchecked Sendable {
     /// Messages on `subject` (wildcards allowed), at most `buffer` waiting to be read: beyond
     /// that a message is dropped and counted in the subscription's `dropped`.
     public func subscribe(_ subject: String, buffer: Int = 10_000) throws(NATSError) -> NATSSubscription {
-        try NATSSubscription.make(buffer: buffer, action: "subscribing to \(subject)") { subscription, context in
+        try NATSSubscription.make(buffer: buffer, jetStream: false, action: "subscribing to \(subject)") { subscription, context in
             (natsConnection_Subscribe(&subscription, connection, subject, deliver, context), jsErrCode(rawValue: 0))
         }
     }
@@ -125,8 +123,11 @@ final class Delivery: Sendable {
     let messages: AsyncStream<NATSMessage>
     let continuation: AsyncStream<NATSMessage>.Continuation
     let dropped = Atomic<Int>(0)
+    /// A JetStream consumer's messages carry their stream sequence; core ones have none to read.
+    let jetStream: Bool
 
-    init(buffer: Int) {
+    init(buffer: Int, jetStream: Bool) {
+        self.jetStream = jetStream
         (messages, continuation) = AsyncStream.makeStream(bufferingPolicy: .bufferingOldest(max(1, buffer)))
     }
 
@@ -136,7 +137,7 @@ final class Delivery: Sendable {
         let payload = natsMsg_GetData(message).map { Array(UnsafeRawBufferPointer(start: $0, count: length)) } ?? []
         var sequence: UInt64?
         var meta: UnsafeMutablePointer<jsMsgMetaData>?
-        if natsMsg_GetMetaData(&meta, message) == NATS_OK, let meta {
+        if jetStream, natsMsg_GetMetaData(&meta, message) == NATS_OK, let meta {
             sequence = meta.pointee.Sequence.Stream
             jsMsgMetaData_Destroy(meta)
         }
@@ -171,10 +172,10 @@ public final class NATSSubscription: @unchecked Sendable {
 
     /// Subscribes through `create`, which is given the delivery's context for nats.c's callback.
     static func make(
-        buffer: Int, action: String,
+        buffer: Int, jetStream: Bool, action: String,
         _ create: (inout OpaquePointer?, UnsafeMutableRawPointer) -> (natsStatus, jsErrCode)
     ) throws(NATSError) -> NATSSubscription {
-        let delivery = Delivery(buffer: buffer)
+        let delivery = Delivery(buffer: buffer, jetStream: jetStream)
         let context = Unmanaged.passRetained(delivery).toOpaque()
         var subscription: OpaquePointer?
         let (status, code) = create(&subscription, context)
@@ -243,8 +244,8 @@ public final class JetStream: @unchecked Sendable {
             var config = jsStreamConfig()
             try NATSError.check(jsStreamConfig_Init(&config), "preparing a stream configuration")
             config.MaxMsgsPerSubject = configuration.maxMessagesPerSubject
-            config.MaxAge = NATSConnection.milliseconds(configuration.maxAge) * 1_000_000
-            config.Duplicates = NATSConnection.milliseconds(configuration.duplicateWindow) * 1_000_000
+            config.MaxAge = TimeAmount(configuration.maxAge).nanoseconds
+            config.Duplicates = TimeAmount(configuration.duplicateWindow).nanoseconds
             config.Storage = configuration.fileStorage ? js_FileStorage : js_MemoryStorage
             let subjects = configuration.subjects.map { strdup($0) }
             defer { subjects.forEach { free($0) } }
@@ -311,7 +312,7 @@ public final class JetStream: @unchecked Sendable {
         options.Ordered = true
         options.Config.DeliverPolicy = js_DeliverByStartSequence
         options.Config.OptStartSeq = max(1, sequence)
-        return try NATSSubscription.make(buffer: buffer, action: "consuming \(subject)") { subscription, closure in
+        return try NATSSubscription.make(buffer: buffer, jetStream: true, action: "consuming \(subject)") { subscription, closure in
             var code = jsErrCode(rawValue: 0)
             return (js_Subscribe(&subscription, context, subject, deliver, closure, nil, &options, &code), code)
         }

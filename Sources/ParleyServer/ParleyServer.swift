@@ -244,13 +244,14 @@ public final class ParleyServer: Sendable {
                 else {
                     return channel.eventLoop.makeSucceededFuture(nil)
                 }
+                let ip = api.clientIP(channel, head.headers)
                 // Over its handshake rate: declined, and the HTTP handler answers 429.
-                if let handshakes = api.handshakes, let ip = api.clientIP(channel, head.headers), !handshakes.allow(ip) {
+                if let handshakes = api.handshakes, let ip, !handshakes.allow(ip) {
                     return channel.eventLoop.makeSucceededFuture(nil)
                 }
                 // Blocked for failed sign-ins: declined, and the HTTP handler answers 429. A
                 // failed check below is declined too, and the HTTP handler's check counts it.
-                if let ip = api.clientIP(channel, head.headers), api.authFailures?.retryAfter(ip) != nil {
+                if let ip, api.authFailures?.retryAfter(ip) != nil {
                     return channel.eventLoop.makeSucceededFuture(nil)
                 }
                 // A refused upgrade falls through to the HTTP handler, which answers 401.

@@ -168,9 +168,7 @@ struct RESTAPI: Sendable {
     /// The client's address on `channel`: its peer's, or, when the peer is a trusted proxy, the
     /// one its `X-Forwarded-For` names (`--trusted-proxies`).
     func clientIP(_ channel: any Channel, _ headers: HTTPHeaders) -> String? {
-        let peer = channel.remoteAddress?.ipAddress
-        guard !configuration.trustedProxies.blocks.isEmpty else { return peer }
-        return configuration.trustedProxies.client(peer: peer, forwardedFor: headers["x-forwarded-for"])
+        configuration.trustedProxies.client(peer: channel.remoteAddress?.ipAddress, forwardedFor: headers["x-forwarded-for"])
     }
 
     /// How long `/healthz` waits for the store before calling it down.
