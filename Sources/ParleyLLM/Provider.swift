@@ -95,8 +95,8 @@ public func startPushing(
     return PulledRun(provider.stream(request), on: loop, sink: sink)
 }
 
-/// A pulled stream pushed to a sink: a task reads it and hands each event to `loop`. Its
-/// `cancelled` flag is touched only on `loop` (hence unchecked Sendable).
+/// A pulled stream pushed to a sink: a task reads it and hands each event to `loop`. `sink` and
+/// `reader` are touched only on `loop` (hence unchecked Sendable); a cancel clears the sink.
 final class PulledRun: LLMRun, @unchecked Sendable {
     private let loop: any EventLoop
     private var sink: (any LLMEventSink)?

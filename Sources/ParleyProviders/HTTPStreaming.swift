@@ -68,6 +68,9 @@ enum HTTPStreaming {
         private var output: Int?
         private var pieces = 0
         private var lastProgress = NIODeadline.now()
+        /// `options`' first-token and idle limits, converted once: the idle one is read per token.
+        private let firstTokenLimit: TimeAmount
+        private let idleLimit: TimeAmount
 
         init(
             _ post: Post, client: HTTPClient, options: HTTPProviderOptions, request: CompletionRequest,
@@ -80,6 +83,8 @@ enum HTTPStreaming {
             self.parts = parts
             self.loop = loop
             self.sink = sink
+            firstTokenLimit = TimeAmount(options.firstTokenTimeout)
+            idleLimit = TimeAmount(options.idleTimeout)
         }
 
         func cancel() {
@@ -235,7 +240,7 @@ enum HTTPStreaming {
 
         /// The first token within `firstTokenTimeout` of the attempt, then no gap over `idleTimeout`.
         private var deadline: NIODeadline {
-            lastProgress + TimeAmount(pieces == 0 ? options.firstTokenTimeout : options.idleTimeout)
+            lastProgress + (pieces == 0 ? firstTokenLimit : idleLimit)
         }
 
         private func armWatchdog() {

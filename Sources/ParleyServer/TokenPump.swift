@@ -70,10 +70,9 @@ struct ReleasedReply {
 /// A reply's token path on one event loop: each token the provider hands over there (itself, as
 /// a `PushingLLMProvider` does, or read from its stream by `startPushing`) is checked against the
 /// prepaid batch, released and written to the sockets of that loop without a task, a stream
-/// buffer or a thread hop. Buying the next
-/// batch is the one asynchronous step; tokens that arrive meanwhile wait here, in order, and go
-/// out once it is paid (or are dropped when it cannot be). Touched only on `loop`, hence
-/// unchecked Sendable.
+/// buffer or a thread hop. Buying the next batch is the one asynchronous step; tokens that
+/// arrive meanwhile wait here, in order, and go out once it is paid (or are dropped when it
+/// cannot be). Touched only on `loop`, hence unchecked Sendable.
 final class TokenPump: LLMEventSink, @unchecked Sendable {
     private let loop: any EventLoop
     private let meter: CreditMeter
