@@ -116,7 +116,7 @@ let package = Package(
         .target(
             name: "ParleyServer",
             dependencies: [
-                "ParleyCore", "ParleyStore", "ParleyMongoStore", "ParleyLLM", "ParleyDeflate",
+                "ParleyCore", "ParleyStore", "ParleyMongoStore", "ParleyLLM", "ParleyDeflate", "ParleyNATS",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -236,7 +236,7 @@ let package = Package(
         ),
         .testTarget(
             name: "ParleyNATSTests",
-            dependencies: ["ParleyNATS", .product(name: "NIOPosix", package: "swift-nio")],
+            dependencies: ["ParleyNATS", "ParleyTestSupport", .product(name: "NIOPosix", package: "swift-nio")],
             swiftSettings: strict
         ),
         .testTarget(

@@ -16,6 +16,19 @@ public struct NATSError: Error, CustomStringConvertible, Sendable {
 
     /// JetStream refused a publish whose expected last subject sequence did not match (fencing).
     public var isWrongLastSequence: Bool { jetStreamCode == 10071 }
+    /// A request reached no subscriber of its subject (the server said so at once).
+    public var isNoResponders: Bool { noResponders }
+    /// A request got no reply in time.
+    public var isTimeout: Bool { timedOut }
+
+    private var noResponders = false
+    private var timedOut = false
+
+    public init(status: String, action: String, jetStreamCode: Int? = nil) {
+        self.status = status
+        self.action = action
+        self.jetStreamCode = jetStreamCode
+    }
 
     static func check(_ status: natsStatus, _ action: String, jetStream code: jsErrCode = jsErrCode(rawValue: 0)) throws(NATSError) {
         guard status != NATS_OK else { return }
@@ -24,15 +37,40 @@ public struct NATSError: Error, CustomStringConvertible, Sendable {
             let text = String(cString: last)
             if !text.isEmpty { detail = text }
         }
-        throw NATSError(status: detail, action: action, jetStreamCode: code.rawValue == 0 ? nil : Int(code.rawValue))
+        var error = NATSError(status: detail, action: action, jetStreamCode: code.rawValue == 0 ? nil : Int(code.rawValue))
+        error.noResponders = status == NATS_NO_RESPONDERS
+        error.timedOut = status == NATS_TIMEOUT
+        throw error
     }
 }
 
-/// One delivered message. `sequence` is its JetStream stream sequence (nil for core NATS).
+/// One delivered message. `sequence` is its JetStream stream sequence (nil for core NATS);
+/// `reply` is where a request wants its answer.
 public struct NATSMessage: Sendable, Equatable {
     public var subject: String
     public var payload: [UInt8]
     public var sequence: UInt64?
+    public var reply: String?
+
+    public init(subject: String, payload: [UInt8], sequence: UInt64? = nil, reply: String? = nil) {
+        self.subject = subject
+        self.payload = payload
+        self.sequence = sequence
+        self.reply = reply
+    }
+
+    /// Reads a message nats.c handed over (which the caller still owns).
+    init(_ message: OpaquePointer, jetStream: Bool) {
+        let length = Int(natsMsg_GetDataLength(message))
+        payload = natsMsg_GetData(message).map { Array(UnsafeRawBufferPointer(start: $0, count: length)) } ?? []
+        var meta: UnsafeMutablePointer<jsMsgMetaData>?
+        if jetStream, natsMsg_GetMetaData(&meta, message) == NATS_OK, let meta {
+            sequence = meta.pointee.Sequence.Stream
+            jsMsgMetaData_Destroy(meta)
+        }
+        subject = natsMsg_GetSubject(message).map { String(cString: $0) } ?? ""
+        reply = natsMsg_GetReply(message).map { String(cString: $0) }
+    }
 }
 
 /// A connection to a NATS server through nats.c. Blocking calls (connecting, flushing, a
@@ -52,8 +90,11 @@ public final class NATSConnection: @unchecked Sendable {
 
     /// Connects to `url` (`nats://host:port`). `pingInterval` bounds how long a dead server
     /// goes unnoticed (two pings missed); the connection reconnects on its own after that.
+    /// With `noEcho`, the server does not send this connection the messages it published itself
+    /// (a node that delivered its own frames locally does not want them back).
     public static func connect(
-        url: String, name: String = "parley", pingInterval: Duration = .seconds(2), timeout: Duration = .seconds(5), threads: NIOThreadPool
+        url: String, name: String = "parley", pingInterval: Duration = .seconds(2), timeout: Duration = .seconds(5), noEcho: Bool = false,
+        threads: NIOThreadPool
     ) async throws -> NATSConnection {
         try await threads.runIfActive {
             var options: OpaquePointer?
@@ -66,6 +107,7 @@ public final class NATSConnection: @unchecked Sendable {
             try NATSError.check(natsOptions_SetMaxPingsOut(options, 2), "setting the pings out")
             try NATSError.check(natsOptions_SetMaxReconnect(options, -1), "allowing reconnects")
             try NATSError.check(natsOptions_UseGlobalMessageDelivery(options, true), "using the global delivery pool")
+            try NATSError.check(natsOptions_SetNoEcho(options, noEcho), "setting no-echo")
             var connection: OpaquePointer?
             try NATSError.check(natsConnection_Connect(&connection, options), "connecting to \(url)")
             return NATSConnection(connection!, threads: threads)
@@ -91,8 +133,31 @@ public final class NATSConnection: @unchecked Sendable {
     /// Messages on `subject` (wildcards allowed), at most `buffer` waiting to be read: beyond
     /// that a message is dropped and counted in the subscription's `dropped`.
     public func subscribe(_ subject: String, buffer: Int = 10_000) throws(NATSError) -> NATSSubscription {
-        try NATSSubscription.make(buffer: buffer, jetStream: false, action: "subscribing to \(subject)") { subscription, context in
+        try NATSSubscription.make(Delivery(buffer: buffer, jetStream: false), action: "subscribing to \(subject)") { subscription, context in
             (natsConnection_Subscribe(&subscription, connection, subject, deliver, context), jsErrCode(rawValue: 0))
+        }
+    }
+
+    /// Messages on `subject` handed to `handler` on a nats.c delivery thread, one at a time and
+    /// in order; the handler must not block (it holds up every subscription of that thread).
+    public func subscribe(_ subject: String, handler: @escaping @Sendable (NATSMessage) -> Void) throws(NATSError) -> NATSSubscription {
+        try NATSSubscription.make(Delivery(jetStream: false, handler: handler), action: "subscribing to \(subject)") { subscription, context in
+            (natsConnection_Subscribe(&subscription, connection, subject, deliver, context), jsErrCode(rawValue: 0))
+        }
+    }
+
+    /// Sends a request and waits up to `timeout` for its first reply. Throws `isNoResponders`
+    /// when nobody subscribes to `subject`, `isTimeout` when nobody answered.
+    public func request(_ subject: String, _ payload: [UInt8], timeout: Duration = .seconds(2)) async throws -> [UInt8] {
+        try await threads.runIfActive { [self] in
+            var reply: OpaquePointer?
+            let status = payload.withUnsafeBytes {
+                natsConnection_Request(&reply, connection, subject, $0.baseAddress, Int32($0.count), Self.milliseconds(timeout))
+            }
+            try NATSError.check(status, "requesting \(subject)")
+            guard let reply else { throw NATSError(status: "no reply", action: "requesting \(subject)") }
+            defer { natsMsg_Destroy(reply) }
+            return NATSMessage(reply, jetStream: false).payload
         }
     }
 
@@ -118,31 +183,34 @@ public final class NATSConnection: @unchecked Sendable {
     }
 }
 
-/// Where nats.c's delivery threads hand a subscription's messages: a bounded stream.
+/// Where nats.c's delivery threads hand a subscription's messages: a bounded stream, or a handler.
 final class Delivery: Sendable {
     let messages: AsyncStream<NATSMessage>
     let continuation: AsyncStream<NATSMessage>.Continuation
     let dropped = Atomic<Int>(0)
     /// A JetStream consumer's messages carry their stream sequence; core ones have none to read.
     let jetStream: Bool
+    private let handler: (@Sendable (NATSMessage) -> Void)?
 
     init(buffer: Int, jetStream: Bool) {
         self.jetStream = jetStream
+        handler = nil
         (messages, continuation) = AsyncStream.makeStream(bufferingPolicy: .bufferingOldest(max(1, buffer)))
+    }
+
+    /// Hands each message to `handler`; `messages` stays empty.
+    init(jetStream: Bool, handler: @escaping @Sendable (NATSMessage) -> Void) {
+        self.jetStream = jetStream
+        self.handler = handler
+        (messages, continuation) = AsyncStream.makeStream(bufferingPolicy: .bufferingOldest(1))
     }
 
     func take(_ message: OpaquePointer) {
         defer { natsMsg_Destroy(message) }
-        let length = Int(natsMsg_GetDataLength(message))
-        let payload = natsMsg_GetData(message).map { Array(UnsafeRawBufferPointer(start: $0, count: length)) } ?? []
-        var sequence: UInt64?
-        var meta: UnsafeMutablePointer<jsMsgMetaData>?
-        if jetStream, natsMsg_GetMetaData(&meta, message) == NATS_OK, let meta {
-            sequence = meta.pointee.Sequence.Stream
-            jsMsgMetaData_Destroy(meta)
-        }
-        let subject = natsMsg_GetSubject(message).map { String(cString: $0) } ?? ""
-        if case .dropped = continuation.yield(NATSMessage(subject: subject, payload: payload, sequence: sequence)) {
+        let message = NATSMessage(message, jetStream: jetStream)
+        if let handler {
+            handler(message)
+        } else if case .dropped = continuation.yield(message) {
             dropped.add(1, ordering: .relaxed)
         }
     }
@@ -172,10 +240,9 @@ public final class NATSSubscription: @unchecked Sendable {
 
     /// Subscribes through `create`, which is given the delivery's context for nats.c's callback.
     static func make(
-        buffer: Int, jetStream: Bool, action: String,
+        _ delivery: Delivery, action: String,
         _ create: (inout OpaquePointer?, UnsafeMutableRawPointer) -> (natsStatus, jsErrCode)
     ) throws(NATSError) -> NATSSubscription {
-        let delivery = Delivery(buffer: buffer, jetStream: jetStream)
         let context = Unmanaged.passRetained(delivery).toOpaque()
         var subscription: OpaquePointer?
         let (status, code) = create(&subscription, context)
@@ -307,14 +374,44 @@ public final class JetStream: @unchecked Sendable {
     /// order, then each new one as it is stored, with no gap and no repeat (nats.c recreates
     /// the consumer past the last sequence it delivered when the server restarts).
     public func subscribeOrdered(_ subject: String, from sequence: UInt64, buffer: Int = 10_000) throws(NATSError) -> NATSSubscription {
+        try orderedConsumer(subject, from: sequence, Delivery(buffer: buffer, jetStream: true))
+    }
+
+    /// The same ordered consumer with its messages handed to `handler` on a nats.c delivery
+    /// thread; created on the thread pool (making a consumer is a round trip to the server).
+    public func subscribeOrdered(
+        _ subject: String, from sequence: UInt64, handler: @escaping @Sendable (NATSMessage) -> Void
+    ) async throws -> NATSSubscription {
+        try await connection.threads.runIfActive { [self] in
+            try orderedConsumer(subject, from: sequence, Delivery(jetStream: true, handler: handler))
+        }
+    }
+
+    private func orderedConsumer(_ subject: String, from sequence: UInt64, _ delivery: Delivery) throws(NATSError) -> NATSSubscription {
         var options = jsSubOptions()
         try NATSError.check(jsSubOptions_Init(&options), "preparing a consumer")
         options.Ordered = true
         options.Config.DeliverPolicy = js_DeliverByStartSequence
         options.Config.OptStartSeq = max(1, sequence)
-        return try NATSSubscription.make(buffer: buffer, jetStream: true, action: "consuming \(subject)") { subscription, closure in
+        return try NATSSubscription.make(delivery, action: "consuming \(subject)") { subscription, closure in
             var code = jsErrCode(rawValue: 0)
             return (js_Subscribe(&subscription, context, subject, deliver, closure, nil, &options, &code), code)
+        }
+    }
+
+    /// The last message stored on `subject` in `stream`, nil when there is none.
+    public func lastMessage(stream: String, subject: String) async throws -> NATSMessage? {
+        try await connection.threads.runIfActive { [self] in
+            var message: OpaquePointer?
+            var code = jsErrCode(rawValue: 0)
+            let status = js_GetLastMsg(&message, context, stream, subject, nil, &code)
+            if status == NATS_NOT_FOUND || code == JSNoMessageFoundErr { return nil }
+            try NATSError.check(status, "reading the last message of \(subject)", jetStream: code)
+            guard let message else { return nil }
+            defer { natsMsg_Destroy(message) }
+            var read = NATSMessage(message, jetStream: false)
+            read.subject = subject
+            return read
         }
     }
 }

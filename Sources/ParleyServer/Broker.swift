@@ -17,6 +17,17 @@ struct Topic: Hashable, Sendable, CustomStringConvertible {
     static func room(_ id: String, readers language: LanguageTag?) -> Topic { Topic(name: "room." + id + ".lang." + (language?.value ?? "-")) }
 
     var description: String { name }
+
+    /// A stream's topic: its subscribers are this node's readers of that one stream.
+    var isStream: Bool { name.hasPrefix("stream.") }
+}
+
+/// Told when a topic (other than a stream's) gets its first subscriber on this node and when it
+/// loses its last, so a broker between nodes asks for that topic's frames only while someone
+/// here reads them. Called under the hub's lock, in order.
+protocol TopicInterest: Sendable {
+    func began(_ topic: Topic)
+    func ended(_ topic: Topic)
 }
 
 /// Which of a topic's subscribers get a frame: plain values, so a broker between nodes can carry
@@ -48,10 +59,32 @@ struct Audience: Sendable, Equatable {
 /// delivers on its own threads, so callers never assume delivery happened when `publish` returns.
 protocol Broker: Sendable {
     func publish(_ frame: ByteBuffer, to topic: Topic, audience: Audience)
+
+    // A stream's own frames, each called under the stream's lock and so in order: a broker
+    // between nodes carries what the other nodes need to follow it and to resume it there.
+    func streamStarted(_ stream: LiveStream, frame: ByteBuffer)
+    func streamToken(_ stream: LiveStream, seq: Int64, frame: ByteBuffer)
+    /// With `ownerFrame`, the owner's sockets get that one and the others `frame`.
+    func streamEnded(_ stream: LiveStream, frame: ByteBuffer, ownerFrame: ByteBuffer?)
+    /// Another frame to the stream's readers (those `audience` admits).
+    func streamExtra(_ stream: LiveStream, frame: ByteBuffer, audience: Audience)
 }
 
 extension Broker {
     func publish(_ frame: ByteBuffer, to topic: Topic) { publish(frame, to: topic, audience: .everyone) }
+
+    func streamStarted(_ stream: LiveStream, frame: ByteBuffer) { publish(frame, to: stream.topic) }
+    func streamToken(_ stream: LiveStream, seq: Int64, frame: ByteBuffer) { publish(frame, to: stream.topic) }
+    func streamExtra(_ stream: LiveStream, frame: ByteBuffer, audience: Audience) { publish(frame, to: stream.topic, audience: audience) }
+
+    func streamEnded(_ stream: LiveStream, frame: ByteBuffer, ownerFrame: ByteBuffer?) {
+        if let ownerFrame {
+            publish(ownerFrame, to: stream.topic, audience: .only(user: stream.owner))
+            publish(frame, to: stream.topic, audience: .except(user: stream.owner))
+        } else {
+            publish(frame, to: stream.topic)
+        }
+    }
 }
 
 /// Delivery within this process: straight to the local hub, on the publisher's thread.
@@ -74,10 +107,15 @@ final class SocketHub: Sendable {
         /// Each topic's subscribers by event loop, built at its first frame and dropped when they
         /// change: a token then costs one lookup here, not a walk over a thousand members.
         var byLoop: [Topic: [FanOut.Group]] = [:]
+        /// Told which topics sockets here read (a broker between nodes).
+        var interest: (any TopicInterest)?
 
         mutating func drop(_ connection: String, from topic: Topic) {
-            subscribers[topic]?.removeValue(forKey: connection)
-            if subscribers[topic]?.isEmpty == true { subscribers.removeValue(forKey: topic) }
+            guard subscribers[topic]?.removeValue(forKey: connection) != nil else { return }
+            if subscribers[topic]?.isEmpty == true {
+                subscribers.removeValue(forKey: topic)
+                if !topic.isStream { interest?.ended(topic) }
+            }
             byLoop.removeValue(forKey: topic)
         }
     }
@@ -104,7 +142,7 @@ final class SocketHub: Sendable {
             let user = connection.identity.user
             guard (s.byUser[user]?.count ?? 0) < maxSocketsPerUser else { return false }
             s.byUser[user, default: [:]][connection.id] = connection
-            Self.subscribe(connection, to: .user(user), &s)
+            subscribe(connection, to: .user(user), &s)
             socketsOpen?.increment()
             return true
         }
@@ -135,7 +173,7 @@ final class SocketHub: Sendable {
     // MARK: Subscriptions
 
     func subscribe(_ connection: ClientConnection, to topic: Topic) {
-        state.withLock { Self.subscribe(connection, to: topic, &$0) }
+        state.withLock { subscribe(connection, to: topic, &$0) }
     }
 
     /// Subscribes every socket subscribed to one of `sources` (now) to `topic`: a stream's
@@ -143,7 +181,7 @@ final class SocketHub: Sendable {
     func subscribe(subscribersOf sources: [Topic], to topic: Topic) {
         state.withLock { s in
             for source in sources {
-                for connection in (s.subscribers[source] ?? [:]).values { Self.subscribe(connection, to: topic, &s) }
+                for connection in (s.subscribers[source] ?? [:]).values { subscribe(connection, to: topic, &s) }
             }
         }
     }
@@ -159,8 +197,15 @@ final class SocketHub: Sendable {
     func close(_ topic: Topic) {
         state.withLock { s in
             s.byLoop.removeValue(forKey: topic)
-            for id in (s.subscribers.removeValue(forKey: topic) ?? [:]).keys { s.topics[id]?.remove(topic) }
+            guard let subscribers = s.subscribers.removeValue(forKey: topic) else { return }
+            for id in subscribers.keys { s.topics[id]?.remove(topic) }
+            if !topic.isStream { s.interest?.ended(topic) }
         }
+    }
+
+    /// Tells `interest` which topics sockets here read from now on (before any socket is added).
+    func attach(interest: any TopicInterest) {
+        state.withLock { $0.interest = interest }
     }
 
     /// The users with a socket subscribed to `topic`.
@@ -189,10 +234,11 @@ final class SocketHub: Sendable {
         FanOut.send(frame, to: groups, audience: audience, delay: fanOutDelay)
     }
 
-    private static func subscribe(_ connection: ClientConnection, to topic: Topic, _ s: inout State) {
+    private func subscribe(_ connection: ClientConnection, to topic: Topic, _ s: inout State) {
         // A socket that closed already (a join or resume racing its disconnect) is not held:
         // nothing would ever unsubscribe it.
         guard s.byUser[connection.identity.user]?[connection.id] != nil else { return }
+        if s.subscribers[topic] == nil, !topic.isStream { s.interest?.began(topic) }
         s.subscribers[topic, default: [:]][connection.id] = connection
         s.topics[connection.id, default: []].insert(topic)
         s.byLoop.removeValue(forKey: topic)

@@ -46,9 +46,17 @@ final class ChatService: FrameHandler {
         return live
     }
 
+    /// The other nodes' streams, when this node is one of a cluster.
+    private var remote: (any RemoteStreams)? { streams.broker as? any RemoteStreams }
+
     private func cancel(ref: String, stream: String, from connection: ClientConnection) {
         guard let live = ownStream(stream, of: connection) else {
-            connection.send(ServerFrame.error(ref: ref, code: .notFound, message: "no stream \(stream)"))
+            let notFound = ServerFrame.error(ref: ref, code: .notFound, message: "no stream \(stream)")
+            guard let remote else { return connection.send(notFound) }
+            Task {
+                // Another node's stream ends for every reader, wherever they are.
+                if await !remote.cancel(stream: stream, user: connection.identity.user) { connection.send(notFound) }
+            }
             return
         }
         // An already ended stream needs no answer: its stream.end was the answer.
@@ -57,7 +65,11 @@ final class ChatService: FrameHandler {
 
     private func resume(ref: String, stream: String, after: Int64, from connection: ClientConnection) {
         guard let live = ownStream(stream, of: connection) else {
-            connection.send(ServerFrame.error(ref: ref, code: .streamGone, message: "stream \(stream) is no longer buffered"))
+            let gone = ServerFrame.error(ref: ref, code: .streamGone, message: "stream \(stream) is no longer buffered")
+            guard let remote else { return connection.send(gone) }
+            Task {
+                if await !remote.resume(stream: stream, after: after, ref: ref, connection: connection) { connection.send(gone) }
+            }
             return
         }
         let ack = allocator.buffer(bytes: live.startFrame(ref: ref))

@@ -32,49 +32,15 @@ final class LiveStream: Sendable {
     let kind: Kind
 
     /// The conversation, or the room, the stream belongs to.
-    var conversation: String {
-        switch kind {
-        case .reply(let conversation, _, _): conversation
-        case .debateTurn(let room, _), .roomReply(let room, _, _, _), .translation(let room, _, _, _): room
-        }
-    }
-
+    var conversation: String { kind.conversation }
     /// The clone that speaks, nil when a person's message is translated.
-    var clone: String? {
-        switch kind {
-        case .reply(_, let clone, _), .debateTurn(_, let clone), .roomReply(_, let clone, _, _): clone
-        case .translation(_, _, _, .clone(let clone)): clone
-        case .translation(_, _, _, .user): nil
-        }
-    }
-
-    var room: String? {
-        switch kind {
-        case .reply: nil
-        case .debateTurn(let room, _), .roomReply(let room, _, _, _), .translation(let room, _, _, _): room
-        }
-    }
-
-    var schedule: String? {
-        if case .reply(_, _, let schedule) = kind { return schedule }
-        return nil
-    }
-
+    var clone: String? { kind.clone }
+    var room: String? { kind.room }
+    var schedule: String? { kind.schedule }
     /// Translation chats: the language the stream is written in.
-    var lang: LanguageTag? {
-        switch kind {
-        case .roomReply(_, _, let lang, _), .translation(_, let lang, _, _): lang
-        case .reply, .debateTurn: nil
-        }
-    }
-
+    var lang: LanguageTag? { kind.lang }
     /// Translation chats: the message the stream translates (or, for a reply, the reply itself).
-    var source: String? {
-        switch kind {
-        case .roomReply(_, _, _, let source), .translation(_, _, let source, _): source
-        case .reply, .debateTurn: nil
-        }
-    }
+    var source: String? { kind.source }
 
     enum ResumeOutcome: Equatable {
         /// Replayed `count` tokens; `ended` tells whether `stream.end` was replayed too.
@@ -96,6 +62,8 @@ final class LiveStream: Sendable {
 
     /// Its frames go here; its readers are the topic's subscribers.
     let topic: Topic
+    /// Whose subscribers read it from its start (on every node, through a broker between nodes).
+    let readers: [Topic]
     private let broker: any Broker
     private let hub: SocketHub
     private let state: Mutex<State>
@@ -115,6 +83,7 @@ final class LiveStream: Sendable {
         self.broker = broker
         self.hub = hub
         topic = .stream(id)
+        self.readers = readers
         state = Mutex(State(history: StreamHistory(capacity: bufferCapacity)))
         hub.subscribe(subscribersOf: readers, to: topic)
     }
@@ -124,12 +93,15 @@ final class LiveStream: Sendable {
     var stopReason: StreamEndReason? { state.withLock { $0.stopReason } }
 
     /// The `stream.start` frame of this stream, answering request `ref`.
-    func startFrame(ref: String?) -> [UInt8] {
+    func startFrame(ref: String?) -> [UInt8] { Self.startFrame(ref: ref, id: id, model: model, kind: kind) }
+
+    /// The `stream.start` frame of a stream known by its description (one another node runs).
+    static func startFrame(ref: String?, id: String, model: String, kind: Kind) -> [UInt8] {
         var user: String?
         if case .translation(_, _, _, .user(let speaker)) = kind { user = speaker }
         return ServerFrame.streamStart(
-            ref: ref, stream: id, conversation: conversation, clone: clone, user: user, model: model,
-            schedule: schedule, room: room, source: source, lang: lang)
+            ref: ref, stream: id, conversation: kind.conversation, clone: kind.clone, user: user, model: model,
+            schedule: kind.schedule, room: kind.room, source: kind.source, lang: kind.lang)
     }
 
     /// Sends `stream.start` to every reader.
@@ -139,7 +111,7 @@ final class LiveStream: Sendable {
                 s.startedAt = NIODeadline.now().uptimeNanoseconds
                 metrics?.active.increment()
             }
-            broker.publish(frame, to: topic)
+            broker.streamStarted(self, frame: frame)
         }
     }
 
@@ -157,7 +129,7 @@ final class LiveStream: Sendable {
                 s.lastTokenAt = now
             }
             s.history.append(seq: seq, frame: frame)
-            broker.publish(frame, to: topic)
+            broker.streamToken(self, seq: seq, frame: frame)
         }
     }
 
@@ -170,12 +142,7 @@ final class LiveStream: Sendable {
             s.endFrame = frame
             s.endedAt = .now
             s.task = nil
-            if let ownerFrame {
-                broker.publish(ownerFrame, to: topic, audience: .only(user: owner))
-                broker.publish(frame, to: topic, audience: .except(user: owner))
-            } else {
-                broker.publish(frame, to: topic)
-            }
+            broker.streamEnded(self, frame: frame, ownerFrame: ownerFrame)
             hub.close(topic)
         }
     }
@@ -183,7 +150,13 @@ final class LiveStream: Sendable {
     /// Publishes an extra frame, ordered with the stream's own frames: to its readers (or those
     /// of them `audience` admits), or to another topic (a room's payer who does not read it).
     func publish(_ frame: ByteBuffer, to topic: Topic? = nil, audience: Audience = .everyone) {
-        state.withLock { _ in broker.publish(frame, to: topic ?? self.topic, audience: audience) }
+        state.withLock { _ in
+            if let topic, topic != self.topic {
+                broker.publish(frame, to: topic, audience: audience)
+            } else {
+                broker.streamExtra(self, frame: frame, audience: audience)
+            }
+        }
     }
 
     /// Replays tokens with seq > `after` (and `stream.end` if ended) to `connection`, then keeps
@@ -230,4 +203,51 @@ final class LiveStream: Sendable {
     }
 
     var task: Task<Void, Never>? { state.withLock { $0.task } }
+}
+
+extension LiveStream.Kind {
+    /// The conversation, or the room, the stream belongs to.
+    var conversation: String {
+        switch self {
+        case .reply(let conversation, _, _): conversation
+        case .debateTurn(let room, _), .roomReply(let room, _, _, _), .translation(let room, _, _, _): room
+        }
+    }
+
+    /// The clone that speaks, nil when a person's message is translated.
+    var clone: String? {
+        switch self {
+        case .reply(_, let clone, _), .debateTurn(_, let clone), .roomReply(_, let clone, _, _): clone
+        case .translation(_, _, _, .clone(let clone)): clone
+        case .translation(_, _, _, .user): nil
+        }
+    }
+
+    var room: String? {
+        switch self {
+        case .reply: nil
+        case .debateTurn(let room, _), .roomReply(let room, _, _, _), .translation(let room, _, _, _): room
+        }
+    }
+
+    var schedule: String? {
+        if case .reply(_, _, let schedule) = self { return schedule }
+        return nil
+    }
+
+    /// Translation chats: the language the stream is written in.
+    var lang: LanguageTag? {
+        switch self {
+        case .roomReply(_, _, let lang, _), .translation(_, let lang, _, _): lang
+        case .reply, .debateTurn: nil
+        }
+    }
+
+    /// Translation chats: the message the stream translates (or, for a reply, the reply itself).
+    var source: String? {
+        switch self {
+        case .roomReply(_, _, _, let source), .translation(_, _, let source, _): source
+        case .reply, .debateTurn: nil
+        }
+    }
 }

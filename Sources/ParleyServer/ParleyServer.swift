@@ -35,12 +35,16 @@ public final class ParleyServer: Sendable {
     /// This process's hold on its data directory, and on its MongoDB database.
     private let dataLock: DataDirectoryLock
     private let nodeLease: NodeLeaseKeeper?
+    /// The broker between nodes, when the server runs in a cluster.
+    private let clusterBroker: NATSBroker?
 
     private init(
         configuration: ServerConfiguration, port: Int, store: any Store, authenticator: Authenticator, chat: ChatService,
         schedules: ScheduleService, rooms: RoomService, hub: StreamHub, group: MultiThreadedEventLoopGroup, ownsGroup: Bool,
-        serverChannel: any Channel, logger: Logger, retention: Task<Void, Never>, dataLock: DataDirectoryLock, nodeLease: NodeLeaseKeeper?
+        serverChannel: any Channel, logger: Logger, retention: Task<Void, Never>, dataLock: DataDirectoryLock, nodeLease: NodeLeaseKeeper?,
+        clusterBroker: NATSBroker?
     ) {
+        self.clusterBroker = clusterBroker
         self.dataLock = dataLock
         self.nodeLease = nodeLease
         self.ownsGroup = ownsGroup
@@ -103,6 +107,20 @@ public final class ParleyServer: Sendable {
         let slowReaders = Counter(label: "parley_slow_reader_disconnects_total", factory: configuration.metrics)
         let hub = StreamHub(retention: configuration.resumeRetention, maxStreamsPerUser: configuration.maxConcurrentStreamsPerUser)
         let sockets = SocketHub(maxSocketsPerUser: configuration.maxSocketsPerUser, metrics: configuration.metrics)
+        let broker: any Broker
+        let clusterBroker: NATSBroker?
+        do {
+            if let url = configuration.brokerURL {
+                clusterBroker = try await NATSBroker.connect(url: url, hub: sockets, configuration: configuration, logger: logger)
+            } else {
+                clusterBroker = nil
+            }
+            broker = clusterBroker ?? LocalBroker(hub: sockets)
+        } catch {
+            await nodeLease?.release()
+            try? await store.close()
+            throw error
+        }
         // Finish or void ledger entries a crash left half-applied, before anything is charged.
         let recovered: Int
         do {
@@ -128,7 +146,7 @@ public final class ParleyServer: Sendable {
         let ownsGroup = eventLoopGroup == nil
         let group = eventLoopGroup ?? MultiThreadedEventLoopGroup(numberOfThreads: configuration.eventLoopThreads ?? System.coreCount)
         let streams = StreamRunner(
-            store: store, credits: credits, provider: provider, hub: hub, sockets: sockets, broker: LocalBroker(hub: sockets),
+            store: store, credits: credits, provider: provider, hub: hub, sockets: sockets, broker: broker,
             requests: RequestTracker(logger: logger), loops: group,
             configuration: configuration, logger: logger, ids: ids)
         let chat = ChatService(store: store, streams: streams, configuration: configuration, ids: ids)
@@ -144,6 +162,7 @@ public final class ParleyServer: Sendable {
         } catch {
             await schedules.stopFiring()
             await schedules.drain()
+            await clusterBroker?.close()
             await nodeLease?.release()
             try? await store.close()
             if ownsGroup { try? await group.shutdownGracefully() }
@@ -186,6 +205,7 @@ public final class ParleyServer: Sendable {
         } catch {
             await schedules.stopFiring()
             await schedules.drain()
+            await clusterBroker?.close()
             await nodeLease?.release()
             try? await store.close()
             if ownsGroup { try? await group.shutdownGracefully() }
@@ -202,7 +222,7 @@ public final class ParleyServer: Sendable {
             configuration: configuration, port: port, store: store, authenticator: authenticator, chat: chat, schedules: schedules, rooms: rooms,
             hub: hub,
             group: group, ownsGroup: ownsGroup, serverChannel: serverChannel, logger: logger, retention: Task { await retention.run() },
-            dataLock: dataLock, nodeLease: nodeLease
+            dataLock: dataLock, nodeLease: nodeLease, clusterBroker: clusterBroker
         )
     }
 
@@ -335,6 +355,12 @@ public final class ParleyServer: Sendable {
         await nodeLease?.lost()
     }
 
+    /// Waits until the broker between nodes has this node's subscriptions (a socket that just
+    /// connected reads the streams other nodes start from now on). Nothing to wait for alone.
+    func brokerRoundTrip() async throws {
+        try await clusterBroker?.flush()
+    }
+
     /// Stops cleanly: stops accepting connections and requests, lets the replies in flight finish
     /// for up to `drainGrace`, ends the rest with reason `shutdown` (their partial replies
     /// stored), closes every socket with 1001, then flushes and closes the store. Idempotent.
@@ -372,6 +398,7 @@ public final class ParleyServer: Sendable {
                 waiters.cancelAll()
             }
         }
+        await clusterBroker?.close()
         await nodeLease?.release()
         do {
             try await store.close()

@@ -1,49 +1,8 @@
 import Foundation
 import NIOPosix
 import ParleyNATS
+import ParleyTestSupport
 import Testing
-
-struct FixtureError: Error, CustomStringConvertible {
-    var description: String
-}
-
-/// A real nats-server (Debian's, installed by `scripts/setup.sh --test`) with JetStream on, on
-/// a free loopback port, its store in a temporary directory; stopped (SIGKILL) by `stop`.
-final class NATSServer: @unchecked Sendable {
-    let process = Process()
-    let directory: String
-    private(set) var url = ""
-
-    init() throws {
-        directory = FileManager.default.temporaryDirectory.appendingPathComponent("parley-nats-\(UUID().uuidString)").path
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = ["nats-server", "-a", "127.0.0.1", "-p", "-1", "-js", "-sd", directory]
-        let output = Pipe()
-        process.standardError = output
-        process.standardOutput = FileHandle.nullDevice
-        try process.run()
-        var text = ""
-        while !text.contains("Server is ready") {
-            let chunk = output.fileHandleForReading.availableData
-            guard !chunk.isEmpty else {
-                throw FixtureError(description: "nats-server exited: \(text) (install it with scripts/setup.sh --test)")
-            }
-            text += String(decoding: chunk, as: UTF8.self)
-        }
-        guard let line = text.split(separator: "\n").first(where: { $0.contains("Listening for client connections on ") }),
-            let port = line.split(separator: ":").last.map({ String($0).trimmingCharacters(in: .whitespaces) })
-        else { throw FixtureError(description: "nats-server printed no client port: \(text)") }
-        url = "nats://127.0.0.1:\(port)"
-        // Keep reading its log so the pipe never fills and blocks it.
-        output.fileHandleForReading.readabilityHandler = { handle in _ = handle.availableData }
-    }
-
-    func stop() {
-        process.terminate()
-        process.waitUntilExit()
-        try? FileManager.default.removeItem(atPath: directory)
-    }
-}
 
 /// The next `count` messages (fewer if the subscription ends first).
 func next(_ count: Int, from messages: inout AsyncStream<NATSMessage>.AsyncIterator) async -> [NATSMessage] {

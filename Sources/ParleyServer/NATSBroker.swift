@@ -1,0 +1,572 @@
+import CoreMetrics
+import Logging
+import NIOCore
+import NIOPosix
+import ParleyCore
+import ParleyNATS
+import Synchronization
+
+/// The NATS subjects the nodes of a cluster share. Topic names and ids become single subject
+/// tokens (dots turned into colons; anything a subject cannot hold, hex behind a `~`).
+enum BrokerSubjects {
+    /// The JetStream stream that keeps every stream's frames (the resume window on every node)
+    /// and each stream's head (what its `stream.start` says, and who owns it).
+    static let streams = "PARLEY_STREAMS"
+    static let captured = ["p.*.s.*", "ph.*"]
+
+    /// Frames published to a topic that is not a stream's.
+    static func topic(_ topic: Topic) -> String { "p." + token(topic.name) + ".t" }
+    /// Everything a node reads for one topic: its frames, and the frames of the streams it reads.
+    static func interest(_ topic: Topic) -> String { "p." + token(topic.name) + ".>" }
+    /// A stream's frames, published under the topic whose subscribers read it.
+    static func stream(_ id: String, readers: Topic) -> String { "p." + token(readers.name) + ".s." + token(id) }
+    /// A stream's frames whatever topic reads it (a resume on a node that did not follow it).
+    static func frames(of id: String) -> String { "p.*.s." + token(id) }
+    static func head(of id: String) -> String { "ph." + token(id) }
+    /// Where the node generating a stream answers a `chat.cancel` sent to another node.
+    static func cancel(_ id: String) -> String { "pc." + token(id) }
+
+    /// The topic, and for a stream's frame the stream, a subject of `interest` names.
+    static func parse(_ subject: String) -> (topic: Topic, stream: String?)? {
+        let parts = subject.split(separator: ".", omittingEmptySubsequences: false)
+        guard parts.count >= 3, parts[0] == "p", let topic = name(parts[1]) else { return nil }
+        if parts.count == 3, parts[2] == "t" { return (Topic(name: topic), nil) }
+        if parts.count == 4, parts[2] == "s", let stream = name(parts[3]) { return (Topic(name: topic), stream) }
+        return nil
+    }
+
+    static func token(_ name: String) -> String {
+        let plain = name.utf8.allSatisfy { byte in
+            (byte >= 0x30 && byte <= 0x39) || (byte >= 0x41 && byte <= 0x5A) || (byte >= 0x61 && byte <= 0x7A) || byte == 0x5F || byte == 0x2D
+                || byte == 0x2E
+        }
+        guard plain, !name.isEmpty else {
+            return "~" + name.utf8.map { String($0, radix: 16).count == 1 ? "0" + String($0, radix: 16) : String($0, radix: 16) }.joined()
+        }
+        return String(name.map { $0 == "." ? ":" : $0 })
+    }
+
+    static func name(_ token: Substring) -> String? {
+        guard token.first == "~" else { return String(token.map { $0 == ":" ? "." : $0 }) }
+        let hex = Array(token.utf8.dropFirst())
+        guard hex.count % 2 == 0, !hex.isEmpty else { return nil }
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(hex.count / 2)
+        for i in stride(from: 0, to: hex.count, by: 2) {
+            guard let byte = UInt8(String(decoding: hex[i..<i + 2], as: UTF8.self), radix: 16) else { return nil }
+            bytes.append(byte)
+        }
+        return String(validating: bytes, as: UTF8.self)
+    }
+}
+
+/// One frame as it travels between nodes: what it is (a topic's frame, or a stream's start,
+/// token, end or extra), to whom (`audience`) and the frame itself.
+struct BrokerEnvelope: Equatable {
+    enum Part: UInt8 { case topic, start, token, end, extra }
+
+    var part: Part
+    var seq: Int64 = 0
+    var audience: Audience = .everyone
+    /// `start`: the stream's descriptor (`StreamDescriptor`).
+    var descriptor: [UInt8] = []
+    /// `end`: the frame its owner gets instead of `frame`.
+    var ownerFrame: [UInt8]?
+    var frame: [UInt8]
+
+    struct Malformed: Error {}
+
+    func encoded() -> [UInt8] {
+        var out: [UInt8] = [part.rawValue]
+        out.reserveCapacity(16 + descriptor.count + frame.count + (ownerFrame?.count ?? 0))
+        withUnsafeBytes(of: seq.bigEndian) { out.append(contentsOf: $0) }
+        for field in [audience.user, audience.exceptUser, audience.connection, audience.exceptConnection] {
+            Self.append(field.map { Array($0.utf8) }, to: &out)
+        }
+        Self.append(descriptor, to: &out)
+        Self.append(ownerFrame, to: &out)
+        out.append(contentsOf: frame)
+        return out
+    }
+
+    init(part: Part, seq: Int64 = 0, audience: Audience = .everyone, descriptor: [UInt8] = [], ownerFrame: [UInt8]? = nil, frame: [UInt8]) {
+        self.part = part
+        self.seq = seq
+        self.audience = audience
+        self.descriptor = descriptor
+        self.ownerFrame = ownerFrame
+        self.frame = frame
+    }
+
+    init(decoding bytes: [UInt8]) throws(Malformed) {
+        var at = 0
+        guard bytes.count >= 9, let part = Part(rawValue: bytes[0]) else { throw Malformed() }
+        self.part = part
+        seq = bytes[1..<9].reduce(0) { $0 << 8 | Int64($1) }
+        at = 9
+        func field() throws(Malformed) -> [UInt8]? {
+            guard at + 4 <= bytes.count else { throw Malformed() }
+            let length = bytes[at..<at + 4].reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
+            at += 4
+            if length == .max { return nil }
+            guard at + Int(length) <= bytes.count else { throw Malformed() }
+            defer { at += Int(length) }
+            return Array(bytes[at..<at + Int(length)])
+        }
+        func text() throws(Malformed) -> String? { try field().map { String(decoding: $0, as: UTF8.self) } }
+        audience = Audience(user: try text(), exceptUser: try text(), connection: try text(), exceptConnection: try text())
+        descriptor = try field() ?? []
+        ownerFrame = try field()
+        frame = Array(bytes[at...])
+    }
+
+    private static func append(_ field: [UInt8]?, to out: inout [UInt8]) {
+        let length = field.map { UInt32($0.count) } ?? .max
+        withUnsafeBytes(of: length.bigEndian) { out.append(contentsOf: $0) }
+        if let field { out.append(contentsOf: field) }
+    }
+}
+
+/// What another node needs to follow a stream or answer a resume of it: its owner, model and
+/// kind, as JSON.
+enum StreamDescriptor {
+    static func encode(_ stream: LiveStream) -> [UInt8] {
+        var fields: [(String, JSONValue)] = [("owner", .string(stream.owner)), ("model", .string(stream.model))]
+        switch stream.kind {
+        case .reply(let conversation, let clone, let schedule):
+            fields += [("kind", .string("reply")), ("conversation", .string(conversation)), ("clone", .string(clone))]
+            if let schedule { fields.append(("schedule", .string(schedule))) }
+        case .debateTurn(let room, let clone):
+            fields += [("kind", .string("debate_turn")), ("room", .string(room)), ("clone", .string(clone))]
+        case .roomReply(let room, let clone, let lang, let source):
+            fields += [
+                ("kind", .string("room_reply")), ("room", .string(room)), ("clone", .string(clone)), ("lang", .string(lang.value)),
+                ("source", .string(source)),
+            ]
+        case .translation(let room, let lang, let source, let speaker):
+            fields += [("kind", .string("translation")), ("room", .string(room)), ("lang", .string(lang.value)), ("source", .string(source))]
+            switch speaker {
+            case .clone(let clone): fields.append(("clone", .string(clone)))
+            case .user(let user): fields.append(("user", .string(user)))
+            }
+        }
+        return JSONValue.object(fields).serialized()
+    }
+
+    static func decode(_ bytes: [UInt8]) -> (owner: String, model: String, kind: LiveStream.Kind)? {
+        guard let json = try? JSONValue.parse(bytes), let owner = json["owner"]?.stringValue, let model = json["model"]?.stringValue
+        else { return nil }
+        let room = json["room"]?.stringValue
+        let clone = json["clone"]?.stringValue
+        let lang = json["lang"]?.stringValue.flatMap(LanguageTag.init)
+        let source = json["source"]?.stringValue
+        let kind: LiveStream.Kind
+        switch json["kind"]?.stringValue {
+        case "reply":
+            guard let conversation = json["conversation"]?.stringValue, let clone else { return nil }
+            kind = .reply(conversation: conversation, clone: clone, schedule: json["schedule"]?.stringValue)
+        case "debate_turn":
+            guard let room, let clone else { return nil }
+            kind = .debateTurn(room: room, clone: clone)
+        case "room_reply":
+            guard let room, let clone, let lang, let source else { return nil }
+            kind = .roomReply(room: room, clone: clone, lang: lang, source: source)
+        case "translation":
+            guard let room, let lang, let source else { return nil }
+            guard let speaker = clone.map(LiveStream.Speaker.clone) ?? json["user"]?.stringValue.map(LiveStream.Speaker.user) else { return nil }
+            kind = .translation(room: room, lang: lang, source: source, speaker: speaker)
+        default: return nil
+        }
+        return (owner, model, kind)
+    }
+}
+
+/// What a node asks of the others about the streams it does not generate.
+protocol RemoteStreams: Sendable {
+    /// Resumes another node's reply stream of `connection`'s user for it; false when no node
+    /// has a stream of that id and owner.
+    func resume(stream: String, after: Int64, ref: String, connection: ClientConnection) async -> Bool
+    /// Asks the node generating `stream` to stop it; false when none has a stream of that id
+    /// and owner.
+    func cancel(stream: String, user: String) async -> Bool
+}
+
+/// The broker between nodes (#22), after Centrifugo's NATS broker, with the history it lacks:
+/// each frame is delivered here as `LocalBroker` would, and published to NATS for the nodes
+/// whose sockets read its topic. A stream's frames go under the topic that reads it (so a node
+/// following a user or a room gets them with no subscription race) and are kept by JetStream,
+/// which is the resume window on a node that did not follow the stream. A node that follows
+/// one keeps a mirror of it (a `LiveStream` delivering locally) that answers resumes and
+/// late readers as the generating node would.
+final class NATSBroker: Broker, TopicInterest, RemoteStreams {
+    private let local: LocalBroker
+    private var hub: SocketHub { local.hub }
+    private let nats: NATSConnection
+    private let jetStream: JetStream
+    private let threads: NIOThreadPool
+    private let logger: Logger
+    private let bufferCapacity: Int
+    /// How long a stream's frames stay in JetStream; its head is published again at half of it,
+    /// so a long reply stays resumable.
+    private let maxAge: Duration
+    private let retention: Duration
+    private let publishFailures: Counter?
+    private let failures = Atomic<Int>(0)
+
+    private struct Origin {
+        var cancels: NATSSubscription?
+        var headAt: ContinuousClock.Instant
+    }
+
+    private struct Mirror {
+        let stream: LiveStream
+        var lastSeq: Int64 = 0
+        var touched: ContinuousClock.Instant = .now
+    }
+
+    /// Topics some socket here reads, each with its NATS subscription.
+    private let interests = Mutex<[Topic: NATSSubscription]>([:])
+    /// Streams this node generates.
+    private let origins = Mutex<[String: Origin]>([:])
+    /// Streams another node generates that sockets here read.
+    private let mirrors = Mutex<[String: Mirror]>([:])
+
+    /// Connects to the NATS server at `url`, makes sure the JetStream stream exists, and tells
+    /// `hub` to report which topics its sockets read.
+    static func connect(url: String, hub: SocketHub, configuration: ServerConfiguration, logger: Logger) async throws -> NATSBroker {
+        // nats.c's blocking calls (connecting, JetStream requests, a remote cancel) wait here.
+        let threads = NIOThreadPool(numberOfThreads: 2)
+        threads.start()
+        do {
+            let nats = try await NATSConnection.connect(url: url, name: "parley", noEcho: true, threads: threads)
+            let jetStream = try nats.jetStream()
+            try await jetStream.addStream(
+                jetStreamConfiguration(bufferCapacity: configuration.resumeBufferTokens, retention: configuration.resumeRetention))
+            let broker = NATSBroker(
+                hub: hub, nats: nats, jetStream: jetStream, threads: threads, bufferCapacity: configuration.resumeBufferTokens,
+                retention: configuration.resumeRetention, logger: logger, metrics: configuration.metrics)
+            hub.attach(interest: broker)
+            return broker
+        } catch {
+            try? await threads.shutdownGracefully()
+            throw ConfigurationError("cannot use the broker at \(url): \(error)")
+        }
+    }
+
+    private init(
+        hub: SocketHub, nats: NATSConnection, jetStream: JetStream, threads: NIOThreadPool, bufferCapacity: Int, retention: Duration,
+        logger: Logger, metrics: (any MetricsFactory)?
+    ) {
+        local = LocalBroker(hub: hub)
+        self.threads = threads
+        self.nats = nats
+        self.jetStream = jetStream
+        self.bufferCapacity = bufferCapacity
+        self.retention = retention
+        maxAge = Self.maxAge(retention: retention)
+        self.logger = logger
+        publishFailures = metrics.map { Counter(label: "parley_broker_publish_failures_total", factory: $0) }
+    }
+
+    /// A stream's frames stay in JetStream for twice the resume retention (at least a minute).
+    static func maxAge(retention: Duration) -> Duration { max(retention * 2, .seconds(60)) }
+
+    /// The JetStream stream every node shares, made by the first node that starts.
+    static func jetStreamConfiguration(bufferCapacity: Int, retention: Duration) -> JetStream.StreamConfiguration {
+        var configuration = JetStream.StreamConfiguration(name: BrokerSubjects.streams, subjects: BrokerSubjects.captured)
+        // A stream's start, its tokens and its end.
+        configuration.maxMessagesPerSubject = Int64(bufferCapacity) + 2
+        configuration.maxAge = maxAge(retention: retention)
+        return configuration
+    }
+
+    // MARK: Publishing
+
+    func publish(_ frame: ByteBuffer, to topic: Topic, audience: Audience) {
+        local.publish(frame, to: topic, audience: audience)
+        send(BrokerSubjects.topic(topic), BrokerEnvelope(part: .topic, audience: audience, frame: Array(frame.readableBytesView)))
+    }
+
+    func streamStarted(_ stream: LiveStream, frame: ByteBuffer) {
+        local.streamStarted(stream, frame: frame)
+        let descriptor = StreamDescriptor.encode(stream)
+        send(BrokerSubjects.head(of: stream.id), descriptor)
+        var cancels: NATSSubscription?
+        if case .reply = stream.kind {
+            // Answers a chat.cancel that reached another node; the stream's lock is not held by then.
+            cancels = try? nats.subscribe(BrokerSubjects.cancel(stream.id)) { [nats] request in
+                let user = String(decoding: request.payload, as: UTF8.self)
+                let mine = user == stream.owner
+                if mine { stream.stop(.cancelled) }
+                if let reply = request.reply { try? nats.publish(reply, Array((mine ? "ok" : "no").utf8)) }
+            }
+        }
+        origins.withLock { $0[stream.id] = Origin(cancels: cancels, headAt: .now) }
+        sendStream(stream, BrokerEnvelope(part: .start, descriptor: descriptor, frame: Array(frame.readableBytesView)))
+    }
+
+    func streamToken(_ stream: LiveStream, seq: Int64, frame: ByteBuffer) {
+        local.streamToken(stream, seq: seq, frame: frame)
+        sendStream(stream, BrokerEnvelope(part: .token, seq: seq, frame: Array(frame.readableBytesView)))
+        let headDue = origins.withLock { o -> Bool in
+            guard let at = o[stream.id]?.headAt, ContinuousClock.now - at > maxAge / 2 else { return false }
+            o[stream.id]?.headAt = .now
+            return true
+        }
+        if headDue { send(BrokerSubjects.head(of: stream.id), StreamDescriptor.encode(stream)) }
+    }
+
+    func streamEnded(_ stream: LiveStream, frame: ByteBuffer, ownerFrame: ByteBuffer?) {
+        local.streamEnded(stream, frame: frame, ownerFrame: ownerFrame)
+        sendStream(
+            stream, BrokerEnvelope(part: .end, ownerFrame: ownerFrame.map { Array($0.readableBytesView) }, frame: Array(frame.readableBytesView)))
+        // Resumable for the retention from now, however long the reply ran.
+        send(BrokerSubjects.head(of: stream.id), StreamDescriptor.encode(stream))
+        origins.withLock { $0.removeValue(forKey: stream.id) }?.cancels?.cancel()
+    }
+
+    func streamExtra(_ stream: LiveStream, frame: ByteBuffer, audience: Audience) {
+        local.streamExtra(stream, frame: frame, audience: audience)
+        sendStream(stream, BrokerEnvelope(part: .extra, audience: audience, frame: Array(frame.readableBytesView)))
+    }
+
+    private func sendStream(_ stream: LiveStream, _ envelope: BrokerEnvelope) {
+        let bytes = envelope.encoded()
+        for readers in stream.readers { send(BrokerSubjects.stream(stream.id, readers: readers), bytes) }
+    }
+
+    private func send(_ subject: String, _ envelope: BrokerEnvelope) { send(subject, envelope.encoded()) }
+
+    private func send(_ subject: String, _ bytes: [UInt8]) {
+        do {
+            try nats.publish(subject, bytes)
+        } catch {
+            publishFailures?.increment()
+            // Every token fails while NATS is away: the 1st, 2nd, 4th, 8th… failure is logged.
+            let count = failures.add(1, ordering: .relaxed).newValue
+            if count & (count - 1) == 0 {
+                logger.warning("publishing to the broker failed", metadata: ["subject": "\(subject)", "error": "\(error)", "failures": "\(count)"])
+            }
+        }
+    }
+
+    // MARK: Receiving
+
+    func began(_ topic: Topic) {
+        interests.withLock { interests in
+            guard interests[topic] == nil else { return }
+            do {
+                interests[topic] = try nats.subscribe(BrokerSubjects.interest(topic)) { [weak self] in self?.receive($0) }
+            } catch {
+                logger.error("subscribing to a topic on the broker failed", metadata: ["topic": "\(topic)", "error": "\(error)"])
+            }
+        }
+    }
+
+    func ended(_ topic: Topic) {
+        interests.withLock { $0.removeValue(forKey: topic) }?.cancel()
+    }
+
+    /// A frame another node published (nats.c's delivery thread; one subject's frames in order).
+    private func receive(_ message: NATSMessage) {
+        guard let (topic, stream) = BrokerSubjects.parse(message.subject), let envelope = try? BrokerEnvelope(decoding: message.payload) else {
+            logger.warning("dropped a malformed broker message", metadata: ["subject": "\(message.subject)"])
+            return
+        }
+        let frame = ByteBuffer(bytes: envelope.frame)
+        guard let stream else {
+            hub.deliver(frame, to: topic, audience: envelope.audience)
+            return
+        }
+        mirrors.withLock { mirrors in
+            switch envelope.part {
+            case .start:
+                if let mirror = mirrors[stream] {
+                    // Read under a second topic here too: its readers follow it as well.
+                    hub.subscribe(subscribersOf: [topic], to: mirror.stream.topic)
+                    return
+                }
+                guard let (owner, model, kind) = StreamDescriptor.decode(envelope.descriptor) else { return }
+                expire(&mirrors)
+                let live = LiveStream(
+                    id: stream, owner: owner, model: model, kind: kind, bufferCapacity: bufferCapacity, readers: [topic], broker: local, hub: hub)
+                live.start(frame)
+                mirrors[stream] = Mirror(stream: live)
+            case .token:
+                guard var mirror = mirrors[stream], envelope.seq > mirror.lastSeq else { return }
+                guard envelope.seq == mirror.lastSeq + 1 else {
+                    // A frame was lost on the way (a slow node): its readers resume from JetStream.
+                    logger.warning("a followed stream skipped tokens; its readers here must resume it", metadata: ["stream": "\(stream)"])
+                    mirrors.removeValue(forKey: stream)
+                    hub.close(mirror.stream.topic)
+                    return
+                }
+                mirror.stream.publish(seq: envelope.seq, frame: frame)
+                mirror.lastSeq = envelope.seq
+                mirror.touched = .now
+                mirrors[stream] = mirror
+            case .extra:
+                mirrors[stream]?.stream.publish(frame, audience: envelope.audience)
+            case .end:
+                guard let mirror = mirrors[stream], !mirror.stream.isEnded else { return }
+                mirror.stream.finish(frame, ownerFrame: envelope.ownerFrame.map { ByteBuffer(bytes: $0) }, reason: .complete)
+                mirrors[stream]?.touched = .now
+                expire(&mirrors)
+            case .topic:
+                return
+            }
+        }
+    }
+
+    /// Forgets mirrors ended longer ago than the retention, or silent for longer than JetStream
+    /// keeps frames (their node is gone).
+    private func expire(_ mirrors: inout [String: Mirror]) {
+        let now = ContinuousClock.now
+        mirrors = mirrors.filter { _, mirror in
+            now - mirror.touched < (mirror.stream.isEnded ? retention : maxAge)
+        }
+    }
+
+    // MARK: Remote streams
+
+    func resume(stream id: String, after: Int64, ref: String, connection: ClientConnection) async -> Bool {
+        let user = connection.identity.user
+        if let mirror = mirrors.withLock({ $0[id]?.stream }) {
+            guard mirror.owner == user, case .reply = mirror.kind else { return false }
+            let ack = ByteBuffer(bytes: mirror.startFrame(ref: ref))
+            if mirror.resume(connection, after: after, ack: ack) == .gone { connection.send(RemoteReplay.gone(ref: ref, stream: id, after: after)) }
+            return true
+        }
+        do {
+            guard let head = try await jetStream.lastMessage(stream: BrokerSubjects.streams, subject: BrokerSubjects.head(of: id)),
+                let (owner, model, kind) = StreamDescriptor.decode(head.payload), owner == user, case .reply = kind
+            else { return false }
+            let ack = ByteBuffer(bytes: LiveStream.startFrame(ref: ref, id: id, model: model, kind: kind))
+            let replay = RemoteReplay(connection: connection, after: after, ack: ack, ref: ref, stream: id)
+            let subscription = try await jetStream.subscribeOrdered(BrokerSubjects.frames(of: id), from: 1) { replay.take($0) }
+            replay.attach(subscription)
+            connection.channel.closeFuture.whenComplete { _ in replay.stop() }
+            return true
+        } catch {
+            logger.error("resuming a stream from the broker failed", metadata: ["stream": "\(id)", "error": "\(error)"])
+            return false
+        }
+    }
+
+    func cancel(stream id: String, user: String) async -> Bool {
+        do {
+            let answer = try await nats.request(BrokerSubjects.cancel(id), Array(user.utf8))
+            return answer == Array("ok".utf8)
+        } catch let error as NATSError where error.isNoResponders || error.isTimeout {
+            return false
+        } catch {
+            logger.error("asking the broker to cancel a stream failed", metadata: ["stream": "\(id)", "error": "\(error)"])
+            return false
+        }
+    }
+
+    /// Streams of other nodes this node follows (ended ones until they expire).
+    var mirrorCount: Int { mirrors.withLock { $0.count } }
+
+    /// Waits until the NATS server has every subscription and frame sent so far.
+    func flush() async throws { try await nats.flush() }
+
+    /// Stops following topics and closes the connection (after the sockets closed).
+    func close() async {
+        let subscriptions = interests.withLock { interests in
+            defer { interests = [:] }
+            return interests.values
+        }
+        for subscription in subscriptions { subscription.cancel() }
+        // The last streams' ends reach the server before the connection goes.
+        try? await nats.flush(timeout: .seconds(1))
+        nats.close()
+        try? await threads.shutdownGracefully()
+    }
+}
+
+/// A resume of a stream this node neither generates nor follows: JetStream's copy of its frames
+/// (an ordered consumer, so nothing is skipped or repeated) sent to one socket, from the token
+/// after `after` to its end.
+final class RemoteReplay: Sendable {
+    private struct State {
+        var next: Int64
+        var acked = false
+        var done = false
+        var subscription: NATSSubscription?
+    }
+
+    private let connection: ClientConnection
+    private let ack: ByteBuffer
+    private let ref: String
+    private let stream: String
+    private let after: Int64
+    private let state: Mutex<State>
+
+    init(connection: ClientConnection, after: Int64, ack: ByteBuffer, ref: String, stream: String) {
+        self.connection = connection
+        self.after = after
+        self.ack = ack
+        self.ref = ref
+        self.stream = stream
+        state = Mutex(State(next: after + 1))
+    }
+
+    static func gone(ref: String, stream: String, after: Int64) -> [UInt8] {
+        ServerFrame.error(ref: ref, code: .streamGone, message: "tokens after seq \(after) of stream \(stream) are no longer buffered")
+    }
+
+    func attach(_ subscription: NATSSubscription) {
+        let stopNow = state.withLock { s -> Bool in
+            s.subscription = subscription
+            return s.done
+        }
+        if stopNow { subscription.cancel() }
+    }
+
+    func stop() {
+        state.withLock { s -> NATSSubscription? in
+            s.done = true
+            return s.subscription
+        }?.cancel()
+    }
+
+    func take(_ message: NATSMessage) {
+        guard let envelope = try? BrokerEnvelope(decoding: message.payload) else { return }
+        let finished = state.withLock { s -> Bool in
+            guard !s.done else { return true }
+            switch envelope.part {
+            case .topic:
+                return false
+            case .start:
+                ackOnce(&s)
+            case .token:
+                if envelope.seq < s.next { return false }
+                guard envelope.seq == s.next else {
+                    // The tokens the client lacks were evicted before it came back.
+                    if !s.acked { connection.send(Self.gone(ref: ref, stream: stream, after: after)) }
+                    s.done = true
+                    return true
+                }
+                ackOnce(&s)
+                connection.send(ByteBuffer(bytes: envelope.frame))
+                s.next += 1
+            case .extra:
+                if s.acked, envelope.audience.admits(connection) { connection.send(ByteBuffer(bytes: envelope.frame)) }
+            case .end:
+                ackOnce(&s)
+                connection.send(ByteBuffer(bytes: envelope.frame))
+                s.done = true
+                return true
+            }
+            return false
+        }
+        if finished { stop() }
+    }
+
+    private func ackOnce(_ s: inout State) {
+        guard !s.acked else { return }
+        s.acked = true
+        connection.send(ack)
+    }
+}

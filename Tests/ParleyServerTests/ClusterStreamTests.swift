@@ -1,0 +1,248 @@
+import Foundation
+import ParleyCore
+import ParleyTestSupport
+import Testing
+
+@testable import ParleyServer
+
+/// Two nodes sharing a real nats-server (#22): a reply generated on one node reaches the user's
+/// tabs on the other, resumes there, and is cancelled from there. Each node has its own SQLite
+/// store here: these tests are about the frames between nodes, not shared state.
+private struct TwoNodes {
+    var nats: NATSServer
+    var a: TestServer
+    var b: TestServer
+
+    static func start(_ configure: @escaping @Sendable (inout ServerConfiguration) -> Void = { _ in }) async throws -> TwoNodes {
+        let nats = try NATSServer()
+        let secret = "cluster-test-secret-" + UUID().uuidString
+        let node: @Sendable (inout ServerConfiguration) -> Void = {
+            $0.brokerURL = nats.url
+            $0.jwtSecret = secret
+            configure(&$0)
+        }
+        let a = try await TestServer.start(node)
+        let b = try await TestServer.start(node)
+        return TwoNodes(nats: nats, a: a, b: b)
+    }
+
+    /// Connects on `server` and waits until the broker has the new socket's subscriptions.
+    func connect(_ server: TestServer, token: String) async throws -> TestWebSocket {
+        let socket = try await server.connect(token: token)
+        try await server.server.brokerRoundTrip()
+        return socket
+    }
+
+    /// Alice's token (good on both nodes) and a clone of hers in node A's store.
+    func aliceWithAClone() async throws -> (token: String, clone: String) {
+        let token = try await a.token("alice")
+        return (token, try await a.createClone(token: token)["id"]!.stringValue!)
+    }
+
+    func stop() async {
+        await a.stop()
+        await b.stop()
+        nats.stop()
+    }
+}
+
+extension TestWebSocket {
+    fileprivate func resume(_ id: String, stream: String, after: Int64) async throws {
+        try await send(.object([("type", .string("stream.resume")), ("id", .string(id)), ("stream", .string(stream)), ("after", .int(after))]))
+    }
+
+    fileprivate func cancel(_ id: String, stream: String) async throws {
+        try await send(.object([("type", .string("chat.cancel")), ("id", .string(id)), ("stream", .string(stream))]))
+    }
+
+    /// Tokens and the end of a stream after its start was read.
+    fileprivate func readRest() async throws -> (tokens: [JSONValue], end: JSONValue) {
+        var tokens: [JSONValue] = []
+        while true {
+            let frame = try await nextJSON()
+            switch frame["type"]?.stringValue {
+            case "token": tokens.append(frame)
+            case "stream.end": return (tokens, frame)
+            default: throw TestTimeout(description: "unexpected frame in a stream: \(frame)")
+            }
+        }
+    }
+}
+
+@Suite(.serialized) struct ClusterStreamTests {
+    @Test func aReplyReachesTheUsersTabsOnTheOtherNodeAndResumesThereFromItsMirror() async throws {
+        let nodes = try await TwoNodes.start {
+            $0.simulated.tokensPerSecond = 200
+            $0.simulated.replyTokens = 40
+        }
+        let (token, clone) = try await nodes.aliceWithAClone()
+        let onA = try await nodes.connect(nodes.a, token: token)
+        let onB = try await nodes.connect(nodes.b, token: token)
+        let bystander = try await nodes.connect(nodes.b, token: try await nodes.a.token("bob"))
+
+        try await onA.chatSend(id: "c1", clone: clone, text: "Hello from node A")
+        let here = try await onA.readReply()
+        let there = try await onB.readReply()
+        #expect(there.stream == here.stream)
+        #expect(there.seqs == Array(1...40))
+        #expect(there.text == here.text)
+        #expect(there.end == here.end)
+        #expect(there.start["conversation"] == here.start["conversation"])
+
+        // A second tab on B resumes the ended stream from B's own copy of it.
+        #expect((nodes.b.server.chat.streams.broker as? NATSBroker)?.mirrorCount == 1)
+        let late = try await nodes.b.connect(token: token)
+        try await late.resume("r1", stream: here.stream, after: 25)
+        let ack = try await late.nextJSON()
+        #expect(ack["type"] == .string("stream.start"))
+        #expect(ack["ref"] == .string("r1"))
+        let rest = try await late.readRest()
+        #expect(rest.tokens.map { $0["seq"]!.intValue! } == Array(26...40))
+        #expect(rest.tokens == Array(here.tokens[25...]))
+        #expect(rest.end == here.end)
+
+        // Bob, on B, got nothing of Alice's: his next frame is the answer to his own request.
+        try await bystander.resume("x", stream: here.stream, after: 0)
+        let answer = try await bystander.nextJSON()
+        #expect(answer["type"] == .string("error"))
+        #expect(answer["code"] == .string("stream_gone"))
+        await nodes.stop()
+    }
+
+    @Test func aStreamResumesOnANodeThatNeverSawItWithNoGapAndNoRepeat() async throws {
+        let nodes = try await TwoNodes.start {
+            $0.simulated.tokensPerSecond = 50
+            $0.simulated.replyTokens = 60
+        }
+        let (token, clone) = try await nodes.aliceWithAClone()
+        let onA = try await nodes.connect(nodes.a, token: token)
+        try await onA.chatSend(id: "c1", clone: clone, text: "Talk while I switch nodes")
+        let start = try await onA.nextJSON()
+        let stream = start["stream"]!.stringValue!
+        var seen: [JSONValue] = []
+        while seen.count < 5 { seen.append(try await onA.readUntilToken()) }
+        await onA.drop()
+
+        // The balancer sends the reconnect to B, which has no copy: JetStream replays the rest
+        // and B follows the stream live to its end.
+        let onB = try await nodes.b.connect(token: token)
+        #expect((nodes.b.server.chat.streams.broker as? NATSBroker)?.mirrorCount == 0)
+        try await onB.resume("r1", stream: stream, after: 5)
+        let ack = try await onB.nextJSON()
+        #expect(ack["type"] == .string("stream.start"))
+        #expect(ack["ref"] == .string("r1"))
+        #expect(ack["stream"] == start["stream"])
+        #expect(ack["conversation"] == start["conversation"])
+        #expect(ack["clone"] == start["clone"])
+        let rest = try await onB.readRest()
+        #expect(rest.tokens.map { $0["seq"]!.intValue! } == Array(6...60))
+        #expect(rest.end["reason"] == .string("complete"))
+
+        // What the two sockets saw together is the stored reply, word for word.
+        let conversation = start["conversation"]!.stringValue!
+        let messages = try await nodes.a.get("/v1/conversations/\(conversation)/messages", token: token).json()
+        let stored = messages["messages"]!.arrayValue!.last!["text"]!.stringValue!
+        #expect((seen + rest.tokens).map { $0["text"]!.stringValue! }.joined() == stored)
+
+        // Ended, it still resumes from the start on B (and on A, from A's own history).
+        try await onB.resume("r2", stream: stream, after: 0)
+        #expect(try await onB.nextJSON()["ref"] == .string("r2"))
+        let again = try await onB.readRest()
+        #expect(again.tokens.map { $0["text"]!.stringValue! }.joined() == stored)
+        await nodes.stop()
+    }
+
+    @Test func aResumeOfEvictedTokensOrOfSomeoneElsesOrAnUnknownStreamIsGoneOnTheOtherNode() async throws {
+        let nodes = try await TwoNodes.start {
+            $0.simulated.replyTokens = 30
+            $0.resumeBufferTokens = 8
+        }
+        let (token, clone) = try await nodes.aliceWithAClone()
+        let onA = try await nodes.connect(nodes.a, token: token)
+        try await onA.chatSend(id: "c1", clone: clone, text: "A long answer please")
+        let reply = try await onA.readReply()
+        #expect(reply.tokens.count == 30)
+        try await nodes.a.server.brokerRoundTrip()  // JetStream has every frame A published
+
+        let onB = try await nodes.b.connect(token: token)
+        // JetStream keeps the last 8 tokens and the end: 22 and later resume, 2 does not.
+        try await onB.resume("late", stream: reply.stream, after: 22)
+        #expect(try await onB.nextJSON()["ref"] == .string("late"))
+        #expect(try await onB.readRest().tokens.map { $0["seq"]!.intValue! } == Array(23...30))
+        try await onB.resume("early", stream: reply.stream, after: 2)
+        let early = try await onB.nextJSON()
+        #expect(early["type"] == .string("error"))
+        #expect(early["code"] == .string("stream_gone"))
+        #expect(early["ref"] == .string("early"))
+
+        let bob = try await nodes.b.connect(token: try await nodes.a.token("bob"))
+        try await bob.resume("theirs", stream: reply.stream, after: 22)
+        let theirs = try await bob.nextJSON()
+        #expect(theirs["code"] == .string("stream_gone"))
+        #expect(theirs["ref"] == .string("theirs"))
+        try await onB.resume("none", stream: "st_nosuchstream", after: 0)
+        #expect(try await onB.nextJSON()["code"] == .string("stream_gone"))
+        await nodes.stop()
+    }
+
+    @Test func aCancelSentToTheOtherNodeStopsTheStreamForEveryReader() async throws {
+        let nodes = try await TwoNodes.start {
+            $0.simulated.tokensPerSecond = 20
+            $0.simulated.replyTokens = 1000
+        }
+        let (token, clone) = try await nodes.aliceWithAClone()
+        let onA = try await nodes.connect(nodes.a, token: token)
+        let onB = try await nodes.connect(nodes.b, token: token)
+        try await onA.chatSend(id: "c1", clone: clone, text: "Talk for a long time")
+        let start = try await onA.nextJSON()
+        let stream = start["stream"]!.stringValue!
+        _ = try await onB.readUntilToken()
+
+        // Bob cannot stop Alice's stream from B; an unknown stream is not found.
+        let bob = try await nodes.connect(nodes.b, token: try await nodes.a.token("bob"))
+        try await bob.cancel("x1", stream: stream)
+        let refused = try await bob.nextJSON()
+        #expect(refused["code"] == .string("not_found"))
+        #expect(refused["ref"] == .string("x1"))
+        try await onB.cancel("x2", stream: "st_nosuchstream")
+        let unknown = try await onB.next(type: "error").frame
+        #expect(unknown["code"] == .string("not_found"))
+
+        try await onB.cancel("x3", stream: stream)
+        let endOnB = try await onB.next(type: "stream.end").frame
+        let endOnA = try await onA.next(type: "stream.end").frame
+        #expect(endOnA["reason"] == .string("cancelled"))
+        #expect(endOnB == endOnA)
+        #expect(endOnA["usage"]!["output_tokens"]!.intValue! < 1000)
+        await nodes.stop()
+    }
+}
+
+@Suite struct BrokerEnvelopeTests {
+    @Test func subjectsCarryAnyTopicNameAndGiveItBack() {
+        for name in ["user.usr_1", "room.rm_2.lang.pt-BR", "user.alice@example.com", "user.a b*>", "user.ünï"] {
+            let topic = Topic(name: name)
+            let parsed = BrokerSubjects.parse(BrokerSubjects.topic(topic))
+            #expect(parsed?.topic == topic)
+            #expect(parsed?.stream == nil)
+            let stream = BrokerSubjects.parse(BrokerSubjects.stream("st_9", readers: topic))
+            #expect(stream?.topic == topic)
+            #expect(stream?.stream == "st_9")
+            // One subject token: no dot, space or wildcard can split or widen it.
+            let token = BrokerSubjects.token(name)
+            #expect(!token.contains(".") && !token.contains(" ") && !token.contains("*") && !token.contains(">"))
+        }
+        #expect(BrokerSubjects.parse("p.~zz.t") == nil)
+        #expect(BrokerSubjects.parse("q.user:a.t") == nil)
+    }
+
+    @Test func anEnvelopeDecodesToWhatWasEncodedAndATruncatedOneIsRefused() throws {
+        let envelope = BrokerEnvelope(
+            part: .end, seq: 1_234_567_890_123, audience: Audience(user: "u", exceptConnection: "c"), descriptor: Array("{}".utf8),
+            ownerFrame: Array("owner".utf8), frame: Array("{\"type\":\"stream.end\"}".utf8))
+        let bytes = envelope.encoded()
+        #expect(try BrokerEnvelope(decoding: bytes) == envelope)
+        #expect(throws: BrokerEnvelope.Malformed.self) { try BrokerEnvelope(decoding: Array(bytes.prefix(20))) }
+        #expect(throws: BrokerEnvelope.Malformed.self) { try BrokerEnvelope(decoding: [9] + Array(bytes.dropFirst())) }
+    }
+}
