@@ -24,9 +24,10 @@ extension MongoStore {
     }
 
     public func apply(_ entry: LedgerEntry, allowOverdraft: Bool) async throws -> LedgerOutcome {
-        try await run { db in
+        let row = pending(entry)
+        return try await run { db in
             do {
-                try db.insert("ledger", Self.document(entry, state: "pending"))
+                try db.insert("ledger", row)
             } catch StoreError.duplicateKey {
                 guard let existing = try db.find("ledger", filter: .object([("_id", .string(entry.id))]), limit: 1).first else {
                     throw StoreError.backend("ledger entry \(entry.id) vanished")
@@ -37,7 +38,7 @@ extension MongoStore {
                 case "void":
                     // Refused before; this is a new attempt with the same id, possibly for another
                     // amount: the row takes the new attempt's fields.
-                    guard case .object(let fields) = Self.document(entry, state: "pending") else { break }
+                    guard case .object(let fields) = row else { break }
                     _ = try db.update(
                         "ledger", query: .object([("_id", .string(entry.id)), ("state", .string("void"))]),
                         update: .object([("$set", .object(fields.filter { $0.0 != "_id" }))]))
@@ -115,9 +116,10 @@ extension MongoStore {
         }
     }
 
-    public func recoverLedger() async throws -> Int {
-        try await run { db in
-            let pending = try db.find("ledger", filter: .object([("state", .string("pending"))]), sort: .object([("created_at", .int(1))]))
+    public func recoverLedger(node: String?) async throws -> Int {
+        let filter = leftovers(of: node, [("state", .string("pending"))])
+        return try await run { db in
+            let pending = try db.find("ledger", filter: filter, sort: .object([("created_at", .int(1))]))
             for row in pending {
                 let entry = Self.entry(from: row)
                 if entry.kind == .debit {
@@ -133,6 +135,12 @@ extension MongoStore {
             }
             return pending.count
         }
+    }
+
+    /// A row about to be applied, stamped with this node.
+    private func pending(_ entry: LedgerEntry) -> JSONValue {
+        guard let node, case .object(let fields) = Self.document(entry, state: "pending") else { return Self.document(entry, state: "pending") }
+        return .object(fields + [("node", .string(node))])
     }
 
     static func document(_ e: LedgerEntry, state: String) -> JSONValue {

@@ -1,9 +1,11 @@
 import ParleyCore
 import ParleyStore
 
-/// The one node that may serve from a database, until Parley can run several (issue #22): each
+/// A lease on a database, by key: alone, the one node that may serve from it (key `node`: each
 /// node's start-up resumes rooms, loads schedules and recovers the ledger as if it were alone, so
-/// two nodes on one database would take each other's work for a crash's leftovers.
+/// two such nodes would take each other's work for a crash's leftovers); in a cluster (#22),
+/// each node's own (key: its id), which another node takes over once it expired, to finish what
+/// the dead node left.
 public struct NodeLease: Sendable, Equatable {
     public var node: String
     public var host: String
@@ -20,15 +22,18 @@ public struct NodeLease: Sendable, Equatable {
 }
 
 extension MongoStore {
-    /// Takes or renews the database's node lease for `lease.node` until `lease.expires`: a
+    /// The lease of a node alone on its database.
+    public static let soleNodeKey = "node"
+
+    /// Takes or renews the lease `key` for `lease.node` until `lease.expires`: a
     /// conditional update of the lease that is `lease.node`'s or expired at `now`, or, when there
     /// is none yet, its insert (a lost race for that insert is a duplicate key). Not an upsert:
     /// whether an upsert's insert keeps the `_id` of a query with `$or` differs between servers.
     /// Returns nil when it is `lease.node`'s now, or the live lease of the node that holds it.
-    public func claimNodeLease(_ lease: NodeLease, now: Int64) async throws -> NodeLease? {
+    public func claimNodeLease(_ lease: NodeLease, now: Int64, key: String = soleNodeKey) async throws -> NodeLease? {
         try await run { db in
             let filter = JSONValue.object([
-                ("_id", .string("node")),
+                ("_id", .string(key)),
                 ("$or", .array([.object([("node", .string(lease.node))]), .object([("expires", .object([("$lt", .long(now))]))])])),
             ])
             let fields: [(String, JSONValue)] = [
@@ -37,14 +42,12 @@ extension MongoStore {
             for _ in 0..<2 {
                 if try db.findAndModify("node_lease", query: filter, update: .object([("$set", .object(fields))])) != nil { return nil }
                 do {
-                    try db.insert("node_lease", .object([("_id", .string("node"))] + fields))
+                    try db.insert("node_lease", .object([("_id", .string(key))] + fields))
                     return nil
                 } catch StoreError.duplicateKey {
                     // Held; unless it expired between the two steps (then the update takes it).
-                    guard let held = try db.find("node_lease", filter: .object([("_id", .string("node"))]), limit: 1).first else { continue }
-                    let holder = NodeLease(
-                        node: held["node"]?.stringValue ?? "?", host: held["host"]?.stringValue ?? "?", pid: held["pid"]?.int64 ?? 0,
-                        expires: held["expires"]?.int64 ?? 0)
+                    guard let held = try db.find("node_lease", filter: .object([("_id", .string(key))]), limit: 1).first else { continue }
+                    let holder = Self.nodeLease(held)
                     if holder.node != lease.node, holder.expires >= now { return holder }
                 }
             }
@@ -52,8 +55,25 @@ extension MongoStore {
         }
     }
 
-    /// Gives the lease up (a clean shutdown), if `node` holds it.
-    public func releaseNodeLease(node: String) async throws {
-        try await run { db in _ = try db.delete("node_lease", query: .object([("_id", .string("node")), ("node", .string(node))])) }
+    /// Gives the lease `key` up (a clean shutdown, a dead node's leftovers finished), if `node` holds it.
+    public func releaseNodeLease(node: String, key: String = soleNodeKey) async throws {
+        try await run { db in _ = try db.delete("node_lease", query: .object([("_id", .string(key)), ("node", .string(node))])) }
+    }
+
+    /// Every lease by key, live or expired.
+    public func nodeLeases() async throws -> [String: NodeLease] {
+        try await run { db in
+            var leases: [String: NodeLease] = [:]
+            for row in try db.find("node_lease", filter: .object([])) {
+                if let key = row["_id"]?.stringValue { leases[key] = Self.nodeLease(row) }
+            }
+            return leases
+        }
+    }
+
+    private static func nodeLease(_ row: JSONValue) -> NodeLease {
+        NodeLease(
+            node: row["node"]?.stringValue ?? "?", host: row["host"]?.stringValue ?? "?", pid: row["pid"]?.int64 ?? 0,
+            expires: row["expires"]?.int64 ?? 0)
     }
 }

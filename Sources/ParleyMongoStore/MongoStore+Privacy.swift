@@ -141,12 +141,14 @@ extension MongoStore {
 
     public func saveStreamJournal(_ j: StreamJournal) async throws {
         let target = j.target.columns
-        let fields: JSONValue = .object([
-            ("user", .string(j.user)), ("model", .string(j.model)), ("feature", .string(j.feature)), ("input_tokens", .long(Int64(j.inputTokens))),
-            ("target_kind", .string(target.kind)), ("target_id", target.id.map(JSONValue.string) ?? .null),
-            ("speaker", target.speaker.map(JSONValue.string) ?? .null), ("message_id", .string(j.messageID)), ("text", .string(j.text)),
-            ("output_tokens", .long(Int64(j.outputTokens))), ("created_at", .long(j.createdAt)), ("updated_at", .long(j.updatedAt)),
-        ])
+        let fields: JSONValue = .object(
+            (node.map { [("node", JSONValue.string($0))] } ?? []) + [
+                ("user", .string(j.user)), ("model", .string(j.model)), ("feature", .string(j.feature)),
+                ("input_tokens", .long(Int64(j.inputTokens))),
+                ("target_kind", .string(target.kind)), ("target_id", target.id.map(JSONValue.string) ?? .null),
+                ("speaker", target.speaker.map(JSONValue.string) ?? .null), ("message_id", .string(j.messageID)), ("text", .string(j.text)),
+                ("output_tokens", .long(Int64(j.outputTokens))), ("created_at", .long(j.createdAt)), ("updated_at", .long(j.updatedAt)),
+            ])
         try await run { db in
             _ = try db.update("stream_journals", query: .object([("_id", .string(j.stream))]), update: .object([("$set", fields)]), upsert: true)
         }
@@ -156,9 +158,10 @@ extension MongoStore {
         try await run { db in _ = try db.delete("stream_journals", query: .object([("_id", .string(stream))])) }
     }
 
-    public func streamJournals(limit: Int) async throws -> [StreamJournal] {
-        try await run { db in
-            try db.find("stream_journals", filter: .object([]), sort: .object([("created_at", .int(1)), ("_id", .int(1))]), limit: limit).map { d in
+    public func streamJournals(limit: Int, node: String?) async throws -> [StreamJournal] {
+        let filter = leftovers(of: node)
+        return try await run { db in
+            try db.find("stream_journals", filter: filter, sort: .object([("created_at", .int(1)), ("_id", .int(1))]), limit: limit).map { d in
                 StreamJournal(
                     stream: d["_id"]?.stringValue ?? "", user: d["user"]?.stringValue ?? "", model: d["model"]?.stringValue ?? "",
                     feature: d["feature"]?.stringValue ?? "", inputTokens: Int(d["input_tokens"]?.int64 ?? 0),

@@ -22,6 +22,10 @@ public final class MongoStore: Store {
         public var serverSelectionTimeoutMS: Int32 = 5_000
         /// Where `parley_store_seconds{store="mongodb"}` goes.
         public var metrics: any MetricsFactory = MetricsSystem.factory
+        /// The node writing through this store, stamped on what a crash can leave behind (pending
+        /// ledger entries, stream journals) so that only it, or whoever takes a dead node's
+        /// leftovers over, finishes them while other nodes serve.
+        public var node: String?
 
         public init() {}
     }
@@ -36,6 +40,13 @@ public final class MongoStore: Store {
     private let latency: CoreMetrics.Timer
 
     public var database: String { pool.database }
+    public var node: String? { options.node }
+
+    /// What `node` left, or was left unstamped; everything for nil.
+    func leftovers(of node: String?, _ filter: [(String, JSONValue)] = []) -> JSONValue {
+        guard let node else { return .object(filter) }
+        return .object(filter + [("$or", .array([.object([("node", .string(node))]), .object([("node", .object([("$exists", .bool(false))]))])]))])
+    }
 
     private init(pool: MongoClientPool, threads: NIOThreadPool, options: Options) {
         latency = CoreMetrics.Timer(

@@ -23,7 +23,7 @@ extension SQLiteStore {
         try await run { db in try db.query("DELETE FROM stream_journals WHERE stream = ?", [.text(stream)]) }
     }
 
-    public func streamJournals(limit: Int) async throws -> [StreamJournal] {
+    public func streamJournals(limit: Int, node: String?) async throws -> [StreamJournal] {
         try await read { db in
             try db.query("SELECT \(Self.journalColumns) FROM stream_journals ORDER BY created_at, stream LIMIT ?", [.int(Int64(limit))]).map { r in
                 StreamJournal(

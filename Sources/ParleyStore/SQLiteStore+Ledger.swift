@@ -79,5 +79,5 @@ extension SQLiteStore {
     }
 
     /// Applying is one transaction here: nothing is ever left half-applied.
-    public func recoverLedger() async throws -> Int { 0 }
+    public func recoverLedger(node: String?) async throws -> Int { 0 }
 }

@@ -63,8 +63,15 @@ public protocol LedgerStore: Sendable {
     func ledger(user: String, limit: Int, before: String?) async throws -> [LedgerEntry]
 
     /// Completes or voids entries a crash left half-applied (a no-op where applying is one
-    /// transaction). Called at start-up, before serving. Returns how many it settled.
-    func recoverLedger() async throws -> Int
+    /// transaction). Called at start-up, before serving. Returns how many it settled. A store
+    /// several nodes share (MongoDB) takes only the entries `node` left (and those no node
+    /// stamped); nil takes every one. A store one node owns (SQLite) has no other node's.
+    func recoverLedger(node: String?) async throws -> Int
+}
+
+extension LedgerStore {
+    /// Every entry a crash left half-applied, whichever node wrote it.
+    public func recoverLedger() async throws -> Int { try await recoverLedger(node: nil) }
 }
 
 /// What a reply in flight has streamed so far, so a crash cannot lose what a user saw.
@@ -72,8 +79,13 @@ public protocol StreamJournalStore: Sendable {
     /// Stores the journal of a reply in flight, replacing the one of the same stream.
     func saveStreamJournal(_ journal: StreamJournal) async throws
     func deleteStreamJournal(stream: String) async throws
-    /// Journals left by replies a crash cut short, oldest first, `limit` at most.
-    func streamJournals(limit: Int) async throws -> [StreamJournal]
+    /// Journals left by replies a crash cut short, oldest first, `limit` at most: those `node`
+    /// wrote (and those no node stamped) in a store several nodes share, every one for nil.
+    func streamJournals(limit: Int, node: String?) async throws -> [StreamJournal]
+}
+
+extension StreamJournalStore {
+    public func streamJournals(limit: Int) async throws -> [StreamJournal] { try await streamJournals(limit: limit, node: nil) }
 }
 
 /// Scheduled messages and the compare-and-set steps that fire each exactly once.

@@ -61,10 +61,10 @@ import Testing
 
         func ledgerEntry(id: String) async throws -> LedgerEntry? { nil }
         func ledger(user: String, limit: Int, before: String?) async throws -> [LedgerEntry] { [] }
-        func recoverLedger() async throws -> Int { 0 }
+        func recoverLedger(node: String?) async throws -> Int { 0 }
         func saveStreamJournal(_ journal: StreamJournal) async throws {}
         func deleteStreamJournal(stream: String) async throws {}
-        func streamJournals(limit: Int) async throws -> [StreamJournal] { [] }
+        func streamJournals(limit: Int, node: String?) async throws -> [StreamJournal] { [] }
     }
 
     /// A pushing provider whose events the test sends, on the run's loop.

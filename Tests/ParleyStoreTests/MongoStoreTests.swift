@@ -158,3 +158,84 @@ import Testing
         try await store.close()
     }
 }
+
+/// Several nodes on one database (#22): what a crash leaves behind is stamped with its node, so
+/// a node finishes its own leftovers (or a dead node's it took over) and never what a live
+/// node is in the middle of; each node holds a lease of its own, which another takes over once
+/// it expired.
+@Suite struct MongoNodeLeftoversTests {
+    private func store(_ uri: String, node: String?) async throws -> MongoStore {
+        var options = MongoStore.Options()
+        options.node = node
+        return try await MongoStore.open(uri: uri, options: options)
+    }
+
+    private func journal(_ stream: String, at time: Int64) -> StreamJournal {
+        StreamJournal(
+            stream: stream, user: "alice", model: "m", feature: "chat", inputTokens: 3, target: .conversation("cv_1"), messageID: "msg_" + stream,
+            text: "so far", outputTokens: 2, createdAt: time)
+    }
+
+    @Test func eachNodeFindsTheJournalsItWroteAndThoseNoNodeStamped() async throws {
+        let uri = MongoFixture.uri()
+        let a = try await store(uri, node: "node-a")
+        let b = try await store(uri, node: "node-b")
+        let unstamped = try await store(uri, node: nil)
+        try await a.saveStreamJournal(journal("st_a", at: 1))
+        try await b.saveStreamJournal(journal("st_b", at: 2))
+        try await unstamped.saveStreamJournal(journal("st_old", at: 3))
+        #expect(try await a.streamJournals(limit: 10, node: "node-a").map(\.stream) == ["st_a", "st_old"])
+        #expect(try await a.streamJournals(limit: 10, node: "node-b").map(\.stream) == ["st_b", "st_old"])
+        #expect(try await b.streamJournals(limit: 10).map(\.stream) == ["st_a", "st_b", "st_old"])
+        // Saving again (a later token) keeps the journal its node's.
+        try await a.saveStreamJournal(journal("st_a", at: 1))
+        #expect(try await b.streamJournals(limit: 10, node: "node-b").map(\.stream) == ["st_b", "st_old"])
+        for s in [a, b, unstamped] { try await s.close() }
+    }
+
+    @Test func aNodeRecoversOnlyTheLedgerEntriesItLeftPending() async throws {
+        let uri = MongoFixture.uri()
+        let a = try await store(uri, node: "node-a")
+        let b = try await store(uri, node: "node-b")
+        _ = try await a.apply(grant("alice", 100, id: "welcome"), allowOverdraft: false)
+        let pool = try MongoClientPool(uri: uri)
+        // An entry applied through a node carries its node.
+        let applied = try pool.command(.object([("find", .string("ledger")), ("filter", .object([("_id", .string("welcome"))]))]))
+        #expect(applied["cursor"]?["firstBatch"]?.arrayValue?.first?["node"] == .string("node-a"))
+        // Debits each node is in the middle of (step 1 done), and one from before nodes were stamped.
+        for (id, node) in [("st_a:1", "node-a"), ("st_b:1", "node-b"), ("st_old:1", nil)] {
+            guard case .object(var fields) = MongoStore.document(debit("alice", 5, id: id, at: 3_000), state: "pending") else { return }
+            if let node { fields.append(("node", .string(node))) }
+            _ = try pool.command(.object([("insert", .string("ledger")), ("documents", .array([.object(fields)]))]))
+        }
+        #expect(try await b.recoverLedger(node: "node-b") == 2)
+        // Node A's debit is still pending: A finishes it (here: it applies, as A would once its
+        // balance change returned), and the recovery B ran did not void it.
+        #expect(try await a.apply(debit("alice", 5, id: "st_a:1"), allowOverdraft: false) == .applied(balance: 95))
+        #expect(try await a.recoverLedger(node: "node-a") == 0)
+        #expect(try await a.balance(user: "alice") == 95)
+        for s in [a, b] { try await s.close() }
+    }
+
+    @Test func eachNodeHoldsItsOwnLeaseAndAnExpiredOneIsTakenOverByOneNode() async throws {
+        let uri = MongoFixture.uri()
+        let store = try await store(uri, node: nil)
+        let now: Int64 = 1_000_000
+        func lease(_ node: String, until: Int64) -> NodeLease { NodeLease(node: node, host: "h", pid: 1, expires: until) }
+        #expect(try await store.claimNodeLease(lease("node-a", until: now + 15_000), now: now, key: "node-a") == nil)
+        #expect(try await store.claimNodeLease(lease("node-b", until: now + 15_000), now: now, key: "node-b") == nil)
+        #expect(Set(try await store.nodeLeases().keys) == ["node-a", "node-b"])
+        // Alive, A's lease is not B's to take.
+        #expect(try await store.claimNodeLease(lease("node-b", until: now + 20_000), now: now + 5_000, key: "node-a")?.node == "node-a")
+        // A stopped renewing: past its expiry B takes it over, and C, a moment later, cannot.
+        let later = now + 16_000
+        #expect(try await store.claimNodeLease(lease("node-b", until: later + 15_000), now: later, key: "node-a") == nil)
+        #expect(try await store.claimNodeLease(lease("node-c", until: later + 15_000), now: later + 1, key: "node-a")?.node == "node-b")
+        // A, back from a stall, finds its lease taken: it must stop.
+        #expect(try await store.claimNodeLease(lease("node-a", until: later + 15_000), now: later + 2, key: "node-a")?.node == "node-b")
+        // B finished A's leftovers and lets the lease go; only B's own is left.
+        try await store.releaseNodeLease(node: "node-b", key: "node-a")
+        #expect(Set(try await store.nodeLeases().keys) == ["node-b"])
+        try await store.close()
+    }
+}
