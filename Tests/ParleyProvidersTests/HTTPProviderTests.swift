@@ -342,9 +342,9 @@ let openAITranscript = """
     @Test func aFirstTokenThatNeverComesTimesOutAfterItsRetries() async throws {
         let upstream = try await FakeUpstream([.hang([Array(": keep-alive\n\n".utf8)]), .hang([])])
         var options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol")
-        // Each attempt's budget covers connecting too: 300 ms was too little for the retry's new
-        // connection to reach the fake upstream when the whole suite loaded the machine.
-        options.firstTokenTimeout = .seconds(1)
+        // Each attempt's budget covers connecting too: 300 ms, then 1 s, were too little for the
+        // retry's new connection to reach the fake upstream when builds loaded the machine.
+        options.firstTokenTimeout = .seconds(3)
         options.retries = 1
         await #expect(throws: ProviderError("the model provider sent nothing in time")) {
             try await collect(OpenAICompatibleProvider(options: options).stream(request))
