@@ -242,9 +242,10 @@ let package = Package(
         .testTarget(
             name: "ParleyServerTests",
             dependencies: [
-                "ParleyServer", "ParleyTestSupport", "ParleyStore", "ParleyMongoStore", "ParleyLLM", "ParleyCore", "ParleyDeflate",
+                "ParleyServer", "ParleyTestSupport", "ParleyStore", "ParleyMongoStore", "ParleyLLM", "ParleyCore", "ParleyDeflate", "ParleyNATS",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "MetricsTestKit", package: "swift-metrics"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),

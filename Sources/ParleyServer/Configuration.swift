@@ -18,10 +18,14 @@ public struct ServerConfiguration: Sendable {
     /// How long this node's lease on a MongoDB database lasts unrenewed (renewed every third of
     /// it): the longest a second node waits for a crashed one's, and a stalled node keeps it.
     public var nodeLeasePeriod: Duration = .seconds(15)
-    /// A NATS server with JetStream (`nats://host:4222`) carrying frames between nodes (#22).
-    /// Not offered by `parley serve` yet: rooms, schedules and crash recovery still assume one
-    /// node per store, so only tests run several nodes, each on its own store.
+    /// A NATS server with JetStream (`nats://host:4222`) carrying frames between nodes: the
+    /// node is one of a cluster (#22). Chat works across nodes; debate rooms, translation chats
+    /// and scheduled messages are refused until they hold across nodes too.
     public var brokerURL: String?
+    /// This node's id among a cluster's; nil reads or creates `<data dir>/node-id`.
+    public var nodeID: String?
+
+    public var isClustered: Bool { brokerURL != nil }
 
     /// HS256 secret for tokens; nil reads or creates `<data dir>/jwt-secret`.
     public var jwtSecret: String?

@@ -325,6 +325,17 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
         origins.withLock { $0.removeValue(forKey: stream.id) }?.cancels?.cancel()
     }
 
+    /// Ends a stream whose node stopped (`NodeReaper`): for the readers of this node's copy, for
+    /// every other node's, and in JetStream, so a later resume replays it to this end.
+    func endOrphan(stream id: String, readers: Topic, frame: ByteBuffer) {
+        mirrors.withLock { mirrors in
+            guard let mirror = mirrors[id], !mirror.stream.isEnded else { return }
+            mirror.stream.finish(frame, reason: .interrupted)
+            mirrors[id]?.touched = .now
+        }
+        send(BrokerSubjects.stream(id, readers: readers), BrokerEnvelope(part: .end, frame: Array(frame.readableBytesView)))
+    }
+
     func streamExtra(_ stream: LiveStream, frame: ByteBuffer, audience: Audience) {
         local.streamExtra(stream, frame: frame, audience: audience)
         sendStream(stream, BrokerEnvelope(part: .extra, audience: audience, frame: Array(frame.readableBytesView)))

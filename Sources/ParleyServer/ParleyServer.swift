@@ -37,14 +37,19 @@ public final class ParleyServer: Sendable {
     private let nodeLease: NodeLeaseKeeper?
     /// The broker between nodes, when the server runs in a cluster.
     private let clusterBroker: NATSBroker?
+    /// In a cluster on MongoDB: what finishes a stopped node's leftovers, and its task.
+    private let reaper: NodeReaper?
+    private let reaping: Task<Void, Never>?
 
     private init(
         configuration: ServerConfiguration, port: Int, store: any Store, authenticator: Authenticator, chat: ChatService,
         schedules: ScheduleService, rooms: RoomService, hub: StreamHub, group: MultiThreadedEventLoopGroup, ownsGroup: Bool,
         serverChannel: any Channel, logger: Logger, retention: Task<Void, Never>, dataLock: DataDirectoryLock, nodeLease: NodeLeaseKeeper?,
-        clusterBroker: NATSBroker?
+        clusterBroker: NATSBroker?, reaper: NodeReaper?
     ) {
         self.clusterBroker = clusterBroker
+        self.reaper = reaper
+        reaping = reaper.map { reaper in Task { await reaper.run() } }
         self.dataLock = dataLock
         self.nodeLease = nodeLease
         self.ownsGroup = ownsGroup
@@ -85,13 +90,18 @@ public final class ParleyServer: Sendable {
         let dataLock = try DataDirectoryLock.acquire(directory: configuration.dataDirectory)
         let secret = try configuration.jwtSecret ?? SecretFile.loadOrCreate(at: configuration.secretPath)
         let authenticator = await Authenticator.make(secret: secret)
-        let store = try await openStore(configuration)
+        let nodeID = try configuration.nodeID ?? NodeLeaseKeeper.nodeID(directory: configuration.dataDirectory)
+        let store = try await openStore(configuration, node: nodeID)
+        // Alone, a node recovers whatever a crash left; in a cluster, only what it left itself
+        // (a dead node's leftovers are taken over by `NodeReaper`).
+        let leftovers = configuration.isClustered ? nodeID : nil
         let nodeLease: NodeLeaseKeeper?
         do {
             nodeLease =
                 if let mongo = store as? MongoStore {
                     try await NodeLeaseKeeper.claim(
-                        store: mongo, directory: configuration.dataDirectory, period: configuration.nodeLeasePeriod, logger: logger)
+                        store: mongo, node: nodeID, key: configuration.isClustered ? nodeID : MongoStore.soleNodeKey,
+                        period: configuration.nodeLeasePeriod, logger: logger)
                 } else {
                     nil
                 }
@@ -124,7 +134,7 @@ public final class ParleyServer: Sendable {
         // Finish or void ledger entries a crash left half-applied, before anything is charged.
         let recovered: Int
         do {
-            recovered = try await store.recoverLedger()
+            recovered = try await store.recoverLedger(node: leftovers)
         } catch {
             await nodeLease?.release()
             try? await store.close()
@@ -137,7 +147,7 @@ public final class ParleyServer: Sendable {
             pseudonym: audit.pseudonym(for:))
         // Store and settle the replies a crash cut short, before anything is charged or shown.
         do {
-            _ = try await StreamRecovery(store: store, credits: credits, logger: logger).run()
+            _ = try await StreamRecovery(store: store, credits: credits, logger: logger).run(node: leftovers)
         } catch {
             await nodeLease?.release()
             try? await store.close()
@@ -157,8 +167,12 @@ public final class ParleyServer: Sendable {
             store: store, retention: configuration.retention, interval: configuration.retentionInterval,
             logger: logger, metrics: configuration.metrics)
         do {
-            try await rooms.start()
-            try await schedules.start()
+            // In a cluster, rooms and schedules are refused until they hold across nodes (#22):
+            // every node would otherwise resume every room and fire every schedule.
+            if !configuration.isClustered {
+                try await rooms.start()
+                try await schedules.start()
+            }
         } catch {
             await schedules.stopFiring()
             await schedules.drain()
@@ -176,7 +190,8 @@ public final class ParleyServer: Sendable {
             configuration: configuration, ids: ids, logger: logger, sockets: sockets, audit: audit, retention: retention, handshakes: handshakes,
             authFailures: AuthFailureLimiter(secret: secret, limitsLoopback: configuration.limitLoopbackHandshakes))
 
-        let socketServices = ServerSocketServices(hub: sockets, chat: chat, schedules: schedules, rooms: rooms)
+        let socketServices = ServerSocketServices(
+            hub: sockets, chat: chat, schedules: schedules, rooms: rooms, clustered: configuration.isClustered)
         let httpConnections = HTTPConnectionRegistry(limit: configuration.maxHTTPConnections ?? HTTPConnectionRegistry.defaultLimit())
         let flushes = FlushBatches(group)
         let bootstrap = ServerBootstrap(group: group)
@@ -212,6 +227,12 @@ public final class ParleyServer: Sendable {
             throw ConfigurationError("cannot listen on \(configuration.host):\(configuration.port): \(error)")
         }
         let port = serverChannel.localAddress?.port ?? configuration.port
+        let reaper = (store as? MongoStore).flatMap { mongo in
+            configuration.isClustered
+                ? NodeReaper(
+                    store: mongo, node: nodeID, period: configuration.nodeLeasePeriod, credits: credits, broker: clusterBroker, logger: logger,
+                    metrics: configuration.metrics) : nil
+        }
         logger.info("listening", metadata: ["host": "\(configuration.host)", "port": "\(port)", "store": "\(describeStore(configuration))"])
         if provider is SimulatedProvider || (provider as? ConcurrencyLimitedProvider)?.inner is SimulatedProvider {
             logger.notice("LLM provider: simulated (a development and load-test stand-in, not a model)")
@@ -222,12 +243,12 @@ public final class ParleyServer: Sendable {
             configuration: configuration, port: port, store: store, authenticator: authenticator, chat: chat, schedules: schedules, rooms: rooms,
             hub: hub,
             group: group, ownsGroup: ownsGroup, serverChannel: serverChannel, logger: logger, retention: Task { await retention.run() },
-            dataLock: dataLock, nodeLease: nodeLease, clusterBroker: clusterBroker
+            dataLock: dataLock, nodeLease: nodeLease, clusterBroker: clusterBroker, reaper: reaper
         )
     }
 
     /// Opens the configured store: SQLite in the data directory unless a MongoDB URI is given.
-    static func openStore(_ configuration: ServerConfiguration) async throws -> any Store {
+    static func openStore(_ configuration: ServerConfiguration, node: String) async throws -> any Store {
         guard let uri = configuration.storeURI else {
             return try await SQLiteStore.open(path: configuration.sqlitePath, metrics: configuration.metrics)
         }
@@ -237,6 +258,7 @@ public final class ParleyServer: Sendable {
         var options = MongoStore.Options()
         options.threads = configuration.mongoThreads
         options.metrics = configuration.metrics
+        options.node = node
         do {
             return try await MongoStore.open(uri: uri, options: options)
         } catch {
@@ -361,6 +383,11 @@ public final class ParleyServer: Sendable {
         try await clusterBroker?.flush()
     }
 
+    /// Looks for stopped nodes now instead of at the next sweep; returns those taken over.
+    func takeOverStoppedNodes() async -> [String] {
+        await reaper?.sweep() ?? []
+    }
+
     /// Stops cleanly: stops accepting connections and requests, lets the replies in flight finish
     /// for up to `drainGrace`, ends the rest with reason `shutdown` (their partial replies
     /// stored), closes every socket with 1001, then flushes and closes the store. Idempotent.
@@ -398,6 +425,8 @@ public final class ParleyServer: Sendable {
                 waiters.cancelAll()
             }
         }
+        reaping?.cancel()
+        await reaping?.value
         await clusterBroker?.close()
         await nodeLease?.release()
         do {

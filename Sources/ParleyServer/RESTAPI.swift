@@ -396,6 +396,7 @@ struct RESTAPI: Sendable {
 
     /// `POST /v1/schedules`: the fields of the `schedule.create` frame, without `type` and `id`.
     private func createSchedule(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
+        try refuseInACluster()
         var reader = try JSONObjectReader(try request.json())
         let fields = try ScheduleRequest.read(&reader, now: Int64(Timestamp.nowMillis()), limits: configuration.frameLimits.schedule)
         try reader.rejectUnknown()
@@ -437,7 +438,13 @@ struct RESTAPI: Sendable {
 
     // MARK: Rooms
 
+    /// Rooms and schedules are not run by a cluster's nodes yet (`ClusterRefusal`).
+    private func refuseInACluster() throws {
+        if configuration.isClustered { throw APIError(.serviceUnavailable, .unavailable, ClusterRefusal.message) }
+    }
+
     private func createRoom(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
+        try refuseInACluster()
         let body = try RoomRequest.parse(try request.json(), limits: configuration.frameLimits.rooms)
         do {
             let room = try await rooms.create(owner: identity.user, body)

@@ -26,12 +26,21 @@ struct ServerSocketServices: SocketServices {
     let chat: ChatService
     let schedules: ScheduleService
     let rooms: RoomService
+    /// One node of a cluster: rooms and schedules are refused (`ClusterRefusal`).
+    let clustered: Bool
 
     func register(_ connection: ClientConnection) -> Bool { hub.add(connection) }
 
-    func welcomed(_ connection: ClientConnection) { schedules.connected(connection) }
+    func welcomed(_ connection: ClientConnection) {
+        if !clustered { schedules.connected(connection) }
+    }
 
     func handle(_ request: ClientFrame, from connection: ClientConnection, turn: RequestOrder.Turn) {
+        if clustered, case .chat = request {
+        } else if clustered {
+            turn.runSoon { connection.send(ServerFrame.error(ref: request.id, code: .unavailable, message: ClusterRefusal.message)) }
+            return
+        }
         switch request {
         case .chat(let frame): chat.handle(frame, from: connection, turn: turn)
         case .schedule(let frame): schedules.handle(frame, from: connection, turn: turn)
@@ -43,4 +52,10 @@ struct ServerSocketServices: SocketServices {
         hub.remove(connection)
         rooms.disconnected(connection)
     }
+}
+
+/// What a node of a cluster answers a room or schedule request until those hold across nodes
+/// (#22): each node would otherwise run every room and fire every schedule as if alone.
+enum ClusterRefusal {
+    static let message = "debate rooms, translation chats and scheduled messages are not available while this server runs as a cluster"
 }

@@ -52,6 +52,8 @@ final class DataDirectoryLock: Sendable {
 /// reported through `lost`: the node must stop at once, as after a crash.
 final class NodeLeaseKeeper: Sendable {
     let node: String
+    /// Which lease: the database's, or this node's own in a cluster.
+    let key: String
     /// This machine's name, for the message a second node gets.
     private let host = ProcessInfo.processInfo.hostName
     private let store: MongoStore
@@ -62,28 +64,39 @@ final class NodeLeaseKeeper: Sendable {
     private let lostSignal: AsyncStream<String>
     private let lostContinuation: AsyncStream<String>.Continuation
 
-    private init(node: String, store: MongoStore, period: Duration, logger: Logger) {
+    private init(node: String, key: String, store: MongoStore, period: Duration, logger: Logger) {
         self.node = node
+        self.key = key
         self.store = store
         self.period = period
         self.logger = logger
         (lostSignal, lostContinuation) = AsyncStream.makeStream(bufferingPolicy: .bufferingNewest(1))
     }
 
-    /// Claims the lease for the node whose id is kept in `directory`; throws `ConfigurationError`
-    /// naming the holder when another node keeps it.
-    static func claim(store: MongoStore, directory: String, period: Duration, logger: Logger) async throws -> NodeLeaseKeeper {
-        let node = try SecretFile.loadOrCreate(at: directory + "/node-id")
-        let keeper = NodeLeaseKeeper(node: String(node.prefix(16)), store: store, period: period, logger: logger)
+    /// This node's id: kept in `directory` (under `DataDirectoryLock`), made at its first start.
+    static func nodeID(directory: String) throws -> String {
+        String(try SecretFile.loadOrCreate(at: directory + "/node-id").prefix(16))
+    }
+
+    /// Claims lease `key` for `node`: the database's (`MongoStore.soleNodeKey`) for a node alone
+    /// on it, the node's own in a cluster. Throws `ConfigurationError` naming the holder when
+    /// another node keeps it past one period.
+    static func claim(store: MongoStore, node: String, key: String, period: Duration, logger: Logger) async throws -> NodeLeaseKeeper {
+        let keeper = NodeLeaseKeeper(node: node, key: key, store: store, period: period, logger: logger)
         let giveUp = ContinuousClock.now + period + .seconds(1)
         while true {
             guard let holder = try await keeper.claimOnce() else { break }
             guard ContinuousClock.now < giveUp else {
+                if key != MongoStore.soleNodeKey {
+                    throw ConfigurationError(
+                        "node \(holder.node) on \(holder.host) (pid \(holder.pid)) holds this node's lease (\(key)) while it finishes what "
+                            + "this node left; start it again in a moment, or give it another --node-id")
+                }
                 throw ConfigurationError(
                     "another Parley node (\(holder.node) on \(holder.host), pid \(holder.pid)) is serving from this MongoDB database; "
-                        + "Parley runs one node per database until clustering lands, so stop that one or give this one a database of its own")
+                        + "a node without --broker runs alone on its database, so stop that one or give this one a database of its own")
             }
-            logger.notice("waiting for the node lease of this database", metadata: ["holder": "\(holder.node) on \(holder.host)"])
+            logger.notice("waiting for the node lease", metadata: ["holder": "\(holder.node) on \(holder.host)", "lease": "\(key)"])
             try await Task.sleep(for: min(period / 3, giveUp - ContinuousClock.now))
         }
         keeper.renewal.withLock { $0 = Task { await keeper.renew() } }
@@ -94,7 +107,7 @@ final class NodeLeaseKeeper: Sendable {
     private func claimOnce() async throws -> NodeLease? {
         let now = Int64(Timestamp.nowMillis())
         let lease = NodeLease(node: node, host: host, pid: Int64(getpid()), expires: now + Timestamp.millis(period))
-        return try await store.claimNodeLease(lease, now: now)
+        return try await store.claimNodeLease(lease, now: now, key: key)
     }
 
     private func renew() async {
@@ -110,7 +123,7 @@ final class NodeLeaseKeeper: Sendable {
             let asked = ContinuousClock.now
             do {
                 if let holder = try await claimOnce() {
-                    lostContinuation.yield("node \(holder.node) on \(holder.host) (pid \(holder.pid)) took this database's node lease over")
+                    lostContinuation.yield("node \(holder.node) on \(holder.host) (pid \(holder.pid)) took the node lease (\(key)) over")
                     return
                 }
                 heldUntil = asked + period
@@ -137,7 +150,7 @@ final class NodeLeaseKeeper: Sendable {
         await renewal.withLock { $0 }?.value
         lostContinuation.finish()
         do {
-            try await store.releaseNodeLease(node: node)
+            try await store.releaseNodeLease(node: node, key: key)
         } catch {
             logger.warning("could not give up the node lease; it expires by itself", metadata: ["error": "\(error)"])
         }

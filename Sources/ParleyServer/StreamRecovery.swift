@@ -11,20 +11,31 @@ struct StreamRecovery {
     let credits: Credits
     let logger: Logger
 
-    /// Finishes every journal; returns how many.
-    func run() async throws -> Int {
-        var finished = 0
+    /// What became of one journal: its reply's id when stored, and what it charged (nil when an
+    /// earlier recovery had settled it).
+    struct Finished {
+        var journal: StreamJournal
+        var stored: String?
+        var usage: Usage
+        var cost: Int64?
+        var balance: Int64?
+    }
+
+    /// Finishes every journal `node` left (every one for nil: the node is alone on its store);
+    /// returns how many. `finished` hears of each once it is stored and settled.
+    func run(node: String? = nil, finished: (Finished) -> Void = { _ in }) async throws -> Int {
+        var count = 0
         while true {
-            let journals = try await store.streamJournals(limit: 100)
-            guard !journals.isEmpty else { return finished }
+            let journals = try await store.streamJournals(limit: 100, node: node)
+            guard !journals.isEmpty else { return count }
             for journal in journals {
-                try await finish(journal)
-                finished += 1
+                finished(try await finish(journal))
+                count += 1
             }
         }
     }
 
-    private func finish(_ journal: StreamJournal) async throws {
+    private func finish(_ journal: StreamJournal) async throws -> Finished {
         let usage = Usage(inputTokens: journal.inputTokens, outputTokens: journal.outputTokens)
         let stream = journal.stream
         var room: String?
@@ -34,6 +45,7 @@ struct StreamRecovery {
         case .roomTurn(let id, _): room = id
         case .settleOnly: break
         }
+        var outcome = Finished(journal: journal, usage: usage)
         if try await store.ledgerEntry(id: "\(stream):settle") == nil {
             // What the stream paid: its prompt and its prepaid batches (numbered without gaps).
             var charged: Int64 = -(try await store.ledgerEntry(id: "\(stream):in")?.credits ?? 0)
@@ -46,13 +58,14 @@ struct StreamRecovery {
                 user: journal.user, stream: stream, conversation: conversation, room: room, model: journal.model,
                 feature: Feature(rawValue: journal.feature) ?? .chat)
             await meter.recover(charged: charged, batches: batches)
-            _ = await meter.settle(usage: usage)
+            (outcome.cost, outcome.balance) = await meter.settle(usage: usage)
         }
         do {
             switch journal.target {
             case .conversation(let id):
                 // Absent when its owner deleted it (or the account) meanwhile: nothing to show.
                 if try await store.conversation(id: id, owner: journal.user) != nil {
+                    outcome.stored = journal.messageID
                     try await store.appendMessage(
                         Message(
                             id: journal.messageID, conversation: id, role: .assistant, text: journal.text,
@@ -60,6 +73,7 @@ struct StreamRecovery {
                 }
             case .roomTurn(let id, let speaker):
                 if try await store.room(id: id) != nil {
+                    outcome.stored = journal.messageID
                     try await store.appendRoomEntry(
                         RoomEntry(
                             id: journal.messageID, room: id, kind: .turn, speaker: speaker, text: journal.text,
@@ -77,5 +91,6 @@ struct StreamRecovery {
             metadata: [
                 "stream": "\(stream)", "tokens": "\(journal.outputTokens)", "target": "\(journal.target.columns.kind)",
             ])
+        return outcome
     }
 }

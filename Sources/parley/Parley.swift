@@ -165,6 +165,20 @@ struct Serve: AsyncParsableCommand {
 
     @Option(
         help:
+            "A NATS server with JetStream (nats://host:4222) that makes this node one of a cluster. Needs --store mongodb://… and a --jwt-secret every node shares. Chat works across nodes; debate rooms, translation chats and scheduled messages are refused until they do (README: Several nodes)."
+    )
+    var broker: String?
+
+    @Option(help: "This node's id in a cluster (letters, digits, - and _). Default: generated once into the data directory.")
+    var nodeId: String?
+
+    @Option(
+        help:
+            "Seconds a node's lease on the MongoDB store lasts unrenewed (renewed every third): how soon another node finishes a stopped one's work.")
+    var nodeLease = 15
+
+    @Option(
+        help:
             "Frames a socket may send per second (bursts of twice that); beyond it frames are dropped with rate_limited, and a socket that keeps on is closed with 1008. 0: no limit."
     )
     var maxFramesPerSecond = 50
@@ -309,6 +323,7 @@ struct Serve: AsyncParsableCommand {
         } catch {
             throw ArgumentParser.ValidationError("--trusted-proxies: \(error)")
         }
+        try validateCluster()
         guard ["text", "json"].contains(logFormat) else { throw ArgumentParser.ValidationError("--log-format must be text or json") }
         guard ["simulated", "openai", "anthropic"].contains(provider) else {
             throw ArgumentParser.ValidationError("--provider must be simulated, openai or anthropic")
@@ -331,6 +346,30 @@ struct Serve: AsyncParsableCommand {
         if let s = secret.resolvedSecret, s.count < 32 { throw ArgumentParser.ValidationError("the JWT secret must be at least 32 characters") }
     }
 
+    private func validateCluster() throws {
+        guard (3...300).contains(nodeLease) else { throw ArgumentParser.ValidationError("--node-lease must be 3-300 seconds") }
+        if let nodeId {
+            let allowed = nodeId.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-" || $0 == "_") }
+            guard (1...64).contains(nodeId.utf8.count), allowed else {
+                throw ArgumentParser.ValidationError("--node-id must be 1-64 letters, digits, - and _")
+            }
+        }
+        guard let broker else { return }
+        guard broker.hasPrefix("nats://") || broker.hasPrefix("tls://") else {
+            throw ArgumentParser.ValidationError("--broker must be a nats:// (or tls://) URL")
+        }
+        guard resolvedStore?.hasPrefix("mongodb") == true else {
+            throw ArgumentParser.ValidationError("--broker needs --store mongodb://…: the nodes of a cluster share one store")
+        }
+        guard secret.resolvedSecret != nil else {
+            throw ArgumentParser.ValidationError("--broker needs --jwt-secret (or PARLEY_JWT_SECRET), the same on every node")
+        }
+    }
+
+    private var resolvedStore: String? {
+        store ?? ProcessInfo.processInfo.environment["PARLEY_STORE"].flatMap { $0.isEmpty ? nil : $0 }
+    }
+
     func run() async throws {
         let level = logLevel
         let json = logFormat == "json"
@@ -344,7 +383,10 @@ struct Serve: AsyncParsableCommand {
         configuration.port = port
         configuration.dataDirectory = secret.dataDir
         configuration.jwtSecret = secret.resolvedSecret
-        configuration.storeURI = store ?? ProcessInfo.processInfo.environment["PARLEY_STORE"].flatMap { $0.isEmpty ? nil : $0 }
+        configuration.storeURI = resolvedStore
+        configuration.brokerURL = broker
+        configuration.nodeID = nodeId
+        configuration.nodeLeasePeriod = .seconds(nodeLease)
         configuration.mongoThreads = mongoThreads
         configuration.credits.startingGrant = startingCredits
         configuration.credits.batchTokens = creditBatchTokens

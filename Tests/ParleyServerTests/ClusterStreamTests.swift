@@ -1,4 +1,7 @@
 import Foundation
+import NIOPosix
+import ParleyMongoStore
+import ParleyNATS
 import ParleyCore
 import ParleyTestSupport
 import Testing
@@ -244,5 +247,114 @@ extension TestWebSocket {
         #expect(try BrokerEnvelope(decoding: bytes) == envelope)
         #expect(throws: BrokerEnvelope.Malformed.self) { try BrokerEnvelope(decoding: Array(bytes.prefix(20))) }
         #expect(throws: BrokerEnvelope.Malformed.self) { try BrokerEnvelope(decoding: [9] + Array(bytes.dropFirst())) }
+    }
+}
+
+/// A node that stops renewing its lease (killed) has its leftovers finished by another node of
+/// the cluster, once: the real `kill -9` of a node is in Tests/interop/test_cluster.py.
+@Suite(.serialized) struct ClusterTakeoverTests {
+    @Test func aNodeFinishesWhatAStoppedNodeLeftOnceAndEndsItsStreamForItsReaders() async throws {
+        let nats = try NATSServer()
+        let uri = MongoFixture.uri()
+        let a = try await TestServer.start(store: .mongodb) {
+            $0.storeURI = uri
+            $0.brokerURL = nats.url
+            $0.jwtSecret = "cluster-test-secret-" + UUID().uuidString
+            $0.nodeID = "node-a"
+        }
+        let token = try await a.token("alice")
+        let clone = try await a.createClone(token: token)["id"]!.stringValue!
+        _ = try await a.get("/v1/credits", token: token)  // the starting grant
+        let socket = try await a.connect(token: token)
+        try await a.server.brokerRoundTrip()
+
+        // What a node that was killed mid-reply leaves: the user's message stored, the prompt
+        // and one batch paid, a journal of what was sent, its lease (now expired), and the
+        // stream's first frames on the broker, which node A followed for Alice's socket.
+        var options = MongoStore.Options()
+        options.node = "node-dead"
+        let dead = try await MongoStore.open(uri: uri, options: options)
+        let now = Int64(Timestamp.nowMillis())
+        let ids = IDGenerator()
+        let (question, cut) = (ids.make(.message), ids.make(.message))
+        let conversation = Conversation(id: "cv_dead", owner: "alice", clone: clone, title: "Hi", createdAt: now, updatedAt: now)
+        try await dead.createConversation(conversation)
+        try await dead.appendMessage(Message(id: question, conversation: "cv_dead", role: .user, text: "Hi", createdAt: now))
+        for (suffix, credits, count) in [("in", Int64(-10), 10), ("1", Int64(-32), 16)] {
+            _ = try await dead.apply(
+                LedgerEntry(
+                    id: "st_dead:\(suffix)", user: "alice", kind: .debit, credits: credits, tokens: count, stream: "st_dead", model: "simulated",
+                    feature: "chat", createdAt: now), allowOverdraft: false)
+        }
+        let journal = StreamJournal(
+            stream: "st_dead", user: "alice", model: "simulated", feature: "chat", inputTokens: 10, target: .conversation("cv_dead"),
+            messageID: cut, text: "Hello, wor", outputTokens: 3, createdAt: now, updatedAt: now)
+        try await dead.saveStreamJournal(journal)
+        #expect(
+            try await dead.claimNodeLease(NodeLease(node: "node-dead", host: "gone", pid: 1, expires: now - 1), now: now - 1, key: "node-dead") == nil
+        )
+        let balance = try await dead.balance(user: "alice")
+
+        let threads = NIOThreadPool(numberOfThreads: 1)
+        threads.start()
+        let raw = try await NATSConnection.connect(url: nats.url, threads: threads)
+        let kind = LiveStream.Kind.reply(conversation: "cv_dead", clone: clone, schedule: nil)
+        let subject = BrokerSubjects.stream("st_dead", readers: .user("alice"))
+        let described = JSONValue.object([
+            ("owner", .string("alice")), ("model", .string("simulated")), ("kind", .string("reply")), ("conversation", .string("cv_dead")),
+            ("clone", .string(clone)),
+        ])
+        try raw.publish(
+            subject,
+            BrokerEnvelope(
+                part: .start, descriptor: described.serialized(),
+                frame: LiveStream.startFrame(ref: nil, id: "st_dead", model: "simulated", kind: kind)
+            ).encoded())
+        try raw.publish(subject, BrokerEnvelope(part: .token, seq: 1, frame: ServerFrame.token(stream: "st_dead", seq: 1, text: "Hello")).encoded())
+        try await raw.flush()
+        #expect(try await socket.next(type: "stream.start").frame["stream"] == .string("st_dead"))
+        #expect(try await socket.next(type: "token").frame["seq"] == .int(1))
+
+        #expect(await a.server.takeOverStoppedNodes() == ["node-dead"])
+        let end = try await socket.next(type: "stream.end").frame
+        #expect(end["stream"] == .string("st_dead"))
+        #expect(end["reason"] == .string("interrupted"))
+        #expect(end["message"] == .string(cut))
+        // Charged its prompt (10) and the 3 tokens its journal holds (2 each); the rest comes back.
+        #expect(end["cost"] == .int(16))
+        #expect(end["balance"] == .int(balance + 32 + 10 - 16))
+        let messages = try await a.get("/v1/conversations/cv_dead/messages", token: token).json()["messages"]!.arrayValue!
+        #expect(messages.map { $0["id"]! } == [.string(question), .string(cut)])
+        #expect(messages.last?["text"] == .string("Hello, wor"))
+        #expect(messages.last?["reason"] == .string("interrupted"))
+
+        // Nothing is left to take over, nor done twice.
+        #expect(await a.server.takeOverStoppedNodes().isEmpty)
+        #expect(Set(try await dead.nodeLeases().keys) == ["node-a"])
+        #expect(try await dead.streamJournals(limit: 10).isEmpty)
+        #expect(try await dead.balance(user: "alice") == balance + 32 + 10 - 16)
+
+        raw.close()
+        try await threads.shutdownGracefully()
+        try await dead.close()
+        await a.stop()
+        nats.stop()
+    }
+
+    @Test func aNodeOfAClusterRefusesRoomsAndSchedulesUntilTheyHoldAcrossNodes() async throws {
+        let nats = try NATSServer()
+        let a = try await TestServer.start { $0.brokerURL = nats.url }
+        let token = try await a.token("alice")
+        let socket = try await a.connect(token: token)
+        try await socket.send(.object([("type", .string("room.join")), ("id", .string("j1")), ("room", .string("rm_x"))]))
+        let refused = try await socket.nextJSON()
+        #expect(refused["code"] == .string("unavailable"))
+        #expect(refused["ref"] == .string("j1"))
+        let response = try await TestHTTPClient.json(
+            port: a.port, .POST, "/v1/rooms", token: token, json: .object([("kind", .string("debate")), ("topic", .string("tea"))]))
+        #expect(response.status == .serviceUnavailable)
+        #expect(try response.json()["error"]?["code"] == .string("unavailable"))
+        await a.stop()
+        nats.stop()
     }
 }

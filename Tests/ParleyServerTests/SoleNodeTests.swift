@@ -73,7 +73,7 @@ import Testing
             defer { race.cancelAll() }
             return try await race.next() ?? nil
         }
-        #expect(reason?.contains("node intruder on elsewhere (pid 9) took this database's node lease over") == true, "\(reason ?? "nil")")
+        #expect(reason?.contains("node intruder on elsewhere (pid 9) took the node lease (node) over") == true, "\(reason ?? "nil")")
         try await intruder.close()
         await first.stop()
     }

@@ -1,0 +1,85 @@
+import CoreMetrics
+import Foundation
+import Logging
+import NIOCore
+import ParleyCore
+import ParleyMongoStore
+
+/// In a cluster (#22), finishes what a node that stopped renewing its lease left (a `kill -9`,
+/// a machine gone): every period's third it looks for expired node leases, takes one over (a
+/// conditional update: one node wins), and does for that node what its own restart would have
+/// done: voids or completes its half-applied ledger entries, stores its cut replies as
+/// `interrupted` and settles their credits exactly (every step idempotent), and ends those
+/// streams for their readers on every node with a `stream.end` saying `interrupted`. Then it
+/// lets the lease go. A node back from a stall finds its lease taken and stops.
+final class NodeReaper: Sendable {
+    private let store: MongoStore
+    private let node: String
+    private let period: Duration
+    private let credits: Credits
+    private let broker: NATSBroker?
+    private let logger: Logger
+    private let takeovers: Counter
+    private let host = ProcessInfo.processInfo.hostName
+
+    init(store: MongoStore, node: String, period: Duration, credits: Credits, broker: NATSBroker?, logger: Logger, metrics: any MetricsFactory) {
+        self.store = store
+        self.node = node
+        self.period = period
+        self.credits = credits
+        self.broker = broker
+        self.logger = logger
+        takeovers = Counter(label: "parley_node_takeovers_total", factory: metrics)
+    }
+
+    /// Sweeps until cancelled.
+    func run() async {
+        while true {
+            do {
+                try await Task.sleep(for: period / 3)
+            } catch {
+                return
+            }
+            await sweep()
+        }
+    }
+
+    /// One look at the leases; returns the nodes whose leftovers this node finished.
+    @discardableResult
+    func sweep() async -> [String] {
+        var taken: [String] = []
+        do {
+            let now = Int64(Timestamp.nowMillis())
+            for (key, lease) in try await store.nodeLeases() where key != node && key != MongoStore.soleNodeKey && lease.expires < now {
+                let claim = NodeLease(node: node, host: host, pid: Int64(getpid()), expires: now + Timestamp.millis(period))
+                guard try await store.claimNodeLease(claim, now: now, key: key) == nil else { continue }
+                logger.notice("taking over what a stopped node left", metadata: ["node": "\(key)", "host": "\(lease.host)"])
+                try await takeOver(key)
+                taken.append(key)
+            }
+        } catch {
+            logger.error("looking for stopped nodes failed; trying again", metadata: ["error": "\(error)"])
+        }
+        return taken
+    }
+
+    private func takeOver(_ dead: String) async throws {
+        let settled = try await store.recoverLedger(node: dead)
+        let allocator = ByteBufferAllocator()
+        let streams = try await StreamRecovery(store: store, credits: credits, logger: logger).run(node: dead) { finished in
+            let journal = finished.journal
+            let readers: Topic =
+                switch journal.target {
+                case .roomTurn(let room, _): .room(room)
+                case .conversation, .settleOnly: .user(journal.user)
+                }
+            let end = ServerFrame.streamEnd(
+                stream: journal.stream, reason: .interrupted, usage: finished.usage, message: finished.stored, cost: finished.cost,
+                balance: finished.balance)
+            broker?.endOrphan(stream: journal.stream, readers: readers, frame: allocator.buffer(bytes: end))
+        }
+        try await store.releaseNodeLease(node: node, key: dead)
+        takeovers.increment()
+        logger.notice("finished what a stopped node left", metadata: ["node": "\(dead)", "streams": "\(streams)", "ledger": "\(settled)"])
+    }
+}

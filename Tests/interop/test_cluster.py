@@ -1,0 +1,164 @@
+"""Several real Parley nodes (#22) on one real NATS server with JetStream and one
+MongoDB-protocol server (SecantusDB), each node a process of its own: what a cluster must keep
+when a node is killed mid-reply."""
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import uuid
+
+import pytest
+import websockets
+
+from conftest import BINARY, Server
+
+SECRET = "cluster-interop-secret-" + "x" * 16
+
+
+def _start(args, pattern, what):
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        match = re.search(pattern, line)
+        if match:
+            return proc, int(match.group(1))
+    proc.kill()
+    raise RuntimeError(f"{what} did not start: {''.join(seen)}")
+
+
+def _drain(proc):
+    # Keeps reading its output so a full pipe never blocks it.
+    import threading
+    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+
+
+@pytest.fixture
+def nats_url():
+    with tempfile.TemporaryDirectory(prefix="parley-nats-") as store:
+        proc, port = _start(["nats-server", "-a", "127.0.0.1", "-p", "-1", "-js", "-sd", store],
+                            r"Listening for client connections on 127\.0\.0\.1:(\d+)", "nats-server")
+        _drain(proc)
+        yield f"nats://127.0.0.1:{port}"
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def shared_store():
+    """SecantusDB: several nodes' commands at once, unlike the one-at-a-time wire test server."""
+    code = "import sys; from secantus.cli import main; sys.argv[0] = 'secantusd-py'; sys.exit(main())"
+    proc, port = _start([sys.executable, "-c", code, "--standalone", "--enable-test-commands", "--storage-path", ":memory:",
+                         "--host", "127.0.0.1", "--port", "0"], r"secantus listening on 127\.0\.0\.1:(\d+)", "SecantusDB")
+    _drain(proc)
+    yield f"mongodb://127.0.0.1:{port}/parley_{uuid.uuid4().hex[:12]}"
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture
+def start_node(nats_url, shared_store):
+    started = []
+
+    def start(name, *extra):
+        data_dir = tempfile.mkdtemp(prefix=f"parley-{name}-")
+        node = Server(data_dir, "--broker", nats_url, "--store", shared_store, "--jwt-secret", SECRET, "--node-id", name,
+                      "--node-lease", "3", *extra)
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        if node.proc.poll() is None:
+            node.proc.kill()
+            node.proc.wait()
+        shutil.rmtree(node.data_dir, ignore_errors=True)
+
+
+def token(user):
+    out = subprocess.run([str(BINARY), "token", "--sub", user, "--jwt-secret", SECRET], check=True, capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def test_a_node_killed_mid_reply_is_finished_by_another_for_every_tab(start_node):
+    """Alice has a tab on each node; node A streams her reply and is killed after 37 tokens. Node B
+    takes A's leftovers over within a lease period: her tab on B gets `stream.end` with reason
+    `interrupted`, the reply is stored once as far as A journaled it, and its credits are settled
+    exactly once."""
+    args = ["--sim-ttft-ms", "0", "--sim-tokens-per-sec", "40", "--sim-reply-tokens", "400", "--credit-batch-tokens", "16",
+            "--starting-credits", "100000"]
+    a = start_node("node-a", *args)
+    b = start_node("node-b", *args)
+    alice = token("alice")
+    status, clone = a.http("POST", "/v1/clones", alice, {"name": "Ada"})
+    assert status == 201, clone
+
+    async def scenario():
+        async with websockets.connect(f"{a.ws}?token={alice}") as on_a, websockets.connect(f"{b.ws}?token={alice}") as on_b:
+            assert json.loads(await on_a.recv())["type"] == "welcome"
+            assert json.loads(await on_b.recv())["type"] == "welcome"
+            # B's socket is followed through NATS once B's subscription reached it: a round trip
+            # through B (an unknown stream's cancel is a NATS request) comes back after it.
+            await on_b.send(json.dumps({"type": "chat.cancel", "id": "probe", "stream": "st_none"}))
+            assert json.loads(await asyncio.wait_for(on_b.recv(), 10))["code"] == "not_found"
+            await on_a.send(json.dumps({"type": "chat.send", "id": "c1", "clone": clone["id"], "text": "tell me a long story"}))
+            seen, start = [], None
+            while len(seen) < 37:
+                frame = json.loads(await asyncio.wait_for(on_a.recv(), 20))
+                if frame["type"] == "stream.start":
+                    start = frame
+                elif frame["type"] == "token":
+                    seen.append(frame["text"])
+            a.proc.send_signal(signal.SIGKILL)
+            on_b_tokens, end = [], None
+            while end is None:
+                frame = json.loads(await asyncio.wait_for(on_b.recv(), 30))
+                if frame["type"] == "token":
+                    on_b_tokens.append(frame["text"])
+                elif frame["type"] == "stream.end":
+                    end = frame
+            return start, seen, on_b_tokens, end
+
+    start, seen, on_b_tokens, end = asyncio.run(scenario())
+    assert a.proc.wait(timeout=10) == -signal.SIGKILL
+    assert end["stream"] == start["stream"] and end["reason"] == "interrupted", end
+    # Both tabs saw the reply's first tokens, in order; either may have seen more (A kept sending
+    # after the 37th, and a token A sent just before the kill may not have reached NATS).
+    common = min(len(seen), len(on_b_tokens))
+    assert common >= 30 and on_b_tokens[:common] == seen[:common], (seen, on_b_tokens)
+    sent = max(seen, on_b_tokens, key=len)
+
+    status, page = b.http("GET", f"/v1/conversations/{start['conversation']}/messages", alice)
+    assert status == 200, page
+    assert [m["role"] for m in page["messages"]] == ["user", "assistant"], "the cut reply is stored once"
+    reply = page["messages"][1]
+    assert reply["id"] == end["message"] and reply["reason"] == "interrupted"
+    stored = reply["usage"]["output_tokens"]
+    assert 1 <= stored <= len(sent) and reply["text"] == "".join(sent[:stored]), "as far as A journaled what it sent"
+
+    status, ledger = b.http("GET", "/v1/credits?limit=200", alice)
+    assert status == 200, ledger
+    ids = [e["id"] for e in ledger["entries"]]
+    assert len(ids) == len(set(ids)), "no ledger entry twice"
+    assert sum(e["credits"] for e in ledger["entries"]) == ledger["balance"] == end["balance"]
+    charged = -sum(e["credits"] for e in ledger["entries"] if e.get("stream") == start["stream"])
+    assert charged == end["cost"] > 0
+
+    # B took A's lease over and let it go: a node started again as node-a serves at once.
+    again = start_node("node-a", *args)
+    status, health = again.http("GET", "/healthz")
+    assert status == 200, health
+
+
+def test_a_cluster_node_needs_a_shared_store_and_secret(nats_url):
+    for extra in (["--jwt-secret", SECRET], ["--store", "mongodb://127.0.0.1:1/x"]):
+        with tempfile.TemporaryDirectory() as data_dir:
+            out = subprocess.run([str(BINARY), "serve", "--data-dir", data_dir, "--broker", nats_url, *extra],
+                                 capture_output=True, text=True, timeout=30)
+            assert out.returncode == 64, out
+            assert "--broker needs" in out.stderr
