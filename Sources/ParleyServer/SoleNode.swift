@@ -82,6 +82,7 @@ final class NodeLeaseKeeper: Sendable {
     /// on it, the node's own in a cluster. Throws `ConfigurationError` naming the holder when
     /// another node keeps it past one period.
     static func claim(store: MongoStore, node: String, key: String, period: Duration, logger: Logger) async throws -> NodeLeaseKeeper {
+        try await refuseTheOtherMode(store: store, key: key)
         let keeper = NodeLeaseKeeper(node: node, key: key, store: store, period: period, logger: logger)
         let giveUp = ContinuousClock.now + period + .seconds(1)
         while true {
@@ -101,6 +102,24 @@ final class NodeLeaseKeeper: Sendable {
         }
         keeper.renewal.withLock { $0 = Task { await keeper.renew() } }
         return keeper
+    }
+
+    /// A node alone on its database and a cluster's nodes must not serve from one database: each
+    /// would take the other's work for a crash's leftovers. Refused when the other kind holds a
+    /// live lease there (two starting at the same moment can still both pass).
+    private static func refuseTheOtherMode(store: MongoStore, key: String) async throws {
+        let now = Int64(Timestamp.nowMillis())
+        let live = try await store.nodeLeases().filter { $0.value.expires >= now }
+        if key == MongoStore.soleNodeKey, let (_, other) = live.first(where: { $0.key != MongoStore.soleNodeKey }) {
+            throw ConfigurationError(
+                "the nodes of a cluster (\(other.node) on \(other.host), pid \(other.pid)) serve from this MongoDB database; "
+                    + "start this one with --broker to join them, or give it a database of its own")
+        }
+        if key != MongoStore.soleNodeKey, let other = live[MongoStore.soleNodeKey] {
+            throw ConfigurationError(
+                "a node without --broker (\(other.node) on \(other.host), pid \(other.pid)) serves from this MongoDB database; "
+                    + "stop it, or start it with --broker too")
+        }
     }
 
     /// The lease as this node claims it now.

@@ -5,8 +5,9 @@ import ParleyMongoStore
 import ParleyTestSupport
 import Testing
 
-/// One process per data directory, one node per MongoDB database, until the cluster (#22): a
-/// second one is refused with a message naming the first, and a node that loses its lease is told.
+/// One process per data directory, one node per MongoDB database unless they are a cluster's
+/// (#22): a second one is refused with a message naming the first, a node alone and a cluster
+/// do not mix, and a node that loses its lease is told.
 @Suite struct SoleNodeTests {
     func temporaryDirectory() throws -> String {
         let path = FileManager.default.temporaryDirectory.appendingPathComponent("parley-lock-\(UUID().uuidString)").path
@@ -76,5 +77,32 @@ import Testing
         #expect(reason?.contains("node intruder on elsewhere (pid 9) took the node lease (node) over") == true, "\(reason ?? "nil")")
         try await intruder.close()
         await first.stop()
+    }
+
+    @Test func aNodeAloneAndAClustersNodesDoNotShareADatabase() async throws {
+        let nats = try NATSServer()
+        let alone = try await TestServer.start(store: .mongodb) { $0.nodeLeasePeriod = .seconds(3) }
+        let uri = try #require(alone.configuration.storeURI)
+        await #expect {
+            _ = try await TestServer.start(store: .mongodb) {
+                $0.storeURI = uri
+                $0.brokerURL = nats.url
+            }
+        } throws: { error in
+            "\(error)".contains("a node without --broker") && "\(error)".contains("serves from this MongoDB database")
+        }
+        await alone.stop()  // gives its lease up
+        let clustered = try await TestServer.start(store: .mongodb) {
+            $0.storeURI = uri
+            $0.brokerURL = nats.url
+            $0.nodeLeasePeriod = .seconds(3)
+        }
+        await #expect {
+            _ = try await TestServer.start(store: .mongodb) { $0.storeURI = uri }
+        } throws: { error in
+            "\(error)".contains("the nodes of a cluster") && "\(error)".contains("--broker to join them")
+        }
+        await clustered.stop()
+        nats.stop()
     }
 }

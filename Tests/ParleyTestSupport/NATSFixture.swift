@@ -35,6 +35,11 @@ public final class NATSServer: @unchecked Sendable {
         output.fileHandleForReading.readabilityHandler = { handle in _ = handle.availableData }
     }
 
+    /// A test that failed before `stop` leaves no server running behind it.
+    deinit {
+        if process.isRunning { process.terminate() }
+    }
+
     public func stop() {
         process.terminate()
         process.waitUntilExit()
