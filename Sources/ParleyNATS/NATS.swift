@@ -97,6 +97,9 @@ public final class NATSConnection: @unchecked Sendable {
         threads: NIOThreadPool
     ) async throws -> NATSConnection {
         try await threads.runIfActive {
+            // Each subscription keeps one delivery thread (its order), but the pool need not be
+            // one thread for all: nats.c's default. It only grows, so asking again is harmless.
+            try NATSError.check(nats_SetMessageDeliveryPoolSize(Int32(max(2, System.coreCount))), "sizing the delivery pool")
             var options: OpaquePointer?
             try NATSError.check(natsOptions_Create(&options), "creating connection options")
             defer { natsOptions_Destroy(options) }
@@ -170,6 +173,42 @@ public final class NATSConnection: @unchecked Sendable {
         try NATSError.check(natsConnection_JetStream(&context, connection, &options), "opening JetStream")
         return JetStream(context!, connection: self)
     }
+
+    /// Publishes a request that several subscribers answer, and collects up to `replies` of
+    /// their answers, waiting at most `timeout` for them (fewer when some never answer).
+    public func gather(_ subject: String, _ payload: [UInt8], replies: Int, timeout: Duration = .seconds(5)) async throws -> [[UInt8]] {
+        guard replies > 0 else { return [] }
+        var inbox: UnsafeMutablePointer<natsInbox>?
+        try NATSError.check(natsInbox_Create(&inbox), "making an inbox")
+        defer { natsInbox_Destroy(inbox) }
+        let answers = try subscribe(String(cString: inbox!), buffer: replies)
+        defer { answers.cancel() }
+        let status = payload.withUnsafeBytes { natsConnection_PublishRequest(connection, subject, inbox, $0.baseAddress, Int32($0.count)) }
+        try NATSError.check(status, "requesting \(subject)")
+        return await withTaskGroup(of: [[UInt8]]?.self) { race in
+            race.addTask {
+                var collected: [[UInt8]] = []
+                for await answer in answers.messages {
+                    collected.append(answer.payload)
+                    if collected.count == replies { break }
+                }
+                return collected
+            }
+            race.addTask {
+                try? await Task.sleep(for: timeout)
+                return nil
+            }
+            defer { race.cancelAll() }
+            while let result = await race.next() {
+                if let result { return result }
+                answers.cancel()  // time is up: the collector ends with what it has
+            }
+            return []
+        }
+    }
+
+    /// Connected to a server now (not reconnecting, not closed).
+    public var isConnected: Bool { natsConnection_Status(connection) == NATS_CONN_STATUS_CONNECTED }
 
     /// Closes the connection; idempotent. Subscriptions stop delivering.
     public func close() {

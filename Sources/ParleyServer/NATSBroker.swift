@@ -3,6 +3,7 @@ import Logging
 import NIOCore
 import NIOPosix
 import ParleyCore
+import ParleyMongoStore
 import ParleyNATS
 import Synchronization
 
@@ -25,6 +26,9 @@ enum BrokerSubjects {
     static func head(of id: String) -> String { "ph." + token(id) }
     /// Where the node generating a stream answers a `chat.cancel` sent to another node.
     static func cancel(_ id: String) -> String { "pc." + token(id) }
+    /// Where every node answers an account deletion: one user's, and every user's.
+    static func closeUser(_ user: String) -> String { "pu." + token(user) }
+    static let closeAnyUser = "pu.*"
 
     /// The topic, and for a stream's frame the stream, a subject of `interest` names.
     static func parse(_ subject: String) -> (topic: Topic, stream: String?)? {
@@ -224,6 +228,7 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
         var touched: ContinuousClock.Instant = .now
     }
 
+    private let userClosing = Mutex<NATSSubscription?>(nil)
     /// Topics some socket here reads, each with its NATS subscription.
     private let interests = Mutex<[Topic: NATSSubscription]>([:])
     /// Streams this node generates.
@@ -274,8 +279,8 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
     /// The JetStream stream every node shares, made by the first node that starts.
     static func jetStreamConfiguration(bufferCapacity: Int, retention: Duration) -> JetStream.StreamConfiguration {
         var configuration = JetStream.StreamConfiguration(name: BrokerSubjects.streams, subjects: BrokerSubjects.captured)
-        // A stream's start, its tokens and its end.
-        configuration.maxMessagesPerSubject = Int64(bufferCapacity) + 2
+        // A stream's start, its tokens, an error or paywall frame, and its end.
+        configuration.maxMessagesPerSubject = Int64(bufferCapacity) + 4
         configuration.maxAge = maxAge(retention: retention)
         return configuration
     }
@@ -476,8 +481,37 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
         }
     }
 
+    // MARK: Users across nodes
+
+    /// Answers another node's account deletion: `close` closes the user's sockets here and
+    /// stops their replies; the answer goes once it is done.
+    func serveUserClosing(_ close: @escaping @Sendable (String) async -> Void) throws {
+        let subscription = try nats.subscribe(BrokerSubjects.closeAnyUser) { [nats] request in
+            let user = String(decoding: request.payload, as: UTF8.self)
+            Task {
+                await close(user)
+                if let reply = request.reply { try? nats.publish(reply, Array("closed".utf8)) }
+            }
+        }
+        userClosing.withLock { $0 = subscription }
+    }
+
+    /// Asks the other nodes (`replies` of them) to close `user`'s sockets and stop their replies;
+    /// returns how many did within `timeout`.
+    func closeEverywhere(user: String, replies: Int, timeout: Duration) async -> Int {
+        do {
+            return try await nats.gather(BrokerSubjects.closeUser(user), Array(user.utf8), replies: replies, timeout: timeout).count
+        } catch {
+            logger.error("asking the other nodes to close a user's sockets failed", metadata: ["error": "\(error)"])
+            return 0
+        }
+    }
+
     /// Streams of other nodes this node follows (ended ones until they expire).
     var mirrorCount: Int { mirrors.withLock { $0.count } }
+
+    /// Connected to the NATS server now: a node cut off from it serves no other node's frames.
+    var isConnected: Bool { nats.isConnected }
 
     /// Waits until the NATS server has every subscription and frame sent so far.
     func flush() async throws { try await nats.flush() }
@@ -489,6 +523,7 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
             return interests.values
         }
         for subscription in subscriptions { subscription.cancel() }
+        userClosing.withLock { $0 }?.cancel()
         // The last streams' ends reach the server before the connection goes.
         try? await nats.flush(timeout: .seconds(1))
         nats.close()
@@ -579,5 +614,33 @@ final class RemoteReplay: Sendable {
         guard !s.acked else { return }
         s.acked = true
         connection.send(ack)
+    }
+}
+
+/// What a node asks of a cluster's other nodes about a user.
+protocol OtherNodes: Sendable {
+    /// Has every other live node close `user`'s sockets and stop their replies, and waits until
+    /// they did; returns how many answered.
+    func closeEverywhere(user: String) async -> Int
+}
+
+/// The other nodes of a cluster: how many are alive comes from their leases on the store.
+struct ClusterPeers: OtherNodes {
+    let broker: NATSBroker
+    /// Nil only for nodes that share no store (tests): then no other node is asked.
+    let store: MongoStore?
+    let node: String
+    var timeout: Duration = .seconds(10)
+
+    func closeEverywhere(user: String) async -> Int {
+        guard let store else { return 0 }
+        let now = Int64(Timestamp.nowMillis())
+        let peers: Int
+        do {
+            peers = try await store.nodeLeases().filter { $0.key != node && $0.key != MongoStore.soleNodeKey && $0.value.expires >= now }.count
+        } catch {
+            peers = 0
+        }
+        return await broker.closeEverywhere(user: user, replies: peers, timeout: timeout)
     }
 }

@@ -188,7 +188,18 @@ public final class ParleyServer: Sendable {
         let api = RESTAPI(
             store: store, chat: chat, schedules: schedules, rooms: rooms, credits: credits, authenticator: authenticator,
             configuration: configuration, ids: ids, logger: logger, sockets: sockets, audit: audit, retention: retention, handshakes: handshakes,
-            authFailures: AuthFailureLimiter(secret: secret, limitsLoopback: configuration.limitLoopbackHandshakes))
+            authFailures: AuthFailureLimiter(secret: secret, limitsLoopback: configuration.limitLoopbackHandshakes),
+            otherNodes: clusterBroker.map { ClusterPeers(broker: $0, store: store as? MongoStore, node: nodeID) })
+        do {
+            // Another node's account deletion closes the user's sockets here too.
+            try clusterBroker?.serveUserClosing { user in _ = await api.closeLocally(user: user) }
+        } catch {
+            await clusterBroker?.close()
+            await nodeLease?.release()
+            try? await store.close()
+            if ownsGroup { try? await group.shutdownGracefully() }
+            throw ConfigurationError("cannot use the broker: \(error)")
+        }
 
         let socketServices = ServerSocketServices(
             hub: sockets, chat: chat, schedules: schedules, rooms: rooms, clustered: configuration.isClustered)

@@ -93,18 +93,27 @@ extension RESTAPI {
         }
     }
 
+    /// Closes `user`'s sockets on this node (1008 "account deleted") and stops their replies
+    /// once what the sockets asked for before they closed finished (a chat.send stores the
+    /// message it answers): nothing of theirs is written here afterwards. Returns the sockets closed.
+    func closeLocally(user: String) async -> Int {
+        let closing = sockets.connections(of: user).map { $0.close(code: .policyViolation, reason: "account deleted") }
+        for socket in closing { try? await socket.get() }
+        await chat.streams.stopStreams(owner: user)
+        await chat.requests.settle(user: user)
+        await chat.streams.stopStreams(owner: user)
+        credits.forget(user)
+        return closing.count
+    }
+
     /// `DELETE /v1/me`: the caller's sockets close at once (1008 "account deleted"), their
     /// replies stop, pending schedules are cancelled, rooms they own end, and the store deletes
     /// everything of them but the ledger rows the law requires (kept under a pseudonym).
     func deleteAccount(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
         let user = identity.user
-        let closing = sockets.connections(of: user).map { $0.close(code: .policyViolation, reason: "account deleted") }
-        for socket in closing { try? await socket.get() }
-        // What the sockets asked for before they closed finishes first (a chat.send stores the
-        // message it answers), then its streams stop: nothing is written after the deletion.
-        await chat.streams.stopStreams(owner: user)
-        await chat.requests.settle(user: user)
-        await chat.streams.stopStreams(owner: user)
+        let closed = await closeLocally(user: user)
+        // In a cluster every other node does the same for its sockets and streams first.
+        let elsewhere = await otherNodes?.closeEverywhere(user: user) ?? 0
         await schedules.cancelAll(owner: user)
         await rooms.forget(user: user)
         let pseudonym = audit.pseudonym(for: user)
@@ -115,7 +124,7 @@ extension RESTAPI {
         let report = first + (try await store.deleteUser(user, pseudonym: pseudonym))
         credits.forget(user)
         await audit.record("user.deleted", actor: pseudonym, target: pseudonym, ip: request.remoteIP, detail: report.detail)
-        logger.notice("account deleted", metadata: ["pseudonym": "\(pseudonym)", "sockets": "\(closing.count)"])
+        logger.notice("account deleted", metadata: ["pseudonym": "\(pseudonym)", "sockets": "\(closed)", "nodes": "\(elsewhere)"])
         return HTTPResponse(
             .ok,
             json: .object([

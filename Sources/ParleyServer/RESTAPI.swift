@@ -24,6 +24,8 @@ struct RESTAPI: Sendable {
     let sockets: SocketHub
     let audit: AuditLog
     let retention: RetentionJob
+    /// A cluster's other nodes (nil alone).
+    let otherNodes: (any OtherNodes)?
 
     private var router = Router<Identity>()
     private let webClient = WebClient.load()
@@ -31,8 +33,9 @@ struct RESTAPI: Sendable {
     init(
         store: any Store, chat: ChatService, schedules: ScheduleService, rooms: RoomService, credits: Credits, authenticator: Authenticator,
         configuration: ServerConfiguration, ids: IDGenerator, logger: Logger, sockets: SocketHub, audit: AuditLog, retention: RetentionJob,
-        handshakes: HandshakeLimiter? = nil, authFailures: AuthFailureLimiter? = nil
+        handshakes: HandshakeLimiter? = nil, authFailures: AuthFailureLimiter? = nil, otherNodes: (any OtherNodes)? = nil
     ) {
+        self.otherNodes = otherNodes
         self.sockets = sockets
         self.audit = audit
         self.retention = retention
@@ -195,11 +198,15 @@ struct RESTAPI: Sendable {
         }
         if !healthy { logger.warning("health check: the store did not answer") }
         let draining = !chat.streams.isAccepting
-        return HTTPResponse(
-            healthy && !draining ? .ok : .serviceUnavailable,
-            json: .object([
-                ("status", .string(draining ? "draining" : healthy ? "ok" : "unavailable")), ("store", .string(healthy ? "ok" : "unreachable")),
-            ]))
+        // A cluster's node cut off from NATS would take sockets whose tabs elsewhere it cannot reach.
+        let broker = (chat.streams.broker as? NATSBroker)?.isConnected
+        if broker == false { logger.warning("health check: the broker is not connected") }
+        let ready = healthy && broker != false
+        var fields: [(String, JSONValue)] = [
+            ("status", .string(draining ? "draining" : ready ? "ok" : "unavailable")), ("store", .string(healthy ? "ok" : "unreachable")),
+        ]
+        if let broker { fields.append(("broker", .string(broker ? "ok" : "unreachable"))) }
+        return HTTPResponse(ready && !draining ? .ok : .serviceUnavailable, json: .object(fields))
     }
 
     /// The caller's identity. An address blocked for failed sign-ins is refused (429) before its

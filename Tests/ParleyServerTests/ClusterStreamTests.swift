@@ -252,7 +252,7 @@ extension TestWebSocket {
 
 /// A node that stops renewing its lease (killed) has its leftovers finished by another node of
 /// the cluster, once: the real `kill -9` of a node is in Tests/interop/test_cluster.py.
-@Suite(.serialized) struct ClusterTakeoverTests {
+@Suite(.serialized) struct ClusterNodeTests {
     @Test func aNodeFinishesWhatAStoppedNodeLeftOnceAndEndsItsStreamForItsReaders() async throws {
         let nats = try NATSServer()
         let uri = MongoFixture.uri()
@@ -341,6 +341,26 @@ extension TestWebSocket {
         nats.stop()
     }
 
+    @Test func aNodeCutOffFromTheBrokerIsNotReady() async throws {
+        let nats = try NATSServer()
+        let a = try await TestServer.start { $0.brokerURL = nats.url }
+        let ready = try await a.get("/healthz", token: nil)
+        #expect(ready.status == .ok)
+        #expect(try ready.json()["broker"] == .string("ok"))
+        nats.stop()
+        // nats.c sees the connection drop and reconnects in the background: no event to await
+        // from outside, so the balancer's way, asking again (for at most 5 s).
+        var answer = try await a.get("/healthz", token: nil)
+        for _ in 0..<100 where answer.status == .ok {
+            try await Task.sleep(for: .milliseconds(50))
+            answer = try await a.get("/healthz", token: nil)
+        }
+        #expect(answer.status == .serviceUnavailable)
+        #expect(try answer.json()["broker"] == .string("unreachable"))
+        #expect(try answer.json()["status"] == .string("unavailable"))
+        await a.stop()
+    }
+
     @Test func aNodeOfAClusterRefusesRoomsAndSchedulesUntilTheyHoldAcrossNodes() async throws {
         let nats = try NATSServer()
         let a = try await TestServer.start { $0.brokerURL = nats.url }
@@ -355,6 +375,53 @@ extension TestWebSocket {
         #expect(response.status == .serviceUnavailable)
         #expect(try response.json()["error"]?["code"] == .string("unavailable"))
         await a.stop()
+        nats.stop()
+    }
+}
+
+/// A user's account across a cluster's nodes (#22).
+@Suite(.serialized) struct ClusterAccountTests {
+    @Test func deletingAnAccountOnOneNodeClosesItsSocketsAndStopsItsRepliesOnEveryNode() async throws {
+        let nats = try NATSServer()
+        let uri = MongoFixture.uri()
+        let secret = "cluster-test-secret-" + UUID().uuidString
+        func node(_ id: String) async throws -> TestServer {
+            try await TestServer.start(store: .mongodb) {
+                $0.storeURI = uri
+                $0.brokerURL = nats.url
+                $0.jwtSecret = secret
+                $0.nodeID = id
+                $0.simulated.tokensPerSecond = 20
+                $0.simulated.replyTokens = 1000
+            }
+        }
+        let a = try await node("node-a")
+        let b = try await node("node-b")
+        let token = try await a.token("alice")
+        let clone = try await b.createClone(token: token)["id"]!.stringValue!
+        let onB = try await b.connect(token: token)
+        try await onB.chatSend(id: "c1", clone: clone, text: "Talk for a long time")
+        let start = try await onB.nextJSON()
+        _ = try await onB.readUntilToken()
+
+        let deleted = try await TestHTTPClient.request(port: a.port, .DELETE, "/v1/me", token: token)
+        #expect(deleted.status == .ok)
+        // By the time A answered, B had closed Alice's socket and stopped her reply.
+        var closed: TestInbound?
+        while closed == nil {
+            let inbound = try await onB.next()
+            if case .close = inbound { closed = inbound }
+        }
+        #expect(closed == .close(code: 1008, reason: "account deleted"))
+        #expect(b.server.chat.streams.hub.liveStreams.isEmpty)
+        // What B stored for the stopped reply went with the rest: nothing of hers is left.
+        let fresh = try await a.token("alice")
+        let conversations = try await b.get("/v1/conversations", token: fresh).json()
+        #expect(conversations["conversations"]?.arrayValue?.isEmpty == true)
+        let messages = try await a.get("/v1/conversations/\(start["conversation"]!.stringValue!)/messages", token: fresh)
+        #expect(messages.status == .notFound)
+        await a.stop()
+        await b.stop()
         nats.stop()
     }
 }
