@@ -162,3 +162,99 @@ def test_a_cluster_node_needs_a_shared_store_and_secret(nats_url):
                                  capture_output=True, text=True, timeout=30)
             assert out.returncode == 64, out
             assert "--broker needs" in out.stderr
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_nats_restart_mid_reply_loses_no_token_for_a_tab_on_another_node(shared_store):
+    """nats-server is killed (-9) and started again on its port and store while node A streams a
+    reply that Alice's tab on node B follows. B's tab does what the protocol asks of a client that
+    sees a gap or a stall: `stream.resume` after the last token it has. It ends with every token
+    A sent, in order, once each, and the same `stream.end`."""
+    port = _free_port()
+    store_dir = tempfile.mkdtemp(prefix="parley-nats-")
+    nats_args = ["nats-server", "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", store_dir]
+    ready = r"Listening for client connections on 127\.0\.0\.1:(\d+)"
+    nats, _ = _start(nats_args, ready, "nats-server")
+    _drain(nats)
+    url = f"nats://127.0.0.1:{port}"
+    nodes = []
+    try:
+        args = ["--broker", url, "--store", shared_store, "--jwt-secret", SECRET, "--sim-ttft-ms", "0", "--sim-tokens-per-sec", "40",
+                "--sim-reply-tokens", "160", "--starting-credits", "100000"]
+        for name in ("node-a", "node-b"):
+            nodes.append(Server(tempfile.mkdtemp(prefix=f"parley-{name}-"), "--node-id", name, *args))
+        a, b = nodes
+        alice = token("alice")
+        status, clone = a.http("POST", "/v1/clones", alice, {"name": "Ada"})
+        assert status == 201, clone
+
+        async def scenario():
+            nonlocal nats
+            async with websockets.connect(f"{a.ws}?token={alice}") as on_a, websockets.connect(f"{b.ws}?token={alice}") as on_b:
+                assert json.loads(await on_a.recv())["type"] == "welcome"
+                assert json.loads(await on_b.recv())["type"] == "welcome"
+                await on_b.send(json.dumps({"type": "chat.cancel", "id": "probe", "stream": "st_none"}))
+                assert json.loads(await asyncio.wait_for(on_b.recv(), 10))["code"] == "not_found"
+                await on_a.send(json.dumps({"type": "chat.send", "id": "c1", "clone": clone["id"], "text": "tell me a story"}))
+
+                async def read_all(ws):
+                    frames = []
+                    while True:
+                        frame = json.loads(await asyncio.wait_for(ws.recv(), 30))
+                        frames.append(frame)
+                        if frame["type"] == "stream.end":
+                            return frames
+
+                on_a_task = asyncio.create_task(read_all(on_a))
+                tokens, end, stream, restarted, resumes = [], None, None, False, 0
+                while end is None:
+                    try:
+                        frame = json.loads(await asyncio.wait_for(on_b.recv(), 3))
+                    except asyncio.TimeoutError:
+                        frame = None  # a stall: the client resumes
+                    if frame is not None and frame["type"] == "stream.start":
+                        stream = frame["stream"]
+                        continue
+                    if frame is not None and frame["type"] == "token" and frame["seq"] == len(tokens) + 1:
+                        tokens.append(frame["text"])
+                        if len(tokens) == 20 and not restarted:
+                            nats.kill()
+                            nats.wait()
+                            restarted = True
+                            nats, _ = _start(nats_args, ready, "nats-server")
+                            _drain(nats)
+                        continue
+                    if frame is not None and frame["type"] == "token" and frame["seq"] <= len(tokens):
+                        continue  # already had it (a resume's replay overlapping the live frames)
+                    if frame is not None and frame["type"] == "stream.end":
+                        end = frame
+                        continue
+                    # A gap, a stall, or an answer to a resume that came too early: resume again.
+                    assert resumes < 20, (frame, len(tokens))
+                    resumes += 1
+                    await on_b.send(json.dumps({"type": "stream.resume", "id": f"r{resumes}", "stream": stream, "after": len(tokens)}))
+                # Either way happens: nats.c on both nodes keeps what they publish while the server
+                # is away and sends it once reconnected (then B sees no gap), or B had not
+                # subscribed again by then and resumes from JetStream (file storage kept it).
+                return (await on_a_task), tokens, end, restarted
+
+        on_a, on_b_tokens, on_b_end, restarted = asyncio.run(scenario())
+        assert restarted
+        a_tokens = [f["text"] for f in on_a if f["type"] == "token"]
+        assert len(a_tokens) == 160 and on_a[-1]["reason"] == "complete"
+        assert on_b_tokens == a_tokens, "every token once, in order"
+        assert on_b_end == on_a[-1]
+    finally:
+        for node in nodes:
+            node.proc.kill()
+            node.proc.wait()
+            shutil.rmtree(node.data_dir, ignore_errors=True)
+        nats.kill()
+        nats.wait()
+        shutil.rmtree(store_dir, ignore_errors=True)
