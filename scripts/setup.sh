@@ -2,6 +2,7 @@
 # Installs what a fresh Debian machine with the Swift toolchain lacks. Idempotent.
 #   scripts/setup.sh          system packages needed to build and run Parley
 #   scripts/setup.sh --test   also the Python packages the interop tests use
+#   scripts/setup.sh --cluster  also what scripts/cluster.sh runs: nats-server, nginx, SecantusDB
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,7 +12,9 @@ apt_packages=(libsqlite3-dev libmongoc-dev libbson-dev libnats-dev zlib1g-dev pk
 # The tests also drive Parley with Node's `ws` (node-ws brings nodejs where there is none), the
 # web client in Debian's Chromium (headless, through Playwright; a font for its screenshots), and
 # the NATS client against a real nats-server with JetStream.
-[ "${1:-}" = "--test" ] && apt_packages+=(node-ws chromium fonts-dejavu-core nats-server)
+# The cluster's tests and scripts/cluster.sh: nats-server, nginx as the WebSocket balancer.
+[ "${1:-}" = "--test" ] && apt_packages+=(node-ws chromium fonts-dejavu-core nats-server nginx)
+[ "${1:-}" = "--cluster" ] && apt_packages+=(nats-server nginx)
 missing=()
 for package in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
@@ -32,4 +35,8 @@ if [ "${1:-}" = "--test" ] || [ "${1:-}" = "--model" ]; then
 fi
 if [ "${1:-}" = "--test" ]; then
     python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -r Tests/interop/requirements.txt
+fi
+if [ "${1:-}" = "--cluster" ]; then
+    # The same SecantusDB the tests use, a MongoDB-protocol server with real storage.
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "$(grep -i '^secantusdb' Tests/interop/requirements.txt)"
 fi

@@ -258,3 +258,68 @@ def test_a_nats_restart_mid_reply_loses_no_token_for_a_tab_on_another_node(share
         nats.kill()
         nats.wait()
         shutil.rmtree(store_dir, ignore_errors=True)
+
+
+def test_scripts_cluster_sh_serves_a_chat_through_nginx_and_stops_everything(tmp_path):
+    """A newcomer's cluster: scripts/cluster.sh starts nats-server, SecantusDB, three nodes and
+    nginx; through nginx's one port a clone is made, a reply reaches two tabs (likely on two
+    nodes) and resumes on a third; Ctrl-C stops every process it started."""
+    import socket
+    import urllib.request
+    port = _free_port()
+    script = subprocess.Popen([str(BINARY.parents[2] / "scripts" / "cluster.sh"), "--port", str(port), "--",
+                               "--sim-ttft-ms", "0", "--sim-tokens-per-sec", "100", "--sim-reply-tokens", "60"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              env={**os.environ, "PARLEY_JWT_SECRET": SECRET}, start_new_session=True)
+    try:
+        line = script.stdout.readline()
+        assert line.startswith("parley cluster ready on"), line
+        base = f"http://127.0.0.1:{port}"
+        with urllib.request.urlopen(base + "/healthz", timeout=10) as response:
+            assert json.loads(response.read())["broker"] == "ok"
+        alice = token("alice")
+        request = urllib.request.Request(base + "/v1/clones", data=json.dumps({"name": "Ada"}).encode(), method="POST",
+                                         headers={"Authorization": f"Bearer {alice}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            clone = json.loads(response.read())
+
+        async def chat():
+            ws = f"ws://127.0.0.1:{port}/v1/ws?token={alice}"
+            async with websockets.connect(ws) as first, websockets.connect(ws) as second:
+                assert json.loads(await first.recv())["type"] == "welcome"
+                assert json.loads(await second.recv())["type"] == "welcome"
+                # Both sockets are followed by now: a round trip through each node's NATS link.
+                for socket_ in (first, second):
+                    await socket_.send(json.dumps({"type": "chat.cancel", "id": "probe", "stream": "st_none"}))
+                    assert json.loads(await asyncio.wait_for(socket_.recv(), 10))["code"] == "not_found"
+                await first.send(json.dumps({"type": "chat.send", "id": "c1", "clone": clone["id"], "text": "hello"}))
+                replies = []
+                for socket_ in (first, second):
+                    frames = []
+                    while not frames or frames[-1]["type"] != "stream.end":
+                        frames.append(json.loads(await asyncio.wait_for(socket_.recv(), 30)))
+                    replies.append(frames)
+            async with websockets.connect(ws) as third:
+                assert json.loads(await third.recv())["type"] == "welcome"
+                stream = replies[0][0]["stream"]
+                await third.send(json.dumps({"type": "stream.resume", "id": "r", "stream": stream, "after": 50}))
+                resumed = []
+                while not resumed or resumed[-1]["type"] != "stream.end":
+                    resumed.append(json.loads(await asyncio.wait_for(third.recv(), 30)))
+            return replies, resumed
+
+        (first, second), resumed = asyncio.run(chat())
+        assert [f["type"] for f in first] == ["stream.start"] + ["token"] * 60 + ["stream.end"]
+        assert second[1:] == first[1:], "the other tab got the same tokens and end"
+        assert resumed[0]["ref"] == "r" and [f["seq"] for f in resumed[1:-1]] == list(range(51, 61))
+    finally:
+        script.send_signal(signal.SIGINT)  # Ctrl-C reaches the script; it stops the rest in order
+        stopped = script.wait(timeout=60)
+        try:
+            os.killpg(script.pid, signal.SIGKILL)  # whatever it left behind (a failure)
+            left = True
+        except ProcessLookupError:
+            left = False
+    assert stopped == 130 and not left, "Ctrl-C stopped every process the script started"
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), 1).close()
