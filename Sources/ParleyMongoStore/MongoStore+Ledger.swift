@@ -139,7 +139,8 @@ extension MongoStore {
 
     /// A row about to be applied, stamped with this node.
     private func pending(_ entry: LedgerEntry) -> JSONValue {
-        guard let node, case .object(let fields) = Self.document(entry, state: "pending") else { return Self.document(entry, state: "pending") }
+        let row = Self.document(entry, state: "pending")
+        guard let node, case .object(let fields) = row else { return row }
         return .object(fields + [("node", .string(node))])
     }
 

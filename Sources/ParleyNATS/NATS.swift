@@ -17,12 +17,9 @@ public struct NATSError: Error, CustomStringConvertible, Sendable {
     /// JetStream refused a publish whose expected last subject sequence did not match (fencing).
     public var isWrongLastSequence: Bool { jetStreamCode == 10071 }
     /// A request reached no subscriber of its subject (the server said so at once).
-    public var isNoResponders: Bool { noResponders }
+    public private(set) var isNoResponders = false
     /// A request got no reply in time.
-    public var isTimeout: Bool { timedOut }
-
-    private var noResponders = false
-    private var timedOut = false
+    public private(set) var isTimeout = false
 
     public init(status: String, action: String, jetStreamCode: Int? = nil) {
         self.status = status
@@ -38,8 +35,8 @@ public struct NATSError: Error, CustomStringConvertible, Sendable {
             if !text.isEmpty { detail = text }
         }
         var error = NATSError(status: detail, action: action, jetStreamCode: code.rawValue == 0 ? nil : Int(code.rawValue))
-        error.noResponders = status == NATS_NO_RESPONDERS
-        error.timedOut = status == NATS_TIMEOUT
+        error.isNoResponders = status == NATS_NO_RESPONDERS
+        error.isTimeout = status == NATS_TIMEOUT
         throw error
     }
 }

@@ -74,8 +74,7 @@ final class ChatService: FrameHandler {
         }
         let ack = allocator.buffer(bytes: live.startFrame(ref: ref))
         if live.resume(connection, after: after, ack: ack) == .gone {
-            connection.send(
-                ServerFrame.error(ref: ref, code: .streamGone, message: "tokens after seq \(after) of stream \(stream) are no longer buffered"))
+            connection.send(LiveStream.goneFrame(ref: ref, stream: stream, after: after))
         }
     }
 

@@ -42,6 +42,11 @@ final class LiveStream: Sendable {
     /// Translation chats: the message the stream translates (or, for a reply, the reply itself).
     var source: String? { kind.source }
 
+    /// The answer to a resume whose tokens after `after` were evicted (here or in JetStream).
+    static func goneFrame(ref: String, stream: String, after: Int64) -> [UInt8] {
+        ServerFrame.error(ref: ref, code: .streamGone, message: "tokens after seq \(after) of stream \(stream) are no longer buffered")
+    }
+
     enum ResumeOutcome: Equatable {
         /// Replayed `count` tokens; `ended` tells whether `stream.end` was replayed too.
         case replayed(count: Int, ended: Bool)

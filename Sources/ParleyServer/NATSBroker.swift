@@ -450,7 +450,9 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
         if let mirror = mirrors.withLock({ $0[id]?.stream }) {
             guard mirror.owner == user, case .reply = mirror.kind else { return false }
             let ack = ByteBuffer(bytes: mirror.startFrame(ref: ref))
-            if mirror.resume(connection, after: after, ack: ack) == .gone { connection.send(RemoteReplay.gone(ref: ref, stream: id, after: after)) }
+            if mirror.resume(connection, after: after, ack: ack) == .gone {
+                connection.send(LiveStream.goneFrame(ref: ref, stream: id, after: after))
+            }
             return true
         }
         do {
@@ -558,10 +560,6 @@ final class RemoteReplay: Sendable {
         state = Mutex(State(next: after + 1))
     }
 
-    static func gone(ref: String, stream: String, after: Int64) -> [UInt8] {
-        ServerFrame.error(ref: ref, code: .streamGone, message: "tokens after seq \(after) of stream \(stream) are no longer buffered")
-    }
-
     func attach(_ subscription: NATSSubscription) {
         let stopNow = state.withLock { s -> Bool in
             s.subscription = subscription
@@ -590,7 +588,7 @@ final class RemoteReplay: Sendable {
                 if envelope.seq < s.next { return false }
                 guard envelope.seq == s.next else {
                     // The tokens the client lacks were evicted before it came back.
-                    if !s.acked { connection.send(Self.gone(ref: ref, stream: stream, after: after)) }
+                    if !s.acked { connection.send(LiveStream.goneFrame(ref: ref, stream: stream, after: after)) }
                     s.done = true
                     return true
                 }

@@ -36,13 +36,10 @@ struct ServerSocketServices: SocketServices {
     }
 
     func handle(_ request: ClientFrame, from connection: ClientConnection, turn: RequestOrder.Turn) {
-        if clustered, case .chat = request {
-        } else if clustered {
-            turn.runSoon { connection.send(ServerFrame.error(ref: request.id, code: .unavailable, message: ClusterRefusal.message)) }
-            return
-        }
         switch request {
         case .chat(let frame): chat.handle(frame, from: connection, turn: turn)
+        case .schedule where clustered, .room where clustered:
+            turn.runSoon { connection.send(ServerFrame.error(ref: request.id, code: .unavailable, message: ClusterRefusal.message)) }
         case .schedule(let frame): schedules.handle(frame, from: connection, turn: turn)
         case .room(let frame): rooms.handle(frame, from: connection, turn: turn)
         }
