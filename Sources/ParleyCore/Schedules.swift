@@ -211,3 +211,19 @@ public enum RFC3339 {
         return seconds * 1000 + Int64(millis)
     }
 }
+
+/// In a cluster, schedules are split into a fixed number of shards by id; the node holding a
+/// shard's lease is the one that fires its schedules. Every node must compute the same shard,
+/// so the count is fixed and the hash (FNV-1a over the id's UTF-8) is spelled out here.
+public enum ScheduleShards {
+    public static let count = 64
+
+    public static func shard(of id: String) -> Int {
+        var hash: UInt32 = 2_166_136_261
+        for byte in id.utf8 {
+            hash ^= UInt32(byte)
+            hash = hash &* 16_777_619
+        }
+        return Int(hash % UInt32(count))
+    }
+}

@@ -24,13 +24,18 @@ public struct NodeLease: Sendable, Equatable {
 extension MongoStore {
     /// The lease of a node alone on its database.
     public static let soleNodeKey = "node"
+    /// Where the nodes' leases are kept; a cluster's other leases (schedule shards) have their
+    /// own collection, so a node counting or taking over nodes never sees them.
+    public static let nodeLeases = "node_lease"
 
     /// Takes or renews the lease `key` for `lease.node` until `lease.expires`: a
     /// conditional update of the lease that is `lease.node`'s or expired at `now`, or, when there
     /// is none yet, its insert (a lost race for that insert is a duplicate key). Not an upsert:
     /// whether an upsert's insert keeps the `_id` of a query with `$or` differs between servers.
     /// Returns nil when it is `lease.node`'s now, or the live lease of the node that holds it.
-    public func claimNodeLease(_ lease: NodeLease, now: Int64, key: String = soleNodeKey) async throws -> NodeLease? {
+    public func claimNodeLease(
+        _ lease: NodeLease, now: Int64, key: String = soleNodeKey, in collection: String = nodeLeases
+    ) async throws -> NodeLease? {
         try await run { db in
             let filter = JSONValue.object([
                 ("_id", .string(key)),
@@ -40,13 +45,13 @@ extension MongoStore {
                 ("node", .string(lease.node)), ("host", .string(lease.host)), ("pid", .long(lease.pid)), ("expires", .long(lease.expires)),
             ]
             for _ in 0..<2 {
-                if try db.findAndModify("node_lease", query: filter, update: .object([("$set", .object(fields))])) != nil { return nil }
+                if try db.findAndModify(collection, query: filter, update: .object([("$set", .object(fields))])) != nil { return nil }
                 do {
-                    try db.insert("node_lease", .object([("_id", .string(key))] + fields))
+                    try db.insert(collection, .object([("_id", .string(key))] + fields))
                     return nil
                 } catch StoreError.duplicateKey {
                     // Held; unless it expired between the two steps (then the update takes it).
-                    guard let held = try db.find("node_lease", filter: .object([("_id", .string(key))]), limit: 1).first else { continue }
+                    guard let held = try db.find(collection, filter: .object([("_id", .string(key))]), limit: 1).first else { continue }
                     let holder = Self.nodeLease(held)
                     if holder.node != lease.node, holder.expires >= now { return holder }
                 }
@@ -56,19 +61,37 @@ extension MongoStore {
     }
 
     /// Gives the lease `key` up (a clean shutdown, a dead node's leftovers finished), if `node` holds it.
-    public func releaseNodeLease(node: String, key: String = soleNodeKey) async throws {
-        try await run { db in _ = try db.delete("node_lease", query: .object([("_id", .string(key)), ("node", .string(node))])) }
+    public func releaseNodeLease(node: String, key: String = soleNodeKey, in collection: String = nodeLeases) async throws {
+        try await run { db in _ = try db.delete(collection, query: .object([("_id", .string(key)), ("node", .string(node))])) }
+    }
+
+    /// Extends every lease of `collection` that `node` holds to `expires`, in one update;
+    /// returns how many it holds.
+    @discardableResult
+    public func renewLeases(node: String, expires: Int64, in collection: String) async throws -> Int {
+        try await run { db in
+            Int(
+                try db.update(
+                    collection, query: .object([("node", .string(node))]), update: .object([("$set", .object([("expires", .long(expires))]))]),
+                    multi: true
+                ).matched)
+        }
     }
 
     /// Every lease by key, live or expired.
-    public func nodeLeases() async throws -> [String: NodeLease] {
+    public func nodeLeases(in collection: String = nodeLeases) async throws -> [String: NodeLease] {
         try await run { db in
             var leases: [String: NodeLease] = [:]
-            for row in try db.find("node_lease", filter: .object([])) {
+            for row in try db.find(collection, filter: .object([])) {
                 if let key = row["_id"]?.stringValue { leases[key] = Self.nodeLease(row) }
             }
             return leases
         }
+    }
+
+    /// The nodes whose leases are live at `now`, other than `node` (and the sole node's key).
+    public func otherLiveNodes(than node: String, now: Int64) async throws -> [String] {
+        try await nodeLeases().filter { $0.key != node && $0.key != Self.soleNodeKey && $0.value.expires >= now }.map(\.key)
     }
 
     private static func nodeLease(_ row: JSONValue) -> NodeLease {

@@ -44,6 +44,8 @@ extension MongoStore {
         if let conversation = change.conversation { set.append(("conversation", .string(conversation))) }
         if let message = change.message { set.append(("message", .string(message))) }
         if let failure = change.failure { set.append(("failure", .string(failure))) }
+        // Who fires it: in a cluster, only that node (or the one that takes it over) resumes it.
+        if change.status == .firing, let node = db.options.node { set.append(("node", .string(node))) }
         return try db.findAndModify(
             "schedules", query: .object([("_id", .string(id)), ("status", .string(from.rawValue))]),
             update: .object([("$set", .object(set))])
@@ -77,10 +79,69 @@ extension MongoStore {
         }
     }
 
+    // MARK: A cluster's schedules (#22)
+
+    /// The pending schedules of `shards` due before `dueBefore` (all when nil), by id, from
+    /// after `after`.
+    public func pendingSchedules(shards: Set<Int>, dueBefore: Int64? = nil, limit: Int, after: String?) async throws -> [Schedule] {
+        guard !shards.isEmpty else { return [] }
+        return try await run { db in
+            var filter: [(String, JSONValue)] = [
+                ("status", .string(Schedule.Status.pending.rawValue)),
+                ("shard", .object([("$in", .array(shards.sorted().map { .int(Int64($0)) }))])),
+            ]
+            if let dueBefore { filter.append(("at", .object([("$lt", .long(dueBefore))]))) }
+            if let after { filter.append(("_id", .object([("$gt", .string(after))]))) }
+            return try db.find("schedules", filter: .object(filter), sort: .object([("_id", .int(1))]), limit: limit)
+                .map(Self.schedule(from:))
+        }
+    }
+
+    /// The schedules `node` started firing and has not finished (a crash, or a kill), by id.
+    public func firingSchedules(node: String) async throws -> [Schedule] {
+        try await run { db in
+            try db.find(
+                "schedules", filter: .object([("status", .string(Schedule.Status.firing.rawValue)), ("node", .string(node))]),
+                sort: .object([("_id", .int(1))])
+            ).map(Self.schedule(from:))
+        }
+    }
+
+    /// Makes the schedules `dead` was firing `node`'s to finish (a takeover): if `node` dies
+    /// in turn, whoever takes it over finds them. Returns them.
+    public func adoptFiringSchedules(from dead: String, to node: String) async throws -> [Schedule] {
+        try await run { db in
+            let filter = JSONValue.object([("status", .string(Schedule.Status.firing.rawValue)), ("node", .string(dead))])
+            let found = try db.find("schedules", filter: filter, sort: .object([("_id", .int(1))]))
+            _ = try db.update("schedules", query: filter, update: .object([("$set", .object([("node", .string(node))]))]), multi: true)
+            return found.map(Self.schedule(from:))
+        }
+    }
+
+    /// Whether the pending schedule `id` is among its owner's first `limit` pending ones (ids
+    /// order by creation): how a node counts a user's pending schedules across a cluster.
+    public func isWithinPendingLimit(id: String, owner: String, limit: Int) async throws -> Bool {
+        try await run { db in
+            try db.find(
+                "schedules", filter: .object([("owner", .string(owner)), ("status", .string(Schedule.Status.pending.rawValue))]),
+                sort: .object([("_id", .int(1))]), projection: .object([("_id", .int(1))]), limit: limit
+            ).contains { $0["_id"]?.stringValue == id }
+        }
+    }
+
+    /// Removes a schedule that is still pending (one created over the limit); false when it
+    /// started firing meanwhile.
+    public func withdrawSchedule(id: String) async throws -> Bool {
+        try await run { db in
+            try db.delete("schedules", query: .object([("_id", .string(id)), ("status", .string(Schedule.Status.pending.rawValue))])) == 1
+        }
+    }
+
     static func document(_ s: Schedule) -> JSONValue {
         var doc: [(String, JSONValue)] = [
             ("_id", .string(s.id)), ("owner", .string(s.owner)), ("clone", .string(s.clone)),
             ("conversation", s.conversation.map(JSONValue.string) ?? .null), ("at", .long(s.at)),
+            ("shard", .int(Int64(ScheduleShards.shard(of: s.id)))),
         ]
         switch s.content {
         case .prompt(let prompt): doc += [("kind", .string("prompt")), ("body", .string(prompt))]

@@ -30,7 +30,8 @@ public final class MongoStore: Store {
         public init() {}
     }
 
-    public static let schemaVersion = 1
+    /// 2: schedules carry their shard (#22).
+    public static let schemaVersion = 2
 
     private let pool: MongoClientPool
     private let threads: NIOThreadPool
@@ -310,6 +311,8 @@ struct Database: Sendable {
         ("ledger", "state", .object([("state", .int(1))]), false),
         ("schedules", "owner_id", .object([("owner", .int(1)), ("_id", .int(1))]), false),
         ("schedules", "status_id", .object([("status", .int(1)), ("_id", .int(1))]), false),
+        // A cluster's node loads the pending schedules of the shards it holds.
+        ("schedules", "status_shard", .object([("status", .int(1)), ("shard", .int(1)), ("_id", .int(1))]), false),
         ("rooms", "status_id", .object([("status", .int(1)), ("_id", .int(1))]), false),
         ("room_entries", "room_id", .object([("room", .int(1)), ("_id", .int(1))]), false),
         // The privacy promises: retention by age, export by owner, deletion by speaker, the audit log.
@@ -336,6 +339,17 @@ struct Database: Sendable {
                     ("createIndexes", .string(collection)),
                     ("indexes", .array(entries.map { .object([("key", $0.key), ("name", .string($0.name)), ("unique", .bool($0.unique))]) })),
                 ]))
+        }
+        if stored < 2 {
+            // Schedules stored before version 2 learn their shard (the same on every node).
+            for row in try find(
+                "schedules", filter: .object([("shard", .object([("$exists", .bool(false))]))]), projection: .object([("_id", .int(1))]))
+            {
+                guard let id = row["_id"]?.stringValue else { continue }
+                _ = try update(
+                    "schedules", query: .object([("_id", .string(id))]),
+                    update: .object([("$set", .object([("shard", .int(Int64(ScheduleShards.shard(of: id))))]))]))
+            }
         }
         if stored < Int64(MongoStore.schemaVersion) {
             _ = try update(

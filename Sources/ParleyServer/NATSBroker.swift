@@ -632,13 +632,7 @@ struct ClusterPeers: OtherNodes {
 
     func closeEverywhere(user: String) async -> Int {
         guard let store else { return 0 }
-        let now = Int64(Timestamp.nowMillis())
-        let peers: Int
-        do {
-            peers = try await store.nodeLeases().filter { $0.key != node && $0.key != MongoStore.soleNodeKey && $0.value.expires >= now }.count
-        } catch {
-            peers = 0
-        }
+        let peers = (try? await store.otherLiveNodes(than: node, now: Int64(Timestamp.nowMillis())).count) ?? 0
         return await broker.closeEverywhere(user: user, replies: peers, timeout: timeout)
     }
 }

@@ -239,3 +239,124 @@ import Testing
         try await store.close()
     }
 }
+
+/// A cluster's schedules (#22): each schedule has a shard, a node loads the pending schedules
+/// of the shards it holds, a firing is stamped with its node, and a user's pending schedules
+/// are counted in the store.
+@Suite struct MongoScheduleShardTests {
+    private func store(_ uri: String, node: String?) async throws -> MongoStore {
+        var options = MongoStore.Options()
+        options.node = node
+        return try await MongoStore.open(uri: uri, options: options)
+    }
+
+    private func schedule(_ id: String, owner: String = "alice", at: Int64 = 5_000) -> Schedule {
+        Schedule(id: id, owner: owner, clone: "cl_1", conversation: nil, at: at, content: .text("hi"), status: .pending, createdAt: 1, updatedAt: 1)
+    }
+
+    @Test func shardsAreStableAndSpreadTheIds() {
+        let ids = (0..<6_400).map { "sc_\($0)" }
+        let counts = Dictionary(grouping: ids, by: ScheduleShards.shard(of:)).mapValues(\.count)
+        #expect(counts.count == ScheduleShards.count)
+        #expect(counts.values.allSatisfy { (50...150).contains($0) }, "\(counts.values.sorted())")
+        // Fixed by definition: every node (and every version) must agree.
+        #expect(ScheduleShards.shard(of: "") == 2_166_136_261 % 64)
+        #expect(ScheduleShards.shard(of: "sc_01J") == ScheduleShards.shard(of: "sc_01J"))
+    }
+
+    @Test func aNodeLoadsThePendingSchedulesOfItsShardsOnly() async throws {
+        let uri = MongoFixture.uri()
+        let store = try await store(uri, node: "node-a")
+        let ids = (0..<40).map { "sc_\($0)" }
+        for (n, id) in ids.enumerated() { try await store.createSchedule(schedule(id, at: Int64(1_000 + n))) }
+        let shards = Set(ids.prefix(3).map(ScheduleShards.shard(of:)))
+        let expected = ids.filter { shards.contains(ScheduleShards.shard(of: $0)) }.sorted()
+        #expect(try await store.pendingSchedules(shards: shards, limit: 100, after: nil).map(\.id) == expected)
+        // Paged, and only those due before a time.
+        let first = try await store.pendingSchedules(shards: shards, limit: 1, after: nil)
+        #expect(try await store.pendingSchedules(shards: shards, limit: 100, after: first.last?.id).map(\.id) == Array(expected.dropFirst()))
+        #expect(
+            try await store.pendingSchedules(shards: shards, dueBefore: 1_010, limit: 100, after: nil).map(\.id)
+                == expected.filter { id in
+                    Int(id.dropFirst(3))! < 10
+                })
+        // Not pending any more: not loaded.
+        _ = try await store.transitionSchedule(id: expected[0], from: .pending, to: ScheduleChange(status: .cancelled, updatedAt: 2))
+        #expect(try await store.pendingSchedules(shards: shards, limit: 100, after: nil).map(\.id) == Array(expected.dropFirst()))
+        #expect(try await store.pendingSchedules(shards: [], limit: 100, after: nil).isEmpty)
+        try await store.close()
+    }
+
+    @Test func aFiringIsItsNodesAndATakeoverMakesItTheTakersOwn() async throws {
+        let uri = MongoFixture.uri()
+        let a = try await store(uri, node: "node-a")
+        let b = try await store(uri, node: "node-b")
+        for id in ["sc_1", "sc_2", "sc_3"] { try await a.createSchedule(schedule(id)) }
+        let firing = ScheduleChange(status: .firing, updatedAt: 2, conversation: "cv_1", message: "msg_1")
+        _ = try await a.transitionSchedule(id: "sc_1", from: .pending, to: firing)
+        _ = try await b.transitionSchedule(id: "sc_2", from: .pending, to: firing)
+        #expect(try await a.firingSchedules(node: "node-a").map(\.id) == ["sc_1"])
+        #expect(try await a.firingSchedules(node: "node-b").map(\.id) == ["sc_2"])
+        // B takes A's over: they are B's now, and nothing is left under A's name.
+        #expect(try await b.adoptFiringSchedules(from: "node-a", to: "node-b").map(\.id) == ["sc_1"])
+        #expect(try await b.firingSchedules(node: "node-b").map(\.id) == ["sc_1", "sc_2"])
+        #expect(try await b.firingSchedules(node: "node-a").isEmpty)
+        for s in [a, b] { try await s.close() }
+    }
+
+    @Test func aUsersPendingSchedulesAreCountedInTheStoreInCreationOrder() async throws {
+        let uri = MongoFixture.uri()
+        let store = try await store(uri, node: "node-a")
+        for id in ["sc_1", "sc_2", "sc_3"] { try await store.createSchedule(schedule(id)) }
+        try await store.createSchedule(schedule("sc_0", owner: "bob"))
+        #expect(try await store.isWithinPendingLimit(id: "sc_2", owner: "alice", limit: 2))
+        #expect(try await !store.isWithinPendingLimit(id: "sc_3", owner: "alice", limit: 2))
+        #expect(try await store.withdrawSchedule(id: "sc_3"))
+        #expect(try await store.schedule(id: "sc_3", owner: "alice") == nil)
+        // One that started firing is not withdrawn, and no longer counts as pending.
+        _ = try await store.transitionSchedule(id: "sc_1", from: .pending, to: ScheduleChange(status: .firing, updatedAt: 2))
+        #expect(try await !store.withdrawSchedule(id: "sc_1"))
+        try await store.createSchedule(schedule("sc_4"))
+        #expect(try await store.isWithinPendingLimit(id: "sc_4", owner: "alice", limit: 2))
+        try await store.close()
+    }
+
+    @Test func shardLeasesAreKeptApartFromNodeLeasesAndRenewedTogether() async throws {
+        let uri = MongoFixture.uri()
+        let store = try await store(uri, node: nil)
+        let now: Int64 = 1_000_000
+        let collection = "schedule_shards"
+        func lease(_ node: String) -> NodeLease { NodeLease(node: node, host: "h", pid: 1, expires: now + 1_000) }
+        #expect(try await store.claimNodeLease(lease("node-a"), now: now, key: "node-a") == nil)
+        for shard in ["0", "1", "2"] { #expect(try await store.claimNodeLease(lease("node-a"), now: now, key: shard, in: collection) == nil) }
+        #expect(try await store.claimNodeLease(lease("node-b"), now: now, key: "3", in: collection) == nil)
+        #expect(try await store.claimNodeLease(lease("node-b"), now: now, key: "0", in: collection)?.node == "node-a")
+        #expect(Set(try await store.nodeLeases().keys) == ["node-a"])
+        #expect(try await store.otherLiveNodes(than: "node-b", now: now) == ["node-a"])
+        #expect(try await store.renewLeases(node: "node-a", expires: now + 9_000, in: collection) == 3)
+        let shards = try await store.nodeLeases(in: collection)
+        #expect(shards.filter { $0.value.expires == now + 9_000 }.keys.sorted() == ["0", "1", "2"])
+        #expect(shards["3"]?.expires == now + 1_000)
+        try await store.close()
+    }
+
+    @Test func schedulesStoredBeforeShardsGetTheirsWhenTheStoreOpens() async throws {
+        let uri = MongoFixture.uri()
+        try await MongoStore.open(uri: uri).close()
+        let pool = try MongoClientPool(uri: uri)
+        guard case .object(let fields) = MongoStore.document(schedule("sc_old")) else { return }
+        _ = try pool.command(
+            .object([("insert", .string("schedules")), ("documents", .array([.object(fields.filter { $0.0 != "shard" })]))]))
+        _ = try pool.command(
+            .object([
+                ("update", .string("meta")),
+                (
+                    "updates",
+                    .array([.object([("q", .object([("_id", .string("schema"))])), ("u", .object([("$set", .object([("version", .int(1))]))]))])])
+                ),
+            ]))
+        let store = try await store(uri, node: nil)
+        #expect(try await store.pendingSchedules(shards: [ScheduleShards.shard(of: "sc_old")], limit: 10, after: nil).map(\.id) == ["sc_old"])
+        try await store.close()
+    }
+}
