@@ -29,6 +29,12 @@ enum BrokerSubjects {
     /// Where every node answers an account deletion: one user's, and every user's.
     static func closeUser(_ user: String) -> String { "pu." + token(user) }
     static let closeAnyUser = "pu.*"
+    /// A schedule was created: the node holding its shard arms its timer.
+    static func scheduleAdded(shard: Int) -> String { "ps.\(shard)" }
+    static let anyScheduleAdded = "ps.*"
+    /// A fired schedule's message, for the nodes where its owner has sockets.
+    static func delivery(user: String) -> String { "pd." + token(user) }
+    static let anyDelivery = "pd.*"
 
     /// The topic, and for a stream's frame the stream, a subject of `interest` names.
     static func parse(_ subject: String) -> (topic: Topic, stream: String?)? {
@@ -481,6 +487,17 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
             logger.error("asking the broker to cancel a stream failed", metadata: ["stream": "\(id)", "error": "\(error)"])
             return false
         }
+    }
+
+    // MARK: Other cluster messages
+
+    /// Publishes a message that is not a frame (a schedule's arrival or delivery); a failure
+    /// is counted and logged like a frame's.
+    func publish(subject: String, _ payload: [UInt8]) { send(subject, payload) }
+
+    /// Receives what `publish(subject:_:)` sends, on nats.c's delivery threads.
+    func subscribe(subject: String, _ handler: @escaping @Sendable (NATSMessage) -> Void) throws -> NATSSubscription {
+        try nats.subscribe(subject, handler: handler)
     }
 
     // MARK: Users across nodes

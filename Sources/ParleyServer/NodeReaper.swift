@@ -10,19 +10,24 @@ import ParleyMongoStore
 /// conditional update: one node wins), and does for that node what its own restart would have
 /// done: voids or completes its half-applied ledger entries, stores its cut replies as
 /// `interrupted` and settles their credits exactly (every step idempotent), and ends those
-/// streams for their readers on every node with a `stream.end` saying `interrupted`. Then it
-/// lets the lease go. A node back from a stall finds its lease taken and stops.
+/// streams for their readers on every node with a `stream.end` saying `interrupted`, and fires
+/// again the scheduled messages it was firing. Then it lets the lease go. A node back from a stall finds its lease taken and stops.
 final class NodeReaper: Sendable {
     private let store: MongoStore
     private let node: String
     private let period: Duration
     private let credits: Credits
     private let broker: NATSBroker?
+    private let schedules: ScheduleService?
     private let logger: Logger
     private let takeovers: Counter
     private let host = ProcessInfo.processInfo.hostName
 
-    init(store: MongoStore, node: String, period: Duration, credits: Credits, broker: NATSBroker?, logger: Logger, metrics: any MetricsFactory) {
+    init(
+        store: MongoStore, node: String, period: Duration, credits: Credits, broker: NATSBroker?, schedules: ScheduleService? = nil, logger: Logger,
+        metrics: any MetricsFactory
+    ) {
+        self.schedules = schedules
         self.store = store
         self.node = node
         self.period = period
@@ -78,8 +83,15 @@ final class NodeReaper: Sendable {
                 balance: finished.balance)
             broker?.endOrphan(stream: journal.stream, readers: readers, frame: allocator.buffer(bytes: end))
         }
+        // Its scheduled messages in the middle of firing become this node's before its lease goes
+        // (should this node stop too, whoever takes it over finds them), then fire again here:
+        // the message is stored once and its credits charged once (see `ScheduleService`).
+        let firings = try await schedules?.cluster?.adoptFirings(from: dead) ?? []
         try await store.releaseNodeLease(node: node, key: dead)
+        schedules?.resumeFirings(firings)
         takeovers.increment()
-        logger.notice("finished what a stopped node left", metadata: ["node": "\(dead)", "streams": "\(streams)", "ledger": "\(settled)"])
+        logger.notice(
+            "finished what a stopped node left",
+            metadata: ["node": "\(dead)", "streams": "\(streams)", "ledger": "\(settled)", "schedules": "\(firings.count)"])
     }
 }

@@ -161,18 +161,23 @@ public final class ParleyServer: Sendable {
             configuration: configuration, logger: logger, ids: ids)
         let chat = ChatService(store: store, streams: streams, configuration: configuration, ids: ids)
         // The timer wheel lives on one event loop; firing hands work to tasks, never blocking it.
-        let schedules = ScheduleService(store: store, streams: streams, configuration: configuration, logger: logger, ids: ids, loop: group.next())
+        // In a cluster on MongoDB, this node fires the schedules of the shards it holds.
+        let shards = clusterBroker.flatMap { broker in
+            (store as? MongoStore).map {
+                ScheduleShardKeeper(store: $0, broker: broker, node: nodeID, period: configuration.nodeLeasePeriod, logger: logger)
+            }
+        }
+        let schedules = ScheduleService(
+            store: store, streams: streams, configuration: configuration, logger: logger, ids: ids, loop: group.next(), cluster: shards)
         let rooms = RoomService(store: store, streams: streams, configuration: configuration, logger: logger, ids: ids, audit: audit)
         let retention = RetentionJob(
             store: store, retention: configuration.retention, interval: configuration.retentionInterval,
             logger: logger, metrics: configuration.metrics)
         do {
-            // In a cluster, rooms and schedules are refused until they hold across nodes (#22):
-            // every node would otherwise resume every room and fire every schedule.
-            if !configuration.isClustered {
-                try await rooms.start()
-                try await schedules.start()
-            }
+            // In a cluster, rooms are refused until they hold across nodes (#22): every node
+            // would otherwise resume every room. So are schedules without a shared store (tests).
+            if !configuration.isClustered { try await rooms.start() }
+            if !configuration.isClustered || shards != nil { try await schedules.start() }
         } catch {
             await schedules.stopFiring()
             await schedules.drain()
@@ -202,7 +207,8 @@ public final class ParleyServer: Sendable {
         }
 
         let socketServices = ServerSocketServices(
-            hub: sockets, chat: chat, schedules: schedules, rooms: rooms, clustered: configuration.isClustered)
+            hub: sockets, chat: chat, schedules: schedules, rooms: rooms, clustered: configuration.isClustered,
+            schedulesRefused: configuration.isClustered && shards == nil)
         let httpConnections = HTTPConnectionRegistry(limit: configuration.maxHTTPConnections ?? HTTPConnectionRegistry.defaultLimit())
         let flushes = FlushBatches(group)
         let bootstrap = ServerBootstrap(group: group)
@@ -241,8 +247,8 @@ public final class ParleyServer: Sendable {
         let reaper = (store as? MongoStore).flatMap { mongo in
             configuration.isClustered
                 ? NodeReaper(
-                    store: mongo, node: nodeID, period: configuration.nodeLeasePeriod, credits: credits, broker: clusterBroker, logger: logger,
-                    metrics: configuration.metrics) : nil
+                    store: mongo, node: nodeID, period: configuration.nodeLeasePeriod, credits: credits, broker: clusterBroker,
+                    schedules: schedules, logger: logger, metrics: configuration.metrics) : nil
         }
         logger.info("listening", metadata: ["host": "\(configuration.host)", "port": "\(port)", "store": "\(describeStore(configuration))"])
         if provider is SimulatedProvider || (provider as? ConcurrencyLimitedProvider)?.inner is SimulatedProvider {
@@ -392,6 +398,14 @@ public final class ParleyServer: Sendable {
     /// connected reads the streams other nodes start from now on). Nothing to wait for alone.
     func brokerRoundTrip() async throws {
         try await clusterBroker?.flush()
+    }
+
+    /// Renews and evens out this node's schedule shards now instead of at the next renewal;
+    /// returns the shards it holds then (none alone, or without a shared store).
+    func balanceScheduleShards() async -> Set<Int> {
+        guard let shards = schedules.cluster else { return [] }
+        await shards.balance()
+        return shards.held
     }
 
     /// Looks for stopped nodes now instead of at the next sweep; returns those taken over.

@@ -403,7 +403,7 @@ struct RESTAPI: Sendable {
 
     /// `POST /v1/schedules`: the fields of the `schedule.create` frame, without `type` and `id`.
     private func createSchedule(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
-        try refuseInACluster()
+        if configuration.isClustered, schedules.cluster == nil { throw APIError(.serviceUnavailable, .unavailable, ClusterRefusal.schedules) }
         var reader = try JSONObjectReader(try request.json())
         let fields = try ScheduleRequest.read(&reader, now: Int64(Timestamp.nowMillis()), limits: configuration.frameLimits.schedule)
         try reader.rejectUnknown()
@@ -445,7 +445,7 @@ struct RESTAPI: Sendable {
 
     // MARK: Rooms
 
-    /// Rooms and schedules are not run by a cluster's nodes yet (`ClusterRefusal`).
+    /// Rooms are not run by a cluster's nodes yet (`ClusterRefusal`).
     private func refuseInACluster() throws {
         if configuration.isClustered { throw APIError(.serviceUnavailable, .unavailable, ClusterRefusal.message) }
     }

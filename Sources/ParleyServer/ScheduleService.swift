@@ -20,6 +20,10 @@ import Synchronization
 /// 3. `delivery` goes to every open socket; once one write succeeded the schedule moves to
 ///    `delivered`. A crash between the write and that update sends it again on the next
 ///    connect: delivery is at least once, and clients drop a repeat by its `schedule` id.
+///
+/// In a cluster (`cluster`), this node fires the schedules of the shards it holds, a user's
+/// pending schedules are counted in the store, and a delivery goes to every node where the
+/// owner has sockets (see `ScheduleShardKeeper`).
 final class ScheduleService: FrameHandler {
     let store: any Store
     let streams: StreamRunner
@@ -30,6 +34,7 @@ final class ScheduleService: FrameHandler {
     let logger: Logger
     let ids: IDGenerator
     let timer: ScheduleTimer
+    let cluster: ScheduleShardKeeper?
     private let allocator = ByteBufferAllocator()
     private var limits: ScheduleLimits { configuration.frameLimits.schedule }
 
@@ -38,6 +43,8 @@ final class ScheduleService: FrameHandler {
         var pending: [String: [String: String]] = [:]
         /// Schedules whose delivery is being written, so a connect and a firing never both send it.
         var delivering: Set<String> = []
+        /// Schedules being fired here: a timer armed again meanwhile (a catch-up) waits for it.
+        var inFlight: Set<String> = []
         var consumer: Task<Void, Never>?
         var stopping = false
     }
@@ -45,8 +52,10 @@ final class ScheduleService: FrameHandler {
     private let state = Mutex(State())
 
     init(
-        store: any Store, streams: StreamRunner, configuration: ServerConfiguration, logger: Logger, ids: IDGenerator, loop: any EventLoop
+        store: any Store, streams: StreamRunner, configuration: ServerConfiguration, logger: Logger, ids: IDGenerator, loop: any EventLoop,
+        cluster: ScheduleShardKeeper? = nil
     ) {
+        self.cluster = cluster
         self.store = store
         self.streams = streams
         self.requests = streams.requests
@@ -63,6 +72,16 @@ final class ScheduleService: FrameHandler {
     /// Loads every pending (and interrupted) schedule into the wheel, oldest deadline first, and
     /// starts firing. Those whose time passed while the server was down fire at once, in order.
     func start() async throws {
+        if let cluster {
+            // This node's own firings a stop cut; the pending ones come with its shards.
+            let own = try await cluster.ownFirings()
+            timer.add(own.map(Self.resumption))
+            if !own.isEmpty { logger.info("resuming schedules this node was firing", metadata: ["count": "\(own.count)"]) }
+            let consumer = Task { await self.consume() }
+            state.withLock { $0.consumer = consumer }
+            try await cluster.start(self)
+            return
+        }
         var live: [Schedule] = []
         var after: String?
         while true {
@@ -89,10 +108,36 @@ final class ScheduleService: FrameHandler {
         await timer.stop()
     }
 
-    /// Waits for the firings in flight (their streams are stopped by `StreamRunner.shutdown`).
+    /// Waits for the firings in flight (their streams are stopped by `StreamRunner.shutdown`);
+    /// in a cluster, then lets the shards go to the other nodes.
     func drain() async {
         let consumer = state.withLock { $0.consumer }
         await consumer?.value
+        await cluster?.stop()
+    }
+
+    /// Arms the pending schedules of `shards` (due before `dueBefore`, when given): a node of
+    /// a cluster took them, or catches up.
+    func load(shards: Set<Int>, dueBefore: Int64? = nil) async throws {
+        guard let cluster else { return }
+        var after: String?
+        while true {
+            let page = try await cluster.pending(shards: shards, dueBefore: dueBefore, limit: 1_000, after: after)
+            let idle = state.withLock { s in page.filter { !s.inFlight.contains($0.id) } }
+            timer.add(idle.map { ScheduleTimer.Entry(id: $0.id, owner: $0.owner, at: $0.at) })
+            guard page.count == 1_000 else { return }
+            after = page.last?.id
+        }
+    }
+
+    /// Finishes the firings a stopped node left (`NodeReaper` made them this node's).
+    func resumeFirings(_ schedules: [Schedule]) {
+        timer.add(schedules.map(Self.resumption))
+    }
+
+    /// A firing to finish, at once: its time came when it was claimed.
+    private static func resumption(_ schedule: Schedule) -> ScheduleTimer.Entry {
+        ScheduleTimer.Entry(id: schedule.id, owner: schedule.owner, at: min(schedule.at, Int64(Timestamp.nowMillis())), resumes: true)
     }
 
     /// Fires timers as they come, at most `maxConcurrentFirings` at once (a backlog after a long
@@ -101,7 +146,8 @@ final class ScheduleService: FrameHandler {
         await withTaskGroup(of: Void.self) { group in
             var running = 0
             for await entry in timer.fired {
-                if state.withLock({ $0.stopping }) { continue }
+                // Stopping, or fired here already (a catch-up armed it again): not fired (again).
+                if state.withLock({ $0.stopping || !$0.inFlight.insert(entry.id).inserted }) { continue }
                 if running >= configuration.maxConcurrentFirings {
                     await group.next()
                     running -= 1
@@ -110,7 +156,10 @@ final class ScheduleService: FrameHandler {
                 // Message ids sort by time and order the transcript, so they are taken here, in
                 // firing order, not in whatever order the concurrent firings reach their claim.
                 let messageID = ids.make(.message)
-                group.addTask { await self.fire(entry, messageID: messageID) }
+                group.addTask {
+                    await self.fire(entry, messageID: messageID)
+                    _ = self.state.withLock { $0.inFlight.remove(entry.id) }
+                }
             }
         }
     }
@@ -140,17 +189,14 @@ final class ScheduleService: FrameHandler {
         let schedule = Schedule(
             id: ids.make(.schedule), owner: owner, clone: request.clone, conversation: request.conversation,
             at: request.at, content: request.content, status: .pending, createdAt: now, updatedAt: now)
+        if let cluster { return try await createInCluster(schedule, cluster) }
         // The quota is taken before the write, so concurrent creates cannot overshoot it.
         let admitted = state.withLock { s -> Bool in
             guard s.pending[owner, default: [:]].count < limits.maxPendingPerUser else { return false }
             s.pending[owner, default: [:]][schedule.id] = schedule.clone
             return true
         }
-        guard admitted else {
-            throw FrameError(
-                ref: nil, code: .limitExceeded,
-                message: "at most \(limits.maxPendingPerUser) schedules may be pending; cancel one or wait for one to fire")
-        }
+        guard admitted else { throw tooMany() }
         do {
             try await store.createSchedule(schedule)
         } catch {
@@ -159,6 +205,30 @@ final class ScheduleService: FrameHandler {
         }
         timer.add(ScheduleTimer.Entry(id: schedule.id, owner: owner, at: schedule.at))
         return schedule
+    }
+
+    /// In a cluster the user's pending schedules are counted in the store, after the write: it
+    /// is kept when it is among the user's first `maxPendingPerUser` pending ones. (Two creates
+    /// racing on two nodes whose clocks differ can both pass: README says so.)
+    private func createInCluster(_ schedule: Schedule, _ cluster: ScheduleShardKeeper) async throws(FrameError) -> Schedule {
+        do {
+            try await store.createSchedule(schedule)
+            if try await !cluster.isWithinPendingLimit(schedule, limit: limits.maxPendingPerUser), try await cluster.withdraw(schedule) {
+                throw tooMany()
+            }
+        } catch let error as FrameError {
+            throw error
+        } catch {
+            throw requests.internalFailure(error, what: "schedule request")
+        }
+        cluster.announce(ScheduleTimer.Entry(id: schedule.id, owner: schedule.owner, at: schedule.at))
+        return schedule
+    }
+
+    private func tooMany() -> FrameError {
+        FrameError(
+            ref: nil, code: .limitExceeded,
+            message: "at most \(limits.maxPendingPerUser) schedules may be pending; cancel one or wait for one to fire")
     }
 
     /// Cancels a pending schedule; `conflict` once it started firing.
@@ -183,7 +253,12 @@ final class ScheduleService: FrameHandler {
 
     /// Cancels the owner's pending schedules of a clone (or all of them) that is being deleted.
     func cancelAll(clone: String? = nil, owner: String) async {
-        let victims = state.withLock { s in (s.pending[owner] ?? [:]).filter { clone == nil || $0.value == clone }.map(\.key) }
+        var victims = state.withLock { s in (s.pending[owner] ?? [:]).filter { clone == nil || $0.value == clone }.map(\.key) }
+        if cluster != nil {
+            // Another node may fire them: the store knows them all.
+            let pending = (try? await store.schedules(statuses: [.pending], owner: owner, limit: 1_000, after: nil)) ?? []
+            victims = pending.filter { clone == nil || $0.clone == clone }.map(\.id)
+        }
         for id in victims { _ = try? await cancel(owner: owner, id: id) }
     }
 
@@ -215,14 +290,18 @@ final class ScheduleService: FrameHandler {
             guard let schedule = try await store.schedule(id: entry.id, owner: entry.owner) else { return }
             switch schedule.status {
             case .pending: try await claimAndProduce(schedule, messageID: messageID)
-            case .firing: try await resume(schedule)
+            // In a cluster, a firing found here is another node's unless this node is to finish it.
+            case .firing where cluster == nil || entry.resumes: try await resume(schedule)
+            case .firing: return
             default: releaseQuota(schedule)  // cancelled or done meanwhile
             }
         } catch {
             // The schedule stays as stored (pending or firing); try again a little later (and at
             // the next start in any case).
             logger.error("firing a schedule failed; retrying", metadata: ["schedule": "\(entry.id)", "error": "\(error)"])
-            timer.add(ScheduleTimer.Entry(id: entry.id, owner: entry.owner, at: Self.millis(after: configuration.scheduleErrorRetry)))
+            timer.add(
+                ScheduleTimer.Entry(
+                    id: entry.id, owner: entry.owner, at: Self.millis(after: configuration.scheduleErrorRetry), resumes: entry.resumes))
         }
     }
 
@@ -273,7 +352,9 @@ final class ScheduleService: FrameHandler {
     private func reserve(_ schedule: Schedule, conversation: String, isNew: Bool) -> Bool {
         if isNew, case .text = schedule.content { return true }
         if hub.reserve(user: schedule.owner, conversation: conversation) == .reserved { return true }
-        timer.add(ScheduleTimer.Entry(id: schedule.id, owner: schedule.owner, at: Self.millis(after: configuration.scheduleBusyRetry)))
+        timer.add(
+            ScheduleTimer.Entry(
+                id: schedule.id, owner: schedule.owner, at: Self.millis(after: configuration.scheduleBusyRetry), resumes: schedule.status == .firing))
         return false
     }
 
@@ -353,13 +434,24 @@ final class ScheduleService: FrameHandler {
     /// delivered once a write succeeded. With no socket open it waits in the inbox. Written to
     /// the sockets directly, not published: "delivered" needs to know that a write succeeded.
     private func deliver(_ schedule: Schedule, _ message: Message) async {
-        await deliver(schedule, message, to: sockets.connections(of: schedule.owner))
+        let frame = deliveryFrame(schedule, message)
+        // The owner's sockets on other nodes: each node writes to its own and records it.
+        cluster?.deliverElsewhere(frame, schedule: schedule.id, user: schedule.owner)
+        await write(frame, schedule: schedule.id, to: sockets.connections(of: schedule.owner))
     }
 
-    private func deliver(_ schedule: Schedule, _ message: Message, to connections: [ClientConnection]) async {
-        guard !connections.isEmpty, state.withLock({ $0.delivering.insert(schedule.id).inserted }) else { return }
-        defer { _ = state.withLock { $0.delivering.remove(schedule.id) } }
-        let frame = allocator.buffer(bytes: ServerFrame.delivery(schedule: schedule.id, conversation: message.conversation, message: message))
+    /// Another node fired a schedule of a user with sockets here.
+    func deliverHere(_ frame: ByteBuffer, schedule: String, user: String) async {
+        await write(frame, schedule: schedule, to: sockets.connections(of: user))
+    }
+
+    private func deliveryFrame(_ schedule: Schedule, _ message: Message) -> ByteBuffer {
+        allocator.buffer(bytes: ServerFrame.delivery(schedule: schedule.id, conversation: message.conversation, message: message))
+    }
+
+    private func write(_ frame: ByteBuffer, schedule id: String, to connections: [ClientConnection]) async {
+        guard !connections.isEmpty, state.withLock({ $0.delivering.insert(id).inserted }) else { return }
+        defer { _ = state.withLock { $0.delivering.remove(id) } }
         var written = false
         for connection in connections {
             if (try? await connection.write(frame).get()) != nil { written = true }
@@ -367,10 +459,9 @@ final class ScheduleService: FrameHandler {
         guard written else { return }
         do {
             _ = try await store.transitionSchedule(
-                id: schedule.id, from: .fired,
-                to: ScheduleChange(status: .delivered, updatedAt: Int64(Timestamp.nowMillis())))
+                id: id, from: .fired, to: ScheduleChange(status: .delivered, updatedAt: Int64(Timestamp.nowMillis())))
         } catch {
-            logger.error("recording a delivery failed; it will be sent again", metadata: ["schedule": "\(schedule.id)", "error": "\(error)"])
+            logger.error("recording a delivery failed; it will be sent again", metadata: ["schedule": "\(id)", "error": "\(error)"])
         }
     }
 
@@ -386,7 +477,7 @@ final class ScheduleService: FrameHandler {
                         guard let id = schedule.message, let conversation = schedule.conversation,
                             let message = try await self.store.message(id: id, conversation: conversation)
                         else { continue }
-                        await self.deliver(schedule, message, to: [connection])
+                        await self.write(self.deliveryFrame(schedule, message), schedule: schedule.id, to: [connection])
                     }
                     guard page.count == 100 else { break }
                     after = page.last?.id

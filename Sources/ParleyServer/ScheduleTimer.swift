@@ -10,6 +10,9 @@ final class ScheduleTimer: Sendable {
         var id: String
         var owner: String
         var at: Int64
+        /// A firing this node must finish (its own, or a stopped node's it took over). In a
+        /// cluster a schedule found `firing` is otherwise another node's, and left to it.
+        var resumes = false
     }
 
     private struct State {
@@ -71,6 +74,18 @@ final class ScheduleTimer: Sendable {
                 state.value.wheel.cancel(handle)
                 changed()
             }
+        }
+    }
+
+    /// Cancels the timers of every schedule id `matches` selects (the shards a node of a
+    /// cluster let go).
+    func cancel(where matches: @escaping @Sendable (String) -> Bool) {
+        loop.execute { [self] in
+            let ids = state.value.handles.keys.filter(matches)
+            for id in ids {
+                if let handle = state.value.handles.removeValue(forKey: id) { state.value.wheel.cancel(handle) }
+            }
+            if !ids.isEmpty { changed() }
         }
     }
 

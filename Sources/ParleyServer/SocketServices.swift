@@ -26,20 +26,23 @@ struct ServerSocketServices: SocketServices {
     let chat: ChatService
     let schedules: ScheduleService
     let rooms: RoomService
-    /// One node of a cluster: rooms and schedules are refused (`ClusterRefusal`).
+    /// One node of a cluster: rooms are refused (`ClusterRefusal`).
     let clustered: Bool
+    /// A cluster's node without a shared store (tests only): schedules are refused too.
+    var schedulesRefused = false
 
     func register(_ connection: ClientConnection) -> Bool { hub.add(connection) }
 
     func welcomed(_ connection: ClientConnection) {
-        if !clustered { schedules.connected(connection) }
+        if !schedulesRefused { schedules.connected(connection) }
     }
 
     func handle(_ request: ClientFrame, from connection: ClientConnection, turn: RequestOrder.Turn) {
         switch request {
         case .chat(let frame): chat.handle(frame, from: connection, turn: turn)
-        case .schedule where clustered, .room where clustered:
-            turn.runSoon { connection.send(ServerFrame.error(ref: request.id, code: .unavailable, message: ClusterRefusal.message)) }
+        case .schedule where schedulesRefused, .room where clustered:
+            let message = if case .schedule = request { ClusterRefusal.schedules } else { ClusterRefusal.message }
+            turn.runSoon { connection.send(ServerFrame.error(ref: request.id, code: .unavailable, message: message)) }
         case .schedule(let frame): schedules.handle(frame, from: connection, turn: turn)
         case .room(let frame): rooms.handle(frame, from: connection, turn: turn)
         }
@@ -51,8 +54,9 @@ struct ServerSocketServices: SocketServices {
     }
 }
 
-/// What a node of a cluster answers a room or schedule request until those hold across nodes
-/// (#22): each node would otherwise run every room and fire every schedule as if alone.
+/// What a node of a cluster answers a room request until rooms hold across nodes (#22): each
+/// node would otherwise run every room as if alone.
 enum ClusterRefusal {
-    static let message = "debate rooms, translation chats and scheduled messages are not available while this server runs as a cluster"
+    static let message = "debate rooms and translation chats are not available while this server runs as a cluster"
+    static let schedules = "scheduled messages need the cluster's shared MongoDB store"
 }

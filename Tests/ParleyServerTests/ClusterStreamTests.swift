@@ -361,7 +361,7 @@ extension TestWebSocket {
         await a.stop()
     }
 
-    @Test func aNodeOfAClusterRefusesRoomsAndSchedulesUntilTheyHoldAcrossNodes() async throws {
+    @Test func aNodeOfAClusterRefusesRoomsUntilTheyHoldAcrossNodes() async throws {
         let nats = try NATSServer()
         let a = try await TestServer.start { $0.brokerURL = nats.url }
         let token = try await a.token("alice")

@@ -155,6 +155,37 @@ def test_a_node_killed_mid_reply_is_finished_by_another_for_every_tab(start_node
     assert status == 200, health
 
 
+def test_a_schedule_whose_node_was_killed_fires_once_on_the_node_that_takes_its_shard(start_node):
+    """Node A, alone, holds every schedule shard. Alice schedules a message for two seconds later
+    and A is killed at once. Node B, started after, finds A's shard leases live, takes them once
+    they expired (a lease period), fires the message once and delivers it to Alice's tab on B."""
+    a = start_node("node-a")
+    alice = token("alice")
+    status, clone = a.http("POST", "/v1/clones", alice, {"name": "Ada"})
+    assert status == 201, clone
+    status, schedule = a.http("POST", "/v1/schedules", alice, {"clone": clone["id"], "delay_ms": 2000, "text": "Wake up"})
+    assert status == 201, schedule
+    a.proc.send_signal(signal.SIGKILL)
+    assert a.proc.wait(timeout=10) == -signal.SIGKILL
+    b = start_node("node-b")
+
+    async def scenario():
+        async with websockets.connect(f"{b.ws}?token={alice}") as on_b:
+            assert json.loads(await on_b.recv())["type"] == "welcome"
+            while True:
+                frame = json.loads(await asyncio.wait_for(on_b.recv(), 30))
+                if frame["type"] == "delivery":
+                    return frame
+
+    delivery = asyncio.run(scenario())
+    assert delivery["schedule"] == schedule["id"] and delivery["message"]["text"] == "Wake up", delivery
+    status, page = b.http("GET", f"/v1/conversations/{delivery['conversation']}/messages", alice)
+    assert status == 200, page
+    assert [m["id"] for m in page["messages"]] == [delivery["message"]["id"]], "stored once"
+    status, fired = b.http("GET", f"/v1/schedules/{schedule['id']}", alice)
+    assert status == 200 and fired["status"] in ("fired", "delivered"), fired
+
+
 def test_a_cluster_node_needs_a_shared_store_and_secret(nats_url):
     for extra in (["--jwt-secret", SECRET], ["--store", "mongodb://127.0.0.1:1/x"]):
         with tempfile.TemporaryDirectory() as data_dir:
