@@ -164,7 +164,8 @@ public final class ParleyServer: Sendable {
         // In a cluster on MongoDB, this node fires the schedules of the shards it holds.
         let shards = clusterBroker.flatMap { broker in
             (store as? MongoStore).map {
-                ScheduleShardKeeper(store: $0, broker: broker, node: nodeID, period: configuration.nodeLeasePeriod, logger: logger)
+                ScheduleShardKeeper(
+                    store: $0, broker: broker, node: nodeID, period: configuration.nodeLeasePeriod, logger: logger, metrics: configuration.metrics)
             }
         }
         let schedules = ScheduleService(

@@ -1,3 +1,4 @@
+import CoreMetrics
 import Foundation
 import Logging
 import NIOCore
@@ -28,6 +29,7 @@ final class ScheduleShardKeeper: Sendable {
     private let period: Duration
     private let logger: Logger
     private let host = ProcessInfo.processInfo.hostName
+    private let heldMeter: Meter
 
     private struct State {
         var held: Set<Int> = []
@@ -39,7 +41,8 @@ final class ScheduleShardKeeper: Sendable {
 
     private let state = Mutex(State())
 
-    init(store: MongoStore, broker: NATSBroker, node: String, period: Duration, logger: Logger) {
+    init(store: MongoStore, broker: NATSBroker, node: String, period: Duration, logger: Logger, metrics: any MetricsFactory) {
+        heldMeter = Meter(label: "parley_schedule_shards_held", factory: metrics)
         self.store = store
         self.broker = broker
         self.node = node
@@ -152,6 +155,7 @@ final class ScheduleShardKeeper: Sendable {
                 s.held = mine.union(claimed)
                 return kept
             }
+            heldMeter.set(mine.count + claimed.count)
             let loading = mine.union(claimed).subtracting(kept)
             if !loading.isEmpty {
                 logger.info("firing the schedules of more shards", metadata: ["shards": "\(loading.sorted())"])
@@ -166,7 +170,11 @@ final class ScheduleShardKeeper: Sendable {
 
     private func drop(_ shards: Set<Int>, from service: ScheduleService) {
         guard !shards.isEmpty else { return }
-        state.withLock { $0.held.subtract(shards) }
+        heldMeter.set(
+            state.withLock { s in
+                s.held.subtract(shards)
+                return s.held.count
+            })
         logger.info("no longer firing the schedules of some shards", metadata: ["shards": "\(shards.sorted())"])
         service.timer.cancel { shards.contains(ScheduleShards.shard(of: $0)) }
     }

@@ -1,4 +1,5 @@
 import Foundation
+import MetricsTestKit
 import ParleyCore
 import ParleyMongoStore
 import ParleyStore
@@ -58,15 +59,18 @@ private struct ScheduleCluster {
         let nats = try NATSServer()
         let uri = MongoFixture.uri()
         let secret = "cluster-test-secret-" + UUID().uuidString
-        let a = try await ScheduleCluster.node("node-a", nats: nats, uri: uri, secret: secret)
+        let metrics = TestMetrics()
+        let a = try await ScheduleCluster.node("node-a", nats: nats, uri: uri, secret: secret) { $0.metrics = metrics }
         // Alone, a node fires every shard.
         #expect(await a.server.balanceScheduleShards() == Set(0..<ScheduleShards.count))
+        #expect(try metrics.expectMeter("parley_schedule_shards_held").lastValue == Double(ScheduleShards.count))
         let b = try await ScheduleCluster.node("node-b", nats: nats, uri: uri, secret: secret)
         // B finds them all held; A, at its next renewal, keeps its half; B takes the rest.
         #expect(await b.server.balanceScheduleShards().isEmpty)
         let kept = await a.server.balanceScheduleShards()
         let taken = await b.server.balanceScheduleShards()
         #expect(kept.count == ScheduleShards.count / 2)
+        #expect(try metrics.expectMeter("parley_schedule_shards_held").lastValue == Double(ScheduleShards.count / 2))
         #expect(taken == Set(0..<ScheduleShards.count).subtracting(kept))
         // Balanced: nothing moves.
         #expect(await a.server.balanceScheduleShards() == kept)
