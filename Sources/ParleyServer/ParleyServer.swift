@@ -126,6 +126,9 @@ public final class ParleyServer: Sendable {
                 clusterBroker = nil
             }
             broker = clusterBroker ?? LocalBroker(hub: sockets)
+            // A node cut off from the others stops renewing its lease, so that one of them takes
+            // its work over, and stops before it expires (`NodeLeaseKeeper`).
+            if let clusterBroker { nodeLease?.renewOnlyWhile { clusterBroker.isConnected } }
         } catch {
             await nodeLease?.release()
             try? await store.close()

@@ -49,7 +49,10 @@ final class DataDirectoryLock: Sendable {
 /// renewed every third of the period, and given up at shutdown. The node's id lives in its data
 /// directory (under `DataDirectoryLock`), so a restart after a crash takes its own lease back at
 /// once. Losing the lease (this process stalled past the period and another node took over) is
-/// reported through `lost`: the node must stop at once, as after a crash.
+/// reported through `lost`: the node must stop at once, as after a crash. So is a lease about to
+/// expire unrenewed (a sixth of a period before: the store out of reach, or in a cluster the
+/// broker, while which it is not renewed): another node may take this one's work over once it
+/// expired, and this one must not be generating then.
 final class NodeLeaseKeeper: Sendable {
     let node: String
     /// Which lease: the database's, or this node's own in a cluster.
@@ -60,6 +63,13 @@ final class NodeLeaseKeeper: Sendable {
     private let period: Duration
     private let logger: Logger
     private let renewal = Mutex<Task<Void, Never>?>(nil)
+    private let watchdog = Mutex<Task<Void, Never>?>(nil)
+    /// Until when the lease is surely this node's (the last renewal's request plus a period),
+    /// and why the last renewal failed, if it did.
+    private let held: Mutex<(until: ContinuousClock.Instant, failure: String?)>
+    /// In a cluster: whether the node can reach the others (NATS). While it cannot, the lease is
+    /// not renewed, so that another node takes its work over.
+    private let reachability = Mutex<(@Sendable () -> Bool)?>(nil)
     /// Why the lease was lost, once.
     private let lostSignal: AsyncStream<String>
     private let lostContinuation: AsyncStream<String>.Continuation
@@ -70,7 +80,13 @@ final class NodeLeaseKeeper: Sendable {
         self.store = store
         self.period = period
         self.logger = logger
+        held = Mutex((ContinuousClock.now + period, nil))
         (lostSignal, lostContinuation) = AsyncStream.makeStream(bufferingPolicy: .bufferingNewest(1))
+    }
+
+    /// Renews the lease only while `reachable` says the node can reach the other nodes.
+    func renewOnlyWhile(_ reachable: @escaping @Sendable () -> Bool) {
+        reachability.withLock { $0 = reachable }
     }
 
     /// This node's id: kept in `directory` (under `DataDirectoryLock`), made at its first start.
@@ -100,7 +116,9 @@ final class NodeLeaseKeeper: Sendable {
             logger.notice("waiting for the node lease", metadata: ["holder": "\(holder.node) on \(holder.host)", "lease": "\(key)"])
             try await Task.sleep(for: min(period / 3, giveUp - ContinuousClock.now))
         }
+        keeper.held.withLock { $0.until = ContinuousClock.now + period }
         keeper.renewal.withLock { $0 = Task { await keeper.renew() } }
+        keeper.watchdog.withLock { $0 = Task { await keeper.watch() } }
         return keeper
     }
 
@@ -130,13 +148,16 @@ final class NodeLeaseKeeper: Sendable {
     }
 
     private func renew() async {
-        // Until then the lease is this node's, whatever a failed renewal says.
-        var heldUntil = ContinuousClock.now + period
         while true {
             do {
                 try await Task.sleep(for: period / 3)
             } catch {
                 return  // cancelled: the shutdown gives the lease up
+            }
+            if let reachable = reachability.withLock({ $0 }), !reachable() {
+                held.withLock { $0.failure = "this node is cut off from the broker" }
+                logger.error("cut off from the broker: not renewing the node lease, so that another node takes this one's work over")
+                continue
             }
             // The lease runs from when it was asked for, not from when the store answered.
             let asked = ContinuousClock.now
@@ -145,13 +166,28 @@ final class NodeLeaseKeeper: Sendable {
                     lostContinuation.yield("node \(holder.node) on \(holder.host) (pid \(holder.pid)) took the node lease (\(key)) over")
                     return
                 }
-                heldUntil = asked + period
+                held.withLock { $0 = (asked + period, nil) }
             } catch {
-                guard ContinuousClock.now < heldUntil else {
-                    lostContinuation.yield("the node lease could not be renewed before it expired: \(error)")
-                    return
-                }
+                held.withLock { $0.failure = "\(error)" }
                 logger.error("renewing the node lease failed; trying again", metadata: ["error": "\(error)"])
+            }
+        }
+    }
+
+    /// Reports the lease lost a sixth of a period before it expires unrenewed, however long a
+    /// renewal in flight blocks (a store out of reach answers only after its own timeout).
+    private func watch() async {
+        while true {
+            let (until, failure) = held.withLock { $0 }
+            let deadline = until - period / 6
+            guard ContinuousClock.now < deadline else {
+                lostContinuation.yield("the node lease could not be renewed before it expired: \(failure ?? "no answer from the store")")
+                return
+            }
+            do {
+                try await Task.sleep(until: deadline)
+            } catch {
+                return
             }
         }
     }
@@ -165,8 +201,10 @@ final class NodeLeaseKeeper: Sendable {
 
     /// Stops renewing and gives the lease up (a clean shutdown).
     func release() async {
-        renewal.withLock { $0 }?.cancel()
-        await renewal.withLock { $0 }?.value
+        for task in [renewal.withLock { $0 }, watchdog.withLock { $0 }] {
+            task?.cancel()
+            await task?.value
+        }
         lostContinuation.finish()
         do {
             try await store.releaseNodeLease(node: node, key: key)

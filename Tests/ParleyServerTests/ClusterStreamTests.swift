@@ -341,6 +341,30 @@ extension TestWebSocket {
         nats.stop()
     }
 
+    @Test func aNodeCutOffFromTheBrokerStopsRenewingItsLeaseAndIsToldToStopBeforeItExpires() async throws {
+        let nats = try NATSServer()
+        let uri = MongoFixture.uri()
+        let a = try await TestServer.start(store: .mongodb) {
+            $0.storeURI = uri
+            $0.brokerURL = nats.url
+            $0.jwtSecret = "cluster-test-secret-" + UUID().uuidString
+            $0.nodeID = "node-a"
+            $0.nodeLeasePeriod = .milliseconds(900)
+        }
+        nats.stop()
+        let server = a.server
+        let reason = try await within(.seconds(10), "the lease reported lost") { await server.nodeLeaseLost() }
+        let toldAt = Int64(Timestamp.nowMillis())
+        #expect(reason == "the node lease could not be renewed before it expired: this node is cut off from the broker")
+        let observer = try await MongoStore.open(uri: uri)
+        let lease = try #require(try await observer.nodeLeases()["node-a"])
+        // Not renewed since the broker went: it runs out soon after, and the node was told first.
+        #expect(toldAt < lease.expires)
+        #expect(lease.expires <= toldAt + 900)
+        try await observer.close()
+        await a.stop()
+    }
+
     @Test func aNodeCutOffFromTheBrokerIsNotReady() async throws {
         let nats = try NATSServer()
         let a = try await TestServer.start { $0.brokerURL = nats.url }

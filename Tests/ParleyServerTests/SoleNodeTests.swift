@@ -1,4 +1,5 @@
 import Foundation
+import Logging
 import ParleyCore
 import ParleyMongoStore
 @testable import ParleyServer
@@ -45,6 +46,23 @@ import Testing
         try await store.releaseNodeLease(node: "b")
         #expect(try await store.claimNodeLease(a, now: 2_800) == nil)
         try await store.close()
+    }
+
+    @Test func aNodeThatCannotRenewItsLeaseIsToldToStopBeforeItExpires() async throws {
+        let uri = MongoFixture.uri()
+        let store = try await MongoStore.open(uri: uri)
+        let keeper = try await NodeLeaseKeeper.claim(
+            store: store, node: "node-a", key: "node-a", period: .milliseconds(900), logger: Logger(label: "t"))
+        // The store goes out of reach: no renewal succeeds from now on.
+        try await store.close()
+        let reason = try await within(.seconds(10), "the lease reported lost") { await keeper.lost() }
+        let toldAt = Int64(Timestamp.nowMillis())
+        #expect(reason?.hasPrefix("the node lease could not be renewed before it expired") == true, "\(reason ?? "nil")")
+        let observer = try await MongoStore.open(uri: uri)
+        let lease = try #require(try await observer.nodeLeases()["node-a"])
+        #expect(toldAt < lease.expires, "told before another node could take it over")
+        await keeper.release()
+        try await observer.close()
     }
 
     @Test func aSecondNodeOnOneDatabaseIsRefusedAndAnOvertakenNodeIsTold() async throws {
