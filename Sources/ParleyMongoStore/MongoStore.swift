@@ -312,6 +312,8 @@ struct Database: Sendable {
         ("schedules", "owner_id", .object([("owner", .int(1)), ("_id", .int(1))]), false),
         ("schedules", "status_id", .object([("status", .int(1)), ("_id", .int(1))]), false),
         // A cluster's node loads the pending schedules of the shards it holds.
+        ("reply_slots", "user_created", .object([("user", .int(1)), ("created_at", .int(1)), ("_id", .int(1))]), false),
+        ("reply_slots", "node", .object([("node", .int(1))]), false),
         ("schedules", "status_shard", .object([("status", .int(1)), ("shard", .int(1)), ("_id", .int(1))]), false),
         ("rooms", "status_id", .object([("status", .int(1)), ("_id", .int(1))]), false),
         ("room_entries", "room_id", .object([("room", .int(1)), ("_id", .int(1))]), false),

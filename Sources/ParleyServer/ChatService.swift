@@ -13,6 +13,7 @@ final class ChatService: FrameHandler {
     let requests: RequestTracker
     let configuration: ServerConfiguration
     let ids: IDGenerator
+    private var slots: ReplySlots? { streams.slots }
     private var hub: StreamHub { streams.hub }
     private let allocator = ByteBufferAllocator()
 
@@ -83,6 +84,7 @@ final class ChatService: FrameHandler {
     private func chatSend(ref: String, cloneID: String, conversationID: String?, text: String, from connection: ClientConnection) async {
         let user = connection.identity.user
         var reservedConversation: String?
+        var clusterSlot: String?
         var toRefund: StreamRunner.Prepared?
         do {
             guard let clone = try await store.clone(id: cloneID, owner: user) else {
@@ -106,13 +108,11 @@ final class ChatService: FrameHandler {
                 )
                 isNew = true
             }
-            switch hub.reserve(user: user, conversation: conversation.id) {
-            case .reserved: reservedConversation = conversation.id
-            case .conversationBusy:
-                throw FrameError(ref: ref, code: .rateLimited, message: "a reply is already streaming in conversation \(conversation.id)")
-            case .tooManyStreams:
-                throw FrameError(
-                    ref: ref, code: .rateLimited, message: "at most \(configuration.maxConcurrentStreamsPerUser) replies may stream at once")
+            try refuse(hub.reserve(user: user, conversation: conversation.id), conversation: conversation.id, ref: ref)
+            reservedConversation = conversation.id
+            if let slots {
+                try refuse(try await slots.claim(user: user, conversation: conversation.id), conversation: conversation.id, ref: ref)
+                clusterSlot = conversation.id
             }
 
             // A card's greeting opens a new conversation as its first message (made first, so its
@@ -170,6 +170,17 @@ final class ChatService: FrameHandler {
         // Charged for a prompt whose message could not be stored: give it back.
         if let toRefund { await streams.abandon(toRefund) }
         if let reservedConversation { hub.release(user: user, conversation: reservedConversation) }
+        if let clusterSlot { await slots?.release(conversation: clusterSlot) }
+    }
+
+    private func refuse(_ reservation: StreamHub.Reservation, conversation: String, ref: String) throws(FrameError) {
+        switch reservation {
+        case .reserved: return
+        case .conversationBusy:
+            throw FrameError(ref: ref, code: .rateLimited, message: "a reply is already streaming in conversation \(conversation)")
+        case .tooManyStreams:
+            throw FrameError(ref: ref, code: .rateLimited, message: "at most \(configuration.maxConcurrentStreamsPerUser) replies may stream at once")
+        }
     }
 
     static func title(for text: String) -> String {

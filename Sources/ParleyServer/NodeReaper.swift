@@ -83,6 +83,7 @@ final class NodeReaper: Sendable {
                 balance: finished.balance)
             broker?.endOrphan(stream: journal.stream, readers: readers, frame: allocator.buffer(bytes: end))
         }
+        try await store.releaseReplySlots(node: dead)
         // Its scheduled messages in the middle of firing become this node's before its lease goes
         // (should this node stop too, whoever takes it over finds them), then fire again here:
         // the message is stored once and its credits charged once (see `ScheduleService`).

@@ -151,6 +151,8 @@ public final class ParleyServer: Sendable {
         // Store and settle the replies a crash cut short, before anything is charged or shown.
         do {
             _ = try await StreamRecovery(store: store, credits: credits, logger: logger).run(node: leftovers)
+            // Its replies are over: their conversations are free again on every node.
+            if let leftovers, let mongo = store as? MongoStore { try await mongo.releaseReplySlots(node: leftovers) }
         } catch {
             await nodeLease?.release()
             try? await store.close()
@@ -161,7 +163,10 @@ public final class ParleyServer: Sendable {
         let streams = StreamRunner(
             store: store, credits: credits, provider: provider, hub: hub, sockets: sockets, broker: broker,
             requests: RequestTracker(logger: logger), loops: group,
-            configuration: configuration, logger: logger, ids: ids)
+            configuration: configuration, logger: logger, ids: ids,
+            slots: clusterBroker.flatMap { _ in
+                (store as? MongoStore).map { ReplySlots(store: $0, node: nodeID, limit: configuration.maxConcurrentStreamsPerUser, logger: logger) }
+            })
         let chat = ChatService(store: store, streams: streams, configuration: configuration, ids: ids)
         // The timer wheel lives on one event loop; firing hands work to tasks, never blocking it.
         // In a cluster on MongoDB, this node fires the schedules of the shards it holds.

@@ -316,15 +316,17 @@ final class ScheduleService: FrameHandler {
             releaseQuota(schedule)
             return try await fail(schedule, from: .pending, "the conversation \(conversationID) was deleted")
         }
-        guard reserve(schedule, conversation: conversationID, isNew: newConversation) else { return }
-        let change = ScheduleChange(status: .firing, updatedAt: Int64(Timestamp.nowMillis()), conversation: conversationID, message: messageID)
-        guard let claimed = try await store.transitionSchedule(id: schedule.id, from: .pending, to: change) else {
-            hub.release(user: schedule.owner, conversation: conversationID)
+        try await holding(schedule, conversation: conversationID, isNew: newConversation) {
+            let change = ScheduleChange(
+                status: .firing, updatedAt: Int64(Timestamp.nowMillis()), conversation: conversationID, message: messageID)
+            guard let claimed = try await store.transitionSchedule(id: schedule.id, from: .pending, to: change) else {
+                hub.release(user: schedule.owner, conversation: conversationID)
+                releaseQuota(schedule)
+                return  // cancelled just now
+            }
             releaseQuota(schedule)
-            return  // cancelled just now
+            try await produce(claimed, clone: clone, newConversation: newConversation)
         }
-        releaseQuota(schedule)
-        try await produce(claimed, clone: clone, newConversation: newConversation)
     }
 
     /// A firing a crash interrupted: reuse the stored message if it got that far, else produce it again.
@@ -341,21 +343,39 @@ final class ScheduleService: FrameHandler {
         guard let clone = try await store.clone(id: schedule.clone, owner: schedule.owner) else {
             return try await fail(schedule, from: .firing, "the clone \(schedule.clone) was deleted")
         }
-        guard reserve(schedule, conversation: conversationID, isNew: newConversation) else { return }
-        try await produce(schedule, clone: clone, newConversation: newConversation)
+        try await holding(schedule, conversation: conversationID, isNew: newConversation) {
+            try await produce(schedule, clone: clone, newConversation: newConversation)
+        }
     }
 
-    /// Claims the conversation for one stream; when it is busy (the owner is chatting in it),
+    /// Runs `body` holding the conversation for one stream (this node's hold is released by
+    /// `body`'s paths, the cluster's after it); when it is busy (the owner is chatting in it),
     /// the timer is re-armed to try again shortly. A text message for a new conversation needs
     /// no claim: nothing else can be in that conversation and nothing is generated (so many
     /// reminders due at once are not held back by the user's concurrent-stream limit).
-    private func reserve(_ schedule: Schedule, conversation: String, isNew: Bool) -> Bool {
-        if isNew, case .text = schedule.content { return true }
-        if hub.reserve(user: schedule.owner, conversation: conversation) == .reserved { return true }
+    private func holding(_ schedule: Schedule, conversation: String, isNew: Bool, _ body: () async throws -> Void) async throws {
+        if isNew, case .text = schedule.content { return try await body() }
+        var held = hub.reserve(user: schedule.owner, conversation: conversation) == .reserved
+        if held, let slots = streams.slots {
+            held = try await slots.claim(user: schedule.owner, conversation: conversation) == .reserved
+            if !held { hub.release(user: schedule.owner, conversation: conversation) }
+            guard held else { return rearm(schedule) }
+            do {
+                try await body()
+            } catch {
+                await slots.release(conversation: conversation)
+                throw error
+            }
+            return await slots.release(conversation: conversation)
+        }
+        guard held else { return rearm(schedule) }
+        try await body()
+    }
+
+    private func rearm(_ schedule: Schedule) {
         timer.add(
             ScheduleTimer.Entry(
                 id: schedule.id, owner: schedule.owner, at: Self.millis(after: configuration.scheduleBusyRetry), resumes: schedule.status == .firing))
-        return false
     }
 
     /// Generates or writes the message of a claimed (`firing`) schedule, stores it and delivers it.

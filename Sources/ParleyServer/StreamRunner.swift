@@ -37,6 +37,8 @@ final class StreamRunner: Sendable {
     /// The sockets of this process, and the broker every frame goes through.
     let sockets: SocketHub
     let broker: any Broker
+    /// In a cluster: a reply's hold on its conversation across the nodes.
+    let slots: ReplySlots?
     let requests: RequestTracker
     let metrics: StreamMetrics
     let logger: Logger
@@ -48,8 +50,9 @@ final class StreamRunner: Sendable {
     init(
         store: any Store, credits: Credits, provider: any LLMProvider, hub: StreamHub, sockets: SocketHub, broker: any Broker,
         requests: RequestTracker, loops: any EventLoopGroup,
-        configuration: ServerConfiguration, logger: Logger, ids: IDGenerator
+        configuration: ServerConfiguration, logger: Logger, ids: IDGenerator, slots: ReplySlots? = nil
     ) {
+        self.slots = slots
         self.loops = loops
         self.store = store
         self.credits = credits

@@ -165,3 +165,48 @@ private struct ScheduleCluster {
         nats.stop()
     }
 }
+
+/// A user's replies across a cluster's nodes (#22): one at a time in a conversation, and at most
+/// the per-user limit at once, wherever they were asked for.
+@Suite(.serialized) struct ClusterReplyLimitTests {
+    @Test func aConversationStreamsOneReplyAndAUserAtMostTheLimitAcrossNodes() async throws {
+        let cluster = try await ScheduleCluster.start {
+            $0.maxConcurrentStreamsPerUser = 1
+            $0.simulated.tokensPerSecond = 20
+            $0.simulated.replyTokens = 1_000
+        }
+        let token = try await cluster.a.token("alice")
+        let clone = try await cluster.a.createClone(token: token)["id"]!.stringValue!
+        let onA = try await cluster.a.connect(token: token)
+        let onB = try await cluster.b.connect(token: token)
+        func send(_ socket: TestWebSocket, _ id: String, conversation: String? = nil) async throws {
+            var fields: [(String, JSONValue)] = [
+                ("type", .string("chat.send")), ("id", .string(id)), ("clone", .string(clone)), ("text", .string("hello")),
+            ]
+            if let conversation { fields.append(("conversation", .string(conversation))) }
+            try await socket.send(.object(fields))
+        }
+        try await send(onA, "c1")
+        let start = try await onA.next(type: "stream.start").frame
+        let conversation = start["conversation"]!.stringValue!
+        // The same conversation from the other node: busy.
+        try await send(onB, "c2", conversation: conversation)
+        let busy = try await onB.next(type: "error").frame
+        #expect(busy["ref"] == .string("c2"))
+        #expect(busy["message"] == .string("a reply is already streaming in conversation \(conversation)"))
+        // Another conversation from the other node: over Alice's limit of one.
+        try await send(onB, "c3")
+        let over = try await onB.next(type: "error").frame
+        #expect(over["ref"] == .string("c3"))
+        #expect(over["message"] == .string("at most 1 replies may stream at once"))
+        // Once the first reply ended, the other node may stream in that conversation.
+        try await onA.send(.object([("type", .string("chat.cancel")), ("id", .string("x1")), ("stream", start["stream"]!)]))
+        _ = try await onA.next(type: "stream.end")
+        try await send(onB, "c4", conversation: conversation)
+        // (Alice's tab on B also reads the first reply's frames, in whatever order they came.)
+        var second = try await onB.next(type: "stream.start").frame
+        while second["ref"] != .string("c4") { second = try await onB.next(type: "stream.start").frame }
+        #expect(second["conversation"] == .string(conversation))
+        await cluster.stop()
+    }
+}

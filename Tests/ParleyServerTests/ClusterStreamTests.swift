@@ -294,6 +294,8 @@ extension TestWebSocket {
             try await dead.claimNodeLease(NodeLease(node: "node-dead", host: "gone", pid: 1, expires: now - 1), now: now - 1, key: "node-dead") == nil
         )
         let balance = try await dead.balance(user: "alice")
+        // Its reply held the conversation across the nodes.
+        #expect(try await dead.claimReplySlot(conversation: "cv_dead", user: "alice", node: "node-dead", limit: 4, now: now) == .claimed)
 
         let threads = NIOThreadPool(numberOfThreads: 1)
         threads.start()
@@ -333,6 +335,8 @@ extension TestWebSocket {
         #expect(Set(try await dead.nodeLeases().keys) == ["node-a"])
         #expect(try await dead.streamJournals(limit: 10).isEmpty)
         #expect(try await dead.balance(user: "alice") == balance + 32 + 10 - 16)
+        // And the conversation is free again.
+        #expect(try await dead.claimReplySlot(conversation: "cv_dead", user: "alice", node: "node-a", limit: 4, now: now) == .claimed)
 
         raw.close()
         try await threads.shutdownGracefully()

@@ -360,3 +360,27 @@ import Testing
         try await store.close()
     }
 }
+
+/// A cluster's replies in flight (#22): one per conversation across the nodes, and a user's
+/// counted across them.
+@Suite struct MongoReplySlotTests {
+    @Test func aConversationHoldsOneReplyAndAUserAtMostTheLimitAcrossNodes() async throws {
+        let store = try await MongoStore.open(uri: MongoFixture.uri())
+        #expect(try await store.claimReplySlot(conversation: "cv_1", user: "alice", node: "node-a", limit: 2, now: 1) == .claimed)
+        #expect(try await store.claimReplySlot(conversation: "cv_1", user: "alice", node: "node-b", limit: 2, now: 2) == .conversationBusy)
+        #expect(try await store.claimReplySlot(conversation: "cv_2", user: "alice", node: "node-b", limit: 2, now: 3) == .claimed)
+        #expect(try await store.claimReplySlot(conversation: "cv_3", user: "alice", node: "node-a", limit: 2, now: 4) == .tooManyStreams)
+        // Bob's are his own.
+        #expect(try await store.claimReplySlot(conversation: "cv_9", user: "bob", node: "node-a", limit: 2, now: 5) == .claimed)
+        // Only its node gives a slot back.
+        try await store.releaseReplySlot(conversation: "cv_1", node: "node-b")
+        #expect(try await store.claimReplySlot(conversation: "cv_1", user: "alice", node: "node-b", limit: 2, now: 6) == .conversationBusy)
+        try await store.releaseReplySlot(conversation: "cv_1", node: "node-a")
+        #expect(try await store.claimReplySlot(conversation: "cv_3", user: "alice", node: "node-a", limit: 2, now: 7) == .claimed)
+        // A refused claim left nothing behind; a stopped node's slots all go at once.
+        #expect(try await store.releaseReplySlots(node: "node-a") == 2)
+        #expect(try await store.claimReplySlot(conversation: "cv_3", user: "alice", node: "node-b", limit: 1, now: 8) == .tooManyStreams)
+        #expect(try await store.claimReplySlot(conversation: "cv_1", user: "alice", node: "node-b", limit: 3, now: 9) == .claimed)
+        try await store.close()
+    }
+}
