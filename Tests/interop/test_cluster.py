@@ -294,7 +294,8 @@ def test_a_nats_restart_mid_reply_loses_no_token_for_a_tab_on_another_node(share
 def test_scripts_cluster_sh_serves_a_chat_through_nginx_and_stops_everything(tmp_path):
     """A newcomer's cluster: scripts/cluster.sh starts nats-server, SecantusDB, three nodes and
     nginx; through nginx's one port a clone is made, a reply reaches two tabs (likely on two
-    nodes) and resumes on a third; Ctrl-C stops every process it started."""
+    nodes) and resumes on a third, which then receives a scheduled message; Ctrl-C stops every
+    process it started."""
     import socket
     import urllib.request
     port = _free_port()
@@ -337,6 +338,18 @@ def test_scripts_cluster_sh_serves_a_chat_through_nginx_and_stops_everything(tmp
                 resumed = []
                 while not resumed or resumed[-1]["type"] != "stream.end":
                     resumed.append(json.loads(await asyncio.wait_for(third.recv(), 30)))
+                # A scheduled message, made through the balancer, fires on whichever node holds
+                # its shard and reaches this tab on whichever node it is.
+                made = urllib.request.Request(
+                    base + "/v1/schedules", data=json.dumps({"clone": clone["id"], "delay_ms": 300, "text": "ping"}).encode(),
+                    method="POST", headers={"Authorization": f"Bearer {alice}", "Content-Type": "application/json"})
+                with urllib.request.urlopen(made, timeout=10) as response:
+                    schedule = json.loads(response.read())
+                while True:
+                    frame = json.loads(await asyncio.wait_for(third.recv(), 30))
+                    if frame["type"] == "delivery":
+                        break
+                assert frame["schedule"] == schedule["id"] and frame["message"]["text"] == "ping", frame
             return replies, resumed
 
         (first, second), resumed = asyncio.run(chat())
