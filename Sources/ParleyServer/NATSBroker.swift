@@ -221,6 +221,10 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
     private let maxAge: Duration
     private let retention: Duration
     private let publishFailures: Counter?
+    /// How long a publish takes to reach the NATS server and its answer to come back (a flush),
+    /// measured every few seconds (`probe`) and by every `flush`.
+    private let roundTrips: Timer?
+    private let probe = Mutex<Task<Void, Never>?>(nil)
     private let failures = Atomic<Int>(0)
 
     private struct Origin {
@@ -257,6 +261,13 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
                 hub: hub, nats: nats, jetStream: jetStream, threads: threads, bufferCapacity: configuration.resumeBufferTokens,
                 retention: configuration.resumeRetention, logger: logger, metrics: configuration.metrics)
             hub.attach(interest: broker)
+            broker.probe.withLock {
+                $0 = Task { [weak broker] in
+                    while (try? await Task.sleep(for: .seconds(5))) != nil {
+                        try? await broker?.flush(timeout: .seconds(2))
+                    }
+                }
+            }
             return broker
         } catch {
             try? await threads.shutdownGracefully()
@@ -277,6 +288,7 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
         maxAge = Self.maxAge(retention: retention)
         self.logger = logger
         publishFailures = metrics.map { Counter(label: "parley_broker_publish_failures_total", factory: $0) }
+        roundTrips = metrics.map { Timer(label: "parley_broker_round_trip_seconds", factory: $0) }
     }
 
     /// A stream's frames stay in JetStream for twice the resume retention (at least a minute).
@@ -533,10 +545,15 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
     var isConnected: Bool { nats.isConnected }
 
     /// Waits until the NATS server has every subscription and frame sent so far.
-    func flush() async throws { try await nats.flush() }
+    func flush(timeout: Duration = .seconds(5)) async throws {
+        let started = ContinuousClock.now
+        try await nats.flush(timeout: timeout)
+        roundTrips?.recordNanoseconds(Int64((ContinuousClock.now - started) / .nanoseconds(1)))
+    }
 
     /// Stops following topics and closes the connection (after the sockets closed).
     func close() async {
+        probe.withLock { $0 }?.cancel()
         let subscriptions = interests.withLock { interests in
             defer { interests = [:] }
             return interests.values

@@ -1,4 +1,5 @@
 import Foundation
+import MetricsTestKit
 import NIOPosix
 import ParleyMongoStore
 import ParleyNATS
@@ -367,6 +368,20 @@ extension TestWebSocket {
         #expect(lease.expires <= toldAt + 900)
         try await observer.close()
         await a.stop()
+    }
+
+    @Test func aNodeMeasuresItsRoundTripToTheBroker() async throws {
+        let nats = try NATSServer()
+        let metrics = TestMetrics()
+        let a = try await TestServer.start {
+            $0.brokerURL = nats.url
+            $0.metrics = metrics
+        }
+        try await a.server.brokerRoundTrip()
+        let trips = try metrics.expectTimer("parley_broker_round_trip_seconds").values
+        #expect(!trips.isEmpty && trips.allSatisfy { $0 > 0 && $0 < 5_000_000_000 }, "\(trips)")
+        await a.stop()
+        nats.stop()
     }
 
     @Test func aNodeCutOffFromTheBrokerIsNotReady() async throws {
