@@ -40,6 +40,8 @@ final class ScheduleShardKeeper: Sendable {
     }
 
     private let state = Mutex(State())
+    /// One renewal at a time (the periodic one, and a test's).
+    private let balancing = FIFOLock()
 
     init(store: MongoStore, broker: NATSBroker, node: String, period: Duration, logger: Logger, metrics: any MetricsFactory) {
         heldMeter = Meter(label: "parley_schedule_shards_held", factory: metrics)
@@ -123,6 +125,10 @@ final class ScheduleShardKeeper: Sendable {
     /// One renewal: keeps the leases held, drops the lost ones, evens the shards out, and
     /// catches up on schedules due within a period that a lost message left unarmed.
     func balance() async {
+        await balancing.run { await balanceOnce() }
+    }
+
+    private func balanceOnce() async {
         guard let service = state.withLock({ $0.stopped ? nil : $0.service }) else { return }
         do {
             let now = Int64(Timestamp.nowMillis())

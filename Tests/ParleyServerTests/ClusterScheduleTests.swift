@@ -36,6 +36,8 @@ private struct ScheduleCluster {
             $0.brokerURL = nats.url
             $0.jwtSecret = secret
             $0.nodeID = id
+            // Renewals (a third of it) do not move shards while a test looks at them.
+            $0.nodeLeasePeriod = .seconds(60)
             configure(&$0)
         }
     }
