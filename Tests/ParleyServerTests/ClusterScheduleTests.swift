@@ -31,11 +31,7 @@ private struct ScheduleCluster {
     static func node(
         _ id: String, nats: NATSServer, uri: String, secret: String, _ configure: @escaping @Sendable (inout ServerConfiguration) -> Void = { _ in }
     ) async throws -> TestServer {
-        try await TestServer.start(store: .mongodb) {
-            $0.storeURI = uri
-            $0.brokerURL = nats.url
-            $0.jwtSecret = secret
-            $0.nodeID = id
+        try await TestServer.clusterNode(id, nats: nats, uri: uri, secret: secret) {
             // Renewals (a third of it) do not move shards while a test looks at them.
             $0.nodeLeasePeriod = .seconds(60)
             configure(&$0)

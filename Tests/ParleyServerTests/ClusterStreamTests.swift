@@ -257,12 +257,7 @@ extension TestWebSocket {
     @Test func aNodeFinishesWhatAStoppedNodeLeftOnceAndEndsItsStreamForItsReaders() async throws {
         let nats = try NATSServer()
         let uri = MongoFixture.uri()
-        let a = try await TestServer.start(store: .mongodb) {
-            $0.storeURI = uri
-            $0.brokerURL = nats.url
-            $0.jwtSecret = "cluster-test-secret-" + UUID().uuidString
-            $0.nodeID = "node-a"
-        }
+        let a = try await TestServer.clusterNode("node-a", nats: nats, uri: uri)
         let token = try await a.token("alice")
         let clone = try await a.createClone(token: token)["id"]!.stringValue!
         _ = try await a.get("/v1/credits", token: token)  // the starting grant
@@ -349,13 +344,7 @@ extension TestWebSocket {
     @Test func aNodeCutOffFromTheBrokerStopsRenewingItsLeaseAndIsToldToStopBeforeItExpires() async throws {
         let nats = try NATSServer()
         let uri = MongoFixture.uri()
-        let a = try await TestServer.start(store: .mongodb) {
-            $0.storeURI = uri
-            $0.brokerURL = nats.url
-            $0.jwtSecret = "cluster-test-secret-" + UUID().uuidString
-            $0.nodeID = "node-a"
-            $0.nodeLeasePeriod = .milliseconds(900)
-        }
+        let a = try await TestServer.clusterNode("node-a", nats: nats, uri: uri) { $0.nodeLeasePeriod = .milliseconds(900) }
         nats.stop()
         let server = a.server
         let reason = try await within(.seconds(10), "the lease reported lost") { await server.nodeLeaseLost() }
@@ -429,11 +418,7 @@ extension TestWebSocket {
         let uri = MongoFixture.uri()
         let secret = "cluster-test-secret-" + UUID().uuidString
         func node(_ id: String) async throws -> TestServer {
-            try await TestServer.start(store: .mongodb) {
-                $0.storeURI = uri
-                $0.brokerURL = nats.url
-                $0.jwtSecret = secret
-                $0.nodeID = id
+            try await TestServer.clusterNode(id, nats: nats, uri: uri, secret: secret) {
                 $0.simulated.tokensPerSecond = 20
                 $0.simulated.replyTokens = 1000
             }
