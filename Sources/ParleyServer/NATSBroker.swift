@@ -501,6 +501,40 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
         }
     }
 
+    /// The texts of the tokens of `id` that JetStream keeps under `readers`, from token
+    /// `after + 1` on, in order and without a gap (none when it no longer keeps token
+    /// `after + 1`): what the stream's readers were sent after its journal's last write. Waits
+    /// at most `timeout` for JetStream.
+    func publishedTokens(of id: String, readers: Topic, after: Int, timeout: Duration = .seconds(5)) async -> [String] {
+        let subject = BrokerSubjects.stream(id, readers: readers)
+        guard let last = try? await jetStream.lastMessage(stream: BrokerSubjects.streams, subject: subject) else { return [] }
+        let collected = Mutex<(tokens: [String], next: Int64, done: Bool)>(([], Int64(after) + 1, false))
+        let (read, reading) = AsyncStream<Void>.makeStream()
+        let subscription = try? await jetStream.subscribeOrdered(subject, from: 1) { message in
+            let done = collected.withLock { c -> Bool in
+                guard !c.done else { return false }
+                if let envelope = try? BrokerEnvelope(decoding: message.payload), envelope.part == .token, envelope.seq == c.next,
+                    let text = (try? JSONValue.parse(envelope.frame))?["text"]?.stringValue
+                {
+                    c.tokens.append(text)
+                    c.next += 1
+                }
+                c.done = message.payload == last.payload
+                return c.done
+            }
+            if done { reading.finish() }
+        }
+        guard let subscription else { return [] }
+        await withTaskGroup(of: Void.self) { race in
+            race.addTask { for await _ in read {} }
+            race.addTask { try? await Task.sleep(for: timeout) }
+            await race.next()
+            race.cancelAll()
+        }
+        subscription.cancel()
+        return collected.withLock { $0.tokens }
+    }
+
     // MARK: Other cluster messages
 
     /// Publishes a message that is not a frame (a schedule's arrival or delivery); a failure

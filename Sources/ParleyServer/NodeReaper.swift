@@ -68,20 +68,34 @@ final class NodeReaper: Sendable {
         return taken
     }
 
+    /// The topic whose sockets read a journal's stream.
+    static func readers(of journal: StreamJournal) -> Topic {
+        switch journal.target {
+        case .roomTurn(let room, _): .room(room)
+        case .conversation, .settleOnly: .user(journal.user)
+        }
+    }
+
     private func takeOver(_ dead: String) async throws {
         let settled = try await store.recoverLedger(node: dead)
         let allocator = ByteBufferAllocator()
-        let streams = try await StreamRecovery(store: store, credits: credits, logger: logger).run(node: dead) { finished in
+        // A reply is stored as far as its readers got it: the journal, written every few tokens,
+        // and after it the tokens JetStream kept.
+        let broker = self.broker
+        let streams = try await StreamRecovery(store: store, credits: credits, logger: logger).run(node: dead) { journal in
+            guard let more = await broker?.publishedTokens(of: journal.stream, readers: Self.readers(of: journal), after: journal.outputTokens),
+                !more.isEmpty
+            else { return journal }
+            var revised = journal
+            revised.text += more.joined()
+            revised.outputTokens += more.count
+            return revised
+        } finished: { finished in
             let journal = finished.journal
-            let readers: Topic =
-                switch journal.target {
-                case .roomTurn(let room, _): .room(room)
-                case .conversation, .settleOnly: .user(journal.user)
-                }
             let end = ServerFrame.streamEnd(
                 stream: journal.stream, reason: .interrupted, usage: finished.usage, message: finished.stored, cost: finished.cost,
                 balance: finished.balance)
-            broker?.endOrphan(stream: journal.stream, readers: readers, frame: allocator.buffer(bytes: end))
+            broker?.endOrphan(stream: journal.stream, readers: Self.readers(of: journal), frame: allocator.buffer(bytes: end))
         }
         try await store.releaseReplySlots(node: dead)
         // Its scheduled messages in the middle of firing become this node's before its lease goes

@@ -22,14 +22,18 @@ struct StreamRecovery {
     }
 
     /// Finishes every journal `node` left (every one for nil: the node is alone on its store);
-    /// returns how many. `finished` hears of each once it is stored and settled.
-    func run(node: String? = nil, finished: (Finished) -> Void = { _ in }) async throws -> Int {
+    /// returns how many. `revise` may extend a journal with what it missed (a cluster's copy of
+    /// the tokens sent after its last write); `finished` hears of each once it is stored and
+    /// settled.
+    func run(
+        node: String? = nil, revise: (StreamJournal) async -> StreamJournal = { $0 }, finished: (Finished) -> Void = { _ in }
+    ) async throws -> Int {
         var count = 0
         while true {
             let journals = try await store.streamJournals(limit: 100, node: node)
             guard !journals.isEmpty else { return count }
             for journal in journals {
-                finished(try await finish(journal))
+                finished(try await finish(await revise(journal)))
                 count += 1
             }
         }

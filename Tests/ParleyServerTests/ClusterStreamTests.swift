@@ -254,7 +254,20 @@ extension TestWebSocket {
 /// A node that stops renewing its lease (killed) has its leftovers finished by another node of
 /// the cluster, once: the real `kill -9` of a node is in Tests/interop/test_cluster.py.
 @Suite(.serialized) struct ClusterNodeTests {
-    @Test func aNodeFinishesWhatAStoppedNodeLeftOnceAndEndsItsStreamForItsReaders() async throws {
+    /// The tokens of a reply cut by a kill: as far as its journal got, and as far as NATS got.
+    struct CutReply: Sendable, CustomTestStringConvertible {
+        var journal: [String]
+        var published: [String]
+        /// What is stored: the journal, then what only NATS (JetStream) kept.
+        var stored: [String] { journal + Array(published.dropFirst(journal.count)) }
+        var testDescription: String { "journal \(journal.count) tokens, JetStream \(published.count)" }
+    }
+
+    @Test(arguments: [
+        CutReply(journal: ["Hello", ",", " wor"], published: ["Hello"]),
+        CutReply(journal: ["Hello"], published: ["Hello", ",", " wor", "ld"]),
+    ])
+    func aNodeFinishesWhatAStoppedNodeLeftOnceAndEndsItsStreamForItsReaders(_ cut: CutReply) async throws {
         let nats = try NATSServer()
         let uri = MongoFixture.uri()
         let a = try await TestServer.clusterNode("node-a", nats: nats, uri: uri)
@@ -272,7 +285,7 @@ extension TestWebSocket {
         let dead = try await MongoStore.open(uri: uri, options: options)
         let now = Int64(Timestamp.nowMillis())
         let ids = IDGenerator()
-        let (question, cut) = (ids.make(.message), ids.make(.message))
+        let (question, cutID) = (ids.make(.message), ids.make(.message))
         let conversation = Conversation(id: "cv_dead", owner: "alice", clone: clone, title: "Hi", createdAt: now, updatedAt: now)
         try await dead.createConversation(conversation)
         try await dead.appendMessage(Message(id: question, conversation: "cv_dead", role: .user, text: "Hi", createdAt: now))
@@ -284,7 +297,7 @@ extension TestWebSocket {
         }
         let journal = StreamJournal(
             stream: "st_dead", user: "alice", model: "simulated", feature: "chat", inputTokens: 10, target: .conversation("cv_dead"),
-            messageID: cut, text: "Hello, wor", outputTokens: 3, createdAt: now, updatedAt: now)
+            messageID: cutID, text: cut.journal.joined(), outputTokens: cut.journal.count, createdAt: now, updatedAt: now)
         try await dead.saveStreamJournal(journal)
         #expect(
             try await dead.claimNodeLease(NodeLease(node: "node-dead", host: "gone", pid: 1, expires: now - 1), now: now - 1, key: "node-dead") == nil
@@ -308,29 +321,36 @@ extension TestWebSocket {
                 part: .start, descriptor: described.serialized(),
                 frame: LiveStream.startFrame(ref: nil, id: "st_dead", model: "simulated", kind: kind)
             ).encoded())
-        try raw.publish(subject, BrokerEnvelope(part: .token, seq: 1, frame: ServerFrame.token(stream: "st_dead", seq: 1, text: "Hello")).encoded())
+        for (n, text) in cut.published.enumerated() {
+            let seq = Int64(n + 1)
+            try raw.publish(
+                subject,
+                BrokerEnvelope(part: .token, seq: seq, frame: ServerFrame.token(stream: "st_dead", seq: seq, text: Substring(text))).encoded())
+        }
         try await raw.flush()
         #expect(try await socket.next(type: "stream.start").frame["stream"] == .string("st_dead"))
-        #expect(try await socket.next(type: "token").frame["seq"] == .int(1))
+        for n in cut.published.indices { #expect(try await socket.next(type: "token").frame["seq"] == .int(Int64(n + 1))) }
 
         #expect(await a.server.takeOverStoppedNodes() == ["node-dead"])
         let end = try await socket.next(type: "stream.end").frame
         #expect(end["stream"] == .string("st_dead"))
         #expect(end["reason"] == .string("interrupted"))
-        #expect(end["message"] == .string(cut))
-        // Charged its prompt (10) and the 3 tokens its journal holds (2 each); the rest comes back.
-        #expect(end["cost"] == .int(16))
-        #expect(end["balance"] == .int(balance + 32 + 10 - 16))
+        #expect(end["message"] == .string(cutID))
+        // Charged its prompt (10) and the tokens stored (2 each); the rest comes back.
+        let cost = Int64(10 + 2 * cut.stored.count)
+        #expect(end["cost"] == .int(cost))
+        #expect(end["usage"]?["output_tokens"] == .int(Int64(cut.stored.count)))
+        #expect(end["balance"] == .int(balance + 32 + 10 - cost))
         let messages = try await a.get("/v1/conversations/cv_dead/messages", token: token).json()["messages"]!.arrayValue!
-        #expect(messages.map { $0["id"]! } == [.string(question), .string(cut)])
-        #expect(messages.last?["text"] == .string("Hello, wor"))
+        #expect(messages.map { $0["id"]! } == [.string(question), .string(cutID)])
+        #expect(messages.last?["text"] == .string(cut.stored.joined()))
         #expect(messages.last?["reason"] == .string("interrupted"))
 
         // Nothing is left to take over, nor done twice.
         #expect(await a.server.takeOverStoppedNodes().isEmpty)
         #expect(Set(try await dead.nodeLeases().keys) == ["node-a"])
         #expect(try await dead.streamJournals(limit: 10).isEmpty)
-        #expect(try await dead.balance(user: "alice") == balance + 32 + 10 - 16)
+        #expect(try await dead.balance(user: "alice") == balance + 32 + 10 - cost)
         // And the conversation is free again.
         #expect(try await dead.claimReplySlot(conversation: "cv_dead", user: "alice", node: "node-a", limit: 4, now: now) == .claimed)
 
