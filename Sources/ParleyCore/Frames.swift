@@ -73,6 +73,13 @@ public enum RoomFrame: Sendable, Equatable {
         case .join(let id, _, _), .leave(let id, _), .say(let id, _, _), .control(let id, _, _, _): id
         }
     }
+
+    /// The room it is about.
+    public var room: String {
+        switch self {
+        case .join(_, let room, _), .leave(_, let room), .say(_, let room, _), .control(_, let room, _, _): room
+        }
+    }
 }
 
 /// What a moderator can do to a room.

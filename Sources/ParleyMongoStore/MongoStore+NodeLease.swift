@@ -78,6 +78,11 @@ extension MongoStore {
         }
     }
 
+    /// The lease `key`, live or expired, if any.
+    public func lease(_ key: String, in collection: String) async throws -> NodeLease? {
+        try await run { db in try db.find(collection, filter: .object([("_id", .string(key))]), limit: 1).first.map(Self.nodeLease) }
+    }
+
     /// Every lease by key, live or expired.
     public func nodeLeases(in collection: String = nodeLeases) async throws -> [String: NodeLease] {
         try await run { db in

@@ -59,6 +59,10 @@ struct Audience: Sendable, Equatable {
 /// delivers on its own threads, so callers never assume delivery happened when `publish` returns.
 protocol Broker: Sendable {
     func publish(_ frame: ByteBuffer, to topic: Topic, audience: Audience)
+    /// A room's frame, numbered by the room (`seq` grows with each): a broker between nodes
+    /// lets a member joining on another node take the room's state as of one number and every
+    /// frame after it, none twice.
+    func publish(_ frame: ByteBuffer, to topic: Topic, audience: Audience, seq: Int64)
 
     // A stream's own frames, each called under the stream's lock and so in order: a broker
     // between nodes carries what the other nodes need to follow it and to resume it there.
@@ -72,6 +76,7 @@ protocol Broker: Sendable {
 
 extension Broker {
     func publish(_ frame: ByteBuffer, to topic: Topic) { publish(frame, to: topic, audience: .everyone) }
+    func publish(_ frame: ByteBuffer, to topic: Topic, audience: Audience, seq: Int64) { publish(frame, to: topic, audience: audience) }
 
     func streamStarted(_ stream: LiveStream, frame: ByteBuffer) { publish(frame, to: stream.topic) }
     func streamToken(_ stream: LiveStream, seq: Int64, frame: ByteBuffer) { publish(frame, to: stream.topic) }
@@ -109,11 +114,15 @@ final class SocketHub: Sendable {
         var byLoop: [Topic: [FanOut.Group]] = [:]
         /// Told which topics sockets here read (a broker between nodes).
         var interest: (any TopicInterest)?
+        /// A cluster's rooms run on other nodes: each one's last numbered frames, for a member
+        /// joining here (`join(_:to:after:first:)`).
+        var rings: [Topic: CircularBuffer<(seq: Int64, audience: Audience, frame: ByteBuffer)>] = [:]
 
         mutating func drop(_ connection: String, from topic: Topic) {
             guard subscribers[topic]?.removeValue(forKey: connection) != nil else { return }
             if subscribers[topic]?.isEmpty == true {
                 subscribers.removeValue(forKey: topic)
+                rings.removeValue(forKey: topic)
                 if !topic.isStream { interest?.ended(topic) }
             }
             byLoop.removeValue(forKey: topic)
@@ -197,6 +206,7 @@ final class SocketHub: Sendable {
     func close(_ topic: Topic) {
         state.withLock { s in
             s.byLoop.removeValue(forKey: topic)
+            s.rings.removeValue(forKey: topic)
             guard let subscribers = s.subscribers.removeValue(forKey: topic) else { return }
             for id in subscribers.keys { s.topics[id]?.remove(topic) }
             if !topic.isStream { s.interest?.ended(topic) }
@@ -218,6 +228,45 @@ final class SocketHub: Sendable {
     }
 
     var topicCount: Int { state.withLock { $0.subscribers.count } }
+
+    // MARK: A room on another node
+
+    /// How many numbered frames of a room run elsewhere are kept for a member joining here.
+    static let ringCapacity = 512
+
+    /// Delivers a room's numbered frame from another node, keeping it for joiners.
+    func deliver(_ frame: ByteBuffer, to topic: Topic, audience: Audience, seq: Int64) {
+        let groups = state.withLock { s -> [FanOut.Group] in
+            s.rings[topic, default: CircularBuffer(initialCapacity: 16)].append((seq, audience, frame))
+            if s.rings[topic]!.count > Self.ringCapacity { s.rings[topic]!.removeFirst() }
+            if let groups = s.byLoop[topic] { return groups }
+            guard let subscribers = s.subscribers[topic] else { return [] }
+            let groups = FanOut.groups(subscribers.values)
+            s.byLoop[topic] = groups
+            return groups
+        }
+        FanOut.send(frame, to: groups, audience: audience, delay: fanOutDelay)
+    }
+
+    /// A member joins a room run on another node: sends it `first` (the room's state as of frame
+    /// `after`), then the frames numbered after it that arrived since, then subscribes it, all
+    /// under the hub's lock, so it misses none and gets none twice. False when frames it needs
+    /// were already dropped (then nothing was sent: ask for the state again).
+    func join(_ connection: ClientConnection, to topic: Topic, after: Int64, first: ByteBuffer) -> Bool {
+        state.withLock { s in
+            let ring = s.rings[topic] ?? CircularBuffer()
+            if let oldest = ring.first?.seq, oldest > after + 1, ring.count >= Self.ringCapacity { return false }
+            connection.send(first)
+            for entry in ring where entry.seq > after && entry.audience.admits(connection) { connection.send(entry.frame) }
+            subscribe(connection, to: topic, &s)
+            return true
+        }
+    }
+
+    /// Forgets the frames kept for a topic nobody here reads (a join that did not happen).
+    func forgetFrames(of topic: Topic) {
+        state.withLock { s in if s.subscribers[topic] == nil { s.rings.removeValue(forKey: topic) } }
+    }
 
     // MARK: Delivery
 

@@ -22,6 +22,15 @@ final class LiveRoom: Sendable {
         var replies: Task<Void, Never>?
         /// Translation chats: counts messages placed, so streams replay in the order they were said.
         var placed: Int = 0
+        /// The number of the room's last frame (`Broker.publish(_:to:audience:seq:)`). Starts
+        /// from the clock, so a node that takes a room over numbers on from where the last left.
+        var seq = Int64(Timestamp.nowMillis()) * 1_000
+        /// In a cluster: members whose sockets are on other nodes (connection id → user).
+        var remote: [String: String] = [:]
+
+        /// The users in the room, on this node and on others.
+        var users: [String] { Array(Set(members.values.map(\.identity.user)).union(remote.values)).sorted() }
+        var memberCount: Int { members.count + remote.count }
 
         /// Stops the turn being streamed and every translation or reply in flight.
         mutating func stopStreams(_ reason: StreamEndReason) {
@@ -115,18 +124,24 @@ final class LiveRoom: Sendable {
     func announce(_ frame: ByteBuffer, except: String?, limit: Int) {
         state.withLock { s in
             var audience = Audience.except(connection: except)
-            if s.members.count > limit { audience.user = s.room.owner }
-            broker.publish(frame, to: .room(id), audience: audience)
+            if s.memberCount > limit { audience.user = s.room.owner }
+            publish(frame, audience: audience, &s)
         }
+    }
+
+    /// Publishes a frame to the room's members, numbered; called under the room's lock.
+    func publish(_ frame: ByteBuffer, audience: Audience = .everyone, _ s: inout State) {
+        s.seq += 1
+        broker.publish(frame, to: .room(id), audience: audience, seq: s.seq)
     }
 
     /// Sends one frame (encoded once) to every member (but `except`), or to `user`'s member
     /// sockets, in order with the room's other frames.
     func broadcast(_ frame: ByteBuffer, except: String? = nil, onlyTo user: String? = nil) {
-        state.withLock { _ in
+        state.withLock { s in
             var audience = Audience.except(connection: except)
             audience.user = user
-            broker.publish(frame, to: .room(id), audience: audience)
+            publish(frame, audience: audience, &s)
         }
     }
 

@@ -35,6 +35,10 @@ enum BrokerSubjects {
     /// A fired schedule's message, for the nodes where its owner has sockets.
     static func delivery(user: String) -> String { "pd." + token(user) }
     static let anyDelivery = "pd.*"
+    /// Requests to the node running a room (join, say, control, leave from another node).
+    static func roomRequests(_ room: String) -> String { "pr." + token(room) }
+    /// A room's owner removed a user: every node unsubscribes that user's sockets from it.
+    static let roomKicks = "pk"
 
     /// The topic, and for a stream's frame the stream, a subject of `interest` names.
     static func parse(_ subject: String) -> (topic: Topic, stream: String?)? {
@@ -241,6 +245,8 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
     private let userClosing = Mutex<NATSSubscription?>(nil)
     /// Topics some socket here reads, each with its NATS subscription.
     private let interests = Mutex<[Topic: NATSSubscription]>([:])
+    /// Topics followed with no socket reading them yet (a member joining a room run elsewhere).
+    private let pins = Mutex<[Topic: Int]>([:])
     /// Streams this node generates.
     private let origins = Mutex<[String: Origin]>([:])
     /// Streams another node generates that sockets here read.
@@ -306,8 +312,12 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
     // MARK: Publishing
 
     func publish(_ frame: ByteBuffer, to topic: Topic, audience: Audience) {
+        publish(frame, to: topic, audience: audience, seq: 0)
+    }
+
+    func publish(_ frame: ByteBuffer, to topic: Topic, audience: Audience, seq: Int64) {
         local.publish(frame, to: topic, audience: audience)
-        send(BrokerSubjects.topic(topic), BrokerEnvelope(part: .topic, audience: audience, frame: Array(frame.readableBytesView)))
+        send(BrokerSubjects.topic(topic), BrokerEnvelope(part: .topic, seq: seq, audience: audience, frame: Array(frame.readableBytesView)))
     }
 
     func streamStarted(_ stream: LiveStream, frame: ByteBuffer) {
@@ -398,6 +408,27 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
     }
 
     func ended(_ topic: Topic) {
+        guard pins.withLock({ $0[topic, default: 0] }) == 0 else { return }
+        interests.withLock { $0.removeValue(forKey: topic) }?.cancel()
+    }
+
+    /// Follows `topic` until `unpin`, whether or not a socket here reads it, and waits until the
+    /// NATS server has the subscription.
+    func pin(_ topic: Topic) async throws {
+        pins.withLock { $0[topic, default: 0] += 1 }
+        began(topic)
+        try await flush()
+    }
+
+    func unpin(_ topic: Topic) {
+        let last = pins.withLock { pins -> Bool in
+            pins[topic, default: 1] -= 1
+            guard pins[topic]! <= 0 else { return false }
+            pins.removeValue(forKey: topic)
+            return true
+        }
+        guard last, hub.users(in: topic).isEmpty else { return }
+        hub.forgetFrames(of: topic)
         interests.withLock { $0.removeValue(forKey: topic) }?.cancel()
     }
 
@@ -409,7 +440,11 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
         }
         let frame = ByteBuffer(bytes: envelope.frame)
         guard let stream else {
-            hub.deliver(frame, to: topic, audience: envelope.audience)
+            if envelope.seq > 0 {
+                hub.deliver(frame, to: topic, audience: envelope.audience, seq: envelope.seq)
+            } else {
+                hub.deliver(frame, to: topic, audience: envelope.audience)
+            }
             return
         }
         mirrors.withLock { mirrors in
@@ -465,17 +500,34 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
 
     func resume(stream id: String, after: Int64, ref: String, connection: ClientConnection) async -> Bool {
         let user = connection.identity.user
+        return await follow(stream: id, after: after, ref: ref, connection: connection) { owner, kind in
+            guard owner == user, case .reply = kind else { return false }
+            return true
+        }
+    }
+
+    /// Sends a member who joined a room here the turn streaming in it on another node, from its
+    /// start, then live to its end.
+    func catchUp(stream id: String, connection: ClientConnection) async {
+        _ = await follow(stream: id, after: 0, ref: nil, connection: connection) { _, _ in true }
+    }
+
+    /// Sends `connection` the stream from token `after + 1`, from this node's copy or JetStream's,
+    /// when `admits` its owner and kind; false when no node has it.
+    private func follow(
+        stream id: String, after: Int64, ref: String?, connection: ClientConnection, admits: (String, LiveStream.Kind) -> Bool
+    ) async -> Bool {
         if let mirror = mirrors.withLock({ $0[id]?.stream }) {
-            guard mirror.owner == user, case .reply = mirror.kind else { return false }
+            guard admits(mirror.owner, mirror.kind) else { return false }
             let ack = ByteBuffer(bytes: mirror.startFrame(ref: ref))
-            if mirror.resume(connection, after: after, ack: ack) == .gone {
+            if mirror.resume(connection, after: after, ack: ack) == .gone, let ref {
                 connection.send(LiveStream.goneFrame(ref: ref, stream: id, after: after))
             }
             return true
         }
         do {
             guard let head = try await jetStream.lastMessage(stream: BrokerSubjects.streams, subject: BrokerSubjects.head(of: id)),
-                let (owner, model, kind) = StreamDescriptor.decode(head.payload), owner == user, case .reply = kind
+                let (owner, model, kind) = StreamDescriptor.decode(head.payload), admits(owner, kind)
             else { return false }
             let ack = ByteBuffer(bytes: LiveStream.startFrame(ref: ref, id: id, model: model, kind: kind))
             let replay = RemoteReplay(connection: connection, after: after, ack: ack, ref: ref, stream: id)
@@ -536,6 +588,21 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
     }
 
     // MARK: Other cluster messages
+
+    /// A request to the one node that serves `subject` (a room's owner); its answer.
+    func request(subject: String, _ payload: [UInt8], timeout: Duration = .seconds(5)) async throws -> [UInt8] {
+        try await nats.request(subject, payload, timeout: timeout)
+    }
+
+    /// Answers requests to `subject` with what `answer` returns.
+    func serve(subject: String, _ answer: @escaping @Sendable ([UInt8]) async -> [UInt8]) throws -> NATSSubscription {
+        try nats.subscribe(subject) { [nats] request in
+            Task {
+                let reply = await answer(request.payload)
+                if let to = request.reply { try? nats.publish(to, reply) }
+            }
+        }
+    }
 
     /// Publishes a message that is not a frame (a schedule's arrival or delivery); a failure
     /// is counted and logged like a frame's.
@@ -614,12 +681,13 @@ final class RemoteReplay: Sendable {
 
     private let connection: ClientConnection
     private let ack: ByteBuffer
-    private let ref: String
+    /// The client's `stream.resume` id; nil for a room member's catch-up (nothing to answer).
+    private let ref: String?
     private let stream: String
     private let after: Int64
     private let state: Mutex<State>
 
-    init(connection: ClientConnection, after: Int64, ack: ByteBuffer, ref: String, stream: String) {
+    init(connection: ClientConnection, after: Int64, ack: ByteBuffer, ref: String?, stream: String) {
         self.connection = connection
         self.after = after
         self.ack = ack
@@ -656,7 +724,7 @@ final class RemoteReplay: Sendable {
                 if envelope.seq < s.next { return false }
                 guard envelope.seq == s.next else {
                     // The tokens the client lacks were evicted before it came back.
-                    if !s.acked { connection.send(LiveStream.goneFrame(ref: ref, stream: stream, after: after)) }
+                    if !s.acked, let ref { connection.send(LiveStream.goneFrame(ref: ref, stream: stream, after: after)) }
                     s.done = true
                     return true
                 }

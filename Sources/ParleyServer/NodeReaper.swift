@@ -19,14 +19,16 @@ final class NodeReaper: Sendable {
     private let credits: Credits
     private let broker: NATSBroker?
     private let schedules: ScheduleService?
+    private let rooms: RoomService?
     private let logger: Logger
     private let takeovers: Counter
     private let host = ProcessInfo.processInfo.hostName
 
     init(
-        store: MongoStore, node: String, period: Duration, credits: Credits, broker: NATSBroker?, schedules: ScheduleService? = nil, logger: Logger,
-        metrics: any MetricsFactory
+        store: MongoStore, node: String, period: Duration, credits: Credits, broker: NATSBroker?, schedules: ScheduleService? = nil,
+        rooms: RoomService? = nil, logger: Logger, metrics: any MetricsFactory
     ) {
+        self.rooms = rooms
         self.schedules = schedules
         self.store = store
         self.node = node
@@ -104,9 +106,13 @@ final class NodeReaper: Sendable {
         let firings = try await schedules?.cluster?.adoptFirings(from: dead) ?? []
         try await store.releaseNodeLease(node: node, key: dead)
         schedules?.resumeFirings(firings)
+        // Its debates go on here, from the turn after the one it cut (stored above).
+        let adopted = await rooms?.adoptRooms(of: dead) ?? 0
         takeovers.increment()
         logger.notice(
             "finished what a stopped node left",
-            metadata: ["node": "\(dead)", "streams": "\(streams)", "ledger": "\(settled)", "schedules": "\(firings.count)"])
+            metadata: [
+                "node": "\(dead)", "streams": "\(streams)", "ledger": "\(settled)", "schedules": "\(firings.count)", "rooms": "\(adopted)",
+            ])
     }
 }

@@ -178,14 +178,19 @@ public final class ParleyServer: Sendable {
         }
         let schedules = ScheduleService(
             store: store, streams: streams, configuration: configuration, logger: logger, ids: ids, loop: group.next(), cluster: shards)
-        let rooms = RoomService(store: store, streams: streams, configuration: configuration, logger: logger, ids: ids, audit: audit)
+        // In a cluster on MongoDB, each debate runs on the node holding its lease.
+        let roomOwners = clusterBroker.flatMap { broker in
+            (store as? MongoStore).map { RoomOwners(store: $0, broker: broker, node: nodeID, period: configuration.nodeLeasePeriod, logger: logger) }
+        }
+        let rooms = RoomService(
+            store: store, streams: streams, configuration: configuration, logger: logger, ids: ids, audit: audit, owners: roomOwners)
         let retention = RetentionJob(
             store: store, retention: configuration.retention, interval: configuration.retentionInterval,
             logger: logger, metrics: configuration.metrics)
         do {
             // In a cluster, rooms are refused until they hold across nodes (#22): every node
             // would otherwise resume every room. So are schedules without a shared store (tests).
-            if !configuration.isClustered { try await rooms.start() }
+            if !configuration.isClustered || roomOwners != nil { try await rooms.start() }
             if !configuration.isClustered || shards != nil { try await schedules.start() }
         } catch {
             await schedules.stopFiring()
@@ -216,7 +221,7 @@ public final class ParleyServer: Sendable {
         }
 
         let socketServices = ServerSocketServices(
-            hub: sockets, chat: chat, schedules: schedules, rooms: rooms, clustered: configuration.isClustered,
+            hub: sockets, chat: chat, schedules: schedules, rooms: rooms, roomsRefused: configuration.isClustered && roomOwners == nil,
             schedulesRefused: configuration.isClustered && shards == nil)
         let httpConnections = HTTPConnectionRegistry(limit: configuration.maxHTTPConnections ?? HTTPConnectionRegistry.defaultLimit())
         let flushes = FlushBatches(group)
@@ -257,7 +262,7 @@ public final class ParleyServer: Sendable {
             configuration.isClustered
                 ? NodeReaper(
                     store: mongo, node: nodeID, period: configuration.nodeLeasePeriod, credits: credits, broker: clusterBroker,
-                    schedules: schedules, logger: logger, metrics: configuration.metrics) : nil
+                    schedules: schedules, rooms: rooms, logger: logger, metrics: configuration.metrics) : nil
         }
         logger.info("listening", metadata: ["host": "\(configuration.host)", "port": "\(port)", "store": "\(describeStore(configuration))"])
         if provider is SimulatedProvider || (provider as? ConcurrencyLimitedProvider)?.inner is SimulatedProvider {

@@ -445,14 +445,17 @@ struct RESTAPI: Sendable {
 
     // MARK: Rooms
 
-    /// Rooms are not run by a cluster's nodes yet (`ClusterRefusal`).
-    private func refuseInACluster() throws {
-        if configuration.isClustered { throw APIError(.serviceUnavailable, .unavailable, ClusterRefusal.message) }
+    /// Translation chats are not run by a cluster's nodes yet, nor debates without a shared
+    /// store (tests only) (`ClusterRefusal`).
+    private func refuseInACluster(_ request: RoomRequest) throws {
+        guard configuration.isClustered else { return }
+        if rooms.owners == nil { throw APIError(.serviceUnavailable, .unavailable, ClusterRefusal.message) }
+        if case .translation = request { throw APIError(.serviceUnavailable, .unavailable, ClusterRefusal.translation) }
     }
 
     private func createRoom(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
-        try refuseInACluster()
         let body = try RoomRequest.parse(try request.json(), limits: configuration.frameLimits.rooms)
+        try refuseInACluster(body)
         do {
             let room = try await rooms.create(owner: identity.user, body)
             await audit.record("room.created", actor: identity.user, target: room.id, ip: request.remoteIP, detail: ["kind": room.kind.rawValue])

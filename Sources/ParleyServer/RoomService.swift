@@ -27,14 +27,23 @@ final class RoomService: FrameHandler {
     private struct State {
         var rooms: [String: LiveRoom] = [:]
         var accepting = true
+        /// In a cluster: this node's sockets in rooms another node runs (room → connection id).
+        var elsewhere: [String: [String: ClientConnection]] = [:]
     }
 
     private let state = Mutex(State())
 
     /// Where moderation actions are recorded.
     let audit: AuditLog?
+    /// In a cluster: which node runs each room.
+    let owners: RoomOwners?
+    private var clusterBroker: NATSBroker? { streams.broker as? NATSBroker }
 
-    init(store: any Store, streams: StreamRunner, configuration: ServerConfiguration, logger: Logger, ids: IDGenerator, audit: AuditLog? = nil) {
+    init(
+        store: any Store, streams: StreamRunner, configuration: ServerConfiguration, logger: Logger, ids: IDGenerator, audit: AuditLog? = nil,
+        owners: RoomOwners? = nil
+    ) {
+        self.owners = owners
         self.audit = audit
         self.store = store
         self.streams = streams
@@ -47,7 +56,22 @@ final class RoomService: FrameHandler {
     // MARK: Start and stop
 
     /// A room that was running when the server stopped is paused: its moderator resumes it.
+    /// In a cluster, only the rooms this node ran (the others run elsewhere).
     func start() async throws {
+        if let owners {
+            for id in try await owners.rooms(of: owners.node) {
+                if var room = try await store.room(id: id), room.status == .running {
+                    room.status = .paused
+                    room.updatedAt = Int64(Timestamp.nowMillis())
+                    _ = try await store.updateRoom(room)
+                }
+                await owners.release(id)
+            }
+            try owners.start(
+                answer: { [weak self] room, request in await self?.answer(room: room, request) ?? [] },
+                kicked: { [weak self] room, user in self?.kickedElsewhere(room: room, user: user) })
+            return
+        }
         var after: String?
         while true {
             let page = try await store.rooms(statuses: [.running], limit: 500, after: after)
@@ -74,6 +98,7 @@ final class RoomService: FrameHandler {
                 try? await room.save(store) { $0.status = .paused }
             }
         }
+        await owners?.stop()
     }
 
     /// A user's account is being deleted: the rooms they own end at once and leave memory (the
@@ -170,17 +195,22 @@ final class RoomService: FrameHandler {
 
     func handle(_ frame: RoomFrame, from connection: ClientConnection, turn: RequestOrder.Turn) {
         requests.serve(frame.id, from: connection, turn: turn, what: "room request") {
+            if let owners = self.owners, try await self.forward(frame, from: connection, owners) { return }
             switch frame {
             case let .join(id, room, language): try await self.join(ref: id, room: room, language: language, connection)
             case let .leave(_, room): try await self.leave(room: room, connection)
             case let .say(id, room, text): try await self.say(ref: id, room: room, text: text, connection)
-            case let .control(_, room, action, target): try await self.control(room: room, action: action, target: target, connection)
+            case let .control(_, room, action, target):
+                try await self.control(
+                    room: room, action: action, target: target, by: connection.identity.user, connection: connection.id, ip: connection.remoteIP)
             }
         }
     }
 
     /// A socket closed: it leaves every room it was in.
     func disconnected(_ connection: ClientConnection) {
+        let elsewhere = state.withLock { s in s.elsewhere.filter { $0.value[connection.id] != nil }.map(\.key) }
+        for room in elsewhere { _ = requests.track { try? await self.leaveElsewhere(room: room, connection, tell: false) } }
         let rooms = state.withLock { Array($0.rooms.values) }
         for room in rooms where room.state.withLock({ $0.members[connection.id] != nil }) {
             _ = requests.track { try? await self.leave(room: room.id, connection) }
@@ -191,6 +221,7 @@ final class RoomService: FrameHandler {
         let user = connection.identity.user
         var live = try await load(id, for: user)
         if live.state.withLock({ $0.room.kind }) == .translation {
+            if owners != nil { throw FrameError(ref: nil, code: .unavailable, message: ClusterRefusal.translation) }
             try await setLanguage(language, of: user, in: live)
         } else if language != nil {
             throw FrameError(ref: nil, code: .badRequest, message: "'language' is for translation chats; room \(id) is a debate")
@@ -219,7 +250,7 @@ final class RoomService: FrameHandler {
         _ connection: ClientConnection, to s: inout LiveRoom.State, ref: String, hub: SocketHub, allocator: ByteBufferAllocator
     ) -> Bool {
         let user = connection.identity.user
-        let alreadyIn = s.members.values.contains { $0.identity.user == user }
+        let alreadyIn = s.members.values.contains { $0.identity.user == user } || s.remote.values.contains(user)
         s.unsubscribe(connection.id, hub: hub)  // joining again (maybe in another language)
         s.subscribe(connection, hub: hub)
         if s.room.kind == .translation {
@@ -229,8 +260,7 @@ final class RoomService: FrameHandler {
             let streams = s.inflight.values.filter { $0.delivers(to: lang) }.sorted { $0.order < $1.order }
             let pending = Set(streams.compactMap(\.stream.source))
             let transcript = TranslationChat.view(s.transcript, for: lang, pending: pending).map { $0.entry.json(untranslated: $0.untranslated) }
-            connection.send(
-                ServerFrame.roomState(ref: ref, room: s.room, members: users(s.members), transcript: transcript, speaker: nil, stream: nil))
+            connection.send(ServerFrame.roomState(ref: ref, room: s.room, members: s.users, transcript: transcript, speaker: nil, stream: nil))
             for flight in streams {
                 _ = flight.stream.resume(connection, after: 0, ack: allocator.buffer(bytes: flight.stream.startFrame(ref: nil)))
             }
@@ -238,7 +268,7 @@ final class RoomService: FrameHandler {
         }
         connection.send(
             ServerFrame.roomState(
-                ref: ref, room: s.room, members: users(s.members), transcript: s.transcript.map(\.json),
+                ref: ref, room: s.room, members: s.users, transcript: s.transcript.map(\.json),
                 speaker: s.current?.clone, stream: s.current?.id))
         if let current = s.current {
             _ = current.resume(connection, after: 0, ack: allocator.buffer(bytes: current.startFrame(ref: nil)))
@@ -253,7 +283,7 @@ final class RoomService: FrameHandler {
         let user = connection.identity.user
         let gone = live.state.withLock { s -> Bool in
             s.unsubscribe(connection.id, hub: live.hub)
-            return !s.members.values.contains { $0.identity.user == user }
+            return !s.users.contains(user)
         }
         let event = allocator.buffer(bytes: ServerFrame.roomEvent(room: id, event: "left", [("user", .string(user))]))
         if connection.isActive { connection.send(event) }
@@ -266,7 +296,9 @@ final class RoomService: FrameHandler {
     func evictIfIdle(_ live: LiveRoom) {
         state.withLock { s in
             let idle = live.state.withLock { r -> Bool in
-                guard r.members.isEmpty, r.loop == nil, r.current == nil, r.inflight.isEmpty, r.pendingReplies == 0, !live.placement.isBusy else {
+                guard r.members.isEmpty, r.remote.isEmpty, r.loop == nil, r.current == nil, r.inflight.isEmpty, r.pendingReplies == 0,
+                    !live.placement.isBusy
+                else {
                     return false
                 }
                 r.retired = true
@@ -274,17 +306,23 @@ final class RoomService: FrameHandler {
             }
             if idle, s.rooms[live.id] === live { s.rooms.removeValue(forKey: live.id) }
         }
+        if let owners, live.state.withLock({ $0.retired }) { Task { await owners.release(live.id) } }
     }
 
     private func say(ref: String, room id: String, text: String, _ connection: ClientConnection) async throws {
         let live = try member(id, connection)
-        let user = connection.identity.user
-        guard !live.state.withLock({ $0.room.muted.contains(user) }) else {
-            throw FrameError(ref: nil, code: .forbidden, message: "the moderator muted you in room \(id)")
-        }
         if live.state.withLock({ $0.room.kind }) == .translation {
             try await sayTranslated(ref: ref, live: live, text: text, connection)
             return
+        }
+        try await say(text, in: live, by: connection.identity.user)
+    }
+
+    /// A member's words in a debate, from this node or another.
+    private func say(_ text: String, in live: LiveRoom, by user: String) async throws {
+        let id = live.id
+        guard !live.state.withLock({ $0.room.muted.contains(user) }) else {
+            throw FrameError(ref: nil, code: .forbidden, message: "the moderator muted you in room \(id)")
         }
         let entry = RoomEntry(id: ids.make(.roomEntry), room: id, kind: .said, speaker: user, text: text, createdAt: Int64(Timestamp.nowMillis()))
         try await store.appendRoomEntry(entry)
@@ -292,15 +330,14 @@ final class RoomService: FrameHandler {
         live.broadcast(allocator.buffer(bytes: ServerFrame.roomEvent(room: id, event: "said", [("entry", entry.json)])))
     }
 
-    private func control(room id: String, action: RoomAction, target: String?, _ connection: ClientConnection) async throws {
-        let live = try member(id, connection)
-        guard live.state.withLock({ $0.room.owner }) == connection.identity.user else {
+    /// A moderator's control, from a socket of theirs `connection` here or on another node
+    /// (`ip` read before: the event below may make the moderator close it before the audit record).
+    private func control(room id: String, action: RoomAction, target: String?, by: String, connection: String, ip: String?) async throws {
+        let live = try member(id, connection: connection)
+        guard live.state.withLock({ $0.room.owner }) == by else {
             throw FrameError(ref: nil, code: .forbidden, message: "only the moderator may \(action.rawValue) room \(id)")
         }
         let now = Int64(Timestamp.nowMillis())
-        let by = connection.identity.user
-        // Read now: the event below may make the moderator close the socket before the audit record.
-        let ip = connection.remoteIP
         // Decided by the pure lifecycle and carried out under the room's lock, which the turn loop
         // reads too. Announced under it as well: a turn the change lets the loop start is
         // announced (under that lock) after the event, never before it.
@@ -310,7 +347,11 @@ final class RoomService: FrameHandler {
             // A stopped turn ends after the token being sent.
             if control.stopsAllStreams { s.stopStreams(.cancelled) } else if control.stopsTurn { s.current?.stop(.cancelled) }
             if let next = control.nextSpeaker { s.requested = next }
-            if let user = control.kickedUser { s.removeMembers(of: user, hub: live.hub) }
+            if let user = control.kickedUser {
+                s.removeMembers(of: user, hub: live.hub)
+                s.remote = s.remote.filter { $0.value != user }
+                owners?.kick(user, from: id)
+            }
             s.room = control.room
             var fields: [(String, JSONValue)] = [("by", .string(by))]
             switch control.subject {
@@ -321,7 +362,7 @@ final class RoomService: FrameHandler {
             let frame = allocator.buffer(bytes: ServerFrame.roomEvent(room: id, event: control.event, fields))
             // The kicked user is no member any more: told on their own topic, every socket of theirs.
             if let kicked = control.kickedUser { live.broker.publish(frame, to: .user(kicked)) }
-            live.broker.publish(frame, to: .room(id))
+            live.publish(frame, &s)
             return outcome
         }
         let control = try outcome.get()
@@ -403,7 +444,7 @@ final class RoomService: FrameHandler {
                         [
                             ("clone", .string(clone.id)), ("stream", .string(prepared.id)), ("turn", .int(Int64(s.room.turnsTaken + 1))),
                         ]))
-                live.broker.publish(announcement, to: .room(room.id))
+                live.publish(announcement, &s)
                 s.current = streams.open(
                     id: prepared.id, owner: room.owner, model: prepared.model, kind: .debateTurn(room: room.id, clone: clone.id),
                     readers: [.room(room.id)], bufferCapacity: max(room.maxTokensPerTurn, 1))
@@ -488,7 +529,8 @@ final class RoomService: FrameHandler {
     // MARK: Helpers
 
     /// The live room, loaded from the store on first use, if `user` may see it.
-    private func load(_ id: String, for user: String) async throws(FrameError) -> LiveRoom {
+    /// (`user` nil: this node's own use, no access check.)
+    private func load(_ id: String, for user: String?) async throws(FrameError) -> LiveRoom {
         let live: LiveRoom
         if let loaded = state.withLock({ $0.rooms[id] }) {
             live = loaded
@@ -508,7 +550,7 @@ final class RoomService: FrameHandler {
                 throw requests.internalFailure(error, what: "room request")
             }
         }
-        try Self.checkAccess(live.state.withLock { $0.room }, user)
+        if let user { try Self.checkAccess(live.state.withLock { $0.room }, user) }
         return live
     }
 
@@ -522,7 +564,13 @@ final class RoomService: FrameHandler {
     }
 
     func member(_ id: String, _ connection: ClientConnection) throws(FrameError) -> LiveRoom {
-        guard let live = state.withLock({ $0.rooms[id] }), live.state.withLock({ $0.members[connection.id] != nil }) else {
+        try member(id, connection: connection.id)
+    }
+
+    /// The room `connection` (a socket here, or on another node) is a member of.
+    func member(_ id: String, connection: String) throws(FrameError) -> LiveRoom {
+        guard let live = state.withLock({ $0.rooms[id] }), live.state.withLock({ $0.members[connection] != nil || $0.remote[connection] != nil })
+        else {
             throw FrameError(ref: nil, code: .notFound, message: "join room \(id) first")
         }
         return live
@@ -530,7 +578,195 @@ final class RoomService: FrameHandler {
 
     private static func noRoom(_ id: String) -> FrameError { FrameError(ref: nil, code: .notFound, message: "no room \(id)") }
 
-    private static func users(_ members: [String: ClientConnection]) -> [String] {
-        Array(Set(members.values.map(\.identity.user))).sorted()
+}
+
+// MARK: - A cluster's rooms (#22)
+
+extension RoomService {
+    /// Sends a room request to the node running the room, when another does; false when this
+    /// node runs it (it serves the request itself). Debate rooms only: a translation chat runs
+    /// on no cluster yet.
+    fileprivate func forward(_ frame: RoomFrame, from connection: ClientConnection, _ owners: RoomOwners) async throws -> Bool {
+        let room = frame.room
+        switch try await owners.owner(of: room) {
+        case .me(let tookOver):
+            if tookOver { try await continueAfterTakeover(room) }
+            return false
+        case .other:
+            break
+        }
+        let user = connection.identity.user
+        switch frame {
+        case let .join(ref, _, language):
+            guard language == nil else {
+                throw FrameError(ref: nil, code: .unavailable, message: "translation chats are not available while this server runs as a cluster")
+            }
+            try await joinElsewhere(ref: ref, room: room, connection, owners)
+        case .leave:
+            try await leaveElsewhere(room: room, connection, tell: true)
+        case let .say(_, _, text):
+            try requireJoinedElsewhere(room, connection)
+            _ = try await owners.request(room, RemoteRoomRequest(.say, user: user, connection: connection.id, text: text))
+        case let .control(_, _, action, target):
+            try requireJoinedElsewhere(room, connection)
+            _ = try await owners.request(
+                room,
+                RemoteRoomRequest(.control, user: user, connection: connection.id, action: action.rawValue, target: target, ip: connection.remoteIP))
+        }
+        return true
+    }
+
+    /// Joins a socket here to a room another node runs: this node follows the room's frames
+    /// first, then takes its state as of one frame and every frame after it (`SocketHub.join`),
+    /// then the turn streaming then, from its start.
+    private func joinElsewhere(ref: String, room: String, _ connection: ClientConnection, _ owners: RoomOwners) async throws {
+        guard let broker = clusterBroker else { return }
+        let topic = Topic.room(room)
+        try await broker.pin(topic)
+        defer { broker.unpin(topic) }
+        for attempt in 1...3 {
+            let answer = try await owners.request(
+                room, RemoteRoomRequest(.join, user: connection.identity.user, connection: connection.id, ref: ref))
+            guard streams.sockets.join(connection, to: topic, after: answer.seq, first: ByteBuffer(bytes: answer.state)) else {
+                if attempt == 3 { throw FrameError(ref: nil, code: .unavailable, message: "room \(room) moves too fast to join now; try again") }
+                continue
+            }
+            state.withLock { $0.elsewhere[room, default: [:]][connection.id] = connection }
+            if let stream = answer.stream { await broker.catchUp(stream: stream, connection: connection) }
+            return
+        }
+    }
+
+    /// A socket here leaves a room another node runs (`tell`: it asked, and is told it left).
+    fileprivate func leaveElsewhere(room: String, _ connection: ClientConnection, tell: Bool) async throws {
+        let joined = state.withLock { s -> Bool in
+            guard s.elsewhere[room]?.removeValue(forKey: connection.id) != nil else { return false }
+            if s.elsewhere[room]?.isEmpty == true { s.elsewhere.removeValue(forKey: room) }
+            return true
+        }
+        guard joined else { throw FrameError(ref: nil, code: .notFound, message: "you are not in room \(room)") }
+        streams.sockets.unsubscribe(connection.id, from: .room(room))
+        if tell, connection.isActive {
+            connection.send(ServerFrame.roomEvent(room: room, event: "left", [("user", .string(connection.identity.user))]))
+        }
+        _ = try await owners?.request(room, RemoteRoomRequest(.leave, user: connection.identity.user, connection: connection.id))
+    }
+
+    private func requireJoinedElsewhere(_ room: String, _ connection: ClientConnection) throws {
+        guard state.withLock({ $0.elsewhere[room]?[connection.id] != nil }) else {
+            throw FrameError(ref: nil, code: .notFound, message: "join room \(room) first")
+        }
+    }
+
+    /// The owner removed `user` from `room`: their sockets here stop reading it.
+    fileprivate func kickedElsewhere(room: String, user: String) {
+        let sockets = state.withLock { s -> [String] in
+            let gone = (s.elsewhere[room] ?? [:]).filter { $0.value.identity.user == user }.map(\.key)
+            for id in gone { s.elsewhere[room]?.removeValue(forKey: id) }
+            return gone
+        }
+        for id in sockets { streams.sockets.unsubscribe(id, from: .room(room)) }
+    }
+
+    /// Answers another node's request about a room this node runs.
+    fileprivate func answer(room: String, _ payload: [UInt8]) async -> [UInt8] {
+        guard let request = RemoteRoomRequest(decoding: payload) else {
+            return RemoteRoomRequest.failure(FrameError(ref: nil, code: .badRequest, message: "a malformed room request"))
+        }
+        do {
+            switch request.operation {
+            case .join:
+                return try await joinFromElsewhere(room: room, request).encoded()
+            case .leave:
+                leaveFromElsewhere(room: room, request)
+            case .say:
+                let live = try await memberElsewhere(room: room, request)
+                try await say(request.text ?? "", in: live, by: request.user)
+            case .control:
+                guard let action = request.action.flatMap(RoomAction.init(rawValue:)) else {
+                    throw FrameError(ref: nil, code: .badRequest, message: "unknown action")
+                }
+                _ = try await memberElsewhere(room: room, request)
+                try await control(
+                    room: room, action: action, target: request.target, by: request.user, connection: request.connection, ip: request.ip)
+            }
+            return RemoteRoomRequest.Answer().encoded()
+        } catch let error as FrameError {
+            return RemoteRoomRequest.failure(error)
+        } catch {
+            return RemoteRoomRequest.failure(requests.internalFailure(error, what: "room request"))
+        }
+    }
+
+    /// A socket on another node joins: it is a member here (for the members list, presence and
+    /// kicks) and gets the room's state as of the room's last frame number.
+    private func joinFromElsewhere(room id: String, _ request: RemoteRoomRequest) async throws -> RemoteRoomRequest.Answer {
+        while true {
+            let live = try await load(id, for: request.user)
+            guard live.state.withLock({ $0.room.kind }) == .debate else {
+                throw FrameError(ref: nil, code: .unavailable, message: "translation chats are not available while this server runs as a cluster")
+            }
+            let joined = live.state.withLock { s -> (RemoteRoomRequest.Answer, Bool)? in
+                guard !s.retired else { return nil }
+                let first = !s.users.contains(request.user)
+                s.remote[request.connection] = request.user
+                let state = ServerFrame.roomState(
+                    ref: request.ref ?? "", room: s.room, members: s.users, transcript: s.transcript.map(\.json), speaker: s.current?.clone,
+                    stream: s.current?.id)
+                return (RemoteRoomRequest.Answer(seq: s.seq, stream: s.current?.id, state: state), first)
+            }
+            guard let (answer, first) = joined else { continue }  // dropped from memory just now
+            if first {
+                live.announce(
+                    allocator.buffer(bytes: ServerFrame.roomEvent(room: id, event: "joined", [("user", .string(request.user))])),
+                    except: request.connection, limit: configuration.frameLimits.rooms.presenceBroadcastMembers)
+            }
+            return answer
+        }
+    }
+
+    private func leaveFromElsewhere(room id: String, _ request: RemoteRoomRequest) {
+        guard let live = state.withLock({ $0.rooms[id] }) else { return }
+        let gone = live.state.withLock { s -> Bool in
+            guard s.remote.removeValue(forKey: request.connection) != nil else { return false }
+            return !s.users.contains(request.user)
+        }
+        if gone {
+            live.announce(
+                allocator.buffer(bytes: ServerFrame.roomEvent(room: id, event: "left", [("user", .string(request.user))])), except: nil,
+                limit: configuration.frameLimits.rooms.presenceBroadcastMembers)
+        }
+        evictIfIdle(live)
+    }
+
+    /// The room a socket on another node speaks in. After a takeover this node does not know
+    /// it yet: its node joined it (it forwards only for sockets it joined), so it is a member.
+    private func memberElsewhere(room id: String, _ request: RemoteRoomRequest) async throws -> LiveRoom {
+        let live = try await load(id, for: request.user)
+        live.state.withLock { s in if s.members[request.connection] == nil { s.remote[request.connection] = request.user } }
+        return live
+    }
+
+    /// This node took over a room whose node stopped (its cut turn is stored): a running debate
+    /// goes on with the next turn.
+    func continueAfterTakeover(_ id: String) async throws {
+        let live = try await load(id, for: nil)
+        if live.state.withLock({ $0.room.status }) == .running { runTurns(live) }
+    }
+
+    /// Takes over the rooms a stopped node ran (`NodeReaper`, after its leftovers were finished).
+    func adoptRooms(of dead: String) async -> Int {
+        guard let owners else { return 0 }
+        var adopted = 0
+        for room in (try? await owners.rooms(of: dead)) ?? [] {
+            do {
+                guard try await owners.takeOver(room) else { continue }
+                try await continueAfterTakeover(room)
+                adopted += 1
+            } catch {
+                logger.error("taking over a stopped node's room failed", metadata: ["room": "\(room)", "error": "\(error)"])
+            }
+        }
+        return adopted
     }
 }

@@ -26,9 +26,8 @@ struct ServerSocketServices: SocketServices {
     let chat: ChatService
     let schedules: ScheduleService
     let rooms: RoomService
-    /// One node of a cluster: rooms are refused (`ClusterRefusal`).
-    let clustered: Bool
-    /// A cluster's node without a shared store (tests only): schedules are refused too.
+    /// A cluster's node without a shared store (tests only): rooms and schedules are refused.
+    var roomsRefused = false
     var schedulesRefused = false
 
     func register(_ connection: ClientConnection) -> Bool { hub.add(connection) }
@@ -40,7 +39,7 @@ struct ServerSocketServices: SocketServices {
     func handle(_ request: ClientFrame, from connection: ClientConnection, turn: RequestOrder.Turn) {
         switch request {
         case .chat(let frame): chat.handle(frame, from: connection, turn: turn)
-        case .schedule where schedulesRefused, .room where clustered:
+        case .schedule where schedulesRefused, .room where roomsRefused:
             let message = if case .schedule = request { ClusterRefusal.schedules } else { ClusterRefusal.message }
             turn.runSoon { connection.send(ServerFrame.error(ref: request.id, code: .unavailable, message: message)) }
         case .schedule(let frame): schedules.handle(frame, from: connection, turn: turn)
@@ -54,9 +53,9 @@ struct ServerSocketServices: SocketServices {
     }
 }
 
-/// What a node of a cluster answers a room request until rooms hold across nodes (#22): each
-/// node would otherwise run every room as if alone.
+/// What a node of a cluster answers what it cannot do across nodes (#22).
 enum ClusterRefusal {
-    static let message = "debate rooms and translation chats are not available while this server runs as a cluster"
+    static let message = "debate rooms need the cluster's shared MongoDB store"
+    static let translation = "translation chats are not available while this server runs as a cluster"
     static let schedules = "scheduled messages need the cluster's shared MongoDB store"
 }

@@ -413,20 +413,27 @@ extension TestWebSocket {
         await a.stop()
     }
 
-    @Test func aNodeOfAClusterRefusesRoomsUntilTheyHoldAcrossNodes() async throws {
+    @Test func aNodeOfAClusterRefusesTranslationChatsAndRoomsWithoutASharedStore() async throws {
         let nats = try NATSServer()
-        let a = try await TestServer.start { $0.brokerURL = nats.url }
+        // A cluster's node on MongoDB runs debates, not translation chats.
+        let a = try await TestServer.clusterNode("node-a", nats: nats, uri: MongoFixture.uri())
         let token = try await a.token("alice")
-        let socket = try await a.connect(token: token)
-        try await socket.send(.object([("type", .string("room.join")), ("id", .string("j1")), ("room", .string("rm_x"))]))
-        let refused = try await socket.nextJSON()
-        #expect(refused["code"] == .string("unavailable"))
-        #expect(refused["ref"] == .string("j1"))
-        let response = try await TestHTTPClient.json(
-            port: a.port, .POST, "/v1/rooms", token: token, json: .object([("kind", .string("debate")), ("topic", .string("tea"))]))
-        #expect(response.status == .serviceUnavailable)
-        #expect(try response.json()["error"]?["code"] == .string("unavailable"))
+        let translation = JSONValue.object([
+            ("kind", .string("translation")), ("members", .array([.string("bob")])),
+            ("languages", .object([("alice", .string("en")), ("bob", .string("fr"))])),
+        ])
+        let refused = try await TestHTTPClient.json(port: a.port, .POST, "/v1/rooms", token: token, json: translation)
+        #expect(refused.status == .serviceUnavailable)
+        #expect(try refused.json()["error"]?["message"] == .string(ClusterRefusal.translation))
         await a.stop()
+        // Without a shared store (only a test can start one so), no room at all.
+        let alone = try await TestServer.start { $0.brokerURL = nats.url }
+        let socket = try await alone.connect(token: try await alone.token("alice"))
+        try await socket.send(.object([("type", .string("room.join")), ("id", .string("j1")), ("room", .string("rm_x"))]))
+        let answer = try await socket.nextJSON()
+        #expect(answer["code"] == .string("unavailable"))
+        #expect(answer["ref"] == .string("j1"))
+        await alone.stop()
         nats.stop()
     }
 }

@@ -1,0 +1,120 @@
+import Foundation
+import ParleyCore
+import ParleyMongoStore
+import ParleyStore
+import ParleyTestSupport
+import Testing
+
+@testable import ParleyServer
+
+/// Debate rooms on a cluster (#22): one node runs a room (the first asked takes its lease);
+/// members on any node see every frame in order, a member joining on another node mid-turn gets
+/// the room's state and then the turn from its start, with nothing missed or doubled; words
+/// and moderation from any node reach the room's node; a kick reaches every node.
+private struct RoomCluster {
+    var nats: NATSServer
+    var uri: String
+    var a: TestServer
+    var b: TestServer
+    var modToken: String
+    var room: String
+
+    static func start(tokensPerSecond: Double = 60, replyTokens: Int = 30) async throws -> RoomCluster {
+        let nats = try NATSServer()
+        let uri = MongoFixture.uri()
+        let secret = "cluster-test-secret-" + UUID().uuidString
+        let configure: @Sendable (inout ServerConfiguration) -> Void = {
+            $0.simulated.tokensPerSecond = tokensPerSecond
+            $0.simulated.replyTokens = replyTokens
+        }
+        let a = try await TestServer.clusterNode("node-a", nats: nats, uri: uri, secret: secret, configure)
+        let b = try await TestServer.clusterNode("node-b", nats: nats, uri: uri, secret: secret, configure)
+        let mod = try await a.token("mod")
+        var clones: [String] = []
+        for name in ["Ada", "Bob"] { clones.append(try await a.createClone(token: mod, name: name)["id"]!.stringValue!) }
+        let body = JSONValue.object([
+            ("kind", .string("debate")), ("topic", .string("Is cheese a dessert?")),
+            ("clones", .array(clones.map { .object([("clone", .string($0)), ("stance", .string("yes"))]) })),
+            ("rounds", .int(1)), ("visibility", .string("link")),
+        ])
+        let created = try await TestHTTPClient.json(port: b.port, .POST, "/v1/rooms", token: mod, json: body)
+        guard created.status == .created else { throw TestTimeout(description: "room creation answered \(created.status): \(created.text)") }
+        return RoomCluster(nats: nats, uri: uri, a: a, b: b, modToken: mod, room: try created.json()["id"]!.stringValue!)
+    }
+
+    func stop() async {
+        await a.stop()
+        await b.stop()
+        nats.stop()
+    }
+}
+
+extension TestWebSocket {
+    /// The texts of a stream's tokens after its start, and its end.
+    fileprivate func tokens(of stream: String) async throws -> [String] {
+        var texts: [String] = []
+        while true {
+            let frame = try await nextJSON()
+            guard frame["stream"] == .string(stream) else { continue }
+            switch frame["type"]?.stringValue {
+            case "token":
+                #expect(frame["seq"] == .int(Int64(texts.count + 1)), "in order, none missed or doubled")
+                texts.append(frame["text"]!.stringValue!)
+            case "stream.end": return texts
+            default: continue
+            }
+        }
+    }
+}
+
+@Suite(.serialized) struct ClusterRoomTests {
+    @Test func aDebateRunsOnOneNodeAndItsMembersOnEveryNodeSeeAllOfIt() async throws {
+        let cluster = try await RoomCluster.start()
+        let room = cluster.room
+        // The moderator joins on A first: A runs the room. Then on B.
+        let modA = try await cluster.a.connect(token: cluster.modToken)
+        _ = try await modA.join(room)
+        let modB = try await cluster.b.connect(token: cluster.modToken)
+        let stateB = try await modB.join(room)
+        #expect(stateB["room"]?["status"] == .string("open"))
+        #expect(stateB["members"] == .array([.string("mod")]))
+
+        // Started from B: A runs it, both sockets see it.
+        try await modB.control(room, "start")
+        for socket in [modA, modB] { _ = try await socket.roomEvent("started") }
+        let turn = try await modA.roomEvent("turn")
+        let stream = turn["stream"]!.stringValue!
+        _ = try await modA.next(type: "stream.start")
+        for _ in 0..<5 { _ = try await modA.readUntilToken() }
+
+        // Vic joins on B in the middle of the first turn: the state names the turn, which
+        // follows from its first token.
+        let vic = try await cluster.b.connect(token: try await cluster.b.token("vic"))
+        let stateVic = try await vic.join(room)
+        #expect(stateVic["stream"] == .string(stream))
+        #expect(stateVic["members"] == .array([.string("mod"), .string("vic")]))
+        #expect(try await modA.roomEvent("joined")["user"] == .string("vic"))
+        let vicTokens = try await vic.tokens(of: stream)
+        let modBTokens = try await modB.tokens(of: stream)
+        #expect(vicTokens.count == 30)
+        #expect(modBTokens == vicTokens)
+
+        // Vic's words, said on B, reach A's socket.
+        try await vic.room("room.say", id: "s1", room: room, [("text", .string("cheese is a course"))])
+        let said = try await modA.roomEvent("said")
+        #expect(said["entry"]?["text"] == .string("cheese is a course"))
+        #expect(said["entry"]?["user"] == .string("vic"))
+
+        // The moderator on A removes Vic: B stops sending him the room, and he may not speak.
+        try await modA.control(room, "kick", target: "vic")
+        #expect(try await vic.roomEvent("kicked")["user"] == .string("vic"))
+        try await vic.room("room.say", id: "s2", room: room, [("text", .string("hey"))])
+        let refused = try await vic.next(type: "error").frame
+        #expect(refused["ref"] == .string("s2"))
+        #expect(refused["code"] == .string("not_found"))
+
+        // The debate runs to its end on every node.
+        for socket in [modA, modB] { _ = try await socket.roomEvent("ended") }
+        await cluster.stop()
+    }
+}
