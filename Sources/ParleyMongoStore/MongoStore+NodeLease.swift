@@ -78,6 +78,18 @@ extension MongoStore {
         }
     }
 
+    /// Makes the lease `key` that `from` holds `lease.node`'s, live or not (`from` stopped and
+    /// was taken over); false when `from` does not hold it.
+    public func transferLease(_ key: String, from: String, to lease: NodeLease, in collection: String) async throws -> Bool {
+        try await run { db in
+            let fields: [(String, JSONValue)] = [
+                ("node", .string(lease.node)), ("host", .string(lease.host)), ("pid", .long(lease.pid)), ("expires", .long(lease.expires)),
+            ]
+            return try db.findAndModify(
+                collection, query: .object([("_id", .string(key)), ("node", .string(from))]), update: .object([("$set", .object(fields))])) != nil
+        }
+    }
+
     /// The lease `key`, live or expired, if any.
     public func lease(_ key: String, in collection: String) async throws -> NodeLease? {
         try await run { db in try db.find(collection, filter: .object([("_id", .string(key))]), limit: 1).first.map(Self.nodeLease) }

@@ -104,15 +104,17 @@ final class NodeReaper: Sendable {
         // (should this node stop too, whoever takes it over finds them), then fire again here:
         // the message is stored once and its credits charged once (see `ScheduleService`).
         let firings = try await schedules?.cluster?.adoptFirings(from: dead) ?? []
+        // So do its debates (no other node takes them while its lease is there).
+        let adopted = try await rooms?.adoptRooms(of: dead) ?? []
         try await store.releaseNodeLease(node: node, key: dead)
         schedules?.resumeFirings(firings)
-        // Its debates go on here, from the turn after the one it cut (stored above).
-        let adopted = await rooms?.adoptRooms(of: dead) ?? 0
+        // They go on here, from the turn it cut (stored above), retried.
+        await rooms?.continueRooms(adopted)
         takeovers.increment()
         logger.notice(
             "finished what a stopped node left",
             metadata: [
-                "node": "\(dead)", "streams": "\(streams)", "ledger": "\(settled)", "schedules": "\(firings.count)", "rooms": "\(adopted)",
+                "node": "\(dead)", "streams": "\(streams)", "ledger": "\(settled)", "schedules": "\(firings.count)", "rooms": "\(adopted.count)",
             ])
     }
 }

@@ -118,11 +118,13 @@ final class RoomOwners: Sendable {
         try await store.nodeLeases(in: Self.leases).filter { $0.value.node == node }.map(\.key).sorted()
     }
 
-    /// Takes the room of a stopped node over (`NodeReaper`, once its leftovers were finished).
-    func takeOver(_ room: String) async throws -> Bool {
+    /// Takes the room of the stopped node `dead` over, whether or not its lease ran out yet
+    /// (`NodeReaper`, once its leftovers were finished and before its node lease goes, so no
+    /// other node takes the room meanwhile).
+    func takeOver(_ room: String, from dead: String) async throws -> Bool {
         let now = Int64(Timestamp.nowMillis())
         let claim = NodeLease(node: node, host: host, pid: Int64(getpid()), expires: now + Timestamp.millis(period))
-        guard try await store.claimNodeLease(claim, now: now, key: room, in: Self.leases) == nil else { return false }
+        guard try await store.transferLease(room, from: dead, to: claim, in: Self.leases) else { return false }
         try adopt(room)
         return true
     }

@@ -754,19 +754,22 @@ extension RoomService {
         if live.state.withLock({ $0.room.status }) == .running { runTurns(live) }
     }
 
-    /// Takes over the rooms a stopped node ran (`NodeReaper`, after its leftovers were finished).
-    func adoptRooms(of dead: String) async -> Int {
-        guard let owners else { return 0 }
-        var adopted = 0
-        for room in (try? await owners.rooms(of: dead)) ?? [] {
+    /// Takes over the rooms a stopped node ran (`NodeReaper`, after its leftovers were
+    /// finished, before its lease goes); `continueRooms` then goes on with them.
+    func adoptRooms(of dead: String) async throws -> [String] {
+        guard let owners else { return [] }
+        var adopted: [String] = []
+        for room in try await owners.rooms(of: dead) where try await owners.takeOver(room, from: dead) { adopted.append(room) }
+        return adopted
+    }
+
+    func continueRooms(_ rooms: [String]) async {
+        for room in rooms {
             do {
-                guard try await owners.takeOver(room) else { continue }
                 try await continueAfterTakeover(room)
-                adopted += 1
             } catch {
-                logger.error("taking over a stopped node's room failed", metadata: ["room": "\(room)", "error": "\(error)"])
+                logger.error("going on with a stopped node's room failed", metadata: ["room": "\(room)", "error": "\(error)"])
             }
         }
-        return adopted
     }
 }

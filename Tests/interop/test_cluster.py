@@ -156,6 +156,56 @@ def test_a_node_killed_mid_reply_is_finished_by_another_for_every_tab(start_node
     assert status == 200, health
 
 
+def test_a_debate_whose_node_is_killed_mid_turn_goes_on_on_another_node(start_node):
+    """Node A runs a debate (the moderator joined there first); the moderator's tab on node B
+    watches. A is killed mid-turn. Within a lease period B takes A over: the tab gets the cut
+    turn's `stream.end` (interrupted), the turn is stored once as interrupted and retried by the
+    same clone, and the debate runs to its end on B."""
+    args = ["--sim-ttft-ms", "0", "--sim-tokens-per-sec", "20", "--sim-reply-tokens", "40", "--starting-credits", "100000"]
+    a = start_node("node-a", *args)
+    b = start_node("node-b", *args)
+    mod = token("mod")
+    clones = []
+    for name in ("Ada", "Bob"):
+        status, clone = a.http("POST", "/v1/clones", mod, {"name": name})
+        assert status == 201, clone
+        clones.append(clone["id"])
+    status, room = a.http("POST", "/v1/rooms", mod, {"kind": "debate", "topic": "Is cheese a dessert?", "rounds": 1,
+                                                     "clones": [{"clone": c, "stance": "yes"} for c in clones]})
+    assert status == 201, room
+
+    async def scenario():
+        async with websockets.connect(f"{a.ws}?token={mod}") as on_a, websockets.connect(f"{b.ws}?token={mod}") as on_b:
+            for ws in (on_a, on_b):
+                assert json.loads(await ws.recv())["type"] == "welcome"
+                await ws.send(json.dumps({"type": "room.join", "id": "j", "room": room["id"]}))
+                joined = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                assert joined["type"] == "room.state", joined
+            await on_b.send(json.dumps({"type": "room.control", "id": "c", "room": room["id"], "action": "start"}))
+            frames, cut = [], None
+            while True:
+                frame = json.loads(await asyncio.wait_for(on_b.recv(), 30))
+                frames.append(frame)
+                if frame["type"] == "token" and cut is None and frame["seq"] == 10:
+                    cut = frame["stream"]
+                    a.proc.send_signal(signal.SIGKILL)
+                if frame["type"] == "room.event" and frame["event"] == "ended":
+                    return cut, frames
+
+    cut, frames = asyncio.run(scenario())
+    assert a.proc.wait(timeout=10) == -signal.SIGKILL
+    ends = [f for f in frames if f["type"] == "stream.end"]
+    assert ends[0]["stream"] == cut and ends[0]["reason"] == "interrupted", ends
+    turns = [f for f in frames if f["type"] == "room.event" and f["event"] == "turn"]
+    assert [t["clone"] for t in turns] == [clones[0], clones[0], clones[1]], "the cut turn is retried, then the next"
+    assert [e["reason"] for e in ends] == ["interrupted", "complete", "complete"], ends
+    status, stored = b.http("GET", f"/v1/rooms/{room['id']}", mod)
+    assert status == 200, stored
+    entries = [e for e in stored["transcript"] if e["kind"] == "turn"]
+    assert [e.get("reason") for e in entries] == ["interrupted", "complete", "complete"], entries
+    assert stored["room"]["status"] == "ended"
+
+
 def test_a_schedule_whose_node_was_killed_fires_once_on_the_node_that_takes_its_shard(start_node):
     """Node A, alone, holds every schedule shard. Alice schedules a message for two seconds later
     and A is killed at once. Node B, started after, finds A's shard leases live, takes them once
