@@ -25,11 +25,11 @@ final class LiveRoom: Sendable {
         /// The number of the room's last frame (`Broker.publish(_:to:audience:seq:)`). Starts
         /// from the clock, so a node that takes a room over numbers on from where the last left.
         var seq = Int64(Timestamp.nowMillis()) * 1_000
-        /// In a cluster: members whose sockets are on other nodes (connection id → user).
-        var remote: [String: String] = [:]
+        /// In a cluster: members whose sockets are on other nodes, by connection id.
+        var remote: [String: RemoteMember] = [:]
 
         /// The users in the room, on this node and on others.
-        var users: [String] { Array(Set(members.values.map(\.identity.user)).union(remote.values)).sorted() }
+        var users: [String] { Array(Set(members.values.map(\.identity.user)).union(remote.values.map(\.user))).sorted() }
         var memberCount: Int { members.count + remote.count }
 
         /// Stops the turn being streamed and every translation or reply in flight.
@@ -70,6 +70,12 @@ final class LiveRoom: Sendable {
             transcript.append(entry)
             if transcript.count > RoomService.keptEntries { transcript.removeFirst(transcript.count - RoomService.keptEntries) }
         }
+    }
+
+    /// A member whose socket is on another node of a cluster.
+    struct RemoteMember: Equatable {
+        var user: String
+        var node: String
     }
 
     let id: String

@@ -37,7 +37,8 @@ enum BrokerSubjects {
     static let anyDelivery = "pd.*"
     /// Requests to the node running a room (join, say, control, leave from another node).
     static func roomRequests(_ room: String) -> String { "pr." + token(room) }
-    /// A room's owner removed a user: every node unsubscribes that user's sockets from it.
+    /// A room's owner removed a user (every node unsubscribes that user's sockets from it), or
+    /// a node stopped (its sockets are in no room any more).
     static let roomKicks = "pk"
 
     /// The topic, and for a stream's frame the stream, a subject of `interest` names.

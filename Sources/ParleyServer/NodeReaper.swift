@@ -108,7 +108,8 @@ final class NodeReaper: Sendable {
         let adopted = try await rooms?.adoptRooms(of: dead) ?? []
         try await store.releaseNodeLease(node: node, key: dead)
         schedules?.resumeFirings(firings)
-        // They go on here, from the turn it cut (stored above), retried.
+        // They go on here, from the turn it cut (stored above), retried; its sockets are gone.
+        rooms?.owners?.gone(dead)
         await rooms?.continueRooms(adopted)
         takeovers.increment()
         logger.notice(

@@ -36,6 +36,7 @@ final class RoomOwners: Sendable {
         var answer: (@Sendable (String, [UInt8]) async -> [UInt8])?
         var renewal: Task<Void, Never>?
         var kicks: NATSSubscription?
+        var nodeGone: (@Sendable (String) -> Void)?
     }
 
     private let state = Mutex(State())
@@ -51,13 +52,16 @@ final class RoomOwners: Sendable {
     /// Starts answering other nodes' requests for the rooms this node runs (`answer`) and
     /// hearing of kicks (`kicked`), and renewing the leases.
     func start(
-        answer: @escaping @Sendable (String, [UInt8]) async -> [UInt8], kicked: @escaping @Sendable (_ room: String, _ user: String) -> Void
+        answer: @escaping @Sendable (String, [UInt8]) async -> [UInt8], kicked: @escaping @Sendable (_ room: String, _ user: String) -> Void,
+        nodeGone: @escaping @Sendable (String) -> Void
     ) throws {
         let kicks = try broker.subscribe(subject: BrokerSubjects.roomKicks) { message in
-            guard let json = try? JSONValue.parse(message.payload), let room = json["room"]?.stringValue, let user = json["user"]?.stringValue
-            else { return }
+            guard let json = try? JSONValue.parse(message.payload) else { return }
+            if let node = json["gone"]?.stringValue { return nodeGone(node) }
+            guard let room = json["room"]?.stringValue, let user = json["user"]?.stringValue else { return }
             kicked(room, user)
         }
+        state.withLock { $0.nodeGone = nodeGone }
         let renewal = Task { [store, node, period, logger] in
             while (try? await Task.sleep(for: period / 3)) != nil {
                 do {
@@ -154,6 +158,8 @@ final class RoomOwners: Sendable {
 
     /// Asks the node running `room`.
     func request(_ room: String, _ request: RemoteRoomRequest) async throws -> RemoteRoomRequest.Answer {
+        var request = request
+        request.node = node
         let answer: [UInt8]
         do {
             answer = try await broker.request(subject: BrokerSubjects.roomRequests(room), request.encoded())
@@ -161,6 +167,12 @@ final class RoomOwners: Sendable {
             throw FrameError(ref: nil, code: .unavailable, message: "the node running room \(room) does not answer; try again in a moment")
         }
         return try RemoteRoomRequest.Answer(decoding: answer)
+    }
+
+    /// Tells every node (this one too) that `node` stopped: its sockets are in no room.
+    func gone(_ node: String) {
+        state.withLock { $0.nodeGone }?(node)
+        broker.publish(subject: BrokerSubjects.roomKicks, JSONValue.object([("gone", .string(node))]).serialized())
     }
 
     /// Tells every node that `user` was removed from `room`.
@@ -176,6 +188,8 @@ struct RemoteRoomRequest: Sendable {
     var operation: Operation
     var user: String
     var connection: String
+    /// The node the socket is on.
+    var node: String = ""
     var ref: String?
     var text: String?
     var action: String?
@@ -183,7 +197,9 @@ struct RemoteRoomRequest: Sendable {
     var ip: String?
 
     func encoded() -> [UInt8] {
-        var fields: [(String, JSONValue)] = [("op", .string(operation.rawValue)), ("user", .string(user)), ("connection", .string(connection))]
+        var fields: [(String, JSONValue)] = [
+            ("op", .string(operation.rawValue)), ("user", .string(user)), ("connection", .string(connection)), ("node", .string(node)),
+        ]
         for (key, value) in [("ref", ref), ("text", text), ("action", action), ("target", target), ("ip", ip)] {
             if let value { fields.append((key, .string(value))) }
         }
@@ -211,6 +227,7 @@ struct RemoteRoomRequest: Sendable {
         self.init(
             op, user: user, connection: connection, ref: json["ref"]?.stringValue, text: json["text"]?.stringValue,
             action: json["action"]?.stringValue, target: json["target"]?.stringValue, ip: json["ip"]?.stringValue)
+        node = json["node"]?.stringValue ?? ""
     }
 
     /// The owner's answer: for a join, the room's state as of frame `seq` and the turn

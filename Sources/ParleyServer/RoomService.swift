@@ -69,7 +69,8 @@ final class RoomService: FrameHandler {
             }
             try owners.start(
                 answer: { [weak self] room, request in await self?.answer(room: room, request) ?? [] },
-                kicked: { [weak self] room, user in self?.kickedElsewhere(room: room, user: user) })
+                kicked: { [weak self] room, user in self?.kickedElsewhere(room: room, user: user) },
+                nodeGone: { [weak self] node in self?.forgetNode(node) })
             return
         }
         var after: String?
@@ -96,6 +97,10 @@ final class RoomService: FrameHandler {
             await room.halt(.shutdown)
             if room.state.withLock({ $0.room.status }) == .running {
                 try? await room.save(store) { $0.status = .paused }
+                // In a cluster its members on other nodes stay connected: they are told.
+                if owners != nil {
+                    room.broadcast(allocator.buffer(bytes: ServerFrame.roomEvent(room: room.id, event: "paused", [("reason", .string("shutdown"))])))
+                }
             }
         }
         await owners?.stop()
@@ -250,7 +255,7 @@ final class RoomService: FrameHandler {
         _ connection: ClientConnection, to s: inout LiveRoom.State, ref: String, hub: SocketHub, allocator: ByteBufferAllocator
     ) -> Bool {
         let user = connection.identity.user
-        let alreadyIn = s.members.values.contains { $0.identity.user == user } || s.remote.values.contains(user)
+        let alreadyIn = s.members.values.contains { $0.identity.user == user } || s.remote.values.contains { $0.user == user }
         s.unsubscribe(connection.id, hub: hub)  // joining again (maybe in another language)
         s.subscribe(connection, hub: hub)
         if s.room.kind == .translation {
@@ -349,7 +354,7 @@ final class RoomService: FrameHandler {
             if let next = control.nextSpeaker { s.requested = next }
             if let user = control.kickedUser {
                 s.removeMembers(of: user, hub: live.hub)
-                s.remote = s.remote.filter { $0.value != user }
+                s.remote = s.remote.filter { $0.value.user != user }
                 owners?.kick(user, from: id)
             }
             s.room = control.room
@@ -709,7 +714,7 @@ extension RoomService {
             let joined = live.state.withLock { s -> (RemoteRoomRequest.Answer, Bool)? in
                 guard !s.retired else { return nil }
                 let first = !s.users.contains(request.user)
-                s.remote[request.connection] = request.user
+                s.remote[request.connection] = LiveRoom.RemoteMember(user: request.user, node: request.node)
                 let state = ServerFrame.roomState(
                     ref: request.ref ?? "", room: s.room, members: s.users, transcript: s.transcript.map(\.json), speaker: s.current?.clone,
                     stream: s.current?.id)
@@ -743,8 +748,27 @@ extension RoomService {
     /// it yet: its node joined it (it forwards only for sockets it joined), so it is a member.
     private func memberElsewhere(room id: String, _ request: RemoteRoomRequest) async throws -> LiveRoom {
         let live = try await load(id, for: request.user)
-        live.state.withLock { s in if s.members[request.connection] == nil { s.remote[request.connection] = request.user } }
+        live.state.withLock { s in
+            if s.members[request.connection] == nil { s.remote[request.connection] = LiveRoom.RemoteMember(user: request.user, node: request.node) }
+        }
         return live
+    }
+
+    /// A node stopped (`NodeReaper` took it over): its sockets are in no room here any more.
+    func forgetNode(_ node: String) {
+        for live in state.withLock({ Array($0.rooms.values) }) {
+            let gone = live.state.withLock { s -> [String] in
+                let before = Set(s.users)
+                s.remote = s.remote.filter { $0.value.node != node }
+                return before.subtracting(s.users).sorted()
+            }
+            for user in gone {
+                live.announce(
+                    allocator.buffer(bytes: ServerFrame.roomEvent(room: live.id, event: "left", [("user", .string(user))])), except: nil,
+                    limit: configuration.frameLimits.rooms.presenceBroadcastMembers)
+            }
+            evictIfIdle(live)
+        }
     }
 
     /// This node took over a room whose node stopped (its cut turn is stored): a running debate

@@ -1,4 +1,6 @@
 import Foundation
+import NIOPosix
+import ParleyNATS
 import ParleyCore
 import ParleyMongoStore
 import ParleyStore
@@ -115,6 +117,28 @@ extension TestWebSocket {
 
         // The debate runs to its end on every node.
         for socket in [modA, modB] { _ = try await socket.roomEvent("ended") }
+        await cluster.stop()
+    }
+
+    @Test func aStoppedNodesMembersLeaveTheRoomsOfTheOthers() async throws {
+        let cluster = try await RoomCluster.start()
+        let modA = try await cluster.a.connect(token: cluster.modToken)
+        _ = try await modA.join(cluster.room)
+        // A socket of "node-gone" joined (as that node would ask), then the node stopped.
+        let threads = NIOThreadPool(numberOfThreads: 1)
+        threads.start()
+        let raw = try await NATSConnection.connect(url: cluster.nats.url, threads: threads)
+        var join = RemoteRoomRequest(.join, user: "ghost", connection: "cn_ghost", ref: "j")
+        join.node = "node-gone"
+        let answer = try RemoteRoomRequest.Answer(decoding: try await raw.request(BrokerSubjects.roomRequests(cluster.room), join.encoded()))
+        #expect(try JSONValue.parse(answer.state)["members"] == .array([.string("ghost"), .string("mod")]))
+        #expect(try await modA.roomEvent("joined")["user"] == .string("ghost"))
+        cluster.a.server.rooms.owners?.gone("node-gone")
+        #expect(try await modA.roomEvent("left")["user"] == .string("ghost"))
+        let vic = try await cluster.b.connect(token: try await cluster.b.token("vic"))
+        #expect(try await vic.join(cluster.room)["members"] == .array([.string("mod"), .string("vic")]))
+        raw.close()
+        try await threads.shutdownGracefully()
         await cluster.stop()
     }
 }
