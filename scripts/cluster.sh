@@ -4,7 +4,8 @@
 # Parley nodes and nginx balancing HTTP and WebSockets over them on one port. The web client at
 # http://127.0.0.1:8080 offers a dev sign-in (--dev). Ctrl-C stops everything.
 #   scripts/cluster.sh [--port N] [--nodes N] [-- more `parley serve` options, e.g. --local-model]
-# PARLEY_JWT_SECRET, when set, is the nodes' shared secret (else one is made for this run).
+# PARLEY_JWT_SECRET, when set, is the nodes' shared secret (else one is made for this run);
+# PARLEY_BIN the binary (default .build/debug/parley; loadtest/cluster-fanout.sh uses release).
 # Replies come from the simulated provider unless the options after `--` say otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -66,7 +67,7 @@ secret="${PARLEY_JWT_SECRET:-$(python3 -c 'import secrets; print(secrets.token_u
 
 upstreams=""
 for i in $(seq 1 "$nodes"); do
-    PARLEY_JWT_SECRET="$secret" .build/debug/parley serve --dev --port 0 --data-dir "$dir/node$i" --node-id "node$i" \
+    PARLEY_JWT_SECRET="$secret" "${PARLEY_BIN:-.build/debug/parley}" serve --dev --port 0 --data-dir "$dir/node$i" --node-id "node$i" \
         --broker "nats://127.0.0.1:$nats_port" --store "$store" --trusted-proxies 127.0.0.1 "${extra[@]}" \
         > "$dir/node$i.out" 2> "$dir/node$i.log" &
     pids+=($!)
