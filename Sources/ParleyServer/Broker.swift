@@ -118,6 +118,15 @@ final class SocketHub: Sendable {
         /// joining here (`join(_:to:after:first:)`).
         var rings: [Topic: CircularBuffer<(seq: Int64, audience: Audience, frame: ByteBuffer)>] = [:]
 
+        /// A topic's subscribers by event loop (built at its first frame, kept until they change).
+        mutating func groups(of topic: Topic) -> [FanOut.Group] {
+            if let groups = byLoop[topic] { return groups }
+            guard let subscribers = subscribers[topic] else { return [] }
+            let groups = FanOut.groups(subscribers.values)
+            byLoop[topic] = groups
+            return groups
+        }
+
         mutating func drop(_ connection: String, from topic: Topic) {
             guard subscribers[topic]?.removeValue(forKey: connection) != nil else { return }
             if subscribers[topic]?.isEmpty == true {
@@ -239,11 +248,7 @@ final class SocketHub: Sendable {
         let groups = state.withLock { s -> [FanOut.Group] in
             s.rings[topic, default: CircularBuffer(initialCapacity: 16)].append((seq, audience, frame))
             if s.rings[topic]!.count > Self.ringCapacity { s.rings[topic]!.removeFirst() }
-            if let groups = s.byLoop[topic] { return groups }
-            guard let subscribers = s.subscribers[topic] else { return [] }
-            let groups = FanOut.groups(subscribers.values)
-            s.byLoop[topic] = groups
-            return groups
+            return s.groups(of: topic)
         }
         FanOut.send(frame, to: groups, audience: audience, delay: fanOutDelay)
     }
@@ -273,13 +278,7 @@ final class SocketHub: Sendable {
     /// Writes `frame` to every subscriber of `topic` that `audience` admits (a socket cut off or
     /// closed since it subscribed writes nothing; its close unsubscribes it).
     func deliver(_ frame: ByteBuffer, to topic: Topic, audience: Audience) {
-        let groups = state.withLock { s -> [FanOut.Group] in
-            if let groups = s.byLoop[topic] { return groups }
-            guard let subscribers = s.subscribers[topic] else { return [] }
-            let groups = FanOut.groups(subscribers.values)
-            s.byLoop[topic] = groups
-            return groups
-        }
+        let groups = state.withLock { $0.groups(of: topic) }
         FanOut.send(frame, to: groups, audience: audience, delay: fanOutDelay)
     }
 

@@ -408,6 +408,9 @@ public final class ParleyServer: Sendable {
         await nodeLease?.lost()
     }
 
+    /// When this node is told to stop unless it renews its lease first (nil without a lease).
+    var nodeLeaseStopsAtMillis: Int64? { nodeLease?.stopsAtMillis }
+
     /// Waits until the broker between nodes has this node's subscriptions (a socket that just
     /// connected reads the streams other nodes start from now on). Nothing to wait for alone.
     func brokerRoundTrip() async throws {

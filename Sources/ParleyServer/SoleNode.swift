@@ -66,7 +66,7 @@ final class NodeLeaseKeeper: Sendable {
     private let watchdog = Mutex<Task<Void, Never>?>(nil)
     /// Until when the lease is surely this node's (the last renewal's request plus a period),
     /// and why the last renewal failed, if it did.
-    private let held: Mutex<(until: ContinuousClock.Instant, failure: String?)>
+    private let held: Mutex<(until: ContinuousClock.Instant, untilMillis: Int64, failure: String?)>
     /// In a cluster: whether the node can reach the others (NATS). While it cannot, the lease is
     /// not renewed, so that another node takes its work over.
     private let reachability = Mutex<(@Sendable () -> Bool)?>(nil)
@@ -80,7 +80,7 @@ final class NodeLeaseKeeper: Sendable {
         self.store = store
         self.period = period
         self.logger = logger
-        held = Mutex((ContinuousClock.now + period, nil))
+        held = Mutex((ContinuousClock.now + period, Int64(Timestamp.nowMillis()) + Timestamp.millis(period), nil))
         (lostSignal, lostContinuation) = AsyncStream.makeStream(bufferingPolicy: .bufferingNewest(1))
     }
 
@@ -102,7 +102,11 @@ final class NodeLeaseKeeper: Sendable {
         let keeper = NodeLeaseKeeper(node: node, key: key, store: store, period: period, logger: logger)
         let giveUp = ContinuousClock.now + period + .seconds(1)
         while true {
-            guard let holder = try await keeper.claimOnce() else { break }
+            let asked = (ContinuousClock.now, Int64(Timestamp.nowMillis()))
+            guard let holder = try await keeper.claimOnce() else {
+                keeper.held(from: asked)
+                break
+            }
             guard ContinuousClock.now < giveUp else {
                 if key != MongoStore.soleNodeKey {
                     throw ConfigurationError(
@@ -116,7 +120,6 @@ final class NodeLeaseKeeper: Sendable {
             logger.notice("waiting for the node lease", metadata: ["holder": "\(holder.node) on \(holder.host)", "lease": "\(key)"])
             try await Task.sleep(for: min(period / 3, giveUp - ContinuousClock.now))
         }
-        keeper.held.withLock { $0.until = ContinuousClock.now + period }
         keeper.renewal.withLock { $0 = Task { await keeper.renew() } }
         keeper.watchdog.withLock { $0 = Task { await keeper.watch() } }
         return keeper
@@ -160,13 +163,13 @@ final class NodeLeaseKeeper: Sendable {
                 continue
             }
             // The lease runs from when it was asked for, not from when the store answered.
-            let asked = ContinuousClock.now
+            let asked = (ContinuousClock.now, Int64(Timestamp.nowMillis()))
             do {
                 if let holder = try await claimOnce() {
                     lostContinuation.yield("node \(holder.node) on \(holder.host) (pid \(holder.pid)) took the node lease (\(key)) over")
                     return
                 }
-                held.withLock { $0 = (asked + period, nil) }
+                held(from: asked)
             } catch {
                 held.withLock { $0.failure = "\(error)" }
                 logger.error("renewing the node lease failed; trying again", metadata: ["error": "\(error)"])
@@ -174,11 +177,21 @@ final class NodeLeaseKeeper: Sendable {
         }
     }
 
+    /// A renewal asked for at `asked` (monotonic, wall) succeeded: the lease is this node's
+    /// until a period after it, by either clock (the store counted from a later moment).
+    private func held(from asked: (ContinuousClock.Instant, Int64)) {
+        held.withLock { $0 = (asked.0 + period, asked.1 + Timestamp.millis(period), nil) }
+    }
+
+    /// When (milliseconds since the epoch) the node is told to stop unless it renews first: a
+    /// sixth of a period before the stored lease can expire.
+    var stopsAtMillis: Int64 { held.withLock { $0.untilMillis } - Timestamp.millis(period / 6) }
+
     /// Reports the lease lost a sixth of a period before it expires unrenewed, however long a
     /// renewal in flight blocks (a store out of reach answers only after its own timeout).
     private func watch() async {
         while true {
-            let (until, failure) = held.withLock { $0 }
+            let (until, _, failure) = held.withLock { $0 }
             let deadline = until - period / 6
             guard ContinuousClock.now < deadline else {
                 lostContinuation.yield("the node lease could not be renewed before it expired: \(failure ?? "no answer from the store")")
