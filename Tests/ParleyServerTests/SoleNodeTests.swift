@@ -67,14 +67,15 @@ import Testing
     }
 
     @Test func aSecondNodeOnOneDatabaseIsRefusedAndAnOvertakenNodeIsTold() async throws {
-        // A lease of 3 s (renewed every second): shorter ones lapsed while a slow MongoDB-protocol
-        // server (SecantusDB, in Python) was busy with the second node's start-up.
-        let first = try await TestServer.start(store: .mongodb) { $0.nodeLeasePeriod = .seconds(3) }
+        // A lease of 6 s (renewed every 2 s): with shorter ones a slow MongoDB-protocol server
+        // (SecantusDB, in Python), busy with the second node's start-up, answered a renewal so
+        // late that the first node was told to stop for that (rightly) before it saw the takeover.
+        let first = try await TestServer.start(store: .mongodb) { $0.nodeLeasePeriod = .seconds(6) }
         let uri = try #require(first.configuration.storeURI)
         await #expect {
             _ = try await TestServer.start(store: .mongodb) {
                 $0.storeURI = uri
-                $0.nodeLeasePeriod = .seconds(3)
+                $0.nodeLeasePeriod = .seconds(6)
             }
         } throws: { error in
             "\(error)".contains("another Parley node") && "\(error)".contains("is serving from this MongoDB database")
