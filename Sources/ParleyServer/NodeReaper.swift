@@ -22,7 +22,6 @@ final class NodeReaper: Sendable {
     private let rooms: RoomService?
     private let logger: Logger
     private let takeovers: Counter
-    private let host = ProcessInfo.processInfo.hostName
 
     init(
         store: MongoStore, node: String, period: Duration, credits: Credits, broker: NATSBroker?, schedules: ScheduleService? = nil,
@@ -58,7 +57,7 @@ final class NodeReaper: Sendable {
         do {
             let now = Int64(Timestamp.nowMillis())
             for (key, lease) in try await store.nodeLeases() where key != node && key != MongoStore.soleNodeKey && lease.expires < now {
-                let claim = NodeLease(node: node, host: host, pid: Int64(getpid()), expires: now + Timestamp.millis(period))
+                let claim = NodeLease.thisProcess(node: node, expires: now + Timestamp.millis(period))
                 guard try await store.claimNodeLease(claim, now: now, key: key) == nil else { continue }
                 logger.notice("taking over what a stopped node left", metadata: ["node": "\(key)", "host": "\(lease.host)"])
                 try await takeOver(key)

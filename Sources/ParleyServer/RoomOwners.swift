@@ -28,7 +28,6 @@ final class RoomOwners: Sendable {
     let node: String
     private let period: Duration
     private let logger: Logger
-    private let host = ProcessInfo.processInfo.hostName
 
     private struct State {
         /// Rooms this node runs, each with its subscription to their requests.
@@ -111,7 +110,7 @@ final class RoomOwners: Sendable {
             }
             tookOver = true
         }
-        let claim = NodeLease(node: node, host: host, pid: Int64(getpid()), expires: now + Timestamp.millis(period))
+        let claim = NodeLease.thisProcess(node: node, expires: now + Timestamp.millis(period))
         if let holder = try await store.claimNodeLease(claim, now: now, key: room, in: Self.leases) { return .other(holder.node) }
         try adopt(room)
         return .me(tookOver: tookOver)
@@ -127,7 +126,7 @@ final class RoomOwners: Sendable {
     /// other node takes the room meanwhile).
     func takeOver(_ room: String, from dead: String) async throws -> Bool {
         let now = Int64(Timestamp.nowMillis())
-        let claim = NodeLease(node: node, host: host, pid: Int64(getpid()), expires: now + Timestamp.millis(period))
+        let claim = NodeLease.thisProcess(node: node, expires: now + Timestamp.millis(period))
         guard try await store.transferLease(room, from: dead, to: claim, in: Self.leases) else { return false }
         try adopt(room)
         return true

@@ -28,7 +28,6 @@ final class ScheduleShardKeeper: Sendable {
     private let node: String
     private let period: Duration
     private let logger: Logger
-    private let host = ProcessInfo.processInfo.hostName
     private let heldMeter: Meter
 
     private struct State {
@@ -151,7 +150,7 @@ final class ScheduleShardKeeper: Sendable {
                 return lease.node != node && lease.expires < now
             }
             for shard in free.shuffled() where mine.count + claimed.count < share {
-                let lease = NodeLease(node: node, host: host, pid: Int64(getpid()), expires: expires)
+                let lease = NodeLease.thisProcess(node: node, expires: expires)
                 if try await store.claimNodeLease(lease, now: now, key: "\(shard)", in: Self.leases) == nil { claimed.insert(shard) }
             }
             // Held before loading: a schedule announced meanwhile is armed, not dropped.

@@ -57,8 +57,6 @@ final class NodeLeaseKeeper: Sendable {
     let node: String
     /// Which lease: the database's, or this node's own in a cluster.
     let key: String
-    /// This machine's name, for the message a second node gets.
-    private let host = ProcessInfo.processInfo.hostName
     private let store: MongoStore
     private let period: Duration
     private let logger: Logger
@@ -146,7 +144,7 @@ final class NodeLeaseKeeper: Sendable {
     /// The lease as this node claims it now.
     private func claimOnce() async throws -> NodeLease? {
         let now = Int64(Timestamp.nowMillis())
-        let lease = NodeLease(node: node, host: host, pid: Int64(getpid()), expires: now + Timestamp.millis(period))
+        let lease = NodeLease.thisProcess(node: node, expires: now + Timestamp.millis(period))
         return try await store.claimNodeLease(lease, now: now, key: key)
     }
 
@@ -224,5 +222,13 @@ final class NodeLeaseKeeper: Sendable {
         } catch {
             logger.warning("could not give up the node lease; it expires by itself", metadata: ["error": "\(error)"])
         }
+    }
+}
+
+extension NodeLease {
+    /// A lease for `node` held by this process (its host and pid, for the message another node
+    /// gets), until `expires`.
+    static func thisProcess(node: String, expires: Int64) -> NodeLease {
+        NodeLease(node: node, host: ProcessInfo.processInfo.hostName, pid: Int64(getpid()), expires: expires)
     }
 }
