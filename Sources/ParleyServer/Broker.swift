@@ -114,9 +114,9 @@ final class SocketHub: Sendable {
         var byLoop: [Topic: [FanOut.Group]] = [:]
         /// Told which topics sockets here read (a broker between nodes).
         var interest: (any TopicInterest)?
-        /// A cluster's rooms run on other nodes: each one's last numbered frames, for a member
-        /// joining here (`join(_:to:after:first:)`).
-        var rings: [Topic: CircularBuffer<(seq: Int64, audience: Audience, frame: ByteBuffer)>] = [:]
+        /// A cluster's rooms run on other nodes: each one's last numbered frames and stream
+        /// starts, for a member joining here (`join(_:to:after:first:)`).
+        var rings: [Topic: CircularBuffer<Numbered>] = [:]
 
         /// A topic's subscribers by event loop (built at its first frame, kept until they change).
         mutating func groups(of topic: Topic) -> [FanOut.Group] {
@@ -232,6 +232,10 @@ final class SocketHub: Sendable {
         state.withLock { Set(($0.subscribers[topic] ?? [:]).values.map(\.identity.user)) }
     }
 
+    func subscribers(of topic: Topic) -> [ClientConnection] {
+        state.withLock { Array(($0.subscribers[topic] ?? [:]).values) }
+    }
+
     func isSubscribed(_ connection: String, to topic: Topic) -> Bool {
         state.withLock { $0.subscribers[topic]?[connection] != nil }
     }
@@ -243,28 +247,57 @@ final class SocketHub: Sendable {
     /// How many numbered frames of a room run elsewhere are kept for a member joining here.
     static let ringCapacity = 512
 
+    /// A room's frame, or the start of one of its streams (`stream`), as numbered by the room.
+    struct Numbered {
+        var seq: Int64
+        var audience: Audience = .everyone
+        var frame: ByteBuffer?
+        var stream: String?
+    }
+
     /// Delivers a room's numbered frame from another node, keeping it for joiners.
     func deliver(_ frame: ByteBuffer, to topic: Topic, audience: Audience, seq: Int64) {
         let groups = state.withLock { s -> [FanOut.Group] in
-            s.rings[topic, default: CircularBuffer(initialCapacity: 16)].append((seq, audience, frame))
-            if s.rings[topic]!.count > Self.ringCapacity { s.rings[topic]!.removeFirst() }
+            keep(Numbered(seq: seq, audience: audience, frame: frame), of: topic, &s)
             return s.groups(of: topic)
         }
         FanOut.send(frame, to: groups, audience: audience, delay: fanOutDelay)
     }
 
+    /// Notes that a stream of a room run on another node started as the room's frame `seq`
+    /// (its readers here follow it from then on): a member joining as of an earlier frame
+    /// follows it from its start.
+    func noteStream(_ stream: String, started seq: Int64, on topic: Topic) {
+        state.withLock { keep(Numbered(seq: seq, stream: stream), of: topic, &$0) }
+    }
+
+    private func keep(_ entry: Numbered, of topic: Topic, _ s: inout State) {
+        s.rings[topic, default: CircularBuffer(initialCapacity: 16)].append(entry)
+        if s.rings[topic]!.count > Self.ringCapacity { s.rings[topic]!.removeFirst() }
+    }
+
     /// A member joins a room run on another node: sends it `first` (the room's state as of frame
-    /// `after`), then the frames numbered after it that arrived since, then subscribes it, all
-    /// under the hub's lock, so it misses none and gets none twice. False when frames it needs
-    /// were already dropped (then nothing was sent: ask for the state again).
-    func join(_ connection: ClientConnection, to topic: Topic, after: Int64, first: ByteBuffer) -> Bool {
+    /// `after`), then the frames of `topics` numbered after it that arrived since, in their
+    /// order, then subscribes it to them, all under the hub's lock, so it misses none and gets
+    /// none twice. Returns the streams of those topics that started after frame `after`, to be
+    /// followed from their start; nil when frames it needs were already dropped (then nothing
+    /// was sent: ask for the state again).
+    func join(_ connection: ClientConnection, to topics: [Topic], after: Int64, first: ByteBuffer) -> [String]? {
         state.withLock { s in
-            let ring = s.rings[topic] ?? CircularBuffer()
-            if let oldest = ring.first?.seq, oldest > after + 1, ring.count >= Self.ringCapacity { return false }
+            var later: [Numbered] = []
+            for topic in topics {
+                let ring = s.rings[topic] ?? CircularBuffer()
+                if let oldest = ring.first?.seq, oldest > after + 1, ring.count >= Self.ringCapacity { return nil }
+                later += ring.filter { $0.seq > after }
+            }
             connection.send(first)
-            for entry in ring where entry.seq > after && entry.audience.admits(connection) { connection.send(entry.frame) }
-            subscribe(connection, to: topic, &s)
-            return true
+            var streams: [String] = []
+            for entry in later.sorted(by: { $0.seq < $1.seq }) where entry.audience.admits(connection) {
+                if let frame = entry.frame { connection.send(frame) }
+                if let stream = entry.stream, !streams.contains(stream) { streams.append(stream) }
+            }
+            for topic in topics { subscribe(connection, to: topic, &s) }
+            return streams
         }
     }
 

@@ -27,6 +27,10 @@ final class LiveRoom: Sendable {
         var seq = Int64(Timestamp.nowMillis()) * 1_000
         /// In a cluster: members whose sockets are on other nodes, by connection id.
         var remote: [String: RemoteMember] = [:]
+        /// In a cluster, a translation chat's frames go to every language its people read in, not
+        /// only to those of the members this node knows of: a node that took the chat over
+        /// learns of another node's members only as they speak.
+        var everyLanguage = false
 
         /// The users in the room, on this node and on others.
         var users: [String] { Array(Set(members.values.map(\.identity.user)).union(remote.values.map(\.user))).sorted() }
@@ -64,7 +68,13 @@ final class LiveRoom: Sendable {
         func language(of connection: ClientConnection) -> LanguageTag? { room.languages[connection.identity.user] }
 
         /// The languages the members read in (nil among them: originals as written), one topic each.
-        var readerLanguages: Set<LanguageTag?> { Set(members.values.map { language(of: $0) }) }
+        var readerLanguages: Set<LanguageTag?> {
+            var languages = Set(members.values.map { language(of: $0) }).union(remote.values.map { room.languages[$0.user] })
+            if everyLanguage {
+                for (user, language) in room.languages where room.debater(user) == nil { languages.insert(language) }
+            }
+            return languages
+        }
 
         mutating func append(_ entry: RoomEntry) {
             transcript.append(entry)
@@ -139,6 +149,20 @@ final class LiveRoom: Sendable {
     func publish(_ frame: ByteBuffer, audience: Audience = .everyone, _ s: inout State) {
         s.seq += 1
         broker.publish(frame, to: .room(id), audience: audience, seq: s.seq)
+    }
+
+    /// Publishes a frame to a translation chat's readers of `language`, numbered with the
+    /// room's other frames; called under the room's lock.
+    func publish(_ frame: ByteBuffer, readers language: LanguageTag?, _ s: inout State) {
+        s.seq += 1
+        broker.publish(frame, to: .room(id, readers: language), audience: .everyone, seq: s.seq)
+    }
+
+    /// The number the start of a stream opened now takes among the room's frames (pass it to
+    /// `StreamRunner.open`); called under the room's lock.
+    func numberStream(_ s: inout State) -> Int64 {
+        s.seq += 1
+        return s.seq
     }
 
     /// Sends one frame (encoded once) to every member (but `except`), or to `user`'s member

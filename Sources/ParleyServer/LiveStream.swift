@@ -69,6 +69,9 @@ final class LiveStream: Sendable {
     let topic: Topic
     /// Whose subscribers read it from its start (on every node, through a broker between nodes).
     let readers: [Topic]
+    /// A room's stream: the room's frame number its start takes (`LiveRoom.numberStream`), so a
+    /// member joining on another node as of an earlier frame follows it; 0 otherwise.
+    let roomSeq: Int64
     private let broker: any Broker
     private let hub: SocketHub
     private let state: Mutex<State>
@@ -78,9 +81,10 @@ final class LiveStream: Sendable {
     /// it later); all its frames go through `broker`.
     init(
         id: String, owner: String, model: String, kind: Kind, bufferCapacity: Int, readers: [Topic], broker: any Broker, hub: SocketHub,
-        metrics: StreamMetrics? = nil
+        metrics: StreamMetrics? = nil, roomSeq: Int64 = 0
     ) {
         self.id = id
+        self.roomSeq = roomSeq
         self.metrics = metrics
         self.model = model
         self.owner = owner

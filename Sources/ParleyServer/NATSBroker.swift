@@ -38,7 +38,8 @@ enum BrokerSubjects {
     /// Requests to the node running a room (join, say, control, leave from another node).
     static func roomRequests(_ room: String) -> String { "pr." + token(room) }
     /// A room's owner removed a user (every node unsubscribes that user's sockets from it), or
-    /// a node stopped (its sockets are in no room any more).
+    /// set the language a user reads a translation chat in (every node moves that user's
+    /// sockets to it), or a node stopped (its sockets are in no room any more).
     static let roomKicks = "pk"
 
     /// The topic, and for a stream's frame the stream, a subject of `interest` names.
@@ -336,7 +337,7 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
             }
         }
         origins.withLock { $0[stream.id] = Origin(cancels: cancels, headAt: .now) }
-        sendStream(stream, BrokerEnvelope(part: .start, descriptor: descriptor, frame: Array(frame.readableBytesView)))
+        sendStream(stream, BrokerEnvelope(part: .start, seq: stream.roomSeq, descriptor: descriptor, frame: Array(frame.readableBytesView)))
     }
 
     func streamToken(_ stream: LiveStream, seq: Int64, frame: ByteBuffer) {
@@ -451,9 +452,15 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
         mirrors.withLock { mirrors in
             switch envelope.part {
             case .start:
+                // A room's stream: a member joining here as of an earlier frame follows it too.
+                if envelope.seq > 0 { hub.noteStream(stream, started: envelope.seq, on: topic) }
                 if let mirror = mirrors[stream] {
-                    // Read under a second topic here too: its readers follow it as well.
-                    hub.subscribe(subscribersOf: [topic], to: mirror.stream.topic)
+                    // Read under a second topic here too (a clone's reply read in two tags of one
+                    // language): that topic's readers follow it as well, from its start.
+                    let ack = ByteBuffer(bytes: mirror.stream.startFrame(ref: nil))
+                    for connection in hub.subscribers(of: topic) where !hub.isSubscribed(connection.id, to: mirror.stream.topic) {
+                        _ = mirror.stream.resume(connection, after: 0, ack: ack)
+                    }
                     return
                 }
                 guard let (owner, model, kind) = StreamDescriptor.decode(envelope.descriptor) else { return }
@@ -507,6 +514,12 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
         }
     }
 
+    /// What stream `id` is, as the head JetStream keeps of it says (nil when it keeps none).
+    func kind(of id: String) async -> LiveStream.Kind? {
+        guard let head = try? await jetStream.lastMessage(stream: BrokerSubjects.streams, subject: BrokerSubjects.head(of: id)) else { return nil }
+        return StreamDescriptor.decode(head.payload)?.kind
+    }
+
     /// Sends a member who joined a room here the turn streaming in it on another node, from its
     /// start, then live to its end.
     func catchUp(stream id: String, connection: ClientConnection) async {
@@ -520,6 +533,9 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
     ) async -> Bool {
         if let mirror = mirrors.withLock({ $0[id]?.stream }) {
             guard admits(mirror.owner, mirror.kind) else { return false }
+            // A member catching up on a room's stream that it began to read as it started here
+            // (its start came while it joined): it has all of it already.
+            if ref == nil, hub.isSubscribed(connection.id, to: mirror.topic) { return true }
             let ack = ByteBuffer(bytes: mirror.startFrame(ref: ref))
             if mirror.resume(connection, after: after, ack: ack) == .gone, let ref {
                 connection.send(LiveStream.goneFrame(ref: ref, stream: id, after: after))

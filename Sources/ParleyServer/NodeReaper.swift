@@ -69,11 +69,19 @@ final class NodeReaper: Sendable {
         return taken
     }
 
-    /// The topic whose sockets read a journal's stream.
-    static func readers(of journal: StreamJournal) -> Topic {
+    /// Where a journal's stream went: the topic its tokens were published under (`tokens`) and
+    /// one every node with a reader of it follows (`end`). A translation chat's streams keep no
+    /// text (`settleOnly`): their kind comes from the head the broker kept.
+    func readers(of journal: StreamJournal) async -> (tokens: Topic, end: Topic) {
         switch journal.target {
-        case .roomTurn(let room, _): .room(room)
-        case .conversation, .settleOnly: .user(journal.user)
+        case .roomTurn(let room, _): return (.room(room), .room(room))
+        case .conversation: return (.user(journal.user), .user(journal.user))
+        case .settleOnly:
+            switch await broker?.kind(of: journal.stream) {
+            case .translation(let room, let lang, _, _), .roomReply(let room, _, let lang, _):
+                return (.room(room, readers: lang), .room(room))
+            default: return (.user(journal.user), .user(journal.user))
+            }
         }
     }
 
@@ -84,8 +92,8 @@ final class NodeReaper: Sendable {
         // and after it the tokens JetStream kept.
         let broker = self.broker
         let streams = try await StreamRecovery(store: store, credits: credits, logger: logger).run(node: dead) { journal in
-            guard let more = await broker?.publishedTokens(of: journal.stream, readers: Self.readers(of: journal), after: journal.outputTokens),
-                !more.isEmpty
+            let readers = await self.readers(of: journal).tokens
+            guard let more = await broker?.publishedTokens(of: journal.stream, readers: readers, after: journal.outputTokens), !more.isEmpty
             else { return journal }
             var revised = journal
             revised.text += more.joined()
@@ -96,7 +104,8 @@ final class NodeReaper: Sendable {
             let end = ServerFrame.streamEnd(
                 stream: journal.stream, reason: .interrupted, usage: finished.usage, message: finished.stored, cost: finished.cost,
                 balance: finished.balance)
-            broker?.endOrphan(stream: journal.stream, readers: Self.readers(of: journal), frame: allocator.buffer(bytes: end))
+            let readers = await self.readers(of: journal).end
+            broker?.endOrphan(stream: journal.stream, readers: readers, frame: allocator.buffer(bytes: end))
         }
         try await store.releaseReplySlots(node: dead)
         // Its scheduled messages in the middle of firing become this node's before its lease goes

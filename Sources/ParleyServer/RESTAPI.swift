@@ -445,12 +445,11 @@ struct RESTAPI: Sendable {
 
     // MARK: Rooms
 
-    /// Translation chats are not run by a cluster's nodes yet, nor debates without a shared
-    /// store (tests only) (`ClusterRefusal`).
+    /// A cluster's nodes run rooms only on their shared store (without one: tests only)
+    /// (`ClusterRefusal`).
     private func refuseInACluster(_ request: RoomRequest) throws {
         guard configuration.isClustered else { return }
         if rooms.owners == nil { throw APIError(.serviceUnavailable, .unavailable, ClusterRefusal.message) }
-        if case .translation = request { throw APIError(.serviceUnavailable, .unavailable, ClusterRefusal.translation) }
     }
 
     private func createRoom(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {

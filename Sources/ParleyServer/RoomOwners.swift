@@ -52,12 +52,17 @@ final class RoomOwners: Sendable {
     /// hearing of kicks (`kicked`), and renewing the leases.
     func start(
         answer: @escaping @Sendable (String, [UInt8]) async -> [UInt8], kicked: @escaping @Sendable (_ room: String, _ user: String) -> Void,
-        nodeGone: @escaping @Sendable (String) -> Void
+        nodeGone: @escaping @Sendable (String) -> Void,
+        languageSet: @escaping @Sendable (_ room: String, _ user: String, _ language: LanguageTag) -> Void
     ) throws {
         let kicks = try broker.subscribe(subject: BrokerSubjects.roomKicks) { message in
             guard let json = try? JSONValue.parse(message.payload) else { return }
             if let node = json["gone"]?.stringValue { return nodeGone(node) }
             guard let room = json["room"]?.stringValue, let user = json["user"]?.stringValue else { return }
+            if let language = json["language"]?.stringValue {
+                if let tag = LanguageTag(language) { languageSet(room, user, tag) }
+                return
+            }
             kicked(room, user)
         }
         state.withLock { $0.nodeGone = nodeGone }
@@ -174,6 +179,13 @@ final class RoomOwners: Sendable {
         broker.publish(subject: BrokerSubjects.roomKicks, JSONValue.object([("gone", .string(node))]).serialized())
     }
 
+    /// Tells every node that `user` reads translation chat `room` in `language` from now on.
+    func setLanguage(_ language: LanguageTag, of user: String, in room: String) {
+        broker.publish(
+            subject: BrokerSubjects.roomKicks,
+            JSONValue.object([("room", .string(room)), ("user", .string(user)), ("language", .string(language.value))]).serialized())
+    }
+
     /// Tells every node that `user` was removed from `room`.
     func kick(_ user: String, from room: String) {
         broker.publish(subject: BrokerSubjects.roomKicks, JSONValue.object([("room", .string(room)), ("user", .string(user))]).serialized())
@@ -194,12 +206,14 @@ struct RemoteRoomRequest: Sendable {
     var action: String?
     var target: String?
     var ip: String?
+    /// A join of a translation chat: the language the socket's user reads in from now on.
+    var language: String?
 
     func encoded() -> [UInt8] {
         var fields: [(String, JSONValue)] = [
             ("op", .string(operation.rawValue)), ("user", .string(user)), ("connection", .string(connection)), ("node", .string(node)),
         ]
-        for (key, value) in [("ref", ref), ("text", text), ("action", action), ("target", target), ("ip", ip)] {
+        for (key, value) in [("ref", ref), ("text", text), ("action", action), ("target", target), ("ip", ip), ("language", language)] {
             if let value { fields.append((key, .string(value))) }
         }
         return JSONValue.object(fields).serialized()
@@ -207,8 +221,9 @@ struct RemoteRoomRequest: Sendable {
 
     init(
         _ operation: Operation, user: String, connection: String, ref: String? = nil, text: String? = nil, action: String? = nil,
-        target: String? = nil, ip: String? = nil
+        target: String? = nil, ip: String? = nil, language: String? = nil
     ) {
+        self.language = language
         self.operation = operation
         self.user = user
         self.connection = connection
@@ -225,26 +240,32 @@ struct RemoteRoomRequest: Sendable {
         else { return nil }
         self.init(
             op, user: user, connection: connection, ref: json["ref"]?.stringValue, text: json["text"]?.stringValue,
-            action: json["action"]?.stringValue, target: json["target"]?.stringValue, ip: json["ip"]?.stringValue)
+            action: json["action"]?.stringValue, target: json["target"]?.stringValue, ip: json["ip"]?.stringValue,
+            language: json["language"]?.stringValue)
         node = json["node"]?.stringValue ?? ""
     }
 
-    /// The owner's answer: for a join, the room's state as of frame `seq` and the turn
-    /// streaming then; an error; or done.
+    /// The owner's answer: for a join, the room's state as of frame `seq`, the streams the
+    /// joiner reads that were running then (in the order to follow them) and, in a translation
+    /// chat, the language it reads in; for a word in a translation chat, a frame for the
+    /// speaker's socket (`state`); an error; or done.
     struct Answer: Sendable {
         var seq: Int64 = 0
-        var stream: String?
+        var streams: [String] = []
+        var language: String?
         var state: [UInt8] = []
 
-        init(seq: Int64 = 0, stream: String? = nil, state: [UInt8] = []) {
+        init(seq: Int64 = 0, streams: [String] = [], language: String? = nil, state: [UInt8] = []) {
             self.seq = seq
-            self.stream = stream
+            self.streams = streams
+            self.language = language
             self.state = state
         }
 
         func encoded() -> [UInt8] {
             var header: [(String, JSONValue)] = [("seq", .int(seq))]
-            if let stream { header.append(("stream", .string(stream))) }
+            if !streams.isEmpty { header.append(("streams", .array(streams.map(JSONValue.string)))) }
+            if let language { header.append(("language", .string(language))) }
             return JSONValue.object(header).serialized() + [0x0A] + state
         }
 
@@ -260,7 +281,8 @@ struct RemoteRoomRequest: Sendable {
                     message: error["message"]?.stringValue ?? "the room's node refused")
             }
             seq = header["seq"]?.intValue ?? 0
-            stream = header["stream"]?.stringValue
+            streams = header["streams"]?.arrayValue?.compactMap(\.stringValue) ?? []
+            language = header["language"]?.stringValue
             state = newline < bytes.endIndex ? Array(bytes[(newline + 1)...]) : []
         }
     }

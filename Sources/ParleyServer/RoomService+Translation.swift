@@ -54,14 +54,38 @@ extension RoomService {
                 ref: nil, code: .badRequest,
                 message: "room.join needs your 'language' (a BCP 47 tag such as en or pt-BR) in translation chat \(live.id)")
         }
-        if changed != nil { try await live.save(store) }
+        if changed != nil {
+            try await live.save(store)
+            // The user's sockets on other nodes read the new language from now on too.
+            if let language { owners?.setLanguage(language, of: user, in: live.id) }
+        }
+    }
+
+    /// A translation chat as a reader of `lang` joins it: the transcript in that language, and
+    /// the streams running for it, in the order their messages were said (they follow).
+    static func joinView(_ s: LiveRoom.State, for lang: LanguageTag?) -> (transcript: [JSONValue], streams: [LiveStream]) {
+        let flights = s.inflight.values.filter { $0.delivers(to: lang) }.sorted { $0.order < $1.order }
+        let pending = Set(flights.compactMap(\.stream.source))
+        let transcript = TranslationChat.view(s.transcript, for: lang, pending: pending).map { $0.entry.json(untranslated: $0.untranslated) }
+        return (transcript, flights.map(\.stream))
     }
 
     /// A person's message: stored, shown as written to readers of its language, and translated
     /// for every other language, paid by the sender. A language the sender cannot pay for gets
     /// the original flagged `untranslated`, and the sender an `insufficient_credits` error.
     func sayTranslated(ref: String, live: LiveRoom, text: String, _ connection: ClientConnection) async throws {
-        let user = connection.identity.user
+        let translations = try await placeTranslated(ref: ref, live: live, text: text, by: connection.identity.user) { connection.send($0) }
+        Admission.admitCurrent()  // the message is placed; its translations stream on
+        // The request ends when its translations have: shutdown waits for them.
+        for task in translations { await task.value }
+    }
+
+    /// Places `user`'s message (from a socket here or on another node) and starts its
+    /// translations, which the returned tasks run; `warn` gets the frame for the speaker's
+    /// socket when some language could not be paid for.
+    func placeTranslated(
+        ref: String, live: LiveRoom, text: String, by user: String, warn: (ByteBuffer) -> Void
+    ) async throws -> [Task<Void, Never>] {
         let translations: [(LanguageTag, Task<Void, Never>)] = try await live.sequenced {
             let (room, context) = live.state.withLock { ($0.room, $0.transcript) }
             guard room.status != .ended else { throw FrameError(ref: nil, code: .conflict, message: "translation chat \(room.id) has ended") }
@@ -89,12 +113,13 @@ extension RoomService {
             let opened = place(entry, in: live, translations: jobs)
             if let (_, refusal) = refused.first {
                 let languages = refused.map(\.0.value).joined(separator: ", ")
-                connection.send(
-                    ServerFrame.error(
-                        ref: ref, code: .insufficientCredits,
-                        message:
-                            "translating into \(languages) needs \(refusal.required) credits; the balance is \(refusal.balance). Those readers got your message untranslated",
-                        balance: refusal.balance, required: refusal.required))
+                warn(
+                    allocator.buffer(
+                        bytes: ServerFrame.error(
+                            ref: ref, code: .insufficientCredits,
+                            message:
+                                "translating into \(languages) needs \(refusal.required) credits; the balance is \(refusal.balance). Those readers got your message untranslated",
+                            balance: refusal.balance, required: refusal.required)))
             }
             var running: [(LanguageTag, Task<Void, Never>)] = []
             for (job, stream) in zip(jobs, opened) {
@@ -103,9 +128,7 @@ extension RoomService {
             queueReplies(to: entry, in: live, after: running)
             return running
         }
-        Admission.admitCurrent()  // the message is placed; its translations stream on
-        // The request ends when its translations have: shutdown waits for them.
-        for (_, task) in translations { await task.value }
+        return translations.map(\.1)
     }
 
     /// Prices and charges the translation of `original` into `target` to `payer`; throws
@@ -138,16 +161,17 @@ extension RoomService {
                 bytes: ServerFrame.roomEvent(room: s.room.id, event: "said", [("entry", entry.json(untranslated: true))]))
             for lang in s.readerLanguages {
                 if lang == nil || lang!.sharesLanguage(with: entry.lang!) {
-                    live.broker.publish(said, to: .room(s.room.id, readers: lang))
+                    live.publish(said, readers: lang, &s)
                 } else if !translations.contains(where: { $0.target == lang }) {
-                    live.broker.publish(untranslated, to: .room(s.room.id, readers: lang))
+                    live.publish(untranslated, readers: lang, &s)
                 }
             }
             return translations.map { t in
                 let stream = streams.open(
                     id: t.prepared.id, owner: entry.speaker, model: t.prepared.model,
                     kind: .translation(room: s.room.id, lang: t.target, source: entry.id, speaker: .user(entry.speaker)),
-                    readers: [.room(s.room.id, readers: t.target)], bufferCapacity: t.prepared.request.maxOutputTokens)
+                    readers: [.room(s.room.id, readers: t.target)], bufferCapacity: t.prepared.request.maxOutputTokens,
+                    roomSeq: live.numberStream(&s))
                 s.inflight[stream.id] = RoomFlight(stream: stream, order: s.placed, target: t.target)
                 return stream
             }
@@ -183,7 +207,7 @@ extension RoomService {
             if let entry { s.append(entry) }
             if let target = flight.target, entry?.reason != .complete, let original {
                 let frame = ServerFrame.roomEvent(room: s.room.id, event: "said", [("entry", original.json(untranslated: true))])
-                live.broker.publish(allocator.buffer(bytes: frame), to: .room(s.room.id, readers: target))
+                live.publish(allocator.buffer(bytes: frame), readers: target, &s)
             }
         }
         evictIfIdle(live)
@@ -300,13 +324,13 @@ extension RoomService {
             let reply = streams.open(
                 id: prepared.id, owner: s.room.owner, model: prepared.model,
                 kind: .roomReply(room: s.room.id, clone: clone, lang: lang, source: entryID),
-                readers: readers, bufferCapacity: configuration.maxOutputTokens)
+                readers: readers, bufferCapacity: configuration.maxOutputTokens, roomSeq: live.numberStream(&s))
             s.inflight[reply.id] = RoomFlight(stream: reply, order: s.placed, target: nil)
             let translations = targets.map { target in
                 let stream = streams.open(
                     id: ids.make(.stream), owner: s.room.owner, model: prepared.model,
                     kind: .translation(room: s.room.id, lang: target, source: entryID, speaker: .clone(clone)),
-                    readers: [.room(s.room.id, readers: target)], bufferCapacity: configuration.maxOutputTokens)
+                    readers: [.room(s.room.id, readers: target)], bufferCapacity: configuration.maxOutputTokens, roomSeq: live.numberStream(&s))
                 s.inflight[stream.id] = RoomFlight(stream: stream, order: s.placed, target: target)
                 return stream
             }

@@ -28,7 +28,7 @@ final class RoomService: FrameHandler {
         var rooms: [String: LiveRoom] = [:]
         var accepting = true
         /// In a cluster: this node's sockets in rooms another node runs (room → connection id).
-        var elsewhere: [String: [String: ClientConnection]] = [:]
+        var elsewhere: [String: [String: ElsewhereMember]] = [:]
     }
 
     private let state = Mutex(State())
@@ -70,7 +70,8 @@ final class RoomService: FrameHandler {
             try owners.start(
                 answer: { [weak self] room, request in await self?.answer(room: room, request) ?? [] },
                 kicked: { [weak self] room, user in self?.kickedElsewhere(room: room, user: user) },
-                nodeGone: { [weak self] node in self?.forgetNode(node) })
+                nodeGone: { [weak self] node in self?.forgetNode(node) },
+                languageSet: { [weak self] room, user, language in self?.languageSetElsewhere(room: room, user: user, language) })
             return
         }
         var after: String?
@@ -226,7 +227,6 @@ final class RoomService: FrameHandler {
         let user = connection.identity.user
         var live = try await load(id, for: user)
         if live.state.withLock({ $0.room.kind }) == .translation {
-            if owners != nil { throw FrameError(ref: nil, code: .unavailable, message: ClusterRefusal.translation) }
             try await setLanguage(language, of: user, in: live)
         } else if language != nil {
             throw FrameError(ref: nil, code: .badRequest, message: "'language' is for translation chats; room \(id) is a debate")
@@ -261,13 +261,10 @@ final class RoomService: FrameHandler {
         if s.room.kind == .translation {
             // The chat in the joiner's language; messages whose stream in it is running follow as
             // those streams (start and tokens so far), in the order the messages were said.
-            let lang = s.room.languages[user]
-            let streams = s.inflight.values.filter { $0.delivers(to: lang) }.sorted { $0.order < $1.order }
-            let pending = Set(streams.compactMap(\.stream.source))
-            let transcript = TranslationChat.view(s.transcript, for: lang, pending: pending).map { $0.entry.json(untranslated: $0.untranslated) }
+            let (transcript, streams) = joinView(s, for: s.room.languages[user])
             connection.send(ServerFrame.roomState(ref: ref, room: s.room, members: s.users, transcript: transcript, speaker: nil, stream: nil))
-            for flight in streams {
-                _ = flight.stream.resume(connection, after: 0, ack: allocator.buffer(bytes: flight.stream.startFrame(ref: nil)))
+            for stream in streams {
+                _ = stream.resume(connection, after: 0, ack: allocator.buffer(bytes: stream.startFrame(ref: nil)))
             }
             return !alreadyIn
         }
@@ -452,7 +449,7 @@ final class RoomService: FrameHandler {
                 live.publish(announcement, &s)
                 s.current = streams.open(
                     id: prepared.id, owner: room.owner, model: prepared.model, kind: .debateTurn(room: room.id, clone: clone.id),
-                    readers: [.room(room.id)], bufferCapacity: max(room.maxTokensPerTurn, 1))
+                    readers: [.room(room.id)], bufferCapacity: max(room.maxTokensPerTurn, 1), roomSeq: live.numberStream(&s))
                 return s.current
             }
             guard let stream else {
@@ -544,6 +541,7 @@ final class RoomService: FrameHandler {
                 guard let room = try await store.room(id: id) else { throw Self.noRoom(id) }
                 let transcript = try await store.roomEntries(room: id, limit: Self.keptEntries, before: nil)
                 let fresh = LiveRoom(room: room, transcript: transcript, broker: streams.broker, hub: streams.sockets)
+                fresh.state.withLock { $0.everyLanguage = owners != nil }
                 live = state.withLock { s in
                     if let raced = s.rooms[id] { return raced }
                     s.rooms[id] = fresh
@@ -587,14 +585,23 @@ final class RoomService: FrameHandler {
 
 // MARK: - A cluster's rooms (#22)
 
+/// A socket here in a room another node runs, and in a translation chat the topic of the
+/// language it reads.
+struct ElsewhereMember {
+    var connection: ClientConnection
+    var readers: Topic?
+
+    func topics(_ room: String) -> [Topic] { [.room(room)] + (readers.map { [$0] } ?? []) }
+}
+
 extension RoomService {
     /// Sends a room request to the node running the room, when another does; false when this
-    /// node runs it (it serves the request itself). Debate rooms only: a translation chat runs
-    /// on no cluster yet.
+    /// node runs it (it serves the request itself).
     fileprivate func forward(_ frame: RoomFrame, from connection: ClientConnection, _ owners: RoomOwners) async throws -> Bool {
         let room = frame.room
         switch try await owners.owner(of: room) {
         case .me(let tookOver):
+            try await adoptOwnSockets(in: room)
             if tookOver { try await continueAfterTakeover(room) }
             return false
         case .other:
@@ -603,15 +610,13 @@ extension RoomService {
         let user = connection.identity.user
         switch frame {
         case let .join(ref, _, language):
-            guard language == nil else {
-                throw FrameError(ref: nil, code: .unavailable, message: "translation chats are not available while this server runs as a cluster")
-            }
-            try await joinElsewhere(ref: ref, room: room, connection, owners)
+            try await joinElsewhere(ref: ref, room: room, language: language, connection, owners)
         case .leave:
             try await leaveElsewhere(room: room, connection, tell: true)
-        case let .say(_, _, text):
+        case let .say(ref, _, text):
             try requireJoinedElsewhere(room, connection)
-            _ = try await owners.request(room, RemoteRoomRequest(.say, user: user, connection: connection.id, text: text))
+            let answer = try await owners.request(room, RemoteRoomRequest(.say, user: user, connection: connection.id, ref: ref, text: text))
+            if !answer.state.isEmpty { connection.send(ByteBuffer(bytes: answer.state)) }
         case let .control(_, _, action, target):
             try requireJoinedElsewhere(room, connection)
             _ = try await owners.request(
@@ -622,35 +627,60 @@ extension RoomService {
     }
 
     /// Joins a socket here to a room another node runs: this node follows the room's frames
-    /// first, then takes its state as of one frame and every frame after it (`SocketHub.join`),
-    /// then the turn streaming then, from its start.
-    private func joinElsewhere(ref: String, room: String, _ connection: ClientConnection, _ owners: RoomOwners) async throws {
+    /// (and, in a translation chat, those of the joiner's language) first, then takes its state
+    /// as of one frame and every frame after it (`SocketHub.join`), then the streams the joiner
+    /// reads that were running then or started since, each from its start.
+    private func joinElsewhere(
+        ref: String, room: String, language: LanguageTag?, _ connection: ClientConnection, _ owners: RoomOwners
+    ) async throws {
         guard let broker = clusterBroker else { return }
-        let topic = Topic.room(room)
-        try await broker.pin(topic)
-        defer { broker.unpin(topic) }
-        for attempt in 1...3 {
+        var pinned: [Topic] = []
+        defer { for topic in pinned { broker.unpin(topic) } }
+        func pin(_ topic: Topic) async throws {
+            guard !pinned.contains(topic) else { return }
+            try await broker.pin(topic)
+            pinned.append(topic)
+        }
+        try await pin(.room(room))
+        if let language { try await pin(.room(room, readers: language)) }
+        // Joining again: the room's frames from the new state on, none twice.
+        if let previous = state.withLock({ $0.elsewhere[room]?.removeValue(forKey: connection.id) }) {
+            for topic in previous.topics(room) { streams.sockets.unsubscribe(connection.id, from: topic) }
+        }
+        var dropped = 0
+        while true {
             let answer = try await owners.request(
-                room, RemoteRoomRequest(.join, user: connection.identity.user, connection: connection.id, ref: ref))
-            guard streams.sockets.join(connection, to: topic, after: answer.seq, first: ByteBuffer(bytes: answer.state)) else {
-                if attempt == 3 { throw FrameError(ref: nil, code: .unavailable, message: "room \(room) moves too fast to join now; try again") }
+                room, RemoteRoomRequest(.join, user: connection.identity.user, connection: connection.id, ref: ref, language: language?.value))
+            let readers = answer.language.flatMap(LanguageTag.init).map { Topic.room(room, readers: $0) }
+            if let readers, !pinned.contains(readers) {
+                // The language the user reads this chat in, learned now: followed, then asked again.
+                try await pin(readers)
                 continue
             }
-            state.withLock { $0.elsewhere[room, default: [:]][connection.id] = connection }
-            if let stream = answer.stream { await broker.catchUp(stream: stream, connection: connection) }
+            let member = ElsewhereMember(connection: connection, readers: readers)
+            guard let started = streams.sockets.join(connection, to: member.topics(room), after: answer.seq, first: ByteBuffer(bytes: answer.state))
+            else {
+                dropped += 1
+                if dropped == 3 { throw FrameError(ref: nil, code: .unavailable, message: "room \(room) moves too fast to join now; try again") }
+                continue
+            }
+            state.withLock { $0.elsewhere[room, default: [:]][connection.id] = member }
+            for stream in answer.streams + started.filter({ !answer.streams.contains($0) }) {
+                await broker.catchUp(stream: stream, connection: connection)
+            }
             return
         }
     }
 
     /// A socket here leaves a room another node runs (`tell`: it asked, and is told it left).
     fileprivate func leaveElsewhere(room: String, _ connection: ClientConnection, tell: Bool) async throws {
-        let joined = state.withLock { s -> Bool in
-            guard s.elsewhere[room]?.removeValue(forKey: connection.id) != nil else { return false }
+        let joined = state.withLock { s -> ElsewhereMember? in
+            guard let member = s.elsewhere[room]?.removeValue(forKey: connection.id) else { return nil }
             if s.elsewhere[room]?.isEmpty == true { s.elsewhere.removeValue(forKey: room) }
-            return true
+            return member
         }
-        guard joined else { throw FrameError(ref: nil, code: .notFound, message: "you are not in room \(room)") }
-        streams.sockets.unsubscribe(connection.id, from: .room(room))
+        guard let joined else { throw FrameError(ref: nil, code: .notFound, message: "you are not in room \(room)") }
+        for topic in joined.topics(room) { streams.sockets.unsubscribe(connection.id, from: topic) }
         if tell, connection.isActive {
             connection.send(ServerFrame.roomEvent(room: room, event: "left", [("user", .string(connection.identity.user))]))
         }
@@ -665,12 +695,32 @@ extension RoomService {
 
     /// The owner removed `user` from `room`: their sockets here stop reading it.
     fileprivate func kickedElsewhere(room: String, user: String) {
-        let sockets = state.withLock { s -> [String] in
-            let gone = (s.elsewhere[room] ?? [:]).filter { $0.value.identity.user == user }.map(\.key)
-            for id in gone { s.elsewhere[room]?.removeValue(forKey: id) }
+        let sockets = state.withLock { s -> [ElsewhereMember] in
+            let gone = (s.elsewhere[room] ?? [:]).values.filter { $0.connection.identity.user == user }
+            for member in gone { s.elsewhere[room]?.removeValue(forKey: member.connection.id) }
             return gone
         }
-        for id in sockets { streams.sockets.unsubscribe(id, from: .room(room)) }
+        for member in sockets {
+            for topic in member.topics(room) { streams.sockets.unsubscribe(member.connection.id, from: topic) }
+        }
+    }
+
+    /// `user` reads translation chat `room` in `language` from now on: their sockets here too.
+    fileprivate func languageSetElsewhere(room: String, user: String, _ language: LanguageTag) {
+        let readers = Topic.room(room, readers: language)
+        let moved = state.withLock { s -> [(ClientConnection, Topic?)] in
+            var moved: [(ClientConnection, Topic?)] = []
+            for (id, member) in s.elsewhere[room] ?? [:]
+            where member.connection.identity.user == user && member.readers != nil && member.readers != readers {
+                moved.append((member.connection, member.readers))
+                s.elsewhere[room]?[id]?.readers = readers
+            }
+            return moved
+        }
+        for (connection, previous) in moved {
+            if let previous { streams.sockets.unsubscribe(connection.id, from: previous) }
+            streams.sockets.subscribe(connection, to: readers)
+        }
     }
 
     /// Answers another node's request about a room this node runs.
@@ -686,7 +736,17 @@ extension RoomService {
                 leaveFromElsewhere(room: room, request)
             case .say:
                 let live = try await memberElsewhere(room: room, request)
-                try await say(request.text ?? "", in: live, by: request.user)
+                guard live.state.withLock({ $0.room.kind }) == .translation else {
+                    try await say(request.text ?? "", in: live, by: request.user)
+                    break
+                }
+                var warning: ByteBuffer?
+                let translations = try await placeTranslated(ref: request.ref ?? "", live: live, text: request.text ?? "", by: request.user) {
+                    warning = $0
+                }
+                // Answered once placed; shutdown waits for the translations.
+                _ = requests.track { for task in translations { await task.value } }
+                return RemoteRoomRequest.Answer(state: warning.map { Array($0.readableBytesView) } ?? []).encoded()
             case .control:
                 guard let action = request.action.flatMap(RoomAction.init(rawValue:)) else {
                     throw FrameError(ref: nil, code: .badRequest, message: "unknown action")
@@ -708,17 +768,32 @@ extension RoomService {
     private func joinFromElsewhere(room id: String, _ request: RemoteRoomRequest) async throws -> RemoteRoomRequest.Answer {
         while true {
             let live = try await load(id, for: request.user)
-            guard live.state.withLock({ $0.room.kind }) == .debate else {
-                throw FrameError(ref: nil, code: .unavailable, message: "translation chats are not available while this server runs as a cluster")
+            let language = try request.language.map { tag in
+                guard let language = LanguageTag(tag) else {
+                    throw FrameError(ref: nil, code: .badRequest, message: "'language' must be a BCP 47 tag such as en or pt-BR")
+                }
+                return language
+            }
+            if live.state.withLock({ $0.room.kind }) == .translation {
+                try await setLanguage(language, of: request.user, in: live)
+            } else if language != nil {
+                throw FrameError(ref: nil, code: .badRequest, message: "'language' is for translation chats; room \(id) is a debate")
             }
             let joined = live.state.withLock { s -> (RemoteRoomRequest.Answer, Bool)? in
                 guard !s.retired else { return nil }
                 let first = !s.users.contains(request.user)
                 s.remote[request.connection] = LiveRoom.RemoteMember(user: request.user, node: request.node)
+                if s.room.kind == .translation {
+                    let lang = s.room.languages[request.user]
+                    let (transcript, streams) = Self.joinView(s, for: lang)
+                    let state = ServerFrame.roomState(
+                        ref: request.ref ?? "", room: s.room, members: s.users, transcript: transcript, speaker: nil, stream: nil)
+                    return (RemoteRoomRequest.Answer(seq: s.seq, streams: streams.map(\.id), language: lang?.value, state: state), first)
+                }
                 let state = ServerFrame.roomState(
                     ref: request.ref ?? "", room: s.room, members: s.users, transcript: s.transcript.map(\.json), speaker: s.current?.clone,
                     stream: s.current?.id)
-                return (RemoteRoomRequest.Answer(seq: s.seq, stream: s.current?.id, state: state), first)
+                return (RemoteRoomRequest.Answer(seq: s.seq, streams: s.current.map { [$0.id] } ?? [], state: state), first)
             }
             guard let (answer, first) = joined else { continue }  // dropped from memory just now
             if first {
@@ -771,6 +846,17 @@ extension RoomService {
         }
     }
 
+    /// This node runs `room` now (it took it over, or took it up after its node let it go): its
+    /// sockets that joined it while another node ran it are its members here.
+    private func adoptOwnSockets(in room: String) async throws {
+        guard state.withLock({ $0.elsewhere[room] != nil }) else { return }
+        let live = try await load(room, for: nil)
+        let sockets = state.withLock { $0.elsewhere.removeValue(forKey: room) ?? [:] }
+        live.state.withLock { s in
+            for member in sockets.values where member.connection.isActive { s.subscribe(member.connection, hub: live.hub) }
+        }
+    }
+
     /// This node took over a room whose node stopped (its cut turn is stored): a running debate
     /// goes on with the next turn.
     func continueAfterTakeover(_ id: String) async throws {
@@ -790,6 +876,7 @@ extension RoomService {
     func continueRooms(_ rooms: [String]) async {
         for room in rooms {
             do {
+                try await adoptOwnSockets(in: room)
                 try await continueAfterTakeover(room)
             } catch {
                 logger.error("going on with a stopped node's room failed", metadata: ["room": "\(room)", "error": "\(error)"])

@@ -55,7 +55,6 @@ struct ServerSocketServices: SocketServices {
 
 /// What a node of a cluster answers what it cannot do across nodes (#22).
 enum ClusterRefusal {
-    static let message = "debate rooms need the cluster's shared MongoDB store"
-    static let translation = "translation chats are not available while this server runs as a cluster"
+    static let message = "rooms need the cluster's shared MongoDB store"
     static let schedules = "scheduled messages need the cluster's shared MongoDB store"
 }

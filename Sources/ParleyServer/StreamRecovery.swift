@@ -26,14 +26,14 @@ struct StreamRecovery {
     /// the tokens sent after its last write); `finished` hears of each once it is stored and
     /// settled.
     func run(
-        node: String? = nil, revise: (StreamJournal) async -> StreamJournal = { $0 }, finished: (Finished) -> Void = { _ in }
+        node: String? = nil, revise: (StreamJournal) async -> StreamJournal = { $0 }, finished: (Finished) async -> Void = { _ in }
     ) async throws -> Int {
         var count = 0
         while true {
             let journals = try await store.streamJournals(limit: 100, node: node)
             guard !journals.isEmpty else { return count }
             for journal in journals {
-                finished(try await finish(await revise(journal)))
+                await finished(try await finish(await revise(journal)))
                 count += 1
             }
         }

@@ -93,11 +93,12 @@ final class StreamRunner: Sendable {
     /// language's), sends them its `stream.start`, and registers it. Synchronous, so a room can
     /// open a stream under its own lock and every member it has then receives all of it.
     func open(
-        id: String, owner: String, model: String, kind: LiveStream.Kind, readers: [Topic], bufferCapacity: Int, ref: String? = nil
+        id: String, owner: String, model: String, kind: LiveStream.Kind, readers: [Topic], bufferCapacity: Int, ref: String? = nil,
+        roomSeq: Int64 = 0
     ) -> LiveStream {
         let live = LiveStream(
             id: id, owner: owner, model: model, kind: kind, bufferCapacity: bufferCapacity, readers: readers, broker: broker, hub: sockets,
-            metrics: metrics)
+            metrics: metrics, roomSeq: roomSeq)
         live.start(allocator.buffer(bytes: live.startFrame(ref: ref)))
         hub.register(live)
         return live

@@ -143,3 +143,81 @@ extension TestWebSocket {
         await cluster.stop()
     }
 }
+
+/// Translation chats on a cluster (#22): one node runs the chat; a member on any node reads
+/// every message once, in their language, streamed; joins mid-stream and words from any node
+/// work as on one node; a language set on one node moves the user's sockets on the others.
+@Suite(.serialized) struct ClusterTranslationTests {
+    @Test func aTranslationChatRunsOnOneNodeAndItsMembersOnEveryNodeReadItInTheirLanguage() async throws {
+        let nats = try NATSServer()
+        let uri = MongoFixture.uri()
+        let secret = "cluster-test-secret-" + UUID().uuidString
+        // Paced: the long message's translations (about 170 tokens) stream for seconds.
+        let configure: @Sendable (inout ServerConfiguration) -> Void = { $0.simulated.tokensPerSecond = 30 }
+        let a = try await TestServer.clusterNode("node-a", nats: nats, uri: uri, secret: secret, configure)
+        let b = try await TestServer.clusterNode("node-b", nats: nats, uri: uri, secret: secret, configure)
+        var tokens: [String: String] = [:]
+        for user in ["alice", "bruno", "chen", "dave"] { tokens[user] = try await a.token(user) }
+        let body = JSONValue.object([
+            ("kind", .string("translation")), ("members", .array(["bruno", "chen", "dave"].map(JSONValue.string))),
+            ("languages", .object([("alice", .string("en")), ("bruno", .string("pt")), ("chen", .string("zh"))])),
+        ])
+        let created = try await TestHTTPClient.json(port: b.port, .POST, "/v1/rooms", token: tokens["alice"]!, json: body)
+        #expect(created.status == .created)
+        let room = try created.json()["id"]!.stringValue!
+
+        // Alice joins on A first: A runs the chat. Bruno joins on B, his language known from the
+        // chat's creation (B learns it from A's answer).
+        let alice = try await a.connect(token: tokens["alice"]!)
+        _ = try await alice.joinChat(room)
+        let bruno = try await b.connect(token: tokens["bruno"]!)
+        let brunoState = try await bruno.joinChat(room)
+        #expect(brunoState["members"] == .array([.string("alice"), .string("bruno")]))
+
+        // Alice's long message streams to Bruno on B in Portuguese; Chen joins on B while it
+        // streams and reads it in Chinese from its first token, not in the transcript.
+        let long = Array(repeating: "the harbour lights were late tonight", count: 20).joined(separator: ", ")
+        try await alice.say(room, long)
+        var brunoChat = TranslatedChat()
+        try await bruno.readChat(into: &brunoChat) { $0.texts.values.contains { $0.count > 20 } }
+        let chen = try await b.connect(token: tokens["chen"]!)
+        let chenState = try await chen.joinChat(room)
+        #expect(chenState["transcript"] == .array([]), "the message streaming follows as its stream")
+        let chenChat = try await chen.readChat(messages: 1)
+        try await bruno.readChat(into: &brunoChat) { $0.order.count >= 1 && $0.open.isEmpty }
+        let original = try #require(brunoChat.order.first)
+        #expect(brunoChat.texts[original] == standIn(long, "pt"))
+        #expect(chenChat.texts[original] == standIn(long, "zh"))
+        #expect(chenChat.starts.count == 1 && brunoChat.starts.count == 1, "each stream once")
+        #expect(brunoChat.ends[original]?["reason"] == .string("complete"))
+
+        // Bruno's words, said on B, are placed by A: Alice reads them in English, Bruno as written.
+        try await bruno.say(room, "olá a todos")
+        let aliceChat = try await alice.readChat(messages: 2)
+        #expect(aliceChat.texts[aliceChat.order[1]] == standIn("olá a todos", "en"))
+        let brunoSaid = try await bruno.readChat(messages: 1)
+        #expect(brunoSaid.texts.values.first == "olá a todos")
+        #expect(brunoSaid.untranslated.isEmpty)
+
+        // Dave reads in French on B, then joins on A in German: his socket on B reads German.
+        let daveB = try await b.connect(token: tokens["dave"]!)
+        _ = try await daveB.joinChat(room, language: "fr")
+        let daveA = try await a.connect(token: tokens["dave"]!)
+        _ = try await daveA.joinChat(room, language: "de")
+        let german = Topic.room(room, readers: LanguageTag("de")!)
+        try await within(.seconds(10), "dave's socket on B moved to German") {
+            while !b.server.rooms.streams.sockets.users(in: german).contains("dave"), !Task.isCancelled {
+                try? await Task.sleep(for: .milliseconds(20))
+            }
+        }
+        try await alice.say(room, "good evening")
+        let daveBChat = try await daveB.readChat(messages: 1)
+        #expect(daveBChat.texts.values.first == standIn("good evening", "de"))
+        let daveAChat = try await daveA.readChat(messages: 1)
+        #expect(daveAChat.texts == daveBChat.texts)
+
+        await a.stop()
+        await b.stop()
+        nats.stop()
+    }
+}

@@ -413,19 +413,8 @@ extension TestWebSocket {
         await a.stop()
     }
 
-    @Test func aNodeOfAClusterRefusesTranslationChatsAndRoomsWithoutASharedStore() async throws {
+    @Test func aNodeOfAClusterWithoutASharedStoreRefusesRooms() async throws {
         let nats = try NATSServer()
-        // A cluster's node on MongoDB runs debates, not translation chats.
-        let a = try await TestServer.clusterNode("node-a", nats: nats, uri: MongoFixture.uri())
-        let token = try await a.token("alice")
-        let translation = JSONValue.object([
-            ("kind", .string("translation")), ("members", .array([.string("bob")])),
-            ("languages", .object([("alice", .string("en")), ("bob", .string("fr"))])),
-        ])
-        let refused = try await TestHTTPClient.json(port: a.port, .POST, "/v1/rooms", token: token, json: translation)
-        #expect(refused.status == .serviceUnavailable)
-        #expect(try refused.json()["error"]?["message"] == .string(ClusterRefusal.translation))
-        await a.stop()
         // Without a shared store (only a test can start one so), no room at all.
         let alone = try await TestServer.start { $0.brokerURL = nats.url }
         let socket = try await alone.connect(token: try await alone.token("alice"))

@@ -49,6 +49,36 @@ import Testing
         #expect(try bob.received() == ["all", "not c1", "not ann"])
     }
 
+    @Test func aMemberJoiningARoomRunElsewhereGetsItsFramesAfterTheStateInOrderAndTheStreamsStartedSince() throws {
+        let hub = SocketHub()
+        let (ann, bob) = (try Socket("c1", user: "ann"), try Socket("c2", user: "bob"))
+        for socket in [ann, bob] { _ = hub.add(socket.connection) }
+        let (room, pt, zh) = (Topic.room("rm_1"), Topic.room("rm_1", readers: LanguageTag("pt")), Topic.room("rm_1", readers: LanguageTag("zh")))
+        // Frames of the room and of two languages, numbered by the room, as another node sent them.
+        hub.deliver(frame("joined"), to: room, audience: .everyone, seq: 10)
+        hub.deliver(frame("said pt"), to: pt, audience: .everyone, seq: 11)
+        hub.noteStream("st_zh", started: 12, on: zh)
+        hub.noteStream("st_pt", started: 13, on: pt)
+        hub.deliver(frame("not ann"), to: room, audience: .except(user: "ann"), seq: 14)
+        hub.deliver(frame("said zh"), to: zh, audience: .everyone, seq: 15)
+        hub.deliver(frame("left"), to: room, audience: .everyone, seq: 16)
+        // Ann's state is as of frame 10: she gets what followed in her topics, in order, and
+        // follows the Portuguese stream that started after it.
+        #expect(hub.join(ann.connection, to: [room, pt], after: 10, first: frame("state")) == ["st_pt"])
+        #expect(try ann.received() == ["state", "said pt", "left"])
+        hub.deliver(frame("live"), to: pt, audience: .everyone, seq: 17)
+        #expect(try ann.received() == ["live"])
+        // Bob's state is as of frame 16: nothing more.
+        #expect(hub.join(bob.connection, to: [room, zh], after: 16, first: frame("state")) == [])
+        #expect(try bob.received() == ["state"])
+        // Frames a join needs that were dropped: no join (ask for a newer state).
+        for seq in 20..<(20 + Int64(SocketHub.ringCapacity)) { hub.deliver(frame("x"), to: zh, audience: .everyone, seq: seq) }
+        let cy = try Socket("c3", user: "cy")
+        _ = hub.add(cy.connection)
+        #expect(hub.join(cy.connection, to: [room, zh], after: 17, first: frame("state")) == nil)
+        #expect(try cy.received() == [])
+    }
+
     @Test func aStreamsReadersAreTheSubscribersOfItsSourcesAtItsStart() throws {
         let hub = SocketHub()
         let (ann, bob, cy) = (try Socket("c1", user: "ann"), try Socket("c2", user: "bob"), try Socket("c3", user: "cy"))

@@ -206,6 +206,67 @@ def test_a_debate_whose_node_is_killed_mid_turn_goes_on_on_another_node(start_no
     assert stored["room"]["status"] == "ended"
 
 
+def test_a_translation_chat_whose_node_is_killed_mid_translation_goes_on_on_another_node(start_node):
+    """Node A runs a translation chat (Alice joined there first, in English); Bruno reads it in
+    Portuguese on node B, Chen in Chinese on node C. A is killed while Alice's message streams to
+    them translated. Within a lease period B or C takes A over: both translations end
+    `interrupted` (on the node that did not take A over, through the broker), Alice pays exactly
+    for what was generated (her ledger adds up to her balance), and the chat goes on."""
+    args = ["--sim-ttft-ms", "0", "--sim-tokens-per-sec", "20", "--starting-credits", "100000"]
+    a = start_node("node-a", *args)
+    b = start_node("node-b", *args)
+    c = start_node("node-c", *args)
+    alice, bruno, chen = token("alice"), token("bruno"), token("chen")
+    status, room = b.http("POST", "/v1/rooms", alice, {"kind": "translation", "members": ["bruno", "chen"],
+                                                        "languages": {"alice": "en", "bruno": "pt", "chen": "zh"}})
+    assert status == 201, room
+    long = ", ".join(["the harbour lights were late tonight"] * 10)
+
+    async def frame(ws, want):
+        while True:
+            got = json.loads(await asyncio.wait_for(ws.recv(), 30))
+            if want(got):
+                return got
+
+    async def scenario():
+        async with (websockets.connect(f"{a.ws}?token={alice}") as on_a, websockets.connect(f"{b.ws}?token={bruno}") as on_b,
+                    websockets.connect(f"{c.ws}?token={chen}") as on_c):
+            for ws in (on_a, on_b, on_c):
+                assert json.loads(await ws.recv())["type"] == "welcome"
+                await ws.send(json.dumps({"type": "room.join", "id": "j", "room": room["id"]}))
+                joined = await frame(ws, lambda f: f["type"] in ("room.state", "error"))
+                assert joined["type"] == "room.state", joined
+            await on_a.send(json.dumps({"type": "room.say", "id": "s1", "room": room["id"], "text": long}))
+            starts = [await frame(ws, lambda f: f["type"] == "stream.start") for ws in (on_b, on_c)]
+            assert [s["lang"] for s in starts] == ["pt", "zh"], starts
+            await frame(on_b, lambda f: f["type"] == "token" and f["seq"] == 10)
+            a.proc.send_signal(signal.SIGKILL)
+            for ws, start in zip((on_b, on_c), starts):
+                end = await frame(ws, lambda f: f["type"] == "stream.end")
+                assert end["stream"] == start["stream"] and end["reason"] == "interrupted", end
+            # The chat goes on: Bruno's words are placed by B now. Until B has finished taking A
+            # over (the end above comes first), the chat answers `unavailable`: try again, as a
+            # client does.
+            for attempt in range(20):
+                await on_b.send(json.dumps({"type": "room.say", "id": f"s{attempt}", "room": room["id"], "text": "olá"}))
+                said = await frame(on_b, lambda f: (f["type"] == "room.event" and f["event"] == "said"
+                                                    and f["entry"]["text"] == "olá") or f["type"] == "error")
+                if said["type"] == "room.event":
+                    break
+                assert said["code"] == "unavailable", said
+                await asyncio.sleep(0.5)
+            assert said["type"] == "room.event", said
+
+    asyncio.run(scenario())
+    assert a.proc.wait(timeout=10) == -signal.SIGKILL
+    status, credits = b.http("GET", "/v1/credits?limit=100", alice)
+    assert status == 200, credits
+    assert sum(e["credits"] for e in credits["entries"]) == credits["balance"], credits
+    status, stored = b.http("GET", f"/v1/rooms/{room['id']}", bruno)
+    assert status == 200, stored
+    assert [e["text"] for e in stored["transcript"] if e["kind"] == "said"][-1] == "olá", stored["transcript"]
+
+
 def test_a_schedule_whose_node_was_killed_fires_once_on_the_node_that_takes_its_shard(start_node):
     """Node A, alone, holds every schedule shard. Alice schedules a message for two seconds later
     and A is killed at once. Node B, started after, finds A's shard leases live, takes them once
