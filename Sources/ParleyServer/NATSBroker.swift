@@ -232,6 +232,11 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
     private let roundTrips: Timer?
     private let probe = Mutex<Task<Void, Never>?>(nil)
     private let failures = Atomic<Int>(0)
+    /// How long a frame published now takes to be kept by JetStream (from then on another
+    /// node can resume from it), measured with the round trip (`measureJetStreamLag`).
+    private let jetStreamLag: Timer?
+    /// Where this node's lag probes go (a stream head's subject no stream has).
+    private let probeSubject = BrokerSubjects.head(of: "probe-\(UInt64.random(in: 0 ... .max))")
 
     private struct Origin {
         var cancels: NATSSubscription?
@@ -273,6 +278,7 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
                 $0 = Task { [weak broker] in
                     while (try? await Task.sleep(for: .seconds(5))) != nil {
                         try? await broker?.flush(timeout: .seconds(2))
+                        try? await broker?.measureJetStreamLag(timeout: .seconds(2))
                     }
                 }
             }
@@ -297,6 +303,7 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
         self.logger = logger
         publishFailures = metrics.map { Counter(label: "parley_broker_publish_failures_total", factory: $0) }
         roundTrips = metrics.map { Timer(label: "parley_broker_round_trip_seconds", factory: $0) }
+        jetStreamLag = metrics.map { Timer(label: "parley_jetstream_lag_seconds", factory: $0) }
     }
 
     /// A stream's frames stay in JetStream for twice the resume retention (at least a minute).
@@ -667,6 +674,22 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
         let started = ContinuousClock.now
         try await nats.flush(timeout: timeout)
         roundTrips?.recordNanoseconds(Int64((ContinuousClock.now - started) / .nanoseconds(1)))
+    }
+
+    /// Publishes a probe the way frames are published (core NATS; JetStream keeps it on its
+    /// own time) and reads it back from JetStream until it is there: the lag of a resume on
+    /// another node behind the stream's node. Throws when it is not there within `timeout`.
+    func measureJetStreamLag(timeout: Duration = .seconds(5)) async throws {
+        let payload = Array("\(UInt64.random(in: 0 ... .max))".utf8)
+        let started = ContinuousClock.now
+        try nats.publish(probeSubject, payload)
+        while ContinuousClock.now - started < timeout {
+            if try await jetStream.lastMessage(stream: BrokerSubjects.streams, subject: probeSubject)?.payload == payload {
+                jetStreamLag?.recordNanoseconds(Int64((ContinuousClock.now - started) / .nanoseconds(1)))
+                return
+            }
+        }
+        throw NATSError(status: "not kept within \(timeout)", action: "measuring JetStream's lag")
     }
 
     /// Stops following topics and closes the connection (after the sockets closed).

@@ -417,6 +417,11 @@ public final class ParleyServer: Sendable {
         try await clusterBroker?.flush()
     }
 
+    /// Measures now how far JetStream lags behind this node's publishes (every 5 s otherwise).
+    func jetStreamLag() async throws {
+        try await clusterBroker?.measureJetStreamLag()
+    }
+
     /// Renews and evens out this node's schedule shards now instead of at the next renewal;
     /// returns the shards it holds then (none alone, or without a shared store).
     func balanceScheduleShards() async -> Set<Int> {

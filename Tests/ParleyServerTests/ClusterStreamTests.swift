@@ -379,7 +379,7 @@ extension TestWebSocket {
         await a.stop()
     }
 
-    @Test func aNodeMeasuresItsRoundTripToTheBroker() async throws {
+    @Test func aNodeMeasuresItsRoundTripToTheBrokerAndJetStreamsLag() async throws {
         let nats = try NATSServer()
         let metrics = TestMetrics()
         let a = try await TestServer.start {
@@ -389,6 +389,10 @@ extension TestWebSocket {
         try await a.server.brokerRoundTrip()
         let trips = try metrics.expectTimer("parley_broker_round_trip_seconds").values
         #expect(!trips.isEmpty && trips.allSatisfy { $0 > 0 && $0 < 5_000_000_000 }, "\(trips)")
+        // And how long JetStream takes to keep what it publishes.
+        try await a.server.jetStreamLag()
+        let lags = try metrics.expectTimer("parley_jetstream_lag_seconds").values
+        #expect(!lags.isEmpty && lags.allSatisfy { $0 > 0 && $0 < 5_000_000_000 }, "\(lags)")
         await a.stop()
         nats.stop()
     }
