@@ -12,12 +12,19 @@ public struct NodeLease: Sendable, Equatable {
     public var pid: Int64
     /// Milliseconds since the epoch; the lease is free from then on unless renewed.
     public var expires: Int64
+    /// Grows each time the lease changes hands (never on a renewal): by one when it is taken
+    /// over, and a lease given up and claimed anew starts at the claim's time in milliseconds, so
+    /// it still grows (with the nodes' clocks in step to within a lease period). What a holder
+    /// writes under its lease is fenced with it (`fenceRoom`), so a holder that lost the lease
+    /// while stalled cannot write over its successor.
+    public var epoch: Int64
 
-    public init(node: String, host: String, pid: Int64, expires: Int64) {
+    public init(node: String, host: String, pid: Int64, expires: Int64, epoch: Int64 = 0) {
         self.node = node
         self.host = host
         self.pid = pid
         self.expires = expires
+        self.epoch = epoch
     }
 }
 
@@ -29,25 +36,26 @@ extension MongoStore {
     public static let nodeLeases = "node_lease"
 
     /// Takes or renews the lease `key` for `lease.node` until `lease.expires`: a
-    /// conditional update of the lease that is `lease.node`'s or expired at `now`, or, when there
-    /// is none yet, its insert (a lost race for that insert is a duplicate key). Not an upsert:
-    /// whether an upsert's insert keeps the `_id` of a query with `$or` differs between servers.
+    /// conditional update of the lease that is `lease.node`'s (a renewal) or expired at `now` (a
+    /// takeover, which bumps its epoch), or, when there is none yet, its insert at epoch `now` (a lost
+    /// race for that insert is a duplicate key). Not an upsert: whether an upsert's insert keeps
+    /// the `_id` of a query with operators differs between servers.
     /// Returns nil when it is `lease.node`'s now, or the live lease of the node that holds it.
     public func claimNodeLease(
         _ lease: NodeLease, now: Int64, key: String = soleNodeKey, in collection: String = nodeLeases
     ) async throws -> NodeLease? {
         try await run { db in
-            let filter = JSONValue.object([
-                ("_id", .string(key)),
-                ("$or", .array([.object([("node", .string(lease.node))]), .object([("expires", .object([("$lt", .long(now))]))])])),
-            ])
             let fields: [(String, JSONValue)] = [
                 ("node", .string(lease.node)), ("host", .string(lease.host)), ("pid", .long(lease.pid)), ("expires", .long(lease.expires)),
             ]
+            let mine = JSONValue.object([("_id", .string(key)), ("node", .string(lease.node))])
+            let expired = JSONValue.object([("_id", .string(key)), ("expires", .object([("$lt", .long(now))]))])
             for _ in 0..<2 {
-                if try db.findAndModify(collection, query: filter, update: .object([("$set", .object(fields))])) != nil { return nil }
+                if try db.findAndModify(collection, query: mine, update: .object([("$set", .object(fields))])) != nil { return nil }
+                let takeover = JSONValue.object([("$set", .object(fields)), ("$inc", .object([("epoch", .long(1))]))])
+                if try db.findAndModify(collection, query: expired, update: takeover) != nil { return nil }
                 do {
-                    try db.insert(collection, .object([("_id", .string(key))] + fields))
+                    try db.insert(collection, .object([("_id", .string(key))] + fields + [("epoch", .long(now))]))
                     return nil
                 } catch StoreError.duplicateKey {
                     // Held; unless it expired between the two steps (then the update takes it).
@@ -85,8 +93,8 @@ extension MongoStore {
             let fields: [(String, JSONValue)] = [
                 ("node", .string(lease.node)), ("host", .string(lease.host)), ("pid", .long(lease.pid)), ("expires", .long(lease.expires)),
             ]
-            return try db.findAndModify(
-                collection, query: .object([("_id", .string(key)), ("node", .string(from))]), update: .object([("$set", .object(fields))])) != nil
+            let update = JSONValue.object([("$set", .object(fields)), ("$inc", .object([("epoch", .long(1))]))])
+            return try db.findAndModify(collection, query: .object([("_id", .string(key)), ("node", .string(from))]), update: update) != nil
         }
     }
 
@@ -114,6 +122,6 @@ extension MongoStore {
     private static func nodeLease(_ row: JSONValue) -> NodeLease {
         NodeLease(
             node: row["node"]?.stringValue ?? "?", host: row["host"]?.stringValue ?? "?", pid: row["pid"]?.int64 ?? 0,
-            expires: row["expires"]?.int64 ?? 0)
+            expires: row["expires"]?.int64 ?? 0, epoch: row["epoch"]?.int64 ?? 0)
     }
 }

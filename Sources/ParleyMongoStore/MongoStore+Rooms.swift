@@ -22,6 +22,62 @@ extension MongoStore {
         }
     }
 
+    // MARK: Fencing (#22)
+
+    /// A write of a room fenced with the epoch of a lease that another node has taken since.
+    public struct Superseded: Error, CustomStringConvertible {
+        public let room: String
+        public var description: String { "room \(room) is run by another node now (its lease changed hands)" }
+    }
+
+    /// Writes of room `id` fenced with an epoch below `epoch` are refused from now on (a node
+    /// that took the room's lease at `epoch`); false when a higher epoch fenced it already.
+    public func fenceRoom(_ id: String, epoch: Int64) async throws -> Bool {
+        try await run { db in
+            let fence = JSONValue.object([("$set", .object([("fence", .long(epoch))]))])
+            if try db.update("rooms", query: Self.fenced(id, epoch), update: fence).matched > 0 { return true }
+            do {
+                try Self.checkFence(db, id, epoch)
+                return true  // no such room: nothing to fence
+            } catch is Superseded {
+                return false
+            }
+        }
+    }
+
+    /// `updateRoom`, unless a node with a newer lease on the room fenced it (`Superseded`).
+    public func updateRoom(_ room: Room, fence epoch: Int64) async throws -> Bool {
+        try await run { db in
+            if try db.update(
+                "rooms", query: Self.fenced(room.id, epoch, owner: room.owner), update: .object([("$set", Self.mutableFields(Self.document(room)))])
+            ).matched > 0 {
+                return true
+            }
+            try Self.checkFence(db, room.id, epoch)
+            return false
+        }
+    }
+
+    /// `appendRoomEntry`, unless a node with a newer lease on the room fenced it (`Superseded`).
+    /// The check and the insert are two steps: a writer that stalls between them for longer than
+    /// a lease period can still add one entry.
+    public func appendRoomEntry(_ entry: RoomEntry, fence epoch: Int64) async throws {
+        try await run { db in try Self.checkFence(db, entry.room, epoch) }
+        try await appendRoomEntry(entry)
+    }
+
+    private static func fenced(_ id: String, _ epoch: Int64, owner: String? = nil) -> JSONValue {
+        var fields: [(String, JSONValue)] = [("_id", .string(id))]
+        if let owner { fields.append(("owner", .string(owner))) }
+        let unfenced = JSONValue.object([("fence", .object([("$exists", .bool(false))]))])
+        return .object(fields + [("$or", .array([unfenced, .object([("fence", .object([("$lte", .long(epoch))]))])]))])
+    }
+
+    private static func checkFence(_ db: Database, _ id: String, _ epoch: Int64) throws {
+        let newer = JSONValue.object([("_id", .string(id)), ("fence", .object([("$gt", .long(epoch))]))])
+        if try !db.find("rooms", filter: newer, limit: 1).isEmpty { throw Superseded(room: id) }
+    }
+
     public func rooms(statuses: [Room.Status], limit: Int, after: String?) async throws -> [Room] {
         guard !statuses.isEmpty else { return [] }
         return try await run { db in

@@ -3,6 +3,24 @@ import ParleyCore
 import ParleyStore
 import Synchronization
 
+/// Where a live room's writes go: the store; in a cluster (`owners`), fenced with the epoch of
+/// this node's lease on the room, so a node that lost the room while stalled cannot write over
+/// the node that took it.
+struct RoomWriter: Sendable {
+    let store: any Store
+    let owners: RoomOwners?
+
+    func update(_ room: Room) async throws -> Bool {
+        guard let owners else { return try await store.updateRoom(room) }
+        return try await owners.write(room.id) { store, epoch in try await store.updateRoom(room, fence: epoch) }
+    }
+
+    func append(_ entry: RoomEntry) async throws {
+        guard let owners else { return try await store.appendRoomEntry(entry) }
+        try await owners.write(entry.room) { store, epoch in try await store.appendRoomEntry(entry, fence: epoch) }
+    }
+}
+
 /// A room in memory: its stored state, recent transcript, members and the turn being streamed.
 final class LiveRoom: Sendable {
     struct State {
@@ -97,12 +115,15 @@ final class LiveRoom: Sendable {
     /// Its frames go to its members through the broker; the hub knows who they are.
     let broker: any Broker
     let hub: SocketHub
+    /// Where the room and its transcript are stored.
+    let writer: RoomWriter
 
-    init(room: Room, transcript: [RoomEntry], broker: any Broker, hub: SocketHub) {
+    init(room: Room, transcript: [RoomEntry], broker: any Broker, hub: SocketHub, writer: RoomWriter) {
         id = room.id
         state = Mutex(State(room: room, transcript: transcript))
         self.broker = broker
         self.hub = hub
+        self.writer = writer
     }
 
     /// Stops every stream of the room (after `change`, under the same lock) and waits for its turn
@@ -127,11 +148,11 @@ final class LiveRoom: Sendable {
     /// Stores the room as it is when the write starts (after `change`, applied to the stored copy
     /// only). Writes of one room never overlap, so an older state can never land over a newer
     /// one: a moderator's control and the end of a turn both store the room, from other tasks.
-    func save(_ store: any Store, _ change: @Sendable (inout Room) -> Void = { _ in }) async throws {
+    func save(_ change: @Sendable (inout Room) -> Void = { _ in }) async throws {
         try await saves.run {
             var room = state.withLock { $0.room }
             change(&room)
-            _ = try await store.updateRoom(room)
+            _ = try await writer.update(room)
         }
     }
 

@@ -29,13 +29,21 @@ final class RoomOwners: Sendable {
     private let period: Duration
     private let logger: Logger
 
+    private struct Owned {
+        /// Its requests from other nodes.
+        var subscription: NATSSubscription
+        /// The epoch of this node's lease on it: its writes are fenced with it (`write`).
+        var epoch: Int64
+    }
+
     private struct State {
-        /// Rooms this node runs, each with its subscription to their requests.
-        var owned: [String: NATSSubscription] = [:]
+        /// Rooms this node runs.
+        var owned: [String: Owned] = [:]
         var answer: (@Sendable (String, [UInt8]) async -> [UInt8])?
         var renewal: Task<Void, Never>?
         var kicks: NATSSubscription?
         var nodeGone: (@Sendable (String) -> Void)?
+        var superseded: (@Sendable (String) -> Void)?
     }
 
     private let state = Mutex(State())
@@ -53,7 +61,8 @@ final class RoomOwners: Sendable {
     func start(
         answer: @escaping @Sendable (String, [UInt8]) async -> [UInt8], kicked: @escaping @Sendable (_ room: String, _ user: String) -> Void,
         nodeGone: @escaping @Sendable (String) -> Void,
-        languageSet: @escaping @Sendable (_ room: String, _ user: String, _ language: LanguageTag) -> Void
+        languageSet: @escaping @Sendable (_ room: String, _ user: String, _ language: LanguageTag) -> Void,
+        superseded: @escaping @Sendable (String) -> Void
     ) throws {
         let kicks = try broker.subscribe(subject: BrokerSubjects.roomKicks) { message in
             guard let json = try? JSONValue.parse(message.payload) else { return }
@@ -65,20 +74,59 @@ final class RoomOwners: Sendable {
             }
             kicked(room, user)
         }
-        state.withLock { $0.nodeGone = nodeGone }
-        let renewal = Task { [store, node, period, logger] in
+        state.withLock {
+            $0.nodeGone = nodeGone
+            $0.superseded = superseded
+        }
+        let renewal = Task { [weak self, period] in
             while (try? await Task.sleep(for: period / 3)) != nil {
-                do {
-                    try await store.renewLeases(node: node, expires: Int64(Timestamp.nowMillis()) + Timestamp.millis(period), in: Self.leases)
-                } catch {
-                    logger.error("renewing the room leases failed; trying again", metadata: ["error": "\(error)"])
-                }
+                await self?.renew()
             }
         }
         state.withLock {
             $0.answer = answer
             $0.kicks = kicks
             $0.renewal = renewal
+        }
+    }
+
+    /// Whether this node runs `room` (as far as it knows: `renew` finds out otherwise).
+    func runs(_ room: String) -> Bool { state.withLock { $0.owned[room] != nil } }
+
+    /// Renews this node's room leases; a room whose lease another node took meanwhile (this
+    /// node stalled past it) is that node's: this one stops running it.
+    func renew() async {
+        do {
+            let held = try await store.renewLeases(node: node, expires: Int64(Timestamp.nowMillis()) + Timestamp.millis(period), in: Self.leases)
+            guard held < state.withLock({ $0.owned.count }) else { return }
+            let mine = Set(try await store.nodeLeases(in: Self.leases).filter { $0.value.node == node }.keys)
+            for room in state.withLock({ Array($0.owned.keys) }) where !mine.contains(room) { supersede(room) }
+        } catch {
+            logger.error("renewing the room leases failed; trying again", metadata: ["error": "\(error)"])
+        }
+    }
+
+    /// Another node took `room`'s lease: this node stops serving it (without touching the
+    /// lease) and `superseded` stops running it.
+    private func supersede(_ room: String) {
+        guard let (owned, superseded) = state.withLock({ s in s.owned.removeValue(forKey: room).map { ($0, s.superseded) } }) else { return }
+        owned.subscription.cancel()
+        logger.warning("another node took over a room this node ran; it stops running it", metadata: ["room": "\(room)"])
+        superseded?(room)
+    }
+
+    /// Writes room `room` with `body`, fenced with this node's lease epoch on it; a write that
+    /// finds the room fenced by a newer holder (or a room this node does not run) is refused
+    /// `unavailable`, and the room is let go as in `renew`.
+    func write<T: Sendable>(_ room: String, _ body: (MongoStore, Int64) async throws -> T) async throws -> T {
+        guard let epoch = state.withLock({ $0.owned[room]?.epoch }) else {
+            throw FrameError(ref: nil, code: .unavailable, message: "room \(room) is run by another node now; try again")
+        }
+        do {
+            return try await body(store, epoch)
+        } catch is MongoStore.Superseded {
+            supersede(room)
+            throw FrameError(ref: nil, code: .unavailable, message: "room \(room) is run by another node now; try again")
         }
     }
 
@@ -94,8 +142,8 @@ final class RoomOwners: Sendable {
         renewal?.cancel()
         await renewal?.value
         kicks?.cancel()
-        for (room, subscription) in owned {
-            subscription.cancel()
+        for (room, owned) in owned {
+            owned.subscription.cancel()
             try? await store.releaseNodeLease(node: node, key: room, in: Self.leases)
         }
     }
@@ -117,7 +165,7 @@ final class RoomOwners: Sendable {
         }
         let claim = NodeLease.thisProcess(node: node, expires: now + Timestamp.millis(period))
         if let holder = try await store.claimNodeLease(claim, now: now, key: room, in: Self.leases) { return .other(holder.node) }
-        try adopt(room)
+        try await adopt(room)
         return .me(tookOver: tookOver)
     }
 
@@ -133,12 +181,20 @@ final class RoomOwners: Sendable {
         let now = Int64(Timestamp.nowMillis())
         let claim = NodeLease.thisProcess(node: node, expires: now + Timestamp.millis(period))
         guard try await store.transferLease(room, from: dead, to: claim, in: Self.leases) else { return false }
-        try adopt(room)
+        try await adopt(room)
         return true
     }
 
-    private func adopt(_ room: String) throws {
+    /// Runs `room`, whose lease this node just took: fences the room's writes with the lease's
+    /// epoch (a stalled former holder's writes are refused from now on), then serves its
+    /// requests from other nodes.
+    private func adopt(_ room: String) async throws {
         guard state.withLock({ $0.owned[room] == nil }) else { return }
+        guard let lease = try await store.lease(room, in: Self.leases), lease.node == node,
+            try await store.fenceRoom(room, epoch: lease.epoch)
+        else {
+            throw FrameError(ref: nil, code: .unavailable, message: "room \(room) changed hands just now; try again")
+        }
         let subscription = try broker.serve(subject: BrokerSubjects.roomRequests(room)) { [weak self] payload in
             guard let answer = self?.state.withLock({ $0.answer }) else {
                 return RemoteRoomRequest.failure(FrameError(ref: nil, code: .unavailable, message: "this node is shutting down"))
@@ -147,7 +203,7 @@ final class RoomOwners: Sendable {
         }
         let raced = state.withLock { s -> Bool in
             guard s.owned[room] == nil else { return true }
-            s.owned[room] = subscription
+            s.owned[room] = Owned(subscription: subscription, epoch: lease.epoch)
             return false
         }
         if raced { subscription.cancel() }
@@ -155,8 +211,8 @@ final class RoomOwners: Sendable {
 
     /// Lets `room` go (nobody is in it and nothing runs: the store has it all).
     func release(_ room: String) async {
-        guard let subscription = state.withLock({ $0.owned.removeValue(forKey: room) }) else { return }
-        subscription.cancel()
+        guard let owned = state.withLock({ $0.owned.removeValue(forKey: room) }) else { return }
+        owned.subscription.cancel()
         try? await store.releaseNodeLease(node: node, key: room, in: Self.leases)
     }
 

@@ -55,7 +55,7 @@ extension RoomService {
                 message: "room.join needs your 'language' (a BCP 47 tag such as en or pt-BR) in translation chat \(live.id)")
         }
         if changed != nil {
-            try await live.save(store)
+            try await live.save()
             // The user's sockets on other nodes read the new language from now on too.
             if let language { owners?.setLanguage(language, of: user, in: live.id) }
         }
@@ -105,7 +105,7 @@ extension RoomService {
                         refused.append((target, refusal))
                     }
                 }
-                try await store.appendRoomEntry(entry)
+                try await live.writer.append(entry)
             } catch {
                 for job in jobs { await streams.abandon(job.prepared) }
                 throw error
@@ -180,13 +180,12 @@ extension RoomService {
 
     /// Streams one translation and stores it linked to its original.
     private func translate(_ job: TranslationJob, stream: LiveStream, of original: RoomEntry, in live: LiveRoom, payer: String) -> Task<Void, Never> {
-        let store = self.store
         return Task {
             let message = await self.streams.run(
                 stream, job.prepared, messageID: self.ids.make(.roomEntry), journal: .settleOnly,
                 paywall: live.payer(payer)
             ) { message in
-                try await store.appendRoomEntry(Self.translation(message, of: original, into: job.target, stream: stream.id))
+                try await live.writer.append(Self.translation(message, of: original, into: job.target, stream: stream.id))
             }
             self.landed(
                 stream, entry: message.map { Self.translation($0, of: original, into: job.target, stream: stream.id) }, original: original, in: live)
@@ -270,7 +269,6 @@ extension RoomService {
             let (stream, pending) = try await live.sequenced {
                 placeReply(clone: clone.id, lang: lang, entryID: entryID, prepared: prepared, in: live)
             }
-            let store = self.store
             let owner = room.owner
             let toEntry = { @Sendable (message: Message) in
                 RoomEntry(
@@ -278,7 +276,7 @@ extension RoomService {
                     reason: message.reason, stream: prepared.id, lang: lang)
             }
             let recorded = await streams.run(stream, prepared, messageID: entryID, journal: .settleOnly, paywall: live.payer(owner)) { message in
-                try await store.appendRoomEntry(toEntry(message))
+                try await live.writer.append(toEntry(message))
             }
             let said = recorded.map(toEntry)
             landed(stream, entry: said, original: nil, in: live)

@@ -71,7 +71,8 @@ final class RoomService: FrameHandler {
                 answer: { [weak self] room, request in await self?.answer(room: room, request) ?? [] },
                 kicked: { [weak self] room, user in self?.kickedElsewhere(room: room, user: user) },
                 nodeGone: { [weak self] node in self?.forgetNode(node) },
-                languageSet: { [weak self] room, user, language in self?.languageSetElsewhere(room: room, user: user, language) })
+                languageSet: { [weak self] room, user, language in self?.languageSetElsewhere(room: room, user: user, language) },
+                superseded: { [weak self] room in self?.superseded(room) })
             return
         }
         var after: String?
@@ -97,7 +98,7 @@ final class RoomService: FrameHandler {
         for room in rooms {
             await room.halt(.shutdown)
             if room.state.withLock({ $0.room.status }) == .running {
-                try? await room.save(store) { $0.status = .paused }
+                try? await room.save { $0.status = .paused }
                 // In a cluster its members on other nodes stay connected: they are told.
                 if owners != nil {
                     room.broadcast(allocator.buffer(bytes: ServerFrame.roomEvent(room: room.id, event: "paused", [("reason", .string("shutdown"))])))
@@ -327,7 +328,7 @@ final class RoomService: FrameHandler {
             throw FrameError(ref: nil, code: .forbidden, message: "the moderator muted you in room \(id)")
         }
         let entry = RoomEntry(id: ids.make(.roomEntry), room: id, kind: .said, speaker: user, text: text, createdAt: Int64(Timestamp.nowMillis()))
-        try await store.appendRoomEntry(entry)
+        try await live.writer.append(entry)
         live.state.withLock { s in s.append(entry) }
         live.broadcast(allocator.buffer(bytes: ServerFrame.roomEvent(room: id, event: "said", [("entry", entry.json)])))
     }
@@ -368,7 +369,7 @@ final class RoomService: FrameHandler {
             return outcome
         }
         let control = try outcome.get()
-        try await live.save(store)
+        try await live.save()
         await audit?.record("room.\(control.event)", actor: by, target: id, ip: ip, detail: target.map { ["subject": $0] } ?? [:])
         if control.startsLoop { runTurns(live) }
     }
@@ -416,7 +417,7 @@ final class RoomService: FrameHandler {
             return s.room
         }
         guard let ended else { return }
-        try? await live.save(store)
+        try? await live.save()
         live.broadcast(allocator.buffer(bytes: ServerFrame.roomEvent(room: ended.id, event: "ended", [("reason", .string("rounds_done"))])))
     }
 
@@ -457,7 +458,6 @@ final class RoomService: FrameHandler {
                 return
             }
             let entryID = ids.make(.roomEntry)
-            let store = self.store
             let recorded = Mutex<RoomEntry?>(nil)
             let owner = room.owner
             // The room moves past the turn before its stream.end goes out: a control the moderator
@@ -480,11 +480,11 @@ final class RoomService: FrameHandler {
                 let entry = RoomEntry(
                     id: entryID, room: room.id, kind: .turn, speaker: clone.id, text: message.text,
                     createdAt: message.createdAt, reason: message.reason, stream: prepared.id)
-                try await store.appendRoomEntry(entry)
+                try await live.writer.append(entry)
                 recorded.withLock { $0 = entry }
             }
             let entry = recorded.withLock { $0 }
-            try await live.save(store)
+            try await live.save()
             if entry?.reason == .insufficientCredits {
                 try await pauseForCredits(live, room: room.id, refusal: nil)  // the stream sent its paywall
             }
@@ -525,7 +525,7 @@ final class RoomService: FrameHandler {
             change(&s.room)
             s.room.updatedAt = Int64(Timestamp.nowMillis())
         }
-        try await live.save(store)
+        try await live.save()
     }
 
     // MARK: Helpers
@@ -540,7 +540,9 @@ final class RoomService: FrameHandler {
             do {
                 guard let room = try await store.room(id: id) else { throw Self.noRoom(id) }
                 let transcript = try await store.roomEntries(room: id, limit: Self.keptEntries, before: nil)
-                let fresh = LiveRoom(room: room, transcript: transcript, broker: streams.broker, hub: streams.sockets)
+                let fresh = LiveRoom(
+                    room: room, transcript: transcript, broker: streams.broker, hub: streams.sockets,
+                    writer: RoomWriter(store: store, owners: owners))
                 fresh.state.withLock { $0.everyLanguage = owners != nil }
                 live = state.withLock { s in
                     if let raced = s.rooms[id] { return raced }
@@ -827,6 +829,24 @@ extension RoomService {
             if s.members[request.connection] == nil { s.remote[request.connection] = LiveRoom.RemoteMember(user: request.user, node: request.node) }
         }
         return live
+    }
+
+    /// Another node took `id` over while this node still ran it (this node stalled past its
+    /// lease): its streams here stop, its turns end, and it leaves memory; its members here read
+    /// it as members of a room run elsewhere (the new node learns of them as they speak).
+    fileprivate func superseded(_ id: String) {
+        guard let live = state.withLock({ $0.rooms.removeValue(forKey: id) }) else { return }
+        let members = live.state.withLock { s -> [ElsewhereMember] in
+            s.retired = true
+            s.room.status = .paused  // in memory only: its turn loop stops
+            s.stopStreams(.interrupted)
+            return s.members.values.map { connection in
+                ElsewhereMember(connection: connection, readers: s.room.kind == .translation ? .room(id, readers: s.language(of: connection)) : nil)
+            }
+        }
+        state.withLock { s in
+            for member in members { s.elsewhere[id, default: [:]][member.connection.id] = member }
+        }
     }
 
     /// A node stopped (`NodeReaper` took it over): its sockets are in no room here any more.

@@ -121,6 +121,54 @@ extension TestWebSocket {
         await cluster.stop()
     }
 
+    @Test func aNodeThatLostARoomWhileStalledCannotWriteItAndHandsItsRequestsToTheNewNode() async throws {
+        let cluster = try await RoomCluster.start()
+        let room = cluster.room
+        let modA = try await cluster.a.connect(token: cluster.modToken)
+        _ = try await modA.join(room)  // A runs the room
+        // B takes the room as it would from a node that stopped (A stalled past its lease):
+        // the lease's epoch grows and the room is fenced with it.
+        let owners = try #require(cluster.b.server.rooms.owners)
+        let observer = try await MongoStore.open(uri: cluster.uri)
+        let epochA = try #require(try await observer.lease(room, in: RoomOwners.leases)?.epoch)
+        #expect(try await owners.takeOver(room, from: "node-a"))
+        #expect(try await observer.lease(room, in: RoomOwners.leases)?.epoch == epochA + 1)
+
+        // A, still thinking it runs the room, cannot store a start (its sockets saw it announced,
+        // as a change is announced before it is stored): the moderator is told `unavailable`,
+        // and A lets the room go.
+        try await modA.control(room, "start", id: "c1")
+        let refused = try await modA.next(type: "error").frame
+        #expect(refused["ref"] == .string("c1"))
+        #expect(refused["code"] == .string("unavailable"))
+        #expect(try await observer.room(id: room)?.status == .open)
+
+        // Asked again, A sends it to B, which runs it now; A's socket follows the room still.
+        try await modA.control(room, "start", id: "c2")
+        _ = try await modA.roomEvent("started")
+        #expect(try await observer.room(id: room)?.status == .running)
+        try await observer.close()
+        await cluster.stop()
+    }
+
+    @Test func aNodeRenewingItsRoomLeasesFindsTheOnesTakenFromItAndStopsRunningThem() async throws {
+        let cluster = try await RoomCluster.start()
+        let room = cluster.room
+        let modA = try await cluster.a.connect(token: cluster.modToken)
+        _ = try await modA.join(room)  // A runs the room
+        #expect(try await cluster.b.server.rooms.owners!.takeOver(room, from: "node-a"))
+        // A's next renewal finds the lease gone: it stops running the room, and the next
+        // request goes to B.
+        let ownersA = try #require(cluster.a.server.rooms.owners)
+        #expect(ownersA.runs(room))
+        await ownersA.renew()
+        #expect(!ownersA.runs(room))
+        try await modA.control(room, "start", id: "c1")
+        let answer = try await modA.nextJSON()
+        #expect(answer["type"] == .string("room.event") && answer["event"] == .string("started"), "\(answer)")
+        await cluster.stop()
+    }
+
     @Test func aStoppedNodesMembersLeaveTheRoomsOfTheOthers() async throws {
         let cluster = try await RoomCluster.start()
         let modA = try await cluster.a.connect(token: cluster.modToken)

@@ -31,8 +31,9 @@ import Testing
 
     @Test func theNodeLeaseIsOneNodesUntilItExpiresAndOnlyItsHolderGivesItUp() async throws {
         let store = try await MongoStore.open(uri: MongoFixture.uri())
-        let a = NodeLease(node: "a", host: "h1", pid: 1, expires: 2_000)
-        let b = NodeLease(node: "b", host: "h2", pid: 2, expires: 3_000)
+        // As stored: the first holder at epoch 1,000 (its claim's time), the next one more.
+        let a = NodeLease(node: "a", host: "h1", pid: 1, expires: 2_000, epoch: 1_000)
+        let b = NodeLease(node: "b", host: "h2", pid: 2, expires: 3_000, epoch: 1_001)
         #expect(try await store.claimNodeLease(a, now: 1_000) == nil, "free: taken")
         #expect(try await store.claimNodeLease(b, now: 1_500) == a, "held and live: refused, naming the holder")
         var renewed = a

@@ -238,6 +238,53 @@ import Testing
         #expect(Set(try await store.nodeLeases().keys) == ["node-b"])
         try await store.close()
     }
+
+    @Test func aLeaseEpochGrowsOnlyWhenTheLeaseChangesHandsAndFencesTheRoomsWrites() async throws {
+        let store = try await store(MongoFixture.uri(), node: nil)
+        let now: Int64 = 1_000_000
+        let collection = "room_leases"
+        func lease(_ node: String, until: Int64) -> NodeLease { NodeLease(node: node, host: "h", pid: 1, expires: until) }
+        func epoch() async throws -> Int64? { try await store.lease("rm_1", in: collection)?.epoch }
+        #expect(try await store.claimNodeLease(lease("node-a", until: now + 15_000), now: now, key: "rm_1", in: collection) == nil)
+        #expect(try await epoch() == now, "a new lease starts at its claim's time")
+        // Renewed (a claim, or all of a node's leases at once): the same holder, the same epoch.
+        #expect(try await store.claimNodeLease(lease("node-a", until: now + 20_000), now: now + 5_000, key: "rm_1", in: collection) == nil)
+        try await store.renewLeases(node: "node-a", expires: now + 25_000, in: collection)
+        #expect(try await epoch() == now)
+        // Taken after it expired, then handed over from a stopped node: a new epoch each time.
+        #expect(try await store.claimNodeLease(lease("node-b", until: now + 60_000), now: now + 30_000, key: "rm_1", in: collection) == nil)
+        #expect(try await epoch() == now + 1)
+        #expect(try await store.transferLease("rm_1", from: "node-b", to: lease("node-c", until: now + 90_000), in: collection))
+        #expect(try await epoch() == now + 2)
+
+        // The room's writes: A's land until C fences the room with its epoch; then they are
+        // refused, and C's land.
+        let room = Room(
+            id: "rm_1", owner: "mod", topic: "t", debaters: [], rounds: 1, policy: .roundRobin, maxTokensPerTurn: 10, visibility: .link,
+            createdAt: now, updatedAt: now)
+        try await store.createRoom(room)
+        var update = room
+        update.topic = "by A"
+        #expect(try await store.updateRoom(update, fence: now))
+        #expect(try await store.fenceRoom("rm_1", epoch: now + 2))
+        #expect(try await !store.fenceRoom("rm_1", epoch: now + 1), "an older epoch cannot fence it back")
+        update.topic = "by A again"
+        await #expect(throws: MongoStore.Superseded.self) { try await store.updateRoom(update, fence: now) }
+        let entry = RoomEntry(id: "re_1", room: "rm_1", kind: .said, speaker: "mod", text: "hi", createdAt: now)
+        await #expect(throws: MongoStore.Superseded.self) { try await store.appendRoomEntry(entry, fence: now + 1) }
+        #expect(try await store.roomEntries(room: "rm_1", limit: 10, before: nil).isEmpty)
+        update.topic = "by C"
+        #expect(try await store.updateRoom(update, fence: now + 2))
+        try await store.appendRoomEntry(entry, fence: now + 2)
+        #expect(try await store.room(id: "rm_1")?.topic == "by C")
+        #expect(try await store.roomEntries(room: "rm_1", limit: 10, before: nil).map(\.id) == ["re_1"])
+        // Given up (the room went idle) and claimed anew later: the epoch still grows.
+        try await store.releaseNodeLease(node: "node-c", key: "rm_1", in: collection)
+        #expect(try await store.claimNodeLease(lease("node-a", until: now + 200_000), now: now + 100_000, key: "rm_1", in: collection) == nil)
+        #expect(try await epoch() == now + 100_000)
+        #expect(try await store.fenceRoom("rm_1", epoch: now + 100_000))
+        try await store.close()
+    }
 }
 
 /// A cluster's schedules (#22): each schedule has a shard, a node loads the pending schedules
