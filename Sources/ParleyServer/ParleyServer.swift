@@ -178,9 +178,12 @@ public final class ParleyServer: Sendable {
         }
         let schedules = ScheduleService(
             store: store, streams: streams, configuration: configuration, logger: logger, ids: ids, loop: group.next(), cluster: shards)
-        // In a cluster on MongoDB, each debate runs on the node holding its lease.
+        // In a cluster on MongoDB, each room runs on the node holding its lease.
         let roomOwners = clusterBroker.flatMap { broker in
-            (store as? MongoStore).map { RoomOwners(store: $0, broker: broker, node: nodeID, period: configuration.nodeLeasePeriod, logger: logger) }
+            (store as? MongoStore).map {
+                RoomOwners(
+                    store: $0, broker: broker, node: nodeID, period: configuration.nodeLeasePeriod, logger: logger, metrics: configuration.metrics)
+            }
         }
         let rooms = RoomService(
             store: store, streams: streams, configuration: configuration, logger: logger, ids: ids, audit: audit, owners: roomOwners)

@@ -1,3 +1,4 @@
+import CoreMetrics
 import Foundation
 import Logging
 import ParleyCore
@@ -47,8 +48,11 @@ final class RoomOwners: Sendable {
     }
 
     private let state = Mutex(State())
+    /// `parley_rooms_run`: the rooms this node holds the lease of.
+    private let runMeter: Meter
 
-    init(store: MongoStore, broker: NATSBroker, node: String, period: Duration, logger: Logger) {
+    init(store: MongoStore, broker: NATSBroker, node: String, period: Duration, logger: Logger, metrics: any MetricsFactory) {
+        runMeter = Meter(label: "parley_rooms_run", factory: metrics)
         self.store = store
         self.broker = broker
         self.node = node
@@ -111,6 +115,7 @@ final class RoomOwners: Sendable {
     private func supersede(_ room: String) {
         guard let (owned, superseded) = state.withLock({ s in s.owned.removeValue(forKey: room).map { ($0, s.superseded) } }) else { return }
         owned.subscription.cancel()
+        count()
         logger.warning("another node took over a room this node ran; it stops running it", metadata: ["room": "\(room)"])
         superseded?(room)
     }
@@ -142,6 +147,7 @@ final class RoomOwners: Sendable {
         renewal?.cancel()
         await renewal?.value
         kicks?.cancel()
+        count()
         for (room, owned) in owned {
             owned.subscription.cancel()
             try? await store.releaseNodeLease(node: node, key: room, in: Self.leases)
@@ -207,12 +213,16 @@ final class RoomOwners: Sendable {
             return false
         }
         if raced { subscription.cancel() }
+        count()
     }
+
+    private func count() { runMeter.set(state.withLock { $0.owned.count }) }
 
     /// Lets `room` go (nobody is in it and nothing runs: the store has it all).
     func release(_ room: String) async {
         guard let owned = state.withLock({ $0.owned.removeValue(forKey: room) }) else { return }
         owned.subscription.cancel()
+        count()
         try? await store.releaseNodeLease(node: node, key: room, in: Self.leases)
     }
 

@@ -1,4 +1,5 @@
 import Foundation
+import MetricsTestKit
 import NIOPosix
 import ParleyNATS
 import ParleyCore
@@ -22,7 +23,7 @@ private struct RoomCluster {
     var room: String
 
     /// Turns of 3 s: long enough for a member to join in the middle of one on a loaded machine.
-    static func start(tokensPerSecond: Double = 20, replyTokens: Int = 60) async throws -> RoomCluster {
+    static func start(tokensPerSecond: Double = 20, replyTokens: Int = 60, metricsA: TestMetrics? = nil) async throws -> RoomCluster {
         let nats = try NATSServer()
         let uri = MongoFixture.uri()
         let secret = "cluster-test-secret-" + UUID().uuidString
@@ -30,7 +31,10 @@ private struct RoomCluster {
             $0.simulated.tokensPerSecond = tokensPerSecond
             $0.simulated.replyTokens = replyTokens
         }
-        let a = try await TestServer.clusterNode("node-a", nats: nats, uri: uri, secret: secret, configure)
+        let a = try await TestServer.clusterNode("node-a", nats: nats, uri: uri, secret: secret) {
+            configure(&$0)
+            if let metricsA { $0.metrics = metricsA }
+        }
         let b = try await TestServer.clusterNode("node-b", nats: nats, uri: uri, secret: secret, configure)
         let mod = try await a.token("mod")
         var clones: [String] = []
@@ -152,10 +156,12 @@ extension TestWebSocket {
     }
 
     @Test func aNodeRenewingItsRoomLeasesFindsTheOnesTakenFromItAndStopsRunningThem() async throws {
-        let cluster = try await RoomCluster.start()
+        let metrics = TestMetrics()
+        let cluster = try await RoomCluster.start(metricsA: metrics)
         let room = cluster.room
         let modA = try await cluster.a.connect(token: cluster.modToken)
         _ = try await modA.join(room)  // A runs the room
+        #expect(try metrics.expectMeter("parley_rooms_run").lastValue == 1)
         #expect(try await cluster.b.server.rooms.owners!.takeOver(room, from: "node-a"))
         // A's next renewal finds the lease gone: it stops running the room, and the next
         // request goes to B.
@@ -163,6 +169,7 @@ extension TestWebSocket {
         #expect(ownersA.runs(room))
         await ownersA.renew()
         #expect(!ownersA.runs(room))
+        #expect(try metrics.expectMeter("parley_rooms_run").lastValue == 0)
         try await modA.control(room, "start", id: "c1")
         let answer = try await modA.nextJSON()
         #expect(answer["type"] == .string("room.event") && answer["event"] == .string("started"), "\(answer)")

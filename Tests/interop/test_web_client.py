@@ -542,3 +542,43 @@ def test_a_real_reply_from_the_local_model_names_its_model(data_dir, browser):
         page.close()
     finally:
         assert server.stop() == 0
+
+
+def test_a_newcomer_chats_through_a_local_cluster_in_the_browser(browser):
+    """scripts/cluster.sh (three nodes behind nginx): the browser client, served through the
+    balancer, signs in, makes a clone and streams a reply, whichever nodes its page, its REST
+    calls and its socket land on."""
+    import signal
+    from test_cluster import SECRET, _free_port, token as cluster_token
+    port = _free_port()
+    script = subprocess.Popen([str(ROOT / "scripts" / "cluster.sh"), "--port", str(port), "--",
+                               "--sim-ttft-ms", "100", "--sim-tokens-per-sec", "25", "--sim-reply-tokens", "50"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              env={**os.environ, "PARLEY_JWT_SECRET": SECRET}, start_new_session=True)
+    try:
+        line = script.stdout.readline()
+        assert line.startswith("parley cluster ready on"), line
+        base = f"http://127.0.0.1:{port}"
+        page = browser.new_page()
+        sign_in(page, base, "ada")
+        make_clone_in_ui(page, "Socrates")
+        page.get_by_role("button", name="Chat").click()
+        send(page, "What is virtue?")
+        reply = assistant(page)
+        expect(reply).to_have_attribute("aria-busy", "true", timeout=WAIT)
+        expect(reply).to_have_attribute("data-reason", "complete", timeout=WAIT)
+        assert int(reply.get_attribute("data-seq")) == 50
+        shown = reply.locator(".text").inner_text()
+        token = cluster_token("ada")  # the cluster's secret signs the page's token too
+        request = urllib.request.Request(base + "/v1/conversations?limit=1", headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            conversation = json.loads(response.read())["conversations"][0]
+        request = urllib.request.Request(base + f"/v1/conversations/{conversation['id']}/messages",
+                                         headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            messages = json.loads(response.read())["messages"]
+        assert [m["text"] for m in messages if m["role"] == "assistant"] == [shown]
+        page.close()
+    finally:
+        script.send_signal(signal.SIGINT)
+        assert script.wait(timeout=60) == 130
