@@ -25,14 +25,27 @@ scripts/setup.sh --cluster
 swift build --product parley >&2
 dir="$(mktemp -d -t parley-cluster-XXXXXX)"
 pids=()
-# Stops what it started in reverse order, each before the next: the nodes drain while NATS and
-# the store still answer them.
+nodes_pids=()
+# Stops what it started: nginx, then every node at once (they drain in parallel while NATS and
+# the store still answer them), then the store and NATS. A process that has not stopped after
+# 45 s is killed, and said so.
+stop() {
+    local deadline=$((SECONDS + 45)) pid
+    for pid in "$@"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "$@"; do
+        while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.1; done
+        if kill -0 "$pid" 2>/dev/null; then
+            echo "cluster: $(ps -o args= -p "$pid") did not stop within 45 s of SIGTERM; killed" >&2
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+        wait "$pid" 2>/dev/null || true
+    done
+}
 cleanup() {
     trap - EXIT INT TERM
-    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
-        kill "${pids[i]}" 2>/dev/null || true
-        wait "${pids[i]}" 2>/dev/null || true
-    done
+    [ -n "${nginx_pid:-}" ] && stop "$nginx_pid"
+    [ "${#nodes_pids[@]}" -gt 0 ] && stop "${nodes_pids[@]}"
+    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do stop "${pids[i]}"; done
     rm -rf "$dir"
 }
 trap cleanup EXIT
@@ -70,7 +83,7 @@ for i in $(seq 1 "$nodes"); do
     PARLEY_JWT_SECRET="$secret" "${PARLEY_BIN:-.build/debug/parley}" serve --dev --port 0 --data-dir "$dir/node$i" --node-id "node$i" \
         --broker "nats://127.0.0.1:$nats_port" --store "$store" --trusted-proxies 127.0.0.1 "${extra[@]}" \
         > "$dir/node$i.out" 2> "$dir/node$i.log" &
-    pids+=($!)
+    nodes_pids+=($!)
     node_port="$(wait_for "$dir/node$i.out" 'parley listening on http:\/\/127.0.0.1:\([0-9]*\)' "node$i" $!)"
     upstreams+="        server 127.0.0.1:$node_port;"$'\n'
     echo "cluster: node$i on port $node_port (log $dir/node$i.log)" >&2
@@ -111,14 +124,14 @@ $upstreams    }
 }
 EOF
 nginx -p "$dir/nginx" -c "$dir/nginx/nginx.conf" -e stderr -g 'daemon off;' 2> "$dir/nginx.log" &
-pids+=($!)
+nginx_pid=$!
 for _ in $(seq 1 100); do
     python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', $port), 0.2)" 2>/dev/null && break
-    kill -0 "${pids[-1]}" 2>/dev/null || { echo "cluster: nginx did not start:" >&2; cat "$dir/nginx.log" >&2; exit 1; }
+    kill -0 "$nginx_pid" 2>/dev/null || { echo "cluster: nginx did not start:" >&2; cat "$dir/nginx.log" >&2; exit 1; }
     sleep 0.1
 done
 echo "parley cluster ready on http://127.0.0.1:$port ($nodes nodes, NATS on $nats_port, store $store)"
 # Until Ctrl-C, or until one of them stops.
-wait -n "${pids[@]}"
+wait -n "${pids[@]}" "${nodes_pids[@]}" "$nginx_pid"
 echo "cluster: a process stopped; stopping the others" >&2
 exit 1

@@ -413,7 +413,7 @@ def test_scripts_cluster_sh_serves_a_chat_through_nginx_and_stops_everything(tmp
     port = _free_port()
     script = subprocess.Popen([str(BINARY.parents[2] / "scripts" / "cluster.sh"), "--port", str(port), "--",
                                "--sim-ttft-ms", "0", "--sim-tokens-per-sec", "100", "--sim-reply-tokens", "60"],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              stdout=subprocess.PIPE, stderr=(tmp_path / "cluster.err").open("w"), text=True,
                               env={**os.environ, "PARLEY_JWT_SECRET": SECRET}, start_new_session=True)
     try:
         line = script.stdout.readline()
@@ -477,5 +477,6 @@ def test_scripts_cluster_sh_serves_a_chat_through_nginx_and_stops_everything(tmp
         except ProcessLookupError:
             left = False
     assert stopped == 130 and not left, "Ctrl-C stopped every process the script started"
+    assert "did not stop" not in (tmp_path / "cluster.err").read_text(), "each on its SIGTERM"
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), 1).close()
