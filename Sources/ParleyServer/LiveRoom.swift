@@ -46,8 +46,9 @@ final class LiveRoom: Sendable {
         /// In a cluster: members whose sockets are on other nodes, by connection id.
         var remote: [String: RemoteMember] = [:]
         /// In a cluster, a translation chat's frames go to every language its people read in, not
-        /// only to those of the members this node knows of: a node that took the chat over
-        /// learns of another node's members only as they speak.
+        /// only to those of the members this node knows of: a node that took the chat over asks
+        /// the others for their members, and one that does not answer in time is learnt of only
+        /// as its members speak.
         var everyLanguage = false
 
         /// The users in the room, on this node and on others.

@@ -37,6 +37,9 @@ enum BrokerSubjects {
     static let anyDelivery = "pd.*"
     /// Requests to the node running a room (join, say, control, leave from another node).
     static func roomRequests(_ room: String) -> String { "pr." + token(room) }
+    /// A node that took a room over asks every node which of its sockets are in it.
+    static func roomMembers(_ room: String) -> String { "pm." + token(room) }
+    static let anyRoomMembers = "pm.*"
     /// A room's owner removed a user (every node unsubscribes that user's sockets from it), or
     /// set the language a user reads a translation chat in (every node moves that user's
     /// sockets to it), or a node stopped (its sockets are in no room any more).
@@ -650,6 +653,11 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
             }
         }
         userClosing.withLock { $0 = subscription }
+    }
+
+    /// Asks `replies` other nodes on `subject` and returns the answers that came within `timeout`.
+    func gather(subject: String, _ payload: [UInt8], replies: Int, timeout: Duration) async throws -> [[UInt8]] {
+        try await nats.gather(subject, payload, replies: replies, timeout: timeout)
     }
 
     /// Asks the other nodes (`replies` of them) to close `user`'s sockets and stop their replies;

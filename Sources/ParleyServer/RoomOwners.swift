@@ -43,6 +43,7 @@ final class RoomOwners: Sendable {
         var answer: (@Sendable (String, [UInt8]) async -> [UInt8])?
         var renewal: Task<Void, Never>?
         var kicks: NATSSubscription?
+        var membersAsked: NATSSubscription?
         var nodeGone: (@Sendable (String) -> Void)?
         var superseded: (@Sendable (String) -> Void)?
     }
@@ -66,8 +67,15 @@ final class RoomOwners: Sendable {
         answer: @escaping @Sendable (String, [UInt8]) async -> [UInt8], kicked: @escaping @Sendable (_ room: String, _ user: String) -> Void,
         nodeGone: @escaping @Sendable (String) -> Void,
         languageSet: @escaping @Sendable (_ room: String, _ user: String, _ language: LanguageTag) -> Void,
-        superseded: @escaping @Sendable (String) -> Void
+        superseded: @escaping @Sendable (String) -> Void,
+        membersHere: @escaping @Sendable (_ room: String) -> [(user: String, connection: String)]
     ) throws {
+        // A node that took a room over asks which sockets here are in it.
+        let membersAsked = try broker.subscribe(subject: BrokerSubjects.anyRoomMembers) { [broker, node] request in
+            guard let reply = request.reply, let room = BrokerSubjects.name(request.subject.dropFirst(3)) else { return }
+            let members = membersHere(room).map { JSONValue.object([("user", .string($0.user)), ("connection", .string($0.connection))]) }
+            broker.publish(subject: reply, JSONValue.object([("node", .string(node)), ("members", .array(members))]).serialized())
+        }
         let kicks = try broker.subscribe(subject: BrokerSubjects.roomKicks) { message in
             guard let json = try? JSONValue.parse(message.payload) else { return }
             if let node = json["gone"]?.stringValue { return nodeGone(node) }
@@ -81,6 +89,7 @@ final class RoomOwners: Sendable {
         state.withLock {
             $0.nodeGone = nodeGone
             $0.superseded = superseded
+            $0.membersAsked = membersAsked
         }
         let renewal = Task { [weak self, period] in
             while (try? await Task.sleep(for: period / 3)) != nil {
@@ -135,18 +144,40 @@ final class RoomOwners: Sendable {
         }
     }
 
+    /// The sockets on the other live nodes that are in `room` (asked of each node, for up to
+    /// `timeout`): a node that takes a room over learns who its members elsewhere are.
+    func membersElsewhere(of room: String, timeout: Duration = .seconds(2)) async -> [(user: String, connection: String, node: String)] {
+        do {
+            let peers = try await store.otherLiveNodes(than: node, now: Int64(Timestamp.nowMillis())).count
+            let answers = try await broker.gather(subject: BrokerSubjects.roomMembers(room), Array(node.utf8), replies: peers, timeout: timeout)
+            var members: [(user: String, connection: String, node: String)] = []
+            for answer in answers {
+                guard let json = try? JSONValue.parse(answer), let from = json["node"]?.stringValue else { continue }
+                for member in json["members"]?.arrayValue ?? [] {
+                    guard let user = member["user"]?.stringValue, let connection = member["connection"]?.stringValue else { continue }
+                    members.append((user, connection, from))
+                }
+            }
+            return members
+        } catch {
+            logger.error("asking the other nodes for a room's members failed", metadata: ["room": "\(room)", "error": "\(error)"])
+            return []
+        }
+    }
+
     /// Stops renewing and lets every room go (a clean shutdown, after the rooms were stored).
     func stop() async {
-        let (owned, renewal, kicks) = state.withLock { s in
+        let (owned, renewal, kicks, membersAsked) = state.withLock { s in
             defer {
                 s.owned = [:]
                 s.answer = nil
             }
-            return (s.owned, s.renewal, s.kicks)
+            return (s.owned, s.renewal, s.kicks, s.membersAsked)
         }
         renewal?.cancel()
         await renewal?.value
         kicks?.cancel()
+        membersAsked?.cancel()
         count()
         for (room, owned) in owned {
             owned.subscription.cancel()

@@ -72,7 +72,8 @@ final class RoomService: FrameHandler {
                 kicked: { [weak self] room, user in self?.kickedElsewhere(room: room, user: user) },
                 nodeGone: { [weak self] node in self?.forgetNode(node) },
                 languageSet: { [weak self] room, user, language in self?.languageSetElsewhere(room: room, user: user, language) },
-                superseded: { [weak self] room in self?.superseded(room) })
+                superseded: { [weak self] room in self?.superseded(room) },
+                membersHere: { [weak self] room in self?.membersHere(room) ?? [] })
             return
         }
         var after: String?
@@ -833,7 +834,8 @@ extension RoomService {
 
     /// Another node took `id` over while this node still ran it (this node stalled past its
     /// lease): its streams here stop, its turns end, and it leaves memory; its members here read
-    /// it as members of a room run elsewhere (the new node learns of them as they speak).
+    /// it as members of a room run elsewhere (the new node learns of them as they speak, or
+    /// when it asks the nodes on taking a room over from a stopped one).
     fileprivate func superseded(_ id: String) {
         guard let live = state.withLock({ $0.rooms.removeValue(forKey: id) }) else { return }
         let members = live.state.withLock { s -> [ElsewhereMember] in
@@ -877,10 +879,24 @@ extension RoomService {
         }
     }
 
-    /// This node took over a room whose node stopped (its cut turn is stored): a running debate
-    /// goes on with the next turn.
+    /// This node's sockets in `room`, run by another node.
+    fileprivate func membersHere(_ room: String) -> [(user: String, connection: String)] {
+        state.withLock { s in (s.elsewhere[room] ?? [:]).values.map { ($0.connection.identity.user, $0.connection.id) } }
+    }
+
+    /// This node took over a room whose node stopped (its cut turn is stored): it learns which
+    /// sockets on the other nodes are in it (for its members list, presence and a translation
+    /// chat's languages), and a running debate goes on with the next turn.
     func continueAfterTakeover(_ id: String) async throws {
         let live = try await load(id, for: nil)
+        if let owners {
+            let elsewhere = await owners.membersElsewhere(of: id)
+            live.state.withLock { s in
+                for member in elsewhere where s.members[member.connection] == nil {
+                    s.remote[member.connection] = LiveRoom.RemoteMember(user: member.user, node: member.node)
+                }
+            }
+        }
         if live.state.withLock({ $0.room.status }) == .running { runTurns(live) }
     }
 

@@ -21,6 +21,7 @@ private struct RoomCluster {
     var b: TestServer
     var modToken: String
     var room: String
+    var secret: String
 
     /// Turns of 3 s: long enough for a member to join in the middle of one on a loaded machine.
     static func start(tokensPerSecond: Double = 20, replyTokens: Int = 60, metricsA: TestMetrics? = nil) async throws -> RoomCluster {
@@ -46,7 +47,7 @@ private struct RoomCluster {
         ])
         let created = try await TestHTTPClient.json(port: b.port, .POST, "/v1/rooms", token: mod, json: body)
         guard created.status == .created else { throw TestTimeout(description: "room creation answered \(created.status): \(created.text)") }
-        return RoomCluster(nats: nats, uri: uri, a: a, b: b, modToken: mod, room: try created.json()["id"]!.stringValue!)
+        return RoomCluster(nats: nats, uri: uri, a: a, b: b, modToken: mod, room: try created.json()["id"]!.stringValue!, secret: secret)
     }
 
     func stop() async {
@@ -173,6 +174,27 @@ extension TestWebSocket {
         try await modA.control(room, "start", id: "c1")
         let answer = try await modA.nextJSON()
         #expect(answer["type"] == .string("room.event") && answer["event"] == .string("started"), "\(answer)")
+        await cluster.stop()
+    }
+
+    @Test func aNodeThatTakesARoomOverLearnsItsMembersOnTheOtherNodes() async throws {
+        let cluster = try await RoomCluster.start()
+        let room = cluster.room
+        let modA = try await cluster.a.connect(token: cluster.modToken)
+        _ = try await modA.join(room)  // A runs the room
+        let vic = try await cluster.b.connect(token: try await cluster.b.token("vic"))
+        _ = try await vic.join(room)
+        // C takes the room over (as from a node that stopped); A, its lease gone, lets it go.
+        let c = try await TestServer.clusterNode("node-c", nats: cluster.nats, uri: cluster.uri, secret: cluster.secret)
+        #expect(try await c.server.rooms.owners!.takeOver(room, from: "node-a"))
+        await cluster.a.server.rooms.owners!.renew()
+        try await c.server.rooms.continueAfterTakeover(room)
+        // C knows the members on A and B: a joiner on C sees them, and hears when one leaves.
+        let zed = try await c.connect(token: try await c.token("zed"))
+        #expect(try await zed.join(room)["members"] == .array([.string("mod"), .string("vic"), .string("zed")]))
+        try await vic.room("room.leave", id: "l1", room: room, [])
+        #expect(try await zed.roomEvent("left")["user"] == .string("vic"))
+        await c.stop()
         await cluster.stop()
     }
 
