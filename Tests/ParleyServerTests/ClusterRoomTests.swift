@@ -297,4 +297,41 @@ extension TestWebSocket {
         await b.stop()
         nats.stop()
     }
+
+    @Test func aClonesReplyInATranslationChatReachesAMemberOnAnotherNodeInTheirLanguage() async throws {
+        let nats = try NATSServer()
+        let uri = MongoFixture.uri()
+        let secret = "cluster-test-secret-" + UUID().uuidString
+        let configure: @Sendable (inout ServerConfiguration) -> Void = { $0.simulated.replyTokens = 8 }
+        let a = try await TestServer.clusterNode("node-a", nats: nats, uri: uri, secret: secret, configure)
+        let b = try await TestServer.clusterNode("node-b", nats: nats, uri: uri, secret: secret, configure)
+        let (alice, bruno) = (try await a.token("alice"), try await a.token("bruno"))
+        let clone = try await a.createClone(token: alice, name: "Zoé")["id"]!.stringValue!
+        let body = JSONValue.object([
+            ("kind", .string("translation")), ("members", .array([.string("bruno")])),
+            ("languages", .object([("alice", .string("en")), ("bruno", .string("pt"))])),
+            ("clones", .array([.object([("clone", .string(clone)), ("language", .string("fr"))])])),
+        ])
+        let created = try await TestHTTPClient.json(port: a.port, .POST, "/v1/rooms", token: alice, json: body)
+        let room = try created.json()["id"]!.stringValue!
+        let onA = try await a.connect(token: alice)
+        _ = try await onA.joinChat(room)  // A runs the chat, and the clone's replies
+        let onB = try await b.connect(token: bruno)
+        _ = try await onB.joinChat(room)
+        // Bruno's words, said on B: the clone answers in French on A; Bruno reads its reply in
+        // Portuguese on B, Alice in English on A.
+        try await onB.say(room, "olá, o mar está calmo")
+        let brunoChat = try await onB.readChat(messages: 2)
+        let aliceChat = try await onA.readChat(messages: 2)
+        let store = try await MongoStore.open(uri: uri)
+        let reply = try #require(try await store.roomEntries(room: room, limit: 100, before: nil).first { $0.kind == .turn })
+        try await store.close()
+        #expect(reply.speaker == clone && reply.lang?.value == "fr" && reply.reason == .complete)
+        #expect(brunoChat.order == aliceChat.order)
+        #expect(brunoChat.texts[reply.id] == standIn(reply.text, "pt"))
+        #expect(aliceChat.texts[reply.id] == standIn(reply.text, "en"))
+        await a.stop()
+        await b.stop()
+        nats.stop()
+    }
 }
