@@ -307,6 +307,13 @@ def test_a_cluster_node_needs_a_shared_store_and_secret(nats_url):
             assert "--broker needs" in out.stderr
 
 
+def _ctrl_c_reaches_it():
+    # A process started in the background of a non-interactive shell (a CI runner's) inherits
+    # SIGINT ignored, and bash cannot trap a signal ignored on entry: give the script SIGINT back,
+    # as a terminal's Ctrl-C finds it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _free_port():
     import socket
     with socket.socket() as s:
@@ -414,7 +421,8 @@ def test_scripts_cluster_sh_serves_a_chat_through_nginx_and_stops_everything(tmp
     script = subprocess.Popen([str(BINARY.parents[2] / "scripts" / "cluster.sh"), "--port", str(port), "--",
                                "--sim-ttft-ms", "0", "--sim-tokens-per-sec", "100", "--sim-reply-tokens", "60"],
                               stdout=subprocess.PIPE, stderr=(tmp_path / "cluster.err").open("w"), text=True,
-                              env={**os.environ, "PARLEY_JWT_SECRET": SECRET}, start_new_session=True)
+                              env={**os.environ, "PARLEY_JWT_SECRET": SECRET}, start_new_session=True,
+                              preexec_fn=_ctrl_c_reaches_it)
     try:
         line = script.stdout.readline()
         assert line.startswith("parley cluster ready on"), line
@@ -470,12 +478,14 @@ def test_scripts_cluster_sh_serves_a_chat_through_nginx_and_stops_everything(tmp
         assert resumed[0]["ref"] == "r" and [f["seq"] for f in resumed[1:-1]] == list(range(51, 61))
     finally:
         script.send_signal(signal.SIGINT)  # Ctrl-C reaches the script; it stops the rest in order
-        stopped = script.wait(timeout=60)
         try:
-            os.killpg(script.pid, signal.SIGKILL)  # whatever it left behind (a failure)
-            left = True
-        except ProcessLookupError:
-            left = False
+            stopped = script.wait(timeout=60)
+        finally:
+            try:
+                os.killpg(script.pid, signal.SIGKILL)  # whatever it left behind (a failure)
+                left = True
+            except ProcessLookupError:
+                left = False
     assert stopped == 130 and not left, "Ctrl-C stopped every process the script started"
     assert "did not stop" not in (tmp_path / "cluster.err").read_text(), "each on its SIGTERM"
     with pytest.raises(OSError):

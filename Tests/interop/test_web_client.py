@@ -549,12 +549,13 @@ def test_a_newcomer_chats_through_a_local_cluster_in_the_browser(browser):
     balancer, signs in, makes a clone and streams a reply, whichever nodes its page, its REST
     calls and its socket land on."""
     import signal
-    from test_cluster import SECRET, _free_port, token as cluster_token
+    from test_cluster import SECRET, _ctrl_c_reaches_it, _free_port, token as cluster_token
     port = _free_port()
     script = subprocess.Popen([str(ROOT / "scripts" / "cluster.sh"), "--port", str(port), "--",
                                "--sim-ttft-ms", "100", "--sim-tokens-per-sec", "25", "--sim-reply-tokens", "50"],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                              env={**os.environ, "PARLEY_JWT_SECRET": SECRET}, start_new_session=True)
+                              env={**os.environ, "PARLEY_JWT_SECRET": SECRET}, start_new_session=True,
+                              preexec_fn=_ctrl_c_reaches_it)
     try:
         line = script.stdout.readline()
         assert line.startswith("parley cluster ready on"), line
@@ -581,4 +582,11 @@ def test_a_newcomer_chats_through_a_local_cluster_in_the_browser(browser):
         page.close()
     finally:
         script.send_signal(signal.SIGINT)
-        assert script.wait(timeout=60) == 130
+        try:
+            stopped = script.wait(timeout=60)
+        finally:
+            try:
+                os.killpg(script.pid, signal.SIGKILL)  # whatever it left behind (a failure)
+            except ProcessLookupError:
+                pass
+    assert stopped == 130
