@@ -48,7 +48,7 @@ final class LiveRoom: Sendable {
         /// In a cluster, a translation chat's frames go to every language its people read in, not
         /// only to those of the members this node knows of: a node that took the chat over asks
         /// the others for their members, and one that does not answer in time is learnt of only
-        /// as its members speak.
+        /// as its members speak. Set when the room's writes go to a cluster (`RoomWriter.owners`).
         var everyLanguage = false
 
         /// The users in the room, on this node and on others.
@@ -121,7 +121,9 @@ final class LiveRoom: Sendable {
 
     init(room: Room, transcript: [RoomEntry], broker: any Broker, hub: SocketHub, writer: RoomWriter) {
         id = room.id
-        state = Mutex(State(room: room, transcript: transcript))
+        var initial = State(room: room, transcript: transcript)
+        initial.everyLanguage = writer.owners != nil
+        state = Mutex(initial)
         self.broker = broker
         self.hub = hub
         self.writer = writer

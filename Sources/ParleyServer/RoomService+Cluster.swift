@@ -205,17 +205,9 @@ extension RoomService {
                 guard !s.retired else { return nil }
                 let first = !s.users.contains(request.user)
                 s.remote[request.connection] = LiveRoom.RemoteMember(user: request.user, node: request.node)
-                if s.room.kind == .translation {
-                    let lang = s.room.languages[request.user]
-                    let (transcript, streams) = Self.joinView(s, for: lang)
-                    let state = ServerFrame.roomState(
-                        ref: request.ref ?? "", room: s.room, members: s.users, transcript: transcript, speaker: nil, stream: nil)
-                    return (RemoteRoomRequest.Answer(seq: s.seq, streams: streams.map(\.id), language: lang?.value, state: state), first)
-                }
-                let state = ServerFrame.roomState(
-                    ref: request.ref ?? "", room: s.room, members: s.users, transcript: s.transcript.map(\.json), speaker: s.current?.clone,
-                    stream: s.current?.id)
-                return (RemoteRoomRequest.Answer(seq: s.seq, streams: s.current.map { [$0.id] } ?? [], state: state), first)
+                let (state, streams) = Self.joinState(s, ref: request.ref ?? "", for: request.user)
+                let language = s.room.kind == .translation ? s.room.languages[request.user]?.value : nil
+                return (RemoteRoomRequest.Answer(seq: s.seq, streams: streams.map(\.id), language: language, state: state), first)
             }
             guard let (answer, first) = joined else { continue }  // dropped from memory just now
             if first {

@@ -61,15 +61,6 @@ extension RoomService {
         }
     }
 
-    /// A translation chat as a reader of `lang` joins it: the transcript in that language, and
-    /// the streams running for it, in the order their messages were said (they follow).
-    static func joinView(_ s: LiveRoom.State, for lang: LanguageTag?) -> (transcript: [JSONValue], streams: [LiveStream]) {
-        let flights = s.inflight.values.filter { $0.delivers(to: lang) }.sorted { $0.order < $1.order }
-        let pending = Set(flights.compactMap(\.stream.source))
-        let transcript = TranslationChat.view(s.transcript, for: lang, pending: pending).map { $0.entry.json(untranslated: $0.untranslated) }
-        return (transcript, flights.map(\.stream))
-    }
-
     /// A person's message: stored, shown as written to readers of its language, and translated
     /// for every other language, paid by the sender. A language the sender cannot pay for gets
     /// the original flagged `untranslated`, and the sender an `insufficient_credits` error.

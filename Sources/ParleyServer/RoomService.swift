@@ -261,24 +261,31 @@ final class RoomService: FrameHandler {
         let alreadyIn = s.members.values.contains { $0.identity.user == user } || s.remote.values.contains { $0.user == user }
         s.unsubscribe(connection.id, hub: hub)  // joining again (maybe in another language)
         s.subscribe(connection, hub: hub)
-        if s.room.kind == .translation {
-            // The chat in the joiner's language; messages whose stream in it is running follow as
-            // those streams (start and tokens so far), in the order the messages were said.
-            let (transcript, streams) = joinView(s, for: s.room.languages[user])
-            connection.send(ServerFrame.roomState(ref: ref, room: s.room, members: s.users, transcript: transcript, speaker: nil, stream: nil))
-            for stream in streams {
-                _ = stream.resume(connection, after: 0, ack: allocator.buffer(bytes: stream.startFrame(ref: nil)))
-            }
-            return !alreadyIn
-        }
-        connection.send(
-            ServerFrame.roomState(
-                ref: ref, room: s.room, members: s.users, transcript: s.transcript.map(\.json),
-                speaker: s.current?.clone, stream: s.current?.id))
-        if let current = s.current {
-            _ = current.resume(connection, after: 0, ack: allocator.buffer(bytes: current.startFrame(ref: nil)))
+        let (frame, streams) = joinState(s, ref: ref, for: user)
+        connection.send(frame)
+        for stream in streams {
+            _ = stream.resume(connection, after: 0, ack: allocator.buffer(bytes: stream.startFrame(ref: nil)))
         }
         return !alreadyIn
+    }
+
+    /// What `user` gets on joining now, here or from another node: the room's state (a
+    /// translation chat's in their language), and the streams they read that are running, to
+    /// follow from their start in that order (a debate's turn; the streams of a translation
+    /// chat's messages, which its transcript leaves out, in the order the messages were said).
+    static func joinState(_ s: LiveRoom.State, ref: String, for user: String) -> (frame: [UInt8], streams: [LiveStream]) {
+        guard s.room.kind == .translation else {
+            let frame = ServerFrame.roomState(
+                ref: ref, room: s.room, members: s.users, transcript: s.transcript.map(\.json), speaker: s.current?.clone,
+                stream: s.current?.id)
+            return (frame, s.current.map { [$0] } ?? [])
+        }
+        let lang = s.room.languages[user]
+        let flights = s.inflight.values.filter { $0.delivers(to: lang) }.sorted { $0.order < $1.order }
+        let pending = Set(flights.compactMap(\.stream.source))
+        let transcript = TranslationChat.view(s.transcript, for: lang, pending: pending).map { $0.entry.json(untranslated: $0.untranslated) }
+        let frame = ServerFrame.roomState(ref: ref, room: s.room, members: s.users, transcript: transcript, speaker: nil, stream: nil)
+        return (frame, flights.map(\.stream))
     }
 
     private func leave(room id: String, _ connection: ClientConnection) async throws {
@@ -545,7 +552,6 @@ final class RoomService: FrameHandler {
                 let fresh = LiveRoom(
                     room: room, transcript: transcript, broker: streams.broker, hub: streams.sockets,
                     writer: RoomWriter(store: store, owners: owners))
-                fresh.state.withLock { $0.everyLanguage = owners != nil }
                 live = state.withLock { s in
                     if let raced = s.rooms[id] { return raced }
                     s.rooms[id] = fresh
