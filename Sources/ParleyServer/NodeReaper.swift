@@ -91,9 +91,13 @@ final class NodeReaper: Sendable {
         // A reply is stored as far as its readers got it: the journal, written every few tokens,
         // and after it the tokens JetStream kept.
         let broker = self.broker
+        // Each journal's readers, looked up once (a translation's from JetStream) for both steps.
+        var readers: [String: (tokens: Topic, end: Topic)] = [:]
         let streams = try await StreamRecovery(store: store, credits: credits, logger: logger).run(node: dead) { journal in
-            let readers = await self.readers(of: journal).tokens
-            guard let more = await broker?.publishedTokens(of: journal.stream, readers: readers, after: journal.outputTokens), !more.isEmpty
+            let topics = await self.readers(of: journal)
+            readers[journal.stream] = topics
+            guard let more = await broker?.publishedTokens(of: journal.stream, readers: topics.tokens, after: journal.outputTokens),
+                !more.isEmpty
             else { return journal }
             var revised = journal
             revised.text += more.joined()
@@ -101,11 +105,12 @@ final class NodeReaper: Sendable {
             return revised
         } finished: { finished in
             let journal = finished.journal
-            let end = ServerFrame.streamEnd(
+            let frame = ServerFrame.streamEnd(
                 stream: journal.stream, reason: .interrupted, usage: finished.usage, message: finished.stored, cost: finished.cost,
                 balance: finished.balance)
-            let readers = await self.readers(of: journal).end
-            broker?.endOrphan(stream: journal.stream, readers: readers, frame: allocator.buffer(bytes: end))
+            // `revise` saw every journal first (`StreamRecovery.run`).
+            let end = readers.removeValue(forKey: journal.stream)?.end ?? .user(journal.user)
+            broker?.endOrphan(stream: journal.stream, readers: end, frame: allocator.buffer(bytes: frame))
         }
         try await store.releaseReplySlots(node: dead)
         // Its scheduled messages in the middle of firing become this node's before its lease goes
