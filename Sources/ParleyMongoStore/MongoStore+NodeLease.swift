@@ -45,9 +45,7 @@ extension MongoStore {
         _ lease: NodeLease, now: Int64, key: String = soleNodeKey, in collection: String = nodeLeases
     ) async throws -> NodeLease? {
         try await run { db in
-            let fields: [(String, JSONValue)] = [
-                ("node", .string(lease.node)), ("host", .string(lease.host)), ("pid", .long(lease.pid)), ("expires", .long(lease.expires)),
-            ]
+            let fields = Self.fields(lease)
             let mine = JSONValue.object([("_id", .string(key)), ("node", .string(lease.node))])
             let expired = JSONValue.object([("_id", .string(key)), ("expires", .object([("$lt", .long(now))]))])
             for _ in 0..<2 {
@@ -90,9 +88,7 @@ extension MongoStore {
     /// was taken over); false when `from` does not hold it.
     public func transferLease(_ key: String, from: String, to lease: NodeLease, in collection: String) async throws -> Bool {
         try await run { db in
-            let fields: [(String, JSONValue)] = [
-                ("node", .string(lease.node)), ("host", .string(lease.host)), ("pid", .long(lease.pid)), ("expires", .long(lease.expires)),
-            ]
+            let fields = Self.fields(lease)
             let update = JSONValue.object([("$set", .object(fields)), ("$inc", .object([("epoch", .long(1))]))])
             return try db.findAndModify(collection, query: .object([("_id", .string(key)), ("node", .string(from))]), update: update) != nil
         }
@@ -117,6 +113,11 @@ extension MongoStore {
     /// The nodes whose leases are live at `now`, other than `node` (and the sole node's key).
     public func otherLiveNodes(than node: String, now: Int64) async throws -> [String] {
         try await nodeLeases().filter { $0.key != node && $0.key != Self.soleNodeKey && $0.value.expires >= now }.map(\.key)
+    }
+
+    /// A lease's stored fields but its key and epoch.
+    private static func fields(_ lease: NodeLease) -> [(String, JSONValue)] {
+        [("node", .string(lease.node)), ("host", .string(lease.host)), ("pid", .long(lease.pid)), ("expires", .long(lease.expires))]
     }
 
     private static func nodeLease(_ row: JSONValue) -> NodeLease {

@@ -62,8 +62,10 @@ extension MongoStore {
     /// The check and the insert are two steps: a writer that stalls between them for longer than
     /// a lease period can still add one entry.
     public func appendRoomEntry(_ entry: RoomEntry, fence epoch: Int64) async throws {
-        try await run { db in try Self.checkFence(db, entry.room, epoch) }
-        try await appendRoomEntry(entry)
+        try await run { db in
+            try Self.checkFence(db, entry.room, epoch)
+            try db.insert("room_entries", Self.document(entry))
+        }
     }
 
     private static func fenced(_ id: String, _ epoch: Int64, owner: String? = nil) -> JSONValue {
@@ -87,19 +89,21 @@ extension MongoStore {
         }
     }
 
-    public func appendRoomEntry(_ e: RoomEntry) async throws {
-        try await run { db in
-            var doc: [(String, JSONValue)] = [
-                ("_id", .string(e.id)), ("room", .string(e.room)), ("kind", .string(e.kind.rawValue)), ("speaker", .string(e.speaker)),
-                ("text", .string(e.text)), ("created_at", .long(e.createdAt)),
-            ]
-            if let reason = e.reason { doc.append(("reason", .string(reason.rawValue))) }
-            if let stream = e.stream { doc.append(("stream", .string(stream))) }
-            if let lang = e.lang { doc.append(("lang", .string(lang.value))) }
-            if let source = e.source { doc.append(("source", .string(source))) }
-            doc.append(("speaker_is_clone", .bool(e.speakerIsClone)))
-            try db.insert("room_entries", .object(doc))
-        }
+    public func appendRoomEntry(_ entry: RoomEntry) async throws {
+        try await run { db in try db.insert("room_entries", Self.document(entry)) }
+    }
+
+    private static func document(_ e: RoomEntry) -> JSONValue {
+        var doc: [(String, JSONValue)] = [
+            ("_id", .string(e.id)), ("room", .string(e.room)), ("kind", .string(e.kind.rawValue)), ("speaker", .string(e.speaker)),
+            ("text", .string(e.text)), ("created_at", .long(e.createdAt)),
+        ]
+        if let reason = e.reason { doc.append(("reason", .string(reason.rawValue))) }
+        if let stream = e.stream { doc.append(("stream", .string(stream))) }
+        if let lang = e.lang { doc.append(("lang", .string(lang.value))) }
+        if let source = e.source { doc.append(("source", .string(source))) }
+        doc.append(("speaker_is_clone", .bool(e.speakerIsClone)))
+        return .object(doc)
     }
 
     public func roomEntries(room: String, limit: Int, before: String?) async throws -> [RoomEntry] {
