@@ -307,11 +307,47 @@ def test_a_cluster_node_needs_a_shared_store_and_secret(nats_url):
             assert "--broker needs" in out.stderr
 
 
-def _ctrl_c_reaches_it():
-    # A process started in the background of a non-interactive shell (a CI runner's) inherits
-    # SIGINT ignored, and bash cannot trap a signal ignored on entry: give the script SIGINT back,
-    # as a terminal's Ctrl-C finds it.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+class ClusterScript:
+    """scripts/cluster.sh on a free port (`base`), `node_args` given to every node, its stderr to
+    `stderr`, as a `with` block. Leaving it presses Ctrl-C, then sets `stopped` (the script's exit
+    status) and `left` (whether a process it started had to be killed after it)."""
+
+    def __init__(self, *node_args, stderr=subprocess.DEVNULL):
+        self.node_args, self.stderr = node_args, stderr
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        self.proc = subprocess.Popen([str(BINARY.parents[2] / "scripts" / "cluster.sh"), "--port", str(self.port), "--", *self.node_args],
+                                     stdout=subprocess.PIPE, stderr=self.stderr, text=True,
+                                     env={**os.environ, "PARLEY_JWT_SECRET": SECRET}, start_new_session=True,
+                                     preexec_fn=self._ctrl_c_reaches_it)
+        try:
+            line = self.proc.stdout.readline()
+            assert line.startswith("parley cluster ready on"), line
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    @staticmethod
+    def _ctrl_c_reaches_it():
+        # A process started in the background of a non-interactive shell (a CI runner's) inherits
+        # SIGINT ignored, and bash cannot trap a signal ignored on entry: give the script SIGINT
+        # back, as a terminal's Ctrl-C finds it.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    def __exit__(self, *_):
+        self.proc.send_signal(signal.SIGINT)  # Ctrl-C reaches the script; it stops the rest in order
+        try:
+            self.stopped = self.proc.wait(timeout=60)
+        finally:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # whatever it left behind (a failure)
+                self.left = True
+            except ProcessLookupError:
+                self.left = False
+        return False
 
 
 def _free_port():
@@ -417,16 +453,10 @@ def test_scripts_cluster_sh_serves_a_chat_through_nginx_and_stops_everything(tmp
     process it started."""
     import socket
     import urllib.request
-    port = _free_port()
-    script = subprocess.Popen([str(BINARY.parents[2] / "scripts" / "cluster.sh"), "--port", str(port), "--",
-                               "--sim-ttft-ms", "0", "--sim-tokens-per-sec", "100", "--sim-reply-tokens", "60"],
-                              stdout=subprocess.PIPE, stderr=(tmp_path / "cluster.err").open("w"), text=True,
-                              env={**os.environ, "PARLEY_JWT_SECRET": SECRET}, start_new_session=True,
-                              preexec_fn=_ctrl_c_reaches_it)
-    try:
-        line = script.stdout.readline()
-        assert line.startswith("parley cluster ready on"), line
-        base = f"http://127.0.0.1:{port}"
+    cluster = ClusterScript("--sim-ttft-ms", "0", "--sim-tokens-per-sec", "100", "--sim-reply-tokens", "60",
+                            stderr=(tmp_path / "cluster.err").open("w"))
+    port, base = cluster.port, cluster.base
+    with cluster:
         with urllib.request.urlopen(base + "/healthz", timeout=10) as response:
             assert json.loads(response.read())["broker"] == "ok"
         alice = token("alice")
@@ -476,16 +506,7 @@ def test_scripts_cluster_sh_serves_a_chat_through_nginx_and_stops_everything(tmp
         assert [f["type"] for f in first] == ["stream.start"] + ["token"] * 60 + ["stream.end"]
         assert second[1:] == first[1:], "the other tab got the same tokens and end"
         assert resumed[0]["ref"] == "r" and [f["seq"] for f in resumed[1:-1]] == list(range(51, 61))
-    finally:
-        script.send_signal(signal.SIGINT)  # Ctrl-C reaches the script; it stops the rest in order
-        try:
-            stopped = script.wait(timeout=60)
-        finally:
-            try:
-                os.killpg(script.pid, signal.SIGKILL)  # whatever it left behind (a failure)
-                left = True
-            except ProcessLookupError:
-                left = False
+    stopped, left = cluster.stopped, cluster.left
     assert stopped == 130 and not left, "Ctrl-C stopped every process the script started"
     assert "did not stop" not in (tmp_path / "cluster.err").read_text(), "each on its SIGTERM"
     with pytest.raises(OSError):

@@ -548,18 +548,9 @@ def test_a_newcomer_chats_through_a_local_cluster_in_the_browser(browser):
     """scripts/cluster.sh (three nodes behind nginx): the browser client, served through the
     balancer, signs in, makes a clone and streams a reply, whichever nodes its page, its REST
     calls and its socket land on."""
-    import signal
-    from test_cluster import SECRET, _ctrl_c_reaches_it, _free_port, token as cluster_token
-    port = _free_port()
-    script = subprocess.Popen([str(ROOT / "scripts" / "cluster.sh"), "--port", str(port), "--",
-                               "--sim-ttft-ms", "100", "--sim-tokens-per-sec", "25", "--sim-reply-tokens", "50"],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                              env={**os.environ, "PARLEY_JWT_SECRET": SECRET}, start_new_session=True,
-                              preexec_fn=_ctrl_c_reaches_it)
-    try:
-        line = script.stdout.readline()
-        assert line.startswith("parley cluster ready on"), line
-        base = f"http://127.0.0.1:{port}"
+    from test_cluster import ClusterScript, token as cluster_token
+    with ClusterScript("--sim-ttft-ms", "100", "--sim-tokens-per-sec", "25", "--sim-reply-tokens", "50") as cluster:
+        base = cluster.base
         page = browser.new_page()
         sign_in(page, base, "ada")
         make_clone_in_ui(page, "Socrates")
@@ -580,13 +571,4 @@ def test_a_newcomer_chats_through_a_local_cluster_in_the_browser(browser):
             messages = json.loads(response.read())["messages"]
         assert [m["text"] for m in messages if m["role"] == "assistant"] == [shown]
         page.close()
-    finally:
-        script.send_signal(signal.SIGINT)
-        try:
-            stopped = script.wait(timeout=60)
-        finally:
-            try:
-                os.killpg(script.pid, signal.SIGKILL)  # whatever it left behind (a failure)
-            except ProcessLookupError:
-                pass
-    assert stopped == 130
+    assert cluster.stopped == 130
