@@ -79,10 +79,13 @@ public final class NATSConnection: @unchecked Sendable {
     private let connection: OpaquePointer
     let threads: NIOThreadPool
     private let closed = Atomic(false)
+    /// Where nats.c's link callbacks find this connection's handler.
+    private let link: Int
 
-    private init(_ connection: OpaquePointer, threads: NIOThreadPool) {
+    private init(_ connection: OpaquePointer, threads: NIOThreadPool, link: Int) {
         self.connection = connection
         self.threads = threads
+        self.link = link
     }
 
     /// Connects to `url` (`nats://host:port`). `pingInterval` bounds how long a dead server
@@ -108,10 +111,26 @@ public final class NATSConnection: @unchecked Sendable {
             try NATSError.check(natsOptions_SetMaxReconnect(options, -1), "allowing reconnects")
             try NATSError.check(natsOptions_UseGlobalMessageDelivery(options, true), "using the global delivery pool")
             try NATSError.check(natsOptions_SetNoEcho(options, noEcho), "setting no-echo")
+            let link = LinkHandlers.register()
+            let closure = UnsafeMutableRawPointer(bitPattern: link)
+            try NATSError.check(natsOptions_SetDisconnectedCB(options, linkLost, closure), "observing disconnects")
+            try NATSError.check(natsOptions_SetReconnectedCB(options, linkRestored, closure), "observing reconnects")
             var connection: OpaquePointer?
-            try NATSError.check(natsConnection_Connect(&connection, options), "connecting to \(url)")
-            return NATSConnection(connection!, threads: threads)
+            do {
+                try NATSError.check(natsConnection_Connect(&connection, options), "connecting to \(url)")
+            } catch {
+                LinkHandlers.forget(link)
+                throw error
+            }
+            return NATSConnection(connection!, threads: threads, link: link)
         }
+    }
+
+    /// Calls `handler` (on a nats.c thread, one call at a time) when the link to the server is
+    /// lost (nats.c then keeps what is published in its reconnect buffer and reconnects) and when
+    /// it is back (subscriptions renewed, that buffer sent).
+    public func observeLink(_ handler: @escaping @Sendable (NATSLinkEvent) -> Void) {
+        LinkHandlers.set(link, handler)
     }
 
     static func milliseconds(_ duration: Duration) -> Int64 { TimeAmount(duration).nanoseconds / 1_000_000 }
@@ -210,6 +229,7 @@ public final class NATSConnection: @unchecked Sendable {
     /// Closes the connection; idempotent. Subscriptions stop delivering.
     public func close() {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        LinkHandlers.forget(link)  // closing is not a lost link
         natsConnection_Close(connection)
     }
 
@@ -218,6 +238,39 @@ public final class NATSConnection: @unchecked Sendable {
         natsConnection_Destroy(connection)
     }
 }
+
+public enum NATSLinkEvent: Sendable {
+    case lost
+    case restored
+}
+
+/// The link handlers of live connections, by a number that nats.c's callbacks carry as their
+/// closure pointer: a callback that nats.c runs after its connection is gone finds none, where a
+/// pointer to a freed object would crash.
+enum LinkHandlers {
+    private static let table = Mutex<(next: Int, handlers: [Int: @Sendable (NATSLinkEvent) -> Void])>((1, [:]))
+
+    static func register() -> Int {
+        table.withLock { t in
+            defer { t.next += 1 }
+            return t.next
+        }
+    }
+
+    static func set(_ link: Int, _ handler: @escaping @Sendable (NATSLinkEvent) -> Void) {
+        table.withLock { $0.handlers[link] = handler }
+    }
+
+    static func forget(_ link: Int) { _ = table.withLock { $0.handlers.removeValue(forKey: link) } }
+
+    static func tell(_ closure: UnsafeMutableRawPointer?, _ event: NATSLinkEvent) {
+        let link = Int(bitPattern: closure)
+        table.withLock { $0.handlers[link] }?(event)
+    }
+}
+
+private let linkLost: natsConnectionHandler = { _, closure in LinkHandlers.tell(closure, .lost) }
+private let linkRestored: natsConnectionHandler = { _, closure in LinkHandlers.tell(closure, .restored) }
 
 /// Where nats.c's delivery threads hand a subscription's messages: a bounded stream, or a handler.
 final class Delivery: Sendable {

@@ -357,6 +357,14 @@ struct StreamHistory {
         frames.append(frame)
     }
 
+    /// The tokens kept with seq > `after` (all kept ones when some of those were evicted), and
+    /// the seq of the first of them.
+    func kept(after: Int64) -> (first: Int64, frames: ArraySlice<ByteBuffer>) {
+        let first = max(after + 1, firstSeq)
+        guard first <= lastSeq else { return (first, []) }
+        return (first, Array(frames)[Int(first - firstSeq)...])
+    }
+
     func replay(after: Int64) -> Replay {
         if after + 1 < firstSeq { return .gone }
         guard after < lastSeq else { return .frames([]) }

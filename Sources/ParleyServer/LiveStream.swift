@@ -56,7 +56,10 @@ final class LiveStream: Sendable {
 
     private struct State {
         var history: StreamHistory
+        var startFrame: ByteBuffer?
         var endFrame: ByteBuffer?
+        /// The payer's `stream.end` of a room's stream, when it differs from `endFrame`.
+        var ownerEndFrame: ByteBuffer?
         var endedAt: ContinuousClock.Instant?
         var stopReason: StreamEndReason?
         var task: Task<Void, Never>?
@@ -120,6 +123,7 @@ final class LiveStream: Sendable {
                 s.startedAt = NIODeadline.now().uptimeNanoseconds
                 metrics?.active.increment()
             }
+            s.startFrame = frame
             broker.streamStarted(self, frame: frame)
         }
     }
@@ -149,6 +153,7 @@ final class LiveStream: Sendable {
         state.withLock { s in
             if s.startedAt != nil, s.endFrame == nil { metrics?.end(reason) }
             s.endFrame = frame
+            s.ownerEndFrame = ownerFrame
             s.endedAt = .now
             s.task = nil
             broker.streamEnded(self, frame: frame, ownerFrame: ownerFrame)
@@ -165,6 +170,23 @@ final class LiveStream: Sendable {
             } else {
                 broker.streamExtra(self, frame: frame, audience: audience)
             }
+        }
+    }
+
+    /// What a stream has published so far, as it keeps it.
+    struct Published {
+        var start: ByteBuffer?
+        /// The tokens it still keeps.
+        var history: StreamHistory
+        var end: ByteBuffer?
+        var ownerEnd: ByteBuffer?
+    }
+
+    /// Runs `body` under the stream's lock with what it published so far, so that frames a
+    /// broker sends again (`NATSBroker` after a NATS outage) come before its next frame.
+    func withPublished<R>(_ body: (Published) -> R) -> R {
+        state.withLock { s in
+            body(Published(start: s.startFrame, history: s.history, end: s.endFrame, ownerEnd: s.ownerEndFrame))
         }
     }
 

@@ -242,8 +242,15 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
     private let probeSubject = BrokerSubjects.head(of: "probe-\(UInt64.random(in: 0 ... .max))")
 
     private struct Origin {
+        let stream: LiveStream
         var cancels: NATSSubscription?
         var headAt: ContinuousClock.Instant
+        /// Its last token's seq.
+        var lastSeq: Int64 = 0
+        /// Its frames wait in its history: the link to NATS was lost, and what the server had
+        /// not kept yet is sent again once it is back (`publishAgain`), before anything newer.
+        var held: Bool
+        var endedAt: ContinuousClock.Instant?
     }
 
     private struct Mirror {
@@ -257,8 +264,12 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
     private let interests = Mutex<[Topic: NATSSubscription]>([:])
     /// Topics followed with no socket reading them yet (a member joining a room run elsewhere).
     private let pins = Mutex<[Topic: Int]>([:])
-    /// Streams this node generates.
+    /// Streams this node generates, and those it ended in the last `settled` (a link lost
+    /// just after may have lost their last frames).
     private let origins = Mutex<[String: Origin]>([:])
+    private static let settled: Duration = .seconds(30)
+    /// The run of `publishAgain` after the last reconnect; the next one waits for it.
+    private let republishing = Mutex<Task<Void, Never>?>(nil)
     /// Streams another node generates that sockets here read.
     private let mirrors = Mutex<[String: Mirror]>([:])
 
@@ -277,6 +288,7 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
                 hub: hub, nats: nats, jetStream: jetStream, threads: threads, bufferCapacity: configuration.resumeBufferTokens,
                 retention: configuration.resumeRetention, logger: logger, metrics: configuration.metrics)
             hub.attach(interest: broker)
+            nats.observeLink { [weak broker] event in broker?.linkChanged(event) }
             broker.probe.withLock {
                 $0 = Task { [weak broker] in
                     while (try? await Task.sleep(for: .seconds(5))) != nil {
@@ -334,8 +346,6 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
 
     func streamStarted(_ stream: LiveStream, frame: ByteBuffer) {
         local.streamStarted(stream, frame: frame)
-        let descriptor = StreamDescriptor.encode(stream)
-        send(BrokerSubjects.head(of: stream.id), descriptor)
         var cancels: NATSSubscription?
         if case .reply = stream.kind {
             // Answers a chat.cancel that reached another node; the stream's lock is not held by then.
@@ -346,28 +356,49 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
                 if let reply = request.reply { try? nats.publish(reply, Array((mine ? "ok" : "no").utf8)) }
             }
         }
-        origins.withLock { $0[stream.id] = Origin(cancels: cancels, headAt: .now) }
+        let held = !nats.isConnected
+        origins.withLock { origins in
+            let now = ContinuousClock.now
+            origins = origins.filter { _, o in o.held || (o.endedAt.map { now - $0 < Self.settled } ?? true) }
+            origins[stream.id] = Origin(stream: stream, cancels: cancels, headAt: now, held: held)
+        }
+        guard !held else { return }
+        let descriptor = StreamDescriptor.encode(stream)
+        send(BrokerSubjects.head(of: stream.id), descriptor)
         sendStream(stream, BrokerEnvelope(part: .start, seq: stream.roomSeq, descriptor: descriptor, frame: Array(frame.readableBytesView)))
     }
 
     func streamToken(_ stream: LiveStream, seq: Int64, frame: ByteBuffer) {
         local.streamToken(stream, seq: seq, frame: frame)
-        sendStream(stream, BrokerEnvelope(part: .token, seq: seq, frame: Array(frame.readableBytesView)))
-        let headDue = origins.withLock { o -> Bool in
-            guard let at = o[stream.id]?.headAt, ContinuousClock.now - at > maxAge / 2 else { return false }
-            o[stream.id]?.headAt = .now
-            return true
+        let connected = nats.isConnected
+        let (held, headDue) = origins.withLock { o -> (Bool, Bool) in
+            guard var origin = o[stream.id] else { return (false, false) }
+            origin.lastSeq = seq
+            origin.held = origin.held || !connected
+            let headDue = !origin.held && ContinuousClock.now - origin.headAt > maxAge / 2
+            if headDue { origin.headAt = .now }
+            o[stream.id] = origin
+            return (origin.held, headDue)
         }
+        guard !held else { return }
+        sendStream(stream, BrokerEnvelope(part: .token, seq: seq, frame: Array(frame.readableBytesView)))
         if headDue { send(BrokerSubjects.head(of: stream.id), StreamDescriptor.encode(stream)) }
     }
 
     func streamEnded(_ stream: LiveStream, frame: ByteBuffer, ownerFrame: ByteBuffer?) {
         local.streamEnded(stream, frame: frame, ownerFrame: ownerFrame)
+        let connected = nats.isConnected
+        let origin = origins.withLock { o -> Origin? in
+            o[stream.id]?.endedAt = .now
+            if !connected { o[stream.id]?.held = true }
+            return o[stream.id]
+        }
+        origin?.cancels?.cancel()
+        guard origin?.held != true else { return }
         sendStream(
             stream, BrokerEnvelope(part: .end, ownerFrame: ownerFrame.map { Array($0.readableBytesView) }, frame: Array(frame.readableBytesView)))
         // Resumable for the retention from now, however long the reply ran.
         send(BrokerSubjects.head(of: stream.id), StreamDescriptor.encode(stream))
-        origins.withLock { $0.removeValue(forKey: stream.id) }?.cancels?.cancel()
     }
 
     /// Ends a stream whose node stopped (`NodeReaper`): for the readers of this node's copy, for
@@ -383,7 +414,15 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
 
     func streamExtra(_ stream: LiveStream, frame: ByteBuffer, audience: Audience) {
         local.streamExtra(stream, frame: frame, audience: audience)
-        sendStream(stream, BrokerEnvelope(part: .extra, audience: audience, frame: Array(frame.readableBytesView)))
+        let connected = nats.isConnected
+        let origin = origins.withLock { o -> Origin? in
+            if !connected { o[stream.id]?.held = true }
+            return o[stream.id]
+        }
+        // Held, it is not sent again: like a resume on one node, a republish has tokens and end only.
+        guard origin?.held != true else { return }
+        // Its seq says after which token it came (`publishAgain` reads it so).
+        sendStream(stream, BrokerEnvelope(part: .extra, seq: origin?.lastSeq ?? 0, audience: audience, frame: Array(frame.readableBytesView)))
     }
 
     private func sendStream(_ stream: LiveStream, _ envelope: BrokerEnvelope) {
@@ -404,6 +443,108 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
                 logger.warning("publishing to the broker failed", metadata: ["subject": "\(subject)", "error": "\(error)", "failures": "\(count)"])
             }
         }
+    }
+
+    // MARK: Outages
+
+    /// A lost link holds every stream's frames (the server may have died with the last ones
+    /// unread); once it is back, each stream sends what JetStream lacks, then goes on.
+    private func linkChanged(_ event: NATSLinkEvent) {
+        switch event {
+        case .lost:
+            logger.warning("lost the link to the broker; streams hold their frames until it is back")
+            origins.withLock { origins in
+                for id in origins.keys { origins[id]?.held = true }
+            }
+        case .restored:
+            republishing.withLock { last in
+                let previous = last
+                last = Task {
+                    await previous?.value
+                    await self.publishAgain()
+                }
+            }
+        }
+    }
+
+    /// Where JetStream's copy of a stream under one subject stops.
+    private enum Kept: Equatable {
+        case nothing
+        case through(token: Int64)
+        case end
+    }
+
+    /// Sends every held stream's frames that JetStream lacks, in order, and lets it go on.
+    private func publishAgain() async {
+        let held = origins.withLock { $0.values.filter(\.held).map(\.stream) }
+        guard !held.isEmpty else { return }
+        var sent = 0
+        for stream in held {
+            var kept: [Topic: Kept] = [:]
+            for readers in stream.readers { kept[readers] = await self.kept(under: BrokerSubjects.stream(stream.id, readers: readers)) }
+            sent += stream.withPublished { published -> Int in
+                var count = 0
+                let descriptor = StreamDescriptor.encode(stream)
+                send(BrokerSubjects.head(of: stream.id), descriptor)
+                for readers in stream.readers {
+                    let subject = BrokerSubjects.stream(stream.id, readers: readers)
+                    let after: Int64
+                    switch kept[readers] ?? .nothing {
+                    case .end:
+                        continue
+                    case .nothing:
+                        guard let start = published.start else { continue }
+                        send(
+                            subject, BrokerEnvelope(part: .start, seq: stream.roomSeq, descriptor: descriptor, frame: Array(start.readableBytesView)))
+                        count += 1
+                        after = 0
+                    case .through(let token):
+                        after = token
+                    }
+                    let tokens = published.history.kept(after: after)
+                    for (offset, frame) in tokens.frames.enumerated() {
+                        send(subject, BrokerEnvelope(part: .token, seq: tokens.first + Int64(offset), frame: Array(frame.readableBytesView)))
+                    }
+                    count += tokens.frames.count
+                    if let end = published.end {
+                        send(
+                            subject,
+                            BrokerEnvelope(
+                                part: .end, ownerFrame: published.ownerEnd.map { Array($0.readableBytesView) }, frame: Array(end.readableBytesView)))
+                        count += 1
+                    }
+                }
+                // Under the stream's lock: its next frame goes out after these.
+                origins.withLock { $0[stream.id]?.held = false }
+                return count
+            }
+        }
+        logger.notice(
+            "the link to the broker is back; streams sent again what it had not kept", metadata: ["streams": "\(held.count)", "frames": "\(sent)"])
+    }
+
+    /// What JetStream keeps of a stream under `subject`: its last frame there says up to where.
+    /// Asked up to three times (a restarted server may still be recovering its streams); when it
+    /// never answers, every token kept here is sent again (every reader skips tokens it has).
+    private func kept(under subject: String) async -> Kept {
+        for attempt in 1...3 {
+            do {
+                guard let last = try await jetStream.lastMessage(stream: BrokerSubjects.streams, subject: subject),
+                    let envelope = try? BrokerEnvelope(decoding: last.payload)
+                else { return .nothing }
+                switch envelope.part {
+                case .start, .topic: return .through(token: 0)
+                case .token, .extra: return .through(token: envelope.seq)
+                case .end: return .end
+                }
+            } catch {
+                logger.warning(
+                    "reading what the broker keeps of a stream failed",
+                    metadata: ["subject": "\(subject)", "attempt": "\(attempt)", "error": "\(error)"])
+                try? await Task.sleep(for: .seconds(1))
+            }
+        }
+        return .through(token: 0)
     }
 
     // MARK: Receiving

@@ -40,6 +40,29 @@ func watchdog(_ subscription: NATSSubscription, seconds: Int = 10) -> Task<Void,
         connection.close()
     }
 
+    @Test func aLostLinkAndItsReturnAreReported() async throws {
+        let server = try NATSServer()
+        defer { server.stop() }
+        let connection = try await NATSConnection.connect(url: server.url, threads: threads)
+        let (events, reported) = AsyncStream<NATSLinkEvent>.makeStream()
+        connection.observeLink { reported.yield($0) }
+        let subscription = try connection.subscribe("after")
+        try await connection.flush()
+        try server.restart()
+        var iterator = events.makeAsyncIterator()
+        #expect(await iterator.next() == .lost)
+        #expect(await iterator.next() == .restored)
+        #expect(connection.isConnected)
+        // The subscription made before the outage was renewed with the link.
+        try connection.publish("after", Array("back".utf8))
+        try await connection.flush()
+        let bound = watchdog(subscription)
+        var messages = subscription.messages.makeAsyncIterator()
+        #expect(await next(1, from: &messages).map(\.payload) == [Array("back".utf8)])
+        bound.cancel()
+        connection.close()
+    }
+
     @Test func aRetriedPublishIsStoredOnceAndAStaleWriterIsFenced() async throws {
         let server = try NATSServer()
         defer { server.stop() }

@@ -162,5 +162,13 @@ import Testing
         #expect(texts(after: 5) == [])
         #expect(texts(after: 1) == nil, "t2 was evicted")
         #expect(history.lastSeq == 5)
+        // What a broker sends again: what it keeps after a seq, from where it starts.
+        func kept(after: Int64) -> (Int64, [String]) {
+            let kept = history.kept(after: after)
+            return (kept.first, kept.frames.map { String(buffer: $0) })
+        }
+        #expect(kept(after: 3) == (4, ["t4", "t5"]))
+        #expect(kept(after: 0) == (3, ["t3", "t4", "t5"]), "the evicted ones are skipped")
+        #expect(kept(after: 5) == (6, []))
     }
 }

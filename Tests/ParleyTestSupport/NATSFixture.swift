@@ -7,14 +7,28 @@ public struct FixtureError: Error, CustomStringConvertible {
 /// A real nats-server (Debian's, installed by `scripts/setup.sh --test`) with JetStream on, on
 /// a free loopback port, its store in a temporary directory; `stop` ends it and removes the store.
 public final class NATSServer: @unchecked Sendable {
-    let process = Process()
+    private(set) var process = Process()
     public let directory: String
     public private(set) var url = ""
 
     public init() throws {
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("parley-nats-\(UUID().uuidString)").path
+        url = try launch(port: "-1")
+    }
+
+    /// Kills the server (SIGKILL: what it had not handled is lost) and starts another on the
+    /// same port and store.
+    public func restart() throws {
+        kill(process.processIdentifier, SIGKILL)
+        process.waitUntilExit()
+        process = Process()
+        guard let port = url.split(separator: ":").last else { throw FixtureError(description: "no port in \(url)") }
+        _ = try launch(port: String(port))
+    }
+
+    private func launch(port: String) throws -> String {
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = ["nats-server", "-a", "127.0.0.1", "-p", "-1", "-js", "-sd", directory]
+        process.arguments = ["nats-server", "-a", "127.0.0.1", "-p", port, "-js", "-sd", directory]
         let output = Pipe()
         process.standardError = output
         process.standardOutput = FileHandle.nullDevice
@@ -30,9 +44,9 @@ public final class NATSServer: @unchecked Sendable {
         guard let line = text.split(separator: "\n").first(where: { $0.contains("Listening for client connections on ") }),
             let port = line.split(separator: ":").last.map({ String($0).trimmingCharacters(in: .whitespaces) })
         else { throw FixtureError(description: "nats-server printed no client port: \(text)") }
-        url = "nats://127.0.0.1:\(port)"
         // Keep reading its log so the pipe never fills and blocks it.
         output.fileHandleForReading.readabilityHandler = { handle in _ = handle.availableData }
+        return "nats://127.0.0.1:\(port)"
     }
 
     /// A test that failed before `stop` leaves no server running behind it.

@@ -359,9 +359,12 @@ def _free_port():
 
 def test_a_nats_restart_mid_reply_loses_no_token_for_a_tab_on_another_node(shared_store):
     """nats-server is killed (-9) and started again on its port and store while node A streams a
-    reply that Alice's tab on node B follows. B's tab does what the protocol asks of a client that
-    sees a gap or a stall: `stream.resume` after the last token it has. It ends with every token
-    A sent, in order, once each, and the same `stream.end`."""
+    reply that Alice's tab on node B follows. Before the kill the server is stopped (SIGSTOP) until
+    A's own tab has 10 more tokens: A wrote those to a server that never read them, so the kill
+    loses them (and whatever the server had not written to its store yet). B's tab does what the
+    protocol asks of a client that sees a gap or a stall: `stream.resume` after the last token it
+    has. It ends with every token A sent, in order, once each, and the same `stream.end`: A sends
+    again what JetStream lacks once the server is back."""
     port = _free_port()
     store_dir = tempfile.mkdtemp(prefix="parley-nats-")
     nats_args = ["nats-server", "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", store_dir]
@@ -389,11 +392,17 @@ def test_a_nats_restart_mid_reply_loses_no_token_for_a_tab_on_another_node(share
                 assert json.loads(await asyncio.wait_for(on_b.recv(), 10))["code"] == "not_found"
                 await on_a.send(json.dumps({"type": "chat.send", "id": "c1", "clone": clone["id"], "text": "tell me a story"}))
 
+                a_tokens, a_has_30 = [], asyncio.Event()
+
                 async def read_all(ws):
                     frames = []
                     while True:
                         frame = json.loads(await asyncio.wait_for(ws.recv(), 30))
                         frames.append(frame)
+                        if frame["type"] == "token":
+                            a_tokens.append(frame)
+                            if len(a_tokens) >= 30:
+                                a_has_30.set()
                         if frame["type"] == "stream.end":
                             return frames
 
@@ -410,6 +419,8 @@ def test_a_nats_restart_mid_reply_loses_no_token_for_a_tab_on_another_node(share
                     if frame is not None and frame["type"] == "token" and frame["seq"] == len(tokens) + 1:
                         tokens.append(frame["text"])
                         if len(tokens) == 20 and not restarted:
+                            nats.send_signal(signal.SIGSTOP)
+                            await asyncio.wait_for(a_has_30.wait(), 10)
                             nats.kill()
                             nats.wait()
                             restarted = True
