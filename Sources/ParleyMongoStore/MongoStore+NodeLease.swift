@@ -44,7 +44,7 @@ extension MongoStore {
     public func claimNodeLease(
         _ lease: NodeLease, now: Int64, key: String = soleNodeKey, in collection: String = nodeLeases
     ) async throws -> NodeLease? {
-        try await run { db in
+        try await run(on: .leases) { db in
             let fields = Self.fields(lease)
             let mine = JSONValue.object([("_id", .string(key)), ("node", .string(lease.node))])
             let expired = JSONValue.object([("_id", .string(key)), ("expires", .object([("$lt", .long(now))]))])
@@ -75,7 +75,7 @@ extension MongoStore {
     /// returns how many it holds.
     @discardableResult
     public func renewLeases(node: String, expires: Int64, in collection: String) async throws -> Int {
-        try await run { db in
+        try await run(on: .leases) { db in
             Int(
                 try db.update(
                     collection, query: .object([("node", .string(node))]), update: .object([("$set", .object([("expires", .long(expires))]))]),

@@ -35,6 +35,9 @@ public final class MongoStore: Store {
 
     private let pool: MongoClientPool
     private let threads: NIOThreadPool
+    /// One thread of its own for lease claims and renewals, so that a node's proof of life never
+    /// waits behind a queue of data writes (under load that queue outlasted a lease).
+    private let leaseThreads: NIOThreadPool
     private let options: Options
     private let closed = Atomic(false)
     /// Each call from asking to its answer, retries included.
@@ -49,11 +52,12 @@ public final class MongoStore: Store {
         return .object(filter + [("$or", .array([.object([("node", .string(node))]), .object([("node", .object([("$exists", .bool(false))]))])]))])
     }
 
-    private init(pool: MongoClientPool, threads: NIOThreadPool, options: Options) {
+    private init(pool: MongoClientPool, threads: NIOThreadPool, leaseThreads: NIOThreadPool, options: Options) {
         latency = CoreMetrics.Timer(
             label: "parley_store_seconds", dimensions: [("store", "mongodb")], preferredDisplayUnit: .seconds, factory: options.metrics)
         self.pool = pool
         self.threads = threads
+        self.leaseThreads = leaseThreads
         self.options = options
     }
 
@@ -63,7 +67,9 @@ public final class MongoStore: Store {
         let pool = try MongoClientPool(uri: uri, serverSelectionTimeoutMS: options.serverSelectionTimeoutMS)
         let threads = NIOThreadPool(numberOfThreads: max(1, options.threads))
         threads.start()
-        let store = MongoStore(pool: pool, threads: threads, options: options)
+        let leaseThreads = NIOThreadPool(numberOfThreads: 1)
+        leaseThreads.start()
+        let store = MongoStore(pool: pool, threads: threads, leaseThreads: leaseThreads, options: options)
         do {
             try await store.run { db in
                 do {
@@ -75,6 +81,7 @@ public final class MongoStore: Store {
             }
         } catch {
             try? await threads.shutdownGracefully()
+            try? await leaseThreads.shutdownGracefully()
             throw error
         }
         return store
@@ -89,15 +96,22 @@ public final class MongoStore: Store {
     public func close() async throws {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         try await threads.shutdownGracefully()
+        try await leaseThreads.shutdownGracefully()
     }
 
-    func run<T: Sendable>(_ body: @escaping @Sendable (Database) throws -> T) async throws -> T {
+    /// Which threads run a call: the data path's, or the one kept for leases.
+    enum Lane {
+        case data
+        case leases
+    }
+
+    func run<T: Sendable>(on lane: Lane = .data, _ body: @escaping @Sendable (Database) throws -> T) async throws -> T {
         guard !closed.load(ordering: .acquiring) else { throw StoreError.closed }
         let db = Database(pool: pool, options: options)
         let started = NIODeadline.now()
         defer { latency.recordNanoseconds((NIODeadline.now() - started).nanoseconds) }
         do {
-            return try await threads.runIfActive { try body(db) }
+            return try await (lane == .data ? threads : leaseThreads).runIfActive { try body(db) }
         } catch is NIOThreadPoolError.ThreadPoolInactive {
             throw StoreError.closed
         }
