@@ -320,13 +320,20 @@ extension RoomService {
         return adopted
     }
 
+    /// Up to 16 rooms at once: each asks the other nodes for its members, which takes up to
+    /// two seconds when one of them does not answer.
     func continueRooms(_ rooms: [String]) async {
-        for room in rooms {
-            do {
-                try await adoptOwnSockets(in: room)
-                try await continueAfterTakeover(room)
-            } catch {
-                logger.error("going on with a stopped node's room failed", metadata: ["room": "\(room)", "error": "\(error)"])
+        await withTaskGroup(of: Void.self) { group in
+            for (index, room) in rooms.enumerated() {
+                if index >= 16 { await group.next() }
+                group.addTask {
+                    do {
+                        try await self.adoptOwnSockets(in: room)
+                        try await self.continueAfterTakeover(room)
+                    } catch {
+                        self.logger.error("going on with a stopped node's room failed", metadata: ["room": "\(room)", "error": "\(error)"])
+                    }
+                }
             }
         }
     }
