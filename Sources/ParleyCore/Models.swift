@@ -64,6 +64,22 @@ public struct Conversation: Sendable, Equatable {
     }
 }
 
+/// Where a message stands among the messages that share its parent (regenerated replies, edited
+/// messages), oldest first.
+public struct Alternatives: Sendable, Equatable {
+    /// How many share its parent, itself included.
+    public var count: Int
+    /// Its index among them, from 0.
+    public var index: Int
+
+    public init(count: Int, index: Int) {
+        self.count = count
+        self.index = index
+    }
+
+    public static let only = Alternatives(count: 1, index: 0)
+}
+
 public enum Role: String, Sendable, Codable, Equatable {
     case system, user, assistant
 }
@@ -104,12 +120,17 @@ public struct Message: Sendable, Equatable {
     public var stream: String?
     /// Marked by its owner to be kept: the retention purge leaves saved messages alone.
     public var saved: Bool
+    /// The message it follows in its conversation's tree (a reply's user message; a regenerated
+    /// reply shares its parent with the reply it is an alternative to). Nil when appended: the
+    /// store makes it the end of the conversation's path then (none for the first message).
+    public var parent: String?
 
     public init(
         id: String, conversation: String, role: Role, text: String, createdAt: Int64,
-        reason: StreamEndReason? = nil, usage: Usage? = nil, stream: String? = nil, saved: Bool = false
+        reason: StreamEndReason? = nil, usage: Usage? = nil, stream: String? = nil, saved: Bool = false, parent: String? = nil
     ) {
         self.saved = saved
+        self.parent = parent
         self.id = id
         self.conversation = conversation
         self.role = role

@@ -269,6 +269,11 @@ public final class MongoStore: Store {
         }
         if let stream = m.stream { doc.append(("stream", .string(stream))) }
         doc.append(("saved", .bool(m.saved)))
+        // Without a parent it follows the path's last message ("" when it is the first).
+        let parent =
+            try m.parent
+            ?? (db.find("messages", filter: Self.onPath(m.conversation), sort: Self.newestFirst, limit: 1).first?["_id"]?.stringValue ?? "")
+        doc.append(("parent", .string(parent)))
         do {
             try db.insert("messages", .object(doc))
         } catch StoreError.duplicateKey(let key) {
@@ -288,10 +293,81 @@ public final class MongoStore: Store {
 
     public func messages(conversation: String, limit: Int, before: String?) async throws -> [Message] {
         try await run { db in
-            var filter: [(String, JSONValue)] = [("conversation", .string(conversation))]
-            if let before { filter.append(("_id", .object([("$lt", .string(before))]))) }
-            return try db.find("messages", filter: .object(filter), sort: .object([("_id", .int(-1))]), limit: limit)
-                .reversed().map(Self.message(from:))
+            let filter = Self.onPath(conversation, before.map { [("_id", .object([("$lt", .string($0))]))] } ?? [])
+            return try db.find("messages", filter: filter, sort: Self.newestFirst, limit: limit).reversed().map(Self.message(from:))
+        }
+    }
+
+    /// A conversation's messages on its path (`off_path` is set only on those that left it).
+    static func onPath(_ conversation: String, _ more: [(String, JSONValue)] = []) -> JSONValue {
+        .object([("conversation", .string(conversation)), ("off_path", .object([("$ne", .bool(true))]))] + more)
+    }
+
+    static let newestFirst = JSONValue.object([("_id", .int(-1))])
+
+    /// The new message is stored first, then the old branch leaves the path: a failure in between
+    /// leaves both on it, never neither.
+    public func appendAlternative(_ message: Message, replacing replaced: String) async throws -> Message? {
+        try await run { db in
+            let conversation = message.conversation
+            guard let old = try db.find("messages", filter: Self.onPath(conversation, [("_id", .string(replaced))]), limit: 1).first else {
+                return nil
+            }
+            var parent = old["parent"]?.stringValue
+            if parent == nil {
+                // Stored before messages had parents: its parent is the path's message before it.
+                let before = Self.onPath(conversation, [("_id", .object([("$lt", .string(replaced))]))])
+                parent = try db.find("messages", filter: before, sort: Self.newestFirst, limit: 1).first?["_id"]?.stringValue ?? ""
+                _ = try db.update(
+                    "messages", query: .object([("_id", .string(replaced))]), update: .object([("$set", .object([("parent", .string(parent!))]))]))
+            }
+            var stored = message
+            stored.parent = parent
+            try Self.append(stored, db, orIgnore: false)
+            let leaving = Self.onPath(conversation, [("_id", .object([("$gte", .string(replaced)), ("$ne", .string(message.id))]))])
+            _ = try db.update("messages", query: leaving, update: .object([("$set", .object([("off_path", .bool(true))]))]), multi: true)
+            stored.parent = parent!.isEmpty ? nil : parent
+            return stored
+        }
+    }
+
+    /// The new path joins first, then the rest leaves it.
+    public func activate(message: String, conversation: String) async throws -> Bool {
+        try await run { db in
+            let nodes = try db.find(
+                "messages", filter: .object([("conversation", .string(conversation))]), sort: .object([("_id", .int(1))]),
+                projection: .object([("_id", .int(1)), ("parent", .int(1))]))
+            let tree = MessageTree(nodes.map { (id: $0["_id"]?.stringValue ?? "", parent: $0["parent"]?.stringValue) })
+            guard let path = tree.path(through: message) else { return false }
+            let ids = JSONValue.array(path.map(JSONValue.string))
+            let conversationFilter = ("conversation", JSONValue.string(conversation))
+            _ = try db.update(
+                "messages", query: .object([conversationFilter, ("_id", .object([("$in", ids)]))]),
+                update: .object([("$set", .object([("off_path", .bool(false))]))]), multi: true)
+            _ = try db.update(
+                "messages", query: Self.onPath(conversation, [("_id", .object([("$nin", ids)]))]),
+                update: .object([("$set", .object([("off_path", .bool(true))]))]), multi: true)
+            return true
+        }
+    }
+
+    public func alternatives(of messages: [String], conversation: String) async throws -> [String: Alternatives] {
+        guard !messages.isEmpty else { return [:] }
+        return try await run { db in
+            let conversationFilter = ("conversation", JSONValue.string(conversation))
+            let found = try db.find(
+                "messages", filter: .object([conversationFilter, ("_id", .object([("$in", .array(messages.map(JSONValue.string)))]))]),
+                projection: .object([("_id", .int(1)), ("parent", .int(1))]))
+            let nodes = found.map { (id: $0["_id"]?.stringValue ?? "", parent: $0["parent"]?.stringValue) }
+            let parents = Set(nodes.compactMap(\.parent))
+            var siblings: [String: [String]] = [:]
+            if !parents.isEmpty {
+                let rows = try db.find(
+                    "messages", filter: .object([conversationFilter, ("parent", .object([("$in", .array(parents.map(JSONValue.string)))]))]),
+                    sort: .object([("_id", .int(1))]), projection: .object([("_id", .int(1)), ("parent", .int(1))]))
+                for row in rows { siblings[row["parent"]?.stringValue ?? "", default: []].append(row["_id"]?.stringValue ?? "") }
+            }
+            return MessageTree.alternatives(nodes, siblings: siblings)
         }
     }
 
@@ -304,7 +380,8 @@ public final class MongoStore: Store {
             id: d["_id"]?.stringValue ?? "", conversation: d["conversation"]?.stringValue ?? "",
             role: Role(rawValue: d["role"]?.stringValue ?? "") ?? .user, text: d["text"]?.stringValue ?? "",
             createdAt: d["created_at"]?.int64 ?? 0, reason: d["reason"]?.stringValue.flatMap(StreamEndReason.init(rawValue:)),
-            usage: usage, stream: d["stream"]?.stringValue, saved: d["saved"]?.boolValue == true
+            usage: usage, stream: d["stream"]?.stringValue, saved: d["saved"]?.boolValue == true,
+            parent: d["parent"]?.stringValue.flatMap { $0.isEmpty ? nil : $0 }
         )
     }
 }
@@ -321,6 +398,8 @@ struct Database: Sendable {
         ("conversations", "clone", .object([("clone", .int(1))]), false),
         // Message ids sort by creation time, so (conversation, _id) is the (conversation, created) order.
         ("messages", "conversation_id", .object([("conversation", .int(1)), ("_id", .int(1))]), false),
+        // A message's alternatives: the messages that share its parent.
+        ("messages", "conversation_parent", .object([("conversation", .int(1)), ("parent", .int(1))]), false),
         ("ledger", "user_created", .object([("user", .int(1)), ("created_at", .int(-1)), ("_id", .int(-1))]), false),
         ("ledger", "state", .object([("state", .int(1))]), false),
         ("schedules", "owner_id", .object([("owner", .int(1)), ("_id", .int(1))]), false),

@@ -124,7 +124,7 @@ extension SQLiteStore {
 
     // MARK: Messages
 
-    static let messageColumns = "id, conversation, role, text, created_at, reason, input_tokens, output_tokens, stream, saved"
+    static let messageColumns = "id, conversation, role, text, created_at, reason, input_tokens, output_tokens, stream, saved, parent"
 
     public func appendMessage(_ m: Message) async throws {
         try await run { db in
@@ -135,8 +135,11 @@ extension SQLiteStore {
     /// Inserts a message and moves its conversation's `updated_at`; `orIgnore` keeps an existing
     /// message with the same id instead of failing.
     static func insert(_ m: Message, into db: SQLiteConnection, orIgnore: Bool) throws {
+        // Without a parent it follows the path's last message ('' when it is the first).
+        let leaf = "(SELECT id FROM messages WHERE conversation = ? AND off_path = 0 ORDER BY id DESC LIMIT 1)"
         try db.query(
-            "INSERT INTO messages(\(Self.messageColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" + (orIgnore ? " ON CONFLICT(id) DO NOTHING" : ""),
+            "INSERT INTO messages(\(Self.messageColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, COALESCE(?, \(leaf), ''))"
+                + (orIgnore ? " ON CONFLICT(id) DO NOTHING" : ""),
             [
                 .text(m.id), .text(m.conversation), .text(m.role.rawValue), .text(m.text), .int(m.createdAt),
                 m.reason.map { .text($0.rawValue) } ?? .null,
@@ -144,6 +147,7 @@ extension SQLiteStore {
                 m.usage.map { .int(Int64($0.outputTokens)) } ?? .null,
                 m.stream.map(SQLValue.text) ?? .null,
                 .int(m.saved ? 1 : 0),
+                m.parent.map(SQLValue.text) ?? .null, .text(m.conversation),
             ]
         )
         try db.query(
@@ -163,9 +167,75 @@ extension SQLiteStore {
         let page = Self.cursor("id", "<", before)
         return try await read { db in
             try db.query(
-                "SELECT \(Self.messageColumns) FROM messages WHERE conversation = ?\(page.sql) ORDER BY id DESC LIMIT ?",
+                "SELECT \(Self.messageColumns) FROM messages WHERE conversation = ? AND off_path = 0\(page.sql) ORDER BY id DESC LIMIT ?",
                 [.text(conversation)] + page.params + [.int(Int64(limit))]
             ).reversed().map(Self.message(from:))
+        }
+    }
+
+    public func appendAlternative(_ message: Message, replacing replaced: String) async throws -> Message? {
+        try await run { db in
+            try db.transaction { () throws -> Message? in
+                let conversation = SQLValue.text(message.conversation)
+                guard
+                    let row = try db.query(
+                        "SELECT parent FROM messages WHERE id = ? AND conversation = ? AND off_path = 0", [.text(replaced), conversation]
+                    ).first
+                else { return nil }
+                var parent = row["parent"].text
+                if parent == nil {
+                    // Stored before messages had parents: its parent is the path's message before it.
+                    parent =
+                        try db.query(
+                            "SELECT id FROM messages WHERE conversation = ? AND off_path = 0 AND id < ? ORDER BY id DESC LIMIT 1",
+                            [conversation, .text(replaced)]
+                        ).first?["id"].text ?? ""
+                    try db.query("UPDATE messages SET parent = ? WHERE id = ?", [.text(parent!), .text(replaced)])
+                }
+                try db.query("UPDATE messages SET off_path = 1 WHERE conversation = ? AND off_path = 0 AND id >= ?", [conversation, .text(replaced)])
+                var stored = message
+                stored.parent = parent
+                try Self.insert(stored, into: db, orIgnore: false)
+                stored.parent = parent!.isEmpty ? nil : parent
+                return stored
+            }
+        }
+    }
+
+    public func activate(message: String, conversation: String) async throws -> Bool {
+        try await run { db in
+            try db.transaction { () throws -> Bool in
+                let rows = try db.query("SELECT id, parent FROM messages WHERE conversation = ? ORDER BY id", [.text(conversation)])
+                let tree = MessageTree(rows.map { (id: $0["id"].text ?? "", parent: $0["parent"].text) })
+                guard let path = tree.path(through: message) else { return false }
+                try db.query("UPDATE messages SET off_path = 1 WHERE conversation = ? AND off_path = 0", [.text(conversation)])
+                for start in stride(from: 0, to: path.count, by: 500) {
+                    let chunk = path[start..<min(start + 500, path.count)]
+                    try db.query(
+                        "UPDATE messages SET off_path = 0 WHERE conversation = ? AND id IN (\(chunk.map { _ in "?" }.joined(separator: ", ")))",
+                        [.text(conversation)] + chunk.map(SQLValue.text))
+                }
+                return true
+            }
+        }
+    }
+
+    public func alternatives(of messages: [String], conversation: String) async throws -> [String: Alternatives] {
+        guard !messages.isEmpty else { return [:] }
+        return try await read { db in
+            func marks(_ count: Int) -> String { Array(repeating: "?", count: count).joined(separator: ", ") }
+            let rows = try db.query(
+                "SELECT id, parent FROM messages WHERE conversation = ? AND id IN (\(marks(messages.count)))",
+                [.text(conversation)] + messages.map(SQLValue.text))
+            let parents = Set(rows.compactMap { $0["parent"].text })
+            var siblings: [String: [String]] = [:]
+            if !parents.isEmpty {
+                let found = try db.query(
+                    "SELECT id, parent FROM messages WHERE conversation = ? AND parent IN (\(marks(parents.count))) ORDER BY id",
+                    [.text(conversation)] + parents.map(SQLValue.text))
+                for row in found { siblings[row["parent"].text ?? "", default: []].append(row["id"].text ?? "") }
+            }
+            return MessageTree.alternatives(rows.map { (id: $0["id"].text ?? "", parent: $0["parent"].text) }, siblings: siblings)
         }
     }
 
@@ -178,7 +248,7 @@ extension SQLiteStore {
             id: row["id"].text ?? "", conversation: row["conversation"].text ?? "", role: Role(rawValue: row["role"].text ?? "") ?? .user,
             text: row["text"].text ?? "", createdAt: row["created_at"].int ?? 0,
             reason: row["reason"].text.flatMap(StreamEndReason.init(rawValue:)), usage: usage, stream: row["stream"].text,
-            saved: row["saved"].int == 1
+            saved: row["saved"].int == 1, parent: row["parent"].text.flatMap { $0.isEmpty ? nil : $0 }
         )
     }
 }

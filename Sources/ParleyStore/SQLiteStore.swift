@@ -183,6 +183,14 @@ public final class SQLiteStore: Store {
         );
         CREATE INDEX stream_journals_by_user ON stream_journals(user);
         """,
+        // v10: messages form a tree (#24). `parent` NULL: stored before (the message before
+        // it); '': the first. `off_path` 1: not on the conversation's path (kept as an alternative).
+        """
+        ALTER TABLE messages ADD COLUMN parent TEXT;
+        ALTER TABLE messages ADD COLUMN off_path INTEGER NOT NULL DEFAULT 0;
+        CREATE INDEX messages_on_path ON messages(conversation, id) WHERE off_path = 0;
+        CREATE INDEX messages_by_parent ON messages(conversation, parent);
+        """,
     ]
 
     public static var schemaVersion: Int { migrations.count }

@@ -35,10 +35,23 @@ public protocol ChatStore: Sendable {
     /// The owner's conversations, newest first, `limit` at most, older than `before` when given.
     func conversations(owner: String, limit: Int, before: String?) async throws -> [Conversation]
 
-    /// Appends a message and moves the conversation's `updated_at` to the message's time.
+    /// Appends a message to the conversation's path (after its `parent`, or after the path's last
+    /// message when that is nil) and moves the conversation's `updated_at` to the message's time.
     func appendMessage(_ message: Message) async throws
-    /// A page of a conversation's messages in chronological order: the newest `limit` messages
-    /// older than `before` (a message id) when given.
+    /// Appends `message` in place of `replaced` on the conversation's path: `replaced` and what
+    /// follows it there leave the path (kept, as alternatives one can go back to) and `message`,
+    /// given `replaced`'s parent, ends the path. Returns the stored message (with its parent); nil
+    /// when `replaced` is not on the path of `message.conversation` (nothing is stored then).
+    func appendAlternative(_ message: Message, replacing replaced: String) async throws -> Message?
+    /// Makes the path through `message` the conversation's path: its ancestors, it, then from it
+    /// on each newest child. False when the conversation has no such message.
+    func activate(message: String, conversation: String) async throws -> Bool
+    /// For each of `messages` (ids in `conversation`): how many messages share its parent and its
+    /// place among them. Messages not found are left out.
+    func alternatives(of messages: [String], conversation: String) async throws -> [String: Alternatives]
+    /// A page of a conversation's path (the messages shown, oldest first): the newest `limit` of
+    /// its messages older than `before` (a message id) when given. Messages off the path (replies
+    /// regenerated, messages edited, branches not chosen) are not in it.
     func messages(conversation: String, limit: Int, before: String?) async throws -> [Message]
     /// One message of a conversation, nil when absent.
     func message(id: String, conversation: String) async throws -> Message?

@@ -18,7 +18,7 @@ private func populate(_ store: any Store, _ user: String, welcomeAt: Int64 = 1_0
     try await store.createClone(clone)
     let conversation = makeConversation(owner: user, clone: clone.id)
     try await store.createConversation(conversation)
-    let messages = [makeMessage(conversation.id, "\(user) says hi"), makeMessage(conversation.id, "hello \(user)", role: .assistant)]
+    let messages = chained([makeMessage(conversation.id, "\(user) says hi"), makeMessage(conversation.id, "hello \(user)", role: .assistant)])
     for message in messages { try await store.appendMessage(message) }
     let schedule = makeSchedule(owner: user, clone: clone.id, at: 9_000)
     try await store.createSchedule(schedule)
@@ -138,11 +138,13 @@ private func populate(_ store: any Store, _ user: String, welcomeAt: Int64 = 1_0
             try await store.createClone(clone)
             let conversation = makeConversation(owner: "alice", clone: clone.id)
             try await store.createConversation(conversation)
-            let old = makeMessage(conversation.id, "old", at: 100)
-            var kept = makeMessage(conversation.id, "old but saved", role: .assistant, at: 200)
-            let older = makeMessage(conversation.id, "also old", at: 300)
-            let edge = makeMessage(conversation.id, "exactly at the cutoff", at: 301)
-            let fresh = makeMessage(conversation.id, "new", role: .assistant, at: 400)
+            let made = chained([
+                makeMessage(conversation.id, "old", at: 100), makeMessage(conversation.id, "old but saved", role: .assistant, at: 200),
+                makeMessage(conversation.id, "also old", at: 300), makeMessage(conversation.id, "exactly at the cutoff", at: 301),
+                makeMessage(conversation.id, "new", role: .assistant, at: 400),
+            ])
+            let (old, older, edge, fresh) = (made[0], made[2], made[3], made[4])
+            var kept = made[1]
             for message in [old, kept, older, edge, fresh] { try await store.appendMessage(message) }
             #expect(try await store.setMessageSaved(id: kept.id, conversation: conversation.id, saved: true))
             #expect(try await store.setMessageSaved(id: kept.id, conversation: "cv_other", saved: true) == false)

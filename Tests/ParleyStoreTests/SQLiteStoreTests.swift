@@ -48,6 +48,33 @@ import Testing
         await #expect(throws: StoreError.closed) { _ = try await store.clones(owner: "alice") }
     }
 
+    /// Messages stored before v10 have no parent recorded: each follows the one before it, and
+    /// one replaced by an alternative gets its parent written then.
+    @Test func messagesStoredBeforeTheyHadParentsFollowTheOneBeforeThem() async throws {
+        let path = temporaryPath("legacy") + "/parley.sqlite"
+        let store = try await SQLiteStore.open(path: path)
+        let clone = makeClone(owner: "alice")
+        try await store.createClone(clone)
+        let conversation = makeConversation(owner: "alice", clone: clone.id)
+        try await store.createConversation(conversation)
+        let messages = ["hi", "hello", "joke?", "no"].enumerated().map { i, text in
+            makeMessage(conversation.id, text, role: i % 2 == 0 ? .user : .assistant, at: 2_000 + Int64(i))
+        }
+        for message in messages { try await store.appendMessage(message) }
+        try await store.run { db in try db.query("UPDATE messages SET parent = NULL") }
+
+        #expect(try await store.alternatives(of: messages.map(\.id), conversation: conversation.id).values.allSatisfy { $0 == .only })
+        let regenerated = try #require(
+            try await store.appendAlternative(makeMessage(conversation.id, "why not", role: .assistant), replacing: messages[3].id))
+        #expect(regenerated.parent == messages[2].id)
+        let alternatives = try await store.alternatives(of: [messages[3].id, regenerated.id], conversation: conversation.id)
+        #expect(alternatives[messages[3].id] == Alternatives(count: 2, index: 0))
+        #expect(alternatives[regenerated.id] == Alternatives(count: 2, index: 1))
+        #expect(try await store.activate(message: messages[3].id, conversation: conversation.id))
+        #expect(try await store.messages(conversation: conversation.id, limit: 10, before: nil).map(\.text) == ["hi", "hello", "joke?", "no"])
+        try await store.close()
+    }
+
     @Test func aNewerSchemaIsRefused() async throws {
         let path = temporaryPath("schema") + "/parley.sqlite"
         try await SQLiteStore.open(path: path).close()

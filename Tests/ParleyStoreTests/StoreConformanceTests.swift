@@ -57,6 +57,13 @@ func makeMessage(_ conversation: String, _ text: String, role: Role = .user, at 
     Message(id: ids.make(.message), conversation: conversation, role: role, text: text, createdAt: time)
 }
 
+/// `messages` as appended one after another: each one's parent is the one before it.
+func chained(_ messages: [Message]) -> [Message] {
+    var out = messages
+    for i in out.indices.dropFirst() { out[i].parent = out[i - 1].id }
+    return out
+}
+
 @Suite("Store conformance") struct StoreConformanceTests {
     @Test(arguments: Backend.all)
     func usersAreRecordedOnce(_ backend: Backend) async throws {

@@ -1,0 +1,92 @@
+import ParleyCore
+import ParleyStore
+import Testing
+
+/// Messages form a tree (#24): regenerated replies and edited messages are alternatives kept off
+/// the path, and any of them can be brought back onto it. Every backend behaves the same.
+@Suite("Message tree conformance") struct MessageTreeConformanceTests {
+    /// A conversation with `texts` appended in turn (user, assistant, …), each after the last.
+    func conversation(_ store: any Store, _ texts: [String]) async throws -> (id: String, messages: [Message]) {
+        let clone = makeClone(owner: "alice")
+        try await store.createClone(clone)
+        let conversation = makeConversation(owner: "alice", clone: clone.id)
+        try await store.createConversation(conversation)
+        var messages: [Message] = []
+        for (i, text) in texts.enumerated() {
+            let message = makeMessage(conversation.id, text, role: i % 2 == 0 ? .user : .assistant, at: 2_000 + Int64(i))
+            try await store.appendMessage(message)
+            messages.append(message)
+        }
+        return (conversation.id, messages)
+    }
+
+    func path(_ store: any Store, _ conversation: String) async throws -> [String] {
+        try await store.messages(conversation: conversation, limit: 100, before: nil).map(\.text)
+    }
+
+    @Test(arguments: Backend.all)
+    func appendedMessagesFollowThePathsLastMessage(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            let (id, messages) = try await conversation(store, ["hi", "hello", "how are you?"])
+            let stored = try await store.messages(conversation: id, limit: 10, before: nil)
+            #expect(stored.map(\.parent) == [nil, messages[0].id, messages[1].id])
+            #expect(try await store.alternatives(of: messages.map(\.id), conversation: id).values.allSatisfy { $0 == .only })
+        }
+    }
+
+    @Test(arguments: Backend.all)
+    func regeneratedRepliesAreAlternativesAndAnyCanBeChosenAgain(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            let (id, messages) = try await conversation(store, ["hi", "hello"])
+            let (user, first) = (messages[0], messages[1])
+            let second = try #require(try await store.appendAlternative(makeMessage(id, "hey", role: .assistant), replacing: first.id))
+            #expect(second.parent == user.id)
+            let third = try #require(try await store.appendAlternative(makeMessage(id, "good day", role: .assistant), replacing: second.id))
+            #expect(try await path(store, id) == ["hi", "good day"])
+            let alternatives = try await store.alternatives(of: [user.id, first.id, second.id, third.id], conversation: id)
+            #expect(alternatives[user.id] == .only)
+            #expect(alternatives[first.id] == Alternatives(count: 3, index: 0))
+            #expect(alternatives[second.id] == Alternatives(count: 3, index: 1))
+            #expect(alternatives[third.id] == Alternatives(count: 3, index: 2))
+            #expect(try await store.activate(message: first.id, conversation: id))
+            #expect(try await path(store, id) == ["hi", "hello"])
+            // Only a message on the path can be replaced; nothing is stored otherwise.
+            #expect(try await store.appendAlternative(makeMessage(id, "nope", role: .assistant), replacing: third.id) == nil)
+            #expect(try await store.activate(message: "msg_none", conversation: id) == false)
+            #expect(try await path(store, id) == ["hi", "hello"])
+        }
+    }
+
+    @Test(arguments: Backend.all)
+    func anEditedMessageStartsABranchAndTheOldBranchStaysWhole(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            let (id, messages) = try await conversation(store, ["hi", "hello", "tell me a joke", "no"])
+            let edited = try #require(try await store.appendAlternative(makeMessage(id, "tell me a story"), replacing: messages[2].id))
+            #expect(edited.parent == messages[1].id)
+            #expect(try await path(store, id) == ["hi", "hello", "tell me a story"])
+            try await store.appendMessage(makeMessage(id, "once upon a time", role: .assistant))
+            #expect(try await path(store, id) == ["hi", "hello", "tell me a story", "once upon a time"])
+            // Back to the old branch: through the old message, with what followed it.
+            #expect(try await store.activate(message: messages[2].id, conversation: id))
+            #expect(try await path(store, id) == ["hi", "hello", "tell me a joke", "no"])
+            // Through a message above the fork: its newest children follow.
+            #expect(try await store.activate(message: messages[1].id, conversation: id))
+            #expect(try await path(store, id) == ["hi", "hello", "tell me a story", "once upon a time"])
+        }
+    }
+
+    @Test(arguments: Backend.all)
+    func theFirstMessageCanHaveAlternativesToo(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            let (id, messages) = try await conversation(store, ["hi", "hello"])
+            let edited = try #require(try await store.appendAlternative(makeMessage(id, "good morning"), replacing: messages[0].id))
+            #expect(edited.parent == nil)
+            #expect(try await path(store, id) == ["good morning"])
+            let alternatives = try await store.alternatives(of: [messages[0].id, edited.id], conversation: id)
+            #expect(alternatives[messages[0].id] == Alternatives(count: 2, index: 0))
+            #expect(alternatives[edited.id] == Alternatives(count: 2, index: 1))
+            #expect(try await store.activate(message: messages[0].id, conversation: id))
+            #expect(try await path(store, id) == ["hi", "hello"])
+        }
+    }
+}
