@@ -40,12 +40,16 @@ public enum ClientFrame: Sendable, Equatable {
 /// Clone chat: a message, stopping a reply, and catching up on one.
 public enum ChatFrame: Sendable, Equatable {
     case send(id: String, clone: String, conversation: String?, text: String)
+    /// A new reply in place of the assistant message `message` (kept as an alternative).
+    case regenerate(id: String, message: String)
+    /// `text` in place of the user message `message` (kept, with its branch), and a reply to it.
+    case edit(id: String, message: String, text: String)
     case cancel(id: String, stream: String)
     case resume(id: String, stream: String, after: Int64)
 
     public var id: String {
         switch self {
-        case .send(let id, _, _, _), .cancel(let id, _), .resume(let id, _, _): id
+        case .send(let id, _, _, _), .regenerate(let id, _), .edit(let id, _, _), .cancel(let id, _), .resume(let id, _, _): id
         }
     }
 }
@@ -119,6 +123,16 @@ public struct FrameLimits: Sendable, Equatable {
 }
 
 extension ClientFrame {
+    /// A chat message's `text`: not blank, at most `limits.maxTextLength` characters.
+    static func messageText(_ reader: inout JSONObjectReader, limits: FrameLimits, ref: String?) throws -> String {
+        let text = try reader.requiredString("text")
+        guard !text.trimmedWhitespace.isEmpty else { throw ValidationError("'text' must not be empty") }
+        guard text.count <= limits.maxTextLength else {
+            throw FrameError(ref: ref, code: .tooLarge, message: "'text' is longer than \(limits.maxTextLength) characters")
+        }
+        return text
+    }
+
     /// Parses one text message. Every failure is a `FrameError` the socket can answer and survive.
     /// `now` (milliseconds) turns a schedule's `delay_ms` into a time.
     public static func parse(
@@ -147,12 +161,13 @@ extension ClientFrame {
             case "chat.send":
                 let clone = try reader.requiredString("clone")
                 let conversation = try reader.string("conversation")
-                let text = try reader.requiredString("text")
-                guard !text.trimmedWhitespace.isEmpty else { throw ValidationError("'text' must not be empty") }
-                guard text.count <= limits.maxTextLength else {
-                    throw FrameError(ref: ref, code: .tooLarge, message: "'text' is longer than \(limits.maxTextLength) characters")
-                }
+                let text = try Self.messageText(&reader, limits: limits, ref: ref)
                 frame = .chat(.send(id: id, clone: clone, conversation: conversation, text: text))
+            case "chat.regenerate":
+                frame = .chat(.regenerate(id: id, message: try reader.requiredString("message")))
+            case "chat.edit":
+                let message = try reader.requiredString("message")
+                frame = .chat(.edit(id: id, message: message, text: try Self.messageText(&reader, limits: limits, ref: ref)))
             case "chat.cancel":
                 frame = .chat(.cancel(id: id, stream: try reader.requiredString("stream")))
             case "stream.resume":
@@ -223,7 +238,7 @@ public enum ServerFrame {
     /// (whose speaker is `clone` or `user`).
     public static func streamStart(
         ref: String?, stream: String, conversation: String, clone: String?, user: String? = nil, model: String, schedule: String? = nil,
-        room: String? = nil, source: String? = nil, lang: LanguageTag? = nil
+        room: String? = nil, source: String? = nil, lang: LanguageTag? = nil, message: String? = nil, parent: String? = nil
     ) -> [UInt8] {
         var pairs: [(String, JSONValue)] = [("type", .string("stream.start"))]
         if let ref { pairs.append(("ref", .string(ref))) }
@@ -238,6 +253,8 @@ public enum ServerFrame {
         if let schedule { pairs.append(("schedule", .string(schedule))) }
         if let source { pairs.append(("source", .string(source))) }
         if let lang { pairs.append(("lang", .string(lang.value))) }
+        if let message { pairs.append(("message", .string(message))) }
+        if let parent { pairs.append(("parent", .string(parent))) }
         return JSONValue.object(pairs).serialized()
     }
 

@@ -124,13 +124,17 @@ public struct Message: Sendable, Equatable {
     /// reply shares its parent with the reply it is an alternative to). Nil when appended: the
     /// store makes it the end of the conversation's path then (none for the first message).
     public var parent: String?
+    /// On its conversation's path (the messages shown); false for an alternative not chosen.
+    public var onPath: Bool
 
     public init(
         id: String, conversation: String, role: Role, text: String, createdAt: Int64,
-        reason: StreamEndReason? = nil, usage: Usage? = nil, stream: String? = nil, saved: Bool = false, parent: String? = nil
+        reason: StreamEndReason? = nil, usage: Usage? = nil, stream: String? = nil, saved: Bool = false, parent: String? = nil,
+        onPath: Bool = true
     ) {
         self.saved = saved
         self.parent = parent
+        self.onPath = onPath
         self.id = id
         self.conversation = conversation
         self.role = role

@@ -291,6 +291,10 @@ public final class MongoStore: Store {
         }
     }
 
+    public func message(id: String) async throws -> Message? {
+        try await run { db in try db.find("messages", filter: .object([("_id", .string(id))]), limit: 1).first.map(Self.message(from:)) }
+    }
+
     public func messages(conversation: String, limit: Int, before: String?) async throws -> [Message] {
         try await run { db in
             let filter = Self.onPath(conversation, before.map { [("_id", .object([("$lt", .string($0))]))] } ?? [])
@@ -381,7 +385,7 @@ public final class MongoStore: Store {
             role: Role(rawValue: d["role"]?.stringValue ?? "") ?? .user, text: d["text"]?.stringValue ?? "",
             createdAt: d["created_at"]?.int64 ?? 0, reason: d["reason"]?.stringValue.flatMap(StreamEndReason.init(rawValue:)),
             usage: usage, stream: d["stream"]?.stringValue, saved: d["saved"]?.boolValue == true,
-            parent: d["parent"]?.stringValue.flatMap { $0.isEmpty ? nil : $0 }
+            parent: d["parent"]?.stringValue.flatMap { $0.isEmpty ? nil : $0 }, onPath: d["off_path"]?.boolValue != true
         )
     }
 }

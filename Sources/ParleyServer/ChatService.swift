@@ -33,6 +33,14 @@ final class ChatService: FrameHandler {
             requests.serve(id, from: connection, turn: turn, what: "chat.send") {
                 await self.chatSend(ref: id, cloneID: clone, conversationID: conversation, text: text, from: connection)
             }
+        case let .regenerate(id, message):
+            requests.serve(id, from: connection, turn: turn, what: "chat.regenerate") {
+                await self.regenerate(ref: id, messageID: message, from: connection)
+            }
+        case let .edit(id, message, text):
+            requests.serve(id, from: connection, turn: turn, what: "chat.edit") {
+                await self.edit(ref: id, messageID: message, text: text, from: connection)
+            }
         // Not tracked: a cancel must work during the drain.
         case let .cancel(id, stream):
             turn.runSoon { self.cancel(ref: id, stream: stream, from: connection) }
@@ -81,56 +89,127 @@ final class ChatService: FrameHandler {
 
     // MARK: chat.send
 
+    /// What a reply answers and how it and what comes before it are stored; each request makes one.
+    private struct ReplyPlan {
+        var clone: Clone
+        var conversation: Conversation
+        var isNew = false
+        /// Stored, in order, before anything is generated: a greeting, the user's message (for an
+        /// edit, in place of `replacing`).
+        var before: [Message] = []
+        var replacing: String?
+        /// The prompt's history, ending with the message answered.
+        var history: [Message]
+        /// The message answered: the reply's parent.
+        var parent: String
+        /// The reply is stored in place of this one (a regenerate).
+        var replacesReply: String?
+    }
+
     private func chatSend(ref: String, cloneID: String, conversationID: String?, text: String, from connection: ClientConnection) async {
+        await reply(ref: ref, what: "chat.send", from: connection) { [self] in
+            let user = connection.identity.user
+            guard let clone = try await store.clone(id: cloneID, owner: user) else {
+                throw FrameError(ref: ref, code: .notFound, message: "no clone \(cloneID)")
+            }
+            let now = Int64(Timestamp.nowMillis())
+            guard let conversationID else {
+                let conversation = Conversation(
+                    id: ids.make(.conversation), owner: user, clone: clone.id, title: Self.title(for: text), createdAt: now, updatedAt: now)
+                // A card's greeting opens a new conversation as its first message (made first, so its
+                // id sorts first): the transcript shows it and the prompt answers after it.
+                let greeting = PromptAssembler.greeting(of: clone).map {
+                    Message(id: ids.make(.message), conversation: conversation.id, role: .assistant, text: $0, createdAt: now)
+                }
+                let message = Message(
+                    id: ids.make(.message), conversation: conversation.id, role: .user, text: text, createdAt: now, parent: greeting?.id)
+                let opening = (greeting.map { [$0] } ?? []) + [message]
+                return ReplyPlan(clone: clone, conversation: conversation, isNew: true, before: opening, history: opening, parent: message.id)
+            }
+            guard let conversation = try await store.conversation(id: conversationID, owner: user) else {
+                throw FrameError(ref: ref, code: .notFound, message: "no conversation \(conversationID)")
+            }
+            guard conversation.clone == clone.id else {
+                throw FrameError(ref: ref, code: .badRequest, message: "conversation \(conversationID) is with another clone")
+            }
+            let history = try await store.messages(conversation: conversation.id, limit: configuration.historyMessages - 1, before: nil)
+            let message = Message(
+                id: ids.make(.message), conversation: conversation.id, role: .user, text: text, createdAt: now, parent: history.last?.id)
+            return ReplyPlan(clone: clone, conversation: conversation, before: [message], history: history + [message], parent: message.id)
+        }
+    }
+
+    /// `chat.regenerate`: a new reply to the message the assistant message `messageID` answered,
+    /// stored in its place on the path once it ends (the old one stays, as an alternative).
+    private func regenerate(ref: String, messageID: String, from connection: ClientConnection) async {
+        await reply(ref: ref, what: "chat.regenerate", from: connection) { [self] in
+            let (old, conversation, clone) = try await ownMessage(messageID, ref: ref, of: connection)
+            guard old.role == .assistant else {
+                throw FrameError(ref: ref, code: .badRequest, message: "message \(messageID) is not a reply; edit it with chat.edit")
+            }
+            let history = try await store.messages(conversation: conversation.id, limit: configuration.historyMessages, before: old.id)
+            guard let answered = history.last, answered.role == .user else {
+                throw FrameError(ref: ref, code: .badRequest, message: "message \(messageID) answers no message of yours (a greeting)")
+            }
+            return ReplyPlan(clone: clone, conversation: conversation, history: history, parent: answered.id, replacesReply: old.id)
+        }
+    }
+
+    /// `chat.edit`: `text` in place of the user message `messageID` (which stays, with what
+    /// followed it, as an alternative), and a reply to it.
+    private func edit(ref: String, messageID: String, text: String, from connection: ClientConnection) async {
+        await reply(ref: ref, what: "chat.edit", from: connection) { [self] in
+            let (old, conversation, clone) = try await ownMessage(messageID, ref: ref, of: connection)
+            guard old.role == .user else {
+                throw FrameError(
+                    ref: ref, code: .badRequest, message: "message \(messageID) is not yours to edit; regenerate it with chat.regenerate")
+            }
+            let history = try await store.messages(conversation: conversation.id, limit: configuration.historyMessages - 1, before: old.id)
+            let message = Message(
+                id: ids.make(.message), conversation: conversation.id, role: .user, text: text, createdAt: Int64(Timestamp.nowMillis()),
+                parent: history.last?.id)
+            return ReplyPlan(
+                clone: clone, conversation: conversation, before: [message], replacing: old.id, history: history + [message], parent: message.id)
+        }
+    }
+
+    /// A message of one of the caller's conversations, on that conversation's path, with its
+    /// conversation and clone.
+    private func ownMessage(_ id: String, ref: String, of connection: ClientConnection) async throws -> (Message, Conversation, Clone) {
+        let user = connection.identity.user
+        guard let message = try await store.message(id: id), let conversation = try await store.conversation(id: message.conversation, owner: user)
+        else { throw FrameError(ref: ref, code: .notFound, message: "no message \(id)") }
+        guard message.onPath else {
+            throw FrameError(
+                ref: ref, code: .badRequest, message: "message \(id) is an alternative not on the conversation's path; choose it first")
+        }
+        guard let clone = try await store.clone(id: conversation.clone, owner: user) else {
+            throw FrameError(ref: ref, code: .notFound, message: "no clone \(conversation.clone)")
+        }
+        return (message, conversation, clone)
+    }
+
+    /// Streams a reply as `plan` (made once the request's turn came) says: the conversation is
+    /// held, the prompt and a minimum reply paid for, `plan.before` stored, then the reply
+    /// generated and stored.
+    private func reply(ref: String, what: String, from connection: ClientConnection, plan makePlan: () async throws -> ReplyPlan) async {
         let user = connection.identity.user
         var reservedConversation: String?
         var clusterSlot: String?
         var toRefund: StreamRunner.Prepared?
         do {
-            guard let clone = try await store.clone(id: cloneID, owner: user) else {
-                throw FrameError(ref: ref, code: .notFound, message: "no clone \(cloneID)")
-            }
-            let now = Int64(Timestamp.nowMillis())
-            let conversation: Conversation
-            var isNew = false
-            if let conversationID {
-                guard let existing = try await store.conversation(id: conversationID, owner: user) else {
-                    throw FrameError(ref: ref, code: .notFound, message: "no conversation \(conversationID)")
-                }
-                guard existing.clone == clone.id else {
-                    throw FrameError(ref: ref, code: .badRequest, message: "conversation \(conversationID) is with another clone")
-                }
-                conversation = existing
-            } else {
-                conversation = Conversation(
-                    id: ids.make(.conversation), owner: user, clone: clone.id, title: Self.title(for: text),
-                    createdAt: now, updatedAt: now
-                )
-                isNew = true
-            }
+            let plan = try await makePlan()
+            let conversation = plan.conversation
             try refuse(hub.reserve(user: user, conversation: conversation.id), conversation: conversation.id, ref: ref)
             reservedConversation = conversation.id
             if let slots {
                 try refuse(try await slots.claim(user: user, conversation: conversation.id), conversation: conversation.id, ref: ref)
                 clusterSlot = conversation.id
             }
-
-            // A card's greeting opens a new conversation as its first message (made first, so its
-            // id sorts first): the transcript shows it and the prompt answers after it.
-            let greeting =
-                isNew
-                ? PromptAssembler.greeting(of: clone).map {
-                    Message(id: ids.make(.message), conversation: conversation.id, role: .assistant, text: $0, createdAt: now)
-                } : nil
-            let userMessage = Message(id: ids.make(.message), conversation: conversation.id, role: .user, text: text, createdAt: now)
-            let history =
-                isNew
-                ? (greeting.map { [$0] } ?? [])
-                : try await store.messages(conversation: conversation.id, limit: configuration.historyMessages - 1, before: nil)
-            let prompt = PromptAssembler(contextBudget: configuration.contextBudgetTokens).assemble(clone: clone, history: history + [userMessage])
+            let prompt = PromptAssembler(contextBudget: configuration.contextBudgetTokens).assemble(clone: plan.clone, history: plan.history)
             let request = CompletionRequest(
-                model: configuration.model(for: clone), messages: prompt.messages, speaker: clone.name, maxOutputTokens: configuration.maxOutputTokens
-            )
+                model: configuration.model(for: plan.clone), messages: prompt.messages, speaker: plan.clone.name,
+                maxOutputTokens: configuration.maxOutputTokens)
 
             // The prompt and a minimum reply must be affordable before anything is stored or generated.
             let prepared: StreamRunner.Prepared
@@ -145,25 +224,40 @@ final class ChatService: FrameHandler {
             toRefund = prepared
 
             // The user's message is durable before anything is generated for it.
-            if isNew { try await store.createConversation(conversation) }
-            if let greeting { try await store.appendMessage(greeting) }
-            try await store.appendMessage(userMessage)
+            if plan.isNew { try await store.createConversation(conversation) }
+            for message in plan.before {
+                if let replacing = plan.replacing, message.id == plan.before.first?.id {
+                    guard try await store.appendAlternative(message, replacing: replacing) != nil else {
+                        throw FrameError(ref: ref, code: .conflict, message: "message \(replacing) left the conversation's path; try again")
+                    }
+                } else {
+                    try await store.appendMessage(message)
+                }
+            }
             toRefund = nil
 
+            let messageID = ids.make(.message)
             let live = streams.open(
-                id: prepared.id, owner: user, model: prepared.model, kind: .reply(conversation: conversation.id, clone: clone.id, schedule: nil),
+                id: prepared.id, owner: user, model: prepared.model,
+                kind: .reply(conversation: conversation.id, clone: plan.clone.id, schedule: nil, message: messageID, parent: plan.parent),
                 readers: [.user(user)], bufferCapacity: configuration.resumeBufferTokens, ref: ref)
             Admission.admitCurrent()  // the stream exists: a pipelined chat.cancel finds it
             reservedConversation = nil  // the runner releases it when the stream ends
-            let store = self.store
-            await streams.run(
-                live, prepared, ref: ref, requester: connection, messageID: ids.make(.message),
-                journal: .conversation(conversation.id)
-            ) { try await store.appendMessage($0) }
+            let (store, logger, parent, replaced) = (self.store, streams.logger, plan.parent, plan.replacesReply)
+            await streams.run(live, prepared, ref: ref, requester: connection, messageID: messageID, journal: .conversation(conversation.id)) {
+                var reply = $0
+                reply.parent = parent
+                guard let replaced else { return try await store.appendMessage(reply) }
+                if try await store.appendAlternative(reply, replacing: replaced) == nil {
+                    // The conversation is held while it streams, so only a deletion gets here: keep the reply.
+                    logger.warning("a regenerated reply's original left the path; stored after it", metadata: ["message": "\(replaced)"])
+                    try await store.appendMessage(reply)
+                }
+            }
         } catch let error as FrameError {
             connection.send(ServerFrame.error(error))
         } catch {
-            var failure = requests.internalFailure(error, what: "chat.send", connection: connection, ref: ref)
+            var failure = requests.internalFailure(error, what: what, connection: connection, ref: ref)
             failure.ref = ref
             connection.send(ServerFrame.error(failure))
         }
@@ -171,6 +265,25 @@ final class ChatService: FrameHandler {
         if let toRefund { await streams.abandon(toRefund) }
         if let reservedConversation { hub.release(user: user, conversation: reservedConversation) }
         if let clusterSlot { await slots?.release(conversation: clusterSlot) }
+    }
+
+    /// Runs `body` with `conversation` held as a streaming reply holds it, so that no reply
+    /// starts or is stored in it meanwhile; nil (and `body` not run) while one streams in it.
+    func whileNoReplyStreams<T: Sendable>(user: String, conversation: String, _ body: () async throws -> T) async throws -> T? {
+        guard case .reserved = hub.reserve(user: user, conversation: conversation) else { return nil }
+        defer { hub.release(user: user, conversation: conversation) }
+        if let slots {
+            guard case .reserved = try await slots.claim(user: user, conversation: conversation) else { return nil }
+            do {
+                let result = try await body()
+                await slots.release(conversation: conversation)
+                return result
+            } catch {
+                await slots.release(conversation: conversation)
+                throw error
+            }
+        }
+        return try await body()
     }
 
     private func refuse(_ reservation: StreamHub.Reservation, conversation: String, ref: String) throws(FrameError) {

@@ -9,8 +9,9 @@ import Synchronization
 final class LiveStream: Sendable {
     /// What a stream generates, and so what its `stream.start` says.
     enum Kind: Sendable, Equatable {
-        /// A clone's reply in a conversation; `schedule` when a scheduled message generates it.
-        case reply(conversation: String, clone: String, schedule: String?)
+        /// A clone's reply in a conversation; `schedule` when a scheduled message generates it;
+        /// `message` is the id it will be stored under, `parent` the message it answers.
+        case reply(conversation: String, clone: String, schedule: String?, message: String? = nil, parent: String? = nil)
         /// A clone's turn in a debate room.
         case debateTurn(room: String, clone: String)
         /// Translation chats: a clone's reply written in `lang` (`source` names the reply itself,
@@ -111,9 +112,12 @@ final class LiveStream: Sendable {
     static func startFrame(ref: String?, id: String, model: String, kind: Kind) -> [UInt8] {
         var user: String?
         if case .translation(_, _, _, .user(let speaker)) = kind { user = speaker }
+        var message: String?
+        var parent: String?
+        if case .reply(_, _, _, let id, let answered) = kind { (message, parent) = (id, answered) }
         return ServerFrame.streamStart(
             ref: ref, stream: id, conversation: kind.conversation, clone: kind.clone, user: user, model: model,
-            schedule: kind.schedule, room: kind.room, source: kind.source, lang: kind.lang)
+            schedule: kind.schedule, room: kind.room, source: kind.source, lang: kind.lang, message: message, parent: parent)
     }
 
     /// Sends `stream.start` to every reader.
@@ -240,7 +244,7 @@ extension LiveStream.Kind {
     /// The conversation, or the room, the stream belongs to.
     var conversation: String {
         switch self {
-        case .reply(let conversation, _, _): conversation
+        case .reply(let conversation, _, _, _, _): conversation
         case .debateTurn(let room, _), .roomReply(let room, _, _, _), .translation(let room, _, _, _): room
         }
     }
@@ -248,7 +252,7 @@ extension LiveStream.Kind {
     /// The clone that speaks, nil when a person's message is translated.
     var clone: String? {
         switch self {
-        case .reply(_, let clone, _), .debateTurn(_, let clone), .roomReply(_, let clone, _, _): clone
+        case .reply(_, let clone, _, _, _), .debateTurn(_, let clone), .roomReply(_, let clone, _, _): clone
         case .translation(_, _, _, .clone(let clone)): clone
         case .translation(_, _, _, .user): nil
         }
@@ -262,7 +266,7 @@ extension LiveStream.Kind {
     }
 
     var schedule: String? {
-        if case .reply(_, _, let schedule) = self { return schedule }
+        if case .reply(_, _, let schedule, _, _) = self { return schedule }
         return nil
     }
 

@@ -152,9 +152,11 @@ enum StreamDescriptor {
     static func encode(_ stream: LiveStream) -> [UInt8] {
         var fields: [(String, JSONValue)] = [("owner", .string(stream.owner)), ("model", .string(stream.model))]
         switch stream.kind {
-        case .reply(let conversation, let clone, let schedule):
+        case .reply(let conversation, let clone, let schedule, let message, let parent):
             fields += [("kind", .string("reply")), ("conversation", .string(conversation)), ("clone", .string(clone))]
             if let schedule { fields.append(("schedule", .string(schedule))) }
+            if let message { fields.append(("message", .string(message))) }
+            if let parent { fields.append(("parent", .string(parent))) }
         case .debateTurn(let room, let clone):
             fields += [("kind", .string("debate_turn")), ("room", .string(room)), ("clone", .string(clone))]
         case .roomReply(let room, let clone, let lang, let source):
@@ -183,7 +185,9 @@ enum StreamDescriptor {
         switch json["kind"]?.stringValue {
         case "reply":
             guard let conversation = json["conversation"]?.stringValue, let clone else { return nil }
-            kind = .reply(conversation: conversation, clone: clone, schedule: json["schedule"]?.stringValue)
+            kind = .reply(
+                conversation: conversation, clone: clone, schedule: json["schedule"]?.stringValue, message: json["message"]?.stringValue,
+                parent: json["parent"]?.stringValue)
         case "debate_turn":
             guard let room, let clone else { return nil }
             kind = .debateTurn(room: room, clone: clone)

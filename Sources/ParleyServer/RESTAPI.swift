@@ -62,6 +62,7 @@ struct RESTAPI: Sendable {
         router.add(.GET, "/v1/conversations/:id/messages") { [self] request, p, identity in
             try await listMessages(p["id"]!, request, identity)
         }
+        router.add(.POST, "/v1/conversations/:id/active") { [self] request, p, identity in try await chooseBranch(p["id"]!, request, identity) }
         router.add(.POST, "/v1/schedules") { [self] request, _, identity in try await createSchedule(request, identity) }
         router.add(.GET, "/v1/schedules") { [self] request, _, identity in try await listSchedules(request, identity) }
         router.add(.GET, "/v1/schedules/:id") { [self] _, p, identity in try await getSchedule(p["id"]!, identity) }
@@ -376,16 +377,46 @@ struct RESTAPI: Sendable {
         guard try await store.conversation(id: id, owner: identity.user) != nil else {
             throw APIError(.notFound, .notFound, "no conversation \(id)")
         }
-        let limit = try Self.limit(request)
-        let page = try await store.messages(conversation: id, limit: limit + 1, before: request.query["before"])
+        return HTTPResponse(.ok, json: try await pathPage(id, limit: try Self.limit(request), before: request.query["before"]))
+    }
+
+    /// A page of a conversation's path, each message with its parent (the one before it on the
+    /// path) and its alternatives.
+    private func pathPage(_ conversation: String, limit: Int, before: String?) async throws -> JSONValue {
+        let page = try await store.messages(conversation: conversation, limit: limit + 1, before: before)
         // The store returns the page oldest first; the extra row, if any, is the oldest.
         let items = page.count > limit ? Array(page.dropFirst()) : page
-        return HTTPResponse(
-            .ok,
-            json: .object([
-                ("messages", .array(items.map(\.json))),
-                ("next_before", page.count > limit ? .string(items.first!.id) : .null),
-            ]))
+        let alternatives = try await store.alternatives(of: items.map(\.id), conversation: conversation)
+        var parent = page.count > limit ? page.first?.id : nil
+        var messages: [JSONValue] = []
+        for message in items {
+            guard case .object(var pairs) = message.json else { continue }
+            let place = alternatives[message.id] ?? .only
+            pairs += [
+                ("parent", parent.map(JSONValue.string) ?? .null), ("alternatives", .int(Int64(place.count))),
+                ("alternative", .int(Int64(place.index))),
+            ]
+            messages.append(.object(pairs))
+            parent = message.id
+        }
+        return .object([("messages", .array(messages)), ("next_before", page.count > limit ? .string(items.first!.id) : .null)])
+    }
+
+    /// `POST /v1/conversations/{id}/active {"message"}`: the path through that message becomes the
+    /// conversation's (its ancestors, it, then each newest child); answers the path's first page.
+    private func chooseBranch(_ id: String, _ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
+        var reader = try JSONObjectReader(try request.json())
+        let message = try reader.requiredString("message")
+        try reader.rejectUnknown()
+        guard try await store.conversation(id: id, owner: identity.user) != nil else {
+            throw APIError(.notFound, .notFound, "no conversation \(id)")
+        }
+        let chosen = try await chat.whileNoReplyStreams(user: identity.user, conversation: id) {
+            try await store.activate(message: message, conversation: id)
+        }
+        guard let chosen else { throw APIError(.conflict, .conflict, "a reply is streaming in conversation \(id); choose once it ended") }
+        guard chosen else { throw APIError(.notFound, .notFound, "no message \(message) in conversation \(id)") }
+        return HTTPResponse(.ok, json: try await pathPage(id, limit: Self.defaultPageSize, before: nil))
     }
 
     static let defaultPageSize = 50

@@ -125,6 +125,8 @@ extension SQLiteStore {
     // MARK: Messages
 
     static let messageColumns = "id, conversation, role, text, created_at, reason, input_tokens, output_tokens, stream, saved, parent"
+    /// What a read returns: the stored columns and whether it is on the path.
+    static let messageFields = messageColumns + ", off_path"
 
     public func appendMessage(_ m: Message) async throws {
         try await run { db in
@@ -158,8 +160,14 @@ extension SQLiteStore {
 
     public func message(id: String, conversation: String) async throws -> Message? {
         try await read { db in
-            try db.query("SELECT \(Self.messageColumns) FROM messages WHERE id = ? AND conversation = ?", [.text(id), .text(conversation)])
+            try db.query("SELECT \(Self.messageFields) FROM messages WHERE id = ? AND conversation = ?", [.text(id), .text(conversation)])
                 .first.map(Self.message(from:))
+        }
+    }
+
+    public func message(id: String) async throws -> Message? {
+        try await read { db in
+            try db.query("SELECT \(Self.messageFields) FROM messages WHERE id = ?", [.text(id)]).first.map(Self.message(from:))
         }
     }
 
@@ -167,7 +175,7 @@ extension SQLiteStore {
         let page = Self.cursor("id", "<", before)
         return try await read { db in
             try db.query(
-                "SELECT \(Self.messageColumns) FROM messages WHERE conversation = ? AND off_path = 0\(page.sql) ORDER BY id DESC LIMIT ?",
+                "SELECT \(Self.messageFields) FROM messages WHERE conversation = ? AND off_path = 0\(page.sql) ORDER BY id DESC LIMIT ?",
                 [.text(conversation)] + page.params + [.int(Int64(limit))]
             ).reversed().map(Self.message(from:))
         }
@@ -248,7 +256,7 @@ extension SQLiteStore {
             id: row["id"].text ?? "", conversation: row["conversation"].text ?? "", role: Role(rawValue: row["role"].text ?? "") ?? .user,
             text: row["text"].text ?? "", createdAt: row["created_at"].int ?? 0,
             reason: row["reason"].text.flatMap(StreamEndReason.init(rawValue:)), usage: usage, stream: row["stream"].text,
-            saved: row["saved"].int == 1, parent: row["parent"].text.flatMap { $0.isEmpty ? nil : $0 }
+            saved: row["saved"].int == 1, parent: row["parent"].text.flatMap { $0.isEmpty ? nil : $0 }, onPath: row["off_path"].int != 1
         )
     }
 }

@@ -53,6 +53,8 @@ public protocol ChatStore: Sendable {
     /// its messages older than `before` (a message id) when given. Messages off the path (replies
     /// regenerated, messages edited, branches not chosen) are not in it.
     func messages(conversation: String, limit: Int, before: String?) async throws -> [Message]
+    /// A message by id, whatever its conversation (the caller checks whose that is); nil when absent.
+    func message(id: String) async throws -> Message?
     /// One message of a conversation, nil when absent.
     func message(id: String, conversation: String) async throws -> Message?
 }

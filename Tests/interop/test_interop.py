@@ -70,6 +70,36 @@ def test_full_chat_over_websockets(server):
     validate_rest("clone-list", server.http("GET", "/v1/clones", token)[1])
 
 
+def test_regenerate_edit_and_choose_a_branch_over_websockets(server):
+    """Every frame and body of #24's actions matches the published schemas."""
+    token = server.token("carol")
+    clone = make_clone(server, token)
+
+    async def run():
+        async with websockets.connect(f"{server.ws}?token={token}") as ws:
+            await recv(ws)
+            await ws.send(json.dumps({"type": "chat.send", "id": "c1", "clone": clone["id"], "text": "Hi there"}))
+            first = await read_stream(ws)
+            await ws.send(json.dumps({"type": "chat.regenerate", "id": "r1", "message": first[2]["message"]}))
+            second = await read_stream(ws)
+            path = validate_rest("message-page", server.http("GET", f"/v1/conversations/{first[0]['conversation']}/messages", token)[1])
+            await ws.send(json.dumps({"type": "chat.edit", "id": "e1", "message": path["messages"][0]["id"], "text": "Hello"}))
+            third = await read_stream(ws)
+            await ws.send(json.dumps({"type": "chat.edit", "id": "e2", "message": third[2]["message"], "text": "x"}))
+            refused = await recv(ws)
+            return first, second, path, third, refused
+
+    first, second, path, third, refused = asyncio.run(run())
+    assert second[0]["ref"] == "r1" and second[0]["parent"] == first[0]["parent"] == path["messages"][0]["id"]
+    assert [(m["alternatives"], m["alternative"]) for m in path["messages"]] == [(1, 0), (2, 1)]
+    assert third[0]["ref"] == "e1" and refused["type"] == "error" and refused["code"] == "bad_request"
+    conversation = first[0]["conversation"]
+    status, chosen = server.http("POST", f"/v1/conversations/{conversation}/active", token, {"message": first[2]["message"]})
+    assert status == 200 and [m["id"] for m in validate_rest("message-page", chosen)["messages"]] == [path["messages"][0]["id"], first[2]["message"]]
+    status, error = server.http("POST", f"/v1/conversations/{conversation}/active", token, {"message": "msg_none"})
+    assert status == 404 and validate_rest("error", error)["error"]["code"] == "not_found"
+
+
 def test_authorization_header_and_refusals(server):
     token = server.token("bob")
 
