@@ -67,17 +67,19 @@ public struct Conversation: Sendable, Equatable {
 /// Where a message stands among the messages that share its parent (regenerated replies, edited
 /// messages), oldest first.
 public struct Alternatives: Sendable, Equatable {
-    /// How many share its parent, itself included.
-    public var count: Int
+    /// The messages that share its parent, itself included, oldest first.
+    public var siblings: [String]
     /// Its index among them, from 0.
     public var index: Int
+    public var count: Int { siblings.count }
 
-    public init(count: Int, index: Int) {
-        self.count = count
+    public init(siblings: [String], index: Int) {
+        self.siblings = siblings
         self.index = index
     }
 
-    public static let only = Alternatives(count: 1, index: 0)
+    /// A message that is the only child of its parent.
+    public static func only(_ id: String) -> Alternatives { Alternatives(siblings: [id], index: 0) }
 }
 
 public enum Role: String, Sendable, Codable, Equatable {

@@ -391,7 +391,7 @@ struct RESTAPI: Sendable {
         var messages: [JSONValue] = []
         for message in items {
             guard case .object(var pairs) = message.json else { continue }
-            let place = alternatives[message.id] ?? .only
+            let place = alternatives[message.id] ?? .only(message.id)
             pairs += [
                 ("parent", parent.map(JSONValue.string) ?? .null), ("alternatives", .int(Int64(place.count))),
                 ("alternative", .int(Int64(place.index))),
@@ -402,16 +402,28 @@ struct RESTAPI: Sendable {
         return .object([("messages", .array(messages)), ("next_before", page.count > limit ? .string(items.first!.id) : .null)])
     }
 
-    /// `POST /v1/conversations/{id}/active {"message"}`: the path through that message becomes the
+    /// `POST /v1/conversations/{id}/active {"message", "alternative"?}`: the path through that
+    /// message (or through its sibling at index `alternative`, a swipe) becomes the
     /// conversation's (its ancestors, it, then each newest child); answers the path's first page.
     private func chooseBranch(_ id: String, _ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
         var reader = try JSONObjectReader(try request.json())
-        let message = try reader.requiredString("message")
+        var message = try reader.requiredString("message")
+        let alternative = try reader.int("alternative")
         try reader.rejectUnknown()
         guard try await store.conversation(id: id, owner: identity.user) != nil else {
             throw APIError(.notFound, .notFound, "no conversation \(id)")
         }
-        let chosen = try await chat.whileNoReplyStreams(user: identity.user, conversation: id) {
+        if let alternative {
+            // A swipe: the alternative at that index among the message's siblings.
+            guard let siblings = try await store.alternatives(of: [message], conversation: id)[message]?.siblings else {
+                throw APIError(.notFound, .notFound, "no message \(message) in conversation \(id)")
+            }
+            guard siblings.indices.contains(Int(alternative)) else {
+                throw APIError(.badRequest, .badRequest, "'alternative' must be 0-\(siblings.count - 1) for message \(message)")
+            }
+            message = siblings[Int(alternative)]
+        }
+        let chosen = try await chat.whileNoReplyStreams(user: identity.user, conversation: id) { [message] in
             try await store.activate(message: message, conversation: id)
         }
         guard let chosen else { throw APIError(.conflict, .conflict, "a reply is streaming in conversation \(id); choose once it ended") }

@@ -46,10 +46,10 @@ extension MessageTree {
         var out: [String: Alternatives] = [:]
         for message in messages {
             guard let parent = message.parent, let group = siblings[parent], let index = group.firstIndex(of: message.id) else {
-                out[message.id] = .only
+                out[message.id] = .only(message.id)
                 continue
             }
-            out[message.id] = Alternatives(count: group.count, index: index)
+            out[message.id] = Alternatives(siblings: group, index: index)
         }
         return out
     }

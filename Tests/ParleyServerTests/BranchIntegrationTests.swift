@@ -19,9 +19,10 @@ extension TestServer {
         try await get("/v1/conversations/\(conversation)/messages", token: token).json()["messages"]?.arrayValue ?? []
     }
 
-    func choose(_ message: String, in conversation: String, token: String) async throws -> TestHTTPResponse {
-        try await TestHTTPClient.json(
-            port: port, .POST, "/v1/conversations/\(conversation)/active", token: token, json: .object([("message", .string(message))]))
+    func choose(_ message: String, alternative: Int? = nil, in conversation: String, token: String) async throws -> TestHTTPResponse {
+        var body: [(String, JSONValue)] = [("message", .string(message))]
+        if let alternative { body.append(("alternative", .int(Int64(alternative)))) }
+        return try await TestHTTPClient.json(port: port, .POST, "/v1/conversations/\(conversation)/active", token: token, json: .object(body))
     }
 }
 
@@ -64,6 +65,11 @@ extension TestServer {
         path = try await server.path(first.conversation, token: token)
         #expect(path.map { $0["id"]!.stringValue! } == before.map { $0["id"]!.stringValue! })
         #expect(path[1]["alternative"] == .int(0) && path[3]["id"] == followUp.end["message"])
+        // A swipe: the alternative at an index among a message's siblings.
+        let swiped = try await server.choose(first.end["message"]!.stringValue!, alternative: 1, in: first.conversation, token: token)
+        #expect(try swiped.json()["messages"]?.arrayValue?.map { $0["id"]! } == [.string(question), second.end["message"]!])
+        let beyond = try await server.choose(first.end["message"]!.stringValue!, alternative: 3, in: first.conversation, token: token)
+        #expect(beyond.status == .badRequest)
         #expect(try await server.choose("msg_none", in: first.conversation, token: token).status == .notFound)
         #expect(try await server.choose(question, in: "cv_none", token: token).status == .notFound)
         await server.stop()

@@ -30,7 +30,7 @@ import Testing
             let (id, messages) = try await conversation(store, ["hi", "hello", "how are you?"])
             let stored = try await store.messages(conversation: id, limit: 10, before: nil)
             #expect(stored.map(\.parent) == [nil, messages[0].id, messages[1].id])
-            #expect(try await store.alternatives(of: messages.map(\.id), conversation: id).values.allSatisfy { $0 == .only })
+            #expect(try await store.alternatives(of: messages.map(\.id), conversation: id).values.allSatisfy { $0.count == 1 && $0.index == 0 })
         }
     }
 
@@ -47,10 +47,10 @@ import Testing
             #expect(try await store.message(id: third.id) == third)
             #expect(try await store.message(id: "msg_none") == nil)
             let alternatives = try await store.alternatives(of: [user.id, first.id, second.id, third.id], conversation: id)
-            #expect(alternatives[user.id] == .only)
-            #expect(alternatives[first.id] == Alternatives(count: 3, index: 0))
-            #expect(alternatives[second.id] == Alternatives(count: 3, index: 1))
-            #expect(alternatives[third.id] == Alternatives(count: 3, index: 2))
+            #expect(alternatives[user.id] == .only(user.id))
+            #expect(alternatives[first.id] == Alternatives(siblings: [first.id, second.id, third.id], index: 0))
+            #expect(alternatives[second.id] == Alternatives(siblings: [first.id, second.id, third.id], index: 1))
+            #expect(alternatives[third.id] == Alternatives(siblings: [first.id, second.id, third.id], index: 2))
             #expect(try await store.activate(message: first.id, conversation: id))
             #expect(try await path(store, id) == ["hi", "hello"])
             // Only a message on the path can be replaced; nothing is stored otherwise.
@@ -86,8 +86,8 @@ import Testing
             #expect(edited.parent == nil)
             #expect(try await path(store, id) == ["good morning"])
             let alternatives = try await store.alternatives(of: [messages[0].id, edited.id], conversation: id)
-            #expect(alternatives[messages[0].id] == Alternatives(count: 2, index: 0))
-            #expect(alternatives[edited.id] == Alternatives(count: 2, index: 1))
+            #expect(alternatives[messages[0].id] == Alternatives(siblings: [messages[0].id, edited.id], index: 0))
+            #expect(alternatives[edited.id] == Alternatives(siblings: [messages[0].id, edited.id], index: 1))
             #expect(try await store.activate(message: messages[0].id, conversation: id))
             #expect(try await path(store, id) == ["hi", "hello"])
         }

@@ -63,13 +63,14 @@ import Testing
         for message in messages { try await store.appendMessage(message) }
         try await store.run { db in try db.query("UPDATE messages SET parent = NULL") }
 
-        #expect(try await store.alternatives(of: messages.map(\.id), conversation: conversation.id).values.allSatisfy { $0 == .only })
+        #expect(
+            try await store.alternatives(of: messages.map(\.id), conversation: conversation.id).values.allSatisfy { $0.count == 1 && $0.index == 0 })
         let regenerated = try #require(
             try await store.appendAlternative(makeMessage(conversation.id, "why not", role: .assistant), replacing: messages[3].id))
         #expect(regenerated.parent == messages[2].id)
         let alternatives = try await store.alternatives(of: [messages[3].id, regenerated.id], conversation: conversation.id)
-        #expect(alternatives[messages[3].id] == Alternatives(count: 2, index: 0))
-        #expect(alternatives[regenerated.id] == Alternatives(count: 2, index: 1))
+        #expect(alternatives[messages[3].id] == Alternatives(siblings: [messages[3].id, regenerated.id], index: 0))
+        #expect(alternatives[regenerated.id] == Alternatives(siblings: [messages[3].id, regenerated.id], index: 1))
         #expect(try await store.activate(message: messages[3].id, conversation: conversation.id))
         #expect(try await store.messages(conversation: conversation.id, limit: 10, before: nil).map(\.text) == ["hi", "hello", "joke?", "no"])
         try await store.close()

@@ -182,6 +182,40 @@ def test_sign_in_create_a_clone_and_see_a_reply_stream_in(web, browser):
     page.close()
 
 
+def test_a_reply_is_regenerated_swiped_back_and_a_message_edited(web, browser):
+    page = browser.new_page()
+    sign_in(page, web.base, "ray")
+    make_clone_in_ui(page, "Plato")
+    page.get_by_role("button", name="Chat").click()
+    send(page, "What is virtue?")
+    expect(assistant(page)).to_have_attribute("data-reason", "complete", timeout=WAIT)
+    token = web.token("ray")
+    first = stored_reply(web, token)
+
+    # A stored reply offers Regenerate: a new one streams in its place, and "2/2" says it is the
+    # second of two.
+    page.locator("#conversations li button").first.click()
+    page.locator(f"#messages li[data-message='{first['id']}'] button", has_text="Regenerate").click()
+    expect(page.locator("#messages li.assistant .alternative")).to_have_text("2/2", timeout=WAIT)
+    second = stored_reply(web, token)
+    assert second["id"] != first["id"] and second["alternatives"] == 2
+    expect(assistant(page).locator(".text")).to_have_text(second["text"])
+
+    # "‹" swipes back to the first, as the server's path says.
+    page.locator("#messages li.assistant button", has_text="‹").click()
+    expect(page.locator("#messages li.assistant .alternative")).to_have_text("1/2", timeout=WAIT)
+    expect(assistant(page).locator(".text")).to_have_text(first["text"])
+    assert stored_reply(web, token)["id"] == first["id"]
+
+    # Edit rewrites the question; a reply to it streams, and the old question is one swipe away.
+    page.on("dialog", lambda dialog: dialog.accept("What is justice?"))
+    page.locator("#messages li.user button", has_text="Edit").click()
+    expect(page.locator("#messages li.user .alternative")).to_have_text("2/2", timeout=WAIT)
+    expect(page.locator("#messages li.user .text")).to_have_text("What is justice?")
+    expect(assistant(page)).not_to_have_attribute("data-message", first["id"])
+    page.close()
+
+
 def test_a_pasted_token_signs_in_and_a_bad_one_is_refused(web, browser):
     page = browser.new_page()
     page.goto(web.base + "/")

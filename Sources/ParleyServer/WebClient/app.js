@@ -144,9 +144,10 @@ function onStreamStart(frame) {
       state.conversationId = frame.conversation;
       loadConversations();
     }
+    const reload = frame.ref && state.pending.get(frame.ref)?.reload;
     state.pending.delete(frame.ref);
     const el = addBubble($("messages"), { who: cloneName(frame.clone), text: "", kind: "assistant", model: frame.model });
-    s = { el, seq: 0, conversation: frame.conversation };
+    s = { el, seq: 0, conversation: frame.conversation, reload };
     $("stop").hidden = false;
   }
   s.el.dataset.stream = frame.stream;
@@ -174,6 +175,8 @@ function onStreamEnd(frame) {
   if (REASONS[frame.reason]) addNote(s.el, REASONS[frame.reason]);
   state.streams.delete(frame.stream);
   if (![...state.streams.values()].some((x) => !x.room)) $("stop").hidden = true;
+  // A regenerated or edited branch: the path changed, and its alternatives with it.
+  if (s.reload && s.conversation === state.conversationId) showConversation(s.conversation);
 }
 
 function onPaywall(frame) {
@@ -399,17 +402,82 @@ async function showConversation(id) {
   }
   const page = await api("GET", `/v1/conversations/${id}/messages?limit=200`);
   if (state.conversationId !== id) return;
+  renderPath(id, page);
+}
+
+// The conversation's path: each message with its actions (keep, regenerate or edit, and the
+// arrows between its alternatives).
+function renderPath(id, page) {
+  const list = $("messages");
   const streaming = new Set([...state.streams.keys()]);
   list.replaceChildren();
+  const roles = new Map(page.messages.map((m) => [m.id, m.role]));
   for (const m of page.messages) {
     if (m.stream && streaming.has(m.stream)) continue;
     const el = addBubble(list, { who: m.role === "user" ? state.user : cloneName(state.cloneId), text: m.text, kind: m.role });
     el.dataset.message = m.id;
     if (REASONS[m.reason]) addNote(el, REASONS[m.reason]);
-    el.append(keepButton(id, m));
+    const actions = document.createElement("span");
+    actions.className = "actions";
+    if (m.alternatives > 1) actions.append(...swipeControls(id, m));
+    if (m.role === "assistant" && roles.get(m.parent) === "user") actions.append(actionButton("Regenerate", "A new reply in place of this one (this one is kept)", () => regenerate(el, m)));
+    if (m.role === "user") actions.append(actionButton("Edit", "Rewrite this message and get a new reply (this branch is kept)", () => editMessage(el, m)));
+    actions.append(keepButton(id, m));
+    el.append(actions);
   }
   // A reply still streaming into this conversation stays in place, at the end.
   for (const s of state.streams.values()) if (s.conversation === id) list.append(s.el);
+}
+
+function actionButton(text, title, onclick) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "link action";
+  button.textContent = text;
+  button.title = title;
+  button.onclick = onclick;
+  return button;
+}
+
+// "‹ 2/3 ›": the previous and next alternative of a message.
+function swipeControls(conversation, m) {
+  const go = (index) => async () => {
+    try {
+      renderPath(conversation, await api("POST", `/v1/conversations/${conversation}/active`, { message: m.id, alternative: index }));
+    } catch (error) {
+      showBanner(`Could not switch: ${error.message}`);
+    }
+  };
+  const previous = actionButton("‹", "The previous alternative", go(m.alternative - 1));
+  previous.disabled = m.alternative === 0;
+  const position = document.createElement("span");
+  position.className = "alternative";
+  position.textContent = `${m.alternative + 1}/${m.alternatives}`;
+  const next = actionButton("›", "The next alternative", go(m.alternative + 1));
+  next.disabled = m.alternative === m.alternatives - 1;
+  return [previous, position, next];
+}
+
+// What follows `el` leaves the path once the new reply is stored: it is hidden now.
+function dropFrom(el) {
+  while (el.nextSibling) el.nextSibling.remove();
+  el.remove();
+}
+
+function regenerate(el, m) {
+  $("banner").hidden = true;
+  if (request({ type: "chat.regenerate", message: m.id }, { reload: true })) dropFrom(el);
+}
+
+function editMessage(el, m) {
+  const text = window.prompt("Edit your message", m.text)?.trim();
+  if (!text || text === m.text) return;
+  $("banner").hidden = true;
+  if (request({ type: "chat.edit", message: m.id, text }, { reload: true })) {
+    const list = el.parentElement;
+    dropFrom(el);
+    addBubble(list, { who: state.user, text, kind: "user" });
+  }
 }
 
 // A toggle that marks a stored message saved, so the retention purge keeps it.
