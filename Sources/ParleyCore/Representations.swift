@@ -43,6 +43,15 @@ extension Usage {
 }
 
 extension Message {
+    /// What the privacy export holds of it: also its parent and, for an alternative not chosen,
+    /// `on_path: false` (the export has every message of a conversation, not only its path).
+    public var exportJSON: JSONValue {
+        guard case .object(var pairs) = json else { return json }
+        pairs.append(("parent", parent.map(JSONValue.string) ?? .null))
+        if !onPath { pairs.append(("on_path", .bool(false))) }
+        return .object(pairs)
+    }
+
     public var json: JSONValue {
         var pairs: [(String, JSONValue)] = [
             ("id", .string(id)),

@@ -302,6 +302,14 @@ public final class MongoStore: Store {
         }
     }
 
+    public func everyMessage(conversation: String, limit: Int, before: String?) async throws -> [Message] {
+        try await run { db in
+            var filter: [(String, JSONValue)] = [("conversation", .string(conversation))]
+            if let before { filter.append(("_id", .object([("$lt", .string(before))]))) }
+            return try db.find("messages", filter: .object(filter), sort: Self.newestFirst, limit: limit).reversed().map(Self.message(from:))
+        }
+    }
+
     /// A conversation's messages on its path (`off_path` is set only on those that left it).
     static func onPath(_ conversation: String, _ more: [(String, JSONValue)] = []) -> JSONValue {
         .object([("conversation", .string(conversation)), ("off_path", .object([("$ne", .bool(true))]))] + more)
@@ -335,23 +343,71 @@ public final class MongoStore: Store {
         }
     }
 
-    /// The new path joins first, then the rest leaves it.
     public func activate(message: String, conversation: String) async throws -> Bool {
         try await run { db in
-            let nodes = try db.find(
-                "messages", filter: .object([("conversation", .string(conversation))]), sort: .object([("_id", .int(1))]),
-                projection: .object([("_id", .int(1)), ("parent", .int(1))]))
-            let tree = MessageTree(nodes.map { (id: $0["_id"]?.stringValue ?? "", parent: $0["parent"]?.stringValue) })
-            guard let path = tree.path(through: message) else { return false }
-            let ids = JSONValue.array(path.map(JSONValue.string))
-            let conversationFilter = ("conversation", JSONValue.string(conversation))
-            _ = try db.update(
-                "messages", query: .object([conversationFilter, ("_id", .object([("$in", ids)]))]),
-                update: .object([("$set", .object([("off_path", .bool(false))]))]), multi: true)
-            _ = try db.update(
-                "messages", query: Self.onPath(conversation, [("_id", .object([("$nin", ids)]))]),
-                update: .object([("$set", .object([("off_path", .bool(true))]))]), multi: true)
+            guard let path = try Self.tree(conversation, db).path(through: message) else { return false }
+            try Self.setPath(path, of: conversation, db)
             return true
+        }
+    }
+
+    /// The path moves first (when the message was on it), then the messages go: a failure in
+    /// between leaves them off the path, not a path with a hole.
+    public func deleteMessage(id: String, conversation: String) async throws -> Int {
+        try await run { db in
+            let tree = try Self.tree(conversation, db)
+            let doomed = tree.subtree(of: id)
+            guard let parent = tree.parent(of: id),
+                let message = try db.find("messages", filter: .object([("_id", .string(id)), ("conversation", .string(conversation))]), limit: 1)
+                    .first
+            else { return 0 }
+            if message["off_path"]?.boolValue != true, let path = tree.pathAfterRemoving(Set(doomed), parent: parent) {
+                try Self.setPath(path, of: conversation, db)
+            }
+            _ = try db.delete(
+                "messages",
+                query: .object([("conversation", .string(conversation)), ("_id", .object([("$in", .array(doomed.map(JSONValue.string)))]))]))
+            return doomed.count
+        }
+    }
+
+    /// The conversation's messages as a tree.
+    static func tree(_ conversation: String, _ db: Database) throws -> MessageTree {
+        let nodes = try db.find(
+            "messages", filter: .object([("conversation", .string(conversation))]), sort: .object([("_id", .int(1))]),
+            projection: .object([("_id", .int(1)), ("parent", .int(1))]))
+        return MessageTree(nodes.map { (id: $0["_id"]?.stringValue ?? "", parent: $0["parent"]?.stringValue) })
+    }
+
+    /// Makes `path` the conversation's path: it joins first, then the rest leaves it.
+    static func setPath(_ path: [String], of conversation: String, _ db: Database) throws {
+        let ids = JSONValue.array(path.map(JSONValue.string))
+        _ = try db.update(
+            "messages", query: .object([("conversation", .string(conversation)), ("_id", .object([("$in", ids)]))]),
+            update: .object([("$set", .object([("off_path", .bool(false))]))]), multi: true)
+        _ = try db.update(
+            "messages", query: onPath(conversation, [("_id", .object([("$nin", ids)]))]),
+            update: .object([("$set", .object([("off_path", .bool(true))]))]), multi: true)
+    }
+
+    public func renameConversation(id: String, owner: String, title: String) async throws -> Conversation? {
+        try await run { db in
+            try db.findAndModify(
+                "conversations", query: .object([("_id", .string(id)), ("owner", .string(owner))]),
+                update: .object([("$set", .object([("title", .string(title))]))])
+            ).map(Self.conversation(from:))
+        }
+    }
+
+    /// Messages first, as for a clone: a crash part-way leaves the conversation, and a retried
+    /// delete finishes the job.
+    public func deleteConversation(id: String, owner: String) async throws -> Bool {
+        try await run { db in
+            guard try !db.find("conversations", filter: .object([("_id", .string(id)), ("owner", .string(owner))]), limit: 1).isEmpty else {
+                return false
+            }
+            _ = try db.delete("messages", query: .object([("conversation", .string(id))]))
+            return try db.delete("conversations", query: .object([("_id", .string(id)), ("owner", .string(owner))])) > 0
         }
     }
 

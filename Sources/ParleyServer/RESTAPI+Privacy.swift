@@ -38,9 +38,9 @@ extension RESTAPI {
                 try await out.write(conversation.json.serialized())
                 try await out.write(#","messages":["#)
                 try await Self.pages(
-                    &out, { Array(try await store.messages(conversation: conversation.id, limit: Self.exportPage, before: $0).reversed()) },
+                    &out, { Array(try await store.everyMessage(conversation: conversation.id, limit: Self.exportPage, before: $0).reversed()) },
                     cursor: \.id
-                ) { out, message in try await out.write(message.json.serialized()) }
+                ) { out, message in try await out.write(message.exportJSON.serialized()) }
                 try await out.write("]}")
             }
             try await out.write(#"],"rooms":["#)

@@ -63,6 +63,12 @@ struct RESTAPI: Sendable {
             try await listMessages(p["id"]!, request, identity)
         }
         router.add(.POST, "/v1/conversations/:id/active") { [self] request, p, identity in try await chooseBranch(p["id"]!, request, identity) }
+        router.add(.PATCH, "/v1/conversations/:id") { [self] request, p, identity in try await renameConversation(p["id"]!, request, identity) }
+        router.add(.DELETE, "/v1/conversations/:id") { [self] request, p, identity in try await deleteConversation(p["id"]!, request, identity) }
+        router.add(.DELETE, "/v1/conversations/:id/messages/:message") { [self] request, p, identity in
+            try await deleteMessage(conversation: p["id"]!, message: p["message"]!, request, identity)
+        }
+        router.add(.POST, "/v1/conversations/:id/fork") { [self] request, p, identity in try await fork(p["id"]!, request, identity) }
         router.add(.POST, "/v1/schedules") { [self] request, _, identity in try await createSchedule(request, identity) }
         router.add(.GET, "/v1/schedules") { [self] request, _, identity in try await listSchedules(request, identity) }
         router.add(.GET, "/v1/schedules/:id") { [self] _, p, identity in try await getSchedule(p["id"]!, identity) }
@@ -382,7 +388,7 @@ struct RESTAPI: Sendable {
 
     /// A page of a conversation's path, each message with its parent (the one before it on the
     /// path) and its alternatives.
-    private func pathPage(_ conversation: String, limit: Int, before: String?) async throws -> JSONValue {
+    func pathPage(_ conversation: String, limit: Int, before: String?) async throws -> JSONValue {
         let page = try await store.messages(conversation: conversation, limit: limit + 1, before: before)
         // The store returns the page oldest first; the extra row, if any, is the oldest.
         let items = page.count > limit ? Array(page.dropFirst()) : page

@@ -138,10 +138,12 @@ final class StreamRunner: Sendable {
 
     // MARK: Stop and drain
 
-    /// Stops the owner's streams (of `clone`, or all of them) and waits for them to end, before
-    /// the clone or the whole account is deleted.
-    func stopStreams(clone: String? = nil, owner: String) async {
-        let tasks = hub.liveStreams.filter { $0.owner == owner && (clone == nil || $0.clone == clone) }.compactMap { $0.stop(.cancelled) }
+    /// Stops the owner's streams (of `clone`, of `conversation`, or all of them) and waits for them
+    /// to end, before the clone, the conversation or the whole account is deleted.
+    func stopStreams(clone: String? = nil, conversation: String? = nil, owner: String) async {
+        let tasks = hub.liveStreams.filter {
+            $0.owner == owner && (clone == nil || $0.clone == clone) && (conversation == nil || ($0.room == nil && $0.conversation == conversation))
+        }.compactMap { $0.stop(.cancelled) }
         for task in tasks { await task.value }
     }
 

@@ -19,9 +19,34 @@ public struct MessageTree: Sendable {
         }
     }
 
+    /// Its parent ("" for a first message); nil when there is no such message.
+    public func parent(of id: String) -> String? { parents[id] }
+
+    /// `id` and every message below it (its children, theirs…); empty when there is no such message.
+    public func subtree(of id: String) -> [String] {
+        guard parents[id] != nil else { return [] }
+        var out: [String] = []
+        var pending = [id]
+        while let next = pending.popLast() {
+            out.append(next)
+            pending += children[next] ?? []
+        }
+        return out
+    }
+
+    /// Where the path goes once the messages `removed` are gone: through their parent `parent`
+    /// when it is still there, else through the newest first message; nil when none is left.
+    public func pathAfterRemoving(_ removed: Set<String>, parent: String) -> [String]? {
+        if !parent.isEmpty, parents[parent] != nil, !removed.contains(parent) { return path(through: parent, without: removed) }
+        guard let first = children[""]?.last(where: { !removed.contains($0) }) else { return nil }
+        return path(through: first, without: removed)
+    }
+
     /// The path through `id`: its ancestors (up to the first, or to one the retention purge
     /// deleted), it, then from it on each newest child. Nil when there is no such message.
-    public func path(through id: String) -> [String]? {
+    public func path(through id: String) -> [String]? { path(through: id, without: []) }
+
+    private func path(through id: String, without removed: Set<String>) -> [String]? {
         guard parents[id] != nil else { return nil }
         var ancestors: [String] = []
         var at = id
@@ -31,7 +56,7 @@ public struct MessageTree: Sendable {
         }
         var path = Array(ancestors.reversed()) + [id]
         at = id
-        while let newest = children[at]?.last, path.count <= parents.count {
+        while let newest = children[at]?.last(where: { !removed.contains($0) }), path.count <= parents.count {
             path.append(newest)
             at = newest
         }

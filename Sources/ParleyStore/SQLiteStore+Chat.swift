@@ -105,6 +105,22 @@ extension SQLiteStore {
         }
     }
 
+    public func renameConversation(id: String, owner: String, title: String) async throws -> Conversation? {
+        try await run { db in
+            try db.query("UPDATE conversations SET title = ? WHERE id = ? AND owner = ?", [.text(title), .text(id), .text(owner)])
+            guard db.changes > 0 else { return nil }
+            return try db.query("SELECT \(Self.conversationColumns) FROM conversations WHERE id = ?", [.text(id)]).first.map(Self.conversation(from:))
+        }
+    }
+
+    public func deleteConversation(id: String, owner: String) async throws -> Bool {
+        try await run { db in
+            // Its messages go with it through ON DELETE CASCADE.
+            try db.query("DELETE FROM conversations WHERE id = ? AND owner = ?", [.text(id), .text(owner)])
+            return db.changes > 0
+        }
+    }
+
     public func conversations(owner: String, limit: Int, before: String?) async throws -> [Conversation] {
         let page = Self.cursor("id", "<", before)
         return try await read { db in
@@ -172,10 +188,18 @@ extension SQLiteStore {
     }
 
     public func messages(conversation: String, limit: Int, before: String?) async throws -> [Message] {
+        try await messages(conversation: conversation, limit: limit, before: before, pathOnly: true)
+    }
+
+    public func everyMessage(conversation: String, limit: Int, before: String?) async throws -> [Message] {
+        try await messages(conversation: conversation, limit: limit, before: before, pathOnly: false)
+    }
+
+    private func messages(conversation: String, limit: Int, before: String?, pathOnly: Bool) async throws -> [Message] {
         let page = Self.cursor("id", "<", before)
         return try await read { db in
             try db.query(
-                "SELECT \(Self.messageFields) FROM messages WHERE conversation = ? AND off_path = 0\(page.sql) ORDER BY id DESC LIMIT ?",
+                "SELECT \(Self.messageFields) FROM messages WHERE conversation = ?\(pathOnly ? " AND off_path = 0" : "")\(page.sql) ORDER BY id DESC LIMIT ?",
                 [.text(conversation)] + page.params + [.int(Int64(limit))]
             ).reversed().map(Self.message(from:))
         }
@@ -213,33 +237,66 @@ extension SQLiteStore {
     public func activate(message: String, conversation: String) async throws -> Bool {
         try await run { db in
             try db.transaction { () throws -> Bool in
-                let rows = try db.query("SELECT id, parent FROM messages WHERE conversation = ? ORDER BY id", [.text(conversation)])
-                let tree = MessageTree(rows.map { (id: $0["id"].text ?? "", parent: $0["parent"].text) })
-                guard let path = tree.path(through: message) else { return false }
-                try db.query("UPDATE messages SET off_path = 1 WHERE conversation = ? AND off_path = 0", [.text(conversation)])
-                for start in stride(from: 0, to: path.count, by: 500) {
-                    let chunk = path[start..<min(start + 500, path.count)]
-                    try db.query(
-                        "UPDATE messages SET off_path = 0 WHERE conversation = ? AND id IN (\(chunk.map { _ in "?" }.joined(separator: ", ")))",
-                        [.text(conversation)] + chunk.map(SQLValue.text))
-                }
+                guard let path = try Self.tree(conversation, db).path(through: message) else { return false }
+                try Self.setPath(path, of: conversation, db)
                 return true
             }
         }
     }
 
+    public func deleteMessage(id: String, conversation: String) async throws -> Int {
+        try await run { db in
+            try db.transaction { () throws -> Int in
+                let tree = try Self.tree(conversation, db)
+                let doomed = tree.subtree(of: id)
+                guard let parent = tree.parent(of: id),
+                    let onPath = try db.query("SELECT off_path FROM messages WHERE id = ?", [.text(id)]).first?["off_path"].int
+                else { return 0 }
+                for chunk in Self.chunks(doomed) {
+                    try db.query(
+                        "DELETE FROM messages WHERE conversation = ? AND id IN (\(Self.marks(chunk.count)))",
+                        [.text(conversation)] + chunk.map(SQLValue.text))
+                }
+                if onPath == 0, let path = tree.pathAfterRemoving(Set(doomed), parent: parent) { try Self.setPath(path, of: conversation, db) }
+                return doomed.count
+            }
+        }
+    }
+
+    /// The conversation's messages as a tree.
+    static func tree(_ conversation: String, _ db: SQLiteConnection) throws -> MessageTree {
+        let rows = try db.query("SELECT id, parent FROM messages WHERE conversation = ? ORDER BY id", [.text(conversation)])
+        return MessageTree(rows.map { (id: $0["id"].text ?? "", parent: $0["parent"].text) })
+    }
+
+    /// Makes `path` the conversation's path: every other message leaves it.
+    static func setPath(_ path: [String], of conversation: String, _ db: SQLiteConnection) throws {
+        try db.query("UPDATE messages SET off_path = 1 WHERE conversation = ? AND off_path = 0", [.text(conversation)])
+        for chunk in chunks(path) {
+            try db.query(
+                "UPDATE messages SET off_path = 0 WHERE conversation = ? AND id IN (\(marks(chunk.count)))",
+                [.text(conversation)] + chunk.map(SQLValue.text))
+        }
+    }
+
+    /// Ids in runs short enough for one statement's parameters.
+    static func chunks(_ ids: [String]) -> [ArraySlice<String>] {
+        stride(from: 0, to: ids.count, by: 500).map { ids[$0..<min($0 + 500, ids.count)] }
+    }
+
+    static func marks(_ count: Int) -> String { Array(repeating: "?", count: count).joined(separator: ", ") }
+
     public func alternatives(of messages: [String], conversation: String) async throws -> [String: Alternatives] {
         guard !messages.isEmpty else { return [:] }
         return try await read { db in
-            func marks(_ count: Int) -> String { Array(repeating: "?", count: count).joined(separator: ", ") }
             let rows = try db.query(
-                "SELECT id, parent FROM messages WHERE conversation = ? AND id IN (\(marks(messages.count)))",
+                "SELECT id, parent FROM messages WHERE conversation = ? AND id IN (\(Self.marks(messages.count)))",
                 [.text(conversation)] + messages.map(SQLValue.text))
             let parents = Set(rows.compactMap { $0["parent"].text })
             var siblings: [String: [String]] = [:]
             if !parents.isEmpty {
                 let found = try db.query(
-                    "SELECT id, parent FROM messages WHERE conversation = ? AND parent IN (\(marks(parents.count))) ORDER BY id",
+                    "SELECT id, parent FROM messages WHERE conversation = ? AND parent IN (\(Self.marks(parents.count))) ORDER BY id",
                     [.text(conversation)] + parents.map(SQLValue.text))
                 for row in found { siblings[row["parent"].text ?? "", default: []].append(row["id"].text ?? "") }
             }

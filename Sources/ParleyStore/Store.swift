@@ -46,6 +46,14 @@ public protocol ChatStore: Sendable {
     /// Makes the path through `message` the conversation's path: its ancestors, it, then from it
     /// on each newest child. False when the conversation has no such message.
     func activate(message: String, conversation: String) async throws -> Bool
+    /// Renames a conversation of `owner`: the renamed conversation; nil when it has none of that id.
+    func renameConversation(id: String, owner: String, title: String) async throws -> Conversation?
+    /// Deletes a conversation of `owner` and all its messages; false when it has none of that id.
+    func deleteConversation(id: String, owner: String) async throws -> Bool
+    /// Deletes a message and every message below it (the replies to it, their alternatives…).
+    /// When it was on the path, the path goes on through its parent (to its newest other child).
+    /// Returns how many messages were deleted: 0 when the conversation has no such message.
+    func deleteMessage(id: String, conversation: String) async throws -> Int
     /// For each of `messages` (ids in `conversation`): how many messages share its parent and its
     /// place among them. Messages not found are left out.
     func alternatives(of messages: [String], conversation: String) async throws -> [String: Alternatives]
@@ -55,6 +63,9 @@ public protocol ChatStore: Sendable {
     func messages(conversation: String, limit: Int, before: String?) async throws -> [Message]
     /// A message by id, whatever its conversation (the caller checks whose that is); nil when absent.
     func message(id: String) async throws -> Message?
+    /// A page of every message of a conversation, on its path or not (the privacy export), in
+    /// chronological order: the newest `limit` older than `before` when given.
+    func everyMessage(conversation: String, limit: Int, before: String?) async throws -> [Message]
     /// One message of a conversation, nil when absent.
     func message(id: String, conversation: String) async throws -> Message?
 }

@@ -70,6 +70,12 @@ extension TestServer {
         #expect(try swiped.json()["messages"]?.arrayValue?.map { $0["id"]! } == [.string(question), second.end["message"]!])
         let beyond = try await server.choose(first.end["message"]!.stringValue!, alternative: 3, in: first.conversation, token: token)
         #expect(beyond.status == .badRequest)
+        // The privacy export holds every message, the alternatives off the path marked so.
+        let export = try await server.get("/v1/me/export", token: token).json()
+        let exported = export["conversations"]?.arrayValue?.first?["messages"]?.arrayValue ?? []
+        #expect(exported.count == 6)
+        #expect(exported.filter { $0["on_path"] == .bool(false) }.count == 4, "the first and third reply, and the first's branch")
+        #expect(exported.filter { $0["parent"] == .string(question) }.count == 3)
         #expect(try await server.choose("msg_none", in: first.conversation, token: token).status == .notFound)
         #expect(try await server.choose(question, in: "cv_none", token: token).status == .notFound)
         await server.stop()
@@ -132,6 +138,60 @@ extension TestServer {
         #expect(try await socket.next(type: "stream.end").frame["reason"] == .string("complete"))
         // The replaced reply is an alternative now, off the path: regenerating it again is refused.
         #expect((try await refusal { try await socket.chatRegenerate(id: "r4", message: answer) }).code == "bad_request")
+        await server.stop()
+    }
+
+    @Test(arguments: TestServer.StoreKind.allCases)
+    func aConversationIsForkedRenamedTrimmedAndDeleted(_ store: TestServer.StoreKind) async throws {
+        let server = try await TestServer.start(store: store)
+        let token = try await server.token("alice")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        try await socket.chatSend(id: "c1", clone: clone, text: "Hello")
+        let hello = try await socket.readReply()
+        let conversation = hello.conversation
+        try await socket.chatSend(id: "c2", clone: clone, conversation: conversation, text: "Tell me a joke")
+        _ = try await socket.readReply()
+        let path = try await server.path(conversation, token: token)
+        let base = "/v1/conversations/\(conversation)"
+
+        // Fork at the first reply: a new conversation with exactly the path up to it.
+        let forked = try await TestHTTPClient.json(
+            port: server.port, .POST, base + "/fork", token: token, json: .object([("message", path[1]["id"]!)]))
+        #expect(forked.status == .created)
+        let copy = try forked.json()
+        #expect(copy["clone"] == .string(clone) && copy["id"] != .string(conversation))
+        let copied = try await server.path(copy["id"]!.stringValue!, token: token)
+        #expect(copied.map { $0["text"]! } == path.prefix(2).map { $0["text"]! })
+        #expect(copied.map { $0["role"]! } == [.string("user"), .string("assistant")] && copied[1]["parent"] == copied[0]["id"])
+        #expect(Set(copied.map { $0["id"]!.stringValue! }).isDisjoint(with: path.map { $0["id"]!.stringValue! }))
+        // The fork goes on by itself.
+        try await socket.chatSend(id: "c3", clone: clone, conversation: copy["id"]!.stringValue!, text: "Another?")
+        #expect(try await socket.readReply().reason == "complete")
+        #expect(try await server.path(conversation, token: token).count == 4, "the original is untouched")
+
+        // Renamed.
+        let renamed = try await TestHTTPClient.json(port: server.port, .PATCH, base, token: token, json: .object([("title", .string("  Jokes  "))]))
+        #expect(renamed.status == .ok)
+        #expect(try renamed.json()["title"] == .string("Jokes"))
+        let blank = try await TestHTTPClient.json(port: server.port, .PATCH, base, token: token, json: .object([("title", .string(" "))]))
+        #expect(blank.status == .badRequest)
+
+        // A message deleted with what follows it.
+        let trimmed = try await TestHTTPClient.request(port: server.port, .DELETE, base + "/messages/\(path[2]["id"]!.stringValue!)", token: token)
+        #expect(trimmed.status == .ok)
+        #expect(try trimmed.json()["deleted"] == .int(2))
+        #expect(try await server.path(conversation, token: token).map { $0["id"]! } == path.prefix(2).map { $0["id"]! })
+
+        // Deleted: gone from the list, its messages with it; another user cannot.
+        let bob = try await server.token("bob")
+        #expect(try await TestHTTPClient.request(port: server.port, .DELETE, base, token: bob).status == .notFound)
+        #expect(try await TestHTTPClient.request(port: server.port, .DELETE, base, token: token).status == .noContent)
+        let list = try await server.get("/v1/conversations", token: token).json()["conversations"]?.arrayValue ?? []
+        #expect(list.map { $0["id"]! } == [copy["id"]!])
+        #expect(try await server.get(base + "/messages", token: token).status == .notFound)
+        let export = try await server.get("/v1/me/export", token: token).json()
+        #expect(export["conversations"]?.arrayValue?.map { $0["conversation"]?["id"] } == [copy["id"]])
         await server.stop()
     }
 }

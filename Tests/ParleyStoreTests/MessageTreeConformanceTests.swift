@@ -92,4 +92,52 @@ import Testing
             #expect(try await path(store, id) == ["hi", "hello"])
         }
     }
+
+    @Test(arguments: Backend.all)
+    func deletingAMessageTakesWhatFollowsItAndThePathGoesOnFromItsParent(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            let (id, messages) = try await conversation(store, ["hi", "hello", "joke?", "no"])
+            let story = try #require(try await store.appendAlternative(makeMessage(id, "story?"), replacing: messages[2].id))
+            try await store.appendMessage(makeMessage(id, "once", role: .assistant))
+            // Off the path: the old branch goes, the path stays.
+            #expect(try await store.deleteMessage(id: messages[2].id, conversation: id) == 2)
+            #expect(try await path(store, id) == ["hi", "hello", "story?", "once"])
+            #expect(try await store.alternatives(of: [story.id], conversation: id)[story.id]?.count == 1)
+            // On the path: it goes with what follows it, and the path ends at its parent.
+            #expect(try await store.deleteMessage(id: story.id, conversation: id) == 2)
+            #expect(try await path(store, id) == ["hi", "hello"])
+            #expect(try await store.deleteMessage(id: story.id, conversation: id) == 0)
+            #expect(try await store.deleteMessage(id: messages[0].id, conversation: "cv_other") == 0)
+            // The first message: everything goes.
+            #expect(try await store.deleteMessage(id: messages[0].id, conversation: id) == 2)
+            #expect(try await path(store, id).isEmpty)
+        }
+    }
+
+    @Test(arguments: Backend.all)
+    func deletingAReplyWithAlternativesMovesThePathToTheNewestOther(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            let (id, messages) = try await conversation(store, ["hi", "hello"])
+            _ = try #require(try await store.appendAlternative(makeMessage(id, "hey", role: .assistant), replacing: messages[1].id))
+            #expect(try await store.activate(message: messages[1].id, conversation: id))
+            #expect(try await store.deleteMessage(id: messages[1].id, conversation: id) == 1)
+            #expect(try await path(store, id) == ["hi", "hey"])
+        }
+    }
+
+    @Test(arguments: Backend.all)
+    func conversationsAreRenamedAndDeletedOnlyByTheirOwner(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            let (id, _) = try await conversation(store, ["hi", "hello"])
+            #expect(try await store.renameConversation(id: id, owner: "bob", title: "Mine") == nil)
+            let renamed = try #require(try await store.renameConversation(id: id, owner: "alice", title: "Greetings"))
+            #expect(renamed.title == "Greetings" && renamed.id == id)
+            #expect(try await store.conversation(id: id, owner: "alice")?.title == "Greetings")
+            #expect(try await store.deleteConversation(id: id, owner: "bob") == false)
+            #expect(try await store.deleteConversation(id: id, owner: "alice"))
+            #expect(try await store.conversation(id: id, owner: "alice") == nil)
+            #expect(try await path(store, id).isEmpty)
+            #expect(try await store.deleteConversation(id: id, owner: "alice") == false)
+        }
+    }
 }

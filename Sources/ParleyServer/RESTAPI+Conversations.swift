@@ -1,0 +1,87 @@
+import ParleyCore
+import ParleyStore
+
+/// What a user does to a conversation as a whole (#24): rename it, delete it or one of its
+/// messages with what follows it, fork it.
+extension RESTAPI {
+    static let maxTitleLength = 200
+
+    /// `PATCH /v1/conversations/{id} {"title"}`: 200 with the renamed conversation.
+    func renameConversation(_ id: String, _ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
+        var reader = try JSONObjectReader(try request.json())
+        let title = try reader.requiredString("title").trimmedWhitespace
+        try reader.rejectUnknown()
+        guard !title.isEmpty, title.count <= Self.maxTitleLength, !title.contains(where: \.isNewline) else {
+            throw APIError(.badRequest, .badRequest, "'title' must be one line of 1-\(Self.maxTitleLength) characters")
+        }
+        guard let renamed = try await store.renameConversation(id: id, owner: identity.user, title: title) else {
+            throw APIError(.notFound, .notFound, "no conversation \(id)")
+        }
+        return HTTPResponse(.ok, json: renamed.json)
+    }
+
+    /// `DELETE /v1/conversations/{id}`: 204. Its replies still streaming stop (and are stored)
+    /// first, then it goes with every message.
+    func deleteConversation(_ id: String, _ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
+        guard try await store.conversation(id: id, owner: identity.user) != nil else {
+            throw APIError(.notFound, .notFound, "no conversation \(id)")
+        }
+        await chat.streams.stopStreams(conversation: id, owner: identity.user)
+        guard try await store.deleteConversation(id: id, owner: identity.user) else { throw APIError(.notFound, .notFound, "no conversation \(id)") }
+        await audit.record("conversation.deleted", actor: identity.user, target: id, ip: request.remoteIP)
+        return HTTPResponse(.noContent)
+    }
+
+    /// `DELETE /v1/conversations/{id}/messages/{message}`: 200 `{"deleted": n}`, the message and
+    /// every message below it; 409 while a reply streams in the conversation.
+    func deleteMessage(conversation id: String, message: String, _ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
+        guard try await store.conversation(id: id, owner: identity.user) != nil else {
+            throw APIError(.notFound, .notFound, "no conversation \(id)")
+        }
+        let deleted = try await chat.whileNoReplyStreams(user: identity.user, conversation: id) {
+            try await store.deleteMessage(id: message, conversation: id)
+        }
+        guard let deleted else { throw APIError(.conflict, .conflict, "a reply is streaming in conversation \(id); delete once it ended") }
+        guard deleted > 0 else { throw APIError(.notFound, .notFound, "no message \(message) in conversation \(id)") }
+        await audit.record("message.deleted", actor: identity.user, target: message, ip: request.remoteIP)
+        return HTTPResponse(.ok, json: .object([("deleted", .int(Int64(deleted)))]))
+    }
+
+    /// `POST /v1/conversations/{id}/fork {"message"}`: 201 with a new conversation (same clone)
+    /// holding copies of the path up to that message, which must be on the path.
+    func fork(_ id: String, _ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
+        var reader = try JSONObjectReader(try request.json())
+        let messageID = try reader.requiredString("message")
+        try reader.rejectUnknown()
+        guard let source = try await store.conversation(id: id, owner: identity.user) else {
+            throw APIError(.notFound, .notFound, "no conversation \(id)")
+        }
+        guard let last = try await store.message(id: messageID, conversation: id) else {
+            throw APIError(.notFound, .notFound, "no message \(messageID) in conversation \(id)")
+        }
+        guard last.onPath else {
+            throw APIError(.badRequest, .badRequest, "message \(messageID) is an alternative not on the path; choose it first")
+        }
+        // The path up to it, oldest first, a page at a time.
+        var path = [last]
+        while true {
+            let page = try await store.messages(conversation: id, limit: 200, before: path[0].id)
+            path.insert(contentsOf: page, at: 0)
+            if page.count < 200 { break }
+        }
+        let now = Int64(Timestamp.nowMillis())
+        let copy = Conversation(
+            id: ids.make(.conversation), owner: identity.user, clone: source.clone, title: source.title, createdAt: now, updatedAt: now)
+        try await store.createConversation(copy)
+        var parent: String?
+        for message in path {
+            let copied = Message(
+                id: ids.make(.message), conversation: copy.id, role: message.role, text: message.text, createdAt: message.createdAt,
+                reason: message.reason, usage: message.usage, saved: message.saved, parent: parent)
+            try await store.appendMessage(copied)
+            parent = copied.id
+        }
+        let stored = try await store.conversation(id: copy.id, owner: identity.user) ?? copy
+        return HTTPResponse(.created, json: stored.json, headers: ["location": "/v1/conversations/\(copy.id)"])
+    }
+}
