@@ -7,6 +7,9 @@ public struct StreamJournal: Sendable, Equatable {
     public enum Target: Sendable, Equatable {
         /// An assistant message in this conversation.
         case conversation(String)
+        /// An assistant message in this conversation, in place of the reply `replacing` on its
+        /// path (a regenerated reply, #24).
+        case alternative(conversation: String, replacing: String)
         /// A debate turn in this room, said by this clone.
         case roomTurn(room: String, speaker: String)
         /// Nowhere: the credits are settled and the text is produced again (a scheduled message
@@ -48,10 +51,12 @@ public struct StreamJournal: Sendable, Equatable {
 }
 
 extension StreamJournal.Target {
-    /// How every backend stores a target: a kind, an id and (for room turns) a speaker.
+    /// How every backend stores a target: a kind, an id and (for room turns) a speaker; for an
+    /// alternative, the reply it replaces takes the speaker's place.
     public var columns: (kind: String, id: String?, speaker: String?) {
         switch self {
         case .conversation(let id): ("conversation", id, nil)
+        case .alternative(let id, let replacing): ("alternative", id, replacing)
         case .roomTurn(let room, let speaker): ("room_turn", room, speaker)
         case .settleOnly: ("settle_only", nil, nil)
         }
@@ -60,6 +65,7 @@ extension StreamJournal.Target {
     public init(kind: String, id: String?, speaker: String?) {
         switch (kind, id, speaker) {
         case ("conversation", let id?, _): self = .conversation(id)
+        case ("alternative", let id?, let replacing?): self = .alternative(conversation: id, replacing: replacing)
         case ("room_turn", let room?, let speaker?): self = .roomTurn(room: room, speaker: speaker)
         default: self = .settleOnly
         }

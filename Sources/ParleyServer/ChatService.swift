@@ -244,7 +244,9 @@ final class ChatService: FrameHandler {
             Admission.admitCurrent()  // the stream exists: a pipelined chat.cancel finds it
             reservedConversation = nil  // the runner releases it when the stream ends
             let (store, logger, parent, replaced) = (self.store, streams.logger, plan.parent, plan.replacesReply)
-            await streams.run(live, prepared, ref: ref, requester: connection, messageID: messageID, journal: .conversation(conversation.id)) {
+            let journal: StreamJournal.Target =
+                replaced.map { .alternative(conversation: conversation.id, replacing: $0) } ?? .conversation(conversation.id)
+            await streams.run(live, prepared, ref: ref, requester: connection, messageID: messageID, journal: journal) {
                 var reply = $0
                 reply.parent = parent
                 guard let replaced else { return try await store.appendMessage(reply) }

@@ -75,7 +75,7 @@ final class NodeReaper: Sendable {
     func readers(of journal: StreamJournal) async -> (tokens: Topic, end: Topic) {
         switch journal.target {
         case .roomTurn(let room, _): return (.room(room), .room(room))
-        case .conversation: return (.user(journal.user), .user(journal.user))
+        case .conversation, .alternative: return (.user(journal.user), .user(journal.user))
         case .settleOnly:
             switch await broker?.kind(of: journal.stream) {
             case .translation(let room, let lang, _, _), .roomReply(let room, _, let lang, _):

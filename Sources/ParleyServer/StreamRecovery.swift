@@ -45,7 +45,7 @@ struct StreamRecovery {
         var room: String?
         var conversation: String?
         switch journal.target {
-        case .conversation(let id): conversation = id
+        case .conversation(let id), .alternative(let id, _): conversation = id
         case .roomTurn(let id, _): room = id
         case .settleOnly: break
         }
@@ -66,14 +66,20 @@ struct StreamRecovery {
         }
         do {
             switch journal.target {
-            case .conversation(let id):
+            case .conversation(let id), .alternative(let id, _):
                 // Absent when its owner deleted it (or the account) meanwhile: nothing to show.
                 if try await store.conversation(id: id, owner: journal.user) != nil {
                     outcome.stored = journal.messageID
-                    try await store.appendMessage(
-                        Message(
-                            id: journal.messageID, conversation: id, role: .assistant, text: journal.text,
-                            createdAt: journal.updatedAt, reason: .interrupted, usage: usage, stream: stream))
+                    let message = Message(
+                        id: journal.messageID, conversation: id, role: .assistant, text: journal.text,
+                        createdAt: journal.updatedAt, reason: .interrupted, usage: usage, stream: stream)
+                    // A regenerated reply takes its original's place, as it would have had it ended.
+                    if case .alternative(_, let replacing) = journal.target,
+                        try await store.appendAlternative(message, replacing: replacing) != nil
+                    {
+                        break
+                    }
+                    try await store.appendMessage(message)
                 }
             case .roomTurn(let id, let speaker):
                 if try await store.room(id: id) != nil {

@@ -23,7 +23,8 @@ import Testing
         let now = Int64(Timestamp.nowMillis())
         let journal = StreamJournal(
             stream: stream, user: user, model: "simulated", feature: feature.rawValue, inputTokens: 10, target: target,
-            messageID: IDGenerator().make(.roomEntry), text: text, outputTokens: tokens, createdAt: now - 1_000, updatedAt: now)
+            messageID: IDGenerator().make(target.columns.kind == "room_turn" ? .roomEntry : .message), text: text, outputTokens: tokens,
+            createdAt: now - 1_000, updatedAt: now)
         try await store.saveStreamJournal(journal)
         return journal
     }
@@ -82,5 +83,31 @@ import Testing
         #expect(try await third.server.store.roomEntries(room: room, limit: 500, before: nil).filter { $0.stream == "st_turn" } == [stored])
         #expect(try await third.server.store.balance(user: "moe") == before - 20 - 16 - 12)
         await third.stop()
+    }
+
+    /// A regenerated reply cut by a crash takes its original's place on the path, as it would
+    /// have had it ended; the original stays as an alternative.
+    @Test(arguments: TestServer.StoreKind.allCases)
+    func aRegeneratedReplyCutByACrashTakesItsOriginalsPlace(_ kind: TestServer.StoreKind) async throws {
+        let server = try await TestServer.start(store: kind)
+        let token = try await server.token("ivy")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        try await socket.chatSend(id: "c1", clone: clone, text: "Hello")
+        let reply = try await socket.readReply()
+        try await socket.chatSend(id: "c2", clone: clone, conversation: reply.conversation, text: "And then?")
+        _ = try await socket.readReply()
+        let original = reply.end["message"]!.stringValue!
+        let question = try await server.path(reply.conversation, token: token)[0]["id"]!
+
+        let cut = try await leaveOpen(
+            server.server.store, stream: "st_regen", user: "ivy", target: .alternative(conversation: reply.conversation, replacing: original),
+            text: "Hi ag", tokens: 2, feature: .chat)
+        let again = try await server.restarted()
+        let path = try await again.path(reply.conversation, token: token)
+        #expect(path.map { $0["id"]! } == [question, .string(cut.messageID)])
+        #expect(path[1]["text"] == .string("Hi ag") && path[1]["reason"] == .string("interrupted"))
+        #expect(path[1]["alternatives"] == .int(2) && path[1]["alternative"] == .int(1))
+        await again.stop()
     }
 }

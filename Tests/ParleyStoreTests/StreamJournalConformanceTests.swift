@@ -15,8 +15,10 @@ import Testing
             var chat = journal("st_chat", target: .conversation("cv_1"), at: 2_000)
             let turn = journal("st_turn", user: "bob", target: .roomTurn(room: "rm_1", speaker: "cl_1"), at: 1_000)
             let scheduled = journal("st_sched", target: .settleOnly, at: 3_000)
-            for j in [chat, turn, scheduled] { try await store.saveStreamJournal(j) }
-            #expect(try await store.streamJournals(limit: 10) == [turn, chat, scheduled])
+            let regenerated = journal("st_regen", user: "bob", target: .alternative(conversation: "cv_2", replacing: "msg_1"), at: 4_000)
+            for j in [chat, turn, scheduled, regenerated] { try await store.saveStreamJournal(j) }
+            #expect(try await store.streamJournals(limit: 10) == [turn, chat, scheduled, regenerated])
+            try await store.deleteStreamJournal(stream: "st_regen")
             #expect(try await store.streamJournals(limit: 1) == [turn])
 
             // Saving again replaces the text as it grows; it never adds a row.
