@@ -273,6 +273,12 @@ public enum ServerFrame {
 
     /// A scheduled message, stored in `conversation`; sent to every open socket of the owner, or
     /// on their next connect.
+    /// A conversation got its generated title (#24).
+    public static func conversationTitle(conversation: String, title: String) -> [UInt8] {
+        JSONValue.object([("type", .string("conversation.title")), ("conversation", .string(conversation)), ("title", .string(title))])
+            .serialized()
+    }
+
     public static func delivery(schedule: String, conversation: String, message: Message) -> [UInt8] {
         JSONValue.object([
             ("type", .string("delivery")), ("schedule", .string(schedule)), ("conversation", .string(conversation)),

@@ -1,6 +1,8 @@
 /// What a generated reply is for; each feature may cost more or less than plain chat.
 public enum Feature: String, Sendable, Equatable, CaseIterable {
     case chat, debate, translation, scheduled
+    /// A new conversation's title, written by the clone's model after its first reply.
+    case title
 }
 
 /// Credits per 1000 tokens for one model.
@@ -37,7 +39,7 @@ public struct PricingTable: Sendable, Equatable {
             "simulated": ModelPrice(inputPer1K: 1_000, outputPer1K: 2_000),
             "smollm2": ModelPrice(inputPer1K: 1_000, outputPer1K: 2_000),
         ],
-        featureMultipliers: [.chat: 100, .debate: 100, .translation: 100, .scheduled: 100]
+        featureMultipliers: [.chat: 100, .debate: 100, .translation: 100, .scheduled: 100, .title: 100]
     )
 
     public func price(for model: String) -> ModelPrice? { models[model] }

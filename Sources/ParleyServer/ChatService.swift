@@ -16,10 +16,12 @@ final class ChatService: FrameHandler {
     private var slots: ReplySlots? { streams.slots }
     private var hub: StreamHub { streams.hub }
     private let allocator = ByteBufferAllocator()
+    private let titles: ConversationTitles
 
     init(store: any Store, streams: StreamRunner, configuration: ServerConfiguration, ids: IDGenerator) {
         self.store = store
         self.streams = streams
+        titles = ConversationTitles(streams: streams, store: store, ids: ids, configuration: configuration)
         self.requests = streams.requests
         self.configuration = configuration
         self.ids = ids
@@ -246,7 +248,7 @@ final class ChatService: FrameHandler {
             let (store, logger, parent, replaced) = (self.store, streams.logger, plan.parent, plan.replacesReply)
             let journal: StreamJournal.Target =
                 replaced.map { .alternative(conversation: conversation.id, replacing: $0) } ?? .conversation(conversation.id)
-            await streams.run(live, prepared, ref: ref, requester: connection, messageID: messageID, journal: journal) {
+            let stored = await streams.run(live, prepared, ref: ref, requester: connection, messageID: messageID, journal: journal) {
                 var reply = $0
                 reply.parent = parent
                 guard let replaced else { return try await store.appendMessage(reply) }
@@ -255,6 +257,9 @@ final class ChatService: FrameHandler {
                     logger.warning("a regenerated reply's original left the path; stored after it", metadata: ["message": "\(replaced)"])
                     try await store.appendMessage(reply)
                 }
+            }
+            if plan.isNew, configuration.generatedTitles, let stored, stored.reason == .complete, let message = plan.before.last {
+                await titles.title(conversation, clone: plan.clone, message: message, reply: stored)
             }
         } catch let error as FrameError {
             connection.send(ServerFrame.error(error))
@@ -298,8 +303,10 @@ final class ChatService: FrameHandler {
         }
     }
 
+    /// A new conversation's first title: the first line of the user's message, cleaned (the
+    /// clone's model may write a better one after the first reply).
     static func title(for text: String) -> String {
-        let line = text.trimmedWhitespace.split(whereSeparator: \.isNewline).first.map(String.init) ?? ""
-        return line.count <= 60 ? line : String(line.prefix(59)) + "…"
+        let title = ConversationTitles.clean(text)
+        return title.isEmpty ? "New conversation" : title
     }
 }

@@ -42,6 +42,10 @@ public struct ServerConfiguration: Sendable {
     public var contextBudgetTokens = 4_096
     /// Messages read from the store to build a prompt, before trimming to the budget.
     public var historyMessages = 200
+    /// A new conversation's title is written by the clone's model after its first reply
+    /// (metered, feature `title`; the user's sockets get `conversation.title`). Off (the
+    /// default): the first line of the user's message, cleaned, stays its title.
+    public var generatedTitles = false
     /// Longest reply a stream may generate.
     public var maxOutputTokens = 1_024
     /// Streams one user may run at once (one per conversation in any case).

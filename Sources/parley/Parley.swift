@@ -212,6 +212,12 @@ struct Serve: AsyncParsableCommand {
     @Flag(help: "Development mode: POST /v1/dev/token mints a token for any name (the web client's dev sign-in). Only with a loopback --host.")
     var dev = false
 
+    @Flag(
+        help:
+            "Have the clone's model title a new conversation after its first reply (metered, feature `title`). Off: the first line of the user's message, cleaned, is its title."
+    )
+    var generatedTitles = false
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: Logger.Level = .info
 
@@ -429,6 +435,7 @@ struct Serve: AsyncParsableCommand {
         configuration.maxFramesPerSecond = maxFramesPerSecond == 0 ? nil : maxFramesPerSecond
         configuration.webSocketPingInterval = wsPingInterval == 0 ? nil : .seconds(wsPingInterval)
         configuration.devSignIn = dev
+        configuration.generatedTitles = generatedTitles
         configuration.httpTimeouts.head = .milliseconds(Int64(httpHeadTimeout * 1000))
         configuration.httpTimeouts.idle = .milliseconds(Int64(httpIdleTimeout * 1000))
         configuration.httpTimeouts.bodyProgress = .milliseconds(Int64(httpBodyTimeout * 1000))

@@ -32,7 +32,8 @@ import Testing
         #expect(parsed == table)
         #expect(
             try PricingTable.parse(parsed.json)
-                == PricingTable(models: table.models, featureMultipliers: [.chat: 100, .debate: 150, .translation: 100, .scheduled: 100]))
+                == PricingTable(
+                    models: table.models, featureMultipliers: [.chat: 100, .debate: 150, .translation: 100, .scheduled: 100, .title: 100]))
     }
 
     @Test func rejectsBadPriceLists() {

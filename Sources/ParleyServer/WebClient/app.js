@@ -117,6 +117,7 @@ function onFrame(frame) {
     case "paywall": return onPaywall(frame);
     case "error": return onError(frame, handler);
     case "delivery": return onDelivery(frame);
+    case "conversation.title": return loadConversations();
     case "schedule.ok": case "schedule.cancelled": case "schedule.failed": return loadSchedules();
     case "room.state": return onRoomState(frame);
     case "room.event": return onRoomEvent(frame);

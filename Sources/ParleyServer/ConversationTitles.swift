@@ -1,0 +1,73 @@
+import NIOCore
+import ParleyCore
+import ParleyLLM
+import ParleyStore
+
+/// A new conversation's title (#24): once its first reply is stored, the clone's model writes a
+/// few words for it, metered as feature `title` like any generation (its prompt charged first,
+/// its output settled). The first line of the user's message, cleaned, stays the title when the
+/// model fails, writes nothing usable or the user cannot pay; a title the user set meanwhile is
+/// never replaced. The user's sockets get `conversation.title`.
+struct ConversationTitles: Sendable {
+    let streams: StreamRunner
+    let store: any Store
+    let ids: IDGenerator
+    let configuration: ServerConfiguration
+    /// At most this many tokens of title.
+    static let maxTokens = 16
+
+    func title(_ conversation: Conversation, clone: Clone, message: Message, reply: Message) async {
+        let messages = [
+            PromptMessage(role: .system, text: "You name conversations. Answer with a title of at most six words and nothing else."),
+            PromptMessage(
+                role: .user, text: "Name this conversation.\n\nUser: \(message.text.prefix(1_000))\n\(clone.name): \(reply.text.prefix(1_000))"),
+        ]
+        let estimated = Tokenizer.count(messages.map(\.text).joined(separator: "\n")) + 8
+        let request = CompletionRequest(model: configuration.model(for: clone), messages: messages, maxOutputTokens: Self.maxTokens)
+        let model = streams.provider.modelName(for: request)
+        let meter = streams.credits.meter(
+            user: conversation.owner, stream: ids.make(.stream), conversation: conversation.id, model: model, feature: .title)
+        do {
+            try await meter.begin(inputTokens: estimated)
+        } catch {
+            return  // cannot pay for it: the first line stays
+        }
+        var text = ""
+        var usage: Usage?
+        do {
+            for try await event in streams.provider.stream(request) {
+                switch event {
+                case .token(let token): text += token
+                case .usage(let reported): usage = reported
+                }
+            }
+        } catch {
+            text = ""
+        }
+        let output = usage?.outputTokens ?? Tokenizer.count(text)
+        _ = await meter.settle(usage: Usage(inputTokens: usage?.inputTokens ?? estimated, outputTokens: output))
+        let title = Self.clean(text)
+        guard !title.isEmpty,
+            // Only while it still has the title it was given: a rename wins.
+            (try? await store.conversation(id: conversation.id, owner: conversation.owner))??.title == conversation.title,
+            let renamed = try? await store.renameConversation(id: conversation.id, owner: conversation.owner, title: title)
+        else { return }
+        streams.broker.publish(
+            ByteBufferAllocator().buffer(bytes: ServerFrame.conversationTitle(conversation: renamed.id, title: renamed.title)),
+            to: .user(conversation.owner))
+    }
+
+    /// A title from free text: its first line, without markdown marks or quotes around it,
+    /// spaces collapsed, at most 60 characters cut at a word.
+    static func clean(_ text: String) -> String {
+        let line = text.trimmedWhitespace.split(whereSeparator: \.isNewline).first.map(String.init) ?? ""
+        let unmarked = line.filter { !"#*`_>\"“”".contains($0) }
+        var words = unmarked.split(whereSeparator: \.isWhitespace).map(String.init)
+        if let last = words.last, last.count > 1, [".", ":"].contains(last.last) { words[words.count - 1] = String(last.dropLast()) }
+        var title = words.joined(separator: " ")
+        guard title.count > 60 else { return title }
+        title = String(title.prefix(59))
+        if let space = title.lastIndex(of: " ") { title = String(title[..<space]) }
+        return title + "…"
+    }
+}

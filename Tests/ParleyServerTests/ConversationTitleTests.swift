@@ -1,0 +1,54 @@
+import ParleyCore
+import ParleyServer
+import ParleyTestSupport
+import Testing
+
+/// A new conversation's title (#24): the first line of the first message, cleaned; with
+/// `generatedTitles`, what the clone's model writes after the first reply, metered.
+@Suite struct ConversationTitleTests {
+    @Test func theFirstLineCleanedIsTheTitleByDefault() async throws {
+        let server = try await TestServer.start()
+        let token = try await server.token("tom")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        let text = "## **What   is** a `good` life, and how would one know it when one had lived it well?\nSecond line"
+        try await socket.chatSend(id: "c1", clone: clone, text: text)
+        let reply = try await socket.readReply()
+        let conversation = try await server.get("/v1/conversations/\(reply.conversation)", token: token).json()
+        #expect(conversation["title"] == .string("What is a good life, and how would one know it when one…"))
+        await server.stop()
+    }
+
+    @Test(arguments: TestServer.StoreKind.allCases)
+    func theClonesModelTitlesANewConversationAfterItsFirstReplyMetered(_ store: TestServer.StoreKind) async throws {
+        let server = try await TestServer.start(store: store) { $0.generatedTitles = true }
+        let token = try await server.token("tom")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        try await socket.chatSend(id: "c1", clone: clone, text: "Tell me about tea")
+        let reply = try await socket.readReply()
+        let titled = try await socket.next(type: "conversation.title").frame
+        #expect(titled["conversation"] == .string(reply.conversation))
+        let title = try #require(titled["title"]?.stringValue)
+        #expect(!title.isEmpty && title != "Tell me about tea" && !title.contains("\n"))
+        #expect(try await server.get("/v1/conversations/\(reply.conversation)", token: token).json()["title"] == .string(title))
+        let entries = try await server.get("/v1/credits?limit=50", token: token).json()["entries"]?.arrayValue ?? []
+        let charged = entries.filter { $0["feature"] == .string("title") }
+        #expect(!charged.isEmpty && charged.allSatisfy { $0["conversation"] == .string(reply.conversation) })
+
+        // Later replies do not retitle it (a socket's next request starts once the one before it,
+        // title included, has finished): only the new conversation gets a title frame.
+        try await socket.chatSend(id: "c2", clone: clone, conversation: reply.conversation, text: "And coffee?")
+        let second = try await socket.readReply()
+        let renamed = try await TestHTTPClient.json(
+            port: server.port, .PATCH, "/v1/conversations/\(reply.conversation)", token: token, json: .object([("title", .string("Drinks"))]))
+        #expect(renamed.status == .ok && second.reason == "complete")
+        try await socket.chatSend(id: "c3", clone: clone, text: "Tell me about juice")
+        let third = try await socket.readReply()
+        try await socket.chatSend(id: "c4", clone: clone, conversation: third.conversation, text: "More?")
+        let (_, skipped) = try await socket.next(type: "stream.end")
+        #expect(skipped.filter { $0["type"] == .string("conversation.title") }.map { $0["conversation"] } == [.string(third.conversation)])
+        #expect(try await server.get("/v1/conversations/\(reply.conversation)", token: token).json()["title"] == .string("Drinks"))
+        await server.stop()
+    }
+}
