@@ -1,6 +1,7 @@
 """Parley against a real model on this machine (Sources/ParleySidecar/model-server.py: llama.cpp's server with
-SmolLM2-135M), through both providers: a real streamed reply, credits settled from the usage the
-model server reported, and a cancel that stops the model server's work."""
+SmolLM2-135M), through both providers: a real streamed reply, a title and a regenerated reply
+written by it, credits settled from the usage the model server reported, and a cancel that stops
+the model server's work."""
 import asyncio
 import json
 import time
@@ -24,7 +25,8 @@ def test_a_real_model_streams_through_parley(data_dir, model_server, provider):
     prices = data_dir / "prices.json"
     prices.write_text(json.dumps({"models": {"smollm2": {"input_per_1k": 1000, "output_per_1k": 2000}}}))
     url = base + "/v1" if provider == "openai" else base
-    server = Server(data_dir, "--provider", provider, "--provider-url", url, "--provider-model", "smollm2", "--prices", str(prices))
+    server = Server(data_dir, "--provider", provider, "--provider-url", url, "--provider-model", "smollm2", "--prices", str(prices),
+                    "--generated-titles")
     try:
         token = server.token("alice")
         clone = make_clone(server, token, system_prompt="You are Ada. Answer in one short sentence.")
@@ -34,6 +36,13 @@ def test_a_real_model_streams_through_parley(data_dir, model_server, provider):
                 await recv(ws)
                 await ws.send(json.dumps({"type": "chat.send", "id": "c1", "clone": clone["id"], "text": "Say hello."}))
                 reply = await read_stream(ws)
+                # The model titles the new conversation, then writes another reply in the first's place.
+                title = await recv(ws)
+                await ws.send(json.dumps({"type": "chat.regenerate", "id": "r1", "message": reply[2]["message"]}))
+                regenerated = await read_stream(ws)
+                assert title["type"] == "conversation.title" and title["title"].strip(), title
+                assert regenerated[0]["parent"] == reply[0]["parent"] and regenerated[2]["reason"] == "complete"
+                assert "".join(t["text"] for t in regenerated[1]).strip()
                 # A long reply, cancelled after its first token: the model server must stop too.
                 await ws.send(json.dumps({"type": "chat.send", "id": "c2", "clone": clone["id"],
                                           "text": "Write a very long story about the sea, at least five hundred words."}))
