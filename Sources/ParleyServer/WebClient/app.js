@@ -186,6 +186,8 @@ function onPaywall(frame) {
 }
 
 function onError(frame, handler) {
+  // A refused regenerate or edit: the messages hidden for it come back.
+  if (handler?.reload && state.conversationId) showConversation(state.conversationId);
   if (handler?.stream && frame.code === "stream_gone") {
     // Too late to resume: the stored message is the truth.
     state.streams.delete(handler.stream);
