@@ -216,6 +216,38 @@ def test_a_reply_is_regenerated_swiped_back_and_a_message_edited(web, browser):
     page.close()
 
 
+def test_a_conversation_is_forked_renamed_trimmed_and_deleted_from_the_page(web, browser):
+    page = browser.new_page()
+    sign_in(page, web.base, "kim")
+    make_clone_in_ui(page, "Hume")
+    page.get_by_role("button", name="Chat").click()
+    send(page, "What is a cause?")
+    expect(assistant(page)).to_have_attribute("data-reason", "complete", timeout=WAIT)
+    send(page, "And an effect?")
+    expect(page.locator("#messages li.assistant[data-reason=complete]")).to_have_count(2, timeout=WAIT)
+    token = web.token("kim")
+    page.locator("#conversations li button").first.click()
+    expect(page.locator("#messages li[data-message]")).to_have_count(4, timeout=WAIT)
+    page.on("dialog", lambda dialog: dialog.accept("Causes") if dialog.type == "prompt" else dialog.accept())
+
+    # Fork at the first reply: the new conversation opens with the first two messages.
+    page.locator("#messages li.assistant").first.get_by_role("button", name="Fork").click()
+    expect(page.locator("#conversations li")).to_have_count(2, timeout=WAIT)
+    expect(page.locator("#messages li[data-message]")).to_have_count(2, timeout=WAIT)
+    forked = page.locator("#conversations li button[aria-current=true]")
+
+    # Renamed, then trimmed from its reply on, then deleted.
+    page.get_by_role("button", name="Rename").click()
+    expect(forked).to_have_text("Causes", timeout=WAIT)
+    page.locator("#messages li.assistant").get_by_role("button", name="Delete").click()
+    expect(page.locator("#messages li[data-message]")).to_have_count(1, timeout=WAIT)
+    page.get_by_role("button", name="Delete conversation").click()
+    expect(page.locator("#conversations li")).to_have_count(1, timeout=WAIT)
+    conversations = web.http("GET", "/v1/conversations", token)[1]["conversations"]
+    assert [c["title"] for c in conversations] == ["What is a cause?"]
+    page.close()
+
+
 def test_a_pasted_token_signs_in_and_a_bad_one_is_refused(web, browser):
     page = browser.new_page()
     page.goto(web.base + "/")

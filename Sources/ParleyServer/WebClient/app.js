@@ -394,6 +394,7 @@ async function loadConversations() {
 
 async function showConversation(id) {
   state.conversationId = id;
+  $("conversation-actions").hidden = !id;
   const list = $("messages");
   list.replaceChildren();
   loadConversations();
@@ -425,6 +426,8 @@ function renderPath(id, page) {
     if (m.alternatives > 1) actions.append(...swipeControls(id, m));
     if (m.role === "assistant" && roles.get(m.parent) === "user") actions.append(actionButton("Regenerate", "A new reply in place of this one (this one is kept)", () => regenerate(el, m)));
     if (m.role === "user") actions.append(actionButton("Edit", "Rewrite this message and get a new reply (this branch is kept)", () => editMessage(el, m)));
+    actions.append(actionButton("Fork", "A new conversation with the messages up to this one", () => forkAt(id, m)));
+    actions.append(actionButton("Delete", "Delete this message and everything after it", () => deleteMessage(id, m)));
     actions.append(keepButton(id, m));
     el.append(actions);
   }
@@ -459,6 +462,49 @@ function swipeControls(conversation, m) {
   const next = actionButton("›", "The next alternative", go(m.alternative + 1));
   next.disabled = m.alternative === m.alternatives - 1;
   return [previous, position, next];
+}
+
+async function forkAt(conversation, m) {
+  try {
+    const copy = await api("POST", `/v1/conversations/${conversation}/fork`, { message: m.id });
+    await showConversation(copy.id);
+  } catch (error) {
+    showBanner(`Could not fork: ${error.message}`);
+  }
+}
+
+async function deleteMessage(conversation, m) {
+  if (!window.confirm("Delete this message and everything after it?")) return;
+  try {
+    await api("DELETE", `/v1/conversations/${conversation}/messages/${m.id}`);
+    await showConversation(conversation);
+  } catch (error) {
+    showBanner(`Could not delete: ${error.message}`);
+  }
+}
+
+async function renameConversation() {
+  const id = state.conversationId;
+  const current = $("conversations").querySelector("button[aria-current=true]")?.textContent ?? "";
+  const title = window.prompt("Rename this conversation", current)?.trim();
+  if (!id || !title || title === current) return;
+  try {
+    await api("PATCH", `/v1/conversations/${id}`, { title });
+    await loadConversations();
+  } catch (error) {
+    showBanner(`Could not rename: ${error.message}`);
+  }
+}
+
+async function deleteConversation() {
+  const id = state.conversationId;
+  if (!id || !window.confirm("Delete this conversation and all its messages?")) return;
+  try {
+    await api("DELETE", `/v1/conversations/${id}`);
+    await showConversation(null);
+  } catch (error) {
+    showBanner(`Could not delete: ${error.message}`);
+  }
 }
 
 // What follows `el` leaves the path once the new reply is stored: it is hidden now.
@@ -790,6 +836,8 @@ async function start() {
   $("delete-account").onclick = deleteAccount;
   $("chat-clone").onchange = () => { state.cloneId = $("chat-clone").value; showModel(); showConversation(null); };
   $("new-conversation").onclick = () => { showConversation(null); $("chat-text").focus(); };
+  $("rename-conversation").onclick = renameConversation;
+  $("delete-conversation").onclick = deleteConversation;
   $("chat-form").onsubmit = sendChat;
   $("chat-text").onkeydown = (event) => {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) { event.preventDefault(); $("chat-form").requestSubmit(); }
