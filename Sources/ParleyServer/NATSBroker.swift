@@ -372,31 +372,35 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
         sendStream(stream, BrokerEnvelope(part: .start, seq: stream.roomSeq, descriptor: descriptor, frame: Array(frame.readableBytesView)))
     }
 
+    /// Applies `change` to the origin of `stream` under the lock, after holding it when the link
+    /// to NATS is down; the origin as changed, nil when this node does not generate the stream.
+    private func updateOrigin<R>(_ stream: LiveStream, _ change: (inout Origin) -> R) -> (origin: Origin, result: R)? {
+        let connected = nats.isConnected
+        return origins.withLock { o in
+            guard var origin = o[stream.id] else { return nil }
+            if !connected { origin.held = true }
+            let result = change(&origin)
+            o[stream.id] = origin
+            return (origin, result)
+        }
+    }
+
     func streamToken(_ stream: LiveStream, seq: Int64, frame: ByteBuffer) {
         local.streamToken(stream, seq: seq, frame: frame)
-        let connected = nats.isConnected
-        let (held, headDue) = origins.withLock { o -> (Bool, Bool) in
-            guard var origin = o[stream.id] else { return (false, false) }
+        let updated = updateOrigin(stream) { origin -> Bool in
             origin.lastSeq = seq
-            origin.held = origin.held || !connected
             let headDue = !origin.held && ContinuousClock.now - origin.headAt > maxAge / 2
             if headDue { origin.headAt = .now }
-            o[stream.id] = origin
-            return (origin.held, headDue)
+            return headDue
         }
-        guard !held else { return }
+        guard updated?.origin.held != true else { return }
         sendStream(stream, BrokerEnvelope(part: .token, seq: seq, frame: Array(frame.readableBytesView)))
-        if headDue { send(BrokerSubjects.head(of: stream.id), StreamDescriptor.encode(stream)) }
+        if updated?.result == true { send(BrokerSubjects.head(of: stream.id), StreamDescriptor.encode(stream)) }
     }
 
     func streamEnded(_ stream: LiveStream, frame: ByteBuffer, ownerFrame: ByteBuffer?) {
         local.streamEnded(stream, frame: frame, ownerFrame: ownerFrame)
-        let connected = nats.isConnected
-        let origin = origins.withLock { o -> Origin? in
-            o[stream.id]?.endedAt = .now
-            if !connected { o[stream.id]?.held = true }
-            return o[stream.id]
-        }
+        let origin = updateOrigin(stream) { $0.endedAt = .now }?.origin
         origin?.cancels?.cancel()
         guard origin?.held != true else { return }
         sendStream(
@@ -418,11 +422,7 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
 
     func streamExtra(_ stream: LiveStream, frame: ByteBuffer, audience: Audience) {
         local.streamExtra(stream, frame: frame, audience: audience)
-        let connected = nats.isConnected
-        let origin = origins.withLock { o -> Origin? in
-            if !connected { o[stream.id]?.held = true }
-            return o[stream.id]
-        }
+        let origin = updateOrigin(stream) { _ in }?.origin
         // Held, it is not sent again: like a resume on one node, a republish has tokens and end only.
         guard origin?.held != true else { return }
         // Its seq says after which token it came (`publishAgain` reads it so).
