@@ -96,9 +96,9 @@ final class ChatService: FrameHandler {
         var clone: Clone
         var conversation: Conversation
         var isNew = false
-        /// Stored, in order, before anything is generated: a greeting, the user's message (for an
-        /// edit, in place of `replacing`).
+        /// Stored, in order, before anything is generated: a greeting, the user's message.
         var before: [Message] = []
+        /// The first of `before` is stored in place of this message (an edit).
         var replacing: String?
         /// The prompt's history, ending with the message answered.
         var history: [Message]
@@ -227,8 +227,8 @@ final class ChatService: FrameHandler {
 
             // The user's message is durable before anything is generated for it.
             if plan.isNew { try await store.createConversation(conversation) }
-            for message in plan.before {
-                if let replacing = plan.replacing, message.id == plan.before.first?.id {
+            for (index, message) in plan.before.enumerated() {
+                if index == 0, let replacing = plan.replacing {
                     guard try await store.appendAlternative(message, replacing: replacing) != nil else {
                         throw FrameError(ref: ref, code: .conflict, message: "message \(replacing) left the conversation's path; try again")
                     }
@@ -251,11 +251,9 @@ final class ChatService: FrameHandler {
             let stored = await streams.run(live, prepared, ref: ref, requester: connection, messageID: messageID, journal: journal) {
                 var reply = $0
                 reply.parent = parent
-                guard let replaced else { return try await store.appendMessage(reply) }
-                if try await store.appendAlternative(reply, replacing: replaced) == nil {
-                    // The conversation is held while it streams, so only a deletion gets here: keep the reply.
+                // The conversation is held while it streams, so only a deletion makes the original leave the path.
+                if try await !store.appendReply(reply, replacing: replaced), let replaced {
                     logger.warning("a regenerated reply's original left the path; stored after it", metadata: ["message": "\(replaced)"])
-                    try await store.appendMessage(reply)
                 }
             }
             if plan.isNew, configuration.generatedTitles, let stored, stored.reason == .complete, let message = plan.before.last {
@@ -279,18 +277,12 @@ final class ChatService: FrameHandler {
     func whileNoReplyStreams<T: Sendable>(user: String, conversation: String, _ body: () async throws -> T) async throws -> T? {
         guard case .reserved = hub.reserve(user: user, conversation: conversation) else { return nil }
         defer { hub.release(user: user, conversation: conversation) }
-        if let slots {
-            guard case .reserved = try await slots.claim(user: user, conversation: conversation) else { return nil }
-            do {
-                let result = try await body()
-                await slots.release(conversation: conversation)
-                return result
-            } catch {
-                await slots.release(conversation: conversation)
-                throw error
-            }
-        }
-        return try await body()
+        guard let slots else { return try await body() }
+        guard case .reserved = try await slots.claim(user: user, conversation: conversation) else { return nil }
+        let result: Result<T, any Error>
+        do { result = .success(try await body()) } catch { result = .failure(error) }
+        await slots.release(conversation: conversation)
+        return try result.get()
     }
 
     private func refuse(_ reservation: StreamHub.Reservation, conversation: String, ref: String) throws(FrameError) {

@@ -70,16 +70,14 @@ struct StreamRecovery {
                 // Absent when its owner deleted it (or the account) meanwhile: nothing to show.
                 if try await store.conversation(id: id, owner: journal.user) != nil {
                     outcome.stored = journal.messageID
-                    let message = Message(
-                        id: journal.messageID, conversation: id, role: .assistant, text: journal.text,
-                        createdAt: journal.updatedAt, reason: .interrupted, usage: usage, stream: stream)
+                    var replacing: String?
                     // A regenerated reply takes its original's place, as it would have had it ended.
-                    if case .alternative(_, let replacing) = journal.target,
-                        try await store.appendAlternative(message, replacing: replacing) != nil
-                    {
-                        break
-                    }
-                    try await store.appendMessage(message)
+                    if case .alternative(_, let original) = journal.target { replacing = original }
+                    try await store.appendReply(
+                        Message(
+                            id: journal.messageID, conversation: id, role: .assistant, text: journal.text,
+                            createdAt: journal.updatedAt, reason: .interrupted, usage: usage, stream: stream),
+                        replacing: replacing)
                 }
             case .roomTurn(let id, let speaker):
                 if try await store.room(id: id) != nil {

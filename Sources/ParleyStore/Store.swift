@@ -1,5 +1,17 @@
 import ParleyCore
 
+extension ChatStore {
+    /// Stores a reply: in place of `replacing` (the reply it regenerates) while that is on the
+    /// path, else after the path's last message, so it is never lost. True when it took
+    /// `replacing`'s place (or replaced nothing).
+    @discardableResult
+    public func appendReply(_ reply: Message, replacing: String?) async throws -> Bool {
+        if let replacing, try await appendAlternative(reply, replacing: replacing) != nil { return true }
+        try await appendMessage(reply)
+        return replacing == nil
+    }
+}
+
 /// Everything Parley persists, behind one async interface made of one protocol per domain, so a
 /// part of the server depends only on what it uses (the credits on the ledger, the audit log on
 /// privacy). One type per backend conforms to all of them, and every backend passes the same
