@@ -296,17 +296,18 @@ public final class MongoStore: Store {
     }
 
     public func messages(conversation: String, limit: Int, before: String?) async throws -> [Message] {
-        try await run { db in
-            let filter = Self.onPath(conversation, before.map { [("_id", .object([("$lt", .string($0))]))] } ?? [])
-            return try db.find("messages", filter: filter, sort: Self.newestFirst, limit: limit).reversed().map(Self.message(from:))
-        }
+        try await messages(conversation: conversation, limit: limit, before: before, pathOnly: true)
     }
 
     public func everyMessage(conversation: String, limit: Int, before: String?) async throws -> [Message] {
+        try await messages(conversation: conversation, limit: limit, before: before, pathOnly: false)
+    }
+
+    private func messages(conversation: String, limit: Int, before: String?, pathOnly: Bool) async throws -> [Message] {
         try await run { db in
-            var filter: [(String, JSONValue)] = [("conversation", .string(conversation))]
-            if let before { filter.append(("_id", .object([("$lt", .string(before))]))) }
-            return try db.find("messages", filter: .object(filter), sort: Self.newestFirst, limit: limit).reversed().map(Self.message(from:))
+            let page: [(String, JSONValue)] = before.map { [("_id", .object([("$lt", .string($0))]))] } ?? []
+            let filter = pathOnly ? Self.onPath(conversation, page) : .object([("conversation", .string(conversation))] + page)
+            return try db.find("messages", filter: filter, sort: Self.newestFirst, limit: limit).reversed().map(Self.message(from:))
         }
     }
 

@@ -112,12 +112,9 @@ final class LiveStream: Sendable {
     static func startFrame(ref: String?, id: String, model: String, kind: Kind) -> [UInt8] {
         var user: String?
         if case .translation(_, _, _, .user(let speaker)) = kind { user = speaker }
-        var message: String?
-        var parent: String?
-        if case .reply(_, _, _, let id, let answered) = kind { (message, parent) = (id, answered) }
         return ServerFrame.streamStart(
             ref: ref, stream: id, conversation: kind.conversation, clone: kind.clone, user: user, model: model,
-            schedule: kind.schedule, room: kind.room, source: kind.source, lang: kind.lang, message: message, parent: parent)
+            schedule: kind.schedule, room: kind.room, source: kind.source, lang: kind.lang, message: kind.message, parent: kind.parent)
     }
 
     /// Sends `stream.start` to every reader.
@@ -267,6 +264,18 @@ extension LiveStream.Kind {
 
     var schedule: String? {
         if case .reply(_, _, let schedule, _, _) = self { return schedule }
+        return nil
+    }
+
+    /// A conversation's reply: the id it will be stored under.
+    var message: String? {
+        if case .reply(_, _, _, let message, _) = self { return message }
+        return nil
+    }
+
+    /// A conversation's reply: the message it answers.
+    var parent: String? {
+        if case .reply(_, _, _, _, let parent) = self { return parent }
         return nil
     }
 
