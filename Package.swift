@@ -14,6 +14,7 @@ let package = Package(
         .executable(name: "parley-load", targets: ["parley-load"]),
         .executable(name: "parley-bench-timers", targets: ["parley-bench-timers"]),
         .executable(name: "parley-bench-fanout", targets: ["parley-bench-fanout"]),
+        .executable(name: "parley-bench-search", targets: ["parley-bench-search"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -190,6 +191,13 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
             ],
             path: "loadtest/Sources/parley-bench-fanout",
+            swiftSettings: strict
+        ),
+        // Search latency with 100,000 messages stored (BENCHMARKS.md).
+        .executableTarget(
+            name: "parley-bench-search",
+            dependencies: ["ParleyCore", "ParleyStore", "ParleyMongoStore"],
+            path: "loadtest/Sources/parley-bench-search",
             swiftSettings: strict
         ),
         // Test helpers shared by the test targets (a small NIO WebSocket client, server fixtures).

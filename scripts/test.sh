@@ -20,6 +20,9 @@ swift build --product parley-bench-timers
 # The fan-out benchmark's own check (every member gets every token), at toy size.
 swift build --product parley-bench-fanout
 .build/debug/parley-bench-fanout --members 20 --tokens 20 --tokens-per-sec 100
+# The search benchmark's own checks (the rare word found, nobody else's words), at toy size.
+swift build --product parley-bench-search
+.build/debug/parley-bench-search --messages 2000 --searches 20
 # The load-test client, exercised at toy size by Tests/interop/test_load.py.
 swift build --product parley-load
 python3 -m pytest -q Tests/interop

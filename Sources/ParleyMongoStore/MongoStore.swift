@@ -30,8 +30,9 @@ public final class MongoStore: Store {
         public init() {}
     }
 
-    /// 2: schedules carry their shard (#22).
-    public static let schemaVersion = 2
+    /// 2: schedules carry their shard (#22). 3: messages carry their owner, and messages and
+    /// conversations their search terms (#24).
+    public static let schemaVersion = 3
 
     private let pool: MongoClientPool
     private let threads: NIOThreadPool
@@ -223,7 +224,7 @@ public final class MongoStore: Store {
     static func document(_ c: Conversation) -> JSONValue {
         .object([
             ("_id", .string(c.id)), ("owner", .string(c.owner)), ("clone", .string(c.clone)), ("title", .string(c.title)),
-            ("created_at", .long(c.createdAt)), ("updated_at", .long(c.updatedAt)),
+            ("created_at", .long(c.createdAt)), ("updated_at", .long(c.updatedAt)), ("terms", Self.terms(c.title)),
         ])
     }
 
@@ -269,6 +270,13 @@ public final class MongoStore: Store {
         }
         if let stream = m.stream { doc.append(("stream", .string(stream))) }
         doc.append(("saved", .bool(m.saved)))
+        // The conversation's updated_at moves first: that also names the owner, whom search
+        // filters by (a message's owner never changes, so it is stored with it).
+        let conversation = try db.findAndModify(
+            "conversations", query: .object([("_id", .string(m.conversation))]),
+            update: .object([("$max", .object([("updated_at", .long(m.createdAt))]))]), returnNew: false)
+        doc.append(("owner", .string(conversation?["owner"]?.stringValue ?? "")))
+        doc.append(("terms", Self.terms(m.text)))
         // Without a parent it follows the path's last message ("" when it is the first).
         let parent =
             try m.parent
@@ -279,10 +287,10 @@ public final class MongoStore: Store {
         } catch StoreError.duplicateKey(let key) {
             guard orIgnore else { throw StoreError.duplicateKey(key) }
         }
-        _ = try db.update(
-            "conversations", query: .object([("_id", .string(m.conversation))]),
-            update: .object([("$max", .object([("updated_at", .long(m.createdAt))]))]))
     }
+
+    /// A text's search terms as stored (a multikey index serves `terms` with the owner).
+    static func terms(_ text: String) -> JSONValue { .array(SearchText.terms(text).map(JSONValue.string)) }
 
     public func message(id: String, conversation: String) async throws -> Message? {
         try await run { db in
@@ -395,7 +403,7 @@ public final class MongoStore: Store {
         try await run { db in
             try db.findAndModify(
                 "conversations", query: .object([("_id", .string(id)), ("owner", .string(owner))]),
-                update: .object([("$set", .object([("title", .string(title))]))])
+                update: .object([("$set", .object([("title", .string(title)), ("terms", Self.terms(title))]))])
             ).map(Self.conversation(from:))
         }
     }
@@ -482,6 +490,9 @@ struct Database: Sendable {
         // Replies in flight: found at start-up (oldest first) and by user at account deletion.
         ("stream_journals", "created", .object([("created_at", .int(1)), ("_id", .int(1))]), false),
         ("stream_journals", "user", .object([("user", .int(1))]), false),
+        // Search: an owner's messages and titles holding a term, newest first.
+        ("messages", "owner_terms_id", .object([("owner", .int(1)), ("terms", .int(1)), ("_id", .int(-1))]), false),
+        ("conversations", "owner_terms_id", .object([("owner", .int(1)), ("terms", .int(1)), ("_id", .int(-1))]), false),
     ]
 
     func migrate() throws {
@@ -507,6 +518,7 @@ struct Database: Sendable {
                     update: .object([("$set", .object([("shard", .int(Int64(ScheduleShards.shard(of: id))))]))]))
             }
         }
+        if stored < 3 { try addSearchTerms() }
         if stored < Int64(MongoStore.schemaVersion) {
             _ = try update(
                 "meta", query: .object([("_id", .string("schema"))]),

@@ -85,3 +85,51 @@ extension RESTAPI {
         return HTTPResponse(.created, json: stored.json, headers: ["location": "/v1/conversations/\(copy.id)"])
     }
 }
+
+/// Search over the caller's words (#24).
+extension RESTAPI {
+    static let maxSearchLength = 500
+
+    /// `GET /v1/search?q=…&limit=&before=`: 200 `{"items", "next_before"}`, the caller's messages
+    /// (on the path or not) and conversation titles holding every word of `q`, newest first,
+    /// each with a snippet whose matching words are marked.
+    func search(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
+        let limit = try Self.limit(request)
+        let text = request.query["q"] ?? ""
+        guard text.count <= Self.maxSearchLength else {
+            throw APIError(.badRequest, .badRequest, "'q' must be at most \(Self.maxSearchLength) characters")
+        }
+        guard let query = try SearchQuery.parse(text) else {
+            throw APIError(.badRequest, .badRequest, "'q' must name at least one word to search for")
+        }
+        let page = try await store.search(owner: identity.user, query: query, limit: limit + 1, before: request.query["before"])
+        let items = Array(page.prefix(limit))
+        return HTTPResponse(
+            .ok,
+            json: .object([
+                ("items", .array(items.map { $0.json(query) })),
+                ("next_before", page.count > limit ? .string(items.last!.id) : .null),
+            ]))
+    }
+}
+
+extension SearchHit {
+    func json(_ query: SearchQuery) -> JSONValue {
+        var pairs: [(String, JSONValue)] = [("kind", .string(kind.rawValue)), ("id", .string(id)), ("conversation", conversation.json)]
+        if let message {
+            pairs += [
+                (
+                    "message",
+                    .object([
+                        ("id", .string(message.id)), ("role", .string(message.role.rawValue)),
+                        ("created_at", .string(Timestamp.rfc3339(millis: message.createdAt))), ("on_path", .bool(message.onPath)),
+                    ])
+                ),
+                ("snippet", SearchSnippet(text: message.text, query: query).json),
+            ]
+        } else {
+            pairs.append(("snippet", SearchSnippet(text: conversation.title, query: query).json))
+        }
+        return .object(pairs)
+    }
+}

@@ -68,6 +68,7 @@ struct RESTAPI: Sendable {
         router.add(.DELETE, "/v1/conversations/:id/messages/:message") { [self] request, p, identity in
             try await deleteMessage(conversation: p["id"]!, message: p["message"]!, request, identity)
         }
+        router.add(.GET, "/v1/search") { [self] request, _, identity in try await search(request, identity) }
         router.add(.POST, "/v1/conversations/:id/fork") { [self] request, p, identity in try await fork(p["id"]!, request, identity) }
         router.add(.POST, "/v1/schedules") { [self] request, _, identity in try await createSchedule(request, identity) }
         router.add(.GET, "/v1/schedules") { [self] request, _, identity in try await listSchedules(request, identity) }

@@ -191,6 +191,39 @@ public final class SQLiteStore: Store {
         CREATE INDEX messages_on_path ON messages(conversation, id) WHERE off_path = 0;
         CREATE INDEX messages_by_parent ON messages(conversation, parent);
         """,
+        // v11: search (#24). FTS5 tables over the messages' text and the conversations' titles,
+        // external content (the text is stored once) kept in step by triggers, which also run for
+        // the rows ON DELETE CASCADE removes. Their rowids are the tables' own: nothing here runs
+        // VACUUM, which may renumber them (run `INSERT INTO messages_fts(messages_fts)
+        // VALUES('rebuild')` after one). The tokenizer is SearchText's rule.
+        """
+        CREATE VIRTUAL TABLE messages_fts USING fts5(
+            text, content='messages', content_rowid='rowid', tokenize='unicode61 remove_diacritics 0');
+        INSERT INTO messages_fts(messages_fts) VALUES('rebuild');
+        CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages BEGIN
+            INSERT INTO messages_fts(rowid, text) VALUES (new.rowid, new.text);
+        END;
+        CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages BEGIN
+            INSERT INTO messages_fts(messages_fts, rowid, text) VALUES ('delete', old.rowid, old.text);
+        END;
+        CREATE TRIGGER messages_fts_update AFTER UPDATE OF text ON messages BEGIN
+            INSERT INTO messages_fts(messages_fts, rowid, text) VALUES ('delete', old.rowid, old.text);
+            INSERT INTO messages_fts(rowid, text) VALUES (new.rowid, new.text);
+        END;
+        CREATE VIRTUAL TABLE titles_fts USING fts5(
+            title, content='conversations', content_rowid='rowid', tokenize='unicode61 remove_diacritics 0');
+        INSERT INTO titles_fts(titles_fts) VALUES('rebuild');
+        CREATE TRIGGER titles_fts_insert AFTER INSERT ON conversations BEGIN
+            INSERT INTO titles_fts(rowid, title) VALUES (new.rowid, new.title);
+        END;
+        CREATE TRIGGER titles_fts_delete AFTER DELETE ON conversations BEGIN
+            INSERT INTO titles_fts(titles_fts, rowid, title) VALUES ('delete', old.rowid, old.title);
+        END;
+        CREATE TRIGGER titles_fts_update AFTER UPDATE OF title ON conversations BEGIN
+            INSERT INTO titles_fts(titles_fts, rowid, title) VALUES ('delete', old.rowid, old.title);
+            INSERT INTO titles_fts(rowid, title) VALUES (new.rowid, new.title);
+        END;
+        """,
     ]
 
     public static var schemaVersion: Int { migrations.count }

@@ -80,6 +80,10 @@ public protocol ChatStore: Sendable {
     func everyMessage(conversation: String, limit: Int, before: String?) async throws -> [Message]
     /// One message of a conversation, nil when absent.
     func message(id: String, conversation: String) async throws -> Message?
+    /// `owner`'s messages (on the path or not) and conversation titles that hold every term of
+    /// `query`, newest first (`SearchHit.order`), `limit` at most, older than `before` (a hit's
+    /// id) when given. Never another user's: served by an index, not a scan.
+    func search(owner: String, query: SearchQuery, limit: Int, before: String?) async throws -> [SearchHit]
 }
 
 /// Credits: balances and the ledger that explains them.

@@ -406,6 +406,41 @@ import Testing
         #expect(try await store.pendingSchedules(shards: [ScheduleShards.shard(of: "sc_old")], limit: 10, after: nil).map(\.id) == ["sc_old"])
         try await store.close()
     }
+
+    /// Messages and conversations stored before search (schema 2) get their owner and terms
+    /// when the store opens.
+    @Test func messagesStoredBeforeSearchAreFoundAfterTheUpgrade() async throws {
+        let uri = MongoFixture.uri()
+        try await MongoStore.open(uri: uri).close()
+        let pool = try MongoClientPool(uri: uri)
+        func insert(_ collection: String, _ document: JSONValue) throws {
+            guard case .object(let fields) = document else { return }
+            _ = try pool.command(.object([("insert", .string(collection)), ("documents", .array([.object(fields.filter { $0.0 != "terms" })]))]))
+        }
+        var conversation = makeConversation(owner: "alice", clone: "cl_x")
+        conversation.title = "Old heron"
+        try insert("conversations", MongoStore.document(conversation))
+        let message = makeMessage(conversation.id, "a heron stood still")
+        try insert(
+            "messages",
+            .object([
+                ("_id", .string(message.id)), ("conversation", .string(conversation.id)), ("role", .string("user")),
+                ("text", .string(message.text)), ("created_at", .long(message.createdAt)), ("saved", .bool(false)), ("parent", .string("")),
+            ]))
+        _ = try pool.command(
+            .object([
+                ("update", .string("meta")),
+                (
+                    "updates",
+                    .array([.object([("q", .object([("_id", .string("schema"))])), ("u", .object([("$set", .object([("version", .int(2))]))]))])])
+                ),
+            ]))
+        let store = try await MongoStore.open(uri: uri)
+        let query = try #require(try SearchQuery.parse("heron"))
+        #expect(try await store.search(owner: "alice", query: query, limit: 5, before: nil).map(\.id) == [message.id, conversation.id])
+        #expect(try await store.search(owner: "bob", query: query, limit: 5, before: nil).isEmpty)
+        try await store.close()
+    }
 }
 
 /// A cluster's replies in flight (#22): one per conversation across the nodes, and a user's

@@ -76,6 +76,34 @@ import Testing
         try await store.close()
     }
 
+    /// A database from before search (schema v10) indexes what it holds when it opens.
+    @Test func messagesStoredBeforeSearchAreFoundAfterTheUpgrade() async throws {
+        let path = temporaryPath("presearch") + "/parley.sqlite"
+        var store = try await SQLiteStore.open(path: path)
+        let clone = makeClone(owner: "alice")
+        try await store.createClone(clone)
+        var conversation = makeConversation(owner: "alice", clone: clone.id)
+        conversation.title = "Old heron"
+        try await store.createConversation(conversation)
+        let message = makeMessage(conversation.id, "a heron stood still")
+        try await store.appendMessage(message)
+        try await store.run { db in
+            try db.exec(
+                """
+                DROP TABLE messages_fts; DROP TABLE titles_fts;
+                DROP TRIGGER IF EXISTS messages_fts_insert; DROP TRIGGER IF EXISTS messages_fts_delete;
+                DROP TRIGGER IF EXISTS messages_fts_update; DROP TRIGGER IF EXISTS titles_fts_insert;
+                DROP TRIGGER IF EXISTS titles_fts_delete; DROP TRIGGER IF EXISTS titles_fts_update;
+                PRAGMA user_version = 10;
+                """)
+        }
+        try await store.close()
+        store = try await SQLiteStore.open(path: path)
+        let query = try #require(try SearchQuery.parse("heron"))
+        #expect(try await store.search(owner: "alice", query: query, limit: 5, before: nil).map(\.id) == [message.id, conversation.id])
+        try await store.close()
+    }
+
     @Test func aNewerSchemaIsRefused() async throws {
         let path = temporaryPath("schema") + "/parley.sqlite"
         try await SQLiteStore.open(path: path).close()

@@ -68,6 +68,16 @@ def test_full_chat_over_websockets(server):
     assert page["messages"][1]["text"] == "".join(t["text"] for t in tokens)
     validate_rest("conversation-page", server.http("GET", "/v1/conversations", token)[1])
     validate_rest("clone-list", server.http("GET", "/v1/clones", token)[1])
+    status, found = server.http("GET", "/v1/search?q=hi%20THERE", token)
+    assert status == 200
+    validate_rest("search-page", found)
+    kinds = [item["kind"] for item in found["items"]]
+    assert "message" in kinds and "title" in kinds, found
+    user_hit = next(item for item in found["items"] if item["kind"] == "message" and item["message"]["role"] == "user")
+    assert [run["text"] for run in user_hit["snippet"] if run.get("match")] == ["Hi", "there"]
+    status, refused = server.http("GET", "/v1/search?q=%20", token)
+    assert status == 400
+    validate_rest("error", refused)
 
 
 def test_regenerate_edit_and_choose_a_branch_over_websockets(server):

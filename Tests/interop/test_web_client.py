@@ -216,6 +216,37 @@ def test_a_reply_is_regenerated_swiped_back_and_a_message_edited(web, browser):
     page.close()
 
 
+def test_search_finds_the_users_words_and_opens_the_conversation_at_them(web, browser):
+    page = browser.new_page()
+    sign_in(page, web.base, "lea")
+    make_clone_in_ui(page, "Kant")
+    page.get_by_role("button", name="Chat").click()
+    send(page, "Tell me about the categorical imperative")
+    expect(assistant(page)).to_have_attribute("data-reason", "complete", timeout=WAIT)
+    page.get_by_role("button", name="New conversation").click()
+    send(page, "Something else entirely")
+    expect(assistant(page)).to_have_attribute("data-reason", "complete", timeout=WAIT)
+    token = web.token("lea")
+    first = web.http("GET", "/v1/conversations", token)[1]["conversations"][-1]
+
+    page.get_by_label("Search your messages").fill("Categorical")
+    page.get_by_role("button", name="Search").click()
+    hits = page.locator("#search-results li button")
+    expect(hits.first).to_be_visible(timeout=WAIT)
+    expect(hits.first.locator("mark").first).to_have_text("categorical")
+    hits.filter(has_text="Tell me about").first.click()
+    found = page.locator("#messages li.found")
+    expect(found).to_have_count(1, timeout=WAIT)
+    expect(found.locator(".text")).to_have_text("Tell me about the categorical imperative")
+    expect(page.locator("#conversations li button[aria-current=true]")).to_have_text(first["title"])
+
+    page.get_by_label("Search your messages").fill("zyzzyva")
+    page.get_by_role("button", name="Search").click()
+    expect(page.locator("#search-status")).to_have_text("Nothing found for “zyzzyva”.", timeout=WAIT)
+    expect(page.locator("#search-results li")).to_have_count(0)
+    page.close()
+
+
 def test_a_conversation_is_forked_renamed_trimmed_and_deleted_from_the_page(web, browser):
     page = browser.new_page()
     sign_in(page, web.base, "kim")

@@ -392,6 +392,61 @@ async function loadConversations() {
   }));
 }
 
+// ---------- search ----------
+
+// GET /v1/search: each hit shows its conversation's title and a snippet whose matching words are
+// marked (built as elements, never parsed as HTML). Opening a hit brings its branch onto the path
+// when it is an alternative off it, then shows the message.
+async function search(event) {
+  event.preventDefault();
+  const q = $("search-text").value.trim();
+  const results = $("search-results");
+  results.replaceChildren();
+  if (!q) { $("search-status").textContent = ""; return; }
+  try {
+    const page = await api("GET", `/v1/search?limit=20&q=${encodeURIComponent(q)}`);
+    $("search-status").textContent = page.items.length ? "" : `Nothing found for “${q}”.`;
+    results.replaceChildren(...page.items.map((hit) => {
+      const li = document.createElement("li");
+      const button = document.createElement("button");
+      button.type = "button";
+      const title = document.createElement("strong");
+      title.textContent = hit.conversation.title || "Untitled";
+      const snippet = document.createElement("span");
+      snippet.className = "snippet";
+      for (const run of hit.snippet) {
+        const part = document.createElement(run.match ? "mark" : "span");
+        part.textContent = run.text;
+        snippet.append(part);
+      }
+      button.append(title, snippet);
+      button.onclick = () => openHit(hit);
+      li.append(button);
+      return li;
+    }));
+  } catch (error) {
+    $("search-status").textContent = `Could not search: ${error.message}`;
+  }
+}
+
+async function openHit(hit) {
+  const conversation = hit.conversation;
+  if (conversation.clone !== state.cloneId && state.clones.some((c) => c.id === conversation.clone)) {
+    state.cloneId = conversation.clone;
+    $("chat-clone").value = conversation.clone;
+    showModel();
+  }
+  if (hit.message && !hit.message.on_path) {
+    await api("POST", `/v1/conversations/${conversation.id}/active`, { message: hit.message.id });
+  }
+  await showConversation(conversation.id);
+  const found = hit.message && document.querySelector(`#messages li[data-message="${hit.message.id}"]`);
+  if (found) {
+    found.classList.add("found");
+    found.scrollIntoView({ block: "center" });
+  }
+}
+
 async function showConversation(id) {
   state.conversationId = id;
   $("conversation-actions").hidden = !id;
@@ -834,6 +889,7 @@ async function start() {
   $("sign-out").onclick = signOut;
   $("export-account").onclick = exportAccount;
   $("delete-account").onclick = deleteAccount;
+  $("search-form").onsubmit = search;
   $("chat-clone").onchange = () => { state.cloneId = $("chat-clone").value; showModel(); showConversation(null); };
   $("new-conversation").onclick = () => { showConversation(null); $("chat-text").focus(); };
   $("rename-conversation").onclick = renameConversation;
