@@ -53,8 +53,13 @@ public struct Conversation: Sendable, Equatable {
     public var title: String
     public var createdAt: Int64
     public var updatedAt: Int64
+    /// The rolling summary of its oldest turns, once they no longer fit a prompt (#24).
+    public var summary: ConversationSummary?
 
-    public init(id: String, owner: String, clone: String, title: String, createdAt: Int64, updatedAt: Int64) {
+    public init(
+        id: String, owner: String, clone: String, title: String, createdAt: Int64, updatedAt: Int64, summary: ConversationSummary? = nil
+    ) {
+        self.summary = summary
         self.id = id
         self.owner = owner
         self.clone = clone

@@ -3,6 +3,8 @@ public enum Feature: String, Sendable, Equatable, CaseIterable {
     case chat, debate, translation, scheduled
     /// A new conversation's title, written by the clone's model after its first reply.
     case title
+    /// A conversation's rolling summary of the turns that no longer fit a prompt.
+    case summary
 }
 
 /// Credits per 1000 tokens for one model.
@@ -39,7 +41,7 @@ public struct PricingTable: Sendable, Equatable {
             "simulated": ModelPrice(inputPer1K: 1_000, outputPer1K: 2_000),
             "smollm2": ModelPrice(inputPer1K: 1_000, outputPer1K: 2_000),
         ],
-        featureMultipliers: [.chat: 100, .debate: 100, .translation: 100, .scheduled: 100, .title: 100]
+        featureMultipliers: [.chat: 100, .debate: 100, .translation: 100, .scheduled: 100, .title: 100, .summary: 100]
     )
 
     public func price(for model: String) -> ModelPrice? { models[model] }

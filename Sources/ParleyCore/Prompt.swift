@@ -104,7 +104,9 @@ public struct PromptAssembler: Sendable {
     /// `history` is chronological and ends with the user message being answered. The newest
     /// messages are kept; the last one is always kept, even alone over budget, because a reply
     /// to nothing is worse than a slightly long prompt (its length is capped at the edge).
-    public func assemble(clone: Clone, history: [Message]) -> AssembledPrompt {
+    /// `summary`, when given, is the rolling summary of the turns before `history`: it follows
+    /// the persona, as what was said before.
+    public func assemble(clone: Clone, history: [Message], summary: String? = nil) -> AssembledPrompt {
         let usable = history.filter { !$0.text.isEmpty && $0.role != .system }
         var systemText = Self.systemText(for: clone)
         if !clone.profile.lorebook.isEmpty {
@@ -115,6 +117,9 @@ public struct PromptAssembler: Sendable {
             if !lore.isEmpty {
                 systemText += "\nWhat you know that matters here:\n" + lore.map { "- " + Self.expand($0.content, clone) }.joined(separator: "\n")
             }
+        }
+        if let summary = summary?.trimmedWhitespace, !summary.isEmpty {
+            systemText += "\nWhat was said earlier in this conversation, in short:\n" + summary
         }
         let system = PromptMessage(role: .system, text: systemText)
         let instructions = Self.expand(clone.profile.postHistoryInstructions.trimmedWhitespace, clone)

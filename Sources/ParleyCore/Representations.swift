@@ -26,13 +26,14 @@ extension Clone {
 
 extension Conversation {
     public var json: JSONValue {
-        .object([
-            ("id", .string(id)),
-            ("clone", .string(clone)),
-            ("title", .string(title)),
-            ("created_at", .string(Timestamp.rfc3339(millis: createdAt))),
-            ("updated_at", .string(Timestamp.rfc3339(millis: updatedAt))),
-        ])
+        .object(
+            [
+                ("id", .string(id)),
+                ("clone", .string(clone)),
+                ("title", .string(title)),
+                ("created_at", .string(Timestamp.rfc3339(millis: createdAt))),
+                ("updated_at", .string(Timestamp.rfc3339(millis: updatedAt))),
+            ] + (summary.map { [("summary", .object([("text", .string($0.text)), ("through", .string($0.through))]))] } ?? []))
     }
 }
 

@@ -222,10 +222,11 @@ public final class MongoStore: Store {
     }
 
     static func document(_ c: Conversation) -> JSONValue {
-        .object([
-            ("_id", .string(c.id)), ("owner", .string(c.owner)), ("clone", .string(c.clone)), ("title", .string(c.title)),
-            ("created_at", .long(c.createdAt)), ("updated_at", .long(c.updatedAt)), ("terms", Self.terms(c.title)),
-        ])
+        .object(
+            [
+                ("_id", .string(c.id)), ("owner", .string(c.owner)), ("clone", .string(c.clone)), ("title", .string(c.title)),
+                ("created_at", .long(c.createdAt)), ("updated_at", .long(c.updatedAt)), ("terms", Self.terms(c.title)),
+            ] + (c.summary.map { [("summary", .string($0.text)), ("summary_through", .string($0.through))] } ?? []))
     }
 
     public func conversation(id: String, owner: String) async throws -> Conversation? {
@@ -247,7 +248,10 @@ public final class MongoStore: Store {
     static func conversation(from d: JSONValue) -> Conversation {
         Conversation(
             id: d["_id"]?.stringValue ?? "", owner: d["owner"]?.stringValue ?? "", clone: d["clone"]?.stringValue ?? "",
-            title: d["title"]?.stringValue ?? "", createdAt: d["created_at"]?.int64 ?? 0, updatedAt: d["updated_at"]?.int64 ?? 0)
+            title: d["title"]?.stringValue ?? "", createdAt: d["created_at"]?.int64 ?? 0, updatedAt: d["updated_at"]?.int64 ?? 0,
+            summary: d["summary"]?.stringValue.flatMap { text in
+                d["summary_through"]?.stringValue.map { ConversationSummary(text: text, through: $0) }
+            })
     }
 
     // MARK: Messages
@@ -405,6 +409,17 @@ public final class MongoStore: Store {
                 "conversations", query: .object([("_id", .string(id)), ("owner", .string(owner))]),
                 update: .object([("$set", .object([("title", .string(title)), ("terms", Self.terms(title))]))])
             ).map(Self.conversation(from:))
+        }
+    }
+
+    public func setSummary(_ summary: ConversationSummary, conversation id: String, owner: String, replacing previous: String?) async throws -> Bool {
+        try await run { db in
+            // A missing field matches null: a conversation that never had a summary.
+            try db.update(
+                "conversations",
+                query: .object([("_id", .string(id)), ("owner", .string(owner)), ("summary_through", previous.map(JSONValue.string) ?? .null)]),
+                update: .object([("$set", .object([("summary", .string(summary.text)), ("summary_through", .string(summary.through))]))])
+            ).matched > 0
         }
     }
 

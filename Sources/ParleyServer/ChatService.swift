@@ -17,11 +17,13 @@ final class ChatService: FrameHandler {
     private var hub: StreamHub { streams.hub }
     private let allocator = ByteBufferAllocator()
     private let titles: ConversationTitles
+    private let summaries: ConversationSummaries
 
     init(store: any Store, streams: StreamRunner, configuration: ServerConfiguration, ids: IDGenerator) {
         self.store = store
         self.streams = streams
         titles = ConversationTitles(streams: streams, store: store, ids: ids, configuration: configuration)
+        summaries = ConversationSummaries(streams: streams, store: store, ids: ids, configuration: configuration)
         self.requests = streams.requests
         self.configuration = configuration
         self.ids = ids
@@ -208,7 +210,9 @@ final class ChatService: FrameHandler {
                 try refuse(try await slots.claim(user: user, conversation: conversation.id), conversation: conversation.id, ref: ref)
                 clusterSlot = conversation.id
             }
-            let prompt = PromptAssembler(contextBudget: configuration.contextBudgetTokens).assemble(clone: plan.clone, history: plan.history)
+            let (summary, turns) = plan.isNew ? (nil, plan.history) : try await store.promptHistory(of: conversation, plan.history)
+            let prompt = PromptAssembler(contextBudget: configuration.contextBudgetTokens).assemble(
+                clone: plan.clone, history: turns, summary: summary?.text)
             let request = CompletionRequest(
                 model: configuration.model(for: plan.clone), messages: prompt.messages, speaker: plan.clone.name,
                 maxOutputTokens: configuration.maxOutputTokens)
@@ -259,6 +263,7 @@ final class ChatService: FrameHandler {
             if plan.isNew, configuration.generatedTitles, let stored, stored.reason == .complete, let message = plan.before.last {
                 await titles.title(conversation, clone: plan.clone, message: message, reply: stored)
             }
+            if let stored, stored.reason == .complete { await summaries.fold(conversation: conversation.id, owner: user, clone: plan.clone) }
         } catch let error as FrameError {
             connection.send(ServerFrame.error(error))
         } catch {

@@ -22,30 +22,12 @@ struct ConversationTitles: Sendable {
             PromptMessage(
                 role: .user, text: "Name this conversation.\n\nUser: \(message.text.prefix(1_000))\n\(clone.name): \(reply.text.prefix(1_000))"),
         ]
-        let estimated = Tokenizer.count(messages.map(\.text).joined(separator: "\n")) + 8
         let request = CompletionRequest(model: configuration.model(for: clone), messages: messages, maxOutputTokens: Self.maxTokens)
-        let model = streams.provider.modelName(for: request)
-        let meter = streams.credits.meter(
-            user: conversation.owner, stream: ids.make(.stream), conversation: conversation.id, model: model, feature: .title)
-        do {
-            try await meter.begin(inputTokens: estimated)
-        } catch {
-            return  // cannot pay for it: the first line stays
-        }
-        var text = ""
-        var usage: Usage?
-        do {
-            for try await event in streams.provider.stream(request) {
-                switch event {
-                case .token(let token): text += token
-                case .usage(let reported): usage = reported
-                }
-            }
-        } catch {
-            text = ""
-        }
-        let output = usage?.outputTokens ?? Tokenizer.count(text)
-        _ = await meter.settle(usage: Usage(inputTokens: usage?.inputTokens ?? estimated, outputTokens: output))
+        // Nil when the user cannot pay or the model failed: the first line stays.
+        guard
+            let text = await streams.generateQuietly(
+                request, payer: conversation.owner, conversation: conversation.id, feature: .title, stream: ids.make(.stream))
+        else { return }
         let title = Self.clean(text)
         guard !title.isEmpty,
             // Only while it still has the title it was given: a rename wins.

@@ -405,7 +405,12 @@ final class ScheduleService: FrameHandler {
             let cue = Message(
                 id: messageID, conversation: conversationID, role: .user,
                 text: "(Scheduled message: write to the user now, unprompted, about: \(instruction))", createdAt: now)
-            let prompt = PromptAssembler(contextBudget: configuration.contextBudgetTokens).assemble(clone: clone, history: history + [cue])
+            var (summary, turns): (ConversationSummary?, [Message]) = (nil, history + [cue])
+            if !newConversation, let existing = try await store.conversation(id: conversationID, owner: schedule.owner) {
+                (summary, turns) = try await store.promptHistory(of: existing, turns)
+            }
+            let prompt = PromptAssembler(contextBudget: configuration.contextBudgetTokens).assemble(
+                clone: clone, history: turns, summary: summary?.text)
             let request = CompletionRequest(
                 model: configuration.model(for: clone), messages: prompt.messages, speaker: clone.name, maxOutputTokens: configuration.maxOutputTokens
             )

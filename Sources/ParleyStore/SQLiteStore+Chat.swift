@@ -85,7 +85,7 @@ extension SQLiteStore {
 
     // MARK: Conversations
 
-    static let conversationColumns = "id, owner, clone, title, created_at, updated_at"
+    static let conversationColumns = "id, owner, clone, title, created_at, updated_at, summary, summary_through"
 
     public func createConversation(_ c: Conversation) async throws {
         try await run { db in try Self.insert(c, into: db, orIgnore: false) }
@@ -93,8 +93,11 @@ extension SQLiteStore {
 
     static func insert(_ c: Conversation, into db: SQLiteConnection, orIgnore: Bool) throws {
         try db.query(
-            "INSERT INTO conversations(\(Self.conversationColumns)) VALUES(?, ?, ?, ?, ?, ?)" + (orIgnore ? " ON CONFLICT(id) DO NOTHING" : ""),
-            [.text(c.id), .text(c.owner), .text(c.clone), .text(c.title), .int(c.createdAt), .int(c.updatedAt)]
+            "INSERT INTO conversations(\(Self.conversationColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?)" + (orIgnore ? " ON CONFLICT(id) DO NOTHING" : ""),
+            [
+                .text(c.id), .text(c.owner), .text(c.clone), .text(c.title), .int(c.createdAt), .int(c.updatedAt),
+                c.summary.map { .text($0.text) } ?? .null, c.summary.map { .text($0.through) } ?? .null,
+            ]
         )
     }
 
@@ -110,6 +113,15 @@ extension SQLiteStore {
             try db.query("UPDATE conversations SET title = ? WHERE id = ? AND owner = ?", [.text(title), .text(id), .text(owner)])
             guard db.changes > 0 else { return nil }
             return try db.query("SELECT \(Self.conversationColumns) FROM conversations WHERE id = ?", [.text(id)]).first.map(Self.conversation(from:))
+        }
+    }
+
+    public func setSummary(_ summary: ConversationSummary, conversation id: String, owner: String, replacing previous: String?) async throws -> Bool {
+        try await run { db in
+            try db.query(
+                "UPDATE conversations SET summary = ?, summary_through = ? WHERE id = ? AND owner = ? AND summary_through IS ?",
+                [.text(summary.text), .text(summary.through), .text(id), .text(owner), previous.map(SQLValue.text) ?? .null])
+            return db.changes > 0
         }
     }
 
@@ -134,7 +146,8 @@ extension SQLiteStore {
     static func conversation(from row: SQLRow) -> Conversation {
         Conversation(
             id: row["id"].text ?? "", owner: row["owner"].text ?? "", clone: row["clone"].text ?? "", title: row["title"].text ?? "",
-            createdAt: row["created_at"].int ?? 0, updatedAt: row["updated_at"].int ?? 0
+            createdAt: row["created_at"].int ?? 0, updatedAt: row["updated_at"].int ?? 0,
+            summary: row["summary"].text.flatMap { text in row["summary_through"].text.map { ConversationSummary(text: text, through: $0) } }
         )
     }
 

@@ -224,6 +224,11 @@ public final class SQLiteStore: Store {
             INSERT INTO titles_fts(rowid, title) VALUES (new.rowid, new.title);
         END;
         """,
+        // v12: a conversation's rolling summary and the last message it covers (#24).
+        """
+        ALTER TABLE conversations ADD COLUMN summary TEXT;
+        ALTER TABLE conversations ADD COLUMN summary_through TEXT;
+        """,
     ]
 
     public static var schemaVersion: Int { migrations.count }

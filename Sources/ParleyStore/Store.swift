@@ -60,6 +60,9 @@ public protocol ChatStore: Sendable {
     func activate(message: String, conversation: String) async throws -> Bool
     /// Renames a conversation of `owner`: the renamed conversation; nil when it has none of that id.
     func renameConversation(id: String, owner: String, title: String) async throws -> Conversation?
+    /// Stores a conversation's rolling summary if the one it has runs through `previous` (nil:
+    /// it has none), so that of two summaries written at once the first stays; false otherwise.
+    func setSummary(_ summary: ConversationSummary, conversation: String, owner: String, replacing previous: String?) async throws -> Bool
     /// Deletes a conversation of `owner` and all its messages; false when it has none of that id.
     func deleteConversation(id: String, owner: String) async throws -> Bool
     /// Deletes a message and every message below it (the replies to it, their alternatives…).

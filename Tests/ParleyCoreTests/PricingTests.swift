@@ -33,7 +33,8 @@ import Testing
         #expect(
             try PricingTable.parse(parsed.json)
                 == PricingTable(
-                    models: table.models, featureMultipliers: [.chat: 100, .debate: 150, .translation: 100, .scheduled: 100, .title: 100]))
+                    models: table.models,
+                    featureMultipliers: [.chat: 100, .debate: 150, .translation: 100, .scheduled: 100, .title: 100, .summary: 100]))
     }
 
     @Test func rejectsBadPriceLists() {

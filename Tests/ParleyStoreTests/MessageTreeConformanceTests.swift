@@ -140,4 +140,22 @@ import Testing
             #expect(try await store.deleteConversation(id: id, owner: "alice") == false)
         }
     }
+
+    /// A conversation's rolling summary (#24) is a compare-and-set over the one it replaces, so
+    /// of two folds written at once the first stays; it is the owner's only.
+    @Test(arguments: Backend.all)
+    func aSummaryReplacesOnlyTheOneItWasWrittenOver(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            let (id, messages) = try await conversation(store, ["hi", "hello", "more", "sure"])
+            #expect(try await store.conversation(id: id, owner: "alice")?.summary == nil)
+            let first = ConversationSummary(text: "They said hello.", through: messages[1].id)
+            #expect(try await store.setSummary(first, conversation: id, owner: "bob", replacing: nil) == false)
+            #expect(try await store.setSummary(first, conversation: id, owner: "alice", replacing: nil))
+            #expect(try await store.conversation(id: id, owner: "alice")?.summary == first)
+            let second = ConversationSummary(text: "They said hello, then more.", through: messages[2].id)
+            #expect(try await store.setSummary(second, conversation: id, owner: "alice", replacing: nil) == false, "one was written meanwhile")
+            #expect(try await store.setSummary(second, conversation: id, owner: "alice", replacing: messages[1].id))
+            #expect(try await store.conversations(owner: "alice", limit: 5, before: nil).first?.summary == second)
+        }
+    }
 }

@@ -1,0 +1,53 @@
+import ParleyCore
+import ParleyLLM
+import ParleyStore
+
+/// A conversation's rolling summary (#24): after a reply, when the turns since the summary no
+/// longer fit their share of a prompt (`RollingSummary`), the clone's model folds the oldest of
+/// them into it, metered as feature `summary` and paid by the conversation's owner (skipped when
+/// they cannot pay: the prompt then leaves those turns out, as before). Every prompt of the
+/// conversation then holds the summary after the persona, and the turns after it.
+struct ConversationSummaries: Sendable {
+    let streams: StreamRunner
+    let store: any Store
+    let ids: IDGenerator
+    let configuration: ServerConfiguration
+
+    var rolling: RollingSummary { RollingSummary(contextBudget: configuration.contextBudgetTokens) }
+
+    /// Folds what no longer fits, if anything; called once a reply in `conversation` is stored.
+    func fold(conversation id: String, owner: String, clone: Clone) async {
+        do {
+            guard let conversation = try await store.conversation(id: id, owner: owner) else { return }
+            let history = try await store.messages(conversation: id, limit: configuration.historyMessages, before: nil)
+            let (summary, turns) = try await store.promptHistory(of: conversation, history)
+            let folding = rolling.toFold(turns: turns, systemText: PromptAssembler.systemText(for: clone))
+            guard let through = folding.last else { return }
+            let request = CompletionRequest(
+                model: configuration.model(for: clone),
+                messages: rolling.prompt(summary: summary?.text, folding: folding, user: "The user", clone: clone.name),
+                maxOutputTokens: rolling.summaryTokens)
+            guard
+                let text = await streams.generateQuietly(request, payer: owner, conversation: id, feature: .summary, stream: ids.make(.stream))?
+                    .trimmedWhitespace, !text.isEmpty
+            else { return }
+            // Over what it had when this began: a summary written meanwhile stays.
+            let stored = try await store.setSummary(
+                ConversationSummary(text: text, through: through.id), conversation: id, owner: owner, replacing: conversation.summary?.through)
+            if !stored { streams.logger.debug("a newer summary was stored meanwhile", metadata: ["conversation": "\(id)"]) }
+        } catch {
+            streams.logger.warning("could not fold the conversation's summary", metadata: ["conversation": "\(id)", "error": "\(error)"])
+        }
+    }
+}
+
+extension ChatStore {
+    /// What a prompt of `conversation` holds of its past: its summary when that applies to
+    /// `history` (the path's newest messages, chronological, ending with the one answered) and
+    /// the messages of `history` after it; without one, all of `history`.
+    func promptHistory(of conversation: Conversation, _ history: [Message]) async throws -> (ConversationSummary?, [Message]) {
+        guard let summary = conversation.summary else { return (nil, history) }
+        let onPath = try await message(id: summary.through, conversation: conversation.id)?.onPath == true
+        return RollingSummary.turns(after: summary, throughIsOnPath: onPath, history: history)
+    }
+}
