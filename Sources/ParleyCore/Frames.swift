@@ -89,6 +89,8 @@ public enum RoomFrame: Sendable, Equatable {
 /// What a moderator can do to a room.
 public enum RoomAction: String, Sendable, Equatable, CaseIterable {
     case start, pause, resume, next, end, mute, unmute, kick
+    /// A new take of the last turn by the same clone, in its place (#24).
+    case regenerate
 
     /// Actions that name a clone or user in `target`.
     public var needsTarget: Bool { self == .mute || self == .unmute || self == .kick }

@@ -5,7 +5,8 @@
 public struct RoomControl: Sendable, Equatable {
     /// The room after the action (`updatedAt` set).
     public var room: Room
-    /// The `room.event` members get: started, resumed, paused, ended, next, muted, unmuted, kicked.
+    /// The `room.event` members get: started, resumed, paused, ended, next, muted, unmuted,
+    /// kicked, regenerating.
     public var event: String
     /// What the event names after `by`: `("clone", id)` or `("user", id)`.
     public var subject: Subject?
@@ -19,6 +20,8 @@ public struct RoomControl: Sendable, Equatable {
     public var nextSpeaker: String?
     /// The user whose sockets leave the room.
     public var kickedUser: String?
+    /// Run the last turn again, by its clone, in its place: the live room finds that turn.
+    public var regeneratesLastTurn = false
 
     public enum Subject: Sendable, Equatable {
         case clone(String)
@@ -36,7 +39,7 @@ public enum RoomLifecycle {
             .failure(FrameError(ref: nil, code: code, message: message))
         }
         let notRunning = "room \(id) is \(room.status.rawValue), not running"
-        if room.kind == .translation, [.start, .pause, .resume, .next].contains(action) {
+        if room.kind == .translation, [.start, .pause, .resume, .next, .regenerate].contains(action) {
             return refuse(.badRequest, "a translation chat has no turns to \(action.rawValue); its owner may end, mute, unmute and kick")
         }
         var control = RoomControl(room: room, event: "")
@@ -85,6 +88,16 @@ public enum RoomLifecycle {
             control.subject = room.debater(target) != nil ? .clone(target) : .user(target)
             control.event = action == .mute ? "muted" : "unmuted"
             control.startsLoop = action == .unmute && room.status == .running
+        case .regenerate:
+            // A running or paused room, between turns: a paused one runs that one turn and stays
+            // paused. The moderator pauses a turn that streams (stored, cut short) to regenerate it.
+            guard room.status == .running || room.status == .paused else {
+                return refuse(.conflict, "room \(id) is \(room.status.rawValue); regenerate needs it running or paused")
+            }
+            guard speaking == nil else { return refuse(.conflict, "a turn is streaming in room \(id); pause the room to regenerate it") }
+            control.regeneratesLastTurn = true
+            control.startsLoop = true
+            control.event = "regenerating"
         case .kick:
             guard let target else { return refuse(.badRequest, "kick needs a 'target'") }
             guard target != room.owner else { return refuse(.badRequest, "the moderator cannot be kicked") }

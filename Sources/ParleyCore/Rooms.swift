@@ -146,6 +146,16 @@ public struct Room: Sendable, Equatable {
 
 /// One line of a room's transcript: a clone's turn or a person's interjection, or (translation
 /// chats) the translation of one of those into one language.
+extension RoomEntry {
+    /// The transcript as it stands: without the turns a moderator had regenerated (a turn whose
+    /// `source` names an earlier turn takes its place).
+    public static func current(_ transcript: [RoomEntry]) -> [RoomEntry] {
+        let replaced = Set(transcript.lazy.filter { $0.kind == .turn }.compactMap(\.source))
+        guard !replaced.isEmpty else { return transcript }
+        return transcript.filter { !($0.kind == .turn && replaced.contains($0.id)) }
+    }
+}
+
 public struct RoomEntry: Sendable, Equatable {
     public enum Kind: String, Sendable, Equatable {
         case turn, said, translation
@@ -164,7 +174,7 @@ public struct RoomEntry: Sendable, Equatable {
     public var stream: String?
     /// Translation chats: the language of `text`.
     public var lang: LanguageTag?
-    /// Translations: the entry translated.
+    /// Translations: the entry translated. A regenerated turn: the turn it replaces.
     public var source: String?
     /// Translations: whether `speaker` is a clone (else a user).
     public var speakerIsClone: Bool
@@ -295,7 +305,8 @@ public enum TurnTaking {
     ///   word), unless that is who just spoke; otherwise the clone whose name, stance and last
     ///   turn share the most words with the newest entry; ties and an empty transcript fall back
     ///   to round robin. The clone who spoke last never speaks twice in a row unless alone.
-    public static func next(room: Room, transcript: [RoomEntry], requested: String?) -> String? {
+    public static func next(room: Room, transcript all: [RoomEntry], requested: String?) -> String? {
+        let transcript = RoomEntry.current(all)
         let speakers = room.debaters.filter { !room.muted.contains($0.clone) }
         guard !speakers.isEmpty else { return nil }
         let lastTurn = transcript.last { $0.kind == .turn }
@@ -369,7 +380,8 @@ public enum TurnTaking {
     /// The prompt for `speaker`'s turn: its persona, its stance, the topic and the debate so far
     /// (its own turns as assistant messages, everyone else's as named user messages), trimmed to
     /// `budget` tokens from the oldest end.
-    public static func prompt(room: Room, speaker: Clone, transcript: [RoomEntry], names: [String: String], budget: Int) -> AssembledPrompt {
+    public static func prompt(room: Room, speaker: Clone, transcript all: [RoomEntry], names: [String: String], budget: Int) -> AssembledPrompt {
+        let transcript = RoomEntry.current(all)
         let stance = room.debater(speaker.id)?.stance ?? ""
         let others = room.debaters.filter { $0.clone != speaker.id }.map(\.name).joined(separator: ", ")
         var debate = "You are in a debate on: \(room.topic)"

@@ -30,6 +30,8 @@ final class LiveRoom: Sendable {
         var current: LiveStream?
         /// The clone the moderator asked for with `next`.
         var requested: String?
+        /// The turn the moderator asked to regenerate: the loop runs it next, whatever the status.
+        var regenerating: RoomEntry?
         var loop: Task<Void, Never>?
         /// Dropped from memory (no members, nothing running); a join must load the room again.
         var retired = false

@@ -356,6 +356,17 @@ final class RoomService: FrameHandler {
         let outcome = live.state.withLock { s -> Result<RoomControl, FrameError> in
             let outcome = RoomLifecycle.apply(action, target: target, to: s.room, speaking: s.current?.clone, now: now)
             guard case .success(let control) = outcome else { return outcome }
+            var fields: [(String, JSONValue)] = [("by", .string(by))]
+            if control.regeneratesLastTurn {
+                guard let last = RoomEntry.current(s.transcript).last(where: { $0.kind == .turn }) else {
+                    return .failure(FrameError(ref: nil, code: .badRequest, message: "room \(id) has no turn to regenerate"))
+                }
+                guard !s.room.muted.contains(last.speaker) else {
+                    return .failure(FrameError(ref: nil, code: .conflict, message: "the last turn's clone is muted in room \(id)"))
+                }
+                s.regenerating = last
+                fields += [("clone", .string(last.speaker)), ("replaces", .string(last.id))]
+            }
             // A stopped turn ends after the token being sent.
             if control.stopsAllStreams { s.stopStreams(.cancelled) } else if control.stopsTurn { s.current?.stop(.cancelled) }
             if let next = control.nextSpeaker { s.requested = next }
@@ -365,7 +376,6 @@ final class RoomService: FrameHandler {
                 owners?.kick(user, from: id)
             }
             s.room = control.room
-            var fields: [(String, JSONValue)] = [("by", .string(by))]
             switch control.subject {
             case .clone(let clone)?: fields.append(("clone", .string(clone)))
             case .user(let user)?: fields.append(("user", .string(user)))
@@ -399,7 +409,12 @@ final class RoomService: FrameHandler {
             // A draining server lets the turn in flight finish and starts no other.
             let accepting = isAccepting
             // Decide under the lock whether another turn runs, and whose.
-            let decision = live.state.withLock { s -> (room: Room, transcript: [RoomEntry], speaker: String)? in
+            let decision = live.state.withLock { s -> (room: Room, transcript: [RoomEntry], speaker: String, replacing: RoomEntry?)? in
+                // A regenerated turn first, in a paused room too: in place of the last one.
+                if accepting, let last = s.regenerating {
+                    s.regenerating = nil
+                    return (s.room, s.transcript.filter { $0.id != last.id }, last.speaker, last)
+                }
                 guard accepting, s.room.status == .running, s.room.turnsTaken < s.room.totalTurns,
                     let speaker = TurnTaking.next(room: s.room, transcript: s.transcript, requested: s.requested)
                 else {
@@ -407,13 +422,13 @@ final class RoomService: FrameHandler {
                     return nil
                 }
                 s.requested = nil
-                return (s.room, s.transcript, speaker)
+                return (s.room, s.transcript, speaker, nil)
             }
-            guard let (room, transcript, speaker) = decision else {
+            guard let (room, transcript, speaker, replacing) = decision else {
                 await finishIfDone(live)
                 return
             }
-            await turn(live, room: room, transcript: transcript, speaker: speaker)
+            await turn(live, room: room, transcript: transcript, speaker: speaker, replacing: replacing)
         }
     }
 
@@ -430,7 +445,9 @@ final class RoomService: FrameHandler {
         live.broadcast(allocator.buffer(bytes: ServerFrame.roomEvent(room: ended.id, event: "ended", [("reason", .string("rounds_done"))])))
     }
 
-    private func turn(_ live: LiveRoom, room: Room, transcript: [RoomEntry], speaker: String) async {
+    /// One turn of `speaker`; `replacing` names the turn it regenerates (its entry says so in
+    /// `source`, and it counts as a turn only when the one it replaces did not).
+    private func turn(_ live: LiveRoom, room: Room, transcript: [RoomEntry], speaker: String, replacing: RoomEntry? = nil) async {
         do {
             guard let clone = try await store.clone(id: speaker, owner: room.owner) else {
                 try await muteDeletedClone(speaker, in: live)
@@ -449,13 +466,13 @@ final class RoomService: FrameHandler {
             }
             // The turn starts under the room's lock: whoever is a member now receives all of it.
             let stream = live.state.withLock { s -> LiveStream? in
-                guard s.room.status == .running else { return nil }
-                let announcement = allocator.buffer(
-                    bytes: ServerFrame.roomEvent(
-                        room: room.id, event: "turn",
-                        [
-                            ("clone", .string(clone.id)), ("stream", .string(prepared.id)), ("turn", .int(Int64(s.room.turnsTaken + 1))),
-                        ]))
+                guard s.room.status == .running || (replacing != nil && s.room.status == .paused) else { return nil }
+                var fields: [(String, JSONValue)] = [
+                    ("clone", .string(clone.id)), ("stream", .string(prepared.id)),
+                    ("turn", .int(Int64(s.room.turnsTaken + (replacing?.reason == .complete ? 0 : 1)))),
+                ]
+                if let replacing { fields.append(("replaces", .string(replacing.id))) }
+                let announcement = allocator.buffer(bytes: ServerFrame.roomEvent(room: room.id, event: "turn", fields))
                 live.publish(announcement, &s)
                 s.current = streams.open(
                     id: prepared.id, owner: room.owner, model: prepared.model, kind: .debateTurn(room: room.id, clone: clone.id),
@@ -477,7 +494,7 @@ final class RoomService: FrameHandler {
                     s.current = nil
                     if let entry {
                         s.append(entry)
-                        if entry.reason == .complete { s.room.turnsTaken += 1 }
+                        if entry.reason == .complete, replacing?.reason != .complete { s.room.turnsTaken += 1 }
                     }
                     s.room.updatedAt = Int64(Timestamp.nowMillis())
                 }
@@ -488,7 +505,7 @@ final class RoomService: FrameHandler {
             ) { message in
                 let entry = RoomEntry(
                     id: entryID, room: room.id, kind: .turn, speaker: clone.id, text: message.text,
-                    createdAt: message.createdAt, reason: message.reason, stream: prepared.id)
+                    createdAt: message.createdAt, reason: message.reason, stream: prepared.id, source: replacing?.id)
                 try await live.writer.append(entry)
                 recorded.withLock { $0 = entry }
             }

@@ -87,7 +87,7 @@ import Testing
 
     @Test func aTranslationChatHasNoTurnsButCanBeModerated() throws {
         let chat = room(.open, kind: .translation)
-        for action in [RoomAction.start, .pause, .resume, .next] {
+        for action in [RoomAction.start, .pause, .resume, .next, .regenerate] {
             guard case .failure(let error) = apply(action, chat) else {
                 Issue.record("\(action) in a translation chat")
                 continue
@@ -96,5 +96,38 @@ import Testing
         }
         #expect(try apply(.end, chat).get().room.status == .ended)
         #expect(try apply(.kick, target: "bruno", chat).get().kickedUser == "bruno")
+    }
+
+    /// Regenerate runs the last turn again between turns of a running or paused room, leaving
+    /// its status as it was; the live room finds that turn.
+    @Test func regenerateNeedsARunningOrPausedRoomBetweenTurns() throws {
+        for status in [Room.Status.running, .paused] {
+            let control = try apply(.regenerate, room(status)).get()
+            #expect(control.regeneratesLastTurn && control.startsLoop && control.event == "regenerating")
+            #expect(control.room.status == status && !control.stopsTurn)
+        }
+        for status in [Room.Status.open, .ended] {
+            guard case .failure(let error) = apply(.regenerate, room(status)) else {
+                Issue.record("regenerate in \(status)")
+                return
+            }
+            #expect(error.code == .conflict)
+        }
+        guard case .failure(let error) = apply(.regenerate, room(.running), speaking: "a") else {
+            Issue.record("while a turn streams")
+            return
+        }
+        #expect(error.code == .conflict && error.message.contains("pause"))
+    }
+
+    @Test func aRegeneratedTurnTakesThePlaceOfTheOneItReplaces() {
+        let first = RoomEntry(id: "re_1", room: "rm_1", kind: .turn, speaker: "a", text: "one", createdAt: 1, reason: .complete)
+        let said = RoomEntry(id: "re_2", room: "rm_1", kind: .said, speaker: "u", text: "hm", createdAt: 2)
+        let again = RoomEntry(id: "re_3", room: "rm_1", kind: .turn, speaker: "a", text: "two", createdAt: 3, reason: .complete, source: "re_1")
+        let translation = RoomEntry(id: "re_4", room: "rm_1", kind: .translation, speaker: "u", text: "hm!", createdAt: 4, source: "re_2")
+        #expect(RoomEntry.current([first, said, again, translation]) == [said, again, translation])
+        #expect(RoomEntry.current([first, said]) == [first, said])
+        let debate = room(.running)
+        #expect(TurnTaking.next(room: debate, transcript: [first, said, again], requested: nil) == "b")
     }
 }

@@ -60,9 +60,10 @@ struct DebateFixture {
 
     static func make(
         names: [String] = ["Ada", "Bob"], policy: String = "round_robin", rounds: Int = 2, maxTokens: Int = 300,
-        visibility: String = "link", store: TestServer.StoreKind = .sqlite, _ configure: (inout ServerConfiguration) -> Void = { _ in }
+        visibility: String = "link", store: TestServer.StoreKind = .sqlite, provider: (any LLMProvider)? = nil,
+        _ configure: (inout ServerConfiguration) -> Void = { _ in }
     ) async throws -> DebateFixture {
-        let server = try await TestServer.start(store: store) {
+        let server = try await TestServer.start(store: store, provider: provider) {
             $0.simulated.replyTokens = 6
             configure(&$0)
         }

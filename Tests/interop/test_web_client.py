@@ -549,6 +549,12 @@ def test_the_moderator_pauses_resumes_and_ends_a_debate(web, browser):
     expect(page.locator("#room-log")).to_contain_text("chair paused", timeout=WAIT)
     expect(page.locator("#room-meta")).to_have_attribute("data-status", "paused")
     expect(page.locator("#room-log li.clone").first).to_have_attribute("data-reason", "cancelled", timeout=WAIT)
+    # The cut-short turn taken again while paused: the new take replaces it, and the room stays paused.
+    page.get_by_role("button", name="Regenerate last turn").click()
+    expect(page.locator("#room-log")).to_contain_text("for a new take of the last turn", timeout=WAIT)
+    expect(page.locator("#room-log li.clone[data-reason=complete]")).to_have_count(1, timeout=WAIT)
+    expect(page.locator("#room-log li.clone")).to_have_count(1)
+    expect(page.locator("#room-meta")).to_have_attribute("data-status", "paused")
     page.get_by_role("button", name="Resume").click()
     expect(page.locator("#room-log")).to_contain_text("chair resumed", timeout=WAIT)
     page.get_by_role("button", name="End").click()

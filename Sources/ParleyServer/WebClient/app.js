@@ -172,7 +172,7 @@ function onStreamEnd(frame) {
   s.ended = true;
   s.el.setAttribute("aria-busy", "false");
   s.el.dataset.reason = frame.reason;
-  if (frame.message) s.el.dataset.message = frame.message;
+  if (frame.message) s.el.dataset[s.room ? "entry" : "message"] = frame.message;
   if (REASONS[frame.reason]) addNote(s.el, REASONS[frame.reason]);
   state.streams.delete(frame.stream);
   if (![...state.streams.values()].some((x) => !x.room)) $("stop").hidden = true;
@@ -737,7 +737,9 @@ function onRoomState(frame) {
   $("room-controls").hidden = !(room.kind === "debate" && room.moderator === state.user);
   const log = $("room-log");
   log.replaceChildren();
-  for (const entry of frame.transcript) addEntry(entry);
+  // A turn the moderator regenerated gives way to the take that replaced it.
+  const replaced = new Set(frame.transcript.filter((e) => e.kind === "turn" && e.source).map((e) => e.source));
+  for (const entry of frame.transcript) if (!replaced.has(entry.id)) addEntry(entry);
 }
 
 function renderRoomMeta() {
@@ -761,6 +763,7 @@ function onRoomEvent(frame) {
   const room = state.room.room;
   switch (frame.event) {
     case "said": return addEntry(frame.entry);
+    case "turn": if (frame.replaces) log.querySelector(`[data-entry="${frame.replaces}"]`)?.remove(); break;
     case "joined": if (!state.room.members.includes(frame.user)) state.room.members.push(frame.user); break;
     case "left": state.room.members = state.room.members.filter((m) => m !== frame.user); break;
     case "started": case "resumed": room.status = "running"; break;
@@ -770,7 +773,8 @@ function onRoomEvent(frame) {
   const text = {
     joined: `${frame.user} joined`, left: `${frame.user} left`, started: `${frame.by} started the debate`,
     paused: frame.reason === "insufficient_credits" ? "paused: the moderator is out of credits" : `${frame.by} paused`,
-    resumed: `${frame.by} resumed`, next: `${frame.by} moved to the next turn`, turn: `turn ${frame.turn}: ${cloneName(frame.clone)}`,
+    resumed: `${frame.by} resumed`, next: `${frame.by} moved to the next turn`,
+    regenerating: `${frame.by} asked ${cloneName(frame.clone)} for a new take of the last turn`, turn: `turn ${frame.turn}: ${cloneName(frame.clone)}`,
     muted: `${frame.by} muted ${frame.clone ? cloneName(frame.clone) : frame.user}`,
     unmuted: `${frame.by} unmuted ${frame.clone ? cloneName(frame.clone) : frame.user}`, kicked: `${frame.by} removed ${frame.user}`,
     ended: frame.reason === "rounds_done" ? "the debate is over" : "the room ended",
