@@ -87,3 +87,45 @@ public struct RollingSummary: Sendable {
         return (summary, history.filter { $0.id > summary.through })
     }
 }
+
+/// Facts a clone keeps about its user (#24): drawn by the clone's model from the turns a fold
+/// takes out of the prompt, added to the clone's memory (which every prompt of the clone holds,
+/// and which the user reads, edits and deletes as the clone's `memory`).
+public enum LearnedFacts {
+    /// Tokens the model may spend listing them.
+    public static let maxTokens = 96
+    /// A fact longer than this is cut (at a word).
+    public static let maxLength = 200
+
+    /// The request: what the clone already remembers, and the user's words to draw from.
+    public static func prompt(known: [String], from turns: [Message], user: String) -> [PromptMessage] {
+        let system = """
+            You note what a user says about themselves. From the user's messages below, list each fact the user \
+            stated about themselves or their life (names, places, dates, preferences, plans) that is not already known, \
+            one per line starting with "- ", in a short sentence about "the user". If there is none, answer "none".
+            """
+        var text = "Already known:\n" + (known.isEmpty ? "(nothing)" : known.map { "- " + $0 }.joined(separator: "\n"))
+        text += "\n\nMessages from \(user):\n" + turns.filter { $0.role == .user }.map { "- " + $0.text }.joined(separator: "\n")
+        return [PromptMessage(role: .system, text: system), PromptMessage(role: .user, text: text)]
+    }
+
+    /// The new facts of the model's `answer` (its lines starting with "- " or "* "), without
+    /// those `known` holds (case-insensitively) or repeats, each at most `maxLength` characters,
+    /// so that `known` plus them stays within `limit` entries.
+    public static func parse(_ answer: String, known: [String], limit: Int) -> [String] {
+        var seen = Set(known.map { $0.lowercased() })
+        var facts: [String] = []
+        for line in answer.split(whereSeparator: \.isNewline) {
+            let trimmed = String(line).trimmedWhitespace
+            guard trimmed.hasPrefix("- ") || trimmed.hasPrefix("* ") else { continue }
+            var fact = String(trimmed.dropFirst(2)).trimmedWhitespace
+            if fact.count > maxLength {
+                fact = String(fact.prefix(maxLength))
+                if let space = fact.lastIndex(of: " ") { fact = String(fact[..<space]) }
+            }
+            guard !fact.isEmpty, fact.lowercased() != "none", seen.insert(fact.lowercased()).inserted else { continue }
+            facts.append(fact)
+        }
+        return Array(facts.prefix(max(0, limit - known.count)))
+    }
+}

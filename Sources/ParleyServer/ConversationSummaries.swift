@@ -35,9 +35,32 @@ struct ConversationSummaries: Sendable {
             let stored = try await store.setSummary(
                 ConversationSummary(text: text, through: through.id), conversation: id, owner: owner, replacing: conversation.summary?.through)
             if !stored { streams.logger.debug("a newer summary was stored meanwhile", metadata: ["conversation": "\(id)"]) }
+            try await learn(from: folding, clone: clone, owner: owner, conversation: id)
         } catch {
             streams.logger.warning("could not fold the conversation's summary", metadata: ["conversation": "\(id)", "error": "\(error)"])
         }
+    }
+}
+
+extension ConversationSummaries {
+    /// What the folded turns told of the user joins the clone's memory (metered as `summary`).
+    /// Read again just before it is written, so that only an edit made during that one write is
+    /// lost; a memory at its limit learns nothing more.
+    func learn(from folded: [Message], clone: Clone, owner: String, conversation: String) async throws {
+        guard folded.contains(where: { $0.role == .user }), clone.memory.count < configuration.cloneLimits.maxMemoryEntries else { return }
+        let request = CompletionRequest(
+            model: configuration.model(for: clone), messages: LearnedFacts.prompt(known: clone.memory, from: folded, user: "The user"),
+            maxOutputTokens: LearnedFacts.maxTokens)
+        guard
+            let answer = await streams.generateQuietly(
+                request, payer: owner, conversation: conversation, feature: .summary, stream: ids.make(.stream)),
+            var current = try await store.clone(id: clone.id, owner: owner)
+        else { return }
+        let facts = LearnedFacts.parse(answer, known: current.memory, limit: configuration.cloneLimits.maxMemoryEntries)
+        guard !facts.isEmpty else { return }
+        current.memory += facts
+        current.updatedAt = Int64(Timestamp.nowMillis())
+        _ = try await store.updateClone(current)
     }
 }
 

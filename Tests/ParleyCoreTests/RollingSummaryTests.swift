@@ -58,4 +58,18 @@ import Testing
         #expect(prompt[1].text.hasPrefix("Summary so far:\nOld.\n\nNew messages:\nThe user: word"))
         #expect(prompt[1].text.contains("\nAda: word"))
     }
+
+    @Test func learnedFactsAreTheNewBulletsWithinTheLimit() {
+        let answer = "Here you go:\n- The user has a sister, Wilhelmina.\n* the user lives in Porto\n- The user lives in Porto\nnone\n-\n- none"
+        #expect(LearnedFacts.parse(answer, known: [], limit: 10) == ["The user has a sister, Wilhelmina.", "the user lives in Porto"])
+        #expect(LearnedFacts.parse(answer, known: ["THE USER LIVES IN PORTO"], limit: 10) == ["The user has a sister, Wilhelmina."])
+        #expect(LearnedFacts.parse(answer, known: ["a", "b"], limit: 3) == ["The user has a sister, Wilhelmina."])
+        #expect(LearnedFacts.parse(answer, known: ["a", "b", "c"], limit: 3).isEmpty)
+        let long = "- " + Array(repeating: "word", count: 100).joined(separator: " ")
+        let cut = LearnedFacts.parse(long, known: [], limit: 1)
+        #expect(cut.count == 1 && cut[0].count <= LearnedFacts.maxLength && cut[0].hasSuffix("word"))
+        let prompt = LearnedFacts.prompt(known: ["likes tea"], from: turns(3), user: "The user")
+        #expect(prompt[1].text.hasPrefix("Already known:\n- likes tea\n\nMessages from The user:\n- word"))
+        #expect(prompt[1].text.components(separatedBy: "\n- word").count == 3, "the user's two messages, not the reply")
+    }
 }

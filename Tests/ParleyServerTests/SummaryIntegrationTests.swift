@@ -7,7 +7,8 @@ import Testing
 
 /// A model that answers chat briefly and summarizes faithfully: its summary keeps the previous
 /// summary and every line of the user's that says "Remember", cut to the tokens it is allowed,
-/// oldest first (the way a model told to keep the user's facts does). It records every request.
+/// oldest first (the way a model told to keep the user's facts does); asked for facts, it lists
+/// what follows each "Remember:". It records every request.
 final class SummarizingModel: LLMProvider {
     let requests = Mutex<[CompletionRequest]>([])
 
@@ -15,6 +16,10 @@ final class SummarizingModel: LLMProvider {
 
     static func isSummary(_ request: CompletionRequest) -> Bool {
         request.messages.first?.text.hasPrefix("You keep the running summary") == true
+    }
+
+    static func isFacts(_ request: CompletionRequest) -> Bool {
+        request.messages.first?.text.hasPrefix("You note what a user says") == true
     }
 
     func stream(_ request: CompletionRequest) -> LLMEventStream {
@@ -29,6 +34,10 @@ final class SummarizingModel: LLMProvider {
             }
             while Tokenizer.count(kept.joined(separator: " ")) > request.maxOutputTokens { kept.removeLast() }
             text = kept.joined(separator: " ")
+        } else if Self.isFacts(request), let body = request.messages.last?.text {
+            let said = body.components(separatedBy: "\n\nMessages from ").last ?? ""
+            let facts = said.split(separator: "\n").compactMap { line in line.range(of: "Remember: ").map { "- " + line[$0.upperBound...] } }
+            text = facts.isEmpty ? "none" : facts.joined(separator: "\n")
         }
         let tokens = Tokenizer.tokens(text).map(String.init)
         return LLMEventStream { continuation in
@@ -39,7 +48,7 @@ final class SummarizingModel: LLMProvider {
         }
     }
 
-    var chatPrompts: [CompletionRequest] { requests.withLock { $0.filter { !Self.isSummary($0) } } }
+    var chatPrompts: [CompletionRequest] { requests.withLock { $0.filter { !Self.isSummary($0) && !Self.isFacts($0) } } }
     var summaryPrompts: [CompletionRequest] { requests.withLock { $0.filter(Self.isSummary) } }
 }
 
@@ -86,6 +95,14 @@ final class SummarizingModel: LLMProvider {
         let path = try await server.path(conversation, token: token)
         let index = try #require(path.firstIndex { $0["id"]?.stringValue == through })
         #expect(index < path.count - 2)
+
+        // The clone learnt the fact, once, as a memory entry the user sees; a new conversation
+        // with it starts knowing it.
+        let memory = try await server.get("/v1/clones/\(clone)", token: token).json()["memory"]?.arrayValue ?? []
+        #expect(memory.filter { $0.stringValue?.contains("Wilhelmina") == true }.count == 1, "\(memory)")
+        try await socket.chatSend(id: "fresh", clone: clone, text: "Hello again")
+        _ = try await socket.readReply()
+        #expect(model.chatPrompts.last?.messages.first?.text.contains("- my sister is called Wilhelmina.") == true)
         await server.stop()
     }
 
