@@ -69,3 +69,49 @@ def test_a_real_model_streams_through_parley(data_dir, model_server, provider):
             time.sleep(0.05)
     finally:
         assert server.stop() == 0
+
+
+def test_a_real_model_folds_a_long_conversation_into_a_summary(data_dir, model_server):
+    """With a small prompt budget the conversation outgrows its prompt within a few turns: the
+    model writes the rolling summary, metered as feature `summary`, and it is stored."""
+    prices = data_dir / "prices.json"
+    prices.write_text(json.dumps({"models": {"smollm2": {"input_per_1k": 1000, "output_per_1k": 2000}}}))
+    server = Server(data_dir, "--provider", "openai", "--provider-url", model_server.base + "/v1", "--provider-model", "smollm2",
+                    "--prices", str(prices), "--context-budget", "300", "--max-reply-tokens", "48")
+    try:
+        token = server.token("ann")
+        clone = make_clone(server, token, system_prompt="You are Ada. Answer in one short sentence.")
+        said = ["My sister is called Wilhelmina and she lives in Porto, by the sea.",
+                "What is a good fruit to eat in the spring, and why is it good for you?",
+                "What is a good fruit to eat in the summer, and why is it good for you?",
+                "What is a good fruit to eat in the autumn, and why is it good for you?",
+                "What is a good fruit to eat in the winter, and why is it good for you?",
+                "Which of those fruits keeps longest in a cool dark cupboard at home?",
+                "And which of them would you bake into a pie for a family dinner?",
+                "How long should that pie bake, and at what temperature in the oven?"]
+
+        async def run():
+            conversation = None
+            async with websockets.connect(f"{server.ws}?token={token}") as ws:
+                await recv(ws)
+                for i, text in enumerate(said):
+                    frame = {"type": "chat.send", "id": f"c{i}", "clone": clone["id"], "text": text}
+                    if conversation:
+                        frame["conversation"] = conversation
+                    await ws.send(json.dumps(frame))
+                    start, _, end = await read_stream(ws)
+                    assert end["reason"] == "complete", end
+                    conversation = start["conversation"]
+                    summary = server.http("GET", f"/v1/conversations/{conversation}", token)[1].get("summary")
+                    if summary:
+                        return conversation, summary
+            return conversation, None
+
+        conversation, summary = asyncio.run(run())
+        assert summary and summary["text"].strip(), "no fold within the turns"
+        messages = server.http("GET", f"/v1/conversations/{conversation}/messages", token)[1]["messages"]
+        assert summary["through"] in [m["id"] for m in messages[:-2]]
+        entries = server.http("GET", "/v1/credits?limit=100", token)[1]["entries"]
+        assert any(e.get("feature") == "summary" for e in entries), entries
+    finally:
+        assert server.stop() == 0
