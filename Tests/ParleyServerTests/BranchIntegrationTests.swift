@@ -183,12 +183,16 @@ extension TestServer {
         #expect(try trimmed.json()["deleted"] == .int(2))
         #expect(try await server.path(conversation, token: token).map { $0["id"]! } == path.prefix(2).map { $0["id"]! })
 
-        // Deleted: gone from the list, its messages with it; another user cannot.
+        // Deleted: gone from the list, search and export, its messages with it; another user cannot.
+        #expect(try await server.search("jokes", token: token).json()["items"]?.arrayValue?.count == 1, "its title")
         let bob = try await server.token("bob")
         #expect(try await TestHTTPClient.request(port: server.port, .DELETE, base, token: bob).status == .notFound)
         #expect(try await TestHTTPClient.request(port: server.port, .DELETE, base, token: token).status == .noContent)
         let list = try await server.get("/v1/conversations", token: token).json()["conversations"]?.arrayValue ?? []
         #expect(list.map { $0["id"]! } == [copy["id"]!])
+        #expect(try await server.search("jokes", token: token).json()["items"]?.arrayValue?.isEmpty == true)
+        let hellos = try await server.search("hello", token: token).json()["items"]?.arrayValue ?? []
+        #expect(!hellos.isEmpty && hellos.allSatisfy { $0["conversation"]?["id"] == copy["id"] }, "only the fork's copy")
         #expect(try await server.get(base + "/messages", token: token).status == .notFound)
         let export = try await server.get("/v1/me/export", token: token).json()
         #expect(export["conversations"]?.arrayValue?.map { $0["conversation"]?["id"] } == [copy["id"]])
