@@ -44,8 +44,12 @@ public final class NATSServer: @unchecked Sendable {
         guard let line = text.split(separator: "\n").first(where: { $0.contains("Listening for client connections on ") }),
             let port = line.split(separator: ":").last.map({ String($0).trimmingCharacters(in: .whitespaces) })
         else { throw FixtureError(description: "nats-server printed no client port: \(text)") }
-        // Keep reading its log so the pipe never fills and blocks it.
-        output.fileHandleForReading.readabilityHandler = { handle in _ = handle.availableData }
+        // Keep reading its log so the pipe never fills and blocks it: on a thread of its own,
+        // blocking until the server exits. Not with `readabilityHandler`, whose dispatch source,
+        // torn down as the process ends, crashed a test run in libdispatch's
+        // `_dispatch_event_loop_drain` on Linux (swift-corelibs-foundation PR #5507).
+        let log = output.fileHandleForReading
+        Thread.detachNewThread { while !log.availableData.isEmpty {} }
         return "nats://127.0.0.1:\(port)"
     }
 
