@@ -46,6 +46,7 @@ class Proxy:
     def __init__(self, port):
         self.target = port
         self.accepted = 0
+        self.refusing = False  # while set, a new connection is cut at once (the network is down)
         self.writers = set()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -54,6 +55,9 @@ class Proxy:
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def handle(self, reader, writer):
+        if self.refusing:
+            writer.transport.abort()
+            return
         self.accepted += 1
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
         self.writers |= {writer, up_writer}
@@ -348,6 +352,83 @@ def test_a_dropped_connection_resumes_the_stream_without_loss_or_duplication(web
         proxy.close()
 
 
+def test_a_message_is_shown_as_sent_only_once_the_server_took_it(web, browser):
+    """#25's failures 1, 2, 6 and Esc: no send while a reply streams in the conversation or the
+    socket is down (the words stay in the box), no page error from a stream left behind."""
+    proxy = Proxy(web.port)
+    try:
+        page = browser.new_page()
+        errors = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        sign_in(page, f"http://127.0.0.1:{proxy.port}", "ned")
+        make_clone_in_ui(page, "Ada")
+        page.get_by_role("button", name="Chat").click()
+        send(page, "Count for me")
+        expect(assistant(page)).to_have_attribute("aria-busy", "true", timeout=WAIT)
+        # While it streams: Send waits, Stop is offered, the next message stays in the box.
+        send(page, "And then?")
+        expect(page.get_by_role("button", name="Send")).to_be_disabled()
+        expect(page.get_by_role("button", name="Stop")).to_be_visible()
+        expect(page.get_by_label("Message", exact=True)).to_have_value("And then?")
+        expect(page.locator("#messages li.user")).to_have_count(1)
+        # Esc stops it; then the waiting message goes.
+        page.keyboard.press("Escape")
+        expect(assistant(page)).to_have_attribute("data-reason", "cancelled", timeout=WAIT)
+        expect(page.get_by_role("button", name="Stop")).to_be_hidden()
+        page.get_by_label("Message", exact=True).press("Enter")
+        expect(page.locator("#messages li.user")).to_have_count(2, timeout=WAIT)
+        expect(page.locator("#messages li.user.pending")).to_have_count(0, timeout=WAIT)
+        expect(page.get_by_label("Message", exact=True)).to_have_value("")
+
+        # A reply left behind in another conversation goes on without page errors, and no Stop here.
+        page.get_by_role("button", name="New conversation").click()
+        expect(page.get_by_role("button", name="Stop")).to_be_hidden()
+        expect(page.locator("#composer-status")).to_have_text("")
+        page.wait_for_function("() => document.querySelectorAll('#conversations li').length === 1", timeout=WAIT)
+
+        # The network is down: Send waits, the words stay; once back, it sends and the banner goes.
+        page.locator("#conversations li button").first.click()
+        expect(page.locator("#messages li.assistant[data-reason=complete]")).to_have_count(1, timeout=WAIT)
+        proxy.refusing = True
+        proxy.sever()
+        expect(page.locator("#connection")).to_have_text("reconnecting…", timeout=WAIT)
+        send(page, "Still there?")
+        expect(page.get_by_label("Message", exact=True)).to_have_value("Still there?")
+        expect(page.locator("#composer-status")).to_contain_text("Not connected")
+        expect(page.locator("#messages li.user", has_text="Still there?")).to_have_count(0)
+        proxy.refusing = False
+        expect(page.locator("#connection")).to_have_text("connected", timeout=WAIT)
+        expect(page.locator("#banner")).to_be_hidden()
+        page.get_by_label("Message", exact=True).press("Enter")
+        expect(page.locator("#messages li.user", has_text="Still there?")).to_have_count(1, timeout=WAIT)
+        expect(page.locator("#messages li.assistant").last).to_have_attribute("data-reason", "complete", timeout=WAIT)
+        token = web.token("ned")
+        conversation = web.http("GET", "/v1/conversations", token)[1]["conversations"][-1]["id"]
+        stored = web.http("GET", f"/v1/conversations/{conversation}/messages", token)[1]["messages"]
+        assert [m["text"] for m in stored if m["role"] == "user"] == ["Count for me", "And then?", "Still there?"]
+        assert errors == [], errors
+        page.close()
+    finally:
+        proxy.close()
+
+
+def test_the_header_says_when_the_network_stalls(web, browser):
+    """#25's failure 5: offline in the middle of a reply, the header does not say connected."""
+    context = browser.new_context()
+    page = context.new_page()
+    sign_in(page, web.base, "oli")
+    make_clone_in_ui(page, "Ada")
+    page.get_by_role("button", name="Chat").click()
+    send(page, "Count for me")
+    page.wait_for_function("() => Number(document.querySelector('#messages li.assistant')?.dataset.seq) >= 2", timeout=WAIT)
+    context.set_offline(True)
+    expect(page.locator("#connection")).to_contain_text("waiting for the network", timeout=WAIT)
+    context.set_offline(False)
+    expect(page.locator("#connection")).to_have_text("connected", timeout=WAIT)
+    expect(assistant(page)).to_have_attribute("data-reason", "complete", timeout=WAIT)
+    context.close()
+
+
 def test_a_debate_watched_from_two_browsers(web, browser):
     token = web.token("mod")
     for name in ("Plato", "Aristotle"):
@@ -428,6 +509,11 @@ def test_scheduled_messages_are_created_listed_cancelled_and_delivered(web, brow
     page.get_by_role("button", name="Cancel the message from Clock").click()
     expect(page.locator("#schedule-list li[data-status=cancelled]")).to_have_count(1, timeout=WAIT)
 
+    # Refused by the server: said so, in words, not "Scheduled." (#25's failure 8).
+    page.get_by_label("Text or prompt").fill("   ")
+    page.get_by_role("button", name="Schedule", exact=True).click()
+    expect(page.locator("#schedule-status")).to_have_text("Not scheduled: 'text' must not be empty.", timeout=WAIT)
+
     page.get_by_label("In how many seconds").fill("1")
     page.get_by_label("Text or prompt").fill("Wake up")
     page.get_by_role("button", name="Schedule", exact=True).click()
@@ -499,8 +585,21 @@ def test_running_out_of_credits_shows_the_paywall_and_the_balance(data_dir, brow
         expect(reply.locator(".note")).to_have_text("out of credits")
         expect(page.get_by_role("alert").filter(has_text="out of credits")).to_be_visible()
         balance = server.http("GET", "/v1/credits", server.token("pat"))[1]["balance"]
-        expect(page.locator("#credits")).to_have_text(f"{balance} credits")
+        expect(page.locator("#credits")).to_have_text("1 credit" if balance == 1 else f"{balance} credits")
         assert 0 < int(reply.get_attribute("data-seq")) < 400, "stopped mid-reply"
+
+        # A message the server refuses for lack of credits is not shown as sent: its bubble says
+        # so in words, with no raw id, and offers Retry; nothing of it is stored.
+        send(page, "One more, please")
+        refused = page.locator("#messages li.user.failed")
+        expect(refused).to_have_count(1, timeout=WAIT)
+        expect(refused.locator(".note")).to_contain_text("not sent · Not enough credits")
+        expect(refused.get_by_role("button", name="Retry")).to_be_visible()
+        assert "cv_" not in refused.inner_text()
+        token = server.token("pat")
+        conversation = server.http("GET", "/v1/conversations", token)[1]["conversations"][0]["id"]
+        stored = server.http("GET", f"/v1/conversations/{conversation}/messages", token)[1]["messages"]
+        assert [m["text"] for m in stored if m["role"] == "user"] == ["Tell me a very long story"]
         page.close()
     finally:
         assert server.stop() == 0
@@ -543,7 +642,13 @@ def test_the_moderator_pauses_resumes_and_ends_a_debate(web, browser):
     page.get_by_label("Rounds").fill("5")
     page.get_by_role("button", name="Create debate").click()
     expect(page.locator("#room-controls")).to_be_visible(timeout=WAIT)
+    # Only what the room allows now (#25's failure 7): an open room can only start or end.
+    for name in ("Pause", "Next turn", "Regenerate last turn"):
+        expect(page.get_by_role("button", name=name)).to_be_disabled()
+    expect(page.get_by_role("button", name="Resume")).to_be_hidden()
     page.get_by_role("button", name="Start").click()
+    expect(page.get_by_role("button", name="Start")).to_be_disabled(timeout=WAIT)
+    expect(page.get_by_role("button", name="Pause")).to_be_enabled()
     page.wait_for_function("() => Number(document.querySelector('#room-log li.clone')?.dataset.seq) >= 2", timeout=WAIT)
     page.get_by_role("button", name="Pause").click()
     expect(page.locator("#room-log")).to_contain_text("chair paused", timeout=WAIT)
@@ -560,6 +665,8 @@ def test_the_moderator_pauses_resumes_and_ends_a_debate(web, browser):
     page.get_by_role("button", name="End").click()
     expect(page.locator("#room-log")).to_contain_text("the room ended", timeout=WAIT)
     expect(page.locator("#room-meta")).to_have_attribute("data-status", "ended")
+    for name in ("Start", "Pause", "Next turn", "Regenerate last turn", "End"):
+        expect(page.get_by_role("button", name=name)).to_be_disabled()
     status, room = web.http("GET", f"/v1/rooms/{page.get_by_label('Room id', exact=True).input_value()}", token)
     assert status == 200 and room["room"]["status"] == "ended"
     page.close()

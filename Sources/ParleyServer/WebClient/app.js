@@ -20,6 +20,9 @@ const state = {
   deliveries: new Set(), // schedule ids already shown (delivery is at least once)
   room: null,            // { room, members } of the room joined
   nextId: 1,
+  sending: new Map(),    // chat.send request id → { el, text, conversation } until the server takes it
+  welcomed: false,       // the socket is open and the server said welcome
+  reloadOnWelcome: false,
 };
 
 // ---------- REST ----------
@@ -31,7 +34,7 @@ async function api(method, path, body) {
   const text = await response.text();
   const json = text ? JSON.parse(text) : null;
   if (!response.ok) {
-    const error = new Error(json?.error?.message ?? `${response.status} ${response.statusText}`);
+    const error = new Error(json?.error ? humanError(json.error) : `${response.status} ${response.statusText}`);
     error.status = response.status;
     error.code = json?.error?.code;
     throw error;
@@ -55,11 +58,14 @@ const socket = {
     ws.onmessage = (event) => {
       let frame;
       try { frame = JSON.parse(event.data); } catch { return; }
+      heardFromServer();
       onFrame(frame);
     };
     ws.onclose = (event) => {
       if (this.ws !== ws || this.stopped) return;
       this.ws = null;
+      unconfirmedSendsBack();
+      updateComposer();
       if (event.code === 1008 && /token|expired|sockets|deleted/i.test(event.reason)) {
         setConnection("disconnected");
         showBanner(`Disconnected: ${event.reason}`);
@@ -72,9 +78,11 @@ const socket = {
     };
   },
 
+  get isOpen() { return this.ws?.readyState === WebSocket.OPEN && state.welcomed; },
+
   send(frame) {
     if (!this.ws || this.ws.readyState !== WebSocket.OPEN) {
-      showBanner("Not connected yet; try again in a moment.");
+      showBanner("Not connected yet; try again in a moment.", "connection");
       return false;
     }
     this.ws.send(JSON.stringify(frame));
@@ -97,7 +105,13 @@ function request(frame, handler = {}) {
 
 function onWelcome() {
   socket.attempts = 0;
+  state.welcomed = true;
   setConnection("connected");
+  hideBanner("connection");
+  updateComposer();
+  // A message whose answer the drop cut off may have been stored: the conversation shows it if so.
+  if (state.conversationId && state.reloadOnWelcome) showConversation(state.conversationId);
+  state.reloadOnWelcome = false;
   // Streams cut by the drop: the server replays what came after the last token shown.
   for (const [stream, s] of state.streams) {
     if (!s.ended && !s.room) request({ type: "stream.resume", stream, after: s.seq }, { stream });
@@ -118,7 +132,10 @@ function onFrame(frame) {
     case "error": return onError(frame, handler);
     case "delivery": return onDelivery(frame);
     case "conversation.title": return loadConversations();
-    case "schedule.ok": case "schedule.cancelled": case "schedule.failed": return loadSchedules();
+    case "schedule.ok":
+      if (handler?.schedule) $("schedule-status").textContent = "Scheduled.";
+      return loadSchedules();
+    case "schedule.cancelled": case "schedule.failed": return loadSchedules();
     case "room.state": return onRoomState(frame);
     case "room.event": return onRoomEvent(frame);
   }
@@ -127,6 +144,7 @@ function onFrame(frame) {
 // ---------- chat streams ----------
 
 function onStreamStart(frame) {
+  if (frame.ref) accepted(frame.ref);
   let s = state.streams.get(frame.stream);
   if (s) {  // the answer to a resume: the bubble is already there
     state.pending.delete(frame.ref);
@@ -149,11 +167,12 @@ function onStreamStart(frame) {
     state.pending.delete(frame.ref);
     const el = addBubble($("messages"), { who: cloneName(frame.clone), text: "", kind: "assistant", model: frame.model });
     s = { el, seq: 0, conversation: frame.conversation, reload };
-    $("stop").hidden = false;
   }
   s.el.dataset.stream = frame.stream;
   s.el.setAttribute("aria-busy", "true");
   state.streams.set(frame.stream, s);
+  updateComposer();
+  updateRoomControls();
 }
 
 function onToken(frame) {
@@ -162,7 +181,9 @@ function onToken(frame) {
   s.el.querySelector(".text").textContent += frame.text;
   s.seq = frame.seq;
   s.el.dataset.seq = String(frame.seq);
-  s.el.parentElement.scrollTop = s.el.parentElement.scrollHeight;
+  // A conversation switched away from keeps its bubble off the page: nothing to scroll.
+  const list = s.el.parentElement;
+  if (list) list.scrollTop = list.scrollHeight;
 }
 
 function onStreamEnd(frame) {
@@ -175,17 +196,20 @@ function onStreamEnd(frame) {
   if (frame.message) s.el.dataset[s.room ? "entry" : "message"] = frame.message;
   if (REASONS[frame.reason]) addNote(s.el, REASONS[frame.reason]);
   state.streams.delete(frame.stream);
-  if (![...state.streams.values()].some((x) => !x.room)) $("stop").hidden = true;
+  updateComposer();
+  updateRoomControls();
   // A regenerated or edited branch: the path changed, and its alternatives with it.
   if (s.reload && s.conversation === state.conversationId) showConversation(s.conversation);
 }
 
 function onPaywall(frame) {
   setCredits(frame.balance);
-  showBanner(`You are out of credits: the reply stopped. Balance ${frame.balance}, the next token needs ${frame.required}.`);
+  showBanner(`You are out of credits: the reply stopped. You have ${credits(frame.balance)}; the next words need ${credits(frame.required)}.`);
 }
 
 function onError(frame, handler) {
+  if (frame.ref && state.sending.has(frame.ref)) return notSent(frame.ref, humanError(frame));
+  if (handler?.schedule) { $("schedule-status").textContent = `Not scheduled: ${humanError(frame)}`; return; }
   // A refused regenerate or edit: the messages hidden for it come back.
   if (handler?.reload && state.conversationId) showConversation(state.conversationId);
   if (handler?.stream && frame.code === "stream_gone") {
@@ -194,13 +218,27 @@ function onError(frame, handler) {
     if (state.conversationId) showConversation(state.conversationId);
     return;
   }
-  if (frame.code === "insufficient_credits") {
-    if (typeof frame.balance === "number") setCredits(frame.balance);
-    showBanner(`Not enough credits: you have ${frame.balance ?? 0}, this needs ${frame.required ?? "more"}.`);
-    return;
-  }
-  showBanner(frame.message ?? frame.code);
+  if (frame.code === "insufficient_credits" && typeof frame.balance === "number") setCredits(frame.balance);
+  showBanner(humanError(frame));
 }
+
+// Server errors in words for people: by code where the code says it all, otherwise the server's
+// sentence with its ids (cv_…, rm_…) replaced by what they name.
+const NOUNS = { cv: "conversation", msg: "message", cl: "clone", rm: "room", st: "reply", sch: "schedule", re: "entry" };
+function humanError(frame) {
+  const message = frame.message ?? "";
+  if (frame.code === "insufficient_credits") {
+    return `Not enough credits: you have ${credits(frame.balance ?? 0)}, this needs ${frame.required ? credits(frame.required) : "more"}.`;
+  }
+  if (frame.code === "rate_limited" && /already streaming/.test(message)) return "A reply is still being written in this conversation; wait for it or press Stop.";
+  if (frame.code === "internal") return "Something went wrong on the server; try again.";
+  const words = message
+    .replace(/\b(conversation|message|clone|room|stream|reply|schedule|entry) (?:cv|msg|cl|rm|st|sch|re)_[0-9A-Za-z]+/g, "this $1")
+    .replace(/\b(cv|msg|cl|rm|st|sch|re)_[0-9A-Za-z]+/g, (_, prefix) => `this ${NOUNS[prefix]}`);
+  return words ? words[0].toUpperCase() + words.slice(1) + (/[.!?]$/.test(words) ? "" : ".") : "The server refused that.";
+}
+
+function credits(n) { return `${n} credit${n === 1 ? "" : "s"}`; }
 
 // ---------- views ----------
 
@@ -216,12 +254,93 @@ function show(view) {
 }
 
 function setConnection(text) { $("connection").textContent = text; }
-function setCredits(balance) { $("credits").textContent = `${balance} credits`; $("credits").dataset.balance = String(balance); }
+function setCredits(balance) { $("credits").textContent = credits(balance); $("credits").dataset.balance = String(balance); }
 
-function showBanner(text) {
-  const banner = $("banner");
-  banner.textContent = text;
-  banner.hidden = false;
+// One banner for what has no place of its own; `cause` lets what ends that cause clear it.
+function showBanner(text, cause = "") {
+  $("banner-text").textContent = text;
+  $("banner").dataset.cause = cause;
+  $("banner").hidden = false;
+}
+
+function hideBanner(cause) {
+  if (cause === undefined || $("banner").dataset.cause === cause) $("banner").hidden = true;
+}
+
+// ---------- the composer: a message is shown as sent once the server took it ----------
+
+// Whether a reply streams (or a message waits for its answer) in the open conversation.
+function busyHere() {
+  const here = state.conversationId ?? null;
+  return [...state.streams.values()].some((s) => !s.room && !s.ended && s.conversation === here)
+    || [...state.sending.values()].some((p) => p.conversation === here);
+}
+
+function updateComposer() {
+  const streaming = [...state.streams.values()].some((s) => !s.room && !s.ended && s.conversation === (state.conversationId ?? null));
+  $("stop").hidden = !streaming;
+  $("send").disabled = !socket.isOpen || busyHere();
+  $("composer-status").textContent = !socket.isOpen ? "Not connected: what you write stays here until it can be sent."
+    : streaming ? "A reply is being written (Esc stops it)." : "";
+}
+
+function accepted(ref) {
+  const pending = state.sending.get(ref);
+  if (!pending) return;
+  state.sending.delete(ref);
+  pending.el.classList.remove("pending");
+  pending.el.querySelector(".note")?.remove();
+  updateComposer();
+}
+
+function notSent(ref, why) {
+  const pending = state.sending.get(ref);
+  state.sending.delete(ref);
+  updateComposer();
+  if (!pending) return;
+  const { el, text } = pending;
+  el.classList.remove("pending");
+  el.classList.add("failed");
+  el.querySelector(".note")?.remove();
+  const note = document.createElement("span");
+  note.className = "note";
+  note.textContent = `not sent · ${why} `;
+  const retry = actionButton("Retry", "Send this message again", () => {
+    el.remove();
+    $("chat-text").value = text;
+    $("chat-form").requestSubmit();
+  });
+  note.append(retry);
+  el.append(note);
+}
+
+// The socket closed before the server answered a send: the text goes back to the box (unless
+// something else is there), and the conversation is read again once connected, which shows the
+// message if the server had stored it after all.
+function unconfirmedSendsBack() {
+  state.welcomed = false;
+  for (const [ref, pending] of state.sending) {
+    state.sending.delete(ref);
+    state.pending.delete(ref);
+    pending.el.remove();
+    if (!$("chat-text").value.trim()) $("chat-text").value = pending.text;
+    state.reloadOnWelcome = true;
+  }
+}
+
+// Frames that stop arriving while a reply streams, with the socket still open, mean the network
+// stalled (a closed socket says so itself): the header says so until frames come again.
+let stallTimer = null;
+function heardFromServer() {
+  clearTimeout(stallTimer);
+  if ($("connection").dataset.stalled) { delete $("connection").dataset.stalled; setConnection(navigator.onLine ? "connected" : "offline"); }
+  if ([...state.streams.values()].some((s) => !s.ended)) stallTimer = setTimeout(stalled, 3000);
+}
+
+function stalled() {
+  if (!socket.isOpen || ![...state.streams.values()].some((s) => !s.ended)) return;
+  $("connection").dataset.stalled = "1";
+  setConnection("waiting for the network…");
 }
 
 function addBubble(list, { who, text, kind, model }) {
@@ -449,6 +568,7 @@ async function openHit(hit) {
 
 async function showConversation(id) {
   state.conversationId = id;
+  updateComposer();
   $("conversation-actions").hidden = !id;
   const list = $("messages");
   list.replaceChildren();
@@ -569,14 +689,14 @@ function dropFrom(el) {
 }
 
 function regenerate(el, m) {
-  $("banner").hidden = true;
+  hideBanner();
   if (request({ type: "chat.regenerate", message: m.id }, { reload: true })) dropFrom(el);
 }
 
 function editMessage(el, m) {
   const text = window.prompt("Edit your message", m.text)?.trim();
   if (!text || text === m.text) return;
-  $("banner").hidden = true;
+  hideBanner();
   if (request({ type: "chat.edit", message: m.id, text }, { reload: true })) {
     const list = el.parentElement;
     dropFrom(el);
@@ -610,13 +730,16 @@ function sendChat(event) {
   event.preventDefault();
   const text = $("chat-text").value.trim();
   if (!text || !state.cloneId) return;
-  $("banner").hidden = true;
+  if (!socket.isOpen || busyHere()) { updateComposer(); return; }  // the text stays in the box
+  hideBanner();
   const frame = { type: "chat.send", clone: state.cloneId, text };
   if (state.conversationId) frame.conversation = state.conversationId;
-  if (request(frame, { newConversation: !state.conversationId })) {
-    addBubble($("messages"), { who: state.user, text, kind: "user" });
-    $("chat-text").value = "";
-  }
+  const el = addBubble($("messages"), { who: state.user, text, kind: "user pending" });
+  addNote(el, "sending…");
+  const ref = request(frame, { newConversation: !state.conversationId });
+  state.sending.set(ref, { el, text, conversation: state.conversationId ?? null });
+  $("chat-text").value = "";
+  updateComposer();
 }
 
 function stopStream() {
@@ -631,10 +754,12 @@ async function loadSchedules() {
   const page = await api("GET", "/v1/schedules?limit=100");
   $("schedule-list").replaceChildren(...page.schedules.map((s) => {
     const li = document.createElement("li");
+    // This page got its message: delivered, even before the server recorded the write.
+    const status = s.status === "fired" && state.deliveries.has(s.id) ? "delivered" : s.status;
     li.dataset.schedule = s.id;
-    li.dataset.status = s.status;
+    li.dataset.status = status;
     const what = document.createElement("span");
-    what.textContent = `${cloneName(s.clone)} · ${new Date(s.at).toLocaleString()} · ${s.text ?? `prompt: ${s.prompt}`} · ${s.status}`;
+    what.textContent = `${cloneName(s.clone)} · ${new Date(s.at).toLocaleString()} · ${s.text ?? `prompt: ${s.prompt}`} · ${status}`;
     li.append(what);
     if (s.status === "pending") {
       const cancel = document.createElement("button");
@@ -653,8 +778,9 @@ function createSchedule(event) {
   event.preventDefault();
   const frame = { type: "schedule.create", clone: $("schedule-clone").value, delay_ms: Number($("schedule-delay").value) * 1000 };
   frame[$("schedule-kind").value] = $("schedule-text").value;
-  request(frame);
-  $("schedule-status").textContent = "Scheduled.";
+  // Said once the server answers: schedule.ok, or an error naming what was wrong.
+  $("schedule-status").textContent = socket.isOpen ? "Scheduling…" : "Not connected: try again once connected.";
+  if (socket.isOpen) request(frame, { schedule: true });
 }
 
 function onDelivery(frame) {
@@ -740,6 +866,26 @@ function onRoomState(frame) {
   // A turn the moderator regenerated gives way to the take that replaced it.
   const replaced = new Set(frame.transcript.filter((e) => e.kind === "turn" && e.source).map((e) => e.source));
   for (const entry of frame.transcript) if (!replaced.has(entry.id)) addEntry(entry);
+  updateRoomControls();
+}
+
+// The moderator's buttons follow the room's state (RoomLifecycle): only what the room allows
+// now is enabled, and Pause and Resume take turns in one place.
+function updateRoomControls() {
+  if (!state.room) return;
+  const room = state.room.room;
+  const status = room.status;
+  const turnStreaming = [...state.streams.values()].some((s) => s.room === room.id && !s.ended);
+  const hasTurn = $("room-log").querySelector("li.clone") !== null;
+  const allowed = {
+    start: status === "open", pause: status === "running", resume: status === "paused", next: status === "running",
+    regenerate: (status === "running" || status === "paused") && !turnStreaming && hasTurn, end: status !== "ended",
+  };
+  for (const button of $("room-controls").querySelectorAll("button")) {
+    const control = button.dataset.control;
+    button.disabled = !allowed[control];
+    button.hidden = (control === "resume" && status !== "paused") || (control === "pause" && status === "paused");
+  }
 }
 
 function renderRoomMeta() {
@@ -763,7 +909,7 @@ function onRoomEvent(frame) {
   const room = state.room.room;
   switch (frame.event) {
     case "said": return addEntry(frame.entry);
-    case "turn": if (frame.replaces) log.querySelector(`[data-entry="${frame.replaces}"]`)?.remove(); break;
+    case "turn": if (frame.replaces) log.querySelector(`[data-entry="${CSS.escape(frame.replaces)}"]`)?.remove(); break;
     case "joined": if (!state.room.members.includes(frame.user)) state.room.members.push(frame.user); break;
     case "left": state.room.members = state.room.members.filter((m) => m !== frame.user); break;
     case "started": case "resumed": room.status = "running"; break;
@@ -774,13 +920,19 @@ function onRoomEvent(frame) {
     joined: `${frame.user} joined`, left: `${frame.user} left`, started: `${frame.by} started the debate`,
     paused: frame.reason === "insufficient_credits" ? "paused: the moderator is out of credits" : `${frame.by} paused`,
     resumed: `${frame.by} resumed`, next: `${frame.by} moved to the next turn`,
-    regenerating: `${frame.by} asked ${cloneName(frame.clone)} for a new take of the last turn`, turn: `turn ${frame.turn}: ${cloneName(frame.clone)}`,
+    regenerating: `${frame.by} asked ${cloneName(frame.clone)} for a new take of the last turn`, turn: `turn ${frame.turn}${totalTurns() ? ` of ${totalTurns()}` : ""}: ${cloneName(frame.clone)}`,
     muted: `${frame.by} muted ${frame.clone ? cloneName(frame.clone) : frame.user}`,
     unmuted: `${frame.by} unmuted ${frame.clone ? cloneName(frame.clone) : frame.user}`, kicked: `${frame.by} removed ${frame.user}`,
     ended: frame.reason === "rounds_done" ? "the debate is over" : "the room ended",
   }[frame.event];
   if (text) addEvent(log, text);
   renderRoomMeta();
+  updateRoomControls();
+}
+
+function totalTurns() {
+  const room = state.room?.room;
+  return room?.rounds && room?.clones ? room.rounds * room.clones.length : 0;
 }
 
 function sayInRoom(event) {
@@ -899,6 +1051,11 @@ async function start() {
   $("rename-conversation").onclick = renameConversation;
   $("delete-conversation").onclick = deleteConversation;
   $("chat-form").onsubmit = sendChat;
+  $("banner-close").onclick = () => hideBanner();
+  // Esc stops the reply being written in the open conversation.
+  document.addEventListener("keydown", (event) => { if (event.key === "Escape" && !$("stop").hidden) stopStream(); });
+  window.addEventListener("offline", () => setConnection("offline: waiting for the network…"));
+  window.addEventListener("online", () => { if (socket.isOpen) setConnection("connected"); });
   $("chat-text").onkeydown = (event) => {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) { event.preventDefault(); $("chat-form").requestSubmit(); }
   };
