@@ -377,7 +377,17 @@ struct RESTAPI: Sendable {
         guard let conversation = try await store.conversation(id: id, owner: identity.user) else {
             throw APIError(.notFound, .notFound, "no conversation \(id)")
         }
-        return HTTPResponse(.ok, json: conversation.json)
+        guard case .object(var pairs) = conversation.json else { return HTTPResponse(.ok, json: conversation.json) }
+        // A reply being written in it on this node: a page reloaded mid-reply resumes it.
+        if let live = chat.streams.hub.liveStreams.first(where: {
+            $0.owner == identity.user && $0.room == nil && $0.conversation == id && !$0.isEnded
+        }) {
+            var streaming: [(String, JSONValue)] = [("stream", .string(live.id))]
+            if let message = live.kind.message { streaming.append(("message", .string(message))) }
+            if let parent = live.kind.parent { streaming.append(("parent", .string(parent))) }
+            pairs.append(("streaming", .object(streaming)))
+        }
+        return HTTPResponse(.ok, json: .object(pairs))
     }
 
     private func listMessages(_ id: String, _ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {

@@ -132,6 +132,41 @@ import Testing
         await server.stop()
     }
 
+    /// A page reloaded mid-reply (#25) learns from the conversation which reply is being
+    /// written, and resumes it from the start on its new socket: every token once, in order.
+    @Test func aConversationNamesTheReplyBeingWrittenSoAReloadResumesIt() async throws {
+        let server = try await TestServer.start {
+            $0.simulated.tokensPerSecond = 100
+            $0.simulated.replyTokens = 60
+        }
+        let token = try await server.token("alice")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let first = try await server.connect(token: token)
+        try await first.chatSend(id: "c1", clone: clone, text: "Hello")
+        let start = try await first.nextJSON()
+        let stream = try #require(start["stream"]?.stringValue)
+        let conversation = try #require(start["conversation"]?.stringValue)
+        for _ in 0..<3 { _ = try await first.readUntilToken() }
+        await first.drop()
+
+        let shown = try await server.get("/v1/conversations/\(conversation)", token: token).json()
+        #expect(shown["streaming"]?["stream"] == .string(stream))
+        #expect(shown["streaming"]?["message"] == start["message"] && shown["streaming"]?["parent"] == start["parent"])
+        let other = try await server.token("bob")
+        #expect(try await server.get("/v1/conversations/\(conversation)", token: other).status == .notFound)
+
+        let reloaded = try await server.connect(token: token)
+        try await reloaded.send(
+            .object([("type", .string("stream.resume")), ("id", .string("r1")), ("stream", .string(stream)), ("after", .int(0))]))
+        let (end, frames) = try await reloaded.next(type: "stream.end")
+        #expect(frames.first?["type"] == .string("stream.start") && frames.first?["ref"] == .string("r1"))
+        #expect(frames.dropFirst().compactMap { $0["seq"]?.intValue } == Array(1...60))
+        #expect(end["reason"] == .string("complete"))
+        let after = try await server.get("/v1/conversations/\(conversation)", token: token).json()
+        #expect(after["streaming"] == nil)
+        await server.stop()
+    }
+
     @Test func streamsNoLongerBufferedAreGone() async throws {
         let server = try await TestServer.start {
             $0.resumeBufferTokens = 4

@@ -67,6 +67,7 @@ def test_full_chat_over_websockets(server):
     assert page["messages"][1]["id"] == end["message"]
     assert page["messages"][1]["text"] == "".join(t["text"] for t in tokens)
     validate_rest("conversation-page", server.http("GET", "/v1/conversations", token)[1])
+    validate_rest("conversation", server.http("GET", f"/v1/conversations/{start['conversation']}", token)[1])
     validate_rest("clone-list", server.http("GET", "/v1/clones", token)[1])
     status, found = server.http("GET", "/v1/search?q=hi%20THERE", token)
     assert status == 200

@@ -412,6 +412,42 @@ def test_a_message_is_shown_as_sent_only_once_the_server_took_it(web, browser):
         proxy.close()
 
 
+def test_a_reload_mid_reply_comes_back_to_the_conversation_and_the_reply(web, browser):
+    """#25's failure 4: the URL names the open conversation or room; a reload restores it, and
+    a reply still being written is re-attached from its first token, each token once."""
+    page = browser.new_page()
+    sign_in(page, web.base, "rae")
+    make_clone_in_ui(page, "Ada")
+    page.get_by_role("button", name="Chat").click()
+    send(page, "Count for me")
+    page.wait_for_function("() => Number(document.querySelector('#messages li.assistant')?.dataset.seq) >= 5", timeout=WAIT)
+    token = web.token("rae")
+    conversation = web.http("GET", "/v1/conversations", token)[1]["conversations"][0]["id"]
+    assert page.url.endswith(f"#/c/{conversation}")
+    page.reload()
+    expect(page.locator("#user-name")).to_have_text("rae", timeout=WAIT)
+    expect(page.locator("#view-chat")).to_be_visible()
+    expect(page.locator("#messages li.user .text")).to_have_text("Count for me", timeout=WAIT)
+    reply = assistant(page)
+    expect(reply).to_have_attribute("data-reason", "complete", timeout=WAIT)
+    assert reply.locator(".text").inner_text() == stored_reply(web, token)["text"], "every token once, in order"
+    expect(page.locator("#messages li.assistant")).to_have_count(1)
+
+    # A room joined is the view after a reload too.
+    assert web.http("POST", "/v1/clones", token, {"name": "Bo"})[0] == 201
+    page.reload()
+    expect(page.locator("#user-name")).to_have_text("rae", timeout=WAIT)
+    page.get_by_role("button", name="Rooms").click()
+    page.get_by_label("Topic").fill("Is a reload a return?")
+    page.get_by_role("button", name="Create debate").click()
+    expect(page.locator("#room-title")).to_have_text("Debate: Is a reload a return?", timeout=WAIT)
+    assert "#/r/rm_" in page.url
+    page.reload()
+    expect(page.locator("#room-title")).to_have_text("Debate: Is a reload a return?", timeout=WAIT)
+    expect(page.locator("#view-rooms")).to_be_visible()
+    page.close()
+
+
 def test_the_header_says_when_the_network_stalls(web, browser):
     """#25's failure 5: offline in the middle of a reply, the header does not say connected."""
     context = browser.new_context()

@@ -23,6 +23,7 @@ const state = {
   sending: new Map(),    // chat.send request id → { el, text, conversation } until the server takes it
   welcomed: false,       // the socket is open and the server said welcome
   reloadOnWelcome: false,
+  restoreRoom: null,     // a room the URL named, joined once connected
 };
 
 // ---------- REST ----------
@@ -118,6 +119,8 @@ function onWelcome() {
   }
   // A room is joined again: its state replaces the view, in-flight turns replay from the start.
   if (state.room) joinRoom(state.room.room.id, state.room.language);
+  else if (state.restoreRoom) joinRoom(state.restoreRoom);
+  state.restoreRoom = null;
 }
 
 function onFrame(frame) {
@@ -161,6 +164,7 @@ function onStreamStart(frame) {
       // A reply to a message just sent without a conversation starts one.
       if (!(frame.ref && state.pending.get(frame.ref)?.newConversation)) return;
       state.conversationId = frame.conversation;
+      setRoute(`#/c/${frame.conversation}`);
       loadConversations();
     }
     const reload = frame.ref && state.pending.get(frame.ref)?.reload;
@@ -566,8 +570,14 @@ async function openHit(hit) {
   }
 }
 
+// The URL names the open view (#/c/<conversation>, #/r/<room>), so a reload comes back to it.
+function setRoute(route) {
+  if (location.hash !== route) history.replaceState(null, "", route || location.pathname);
+}
+
 async function showConversation(id) {
   state.conversationId = id;
+  setRoute(id ? `#/c/${id}` : "");
   updateComposer();
   $("conversation-actions").hidden = !id;
   const list = $("messages");
@@ -579,9 +589,25 @@ async function showConversation(id) {
     if (clone?.greeting) addBubble(list, { who: clone.name, text: clone.greeting, kind: "assistant greeting" });
     return;
   }
-  const page = await api("GET", `/v1/conversations/${id}/messages?limit=200`);
+  const [page, conversation] = await Promise.all([
+    api("GET", `/v1/conversations/${id}/messages?limit=200`), api("GET", `/v1/conversations/${id}`),
+  ]);
   if (state.conversationId !== id) return;
   renderPath(id, page);
+  attachLive(conversation);
+}
+
+// A reply still being written that this page has not seen (it was reloaded, or opened the
+// conversation elsewhere): shown from its first token, resumed now or once connected.
+function attachLive(conversation) {
+  const live = conversation.streaming;
+  if (!live || state.streams.has(live.stream)) return;
+  const el = addBubble($("messages"), { who: cloneName(conversation.clone), text: "", kind: "assistant" });
+  el.dataset.stream = live.stream;
+  el.setAttribute("aria-busy", "true");
+  state.streams.set(live.stream, { el, seq: 0, conversation: conversation.id });
+  if (socket.isOpen) request({ type: "stream.resume", stream: live.stream, after: 0 }, { stream: live.stream });
+  updateComposer();
 }
 
 // The conversation's path: each message with its actions (keep, regenerate or edit, and the
@@ -857,6 +883,7 @@ function onRoomState(frame) {
   for (const [stream, s] of state.streams) if (s.room) state.streams.delete(stream);
   state.room = { room: frame.room, members: frame.members, language };
   const room = frame.room;
+  setRoute(`#/r/${room.id}`);
   $("room").hidden = false;
   $("room-title").textContent = room.kind === "debate" ? `Debate: ${room.topic}` : "Translation chat";
   renderRoomMeta();
@@ -946,6 +973,7 @@ function leaveRoom() {
   if (!state.room) return;
   request({ type: "room.leave", room: state.room.room.id });
   state.room = null;
+  setRoute(state.conversationId ? `#/c/${state.conversationId}` : "");
   $("room").hidden = true;
 }
 
@@ -1007,14 +1035,39 @@ async function signIn(token) {
   socket.connect();
   // The app appears once its first view is chosen: a nav click made while the clones load
   // would otherwise be overridden by that choice.
+  let view = null;
   try {
     await loadClones();
     editClone(null);
-    await showConversation(null);  // an empty new conversation (with its clone's greeting, if any)
+    view = await restoreRoute();
+    if (!view) await showConversation(null);  // an empty new conversation (with its clone's greeting, if any)
   } finally {
     $("signin").hidden = true;
     $("app").hidden = false;
-    show(state.clones.length ? "chat" : "clones");
+    show(view ?? (state.clones.length ? "chat" : "clones"));
+  }
+}
+
+// The view the URL names, opened again after a reload: the conversation (its clone chosen, a
+// reply still being written resumed) or the room (joined once connected). Null when none.
+async function restoreRoute() {
+  const route = /^#\/([cr])\/([A-Za-z0-9_]+)$/.exec(location.hash);
+  if (!route) return null;
+  if (route[1] === "r") {
+    if (socket.isOpen) joinRoom(route[2]); else state.restoreRoom = route[2];
+    return "rooms";
+  }
+  try {
+    const conversation = await api("GET", `/v1/conversations/${route[2]}`);
+    if (!state.clones.some((c) => c.id === conversation.clone)) return null;
+    state.cloneId = conversation.clone;
+    $("chat-clone").value = conversation.clone;
+    showModel();
+    await showConversation(conversation.id);
+    return "chat";
+  } catch {
+    setRoute("");
+    return null;  // deleted meanwhile, or not this user's
   }
 }
 
