@@ -448,6 +448,80 @@ def test_a_reload_mid_reply_comes_back_to_the_conversation_and_the_reply(web, br
     page.close()
 
 
+XSS_REPLY = """# Plan
+Here is **bold**, *italic*, `x < y` and a [safe link](https://example.com/a?b=1).
+<img src=x onerror="window.__xss = 1"><script>window.__xss = 2</script>
+[bad](javascript:window.__xss=3) and [data](data:text/html,<b>x</b>)
+
+- one <b>two</b>
+- three
+
+```js
+const html = "<img src=x onerror=alert(1)>";
+```
+> a quote"""
+
+
+def test_replies_are_shown_as_markdown_and_no_markup_of_theirs_runs(data_dir, browser):
+    """#25: Markdown rendered with DOM calls only; markup in replies, clone names and room topics
+    stays text; links are http(s) only and open without opener or referrer; code can be copied."""
+    from test_providers import start_fake_openai
+    reply_file = data_dir / "reply.md"
+    reply_file.write_text(XSS_REPLY)
+    fake, port = start_fake_openai("--reply-file", str(reply_file))
+    prices = data_dir / "prices.json"
+    prices.write_text(json.dumps({"models": {"m": {"input_per_1k": 1, "output_per_1k": 1}}}))
+    server = Server(data_dir, "--dev", "--provider", "openai", "--provider-url", f"http://127.0.0.1:{port}/v1", "--provider-model", "m",
+                    "--prices", str(prices))
+    try:
+        token = server.token("xia")
+        evil = '<img src=x onerror="window.__xss=5">Eve'
+        assert server.http("POST", "/v1/clones", token, {"name": evil})[0] == 201
+        assert server.http("POST", "/v1/clones", token, {"name": "Bob"})[0] == 201
+        context = browser.new_context()
+        context.grant_permissions(["clipboard-read", "clipboard-write"])
+        page = context.new_page()
+        sign_in(page, server.base, "xia")
+        page.get_by_role("button", name="Chat").click()
+        send(page, "Show me everything")
+        reply = assistant(page)
+        expect(reply).to_have_attribute("data-reason", "complete", timeout=WAIT)
+        text = reply.locator(".text")
+        expect(text.locator("strong")).to_have_text("bold")
+        expect(text.locator("em")).to_have_text("italic")
+        expect(text.locator("p code")).to_have_text("x < y")
+        expect(text.locator(".heading")).to_have_text("Plan")
+        expect(text.locator("ul li")).to_have_count(2)
+        expect(text.locator("ul li").first).to_have_text("one <b>two</b>")
+        expect(text.locator("blockquote")).to_have_text("a quote")
+        link = text.locator("a")
+        expect(link).to_have_count(1)
+        expect(link).to_have_attribute("href", "https://example.com/a?b=1")
+        expect(link).to_have_attribute("rel", "noopener noreferrer nofollow")
+        expect(text.locator("pre code")).to_have_text('const html = "<img src=x onerror=alert(1)>";')
+        expect(text).to_contain_text('<img src=x onerror="window.__xss = 1"><script>window.__xss = 2</script>')
+        expect(text).to_contain_text("bad (javascript:window.__xss=3)")
+        # Nothing of the markup became an element, nothing ran, anywhere on the page.
+        assert page.evaluate("() => document.querySelectorAll('#app img, #app script, a[href^=javascript], a[href^=data]').length") == 0
+        assert page.evaluate("() => window.__xss") is None
+        text.locator("pre").get_by_role("button", name="Copy").click()
+        assert page.evaluate("() => navigator.clipboard.readText()") == 'const html = "<img src=x onerror=alert(1)>";'
+        # The clone's name, in pickers and in the reply's header, and a room's topic stay text.
+        expect(page.locator("#chat-clone option").first).to_have_text(evil)
+        page.get_by_role("button", name="Rooms").click()
+        page.get_by_label("Topic").fill("<script>window.__xss=6</script><img src=x onerror=window.__xss=7>")
+        page.get_by_role("button", name="Create debate").click()
+        expect(page.locator("#room-title")).to_have_text("Debate: <script>window.__xss=6</script><img src=x onerror=window.__xss=7>",
+                                                         timeout=WAIT)
+        assert page.evaluate("() => document.querySelectorAll('#app img, #app script').length") == 0
+        assert page.evaluate("() => window.__xss") is None
+        context.close()
+    finally:
+        assert server.stop() == 0
+        fake.stdin.close()
+        fake.wait(timeout=10)
+
+
 def test_the_header_says_when_the_network_stalls(web, browser):
     """#25's failure 5: offline in the middle of a reply, the header does not say connected."""
     context = browser.new_context()

@@ -157,7 +157,7 @@ function onStreamStart(frame) {
   if (frame.room) {
     if (!state.room || frame.room !== state.room.room.id) return;
     const who = frame.clone ? cloneName(frame.clone) : frame.user ?? "";
-    const el = addBubble($("room-log"), { who: frame.lang ? `${who} (${frame.lang})` : who, text: "", kind: "clone", model: frame.model });
+    const el = addBubble($("room-log"), { who: frame.lang ? `${who} (${frame.lang})` : who, text: "", kind: "clone", model: frame.model, markdown: true });
     s = { el, seq: 0, room: frame.room };
   } else {
     if (frame.conversation !== state.conversationId) {
@@ -169,7 +169,7 @@ function onStreamStart(frame) {
     }
     const reload = frame.ref && state.pending.get(frame.ref)?.reload;
     state.pending.delete(frame.ref);
-    const el = addBubble($("messages"), { who: cloneName(frame.clone), text: "", kind: "assistant", model: frame.model });
+    const el = addBubble($("messages"), { who: cloneName(frame.clone), text: "", kind: "assistant", model: frame.model, markdown: true });
     s = { el, seq: 0, conversation: frame.conversation, reload };
   }
   s.el.dataset.stream = frame.stream;
@@ -196,6 +196,10 @@ function onStreamEnd(frame) {
   if (!s) return;
   s.ended = true;
   s.el.setAttribute("aria-busy", "false");
+  // Streamed as plain text; once whole, a reply is shown as the Markdown it is.
+  const body = s.el.querySelector(".text");
+  s.el.dataset.raw = body.textContent;
+  if (!s.el.classList.contains("user")) renderMarkdown(body, body.textContent);
   s.el.dataset.reason = frame.reason;
   if (frame.message) s.el.dataset[s.room ? "entry" : "message"] = frame.message;
   if (REASONS[frame.reason]) addNote(s.el, REASONS[frame.reason]);
@@ -347,15 +351,129 @@ function stalled() {
   setConnection("waiting for the network…");
 }
 
-function addBubble(list, { who, text, kind, model }) {
+// ---------- Markdown, built as elements ----------
+// A reply's Markdown (paragraphs, headings, lists, quotes, fenced code, inline code, bold,
+// italic, links) is built with DOM calls only: the model's text is only ever a text node, so no
+// markup in it runs. Links are http(s) or mailto only and open without a referrer or opener.
+
+function renderMarkdown(container, text) {
+  container.replaceChildren();
+  const lines = text.split("\n");
+  let i = 0;
+  while (i < lines.length) {
+    const line = lines[i];
+    const fence = /^\s*```\s*([\w+-]*)\s*$/.exec(line);
+    if (fence) {
+      const code = [];
+      for (i++; i < lines.length && !/^\s*```\s*$/.test(lines[i]); i++) code.push(lines[i]);
+      i++;
+      container.append(codeBlock(code.join("\n"), fence[1]));
+      continue;
+    }
+    if (!line.trim()) { i++; continue; }
+    const heading = /^(#{1,6})\s+(.*)$/.exec(line);
+    if (heading) {
+      const h = document.createElement("p");
+      h.className = `heading h${heading[1].length}`;
+      inline(h, heading[2]);
+      container.append(h);
+      i++;
+      continue;
+    }
+    const listKind = /^\s*([-*+]|\d+[.)])\s+/.exec(line);
+    if (listKind) {
+      const ordered = /\d/.test(listKind[1]);
+      const list = document.createElement(ordered ? "ol" : "ul");
+      while (i < lines.length) {
+        const item = (ordered ? /^\s*\d+[.)]\s+(.*)$/ : /^\s*[-*+]\s+(.*)$/).exec(lines[i]);
+        if (!item) break;
+        const li = document.createElement("li");
+        inline(li, item[1]);
+        list.append(li);
+        i++;
+      }
+      container.append(list);
+      continue;
+    }
+    if (/^>\s?/.test(line)) {
+      const quote = document.createElement("blockquote");
+      const quoted = [];
+      for (; i < lines.length && /^>\s?/.test(lines[i]); i++) quoted.push(lines[i].replace(/^>\s?/, ""));
+      inline(quote, quoted.join("\n"));
+      container.append(quote);
+      continue;
+    }
+    const paragraph = [];
+    for (; i < lines.length && lines[i].trim() && !/^\s*```/.test(lines[i]) && !/^(#{1,6})\s/.test(lines[i])
+      && !/^\s*([-*+]|\d+[.)])\s+/.test(lines[i]) && !/^>/.test(lines[i]); i++) paragraph.push(lines[i]);
+    const p = document.createElement("p");
+    inline(p, paragraph.join("\n"));
+    container.append(p);
+  }
+}
+
+function codeBlock(code, language) {
+  const pre = document.createElement("pre");
+  const element = document.createElement("code");
+  if (language) element.dataset.language = language;
+  element.textContent = code;
+  const copy = actionButton("Copy", "Copy this code", () => copyText(code, copy));
+  copy.className = "copy";
+  pre.append(copy, element);
+  return pre;
+}
+
+function copyText(text, button) {
+  navigator.clipboard?.writeText(text).then(() => { button.textContent = "Copied"; setTimeout(() => { button.textContent = "Copy"; }, 1500); },
+    () => { button.textContent = "Copy failed"; });
+}
+
+// Inline marks: `code`, **bold**, *italic* or _italic_, [label](url), bare http(s) links.
+const INLINE = /(`[^`\n]+`)|(\*\*[^*\n]+\*\*)|(\*[^*\s][^*\n]*\*|\b_[^_\n]+_\b)|(\[[^\]\n]+\]\([^)\s]+\))|(https?:\/\/[^\s<>()]+[^\s<>().,;:!?'"])/;
+function inline(parent, text) {
+  let rest = text;
+  while (rest) {
+    const match = INLINE.exec(rest);
+    if (!match) { parent.append(document.createTextNode(rest)); return; }
+    if (match.index) parent.append(document.createTextNode(rest.slice(0, match.index)));
+    const [whole, code, bold, italic, link, url] = match;
+    if (code) {
+      const el = document.createElement("code");
+      el.textContent = code.slice(1, -1);
+      parent.append(el);
+    } else if (bold || italic) {
+      const el = document.createElement(bold ? "strong" : "em");
+      inline(el, whole.slice(bold ? 2 : 1, bold ? -2 : -1));
+      parent.append(el);
+    } else {
+      const [label, href] = link ? [link.slice(1, link.indexOf("](")), link.slice(link.indexOf("](") + 2, -1)] : [url, url];
+      parent.append(safeLink(label, href));
+    }
+    rest = rest.slice(match.index + whole.length);
+  }
+}
+
+function safeLink(label, href) {
+  let url = null;
+  try { url = new URL(href); } catch { /* not a URL: shown as text */ }
+  if (!url || !["http:", "https:", "mailto:"].includes(url.protocol)) return document.createTextNode(label === href ? href : `${label} (${href})`);
+  const a = document.createElement("a");
+  a.href = url.href;
+  a.textContent = label;
+  a.rel = "noopener noreferrer nofollow";
+  a.target = "_blank";
+  return a;
+}
+
+function addBubble(list, { who, text, kind, model, markdown }) {
   const li = document.createElement("li");
   li.className = `msg ${kind}`;
   const name = document.createElement("span");
   name.className = "who";
   name.textContent = who;
-  const body = document.createElement("span");
+  const body = document.createElement(markdown ? "div" : "span");
   body.className = "text";
-  body.textContent = text;
+  if (markdown) renderMarkdown(body, text); else body.textContent = text;
   li.append(name, body);
   if (model) {  // which model wrote a reply, under it
     const label = document.createElement("span");
@@ -602,7 +720,7 @@ async function showConversation(id) {
 function attachLive(conversation) {
   const live = conversation.streaming;
   if (!live || state.streams.has(live.stream)) return;
-  const el = addBubble($("messages"), { who: cloneName(conversation.clone), text: "", kind: "assistant" });
+  const el = addBubble($("messages"), { who: cloneName(conversation.clone), text: "", kind: "assistant", markdown: true });
   el.dataset.stream = live.stream;
   el.setAttribute("aria-busy", "true");
   state.streams.set(live.stream, { el, seq: 0, conversation: conversation.id });
@@ -619,7 +737,8 @@ function renderPath(id, page) {
   const roles = new Map(page.messages.map((m) => [m.id, m.role]));
   for (const m of page.messages) {
     if (m.stream && streaming.has(m.stream)) continue;
-    const el = addBubble(list, { who: m.role === "user" ? state.user : cloneName(state.cloneId), text: m.text, kind: m.role });
+    const el = addBubble(list, { who: m.role === "user" ? state.user : cloneName(state.cloneId), text: m.text, kind: m.role, markdown: m.role === "assistant" });
+    el.dataset.raw = m.text;
     el.dataset.message = m.id;
     if (REASONS[m.reason]) addNote(el, REASONS[m.reason]);
     const actions = document.createElement("span");
@@ -629,6 +748,8 @@ function renderPath(id, page) {
     if (m.role === "user") actions.append(actionButton("Edit", "Rewrite this message and get a new reply (this branch is kept)", () => editMessage(el, m)));
     actions.append(actionButton("Fork", "A new conversation with the messages up to this one", () => forkAt(id, m)));
     actions.append(actionButton("Delete", "Delete this message and everything after it", () => deleteMessage(id, m)));
+    const copy = actionButton("Copy", "Copy this message's text", () => copyText(m.text, copy));
+    actions.append(copy);
     actions.append(keepButton(id, m));
     el.append(actions);
   }
@@ -924,7 +1045,7 @@ function renderRoomMeta() {
 
 function addEntry(entry) {
   const who = entry.clone ? cloneName(entry.clone) : entry.user === state.user ? "you" : entry.user;
-  const el = addBubble($("room-log"), { who, text: entry.text, kind: entry.user === state.user ? "user" : "clone" });
+  const el = addBubble($("room-log"), { who, text: entry.text, kind: entry.user === state.user ? "user" : "clone", markdown: Boolean(entry.clone) });
   el.dataset.entry = entry.id;
   if (entry.untranslated) addNote(el, "not translated");
   if (entry.interrupted) addNote(el, "cut short");
