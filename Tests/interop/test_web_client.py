@@ -892,3 +892,35 @@ def test_a_newcomer_chats_through_a_local_cluster_in_the_browser(browser):
         assert [m["text"] for m in messages if m["role"] == "assistant"] == [shown]
         page.close()
     assert cluster.stopped == 130
+
+
+def test_no_serious_accessibility_violation_on_any_view_at_desktop_or_phone_width(web, browser):
+    """#25: axe-core (axe-playwright-python) on every view, at 1280x800 and 390x844; screenshots
+    of each view at both widths land in the test output."""
+    from axe_playwright_python.sync_playwright import Axe
+    axe = Axe()
+    token = web.token("ally")
+    clone = web.http("POST", "/v1/clones", token, {"name": "Ada", "traits": ["kind"]})[1]
+    assert web.http("POST", "/v1/clones", token, {"name": "Bo"})[0] == 201
+    found = {}
+    for width, height, label in ((1280, 800, "desktop"), (390, 844, "phone")):
+        context = browser.new_context(viewport={"width": width, "height": height}, is_mobile=label == "phone")
+        page = context.new_page()
+        sign_in(page, web.base, "ally")
+        send(page, "Hello there")
+        expect(assistant(page)).to_have_attribute("data-reason", "complete", timeout=WAIT)
+        for view in ("Chat", "Clones", "Rooms", "Schedules", "Account"):
+            page.get_by_role("button", name=view, exact=True).click()
+            expect(page.locator(f"#view-{view.lower()}")).to_be_visible()
+            if view == "Rooms" and label == "desktop":
+                page.get_by_label("Topic").fill("Is a11y a habit?")
+                page.get_by_role("button", name="Create debate").click()
+                expect(page.locator("#room-title")).to_be_visible(timeout=WAIT)
+            OUT.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(OUT / f"{view.lower()}-{label}.png"), full_page=True)
+            results = axe.run(page)
+            bad = [v for v in results.response["violations"] if v["impact"] in ("serious", "critical")]
+            if bad:
+                found[f"{view}/{label}"] = [(v["id"], v["impact"], [n["target"] for n in v["nodes"]][:4]) for v in bad]
+        context.close()
+    assert not found, json.dumps(found, indent=1)
