@@ -75,6 +75,7 @@ struct RESTAPI: Sendable {
         router.add(.GET, "/v1/schedules/:id") { [self] _, p, identity in try await getSchedule(p["id"]!, identity) }
         router.add(.DELETE, "/v1/schedules/:id") { [self] _, p, identity in try await cancelSchedule(p["id"]!, identity) }
         router.add(.POST, "/v1/rooms") { [self] request, _, identity in try await createRoom(request, identity) }
+        router.add(.GET, "/v1/rooms") { [self] request, _, identity in try await listRooms(request, identity) }
         router.add(.GET, "/v1/rooms/:id") { [self] _, p, identity in try await getRoom(p["id"]!, identity) }
         router.add(.GET, "/v1/credits") { [self] request, _, identity in try await listCredits(request, identity) }
         router.add(.POST, "/v1/admin/credits") { [self] request, _, identity in try await adminGrant(request, identity) }
@@ -525,6 +526,20 @@ struct RESTAPI: Sendable {
     }
 
     /// The room's state and its newest transcript entries (chronological).
+    /// `GET /v1/rooms?limit=&after=`: the rooms the caller made, oldest first (as the store keeps
+    /// them by owner), so a client lists them again after a reload.
+    private func listRooms(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
+        let limit = try Self.limit(request)
+        let page = try await store.rooms(owner: identity.user, limit: limit + 1, after: request.query["after"])
+        let items = Array(page.prefix(limit))
+        return HTTPResponse(
+            .ok,
+            json: .object([
+                ("rooms", .array(items.map(\.json))),
+                ("next_after", page.count > limit ? .string(items.last!.id) : .null),
+            ]))
+    }
+
     private func getRoom(_ id: String, _ identity: Identity) async throws -> HTTPResponse {
         do {
             let (room, transcript) = try await rooms.snapshot(id: id, user: identity.user)

@@ -522,6 +522,45 @@ def test_replies_are_shown_as_markdown_and_no_markup_of_theirs_runs(data_dir, br
         fake.wait(timeout=10)
 
 
+def test_my_rooms_are_listed_and_a_link_room_is_shared_by_its_link(web, browser):
+    """#25: a list of one's rooms (GET /v1/rooms) and a copy-link button that another user opens."""
+    token = web.token("host")
+    for name in ("Hume", "Kant"):
+        assert web.http("POST", "/v1/clones", token, {"name": name})[0] == 201
+    context = browser.new_context()
+    context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page = context.new_page()
+    sign_in(page, web.base, "host")
+    page.get_by_role("button", name="Rooms").click()
+    expect(page.locator("#my-rooms-empty")).to_be_visible(timeout=WAIT)
+    page.get_by_label("Topic").fill("Is a link a key?")
+    page.get_by_role("button", name="Create debate").click()
+    expect(page.locator("#room-title")).to_have_text("Debate: Is a link a key?", timeout=WAIT)
+    expect(page.locator("#my-rooms li")).to_have_count(1, timeout=WAIT)
+    expect(page.locator("#my-rooms li button")).to_have_text("Is a link a key? · open")
+    status, listed = web.http("GET", "/v1/rooms", token)
+    assert status == 200 and [r["topic"] for r in validate_rest("room-list", listed)["rooms"]] == ["Is a link a key?"]
+    assert web.http("GET", "/v1/rooms", web.token("other"))[1]["rooms"] == []
+    page.get_by_role("button", name="Copy link").click()
+    link = page.evaluate("() => navigator.clipboard.readText()")
+    assert link.startswith(web.base) and "#/r/rm_" in link
+    # After leaving, the list takes the user back.
+    page.get_by_role("button", name="Leave").click()
+    expect(page.locator("#room")).to_be_hidden()
+    page.locator("#my-rooms li button").click()
+    expect(page.locator("#room-title")).to_have_text("Debate: Is a link a key?", timeout=WAIT)
+
+    # Someone else opens the link, signs in, and is in the room.
+    guest = browser.new_page()
+    guest.goto(link)
+    guest.get_by_label("Your name").fill("guest")
+    guest.get_by_role("button", name="Dev sign-in").click()
+    expect(guest.locator("#room-title")).to_have_text("Debate: Is a link a key?", timeout=WAIT)
+    expect(page.locator("#room-log")).to_contain_text("guest joined", timeout=WAIT)
+    guest.close()
+    context.close()
+
+
 def test_the_header_says_when_the_network_stalls(web, browser):
     """#25's failure 5: offline in the middle of a reply, the header does not say connected."""
     context = browser.new_context()

@@ -257,6 +257,7 @@ function show(view) {
   }
   $(`${view}-title`).focus();
   if (view === "schedules") loadSchedules();
+  if (view === "rooms") loadMyRooms();
   if (view === "chat" && !state.conversationId) showConversation(null);  // the current clone's greeting
   if (view === "account") $("account-status").textContent = "";
 }
@@ -424,8 +425,11 @@ function codeBlock(code, language) {
 }
 
 function copyText(text, button) {
-  navigator.clipboard?.writeText(text).then(() => { button.textContent = "Copied"; setTimeout(() => { button.textContent = "Copy"; }, 1500); },
-    () => { button.textContent = "Copy failed"; });
+  const label = button.dataset.label ?? button.textContent;
+  button.dataset.label = label;
+  const say = (what) => { button.textContent = what; setTimeout(() => { button.textContent = label; }, 1500); };
+  if (!navigator.clipboard) return say("Copy failed");
+  navigator.clipboard.writeText(text).then(() => say("Copied"), () => say("Copy failed"));
 }
 
 // Inline marks: `code`, **bold**, *italic* or _italic_, [label](url), bare http(s) links.
@@ -999,6 +1003,27 @@ function joinRoom(id, language) {
   $("join-room").value = id;
 }
 
+// The rooms this user made, to go back to after a reload.
+async function loadMyRooms() {
+  try {
+    const page = await api("GET", "/v1/rooms?limit=100");
+    $("my-rooms-empty").hidden = page.rooms.length > 0;
+    $("my-rooms").replaceChildren(...page.rooms.slice().reverse().map((room) => {
+      const li = document.createElement("li");
+      const button = document.createElement("button");
+      button.type = "button";
+      button.textContent = `${room.kind === "debate" ? room.topic : "Translation chat"} · ${room.status}`;
+      if (state.room?.room.id === room.id) button.setAttribute("aria-current", "true");
+      button.onclick = () => joinRoom(room.id);
+      li.append(button);
+      return li;
+    }));
+  } catch (error) {
+    $("my-rooms-empty").hidden = false;
+    $("my-rooms-empty").textContent = `Could not load your rooms: ${error.message}`;
+  }
+}
+
 function onRoomState(frame) {
   const language = state.pending.get(frame.ref)?.language ?? state.room?.language;
   for (const [stream, s] of state.streams) if (s.room) state.streams.delete(stream);
@@ -1009,6 +1034,9 @@ function onRoomState(frame) {
   $("room-title").textContent = room.kind === "debate" ? `Debate: ${room.topic}` : "Translation chat";
   renderRoomMeta();
   $("room-controls").hidden = !(room.kind === "debate" && room.moderator === state.user);
+  // A link room is joined by whoever has its id: the link is the room's address in this app.
+  $("copy-room-link").hidden = room.visibility !== "link";
+  loadMyRooms();
   const log = $("room-log");
   log.replaceChildren();
   // A turn the moderator regenerated gives way to the take that replaced it.
@@ -1243,6 +1271,7 @@ async function start() {
   $("translation-form").onsubmit = createTranslation;
   $("room-form").onsubmit = sayInRoom;
   $("leave-room").onclick = leaveRoom;
+  $("copy-room-link").onclick = () => copyText(`${location.origin}${location.pathname}#/r/${state.room.room.id}`, $("copy-room-link"));
   for (const button of $("room-controls").querySelectorAll("button")) {
     button.onclick = () => request({ type: "room.control", room: state.room.room.id, action: button.dataset.control });
   }
