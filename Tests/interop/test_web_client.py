@@ -726,6 +726,9 @@ def test_running_out_of_credits_shows_the_paywall_and_the_balance(data_dir, brow
         page = browser.new_page()
         sign_in(page, server.base, "pat")
         expect(page.locator("#credits")).to_have_text("300 credits")
+        # A low balance is said before it runs out.
+        expect(page.locator("#credits")).to_have_class("low")
+        expect(page.get_by_role("alert")).to_contain_text("Your balance is low: 300 credits left")
         make_clone_in_ui(page, "Spender")
         page.get_by_role("button", name="Chat").click()
         send(page, "Tell me a very long story")
@@ -749,6 +752,14 @@ def test_running_out_of_credits_shows_the_paywall_and_the_balance(data_dir, brow
         conversation = server.http("GET", "/v1/conversations", token)[1]["conversations"][0]["id"]
         stored = server.http("GET", f"/v1/conversations/{conversation}/messages", token)[1]["messages"]
         assert [m["text"] for m in stored if m["role"] == "user"] == ["Tell me a very long story"]
+
+        # The Account view shows the ledger and what the conversation cost.
+        page.get_by_role("button", name="Account").click()
+        ledger = server.http("GET", "/v1/credits?limit=100", token)[1]["entries"]
+        expect(page.locator("#credit-history tbody tr")).to_have_count(len(ledger), timeout=WAIT)
+        spent = -sum(e["credits"] for e in ledger if e.get("conversation") and e["kind"] != "grant")
+        expect(page.locator("#credit-costs li")).to_have_text([f"“Tell me a very long story”: {spent} credits"])
+        expect(page.locator("#credit-history tbody tr").first).to_contain_text("chat reply in “Tell me a very long story”")
         page.close()
     finally:
         assert server.stop() == 0

@@ -259,11 +259,58 @@ function show(view) {
   if (view === "schedules") loadSchedules();
   if (view === "rooms") loadMyRooms();
   if (view === "chat" && !state.conversationId) showConversation(null);  // the current clone's greeting
-  if (view === "account") $("account-status").textContent = "";
+  if (view === "account") { $("account-status").textContent = ""; loadCreditHistory(); }
 }
 
 function setConnection(text) { $("connection").textContent = text; }
-function setCredits(balance) { $("credits").textContent = credits(balance); $("credits").dataset.balance = String(balance); }
+// Below this the header warns, once per drop below it: about two replies at the default prices.
+const LOW_BALANCE = 500;
+
+function setCredits(balance) {
+  $("credits").textContent = credits(balance);
+  $("credits").dataset.balance = String(balance);
+  const low = balance < LOW_BALANCE;
+  $("credits").classList.toggle("low", low);
+  if (low && !state.warnedLow) showBanner(`Your balance is low: ${credits(balance)} left. Replies stop when it runs out.`, "credits");
+  if (!low) hideBanner("credits");
+  state.warnedLow = low;
+}
+
+// The Account view's ledger: the newest entries, and what each conversation or room cost in them.
+const FEATURES = { chat: "chat reply", debate: "debate turn", translation: "translation", scheduled: "scheduled message",
+                   title: "conversation title", summary: "conversation summary" };
+async function loadCreditHistory() {
+  try {
+    const [page, conversations] = await Promise.all([api("GET", "/v1/credits?limit=100"), api("GET", "/v1/conversations?limit=100")]);
+    setCredits(page.balance);
+    const titles = new Map(conversations.conversations.map((c) => [c.id, c.title || "Untitled"]));
+    const what = (e) => e.kind === "grant" ? (e.note || "credits added")
+      : `${FEATURES[e.feature] ?? e.feature ?? "usage"}${e.conversation ? ` in “${titles.get(e.conversation) ?? "a deleted conversation"}”` : e.room ? " in a room" : ""}`;
+    $("credit-summary").textContent = `Balance: ${credits(page.balance)}. The last ${page.entries.length} ledger entries below.`;
+    const spent = new Map();
+    for (const e of page.entries) {
+      if (e.kind === "grant" || !(e.conversation || e.room)) continue;  // a settlement gives back what was not used
+      const key = e.conversation ? `“${titles.get(e.conversation) ?? "a deleted conversation"}”` : "a debate or translation room";
+      spent.set(key, (spent.get(key) ?? 0) - e.credits);
+    }
+    $("credit-costs").replaceChildren(...[...spent].sort((a, b) => b[1] - a[1]).map(([key, total]) => {
+      const li = document.createElement("li");
+      li.textContent = `${key}: ${credits(total)}`;
+      return li;
+    }));
+    $("credit-history").tBodies[0].replaceChildren(...page.entries.map((e) => {
+      const tr = document.createElement("tr");
+      for (const cell of [new Date(e.created_at).toLocaleString(), what(e), String(e.tokens), (e.credits > 0 ? "+" : "") + e.credits]) {
+        const td = document.createElement("td");
+        td.textContent = cell;
+        tr.append(td);
+      }
+      return tr;
+    }));
+  } catch (error) {
+    $("credit-summary").textContent = `Could not load your credits: ${error.message}`;
+  }
+}
 
 // One banner for what has no place of its own; `cause` lets what ends that cause clear it.
 function showBanner(text, cause = "") {
