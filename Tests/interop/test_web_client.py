@@ -365,9 +365,9 @@ def test_a_message_is_shown_as_sent_only_once_the_server_took_it(web, browser):
         page.get_by_role("button", name="Chat").click()
         send(page, "Count for me")
         expect(assistant(page)).to_have_attribute("aria-busy", "true", timeout=WAIT)
-        # While it streams: Send waits, Stop is offered, the next message stays in the box.
+        # While it streams: Send becomes Stop, the next message stays in the box.
         send(page, "And then?")
-        expect(page.get_by_role("button", name="Send")).to_be_disabled()
+        expect(page.get_by_role("button", name="Send")).to_be_hidden()
         expect(page.get_by_role("button", name="Stop")).to_be_visible()
         expect(page.get_by_label("Message", exact=True)).to_have_value("And then?")
         expect(page.locator("#messages li.user")).to_have_count(1)
@@ -675,7 +675,12 @@ def test_every_control_has_a_label_and_a_phone_screen_does_not_scroll_sideways(w
     context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True)
     page = context.new_page()
     sign_in(page, web.base, "pia")
+    # A compact header (#25's failure 9: it took 196 px of a phone's 844).
+    header = page.locator("header.top").bounding_box()
+    assert header["height"] <= 100, header
     make_clone_in_ui(page, "Pocket")
+    expect(page.locator("#clone-status")).to_be_in_viewport()  # "Saved Pocket." where the user looks
+    make_clone_in_ui(page, "Purse")
     unlabeled_js = """() => [...document.querySelectorAll('input, select, textarea')]
         .filter((el) => el.offsetParent !== null && !el.labels?.length && !el.getAttribute('aria-label'))
         .map((el) => el.id || el.outerHTML)"""
@@ -687,8 +692,15 @@ def test_every_control_has_a_label_and_a_phone_screen_does_not_scroll_sideways(w
         assert page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth"), f"{view} scrolls sideways"
     page.get_by_role("button", name="Chat", exact=True).click()
     send(page, "Hello from a phone")
+    expect(page.get_by_role("button", name="Stop")).to_be_in_viewport(timeout=WAIT)
     expect(assistant(page)).to_have_attribute("data-reason", "complete", timeout=WAIT)
     assert page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth")
+    # A debate created on a phone comes into view (it was ~850 px below the form).
+    page.get_by_role("button", name="Rooms", exact=True).click()
+    page.get_by_label("Topic").fill("Is small beautiful?")
+    page.get_by_role("button", name="Create debate").click()
+    expect(page.locator("#room-title")).to_be_in_viewport(timeout=WAIT)
+    page.get_by_role("button", name="Chat", exact=True).click()
     OUT.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(OUT / "chat-phone.png"), full_page=True)
     context.close()

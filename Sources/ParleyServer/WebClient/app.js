@@ -139,7 +139,7 @@ function onFrame(frame) {
       if (handler?.schedule) $("schedule-status").textContent = "Scheduled.";
       return loadSchedules();
     case "schedule.cancelled": case "schedule.failed": return loadSchedules();
-    case "room.state": return onRoomState(frame);
+    case "room.state": return onRoomState(frame, handler);
     case "room.event": return onRoomEvent(frame);
   }
 }
@@ -334,7 +334,9 @@ function busyHere() {
 
 function updateComposer() {
   const streaming = [...state.streams.values()].some((s) => !s.room && !s.ended && s.conversation === (state.conversationId ?? null));
+  // Send becomes Stop while a reply streams here: one button in one place, on a phone too.
   $("stop").hidden = !streaming;
+  $("send").hidden = streaming;
   $("send").disabled = !socket.isOpen || busyHere();
   $("composer-status").textContent = !socket.isOpen ? "Not connected: what you write stays here until it can be sent."
     : streaming ? "A reply is being written (Esc stops it)." : "";
@@ -647,6 +649,7 @@ async function saveClone(event) {
     await loadClones();
     editClone(saved);
     $("clone-status").textContent = `Saved ${saved.name}.`;
+    $("clone-status").scrollIntoView({ block: "nearest" });
   } catch (error) {
     $("clone-status").textContent = `Could not save: ${error.message}`;
   }
@@ -1025,7 +1028,7 @@ async function createDebate(event) {
       turn_policy: $("debate-policy").value, max_tokens_per_turn: Number($("debate-tokens").value),
       visibility: $("debate-public").checked ? "link" : "private",
     });
-    joinRoom(room.id);
+    joinRoom(room.id, undefined, true);
   } catch (error) {
     showBanner(`Could not create the debate: ${error.message}`);
   }
@@ -1037,16 +1040,16 @@ async function createTranslation(event) {
   const language = $("translation-language").value;
   try {
     const room = await api("POST", "/v1/rooms", { kind: "translation", members, languages: { [state.user]: language } });
-    joinRoom(room.id, language);
+    joinRoom(room.id, language, true);
   } catch (error) {
     showBanner(`Could not create the chat: ${error.message}`);
   }
 }
 
-function joinRoom(id, language) {
+function joinRoom(id, language, reveal = false) {
   const frame = { type: "room.join", room: id };
   if (language) frame.language = language;
-  request(frame, { room: id, language });
+  request(frame, { room: id, language, reveal });
   $("join-room").value = id;
 }
 
@@ -1061,7 +1064,7 @@ async function loadMyRooms() {
       button.type = "button";
       button.textContent = `${room.kind === "debate" ? room.topic : "Translation chat"} · ${room.status}`;
       if (state.room?.room.id === room.id) button.setAttribute("aria-current", "true");
-      button.onclick = () => joinRoom(room.id);
+      button.onclick = () => joinRoom(room.id, undefined, true);
       li.append(button);
       return li;
     }));
@@ -1071,8 +1074,8 @@ async function loadMyRooms() {
   }
 }
 
-function onRoomState(frame) {
-  const language = state.pending.get(frame.ref)?.language ?? state.room?.language;
+function onRoomState(frame, handler) {
+  const language = handler?.language ?? state.room?.language;
   for (const [stream, s] of state.streams) if (s.room) state.streams.delete(stream);
   state.room = { room: frame.room, members: frame.members, language };
   const room = frame.room;
@@ -1084,6 +1087,8 @@ function onRoomState(frame) {
   // A link room is joined by whoever has its id: the link is the room's address in this app.
   $("copy-room-link").hidden = room.visibility !== "link";
   loadMyRooms();
+  // Joined by a click (created, or picked from the list): the room comes into view.
+  if (handler?.reveal) { $("room").scrollIntoView({ block: "start" }); $("room-title").focus(); }
   const log = $("room-log");
   log.replaceChildren();
   // A turn the moderator regenerated gives way to the take that replaced it.
@@ -1313,7 +1318,7 @@ async function start() {
   $("clone-form").onsubmit = saveClone;
   $("delete-clone").onclick = deleteClone;
   $("schedule-form").onsubmit = createSchedule;
-  $("join-form").onsubmit = (event) => { event.preventDefault(); joinRoom($("join-room").value.trim(), $("join-language").value || undefined); };
+  $("join-form").onsubmit = (event) => { event.preventDefault(); joinRoom($("join-room").value.trim(), $("join-language").value || undefined, true); };
   $("debate-form").onsubmit = createDebate;
   $("translation-form").onsubmit = createTranslation;
   $("room-form").onsubmit = sayInRoom;
