@@ -5,6 +5,7 @@ Screenshots land in $PARLEY_TEST_OUTPUT (default test-output/)/web-client."""
 import asyncio
 import json
 import os
+import re
 import pathlib
 import shutil
 import subprocess
@@ -210,6 +211,11 @@ def test_a_reply_is_regenerated_swiped_back_and_a_message_edited(web, browser):
     expect(page.locator("#messages li.assistant .alternative")).to_have_text("1/2", timeout=WAIT)
     expect(assistant(page).locator(".text")).to_have_text(first["text"])
     assert stored_reply(web, token)["id"] == first["id"]
+
+    # Ctrl+Enter regenerates the last reply: a third alternative.
+    expect(page.locator("#messages li.assistant .who")).to_have_attribute("data-time", re.compile(r"\d"))
+    page.keyboard.press("Control+Enter")
+    expect(page.locator("#messages li.assistant .alternative")).to_have_text("3/3", timeout=WAIT)
 
     # Edit rewrites the question; a reply to it streams, and the old question is one swipe away.
     page.on("dialog", lambda dialog: dialog.accept("What is justice?"))
@@ -609,6 +615,11 @@ def test_a_debate_watched_from_two_browsers(web, browser):
     turns = [[t.inner_text() for t in page.locator("#room-log li.clone .text").all()] for page in (a, b)]
     assert turns[0] == turns[1] and all(turns[0]), "one stream, fanned out to both"
     assert [t.inner_text() for t in b.locator("#room-log li.clone .who").all()] == ["Plato", "Aristotle"]
+    # Each debater has a colour of its own and its stance beside its name; turns count up to the total.
+    assert [t.get_attribute("data-debater") for t in b.locator("#room-log li.clone").all()] == ["0", "1"]
+    stances = [c["stance"] for c in web.http("GET", f"/v1/rooms/{room}", token)[1]["room"]["clones"]]
+    assert [t.get_attribute("data-stance") for t in b.locator("#room-log li.clone .who").all()] == stances
+    expect(b.locator("#room-log")).to_contain_text("turn 2 of 2")
 
     b.get_by_label("Interject").fill("Cheese is a course of its own")
     b.get_by_role("button", name="Say").click()

@@ -158,6 +158,7 @@ function onStreamStart(frame) {
     if (!state.room || frame.room !== state.room.room.id) return;
     const who = frame.clone ? cloneName(frame.clone) : frame.user ?? "";
     const el = addBubble($("room-log"), { who: frame.lang ? `${who} (${frame.lang})` : who, text: "", kind: "clone", model: frame.model, markdown: true });
+    if (frame.clone) markDebater(el, frame.clone);
     s = { el, seq: 0, room: frame.room };
   } else {
     if (frame.conversation !== state.conversationId) {
@@ -518,12 +519,21 @@ function safeLink(label, href) {
   return a;
 }
 
-function addBubble(list, { who, text, kind, model, markdown }) {
+// The time a message was written, shown beside its author (drawn by CSS from data attributes, so
+// the bubble's text stays the message's), and the author's initial as an avatar.
+const TIME = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit" });
+function addBubble(list, { who, text, kind, model, markdown, at }) {
   const li = document.createElement("li");
   li.className = `msg ${kind}`;
   const name = document.createElement("span");
   name.className = "who";
   name.textContent = who;
+  name.dataset.initial = (who || "?").trim().charAt(0).toUpperCase();
+  const when = at === undefined ? new Date() : new Date(at);
+  if (!Number.isNaN(when.getTime())) {
+    name.dataset.time = TIME.format(when);
+    name.title = when.toLocaleString();
+  }
   const body = document.createElement(markdown ? "div" : "span");
   body.className = "text";
   if (markdown) renderMarkdown(body, text); else body.textContent = text;
@@ -791,7 +801,9 @@ function renderPath(id, page) {
   const roles = new Map(page.messages.map((m) => [m.id, m.role]));
   for (const m of page.messages) {
     if (m.stream && streaming.has(m.stream)) continue;
-    const el = addBubble(list, { who: m.role === "user" ? state.user : cloneName(state.cloneId), text: m.text, kind: m.role, markdown: m.role === "assistant" });
+    const el = addBubble(list, {
+      who: m.role === "user" ? state.user : cloneName(state.cloneId), text: m.text, kind: m.role, markdown: m.role === "assistant", at: m.created_at,
+    });
     el.dataset.raw = m.text;
     el.dataset.message = m.id;
     if (REASONS[m.reason]) addNote(el, REASONS[m.reason]);
@@ -1125,7 +1137,10 @@ function renderRoomMeta() {
 
 function addEntry(entry) {
   const who = entry.clone ? cloneName(entry.clone) : entry.user === state.user ? "you" : entry.user;
-  const el = addBubble($("room-log"), { who, text: entry.text, kind: entry.user === state.user ? "user" : "clone", markdown: Boolean(entry.clone) });
+  const el = addBubble($("room-log"), {
+    who, text: entry.text, kind: entry.user === state.user ? "user" : "clone", markdown: Boolean(entry.clone), at: entry.created_at,
+  });
+  if (entry.clone) markDebater(el, entry.clone);
   el.dataset.entry = entry.id;
   if (entry.untranslated) addNote(el, "not translated");
   if (entry.interrupted) addNote(el, "cut short");
@@ -1156,6 +1171,16 @@ function onRoomEvent(frame) {
   if (text) addEvent(log, text);
   renderRoomMeta();
   updateRoomControls();
+}
+
+// Each debater keeps one colour and shows its stance beside its name.
+function markDebater(el, clone) {
+  const debaters = state.room?.room.clones ?? [];
+  const index = debaters.findIndex((d) => d.clone === clone);
+  if (index < 0) return;
+  el.dataset.debater = String(index % 6);
+  const stance = debaters[index].stance;
+  if (stance) el.querySelector(".who").dataset.stance = stance;
 }
 
 function totalTurns() {
@@ -1310,6 +1335,14 @@ async function start() {
   document.addEventListener("keydown", (event) => { if (event.key === "Escape" && !$("stop").hidden) stopStream(); });
   window.addEventListener("offline", () => setConnection("offline: waiting for the network…"));
   window.addEventListener("online", () => { if (socket.isOpen) setConnection("connected"); });
+  // Ctrl+Enter (⌘+Enter) regenerates the open conversation's last reply.
+  document.addEventListener("keydown", (event) => {
+    if (event.key !== "Enter" || !(event.ctrlKey || event.metaKey) || $("view-chat").hidden || busyHere() || !socket.isOpen) return;
+    const last = [...$("messages").querySelectorAll("li.assistant[data-message]")].pop();
+    if (!last || !last.querySelector(".actions button")) return;
+    event.preventDefault();
+    regenerate(last, { id: last.dataset.message });
+  });
   $("chat-text").onkeydown = (event) => {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) { event.preventDefault(); $("chat-form").requestSubmit(); }
   };
