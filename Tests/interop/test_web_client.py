@@ -408,6 +408,9 @@ def test_a_message_is_shown_as_sent_only_once_the_server_took_it(web, browser):
         page.get_by_label("Message", exact=True).press("Enter")
         expect(page.locator("#messages li.user", has_text="Still there?")).to_have_count(1, timeout=WAIT)
         expect(page.locator("#messages li.assistant").last).to_have_attribute("data-reason", "complete", timeout=WAIT)
+        # The reply and the message just sent get their actions once the reply ends, in place.
+        expect(page.locator("#messages li.assistant").last.get_by_role("button", name="Regenerate")).to_be_visible(timeout=WAIT)
+        expect(page.locator("#messages li.user").last.get_by_role("button", name="Edit")).to_be_visible(timeout=WAIT)
         token = web.token("ned")
         conversation = web.http("GET", "/v1/conversations", token)[1]["conversations"][-1]["id"]
         stored = web.http("GET", f"/v1/conversations/{conversation}/messages", token)[1]["messages"]

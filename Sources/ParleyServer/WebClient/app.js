@@ -147,7 +147,7 @@ function onFrame(frame) {
 // ---------- chat streams ----------
 
 function onStreamStart(frame) {
-  if (frame.ref) accepted(frame.ref);
+  if (frame.ref) accepted(frame.ref, frame.parent);
   let s = state.streams.get(frame.stream);
   if (s) {  // the answer to a resume: the bubble is already there
     state.pending.delete(frame.ref);
@@ -207,8 +207,10 @@ function onStreamEnd(frame) {
   state.streams.delete(frame.stream);
   updateComposer();
   updateRoomControls();
+  if (s.room || s.conversation !== state.conversationId) return;
   // A regenerated or edited branch: the path changed, and its alternatives with it.
-  if (s.reload && s.conversation === state.conversationId) showConversation(s.conversation);
+  if (s.reload) showConversation(s.conversation);
+  else if (frame.message) addMissingActions(s.conversation);
 }
 
 function onPaywall(frame) {
@@ -343,10 +345,11 @@ function updateComposer() {
     : streaming ? "A reply is being written (Esc stops it)." : "";
 }
 
-function accepted(ref) {
+function accepted(ref, message) {
   const pending = state.sending.get(ref);
   if (!pending) return;
   state.sending.delete(ref);
+  if (message) pending.el.dataset.message = message;  // the reply's parent: the message sent
   pending.el.classList.remove("pending");
   pending.el.querySelector(".note")?.remove();
   updateComposer();
@@ -806,21 +809,40 @@ function renderPath(id, page) {
     });
     el.dataset.raw = m.text;
     el.dataset.message = m.id;
+    if (m.reason) el.dataset.reason = m.reason;
     if (REASONS[m.reason]) addNote(el, REASONS[m.reason]);
-    const actions = document.createElement("span");
-    actions.className = "actions";
-    if (m.alternatives > 1) actions.append(...swipeControls(id, m));
-    if (m.role === "assistant" && roles.get(m.parent) === "user") actions.append(actionButton("Regenerate", "A new reply in place of this one (this one is kept)", () => regenerate(el, m)));
-    if (m.role === "user") actions.append(actionButton("Edit", "Rewrite this message and get a new reply (this branch is kept)", () => editMessage(el, m)));
-    actions.append(actionButton("Fork", "A new conversation with the messages up to this one", () => forkAt(id, m)));
-    actions.append(actionButton("Delete", "Delete this message and everything after it", () => deleteMessage(id, m)));
-    const copy = actionButton("Copy", "Copy this message's text", () => copyText(m.text, copy));
-    actions.append(copy);
-    actions.append(keepButton(id, m));
-    el.append(actions);
+    el.append(messageActions(id, m, roles, el));
   }
   // A reply still streaming into this conversation stays in place, at the end.
   for (const s of state.streams.values()) if (s.conversation === id) list.append(s.el);
+}
+
+// A stored message's actions: the arrows between its alternatives, regenerate or edit, fork,
+// delete, copy and keep.
+function messageActions(id, m, roles, el) {
+  const actions = document.createElement("span");
+  actions.className = "actions";
+  if (m.alternatives > 1) actions.append(...swipeControls(id, m));
+  if (m.role === "assistant" && roles.get(m.parent) === "user") actions.append(actionButton("Regenerate", "A new reply in place of this one (this one is kept)", () => regenerate(el, m)));
+  if (m.role === "user") actions.append(actionButton("Edit", "Rewrite this message and get a new reply (this branch is kept)", () => editMessage(el, m)));
+  actions.append(actionButton("Fork", "A new conversation with the messages up to this one", () => forkAt(id, m)));
+  actions.append(actionButton("Delete", "Delete this message and everything after it", () => deleteMessage(id, m)));
+  const copy = actionButton("Copy", "Copy this message's text", () => copyText(m.text, copy));
+  actions.append(copy);
+  actions.append(keepButton(id, m));
+  return actions;
+}
+
+// Once a reply ends, the messages shown without actions (the one sent, the reply) get theirs,
+// in place: the bubbles that streamed stay as they are.
+async function addMissingActions(id) {
+  const page = await api("GET", `/v1/conversations/${id}/messages?limit=200`).catch(() => null);
+  if (!page || state.conversationId !== id) return;
+  const roles = new Map(page.messages.map((m) => [m.id, m.role]));
+  for (const m of page.messages) {
+    const el = $("messages").querySelector(`li[data-message="${CSS.escape(m.id)}"]`);
+    if (el && !el.querySelector(":scope > .actions")) el.append(messageActions(id, m, roles, el));
+  }
 }
 
 function actionButton(text, title, onclick) {
