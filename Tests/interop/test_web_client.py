@@ -531,6 +531,21 @@ def test_replies_are_shown_as_markdown_and_no_markup_of_theirs_runs(data_dir, br
         fake.wait(timeout=10)
 
 
+def test_with_no_clone_the_chat_leads_to_making_one(web, browser):
+    page = browser.new_page()
+    sign_in(page, web.base, "newbie")
+    page.get_by_role("button", name="Chat", exact=True).click()
+    expect(page.locator("#no-clones")).to_be_visible()
+    expect(page.get_by_role("button", name="Send")).to_be_disabled()
+    page.get_by_role("button", name="Create your first clone").click()
+    expect(page.locator("#view-clones")).to_be_visible()
+    expect(page.get_by_label("Name", exact=True)).to_be_focused()
+    make_clone_in_ui(page, "First")
+    page.get_by_role("button", name="Chat", exact=True).click()
+    expect(page.locator("#no-clones")).to_be_hidden()
+    page.close()
+
+
 def test_my_rooms_are_listed_and_a_link_room_is_shared_by_its_link(web, browser):
     """#25: a list of one's rooms (GET /v1/rooms) and a copy-link button that another user opens."""
     token = web.token("host")
@@ -705,6 +720,11 @@ def test_every_control_has_a_label_and_a_phone_screen_does_not_scroll_sideways(w
         assert page.evaluate(unlabeled_js) == [], view
         assert page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth"), f"{view} scrolls sideways"
     page.get_by_role("button", name="Chat", exact=True).click()
+    # The conversation list and the clone picker are a drawer above the chat.
+    expect(page.locator("#chat-clone")).to_be_hidden()
+    page.get_by_role("button", name="Conversations and clones").click()
+    expect(page.locator("#chat-clone")).to_be_visible()
+    expect(page.get_by_role("button", name="Conversations and clones")).to_have_attribute("aria-expanded", "true")
     send(page, "Hello from a phone")
     expect(page.get_by_role("button", name="Stop")).to_be_in_viewport(timeout=WAIT)
     expect(assistant(page)).to_have_attribute("data-reason", "complete", timeout=WAIT)

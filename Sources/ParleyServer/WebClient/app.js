@@ -340,7 +340,7 @@ function updateComposer() {
   // Send becomes Stop while a reply streams here: one button in one place, on a phone too.
   $("stop").hidden = !streaming;
   $("send").hidden = streaming;
-  $("send").disabled = !socket.isOpen || busyHere();
+  $("send").disabled = !socket.isOpen || busyHere() || !state.cloneId;
   $("composer-status").textContent = !socket.isOpen ? "Not connected: what you write stays here until it can be sent."
     : streaming ? "A reply is being written (Esc stops it)." : "";
 }
@@ -607,7 +607,9 @@ async function loadClones() {
     return li;
   }));
   renderDebaters();
-  $("send").disabled = !state.cloneId;
+  // With no clone, every picker is empty: the views say so and lead to the form that makes one.
+  $("no-clones").hidden = state.clones.length > 0;
+  updateComposer();
 }
 
 function renderSliders(values = {}) {
@@ -1353,6 +1355,12 @@ async function start() {
   $("delete-conversation").onclick = deleteConversation;
   $("chat-form").onsubmit = sendChat;
   $("banner-close").onclick = () => hideBanner();
+  $("make-first-clone").onclick = () => { show("clones"); editClone(null); $("clone-name").focus(); };
+  // On a phone the conversation list is a drawer above the chat.
+  $("side-toggle").onclick = () => {
+    const open = $("chat-side").toggleAttribute("data-open");
+    $("side-toggle").setAttribute("aria-expanded", String(open));
+  };
   // Esc stops the reply being written in the open conversation.
   document.addEventListener("keydown", (event) => { if (event.key === "Escape" && !$("stop").hidden) stopStream(); });
   window.addEventListener("offline", () => setConnection("offline: waiting for the network…"));
