@@ -746,6 +746,7 @@ def test_the_client_is_served_with_strict_headers_and_dev_tokens_work(web):
         csp = response.headers["Content-Security-Policy"]
         assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
         assert response.headers["X-Content-Type-Options"] == "nosniff"
+        assert b'rel="icon" href="data:image/svg+xml' in response.read(), "a favicon, inline (img-src allows data:)"
     with urllib.request.urlopen(web.base + "/app.js", timeout=10) as response:
         assert response.headers["Content-Type"].startswith("text/javascript") and b"stream.resume" in response.read()
     assert web.http("GET", "/v1/info") == (200, validate_rest("info", {"protocol": 1, "dev": True, "models": ["simulated"],
@@ -875,6 +876,35 @@ def test_the_moderator_pauses_resumes_and_ends_a_debate(web, browser):
         expect(page.get_by_role("button", name=name)).to_be_disabled()
     status, room = web.http("GET", f"/v1/rooms/{page.get_by_label('Room id', exact=True).input_value()}", token)
     assert status == 200 and room["room"]["status"] == "ended"
+    page.close()
+
+
+def test_a_turn_cut_by_a_pause_shows_once_after_its_clone_takes_it_again(web, browser):
+    """#25's failure 7: after a pause mid-turn and a resume, the clone takes its turn again; the
+    cut-short take gives way to it, live and in a room's state alike."""
+    token = web.token("chair2")
+    for name in ("Hume", "Kant"):
+        assert web.http("POST", "/v1/clones", token, {"name": name})[0] == 201
+    page = browser.new_page()
+    sign_in(page, web.base, "chair2")
+    page.get_by_role("button", name="Rooms").click()
+    page.get_by_label("Topic").fill("Does a pause cut deep?")
+    page.get_by_label("Rounds").fill("1")
+    page.get_by_role("button", name="Create debate").click()
+    expect(page.locator("#room-controls")).to_be_visible(timeout=WAIT)
+    page.get_by_role("button", name="Start", exact=True).click()
+    page.wait_for_function("() => Number(document.querySelector('#room-log li.clone')?.dataset.seq) >= 2", timeout=WAIT)
+    page.get_by_role("button", name="Pause", exact=True).click()
+    expect(page.locator("#room-log li.clone").first).to_have_attribute("data-reason", "cancelled", timeout=WAIT)
+    page.get_by_role("button", name="Resume", exact=True).click()
+    expect(page.locator("#room-log")).to_contain_text("the debate is over", timeout=WAIT)
+    expect(page.locator("#room-log li.clone")).to_have_count(2)
+    assert [li.get_attribute("data-reason") for li in page.locator("#room-log li.clone").all()] == ["complete", "complete"]
+    room = page.get_by_label("Room id", exact=True).input_value()
+    transcript = web.http("GET", f"/v1/rooms/{room}", token)[1]["transcript"]
+    assert [e["interrupted"] for e in transcript if e["kind"] == "turn"] == [True, False, False], "the server keeps the cut take"
+    page.reload()
+    expect(page.locator("#room-log li.clone")).to_have_count(2, timeout=WAIT)
     page.close()
 
 

@@ -1127,8 +1127,11 @@ function onRoomState(frame, handler) {
   if (handler?.reveal) { $("room").scrollIntoView({ block: "start" }); $("room-title").focus(); }
   const log = $("room-log");
   log.replaceChildren();
-  // A turn the moderator regenerated gives way to the take that replaced it.
+  // A turn the moderator regenerated gives way to the take that replaced it, and so does a turn
+  // cut short that its clone took again next.
   const replaced = new Set(frame.transcript.filter((e) => e.kind === "turn" && e.source).map((e) => e.source));
+  const turns = frame.transcript.filter((e) => e.kind === "turn");
+  turns.forEach((e, i) => { if (e.interrupted && turns[i + 1]?.clone === e.clone) replaced.add(e.id); });
   for (const entry of frame.transcript) if (!replaced.has(entry.id)) addEntry(entry);
   updateRoomControls();
 }
@@ -1176,7 +1179,14 @@ function onRoomEvent(frame) {
   const room = state.room.room;
   switch (frame.event) {
     case "said": return addEntry(frame.entry);
-    case "turn": if (frame.replaces) log.querySelector(`[data-entry="${CSS.escape(frame.replaces)}"]`)?.remove(); break;
+    case "turn": {
+      if (frame.replaces) log.querySelector(`[data-entry="${CSS.escape(frame.replaces)}"]`)?.remove();
+      // A turn cut short (a pause, a restart) is taken again by the same clone: the new take
+      // takes its place, as a regenerated one does, so the turn shows once.
+      const last = [...log.querySelectorAll("li.clone")].pop();
+      if (last && last.dataset.clone === frame.clone && ["cancelled", "interrupted", "shutdown", "error"].includes(last.dataset.reason)) last.remove();
+      break;
+    }
     case "joined": if (!state.room.members.includes(frame.user)) state.room.members.push(frame.user); break;
     case "left": state.room.members = state.room.members.filter((m) => m !== frame.user); break;
     case "started": case "resumed": room.status = "running"; break;
@@ -1199,6 +1209,7 @@ function onRoomEvent(frame) {
 
 // Each debater keeps one colour and shows its stance beside its name.
 function markDebater(el, clone) {
+  el.dataset.clone = clone;
   const debaters = state.room?.room.clones ?? [];
   const index = debaters.findIndex((d) => d.clone === clone);
   if (index < 0) return;
