@@ -260,6 +260,12 @@ final class ChatService: FrameHandler {
                     logger.warning("a regenerated reply's original left the path; stored after it", metadata: ["message": "\(replaced)"])
                 }
             }
+            // The cluster's hold on the conversation goes before the title and the summary are
+            // written: they take the model's time, and the next message may come meanwhile.
+            if let slot = clusterSlot {
+                clusterSlot = nil
+                await slots?.release(conversation: slot)
+            }
             if plan.isNew, configuration.generatedTitles, let stored, stored.reason == .complete, let message = plan.before.last {
                 await titles.title(conversation, clone: plan.clone, message: message, reply: stored)
             }

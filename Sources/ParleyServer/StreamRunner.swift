@@ -257,6 +257,9 @@ final class StreamRunner: Sendable {
             live.publish(paywall, to: recipients?.topic, audience: recipients?.audience ?? .everyone)
         }
         beforeEnd?()
+        // The reply is stored: its conversation takes the next message before stream.end goes out,
+        // so a client that sends on seeing the end is never told a reply is still streaming.
+        if case .reply = live.kind { hub.release(user: live.owner, conversation: live.conversation) }
         let end = allocator.buffer(
             bytes: ServerFrame.streamEnd(stream: live.id, reason: reason, usage: usage, message: storedID, cost: cost, balance: balance))
         if live.room != nil {
@@ -269,7 +272,6 @@ final class StreamRunner: Sendable {
             live.finish(end, reason: reason)
         }
         hub.ended(live)
-        if case .reply = live.kind { hub.release(user: live.owner, conversation: live.conversation) }
         return storedID == nil ? nil : message
     }
 
