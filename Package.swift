@@ -27,6 +27,8 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
         // The executable's lifecycle: SIGTERM/SIGINT start a graceful shutdown (the drain).
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        // TLS termination (HTTPS and wss on the server's port); AsyncHTTPClient already brings it in.
+        .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.0"),
         // Only for the timer benchmark's binary-heap baseline.
         .package(url: "https://github.com/apple/swift-collections.git", from: "1.6.0"),
         // HTTP for the real LLM providers (OpenAI-compatible, Anthropic).
@@ -126,6 +128,7 @@ let package = Package(
                 .product(name: "JWTKit", package: "jwt-kit"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
             ],
             // The browser client, served at `/`.
             resources: [.copy("WebClient")],
@@ -153,6 +156,7 @@ let package = Package(
                 .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),

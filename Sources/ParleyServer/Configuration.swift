@@ -13,6 +13,9 @@ public struct ServerConfiguration: Sendable {
     /// Where data lives: nil is the embedded SQLite file in the data directory; a
     /// `mongodb://` or `mongodb+srv://` URI selects MongoDB.
     public var storeURI: String?
+    /// With a certificate chain and key, HTTPS and `wss://` on `port` (TLS 1.2 at least, HSTS on
+    /// every response); nil: plain HTTP, for loopback or behind a TLS-terminating proxy.
+    public var tls: TLSFiles?
     /// Threads running MongoDB driver calls.
     public var mongoThreads = 4
     /// How long this node's lease on a MongoDB database lasts unrenewed (renewed every third of

@@ -24,9 +24,12 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     private let bodyLimits: [String: Int]
     /// Told when a request's head and end arrive and when its response went out.
     private let timeouts: HTTPTimeoutHandler?
+    /// Added to every response (HSTS over TLS).
+    private let extraHeaders: HTTPHeaders
 
-    init(api: RESTAPI, maxBodyBytes: Int, bodyLimits: [String: Int] = [:], timeouts: HTTPTimeoutHandler? = nil) {
+    init(api: RESTAPI, maxBodyBytes: Int, bodyLimits: [String: Int] = [:], timeouts: HTTPTimeoutHandler? = nil, headers: HTTPHeaders = [:]) {
         self.api = api
+        self.extraHeaders = headers
         self.timeouts = timeouts
         self.maxBodyBytes = maxBodyBytes
         self.bodyLimits = bodyLimits
@@ -89,6 +92,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             return writeStreamed(response, stream, for: request, keepAlive: keepAlive, context: context)
         }
         var headers = response.headers
+        headers.add(contentsOf: extraHeaders)
         if response.stream == nil { headers.replaceOrAdd(name: "content-length", value: String(response.body.count)) }
         headers.replaceOrAdd(name: "connection", value: keepAlive ? "keep-alive" : "close")
         context.write(wrapOutboundOut(.head(HTTPResponseHead(version: request.version, status: response.status, headers: headers))), promise: nil)
@@ -112,6 +116,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     ) {
         let keepAlive = keepAlive && (request.version.major, request.version.minor) >= (1, 1)
         var headers = response.headers
+        headers.add(contentsOf: extraHeaders)
         headers.remove(name: "content-length")
         headers.replaceOrAdd(name: "connection", value: keepAlive ? "keep-alive" : "close")
         context.writeAndFlush(

@@ -4,6 +4,7 @@ import Logging
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+import NIOSSL
 import NIOWebSocket
 import ParleyCore
 import ParleyDeflate
@@ -40,13 +41,16 @@ public final class ParleyServer: Sendable {
     /// In a cluster on MongoDB: what finishes a stopped node's leftovers, and its task.
     private let reaper: NodeReaper?
     private let reaping: Task<Void, Never>?
+    /// The TLS context new connections get, when TLS is on.
+    private let tls: TLSContexts?
 
     private init(
         configuration: ServerConfiguration, port: Int, store: any Store, authenticator: Authenticator, chat: ChatService,
         schedules: ScheduleService, rooms: RoomService, hub: StreamHub, group: MultiThreadedEventLoopGroup, ownsGroup: Bool,
         serverChannel: any Channel, logger: Logger, retention: Task<Void, Never>, dataLock: DataDirectoryLock, nodeLease: NodeLeaseKeeper?,
-        clusterBroker: NATSBroker?, reaper: NodeReaper?
+        clusterBroker: NATSBroker?, reaper: NodeReaper?, tls: TLSContexts?
     ) {
+        self.tls = tls
         self.clusterBroker = clusterBroker
         self.reaper = reaper
         reaping = reaper.map { reaper in Task { await reaper.run() } }
@@ -67,6 +71,17 @@ public final class ParleyServer: Sendable {
         self.logger = logger
     }
 
+    /// Reads the TLS certificate chain and key again (SIGHUP): new connections get them, open
+    /// ones keep theirs. Throws, keeping the certificate in use, when they cannot be used; false
+    /// when TLS is off.
+    @discardableResult
+    public func reloadTLS() throws -> Bool {
+        guard let tls else { return false }
+        try tls.reload()
+        logger.info("reloaded the TLS certificate", metadata: ["certificate": "\(tls.files.certificateChain)"])
+        return true
+    }
+
     /// Opens the store and binds the listening socket. Throws `ConfigurationError` with an
     /// operator-readable message when the data directory or address cannot be used.
     /// `eventLoopGroup`, when given, is the caller's to shut down (after `shutdown`): give the
@@ -78,6 +93,8 @@ public final class ParleyServer: Sendable {
         eventLoopGroup: MultiThreadedEventLoopGroup? = nil,
         logger: Logger = Logger(label: "parley")
     ) async throws -> ParleyServer {
+        // A certificate that cannot be used is a start-up error, before anything is opened.
+        let tls = try configuration.tls.map(TLSContexts.init)
         do {
             // Private to the server's user: it holds the database and the signing secret.
             try FileManager.default.createDirectory(
@@ -246,6 +263,8 @@ public final class ParleyServer: Sendable {
                         channel, api: api, sockets: socketServices, authenticator: authenticator,
                         configuration: configuration, ids: ids, slowReaders: slowReaders, logger: logger,
                         httpConnections: httpConnections, flushes: flushes)
+                    // In front of everything, the timeouts' byte watcher included: it sees plain HTTP.
+                    if let tls { try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls.context), position: .first) }
                 }
             }
         let serverChannel: any Channel
@@ -277,7 +296,7 @@ public final class ParleyServer: Sendable {
             configuration: configuration, port: port, store: store, authenticator: authenticator, chat: chat, schedules: schedules, rooms: rooms,
             hub: hub,
             group: group, ownsGroup: ownsGroup, serverChannel: serverChannel, logger: logger, retention: Task { await retention.run() },
-            dataLock: dataLock, nodeLease: nodeLease, clusterBroker: clusterBroker, reaper: reaper
+            dataLock: dataLock, nodeLease: nodeLease, clusterBroker: clusterBroker, reaper: reaper, tls: tls
         )
     }
 
@@ -380,7 +399,8 @@ public final class ParleyServer: Sendable {
         let timeouts = HTTPTimeoutHandler(timeouts: configuration.httpTimeouts, registry: httpConnections)
         let http = HTTPHandler(
             api: api, maxBodyBytes: configuration.maxRequestBodyBytes,
-            bodyLimits: ["/v1/clones/import": configuration.maxCardBytes], timeouts: timeouts)
+            bodyLimits: ["/v1/clones/import": configuration.maxCardBytes], timeouts: timeouts,
+            headers: configuration.tls == nil ? [:] : HTTPHeaders([TLSContexts.hsts]))
         try channel.pipeline.syncOperations.configureHTTPServerPipeline(
             withServerUpgrade: (
                 upgraders: [upgrader],

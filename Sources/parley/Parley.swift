@@ -6,6 +6,7 @@ import Logging
 import NIOCore
 import NIOPosix
 import ServiceLifecycle
+import UnixSignals
 import ParleyCore
 import ParleyDeflate
 import ParleyLLM
@@ -89,6 +90,15 @@ struct Serve: AsyncParsableCommand {
 
     @Option(help: "Port to listen on (0 picks a free one).")
     var port = 8080
+
+    @Option(
+        help:
+            "PEM certificate chain (the server's certificate, then intermediates): with --tls-key, serve HTTPS and wss:// on --port (TLS 1.2+, HSTS). SIGHUP reads both files again."
+    )
+    var tlsCert: String?
+
+    @Option(help: "PEM private key (unencrypted) of --tls-cert.")
+    var tlsKey: String?
 
     @Option(help: "Simulated provider (development and load tests only): time to first token, in ms.")
     var simTtftMs = 200
@@ -299,6 +309,7 @@ struct Serve: AsyncParsableCommand {
             throw ArgumentParser.ValidationError("--retention-days must be 0-36500 (0 keeps everything)")
         }
         guard (contextBudget ?? 64) >= 64 else { throw ArgumentParser.ValidationError("--context-budget must be at least 64") }
+        guard (tlsCert == nil) == (tlsKey == nil) else { throw ArgumentParser.ValidationError("--tls-cert and --tls-key go together") }
         if localModel || localModelCommand != nil {
             guard provider == "simulated", providerUrl == nil, providerModels == nil else {
                 throw ArgumentParser.ValidationError("--local-model is the provider: leave out --provider, --provider-url and --provider-models")
@@ -390,6 +401,7 @@ struct Serve: AsyncParsableCommand {
         configuration.dataDirectory = secret.dataDir
         configuration.jwtSecret = secret.resolvedSecret
         configuration.storeURI = resolvedStore
+        if let tlsCert, let tlsKey { configuration.tls = TLSFiles(certificateChain: tlsCert, privateKey: tlsKey) }
         configuration.brokerURL = broker
         configuration.nodeID = nodeId
         configuration.nodeLeasePeriod = .seconds(nodeLease)
@@ -613,7 +625,8 @@ struct ServerService: Service {
     func run() async throws {
         // One machine-readable line on stdout: scripts and tests read the bound port from it.
         // Printed here, once the group traps SIGTERM: a signal right after it drains, never kills.
-        FileHandle.standardOutput.write(Data("parley listening on http://\(host):\(server.port)\n".utf8))
+        let scheme = server.configuration.tls == nil ? "http" : "https"
+        FileHandle.standardOutput.write(Data("parley listening on \(scheme)://\(host):\(server.port)\n".utf8))
         FileHandle.standardOutput.write(Data((greeting(server.port) + "\n").utf8))
         // Returns when the group's graceful shutdown begins (or throws when the task is
         // cancelled), unless this node loses its MongoDB lease first: then another node may be
@@ -624,6 +637,20 @@ struct ServerService: Service {
             race.addTask {
                 try? await gracefulShutdown()
                 return nil
+            }
+            if server.configuration.tls != nil {
+                // SIGHUP reads the certificate and key again (a renewed certificate, no restart).
+                race.addTask {
+                    for await _ in await UnixSignalsSequence(trapping: .sighup) {
+                        do {
+                            try server.reloadTLS()
+                            FileHandle.standardError.write(Data("parley: reloaded the TLS certificate\n".utf8))
+                        } catch {
+                            FileHandle.standardError.write(Data("parley: kept the TLS certificate in use: \(error)\n".utf8))
+                        }
+                    }
+                    return nil
+                }
             }
             race.addTask {
                 if let reason = await server.nodeLeaseLost() { return reason }

@@ -17,20 +17,21 @@ BINARY = pathlib.Path(os.environ.get("PARLEY_BIN", ROOT / ".build" / "debug" / "
 
 
 class Server:
-    def __init__(self, data_dir, *extra, env=None, preexec_fn=None):
+    def __init__(self, data_dir, *extra, env=None, preexec_fn=None, ssl_context=None):
         self.data_dir = data_dir
+        self.ssl_context = ssl_context  # for https: what http() trusts
         self.proc = subprocess.Popen(
             [str(BINARY), "serve", "--port", "0", "--data-dir", str(data_dir), "--log-level", "warning", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=None if env is None else {**os.environ, **env},
             preexec_fn=preexec_fn,
         )
         line = self.proc.stdout.readline()  # blocks until the server has bound its port
-        if not line.startswith("parley listening on http://"):
+        if not line.startswith(("parley listening on http://", "parley listening on https://")):
             self.proc.kill()
             raise RuntimeError(f"server did not start: {line!r} {self.proc.stderr.read()}")
         self.base = line.strip().split(" ")[-1]
         self.port = int(self.base.rsplit(":", 1)[1])
-        self.ws = f"ws://127.0.0.1:{self.port}/v1/ws"
+        self.ws = f"{'wss' if self.base.startswith('https') else 'ws'}://127.0.0.1:{self.port}/v1/ws"
 
     def token(self, sub, role=None):
         out = subprocess.run([str(BINARY), "token", "--sub", sub, "--data-dir", str(self.data_dir), *(["--role", role] if role else [])],
@@ -45,7 +46,7 @@ class Server:
         if data is not None:
             req.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
+            with urllib.request.urlopen(req, timeout=10, context=self.ssl_context) as resp:
                 raw = resp.read()
                 return resp.status, json.loads(raw) if raw else None
         except urllib.error.HTTPError as err:
