@@ -13,8 +13,9 @@ apt_packages=(libsqlite3-dev libmongoc-dev libbson-dev libnats-dev zlib1g-dev pk
 # web client in Debian's Chromium (headless, through Playwright; a font for its screenshots), and
 # the NATS client against a real nats-server with JetStream.
 # The cluster's tests and scripts/cluster.sh: nats-server, nginx as the WebSocket balancer. The
-# TLS tests make their certificate authority with openssl.
-[ "${1:-}" = "--test" ] && apt_packages+=(node-ws chromium fonts-dejavu-core nats-server nginx openssl)
+# TLS tests make their certificate authority with openssl and put stunnel4 before the test
+# MongoDB server.
+[ "${1:-}" = "--test" ] && apt_packages+=(node-ws chromium fonts-dejavu-core nats-server nginx openssl stunnel4)
 [ "${1:-}" = "--cluster" ] && apt_packages+=(nats-server nginx)
 missing=()
 for package in "${apt_packages[@]}"; do

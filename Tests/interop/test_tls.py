@@ -12,6 +12,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import threading
 import warnings
 
 import pytest
@@ -42,9 +43,9 @@ class PKI:
         self.key = directory / "server.key"
         self.chain = directory / "chain.pem"
 
-    def issue(self, serial):
-        """A server certificate with `serial`, written with the intermediate into `chain`."""
-        (self.dir / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
+    def issue(self, serial, names="IP:127.0.0.1,DNS:localhost"):
+        """A server certificate with `serial` for `names`, written with the intermediate into `chain`."""
+        (self.dir / "server.ext").write_text(f"subjectAltName={names}\nextendedKeyUsage=serverAuth\n")
         openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "server.key.new",
                 "-out", "server.csr", "-subj", "/CN=127.0.0.1", cwd=self.dir)
         openssl("x509", "-req", "-in", "server.csr", "-CA", "mid.pem", "-CAkey", "mid.key", "-set_serial", str(serial),
@@ -212,3 +213,70 @@ def test_chromium_uses_the_app_over_https_and_wss(data_dir, pki):
             browser.close()
     finally:
         assert server.stop() == 0
+
+
+class Stunnel:
+    """Debian's stunnel4 as a TLS front before a plain TCP server: what a managed MongoDB's TLS
+    looks like to a driver."""
+
+    def __init__(self, directory, target_port, pki):
+        with socket.socket() as probe:  # a free port for stunnel to take
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        config = directory / f"stunnel-{self.port}.conf"
+        config.write_text(f"foreground = yes\npid =\n[mongo]\naccept = 127.0.0.1:{self.port}\n"
+                          f"connect = 127.0.0.1:{target_port}\ncert = {pki.chain}\nkey = {pki.key}\n")
+        self.proc = subprocess.Popen([shutil.which("stunnel4") or "stunnel4", str(config)], stderr=subprocess.PIPE, text=True)
+        line = self.proc.stderr.readline()
+        while "Configuration successful" not in line:
+            assert line, "stunnel4 exited (installed by scripts/setup.sh --test)"
+            line = self.proc.stderr.readline()
+        threading.Thread(target=self.proc.stderr.read, daemon=True).start()  # its log never fills the pipe
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def test_the_mongodb_store_over_tls_with_a_ca_file_and_clear_errors(data_dir, pki, mongo_base):
+    """`tls=true&tlsCAFile=…` in the store URI: libmongoc (built with OpenSSL) checks the chain and
+    the name; a wrong CA or a certificate for another name stops the start with the reason."""
+    target = int(mongo_base.rsplit(":", 1)[1].split("/")[0])
+    front = Stunnel(data_dir, target, pki)
+    try:
+        uri = f"mongodb://127.0.0.1:{front.port}/parley_tls?tls=true&tlsCAFile={pki.root}"
+        server = Server(data_dir / "ok", "--store", uri)
+        try:
+            token = server.token("mona")
+            clone = make_clone(server, token)
+            start, _, end = chat(server, token, clone["id"])
+            assert end["reason"] == "complete"
+            status, page = server.http("GET", f"/v1/conversations/{start['conversation']}/messages", token)
+            assert status == 200 and [m["role"] for m in page["messages"]] == ["user", "assistant"]
+        finally:
+            assert server.stop() == 0
+
+        stranger = data_dir / "stranger"
+        stranger.mkdir()
+        openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "k.pem",
+                "-out", "other-root.pem", "-days", "2", "-subj", "/CN=Someone Else", cwd=stranger)
+        for bad_uri, data in ((f"mongodb://127.0.0.1:{front.port}/parley_tls?tls=true&tlsCAFile={stranger / 'other-root.pem'}"
+                               "&serverSelectionTimeoutMS=2000", "bad-ca"),):
+            result = subprocess.run([str(BINARY), "serve", "--port", "0", "--data-dir", str(data_dir / data), "--store", bad_uri],
+                                    capture_output=True, text=True, timeout=120)
+            assert result.returncode == 1, result.stderr
+            assert "cannot reach MongoDB" in result.stderr and "TLS handshake failed: certificate verify failed" in result.stderr, \
+                result.stderr
+    finally:
+        front.stop()
+
+    pki.issue(serial=3003, names="DNS:db.invalid")
+    front = Stunnel(data_dir, target, pki)
+    try:
+        uri = f"mongodb://127.0.0.1:{front.port}/parley_tls?tls=true&tlsCAFile={pki.root}&serverSelectionTimeoutMS=2000"
+        result = subprocess.run([str(BINARY), "serve", "--port", "0", "--data-dir", str(data_dir / "bad-name"), "--store", uri],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1, result.stderr
+        assert "TLS handshake failed: certificate verify failed" in result.stderr and "mismatch" in result.stderr, result.stderr
+    finally:
+        front.stop()
