@@ -43,18 +43,119 @@ struct ParleyClaims: JWTPayload {
     }
 }
 
-/// Issues and verifies HS256 tokens (jwt-kit does the cryptography).
+/// An identity provider whose tokens Parley accepts beside its own (#28): an OIDC provider's
+/// signing keys as a JWKS (RS256/384/512, ES256/384, EdDSA), the issuer and audience its tokens
+/// must name, and the claim that names the user.
+public struct IdentityProvider: Sendable, Equatable {
+    public var jwksJSON: String
+    public var issuer: String?
+    public var audience: String?
+    public var subjectClaim: String
+
+    public init(jwksJSON: String, issuer: String? = nil, audience: String? = nil, subjectClaim: String = "sub") {
+        self.jwksJSON = jwksJSON
+        self.issuer = issuer
+        self.audience = audience
+        self.subjectClaim = subjectClaim
+    }
+
+    /// The algorithms a provider token may use: never HS256 (a public key is no secret) nor none.
+    static let algorithms: Set<String> = ["RS256", "RS384", "RS512", "ES256", "ES384", "EdDSA"]
+}
+
+/// What Parley reads of an identity provider's token: the registered claims it checks and every
+/// string claim, one of which names the user.
+struct ProviderClaims: JWTPayload {
+    var exp: ExpirationClaim
+    var nbf: NotBeforeClaim?
+    var iss: String?
+    var aud: [String]
+    var strings: [String: String]
+
+    struct Key: CodingKey {
+        var stringValue: String
+        var intValue: Int? { nil }
+        init(stringValue: String) { self.stringValue = stringValue }
+        init?(intValue: Int) { nil }
+    }
+
+    init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: Key.self)
+        exp = try container.decode(ExpirationClaim.self, forKey: Key(stringValue: "exp"))
+        nbf = try container.decodeIfPresent(NotBeforeClaim.self, forKey: Key(stringValue: "nbf"))
+        iss = try? container.decodeIfPresent(String.self, forKey: Key(stringValue: "iss"))
+        let audienceKey = Key(stringValue: "aud")
+        // RFC 7519 4.1.3: one audience as a string, or several as an array.
+        if let list = try? container.decodeIfPresent([String].self, forKey: audienceKey) {
+            aud = list
+        } else if let one = try? container.decodeIfPresent(String.self, forKey: audienceKey) {
+            aud = [one]
+        } else {
+            aud = []
+        }
+        var strings: [String: String] = [:]
+        for key in container.allKeys {
+            if let value = try? container.decode(String.self, forKey: key) { strings[key.stringValue] = value }
+        }
+        self.strings = strings
+    }
+
+    func encode(to encoder: any Encoder) throws {
+        var container = encoder.container(keyedBy: Key.self)
+        try container.encode(exp, forKey: Key(stringValue: "exp"))
+    }
+
+    func verify(using algorithm: some JWTAlgorithm) throws {
+        try exp.verifyNotExpired()
+    }
+}
+
+/// Issues and verifies Parley's HS256 tokens, and verifies an identity provider's (jwt-kit does
+/// the cryptography).
 public struct Authenticator: Sendable {
     private let keys: JWTKeyCollection
+    private let provider: IdentityProvider?
+    /// The key ids of the provider's JWKS: a token naming one is the provider's.
+    private let providerKeys: Set<String>
 
-    private init(keys: JWTKeyCollection) {
+    private init(keys: JWTKeyCollection, provider: IdentityProvider?, providerKeys: Set<String>) {
         self.keys = keys
+        self.provider = provider
+        self.providerKeys = providerKeys
     }
 
     public static func make(secret: String) async -> Authenticator {
+        // A valid secret and no provider cannot fail.
+        try! await make(secret: secret, provider: nil)
+    }
+
+    /// Parley's own tokens, and `provider`'s when given. Throws `ConfigurationError` for a JWKS
+    /// that cannot be used (not JSON, a key without `kid`, an algorithm not accepted).
+    public static func make(secret: String, provider: IdentityProvider?) async throws -> Authenticator {
         let keys = JWTKeyCollection()
         await keys.add(hmac: HMACKey(from: secret), digestAlgorithm: .sha256)
-        return Authenticator(keys: keys)
+        var kids = Set<String>()
+        if let provider {
+            let jwks: JWKS
+            do {
+                jwks = try JSONDecoder().decode(JWKS.self, from: Data(provider.jwksJSON.utf8))
+                for key in jwks.keys {
+                    guard let kid = key.keyIdentifier?.string else { throw ConfigurationError("a key of the JWKS has no 'kid'") }
+                    if let algorithm = key.algorithm?.rawValue, !IdentityProvider.algorithms.contains(algorithm) {
+                        throw ConfigurationError(
+                            "the JWKS key '\(kid)' is for \(algorithm); accepted: \(IdentityProvider.algorithms.sorted().joined(separator: ", "))")
+                    }
+                    try await keys.add(jwk: key, isDefault: false)
+                    kids.insert(kid)
+                }
+            } catch let error as ConfigurationError {
+                throw error
+            } catch {
+                throw ConfigurationError("cannot use the identity provider's JWKS: \(error)")
+            }
+            guard !kids.isEmpty else { throw ConfigurationError("the identity provider's JWKS has no key") }
+        }
+        return Authenticator(keys: keys, provider: provider, providerKeys: kids)
     }
 
     public func issue(subject: String, role: String? = nil, ttl: Duration, now: Date = Date()) async throws -> String {
@@ -67,7 +168,14 @@ public struct Authenticator: Sendable {
     public func verify(_ token: String, now: Date = Date()) async throws(AuthError) -> Identity {
         // RFC 7515 4.1.11: a `crit` header names extensions the recipient must understand, and
         // Parley understands none; jwt-kit would let it pass.
-        guard !Self.hasCriticalHeader(token) else { throw .invalidToken }
+        guard let header = Self.header(token), header["crit"] == nil else { throw .invalidToken }
+        let algorithm = header["alg"] as? String
+        if let provider, let kid = header["kid"] as? String, providerKeys.contains(kid) {
+            guard let algorithm, IdentityProvider.algorithms.contains(algorithm) else { throw .invalidToken }
+            return try await verifyProvider(token, provider, now: now)
+        }
+        // Parley's own: HS256 with its secret, and no key id (a provider's unknown kid is no fallback).
+        guard algorithm == "HS256", header["kid"] == nil else { throw .invalidToken }
         let claims: ParleyClaims
         do {
             claims = try await keys.verify(token, as: ParleyClaims.self)
@@ -81,14 +189,37 @@ public struct Authenticator: Sendable {
         return Identity(user: claims.sub.value, role: claims.role, expiresAt: claims.exp.value)
     }
 
-    /// Whether the token's protected header carries `crit` (or cannot be read at all).
-    static func hasCriticalHeader(_ token: String) -> Bool {
-        guard let encoded = token.split(separator: ".", maxSplits: 1, omittingEmptySubsequences: false).first else { return true }
+    /// An identity provider's token: its signature by a key of the JWKS, `exp`, `nbf`, the
+    /// issuer and audience when configured, and the user from the configured claim. It grants no
+    /// role: admin stays a Parley token's (`parley token --role admin`).
+    private func verifyProvider(_ token: String, _ provider: IdentityProvider, now: Date) async throws(AuthError) -> Identity {
+        let claims: ProviderClaims
+        do {
+            claims = try await keys.verify(token, as: ProviderClaims.self)
+        } catch let error as JWTError where error.errorType == .claimVerificationFailure {
+            throw .expired
+        } catch {
+            throw .invalidToken
+        }
+        if let nbf = claims.nbf, nbf.value > now { throw .notYetValid }
+        if let issuer = provider.issuer, claims.iss != issuer { throw .invalidToken }
+        if let audience = provider.audience, !claims.aud.contains(audience) { throw .invalidToken }
+        guard let subject = claims.strings[provider.subjectClaim], Self.isValidSubject(subject) else { throw .invalidSubject }
+        return Identity(user: subject, role: nil, expiresAt: claims.exp.value)
+    }
+
+    /// The token's protected header; nil when it cannot be read.
+    static func header(_ token: String) -> [String: Any]? {
+        guard let encoded = token.split(separator: ".", maxSplits: 1, omittingEmptySubsequences: false).first else { return nil }
         var base64 = encoded.replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
         base64 += String(repeating: "=", count: (4 - base64.count % 4) % 4)
-        guard let data = Data(base64Encoded: base64),
-            let header = try? JSONSerialization.jsonObject(with: data) as? [String: Any]
-        else { return true }
+        guard let data = Data(base64Encoded: base64) else { return nil }
+        return try? JSONSerialization.jsonObject(with: data) as? [String: Any]
+    }
+
+    /// Whether the token's protected header carries `crit` (or cannot be read at all).
+    static func hasCriticalHeader(_ token: String) -> Bool {
+        guard let header = header(token) else { return true }
         return header["crit"] != nil
     }
 

@@ -16,6 +16,8 @@ public struct ServerConfiguration: Sendable {
     /// With a certificate chain and key, HTTPS and `wss://` on `port` (TLS 1.2 at least, HSTS on
     /// every response); nil: plain HTTP, for loopback or behind a TLS-terminating proxy.
     public var tls: TLSFiles?
+    /// An identity provider whose tokens are accepted beside Parley's own HS256 ones (#28).
+    public var identityProvider: IdentityProvider?
     /// Threads running MongoDB driver calls.
     public var mongoThreads = 4
     /// How long this node's lease on a MongoDB database lasts unrenewed (renewed every third of

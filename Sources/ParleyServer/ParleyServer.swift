@@ -106,7 +106,7 @@ public final class ParleyServer: Sendable {
         // One process per data directory, one node per MongoDB database (until #22's cluster).
         let dataLock = try DataDirectoryLock.acquire(directory: configuration.dataDirectory)
         let secret = try configuration.jwtSecret ?? SecretFile.loadOrCreate(at: configuration.secretPath)
-        let authenticator = await Authenticator.make(secret: secret)
+        let authenticator = try await Authenticator.make(secret: secret, provider: configuration.identityProvider)
         let nodeID = try configuration.nodeID ?? NodeLeaseKeeper.nodeID(directory: configuration.dataDirectory)
         let store = try await openStore(configuration, node: nodeID)
         // Alone, a node recovers whatever a crash left; in a cluster, only what it left itself

@@ -100,6 +100,21 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "PEM private key (unencrypted) of --tls-cert.")
     var tlsKey: String?
 
+    @Option(
+        help:
+            "An identity provider's signing keys as a JWKS file (RS256/384/512, ES256/384, EdDSA; each with a kid): its tokens are accepted beside Parley's own."
+    )
+    var jwksFile: String?
+
+    @Option(help: "The 'iss' an identity provider's token must carry (with --jwks-file).")
+    var jwtIssuer: String?
+
+    @Option(help: "An 'aud' an identity provider's token must carry (with --jwks-file).")
+    var jwtAudience: String?
+
+    @Option(help: "The claim of an identity provider's token that names the user (with --jwks-file).")
+    var jwtSubjectClaim = "sub"
+
     @Option(help: "Simulated provider (development and load tests only): time to first token, in ms.")
     var simTtftMs = 200
 
@@ -310,6 +325,9 @@ struct Serve: AsyncParsableCommand {
         }
         guard (contextBudget ?? 64) >= 64 else { throw ArgumentParser.ValidationError("--context-budget must be at least 64") }
         guard (tlsCert == nil) == (tlsKey == nil) else { throw ArgumentParser.ValidationError("--tls-cert and --tls-key go together") }
+        guard jwksFile != nil || (jwtIssuer == nil && jwtAudience == nil && jwtSubjectClaim == "sub") else {
+            throw ArgumentParser.ValidationError("--jwt-issuer, --jwt-audience and --jwt-subject-claim need --jwks-file")
+        }
         if localModel || localModelCommand != nil {
             guard provider == "simulated", providerUrl == nil, providerModels == nil else {
                 throw ArgumentParser.ValidationError("--local-model is the provider: leave out --provider, --provider-url and --provider-models")
@@ -402,6 +420,13 @@ struct Serve: AsyncParsableCommand {
         configuration.jwtSecret = secret.resolvedSecret
         configuration.storeURI = resolvedStore
         if let tlsCert, let tlsKey { configuration.tls = TLSFiles(certificateChain: tlsCert, privateKey: tlsKey) }
+        if let jwksFile {
+            guard let jwks = try? String(contentsOfFile: jwksFile, encoding: .utf8) else {
+                throw ConfigurationError("cannot read the JWKS file \(jwksFile)")
+            }
+            configuration.identityProvider = IdentityProvider(
+                jwksJSON: jwks, issuer: jwtIssuer, audience: jwtAudience, subjectClaim: jwtSubjectClaim)
+        }
         configuration.brokerURL = broker
         configuration.nodeID = nodeId
         configuration.nodeLeasePeriod = .seconds(nodeLease)
