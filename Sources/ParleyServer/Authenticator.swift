@@ -1,6 +1,7 @@
 import Foundation
 import JWTKit
 import NIOHTTP1
+import Synchronization
 
 /// Who a verified token speaks for.
 public struct Identity: Sendable, Equatable {
@@ -46,18 +47,32 @@ struct ParleyClaims: JWTPayload {
 /// An identity provider whose tokens Parley accepts beside its own (#28): an OIDC provider's
 /// signing keys as a JWKS (RS256/384/512, ES256/384, EdDSA), the issuer and audience its tokens
 /// must name, and the claim that names the user.
-public struct IdentityProvider: Sendable, Equatable {
+public struct IdentityProvider: Sendable {
+    /// The JWKS at start-up.
     public var jwksJSON: String
     public var issuer: String?
     public var audience: String?
     public var subjectClaim: String
+    /// Fetches the JWKS again (from the provider's `jwks_uri`); nil when `jwksJSON` is all there
+    /// is (a file). With it the keys are fetched again every `refreshInterval`, and at once (at
+    /// most every `unknownKeyInterval`) when a token names a key id they lack: the provider rotated.
+    public var fetch: (@Sendable () async throws -> String)?
+    public var refreshInterval: Duration = .seconds(600)
+    public var unknownKeyInterval: Duration = .seconds(30)
 
-    public init(jwksJSON: String, issuer: String? = nil, audience: String? = nil, subjectClaim: String = "sub") {
+    public init(
+        jwksJSON: String, issuer: String? = nil, audience: String? = nil, subjectClaim: String = "sub",
+        fetch: (@Sendable () async throws -> String)? = nil
+    ) {
         self.jwksJSON = jwksJSON
         self.issuer = issuer
         self.audience = audience
         self.subjectClaim = subjectClaim
+        self.fetch = fetch
     }
+
+    /// More keys than any provider publishes: a bigger set is refused, so the cache stays small.
+    static let maxKeys = 64
 
     /// The algorithms a provider token may use: never HS256 (a public key is no secret) nor none.
     static let algorithms: Set<String> = ["RS256", "RS384", "RS512", "ES256", "ES384", "EdDSA"]
@@ -110,18 +125,109 @@ struct ProviderClaims: JWTPayload {
     }
 }
 
+/// An identity provider's current keys, fetched again as `IdentityProvider` says.
+final class ProviderKeys: Sendable {
+    let provider: IdentityProvider
+    private struct State {
+        var collection: JWTKeyCollection
+        /// The key ids of the provider's JWKS: a token naming one is the provider's.
+        var kids: Set<String>
+        var fetchedAt: ContinuousClock.Instant
+        var refreshing: Task<Void, Never>?
+        var lastUnknownKeyFetch: ContinuousClock.Instant?
+    }
+    private let state: Mutex<State>
+
+    init(_ provider: IdentityProvider) async throws {
+        self.provider = provider
+        let (collection, kids) = try await Self.keys(provider.jwksJSON)
+        state = Mutex(State(collection: collection, kids: kids, fetchedAt: .now))
+    }
+
+    /// The keys of a JWKS; throws `ConfigurationError` for one that cannot be used.
+    static func keys(_ json: String) async throws -> (JWTKeyCollection, Set<String>) {
+        let collection = JWTKeyCollection()
+        var kids = Set<String>()
+        do {
+            let jwks = try JSONDecoder().decode(JWKS.self, from: Data(json.utf8))
+            guard jwks.keys.count <= IdentityProvider.maxKeys else {
+                throw ConfigurationError("the JWKS has \(jwks.keys.count) keys; at most \(IdentityProvider.maxKeys) are taken")
+            }
+            for key in jwks.keys {
+                guard let kid = key.keyIdentifier?.string else { throw ConfigurationError("a key of the JWKS has no 'kid'") }
+                if let algorithm = key.algorithm?.rawValue, !IdentityProvider.algorithms.contains(algorithm) {
+                    throw ConfigurationError(
+                        "the JWKS key '\(kid)' is for \(algorithm); accepted: \(IdentityProvider.algorithms.sorted().joined(separator: ", "))")
+                }
+                try await collection.add(jwk: key)
+                kids.insert(kid)
+            }
+        } catch let error as ConfigurationError {
+            throw error
+        } catch {
+            throw ConfigurationError("cannot use the identity provider's JWKS: \(error)")
+        }
+        guard !kids.isEmpty else { throw ConfigurationError("the identity provider's JWKS has no key") }
+        return (collection, kids)
+    }
+
+    /// The keys for a token naming `kid`: fetched again first when they lack it (at most every
+    /// `unknownKeyInterval`), and in the background when they are older than `refreshInterval`.
+    func keys(for kid: String) async -> (JWTKeyCollection, Set<String>) {
+        guard provider.fetch != nil else { return current }
+        let now = ContinuousClock.now
+        let (known, stale, mayFetch) = state.withLock { s in
+            (
+                s.kids.contains(kid), now - s.fetchedAt > provider.refreshInterval,
+                s.lastUnknownKeyFetch.map { now - $0 > provider.unknownKeyInterval } ?? true
+            )
+        }
+        if !known, mayFetch {
+            state.withLock { $0.lastUnknownKeyFetch = now }
+            await refresh().value
+        } else if stale {
+            _ = refresh()
+        }
+        return current
+    }
+
+    private var current: (JWTKeyCollection, Set<String>) { state.withLock { ($0.collection, $0.kids) } }
+
+    /// One fetch at a time; a failed one keeps the keys in use.
+    private func refresh() -> Task<Void, Never> {
+        state.withLock { s in
+            if let running = s.refreshing { return running }
+            let task = Task { [self] in
+                let fresh: (JWTKeyCollection, Set<String>)?
+                if let fetch = provider.fetch, let json = try? await fetch() {
+                    fresh = try? await Self.keys(json)
+                } else {
+                    fresh = nil
+                }
+                state.withLock { s in
+                    if let (collection, kids) = fresh {
+                        s.collection = collection
+                        s.kids = kids
+                    }
+                    s.fetchedAt = .now  // a failed try waits its interval too
+                    s.refreshing = nil
+                }
+            }
+            s.refreshing = task
+            return task
+        }
+    }
+}
+
 /// Issues and verifies Parley's HS256 tokens, and verifies an identity provider's (jwt-kit does
 /// the cryptography).
 public struct Authenticator: Sendable {
     private let keys: JWTKeyCollection
-    private let provider: IdentityProvider?
-    /// The key ids of the provider's JWKS: a token naming one is the provider's.
-    private let providerKeys: Set<String>
+    private let provider: ProviderKeys?
 
-    private init(keys: JWTKeyCollection, provider: IdentityProvider?, providerKeys: Set<String>) {
+    private init(keys: JWTKeyCollection, provider: ProviderKeys?) {
         self.keys = keys
         self.provider = provider
-        self.providerKeys = providerKeys
     }
 
     public static func make(secret: String) async -> Authenticator {
@@ -134,28 +240,9 @@ public struct Authenticator: Sendable {
     public static func make(secret: String, provider: IdentityProvider?) async throws -> Authenticator {
         let keys = JWTKeyCollection()
         await keys.add(hmac: HMACKey(from: secret), digestAlgorithm: .sha256)
-        var kids = Set<String>()
-        if let provider {
-            let jwks: JWKS
-            do {
-                jwks = try JSONDecoder().decode(JWKS.self, from: Data(provider.jwksJSON.utf8))
-                for key in jwks.keys {
-                    guard let kid = key.keyIdentifier?.string else { throw ConfigurationError("a key of the JWKS has no 'kid'") }
-                    if let algorithm = key.algorithm?.rawValue, !IdentityProvider.algorithms.contains(algorithm) {
-                        throw ConfigurationError(
-                            "the JWKS key '\(kid)' is for \(algorithm); accepted: \(IdentityProvider.algorithms.sorted().joined(separator: ", "))")
-                    }
-                    try await keys.add(jwk: key, isDefault: false)
-                    kids.insert(kid)
-                }
-            } catch let error as ConfigurationError {
-                throw error
-            } catch {
-                throw ConfigurationError("cannot use the identity provider's JWKS: \(error)")
-            }
-            guard !kids.isEmpty else { throw ConfigurationError("the identity provider's JWKS has no key") }
-        }
-        return Authenticator(keys: keys, provider: provider, providerKeys: kids)
+        var providerKeys: ProviderKeys?
+        if let provider { providerKeys = try await ProviderKeys(provider) }
+        return Authenticator(keys: keys, provider: providerKeys)
     }
 
     public func issue(subject: String, role: String? = nil, ttl: Duration, now: Date = Date()) async throws -> String {
@@ -170,9 +257,12 @@ public struct Authenticator: Sendable {
         // Parley understands none; jwt-kit would let it pass.
         guard let header = Self.header(token), header["crit"] == nil else { throw .invalidToken }
         let algorithm = header["alg"] as? String
-        if let provider, let kid = header["kid"] as? String, providerKeys.contains(kid) {
-            guard let algorithm, IdentityProvider.algorithms.contains(algorithm) else { throw .invalidToken }
-            return try await verifyProvider(token, provider, now: now)
+        if let provider, let kid = header["kid"] as? String {
+            let (collection, kids) = await provider.keys(for: kid)
+            if kids.contains(kid) {
+                guard let algorithm, IdentityProvider.algorithms.contains(algorithm) else { throw .invalidToken }
+                return try await verifyProvider(token, provider.provider, collection, now: now)
+            }
         }
         // Parley's own: HS256 with its secret, and no key id (a provider's unknown kid is no fallback).
         guard algorithm == "HS256", header["kid"] == nil else { throw .invalidToken }
@@ -192,7 +282,9 @@ public struct Authenticator: Sendable {
     /// An identity provider's token: its signature by a key of the JWKS, `exp`, `nbf`, the
     /// issuer and audience when configured, and the user from the configured claim. It grants no
     /// role: admin stays a Parley token's (`parley token --role admin`).
-    private func verifyProvider(_ token: String, _ provider: IdentityProvider, now: Date) async throws(AuthError) -> Identity {
+    private func verifyProvider(
+        _ token: String, _ provider: IdentityProvider, _ keys: JWTKeyCollection, now: Date
+    ) async throws(AuthError) -> Identity {
         let claims: ProviderClaims
         do {
             claims = try await keys.verify(token, as: ProviderClaims.self)

@@ -106,6 +106,12 @@ struct Serve: AsyncParsableCommand {
     )
     var jwksFile: String?
 
+    @Option(
+        help:
+            "An identity provider's jwks_uri: its keys are fetched at start, again every 10 minutes, and at once (at most every 30 s) when a token names a key id they lack."
+    )
+    var jwksUrl: String?
+
     @Option(help: "The 'iss' an identity provider's token must carry (with --jwks-file).")
     var jwtIssuer: String?
 
@@ -325,8 +331,9 @@ struct Serve: AsyncParsableCommand {
         }
         guard (contextBudget ?? 64) >= 64 else { throw ArgumentParser.ValidationError("--context-budget must be at least 64") }
         guard (tlsCert == nil) == (tlsKey == nil) else { throw ArgumentParser.ValidationError("--tls-cert and --tls-key go together") }
-        guard jwksFile != nil || (jwtIssuer == nil && jwtAudience == nil && jwtSubjectClaim == "sub") else {
-            throw ArgumentParser.ValidationError("--jwt-issuer, --jwt-audience and --jwt-subject-claim need --jwks-file")
+        guard jwksFile == nil || jwksUrl == nil else { throw ArgumentParser.ValidationError("give --jwks-file or --jwks-url, not both") }
+        guard jwksFile != nil || jwksUrl != nil || (jwtIssuer == nil && jwtAudience == nil && jwtSubjectClaim == "sub") else {
+            throw ArgumentParser.ValidationError("--jwt-issuer, --jwt-audience and --jwt-subject-claim need --jwks-file or --jwks-url")
         }
         if localModel || localModelCommand != nil {
             guard provider == "simulated", providerUrl == nil, providerModels == nil else {
@@ -426,6 +433,17 @@ struct Serve: AsyncParsableCommand {
             }
             configuration.identityProvider = IdentityProvider(
                 jwksJSON: jwks, issuer: jwtIssuer, audience: jwtAudience, subjectClaim: jwtSubjectClaim)
+        }
+        if let jwksUrl {
+            let fetch: @Sendable () async throws -> String = { try await Self.fetchJWKS(jwksUrl) }
+            let jwks: String
+            do {
+                jwks = try await fetch()
+            } catch {
+                throw ConfigurationError("cannot fetch the JWKS at \(jwksUrl): \(error)")
+            }
+            configuration.identityProvider = IdentityProvider(
+                jwksJSON: jwks, issuer: jwtIssuer, audience: jwtAudience, subjectClaim: jwtSubjectClaim, fetch: fetch)
         }
         configuration.brokerURL = broker
         configuration.nodeID = nodeId
@@ -531,6 +549,16 @@ struct Serve: AsyncParsableCommand {
 }
 
 extension Serve {
+    /// An identity provider's JWKS: GET within 10 s, at most 1 MiB, 200 only.
+    static func fetchJWKS(_ url: String) async throws -> String {
+        var request = HTTPClientRequest(url: url)
+        request.headers.add(name: "accept", value: "application/json")
+        let response = try await HTTPClient.shared.execute(request, timeout: .seconds(10))
+        guard response.status == .ok else { throw ConfigurationError("the JWKS URL answered \(response.status.code)") }
+        let body = try await response.body.collect(upTo: 1 << 20)
+        return String(buffer: body)
+    }
+
     var usesLocalModel: Bool { localModel || localModelCommand != nil }
 
     /// Starts the local model server and waits until it is ready; exits 1 with the reason (and

@@ -126,3 +126,54 @@ def test_a_jwks_that_cannot_be_used_stops_the_start(data_dir):
         result = subprocess.run([str(BINARY), "serve", "--port", "0", "--data-dir", str(data_dir / "d"), "--jwks-file", str(path)],
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode != 0 and expected in result.stderr, result.stderr
+
+
+def test_keys_fetched_from_a_jwks_url_follow_a_rotation_and_a_flood_of_unknown_kids_fetches_once(data_dir):
+    import http.server
+    import threading
+
+    first, second = Provider(), Provider()
+    served = {"jwks": {"keys": [k for k in first.jwks()["keys"] if k["kid"] == "rsa-1"]}, "fetches": 0}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            served["fetches"] += 1
+            body = json.dumps(served["jwks"]).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    jwks_server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=jwks_server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{jwks_server.server_address[1]}/.well-known/jwks.json"
+    server = Server(data_dir, "--jwks-url", url, "--jwt-issuer", ISSUER, "--jwt-audience", AUDIENCE, "--jwt-subject-claim", "email")
+    try:
+        assert served["fetches"] == 1, "fetched at start"
+        assert server.http("GET", "/v1/clones", first.token("rsa-1"))[0] == 200
+        # The provider rotates to a new key: a token naming it makes Parley fetch the set again.
+        rotated = {**second.jwks()["keys"][0], "kid": "rsa-2"}
+        served["jwks"] = {"keys": [rotated]}
+        second.keys["rsa-2"] = second.keys["rsa-1"]
+        assert server.http("GET", "/v1/clones", second.token("rsa-2"))[0] == 200
+        assert served["fetches"] == 2
+        # The retired key no longer signs in; unknown key ids do not make it fetch again within 30 s.
+        assert server.http("GET", "/v1/clones", first.token("rsa-1"))[0] == 401
+        for n in range(5):
+            forged = jwt.encode({"iss": ISSUER, "aud": AUDIENCE, "email": "x@y.z", "exp": int(time.time()) + 60},
+                                first.keys["rsa-1"][1], algorithm="RS256", headers={"kid": f"flood-{n}"})
+            assert server.http("GET", "/v1/clones", forged)[0] == 401
+        assert served["fetches"] == 2, served["fetches"]
+    finally:
+        assert server.stop() == 0
+        jwks_server.shutdown()
+
+    # An unreachable JWKS URL stops the start.
+    import subprocess
+    result = subprocess.run([str(BINARY), "serve", "--port", "0", "--data-dir", str(data_dir / "d"), "--jwks-url", url],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "cannot fetch the JWKS" in result.stderr, result.stderr
