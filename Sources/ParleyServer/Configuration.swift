@@ -104,9 +104,10 @@ public struct ServerConfiguration: Sendable {
     /// How long a clean shutdown then waits for sockets to finish closing.
     public var shutdownGrace: Duration = .seconds(5)
 
-    /// Generated content (messages, room transcripts) older than this is deleted unless its
-    /// owner saved it; nil keeps everything.
-    public var retention: Duration? = .seconds(90 * 86_400)
+    /// Messages and room transcripts older than this are deleted unless their owner saved them;
+    /// nil (the default) keeps them until the user deletes them or the account, as the privacy
+    /// policy promises for text (#28). Setting it departs from that promise.
+    public var retention: Duration?
     /// How often the retention purge runs (the first pass soon after start).
     public var retentionInterval: Duration = .seconds(3_600)
 

@@ -237,8 +237,11 @@ struct Serve: AsyncParsableCommand {
         help: "Seconds SIGTERM lets the replies in flight finish (new requests are refused meanwhile) before ending the rest with reason shutdown.")
     var shutdownGrace = 10
 
-    @Option(help: "Days generated content (messages, room transcripts) is kept unless its owner saved it; older is purged hourly. 0: keep forever.")
-    var retentionDays = 90
+    @Option(
+        help:
+            "Days messages and room transcripts are kept unless their owner saved them; older is purged hourly. 0 (the default) keeps them until the user deletes them, as the privacy policy promises; any other value departs from it."
+    )
+    var retentionDays = 0
 
     @Flag(help: "Development mode: POST /v1/dev/token mints a token for any name (the web client's dev sign-in). Only with a loopback --host.")
     var dev = false

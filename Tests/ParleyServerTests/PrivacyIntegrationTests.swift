@@ -215,7 +215,7 @@ private func populate(_ server: TestServer, _ user: String) async throws -> Acco
             (.GET, "/metrics", nil),
             (.GET, "/v1/admin/audit", nil),
             (.POST, "/v1/admin/credits", .object([("user", .string("mallory")), ("credits", .int(5))])),
-            (.POST, "/v1/admin/retention/purge", .object([])),
+            (.POST, "/v1/admin/retention/purge", .object([("older_than_seconds", .int(86_400))])),
         ]
         for (method, path, body) in routes {
             let call = { (token: String?) in

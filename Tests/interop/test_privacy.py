@@ -214,3 +214,21 @@ def test_the_data_files_are_readable_by_the_server_user_only(data_dir):
         assert stat.S_IMODE(os.stat(target / "parley.sqlite").st_mode) == 0o600
     finally:
         assert server.stop() == 0
+
+
+def test_transcripts_are_kept_by_default_and_a_retention_period_is_the_operators_choice(data_dir):
+    """#28: the privacy policy promises that transcripts stay until the user deletes them, so the
+    age purge is off unless an operator sets --retention-days."""
+    server = Server(data_dir)
+    try:
+        admin = server.token("root", role="admin")
+        status, body = server.http("POST", "/v1/admin/retention/purge", admin, {})
+        assert status == 409 and "retention" in body["error"]["message"], body
+    finally:
+        assert server.stop() == 0
+    server = Server(data_dir, "--retention-days", "30")
+    try:
+        status, body = server.http("POST", "/v1/admin/retention/purge", server.token("root", role="admin"), {})
+        assert status == 200, body
+    finally:
+        assert server.stop() == 0
