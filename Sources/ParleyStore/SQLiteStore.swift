@@ -196,40 +196,34 @@ public final class SQLiteStore: Store {
         // the rows ON DELETE CASCADE removes. Their rowids are the tables' own: nothing here runs
         // VACUUM, which may renumber them (run `INSERT INTO messages_fts(messages_fts)
         // VALUES('rebuild')` after one). The tokenizer is SearchText's rule.
-        """
-        CREATE VIRTUAL TABLE messages_fts USING fts5(
-            text, content='messages', content_rowid='rowid', tokenize='unicode61 remove_diacritics 0');
-        INSERT INTO messages_fts(messages_fts) VALUES('rebuild');
-        CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages BEGIN
-            INSERT INTO messages_fts(rowid, text) VALUES (new.rowid, new.text);
-        END;
-        CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages BEGIN
-            INSERT INTO messages_fts(messages_fts, rowid, text) VALUES ('delete', old.rowid, old.text);
-        END;
-        CREATE TRIGGER messages_fts_update AFTER UPDATE OF text ON messages BEGIN
-            INSERT INTO messages_fts(messages_fts, rowid, text) VALUES ('delete', old.rowid, old.text);
-            INSERT INTO messages_fts(rowid, text) VALUES (new.rowid, new.text);
-        END;
-        CREATE VIRTUAL TABLE titles_fts USING fts5(
-            title, content='conversations', content_rowid='rowid', tokenize='unicode61 remove_diacritics 0');
-        INSERT INTO titles_fts(titles_fts) VALUES('rebuild');
-        CREATE TRIGGER titles_fts_insert AFTER INSERT ON conversations BEGIN
-            INSERT INTO titles_fts(rowid, title) VALUES (new.rowid, new.title);
-        END;
-        CREATE TRIGGER titles_fts_delete AFTER DELETE ON conversations BEGIN
-            INSERT INTO titles_fts(titles_fts, rowid, title) VALUES ('delete', old.rowid, old.title);
-        END;
-        CREATE TRIGGER titles_fts_update AFTER UPDATE OF title ON conversations BEGIN
-            INSERT INTO titles_fts(titles_fts, rowid, title) VALUES ('delete', old.rowid, old.title);
-            INSERT INTO titles_fts(rowid, title) VALUES (new.rowid, new.title);
-        END;
-        """,
+        searchIndex("messages_fts", over: "text", of: "messages") + searchIndex("titles_fts", over: "title", of: "conversations"),
         // v12: a conversation's rolling summary and the last message it covers (#24).
         """
         ALTER TABLE conversations ADD COLUMN summary TEXT;
         ALTER TABLE conversations ADD COLUMN summary_through TEXT;
         """,
     ]
+
+    /// An FTS5 table `index` over `column` of `table` (v11's search): external content, so the
+    /// text is stored once, kept in step by triggers. Part of a migration: its text never changes.
+    static func searchIndex(_ index: String, over column: String, of table: String) -> String {
+        """
+        CREATE VIRTUAL TABLE \(index) USING fts5(
+            \(column), content='\(table)', content_rowid='rowid', tokenize='unicode61 remove_diacritics 0');
+        INSERT INTO \(index)(\(index)) VALUES('rebuild');
+        CREATE TRIGGER \(index)_insert AFTER INSERT ON \(table) BEGIN
+            INSERT INTO \(index)(rowid, \(column)) VALUES (new.rowid, new.\(column));
+        END;
+        CREATE TRIGGER \(index)_delete AFTER DELETE ON \(table) BEGIN
+            INSERT INTO \(index)(\(index), rowid, \(column)) VALUES ('delete', old.rowid, old.\(column));
+        END;
+        CREATE TRIGGER \(index)_update AFTER UPDATE OF \(column) ON \(table) BEGIN
+            INSERT INTO \(index)(\(index), rowid, \(column)) VALUES ('delete', old.rowid, old.\(column));
+            INSERT INTO \(index)(rowid, \(column)) VALUES (new.rowid, new.\(column));
+        END;
+
+        """
+    }
 
     public static var schemaVersion: Int { migrations.count }
 

@@ -838,17 +838,23 @@ def test_a_clone_is_edited_and_deleted_from_the_form(web, browser):
     page.close()
 
 
-def test_the_moderator_pauses_resumes_and_ends_a_debate(web, browser):
-    token = web.token("chair")
+def open_debate(web, browser, user, topic, rounds):
+    """`user` with two clones, signed in, moderating a new debate on `topic`: the page and token."""
+    token = web.token(user)
     for name in ("Hume", "Kant"):
         assert web.http("POST", "/v1/clones", token, {"name": name})[0] == 201
     page = browser.new_page()
-    sign_in(page, web.base, "chair")
+    sign_in(page, web.base, user)
     page.get_by_role("button", name="Rooms").click()
-    page.get_by_label("Topic").fill("Is induction justified?")
-    page.get_by_label("Rounds").fill("5")
+    page.get_by_label("Topic").fill(topic)
+    page.get_by_label("Rounds").fill(str(rounds))
     page.get_by_role("button", name="Create debate").click()
     expect(page.locator("#room-controls")).to_be_visible(timeout=WAIT)
+    return page, token
+
+
+def test_the_moderator_pauses_resumes_and_ends_a_debate(web, browser):
+    page, token = open_debate(web, browser, "chair", "Is induction justified?", 5)
     # Only what the room allows now (#25's failure 7): an open room can only start or end.
     for name in ("Pause", "Next turn", "Regenerate last turn"):
         expect(page.get_by_role("button", name=name)).to_be_disabled()
@@ -882,16 +888,7 @@ def test_the_moderator_pauses_resumes_and_ends_a_debate(web, browser):
 def test_a_turn_cut_by_a_pause_shows_once_after_its_clone_takes_it_again(web, browser):
     """#25's failure 7: after a pause mid-turn and a resume, the clone takes its turn again; the
     cut-short take gives way to it, live and in a room's state alike."""
-    token = web.token("chair2")
-    for name in ("Hume", "Kant"):
-        assert web.http("POST", "/v1/clones", token, {"name": name})[0] == 201
-    page = browser.new_page()
-    sign_in(page, web.base, "chair2")
-    page.get_by_role("button", name="Rooms").click()
-    page.get_by_label("Topic").fill("Does a pause cut deep?")
-    page.get_by_label("Rounds").fill("1")
-    page.get_by_role("button", name="Create debate").click()
-    expect(page.locator("#room-controls")).to_be_visible(timeout=WAIT)
+    page, token = open_debate(web, browser, "chair2", "Does a pause cut deep?", 1)
     page.get_by_role("button", name="Start", exact=True).click()
     page.wait_for_function("() => Number(document.querySelector('#room-log li.clone')?.dataset.seq) >= 2", timeout=WAIT)
     page.get_by_role("button", name="Pause", exact=True).click()
