@@ -23,10 +23,34 @@ extension MongoStore {
         }
     }
 
+    public func revokeSessions(user: String, session: String?, at: Int64) async throws {
+        try await run { db in
+            let id = JSONValue.string(user + "\u{1F}" + (session ?? ""))
+            _ = try db.update(
+                "session_revocations", query: .object([("_id", id)]),
+                update: .object([
+                    ("$set", .object([("user", .string(user)), ("session", .string(session ?? ""))])),
+                    ("$max", .object([("at", .long(at))])),
+                ]), upsert: true)
+        }
+    }
+
+    public func sessionRevocations(user: String) async throws -> SessionRevocations {
+        try await run { db in
+            var revocations = SessionRevocations()
+            for row in try db.find("session_revocations", filter: .object([("user", .string(user))])) {
+                let session = row["session"]?.stringValue ?? ""
+                if session.isEmpty { revocations.allBefore = row["at"]?.int64 } else { revocations.sessions.insert(session) }
+            }
+            return revocations
+        }
+    }
+
     public func deleteUser(_ id: String, pseudonym: String) async throws -> UserDeletion {
         try await run { db in
             var report = UserDeletion()
             let user = JSONValue.string(id)
+            _ = try db.delete("session_revocations", query: .object([("user", user)]))
             let conversations = try Self.ids(db, "conversations", .object([("owner", user)]))
             report.messages = try Self.delete(db, "messages", field: "conversation", in: conversations)
             report.conversations = Int(try db.delete("conversations", query: .object([("owner", user)])))

@@ -505,6 +505,8 @@ struct Database: Sendable {
         // Replies in flight: found at start-up (oldest first) and by user at account deletion.
         ("stream_journals", "created", .object([("created_at", .int(1)), ("_id", .int(1))]), false),
         ("stream_journals", "user", .object([("user", .int(1))]), false),
+        // Signed-out sessions, by user (#28).
+        ("session_revocations", "user", .object([("user", .int(1))]), false),
         // Search: an owner's messages and titles holding a term, newest first.
         ("messages", "owner_terms_id", .object([("owner", .int(1)), ("terms", .int(1)), ("_id", .int(-1))]), false),
         ("conversations", "owner_terms_id", .object([("owner", .int(1)), ("terms", .int(1)), ("_id", .int(-1))]), false),

@@ -9,6 +9,19 @@ public struct Identity: Sendable, Equatable {
     public var role: String?
     /// When the token stops being valid (its `exp`): a socket it opened is closed then.
     public var expiresAt: Date?
+    /// The session the token belongs to (its `sid`, or a provider token's `jti`): signing out
+    /// ends it (#28). Nil for a token that names none.
+    public var session: String?
+    /// When the token was issued (`iat`): signing out everywhere ends the sessions issued before.
+    public var issuedAt: Date?
+
+    public init(user: String, role: String? = nil, expiresAt: Date? = nil, session: String? = nil, issuedAt: Date? = nil) {
+        self.user = user
+        self.role = role
+        self.expiresAt = expiresAt
+        self.session = session
+        self.issuedAt = issuedAt
+    }
 
     public var isAdmin: Bool { role == "admin" }
 }
@@ -19,6 +32,8 @@ public enum AuthError: Error, Equatable, Sendable, CustomStringConvertible {
     case expired
     case notYetValid
     case invalidSubject
+    /// The token's session was signed out (`POST /v1/me/sign-out`).
+    case signedOut
 
     public var description: String {
         switch self {
@@ -27,6 +42,7 @@ public enum AuthError: Error, Equatable, Sendable, CustomStringConvertible {
         case .expired: "token expired"
         case .notYetValid: "token not valid yet (its nbf is in the future)"
         case .invalidSubject: "token subject must be 1-64 characters of letters, digits, '.', '_', '-' or '@'"
+        case .signedOut: "this session was signed out; sign in again"
         }
     }
 }
@@ -38,6 +54,9 @@ struct ParleyClaims: JWTPayload {
     /// Not before: a token presented earlier is refused (checked in `Authenticator.verify`).
     var nbf: NotBeforeClaim?
     var role: String?
+    /// The session (#28), and when the token was issued.
+    var sid: String?
+    var iat: IssuedAtClaim?
 
     func verify(using algorithm: some JWTAlgorithm) throws {
         try exp.verifyNotExpired()
@@ -83,6 +102,7 @@ public struct IdentityProvider: Sendable {
 struct ProviderClaims: JWTPayload {
     var exp: ExpirationClaim
     var nbf: NotBeforeClaim?
+    var iat: IssuedAtClaim?
     var iss: String?
     var aud: [String]
     var strings: [String: String]
@@ -98,6 +118,7 @@ struct ProviderClaims: JWTPayload {
         let container = try decoder.container(keyedBy: Key.self)
         exp = try container.decode(ExpirationClaim.self, forKey: Key(stringValue: "exp"))
         nbf = try container.decodeIfPresent(NotBeforeClaim.self, forKey: Key(stringValue: "nbf"))
+        iat = try? container.decodeIfPresent(IssuedAtClaim.self, forKey: Key(stringValue: "iat"))
         iss = try? container.decodeIfPresent(String.self, forKey: Key(stringValue: "iss"))
         let audienceKey = Key(stringValue: "aud")
         // RFC 7519 4.1.3: one audience as a string, or several as an array.
@@ -224,10 +245,22 @@ final class ProviderKeys: Sendable {
 public struct Authenticator: Sendable {
     private let keys: JWTKeyCollection
     private let provider: ProviderKeys?
+    /// Where signed-out sessions are looked up; nil checks none.
+    private var sessions: SessionGate?
 
     private init(keys: JWTKeyCollection, provider: ProviderKeys?) {
         self.keys = keys
         self.provider = provider
+    }
+
+    /// `user` signed out here: their next token is checked against the store at once.
+    func forgetSessions(of user: String) { sessions?.forget(user) }
+
+    /// This authenticator, refusing the tokens of sessions `gate` says were signed out.
+    func checking(sessions gate: SessionGate) -> Authenticator {
+        var copy = self
+        copy.sessions = gate
+        return copy
     }
 
     public static func make(secret: String) async -> Authenticator {
@@ -245,10 +278,14 @@ public struct Authenticator: Sendable {
         return Authenticator(keys: keys, provider: providerKeys)
     }
 
+    /// A token of a new session (`sid`), issued now (`iat`).
     public func issue(subject: String, role: String? = nil, ttl: Duration, now: Date = Date()) async throws -> String {
         guard Self.isValidSubject(subject) else { throw AuthError.invalidSubject }
         let seconds = Double(ttl.components.seconds) + Double(ttl.components.attoseconds) / 1e18
-        let claims = ParleyClaims(sub: SubjectClaim(value: subject), exp: ExpirationClaim(value: now.addingTimeInterval(seconds)), role: role)
+        let session = "ses_" + UUID().uuidString.replacingOccurrences(of: "-", with: "").lowercased()
+        let claims = ParleyClaims(
+            sub: SubjectClaim(value: subject), exp: ExpirationClaim(value: now.addingTimeInterval(seconds)), role: role, sid: session,
+            iat: IssuedAtClaim(value: now))
         return try await keys.sign(claims)
     }
 
@@ -276,7 +313,8 @@ public struct Authenticator: Sendable {
         }
         guard Self.isValidSubject(claims.sub.value) else { throw .invalidSubject }
         if let nbf = claims.nbf, nbf.value > now { throw .notYetValid }
-        return Identity(user: claims.sub.value, role: claims.role, expiresAt: claims.exp.value)
+        return try await admitted(
+            Identity(user: claims.sub.value, role: claims.role, expiresAt: claims.exp.value, session: claims.sid, issuedAt: claims.iat?.value))
     }
 
     /// An identity provider's token: its signature by a key of the JWKS, `exp`, `nbf`, the
@@ -297,7 +335,15 @@ public struct Authenticator: Sendable {
         if let issuer = provider.issuer, claims.iss != issuer { throw .invalidToken }
         if let audience = provider.audience, !claims.aud.contains(audience) { throw .invalidToken }
         guard let subject = claims.strings[provider.subjectClaim], Self.isValidSubject(subject) else { throw .invalidSubject }
-        return Identity(user: subject, role: nil, expiresAt: claims.exp.value)
+        return try await admitted(
+            Identity(user: subject, expiresAt: claims.exp.value, session: claims.strings["sid"] ?? claims.strings["jti"], issuedAt: claims.iat?.value)
+        )
+    }
+
+    /// `identity` unless its session was signed out.
+    private func admitted(_ identity: Identity) async throws(AuthError) -> Identity {
+        if let sessions, await !sessions.admits(identity) { throw .signedOut }
+        return identity
     }
 
     /// The token's protected header; nil when it cannot be read.

@@ -106,9 +106,11 @@ public final class ParleyServer: Sendable {
         // One process per data directory, one node per MongoDB database (until #22's cluster).
         let dataLock = try DataDirectoryLock.acquire(directory: configuration.dataDirectory)
         let secret = try configuration.jwtSecret ?? SecretFile.loadOrCreate(at: configuration.secretPath)
-        let authenticator = try await Authenticator.make(secret: secret, provider: configuration.identityProvider)
+        let tokens = try await Authenticator.make(secret: secret, provider: configuration.identityProvider)
         let nodeID = try configuration.nodeID ?? NodeLeaseKeeper.nodeID(directory: configuration.dataDirectory)
         let store = try await openStore(configuration, node: nodeID)
+        // Tokens of signed-out sessions are refused, on every node that shares the store.
+        let authenticator = tokens.checking(sessions: SessionGate(store: store, logger: logger))
         // Alone, a node recovers whatever a crash left; in a cluster, only what it left itself
         // (a dead node's leftovers are taken over by `NodeReaper`).
         let leftovers = configuration.isClustered ? nodeID : nil

@@ -106,6 +106,32 @@ extension RESTAPI {
         return closing.count
     }
 
+    /// `POST /v1/me/sign-out {"all"?}`: 204. Ends the token's session (or, with `"all": true`,
+    /// every session of the caller issued until now): its tokens are refused from now on, on every
+    /// node sharing the store within seconds, and its sockets on this node close at once
+    /// (1008 "signed out"). A token that names no session can only sign out everywhere.
+    func signOut(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
+        var all = false
+        if !(request.body?.readableBytes == 0 || request.body == nil) {
+            var reader = try JSONObjectReader(try request.json())
+            all = try reader.bool("all") ?? false
+            try reader.rejectUnknown()
+        }
+        guard all || identity.session != nil else {
+            throw APIError(.badRequest, .badRequest, "this token names no session: sign out with {\"all\": true}")
+        }
+        let now = Int64(Timestamp.nowMillis())
+        try await store.revokeSessions(user: identity.user, session: all ? nil : identity.session, at: now)
+        authenticator.forgetSessions(of: identity.user)
+        let closing = sockets.connections(of: identity.user)
+            .filter { all || $0.identity.session == identity.session }
+            .map { $0.close(code: .policyViolation, reason: "signed out") }
+        for socket in closing { try? await socket.get() }
+        await audit.record(
+            all ? "session.signed_out_everywhere" : "session.signed_out", actor: identity.user, target: identity.session, ip: request.remoteIP)
+        return HTTPResponse(.noContent)
+    }
+
     /// `DELETE /v1/me`: the caller's sockets close at once (1008 "account deleted"), their
     /// replies stop, pending schedules are cancelled, rooms they own end, and the store deletes
     /// everything of them but the ledger rows the law requires (kept under a pseudonym).

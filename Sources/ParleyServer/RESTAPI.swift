@@ -84,6 +84,7 @@ struct RESTAPI: Sendable {
         }
         router.add(.GET, "/v1/me/export") { [self] _, _, identity in try await exportAccount(identity) }
         router.add(.DELETE, "/v1/me") { [self] request, _, identity in try await deleteAccount(request, identity) }
+        router.add(.POST, "/v1/me/sign-out") { [self] request, _, identity in try await signOut(request, identity) }
         router.add(.GET, "/v1/admin/audit") { [self] request, _, identity in try await listAudit(request, identity) }
         router.add(.POST, "/v1/admin/retention/purge") { [self] request, _, identity in try await purgeNow(request, identity) }
     }

@@ -11,11 +11,31 @@ extension SQLiteStore {
         }
     }
 
+    public func revokeSessions(user: String, session: String?, at: Int64) async throws {
+        try await run { db in
+            try db.query(
+                "INSERT INTO session_revocations(user, session, at) VALUES(?, ?, ?) ON CONFLICT(user, session) DO UPDATE SET at = max(at, excluded.at)",
+                [.text(user), .text(session ?? ""), .int(at)])
+        }
+    }
+
+    public func sessionRevocations(user: String) async throws -> SessionRevocations {
+        try await read { db in
+            var revocations = SessionRevocations()
+            for row in try db.query("SELECT session, at FROM session_revocations WHERE user = ?", [.text(user)]) {
+                let session = row["session"].text ?? ""
+                if session.isEmpty { revocations.allBefore = row["at"].int } else { revocations.sessions.insert(session) }
+            }
+            return revocations
+        }
+    }
+
     public func deleteUser(_ id: String, pseudonym: String) async throws -> UserDeletion {
         try await run { db in
             try db.transaction {
                 var report = UserDeletion()
                 let user: [SQLValue] = [.text(id)]
+                try db.query("DELETE FROM session_revocations WHERE user = ?", user)
                 let count: (String) throws -> Int = { Int(try db.query($0, user).first?["n"].int ?? 0) }
                 let mine = "SELECT id FROM conversations WHERE owner = ?"
                 report.messages = try count("SELECT count(*) AS n FROM messages WHERE conversation IN (\(mine))")

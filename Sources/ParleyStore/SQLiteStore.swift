@@ -202,6 +202,15 @@ public final class SQLiteStore: Store {
         ALTER TABLE conversations ADD COLUMN summary TEXT;
         ALTER TABLE conversations ADD COLUMN summary_through TEXT;
         """,
+        // v13: signed-out sessions (#28); session '' stands for every session issued before `at`.
+        """
+        CREATE TABLE session_revocations (
+            user TEXT NOT NULL,
+            session TEXT NOT NULL,
+            at INTEGER NOT NULL,
+            PRIMARY KEY (user, session)
+        );
+        """,
     ]
 
     /// An FTS5 table `index` over `column` of `table` (v11's search): external content, so the

@@ -184,9 +184,26 @@ public protocol PrivacyStore: Sendable {
     /// Deletes up to `limit` unsaved messages and up to `limit` room entries created before
     /// `cutoff` (Unix ms), oldest first. Callers repeat until a pass deletes fewer than `limit`.
     func purge(createdBefore cutoff: Int64, limit: Int) async throws -> PurgeResult
+    /// Signs sessions of `user` out (#28): the one named `session`, or, for nil, every session
+    /// whose token was issued before `at` (Unix ms). Idempotent.
+    func revokeSessions(user: String, session: String?, at: Int64) async throws
+    /// What `revokeSessions` stored for `user`.
+    func sessionRevocations(user: String) async throws -> SessionRevocations
     func appendAudit(_ event: AuditEvent) async throws
     /// Audit events newest first, `limit` at most, older than `before` (an event id) when given.
     func auditEvents(limit: Int, before: String?) async throws -> [AuditEvent]
+}
+
+/// A user's signed-out sessions: those named, and every token issued before `allBefore`.
+public struct SessionRevocations: Sendable, Equatable {
+    public var sessions: Set<String>
+    /// Unix ms; nil when the user never signed out everywhere.
+    public var allBefore: Int64?
+
+    public init(sessions: Set<String> = [], allBefore: Int64? = nil) {
+        self.sessions = sessions
+        self.allBefore = allBefore
+    }
 }
 
 /// The new state of a schedule; nil fields keep their stored value.

@@ -190,4 +190,23 @@ private func populate(_ store: any Store, _ user: String, welcomeAt: Int64 = 1_0
             #expect(try await store.auditEvents(limit: 3, before: events[2].id) == [events[1], events[0]])
         }
     }
+
+    /// Signed-out sessions (#28): by name, or every one issued before a time (the latest such
+    /// time kept); one user's never another's; gone with the account.
+    @Test(arguments: Backend.all)
+    func signedOutSessionsAreKeptPerUser(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            #expect(try await store.sessionRevocations(user: "alice") == SessionRevocations())
+            try await store.revokeSessions(user: "alice", session: "ses_a", at: 10)
+            try await store.revokeSessions(user: "alice", session: "ses_a", at: 20)
+            try await store.revokeSessions(user: "alice", session: nil, at: 100)
+            try await store.revokeSessions(user: "alice", session: nil, at: 50)
+            try await store.revokeSessions(user: "bob", session: "ses_b", at: 10)
+            #expect(try await store.sessionRevocations(user: "alice") == SessionRevocations(sessions: ["ses_a"], allBefore: 100))
+            #expect(try await store.sessionRevocations(user: "bob") == SessionRevocations(sessions: ["ses_b"]))
+            _ = try await store.deleteUser("alice", pseudonym: "deleted:0a0a")
+            #expect(try await store.sessionRevocations(user: "alice") == SessionRevocations())
+            #expect(try await store.sessionRevocations(user: "bob") == SessionRevocations(sessions: ["ses_b"]))
+        }
+    }
 }

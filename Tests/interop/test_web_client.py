@@ -531,6 +531,18 @@ def test_replies_are_shown_as_markdown_and_no_markup_of_theirs_runs(data_dir, br
         fake.wait(timeout=10)
 
 
+def test_signing_out_ends_the_session_on_the_server(web, browser):
+    page = browser.new_page()
+    sign_in(page, web.base, "sol")
+    token = page.evaluate("() => sessionStorage.getItem('parley.token')")
+    assert web.http("GET", "/v1/clones", token)[0] == 200
+    page.get_by_role("button", name="Sign out").click()
+    expect(page.get_by_label("Your name")).to_be_visible(timeout=WAIT)
+    status, body = web.http("GET", "/v1/clones", token)
+    assert status == 401 and "signed out" in body["error"]["message"]
+    page.close()
+
+
 def test_with_no_clone_the_chat_leads_to_making_one(web, browser):
     page = browser.new_page()
     sign_in(page, web.base, "newbie")

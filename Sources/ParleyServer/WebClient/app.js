@@ -1332,7 +1332,9 @@ async function restoreRoute() {
   }
 }
 
-function signOut() {
+// Signing out ends the session on the server too: the token is refused from then on.
+async function signOut() {
+  await api("POST", "/v1/me/sign-out", {}).catch(() => {});  // a token naming no session just goes
   socket.close();
   sessionStorage.removeItem("parley.token");
   location.reload();

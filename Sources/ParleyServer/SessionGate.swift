@@ -1,0 +1,55 @@
+import Foundation
+import Logging
+import ParleyStore
+import Synchronization
+
+/// Which sessions were signed out (#28), read from the store and kept a few seconds per user, so
+/// a sign-out reaches every node that shares the store within `freshness`, and at once on the
+/// node that took it (`forget`). At most `capacity` users are kept; the oldest go first.
+final class SessionGate: Sendable {
+    private let store: any PrivacyStore
+    private let logger: Logger
+    private let freshness: Duration
+    private let capacity: Int
+    private let cache = Mutex<[String: (revocations: SessionRevocations, read: ContinuousClock.Instant)]>([:])
+
+    init(store: any PrivacyStore, logger: Logger, freshness: Duration = .seconds(5), capacity: Int = 10_000) {
+        self.store = store
+        self.logger = logger
+        self.freshness = freshness
+        self.capacity = capacity
+    }
+
+    /// False when the identity's session, or every session issued when it was, was signed out.
+    /// A store that cannot answer admits (and says so): a sign-in is not refused for an outage.
+    func admits(_ identity: Identity) async -> Bool {
+        let now = ContinuousClock.now
+        var revocations = cache.withLock { $0[identity.user].flatMap { now - $0.read < freshness ? $0.revocations : nil } }
+        if revocations == nil {
+            do {
+                let read = try await store.sessionRevocations(user: identity.user)
+                revocations = read
+                cache.withLock { cache in
+                    if cache.count >= capacity, let oldest = cache.min(by: { $0.value.read < $1.value.read })?.key { cache[oldest] = nil }
+                    cache[identity.user] = (read, now)
+                }
+            } catch {
+                logger.warning("could not read signed-out sessions; admitting", metadata: ["error": "\(error)"])
+                return true
+            }
+        }
+        guard let revocations else { return true }
+        if let session = identity.session, revocations.sessions.contains(session) { return false }
+        if let before = revocations.allBefore {
+            // A token issued before the sign-out everywhere, or one that does not say when it was.
+            guard let issued = identity.issuedAt else { return false }
+            return Int64((issued.timeIntervalSince1970 * 1000).rounded(.down)) >= before
+        }
+        return true
+    }
+
+    /// Reads `user`'s signed-out sessions again on the next token (after a sign-out here).
+    func forget(_ user: String) {
+        _ = cache.withLock { $0.removeValue(forKey: user) }
+    }
+}
