@@ -46,12 +46,12 @@ public final class ChildProcess: Sendable {
         var nextWaiter = 0
     }
 
-    /// Starts `arguments[0]` (looked up in PATH when it has no slash) with `arguments`, this
-    /// process's environment without the variables `withheld` names, plus `environment`, stdout
-    /// and stderr appended to `logPath`.
+    /// Starts `arguments[0]` (looked up in PATH when it has no slash) with `arguments`,
+    /// `inherited` (this process's environment when nil) without the variables `withheld` names,
+    /// plus `environment`, stdout and stderr appended to `logPath`.
     public static func spawn(
-        arguments: [String], environment: [String: String] = [:], withheld: @Sendable (String) -> Bool = { _ in false },
-        logPath: String
+        arguments: [String], environment: [String: String] = [:], inherited: [String: String]? = nil,
+        withheld: @Sendable (String) -> Bool = { _ in false }, logPath: String
     ) throws -> ChildProcess {
         guard let program = arguments.first, !program.isEmpty else { throw SpawnError(description: "no command to run") }
         let log = open(logPath, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
@@ -86,7 +86,7 @@ public final class ChildProcess: Sendable {
         posix_spawnattr_setpgroup(&attributes, 0)
         posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK))
 
-        var env = ProcessInfo.processInfo.environment.filter { !withheld($0.key) }
+        var env = (inherited ?? ProcessInfo.processInfo.environment).filter { !withheld($0.key) }
         for (key, value) in environment { env[key] = value }
         let argv = arguments.map { strdup($0) } + [nil]
         let envp = env.map { strdup("\($0.key)=\($0.value)") } + [nil]

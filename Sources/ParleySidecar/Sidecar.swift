@@ -15,6 +15,8 @@ public final class Sidecar: Sendable {
         /// What to run; the port is already in it (Parley picks one, see `freeLoopbackPort`).
         public var arguments: [String]
         public var environment: [String: String] = [:]
+        /// The environment passed on (less `withheld`, plus `environment`); nil: this process's.
+        public var inherited: [String: String]?
         /// Parley's own variables (`PARLEY_JWT_SECRET`, `PARLEY_PAYMENTS_SECRET`, `PARLEY_STORE` with
         /// its password, …) are not the model server's business: they are withheld from it.
         public var withheld: @Sendable (String) -> Bool = { $0.hasPrefix("PARLEY_") }
@@ -160,7 +162,7 @@ public final class Sidecar: Sendable {
         let child: ChildProcess
         do {
             child = try ChildProcess.spawn(
-                arguments: configuration.arguments, environment: configuration.environment,
+                arguments: configuration.arguments, environment: configuration.environment, inherited: configuration.inherited,
                 withheld: configuration.withheld, logPath: configuration.logPath)
         } catch {
             throw StartError.couldNotRun("\(error)")

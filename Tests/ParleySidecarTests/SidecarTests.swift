@@ -134,8 +134,10 @@ private func healthAnswers(_ port: Int) async -> Bool {
     }
 
     @Test func parleysOwnVariablesAreWithheldFromTheSidecar() async throws {
-        setenv("PARLEY_SIDECAR_TEST_SECRET", "hunter2", 1)
-        setenv("SIDECAR_TEST_PLAIN", "visible", 1)
+        // Given as the environment passed on, not set with setenv: that raced the tests that
+        // start processes meanwhile (Foundation's Process.run copying the environment crashed).
+        let inherited = ProcessInfo.processInfo.environment.merging(
+            ["PARLEY_SIDECAR_TEST_SECRET": "hunter2", "SIDECAR_TEST_PLAIN": "visible"], uniquingKeysWith: { $1 })
         let directory = try temporaryDirectory()
         var configuration = Sidecar.Configuration(
             arguments: [
@@ -145,6 +147,7 @@ private func healthAnswers(_ port: Int) async -> Bool {
             port: 1, logPath: directory + "/sidecar.log"
         )
         configuration.environment = ["PARLEY_MODEL_PORT": "1"]
+        configuration.inherited = inherited
         do {
             _ = try await Sidecar.start(configuration, logger: logger)
             Issue.record("started")

@@ -48,8 +48,18 @@ public final class NATSServer: @unchecked Sendable {
         // blocking until the server exits. Not with `readabilityHandler`, whose dispatch source,
         // torn down as the process ends, crashed a test run in libdispatch's
         // `_dispatch_event_loop_drain` on Linux (swift-corelibs-foundation PR #5507).
-        let log = output.fileHandleForReading
-        Thread.detachNewThread { while !log.availableData.isEmpty {} }
+        // read(2) on a descriptor of its own, retried on EINTR: FileHandle.availableData traps on
+        // an interrupted read (a signal during a test run's backtrace did that).
+        let log = fcntl(output.fileHandleForReading.fileDescriptor, F_DUPFD_CLOEXEC, 0)
+        Thread.detachNewThread {
+            var buffer = [UInt8](repeating: 0, count: 4096)
+            while true {
+                let n = read(log, &buffer, buffer.count)
+                if n > 0 || (n < 0 && errno == EINTR) { continue }
+                break
+            }
+            close(log)
+        }
         return "nats://127.0.0.1:\(port)"
     }
 
