@@ -269,7 +269,9 @@ final class ChatService: FrameHandler {
             if plan.isNew, configuration.generatedTitles, let stored, stored.reason == .complete, let message = plan.before.last {
                 await titles.title(conversation, clone: plan.clone, message: message, reply: stored)
             }
-            if let stored, stored.reason == .complete { await summaries.fold(conversation: conversation.id, owner: user, clone: plan.clone) }
+            if let stored, stored.reason == .complete {
+                await summaries.fold(conversation, clone: plan.clone, summary: summary, turns: turns + [stored])
+            }
         } catch let error as FrameError {
             connection.send(ServerFrame.error(error))
         } catch {

@@ -15,12 +15,12 @@ struct ConversationSummaries: Sendable {
 
     var rolling: RollingSummary { RollingSummary(contextBudget: configuration.contextBudgetTokens) }
 
-    /// Folds what no longer fits, if anything; called once a reply in `conversation` is stored.
-    func fold(conversation id: String, owner: String, clone: Clone) async {
+    /// Folds what no longer fits, if anything; called once a reply in `conversation` is stored,
+    /// with the summary its prompt held and the turns after it, the reply included (what the
+    /// prompt was made of: nothing is read again, and a reply that folds nothing costs no I/O).
+    func fold(_ conversation: Conversation, clone: Clone, summary: ConversationSummary?, turns: [Message]) async {
+        let (id, owner) = (conversation.id, conversation.owner)
         do {
-            guard let conversation = try await store.conversation(id: id, owner: owner) else { return }
-            let history = try await store.messages(conversation: id, limit: configuration.historyMessages, before: nil)
-            let (summary, turns) = try await store.promptHistory(of: conversation, history)
             let folding = rolling.toFold(turns: turns, systemText: PromptAssembler.systemText(for: clone))
             guard let through = folding.last else { return }
             let request = CompletionRequest(
@@ -31,7 +31,7 @@ struct ConversationSummaries: Sendable {
                 let text = await streams.generateQuietly(request, payer: owner, conversation: id, feature: .summary, stream: ids.make(.stream))?
                     .trimmedWhitespace, !text.isEmpty
             else { return }
-            // Over what it had when this began: a summary written meanwhile stays.
+            // Over what the prompt was made with: a summary written meanwhile stays.
             let stored = try await store.setSummary(
                 ConversationSummary(text: text, through: through.id), conversation: id, owner: owner, replacing: conversation.summary?.through)
             if !stored { streams.logger.debug("a newer summary was stored meanwhile", metadata: ["conversation": "\(id)"]) }
