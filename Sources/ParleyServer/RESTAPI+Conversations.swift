@@ -103,13 +103,7 @@ extension RESTAPI {
             throw APIError(.badRequest, .badRequest, "'q' must name at least one word to search for")
         }
         let page = try await store.search(owner: identity.user, query: query, limit: limit + 1, before: request.query["before"])
-        let items = Array(page.prefix(limit))
-        return HTTPResponse(
-            .ok,
-            json: .object([
-                ("items", .array(items.map { $0.json(query) })),
-                ("next_before", page.count > limit ? .string(items.last!.id) : .null),
-            ]))
+        return HTTPResponse(.ok, json: .object(Self.page(page, limit: limit, as: "items", id: \.id) { $0.json(query) }))
     }
 }
 

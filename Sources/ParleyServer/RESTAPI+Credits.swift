@@ -9,14 +9,9 @@ extension RESTAPI {
         try await credits.ensureStartingGrant(identity.user)
         let limit = try Self.limit(request)
         let page = try await store.ledger(user: identity.user, limit: limit + 1, before: request.query["before"])
-        let items = Array(page.prefix(limit))
+        let balance = try await store.balance(user: identity.user)
         return HTTPResponse(
-            .ok,
-            json: .object([
-                ("balance", .int(try await store.balance(user: identity.user))),
-                ("entries", .array(items.map(\.json))),
-                ("next_before", page.count > limit ? .string(items.last!.id) : .null),
-            ]))
+            .ok, json: .object([("balance", .int(balance))] + Self.page(page, limit: limit, as: "entries", id: \.id, \.json)))
     }
 
     /// `POST /v1/admin/credits {"user","credits","note"?,"key"?}`: `key` makes a retried grant

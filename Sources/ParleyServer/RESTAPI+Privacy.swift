@@ -188,13 +188,7 @@ extension RESTAPI {
         guard identity.isAdmin else { throw APIError(.forbidden, .forbidden, "the audit log needs the admin role") }
         let limit = try Self.limit(request)
         let page = try await store.auditEvents(limit: limit + 1, before: request.query["before"])
-        let items = Array(page.prefix(limit))
-        return HTTPResponse(
-            .ok,
-            json: .object([
-                ("events", .array(items.map(\.json))),
-                ("next_before", page.count > limit ? .string(items.last!.id) : .null),
-            ]))
+        return HTTPResponse(.ok, json: .object(Self.page(page, limit: limit, as: "events", id: \.id, \.json)))
     }
 
     /// `POST /v1/admin/retention/purge {"older_than_seconds"?}`: a retention pass now, with the

@@ -366,13 +366,7 @@ struct RESTAPI: Sendable {
         let limit = try Self.limit(request)
         let before = request.query["before"]
         let page = try await store.conversations(owner: identity.user, limit: limit + 1, before: before)
-        let items = Array(page.prefix(limit))
-        return HTTPResponse(
-            .ok,
-            json: .object([
-                ("conversations", .array(items.map(\.json))),
-                ("next_before", page.count > limit ? .string(items.last!.id) : .null),
-            ]))
+        return HTTPResponse(.ok, json: .object(Self.page(page, limit: limit, as: "conversations", id: \.id, \.json)))
     }
 
     private func getConversation(_ id: String, _ identity: Identity) async throws -> HTTPResponse {
@@ -453,6 +447,16 @@ struct RESTAPI: Sendable {
     static let defaultPageSize = 50
     static let maxPageSize = 200
 
+    /// A list page's fields: `fetched` holds up to `limit + 1` items (asked for so), the one past
+    /// `limit` only saying that another page follows, from the last item shown (`cursor`).
+    static func page<Item>(
+        _ fetched: [Item], limit: Int, as field: String, cursor: String = "next_before", id: (Item) -> String, _ json: (Item) -> JSONValue
+    ) -> [(String, JSONValue)] {
+        let items = fetched.prefix(limit)
+        let next = fetched.count > limit ? items.last.map(id) : nil
+        return [(field, .array(items.map(json))), (cursor, next.map(JSONValue.string) ?? .null)]
+    }
+
     static func limit(_ request: HTTPRequest) throws(APIError) -> Int {
         guard let raw = request.query["limit"] else { return defaultPageSize }
         guard let limit = Int(raw), (1...maxPageSize).contains(limit) else {
@@ -480,13 +484,7 @@ struct RESTAPI: Sendable {
     private func listSchedules(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
         let limit = try Self.limit(request)
         let page = try await store.schedules(owner: identity.user, limit: limit + 1, before: request.query["before"])
-        let items = Array(page.prefix(limit))
-        return HTTPResponse(
-            .ok,
-            json: .object([
-                ("schedules", .array(items.map(\.json))),
-                ("next_before", page.count > limit ? .string(items.last!.id) : .null),
-            ]))
+        return HTTPResponse(.ok, json: .object(Self.page(page, limit: limit, as: "schedules", id: \.id, \.json)))
     }
 
     private func getSchedule(_ id: String, _ identity: Identity) async throws -> HTTPResponse {
@@ -532,13 +530,7 @@ struct RESTAPI: Sendable {
     private func listRooms(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
         let limit = try Self.limit(request)
         let page = try await store.rooms(owner: identity.user, limit: limit + 1, after: request.query["after"])
-        let items = Array(page.prefix(limit))
-        return HTTPResponse(
-            .ok,
-            json: .object([
-                ("rooms", .array(items.map(\.json))),
-                ("next_after", page.count > limit ? .string(items.last!.id) : .null),
-            ]))
+        return HTTPResponse(.ok, json: .object(Self.page(page, limit: limit, as: "rooms", cursor: "next_after", id: \.id, \.json)))
     }
 
     private func getRoom(_ id: String, _ identity: Identity) async throws -> HTTPResponse {
