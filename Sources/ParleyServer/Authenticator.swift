@@ -303,14 +303,7 @@ public struct Authenticator: Sendable {
         }
         // Parley's own: HS256 with its secret, and no key id (a provider's unknown kid is no fallback).
         guard algorithm == "HS256", header["kid"] == nil else { throw .invalidToken }
-        let claims: ParleyClaims
-        do {
-            claims = try await keys.verify(token, as: ParleyClaims.self)
-        } catch let error as JWTError where error.errorType == .claimVerificationFailure {
-            throw .expired
-        } catch {
-            throw .invalidToken
-        }
+        let claims = try await Self.verified(token, as: ParleyClaims.self, by: keys)
         guard Self.isValidSubject(claims.sub.value) else { throw .invalidSubject }
         if let nbf = claims.nbf, nbf.value > now { throw .notYetValid }
         return try await admitted(
@@ -323,14 +316,7 @@ public struct Authenticator: Sendable {
     private func verifyProvider(
         _ token: String, _ provider: IdentityProvider, _ keys: JWTKeyCollection, now: Date
     ) async throws(AuthError) -> Identity {
-        let claims: ProviderClaims
-        do {
-            claims = try await keys.verify(token, as: ProviderClaims.self)
-        } catch let error as JWTError where error.errorType == .claimVerificationFailure {
-            throw .expired
-        } catch {
-            throw .invalidToken
-        }
+        let claims = try await Self.verified(token, as: ProviderClaims.self, by: keys)
         if let nbf = claims.nbf, nbf.value > now { throw .notYetValid }
         if let issuer = provider.issuer, claims.iss != issuer { throw .invalidToken }
         if let audience = provider.audience, !claims.aud.contains(audience) { throw .invalidToken }
@@ -338,6 +324,17 @@ public struct Authenticator: Sendable {
         return try await admitted(
             Identity(user: subject, expiresAt: claims.exp.value, session: claims.strings["sid"] ?? claims.strings["jti"], issuedAt: claims.iat?.value)
         )
+    }
+
+    /// The token's claims, its signature checked by `keys` and its `exp` by the payload.
+    private static func verified<Claims: JWTPayload>(_ token: String, as: Claims.Type, by keys: JWTKeyCollection) async throws(AuthError) -> Claims {
+        do {
+            return try await keys.verify(token, as: Claims.self)
+        } catch let error as JWTError where error.errorType == .claimVerificationFailure {
+            throw .expired
+        } catch {
+            throw .invalidToken
+        }
     }
 
     /// `identity` unless its session was signed out.
@@ -353,12 +350,6 @@ public struct Authenticator: Sendable {
         base64 += String(repeating: "=", count: (4 - base64.count % 4) % 4)
         guard let data = Data(base64Encoded: base64) else { return nil }
         return try? JSONSerialization.jsonObject(with: data) as? [String: Any]
-    }
-
-    /// Whether the token's protected header carries `crit` (or cannot be read at all).
-    static func hasCriticalHeader(_ token: String) -> Bool {
-        guard let header = header(token) else { return true }
-        return header["crit"] != nil
     }
 
     /// Verifies the token a request carries in its `Authorization` header or `token` query item.

@@ -23,22 +23,7 @@ final class SessionGate: Sendable {
     /// False when the identity's session, or every session issued when it was, was signed out.
     /// A store that cannot answer admits (and says so): a sign-in is not refused for an outage.
     func admits(_ identity: Identity) async -> Bool {
-        let now = ContinuousClock.now
-        var revocations = cache.withLock { $0[identity.user].flatMap { now - $0.read < freshness ? $0.revocations : nil } }
-        if revocations == nil {
-            do {
-                let read = try await store.sessionRevocations(user: identity.user)
-                revocations = read
-                cache.withLock { cache in
-                    if cache.count >= capacity, let oldest = cache.min(by: { $0.value.read < $1.value.read })?.key { cache[oldest] = nil }
-                    cache[identity.user] = (read, now)
-                }
-            } catch {
-                logger.warning("could not read signed-out sessions; admitting", metadata: ["error": "\(error)"])
-                return true
-            }
-        }
-        guard let revocations else { return true }
+        guard let revocations = await revocations(of: identity.user) else { return true }
         if let session = identity.session, revocations.sessions.contains(session) { return false }
         if let before = revocations.allBefore {
             // A token issued before the sign-out everywhere, or one that does not say when it was.
@@ -46,6 +31,23 @@ final class SessionGate: Sendable {
             return Int64((issued.timeIntervalSince1970 * 1000).rounded(.down)) >= before
         }
         return true
+    }
+
+    /// `user`'s signed-out sessions, at most `freshness` old; nil when the store cannot answer.
+    private func revocations(of user: String) async -> SessionRevocations? {
+        let now = ContinuousClock.now
+        if let cached = cache.withLock({ $0[user] }), now - cached.read < freshness { return cached.revocations }
+        do {
+            let read = try await store.sessionRevocations(user: user)
+            cache.withLock { cache in
+                if cache.count >= capacity, let oldest = cache.min(by: { $0.value.read < $1.value.read })?.key { cache[oldest] = nil }
+                cache[user] = (read, now)
+            }
+            return read
+        } catch {
+            logger.warning("could not read signed-out sessions; admitting", metadata: ["error": "\(error)"])
+            return nil
+        }
     }
 
     /// Reads `user`'s signed-out sessions again on the next token (after a sign-out here).
