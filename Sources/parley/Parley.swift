@@ -112,13 +112,13 @@ struct Serve: AsyncParsableCommand {
     )
     var jwksUrl: String?
 
-    @Option(help: "The 'iss' an identity provider's token must carry (with --jwks-file).")
+    @Option(help: "The 'iss' an identity provider's token must carry (with --jwks-file or --jwks-url).")
     var jwtIssuer: String?
 
-    @Option(help: "An 'aud' an identity provider's token must carry (with --jwks-file).")
+    @Option(help: "An 'aud' an identity provider's token must carry (with --jwks-file or --jwks-url).")
     var jwtAudience: String?
 
-    @Option(help: "The claim of an identity provider's token that names the user (with --jwks-file).")
+    @Option(help: "The claim of an identity provider's token that names the user (with --jwks-file or --jwks-url).")
     var jwtSubjectClaim = "sub"
 
     @Option(help: "Simulated provider (development and load tests only): time to first token, in ms.")
@@ -430,23 +430,25 @@ struct Serve: AsyncParsableCommand {
         configuration.jwtSecret = secret.resolvedSecret
         configuration.storeURI = resolvedStore
         if let tlsCert, let tlsKey { configuration.tls = TLSFiles(certificateChain: tlsCert, privateKey: tlsKey) }
+        // The provider's keys: a file read once, or a URL fetched now and again later.
+        var jwks: (json: String, fetch: (@Sendable () async throws -> String)?)?
         if let jwksFile {
-            guard let jwks = try? String(contentsOfFile: jwksFile, encoding: .utf8) else {
+            guard let json = try? String(contentsOfFile: jwksFile, encoding: .utf8) else {
                 throw ConfigurationError("cannot read the JWKS file \(jwksFile)")
             }
-            configuration.identityProvider = IdentityProvider(
-                jwksJSON: jwks, issuer: jwtIssuer, audience: jwtAudience, subjectClaim: jwtSubjectClaim)
+            jwks = (json, nil)
         }
         if let jwksUrl {
             let fetch: @Sendable () async throws -> String = { try await Self.fetchJWKS(jwksUrl) }
-            let jwks: String
             do {
-                jwks = try await fetch()
+                jwks = (try await fetch(), fetch)
             } catch {
                 throw ConfigurationError("cannot fetch the JWKS at \(jwksUrl): \(error)")
             }
+        }
+        if let jwks {
             configuration.identityProvider = IdentityProvider(
-                jwksJSON: jwks, issuer: jwtIssuer, audience: jwtAudience, subjectClaim: jwtSubjectClaim, fetch: fetch)
+                jwksJSON: jwks.json, issuer: jwtIssuer, audience: jwtAudience, subjectClaim: jwtSubjectClaim, fetch: jwks.fetch)
         }
         configuration.brokerURL = broker
         configuration.nodeID = nodeId
