@@ -210,15 +210,27 @@ extension MongoStore {
         }
     }
 
-    public func auditEvents(limit: Int, before: String?) async throws -> [AuditEvent] {
+    public func auditEvents(limit: Int, before: String?, involving user: String?) async throws -> [AuditEvent] {
         try await run { db in
-            let filter: JSONValue = before.map { .object([("_id", .object([("$lt", .string($0))]))]) } ?? .object([])
+            var clauses: [(String, JSONValue)] = []
+            if let before { clauses.append(("_id", .object([("$lt", .string(before))]))) }
+            if let user { clauses.append(("$or", .array([.object([("actor", .string(user))]), .object([("target", .string(user))])]))) }
+            let filter: JSONValue = .object(clauses)
             return try db.find("audit", filter: filter, sort: .object([("_id", .int(-1))]), limit: limit).map { d in
                 AuditEvent(
                     id: d["_id"]?.stringValue ?? "", at: d["at"]?.int64 ?? 0, actor: d["actor"]?.stringValue ?? "",
                     action: d["action"]?.stringValue ?? "", target: d["target"]?.stringValue, ipHash: d["ip_hash"]?.stringValue,
                     detail: AuditEvent.detail(d["detail"]))
             }
+        }
+    }
+
+    public func purgeAudit(before cutoff: Int64, limit: Int) async throws -> Int {
+        try await run { db in
+            let old = try db.find(
+                "audit", filter: .object([("at", .object([("$lt", .long(cutoff))]))]), sort: .object([("at", .int(1))]),
+                projection: .object([("_id", .int(1))]), limit: limit)
+            return try Self.delete(db, "audit", field: "_id", in: old.compactMap { $0["_id"] })
         }
     }
 }

@@ -502,6 +502,7 @@ struct Database: Sendable {
         ("rooms", "members", .object([("members", .int(1))]), false),
         ("audit", "actor", .object([("actor", .int(1))]), false),
         ("audit", "target", .object([("target", .int(1))]), false),
+        ("audit", "at", .object([("at", .int(1))]), false),
         // Replies in flight: found at start-up (oldest first) and by user at account deletion.
         ("stream_journals", "created", .object([("created_at", .int(1)), ("_id", .int(1))]), false),
         ("stream_journals", "user", .object([("user", .int(1))]), false),

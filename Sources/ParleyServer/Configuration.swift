@@ -108,7 +108,11 @@ public struct ServerConfiguration: Sendable {
     /// nil (the default) keeps them until the user deletes them or the account, as the privacy
     /// policy promises for text (#28). Setting it departs from that promise.
     public var retention: Duration?
-    /// How often the retention purge runs (the first pass soon after start).
+    /// Audit events older than this are purged: the privacy policy keeps sign-ins and the rest
+    /// "up to 24 months" (#28).
+    public var auditRetention: Duration = .seconds(730 * 86_400)
+    /// How often the retention purge runs; the first pass comes a minute after start (not at
+    /// once: a start has enough to do, and an admin's purge right after start never races it).
     public var retentionInterval: Duration = .seconds(3_600)
 
     /// The scheduled-message timer wheel's tick: deadlines are met to within one tick.

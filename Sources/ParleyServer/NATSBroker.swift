@@ -29,6 +29,9 @@ enum BrokerSubjects {
     /// Where every node answers an account deletion: one user's, and every user's.
     static func closeUser(_ user: String) -> String { "pu." + token(user) }
     static let closeAnyUser = "pu.*"
+    /// Where every node answers a sign-out (#28): one user's, and every user's.
+    static func signOut(_ user: String) -> String { "po." + token(user) }
+    static let anySignOut = "po.*"
     /// A schedule was created: the node holding its shard arms its timer.
     static func scheduleAdded(shard: Int) -> String { "ps.\(shard)" }
     static let anyScheduleAdded = "ps.*"
@@ -264,6 +267,7 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
     }
 
     private let userClosing = Mutex<NATSSubscription?>(nil)
+    private let signOuts = Mutex<NATSSubscription?>(nil)
     /// Topics some socket here reads, each with its NATS subscription.
     private let interests = Mutex<[Topic: NATSSubscription]>([:])
     /// Topics followed with no socket reading them yet (a member joining a room run elsewhere).
@@ -800,6 +804,33 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
         userClosing.withLock { $0 = subscription }
     }
 
+    /// Answers another node's sign-out: `close` closes the sockets of the session signed out
+    /// here and forgets what this node cached of the user's sessions; the answer goes once done.
+    func serveSignOuts(_ close: @escaping @Sendable (SignOut) async -> Void) throws {
+        let subscription = try nats.subscribe(BrokerSubjects.anySignOut) { [nats, logger] request in
+            guard let signOut = SignOut(payload: request.payload) else {
+                logger.warning("a sign-out from another node could not be read; ignored")
+                return
+            }
+            Task {
+                await close(signOut)
+                if let reply = request.reply { try? nats.publish(reply, Array("closed".utf8)) }
+            }
+        }
+        signOuts.withLock { $0 = subscription }
+    }
+
+    /// Asks the other nodes (`replies` of them) to close the sockets `signOut` ended; returns
+    /// how many did within `timeout`.
+    func signOutEverywhere(_ signOut: SignOut, replies: Int, timeout: Duration) async -> Int {
+        do {
+            return try await nats.gather(BrokerSubjects.signOut(signOut.user), signOut.payload, replies: replies, timeout: timeout).count
+        } catch {
+            logger.error("asking the other nodes to close a signed-out session's sockets failed", metadata: ["error": "\(error)"])
+            return 0
+        }
+    }
+
     /// Asks `replies` other nodes on `subject` and returns the answers that came within `timeout`.
     func gather(subject: String, _ payload: [UInt8], replies: Int, timeout: Duration) async throws -> [[UInt8]] {
         try await nats.gather(subject, payload, replies: replies, timeout: timeout)
@@ -854,6 +885,7 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
         }
         for subscription in subscriptions { subscription.cancel() }
         userClosing.withLock { $0 }?.cancel()
+        signOuts.withLock { $0 }?.cancel()
         // The last streams' ends reach the server before the connection goes.
         try? await nats.flush(timeout: .seconds(1))
         nats.close()
@@ -949,6 +981,39 @@ protocol OtherNodes: Sendable {
     /// Has every other live node close `user`'s sockets and stop their replies, and waits until
     /// they did; returns how many answered.
     func closeEverywhere(user: String) async -> Int
+    /// Has every other live node close the sockets `signOut` ended, and waits until they did;
+    /// returns how many answered.
+    func signOutEverywhere(_ signOut: SignOut) async -> Int
+}
+
+/// A sign-out as nodes tell each other: one session of a user, or (`session` nil) every
+/// session of theirs whose token was issued by `at` (Unix ms).
+struct SignOut: Sendable, Equatable {
+    var user: String
+    var session: String?
+    var at: Int64
+
+    /// Whether a socket signed in as `identity` is ended by this sign-out.
+    func ends(_ identity: Identity) -> Bool {
+        guard identity.user == user else { return false }
+        if let session { return identity.session == session }
+        return identity.issuedAt.map { Int64($0.timeIntervalSince1970 * 1000) <= at } ?? true
+    }
+
+    var payload: [UInt8] {
+        JSONValue.object([("user", .string(user)), ("session", session.map(JSONValue.string) ?? .null), ("at", .int(at))]).serialized()
+    }
+
+    init(user: String, session: String?, at: Int64) {
+        self.user = user
+        self.session = session
+        self.at = at
+    }
+
+    init?(payload: [UInt8]) {
+        guard let json = try? JSONValue.parse(payload), let user = json["user"]?.stringValue, let at = json["at"]?.intValue else { return nil }
+        self.init(user: user, session: json["session"]?.stringValue, at: at)
+    }
 }
 
 /// The other nodes of a cluster: how many are alive comes from their leases on the store.
@@ -963,5 +1028,11 @@ struct ClusterPeers: OtherNodes {
         guard let store else { return 0 }
         let peers = (try? await store.otherLiveNodes(than: node, now: Int64(Timestamp.nowMillis())).count) ?? 0
         return await broker.closeEverywhere(user: user, replies: peers, timeout: timeout)
+    }
+
+    func signOutEverywhere(_ signOut: SignOut) async -> Int {
+        guard let store else { return 0 }
+        let peers = (try? await store.otherLiveNodes(than: node, now: Int64(Timestamp.nowMillis())).count) ?? 0
+        return await broker.signOutEverywhere(signOut, replies: peers, timeout: timeout)
     }
 }

@@ -207,7 +207,8 @@ public final class ParleyServer: Sendable {
         let rooms = RoomService(
             store: store, streams: streams, configuration: configuration, logger: logger, ids: ids, audit: audit, owners: roomOwners)
         let retention = RetentionJob(
-            store: store, retention: configuration.retention, interval: configuration.retentionInterval,
+            store: store, retention: configuration.retention, auditRetention: configuration.auditRetention,
+            interval: configuration.retentionInterval,
             logger: logger, metrics: configuration.metrics)
         do {
             // In a cluster, rooms are refused until they hold across nodes (#22): every node
@@ -234,6 +235,8 @@ public final class ParleyServer: Sendable {
         do {
             // Another node's account deletion closes the user's sockets here too.
             try clusterBroker?.serveUserClosing { user in _ = await api.closeLocally(user: user) }
+            // And another node's sign-out closes the session's sockets here.
+            try clusterBroker?.serveSignOuts { signOut in _ = await api.signOutLocally(signOut) }
         } catch {
             await clusterBroker?.close()
             await nodeLease?.release()
@@ -353,7 +356,8 @@ public final class ParleyServer: Sendable {
                 }
                 // A refused upgrade falls through to the HTTP handler, which answers 401.
                 return channel.eventLoop.makeFutureWithTask {
-                    guard (try? await authenticator.verify(headers: head.headers, uri: head.uri)) != nil else { return nil }
+                    guard let identity = try? await authenticator.verify(headers: head.headers, uri: head.uri) else { return nil }
+                    await api.signIns.accepted(identity, ip: ip, via: "socket")
                     var headers = HTTPHeaders()
                     if let deflate = deflateAgreement(head, configuration) {
                         headers.add(name: "Sec-WebSocket-Extensions", value: deflate.responseHeader)

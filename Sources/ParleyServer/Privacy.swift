@@ -3,6 +3,7 @@ import Logging
 import NIOCore
 import ParleyCore
 import ParleyStore
+import Synchronization
 
 /// Records state changes in the store's audit log. The client address is kept only as its keyed
 /// hash; a failure to record is logged and does not undo the change it describes.
@@ -39,38 +40,110 @@ struct AuditLog: Sendable {
     }
 }
 
+/// Sign-ins in the audit log (#28): a session's first accepted use from an address
+/// (`session.signed_in`, with the session and whether a socket or a request brought it), and
+/// refused tokens (`session.refused`, with the reason). A session is recorded once per address
+/// for as long as this process remembers it (`capacity` keys, the oldest forgotten first), so
+/// a busy client adds no row per request; a refusal once per address and reason per `window`,
+/// so a client retrying a bad token cannot fill the log (the failed sign-in backoff slows it
+/// further). A request with no token at all is no sign-in and is not recorded.
+final class SignInAudit: Sendable {
+    let log: AuditLog
+    let capacity: Int
+    let window: Duration
+    /// Key → when it was last recorded (ms).
+    private let recorded = Mutex<[String: Int64]>([:])
+
+    init(log: AuditLog, capacity: Int = 10_000, window: Duration = .seconds(60)) {
+        self.log = log
+        self.capacity = capacity
+        self.window = window
+    }
+
+    func accepted(_ identity: Identity, ip: String?, via: String) async {
+        let session = identity.session ?? identity.issuedAt.map { "iat:\(Int64($0.timeIntervalSince1970))" } ?? "-"
+        guard firstTime("ok\u{0}\(identity.user)\u{0}\(session)\u{0}\(ip ?? "")", within: nil) else { return }
+        var detail = ["via": via]
+        if let s = identity.session { detail["session"] = s }
+        await log.record("session.signed_in", actor: identity.user, target: identity.session, ip: ip, detail: detail)
+    }
+
+    func refused(_ error: AuthError, ip: String?) async {
+        guard error != .missingToken, firstTime("no\u{0}\(error)\u{0}\(ip ?? "")", within: window) else { return }
+        await log.record("session.refused", actor: "anonymous", ip: ip, detail: ["reason": error.description])
+    }
+
+    /// Whether `key` is to be recorded now: never seen, or last recorded longer than `within` ago.
+    private func firstTime(_ key: String, within: Duration?, now: Int64 = Int64(Timestamp.nowMillis())) -> Bool {
+        recorded.withLock { recorded in
+            if let at = recorded[key], within.map({ now - at < Timestamp.millis($0) }) ?? true { return false }
+            recorded[key] = now
+            if recorded.count > capacity {
+                // Forget the older half at once: amortised O(1) per key, memory bounded.
+                let keep = recorded.sorted { $0.value > $1.value }.prefix(capacity / 2)
+                recorded = Dictionary(uniqueKeysWithValues: keep.map { ($0.key, $0.value) })
+            }
+            return true
+        }
+    }
+}
+
 /// The retention promise: every `interval`, generated content older than `retention` that its
-/// owner did not save is deleted, in bounded batches so one pass never holds the store long.
+/// owner did not save is deleted, and audit events older than `auditRetention`, in bounded
+/// batches so one pass never holds the store long.
 final class RetentionJob: Sendable {
     let store: any PrivacyStore
-    /// nil: retention is off (the job does nothing; an admin may still purge by hand).
+    /// nil: content retention is off (kept until the user deletes it; an admin may still purge by hand).
     let retention: Duration?
+    /// The audit log's promise: "up to 24 months" by default.
+    let auditRetention: Duration
     let interval: Duration
     let logger: Logger
     private let purgedMessages: Counter
     private let purgedEntries: Counter
+    private let purgedAudit: Counter
     static let batch = 1_000
 
-    init(store: any PrivacyStore, retention: Duration?, interval: Duration, logger: Logger, metrics: any MetricsFactory) {
+    init(
+        store: any PrivacyStore, retention: Duration?, auditRetention: Duration, interval: Duration, logger: Logger,
+        metrics: any MetricsFactory
+    ) {
         self.store = store
         self.retention = retention
+        self.auditRetention = auditRetention
         self.interval = interval
         self.logger = logger
         purgedMessages = Counter(label: "parley_retention_purged_total", dimensions: [("kind", "message")], factory: metrics)
         purgedEntries = Counter(label: "parley_retention_purged_total", dimensions: [("kind", "room_entry")], factory: metrics)
+        purgedAudit = Counter(label: "parley_retention_purged_total", dimensions: [("kind", "audit")], factory: metrics)
     }
 
-    /// Runs until cancelled: a pass, then a pause of `interval`.
+    /// Runs until cancelled: a minute's wait (at most `interval`), then a pass every `interval`.
     func run() async {
-        guard let retention else { return }
+        try? await Task.sleep(for: min(interval, .seconds(60)))
         while !Task.isCancelled {
             do {
-                _ = try await purge(olderThan: retention)
+                if let retention { _ = try await purge(olderThan: retention) }
+                _ = try await purgeAudit()
             } catch {
                 logger.error("retention purge failed; retrying at the next pass", metadata: ["error": "\(error)"])
             }
             try? await Task.sleep(for: interval)
         }
+    }
+
+    /// Deletes every audit event recorded more than `auditRetention` before `now`; says how many.
+    func purgeAudit(now: Int64 = Int64(Timestamp.nowMillis())) async throws -> Int {
+        let cutoff = now - Timestamp.millis(auditRetention)
+        var total = 0
+        while !Task.isCancelled {
+            let deleted = try await store.purgeAudit(before: cutoff, limit: Self.batch)
+            total += deleted
+            purgedAudit.increment(by: deleted)
+            if deleted < Self.batch { break }
+        }
+        if total > 0 { logger.info("retention purge", metadata: ["audit_events": "\(total)", "cutoff": "\(cutoff)"]) }
+        return total
     }
 
     /// One whole pass: deletes everything unsaved created more than `age` ago.

@@ -9,7 +9,8 @@ extension RESTAPI {
     static let exportPage = 200
 
     /// `GET /v1/me/export`: the caller's account, clones, conversations with their messages
-    /// (newest first), rooms they own with their transcripts, schedules and ledger as one JSON
+    /// (newest first), rooms they own with their transcripts, schedules, ledger and their own
+    /// audit events (what they did and what was done to their account) as one JSON
     /// document, written page by page as it is read (never built whole in memory).
     func exportAccount(_ identity: Identity) async throws -> HTTPResponse {
         let user = identity.user
@@ -62,6 +63,10 @@ extension RESTAPI {
             try await Self.pages(&out, { try await store.ledger(user: user, limit: Self.exportPage, before: $0) }, cursor: \.id) {
                 out, entry in try await out.write(entry.json.serialized())
             }
+            try await out.write(#"],"audit":["#)
+            try await Self.pages(&out, { try await store.auditEvents(limit: Self.exportPage, before: $0, involving: user) }, cursor: \.id) {
+                out, event in try await out.write(event.json.serialized())
+            }
             try await out.write("]}")
         }
     }
@@ -107,9 +112,9 @@ extension RESTAPI {
     }
 
     /// `POST /v1/me/sign-out {"all"?}`: 204. Ends the token's session (or, with `"all": true`,
-    /// every session of the caller issued until now): its tokens are refused from now on, on every
-    /// node sharing the store within seconds, and its sockets on this node close at once
-    /// (1008 "signed out"). A token that names no session can only sign out everywhere.
+    /// every session of the caller issued until now): its tokens are refused from now on, and
+    /// its sockets close (1008 "signed out") here and, in a cluster, on every other live node
+    /// before the answer. A token that names no session can only sign out everywhere.
     func signOut(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
         var all = false
         if !(request.body?.readableBytes == 0 || request.body == nil) {
@@ -120,16 +125,23 @@ extension RESTAPI {
         guard all || identity.session != nil else {
             throw APIError(.badRequest, .badRequest, "this token names no session: sign out with {\"all\": true}")
         }
-        let now = Int64(Timestamp.nowMillis())
-        try await store.revokeSessions(user: identity.user, session: all ? nil : identity.session, at: now)
-        authenticator.forgetSessions(of: identity.user)
-        let closing = sockets.connections(of: identity.user)
-            .filter { all || $0.identity.session == identity.session }
-            .map { $0.close(code: .policyViolation, reason: "signed out") }
-        for socket in closing { try? await socket.get() }
+        let signOut = SignOut(user: identity.user, session: all ? nil : identity.session, at: Int64(Timestamp.nowMillis()))
+        try await store.revokeSessions(user: signOut.user, session: signOut.session, at: signOut.at)
+        _ = await signOutLocally(signOut)
+        _ = await otherNodes?.signOutEverywhere(signOut)
         await audit.record(
             all ? "session.signed_out_everywhere" : "session.signed_out", actor: identity.user, target: identity.session, ip: request.remoteIP)
         return HTTPResponse(.noContent)
+    }
+
+    /// Ends `signOut`'s sockets on this node (1008 "signed out") and drops what this node cached
+    /// of the user's sessions, so their tokens are refused here at once. Returns the sockets closed.
+    func signOutLocally(_ signOut: SignOut) async -> Int {
+        authenticator.forgetSessions(of: signOut.user)
+        let closing = sockets.connections(of: signOut.user).filter { signOut.ends($0.identity) }
+            .map { $0.close(code: .policyViolation, reason: "signed out") }
+        for socket in closing { try? await socket.get() }
+        return closing.count
     }
 
     /// `DELETE /v1/me`: the caller's sockets close at once (1008 "account deleted"), their
@@ -187,12 +199,14 @@ extension RESTAPI {
     func listAudit(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
         guard identity.isAdmin else { throw APIError(.forbidden, .forbidden, "the audit log needs the admin role") }
         let limit = try Self.limit(request)
-        let page = try await store.auditEvents(limit: limit + 1, before: request.query["before"])
+        let page = try await store.auditEvents(limit: limit + 1, before: request.query["before"], involving: nil)
         return HTTPResponse(.ok, json: .object(Self.page(page, limit: limit, as: "events", id: \.id, \.json)))
     }
 
-    /// `POST /v1/admin/retention/purge {"older_than_seconds"?}`: a retention pass now, with the
-    /// configured limit unless the body gives a stricter one (admin role).
+    /// `POST /v1/admin/retention/purge {"older_than_seconds"?}`: a retention pass now (admin
+    /// role): audit events past the audit retention, and unsaved content with the configured
+    /// limit unless the body gives a stricter one; with content retention off and no limit given,
+    /// content is kept (`older_than_seconds` null).
     func purgeNow(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
         guard identity.isAdmin else { throw APIError(.forbidden, .forbidden, "purging needs the admin role") }
         var age = configuration.retention
@@ -205,18 +219,20 @@ extension RESTAPI {
             }
             try reader.rejectUnknown()
         }
-        guard let age else {
-            throw APIError(.conflict, .conflict, "retention is off on this server (--retention-days 0); give older_than_seconds to purge")
-        }
-        let result = try await retention.purge(olderThan: age)
-        await audit.record(
-            "retention.purged", actor: identity.user, ip: request.remoteIP,
-            detail: ["messages": "\(result.messages)", "room_entries": "\(result.roomEntries)", "older_than_seconds": "\(age.components.seconds)"])
+        var content = PurgeResult()
+        if let age { content = try await retention.purge(olderThan: age) }
+        let auditEvents = try await retention.purgeAudit()
+        var detail = [
+            "messages": "\(content.messages)", "room_entries": "\(content.roomEntries)", "audit_events": "\(auditEvents)",
+        ]
+        if let age { detail["older_than_seconds"] = "\(age.components.seconds)" }
+        await audit.record("retention.purged", actor: identity.user, ip: request.remoteIP, detail: detail)
         return HTTPResponse(
             .ok,
             json: .object([
-                ("messages", .int(Int64(result.messages))), ("room_entries", .int(Int64(result.roomEntries))),
-                ("older_than_seconds", .int(age.components.seconds)),
+                ("messages", .int(Int64(content.messages))), ("room_entries", .int(Int64(content.roomEntries))),
+                ("older_than_seconds", age.map { .int($0.components.seconds) } ?? .null), ("audit_events", .int(Int64(auditEvents))),
+                ("audit_older_than_seconds", .int(retention.auditRetention.components.seconds)),
             ]))
     }
 }

@@ -23,6 +23,8 @@ struct RESTAPI: Sendable {
     let authFailures: AuthFailureLimiter?
     let sockets: SocketHub
     let audit: AuditLog
+    /// Sign-ins (accepted and refused) in the audit log.
+    let signIns: SignInAudit
     let retention: RetentionJob
     /// A cluster's other nodes (nil alone).
     let otherNodes: (any OtherNodes)?
@@ -38,6 +40,7 @@ struct RESTAPI: Sendable {
         self.otherNodes = otherNodes
         self.sockets = sockets
         self.audit = audit
+        signIns = SignInAudit(log: audit)
         self.retention = retention
         self.handshakes = handshakes
         self.authFailures = authFailures
@@ -232,9 +235,11 @@ struct RESTAPI: Sendable {
         do {
             let identity = try await authenticator.verify(headers: request.headers, uri: request.uri)
             if let ip { authFailures?.succeeded(ip) }
+            await signIns.accepted(identity, ip: ip, via: "http")
             return identity
         } catch {
             if let ip { authFailures?.failed(ip) }
+            await signIns.refused(error, ip: ip)
             throw APIError.unauthorized(error)
         }
     }

@@ -121,18 +121,26 @@ extension SQLiteStore {
         }
     }
 
-    public func auditEvents(limit: Int, before: String?) async throws -> [AuditEvent] {
+    public func auditEvents(limit: Int, before: String?, involving user: String?) async throws -> [AuditEvent] {
         let page = Self.cursor("id", "<", before)
+        let whose: (sql: String, params: [SQLValue]) = user.map { (" AND (actor = ? OR target = ?)", [.text($0), .text($0)]) } ?? ("", [])
         return try await read { db in
             try db.query(
-                "SELECT id, at, actor, action, target, ip_hash, detail FROM audit WHERE 1 = 1\(page.sql) ORDER BY id DESC LIMIT ?",
-                page.params + [.int(Int64(limit))]
+                "SELECT id, at, actor, action, target, ip_hash, detail FROM audit WHERE 1 = 1\(whose.sql)\(page.sql) ORDER BY id DESC LIMIT ?",
+                whose.params + page.params + [.int(Int64(limit))]
             ).map { r in
                 AuditEvent(
                     id: r["id"].text ?? "", at: r["at"].int ?? 0, actor: r["actor"].text ?? "", action: r["action"].text ?? "",
                     target: r["target"].text,
                     ipHash: r["ip_hash"].text, detail: AuditEvent.detail(try? JSONValue.parse(Array((r["detail"].text ?? "{}").utf8))))
             }
+        }
+    }
+
+    public func purgeAudit(before cutoff: Int64, limit: Int) async throws -> Int {
+        try await run { db in
+            try db.query("DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE at < ? ORDER BY at LIMIT ?)", [.int(cutoff), .int(Int64(limit))])
+            return db.changes
         }
     }
 }

@@ -211,6 +211,8 @@ public final class SQLiteStore: Store {
             PRIMARY KEY (user, session)
         );
         """,
+        // v14: the audit log is purged by age (24 months by default, #28).
+        "CREATE INDEX audit_by_age ON audit(at);",
     ]
 
     /// An FTS5 table `index` over `column` of `table` (v11's search): external content, so the

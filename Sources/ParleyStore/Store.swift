@@ -190,8 +190,12 @@ public protocol PrivacyStore: Sendable {
     /// What `revokeSessions` stored for `user`.
     func sessionRevocations(user: String) async throws -> SessionRevocations
     func appendAudit(_ event: AuditEvent) async throws
-    /// Audit events newest first, `limit` at most, older than `before` (an event id) when given.
-    func auditEvents(limit: Int, before: String?) async throws -> [AuditEvent]
+    /// Audit events newest first, `limit` at most, older than `before` (an event id) when given;
+    /// with `involving`, only those whose actor or target is that user (their export).
+    func auditEvents(limit: Int, before: String?, involving user: String?) async throws -> [AuditEvent]
+    /// Deletes up to `limit` audit events recorded before `cutoff` (Unix ms), oldest first, and
+    /// says how many. Callers repeat until a pass deletes fewer than `limit`.
+    func purgeAudit(before cutoff: Int64, limit: Int) async throws -> Int
 }
 
 /// A user's signed-out sessions: those named, and every token issued before `allBefore`.

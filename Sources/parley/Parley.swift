@@ -243,6 +243,12 @@ struct Serve: AsyncParsableCommand {
     )
     var retentionDays = 0
 
+    @Option(
+        help:
+            "Days audit events (sign-ins, sign-outs, deletions, admin actions) are kept before the hourly purge; the privacy policy says up to 24 months."
+    )
+    var auditRetentionDays = 730
+
     @Flag(help: "Development mode: POST /v1/dev/token mints a token for any name (the web client's dev sign-in). Only with a loopback --host.")
     var dev = false
 
@@ -332,6 +338,7 @@ struct Serve: AsyncParsableCommand {
         guard (0...36_500).contains(retentionDays) else {
             throw ArgumentParser.ValidationError("--retention-days must be 0-36500 (0 keeps everything)")
         }
+        guard (1...36_500).contains(auditRetentionDays) else { throw ArgumentParser.ValidationError("--audit-retention-days must be 1-36500") }
         guard (contextBudget ?? 64) >= 64 else { throw ArgumentParser.ValidationError("--context-budget must be at least 64") }
         guard (tlsCert == nil) == (tlsKey == nil) else { throw ArgumentParser.ValidationError("--tls-cert and --tls-key go together") }
         guard jwksFile == nil || jwksUrl == nil else { throw ArgumentParser.ValidationError("give --jwks-file or --jwks-url, not both") }
@@ -503,6 +510,7 @@ struct Serve: AsyncParsableCommand {
         configuration.trustedProxies = (try? TrustedProxies(parsing: trustedProxies ?? "")) ?? .none  // validated above
         configuration.drainGrace = .seconds(shutdownGrace)
         configuration.retention = retentionDays == 0 ? nil : .seconds(Int64(retentionDays) * 86_400)
+        configuration.auditRetention = .seconds(Int64(auditRetentionDays) * 86_400)
         configuration.webSocketDeflate = wsDeflate ? DeflateSettings(windowBits: wsDeflateWindowBits) : nil
         configuration.frameLimits.schedule.maxPendingPerUser = maxPendingSchedules
         configuration.simulated.timeToFirstToken = .milliseconds(simTtftMs)

@@ -472,4 +472,37 @@ extension TestWebSocket {
         await b.stop()
         nats.stop()
     }
+
+    /// A sign-out on one node closes the session's sockets on every node before it answers, and
+    /// the other node refuses its token at once (not after its session cache's 5 s).
+    @Test func signingOutOnOneNodeClosesTheSessionsSocketsOnEveryNode() async throws {
+        let nats = try NATSServer()
+        let uri = MongoFixture.uri()
+        let secret = "cluster-test-secret-" + UUID().uuidString
+        let a = try await TestServer.clusterNode("node-a", nats: nats, uri: uri, secret: secret)
+        let b = try await TestServer.clusterNode("node-b", nats: nats, uri: uri, secret: secret)
+        let laptop = try await a.token("alice")
+        let phone = try await a.token("alice")
+        // B has checked the laptop's session (and cached that it is signed in).
+        #expect(try await b.get("/v1/clones", token: laptop).status == .ok)
+        let laptopOnB = try await b.connect(token: laptop)
+        let phoneOnB = try await b.connect(token: phone)
+
+        let signedOut = try await TestHTTPClient.json(port: a.port, .POST, "/v1/me/sign-out", token: laptop, json: .object([]))
+        #expect(signedOut.status == .noContent)
+        var closed: TestInbound?
+        while closed == nil {
+            let inbound = try await laptopOnB.next()
+            if case .close = inbound { closed = inbound }
+        }
+        #expect(closed == .close(code: 1008, reason: "signed out"))
+        #expect(try await b.get("/v1/clones", token: laptop).status == .unauthorized)
+        // The phone's session goes on, on B too.
+        try await phoneOnB.send(.object([("type", .string("chat.cancel")), ("id", .string("x")), ("stream", .string("st_none"))]))
+        #expect(try await phoneOnB.next(type: "error").frame["ref"] == .string("x"))
+        #expect(try await b.get("/v1/clones", token: phone).status == .ok)
+        await a.stop()
+        await b.stop()
+        nats.stop()
+    }
 }

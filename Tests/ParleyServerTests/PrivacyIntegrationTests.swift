@@ -243,8 +243,9 @@ private func populate(_ server: TestServer, _ user: String) async throws -> Acco
             ]))
         _ = try await socket.next(type: "room.event")
         #expect(try await TestHTTPClient.request(port: server.port, .DELETE, "/v1/clones/\(alice.clone)", token: alice.token).status == .noContent)
-        let events = try await server.server.store.auditEvents(limit: 50, before: nil)
-        #expect(events.map(\.action).reversed() == ["clone.created", "clone.created", "room.created", "room.ended", "clone.deleted"])
+        let events = try await server.server.store.auditEvents(limit: 50, before: nil, involving: nil)
+        #expect(
+            events.map(\.action).reversed() == ["session.signed_in", "clone.created", "clone.created", "room.created", "room.ended", "clone.deleted"])
         for event in events {
             let hash = try #require(event.ipHash)
             #expect(hash.count == 64 && hash.allSatisfy(\.isHexDigit))

@@ -66,4 +66,64 @@ import Testing
         #expect(try await again.get("/v1/clones", token: try await again.token("alice")).status == .ok)
         await again.stop()
     }
+
+    /// Sign-ins in the audit log (#28): a session's first use from an address, by a request or a
+    /// socket, once; a refused token once per address and reason a minute; no token, nothing.
+    /// A user's export carries their own entries and no one else's.
+    @Test(arguments: TestServer.StoreKind.allCases)
+    func signInsAcceptedAndRefusedAreAudited(_ store: TestServer.StoreKind) async throws {
+        let server = try await TestServer.start(store: store)
+        let laptop = try await server.token("alice")
+        let phone = try await server.token("alice")
+        for _ in 0..<3 { #expect(try await server.get("/v1/clones", token: laptop).status == .ok) }
+        let socket = try await server.connect(token: laptop)
+        let phoneSocket = try await server.connect(token: phone)
+        #expect(try await server.get("/v1/clones", token: try await server.token("bob")).status == .ok)
+        for _ in 0..<3 { #expect(try await server.get("/v1/clones", token: "not.a.token").status == .unauthorized) }
+        let expired = try await server.server.authenticator.issue(subject: "alice", ttl: .seconds(1), now: Date().addingTimeInterval(-60))
+        #expect(try await server.get("/v1/clones", token: expired).status == .unauthorized)
+        #expect(try await TestHTTPClient.request(port: server.port, .GET, "/v1/clones").status == .unauthorized)
+        #expect(try await server.upgradeAttempt(token: "not.a.token").status == .unauthorized)
+
+        let events = try await server.server.store.auditEvents(limit: 50, before: nil, involving: nil).reversed()
+        let signIns = events.filter { $0.action == "session.signed_in" }
+        #expect(signIns.map(\.actor) == ["alice", "alice", "bob"], "one per session and address, however many requests")
+        #expect(signIns.map { $0.detail["via"] } == ["http", "socket", "http"])
+        #expect(Set(signIns.compactMap { $0.detail["session"] }).count == 3)
+        #expect(signIns.allSatisfy { $0.ipHash?.count == 64 && $0.target == $0.detail["session"] })
+        let refused = events.filter { $0.action == "session.refused" }
+        #expect(refused.map { $0.detail["reason"] } == ["invalid token", "token expired"], "once per reason a minute; no token is no sign-in")
+        #expect(refused.allSatisfy { $0.actor == "anonymous" && $0.ipHash?.count == 64 })
+
+        #expect(try await signOut(server, laptop).status == .noContent)
+        _ = try await closeFrame(socket)
+        let export = try await server.get("/v1/me/export", token: phone).json()
+        let audit = try #require(export["audit"]?.arrayValue)
+        #expect(audit.compactMap { $0["action"]?.stringValue } == ["session.signed_out", "session.signed_in", "session.signed_in"])
+        #expect(audit.allSatisfy { $0["actor"] == .string("alice") }, "bob's sign-in and the refusals are not hers")
+        _ = phoneSocket
+        await server.stop()
+    }
+
+    /// The audit log keeps 24 months by default: a retention pass deletes what is older. (The
+    /// server's own first pass comes a minute after start, so it cannot take the event first.)
+    @Test func auditEventsOlderThanTheAuditRetentionArePurged() async throws {
+        let server = try await TestServer.start()
+        let day: Int64 = 86_400_000
+        let now = Int64(Timestamp.nowMillis())
+        let ids = IDGenerator()
+        for (age, action) in [(800 * day, "old"), (700 * day, "young")] {
+            try await server.server.store.appendAudit(
+                AuditEvent(id: ids.make(.audit), at: now - age, actor: "alice", action: action, target: nil, ipHash: nil))
+        }
+        let admin = try await server.token("root", role: "admin")
+        let purged = try await TestHTTPClient.json(port: server.port, .POST, "/v1/admin/retention/purge", token: admin, json: .object([]))
+        let body = try purged.json()
+        #expect(purged.status == .ok)
+        #expect(body["audit_events"] == .int(1) && body["audit_older_than_seconds"] == .int(730 * 86_400))
+        #expect(body["older_than_seconds"] == .null && body["messages"] == .int(0), "text is kept: content retention is off")
+        let left = try await server.server.store.auditEvents(limit: 50, before: nil, involving: "alice").map(\.action)
+        #expect(left == ["young"])
+        await server.stop()
+    }
 }

@@ -86,7 +86,7 @@ private func populate(_ store: any Store, _ user: String, welcomeAt: Int64 = 1_0
             #expect(kept.allSatisfy { $0.stream == nil && $0.conversation == nil && $0.room == nil && $0.note == nil })
             #expect(try await store.balance(user: "deleted:0f0f") == aliceBalance)
             try await expectLedgerInvariant(store, "deleted:0f0f")
-            let audit = try await store.auditEvents(limit: 50, before: nil)
+            let audit = try await store.auditEvents(limit: 50, before: nil, involving: nil)
             #expect(!audit.contains { $0.actor == "alice" || $0.target == "alice" })
             #expect(audit.filter { $0.actor == "deleted:0f0f" }.count == 1 && audit.filter { $0.target == "deleted:0f0f" }.count == 1)
 
@@ -186,8 +186,30 @@ private func populate(_ store: any Store, _ user: String, welcomeAt: Int64 = 1_0
                     ipHash: $0 == 0 ? nil : "ff\($0)", detail: ["n": "\($0)"])
             }
             for event in events { try await store.appendAudit(event) }
-            #expect(try await store.auditEvents(limit: 3, before: nil) == Array(events.reversed().prefix(3)))
-            #expect(try await store.auditEvents(limit: 3, before: events[2].id) == [events[1], events[0]])
+            #expect(try await store.auditEvents(limit: 3, before: nil, involving: nil) == Array(events.reversed().prefix(3)))
+            #expect(try await store.auditEvents(limit: 3, before: events[2].id, involving: nil) == [events[1], events[0]])
+        }
+    }
+
+    /// A user's own audit events (their export) are those they did or that were done to them,
+    /// paged like the whole log; the age purge takes the oldest first, in batches, and nothing newer.
+    @Test(arguments: Backend.all)
+    func theAuditLogIsReadPerUserAndPurgedByAge(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            let events = [("alice", nil), ("root", "alice"), ("bob", nil), ("root", "bob"), ("alice", "cl_1"), ("bob", "alice")].enumerated().map {
+                AuditEvent(
+                    id: ids.make(.audit), at: Int64(1_000 * ($0.offset + 1)), actor: $0.element.0, action: "x", target: $0.element.1, ipHash: nil)
+            }
+            for event in events { try await store.appendAudit(event) }
+            let alices = events.filter { $0.actor == "alice" || $0.target == "alice" }.reversed()
+            #expect(try await store.auditEvents(limit: 10, before: nil, involving: "alice") == Array(alices))
+            #expect(try await store.auditEvents(limit: 2, before: events[4].id, involving: "alice") == [events[1], events[0]])
+            #expect(try await store.auditEvents(limit: 10, before: nil, involving: "carol") == [])
+
+            #expect(try await store.purgeAudit(before: 3_500, limit: 2) == 2)
+            #expect(try await store.purgeAudit(before: 3_500, limit: 2) == 1)
+            #expect(try await store.purgeAudit(before: 3_500, limit: 2) == 0)
+            #expect(try await store.auditEvents(limit: 10, before: nil, involving: nil) == Array(events.suffix(3).reversed()))
         }
     }
 

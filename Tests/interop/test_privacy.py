@@ -223,12 +223,66 @@ def test_transcripts_are_kept_by_default_and_a_retention_period_is_the_operators
     try:
         admin = server.token("root", role="admin")
         status, body = server.http("POST", "/v1/admin/retention/purge", admin, {})
-        assert status == 409 and "retention" in body["error"]["message"], body
+        assert status == 200 and body["older_than_seconds"] is None and body["messages"] == 0, body
     finally:
         assert server.stop() == 0
     server = Server(data_dir, "--retention-days", "30")
     try:
         status, body = server.http("POST", "/v1/admin/retention/purge", server.token("root", role="admin"), {})
         assert status == 200, body
+    finally:
+        assert server.stop() == 0
+
+
+def test_sign_ins_are_audited_once_per_session_and_the_audit_log_keeps_24_months(data_dir):
+    """#28: the audit log records sign-ins, accepted (a session's first use from an address,
+    however many requests and sockets follow) and refused (once per address and reason a
+    minute), the user reads their own in the export, and a retention pass deletes events older
+    than 24 months (an old row is written into the SQLite file, as time cannot be wound here)."""
+    import sqlite3
+    import time
+
+    server = Server(data_dir)
+    try:
+        admin, alice = server.token("root", role="admin"), server.token("alice")
+        for _ in range(3):
+            assert http_from(server, "GET", "/v1/clones", alice)[0] == 200
+
+        async def socket():
+            async with websockets.connect(f"{server.ws}?token={alice}", local_addr=(CLIENT_IP, 0)) as ws:
+                assert (await recv(ws))["type"] == "welcome"
+        asyncio.run(socket())
+        for _ in range(3):
+            assert http_from(server, "GET", "/v1/clones", "not-a-token")[0] == 401
+        assert http_from(server, "GET", "/v1/clones")[0] == 401  # no token: no sign-in attempt
+
+        status, audit, _ = http_from(server, "GET", "/v1/admin/audit", admin)
+        events = validate_rest("audit-page", audit)["events"]
+        signed_in = [e for e in events if e["action"] == "session.signed_in"]
+        assert sorted(e["actor"] for e in signed_in) == ["alice", "root"], signed_in
+        assert all(e["target"] == e["detail"]["session"] and e["ip_hash"] for e in signed_in)
+        refused = [e for e in events if e["action"] == "session.refused"]
+        assert [e["detail"]["reason"] for e in refused] == ["invalid token"], refused
+
+        now = int(time.time() * 1000)
+        db = sqlite3.connect(data_dir / "parley.sqlite", timeout=10)
+        with db:
+            for name, days in [("au_00000000000000000000000old", 800), ("au_00000000000000000000young", 700)]:
+                db.execute("INSERT INTO audit(id, at, actor, action, target, ip_hash, detail) VALUES(?, ?, 'alice', 'user.deleted', NULL, NULL, '{}')",
+                           (name, now - days * 86_400_000))
+        db.close()
+        status, purged, _ = http_from(server, "POST", "/v1/admin/retention/purge", admin, {})
+        assert status == 200, purged
+        validate_rest("purge", purged)
+        assert purged["audit_events"] == 1 and purged["audit_older_than_seconds"] == 730 * 86_400, purged
+
+        status, export, _ = http_from(server, "GET", "/v1/me/export", alice)
+        assert status == 200
+        validate_rest("export", export)
+        mine = [(e["action"], e["id"]) for e in export["audit"]]
+        assert ("session.signed_in", signed_in[[e["actor"] for e in signed_in].index("alice")]["id"]) in mine
+        assert ("user.deleted", "au_00000000000000000000young") in mine
+        assert all(e["actor"] == "alice" or e["target"] == "alice" for e in export["audit"])
+        assert "au_00000000000000000000000old" not in json.dumps(export)
     finally:
         assert server.stop() == 0
