@@ -16,6 +16,8 @@ public enum ErrorCode: String, Sendable, Equatable, CaseIterable {
     case conflict
     /// A per-user quota is used up (e.g. pending schedules).
     case limitExceeded = "limit_exceeded"
+    /// The caller's plan does not allow it (#27); `plan` names one that does.
+    case planRequired = "plan_required"
     /// The server is shutting down and takes no new work.
     case unavailable
     case `internal`
@@ -104,13 +106,16 @@ public struct FrameError: Error, Equatable, Sendable {
     /// For `insufficient_credits`: the balance, and what the request needed.
     public var balance: Int64?
     public var required: Int64?
+    /// For `plan_required`: a plan that allows the request (nil when none does).
+    public var plan: String?
 
-    public init(ref: String?, code: ErrorCode, message: String, balance: Int64? = nil, required: Int64? = nil) {
+    public init(ref: String?, code: ErrorCode, message: String, balance: Int64? = nil, required: Int64? = nil, plan: String? = nil) {
         self.ref = ref
         self.code = code
         self.message = message
         self.balance = balance
         self.required = required
+        self.plan = plan
     }
 }
 
@@ -351,16 +356,19 @@ public enum ServerFrame {
         JSONValue.object([("type", .string("room.event")), ("room", .string(room)), ("event", .string(event))] + fields).serialized()
     }
 
-    public static func error(ref: String?, code: ErrorCode, message: String, balance: Int64? = nil, required: Int64? = nil) -> [UInt8] {
+    public static func error(
+        ref: String?, code: ErrorCode, message: String, balance: Int64? = nil, required: Int64? = nil, plan: String? = nil
+    ) -> [UInt8] {
         var pairs: [(String, JSONValue)] = [("type", .string("error"))]
         if let ref { pairs.append(("ref", .string(ref))) }
         pairs += [("code", .string(code.rawValue)), ("message", .string(message))]
         if let balance { pairs.append(("balance", .int(balance))) }
         if let required { pairs.append(("required", .int(required))) }
+        if let plan { pairs.append(("plan", .string(plan))) }
         return JSONValue.object(pairs).serialized()
     }
 
     public static func error(_ error: FrameError) -> [UInt8] {
-        Self.error(ref: error.ref, code: error.code, message: error.message, balance: error.balance, required: error.required)
+        Self.error(ref: error.ref, code: error.code, message: error.message, balance: error.balance, required: error.required, plan: error.plan)
     }
 }

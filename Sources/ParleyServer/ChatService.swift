@@ -202,9 +202,17 @@ final class ChatService: FrameHandler {
         var clusterSlot: String?
         var toRefund: StreamRunner.Prepared?
         do {
+            let plans = streams.credits.plans
+            try await plans?.require(.chat, user: user, ref: ref, what: "chat")
+            let userPlan = try await plans?.plan(of: user)
             let plan = try await makePlan()
             let conversation = plan.conversation
-            try refuse(hub.reserve(user: user, conversation: conversation.id), conversation: conversation.id, ref: ref)
+            let reservation = hub.reserve(user: user, conversation: conversation.id, planLimit: userPlan?.limits.concurrentStreams)
+            if reservation == .overPlan, let plans, let userPlan {
+                let limit = userPlan.limits.concurrentStreams ?? 0
+                throw plans.refusal(limit + 1, of: .concurrentStreams, on: userPlan, ref: ref, what: "replies streaming at once")
+            }
+            try refuse(reservation, conversation: conversation.id, ref: ref)
             reservedConversation = conversation.id
             if let slots {
                 try refuse(try await slots.claim(user: user, conversation: conversation.id), conversation: conversation.id, ref: ref)
@@ -303,7 +311,7 @@ final class ChatService: FrameHandler {
         case .reserved: return
         case .conversationBusy:
             throw FrameError(ref: ref, code: .rateLimited, message: "a reply is already streaming in conversation \(conversation)")
-        case .tooManyStreams:
+        case .tooManyStreams, .overPlan:
             throw FrameError(ref: ref, code: .rateLimited, message: "at most \(configuration.maxConcurrentStreamsPerUser) replies may stream at once")
         }
     }

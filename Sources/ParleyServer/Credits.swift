@@ -21,6 +21,10 @@ public struct CreditsConfiguration: Sendable {
     public var paymentsTolerance: Duration = .seconds(300)
     /// Largest single grant (admin or payment).
     public var maxGrant: Int64 = 1_000_000_000
+    /// The plans users subscribe to (`--plans FILE`); the built-in one allows everything.
+    public var plans = PlanCatalog.builtIn
+    /// Unix ms now, for billing periods and subscriptions; tests move it.
+    public var clock: @Sendable () -> Int64 = { Int64(Timestamp.nowMillis()) }
 
     public init() {}
 }
@@ -50,11 +54,16 @@ final class Credits: Sendable {
     let metrics: CreditMetrics
     /// Users whose starting grant is known to be applied; only saves a store round trip.
     private let welcomed = Mutex(Set<String>())
+    /// The plans, for their monthly allowance (nil: no allowance).
+    let plans: PlanBook?
+    /// `refill:` ids known to be applied; only saves a store round trip.
+    private let refilled = Mutex(Set<String>())
 
     init(
         store: any LedgerStore, configuration: CreditsConfiguration, logger: Logger, metrics: any MetricsFactory = MetricsSystem.factory,
-        pseudonym: @escaping @Sendable (String) -> String
+        plans: PlanBook? = nil, pseudonym: @escaping @Sendable (String) -> String
     ) {
+        self.plans = plans
         self.store = store
         self.pseudonym = pseudonym
         self.configuration = configuration
@@ -62,7 +71,37 @@ final class Credits: Sendable {
         self.metrics = CreditMetrics(factory: metrics)
     }
 
-    func ensureStartingGrant(_ user: String) async throws {
+    /// Applies what `user` is due before they spend: the starting grant (once ever) and their
+    /// plan's allowance for this period (once per period and plan).
+    func ensureGrants(_ user: String) async throws {
+        try await ensureStartingGrant(user)
+        try await ensureAllowance(user)
+    }
+
+    /// The plan's monthly allowance, applied lazily on the period's first use as ledger entry
+    /// `refill:<user>:<period>:<plan>`: the id makes it once per period however many nodes or
+    /// restarts, and a user who changes plan mid-period gets the new plan's (topping up to it, or
+    /// adding it) once too. A top-up that finds the balance at or above the allowance records 0
+    /// credits, so spending afterwards in the period brings no second one.
+    func ensureAllowance(_ user: String) async throws {
+        guard let plans else { return }
+        let plan = try await plans.plan(of: user)
+        guard plan.monthlyCredits > 0 else { return }
+        let period = BillingPeriod(containing: plans.clock())
+        let id = "refill:\(user):\(period.id):\(plan.id)"
+        guard !refilled.withLock({ $0.contains(id) }) else { return }
+        if try await store.ledgerEntry(id: id) == nil {
+            let amount = plan.renewal == .add ? plan.monthlyCredits : max(0, plan.monthlyCredits - (try await store.balance(user: user)))
+            _ = try await store.apply(
+                Self.grantEntry(id: id, user: user, credits: amount, note: "\(plan.name) plan allowance for \(period.id)"), allowOverdraft: false)
+        }
+        refilled.withLock { set in
+            if set.count >= 100_000 { set.removeAll() }  // bounded: worst case one more lookup
+            set.insert(id)
+        }
+    }
+
+    private func ensureStartingGrant(_ user: String) async throws {
         guard configuration.startingGrant > 0, !welcomed.withLock({ $0.contains(user) }) else { return }
         // Deleting an account and coming back must not be a way to mint credits.
         let hadAccount = try await store.ledgerEntry(id: LedgerEntry.welcomeID(for: pseudonym(user))) != nil
@@ -151,7 +190,7 @@ actor CreditMeter {
         else {
             throw ProviderPriceMissing(model: model)
         }
-        try await credits.ensureStartingGrant(user)
+        try await credits.ensureGrants(user)
         let current = try await credits.store.balance(user: user)
         guard current >= inputCost + reserve else {
             credits.metrics.refusals.increment()

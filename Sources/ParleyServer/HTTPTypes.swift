@@ -115,6 +115,8 @@ struct APIError: Error, Sendable {
     var code: ErrorCode
     var message: String
     var headers: HTTPHeaders = [:]
+    /// For `plan_required`: a plan that allows the request.
+    var plan: String?
 
     init(_ status: HTTPResponseStatus, _ code: ErrorCode, _ message: String, headers: HTTPHeaders = [:]) {
         self.status = status
@@ -124,11 +126,9 @@ struct APIError: Error, Sendable {
     }
 
     var response: HTTPResponse {
-        HTTPResponse(
-            status,
-            json: .object([("error", .object([("code", .string(code.rawValue)), ("message", .string(message))]))]),
-            headers: headers
-        )
+        var fields: [(String, JSONValue)] = [("code", .string(code.rawValue)), ("message", .string(message))]
+        if let plan { fields.append(("plan", .string(plan))) }
+        return HTTPResponse(status, json: .object([("error", .object(fields))]), headers: headers)
     }
 
     /// The REST form of a protocol error: the same code and message, with the matching status.
@@ -141,12 +141,13 @@ struct APIError: Error, Sendable {
             case .notFound, .streamGone: .notFound
             case .conflict: .conflict
             case .rateLimited, .limitExceeded: .tooManyRequests
-            case .insufficientCredits: .paymentRequired
+            case .insufficientCredits, .planRequired: .paymentRequired
             case .providerError: .badGateway
             case .unavailable: .serviceUnavailable
             case .internal: .internalServerError
             }
         self.init(status, error.code, error.message)
+        plan = error.plan
     }
 
     static func unauthorized(_ error: AuthError) -> APIError {

@@ -6,7 +6,7 @@ import ParleyStore
 /// The credits routes: the caller's ledger, the admin's grants and the signed payment webhook.
 extension RESTAPI {
     func listCredits(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
-        try await credits.ensureStartingGrant(identity.user)
+        try await credits.ensureGrants(identity.user)
         let limit = try Self.limit(request)
         let page = try await store.ledger(user: identity.user, limit: limit + 1, before: request.query["before"])
         let balance = try await store.balance(user: identity.user)
@@ -65,6 +65,11 @@ extension RESTAPI {
             throw APIError(.unauthorized, .unauthorized, "missing or invalid X-Parley-Signature")
         }
         var reader = try JSONObjectReader(try request.json())
+        if let event = try reader.string("event") {
+            guard let timestamp = try reader.int("timestamp") else { throw ValidationError("'timestamp' is a required integer") }
+            try checkFreshness(timestamp)
+            return try await subscriptionEvent(event, &reader, timestamp: timestamp, ip: request.remoteIP)
+        }
         let order = try reader.requiredString("order_id")
         let user = try reader.requiredString("user")
         guard let amount = try reader.int("credits"), let timestamp = try reader.int("timestamp") else {
@@ -73,10 +78,7 @@ extension RESTAPI {
         try reader.rejectUnknown()
         guard (1...128).contains(order.utf8.count) else { throw ValidationError("'order_id' must be 1-128 bytes") }
         try credits.validateGrant(user: user, credits: amount)
-        let skew = abs(Date().timeIntervalSince1970 - Double(timestamp))
-        guard skew <= Double(configuration.credits.paymentsTolerance.components.seconds) else {
-            throw APIError(.unauthorized, .unauthorized, "the timestamp is too far from now; replays are refused")
-        }
+        try checkFreshness(timestamp)
         let (_, outcome) = try await credits.grant(id: "order:" + order, user: user, credits: amount, note: "payment \(order)")
         if outcome.isApplied {
             await audit.record("credits.paid", actor: "system", target: user, ip: request.remoteIP, detail: ["credits": "\(amount)", "order": order])
@@ -86,6 +88,15 @@ extension RESTAPI {
             json: .object([
                 ("status", .string(outcome.isApplied ? "credited" : "already_credited")), ("balance", .int(outcome.balance)),
             ]))
+    }
+
+    /// A webhook's `timestamp` (Unix seconds) must be within the tolerance of now: an old
+    /// signed body replayed later is refused.
+    private func checkFreshness(_ timestamp: Int64) throws {
+        let skew = abs(Double(configuration.credits.clock()) / 1000 - Double(timestamp))
+        guard skew <= Double(configuration.credits.paymentsTolerance.components.seconds) else {
+            throw APIError(.unauthorized, .unauthorized, "the timestamp is too far from now; replays are refused")
+        }
     }
 
     static func hexBytes(_ text: Substring) -> [UInt8]? {

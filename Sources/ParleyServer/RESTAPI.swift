@@ -85,6 +85,7 @@ struct RESTAPI: Sendable {
         router.add(.PATCH, "/v1/conversations/:id/messages/:message") { [self] request, p, identity in
             try await markSaved(conversation: p["id"]!, message: p["message"]!, request, identity)
         }
+        router.add(.GET, "/v1/me") { [self] _, _, identity in try await me(identity) }
         router.add(.GET, "/v1/me/export") { [self] _, _, identity in try await exportAccount(identity) }
         router.add(.DELETE, "/v1/me") { [self] request, _, identity in try await deleteAccount(request, identity) }
         router.add(.POST, "/v1/me/sign-out") { [self] request, _, identity in try await signOut(request, identity) }
@@ -137,6 +138,9 @@ struct RESTAPI: Sendable {
             case "/v1/dev/token":
                 guard request.method == .POST else { throw Self.methodNotAllowed([.POST]) }
                 return try await devToken(request)
+            case "/v1/plans":
+                guard request.method == .GET || request.method == .HEAD else { throw Self.methodNotAllowed([.GET]) }
+                return HTTPResponse(.ok, json: configuration.credits.plans.json)
             case "/v1/credits/prices":
                 guard request.method == .GET || request.method == .HEAD else { throw Self.methodNotAllowed([.GET]) }
                 return HTTPResponse(.ok, json: configuration.credits.pricing.json)
@@ -171,6 +175,8 @@ struct RESTAPI: Sendable {
             }
         } catch let error as APIError {
             return error.response
+        } catch let error as FrameError {
+            return APIError(error).response
         } catch let error as ValidationError {
             return APIError(.badRequest, .badRequest, error.message).response
         } catch {
@@ -287,6 +293,11 @@ struct RESTAPI: Sendable {
     ) async throws -> HTTPResponse {
         let now = Int64(Timestamp.nowMillis())
         _ = try await store.ensureUser(identity.user, now: now)
+        // A plan's clone limit (two creates at the same moment may both pass: the count is read first).
+        if let plans = credits.plans, try await plans.plan(of: identity.user).limits.clones != nil {
+            let count = try await store.clones(owner: identity.user).count + 1
+            try await plans.require(count, of: .clones, user: identity.user, ref: nil, what: "clones")
+        }
         let clone = fields.applied(
             to: Clone(
                 id: ids.make(.clone), owner: identity.user, name: "", traits: [], systemPrompt: "", sliders: [:], memory: [],

@@ -138,6 +138,10 @@ final class RoomService: FrameHandler {
 
     func create(owner: String, _ request: RoomRequest) async throws(FrameError) -> Room {
         do {
+            switch request {
+            case .debate: try await streams.credits.plans?.require(.debate, user: owner, ref: nil, what: "debate rooms")
+            case .translation: try await streams.credits.plans?.require(.translation, user: owner, ref: nil, what: "translation chats")
+            }
             let now = Int64(Timestamp.nowMillis())
             let room: Room
             switch request {

@@ -168,7 +168,10 @@ final class ScheduleService: FrameHandler {
 
     /// Validates and stores a new schedule for `owner` and arms its timer.
     func create(owner: String, _ request: ScheduleRequest) async throws(FrameError) -> Schedule {
+        let plan: Plan?
         do {
+            try await streams.credits.plans?.require(.schedule, user: owner, ref: nil, what: "scheduled messages")
+            plan = try await streams.credits.plans?.plan(of: owner)
             guard try await store.clone(id: request.clone, owner: owner) != nil else {
                 throw FrameError(ref: nil, code: .notFound, message: "no clone \(request.clone)")
             }
@@ -189,14 +192,20 @@ final class ScheduleService: FrameHandler {
         let schedule = Schedule(
             id: ids.make(.schedule), owner: owner, clone: request.clone, conversation: request.conversation,
             at: request.at, content: request.content, status: .pending, createdAt: now, updatedAt: now)
-        if let cluster { return try await createInCluster(schedule, cluster) }
+        // The plan's limit, where it is below the server's, answers plan_required.
+        let cap = plan.flatMap { plan in plan.limits.pendingSchedules.flatMap { $0 < limits.maxPendingPerUser ? (plan, $0) : nil } }
+        let overPlan = cap.map { cap in
+            streams.credits.plans?.refusal(cap.1 + 1, of: .pendingSchedules, on: cap.0, ref: nil, what: "pending scheduled messages")
+                ?? tooMany()
+        }
+        if let cluster { return try await createInCluster(schedule, cluster, limit: cap?.1, overPlan: overPlan) }
         // The quota is taken before the write, so concurrent creates cannot overshoot it.
         let admitted = state.withLock { s -> Bool in
-            guard s.pending[owner, default: [:]].count < limits.maxPendingPerUser else { return false }
+            guard s.pending[owner, default: [:]].count < (cap?.1 ?? limits.maxPendingPerUser) else { return false }
             s.pending[owner, default: [:]][schedule.id] = schedule.clone
             return true
         }
-        guard admitted else { throw tooMany() }
+        guard admitted else { throw overPlan ?? tooMany() }
         do {
             try await store.createSchedule(schedule)
         } catch {
@@ -210,11 +219,14 @@ final class ScheduleService: FrameHandler {
     /// In a cluster the user's pending schedules are counted in the store, after the write: it
     /// is kept when it is among the user's first `maxPendingPerUser` pending ones. (Two creates
     /// racing on two nodes whose clocks differ can both pass: README says so.)
-    private func createInCluster(_ schedule: Schedule, _ cluster: ScheduleShardKeeper) async throws(FrameError) -> Schedule {
+    private func createInCluster(
+        _ schedule: Schedule, _ cluster: ScheduleShardKeeper, limit planLimit: Int?, overPlan: FrameError?
+    ) async throws(FrameError) -> Schedule {
         do {
             try await store.createSchedule(schedule)
-            if try await !cluster.isWithinPendingLimit(schedule, limit: limits.maxPendingPerUser), try await cluster.withdraw(schedule) {
-                throw tooMany()
+            let limit = planLimit ?? limits.maxPendingPerUser
+            if try await !cluster.isWithinPendingLimit(schedule, limit: limit), try await cluster.withdraw(schedule) {
+                throw overPlan ?? tooMany()
             }
         } catch let error as FrameError {
             throw error

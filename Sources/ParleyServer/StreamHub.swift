@@ -9,6 +9,8 @@ final class StreamHub: Sendable {
         case reserved
         case conversationBusy
         case tooManyStreams
+        /// The user's plan allows fewer streams at once than the server does (#27).
+        case overPlan
     }
 
     private struct State {
@@ -31,10 +33,13 @@ final class StreamHub: Sendable {
     // MARK: Reservations
 
     /// Claims a conversation for one stream, within the user's concurrent-stream limit.
-    func reserve(user: String, conversation: String) -> Reservation {
+    /// `planLimit`: how many streams the user's plan allows at once, when it sets a limit.
+    func reserve(user: String, conversation: String, planLimit: Int? = nil) -> Reservation {
         state.withLock { s in
             if s.busyConversations.contains(conversation) { return .conversationBusy }
-            if s.activeStreamsPerUser[user, default: 0] >= maxStreamsPerUser { return .tooManyStreams }
+            let active = s.activeStreamsPerUser[user, default: 0]
+            if let planLimit, planLimit < maxStreamsPerUser, active >= planLimit { return .overPlan }
+            if active >= maxStreamsPerUser { return .tooManyStreams }
             s.busyConversations.insert(conversation)
             s.activeStreamsPerUser[user, default: 0] += 1
             return .reserved

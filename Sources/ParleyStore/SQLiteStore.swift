@@ -213,6 +213,16 @@ public final class SQLiteStore: Store {
         """,
         // v14: the audit log is purged by age (24 months by default, #28).
         "CREATE INDEX audit_by_age ON audit(at);",
+        // v15: subscriptions to plans (#27).
+        """
+        CREATE TABLE subscriptions (
+            user TEXT PRIMARY KEY,
+            plan TEXT NOT NULL,
+            status TEXT NOT NULL,
+            period_end INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL
+        );
+        """,
     ]
 
     /// An FTS5 table `index` over `column` of `table` (v11's search): external content, so the

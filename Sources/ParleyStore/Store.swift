@@ -20,7 +20,7 @@ extension ChatStore {
 ///
 /// Ownership is part of every read: asking for another user's clone or conversation answers nil,
 /// exactly as if it did not exist, so callers cannot leak existence by accident.
-public protocol Store: ChatStore, LedgerStore, StreamJournalStore, ScheduleStore, RoomStore, PrivacyStore {
+public protocol Store: ChatStore, LedgerStore, StreamJournalStore, ScheduleStore, RoomStore, PrivacyStore, PlanStore {
     /// A round trip through the store (for `/healthz`): throws when it cannot serve calls.
     func ping() async throws
 
@@ -262,4 +262,40 @@ public enum RoomCoding {
         }
         return out
     }
+}
+
+/// A user's subscription to a plan (#27), as the payment provider's events left it.
+public struct Subscription: Sendable, Equatable {
+    public enum Status: String, Sendable, Equatable {
+        case active
+        /// A renewal failed: the plan holds until `periodEnd`, and a renewal makes it active again.
+        case pastDue = "past_due"
+        /// Cancelled: the plan holds until `periodEnd`, then the user is on the default plan.
+        case cancelled
+    }
+
+    public var user: String
+    public var plan: String
+    public var status: Status
+    /// Unix ms: the paid period's end, after which the plan lapses unless renewed.
+    public var periodEnd: Int64
+    /// The time (Unix ms) of the provider's event this state came from: an older event arriving
+    /// late changes nothing.
+    public var updatedAt: Int64
+
+    public init(user: String, plan: String, status: Status, periodEnd: Int64, updatedAt: Int64) {
+        self.user = user
+        self.plan = plan
+        self.status = status
+        self.periodEnd = periodEnd
+        self.updatedAt = updatedAt
+    }
+}
+
+/// Which plan each user subscribed to (#27). Deleting a user deletes theirs.
+public protocol PlanStore: Sendable {
+    func subscription(user: String) async throws -> Subscription?
+    /// Stores `subscription` unless the one stored came from an event as new or newer
+    /// (`updatedAt`); true when it was stored. Atomic: of two racing writes the newer wins.
+    func saveSubscription(_ subscription: Subscription) async throws -> Bool
 }

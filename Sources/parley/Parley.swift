@@ -142,6 +142,12 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Price list JSON file (credits per 1000 tokens per model, feature multipliers). Default: built-in list.")
     var prices: String?
 
+    @Option(
+        help:
+            "Plans JSON file: each plan's monthly credit allowance, features and limits (README, Plans). Default: one free plan allowing everything."
+    )
+    var plans: String?
+
     @Option(help: "Output tokens paid for per debit; tokens are released only once paid.")
     var creditBatchTokens = 16
 
@@ -465,18 +471,8 @@ struct Serve: AsyncParsableCommand {
         configuration.credits.batchTokens = creditBatchTokens
         configuration.credits.paymentsSecret =
             paymentsSecret ?? ProcessInfo.processInfo.environment["PARLEY_PAYMENTS_SECRET"].flatMap { $0.isEmpty ? nil : $0 }
-        if let prices {
-            do {
-                let text = try Data(contentsOf: URL(fileURLWithPath: prices))
-                configuration.credits.pricing = try PricingTable.parse(try JSONValue.parse(text))
-            } catch let error as ParleyCore.ValidationError {
-                FileHandle.standardError.write(Data("parley: \(prices): \(error.message)\n".utf8))
-                throw ExitCode(1)
-            } catch {
-                FileHandle.standardError.write(Data("parley: cannot read the price list \(prices): \(error)\n".utf8))
-                throw ExitCode(1)
-            }
-        }
+        if let prices { configuration.credits.pricing = try Self.readJSONFile(prices, what: "the price list", PricingTable.parse) }
+        if let plans { configuration.credits.plans = try Self.readJSONFile(plans, what: "the plans file", PlanCatalog.init(parsing:)) }
         let defaultModel =
             usesLocalModel
             ? providerModel ?? LocalModel.bundledModelName
@@ -625,6 +621,20 @@ extension Serve {
 
     /// The model provider the flags ask for (nil: the simulated one the server makes itself).
     var usesHTTPProvider: Bool { usesLocalModel || provider != "simulated" }
+
+    /// A JSON configuration file read and checked by `parse`; what is wrong ends the process with
+    /// a message naming the file.
+    static func readJSONFile<T>(_ path: String, what: String, _ parse: (JSONValue) throws(ParleyCore.ValidationError) -> T) throws -> T {
+        do {
+            return try parse(try JSONValue.parse(try Data(contentsOf: URL(fileURLWithPath: path))))
+        } catch let error as ParleyCore.ValidationError {
+            FileHandle.standardError.write(Data("parley: \(path): \(error.message)\n".utf8))
+            throw ExitCode(1)
+        } catch {
+            FileHandle.standardError.write(Data("parley: cannot read \(what) \(path): \(error)\n".utf8))
+            throw ExitCode(1)
+        }
+    }
 
     func makeProvider(url: String?, model: String, client: HTTPClient?) throws -> (any LLMProvider)? {
         guard usesHTTPProvider, let url, let client else { return nil }

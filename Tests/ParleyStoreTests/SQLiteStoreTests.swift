@@ -95,7 +95,7 @@ import Testing
                 DROP TRIGGER IF EXISTS messages_fts_update; DROP TRIGGER IF EXISTS titles_fts_insert;
                 DROP TRIGGER IF EXISTS titles_fts_delete; DROP TRIGGER IF EXISTS titles_fts_update;
                 ALTER TABLE conversations DROP COLUMN summary; ALTER TABLE conversations DROP COLUMN summary_through;
-                DROP TABLE session_revocations; DROP INDEX audit_by_age;
+                DROP TABLE session_revocations; DROP INDEX audit_by_age; DROP TABLE subscriptions;
                 PRAGMA user_version = 10;
                 """)
         }

@@ -1,0 +1,89 @@
+import Foundation
+import ParleyCore
+import ParleyStore
+
+/// The plan routes (#27): the caller's account with their plan, and the payment provider's
+/// subscription events.
+extension RESTAPI {
+    /// `GET /v1/me`: the caller, their plan, subscription and billing period, and their balance
+    /// (after what they are due this period was applied).
+    func me(_ identity: Identity) async throws -> HTTPResponse {
+        try await credits.ensureGrants(identity.user)
+        let now = configuration.credits.clock()
+        let subscription = try await credits.plans?.subscription(of: identity.user)
+        let plan = PlanBook.plan(configuration.credits.plans, subscription, now: now)
+        let period = BillingPeriod(containing: now)
+        return HTTPResponse(
+            .ok,
+            json: .object([
+                ("user", .string(identity.user)), ("plan", plan.json),
+                ("subscription", subscription.map(\.json) ?? .null),
+                (
+                    "period",
+                    .object([
+                        ("id", .string(period.id)), ("start", .string(Timestamp.rfc3339(millis: period.start))),
+                        ("end", .string(Timestamp.rfc3339(millis: period.end))),
+                    ])
+                ),
+                ("balance", .int(try await store.balance(user: identity.user))),
+            ]))
+    }
+
+    /// A signed subscription event (the webhook's body has `event`):
+    /// `{"event","event_id","user","plan"?,"period_end"?,"timestamp"}`, times in Unix seconds.
+    /// `subscription.activated` puts the user on `plan` until `period_end`; `renewed` moves
+    /// `period_end` on (and makes a past-due subscription active); `cancelled` and `past_due`
+    /// keep the plan until the period ends. An event older than (or as old as) the last one
+    /// applied for the user changes nothing (`"status": "stale"`): a replay or a late delivery.
+    func subscriptionEvent(_ event: String, _ reader: inout JSONObjectReader, timestamp: Int64, ip: String?) async throws -> HTTPResponse {
+        guard let plans = credits.plans else { throw APIError(.notFound, .notFound, "plans are not configured on this server") }
+        let eventID = try reader.requiredString("event_id")
+        let user = try reader.requiredString("user")
+        let planID = try reader.string("plan")
+        let periodEnd = try reader.int("period_end")
+        try reader.rejectUnknown()
+        guard (1...128).contains(eventID.utf8.count) else { throw ValidationError("'event_id' must be 1-128 bytes") }
+        guard Authenticator.isValidSubject(user) else { throw ValidationError("'user' is not a valid user id") }
+        if let planID, plans.catalog.plan(planID) == nil {
+            throw ValidationError("no plan '\(planID)' on this server (GET /v1/plans lists them)")
+        }
+        let stored = try await store.subscription(user: user)
+        let at = timestamp * 1000
+        var next: Subscription
+        switch event {
+        case "subscription.activated":
+            guard let planID, let periodEnd else { throw ValidationError("subscription.activated needs 'plan' and 'period_end'") }
+            next = Subscription(user: user, plan: planID, status: .active, periodEnd: periodEnd * 1000, updatedAt: at)
+        case "subscription.renewed", "subscription.cancelled", "subscription.past_due":
+            guard var current = stored ?? planID.map({ Subscription(user: user, plan: $0, status: .active, periodEnd: 0, updatedAt: 0) }) else {
+                throw APIError(.conflict, .conflict, "\(user) has no subscription yet; its subscription.activated comes first")
+            }
+            if let planID { current.plan = planID }
+            if let periodEnd { current.periodEnd = periodEnd * 1000 }
+            current.status = event == "subscription.renewed" ? .active : event == "subscription.cancelled" ? .cancelled : .pastDue
+            if event == "subscription.renewed", periodEnd == nil { throw ValidationError("subscription.renewed needs 'period_end'") }
+            current.updatedAt = at
+            next = current
+        default:
+            throw ValidationError(
+                "unknown event '\(event)' (subscription.activated, subscription.renewed, subscription.cancelled, subscription.past_due)")
+        }
+        let applied = try await store.saveSubscription(next)
+        plans.forget(user)
+        if applied {
+            await audit.record(
+                event, actor: "system", target: user, ip: ip,
+                detail: ["event_id": eventID, "plan": next.plan, "status": next.status.rawValue])
+        }
+        return HTTPResponse(
+            .ok, json: .object([("status", .string(applied ? "applied" : "stale")), ("subscription", (applied ? next : stored ?? next).json)]))
+    }
+}
+
+extension Subscription {
+    var json: JSONValue {
+        .object([
+            ("plan", .string(plan)), ("status", .string(status.rawValue)), ("period_end", .string(Timestamp.rfc3339(millis: periodEnd))),
+        ])
+    }
+}

@@ -1,0 +1,169 @@
+import Crypto
+import Foundation
+import NIOHTTP1
+import ParleyCore
+import ParleyStore
+import ParleyTestSupport
+import Synchronization
+import Testing
+
+@testable import ParleyServer
+
+/// A clock a test moves (Unix ms), for billing periods.
+final class TestClock: Sendable {
+    private let now: Mutex<Int64>
+    init(_ millis: Int64) { now = Mutex(millis) }
+    func read() -> Int64 { now.withLock { $0 } }
+    func set(_ millis: Int64) { now.withLock { $0 = millis } }
+}
+
+/// Plans (#27) over the real server on both stores: a feature or a count the plan does not allow
+/// is refused with `plan_required` naming a plan that allows it; a subscription event changes the
+/// plan, once, whatever the order events arrive in; the allowance arrives once per period.
+@Suite struct PlanIntegrationTests {
+    static let catalog = try! PlanCatalog(
+        parsing: try! JSONValue.parse(
+            Array(
+                """
+                {"default": "free", "plans": [
+                  {"id": "free", "name": "Free", "features": ["chat"], "limits": {"concurrent_streams": 1, "clones": 2}},
+                  {"id": "plus", "name": "Plus", "monthly_credits": 1000, "features": ["chat", "schedule"], "limits": {"concurrent_streams": 2}},
+                  {"id": "pro", "name": "Pro", "monthly_credits": 5000, "renewal": "add"}
+                ]}
+                """.utf8)))
+    static let secret = "whsec_plans_0123456789abcdef"
+    /// 2026-12-04T03:00Z.
+    static let december: Int64 = 1_796_353_200_000
+
+    func server(_ store: TestServer.StoreKind, clock: TestClock, grant: Int64 = 0) async throws -> TestServer {
+        try await TestServer.start(store: store) {
+            $0.credits.plans = Self.catalog
+            $0.credits.clock = { clock.read() }
+            $0.credits.paymentsSecret = Self.secret
+            $0.credits.startingGrant = grant
+            $0.simulated.replyTokens = 3
+        }
+    }
+
+    func event(_ server: TestServer, _ fields: [(String, JSONValue)], at clock: TestClock) async throws -> TestHTTPResponse {
+        let bytes = JSONValue.object(fields + [("timestamp", .int(clock.read() / 1000))]).serialized()
+        let mac = HMAC<SHA256>.authenticationCode(for: bytes, using: SymmetricKey(data: Array(Self.secret.utf8)))
+        let hex = mac.map { String(format: "%02x", $0) }.joined()
+        return try await TestHTTPClient.request(
+            port: server.port, .POST, "/v1/webhooks/payments",
+            headers: ["x-parley-signature": "sha256=\(hex)", "content-type": "application/json"], body: bytes)
+    }
+
+    func activate(_ server: TestServer, _ user: String, plan: String, id: String, clock: TestClock) async throws -> TestHTTPResponse {
+        try await event(
+            server,
+            [
+                ("event", .string("subscription.activated")), ("event_id", .string(id)), ("user", .string(user)), ("plan", .string(plan)),
+                ("period_end", .int(clock.read() / 1000 + 30 * 86_400)),
+            ], at: clock)
+    }
+
+    /// POST /v1/rooms for a debate between the user's first two clones (made on the first call).
+    func debate(_ server: TestServer, token: String) async throws -> TestHTTPResponse {
+        var clones = try await server.get("/v1/clones", token: token).json()["clones"]!.arrayValue!.compactMap { $0["id"]?.stringValue }
+        while clones.count < 2 { clones.append(try await server.createClone(token: token)["id"]!.stringValue!) }
+        return try await TestHTTPClient.json(
+            port: server.port, .POST, "/v1/rooms", token: token,
+            json: .object([
+                ("kind", .string("debate")), ("topic", .string("tea or coffee")),
+                ("clones", .array(clones.prefix(2).map { .object([("clone", .string($0)), ("stance", .string("for \($0)"))]) })),
+            ]))
+    }
+
+    @Test(arguments: TestServer.StoreKind.allCases)
+    func aFreeUserIsRefusedADebateUntilASubscriptionAllowsIt(_ store: TestServer.StoreKind) async throws {
+        let clock = TestClock(Self.december)
+        let server = try await server(store, clock: clock)
+        let token = try await server.token("alice")
+        let refused = try await debate(server, token: token)
+        #expect(refused.status == .paymentRequired)
+        #expect(refused.errorCode == "plan_required")
+        #expect(try refused.json()["error"]?["plan"] == .string("pro"), "the first plan that allows debates")
+
+        #expect(try await activate(server, "alice", plan: "pro", id: "evt_1", clock: clock).status == .ok)
+        #expect(try await debate(server, token: token).status == .created)
+        let me = try await server.get("/v1/me", token: token).json()
+        #expect(me["plan"]?["id"] == .string("pro") && me["subscription"]?["status"] == .string("active"))
+
+        // A replay, and a cancellation older than the activation, change nothing.
+        let replay = try await activate(server, "alice", plan: "pro", id: "evt_1", clock: clock)
+        #expect(try replay.json()["status"] == .string("stale"))
+        clock.set(Self.december - 60_000)
+        let late = try await event(
+            server, [("event", .string("subscription.cancelled")), ("event_id", .string("evt_0")), ("user", .string("alice"))], at: clock)
+        #expect(try late.json()["status"] == .string("stale"))
+        clock.set(Self.december + 60_000)
+        #expect(try await server.get("/v1/me", token: token).json()["subscription"]?["status"] == .string("active"))
+
+        // A cancellation keeps the plan to the period's end; then the user is on the default plan.
+        let cancelled = try await event(
+            server, [("event", .string("subscription.cancelled")), ("event_id", .string("evt_2")), ("user", .string("alice"))], at: clock)
+        #expect(try cancelled.json()["status"] == .string("applied"))
+        #expect(try await debate(server, token: token).status == .created)
+        clock.set(Self.december + 31 * 86_400_000)
+        #expect(try await debate(server, token: token).errorCode == "plan_required")
+        #expect(try await server.get("/v1/me", token: token).json()["plan"]?["id"] == .string("free"))
+        await server.stop()
+    }
+
+    @Test(arguments: TestServer.StoreKind.allCases)
+    func theAllowanceArrivesOncePerPeriodHoweverOftenItIsAskedAndAcrossARestart(_ store: TestServer.StoreKind) async throws {
+        let clock = TestClock(Self.december)
+        let server = try await server(store, clock: clock)
+        let token = try await server.token("alice")
+        #expect(try await activate(server, "alice", plan: "plus", id: "evt_p", clock: clock).status == .ok)
+        // Plus tops up to 1,000 credits each period.
+        for _ in 0..<3 { #expect(try await server.get("/v1/me", token: token).json()["balance"] == .int(1000)) }
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        try await socket.chatSend(id: "c1", clone: clone, text: "hello")
+        _ = try await socket.readReply()
+        let spent = try await creditsOf(server, token: token).balance
+        #expect(spent < 1000)
+        let again = try await server.restarted()
+        #expect(try await again.get("/v1/me", token: token).json()["balance"] == .int(spent), "no second allowance this period")
+
+        // January: topped up to 1,000 once, whatever was left.
+        clock.set(Self.december + 31 * 86_400_000)
+        #expect(try await activate(again, "alice", plan: "plus", id: "evt_renew", clock: clock).status == .ok)
+        for _ in 0..<2 { #expect(try await again.get("/v1/me", token: token).json()["balance"] == .int(1000)) }
+        let entries = try await creditsOf(again, token: token).entries.compactMap { $0["id"]?.stringValue }
+        #expect(entries.filter { $0.hasPrefix("refill:") }.sorted() == ["refill:alice:2026-12:plus", "refill:alice:2027-01:plus"])
+        try await expectInvariant(again, token: token)
+        await again.stop()
+    }
+
+    @Test func aPlansLimitsAnswerPlanRequiredAndThePlansArePublic() async throws {
+        let clock = TestClock(Self.december)
+        let server = try await server(.sqlite, clock: clock, grant: 10_000)
+        let plans = try await TestHTTPClient.request(port: server.port, .GET, "/v1/plans")
+        #expect(plans.status == .ok)
+        #expect(try PlanCatalog(parsing: try plans.json()) == Self.catalog)
+
+        let token = try await server.token("bob")
+        // Free: two clones, one reply at a time, no scheduled messages.
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        _ = try await server.createClone(token: token)
+        let third = try await TestHTTPClient.json(port: server.port, .POST, "/v1/clones", token: token, json: .object([("name", .string("C"))]))
+        #expect(third.status == .paymentRequired && third.errorCode == "plan_required")
+        #expect(try third.json()["error"]?["plan"] == .string("plus"))
+        let schedule = try await TestHTTPClient.json(
+            port: server.port, .POST, "/v1/schedules", token: token,
+            json: .object([("clone", .string(clone)), ("delay_ms", .int(60_000)), ("text", .string("later"))]))
+        #expect(schedule.errorCode == "plan_required")
+        #expect(try schedule.json()["error"]?["plan"] == .string("plus"))
+
+        let socket = try await server.connect(token: token)
+        try await socket.chatSend(id: "c1", clone: clone, text: "first")
+        _ = try await socket.readUntilToken()
+        try await socket.chatSend(id: "c2", clone: clone, text: "second, at the same time")
+        let error = try await socket.next(type: "error").frame
+        #expect(error["code"] == .string("plan_required") && error["ref"] == .string("c2") && error["plan"] == .string("plus"))
+        await server.stop()
+    }
+}
