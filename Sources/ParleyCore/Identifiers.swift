@@ -86,6 +86,8 @@ public enum IDKind: String, Sendable {
     case roomEntry = "re"
     case audit = "au"
     case request = "req"
+    case payment = "pay"
+    case webhook = "wh"
 
     /// Ids that grant access to whoever holds them: they must not be guessable from any other id.
     public var isCapability: Bool { self == .room }

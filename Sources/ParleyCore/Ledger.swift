@@ -9,6 +9,8 @@ public struct LedgerEntry: Sendable, Equatable {
         case debit
         /// End-of-stream reconciliation: a refund of unused prepaid credits or a last charge.
         case settlement
+        /// A payment refunded to the user: its credits taken back (negative), even below zero (#27).
+        case refund
     }
 
     public var id: String

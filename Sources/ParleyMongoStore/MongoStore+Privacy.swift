@@ -81,6 +81,10 @@ extension MongoStore {
             }
             _ = try db.delete("stream_journals", query: .object([("user", user)]))
             report.ledgerRowsKept = try Self.detachLedger(db, user: id, pseudonym: pseudonym)
+            for collection in ["payment_orders", "webhook_deliveries"] {
+                _ = try db.update(
+                    collection, query: .object([("user", user)]), update: .object([("$set", .object([("user", .string(pseudonym))]))]), multi: true)
+            }
             for field in ["actor", "target"] {
                 _ = try db.update(
                     "audit", query: .object([(field, user)]), update: .object([("$set", .object([(field, .string(pseudonym))]))]), multi: true)
@@ -132,7 +136,7 @@ extension MongoStore {
     }
 
     /// Deletes the documents whose `field` is one of `values`, a bounded `$in` at a time.
-    private static func delete(_ db: Database, _ collection: String, field: String, in values: [JSONValue]) throws -> Int {
+    static func delete(_ db: Database, _ collection: String, field: String, in values: [JSONValue]) throws -> Int {
         var deleted = 0
         var start = 0
         while start < values.count {

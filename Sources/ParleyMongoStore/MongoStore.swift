@@ -503,6 +503,12 @@ struct Database: Sendable {
         ("audit", "actor", .object([("actor", .int(1))]), false),
         ("audit", "target", .object([("target", .int(1))]), false),
         ("audit", "at", .object([("at", .int(1))]), false),
+        // Payments (#27): a user's orders and the admin's list by key, both purged by age.
+        ("payment_orders", "key", .object([("key", .int(1))]), true),
+        ("payment_orders", "user_key", .object([("user", .int(1)), ("key", .int(-1))]), false),
+        ("payment_orders", "updated", .object([("updated_at", .int(1))]), false),
+        ("webhook_deliveries", "at", .object([("at", .int(1))]), false),
+        ("webhook_deliveries", "user", .object([("user", .int(1))]), false),
         // Replies in flight: found at start-up (oldest first) and by user at account deletion.
         ("stream_journals", "created", .object([("created_at", .int(1)), ("_id", .int(1))]), false),
         ("stream_journals", "user", .object([("user", .int(1))]), false),

@@ -111,6 +111,9 @@ public struct ServerConfiguration: Sendable {
     /// Audit events older than this are purged: the privacy policy keeps sign-ins and the rest
     /// "up to 24 months" (#28).
     public var auditRetention: Duration = .seconds(730 * 86_400)
+    /// Payment orders and webhook deliveries older than this are purged: kept 7 years for tax
+    /// and disputes (#27).
+    public var paymentRetention: Duration = .seconds(2_557 * 86_400)
     /// How often the retention purge runs; the first pass comes a minute after start (not at
     /// once: a start has enough to do, and an admin's purge right after start never races it).
     public var retentionInterval: Duration = .seconds(3_600)

@@ -136,6 +136,14 @@ final class Credits: Sendable {
         return (entry, try await store.apply(entry, allowOverdraft: false))
     }
 
+    /// Takes a refunded order's credits back once (`refund:<order>`), even below zero.
+    func refund(order: String, user: String, credits amount: Int64) async throws -> (entry: LedgerEntry, outcome: LedgerOutcome) {
+        let entry = LedgerEntry(
+            id: "refund:" + order, user: user, kind: .refund, credits: -amount, note: "payment \(order) refunded",
+            createdAt: Int64(Timestamp.nowMillis()))
+        return (entry, try await store.apply(entry, allowOverdraft: true))
+    }
+
     private static func grantEntry(id: String, user: String, credits: Int64, note: String) -> LedgerEntry {
         LedgerEntry(id: id, user: user, kind: .grant, credits: credits, note: note, createdAt: Int64(Timestamp.nowMillis()))
     }

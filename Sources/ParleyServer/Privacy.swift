@@ -49,37 +49,45 @@ struct AuditLog: Sendable {
 /// further). A request with no token at all is no sign-in and is not recorded.
 final class SignInAudit: Sendable {
     let log: AuditLog
-    let capacity: Int
     let window: Duration
-    /// Key → when it was last recorded (ms).
-    private let recorded = Mutex<[String: Int64]>([:])
+    private let recorded: RecentKeys
 
     init(log: AuditLog, capacity: Int = 10_000, window: Duration = .seconds(60)) {
         self.log = log
-        self.capacity = capacity
         self.window = window
+        recorded = RecentKeys(capacity: capacity)
     }
 
     func accepted(_ identity: Identity, ip: String?, via: String) async {
         let session = identity.session ?? identity.issuedAt.map { "iat:\(Int64($0.timeIntervalSince1970))" } ?? "-"
-        guard firstTime("ok\u{0}\(identity.user)\u{0}\(session)\u{0}\(ip ?? "")", within: nil) else { return }
+        guard recorded.firstTime("ok\u{0}\(identity.user)\u{0}\(session)\u{0}\(ip ?? "")", within: nil) else { return }
         var detail = ["via": via]
         if let s = identity.session { detail["session"] = s }
         await log.record("session.signed_in", actor: identity.user, target: identity.session, ip: ip, detail: detail)
     }
 
     func refused(_ error: AuthError, ip: String?) async {
-        guard error != .missingToken, firstTime("no\u{0}\(error)\u{0}\(ip ?? "")", within: window) else { return }
+        guard error != .missingToken, recorded.firstTime("no\u{0}\(error)\u{0}\(ip ?? "")", within: window) else { return }
         await log.record("session.refused", actor: "anonymous", ip: ip, detail: ["reason": error.description])
     }
+}
 
-    /// Whether `key` is to be recorded now: never seen, or last recorded longer than `within` ago.
-    private func firstTime(_ key: String, within: Duration?, now: Int64 = Int64(Timestamp.nowMillis())) -> Bool {
+/// Keys seen lately, to record something once (or once per window) without a store round trip:
+/// at most `capacity` keys, the older half forgotten at once when full (amortised O(1) per key).
+final class RecentKeys: Sendable {
+    let capacity: Int
+    /// Key → when it was last recorded (ms).
+    private let recorded = Mutex<[String: Int64]>([:])
+
+    init(capacity: Int) { self.capacity = capacity }
+
+    /// Whether `key` is to be recorded now: never seen, or last recorded longer than `within` ago
+    /// (nil: seen once is enough). Marks it recorded.
+    func firstTime(_ key: String, within: Duration?, now: Int64 = Int64(Timestamp.nowMillis())) -> Bool {
         recorded.withLock { recorded in
             if let at = recorded[key], within.map({ now - at < Timestamp.millis($0) }) ?? true { return false }
             recorded[key] = now
             if recorded.count > capacity {
-                // Forget the older half at once: amortised O(1) per key, memory bounded.
                 let keep = recorded.sorted { $0.value > $1.value }.prefix(capacity / 2)
                 recorded = Dictionary(uniqueKeysWithValues: keep.map { ($0.key, $0.value) })
             }
@@ -92,30 +100,35 @@ final class SignInAudit: Sendable {
 /// owner did not save is deleted, and audit events older than `auditRetention`, in bounded
 /// batches so one pass never holds the store long.
 final class RetentionJob: Sendable {
-    let store: any PrivacyStore
+    let store: any PrivacyStore & PaymentStore
     /// nil: content retention is off (kept until the user deletes it; an admin may still purge by hand).
     let retention: Duration?
     /// The audit log's promise: "up to 24 months" by default.
     let auditRetention: Duration
+    /// Payment orders and webhook deliveries: 7 years by default (tax and disputes).
+    let paymentRetention: Duration
     let interval: Duration
     let logger: Logger
     private let purgedMessages: Counter
     private let purgedEntries: Counter
     private let purgedAudit: Counter
+    private let purgedPayments: Counter
     static let batch = 1_000
 
     init(
-        store: any PrivacyStore, retention: Duration?, auditRetention: Duration, interval: Duration, logger: Logger,
-        metrics: any MetricsFactory
+        store: any PrivacyStore & PaymentStore, retention: Duration?, auditRetention: Duration, paymentRetention: Duration,
+        interval: Duration, logger: Logger, metrics: any MetricsFactory
     ) {
         self.store = store
         self.retention = retention
         self.auditRetention = auditRetention
+        self.paymentRetention = paymentRetention
         self.interval = interval
         self.logger = logger
         purgedMessages = Counter(label: "parley_retention_purged_total", dimensions: [("kind", "message")], factory: metrics)
         purgedEntries = Counter(label: "parley_retention_purged_total", dimensions: [("kind", "room_entry")], factory: metrics)
         purgedAudit = Counter(label: "parley_retention_purged_total", dimensions: [("kind", "audit")], factory: metrics)
+        purgedPayments = Counter(label: "parley_retention_purged_total", dimensions: [("kind", "payment")], factory: metrics)
     }
 
     /// Runs until cancelled: a minute's wait (at most `interval`), then a pass every `interval`.
@@ -125,6 +138,7 @@ final class RetentionJob: Sendable {
             do {
                 if let retention { _ = try await purge(olderThan: retention) }
                 _ = try await purgeAudit()
+                _ = try await purgePayments()
             } catch {
                 logger.error("retention purge failed; retrying at the next pass", metadata: ["error": "\(error)"])
             }
@@ -143,6 +157,21 @@ final class RetentionJob: Sendable {
             if deleted < Self.batch { break }
         }
         if total > 0 { logger.info("retention purge", metadata: ["audit_events": "\(total)", "cutoff": "\(cutoff)"]) }
+        return total
+    }
+
+    /// Deletes payment orders last changed, and webhook deliveries made, more than
+    /// `paymentRetention` before `now`; says how many.
+    func purgePayments(now: Int64 = Int64(Timestamp.nowMillis())) async throws -> Int {
+        let cutoff = now - Timestamp.millis(paymentRetention)
+        var total = 0
+        while !Task.isCancelled {
+            let deleted = try await store.purgePayments(before: cutoff, limit: Self.batch)
+            total += deleted.orders + deleted.deliveries
+            purgedPayments.increment(by: deleted.orders + deleted.deliveries)
+            if deleted.orders < Self.batch, deleted.deliveries < Self.batch { break }
+        }
+        if total > 0 { logger.info("retention purge", metadata: ["payment_records": "\(total)", "cutoff": "\(cutoff)"]) }
         return total
     }
 

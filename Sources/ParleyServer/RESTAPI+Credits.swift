@@ -3,7 +3,7 @@ import Foundation
 import ParleyCore
 import ParleyStore
 
-/// The credits routes: the caller's ledger, the admin's grants and the signed payment webhook.
+/// The credits routes: the caller's ledger and the admin's grants.
 extension RESTAPI {
     func listCredits(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
         try await credits.ensureGrants(identity.user)
@@ -50,49 +50,9 @@ extension RESTAPI {
             ]))
     }
 
-    /// A payment provider's notification: `{"order_id","user","credits","timestamp"}` signed with
-    /// `X-Parley-Signature: sha256=<hex HMAC-SHA256 of the raw body>`. The order id makes it
-    /// idempotent; the timestamp (Unix seconds) must be within the tolerance of now.
-    func paymentWebhook(_ request: HTTPRequest) async throws -> HTTPResponse {
-        guard let secret = configuration.credits.paymentsSecret else {
-            throw APIError(.notFound, .notFound, "payments are not configured on this server")
-        }
-        let body = request.body.map { Array($0.readableBytesView) } ?? []
-        guard let header = request.headers.first(name: "x-parley-signature"), header.hasPrefix("sha256="),
-            let signature = Self.hexBytes(header.dropFirst("sha256=".count)),
-            HMAC<SHA256>.isValidAuthenticationCode(signature, authenticating: body, using: SymmetricKey(data: Array(secret.utf8)))
-        else {
-            throw APIError(.unauthorized, .unauthorized, "missing or invalid X-Parley-Signature")
-        }
-        var reader = try JSONObjectReader(try request.json())
-        if let event = try reader.string("event") {
-            guard let timestamp = try reader.int("timestamp") else { throw ValidationError("'timestamp' is a required integer") }
-            try checkFreshness(timestamp)
-            return try await subscriptionEvent(event, &reader, timestamp: timestamp, ip: request.remoteIP)
-        }
-        let order = try reader.requiredString("order_id")
-        let user = try reader.requiredString("user")
-        guard let amount = try reader.int("credits"), let timestamp = try reader.int("timestamp") else {
-            throw ValidationError("'credits' and 'timestamp' are required integers")
-        }
-        try reader.rejectUnknown()
-        guard (1...128).contains(order.utf8.count) else { throw ValidationError("'order_id' must be 1-128 bytes") }
-        try credits.validateGrant(user: user, credits: amount)
-        try checkFreshness(timestamp)
-        let (_, outcome) = try await credits.grant(id: "order:" + order, user: user, credits: amount, note: "payment \(order)")
-        if outcome.isApplied {
-            await audit.record("credits.paid", actor: "system", target: user, ip: request.remoteIP, detail: ["credits": "\(amount)", "order": order])
-        }
-        return HTTPResponse(
-            .ok,
-            json: .object([
-                ("status", .string(outcome.isApplied ? "credited" : "already_credited")), ("balance", .int(outcome.balance)),
-            ]))
-    }
-
     /// A webhook's `timestamp` (Unix seconds) must be within the tolerance of now: an old
     /// signed body replayed later is refused.
-    private func checkFreshness(_ timestamp: Int64) throws {
+    func checkFreshness(_ timestamp: Int64) throws {
         let skew = abs(Double(configuration.credits.clock()) / 1000 - Double(timestamp))
         guard skew <= Double(configuration.credits.paymentsTolerance.components.seconds) else {
             throw APIError(.unauthorized, .unauthorized, "the timestamp is too far from now; replays are refused")

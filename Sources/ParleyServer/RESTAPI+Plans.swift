@@ -35,7 +35,9 @@ extension RESTAPI {
     /// `period_end` on (and makes a past-due subscription active); `cancelled` and `past_due`
     /// keep the plan until the period ends. An event older than (or as old as) the last one
     /// applied for the user changes nothing (`"status": "stale"`): a replay or a late delivery.
-    func subscriptionEvent(_ event: String, _ reader: inout JSONObjectReader, timestamp: Int64, ip: String?) async throws -> HTTPResponse {
+    func subscriptionEvent(
+        _ event: String, _ reader: inout JSONObjectReader, timestamp: Int64, ip: String?
+    ) async throws -> (response: HTTPResponse, applied: Bool) {
         guard let plans = credits.plans else { throw APIError(.notFound, .notFound, "plans are not configured on this server") }
         let eventID = try reader.requiredString("event_id")
         let user = try reader.requiredString("user")
@@ -75,8 +77,9 @@ extension RESTAPI {
                 event, actor: "system", target: user, ip: ip,
                 detail: ["event_id": eventID, "plan": next.plan, "status": next.status.rawValue])
         }
-        return HTTPResponse(
+        let response = HTTPResponse(
             .ok, json: .object([("status", .string(applied ? "applied" : "stale")), ("subscription", (applied ? next : stored ?? next).json)]))
+        return (response, applied)
     }
 }
 

@@ -9,7 +9,7 @@ extension RESTAPI {
     static let exportPage = 200
 
     /// `GET /v1/me/export`: the caller's account, clones, conversations with their messages
-    /// (newest first), rooms they own with their transcripts, schedules, ledger and their own
+    /// (newest first), rooms they own with their transcripts, schedules, ledger, payment orders and their own
     /// audit events (what they did and what was done to their account) as one JSON
     /// document, written page by page as it is read (never built whole in memory).
     func exportAccount(_ identity: Identity) async throws -> HTTPResponse {
@@ -62,6 +62,10 @@ extension RESTAPI {
             try await out.write(#"],"ledger":["#)
             try await Self.pages(&out, { try await store.ledger(user: user, limit: Self.exportPage, before: $0) }, cursor: \.id) {
                 out, entry in try await out.write(entry.json.serialized())
+            }
+            try await out.write(#"],"payments":["#)
+            try await Self.pages(&out, { try await store.paymentOrders(user: user, limit: Self.exportPage, before: $0) }, cursor: \.key) {
+                out, order in try await out.write(order.json.serialized())
             }
             try await out.write(#"],"audit":["#)
             try await Self.pages(&out, { try await store.auditEvents(limit: Self.exportPage, before: $0, involving: user) }, cursor: \.id) {
@@ -222,8 +226,10 @@ extension RESTAPI {
         var content = PurgeResult()
         if let age { content = try await retention.purge(olderThan: age) }
         let auditEvents = try await retention.purgeAudit()
+        let paymentRecords = try await retention.purgePayments()
         var detail = [
             "messages": "\(content.messages)", "room_entries": "\(content.roomEntries)", "audit_events": "\(auditEvents)",
+            "payment_records": "\(paymentRecords)",
         ]
         if let age { detail["older_than_seconds"] = "\(age.components.seconds)" }
         await audit.record("retention.purged", actor: identity.user, ip: request.remoteIP, detail: detail)
@@ -233,6 +239,7 @@ extension RESTAPI {
                 ("messages", .int(Int64(content.messages))), ("room_entries", .int(Int64(content.roomEntries))),
                 ("older_than_seconds", age.map { .int($0.components.seconds) } ?? .null), ("audit_events", .int(Int64(auditEvents))),
                 ("audit_older_than_seconds", .int(retention.auditRetention.components.seconds)),
+                ("payment_records", .int(Int64(paymentRecords))),
             ]))
     }
 }

@@ -25,6 +25,8 @@ struct RESTAPI: Sendable {
     let audit: AuditLog
     /// Sign-ins (accepted and refused) in the audit log.
     let signIns: SignInAudit
+    /// Refused webhook deliveries logged lately, by address and reason.
+    let refusedDeliveries = RecentKeys(capacity: 10_000)
     let retention: RetentionJob
     /// A cluster's other nodes (nil alone).
     let otherNodes: (any OtherNodes)?
@@ -85,6 +87,9 @@ struct RESTAPI: Sendable {
         router.add(.PATCH, "/v1/conversations/:id/messages/:message") { [self] request, p, identity in
             try await markSaved(conversation: p["id"]!, message: p["message"]!, request, identity)
         }
+        router.add(.GET, "/v1/payments") { [self] request, _, identity in try await listPayments(request, identity) }
+        router.add(.GET, "/v1/admin/payments") { [self] request, _, identity in try await listAllPayments(request, identity) }
+        router.add(.GET, "/v1/admin/webhooks") { [self] request, _, identity in try await listWebhooks(request, identity) }
         router.add(.GET, "/v1/me") { [self] _, _, identity in try await me(identity) }
         router.add(.GET, "/v1/me/export") { [self] _, _, identity in try await exportAccount(identity) }
         router.add(.DELETE, "/v1/me") { [self] request, _, identity in try await deleteAccount(request, identity) }

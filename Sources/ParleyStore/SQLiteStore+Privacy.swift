@@ -89,6 +89,8 @@ extension SQLiteStore {
                     )
                     try db.query("DELETE FROM accounts WHERE user = ?", user)
                 }
+                try db.query("UPDATE payment_orders SET user = ? WHERE user = ?", [alias, .text(id)])
+                try db.query("UPDATE webhook_deliveries SET user = ? WHERE user = ?", [alias, .text(id)])
                 try db.query("UPDATE audit SET actor = ? WHERE actor = ?", [alias, .text(id)])
                 try db.query("UPDATE audit SET target = ? WHERE target = ?", [alias, .text(id)])
                 try db.query("DELETE FROM stream_journals WHERE user = ?", user)

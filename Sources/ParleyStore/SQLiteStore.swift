@@ -223,6 +223,32 @@ public final class SQLiteStore: Store {
             updated_at INTEGER NOT NULL
         );
         """,
+        // v16: payment orders and the webhook's delivery log (#27).
+        """
+        CREATE TABLE payment_orders (
+            id TEXT PRIMARY KEY,
+            key TEXT NOT NULL UNIQUE,
+            user TEXT NOT NULL,
+            credits INTEGER NOT NULL,
+            status TEXT NOT NULL,
+            history TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL
+        );
+        CREATE INDEX payment_orders_by_user ON payment_orders(user, key);
+        CREATE INDEX payment_orders_by_age ON payment_orders(updated_at);
+        CREATE TABLE webhook_deliveries (
+            id TEXT PRIMARY KEY,
+            at INTEGER NOT NULL,
+            event TEXT,
+            event_id TEXT,
+            user TEXT,
+            outcome TEXT NOT NULL,
+            reason TEXT
+        );
+        CREATE INDEX webhook_deliveries_by_age ON webhook_deliveries(at);
+        CREATE INDEX webhook_deliveries_by_user ON webhook_deliveries(user);
+        """,
     ]
 
     /// An FTS5 table `index` over `column` of `table` (v11's search): external content, so the

@@ -20,7 +20,7 @@ extension ChatStore {
 ///
 /// Ownership is part of every read: asking for another user's clone or conversation answers nil,
 /// exactly as if it did not exist, so callers cannot leak existence by accident.
-public protocol Store: ChatStore, LedgerStore, StreamJournalStore, ScheduleStore, RoomStore, PrivacyStore, PlanStore {
+public protocol Store: ChatStore, LedgerStore, StreamJournalStore, ScheduleStore, RoomStore, PrivacyStore, PlanStore, PaymentStore {
     /// A round trip through the store (for `/healthz`): throws when it cannot serve calls.
     func ping() async throws
 
@@ -298,4 +298,26 @@ public protocol PlanStore: Sendable {
     /// Stores `subscription` unless the one stored came from an event as new or newer
     /// (`updatedAt`); true when it was stored. Atomic: of two racing writes the newer wins.
     func saveSubscription(_ subscription: Subscription) async throws -> Bool
+}
+
+/// Payment orders and the webhook's delivery log (#27), kept 7 years for tax and disputes.
+/// Deleting a user moves theirs to the pseudonym, like the ledger.
+public protocol PaymentStore: Sendable {
+    /// Records `change` on order `id` atomically, creating the order for `user` (sortable `key`)
+    /// when it is new, and returns the order after it; `applied` is false when the change's event
+    /// was recorded before (nothing changed). `credits` is the pack's, when the event names it.
+    func recordOrderChange(
+        order id: String, user: String, key: String, credits: Int64?, change: PaymentOrder.Change
+    ) async throws -> (order: PaymentOrder, applied: Bool)
+    func paymentOrder(id: String) async throws -> PaymentOrder?
+    /// Orders newest first (by `key`), `limit` at most, before `before` (a key); one user's or, for
+    /// nil, everyone's.
+    func paymentOrders(user: String?, limit: Int, before: String?) async throws -> [PaymentOrder]
+    func appendWebhookDelivery(_ delivery: WebhookDelivery) async throws
+    /// Deliveries newest first, `limit` at most, older than `before` (an id) when given.
+    func webhookDeliveries(limit: Int, before: String?) async throws -> [WebhookDelivery]
+    /// Deletes up to `limit` orders last changed, and up to `limit` deliveries made, before
+    /// `cutoff` (Unix ms), oldest first; returns how many in all. Callers repeat until a pass
+    /// deletes fewer than `limit` of each.
+    func purgePayments(before cutoff: Int64, limit: Int) async throws -> (orders: Int, deliveries: Int)
 }

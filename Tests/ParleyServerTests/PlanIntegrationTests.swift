@@ -41,6 +41,8 @@ final class TestClock: Sendable {
             $0.credits.clock = { clock.read() }
             $0.credits.paymentsSecret = Self.secret
             $0.credits.startingGrant = grant
+            $0.credits.pricing = PricingTable(models: ["simulated": ModelPrice(inputPer1K: 0, outputPer1K: 1_000)])
+            $0.credits.outputReserveTokens = 1
             $0.simulated.replyTokens = 3
         }
     }
@@ -164,6 +166,67 @@ final class TestClock: Sendable {
         try await socket.chatSend(id: "c2", clone: clone, text: "second, at the same time")
         let error = try await socket.next(type: "error").frame
         #expect(error["code"] == .string("plan_required") && error["ref"] == .string("c2") && error["plan"] == .string("plus"))
+        await server.stop()
+    }
+
+    func order(_ server: TestServer, _ event: String, id: String, order: String, credits: Int64? = nil, clock: TestClock) async throws -> JSONValue {
+        var fields: [(String, JSONValue)] = [
+            ("event", .string(event)), ("event_id", .string(id)), ("order_id", .string(order)), ("user", .string("alice")),
+        ]
+        if let credits { fields.append(("credits", .int(credits))) }
+        let response = try await self.event(server, fields, at: clock)
+        guard response.status == .ok else { throw TestTimeout(description: "\(event) answered \(response.status): \(response.text)") }
+        return try response.json()
+    }
+
+    /// A pack bought, spent, then refunded: the balance goes below zero and no reply starts until
+    /// it is positive again; every event applies once whatever the order; the orders and the
+    /// webhook log (refused deliveries too) are there to read.
+    @Test(arguments: TestServer.StoreKind.allCases)
+    func aRefundAfterTheCreditsWereSpentLeavesANegativeBalanceThatRefusesReplies(_ store: TestServer.StoreKind) async throws {
+        let clock = TestClock(Int64(Date().timeIntervalSince1970 * 1000))
+        let server = try await server(store, clock: clock)
+        let token = try await server.token("alice")
+        let admin = try await server.token("root", role: "admin")
+        // Paid arrives before created: credited once, and the late creation moves nothing back.
+        #expect(try await order(server, "order.paid", id: "evt_b", order: "ord_1", credits: 100, clock: clock)["balance"] == .int(100))
+        #expect(try await order(server, "order.paid", id: "evt_b", order: "ord_1", clock: clock)["status"] == .string("duplicate"))
+        let created = try await order(server, "order.created", id: "evt_a", order: "ord_1", credits: 100, clock: clock)
+        #expect(created["order"]?["status"] == .string("paid") && created["balance"] == .int(100))
+
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        try await socket.chatSend(id: "c1", clone: clone, text: "spend a little")
+        _ = try await socket.readReply()
+        let left = try await creditsOf(server, token: token).balance
+        #expect(left < 100)
+
+        let refunded = try await order(server, "order.refunded", id: "evt_c", order: "ord_1", clock: clock)
+        #expect(refunded["balance"] == .int(left - 100) && refunded["order"]?["status"] == .string("refunded"))
+        #expect(try await order(server, "order.refunded", id: "evt_c", order: "ord_1", clock: clock)["balance"] == .int(left - 100))
+        try await socket.chatSend(id: "c2", clone: clone, text: "and more")
+        #expect(try await socket.next(type: "error").frame["code"] == .string("insufficient_credits"))
+        let entries = try await creditsOf(server, token: token).entries
+        #expect(entries.filter { $0["kind"] == .string("refund") }.map { $0["credits"] } == [.int(-100)])
+        try await expectInvariant(server, token: token)
+
+        let orders = try await server.get("/v1/payments", token: token).json()["orders"]!.arrayValue!
+        #expect(orders.map { $0["id"] } == [.string("ord_1")])
+        #expect(orders[0]["history"]?.arrayValue?.map { $0["status"]?.stringValue } == ["created", "paid", "refunded"])
+        #expect(try await server.get("/v1/admin/payments", token: token).status == .forbidden)
+        #expect(try await server.get("/v1/admin/payments", token: admin).json()["orders"]?.arrayValue?.count == 1)
+
+        // Refused deliveries are logged with the reason, once per address and reason a minute.
+        for _ in 0..<3 {
+            let forged = try await TestHTTPClient.request(
+                port: server.port, .POST, "/v1/webhooks/payments", headers: ["x-parley-signature": "sha256=00", "content-type": "application/json"],
+                body: Array("{}".utf8))
+            #expect(forged.status == .unauthorized)
+        }
+        let deliveries = try await server.get("/v1/admin/webhooks", token: admin).json()["deliveries"]!.arrayValue!
+        #expect(deliveries.map { $0["outcome"]?.stringValue } == ["refused", "duplicate", "applied", "applied", "duplicate", "applied"])
+        #expect(deliveries[0]["reason"]?.stringValue?.contains("X-Parley-Signature") == true)
+        #expect(!deliveries.map { $0.serializedString() }.joined().contains(Self.secret))
         await server.stop()
     }
 }

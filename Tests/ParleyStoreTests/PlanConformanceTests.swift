@@ -27,3 +27,63 @@ import Testing
         }
     }
 }
+
+/// Payment orders and the webhook log (#27) on every backend.
+@Suite("Payment conformance") struct PaymentConformanceTests {
+    let ids = IDGenerator()
+
+    /// An order records each event once, moves only forward whatever order events arrive in,
+    /// pages newest first per user and for all, moves to the pseudonym with its user, and goes
+    /// after 7 years with the log.
+    @Test(arguments: Backend.all)
+    func ordersRecordEachEventOnceAndMoveOnlyForward(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            let key = ids.make(.payment)
+            func change(_ status: PaymentOrder.Status, _ at: Int64, _ event: String) -> PaymentOrder.Change {
+                PaymentOrder.Change(status: status, at: at, event: event)
+            }
+            let paid = try await store.recordOrderChange(order: "ord_1", user: "alice", key: key, credits: 500, change: change(.paid, 2_000, "e2"))
+            #expect(paid.applied && paid.order.status == .paid && paid.order.credits == 500)
+            let replay = try await store.recordOrderChange(
+                order: "ord_1", user: "alice", key: "ignored", credits: 500, change: change(.paid, 2_000, "e2"))
+            #expect(!replay.applied && replay.order == paid.order)
+            // The creation arrives late: recorded first in the history, the order stays paid.
+            let late = try await store.recordOrderChange(
+                order: "ord_1", user: "alice", key: "ignored", credits: 999, change: change(.created, 1_000, "e1"))
+            #expect(late.applied && late.order.status == .paid && late.order.credits == 500 && late.order.key == key)
+            #expect(late.order.history.map(\.event) == ["e1", "e2"])
+            let refunded = try await store.recordOrderChange(
+                order: "ord_1", user: "alice", key: "ignored", credits: nil, change: change(.refunded, 3_000, "e3"))
+            #expect(refunded.order.status == .refunded)
+            #expect(try await store.paymentOrder(id: "ord_1") == refunded.order)
+
+            let bobs = try await store.recordOrderChange(
+                order: "ord_2", user: "bob", key: ids.make(.payment), credits: 100, change: change(.created, 4_000, "e4"))
+            let third = try await store.recordOrderChange(
+                order: "ord_3", user: "alice", key: ids.make(.payment), credits: 50, change: change(.failed, 5_000, "e5"))
+            #expect(try await store.paymentOrders(user: "alice", limit: 10, before: nil).map(\.id) == ["ord_3", "ord_1"])
+            #expect(try await store.paymentOrders(user: nil, limit: 2, before: nil).map(\.id) == ["ord_3", "ord_2"])
+            #expect(try await store.paymentOrders(user: nil, limit: 2, before: bobs.order.key).map(\.id) == ["ord_1"])
+
+            let deliveries = [
+                WebhookDelivery(id: ids.make(.webhook), at: 1_000, event: nil, eventID: nil, user: nil, outcome: "refused", reason: "bad signature"),
+                WebhookDelivery(id: ids.make(.webhook), at: 2_000, event: "order.paid", eventID: "e1", user: nil, outcome: "applied", reason: nil),
+                WebhookDelivery(
+                    id: ids.make(.webhook), at: 3_000, event: "order.paid", eventID: "e2", user: "alice", outcome: "applied", reason: nil),
+            ]
+            for d in deliveries { try await store.appendWebhookDelivery(d) }
+            #expect(try await store.webhookDeliveries(limit: 2, before: nil) == [deliveries[2], deliveries[1]])
+            #expect(try await store.webhookDeliveries(limit: 2, before: deliveries[1].id) == [deliveries[0]])
+
+            _ = try await store.deleteUser("alice", pseudonym: "deleted:a")
+            #expect(try await store.paymentOrder(id: "ord_1")?.user == "deleted:a", "kept for tax and disputes, under the pseudonym")
+            #expect(try await store.webhookDeliveries(limit: 1, before: nil).first?.user == "deleted:a")
+            #expect(try await store.paymentOrders(user: "alice", limit: 10, before: nil).isEmpty)
+
+            // Age: orders by their last change, deliveries by their time.
+            let purged = try await store.purgePayments(before: 4_500, limit: 10)
+            #expect(purged.orders == 2 && purged.deliveries == 3)
+            #expect(try await store.paymentOrders(user: nil, limit: 10, before: nil).map(\.id) == [third.order.id])
+        }
+    }
+}
