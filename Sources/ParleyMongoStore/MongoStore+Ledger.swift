@@ -95,6 +95,23 @@ extension MongoStore {
         }
     }
 
+    public func costs(user: String, link: LedgerLink, ids: [String]) async throws -> [String: Int64] {
+        guard !ids.isEmpty else { return [:] }
+        return try await run { db in
+            var costs: [String: Int64] = [:]
+            let rows = try db.find(
+                "ledger",
+                filter: .object([
+                    ("user", .string(user)), ("state", .string("applied")), (link.rawValue, .object([("$in", .array(ids.map(JSONValue.string)))])),
+                ]),
+                projection: .object([(link.rawValue, .int(1)), ("credits", .int(1))]))
+            for row in rows {
+                if let id = row[link.rawValue]?.stringValue { costs[id, default: 0] -= row["credits"]?.int64 ?? 0 }
+            }
+            return costs
+        }
+    }
+
     public func ledger(user: String, limit: Int, before: String?) async throws -> [LedgerEntry] {
         try await run { db in
             var filter: [(String, JSONValue)] = [("user", .string(user)), ("state", .string("applied"))]

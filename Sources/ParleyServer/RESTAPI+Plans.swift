@@ -90,3 +90,47 @@ extension Subscription {
         ])
     }
 }
+
+extension RESTAPI {
+    /// `GET /v1/me/usage?by=day|clone|conversation|feature|model&from=&to=`: what the caller
+    /// spent in [from, to) (RFC 3339 times; by default from this billing period's start on), summed
+    /// from their ledger, read newest first until `from`.
+    func usage(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
+        let byName = request.query["by"] ?? "day"
+        guard let grouping = UsageReport.Grouping(rawValue: byName) else {
+            throw ValidationError("'by' must be one of \(UsageReport.Grouping.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        let now = configuration.credits.clock()
+        func time(_ name: String) throws -> Int64? {
+            guard let text = request.query[name] else { return nil }
+            guard let millis = RFC3339.parse(text) else { throw ValidationError("'\(name)' must be an RFC 3339 time such as 2026-12-01T00:00:00Z") }
+            return millis
+        }
+        let from = try time("from") ?? BillingPeriod(containing: now).start
+        let to = try time("to")
+        guard to.map({ from < $0 && $0 - from <= 400 * 86_400_000 }) ?? true else {
+            throw ValidationError("'from' must be before 'to', at most 400 days apart")
+        }
+        var report = UsageReport(by: grouping)
+        var clones: [String: String?] = [:]
+        var before: String?
+        reading: while true {
+            let page = try await store.ledger(user: identity.user, limit: Self.exportPage, before: before)
+            for entry in page {
+                if entry.createdAt < from { break reading }
+                if let to, entry.createdAt >= to { continue }
+                if grouping == .clone, let conversation = entry.conversation, clones[conversation] == nil {
+                    clones[conversation] = .some(try await store.conversation(id: conversation, owner: identity.user)?.clone)
+                }
+                report.add(entry) { clones[$0] ?? nil }
+            }
+            guard page.count == Self.exportPage, let last = page.last else { break }
+            before = last.id
+        }
+        guard case .object(let pairs) = report.json else { return HTTPResponse(.ok, json: report.json) }
+        return HTTPResponse(
+            .ok,
+            json: .object(
+                [("from", .string(Timestamp.rfc3339(millis: from))), ("to", to.map { .string(Timestamp.rfc3339(millis: $0)) } ?? .null)] + pairs))
+    }
+}

@@ -90,6 +90,7 @@ struct RESTAPI: Sendable {
         router.add(.GET, "/v1/payments") { [self] request, _, identity in try await listPayments(request, identity) }
         router.add(.GET, "/v1/admin/payments") { [self] request, _, identity in try await listAllPayments(request, identity) }
         router.add(.GET, "/v1/admin/webhooks") { [self] request, _, identity in try await listWebhooks(request, identity) }
+        router.add(.GET, "/v1/me/usage") { [self] request, _, identity in try await usage(request, identity) }
         router.add(.GET, "/v1/me") { [self] _, _, identity in try await me(identity) }
         router.add(.GET, "/v1/me/export") { [self] _, _, identity in try await exportAccount(identity) }
         router.add(.DELETE, "/v1/me") { [self] request, _, identity in try await deleteAccount(request, identity) }
@@ -387,14 +388,17 @@ struct RESTAPI: Sendable {
         let limit = try Self.limit(request)
         let before = request.query["before"]
         let page = try await store.conversations(owner: identity.user, limit: limit + 1, before: before)
-        return HTTPResponse(.ok, json: .object(Self.page(page, limit: limit, as: "conversations", id: \.id, \.json)))
+        let costs = try await store.costs(user: identity.user, link: .conversation, ids: page.prefix(limit).map(\.id))
+        return HTTPResponse(
+            .ok, json: .object(Self.page(page, limit: limit, as: "conversations", id: \.id) { Self.adding(cost: costs[$0.id] ?? 0, to: $0.json) }))
     }
 
     private func getConversation(_ id: String, _ identity: Identity) async throws -> HTTPResponse {
         guard let conversation = try await store.conversation(id: id, owner: identity.user) else {
             throw APIError(.notFound, .notFound, "no conversation \(id)")
         }
-        guard case .object(var pairs) = conversation.json else { return HTTPResponse(.ok, json: conversation.json) }
+        let cost = try await store.costs(user: identity.user, link: .conversation, ids: [id])[id] ?? 0
+        guard case .object(var pairs) = Self.adding(cost: cost, to: conversation.json) else { return HTTPResponse(.ok, json: conversation.json) }
         // A reply being written in it on this node: a page reloaded mid-reply resumes it.
         if let live = chat.streams.hub.liveStreams.first(where: {
             $0.owner == identity.user && $0.room == nil && $0.conversation == id && !$0.isEnded
@@ -551,15 +555,27 @@ struct RESTAPI: Sendable {
     private func listRooms(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
         let limit = try Self.limit(request)
         let page = try await store.rooms(owner: identity.user, limit: limit + 1, after: request.query["after"])
-        return HTTPResponse(.ok, json: .object(Self.page(page, limit: limit, as: "rooms", cursor: "next_after", id: \.id, \.json)))
+        let costs = try await store.costs(user: identity.user, link: .room, ids: page.prefix(limit).map(\.id))
+        return HTTPResponse(
+            .ok,
+            json: .object(
+                Self.page(page, limit: limit, as: "rooms", cursor: "next_after", id: \.id) { Self.adding(cost: costs[$0.id] ?? 0, to: $0.json) }))
     }
 
     private func getRoom(_ id: String, _ identity: Identity) async throws -> HTTPResponse {
+        let (room, transcript): (Room, [JSONValue])
         do {
-            let (room, transcript) = try await rooms.snapshot(id: id, user: identity.user)
-            return HTTPResponse(.ok, json: .object([("room", room.json), ("transcript", .array(transcript))]))
+            (room, transcript) = try await rooms.snapshot(id: id, user: identity.user)
         } catch {
             throw APIError(error)
         }
+        let cost = try await store.costs(user: identity.user, link: .room, ids: [id])[id] ?? 0
+        return HTTPResponse(.ok, json: .object([("room", Self.adding(cost: cost, to: room.json)), ("transcript", .array(transcript))]))
+    }
+
+    /// `json` (an object) with `cost`: the credits the caller spent on it (#27).
+    static func adding(cost: Int64, to json: JSONValue) -> JSONValue {
+        guard case .object(let pairs) = json else { return json }
+        return .object(pairs + [("cost", .int(cost))])
     }
 }

@@ -80,4 +80,24 @@ extension SQLiteStore {
 
     /// Applying is one transaction here: nothing is ever left half-applied.
     public func recoverLedger(node: String?) async throws -> Int { 0 }
+
+    public func costs(user: String, link: LedgerLink, ids: [String]) async throws -> [String: Int64] {
+        guard !ids.isEmpty else { return [:] }
+        let column = link.rawValue  // an enum's raw value: never user input
+        return try await read { db in
+            var costs: [String: Int64] = [:]
+            // In chunks, below SQLite's limit on bound parameters.
+            for start in stride(from: 0, to: ids.count, by: 500) {
+                let chunk = ids[start..<min(ids.count, start + 500)]
+                let marks = Array(repeating: "?", count: chunk.count).joined(separator: ", ")
+                for row in try db.query(
+                    "SELECT \(column) AS link, -SUM(credits) AS cost FROM ledger WHERE user = ? AND \(column) IN (\(marks)) GROUP BY \(column)",
+                    [.text(user)] + chunk.map(SQLValue.text))
+                {
+                    if let id = row["link"].text { costs[id] = row["cost"].int ?? 0 }
+                }
+            }
+            return costs
+        }
+    }
 }

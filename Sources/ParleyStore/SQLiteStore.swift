@@ -249,6 +249,11 @@ public final class SQLiteStore: Store {
         CREATE INDEX webhook_deliveries_by_age ON webhook_deliveries(at);
         CREATE INDEX webhook_deliveries_by_user ON webhook_deliveries(user);
         """,
+        // v17: what a conversation or a room cost (#27).
+        """
+        CREATE INDEX ledger_by_conversation ON ledger(user, conversation) WHERE conversation IS NOT NULL;
+        CREATE INDEX ledger_by_room ON ledger(user, room) WHERE room IS NOT NULL;
+        """,
     ]
 
     /// An FTS5 table `index` over `column` of `table` (v11's search): external content, so the

@@ -107,6 +107,10 @@ public protocol LedgerStore: Sendable {
     /// The user's applied ledger entries, newest first, `limit` at most, older than `before`.
     func ledger(user: String, limit: Int, before: String?) async throws -> [LedgerEntry]
 
+    /// What `user` spent on each of `ids` (conversations or rooms, as `link` says): the negated
+    /// sum of the applied entries linked to it. Ids with no entry are absent.
+    func costs(user: String, link: LedgerLink, ids: [String]) async throws -> [String: Int64]
+
     /// Completes or voids entries a crash left half-applied (a no-op where applying is one
     /// transaction). Called at start-up, before serving. Returns how many it settled. A store
     /// several nodes share (MongoDB) takes only the entries `node` left (and those no node
@@ -320,4 +324,10 @@ public protocol PaymentStore: Sendable {
     /// `cutoff` (Unix ms), oldest first; returns how many in all. Callers repeat until a pass
     /// deletes fewer than `limit` of each.
     func purgePayments(before cutoff: Int64, limit: Int) async throws -> (orders: Int, deliveries: Int)
+}
+
+/// What a ledger entry may be linked to, for summing costs.
+public enum LedgerLink: String, Sendable {
+    case conversation
+    case room
 }

@@ -229,4 +229,43 @@ final class TestClock: Sendable {
         #expect(!deliveries.map { $0.serializedString() }.joined().contains(Self.secret))
         await server.stop()
     }
+
+    /// Usage sums equal the ledger, however grouped, and each conversation's `cost` is its share.
+    @Test(arguments: TestServer.StoreKind.allCases)
+    func usageSumsEqualTheLedgerAndEachConversationShowsItsCost(_ store: TestServer.StoreKind) async throws {
+        let clock = TestClock(Int64(Date().timeIntervalSince1970 * 1000))
+        let server = try await server(store, clock: clock, grant: 1_000)
+        let token = try await server.token("alice")
+        let ada = try await server.createClone(token: token, name: "Ada")["id"]!.stringValue!
+        let bob = try await server.createClone(token: token, name: "Bob")["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        var conversations: [String] = []
+        for (index, clone) in [ada, ada, bob].enumerated() {
+            try await socket.chatSend(id: "c\(index)", clone: clone, conversation: index == 1 ? conversations[0] : nil, text: "hello \(index)")
+            let reply = try await socket.readReply()
+            if index != 1 { conversations.append(reply.start["conversation"]!.stringValue!) }
+        }
+        let entries = try await creditsOf(server, token: token).entries
+        let spent = -entries.filter { ["debit", "settlement"].contains($0["kind"]?.stringValue) }.reduce(0) { $0 + $1["credits"]!.intValue! }
+        #expect(spent > 0)
+        for by in ["day", "clone", "conversation", "feature", "model"] {
+            let usage = try await server.get("/v1/me/usage?by=\(by)", token: token).json()
+            #expect(usage["spent"] == .int(spent), "by \(by)")
+            #expect(usage["groups"]?.arrayValue?.reduce(0) { $0 + $1["credits"]!.intValue! } == spent, "by \(by)")
+            #expect(usage["granted"] == .int(1_000))
+        }
+        let byClone = try await server.get("/v1/me/usage?by=clone", token: token).json()["groups"]!.arrayValue!
+        #expect(Set(byClone.compactMap { $0["key"]?.stringValue }) == [ada, bob])
+        let byConversation = try await server.get("/v1/me/usage?by=conversation", token: token).json()["groups"]!.arrayValue!
+        let listed = try await server.get("/v1/conversations", token: token).json()["conversations"]!.arrayValue!
+        for conversation in listed {
+            let share = byConversation.first { $0["key"] == conversation["id"] }?["credits"]
+            #expect(share != nil && conversation["cost"] == share)
+            #expect(try await server.get("/v1/conversations/\(conversation["id"]!.stringValue!)", token: token).json()["cost"] == share)
+        }
+        #expect(try await server.get("/v1/me/usage?by=week", token: token).status == .badRequest)
+        let empty = try await server.get("/v1/me/usage?from=2020-01-01T00:00:00Z&to=2020-02-01T00:00:00Z", token: token).json()
+        #expect(empty["spent"] == .int(0) && empty["groups"] == .array([]))
+        await server.stop()
+    }
 }

@@ -96,7 +96,7 @@ import Testing
                 DROP TRIGGER IF EXISTS titles_fts_delete; DROP TRIGGER IF EXISTS titles_fts_update;
                 ALTER TABLE conversations DROP COLUMN summary; ALTER TABLE conversations DROP COLUMN summary_through;
                 DROP TABLE session_revocations; DROP INDEX audit_by_age; DROP TABLE subscriptions;
-                DROP TABLE payment_orders; DROP TABLE webhook_deliveries;
+                DROP TABLE payment_orders; DROP TABLE webhook_deliveries; DROP INDEX ledger_by_conversation; DROP INDEX ledger_by_room;
                 PRAGMA user_version = 10;
                 """)
         }

@@ -59,6 +59,10 @@ def test_a_subscription_event_lets_a_free_user_start_a_debate(data_dir, store_ar
         assert me["plan"]["id"] == "pro" and me["subscription"]["status"] == "active" and me["balance"] == 3000, me
         _, again = server.http("GET", "/v1/me", token)
         assert again["balance"] == 3000, "the allowance once this month"
+        status, usage = server.http("GET", "/v1/me/usage?by=feature", token)
+        assert status == 200 and validate_rest("usage", usage)["granted"] == 3000, usage
+        status, rooms = server.http("GET", "/v1/rooms", token)
+        assert status == 200 and validate_rest("room-list", rooms)["rooms"][0]["cost"] == 0, rooms
     finally:
         assert server.stop() == 0
 
