@@ -18,6 +18,8 @@ public enum ErrorCode: String, Sendable, Equatable, CaseIterable {
     case limitExceeded = "limit_exceeded"
     /// The caller's plan does not allow it (#27); `plan` names one that does.
     case planRequired = "plan_required"
+    /// A limit the caller set on their own spending leaves too little for the request (#27).
+    case spendLimit = "spend_limit"
     /// The server is shutting down and takes no new work.
     case unavailable
     case `internal`

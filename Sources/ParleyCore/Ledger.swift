@@ -56,6 +56,9 @@ public enum LedgerOutcome: Sendable, Equatable {
     case alreadyApplied(balance: Int64)
     /// A debit the balance does not cover: nothing changed.
     case insufficient(balance: Int64)
+    /// A debit that would take a spend window past its cap: nothing changed. `available` is what
+    /// the tightest window still allows.
+    case overLimit(balance: Int64, available: Int64)
 
     /// Whether this call recorded the entry (not a retry, not a refusal).
     public var isApplied: Bool {
@@ -64,8 +67,42 @@ public enum LedgerOutcome: Sendable, Equatable {
 
     public var balance: Int64 {
         switch self {
-        case .applied(let b), .alreadyApplied(let b), .insufficient(let b): b
+        case .applied(let b), .alreadyApplied(let b), .insufficient(let b), .overLimit(let b, _): b
         }
+    }
+}
+
+/// A user's own spending limit over one window (#27): what replies may spend in it, at most.
+public struct SpendCap: Sendable, Equatable {
+    /// `day:2026-12-04` or `month:2026-12` (UTC).
+    public var window: String
+    public var max: Int64
+
+    public init(window: String, max: Int64) {
+        self.window = window
+        self.max = max
+    }
+
+    /// The caps `limits` set at `millis`: today's and this month's windows.
+    public static func caps(_ limits: SpendLimits, at millis: Int64) -> [SpendCap] {
+        let day = "day:" + Timestamp.rfc3339(millis: millis).prefix(10)
+        let month = "month:" + BillingPeriod(containing: millis).id
+        return (limits.daily.map { [SpendCap(window: day, max: $0)] } ?? []) + (limits.monthly.map { [SpendCap(window: month, max: $0)] } ?? [])
+    }
+}
+
+/// The limits a user set on their own spending (`PUT /v1/me/limits`), in credits; nil: none.
+public struct SpendLimits: Sendable, Equatable {
+    public var daily: Int64?
+    public var monthly: Int64?
+
+    public init(daily: Int64? = nil, monthly: Int64? = nil) {
+        self.daily = daily
+        self.monthly = monthly
+    }
+
+    public var json: JSONValue {
+        .object([("daily", daily.map(JSONValue.int) ?? .null), ("monthly", monthly.map(JSONValue.int) ?? .null)])
     }
 }
 

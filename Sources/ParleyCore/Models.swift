@@ -109,6 +109,8 @@ public struct Usage: Sendable, Equatable, Codable {
 /// Why a stream ended; stored with the assistant message and sent in `stream.end`.
 public enum StreamEndReason: String, Sendable, Codable, Equatable, CaseIterable {
     case complete, cancelled, insufficientCredits = "insufficient_credits", error, shutdown
+    /// A limit the user set on their own spending (`PUT /v1/me/limits`) was reached (#27).
+    case spendLimit = "spend_limit"
     /// The server stopped without ending the stream (a crash, kill -9): stored at the next
     /// start-up as far as its journal got. Never in a live `stream.end`.
     case interrupted

@@ -23,7 +23,7 @@ extension MongoStore {
         try await run { db in try Self.account(db, user)?.balance ?? 0 }
     }
 
-    public func apply(_ entry: LedgerEntry, allowOverdraft: Bool) async throws -> LedgerOutcome {
+    public func apply(_ entry: LedgerEntry, allowOverdraft: Bool, caps: [SpendCap]) async throws -> LedgerOutcome {
         let row = pending(entry)
         return try await run { db in
             do {
@@ -46,8 +46,66 @@ extension MongoStore {
                     break  // pending: a crashed or failed attempt; finish it now
                 }
             }
-            return try Self.settle(db, id: entry.id, user: entry.user, credits: entry.credits, allowOverdraft: allowOverdraft)
+            guard !caps.isEmpty else {
+                return try Self.settle(db, id: entry.id, user: entry.user, credits: entry.credits, allowOverdraft: allowOverdraft)
+            }
+            // Spend windows: a debit takes its amount from each window first (each take atomic
+            // on its window's document), all given back if one or the balance refuses. A crash in
+            // between leaves a window charged for nothing: stricter, never looser.
+            var taken: [SpendCap] = []
+            if entry.credits < 0 {
+                for cap in caps {
+                    guard try Self.take(db, user: entry.user, cap, -entry.credits) else {
+                        for done in taken { try Self.give(db, user: entry.user, done, -entry.credits) }
+                        try Self.mark(db, entry.id, "void")
+                        let available = try Self.available(db, user: entry.user, caps)
+                        return .overLimit(balance: try Self.account(db, entry.user)?.balance ?? 0, available: available)
+                    }
+                    taken.append(cap)
+                }
+            }
+            let outcome = try Self.settle(db, id: entry.id, user: entry.user, credits: entry.credits, allowOverdraft: allowOverdraft)
+            if case .insufficient = outcome {
+                for done in taken { try Self.give(db, user: entry.user, done, -entry.credits) }
+            } else if entry.credits > 0, outcome.isApplied {
+                for cap in caps { try Self.give(db, user: entry.user, cap, entry.credits) }
+            }
+            return outcome
         }
+    }
+
+    private static func windowID(_ user: String, _ cap: SpendCap) -> JSONValue { .string(user + "\u{1F}" + cap.window) }
+
+    /// Adds `amount` to what `cap`'s window spent if it stays within `cap.max`: the window is
+    /// made first if missing (racing makers clash harmlessly), then one conditional `$inc` on it
+    /// decides, atomic on its document.
+    private static func take(_ db: Database, user: String, _ cap: SpendCap, _ amount: Int64) throws -> Bool {
+        guard amount <= cap.max else { return false }
+        let id = windowID(user, cap)
+        do {
+            _ = try db.update(
+                "spend_windows", query: .object([("_id", id)]),
+                update: .object([("$setOnInsert", .object([("spent", .long(0)), ("user", .string(user))]))]), upsert: true)
+        } catch StoreError.duplicateKey {}
+        return try db.findAndModify(
+            "spend_windows", query: .object([("_id", id), ("spent", .object([("$lte", .long(cap.max - amount))]))]),
+            update: .object([("$inc", .object([("spent", .long(amount))]))])) != nil
+    }
+
+    /// Takes `amount` off what `cap`'s window spent (a refused debit undone, a settlement's return).
+    private static func give(_ db: Database, user: String, _ cap: SpendCap, _ amount: Int64) throws {
+        _ = try db.update(
+            "spend_windows", query: .object([("_id", windowID(user, cap))]), update: .object([("$inc", .object([("spent", .long(-amount))]))]))
+    }
+
+    /// What the tightest of `caps` still allows.
+    private static func available(_ db: Database, user: String, _ caps: [SpendCap]) throws -> Int64 {
+        var available = Int64.max
+        for cap in caps {
+            let spent = try db.find("spend_windows", filter: .object([("_id", windowID(user, cap))]), limit: 1).first?["spent"]?.int64 ?? 0
+            available = min(available, max(0, cap.max - spent))
+        }
+        return available
     }
 
     /// Steps 2 and 3 for a pending entry.

@@ -35,4 +35,37 @@ extension MongoStore {
             }
         }
     }
+
+    public func spendLimits(user: String) async throws -> SpendLimits {
+        try await run { db in
+            try db.find("spend_limits", filter: .object([("_id", .string(user))]), limit: 1).first.map {
+                SpendLimits(daily: $0["daily"]?.int64, monthly: $0["monthly"]?.int64)
+            } ?? SpendLimits()
+        }
+    }
+
+    public func setSpendLimits(_ limits: SpendLimits, user: String) async throws {
+        try await run { db in
+            _ = try db.update(
+                "spend_limits", query: .object([("_id", .string(user))]),
+                update: .object([
+                    (
+                        "$set",
+                        .object([("daily", limits.daily.map(JSONValue.long) ?? .null), ("monthly", limits.monthly.map(JSONValue.long) ?? .null)])
+                    )
+                ]), upsert: true)
+        }
+    }
+
+    public func spent(user: String, windows: [String]) async throws -> [String: Int64] {
+        try await run { db in
+            var spent: [String: Int64] = [:]
+            for window in windows {
+                if let doc = try db.find("spend_windows", filter: .object([("_id", .string(user + "\u{1F}" + window))]), limit: 1).first {
+                    spent[window] = doc["spent"]?.int64 ?? 0
+                }
+            }
+            return spent
+        }
+    }
 }

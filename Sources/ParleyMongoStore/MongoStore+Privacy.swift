@@ -52,6 +52,8 @@ extension MongoStore {
             let user = JSONValue.string(id)
             _ = try db.delete("session_revocations", query: .object([("user", user)]))
             _ = try db.delete("subscriptions", query: .object([("_id", user)]))
+            _ = try db.delete("spend_limits", query: .object([("_id", user)]))
+            _ = try db.delete("spend_windows", query: .object([("user", user)]))
             let conversations = try Self.ids(db, "conversations", .object([("owner", user)]))
             report.messages = try Self.delete(db, "messages", field: "conversation", in: conversations)
             report.conversations = Int(try db.delete("conversations", query: .object([("owner", user)])))

@@ -229,6 +229,11 @@ final class ChatService: FrameHandler {
             let prepared: StreamRunner.Prepared
             do {
                 prepared = try await streams.prepare(prompt, request: request, payer: user, feature: .chat, conversation: conversation.id)
+            } catch let refusal as CreditMeter.Refusal where refusal.bySpendLimit {
+                throw FrameError(
+                    ref: ref, code: .spendLimit,
+                    message: "this reply needs \(refusal.required) credits; your spending limits allow \(refusal.balance) more for now",
+                    required: refusal.required)
             } catch let refusal as CreditMeter.Refusal {
                 throw FrameError(
                     ref: ref, code: .insufficientCredits,

@@ -173,6 +173,12 @@ actor CreditMeter {
     private nonisolated let prepaid = Atomic<Int>(0)
     private(set) var balance: Int64 = 0
     private var batches = 0
+    /// The limits the user set on their own spending, read when the stream begins.
+    private var limits = SpendLimits()
+    /// True once a spend limit, not the balance, stopped the stream (reason `spend_limit`).
+    private(set) var stoppedBySpendLimit = false
+    /// The spend windows an entry made now counts against.
+    private var caps: [SpendCap] { limits.daily == nil && limits.monthly == nil ? [] : SpendCap.caps(limits, at: credits.configuration.clock()) }
 
     init(credits: Credits, user: String, stream: String, conversation: String?, room: String?, model: String, feature: Feature) {
         self.credits = credits
@@ -184,10 +190,12 @@ actor CreditMeter {
         self.feature = feature
     }
 
-    /// Why a stream may not start: the balance and what it needed.
+    /// Why a stream may not start: the balance and what it needed. With `bySpendLimit`, a limit
+    /// the user set is what falls short: `balance` is then what the limit still allows.
     struct Refusal: Error {
         var balance: Int64
         var required: Int64
+        var bySpendLimit = false
     }
 
     /// Checks that the prompt and the minimum output reserve are covered and charges the
@@ -199,15 +207,31 @@ actor CreditMeter {
             throw ProviderPriceMissing(model: model)
         }
         try await credits.ensureGrants(user)
+        limits = try await credits.plans?.store.spendLimits(user: user) ?? SpendLimits()
         let current = try await credits.store.balance(user: user)
         guard current >= inputCost + reserve else {
             credits.metrics.refusals.increment()
             throw Refusal(balance: current, required: inputCost + reserve)
         }
-        let outcome = try await credits.store.apply(entry("in", -inputCost, tokens: inputTokens), allowOverdraft: false)
-        if case .insufficient(let balance) = outcome {
+        // The reserve must fit the limits too: a reply that could not send a token is refused
+        // before its prompt is charged. (The charges below are what enforce the limits exactly.)
+        let caps = self.caps
+        if !caps.isEmpty, let plans = credits.plans {
+            let spent = try await plans.store.spent(user: user, windows: caps.map(\.window))
+            let available = caps.map { max(0, $0.max - (spent[$0.window] ?? 0)) }.min() ?? .max
+            guard available >= inputCost + reserve else {
+                throw Refusal(balance: available, required: inputCost + reserve, bySpendLimit: true)
+            }
+        }
+        let outcome = try await credits.store.apply(entry("in", -inputCost, tokens: inputTokens), allowOverdraft: false, caps: caps)
+        switch outcome {
+        case .insufficient(let balance):
             credits.metrics.refusals.increment()
             throw Refusal(balance: balance, required: inputCost + reserve)
+        case .overLimit(_, let available):
+            throw Refusal(balance: available, required: inputCost + reserve, bySpendLimit: true)
+        case .applied, .alreadyApplied:
+            break
         }
         if outcome.isApplied { credits.metrics.debited.increment(by: inputCost) }
         charged += inputCost
@@ -222,8 +246,9 @@ actor CreditMeter {
         var size = max(1, credits.configuration.batchTokens)
         while size >= 1 {
             let cost = outputCost(prepaidTokens + size) - outputCost(prepaidTokens)
-            let outcome = try await credits.store.apply(entry(String(batches + 1), -cost, tokens: size), allowOverdraft: false)
+            let outcome = try await credits.store.apply(entry(String(batches + 1), -cost, tokens: size), allowOverdraft: false, caps: caps)
             balance = outcome.balance
+            let available: Int64
             switch outcome {
             case .applied, .alreadyApplied:
                 if outcome.isApplied { credits.metrics.debited.increment(by: cost) }
@@ -231,16 +256,21 @@ actor CreditMeter {
                 prepaidTokens += size
                 charged += cost
                 return true
-            case .insufficient(let available):
-                // Buy the largest smaller batch the balance covers (a refused id may be reused).
-                var affordable = size - 1
-                while affordable >= 1, outputCost(prepaidTokens + affordable) - outputCost(prepaidTokens) > available {
-                    affordable -= 1
-                }
-                size = affordable
+            case .insufficient(let balance):
+                stoppedBySpendLimit = false
+                available = balance
+            case .overLimit(let balance, let allowed):
+                stoppedBySpendLimit = allowed < balance
+                available = min(balance, allowed)
             }
+            // Buy the largest smaller batch the balance and the limits cover (a refused id may be reused).
+            var affordable = size - 1
+            while affordable >= 1, outputCost(prepaidTokens + affordable) - outputCost(prepaidTokens) > available {
+                affordable -= 1
+            }
+            size = affordable
         }
-        credits.metrics.paywallHits.increment()
+        if !stoppedBySpendLimit { credits.metrics.paywallHits.increment() }
         return false
     }
 
@@ -268,7 +298,13 @@ actor CreditMeter {
         var difference = charged - actual  // positive: refund
         do {
             if difference != 0 {
-                var outcome = try await credits.store.apply(entry("settle", difference, tokens: 0, kind: .settlement), allowOverdraft: false)
+                let caps = self.caps
+                var outcome = try await credits.store.apply(
+                    entry("settle", difference, tokens: 0, kind: .settlement), allowOverdraft: false, caps: caps)
+                if case .overLimit = outcome {
+                    // A last charge past a limit: the tokens were delivered, so it is charged anyway.
+                    outcome = try await credits.store.apply(entry("settle", difference, tokens: 0, kind: .settlement), allowOverdraft: false)
+                }
                 if case .insufficient(let available) = outcome, available > 0 {
                     credits.logger.warning(
                         "settlement charged only part of the usage", metadata: ["stream": "\(stream)", "short": "\(-difference - available)"])

@@ -141,7 +141,7 @@ struct APIError: Error, Sendable {
             case .notFound, .streamGone: .notFound
             case .conflict: .conflict
             case .rateLimited, .limitExceeded: .tooManyRequests
-            case .insufficientCredits, .planRequired: .paymentRequired
+            case .insufficientCredits, .planRequired, .spendLimit: .paymentRequired
             case .providerError: .badGateway
             case .unavailable: .serviceUnavailable
             case .internal: .internalServerError

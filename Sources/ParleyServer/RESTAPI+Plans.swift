@@ -26,7 +26,25 @@ extension RESTAPI {
                     ])
                 ),
                 ("balance", .int(try await store.balance(user: identity.user))),
+                ("limits", try await store.spendLimits(user: identity.user).json),
             ]))
+    }
+
+    /// `PUT /v1/me/limits {"daily"?, "monthly"?}`: the caller's own spending limits in credits
+    /// (a missing or null one: none). Replies stop at the last token within them (`spend_limit`).
+    func setLimits(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
+        var reader = try JSONObjectReader(try request.json())
+        func limit(_ name: String) throws -> Int64? {
+            guard let value = try reader.value(name), value != .null else { return nil }
+            guard let n = value.intValue, (0...1_000_000_000_000).contains(n) else {
+                throw ValidationError("'\(name)' must be null or an integer from 0 to 1000000000000 (credits)")
+            }
+            return n
+        }
+        let limits = SpendLimits(daily: try limit("daily"), monthly: try limit("monthly"))
+        try reader.rejectUnknown()
+        try await store.setSpendLimits(limits, user: identity.user)
+        return HTTPResponse(.ok, json: limits.json)
     }
 
     /// A signed subscription event (the webhook's body has `event`):

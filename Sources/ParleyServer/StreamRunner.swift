@@ -217,9 +217,10 @@ final class StreamRunner: Sendable {
         let (text, seq, reported, failure, failureCode, outOfCredits) =
             (reply.text, reply.seq, reply.reported, reply.failure, reply.failureCode, reply.outOfCredits)
 
+        let spendLimited = outOfCredits ? await meter.stoppedBySpendLimit : false
         let reason: StreamEndReason
         if outOfCredits {
-            reason = .insufficientCredits
+            reason = spendLimited ? .spendLimit : .insufficientCredits
         } else if failure != nil, live.stopReason == nil {
             reason = .error
         } else if reported != nil, failure == nil {
@@ -251,7 +252,7 @@ final class StreamRunner: Sendable {
             let frame = allocator.buffer(bytes: ServerFrame.error(ref: ref, code: failureCode, message: failure))
             live.publish(frame, audience: requester.map { .only(connection: $0.id) } ?? .everyone)
         }
-        if outOfCredits {
+        if outOfCredits, !spendLimited {
             let paywall = allocator.buffer(
                 bytes: ServerFrame.paywall(stream: live.id, balance: balance, required: await meter.nextTokenCost, room: live.room))
             live.publish(paywall, to: recipients?.topic, audience: recipients?.audience ?? .everyone)

@@ -14,7 +14,7 @@ extension SQLiteStore {
         try db.query("SELECT balance FROM accounts WHERE user = ?", [.text(user)]).first?["balance"].int ?? 0
     }
 
-    public func apply(_ entry: LedgerEntry, allowOverdraft: Bool) async throws -> LedgerOutcome {
+    public func apply(_ entry: LedgerEntry, allowOverdraft: Bool, caps: [SpendCap]) async throws -> LedgerOutcome {
         try await run { db in
             try db.transaction {
                 let current = try Self.balance(db, entry.user)
@@ -23,6 +23,24 @@ extension SQLiteStore {
                 }
                 if entry.credits < 0, !allowOverdraft, current + entry.credits < 0 {
                     return .insufficient(balance: current)
+                }
+                if !caps.isEmpty {
+                    var available = Int64.max
+                    for cap in caps {
+                        let spent =
+                            try db.query("SELECT spent FROM spend_windows WHERE user = ? AND span = ?", [.text(entry.user), .text(cap.window)])
+                            .first?["spent"].int ?? 0
+                        available = min(available, max(0, cap.max - spent))
+                    }
+                    if entry.credits < 0, -entry.credits > available { return .overLimit(balance: current, available: available) }
+                    for cap in caps {
+                        try db.query(
+                            """
+                            INSERT INTO spend_windows(user, span, spent) VALUES(?, ?, max(0, ?))
+                            ON CONFLICT(user, span) DO UPDATE SET spent = max(0, spent + ?)
+                            """,
+                            [.text(entry.user), .text(cap.window), .int(-entry.credits), .int(-entry.credits)])
+                    }
                 }
                 let optional: (String?) -> SQLValue = { $0.map(SQLValue.text) ?? .null }
                 try db.query(

@@ -24,4 +24,32 @@ extension SQLiteStore {
             return db.changes > 0
         }
     }
+
+    public func spendLimits(user: String) async throws -> SpendLimits {
+        try await read { db in
+            try db.query("SELECT daily, monthly FROM spend_limits WHERE user = ?", [.text(user)]).first.map {
+                SpendLimits(daily: $0["daily"].int, monthly: $0["monthly"].int)
+            } ?? SpendLimits()
+        }
+    }
+
+    public func setSpendLimits(_ limits: SpendLimits, user: String) async throws {
+        try await run { db in
+            try db.query(
+                "INSERT INTO spend_limits(user, daily, monthly) VALUES(?, ?, ?) ON CONFLICT(user) DO UPDATE SET daily = excluded.daily, monthly = excluded.monthly",
+                [.text(user), limits.daily.map(SQLValue.int) ?? .null, limits.monthly.map(SQLValue.int) ?? .null])
+        }
+    }
+
+    public func spent(user: String, windows: [String]) async throws -> [String: Int64] {
+        try await read { db in
+            var spent: [String: Int64] = [:]
+            for window in windows {
+                if let row = try db.query("SELECT spent FROM spend_windows WHERE user = ? AND span = ?", [.text(user), .text(window)]).first {
+                    spent[window] = row["spent"].int ?? 0
+                }
+            }
+            return spent
+        }
+    }
 }

@@ -254,6 +254,20 @@ public final class SQLiteStore: Store {
         CREATE INDEX ledger_by_conversation ON ledger(user, conversation) WHERE conversation IS NOT NULL;
         CREATE INDEX ledger_by_room ON ledger(user, room) WHERE room IS NOT NULL;
         """,
+        // v18: the limits users set on their own spending, and what each window spent (#27).
+        """
+        CREATE TABLE spend_limits (
+            user TEXT PRIMARY KEY,
+            daily INTEGER,
+            monthly INTEGER
+        );
+        CREATE TABLE spend_windows (
+            user TEXT NOT NULL,
+            span TEXT NOT NULL,
+            spent INTEGER NOT NULL,
+            PRIMARY KEY (user, span)
+        );
+        """,
     ]
 
     /// An FTS5 table `index` over `column` of `table` (v11's search): external content, so the

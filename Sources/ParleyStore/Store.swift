@@ -99,7 +99,12 @@ public protocol LedgerStore: Sendable {
     /// balance does not cover is refused (`insufficient`) unless `allowOverdraft`. An entry whose
     /// id was applied before changes nothing (`alreadyApplied`). Concurrent callers can never
     /// overdraw a balance.
-    func apply(_ entry: LedgerEntry, allowOverdraft: Bool) async throws -> LedgerOutcome
+    ///
+    /// With `caps` (a reply's entries, for a user who set spending limits), a negative entry is
+    /// also refused (`overLimit`) when it would take what was spent in any cap's window past its
+    /// `max`, atomically with the balance; a positive one (a settlement's return) gives back to
+    /// each window what it returns. An entry applied before counts nothing again.
+    func apply(_ entry: LedgerEntry, allowOverdraft: Bool, caps: [SpendCap]) async throws -> LedgerOutcome
 
     /// One applied ledger entry by id, whoever it belongs to; nil when there is none.
     func ledgerEntry(id: String) async throws -> LedgerEntry?
@@ -119,6 +124,10 @@ public protocol LedgerStore: Sendable {
 }
 
 extension LedgerStore {
+    public func apply(_ entry: LedgerEntry, allowOverdraft: Bool) async throws -> LedgerOutcome {
+        try await apply(entry, allowOverdraft: allowOverdraft, caps: [])
+    }
+
     /// Every entry a crash left half-applied, whichever node wrote it.
     public func recoverLedger() async throws -> Int { try await recoverLedger(node: nil) }
 }
@@ -302,6 +311,11 @@ public protocol PlanStore: Sendable {
     /// Stores `subscription` unless the one stored came from an event as new or newer
     /// (`updatedAt`); true when it was stored. Atomic: of two racing writes the newer wins.
     func saveSubscription(_ subscription: Subscription) async throws -> Bool
+    /// The limits `user` set on their own spending (none set: no limits).
+    func spendLimits(user: String) async throws -> SpendLimits
+    func setSpendLimits(_ limits: SpendLimits, user: String) async throws
+    /// What `user`'s replies spent in each of `windows` (`SpendCap.window`); absent: nothing.
+    func spent(user: String, windows: [String]) async throws -> [String: Int64]
 }
 
 /// Payment orders and the webhook's delivery log (#27), kept 7 years for tax and disputes.

@@ -268,4 +268,45 @@ final class TestClock: Sendable {
         #expect(empty["spent"] == .int(0) && empty["groups"] == .array([]))
         await server.stop()
     }
+
+    /// A daily limit the user set stops a reply at exactly the last token within it, with reason
+    /// spend_limit and no paywall; the next reply is refused until the limit is raised.
+    @Test(arguments: TestServer.StoreKind.allCases)
+    func aDailyLimitStopsAReplyAtTheLastTokenWithinIt(_ store: TestServer.StoreKind) async throws {
+        let server = try await TestServer.start(store: store) {
+            $0.credits.pricing = PricingTable(models: ["simulated": ModelPrice(inputPer1K: 0, outputPer1K: 1_000)])
+            $0.credits.startingGrant = 10_000
+            $0.credits.batchTokens = 4
+            $0.credits.outputReserveTokens = 1
+            $0.simulated.replyTokens = 100
+        }
+        let token = try await server.token("alice")
+        let set = try await TestHTTPClient.json(
+            port: server.port, .PUT, "/v1/me/limits", token: token, json: .object([("daily", .int(10)), ("monthly", .null)]))
+        #expect(set.status == .ok)
+        #expect(try set.json() == SpendLimits(daily: 10).json)
+        #expect(try await server.get("/v1/me", token: token).json()["limits"] == SpendLimits(daily: 10).json)
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        try await socket.chatSend(id: "c1", clone: clone, text: "talk a lot")
+        let reply = try await socket.readReply()
+        #expect(reply.tokens.count == 10, "1 credit a token: exactly the ten the limit allows")
+        #expect(reply.end["reason"] == .string("spend_limit") && reply.end["cost"] == .int(10))
+        let entries = try await creditsOf(server, token: token).entries.filter { $0["stream"] == .string(reply.stream) }
+        #expect(entries.reduce(0) { $0 - $1["credits"]!.intValue! } == 10)
+        #expect(try await server.get("/v1/me/usage", token: token).json()["spent"] == .int(10))
+
+        try await socket.chatSend(id: "c2", clone: clone, conversation: reply.conversation, text: "more?")
+        let refused = try await socket.next(type: "error").frame
+        #expect(refused["code"] == .string("spend_limit") && refused["ref"] == .string("c2"))
+        let raised = try await TestHTTPClient.json(port: server.port, .PUT, "/v1/me/limits", token: token, json: .object([("daily", .int(15))]))
+        #expect(raised.status == .ok)
+        try await socket.chatSend(id: "c3", clone: clone, conversation: reply.conversation, text: "a little more")
+        let more = try await socket.readReply()
+        #expect(more.tokens.count == 5 && more.end["reason"] == .string("spend_limit"))
+        let bad = try await TestHTTPClient.json(port: server.port, .PUT, "/v1/me/limits", token: token, json: .object([("daily", .int(-1))]))
+        #expect(bad.status == .badRequest)
+        try await expectInvariant(server, token: token)
+        await server.stop()
+    }
 }

@@ -87,3 +87,35 @@ import Testing
         }
     }
 }
+
+/// Spending caps (#27) on every backend: concurrent debits never take a window past its cap, a
+/// settlement's return gives room back, a retried entry counts once, and grants are not capped.
+@Suite("Spend cap conformance") struct SpendCapConformanceTests {
+    @Test(arguments: Backend.all)
+    func concurrentDebitsNeverPassACap(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            func entry(_ id: String, _ credits: Int64, _ kind: LedgerEntry.Kind = .debit) -> LedgerEntry {
+                LedgerEntry(id: id, user: "alice", kind: kind, credits: credits, tokens: 1, stream: "st_1", createdAt: 1)
+            }
+            _ = try await store.apply(entry("grant", 1_000, .grant), allowOverdraft: false)
+            let caps = [SpendCap(window: "day:2026-12-04", max: 10), SpendCap(window: "month:2026-12", max: 100)]
+            let outcomes = try await withThrowingTaskGroup(of: LedgerOutcome.self) { group in
+                for n in 0..<30 { group.addTask { try await store.apply(entry("d\(n)", -1), allowOverdraft: false, caps: caps) } }
+                return try await group.reduce(into: []) { $0.append($1) }
+            }
+            #expect(outcomes.filter(\.isApplied).count == 10)
+            #expect(outcomes.contains(.overLimit(balance: 990, available: 0)))
+            let spent = try await store.spent(user: "alice", windows: caps.map(\.window))
+            #expect(spent == ["day:2026-12-04": 10, "month:2026-12": 10], "\(spent), \(outcomes)")
+            #expect(try await store.apply(entry("d0", -1), allowOverdraft: false, caps: caps) == .alreadyApplied(balance: 990))
+            #expect(try await store.apply(entry("back", 3, .settlement), allowOverdraft: false, caps: caps).isApplied)
+            #expect(try await store.apply(entry("big", -4), allowOverdraft: false, caps: caps) == .overLimit(balance: 993, available: 3))
+            #expect(try await store.apply(entry("fits", -3), allowOverdraft: false, caps: caps) == .applied(balance: 990))
+            #expect(try await store.spent(user: "alice", windows: ["day:2026-12-04"]) == ["day:2026-12-04": 10])
+            // Another day's window starts empty; the month's goes on counting.
+            let tomorrow = [SpendCap(window: "day:2026-12-05", max: 10), SpendCap(window: "month:2026-12", max: 12)]
+            #expect(try await store.apply(entry("next", -5), allowOverdraft: false, caps: tomorrow) == .overLimit(balance: 990, available: 2))
+            #expect(try await store.apply(entry("next", -2), allowOverdraft: false, caps: tomorrow) == .applied(balance: 988))
+        }
+    }
+}

@@ -6,7 +6,7 @@ const $ = (id) => document.getElementById(id);
 const SLIDERS = ["warmth", "humor", "formality", "verbosity", "curiosity"];
 const LANGUAGES = [["en", "English"], ["es", "Español"], ["fr", "Français"], ["de", "Deutsch"], ["pt-BR", "Português (Brasil)"],
                    ["it", "Italiano"], ["ja", "日本語"], ["zh-Hans", "中文（简体）"]];
-const REASONS = { cancelled: "stopped", insufficient_credits: "out of credits", error: "the reply failed", shutdown: "the server restarted", interrupted: "cut short: the server stopped" };
+const REASONS = { cancelled: "stopped", insufficient_credits: "out of credits", spend_limit: "your spending limit was reached", error: "the reply failed", shutdown: "the server restarted", interrupted: "cut short: the server stopped" };
 
 const state = {
   token: sessionStorage.getItem("parley.token"),
@@ -241,6 +241,8 @@ function humanError(frame) {
   if (frame.code === "insufficient_credits") {
     return `Not enough credits: you have ${credits(frame.balance ?? 0)}, this needs ${frame.required ? credits(frame.required) : "more"}.`;
   }
+  if (frame.code === "spend_limit") return "Your spending limit is reached for now; raise it or wait for the next day or month.";
+  if (frame.code === "plan_required") return frame.plan ? `Your plan does not include this; the ${frame.plan} plan does.` : "Your plan does not include this.";
   if (frame.code === "rate_limited" && /already streaming/.test(message)) return "A reply is still being written in this conversation; wait for it or press Stop.";
   if (frame.code === "internal") return "Something went wrong on the server; try again.";
   const words = message
