@@ -1059,3 +1059,27 @@ def test_no_serious_accessibility_violation_on_any_view_at_desktop_or_phone_widt
                 found[f"{view}/{label}"] = [(v["id"], v["impact"], [n["target"] for n in v["nodes"]][:4]) for v in bad]
         context.close()
     assert not found, json.dumps(found, indent=1)
+
+
+def test_the_account_shows_the_plan_and_saves_the_spending_limits(web, browser):
+    # #27: the plan (the built-in free one here), this month's spending by day, and limits the
+    # user sets, stored on the server and shown again after a reload.
+    page = browser.new_page()
+    sign_in(page, web.base, "lena")
+    page.get_by_role("button", name="Account").click()
+    expect(page.locator("#plan-summary")).to_contain_text("Free plan: chat, debates, scheduled messages, translation chats.", timeout=WAIT)
+    expect(page.locator("#usage-days")).to_have_text("Nothing spent yet this month.", timeout=WAIT)
+    page.get_by_label("Per day (credits)").fill("25")
+    page.get_by_role("button", name="Save limits").click()
+    expect(page.locator("#limits-status")).to_have_text("Saved.", timeout=WAIT)
+    token = web.token("lena")
+    assert web.http("GET", "/v1/me", token)[1]["limits"] == {"daily": 25, "monthly": None}
+    page.reload()
+    page.get_by_role("button", name="Account").click()
+    expect(page.get_by_label("Per day (credits)")).to_have_value("25", timeout=WAIT)
+    expect(page.get_by_label("Per month (credits)")).to_have_value("")
+    page.get_by_label("Per day (credits)").fill("")
+    page.get_by_role("button", name="Save limits").click()
+    expect(page.locator("#limits-status")).to_have_text("Saved: no limits.", timeout=WAIT)
+    assert web.http("GET", "/v1/me", token)[1]["limits"] == {"daily": None, "monthly": None}
+    page.close()

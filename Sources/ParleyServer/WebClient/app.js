@@ -264,7 +264,7 @@ function show(view) {
   if (view === "schedules") loadSchedules();
   if (view === "rooms") loadMyRooms();
   if (view === "chat" && !state.conversationId) showConversation(null);  // the current clone's greeting
-  if (view === "account") { $("account-status").textContent = ""; loadCreditHistory(); }
+  if (view === "account") { $("account-status").textContent = ""; loadPlan(); loadCreditHistory(); }
 }
 
 function setConnection(text) { $("connection").textContent = text; }
@@ -279,6 +279,42 @@ function setCredits(balance) {
   if (low && !state.warnedLow) showBanner(`Your balance is low: ${credits(balance)} left. Replies stop when it runs out.`, "credits");
   if (!low) hideBanner("credits");
   state.warnedLow = low;
+}
+
+// The Account view's plan: what it includes, the period, the user's own spending limits and
+// what this month cost, day by day (all from the server: GET /v1/me and /v1/me/usage).
+const PLAN_FEATURES = { chat: "chat", debate: "debates", translation: "translation chats", schedule: "scheduled messages" };
+async function loadPlan() {
+  try {
+    const [me, usage] = await Promise.all([api("GET", "/v1/me"), api("GET", "/v1/me/usage?by=day")]);
+    const plan = me.plan;
+    const last = new Date(Date.parse(me.period.end) - 1).toLocaleDateString(undefined, { timeZone: "UTC" });  // the end is exclusive
+    const allowance = plan.monthly_credits > 0
+      ? ` ${credits(plan.monthly_credits)} a month (${plan.renewal === "add" ? "added" : "topped up to"} on the month's first use).` : "";
+    const status = me.subscription && me.subscription.status !== "active"
+      ? ` Your subscription is ${me.subscription.status === "past_due" ? "past due" : "cancelled"}: it ends ${new Date(me.subscription.period_end).toLocaleDateString()}.` : "";
+    $("plan-summary").textContent = `${plan.name} plan: ${plan.features.map((f) => PLAN_FEATURES[f] ?? f).join(", ")}.${allowance}${status} This month runs to ${last}.`;
+    $("limit-daily").value = me.limits.daily ?? "";
+    $("limit-monthly").value = me.limits.monthly ?? "";
+    $("usage-days").replaceChildren(...(usage.groups.length ? usage.groups : [{ key: null, credits: 0 }]).map((g) => {
+      const li = document.createElement("li");
+      li.textContent = g.key ? `${new Date(g.key + "T00:00:00Z").toLocaleDateString(undefined, { timeZone: "UTC" })}: ${credits(g.credits)}` : "Nothing spent yet this month.";
+      return li;
+    }));
+  } catch (error) {
+    $("plan-summary").textContent = `Could not load your plan: ${error.message}`;
+  }
+}
+
+async function saveLimits(event) {
+  event.preventDefault();
+  const value = (id) => $(id).value.trim() === "" ? null : Number($(id).value);
+  try {
+    const saved = await api("PUT", "/v1/me/limits", { daily: value("limit-daily"), monthly: value("limit-monthly") });
+    $("limits-status").textContent = saved.daily === null && saved.monthly === null ? "Saved: no limits." : "Saved.";
+  } catch (error) {
+    $("limits-status").textContent = `Not saved: ${error.message}`;
+  }
 }
 
 // The Account view's ledger: the newest entries, and what each conversation or room cost in them.
@@ -1362,6 +1398,7 @@ async function start() {
   };
   $("sign-out").onclick = signOut;
   $("export-account").onclick = exportAccount;
+  $("limits-form").onsubmit = saveLimits;
   $("delete-account").onclick = deleteAccount;
   $("search-form").onsubmit = search;
   $("chat-clone").onchange = () => { state.cloneId = $("chat-clone").value; showModel(); showConversation(null); };
