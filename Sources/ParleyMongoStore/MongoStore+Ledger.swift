@@ -153,6 +153,26 @@ extension MongoStore {
         }
     }
 
+    public func ledgerEntries(from: Int64, to: Int64?, after: (createdAt: Int64, id: String)?, limit: Int) async throws -> [LedgerEntry] {
+        try await run { db in
+            var range: [(String, JSONValue)] = [("$gte", .long(from))]
+            if let to { range.append(("$lt", .long(to))) }
+            var filter: [(String, JSONValue)] = [("state", .string("applied")), ("created_at", .object(range))]
+            if let after {
+                filter.append(
+                    (
+                        "$or",
+                        .array([
+                            .object([("created_at", .object([("$gt", .long(after.createdAt))]))]),
+                            .object([("created_at", .long(after.createdAt)), ("_id", .object([("$gt", .string(after.id))]))]),
+                        ])
+                    ))
+            }
+            return try db.find("ledger", filter: .object(filter), sort: .object([("created_at", .int(1)), ("_id", .int(1))]), limit: limit)
+                .map(Self.entry(from:))
+        }
+    }
+
     public func costs(user: String, link: LedgerLink, ids: [String]) async throws -> [String: Int64] {
         guard !ids.isEmpty else { return [:] }
         return try await run { db in

@@ -489,6 +489,7 @@ struct Database: Sendable {
         // What a conversation or a room cost (#27).
         ("ledger", "user_conversation", .object([("user", .int(1)), ("conversation", .int(1))]), false),
         ("ledger", "user_room", .object([("user", .int(1)), ("room", .int(1))]), false),
+        ("ledger", "created", .object([("created_at", .int(1)), ("_id", .int(1))]), false),
         ("schedules", "owner_id", .object([("owner", .int(1)), ("_id", .int(1))]), false),
         ("schedules", "status_id", .object([("status", .int(1)), ("_id", .int(1))]), false),
         // A cluster's node loads the pending schedules of the shards it holds.

@@ -29,19 +29,38 @@ public struct CreditsConfiguration: Sendable {
     public init() {}
 }
 
-/// Counters an operator watches for the credits feature.
-struct CreditMetrics: Sendable {
+/// Counters an operator watches for the credits feature: exported to the metrics backend, and
+/// kept here too for the admin's usage view (since this node started).
+final class CreditMetrics: Sendable {
     let debited: Counter
     let refunded: Counter
-    let paywallHits: Counter
-    let refusals: Counter
+    let paywallHits: CountedCounter
+    let refusals: CountedCounter
+    /// Replies a user's own spending limit refused or stopped (`spend_limit`).
+    let spendLimitHits: CountedCounter
 
     init(factory: any MetricsFactory) {
         debited = Counter(label: "parley_credits_debited_total", factory: factory)
         refunded = Counter(label: "parley_credits_refunded_total", factory: factory)
-        paywallHits = Counter(label: "parley_paywall_hits_total", factory: factory)
-        refusals = Counter(label: "parley_insufficient_credits_refusals_total", factory: factory)
+        paywallHits = CountedCounter(label: "parley_paywall_hits_total", factory: factory)
+        refusals = CountedCounter(label: "parley_insufficient_credits_refusals_total", factory: factory)
+        spendLimitHits = CountedCounter(label: "parley_spend_limit_hits_total", factory: factory)
     }
+}
+
+/// A metrics counter whose count this process can also read.
+final class CountedCounter: Sendable {
+    private let counter: Counter
+    private let count = Atomic<Int>(0)
+
+    init(label: String, factory: any MetricsFactory) { counter = Counter(label: label, factory: factory) }
+
+    func increment() {
+        counter.increment()
+        count.add(1, ordering: .relaxed)
+    }
+
+    var value: Int { count.load(ordering: .relaxed) }
 }
 
 /// Grants and the one-time starting grant.
@@ -220,6 +239,7 @@ actor CreditMeter {
             let spent = try await plans.store.spent(user: user, windows: caps.map(\.window))
             let available = caps.map { max(0, $0.max - (spent[$0.window] ?? 0)) }.min() ?? .max
             guard available >= inputCost + reserve else {
+                credits.metrics.spendLimitHits.increment()
                 throw Refusal(balance: available, required: inputCost + reserve, bySpendLimit: true)
             }
         }
@@ -229,6 +249,7 @@ actor CreditMeter {
             credits.metrics.refusals.increment()
             throw Refusal(balance: balance, required: inputCost + reserve)
         case .overLimit(_, let available):
+            credits.metrics.spendLimitHits.increment()
             throw Refusal(balance: available, required: inputCost + reserve, bySpendLimit: true)
         case .applied, .alreadyApplied:
             break
@@ -270,7 +291,7 @@ actor CreditMeter {
             }
             size = affordable
         }
-        if !stoppedBySpendLimit { credits.metrics.paywallHits.increment() }
+        if stoppedBySpendLimit { credits.metrics.spendLimitHits.increment() } else { credits.metrics.paywallHits.increment() }
         return false
     }
 

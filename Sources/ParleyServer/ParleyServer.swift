@@ -164,7 +164,8 @@ public final class ParleyServer: Sendable {
         }
         if recovered > 0 { logger.notice("recovered ledger entries left pending by a crash", metadata: ["count": "\(recovered)"]) }
         let audit = AuditLog(store: store, secret: secret, ids: ids, logger: logger)
-        let plans = PlanBook(catalog: configuration.credits.plans, store: store, clock: configuration.credits.clock)
+        let plans = PlanBook(
+            catalog: configuration.credits.plans, store: store, clock: configuration.credits.clock, metrics: configuration.metrics)
         let credits = Credits(
             store: store, configuration: configuration.credits, logger: logger, metrics: configuration.metrics, plans: plans,
             pseudonym: audit.pseudonym(for:))

@@ -1,3 +1,4 @@
+import CoreMetrics
 import Logging
 import ParleyCore
 import ParleyStore
@@ -15,11 +16,14 @@ final class PlanBook: Sendable {
     let freshness: Int64
     let capacity: Int
     private let cache = Mutex<[String: (subscription: Subscription?, readAt: Int64)]>([:])
+    /// Requests refused with `plan_required`.
+    let refusals: CountedCounter
 
     init(
         catalog: PlanCatalog, store: any PlanStore, clock: @escaping @Sendable () -> Int64, freshness: Duration = .seconds(5),
-        capacity: Int = 10_000
+        capacity: Int = 10_000, metrics: any MetricsFactory = MetricsSystem.factory
     ) {
+        refusals = CountedCounter(label: "parley_plan_refusals_total", factory: metrics)
         self.catalog = catalog
         self.store = store
         self.clock = clock
@@ -57,6 +61,7 @@ final class PlanBook: Sendable {
     func require(_ feature: PlanFeature, user: String, ref: String?, what: String) async throws {
         let plan = try await plan(of: user)
         guard !plan.features.contains(feature) else { return }
+        refusals.increment()
         throw Self.refusal(ref: ref, "\(what) is not in the \(plan.name) plan", catalog.first(allowing: feature))
     }
 
@@ -69,7 +74,8 @@ final class PlanBook: Sendable {
 
     /// `plan_required` for a user on `plan` who would have `count` of `kind`.
     func refusal(_ count: Int, of kind: PlanLimits.Kind, on plan: Plan, ref: String?, what: String) -> FrameError {
-        Self.refusal(ref: ref, "the \(plan.name) plan allows \(plan.limits[kind] ?? 0) \(what)", catalog.first(allowing: count, of: kind))
+        refusals.increment()
+        return Self.refusal(ref: ref, "the \(plan.name) plan allows \(plan.limits[kind] ?? 0) \(what)", catalog.first(allowing: count, of: kind))
     }
 
     static func refusal(ref: String?, _ reason: String, _ allowing: Plan?) -> FrameError {

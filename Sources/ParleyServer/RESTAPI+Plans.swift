@@ -118,17 +118,7 @@ extension RESTAPI {
         guard let grouping = UsageReport.Grouping(rawValue: byName) else {
             throw ValidationError("'by' must be one of \(UsageReport.Grouping.allCases.map(\.rawValue).joined(separator: ", "))")
         }
-        let now = configuration.credits.clock()
-        func time(_ name: String) throws -> Int64? {
-            guard let text = request.query[name] else { return nil }
-            guard let millis = RFC3339.parse(text) else { throw ValidationError("'\(name)' must be an RFC 3339 time such as 2026-12-01T00:00:00Z") }
-            return millis
-        }
-        let from = try time("from") ?? BillingPeriod(containing: now).start
-        let to = try time("to")
-        guard to.map({ from < $0 && $0 - from <= 400 * 86_400_000 }) ?? true else {
-            throw ValidationError("'from' must be before 'to', at most 400 days apart")
-        }
+        let (from, to) = try usageRange(request)
         var report = UsageReport(by: grouping)
         var clones: [String: String?] = [:]
         var before: String?
@@ -150,5 +140,71 @@ extension RESTAPI {
             .ok,
             json: .object(
                 [("from", .string(Timestamp.rfc3339(millis: from))), ("to", to.map { .string(Timestamp.rfc3339(millis: $0)) } ?? .null)] + pairs))
+    }
+}
+
+extension RESTAPI {
+    /// `GET /v1/admin/usage?from=&to=` (admin role): every user's spending in [from, to) (RFC 3339;
+    /// by default this billing period), summed from the ledger by plan (each user's plan now),
+    /// feature, model and day, with grants and refunds; and what this node refused since it
+    /// started (paywall hits, insufficient credits, plan_required, spending limits).
+    func adminUsage(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
+        guard identity.isAdmin else { throw APIError(.forbidden, .forbidden, "the usage of all users needs the admin role") }
+        let (from, to) = try usageRange(request)
+        var reports = [UsageReport(by: .feature), UsageReport(by: .model), UsageReport(by: .day)]
+        var byPlan: [String: Int64] = [:]
+        var plans: [String: String] = [:]
+        var spenders = Set<String>()
+        var after: (createdAt: Int64, id: String)?
+        while true {
+            let page = try await store.ledgerEntries(from: from, to: to, after: after, limit: 1_000)
+            for entry in page {
+                for index in reports.indices { reports[index].add(entry) }
+                guard entry.kind == .debit || entry.kind == .settlement else { continue }
+                spenders.insert(entry.user)
+                if plans[entry.user] == nil { plans[entry.user] = try await credits.plans?.plan(of: entry.user).id ?? "free" }
+                byPlan[plans[entry.user]!, default: 0] -= entry.credits
+            }
+            guard page.count == 1_000, let last = page.last else { break }
+            after = (last.createdAt, last.id)
+        }
+        func groups(_ report: UsageReport) -> JSONValue {
+            .array(report.sortedGroups.map { .object([("key", $0.key.map(JSONValue.string) ?? .null), ("credits", .int($0.credits))]) })
+        }
+        let metrics = credits.metrics
+        return HTTPResponse(
+            .ok,
+            json: .object([
+                ("from", .string(Timestamp.rfc3339(millis: from))), ("to", to.map { .string(Timestamp.rfc3339(millis: $0)) } ?? .null),
+                ("spent", .int(reports[0].spent)), ("granted", .int(reports[0].granted)), ("refunded", .int(reports[0].refunded)),
+                ("users", .int(Int64(spenders.count))),
+                ("by_plan", .array(byPlan.sorted { $0.key < $1.key }.map { .object([("key", .string($0.key)), ("credits", .int($0.value))]) })),
+                ("by_feature", groups(reports[0])), ("by_model", groups(reports[1])), ("by_day", groups(reports[2])),
+                (
+                    "refusals_since_start",
+                    .object([
+                        ("paywall_hits", .int(Int64(metrics.paywallHits.value))),
+                        ("insufficient_credits", .int(Int64(metrics.refusals.value))),
+                        ("plan_required", .int(Int64(credits.plans?.refusals.value ?? 0))),
+                        ("spend_limit", .int(Int64(metrics.spendLimitHits.value))),
+                    ])
+                ),
+            ]))
+    }
+
+    /// A usage report's `from` and `to` (RFC 3339): by default from this billing period's start
+    /// on; at most 400 days.
+    private func usageRange(_ request: HTTPRequest) throws -> (from: Int64, to: Int64?) {
+        func time(_ name: String) throws -> Int64? {
+            guard let text = request.query[name] else { return nil }
+            guard let millis = RFC3339.parse(text) else { throw ValidationError("'\(name)' must be an RFC 3339 time such as 2026-12-01T00:00:00Z") }
+            return millis
+        }
+        let from = try time("from") ?? BillingPeriod(containing: configuration.credits.clock()).start
+        let to = try time("to")
+        guard to.map({ from < $0 && $0 - from <= 400 * 86_400_000 }) ?? true else {
+            throw ValidationError("'from' must be before 'to', at most 400 days apart")
+        }
+        return (from, to)
     }
 }

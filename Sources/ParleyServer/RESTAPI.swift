@@ -89,6 +89,7 @@ struct RESTAPI: Sendable {
         }
         router.add(.GET, "/v1/payments") { [self] request, _, identity in try await listPayments(request, identity) }
         router.add(.GET, "/v1/admin/payments") { [self] request, _, identity in try await listAllPayments(request, identity) }
+        router.add(.GET, "/v1/admin/usage") { [self] request, _, identity in try await adminUsage(request, identity) }
         router.add(.GET, "/v1/admin/webhooks") { [self] request, _, identity in try await listWebhooks(request, identity) }
         router.add(.PUT, "/v1/me/limits") { [self] request, _, identity in try await setLimits(request, identity) }
         router.add(.GET, "/v1/me/usage") { [self] request, _, identity in try await usage(request, identity) }

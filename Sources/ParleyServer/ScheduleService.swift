@@ -194,9 +194,10 @@ final class ScheduleService: FrameHandler {
             at: request.at, content: request.content, status: .pending, createdAt: now, updatedAt: now)
         // The plan's limit, where it is below the server's, answers plan_required.
         let cap = plan.flatMap { plan in plan.limits.pendingSchedules.flatMap { $0 < limits.maxPendingPerUser ? (plan, $0) : nil } }
-        let overPlan = cap.map { cap in
-            streams.credits.plans?.refusal(cap.1 + 1, of: .pendingSchedules, on: cap.0, ref: nil, what: "pending scheduled messages")
-                ?? tooMany()
+        // Made only when it is the answer (making it counts a plan refusal).
+        var overPlan: (@Sendable () -> FrameError)?
+        if let (plan, limit) = cap, let plans = streams.credits.plans {
+            overPlan = { plans.refusal(limit + 1, of: .pendingSchedules, on: plan, ref: nil, what: "pending scheduled messages") }
         }
         if let cluster { return try await createInCluster(schedule, cluster, limit: cap?.1, overPlan: overPlan) }
         // The quota is taken before the write, so concurrent creates cannot overshoot it.
@@ -205,7 +206,7 @@ final class ScheduleService: FrameHandler {
             s.pending[owner, default: [:]][schedule.id] = schedule.clone
             return true
         }
-        guard admitted else { throw overPlan ?? tooMany() }
+        guard admitted else { throw overPlan?() ?? tooMany() }
         do {
             try await store.createSchedule(schedule)
         } catch {
@@ -220,13 +221,13 @@ final class ScheduleService: FrameHandler {
     /// is kept when it is among the user's first `maxPendingPerUser` pending ones. (Two creates
     /// racing on two nodes whose clocks differ can both pass: README says so.)
     private func createInCluster(
-        _ schedule: Schedule, _ cluster: ScheduleShardKeeper, limit planLimit: Int?, overPlan: FrameError?
+        _ schedule: Schedule, _ cluster: ScheduleShardKeeper, limit planLimit: Int?, overPlan: (@Sendable () -> FrameError)?
     ) async throws(FrameError) -> Schedule {
         do {
             try await store.createSchedule(schedule)
             let limit = planLimit ?? limits.maxPendingPerUser
             if try await !cluster.isWithinPendingLimit(schedule, limit: limit), try await cluster.withdraw(schedule) {
-                throw overPlan ?? tooMany()
+                throw overPlan?() ?? tooMany()
             }
         } catch let error as FrameError {
             throw error
@@ -237,7 +238,9 @@ final class ScheduleService: FrameHandler {
         return schedule
     }
 
-    private func tooMany() -> FrameError {
+    private func tooMany() -> FrameError { Self.tooMany(limits) }
+
+    private static func tooMany(_ limits: ScheduleLimits) -> FrameError {
         FrameError(
             ref: nil, code: .limitExceeded,
             message: "at most \(limits.maxPendingPerUser) schedules may be pending; cancel one or wait for one to fire")

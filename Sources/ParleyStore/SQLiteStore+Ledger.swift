@@ -118,4 +118,20 @@ extension SQLiteStore {
             return costs
         }
     }
+
+    public func ledgerEntries(from: Int64, to: Int64?, after: (createdAt: Int64, id: String)?, limit: Int) async throws -> [LedgerEntry] {
+        try await read { db in
+            var sql = "SELECT \(Self.ledgerColumns) FROM ledger WHERE created_at >= ?"
+            var params: [SQLValue] = [.int(from)]
+            if let to {
+                sql += " AND created_at < ?"
+                params.append(.int(to))
+            }
+            if let after {
+                sql += " AND (created_at, id) > (?, ?)"
+                params += [.int(after.createdAt), .text(after.id)]
+            }
+            return try db.query(sql + " ORDER BY created_at, id LIMIT ?", params + [.int(Int64(limit))]).map(Self.ledgerEntry(from:))
+        }
+    }
 }

@@ -261,6 +261,7 @@ public final class SQLiteStore: Store {
             daily INTEGER,
             monthly INTEGER
         );
+        CREATE INDEX ledger_by_age ON ledger(created_at, id);
         CREATE TABLE spend_windows (
             user TEXT NOT NULL,
             span TEXT NOT NULL,

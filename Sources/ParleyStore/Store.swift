@@ -116,6 +116,10 @@ public protocol LedgerStore: Sendable {
     /// sum of the applied entries linked to it. Ids with no entry are absent.
     func costs(user: String, link: LedgerLink, ids: [String]) async throws -> [String: Int64]
 
+    /// Every user's applied entries created in [from, to) (`to` nil: on), oldest first, `limit`
+    /// at most, after the entry `after` (its time and id) when given: the admin's usage report.
+    func ledgerEntries(from: Int64, to: Int64?, after: (createdAt: Int64, id: String)?, limit: Int) async throws -> [LedgerEntry]
+
     /// Completes or voids entries a crash left half-applied (a no-op where applying is one
     /// transaction). Called at start-up, before serving. Returns how many it settled. A store
     /// several nodes share (MongoDB) takes only the entries `node` left (and those no node

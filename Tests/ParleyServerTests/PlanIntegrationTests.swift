@@ -309,4 +309,37 @@ final class TestClock: Sendable {
         try await expectInvariant(server, token: token)
         await server.stop()
     }
+
+    /// The admin's view sums every user's spending from the ledger by plan, feature, model and
+    /// day, and counts what this node refused.
+    @Test(arguments: TestServer.StoreKind.allCases)
+    func theAdminsUsageViewSumsEveryUsersLedger(_ store: TestServer.StoreKind) async throws {
+        let clock = TestClock(Int64(Date().timeIntervalSince1970 * 1000))
+        let server = try await server(store, clock: clock, grant: 1_000)
+        let admin = try await server.token("root", role: "admin")
+        #expect(try await activate(server, "bob", plan: "pro", id: "evt_b", clock: clock).status == .ok)
+        var spent: Int64 = 0
+        for user in ["alice", "bob"] {
+            let token = try await server.token(user)
+            let clone = try await server.createClone(token: token)["id"]!.stringValue!
+            let socket = try await server.connect(token: token)
+            try await socket.chatSend(id: "c", clone: clone, text: "hello")
+            _ = try await socket.readReply()
+            let entries = try await creditsOf(server, token: token).entries
+            spent -= entries.filter { ["debit", "settlement"].contains($0["kind"]?.stringValue) }.reduce(0) { $0 + $1["credits"]!.intValue! }
+        }
+        #expect(try await debate(server, token: try await server.token("alice")).errorCode == "plan_required")
+        #expect(try await server.get("/v1/admin/usage", token: try await server.token("alice")).status == .forbidden)
+        let usage = try await server.get("/v1/admin/usage", token: admin).json()
+        #expect(usage["spent"] == .int(spent) && usage["users"] == .int(2))
+        let byPlan = usage["by_plan"]!.arrayValue!
+        #expect(byPlan.map { $0["key"]?.stringValue } == ["free", "pro"])
+        #expect(byPlan.reduce(0) { $0 + $1["credits"]!.intValue! } == spent)
+        for field in ["by_feature", "by_model", "by_day"] {
+            #expect(usage[field]?.arrayValue?.reduce(0) { $0 + $1["credits"]!.intValue! } == spent, "\(field)")
+        }
+        #expect(usage["granted"] == .int(2_000 + 5_000), "two starting grants and Pro's allowance")
+        #expect(usage["refusals_since_start"]?["plan_required"] == .int(1))
+        await server.stop()
+    }
 }

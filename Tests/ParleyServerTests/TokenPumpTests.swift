@@ -62,6 +62,7 @@ import Testing
         func ledgerEntry(id: String) async throws -> LedgerEntry? { nil }
         func ledger(user: String, limit: Int, before: String?) async throws -> [LedgerEntry] { [] }
         func costs(user: String, link: LedgerLink, ids: [String]) async throws -> [String: Int64] { [:] }
+        func ledgerEntries(from: Int64, to: Int64?, after: (createdAt: Int64, id: String)?, limit: Int) async throws -> [LedgerEntry] { [] }
         func recoverLedger(node: String?) async throws -> Int { 0 }
         func saveStreamJournal(_ journal: StreamJournal) async throws {}
         func deleteStreamJournal(stream: String) async throws {}
