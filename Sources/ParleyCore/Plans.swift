@@ -20,12 +20,18 @@ public struct PlanLimits: Sendable, Equatable {
     public var pendingSchedules: Int?
     /// Rooms created and not ended.
     public var rooms: Int?
+    /// Messages a minute (`chat.send`, `chat.regenerate`, `chat.edit`), as a bucket of that many
+    /// refilled evenly over the minute.
+    public var messagesPerMinute: Int?
 
-    public init(concurrentStreams: Int? = nil, clones: Int? = nil, pendingSchedules: Int? = nil, rooms: Int? = nil) {
+    public init(
+        concurrentStreams: Int? = nil, clones: Int? = nil, pendingSchedules: Int? = nil, rooms: Int? = nil, messagesPerMinute: Int? = nil
+    ) {
         self.concurrentStreams = concurrentStreams
         self.clones = clones
         self.pendingSchedules = pendingSchedules
         self.rooms = rooms
+        self.messagesPerMinute = messagesPerMinute
     }
 
     public enum Kind: String, Sendable, CaseIterable {
@@ -33,6 +39,7 @@ public struct PlanLimits: Sendable, Equatable {
         case clones
         case pendingSchedules = "pending_schedules"
         case rooms
+        case messagesPerMinute = "messages_per_minute"
     }
 
     public subscript(kind: Kind) -> Int? {
@@ -42,6 +49,7 @@ public struct PlanLimits: Sendable, Equatable {
             case .clones: clones
             case .pendingSchedules: pendingSchedules
             case .rooms: rooms
+            case .messagesPerMinute: messagesPerMinute
             }
         }
         set {
@@ -50,6 +58,7 @@ public struct PlanLimits: Sendable, Equatable {
             case .clones: clones = newValue
             case .pendingSchedules: pendingSchedules = newValue
             case .rooms: rooms = newValue
+            case .messagesPerMinute: messagesPerMinute = newValue
             }
         }
     }

@@ -204,6 +204,7 @@ final class ChatService: FrameHandler {
         do {
             let plans = streams.credits.plans
             try await plans?.require(.chat, user: user, ref: ref, what: "chat")
+            try await plans?.takeMessage(user: user, ref: ref)
             let userPlan = try await plans?.plan(of: user)
             let plan = try await makePlan()
             let conversation = plan.conversation

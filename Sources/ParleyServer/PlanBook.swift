@@ -1,5 +1,6 @@
 import CoreMetrics
 import Logging
+import NIOCore
 import ParleyCore
 import ParleyStore
 import Synchronization
@@ -18,6 +19,8 @@ final class PlanBook: Sendable {
     private let cache = Mutex<[String: (subscription: Subscription?, readAt: Int64)]>([:])
     /// Requests refused with `plan_required`.
     let refusals: CountedCounter
+    /// Each user's messages-a-minute bucket (on this node), for plans that set the limit.
+    private let messageBuckets = Mutex<[String: TokenBucket]>([:])
 
     init(
         catalog: PlanCatalog, store: any PlanStore, clock: @escaping @Sendable () -> Int64, freshness: Duration = .seconds(5),
@@ -83,5 +86,23 @@ final class PlanBook: Sendable {
             ref: ref, code: .planRequired,
             message: reason + (allowing.map { "; the \($0.name) plan ('\($0.id)') allows it" } ?? "; no plan on this server does"),
             plan: allowing?.id)
+    }
+
+    /// Takes one message from `user`'s messages-a-minute bucket when their plan sets the limit;
+    /// `plan_required` when it is empty. Per node: behind a balancer a user may get up to that
+    /// many a minute from each node.
+    func takeMessage(user: String, ref: String?, now: UInt64 = NIODeadline.now().uptimeNanoseconds) async throws {
+        let plan = try await plan(of: user)
+        guard let perMinute = plan.limits.messagesPerMinute else { return }
+        let taken = messageBuckets.withLock { buckets in
+            if buckets.count >= capacity { buckets = buckets.filter { !$0.value.isFull(now: now) } }
+            var bucket = buckets[user] ?? TokenBucket(rate: Double(perMinute) / 60, burst: perMinute, now: now)
+            if bucket.burst != Double(perMinute) { bucket = TokenBucket(rate: Double(perMinute) / 60, burst: perMinute, now: now) }
+            let taken = bucket.take(now: now)
+            buckets[user] = bucket
+            return taken
+        }
+        guard !taken else { return }
+        throw refusal(perMinute + 1, of: .messagesPerMinute, on: plan, ref: ref, what: "messages a minute")
     }
 }

@@ -136,11 +136,27 @@ final class RoomService: FrameHandler {
 
     // MARK: REST
 
+    /// The rooms `owner` made that have not ended (for a plan's room limit; two creates at the same
+    /// moment may both pass: the count is read first).
+    private func openRooms(of owner: String) async throws -> Int {
+        var open = 0
+        var after: String?
+        while true {
+            let page = try await store.rooms(owner: owner, limit: 200, after: after)
+            open += page.filter { $0.status != .ended }.count
+            guard page.count == 200, let last = page.last else { return open }
+            after = last.id
+        }
+    }
+
     func create(owner: String, _ request: RoomRequest) async throws(FrameError) -> Room {
         do {
             switch request {
             case .debate: try await streams.credits.plans?.require(.debate, user: owner, ref: nil, what: "debate rooms")
             case .translation: try await streams.credits.plans?.require(.translation, user: owner, ref: nil, what: "translation chats")
+            }
+            if let plans = streams.credits.plans, try await plans.plan(of: owner).limits.rooms != nil {
+                try await plans.require(try await openRooms(of: owner) + 1, of: .rooms, user: owner, ref: nil, what: "open rooms")
             }
             let now = Int64(Timestamp.nowMillis())
             let room: Room

@@ -342,4 +342,72 @@ final class TestClock: Sendable {
         #expect(usage["refusals_since_start"]?["plan_required"] == .int(1))
         await server.stop()
     }
+
+    /// A plan's messages a minute and open rooms: the next one is refused with plan_required
+    /// naming the plan that allows it; an ended room frees its place.
+    @Test func messagesAMinuteAndOpenRoomsFollowThePlan() async throws {
+        let catalog = try PlanCatalog(
+            parsing: try JSONValue.parse(
+                Array(
+                    #"{"plans": [{"id": "basic", "features": ["chat", "debate"], "limits": {"rooms": 1, "messages_per_minute": 2}}, {"id": "max"}]}"#
+                        .utf8)))
+        let server = try await TestServer.start {
+            $0.credits.plans = catalog
+            $0.simulated.replyTokens = 2
+        }
+        let token = try await server.token("alice")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        for n in 0..<2 {
+            try await socket.chatSend(id: "c\(n)", clone: clone, text: "hi")
+            _ = try await socket.readReply()
+        }
+        try await socket.chatSend(id: "c2", clone: clone, text: "one too many")
+        let error = try await socket.next(type: "error").frame
+        #expect(error["code"] == .string("plan_required") && error["plan"] == .string("max") && error["ref"] == .string("c2"))
+
+        let room = try await debate(server, token: token)
+        #expect(room.status == .created)
+        let second = try await debate(server, token: token)
+        #expect(second.errorCode == "plan_required")
+        #expect(try second.json()["error"]?["plan"] == .string("max"))
+        let id = try room.json()["id"]!.stringValue!
+        try await socket.send(.object([("type", .string("room.join")), ("id", .string("j")), ("room", .string(id))]))
+        _ = try await socket.next(type: "room.state")
+        try await socket.send(.object([("type", .string("room.control")), ("id", .string("e")), ("room", .string(id)), ("action", .string("end"))]))
+        _ = try await socket.next(type: "room.event")
+        #expect(try await debate(server, token: token).status == .created, "the ended room no longer counts")
+        await server.stop()
+    }
+
+    /// Two nodes on one store asked at once for the same user's allowance grant it once.
+    @Test func theAllowanceArrivesOnceAcrossTheNodesOfACluster() async throws {
+        let nats = try NATSServer()
+        let uri = MongoFixture.uri()
+        let secret = "cluster-test-secret-" + UUID().uuidString
+        let clock = TestClock(Self.december)
+        func node(_ id: String) async throws -> TestServer {
+            try await TestServer.clusterNode(id, nats: nats, uri: uri, secret: secret) {
+                $0.credits.plans = Self.catalog
+                $0.credits.clock = { clock.read() }
+                $0.credits.paymentsSecret = Self.secret
+                $0.credits.startingGrant = 0
+            }
+        }
+        let a = try await node("node-a")
+        let b = try await node("node-b")
+        #expect(try await activate(a, "alice", plan: "plus", id: "evt_1", clock: clock).status == .ok)
+        let token = try await a.token("alice")
+        let balances = try await withThrowingTaskGroup(of: JSONValue?.self) { group in
+            for n in 0..<8 { group.addTask { try await (n % 2 == 0 ? a : b).get("/v1/me", token: token).json()["balance"] } }
+            return try await group.reduce(into: []) { $0.append($1) }
+        }
+        #expect(balances.allSatisfy { $0 == .int(1000) }, "\(balances)")
+        let refills = try await creditsOf(b, token: token).entries.filter { $0["id"]?.stringValue?.hasPrefix("refill:") == true }
+        #expect(refills.count == 1)
+        try await expectInvariant(a, token: token)
+        await a.stop()
+        await b.stop()
+        nats.stop()
+    }
 }
