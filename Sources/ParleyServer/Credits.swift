@@ -226,7 +226,7 @@ actor CreditMeter {
             throw ProviderPriceMissing(model: model)
         }
         try await credits.ensureGrants(user)
-        limits = try await credits.plans?.store.spendLimits(user: user) ?? SpendLimits()
+        limits = try await credits.plans?.spendLimits(of: user) ?? SpendLimits()
         let current = try await credits.store.balance(user: user)
         guard current >= inputCost + reserve else {
             credits.metrics.refusals.increment()

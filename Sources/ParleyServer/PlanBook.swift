@@ -17,6 +17,7 @@ final class PlanBook: Sendable {
     let freshness: Int64
     let capacity: Int
     private let cache = Mutex<[String: (subscription: Subscription?, readAt: Int64)]>([:])
+    private let limitsCache = Mutex<[String: (limits: SpendLimits, readAt: Int64)]>([:])
     /// Requests refused with `plan_required`.
     let refusals: CountedCounter
     /// Each user's messages-a-minute bucket (on this node), for plans that set the limit.
@@ -55,9 +56,23 @@ final class PlanBook: Sendable {
         return plan
     }
 
+    /// The limits `user` set on their own spending, kept `freshness` like the subscription (a
+    /// change made on another node applies here within it; one made here, at once).
+    func spendLimits(of user: String) async throws -> SpendLimits {
+        let now = clock()
+        if let cached = limitsCache.withLock({ $0[user] }), now - cached.readAt < freshness { return cached.limits }
+        let limits = try await store.spendLimits(user: user)
+        limitsCache.withLock { cache in
+            if cache.count >= capacity { cache.removeAll(keepingCapacity: true) }
+            cache[user] = (limits, now)
+        }
+        return limits
+    }
+
     /// What this node knows of `user` is stale: read it again.
     func forget(_ user: String) {
         _ = cache.withLock { $0.removeValue(forKey: user) }
+        _ = limitsCache.withLock { $0.removeValue(forKey: user) }
     }
 
     /// Throws `plan_required` unless the user's plan allows `feature`.

@@ -44,6 +44,7 @@ extension RESTAPI {
         let limits = SpendLimits(daily: try limit("daily"), monthly: try limit("monthly"))
         try reader.rejectUnknown()
         try await store.setSpendLimits(limits, user: identity.user)
+        credits.plans?.forget(identity.user)
         return HTTPResponse(.ok, json: limits.json)
     }
 

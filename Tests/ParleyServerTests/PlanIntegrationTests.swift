@@ -110,6 +110,7 @@ final class TestClock: Sendable {
         clock.set(Self.december + 31 * 86_400_000)
         #expect(try await debate(server, token: token).errorCode == "plan_required")
         #expect(try await server.get("/v1/me", token: token).json()["plan"]?["id"] == .string("free"))
+        try await expectInvariant(server, token: token)
         await server.stop()
     }
 
@@ -166,6 +167,7 @@ final class TestClock: Sendable {
         try await socket.chatSend(id: "c2", clone: clone, text: "second, at the same time")
         let error = try await socket.next(type: "error").frame
         #expect(error["code"] == .string("plan_required") && error["ref"] == .string("c2") && error["plan"] == .string("plus"))
+        try await expectInvariant(server, token: token)
         await server.stop()
     }
 
@@ -266,6 +268,7 @@ final class TestClock: Sendable {
         #expect(try await server.get("/v1/me/usage?by=week", token: token).status == .badRequest)
         let empty = try await server.get("/v1/me/usage?from=2020-01-01T00:00:00Z&to=2020-02-01T00:00:00Z", token: token).json()
         #expect(empty["spent"] == .int(0) && empty["groups"] == .array([]))
+        try await expectInvariant(server, token: token)
         await server.stop()
     }
 
@@ -340,6 +343,7 @@ final class TestClock: Sendable {
         }
         #expect(usage["granted"] == .int(2_000 + 5_000), "two starting grants and Pro's allowance")
         #expect(usage["refusals_since_start"]?["plan_required"] == .int(1))
+        for user in ["alice", "bob"] { try await expectInvariant(server, token: try await server.token(user)) }
         await server.stop()
     }
 
@@ -377,6 +381,7 @@ final class TestClock: Sendable {
         try await socket.send(.object([("type", .string("room.control")), ("id", .string("e")), ("room", .string(id)), ("action", .string("end"))]))
         _ = try await socket.next(type: "room.event")
         #expect(try await debate(server, token: token).status == .created, "the ended room no longer counts")
+        try await expectInvariant(server, token: token)
         await server.stop()
     }
 
