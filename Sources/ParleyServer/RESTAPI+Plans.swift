@@ -163,7 +163,9 @@ extension RESTAPI {
                 for index in reports.indices { reports[index].add(entry) }
                 guard entry.kind == .debit || entry.kind == .settlement else { continue }
                 spenders.insert(entry.user)
-                if plans[entry.user] == nil { plans[entry.user] = try await credits.plans?.plan(of: entry.user).id ?? "free" }
+                if plans[entry.user] == nil {
+                    plans[entry.user] = try await credits.plans?.plan(of: entry.user).id ?? configuration.credits.plans.defaultPlan.id
+                }
                 byPlan[plans[entry.user]!, default: 0] -= entry.credits
             }
             guard page.count == 1_000, let last = page.last else { break }
