@@ -8,7 +8,7 @@ extension MongoStore {
                 Subscription(
                     user: user, plan: d["plan"]?.stringValue ?? "",
                     status: Subscription.Status(rawValue: d["status"]?.stringValue ?? "") ?? .cancelled,
-                    periodEnd: d["period_end"]?.int64 ?? 0, updatedAt: d["updated_at"]?.int64 ?? 0)
+                    periodEnd: d["period_end"]?.int64 ?? 0, updatedAt: d["updated_at"]?.int64 ?? 0, event: d["event"]?.stringValue ?? "")
             }
         }
     }
@@ -19,13 +19,23 @@ extension MongoStore {
             // the upsert's insert clash on `_id`, which is the answer "not stored".
             do {
                 _ = try db.update(
-                    "subscriptions", query: .object([("_id", .string(s.user)), ("updated_at", .object([("$lt", .long(s.updatedAt))]))]),
+                    "subscriptions",
+                    query: .object([
+                        ("_id", .string(s.user)),
+                        (
+                            "$or",
+                            .array([
+                                .object([("updated_at", .object([("$lt", .long(s.updatedAt))]))]),
+                                .object([("updated_at", .long(s.updatedAt)), ("event", .object([("$lt", .string(s.event))]))]),
+                            ])
+                        ),
+                    ]),
                     update: .object([
                         (
                             "$set",
                             .object([
                                 ("plan", .string(s.plan)), ("status", .string(s.status.rawValue)), ("period_end", .long(s.periodEnd)),
-                                ("updated_at", .long(s.updatedAt)),
+                                ("updated_at", .long(s.updatedAt)), ("event", .string(s.event)),
                             ])
                         )
                     ]), upsert: true)

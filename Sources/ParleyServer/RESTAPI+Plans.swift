@@ -52,8 +52,9 @@ extension RESTAPI {
     /// `{"event","event_id","user","plan"?,"period_end"?,"timestamp"}`, times in Unix seconds.
     /// `subscription.activated` puts the user on `plan` until `period_end`; `renewed` moves
     /// `period_end` on (and makes a past-due subscription active); `cancelled` and `past_due`
-    /// keep the plan until the period ends. An event older than (or as old as) the last one
-    /// applied for the user changes nothing (`"status": "stale"`): a replay or a late delivery.
+    /// keep the plan until the period ends. Events are ordered by their time, then their id: one
+    /// not after the last applied for the user changes nothing (`"status": "stale"`): a replay or
+    /// a late delivery.
     func subscriptionEvent(
         _ event: String, _ reader: inout JSONObjectReader, timestamp: Int64, ip: String?
     ) async throws -> (response: HTTPResponse, applied: Bool) {
@@ -74,7 +75,7 @@ extension RESTAPI {
         switch event {
         case "subscription.activated":
             guard let planID, let periodEnd else { throw ValidationError("subscription.activated needs 'plan' and 'period_end'") }
-            next = Subscription(user: user, plan: planID, status: .active, periodEnd: periodEnd * 1000, updatedAt: at)
+            next = Subscription(user: user, plan: planID, status: .active, periodEnd: periodEnd * 1000, updatedAt: at, event: eventID)
         case "subscription.renewed", "subscription.cancelled", "subscription.past_due":
             guard var current = stored ?? planID.map({ Subscription(user: user, plan: $0, status: .active, periodEnd: 0, updatedAt: 0) }) else {
                 throw APIError(.conflict, .conflict, "\(user) has no subscription yet; its subscription.activated comes first")
@@ -84,6 +85,7 @@ extension RESTAPI {
             current.status = event == "subscription.renewed" ? .active : event == "subscription.cancelled" ? .cancelled : .pastDue
             if event == "subscription.renewed", periodEnd == nil { throw ValidationError("subscription.renewed needs 'period_end'") }
             current.updatedAt = at
+            current.event = eventID
             next = current
         default:
             throw ValidationError(

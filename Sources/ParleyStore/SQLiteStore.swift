@@ -269,6 +269,8 @@ public final class SQLiteStore: Store {
             PRIMARY KEY (user, span)
         );
         """,
+        // v19: the id of the event a subscription's state came from, to order events of the same time.
+        "ALTER TABLE subscriptions ADD COLUMN event TEXT NOT NULL DEFAULT '';",
     ]
 
     /// An FTS5 table `index` over `column` of `table` (v11's search): external content, so the

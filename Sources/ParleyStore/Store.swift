@@ -299,21 +299,29 @@ public struct Subscription: Sendable, Equatable {
     /// The time (Unix ms) of the provider's event this state came from: an older event arriving
     /// late changes nothing.
     public var updatedAt: Int64
+    /// That event's id. Events are ordered by (`updatedAt`, `event`): of two in the same
+    /// millisecond the greater id wins, whichever arrives first, so every node and every delivery
+    /// order ends in the same state, and a replay never changes it.
+    public var event: String
 
-    public init(user: String, plan: String, status: Status, periodEnd: Int64, updatedAt: Int64) {
+    public init(user: String, plan: String, status: Status, periodEnd: Int64, updatedAt: Int64, event: String = "") {
         self.user = user
         self.plan = plan
         self.status = status
         self.periodEnd = periodEnd
         self.updatedAt = updatedAt
+        self.event = event
     }
+
+    /// Whether this state comes from a later event than `other`'s.
+    public func isNewer(than other: Subscription) -> Bool { (updatedAt, event) > (other.updatedAt, other.event) }
 }
 
 /// Which plan each user subscribed to (#27). Deleting a user deletes theirs.
 public protocol PlanStore: Sendable {
     func subscription(user: String) async throws -> Subscription?
     /// Stores `subscription` unless the one stored came from an event as new or newer
-    /// (`updatedAt`); true when it was stored. Atomic: of two racing writes the newer wins.
+    /// (`Subscription.isNewer`); true when it was stored. Atomic: of two racing writes the newer wins.
     func saveSubscription(_ subscription: Subscription) async throws -> Bool
     /// The limits `user` set on their own spending (none set: no limits).
     func spendLimits(user: String) async throws -> SpendLimits

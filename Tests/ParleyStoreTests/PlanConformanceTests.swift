@@ -18,9 +18,18 @@ import Testing
             #expect(try await !store.saveSubscription(lateRenewal), "older than what is stored")
             #expect(try await store.subscription(user: "alice") == cancelled)
 
-            let bob = Subscription(user: "bob", plan: "plus", status: .pastDue, periodEnd: 7, updatedAt: 1)
+            // Two events of the same time: the greater id wins in either order, and stays.
+            let bobA = Subscription(user: "bob", plan: "plus", status: .active, periodEnd: 7, updatedAt: 1, event: "evt_a")
+            let bob = Subscription(user: "bob", plan: "plus", status: .pastDue, periodEnd: 7, updatedAt: 1, event: "evt_b")
             #expect(try await store.saveSubscription(bob))
+            #expect(try await !store.saveSubscription(bobA))
             #expect(try await store.subscription(user: "bob") == bob)
+            let carolB = Subscription(user: "carol", plan: "plus", status: .pastDue, periodEnd: 7, updatedAt: 1, event: "evt_b")
+            #expect(
+                try await store.saveSubscription(
+                    Subscription(user: "carol", plan: "plus", status: .active, periodEnd: 7, updatedAt: 1, event: "evt_a")))
+            #expect(try await store.saveSubscription(carolB))
+            #expect(try await store.subscription(user: "carol") == carolB)
             _ = try await store.deleteUser("alice", pseudonym: "deleted:x")
             #expect(try await store.subscription(user: "alice") == nil)
             #expect(try await store.subscription(user: "bob") == bob)
