@@ -85,7 +85,8 @@ extension MongoStore {
         do {
             _ = try db.update(
                 "spend_windows", query: .object([("_id", id)]),
-                update: .object([("$setOnInsert", .object([("spent", .long(0)), ("user", .string(user))]))]), upsert: true)
+                update: .object([("$setOnInsert", .object([("spent", .long(0)), ("user", .string(user)), ("span", .string(cap.window))]))]),
+                upsert: true)
         } catch StoreError.duplicateKey {}
         return try db.findAndModify(
             "spend_windows", query: .object([("_id", id), ("spent", .object([("$lte", .long(cap.max - amount))]))]),

@@ -78,4 +78,21 @@ extension MongoStore {
             return spent
         }
     }
+
+    public func purgeSpendWindows(before day: String, _ month: String, limit: Int) async throws -> Int {
+        try await run { db in
+            let over = try db.find(
+                "spend_windows",
+                filter: .object([
+                    (
+                        "$or",
+                        .array([
+                            .object([("span", .object([("$gte", .string("day:")), ("$lt", .string(day))]))]),
+                            .object([("span", .object([("$gte", .string("month:")), ("$lt", .string(month))]))]),
+                        ])
+                    )
+                ]), projection: .object([("_id", .int(1))]), limit: limit)
+            return try Self.delete(db, "spend_windows", field: "_id", in: over.compactMap { $0["_id"] })
+        }
+    }
 }

@@ -514,6 +514,7 @@ struct Database: Sendable {
         ("webhook_deliveries", "at", .object([("at", .int(1))]), false),
         ("webhook_deliveries", "user", .object([("user", .int(1))]), false),
         ("spend_windows", "user", .object([("user", .int(1))]), false),
+        ("spend_windows", "span", .object([("span", .int(1))]), false),
         // Replies in flight: found at start-up (oldest first) and by user at account deletion.
         ("stream_journals", "created", .object([("created_at", .int(1)), ("_id", .int(1))]), false),
         ("stream_journals", "user", .object([("user", .int(1))]), false),

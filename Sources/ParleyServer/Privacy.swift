@@ -100,7 +100,7 @@ final class RecentKeys: Sendable {
 /// owner did not save is deleted, and audit events older than `auditRetention`, in bounded
 /// batches so one pass never holds the store long.
 final class RetentionJob: Sendable {
-    let store: any PrivacyStore & PaymentStore
+    let store: any PrivacyStore & PaymentStore & PlanStore
     /// nil: content retention is off (kept until the user deletes it; an admin may still purge by hand).
     let retention: Duration?
     /// The audit log's promise: "up to 24 months" by default.
@@ -116,7 +116,7 @@ final class RetentionJob: Sendable {
     static let batch = 1_000
 
     init(
-        store: any PrivacyStore & PaymentStore, retention: Duration?, auditRetention: Duration, paymentRetention: Duration,
+        store: any PrivacyStore & PaymentStore & PlanStore, retention: Duration?, auditRetention: Duration, paymentRetention: Duration,
         interval: Duration, logger: Logger, metrics: any MetricsFactory
     ) {
         self.store = store
@@ -139,6 +139,7 @@ final class RetentionJob: Sendable {
                 if let retention { _ = try await purge(olderThan: retention) }
                 _ = try await purgeAudit()
                 _ = try await purgePayments()
+                _ = try await purgeSpendWindows()
             } catch {
                 logger.error("retention purge failed; retrying at the next pass", metadata: ["error": "\(error)"])
             }
@@ -172,6 +173,21 @@ final class RetentionJob: Sendable {
             if deleted.orders < Self.batch, deleted.deliveries < Self.batch { break }
         }
         if total > 0 { logger.info("retention purge", metadata: ["payment_records": "\(total)", "cutoff": "\(cutoff)"]) }
+        return total
+    }
+
+    /// Deletes the spending-limit windows that are over (days before yesterday, months before
+    /// last month: a day's window is read only on its day); says how many.
+    func purgeSpendWindows(now: Int64 = Int64(Timestamp.nowMillis())) async throws -> Int {
+        let yesterday = now - 86_400_000
+        let day = "day:" + Timestamp.rfc3339(millis: yesterday).prefix(10)
+        let month = "month:" + BillingPeriod(containing: BillingPeriod(containing: now).start - 1).id
+        var total = 0
+        while !Task.isCancelled {
+            let deleted = try await store.purgeSpendWindows(before: day, month, limit: Self.batch)
+            total += deleted
+            if deleted < Self.batch { break }
+        }
         return total
     }
 

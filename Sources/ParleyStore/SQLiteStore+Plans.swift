@@ -52,4 +52,15 @@ extension SQLiteStore {
             return spent
         }
     }
+
+    public func purgeSpendWindows(before day: String, _ month: String, limit: Int) async throws -> Int {
+        try await run { db in
+            try db.query(
+                """
+                DELETE FROM spend_windows WHERE rowid IN (SELECT rowid FROM spend_windows
+                WHERE (span >= 'day:' AND span < ?) OR (span >= 'month:' AND span < ?) LIMIT ?)
+                """, [.text(day), .text(month), .int(Int64(limit))])
+            return db.changes
+        }
+    }
 }

@@ -271,6 +271,8 @@ public final class SQLiteStore: Store {
         """,
         // v19: the id of the event a subscription's state came from, to order events of the same time.
         "ALTER TABLE subscriptions ADD COLUMN event TEXT NOT NULL DEFAULT '';",
+        // v20: spend windows by span, for the retention pass.
+        "CREATE INDEX spend_windows_by_span ON spend_windows(span);",
     ]
 
     /// An FTS5 table `index` over `column` of `table` (v11's search): external content, so the

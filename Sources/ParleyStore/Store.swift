@@ -328,6 +328,9 @@ public protocol PlanStore: Sendable {
     func setSpendLimits(_ limits: SpendLimits, user: String) async throws
     /// What `user`'s replies spent in each of `windows` (`SpendCap.window`); absent: nothing.
     func spent(user: String, windows: [String]) async throws -> [String: Int64]
+    /// Deletes up to `limit` spend windows of every user that are over: days before `day`
+    /// (`day:YYYY-MM-DD`) and months before `month` (`month:YYYY-MM`); says how many.
+    func purgeSpendWindows(before day: String, _ month: String, limit: Int) async throws -> Int
 }
 
 /// Payment orders and the webhook's delivery log (#27), kept 7 years for tax and disputes.

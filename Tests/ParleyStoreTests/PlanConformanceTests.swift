@@ -127,4 +127,20 @@ import Testing
             #expect(try await store.apply(entry("next", -2), allowOverdraft: false, caps: tomorrow) == .applied(balance: 988))
         }
     }
+
+    /// Windows that are over are purged: days before the given one, months before the given one.
+    @Test(arguments: Backend.all)
+    func windowsThatAreOverArePurged(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            _ = try await store.apply(
+                LedgerEntry(id: "g", user: "alice", kind: .grant, credits: 100, tokens: 0, createdAt: 1), allowOverdraft: false)
+            let windows = ["day:2026-12-01", "day:2026-12-04", "month:2026-11", "month:2026-12"]
+            for (n, window) in windows.enumerated() {
+                let entry = LedgerEntry(id: "d\(n)", user: "alice", kind: .debit, credits: -1, tokens: 1, stream: "st", createdAt: 1)
+                #expect(try await store.apply(entry, allowOverdraft: false, caps: [SpendCap(window: window, max: 10)]).isApplied)
+            }
+            #expect(try await store.purgeSpendWindows(before: "day:2026-12-03", "month:2026-12", limit: 10) == 2)
+            #expect(try await store.spent(user: "alice", windows: windows) == ["day:2026-12-04": 1, "month:2026-12": 1])
+        }
+    }
 }
