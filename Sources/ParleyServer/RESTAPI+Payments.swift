@@ -96,16 +96,17 @@ extension RESTAPI {
         } else if !Authenticator.isValidSubject(user) {
             throw ValidationError("'user' is not a valid user id")
         }
-        if let stored = try await store.paymentOrder(id: order), stored.user != user {
-            throw APIError(.conflict, .conflict, "order \(order) belongs to another user")
+        let stored = try await store.paymentOrder(id: order)
+        if let stored, stored.user != user { throw APIError(.conflict, .conflict, "order \(order) belongs to another user") }
+        // A paid order must know its pack before anything is recorded: refused, the provider's
+        // next delivery of the same event (with credits) is not taken for a replay.
+        if status == .paid, amount == nil, (stored?.credits ?? 0) <= 0 {
+            throw ValidationError("order \(order) has no credits yet: send 'credits' with its order.created or order.paid")
         }
         let (recorded, applied) = try await store.recordOrderChange(
             order: order, user: user, key: ids.make(.payment), credits: amount,
             change: PaymentOrder.Change(status: status, at: timestamp * 1000, event: eventID))
         let wasPaid = recorded.history.contains { $0.status == .paid }
-        if wasPaid || recorded.status == .refunded, recorded.credits <= 0 {
-            throw ValidationError("order \(order) has no credits yet: send 'credits' with its order.created or order.paid")
-        }
         var credited = false
         if wasPaid {
             let (_, outcome) = try await credits.grant(id: "order:" + order, user: user, credits: recorded.credits, note: "payment \(order)")
