@@ -35,7 +35,8 @@ final class TestClock: Sendable {
     /// 2026-12-04T03:00Z.
     static let december: Int64 = 1_796_353_200_000
 
-    func server(_ store: TestServer.StoreKind, clock: TestClock, grant: Int64 = 0) async throws -> TestServer {
+    /// `slow`: replies of 100 tokens at 5 a second, to be still streaming when the next request comes.
+    func server(_ store: TestServer.StoreKind, clock: TestClock, grant: Int64 = 0, slow: Bool = false) async throws -> TestServer {
         try await TestServer.start(store: store) {
             $0.credits.plans = Self.catalog
             $0.credits.clock = { clock.read() }
@@ -43,7 +44,8 @@ final class TestClock: Sendable {
             $0.credits.startingGrant = grant
             $0.credits.pricing = PricingTable(models: ["simulated": ModelPrice(inputPer1K: 0, outputPer1K: 1_000)])
             $0.credits.outputReserveTokens = 1
-            $0.simulated.replyTokens = 3
+            $0.simulated.replyTokens = slow ? 100 : 3
+            if slow { $0.simulated.tokensPerSecond = 5 }
         }
     }
 
@@ -143,7 +145,7 @@ final class TestClock: Sendable {
 
     @Test func aPlansLimitsAnswerPlanRequiredAndThePlansArePublic() async throws {
         let clock = TestClock(Self.december)
-        let server = try await server(.sqlite, clock: clock, grant: 10_000)
+        let server = try await server(.sqlite, clock: clock, grant: 10_000, slow: true)
         let plans = try await TestHTTPClient.request(port: server.port, .GET, "/v1/plans")
         #expect(plans.status == .ok)
         #expect(try PlanCatalog(parsing: try plans.json()) == Self.catalog)
