@@ -68,13 +68,12 @@ public struct UsageReport: Sendable, Equatable {
     public var json: JSONValue {
         .object([
             ("by", .string(grouping.rawValue)), ("spent", .int(spent)), ("granted", .int(granted)), ("refunded", .int(refunded)),
-            (
-                "groups",
-                .array(
-                    sortedGroups.map {
-                        .object([("key", $0.key.map(JSONValue.string) ?? .null), ("credits", .int($0.credits))])
-                    })
-            ),
+            ("groups", groupsJSON),
         ])
+    }
+
+    /// The groups in order, each `{"key","credits"}`.
+    public var groupsJSON: JSONValue {
+        .array(sortedGroups.map { .object([("key", $0.key.map(JSONValue.string) ?? .null), ("credits", .int($0.credits))]) })
     }
 }

@@ -74,14 +74,15 @@ extension MongoStore {
         }
     }
 
-    private static func windowID(_ user: String, _ cap: SpendCap) -> JSONValue { .string(user + "\u{1F}" + cap.window) }
+    /// A spend window's document id: the user and the window.
+    static func windowID(_ user: String, _ window: String) -> JSONValue { .string(user + "\u{1F}" + window) }
 
     /// Adds `amount` to what `cap`'s window spent if it stays within `cap.max`: the window is
     /// made first if missing (racing makers clash harmlessly), then one conditional `$inc` on it
     /// decides, atomic on its document.
     private static func take(_ db: Database, user: String, _ cap: SpendCap, _ amount: Int64) throws -> Bool {
         guard amount <= cap.max else { return false }
-        let id = windowID(user, cap)
+        let id = windowID(user, cap.window)
         do {
             _ = try db.update(
                 "spend_windows", query: .object([("_id", id)]),
@@ -96,14 +97,14 @@ extension MongoStore {
     /// Takes `amount` off what `cap`'s window spent (a refused debit undone, a settlement's return).
     private static func give(_ db: Database, user: String, _ cap: SpendCap, _ amount: Int64) throws {
         _ = try db.update(
-            "spend_windows", query: .object([("_id", windowID(user, cap))]), update: .object([("$inc", .object([("spent", .long(-amount))]))]))
+            "spend_windows", query: .object([("_id", windowID(user, cap.window))]), update: .object([("$inc", .object([("spent", .long(-amount))]))]))
     }
 
     /// What the tightest of `caps` still allows.
     private static func available(_ db: Database, user: String, _ caps: [SpendCap]) throws -> Int64 {
         var available = Int64.max
         for cap in caps {
-            let spent = try db.find("spend_windows", filter: .object([("_id", windowID(user, cap))]), limit: 1).first?["spent"]?.int64 ?? 0
+            let spent = try db.find("spend_windows", filter: .object([("_id", windowID(user, cap.window))]), limit: 1).first?["spent"]?.int64 ?? 0
             available = min(available, max(0, cap.max - spent))
         }
         return available

@@ -71,7 +71,7 @@ extension MongoStore {
         try await run { db in
             var spent: [String: Int64] = [:]
             for window in windows {
-                if let doc = try db.find("spend_windows", filter: .object([("_id", .string(user + "\u{1F}" + window))]), limit: 1).first {
+                if let doc = try db.find("spend_windows", filter: .object([("_id", Self.windowID(user, window))]), limit: 1).first {
                     spent[window] = doc["spent"]?.int64 ?? 0
                 }
             }

@@ -14,10 +14,9 @@ final class PlanBook: Sendable {
     let store: any PlanStore
     /// Unix ms now; tests move it to cross a billing period.
     let clock: @Sendable () -> Int64
-    let freshness: Int64
     let capacity: Int
-    private let cache = Mutex<[String: (subscription: Subscription?, readAt: Int64)]>([:])
-    private let limitsCache = Mutex<[String: (limits: SpendLimits, readAt: Int64)]>([:])
+    private let subscriptions: FreshValues<Subscription?>
+    private let limits: FreshValues<SpendLimits>
     /// Requests refused with `plan_required`.
     let refusals: CountedCounter
     /// Each user's messages-a-minute bucket (on this node), for plans that set the limit.
@@ -31,19 +30,13 @@ final class PlanBook: Sendable {
         self.catalog = catalog
         self.store = store
         self.clock = clock
-        self.freshness = Timestamp.millis(freshness)
         self.capacity = capacity
+        subscriptions = FreshValues(freshness: Timestamp.millis(freshness), capacity: capacity)
+        limits = FreshValues(freshness: Timestamp.millis(freshness), capacity: capacity)
     }
 
     func subscription(of user: String) async throws -> Subscription? {
-        let now = clock()
-        if let cached = cache.withLock({ $0[user] }), now - cached.readAt < freshness { return cached.subscription }
-        let subscription = try await store.subscription(user: user)
-        cache.withLock { cache in
-            if cache.count >= capacity { cache.removeAll(keepingCapacity: true) }
-            cache[user] = (subscription, now)
-        }
-        return subscription
+        try await subscriptions.value(of: user, now: clock()) { [store] in try await store.subscription(user: user) }
     }
 
     /// The plan `user` is on now.
@@ -59,20 +52,13 @@ final class PlanBook: Sendable {
     /// The limits `user` set on their own spending, kept `freshness` like the subscription (a
     /// change made on another node applies here within it; one made here, at once).
     func spendLimits(of user: String) async throws -> SpendLimits {
-        let now = clock()
-        if let cached = limitsCache.withLock({ $0[user] }), now - cached.readAt < freshness { return cached.limits }
-        let limits = try await store.spendLimits(user: user)
-        limitsCache.withLock { cache in
-            if cache.count >= capacity { cache.removeAll(keepingCapacity: true) }
-            cache[user] = (limits, now)
-        }
-        return limits
+        try await limits.value(of: user, now: clock()) { [store] in try await store.spendLimits(user: user) }
     }
 
     /// What this node knows of `user` is stale: read it again.
     func forget(_ user: String) {
-        _ = cache.withLock { $0.removeValue(forKey: user) }
-        _ = limitsCache.withLock { $0.removeValue(forKey: user) }
+        subscriptions.forget(user)
+        limits.forget(user)
     }
 
     /// Throws `plan_required` unless the user's plan allows `feature`.
@@ -119,5 +105,32 @@ final class PlanBook: Sendable {
         }
         guard !taken else { return }
         throw refusal(perMinute + 1, of: .messagesPerMinute, on: plan, ref: ref, what: "messages a minute")
+    }
+}
+
+/// Per-user values read from the store and kept `freshness` ms; at most `capacity` users (all
+/// forgotten at once when full: the next reads go to the store).
+private final class FreshValues<Value: Sendable>: Sendable {
+    let freshness: Int64
+    let capacity: Int
+    private let values = Mutex<[String: (value: Value, readAt: Int64)]>([:])
+
+    init(freshness: Int64, capacity: Int) {
+        self.freshness = freshness
+        self.capacity = capacity
+    }
+
+    func value(of user: String, now: Int64, read: () async throws -> Value) async throws -> Value {
+        if let cached = values.withLock({ $0[user] }), now - cached.readAt < freshness { return cached.value }
+        let value = try await read()
+        values.withLock { values in
+            if values.count >= capacity { values.removeAll(keepingCapacity: true) }
+            values[user] = (value, now)
+        }
+        return value
+    }
+
+    func forget(_ user: String) {
+        _ = values.withLock { $0.removeValue(forKey: user) }
     }
 }

@@ -150,13 +150,7 @@ final class RetentionJob: Sendable {
     /// Deletes every audit event recorded more than `auditRetention` before `now`; says how many.
     func purgeAudit(now: Int64 = Int64(Timestamp.nowMillis())) async throws -> Int {
         let cutoff = now - Timestamp.millis(auditRetention)
-        var total = 0
-        while !Task.isCancelled {
-            let deleted = try await store.purgeAudit(before: cutoff, limit: Self.batch)
-            total += deleted
-            purgedAudit.increment(by: deleted)
-            if deleted < Self.batch { break }
-        }
+        let total = try await Self.inBatches(counting: purgedAudit) { [store] in [try await store.purgeAudit(before: cutoff, limit: Self.batch)] }
         if total > 0 { logger.info("retention purge", metadata: ["audit_events": "\(total)", "cutoff": "\(cutoff)"]) }
         return total
     }
@@ -165,12 +159,9 @@ final class RetentionJob: Sendable {
     /// `paymentRetention` before `now`; says how many.
     func purgePayments(now: Int64 = Int64(Timestamp.nowMillis())) async throws -> Int {
         let cutoff = now - Timestamp.millis(paymentRetention)
-        var total = 0
-        while !Task.isCancelled {
+        let total = try await Self.inBatches(counting: purgedPayments) { [store] in
             let deleted = try await store.purgePayments(before: cutoff, limit: Self.batch)
-            total += deleted.orders + deleted.deliveries
-            purgedPayments.increment(by: deleted.orders + deleted.deliveries)
-            if deleted.orders < Self.batch, deleted.deliveries < Self.batch { break }
+            return [deleted.orders, deleted.deliveries]
         }
         if total > 0 { logger.info("retention purge", metadata: ["payment_records": "\(total)", "cutoff": "\(cutoff)"]) }
         return total
@@ -182,11 +173,19 @@ final class RetentionJob: Sendable {
         let yesterday = now - 86_400_000
         let day = "day:" + Timestamp.rfc3339(millis: yesterday).prefix(10)
         let month = "month:" + BillingPeriod(containing: BillingPeriod(containing: now).start - 1).id
+        return try await Self.inBatches { [store] in [try await store.purgeSpendWindows(before: day, month, limit: Self.batch)] }
+    }
+
+    /// Runs `pass` (deleting up to `batch` of each kind it purges, and saying how many of each)
+    /// until one deletes fewer than `batch` of every kind, or the job is cancelled; the total,
+    /// each pass's also added to `counter`.
+    private static func inBatches(counting counter: Counter? = nil, _ pass: () async throws -> [Int]) async throws -> Int {
         var total = 0
         while !Task.isCancelled {
-            let deleted = try await store.purgeSpendWindows(before: day, month, limit: Self.batch)
-            total += deleted
-            if deleted < Self.batch { break }
+            let deleted = try await pass()
+            total += deleted.reduce(0, +)
+            counter?.increment(by: deleted.reduce(0, +))
+            if deleted.allSatisfy({ $0 < batch }) { break }
         }
         return total
     }

@@ -173,9 +173,6 @@ extension RESTAPI {
             guard page.count == 1_000, let last = page.last else { break }
             after = (last.createdAt, last.id)
         }
-        func groups(_ report: UsageReport) -> JSONValue {
-            .array(report.sortedGroups.map { .object([("key", $0.key.map(JSONValue.string) ?? .null), ("credits", .int($0.credits))]) })
-        }
         let metrics = credits.metrics
         return HTTPResponse(
             .ok,
@@ -184,7 +181,7 @@ extension RESTAPI {
                 ("spent", .int(reports[0].spent)), ("granted", .int(reports[0].granted)), ("refunded", .int(reports[0].refunded)),
                 ("users", .int(Int64(spenders.count))),
                 ("by_plan", .array(byPlan.sorted { $0.key < $1.key }.map { .object([("key", .string($0.key)), ("credits", .int($0.value))]) })),
-                ("by_feature", groups(reports[0])), ("by_model", groups(reports[1])), ("by_day", groups(reports[2])),
+                ("by_feature", reports[0].groupsJSON), ("by_model", reports[1].groupsJSON), ("by_day", reports[2].groupsJSON),
                 (
                     "refusals_since_start",
                     .object([
