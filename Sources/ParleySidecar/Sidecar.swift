@@ -226,15 +226,37 @@ public final class Sidecar: Sendable {
         return text.split(separator: "\n", omittingEmptySubsequences: true).suffix(lines).joined(separator: "\n")
     }
 
-    /// A TCP port free on 127.0.0.1 right now (the kernel picks it; it is released at once, so
-    /// another process could take it before the sidecar binds it: a restart that then fails is
-    /// retried).
+    /// A TCP port free on 127.0.0.1 right now, chosen below the kernel's ephemeral range: it is
+    /// released at once, and a port from that range (what `bind(0)` gives) is soon the local port
+    /// of some outgoing connection or another listener, so the sidecar's bind failed with
+    /// "address in use" now and then. Below the range only an explicit bind can take it; a restart
+    /// that still fails is retried.
     public static func freeLoopbackPort() async throws -> Int {
+        let ephemeral = Self.ephemeralPortRange()
+        let below = max(1024, ephemeral.lowerBound - 16_384)..<ephemeral.lowerBound
+        if below.count >= 1024 {
+            for _ in 0..<64 {
+                let port = Int.random(in: below)
+                if let bound = try? await Self.bindAndRelease(port: port) { return bound }
+            }
+        }
+        return try await Self.bindAndRelease(port: 0)
+    }
+
+    /// The range `bind(0)` and `connect` take local ports from (Linux's default if unreadable).
+    static func ephemeralPortRange() -> ClosedRange<Int> {
+        let text = (try? String(contentsOfFile: "/proc/sys/net/ipv4/ip_local_port_range", encoding: .utf8)) ?? ""
+        let bounds = text.split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\n" }).compactMap { Int($0) }
+        guard bounds.count == 2, bounds[0] <= bounds[1] else { return 32768...60999 }
+        return bounds[0]...bounds[1]
+    }
+
+    private static func bindAndRelease(port: Int) async throws -> Int {
         let channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
-            .bind(host: "127.0.0.1", port: 0).get()
-        let port = channel.localAddress?.port
+            .bind(host: "127.0.0.1", port: port).get()
+        let bound = channel.localAddress?.port
         try await channel.close()
-        guard let port else { throw SpawnError(description: "no port was bound") }
-        return port
+        guard let bound else { throw SpawnError(description: "no port was bound") }
+        return bound
     }
 }

@@ -74,6 +74,17 @@ private func healthAnswers(_ port: Int) async -> Bool {
         #expect(await !healthAnswers(port))
     }
 
+    @Test func aPickedPortIsFreeAndOutsideTheRangeOutgoingConnectionsTakeTheirsFrom() async throws {
+        let ephemeral = Sidecar.ephemeralPortRange()
+        var seen = Set<Int>()
+        for _ in 0..<8 {
+            let port = try await Sidecar.freeLoopbackPort()
+            #expect(port >= 1024 && !ephemeral.contains(port))
+            seen.insert(port)
+        }
+        #expect(seen.count > 1, "picked at random, not one port every time")
+    }
+
     @Test func aKilledProcessIsRestartedOnTheSamePort() async throws {
         let directory = try temporaryDirectory()
         let (configuration, port, _) = try await fake(in: directory)

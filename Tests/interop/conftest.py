@@ -16,6 +16,27 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 BINARY = pathlib.Path(os.environ.get("PARLEY_BIN", ROOT / ".build" / "debug" / "parley"))
 
 
+def free_port():
+    """A port free on 127.0.0.1 now, for a process a test starts on a port it is told. Below the
+    kernel's ephemeral range, as Parley's own sidecar port: a port bind(0) gives is soon some
+    outgoing connection's local port, and the process told to take it then fails to bind."""
+    import random
+    import socket
+    try:
+        low = int(pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(64):
+        port = random.randrange(max(1024, low - 16384), low) if low > 2048 else 0
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return probe.getsockname()[1]
+    raise RuntimeError("no free port below the ephemeral range")
+
+
 class Server:
     def __init__(self, data_dir, *extra, env=None, preexec_fn=None, ssl_context=None):
         self.data_dir = data_dir

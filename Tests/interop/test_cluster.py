@@ -15,7 +15,7 @@ import uuid
 import pytest
 import websockets
 
-from conftest import BINARY, Server
+from conftest import BINARY, Server, free_port
 
 SECRET = "cluster-interop-secret-" + "x" * 16
 
@@ -314,7 +314,7 @@ class ClusterScript:
 
     def __init__(self, *node_args, stderr=subprocess.DEVNULL):
         self.node_args, self.stderr = node_args, stderr
-        self.port = _free_port()
+        self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
 
     def __enter__(self):
@@ -350,13 +350,6 @@ class ClusterScript:
         return False
 
 
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_nats_restart_mid_reply_loses_no_token_for_a_tab_on_another_node(shared_store):
     """nats-server is killed (-9) and started again on its port and store while node A streams a
     reply that Alice's tab on node B follows. Before the kill the server is stopped (SIGSTOP) until
@@ -365,7 +358,7 @@ def test_a_nats_restart_mid_reply_loses_no_token_for_a_tab_on_another_node(share
     protocol asks of a client that sees a gap or a stall: `stream.resume` after the last token it
     has. It ends with every token A sent, in order, once each, and the same `stream.end`: A sends
     again what JetStream lacks once the server is back."""
-    port = _free_port()
+    port = free_port()
     store_dir = tempfile.mkdtemp(prefix="parley-nats-")
     nats_args = ["nats-server", "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", store_dir]
     ready = r"Listening for client connections on 127\.0\.0\.1:(\d+)"

@@ -18,7 +18,7 @@ import warnings
 import pytest
 import websockets
 
-from conftest import BINARY, Server
+from conftest import BINARY, Server, free_port
 from test_interop import make_clone, read_stream, recv
 
 
@@ -220,9 +220,7 @@ class Stunnel:
     looks like to a driver."""
 
     def __init__(self, directory, target_port, pki):
-        with socket.socket() as probe:  # a free port for stunnel to take
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = free_port()  # for stunnel to take
         config = directory / f"stunnel-{self.port}.conf"
         config.write_text(f"foreground = yes\npid =\n[mongo]\naccept = 127.0.0.1:{self.port}\n"
                           f"connect = 127.0.0.1:{target_port}\ncert = {pki.chain}\nkey = {pki.key}\n")
