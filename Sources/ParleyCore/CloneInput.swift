@@ -24,6 +24,13 @@ public struct CloneFields: Sendable, Equatable {
     /// `profile`: the card fields to replace (the lorebook and unknown card fields change only
     /// by importing a card).
     public var profile: ProfileFields?
+    /// `voice`: how the clone sounds (#29), or null for the server's default (nil: not given).
+    public var voice: VoiceChoice?
+
+    public enum VoiceChoice: Sendable, Equatable {
+        case serverDefault
+        case voice(CloneVoice)
+    }
 
     /// The editable card fields of a clone's profile; nil fields keep their value.
     public struct ProfileFields: Sendable, Equatable {
@@ -148,6 +155,12 @@ public struct CloneFields: Sendable, Equatable {
         if let profile = try reader.value("profile") {
             fields.profile = try ProfileFields.parse(profile, limits: CharacterCard.Limits())
         }
+        if reader.has("voice") {
+            switch try reader.value("voice") {
+            case nil, .null?: fields.voice = .serverDefault
+            case let value?: fields.voice = .voice(try CloneVoice.parse(value))
+            }
+        }
         // id, timestamps and owner are the server's; naming them is a client bug worth reporting.
         try reader.rejectUnknown()
         return fields
@@ -190,6 +203,11 @@ public struct CloneFields: Sendable, Equatable {
         case nil: break
         }
         if let profile { c.profile = profile.applied(to: c.profile) }
+        switch voice {
+        case .serverDefault?: c.profile.voice = nil
+        case .voice(let chosen)?: c.profile.voice = chosen
+        case nil: break
+        }
         c.updatedAt = now
         return c
     }

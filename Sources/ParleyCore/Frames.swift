@@ -42,18 +42,20 @@ public enum ClientFrame: Sendable, Equatable {
 }
 
 /// Clone chat: a message, stopping a reply, and catching up on one.
+/// `voice`: the reply is spoken too, as binary audio frames (#29).
 public enum ChatFrame: Sendable, Equatable {
-    case send(id: String, clone: String, conversation: String?, text: String)
+    case send(id: String, clone: String, conversation: String?, text: String, voice: Bool = false)
     /// A new reply in place of the assistant message `message` (kept as an alternative).
-    case regenerate(id: String, message: String)
+    case regenerate(id: String, message: String, voice: Bool = false)
     /// `text` in place of the user message `message` (kept, with its branch), and a reply to it.
-    case edit(id: String, message: String, text: String)
+    case edit(id: String, message: String, text: String, voice: Bool = false)
     case cancel(id: String, stream: String)
-    case resume(id: String, stream: String, after: Int64)
+    /// Tokens after seq `after` and, with `audioAfter`, a voiced reply's audio chunks after that one.
+    case resume(id: String, stream: String, after: Int64, audioAfter: Int64? = nil)
 
     public var id: String {
         switch self {
-        case .send(let id, _, _, _), .regenerate(let id, _), .edit(let id, _, _), .cancel(let id, _), .resume(let id, _, _): id
+        case .send(let id, _, _, _, _), .regenerate(let id, _, _), .edit(let id, _, _, _), .cancel(let id, _), .resume(let id, _, _, _): id
         }
     }
 }
@@ -171,19 +173,23 @@ extension ClientFrame {
                 let clone = try reader.requiredString("clone")
                 let conversation = try reader.string("conversation")
                 let text = try Self.messageText(&reader, limits: limits, ref: ref)
-                frame = .chat(.send(id: id, clone: clone, conversation: conversation, text: text))
+                frame = .chat(.send(id: id, clone: clone, conversation: conversation, text: text, voice: try reader.bool("voice") ?? false))
             case "chat.regenerate":
-                frame = .chat(.regenerate(id: id, message: try reader.requiredString("message")))
+                let message = try reader.requiredString("message")
+                frame = .chat(.regenerate(id: id, message: message, voice: try reader.bool("voice") ?? false))
             case "chat.edit":
                 let message = try reader.requiredString("message")
-                frame = .chat(.edit(id: id, message: message, text: try Self.messageText(&reader, limits: limits, ref: ref)))
+                let text = try Self.messageText(&reader, limits: limits, ref: ref)
+                frame = .chat(.edit(id: id, message: message, text: text, voice: try reader.bool("voice") ?? false))
             case "chat.cancel":
                 frame = .chat(.cancel(id: id, stream: try reader.requiredString("stream")))
             case "stream.resume":
                 let stream = try reader.requiredString("stream")
                 guard let after = try reader.int("after") else { throw ValidationError("missing field 'after'") }
                 guard after >= 0 else { throw ValidationError("'after' must be 0 or more") }
-                frame = .chat(.resume(id: id, stream: stream, after: after))
+                let audioAfter = try reader.int("audio_after")
+                if let audioAfter, audioAfter < 0 { throw ValidationError("'audio_after' must be 0 or more") }
+                frame = .chat(.resume(id: id, stream: stream, after: after, audioAfter: audioAfter))
             case "schedule.create":
                 frame = .schedule(.create(id: id, try ScheduleRequest.read(&reader, now: now, limits: limits.schedule)))
             case "schedule.cancel":
@@ -317,7 +323,10 @@ public enum ServerFrame {
 
     /// `cost` is what the stream charged in total; `balance` the payer's balance after it (both
     /// left out of the frame other members of a room receive).
-    public static func streamEnd(stream: String, reason: StreamEndReason, usage: Usage, message: String?, cost: Int64?, balance: Int64?) -> [UInt8] {
+    /// `audio`: what a voiced reply's voice did (#29).
+    public static func streamEnd(
+        stream: String, reason: StreamEndReason, usage: Usage, message: String?, cost: Int64?, balance: Int64?, audio: JSONValue? = nil
+    ) -> [UInt8] {
         var pairs: [(String, JSONValue)] = [
             ("type", .string("stream.end")),
             ("stream", .string(stream)),
@@ -327,6 +336,7 @@ public enum ServerFrame {
         if let message { pairs.append(("message", .string(message))) }
         if let cost { pairs.append(("cost", .int(cost))) }
         if let balance { pairs.append(("balance", .int(balance))) }
+        if let audio { pairs.append(("audio", audio)) }
         return JSONValue.object(pairs).serialized()
     }
 

@@ -5,6 +5,8 @@ public enum PlanFeature: String, Sendable, Equatable, Hashable, CaseIterable, Co
     case debate
     case translation
     case schedule
+    /// Voiced replies and voice messages (#29).
+    case voice
 
     public static func < (a: PlanFeature, b: PlanFeature) -> Bool { a.rawValue < b.rawValue }
 }

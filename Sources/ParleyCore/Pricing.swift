@@ -27,10 +27,13 @@ public struct ModelPrice: Sendable, Equatable {
 public struct PricingTable: Sendable, Equatable {
     public var models: [String: ModelPrice]
     public var featureMultipliers: [Feature: Int64]
+    /// Speech and transcription (#29): priced by characters and seconds, not tokens.
+    public var voice: VoicePrice
 
-    public init(models: [String: ModelPrice], featureMultipliers: [Feature: Int64] = [:]) {
+    public init(models: [String: ModelPrice], featureMultipliers: [Feature: Int64] = [:], voice: VoicePrice = .standard) {
         self.models = models
         self.featureMultipliers = featureMultipliers
+        self.voice = voice
     }
 
     /// The default list: prices for the simulated provider so development and load tests
@@ -77,6 +80,7 @@ public struct PricingTable: Sendable, Equatable {
                     })
             ),
             ("features", .object(Feature.allCases.map { ($0.rawValue, .int(multiplier($0))) })),
+            ("voice", voice.json),
         ])
     }
 
@@ -103,7 +107,8 @@ public struct PricingTable: Sendable, Equatable {
                 multipliers[feature] = percent
             }
         }
+        let voice = try reader.value("voice").map { value throws(ValidationError) in try VoicePrice.parse(value) } ?? .standard
         try reader.rejectUnknown()
-        return PricingTable(models: models, featureMultipliers: multipliers)
+        return PricingTable(models: models, featureMultipliers: multipliers, voice: voice)
     }
 }

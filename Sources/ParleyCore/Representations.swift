@@ -10,6 +10,7 @@ extension Clone {
             ("memory", .array(memory.map(JSONValue.string))),
             ("model", model.map(JSONValue.string) ?? .null),
             ("profile", CharacterCard.profileJSON(profile)),
+            ("voice", profile.voice?.json ?? .null),
             ("greeting", PromptAssembler.greeting(of: self).map(JSONValue.string) ?? .null),
             ("created_at", .string(Timestamp.rfc3339(millis: createdAt))),
             ("updated_at", .string(Timestamp.rfc3339(millis: updatedAt))),

@@ -33,23 +33,23 @@ final class ChatService: FrameHandler {
     /// becomes an `error` frame.
     func handle(_ frame: ChatFrame, from connection: ClientConnection, turn: RequestOrder.Turn) {
         switch frame {
-        case let .send(id, clone, conversation, text):
+        case let .send(id, clone, conversation, text, voice):
             requests.serve(id, from: connection, turn: turn, what: "chat.send") {
-                await self.chatSend(ref: id, cloneID: clone, conversationID: conversation, text: text, from: connection)
+                await self.chatSend(ref: id, cloneID: clone, conversationID: conversation, text: text, voice: voice, from: connection)
             }
-        case let .regenerate(id, message):
+        case let .regenerate(id, message, voice):
             requests.serve(id, from: connection, turn: turn, what: "chat.regenerate") {
-                await self.regenerate(ref: id, messageID: message, from: connection)
+                await self.regenerate(ref: id, messageID: message, voice: voice, from: connection)
             }
-        case let .edit(id, message, text):
+        case let .edit(id, message, text, voice):
             requests.serve(id, from: connection, turn: turn, what: "chat.edit") {
-                await self.edit(ref: id, messageID: message, text: text, from: connection)
+                await self.edit(ref: id, messageID: message, text: text, voice: voice, from: connection)
             }
         // Not tracked: a cancel must work during the drain.
         case let .cancel(id, stream):
             turn.runSoon { self.cancel(ref: id, stream: stream, from: connection) }
-        case let .resume(id, stream, after):
-            turn.runSoon { self.resume(ref: id, stream: stream, after: after, from: connection) }
+        case let .resume(id, stream, after, audioAfter):
+            turn.runSoon { self.resume(ref: id, stream: stream, after: after, audioAfter: audioAfter, from: connection) }
         }
     }
 
@@ -76,7 +76,7 @@ final class ChatService: FrameHandler {
         live.stop(.cancelled)
     }
 
-    private func resume(ref: String, stream: String, after: Int64, from connection: ClientConnection) {
+    private func resume(ref: String, stream: String, after: Int64, audioAfter: Int64?, from connection: ClientConnection) {
         guard let live = ownStream(stream, of: connection) else {
             let gone = ServerFrame.error(ref: ref, code: .streamGone, message: "stream \(stream) is no longer buffered")
             guard let remote else { return connection.send(gone) }
@@ -86,7 +86,7 @@ final class ChatService: FrameHandler {
             return
         }
         let ack = allocator.buffer(bytes: live.startFrame(ref: ref))
-        if live.resume(connection, after: after, ack: ack) == .gone {
+        if live.resume(connection, after: after, audioAfter: audioAfter, ack: ack) == .gone {
             connection.send(LiveStream.goneFrame(ref: ref, stream: stream, after: after))
         }
     }
@@ -110,8 +110,10 @@ final class ChatService: FrameHandler {
         var replacesReply: String?
     }
 
-    private func chatSend(ref: String, cloneID: String, conversationID: String?, text: String, from connection: ClientConnection) async {
-        await reply(ref: ref, what: "chat.send", from: connection) { [self] in
+    private func chatSend(
+        ref: String, cloneID: String, conversationID: String?, text: String, voice: Bool, from connection: ClientConnection
+    ) async {
+        await reply(ref: ref, what: "chat.send", voice: voice, from: connection) { [self] in
             let user = connection.identity.user
             guard let clone = try await store.clone(id: cloneID, owner: user) else {
                 throw FrameError(ref: ref, code: .notFound, message: "no clone \(cloneID)")
@@ -145,8 +147,8 @@ final class ChatService: FrameHandler {
 
     /// `chat.regenerate`: a new reply to the message the assistant message `messageID` answered,
     /// stored in its place on the path once it ends (the old one stays, as an alternative).
-    private func regenerate(ref: String, messageID: String, from connection: ClientConnection) async {
-        await reply(ref: ref, what: "chat.regenerate", from: connection) { [self] in
+    private func regenerate(ref: String, messageID: String, voice: Bool, from connection: ClientConnection) async {
+        await reply(ref: ref, what: "chat.regenerate", voice: voice, from: connection) { [self] in
             let (old, conversation, clone) = try await ownMessage(messageID, ref: ref, of: connection)
             guard old.role == .assistant else {
                 throw FrameError(ref: ref, code: .badRequest, message: "message \(messageID) is not a reply; edit it with chat.edit")
@@ -161,8 +163,8 @@ final class ChatService: FrameHandler {
 
     /// `chat.edit`: `text` in place of the user message `messageID` (which stays, with what
     /// followed it, as an alternative), and a reply to it.
-    private func edit(ref: String, messageID: String, text: String, from connection: ClientConnection) async {
-        await reply(ref: ref, what: "chat.edit", from: connection) { [self] in
+    private func edit(ref: String, messageID: String, text: String, voice: Bool, from connection: ClientConnection) async {
+        await reply(ref: ref, what: "chat.edit", voice: voice, from: connection) { [self] in
             let (old, conversation, clone) = try await ownMessage(messageID, ref: ref, of: connection)
             guard old.role == .user else {
                 throw FrameError(
@@ -195,8 +197,10 @@ final class ChatService: FrameHandler {
 
     /// Streams a reply as `plan` (made once the request's turn came) says: the conversation is
     /// held, the prompt and a minimum reply paid for, `plan.before` stored, then the reply
-    /// generated and stored.
-    private func reply(ref: String, what: String, from connection: ClientConnection, plan makePlan: () async throws -> ReplyPlan) async {
+    /// generated and stored. `voice`: spoken too, in the clone's voice (#29).
+    private func reply(
+        ref: String, what: String, voice: Bool, from connection: ClientConnection, plan makePlan: () async throws -> ReplyPlan
+    ) async {
         let user = connection.identity.user
         var reservedConversation: String?
         var clusterSlot: String?
@@ -204,6 +208,12 @@ final class ChatService: FrameHandler {
         do {
             let plans = streams.credits.plans
             try await plans?.require(.chat, user: user, ref: ref, what: "chat")
+            if voice {
+                guard streams.speech != nil else {
+                    throw FrameError(ref: ref, code: .badRequest, message: "voice is not available: this server has no speech service")
+                }
+                try await plans?.require(.voice, user: user, ref: ref, what: "voiced replies")
+            }
             try await plans?.takeMessage(user: user, ref: ref)
             let userPlan = try await plans?.plan(of: user)
             let plan = try await makePlan()
@@ -266,7 +276,10 @@ final class ChatService: FrameHandler {
             let (store, logger, parent, replaced) = (self.store, streams.logger, plan.parent, plan.replacesReply)
             let journal: StreamJournal.Target =
                 replaced.map { .alternative(conversation: conversation.id, replacing: $0) } ?? .conversation(conversation.id)
-            let stored = await streams.run(live, prepared, ref: ref, requester: connection, messageID: messageID, journal: journal) {
+            let speaking = voice ? plan.clone.profile.voice ?? configuration.defaultVoice : nil
+            let stored = await streams.run(
+                live, prepared, ref: ref, requester: connection, messageID: messageID, journal: journal, voice: speaking
+            ) {
                 var reply = $0
                 reply.parent = parent
                 // The conversation is held while it streams, so only a deletion makes the original leave the path.

@@ -110,7 +110,7 @@ public final class ClientConnection: Sendable {
         if let encoder = output.value.pastEncoder {
             encoder.write(NIOAny(encoded ?? WireFrame.text(payload, allocator: channel.allocator)), promise: nil)
         } else {
-            channel.write(WebSocketFrame(fin: true, opcode: .text, data: payload), promise: nil)
+            channel.write(WebSocketFrame(fin: true, opcode: WireFrame.opcode(of: payload), data: payload), promise: nil)
         }
         if !output.value.flushDue {
             output.value.flushDue = true
@@ -127,7 +127,7 @@ public final class ClientConnection: Sendable {
     /// Sends one text message; the future succeeds once it was written to the socket.
     func write(_ buffer: ByteBuffer) -> EventLoopFuture<Void> {
         guard !cutOff.load(ordering: .relaxed) else { return channel.eventLoop.makeFailedFuture(ChannelError.ioOnClosedChannel) }
-        return channel.writeAndFlush(WebSocketFrame(fin: true, opcode: .text, data: buffer))
+        return channel.writeAndFlush(WebSocketFrame(fin: true, opcode: WireFrame.opcode(of: buffer), data: buffer))
     }
 
     /// Queues a 1008 close after what is already queued and drops the socket a moment later
@@ -314,10 +314,18 @@ struct FlushBatches: Sendable {
 
 /// One server-to-client WebSocket frame as it goes on the wire (RFC 6455 §5.2: FIN, unmasked).
 enum WireFrame {
+    /// A protocol message's opcode: text for JSON (which starts with `{`), binary for the rest
+    /// (a voiced reply's audio, `AudioFrame`).
+    @inline(__always)
+    static func opcode(of payload: ByteBuffer) -> WebSocketOpcode {
+        AudioFrame.isBinary(firstByte: payload.getInteger(at: payload.readerIndex, as: UInt8.self)) ? .binary : .text
+    }
+
+    /// The whole WebSocket frame of one message (text, or binary as `opcode(of:)` says).
     static func text(_ payload: ByteBuffer, allocator: ByteBufferAllocator) -> ByteBuffer {
         let length = payload.readableBytes
         var frame = allocator.buffer(capacity: length + 10)
-        frame.writeInteger(UInt8(0x81))  // FIN, text
+        frame.writeInteger(opcode(of: payload) == .binary ? UInt8(0x82) : UInt8(0x81))  // FIN, binary or text
         switch length {
         case 0...125:
             frame.writeInteger(UInt8(length))

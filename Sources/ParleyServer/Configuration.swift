@@ -57,6 +57,15 @@ public struct ServerConfiguration: Sendable {
     public var maxConcurrentStreamsPerUser = 4
     /// Tokens kept per stream for `stream.resume`.
     public var resumeBufferTokens = 1_024
+    /// A voiced reply's audio bytes kept per stream for `stream.resume` (`audio_after`): 2 MiB is
+    /// about 43 s of 24 kHz 16-bit PCM.
+    public var resumeAudioBytes = 2 << 20
+    /// Text to speech for voiced replies (#29; `--tts-url`); nil: `"voice": true` is refused.
+    public var speech: (any SpeechSynthesizer)?
+    /// Speech to text for voice messages (#29; `--stt-url`).
+    public var transcriber: (any SpeechTranscriber)?
+    /// The voice of a clone that has none of its own.
+    public var defaultVoice = CloneVoice(name: "alloy")
     /// How long an ended stream stays resumable.
     public var resumeRetention: Duration = .seconds(60)
     /// Largest WebSocket message accepted (after reassembling fragments), in bytes.

@@ -57,6 +57,8 @@ final class LiveStream: Sendable {
 
     private struct State {
         var history: StreamHistory
+        /// A voiced reply's audio chunks, for resumes that ask for them (#29).
+        var audio: AudioHistory?
         var startFrame: ByteBuffer?
         var endFrame: ByteBuffer?
         /// The payer's `stream.end` of a room's stream, when it differs from `endFrame`.
@@ -80,13 +82,16 @@ final class LiveStream: Sendable {
     private let hub: SocketHub
     private let state: Mutex<State>
     private let metrics: StreamMetrics?
+    /// The most audio bytes kept for resumes; older chunks are evicted first.
+    private let audioBufferBytes: Int
 
     /// A stream read by every socket subscribed to one of `readers` now (and by whoever resumes
     /// it later); all its frames go through `broker`.
     init(
         id: String, owner: String, model: String, kind: Kind, bufferCapacity: Int, readers: [Topic], broker: any Broker, hub: SocketHub,
-        metrics: StreamMetrics? = nil, roomSeq: Int64 = 0
+        metrics: StreamMetrics? = nil, roomSeq: Int64 = 0, audioBufferBytes: Int = 2 << 20
     ) {
+        self.audioBufferBytes = audioBufferBytes
         self.id = id
         self.roomSeq = roomSeq
         self.metrics = metrics
@@ -147,6 +152,17 @@ final class LiveStream: Sendable {
         }
     }
 
+    /// Sends a voiced reply's audio chunk `chunk` (numbered from 1, in order) and keeps it for
+    /// resumes that ask for audio.
+    func publishAudio(chunk: Int64, frame: ByteBuffer) {
+        state.withLock { s in
+            guard s.endedAt == nil else { return }
+            if s.audio == nil { s.audio = AudioHistory(capacityBytes: audioBufferBytes) }
+            s.audio!.append(chunk: chunk, frame: frame)
+            broker.streamExtra(self, frame: frame, audience: .everyone)
+        }
+    }
+
     /// Sends `stream.end` (which says `reason`); later resumes replay it. With `ownerFrame`, the
     /// owner's sockets get that one instead (a room's stream: only the payer sees what it cost and
     /// their balance).
@@ -191,13 +207,20 @@ final class LiveStream: Sendable {
         }
     }
 
-    /// Replays tokens with seq > `after` (and `stream.end` if ended) to `connection`, then keeps
-    /// it subscribed while the stream runs. `ack` is sent first.
-    func resume(_ connection: ClientConnection, after: Int64, ack: ByteBuffer) -> ResumeOutcome {
+    /// Replays tokens with seq > `after`, with `audioAfter` the audio chunks after that one (and
+    /// `stream.end` if ended) to `connection`, then keeps it subscribed while the stream runs.
+    /// `ack` is sent first. Gone when either was evicted.
+    func resume(_ connection: ClientConnection, after: Int64, audioAfter: Int64? = nil, ack: ByteBuffer) -> ResumeOutcome {
         state.withLock { s in
             guard case .frames(let missed) = s.history.replay(after: after) else { return .gone }
+            var audio: ArraySlice<ByteBuffer> = []
+            if let audioAfter, let kept = s.audio {
+                guard case .frames(let chunks) = kept.replay(after: audioAfter) else { return .gone }
+                audio = chunks
+            }
             connection.send(ack)
             for frame in missed { connection.send(frame) }
+            for frame in audio { connection.send(frame) }
             if let end = s.endFrame {
                 connection.send(end)
                 return .replayed(count: missed.count, ended: true)

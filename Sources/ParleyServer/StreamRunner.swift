@@ -45,6 +45,9 @@ final class StreamRunner: Sendable {
     let ids: IDGenerator
     /// Where a reply's tokens are handled when no requester's socket names a loop.
     let loops: any EventLoopGroup
+    /// Speaks voiced replies (#29); nil when the server has no speech service.
+    let speech: (any SpeechSynthesizer)?
+    private let audioBufferBytes: Int
     private let allocator = ByteBufferAllocator()
 
     init(
@@ -53,6 +56,8 @@ final class StreamRunner: Sendable {
         configuration: ServerConfiguration, logger: Logger, ids: IDGenerator, slots: ReplySlots? = nil
     ) {
         self.slots = slots
+        speech = configuration.speech
+        audioBufferBytes = configuration.resumeAudioBytes
         self.loops = loops
         self.store = store
         self.credits = credits
@@ -98,7 +103,7 @@ final class StreamRunner: Sendable {
     ) -> LiveStream {
         let live = LiveStream(
             id: id, owner: owner, model: model, kind: kind, bufferCapacity: bufferCapacity, readers: readers, broker: broker, hub: sockets,
-            metrics: metrics, roomSeq: roomSeq)
+            metrics: metrics, roomSeq: roomSeq, audioBufferBytes: audioBufferBytes)
         live.start(allocator.buffer(bytes: live.startFrame(ref: ref)))
         hub.register(live)
         return live
@@ -110,14 +115,14 @@ final class StreamRunner: Sendable {
     @discardableResult
     func run(
         _ live: LiveStream, _ prepared: Prepared, ref: String? = nil, requester: ClientConnection? = nil, messageID: String,
-        journal: StreamJournal.Target, paywall: Recipients? = nil, beforeEnd: (@Sendable () -> Void)? = nil,
+        journal: StreamJournal.Target, paywall: Recipients? = nil, voice: CloneVoice? = nil, beforeEnd: (@Sendable () -> Void)? = nil,
         persist: @escaping @Sendable (Message) async throws -> Void
     ) async -> Message? {
         let stored = Mutex<Message?>(nil)
         let generation = Task {
             let message = await self.generate(
                 live, prepared, ref: ref, requester: requester, messageID: messageID, journal: journal,
-                paywall: paywall, beforeEnd: beforeEnd, persist: persist)
+                paywall: paywall, voice: voice, beforeEnd: beforeEnd, persist: persist)
             stored.withLock { $0 = message }
         }
         live.attach(generation)
@@ -199,7 +204,8 @@ final class StreamRunner: Sendable {
     /// to every reader, or to `paywall` (a room's moderator) when given.
     private func generate(
         _ live: LiveStream, _ prepared: Prepared, ref: String?, requester: ClientConnection?, messageID: String, journal target: StreamJournal.Target,
-        paywall recipients: Recipients?, beforeEnd: (@Sendable () -> Void)?, persist: @escaping @Sendable (Message) async throws -> Void
+        paywall recipients: Recipients?, voice: CloneVoice?, beforeEnd: (@Sendable () -> Void)?,
+        persist: @escaping @Sendable (Message) async throws -> Void
     ) async -> Message? {
         let (request, prompt, meter) = (prepared.request, prepared.prompt, prepared.meter)
         // Journaled as it streams, so a crash loses at most the last moments of what was sent.
@@ -211,9 +217,26 @@ final class StreamRunner: Sendable {
         )
         // The requester's own loop when there is one: its frames are then written in place.
         let loop = requester?.channel.eventLoop ?? loops.next()
+        let voiced = voice.flatMap { voice in
+            speech.map { speech in
+                VoicedReply(
+                    live: live, voice: voice, synthesizer: speech,
+                    meter: SpeechMeter(
+                        credits: credits, user: meter.user, stream: live.id, conversation: live.room == nil ? live.conversation : nil,
+                        room: live.room, model: speech.model),
+                    logger: logger)
+            }
+        }
         let reply = await TokenPump.pump(
-            request, with: provider, on: loop, meter: meter, reply: ReleasedReply(live: live, journal: journal, allocator: allocator),
-            metrics: metrics, logger: logger)
+            request, with: provider, on: loop, meter: meter,
+            reply: ReleasedReply(live: live, journal: journal, allocator: allocator, voice: voiced), metrics: metrics, logger: logger)
+        // The voice speaks to the end of what was released (its last sentence may still be in
+        // the speech service) before the stream ends; a stop cuts it short.
+        var audio: VoicedReply.Summary?
+        if let voiced {
+            if live.stopReason != nil, reply.reported == nil { voiced.cancel() }
+            audio = await voiced.finish()
+        }
         let (text, seq, reported, failure, failureCode, outOfCredits) =
             (reply.text, reply.seq, reply.reported, reply.failure, reply.failureCode, reply.outOfCredits)
 
@@ -262,12 +285,15 @@ final class StreamRunner: Sendable {
         // so a client that sends on seeing the end is never told a reply is still streaming.
         if case .reply = live.kind { hub.release(user: live.owner, conversation: live.conversation) }
         let end = allocator.buffer(
-            bytes: ServerFrame.streamEnd(stream: live.id, reason: reason, usage: usage, message: storedID, cost: cost, balance: balance))
+            bytes: ServerFrame.streamEnd(
+                stream: live.id, reason: reason, usage: usage, message: storedID, cost: cost, balance: balance, audio: audio?.json()))
         if live.room != nil {
             // Others in the room see the stream end, not what it cost its payer or their balance.
             live.finish(
                 allocator.buffer(
-                    bytes: ServerFrame.streamEnd(stream: live.id, reason: reason, usage: usage, message: storedID, cost: nil, balance: nil)),
+                    bytes: ServerFrame.streamEnd(
+                        stream: live.id, reason: reason, usage: usage, message: storedID, cost: nil, balance: nil,
+                        audio: audio?.json(withCost: false))),
                 ownerFrame: end, reason: reason)
         } else {
             live.finish(end, reason: reason)

@@ -17,10 +17,13 @@ struct ReleasedReply {
     private let live: LiveStream
     private let journal: StreamJournalWriter
     private let allocator: ByteBufferAllocator
+    /// A voiced reply's voice, which reads the text as it is released (#29).
+    let voice: VoicedReply?
     private var journaledAt = NIODeadline.now().uptimeNanoseconds
     private var scratch: [UInt8] = []  // one token frame's bytes, reused: no allocation per token
 
-    init(live: LiveStream, journal: StreamJournalWriter, allocator: ByteBufferAllocator) {
+    init(live: LiveStream, journal: StreamJournalWriter, allocator: ByteBufferAllocator, voice: VoicedReply? = nil) {
+        self.voice = voice
         self.live = live
         self.journal = journal
         self.allocator = allocator
@@ -36,6 +39,7 @@ struct ReleasedReply {
         text += token
         ServerFrame.token(stream: live.id, seq: seq, text: token[...], into: &scratch)
         live.publish(seq: seq, frame: allocator.buffer(bytes: scratch))
+        voice?.take(token)
         let now = NIODeadline.now().uptimeNanoseconds
         if boughtBatch || now &- journaledAt >= StreamJournalWriter.interval {
             journaledAt = now

@@ -317,8 +317,40 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Replies that may wait for the provider beyond those; more fail with rate_limited.")
     var providerQueue = 256
 
+    @Option(
+        help:
+            "Text to speech for voiced replies: an OpenAI-compatible audio API's base URL, e.g. http://127.0.0.1:8092/v1 (scripts/voice-server.py) or https://api.openai.com/v1. Without it, \"voice\": true is refused."
+    )
+    var ttsUrl: String?
+
+    @Option(help: "The speech model to ask for (--tts-url).")
+    var ttsModel = "tts-1"
+
+    @Option(help: "The voice of a clone that names none (--tts-url); the local voice server calls every OpenAI voice name joe.")
+    var ttsVoice = "alloy"
+
+    @Option(help: "Name of the environment variable holding the speech service's API key (--tts-url, --stt-url).")
+    var voiceKeyEnv: String?
+
+    @Option(help: "Speech to text for voice messages: an OpenAI-compatible audio API's base URL (often the same as --tts-url).")
+    var sttUrl: String?
+
+    @Option(help: "The transcription model to ask for (--stt-url).")
+    var sttModel = "whisper-1"
+
     func validate() throws {
         guard (0...65535).contains(port) else { throw ArgumentParser.ValidationError("--port must be 0-65535") }
+        for (flag, url) in [("--tts-url", ttsUrl), ("--stt-url", sttUrl)] {
+            guard let url else { continue }
+            guard url.hasPrefix("http://") || url.hasPrefix("https://") else {
+                throw ArgumentParser.ValidationError("\(flag) must be an http:// or https:// URL")
+            }
+        }
+        do {
+            _ = try CloneVoice.parse(.object([("name", .string(ttsVoice))]))
+        } catch {
+            throw ArgumentParser.ValidationError("--tts-voice: \(error.message)")
+        }
         guard simTtftMs >= 0 else { throw ArgumentParser.ValidationError("--sim-ttft-ms must be 0 or more") }
         guard simTokensPerSec >= 0 else { throw ArgumentParser.ValidationError("--sim-tokens-per-sec must be 0 or more (0: no pacing)") }
         guard (1...100_000).contains(simReplyTokens) else { throw ArgumentParser.ValidationError("--sim-reply-tokens must be 1-100000") }
@@ -526,8 +558,9 @@ struct Serve: AsyncParsableCommand {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: configuration.eventLoopThreads ?? System.coreCount)
         // A model server gets a client of its own, with a connection for every reply that may stream at once.
         let upstream =
-            usesHTTPProvider
+            usesHTTPProvider || ttsUrl != nil || sttUrl != nil
             ? HTTPClient.forProvider(connections: configuration.providerConcurrency ?? Self.defaultProviderConcurrency, on: group) : nil
+        if let upstream { configureVoice(&configuration, client: upstream) }
         let server: ParleyServer
         do {
             server = try await ParleyServer.start(
@@ -638,6 +671,18 @@ extension Serve {
         } catch {
             FileHandle.standardError.write(Data("parley: cannot read \(what) \(path): \(error)\n".utf8))
             throw ExitCode(1)
+        }
+    }
+
+    /// The speech and transcription services the flags name (#29), on the providers' client.
+    func configureVoice(_ configuration: inout ServerConfiguration, client: HTTPClient) {
+        let key = voiceKeyEnv.flatMap { ProcessInfo.processInfo.environment[$0] }.flatMap { $0.isEmpty ? nil : $0 }
+        if let ttsUrl {
+            configuration.speech = OpenAISpeech(options: AudioServiceOptions(baseURL: ttsUrl, apiKey: key, model: ttsModel), client: client)
+            configuration.defaultVoice = CloneVoice(name: ttsVoice)
+        }
+        if let sttUrl {
+            configuration.transcriber = OpenAITranscriber(options: AudioServiceOptions(baseURL: sttUrl, apiKey: key, model: sttModel), client: client)
         }
     }
 

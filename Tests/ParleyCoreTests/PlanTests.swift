@@ -34,7 +34,7 @@ import Testing
         (#"{"plans": []}"#, "1-100 plans"),
         (#"{"plans": [{"id": "a b"}]}"#, "letters, digits"),
         (#"{"plans": [{"id": "a"}, {"id": "a"}]}"#, "listed twice"),
-        (#"{"plans": [{"id": "a", "features": ["voice"]}]}"#, "unknown feature 'voice'"),
+        (#"{"plans": [{"id": "a", "features": ["video"]}]}"#, "unknown feature 'video'"),
         (#"{"plans": [{"id": "a", "renewal": "rollover"}]}"#, "'top_up' or 'add'"),
         (#"{"plans": [{"id": "a", "limits": {"clones": -1}}]}"#, "limits.clones"),
         (#"{"plans": [{"id": "a", "limits": {"sockets": 1}}]}"#, "sockets"),

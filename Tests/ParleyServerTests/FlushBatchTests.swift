@@ -56,10 +56,10 @@ import Testing
         func channelInactive(context: ChannelHandlerContext) { connection?.channelClosed() }
     }
 
-    /// What NIO's own encoder writes for a text frame of `payload`, all its buffers joined.
-    func encodedByNIO(_ payload: ByteBuffer) throws -> [UInt8] {
+    /// What NIO's own encoder writes for a frame of `payload`, all its buffers joined.
+    func encodedByNIO(_ payload: ByteBuffer, opcode: WebSocketOpcode) throws -> [UInt8] {
         let channel = EmbeddedChannel(handler: WebSocketFrameEncoder())
-        try channel.writeAndFlush(WebSocketFrame(fin: true, opcode: .text, data: payload)).wait()
+        try channel.writeAndFlush(WebSocketFrame(fin: true, opcode: opcode, data: payload)).wait()
         var bytes: [UInt8] = []
         while let buffer = try channel.readOutbound(as: ByteBuffer.self) { bytes += buffer.readableBytesView }
         return bytes
@@ -67,9 +67,14 @@ import Testing
 
     @Test(arguments: [0, 1, 125, 126, 127, 1000, 65535, 65536, 70000])
     func aFrameEncodedOnceIsWhatNIOsEncoderWrites(size: Int) throws {
-        let payload = ByteBuffer(bytes: (0..<size).map { UInt8(truncatingIfNeeded: $0) })
-        let wire = WireFrame.text(payload, allocator: ByteBufferAllocator())
-        #expect(Array(wire.readableBytesView) == (try encodedByNIO(payload)))
+        // JSON goes as text; anything else (a voiced reply's audio, #29) as binary.
+        let json = ByteBuffer(bytes: Array("{".utf8) + (1..<max(1, size)).map { _ in UInt8(ascii: "a") })
+        #expect(WireFrame.opcode(of: json) == .text)
+        #expect(Array(WireFrame.text(json, allocator: ByteBufferAllocator()).readableBytesView) == (try encodedByNIO(json, opcode: .text)))
+        let audio = ByteBuffer(bytes: (0..<size).map { UInt8(truncatingIfNeeded: $0 + 1) })
+        let opcode: WebSocketOpcode = size == 0 ? .text : .binary
+        #expect(WireFrame.opcode(of: audio) == opcode)
+        #expect(Array(WireFrame.text(audio, allocator: ByteBufferAllocator()).readableBytesView) == (try encodedByNIO(audio, opcode: opcode)))
     }
 
     @Test func framesWrittenInOneTickLeaveWithOneFlushInOrder() throws {

@@ -156,3 +156,20 @@ def model_server():
     yield proc
     proc.stdin.close()
     proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def voice_server():
+    """scripts/voice-server.py, Parley's local voice (Piper and faster-whisper, installed by
+    scripts/setup.sh --test): its OpenAI-compatible base URL. One per test session: loading both
+    models takes a few seconds."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "voice-server.py"), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()  # printed once both models are loaded and the port is bound
+    if not line.startswith("voice-server listening on "):
+        proc.kill()
+        raise RuntimeError(f"voice-server did not start: {line!r} {proc.stderr.read()}")
+    yield line.split()[-1] + "/v1"
+    proc.terminate()
+    proc.wait(timeout=10)

@@ -1,0 +1,245 @@
+import NIOCore
+import ParleyCore
+import ParleyLLM
+import ParleyServer
+import ParleyTestSupport
+import Synchronization
+import Testing
+
+/// A speech service that makes two bytes of "audio" per character of the sentence, in two
+/// chunks, and can be told to fail one request (counted from 1) before any audio.
+final class ScriptedSpeech: SpeechSynthesizer {
+    let model = "scripted-tts"
+    private let failing: Int?
+    private let calls = Mutex<[SpeechRequest]>([])
+
+    init(failing: Int? = nil) { self.failing = failing }
+
+    var requests: [SpeechRequest] { calls.withLock { $0 } }
+
+    func synthesize(_ request: SpeechRequest) -> AsyncThrowingStream<ByteBuffer, any Error> {
+        let number = calls.withLock {
+            $0.append(request)
+            return $0.count
+        }
+        return AsyncThrowingStream { continuation in
+            if number == failing {
+                continuation.finish(throwing: SpeechServiceError("the speech service answered HTTP 500"))
+                return
+            }
+            let audio = [UInt8](repeating: 7, count: request.text.count * 2)
+            continuation.yield(ByteBuffer(bytes: audio.prefix(audio.count / 2 / 2 * 2)))
+            continuation.yield(ByteBuffer(bytes: audio.dropFirst(audio.count / 2 / 2 * 2)))
+            continuation.finish()
+        }
+    }
+}
+
+/// A voiced stream as a client saw it.
+struct VoicedStream {
+    var reply: StreamedReply
+    var chunks: [(header: JSONValue, audio: [UInt8])]
+    var audio: JSONValue { reply.end["audio"]! }
+}
+
+extension TestWebSocket {
+    func chatSendVoiced(id: String, clone: String) async throws {
+        try await send(
+            .object([
+                ("type", .string("chat.send")), ("id", .string(id)), ("clone", .string(clone)), ("text", .string("Speak")), ("voice", .bool(true)),
+            ]))
+    }
+
+    /// Reads a voiced stream to its end (or `chunks` audio chunks, when given).
+    func readVoiced(chunks wanted: Int? = nil) async throws -> VoicedStream {
+        var start: JSONValue?
+        var tokens: [JSONValue] = []
+        var chunks: [(header: JSONValue, audio: [UInt8])] = []
+        while true {
+            switch try await next() {
+            case .binary(let bytes):
+                let (header, audio) = try #require(AudioFrame.decode(bytes))
+                chunks.append((header, Array(audio)))
+                if let wanted, chunks.count == wanted {
+                    return VoicedStream(reply: StreamedReply(start: start ?? .null, tokens: tokens, end: .null), chunks: chunks)
+                }
+            case .text(let text):
+                let frame = try JSONValue.parse(Array(text.utf8))
+                switch frame["type"]?.stringValue {
+                case "stream.start": start = frame
+                case "token": tokens.append(frame)
+                case "paywall": continue
+                case "stream.end": return VoicedStream(reply: StreamedReply(start: start ?? .null, tokens: tokens, end: frame), chunks: chunks)
+                default: throw TestTimeout(description: "unexpected frame in a voiced stream: \(frame)")
+                }
+            case let other: throw TestTimeout(description: "unexpected \(other)")
+            }
+        }
+    }
+}
+
+@Suite struct VoiceIntegrationTests {
+    /// One credit per output token and per character voiced; prompts free.
+    private func server(
+        _ store: TestServer.StoreKind, grant: Int64 = 100_000, speech: ScriptedSpeech, replyTokens: Int = 40, tokensPerSecond: Double = 0,
+        _ more: @escaping (inout ServerConfiguration) -> Void = { _ in }
+    ) async throws -> TestServer {
+        try await creditServer(store, grant: grant, replyTokens: replyTokens, tokensPerSecond: tokensPerSecond) {
+            $0.credits.pricing.voice = VoicePrice(speechPer1KCharacters: 1_000, transcriptionPerMinute: 60)
+            $0.speech = speech
+            $0.defaultVoice = CloneVoice(name: "house", speed: 1)
+            more(&$0)
+        }
+    }
+
+    @Test(arguments: TestServer.StoreKind.allCases)
+    func eachSentenceIsPaidForThenSpokenInOrderAndTheLedgerBalances(_ store: TestServer.StoreKind) async throws {
+        let speech = ScriptedSpeech()
+        let server = try await server(store, speech: speech)
+        let token = try await server.token("alice")
+        let clone = try await server.createClone(token: token, fields: [("voice", .object([("name", .string("joe")), ("speed", .double(1.5))]))])
+        let socket = try await server.connect(token: token)
+        try await socket.chatSendVoiced(id: "v1", clone: clone["id"]!.stringValue!)
+        let voiced = try await socket.readVoiced()
+        #expect(voiced.reply.reason == "complete" && voiced.audio["reason"] == .string("complete"))
+
+        // What the speech service was asked: the reply's sentences, whole, in order, in the clone's voice.
+        let spoken = speech.requests
+        #expect(spoken.map(\.text).joined(separator: " ") == voiced.reply.text.trimmedWhitespace)
+        #expect(spoken.count >= 2 && spoken.allSatisfy { $0.voice == "joe" && $0.speed == 1.5 })
+        #expect(voiced.chunks.map { $0.header["chunk"]!.intValue! } == Array(1...Int64(2 * spoken.count)))
+        for (index, sentence) in spoken.enumerated() {
+            let audio = voiced.chunks.filter { $0.header["sentence"] == .int(Int64(index + 1)) }.flatMap(\.audio)
+            #expect(audio.count == sentence.text.count * 2)
+        }
+        let characters = spoken.reduce(0) { $0 + $1.text.count }
+        #expect(voiced.audio["characters"] == .int(Int64(characters)) && voiced.audio["cost"] == .int(Int64(characters)))
+        #expect(voiced.audio["sentences"] == .int(Int64(spoken.count)) && voiced.audio["chunks"] == .int(Int64(2 * spoken.count)))
+
+        let (balance, entries) = try await creditsOf(server, token: token)
+        let voice = entries.filter { $0["feature"] == .string("voice") }
+        #expect(voice.count == spoken.count && voice.allSatisfy { $0["model"] == .string("scripted-tts") })
+        #expect(balance == voiced.reply.end["balance"]!.intValue!)
+        #expect(balance == 100_000 - voiced.reply.end["cost"]!.intValue! - Int64(characters))
+        try await expectInvariant(server, token: token)
+        await server.stop()
+    }
+
+    @Test(arguments: TestServer.StoreKind.allCases)
+    func theVoiceStopsAtTheFirstSentenceItCannotPayFor(_ store: TestServer.StoreKind) async throws {
+        // 40 tokens of text (40 credits) and 70 for the voice: not every sentence. Text and voice
+        // draw on the one balance as they go, so the text may reach the paywall too.
+        let speech = ScriptedSpeech()
+        let server = try await server(store, grant: 110, speech: speech)
+        let token = try await server.token("bob")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        try await socket.chatSendVoiced(id: "v1", clone: clone)
+        let voiced = try await socket.readVoiced()
+        #expect(["complete", "insufficient_credits"].contains(voiced.reply.reason))
+        #expect(voiced.audio["reason"] == .string("insufficient_credits"))
+        let paid = voiced.audio["sentences"]!.intValue!
+        #expect(Int64(speech.requests.count) == paid, "nothing unpaid is synthesised")
+        #expect(voiced.audio["cost"]! == .int(Int64(speech.requests.reduce(0) { $0 + $1.text.count })))
+        #expect(voiced.reply.end["cost"]!.intValue! + voiced.audio["cost"]!.intValue! <= 110)
+        #expect(voiced.reply.end["balance"]!.intValue! >= 0)
+        try await expectInvariant(server, token: token)
+        await server.stop()
+    }
+
+    @Test(arguments: TestServer.StoreKind.allCases)
+    func aSentenceTheServiceFailsIsGivenBackAndTheVoiceSaysWhy(_ store: TestServer.StoreKind) async throws {
+        let speech = ScriptedSpeech(failing: 2)
+        let server = try await server(store, speech: speech)
+        let token = try await server.token("carol")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        try await socket.chatSendVoiced(id: "v1", clone: clone)
+        let voiced = try await socket.readVoiced()
+        #expect(voiced.reply.reason == "complete")
+        #expect(voiced.audio["reason"] == .string("error"))
+        #expect(voiced.audio["error"]?.stringValue?.contains("HTTP 500") == true)
+        #expect(voiced.audio["sentences"] == .int(2) && voiced.chunks.count == 2)
+        let first = Int64(speech.requests[0].text.count)
+        #expect(voiced.audio["cost"] == .int(first), "only the spoken sentence is paid for")
+        let (_, entries) = try await creditsOf(server, token: token)
+        let voice = entries.filter { $0["feature"] == .string("voice") }
+        #expect(voice.reduce(0) { $0 + $1["credits"]!.intValue! } == -first)
+        #expect(voice.contains { $0["id"]!.stringValue!.hasSuffix(":voice:2:back") })
+        try await expectInvariant(server, token: token)
+        await server.stop()
+    }
+
+    @Test func aCancelledReplyStopsItsVoice() async throws {
+        let speech = ScriptedSpeech()
+        let server = try await server(.sqlite, speech: speech, replyTokens: 400, tokensPerSecond: 200)
+        let token = try await server.token("dan")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        try await socket.chatSendVoiced(id: "v1", clone: clone)
+        let first = try await socket.readVoiced(chunks: 1)
+        try await socket.send(
+            .object([("type", .string("chat.cancel")), ("id", .string("x")), ("stream", first.reply.start["stream"]!)]))
+        let rest = try await socket.readVoiced()
+        #expect(rest.reply.reason == "cancelled")
+        #expect(rest.audio["reason"] == .string("cancelled"))
+        #expect(rest.reply.tokens.count + first.reply.tokens.count < 400)
+        try await expectInvariant(server, token: token)
+        await server.stop()
+    }
+
+    @Test func audioKeptForResumesIsBoundedAndAnEvictedChunkIsGone() async throws {
+        let speech = ScriptedSpeech()
+        // Room for about one sentence's audio: the first chunks are evicted by the end.
+        let server = try await server(.sqlite, speech: speech, replyTokens: 60) { $0.resumeAudioBytes = 200 }
+        let token = try await server.token("eve")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        try await socket.chatSendVoiced(id: "v1", clone: clone)
+        let voiced = try await socket.readVoiced()
+        let stream = voiced.reply.start["stream"]!
+        let last = voiced.chunks.count
+        #expect(last >= 4)
+        func resume(audioAfter: Int) async throws -> (JSONValue, [Int64]) {
+            try await socket.send(
+                .object([
+                    ("type", .string("stream.resume")), ("id", .string("r\(audioAfter)")), ("stream", stream), ("after", .int(60)),
+                    ("audio_after", .int(Int64(audioAfter))),
+                ]))
+            let first = try await socket.nextJSON()
+            guard first["type"] == .string("stream.start") else { return (first, []) }
+            let rest = try await socket.readVoiced()
+            return (first, rest.chunks.map { $0.header["chunk"]!.intValue! })
+        }
+        let (ack, replayed) = try await resume(audioAfter: last - 1)
+        #expect(ack["ref"] == .string("r\(last - 1)") && replayed == [Int64(last)])
+        let (gone, _) = try await resume(audioAfter: 0)
+        #expect(gone["code"] == .string("stream_gone"))
+        await server.stop()
+    }
+
+    @Test func withoutASpeechServiceVoiceIsRefusedAndPlansCanGateIt() async throws {
+        let server = try await creditServer(grant: 1_000)
+        let token = try await server.token("fay")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        try await socket.chatSendVoiced(id: "v1", clone: clone)
+        let refusal = try await socket.nextJSON()
+        #expect(refusal["code"] == .string("bad_request") && refusal["ref"] == .string("v1"))
+        await server.stop()
+
+        let plans = try PlanCatalog(
+            parsing:
+                try JSONValue.parse(
+                    Array(
+                        #"{"default":"free","plans":[{"id":"free","name":"Free","features":["chat"]},{"id":"talk","name":"Talk"}]}"#.utf8)))
+        let gated = try await self.server(.sqlite, speech: ScriptedSpeech()) { $0.credits.plans = plans }
+        let token2 = try await gated.token("gus")
+        let clone2 = try await gated.createClone(token: token2)["id"]!.stringValue!
+        let socket2 = try await gated.connect(token: token2)
+        try await socket2.chatSendVoiced(id: "v1", clone: clone2)
+        let planRefusal = try await socket2.nextJSON()
+        #expect(planRefusal["code"] == .string("plan_required") && planRefusal["plan"] == .string("talk"))
+        await gated.stop()
+    }
+}
