@@ -88,6 +88,8 @@ public enum IDKind: String, Sendable {
     case request = "req"
     case payment = "pay"
     case webhook = "wh"
+    /// A voice message transcribed (#29): its ledger entry is `stt:<id>`.
+    case transcription = "tr"
 
     /// Ids that grant access to whoever holds them: they must not be guessable from any other id.
     public var isCapability: Bool { self == .room }

@@ -66,6 +66,10 @@ public struct ServerConfiguration: Sendable {
     public var transcriber: (any SpeechTranscriber)?
     /// The voice of a clone that has none of its own.
     public var defaultVoice = CloneVoice(name: "alloy")
+    /// A voice message's largest upload (4 MiB: minutes of Opus, about 90 s of 22 kHz WAV) and
+    /// longest audio; longer is refused with `too_large` and not charged.
+    public var maxVoiceMessageBytes = 4 << 20
+    public var maxVoiceMessageSeconds = 120.0
     /// How long an ended stream stays resumable.
     public var resumeRetention: Duration = .seconds(60)
     /// Largest WebSocket message accepted (after reassembling fragments), in bytes.

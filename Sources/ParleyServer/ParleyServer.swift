@@ -408,7 +408,8 @@ public final class ParleyServer: Sendable {
         let timeouts = HTTPTimeoutHandler(timeouts: configuration.httpTimeouts, registry: httpConnections)
         let http = HTTPHandler(
             api: api, maxBodyBytes: configuration.maxRequestBodyBytes,
-            bodyLimits: ["/v1/clones/import": configuration.maxCardBytes], timeouts: timeouts,
+            bodyLimits: ["/v1/clones/import": configuration.maxCardBytes, "/v1/voice/transcriptions": configuration.maxVoiceMessageBytes],
+            timeouts: timeouts,
             headers: configuration.tls == nil ? [:] : HTTPHeaders([TLSContexts.hsts]))
         try channel.pipeline.syncOperations.configureHTTPServerPipeline(
             withServerUpgrade: (

@@ -57,6 +57,7 @@ struct RESTAPI: Sendable {
         self.logger = logger
         router.add(.POST, "/v1/clones") { [self] request, _, identity in try await createClone(request, identity) }
         router.add(.POST, "/v1/clones/import") { [self] request, _, identity in try await importCard(request, identity) }
+        router.add(.POST, "/v1/voice/transcriptions") { [self] request, _, identity in try await transcribeVoice(request, identity) }
         router.add(.GET, "/v1/clones/:id/card") { [self] request, p, identity in try await exportCard(p["id"]!, request, identity) }
         router.add(.GET, "/v1/clones") { [self] _, _, identity in try await listClones(identity) }
         router.add(.GET, "/v1/clones/:id") { [self] _, p, identity in try await getClone(p["id"]!, identity) }

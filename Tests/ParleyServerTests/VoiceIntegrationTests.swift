@@ -1,4 +1,5 @@
 import NIOCore
+import NIOHTTP1
 import ParleyCore
 import ParleyLLM
 import ParleyServer
@@ -32,6 +33,17 @@ final class ScriptedSpeech: SpeechSynthesizer {
             continuation.yield(ByteBuffer(bytes: audio.dropFirst(audio.count / 2 / 2 * 2)))
             continuation.finish()
         }
+    }
+}
+
+/// A transcription service that hears what it is told, for as long as it is told.
+struct ScriptedTranscriber: SpeechTranscriber {
+    let model = "scripted-stt"
+    var text: String
+    var duration: Double?
+
+    func transcribe(_ audio: ByteBuffer, contentType: String, filename: String) async throws -> Transcript {
+        Transcript(text: text, duration: duration)
     }
 }
 
@@ -241,5 +253,42 @@ extension TestWebSocket {
         let planRefusal = try await socket2.nextJSON()
         #expect(planRefusal["code"] == .string("plan_required") && planRefusal["plan"] == .string("talk"))
         await gated.stop()
+    }
+
+    @Test(arguments: TestServer.StoreKind.allCases)
+    func aVoiceMessageIsChargedByItsLengthOnlyWhenItsTranscriptIsUsable(_ store: TestServer.StoreKind) async throws {
+        func upload(_ server: TestServer, _ token: String, type: String = "audio/webm") async throws -> TestHTTPResponse {
+            try await TestHTTPClient.request(
+                port: server.port, .POST, "/v1/voice/transcriptions", token: token, headers: ["content-type": type], body: [1, 2, 3])
+        }
+        func server(heard: String, seconds: Double?, grant: Int64 = 1_000) async throws -> TestServer {
+            try await self.server(store, grant: grant, speech: ScriptedSpeech()) {
+                $0.transcriber = ScriptedTranscriber(text: heard, duration: seconds)
+                $0.maxVoiceMessageSeconds = 60
+            }
+        }
+        // 60 credits a minute: one a second, any part of a second counted whole.
+        let heard = try await server(heard: "  Hello there. ", seconds: 2.2)
+        let token = try await heard.token("hal")
+        let answer = try await upload(heard, token).json()
+        #expect(answer["text"] == .string("Hello there.") && answer["cost"] == .int(3) && answer["balance"] == .int(997))
+        #expect(try await upload(heard, token, type: "text/plain").status == .unsupportedMediaType)
+        try await expectInvariant(heard, token: token)
+        await heard.stop()
+
+        for (text, seconds, status) in [("", 2.0, HTTPResponseStatus.badRequest), ("A long one.", 61, .badRequest)] {
+            let refused = try await server(heard: text, seconds: seconds)
+            let token = try await refused.token("ivy")
+            let response = try await upload(refused, token)
+            #expect(response.status == status)
+            #expect(try await creditsOf(refused, token: token).balance == 1_000, "nothing charged")
+            await refused.stop()
+        }
+        let broke = try await server(heard: "Hi there.", seconds: 30, grant: 10)
+        let brokeToken = try await broke.token("jo")
+        let refusal = try await upload(broke, brokeToken)
+        #expect(try refusal.status == .paymentRequired && refusal.json()["error"]?["code"] == .string("insufficient_credits"))
+        #expect(try await creditsOf(broke, token: brokeToken).balance == 10)
+        await broke.stop()
     }
 }

@@ -5,8 +5,10 @@ before it is made, and a resume after a cut mid-audio loses and repeats nothing.
 import asyncio
 import io
 import json
+import math
 import re
 import struct
+import urllib.error
 import urllib.request
 import uuid
 import wave
@@ -14,7 +16,7 @@ import wave
 import websockets
 
 from conftest import Server
-from schemas import validate_frame
+from schemas import validate_frame, validate_rest
 from test_interop import make_clone
 from test_providers import start_fake_openai
 
@@ -196,5 +198,75 @@ def test_voice_is_refused_clearly_where_there_is_none(data_dir):
 
         _, error = asyncio.run(run())
         assert error["type"] == "error" and error["code"] == "bad_request" and "speech" in error["message"], error
+    finally:
+        server.stop()
+
+
+def speak(voice_url, text):
+    """`text` said by the local voice, as a WAV file: a recorded question, made without a microphone."""
+    request = urllib.request.Request(voice_url + "/audio/speech", method="POST", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"model": "tts-1", "input": text, "voice": "joe", "response_format": "wav"}).encode())
+    with urllib.request.urlopen(request, timeout=60) as response:
+        wav = response.read()
+    # The streamed WAV says "unknown length"; a recording has its sizes filled in.
+    return wav[:4] + struct.pack("<I", len(wav) - 8) + wav[8:40] + struct.pack("<I", len(wav) - 44) + wav[44:]
+
+
+def upload(server, token, audio, content_type):
+    request = urllib.request.Request(server.base + "/v1/voice/transcriptions", data=audio, method="POST",
+                                     headers={"Authorization": f"Bearer {token}", "Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_a_recorded_question_becomes_the_users_message_and_is_answered(data_dir, voice_server):
+    server = voiced_server(data_dir, voice_server, "--stt-url", voice_server)
+    try:
+        token = server.token("yuri")
+        clone = make_clone(server, token)
+        question = "What is the best way to learn to play the piano?"
+        _, before = server.http("GET", "/v1/credits", token)
+
+        status, heard = upload(server, token, speak(voice_server, question), "audio/wav")
+        assert status == 200, heard
+        validate_rest("transcription", heard)
+        assert word_error_rate(question, heard["text"]) <= 0.10, heard
+        assert 1 < heard["duration"] < 10 and heard["cost"] == math.ceil(math.ceil(heard["duration"]) * 600 / 60), heard
+        _, after = server.http("GET", "/v1/credits", token)
+        assert after["balance"] == heard["balance"] == before["balance"] - heard["cost"]
+        assert any(e["id"] == f"stt:{heard['id']}" and e["feature"] == "voice" for e in after["entries"])
+
+        async def ask():
+            async with websockets.connect(f"{server.ws}?token={token}") as ws:
+                await next_frame(ws)
+                await ws.send(json.dumps({"type": "chat.send", "id": "c1", "clone": clone["id"], "text": heard["text"]}))
+                tokens, chunks = [], []
+                _, start = await next_frame(ws)
+                return start, await read_voiced(ws, tokens, chunks)
+
+        start, end = asyncio.run(ask())
+        assert end["reason"] == "complete", end
+        status, page = server.http("GET", f"/v1/conversations/{start['conversation']}/messages", token)
+        assert [m["text"] for m in page["messages"] if m["role"] == "user"] == [heard["text"]]
+
+        # Not audio, or no audio at all: a clear error, and nothing charged.
+        status, error = upload(server, token, b"this is not audio at all" * 40, "audio/webm")
+        assert status == 400 and "could not be transcribed" in error["error"]["message"], error
+        status, error = upload(server, token, b"{}", "application/json")
+        assert status == 415, error
+        _, later = server.http("GET", "/v1/credits", token)
+        assert later["balance"] == after["balance"] - end["cost"]
+    finally:
+        server.stop()
+
+
+def test_voice_messages_are_refused_clearly_without_a_transcription_service(data_dir):
+    server = Server(data_dir)
+    try:
+        status, error = upload(server, server.token("zed"), b"RIFF", "audio/wav")
+        assert status == 501 and "transcription" in error["error"]["message"], error
     finally:
         server.stop()

@@ -1,0 +1,77 @@
+import NIOCore
+import NIOHTTP1
+import ParleyCore
+import ParleyLLM
+
+extension RESTAPI {
+    /// `POST /v1/voice/transcriptions`, the body an audio recording (`Content-Type: audio/…`,
+    /// e.g. Chromium's `audio/webm;codecs=opus`): what was said, for the client to send as its
+    /// message (#29). Charged by the audio's length (ledger `stt:<id>`, feature `voice`) once
+    /// the transcript is known and before it is answered; nothing is charged for audio that could
+    /// not be read, held no speech, or was longer than allowed.
+    func transcribeVoice(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
+        guard let transcriber = configuration.transcriber else {
+            throw APIError(.notImplemented, .badRequest, "voice messages are not available: this server has no transcription service")
+        }
+        try await credits.plans?.require(.voice, user: identity.user, ref: nil, what: "voice messages")
+        let type = (request.headers.first(name: "content-type") ?? "").lowercased()
+        guard type.hasPrefix("audio/") || type.hasPrefix("video/webm") || type.hasPrefix("video/mp4") else {
+            throw APIError(.unsupportedMediaType, .badRequest, "the body must be audio, with a Content-Type such as audio/webm or audio/wav")
+        }
+        guard let audio = request.body, audio.readableBytes > 0 else { throw APIError(.badRequest, .badRequest, "the body must hold the audio") }
+        let price = credits.configuration.pricing.voice
+        try await credits.ensureGrants(identity.user)
+        let least = price.transcriptionCost(seconds: 1)
+        let balance = try await store.balance(user: identity.user)
+        guard balance >= least else {
+            throw FrameError(
+                ref: nil, code: .insufficientCredits, message: "a voice message needs at least \(least) credits; the balance is \(balance)")
+        }
+
+        let transcript: Transcript
+        do {
+            let subtype = type.split(separator: ";")[0].split(separator: "/").last.map(String.init) ?? "bin"
+            transcript = try await transcriber.transcribe(audio, contentType: type, filename: "voice.\(subtype)")
+        } catch let error as SpeechServiceError {
+            throw error.isClientError
+                ? APIError(.badRequest, .badRequest, "the audio could not be transcribed: \(error.message)")
+                : APIError(.badGateway, .providerError, error.message)
+        }
+        // A service that does not say how long the audio was: its size at 32 kbit/s (Opus speech).
+        let seconds = transcript.duration ?? Double(audio.readableBytes) / 4_000
+        guard seconds <= configuration.maxVoiceMessageSeconds else {
+            throw FrameError(
+                ref: nil, code: .tooLarge,
+                message: "the audio is \(Int(seconds.rounded(.up))) s long; a voice message may be \(Int(configuration.maxVoiceMessageSeconds)) s")
+        }
+        let text = transcript.text.trimmedWhitespace
+        guard !text.isEmpty else { throw APIError(.badRequest, .badRequest, "no speech was heard in the audio") }
+
+        let id = ids.make(.transcription)
+        let cost = price.transcriptionCost(seconds: seconds)
+        let limits = try await credits.plans?.spendLimits(of: identity.user) ?? SpendLimits()
+        let caps = limits.daily == nil && limits.monthly == nil ? [] : SpendCap.caps(limits, at: credits.configuration.clock())
+        let entry = LedgerEntry(
+            id: "stt:" + id, user: identity.user, kind: .debit, credits: -cost, tokens: Int(seconds.rounded(.up)), model: transcriber.model,
+            feature: "voice", note: "voice message transcribed", createdAt: Int64(Timestamp.nowMillis()))
+        let outcome = try await store.apply(entry, allowOverdraft: false, caps: caps)
+        switch outcome {
+        case .applied, .alreadyApplied:
+            credits.metrics.debited.increment(by: cost)
+        case .insufficient(let balance):
+            credits.metrics.refusals.increment()
+            throw FrameError(ref: nil, code: .insufficientCredits, message: "this voice message needs \(cost) credits; the balance is \(balance)")
+        case .overLimit(_, let available):
+            credits.metrics.spendLimitHits.increment()
+            throw FrameError(
+                ref: nil, code: .spendLimit, message: "this voice message needs \(cost) credits; your spending limits allow \(available) more for now"
+            )
+        }
+        return HTTPResponse(
+            .ok,
+            json: .object([
+                ("id", .string(id)), ("text", .string(text)), ("duration", .double(seconds)), ("cost", .int(cost)),
+                ("balance", .int(outcome.balance)),
+            ]))
+    }
+}
