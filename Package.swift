@@ -144,7 +144,7 @@ let package = Package(
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ],
-            resources: [.copy("model-server.py")],
+            resources: [.copy("model-server.py"), .copy("voice-server.py")],
             swiftSettings: strict
         ),
         .executableTarget(

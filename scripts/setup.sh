@@ -4,7 +4,7 @@
 #   scripts/setup.sh --test   also the Python packages the interop tests use
 #   scripts/setup.sh --cluster  also what scripts/cluster.sh runs: nats-server, nginx, SecantusDB
 #   scripts/setup.sh --model  the local model (--local-model); --voice  the local voice
-#                             (scripts/voice-server.py: speech and transcription, offline)
+#                             (parley serve --local-voice: speech and transcription, offline)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -5,7 +5,7 @@ import ParleyCore
 import ParleyLLM
 
 /// Where an OpenAI-compatible audio service is (#29): OpenAI itself, or Parley's local
-/// `scripts/voice-server.py`.
+/// the local voice (`parley serve --local-voice`).
 public struct AudioServiceOptions: Sendable {
     /// e.g. `http://127.0.0.1:8092/v1`; `/audio/speech` or `/audio/transcriptions` is appended.
     public var baseURL: String

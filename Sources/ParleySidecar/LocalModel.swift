@@ -28,6 +28,10 @@ public struct LocalModel: Sendable, Equatable {
         ])
     }
 
+    /// The local voice's server script (#29: Piper and faster-whisper as OpenAI's audio API),
+    /// nil when this build's bundle lacks it.
+    public static var bundledVoiceServer: String? { Bundle.module.path(forResource: "voice-server", ofType: "py") }
+
     /// A command given as one string: split on whitespace (no shell, so no quoting: a command
     /// that needs it belongs in a script). Nil when it has no words.
     public static func command(_ text: String) -> LocalModel? {

@@ -319,9 +319,15 @@ struct Serve: AsyncParsableCommand {
 
     @Option(
         help:
-            "Text to speech for voiced replies: an OpenAI-compatible audio API's base URL, e.g. http://127.0.0.1:8092/v1 (scripts/voice-server.py) or https://api.openai.com/v1. Without it, \"voice\": true is refused."
+            "Text to speech for voiced replies: an OpenAI-compatible audio API's base URL, e.g. http://127.0.0.1:8092/v1 (--local-voice sets it) or https://api.openai.com/v1. Without it, \"voice\": true is refused."
     )
     var ttsUrl: String?
+
+    @Flag(
+        help:
+            "Run the local voice beside Parley, offline: Piper for speech and faster-whisper for voice messages (install with scripts/setup.sh --voice); started before Parley listens, restarted if it dies, stopped with Parley. Sets --tts-url and --stt-url. Its log: <data-dir>/voice-server.log."
+    )
+    var localVoice = false
 
     @Option(help: "The speech model to ask for (--tts-url).")
     var ttsModel = "tts-1"
@@ -340,6 +346,9 @@ struct Serve: AsyncParsableCommand {
 
     func validate() throws {
         guard (0...65535).contains(port) else { throw ArgumentParser.ValidationError("--port must be 0-65535") }
+        guard !localVoice || (ttsUrl == nil && sttUrl == nil) else {
+            throw ArgumentParser.ValidationError("--local-voice is the speech service: leave out --tts-url and --stt-url")
+        }
         for (flag, url) in [("--tts-url", ttsUrl), ("--stt-url", sttUrl)] {
             guard let url else { continue }
             guard url.hasPrefix("http://") || url.hasPrefix("https://") else {
@@ -553,14 +562,22 @@ struct Serve: AsyncParsableCommand {
 
         // The local model first: replies recovered or scheduled at start-up already need it.
         let model = usesLocalModel ? try await startLocalModel(parallel: configuration.providerConcurrency ?? LocalModel.defaultParallel) : nil
+        let voice: Sidecar?
+        do {
+            voice = localVoice ? try await startLocalVoice() : nil
+        } catch {
+            await model?.stop()
+            throw error
+        }
+        let sidecars = [model, voice].compactMap { $0 }
         // The server's event loops, made here so that a model server's client shares them: a
         // reply's upstream connection is then read on the loop that writes its tokens.
         let group = MultiThreadedEventLoopGroup(numberOfThreads: configuration.eventLoopThreads ?? System.coreCount)
         // A model server gets a client of its own, with a connection for every reply that may stream at once.
         let upstream =
-            usesHTTPProvider || ttsUrl != nil || sttUrl != nil
+            usesHTTPProvider || ttsUrl != nil || sttUrl != nil || voice != nil
             ? HTTPClient.forProvider(connections: configuration.providerConcurrency ?? Self.defaultProviderConcurrency, on: group) : nil
-        if let upstream { configureVoice(&configuration, client: upstream) }
+        if let upstream { configureVoice(&configuration, client: upstream, local: voice.map { LocalModel.baseURL(port: $0.configuration.port) }) }
         let server: ParleyServer
         do {
             server = try await ParleyServer.start(
@@ -571,7 +588,7 @@ struct Serve: AsyncParsableCommand {
                 eventLoopGroup: group)
         } catch {
             FileHandle.standardError.write(Data("parley: \(error)\n".utf8))
-            await model?.stop()
+            for sidecar in sidecars { await sidecar.stop() }
             try? await upstream?.shutdown()
             try? await group.shutdownGracefully()
             throw ExitCode(1)
@@ -579,7 +596,7 @@ struct Serve: AsyncParsableCommand {
         // SIGTERM or SIGINT starts the graceful shutdown: the drain, then exit 0.
         let logger = Logger(label: "parley")
         let service = ServerService(
-            server: server, host: host, model: model, upstream: upstream, group: group, greeting: greeting(model: defaultModel, sidecar: model))
+            server: server, host: host, sidecars: sidecars, upstream: upstream, group: group, greeting: greeting(model: defaultModel, sidecar: model))
         let services = ServiceGroup(
             configuration: ServiceGroupConfiguration(
                 services: [.init(service: service)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger
@@ -587,7 +604,7 @@ struct Serve: AsyncParsableCommand {
         do {
             try await services.run()
         } catch {
-            await model?.stop()
+            for sidecar in sidecars { await sidecar.stop() }
             try? await upstream?.shutdown()
             try? await group.shutdownGracefully()
             throw error
@@ -635,6 +652,28 @@ extension Serve {
         }
     }
 
+    /// Starts the local voice (`voice-server.py` from the ParleySidecar bundle) and waits until
+    /// both its models are loaded; exits 1 with the reason when it cannot start.
+    func startLocalVoice() async throws -> Sidecar {
+        func fail(_ reason: String) -> ExitCode {
+            FileHandle.standardError.write(
+                Data("parley: the local voice could not start: \(reason)\nparley: install it with scripts/setup.sh --voice\n".utf8))
+            return ExitCode(1)
+        }
+        guard let script = LocalModel.bundledVoiceServer else { throw fail("this build has no voice-server.py (the ParleySidecar bundle)") }
+        do {
+            try FileManager.default.createDirectory(atPath: secret.dataDir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+            let port = try await Sidecar.freeLoopbackPort()
+            var sidecar = Sidecar.Configuration(
+                arguments: ["python3", script, "--port", String(port)], port: port, logPath: secret.dataDir + "/voice-server.log")
+            sidecar.startTimeout = .seconds(localModelStartTimeout)
+            FileHandle.standardError.write(Data("parley: starting the local voice (\(sidecar.arguments.joined(separator: " ")))\n".utf8))
+            return try await Sidecar.start(sidecar, logger: Logger(label: "parley.voice"))
+        } catch {
+            throw fail("\(error)")
+        }
+    }
+
     /// The line after "parley listening on …" (given the bound port): where the page is and which model answers.
     func greeting(model: String, sidecar: Sidecar?) -> @Sendable (Int) -> String {
         let source =
@@ -674,9 +713,11 @@ extension Serve {
         }
     }
 
-    /// The speech and transcription services the flags name (#29), on the providers' client.
-    func configureVoice(_ configuration: inout ServerConfiguration, client: HTTPClient) {
-        let key = voiceKeyEnv.flatMap { ProcessInfo.processInfo.environment[$0] }.flatMap { $0.isEmpty ? nil : $0 }
+    /// The speech and transcription services the flags name (#29), or the local voice at
+    /// `local`, on the providers' client.
+    func configureVoice(_ configuration: inout ServerConfiguration, client: HTTPClient, local: String?) {
+        let key = local != nil ? nil : voiceKeyEnv.flatMap { ProcessInfo.processInfo.environment[$0] }.flatMap { $0.isEmpty ? nil : $0 }
+        let (ttsUrl, sttUrl) = local.map { ($0, $0) } ?? (self.ttsUrl, self.sttUrl)
         if let ttsUrl {
             configuration.speech = OpenAISpeech(options: AudioServiceOptions(baseURL: ttsUrl, apiKey: key, model: ttsModel), client: client)
             configuration.defaultVoice = CloneVoice(name: ttsVoice)
@@ -739,8 +780,8 @@ extension Logger.Level: @retroactive ExpressibleByArgument {}
 struct ServerService: Service {
     let server: ParleyServer
     let host: String
-    /// The local model server, stopped once the drain is over (the drain's replies need it).
-    let model: Sidecar?
+    /// The local model and voice servers, stopped once the drain is over (its replies need them).
+    let sidecars: [Sidecar]
     /// The model provider's HTTP client, shut down after the server.
     let upstream: HTTPClient?
     /// The event loops the server and that client run on, shut down last.
@@ -791,7 +832,7 @@ struct ServerService: Service {
             exit(70)
         }
         await server.shutdown()
-        await model?.stop()
+        for sidecar in sidecars { await sidecar.stop() }
         try? await upstream?.shutdown()
         try? await group.shutdownGracefully()
     }

@@ -160,11 +160,11 @@ def model_server():
 
 @pytest.fixture(scope="session")
 def voice_server():
-    """scripts/voice-server.py, Parley's local voice (Piper and faster-whisper, installed by
+    """Sources/ParleySidecar/voice-server.py, Parley's local voice (Piper and faster-whisper, installed by
     scripts/setup.sh --test): its OpenAI-compatible base URL. One per test session: loading both
     models takes a few seconds."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "voice-server.py"), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, str(ROOT / "Sources" / "ParleySidecar" / "voice-server.py"), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()  # printed once both models are loaded and the port is bound
     if not line.startswith("voice-server listening on "):

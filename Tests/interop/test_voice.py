@@ -7,12 +7,14 @@ import io
 import json
 import math
 import re
+import socket
 import struct
 import urllib.error
 import urllib.request
 import uuid
 import wave
 
+import pytest
 import websockets
 
 from conftest import Server
@@ -270,3 +272,26 @@ def test_voice_messages_are_refused_clearly_without_a_transcription_service(data
         assert status == 501 and "transcription" in error["error"]["message"], error
     finally:
         server.stop()
+
+
+def test_the_local_voice_runs_beside_parley_and_stops_with_it(data_dir):
+    """`parley serve --local-voice`: the voice server is started (both models loaded) before
+    Parley listens, answers voiced replies and voice messages, and is gone once Parley stops."""
+    server = Server(data_dir, "--local-voice", "--sim-ttft-ms", "0", "--sim-tokens-per-sec", "0", "--sim-reply-tokens", "20")
+    token = server.token("ann")
+    clone = make_clone(server, token)
+
+    async def run():
+        async with websockets.connect(f"{server.ws}?token={token}") as ws:
+            await next_frame(ws)
+            await ws.send(json.dumps({"type": "chat.send", "id": "v1", "clone": clone["id"], "text": "Hi", "voice": True}))
+            tokens, chunks = [], []
+            return chunks, await read_voiced(ws, tokens, chunks)
+
+    chunks, end = asyncio.run(run())
+    assert end["audio"]["reason"] == "complete" and len(chunks) == end["audio"]["chunks"] > 0, end
+    assert server.stop() == 0
+    started = re.search(r"starting the local voice \(.*--port (\d+)\)", server.proc.stderr.read())
+    assert started, "the start is announced with its command"
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", int(started.group(1))), timeout=2).close()
