@@ -138,6 +138,10 @@ struct RESTAPI: Sendable {
                         ("protocol", .int(1)), ("dev", .bool(configuration.devSignIn)),
                         ("models", .array(configuration.models.map { .string($0) })),
                         ("model", .string(configuration.models[0])), ("model_host", .string(configuration.modelHost)),
+                        (
+                            "voice",
+                            .object([("speech", .bool(configuration.speech != nil)), ("transcription", .bool(configuration.transcriber != nil))])
+                        ),
                     ]))
             case "/metrics":
                 guard request.method == .GET || request.method == .HEAD else { throw Self.methodNotAllowed([.GET]) }

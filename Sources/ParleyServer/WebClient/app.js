@@ -24,6 +24,7 @@ const state = {
   welcomed: false,       // the socket is open and the server said welcome
   reloadOnWelcome: false,
   restoreRoom: null,     // a room the URL named, joined once connected
+  speak: localStorage.getItem("parley.speak") === "1",  // replies asked with "voice": true
 };
 
 // ---------- REST ----------
@@ -55,8 +56,10 @@ const socket = {
     const scheme = location.protocol === "https:" ? "wss" : "ws";
     const ws = new WebSocket(`${scheme}://${location.host}/v1/ws?token=${encodeURIComponent(state.token)}`);
     this.ws = ws;
+    ws.binaryType = "arraybuffer";  // a voiced reply's audio (PROTOCOL.md, Voice)
     setConnection("connecting…");
     ws.onmessage = (event) => {
+      if (typeof event.data !== "string") { heardFromServer(); onAudio(event.data); return; }
       let frame;
       try { frame = JSON.parse(event.data); } catch { return; }
       heardFromServer();
@@ -115,7 +118,7 @@ function onWelcome() {
   state.reloadOnWelcome = false;
   // Streams cut by the drop: the server replays what came after the last token shown.
   for (const [stream, s] of state.streams) {
-    if (!s.ended && !s.room) request({ type: "stream.resume", stream, after: s.seq }, { stream });
+    if (!s.ended && !s.room) request({ type: "stream.resume", stream, after: s.seq, audio_after: s.chunk ?? 0 }, { stream });
   }
   // A room is joined again: its state replaces the view, in-flight turns replay from the start.
   if (state.room) joinRoom(state.room.room.id, state.room.language);
@@ -1009,12 +1012,110 @@ function sendChat(event) {
   hideBanner();
   const frame = { type: "chat.send", clone: state.cloneId, text };
   if (state.conversationId) frame.conversation = state.conversationId;
+  if (state.speak && state.info?.voice?.speech) { frame.voice = true; player.unlock(); }
   const el = addBubble($("messages"), { who: state.user, text, kind: "user pending" });
   addNote(el, "sending…");
   const ref = request(frame, { newConversation: !state.conversationId });
   state.sending.set(ref, { el, text, conversation: state.conversationId ?? null });
   $("chat-text").value = "";
   updateComposer();
+}
+
+// ---------- voice: replies heard as they stream, questions spoken ----------
+
+// Plays a voiced reply's PCM chunks back to back as they arrive (Web Audio: no container needed).
+const player = {
+  context: null,
+  next: 0,
+  unlock() {  // an AudioContext may start only in answer to the user
+    this.context ??= new AudioContext();
+    if (this.context.state === "suspended") this.context.resume();
+  },
+  play(samples, rate) {
+    if (!this.context) return;
+    const buffer = this.context.createBuffer(1, samples.length, rate);
+    const channel = buffer.getChannelData(0);
+    for (let i = 0; i < samples.length; i++) channel[i] = samples[i] / 32768;
+    const source = this.context.createBufferSource();
+    source.buffer = buffer;
+    source.connect(this.context.destination);
+    this.next = Math.max(this.next, this.context.currentTime + 0.05);
+    source.start(this.next);
+    this.next += buffer.duration;
+  },
+};
+
+// One binary frame: 0x01, the header's length (UInt16, big-endian), the JSON header, 16-bit PCM.
+function onAudio(data) {
+  const bytes = new DataView(data);
+  if (data.byteLength < 3 || bytes.getUint8(0) !== 1) return;
+  const length = bytes.getUint16(1);
+  let header;
+  try { header = JSON.parse(new TextDecoder().decode(new Uint8Array(data, 3, length))); } catch { return; }
+  const s = state.streams.get(header.stream);
+  if (!s || header.chunk <= (s.chunk ?? 0)) return;  // not shown here, or already played (a replay)
+  s.chunk = header.chunk;
+  s.el.dataset.audioChunks = String(header.chunk);
+  player.play(new Int16Array(data.slice(3 + length)), header.sample_rate);
+}
+
+function setSpeak(on) {
+  state.speak = on;
+  localStorage.setItem("parley.speak", on ? "1" : "0");
+  $("speak-toggle").setAttribute("aria-pressed", String(on));
+  $("speak-toggle").textContent = on ? "Speaking replies" : "Speak replies";
+  if (on) player.unlock();
+}
+
+// Hold to talk: records while the button is held, then sends what was heard as the message.
+const recorder = {
+  media: null,
+  chunks: [],
+  async start() {
+    if (this.media || !state.cloneId || busyHere()) return;
+    let stream;
+    try {
+      stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+    } catch (error) {
+      showBanner(`The microphone could not be used: ${error.message}`);
+      return;
+    }
+    const type = MediaRecorder.isTypeSupported("audio/webm;codecs=opus") ? "audio/webm;codecs=opus" : "";
+    this.media = new MediaRecorder(stream, type ? { mimeType: type } : {});
+    this.chunks = [];
+    this.media.ondataavailable = (event) => { if (event.data.size) this.chunks.push(event.data); };
+    this.media.onstop = () => {
+      for (const track of stream.getTracks()) track.stop();
+      const blob = new Blob(this.chunks, { type: this.media.mimeType || "audio/webm" });
+      this.media = null;
+      $("talk").removeAttribute("data-recording");
+      $("talk").textContent = "Hold to talk";
+      transcribe(blob);
+    };
+    this.media.start();
+    $("talk").setAttribute("data-recording", "");
+    $("talk").textContent = "Listening… let go to send";
+    $("heard").textContent = "";
+  },
+  stop() { if (this.media?.state === "recording") this.media.stop(); },
+};
+
+async function transcribe(blob) {
+  $("heard").textContent = "Listening to what you said…";
+  try {
+    const response = await fetch("/v1/voice/transcriptions", {
+      method: "POST", headers: { "Authorization": `Bearer ${state.token}`, "Content-Type": blob.type }, body: blob,
+    });
+    const json = await response.json().catch(() => null);
+    if (!response.ok) throw new Error(json?.error?.message ?? response.statusText);
+    setCredits(json.balance);
+    $("heard").textContent = `Heard: “${json.text}”`;
+    $("chat-text").value = json.text;
+    sendChat({ preventDefault() {} });
+  } catch (error) {
+    $("heard").textContent = "";
+    showBanner(`Your message could not be heard: ${error.message}`);
+  }
 }
 
 function stopStream() {
@@ -1446,6 +1547,17 @@ async function start() {
   const info = await fetch("/v1/info").then((r) => r.json()).catch(() => ({}));
   state.info = info;
   $("dev-form").hidden = !info.dev;
+  // Voice where the server has it: the speaker toggle for speech, hold-to-talk for transcription.
+  $("voice-controls").hidden = !info.voice?.speech && !info.voice?.transcription;
+  $("speak-toggle").hidden = !info.voice?.speech;
+  $("talk").hidden = !info.voice?.transcription || !navigator.mediaDevices || typeof MediaRecorder === "undefined";
+  setSpeak(state.speak && !!info.voice?.speech);
+  $("speak-toggle").onclick = () => setSpeak(!state.speak);
+  const talk = $("talk");
+  talk.onpointerdown = (event) => { event.preventDefault(); recorder.start(); };
+  talk.onpointerup = talk.onpointerleave = () => recorder.stop();
+  talk.onkeydown = (event) => { if ((event.key === " " || event.key === "Enter") && !event.repeat) { event.preventDefault(); recorder.start(); } };
+  talk.onkeyup = (event) => { if (event.key === " " || event.key === "Enter") recorder.stop(); };
   if (state.token) await signIn(state.token);
   if (!state.user) { $("signin").hidden = false; $("signin-title").focus(); }
 }
