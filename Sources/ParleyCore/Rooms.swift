@@ -35,11 +35,26 @@ public struct Room: Sendable, Equatable {
         public var stance: String
         /// The clone's name when the room was created (for prompts and transcripts).
         public var name: String
+        /// A voiced debate (#29): the voice the clone's turns are spoken in, chosen at creation.
+        public var voice: CloneVoice?
 
-        public init(clone: String, stance: String, name: String) {
+        public init(clone: String, stance: String, name: String, voice: CloneVoice? = nil) {
             self.clone = clone
             self.stance = stance
             self.name = name
+            self.voice = voice
+        }
+
+        /// As the stores keep it and the API shows it.
+        public var json: JSONValue {
+            .object(
+                [("clone", .string(clone)), ("name", .string(name)), ("stance", .string(stance))] + (voice.map { [("voice", $0.json)] } ?? []))
+        }
+
+        public init(json: JSONValue) {
+            self.init(
+                clone: json["clone"]?.stringValue ?? "", stance: json["stance"]?.stringValue ?? "", name: json["name"]?.stringValue ?? "",
+                voice: json["voice"].flatMap { try? CloneVoice.parse($0) })
         }
     }
 
@@ -130,7 +145,7 @@ public struct Room: Sendable, Equatable {
             ("kind", .string("debate")),
             ("moderator", .string(owner)),
             ("topic", .string(topic)),
-            ("clones", .array(debaters.map { .object([("clone", .string($0.clone)), ("name", .string($0.name)), ("stance", .string($0.stance))]) })),
+            ("clones", .array(debaters.map(\.json))),
             ("rounds", .int(Int64(rounds))),
             ("turn_policy", .string(policy.rawValue)),
             ("max_tokens_per_turn", .int(Int64(maxTokensPerTurn))),
@@ -247,10 +262,13 @@ public struct DebateRequest: Sendable, Equatable {
     public var policy: Room.TurnPolicy
     public var maxTokensPerTurn: Int
     public var visibility: Room.Visibility
+    /// Each turn is spoken too, in its clone's voice (#29).
+    public var voice = false
 
     public static func == (a: DebateRequest, b: DebateRequest) -> Bool {
         a.topic == b.topic && a.clones.map(\.clone) == b.clones.map(\.clone) && a.clones.map(\.stance) == b.clones.map(\.stance)
             && a.rounds == b.rounds && a.policy == b.policy && a.maxTokensPerTurn == b.maxTokensPerTurn && a.visibility == b.visibility
+            && a.voice == b.voice
     }
 
     public static func parse(_ value: JSONValue, limits: RoomLimits) throws(ValidationError) -> DebateRequest {
@@ -289,8 +307,10 @@ public struct DebateRequest: Sendable, Equatable {
         }
         let visibilityText = try reader.string("visibility") ?? "private"
         guard let visibility = Room.Visibility(rawValue: visibilityText) else { throw ValidationError("'visibility' must be private or link") }
+        let voice = try reader.bool("voice") ?? false
         try reader.rejectUnknown()
-        return DebateRequest(topic: topic, clones: clones, rounds: rounds, policy: policy, maxTokensPerTurn: maxTokens, visibility: visibility)
+        return DebateRequest(
+            topic: topic, clones: clones, rounds: rounds, policy: policy, maxTokensPerTurn: maxTokens, visibility: visibility, voice: voice)
     }
 }
 

@@ -127,7 +127,7 @@ extension MongoStore {
             ("_id", .string(r.id)), ("owner", .string(r.owner)), ("topic", .string(r.topic)),
             (
                 "debaters",
-                .array(r.debaters.map { .object([("clone", .string($0.clone)), ("stance", .string($0.stance)), ("name", .string($0.name))]) })
+                .array(r.debaters.map(\.json))
             ),
             ("rounds", .long(Int64(r.rounds))), ("policy", .string(r.policy.rawValue)), ("max_tokens", .long(Int64(r.maxTokensPerTurn))),
             ("visibility", .string(r.visibility.rawValue)), ("status", .string(r.status.rawValue)), ("turns_taken", .long(Int64(r.turnsTaken))),
@@ -142,9 +142,7 @@ extension MongoStore {
         Room(
             id: d["_id"]?.stringValue ?? "", kind: Room.Kind(rawValue: d["kind"]?.stringValue ?? "") ?? .debate, owner: d["owner"]?.stringValue ?? "",
             topic: d["topic"]?.stringValue ?? "",
-            debaters: (d["debaters"]?.arrayValue ?? []).map {
-                Room.Debater(clone: $0["clone"]?.stringValue ?? "", stance: $0["stance"]?.stringValue ?? "", name: $0["name"]?.stringValue ?? "")
-            },
+            debaters: (d["debaters"]?.arrayValue ?? []).map(Room.Debater.init(json:)),
             rounds: Int(d["rounds"]?.int64 ?? 0), policy: Room.TurnPolicy(rawValue: d["policy"]?.stringValue ?? "") ?? .roundRobin,
             maxTokensPerTurn: Int(d["max_tokens"]?.int64 ?? 0),
             visibility: Room.Visibility(rawValue: d["visibility"]?.stringValue ?? "") ?? .private,

@@ -162,9 +162,19 @@ final class RoomService: FrameHandler {
             let room: Room
             switch request {
             case .debate(let request):
+                if request.voice {
+                    guard streams.speech != nil else {
+                        throw FrameError(ref: nil, code: .badRequest, message: "voice is not available: this server has no speech service")
+                    }
+                    try await streams.credits.plans?.require(.voice, user: owner, ref: nil, what: "voiced debates")
+                }
                 var debaters: [Room.Debater] = []
                 for (clone, stance) in request.clones {
-                    debaters.append(Room.Debater(clone: clone, stance: stance, name: try await cloneName(clone, owner: owner)))
+                    let found = try await ownClone(clone, owner: owner)
+                    debaters.append(
+                        Room.Debater(
+                            clone: clone, stance: stance, name: found.name,
+                            voice: request.voice ? found.profile.voice ?? configuration.defaultVoice : nil))
                 }
                 room = Room(
                     id: ids.make(.room), owner: owner, topic: request.topic, debaters: debaters, rounds: request.rounds,
@@ -195,10 +205,14 @@ final class RoomService: FrameHandler {
     }
 
     private func cloneName(_ clone: String, owner: String) async throws -> String {
+        try await ownClone(clone, owner: owner).name
+    }
+
+    private func ownClone(_ clone: String, owner: String) async throws -> Clone {
         guard let found = try await store.clone(id: clone, owner: owner) else {
             throw FrameError(ref: nil, code: .notFound, message: "no clone \(clone)")
         }
-        return found.name
+        return found
     }
 
     /// The room and its transcript as `user` may see it (in a translation chat: in their language).
@@ -521,7 +535,7 @@ final class RoomService: FrameHandler {
             }
             await streams.run(
                 stream, prepared, messageID: entryID, journal: .roomTurn(room: room.id, speaker: clone.id),
-                paywall: live.payer(owner), beforeEnd: turnOver
+                paywall: live.payer(owner), voice: room.debater(clone.id)?.voice, beforeEnd: turnOver
             ) { message in
                 let entry = RoomEntry(
                     id: entryID, room: room.id, kind: .turn, speaker: clone.id, text: message.text,

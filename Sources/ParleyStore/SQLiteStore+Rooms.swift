@@ -8,10 +8,7 @@ extension SQLiteStore {
         "id, owner, topic, debaters, rounds, policy, max_tokens, visibility, status, turns_taken, muted, kicked, created_at, updated_at, kind, members, languages"
 
     static func roomValues(_ r: Room) -> [SQLValue] {
-        let debaters = JSONValue.array(
-            r.debaters.map {
-                .object([("clone", .string($0.clone)), ("stance", .string($0.stance)), ("name", .string($0.name))])
-            })
+        let debaters = JSONValue.array(r.debaters.map(\.json))
         return [
             .text(r.id), .text(r.owner), .text(r.topic), .text(debaters.serializedString()), .int(Int64(r.rounds)),
             .text(r.policy.rawValue), .int(Int64(r.maxTokensPerTurn)), .text(r.visibility.rawValue), .text(r.status.rawValue),
@@ -27,11 +24,7 @@ extension SQLiteStore {
         return Room(
             id: r["id"].text ?? "", kind: Room.Kind(rawValue: r["kind"].text ?? "") ?? .debate, owner: r["owner"].text ?? "",
             topic: r["topic"].text ?? "",
-            debaters: debaters.map {
-                Room.Debater(
-                    clone: $0["clone"]?.stringValue ?? "", stance: $0["stance"]?.stringValue ?? "",
-                    name: $0["name"]?.stringValue ?? "")
-            },
+            debaters: debaters.map(Room.Debater.init(json:)),
             rounds: Int(r["rounds"].int ?? 0), policy: Room.TurnPolicy(rawValue: r["policy"].text ?? "") ?? .roundRobin,
             maxTokensPerTurn: Int(r["max_tokens"].int ?? 0), visibility: Room.Visibility(rawValue: r["visibility"].text ?? "") ?? .private,
             status: Room.Status(rawValue: r["status"].text ?? "") ?? .ended, turnsTaken: Int(r["turns_taken"].int ?? 0),

@@ -51,7 +51,7 @@ struct ScriptedTranscriber: SpeechTranscriber {
 struct VoicedStream {
     var reply: StreamedReply
     var chunks: [(header: JSONValue, audio: [UInt8])]
-    var audio: JSONValue { reply.end["audio"]! }
+    var audio: JSONValue { reply.end["audio"] ?? .null }
 }
 
 extension TestWebSocket {
@@ -290,5 +290,56 @@ extension TestWebSocket {
         #expect(try refusal.status == .paymentRequired && refusal.json()["error"]?["code"] == .string("insufficient_credits"))
         #expect(try await creditsOf(broke, token: brokeToken).balance == 10)
         await broke.stop()
+    }
+
+    @Test(arguments: TestServer.StoreKind.allCases)
+    func aVoicedDebateSpeaksEachTurnInItsClonesVoiceToEveryMember(_ store: TestServer.StoreKind) async throws {
+        let speech = ScriptedSpeech()
+        let server = try await server(store, speech: speech, replyTokens: 30)
+        let mod = try await server.token("mod")
+        let ada = try await server.createClone(
+            token: mod, name: "Ada", fields: [("voice", .object([("name", .string("joe")), ("speed", .double(1.2))]))])["id"]!
+        let bob = try await server.createClone(token: mod, name: "Bob")["id"]!
+        let body = JSONValue.object([
+            ("kind", .string("debate")), ("topic", .string("Is tea better than coffee?")),
+            ("clones", .array([.object([("clone", ada)]), .object([("clone", bob)])])), ("rounds", .int(1)),
+            ("visibility", .string("link")), ("voice", .bool(true)),
+        ])
+        let created = try await TestHTTPClient.json(port: server.port, .POST, "/v1/rooms", token: mod, json: body)
+        #expect(created.status == .created)
+        let room = try created.json()
+        #expect(room["clones"]?.arrayValue?.map { $0["voice"]?["name"] } == [.string("joe"), .string("house")])
+        let roomID = room["id"]!.stringValue!
+        let stored = try await server.get("/v1/rooms/\(roomID)", token: mod).json()
+        #expect(stored["room"]?["clones"]?.arrayValue?.map { $0["voice"]?["name"] } == [.string("joe"), .string("house")], "\(stored)")
+
+        let moderator = try await server.connect(token: mod)
+        let viewer = try await server.connect(token: try await server.token("vic"))
+        _ = try await moderator.join(roomID)
+        _ = try await viewer.join(roomID)
+        _ = try await moderator.roomEvent("joined")
+        try await moderator.control(roomID, "start")
+        var heard: [[Int]] = [[], []]
+        for (index, socket) in [moderator, viewer].enumerated() {
+            _ = try await socket.roomEvent("started")
+            for _ in 0..<2 {
+                _ = try await socket.roomEvent("turn")
+                let turn = try await socket.readVoiced()
+                #expect(turn.reply.reason == "complete" && turn.audio["reason"] == .string("complete"))
+                #expect(turn.chunks.map { $0.header["chunk"]!.intValue! } == Array(1...Int64(turn.chunks.count)))
+                #expect((turn.audio["cost"] != nil) == (index == 0), "only the payer sees what the voice cost")
+                heard[index].append(turn.chunks.count)
+            }
+        }
+        #expect(heard[0] == heard[1] && heard[0].allSatisfy { $0 >= 2 })
+        // The first turn's sentences in Ada's voice, the second's in the server's default (Bob has none).
+        let voices = speech.requests.map(\.voice)
+        let first = voices.firstIndex(of: "house") ?? voices.count
+        #expect(first > 0 && voices[..<first].allSatisfy { $0 == "joe" } && voices[first...].allSatisfy { $0 == "house" })
+        #expect(speech.requests[..<first].allSatisfy { $0.speed == 1.2 })
+        let (_, entries) = try await creditsOf(server, token: mod)
+        #expect(entries.filter { $0["feature"] == .string("voice") }.count == speech.requests.count)
+        try await expectInvariant(server, token: mod)
+        await server.stop()
     }
 }
