@@ -90,6 +90,8 @@ public enum IDKind: String, Sendable {
     case webhook = "wh"
     /// A voice message transcribed (#29): its ledger entry is `stt:<id>`.
     case transcription = "tr"
+    /// A voiced reply's audio kept for its owner (#29).
+    case voiceClip = "vc"
 
     /// Ids that grant access to whoever holds them: they must not be guessable from any other id.
     public var isCapability: Bool { self == .room }

@@ -57,6 +57,8 @@ public struct UserDeletion: Sendable, Equatable {
     public var schedules = 0
     public var rooms = 0
     public var roomEntries = 0
+    /// Voiced replies' audio (#29).
+    public var voiceClips = 0
     /// Ledger rows kept (the law requires them), now under the pseudonym and without links to content.
     public var ledgerRowsKept = 0
 
@@ -71,6 +73,7 @@ public struct UserDeletion: Sendable, Equatable {
         sum.schedules += b.schedules
         sum.rooms += b.rooms
         sum.roomEntries += b.roomEntries
+        sum.voiceClips += b.voiceClips
         sum.ledgerRowsKept = b.ledgerRowsKept
         return sum
     }
@@ -78,7 +81,7 @@ public struct UserDeletion: Sendable, Equatable {
     public var detail: [String: String] {
         [
             "clones": "\(clones)", "conversations": "\(conversations)", "messages": "\(messages)", "schedules": "\(schedules)",
-            "rooms": "\(rooms)", "room_entries": "\(roomEntries)", "ledger_rows_kept": "\(ledgerRowsKept)",
+            "rooms": "\(rooms)", "room_entries": "\(roomEntries)", "voice_clips": "\(voiceClips)", "ledger_rows_kept": "\(ledgerRowsKept)",
         ]
     }
 }

@@ -191,3 +191,84 @@ public struct VoicePrice: Sendable, Equatable {
         return VoicePrice(speechPer1KCharacters: speech, transcriptionPerMinute: transcription)
     }
 }
+
+/// A voiced reply's audio, kept for its owner (#29): generated voice is kept 90 days unless the
+/// user saves it (`--media-retention-days`), then purged by the retention job; deleted with its
+/// conversation, its room, or the account.
+public struct VoiceClip: Sendable, Equatable {
+    public var id: String
+    public var owner: String
+    public var stream: String
+    /// Where it was said: a conversation's reply, or a room's turn.
+    public var conversation: String?
+    public var room: String?
+    /// The stored message (or room entry) it speaks.
+    public var message: String?
+    public var sampleRate: Int
+    /// 16-bit signed little-endian PCM, mono; empty when listed without it.
+    public var audio: [UInt8]
+    /// The audio's size (also when listed without it).
+    public var bytes: Int
+    /// The reply spoke longer than a clip keeps (`maxBytes`): only its start is kept.
+    public var truncated: Bool
+    public var saved: Bool
+    public var createdAt: Int64
+
+    /// About 3 minutes of 24 kHz speech; a MongoDB document stays well under its 16 MB.
+    public static let maxBytes = 8 << 20
+
+    public init(
+        id: String, owner: String, stream: String, conversation: String?, room: String?, message: String?, sampleRate: Int = 24_000,
+        audio: [UInt8], bytes: Int? = nil, truncated: Bool = false, saved: Bool = false, createdAt: Int64
+    ) {
+        self.id = id
+        self.owner = owner
+        self.stream = stream
+        self.conversation = conversation
+        self.room = room
+        self.message = message
+        self.sampleRate = sampleRate
+        self.audio = audio
+        self.bytes = bytes ?? audio.count
+        self.truncated = truncated
+        self.saved = saved
+        self.createdAt = createdAt
+    }
+
+    public var seconds: Double { Double(bytes) / Double(2 * max(1, sampleRate)) }
+
+    /// As the API lists it; `expiresAt`: when the retention job deletes it (nil: kept).
+    public func json(expiresAt: Int64?) -> JSONValue {
+        .object([
+            ("id", .string(id)), ("stream", .string(stream)), ("conversation", conversation.map(JSONValue.string) ?? .null),
+            ("room", room.map(JSONValue.string) ?? .null), ("message", message.map(JSONValue.string) ?? .null),
+            ("format", .string("wav")), ("sample_rate", .int(Int64(sampleRate))), ("bytes", .int(Int64(bytes))),
+            ("seconds", .double((seconds * 1000).rounded() / 1000)), ("truncated", .bool(truncated)), ("saved", .bool(saved)),
+            ("created_at", .string(Timestamp.rfc3339(millis: createdAt))),
+            ("expires_at", expiresAt.map { .string(Timestamp.rfc3339(millis: $0)) } ?? .null),
+            ("url", .string("/v1/clips/\(id)/audio")),
+        ])
+    }
+
+    /// The audio as a WAV file (what `GET /v1/clips/{id}/audio` answers).
+    public var wav: [UInt8] {
+        var out = [UInt8]()
+        out.reserveCapacity(44 + audio.count)
+        func le32(_ value: Int) { out += withUnsafeBytes(of: UInt32(truncatingIfNeeded: value).littleEndian, Array.init) }
+        func le16(_ value: Int) { out += withUnsafeBytes(of: UInt16(truncatingIfNeeded: value).littleEndian, Array.init) }
+        out += Array("RIFF".utf8)
+        le32(36 + audio.count)
+        out += Array("WAVEfmt ".utf8)
+        le32(16)
+        le16(1)  // PCM
+        le16(1)  // mono
+        le32(sampleRate)
+        le32(sampleRate * 2)
+        le16(2)
+        le16(16)
+        out += Array("data".utf8)
+        le32(audio.count)
+        out += audio
+        return out
+    }
+}

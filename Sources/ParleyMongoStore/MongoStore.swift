@@ -180,6 +180,7 @@ public final class MongoStore: Store {
             let ids = conversations.compactMap { $0["_id"] }
             if !ids.isEmpty {
                 _ = try db.delete("messages", query: .object([("conversation", .object([("$in", .array(ids))]))]))
+                _ = try db.delete("voice_clips", query: .object([("conversation", .object([("$in", .array(ids))]))]))
             }
             _ = try db.delete("conversations", query: .object([("clone", .string(id)), ("owner", .string(owner))]))
             return try db.delete("clones", query: .object([("_id", .string(id)), ("owner", .string(owner))])) > 0
@@ -431,6 +432,7 @@ public final class MongoStore: Store {
                 return false
             }
             _ = try db.delete("messages", query: .object([("conversation", .string(id))]))
+            _ = try db.delete("voice_clips", query: .object([("conversation", .string(id))]))
             return try db.delete("conversations", query: .object([("_id", .string(id)), ("owner", .string(owner))])) > 0
         }
     }
@@ -523,6 +525,11 @@ struct Database: Sendable {
         // Search: an owner's messages and titles holding a term, newest first.
         ("messages", "owner_terms_id", .object([("owner", .int(1)), ("terms", .int(1)), ("_id", .int(-1))]), false),
         ("conversations", "owner_terms_id", .object([("owner", .int(1)), ("terms", .int(1)), ("_id", .int(-1))]), false),
+        // Voiced replies' audio (#29): an owner's, a conversation's or a room's, and the unsaved by age.
+        ("voice_clips", "owner_id", .object([("owner", .int(1)), ("_id", .int(-1))]), false),
+        ("voice_clips", "conversation", .object([("conversation", .int(1))]), false),
+        ("voice_clips", "room", .object([("room", .int(1))]), false),
+        ("voice_clips", "saved_created", .object([("saved", .int(1)), ("created_at", .int(1))]), false),
     ]
 
     func migrate() throws {

@@ -70,6 +70,9 @@ public struct ServerConfiguration: Sendable {
     /// longest audio; longer is refused with `too_large` and not charged.
     public var maxVoiceMessageBytes = 4 << 20
     public var maxVoiceMessageSeconds = 120.0
+    /// Voiced replies' audio is kept this long unless its owner saves it (the privacy policies'
+    /// "up to 90 days unless explicitly saved"), then purged by the retention job.
+    public var mediaRetention: Duration = .seconds(90 * 86_400)
     /// How long an ended stream stays resumable.
     public var resumeRetention: Duration = .seconds(60)
     /// Largest WebSocket message accepted (after reassembling fragments), in bytes.

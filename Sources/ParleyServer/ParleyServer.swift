@@ -210,7 +210,7 @@ public final class ParleyServer: Sendable {
             store: store, streams: streams, configuration: configuration, logger: logger, ids: ids, audit: audit, owners: roomOwners)
         let retention = RetentionJob(
             store: store, retention: configuration.retention, auditRetention: configuration.auditRetention,
-            paymentRetention: configuration.paymentRetention,
+            paymentRetention: configuration.paymentRetention, mediaRetention: configuration.mediaRetention,
             interval: configuration.retentionInterval,
             logger: logger, metrics: configuration.metrics)
         do {

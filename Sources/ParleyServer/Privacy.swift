@@ -100,25 +100,30 @@ final class RecentKeys: Sendable {
 /// owner did not save is deleted, and audit events older than `auditRetention`, in bounded
 /// batches so one pass never holds the store long.
 final class RetentionJob: Sendable {
-    let store: any PrivacyStore & PaymentStore & PlanStore
+    let store: any PrivacyStore & PaymentStore & PlanStore & MediaStore
     /// nil: content retention is off (kept until the user deletes it; an admin may still purge by hand).
     let retention: Duration?
     /// The audit log's promise: "up to 24 months" by default.
     let auditRetention: Duration
     /// Payment orders and webhook deliveries: 7 years by default (tax and disputes).
     let paymentRetention: Duration
+    /// Voiced replies' audio the owner did not save: 90 days by default.
+    let mediaRetention: Duration
     let interval: Duration
     let logger: Logger
     private let purgedMessages: Counter
     private let purgedEntries: Counter
     private let purgedAudit: Counter
     private let purgedPayments: Counter
+    private let purgedClips: Counter
     static let batch = 1_000
 
     init(
-        store: any PrivacyStore & PaymentStore & PlanStore, retention: Duration?, auditRetention: Duration, paymentRetention: Duration,
-        interval: Duration, logger: Logger, metrics: any MetricsFactory
+        store: any PrivacyStore & PaymentStore & PlanStore & MediaStore, retention: Duration?, auditRetention: Duration,
+        paymentRetention: Duration, mediaRetention: Duration = .seconds(90 * 86_400), interval: Duration, logger: Logger,
+        metrics: any MetricsFactory
     ) {
+        self.mediaRetention = mediaRetention
         self.store = store
         self.retention = retention
         self.auditRetention = auditRetention
@@ -129,6 +134,7 @@ final class RetentionJob: Sendable {
         purgedEntries = Counter(label: "parley_retention_purged_total", dimensions: [("kind", "room_entry")], factory: metrics)
         purgedAudit = Counter(label: "parley_retention_purged_total", dimensions: [("kind", "audit")], factory: metrics)
         purgedPayments = Counter(label: "parley_retention_purged_total", dimensions: [("kind", "payment")], factory: metrics)
+        purgedClips = Counter(label: "parley_retention_purged_total", dimensions: [("kind", "voice_clip")], factory: metrics)
     }
 
     /// Runs until cancelled: a minute's wait (at most `interval`), then a pass every `interval`.
@@ -139,6 +145,7 @@ final class RetentionJob: Sendable {
                 if let retention { _ = try await purge(olderThan: retention) }
                 _ = try await purgeAudit()
                 _ = try await purgePayments()
+                _ = try await purgeClips()
                 _ = try await purgeSpendWindows()
             } catch {
                 logger.error("retention purge failed; retrying at the next pass", metadata: ["error": "\(error)"])
@@ -164,6 +171,17 @@ final class RetentionJob: Sendable {
             return [deleted.orders, deleted.deliveries]
         }
         if total > 0 { logger.info("retention purge", metadata: ["payment_records": "\(total)", "cutoff": "\(cutoff)"]) }
+        return total
+    }
+
+    /// Deletes voiced replies' audio made more than `mediaRetention` before `now` and not saved;
+    /// says how many.
+    func purgeClips(now: Int64 = Int64(Timestamp.nowMillis())) async throws -> Int {
+        let cutoff = now - Timestamp.millis(mediaRetention)
+        let total = try await Self.inBatches(counting: purgedClips) { [store] in
+            [try await store.purgeClips(createdBefore: cutoff, limit: Self.batch)]
+        }
+        if total > 0 { logger.info("retention purge", metadata: ["voice_clips": "\(total)", "cutoff": "\(cutoff)"]) }
         return total
     }
 

@@ -67,6 +67,10 @@ extension RESTAPI {
             try await Self.pages(&out, { try await store.paymentOrders(user: user, limit: Self.exportPage, before: $0) }, cursor: \.key) {
                 out, order in try await out.write(order.json.serialized())
             }
+            try await out.write(#"],"voice_clips":["#)
+            try await Self.pages(&out, { try await store.clips(owner: user, limit: Self.exportPage, before: $0) }, cursor: \.id) {
+                out, clip in try await out.write(clip.json(expiresAt: self.expiry(of: clip)).serialized())
+            }
             try await out.write(#"],"audit":["#)
             try await Self.pages(&out, { try await store.auditEvents(limit: Self.exportPage, before: $0, involving: user) }, cursor: \.id) {
                 out, event in try await out.write(event.json.serialized())
@@ -177,6 +181,7 @@ extension RESTAPI {
                         ("clones", .int(Int64(report.clones))), ("conversations", .int(Int64(report.conversations))),
                         ("messages", .int(Int64(report.messages))), ("schedules", .int(Int64(report.schedules))),
                         ("rooms", .int(Int64(report.rooms))), ("room_entries", .int(Int64(report.roomEntries))),
+                        ("voice_clips", .int(Int64(report.voiceClips))),
                     ])
                 ),
                 ("ledger_rows_kept", .int(Int64(report.ledgerRowsKept))),
@@ -227,9 +232,10 @@ extension RESTAPI {
         if let age { content = try await retention.purge(olderThan: age) }
         let auditEvents = try await retention.purgeAudit()
         let paymentRecords = try await retention.purgePayments()
+        let voiceClips = try await retention.purgeClips()
         var detail = [
             "messages": "\(content.messages)", "room_entries": "\(content.roomEntries)", "audit_events": "\(auditEvents)",
-            "payment_records": "\(paymentRecords)",
+            "payment_records": "\(paymentRecords)", "voice_clips": "\(voiceClips)",
         ]
         if let age { detail["older_than_seconds"] = "\(age.components.seconds)" }
         await audit.record("retention.purged", actor: identity.user, ip: request.remoteIP, detail: detail)
@@ -239,7 +245,8 @@ extension RESTAPI {
                 ("messages", .int(Int64(content.messages))), ("room_entries", .int(Int64(content.roomEntries))),
                 ("older_than_seconds", age.map { .int($0.components.seconds) } ?? .null), ("audit_events", .int(Int64(auditEvents))),
                 ("audit_older_than_seconds", .int(retention.auditRetention.components.seconds)),
-                ("payment_records", .int(Int64(paymentRecords))),
+                ("payment_records", .int(Int64(paymentRecords))), ("voice_clips", .int(Int64(voiceClips))),
+                ("voice_clips_older_than_seconds", .int(retention.mediaRetention.components.seconds)),
             ]))
     }
 }

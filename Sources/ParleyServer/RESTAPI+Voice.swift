@@ -74,4 +74,53 @@ extension RESTAPI {
                 ("balance", .int(outcome.balance)),
             ]))
     }
+
+    // MARK: Clips: voiced replies' audio, kept for their owner
+
+    /// When the retention job deletes `clip` (nil: saved, kept until deleted).
+    func expiry(of clip: VoiceClip) -> Int64? {
+        clip.saved ? nil : clip.createdAt + Timestamp.millis(configuration.mediaRetention)
+    }
+
+    /// `GET /v1/clips?limit&before`: the caller's clips, newest first, without their audio.
+    func listClips(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
+        let limit = try Self.limit(request)
+        let page = try await store.clips(owner: identity.user, limit: limit + 1, before: request.query["before"])
+        return HTTPResponse(.ok, json: .object(Self.page(page, limit: limit, as: "clips", id: \.id) { $0.json(expiresAt: expiry(of: $0)) }))
+    }
+
+    private func ownClip(_ id: String, _ identity: Identity, withAudio: Bool = false) async throws -> VoiceClip {
+        guard let clip = try await store.clip(id: id, owner: identity.user, withAudio: withAudio) else {
+            throw APIError(.notFound, .notFound, "no clip \(id)")
+        }
+        return clip
+    }
+
+    /// `GET /v1/clips/{id}`.
+    func showClip(_ id: String, _ identity: Identity) async throws -> HTTPResponse {
+        let clip = try await ownClip(id, identity)
+        return HTTPResponse(.ok, json: clip.json(expiresAt: expiry(of: clip)))
+    }
+
+    /// `GET /v1/clips/{id}/audio`: the clip as a WAV file.
+    func clipAudio(_ id: String, _ identity: Identity) async throws -> HTTPResponse {
+        HTTPResponse(.ok, body: try await ownClip(id, identity, withAudio: true).wav, headers: ["content-type": "audio/wav"])
+    }
+
+    /// `PATCH /v1/clips/{id} {"saved": true|false}`: a saved clip is kept past the media retention.
+    func saveClip(_ id: String, _ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
+        var reader = try JSONObjectReader(try request.json())
+        guard let saved = try reader.bool("saved") else { throw ValidationError("missing field 'saved' (true or false)") }
+        try reader.rejectUnknown()
+        guard try await store.setClipSaved(id: id, owner: identity.user, saved: saved) else {
+            throw APIError(.notFound, .notFound, "no clip \(id)")
+        }
+        return try await showClip(id, identity)
+    }
+
+    /// `DELETE /v1/clips/{id}`.
+    func deleteClip(_ id: String, _ identity: Identity) async throws -> HTTPResponse {
+        guard try await store.deleteClip(id: id, owner: identity.user) else { throw APIError(.notFound, .notFound, "no clip \(id)") }
+        return HTTPResponse(.noContent)
+    }
 }

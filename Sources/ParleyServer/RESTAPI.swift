@@ -58,6 +58,11 @@ struct RESTAPI: Sendable {
         router.add(.POST, "/v1/clones") { [self] request, _, identity in try await createClone(request, identity) }
         router.add(.POST, "/v1/clones/import") { [self] request, _, identity in try await importCard(request, identity) }
         router.add(.POST, "/v1/voice/transcriptions") { [self] request, _, identity in try await transcribeVoice(request, identity) }
+        router.add(.GET, "/v1/clips") { [self] request, _, identity in try await listClips(request, identity) }
+        router.add(.GET, "/v1/clips/:id") { [self] _, p, identity in try await showClip(p["id"]!, identity) }
+        router.add(.GET, "/v1/clips/:id/audio") { [self] _, p, identity in try await clipAudio(p["id"]!, identity) }
+        router.add(.PATCH, "/v1/clips/:id") { [self] request, p, identity in try await saveClip(p["id"]!, request, identity) }
+        router.add(.DELETE, "/v1/clips/:id") { [self] _, p, identity in try await deleteClip(p["id"]!, identity) }
         router.add(.GET, "/v1/clones/:id/card") { [self] request, p, identity in try await exportCard(p["id"]!, request, identity) }
         router.add(.GET, "/v1/clones") { [self] _, _, identity in try await listClones(identity) }
         router.add(.GET, "/v1/clones/:id") { [self] _, p, identity in try await getClone(p["id"]!, identity) }

@@ -198,6 +198,21 @@ final class StreamRunner: Sendable {
         }
     }
 
+    /// Stores a voiced reply's audio as its owner's clip (#29); its id, nil when storing failed
+    /// (the audio was heard; only the copy is missing, and that is logged).
+    private func keepClip(_ spoken: VoicedReply.Summary, of live: LiveStream, owner: String, message: String) async -> String? {
+        let clip = VoiceClip(
+            id: ids.make(.voiceClip), owner: owner, stream: live.id, conversation: live.room == nil ? live.conversation : nil, room: live.room,
+            message: message, audio: spoken.audio, truncated: spoken.truncated, createdAt: Int64(Timestamp.nowMillis()))
+        let store = self.store
+        switch await Task(operation: { try await store.saveClip(clip) }).result {
+        case .success: return clip.id
+        case .failure(let error):
+            logger.error("storing a voiced reply's clip failed", metadata: ["stream": "\(live.id)", "error": "\(error)"])
+            return nil
+        }
+    }
+
     /// Streams one reply to `live`'s subscribers, metered by the prepared meter, and stores it
     /// under `messageID` with `persist` (even when stopped part-way). Returns the stored message,
     /// nil when storing failed. Releases a conversation's reservation when done. A paywall goes
@@ -236,6 +251,10 @@ final class StreamRunner: Sendable {
         if let voiced {
             if live.stopReason != nil, reply.reported == nil { voiced.cancel() }
             audio = await voiced.finish()
+            if let spoken = audio, !spoken.audio.isEmpty {
+                audio?.clip = await keepClip(spoken, of: live, owner: meter.user, message: messageID)
+                audio?.audio = []
+            }
         }
         let (text, seq, reported, failure, failureCode, outOfCredits) =
             (reply.text, reply.seq, reply.reported, reply.failure, reply.failureCode, reply.outOfCredits)

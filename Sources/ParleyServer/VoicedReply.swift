@@ -23,6 +23,11 @@ final class VoicedReply: Sendable {
         /// complete, cancelled, insufficient_credits, spend_limit or error.
         var reason = "complete"
         var failure: String?
+        /// The audio sent, kept for the owner's clip (up to `VoiceClip.maxBytes`).
+        var audio: [UInt8] = []
+        var truncated = false
+        /// The clip it was stored as.
+        var clip: String?
 
         /// Without `cost` for the readers who do not pay for it (a room's other members).
         func json(withCost: Bool = true) -> JSONValue {
@@ -31,6 +36,7 @@ final class VoicedReply: Sendable {
                 ("chunks", .int(chunks)),
             ]
             if withCost { pairs.append(("cost", .int(cost))) }
+            if let clip { pairs.append(("clip", .string(clip))) }
             if let failure { pairs.append(("error", .string(failure))) }
             return .object(pairs)
         }
@@ -105,6 +111,11 @@ final class VoicedReply: Sendable {
                 for try await audio in synthesizer.synthesize(SpeechRequest(text: sentence, voice: voice.name, speed: voice.speed)) {
                     chunk += 1
                     sent += 1
+                    if summary.audio.count + audio.readableBytes <= VoiceClip.maxBytes {
+                        summary.audio += audio.readableBytesView
+                    } else {
+                        summary.truncated = true
+                    }
                     let header = AudioFrame.Header(stream: live.id, chunk: chunk, sentence: number)
                     live.publishAudio(chunk: chunk, frame: allocator.buffer(bytes: AudioFrame.encode(header, audio: audio.readableBytesView)))
                 }

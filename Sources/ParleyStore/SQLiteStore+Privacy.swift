@@ -39,6 +39,8 @@ extension SQLiteStore {
                 try db.query("DELETE FROM subscriptions WHERE user = ?", user)
                 try db.query("DELETE FROM spend_limits WHERE user = ?", user)
                 try db.query("DELETE FROM spend_windows WHERE user = ?", user)
+                try db.query("DELETE FROM voice_clips WHERE owner = ?", user)
+                report.voiceClips = db.changes
                 let count: (String) throws -> Int = { Int(try db.query($0, user).first?["n"].int ?? 0) }
                 let mine = "SELECT id FROM conversations WHERE owner = ?"
                 report.messages = try count("SELECT count(*) AS n FROM messages WHERE conversation IN (\(mine))")

@@ -273,6 +273,26 @@ public final class SQLiteStore: Store {
         "ALTER TABLE subscriptions ADD COLUMN event TEXT NOT NULL DEFAULT '';",
         // v20: spend windows by span, for the retention pass.
         "CREATE INDEX spend_windows_by_span ON spend_windows(span);",
+        // v21: voiced replies' audio (#29), base64 text (the connection binds no blobs); it goes
+        // with its conversation or room (ON DELETE CASCADE) and its owner's account.
+        """
+        CREATE TABLE voice_clips (
+            id TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            stream TEXT NOT NULL,
+            conversation TEXT REFERENCES conversations(id) ON DELETE CASCADE,
+            room TEXT REFERENCES rooms(id) ON DELETE CASCADE,
+            message TEXT,
+            sample_rate INTEGER NOT NULL,
+            bytes INTEGER NOT NULL,
+            truncated INTEGER NOT NULL,
+            saved INTEGER NOT NULL,
+            audio TEXT NOT NULL,
+            created_at INTEGER NOT NULL
+        );
+        CREATE INDEX voice_clips_by_owner ON voice_clips(owner, id);
+        CREATE INDEX voice_clips_by_age ON voice_clips(created_at) WHERE saved = 0;
+        """,
     ]
 
     /// An FTS5 table `index` over `column` of `table` (v11's search): external content, so the

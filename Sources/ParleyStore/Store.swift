@@ -20,7 +20,7 @@ extension ChatStore {
 ///
 /// Ownership is part of every read: asking for another user's clone or conversation answers nil,
 /// exactly as if it did not exist, so callers cannot leak existence by accident.
-public protocol Store: ChatStore, LedgerStore, StreamJournalStore, ScheduleStore, RoomStore, PrivacyStore, PlanStore, PaymentStore {
+public protocol Store: ChatStore, LedgerStore, StreamJournalStore, ScheduleStore, RoomStore, PrivacyStore, PlanStore, PaymentStore, MediaStore {
     /// A round trip through the store (for `/healthz`): throws when it cannot serve calls.
     func ping() async throws
 
@@ -359,4 +359,18 @@ public protocol PaymentStore: Sendable {
 public enum LedgerLink: String, Sendable {
     case conversation
     case room
+}
+
+/// Voiced replies' audio (#29). A clip goes with its conversation, its room and its owner's
+/// account; unsaved ones are purged by age.
+public protocol MediaStore: Sendable {
+    func saveClip(_ clip: VoiceClip) async throws
+    /// The owner's clip, with its audio when `withAudio`.
+    func clip(id: String, owner: String, withAudio: Bool) async throws -> VoiceClip?
+    /// The owner's clips, newest first, without their audio.
+    func clips(owner: String, limit: Int, before: String?) async throws -> [VoiceClip]
+    func setClipSaved(id: String, owner: String, saved: Bool) async throws -> Bool
+    func deleteClip(id: String, owner: String) async throws -> Bool
+    /// Deletes up to `limit` unsaved clips made before `cutoff`; how many.
+    func purgeClips(createdBefore cutoff: Int64, limit: Int) async throws -> Int
 }

@@ -258,6 +258,9 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Days payment orders and webhook deliveries are kept (tax and disputes) before the hourly purge: 7 years by default.")
     var paymentRetentionDays = 2_557
 
+    @Option(help: "Days a voiced reply's audio is kept unless its owner saves it, before the hourly purge: 90 by default.")
+    var mediaRetentionDays = 90
+
     @Flag(help: "Development mode: POST /v1/dev/token mints a token for any name (the web client's dev sign-in). Only with a loopback --host.")
     var dev = false
 
@@ -389,6 +392,7 @@ struct Serve: AsyncParsableCommand {
             throw ArgumentParser.ValidationError("--retention-days must be 0-36500 (0 keeps everything)")
         }
         guard (1...36_500).contains(paymentRetentionDays) else { throw ArgumentParser.ValidationError("--payment-retention-days must be 1-36500") }
+        guard (1...36_500).contains(mediaRetentionDays) else { throw ArgumentParser.ValidationError("--media-retention-days must be 1-36500") }
         guard (1...36_500).contains(auditRetentionDays) else { throw ArgumentParser.ValidationError("--audit-retention-days must be 1-36500") }
         guard (contextBudget ?? 64) >= 64 else { throw ArgumentParser.ValidationError("--context-budget must be at least 64") }
         guard (tlsCert == nil) == (tlsKey == nil) else { throw ArgumentParser.ValidationError("--tls-cert and --tls-key go together") }
@@ -553,6 +557,7 @@ struct Serve: AsyncParsableCommand {
         configuration.retention = retentionDays == 0 ? nil : .seconds(Int64(retentionDays) * 86_400)
         configuration.auditRetention = .seconds(Int64(auditRetentionDays) * 86_400)
         configuration.paymentRetention = .seconds(Int64(paymentRetentionDays) * 86_400)
+        configuration.mediaRetention = .seconds(Int64(mediaRetentionDays) * 86_400)
         configuration.webSocketDeflate = wsDeflate ? DeflateSettings(windowBits: wsDeflateWindowBits) : nil
         configuration.frameLimits.schedule.maxPendingPerUser = maxPendingSchedules
         configuration.simulated.timeToFirstToken = .milliseconds(simTtftMs)

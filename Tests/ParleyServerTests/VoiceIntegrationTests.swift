@@ -1,11 +1,14 @@
+import CoreMetrics
+import Logging
 import NIOCore
 import NIOHTTP1
 import ParleyCore
 import ParleyLLM
-import ParleyServer
 import ParleyTestSupport
 import Synchronization
 import Testing
+
+@testable import ParleyServer
 
 /// A speech service that makes two bytes of "audio" per character of the sentence, in two
 /// chunks, and can be told to fail one request (counted from 1) before any audio.
@@ -340,6 +343,47 @@ extension TestWebSocket {
         let (_, entries) = try await creditsOf(server, token: mod)
         #expect(entries.filter { $0["feature"] == .string("voice") }.count == speech.requests.count)
         try await expectInvariant(server, token: mod)
+        await server.stop()
+    }
+
+    @Test(arguments: TestServer.StoreKind.allCases)
+    func aVoicedRepliesAudioIsKeptNinetyDaysUnlessSavedAndExported(_ store: TestServer.StoreKind) async throws {
+        let speech = ScriptedSpeech()
+        let server = try await server(store, speech: speech)
+        let token = try await server.token("kim")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        try await socket.chatSendVoiced(id: "v1", clone: clone)
+        let first = try await socket.readVoiced()
+        try await socket.chatSendVoiced(id: "v2", clone: clone)
+        let second = try await socket.readVoiced()
+        let kept = try #require(first.audio["clip"]?.stringValue)
+        let dropped = try #require(second.audio["clip"]?.stringValue)
+
+        // The clip is the audio that was sent, as WAV, and it says when it goes.
+        let wav = try await server.get("/v1/clips/\(kept)/audio", token: token)
+        #expect(wav.status == .ok && wav.headers.first(name: "content-type") == "audio/wav")
+        #expect(Array(wav.body.prefix(4)) == Array("RIFF".utf8) && Array(wav.body.dropFirst(44)) == first.chunks.flatMap(\.audio))
+        let listed = try await server.get("/v1/clips", token: token).json()["clips"]!.arrayValue!
+        #expect(listed.map { $0["id"]!.stringValue! } == [dropped, kept])
+        #expect(listed.allSatisfy { $0["expires_at"]?.stringValue != nil && $0["saved"] == .bool(false) })
+        #expect(try await server.get("/v1/clips/\(kept)/audio", token: try await server.token("lee")).status == .notFound)
+
+        let saved = try await TestHTTPClient.json(
+            port: server.port, .PATCH, "/v1/clips/\(kept)", token: token, json: .object([("saved", .bool(true))]))
+        #expect(try saved.json()["saved"] == .bool(true) && saved.json()["expires_at"] == .null)
+        let export = try await server.get("/v1/me/export", token: token).json()
+        #expect(export["voice_clips"]?.arrayValue?.count == 2)
+
+        // 91 days on: the unsaved clip is purged, the saved one kept.
+        let job = RetentionJob(
+            store: server.server.store, retention: nil, auditRetention: .seconds(730 * 86_400), paymentRetention: .seconds(2_557 * 86_400),
+            mediaRetention: .seconds(90 * 86_400), interval: .seconds(3_600), logger: Logger(label: "test"), metrics: NOOPMetricsHandler.instance)
+        #expect(try await job.purgeClips(now: Int64(Timestamp.nowMillis()) + 89 * 86_400_000) == 0)
+        #expect(try await job.purgeClips(now: Int64(Timestamp.nowMillis()) + 91 * 86_400_000) == 1)
+        #expect(try await server.get("/v1/clips", token: token).json()["clips"]!.arrayValue!.map { $0["id"]!.stringValue! } == [kept])
+        #expect(try await TestHTTPClient.request(port: server.port, .DELETE, "/v1/clips/\(kept)", token: token).status == .noContent)
+        #expect(try await server.get("/v1/clips/\(kept)", token: token).status == .notFound)
         await server.stop()
     }
 }

@@ -97,7 +97,7 @@ import Testing
                 ALTER TABLE conversations DROP COLUMN summary; ALTER TABLE conversations DROP COLUMN summary_through;
                 DROP TABLE session_revocations; DROP INDEX audit_by_age; DROP TABLE subscriptions;
                 DROP TABLE payment_orders; DROP TABLE webhook_deliveries; DROP INDEX ledger_by_conversation; DROP INDEX ledger_by_room;
-                DROP TABLE spend_limits; DROP TABLE spend_windows; DROP INDEX ledger_by_age;
+                DROP TABLE spend_limits; DROP TABLE spend_windows; DROP INDEX ledger_by_age; DROP TABLE voice_clips;
                 PRAGMA user_version = 10;
                 """)
         }

@@ -1067,7 +1067,7 @@ def test_the_account_shows_the_plan_and_saves_the_spending_limits(web, browser):
     page = browser.new_page()
     sign_in(page, web.base, "lena")
     page.get_by_role("button", name="Account").click()
-    expect(page.locator("#plan-summary")).to_contain_text("Free plan: chat, debates, scheduled messages, translation chats.", timeout=WAIT)
+    expect(page.locator("#plan-summary")).to_contain_text("Free plan: chat, debates, scheduled messages, translation chats, voice.", timeout=WAIT)
     expect(page.locator("#usage-days")).to_have_text("Nothing spent yet this month.", timeout=WAIT)
     page.get_by_label("Per day (credits)").fill("25")
     page.get_by_role("button", name="Save limits").click()

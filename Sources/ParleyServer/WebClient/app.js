@@ -286,7 +286,7 @@ function setCredits(balance) {
 
 // The Account view's plan: what it includes, the period, the user's own spending limits and
 // what this month cost, day by day (all from the server: GET /v1/me and /v1/me/usage).
-const PLAN_FEATURES = { chat: "chat", debate: "debates", translation: "translation chats", schedule: "scheduled messages" };
+const PLAN_FEATURES = { chat: "chat", debate: "debates", translation: "translation chats", schedule: "scheduled messages", voice: "voice" };
 async function loadPlan() {
   try {
     const [me, usage] = await Promise.all([api("GET", "/v1/me"), api("GET", "/v1/me/usage?by=day")]);
