@@ -34,7 +34,7 @@ SENTENCE_END = re.compile(r"[.!?…][\"')\]]*\s")
 
 
 def start(binary, data_dir, *extra):
-    proc = subprocess.Popen([binary, "serve", "--port", "0", "--data-dir", data_dir, "--log-level", "warning", *extra],
+    proc = subprocess.Popen([binary, "serve", "--port", "0", "--data-dir", data_dir, "--log-level", "warning", "--starting-credits", "100000000", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline()
     assert line.startswith("parley listening on "), line
