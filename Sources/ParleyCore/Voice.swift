@@ -127,14 +127,18 @@ public enum AudioFrame {
     }
 
     public static func encode(_ header: Header, audio: some Collection<UInt8>) -> [UInt8] {
+        prefix(header, reserving: audio.count) + audio
+    }
+
+    /// The frame's bytes before its audio: the marker, the header's length and the header.
+    public static func prefix(_ header: Header, reserving audioBytes: Int = 0) -> [UInt8] {
         let head = header.json.serialized()
         var out = [UInt8]()
-        out.reserveCapacity(3 + head.count + audio.count)
+        out.reserveCapacity(3 + head.count + audioBytes)
         out.append(marker)
         out.append(UInt8(head.count >> 8))
         out.append(UInt8(head.count & 0xFF))
         out += head
-        out += audio
         return out
     }
 

@@ -58,6 +58,10 @@ public struct OpenAISpeech: SpeechSynthesizer {
                     // Whole 16-bit samples only: a chunk may end half-way through one.
                     var carry: UInt8?
                     for try await var part in response.body {
+                        if carry == nil, part.readableBytes % 2 == 0 {
+                            if part.readableBytes > 0 { continuation.yield(part) }  // whole samples: passed on as they came
+                            continue
+                        }
                         var out = ByteBuffer()
                         out.reserveCapacity(part.readableBytes + 1)
                         if let byte = carry { out.writeInteger(byte) }

@@ -117,7 +117,12 @@ final class VoicedReply: Sendable {
                         summary.truncated = true
                     }
                     let header = AudioFrame.Header(stream: live.id, chunk: chunk, sentence: number)
-                    live.publishAudio(chunk: chunk, frame: allocator.buffer(bytes: AudioFrame.encode(header, audio: audio.readableBytesView)))
+                    // The header, then the service's bytes as they came: one copy into the frame.
+                    let prefix = AudioFrame.prefix(header)
+                    var frame = allocator.buffer(capacity: prefix.count + audio.readableBytes)
+                    frame.writeBytes(prefix)
+                    frame.writeImmutableBuffer(audio)
+                    live.publishAudio(chunk: chunk, frame: frame)
                 }
             } catch {
                 if sent == 0 { await meter.giveBack(sentence: number, credits: cost) } else { summary.cost += cost }
