@@ -10,6 +10,9 @@ public struct TranslationRequest: Sendable, Equatable {
     /// Languages set at creation, by user id (members and the creator).
     public var languages: [String: LanguageTag]
     public var clones: [CloneMember]
+    /// The clones' replies and their translations are spoken too, where the speech service has
+    /// the language (#29).
+    public var voice = false
 
     public static func parse(_ value: JSONValue, limits: RoomLimits) throws(ValidationError) -> TranslationRequest {
         var reader = try JSONObjectReader(value)
@@ -45,8 +48,9 @@ public struct TranslationRequest: Sendable, Equatable {
             }
         }
         guard !members.isEmpty || !clones.isEmpty else { throw ValidationError("a translation chat needs 'members' or 'clones'") }
+        let voice = try reader.bool("voice") ?? false
         try reader.rejectUnknown()
-        return TranslationRequest(members: members, languages: languages, clones: clones)
+        return TranslationRequest(members: members, languages: languages, clones: clones, voice: voice)
     }
 }
 

@@ -66,6 +66,14 @@ public struct ServerConfiguration: Sendable {
     public var transcriber: (any SpeechTranscriber)?
     /// The voice of a clone that has none of its own.
     public var defaultVoice = CloneVoice(name: "alloy")
+    /// The languages the speech service speaks (primary subtags: `en`, `pt`), nil: any. A
+    /// translation chat's stream in another language is not voiced. The local voice speaks English.
+    public var speechLanguages: Set<String>? = ["en"]
+
+    /// Whether the speech service speaks `language`.
+    public func speaks(_ language: LanguageTag) -> Bool {
+        speechLanguages.map { $0.contains(language.language) } ?? true
+    }
     /// A voice message's largest upload (4 MiB: minutes of Opus, about 90 s of 22 kHz WAV) and
     /// longest audio; longer is refused with `too_large` and not charged.
     public var maxVoiceMessageBytes = 4 << 20

@@ -172,9 +172,12 @@ extension RoomService {
     /// Streams one translation and stores it linked to its original.
     private func translate(_ job: TranslationJob, stream: LiveStream, of original: RoomEntry, in live: LiveRoom, payer: String) -> Task<Void, Never> {
         return Task {
+            // A clone's words are spoken in the reader's language where the speech service has it.
+            let room = live.state.withLock { $0.room }
+            let voice = original.speakerIsClone ? self.voice(of: original.speaker, in: room, language: job.target) : nil
             let message = await self.streams.run(
                 stream, job.prepared, messageID: self.ids.make(.roomEntry), journal: .settleOnly,
-                paywall: live.payer(payer)
+                paywall: live.payer(payer), voice: voice
             ) { message in
                 try await live.writer.append(Self.translation(message, of: original, into: job.target, stream: stream.id))
             }
@@ -266,7 +269,10 @@ extension RoomService {
                     id: entryID, room: room.id, kind: .turn, speaker: clone.id, text: message.text, createdAt: message.createdAt,
                     reason: message.reason, stream: prepared.id, lang: lang)
             }
-            let recorded = await streams.run(stream, prepared, messageID: entryID, journal: .settleOnly, paywall: live.payer(owner)) { message in
+            let recorded = await streams.run(
+                stream, prepared, messageID: entryID, journal: .settleOnly, paywall: live.payer(owner),
+                voice: voice(of: clone.id, in: room, language: lang)
+            ) { message in
                 try await live.writer.append(toEntry(message))
             }
             let said = recorded.map(toEntry)

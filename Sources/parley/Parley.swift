@@ -338,6 +338,12 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "The voice of a clone that names none (--tts-url); the local voice server calls every OpenAI voice name joe.")
     var ttsVoice = "alloy"
 
+    @Option(
+        help:
+            "The languages the speech service speaks, comma-separated primary subtags (en,fr,pt), or * for any (OpenAI's voices): a translation chat's stream in another language is not voiced. The local voice speaks en."
+    )
+    var ttsLanguages = "en"
+
     @Option(help: "Name of the environment variable holding the speech service's API key (--tts-url, --stt-url).")
     var voiceKeyEnv: String?
 
@@ -723,6 +729,8 @@ extension Serve {
     func configureVoice(_ configuration: inout ServerConfiguration, client: HTTPClient, local: String?) {
         let key = local != nil ? nil : voiceKeyEnv.flatMap { ProcessInfo.processInfo.environment[$0] }.flatMap { $0.isEmpty ? nil : $0 }
         let (ttsUrl, sttUrl) = local.map { ($0, $0) } ?? (self.ttsUrl, self.sttUrl)
+        let languages = ttsLanguages.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces).lowercased() }.filter { !$0.isEmpty }
+        configuration.speechLanguages = languages.contains("*") ? nil : Set(languages)
         if let ttsUrl {
             configuration.speech = OpenAISpeech(options: AudioServiceOptions(baseURL: ttsUrl, apiKey: key, model: ttsModel), client: client)
             configuration.defaultVoice = CloneVoice(name: ttsVoice)

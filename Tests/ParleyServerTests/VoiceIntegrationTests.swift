@@ -83,7 +83,7 @@ extension TestWebSocket {
                 switch frame["type"]?.stringValue {
                 case "stream.start": start = frame
                 case "token": tokens.append(frame)
-                case "paywall": continue
+                case "paywall", "room.event": continue
                 case "stream.end": return VoicedStream(reply: StreamedReply(start: start ?? .null, tokens: tokens, end: frame), chunks: chunks)
                 default: throw TestTimeout(description: "unexpected frame in a voiced stream: \(frame)")
                 }
@@ -384,6 +384,45 @@ extension TestWebSocket {
         #expect(try await server.get("/v1/clips", token: token).json()["clips"]!.arrayValue!.map { $0["id"]!.stringValue! } == [kept])
         #expect(try await TestHTTPClient.request(port: server.port, .DELETE, "/v1/clips/\(kept)", token: token).status == .noContent)
         #expect(try await server.get("/v1/clips/\(kept)", token: token).status == .notFound)
+        await server.stop()
+    }
+
+    @Test func aTranslationChatSpeaksAClonesWordsWhereTheServiceHasTheLanguage() async throws {
+        // The speech service speaks English: the clone's English reply is voiced, its French
+        // translation is text only.
+        let speech = ScriptedSpeech()
+        let server = try await server(.sqlite, speech: speech, replyTokens: 20) { $0.speechLanguages = ["en"] }
+        let alice = try await server.token("alice")
+        let clone = try await server.createClone(token: alice, name: "Ada")["id"]!
+        let body = JSONValue.object([
+            ("kind", .string("translation")), ("members", .array([.string("bea")])),
+            ("languages", .object([("alice", .string("en")), ("bea", .string("fr"))])),
+            ("clones", .array([.object([("clone", clone), ("language", .string("en"))])])), ("voice", .bool(true)),
+        ])
+        let created = try await TestHTTPClient.json(port: server.port, .POST, "/v1/rooms", token: alice, json: body)
+        #expect(created.status == .created)
+        let room = try created.json()["id"]!.stringValue!
+        let bea = try await server.connect(token: try await server.token("bea"))
+        _ = try await bea.joinChat(room, language: "fr")
+        let socket = try await server.connect(token: alice)
+        _ = try await socket.joinChat(room, language: "en")
+        try await socket.say(room, "Hello, what do you think of the sea?")
+
+        // Each reader gets the clone's words in their language: Alice with audio, Bea without.
+        func cloneStream(_ socket: TestWebSocket) async throws -> VoicedStream {
+            while true {
+                let frame = try await socket.next(type: "stream.start").frame
+                guard frame["clone"] == clone else { continue }
+                var voiced = try await socket.readVoiced()
+                voiced.reply.start = frame
+                return voiced
+            }
+        }
+        let english = try await cloneStream(socket)
+        #expect(english.reply.start["lang"] == .string("en") && english.audio["reason"] == .string("complete") && !english.chunks.isEmpty)
+        let french = try await cloneStream(bea)
+        #expect(french.reply.start["lang"] == .string("fr") && french.reply.end["audio"] == nil && french.chunks.isEmpty)
+        #expect(speech.requests.allSatisfy { $0.voice == "house" })
         await server.stop()
     }
 }
