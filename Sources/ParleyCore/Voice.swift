@@ -196,11 +196,22 @@ public struct VoicePrice: Sendable, Equatable {
     }
 }
 
-/// A voiced reply's audio, kept for its owner (#29): generated voice is kept 90 days unless the
-/// user saves it (`--media-retention-days`), then purged by the retention job; deleted with its
-/// conversation, its room, or the account.
+/// Audio kept for its owner (#29): a voiced reply's (generated voice: kept 90 days unless the
+/// user saves it, `--media-retention-days`, then purged by the retention job) or a voice
+/// message's recording (the user's own voice: kept until they delete it or the account).
+/// Deleted with its conversation, its room, or the account.
 public struct VoiceClip: Sendable, Equatable {
+    public enum Kind: String, Sendable, Equatable {
+        /// A voiced reply's audio: 16-bit PCM, served as WAV.
+        case reply
+        /// A voice message as the user recorded it, in its own format (`contentType`).
+        case recording
+    }
+
     public var id: String
+    public var kind: Kind
+    /// What `audio` is: `audio/pcm` for a reply (served as WAV), the upload's type for a recording.
+    public var contentType: String
     public var owner: String
     public var stream: String
     /// Where it was said: a conversation's reply, or a room's turn.
@@ -222,10 +233,13 @@ public struct VoiceClip: Sendable, Equatable {
     public static let maxBytes = 8 << 20
 
     public init(
-        id: String, owner: String, stream: String, conversation: String?, room: String?, message: String?, sampleRate: Int = 24_000,
-        audio: [UInt8], bytes: Int? = nil, truncated: Bool = false, saved: Bool = false, createdAt: Int64
+        id: String, kind: Kind = .reply, contentType: String = "audio/pcm", owner: String, stream: String, conversation: String?, room: String?,
+        message: String?, sampleRate: Int = 24_000, audio: [UInt8], bytes: Int? = nil, truncated: Bool = false, saved: Bool = false,
+        createdAt: Int64
     ) {
         self.id = id
+        self.kind = kind
+        self.contentType = contentType
         self.owner = owner
         self.stream = stream
         self.conversation = conversation
@@ -239,22 +253,28 @@ public struct VoiceClip: Sendable, Equatable {
         self.createdAt = createdAt
     }
 
-    public var seconds: Double { Double(bytes) / Double(2 * max(1, sampleRate)) }
+    /// A reply's length (a recording's is its transcription's business: nil).
+    public var seconds: Double? { kind == .reply ? Double(bytes) / Double(2 * max(1, sampleRate)) : nil }
 
     /// As the API lists it; `expiresAt`: when the retention job deletes it (nil: kept).
     public func json(expiresAt: Int64?) -> JSONValue {
         .object([
-            ("id", .string(id)), ("stream", .string(stream)), ("conversation", conversation.map(JSONValue.string) ?? .null),
-            ("room", room.map(JSONValue.string) ?? .null), ("message", message.map(JSONValue.string) ?? .null),
-            ("format", .string("wav")), ("sample_rate", .int(Int64(sampleRate))), ("bytes", .int(Int64(bytes))),
-            ("seconds", .double((seconds * 1000).rounded() / 1000)), ("truncated", .bool(truncated)), ("saved", .bool(saved)),
+            ("id", .string(id)), ("kind", .string(kind.rawValue)), ("stream", .string(stream)),
+            ("conversation", conversation.map(JSONValue.string) ?? .null), ("room", room.map(JSONValue.string) ?? .null),
+            ("message", message.map(JSONValue.string) ?? .null), ("content_type", .string(served)), ("sample_rate", .int(Int64(sampleRate))),
+            ("bytes", .int(Int64(bytes))), ("seconds", seconds.map { .double(($0 * 1000).rounded() / 1000) } ?? .null),
+            ("truncated", .bool(truncated)), ("saved", .bool(saved)),
             ("created_at", .string(Timestamp.rfc3339(millis: createdAt))),
             ("expires_at", expiresAt.map { .string(Timestamp.rfc3339(millis: $0)) } ?? .null),
             ("url", .string("/v1/clips/\(id)/audio")),
         ])
     }
 
-    /// The audio as a WAV file (what `GET /v1/clips/{id}/audio` answers).
+    /// What `GET /v1/clips/{id}/audio` answers with: a reply's PCM as WAV, a recording as it came.
+    public var served: String { kind == .reply ? "audio/wav" : contentType }
+    public var file: [UInt8] { kind == .reply ? wav : audio }
+
+    /// The audio as a WAV file.
     public var wav: [UInt8] {
         var out = [UInt8]()
         out.reserveCapacity(44 + audio.count)

@@ -8,7 +8,8 @@ extension MongoStore {
             try db.insert(
                 "voice_clips",
                 .object([
-                    ("_id", .string(clip.id)), ("owner", .string(clip.owner)), ("stream", .string(clip.stream)),
+                    ("_id", .string(clip.id)), ("kind", .string(clip.kind.rawValue)), ("content_type", .string(clip.contentType)),
+                    ("owner", .string(clip.owner)), ("stream", .string(clip.stream)),
                     ("conversation", clip.conversation.map(JSONValue.string) ?? .null), ("room", clip.room.map(JSONValue.string) ?? .null),
                     ("message", clip.message.map(JSONValue.string) ?? .null), ("sample_rate", .long(Int64(clip.sampleRate))),
                     ("bytes", .long(Int64(clip.bytes))), ("truncated", .bool(clip.truncated)), ("saved", .bool(clip.saved)),
@@ -52,7 +53,8 @@ extension MongoStore {
     public func purgeClips(createdBefore cutoff: Int64, limit: Int) async throws -> Int {
         try await run { db in
             let old = try db.find(
-                "voice_clips", filter: .object([("saved", .bool(false)), ("created_at", .object([("$lt", .long(cutoff))]))]),
+                "voice_clips",
+                filter: .object([("saved", .bool(false)), ("created_at", .object([("$lt", .long(cutoff))])), ("kind", .string("reply"))]),
                 sort: .object([("created_at", .int(1))]), projection: .object([("_id", .int(1))]), limit: limit)
             return try Self.delete(db, "voice_clips", field: "_id", in: old.compactMap { $0["_id"] })
         }
@@ -60,7 +62,8 @@ extension MongoStore {
 
     static func clip(from d: JSONValue) -> VoiceClip {
         VoiceClip(
-            id: d["_id"]?.stringValue ?? "", owner: d["owner"]?.stringValue ?? "", stream: d["stream"]?.stringValue ?? "",
+            id: d["_id"]?.stringValue ?? "", kind: VoiceClip.Kind(rawValue: d["kind"]?.stringValue ?? "") ?? .reply,
+            contentType: d["content_type"]?.stringValue ?? "audio/pcm", owner: d["owner"]?.stringValue ?? "", stream: d["stream"]?.stringValue ?? "",
             conversation: d["conversation"]?.stringValue, room: d["room"]?.stringValue, message: d["message"]?.stringValue,
             sampleRate: Int(d["sample_rate"]?.int64 ?? 24_000),
             audio: d["audio"]?.stringValue.flatMap { Data(base64Encoded: $0) }.map(Array.init) ?? [], bytes: Int(d["bytes"]?.int64 ?? 0),

@@ -67,11 +67,22 @@ extension RESTAPI {
                 ref: nil, code: .spendLimit, message: "this voice message needs \(cost) credits; your spending limits allow \(available) more for now"
             )
         }
+        // The user's own voice is kept, as the policies promise, until they delete it or the account.
+        let recording = VoiceClip(
+            id: ids.make(.voiceClip), kind: .recording, contentType: type, owner: identity.user, stream: id, conversation: nil, room: nil,
+            message: nil, audio: Array(audio.readableBytesView), saved: true, createdAt: Int64(Timestamp.nowMillis()))
+        var clip: String? = recording.id
+        do {
+            try await store.saveClip(recording)
+        } catch {
+            logger.error("keeping a voice message's recording failed", metadata: ["transcription": "\(id)", "error": "\(error)"])
+            clip = nil
+        }
         return HTTPResponse(
             .ok,
             json: .object([
                 ("id", .string(id)), ("text", .string(text)), ("duration", .double(seconds)), ("cost", .int(cost)),
-                ("balance", .int(outcome.balance)),
+                ("balance", .int(outcome.balance)), ("clip", clip.map(JSONValue.string) ?? .null),
             ]))
     }
 
@@ -79,7 +90,7 @@ extension RESTAPI {
 
     /// When the retention job deletes `clip` (nil: saved, kept until deleted).
     func expiry(of clip: VoiceClip) -> Int64? {
-        clip.saved ? nil : clip.createdAt + Timestamp.millis(configuration.mediaRetention)
+        clip.saved || clip.kind == .recording ? nil : clip.createdAt + Timestamp.millis(configuration.mediaRetention)
     }
 
     /// `GET /v1/clips?limit&before`: the caller's clips, newest first, without their audio.
@@ -104,7 +115,8 @@ extension RESTAPI {
 
     /// `GET /v1/clips/{id}/audio`: the clip as a WAV file.
     func clipAudio(_ id: String, _ identity: Identity) async throws -> HTTPResponse {
-        HTTPResponse(.ok, body: try await ownClip(id, identity, withAudio: true).wav, headers: ["content-type": "audio/wav"])
+        let clip = try await ownClip(id, identity, withAudio: true)
+        return HTTPResponse(.ok, body: clip.file, headers: ["content-type": clip.served])
     }
 
     /// `PATCH /v1/clips/{id} {"saved": true|false}`: a saved clip is kept past the media retention.

@@ -278,6 +278,8 @@ public final class SQLiteStore: Store {
         """
         CREATE TABLE voice_clips (
             id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            content_type TEXT NOT NULL,
             owner TEXT NOT NULL,
             stream TEXT NOT NULL,
             conversation TEXT REFERENCES conversations(id) ON DELETE CASCADE,

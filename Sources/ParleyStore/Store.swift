@@ -371,6 +371,6 @@ public protocol MediaStore: Sendable {
     func clips(owner: String, limit: Int, before: String?) async throws -> [VoiceClip]
     func setClipSaved(id: String, owner: String, saved: Bool) async throws -> Bool
     func deleteClip(id: String, owner: String) async throws -> Bool
-    /// Deletes up to `limit` unsaved clips made before `cutoff`; how many.
+    /// Deletes up to `limit` unsaved replies' clips made before `cutoff` (never a recording); how many.
     func purgeClips(createdBefore cutoff: Int64, limit: Int) async throws -> Int
 }

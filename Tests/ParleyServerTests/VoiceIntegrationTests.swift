@@ -275,6 +275,12 @@ extension TestWebSocket {
         let token = try await heard.token("hal")
         let answer = try await upload(heard, token).json()
         #expect(answer["text"] == .string("Hello there.") && answer["cost"] == .int(3) && answer["balance"] == .int(997))
+        // The recording is kept as it came, with no expiry: the user's own voice.
+        let recording = try #require(answer["clip"]?.stringValue)
+        let kept = try await heard.get("/v1/clips/\(recording)/audio", token: token)
+        #expect(kept.body == [1, 2, 3] && kept.headers.first(name: "content-type") == "audio/webm")
+        let shown = try await heard.get("/v1/clips/\(recording)", token: token).json()
+        #expect(shown["kind"] == .string("recording") && shown["expires_at"] == .null && shown["saved"] == .bool(true))
         #expect(try await upload(heard, token, type: "text/plain").status == .unsupportedMediaType)
         try await expectInvariant(heard, token: token)
         await heard.stop()

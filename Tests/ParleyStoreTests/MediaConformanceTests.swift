@@ -38,6 +38,15 @@ import Testing
             #expect(try await store.clips(owner: "alice", limit: 5, before: nil).map(\.id) == [new.id, kept.id])
             #expect(try await store.clip(id: kept.id, owner: "alice", withAudio: false)?.saved == true)
 
+            // A recording is the user's own voice: never purged by age, saved or not.
+            var recording = clip(owner: "alice", conversation: nil, at: 1_000)
+            recording.kind = .recording
+            recording.contentType = "audio/webm;codecs=opus"
+            try await store.saveClip(recording)
+            #expect(try await store.clip(id: recording.id, owner: "alice", withAudio: true) == recording)
+            #expect(try await store.purgeClips(createdBefore: 5_000, limit: 10) == 0)
+            #expect(try await store.deleteClip(id: recording.id, owner: "alice"))
+
             #expect(try await !store.deleteClip(id: new.id, owner: "bob"))
             #expect(try await store.deleteClip(id: new.id, owner: "alice"))
             #expect(try await store.clips(owner: "alice", limit: 5, before: nil).map(\.id) == [kept.id])
