@@ -34,7 +34,7 @@ import Testing
             do {
                 try DataDirectoryLock.acquire(directory: directory).release()
                 break
-            } catch where ContinuousClock.now < deadline {
+            } catch  where ContinuousClock.now < deadline {
                 Thread.sleep(forTimeInterval: 0.01)
             }
         }
