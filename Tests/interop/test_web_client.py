@@ -1129,6 +1129,19 @@ def test_a_reply_is_heard_as_it_streams_and_a_question_is_asked_by_voice(data_di
             status, messages = server.http("GET", f"/v1/conversations/{page_of['conversations'][0]['id']}/messages", token)
             said = [m["text"] for m in messages["messages"] if m["role"] == "user"]
             assert len(said) == 2 and "piano" in said[-1].lower(), said
+
+            # The speaker is per conversation: a new one starts with the last choice; turned off
+            # there, the first conversation still speaks.
+            page.get_by_role("button", name="New conversation").click()
+            expect(page.locator("#speak-toggle")).to_have_attribute("aria-pressed", "true")
+            page.locator("#speak-toggle").click()
+            send(page, "Quietly now")
+            expect(assistant(page)).to_have_attribute("data-reason", "complete", timeout=WAIT)
+            assert assistant(page).get_attribute("data-audio-chunks") is None, "a reply asked without voice has no audio"
+            page.locator("#conversations li", has_text="Hello there").click()
+            expect(page.locator("#speak-toggle")).to_have_attribute("aria-pressed", "true", timeout=WAIT)
+            page.locator("#conversations li", has_text="Quietly now").click()
+            expect(page.locator("#speak-toggle")).to_have_attribute("aria-pressed", "false", timeout=WAIT)
             OUT.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(OUT / "voice.png"), full_page=True)
         finally:

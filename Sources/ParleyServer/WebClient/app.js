@@ -24,7 +24,7 @@ const state = {
   welcomed: false,       // the socket is open and the server said welcome
   reloadOnWelcome: false,
   restoreRoom: null,     // a room the URL named, joined once connected
-  speak: localStorage.getItem("parley.speak") === "1",  // replies asked with "voice": true
+  speak: false,          // the open conversation's replies are asked with "voice": true (see speakingIn)
 };
 
 // ---------- REST ----------
@@ -168,6 +168,7 @@ function onStreamStart(frame) {
       // A reply to a message just sent without a conversation starts one.
       if (!(frame.ref && state.pending.get(frame.ref)?.newConversation)) return;
       state.conversationId = frame.conversation;
+      setSpeak(state.speak);  // the choice made before it had an id is now its own
       setRoute(`#/c/${frame.conversation}`);
       loadConversations();
     }
@@ -805,6 +806,7 @@ function setRoute(route) {
 
 async function showConversation(id) {
   state.conversationId = id;
+  showSpeak();
   setRoute(id ? `#/c/${id}` : "");
   updateComposer();
   $("conversation-actions").hidden = !id;
@@ -1059,11 +1061,27 @@ function onAudio(data) {
   player.play(new Int16Array(data.slice(3 + length)), header.sample_rate);
 }
 
+// The speaker is set per conversation (kept in this browser); a new conversation starts with the
+// last choice made, and keeps it once the server names it.
+function speakingIn(conversation) {
+  const chosen = JSON.parse(localStorage.getItem("parley.speak.by-conversation") ?? "{}");
+  return conversation && conversation in chosen ? chosen[conversation] : localStorage.getItem("parley.speak") === "1";
+}
+
+function showSpeak() {
+  state.speak = !!state.info?.voice?.speech && speakingIn(state.conversationId);
+  $("speak-toggle").setAttribute("aria-pressed", String(state.speak));
+  $("speak-toggle").textContent = state.speak ? "Speaking replies" : "Speak replies";
+}
+
 function setSpeak(on) {
-  state.speak = on;
   localStorage.setItem("parley.speak", on ? "1" : "0");
-  $("speak-toggle").setAttribute("aria-pressed", String(on));
-  $("speak-toggle").textContent = on ? "Speaking replies" : "Speak replies";
+  if (state.conversationId) {
+    const chosen = JSON.parse(localStorage.getItem("parley.speak.by-conversation") ?? "{}");
+    chosen[state.conversationId] = on;
+    localStorage.setItem("parley.speak.by-conversation", JSON.stringify(chosen));
+  }
+  showSpeak();
   if (on) player.unlock();
 }
 
@@ -1551,7 +1569,7 @@ async function start() {
   $("voice-controls").hidden = !info.voice?.speech && !info.voice?.transcription;
   $("speak-toggle").hidden = !info.voice?.speech;
   $("talk").hidden = !info.voice?.transcription || !navigator.mediaDevices || typeof MediaRecorder === "undefined";
-  setSpeak(state.speak && !!info.voice?.speech);
+  showSpeak();
   $("speak-toggle").onclick = () => setSpeak(!state.speak);
   const talk = $("talk");
   talk.onpointerdown = (event) => { event.preventDefault(); recorder.start(); };
