@@ -83,8 +83,9 @@ public struct SpendCap: Sendable, Equatable {
         self.max = max
     }
 
-    /// The caps `limits` set at `millis`: today's and this month's windows.
+    /// The caps `limits` set at `millis`: today's and this month's windows (none without limits).
     public static func caps(_ limits: SpendLimits, at millis: Int64) -> [SpendCap] {
+        guard limits.daily != nil || limits.monthly != nil else { return [] }
         let day = "day:" + Timestamp.rfc3339(millis: millis).prefix(10)
         let month = "month:" + BillingPeriod(containing: millis).id
         return (limits.daily.map { [SpendCap(window: day, max: $0)] } ?? []) + (limits.monthly.map { [SpendCap(window: month, max: $0)] } ?? [])

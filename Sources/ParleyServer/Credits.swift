@@ -197,7 +197,7 @@ actor CreditMeter {
     /// True once a spend limit, not the balance, stopped the stream (reason `spend_limit`).
     private(set) var stoppedBySpendLimit = false
     /// The spend windows an entry made now counts against.
-    private var caps: [SpendCap] { limits.daily == nil && limits.monthly == nil ? [] : SpendCap.caps(limits, at: credits.configuration.clock()) }
+    private var caps: [SpendCap] { SpendCap.caps(limits, at: credits.configuration.clock()) }
 
     init(credits: Credits, user: String, stream: String, conversation: String?, room: String?, model: String, feature: Feature) {
         self.credits = credits

@@ -50,7 +50,7 @@ extension RESTAPI {
         let id = ids.make(.transcription)
         let cost = price.transcriptionCost(seconds: seconds)
         let limits = try await credits.plans?.spendLimits(of: identity.user) ?? SpendLimits()
-        let caps = limits.daily == nil && limits.monthly == nil ? [] : SpendCap.caps(limits, at: credits.configuration.clock())
+        let caps = SpendCap.caps(limits, at: credits.configuration.clock())
         let entry = LedgerEntry(
             id: "stt:" + id, user: identity.user, kind: .debit, credits: -cost, tokens: Int(seconds.rounded(.up)), model: transcriber.model,
             feature: "voice", note: "voice message transcribed", createdAt: Int64(Timestamp.nowMillis()))

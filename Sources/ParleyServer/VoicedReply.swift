@@ -170,7 +170,7 @@ actor SpeechMeter {
         let cost = credits.configuration.pricing.voice.speechCost(characters: characters)
         if caps == nil {
             let limits = try await credits.plans?.spendLimits(of: user) ?? SpendLimits()
-            caps = limits.daily == nil && limits.monthly == nil ? [] : SpendCap.caps(limits, at: credits.configuration.clock())
+            caps = SpendCap.caps(limits, at: credits.configuration.clock())
         }
         let outcome = try await credits.store.apply(
             entry("voice:\(sentence)", -cost, characters: characters, kind: .debit), allowOverdraft: false, caps: caps ?? [])
