@@ -6,9 +6,12 @@ public enum SQLValue: Sendable, Equatable {
     case null
     case int(Int64)
     case text(String)
+    /// Bytes as they are (a voice clip's audio).
+    case blob([UInt8])
 
     var int: Int64? { if case .int(let v) = self { v } else { nil } }
     var text: String? { if case .text(let v) = self { v } else { nil } }
+    var blob: [UInt8]? { if case .blob(let v) = self { v } else { nil } }
 }
 
 /// One result row, read by column name (`row["created_at"]`), so a decoder does not depend on
@@ -91,6 +94,8 @@ final class SQLiteConnection: @unchecked Sendable {
                 case .null: sqlite3_bind_null(statement, index)
                 case .int(let v): sqlite3_bind_int64(statement, index, v)
                 case .text(let v): sqlite3_bind_text(statement, index, v, -1, parley_sqlite_transient())
+                case .blob(let v):
+                    v.withUnsafeBytes { sqlite3_bind_blob64(statement, index, $0.baseAddress, sqlite3_uint64($0.count), parley_sqlite_transient()) }
                 }
             guard rc == SQLITE_OK else { throw error(db, rc) }
         }
@@ -107,6 +112,10 @@ final class SQLiteConnection: @unchecked Sendable {
                 switch sqlite3_column_type(statement, c) {
                 case SQLITE_NULL: row.append(.null)
                 case SQLITE_INTEGER: row.append(.int(sqlite3_column_int64(statement, c)))
+                case SQLITE_BLOB:
+                    let count = Int(sqlite3_column_bytes(statement, c))
+                    let bytes = sqlite3_column_blob(statement, c).map { Array(UnsafeRawBufferPointer(start: $0, count: count)) } ?? []
+                    row.append(.blob(bytes))
                 default:
                     if let text = sqlite3_column_text(statement, c) {
                         row.append(.text(String(cString: text)))

@@ -1,11 +1,9 @@
-import Foundation
 import ParleyCore
 
 extension SQLiteStore {
     static let clipColumns = "id, kind, content_type, owner, stream, conversation, room, message, sample_rate, bytes, truncated, saved, created_at"
 
     public func saveClip(_ clip: VoiceClip) async throws {
-        let audio = Data(clip.audio).base64EncodedString()
         try await run { db in
             try db.query(
                 "INSERT INTO voice_clips(\(Self.clipColumns), audio) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -13,7 +11,7 @@ extension SQLiteStore {
                     .text(clip.id), .text(clip.kind.rawValue), .text(clip.contentType), .text(clip.owner), .text(clip.stream),
                     clip.conversation.map(SQLValue.text) ?? .null,
                     clip.room.map(SQLValue.text) ?? .null, clip.message.map(SQLValue.text) ?? .null, .int(Int64(clip.sampleRate)),
-                    .int(Int64(clip.bytes)), .int(clip.truncated ? 1 : 0), .int(clip.saved ? 1 : 0), .int(clip.createdAt), .text(audio),
+                    .int(Int64(clip.bytes)), .int(clip.truncated ? 1 : 0), .int(clip.saved ? 1 : 0), .int(clip.createdAt), .blob(clip.audio),
                 ])
         }
     }
@@ -65,7 +63,7 @@ extension SQLiteStore {
             contentType: row["content_type"].text ?? "audio/pcm", owner: row["owner"].text ?? "", stream: row["stream"].text ?? "",
             conversation: row["conversation"].text,
             room: row["room"].text, message: row["message"].text, sampleRate: Int(row["sample_rate"].int ?? 24_000),
-            audio: (withAudio ? row["audio"].text : nil).flatMap { Data(base64Encoded: $0) }.map(Array.init) ?? [], bytes: Int(row["bytes"].int ?? 0),
+            audio: withAudio ? row["audio"].blob ?? [] : [], bytes: Int(row["bytes"].int ?? 0),
             truncated: row["truncated"].int == 1, saved: row["saved"].int == 1, createdAt: row["created_at"].int ?? 0)
     }
 }

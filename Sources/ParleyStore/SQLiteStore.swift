@@ -273,8 +273,8 @@ public final class SQLiteStore: Store {
         "ALTER TABLE subscriptions ADD COLUMN event TEXT NOT NULL DEFAULT '';",
         // v20: spend windows by span, for the retention pass.
         "CREATE INDEX spend_windows_by_span ON spend_windows(span);",
-        // v21: voiced replies' audio (#29), base64 text (the connection binds no blobs); it goes
-        // with its conversation or room (ON DELETE CASCADE) and its owner's account.
+        // v21: voiced replies' audio and voice messages' recordings (#29); a clip goes with its
+        // conversation or room (ON DELETE CASCADE) and its owner's account.
         """
         CREATE TABLE voice_clips (
             id TEXT PRIMARY KEY,
@@ -289,7 +289,7 @@ public final class SQLiteStore: Store {
             bytes INTEGER NOT NULL,
             truncated INTEGER NOT NULL,
             saved INTEGER NOT NULL,
-            audio TEXT NOT NULL,
+            audio BLOB NOT NULL,
             created_at INTEGER NOT NULL
         );
         CREATE INDEX voice_clips_by_owner ON voice_clips(owner, id);
