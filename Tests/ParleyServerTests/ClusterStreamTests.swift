@@ -113,6 +113,26 @@ extension TestWebSocket {
         await nodes.stop()
     }
 
+    @Test func aVoicedRepliesAudioReachesTheUsersTabOnTheOtherNodeWhole() async throws {
+        let speech = ScriptedSpeech()
+        let nodes = try await TwoNodes.start {
+            $0.simulated.tokensPerSecond = 200
+            $0.simulated.replyTokens = 40
+            $0.speech = speech
+        }
+        let (token, clone) = try await nodes.aliceWithAClone()
+        let onA = try await nodes.connect(nodes.a, token: token)
+        let onB = try await nodes.connect(nodes.b, token: token)
+        try await onA.chatSendVoiced(id: "v1", clone: clone)
+        let here = try await onA.readVoiced()
+        let there = try await onB.readVoiced()
+        #expect(here.audio["reason"] == .string("complete") && !here.chunks.isEmpty)
+        #expect(there.reply.text == here.reply.text && there.reply.end == here.reply.end)
+        #expect(there.chunks.map { $0.header["chunk"]! } == here.chunks.map { $0.header["chunk"]! })
+        #expect(there.chunks.flatMap(\.audio) == here.chunks.flatMap(\.audio), "the same audio, binary frames through NATS")
+        await nodes.stop()
+    }
+
     @Test func aStreamResumesOnANodeThatNeverSawItWithNoGapAndNoRepeat() async throws {
         let nodes = try await TwoNodes.start {
             $0.simulated.tokensPerSecond = 50
