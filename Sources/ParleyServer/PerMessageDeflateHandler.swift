@@ -5,8 +5,8 @@ import ParleyDeflate
 /// permessage-deflate (RFC 7692) on one socket, between the frame validator and the fragment
 /// aggregator. Inbound, a message whose first frame has RSV1 set is decompressed fragment by
 /// fragment, at most `maxMessageBytes` in all (more is closed 1009: a compression bomb costs at
-/// most the limit), and passed on as plain frames. Outbound, every whole text or binary message
-/// is compressed; control frames never are.
+/// most the limit), and passed on as plain frames. Outbound, every whole text message is
+/// compressed; binary ones (audio) and control frames never are.
 ///
 /// Outbound the compressor keeps its window across messages (context takeover, unless the
 /// client asked otherwise): token frames repeat their keys, so each costs a fraction of its size.
@@ -111,7 +111,10 @@ final class PerMessageDeflateHandler: ChannelDuplexHandler, RemovableChannelHand
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         let frame = unwrapOutboundIn(data)
-        guard frame.fin, !frame.rsv1, frame.opcode == .text || frame.opcode == .binary else {
+        // Binary messages are a voiced reply's PCM (#29): it hardly compresses and zlib's time per
+        // byte was most of what relaying audio cost, so it goes as it is (RSV1 clear: RFC 7692
+        // leaves each message's compression to the sender; the window is unaffected).
+        guard frame.fin, !frame.rsv1, frame.opcode == .text else {
             context.write(data, promise: promise)
             return
         }

@@ -67,6 +67,25 @@ import Testing
         #expect(sizes.last! * 3 < sizes.first!, "\(sizes)")
     }
 
+    @Test func binaryMessagesGoUncompressedAndTheWindowStaysGood() throws {
+        let f = try Fixture()
+        let inflater = Inflater(limit: 1 << 16)
+        let audio = ByteBuffer(bytes: [0x01] + (0..<4_000).map { UInt8(truncatingIfNeeded: $0 &* 7) })
+        for text in [#"{"type":"token","seq":1}"#, nil, #"{"type":"token","seq":2}"#] {
+            if let text {
+                try f.channel.writeOutbound(WebSocketFrame(fin: true, opcode: .text, data: ByteBuffer(string: text)))
+                let frame = try #require(try f.channel.readOutbound(as: WebSocketFrame.self))
+                var out = ByteBuffer()
+                try inflater.inflate(frame.data, final: true, into: &out)
+                #expect(frame.rsv1 && String(buffer: out) == text, "text around it still inflates with the shared window")
+            } else {
+                try f.channel.writeOutbound(WebSocketFrame(fin: true, opcode: .binary, data: audio))
+                let frame = try #require(try f.channel.readOutbound(as: WebSocketFrame.self))
+                #expect(!frame.rsv1 && frame.opcode == .binary && frame.data == audio)
+            }
+        }
+    }
+
     @Test func controlFramesAreNeverCompressed() throws {
         let f = try Fixture()
         try f.channel.writeOutbound(WebSocketFrame(fin: true, opcode: .ping, data: ByteBuffer(string: "parley")))
