@@ -133,6 +133,11 @@ final class VoicedReply: Sendable {
                 }
                 break
             }
+            if sent == 0, Task.isCancelled {
+                // Stopped before any of its audio went out: nothing of it was heard.
+                await meter.giveBack(sentence: number, credits: cost)
+                break
+            }
             summary.characters += characters
             summary.cost += cost
         }
