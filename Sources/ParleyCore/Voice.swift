@@ -105,14 +105,19 @@ public enum AudioFrame {
         public var chunk: Int64
         /// The sentence of the reply it speaks, from 1.
         public var sentence: Int
+        /// The token whose text completed that sentence: the audio speaks the text through it.
+        public var seq: Int64
         public var format: String
         public var sampleRate: Int
         public var channels: Int
 
-        public init(stream: String, chunk: Int64, sentence: Int, format: String = "pcm", sampleRate: Int = 24_000, channels: Int = 1) {
+        public init(
+            stream: String, chunk: Int64, sentence: Int, seq: Int64 = 0, format: String = "pcm", sampleRate: Int = 24_000, channels: Int = 1
+        ) {
             self.stream = stream
             self.chunk = chunk
             self.sentence = sentence
+            self.seq = seq
             self.format = format
             self.sampleRate = sampleRate
             self.channels = channels
@@ -121,6 +126,7 @@ public enum AudioFrame {
         var json: JSONValue {
             .object([
                 ("type", .string("audio")), ("stream", .string(stream)), ("chunk", .int(chunk)), ("sentence", .int(Int64(sentence))),
+                ("seq", .int(seq)),
                 ("format", .string(format)), ("sample_rate", .int(Int64(sampleRate))), ("channels", .int(Int64(channels))),
             ])
         }

@@ -39,7 +39,7 @@ struct ReleasedReply {
         text += token
         ServerFrame.token(stream: live.id, seq: seq, text: token[...], into: &scratch)
         live.publish(seq: seq, frame: allocator.buffer(bytes: scratch))
-        voice?.take(token)
+        voice?.take(token, seq: seq)
         let now = NIODeadline.now().uptimeNanoseconds
         if boughtBatch || now &- journaledAt >= StreamJournalWriter.interval {
             journaledAt = now

@@ -42,28 +42,33 @@ final class VoicedReply: Sendable {
         }
     }
 
-    private let splitter = Mutex(SentenceSplitter())
-    private let sentences: AsyncStream<String>.Continuation
+    /// The splitter, and the seq of the last token it was given.
+    private let splitter = Mutex((SentenceSplitter(), Int64(0)))
+    /// Each complete sentence with the seq of the token that completed it.
+    private let sentences: AsyncStream<(text: String, seq: Int64)>.Continuation
     private let worker: Task<Summary, Never>
 
     init(live: LiveStream, voice: CloneVoice, synthesizer: any SpeechSynthesizer, meter: SpeechMeter, logger: Logger) {
-        let (stream, continuation) = AsyncStream<String>.makeStream()
+        let (stream, continuation) = AsyncStream<(text: String, seq: Int64)>.makeStream()
         sentences = continuation
         worker = Task {
             await Self.speak(stream, live: live, voice: voice, synthesizer: synthesizer, meter: meter, logger: logger)
         }
     }
 
-    /// Text just released to the readers (on the token path: a lock and a scan, no await).
-    func take(_ text: String) {
-        let complete = splitter.withLock { $0.feed(text[...]) }
-        for sentence in complete { sentences.yield(sentence) }
+    /// Token `seq`'s text, just released to the readers (on the token path: a lock and a scan, no await).
+    func take(_ text: String, seq: Int64) {
+        let complete = splitter.withLock {
+            $0.1 = seq
+            return $0.0.feed(text[...])
+        }
+        for sentence in complete { sentences.yield((sentence, seq)) }
     }
 
     /// The reply is over: voices what is left and returns once the last audio went out. A stop
     /// meanwhile (the stream's task cancelled) cuts the audio short.
     func finish() async -> Summary {
-        if let rest = splitter.withLock({ $0.finish() }) { sentences.yield(rest) }
+        if let (rest, seq) = splitter.withLock({ s in s.0.finish().map { ($0, s.1) } }) { sentences.yield((rest, seq)) }
         sentences.finish()
         let worker = self.worker
         return await withTaskCancellationHandler {
@@ -80,13 +85,14 @@ final class VoicedReply: Sendable {
     }
 
     private static func speak(
-        _ sentences: AsyncStream<String>, live: LiveStream, voice: CloneVoice, synthesizer: any SpeechSynthesizer, meter: SpeechMeter,
+        _ sentences: AsyncStream<(text: String, seq: Int64)>, live: LiveStream, voice: CloneVoice, synthesizer: any SpeechSynthesizer,
+        meter: SpeechMeter,
         logger: Logger
     ) async -> Summary {
         var summary = Summary()
         var chunk: Int64 = 0
         let allocator = ByteBufferAllocator()
-        for await sentence in sentences {
+        for await (sentence, seq) in sentences {
             guard !Task.isCancelled else { break }
             let number = summary.sentences + 1
             let characters = sentence.count
@@ -116,7 +122,7 @@ final class VoicedReply: Sendable {
                     } else {
                         summary.truncated = true
                     }
-                    let header = AudioFrame.Header(stream: live.id, chunk: chunk, sentence: number)
+                    let header = AudioFrame.Header(stream: live.id, chunk: chunk, sentence: number, seq: seq)
                     // The header, then the service's bytes as they came: one copy into the frame.
                     let prefix = AudioFrame.prefix(header)
                     var frame = allocator.buffer(capacity: prefix.count + audio.readableBytes)

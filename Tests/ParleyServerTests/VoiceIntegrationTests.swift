@@ -124,9 +124,15 @@ extension TestWebSocket {
         #expect(spoken.count >= 2 && spoken.allSatisfy { $0.voice == "joe" && $0.speed == 1.5 })
         #expect(voiced.chunks.map { $0.header["chunk"]!.intValue! } == Array(1...Int64(2 * spoken.count)))
         for (index, sentence) in spoken.enumerated() {
-            let audio = voiced.chunks.filter { $0.header["sentence"] == .int(Int64(index + 1)) }.flatMap(\.audio)
-            #expect(audio.count == sentence.text.count * 2)
+            let chunks = voiced.chunks.filter { $0.header["sentence"] == .int(Int64(index + 1)) }
+            #expect(chunks.flatMap(\.audio).count == sentence.text.count * 2)
+            // Each chunk says through which token its sentence's text had come: never ahead of the text.
+            let seq = try #require(chunks.first?.header["seq"]?.intValue)
+            #expect(voiced.reply.tokens.prefix(Int(seq)).map { $0["text"]!.stringValue! }.joined().contains(sentence.text))
         }
+        let seqs = voiced.chunks.map { $0.header["seq"]!.intValue! }
+        #expect(seqs == seqs.sorted())
+        #expect(voiced.chunks.last?.header["seq"] == .int(Int64(voiced.reply.tokens.count)), "the last sentence ends with the reply")
         let characters = spoken.reduce(0) { $0 + $1.text.count }
         #expect(voiced.audio["characters"] == .int(Int64(characters)) && voiced.audio["cost"] == .int(Int64(characters)))
         #expect(voiced.audio["sentences"] == .int(Int64(spoken.count)) && voiced.audio["chunks"] == .int(Int64(2 * spoken.count)))
