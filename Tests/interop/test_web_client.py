@@ -762,7 +762,8 @@ def test_the_client_is_served_with_strict_headers_and_dev_tokens_work(web):
     with urllib.request.urlopen(web.base + "/app.js", timeout=10) as response:
         assert response.headers["Content-Type"].startswith("text/javascript") and b"stream.resume" in response.read()
     assert web.http("GET", "/v1/info") == (200, validate_rest("info", {"protocol": 1, "dev": True, "models": ["simulated"],
-                                                                    "model": "simulated", "model_host": "simulated"}))
+                                                                    "model": "simulated", "model_host": "simulated",
+                                                                    "voice": {"speech": False, "transcription": False}}))
 
     status, minted = web.http("POST", "/v1/dev/token", body={"user": "zoe"})
     assert status == 201 and validate_rest("dev-token", minted)["user"] == "zoe" and minted["expires_in"] == 12 * 3600
@@ -1085,7 +1086,7 @@ def test_the_account_shows_the_plan_and_saves_the_spending_limits(web, browser):
     page.close()
 
 
-def test_a_reply_is_heard_as_it_streams_and_a_question_is_asked_by_voice(data_dir, voice_server):
+def test_a_reply_is_heard_as_it_streams_and_a_question_is_asked_by_voice(data_dir, voice_server, browser):
     """The speaker toggle asks for voiced replies, whose audio chunks are played as they come;
     hold-to-talk records from Chromium's fake microphone (playing a question the local voice
     said), shows what was heard and sends it, and the clone answers."""
@@ -1095,55 +1096,55 @@ def test_a_reply_is_heard_as_it_streams_and_a_question_is_asked_by_voice(data_di
     recording.write_bytes(speak(voice_server, question))
     server = Server(data_dir, "--dev", "--tts-url", voice_server, "--stt-url", voice_server,
                     "--sim-ttft-ms", "100", "--sim-tokens-per-sec", "25", "--sim-reply-tokens", "30")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=[
-            "--no-sandbox", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={recording}", "--autoplay-policy=no-user-gesture-required"])
-        try:
-            page = browser.new_page()
-            sign_in(page, server.base, "vic")
-            make_clone_in_ui(page, "Ada")
-            page.get_by_role("button", name="Chat").click()
-            speaker = page.get_by_role("button", name="Speak replies")
-            speaker.click()
-            expect(page.locator("#speak-toggle")).to_have_attribute("aria-pressed", "true")
-            send(page, "Hello there")
-            reply = assistant(page)
-            expect(reply).to_have_attribute("data-audio-chunks", re.compile(r"^[1-9]"), timeout=WAIT)
-            expect(reply).to_have_attribute("data-reason", "complete", timeout=WAIT)
-            played = int(reply.get_attribute("data-audio-chunks"))
-            token = server.token("vic")
-            assert played >= 2, played
+    # A browser of its own (a fake microphone playing the question), from the module's Playwright.
+    listening = browser.browser_type.launch(executable_path=shutil.which("chromium"), args=[
+        "--no-sandbox", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={recording}", "--autoplay-policy=no-user-gesture-required"])
+    try:
+        page = listening.new_page()
+        sign_in(page, server.base, "vic")
+        make_clone_in_ui(page, "Ada")
+        page.get_by_role("button", name="Chat").click()
+        speaker = page.get_by_role("button", name="Speak replies")
+        speaker.click()
+        expect(page.locator("#speak-toggle")).to_have_attribute("aria-pressed", "true")
+        send(page, "Hello there")
+        reply = assistant(page)
+        expect(reply).to_have_attribute("data-audio-chunks", re.compile(r"^[1-9]"), timeout=WAIT)
+        expect(reply).to_have_attribute("data-reason", "complete", timeout=WAIT)
+        played = int(reply.get_attribute("data-audio-chunks"))
+        token = server.token("vic")
+        assert played >= 2, played
 
-            talk = page.locator("#talk")
-            expect(talk).to_have_accessible_name("Hold to talk")
-            talk.hover()
-            page.mouse.down()
-            expect(talk).to_have_text(re.compile("Listening"), timeout=WAIT)
-            page.wait_for_timeout(4_000)  # the user holds the button while they speak (the question lasts about 3 s)
-            page.mouse.up()
-            expect(page.locator("#heard")).to_contain_text("piano", timeout=WAIT * 2)
-            expect(page.locator("#messages li.user").last).to_contain_text("piano", timeout=WAIT)
-            expect(assistant(page)).to_have_attribute("data-reason", "complete", timeout=WAIT)
-            status, page_of = server.http("GET", "/v1/conversations?limit=1", token)
-            status, messages = server.http("GET", f"/v1/conversations/{page_of['conversations'][0]['id']}/messages", token)
-            said = [m["text"] for m in messages["messages"] if m["role"] == "user"]
-            assert len(said) == 2 and "piano" in said[-1].lower(), said
+        talk = page.locator("#talk")
+        expect(talk).to_have_accessible_name("Hold to talk")
+        talk.hover()
+        page.mouse.down()
+        expect(talk).to_have_text(re.compile("Listening"), timeout=WAIT)
+        page.wait_for_timeout(4_000)  # the user holds the button while they speak (the question lasts about 3 s)
+        page.mouse.up()
+        expect(page.locator("#heard")).to_contain_text("piano", timeout=WAIT * 2)
+        expect(page.locator("#messages li.user").last).to_contain_text("piano", timeout=WAIT)
+        expect(assistant(page)).to_have_attribute("data-reason", "complete", timeout=WAIT)
+        status, page_of = server.http("GET", "/v1/conversations?limit=1", token)
+        status, messages = server.http("GET", f"/v1/conversations/{page_of['conversations'][0]['id']}/messages", token)
+        said = [m["text"] for m in messages["messages"] if m["role"] == "user"]
+        assert len(said) == 2 and "piano" in said[-1].lower(), said
 
-            # The speaker is per conversation: a new one starts with the last choice; turned off
-            # there, the first conversation still speaks.
-            page.get_by_role("button", name="New conversation").click()
-            expect(page.locator("#speak-toggle")).to_have_attribute("aria-pressed", "true")
-            page.locator("#speak-toggle").click()
-            send(page, "Quietly now")
-            expect(assistant(page)).to_have_attribute("data-reason", "complete", timeout=WAIT)
-            assert assistant(page).get_attribute("data-audio-chunks") is None, "a reply asked without voice has no audio"
-            page.locator("#conversations li", has_text="Hello there").click()
-            expect(page.locator("#speak-toggle")).to_have_attribute("aria-pressed", "true", timeout=WAIT)
-            page.locator("#conversations li", has_text="Quietly now").click()
-            expect(page.locator("#speak-toggle")).to_have_attribute("aria-pressed", "false", timeout=WAIT)
-            OUT.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(OUT / "voice.png"), full_page=True)
-        finally:
-            browser.close()
-            assert server.stop() == 0
+        # The speaker is per conversation: a new one starts with the last choice; turned off
+        # there, the first conversation still speaks.
+        page.get_by_role("button", name="New conversation").click()
+        expect(page.locator("#speak-toggle")).to_have_attribute("aria-pressed", "true")
+        page.locator("#speak-toggle").click()
+        send(page, "Quietly now")
+        expect(assistant(page)).to_have_attribute("data-reason", "complete", timeout=WAIT)
+        assert assistant(page).get_attribute("data-audio-chunks") is None, "a reply asked without voice has no audio"
+        page.locator("#conversations li", has_text="Hello there").click()
+        expect(page.locator("#speak-toggle")).to_have_attribute("aria-pressed", "true", timeout=WAIT)
+        page.locator("#conversations li", has_text="Quietly now").click()
+        expect(page.locator("#speak-toggle")).to_have_attribute("aria-pressed", "false", timeout=WAIT)
+        OUT.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(OUT / "voice.png"), full_page=True)
+    finally:
+        listening.close()
+        assert server.stop() == 0
