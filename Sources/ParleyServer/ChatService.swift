@@ -81,7 +81,9 @@ final class ChatService: FrameHandler {
             let gone = ServerFrame.error(ref: ref, code: .streamGone, message: "stream \(stream) is no longer buffered")
             guard let remote else { return connection.send(gone) }
             Task {
-                if await !remote.resume(stream: stream, after: after, ref: ref, connection: connection) { connection.send(gone) }
+                if await !remote.resume(stream: stream, after: after, audioAfter: audioAfter, ref: ref, connection: connection) {
+                    connection.send(gone)
+                }
             }
             return
         }

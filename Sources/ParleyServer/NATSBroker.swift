@@ -21,6 +21,10 @@ enum BrokerSubjects {
     static func interest(_ topic: Topic) -> String { "p." + token(topic.name) + ".>" }
     /// A stream's frames, published under the topic whose subscribers read it.
     static func stream(_ id: String, readers: Topic) -> String { "p." + token(readers.name) + ".s." + token(id) }
+    /// A voiced stream's audio (#29), published under the topic whose subscribers read it: live
+    /// only, not kept by JetStream (its per-subject limit counts a stream's tokens; audio chunks
+    /// there would push out the tokens a resume needs).
+    static func audio(_ id: String, readers: Topic) -> String { "p." + token(readers.name) + ".a." + token(id) }
     /// A stream's frames whatever topic reads it (a resume on a node that did not follow it).
     static func frames(of id: String) -> String { "p.*.s." + token(id) }
     static func head(of id: String) -> String { "ph." + token(id) }
@@ -53,7 +57,7 @@ enum BrokerSubjects {
         let parts = subject.split(separator: ".", omittingEmptySubsequences: false)
         guard parts.count >= 3, parts[0] == "p", let topic = name(parts[1]) else { return nil }
         if parts.count == 3, parts[2] == "t" { return (Topic(name: topic), nil) }
-        if parts.count == 4, parts[2] == "s", let stream = name(parts[3]) { return (Topic(name: topic), stream) }
+        if parts.count == 4, parts[2] == "s" || parts[2] == "a", let stream = name(parts[3]) { return (Topic(name: topic), stream) }
         return nil
     }
 
@@ -210,8 +214,9 @@ enum StreamDescriptor {
 /// What a node asks of the others about the streams it does not generate.
 protocol RemoteStreams: Sendable {
     /// Resumes another node's reply stream of `connection`'s user for it; false when no node
-    /// has a stream of that id and owner.
-    func resume(stream: String, after: Int64, ref: String, connection: ClientConnection) async -> Bool
+    /// has a stream of that id and owner. `audioAfter`: a voiced reply's audio too, as far as this
+    /// node followed it (JetStream keeps no audio).
+    func resume(stream: String, after: Int64, audioAfter: Int64?, ref: String, connection: ClientConnection) async -> Bool
     /// Asks the node generating `stream` to stop it; false when none has a stream of that id
     /// and owner.
     func cancel(stream: String, user: String) async -> Bool
@@ -430,7 +435,10 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
         // Held, it is not sent again: like a resume on one node, a republish has tokens and end only.
         guard origin?.held != true else { return }
         // Its seq says after which token it came (`publishAgain` reads it so).
-        sendStream(stream, BrokerEnvelope(part: .extra, seq: origin?.lastSeq ?? 0, audience: audience, frame: Array(frame.readableBytesView)))
+        let envelope = BrokerEnvelope(part: .extra, seq: origin?.lastSeq ?? 0, audience: audience, frame: Array(frame.readableBytesView))
+        guard WireFrame.opcode(of: frame) == .binary else { return sendStream(stream, envelope) }
+        let bytes = envelope.encoded()
+        for readers in stream.readers { send(BrokerSubjects.audio(stream.id, readers: readers), bytes) }
     }
 
     private func sendStream(_ stream: LiveStream, _ envelope: BrokerEnvelope) {
@@ -642,7 +650,12 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
                 mirror.touched = .now
                 mirrors[stream] = mirror
             case .extra:
-                mirrors[stream]?.stream.publish(frame, audience: envelope.audience)
+                // Audio is kept by the mirror as by its origin, so a resume here replays it too.
+                if WireFrame.opcode(of: frame) == .binary, let chunk = AudioFrame.decode(envelope.frame)?.header["chunk"]?.intValue {
+                    mirrors[stream]?.stream.publishAudio(chunk: chunk, frame: frame)
+                } else {
+                    mirrors[stream]?.stream.publish(frame, audience: envelope.audience)
+                }
             case .end:
                 guard let mirror = mirrors[stream], !mirror.stream.isEnded else { return }
                 mirror.stream.finish(frame, ownerFrame: envelope.ownerFrame.map { ByteBuffer(bytes: $0) }, reason: .complete)
@@ -665,9 +678,9 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
 
     // MARK: Remote streams
 
-    func resume(stream id: String, after: Int64, ref: String, connection: ClientConnection) async -> Bool {
+    func resume(stream id: String, after: Int64, audioAfter: Int64?, ref: String, connection: ClientConnection) async -> Bool {
         let user = connection.identity.user
-        return await follow(stream: id, after: after, ref: ref, connection: connection) { owner, kind in
+        return await follow(stream: id, after: after, audioAfter: audioAfter, ref: ref, connection: connection) { owner, kind in
             guard owner == user, case .reply = kind else { return false }
             return true
         }
@@ -688,7 +701,8 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
     /// Sends `connection` the stream from token `after + 1`, from this node's copy or JetStream's,
     /// when `admits` its owner and kind; false when no node has it.
     private func follow(
-        stream id: String, after: Int64, ref: String?, connection: ClientConnection, admits: (String, LiveStream.Kind) -> Bool
+        stream id: String, after: Int64, audioAfter: Int64? = nil, ref: String?, connection: ClientConnection,
+        admits: (String, LiveStream.Kind) -> Bool
     ) async -> Bool {
         if let mirror = mirrors.withLock({ $0[id]?.stream }) {
             guard admits(mirror.owner, mirror.kind) else { return false }
@@ -696,7 +710,7 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
             // (its start came while it joined): it has all of it already.
             if ref == nil, hub.isSubscribed(connection.id, to: mirror.topic) { return true }
             let ack = ByteBuffer(bytes: mirror.startFrame(ref: ref))
-            if mirror.resume(connection, after: after, ack: ack) == .gone, let ref {
+            if mirror.resume(connection, after: after, audioAfter: audioAfter, ack: ack) == .gone, let ref {
                 connection.send(LiveStream.goneFrame(ref: ref, stream: id, after: after))
             }
             return true

@@ -231,9 +231,14 @@ struct AudioHistory {
         self.capacityBytes = max(1, capacityBytes)
     }
 
-    /// Keeps chunk `chunk`, which must follow the last.
+    /// Keeps chunk `chunk`, which follows the last; after a gap (a node's mirror that lost a
+    /// frame) only what follows the gap is kept, so a resume from before it is `stream_gone`.
     mutating func append(chunk: Int64, frame: ByteBuffer) {
-        precondition(chunk == lastChunk + 1, "audio chunks must be contiguous")
+        if chunk != lastChunk + 1 {
+            frames.removeAll()
+            bytes = 0
+            firstChunk = chunk
+        }
         lastChunk = chunk
         frames.append(frame)
         bytes += frame.readableBytes

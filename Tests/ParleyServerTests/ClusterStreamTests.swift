@@ -130,6 +130,18 @@ extension TestWebSocket {
         #expect(there.reply.text == here.reply.text && there.reply.end == here.reply.end)
         #expect(there.chunks.map { $0.header["chunk"]! } == here.chunks.map { $0.header["chunk"]! })
         #expect(there.chunks.flatMap(\.audio) == here.chunks.flatMap(\.audio), "the same audio, binary frames through NATS")
+
+        // A tab on B that lost the end resumes from B's copy, audio included, nothing twice.
+        let late = try await nodes.b.connect(token: token)
+        try await late.send(
+            .object([
+                ("type", .string("stream.resume")), ("id", .string("r1")), ("stream", .string(here.reply.stream)), ("after", .int(30)),
+                ("audio_after", .int(1)),
+            ]))
+        let resumed = try await late.readVoiced()
+        #expect(resumed.reply.start["ref"] == .string("r1") && resumed.reply.seqs == Array(31...40))
+        #expect(resumed.chunks.map { $0.header["chunk"]! } == Array(here.chunks.dropFirst()).map { $0.header["chunk"]! })
+        #expect(resumed.reply.end == here.reply.end)
         await nodes.stop()
     }
 
