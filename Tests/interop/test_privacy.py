@@ -153,7 +153,8 @@ def wait_until_refused(port, deadline=10.0):
     while time.monotonic() < end:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        except ConnectionRefusedError:
+        except (ConnectionRefusedError, ConnectionResetError):
+            # Reset: the probe was in the listener's backlog as it closed; nothing accepts it either.
             return
         time.sleep(0.01)
     raise AssertionError(f"port {port} still accepts connections {deadline} s after SIGTERM")
