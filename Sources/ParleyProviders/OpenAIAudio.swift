@@ -4,8 +4,8 @@ import NIOHTTP1
 import ParleyCore
 import ParleyLLM
 
-/// Where an OpenAI-compatible audio service is (#29): OpenAI itself, or Parley's local
-/// the local voice (`parley serve --local-voice`).
+/// Where an OpenAI-compatible audio service is (#29): OpenAI itself, or Parley's local voice
+/// (`parley serve --local-voice`).
 public struct AudioServiceOptions: Sendable {
     /// e.g. `http://127.0.0.1:8092/v1`; `/audio/speech` or `/audio/transcriptions` is appended.
     public var baseURL: String

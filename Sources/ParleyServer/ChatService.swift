@@ -210,12 +210,7 @@ final class ChatService: FrameHandler {
         do {
             let plans = streams.credits.plans
             try await plans?.require(.chat, user: user, ref: ref, what: "chat")
-            if voice {
-                guard streams.speech != nil else {
-                    throw FrameError(ref: ref, code: .badRequest, message: "voice is not available: this server has no speech service")
-                }
-                try await plans?.require(.voice, user: user, ref: ref, what: "voiced replies")
-            }
+            if voice { try await streams.requireVoice(user: user, ref: ref, what: "voiced replies") }
             try await plans?.takeMessage(user: user, ref: ref)
             let userPlan = try await plans?.plan(of: user)
             let plan = try await makePlan()
@@ -278,7 +273,7 @@ final class ChatService: FrameHandler {
             let (store, logger, parent, replaced) = (self.store, streams.logger, plan.parent, plan.replacesReply)
             let journal: StreamJournal.Target =
                 replaced.map { .alternative(conversation: conversation.id, replacing: $0) } ?? .conversation(conversation.id)
-            let speaking = voice ? plan.clone.profile.voice ?? configuration.defaultVoice : nil
+            let speaking = voice ? configuration.voice(of: plan.clone) : nil
             let stored = await streams.run(
                 live, prepared, ref: ref, requester: connection, messageID: messageID, journal: journal, voice: speaking
             ) {

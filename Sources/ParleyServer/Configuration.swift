@@ -70,6 +70,9 @@ public struct ServerConfiguration: Sendable {
     /// translation chat's stream in another language is not voiced. The local voice speaks English.
     public var speechLanguages: Set<String>? = ["en"]
 
+    /// The voice `clone` speaks in: its own, else the server's default.
+    public func voice(of clone: Clone) -> CloneVoice { clone.profile.voice ?? defaultVoice }
+
     /// Whether the speech service speaks `language`.
     public func speaks(_ language: LanguageTag) -> Bool {
         speechLanguages.map { $0.contains(language.language) } ?? true

@@ -167,6 +167,15 @@ final class Credits: Sendable {
         LedgerEntry(id: id, user: user, kind: .grant, credits: credits, note: note, createdAt: Int64(Timestamp.nowMillis()))
     }
 
+    /// Applies a one-off debit (a voiced sentence, a transcription) within the user's balance and
+    /// the spending limits they set, as a stream's batches are; counted when applied.
+    func debit(_ entry: LedgerEntry) async throws -> LedgerOutcome {
+        let limits = try await plans?.spendLimits(of: entry.user) ?? SpendLimits()
+        let outcome = try await store.apply(entry, allowOverdraft: false, caps: SpendCap.caps(limits, at: configuration.clock()))
+        if outcome.isApplied { metrics.debited.increment(by: -entry.credits) }
+        return outcome
+    }
+
     func meter(user: String, stream: String, conversation: String?, room: String? = nil, model: String, feature: Feature) -> CreditMeter {
         CreditMeter(credits: self, user: user, stream: stream, conversation: conversation, room: room, model: model, feature: feature)
     }

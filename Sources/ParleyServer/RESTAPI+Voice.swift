@@ -49,15 +49,13 @@ extension RESTAPI {
 
         let id = ids.make(.transcription)
         let cost = price.transcriptionCost(seconds: seconds)
-        let limits = try await credits.plans?.spendLimits(of: identity.user) ?? SpendLimits()
-        let caps = SpendCap.caps(limits, at: credits.configuration.clock())
         let entry = LedgerEntry(
             id: "stt:" + id, user: identity.user, kind: .debit, credits: -cost, tokens: Int(seconds.rounded(.up)), model: transcriber.model,
             feature: "voice", note: "voice message transcribed", createdAt: Int64(Timestamp.nowMillis()))
-        let outcome = try await store.apply(entry, allowOverdraft: false, caps: caps)
+        let outcome = try await credits.debit(entry)
         switch outcome {
         case .applied, .alreadyApplied:
-            credits.metrics.debited.increment(by: cost)
+            break
         case .insufficient(let balance):
             credits.metrics.refusals.increment()
             throw FrameError(ref: nil, code: .insufficientCredits, message: "this voice message needs \(cost) credits; the balance is \(balance)")

@@ -162,14 +162,14 @@ final class RoomService: FrameHandler {
             let room: Room
             switch request {
             case .debate(let request):
-                if request.voice { try await requireVoice(owner: owner, what: "voiced debates") }
+                if request.voice { try await streams.requireVoice(user: owner, ref: nil, what: "voiced debates") }
                 var debaters: [Room.Debater] = []
                 for (clone, stance) in request.clones {
                     let found = try await ownClone(clone, owner: owner)
                     debaters.append(
                         Room.Debater(
                             clone: clone, stance: stance, name: found.name,
-                            voice: request.voice ? found.profile.voice ?? configuration.defaultVoice : nil))
+                            voice: request.voice ? configuration.voice(of: found) : nil))
                 }
                 room = Room(
                     id: ids.make(.room), owner: owner, topic: request.topic, debaters: debaters, rounds: request.rounds,
@@ -182,13 +182,13 @@ final class RoomService: FrameHandler {
                 }
                 var languages = request.languages
                 var debaters: [Room.Debater] = []
-                if request.voice { try await requireVoice(owner: owner, what: "voiced translation chats") }
+                if request.voice { try await streams.requireVoice(user: owner, ref: nil, what: "voiced translation chats") }
                 for member in request.clones {
                     let found = try await ownClone(member.clone, owner: owner)
                     debaters.append(
                         Room.Debater(
                             clone: member.clone, stance: "", name: found.name,
-                            voice: request.voice ? found.profile.voice ?? configuration.defaultVoice : nil))
+                            voice: request.voice ? configuration.voice(of: found) : nil))
                     languages[member.clone] = member.language
                 }
                 room = Room(
@@ -202,14 +202,6 @@ final class RoomService: FrameHandler {
         } catch {
             throw requests.internalFailure(error, what: "room request")
         }
-    }
-
-    /// Refuses a voiced room where the server has no speech service or the plan no voice.
-    private func requireVoice(owner: String, what: String) async throws {
-        guard streams.speech != nil else {
-            throw FrameError(ref: nil, code: .badRequest, message: "voice is not available: this server has no speech service")
-        }
-        try await streams.credits.plans?.require(.voice, user: owner, ref: nil, what: what)
     }
 
     /// A clone's voice in `room` for a stream written in `language`: nil when the room is not

@@ -71,6 +71,15 @@ final class StreamRunner: Sendable {
         self.ids = ids
     }
 
+    /// Refuses a voiced request (`ref`, nil for REST) where the server has no speech service or
+    /// the user's plan no voice (#29).
+    func requireVoice(user: String, ref: String?, what: String) async throws {
+        guard speech != nil else {
+            throw FrameError(ref: ref, code: .badRequest, message: "voice is not available: this server has no speech service")
+        }
+        try await credits.plans?.require(.voice, user: user, ref: ref, what: what)
+    }
+
     /// False once the server is shutting down: no new stream starts.
     var isAccepting: Bool { requests.isAccepting }
 

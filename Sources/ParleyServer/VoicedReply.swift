@@ -154,7 +154,7 @@ final class VoicedReply: Sendable {
 }
 
 /// Charges a voiced reply's sentences, one ledger entry each, before they are synthesised.
-actor SpeechMeter {
+struct SpeechMeter: Sendable {
     enum Outcome: Equatable {
         case paid(Int64)
         case refused(bySpendLimit: Bool)
@@ -166,7 +166,6 @@ actor SpeechMeter {
     private let conversation: String?
     private let room: String?
     private let model: String
-    private var caps: [SpendCap]?
 
     init(credits: Credits, user: String, stream: String, conversation: String?, room: String?, model: String) {
         self.credits = credits
@@ -179,15 +178,8 @@ actor SpeechMeter {
 
     func charge(sentence: Int, characters: Int) async throws -> Outcome {
         let cost = credits.configuration.pricing.voice.speechCost(characters: characters)
-        if caps == nil {
-            let limits = try await credits.plans?.spendLimits(of: user) ?? SpendLimits()
-            caps = SpendCap.caps(limits, at: credits.configuration.clock())
-        }
-        let outcome = try await credits.store.apply(
-            entry("voice:\(sentence)", -cost, characters: characters, kind: .debit), allowOverdraft: false, caps: caps ?? [])
-        switch outcome {
+        switch try await credits.debit(entry("voice:\(sentence)", -cost, characters: characters, kind: .debit)) {
         case .applied, .alreadyApplied:
-            if outcome.isApplied { credits.metrics.debited.increment(by: cost) }
             return .paid(cost)
         case .insufficient:
             credits.metrics.paywallHits.increment()
