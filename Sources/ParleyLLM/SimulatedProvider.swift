@@ -27,6 +27,9 @@ public struct SimulatedProvider: PushingLLMProvider {
 
     public var configuration: Configuration
 
+    /// The clocks pushed replies wait on, one per event loop.
+    private let tickers = LoopTickers()
+
     public init(configuration: Configuration = Configuration()) {
         self.configuration = configuration
     }
@@ -122,14 +125,15 @@ public struct SimulatedProvider: PushingLLMProvider {
     /// The same events as `stream`, pushed from timers on `loop`: no task and no sleep per token.
     public func start(_ request: CompletionRequest, on loop: any EventLoop, sink: any LLMEventSink) -> any LLMRun {
         let (tokens, usage) = reply(to: request)
-        let run = PushedRun(tokens: tokens, usage: usage, pacing: Pacing(configuration), loop: loop, sink: sink)
+        let run = PushedRun(
+            tokens: tokens, usage: usage, pacing: Pacing(configuration), loop: loop, ticker: tickers.ticker(for: loop), sink: sink)
         run.begin()
         return run
     }
 
     /// One pushed reply. Its state is touched only on `loop` (hence unchecked Sendable): each
     /// timer delivers every token due by then, so a late tick catches up instead of drifting.
-    final class PushedRun: LLMRun, @unchecked Sendable {
+    final class PushedRun: LLMRun, Ticking, @unchecked Sendable {
         /// Most tokens handed over in one tick; the rest follow in the next, so an unpaced reply
         /// does not hold its loop for its whole length.
         static let tokensPerTick = 64
@@ -140,12 +144,14 @@ public struct SimulatedProvider: PushingLLMProvider {
         private let firstTokenNanos: Int64
         private let intervalNanos: Int64
         private let loop: any EventLoop
+        private let ticker: LoopTicker
         private var sink: (any LLMEventSink)?
         private var next = 0
         private var startedAt = NIODeadline.uptimeNanoseconds(0)
-        private var timer: Scheduled<Void>?
+        private var timer: TimerHandle?
 
-        init(tokens: [String], usage: Usage, pacing: Pacing, loop: any EventLoop, sink: any LLMEventSink) {
+        init(tokens: [String], usage: Usage, pacing: Pacing, loop: any EventLoop, ticker: LoopTicker, sink: any LLMEventSink) {
+            self.ticker = ticker
             self.tokens = tokens
             self.usage = usage
             firstTokenNanos = TimeAmount(pacing.ttft).nanoseconds
@@ -170,7 +176,7 @@ public struct SimulatedProvider: PushingLLMProvider {
 
         private func stop() {
             sink = nil
-            timer?.cancel()
+            if let timer { ticker.cancel(timer) }
             timer = nil
         }
 
@@ -180,11 +186,13 @@ public struct SimulatedProvider: PushingLLMProvider {
 
         private func schedule() {
             if next < tokens.count {
-                timer = loop.scheduleTask(deadline: due(next)) { self.fire() }
+                timer = ticker.schedule(self, at: due(next))
             } else {
                 loop.execute { self.fire() }
             }
         }
+
+        func tick() { fire() }
 
         private func fire() {
             timer = nil

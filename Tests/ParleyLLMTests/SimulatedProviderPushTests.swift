@@ -61,6 +61,36 @@ import Testing
         #expect(pulled == recorder.events.map(\.event), "the pulled stream gives the same events")
     }
 
+    /// The replies of one loop share its clock (one timer wheel, one NIO timer for the earliest):
+    /// each still gets every token at its own deadline rounded up to the millisecond, never
+    /// before it, and a cancelled one leaves the others' timing alone.
+    @Test func repliesSharingALoopEachGetTheirOwnDeadlines() {
+        let p = provider(ttft: .milliseconds(50), tps: 30, reply: 6)
+        let loop = EmbeddedEventLoop()
+        var recorders: [(Recorder, startedAt: Int64)] = []
+        for index in 0..<40 {
+            let recorder = Recorder(loop: loop)
+            if index == 7 { recorder.cancelAfter = 2 }
+            recorder.run = p.start(request, on: loop, sink: recorder)
+            recorders.append((recorder, Int64(loop.now.uptimeNanoseconds)))
+            loop.advanceTime(by: .microseconds(370))  // starts between the millisecond ticks
+        }
+        for _ in 0..<2_000 { loop.advanceTime(by: .microseconds(250)) }
+        let interval = Int64(1e9 / 30)
+        for (index, (recorder, startedAt)) in recorders.enumerated() {
+            let arrivals = recorder.events.filter { if case .token = $0.event { true } else { false } }.map(\.at)
+            #expect(arrivals.count == (index == 7 ? 2 : 6))
+            for (token, at) in arrivals.enumerated() {
+                let due = startedAt + 50_000_000 + interval * Int64(token)
+                let tick = (due + 999_999) / 1_000_000 * 1_000_000
+                #expect(at >= due, "reply \(index) token \(token) came early")
+                // The loop's clock moves in 250 µs steps here: the first step at or after the tick.
+                #expect(at < tick + 250_000, "reply \(index) token \(token) came \(at - due) ns late")
+            }
+            #expect(recorder.finishes == (index == 7 ? [] : ["ok"]))
+        }
+    }
+
     @Test func anUnpacedReplyArrivesWhole() {
         let p = provider(reply: 300)
         let (loop, recorder) = started(p, request)
