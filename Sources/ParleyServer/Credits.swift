@@ -13,8 +13,12 @@ public struct CreditsConfiguration: Sendable {
     public var startingGrant: Int64 = 0
     /// Output tokens that must be affordable, beyond the prompt, before a stream may start.
     public var outputReserveTokens = 32
-    /// Output tokens paid for per debit. Tokens are released only once paid for.
+    /// Output tokens paid for by a reply's first debit. Tokens are released only once paid for.
     public var batchTokens = 16
+    /// Each later debit buys twice as many as the one before, up to this many (never below
+    /// `batchTokens`): a long reply costs a few store commits instead of one per 16 tokens
+    /// (#26), and the settlement refunds what was bought and not sent.
+    public var maxBatchTokens = 128
     /// HMAC-SHA256 secret of the payment webhook; nil disables the webhook.
     public var paymentsSecret: String?
     /// How far a webhook's timestamp may be from now before it is refused as a replay.
@@ -273,7 +277,7 @@ actor CreditMeter {
     func authorize(token index: Int) async throws -> Bool {
         guard index > prepaidTokens else { return true }
         defer { prepaid.store(prepaidTokens, ordering: .releasing) }
-        var size = max(1, credits.configuration.batchTokens)
+        var size = batchSize(number: batches + 1)
         while size >= 1 {
             let cost = outputCost(prepaidTokens + size) - outputCost(prepaidTokens)
             let outcome = try await credits.store.apply(entry(String(batches + 1), -cost, tokens: size), allowOverdraft: false, caps: caps)
@@ -302,6 +306,14 @@ actor CreditMeter {
         }
         if stoppedBySpendLimit { credits.metrics.spendLimitHits.increment() } else { credits.metrics.paywallHits.increment() }
         return false
+    }
+
+    /// Tokens debit number `number` (1-based) buys when the balance allows: `batchTokens`, then
+    /// doubling up to `maxBatchTokens`.
+    private func batchSize(number: Int) -> Int {
+        let first = max(1, credits.configuration.batchTokens)
+        let most = max(first, credits.configuration.maxBatchTokens)
+        return min(most, first << min(number - 1, 20))
     }
 
     /// Takes up a stream a crash cut short: what its ledger entries charged (`<stream>:in` and

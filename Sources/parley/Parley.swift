@@ -148,8 +148,11 @@ struct Serve: AsyncParsableCommand {
     )
     var plans: String?
 
-    @Option(help: "Output tokens paid for per debit; tokens are released only once paid.")
+    @Option(help: "Output tokens a reply's first debit pays for; tokens are released only once paid.")
     var creditBatchTokens = 16
+
+    @Option(help: "Most output tokens one debit pays for: each later debit of a reply buys twice the one before, up to this.")
+    var creditBatchMaxTokens = 128
 
     @Option(help: "HMAC-SHA256 secret of the payment webhook (or env PARLEY_PAYMENTS_SECRET); without one the webhook is off.")
     var paymentsSecret: String?
@@ -375,6 +378,9 @@ struct Serve: AsyncParsableCommand {
         guard (1...256).contains(mongoThreads) else { throw ArgumentParser.ValidationError("--mongo-threads must be 1-256") }
         guard startingCredits >= 0 else { throw ArgumentParser.ValidationError("--starting-credits must be 0 or more") }
         guard (1...10_000).contains(creditBatchTokens) else { throw ArgumentParser.ValidationError("--credit-batch-tokens must be 1-10000") }
+        guard (creditBatchTokens...10_000).contains(creditBatchMaxTokens) else {
+            throw ArgumentParser.ValidationError("--credit-batch-max-tokens must be from --credit-batch-tokens to 10000")
+        }
         guard (1...1_000).contains(scheduleTickMs) else { throw ArgumentParser.ValidationError("--schedule-tick-ms must be 1-1000") }
         guard (0...1_000_000).contains(maxPendingSchedules) else { throw ArgumentParser.ValidationError("--max-pending-schedules must be 0-1000000") }
         guard (1024...(16 * 1024 * 1024)).contains(maxMessageBytes) else {
@@ -524,6 +530,7 @@ struct Serve: AsyncParsableCommand {
         configuration.mongoThreads = mongoThreads
         configuration.credits.startingGrant = startingCredits
         configuration.credits.batchTokens = creditBatchTokens
+        configuration.credits.maxBatchTokens = creditBatchMaxTokens
         configuration.credits.paymentsSecret =
             paymentsSecret ?? ProcessInfo.processInfo.environment["PARLEY_PAYMENTS_SECRET"].flatMap { $0.isEmpty ? nil : $0 }
         if let prices { configuration.credits.pricing = try Self.readJSONFile(prices, what: "the price list", PricingTable.parse) }

@@ -183,6 +183,48 @@ func expectInvariant(_ server: TestServer, token: String, sourceLocation: Source
         await server.stop()
     }
 
+    /// A reply's debits grow: 4, 8, 16, then 16 each (`maxBatchTokens`), so a long reply costs a
+    /// few commits; the settlement refunds what was bought and not sent, and where the balance
+    /// ends the reply, the last debit shrinks to what it covers: every token still paid first.
+    @Test(arguments: TestServer.StoreKind.allCases)
+    func aReplysDebitsGrowAndTheUnsentRestIsRefunded(_ store: TestServer.StoreKind) async throws {
+        let server = try await creditServer(store, grant: 1_000, batch: 4, replyTokens: 50) { $0.credits.maxBatchTokens = 16 }
+        let token = try await server.token("alice")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        try await socket.chatSend(id: "c1", clone: clone, text: "Fifty tokens")
+        let (end, _) = try await socket.next(type: "stream.end")
+        let stream = end["stream"]!.stringValue!
+        #expect(end["reason"] == .string("complete"))
+        #expect(end["cost"] == .int(50))
+        #expect(end["balance"] == .int(950))
+        let entries = try await creditsOf(server, token: token).entries
+        func debit(_ suffix: String) -> JSONValue? { entries.first { $0["id"] == .string("\(stream):\(suffix)") } }
+        // 4 + 8 + 16 + 16 = 44 tokens, then 16 more for the last 6: 60 bought, 10 refunded.
+        #expect((1...5).map { debit(String($0))?["tokens"]?.intValue } == [4, 8, 16, 16, 16])
+        #expect(debit("6") == nil)
+        #expect(debit("settle")?["credits"] == .int(10))
+        try await expectInvariant(server, token: token)
+
+        // 30 credits left: 4 + 8 + 16 bought, then only 2 of the next 16.
+        let poor = try await creditServer(store, grant: 30, batch: 4, reserve: 1, replyTokens: 50) { $0.credits.maxBatchTokens = 16 }
+        let bob = try await poor.token("bob")
+        let bobsClone = try await poor.createClone(token: bob)["id"]!.stringValue!
+        let bobsSocket = try await poor.connect(token: bob)
+        try await bobsSocket.chatSend(id: "c1", clone: bobsClone, text: "Fifty tokens")
+        let (poorEnd, _) = try await bobsSocket.next(type: "stream.end")
+        #expect(poorEnd["reason"] == .string("insufficient_credits"))
+        #expect(poorEnd["usage"]?["output_tokens"] == .int(30))
+        #expect(poorEnd["balance"] == .int(0))
+        let bobsEntries = try await creditsOf(poor, token: bob).entries
+        let bobsStream = poorEnd["stream"]!.stringValue!
+        #expect(
+            (1...4).map { n in bobsEntries.first { $0["id"] == .string("\(bobsStream):\(n)") }?["tokens"]?.intValue } == [4, 8, 16, 2])
+        try await expectInvariant(poor, token: bob)
+        await poor.stop()
+        await server.stop()
+    }
+
     @Test func pricesArePublic() async throws {
         let server = try await TestServer.start()
         let prices = try await server.get("/v1/credits/prices", token: nil)
