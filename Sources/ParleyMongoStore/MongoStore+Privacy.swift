@@ -172,17 +172,30 @@ extension MongoStore {
     }
 
     public func saveStreamJournal(_ j: StreamJournal) async throws {
-        let target = j.target.columns
-        let fields: JSONValue = .object(
-            (node.map { [("node", JSONValue.string($0))] } ?? []) + [
-                ("user", .string(j.user)), ("model", .string(j.model)), ("feature", .string(j.feature)),
-                ("input_tokens", .long(Int64(j.inputTokens))),
-                ("target_kind", .string(target.kind)), ("target_id", target.id.map(JSONValue.string) ?? .null),
-                ("speaker", target.speaker.map(JSONValue.string) ?? .null), ("message_id", .string(j.messageID)), ("text", .string(j.text)),
-                ("output_tokens", .long(Int64(j.outputTokens))), ("created_at", .long(j.createdAt)), ("updated_at", .long(j.updatedAt)),
-            ])
-        try await run { db in
-            _ = try db.update("stream_journals", query: .object([("_id", .string(j.stream))]), update: .object([("$set", fields)]), upsert: true)
+        try await saveStreamJournals([j])
+    }
+
+    /// A hundred upserts per command (a journal holds a reply's text: a command stays far below
+    /// the 16 MB document limit).
+    public func saveStreamJournals(_ journals: [StreamJournal], deleting finished: [String]) async throws {
+        let statements: [JSONValue] = journals.map { j in
+            let target = j.target.columns
+            let fields: JSONValue = .object(
+                (node.map { [("node", JSONValue.string($0))] } ?? []) + [
+                    ("user", .string(j.user)), ("model", .string(j.model)), ("feature", .string(j.feature)),
+                    ("input_tokens", .long(Int64(j.inputTokens))),
+                    ("target_kind", .string(target.kind)), ("target_id", target.id.map(JSONValue.string) ?? .null),
+                    ("speaker", target.speaker.map(JSONValue.string) ?? .null), ("message_id", .string(j.messageID)), ("text", .string(j.text)),
+                    ("output_tokens", .long(Int64(j.outputTokens))), ("created_at", .long(j.createdAt)), ("updated_at", .long(j.updatedAt)),
+                ])
+            return .object([("q", .object([("_id", .string(j.stream))])), ("u", .object([("$set", fields)])), ("upsert", .bool(true))])
+        }
+        for start in stride(from: 0, to: statements.count, by: 100) {
+            let chunk = Array(statements[start..<min(start + 100, statements.count)])
+            try await run { db in _ = try db.updates("stream_journals", chunk) }
+        }
+        if !finished.isEmpty {
+            try await run { db in _ = try Self.delete(db, "stream_journals", field: "_id", in: finished.map(JSONValue.string)) }
         }
     }
 

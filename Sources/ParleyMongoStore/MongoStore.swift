@@ -218,8 +218,19 @@ public final class MongoStore: Store {
 
     // MARK: Conversations
 
-    public func createConversation(_ c: Conversation) async throws {
-        try await run { db in try db.insert("conversations", Self.document(c)) }
+    /// One round trip to the pool, not one transaction: a failure part-way removes what was
+    /// written, so the conversation is there whole or not at all (barring a crash in between).
+    public func createConversation(_ c: Conversation, messages: [Message]) async throws {
+        try await run { db in
+            try db.insert("conversations", Self.document(c))
+            do {
+                for message in messages { try Self.append(message, db, orIgnore: false) }
+            } catch {
+                _ = try? db.delete("messages", query: .object([("conversation", .string(c.id))]))
+                _ = try? db.delete("conversations", query: .object([("_id", .string(c.id))]))
+                throw error
+            }
+        }
     }
 
     static func document(_ c: Conversation) -> JSONValue {
@@ -623,11 +634,12 @@ struct Database: Sendable {
     func update(
         _ collection: String, query: JSONValue, update: JSONValue, upsert: Bool = false, multi: Bool = false
     ) throws -> (matched: Int64, modified: Int64) {
-        let reply = try command(
-            .object([
-                ("update", .string(collection)),
-                ("updates", .array([.object([("q", query), ("u", update), ("upsert", .bool(upsert)), ("multi", .bool(multi))])])),
-            ]))
+        try updates(collection, [.object([("q", query), ("u", update), ("upsert", .bool(upsert)), ("multi", .bool(multi))])])
+    }
+
+    /// Several update statements (`q`, `u`, `upsert`, `multi`) in one command.
+    func updates(_ collection: String, _ statements: [JSONValue]) throws -> (matched: Int64, modified: Int64) {
+        let reply = try command(.object([("update", .string(collection)), ("updates", .array(statements))]))
         if let error = reply["writeErrors"]?.arrayValue?.first {
             let code = error["code"]?.int64 ?? 0
             if code == 11000 || code == 11001 { throw StoreError.duplicateKey(error["errmsg"]?.stringValue ?? "duplicate key") }

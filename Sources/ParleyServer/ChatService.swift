@@ -251,15 +251,10 @@ final class ChatService: FrameHandler {
             toRefund = prepared
 
             // The user's message is durable before anything is generated for it.
-            if plan.isNew { try await store.createConversation(conversation) }
-            for (index, message) in plan.before.enumerated() {
-                if index == 0, let replacing = plan.replacing {
-                    guard try await store.appendAlternative(message, replacing: replacing) != nil else {
-                        throw FrameError(ref: ref, code: .conflict, message: "message \(replacing) left the conversation's path; try again")
-                    }
-                } else {
-                    try await store.appendMessage(message)
-                }
+            if plan.isNew {
+                try await store.createConversation(conversation, messages: plan.before)
+            } else {
+                try await storeBefore(plan, ref: ref)
             }
             toRefund = nil
 
@@ -307,6 +302,20 @@ final class ChatService: FrameHandler {
         if let toRefund { await streams.abandon(toRefund) }
         if let reservedConversation { hub.release(user: user, conversation: reservedConversation) }
         if let clusterSlot { await slots?.release(conversation: clusterSlot) }
+    }
+
+    /// Stores a plan's messages in an existing conversation: the first in place of the one it
+    /// edits, if any.
+    private func storeBefore(_ plan: ReplyPlan, ref: String) async throws {
+        for (index, message) in plan.before.enumerated() {
+            if index == 0, let replacing = plan.replacing {
+                guard try await store.appendAlternative(message, replacing: replacing) != nil else {
+                    throw FrameError(ref: ref, code: .conflict, message: "message \(replacing) left the conversation's path; try again")
+                }
+            } else {
+                try await store.appendMessage(message)
+            }
+        }
     }
 
     /// Runs `body` with `conversation` held as a streaming reply holds it, so that no reply

@@ -37,6 +37,8 @@ final class LiveStream: Sendable {
     /// The clone that speaks, nil when a person's message is translated.
     var clone: String? { kind.clone }
     var room: String? { kind.room }
+    /// A chat reply's conversation; nil for a room's streams (whose `conversation` is the room).
+    var chatConversation: String? { room == nil ? conversation : nil }
     var schedule: String? { kind.schedule }
     /// Translation chats: the language the stream is written in.
     var lang: LanguageTag? { kind.lang }

@@ -494,6 +494,7 @@ public final class ParleyServer: Sendable {
         await rooms.shutdown()  // ends debate turns and translations in flight and stores the rooms paused
         await streams.shutdown()  // ends every other stream (chat replies, scheduled messages)
         await schedules.drain()
+        await streams.flushJournals()
         let closing = chat.streams.sockets.allConnections.map { $0.close(code: .goingAway, reason: "server shutting down") }
         if !closing.isEmpty {
             let all = EventLoopFuture.andAllComplete(closing, on: group.any())

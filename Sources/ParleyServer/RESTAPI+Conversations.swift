@@ -72,15 +72,15 @@ extension RESTAPI {
         let now = Int64(Timestamp.nowMillis())
         let copy = Conversation(
             id: ids.make(.conversation), owner: identity.user, clone: source.clone, title: source.title, createdAt: now, updatedAt: now)
-        try await store.createConversation(copy)
         var parent: String?
-        for message in path {
+        let copied = path.map { message in
             let copied = Message(
                 id: ids.make(.message), conversation: copy.id, role: message.role, text: message.text, createdAt: message.createdAt,
                 reason: message.reason, usage: message.usage, saved: message.saved, parent: parent)
-            try await store.appendMessage(copied)
             parent = copied.id
+            return copied
         }
+        try await store.createConversation(copy, messages: copied)
         let stored = try await store.conversation(id: copy.id, owner: identity.user) ?? copy
         return HTTPResponse(.created, json: stored.json, headers: ["location": "/v1/conversations/\(copy.id)"])
     }

@@ -47,6 +47,8 @@ final class StreamRunner: Sendable {
     let loops: any EventLoopGroup
     /// Speaks voiced replies (#29); nil when the server has no speech service.
     let speech: (any SpeechSynthesizer)?
+    /// The journals of the replies in flight, written together.
+    private let journals: StreamJournals
     private let audioBufferBytes: Int
     private let allocator = ByteBufferAllocator()
 
@@ -69,6 +71,7 @@ final class StreamRunner: Sendable {
         metrics = StreamMetrics(factory: configuration.metrics)
         self.logger = logger
         self.ids = ids
+        journals = StreamJournals(store: store, logger: logger)
     }
 
     /// Refuses a voiced request (`ref`, nil for REST) where the server has no speech service or
@@ -170,6 +173,12 @@ final class StreamRunner: Sendable {
         for stream in hub.liveStreams { await stream.task?.value }
     }
 
+    /// Writes what the journals still hold (the deletions of the last replies' journals), once
+    /// every stream has ended and before the store closes.
+    func flushJournals() async {
+        await journals.flush()
+    }
+
     /// Stops taking requests (new ones are answered `unavailable`) and waits up to `grace` for
     /// those in flight and every stream (chat replies, scheduled messages, debate turns,
     /// translations) to finish on their own. True when they all did.
@@ -211,7 +220,7 @@ final class StreamRunner: Sendable {
     /// (the audio was heard; only the copy is missing, and that is logged).
     private func keepClip(_ spoken: VoicedReply.Summary, of live: LiveStream, owner: String, message: String) async -> String? {
         let clip = VoiceClip(
-            id: ids.make(.voiceClip), owner: owner, stream: live.id, conversation: live.room == nil ? live.conversation : nil, room: live.room,
+            id: ids.make(.voiceClip), owner: owner, stream: live.id, conversation: live.chatConversation, room: live.room,
             message: message, audio: spoken.audio, truncated: spoken.truncated, createdAt: Int64(Timestamp.nowMillis()))
         let store = self.store
         switch await Task(operation: { try await store.saveClip(clip) }).result {
@@ -233,12 +242,10 @@ final class StreamRunner: Sendable {
     ) async -> Message? {
         let (request, prompt, meter) = (prepared.request, prepared.prompt, prepared.meter)
         // Journaled as it streams, so a crash loses at most the last moments of what was sent.
-        let journal = StreamJournalWriter(
+        let journal = journals.open(
             StreamJournal(
                 stream: live.id, user: meter.user, model: live.model, feature: meter.feature.rawValue, inputTokens: prompt.estimatedTokens,
-                target: target, messageID: messageID, createdAt: Int64(Timestamp.nowMillis())),
-            store: store, logger: logger
-        )
+                target: target, messageID: messageID, createdAt: Int64(Timestamp.nowMillis())))
         // The requester's own loop when there is one: its frames are then written in place.
         let loop = requester?.channel.eventLoop ?? loops.next()
         let voiced = voice.flatMap { voice in
@@ -246,7 +253,7 @@ final class StreamRunner: Sendable {
                 VoicedReply(
                     live: live, voice: voice, synthesizer: speech,
                     meter: SpeechMeter(
-                        credits: credits, user: meter.user, stream: live.id, conversation: live.room == nil ? live.conversation : nil,
+                        credits: credits, user: meter.user, stream: live.id, conversation: live.chatConversation,
                         room: live.room, model: speech.model),
                     logger: logger)
             }
@@ -280,14 +287,18 @@ final class StreamRunner: Sendable {
             reason = live.stopReason ?? .cancelled
         }
         let usage = reason == .complete ? reported! : Usage(inputTokens: prompt.estimatedTokens, outputTokens: Int(seq))
-        // Charging and storing happen outside this (possibly cancelled) task so a stop never skips them.
-        let (cost, balance) = await Task { await meter.settle(usage: usage) }.value
-
         let message = Message(
             id: messageID, conversation: live.conversation, role: .assistant, text: text,
             createdAt: Int64(Timestamp.nowMillis()), reason: reason, usage: usage, stream: live.id
         )
-        let stored = await Task { try await persist(message) }.result
+        // Charging and storing happen outside this (possibly cancelled) task so a stop never skips
+        // them, and side by side, so the store commits them together. Neither depends on the
+        // other, and the journal goes only once both are done: a crash between them leaves it for
+        // the recovery, which completes either (each step idempotent).
+        let settling = Task { await meter.settle(usage: usage) }
+        let storing = Task { try await persist(message) }
+        let (cost, balance) = await settling.value
+        let stored = await storing.result
         var storedID: String? = message.id
         if case .failure(let error) = stored {
             logger.error(
@@ -296,7 +307,8 @@ final class StreamRunner: Sendable {
             journal.offer(text: text, outputTokens: Int(seq))
         }
         // Before stream.end: once a turn's task ends, its room moves on, and whoever awaits the
-        // stream (an account deletion) must find no journal left behind.
+        // stream (an account deletion) must find no snapshot of it still to be written. (Its
+        // deletion goes with the node's next journal write.)
         let keep = storedID == nil
         await Task { await journal.finish(keep: keep) }.value
         if reason == .error, let failure {

@@ -41,7 +41,7 @@ struct ReleasedReply {
         live.publish(seq: seq, frame: allocator.buffer(bytes: scratch))
         voice?.take(token, seq: seq)
         let now = NIODeadline.now().uptimeNanoseconds
-        if boughtBatch || now &- journaledAt >= StreamJournalWriter.interval {
+        if boughtBatch || now &- journaledAt >= StreamJournals.interval {
             journaledAt = now
             journal.offer(text: text, outputTokens: Int(seq))
         }

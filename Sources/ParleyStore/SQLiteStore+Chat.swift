@@ -87,8 +87,11 @@ extension SQLiteStore {
 
     static let conversationColumns = "id, owner, clone, title, created_at, updated_at, summary, summary_through"
 
-    public func createConversation(_ c: Conversation) async throws {
-        try await run { db in try Self.insert(c, into: db, orIgnore: false) }
+    public func createConversation(_ c: Conversation, messages: [Message]) async throws {
+        try await run { db in
+            try Self.insert(c, into: db, orIgnore: false)
+            for message in messages { try Self.insert(message, into: db, orIgnore: false) }
+        }
     }
 
     static func insert(_ c: Conversation, into db: SQLiteConnection, orIgnore: Bool) throws {

@@ -6,16 +6,25 @@ extension SQLiteStore {
         "stream, user, model, feature, input_tokens, target_kind, target_id, speaker, message_id, text, output_tokens, created_at, updated_at"
 
     public func saveStreamJournal(_ j: StreamJournal) async throws {
-        let target = j.target.columns
+        try await saveStreamJournals([j])
+    }
+
+    /// One call, so one group commit, for all of them.
+    public func saveStreamJournals(_ journals: [StreamJournal], deleting finished: [String]) async throws {
+        guard !journals.isEmpty || !finished.isEmpty else { return }
         try await run { db in
-            try db.query(
-                "INSERT OR REPLACE INTO stream_journals(\(Self.journalColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    .text(j.stream), .text(j.user), .text(j.model), .text(j.feature), .int(Int64(j.inputTokens)), .text(target.kind),
-                    target.id.map(SQLValue.text) ?? .null, target.speaker.map(SQLValue.text) ?? .null, .text(j.messageID), .text(j.text),
-                    .int(Int64(j.outputTokens)), .int(j.createdAt), .int(j.updatedAt),
-                ]
-            )
+            for stream in finished { try db.query("DELETE FROM stream_journals WHERE stream = ?", [.text(stream)]) }
+            for j in journals {
+                let target = j.target.columns
+                try db.query(
+                    "INSERT OR REPLACE INTO stream_journals(\(Self.journalColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        .text(j.stream), .text(j.user), .text(j.model), .text(j.feature), .int(Int64(j.inputTokens)), .text(target.kind),
+                        target.id.map(SQLValue.text) ?? .null, target.speaker.map(SQLValue.text) ?? .null, .text(j.messageID), .text(j.text),
+                        .int(Int64(j.outputTokens)), .int(j.createdAt), .int(j.updatedAt),
+                    ]
+                )
+            }
         }
     }
 

@@ -1,6 +1,11 @@
 import ParleyCore
 
 extension ChatStore {
+    /// An empty conversation.
+    public func createConversation(_ conversation: Conversation) async throws {
+        try await createConversation(conversation, messages: [])
+    }
+
     /// Stores a reply: in place of `replacing` (the reply it regenerates) while that is on the
     /// path, else after the path's last message, so it is never lost. True when it took
     /// `replacing`'s place (or replaced nothing).
@@ -42,7 +47,10 @@ public protocol ChatStore: Sendable {
     /// Deletes the clone with its conversations and their messages; false when there is none.
     func deleteClone(id: String, owner: String) async throws -> Bool
 
-    func createConversation(_ conversation: Conversation) async throws
+    /// Creates `conversation` with its first `messages`, in order (each after the one before it
+    /// unless it names its parent), in one store call: one commit where the backend has
+    /// transactions, so a new chat's first message or a branch's copy is never seen half-made.
+    func createConversation(_ conversation: Conversation, messages: [Message]) async throws
     func conversation(id: String, owner: String) async throws -> Conversation?
     /// The owner's conversations, newest first, `limit` at most, older than `before` when given.
     func conversations(owner: String, limit: Int, before: String?) async throws -> [Conversation]
@@ -140,6 +148,9 @@ extension LedgerStore {
 public protocol StreamJournalStore: Sendable {
     /// Stores the journal of a reply in flight, replacing the one of the same stream.
     func saveStreamJournal(_ journal: StreamJournal) async throws
+    /// Stores several journals (each replacing the one of its stream) and deletes those of the
+    /// `finished` streams (none of which is among `journals`), in one write where the backend can.
+    func saveStreamJournals(_ journals: [StreamJournal], deleting finished: [String]) async throws
     func deleteStreamJournal(stream: String) async throws
     /// Journals left by replies a crash cut short, oldest first, `limit` at most: those `node`
     /// wrote (and those no node stamped) in a store several nodes share, every one for nil.
@@ -147,6 +158,15 @@ public protocol StreamJournalStore: Sendable {
 }
 
 extension StreamJournalStore {
+    public func saveStreamJournals(_ journals: [StreamJournal], deleting finished: [String]) async throws {
+        for journal in journals { try await saveStreamJournal(journal) }
+        for stream in finished { try await deleteStreamJournal(stream: stream) }
+    }
+
+    public func saveStreamJournals(_ journals: [StreamJournal]) async throws {
+        try await saveStreamJournals(journals, deleting: [])
+    }
+
     public func streamJournals(limit: Int) async throws -> [StreamJournal] { try await streamJournals(limit: limit, node: nil) }
 }
 

@@ -114,10 +114,10 @@ import Testing
             let live = LiveStream(
                 id: "st1", owner: "alice", model: SimulatedProvider.modelName, kind: .reply(conversation: "cv1", clone: "cl1", schedule: nil),
                 bufferCapacity: 100, readers: [], broker: broker, hub: SocketHub())
-            let journal = StreamJournalWriter(
+            let journal = StreamJournals(store: ledger, logger: Logger(label: "test")).open(
                 StreamJournal(
                     stream: "st1", user: "alice", model: SimulatedProvider.modelName, feature: "chat", inputTokens: 1, target: .settleOnly,
-                    messageID: "msg1", createdAt: 0), store: ledger, logger: Logger(label: "test"))
+                    messageID: "msg1", createdAt: 0))
             let reply = ReleasedReply(live: live, journal: journal, allocator: ByteBufferAllocator())
             let (provider, metrics) = (self.provider, StreamMetrics(factory: TestMetrics()))
             pumped = Task {

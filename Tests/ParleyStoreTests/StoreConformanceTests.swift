@@ -206,6 +206,33 @@ func chained(_ messages: [Message]) -> [Message] {
     }
 
     @Test(arguments: Backend.all)
+    func aConversationIsCreatedWithItsFirstMessagesWholeOrNotAtAll(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            let clone = makeClone(owner: "alice")
+            try await store.createClone(clone)
+            let conversation = makeConversation(owner: "alice", clone: clone.id, at: 1_000)
+            let opening = [makeMessage(conversation.id, "Welcome", role: .assistant, at: 2_000), makeMessage(conversation.id, "Hello", at: 2_001)]
+            try await store.createConversation(conversation, messages: opening)
+            #expect(try await store.messages(conversation: conversation.id, limit: 5, before: nil) == chained(opening))
+            #expect(try await store.conversation(id: conversation.id, owner: "alice")?.updatedAt == 2_001)
+
+            // A message that cannot be stored (its id is taken) leaves neither the conversation
+            // nor the messages before it.
+            let other = makeConversation(owner: "alice", clone: clone.id)
+            var taken = opening[1]
+            taken.conversation = other.id
+            await #expect {
+                try await store.createConversation(other, messages: [makeMessage(other.id, "first"), taken])
+            } throws: { error in
+                if case StoreError.duplicateKey = error { true } else { false }
+            }
+            #expect(try await store.conversation(id: other.id, owner: "alice") == nil)
+            #expect(try await store.messages(conversation: other.id, limit: 5, before: nil).isEmpty)
+            #expect(try await store.conversations(owner: "alice", limit: 5, before: nil).map(\.id) == [conversation.id])
+        }
+    }
+
+    @Test(arguments: Backend.all)
     func assistantMessagesKeepReasonUsageAndStream(_ backend: Backend) async throws {
         try await withStore(backend) { store in
             let clone = makeClone(owner: "alice")

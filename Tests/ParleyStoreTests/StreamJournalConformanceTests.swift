@@ -39,4 +39,32 @@ import Testing
             #expect(try await store.streamJournals(limit: 10).isEmpty)
         }
     }
+
+    /// The node's journal writer hands every waiting snapshot over in one call: each replaces its
+    /// stream's row or adds one, and a batch past the backend's per-command size is split whole.
+    @Test(arguments: Backend.all)
+    func manyJournalsAreSavedInOneCall(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            var first = journal("st_0", target: .conversation("cv_0"), at: 1)
+            try await store.saveStreamJournal(first)
+            first.text = "grown"
+            first.outputTokens = 2
+            var batch = [first]
+            for n in 1..<250 {
+                var j = journal("st_\(n)", target: .conversation("cv_\(n)"), at: Int64(1 + n))
+                j.text = "reply \(n) so far"
+                j.outputTokens = n
+                batch.append(j)
+            }
+            try await store.saveStreamJournals(batch.shuffled())
+            #expect(try await store.streamJournals(limit: 1_000) == batch)
+            try await store.saveStreamJournals([])
+            #expect(try await store.streamJournals(limit: 1_000).count == 250)
+            // Finished replies' journals go in the same call (one never stored is no error).
+            var grown = batch[1]
+            grown.text += " and more"
+            try await store.saveStreamJournals([grown], deleting: ["st_0", "st_2", "st_never"])
+            #expect(try await store.streamJournals(limit: 1_000) == [grown] + batch.dropFirst(3))
+        }
+    }
 }

@@ -1,19 +1,38 @@
 """Kills the server with SIGKILL in the middle of many metered streams, restarts it on the same
 store, and checks the ledger: the balance is the sum of the entries, no entry is doubled, and
-every token a client received was paid for before it was sent."""
+every token a client received was paid for before it was sent. Also: the debit options set how
+a reply's debits grow."""
 import asyncio
 import collections
 import json
 import os
 import signal
+import subprocess
 
 import websockets
 
+from conftest import BINARY
 from schemas import validate_rest
 
 BATCH = 8
 USERS = ["kim", "lee", "max"]
 STREAMS_PER_USER = 3
+
+
+def reply_end(server, token, clone, text, cancel_at=None):
+    """Sends one chat message and returns its reply's `stream.end`; with `cancel_at`, the reply
+    is cancelled once that token arrives."""
+    async def chat():
+        async with websockets.connect(f"{server.ws}?token={token}") as ws:
+            json.loads(await ws.recv())
+            await ws.send(json.dumps({"type": "chat.send", "id": "c1", "clone": clone, "text": text}))
+            while True:
+                frame = json.loads(await asyncio.wait_for(ws.recv(), 20))
+                if frame["type"] == "token" and frame["seq"] == cancel_at:
+                    await ws.send(json.dumps({"type": "chat.cancel", "id": "stop", "stream": frame["stream"]}))
+                if frame["type"] == "stream.end":
+                    return frame
+    return asyncio.run(chat())
 
 
 def credits(server, token):
@@ -83,23 +102,17 @@ def test_sigkill_mid_stream_loses_and_doubles_no_debit(start_server):
         for stream, user_of_stream in owner.items():
             if user_of_stream != user:
                 continue
-            paid = sum(e["tokens"] for e in entries if e.get("stream") == stream and e["kind"] == "debit" and not e["id"].endswith(":in"))
+            debits = {int(e["id"].rsplit(":", 1)[1]): e["tokens"] for e in entries
+                      if e.get("stream") == stream and e["kind"] == "debit" and e["id"].rsplit(":", 1)[1].isdigit()}
+            paid = sum(debits.values())
+            # A reply's debits double from BATCH (16 here would be 8, 16, 32, …, up to 128).
+            assert [debits[n] for n in sorted(debits)][:3] == [BATCH, 2 * BATCH, 4 * BATCH][:len(debits)], debits
             # Nothing was sent unpaid, and at most the batch being prepaid (plus one in flight) is unsent.
-            assert received[stream] <= paid <= received[stream] + 2 * BATCH, (stream, received[stream], paid)
+            last = debits[max(debits)]
+            assert received[stream] <= paid <= received[stream] + 2 * last, (stream, received[stream], paid)
 
     # The restarted server meters new streams on top of the recovered ledger.
-    async def one_more():
-        async with websockets.connect(f"{again.ws}?token={again.token('kim')}") as ws:
-            json.loads(await ws.recv())
-            await ws.send(json.dumps({"type": "chat.send", "id": "after", "clone": clones["kim"], "text": "still there?"}))
-            while True:
-                frame = json.loads(await asyncio.wait_for(ws.recv(), 20))
-                if frame["type"] == "token" and frame["seq"] == 3:
-                    await ws.send(json.dumps({"type": "chat.cancel", "id": "stop", "stream": frame["stream"]}))
-                if frame["type"] == "stream.end":
-                    return frame
-
-    end = asyncio.run(one_more())
+    end = reply_end(again, again.token("kim"), clones["kim"], "still there?", cancel_at=3)
     assert end["reason"] == "cancelled" and end["cost"] > 0
     balance, entries = credits(again, again.token("kim"))
     assert sum(e["credits"] for e in entries) == balance == end["balance"]
@@ -107,7 +120,7 @@ def test_sigkill_mid_stream_loses_and_doubles_no_debit(start_server):
 
 def test_a_reply_cut_by_sigkill_is_stored_as_far_as_it_was_seen_and_settled_exactly(start_server):
     """37 tokens reach the user, then SIGKILL: after the restart the transcript holds the reply as
-    far as it was journaled (a prefix of what the user saw, at most one batch short), marked
+    far as it was journaled (a prefix of what the user saw, at most ~200 ms short), marked
     interrupted, and the stream is settled for exactly that text: its prompt and the tokens stored."""
     batch = 16
     args = ["--sim-ttft-ms", "0", "--sim-tokens-per-sec", "40", "--sim-reply-tokens", "400",
@@ -143,8 +156,10 @@ def test_a_reply_cut_by_sigkill_is_stored_as_far_as_it_was_seen_and_settled_exac
     reply = page["messages"][1]
     assert reply["reason"] == "interrupted" and reply["stream"] == start["stream"]
     stored = reply["usage"]["output_tokens"]
-    # Journaled with every prepaid batch (tokens 1, 17, 33 bought one) and every 200 ms between.
-    assert 33 <= stored <= 37, stored
+    # Journaled with every prepaid batch (tokens 1, 17 and 49 buy one) and offered every 100 ms,
+    # written with the other replies' within 100 ms more: at 40 tokens/s at most 8 tokens (and
+    # one for the commit) short of what the user saw.
+    assert 37 - 9 <= stored <= 37, stored
     assert reply["text"] == "".join(seen[:stored]), "exactly the first tokens the user saw"
 
     status, prices = again.http("GET", "/v1/credits/prices")
@@ -179,3 +194,25 @@ def test_a_killed_server_leaves_no_shared_memory_segment(start_server, store_arg
     server.proc.send_signal(signal.SIGKILL)
     assert server.proc.wait(timeout=10) == -signal.SIGKILL
     assert not os.path.exists(segment), f"{segment} outlived the server ({store_args or 'sqlite'})"
+
+
+def test_the_debit_options_set_the_size_of_a_replys_debits(start_server, data_dir):
+    """`--credit-batch-tokens` is the first debit, `--credit-batch-max-tokens` the ceiling the
+    doubling stops at; a ceiling below the first debit is refused at start-up."""
+    refused = subprocess.run([str(BINARY), "serve", "--data-dir", str(data_dir), "--credit-batch-tokens", "32",
+                              "--credit-batch-max-tokens", "16"], capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 64 and "--credit-batch-max-tokens must be" in refused.stderr, refused.stderr
+
+    server = start_server("--sim-ttft-ms", "0", "--sim-tokens-per-sec", "0", "--sim-reply-tokens", "30",
+                          "--credit-batch-tokens", "4", "--credit-batch-max-tokens", "8", "--starting-credits", "100000")
+    token = server.token("ona")
+    status, clone = server.http("POST", "/v1/clones", token, {"name": "Ona's clone"})
+    assert status == 201, clone
+
+    end = reply_end(server, token, clone["id"], "thirty tokens")
+    assert end["reason"] == "complete" and end["usage"]["output_tokens"] == 30
+    _, entries = credits(server, token)
+    mine = {e["id"].rsplit(":", 1)[1]: e for e in entries if e.get("stream") == end["stream"]}
+    # 4 + 8 + 8 + 8 = 28 tokens, then 8 more for the last 2: 36 bought, 6 refunded.
+    assert [mine[str(n)]["tokens"] for n in range(1, 6)] == [4, 8, 8, 8, 8] and "6" not in mine, mine
+    assert mine["settle"]["credits"] > 0
