@@ -295,6 +295,14 @@ public final class SQLiteStore: Store {
         CREATE INDEX voice_clips_by_owner ON voice_clips(owner, id);
         CREATE INDEX voice_clips_by_age ON voice_clips(created_at) WHERE saved = 0;
         """,
+        // v22: messages and titles are indexed for search in batches, not on each row's own
+        // commit (#26: indexing was a quarter of a chat reply's writes); see `deferIndexing`.
+        """
+        CREATE TABLE search_progress (
+            name TEXT PRIMARY KEY,
+            through INTEGER NOT NULL
+        );
+        """ + deferIndexing("messages_fts", over: "text", of: "messages") + deferIndexing("titles_fts", over: "title", of: "conversations"),
     ]
 
     /// An FTS5 table `index` over `column` of `table` (v11's search): external content, so the
@@ -318,6 +326,32 @@ public final class SQLiteStore: Store {
         """
     }
 
+    /// Makes the search index `index` (see `searchIndex`) catch up in batches: its row in
+    /// `search_progress` holds the last rowid of `table` indexed, the triggers touch the index
+    /// only for rows at or below it (so a rowid reused after a deletion is indexed at once), and
+    /// the rows above wait for `indexForSearch`, which a search runs first and the group commit
+    /// runs every `indexingInterval`. Part of a migration: its text never changes.
+    static func deferIndexing(_ index: String, over column: String, of table: String) -> String {
+        let indexed = "(SELECT through FROM search_progress WHERE name = '\(index)')"
+        return """
+            INSERT INTO search_progress VALUES ('\(index)', (SELECT coalesce(max(rowid), 0) FROM \(table)));
+            DROP TRIGGER \(index)_insert;
+            DROP TRIGGER \(index)_delete;
+            DROP TRIGGER \(index)_update;
+            CREATE TRIGGER \(index)_insert AFTER INSERT ON \(table) WHEN new.rowid <= \(indexed) BEGIN
+                INSERT INTO \(index)(rowid, \(column)) VALUES (new.rowid, new.\(column));
+            END;
+            CREATE TRIGGER \(index)_delete AFTER DELETE ON \(table) WHEN old.rowid <= \(indexed) BEGIN
+                INSERT INTO \(index)(\(index), rowid, \(column)) VALUES ('delete', old.rowid, old.\(column));
+            END;
+            CREATE TRIGGER \(index)_update AFTER UPDATE OF \(column) ON \(table) WHEN old.rowid <= \(indexed) BEGIN
+                INSERT INTO \(index)(\(index), rowid, \(column)) VALUES ('delete', old.rowid, old.\(column));
+                INSERT INTO \(index)(rowid, \(column)) VALUES (new.rowid, new.\(column));
+            END;
+
+            """
+    }
+
     public static var schemaVersion: Int { migrations.count }
 
     private let db: Mutex<SQLiteConnection>
@@ -327,10 +361,15 @@ public final class SQLiteStore: Store {
     private let hasReader: Bool
     private let pool: NIOThreadPool
     private let closed = Atomic(false)
+    /// When the group commit next brings the search indexes up to date (uptime nanoseconds).
+    private let nextIndexing = Atomic<UInt64>(0)
     /// `parley_store_seconds{store="sqlite"}`: each call from asking to its commit.
     private let latency: CoreMetrics.Timer
 
-    private init(connection: SQLiteConnection, reader: SQLiteConnection?, pool: NIOThreadPool, metrics: any MetricsFactory) {
+    private init(
+        connection: SQLiteConnection, reader: SQLiteConnection?, pool: NIOThreadPool, metrics: any MetricsFactory, indexingInterval: TimeAmount
+    ) {
+        self.indexingInterval = indexingInterval
         self.db = Mutex(connection)
         self.reader = Mutex(reader)
         hasReader = reader != nil
@@ -340,7 +379,10 @@ public final class SQLiteStore: Store {
     }
 
     /// Opens (creating if needed) the database at `path` and migrates it to the current schema.
-    public static func open(path: String, metrics: any MetricsFactory = MetricsSystem.factory) async throws -> SQLiteStore {
+    /// `indexingInterval`: how often the group commit brings search up to date (tests vary it).
+    public static func open(
+        path: String, metrics: any MetricsFactory = MetricsSystem.factory, indexingInterval: TimeAmount = SQLiteStore.defaultIndexingInterval
+    ) async throws -> SQLiteStore {
         let pool = NIOThreadPool(numberOfThreads: 2)
         pool.start()
         do {
@@ -362,7 +404,7 @@ public final class SQLiteStore: Store {
                 }
                 return (connection, reader)
             }
-            return SQLiteStore(connection: connection, reader: reader, pool: pool, metrics: metrics)
+            return SQLiteStore(connection: connection, reader: reader, pool: pool, metrics: metrics, indexingInterval: indexingInterval)
         } catch {
             try? await pool.shutdownGracefully()
             throw error
@@ -502,6 +544,7 @@ public final class SQLiteStore: Store {
                     return
                 }
                 let finishers = batch.map { $0.execute(connection) }
+                indexForSearchWhenDue(connection)
                 var commitFailure: (any Error)?
                 do {
                     try connection.exec("COMMIT")
@@ -512,6 +555,22 @@ public final class SQLiteStore: Store {
                 for finish in finishers { finish(commitFailure) }
             }
         }
+    }
+
+    /// How often the group commit brings the search indexes up to date (v22), in the batch it
+    /// commits anyway: a search between two catch-ups indexes the rest itself.
+    public static let defaultIndexingInterval = TimeAmount.seconds(1)
+    private let indexingInterval: TimeAmount
+    /// Rows indexed per catch-up at most, so one batch never holds the writer for long.
+    static let indexingBatch = 2_000
+
+    private func indexForSearchWhenDue(_ connection: SQLiteConnection) {
+        let now = NIODeadline.now().uptimeNanoseconds
+        guard now >= nextIndexing.load(ordering: .relaxed) else { return }
+        nextIndexing.store(now + UInt64(max(0, indexingInterval.nanoseconds)), ordering: .relaxed)
+        // In its own savepoint: a failure here rolls back only the indexing, which the next
+        // catch-up (or search) does again.
+        _ = try? connection.transaction { try Self.indexForSearch(connection, limit: Self.indexingBatch) }
     }
 
     public func close() async throws {

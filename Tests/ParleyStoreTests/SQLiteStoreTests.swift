@@ -98,6 +98,7 @@ import Testing
                 DROP TABLE session_revocations; DROP INDEX audit_by_age; DROP TABLE subscriptions;
                 DROP TABLE payment_orders; DROP TABLE webhook_deliveries; DROP INDEX ledger_by_conversation; DROP INDEX ledger_by_room;
                 DROP TABLE spend_limits; DROP TABLE spend_windows; DROP INDEX ledger_by_age; DROP TABLE voice_clips;
+                DROP TABLE search_progress;
                 PRAGMA user_version = 10;
                 """)
         }
@@ -105,6 +106,65 @@ import Testing
         store = try await SQLiteStore.open(path: path)
         let query = try #require(try SearchQuery.parse("heron"))
         #expect(try await store.search(owner: "alice", query: query, limit: 5, before: nil).map(\.id) == [message.id, conversation.id])
+        try await store.close()
+    }
+
+    /// Rows the search index holds (its own table, not the messages it points at).
+    private func indexed(_ store: SQLiteStore) async throws -> Int64 {
+        try await store.read { db in try db.query("SELECT count(*) AS n FROM messages_fts_docsize").first?["n"].int ?? -1 }
+    }
+
+    private func search(_ store: SQLiteStore, _ words: String) async throws -> [String] {
+        try await store.search(owner: "alice", query: try #require(try SearchQuery.parse(words)), limit: 10, before: nil).map(\.id)
+    }
+
+    /// v22: a message is not indexed on its own commit; a search indexes what is behind first, and
+    /// deleting a row never indexed, or reusing the rowid of one deleted, keeps the index exact.
+    @Test func messagesAreIndexedForSearchLaterYetFoundAtOnce() async throws {
+        let store = try await SQLiteStore.open(path: temporaryPath("deferred") + "/parley.sqlite", indexingInterval: .hours(1))
+        let clone = makeClone(owner: "alice")
+        try await store.createClone(clone)
+        let kept = makeConversation(owner: "alice", clone: clone.id)
+        let heron = makeMessage(kept.id, "a heron stood still")
+        try await store.createConversation(kept, messages: [heron, makeMessage(kept.id, "then it flew")])
+        #expect(try await indexed(store) == 0, "not indexed on its own commit")
+        #expect(try await search(store, "heron") == [heron.id])
+        #expect(try await indexed(store) == 2)
+
+        // Deleted before it was ever indexed: nothing to take out of the index.
+        let gone = makeConversation(owner: "alice", clone: clone.id)
+        try await store.createConversation(gone, messages: [makeMessage(gone.id, "an egret waded")])
+        #expect(try await store.deleteConversation(id: gone.id, owner: "alice"))
+        #expect(try await search(store, "egret").isEmpty)
+
+        // The newest row deleted once indexed: the next message takes its rowid and is indexed at once.
+        let brief = makeConversation(owner: "alice", clone: clone.id)
+        try await store.createConversation(brief, messages: [makeMessage(brief.id, "a kingfisher dove")])
+        #expect(try await search(store, "kingfisher").count == 1)
+        let rowid = try await store.read { db in try db.query("SELECT max(rowid) AS r FROM messages").first?["r"].int }
+        #expect(try await store.deleteConversation(id: brief.id, owner: "alice"))
+        let stork = makeMessage(kept.id, "a stork arrived")
+        try await store.appendMessage(stork)
+        #expect(
+            try await store.read { db in try db.query("SELECT rowid AS r FROM messages WHERE id = ?", [.text(stork.id)]).first?["r"].int } == rowid)
+        #expect(try await indexed(store) == 3, "indexed on its commit: its rowid was indexed before")
+        #expect(try await search(store, "stork") == [stork.id])
+        #expect(try await search(store, "kingfisher").isEmpty)
+        try await store.run { db in try db.exec("INSERT INTO messages_fts(messages_fts) VALUES('integrity-check')") }
+        try await store.close()
+    }
+
+    /// The group commit brings the index up to date on its own every `indexingInterval`.
+    @Test func theGroupCommitIndexesForSearchOnItsOwn() async throws {
+        let store = try await SQLiteStore.open(path: temporaryPath("indexing") + "/parley.sqlite", indexingInterval: .zero)
+        let clone = makeClone(owner: "alice")
+        try await store.createClone(clone)
+        let conversation = makeConversation(owner: "alice", clone: clone.id)
+        try await store.createConversation(conversation, messages: [makeMessage(conversation.id, "one")])
+        try await store.appendMessage(makeMessage(conversation.id, "two"))
+        // Each batch, before its commit, indexed what it had stored.
+        #expect(try await indexed(store) == 2)
+        #expect(try await store.read { db in try SQLiteStore.searchIsBehind(db) } == false)
         try await store.close()
     }
 
