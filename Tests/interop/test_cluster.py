@@ -139,8 +139,13 @@ def test_a_node_killed_mid_reply_is_finished_by_another_for_every_tab(start_node
     reply = page["messages"][1]
     assert reply["id"] == end["message"] and reply["reason"] == "interrupted"
     stored = reply["usage"]["output_tokens"]
-    # As far as B's tab got it: A's journal, then the tokens JetStream kept after it.
-    assert stored == len(on_b_tokens) and reply["text"] == "".join(on_b_tokens), (stored, len(on_b_tokens))
+    # As far as the readers got it: A's journal, then the tokens JetStream kept after it. B's tab
+    # follows JetStream, so it has all of that, unless A journaled a token it had sent to its own
+    # tab but not yet flushed to NATS when killed (CI saw 37 stored, 36 on B): the journal is then
+    # ahead, and what it holds is what A's tab was sent.
+    text = reply["text"]
+    assert stored >= len(on_b_tokens) and text.startswith("".join(on_b_tokens)), (stored, len(on_b_tokens))
+    assert text.startswith("".join(sent[:stored])), (stored, len(seen), len(on_b_tokens))
 
     status, ledger = b.http("GET", "/v1/credits?limit=200", alice)
     assert status == 200, ledger
