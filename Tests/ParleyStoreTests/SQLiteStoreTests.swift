@@ -155,6 +155,58 @@ import Testing
     }
 
     /// The group commit brings the index up to date on its own every `indexingInterval`.
+    /// Waits (polling: no event says a call has queued) until `condition` holds.
+    private func until(_ condition: () -> Bool) async throws {
+        while !condition() { try await Task.sleep(for: .milliseconds(1)) }
+    }
+
+    /// A writer whose last commit held several calls waits up to `commitWindow` for more before
+    /// the next (one fsync for all of them); a caller writing alone is never held back.
+    @Test func aBusyWriterGathersCallsForItsNextCommitButALoneOneCommitsAtOnce() async throws {
+        let store = try await SQLiteStore.open(path: temporaryPath("window") + "/parley.sqlite", commitWindow: .seconds(1))
+        try await store.run { db in try db.exec("CREATE TABLE t (v INTEGER)") }
+        @Sendable func write(_ v: Int) -> Task<Void, any Error> { Task { try await store.run { db in try db.exec("INSERT INTO t VALUES (\(v))") } } }
+
+        // Alone: every batch holds one call, so none waits (twenty would take 20 s if each did).
+        let alone = ContinuousClock.now
+        for v in 0..<20 { try await write(v).value }
+        #expect(ContinuousClock.now - alone < .seconds(10))
+
+        // Busy: a batch of two calls (the writer held by the first batch while both queue), then
+        // one call waiting at its commit and another coming 100 ms later: one commit for both.
+        let (entered, enter) = AsyncStream<Int>.makeStream()
+        var signals = entered.makeAsyncIterator()
+        let gates = [DispatchSemaphore(value: 0), DispatchSemaphore(value: 0)]
+        @Sendable func hold(_ n: Int) -> Task<Void, any Error> {
+            Task {
+                try await store.run { _ in
+                    enter.yield(n)
+                    gates[n].wait()
+                }
+            }
+        }
+        let first = hold(0)
+        #expect(await signals.next() == 0)
+        let pair = [write(100), hold(1)]
+        try await until { store.waitingCalls == 2 }
+        gates[0].signal()
+        #expect(await signals.next() == 1)  // the pair's batch is running
+        let waiting = write(101)
+        try await until { store.waitingCalls == 1 }
+        let before = store.commits.load(ordering: .relaxed)
+        gates[1].signal()
+        try await Task.sleep(for: .milliseconds(100))  // the second caller comes later
+        let later = write(102)
+        try await first.value
+        for task in pair { try await task.value }
+        try await waiting.value
+        try await later.value
+        #expect(store.commits.load(ordering: .relaxed) - before == 2, "the pair's commit, then one for the two that came after it")
+        let rows = try await store.read { db in try db.query("SELECT count(*) AS n FROM t").first?["n"].int }
+        #expect(rows == 23)
+        try await store.close()
+    }
+
     @Test func theGroupCommitIndexesForSearchOnItsOwn() async throws {
         let store = try await SQLiteStore.open(path: temporaryPath("indexing") + "/parley.sqlite", indexingInterval: .zero)
         let clone = makeClone(owner: "alice")

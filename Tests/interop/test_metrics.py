@@ -66,5 +66,9 @@ def test_metrics_parse_as_prometheus_text_and_count_a_stream(server):
     assert value(found["parley_streams_ended"], "_total", reason="complete") == 1
     assert value(found["parley_streams_active"]) == 0
     assert value(found["parley_store_seconds"], "_count") > 0
+    if value(found["parley_store_seconds"], "_count", store="sqlite"):
+        # The reply's writes were committed, and every commit answered at least one store call.
+        commits = value(found["parley_store_commits"], "_total", store="sqlite")
+        assert 0 < commits <= value(found["parley_store_seconds"], "_count", store="sqlite")
     charged = value(found["parley_credits_debited"], "_total") - value(found["parley_credits_refunded"], "_total")
     assert charged == end["cost"] > 0
