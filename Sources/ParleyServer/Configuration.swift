@@ -1,7 +1,9 @@
 import CoreMetrics
+import NIOCore
 import ParleyCore
 import ParleyDeflate
 import ParleyLLM
+import ParleyStore
 
 /// Everything `parley serve` can be told; defaults are the embedded, zero-setup configuration.
 public struct ServerConfiguration: Sendable {
@@ -20,6 +22,8 @@ public struct ServerConfiguration: Sendable {
     public var identityProvider: IdentityProvider?
     /// Threads running MongoDB driver calls.
     public var mongoThreads = 4
+    /// The embedded SQLite store's commit window (`SQLiteStore.defaultCommitWindow`).
+    public var sqliteCommitWindow = SQLiteStore.defaultCommitWindow
     /// How long this node's lease on a MongoDB database lasts unrenewed (renewed every third of
     /// it): the longest a second node waits for a crashed one's, and a stalled node keeps it.
     public var nodeLeasePeriod: Duration = .seconds(15)

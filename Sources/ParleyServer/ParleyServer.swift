@@ -311,7 +311,8 @@ public final class ParleyServer: Sendable {
     /// Opens the configured store: SQLite in the data directory unless a MongoDB URI is given.
     static func openStore(_ configuration: ServerConfiguration, node: String) async throws -> any Store {
         guard let uri = configuration.storeURI else {
-            return try await SQLiteStore.open(path: configuration.sqlitePath, metrics: configuration.metrics)
+            return try await SQLiteStore.open(
+                path: configuration.sqlitePath, metrics: configuration.metrics, commitWindow: configuration.sqliteCommitWindow)
         }
         guard uri.hasPrefix("mongodb://") || uri.hasPrefix("mongodb+srv://") else {
             throw ConfigurationError("unsupported store '\(uri)': give a mongodb:// URI, or none for the embedded SQLite store")

@@ -85,6 +85,9 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Threads running MongoDB driver calls.")
     var mongoThreads = 4
 
+    @Option(help: "Embedded SQLite store: how long a commit waits for more writes while several are coming (milliseconds; 0: never waits).")
+    var sqliteCommitWindowMs = 1
+
     @Option(help: "Address to listen on.")
     var host = "127.0.0.1"
 
@@ -376,6 +379,7 @@ struct Serve: AsyncParsableCommand {
         guard simTokensPerSec >= 0 else { throw ArgumentParser.ValidationError("--sim-tokens-per-sec must be 0 or more (0: no pacing)") }
         guard (1...100_000).contains(simReplyTokens) else { throw ArgumentParser.ValidationError("--sim-reply-tokens must be 1-100000") }
         guard (1...256).contains(mongoThreads) else { throw ArgumentParser.ValidationError("--mongo-threads must be 1-256") }
+        guard (0...100).contains(sqliteCommitWindowMs) else { throw ArgumentParser.ValidationError("--sqlite-commit-window-ms must be 0-100") }
         guard startingCredits >= 0 else { throw ArgumentParser.ValidationError("--starting-credits must be 0 or more") }
         guard (1...10_000).contains(creditBatchTokens) else { throw ArgumentParser.ValidationError("--credit-batch-tokens must be 1-10000") }
         guard (creditBatchTokens...10_000).contains(creditBatchMaxTokens) else {
@@ -528,6 +532,7 @@ struct Serve: AsyncParsableCommand {
         configuration.nodeID = nodeId
         configuration.nodeLeasePeriod = .seconds(nodeLease)
         configuration.mongoThreads = mongoThreads
+        configuration.sqliteCommitWindow = .milliseconds(Int64(sqliteCommitWindowMs))
         configuration.credits.startingGrant = startingCredits
         configuration.credits.batchTokens = creditBatchTokens
         configuration.credits.maxBatchTokens = creditBatchMaxTokens

@@ -95,6 +95,7 @@ def test_bad_configuration_is_refused_with_its_source(data_dir, tmp_path):
         (None, {"PARLEY_WS_DEFLATE": "maybe"}, "PARLEY_WS_DEFLATE=maybe: a flag's value is true or false"),
         (None, {"PARLEY_PORT": "99999"}, "(from the environment: --port)"),
         ({"trusted-proxies": "10.0.0.0/33"}, None, "--trusted-proxies: '10.0.0.0/33' is not an IP address or CIDR block"),
+        (None, {"PARLEY_SQLITE_COMMIT_WINDOW_MS": "500"}, "--sqlite-commit-window-ms must be 0-100"),
     ]
     for options, env, message in cases:
         args = ["--config", write(tmp_path / "bad.json", options)] if options is not None else []
