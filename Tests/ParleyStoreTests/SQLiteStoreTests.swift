@@ -1,5 +1,6 @@
 import CSQLite
 import Dispatch
+import Foundation
 import ParleyCore
 @testable import ParleyStore
 import Testing
@@ -205,6 +206,30 @@ import Testing
         let rows = try await store.read { db in try db.query("SELECT count(*) AS n FROM t").first?["n"].int }
         #expect(rows == 23)
         try await store.close()
+    }
+
+    /// Each call of a batch runs in a savepoint, whose journal of the pages it changes outgrew
+    /// SQLite's default 64 KiB in memory under load: every batch then made, wrote and deleted a
+    /// file in /var/tmp (#26).
+    @Test func aBatchJournalsItsSavepointsInMemoryNotInATemporaryFile() async throws {
+        let store = try await SQLiteStore.open(path: temporaryPath("subjournal") + "/parley.sqlite")
+        try await store.run { db in
+            try db.exec("CREATE TABLE t (v BLOB)")
+            for _ in 0..<200 { try db.exec("INSERT INTO t VALUES (zeroblob(2000))") }
+        }
+        let temporaryFiles = try await store.run { db in
+            // Rewrites every page (≈400 KiB, journaled by the call's savepoint), then looks for
+            // SQLite's temporary files among this process's open files.
+            try db.exec("UPDATE t SET v = zeroblob(2001)")
+            return Self.openFiles().filter { $0.contains("etilqs_") }
+        }
+        #expect(temporaryFiles == [])
+        try await store.close()
+    }
+
+    private static func openFiles() -> [String] {
+        let descriptors = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
+        return descriptors.compactMap { try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/" + $0) }
     }
 
     @Test func theGroupCommitIndexesForSearchOnItsOwn() async throws {
