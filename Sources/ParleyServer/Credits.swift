@@ -326,6 +326,9 @@ actor CreditMeter {
     /// Whether output token `index` (1-based) is already paid for; no actor hop.
     nonisolated func isPaid(token index: Int) -> Bool { index <= prepaid.load(ordering: .acquiring) }
 
+    /// How many output tokens are paid for so far; no actor hop.
+    nonisolated var paidThrough: Int { prepaid.load(ordering: .acquiring) }
+
     /// The cost of the next output token, for the paywall frame.
     var nextTokenCost: Int64 { outputCost(prepaidTokens + 1) - outputCost(prepaidTokens) }
 

@@ -28,6 +28,9 @@ import Testing
         /// Debits waiting at the gate now.
         var waiting: Int { state.withLock { $0.waiting } }
 
+        /// Debits wait at the gate again.
+        func hold() { state.withLock { $0.held = true } }
+
         func open() {
             let waiters = state.withLock { s in
                 s.held = false
@@ -101,12 +104,12 @@ import Testing
         let broker: RecordingBroker
         let pumped: Task<ReleasedReply, Never>
 
-        init(loop: any EventLoop) async throws {
+        init(loop: any EventLoop, batchTokens: Int = 2) async throws {
             self.loop = loop
             let broker = RecordingBroker()
             self.broker = broker
             var configuration = CreditsConfiguration()
-            configuration.batchTokens = 2
+            configuration.batchTokens = batchTokens
             let credits = Credits(
                 store: ledger, configuration: configuration, logger: Logger(label: "test"), metrics: TestMetrics(), pseudonym: { $0 })
             let meter = credits.meter(user: "alice", stream: "st1", conversation: "cv1", model: SimulatedProvider.modelName, feature: .chat)
@@ -187,6 +190,33 @@ import Testing
         #expect(f.ledger.applied.contains("st1:1"))
         #expect(reply.seq == 0)  // the waiting token was not sent
         #expect(f.tokenFrames.isEmpty)
+        try await group.shutdownGracefully()
+    }
+
+    /// The next batch is bought while the last `purchaseLead` paid tokens go out, so a token
+    /// seldom waits for the store: with batches of 8 then 16, the first is bought as generation
+    /// starts, the second once token 4 is out (4 paid left), and tokens 5 to 8 go out meanwhile.
+    @Test func theNextBatchIsBoughtAheadWhileThePaidTokensGoOut() async throws {
+        #expect(TokenPump.purchaseLead == 4)
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let f = try await Fixture(loop: group.next(), batchTokens: 8)
+        try await waitUntil { f.ledger.waiting == 1 }  // batch 1, before any token came
+        f.ledger.open()
+        try await waitUntil { f.ledger.applied.contains("st1:1") }
+        f.ledger.hold()
+        try await f.push((1...3).map { .token("t\($0) ") })
+        #expect(f.tokenFrames.count == 3)
+        #expect(f.ledger.waiting == 0, "5 paid tokens left: too early for the next batch")
+        try await f.push([.token("t4 ")])
+        try await waitUntil { f.ledger.waiting == 1 }  // batch 2, held at the gate
+        try await f.push((5...9).map { .token("t\($0) ") })
+        #expect(f.tokenFrames.count == 8, "tokens 5 to 8 were paid: they do not wait for the purchase")
+        f.ledger.open()
+        try await waitUntil { f.tokenFrames.count == 9 }
+        try await f.push([.usage(Usage(inputTokens: 1, outputTokens: 9))], finish: true)
+        let reply = await f.pumped.value
+        #expect(reply.seq == 9)
+        #expect(f.ledger.applied == ["st1:in", "st1:1", "st1:2"])
         try await group.shutdownGracefully()
     }
 }
