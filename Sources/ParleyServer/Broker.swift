@@ -327,7 +327,11 @@ final class SocketHub: Sendable {
 }
 
 /// The last tokens of a stream, kept for `stream.resume` and for members who join a room while a
-/// stream runs: `frames[i]` holds seq `firstSeq + i`. Not thread-safe: its stream's lock guards it.
+/// stream runs. Kept compactly (#26): a token frame of this stream (`ServerFrame.token`) is kept
+/// as the bytes after its seq (its text, JSON-escaped, and the closing brace), all of them back
+/// to back in one array, and made whole again when replayed; any other frame is kept whole. One
+/// `ByteBuffer` per token (about 200 bytes with its storage) made a 400-token reply's history
+/// 80 KB where its text is a few. Not thread-safe: its stream's lock guards it.
 struct StreamHistory {
     enum Replay {
         /// Frames with seq > `after`, oldest first.
@@ -336,25 +340,93 @@ struct StreamHistory {
         case gone
     }
 
+    /// Where a kept entry ends in `bytes`, and whether it is a whole frame.
+    private struct Entry {
+        var end: UInt32
+        var whole: Bool
+    }
+
     private let capacity: Int
-    private var frames = CircularBuffer<ByteBuffer>()
+    /// What every token frame of the stream starts with: `{"type":"token","stream":"…","seq":`.
+    private let head: [UInt8]
+    /// The kept entries back to back from `start`, oldest first.
+    private var bytes: [UInt8] = []
+    private var start = 0
+    private var entries = CircularBuffer<Entry>()
     private var firstSeq: Int64 = 1
     private(set) var lastSeq: Int64 = 0
 
-    init(capacity: Int) {
+    init(capacity: Int, stream: String) {
         self.capacity = max(1, capacity)
-        frames.reserveCapacity(min(64, self.capacity))
+        let empty = ServerFrame.token(stream: stream, seq: 0, text: "")
+        let seq = Array(#""seq":"#.utf8)
+        let cut = empty.indices.first { empty[$0...].starts(with: seq) }.map { $0 + seq.count } ?? 0
+        head = Array(empty[..<cut])
+        entries.reserveCapacity(min(64, self.capacity))
     }
+
+    /// Bytes the kept entries take (the array's spare capacity aside).
+    var keptBytes: Int { bytes.count - start }
 
     /// Keeps token `seq`, which must follow the last, evicting the oldest beyond capacity.
     mutating func append(seq: Int64, frame: ByteBuffer) {
         precondition(seq == lastSeq + 1, "token seqs must be contiguous")
         lastSeq = seq
-        if frames.count == capacity {
-            frames.removeFirst()
+        if entries.count == capacity {
+            start = Int(entries.removeFirst().end)
             firstSeq += 1
+            if entries.isEmpty {
+                bytes.removeAll(keepingCapacity: true)
+                start = 0
+            } else if start >= 4_096, start * 2 >= bytes.count {
+                // Amortised: at most once per as many bytes evicted as remain.
+                bytes.removeFirst(start)
+                for index in entries.indices { entries[index].end -= UInt32(start) }
+                start = 0
+            }
         }
-        frames.append(frame)
+        let whole = frame.withUnsafeReadableBytes { raw -> Bool in
+            guard let rest = Self.rest(of: raw, head: head, seq: seq) else {
+                bytes.append(contentsOf: raw)
+                return true
+            }
+            bytes.append(contentsOf: UnsafeRawBufferPointer(rebasing: raw[rest...]))
+            return false
+        }
+        entries.append(Entry(end: UInt32(bytes.count), whole: whole))
+    }
+
+    /// Where what follows the seq starts in a token frame of seq `seq` that begins with `head`;
+    /// nil for any other frame.
+    private static func rest(of raw: UnsafeRawBufferPointer, head: [UInt8], seq: Int64) -> Int? {
+        guard !head.isEmpty, raw.count > head.count, raw.starts(with: head) else { return nil }
+        var index = head.count
+        var value: Int64 = 0
+        while index < raw.count, (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(raw[index]), index - head.count < 19 {
+            value = value * 10 + Int64(raw[index] - UInt8(ascii: "0"))
+            index += 1
+        }
+        guard index > head.count, value == seq, index < raw.count, raw[index] == UInt8(ascii: ",") else { return nil }
+        return index
+    }
+
+    /// The kept frame at `index` (0 for seq `firstSeq`), whole again.
+    private func frame(at index: Int, allocator: ByteBufferAllocator) -> ByteBuffer {
+        let entry = entries[entries.index(entries.startIndex, offsetBy: index)]
+        let begin = index == 0 ? start : Int(entries[entries.index(entries.startIndex, offsetBy: index - 1)].end)
+        let kept = bytes[begin..<Int(entry.end)]
+        guard !entry.whole else { return allocator.buffer(bytes: kept) }
+        let seq = String(firstSeq + Int64(index)).utf8
+        var frame = allocator.buffer(capacity: head.count + seq.count + kept.count)
+        frame.writeBytes(head)
+        frame.writeBytes(seq)
+        frame.writeBytes(kept)
+        return frame
+    }
+
+    private func frames(from first: Int64) -> ArraySlice<ByteBuffer> {
+        let allocator = ByteBufferAllocator()
+        return ArraySlice((Int(first - firstSeq)..<entries.count).map { frame(at: $0, allocator: allocator) })
     }
 
     /// The tokens kept with seq > `after` (all kept ones when some of those were evicted), and
@@ -362,13 +434,12 @@ struct StreamHistory {
     func kept(after: Int64) -> (first: Int64, frames: ArraySlice<ByteBuffer>) {
         let first = max(after + 1, firstSeq)
         guard first <= lastSeq else { return (first, []) }
-        return (first, Array(frames)[Int(first - firstSeq)...])
+        return (first, frames(from: first))
     }
 
     func replay(after: Int64) -> Replay {
         if after + 1 < firstSeq { return .gone }
         guard after < lastSeq else { return .frames([]) }
-        let skip = Int(max(0, after + 1 - firstSeq))
-        return .frames(Array(frames)[skip...])
+        return .frames(frames(from: max(after + 1, firstSeq)))
     }
 }

@@ -104,7 +104,7 @@ final class LiveStream: Sendable {
         self.hub = hub
         topic = .stream(id)
         self.readers = readers
-        state = Mutex(State(history: StreamHistory(capacity: bufferCapacity)))
+        state = Mutex(State(history: StreamHistory(capacity: bufferCapacity, stream: id)))
         hub.subscribe(subscribersOf: readers, to: topic)
     }
 

@@ -151,7 +151,7 @@ import Testing
     }
 
     @Test func historyReplaysWhatFollowsASeqUntilItWasEvicted() {
-        var history = StreamHistory(capacity: 3)
+        var history = StreamHistory(capacity: 3, stream: "st_1")
         for seq in 1...5 { history.append(seq: Int64(seq), frame: frame("t\(seq)")) }
         func texts(after: Int64) -> [String]? {
             guard case .frames(let frames) = history.replay(after: after) else { return nil }
@@ -170,5 +170,38 @@ import Testing
         #expect(kept(after: 3) == (4, ["t4", "t5"]))
         #expect(kept(after: 0) == (3, ["t3", "t4", "t5"]), "the evicted ones are skipped")
         #expect(kept(after: 5) == (6, []))
+    }
+
+    /// A stream's token frames are kept as their text (and what follows it) in one array and
+    /// replayed byte for byte as they were sent; other frames are kept whole, and eviction
+    /// reclaims the bytes of the evicted (#26).
+    @Test func historyKeepsTokenFramesAsTheirTextAndReplaysThemExactly() {
+        let capacity = 100
+        var history = StreamHistory(capacity: capacity, stream: "st_01JD3V6Q2M0000000000000ABC")
+        var sent: [String] = []
+        for seq in 1...1_000 {
+            let text = seq % 7 == 0 ? "\"quoted\"\n, \"seq\":1 é 🙂" : " word\(seq)"
+            var bytes = ServerFrame.token(stream: "st_01JD3V6Q2M0000000000000ABC", seq: Int64(seq), text: text[...])
+            // Another stream's frame, and one whose seq is not this one: kept whole.
+            if seq == 995 { bytes = ServerFrame.token(stream: "st_other", seq: 995, text: "x") }
+            if seq == 996 { bytes = ServerFrame.token(stream: "st_01JD3V6Q2M0000000000000ABC", seq: 9_960, text: "y") }
+            sent.append(String(decoding: bytes, as: UTF8.self))
+            history.append(seq: Int64(seq), frame: ByteBuffer(bytes: bytes))
+        }
+        guard case .frames(let frames) = history.replay(after: 900) else {
+            Issue.record("the last 100 tokens are kept")
+            return
+        }
+        #expect(frames.map { String(buffer: $0) } == Array(sent[900...]))
+        let kept = history.kept(after: 0)
+        #expect(kept.first == 901)
+        #expect(kept.frames.map { String(buffer: $0) } == Array(sent[900...]))
+        guard case .gone = history.replay(after: 899) else {
+            Issue.record("token 900 was evicted")
+            return
+        }
+        // The frames of the kept tokens are about 80 bytes each; their texts under 40.
+        let whole = sent[900...].reduce(0) { $0 + $1.utf8.count }
+        #expect(history.keptBytes < whole / 2, "\(history.keptBytes) bytes kept for \(whole) bytes of frames")
     }
 }
