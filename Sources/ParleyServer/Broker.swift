@@ -328,8 +328,8 @@ final class SocketHub: Sendable {
 
 /// The last tokens of a stream, kept for `stream.resume` and for members who join a room while a
 /// stream runs. Kept compactly (#26): a token frame of this stream (`ServerFrame.token`) is kept
-/// as the bytes after its seq (its text, JSON-escaped, and the closing brace), all of them back
-/// to back in one array, and made whole again when replayed; any other frame is kept whole. One
+/// as the bytes after its seq (`,"text":"…"}`), all of them back to back in one array, and made
+/// whole again when replayed; any other frame is kept whole. One
 /// `ByteBuffer` per token (about 200 bytes with its storage) made a 400-token reply's history
 /// 80 KB where its text is a few. Not thread-safe: its stream's lock guards it.
 struct StreamHistory {
