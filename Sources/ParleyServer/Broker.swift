@@ -328,8 +328,8 @@ final class SocketHub: Sendable {
 
 /// The last tokens of a stream, kept for `stream.resume` and for members who join a room while a
 /// stream runs. Kept compactly (#26): a token frame of this stream (`ServerFrame.token`) is kept
-/// as the bytes after its seq (`,"text":"…"}`), all of them back to back in one array, and made
-/// whole again when replayed; any other frame is kept whole. One
+/// as its text (as the frame escapes it, quotes included) and closing brace, all of them back to
+/// back in one array, and made whole again when replayed; any other frame is kept whole. One
 /// `ByteBuffer` per token (about 200 bytes with its storage) made a 400-token reply's history
 /// 80 KB where its text is a few. Not thread-safe: its stream's lock guards it.
 struct StreamHistory {
@@ -340,15 +340,23 @@ struct StreamHistory {
         case gone
     }
 
-    /// Where a kept entry ends in `bytes`, and whether it is a whole frame.
+    /// Where a kept entry ends in `bytes` (the low 31 bits), and whether it is a whole frame (the
+    /// top bit): four bytes a token.
     private struct Entry {
-        var end: UInt32
-        var whole: Bool
+        private var bits: UInt32
+        init(end: Int, whole: Bool) { bits = UInt32(end) | (whole ? 1 << 31 : 0) }
+        var end: Int {
+            get { Int(bits & ~(1 << 31)) }
+            set { bits = UInt32(newValue) | (bits & (1 << 31)) }
+        }
+        var whole: Bool { bits & (1 << 31) != 0 }
     }
 
     private let capacity: Int
-    /// What every token frame of the stream starts with: `{"type":"token","stream":"…","seq":`.
+    /// What every token frame of the stream starts with, `{"type":"token","stream":"…","seq":`,
+    /// and what follows its seq, `,"text":`.
     private let head: [UInt8]
+    private let middle: [UInt8]
     /// The kept entries back to back from `start`, oldest first.
     private var bytes: [UInt8] = []
     private var start = 0
@@ -360,8 +368,12 @@ struct StreamHistory {
         self.capacity = max(1, capacity)
         let empty = ServerFrame.token(stream: stream, seq: 0, text: "")
         let seq = Array(#""seq":"#.utf8)
+        let middle = Array(#","text":"#.utf8)
         let cut = empty.indices.first { empty[$0...].starts(with: seq) }.map { $0 + seq.count } ?? 0
-        head = Array(empty[..<cut])
+        // Kept compactly only while frames are laid out as this one is; else each is kept whole.
+        let laidOut = cut > 0 && empty[cut...].elementsEqual(Array("0".utf8) + middle + Array("\"\"}".utf8))
+        head = laidOut ? Array(empty[..<cut]) : []
+        self.middle = middle
         entries.reserveCapacity(min(64, self.capacity))
     }
 
@@ -373,7 +385,7 @@ struct StreamHistory {
         precondition(seq == lastSeq + 1, "token seqs must be contiguous")
         lastSeq = seq
         if entries.count == capacity {
-            start = Int(entries.removeFirst().end)
+            start = entries.removeFirst().end
             firstSeq += 1
             if entries.isEmpty {
                 bytes.removeAll(keepingCapacity: true)
@@ -381,45 +393,46 @@ struct StreamHistory {
             } else if start >= 4_096, start * 2 >= bytes.count {
                 // Amortised: at most once per as many bytes evicted as remain.
                 bytes.removeFirst(start)
-                for index in entries.indices { entries[index].end -= UInt32(start) }
+                for index in entries.indices { entries[index].end -= start }
                 start = 0
             }
         }
         let whole = frame.withUnsafeReadableBytes { raw -> Bool in
-            guard let rest = Self.rest(of: raw, head: head, seq: seq) else {
+            guard let rest = Self.rest(of: raw, head: head, middle: middle, seq: seq) else {
                 bytes.append(contentsOf: raw)
                 return true
             }
             bytes.append(contentsOf: UnsafeRawBufferPointer(rebasing: raw[rest...]))
             return false
         }
-        entries.append(Entry(end: UInt32(bytes.count), whole: whole))
+        entries.append(Entry(end: bytes.count, whole: whole))
     }
 
-    /// Where what follows the seq starts in a token frame of seq `seq` that begins with `head`;
-    /// nil for any other frame.
-    private static func rest(of raw: UnsafeRawBufferPointer, head: [UInt8], seq: Int64) -> Int? {
-        guard !head.isEmpty, raw.count > head.count, raw.starts(with: head) else { return nil }
+    /// Where the text starts in a token frame of seq `seq` that is `head`, the seq, `middle`,
+    /// then the text; nil for any other frame.
+    private static func rest(of raw: UnsafeRawBufferPointer, head: [UInt8], middle: [UInt8], seq: Int64) -> Int? {
+        guard !head.isEmpty, !middle.isEmpty, raw.count > head.count, raw.starts(with: head) else { return nil }
         var index = head.count
         var value: Int64 = 0
         while index < raw.count, (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(raw[index]), index - head.count < 19 {
             value = value * 10 + Int64(raw[index] - UInt8(ascii: "0"))
             index += 1
         }
-        guard index > head.count, value == seq, index < raw.count, raw[index] == UInt8(ascii: ",") else { return nil }
-        return index
+        guard index > head.count, value == seq, raw[index...].starts(with: middle) else { return nil }
+        return index + middle.count
     }
 
     /// The kept frame at `index` (0 for seq `firstSeq`), whole again.
     private func frame(at index: Int, allocator: ByteBufferAllocator) -> ByteBuffer {
         let entry = entries[entries.index(entries.startIndex, offsetBy: index)]
-        let begin = index == 0 ? start : Int(entries[entries.index(entries.startIndex, offsetBy: index - 1)].end)
-        let kept = bytes[begin..<Int(entry.end)]
+        let begin = index == 0 ? start : entries[entries.index(entries.startIndex, offsetBy: index - 1)].end
+        let kept = bytes[begin..<entry.end]
         guard !entry.whole else { return allocator.buffer(bytes: kept) }
         let seq = String(firstSeq + Int64(index)).utf8
-        var frame = allocator.buffer(capacity: head.count + seq.count + kept.count)
+        var frame = allocator.buffer(capacity: head.count + seq.count + middle.count + kept.count)
         frame.writeBytes(head)
         frame.writeBytes(seq)
+        frame.writeBytes(middle)
         frame.writeBytes(kept)
         return frame
     }
