@@ -155,7 +155,6 @@ import Testing
         try await store.close()
     }
 
-    /// The group commit brings the index up to date on its own every `indexingInterval`.
     /// Waits (polling: no event says a call has queued) until `condition` holds.
     private func until(_ condition: () -> Bool) async throws {
         while !condition() { try await Task.sleep(for: .milliseconds(1)) }
@@ -232,6 +231,7 @@ import Testing
         return descriptors.compactMap { try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/" + $0) }
     }
 
+    /// The group commit brings the index up to date on its own every `indexingInterval`.
     @Test func theGroupCommitIndexesForSearchOnItsOwn() async throws {
         let store = try await SQLiteStore.open(path: temporaryPath("indexing") + "/parley.sqlite", indexingInterval: .zero)
         let clone = makeClone(owner: "alice")
