@@ -568,12 +568,10 @@ public final class SQLiteStore: Store {
     private func drain() {
         while true {
             let (waiting, lastBatch, lastCommit) = queue.withLock { ($0.jobs.count, $0.lastBatch, $0.lastCommit) }
-            if let due = Self.gatherUntil(
-                lastBatch: lastBatch, lastCommit: lastCommit, waiting: waiting, window: commitWindow, now: NIODeadline.now().uptimeNanoseconds)
-            {
+            let now = NIODeadline.now().uptimeNanoseconds
+            if let due = Self.gatherUntil(lastBatch: lastBatch, lastCommit: lastCommit, waiting: waiting, window: commitWindow, now: now) {
                 // This thread only writes: the reads run on the pool's other one meanwhile.
-                let now = NIODeadline.now().uptimeNanoseconds
-                if due > now { usleep(UInt32(min((due - now) / 1_000, 1_000_000))) }
+                usleep(UInt32(min((due - now) / 1_000, 1_000_000)))
             }
             let batch = queue.withLock { q -> [Job] in
                 guard !q.jobs.isEmpty else {
