@@ -353,10 +353,11 @@ struct StreamHistory {
     }
 
     private let capacity: Int
-    /// What every token frame of the stream starts with, `{"type":"token","stream":"…","seq":`,
-    /// and what follows its seq, `,"text":`.
+    /// What every token frame of the stream starts with, `{"type":"token","stream":"…","seq":`
+    /// (empty when frames are not laid out as expected: each is then kept whole).
     private let head: [UInt8]
-    private let middle: [UInt8]
+    /// What follows a token frame's seq, before its text.
+    private static let middle = Array(#","text":"#.utf8)
     /// The kept entries back to back from `start`, oldest first.
     private var bytes: [UInt8] = []
     private var start = 0
@@ -368,12 +369,10 @@ struct StreamHistory {
         self.capacity = max(1, capacity)
         let empty = ServerFrame.token(stream: stream, seq: 0, text: "")
         let seq = Array(#""seq":"#.utf8)
-        let middle = Array(#","text":"#.utf8)
         let cut = empty.indices.first { empty[$0...].starts(with: seq) }.map { $0 + seq.count } ?? 0
         // Kept compactly only while frames are laid out as this one is; else each is kept whole.
-        let laidOut = cut > 0 && empty[cut...].elementsEqual(Array("0".utf8) + middle + Array("\"\"}".utf8))
+        let laidOut = cut > 0 && empty[cut...].elementsEqual(Array("0".utf8) + Self.middle + Array("\"\"}".utf8))
         head = laidOut ? Array(empty[..<cut]) : []
-        self.middle = middle
         entries.reserveCapacity(min(64, self.capacity))
     }
 
@@ -398,7 +397,7 @@ struct StreamHistory {
             }
         }
         let whole = frame.withUnsafeReadableBytes { raw -> Bool in
-            guard let rest = Self.rest(of: raw, head: head, middle: middle, seq: seq) else {
+            guard let rest = Self.rest(of: raw, head: head, seq: seq) else {
                 bytes.append(contentsOf: raw)
                 return true
             }
@@ -410,8 +409,8 @@ struct StreamHistory {
 
     /// Where the text starts in a token frame of seq `seq` that is `head`, the seq, `middle`,
     /// then the text; nil for any other frame.
-    private static func rest(of raw: UnsafeRawBufferPointer, head: [UInt8], middle: [UInt8], seq: Int64) -> Int? {
-        guard !head.isEmpty, !middle.isEmpty, raw.count > head.count, raw.starts(with: head) else { return nil }
+    private static func rest(of raw: UnsafeRawBufferPointer, head: [UInt8], seq: Int64) -> Int? {
+        guard !head.isEmpty, raw.count > head.count, raw.starts(with: head) else { return nil }
         var index = head.count
         var value: Int64 = 0
         while index < raw.count, (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(raw[index]), index - head.count < 19 {
@@ -429,10 +428,10 @@ struct StreamHistory {
         let kept = bytes[begin..<entry.end]
         guard !entry.whole else { return allocator.buffer(bytes: kept) }
         let seq = String(firstSeq + Int64(index)).utf8
-        var frame = allocator.buffer(capacity: head.count + seq.count + middle.count + kept.count)
+        var frame = allocator.buffer(capacity: head.count + seq.count + Self.middle.count + kept.count)
         frame.writeBytes(head)
         frame.writeBytes(seq)
-        frame.writeBytes(middle)
+        frame.writeBytes(Self.middle)
         frame.writeBytes(kept)
         return frame
     }
