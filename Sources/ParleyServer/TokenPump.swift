@@ -157,8 +157,7 @@ final class TokenPump: LLMEventSink, @unchecked Sendable {
         switch event {
         case .token(let token):
             if waiting.isEmpty, meter.isPaid(token: reply.nextToken) {
-                reply.release(token, boughtBatch: boughtBatch)
-                boughtBatch = false
+                send(token)
                 buyAhead()
             } else {
                 waiting.append(token)
@@ -178,6 +177,12 @@ final class TokenPump: LLMEventSink, @unchecked Sendable {
         releaseWaiting()
     }
 
+    /// Releases a paid token (journaling the text after a batch was just bought).
+    private func send(_ token: String) {
+        reply.release(token, boughtBatch: boughtBatch)
+        boughtBatch = false
+    }
+
     /// Releases waiting tokens while they are paid for; buys the next batch when one is not (or
     /// waits for the purchase under way).
     private func releaseWaiting() {
@@ -187,8 +192,7 @@ final class TokenPump: LLMEventSink, @unchecked Sendable {
                 return
             }
             waiting.removeFirst()
-            reply.release(token, boughtBatch: boughtBatch)
-            boughtBatch = false
+            send(token)
         }
         buyAhead()
         if providerFinished, waiting.isEmpty, !buying { complete() }
