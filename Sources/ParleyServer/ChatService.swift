@@ -199,7 +199,8 @@ final class ChatService: FrameHandler {
 
     /// Streams a reply as `plan` (made once the request's turn came) says: the conversation is
     /// held, the prompt and a minimum reply paid for, `plan.before` stored, then the reply
-    /// generated and stored. `voice`: spoken too, in the clone's voice (#29).
+    /// generated and stored. Returns once the stream has started: its own task stores it and
+    /// writes the title and summary after it. `voice`: spoken too, in the clone's voice (#29).
     private func reply(
         ref: String, what: String, voice: Bool, from connection: ClientConnection, plan makePlan: () async throws -> ReplyPlan
     ) async {
@@ -269,27 +270,25 @@ final class ChatService: FrameHandler {
             let journal: StreamJournal.Target =
                 replaced.map { .alternative(conversation: conversation.id, replacing: $0) } ?? .conversation(conversation.id)
             let speaking = voice ? configuration.voice(of: plan.clone) : nil
-            let stored = await streams.run(
-                live, prepared, ref: ref, requester: connection, messageID: messageID, journal: journal, voice: speaking
-            ) {
+            let slot = clusterSlot
+            clusterSlot = nil  // released once the stream ends
+            streams.launch(live, prepared, ref: ref, requester: connection, messageID: messageID, journal: journal, voice: speaking) {
                 var reply = $0
                 reply.parent = parent
                 // The conversation is held while it streams, so only a deletion makes the original leave the path.
                 if try await !store.appendReply(reply, replacing: replaced), let replaced {
                     logger.warning("a regenerated reply's original left the path; stored after it", metadata: ["message": "\(replaced)"])
                 }
-            }
-            // The cluster's hold on the conversation goes before the title and the summary are
-            // written: they take the model's time, and the next message may come meanwhile.
-            if let slot = clusterSlot {
-                clusterSlot = nil
-                await slots?.release(conversation: slot)
-            }
-            if plan.isNew, configuration.generatedTitles, let stored, stored.reason == .complete, let message = plan.before.last {
-                await titles.title(conversation, clone: plan.clone, message: message, reply: stored)
-            }
-            if let stored, stored.reason == .complete {
-                await summaries.fold(conversation, clone: plan.clone, summary: summary, turns: turns + [stored])
+            } then: { [self] stored in
+                // The cluster's hold on the conversation goes before the title and the summary
+                // are written: they take the model's time, and the next message may come meanwhile.
+                if let slot { await slots?.release(conversation: slot) }
+                if plan.isNew, configuration.generatedTitles, let stored, stored.reason == .complete, let message = plan.before.last {
+                    await titles.title(conversation, clone: plan.clone, message: message, reply: stored)
+                }
+                if let stored, stored.reason == .complete {
+                    await summaries.fold(conversation, clone: plan.clone, summary: summary, turns: turns + [stored])
+                }
             }
         } catch let error as FrameError {
             connection.send(ServerFrame.error(error))

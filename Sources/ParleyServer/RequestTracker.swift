@@ -67,19 +67,25 @@ final class RequestTracker: Sendable {
     /// Runs `body` as a request the shutdown waits for; false (and `body` never runs) once the
     /// server stopped accepting work.
     func track(for user: String? = nil, _ body: @escaping @Sendable () async -> Void) -> Bool {
-        state.withLock { r -> Bool in
-            guard r.accepting else { return false }
+        start(for: user, body) != nil
+    }
+
+    /// `track`, returning the task that runs `body` (a stream's own task, which its stop cancels).
+    func start(for user: String? = nil, _ body: @escaping @Sendable () async -> Void) -> Task<Void, Never>? {
+        state.withLock { r -> Task<Void, Never>? in
+            guard r.accepting else { return nil }
             let key = r.nextKey
             r.nextKey += 1
             if let user { r.owners[key] = user }
-            r.running[key] = Task {
+            let task = Task {
                 await body()
                 self.state.withLock {
                     $0.running.removeValue(forKey: key)
                     $0.owners.removeValue(forKey: key)
                 }
             }
-            return true
+            r.running[key] = task
+            return task
         }
     }
 

@@ -1,7 +1,35 @@
 import ParleyCore
-import ParleyServer
+import ParleyLLM
+@testable import ParleyServer
 import ParleyTestSupport
 import Testing
+
+/// The simulated model, except that a title's request waits until the test lets it answer.
+final class HeldTitles: LLMProvider {
+    static let title = "Tea, briefly"
+    private let chat = SimulatedProvider(configuration: .init(timeToFirstToken: .zero, tokensPerSecond: 0, replyTokens: 8))
+    let (asked, ask) = AsyncStream<Void>.makeStream()
+    private let (released, release) = AsyncStream<Void>.makeStream()
+
+    func modelName(for request: CompletionRequest) -> String { chat.modelName(for: request) }
+
+    func stream(_ request: CompletionRequest) -> LLMEventStream {
+        guard request.messages.first?.text.hasPrefix("You name conversations") == true else { return chat.stream(request) }
+        let (stream, continuation) = LLMEventStream.makeStream()
+        let (released, ask) = (self.released, self.ask)
+        Task {
+            ask.yield()
+            var iterator = released.makeAsyncIterator()
+            _ = await iterator.next()
+            continuation.yield(.token(Self.title))
+            continuation.yield(.usage(Usage(inputTokens: 20, outputTokens: 3)))
+            continuation.finish()
+        }
+        return stream
+    }
+
+    func answer() { release.yield() }
+}
 
 /// A new conversation's title (#24): the first line of the first message, cleaned; with
 /// `generatedTitles`, what the clone's model writes after the first reply, metered.
@@ -58,5 +86,29 @@ import Testing
         #expect(titles == [.string(third.conversation)])
         #expect(try await server.get("/v1/conversations/\(reply.conversation)", token: token).json()["title"] == .string("Drinks"))
         await server.stop()
+    }
+
+    /// A reply's title is written in the reply's own task after its stream ended (the request
+    /// that opened the stream ended as it started, #26): that work is still a request in flight,
+    /// which the shutdown waits for, so the title is stored.
+    @Test func aShutdownWaitsForATitleStillBeingWrittenAfterItsReply() async throws {
+        let model = HeldTitles()
+        let server = try await TestServer.start(provider: model) { $0.generatedTitles = true }
+        let token = try await server.token("tom")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        try await socket.chatSend(id: "c1", clone: clone, text: "Tell me about tea")
+        let reply = try await socket.readReply()
+        #expect(reply.reason == "complete")
+        var asked = model.asked.makeAsyncIterator()
+        _ = await asked.next()
+        // No stream is live any more, yet work is in flight: a drain with no grace says so.
+        #expect(server.server.chat.streams.hub.liveStreams.isEmpty)
+        #expect(await server.server.chat.streams.drain(grace: .zero) == false)
+        model.answer()
+        let restarted = try await server.restarted()
+        let conversation = try await restarted.get("/v1/conversations/\(reply.conversation)", token: token).json()
+        #expect(conversation["title"] == .string(HeldTitles.title))
+        await restarted.stop()
     }
 }
