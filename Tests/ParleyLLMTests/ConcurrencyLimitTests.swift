@@ -45,7 +45,8 @@ func drain(_ stream: LLMEventStream) async throws -> [LLMEvent] {
         let held = HeldProvider()
         let limited = ConcurrencyLimitedProvider(held, maxConcurrent: 1, maxQueued: 1)
         let first = Task { try await drain(limited.stream(self.request)) }
-        while limited.load.running < 1 { await Task.yield() }
+        // The slot is taken at once; the provider is reached from the loop a moment later.
+        while held.running.load(ordering: .sequentiallyConsistent) < 1 { await Task.yield() }
         let second = Task { try await drain(limited.stream(self.request)) }
         while limited.load.queued < 1 { await Task.yield() }
         await #expect(throws: ProviderBusy.self) { try await drain(limited.stream(self.request)) }
