@@ -98,6 +98,9 @@ extension SQLiteStore {
                 try db.query("UPDATE audit SET actor = ? WHERE actor = ?", [alias, .text(id)])
                 try db.query("UPDATE audit SET target = ? WHERE target = ?", [alias, .text(id)])
                 try db.query("DELETE FROM stream_journals WHERE user = ?", user)
+                // Tails of finished replies too: a compaction might come only later.
+                try db.query("DELETE FROM stream_journal_tails WHERE user = ?", user)
+                self.journaled.withLock { $0.written = $0.written.filter { $0.value.user != id } }
                 try db.query("DELETE FROM users WHERE id = ?", user)
                 return report
             }

@@ -303,6 +303,22 @@ public final class SQLiteStore: Store {
             through INTEGER NOT NULL
         );
         """ + deferIndexing("messages_fts", over: "text", of: "messages") + deferIndexing("titles_fts", over: "title", of: "conversations"),
+        // v23: a streaming reply's journal grows by what it added since its last write, as a
+        // tail row appended to one table (#26: each reply's whole text written again ten times a
+        // second was a fifth of the server's CPU at 400-token replies); see `saveStreamJournals`.
+        // A journal is its row's text followed by its stream's tails numbered above `tail_from`.
+        """
+        ALTER TABLE stream_journals ADD COLUMN tail_from INTEGER NOT NULL DEFAULT 0;
+        CREATE INDEX stream_journals_by_tail ON stream_journals(tail_from);
+        CREATE TABLE stream_journal_tails (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            stream TEXT NOT NULL,
+            user TEXT NOT NULL,
+            text TEXT NOT NULL,
+            output_tokens INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL
+        );
+        """,
     ]
 
     /// An FTS5 table `index` over `column` of `table` (v11's search): external content, so the
@@ -369,6 +385,8 @@ public final class SQLiteStore: Store {
     private let commitCounter: CoreMetrics.Counter
     /// Group commits so far (what `commitCounter` counts), for tests.
     let commits = Atomic(0)
+    /// What the journals of the replies streaming now hold in the store (see `saveStreamJournals`).
+    let journaled = Mutex(JournalTails())
 
     private init(
         connection: SQLiteConnection, reader: SQLiteConnection?, pool: NIOThreadPool, metrics: any MetricsFactory, indexingInterval: TimeAmount,
@@ -411,6 +429,7 @@ public final class SQLiteStore: Store {
                         "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000; PRAGMA temp_store=MEMORY;"
                     )
                     try migrate(connection)
+                    try foldAllTails(connection)
                     if path != ":memory:", !path.isEmpty {
                         reader = try SQLiteConnection(path: path)
                         try reader?.exec("PRAGMA query_only=ON; PRAGMA busy_timeout=5000;")
@@ -599,6 +618,8 @@ public final class SQLiteStore: Store {
                     commitFailure = error
                     try? connection.exec("ROLLBACK")
                 }
+                // Rolled back: what the journals hold is no longer known; each is written whole next.
+                if commitFailure != nil { journaled.withLock { $0.forgetAll() } }
                 commits.add(1, ordering: .relaxed)
                 commitCounter.increment()
                 for finish in finishers { finish(commitFailure) }

@@ -99,7 +99,8 @@ import Testing
                 DROP TABLE session_revocations; DROP INDEX audit_by_age; DROP TABLE subscriptions;
                 DROP TABLE payment_orders; DROP TABLE webhook_deliveries; DROP INDEX ledger_by_conversation; DROP INDEX ledger_by_room;
                 DROP TABLE spend_limits; DROP TABLE spend_windows; DROP INDEX ledger_by_age; DROP TABLE voice_clips;
-                DROP TABLE search_progress;
+                DROP TABLE search_progress; DROP TABLE stream_journal_tails; DROP INDEX stream_journals_by_tail;
+                ALTER TABLE stream_journals DROP COLUMN tail_from;
                 PRAGMA user_version = 10;
                 """)
         }
@@ -229,6 +230,122 @@ import Testing
     private static func openFiles() -> [String] {
         let descriptors = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
         return descriptors.compactMap { try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/" + $0) }
+    }
+
+    private func journal(_ stream: String, user: String = "alice", text: String = "", at time: Int64) -> StreamJournal {
+        StreamJournal(
+            stream: stream, user: user, model: "simulated", feature: "chat", inputTokens: 42, target: .conversation("cv_" + stream),
+            messageID: "msg_" + stream, text: text, createdAt: time)
+    }
+
+    private func journalRow(_ store: SQLiteStore, _ stream: String) async throws -> (text: String?, tails: Int64?) {
+        try await store.read { db in
+            (
+                try db.query("SELECT text FROM stream_journals WHERE stream = ?", [.text(stream)]).first?["text"].text,
+                try db.query("SELECT count(*) AS n FROM stream_journal_tails WHERE stream = ?", [.text(stream)]).first?["n"].int
+            )
+        }
+    }
+
+    /// A reply's journal snapshot that only adds to its text is written as a tail (schema v23,
+    /// #26): its row's text is written whole once per `maxTails` snapshots, and whatever was
+    /// written reads back as the whole journal, in this process and after a reopen.
+    @Test func aGrowingJournalIsWrittenAsTailsAndItsRowWholeOnlyNowAndThen() async throws {
+        let path = temporaryPath("journal-tails") + "/parley.sqlite"
+        var store = try await SQLiteStore.open(path: path)
+        var j = journal("st_a", at: 1_000)
+        try await store.saveStreamJournal(j)
+        var wholeAt = ""
+        for n in 1...(SQLiteStore.maxTails + 1) {
+            j.text += n % 7 == 0 ? " ünï🙂\(n)" : " tok\(n)"
+            j.outputTokens = n
+            j.updatedAt = 1_000 + Int64(n)
+            try await store.saveStreamJournal(j)
+            if n == SQLiteStore.maxTails + 1 { wholeAt = j.text }
+            #expect(try await store.streamJournals(limit: 10) == [j])
+            let row = try await journalRow(store, "st_a")
+            // Tails 1…maxTails; the next snapshot writes the row whole.
+            #expect(row.text == (n <= SQLiteStore.maxTails ? "" : wholeAt))
+            #expect(row.tails == Int64(min(n, SQLiteStore.maxTails)))
+        }
+        j.text += " more"
+        try await store.saveStreamJournal(j)
+        #expect(try await journalRow(store, "st_a").text == wholeAt)
+
+        // A text that does not begin with the one written is written whole.
+        j.text = "replaced"
+        try await store.saveStreamJournal(j)
+        #expect(try await journalRow(store, "st_a").text == "replaced")
+        j.text += ", then grown"
+        try await store.saveStreamJournal(j)
+        #expect(try await journalRow(store, "st_a").text == "replaced")
+        #expect(try await store.streamJournals(limit: 10) == [j])
+
+        // Another process (after a crash: the store is not closed) finds the tails taken into
+        // the row, and writes its first snapshot whole.
+        let crashed = store
+        store = try await SQLiteStore.open(path: path)
+        #expect(try await journalRow(store, "st_a") == (j.text, 0))
+        #expect(try await store.streamJournals(limit: 10) == [j])
+        j.text += "!"
+        try await store.saveStreamJournal(j)
+        #expect(try await journalRow(store, "st_a").text == j.text)
+        #expect(try await store.streamJournals(limit: 10) == [j])
+
+        // An account's deletion takes its tails, a finished reply's too.
+        var done = journal("st_done", at: 2_000)
+        try await store.saveStreamJournal(done)
+        done.text = "said"
+        try await store.saveStreamJournals([done], deleting: [])
+        try await store.saveStreamJournals([], deleting: ["st_done"])
+        #expect(try await journalRow(store, "st_done").tails == 1)
+        _ = try await store.deleteUser("alice", pseudonym: "deleted:0f0f")
+        #expect(try await store.read { db in try db.query("SELECT count(*) AS n FROM stream_journal_tails").first?["n"].int } == 0)
+        #expect(try await store.streamJournals(limit: 10).isEmpty)
+        try await store.close()
+        try await crashed.close()
+    }
+
+    /// Compaction deletes the tails no journal reads; journals that hold it back (a reply that
+    /// waits, one whose tails are old) take their tails into their row first.
+    @Test func compactionDeletesTheTailsNoJournalReads() async throws {
+        let store = try await SQLiteStore.open(path: temporaryPath("journal-compaction") + "/parley.sqlite")
+        var waiting = journal("st_wait", text: "waiting", at: 1)
+        var slow = journal("st_slow", at: 2)
+        var busy = journal("st_busy", at: 3)
+        var done = journal("st_done", at: 4)
+        try await store.saveStreamJournals([waiting, slow, busy, done])
+        for n in 1...3 {
+            slow.text += " s\(n)"
+            done.text += " d\(n)"
+            try await store.saveStreamJournals([slow, done])
+        }
+        try await store.saveStreamJournals([], deleting: ["st_done"])
+        for n in 1...40 {
+            busy.text += " b\(n)"
+            busy.outputTokens = n
+            try await store.saveStreamJournal(busy)
+        }
+        let compact = { (backlog: Int64) in
+            try await store.run { db in try store.journaled.withLock { try SQLiteStore.compactTails(db, &$0, backlog: backlog) } }
+        }
+        // The oldest journals' tails are within the backlog: only what is below them all goes.
+        try await compact(1_000)
+        #expect(try await journalRow(store, "st_slow").tails == 3)
+        #expect(try await journalRow(store, "st_done").tails == 3)
+        // Past it, the journals behind take their tails in; then the tails no journal reads go.
+        try await compact(10)
+        #expect(try await journalRow(store, "st_slow") == (slow.text, 0))
+        #expect(try await journalRow(store, "st_wait") == ("waiting", 0))
+        #expect(try await journalRow(store, "st_done").tails == 0)
+        #expect(try await store.streamJournals(limit: 10) == [waiting, slow, busy])
+        // And they grow by tails again.
+        waiting.text += ", still"
+        slow.text += " s4"
+        try await store.saveStreamJournals([waiting, slow])
+        #expect(try await journalRow(store, "st_slow") == (slow.text.replacingOccurrences(of: " s4", with: ""), 1))
+        #expect(try await store.streamJournals(limit: 10) == [waiting, slow, busy])
+        try await store.close()
     }
 
     /// The group commit brings the index up to date on its own every `indexingInterval`.
