@@ -40,8 +40,38 @@ struct ConversationTitles: Sendable {
     }
 
     /// A title from free text: its first line, without markdown marks or quotes around it,
-    /// spaces collapsed, at most 60 characters cut at a word.
+    /// spaces collapsed, a closing "." or ":" dropped, at most 60 characters cut at a word. ASCII
+    /// text (the usual message) in one pass over its bytes: Character by Character (a grapheme
+    /// break and a property lookup each) it took ~15 µs of a new conversation's request (#26).
     static func clean(_ text: String) -> String {
+        guard text.utf8.allSatisfy({ $0 < 0x80 }) else { return cleanByCharacter(text) }
+        var title: [UInt8] = []
+        var (lineStarted, space, lastWord) = (false, false, 0)
+        for byte in text.utf8 {
+            if byte == 0x20 || (0x09...0x0D).contains(byte) {
+                if lineStarted, (0x0A...0x0D).contains(byte) { break }
+                space = !title.isEmpty
+                continue
+            }
+            lineStarted = true
+            if asciiMarks.contains(byte) { continue }
+            if space {
+                title.append(0x20)
+                (space, lastWord) = (false, title.count)
+            }
+            title.append(byte)
+        }
+        if let last = title.last, last == UInt8(ascii: ".") || last == UInt8(ascii: ":"), title.count - lastWord > 1 { title.removeLast() }
+        guard title.count > 60 else { return String(decoding: title, as: UTF8.self) }
+        var cut = title[..<59]
+        if let space = cut.lastIndex(of: 0x20) { cut = cut[..<space] }
+        return String(decoding: cut, as: UTF8.self) + "…"
+    }
+
+    private static let asciiMarks = Array("#*`_>\"".utf8)
+
+    /// `clean` for any text (and the reference its ASCII pass is tested against).
+    static func cleanByCharacter(_ text: String) -> String {
         let line = text.trimmedWhitespace.split(whereSeparator: \.isNewline).first.map(String.init) ?? ""
         let unmarked = line.filter { !"#*`_>\"“”".contains($0) }
         var words = unmarked.split(whereSeparator: \.isWhitespace).map(String.init)

@@ -47,6 +47,25 @@ final class HeldTitles: LLMProvider {
         await server.stop()
     }
 
+    /// ASCII text is cleaned in one pass over its bytes (#26): the same title as Character by
+    /// Character, which any other text still takes.
+    @Test func aTitleIsCleanedAsCharacterByCharacter() {
+        let texts = [
+            "", "   ", "\n\n", "Tell me something short about the sea.", "## **What   is** a `good` life?\nSecond line", "##\nHello",
+            "  > “Quoted” _words_:  \r\nnext", "a.", ".", "Done:", "word\u{2028}next", "tab\there\u{3000}ideographic space",
+            "emoji 👩‍👩‍👧 family and flags 🇫🇷 go on and on and on until the title must be cut somewhere", String(repeating: "x", count: 61),
+            String(repeating: "é", count: 60), String(repeating: "ab ", count: 30), "one two three four five six seven eight nine ten eleven twelve.",
+            String(repeating: "word ", count: 11) + "end.", "café\u{301} naïve e\u{301}", "#\u{301} mark", "\u{85}after a next-line",
+        ]
+        for text in texts { #expect(ConversationTitles.clean(text) == ConversationTitles.cleanByCharacter(text), "\(text.debugDescription)") }
+        var random = SplitMix64(seed: 26)
+        let alphabet = Array("ab  .:#*`_>\"\n\r\t\u{0B}\u{0C}x")
+        for _ in 0..<2_000 {
+            let text = String((0..<Int(random.next() % 90)).map { _ in alphabet[Int(random.next() % UInt64(alphabet.count))] })
+            #expect(ConversationTitles.clean(text) == ConversationTitles.cleanByCharacter(text), "\(text.debugDescription)")
+        }
+    }
+
     @Test(arguments: TestServer.StoreKind.allCases)
     func theClonesModelTitlesANewConversationAfterItsFirstReplyMetered(_ store: TestServer.StoreKind) async throws {
         let server = try await TestServer.start(store: store) { $0.generatedTitles = true }
