@@ -190,4 +190,22 @@ import Testing
         #expect(store.calls.allSatisfy { !$0.contains("st_a") || $0 == ["st_a"] })
         await other.finish()
     }
+
+    /// A reply that could not be stored keeps its journal, whole, with the text it ended with.
+    @Test func aReplyThatCouldNotBeStoredKeepsItsWholeTextInItsJournal() async throws {
+        let store = GatedJournals()
+        let journals = StreamJournals(store: store, logger: Logger(label: "test"))
+        let writer = journals.open(journal("st_a"))
+        writer.offer(text: "Tea, for", outputTokens: 2)
+        await eventually { store.rows["st_a"]?.text == "Tea, for" }
+        writer.offer(text: "Tea, for a start.", outputTokens: 5)
+        await writer.finish(keep: true)
+        await journals.flush()
+        #expect(store.rows["st_a"]?.text == "Tea, for a start.")
+        #expect(store.rows["st_a"]?.outputTokens == 5)
+        #expect(store.rows["st_a"]?.messageID == "msg_st_a")
+        writer.offer(text: "late", outputTokens: 6)  // after finish: ignored
+        await journals.flush()
+        #expect(store.rows["st_a"]?.text == "Tea, for a start.")
+    }
 }
