@@ -62,22 +62,17 @@ extension SQLiteStore {
     /// about once per `maxTails` snapshots, not every time.
     public func saveStreamJournals(_ journals: [StreamJournal], deleting finished: [String]) async throws {
         guard !journals.isEmpty || !finished.isEmpty else { return }
-        let streams = journals.map(\.stream)
-        do {
-            try await run { db in
-                try self.journaled.withLock { state in
-                    do {
-                        try Self.write(journals, deleting: finished, db, &state)
-                    } catch {
-                        // Rolled back to before this call: what it wrote is unknown again.
-                        for stream in streams { state.written[stream] = nil }
-                        throw error
-                    }
+        try await run { db in
+            try self.journaled.withLock { state in
+                do {
+                    try Self.write(journals, deleting: finished, db, &state)
+                } catch {
+                    // Rolled back to before this call: what it wrote is unknown again. (A failed
+                    // commit forgets every journal: see `drain`.)
+                    for j in journals { state.written[j.stream] = nil }
+                    throw error
                 }
             }
-        } catch {
-            journaled.withLock { state in for stream in streams { state.written[stream] = nil } }
-            throw error
         }
     }
 
@@ -139,10 +134,12 @@ extension SQLiteStore {
     static func compactTails(_ db: SQLiteConnection, _ state: inout JournalTails, backlog: Int64? = nil) throws {
         let newest = try newestTail(db)
         let backlog = backlog ?? Int64(max(65_536, 64 * state.written.count))
-        if let oldest = try oldestTailFrom(db), newest - oldest > backlog {
+        var oldest = try oldestTailFrom(db)
+        if let from = oldest, newest - from > backlog {
             try foldTails(before: newest - backlog / 2, through: newest, db, &state)
+            oldest = try oldestTailFrom(db)
         }
-        try db.query("DELETE FROM stream_journal_tails WHERE id <= ?", [.int(try oldestTailFrom(db) ?? newest)])
+        try db.query("DELETE FROM stream_journal_tails WHERE id <= ?", [.int(oldest ?? newest)])
     }
 
     /// Takes every journal's tails into its row (at open: those a crash left), so that reading
@@ -164,17 +161,7 @@ extension SQLiteStore {
         for row in try db.query("SELECT stream, tail_from FROM stream_journals WHERE tail_from < ?", [.int(cut)]) {
             if let stream = row["stream"].text { from[stream] = row["tail_from"].int ?? 0 }
         }
-        guard let first = from.values.min() else { return }
-        var added: [String: (text: String, outputTokens: Int64, updatedAt: Int64)] = [:]
-        let tails = try db.query(
-            "SELECT id, stream, text, output_tokens, updated_at FROM stream_journal_tails WHERE id > ? AND id <= ? ORDER BY id",
-            [.int(first), .int(newest)])
-        for tail in tails {
-            guard let stream = tail["stream"].text, let after = from[stream], let id = tail["id"].int, id > after else { continue }
-            added[stream, default: ("", 0, 0)].text += tail["text"].text ?? ""
-            added[stream]?.outputTokens = tail["output_tokens"].int ?? 0
-            added[stream]?.updatedAt = tail["updated_at"].int ?? 0
-        }
+        let added = try tails(after: from, through: newest, db)
         for stream in from.keys {
             if let tail = added[stream] {
                 try db.query(
@@ -187,19 +174,35 @@ extension SQLiteStore {
         }
     }
 
-    public func deleteStreamJournal(stream: String) async throws {
-        try await run { db in
-            try db.query("DELETE FROM stream_journals WHERE stream = ?", [.text(stream)])
-            self.journaled.withLock { $0.written[stream] = nil }
+    /// What the tails of the streams in `from` add to their rows: each stream's tails numbered
+    /// above its `tail_from` (and at most `newest`), in order, read in one pass from the lowest.
+    private static func tails(
+        after from: [String: Int64], through newest: Int64 = .max, _ db: SQLiteConnection
+    ) throws -> [String: (text: String, outputTokens: Int64, updatedAt: Int64)] {
+        guard let first = from.values.min() else { return [:] }
+        var added: [String: (text: String, outputTokens: Int64, updatedAt: Int64)] = [:]
+        let tails = try db.query(
+            "SELECT id, stream, text, output_tokens, updated_at FROM stream_journal_tails WHERE id > ? AND id <= ? ORDER BY id",
+            [.int(first), .int(newest)])
+        for tail in tails {
+            guard let stream = tail["stream"].text, let after = from[stream], let id = tail["id"].int, id > after else { continue }
+            added[stream, default: ("", 0, 0)].text += tail["text"].text ?? ""
+            added[stream]?.outputTokens = tail["output_tokens"].int ?? 0
+            added[stream]?.updatedAt = tail["updated_at"].int ?? 0
         }
+        return added
+    }
+
+    public func deleteStreamJournal(stream: String) async throws {
+        try await saveStreamJournals([], deleting: [stream])
     }
 
     public func streamJournals(limit: Int, node: String?) async throws -> [StreamJournal] {
         try await read { db in
-            var tailFrom: [String: (index: Int, after: Int64)] = [:]
+            var from: [String: Int64] = [:]
             let rows = try db.query(
                 "SELECT \(Self.journalColumns), tail_from FROM stream_journals ORDER BY created_at, stream LIMIT ?", [.int(Int64(limit))])
-            var journals = rows.enumerated().map { index, r in
+            var journals = rows.map { r in
                 let journal = StreamJournal(
                     stream: r["stream"].text ?? "", user: r["user"].text ?? "", model: r["model"].text ?? "", feature: r["feature"].text ?? "",
                     inputTokens: Int(r["input_tokens"].int ?? 0),
@@ -207,18 +210,16 @@ extension SQLiteStore {
                     messageID: r["message_id"].text ?? "", text: r["text"].text ?? "",
                     outputTokens: Int(r["output_tokens"].int ?? 0), createdAt: r["created_at"].int ?? 0, updatedAt: r["updated_at"].int ?? 0
                 )
-                tailFrom[journal.stream] = (index, r["tail_from"].int ?? 0)
+                from[journal.stream] = r["tail_from"].int ?? 0
                 return journal
             }
-            // Their tails, in one pass from the oldest one read (compaction keeps that short).
-            guard let first = tailFrom.values.map(\.after).min() else { return journals }
-            let tails = try db.query(
-                "SELECT id, stream, text, output_tokens, updated_at FROM stream_journal_tails WHERE id > ? ORDER BY id", [.int(first)])
-            for tail in tails {
-                guard let stream = tail["stream"].text, let (index, after) = tailFrom[stream], let id = tail["id"].int, id > after else { continue }
-                journals[index].text += tail["text"].text ?? ""
-                journals[index].outputTokens = Int(tail["output_tokens"].int ?? 0)
-                journals[index].updatedAt = tail["updated_at"].int ?? 0
+            // Compaction keeps the tails above the oldest `tail_from` few.
+            let added = try Self.tails(after: from, db)
+            for index in journals.indices {
+                guard let tail = added[journals[index].stream] else { continue }
+                journals[index].text += tail.text
+                journals[index].outputTokens = Int(tail.outputTokens)
+                journals[index].updatedAt = tail.updatedAt
             }
             return journals
         }
