@@ -68,12 +68,14 @@ struct ConversationTitles: Sendable {
         return String(decoding: cut, as: UTF8.self) + "…"
     }
 
-    private static let asciiMarks = Array("#*`_>\"".utf8)
+    /// Marks a title leaves out; those that are ASCII, as bytes.
+    private static let marks = "#*`_>\"“”"
+    private static let asciiMarks = marks.utf8.filter { $0 < 0x80 }
 
     /// `clean` for any text (and the reference its ASCII pass is tested against).
     static func cleanByCharacter(_ text: String) -> String {
         let line = text.trimmedWhitespace.split(whereSeparator: \.isNewline).first.map(String.init) ?? ""
-        let unmarked = line.filter { !"#*`_>\"“”".contains($0) }
+        let unmarked = line.filter { !marks.contains($0) }
         var words = unmarked.split(whereSeparator: \.isWhitespace).map(String.init)
         if let last = words.last, last.count > 1, [".", ":"].contains(last.last) { words[words.count - 1] = String(last.dropLast()) }
         var title = words.joined(separator: " ")
