@@ -83,6 +83,10 @@ extension HTTPClient {
         // CPU on every read).
         configuration.decompression = .disabled
         configuration.timeout.connect = TimeAmount(connectTimeout)
+        // A reply's own watchdog times its stream (the first token, then each gap); the
+        // browser-like 90 s read timeout would re-arm a timer on every read (#26: 3.5% of the
+        // provider path's CPU). Requests without a watchdog (voice) carry a deadline of their own.
+        configuration.timeout.read = nil
         return HTTPClient(eventLoopGroupProvider: group.map { .shared($0) } ?? .singleton, configuration: configuration)
     }
 }

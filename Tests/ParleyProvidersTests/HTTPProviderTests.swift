@@ -236,17 +236,20 @@ let openAITranscript = """
         await upstream.stop()
     }
 
-    @Test func anUpstreamThatStopsSendingTimesOut() async throws {
+    /// Also through the server's own client, which leaves read timeouts to the reply's watchdog.
+    @Test(arguments: [false, true]) func anUpstreamThatStopsSendingTimesOut(ownClient: Bool) async throws {
         let first = #"data: {"choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}"# + "\n\n"
         let upstream = try await FakeUpstream([.hang([Array(first.utf8)])])
         var options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol")
         options.idleTimeout = .milliseconds(300)
         options.firstTokenTimeout = .seconds(30)
+        let client = ownClient ? HTTPClient.forProvider(connections: 2) : HTTPClient.shared
         var tokens: [LLMEvent] = []
         let began = ContinuousClock.now
         await #expect(throws: ProviderError("the model provider stopped sending")) {
-            for try await event in OpenAICompatibleProvider(options: options).stream(request) { tokens.append(event) }
+            for try await event in OpenAICompatibleProvider(options: options, client: client).stream(request) { tokens.append(event) }
         }
+        if ownClient { try await client.shutdown() }
         #expect(tokens == [.token("Hel")] && upstream.requests.count == 1, "nothing is retried after the first token")
         // The idle limit ended it, not the first token's (a timer left at that one fires at 30 s).
         #expect(ContinuousClock.now - began < .seconds(30))
