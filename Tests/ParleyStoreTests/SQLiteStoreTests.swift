@@ -101,6 +101,7 @@ import Testing
                 DROP TABLE spend_limits; DROP TABLE spend_windows; DROP INDEX ledger_by_age; DROP TABLE voice_clips;
                 DROP TABLE search_progress; DROP TABLE stream_journal_tails; DROP INDEX stream_journals_by_tail;
                 ALTER TABLE stream_journals DROP COLUMN tail_from;
+                CREATE INDEX messages_on_path ON messages(conversation, id) WHERE off_path = 0;
                 PRAGMA user_version = 10;
                 """)
         }
@@ -224,6 +225,33 @@ import Testing
             return Self.openFiles().filter { $0.contains("etilqs_") }
         }
         #expect(temporaryFiles == [])
+        try await store.close()
+    }
+
+    /// Since v24 dropped `messages_on_path`, the path's queries (as the store words them: its
+    /// newest message, a page of it) find their rows through `messages_by_conversation`, in its
+    /// order, with no scan and no sort (#26).
+    @Test func thePathIsReadThroughTheConversationsIndex() async throws {
+        let store = try await SQLiteStore.open(path: temporaryPath("path-plan") + "/parley.sqlite")
+        let (plans, dropped) = try await store.read { db in
+            let queries: [(String, [SQLValue])] = [
+                ("SELECT id FROM messages WHERE conversation = ? AND off_path = 0 ORDER BY id DESC LIMIT 1", [.text("cv")]),
+                (
+                    "SELECT * FROM messages WHERE conversation = ? AND off_path = 0 AND id < ? ORDER BY id DESC LIMIT ?",
+                    [.text("cv"), .text("ms"), .int(50)]
+                ),
+            ]
+            let plans = try queries.map { sql, params in
+                try db.query("EXPLAIN QUERY PLAN " + sql, params).compactMap { $0["detail"].text }.joined(separator: "; ")
+            }
+            let dropped = try db.query("SELECT 1 FROM sqlite_schema WHERE name = 'messages_on_path'").isEmpty
+            return (plans, dropped)
+        }
+        #expect(dropped)
+        for plan in plans {
+            #expect(plan.hasPrefix("SEARCH messages USING INDEX messages_by_conversation"), "\(plan)")
+            #expect(!plan.contains("SCAN") && !plan.contains("TEMP B-TREE"), "\(plan)")
+        }
         try await store.close()
     }
 
