@@ -29,6 +29,37 @@ import Testing
         await upstream.stop()
     }
 
+    /// A service that stops in the middle of its answer is cut at the timeout: the provider client
+    /// has no read timeout, and AsyncHTTPClient's deadline ends at the answer's head.
+    @Test func aSpeechAnswerThatStallsEndsAtTheTimeout() async throws {
+        let upstream = try await FakeUpstream([.hang([[0, 1, 2, 3]])])
+        let http = client()
+        var options = AudioServiceOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "tts-1")
+        options.timeout = .milliseconds(300)
+        var heard: [UInt8] = []
+        await #expect(throws: SpeechServiceError("the speech service took longer than 0.3 seconds")) {
+            for try await chunk in OpenAISpeech(options: options, client: http).synthesize(SpeechRequest(text: "Hi.", voice: "joe")) {
+                heard += Array(chunk.readableBytesView)
+            }
+        }
+        #expect(heard == [0, 1, 2, 3], "what came before the stall was passed on")
+        try await http.shutdown()
+        await upstream.stop()
+    }
+
+    @Test func aTranscriptionThatStallsEndsAtTheTimeout() async throws {
+        let upstream = try await FakeUpstream([.hang([Array(#"{"text":"Wha"#.utf8)])])
+        let http = client()
+        var options = AudioServiceOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "whisper-1")
+        options.timeout = .milliseconds(300)
+        await #expect(throws: SpeechServiceError("the transcription service took longer than 0.3 seconds")) {
+            let transcriber = OpenAITranscriber(options: options, client: http)
+            _ = try await transcriber.transcribe(ByteBuffer(string: "RIFF"), contentType: "audio/wav", filename: "a.wav")
+        }
+        try await http.shutdown()
+        await upstream.stop()
+    }
+
     @Test func aRefusalCarriesTheServicesReason() async throws {
         let upstream = try await FakeUpstream([.status(400, #"{"error":{"message":"unknown voice 'zed'"}}"#)])
         let http = client()
