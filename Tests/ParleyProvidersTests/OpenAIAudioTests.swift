@@ -35,9 +35,9 @@ import Testing
         let upstream = try await FakeUpstream([.hang([[0, 1, 2, 3]])])
         let http = client()
         var options = AudioServiceOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "tts-1")
-        options.timeout = .milliseconds(300)
+        options.timeout = .seconds(1)
         var heard: [UInt8] = []
-        await #expect(throws: SpeechServiceError("the speech service took longer than 0.3 seconds")) {
+        await #expect(throws: SpeechServiceError("the speech service took longer than 1.0 seconds")) {
             for try await chunk in OpenAISpeech(options: options, client: http).synthesize(SpeechRequest(text: "Hi.", voice: "joe")) {
                 heard += Array(chunk.readableBytesView)
             }
@@ -51,8 +51,8 @@ import Testing
         let upstream = try await FakeUpstream([.hang([Array(#"{"text":"Wha"#.utf8)])])
         let http = client()
         var options = AudioServiceOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "whisper-1")
-        options.timeout = .milliseconds(300)
-        await #expect(throws: SpeechServiceError("the transcription service took longer than 0.3 seconds")) {
+        options.timeout = .seconds(1)
+        await #expect(throws: SpeechServiceError("the transcription service took longer than 1.0 seconds")) {
             let transcriber = OpenAITranscriber(options: options, client: http)
             _ = try await transcriber.transcribe(ByteBuffer(string: "RIFF"), contentType: "audio/wav", filename: "a.wav")
         }
