@@ -70,7 +70,7 @@ public struct OpenAISpeech: SpeechSynthesizer {
             ("response_format", .string("pcm")), ("speed", .double(speech.speed)),
         ])
         request.body = .bytes(ByteBuffer(bytes: body.serialized()))
-        let response = try await client.execute(request, timeout: TimeAmount(options.timeout))
+        let response = try await client.execute(request, deadline: .distantFuture)  // `within` is the limit
         try await AudioService.check(response, what: "speech")
         // Whole 16-bit samples only: a chunk may end half-way through one.
         var carry: UInt8?
@@ -131,7 +131,7 @@ public struct OpenAITranscriber: SpeechTranscriber {
         request.headers = options.headers
         request.headers.add(name: "content-type", value: "multipart/form-data; boundary=\(boundary)")
         request.body = .bytes(body)
-        let response = try await client.execute(request, timeout: TimeAmount(options.timeout))
+        let response = try await client.execute(request, deadline: .distantFuture)  // `within` is the limit
         try await AudioService.check(response, what: "transcription")
         let answer = try await response.body.collect(upTo: 1 << 20)
         guard let json = try? JSONValue.parse(answer.readableBytesView), let text = json["text"]?.stringValue else {
@@ -159,9 +159,10 @@ enum AudioService {
             isClientError: (400..<500).contains(response.status.code))
     }
 
-    /// Runs `body` (a request and the reading of its answer) for at most `limit`: AsyncHTTPClient's
-    /// own deadline ends at the answer's head, and the provider client has no read timeout (each
-    /// reply's watchdog times the model's streams), so a service that stalls mid-answer is cut here.
+    /// Runs `body` (a request and the reading of its answer) for at most `limit`, the request's only
+    /// limit: AsyncHTTPClient's own deadline ends at the answer's head, and the provider client has
+    /// no read timeout (each reply's watchdog times the model's streams). A head that never comes
+    /// and an answer that stalls half-way are cut alike.
     static func within<T: Sendable>(_ limit: Duration, what: String, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
         try await withThrowingTaskGroup(of: T?.self) { group in
             group.addTask { try await body() }

@@ -17,6 +17,8 @@ final class FakeUpstream: Sendable {
         /// The chunks, then nothing more, the connection held open.
         case hang([[UInt8]])
         case status(Int, String)
+        /// No answer at all, the connection held open.
+        case silent
     }
 
     struct Received: Sendable {
@@ -98,6 +100,8 @@ final class FakeUpstream: Sendable {
                 context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
             case .hang(let chunks):
                 writeEvents(chunks, context: context)
+            case .silent:
+                break
             }
         }
 

@@ -60,6 +60,19 @@ import Testing
         await upstream.stop()
     }
 
+    /// A service that never answers ends at the same limit, with the same words.
+    @Test func aSpeechServiceThatNeverAnswersEndsAtTheTimeout() async throws {
+        let upstream = try await FakeUpstream([.silent])
+        let http = client()
+        var options = AudioServiceOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "tts-1")
+        options.timeout = .seconds(1)
+        await #expect(throws: SpeechServiceError("the speech service took longer than 1.0 seconds")) {
+            for try await _ in OpenAISpeech(options: options, client: http).synthesize(SpeechRequest(text: "Hi.", voice: "joe")) {}
+        }
+        try await http.shutdown()
+        await upstream.stop()
+    }
+
     @Test func aRefusalCarriesTheServicesReason() async throws {
         let upstream = try await FakeUpstream([.status(400, #"{"error":{"message":"unknown voice 'zed'"}}"#)])
         let http = client()
