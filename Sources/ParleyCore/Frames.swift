@@ -240,12 +240,15 @@ extension ClientFrame {
 
 /// Encoders for every frame the server sends. Each returns the UTF-8 JSON text of one message.
 public enum ServerFrame {
-    public static func welcome(user: String) -> [UInt8] {
-        JSONValue.object([
+    /// `coalesce`: what the socket asked to have joined (`?coalesce=tokens`), when it did.
+    public static func welcome(user: String, coalesce: String? = nil) -> [UInt8] {
+        var pairs: [(String, JSONValue)] = [
             ("type", .string("welcome")),
             ("user", .string(user)),
             ("protocol", .int(Int64(parleyProtocolVersion))),
-        ]).serialized()
+        ]
+        if let coalesce { pairs.append(("coalesce", .string(coalesce))) }
+        return JSONValue.object(pairs).serialized()
     }
 
     /// `schedule` is set when a scheduled message is being generated. In a translation chat,

@@ -67,7 +67,9 @@ protocol Broker: Sendable {
     // A stream's own frames, each called under the stream's lock and so in order: a broker
     // between nodes carries what the other nodes need to follow it and to resume it there.
     func streamStarted(_ stream: LiveStream, frame: ByteBuffer)
-    func streamToken(_ stream: LiveStream, seq: Int64, frame: ByteBuffer)
+    /// `layout`: where the frame's seq and text lie, when it is laid out as a token frame (a
+    /// socket that joins tokens needs it; `TokenLayout`).
+    func streamToken(_ stream: LiveStream, seq: Int64, frame: ByteBuffer, layout: TokenLayout?)
     /// With `ownerFrame`, the owner's sockets get that one and the others `frame`.
     func streamEnded(_ stream: LiveStream, frame: ByteBuffer, ownerFrame: ByteBuffer?)
     /// Another frame to the stream's readers (those `audience` admits).
@@ -79,7 +81,7 @@ extension Broker {
     func publish(_ frame: ByteBuffer, to topic: Topic, audience: Audience, seq: Int64) { publish(frame, to: topic, audience: audience) }
 
     func streamStarted(_ stream: LiveStream, frame: ByteBuffer) { publish(frame, to: stream.topic) }
-    func streamToken(_ stream: LiveStream, seq: Int64, frame: ByteBuffer) { publish(frame, to: stream.topic) }
+    func streamToken(_ stream: LiveStream, seq: Int64, frame: ByteBuffer, layout: TokenLayout?) { publish(frame, to: stream.topic) }
     func streamExtra(_ stream: LiveStream, frame: ByteBuffer, audience: Audience) { publish(frame, to: stream.topic, audience: audience) }
 
     func streamEnded(_ stream: LiveStream, frame: ByteBuffer, ownerFrame: ByteBuffer?) {
@@ -98,6 +100,10 @@ struct LocalBroker: Broker {
 
     func publish(_ frame: ByteBuffer, to topic: Topic, audience: Audience) {
         hub.deliver(frame, to: topic, audience: audience)
+    }
+
+    func streamToken(_ stream: LiveStream, seq: Int64, frame: ByteBuffer, layout: TokenLayout?) {
+        hub.deliver(frame, to: stream.topic, audience: .everyone, token: layout)
     }
 }
 
@@ -310,9 +316,11 @@ final class SocketHub: Sendable {
 
     /// Writes `frame` to every subscriber of `topic` that `audience` admits (a socket cut off or
     /// closed since it subscribed writes nothing; its close unsubscribes it).
-    func deliver(_ frame: ByteBuffer, to topic: Topic, audience: Audience) {
+    /// `token`: the frame is that token of a stream (sockets that join tokens may join it with
+    /// the ones before or after it).
+    func deliver(_ frame: ByteBuffer, to topic: Topic, audience: Audience, token: TokenLayout? = nil) {
         let groups = state.withLock { $0.groups(of: topic) }
-        FanOut.send(frame, to: groups, audience: audience, delay: fanOutDelay)
+        FanOut.send(frame, to: groups, audience: audience, delay: fanOutDelay, token: token)
     }
 
     private func subscribe(_ connection: ClientConnection, to topic: Topic, _ s: inout State) {
@@ -353,6 +361,7 @@ struct StreamHistory {
     }
 
     private let capacity: Int
+    private let stream: String
     /// What every token frame of the stream starts with, `{"type":"token","stream":"…","seq":`
     /// (empty when frames are not laid out as expected: each is then kept whole).
     private let head: [UInt8]
@@ -367,6 +376,7 @@ struct StreamHistory {
 
     init(capacity: Int, stream: String) {
         self.capacity = max(1, capacity)
+        self.stream = stream
         let empty = ServerFrame.token(stream: stream, seq: 0, text: "")
         let seq = Array(#""seq":"#.utf8)
         let cut = empty.indices.first { empty[$0...].starts(with: seq) }.map { $0 + seq.count } ?? 0
@@ -380,7 +390,10 @@ struct StreamHistory {
     var keptBytes: Int { bytes.count - start }
 
     /// Keeps token `seq`, which must follow the last, evicting the oldest beyond capacity.
-    mutating func append(seq: Int64, frame: ByteBuffer) {
+    /// Returns where the frame's seq and text lie when it is laid out as a token frame of the
+    /// stream (a socket that joins tokens needs them), nil otherwise.
+    @discardableResult
+    mutating func append(seq: Int64, frame: ByteBuffer) -> TokenLayout? {
         precondition(seq == lastSeq + 1, "token seqs must be contiguous")
         lastSeq = seq
         if entries.count == capacity {
@@ -396,15 +409,16 @@ struct StreamHistory {
                 start = 0
             }
         }
-        let whole = frame.withUnsafeReadableBytes { raw -> Bool in
+        let text = frame.withUnsafeReadableBytes { raw -> Int? in
             guard let rest = Self.rest(of: raw, head: head, seq: seq) else {
                 bytes.append(contentsOf: raw)
-                return true
+                return nil
             }
             bytes.append(contentsOf: UnsafeRawBufferPointer(rebasing: raw[rest...]))
-            return false
+            return rest
         }
-        entries.append(Entry(end: bytes.count, whole: whole))
+        entries.append(Entry(end: bytes.count, whole: text == nil))
+        return text.flatMap { TokenLayout(frame, stream: stream, seq: seq, seqAt: head.count, textAt: $0 + 1) }
     }
 
     /// Where the text starts in a token frame of seq `seq` that is `head`, the seq, `middle`,

@@ -32,18 +32,26 @@ public final class ClientConnection: Sendable {
     private let flushes: FlushBatch
     /// Loop-confined: how frames reach the socket, and whether a flush is due.
     private let output: NIOLoopBoundBox<Output>
+    /// The client asked for consecutive tokens of a stream that wait for the same flush to come
+    /// as one frame (`?coalesce=tokens`; `HeldTokens`).
+    let joinsTokens: Bool
 
     private struct Output {
         /// The WebSocket encoder's context, when frames need nothing from the pipeline (no
         /// permessage-deflate): a frame encoded once is written past the encoder to every socket.
         var pastEncoder: ChannelHandlerContext?
         var flushDue = false
+        /// Tokens waiting for the flush, when the socket joins tokens.
+        var held: HeldTokens?
+        /// A close frame was written: no token held goes after it.
+        var closeWritten = false
     }
 
     init(
         id: String, identity: Identity, channel: any Channel, remoteIP: String? = nil, maxQueuedBytes: Int = 4 * 1024 * 1024,
-        slowReaderCutOffs: Counter? = nil, flushes: FlushBatch? = nil
+        slowReaderCutOffs: Counter? = nil, flushes: FlushBatch? = nil, joinsTokens: Bool = false
     ) {
+        self.joinsTokens = joinsTokens
         self.remoteIP = remoteIP ?? channel.remoteAddress?.ipAddress
         self.slowReaderCutOffs = slowReaderCutOffs
         self.id = id
@@ -85,7 +93,8 @@ public final class ClientConnection: Sendable {
     /// Sends one text message behind every task already queued for the socket's loop, even when
     /// called on that loop: a stream's token published there (a `TokenPump`) must not overtake
     /// the replay a resume handed over from another thread a moment before.
-    func sendBehindQueued(_ buffer: ByteBuffer) {
+    /// `token`: the buffer is that token of a stream (`writeOnLoop`).
+    func sendBehindQueued(_ buffer: ByteBuffer, token: TokenLayout? = nil) {
         guard !cutOff.load(ordering: .relaxed) else { return }
         let loop = channel.eventLoop
         let size = buffer.readableBytes
@@ -96,15 +105,37 @@ public final class ClientConnection: Sendable {
         }
         loop.execute {
             self.inTransit.wrappingSubtract(size, ordering: .relaxed)
-            self.writeOnLoop(buffer, encoded: nil)
+            self.writeOnLoop(buffer, encoded: nil, token: token)
         }
     }
 
     /// Writes one text message on the socket's loop: `encoded` is the whole WebSocket frame
     /// (`WireFrame.text(payload)`) when the caller encoded it once for many sockets. Flushed at
     /// the end of the loop's tick, so frames that queue for a socket leave in one `writev`.
-    func writeOnLoop(_ payload: ByteBuffer, encoded: ByteBuffer?) {
+    /// `token`: the payload is that token of a stream; a socket that joins tokens holds it until
+    /// the flush (or the next frame that is not the stream's next token), joined with the ones
+    /// that follow it meanwhile.
+    func writeOnLoop(_ payload: ByteBuffer, encoded: ByteBuffer?, token: TokenLayout? = nil) {
         guard !cutOff.load(ordering: .relaxed) else { return }
+        if joinsTokens {
+            if let token {
+                if output.value.held?.continues(with: token) == true {
+                    output.value.held!.append(payload, layout: token)
+                    return  // its flush is due already
+                }
+                writeHeld()
+                output.value.held = HeldTokens(payload, encoded: encoded, layout: token)
+                flushDue()
+                return
+            }
+            // Whatever follows a token goes after it.
+            writeHeld()
+        }
+        write(payload, encoded: encoded)
+        flushDue()
+    }
+
+    private func write(_ payload: ByteBuffer, encoded: ByteBuffer?) {
         // Not written inside an access to `output`: a failed write can close the channel at once,
         // and its close handler clears `output` (an overlapping access would trap).
         if let encoder = output.value.pastEncoder {
@@ -112,15 +143,28 @@ public final class ClientConnection: Sendable {
         } else {
             channel.write(WebSocketFrame(fin: true, opcode: WireFrame.opcode(of: payload), data: payload), promise: nil)
         }
+    }
+
+    private func flushDue() {
         if !output.value.flushDue {
             output.value.flushDue = true
             flushes.add(self)
         }
     }
 
+    /// Writes the tokens held, one frame for all of them.
+    private func writeHeld() {
+        guard let held = output.value.held else { return }
+        output.value.held = nil
+        guard !cutOff.load(ordering: .relaxed), !output.value.closeWritten else { return }
+        let (payload, encoded) = flushes.joined(held, allocator: channel.allocator)
+        write(payload, encoded: encoded)
+    }
+
     /// The batch's flush: every frame written since the last one leaves now.
     fileprivate func flushOnLoop() {
         output.value.flushDue = false
+        if joinsTokens { writeHeld() }
         if let encoder = output.value.pastEncoder { encoder.flush() } else { channel.flush() }
     }
 
@@ -155,7 +199,10 @@ public final class ClientConnection: Sendable {
     func channelClosed() {
         lifecycle.withLock { $0.channelClosed() }
         // The context would keep the torn-down pipeline alive.
-        if channel.eventLoop.inEventLoop { output.value.pastEncoder = nil }
+        if channel.eventLoop.inEventLoop {
+            output.value.pastEncoder = nil
+            output.value.held = nil
+        }
     }
 
     /// The peer sent a close frame: answered when the peer started closing, the end of the
@@ -179,16 +226,27 @@ public final class ClientConnection: Sendable {
             channel.close(promise: nil)
             return channel.closeFuture
         case .sendCloseAndDrop(let answer):
-            channel.writeAndFlush(Self.closeFrame(answer, allocator: channel.allocator), promise: nil)
+            _ = writeClose(Self.closeFrame(answer, allocator: channel.allocator))
             channel.close(promise: nil)
             return channel.closeFuture
         case .sendClose(let answer):
             // Closed whether or not the close frame could be written (after a protocol error NIO
             // may already have shut the output): a socket is never left open behind a failed write.
-            return channel.writeAndFlush(Self.closeFrame(answer, allocator: channel.allocator)).recover { _ in }.flatMap {
+            return writeClose(Self.closeFrame(answer, allocator: channel.allocator)).recover { _ in }.flatMap {
                 Self.linger(channel)
             }.recover { _ in }
         }
+    }
+
+    /// Writes a close frame behind every frame handed to the socket before it, tokens held for
+    /// the flush included.
+    private func writeClose(_ frame: WebSocketFrame) -> EventLoopFuture<Void> {
+        guard joinsTokens else { return channel.writeAndFlush(frame) }
+        let loop = channel.eventLoop
+        guard loop.inEventLoop else { return loop.flatSubmit { self.writeClose(frame) } }
+        writeHeld()
+        output.value.closeWritten = true
+        return channel.writeAndFlush(frame)
     }
 
     func send(_ bytes: [UInt8]) {
@@ -251,13 +309,14 @@ enum FanOut {
 
     /// Writes `frame` to the members `audience` admits; `delay`, when given, records how long
     /// each loop took to get to the frame and write it.
-    static func send(_ frame: ByteBuffer, to groups: [Group], audience: Audience, delay: Timer? = nil) {
+    /// `token`: the frame is that token of a stream (`ClientConnection.writeOnLoop`).
+    static func send(_ frame: ByteBuffer, to groups: [Group], audience: Audience, delay: Timer? = nil, token: TokenLayout? = nil) {
         // A chat reply has one reader: its frame goes as a single socket's does. Every frame
         // goes behind the tasks queued for its loop, also when published on that loop, so it
         // never overtakes frames handed to the socket from another thread (a resume's replay).
         if groups.count == 1, groups[0].members.count == 1 {
             let only = groups[0].members[0]
-            if audience.admits(only) { only.sendBehindQueued(frame) }
+            if audience.admits(only) { only.sendBehindQueued(frame, token: token) }
             return
         }
         guard !groups.isEmpty else { return }
@@ -267,7 +326,7 @@ enum FanOut {
         let sent = delay == nil ? 0 : NIODeadline.now().uptimeNanoseconds
         for group in groups {
             group.loop.execute {
-                for member in group.members where everyone || audience.admits(member) { member.writeOnLoop(frame, encoded: encoded) }
+                for member in group.members where everyone || audience.admits(member) { member.writeOnLoop(frame, encoded: encoded, token: token) }
                 delay?.recordNanoseconds(Int64(NIODeadline.now().uptimeNanoseconds - sent))
             }
         }
@@ -281,10 +340,31 @@ enum FanOut {
 final class FlushBatch: Sendable {
     let loop: any EventLoop
     private let due: NIOLoopBoundBox<[ClientConnection]>
+    /// The last frame of joined tokens built on this loop, until its flush: the sockets of a room
+    /// that lag alike hold the same tokens and share one frame, encoded once.
+    private let lastJoined: NIOLoopBoundBox<Joined?>
+
+    private struct Joined {
+        var stream: String
+        var range: ClosedRange<Int64>
+        var payload: ByteBuffer
+        var encoded: ByteBuffer
+    }
 
     init(loop: any EventLoop) {
         self.loop = loop
         due = .makeBoxSendingValue([], as: [ClientConnection].self, eventLoop: loop)
+        lastJoined = .makeBoxSendingValue(nil, as: Joined?.self, eventLoop: loop)
+    }
+
+    /// The frame of `held`'s tokens and its whole WebSocket frame (nil: encode it when needed).
+    fileprivate func joined(_ held: HeldTokens, allocator: ByteBufferAllocator) -> (payload: ByteBuffer, encoded: ByteBuffer?) {
+        guard held.range.count > 1 else { return (held.firstFrame, held.firstEncoded) }
+        if let last = lastJoined.value, last.range == held.range, last.stream == held.first.stream { return (last.payload, last.encoded) }
+        let payload = held.joined(allocator: allocator)
+        let encoded = WireFrame.text(payload, allocator: allocator)
+        lastJoined.value = Joined(stream: held.first.stream, range: held.range, payload: payload, encoded: encoded)
+        return (payload, encoded)
     }
 
     fileprivate func add(_ connection: ClientConnection) {
@@ -296,6 +376,7 @@ final class FlushBatch: Sendable {
         let connections = due.value
         due.value = []
         for connection in connections { connection.flushOnLoop() }
+        lastJoined.value = nil
     }
 }
 

@@ -149,8 +149,8 @@ final class LiveStream: Sendable {
                 }
                 s.lastTokenAt = now
             }
-            s.history.append(seq: seq, frame: frame)
-            broker.streamToken(self, seq: seq, frame: frame)
+            let layout = s.history.append(seq: seq, frame: frame)
+            broker.streamToken(self, seq: seq, frame: frame, layout: layout)
         }
     }
 

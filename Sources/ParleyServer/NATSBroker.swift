@@ -394,8 +394,8 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
         }
     }
 
-    func streamToken(_ stream: LiveStream, seq: Int64, frame: ByteBuffer) {
-        local.streamToken(stream, seq: seq, frame: frame)
+    func streamToken(_ stream: LiveStream, seq: Int64, frame: ByteBuffer, layout: TokenLayout?) {
+        local.streamToken(stream, seq: seq, frame: frame, layout: layout)
         let updated = updateOrigin(stream) { origin -> Bool in
             origin.lastSeq = seq
             let headDue = !origin.held && ContinuousClock.now - origin.headAt > maxAge / 2

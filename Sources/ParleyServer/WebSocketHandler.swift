@@ -53,7 +53,7 @@ final class WebSocketHandler: ChannelInboundHandler {
                 close(context: context, code: .policyViolation, reason: "token expired")
             }
         }
-        send(ServerFrame.welcome(user: connection.identity.user), context: context)
+        send(ServerFrame.welcome(user: connection.identity.user, coalesce: connection.joinsTokens ? "tokens" : nil), context: context)
         services.welcomed(connection)  // scheduled messages that fired while no socket was open
         scheduleKeepalive(context: context)
     }

@@ -19,16 +19,18 @@ import Testing
     }
 
     final class Socket {
-        let loop = EmbeddedEventLoop()
+        let loop: EmbeddedEventLoop
         let channel: EmbeddedChannel
         let counter = FlushCounter()
         let connection: ClientConnection
 
-        init(batch: FlushBatch? = nil) throws {
-            channel = EmbeddedChannel(loop: loop)
+        init(batch: FlushBatch? = nil, loop: EmbeddedEventLoop? = nil, joinsTokens: Bool = false) throws {
+            self.loop = loop ?? EmbeddedEventLoop()
+            channel = EmbeddedChannel(loop: self.loop)
             try channel.pipeline.syncOperations.addHandlers([counter, WebSocketFrameEncoder()])
             try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
-            connection = ClientConnection(id: "c1", identity: Identity(user: "ann", role: nil), channel: channel, flushes: batch)
+            connection = ClientConnection(
+                id: "c1", identity: Identity(user: "ann", role: nil), channel: channel, flushes: batch, joinsTokens: joinsTokens)
             try connection.writePastEncoder()
         }
 
@@ -140,5 +142,127 @@ import Testing
         #expect(!channel.isActive)
         connection.send(ByteBuffer(string: "after"))  // a closed socket takes no more
         loop.run()
+    }
+}
+
+/// A socket that asked for `?coalesce=tokens`: the tokens of one stream that wait for the same
+/// flush leave as one frame, and nothing changes order or leaves later than it would have.
+@Suite struct TokenJoiningTests {
+    typealias Socket = FlushBatchTests.Socket
+
+    /// Token frames of `stream` as the server publishes them, with their layout.
+    struct Stream {
+        var history: StreamHistory
+        let id: String
+        init(_ id: String) {
+            self.id = id
+            history = StreamHistory(capacity: 64, stream: id)
+        }
+        mutating func token(_ seq: Int64, _ text: String) -> (ByteBuffer, TokenLayout) {
+            let frame = ByteBuffer(bytes: ServerFrame.token(stream: id, seq: seq, text: text[...]))
+            return (frame, history.append(seq: seq, frame: frame)!)
+        }
+    }
+
+    static func joining(batch: FlushBatch? = nil, loop: EmbeddedEventLoop? = nil) throws -> Socket {
+        try Socket(batch: batch, loop: loop, joinsTokens: true)
+    }
+
+    func frames(_ socket: Socket) throws -> [String] {
+        try socket.written().map { bytes -> String in
+            // Unmasked server frames with a 7-bit length, as these tests' frames are.
+            #expect(bytes[0] == 0x81 && bytes[1] < 126)
+            return String(decoding: bytes[2...], as: UTF8.self)
+        }
+    }
+
+    @Test func tokensOfOneTickLeaveAsOneFrameWithTheirRangeAndTextJoined() throws {
+        let socket = try Self.joining()
+        let plain = try Socket(loop: socket.loop)
+        var stream = Stream("st_1")
+        for (seq, text) in [(1, "He said "), (2, "\"hi\"\n"), (3, "é")] {
+            let (frame, layout) = stream.token(Int64(seq), text)
+            for connection in [socket.connection, plain.connection] { connection.sendBehindQueued(frame, token: layout) }
+        }
+        socket.loop.run()
+        let joined = try frames(socket)
+        #expect(joined == [#"{"type":"token","stream":"st_1","seq":3,"from":1,"text":"He said \"hi\"\né"}"#])
+        let parsed = try JSONValue.parse(Array(joined[0].utf8))
+        #expect(parsed["text"]?.stringValue == "He said \"hi\"\né" && parsed["from"]?.intValue == 1 && parsed["seq"]?.intValue == 3)
+        // A socket that did not ask gets every token as its own frame.
+        #expect(try frames(plain).count == 3)
+        #expect(socket.counter.flushes == 1)
+    }
+
+    @Test func aTokenAloneIsItsOwnFrameAndLeavesInItsTick() throws {
+        let socket = try Self.joining()
+        var stream = Stream("st_1")
+        for seq in 1...2 {
+            let (frame, layout) = stream.token(Int64(seq), "t\(seq)")
+            socket.connection.sendBehindQueued(frame, token: layout)
+            socket.loop.run()
+            #expect(try socket.written() == [Array(WireFrame.text(frame, allocator: ByteBufferAllocator()).readableBytesView)])
+            #expect(socket.counter.flushes == seq)
+        }
+    }
+
+    @Test func otherFramesAndOtherStreamsKeepTheirPlace() throws {
+        let socket = try Self.joining()
+        var one = Stream("st_1")
+        var two = Stream("st_2")
+        let sends: [(ByteBuffer, TokenLayout?)] = [
+            one.token(1, "a"), one.token(2, "b"), two.token(1, "x"), one.token(3, "c"), (ByteBuffer(string: #"{"type":"stream.end"}"#), nil),
+            one.token(4, "d"),
+        ].map { ($0.0, $0.1) }
+        for (frame, layout) in sends { socket.connection.sendBehindQueued(frame, token: layout) }
+        socket.loop.run()
+        #expect(
+            try frames(socket) == [
+                #"{"type":"token","stream":"st_1","seq":2,"from":1,"text":"ab"}"#,
+                #"{"type":"token","stream":"st_2","seq":1,"text":"x"}"#,
+                #"{"type":"token","stream":"st_1","seq":3,"text":"c"}"#,
+                #"{"type":"stream.end"}"#,
+                #"{"type":"token","stream":"st_1","seq":4,"text":"d"}"#,
+            ])
+    }
+
+    @Test func aCloseGoesAfterTheTokensHeldBeforeIt() throws {
+        let socket = try Self.joining()
+        var stream = Stream("st_1")
+        for seq in 1...2 {
+            let (frame, layout) = stream.token(Int64(seq), "t")
+            socket.connection.writeOnLoop(frame, encoded: nil, token: layout)
+        }
+        socket.connection.close(code: .goingAway, reason: "bye")
+        let (late, layout) = stream.token(3, "late")
+        socket.connection.writeOnLoop(late, encoded: nil, token: layout)
+        socket.loop.run()
+        let written = try socket.written()
+        #expect(String(decoding: written[0].dropFirst(2), as: UTF8.self) == #"{"type":"token","stream":"st_1","seq":2,"from":1,"text":"tt"}"#)
+        let rest = Array(written.dropFirst().joined())
+        #expect(rest.first == 0x88)  // FIN + close
+        #expect(!String(decoding: rest, as: UTF8.self).contains("late"))  // and no token after it
+    }
+
+    @Test func socketsOfOneLoopShareTheJoinedFrame() throws {
+        let first = try Self.joining()
+        let batch = FlushBatch(loop: first.loop)
+        let a = try Self.joining(batch: batch, loop: first.loop)
+        let b = try Self.joining(batch: batch, loop: first.loop)
+        let group = FanOut.Group(loop: first.loop, members: [a.connection, b.connection])
+        var stream = Stream("st_9")
+        for seq in 1...4 {
+            let (frame, layout) = stream.token(Int64(seq), "w\(seq) ")
+            FanOut.send(frame, to: [group], audience: .everyone, token: layout)
+        }
+        first.loop.run()
+        let fromA = try a.channel.readOutbound(as: ByteBuffer.self)
+        let fromB = try b.channel.readOutbound(as: ByteBuffer.self)
+        #expect(fromA != nil && fromA == fromB)
+        // The same storage, not an equal copy: encoded once for the loop.
+        #expect(fromA?.withUnsafeReadableBytes { $0.baseAddress } == fromB?.withUnsafeReadableBytes { $0.baseAddress })
+        let text = fromA.map { String(decoding: $0.readableBytesView.dropFirst(2), as: UTF8.self) }
+        #expect(text == #"{"type":"token","stream":"st_9","seq":4,"from":1,"text":"w1 w2 w3 w4 "}"#)
+        #expect(try a.channel.readOutbound(as: ByteBuffer.self) == nil)
     }
 }

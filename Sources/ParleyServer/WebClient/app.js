@@ -54,7 +54,9 @@ const socket = {
   connect() {
     this.stopped = false;
     const scheme = location.protocol === "https:" ? "wss" : "ws";
-    const ws = new WebSocket(`${scheme}://${location.host}/v1/ws?token=${encodeURIComponent(state.token)}`);
+    // Joined tokens: under load a frame may carry several tokens of a stream (`onToken` appends
+    // the text and keeps the last seq either way).
+    const ws = new WebSocket(`${scheme}://${location.host}/v1/ws?coalesce=tokens&token=${encodeURIComponent(state.token)}`);
     this.ws = ws;
     ws.binaryType = "arraybuffer";  // a voiced reply's audio (PROTOCOL.md, Voice)
     setConnection("connecting…");
