@@ -45,6 +45,10 @@ public final class ClientConnection: Sendable {
         var held: HeldTokens?
         /// A close frame was written: no token held goes after it.
         var closeWritten = false
+        /// Frames of tokens written and not yet taken by the kernel (the peer's window and the
+        /// socket's buffer are full): tokens that come meanwhile are held and joined until the
+        /// last of them is.
+        var tokenFramesInFlight = 0
     }
 
     init(
@@ -121,7 +125,9 @@ public final class ClientConnection: Sendable {
             if let token {
                 if output.value.held?.continues(with: token) == true {
                     output.value.held!.append(payload, layout: token)
-                    return  // its flush is due already
+                    // Held tokens count against the socket's bound as queued frames do.
+                    if output.value.held!.bytes > maxQueuedBytes { cutOffSlowReader() }
+                    return  // its flush is due already, or the frame in flight will write it
                 }
                 writeHeld()
                 output.value.held = HeldTokens(payload, encoded: encoded, layout: token)
@@ -135,13 +141,13 @@ public final class ClientConnection: Sendable {
         flushDue()
     }
 
-    private func write(_ payload: ByteBuffer, encoded: ByteBuffer?) {
+    private func write(_ payload: ByteBuffer, encoded: ByteBuffer?, promise: EventLoopPromise<Void>? = nil) {
         // Not written inside an access to `output`: a failed write can close the channel at once,
         // and its close handler clears `output` (an overlapping access would trap).
         if let encoder = output.value.pastEncoder {
-            encoder.write(NIOAny(encoded ?? WireFrame.text(payload, allocator: channel.allocator)), promise: nil)
+            encoder.write(NIOAny(encoded ?? WireFrame.text(payload, allocator: channel.allocator)), promise: promise)
         } else {
-            channel.write(WebSocketFrame(fin: true, opcode: WireFrame.opcode(of: payload), data: payload), promise: nil)
+            channel.write(WebSocketFrame(fin: true, opcode: WireFrame.opcode(of: payload), data: payload), promise: promise)
         }
     }
 
@@ -158,13 +164,24 @@ public final class ClientConnection: Sendable {
         output.value.held = nil
         guard !cutOff.load(ordering: .relaxed), !output.value.closeWritten else { return }
         let (payload, encoded) = flushes.joined(held, allocator: channel.allocator)
-        write(payload, encoded: encoded)
+        let written = channel.eventLoop.makePromise(of: Void.self)
+        output.value.tokenFramesInFlight += 1
+        written.futureResult.whenComplete { _ in self.tokensWritten() }
+        write(payload, encoded: encoded, promise: written)
     }
 
-    /// The batch's flush: every frame written since the last one leaves now.
+    /// A frame of tokens reached the kernel (or the socket closed): tokens held meanwhile go
+    /// with the next flush.
+    private func tokensWritten() {
+        output.value.tokenFramesInFlight -= 1
+        if output.value.tokenFramesInFlight == 0, output.value.held != nil { flushDue() }
+    }
+
+    /// The batch's flush: every frame written since the last one leaves now. Tokens held wait
+    /// while a frame of tokens is still on its way: they could not leave before it anyway.
     fileprivate func flushOnLoop() {
         output.value.flushDue = false
-        if joinsTokens { writeHeld() }
+        if joinsTokens, output.value.tokenFramesInFlight == 0 { writeHeld() }
         if let encoder = output.value.pastEncoder { encoder.flush() } else { channel.flush() }
     }
 

@@ -29,8 +29,9 @@ struct TokenLayout: Sendable {
 /// Consecutive tokens of one stream waiting for their socket's flush (`ClientConnection`): one
 /// goes as its own frame, several as one `token` frame whose `from` is the first one's seq,
 /// `seq` the last one's and `text` their texts joined. They would have left in the same
-/// `writev` anyway: a socket that lags behind its stream (a burst, a busy loop) gets fewer,
-/// larger frames and no token later than it would have.
+/// `writev` anyway, or waited behind the last frame of tokens the kernel has not taken yet: a
+/// socket that lags behind its stream (a burst, a busy loop, a slow reader) gets fewer, larger
+/// frames and no token later than it would have.
 struct HeldTokens {
     private(set) var first: TokenLayout
     private(set) var firstFrame: ByteBuffer
@@ -39,12 +40,15 @@ struct HeldTokens {
     /// The tokens after the first, with where each one's text starts.
     private(set) var more: [(frame: ByteBuffer, textAt: Int)] = []
     private(set) var last: Int64
+    /// The bytes of the frames held.
+    private(set) var bytes: Int
 
     init(_ frame: ByteBuffer, encoded: ByteBuffer?, layout: TokenLayout) {
         first = layout
         firstFrame = frame
         firstEncoded = encoded
         last = layout.seq
+        bytes = frame.readableBytes
     }
 
     /// Whether `layout`'s token is the next one of the same stream.
@@ -55,6 +59,7 @@ struct HeldTokens {
     mutating func append(_ frame: ByteBuffer, layout: TokenLayout) {
         more.append((frame, layout.textAt))
         last = layout.seq
+        bytes += frame.readableBytes
     }
 
     /// The range of tokens held: what a joined frame of them says.

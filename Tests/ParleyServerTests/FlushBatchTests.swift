@@ -265,4 +265,76 @@ import Testing
         #expect(text == #"{"type":"token","stream":"st_9","seq":4,"from":1,"text":"w1 w2 w3 w4 "}"#)
         #expect(try a.channel.readOutbound(as: ByteBuffer.self) == nil)
     }
+
+    /// A socket whose kernel takes nothing until `drain`: writes stay pending in NIO, their
+    /// promises open, as when the peer's window and the socket's buffer are full.
+    final class Stall: ChannelOutboundHandler {
+        typealias OutboundIn = ByteBuffer
+        typealias OutboundOut = ByteBuffer
+        var pending: [(ByteBuffer, EventLoopPromise<Void>?)] = []
+        var context: ChannelHandlerContext?
+        func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+        func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+            pending.append((unwrapOutboundIn(data), promise))
+        }
+        func flush(context: ChannelHandlerContext) {}
+        func drain() {
+            guard let context else { return }
+            let writes = pending
+            pending = []
+            for (buffer, promise) in writes { context.write(wrapOutboundOut(buffer), promise: promise) }
+            context.flush()
+        }
+    }
+
+    @Test func tokensWaitingBehindAFrameTheKernelHasNotTakenLeaveAsOneFrameOnceItHas() throws {
+        let socket = try Self.joining()
+        let stall = Stall()
+        try socket.channel.pipeline.syncOperations.addHandler(stall, position: .first)
+        var stream = Stream("st_7")
+        // Token 1 leaves at once; 2 to 5 come one tick each while the kernel takes nothing.
+        for seq in 1...5 {
+            let (frame, layout) = stream.token(Int64(seq), "t\(seq) ")
+            socket.connection.sendBehindQueued(frame, token: layout)
+            socket.loop.run()
+        }
+        #expect(stall.pending.count == 1)
+        stall.drain()
+        socket.loop.run()
+        #expect(stall.pending.count == 1)  // the joined frame, written as the first was taken
+        stall.drain()
+        socket.loop.run()
+        #expect(
+            try frames(socket) == [
+                #"{"type":"token","stream":"st_7","seq":1,"text":"t1 "}"#,
+                #"{"type":"token","stream":"st_7","seq":5,"from":2,"text":"t2 t3 t4 t5 "}"#,
+            ])
+        // Once the kernel keeps up, each token goes as it comes.
+        let (sixth, layout) = stream.token(6, "t6")
+        socket.connection.sendBehindQueued(sixth, token: layout)
+        socket.loop.run()
+        stall.drain()
+        #expect(try frames(socket) == [#"{"type":"token","stream":"st_7","seq":6,"text":"t6"}"#])
+    }
+
+    @Test func tokensHeldForASocketThatTakesNothingCountAgainstItsBound() throws {
+        let loop = EmbeddedEventLoop()
+        let channel = EmbeddedChannel(loop: loop)
+        let stall = Stall()
+        try channel.pipeline.syncOperations.addHandlers([stall, WebSocketFrameEncoder()])
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        let connection = ClientConnection(
+            id: "c1", identity: Identity(user: "ann", role: nil), channel: channel, maxQueuedBytes: 4_000, joinsTokens: true)
+        try connection.writePastEncoder()
+        var stream = Stream("st_8")
+        var seq: Int64 = 0
+        while connection.isActive, seq < 1_000 {
+            seq += 1
+            let (frame, layout) = stream.token(seq, String(repeating: "x", count: 50))
+            connection.sendBehindQueued(frame, token: layout)
+            loop.run()
+        }
+        // About 4,000 bytes of 100-byte token frames, not a thousand of them.
+        #expect(!connection.isActive && seq > 30 && seq < 60)
+    }
 }
