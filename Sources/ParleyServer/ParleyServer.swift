@@ -343,8 +343,9 @@ public final class ParleyServer: Sendable {
             automaticErrorHandling: false,
             shouldUpgrade: { channel, head in
                 // A malformed handshake is declined, and the HTTP handler answers what is wrong.
-                guard HTTPRequest(head: head, body: nil).path == "/v1/ws",
-                    WebSocketHandshake.problem(method: head.method, version: head.version, headers: head.headers) == nil
+                let request = HTTPRequest(head: head, body: nil)
+                guard request.path == "/v1/ws",
+                    WebSocketHandshake.problem(method: head.method, version: head.version, headers: head.headers, query: request.query) == nil
                 else {
                     return channel.eventLoop.makeSucceededFuture(nil)
                 }

@@ -172,7 +172,9 @@ struct RESTAPI: Sendable {
                         .tooManyRequests, .rateLimited, "too many WebSocket handshakes from this address; try again shortly",
                         headers: ["retry-after": "1"])
                 }
-                if let problem = WebSocketHandshake.problem(method: request.method, version: request.version, headers: request.headers) {
+                if let problem = WebSocketHandshake.problem(
+                    method: request.method, version: request.version, headers: request.headers, query: request.query)
+                {
                     throw problem
                 }
                 _ = try await authenticate(request)

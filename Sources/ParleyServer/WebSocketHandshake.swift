@@ -6,7 +6,8 @@ import NIOHTTP1
 enum WebSocketHandshake {
     /// The answer to a malformed handshake; nil when the request is well formed or asks for no
     /// upgrade (then 426 says how to ask).
-    static func problem(method: HTTPMethod, version: HTTPVersion, headers: HTTPHeaders) -> APIError? {
+    /// `query`: the request's query parameters (`coalesce` must name what it joins).
+    static func problem(method: HTTPMethod, version: HTTPVersion, headers: HTTPHeaders, query: [String: String] = [:]) -> APIError? {
         guard hasToken("websocket", in: headers["upgrade"]) else { return nil }
         let supported = ["sec-websocket-version": "13"] as HTTPHeaders
         if method != .GET {
@@ -31,6 +32,9 @@ enum WebSocketHandshake {
         }
         if versions != ["13"] {
             return APIError(.upgradeRequired, .badRequest, "this server speaks WebSocket version 13 only", headers: supported)
+        }
+        if let coalesce = query["coalesce"], coalesce != "tokens" {
+            return APIError(.badRequest, .badRequest, "coalesce=tokens is the one thing a socket can ask to have joined")
         }
         return nil
     }

@@ -253,6 +253,7 @@ def without(name):
     ("no Host", without("Host"), None, 400),
     ("HTTP/1.0", GOOD, "GET /v1/ws?token={token} HTTP/1.0", 400),
     ("a POST", GOOD + ["Content-Length: 0"], "POST /v1/ws?token={token} HTTP/1.1", 405),
+    ("joined what?", GOOD, "GET /v1/ws?coalesce=words&token={token} HTTP/1.1", 400),
 ])
 def test_a_malformed_handshake_gets_its_status(ws_server, case, lines, request_line, status):
     got, headers, body = raw_handshake(ws_server, lines, *([request_line] if request_line else []))
