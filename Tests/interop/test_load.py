@@ -49,6 +49,18 @@ def test_debate_measures_fan_out_to_every_member(data_dir):
         assert server.stop() == 0
 
 
+def test_debate_with_joined_tokens_counts_and_times_every_token_of_every_frame(data_dir):
+    # Unpaced: tokens come faster than a flush, so members get frames of several.
+    server = Server(data_dir, "--sim-ttft-ms", "0", "--sim-tokens-per-sec", "0", "--sim-reply-tokens", "50")
+    try:
+        report, table = load(server, data_dir, "debate", "--members", "20", "--rounds", "1", "--turn-tokens", "50", "--coalesce")
+        # Two turns of 50 tokens, each to 20 members: each token timed, however it came.
+        assert report["latency"]["fanout_delay"]["count"] == 2 * 50 * 20 and report["counters"]["tokens"] == 2000
+        assert report["server"]["cpu_us_per_token_delivered"] >= 0 and "per token" in table
+    finally:
+        assert server.stop() == 0
+
+
 def test_deflate_reports_bytes_on_the_wire_beside_the_json(data_dir):
     server = Server(data_dir, "--sim-ttft-ms", "0", "--sim-tokens-per-sec", "200", "--sim-reply-tokens", "10")
     try:

@@ -147,8 +147,14 @@ final class ClosedLoopChatRole: SocketRole {
         case .streamStart:
             started = true
         case .token:
-            socket.recorder.tokens += 1
-            if let gap = clock.tick(nanos) { socket.recorder.record(.gap, nanos: gap) } else { socket.recorder.record(.ttft, nanos: nanos &- sentAt) }
+            for _ in 0..<bytes.tokenCount {
+                socket.recorder.tokens += 1
+                if let gap = clock.tick(nanos) {
+                    socket.recorder.record(.gap, nanos: gap)
+                } else {
+                    socket.recorder.record(.ttft, nanos: nanos &- sentAt)
+                }
+            }
         case .streamEnd:
             socket.recorder.record(.stream, nanos: nanos &- sentAt)
             socket.recorder.streams += 1

@@ -31,6 +31,9 @@ struct TargetOptions: ParsableArguments {
     @Flag(help: "Offer permessage-deflate and decompress what the server compresses; the report gives bytes on the wire beside bytes of JSON.")
     var deflate = false
 
+    @Flag(help: "Ask for joined tokens (?coalesce=tokens), as the browser client does; each token of a frame counts as arriving with it.")
+    var coalesce = false
+
     @Option(help: "Write the report as JSON to this file.")
     var json: String?
 
@@ -57,7 +60,7 @@ struct TargetOptions: ParsableArguments {
     }
 
     func run(_ scenario: String) -> LoadRun {
-        LoadRun(scenario: scenario, host: host, port: port, threads: threads, serverPID: serverPid, deflate: deflate)
+        LoadRun(scenario: scenario, host: host, port: port, threads: threads, serverPID: serverPid, deflate: deflate, coalesce: coalesce)
     }
 
     var rest: RESTClient { RESTClient(base: "http://\(host.contains(":") ? "[\(host)]" : host):\(port)") }

@@ -22,10 +22,13 @@ final class LoadRun: @unchecked Sendable {
 
     /// Whether sockets offer permessage-deflate.
     let deflate: Bool
+    /// Whether sockets ask for joined tokens (`?coalesce=tokens`), as the browser client does.
+    let coalesce: Bool
 
-    init(scenario: String, host: String, port: Int, threads: Int, serverPID: Int32?, deflate: Bool = false) {
+    init(scenario: String, host: String, port: Int, threads: Int, serverPID: Int32?, deflate: Bool = false, coalesce: Bool = false) {
         self.scenario = scenario
         self.deflate = deflate
+        self.coalesce = coalesce
         self.host = host
         self.port = port
         group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
@@ -43,7 +46,10 @@ final class LoadRun: @unchecked Sendable {
     func connect(tokens: [String], width: Int = 64) async throws -> [LoadSocket] {
         let recorders = self.recorders
         return try await boundedMap(tokens.count, width: width) { index in
-            try await openSocket(group: self.group, host: self.host, port: self.port, token: tokens[index], index: index, deflate: self.deflate) {
+            try await openSocket(
+                group: self.group, host: self.host, port: self.port, token: tokens[index], index: index, deflate: self.deflate,
+                coalesce: self.coalesce
+            ) {
                 recorders[ObjectIdentifier($0)]!
             }
         }
@@ -130,15 +136,20 @@ final class LoadRun: @unchecked Sendable {
                 + (total.errors.isEmpty ? "none" : total.errors.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")))
         if let server {
             let perFrame = total.frames > 0 ? server.cpu / Double(total.frames) * 1e6 : 0
+            // With joined tokens a frame may carry many: the cost per token is the one to compare.
+            let perToken = total.tokens > 0 ? server.cpu / Double(total.tokens) * 1e6 : 0
             report["server"] = [
                 "cpu_s": server.cpu, "cpu_utilization": server.cpu / seconds, "rss_start_bytes": server.rssStart,
                 "rss_end_bytes": server.rssEnd, "rss_peak_bytes": server.rssPeak, "cpu_us_per_frame_delivered": perFrame,
+                "cpu_us_per_token_delivered": perToken,
             ]
             print(
                 String(
-                    format: "server: %.2f CPU-s (%.0f%% of one core), %.1f µs CPU per frame delivered, RSS %.1f → %.1f MiB (peak %.1f)",
-                    server.cpu, server.cpu / seconds * 100, perFrame, Double(server.rssStart) / 1_048_576, Double(server.rssEnd) / 1_048_576,
-                    Double(server.rssPeak) / 1_048_576))
+                    format:
+                        "server: %.2f CPU-s (%.0f%% of one core), %.1f µs CPU per frame delivered (%.2f per token), "
+                        + "RSS %.1f → %.1f MiB (peak %.1f)",
+                    server.cpu, server.cpu / seconds * 100, perFrame, perToken, Double(server.rssStart) / 1_048_576,
+                    Double(server.rssEnd) / 1_048_576, Double(server.rssPeak) / 1_048_576))
         }
         if let client {
             let utilization = client.cpu / seconds

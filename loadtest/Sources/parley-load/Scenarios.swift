@@ -69,11 +69,14 @@ final class ChatRole: SocketRole {
         switch type {
         case .token:
             guard let stream = bytes.hash(.stream), var track = streams[stream] else { return }
-            socket.recorder.tokens += 1
-            if let gap = track.clock.tick(nanos) {
-                socket.recorder.recordGap(gap, nominal: nominalGap)
-            } else {
-                socket.recorder.record(.ttft, nanos: nanos &- track.scheduled)
+            // A joined frame's tokens all arrive with it.
+            for _ in 0..<bytes.tokenCount {
+                socket.recorder.tokens += 1
+                if let gap = track.clock.tick(nanos) {
+                    socket.recorder.recordGap(gap, nominal: nominalGap)
+                } else {
+                    socket.recorder.record(.ttft, nanos: nanos &- track.scheduled)
+                }
             }
             streams[stream] = track
         case .streamStart:
@@ -110,9 +113,12 @@ final class ListenerRole: SocketRole {
     func received(_ type: FrameType, _ bytes: ByteBufferView, at nanos: UInt64, on socket: LoadSocket) {
         switch type {
         case .token:
-            socket.recorder.tokens += 1
-            guard let seq = bytes.int(.seq), let token = bytes.hash(.stream, UInt64(seq)) else { return }
-            socket.recorder.arrivals.append((token, nanos))
+            guard let seqs = bytes.tokenSeqs else { return }
+            socket.recorder.tokens += seqs.count
+            for seq in seqs {
+                guard let token = bytes.hash(.stream, UInt64(seq)) else { return }
+                socket.recorder.arrivals.append((token, nanos))
+            }
         case .roomState:
             joined.tick()
         case .roomEvent:
@@ -177,12 +183,14 @@ final class TranslatorRole: SocketRole {
             guard let stream = bytes.hash(.stream), let source = bytes.hash(.source) else { return }
             streams[stream] = (source, TokenClock())
         case .token:
-            socket.recorder.tokens += 1
+            socket.recorder.tokens += bytes.tokenCount
             guard let stream = bytes.hash(.stream), var track = streams[stream] else { return }
-            if let gap = track.clock.tick(nanos) {
-                socket.recorder.recordGap(gap, nominal: nominalGap)
-            } else {
-                socket.recorder.arrivals.append((track.source, nanos))
+            for _ in 0..<bytes.tokenCount {
+                if let gap = track.clock.tick(nanos) {
+                    socket.recorder.recordGap(gap, nominal: nominalGap)
+                } else {
+                    socket.recorder.arrivals.append((track.source, nanos))
+                }
             }
             streams[stream] = track
         case .streamEnd:

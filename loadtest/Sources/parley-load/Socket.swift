@@ -66,7 +66,7 @@ struct Needle: Sendable {
 
     static let stream = Needle("stream"), ref = Needle("ref"), source = Needle("source"), event = Needle("event")
     static let id = Needle("id"), user = Needle("user"), text = Needle("text"), code = Needle("code")
-    static let seq = Needle("seq", quoted: false)
+    static let seq = Needle("seq", quoted: false), from = Needle("from", quoted: false)
 }
 
 extension ByteBufferView {
@@ -98,6 +98,16 @@ extension ByteBufferView {
         guard let range = valueRange(needle), !range.isEmpty else { return nil }
         return withUnsafeBytes { raw in raw[range].reduce(0) { $0 * 10 + Int64($1 - 0x30) } }
     }
+
+    /// The seqs a token frame carries: `from`…`seq` when it joins several (`--coalesce`), else `seq`.
+    var tokenSeqs: ClosedRange<Int64>? {
+        guard let last = int(.seq) else { return nil }
+        let first = int(.from) ?? last
+        return first <= last ? first...last : nil
+    }
+
+    /// How many tokens a token frame carries (1 unless joined).
+    var tokenCount: Int { tokenSeqs?.count ?? 1 }
 }
 
 /// What a scenario does with one socket's frames. Called on the socket's event loop only.
@@ -205,7 +215,7 @@ struct UpgradeRefused: Error, CustomStringConvertible {
 
 /// Opens one authenticated socket; `recorder` belongs to the event loop the socket lands on.
 func openSocket(
-    group: any EventLoopGroup, host: String, port: Int, token: String, index: Int, deflate: Bool = false,
+    group: any EventLoopGroup, host: String, port: Int, token: String, index: Int, deflate: Bool = false, coalesce: Bool = false,
     recorderFor: @escaping @Sendable (any EventLoop) -> Recorder
 ) async throws -> LoadSocket {
     var headers = HTTPHeaders()
@@ -213,7 +223,7 @@ func openSocket(
     headers.add(name: "host", value: "\(host):\(port)")
     headers.add(name: "content-length", value: "0")
     headers.add(name: "authorization", value: "Bearer \(token)")
-    let head = HTTPRequestHead(version: .http1_1, method: .GET, uri: "/v1/ws", headers: headers)
+    let head = HTTPRequestHead(version: .http1_1, method: .GET, uri: coalesce ? "/v1/ws?coalesce=tokens" : "/v1/ws", headers: headers)
     let started = nowNanos()
     let upgrade: EventLoopFuture<LoadSocket?> = try await ClientBootstrap(group: group)
         .channelOption(.socketOption(.tcp_nodelay), value: 1)
