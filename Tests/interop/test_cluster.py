@@ -161,6 +161,43 @@ def test_a_node_killed_mid_reply_is_finished_by_another_for_every_tab(start_node
     assert status == 200, health
 
 
+def test_a_tab_on_another_node_that_asks_for_joined_tokens_reads_the_reply_whole(start_node):
+    """Node A streams Alice's reply unpaced; her tab on B asked for joined tokens (`?coalesce=tokens`)
+    and follows it through NATS: every seq once, in order, the same text as her tab on A."""
+    args = ["--sim-ttft-ms", "0", "--sim-tokens-per-sec", "0", "--sim-reply-tokens", "300", "--starting-credits", "100000"]
+    a = start_node("node-a", *args)
+    b = start_node("node-b", *args)
+    alice = token("alice")
+    status, clone = a.http("POST", "/v1/clones", alice, {"name": "Ada"})
+    assert status == 201, clone
+
+    async def read(ws):
+        text, spans = "", []
+        while True:
+            frame = json.loads(await asyncio.wait_for(ws.recv(), 20))
+            if frame["type"] == "token":
+                text += frame["text"]
+                spans.append((frame.get("from", frame["seq"]), frame["seq"]))
+            elif frame["type"] == "stream.end":
+                return text, spans, frame
+
+    async def scenario():
+        async with websockets.connect(f"{a.ws}?token={alice}") as on_a, \
+                websockets.connect(f"{b.ws}?coalesce=tokens&token={alice}") as on_b:
+            assert json.loads(await on_a.recv())["type"] == "welcome"
+            assert json.loads(await on_b.recv())["coalesce"] == "tokens"
+            await on_b.send(json.dumps({"type": "chat.cancel", "id": "probe", "stream": "st_none"}))  # B follows through NATS now
+            assert json.loads(await asyncio.wait_for(on_b.recv(), 10))["code"] == "not_found"
+            await on_a.send(json.dumps({"type": "chat.send", "id": "c1", "clone": clone["id"], "text": "tell me a long story"}))
+            return await asyncio.gather(read(on_a), read(on_b))
+
+    (text_a, spans_a, end_a), (text_b, spans_b, end_b) = asyncio.run(scenario())
+    assert end_a["reason"] == end_b["reason"] == "complete" and end_b["usage"]["output_tokens"] == 300
+    assert spans_a == [(n, n) for n in range(1, 301)], "A's plain tab: one token a frame"
+    assert [first for first, _ in spans_b] == [1] + [last + 1 for _, last in spans_b[:-1]] and spans_b[-1][1] == 300, spans_b
+    assert text_b == text_a
+
+
 def test_a_debate_whose_node_is_killed_mid_turn_goes_on_on_another_node(start_node):
     """Node A runs a debate (the moderator joined there first); the moderator's tab on node B
     watches. A is killed mid-turn. Within a lease period B takes A over: the tab gets the cut
