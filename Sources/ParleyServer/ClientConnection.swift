@@ -376,7 +376,7 @@ final class FlushBatch: Sendable {
 
     /// The frame of `held`'s tokens and its whole WebSocket frame (nil: encode it when needed).
     fileprivate func joined(_ held: HeldTokens, allocator: ByteBufferAllocator) -> (payload: ByteBuffer, encoded: ByteBuffer?) {
-        guard held.range.count > 1 else { return (held.firstFrame, held.firstEncoded) }
+        guard !held.more.isEmpty else { return (held.firstFrame, held.firstEncoded) }
         if let last = lastJoined.value, last.range == held.range, last.stream == held.first.stream { return (last.payload, last.encoded) }
         let payload = held.joined(allocator: allocator)
         let encoded = WireFrame.text(payload, allocator: allocator)

@@ -382,7 +382,7 @@ public final class ParleyServer: Sendable {
                     let connection = ClientConnection(
                         id: ids.make(.connection), identity: identity, channel: channel, remoteIP: api.clientIP(channel, head.headers),
                         maxQueuedBytes: configuration.maxQueuedBytesPerSocket, slowReaderCutOffs: slowReaders,
-                        flushes: flushes[channel.eventLoop], joinsTokens: HTTPRequest(head: head, body: nil).query["coalesce"] == "tokens")
+                        flushes: flushes[channel.eventLoop], joinsTokens: WebSocketHandshake.joinsTokens(HTTPRequest(head: head, body: nil).query))
                     let deflate = deflateAgreement(head, configuration)
                     try channel.pipeline.syncOperations.addHandler(WebSocketFrameValidator(allowsRSV1: deflate != nil))
                     if let deflate {

@@ -39,7 +39,6 @@ struct HeldTokens {
     private(set) var firstEncoded: ByteBuffer?
     /// The tokens after the first, with where each one's text starts.
     private(set) var more: [(frame: ByteBuffer, textAt: Int)] = []
-    private(set) var last: Int64
     /// The bytes of the frames held.
     private(set) var bytes: Int
 
@@ -47,9 +46,11 @@ struct HeldTokens {
         first = layout
         firstFrame = frame
         firstEncoded = encoded
-        last = layout.seq
         bytes = frame.readableBytes
     }
+
+    /// The seq of the last token held (they are consecutive).
+    var last: Int64 { first.seq + Int64(more.count) }
 
     /// Whether `layout`'s token is the next one of the same stream.
     func continues(with layout: TokenLayout) -> Bool {
@@ -58,7 +59,6 @@ struct HeldTokens {
 
     mutating func append(_ frame: ByteBuffer, layout: TokenLayout) {
         more.append((frame, layout.textAt))
-        last = layout.seq
         bytes += frame.readableBytes
     }
 

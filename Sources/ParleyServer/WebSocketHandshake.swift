@@ -33,11 +33,14 @@ enum WebSocketHandshake {
         if versions != ["13"] {
             return APIError(.upgradeRequired, .badRequest, "this server speaks WebSocket version 13 only", headers: supported)
         }
-        if let coalesce = query["coalesce"], coalesce != "tokens" {
+        if query["coalesce"] != nil, !joinsTokens(query) {
             return APIError(.badRequest, .badRequest, "coalesce=tokens is the one thing a socket can ask to have joined")
         }
         return nil
     }
+
+    /// Whether the handshake asks for joined tokens (`?coalesce=tokens`, PROTOCOL.md "Joined tokens").
+    static func joinsTokens(_ query: [String: String]) -> Bool { query["coalesce"] == "tokens" }
 
     /// Whether `key` is base64 of exactly 16 bytes, as section 4.1 says a client's key is.
     static func isValidKey(_ key: String) -> Bool {
