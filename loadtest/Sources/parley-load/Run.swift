@@ -227,5 +227,10 @@ func key(_ id: some Sequence<UInt8>, _ extra: UInt64 = 0) -> UInt64 {
         hash ^= UInt64(byte)
         hash = hash &* 0x0000_0100_0000_01B3
     }
-    return hash ^ (extra &* 0x9E37_79B9_7F4A_7C15)
+    return key(hash, mixing: extra)
+}
+
+/// `key(id, extra)` from `key(id)`: a stream's tokens keyed without hashing its id again.
+func key(_ hash: UInt64, mixing extra: UInt64) -> UInt64 {
+    hash ^ (extra &* 0x9E37_79B9_7F4A_7C15)
 }

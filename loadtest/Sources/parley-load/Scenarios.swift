@@ -115,10 +115,8 @@ final class ListenerRole: SocketRole {
         case .token:
             guard let seqs = bytes.tokenSeqs else { return }
             socket.recorder.tokens += seqs.count
-            for seq in seqs {
-                guard let token = bytes.hash(.stream, UInt64(seq)) else { return }
-                socket.recorder.arrivals.append((token, nanos))
-            }
+            guard let stream = bytes.hash(.stream) else { return }
+            for seq in seqs { socket.recorder.arrivals.append((key(stream, mixing: UInt64(seq)), nanos)) }
         case .roomState:
             joined.tick()
         case .roomEvent:
@@ -183,9 +181,10 @@ final class TranslatorRole: SocketRole {
             guard let stream = bytes.hash(.stream), let source = bytes.hash(.source) else { return }
             streams[stream] = (source, TokenClock())
         case .token:
-            socket.recorder.tokens += bytes.tokenCount
+            let count = bytes.tokenCount
+            socket.recorder.tokens += count
             guard let stream = bytes.hash(.stream), var track = streams[stream] else { return }
-            for _ in 0..<bytes.tokenCount {
+            for _ in 0..<count {
                 if let gap = track.clock.tick(nanos) {
                     socket.recorder.recordGap(gap, nominal: nominalGap)
                 } else {
