@@ -89,6 +89,7 @@ func main() {
 	moderator := flag.String("moderator", "mod", "")
 	room := flag.String("room", "", "")
 	coalesce := flag.Bool("coalesce", false, "Parley: ask for joined tokens")
+	breakdown := flag.Bool("breakdown", false, "also print (to stderr) the mean spread by tenth of the members and by member parity (the server's event loop when it has two), and percentiles of each token's largest spread")
 	flag.Parse()
 	conns := make([]*websocket.Conn, *n)
 	d := websocket.Dialer{ReadBufferSize: 65536}
@@ -193,6 +194,9 @@ func main() {
 			d2 = append(d2, x.t-first[x.key])
 		}
 	}
+	if *breakdown {
+		printBreakdown(arr, wire, first)
+	}
 	sort.Slice(d2, func(a, b int) bool { return d2[a] < d2[b] })
 	p := func(q float64) float64 {
 		if len(d2) == 0 {
@@ -203,4 +207,51 @@ func main() {
 	fmt.Printf("wire_frames=%d ", frames)
 	fmt.Printf("delivered=%d expected=%d secs=%.2f frames_per_s=%.0f spread_p50_ms=%.2f spread_p99_ms=%.2f spread_max_ms=%.2f server_cpu_s=%.2f server_us_per_frame=%.2f rss_kb_connected=%d rss_kb_end=%d\n",
 		total, *n**tokens, el, float64(total)/el, p(0.5), p(0.99), p(1.0), cpu1-cpu0, (cpu1-cpu0)*1e6/float64(total+1), rssConnected, rssEnd)
+}
+
+// printBreakdown says where the spread lies: by tenth of the members (in dial order), by member
+// parity (a server with two event loops takes accepted sockets in turn) and, per token, the spread
+// of its last member.
+func printBreakdown(arr [][]arrival, wire []int, first map[string]int64) {
+	var tenth [10]float64
+	var inTenth [10]int
+	var parity [2]float64
+	var inParity, framesParity [2]int
+	worst := map[string]int64{}
+	for i, a := range arr {
+		for _, x := range a {
+			d := x.t - first[x.key]
+			tenth[i*10/len(arr)] += float64(d) / 1e6
+			inTenth[i*10/len(arr)]++
+			parity[i%2] += float64(d) / 1e6
+			inParity[i%2]++
+			if d > worst[x.key] {
+				worst[x.key] = d
+			}
+		}
+		framesParity[i%2] += wire[i]
+	}
+	for k := range tenth {
+		fmt.Fprintf(os.Stderr, "members tenth %d: mean spread %.2f ms\n", k, tenth[k]/float64(atLeastOne(inTenth[k])))
+	}
+	for k := range parity {
+		fmt.Fprintf(os.Stderr, "members %d mod 2: mean spread %.2f ms, %d frames\n", k, parity[k]/float64(atLeastOne(inParity[k])), framesParity[k])
+	}
+	var last []float64
+	for _, v := range worst {
+		last = append(last, float64(v)/1e6)
+	}
+	if len(last) == 0 {
+		return
+	}
+	sort.Float64s(last)
+	fmt.Fprintf(os.Stderr, "a token's last member: spread p10 %.1f p50 %.1f p90 %.1f max %.1f ms\n",
+		last[len(last)/10], last[len(last)/2], last[len(last)*9/10], last[len(last)-1])
+}
+
+func atLeastOne(n int) int {
+	if n < 1 {
+		return 1
+	}
+	return n
 }

@@ -7,6 +7,7 @@
 # arriving with it) and `wire_frames` the frames that carried them. From the project's root after
 # `swift build -c release --product parley`:
 #   loadtest/bench-peers/run.sh [paced|burst] [members]
+# FANSPREAD_FLAGS=-breakdown adds, for the Parley rows, where the spread lies (fanspread.go says).
 # Needs what the shared one does: golang-go golang-github-gorilla-websocket-dev node-ws; pip websockets requests
 set -u
 here=$(cd "$(dirname "$0")" && pwd); root=$(pwd)
@@ -30,7 +31,7 @@ parley() { name=$1; shift
   for _ in $(seq 50); do curl -fs "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
   mt=$(PARLEY_JWT_SECRET=$secret "$root/.build/release/parley" token --sub mod)
   room=$(python3 "$peers/parley_room.py" "$port" "$mt" $ROUNDS 100) || { kill $ppid; return 1; }
-  timeout 200 "$bin/fanspread" -parley "$@" -secret "$secret" -room "$room" -url ws://127.0.0.1:$port/v1/ws -n "$N" -tokens $TOK \
+  timeout 200 "$bin/fanspread" -parley "$@" ${FANSPREAD_FLAGS:-} -secret "$secret" -room "$room" -url ws://127.0.0.1:$port/v1/ws -n "$N" -tokens $TOK \
     -server-pid $ppid -timeout 150s | sed "s/^/$name $mode /"
   kill $ppid; wait $ppid 2>/dev/null; rm -rf "$data"; }
 peer go "$bin/go_server"
