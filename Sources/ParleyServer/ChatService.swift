@@ -270,9 +270,18 @@ final class ChatService: FrameHandler {
             let journal: StreamJournal.Target =
                 replaced.map { .alternative(conversation: conversation.id, replacing: $0) } ?? .conversation(conversation.id)
             let speaking = voice ? configuration.voice(of: plan.clone) : nil
-            let slot = clusterSlot
+            // The cluster's hold on the conversation goes, like this node's, before stream.end: a
+            // tab on another node that sends on seeing the end is never told a reply still streams.
+            // (Outside the stream's task, which a stop cancels.) Before the title and the summary
+            // too: they take the model's time, and the next message may come meanwhile.
+            var releaseSlot: (@Sendable () async -> Void)?
+            if let slots, let slot = clusterSlot {
+                releaseSlot = { await Task { await slots.release(conversation: slot) }.value }
+            }
             clusterSlot = nil  // released once the stream ends
-            streams.launch(live, prepared, ref: ref, requester: connection, messageID: messageID, journal: journal, voice: speaking) {
+            streams.launch(
+                live, prepared, ref: ref, requester: connection, messageID: messageID, journal: journal, voice: speaking, beforeEnd: releaseSlot
+            ) {
                 var reply = $0
                 reply.parent = parent
                 // The conversation is held while it streams, so only a deletion makes the original leave the path.
@@ -280,9 +289,6 @@ final class ChatService: FrameHandler {
                     logger.warning("a regenerated reply's original left the path; stored after it", metadata: ["message": "\(replaced)"])
                 }
             } then: { [self] stored in
-                // The cluster's hold on the conversation goes before the title and the summary
-                // are written: they take the model's time, and the next message may come meanwhile.
-                if let slot { await slots?.release(conversation: slot) }
                 if plan.isNew, configuration.generatedTitles, let stored, stored.reason == .complete, let message = plan.before.last {
                     await titles.title(conversation, clone: plan.clone, message: message, reply: stored)
                 }

@@ -127,7 +127,7 @@ final class StreamRunner: Sendable {
     @discardableResult
     func run(
         _ live: LiveStream, _ prepared: Prepared, ref: String? = nil, requester: ClientConnection? = nil, messageID: String,
-        journal: StreamJournal.Target, paywall: Recipients? = nil, voice: CloneVoice? = nil, beforeEnd: (@Sendable () -> Void)? = nil,
+        journal: StreamJournal.Target, paywall: Recipients? = nil, voice: CloneVoice? = nil, beforeEnd: (@Sendable () async -> Void)? = nil,
         persist: @escaping @Sendable (Message) async throws -> Void
     ) async -> Message? {
         let stored = Mutex<Message?>(nil)
@@ -145,12 +145,12 @@ final class StreamRunner: Sendable {
     /// suspended beside it: at 9,000 replies streaming, those tasks were a quarter of the RSS (#26).
     func launch(
         _ live: LiveStream, _ prepared: Prepared, ref: String, requester: ClientConnection, messageID: String,
-        journal: StreamJournal.Target, voice: CloneVoice?, persist: @escaping @Sendable (Message) async throws -> Void,
-        then: @escaping @Sendable (Message?) async -> Void
+        journal: StreamJournal.Target, voice: CloneVoice?, beforeEnd: (@Sendable () async -> Void)? = nil,
+        persist: @escaping @Sendable (Message) async throws -> Void, then: @escaping @Sendable (Message?) async -> Void
     ) {
         start(
             live, prepared, ref: ref, requester: requester, messageID: messageID, journal: journal, paywall: nil, voice: voice,
-            beforeEnd: nil, trackedFor: live.owner, persist: persist
+            beforeEnd: beforeEnd, trackedFor: live.owner, persist: persist
         ) { message in await Task { await then(message) }.value }
     }
 
@@ -159,7 +159,7 @@ final class StreamRunner: Sendable {
     @discardableResult
     private func start(
         _ live: LiveStream, _ prepared: Prepared, ref: String?, requester: ClientConnection?, messageID: String,
-        journal: StreamJournal.Target, paywall: Recipients?, voice: CloneVoice?, beforeEnd: (@Sendable () -> Void)?,
+        journal: StreamJournal.Target, paywall: Recipients?, voice: CloneVoice?, beforeEnd: (@Sendable () async -> Void)?,
         trackedFor user: String?, persist: @escaping @Sendable (Message) async throws -> Void,
         ended: @escaping @Sendable (Message?) async -> Void
     ) -> Task<Void, Never> {
@@ -269,7 +269,7 @@ final class StreamRunner: Sendable {
     /// to every reader, or to `paywall` (a room's moderator) when given.
     private func generate(
         _ live: LiveStream, _ prepared: Prepared, ref: String?, requester: ClientConnection?, messageID: String, journal target: StreamJournal.Target,
-        paywall recipients: Recipients?, voice: CloneVoice?, beforeEnd: (@Sendable () -> Void)?,
+        paywall recipients: Recipients?, voice: CloneVoice?, beforeEnd: (@Sendable () async -> Void)?,
         persist: @escaping @Sendable (Message) async throws -> Void
     ) async -> Message? {
         let (request, prompt, meter) = (prepared.request, prepared.prompt, prepared.meter)
@@ -352,7 +352,7 @@ final class StreamRunner: Sendable {
                 bytes: ServerFrame.paywall(stream: live.id, balance: balance, required: await meter.nextTokenCost, room: live.room))
             live.publish(paywall, to: recipients?.topic, audience: recipients?.audience ?? .everyone)
         }
-        beforeEnd?()
+        await beforeEnd?()
         // The reply is stored: its conversation takes the next message before stream.end goes out,
         // so a client that sends on seeing the end is never told a reply is still streaming.
         if case .reply = live.kind { hub.release(user: live.owner, conversation: live.conversation) }

@@ -197,9 +197,17 @@ private struct ScheduleCluster {
         let over = try await onB.next(type: "error").frame
         #expect(over["ref"] == .string("c3"))
         #expect(over["message"] == .string("at most 1 replies may stream at once"))
-        // Once the first reply ended, the other node may stream in that conversation.
+        // Once the first reply ended, the other node may stream in that conversation: its hold
+        // across the nodes is gone before stream.end goes out (as a third node sees it at once).
+        var options = MongoStore.Options()
+        options.node = "node-probe"
+        let probe = try await MongoStore.open(uri: cluster.uri, options: options)
         try await onA.send(.object([("type", .string("chat.cancel")), ("id", .string("x1")), ("stream", start["stream"]!)]))
         _ = try await onA.next(type: "stream.end")
+        let now = Int64(Timestamp.nowMillis())
+        #expect(try await probe.claimReplySlot(conversation: conversation, user: "alice", node: "node-probe", limit: 1, now: now) == .claimed)
+        try await probe.releaseReplySlot(conversation: conversation, node: "node-probe")
+        try await probe.close()
         try await send(onB, "c4", conversation: conversation)
         // (Alice's tab on B also reads the first reply's frames, in whatever order they came.)
         var second = try await onB.next(type: "stream.start").frame

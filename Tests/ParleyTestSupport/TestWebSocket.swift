@@ -191,10 +191,19 @@ public final class TestWebSocket {
     }
 
     /// Reads JSON frames until one has `type == type`, returning it and those skipped before it.
+    /// A timeout names the type awaited and the last frames skipped (an `error` among them is
+    /// usually why).
     public func next(type: String, timeout: Duration = .seconds(10)) async throws -> (frame: JSONValue, skipped: [JSONValue]) {
         var skipped: [JSONValue] = []
         while true {
-            let frame = try await nextJSON(timeout: timeout)
+            let frame: JSONValue
+            do {
+                frame = try await nextJSON(timeout: timeout)
+            } catch let timeout as TestTimeout {
+                let last = skipped.suffix(3).map { $0.serializedString() }
+                throw TestTimeout(
+                    description: "no \(type) frame: \(timeout.description); \(skipped.count) skipped before, the last: \(last)")
+            }
             if frame["type"] == .string(type) { return (frame, skipped) }
             skipped.append(frame)
         }
