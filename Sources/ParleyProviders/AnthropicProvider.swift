@@ -10,10 +10,13 @@ public struct AnthropicProvider: PushingLLMProvider {
     public static let apiVersion = "2023-06-01"
     public let options: HTTPProviderOptions
     let client: HTTPClient
+    /// Parley's own connections for a plain-http provider; `client` for the rest.
+    let upstream: UpstreamConnections?
 
-    public init(options: HTTPProviderOptions, client: HTTPClient = .shared) {
+    public init(options: HTTPProviderOptions, client: HTTPClient = .shared, upstream: UpstreamConnections? = nil) {
         self.options = options
         self.client = client
+        self.upstream = upstream
     }
 
     public func modelName(for request: CompletionRequest) -> String { request.model ?? options.model }
@@ -31,7 +34,8 @@ public struct AnthropicProvider: PushingLLMProvider {
         if let key = options.apiKey { headers.append(("x-api-key", key)) }
         let http = HTTPStreaming.post(options.baseURL + "/v1/messages", json: .object(body), headers: headers)
         return HTTPStreaming.start(
-            http, client: client, options: options, request: request, parts: AnthropicMessagesDialect.parts(of:), on: loop, sink: sink)
+            http, client: client, upstream: upstream, options: options, request: request, parts: AnthropicMessagesDialect.parts(of:), on: loop,
+            sink: sink)
     }
 
     public func stream(_ request: CompletionRequest) -> LLMEventStream { pulledStream(request, on: client.eventLoopGroup.any()) }

@@ -22,10 +22,10 @@ enum HTTPStreaming {
 
     /// Starts `post` and pushes its reply to `sink` on `loop` (see `Run`).
     static func start(
-        _ post: Post, client: HTTPClient, options: HTTPProviderOptions, request: CompletionRequest,
+        _ post: Post, client: HTTPClient, upstream: UpstreamConnections?, options: HTTPProviderOptions, request: CompletionRequest,
         parts: @escaping @Sendable (SSEEvent) throws(ProviderError) -> [StreamPart], on loop: any EventLoop, sink: any LLMEventSink
     ) -> any LLMRun {
-        let run = Run(post, client: client, options: options, request: request, parts: parts, loop: loop, sink: sink)
+        let run = Run(post, client: client, upstream: upstream, options: options, request: request, parts: parts, loop: loop, sink: sink)
         run.attempt()
         return run
     }
@@ -38,13 +38,15 @@ enum HTTPStreaming {
 
     /// One reply from an HTTP model provider, read on `loop`: each body part is parsed and its
     /// tokens handed to `sink` where they arrive, with no task, stream buffer or thread hop in
-    /// between when the client's connection lives on `loop` too (an `HTTPClient` on the server's
-    /// event loops; any other client's reads are handed over to `loop`). One timer per attempt
+    /// between when the connection lives on `loop` too (Parley's own `upstream` connections for
+    /// a plain-http provider, or an `HTTPClient` on the server's event loops; any other client's
+    /// reads are handed over to `loop`). One timer per attempt
     /// watches the first-token and idle limits, re-armed only when it fires. Its state is
     /// touched only on `loop` (hence unchecked Sendable).
     final class Run: LLMRun, @unchecked Sendable {
         private let post: Post
         private let client: HTTPClient
+        private let upstream: UpstreamConnections?
         private let options: HTTPProviderOptions
         private let request: CompletionRequest
         private let parts: @Sendable (SSEEvent) throws(ProviderError) -> [StreamPart]
@@ -56,6 +58,7 @@ enum HTTPStreaming {
         /// The attempt's response is still awaited: false once it ended, failed or was given up.
         private var awaiting = false
         private var task: HTTPClient.Task<Void>?
+        private var exchange: UpstreamExchange?
         private var watchdog: Scheduled<Void>?
         /// When the watchdog fires.
         private var watchdogDue = NIODeadline.distantFuture
@@ -73,11 +76,12 @@ enum HTTPStreaming {
         private let idleLimit: TimeAmount
 
         init(
-            _ post: Post, client: HTTPClient, options: HTTPProviderOptions, request: CompletionRequest,
+            _ post: Post, client: HTTPClient, upstream: UpstreamConnections?, options: HTTPProviderOptions, request: CompletionRequest,
             parts: @escaping @Sendable (SSEEvent) throws(ProviderError) -> [StreamPart], loop: any EventLoop, sink: any LLMEventSink
         ) {
             self.post = post
             self.client = client
+            self.upstream = upstream
             self.options = options
             self.request = request
             self.parts = parts
@@ -107,6 +111,14 @@ enum HTTPStreaming {
             parser = SSEParser()
             lastProgress = .now()
             awaiting = true
+            if let upstream, let path = UpstreamConnections.target(of: post.url)?.path {
+                let head = HTTPRequestHead(version: .http1_1, method: .POST, uri: path, headers: post.headers)
+                exchange = upstream.send(
+                    head, body: post.body, on: loop, deadline: .now() + TimeAmount(options.maxDuration),
+                    to: Receiver(run: self, attempt: attempts))
+                armWatchdog()
+                return
+            }
             let http: HTTPClient.Request
             do {
                 http = try HTTPClient.Request(url: post.url, method: .POST, headers: post.headers, body: .byteBuffer(post.body))
@@ -202,6 +214,7 @@ enum HTTPStreaming {
             // Not cancelled: after `[DONE]` the response ends on its own and its connection is reused.
             awaiting = false
             task = nil
+            exchange = nil
             stopWatchdog()
             let estimated = request.messages.reduce(0) { $0 + Tokenizer.count($1.text) + PromptAssembler.perMessageOverhead }
             sink?.received(.usage(Usage(inputTokens: input ?? estimated, outputTokens: output ?? pieces)))
@@ -233,6 +246,8 @@ enum HTTPStreaming {
             awaiting = false
             task?.cancel()
             task = nil
+            exchange?.cancel()
+            exchange = nil
             stopWatchdog()
         }
 
@@ -265,6 +280,22 @@ enum HTTPStreaming {
             let first = pieces == 0
             fail(Failure(message: first ? "the model provider sent nothing in time" : "the model provider stopped sending", retryable: first))
         }
+    }
+
+    /// Hands one attempt's response on Parley's own connection to its run (both on the run's loop).
+    final class Receiver: UpstreamReceiver, @unchecked Sendable {
+        private let run: Run
+        private let attempt: Int
+
+        init(run: Run, attempt: Int) {
+            self.run = run
+            self.attempt = attempt
+        }
+
+        func head(_ head: HTTPResponseHead) { run.head(head, attempt: attempt) }
+        func body(_ buffer: ByteBuffer) { run.body(buffer, attempt: attempt) }
+        func end() { run.ended(attempt: attempt) }
+        func failed(_ error: any Error) { run.failed(error, attempt: attempt) }
     }
 
     /// Hands one attempt's response to its run on the run's loop. AsyncHTTPClient calls it on

@@ -40,10 +40,13 @@ public struct HTTPProviderOptions: Sendable {
 public struct OpenAICompatibleProvider: PushingLLMProvider {
     public let options: HTTPProviderOptions
     let client: HTTPClient
+    /// Parley's own connections for a plain-http provider; `client` for the rest.
+    let upstream: UpstreamConnections?
 
-    public init(options: HTTPProviderOptions, client: HTTPClient = .shared) {
+    public init(options: HTTPProviderOptions, client: HTTPClient = .shared, upstream: UpstreamConnections? = nil) {
         self.options = options
         self.client = client
+        self.upstream = upstream
     }
 
     public func modelName(for request: CompletionRequest) -> String { request.model ?? options.model }
@@ -59,7 +62,7 @@ public struct OpenAICompatibleProvider: PushingLLMProvider {
         let auth = options.apiKey.map { [("authorization", "Bearer \($0)")] } ?? []
         let http = HTTPStreaming.post(options.baseURL + "/chat/completions", json: body, headers: auth)
         return HTTPStreaming.start(
-            http, client: client, options: options, request: request, parts: OpenAIChatDialect.parts(of:), on: loop, sink: sink)
+            http, client: client, upstream: upstream, options: options, request: request, parts: OpenAIChatDialect.parts(of:), on: loop, sink: sink)
     }
 
     public func stream(_ request: CompletionRequest) -> LLMEventStream { pulledStream(request, on: client.eventLoopGroup.any()) }

@@ -19,6 +19,8 @@ final class FakeUpstream: Sendable {
         case status(Int, String)
         /// No answer at all, the connection held open.
         case silent
+        /// The connection closed without an answer.
+        case close
     }
 
     struct Received: Sendable {
@@ -37,17 +39,24 @@ final class FakeUpstream: Sendable {
     let script: Script
     let closed: EventLoopPromise<Void>
     let channel: any Channel
+    let accepted = Counter()
+
+    final class Counter: Sendable {
+        let value = Atomic<Int>(0)
+    }
 
     var port: Int { channel.localAddress!.port! }
 
     init(_ replies: [Reply]) async throws {
         let script = Script(replies)
         let closed = MultiThreadedEventLoopGroup.singleton.any().makePromise(of: Void.self)
+        let accepted = self.accepted
         self.script = script
         self.closed = closed
         channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .childChannelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
+                accepted.value.add(1, ordering: .relaxed)
+                return channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline()
                     try channel.pipeline.syncOperations.addHandler(Handler(script: script, closed: closed))
                 }
@@ -56,6 +65,8 @@ final class FakeUpstream: Sendable {
     }
 
     var requests: [Received] { script.received.withLock { $0 } }
+    /// Connections opened to it.
+    var connections: Int { accepted.value.load(ordering: .relaxed) }
 
     func stop() async {
         try? await channel.close()
@@ -96,20 +107,27 @@ final class FakeUpstream: Sendable {
                 context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: text)))), promise: nil)
                 context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
             case .stream(let chunks):
-                writeEvents(chunks, context: context)
+                // The last chunk and the end in one write, as a server ending its stream does:
+                // the client reads the end with the last event.
+                writeEvents(chunks, context: context, flushLast: false)
                 context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
             case .hang(let chunks):
-                writeEvents(chunks, context: context)
+                writeEvents(chunks, context: context, flushLast: true)
             case .silent:
                 break
+            case .close:
+                context.close(promise: nil)
             }
         }
 
-        private func writeEvents(_ chunks: [[UInt8]], context: ChannelHandlerContext) {
+        private func writeEvents(_ chunks: [[UInt8]], context: ChannelHandlerContext, flushLast: Bool) {
             let head = HTTPResponseHead(
                 version: .http1_1, status: .ok, headers: ["content-type": "text/event-stream", "transfer-encoding": "chunked"])
             context.write(wrapOutboundOut(.head(head)), promise: nil)
-            for chunk in chunks { context.writeAndFlush(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(bytes: chunk)))), promise: nil) }
+            for (index, chunk) in chunks.enumerated() {
+                context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(bytes: chunk)))), promise: nil)
+                if flushLast || index < chunks.count - 1 { context.flush() }
+            }
         }
 
         func channelInactive(context: ChannelHandlerContext) {
@@ -154,11 +172,21 @@ let openAITranscript = """
         messages: [PromptMessage(role: .system, text: "You are Ada."), PromptMessage(role: .user, text: "Hi")],
         maxOutputTokens: 64)
 
-    @Test func anOpenAIStreamSplitAnywhereGivesItsTokensAndTheReportedUsage() async throws {
+    /// Parley's own connections for `options`' plain-http provider when `own`, else none
+    /// (AsyncHTTPClient): the tests below run both ways.
+    static func upstream(_ options: HTTPProviderOptions, own: Bool, connectTimeout: Duration = .seconds(10)) -> UpstreamConnections? {
+        own ? UpstreamConnections(baseURL: options.baseURL, connectTimeout: connectTimeout)! : nil
+    }
+
+    func openAIProvider(_ options: HTTPProviderOptions, own: Bool, client: HTTPClient = .shared) -> OpenAICompatibleProvider {
+        OpenAICompatibleProvider(options: options, client: client, upstream: Self.upstream(options, own: own))
+    }
+
+    @Test(arguments: [false, true]) func anOpenAIStreamSplitAnywhereGivesItsTokensAndTheReportedUsage(own: Bool) async throws {
         let upstream = try await FakeUpstream([.stream(pieces(openAITranscript, size: 3))])
         var options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1/", apiKey: "sk-test", model: "smol")
         options.retries = 0
-        let events = try await collect(OpenAICompatibleProvider(options: options).stream(request))
+        let events = try await collect(openAIProvider(options, own: own).stream(request))
         #expect(events == [.token("Olá, "), .token("mundo 🌊"), .usage(Usage(inputTokens: 21, outputTokens: 5))])
         let sent = try #require(upstream.requests.first)
         #expect(sent.head.uri == "/v1/chat/completions" && sent.head.headers["authorization"] == ["Bearer sk-test"])
@@ -168,12 +196,12 @@ let openAITranscript = """
         await upstream.stop()
     }
 
-    @Test func aFailureBeforeTheFirstTokenIsRetriedAndAClientErrorIsNot() async throws {
+    @Test(arguments: [false, true]) func aFailureBeforeTheFirstTokenIsRetriedAndAClientErrorIsNot(own: Bool) async throws {
         let upstream = try await FakeUpstream([
             .status(503, #"{"error":{"message":"busy"}}"#), .stream(pieces(openAITranscript, size: 64)),
             .status(401, #"{"error":{"message":"bad key","type":"auth"}}"#),
         ])
-        let provider = OpenAICompatibleProvider(options: HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol"))
+        let provider = openAIProvider(HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol"), own: own)
         let events = try await collect(provider.stream(request))
         #expect(events.count == 3 && upstream.requests.count == 2)
         await #expect(throws: ProviderError("the model provider answered HTTP 401: bad key")) { try await collect(provider.stream(request)) }
@@ -181,7 +209,7 @@ let openAITranscript = """
         await upstream.stop()
     }
 
-    @Test func aHundredRepliesStreamFromOneUpstreamAtOnce() async throws {
+    @Test(arguments: [false, true]) func aHundredRepliesStreamFromOneUpstreamAtOnce(own: Bool) async throws {
         // The speed issue (#26) saw 8 upstream connections at 100 concurrent streams (the HTTP/1
         // per-host soft limit of AsyncHTTPClient's shared client). In this process all 100 start
         // even on `HTTPClient.shared` (why was not established), so this guards the provider; the
@@ -190,7 +218,7 @@ let openAITranscript = """
         let concurrent = 100
         let first = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n"
         let upstream = try await FakeUpstream(Array(repeating: .hang([Array(first.utf8)]), count: concurrent))
-        let provider = OpenAICompatibleProvider(options: HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol"))
+        let provider = openAIProvider(HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol"), own: own)
         let request = self.request
         let started = try await withThrowingTaskGroup(of: Bool.self) { group in
             for _ in 0..<concurrent {
@@ -214,12 +242,12 @@ let openAITranscript = """
         await upstream.stop()
     }
 
-    @Test func cancellingTheConsumerClosesTheUpstreamConnection() async throws {
+    @Test(arguments: [false, true]) func cancellingTheConsumerClosesTheUpstreamConnection(own: Bool) async throws {
         let first = #"data: {"choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}"# + "\n\n"
         let upstream = try await FakeUpstream([.hang([Array(first.utf8)])])
         var options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol")
         options.idleTimeout = .seconds(120)  // only the cancel can close it within the bound below
-        let provider = OpenAICompatibleProvider(options: options)
+        let provider = openAIProvider(options, own: own)
         let reader = Task {
             for try await event in provider.stream(request) {
                 if event == .token("Hel") { return true }
@@ -240,8 +268,10 @@ let openAITranscript = """
         await upstream.stop()
     }
 
-    /// Also through the server's own client, which leaves read timeouts to the reply's watchdog.
-    @Test(arguments: [false, true]) func anUpstreamThatStopsSendingTimesOut(ownClient: Bool) async throws {
+    /// Also through the server's own AsyncHTTPClient and Parley's own connections, which leave
+    /// read timeouts to the reply's watchdog.
+    @Test(arguments: [(false, false), (true, false), (false, true)])
+    func anUpstreamThatStopsSendingTimesOut(ownClient: Bool, own: Bool) async throws {
         let first = #"data: {"choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}"# + "\n\n"
         let upstream = try await FakeUpstream([.hang([Array(first.utf8)])])
         var options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol")
@@ -251,7 +281,7 @@ let openAITranscript = """
         var tokens: [LLMEvent] = []
         let began = ContinuousClock.now
         await #expect(throws: ProviderError("the model provider stopped sending")) {
-            for try await event in OpenAICompatibleProvider(options: options, client: client).stream(request) { tokens.append(event) }
+            for try await event in openAIProvider(options, own: own, client: client).stream(request) { tokens.append(event) }
         }
         if ownClient { try await client.shutdown() }
         #expect(tokens == [.token("Hel")] && upstream.requests.count == 1, "nothing is retried after the first token")
@@ -260,7 +290,7 @@ let openAITranscript = """
         await upstream.stop()
     }
 
-    @Test func anAnthropicStreamGivesItsTokensAndUsage() async throws {
+    @Test(arguments: [false, true]) func anAnthropicStreamGivesItsTokensAndUsage(own: Bool) async throws {
         let transcript = """
             event: message_start
             data: {"type":"message_start","message":{"usage":{"input_tokens":30,"output_tokens":1}}}
@@ -280,7 +310,8 @@ let openAITranscript = """
 
             """
         let upstream = try await FakeUpstream([.stream(pieces(transcript, size: 5))])
-        let provider = AnthropicProvider(options: HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)", apiKey: "ak", model: "claude"))
+        let options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)", apiKey: "ak", model: "claude")
+        let provider = AnthropicProvider(options: options, upstream: Self.upstream(options, own: own))
         let events = try await collect(provider.stream(request))
         #expect(events == [.token("Bonjour"), .usage(Usage(inputTokens: 30, outputTokens: 2))])
         let sent = try #require(upstream.requests.first)
@@ -291,18 +322,18 @@ let openAITranscript = """
         await upstream.stop()
     }
 
-    @Test func rateLimitsAndServerErrorsBeforeTheFirstTokenAreRetried() async throws {
+    @Test(arguments: [false, true]) func rateLimitsAndServerErrorsBeforeTheFirstTokenAreRetried(own: Bool) async throws {
         let upstream = try await FakeUpstream([
             .status(429, #"{"error":{"message":"slow down"}}"#), .status(500, "oops"),
             .stream(pieces(openAITranscript, size: 7)),
         ])
-        let provider = OpenAICompatibleProvider(options: HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol"))
+        let provider = openAIProvider(HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol"), own: own)
         let events = try await collect(provider.stream(request))
         #expect(events.last == .usage(Usage(inputTokens: 21, outputTokens: 5)) && upstream.requests.count == 3)
         await upstream.stop()
     }
 
-    @Test func anErrorInTheMiddleOfAStreamEndsItAfterTheTokensSentAndIsNotRetried() async throws {
+    @Test(arguments: [false, true]) func anErrorInTheMiddleOfAStreamEndsItAfterTheTokensSentAndIsNotRetried(own: Bool) async throws {
         let openAI =
             #"data: {"choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}"# + "\n\n"
             + #"data: {"error":{"message":"the model is overloaded","type":"server_error"}}"# + "\n\n"
@@ -322,12 +353,13 @@ let openAITranscript = """
         let base = "http://127.0.0.1:\(upstream.port)"
         var tokens: [LLMEvent] = []
         await #expect(throws: ProviderError("the model provider failed: the model is overloaded")) {
-            for try await event in OpenAICompatibleProvider(options: HTTPProviderOptions(baseURL: base + "/v1", model: "smol")).stream(request) {
+            for try await event in openAIProvider(HTTPProviderOptions(baseURL: base + "/v1", model: "smol"), own: own).stream(request) {
                 tokens.append(event)
             }
         }
         await #expect(throws: ProviderError("the model provider failed: Overloaded")) {
-            for try await event in AnthropicProvider(options: HTTPProviderOptions(baseURL: base, model: "claude")).stream(request) {
+            let options = HTTPProviderOptions(baseURL: base, model: "claude")
+            for try await event in AnthropicProvider(options: options, upstream: Self.upstream(options, own: own)).stream(request) {
                 tokens.append(event)
             }
         }
@@ -335,7 +367,7 @@ let openAITranscript = """
         await upstream.stop()
     }
 
-    @Test func aModelServerThatIsNotThereIsRetriedThenNamedUnreachable() async throws {
+    @Test(arguments: [false, true]) func aModelServerThatIsNotThereIsRetriedThenNamedUnreachable(own: Bool) async throws {
         // A port that was just free: nothing listens on it.
         let listener = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton).bind(host: "127.0.0.1", port: 0).get()
         let port = try #require(listener.localAddress?.port)
@@ -343,13 +375,14 @@ let openAITranscript = """
         var options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(port)/v1", model: "smol")
         options.retries = 1
         let client = HTTPClient.forProvider(connections: 2, connectTimeout: .milliseconds(300))
+        let upstream = Self.upstream(options, own: own, connectTimeout: .milliseconds(300))
         await #expect(throws: ProviderError("the model provider could not be reached")) {
-            try await collect(OpenAICompatibleProvider(options: options, client: client).stream(request))
+            try await collect(OpenAICompatibleProvider(options: options, client: client, upstream: upstream).stream(request))
         }
         try await client.shutdown()
     }
 
-    @Test func aFirstTokenThatNeverComesTimesOutAfterItsRetries() async throws {
+    @Test(arguments: [false, true]) func aFirstTokenThatNeverComesTimesOutAfterItsRetries(own: Bool) async throws {
         let upstream = try await FakeUpstream([.hang([Array(": keep-alive\n\n".utf8)]), .hang([])])
         var options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol")
         // Each attempt's budget covers connecting too: 300 ms, then 1 s, were too little for the
@@ -357,10 +390,48 @@ let openAITranscript = """
         options.firstTokenTimeout = .seconds(3)
         options.retries = 1
         await #expect(throws: ProviderError("the model provider sent nothing in time")) {
-            try await collect(OpenAICompatibleProvider(options: options).stream(request))
+            try await collect(openAIProvider(options, own: own).stream(request))
         }
         #expect(upstream.requests.count == 2, "a keep-alive is not a token; the silent attempt is retried once")
         await upstream.stop()
+    }
+
+    /// Parley's own connections stay open between replies on a loop, and a request that finds its
+    /// idle connection closed by the server goes again on a new one, unseen by the reply (no
+    /// retries are allowed here: the reply's own retry would be one).
+    @Test func ownConnectionsAreKeptForTheNextReplyAndOneTheServerClosedIsReplaced() async throws {
+        let upstream = try await FakeUpstream([
+            .stream(pieces(openAITranscript, size: 16)), .stream(pieces(openAITranscript, size: 16)), .close,
+            .stream(pieces(openAITranscript, size: 16)),
+        ])
+        var options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol")
+        options.retries = 0
+        let connections = try #require(UpstreamConnections(baseURL: options.baseURL))
+        let provider = OpenAICompatibleProvider(options: options, upstream: connections)
+        let loop = MultiThreadedEventLoopGroup.singleton.next()
+        let request = self.request
+        var opened: [Int] = []
+        for _ in 0..<3 {
+            let sink = LoopSink(loop: loop)
+            _ = try await loop.submit { provider.start(request, on: loop, sink: sink) }.get()
+            let error = try await sink.done.futureResult.get()
+            let events = try await loop.submit { sink.events }.get()
+            #expect(error == nil)
+            #expect(events == [.token("Olá, "), .token("mundo 🌊"), .usage(Usage(inputTokens: 21, outputTokens: 5))])
+            opened.append(upstream.connections)
+        }
+        #expect(opened == [1, 1, 2] && upstream.requests.count == 4)
+        connections.close()
+        await upstream.stop()
+    }
+
+    @Test func onlyAPlainHTTPProviderGetsOwnConnections() {
+        #expect(UpstreamConnections(baseURL: "http://127.0.0.1:8081/v1") != nil)
+        #expect(UpstreamConnections(baseURL: "HTTP://[::1]:8081") != nil)
+        #expect(UpstreamConnections(baseURL: "http://models.internal") != nil)
+        for url in ["https://api.openai.com/v1", "http://", "http://host:port/v1", "http://user@host/v1", "http://host:70000", "ftp://x"] {
+            #expect(UpstreamConnections(baseURL: url) == nil, "\(url)")
+        }
     }
 
     /// Records pushed events, each checked to arrive on the loop the reply was started on.
@@ -394,12 +465,13 @@ let openAITranscript = """
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
         let client = HTTPClient.forProvider(connections: 4, on: group)
         let loops = Array(group.makeIterator())
-        let upstream = try await FakeUpstream(Array(repeating: .stream(pieces(openAITranscript, size: 9)), count: 3))
+        let upstream = try await FakeUpstream(Array(repeating: .stream(pieces(openAITranscript, size: 9)), count: 4))
         let options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol")
         for (provider, loop) in [
             (OpenAICompatibleProvider(options: options, client: client), loops[0]),
             (OpenAICompatibleProvider(options: options, client: client), loops[1]),
             (OpenAICompatibleProvider(options: options), loops[1]),  // HTTPClient.shared: other loops
+            (openAIProvider(options, own: true), loops[0]),  // Parley's own connections: on the loop asked for
         ] {
             let sink = LoopSink(loop: loop)
             let request = self.request
