@@ -21,6 +21,8 @@ final class FakeUpstream: Sendable {
         case silent
         /// The connection closed without an answer.
         case close
+        /// As `stream`, with `connection: close`, then the connection closed.
+        case streamThenClose([[UInt8]])
     }
 
     struct Received: Sendable {
@@ -117,12 +119,16 @@ final class FakeUpstream: Sendable {
                 break
             case .close:
                 context.close(promise: nil)
+            case .streamThenClose(let chunks):
+                writeEvents(chunks, context: context, flushLast: false, closing: true)
+                context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in context.close(promise: nil) }
             }
         }
 
-        private func writeEvents(_ chunks: [[UInt8]], context: ChannelHandlerContext, flushLast: Bool) {
-            let head = HTTPResponseHead(
+        private func writeEvents(_ chunks: [[UInt8]], context: ChannelHandlerContext, flushLast: Bool, closing: Bool = false) {
+            var head = HTTPResponseHead(
                 version: .http1_1, status: .ok, headers: ["content-type": "text/event-stream", "transfer-encoding": "chunked"])
+            if closing { head.headers.add(name: "connection", value: "close") }
             context.write(wrapOutboundOut(.head(head)), promise: nil)
             for (index, chunk) in chunks.enumerated() {
                 context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(bytes: chunk)))), promise: nil)
@@ -396,13 +402,14 @@ let openAITranscript = """
         await upstream.stop()
     }
 
-    /// Parley's own connections stay open between replies on a loop, and a request that finds its
-    /// idle connection closed by the server goes again on a new one, unseen by the reply (no
-    /// retries are allowed here: the reply's own retry would be one).
+    /// Parley's own connections stay open between replies on a loop; a request that finds its
+    /// idle connection closed by the server goes again on a new one, and so does the reply after
+    /// an answer that said `connection: close`, unseen by the replies (no retries are allowed
+    /// here: the reply's own retry would be one).
     @Test func ownConnectionsAreKeptForTheNextReplyAndOneTheServerClosedIsReplaced() async throws {
         let upstream = try await FakeUpstream([
             .stream(pieces(openAITranscript, size: 16)), .stream(pieces(openAITranscript, size: 16)), .close,
-            .stream(pieces(openAITranscript, size: 16)),
+            .streamThenClose(pieces(openAITranscript, size: 16)), .stream(pieces(openAITranscript, size: 16)),
         ])
         var options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol")
         options.retries = 0
@@ -411,7 +418,7 @@ let openAITranscript = """
         let loop = MultiThreadedEventLoopGroup.singleton.next()
         let request = self.request
         var opened: [Int] = []
-        for _ in 0..<3 {
+        for _ in 0..<4 {
             let sink = LoopSink(loop: loop)
             _ = try await loop.submit { provider.start(request, on: loop, sink: sink) }.get()
             let error = try await sink.done.futureResult.get()
@@ -420,7 +427,8 @@ let openAITranscript = """
             #expect(events == [.token("Olá, "), .token("mundo 🌊"), .usage(Usage(inputTokens: 21, outputTokens: 5))])
             opened.append(upstream.connections)
         }
-        #expect(opened == [1, 1, 2] && upstream.requests.count == 4)
+        // The third connection: the second's answer said `connection: close`.
+        #expect(opened == [1, 1, 2, 3] && upstream.requests.count == 5)
         connections.close()
         await upstream.stop()
     }
