@@ -49,7 +49,7 @@ final class FakeUpstream: Sendable {
 
     var port: Int { channel.localAddress!.port! }
 
-    init(_ replies: [Reply]) async throws {
+    init(_ replies: [Reply], port: Int = 0) async throws {
         let script = Script(replies)
         let closed = MultiThreadedEventLoopGroup.singleton.any().makePromise(of: Void.self)
         let accepted = self.accepted
@@ -63,7 +63,7 @@ final class FakeUpstream: Sendable {
                     try channel.pipeline.syncOperations.addHandler(Handler(script: script, closed: closed))
                 }
             }
-            .bind(host: "127.0.0.1", port: 0).get()
+            .bind(host: "127.0.0.1", port: port).get()
     }
 
     var requests: [Received] { script.received.withLock { $0 } }
@@ -430,6 +430,23 @@ let openAITranscript = """
         // The third connection: the second's answer said `connection: close`.
         #expect(opened == [1, 1, 2, 3] && upstream.requests.count == 5)
         connections.close()
+        await upstream.stop()
+    }
+
+    /// A model server that is still starting (connections refused) is tried again within the
+    /// connect timeout, not failed at once: the reply (allowed no retries) gets its answer.
+    @Test func ownConnectionsWaitForAModelServerThatIsStarting() async throws {
+        let listener = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton).bind(host: "127.0.0.1", port: 0).get()
+        let port = try #require(listener.localAddress?.port)
+        try await listener.close()
+        var options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(port)/v1", model: "smol")
+        options.retries = 0
+        let provider = OpenAICompatibleProvider(options: options, upstream: Self.upstream(options, own: true, connectTimeout: .seconds(20)))
+        let request = self.request
+        let reply = Task { try await collect(provider.stream(request)) }
+        try await Task.sleep(for: .milliseconds(300))  // the server starts later than the reply asked for it
+        let upstream = try await FakeUpstream([.stream(pieces(openAITranscript, size: 16))], port: port)
+        #expect(try await reply.value == [.token("Olá, "), .token("mundo 🌊"), .usage(Usage(inputTokens: 21, outputTokens: 5))])
         await upstream.stop()
     }
 
