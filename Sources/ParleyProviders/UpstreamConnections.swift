@@ -14,6 +14,8 @@ import Synchronization
 public final class UpstreamConnections: Sendable {
     let host: String
     let port: Int
+    /// The request's `host` header: an IPv6 literal in brackets, the port unless 80.
+    let hostHeader: String
     /// How long connecting may take; a refused connection is tried again every 100 ms until
     /// then (a model server restarting is back within it).
     let connectTimeout: TimeAmount
@@ -25,6 +27,8 @@ public final class UpstreamConnections: Sendable {
     public init?(baseURL: String, connectTimeout: Duration = .seconds(10)) {
         guard let target = Self.target(of: baseURL) else { return nil }
         (host, port) = (target.host, target.port)
+        let name = host.contains(":") ? "[\(host)]" : host
+        hostHeader = port == 80 ? name : "\(name):\(port)"
         self.connectTimeout = TimeAmount(connectTimeout)
     }
 
@@ -208,7 +212,7 @@ final class UpstreamExchange: @unchecked Sendable {
             return
         }
         var head = self.head
-        head.headers.replaceOrAdd(name: "host", value: connections.port == 80 ? connections.host : "\(connections.host):\(connections.port)")
+        head.headers.replaceOrAdd(name: "host", value: connections.hostHeader)
         head.headers.replaceOrAdd(name: "content-length", value: "\(body.readableBytes)")
         channel.write(HTTPClientRequestPart.head(head), promise: nil)
         channel.write(HTTPClientRequestPart.body(.byteBuffer(body)), promise: nil)

@@ -4,7 +4,7 @@ import NIOHTTP1
 import NIOPosix
 import ParleyCore
 import ParleyLLM
-import ParleyProviders
+@testable import ParleyProviders
 import Synchronization
 import Testing
 
@@ -451,9 +451,9 @@ let openAITranscript = """
     }
 
     @Test func onlyAPlainHTTPProviderGetsOwnConnections() {
-        #expect(UpstreamConnections(baseURL: "http://127.0.0.1:8081/v1") != nil)
-        #expect(UpstreamConnections(baseURL: "HTTP://[::1]:8081") != nil)
-        #expect(UpstreamConnections(baseURL: "http://models.internal") != nil)
+        #expect(UpstreamConnections(baseURL: "http://127.0.0.1:8081/v1")?.hostHeader == "127.0.0.1:8081")
+        #expect(UpstreamConnections(baseURL: "HTTP://[::1]:8081")?.hostHeader == "[::1]:8081")
+        #expect(UpstreamConnections(baseURL: "http://models.internal/v1")?.hostHeader == "models.internal")
         for url in ["https://api.openai.com/v1", "http://", "http://host:port/v1", "http://user@host/v1", "http://host:70000", "ftp://x"] {
             #expect(UpstreamConnections(baseURL: url) == nil, "\(url)")
         }
