@@ -191,6 +191,11 @@ enum HTTPStreaming {
 
         fileprivate func failed(_ error: any Error, attempt: Int) {
             guard attempt == attempts, awaiting, sink != nil else { return }
+            if error is UpstreamDeadlineExceeded || (error as? HTTPClientError) == .deadlineExceeded {
+                let limit = options.maxDuration.components.seconds
+                fail(Failure(message: "the model provider's reply took longer than its limit of \(limit) s", retryable: false))
+                return
+            }
             fail(Failure(message: "the model provider could not be reached", retryable: true))
         }
 

@@ -296,6 +296,22 @@ let openAITranscript = """
         await upstream.stop()
     }
 
+    /// A reply that streams past its whole limit ends with that said, not as a provider that
+    /// could not be reached, and is not retried.
+    @Test(arguments: [false, true]) func aReplyLongerThanItsLimitEndsSayingSo(own: Bool) async throws {
+        let first = #"data: {"choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}"# + "\n\n"
+        let upstream = try await FakeUpstream([.hang([Array(first.utf8)])])
+        var options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol")
+        options.maxDuration = .seconds(1)
+        options.idleTimeout = .seconds(30)
+        var tokens: [LLMEvent] = []
+        await #expect(throws: ProviderError("the model provider's reply took longer than its limit of 1 s")) {
+            for try await event in openAIProvider(options, own: own).stream(request) { tokens.append(event) }
+        }
+        #expect(tokens == [.token("Hel")] && upstream.requests.count == 1)
+        await upstream.stop()
+    }
+
     @Test(arguments: [false, true]) func anAnthropicStreamGivesItsTokensAndUsage(own: Bool) async throws {
         let transcript = """
             event: message_start
