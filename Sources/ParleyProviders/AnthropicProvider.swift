@@ -13,10 +13,11 @@ public struct AnthropicProvider: PushingLLMProvider {
     /// Parley's own connections for a plain-http provider; `client` for the rest.
     let upstream: UpstreamConnections?
 
-    public init(options: HTTPProviderOptions, client: HTTPClient = .shared, upstream: UpstreamConnections? = nil) {
+    /// `ownConnections`: as for `OpenAICompatibleProvider`.
+    public init(options: HTTPProviderOptions, client: HTTPClient = .shared, ownConnections: Bool = true) {
         self.options = options
         self.client = client
-        self.upstream = upstream
+        upstream = ownConnections ? UpstreamConnections(baseURL: options.baseURL, connectTimeout: options.connectTimeout) : nil
     }
 
     public func modelName(for request: CompletionRequest) -> String { request.model ?? options.model }
@@ -32,7 +33,7 @@ public struct AnthropicProvider: PushingLLMProvider {
         if !system.isEmpty { body.append(("system", .string(system))) }
         var headers = [("anthropic-version", Self.apiVersion)]
         if let key = options.apiKey { headers.append(("x-api-key", key)) }
-        let http = HTTPStreaming.post(options.baseURL + "/v1/messages", json: .object(body), headers: headers)
+        let http = HTTPStreaming.post("/v1/messages", of: options, json: .object(body), headers: headers)
         return HTTPStreaming.start(
             http, client: client, upstream: upstream, options: options, request: request, parts: AnthropicMessagesDialect.parts(of:), on: loop,
             sink: sink)

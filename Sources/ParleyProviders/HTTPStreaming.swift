@@ -7,15 +7,19 @@ import ParleyLLM
 /// The request loop both HTTP providers share: retries before the first token, first-token and
 /// idle timeouts, SSE parsing, usage, and error mapping to messages safe to show a user.
 enum HTTPStreaming {
-    /// A JSON POST that asks for an event stream, with the provider's own `headers` added.
-    static func post(_ url: String, json: JSONValue, headers: [(String, String)]) -> Post {
+    /// A JSON POST to `endpoint` under `options`' base URL that asks for an event stream, with
+    /// the provider's own `headers` added.
+    static func post(_ endpoint: String, of options: HTTPProviderOptions, json: JSONValue, headers: [(String, String)]) -> Post {
         var fields = HTTPHeaders([("content-type", "application/json"), ("accept", "text/event-stream")])
         for (name, value) in headers { fields.add(name: name, value: value) }
-        return Post(url: url, headers: fields, body: ByteBuffer(bytes: json.serialized()))
+        return Post(url: options.baseURL + endpoint, endpoint: endpoint, headers: fields, body: ByteBuffer(bytes: json.serialized()))
     }
 
     struct Post: Sendable {
+        /// The whole URL, for AsyncHTTPClient.
         var url: String
+        /// The path under the base URL, for Parley's own connections (made from that URL).
+        var endpoint: String
         var headers: HTTPHeaders
         var body: ByteBuffer
     }
@@ -111,28 +115,27 @@ enum HTTPStreaming {
             parser = SSEParser()
             lastProgress = .now()
             awaiting = true
-            if let upstream, let path = UpstreamConnections.target(of: post.url)?.path {
-                let head = HTTPRequestHead(version: .http1_1, method: .POST, uri: path, headers: post.headers)
+            if let upstream {
+                let head = HTTPRequestHead(version: .http1_1, method: .POST, uri: upstream.basePath + post.endpoint, headers: post.headers)
                 exchange = upstream.send(
                     head, body: post.body, on: loop, deadline: .now() + TimeAmount(options.maxDuration),
                     to: Receiver(run: self, attempt: attempts))
-                armWatchdog()
-                return
+            } else {
+                let http: HTTPClient.Request
+                do {
+                    http = try HTTPClient.Request(url: post.url, method: .POST, headers: post.headers, body: .byteBuffer(post.body))
+                } catch {
+                    finish(ProviderError("the model provider's URL is not valid"))
+                    return
+                }
+                // On the client's own loops the connection is made on `loop` (AsyncHTTPClient
+                // insists the loop be one of them); otherwise each callback is handed over to `loop`.
+                let own = client.eventLoopGroup.makeIterator().contains { $0 === loop }
+                task = client.execute(
+                    request: http, delegate: Delegate(run: self, attempt: attempts, loop: loop),
+                    eventLoop: own ? .delegateAndChannel(on: loop) : .indifferent,
+                    deadline: .now() + TimeAmount(options.maxDuration))
             }
-            let http: HTTPClient.Request
-            do {
-                http = try HTTPClient.Request(url: post.url, method: .POST, headers: post.headers, body: .byteBuffer(post.body))
-            } catch {
-                finish(ProviderError("the model provider's URL is not valid"))
-                return
-            }
-            // On the client's own loops the connection is made on `loop` (AsyncHTTPClient insists
-            // the loop be one of them); otherwise each callback is handed over to `loop`.
-            let own = client.eventLoopGroup.makeIterator().contains { $0 === loop }
-            task = client.execute(
-                request: http, delegate: Delegate(run: self, attempt: attempts, loop: loop),
-                eventLoop: own ? .delegateAndChannel(on: loop) : .indifferent,
-                deadline: .now() + TimeAmount(options.maxDuration))
             armWatchdog()
         }
 

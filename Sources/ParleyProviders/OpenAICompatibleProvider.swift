@@ -22,6 +22,10 @@ public struct HTTPProviderOptions: Sendable {
     public var retries = 2
     /// The longest a whole reply may take.
     public var maxDuration: Duration = .seconds(600)
+    /// How long connecting may take on Parley's own connections (a plain-http provider); a
+    /// refused connect is tried again until then. An `HTTPClient` has its own
+    /// (`HTTPClient.forProvider(connectTimeout:)`).
+    public var connectTimeout: Duration = .seconds(10)
 
     public init(baseURL: String, apiKey: String? = nil, model: String) {
         self.baseURL = baseURL.hasSuffix("/") ? String(baseURL.dropLast()) : baseURL
@@ -43,10 +47,12 @@ public struct OpenAICompatibleProvider: PushingLLMProvider {
     /// Parley's own connections for a plain-http provider; `client` for the rest.
     let upstream: UpstreamConnections?
 
-    public init(options: HTTPProviderOptions, client: HTTPClient = .shared, upstream: UpstreamConnections? = nil) {
+    /// `ownConnections`: an `http://` base URL is read through Parley's own connections (on
+    /// the loop each reply asks for, #26) rather than `client`, which serves `https://`.
+    public init(options: HTTPProviderOptions, client: HTTPClient = .shared, ownConnections: Bool = true) {
         self.options = options
         self.client = client
-        self.upstream = upstream
+        upstream = ownConnections ? UpstreamConnections(baseURL: options.baseURL, connectTimeout: options.connectTimeout) : nil
     }
 
     public func modelName(for request: CompletionRequest) -> String { request.model ?? options.model }
@@ -60,7 +66,7 @@ public struct OpenAICompatibleProvider: PushingLLMProvider {
             ("max_tokens", .int(Int64(request.maxOutputTokens))),
         ])
         let auth = options.apiKey.map { [("authorization", "Bearer \($0)")] } ?? []
-        let http = HTTPStreaming.post(options.baseURL + "/chat/completions", json: body, headers: auth)
+        let http = HTTPStreaming.post("/chat/completions", of: options, json: body, headers: auth)
         return HTTPStreaming.start(
             http, client: client, upstream: upstream, options: options, request: request, parts: OpenAIChatDialect.parts(of:), on: loop, sink: sink)
     }

@@ -11,9 +11,12 @@ import Synchronization
 /// layer's share of the provider path's CPU samples fell from about 18% to 6%).
 /// Connections stay open between replies, each parked on its loop until the next reply there
 /// or until the server closes it. `https://` providers go through AsyncHTTPClient.
-public final class UpstreamConnections: Sendable {
+/// A provider makes its own from its base URL, so the two cannot name different servers.
+final class UpstreamConnections: Sendable {
     let host: String
     let port: Int
+    /// The base URL's path, to which a request's endpoint is appended: empty or `/v1`.
+    let basePath: String
     /// The request's `host` header: an IPv6 literal in brackets, the port unless 80.
     let hostHeader: String
     /// How long connecting may take; a refused connection is tried again every 100 ms until
@@ -24,9 +27,10 @@ public final class UpstreamConnections: Sendable {
     private let closed = Atomic<Bool>(false)
 
     /// Nil unless `baseURL` is `http://host[:port][/path]`.
-    public init?(baseURL: String, connectTimeout: Duration = .seconds(10)) {
+    init?(baseURL: String, connectTimeout: Duration = .seconds(10)) {
         guard let target = Self.target(of: baseURL) else { return nil }
         (host, port) = (target.host, target.port)
+        basePath = target.path.hasSuffix("/") ? String(target.path.dropLast()) : target.path
         let name = host.contains(":") ? "[\(host)]" : host
         hostHeader = port == 80 ? name : "\(name):\(port)"
         self.connectTimeout = TimeAmount(connectTimeout)
@@ -70,7 +74,7 @@ public final class UpstreamConnections: Sendable {
     }
 
     /// Closes every idle connection; those in use close when their replies end.
-    public func close() {
+    func close() {
         closed.store(true, ordering: .releasing)
         let all = parked.withLock { parked in
             defer { parked.removeAll() }

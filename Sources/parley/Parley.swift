@@ -762,12 +762,11 @@ extension Serve {
         // A local model server that died is back in about a second: six retries (250 ms more
         // each, 5.25 s in all) carry a reply asked for meanwhile over its restart.
         if usesLocalModel { options.retries = 6 }
-        // A plain-http model server (the local model's among them) is read through Parley's own
-        // connections, on the loops of the sockets its tokens go to (#26); https through `client`.
-        let own = UpstreamConnections(baseURL: url)
+        // A plain-http model server (the local model's among them) is read through the
+        // provider's own connections, on the loops of the sockets its tokens go to (#26); https
+        // through `client`.
         return provider == "anthropic"
-            ? AnthropicProvider(options: options, client: client, upstream: own)
-            : OpenAICompatibleProvider(options: options, client: client, upstream: own)
+            ? AnthropicProvider(options: options, client: client) : OpenAICompatibleProvider(options: options, client: client)
     }
 }
 

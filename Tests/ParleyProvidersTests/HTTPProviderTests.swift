@@ -121,7 +121,8 @@ final class FakeUpstream: Sendable {
                 context.close(promise: nil)
             case .streamThenClose(let chunks):
                 writeEvents(chunks, context: context, flushLast: false, closing: true)
-                context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in context.close(promise: nil) }
+                let channel = context.channel
+                context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in channel.close(promise: nil) }
             }
         }
 
@@ -178,14 +179,10 @@ let openAITranscript = """
         messages: [PromptMessage(role: .system, text: "You are Ada."), PromptMessage(role: .user, text: "Hi")],
         maxOutputTokens: 64)
 
-    /// Parley's own connections for `options`' plain-http provider when `own`, else none
-    /// (AsyncHTTPClient): the tests below run both ways.
-    static func upstream(_ options: HTTPProviderOptions, own: Bool, connectTimeout: Duration = .seconds(10)) -> UpstreamConnections? {
-        own ? UpstreamConnections(baseURL: options.baseURL, connectTimeout: connectTimeout)! : nil
-    }
-
+    /// Through Parley's own connections to the plain-http fake when `own`, else through
+    /// AsyncHTTPClient: the tests below run both ways.
     func openAIProvider(_ options: HTTPProviderOptions, own: Bool, client: HTTPClient = .shared) -> OpenAICompatibleProvider {
-        OpenAICompatibleProvider(options: options, client: client, upstream: Self.upstream(options, own: own))
+        OpenAICompatibleProvider(options: options, client: client, ownConnections: own)
     }
 
     @Test(arguments: [false, true]) func anOpenAIStreamSplitAnywhereGivesItsTokensAndTheReportedUsage(own: Bool) async throws {
@@ -333,7 +330,7 @@ let openAITranscript = """
             """
         let upstream = try await FakeUpstream([.stream(pieces(transcript, size: 5))])
         let options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)", apiKey: "ak", model: "claude")
-        let provider = AnthropicProvider(options: options, upstream: Self.upstream(options, own: own))
+        let provider = AnthropicProvider(options: options, ownConnections: own)
         let events = try await collect(provider.stream(request))
         #expect(events == [.token("Bonjour"), .usage(Usage(inputTokens: 30, outputTokens: 2))])
         let sent = try #require(upstream.requests.first)
@@ -381,7 +378,7 @@ let openAITranscript = """
         }
         await #expect(throws: ProviderError("the model provider failed: Overloaded")) {
             let options = HTTPProviderOptions(baseURL: base, model: "claude")
-            for try await event in AnthropicProvider(options: options, upstream: Self.upstream(options, own: own)).stream(request) {
+            for try await event in AnthropicProvider(options: options, ownConnections: own).stream(request) {
                 tokens.append(event)
             }
         }
@@ -396,10 +393,10 @@ let openAITranscript = """
         try await listener.close()
         var options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(port)/v1", model: "smol")
         options.retries = 1
+        options.connectTimeout = .milliseconds(300)
         let client = HTTPClient.forProvider(connections: 2, connectTimeout: .milliseconds(300))
-        let upstream = Self.upstream(options, own: own, connectTimeout: .milliseconds(300))
         await #expect(throws: ProviderError("the model provider could not be reached")) {
-            try await collect(OpenAICompatibleProvider(options: options, client: client, upstream: upstream).stream(request))
+            try await collect(openAIProvider(options, own: own, client: client).stream(request))
         }
         try await client.shutdown()
     }
@@ -429,16 +426,13 @@ let openAITranscript = """
         ])
         var options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol")
         options.retries = 0
-        let connections = try #require(UpstreamConnections(baseURL: options.baseURL))
-        let provider = OpenAICompatibleProvider(options: options, upstream: connections)
+        let provider = OpenAICompatibleProvider(options: options)
+        let connections = try #require(provider.upstream, "a plain-http provider makes its own connections")
         let loop = MultiThreadedEventLoopGroup.singleton.next()
         let request = self.request
         var opened: [Int] = []
         for _ in 0..<4 {
-            let sink = LoopSink(loop: loop)
-            _ = try await loop.submit { provider.start(request, on: loop, sink: sink) }.get()
-            let error = try await sink.done.futureResult.get()
-            let events = try await loop.submit { sink.events }.get()
+            let (events, _, error) = try await pushed(provider, request, on: loop)
             #expect(error == nil)
             #expect(events == [.token("Olá, "), .token("mundo 🌊"), .usage(Usage(inputTokens: 21, outputTokens: 5))])
             opened.append(upstream.connections)
@@ -457,7 +451,8 @@ let openAITranscript = """
         try await listener.close()
         var options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(port)/v1", model: "smol")
         options.retries = 0
-        let provider = OpenAICompatibleProvider(options: options, upstream: Self.upstream(options, own: true, connectTimeout: .seconds(20)))
+        options.connectTimeout = .seconds(20)
+        let provider = OpenAICompatibleProvider(options: options)
         let request = self.request
         let reply = Task { try await collect(provider.stream(request)) }
         try await Task.sleep(for: .milliseconds(300))  // the server starts later than the reply asked for it
@@ -467,12 +462,29 @@ let openAITranscript = """
     }
 
     @Test func onlyAPlainHTTPProviderGetsOwnConnections() {
+        let local = HTTPProviderOptions(baseURL: "http://127.0.0.1:8081/v1/", model: "smol")
+        #expect(OpenAICompatibleProvider(options: local).upstream?.basePath == "/v1")
+        #expect(AnthropicProvider(options: HTTPProviderOptions(baseURL: "http://127.0.0.1:8081", model: "c")).upstream?.basePath == "")
+        #expect(OpenAICompatibleProvider(options: local, ownConnections: false).upstream == nil)
+        #expect(OpenAICompatibleProvider(options: HTTPProviderOptions(baseURL: "https://api.openai.com/v1", model: "g")).upstream == nil)
         #expect(UpstreamConnections(baseURL: "http://127.0.0.1:8081/v1")?.hostHeader == "127.0.0.1:8081")
         #expect(UpstreamConnections(baseURL: "HTTP://[::1]:8081")?.hostHeader == "[::1]:8081")
         #expect(UpstreamConnections(baseURL: "http://models.internal/v1")?.hostHeader == "models.internal")
         for url in ["https://api.openai.com/v1", "http://", "http://host:port/v1", "http://user@host/v1", "http://host:70000", "ftp://x"] {
             #expect(UpstreamConnections(baseURL: url) == nil, "\(url)")
         }
+    }
+
+    /// Starts `request` on `provider` pushing to `loop`, and returns once the reply finished: its
+    /// events, how many calls arrived off `loop`, and its error.
+    func pushed(
+        _ provider: some PushingLLMProvider, _ request: CompletionRequest, on loop: any EventLoop
+    ) async throws -> (events: [LLMEvent], offLoop: Int, error: (any Error)?) {
+        let sink = LoopSink(loop: loop)
+        _ = try await loop.submit { provider.start(request, on: loop, sink: sink) }.get()
+        let error = try await sink.done.futureResult.get()
+        let (events, offLoop) = try await loop.submit { (sink.events, sink.offLoop) }.get()
+        return (events, offLoop, error)
     }
 
     /// Records pushed events, each checked to arrive on the loop the reply was started on.
@@ -509,16 +521,12 @@ let openAITranscript = """
         let upstream = try await FakeUpstream(Array(repeating: .stream(pieces(openAITranscript, size: 9)), count: 4))
         let options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol")
         for (provider, loop) in [
-            (OpenAICompatibleProvider(options: options, client: client), loops[0]),
-            (OpenAICompatibleProvider(options: options, client: client), loops[1]),
-            (OpenAICompatibleProvider(options: options), loops[1]),  // HTTPClient.shared: other loops
+            (openAIProvider(options, own: false, client: client), loops[0]),
+            (openAIProvider(options, own: false, client: client), loops[1]),
+            (openAIProvider(options, own: false), loops[1]),  // HTTPClient.shared: other loops
             (openAIProvider(options, own: true), loops[0]),  // Parley's own connections: on the loop asked for
         ] {
-            let sink = LoopSink(loop: loop)
-            let request = self.request
-            _ = try await loop.submit { provider.start(request, on: loop, sink: sink) }.get()
-            let error = try await sink.done.futureResult.get()
-            let (events, offLoop) = try await loop.submit { (sink.events, sink.offLoop) }.get()
+            let (events, offLoop, error) = try await pushed(provider, request, on: loop)
             #expect(error == nil && offLoop == 0)
             #expect(events == [.token("Olá, "), .token("mundo 🌊"), .usage(Usage(inputTokens: 21, outputTokens: 5))])
         }
