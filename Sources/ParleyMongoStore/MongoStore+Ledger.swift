@@ -23,7 +23,8 @@ extension MongoStore {
         try await run { db in try Self.account(db, user)?.balance ?? 0 }
     }
 
-    public func apply(_ entry: LedgerEntry, allowOverdraft: Bool, caps: [SpendCap]) async throws -> LedgerOutcome {
+    public func apply(_ entry: LedgerEntry, allowOverdraft: Bool, headroom: Int64, caps: [SpendCap]) async throws -> LedgerOutcome {
+        let headroom = entry.credits <= 0 && !allowOverdraft ? max(0, headroom) : 0
         let row = pending(entry)
         return try await run { db in
             do {
@@ -47,15 +48,16 @@ extension MongoStore {
                 }
             }
             guard !caps.isEmpty else {
-                return try Self.settle(db, id: entry.id, user: entry.user, credits: entry.credits, allowOverdraft: allowOverdraft)
+                return try Self.settle(
+                    db, id: entry.id, user: entry.user, credits: entry.credits, allowOverdraft: allowOverdraft, headroom: headroom)
             }
             // Spend windows: a debit takes its amount from each window first (each take atomic
             // on its window's document), all given back if one or the balance refuses. A crash in
             // between leaves a window charged for nothing: stricter, never looser.
             var taken: [SpendCap] = []
-            if entry.credits < 0 {
+            if entry.credits < 0 || headroom > 0 {
                 for cap in caps {
-                    guard try Self.take(db, user: entry.user, cap, -entry.credits) else {
+                    guard try Self.take(db, user: entry.user, cap, -entry.credits, headroom: headroom) else {
                         for done in taken { try Self.give(db, user: entry.user, done, -entry.credits) }
                         try Self.mark(db, entry.id, "void")
                         let available = try Self.available(db, user: entry.user, caps)
@@ -64,7 +66,8 @@ extension MongoStore {
                     taken.append(cap)
                 }
             }
-            let outcome = try Self.settle(db, id: entry.id, user: entry.user, credits: entry.credits, allowOverdraft: allowOverdraft)
+            let outcome = try Self.settle(
+                db, id: entry.id, user: entry.user, credits: entry.credits, allowOverdraft: allowOverdraft, headroom: headroom)
             if case .insufficient = outcome {
                 for done in taken { try Self.give(db, user: entry.user, done, -entry.credits) }
             } else if entry.credits > 0, outcome.isApplied {
@@ -77,11 +80,11 @@ extension MongoStore {
     /// A spend window's document id: the user and the window.
     static func windowID(_ user: String, _ window: String) -> JSONValue { .string(user + "\u{1F}" + window) }
 
-    /// Adds `amount` to what `cap`'s window spent if it stays within `cap.max`: the window is
-    /// made first if missing (racing makers clash harmlessly), then one conditional `$inc` on it
-    /// decides, atomic on its document.
-    private static func take(_ db: Database, user: String, _ cap: SpendCap, _ amount: Int64) throws -> Bool {
-        guard amount <= cap.max else { return false }
+    /// Adds `amount` to what `cap`'s window spent if it stays within `cap.max` with `headroom`
+    /// to spare: the window is made first if missing (racing makers clash harmlessly), then one
+    /// conditional `$inc` on it decides, atomic on its document.
+    private static func take(_ db: Database, user: String, _ cap: SpendCap, _ amount: Int64, headroom: Int64) throws -> Bool {
+        guard amount + headroom <= cap.max else { return false }
         let id = windowID(user, cap.window)
         do {
             _ = try db.update(
@@ -90,7 +93,7 @@ extension MongoStore {
                 upsert: true)
         } catch StoreError.duplicateKey {}
         return try db.findAndModify(
-            "spend_windows", query: .object([("_id", id), ("spent", .object([("$lte", .long(cap.max - amount))]))]),
+            "spend_windows", query: .object([("_id", id), ("spent", .object([("$lte", .long(cap.max - amount - headroom))]))]),
             update: .object([("$inc", .object([("spent", .long(amount))]))])) != nil
     }
 
@@ -110,12 +113,14 @@ extension MongoStore {
         return available
     }
 
-    /// Steps 2 and 3 for a pending entry.
-    static func settle(_ db: Database, id: String, user: String, credits: Int64, allowOverdraft: Bool) throws -> LedgerOutcome {
+    /// Steps 2 and 3 for a pending entry; a debit without overdraft must leave `headroom`.
+    static func settle(
+        _ db: Database, id: String, user: String, credits: Int64, allowOverdraft: Bool, headroom: Int64 = 0
+    ) throws -> LedgerOutcome {
         var filter: [(String, JSONValue)] = [("_id", .string(user)), ("recent", .object([("$ne", .string(id))]))]
-        let mayCreate = credits >= 0 || allowOverdraft
-        if credits < 0, !allowOverdraft {
-            filter.append(("balance", .object([("$gte", .long(-credits))])))
+        let mayCreate = (credits >= 0 && headroom == 0) || allowOverdraft
+        if credits < 0 || headroom > 0, !allowOverdraft {
+            filter.append(("balance", .object([("$gte", .long(-credits + headroom))])))
         }
         let update: JSONValue = .object([
             ("$inc", .object([("balance", .long(credits))])),

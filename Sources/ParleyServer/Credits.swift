@@ -240,23 +240,12 @@ actor CreditMeter {
         }
         try await credits.ensureGrants(user)
         limits = try await credits.plans?.spendLimits(of: user) ?? SpendLimits()
-        let current = try await credits.store.balance(user: user)
-        guard current >= inputCost + reserve else {
-            credits.metrics.refusals.increment()
-            throw Refusal(balance: current, required: inputCost + reserve)
-        }
-        // The reserve must fit the limits too: a reply that could not send a token is refused
-        // before its prompt is charged. (The charges below are what enforce the limits exactly.)
-        let caps = self.caps
-        if !caps.isEmpty, let plans = credits.plans {
-            let spent = try await plans.store.spent(user: user, windows: caps.map(\.window))
-            let available = caps.map { max(0, $0.max - (spent[$0.window] ?? 0)) }.min() ?? .max
-            guard available >= inputCost + reserve else {
-                credits.metrics.spendLimitHits.increment()
-                throw Refusal(balance: available, required: inputCost + reserve, bySpendLimit: true)
-            }
-        }
-        let outcome = try await credits.store.apply(entry("in", -inputCost, tokens: inputTokens), allowOverdraft: false, caps: caps)
+        // One store call: the prompt's debit, refused (nothing charged) unless the balance and the
+        // user's spending limits still cover the output reserve after it, so a reply that could
+        // not send a token is refused before its prompt is charged. (The batches enforce both
+        // exactly as the reply goes.)
+        let outcome = try await credits.store.apply(
+            entry("in", -inputCost, tokens: inputTokens), allowOverdraft: false, headroom: reserve, caps: caps)
         switch outcome {
         case .insufficient(let balance):
             credits.metrics.refusals.increment()

@@ -14,14 +14,15 @@ extension SQLiteStore {
         try db.query("SELECT balance FROM accounts WHERE user = ?", [.text(user)]).first?["balance"].int ?? 0
     }
 
-    public func apply(_ entry: LedgerEntry, allowOverdraft: Bool, caps: [SpendCap]) async throws -> LedgerOutcome {
-        try await run { db in
+    public func apply(_ entry: LedgerEntry, allowOverdraft: Bool, headroom: Int64, caps: [SpendCap]) async throws -> LedgerOutcome {
+        let headroom = entry.credits <= 0 && !allowOverdraft ? max(0, headroom) : 0
+        return try await run { db in
             try db.transaction {
                 let current = try Self.balance(db, entry.user)
                 if try !db.query("SELECT 1 FROM ledger WHERE id = ?", [.text(entry.id)]).isEmpty {
                     return .alreadyApplied(balance: current)
                 }
-                if entry.credits < 0, !allowOverdraft, current + entry.credits < 0 {
+                if entry.credits < 0 || headroom > 0, !allowOverdraft, current + entry.credits < headroom {
                     return .insufficient(balance: current)
                 }
                 if !caps.isEmpty {
@@ -32,7 +33,9 @@ extension SQLiteStore {
                             .first?["spent"].int ?? 0
                         available = min(available, max(0, cap.max - spent))
                     }
-                    if entry.credits < 0, -entry.credits > available { return .overLimit(balance: current, available: available) }
+                    if entry.credits < 0 || headroom > 0, -entry.credits + headroom > available {
+                        return .overLimit(balance: current, available: available)
+                    }
                     for cap in caps {
                         try db.query(
                             """

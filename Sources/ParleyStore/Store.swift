@@ -112,7 +112,12 @@ public protocol LedgerStore: Sendable {
     /// also refused (`overLimit`) when it would take what was spent in any cap's window past its
     /// `max`, atomically with the balance; a positive one (a settlement's return) gives back to
     /// each window what it returns. An entry applied before counts nothing again.
-    func apply(_ entry: LedgerEntry, allowOverdraft: Bool, caps: [SpendCap]) async throws -> LedgerOutcome
+    ///
+    /// `headroom` (≥ 0, for a debit without overdraft, a free one of 0 credits too): the balance,
+    /// and each cap's window, must still cover `headroom` more after the entry, or it is refused
+    /// the same way. A reply's
+    /// prompt debit keeps its first output tokens covered so, with no read before it.
+    func apply(_ entry: LedgerEntry, allowOverdraft: Bool, headroom: Int64, caps: [SpendCap]) async throws -> LedgerOutcome
 
     /// One applied ledger entry by id, whoever it belongs to; nil when there is none.
     func ledgerEntry(id: String) async throws -> LedgerEntry?
@@ -137,7 +142,11 @@ public protocol LedgerStore: Sendable {
 
 extension LedgerStore {
     public func apply(_ entry: LedgerEntry, allowOverdraft: Bool) async throws -> LedgerOutcome {
-        try await apply(entry, allowOverdraft: allowOverdraft, caps: [])
+        try await apply(entry, allowOverdraft: allowOverdraft, headroom: 0, caps: [])
+    }
+
+    public func apply(_ entry: LedgerEntry, allowOverdraft: Bool, caps: [SpendCap]) async throws -> LedgerOutcome {
+        try await apply(entry, allowOverdraft: allowOverdraft, headroom: 0, caps: caps)
     }
 
     /// Every entry a crash left half-applied, whichever node wrote it.

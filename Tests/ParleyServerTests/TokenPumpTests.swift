@@ -42,7 +42,7 @@ import Testing
 
         func balance(user: String) async throws -> Int64 { state.withLock { $0.balance } }
 
-        func apply(_ entry: LedgerEntry, allowOverdraft: Bool, caps: [SpendCap]) async throws -> LedgerOutcome {
+        func apply(_ entry: LedgerEntry, allowOverdraft: Bool, headroom: Int64, caps: [SpendCap]) async throws -> LedgerOutcome {
             if !entry.id.hasSuffix(":in") {
                 await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
                     let pass = state.withLock { s -> Bool in

@@ -60,6 +60,26 @@ func expectLedgerInvariant(_ store: any Store, _ user: String, sourceLocation: S
         }
     }
 
+    /// A reply's prompt debit keeps its first output tokens covered: refused, nothing recorded,
+    /// unless the balance still holds `headroom` after it. A grant or an overdraft ignores it.
+    @Test(arguments: Backend.all)
+    func aDebitWithHeadroomAppliesOnlyIfTheBalanceStillCoversIt(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            _ = try await store.apply(grant("alice", 100), allowOverdraft: false)
+            let prompt = debit("alice", 60, id: "st_1:in")
+            #expect(try await store.apply(prompt, allowOverdraft: false, headroom: 41, caps: []) == .insufficient(balance: 100))
+            #expect(try await store.ledgerEntry(id: prompt.id) == nil)
+            #expect(try await store.apply(prompt, allowOverdraft: false, headroom: 40, caps: []) == .applied(balance: 40))
+            // A free prompt too (and for a user with no account yet).
+            #expect(try await store.apply(debit("alice", 0), allowOverdraft: false, headroom: 41, caps: []) == .insufficient(balance: 40))
+            #expect(try await store.apply(debit("nobody", 0), allowOverdraft: false, headroom: 1, caps: []) == .insufficient(balance: 0))
+            #expect(try await store.apply(debit("alice", 0), allowOverdraft: false, headroom: 40, caps: []) == .applied(balance: 40))
+            #expect(try await store.apply(grant("alice", 5), allowOverdraft: false, headroom: 1_000, caps: []) == .applied(balance: 45))
+            #expect(try await store.apply(debit("alice", 50), allowOverdraft: true, headroom: 1_000, caps: []) == .applied(balance: -5))
+            try await expectLedgerInvariant(store, "alice")
+        }
+    }
+
     @Test(arguments: Backend.all)
     func aRefusedIdRetriedForASmallerAmountRecordsTheNewAmount(_ backend: Backend) async throws {
         try await withStore(backend) { store in

@@ -128,6 +128,23 @@ import Testing
         }
     }
 
+    /// A debit with headroom must leave it in every cap's window too; refused, it takes nothing.
+    @Test(arguments: Backend.all)
+    func aDebitWithHeadroomLeavesItInEveryWindow(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            func entry(_ id: String, _ credits: Int64, _ kind: LedgerEntry.Kind = .debit) -> LedgerEntry {
+                LedgerEntry(id: id, user: "alice", kind: kind, credits: credits, tokens: 1, stream: "st_1", createdAt: 1)
+            }
+            _ = try await store.apply(entry("grant", 1_000, .grant), allowOverdraft: false)
+            let caps = [SpendCap(window: "day:2026-12-04", max: 10), SpendCap(window: "month:2026-12", max: 100)]
+            #expect(
+                try await store.apply(entry("in", -6), allowOverdraft: false, headroom: 5, caps: caps) == .overLimit(balance: 1_000, available: 10))
+            #expect(try await store.spent(user: "alice", windows: caps.map(\.window)).values.allSatisfy { $0 == 0 })
+            #expect(try await store.apply(entry("in", -6), allowOverdraft: false, headroom: 4, caps: caps) == .applied(balance: 994))
+            #expect(try await store.spent(user: "alice", windows: caps.map(\.window)) == ["day:2026-12-04": 6, "month:2026-12": 6])
+        }
+    }
+
     /// Windows that are over are purged: days before the given one, months before the given one.
     @Test(arguments: Backend.all)
     func windowsThatAreOverArePurged(_ backend: Backend) async throws {
