@@ -258,17 +258,19 @@ let openAITranscript = """
             return false
         }
         #expect(try await reader.value)  // the consumer got its token and stopped reading: its stream terminates
-        // The upstream connection was closed, not left streaming (bounded wait: a failure must not hang).
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            group.addTask { try await upstream.closed.futureResult.get() }
-            group.addTask {
-                try await Task.sleep(for: .seconds(10))
-                Issue.record("the upstream connection stayed open after the consumer stopped")
-            }
-            try await group.next()
-            group.cancelAll()
-        }
+        await expectClosed(upstream, "the upstream connection stayed open after the consumer stopped")
         await upstream.stop()
+    }
+
+    /// Waits (10 s at most: a failure must not hang) for a connection to `upstream` to close.
+    func expectClosed(_ upstream: FakeUpstream, _ failure: Comment, sourceLocation: SourceLocation = #_sourceLocation) async {
+        let closed = await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
+            let once = Mutex<CheckedContinuation<Bool, Never>?>(continuation)
+            let resume: @Sendable (Bool) -> Void = { closed in once.withLock { $0.take() }?.resume(returning: closed) }
+            upstream.closed.futureResult.whenComplete { _ in resume(true) }
+            upstream.closed.futureResult.eventLoop.scheduleTask(in: .seconds(10)) { resume(false) }
+        }
+        #expect(closed, failure, sourceLocation: sourceLocation)
     }
 
     /// Also through the server's own AsyncHTTPClient and Parley's own connections, which leave
@@ -461,6 +463,23 @@ let openAITranscript = """
         await upstream.stop()
     }
 
+    /// A reply cancelled while its own connection is still being made: the connection, once
+    /// made, is closed with nothing sent on it, and the reply hears nothing more. (Started and
+    /// cancelled in one turn of the loop, so the connect cannot have completed in between.)
+    @Test func aReplyCancelledWhileConnectingClosesTheNewConnectionUnused() async throws {
+        let upstream = try await FakeUpstream([.stream(pieces(openAITranscript, size: 16))])
+        let provider = OpenAICompatibleProvider(options: HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol"))
+        let loop = MultiThreadedEventLoopGroup.singleton.next()
+        let sink = LoopSink(loop: loop)
+        let request = self.request
+        try await loop.submit { provider.start(request, on: loop, sink: sink).cancel() }.get()
+        await expectClosed(upstream, "the connection made for a cancelled reply stayed open")
+        #expect(upstream.connections == 1 && upstream.requests.isEmpty)
+        #expect(try await loop.submit { sink.events.isEmpty && !sink.isFinished && sink.offLoop == 0 }.get())
+        sink.done.succeed(nil)  // a promise left pending is fatal in debug builds
+        await upstream.stop()
+    }
+
     @Test func onlyAPlainHTTPProviderGetsOwnConnections() {
         let local = HTTPProviderOptions(baseURL: "http://127.0.0.1:8081/v1/", model: "smol")
         #expect(OpenAICompatibleProvider(options: local).upstream?.basePath == "/v1")
@@ -492,6 +511,7 @@ let openAITranscript = """
         let loop: any EventLoop
         var events: [LLMEvent] = []
         var offLoop = 0
+        var isFinished = false
         let done: EventLoopPromise<(any Error)?>
 
         init(loop: any EventLoop) {
@@ -506,6 +526,7 @@ let openAITranscript = """
 
         func finished(_ error: (any Error)?) {
             if !loop.inEventLoop { offLoop += 1 }
+            isFinished = true
             done.succeed(error)
         }
     }
