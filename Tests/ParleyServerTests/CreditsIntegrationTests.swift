@@ -84,6 +84,25 @@ func expectInvariant(_ server: TestServer, token: String, sourceLocation: Source
         await server.stop()
     }
 
+    /// A first batch the balance does not cover in full (here 8 tokens against 5 credits, the
+    /// reserve of 4 covered) is bought as large as the balance allows, under its own ledger id.
+    @Test(arguments: TestServer.StoreKind.allCases)
+    func aFirstBatchThePromptLeftNoRoomForIsBoughtSmallerByTheFirstToken(_ store: TestServer.StoreKind) async throws {
+        let server = try await creditServer(store, grant: 5, batch: 8)
+        let token = try await server.token("alice")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        try await socket.chatSend(id: "c1", clone: clone, text: "Talk a lot")
+        let stream = try await socket.next(type: "stream.start").frame["stream"]!.stringValue!
+        let end = try await socket.next(type: "stream.end").frame
+        #expect(end["reason"] == .string("insufficient_credits") && end["usage"]?["output_tokens"] == .int(5))
+        let entries = try await creditsOf(server, token: token).entries
+        #expect(entries.first { $0["id"] == .string(stream + ":1") }?["credits"] == .int(-5))
+        #expect(try await creditsOf(server, token: token).balance == 0)
+        try await expectInvariant(server, token: token)
+        await server.stop()
+    }
+
     @Test(arguments: TestServer.StoreKind.allCases)
     func aStreamIsRefusedBeforeItStartsWhenTheReserveIsNotCovered(_ store: TestServer.StoreKind) async throws {
         let server = try await creditServer(store, grant: 3, reserve: 4)
