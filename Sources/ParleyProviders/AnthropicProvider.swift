@@ -17,7 +17,7 @@ public struct AnthropicProvider: PushingLLMProvider {
     public init(options: HTTPProviderOptions, client: HTTPClient = .shared, ownConnections: Bool = true) {
         self.options = options
         self.client = client
-        upstream = ownConnections ? UpstreamConnections(baseURL: options.baseURL, connectTimeout: options.connectTimeout) : nil
+        upstream = ownConnections ? UpstreamConnections(options) : nil
     }
 
     public func modelName(for request: CompletionRequest) -> String { request.model ?? options.model }

@@ -26,6 +26,9 @@ public struct HTTPProviderOptions: Sendable {
     /// refused connect is tried again until then. An `HTTPClient` has its own
     /// (`HTTPClient.forProvider(connectTimeout:)`).
     public var connectTimeout: Duration = .seconds(10)
+    /// How long one of Parley's own connections (a plain-http provider) stays open unused
+    /// between replies before Parley closes it: what a burst of replies opened is given back.
+    public var idleConnectionTimeout: Duration = .seconds(60)
 
     public init(baseURL: String, apiKey: String? = nil, model: String) {
         self.baseURL = baseURL.hasSuffix("/") ? String(baseURL.dropLast()) : baseURL
@@ -52,7 +55,7 @@ public struct OpenAICompatibleProvider: PushingLLMProvider {
     public init(options: HTTPProviderOptions, client: HTTPClient = .shared, ownConnections: Bool = true) {
         self.options = options
         self.client = client
-        upstream = ownConnections ? UpstreamConnections(baseURL: options.baseURL, connectTimeout: options.connectTimeout) : nil
+        upstream = ownConnections ? UpstreamConnections(options) : nil
     }
 
     public func modelName(for request: CompletionRequest) -> String { request.model ?? options.model }

@@ -9,8 +9,9 @@ import Synchronization
 /// tokens), and each part of the response goes straight to the reply there: no request state
 /// machine, lock or future per body part between the socket and the SSE parser (#26: the HTTP
 /// layer's share of the provider path's CPU samples fell from about 18% to 6%).
-/// Connections stay open between replies, each parked on its loop until the next reply there
-/// or until the server closes it. `https://` providers go through AsyncHTTPClient.
+/// Connections stay open between replies, each parked on its loop until the next reply there,
+/// until it was idle for `idleTimeout` or until the server closes it. `https://` providers go
+/// through AsyncHTTPClient.
 /// A provider makes its own from its base URL, so the two cannot name different servers.
 final class UpstreamConnections: Sendable {
     let host: String
@@ -22,18 +23,26 @@ final class UpstreamConnections: Sendable {
     /// How long connecting may take; a refused connection is tried again every 100 ms until
     /// then (a model server restarting is back within it).
     let connectTimeout: TimeAmount
+    /// How long a parked connection is kept unused before it is closed.
+    let idleTimeout: TimeAmount
     /// Idle connections by event loop.
     private let parked = Mutex<[ObjectIdentifier: [any Channel]]>([:])
     private let closed = Atomic<Bool>(false)
 
     /// Nil unless `baseURL` is `http://host[:port][/path]`.
-    init?(baseURL: String, connectTimeout: Duration = .seconds(10)) {
+    /// A plain-http provider's own connections, as its options say; nil for any other URL.
+    convenience init?(_ options: HTTPProviderOptions) {
+        self.init(baseURL: options.baseURL, connectTimeout: options.connectTimeout, idleTimeout: options.idleConnectionTimeout)
+    }
+
+    init?(baseURL: String, connectTimeout: Duration = .seconds(10), idleTimeout: Duration = .seconds(60)) {
         guard let target = Self.target(of: baseURL) else { return nil }
         (host, port) = (target.host, target.port)
         basePath = target.path.hasSuffix("/") ? String(target.path.dropLast()) : target.path
         let name = host.contains(":") ? "[\(host)]" : host
         hostHeader = port == 80 ? name : "\(name):\(port)"
         self.connectTimeout = TimeAmount(connectTimeout)
+        self.idleTimeout = TimeAmount(idleTimeout)
     }
 
     /// The host, port and path of an `http://` URL; nil for any other.
@@ -274,13 +283,24 @@ final class UpstreamExchange: @unchecked Sendable {
 }
 
 /// The last handler of an upstream connection: hands the response's parts to the exchange
-/// using the connection, parks the connection once a keep-alive response ended, and drops it
-/// from the parked ones when the server closes it.
+/// using the connection, parks the connection once a keep-alive response ended (closing it if
+/// no exchange took it within the idle timeout), and drops it from the parked ones when it
+/// closes.
 private final class UpstreamHandler: ChannelInboundHandler {
     typealias InboundIn = HTTPClientResponsePart
     let connections: UpstreamConnections
-    var exchange: UpstreamExchange?
+    /// The exchange using the connection; nil while it is parked.
+    var exchange: UpstreamExchange? {
+        didSet {
+            if exchange != nil {
+                idle?.cancel()
+                idle = nil
+            }
+        }
+    }
     private var keepAlive = false
+    /// Closes the parked connection when it has been idle too long.
+    private var idle: Scheduled<Void>?
 
     init(connections: UpstreamConnections) {
         self.connections = connections
@@ -297,6 +317,10 @@ private final class UpstreamHandler: ChannelInboundHandler {
         case .end:
             self.exchange = nil
             if keepAlive {
+                let (channel, handler) = (context.channel, NIOLoopBound(self, eventLoop: context.eventLoop))
+                idle = context.eventLoop.scheduleTask(in: connections.idleTimeout) {
+                    if handler.value.exchange == nil { channel.close(promise: nil) }  // unparked as it goes inactive
+                }
                 connections.park(context.channel)
             } else {
                 context.close(promise: nil)
@@ -313,6 +337,8 @@ private final class UpstreamHandler: ChannelInboundHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        idle?.cancel()
+        idle = nil
         if let exchange {
             self.exchange = nil
             exchange.connectionFailed(UpstreamConnectionClosed())

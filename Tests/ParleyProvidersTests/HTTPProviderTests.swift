@@ -445,6 +445,20 @@ let openAITranscript = """
         await upstream.stop()
     }
 
+    /// A connection parked after a reply and not used again within the idle timeout is closed
+    /// (a model server need not close idle keep-alives for a burst's connections to go).
+    @Test func anOwnConnectionIdleTooLongIsClosed() async throws {
+        let upstream = try await FakeUpstream([.stream(pieces(openAITranscript, size: 16))])
+        var options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol")
+        options.idleConnectionTimeout = .milliseconds(200)
+        let (events, _, error) = try await pushed(
+            OpenAICompatibleProvider(options: options), request, on: MultiThreadedEventLoopGroup.singleton.next())
+        #expect(error == nil && events.count == 3)
+        await expectClosed(upstream, "the idle connection stayed open past its timeout")
+        #expect(upstream.connections == 1)
+        await upstream.stop()
+    }
+
     /// A model server that is still starting (connections refused) is tried again within the
     /// connect timeout, not failed at once: the reply (allowed no retries) gets its answer.
     @Test func ownConnectionsWaitForAModelServerThatIsStarting() async throws {
