@@ -87,7 +87,7 @@ func expectInvariant(_ server: TestServer, token: String, sourceLocation: Source
     /// A first batch the balance does not cover in full (here 8 tokens against 5 credits, the
     /// reserve of 4 covered) is bought as large as the balance allows, under its own ledger id.
     @Test(arguments: TestServer.StoreKind.allCases)
-    func aFirstBatchThePromptLeftNoRoomForIsBoughtSmallerByTheFirstToken(_ store: TestServer.StoreKind) async throws {
+    func aFirstBatchTheBalanceCoversOnlyInPartIsBoughtAsLargeAsItAllows(_ store: TestServer.StoreKind) async throws {
         let server = try await creditServer(store, grant: 5, batch: 8)
         let token = try await server.token("alice")
         let clone = try await server.createClone(token: token)["id"]!.stringValue!

@@ -100,14 +100,19 @@ import Testing
 /// Spending caps (#27) on every backend: concurrent debits never take a window past its cap, a
 /// settlement's return gives room back, a retried entry counts once, and grants are not capped.
 @Suite("Spend cap conformance") struct SpendCapConformanceTests {
+    /// Alice's entry `id` of `credits`, one token of stream `st_1`.
+    func entry(_ id: String, _ credits: Int64, _ kind: LedgerEntry.Kind = .debit) -> LedgerEntry {
+        LedgerEntry(id: id, user: "alice", kind: kind, credits: credits, tokens: 1, stream: "st_1", createdAt: 1)
+    }
+
+    /// A day's cap of 10 within a month's of 100.
+    static let caps = [SpendCap(window: "day:2026-12-04", max: 10), SpendCap(window: "month:2026-12", max: 100)]
+
     @Test(arguments: Backend.all)
     func concurrentDebitsNeverPassACap(_ backend: Backend) async throws {
         try await withStore(backend) { store in
-            func entry(_ id: String, _ credits: Int64, _ kind: LedgerEntry.Kind = .debit) -> LedgerEntry {
-                LedgerEntry(id: id, user: "alice", kind: kind, credits: credits, tokens: 1, stream: "st_1", createdAt: 1)
-            }
             _ = try await store.apply(entry("grant", 1_000, .grant), allowOverdraft: false)
-            let caps = [SpendCap(window: "day:2026-12-04", max: 10), SpendCap(window: "month:2026-12", max: 100)]
+            let caps = Self.caps
             let outcomes = try await withThrowingTaskGroup(of: LedgerOutcome.self) { group in
                 for n in 0..<30 { group.addTask { try await store.apply(entry("d\(n)", -1), allowOverdraft: false, caps: caps) } }
                 return try await group.reduce(into: []) { $0.append($1) }
@@ -132,11 +137,8 @@ import Testing
     @Test(arguments: Backend.all)
     func aDebitWithHeadroomLeavesItInEveryWindow(_ backend: Backend) async throws {
         try await withStore(backend) { store in
-            func entry(_ id: String, _ credits: Int64, _ kind: LedgerEntry.Kind = .debit) -> LedgerEntry {
-                LedgerEntry(id: id, user: "alice", kind: kind, credits: credits, tokens: 1, stream: "st_1", createdAt: 1)
-            }
             _ = try await store.apply(entry("grant", 1_000, .grant), allowOverdraft: false)
-            let caps = [SpendCap(window: "day:2026-12-04", max: 10), SpendCap(window: "month:2026-12", max: 100)]
+            let caps = Self.caps
             #expect(
                 try await store.apply(entry("in", -6), allowOverdraft: false, headroom: 5, caps: caps) == .overLimit(balance: 1_000, available: 10))
             #expect(try await store.spent(user: "alice", windows: caps.map(\.window)).values.allSatisfy { $0 == 0 })
