@@ -29,12 +29,12 @@ final class UpstreamConnections: Sendable {
     private let parked = Mutex<[ObjectIdentifier: [any Channel]]>([:])
     private let closed = Atomic<Bool>(false)
 
-    /// Nil unless `baseURL` is `http://host[:port][/path]`.
     /// A plain-http provider's own connections, as its options say; nil for any other URL.
     convenience init?(_ options: HTTPProviderOptions) {
         self.init(baseURL: options.baseURL, connectTimeout: options.connectTimeout, idleTimeout: options.idleConnectionTimeout)
     }
 
+    /// Nil unless `baseURL` is `http://host[:port][/path]`.
     init?(baseURL: String, connectTimeout: Duration = .seconds(10), idleTimeout: Duration = .seconds(60)) {
         guard let target = Self.target(of: baseURL) else { return nil }
         (host, port) = (target.host, target.port)
