@@ -115,8 +115,8 @@ public protocol LedgerStore: Sendable {
     ///
     /// `headroom` (≥ 0, for a debit without overdraft, a free one of 0 credits too): the balance,
     /// and each cap's window, must still cover `headroom` more after the entry, or it is refused
-    /// the same way. A reply's
-    /// prompt debit keeps its first output tokens covered so, with no read before it.
+    /// the same way. A reply's prompt debit keeps its output reserve covered so, with no read
+    /// before it.
     func apply(_ entry: LedgerEntry, allowOverdraft: Bool, headroom: Int64, caps: [SpendCap]) async throws -> LedgerOutcome
 
     /// One applied ledger entry by id, whoever it belongs to; nil when there is none.
