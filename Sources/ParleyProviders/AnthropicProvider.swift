@@ -33,7 +33,7 @@ public struct AnthropicProvider: PushingLLMProvider {
         if !system.isEmpty { body.append(("system", .string(system))) }
         var headers = [("anthropic-version", Self.apiVersion)]
         if let key = options.apiKey { headers.append(("x-api-key", key)) }
-        let http = HTTPStreaming.post("/v1/messages", of: options, json: .object(body), headers: headers)
+        let http = HTTPStreaming.post("/v1/messages", json: .object(body), headers: headers)
         return HTTPStreaming.start(
             http, client: client, upstream: upstream, options: options, request: request, parts: AnthropicMessagesDialect.parts(of:), on: loop,
             sink: sink)

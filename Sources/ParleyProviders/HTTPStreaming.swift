@@ -7,18 +7,17 @@ import ParleyLLM
 /// The request loop both HTTP providers share: retries before the first token, first-token and
 /// idle timeouts, SSE parsing, usage, and error mapping to messages safe to show a user.
 enum HTTPStreaming {
-    /// A JSON POST to `endpoint` under `options`' base URL that asks for an event stream, with
-    /// the provider's own `headers` added.
-    static func post(_ endpoint: String, of options: HTTPProviderOptions, json: JSONValue, headers: [(String, String)]) -> Post {
+    /// A JSON POST to `endpoint` under the provider's base URL that asks for an event stream,
+    /// with the provider's own `headers` added.
+    static func post(_ endpoint: String, json: JSONValue, headers: [(String, String)]) -> Post {
         var fields = HTTPHeaders([("content-type", "application/json"), ("accept", "text/event-stream")])
         for (name, value) in headers { fields.add(name: name, value: value) }
-        return Post(url: options.baseURL + endpoint, endpoint: endpoint, headers: fields, body: ByteBuffer(bytes: json.serialized()))
+        return Post(endpoint: endpoint, headers: fields, body: ByteBuffer(bytes: json.serialized()))
     }
 
     struct Post: Sendable {
-        /// The whole URL, for AsyncHTTPClient.
-        var url: String
-        /// The path under the base URL, for Parley's own connections (made from that URL).
+        /// The path under the provider's base URL (AsyncHTTPClient is given the whole URL; Parley's
+        /// own connections, made from that URL, the base path and this).
         var endpoint: String
         var headers: HTTPHeaders
         var body: ByteBuffer
@@ -123,7 +122,8 @@ enum HTTPStreaming {
             } else {
                 let http: HTTPClient.Request
                 do {
-                    http = try HTTPClient.Request(url: post.url, method: .POST, headers: post.headers, body: .byteBuffer(post.body))
+                    http = try HTTPClient.Request(
+                        url: options.baseURL + post.endpoint, method: .POST, headers: post.headers, body: .byteBuffer(post.body))
                 } catch {
                     finish(ProviderError("the model provider's URL is not valid"))
                     return

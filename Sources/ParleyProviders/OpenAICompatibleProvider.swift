@@ -69,7 +69,7 @@ public struct OpenAICompatibleProvider: PushingLLMProvider {
             ("max_tokens", .int(Int64(request.maxOutputTokens))),
         ])
         let auth = options.apiKey.map { [("authorization", "Bearer \($0)")] } ?? []
-        let http = HTTPStreaming.post("/chat/completions", of: options, json: body, headers: auth)
+        let http = HTTPStreaming.post("/chat/completions", json: body, headers: auth)
         return HTTPStreaming.start(
             http, client: client, upstream: upstream, options: options, request: request, parts: OpenAIChatDialect.parts(of:), on: loop, sink: sink)
     }
