@@ -156,6 +156,9 @@ func collect(_ stream: LLMEventStream) async throws -> [LLMEvent] {
     return events
 }
 
+/// An OpenAI chunk with the token "Hel": the first of a stream that then stalls.
+let firstHelChunk = #"data: {"choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}"# + "\n\n"
+
 let openAITranscript = """
     data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}
 
@@ -246,8 +249,7 @@ let openAITranscript = """
     }
 
     @Test(arguments: [false, true]) func cancellingTheConsumerClosesTheUpstreamConnection(own: Bool) async throws {
-        let first = #"data: {"choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}"# + "\n\n"
-        let upstream = try await FakeUpstream([.hang([Array(first.utf8)])])
+        let upstream = try await FakeUpstream([.hang([Array(firstHelChunk.utf8)])])
         var options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol")
         options.idleTimeout = .seconds(120)  // only the cancel can close it within the bound below
         let provider = openAIProvider(options, own: own)
@@ -277,8 +279,7 @@ let openAITranscript = """
     /// read timeouts to the reply's watchdog.
     @Test(arguments: [(false, false), (true, false), (false, true)])
     func anUpstreamThatStopsSendingTimesOut(ownClient: Bool, own: Bool) async throws {
-        let first = #"data: {"choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}"# + "\n\n"
-        let upstream = try await FakeUpstream([.hang([Array(first.utf8)])])
+        let upstream = try await FakeUpstream([.hang([Array(firstHelChunk.utf8)])])
         var options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol")
         options.idleTimeout = .milliseconds(300)
         options.firstTokenTimeout = .seconds(30)
@@ -298,8 +299,7 @@ let openAITranscript = """
     /// A reply that streams past its whole limit ends with that said, not as a provider that
     /// could not be reached, and is not retried.
     @Test(arguments: [false, true]) func aReplyLongerThanItsLimitEndsSayingSo(own: Bool) async throws {
-        let first = #"data: {"choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}"# + "\n\n"
-        let upstream = try await FakeUpstream([.hang([Array(first.utf8)])])
+        let upstream = try await FakeUpstream([.hang([Array(firstHelChunk.utf8)])])
         var options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol")
         options.maxDuration = .seconds(1)
         options.idleTimeout = .seconds(30)
@@ -389,10 +389,7 @@ let openAITranscript = """
     }
 
     @Test(arguments: [false, true]) func aModelServerThatIsNotThereIsRetriedThenNamedUnreachable(own: Bool) async throws {
-        // A port that was just free: nothing listens on it.
-        let listener = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton).bind(host: "127.0.0.1", port: 0).get()
-        let port = try #require(listener.localAddress?.port)
-        try await listener.close()
+        let port = try await freePort()
         var options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(port)/v1", model: "smol")
         options.retries = 1
         options.connectTimeout = .milliseconds(300)
@@ -462,9 +459,7 @@ let openAITranscript = """
     /// A model server that is still starting (connections refused) is tried again within the
     /// connect timeout, not failed at once: the reply (allowed no retries) gets its answer.
     @Test func ownConnectionsWaitForAModelServerThatIsStarting() async throws {
-        let listener = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton).bind(host: "127.0.0.1", port: 0).get()
-        let port = try #require(listener.localAddress?.port)
-        try await listener.close()
+        let port = try await freePort()
         var options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(port)/v1", model: "smol")
         options.retries = 0
         options.connectTimeout = .seconds(20)
@@ -506,6 +501,14 @@ let openAITranscript = """
         for url in ["https://api.openai.com/v1", "http://", "http://host:port/v1", "http://user@host/v1", "http://host:70000", "ftp://x"] {
             #expect(UpstreamConnections(baseURL: url) == nil, "\(url)")
         }
+    }
+
+    /// A port that was just free: nothing listens on it.
+    func freePort() async throws -> Int {
+        let listener = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton).bind(host: "127.0.0.1", port: 0).get()
+        let port = try #require(listener.localAddress?.port)
+        try await listener.close()
+        return port
     }
 
     /// Starts `request` on `provider` pushing to `loop`, and returns once the reply finished: its
