@@ -24,7 +24,7 @@ extension MongoStore {
     }
 
     public func apply(_ entry: LedgerEntry, allowOverdraft: Bool, headroom: Int64, caps: [SpendCap]) async throws -> LedgerOutcome {
-        let headroom = entry.credits <= 0 && !allowOverdraft ? max(0, headroom) : 0
+        let headroom = entry.headroom(headroom, allowOverdraft: allowOverdraft)
         let row = pending(entry)
         return try await run { db in
             do {

@@ -15,7 +15,7 @@ extension SQLiteStore {
     }
 
     public func apply(_ entry: LedgerEntry, allowOverdraft: Bool, headroom: Int64, caps: [SpendCap]) async throws -> LedgerOutcome {
-        let headroom = entry.credits <= 0 && !allowOverdraft ? max(0, headroom) : 0
+        let headroom = entry.headroom(headroom, allowOverdraft: allowOverdraft)
         return try await run { db in
             try db.transaction {
                 let current = try Self.balance(db, entry.user)

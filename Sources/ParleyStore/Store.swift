@@ -140,6 +140,14 @@ public protocol LedgerStore: Sendable {
     func recoverLedger(node: String?) async throws -> Int
 }
 
+extension LedgerEntry {
+    /// The headroom `LedgerStore.apply` holds this entry to when `asked`: none for a grant, a
+    /// settlement's return or an overdraft.
+    public func headroom(_ asked: Int64, allowOverdraft: Bool) -> Int64 {
+        credits <= 0 && !allowOverdraft ? max(0, asked) : 0
+    }
+}
+
 extension LedgerStore {
     public func apply(_ entry: LedgerEntry, allowOverdraft: Bool) async throws -> LedgerOutcome {
         try await apply(entry, allowOverdraft: allowOverdraft, headroom: 0, caps: [])
