@@ -207,7 +207,6 @@ final class ChatService: FrameHandler {
         let user = connection.identity.user
         var reservedConversation: String?
         var clusterSlot: String?
-        var toRefund: StreamRunner.Prepared?
         do {
             let plans = streams.credits.plans
             try await plans?.require(.chat, user: user, ref: ref, what: "chat")
@@ -234,10 +233,19 @@ final class ChatService: FrameHandler {
                 model: configuration.model(for: plan.clone), messages: prompt.messages, speaker: plan.clone.name,
                 maxOutputTokens: configuration.maxOutputTokens)
 
-            // The prompt and a minimum reply must be affordable before anything is stored or generated.
+            // The prompt and a minimum reply must be affordable before anything is stored or
+            // generated; the user's message is durable before anything is generated for it. One
+            // write does both (one commit before the first token, not two).
+            let opening: ReplyOpening? =
+                plan.isNew
+                ? .conversation(conversation, messages: plan.before)
+                : plan.before.isEmpty ? nil : .messages(plan.before, replacing: plan.replacing)
             let prepared: StreamRunner.Prepared
             do {
-                prepared = try await streams.prepare(prompt, request: request, payer: user, feature: .chat, conversation: conversation.id)
+                prepared = try await streams.prepare(
+                    prompt, request: request, payer: user, feature: .chat, conversation: conversation.id, storing: opening)
+            } catch let gone as ReplacedMessageLeftPath {
+                throw FrameError(ref: ref, code: .conflict, message: "message \(gone.id) left the conversation's path; try again")
             } catch let refusal as CreditMeter.Refusal where refusal.bySpendLimit {
                 throw FrameError(
                     ref: ref, code: .spendLimit,
@@ -249,15 +257,6 @@ final class ChatService: FrameHandler {
                     message: "this reply needs \(refusal.required) credits; the balance is \(refusal.balance)",
                     balance: refusal.balance, required: refusal.required)
             }
-            toRefund = prepared
-
-            // The user's message is durable before anything is generated for it.
-            if plan.isNew {
-                try await store.createConversation(conversation, messages: plan.before)
-            } else {
-                try await storeBefore(plan, ref: ref)
-            }
-            toRefund = nil
 
             let messageID = ids.make(.message)
             let live = streams.open(
@@ -303,24 +302,8 @@ final class ChatService: FrameHandler {
             failure.ref = ref
             connection.send(ServerFrame.error(failure))
         }
-        // Charged for a prompt whose message could not be stored: give it back.
-        if let toRefund { await streams.abandon(toRefund) }
         if let reservedConversation { hub.release(user: user, conversation: reservedConversation) }
         if let clusterSlot { await slots?.release(conversation: clusterSlot) }
-    }
-
-    /// Stores a plan's messages in an existing conversation: the first in place of the one it
-    /// edits, if any.
-    private func storeBefore(_ plan: ReplyPlan, ref: String) async throws {
-        for (index, message) in plan.before.enumerated() {
-            if index == 0, let replacing = plan.replacing {
-                guard try await store.appendAlternative(message, replacing: replacing) != nil else {
-                    throw FrameError(ref: ref, code: .conflict, message: "message \(replacing) left the conversation's path; try again")
-                }
-            } else {
-                try await store.appendMessage(message)
-            }
-        }
     }
 
     /// Runs `body` with `conversation` held as a streaming reply holds it, so that no reply

@@ -230,9 +230,17 @@ actor CreditMeter {
         var bySpendLimit = false
     }
 
+    /// What a reply's request stores with its prompt's debit, and the store that takes both.
+    struct Opening: Sendable {
+        var opening: ReplyOpening
+        var store: any Store
+    }
+
     /// Checks that the prompt and the minimum output reserve are covered and charges the
-    /// prompt. Throws `Refusal` (nothing charged) when they are not.
-    func begin(inputTokens: Int) async throws {
+    /// prompt, storing `opening` in the same write when given. Throws `Refusal` (nothing charged
+    /// or stored) when they are not, and the store's error when `opening` could not be stored
+    /// (nothing charged then either).
+    func begin(inputTokens: Int, storing opening: Opening? = nil) async throws {
         guard let inputCost = pricing.inputCost(tokens: inputTokens, model: model, feature: feature),
             let reserve = pricing.outputCost(tokens: credits.configuration.outputReserveTokens, model: model, feature: feature)
         else {
@@ -244,8 +252,22 @@ actor CreditMeter {
         // user's spending limits still cover the output reserve after it, so a reply that could
         // not send a token is refused before its prompt is charged. (The batches enforce both
         // exactly as the reply goes.)
-        let outcome = try await credits.store.apply(
-            entry("in", -inputCost, tokens: inputTokens), allowOverdraft: false, headroom: reserve, caps: caps)
+        let debit = entry("in", -inputCost, tokens: inputTokens)
+        let outcome: LedgerOutcome
+        do {
+            outcome =
+                if let opening {
+                    try await opening.store.apply(debit, headroom: reserve, caps: caps, storing: opening.opening)
+                } else {
+                    try await credits.store.apply(debit, allowOverdraft: false, headroom: reserve, caps: caps)
+                }
+        } catch let failure as OpeningNotStored {
+            // Charged, but the message was not stored: given back as for a stream that never ran.
+            if failure.applied { credits.metrics.debited.increment(by: inputCost) }
+            charged += inputCost
+            _ = await settle(usage: Usage(inputTokens: 0, outputTokens: 0))
+            throw failure.error
+        }
         switch outcome {
         case .insufficient(let balance):
             credits.metrics.refusals.increment()

@@ -89,15 +89,16 @@ final class StreamRunner: Sendable {
     // MARK: Prepare, open, run
 
     /// Prices `prompt` for `feature` and charges it to `payer`, with a reserve for a first batch
-    /// of the reply. Throws `CreditMeter.Refusal` when the balance does not cover that.
+    /// of the reply, storing `opening` (a chat request's message) in the same write. Throws
+    /// `CreditMeter.Refusal` when the balance does not cover that (nothing charged or stored).
     func prepare(
         _ prompt: AssembledPrompt, request: CompletionRequest, payer: String, feature: Feature, conversation: String? = nil,
-        room: String? = nil, streamID: String? = nil
+        room: String? = nil, streamID: String? = nil, storing opening: ReplyOpening? = nil
     ) async throws -> Prepared {
         let model = provider.modelName(for: request)
         let id = streamID ?? ids.make(.stream)
         let meter = credits.meter(user: payer, stream: id, conversation: conversation, room: room, model: model, feature: feature)
-        try await meter.begin(inputTokens: prompt.estimatedTokens)
+        try await meter.begin(inputTokens: prompt.estimatedTokens, storing: opening.map { CreditMeter.Opening(opening: $0, store: store) })
         return Prepared(id: id, prompt: prompt, request: request, model: model, meter: meter)
     }
 

@@ -88,9 +88,23 @@ extension SQLiteStore {
     static let conversationColumns = "id, owner, clone, title, created_at, updated_at, summary, summary_through"
 
     public func createConversation(_ c: Conversation, messages: [Message]) async throws {
-        try await run { db in
-            try Self.insert(c, into: db, orIgnore: false)
-            for message in messages { try Self.insert(message, into: db, orIgnore: false) }
+        try await run { db in try Self.storeOpening(.conversation(c, messages: messages), in: db) }
+    }
+
+    /// Stores a reply's opening inside the caller's transaction.
+    static func storeOpening(_ opening: ReplyOpening, in db: SQLiteConnection) throws {
+        switch opening {
+        case .conversation(let c, let messages):
+            try insert(c, into: db, orIgnore: false)
+            for message in messages { try insert(message, into: db, orIgnore: false) }
+        case .messages(let messages, let replacing):
+            for (index, message) in messages.enumerated() {
+                if index == 0, let replacing {
+                    guard try appendAlternative(message, replacing: replacing, in: db) != nil else { throw ReplacedMessageLeftPath(id: replacing) }
+                } else {
+                    try insert(message, into: db, orIgnore: false)
+                }
+            }
         }
     }
 
@@ -222,31 +236,33 @@ extension SQLiteStore {
     }
 
     public func appendAlternative(_ message: Message, replacing replaced: String) async throws -> Message? {
-        try await run { db in
-            try db.transaction { () throws -> Message? in
-                let conversation = SQLValue.text(message.conversation)
-                guard
-                    let row = try db.query(
-                        "SELECT parent FROM messages WHERE id = ? AND conversation = ? AND off_path = 0", [.text(replaced), conversation]
-                    ).first
-                else { return nil }
-                var parent = row["parent"].text
-                if parent == nil {
-                    // Stored before messages had parents: its parent is the path's message before it.
-                    parent =
-                        try db.query(
-                            "SELECT id FROM messages WHERE conversation = ? AND off_path = 0 AND id < ? ORDER BY id DESC LIMIT 1",
-                            [conversation, .text(replaced)]
-                        ).first?["id"].text ?? ""
-                    try db.query("UPDATE messages SET parent = ? WHERE id = ?", [.text(parent!), .text(replaced)])
-                }
-                try db.query("UPDATE messages SET off_path = 1 WHERE conversation = ? AND off_path = 0 AND id >= ?", [conversation, .text(replaced)])
-                var stored = message
-                stored.parent = parent
-                try Self.insert(stored, into: db, orIgnore: false)
-                stored.parent = parent!.isEmpty ? nil : parent
-                return stored
+        try await run { db in try Self.appendAlternative(message, replacing: replaced, in: db) }
+    }
+
+    static func appendAlternative(_ message: Message, replacing replaced: String, in db: SQLiteConnection) throws -> Message? {
+        try db.transaction { () throws -> Message? in
+            let conversation = SQLValue.text(message.conversation)
+            guard
+                let row = try db.query(
+                    "SELECT parent FROM messages WHERE id = ? AND conversation = ? AND off_path = 0", [.text(replaced), conversation]
+                ).first
+            else { return nil }
+            var parent = row["parent"].text
+            if parent == nil {
+                // Stored before messages had parents: its parent is the path's message before it.
+                parent =
+                    try db.query(
+                        "SELECT id FROM messages WHERE conversation = ? AND off_path = 0 AND id < ? ORDER BY id DESC LIMIT 1",
+                        [conversation, .text(replaced)]
+                    ).first?["id"].text ?? ""
+                try db.query("UPDATE messages SET parent = ? WHERE id = ?", [.text(parent!), .text(replaced)])
             }
+            try db.query("UPDATE messages SET off_path = 1 WHERE conversation = ? AND off_path = 0 AND id >= ?", [conversation, .text(replaced)])
+            var stored = message
+            stored.parent = parent
+            try Self.insert(stored, into: db, orIgnore: false)
+            stored.parent = parent!.isEmpty ? nil : parent
+            return stored
         }
     }
 

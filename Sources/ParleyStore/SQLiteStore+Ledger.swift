@@ -15,52 +15,70 @@ extension SQLiteStore {
     }
 
     public func apply(_ entry: LedgerEntry, allowOverdraft: Bool, headroom: Int64, caps: [SpendCap]) async throws -> LedgerOutcome {
-        let headroom = entry.headroom(headroom, allowOverdraft: allowOverdraft)
-        return try await run { db in
+        try await run { db in try Self.apply(entry, allowOverdraft: allowOverdraft, headroom: headroom, caps: caps, in: db) }
+    }
+
+    public func apply(_ debit: LedgerEntry, headroom: Int64, caps: [SpendCap], storing opening: ReplyOpening) async throws -> LedgerOutcome {
+        try await run { db in
+            // One savepoint for both: an opening that cannot be stored takes the debit back with it.
             try db.transaction {
-                let current = try Self.balance(db, entry.user)
-                if try !db.query("SELECT 1 FROM ledger WHERE id = ?", [.text(entry.id)]).isEmpty {
-                    return .alreadyApplied(balance: current)
+                let outcome = try Self.apply(debit, allowOverdraft: false, headroom: headroom, caps: caps, in: db)
+                switch outcome {
+                case .insufficient, .overLimit: return outcome
+                case .applied, .alreadyApplied: break
                 }
-                if entry.credits < 0 || headroom > 0, !allowOverdraft, current + entry.credits < headroom {
-                    return .insufficient(balance: current)
-                }
-                if !caps.isEmpty {
-                    var available = Int64.max
-                    for cap in caps {
-                        let spent =
-                            try db.query("SELECT spent FROM spend_windows WHERE user = ? AND span = ?", [.text(entry.user), .text(cap.window)])
-                            .first?["spent"].int ?? 0
-                        available = min(available, max(0, cap.max - spent))
-                    }
-                    if entry.credits < 0 || headroom > 0, -entry.credits + headroom > available {
-                        return .overLimit(balance: current, available: available)
-                    }
-                    for cap in caps {
-                        try db.query(
-                            """
-                            INSERT INTO spend_windows(user, span, spent) VALUES(?, ?, max(0, ?))
-                            ON CONFLICT(user, span) DO UPDATE SET spent = max(0, spent + ?)
-                            """,
-                            [.text(entry.user), .text(cap.window), .int(-entry.credits), .int(-entry.credits)])
-                    }
-                }
-                let optional: (String?) -> SQLValue = { $0.map(SQLValue.text) ?? .null }
-                try db.query(
-                    "INSERT INTO ledger(\(Self.ledgerColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        .text(entry.id), .text(entry.user), .text(entry.kind.rawValue), .int(entry.credits), .int(Int64(entry.tokens)),
-                        optional(entry.stream), optional(entry.conversation), optional(entry.room), optional(entry.model),
-                        optional(entry.feature), optional(entry.note), .int(entry.createdAt),
-                    ]
-                )
-                let updated = current + entry.credits
-                try db.query(
-                    "INSERT INTO accounts(user, balance) VALUES(?, ?) ON CONFLICT(user) DO UPDATE SET balance = excluded.balance",
-                    [.text(entry.user), .int(updated)]
-                )
-                return .applied(balance: updated)
+                try Self.storeOpening(opening, in: db)
+                return outcome
             }
+        }
+    }
+
+    static func apply(_ entry: LedgerEntry, allowOverdraft: Bool, headroom: Int64, caps: [SpendCap], in db: SQLiteConnection) throws -> LedgerOutcome
+    {
+        let headroom = entry.headroom(headroom, allowOverdraft: allowOverdraft)
+        return try db.transaction {
+            let current = try Self.balance(db, entry.user)
+            if try !db.query("SELECT 1 FROM ledger WHERE id = ?", [.text(entry.id)]).isEmpty {
+                return .alreadyApplied(balance: current)
+            }
+            if entry.credits < 0 || headroom > 0, !allowOverdraft, current + entry.credits < headroom {
+                return .insufficient(balance: current)
+            }
+            if !caps.isEmpty {
+                var available = Int64.max
+                for cap in caps {
+                    let spent =
+                        try db.query("SELECT spent FROM spend_windows WHERE user = ? AND span = ?", [.text(entry.user), .text(cap.window)])
+                        .first?["spent"].int ?? 0
+                    available = min(available, max(0, cap.max - spent))
+                }
+                if entry.credits < 0 || headroom > 0, -entry.credits + headroom > available {
+                    return .overLimit(balance: current, available: available)
+                }
+                for cap in caps {
+                    try db.query(
+                        """
+                        INSERT INTO spend_windows(user, span, spent) VALUES(?, ?, max(0, ?))
+                        ON CONFLICT(user, span) DO UPDATE SET spent = max(0, spent + ?)
+                        """,
+                        [.text(entry.user), .text(cap.window), .int(-entry.credits), .int(-entry.credits)])
+                }
+            }
+            let optional: (String?) -> SQLValue = { $0.map(SQLValue.text) ?? .null }
+            try db.query(
+                "INSERT INTO ledger(\(Self.ledgerColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    .text(entry.id), .text(entry.user), .text(entry.kind.rawValue), .int(entry.credits), .int(Int64(entry.tokens)),
+                    optional(entry.stream), optional(entry.conversation), optional(entry.room), optional(entry.model),
+                    optional(entry.feature), optional(entry.note), .int(entry.createdAt),
+                ]
+            )
+            let updated = current + entry.credits
+            try db.query(
+                "INSERT INTO accounts(user, balance) VALUES(?, ?) ON CONFLICT(user) DO UPDATE SET balance = excluded.balance",
+                [.text(entry.user), .int(updated)]
+            )
+            return .applied(balance: updated)
         }
     }
 

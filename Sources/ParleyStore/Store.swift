@@ -31,6 +31,79 @@ public protocol Store: ChatStore, LedgerStore, StreamJournalStore, ScheduleStore
 
     /// Flushes and releases resources. Calls after `close` fail with `StoreError.closed`.
     func close() async throws
+
+    /// A reply's prompt debit and what its request stores before the reply is generated, in one
+    /// call: one commit where the backend has transactions, so the first token waits for one
+    /// `fdatasync` instead of two (#26). `debit` is applied as `apply` applies it with `headroom`
+    /// and no overdraft, and `opening` is stored only when it was applied (or had been): a refused
+    /// debit stores nothing. When `opening` cannot be stored the call throws and nothing is
+    /// charged (the debit is rolled back with it), or, where one transaction cannot hold both,
+    /// it throws `OpeningNotStored`: the debit stands, for the caller to give back.
+    func apply(_ debit: LedgerEntry, headroom: Int64, caps: [SpendCap], storing opening: ReplyOpening) async throws -> LedgerOutcome
+}
+
+/// What a chat request stores before its reply is generated: the user's message, in the same
+/// write as the prompt's debit (`Store.apply(_:headroom:caps:storing:)`).
+public enum ReplyOpening: Sendable, Equatable {
+    /// A new conversation with its first messages (a card's greeting, the user's message).
+    case conversation(Conversation, messages: [Message])
+    /// Messages appended to their conversation, the first in place of `replacing` on its path
+    /// when given (an edit): as `appendAlternative`, and nothing is stored (the call throws
+    /// `ReplacedMessageLeftPath`) when `replacing` is no longer on the path.
+    case messages([Message], replacing: String?)
+}
+
+/// An edit's message could not take the place of `id`: that message left the conversation's path.
+public struct ReplacedMessageLeftPath: Error, Equatable {
+    public var id: String
+    public init(id: String) { self.id = id }
+}
+
+/// A backend without one transaction across a debit and a reply's opening failed to store the
+/// opening (`error`) after the debit: the debit stands (`applied`: by this call, not before).
+public struct OpeningNotStored: Error {
+    public var applied: Bool
+    public var error: any Error
+    public init(applied: Bool, error: any Error) {
+        self.applied = applied
+        self.error = error
+    }
+}
+
+extension Store {
+    /// One call after the other, for a backend without a transaction across both (MongoDB's
+    /// documents here): the debit, then the opening; `OpeningNotStored` when the second fails.
+    public func apply(_ debit: LedgerEntry, headroom: Int64, caps: [SpendCap], storing opening: ReplyOpening) async throws -> LedgerOutcome {
+        let outcome = try await apply(debit, allowOverdraft: false, headroom: headroom, caps: caps)
+        switch outcome {
+        case .insufficient, .overLimit: return outcome
+        case .applied, .alreadyApplied: break
+        }
+        do {
+            try await storeOpening(opening)
+        } catch {
+            throw OpeningNotStored(applied: outcome.isApplied, error: error)
+        }
+        return outcome
+    }
+
+    /// Stores `opening` by itself.
+    public func storeOpening(_ opening: ReplyOpening) async throws {
+        switch opening {
+        case .conversation(let conversation, let messages):
+            try await createConversation(conversation, messages: messages)
+        case .messages(let messages, let replacing):
+            for (index, message) in messages.enumerated() {
+                if index == 0, let replacing {
+                    guard try await appendAlternative(message, replacing: replacing) != nil else {
+                        throw ReplacedMessageLeftPath(id: replacing)
+                    }
+                } else {
+                    try await appendMessage(message)
+                }
+            }
+        }
+    }
 }
 
 /// Users, clones, their conversations and messages.

@@ -80,6 +80,62 @@ func expectLedgerInvariant(_ store: any Store, _ user: String, sourceLocation: S
         }
     }
 
+    /// A reply's prompt debit and the message its request stores, in one call: both, or
+    /// (refused) neither. When the message cannot be stored nothing is charged where one
+    /// transaction holds both (SQLite); elsewhere the call says the debit stands, to be given back.
+    @Test(arguments: Backend.all)
+    func aPromptDebitStoresItsMessageWithItOrNeither(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            _ = try await store.apply(grant("alice", 100), allowOverdraft: false)
+            let clone = makeClone(owner: "alice")
+            try await store.createClone(clone)
+            let conversation = makeConversation(owner: "alice", clone: clone.id)
+            let hello = makeMessage(conversation.id, "Hello")
+            let opening = ReplyOpening.conversation(conversation, messages: [hello])
+
+            #expect(try await store.apply(debit("alice", 60, id: "st_1:in"), headroom: 41, caps: [], storing: opening) == .insufficient(balance: 100))
+            #expect(try await store.conversation(id: conversation.id, owner: "alice") == nil)
+            #expect(try await store.ledgerEntry(id: "st_1:in") == nil)
+
+            #expect(try await store.apply(debit("alice", 60, id: "st_2:in"), headroom: 40, caps: [], storing: opening) == .applied(balance: 40))
+            #expect(try await store.messages(conversation: conversation.id, limit: 5, before: nil) == [hello])
+
+            var more = makeMessage(conversation.id, "More", at: 3_000)
+            more.parent = hello.id
+            #expect(
+                try await store.apply(debit("alice", 10, id: "st_3:in"), headroom: 0, caps: [], storing: .messages([more], replacing: nil))
+                    == .applied(balance: 30))
+            var edit = makeMessage(conversation.id, "Much more", at: 4_000)
+            #expect(
+                try await store.apply(debit("alice", 10, id: "st_4:in"), headroom: 0, caps: [], storing: .messages([edit], replacing: more.id))
+                    == .applied(balance: 20))
+            edit.parent = hello.id
+            #expect(try await store.messages(conversation: conversation.id, limit: 5, before: nil) == [hello, edit])
+
+            // An edit of a message that left the path, and a message whose id is taken.
+            let atomic = store is SQLiteStore
+            let failing: [(String, ReplyOpening)] = [
+                ("st_5:in", .messages([makeMessage(conversation.id, "Again", at: 5_000)], replacing: more.id)),
+                ("st_6:in", .messages([hello], replacing: nil)),
+            ]
+            for (id, opening) in failing {
+                do {
+                    _ = try await store.apply(debit("alice", 10, id: id), headroom: 0, caps: [], storing: opening)
+                    Issue.record("\(id): stored")
+                } catch let notStored as OpeningNotStored {
+                    #expect(!atomic && notStored.applied, "\(id)")
+                    #expect(try await store.ledgerEntry(id: id) != nil)
+                } catch {
+                    #expect(atomic, "\(id): \(error)")
+                    #expect(try await store.ledgerEntry(id: id) == nil)
+                    #expect(try await store.balance(user: "alice") == 20)
+                }
+            }
+            #expect(try await store.messages(conversation: conversation.id, limit: 5, before: nil) == [hello, edit])
+            try await expectLedgerInvariant(store, "alice")
+        }
+    }
+
     @Test(arguments: Backend.all)
     func aRefusedIdRetriedForASmallerAmountRecordsTheNewAmount(_ backend: Backend) async throws {
         try await withStore(backend) { store in
