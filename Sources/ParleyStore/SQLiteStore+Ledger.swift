@@ -33,8 +33,10 @@ extension SQLiteStore {
         }
     }
 
-    static func apply(_ entry: LedgerEntry, allowOverdraft: Bool, headroom: Int64, caps: [SpendCap], in db: SQLiteConnection) throws -> LedgerOutcome
-    {
+    /// `apply`'s body, inside the caller's transaction.
+    static func apply(
+        _ entry: LedgerEntry, allowOverdraft: Bool, headroom: Int64, caps: [SpendCap], in db: SQLiteConnection
+    ) throws -> LedgerOutcome {
         let headroom = entry.headroom(headroom, allowOverdraft: allowOverdraft)
         return try db.transaction {
             let current = try Self.balance(db, entry.user)
