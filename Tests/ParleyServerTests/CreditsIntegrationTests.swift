@@ -23,6 +23,15 @@ func creditServer(
     }
 }
 
+/// Alice's token, a clone of hers and a socket that has sent it `text` (`chat.send` "c1").
+func aliceSends(_ text: String, on server: TestServer) async throws -> (token: String, clone: String, socket: TestWebSocket) {
+    let token = try await server.token("alice")
+    let clone = try await server.createClone(token: token)["id"]!.stringValue!
+    let socket = try await server.connect(token: token)
+    try await socket.chatSend(id: "c1", clone: clone, text: text)
+    return (token, clone, socket)
+}
+
 /// GET /v1/credits followed to its last page: the balance, and every entry.
 func creditsOf(_ server: TestServer, token: String) async throws -> (balance: Int64, entries: [JSONValue]) {
     var entries: [JSONValue] = []
@@ -50,10 +59,7 @@ func expectInvariant(_ server: TestServer, token: String, sourceLocation: Source
     func aStreamThatRunsOutStopsAtTheLastPaidToken(_ store: TestServer.StoreKind) async throws {
         let metrics = TestMetrics()
         let server = try await creditServer(store, grant: 10) { $0.metrics = metrics }
-        let token = try await server.token("alice")
-        let clone = try await server.createClone(token: token)["id"]!.stringValue!
-        let socket = try await server.connect(token: token)
-        try await socket.chatSend(id: "c1", clone: clone, text: "Talk a lot")
+        let (token, clone, socket) = try await aliceSends("Talk a lot", on: server)
         let start = try await socket.nextJSON()
         var tokens: [JSONValue] = []
         var frame = try await socket.nextJSON()
@@ -89,10 +95,7 @@ func expectInvariant(_ server: TestServer, token: String, sourceLocation: Source
     @Test(arguments: TestServer.StoreKind.allCases)
     func aFirstBatchTheBalanceCoversOnlyInPartIsBoughtAsLargeAsItAllows(_ store: TestServer.StoreKind) async throws {
         let server = try await creditServer(store, grant: 5, batch: 8)
-        let token = try await server.token("alice")
-        let clone = try await server.createClone(token: token)["id"]!.stringValue!
-        let socket = try await server.connect(token: token)
-        try await socket.chatSend(id: "c1", clone: clone, text: "Talk a lot")
+        let (token, _, socket) = try await aliceSends("Talk a lot", on: server)
         let stream = try await socket.next(type: "stream.start").frame["stream"]!.stringValue!
         let end = try await socket.next(type: "stream.end").frame
         #expect(end["reason"] == .string("insufficient_credits") && end["usage"]?["output_tokens"] == .int(5))
@@ -106,10 +109,7 @@ func expectInvariant(_ server: TestServer, token: String, sourceLocation: Source
     @Test(arguments: TestServer.StoreKind.allCases)
     func aStreamIsRefusedBeforeItStartsWhenTheReserveIsNotCovered(_ store: TestServer.StoreKind) async throws {
         let server = try await creditServer(store, grant: 3, reserve: 4)
-        let token = try await server.token("alice")
-        let clone = try await server.createClone(token: token)["id"]!.stringValue!
-        let socket = try await server.connect(token: token)
-        try await socket.chatSend(id: "c1", clone: clone, text: "Hello?")
+        let (token, _, socket) = try await aliceSends("Hello?", on: server)
         let error = try await socket.nextJSON()
         #expect(error["code"] == .string("insufficient_credits"))
         #expect(error["ref"] == .string("c1"))
@@ -186,10 +186,7 @@ func expectInvariant(_ server: TestServer, token: String, sourceLocation: Source
     @Test(arguments: TestServer.StoreKind.allCases)
     func aCancelledStreamPaysOnlyForWhatWasDelivered(_ store: TestServer.StoreKind) async throws {
         let server = try await creditServer(store, grant: 1_000, batch: 16, replyTokens: 1000, tokensPerSecond: 50)
-        let token = try await server.token("alice")
-        let clone = try await server.createClone(token: token)["id"]!.stringValue!
-        let socket = try await server.connect(token: token)
-        try await socket.chatSend(id: "c1", clone: clone, text: "Long")
+        let (token, _, socket) = try await aliceSends("Long", on: server)
         let start = try await socket.nextJSON()
         _ = try await socket.readUntilToken()
         try await socket.send(.object([("type", .string("chat.cancel")), ("id", .string("x")), ("stream", start["stream"]!)]))
@@ -208,10 +205,7 @@ func expectInvariant(_ server: TestServer, token: String, sourceLocation: Source
     @Test(arguments: TestServer.StoreKind.allCases)
     func aReplysDebitsGrowAndTheUnsentRestIsRefunded(_ store: TestServer.StoreKind) async throws {
         let server = try await creditServer(store, grant: 1_000, batch: 4, replyTokens: 50) { $0.credits.maxBatchTokens = 16 }
-        let token = try await server.token("alice")
-        let clone = try await server.createClone(token: token)["id"]!.stringValue!
-        let socket = try await server.connect(token: token)
-        try await socket.chatSend(id: "c1", clone: clone, text: "Fifty tokens")
+        let (token, _, socket) = try await aliceSends("Fifty tokens", on: server)
         let (end, _) = try await socket.next(type: "stream.end")
         let stream = end["stream"]!.stringValue!
         #expect(end["reason"] == .string("complete"))
