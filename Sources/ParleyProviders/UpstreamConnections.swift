@@ -29,20 +29,16 @@ final class UpstreamConnections: Sendable {
     private let parked = Mutex<[ObjectIdentifier: [any Channel]]>([:])
     private let closed = Atomic<Bool>(false)
 
-    /// A plain-http provider's own connections, as its options say; nil for any other URL.
-    convenience init?(_ options: HTTPProviderOptions) {
-        self.init(baseURL: options.baseURL, connectTimeout: options.connectTimeout, idleTimeout: options.idleConnectionTimeout)
-    }
-
-    /// Nil unless `baseURL` is `http://host[:port][/path]`.
-    init?(baseURL: String, connectTimeout: Duration = .seconds(10), idleTimeout: Duration = .seconds(60)) {
-        guard let target = Self.target(of: baseURL) else { return nil }
+    /// A plain-http provider's own connections, as its options say: nil unless its base URL is
+    /// `http://host[:port][/path]`.
+    init?(_ options: HTTPProviderOptions) {
+        guard let target = Self.target(of: options.baseURL) else { return nil }
         (host, port) = (target.host, target.port)
         basePath = target.path.hasSuffix("/") ? String(target.path.dropLast()) : target.path
         let name = host.contains(":") ? "[\(host)]" : host
         hostHeader = port == 80 ? name : "\(name):\(port)"
-        self.connectTimeout = TimeAmount(connectTimeout)
-        self.idleTimeout = TimeAmount(idleTimeout)
+        connectTimeout = TimeAmount(options.connectTimeout)
+        idleTimeout = TimeAmount(options.idleConnectionTimeout)
     }
 
     /// The host, port and path of an `http://` URL; nil for any other.

@@ -495,11 +495,12 @@ let openAITranscript = """
         #expect(AnthropicProvider(options: HTTPProviderOptions(baseURL: "http://127.0.0.1:8081", model: "c")).upstream?.basePath == "")
         #expect(OpenAICompatibleProvider(options: local, ownConnections: false).upstream == nil)
         #expect(OpenAICompatibleProvider(options: HTTPProviderOptions(baseURL: "https://api.openai.com/v1", model: "g")).upstream == nil)
-        #expect(UpstreamConnections(baseURL: "http://127.0.0.1:8081/v1")?.hostHeader == "127.0.0.1:8081")
-        #expect(UpstreamConnections(baseURL: "HTTP://[::1]:8081")?.hostHeader == "[::1]:8081")
-        #expect(UpstreamConnections(baseURL: "http://models.internal/v1")?.hostHeader == "models.internal")
+        func own(_ url: String) -> UpstreamConnections? { UpstreamConnections(HTTPProviderOptions(baseURL: url, model: "m")) }
+        #expect(own("http://127.0.0.1:8081/v1")?.hostHeader == "127.0.0.1:8081")
+        #expect(own("HTTP://[::1]:8081")?.hostHeader == "[::1]:8081")
+        #expect(own("http://models.internal/v1")?.hostHeader == "models.internal")
         for url in ["https://api.openai.com/v1", "http://", "http://host:port/v1", "http://user@host/v1", "http://host:70000", "ftp://x"] {
-            #expect(UpstreamConnections(baseURL: url) == nil, "\(url)")
+            #expect(own(url) == nil, "\(url)")
         }
     }
 
