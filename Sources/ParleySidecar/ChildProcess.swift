@@ -53,10 +53,23 @@ public final class ChildProcess: Sendable {
         arguments: [String], environment: [String: String] = [:], inherited: [String: String]? = nil,
         withheld: @Sendable (String) -> Bool = { _ in false }, logPath: String
     ) throws -> ChildProcess {
-        guard let program = arguments.first, !program.isEmpty else { throw SpawnError(description: "no command to run") }
         let log = open(logPath, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
         guard log >= 0 else { throw SpawnError(description: "cannot open \(logPath): \(String(cString: strerror(errno)))") }
         defer { close(log) }
+        return try spawn(arguments: arguments, environment: environment, inherited: inherited, withheld: withheld, output: log)
+    }
+
+    /// `spawn(…logPath:)` with the child's stdout and stderr on `output`, a descriptor the caller
+    /// still owns (a pipe's write end, say, to read what the child prints).
+    ///
+    /// Foundation's `Process.run()` is not used: on Linux it reads `/proc/self/fd` past the end
+    /// of a buffer and now and then crashes the process that spawns (swift-corelibs-foundation
+    /// PR #5472, not in Swift 6.3.1).
+    public static func spawn(
+        arguments: [String], environment: [String: String] = [:], inherited: [String: String]? = nil,
+        withheld: @Sendable (String) -> Bool = { _ in false }, output log: Int32
+    ) throws -> ChildProcess {
+        guard let program = arguments.first, !program.isEmpty else { throw SpawnError(description: "no command to run") }
         var pipeEnds: [Int32] = [-1, -1]
         // pipe2(O_CLOEXEC) is hidden behind _GNU_SOURCE; nothing else here forks between the two calls.
         guard pipe(&pipeEnds) == 0 else { throw SpawnError(description: "pipe: \(String(cString: strerror(errno)))") }

@@ -24,7 +24,6 @@ func watchdog(_ subscription: NATSSubscription, seconds: Int = 10) -> Task<Void,
 
     @Test func coreMessagesArriveInOrder() async throws {
         let server = try NATSServer()
-        defer { server.stop() }
         let connection = try await NATSConnection.connect(url: server.url, threads: threads)
         let subscription = try connection.subscribe("room.r1")
         try await connection.flush()
@@ -38,17 +37,17 @@ func watchdog(_ subscription: NATSSubscription, seconds: Int = 10) -> Task<Void,
         #expect(messages.allSatisfy { $0.subject == "room.r1" && $0.sequence == nil } && subscription.dropped == 0)
         subscription.cancel()
         connection.close()
+        await server.stop()
     }
 
     @Test func aLostLinkAndItsReturnAreReported() async throws {
         let server = try NATSServer()
-        defer { server.stop() }
         let connection = try await NATSConnection.connect(url: server.url, threads: threads)
         let (events, reported) = AsyncStream<NATSLinkEvent>.makeStream()
         connection.observeLink { reported.yield($0) }
         let subscription = try connection.subscribe("after")
         try await connection.flush()
-        try server.restart()
+        try await server.restart()
         var iterator = events.makeAsyncIterator()
         #expect(await iterator.next() == .lost)
         #expect(await iterator.next() == .restored)
@@ -61,11 +60,11 @@ func watchdog(_ subscription: NATSSubscription, seconds: Int = 10) -> Task<Void,
         #expect(await next(1, from: &messages).map(\.payload) == [Array("back".utf8)])
         bound.cancel()
         connection.close()
+        await server.stop()
     }
 
     @Test func aRetriedPublishIsStoredOnceAndAStaleWriterIsFenced() async throws {
         let server = try NATSServer()
-        defer { server.stop() }
         let connection = try await NATSConnection.connect(url: server.url, threads: threads)
         let js = try connection.jetStream()
         try await js.addStream(.init(name: "STREAMS", subjects: ["stream.>"]))
@@ -83,11 +82,11 @@ func watchdog(_ subscription: NATSSubscription, seconds: Int = 10) -> Task<Void,
             (error as? NATSError)?.isWrongLastSequence == true
         }
         connection.close()
+        await server.stop()
     }
 
     @Test func anOrderedConsumerReplaysFromASequenceThenContinuesLive() async throws {
         let server = try NATSServer()
-        defer { server.stop() }
         let connection = try await NATSConnection.connect(url: server.url, threads: threads)
         let js = try connection.jetStream()
         try await js.addStream(.init(name: "STREAMS", subjects: ["stream.>"]))
@@ -105,5 +104,6 @@ func watchdog(_ subscription: NATSSubscription, seconds: Int = 10) -> Task<Void,
         #expect((replayed + live).map(\.sequence) == [7, 8, 9, 10, 12, 13, 14], "stream sequences: 11 is the other subject's")
         subscription.cancel()
         connection.close()
+        await server.stop()
     }
 }

@@ -53,7 +53,7 @@ private struct RoomCluster {
     func stop() async {
         await a.stop()
         await b.stop()
-        nats.stop()
+        await nats.stop()
     }
 }
 
@@ -303,7 +303,7 @@ extension TestWebSocket {
 
         await a.stop()
         await b.stop()
-        nats.stop()
+        await nats.stop()
     }
 
     @Test func aClonesReplyInATranslationChatReachesAMemberOnAnotherNodeInTheirLanguage() async throws {
@@ -340,6 +340,6 @@ extension TestWebSocket {
         #expect(aliceChat.texts[reply.id] == standIn(reply.text, "en"))
         await a.stop()
         await b.stop()
-        nats.stop()
+        await nats.stop()
     }
 }

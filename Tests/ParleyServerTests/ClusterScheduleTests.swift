@@ -48,7 +48,7 @@ private struct ScheduleCluster {
     func stop() async {
         await a.stop()
         await b.stop()
-        nats.stop()
+        await nats.stop()
     }
 }
 
@@ -77,7 +77,7 @@ private struct ScheduleCluster {
         await b.stop()
         #expect(await a.server.balanceScheduleShards() == Set(0..<ScheduleShards.count))
         await a.stop()
-        nats.stop()
+        await nats.stop()
     }
 
     @Test func aScheduleFiresOnceOnTheNodeOfItsShardAndReachesTheOwnersSocketsOnTheOther() async throws {
@@ -160,7 +160,7 @@ private struct ScheduleCluster {
         #expect(messages.map { $0["id"] } == [.string(message)])
         try await dead.close()
         await a.stop()
-        nats.stop()
+        await nats.stop()
     }
 }
 

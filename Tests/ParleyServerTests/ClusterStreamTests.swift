@@ -46,7 +46,7 @@ private struct TwoNodes {
     func stop() async {
         await a.stop()
         await b.stop()
-        nats.stop()
+        await nats.stop()
     }
 }
 
@@ -390,14 +390,14 @@ extension TestWebSocket {
         try await threads.shutdownGracefully()
         try await dead.close()
         await a.stop()
-        nats.stop()
+        await nats.stop()
     }
 
     @Test func aNodeCutOffFromTheBrokerStopsRenewingItsLeaseAndIsToldToStopBeforeItExpires() async throws {
         let nats = try NATSServer()
         let uri = MongoFixture.uri()
         let a = try await TestServer.clusterNode("node-a", nats: nats, uri: uri) { $0.nodeLeasePeriod = .milliseconds(900) }
-        nats.stop()
+        await nats.stop()
         let server = a.server
         let reason = try await within(.seconds(10), "the lease reported lost") { await server.nodeLeaseLost() }
         #expect(reason == "the node lease could not be renewed before it expired: this node is cut off from the broker")
@@ -426,7 +426,7 @@ extension TestWebSocket {
         let lags = try metrics.expectTimer("parley_jetstream_lag_seconds").values
         #expect(!lags.isEmpty && lags.allSatisfy { $0 > 0 && $0 < 5_000_000_000 }, "\(lags)")
         await a.stop()
-        nats.stop()
+        await nats.stop()
     }
 
     @Test func aNodeCutOffFromTheBrokerIsNotReady() async throws {
@@ -435,7 +435,7 @@ extension TestWebSocket {
         let ready = try await a.get("/healthz", token: nil)
         #expect(ready.status == .ok)
         #expect(try ready.json()["broker"] == .string("ok"))
-        nats.stop()
+        await nats.stop()
         // nats.c sees the connection drop and reconnects in the background: no event to await
         // from outside, so the balancer's way, asking again (for at most 5 s).
         var answer = try await a.get("/healthz", token: nil)
@@ -459,7 +459,7 @@ extension TestWebSocket {
         #expect(answer["code"] == .string("unavailable"))
         #expect(answer["ref"] == .string("j1"))
         await alone.stop()
-        nats.stop()
+        await nats.stop()
     }
 }
 
@@ -502,7 +502,7 @@ extension TestWebSocket {
         #expect(messages.status == .notFound)
         await a.stop()
         await b.stop()
-        nats.stop()
+        await nats.stop()
     }
 
     /// A sign-out on one node closes the session's sockets on every node before it answers, and
@@ -535,6 +535,6 @@ extension TestWebSocket {
         #expect(try await b.get("/v1/clones", token: phone).status == .ok)
         await a.stop()
         await b.stop()
-        nats.stop()
+        await nats.stop()
     }
 }

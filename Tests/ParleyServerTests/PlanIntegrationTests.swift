@@ -422,6 +422,6 @@ final class TestClock: Sendable {
         try await expectInvariant(a, token: token)
         await a.stop()
         await b.stop()
-        nats.stop()
+        await nats.stop()
     }
 }

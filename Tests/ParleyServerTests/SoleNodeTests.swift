@@ -135,6 +135,6 @@ import Testing
             "\(error)".contains("the nodes of a cluster") && "\(error)".contains("--broker to join them")
         }
         await clustered.stop()
-        nats.stop()
+        await nats.stop()
     }
 }

@@ -1,4 +1,5 @@
 import Foundation
+import ParleySidecar
 
 /// Where the MongoDB conformance run points: a real server when PARLEY_TEST_MONGODB_URI is set,
 /// otherwise the wire-protocol test server in Tests/fixtures, started once for the whole run.
@@ -45,40 +46,24 @@ public enum MongoFixture {
     /// The Python wire server. Its stdin stays open as long as this process lives; when the test
     /// process exits, the pipe closes and the server exits with it.
     enum WireServer {
-        nonisolated(unsafe) static var keepAlive: Pipe?
-        nonisolated(unsafe) static var process: Process?
+        nonisolated(unsafe) static var process: ChildProcess?
 
         static func start() -> String {
             let script = URL(fileURLWithPath: #filePath)
                 .deletingLastPathComponent().deletingLastPathComponent()
                 .appendingPathComponent("fixtures/mongo_wire_server.py").path
-            let process = Process()
-            process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-            process.arguments = ["python3", script, "--port", "0"]
-            let stdin = Pipe()
-            let stdout = Pipe()
-            process.standardInput = stdin
-            process.standardOutput = stdout
             do {
-                try process.run()
-            } catch {
-                fatalError("cannot start the MongoDB wire test server (python3 \(script)): \(error)")
-            }
-            var line = Data()
-            while !line.contains(UInt8(ascii: "\n")) {
-                let chunk = stdout.fileHandleForReading.availableData
-                if chunk.isEmpty {
-                    fatalError("the MongoDB wire test server exited; run `pip install -r Tests/interop/requirements.txt`")
+                // What it prints after its port (a traceback, say) goes on to the test's stderr.
+                let (process, port) = try Spawn.start(["python3", script, "--port", "0"], echo: true) { text -> Int? in
+                    let lines = text.split(separator: "\n", omittingEmptySubsequences: false).dropLast()  // the last is unfinished
+                    guard let line = lines.first(where: { $0.hasPrefix("listening on ") }) else { return nil }
+                    return Int(line.dropFirst("listening on ".count))
                 }
-                line += chunk
+                self.process = process
+                return "mongodb://127.0.0.1:\(port)"
+            } catch {
+                fatalError("cannot start the MongoDB wire test server (run `pip install -r Tests/interop/requirements.txt`): \(error)")
             }
-            let text = String(decoding: line, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
-            guard text.hasPrefix("listening on "), let port = Int(text.dropFirst("listening on ".count)) else {
-                fatalError("unexpected output from the MongoDB wire test server: \(text)")
-            }
-            keepAlive = stdin
-            self.process = process
-            return "mongodb://127.0.0.1:\(port)"
         }
     }
 }
