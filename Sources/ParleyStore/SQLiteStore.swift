@@ -390,6 +390,8 @@ public final class SQLiteStore: Store {
     private let commitCounter: CoreMetrics.Counter
     /// Group commits so far (what `commitCounter` counts), for tests.
     let commits = Atomic(0)
+    /// Times the writer waited for more calls before a commit (`commitWindow`), for tests.
+    let windowWaits = Atomic(0)
     /// What the journals of the replies streaming now hold in the store (see `saveStreamJournals`).
     let journaled = Mutex(JournalTails())
 
@@ -595,6 +597,7 @@ public final class SQLiteStore: Store {
             let now = NIODeadline.now().uptimeNanoseconds
             if let due = Self.gatherUntil(lastBatch: lastBatch, lastCommit: lastCommit, waiting: waiting, window: commitWindow, now: now) {
                 // This thread only writes: the reads run on the pool's other one meanwhile.
+                windowWaits.add(1, ordering: .relaxed)
                 usleep(UInt32(min((due - now) / 1_000, 1_000_000)))
             }
             let batch = queue.withLock { q -> [Job] in
