@@ -49,8 +49,9 @@ import Testing
     @Test func aSocketIsClosedWhenItsTokenExpires() async throws {
         let server = try await TestServer.start()
         // `exp` counts whole seconds: a 1 s token issued late in a second had expired by the
-        // time a loaded machine read its welcome. Two seconds leave at least one.
-        let socket = try await server.connect(token: try await server.token("alice", ttl: .seconds(2)))
+        // time a loaded machine read its welcome, and on a slower one a 2 s token was gone
+        // before the connection was (I/O on a closed channel). Five leave at least four.
+        let socket = try await server.connect(token: try await server.token("alice", ttl: .seconds(5)))
         var closed: TestInbound?
         while closed == nil {
             let inbound = try await socket.next(timeout: .seconds(10))

@@ -165,10 +165,14 @@ final class TestClock: Sendable {
 
         let socket = try await server.connect(token: token)
         try await socket.chatSend(id: "c1", clone: clone, text: "first")
-        _ = try await socket.readUntilToken()
+        let first = try await socket.readUntilToken()["stream"]!
         try await socket.chatSend(id: "c2", clone: clone, text: "second, at the same time")
         let error = try await socket.next(type: "error").frame
         #expect(error["code"] == .string("plan_required") && error["ref"] == .string("c2") && error["plan"] == .string("plus"))
+        // The ledger is read once the first reply has ended: a batch it buys between the page's
+        // entries and its balance (two reads) would show them apart.
+        try await socket.send(.object([("type", .string("chat.cancel")), ("id", .string("x1")), ("stream", first)]))
+        _ = try await socket.next(type: "stream.end")
         try await expectInvariant(server, token: token)
         await server.stop()
     }

@@ -103,8 +103,9 @@ func seedSchedule(
         let token = try await server.token("alice")
         let clone = try await server.createClone(token: token)["id"]!.stringValue!
         let socket = try await server.connect(token: token)
-        // Far enough ahead that all are created in time even on a loaded machine.
-        let at = Timestamp.rfc3339(millis: Int64(Timestamp.nowMillis()) + 4_000)
+        // Far enough ahead that all are created in time even on a loaded machine (4 s was not
+        // always).
+        let at = Timestamp.rfc3339(millis: Int64(Timestamp.nowMillis()) + 8_000)
         let count = server.configuration.maxConcurrentStreamsPerUser * 5
         for n in 0..<count { try await socket.scheduleCreate(id: "s\(n)", clone: clone, at: at, text: "Reminder \(n)") }
         var delivered = Set<String>()

@@ -127,11 +127,12 @@ func standIn(_ text: String, _ tag: String) -> String { SimulatedProvider.transl
 @Suite struct TranslationIntegrationTests {
     @Test(arguments: TestServer.StoreKind.allCases)
     func everyMemberSeesEveryMessageOnceInTheirLanguageInTheOrderSaid(_ store: TestServer.StoreKind) async throws {
-        // Paced, so the first message's long translation (about 170 tokens: 6 s) is still
-        // streaming when the second's ends, also on a loaded machine with the serial Mongo fixture.
+        // Paced, so the first message's long translation (about 170 tokens: 11 s) is still
+        // streaming when the second's ends, also on a loaded machine with the serial Mongo
+        // fixture (at 6 s it once was not).
         let f = try await TranslationFixture.make(
             languages: ["alice": "en", "bruno": "pt", "chen": "zh"], members: ["bruno", "chen", "dave", "erin", "frank"], store: store
-        ) { $0.simulated.tokensPerSecond = 30 }
+        ) { $0.simulated.tokensPerSecond = 15 }
         let alice = try await f.connect("alice")
         let bruno = try await f.connect("bruno")
         let chen = try await f.connect("chen")

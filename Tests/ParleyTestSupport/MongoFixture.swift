@@ -60,7 +60,10 @@ public enum MongoFixture {
                     return Int(line.dropFirst("listening on ".count))
                 }
                 self.process = process
-                return "mongodb://127.0.0.1:\(port)"
+                // It runs one command at a time: when a full test run opens a hundred stores at
+                // once, a driver's first answer can wait longer than the 5 s Parley allows a
+                // real server (CI once failed eleven tests so on a loaded machine).
+                return "mongodb://127.0.0.1:\(port)/?serverSelectionTimeoutMS=30000"
             } catch {
                 fatalError("cannot start the MongoDB wire test server (run `pip install -r Tests/interop/requirements.txt`): \(error)")
             }

@@ -135,8 +135,13 @@ public final class TestWebSocket {
         )
     }
 
+    /// How long a read waits for a frame by default: only a failing test waits it out. 10 s
+    /// was too little on a slow machine for tests whose every step goes through the one-thread
+    /// MongoDB wire test server.
+    public static let patience: Duration = .seconds(30)
+
     /// The next thing received, or `TestTimeout` after `timeout`.
-    public func next(timeout: Duration = .seconds(10)) async throws -> TestInbound {
+    public func next(timeout: Duration = TestWebSocket.patience) async throws -> TestInbound {
         if ended { return .disconnected }
         let (token, watchdog) = startWatchdog(timeout)
         defer { watchdog.cancel() }
@@ -182,7 +187,7 @@ public final class TestWebSocket {
     }
 
     /// The next text message parsed as JSON; fails on anything else.
-    public func nextJSON(timeout: Duration = .seconds(10)) async throws -> JSONValue {
+    public func nextJSON(timeout: Duration = TestWebSocket.patience) async throws -> JSONValue {
         let inbound = try await next(timeout: timeout)
         guard case .text(let text) = inbound else {
             throw TestTimeout(description: "expected a text frame, got \(inbound)")
@@ -193,7 +198,7 @@ public final class TestWebSocket {
     /// Reads JSON frames until one has `type == type`, returning it and those skipped before it.
     /// A timeout names the type awaited and the last frames skipped (an `error` among them is
     /// usually why).
-    public func next(type: String, timeout: Duration = .seconds(10)) async throws -> (frame: JSONValue, skipped: [JSONValue]) {
+    public func next(type: String, timeout: Duration = TestWebSocket.patience) async throws -> (frame: JSONValue, skipped: [JSONValue]) {
         var skipped: [JSONValue] = []
         while true {
             let frame: JSONValue
