@@ -34,7 +34,8 @@ public struct SpawnError: Error, CustomStringConvertible {
 ///
 /// Its stdin is a pipe whose write end only this object holds: when Parley exits, even by
 /// `kill -9`, the child reads end-of-file, which is how a sidecar knows to exit with it. Its
-/// stdout and stderr go to a log file (a model server's logs would drown Parley's own).
+/// stdout and stderr go to a log file (a model server's logs would drown Parley's own), or to a
+/// descriptor the caller gives (the tests read their servers' output so).
 public final class ChildProcess: Sendable {
     public let pid: pid_t
     private let stdinWriter: Int32
