@@ -76,7 +76,7 @@ import Testing
         let refused = try await bob.next(type: "error").frame
         #expect(refused["ref"] == .string("b1") && refused["code"] == .string("rate_limited"))
         #expect(try await bob.next(type: "stream.end").frame["reason"] == .string("error"))
-        try await alice.send(.object([("type", .string("chat.cancel")), ("id", .string("a2")), ("stream", aliceStream)]))
+        try await alice.chatCancel(id: "a2", stream: aliceStream.stringValue!)
         #expect(try await alice.next(type: "stream.end").frame["reason"] == .string("cancelled"))
         try await bob.chatSend(id: "b2", clone: bobClone, text: "Hello again")
         #expect(try await bob.nextJSON()["type"] == .string("stream.start"))
@@ -86,7 +86,7 @@ import Testing
 
     @Test func cancelStopsTheStreamAndStoresThePartialReply() async throws {
         var chat = try await LongReply.start(tokensPerSecond: 50)
-        try await chat.socket.send(.object([("type", .string("chat.cancel")), ("id", .string("x1")), ("stream", chat.stream)]))
+        try await chat.socket.chatCancel(id: "x1", stream: chat.stream.stringValue!)
         let (end, more) = try await chat.socket.next(type: "stream.end")
         chat.tokens += more
         #expect(end["reason"] == .string("cancelled"))
@@ -254,7 +254,7 @@ import Testing
         try await bobSocket.send(
             .object([("type", .string("stream.resume")), ("id", .string("b2")), ("stream", .string(reply.stream)), ("after", .int(0))]))
         #expect(try await bobSocket.nextJSON()["code"] == .string("stream_gone"))
-        try await bobSocket.send(.object([("type", .string("chat.cancel")), ("id", .string("b3")), ("stream", .string(reply.stream))]))
+        try await bobSocket.chatCancel(id: "b3", stream: reply.stream)
         #expect(try await bobSocket.nextJSON()["code"] == .string("not_found"))
 
         // Alice's clone and transcript are untouched.
@@ -297,7 +297,7 @@ import Testing
         #expect(wrong["ref"] == .string("c3"))
         #expect(wrong["code"] == .string("bad_request"))
 
-        try await socket.send(.object([("type", .string("chat.cancel")), ("id", .string("x")), ("stream", chat.stream)]))
+        try await socket.chatCancel(id: "x", stream: chat.stream.stringValue!)
         _ = try await socket.next(type: "stream.end")
         await chat.server.stop()
     }

@@ -202,7 +202,7 @@ private struct ScheduleCluster {
         var options = MongoStore.Options()
         options.node = "node-probe"
         let probe = try await MongoStore.open(uri: cluster.uri, options: options)
-        try await onA.send(.object([("type", .string("chat.cancel")), ("id", .string("x1")), ("stream", start["stream"]!)]))
+        try await onA.chatCancel(id: "x1", stream: start["stream"]!.stringValue!)
         _ = try await onA.next(type: "stream.end")
         let now = Int64(Timestamp.nowMillis())
         #expect(try await probe.claimReplySlot(conversation: conversation, user: "alice", node: "node-probe", limit: 1, now: now) == .claimed)

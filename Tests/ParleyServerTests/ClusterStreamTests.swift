@@ -55,10 +55,6 @@ extension TestWebSocket {
         try await send(.object([("type", .string("stream.resume")), ("id", .string(id)), ("stream", .string(stream)), ("after", .int(after))]))
     }
 
-    fileprivate func cancel(_ id: String, stream: String) async throws {
-        try await send(.object([("type", .string("chat.cancel")), ("id", .string(id)), ("stream", .string(stream))]))
-    }
-
     /// Tokens and the end of a stream after its start was read.
     fileprivate func readRest() async throws -> (tokens: [JSONValue], end: JSONValue) {
         var tokens: [JSONValue] = []
@@ -236,15 +232,15 @@ extension TestWebSocket {
 
         // Bob cannot stop Alice's stream from B; an unknown stream is not found.
         let bob = try await nodes.connect(nodes.b, token: try await nodes.a.token("bob"))
-        try await bob.cancel("x1", stream: stream)
+        try await bob.chatCancel(id: "x1", stream: stream)
         let refused = try await bob.nextJSON()
         #expect(refused["code"] == .string("not_found"))
         #expect(refused["ref"] == .string("x1"))
-        try await onB.cancel("x2", stream: "st_nosuchstream")
+        try await onB.chatCancel(id: "x2", stream: "st_nosuchstream")
         let unknown = try await onB.next(type: "error").frame
         #expect(unknown["code"] == .string("not_found"))
 
-        try await onB.cancel("x3", stream: stream)
+        try await onB.chatCancel(id: "x3", stream: stream)
         let endOnB = try await onB.next(type: "stream.end").frame
         let endOnA = try await onA.next(type: "stream.end").frame
         #expect(endOnA["reason"] == .string("cancelled"))
@@ -530,7 +526,7 @@ extension TestWebSocket {
         #expect(closed == .close(code: 1008, reason: "signed out"))
         #expect(try await b.get("/v1/clones", token: laptop).status == .unauthorized)
         // The phone's session goes on, on B too.
-        try await phoneOnB.send(.object([("type", .string("chat.cancel")), ("id", .string("x")), ("stream", .string("st_none"))]))
+        try await phoneOnB.chatCancel(id: "x", stream: "st_none")
         #expect(try await phoneOnB.next(type: "error").frame["ref"] == .string("x"))
         #expect(try await b.get("/v1/clones", token: phone).status == .ok)
         await a.stop()

@@ -189,7 +189,7 @@ func expectInvariant(_ server: TestServer, token: String, sourceLocation: Source
         let (token, _, socket) = try await aliceSends("Long", on: server)
         let start = try await socket.nextJSON()
         _ = try await socket.readUntilToken()
-        try await socket.send(.object([("type", .string("chat.cancel")), ("id", .string("x")), ("stream", start["stream"]!)]))
+        try await socket.chatCancel(id: "x", stream: start["stream"]!.stringValue!)
         let (end, _) = try await socket.next(type: "stream.end")
         let delivered = end["usage"]!["output_tokens"]!.intValue!
         #expect(end["reason"] == .string("cancelled"))

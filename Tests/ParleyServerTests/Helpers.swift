@@ -26,6 +26,10 @@ extension TestWebSocket {
         try await send(.object(pairs))
     }
 
+    func chatCancel(id: String, stream: String) async throws {
+        try await send(.object([("type", .string("chat.cancel")), ("id", .string(id)), ("stream", .string(stream))]))
+    }
+
     /// Reads a whole stream: `stream.start`, its tokens, `stream.end`. Fails on an `error` frame.
     func readReply() async throws -> StreamedReply {
         let start = try await nextJSON()

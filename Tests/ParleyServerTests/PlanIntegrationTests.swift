@@ -171,7 +171,7 @@ final class TestClock: Sendable {
         #expect(error["code"] == .string("plan_required") && error["ref"] == .string("c2") && error["plan"] == .string("plus"))
         // The ledger is read once the first reply has ended: a batch it buys between the page's
         // entries and its balance (two reads) would show them apart.
-        try await socket.send(.object([("type", .string("chat.cancel")), ("id", .string("x1")), ("stream", first)]))
+        try await socket.chatCancel(id: "x1", stream: first.stringValue!)
         _ = try await socket.next(type: "stream.end")
         try await expectInvariant(server, token: token)
         await server.stop()

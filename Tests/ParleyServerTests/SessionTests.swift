@@ -39,7 +39,7 @@ import Testing
         // The other session and the other user go on.
         #expect(try await server.get("/v1/clones", token: phone).status == .ok)
         #expect(try await server.get("/v1/clones", token: bob).status == .ok)
-        try await phoneSocket.send(.object([("type", .string("chat.cancel")), ("id", .string("x")), ("stream", .string("st_none"))]))
+        try await phoneSocket.chatCancel(id: "x", stream: "st_none")
         #expect(try await phoneSocket.next(type: "error").frame["ref"] == .string("x"), "still open")
 
         // Everywhere: the phone's session ends too; a token issued afterwards signs in.

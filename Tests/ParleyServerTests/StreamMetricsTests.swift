@@ -51,7 +51,7 @@ import Testing
         try await socket.chatSend(id: "c1", clone: clone, text: "Go on")
         let start = try await socket.nextJSON()
         _ = try await socket.nextJSON()  // a first token
-        try await socket.send(#"{"type":"chat.cancel","id":"x1","stream":"\#(start["stream"]!.stringValue!)"}"#)
+        try await socket.chatCancel(id: "x1", stream: start["stream"]!.stringValue!)
         var frame = try await socket.nextJSON()
         while frame["type"] != .string("stream.end") { frame = try await socket.nextJSON() }
         #expect(try metrics.expectCounter("parley_streams_ended_total", [("reason", "cancelled")]).totalValue == 1)

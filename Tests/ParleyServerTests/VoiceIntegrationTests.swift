@@ -199,8 +199,7 @@ extension TestWebSocket {
         let socket = try await server.connect(token: token)
         try await socket.chatSendVoiced(id: "v1", clone: clone)
         let first = try await socket.readVoiced(chunks: 1)
-        try await socket.send(
-            .object([("type", .string("chat.cancel")), ("id", .string("x")), ("stream", first.reply.start["stream"]!)]))
+        try await socket.chatCancel(id: "x", stream: first.reply.stream)
         let rest = try await socket.readVoiced()
         #expect(rest.reply.reason == "cancelled")
         #expect(rest.audio["reason"] == .string("cancelled"))
