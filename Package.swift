@@ -135,11 +135,14 @@ let package = Package(
             resources: [.copy("WebClient")],
             swiftSettings: strict
         ),
+        // pipe2 and posix_spawn's closefrom, which glibc declares only under _GNU_SOURCE.
+        .target(name: "CSpawn"),
         // A model server run beside Parley (a sidecar): started, health-checked, restarted, stopped.
         // Carries the local SmolLM2 server script that `parley serve --local-model` runs.
         .target(
             name: "ParleySidecar",
             dependencies: [
+                "CSpawn",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),

@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import CSpawn
 import Foundation
 import NIOConcurrencyHelpers
 
@@ -71,21 +72,22 @@ public final class ChildProcess: Sendable {
         withheld: @Sendable (String) -> Bool = { _ in false }, output log: Int32
     ) throws -> ChildProcess {
         guard let program = arguments.first, !program.isEmpty else { throw SpawnError(description: "no command to run") }
-        var pipeEnds: [Int32] = [-1, -1]
-        // pipe2(O_CLOEXEC) is hidden behind _GNU_SOURCE; nothing else here forks between the two calls.
-        guard pipe(&pipeEnds) == 0 else { throw SpawnError(description: "pipe: \(String(cString: strerror(errno)))") }
-        pipeEnds.forEach { _ = fcntl($0, F_SETFD, FD_CLOEXEC) }
-        defer { close(pipeEnds[0]) }
+        let stdin = try closeOnExecPipe()
+        defer { close(stdin.reader) }
 
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
-        // dup2 clears close-on-exec on the copies; everything else Parley holds is close-on-exec
-        // (NIO, SQLite and these descriptors open so) or closed here.
-        posix_spawn_file_actions_adddup2(&actions, pipeEnds[0], 0)
+        // The child keeps these three and nothing else: whatever this process holds when the
+        // child starts (another thread's pipe made a moment ago included) is closed in it.
+        posix_spawn_file_actions_adddup2(&actions, stdin.reader, 0)
         posix_spawn_file_actions_adddup2(&actions, log, 1)
         posix_spawn_file_actions_adddup2(&actions, log, 2)
-        for fd in inheritableDescriptors() where fd > 2 { posix_spawn_file_actions_addclose(&actions, fd) }
+        let closing = parley_spawn_file_actions_addclosefrom(&actions, 3)
+        guard closing == 0 else {
+            close(stdin.writer)
+            throw SpawnError(description: "cannot spawn here: \(String(cString: strerror(closing)))")
+        }
 
         var attributes = posix_spawnattr_t()
         posix_spawnattr_init(&attributes)
@@ -109,10 +111,18 @@ public final class ChildProcess: Sendable {
         var pid: pid_t = 0
         let result = posix_spawnp(&pid, program, &actions, &attributes, argv, envp)
         guard result == 0 else {
-            close(pipeEnds[1])
+            close(stdin.writer)
             throw SpawnError(description: "cannot run \(program): \(String(cString: strerror(result)))")
         }
-        return ChildProcess(pid: pid, stdinWriter: pipeEnds[1])
+        return ChildProcess(pid: pid, stdinWriter: stdin.writer)
+    }
+
+    /// A pipe whose two ends are close-on-exec from the start (pipe2), so a child another
+    /// thread spawns at that moment cannot inherit them.
+    public static func closeOnExecPipe() throws -> (reader: Int32, writer: Int32) {
+        var ends: [Int32] = [-1, -1]
+        guard parley_pipe_cloexec(&ends) == 0 else { throw SpawnError(description: "pipe: \(String(cString: strerror(errno)))") }
+        return (ends[0], ends[1])
     }
 
     private init(pid: pid_t, stdinWriter: Int32) {
@@ -195,14 +205,5 @@ public final class ChildProcess: Sendable {
     /// `exited()` for callers that must see the end even when their task was cancelled.
     private func exitedWithoutCancellation() async -> ExitStatus {
         await Task.detached { await self.exited()! }.value
-    }
-
-    /// Descriptors this process holds that an exec would pass on (no close-on-exec flag).
-    private static func inheritableDescriptors() -> [Int32] {
-        let names = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
-        return names.compactMap { Int32($0) }.filter { fd in
-            let flags = fcntl(fd, F_GETFD)
-            return flags >= 0 && flags & FD_CLOEXEC == 0
-        }
     }
 }

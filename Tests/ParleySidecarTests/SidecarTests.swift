@@ -184,6 +184,25 @@ private func healthAnswers(_ port: Int) async -> Bool {
         }
     }
 
+    @Test func aChildHoldsItsThreeStandardDescriptorsAndNothingElse() async throws {
+        var inheritable: [Int32] = [-1, -1]
+        try #require(pipe(&inheritable) == 0, "a pipe without close-on-exec, as C code in the process might make")
+        defer { inheritable.forEach { close($0) } }
+        let output = try ChildProcess.closeOnExecPipe()
+        for end in [output.reader, output.writer] { #expect(fcntl(end, F_GETFD) & FD_CLOEXEC != 0) }
+        let child = try ChildProcess.spawn(arguments: ["sh", "-c", "ls /proc/$$/fd"], output: output.writer)
+        close(output.writer)
+        var printed: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 512)
+        while case let n = read(output.reader, &buffer, buffer.count), n != 0 {
+            if n > 0 { printed += buffer[..<n] } else if errno != EINTR { break }
+        }
+        close(output.reader)
+        #expect(await child.exited() == .exited(0))
+        let held = String(decoding: printed, as: UTF8.self).split(whereSeparator: \.isWhitespace)
+        #expect(held == ["0", "1", "2"], "the child's descriptors, beside ours \(inheritable)")
+    }
+
     @Test func theLocalModelCommandGetsItsPort() throws {
         let model = try #require(LocalModel.command("llama-server -m m.gguf --port {port}  --host 127.0.0.1"))
         let configuration = model.sidecar(port: 8123, logPath: "/tmp/x.log")

@@ -19,10 +19,7 @@ enum Spawn {
     static func start<T>(
         _ arguments: [String], echo: Bool = false, until ready: (String) -> T?
     ) throws -> (ChildProcess, T) {
-        var ends: [Int32] = [-1, -1]
-        guard pipe(&ends) == 0 else { throw FixtureError(description: "pipe: \(String(cString: strerror(errno)))") }
-        ends.forEach { _ = fcntl($0, F_SETFD, FD_CLOEXEC) }
-        let (reader, writer) = (ends[0], ends[1])
+        let (reader, writer) = try ChildProcess.closeOnExecPipe()
         let child: ChildProcess
         do {
             child = try ChildProcess.spawn(arguments: arguments, output: writer)
