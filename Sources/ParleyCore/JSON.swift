@@ -52,12 +52,17 @@ public enum JSONValue: Sendable, Equatable {
         }
     }
 
-    /// Parses UTF-8 JSON text (RFC 8259, strictly: see `JSONParser`).
-    public static func parse<Bytes: Sequence>(_ bytes: Bytes) throws(JSONSyntaxError) -> JSONValue where Bytes.Element == UInt8 {
-        if let parsed = bytes.withContiguousStorageIfAvailable({ buffer in Result { () throws(JSONSyntaxError) in try JSONParser.parse(buffer) } }) {
+    /// Parses UTF-8 JSON text (RFC 8259, strictly: see `JSONParser`); with a `shape`, builds only
+    /// the members it names (the text is checked whole all the same, with the same errors).
+    public static func parse<Bytes: Sequence>(
+        _ bytes: Bytes, keeping shape: JSONShape = .everything
+    ) throws(JSONSyntaxError) -> JSONValue where Bytes.Element == UInt8 {
+        if let parsed = bytes.withContiguousStorageIfAvailable({ buffer in
+            Result { () throws(JSONSyntaxError) in try JSONParser.parse(buffer, keeping: shape) }
+        }) {
             return try parsed.get()
         }
-        return try Array(bytes).withUnsafeBufferPointer { buffer throws(JSONSyntaxError) in try JSONParser.parse(buffer) }
+        return try Array(bytes).withUnsafeBufferPointer { buffer throws(JSONSyntaxError) in try JSONParser.parse(buffer, keeping: shape) }
     }
 
     public func serialized() -> [UInt8] {

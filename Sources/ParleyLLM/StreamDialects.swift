@@ -16,11 +16,18 @@ public enum StreamPart: Sendable, Equatable {
 /// `choices[0].delta.content` and `finish_reason`, a last chunk with `usage` when
 /// `stream_options.include_usage` was asked for, then `data: [DONE]`.
 public enum OpenAIChatDialect {
+    /// What `parts` reads of a chunk; its id, model, timestamps and the rest are checked, not built.
+    static let chunkShape = JSONShape.members([
+        ("error", .everything),
+        ("choices", .members([("delta", .members([("content", .everything)])), ("finish_reason", .everything)])),
+        ("usage", .everything),
+    ])
+
     public static func parts(of event: SSEEvent) throws(ProviderError) -> [StreamPart] {
         guard event.data != "[DONE]" else { return [.done] }
         let chunk: JSONValue
         do {
-            chunk = try JSONValue.parse(event.data.utf8)
+            chunk = try JSONValue.parse(event.data.utf8, keeping: chunkShape)
         } catch {
             throw ProviderError("the model provider sent a malformed stream event")
         }

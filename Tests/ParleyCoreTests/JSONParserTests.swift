@@ -125,6 +125,53 @@ struct DecodedByFoundation: Decodable {
         #expect(throws: JSONSyntaxError(offset: 7, reason: "expected ',' or '}'")) { try JSONValue.parse(Array(#"{"a":1 "b":2}"#.utf8)) }
     }
 
+    /// What a shaped parse must give: the whole value with what `shape` leaves out taken away.
+    static func pruned(_ value: JSONValue, _ shape: JSONShape) -> JSONValue {
+        guard case .members(let wanted) = shape else { return value }
+        switch value {
+        case .object(let pairs):
+            return .object(pairs.compactMap { key, member in wanted.first { $0.0 == key }.map { (key, pruned(member, $0.1)) } })
+        case .array(let items): return .array(items.map { pruned($0, shape) })
+        default: return value
+        }
+    }
+
+    static let shapes: [JSONShape] = [
+        .members([]),
+        .members([("a", .everything), ("c", .members([("d", .everything)])), ("k", .everything)]),
+        .members([("choices", .members([("delta", .members([("content", .everything)])), ("finish_reason", .everything)])), ("usage", .everything)]),
+    ]
+
+    @Test(arguments: valid)
+    func aShapedParseBuildsWhatItsShapeKeepsOfTheWholeValue(_ text: String) throws {
+        let whole = try JSONValue.parse(Array(text.utf8))
+        for shape in Self.shapes {
+            #expect(try JSONValue.parse(Array(text.utf8), keeping: shape) == Self.pruned(whole, shape), "\(shape)")
+        }
+    }
+
+    /// A member left out is still checked: whatever makes a text invalid, inside one, fails the
+    /// shaped parse with the very error (offset and reason) the whole parse gives.
+    @Test func whatAShapeLeavesOutIsCheckedAsStrictly() throws {
+        let notUTF8: [[UInt8]] = [[0x22, 0xFF, 0x22], [0x22, 0xED, 0xA0, 0x80, 0x22], [0x22, 0x5C, 0x6E, 0xC0, 0xAF, 0x22]]
+        let deep = Array((String(repeating: "[", count: 513) + String(repeating: "]", count: 513)).utf8)
+        for inner in Self.invalid.map({ Array($0.utf8) }) + notUTF8 + [deep] {
+            let member = Array(#"{"skipped":"#.utf8) + inner + Array("}".utf8)
+            let element = Array(#"{"a":1,"skipped":["#.utf8) + inner + Array("]}".utf8)  // valid for an empty inner
+            for text in [member, element] {
+                var whole: JSONSyntaxError?
+                do { _ = try JSONValue.parse(text) } catch { whole = error }
+                guard let expected = whole else {
+                    #expect(text == element, "\(String(decoding: text, as: UTF8.self)) is invalid")
+                    continue
+                }
+                for shape in Self.shapes {
+                    #expect(throws: expected, "\(String(decoding: text, as: UTF8.self))") { try JSONValue.parse(text, keeping: shape) }
+                }
+            }
+        }
+    }
+
     @Test func aNonContiguousSequenceParsesToo() throws {
         let bytes = #"{"a":[1,2]}"#.utf8.lazy.map { $0 }
         #expect(try JSONValue.parse(bytes) == .object([("a", .array([.int(1), .int(2)]))]))
