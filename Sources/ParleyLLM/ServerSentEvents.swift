@@ -95,27 +95,22 @@ public struct SSEParser: Sendable {
             return
         }
         guard line[0] != UInt8(ascii: ":") else { return }  // a comment
-        let text = String(decoding: line, as: UTF8.self)
-        let field: Substring
-        var value: Substring
-        if let colon = text.firstIndex(of: ":") {
-            field = text[..<colon]
-            value = text[text.index(after: colon)...]
-            if value.first == " " { value = value.dropFirst() }
-        } else {
-            field = text[...]
-            value = ""
-        }
-        switch field {
-        case "data":
-            data.append(String(value))
+        // Split and matched as bytes (the colon and the names are ASCII, so no UTF-8 sequence
+        // spans them): only the value is decoded, once, instead of the line and then a copy of
+        // its value (#26: a provider's every token is one such line).
+        let colon = line.firstIndex(of: UInt8(ascii: ":")) ?? line.count
+        var start = min(colon + 1, line.count)
+        if start < line.count, line[start] == UInt8(ascii: " ") { start += 1 }
+        let field = line[..<colon]
+        func value() -> String { String(decoding: line[start...], as: UTF8.self) }
+        if field.elementsEqual("data".utf8) {
+            data.append(value())
             hasData = true
-        case "event":
-            event = String(value)
-        case "id":
-            if !value.contains("\0") { id = String(value) }
-        default:
-            break  // `retry` and unknown fields do not concern a one-shot request
-        }
+        } else if field.elementsEqual("event".utf8) {
+            event = value()
+        } else if field.elementsEqual("id".utf8) {
+            let id = value()
+            if !id.utf8.contains(0) { self.id = id }
+        }  // `retry` and unknown fields do not concern a one-shot request
     }
 }

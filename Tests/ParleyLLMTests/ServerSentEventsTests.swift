@@ -20,6 +20,13 @@ import Testing
             ])
     }
 
+    /// Only the exact names count; one space after the colon is dropped, not two; an id with a
+    /// NUL is ignored; bytes that are not UTF-8 in a value are replaced, not fatal.
+    @Test func fieldsAreMatchedExactlyAndValuesKeepWhatFollowsOneSpace() throws {
+        let stream = Array("dat: x\ndatas: y\nretry: 5\nid: a\u{0}b\ndata:  two spaces\ndata:".utf8) + [0xFF] + Array("\n\n".utf8)
+        #expect(try parse([stream]) == [SSEEvent(data: " two spaces\n\u{FFFD}")])
+    }
+
     /// The same bytes, cut anywhere (inside a CRLF, inside a UTF-8 character), give the same events.
     @Test func splitsAnywhereChangeNothing() throws {
         let stream = Array("data: {\"t\":\"héllo 🌊 wörld\"}\r\n\r\n: ping\r\nevent: x\r\ndata: naïve ☕\r\n\r\ndata: [DONE]\n\n".utf8)
