@@ -8,7 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 STREAMS="${1:-100}"
 REQUESTS="${2:-3}"
-swift build -c release --product parley
+# PARLEY_BIN=<a parley binary> measures that build instead (two builds side by side).
+if [ -z "${PARLEY_BIN:-}" ]; then
+    swift build -c release --product parley
+    PARLEY_BIN=.build/release/parley
+fi
 swift build -c release --product parley-load
 WORK="$(mktemp -d)"
 PIDS=()
@@ -19,7 +23,7 @@ PIDS+=($!)
 for _ in $(seq 1 50); do grep -q listening "$WORK/upstream.out" 2>/dev/null && break; sleep 0.1; done
 UP=$(awk '{print $2}' "$WORK/upstream.out")
 echo '{"models":{"fake":{"input_per_1k":0,"output_per_1k":0}}}' > "$WORK/prices.json"
-.build/release/parley serve --port 0 --data-dir "$WORK/parley" --log-level warning --provider openai \
+"$PARLEY_BIN" serve --port 0 --data-dir "$WORK/parley" --log-level warning --provider openai \
     --provider-url "http://127.0.0.1:$UP/v1" --provider-model fake --prices "$WORK/prices.json" \
     --provider-concurrency 1000 --max-reply-tokens 256 --starting-credits 1000000000000 > "$WORK/parley.out" 2>&1 &
 PIDS+=($!); PARLEY_PID=$!
