@@ -16,11 +16,15 @@ import Testing
         return (MongoFixture.uri(options: ["appname=" + app]), app)
     }
 
-    func failNext(_ times: Int, _ commands: [String], app: String, errorCode: Int? = nil, closeConnection: Bool = false) throws {
+    /// `blockTimeMS`: the command waits that long, then runs (mongod's `blockConnection`).
+    func failNext(
+        _ times: Int, _ commands: [String], app: String, errorCode: Int? = nil, closeConnection: Bool = false, blockTimeMS: Int? = nil
+    ) throws {
         let pool = try MongoClientPool(uri: MongoFixture.uri())
         var data: [(String, JSONValue)] = [("failCommands", .array(commands.map(JSONValue.string))), ("appName", .string(app))]
         if let errorCode { data.append(("errorCode", .int(Int64(errorCode)))) }
         if closeConnection { data.append(("closeConnection", .bool(true))) }
+        if let blockTimeMS { data += [("blockConnection", .bool(true)), ("blockTimeMS", .int(Int64(blockTimeMS)))] }
         _ = try pool.command(
             .object([
                 ("configureFailPoint", .string("failCommand")),
@@ -79,6 +83,24 @@ import Testing
             _ = try await store.clones(owner: "alice")
         }
         #expect(try await store.clones(owner: "alice").isEmpty)
+        try turnOffFailPoint()
+        try await store.close()
+    }
+
+    /// A command the server stops answering gives its thread back after the URI's
+    /// `socketTimeoutMS` (libmongoc's own default is 300 s): here it would have succeeded after
+    /// the 3 s block, so its failure is the timeout's doing. On the wire test server only: in
+    /// the first of five full store runs on SecantusDB the blocked command was answered after the
+    /// block instead (not understood yet; the other four, and two runs of this suite alone, timed out).
+    @Test(.enabled(if: !MongoFixture.isRealServer))
+    func theURIsSocketTimeoutBoundsACommandTheServerDoesNotAnswer() async throws {
+        let (uri, app) = isolatedURI()
+        var options = MongoStore.Options()
+        options.attempts = 1
+        let store = try await MongoStore.open(uri: uri + "&socketTimeoutMS=300", options: options)
+        try failNext(1, ["find"], app: app, blockTimeMS: 3_000)
+        await #expect(throws: StoreError.self) { _ = try await store.clones(owner: "alice") }
+        #expect(try await store.clones(owner: "alice").isEmpty, "the next command, on a new connection, is answered")
         try turnOffFailPoint()
         try await store.close()
     }
