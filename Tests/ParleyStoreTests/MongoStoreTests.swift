@@ -88,21 +88,23 @@ import Testing
     }
 
     /// A command the server stops answering gives its thread back after the URI's
-    /// `socketTimeoutMS` (libmongoc's own default is 300 s): here it would have succeeded after
-    /// the 3 s block, so its failure is the timeout's doing. On the wire test server only: in
+    /// `socketTimeoutMS` (libmongoc's own default is 300 s), as a network failure (which the store
+    /// retries): here it would have succeeded after the 3 s block, so its failure is the
+    /// timeout's doing. A bare pool, not a store: opening one runs commands (its indexes) that a
+    /// loaded machine may not answer within the short timeout. On the wire test server only: in
     /// the first of five full store runs on SecantusDB the blocked command was answered after the
     /// block instead (not understood yet; the other four, and two runs of this suite alone, timed out).
     @Test(.enabled(if: !MongoFixture.isRealServer))
-    func theURIsSocketTimeoutBoundsACommandTheServerDoesNotAnswer() async throws {
+    func theURIsSocketTimeoutBoundsACommandTheServerDoesNotAnswer() throws {
         let (uri, app) = isolatedURI()
-        var options = MongoStore.Options()
-        options.attempts = 1
-        let store = try await MongoStore.open(uri: uri + "&socketTimeoutMS=300", options: options)
+        let pool = try MongoClientPool(uri: uri + "&socketTimeoutMS=500")
         try failNext(1, ["find"], app: app, blockTimeMS: 3_000)
-        await #expect(throws: StoreError.self) { _ = try await store.clones(owner: "alice") }
-        #expect(try await store.clones(owner: "alice").isEmpty, "the next command, on a new connection, is answered")
+        #expect {
+            _ = try pool.command(.object([("find", .string("clones")), ("filter", .object([]))]))
+        } throws: { error in
+            (error as? MongoCommandError)?.isTransient == true
+        }
         try turnOffFailPoint()
-        try await store.close()
     }
 
     @Test func aNewerSchemaIsRefusedAndIndexesAreIdempotent() async throws {
