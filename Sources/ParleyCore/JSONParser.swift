@@ -80,21 +80,22 @@ struct JSONParser: ~Copyable {
         return value
     }
 
-    private mutating func enter() throws(JSONSyntaxError) {
+    /// Past an opening bracket, one level deeper (the caller goes back up): true when the
+    /// container closes at once (`{}`, `[]`), past its closing bracket.
+    private mutating func enterIsEmpty(closing bracket: Unicode.Scalar) throws(JSONSyntaxError) -> Bool {
         depth += 1
         guard depth <= Self.maxDepth else { throw error("nested more than \(Self.maxDepth) levels deep") }
         index += 1
         skipWhitespace()
+        guard index < bytes.count, bytes[index] == UInt8(ascii: bracket) else { return false }
+        index += 1
+        return true
     }
 
     private mutating func object(_ shape: JSONShape) throws(JSONSyntaxError) -> JSONValue {
-        try enter()
         defer { depth -= 1 }
         var pairs: [(String, JSONValue)] = []
-        if index < bytes.count, bytes[index] == UInt8(ascii: "}") {
-            index += 1
-            return .object(pairs)
-        }
+        if try enterIsEmpty(closing: "}") { return .object(pairs) }
         while true {
             guard index < bytes.count, bytes[index] == UInt8(ascii: "\"") else { throw error("expected a key in quotes") }
             let key = try string()
@@ -118,13 +119,9 @@ struct JSONParser: ~Copyable {
     }
 
     private mutating func array(_ shape: JSONShape) throws(JSONSyntaxError) -> JSONValue {
-        try enter()
         defer { depth -= 1 }
         var items: [JSONValue] = []
-        if index < bytes.count, bytes[index] == UInt8(ascii: "]") {
-            index += 1
-            return .array(items)
-        }
+        if try enterIsEmpty(closing: "]") { return .array(items) }
         while true {
             items.append(try value(shape))
             if try closes(with: "]") { return .array(items) }
@@ -136,12 +133,8 @@ struct JSONParser: ~Copyable {
         guard index < bytes.count else { throw error("unexpected end of input") }
         switch bytes[index] {
         case UInt8(ascii: "{"):
-            try enter()
             defer { depth -= 1 }
-            if index < bytes.count, bytes[index] == UInt8(ascii: "}") {
-                index += 1
-                return
-            }
+            if try enterIsEmpty(closing: "}") { return }
             while true {
                 guard index < bytes.count, bytes[index] == UInt8(ascii: "\"") else { throw error("expected a key in quotes") }
                 try skipString()
@@ -153,12 +146,8 @@ struct JSONParser: ~Copyable {
                 if try closes(with: "}") { return }
             }
         case UInt8(ascii: "["):
-            try enter()
             defer { depth -= 1 }
-            if index < bytes.count, bytes[index] == UInt8(ascii: "]") {
-                index += 1
-                return
-            }
+            if try enterIsEmpty(closing: "]") { return }
             while true {
                 try skip()
                 if try closes(with: "]") { return }
