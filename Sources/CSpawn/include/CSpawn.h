@@ -9,8 +9,9 @@
 /// spawns at the same moment cannot inherit them.
 int parley_pipe_cloexec(int fds[2]);
 
-/// Adds "close every descriptor from `lowest` up" to `actions` (glibc 2.34+), so the child
-/// keeps only what the earlier actions set up, whatever this process holds at that moment.
+/// Adds "close every descriptor from `lowest` up" to `actions`, so the child keeps only what
+/// the earlier actions set up, whatever this process holds at that moment (glibc 2.34+; an
+/// older C library closes what /proc/self/fd lists now, which a thread racing it can escape).
 int parley_spawn_file_actions_addclosefrom(posix_spawn_file_actions_t *actions, int lowest);
 
 #endif
