@@ -15,6 +15,14 @@ public indirect enum JSONShape: Sendable {
     /// Of an object, only these members, each kept as its shape says; of an array, each element
     /// so; a scalar is kept as it is.
     case members([(String, JSONShape)])
+
+    /// How an object's member `key` is kept; nil when it is skipped.
+    func member(_ key: String) -> JSONShape? {
+        switch self {
+        case .everything: .everything
+        case .members(let wanted): wanted.first { $0.0 == key }?.1
+        }
+    }
 }
 
 /// A strict RFC 8259 parser into `JSONValue`, over contiguous bytes in one pass.
@@ -103,17 +111,12 @@ struct JSONParser: ~Copyable {
             guard index < bytes.count, bytes[index] == UInt8(ascii: ":") else { throw error("expected ':' after a key") }
             index += 1
             skipWhitespace()
-            var kept = JSONShape.everything
-            if case .members(let wanted) = shape {
-                guard let found = wanted.first(where: { $0.0 == key }) else {
-                    try skip()
-                    if try closes(with: "}") { return .object(pairs) }
-                    continue
-                }
-                kept = found.1
+            if let kept = shape.member(key) {
+                let member = try value(kept)
+                if !pairs.contains(where: { $0.0 == key }) { pairs.append((key, member)) }
+            } else {
+                try skip()
             }
-            let member = try value(kept)
-            if !pairs.contains(where: { $0.0 == key }) { pairs.append((key, member)) }
             if try closes(with: "}") { return .object(pairs) }
         }
     }
