@@ -231,7 +231,7 @@ let package = Package(
         ),
         .testTarget(
             name: "ParleySidecarTests",
-            dependencies: ["ParleySidecar", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["ParleySidecar", "ParleyTestSupport", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict
         ),
         .testTarget(

@@ -102,9 +102,5 @@ import Testing
 
 /// Polls `condition` for up to two seconds: for effects that follow a close with no event to await.
 func waitUntil(_ condition: () async throws -> Bool) async throws {
-    for _ in 0..<200 {
-        if try await condition() { return }
-        try await Task.sleep(for: .milliseconds(10))
-    }
-    Issue.record("the condition did not become true within 2 s")
+    if try await !holds(within: .seconds(2), condition) { Issue.record("the condition did not become true within 2 s") }
 }

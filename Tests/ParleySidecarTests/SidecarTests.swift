@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import ParleyTestSupport
 import Testing
 
 @testable import ParleySidecar
@@ -42,18 +43,6 @@ private func healthAnswers(_ port: Int) async -> Bool {
     await HealthCheck.status(port: port, path: "/health") == 200
 }
 
-/// Whether `pid` ends within `limit`. A process that is not this one's child gives no event to
-/// await, so it is looked at every 10 ms: after its group's SIGKILL the kernel takes a moment to
-/// end it, longer on a loaded machine (a check made at once failed there).
-private func ends(_ pid: pid_t, within limit: Duration = .seconds(10)) async -> Bool {
-    let deadline = ContinuousClock.now + limit
-    while isRunning(pid) {
-        guard ContinuousClock.now < deadline else { return false }
-        try? await Task.sleep(for: .milliseconds(10))
-    }
-    return true
-}
-
 @Suite struct SidecarTests {
     let logger = Logger(label: "sidecar-test")
 
@@ -82,7 +71,8 @@ private func ends(_ pid: pid_t, within limit: Duration = .seconds(10)) async -> 
         await sidecar.stop()
         #expect(sidecar.pid == nil)
         #expect(!isRunning(pid))
-        #expect(await ends(sleeper), "the grandchild went with its group")
+        // Killed with its group, it takes a moment to end (longer on a loaded machine).
+        #expect(await holds(within: .seconds(10)) { !isRunning(sleeper) }, "the grandchild went with its group")
         #expect(await !healthAnswers(port))
     }
 

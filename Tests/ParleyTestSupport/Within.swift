@@ -12,3 +12,14 @@ public func within<T: Sendable>(_ limit: Duration, _ what: String, _ body: @esca
         return value
     }
 }
+
+/// Whether `condition` holds within `limit`, looked at every 10 ms: for effects with no event to
+/// await (a socket's close reaching a gauge; a killed process that is not this one's child ending).
+public func holds(within limit: Duration, _ condition: () async throws -> Bool) async rethrows -> Bool {
+    let deadline = ContinuousClock.now + limit
+    while try await !condition() {
+        guard ContinuousClock.now < deadline else { return false }
+        try? await Task.sleep(for: .milliseconds(10))
+    }
+    return true
+}
