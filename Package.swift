@@ -73,6 +73,15 @@ let package = Package(
             dependencies: ["CZlib", .product(name: "NIOCore", package: "swift-nio")],
             swiftSettings: strict
         ),
+        // The socket's frame-level checks below the protocol: RFC 6455 frame validation and the
+        // permessage-deflate handler. Apart from the server so the fuzzer builds without its stack.
+        .target(
+            name: "ParleyWebSocket",
+            dependencies: [
+                "ParleyDeflate", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOWebSocket", package: "swift-nio"),
+            ],
+            swiftSettings: strict
+        ),
         // Pure domain logic: models, protocol frames, validation, tokenizer, prompt assembly. No I/O.
         .target(name: "ParleyCore", swiftSettings: strict),
         // Persistence behind one Store protocol; blocking calls run on a NIOThreadPool.
@@ -120,7 +129,7 @@ let package = Package(
         .target(
             name: "ParleyServer",
             dependencies: [
-                "ParleyCore", "ParleyStore", "ParleyMongoStore", "ParleyLLM", "ParleyDeflate", "ParleyNATS",
+                "ParleyCore", "ParleyStore", "ParleyMongoStore", "ParleyLLM", "ParleyDeflate", "ParleyWebSocket", "ParleyNATS",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -230,6 +239,16 @@ let package = Package(
             swiftSettings: strict
         ),
         .testTarget(
+            name: "ParleyWebSocketTests",
+            dependencies: [
+                "ParleyWebSocket", "ParleyDeflate",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOWebSocket", package: "swift-nio"),
+            ],
+            swiftSettings: strict
+        ),
+        .testTarget(
             name: "ParleySidecarTests",
             dependencies: ["ParleySidecar", "ParleyTestSupport", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict
@@ -279,7 +298,7 @@ if ProcessInfo.processInfo.environment["PARLEY_FUZZ"] != nil {
         .executableTarget(
             name: "parley-fuzz",
             dependencies: [
-                "ParleyServer", "ParleyCore", "ParleyDeflate",
+                "ParleyWebSocket", "ParleyCore", "ParleyDeflate",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "NIOWebSocket", package: "swift-nio"),

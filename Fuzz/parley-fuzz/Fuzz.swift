@@ -3,7 +3,7 @@ import NIOEmbedded
 import NIOWebSocket
 import ParleyCore
 import ParleyDeflate
-@testable import ParleyServer
+import ParleyWebSocket
 
 // libFuzzer's entry point: every input goes through the socket's inbound path (NIO's frame
 // decoder, Parley's frame validator, the permessage-deflate handler, the fragment aggregator,

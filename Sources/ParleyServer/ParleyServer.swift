@@ -11,6 +11,7 @@ import ParleyDeflate
 import ParleyLLM
 import ParleyMongoStore
 import ParleyStore
+import ParleyWebSocket
 import Synchronization
 
 /// The running server: event loops, listening socket, store, provider and chat service.

@@ -2,6 +2,7 @@ import Logging
 import NIOCore
 import NIOWebSocket
 import ParleyCore
+import ParleyWebSocket
 
 /// One authenticated WebSocket after the upgrade: answers control frames, parses text frames
 /// into protocol requests for the server's services, and tells them when it opens and closes.

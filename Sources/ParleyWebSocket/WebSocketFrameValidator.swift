@@ -6,18 +6,18 @@ import NIOWebSocket
 /// socket negotiated permessage-deflate, whose handler checks where it may appear), and reserved
 /// opcodes are errors (RFC 6455 section 5). A violation is raised as
 /// `WebSocketViolation` for the handler to close with its code; nothing after it is read.
-final class WebSocketFrameValidator: ChannelInboundHandler, RemovableChannelHandler {
-    typealias InboundIn = WebSocketFrame
-    typealias InboundOut = WebSocketFrame
+public final class WebSocketFrameValidator: ChannelInboundHandler, RemovableChannelHandler {
+    public typealias InboundIn = WebSocketFrame
+    public typealias InboundOut = WebSocketFrame
 
     private var failed = false
     private let allowsRSV1: Bool
 
-    init(allowsRSV1: Bool = false) {
+    public init(allowsRSV1: Bool = false) {
         self.allowsRSV1 = allowsRSV1
     }
 
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+    public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !failed else { return }
         let frame = unwrapInboundIn(data)
         let problem: String? =
@@ -36,7 +36,12 @@ final class WebSocketFrameValidator: ChannelInboundHandler, RemovableChannelHand
 }
 
 /// A frame-level protocol error and the close code it earns.
-struct WebSocketViolation: Error {
-    var code: WebSocketErrorCode
-    var reason: String
+public struct WebSocketViolation: Error {
+    public var code: WebSocketErrorCode
+    public var reason: String
+
+    public init(code: WebSocketErrorCode, reason: String) {
+        self.code = code
+        self.reason = reason
+    }
 }

@@ -15,11 +15,11 @@ import ParleyDeflate
 /// dropped after `idleRelease` without one, so an idle socket holds none; starting again from an
 /// empty window is always valid for the client's decompressor. Inbound, the response asked for
 /// `client_no_context_takeover`, so an inflater lives only for the message it decodes.
-final class PerMessageDeflateHandler: ChannelDuplexHandler, RemovableChannelHandler {
-    typealias InboundIn = WebSocketFrame
-    typealias InboundOut = WebSocketFrame
-    typealias OutboundIn = WebSocketFrame
-    typealias OutboundOut = WebSocketFrame
+public final class PerMessageDeflateHandler: ChannelDuplexHandler, RemovableChannelHandler {
+    public typealias InboundIn = WebSocketFrame
+    public typealias InboundOut = WebSocketFrame
+    public typealias OutboundIn = WebSocketFrame
+    public typealias OutboundOut = WebSocketFrame
 
     private let agreement: DeflateAgreement
     private let maxMessageBytes: Int
@@ -31,22 +31,22 @@ final class PerMessageDeflateHandler: ChannelDuplexHandler, RemovableChannelHand
     private var inflater: Inflater?
     private var failed = false
 
-    init(agreement: DeflateAgreement, maxMessageBytes: Int, idleRelease: TimeAmount = .seconds(30)) {
+    public init(agreement: DeflateAgreement, maxMessageBytes: Int, idleRelease: TimeAmount = .seconds(30)) {
         self.agreement = agreement
         self.maxMessageBytes = maxMessageBytes
         self.idleRelease = idleRelease
     }
 
     /// Bytes zlib holds for this socket now (its compressor and any message being decompressed).
-    var heldBytes: Int { (deflater?.heldBytes ?? 0) + (inflater?.heldBytes ?? 0) }
+    public var heldBytes: Int { (deflater?.heldBytes ?? 0) + (inflater?.heldBytes ?? 0) }
 
-    func handlerRemoved(context: ChannelHandlerContext) {
+    public func handlerRemoved(context: ChannelHandlerContext) {
         releaseCheck?.cancel()
         deflater = nil
         inflater = nil
     }
 
-    func channelInactive(context: ChannelHandlerContext) {
+    public func channelInactive(context: ChannelHandlerContext) {
         releaseCheck?.cancel()
         deflater = nil
         inflater = nil
@@ -55,7 +55,7 @@ final class PerMessageDeflateHandler: ChannelDuplexHandler, RemovableChannelHand
 
     // MARK: inbound
 
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+    public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !failed else { return }
         let frame = unwrapInboundIn(data)
         switch frame.opcode {
@@ -109,7 +109,7 @@ final class PerMessageDeflateHandler: ChannelDuplexHandler, RemovableChannelHand
 
     // MARK: outbound
 
-    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+    public func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         let frame = unwrapOutboundIn(data)
         // Binary messages are a voiced reply's PCM (#29): it hardly compresses and zlib's time per
         // byte was most of what relaying audio cost, so it goes as it is (RSV1 clear: RFC 7692

@@ -2,7 +2,7 @@ import NIOCore
 import NIOEmbedded
 import NIOWebSocket
 import ParleyDeflate
-@testable import ParleyServer
+import ParleyWebSocket
 import Testing
 
 /// permessage-deflate on an EmbeddedChannel: validator, deflate handler and aggregator as the
