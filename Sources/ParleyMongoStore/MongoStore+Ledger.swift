@@ -5,10 +5,12 @@ import ParleyStore
 ///
 /// Applying an entry takes three steps, each atomic on one document:
 /// 1. insert the ledger row with `state: "pending"` (its `_id` is the entry id: unique);
-/// 2. one conditional `findAndModify` on the account: `$inc` the balance and `$push` the entry id
-///    onto `recent`, only if `recent` does not hold the id yet and (for a debit) the balance
-///    covers it. This is the step that decides, and it cannot half-happen;
-/// 3. mark the row `applied` (or `void` when step 2 refused it).
+/// 2. one conditional `findAndModify` on the account: `$inc` the balance and the count of its
+///    applied entries (`applies`), and `$push` the entry id onto `recent`, only if `recent` does
+///    not hold the id yet and (for a debit) the balance covers it. This is the step that decides,
+///    and it cannot half-happen;
+/// 3. mark the row `applied` with that count as its `seq` (or `void` when step 2 refused it):
+///    a page read beside the balance leaves out the rows whose `seq` is past the account's.
 ///
 /// A crash between 1 and 2 leaves a pending row and an untouched balance; between 2 and 3, a
 /// pending row whose id is in `recent`. `recoverLedger` (run at start-up, before serving) marks
@@ -123,7 +125,7 @@ extension MongoStore {
             filter.append(("balance", .object([("$gte", .long(-credits + headroom))])))
         }
         let update: JSONValue = .object([
-            ("$inc", .object([("balance", .long(credits))])),
+            ("$inc", .object([("balance", .long(credits)), ("applies", .long(1))])),
             ("$push", .object([("recent", .object([("$each", .array([.string(id)])), ("$slice", .int(-Int64(recentWindow)))]))])),
         ])
         var updated: JSONValue?
@@ -133,7 +135,7 @@ extension MongoStore {
             updated = nil  // the upsert met an account the filter excluded: decided below
         }
         if let updated {
-            try mark(db, id, "applied")
+            try mark(db, id, "applied", seq: updated["applies"]?.int64)
             return .applied(balance: updated["balance"]?.int64 ?? 0)
         }
         let account = try self.account(db, user)
@@ -145,13 +147,16 @@ extension MongoStore {
         return .insufficient(balance: account?.balance ?? 0)
     }
 
-    private static func mark(_ db: Database, _ id: String, _ state: String) throws {
-        _ = try db.update("ledger", query: .object([("_id", .string(id))]), update: .object([("$set", .object([("state", .string(state))]))]))
+    /// `seq`: which of the account's applies it was (rows marked later, by a retry or the
+    /// recovery, have none: their balance change happened before any page that sees them).
+    private static func mark(_ db: Database, _ id: String, _ state: String, seq: Int64? = nil) throws {
+        let set: [(String, JSONValue)] = [("state", .string(state))] + (seq.map { [("seq", .long($0))] } ?? [])
+        _ = try db.update("ledger", query: .object([("_id", .string(id))]), update: .object([("$set", .object(set))]))
     }
 
-    static func account(_ db: Database, _ user: String) throws -> (balance: Int64, recent: [String])? {
+    static func account(_ db: Database, _ user: String) throws -> (balance: Int64, recent: [String], applies: Int64)? {
         guard let doc = try db.find("accounts", filter: .object([("_id", .string(user))]), limit: 1).first else { return nil }
-        return (doc["balance"]?.int64 ?? 0, doc["recent"]?.strings ?? [])
+        return (doc["balance"]?.int64 ?? 0, doc["recent"]?.strings ?? [], doc["applies"]?.int64 ?? 0)
     }
 
     public func ledgerEntry(id: String) async throws -> LedgerEntry? {
@@ -198,24 +203,61 @@ extension MongoStore {
     }
 
     public func ledger(user: String, limit: Int, before: String?) async throws -> [LedgerEntry] {
+        try await run { db in try Self.ledger(db, user: user, limit: limit, before: before) }
+    }
+
+    /// The account is read first; the page then holds what it had applied: rows applied with a
+    /// `seq` up to its `applies` (or before `seq` was kept), and rows still pending whose id it
+    /// already counts in `recent` (between steps 2 and 3). Rows applied after it are left out.
+    public func ledgerPage(user: String, limit: Int, before: String?) async throws -> (entries: [LedgerEntry], balance: Int64) {
         try await run { db in
-            var filter: [(String, JSONValue)] = [("user", .string(user)), ("state", .string("applied"))]
-            if let before {
-                guard let cursor = try db.find("ledger", filter: .object([("_id", .string(before)), ("user", .string(user))]), limit: 1).first,
-                    let at = cursor["created_at"]?.int64
-                else { return [] }
-                filter.append(
+            guard let account = try Self.account(db, user) else { return ([], 0) }
+            let asOf: JSONValue = .object([
+                (
+                    "$or",
+                    .array([
+                        .object([("seq", .object([("$exists", .bool(false))]))]),
+                        .object([("seq", .object([("$lte", .long(account.applies))]))]),
+                    ])
+                )
+            ])
+            // The pending rows first (rarely any: an apply under way, or a node's leftovers until
+            // it recovers): a row marked applied between the two reads is then in one or both.
+            let counted = Set(account.recent)
+            let pending = try Self.ledger(db, user: user, limit: .max, before: before, state: "pending").filter { counted.contains($0.id) }
+            let applied = try Self.ledger(db, user: user, limit: limit, before: before, also: asOf)
+            guard !pending.isEmpty else { return (applied, account.balance) }
+            let ids = Set(applied.map(\.id))
+            let entries = (applied + pending.filter { !ids.contains($0.id) }).sorted { ($0.createdAt, $0.id) > ($1.createdAt, $1.id) }
+            return (Array(entries.prefix(limit)), account.balance)
+        }
+    }
+
+    /// `user`'s rows in `state`, newest first, older than `before`, matching `also` as well.
+    private static func ledger(
+        _ db: Database, user: String, limit: Int, before: String?, state: String = "applied", also: JSONValue? = nil
+    ) throws -> [LedgerEntry] {
+        var filter: [(String, JSONValue)] = [("user", .string(user)), ("state", .string(state))]
+        var conditions: [JSONValue] = also.map { [$0] } ?? []
+        if let before {
+            guard let cursor = try db.find("ledger", filter: .object([("_id", .string(before)), ("user", .string(user))]), limit: 1).first,
+                let at = cursor["created_at"]?.int64
+            else { return [] }
+            conditions.append(
+                .object([
                     (
                         "$or",
                         .array([
                             .object([("created_at", .object([("$lt", .long(at))]))]),
                             .object([("created_at", .long(at)), ("_id", .object([("$lt", .string(before))]))]),
                         ])
-                    ))
-            }
-            return try db.find("ledger", filter: .object(filter), sort: .object([("created_at", .int(-1)), ("_id", .int(-1))]), limit: limit)
-                .map(Self.entry(from:))
+                    )
+                ]))
         }
+        if !conditions.isEmpty { filter.append(("$and", .array(conditions))) }
+        return try db.find(
+            "ledger", filter: .object(filter), sort: .object([("created_at", .int(-1)), ("_id", .int(-1))]), limit: limit == .max ? nil : limit
+        ).map(Self.entry(from:))
     }
 
     public func recoverLedger(node: String?) async throws -> Int {

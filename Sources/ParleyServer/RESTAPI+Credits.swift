@@ -8,8 +8,8 @@ extension RESTAPI {
     func listCredits(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
         try await credits.ensureGrants(identity.user)
         let limit = try Self.limit(request)
-        let page = try await store.ledger(user: identity.user, limit: limit + 1, before: request.query["before"])
-        let balance = try await store.balance(user: identity.user)
+        // One moment for both: the balance is what the listed entries, and those before them, add up to.
+        let (page, balance) = try await store.ledgerPage(user: identity.user, limit: limit + 1, before: request.query["before"])
         return HTTPResponse(
             .ok, json: .object([("balance", .int(balance))] + Self.page(page, limit: limit, as: "entries", id: \.id, \.json)))
     }

@@ -100,23 +100,30 @@ extension SQLiteStore {
     }
 
     public func ledger(user: String, limit: Int, before: String?) async throws -> [LedgerEntry] {
-        try await read { db in
-            var cursor: (Int64, String)?
-            if let before {
-                guard let row = try db.query("SELECT created_at, id FROM ledger WHERE id = ? AND user = ?", [.text(before), .text(user)]).first else {
-                    return []
-                }
-                cursor = (row["created_at"].int ?? 0, row["id"].text ?? "")
+        try await read { db in try Self.ledger(db, user: user, limit: limit, before: before) }
+    }
+
+    /// One read transaction: both reads see the same snapshot.
+    public func ledgerPage(user: String, limit: Int, before: String?) async throws -> (entries: [LedgerEntry], balance: Int64) {
+        try await read { db in (try Self.ledger(db, user: user, limit: limit, before: before), try Self.balance(db, user)) }
+    }
+
+    private static func ledger(_ db: SQLiteConnection, user: String, limit: Int, before: String?) throws -> [LedgerEntry] {
+        var cursor: (Int64, String)?
+        if let before {
+            guard let row = try db.query("SELECT created_at, id FROM ledger WHERE id = ? AND user = ?", [.text(before), .text(user)]).first else {
+                return []
             }
-            // A row-value comparison, so the (user, created_at, id) index serves the range; the
-            // first page has no condition at all (see `cursor`).
-            let page: (sql: String, params: [SQLValue]) = cursor.map { (" AND (created_at, id) < (?, ?)", [.int($0.0), .text($0.1)]) } ?? ("", [])
-            let rows = try db.query(
-                "SELECT \(Self.ledgerColumns) FROM ledger WHERE user = ?\(page.sql) ORDER BY created_at DESC, id DESC LIMIT ?",
-                [.text(user)] + page.params + [.int(Int64(limit))]
-            )
-            return rows.map(Self.ledgerEntry(from:))
+            cursor = (row["created_at"].int ?? 0, row["id"].text ?? "")
         }
+        // A row-value comparison, so the (user, created_at, id) index serves the range; the
+        // first page has no condition at all (see `cursor`).
+        let page: (sql: String, params: [SQLValue]) = cursor.map { (" AND (created_at, id) < (?, ?)", [.int($0.0), .text($0.1)]) } ?? ("", [])
+        let rows = try db.query(
+            "SELECT \(Self.ledgerColumns) FROM ledger WHERE user = ?\(page.sql) ORDER BY created_at DESC, id DESC LIMIT ?",
+            [.text(user)] + page.params + [.int(Int64(limit))]
+        )
+        return rows.map(Self.ledgerEntry(from:))
     }
 
     /// Applying is one transaction here: nothing is ever left half-applied.

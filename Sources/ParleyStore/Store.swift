@@ -198,6 +198,11 @@ public protocol LedgerStore: Sendable {
     /// The user's applied ledger entries, newest first, `limit` at most, older than `before`.
     func ledger(user: String, limit: Int, before: String?) async throws -> [LedgerEntry]
 
+    /// A page of `ledger(user:limit:before:)` and the user's balance, read at one moment: the
+    /// balance is the sum of every entry applied up to then, the page's newest included, none
+    /// applied later (what `GET /v1/credits` shows side by side).
+    func ledgerPage(user: String, limit: Int, before: String?) async throws -> (entries: [LedgerEntry], balance: Int64)
+
     /// What `user` spent on each of `ids` (conversations or rooms, as `link` says): the negated
     /// sum of the applied entries linked to it. Ids with no entry are absent.
     func costs(user: String, link: LedgerLink, ids: [String]) async throws -> [String: Int64]

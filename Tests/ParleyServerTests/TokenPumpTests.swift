@@ -64,6 +64,7 @@ import Testing
 
         func ledgerEntry(id: String) async throws -> LedgerEntry? { nil }
         func ledger(user: String, limit: Int, before: String?) async throws -> [LedgerEntry] { [] }
+        func ledgerPage(user: String, limit: Int, before: String?) async throws -> (entries: [LedgerEntry], balance: Int64) { ([], 0) }
         func costs(user: String, link: LedgerLink, ids: [String]) async throws -> [String: Int64] { [:] }
         func ledgerEntries(from: Int64, to: Int64?, after: (createdAt: Int64, id: String)?, limit: Int) async throws -> [LedgerEntry] { [] }
         func recoverLedger(node: String?) async throws -> Int { 0 }

@@ -182,6 +182,45 @@ func expectLedgerInvariant(_ store: any Store, _ user: String, sourceLocation: S
         }
     }
 
+    /// `GET /v1/credits` shows a page beside the balance: read while debits land, every page
+    /// (all of the user's entries fit in one) adds up to the balance read with it.
+    @Test(arguments: Backend.all)
+    func aPageAndItsBalanceAreReadAtOneMoment(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            _ = try await store.apply(grant("alice", 10_000), allowOverdraft: false)
+            let debits = 80
+            let pages = try await withThrowingTaskGroup(of: [(entries: [LedgerEntry], balance: Int64)].self) { group in
+                group.addTask {
+                    try await withThrowingTaskGroup(of: Void.self) { writers in
+                        for _ in 0..<4 {
+                            writers.addTask { for _ in 0..<debits / 4 { _ = try await store.apply(debit("alice", 1), allowOverdraft: false) } }
+                        }
+                        try await writers.waitForAll()
+                    }
+                    return []
+                }
+                group.addTask {
+                    var pages: [(entries: [LedgerEntry], balance: Int64)] = []
+                    // Reads until the last debit shows (or far longer than the writes take).
+                    while pages.last?.balance != 10_000 - Int64(debits), pages.count < 5_000 {
+                        pages.append(try await store.ledgerPage(user: "alice", limit: 1_000, before: nil))
+                    }
+                    return pages
+                }
+                return try await group.reduce(into: []) { $0 += $1 }
+            }
+            #expect(pages.last?.balance == 10_000 - Int64(debits))
+            let torn = pages.filter { $0.entries.reduce(0) { $0 + $1.credits } != $0.balance }.count
+            #expect(torn == 0, "\(torn) of \(pages.count) pages disagree with their balance")
+            #expect(Set(pages.map(\.balance)).count > 2, "pages were read while the debits landed")
+            // A later page's balance is still the moment's, not the sum of that page.
+            let first = try await store.ledgerPage(user: "alice", limit: 10, before: nil)
+            let second = try await store.ledgerPage(user: "alice", limit: 10, before: first.entries.last!.id)
+            #expect(second.entries.count == 10 && second.balance == first.balance)
+            #expect(Set(first.entries.map(\.id)).isDisjoint(with: second.entries.map(\.id)))
+        }
+    }
+
     @Test(arguments: Backend.all)
     func theLedgerPagesNewestFirstAndKeepsEveryField(_ backend: Backend) async throws {
         try await withStore(backend) { store in
