@@ -139,19 +139,26 @@ extension MongoStore {
             return .applied(balance: updated["balance"]?.int64 ?? 0)
         }
         let account = try self.account(db, user)
-        if account?.recent.contains(id) == true {
-            try mark(db, id, "applied")
-            return .alreadyApplied(balance: account?.balance ?? 0)
+        if let account, account.recent.contains(id) {
+            try mark(db, id, "applied", seq: seq(of: id, in: account))
+            return .alreadyApplied(balance: account.balance)
         }
         try mark(db, id, "void")
         return .insufficient(balance: account?.balance ?? 0)
     }
 
-    /// `seq`: which of the account's applies it was (rows marked later, by a retry or the
-    /// recovery, have none: their balance change happened before any page that sees them).
+    /// `seq`: which of the account's applies it was (rows applied before `applies` was counted
+    /// have none: they are older than any account read since).
     private static func mark(_ db: Database, _ id: String, _ state: String, seq: Int64? = nil) throws {
         let set: [(String, JSONValue)] = [("state", .string(state))] + (seq.map { [("seq", .long($0))] } ?? [])
         _ = try db.update("ledger", query: .object([("_id", .string(id))]), update: .object([("$set", .object(set))]))
+    }
+
+    /// Which of `account`'s applies `id` was, for a row marked by a retry or the recovery: each
+    /// apply pushed one id and counted one, so the last id of `recent` is apply `applies`, the
+    /// one before it `applies - 1`, and so on (ids from before the count get 0 or less: older).
+    static func seq(of id: String, in account: (balance: Int64, recent: [String], applies: Int64)) -> Int64? {
+        account.recent.lastIndex(of: id).map { account.applies - Int64(account.recent.count - 1 - $0) }
     }
 
     static func account(_ db: Database, _ user: String) throws -> (balance: Int64, recent: [String], applies: Int64)? {
@@ -268,8 +275,8 @@ extension MongoStore {
                 let entry = Self.entry(from: row)
                 if entry.kind == .debit {
                     // Only finish a debit whose balance change already happened; void the rest.
-                    if try Self.account(db, entry.user)?.recent.contains(entry.id) == true {
-                        try Self.mark(db, entry.id, "applied")
+                    if let account = try Self.account(db, entry.user), let seq = Self.seq(of: entry.id, in: account) {
+                        try Self.mark(db, entry.id, "applied", seq: seq)
                     } else {
                         try Self.mark(db, entry.id, "void")
                     }

@@ -193,7 +193,15 @@ func expectLedgerInvariant(_ store: any Store, _ user: String, sourceLocation: S
                 group.addTask {
                     try await withThrowingTaskGroup(of: Void.self) { writers in
                         for _ in 0..<4 {
-                            writers.addTask { for _ in 0..<debits / 4 { _ = try await store.apply(debit("alice", 1), allowOverdraft: false) } }
+                            writers.addTask {
+                                for _ in 0..<debits / 4 {
+                                    // Each applied twice at once: a retry that finds it applied marks it too.
+                                    let entry = debit("alice", 1)
+                                    async let retry = store.apply(entry, allowOverdraft: false)
+                                    _ = try await store.apply(entry, allowOverdraft: false)
+                                    _ = try await retry
+                                }
+                            }
                         }
                         try await writers.waitForAll()
                     }

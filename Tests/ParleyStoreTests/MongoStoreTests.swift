@@ -143,6 +143,44 @@ import Testing
 /// A crash in the middle of MongoDB's two-phase apply, staged by writing what each crash point
 /// leaves behind, then recovered.
 @Suite struct MongoLedgerRecoveryTests {
+    /// A retry that finds its entry applied (the first attempt stopped after step 2) marks the row
+    /// with the number of that apply, as the first attempt would have.
+    @Test func aRetryThatFindsItsEntryAppliedMarksItWithItsNumber() async throws {
+        let uri = MongoFixture.uri()
+        let store = try await MongoStore.open(uri: uri)
+        _ = try await store.apply(grant("carol", 100, id: "carol:welcome"), allowOverdraft: false)
+        let pool = try MongoClientPool(uri: uri)
+        _ = try pool.command(
+            .object([("insert", .string("ledger")), ("documents", .array([MongoStore.document(debit("carol", 4, id: "carol:1"), state: "pending")]))])
+        )
+        _ = try pool.command(
+            .object([
+                ("update", .string("accounts")),
+                (
+                    "updates",
+                    .array([
+                        .object([
+                            ("q", .object([("_id", .string("carol"))])),
+                            (
+                                "u",
+                                .object([
+                                    ("$inc", .object([("balance", .long(-4)), ("applies", .long(1))])),
+                                    ("$push", .object([("recent", .string("carol:1"))])),
+                                ])
+                            ),
+                        ])
+                    ])
+                ),
+            ]))
+        _ = try await store.apply(debit("carol", 1, id: "carol:2"), allowOverdraft: false)
+        #expect(try await store.apply(debit("carol", 4, id: "carol:1"), allowOverdraft: false) == .alreadyApplied(balance: 95))
+        let rows = try pool.command(.object([("find", .string("ledger")), ("filter", .object([("user", .string("carol"))]))]))
+        let seqs = Dictionary(
+            uniqueKeysWithValues: (rows["cursor"]?["firstBatch"]?.arrayValue ?? []).map { ($0["_id"]?.stringValue ?? "", $0["seq"]?.int64) })
+        #expect(seqs == ["carol:welcome": 1, "carol:1": 2, "carol:2": 3])
+        try await store.close()
+    }
+
     @Test func recoveryFinishesOrVoidsWhatACrashLeftPending() async throws {
         let uri = MongoFixture.uri()
         let store = try await MongoStore.open(uri: uri)
@@ -165,13 +203,29 @@ import Testing
                     .array([
                         .object([
                             ("q", .object([("_id", .string("alice"))])),
-                            ("u", .object([("$inc", .object([("balance", .long(-4))])), ("$push", .object([("recent", .string("st_b:1"))]))])),
+                            (
+                                "u",
+                                .object([
+                                    ("$inc", .object([("balance", .long(-4)), ("applies", .long(1))])),
+                                    ("$push", .object([("recent", .string("st_b:1"))])),
+                                ])
+                            ),
                         ])
                     ])
                 ),
             ]))
 
+        // A page beside the balance counts the debit its account counts, though still pending.
+        let page = try await store.ledgerPage(user: "alice", limit: 10, before: nil)
+        #expect(page.entries.map(\.id) == ["st_b:1", "welcome"] && page.balance == 96)
+
         #expect(try await store.recoverLedger() == 3)
+        // Every applied row carries the number of its apply, however it was marked: pages leave
+        // out rows numbered past the account they read.
+        let rows = try pool.command(.object([("find", .string("ledger")), ("filter", .object([("state", .string("applied"))]))]))
+        let seqs = Dictionary(
+            uniqueKeysWithValues: (rows["cursor"]?["firstBatch"]?.arrayValue ?? []).map { ($0["_id"]?.stringValue ?? "", $0["seq"]?.int64) })
+        #expect(seqs == ["welcome": 1, "st_b:1": 2, "order:9": 3])
         #expect(try await store.balance(user: "alice") == 100 - 4 + 50)
         let entries = try await allEntries(store, "alice").map(\.id)
         #expect(Set(entries) == ["welcome", "order:9", "st_b:1"])
