@@ -140,6 +140,39 @@ import Testing
     }
 }
 
+/// What a crash leaves behind at each step of MongoDB's two-phase apply, written behind the
+/// store's back.
+private struct CrashStaging {
+    let pool: MongoClientPool
+
+    /// Step 1 only: the row is pending, the balance untouched.
+    func stoppedAfterStep1(_ entry: LedgerEntry) throws {
+        _ = try pool.command(
+            .object([("insert", .string("ledger")), ("documents", .array([MongoStore.document(entry, state: "pending")]))]))
+    }
+
+    /// Steps 1 and 2: the balance moved and the account counts the entry; the row still says pending.
+    func stoppedAfterStep2(_ entry: LedgerEntry) throws {
+        try stoppedAfterStep1(entry)
+        let update: JSONValue = .object([
+            ("$inc", .object([("balance", .long(entry.credits)), ("applies", .long(1))])),
+            ("$push", .object([("recent", .string(entry.id))])),
+        ])
+        _ = try pool.command(
+            .object([
+                ("update", .string("accounts")),
+                ("updates", .array([.object([("q", .object([("_id", .string(entry.user))])), ("u", update)])])),
+            ]))
+    }
+
+    /// The `seq` of each ledger row `filter` matches, by id.
+    func seqs(_ filter: JSONValue) throws -> [String: Int64?] {
+        let rows = try pool.command(.object([("find", .string("ledger")), ("filter", filter)]))
+        return Dictionary(
+            uniqueKeysWithValues: (rows["cursor"]?["firstBatch"]?.arrayValue ?? []).map { ($0["_id"]?.stringValue ?? "", $0["seq"]?.int64) })
+    }
+}
+
 /// A crash in the middle of MongoDB's two-phase apply, staged by writing what each crash point
 /// leaves behind, then recovered.
 @Suite struct MongoLedgerRecoveryTests {
@@ -149,35 +182,11 @@ import Testing
         let uri = MongoFixture.uri()
         let store = try await MongoStore.open(uri: uri)
         _ = try await store.apply(grant("carol", 100, id: "carol:welcome"), allowOverdraft: false)
-        let pool = try MongoClientPool(uri: uri)
-        _ = try pool.command(
-            .object([("insert", .string("ledger")), ("documents", .array([MongoStore.document(debit("carol", 4, id: "carol:1"), state: "pending")]))])
-        )
-        _ = try pool.command(
-            .object([
-                ("update", .string("accounts")),
-                (
-                    "updates",
-                    .array([
-                        .object([
-                            ("q", .object([("_id", .string("carol"))])),
-                            (
-                                "u",
-                                .object([
-                                    ("$inc", .object([("balance", .long(-4)), ("applies", .long(1))])),
-                                    ("$push", .object([("recent", .string("carol:1"))])),
-                                ])
-                            ),
-                        ])
-                    ])
-                ),
-            ]))
+        let staging = CrashStaging(pool: try MongoClientPool(uri: uri))
+        try staging.stoppedAfterStep2(debit("carol", 4, id: "carol:1"))
         _ = try await store.apply(debit("carol", 1, id: "carol:2"), allowOverdraft: false)
         #expect(try await store.apply(debit("carol", 4, id: "carol:1"), allowOverdraft: false) == .alreadyApplied(balance: 95))
-        let rows = try pool.command(.object([("find", .string("ledger")), ("filter", .object([("user", .string("carol"))]))]))
-        let seqs = Dictionary(
-            uniqueKeysWithValues: (rows["cursor"]?["firstBatch"]?.arrayValue ?? []).map { ($0["_id"]?.stringValue ?? "", $0["seq"]?.int64) })
-        #expect(seqs == ["carol:welcome": 1, "carol:1": 2, "carol:2": 3])
+        #expect(try staging.seqs(.object([("user", .string("carol"))])) == ["carol:welcome": 1, "carol:1": 2, "carol:2": 3])
         try await store.close()
     }
 
@@ -185,35 +194,12 @@ import Testing
         let uri = MongoFixture.uri()
         let store = try await MongoStore.open(uri: uri)
         _ = try await store.apply(grant("alice", 100, id: "welcome"), allowOverdraft: false)
-        let pool = try MongoClientPool(uri: uri)
-        func insert(_ collection: String, _ doc: JSONValue) throws {
-            _ = try pool.command(.object([("insert", .string(collection)), ("documents", .array([doc]))]))
-        }
-        // Crash after step 1 of a debit: the row is pending, the balance untouched.
-        try insert("ledger", MongoStore.document(debit("alice", 7, id: "st_a:1", at: 3_000), state: "pending"))
-        // Crash after step 1 of a payment: it must still be credited.
-        try insert("ledger", MongoStore.document(grant("alice", 50, id: "order:9", at: 3_001), state: "pending"))
-        // Crash after step 2 of a debit: the balance moved, the row still says pending.
-        try insert("ledger", MongoStore.document(debit("alice", 4, id: "st_b:1", at: 3_002), state: "pending"))
-        _ = try pool.command(
-            .object([
-                ("update", .string("accounts")),
-                (
-                    "updates",
-                    .array([
-                        .object([
-                            ("q", .object([("_id", .string("alice"))])),
-                            (
-                                "u",
-                                .object([
-                                    ("$inc", .object([("balance", .long(-4)), ("applies", .long(1))])),
-                                    ("$push", .object([("recent", .string("st_b:1"))])),
-                                ])
-                            ),
-                        ])
-                    ])
-                ),
-            ]))
+        let staging = CrashStaging(pool: try MongoClientPool(uri: uri))
+        // A debit's crash after step 1 (voided by recovery), a payment's (it must still be
+        // credited), and a debit's after step 2 (finished by recovery).
+        try staging.stoppedAfterStep1(debit("alice", 7, id: "st_a:1", at: 3_000))
+        try staging.stoppedAfterStep1(grant("alice", 50, id: "order:9", at: 3_001))
+        try staging.stoppedAfterStep2(debit("alice", 4, id: "st_b:1", at: 3_002))
 
         // A page beside the balance counts the debit its account counts, though still pending.
         let page = try await store.ledgerPage(user: "alice", limit: 10, before: nil)
@@ -222,10 +208,7 @@ import Testing
         #expect(try await store.recoverLedger() == 3)
         // Every applied row carries the number of its apply, however it was marked: pages leave
         // out rows numbered past the account they read.
-        let rows = try pool.command(.object([("find", .string("ledger")), ("filter", .object([("state", .string("applied"))]))]))
-        let seqs = Dictionary(
-            uniqueKeysWithValues: (rows["cursor"]?["firstBatch"]?.arrayValue ?? []).map { ($0["_id"]?.stringValue ?? "", $0["seq"]?.int64) })
-        #expect(seqs == ["welcome": 1, "st_b:1": 2, "order:9": 3])
+        #expect(try staging.seqs(.object([("state", .string("applied"))])) == ["welcome": 1, "st_b:1": 2, "order:9": 3])
         #expect(try await store.balance(user: "alice") == 100 - 4 + 50)
         let entries = try await allEntries(store, "alice").map(\.id)
         #expect(Set(entries) == ["welcome", "order:9", "st_b:1"])
