@@ -231,7 +231,7 @@ extension MongoStore {
             // The pending rows first (rarely any: an apply under way, or a node's leftovers until
             // it recovers): a row marked applied between the two reads is then in one or both.
             let counted = Set(account.recent)
-            let pending = try Self.ledger(db, user: user, limit: .max, before: before, state: "pending").filter { counted.contains($0.id) }
+            let pending = try Self.ledger(db, user: user, limit: nil, before: before, state: "pending").filter { counted.contains($0.id) }
             let applied = try Self.ledger(db, user: user, limit: limit, before: before, also: asOf)
             guard !pending.isEmpty else { return (applied, account.balance) }
             let ids = Set(applied.map(\.id))
@@ -240,9 +240,10 @@ extension MongoStore {
         }
     }
 
-    /// `user`'s rows in `state`, newest first, older than `before`, matching `also` as well.
+    /// `user`'s rows in `state`, newest first, older than `before`, matching `also` as well;
+    /// `limit` nil: all of them.
     private static func ledger(
-        _ db: Database, user: String, limit: Int, before: String?, state: String = "applied", also: JSONValue? = nil
+        _ db: Database, user: String, limit: Int?, before: String?, state: String = "applied", also: JSONValue? = nil
     ) throws -> [LedgerEntry] {
         var filter: [(String, JSONValue)] = [("user", .string(user)), ("state", .string(state))]
         var conditions: [JSONValue] = also.map { [$0] } ?? []
@@ -263,7 +264,7 @@ extension MongoStore {
         }
         if !conditions.isEmpty { filter.append(("$and", .array(conditions))) }
         return try db.find(
-            "ledger", filter: .object(filter), sort: .object([("created_at", .int(-1)), ("_id", .int(-1))]), limit: limit == .max ? nil : limit
+            "ledger", filter: .object(filter), sort: .object([("created_at", .int(-1)), ("_id", .int(-1))]), limit: limit
         ).map(Self.entry(from:))
     }
 
