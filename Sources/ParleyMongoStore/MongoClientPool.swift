@@ -24,7 +24,9 @@ final class MongoClientPool: @unchecked Sendable {
     private let pool: OpaquePointer
     let database: String
 
-    init(uri text: String, serverSelectionTimeoutMS: Int32 = 5_000) throws(StoreError) {
+    /// `socketTimeoutMS`: how long a command may wait for the server's answer, unless the URI
+    /// says (nil: libmongoc's default, 300 s).
+    init(uri text: String, serverSelectionTimeoutMS: Int32 = 5_000, socketTimeoutMS: Int32? = nil) throws(StoreError) {
         _ = Self.initialized
         var error = bson_error_t()
         guard let uri = mongoc_uri_new_with_error(text, &error) else {
@@ -32,6 +34,9 @@ final class MongoClientPool: @unchecked Sendable {
         }
         if mongoc_uri_get_option_as_int32(uri, MONGOC_URI_SERVERSELECTIONTIMEOUTMS, 0) == 0 {
             mongoc_uri_set_option_as_int32(uri, MONGOC_URI_SERVERSELECTIONTIMEOUTMS, serverSelectionTimeoutMS)
+        }
+        if let socketTimeoutMS, !mongoc_uri_has_option(uri, MONGOC_URI_SOCKETTIMEOUTMS) {
+            mongoc_uri_set_option_as_int32(uri, MONGOC_URI_SOCKETTIMEOUTMS, socketTimeoutMS)
         }
         if mongoc_uri_get_option_as_utf8(uri, MONGOC_URI_APPNAME, nil) == nil {
             mongoc_uri_set_appname(uri, "parley")

@@ -20,6 +20,10 @@ public final class MongoStore: Store {
         /// Delay before the first retry; doubled for each further one.
         public var backoff: Duration = .milliseconds(25)
         public var serverSelectionTimeoutMS: Int32 = 5_000
+        /// How long a command the server stops answering holds its driver thread while the store
+        /// serves (then it fails as a network failure, retried as transient), unless the URI sets
+        /// `socketTimeoutMS`. Opening the store (its index builds) waits up to libmongoc's 300 s.
+        public var socketTimeoutMS: Int32 = 30_000
         /// Where `parley_store_seconds{store="mongodb"}` goes.
         public var metrics: any MetricsFactory = MetricsSystem.factory
         /// The node writing through this store, stamped on what a crash can leave behind (pending
@@ -65,14 +69,18 @@ public final class MongoStore: Store {
     /// Connects, checks the schema version and creates the indexes (idempotent). Fails with a
     /// clear message, after the server selection timeout, when the server cannot be reached.
     public static func open(uri: String, options: Options = Options()) async throws -> MongoStore {
-        let pool = try MongoClientPool(uri: uri, serverSelectionTimeoutMS: options.serverSelectionTimeoutMS)
+        // Two pools: building an index on a large collection may take minutes, a command while
+        // serving should not hold a thread that long.
+        let opening = try MongoClientPool(uri: uri, serverSelectionTimeoutMS: options.serverSelectionTimeoutMS)
+        let pool = try MongoClientPool(
+            uri: uri, serverSelectionTimeoutMS: options.serverSelectionTimeoutMS, socketTimeoutMS: options.socketTimeoutMS)
         let threads = NIOThreadPool(numberOfThreads: max(1, options.threads))
         threads.start()
         let leaseThreads = NIOThreadPool(numberOfThreads: 1)
         leaseThreads.start()
         let store = MongoStore(pool: pool, threads: threads, leaseThreads: leaseThreads, options: options)
         do {
-            try await store.run { db in
+            try await store.run(through: opening) { db in
                 do {
                     _ = try db.command(.object([("ping", .int(1))]), attempts: 1)
                 } catch {
@@ -106,9 +114,12 @@ public final class MongoStore: Store {
         case leases
     }
 
-    func run<T: Sendable>(on lane: Lane = .data, _ body: @escaping @Sendable (Database) throws -> T) async throws -> T {
+    /// `through`: another pool than the store's (opening it).
+    func run<T: Sendable>(
+        on lane: Lane = .data, through other: MongoClientPool? = nil, _ body: @escaping @Sendable (Database) throws -> T
+    ) async throws -> T {
         guard !closed.load(ordering: .acquiring) else { throw StoreError.closed }
-        let db = Database(pool: pool, options: options)
+        let db = Database(pool: other ?? pool, options: options)
         let started = NIODeadline.now()
         defer { latency.recordNanoseconds((NIODeadline.now() - started).nanoseconds) }
         do {

@@ -107,6 +107,38 @@ import Testing
         try turnOffFailPoint()
     }
 
+    /// The store's own bound, for a URI that sets none: a command the server stops answering
+    /// while the store serves fails after `socketTimeoutMS` (with one attempt, so no retry hides
+    /// it) where libmongoc would have waited out the 3 s block and succeeded.
+    @Test(.enabled(if: !MongoFixture.isRealServer))
+    func aServingStoreBoundsACommandTheServerDoesNotAnswer() async throws {
+        let (uri, app) = isolatedURI()
+        var options = MongoStore.Options()
+        options.socketTimeoutMS = 500
+        options.attempts = 1
+        let store = try await MongoStore.open(uri: uri, options: options)
+        try failNext(1, ["find"], app: app, blockTimeMS: 3_000)
+        await #expect(throws: StoreError.self) {
+            _ = try await store.clones(owner: "alice")
+        }
+        try turnOffFailPoint()
+        try await store.close()
+    }
+
+    /// Opening the store is not held to that bound: an index build slower than it (a large
+    /// collection's) still completes.
+    @Test(.enabled(if: !MongoFixture.isRealServer))
+    func openingTheStoreWaitsForIndexBuildsLongerThanACommandMay() async throws {
+        let (uri, app) = isolatedURI()
+        var options = MongoStore.Options()
+        options.socketTimeoutMS = 300
+        options.attempts = 1
+        try failNext(1, ["createIndexes"], app: app, blockTimeMS: 1_500)
+        let store = try await MongoStore.open(uri: uri, options: options)
+        try turnOffFailPoint()
+        try await store.close()
+    }
+
     @Test func aNewerSchemaIsRefusedAndIndexesAreIdempotent() async throws {
         let uri = MongoFixture.uri()
         try await MongoStore.open(uri: uri).close()
