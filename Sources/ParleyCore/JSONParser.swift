@@ -105,12 +105,9 @@ struct JSONParser: ~Copyable {
         var pairs: [(String, JSONValue)] = []
         if try enterIsEmpty(closing: "}") { return .object(pairs) }
         while true {
-            guard index < bytes.count, bytes[index] == UInt8(ascii: "\"") else { throw error("expected a key in quotes") }
+            try atKey()
             let key = try string()
-            skipWhitespace()
-            guard index < bytes.count, bytes[index] == UInt8(ascii: ":") else { throw error("expected ':' after a key") }
-            index += 1
-            skipWhitespace()
+            try pastColon()
             if let kept = shape.member(key) {
                 let member = try value(kept)
                 if !pairs.contains(where: { $0.0 == key }) { pairs.append((key, member)) }
@@ -119,6 +116,19 @@ struct JSONParser: ~Copyable {
             }
             if try closes(with: "}") { return .object(pairs) }
         }
+    }
+
+    /// At an object's member: its key's opening quote must be here.
+    private func atKey() throws(JSONSyntaxError) {
+        guard index < bytes.count, bytes[index] == UInt8(ascii: "\"") else { throw error("expected a key in quotes") }
+    }
+
+    /// After a member's key: past the colon and the whitespace around it.
+    private mutating func pastColon() throws(JSONSyntaxError) {
+        skipWhitespace()
+        guard index < bytes.count, bytes[index] == UInt8(ascii: ":") else { throw error("expected ':' after a key") }
+        index += 1
+        skipWhitespace()
     }
 
     private mutating func array(_ shape: JSONShape) throws(JSONSyntaxError) -> JSONValue {
@@ -139,12 +149,9 @@ struct JSONParser: ~Copyable {
             defer { depth -= 1 }
             if try enterIsEmpty(closing: "}") { return }
             while true {
-                guard index < bytes.count, bytes[index] == UInt8(ascii: "\"") else { throw error("expected a key in quotes") }
+                try atKey()
                 try skipString()
-                skipWhitespace()
-                guard index < bytes.count, bytes[index] == UInt8(ascii: ":") else { throw error("expected ':' after a key") }
-                index += 1
-                skipWhitespace()
+                try pastColon()
                 try skip()
                 if try closes(with: "}") { return }
             }
