@@ -107,16 +107,21 @@ import Testing
         try turnOffFailPoint()
     }
 
+    /// Options that bound a command's wait and let no retry hide its failure.
+    static func oneAttempt(socketTimeoutMS: Int32) -> MongoStore.Options {
+        var options = MongoStore.Options()
+        options.socketTimeoutMS = socketTimeoutMS
+        options.attempts = 1
+        return options
+    }
+
     /// The store's own bound, for a URI that sets none: a command the server stops answering
     /// while the store serves fails after `socketTimeoutMS` (with one attempt, so no retry hides
     /// it) where libmongoc would have waited out the 3 s block and succeeded.
     @Test(.enabled(if: !MongoFixture.isRealServer))
     func aServingStoreBoundsACommandTheServerDoesNotAnswer() async throws {
         let (uri, app) = isolatedURI()
-        var options = MongoStore.Options()
-        options.socketTimeoutMS = 500
-        options.attempts = 1
-        let store = try await MongoStore.open(uri: uri, options: options)
+        let store = try await MongoStore.open(uri: uri, options: Self.oneAttempt(socketTimeoutMS: 500))
         try failNext(1, ["find"], app: app, blockTimeMS: 3_000)
         await #expect(throws: StoreError.self) {
             _ = try await store.clones(owner: "alice")
@@ -130,11 +135,8 @@ import Testing
     @Test(.enabled(if: !MongoFixture.isRealServer))
     func openingTheStoreWaitsForIndexBuildsLongerThanACommandMay() async throws {
         let (uri, app) = isolatedURI()
-        var options = MongoStore.Options()
-        options.socketTimeoutMS = 300
-        options.attempts = 1
         try failNext(1, ["createIndexes"], app: app, blockTimeMS: 1_500)
-        let store = try await MongoStore.open(uri: uri, options: options)
+        let store = try await MongoStore.open(uri: uri, options: Self.oneAttempt(socketTimeoutMS: 300))
         try turnOffFailPoint()
         try await store.close()
     }
