@@ -43,12 +43,16 @@ public final class ClientConnection: Sendable {
         var flushDue = false
         /// Tokens waiting for the flush, when the socket joins tokens.
         var held: HeldTokens?
-        /// A close frame was written: no token held goes after it.
+        /// A close frame was written: no frame kept for the flush or token held goes after it.
         var closeWritten = false
         /// Frames of tokens written and not yet taken by the kernel (the peer's window and the
         /// socket's buffer are full): tokens that come meanwhile are held and joined until the
         /// last of them is.
         var tokenFramesInFlight = 0
+        /// Whole frames written since the last flush, back to back, handed to NIO as one buffer
+        /// at the flush (#26: one pipeline write per socket per tick, not one per frame). A lone
+        /// frame stays the buffer encoded once for every socket; a second one copies it.
+        var unflushed: ByteBuffer?
     }
 
     init(
@@ -145,10 +149,34 @@ public final class ClientConnection: Sendable {
         // Not written inside an access to `output`: a failed write can close the channel at once,
         // and its close handler clears `output` (an overlapping access would trap).
         if let encoder = output.value.pastEncoder {
-            encoder.write(NIOAny(encoded ?? WireFrame.text(payload, allocator: channel.allocator)), promise: promise)
+            let frame = encoded ?? WireFrame.text(payload, allocator: channel.allocator)
+            guard promise != nil else { return keepForFlush(frame) }
+            writeUnflushed()
+            encoder.write(NIOAny(frame), promise: promise)
         } else {
             channel.write(WebSocketFrame(fin: true, opcode: WireFrame.opcode(of: payload), data: payload), promise: promise)
         }
+    }
+
+    /// Adds a whole frame to those the flush hands to NIO. They count against the socket's
+    /// bound as NIO's queue does (NIO sees them only at the flush).
+    private func keepForFlush(_ frame: ByteBuffer) {
+        guard !output.value.closeWritten else { return }  // nothing goes after our close frame
+        var unflushed = output.value.unflushed
+        output.value.unflushed = nil  // so the buffer below is the only reference: appended in place
+        if unflushed == nil { unflushed = frame } else { unflushed!.writeImmutableBuffer(frame) }
+        let bytes = unflushed!.readableBytes
+        output.value.unflushed = unflushed
+        if bytes > maxQueuedBytes { cutOffSlowReader() }
+    }
+
+    /// Hands the frames kept for the flush to NIO, before anything written to the socket after
+    /// them; dropped once the socket is cut off or our close frame went.
+    private func writeUnflushed() {
+        guard let unflushed = output.value.unflushed else { return }
+        output.value.unflushed = nil
+        guard !cutOff.load(ordering: .relaxed), !output.value.closeWritten, let encoder = output.value.pastEncoder else { return }
+        encoder.write(NIOAny(unflushed), promise: nil)
     }
 
     private func flushDue() {
@@ -182,12 +210,16 @@ public final class ClientConnection: Sendable {
     fileprivate func flushOnLoop() {
         output.value.flushDue = false
         if joinsTokens, output.value.tokenFramesInFlight == 0 { writeHeld() }
+        writeUnflushed()
         if let encoder = output.value.pastEncoder { encoder.flush() } else { channel.flush() }
     }
 
     /// Sends one text message; the future succeeds once it was written to the socket.
     func write(_ buffer: ByteBuffer) -> EventLoopFuture<Void> {
-        guard !cutOff.load(ordering: .relaxed) else { return channel.eventLoop.makeFailedFuture(ChannelError.ioOnClosedChannel) }
+        let loop = channel.eventLoop
+        guard loop.inEventLoop else { return loop.flatSubmit { self.write(buffer) } }
+        guard !cutOff.load(ordering: .relaxed) else { return loop.makeFailedFuture(ChannelError.ioOnClosedChannel) }
+        writeUnflushed()  // after the frames written before it
         return channel.writeAndFlush(WebSocketFrame(fin: true, opcode: WireFrame.opcode(of: buffer), data: buffer))
     }
 
@@ -219,6 +251,7 @@ public final class ClientConnection: Sendable {
         if channel.eventLoop.inEventLoop {
             output.value.pastEncoder = nil
             output.value.held = nil
+            output.value.unflushed = nil
         }
     }
 
@@ -258,10 +291,10 @@ public final class ClientConnection: Sendable {
     /// Writes a close frame behind every frame handed to the socket before it, tokens held for
     /// the flush included.
     private func writeClose(_ frame: WebSocketFrame) -> EventLoopFuture<Void> {
-        guard joinsTokens else { return channel.writeAndFlush(frame) }
         let loop = channel.eventLoop
         guard loop.inEventLoop else { return loop.flatSubmit { self.writeClose(frame) } }
-        writeHeld()
+        if joinsTokens { writeHeld() }
+        writeUnflushed()
         output.value.closeWritten = true
         return channel.writeAndFlush(frame)
     }

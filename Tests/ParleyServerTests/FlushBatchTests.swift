@@ -85,8 +85,9 @@ import Testing
         #expect(socket.counter.flushes == 0)
         socket.loop.run()
         #expect(socket.counter.flushes == 1)
-        let expected = ["a", "b", "c"].map { Array(WireFrame.text(ByteBuffer(string: $0), allocator: ByteBufferAllocator()).readableBytesView) }
-        #expect(try socket.written() == expected)
+        // Handed to the socket as one buffer, the frames back to back.
+        let expected = ["a", "b", "c"].flatMap { Array(WireFrame.text(ByteBuffer(string: $0), allocator: ByteBufferAllocator()).readableBytesView) }
+        #expect(try socket.written() == [expected])
         // The next tick's frame gets a flush of its own.
         socket.connection.send(ByteBuffer(string: "d"))
         socket.loop.run()
@@ -102,6 +103,36 @@ import Testing
         let written = try socket.written()
         #expect(written.first == Array(WireFrame.text(ByteBuffer(string: "token"), allocator: ByteBufferAllocator()).readableBytesView))
         #expect(written.dropFirst().joined().first == 0x88)  // FIN + close
+    }
+
+    /// A scheduled message's confirmed write goes through the pipeline at once: the frames
+    /// kept for the tick's flush are handed over first.
+    @Test func aConfirmedWriteKeepsItsPlaceAfterFramesKeptForTheFlush() throws {
+        let socket = try Socket()
+        socket.connection.send(ByteBuffer(string: "{\"a\":1}"))
+        let confirmed = socket.connection.write(ByteBuffer(string: "{\"b\":2}"))
+        socket.loop.run()
+        try confirmed.wait()
+        let frames = try TokenJoiningTests().frames(socket)
+        #expect(frames == [#"{"a":1}"#, #"{"b":2}"#])
+    }
+
+    /// Frames kept for the flush count against the socket's bound: a tick's worth beyond it cuts
+    /// the socket off, and nothing kept goes after its close frame.
+    @Test func framesKeptForTheFlushCountAgainstTheBoundAndNoneFollowTheClose() throws {
+        let loop = EmbeddedEventLoop()
+        let channel = EmbeddedChannel(loop: loop)
+        try channel.pipeline.syncOperations.addHandler(WebSocketFrameEncoder())
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        let connection = ClientConnection(id: "c1", identity: Identity(user: "ann", role: nil), channel: channel, maxQueuedBytes: 100)
+        try connection.writePastEncoder()
+        for _ in 0..<5 { connection.send(ByteBuffer(string: "{\"text\":\"" + String(repeating: "x", count: 20) + "\"}")) }
+        loop.run()
+        var bytes: [UInt8] = []
+        while let buffer = try channel.readOutbound(as: ByteBuffer.self) { bytes += buffer.readableBytesView }
+        #expect(bytes.first == 0x88)  // FIN + close, and nothing after it
+        #expect(bytes.count == 2 + Int(bytes[1]))
+        #expect(bytes.count > 4 && UInt16(bytes[2]) << 8 | UInt16(bytes[3]) == 1008)
     }
 
     @Test func aFanOutToSocketsOfOneLoopFlushesEachOnceAtTheTicksEnd() throws {
@@ -168,12 +199,20 @@ import Testing
         try Socket(batch: batch, loop: loop, joinsTokens: true)
     }
 
+    /// The texts of the frames that reached the socket, in order (a buffer may carry several
+    /// frames, or a header alone when NIO's encoder wrote it).
     func frames(_ socket: Socket) throws -> [String] {
-        try socket.written().map { bytes -> String in
+        let bytes = try socket.written().joined().map { $0 }
+        var texts: [String] = []
+        var at = 0
+        while at + 2 <= bytes.count {
             // Unmasked server frames with a 7-bit length, as these tests' frames are.
-            #expect(bytes[0] == 0x81 && bytes[1] < 126)
-            return String(decoding: bytes[2...], as: UTF8.self)
+            #expect(bytes[at] == 0x81 && bytes[at + 1] < 126)
+            let end = min(bytes.count, at + 2 + Int(bytes[at + 1]))
+            texts.append(String(decoding: bytes[(at + 2)..<end], as: UTF8.self))
+            at = end
         }
+        return texts
     }
 
     @Test func tokensOfOneTickLeaveAsOneFrameWithTheirRangeAndTextJoined() throws {
