@@ -78,6 +78,21 @@ final class SQLiteConnection: @unchecked Sendable {
         }
     }
 
+    /// Runs one statement that takes no parameters and returns no rows (a transaction's `BEGIN`,
+    /// `COMMIT`, `SAVEPOINT`…), prepared once and kept: `exec` parses its SQL on every call, and
+    /// a chat reply's store calls begin and end about a dozen of them.
+    func command(_ sql: String) throws {
+        let db = try open()
+        let statement = try prepared(sql, db)
+        let rc = sqlite3_step(statement)
+        guard rc == SQLITE_DONE else {
+            let failure = error(db, rc)
+            sqlite3_reset(statement)
+            throw failure
+        }
+        sqlite3_reset(statement)
+    }
+
     /// Runs a statement and returns its rows.
     @discardableResult
     func query(_ sql: String, _ params: [SQLValue] = []) throws -> [SQLRow] {
@@ -139,24 +154,24 @@ final class SQLiteConnection: @unchecked Sendable {
     /// rolled back if it throws.
     func transaction<T>(_ body: () throws -> T) throws -> T {
         guard inTransaction else {
-            try exec("BEGIN IMMEDIATE")
+            try command("BEGIN IMMEDIATE")
             do {
                 let result = try body()
-                try exec("COMMIT")
+                try command("COMMIT")
                 return result
             } catch {
-                try? exec("ROLLBACK")
+                try? command("ROLLBACK")
                 throw error
             }
         }
-        try exec("SAVEPOINT atomic")
+        try command("SAVEPOINT atomic")
         do {
             let result = try body()
-            try exec("RELEASE atomic")
+            try command("RELEASE atomic")
             return result
         } catch {
-            try? exec("ROLLBACK TO atomic")
-            try? exec("RELEASE atomic")
+            try? command("ROLLBACK TO atomic")
+            try? command("RELEASE atomic")
             throw error
         }
     }

@@ -544,8 +544,8 @@ public final class SQLiteStore: Store {
         return try await pool.runIfActive {
             try self.reader.withLock { connection in
                 guard let connection else { throw StoreError.closed }
-                try connection.exec("BEGIN")
-                defer { try? connection.exec("COMMIT") }
+                try connection.command("BEGIN")
+                defer { try? connection.command("COMMIT") }
                 return try body(connection)
             }
         }
@@ -612,7 +612,7 @@ public final class SQLiteStore: Store {
             guard !batch.isEmpty else { return }
             db.withLock { connection in
                 do {
-                    try connection.exec("BEGIN IMMEDIATE")
+                    try connection.command("BEGIN IMMEDIATE")
                 } catch {
                     for job in batch { job.fail(error) }
                     return
@@ -621,10 +621,10 @@ public final class SQLiteStore: Store {
                 indexForSearchWhenDue(connection)
                 var commitFailure: (any Error)?
                 do {
-                    try connection.exec("COMMIT")
+                    try connection.command("COMMIT")
                 } catch {
                     commitFailure = error
-                    try? connection.exec("ROLLBACK")
+                    try? connection.command("ROLLBACK")
                 }
                 // Rolled back: what the journals hold is no longer known; each is written whole next.
                 if commitFailure != nil { journaled.withLock { $0.forgetAll() } }

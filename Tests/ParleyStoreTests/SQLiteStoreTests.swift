@@ -411,6 +411,53 @@ import Testing
         #expect(try connection.query("PRAGMA journal_mode").first?["journal_mode"] == .text("wal"))
     }
 
+    /// A transaction's `BEGIN`, `COMMIT`, savepoint and rollback are statements prepared once and
+    /// kept: each must work again after one of them failed or rolled back.
+    @Test func transactionsAndSavepointsRollBackAndCommitAgainAndAgain() throws {
+        let connection = try SQLiteConnection(path: temporaryPath("transactions") + "/t.sqlite")
+        defer { connection.close() }
+        try connection.exec("CREATE TABLE t (v INTEGER PRIMARY KEY)")
+        struct Refused: Error {}
+        func values() throws -> [SQLValue] { try connection.query("SELECT v FROM t ORDER BY v").map { $0["v"] } }
+        for round in 0..<3 {
+            let base = Int64(round * 10)
+            #expect(throws: Refused.self) {
+                try connection.transaction {
+                    try connection.query("INSERT INTO t (v) VALUES (?)", [.int(base + 1)])
+                    throw Refused()
+                }
+            }
+            #expect(!connection.inTransaction)
+            try connection.transaction {
+                try connection.query("INSERT INTO t (v) VALUES (?)", [.int(base + 2)])
+                // A savepoint inside: its rollback keeps what the transaction wrote before it.
+                #expect(throws: Refused.self) {
+                    try connection.transaction {
+                        try connection.query("INSERT INTO t (v) VALUES (?)", [.int(base + 3)])
+                        throw Refused()
+                    }
+                }
+                try connection.transaction { _ = try connection.query("INSERT INTO t (v) VALUES (?)", [.int(base + 4)]) }
+            }
+            #expect(!connection.inTransaction)
+            // A statement that fails inside the transaction (a duplicate key) rolls it all back.
+            #expect(throws: StoreError.self) {
+                try connection.transaction {
+                    try connection.query("INSERT INTO t (v) VALUES (?)", [.int(base + 5)])
+                    try connection.query("INSERT INTO t (v) VALUES (?)", [.int(base + 2)])
+                }
+            }
+            #expect(!connection.inTransaction)
+        }
+        #expect(try values() == [2, 4, 12, 14, 22, 24].map { SQLValue.int($0) })
+        // A COMMIT that fails (no transaction is open) is an error, and the next one works.
+        #expect(throws: StoreError.self) { try connection.command("COMMIT") }
+        try connection.command("BEGIN")
+        try connection.query("INSERT INTO t (v) VALUES (30)")
+        try connection.command("COMMIT")
+        #expect(try values().last == .int(30))
+    }
+
     @Test func anUnopenablePathIsAClearError() async throws {
         await #expect {
             _ = try await SQLiteStore.open(path: "/proc/definitely/not/here.sqlite")
