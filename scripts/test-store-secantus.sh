@@ -20,4 +20,11 @@ for _ in $(seq 1 100); do
     sleep 0.1
 done
 [ -n "$PORT" ] || { echo "SecantusDB did not start:" >&2; cat "$LOG" >&2; exit 1; }
-PARLEY_TEST_MONGODB_URI="mongodb://127.0.0.1:$PORT" swift test --skip-build --filter 'ParleyStoreTests|SoleNodeTests'
+export PARLEY_TEST_MONGODB_URI="mongodb://127.0.0.1:$PORT"
+swift test --skip-build --filter 'ParleyStoreTests'
+# The node lease's suite after the others, not beside them: it asserts what a node is told when
+# its lease is taken over, which needs each renewal answered within a few seconds. Beside the
+# store suites' hundred tests this one Python process answered a renewal so late that the node
+# was told its lease could not be renewed (rightly, for a store that slow) before it saw the
+# takeover: 4 runs of 6 on 2026-12-06; alone it passed 6 of 6.
+swift test --skip-build --filter 'SoleNodeTests'
