@@ -24,13 +24,14 @@ import Testing
         let counter = FlushCounter()
         let connection: ClientConnection
 
-        init(batch: FlushBatch? = nil, loop: EmbeddedEventLoop? = nil, joinsTokens: Bool = false) throws {
+        init(batch: FlushBatch? = nil, loop: EmbeddedEventLoop? = nil, joinsTokens: Bool = false, maxQueuedBytes: Int = 4 * 1024 * 1024) throws {
             self.loop = loop ?? EmbeddedEventLoop()
             channel = EmbeddedChannel(loop: self.loop)
             try channel.pipeline.syncOperations.addHandlers([counter, WebSocketFrameEncoder()])
             try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
             connection = ClientConnection(
-                id: "c1", identity: Identity(user: "ann", role: nil), channel: channel, flushes: batch, joinsTokens: joinsTokens)
+                id: "c1", identity: Identity(user: "ann", role: nil), channel: channel, maxQueuedBytes: maxQueuedBytes, flushes: batch,
+                joinsTokens: joinsTokens)
             try connection.writePastEncoder()
         }
 
@@ -39,6 +40,22 @@ import Testing
             var out: [[UInt8]] = []
             while let buffer = try channel.readOutbound(as: ByteBuffer.self) { out.append(Array(buffer.readableBytesView)) }
             return out
+        }
+
+        /// The texts of the frames that reached the socket, in order (a buffer may carry several
+        /// frames, or a header alone when NIO's encoder wrote it).
+        func frames() throws -> [String] {
+            let bytes = try written().joined().map { $0 }
+            var texts: [String] = []
+            var at = 0
+            while at + 2 <= bytes.count {
+                // Unmasked server frames with a 7-bit length, as these tests' frames are.
+                #expect(bytes[at] == 0x81 && bytes[at + 1] < 126)
+                let end = min(bytes.count, at + 2 + Int(bytes[at + 1]))
+                texts.append(String(decoding: bytes[(at + 2)..<end], as: UTF8.self))
+                at = end
+            }
+            return texts
         }
     }
 
@@ -113,23 +130,17 @@ import Testing
         let confirmed = socket.connection.write(ByteBuffer(string: "{\"b\":2}"))
         socket.loop.run()
         try confirmed.wait()
-        let frames = try TokenJoiningTests().frames(socket)
+        let frames = try socket.frames()
         #expect(frames == [#"{"a":1}"#, #"{"b":2}"#])
     }
 
     /// Frames kept for the flush count against the socket's bound: a tick's worth beyond it cuts
     /// the socket off, and nothing kept goes after its close frame.
     @Test func framesKeptForTheFlushCountAgainstTheBoundAndNoneFollowTheClose() throws {
-        let loop = EmbeddedEventLoop()
-        let channel = EmbeddedChannel(loop: loop)
-        try channel.pipeline.syncOperations.addHandler(WebSocketFrameEncoder())
-        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
-        let connection = ClientConnection(id: "c1", identity: Identity(user: "ann", role: nil), channel: channel, maxQueuedBytes: 100)
-        try connection.writePastEncoder()
-        for _ in 0..<5 { connection.send(ByteBuffer(string: "{\"text\":\"" + String(repeating: "x", count: 20) + "\"}")) }
-        loop.run()
-        var bytes: [UInt8] = []
-        while let buffer = try channel.readOutbound(as: ByteBuffer.self) { bytes += buffer.readableBytesView }
+        let socket = try Socket(maxQueuedBytes: 100)
+        for _ in 0..<5 { socket.connection.send(ByteBuffer(string: "{\"text\":\"" + String(repeating: "x", count: 20) + "\"}")) }
+        socket.loop.run()
+        let bytes = try socket.written().joined().map { $0 }
         #expect(bytes.first == 0x88)  // FIN + close, and nothing after it
         #expect(bytes.count == 2 + Int(bytes[1]))
         #expect(bytes.count > 4 && UInt16(bytes[2]) << 8 | UInt16(bytes[3]) == 1008)
@@ -199,22 +210,6 @@ import Testing
         try Socket(batch: batch, loop: loop, joinsTokens: true)
     }
 
-    /// The texts of the frames that reached the socket, in order (a buffer may carry several
-    /// frames, or a header alone when NIO's encoder wrote it).
-    func frames(_ socket: Socket) throws -> [String] {
-        let bytes = try socket.written().joined().map { $0 }
-        var texts: [String] = []
-        var at = 0
-        while at + 2 <= bytes.count {
-            // Unmasked server frames with a 7-bit length, as these tests' frames are.
-            #expect(bytes[at] == 0x81 && bytes[at + 1] < 126)
-            let end = min(bytes.count, at + 2 + Int(bytes[at + 1]))
-            texts.append(String(decoding: bytes[(at + 2)..<end], as: UTF8.self))
-            at = end
-        }
-        return texts
-    }
-
     @Test func tokensOfOneTickLeaveAsOneFrameWithTheirRangeAndTextJoined() throws {
         let socket = try Self.joining()
         let plain = try Socket(loop: socket.loop)
@@ -224,12 +219,12 @@ import Testing
             for connection in [socket.connection, plain.connection] { connection.sendBehindQueued(frame, token: layout) }
         }
         socket.loop.run()
-        let joined = try frames(socket)
+        let joined = try socket.frames()
         #expect(joined == [#"{"type":"token","stream":"st_1","seq":3,"from":1,"text":"He said \"hi\"\né"}"#])
         let parsed = try JSONValue.parse(Array(joined[0].utf8))
         #expect(parsed["text"]?.stringValue == "He said \"hi\"\né" && parsed["from"]?.intValue == 1 && parsed["seq"]?.intValue == 3)
         // A socket that did not ask gets every token as its own frame.
-        #expect(try frames(plain).count == 3)
+        #expect(try plain.frames().count == 3)
         #expect(socket.counter.flushes == 1)
     }
 
@@ -256,7 +251,7 @@ import Testing
         for (frame, layout) in sends { socket.connection.sendBehindQueued(frame, token: layout) }
         socket.loop.run()
         #expect(
-            try frames(socket) == [
+            try socket.frames() == [
                 #"{"type":"token","stream":"st_1","seq":2,"from":1,"text":"ab"}"#,
                 #"{"type":"token","stream":"st_2","seq":1,"text":"x"}"#,
                 #"{"type":"token","stream":"st_1","seq":3,"text":"c"}"#,
@@ -344,7 +339,7 @@ import Testing
         stall.drain()
         socket.loop.run()
         #expect(
-            try frames(socket) == [
+            try socket.frames() == [
                 #"{"type":"token","stream":"st_7","seq":1,"text":"t1 "}"#,
                 #"{"type":"token","stream":"st_7","seq":5,"from":2,"text":"t2 t3 t4 t5 "}"#,
             ])
@@ -353,7 +348,7 @@ import Testing
         socket.connection.sendBehindQueued(sixth, token: layout)
         socket.loop.run()
         stall.drain()
-        #expect(try frames(socket) == [#"{"type":"token","stream":"st_7","seq":6,"text":"t6"}"#])
+        #expect(try socket.frames() == [#"{"type":"token","stream":"st_7","seq":6,"text":"t6"}"#])
     }
 
     @Test func tokensHeldForASocketThatTakesNothingCountAgainstItsBound() throws {
