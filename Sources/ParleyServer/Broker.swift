@@ -124,13 +124,27 @@ final class SocketHub: Sendable {
         /// starts, for a member joining here (`join(_:to:after:first:)`).
         var rings: [Topic: CircularBuffer<Numbered>] = [:]
 
+        /// Times a topic's groups were built (`groups(of:)`), for tests.
+        var groupBuilds = 0
+
         /// A topic's subscribers by event loop (built at its first frame, kept until they change).
         mutating func groups(of topic: Topic) -> [FanOut.Group] {
             if let groups = byLoop[topic] { return groups }
             guard let subscribers = subscribers[topic] else { return [] }
             let groups = FanOut.groups(subscribers.values)
             byLoop[topic] = groups
+            groupBuilds += 1
             return groups
+        }
+
+        /// The subscribers of `topic` a frame for `audience` goes to, by event loop. For one
+        /// user's sockets (a big room's joins and leaves are told to its moderator only) they are
+        /// found from that user's sockets: each join or leave in a room of thousands would
+        /// otherwise rebuild the groups its own change dropped and walk every member (#26).
+        mutating func groups(of topic: Topic, for audience: Audience) -> [FanOut.Group] {
+            guard let user = audience.user else { return groups(of: topic) }
+            guard let subscribed = subscribers[topic], let sockets = byUser[user] else { return [] }
+            return FanOut.groups(sockets.values.filter { subscribed[$0.id] != nil })
         }
 
         mutating func drop(_ connection: String, from topic: Topic) {
@@ -248,6 +262,9 @@ final class SocketHub: Sendable {
 
     var topicCount: Int { state.withLock { $0.subscribers.count } }
 
+    /// Times a topic's subscribers were grouped by event loop, for tests.
+    var groupBuilds: Int { state.withLock { $0.groupBuilds } }
+
     // MARK: A room on another node
 
     /// How many numbered frames of a room run elsewhere are kept for a member joining here.
@@ -265,7 +282,7 @@ final class SocketHub: Sendable {
     func deliver(_ frame: ByteBuffer, to topic: Topic, audience: Audience, seq: Int64) {
         let groups = state.withLock { s -> [FanOut.Group] in
             keep(Numbered(seq: seq, audience: audience, frame: frame), of: topic, &s)
-            return s.groups(of: topic)
+            return s.groups(of: topic, for: audience)
         }
         FanOut.send(frame, to: groups, audience: audience, delay: fanOutDelay)
     }
@@ -319,7 +336,7 @@ final class SocketHub: Sendable {
     /// `token`: the frame is that token of a stream (sockets that join tokens may join it with
     /// the ones before or after it).
     func deliver(_ frame: ByteBuffer, to topic: Topic, audience: Audience, token: TokenLayout? = nil) {
-        let groups = state.withLock { $0.groups(of: topic) }
+        let groups = state.withLock { $0.groups(of: topic, for: audience) }
         FanOut.send(frame, to: groups, audience: audience, delay: fanOutDelay, token: token)
     }
 
