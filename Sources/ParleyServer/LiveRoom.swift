@@ -26,7 +26,8 @@ final class LiveRoom: Sendable {
     struct State {
         var room: Room
         var transcript: [RoomEntry]
-        var members: [String: ClientConnection] = [:]
+        /// Sockets here in the room, by connection id (`subscribe`, `unsubscribe`).
+        private(set) var members: [String: ClientConnection] = [:]
         var current: LiveStream?
         /// The clone the moderator asked for with `next`.
         var requested: String?
@@ -45,17 +46,45 @@ final class LiveRoom: Sendable {
         /// The number of the room's last frame (`Broker.publish(_:to:audience:seq:)`). Starts
         /// from the clock, so a node that takes a room over numbers on from where the last left.
         var seq = Int64(Timestamp.nowMillis()) * 1_000
-        /// In a cluster: members whose sockets are on other nodes, by connection id.
-        var remote: [String: RemoteMember] = [:]
+        /// In a cluster: members whose sockets are on other nodes, by connection id
+        /// (`addRemote`, `removeRemote`).
+        private(set) var remote: [String: RemoteMember] = [:]
+        /// The users of `members` and `remote`.
+        private(set) var roster = Roster()
         /// In a cluster, a translation chat's frames go to every language its people read in, not
         /// only to those of the members this node knows of: a node that took the chat over asks
         /// the others for their members, and one that does not answer in time is learnt of only
         /// as its members speak. Set when the room's writes go to a cluster (`RoomWriter.owners`).
         var everyLanguage = false
 
-        /// The users in the room, on this node and on others.
-        var users: [String] { Array(Set(members.values.map(\.identity.user)).union(remote.values.map(\.user))).sorted() }
+        /// The users in the room, on this node and on others, in order.
+        var users: [String] { roster.users }
         var memberCount: Int { members.count + remote.count }
+
+        /// A socket on another node is a member.
+        mutating func addRemote(_ connection: String, _ member: RemoteMember) {
+            if let before = remote.updateValue(member, forKey: connection) { roster.remove(before.user) }
+            roster.add(member.user)
+        }
+
+        /// The sockets on other nodes that `leaving` picks are members no more; returns the
+        /// users who left with them (in order), their last socket in the room gone.
+        @discardableResult
+        mutating func removeRemote(where leaving: (RemoteMember) -> Bool) -> [String] {
+            var gone: [String] = []
+            for (connection, member) in remote where leaving(member) {
+                remote.removeValue(forKey: connection)
+                if roster.remove(member.user) { gone.append(member.user) }
+            }
+            return gone.sorted()
+        }
+
+        /// The socket `connection` on another node leaves; nil when it was no member, else
+        /// whether its user left with it.
+        mutating func removeRemote(_ connection: String) -> Bool? {
+            guard let member = remote.removeValue(forKey: connection) else { return nil }
+            return roster.remove(member.user)
+        }
 
         /// Stops the turn being streamed and every translation or reply in flight.
         mutating func stopStreams(_ reason: StreamEndReason) {
@@ -66,7 +95,8 @@ final class LiveRoom: Sendable {
         /// A socket becomes a member: it follows the room's topic and, in a translation chat, the
         /// topic of the language it reads.
         mutating func subscribe(_ connection: ClientConnection, hub: SocketHub) {
-            members[connection.id] = connection
+            if let before = members.updateValue(connection, forKey: connection.id) { roster.remove(before.identity.user) }
+            roster.add(connection.identity.user)
             hub.subscribe(connection, to: .room(room.id))
             if room.kind == .translation { hub.subscribe(connection, to: .room(room.id, readers: language(of: connection))) }
         }
@@ -74,6 +104,7 @@ final class LiveRoom: Sendable {
         /// A socket leaves: it is no member and follows no topic or stream of the room any more.
         mutating func unsubscribe(_ connection: String, hub: SocketHub) {
             guard let member = members.removeValue(forKey: connection) else { return }
+            roster.remove(member.identity.user)
             hub.unsubscribe(connection, from: .room(room.id))
             if room.kind == .translation { hub.unsubscribe(connection, from: .room(room.id, readers: language(of: member))) }
             current?.unsubscribe(connection)
@@ -100,6 +131,49 @@ final class LiveRoom: Sendable {
         mutating func append(_ entry: RoomEntry) {
             transcript.append(entry)
             if transcript.count > RoomService.keptEntries { transcript.removeFirst(transcript.count - RoomService.keptEntries) }
+        }
+    }
+
+    /// The users of a room's sockets, each counted by its sockets and kept in order: a join or a
+    /// leave costs a lookup and a binary search, where sorting every member's user each time
+    /// made a room's thousandth join cost milliseconds (#26).
+    struct Roster {
+        private var sockets: [String: Int] = [:]
+        /// Each user once, in order.
+        private(set) var users: [String] = []
+
+        func contains(_ user: String) -> Bool { sockets[user] != nil }
+
+        /// One more socket of `user`; true when it is the user's first.
+        @discardableResult
+        mutating func add(_ user: String) -> Bool {
+            sockets[user, default: 0] += 1
+            guard sockets[user] == 1 else { return false }
+            users.insert(user, at: index(of: user))
+            return true
+        }
+
+        /// One socket of `user` fewer; true when it was the user's last.
+        @discardableResult
+        mutating func remove(_ user: String) -> Bool {
+            guard let count = sockets[user] else { return false }
+            guard count == 1 else {
+                sockets[user] = count - 1
+                return false
+            }
+            sockets.removeValue(forKey: user)
+            users.remove(at: index(of: user))
+            return true
+        }
+
+        /// Where `user` is or would go in `users`.
+        private func index(of user: String) -> Int {
+            var (low, high) = (0, users.count)
+            while low < high {
+                let middle = (low + high) / 2
+                if users[middle] < user { low = middle + 1 } else { high = middle }
+            }
+            return low
         }
     }
 

@@ -203,8 +203,8 @@ extension RoomService {
             }
             let joined = live.state.withLock { s -> (RemoteRoomRequest.Answer, Bool)? in
                 guard !s.retired else { return nil }
-                let first = !s.users.contains(request.user)
-                s.remote[request.connection] = LiveRoom.RemoteMember(user: request.user, node: request.node)
+                let first = !s.roster.contains(request.user)
+                s.addRemote(request.connection, LiveRoom.RemoteMember(user: request.user, node: request.node))
                 let (state, streams) = Self.joinState(s, ref: request.ref ?? "", for: request.user)
                 let language = s.room.kind == .translation ? s.room.languages[request.user]?.value : nil
                 return (RemoteRoomRequest.Answer(seq: s.seq, streams: streams.map(\.id), language: language, state: state), first)
@@ -222,8 +222,7 @@ extension RoomService {
     private func leaveFromElsewhere(room id: String, _ request: RemoteRoomRequest) {
         guard let live = state.withLock({ $0.rooms[id] }) else { return }
         let gone = live.state.withLock { s -> Bool in
-            guard s.remote.removeValue(forKey: request.connection) != nil else { return false }
-            return !s.users.contains(request.user)
+            s.removeRemote(request.connection) ?? false
         }
         if gone {
             live.announce(
@@ -238,7 +237,7 @@ extension RoomService {
     private func memberElsewhere(room id: String, _ request: RemoteRoomRequest) async throws -> LiveRoom {
         let live = try await load(id, for: request.user)
         live.state.withLock { s in
-            if s.members[request.connection] == nil { s.remote[request.connection] = LiveRoom.RemoteMember(user: request.user, node: request.node) }
+            if s.members[request.connection] == nil { s.addRemote(request.connection, LiveRoom.RemoteMember(user: request.user, node: request.node)) }
         }
         return live
     }
@@ -266,9 +265,7 @@ extension RoomService {
     func forgetNode(_ node: String) {
         for live in state.withLock({ Array($0.rooms.values) }) {
             let gone = live.state.withLock { s -> [String] in
-                let before = Set(s.users)
-                s.remote = s.remote.filter { $0.value.node != node }
-                return before.subtracting(s.users).sorted()
+                s.removeRemote { $0.node == node }
             }
             for user in gone {
                 live.announce(
@@ -304,7 +301,7 @@ extension RoomService {
             let elsewhere = await owners.membersElsewhere(of: id)
             live.state.withLock { s in
                 for member in elsewhere where s.members[member.connection] == nil {
-                    s.remote[member.connection] = LiveRoom.RemoteMember(user: member.user, node: member.node)
+                    s.addRemote(member.connection, LiveRoom.RemoteMember(user: member.user, node: member.node))
                 }
             }
         }

@@ -299,7 +299,7 @@ final class RoomService: FrameHandler {
         _ connection: ClientConnection, to s: inout LiveRoom.State, ref: String, hub: SocketHub, allocator: ByteBufferAllocator
     ) -> Bool {
         let user = connection.identity.user
-        let alreadyIn = s.members.values.contains { $0.identity.user == user } || s.remote.values.contains { $0.user == user }
+        let alreadyIn = s.roster.contains(user)
         s.unsubscribe(connection.id, hub: hub)  // joining again (maybe in another language)
         s.subscribe(connection, hub: hub)
         let (frame, streams) = joinState(s, ref: ref, for: user)
@@ -336,7 +336,7 @@ final class RoomService: FrameHandler {
         let user = connection.identity.user
         let gone = live.state.withLock { s -> Bool in
             s.unsubscribe(connection.id, hub: live.hub)
-            return !s.users.contains(user)
+            return !s.roster.contains(user)
         }
         let event = allocator.buffer(bytes: ServerFrame.roomEvent(room: id, event: "left", [("user", .string(user))]))
         if connection.isActive { connection.send(event) }
@@ -413,7 +413,7 @@ final class RoomService: FrameHandler {
             if let next = control.nextSpeaker { s.requested = next }
             if let user = control.kickedUser {
                 s.removeMembers(of: user, hub: live.hub)
-                s.remote = s.remote.filter { $0.value.user != user }
+                s.removeRemote { $0.user == user }
                 owners?.kick(user, from: id)
             }
             s.room = control.room
