@@ -210,7 +210,9 @@ final class SocketHub: Sendable {
 
     // MARK: Subscriptions
 
-    func subscribe(_ connection: ClientConnection, to topic: Topic) {
+    /// Subscribes `connection` to `topic`; false when its socket closed already (it is not held).
+    @discardableResult
+    func subscribe(_ connection: ClientConnection, to topic: Topic) -> Bool {
         state.withLock { subscribe(connection, to: topic, &$0) }
     }
 
@@ -340,14 +342,16 @@ final class SocketHub: Sendable {
         FanOut.send(frame, to: groups, audience: audience, delay: fanOutDelay, token: token)
     }
 
-    private func subscribe(_ connection: ClientConnection, to topic: Topic, _ s: inout State) {
+    @discardableResult
+    private func subscribe(_ connection: ClientConnection, to topic: Topic, _ s: inout State) -> Bool {
         // A socket that closed already (a join or resume racing its disconnect) is not held:
         // nothing would ever unsubscribe it.
-        guard s.byUser[connection.identity.user]?[connection.id] != nil else { return }
+        guard s.byUser[connection.identity.user]?[connection.id] != nil else { return false }
         if s.subscribers[topic] == nil, !topic.isStream { s.interest?.began(topic) }
         s.subscribers[topic, default: [:]][connection.id] = connection
         s.topics[connection.id, default: []].insert(topic)
         s.byLoop.removeValue(forKey: topic)
+        return true
     }
 }
 

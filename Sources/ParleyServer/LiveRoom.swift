@@ -93,12 +93,16 @@ final class LiveRoom: Sendable {
         }
 
         /// A socket becomes a member: it follows the room's topic and, in a translation chat, the
-        /// topic of the language it reads.
-        mutating func subscribe(_ connection: ClientConnection, hub: SocketHub) {
+        /// topic of the language it reads. False when the socket closed already: a join that
+        /// lands after its socket's close was handled (`RoomService.disconnected`) would stay a
+        /// member nobody removes, keeping the room in memory.
+        @discardableResult
+        mutating func subscribe(_ connection: ClientConnection, hub: SocketHub) -> Bool {
+            guard hub.subscribe(connection, to: .room(room.id)) else { return false }
             if let before = members.updateValue(connection, forKey: connection.id) { roster.remove(before.identity.user) }
             roster.add(connection.identity.user)
-            hub.subscribe(connection, to: .room(room.id))
             if room.kind == .translation { hub.subscribe(connection, to: .room(room.id, readers: language(of: connection))) }
+            return true
         }
 
         /// A socket leaves: it is no member and follows no topic or stream of the room any more.

@@ -87,6 +87,12 @@ extension RoomService {
                 continue
             }
             state.withLock { $0.elsewhere[room, default: [:]][connection.id] = member }
+            // The socket may have closed while the join travelled, its close handled before this
+            // record (`disconnected`): it leaves again, or it would stay a member for good.
+            guard connection.isActive else {
+                try? await leaveElsewhere(room: room, connection, tell: false)
+                return
+            }
             for stream in answer.streams + started.filter({ !answer.streams.contains($0) }) {
                 await broker.catchUp(stream: stream, connection: connection)
             }

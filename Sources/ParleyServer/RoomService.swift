@@ -277,37 +277,55 @@ final class RoomService: FrameHandler {
         }
         // Under the room's lock: the state snapshot, the membership and the catch-up on the turn
         // being streamed happen together, so no token and no later turn falls between them.
-        var joined: Bool?
+        var admission = Admission.retired
         while true {
-            joined = live.state.withLock { s -> Bool? in
-                guard !s.retired else { return nil }
-                return Self.add(connection, to: &s, ref: ref, hub: live.hub, allocator: allocator)
+            admission = live.state.withLock { s in
+                s.retired ? .retired : Self.add(connection, to: &s, ref: ref, hub: live.hub, allocator: allocator)
             }
-            if joined != nil { break }
+            guard admission == .retired else { break }
             live = try await load(id, for: user)  // it was dropped from memory just now
         }
-        if joined == true {
+        let presence = { (event: String) in
             live.announce(
-                allocator.buffer(bytes: ServerFrame.roomEvent(room: id, event: "joined", [("user", .string(user))])),
-                except: connection.id, limit: configuration.frameLimits.rooms.presenceBroadcastMembers)
+                self.allocator.buffer(bytes: ServerFrame.roomEvent(room: id, event: event, [("user", .string(user))])),
+                except: connection.id, limit: self.configuration.frameLimits.rooms.presenceBroadcastMembers)
+        }
+        switch admission {
+        case .first: presence("joined")
+        case .closed(let userLeft):
+            if userLeft { presence("left") }
+            evictIfIdle(live)  // loaded for this join, maybe, with nobody in it
+        case .again, .retired: break
         }
     }
 
-    /// Adds a member and sends it the room's state and the turn being streamed; true when the
-    /// user was not in the room with another socket already.
+    /// What a join came to.
+    private enum Admission: Equatable {
+        /// The user's first socket in the room: the others hear of it.
+        case first
+        /// The user was in the room already (this socket or another).
+        case again
+        /// The socket closed before it could join (`userLeft`: a socket joining again closed,
+        /// and the user's last in the room went with it: the others hear of that).
+        case closed(userLeft: Bool)
+        /// The room left memory just now: load it again.
+        case retired
+    }
+
+    /// Adds a member and sends it the room's state and the turn being streamed.
     private static func add(
         _ connection: ClientConnection, to s: inout LiveRoom.State, ref: String, hub: SocketHub, allocator: ByteBufferAllocator
-    ) -> Bool {
+    ) -> Admission {
         let user = connection.identity.user
         let alreadyIn = s.roster.contains(user)
         s.unsubscribe(connection.id, hub: hub)  // joining again (maybe in another language)
-        s.subscribe(connection, hub: hub)
+        guard s.subscribe(connection, hub: hub) else { return .closed(userLeft: alreadyIn && !s.roster.contains(user)) }
         let (frame, streams) = joinState(s, ref: ref, for: user)
         connection.send(frame)
         for stream in streams {
             _ = stream.resume(connection, after: 0, ack: allocator.buffer(bytes: stream.startFrame(ref: nil)))
         }
-        return !alreadyIn
+        return alreadyIn ? .again : .first
     }
 
     /// What `user` gets on joining now, here or from another node: the room's state (a

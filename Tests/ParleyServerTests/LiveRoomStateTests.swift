@@ -1,5 +1,28 @@
+import ParleyCore
 @testable import ParleyServer
 import Testing
+
+/// Who a room in memory counts as in it (`LiveRoom.State`).
+@Suite struct LiveRoomStateTests {
+    let room = Room(
+        id: "rm_1", owner: "mod", topic: "Is cheese a dessert?", debaters: [], rounds: 1, policy: .roundRobin, maxTokensPerTurn: 100,
+        visibility: .link, createdAt: 0, updatedAt: 0)
+
+    /// A join that lands after its socket's close was handled: nothing would ever remove that
+    /// member again (and the room would never leave memory), so it does not become one.
+    @Test func aSocketThatClosedDoesNotBecomeAMember() throws {
+        let hub = SocketHub()
+        let (ann, bob) = (try SocketHubTests.Socket("c1", user: "ann"), try SocketHubTests.Socket("c2", user: "bob"))
+        for socket in [ann, bob] { #expect(hub.add(socket.connection)) }
+        var state = LiveRoom.State(room: room, transcript: [])
+        let annJoined = state.subscribe(ann.connection, hub: hub)
+        hub.remove(bob.connection)  // bob's socket closed while his join was on its way
+        let bobJoined = state.subscribe(bob.connection, hub: hub)
+        #expect(annJoined && !bobJoined)
+        #expect(state.users == ["ann"] && state.memberCount == 1 && state.members["c2"] == nil)
+        #expect(hub.isSubscribed("c1", to: .room("rm_1")) && !hub.isSubscribed("c2", to: .room("rm_1")))
+    }
+}
 
 /// A room's users, counted by their sockets and kept in order (`LiveRoom.Roster`).
 @Suite struct RosterTests {
