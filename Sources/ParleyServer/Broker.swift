@@ -254,6 +254,11 @@ final class SocketHub: Sendable {
         state.withLock { Set(($0.subscribers[topic] ?? [:]).values.map(\.identity.user)) }
     }
 
+    /// Whether any socket here reads `topic`.
+    func hasSubscribers(_ topic: Topic) -> Bool {
+        state.withLock { $0.subscribers[topic] != nil }
+    }
+
     func subscribers(of topic: Topic) -> [ClientConnection] {
         state.withLock { Array(($0.subscribers[topic] ?? [:]).values) }
     }

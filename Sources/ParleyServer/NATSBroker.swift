@@ -596,7 +596,7 @@ final class NATSBroker: Broker, TopicInterest, RemoteStreams {
             pins.removeValue(forKey: topic)
             return true
         }
-        guard last, hub.users(in: topic).isEmpty else { return }
+        guard last, !hub.hasSubscribers(topic) else { return }
         hub.forgetFrames(of: topic)
         interests.withLock { $0.removeValue(forKey: topic) }?.cancel()
     }

@@ -115,10 +115,11 @@ import Testing
         hub.subscribe(ann.connection, to: .room("rm_1"))
         hub.subscribe(ann.connection, to: .stream("st_1"))
         #expect(hub.topicCount == 3)  // user, room, stream
+        #expect(hub.hasSubscribers(.stream("st_1")))
         hub.close(.stream("st_1"))
-        #expect(hub.topicCount == 2 && !hub.isSubscribed("c1", to: .stream("st_1")))
+        #expect(hub.topicCount == 2 && !hub.isSubscribed("c1", to: .stream("st_1")) && !hub.hasSubscribers(.stream("st_1")))
         hub.remove(ann.connection)
-        #expect(hub.topicCount == 0 && hub.connectionCount == 0)
+        #expect(hub.topicCount == 0 && hub.connectionCount == 0 && !hub.hasSubscribers(.room("rm_1")))
         hub.subscribe(ann.connection, to: .stream("st_2"))  // a resume racing the close
         #expect(hub.topicCount == 0, "a closed socket is not subscribed again")
         #expect(hub.add(again.connection), "its place is free again")
