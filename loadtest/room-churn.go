@@ -1,8 +1,10 @@
 // Room churn: N members join one debate room (eight at a time, each its own user; the moderator,
-// who made the room, joined first), then every member's socket closes at once. Prints the server's
-// CPU and the wall time for the joins, and for the leaves until its /metrics shows only the
-// moderator's socket open. What a room's size costs each join and leave (#26). Run by
-// loadtest/run-room-churn.sh.
+// who made the room, joined first; with -rooms R, R other rooms each have a socket in them, so
+// the server holds them in memory), then every member's socket closes at once, then the other
+// rooms' sockets. Prints the server's CPU and the wall time for the joins, for the members'
+// leaves (until its /metrics shows only the other rooms' and the moderator's sockets open) and
+// for the other rooms' sockets closing: what a room's size, and the number of rooms, cost each
+// join and leave (#26). Run by loadtest/run-room-churn.sh.
 package main
 
 import (
@@ -79,12 +81,31 @@ func id(body []byte) string {
 	return string(body[k+6 : k+6+e])
 }
 
-// A debate room of two clones the moderator made, open to anyone with its id.
-func makeRoom(port int, secret string) string {
+// Debate rooms of two clones the moderator made, open to anyone with their ids.
+func makeRooms(port int, secret string, count int) []string {
 	t := jwt(secret, "mod")
 	ada := id(post(port, t, "/v1/clones", `{"name":"Ada"}`))
 	bob := id(post(port, t, "/v1/clones", `{"name":"Bob"}`))
-	return id(post(port, t, "/v1/rooms", fmt.Sprintf(`{"kind":"debate","topic":"Is cheese a dessert?","clones":[{"clone":"%s","stance":"yes"},{"clone":"%s","stance":"no"}],"rounds":1,"turn_policy":"round_robin","visibility":"link"}`, ada, bob)))
+	rooms := make([]string, count)
+	for i := range rooms {
+		rooms[i] = id(post(port, t, "/v1/rooms", fmt.Sprintf(`{"kind":"debate","topic":"Is cheese a dessert?","clones":[{"clone":"%s","stance":"yes"},{"clone":"%s","stance":"no"}],"rounds":1,"turn_policy":"round_robin","visibility":"link"}`, ada, bob)))
+	}
+	return rooms
+}
+
+// Sends room.join on c and reads until its room.state.
+func joinOn(c *websocket.Conn, room string) {
+	c.WriteMessage(websocket.TextMessage, []byte(fmt.Sprintf(`{"type":"room.join","id":"j","room":"%s"}`, room)))
+	for {
+		_, m, err := c.ReadMessage()
+		if err != nil || bytes.Contains(m, []byte(`"error"`)) {
+			fmt.Println("join failed", err, string(m))
+			os.Exit(1)
+		}
+		if bytes.Contains(m, []byte(`"room.state"`)) {
+			return
+		}
+	}
 }
 
 func join(port int, secret, sub, room string) *websocket.Conn {
@@ -95,17 +116,8 @@ func join(port int, secret, sub, room string) *websocket.Conn {
 		os.Exit(1)
 	}
 	c.ReadMessage()
-	c.WriteMessage(websocket.TextMessage, []byte(fmt.Sprintf(`{"type":"room.join","id":"j","room":"%s"}`, room)))
-	for {
-		_, m, err := c.ReadMessage()
-		if err != nil || bytes.Contains(m, []byte(`"error"`)) {
-			fmt.Println("join failed", err, string(m))
-			os.Exit(1)
-		}
-		if bytes.Contains(m, []byte(`"room.state"`)) {
-			return c
-		}
-	}
+	joinOn(c, room)
+	return c
 }
 
 func main() {
@@ -113,9 +125,15 @@ func main() {
 	n := flag.Int("n", 1000, "members besides the moderator")
 	pid := flag.Int("server-pid", 0, "")
 	secret := flag.String("secret", "", "")
+	others := flag.Int("rooms", 0, "other rooms, a socket in each (held in the server's memory)")
 	flag.Parse()
-	room := makeRoom(*port, *secret)
+	rooms := makeRooms(*port, *secret, 1+*others)
+	room := rooms[0]
 	mod := join(*port, *secret, "mod", room)
+	holders := make([]*websocket.Conn, 0, *others)
+	for i, other := range rooms[1:] {
+		holders = append(holders, join(*port, *secret, fmt.Sprintf("h%d", i), other))
+	}
 	go func() {
 		for {
 			if _, _, err := mod.ReadMessage(); err != nil {
@@ -140,9 +158,18 @@ func main() {
 	for _, c := range conns {
 		c.UnderlyingConn().Close()
 	}
-	for open(*port) > 1 {
+	for open(*port) > 1+len(holders) {
 		time.Sleep(5 * time.Millisecond)
 	}
 	cpu2, t2 := procCPU(*pid), time.Now()
-	fmt.Printf("members=%d join_cpu_s=%.2f join_wall_s=%.2f leave_cpu_s=%.2f leave_wall_s=%.2f\n", *n, cpu1-cpu0, t1.Sub(t0).Seconds(), cpu2-cpu1, t2.Sub(t1).Seconds())
+	// Then the other rooms' sockets close at once, each leaving its own room.
+	for _, c := range holders {
+		c.UnderlyingConn().Close()
+	}
+	for open(*port) > 1 {
+		time.Sleep(5 * time.Millisecond)
+	}
+	cpu3, t3 := procCPU(*pid), time.Now()
+	fmt.Printf("rooms=%d members=%d join_cpu_s=%.2f join_wall_s=%.2f leave_cpu_s=%.2f leave_wall_s=%.2f others_close_cpu_s=%.2f others_close_wall_s=%.2f\n",
+		1+*others, *n, cpu1-cpu0, t1.Sub(t0).Seconds(), cpu2-cpu1, t2.Sub(t1).Seconds(), cpu3-cpu2, t3.Sub(t2).Seconds())
 }

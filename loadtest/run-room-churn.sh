@@ -2,10 +2,11 @@
 # Room churn (#26): N members join one debate room, then all leave at once; the server's CPU and wall
 # time for each (loadtest/room-churn.go). From the project's root after
 # `swift build -c release --product parley`:
-#   loadtest/run-room-churn.sh [members]        (default 3000)
+#   loadtest/run-room-churn.sh [members] [other rooms]     (default 3000 0)
+# Each other room has one socket in it, so the server holds it in memory.
 # PARLEY_BIN=<a parley binary> measures that build. Needs golang-go and golang-github-gorilla-websocket-dev.
 set -eu
-N=${1:-3000}
+N=${1:-3000}; R=${2:-0}
 server=${PARLEY_BIN:-$(pwd)/.build/release/parley}
 [[ -x $server ]] || { echo "run from the project root after swift build -c release --product parley"; exit 1; }
 work=$(mktemp -d)
@@ -17,4 +18,4 @@ PARLEY_JWT_SECRET=$secret "$server" serve --port "$port" --data-dir "$work/data"
   --log-level warning >"$work/log" 2>&1 &
 pid=$!
 for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
-"$work/room-churn" -port "$port" -n "$N" -server-pid "$pid" -secret "$secret"
+"$work/room-churn" -port "$port" -n "$N" -rooms "$R" -server-pid "$pid" -secret "$secret"

@@ -20,6 +20,13 @@ struct Topic: Hashable, Sendable, CustomStringConvertible {
 
     /// A stream's topic: its subscribers are this node's readers of that one stream.
     var isStream: Bool { name.hasPrefix("stream.") }
+
+    /// The room whose topic this is (its members', or its readers' of one language); nil for
+    /// any other topic.
+    var room: String? {
+        guard name.hasPrefix("room.") else { return nil }
+        return String(name.dropFirst(5).prefix { $0 != "." })
+    }
 }
 
 /// Told when a topic (other than a stream's) gets its first subscriber on this node and when it
@@ -186,13 +193,17 @@ final class SocketHub: Sendable {
         }
     }
 
-    /// Removes a closed socket and every subscription it had.
-    func remove(_ connection: ClientConnection) {
+    /// Removes a closed socket and every subscription it had; returns the topics it was
+    /// subscribed to. From now on it cannot be subscribed to any.
+    @discardableResult
+    func remove(_ connection: ClientConnection) -> Set<Topic> {
         state.withLock { s in
             let user = connection.identity.user
             if s.byUser[user]?.removeValue(forKey: connection.id) != nil { socketsOpen?.decrement() }
             if s.byUser[user]?.isEmpty == true { s.byUser.removeValue(forKey: user) }
-            for topic in s.topics.removeValue(forKey: connection.id) ?? [] { s.drop(connection.id, from: topic) }
+            let topics = s.topics.removeValue(forKey: connection.id) ?? []
+            for topic in topics { s.drop(connection.id, from: topic) }
+            return topics
         }
     }
 

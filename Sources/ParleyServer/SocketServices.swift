@@ -48,8 +48,8 @@ struct ServerSocketServices: SocketServices {
     }
 
     func unregister(_ connection: ClientConnection) {
-        hub.remove(connection)
-        rooms.disconnected(connection)
+        let topics = hub.remove(connection)
+        rooms.disconnected(connection, from: Set(topics.compactMap(\.room)))
     }
 }
 

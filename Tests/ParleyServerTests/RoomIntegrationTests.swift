@@ -388,6 +388,39 @@ struct DebateFixture {
         await f.server.stop()
     }
 
+    /// A socket that closes leaves every room it was in (the rooms are found from the topics
+    /// it followed, not by asking every room in memory), and its user with it when it was the
+    /// user's last socket there.
+    @Test func aClosedSocketLeavesEveryRoomItWasIn() async throws {
+        let f = try await DebateFixture.make()
+        let body = JSONValue.object([
+            ("kind", .string("debate")), ("topic", .string("Is tea a soup?")),
+            ("clones", .array(f.clones.map { .object([("clone", .string($0)), ("stance", .string("yes"))]) })),
+            ("rounds", .int(1)), ("visibility", .string("link")),
+        ])
+        let second = try await TestHTTPClient.json(port: f.server.port, .POST, "/v1/rooms", token: f.modToken, json: body).json()["id"]!.stringValue!
+        let mod = try await f.server.connect(token: f.modToken)
+        _ = try await mod.join(f.room)
+        _ = try await mod.join(second)
+        let annToken = try await f.server.token("ann")
+        let (ann, annAgain) = (try await f.server.connect(token: annToken), try await f.server.connect(token: annToken))
+        _ = try await ann.join(f.room)
+        _ = try await ann.join(second)
+        _ = try await annAgain.join(second)
+        for _ in 0..<2 { #expect(try await mod.roomEvent("joined")["user"] == .string("ann")) }
+        await ann.drop()
+        // Ann is out of the first room; her other socket keeps her in the second.
+        let left = try await mod.roomEvent("left")
+        #expect(left["user"] == .string("ann") && left["room"] == .string(f.room))
+        await annAgain.drop()
+        let leftAgain = try await mod.roomEvent("left")
+        #expect(leftAgain["user"] == .string("ann") && leftAgain["room"] == .string(second))
+        let cy = try await f.server.connect(token: try await f.server.token("cy"))
+        #expect(try await cy.join(f.room)["members"] == .array([.string("cy"), .string("mod")]))
+        #expect(try await cy.join(second)["members"] == .array([.string("cy"), .string("mod")]))
+        await f.server.stop()
+    }
+
     @Test func fiveHundredMembersAllReceiveEveryToken() async throws {
         let f = try await DebateFixture.make(rounds: 1) { $0.simulated.replyTokens = 10 }
         var members: [TestWebSocket] = []

@@ -114,11 +114,13 @@ import Testing
         #expect(!hub.add(again.connection), "one socket per user here")
         hub.subscribe(ann.connection, to: .room("rm_1"))
         hub.subscribe(ann.connection, to: .stream("st_1"))
+        hub.subscribe(ann.connection, to: .stream("st_2"))
+        hub.close(.stream("st_2"))
         #expect(hub.topicCount == 3)  // user, room, stream
         #expect(hub.hasSubscribers(.stream("st_1")))
         hub.close(.stream("st_1"))
         #expect(hub.topicCount == 2 && !hub.isSubscribed("c1", to: .stream("st_1")) && !hub.hasSubscribers(.stream("st_1")))
-        hub.remove(ann.connection)
+        #expect(hub.remove(ann.connection) == [.user("ann"), .room("rm_1")], "the topics it still followed")
         #expect(hub.topicCount == 0 && hub.connectionCount == 0 && !hub.hasSubscribers(.room("rm_1")))
         hub.subscribe(ann.connection, to: .stream("st_2"))  // a resume racing the close
         #expect(hub.topicCount == 0, "a closed socket is not subscribed again")
@@ -175,6 +177,13 @@ import Testing
         #expect(try mod.received() == ["token 1"] + (0..<members.count).map { "left \($0)" } + ["token 2"])
         #expect(try modElsewhere.received() == [], "the moderator's socket outside the room")
         #expect(try members.allSatisfy { try $0.received() == ["token 1"] })
+    }
+
+    @Test func aRoomsTopicsNameTheRoom() {
+        #expect(Topic.room("rm_1").room == "rm_1")
+        #expect(Topic.room("rm_1", readers: LanguageTag("pt-BR")).room == "rm_1")
+        #expect(Topic.room("rm_1", readers: nil).room == "rm_1")
+        #expect(Topic.user("rm_1").room == nil && Topic.stream("st_1").room == nil)
     }
 
     @Test func historyReplaysWhatFollowsASeqUntilItWasEvicted() {
