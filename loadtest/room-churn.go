@@ -93,21 +93,7 @@ func makeRooms(port int, secret string, count int) []string {
 	return rooms
 }
 
-// Sends room.join on c and reads until its room.state.
-func joinOn(c *websocket.Conn, room string) {
-	c.WriteMessage(websocket.TextMessage, []byte(fmt.Sprintf(`{"type":"room.join","id":"j","room":"%s"}`, room)))
-	for {
-		_, m, err := c.ReadMessage()
-		if err != nil || bytes.Contains(m, []byte(`"error"`)) {
-			fmt.Println("join failed", err, string(m))
-			os.Exit(1)
-		}
-		if bytes.Contains(m, []byte(`"room.state"`)) {
-			return
-		}
-	}
-}
-
+// A new socket of user `sub`, joined to `room` (its room.state read).
 func join(port int, secret, sub, room string) *websocket.Conn {
 	d := websocket.Dialer{}
 	c, _, err := d.Dial(fmt.Sprintf("ws://127.0.0.1:%d/v1/ws?token=%s", port, jwt(secret, sub)), nil)
@@ -116,8 +102,17 @@ func join(port int, secret, sub, room string) *websocket.Conn {
 		os.Exit(1)
 	}
 	c.ReadMessage()
-	joinOn(c, room)
-	return c
+	c.WriteMessage(websocket.TextMessage, []byte(fmt.Sprintf(`{"type":"room.join","id":"j","room":"%s"}`, room)))
+	for {
+		_, m, err := c.ReadMessage()
+		if err != nil || bytes.Contains(m, []byte(`"error"`)) {
+			fmt.Println("join failed", err, string(m))
+			os.Exit(1)
+		}
+		if bytes.Contains(m, []byte(`"room.state"`)) {
+			return c
+		}
+	}
 }
 
 func main() {
