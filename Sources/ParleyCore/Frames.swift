@@ -355,11 +355,14 @@ public enum ServerFrame {
 
     /// The answer to `room.join`: everything a late joiner needs; the turn being streamed follows
     /// as `stream.start` and its tokens so far, then live.
-    /// `transcript` is as the joiner reads it (see `TranslationChat.view` for translation chats).
-    public static func roomState(ref: String, room: Room, members: [String], transcript: [JSONValue], speaker: String?, stream: String?) -> [UInt8] {
+    /// `transcript` is as the joiner reads it (see `TranslationChat.view` for translation chats);
+    /// `members` the users listed to the joiner, `memberCount` how many users are in the room.
+    public static func roomState(
+        ref: String, room: Room, members: [String], memberCount: Int, transcript: [JSONValue], speaker: String?, stream: String?
+    ) -> [UInt8] {
         JSONValue.object([
             ("type", .string("room.state")), ("ref", .string(ref)), ("room", room.json),
-            ("members", .array(members.map(JSONValue.string))),
+            ("members", .array(members.map(JSONValue.string))), ("member_count", .int(Int64(memberCount))),
             ("speaker", speaker.map(JSONValue.string) ?? .null),
             ("stream", stream.map(JSONValue.string) ?? .null),
             ("transcript", .array(transcript)),

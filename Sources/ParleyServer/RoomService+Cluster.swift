@@ -211,7 +211,8 @@ extension RoomService {
                 guard !s.retired else { return nil }
                 let first = !s.roster.contains(request.user)
                 s.addRemote(request.connection, LiveRoom.RemoteMember(user: request.user, node: request.node))
-                let (state, streams) = Self.joinState(s, ref: request.ref ?? "", for: request.user)
+                let (state, streams) = Self.joinState(
+                    s, ref: request.ref ?? "", for: request.user, presenceLimit: configuration.frameLimits.rooms.presenceBroadcastMembers)
                 let language = s.room.kind == .translation ? s.room.languages[request.user]?.value : nil
                 return (RemoteRoomRequest.Answer(seq: s.seq, streams: streams.map(\.id), language: language, state: state), first)
             }

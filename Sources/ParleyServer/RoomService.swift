@@ -287,7 +287,11 @@ final class RoomService: FrameHandler {
         var admission = Admission.retired
         while true {
             admission = live.state.withLock { s in
-                s.retired ? .retired : Self.add(connection, to: &s, ref: ref, hub: live.hub, allocator: allocator)
+                s.retired
+                    ? .retired
+                    : Self.add(
+                        connection, to: &s, ref: ref, hub: live.hub, allocator: allocator,
+                        presenceLimit: configuration.frameLimits.rooms.presenceBroadcastMembers)
             }
             guard admission == .retired else { break }
             live = try await load(id, for: user)  // it was dropped from memory just now
@@ -321,13 +325,14 @@ final class RoomService: FrameHandler {
 
     /// Adds a member and sends it the room's state and the turn being streamed.
     private static func add(
-        _ connection: ClientConnection, to s: inout LiveRoom.State, ref: String, hub: SocketHub, allocator: ByteBufferAllocator
+        _ connection: ClientConnection, to s: inout LiveRoom.State, ref: String, hub: SocketHub, allocator: ByteBufferAllocator,
+        presenceLimit: Int
     ) -> Admission {
         let user = connection.identity.user
         let alreadyIn = s.roster.contains(user)
         s.unsubscribe(connection.id, hub: hub)  // joining again (maybe in another language)
         guard s.subscribe(connection, hub: hub) else { return .closed(userLeft: alreadyIn && !s.roster.contains(user)) }
-        let (frame, streams) = joinState(s, ref: ref, for: user)
+        let (frame, streams) = joinState(s, ref: ref, for: user, presenceLimit: presenceLimit)
         connection.send(frame)
         for stream in streams {
             _ = stream.resume(connection, after: 0, ack: allocator.buffer(bytes: stream.startFrame(ref: nil)))
@@ -339,18 +344,23 @@ final class RoomService: FrameHandler {
     /// translation chat's in their language), and the streams they read that are running, to
     /// follow from their start in that order (a debate's turn; the streams of a translation
     /// chat's messages, which its transcript leaves out, in the order the messages were said).
-    static func joinState(_ s: LiveRoom.State, ref: String, for user: String) -> (frame: [UInt8], streams: [LiveStream]) {
+    /// Past `presenceLimit` sockets the members are listed to the room's owner only, as joins
+    /// and leaves are announced: nobody else could keep the list current, and at thousands of
+    /// viewers the list was most of each join's bytes and of its encoding (#26).
+    static func joinState(_ s: LiveRoom.State, ref: String, for user: String, presenceLimit: Int) -> (frame: [UInt8], streams: [LiveStream]) {
+        let members = s.memberCount > presenceLimit && user != s.room.owner ? [] : s.users
         guard s.room.kind == .translation else {
             let frame = ServerFrame.roomState(
-                ref: ref, room: s.room, members: s.users, transcript: s.transcript.map(\.json), speaker: s.current?.clone,
-                stream: s.current?.id)
+                ref: ref, room: s.room, members: members, memberCount: s.users.count, transcript: s.transcript.map(\.json),
+                speaker: s.current?.clone, stream: s.current?.id)
             return (frame, s.current.map { [$0] } ?? [])
         }
         let lang = s.room.languages[user]
         let flights = s.inflight.values.filter { $0.delivers(to: lang) }.sorted { $0.order < $1.order }
         let pending = Set(flights.compactMap(\.stream.source))
         let transcript = TranslationChat.view(s.transcript, for: lang, pending: pending).map { $0.entry.json(untranslated: $0.untranslated) }
-        let frame = ServerFrame.roomState(ref: ref, room: s.room, members: s.users, transcript: transcript, speaker: nil, stream: nil)
+        let frame = ServerFrame.roomState(
+            ref: ref, room: s.room, members: members, memberCount: s.users.count, transcript: transcript, speaker: nil, stream: nil)
         return (frame, flights.map(\.stream))
     }
 

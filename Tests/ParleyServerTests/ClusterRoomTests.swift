@@ -100,7 +100,7 @@ extension TestWebSocket {
         let vic = try await cluster.b.connect(token: try await cluster.b.token("vic"))
         let stateVic = try await vic.join(room)
         #expect(stateVic["stream"] == .string(stream))
-        #expect(stateVic["members"] == .array([.string("mod"), .string("vic")]))
+        #expect(stateVic["members"] == .array([.string("mod"), .string("vic")]) && stateVic["member_count"] == .int(2))
         #expect(try await modA.roomEvent("joined")["user"] == .string("vic"))
         let vicTokens = try await vic.tokens(of: stream)
         let modBTokens = try await modB.tokens(of: stream)

@@ -366,21 +366,29 @@ struct DebateFixture {
         await f.server.stop()
     }
 
+    /// Past the presence limit only the moderator hears of joins and leaves, and only the
+    /// moderator is told who is in the room on joining: the others get how many.
     @Test func pastThePresenceLimitOnlyTheModeratorHearsOfJoinsAndLeaves() async throws {
         let f = try await DebateFixture.make { $0.frameLimits.rooms.presenceBroadcastMembers = 2 }
         let mod = try await f.server.connect(token: f.modToken)
         _ = try await mod.join(f.room)
         let ann = try await f.server.connect(token: try await f.server.token("ann"))
-        _ = try await ann.join(f.room)
+        let annState = try await ann.join(f.room)
+        #expect(annState["members"] == .array([.string("ann"), .string("mod")]) && annState["member_count"] == .int(2))
         #expect(try await mod.roomEvent("joined")["user"] == .string("ann"))
         let bob = try await f.server.connect(token: try await f.server.token("bob"))
-        _ = try await bob.join(f.room)  // three sockets now: past the limit
+        let bobState = try await bob.join(f.room)  // three sockets now: past the limit
+        #expect(bobState["members"] == .array([]) && bobState["member_count"] == .int(3))
         #expect(try await mod.roomEvent("joined")["user"] == .string("bob"))
         let cy = try await f.server.connect(token: try await f.server.token("cy"))
         _ = try await cy.join(f.room)
         #expect(try await mod.roomEvent("joined")["user"] == .string("cy"))
         try await bob.room("room.leave", id: "l", room: f.room)  // three sockets stay
         #expect(try await mod.roomEvent("left")["user"] == .string("bob"))
+        // The moderator, joining again from another socket, is told everyone.
+        let modAgain = try await f.server.connect(token: f.modToken)
+        let modState = try await modAgain.join(f.room)
+        #expect(modState["members"] == .array([.string("ann"), .string("cy"), .string("mod")]) && modState["member_count"] == .int(3))
         // Ann heard of neither: the next thing she gets is the moderator's start.
         try await mod.control(f.room, "start")
         let next = try await ann.nextJSON()

@@ -1272,7 +1272,8 @@ async function loadMyRooms() {
 function onRoomState(frame, handler) {
   const language = handler?.language ?? state.room?.language;
   for (const [stream, s] of state.streams) if (s.room) state.streams.delete(stream);
-  state.room = { room: frame.room, members: frame.members, language };
+  // Past 100 sockets a room lists its members to its owner only: the others see how many.
+  state.room = { room: frame.room, members: frame.members, count: frame.member_count, language };
   const room = frame.room;
   setRoute(`#/r/${room.id}`);
   $("room").hidden = false;
@@ -1315,9 +1316,10 @@ function updateRoomControls() {
 }
 
 function renderRoomMeta() {
-  const { room, members } = state.room;
+  const { room, members, count } = state.room;
   const status = room.status ? ` · ${room.status}` : "";
-  $("room-meta").textContent = `Room ${room.id}${status} · here: ${members.join(", ")}`;
+  const here = members.length === 0 && count > 0 ? `${count} people` : members.join(", ");
+  $("room-meta").textContent = `Room ${room.id}${status} · here: ${here}`;
   $("room-meta").dataset.status = room.status ?? "";
 }
 
