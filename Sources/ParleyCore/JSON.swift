@@ -65,6 +65,15 @@ public enum JSONValue: Sendable, Equatable {
         return try Array(bytes).withUnsafeBufferPointer { buffer throws(JSONSyntaxError) in try JSONParser.parse(buffer, keeping: shape) }
     }
 
+    /// Parses a JSON text in which no object may name a member twice (a JOSE header: RFC 7515
+    /// 4 lets a reader refuse it, so two readers of one header cannot disagree on its `alg`).
+    public static func parseRefusingRepeatedKeys<Bytes: Sequence>(_ bytes: Bytes) throws(JSONSyntaxError) -> JSONValue
+    where Bytes.Element == UInt8 {
+        try Array(bytes).withUnsafeBufferPointer { buffer throws(JSONSyntaxError) in
+            try JSONParser.parse(buffer, refusingRepeatedKeys: true)
+        }
+    }
+
     public func serialized() -> [UInt8] {
         var out = [UInt8]()
         out.reserveCapacity(128)

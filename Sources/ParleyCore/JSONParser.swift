@@ -40,13 +40,18 @@ struct JSONParser: ~Copyable {
     private let bytes: UnsafeBufferPointer<UInt8>
     private var index = 0
     private var depth = 0
+    /// A repeated object key is an error rather than ignored (a JOSE header, RFC 7515 4).
+    private let refusesRepeatedKeys: Bool
 
-    private init(_ bytes: UnsafeBufferPointer<UInt8>) {
+    private init(_ bytes: UnsafeBufferPointer<UInt8>, refusesRepeatedKeys: Bool) {
         self.bytes = bytes
+        self.refusesRepeatedKeys = refusesRepeatedKeys
     }
 
-    static func parse(_ bytes: UnsafeBufferPointer<UInt8>, keeping shape: JSONShape = .everything) throws(JSONSyntaxError) -> JSONValue {
-        var parser = JSONParser(bytes)
+    static func parse(
+        _ bytes: UnsafeBufferPointer<UInt8>, keeping shape: JSONShape = .everything, refusingRepeatedKeys: Bool = false
+    ) throws(JSONSyntaxError) -> JSONValue {
+        var parser = JSONParser(bytes, refusesRepeatedKeys: refusingRepeatedKeys)
         if bytes.count >= 3, bytes[0] == 0xEF, bytes[1] == 0xBB, bytes[2] == 0xBF { parser.index = 3 }
         parser.skipWhitespace()
         let value = try parser.value(shape)
@@ -110,7 +115,11 @@ struct JSONParser: ~Copyable {
             try pastColon()
             if let kept = shape.member(key) {
                 let member = try value(kept)
-                if !pairs.contains(where: { $0.0 == key }) { pairs.append((key, member)) }
+                if !pairs.contains(where: { $0.0 == key }) {
+                    pairs.append((key, member))
+                } else if refusesRepeatedKeys {
+                    throw error("the key \"\(key)\" is repeated")
+                }
             } else {
                 try skip()
             }

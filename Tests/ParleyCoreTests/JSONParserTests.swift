@@ -106,6 +106,15 @@ struct DecodedByFoundation: Decodable {
         #expect(value.serializedString() == #"{"k":1,"j":0}"#)
     }
 
+    /// A JOSE header's reader refuses one instead, nested objects included.
+    @Test func aRepeatedKeyCanBeRefused() throws {
+        for text in [#"{"k":1,"j":0,"k":2}"#, #"{"a":{"k":1,"k":1}}"#] {
+            #expect(throws: JSONSyntaxError.self) { try JSONValue.parseRefusingRepeatedKeys(Array(text.utf8)) }
+        }
+        let distinct = try JSONValue.parseRefusingRepeatedKeys(Array(#"{"alg":"HS256","typ":"JWT","a":{"alg":1}}"#.utf8))
+        #expect(distinct["alg"] == .string("HS256") && distinct["a"]?["alg"] == .int(1))
+    }
+
     /// JSONDecoder let these through; RFC 8259 has no trailing comma.
     @Test(arguments: ["[1,]", #"{"a":1,}"#, "[,]"])
     func aTrailingCommaIsRefused(_ text: String) {

@@ -85,6 +85,11 @@ import Testing
             header: #"{"alg":"HS256","typ":"JWT","crit":["b64"],"b64":false}"#,
             claims: #"{"sub":"alice","exp":\#(now + 600)}"#, secret: secret)
         await #expect(throws: AuthError.invalidToken) { _ = try await server.server.authenticator.verify(critical) }
+        // A header naming a member twice is refused (RFC 7515 4), even when both say the same.
+        let twice = handMade(header: #"{"alg":"HS256","typ":"JWT","alg":"HS256"}"#, claims: #"{"sub":"alice","exp":\#(now + 600)}"#, secret: secret)
+        await #expect(throws: AuthError.invalidToken) { _ = try await server.server.authenticator.verify(twice) }
+        let notAnObject = handMade(header: #"["HS256"]"#, claims: #"{"sub":"alice","exp":\#(now + 600)}"#, secret: secret)
+        await #expect(throws: AuthError.invalidToken) { _ = try await server.server.authenticator.verify(notAnObject) }
         let refused = try await server.get("/v1/clones", token: early)
         #expect(refused.status == .unauthorized)
         #expect(try refused.json()["error"]?["message"]?.stringValue?.hasPrefix("token not valid yet") == true)
