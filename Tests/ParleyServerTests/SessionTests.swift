@@ -1,7 +1,9 @@
 import Foundation
+import Logging
 import NIOHTTP1
 import ParleyCore
-import ParleyServer
+@testable import ParleyServer
+import ParleyStore
 import ParleyTestSupport
 import Testing
 
@@ -125,5 +127,27 @@ import Testing
         let left = try await server.server.store.auditEvents(limit: 50, before: nil, involving: "alice").map(\.action)
         #expect(left == ["young"])
         await server.stop()
+    }
+}
+
+/// The signed-out sessions a node keeps per user are bounded: past `capacity` users the older
+/// half is forgotten, and read from the store again when asked for.
+@Suite struct SessionGateTests {
+    @Test func pastItsCapacityTheGateForgetsItsOlderUsersFirst() async throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("parley-gate-\(UUID().uuidString).sqlite").path
+        let store = try await SQLiteStore.open(path: path)
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let gate = SessionGate(store: store, logger: Logger(label: "test"), freshness: .seconds(3600), capacity: 4)
+        func identity(_ user: String) -> Identity { Identity(user: user, session: "ses_\(user)") }
+        for user in ["u0", "u1", "u2", "u3"] { #expect(await gate.admits(identity(user))) }
+        // Signed out in the store (as by another node): the gate still remembers them admitted.
+        for user in ["u0", "u1", "u2", "u3"] { try await store.revokeSessions(user: user, session: "ses_\(user)", at: 1) }
+        #expect(await gate.admits(identity("u0")))
+        #expect(await gate.admits(identity("u3")))
+        // A fifth user: the older half (u0, u1) is forgotten and read again; u2 and u3 are kept.
+        #expect(await gate.admits(identity("u4")))
+        #expect(await !gate.admits(identity("u0")))
+        #expect(await !gate.admits(identity("u1")))
+        #expect(await gate.admits(identity("u3")))
     }
 }
