@@ -20,7 +20,22 @@ final class PlanBook: Sendable {
     /// Requests refused with `plan_required`.
     let refusals: CountedCounter
     /// Each user's messages-a-minute bucket (on this node), for plans that set the limit.
-    private let messageBuckets = Mutex<[String: TokenBucket]>([:])
+    private let messageBuckets: Mutex<MessageBuckets>
+
+    /// Buckets by user, swept of the full ones (which hold nothing a new bucket would not) when
+    /// they reach `sweepAt`. The others are kept, since dropping one would refill it; the next
+    /// sweep waits until they have doubled, so a sweep costs O(1) a message amortised (#26: a
+    /// sweep at every message once the active buckets reached the capacity, each a copy of them
+    /// all under this lock).
+    private struct MessageBuckets {
+        var byUser: [String: TokenBucket] = [:]
+        var sweepAt: Int
+        /// Sweeps so far, for tests.
+        var sweeps = 0
+    }
+
+    /// The message buckets kept, and the sweeps they took (for tests).
+    var messageBucketCounts: (kept: Int, sweeps: Int) { messageBuckets.withLock { ($0.byUser.count, $0.sweeps) } }
 
     init(
         catalog: PlanCatalog, store: any PlanStore, clock: @escaping @Sendable () -> Int64, freshness: Duration = .seconds(5),
@@ -31,6 +46,7 @@ final class PlanBook: Sendable {
         self.store = store
         self.clock = clock
         self.capacity = capacity
+        messageBuckets = Mutex(MessageBuckets(sweepAt: capacity))
         subscriptions = FreshValues(freshness: Timestamp.millis(freshness), capacity: capacity)
         limits = FreshValues(freshness: Timestamp.millis(freshness), capacity: capacity)
     }
@@ -96,11 +112,15 @@ final class PlanBook: Sendable {
         let plan = try await plan(of: user)
         guard let perMinute = plan.limits.messagesPerMinute else { return }
         let taken = messageBuckets.withLock { buckets in
-            if buckets.count >= capacity { buckets = buckets.filter { !$0.value.isFull(now: now) } }
-            var bucket = buckets[user] ?? TokenBucket(rate: Double(perMinute) / 60, burst: perMinute, now: now)
+            if buckets.byUser.count >= buckets.sweepAt {
+                buckets.byUser = buckets.byUser.filter { !$0.value.isFull(now: now) }
+                buckets.sweepAt = max(capacity, 2 * buckets.byUser.count)
+                buckets.sweeps += 1
+            }
+            var bucket = buckets.byUser[user] ?? TokenBucket(rate: Double(perMinute) / 60, burst: perMinute, now: now)
             if bucket.burst != Double(perMinute) { bucket = TokenBucket(rate: Double(perMinute) / 60, burst: perMinute, now: now) }
             let taken = bucket.take(now: now)
-            buckets[user] = bucket
+            buckets.byUser[user] = bucket
             return taken
         }
         guard !taken else { return }

@@ -360,6 +360,26 @@ final class TestClock: Sendable {
         await server.stop()
     }
 
+    /// Message buckets past the capacity: full ones are swept, the others kept (a user's limit
+    /// holds through a sweep), and a sweep is not repeated at every message.
+    @Test func messageBucketsPastTheCapacityAreSweptRarelyAndKeepTheirLimits() async throws {
+        let catalog = try PlanCatalog(
+            parsing: try JSONValue.parse(Array(#"{"plans": [{"id": "basic", "limits": {"messages_per_minute": 2}}]}"#.utf8)))
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("parley-buckets-\(UUID().uuidString).sqlite").path
+        let store = try await SQLiteStore.open(path: path)
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let book = PlanBook(catalog: catalog, store: store, clock: { 0 }, capacity: 4)
+        let now: UInt64 = 1_000_000_000
+        // 48 users with one message of two left: no bucket is full, none can be swept away.
+        for user in 0..<48 { try await book.takeMessage(user: "u\(user)", ref: nil, now: now) }
+        // u0's bucket outlived the sweeps: its second message goes, the third is refused.
+        try await book.takeMessage(user: "u0", ref: nil, now: now)
+        await #expect(throws: FrameError.self) { try await book.takeMessage(user: "u0", ref: nil, now: now) }
+        // Swept at 4, 8, 16 and 32 buckets, not at each of the 45 messages past the capacity.
+        let counts = book.messageBucketCounts
+        #expect(counts.kept == 48 && counts.sweeps == 4, "kept \(counts.kept), swept \(counts.sweeps) times")
+    }
+
     /// A plan's messages a minute and open rooms: the next one is refused with plan_required
     /// naming the plan that allows it; an ended room frees its place.
     @Test func messagesAMinuteAndOpenRoomsFollowThePlan() async throws {
