@@ -50,11 +50,11 @@ final class AuthFailureLimiter: Sendable {
     func failed(_ ip: String, now: UInt64 = NIODeadline.now().uptimeNanoseconds) {
         guard let key = key(ip) else { return }
         entries.withLock { entries in
-            entries[key, default: FailureBackoff()].fail(now: now)
-            if entries.count > maxTracked {
-                entries = entries.filter { !$0.value.isForgotten(now: now) }
-                while entries.count > maxTracked, let any = entries.keys.first { entries.removeValue(forKey: any) }
-            }
+            var entry = entries.removeValue(forKey: key) ?? FailureBackoff()
+            entry.fail(now: now)
+            // Never this address's failures; blocked addresses are the last to go.
+            entries.sweep(over: maxTracked - 1, dropping: { $0.isForgotten(now: now) }, thenDropping: { $0.retryAfter(now: now) == nil })
+            entries[key] = entry
         }
     }
 

@@ -5,7 +5,8 @@ import Synchronization
 
 /// WebSocket handshakes per client IP: a token bucket each, `rate` a second in bursts of twice
 /// that. Memory is bounded: past `maxTracked` addresses, idle (full) buckets are forgotten, then
-/// arbitrary ones (a limit that leaks under a flood of new addresses beats unbounded memory).
+/// those with handshakes left, then arbitrary ones, down to three quarters of it (a limit that
+/// leaks under a flood of new addresses beats unbounded memory).
 final class HandshakeLimiter: Sendable {
     private let buckets = Mutex<[String: TokenBucket]>([:])
     let rate: Int
@@ -27,13 +28,11 @@ final class HandshakeLimiter: Sendable {
     func allow(_ ip: String, now: UInt64 = NIODeadline.now().uptimeNanoseconds) -> Bool {
         if exempt(ip) { return true }
         return buckets.withLock { buckets in
-            var bucket = buckets[ip] ?? TokenBucket(rate: Double(rate), burst: 2 * rate, now: now)
+            var bucket = buckets.removeValue(forKey: ip) ?? TokenBucket(rate: Double(rate), burst: 2 * rate, now: now)
             let allowed = bucket.take(now: now)
+            // Never this address's bucket.
+            buckets.sweep(over: maxTracked - 1, dropping: { $0.isFull(now: now) }, thenDropping: { !$0.isEmpty(now: now) })
             buckets[ip] = bucket
-            if buckets.count > maxTracked {
-                buckets = buckets.filter { !$0.value.isFull(now: now) }
-                while buckets.count > maxTracked, let any = buckets.keys.first { buckets.removeValue(forKey: any) }
-            }
             return allowed
         }
     }
@@ -45,6 +44,30 @@ final class HandshakeLimiter: Sendable {
     }
 
     var tracked: Int { buckets.withLock { $0.count } }
+}
+
+extension Dictionary {
+    /// Keeps a limiter's table of addresses within `limit`: past it, the entries `isIdle` says
+    /// hold nothing are dropped, then as many as needed of those `isUnlimited` says do not limit
+    /// their address now, then arbitrary ones, down to three quarters of `limit`: the next sweep
+    /// is a quarter of `limit` new addresses away, O(1) an address amortised. (Swept back to
+    /// `limit` exactly, a flood of new addresses, what the limiters are for, paid a copy of the
+    /// whole table under the limiter's lock at each one, #26; and an address held back now is
+    /// the last to be forgotten.)
+    mutating func sweep(over limit: Int, dropping isIdle: (Value) -> Bool, thenDropping isUnlimited: (Value) -> Bool) {
+        guard count > limit else { return }
+        let keep = limit - limit / 4
+        self = filter { !isIdle($0.value) }
+        var excess = count - keep
+        if excess > 0 {
+            self = filter { entry in
+                guard excess > 0, isUnlimited(entry.value) else { return true }
+                excess -= 1
+                return false
+            }
+        }
+        if count > keep { self = Dictionary(uniqueKeysWithValues: prefix(keep).map { ($0.key, $0.value) }) }
+    }
 }
 
 /// Which addresses only this machine has: a peer's address (the limiters exempt it) or one to listen on (`--dev`).

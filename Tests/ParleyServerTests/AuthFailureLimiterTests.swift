@@ -1,4 +1,5 @@
 @testable import ParleyServer
+import ParleyCore
 import Testing
 
 @Suite struct AuthFailureLimiterTests {
@@ -48,7 +49,19 @@ import Testing
 
     @Test func memoryIsBounded() {
         let limiter = AuthFailureLimiter(secret: String(repeating: "s", count: 32), maxTracked: 100)
-        for i in 0..<1_000 { limiter.failed("10.0.\(i / 256).\(i % 256)", now: 1) }
-        #expect(limiter.trackedKeys.count <= 100)
+        var sizes: [Int] = []
+        for i in 0..<1_000 {
+            limiter.failed("10.0.\(i / 256).\(i % 256)", now: 1)
+            sizes.append(limiter.trackedKeys.count)
+        }
+        // Swept back to three quarters, so not again at every new address; the address failing
+        // now is never the one swept away.
+        #expect(sizes.max() == 100 && sizes.dropFirst(100).min() == 76)
+        for i in 0..<300 {
+            limiter.failed("10.2.0.\(i % 200)", now: 1)
+            limiter.failed("10.9.9.9", now: 1)
+            // Past its free failures it stays blocked: its record outlives every sweep.
+            if i >= FailureBackoff.freeFailures { #expect(limiter.retryAfter("10.9.9.9", now: 1) != nil) }
+        }
     }
 }

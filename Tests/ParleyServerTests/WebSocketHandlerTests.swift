@@ -310,4 +310,22 @@ import Testing
         #expect(limiter.allow("10.9.9.9", now: 2_000_000_000_000) && limiter.allow("10.9.9.9", now: 2_000_000_000_000))
         #expect(!limiter.allow("10.9.9.9", now: 2_000_000_000_000))
     }
+
+    /// A flood of new addresses, none idle: a sweep makes room for a quarter more at once, so
+    /// the table is not swept (copied) again at every new address.
+    @Test func aFloodOfNewAddressesIsSweptAQuarterAtATime() {
+        let limiter = HandshakeLimiter(rate: 1, maxTracked: 100)
+        var sizes: [Int] = []
+        for i in 0..<1_000 {
+            _ = limiter.allow("10.1.\(i / 256).\(i % 256)", now: 0)
+            sizes.append(limiter.tracked)
+        }
+        #expect(sizes.max() == 100 && sizes.dropFirst(100).min() == 76)
+        // An address held back now outlives the sweeps that the others' handshakes cause.
+        #expect(limiter.allow("10.9.9.9", now: 0) && limiter.allow("10.9.9.9", now: 0))
+        for i in 0..<300 {
+            _ = limiter.allow("10.2.\(i / 256).\(i % 256)", now: 0)
+            #expect(!limiter.allow("10.9.9.9", now: 0))
+        }
+    }
 }
