@@ -1,4 +1,5 @@
 import Foundation
+import HeapModule
 import NIOCore
 import Synchronization
 
@@ -27,9 +28,34 @@ final class HTTPConnectionRegistry: Sendable {
         var waiting = true
     }
 
+    /// A connection that began waiting, by when it was admitted.
+    private struct Waiting: Comparable {
+        let order: UInt64
+        let id: ObjectIdentifier
+        static func < (a: Waiting, b: Waiting) -> Bool { a.order < b.order }
+    }
+
     private struct State {
         var entries: [ObjectIdentifier: Entry] = [:]
         var next: UInt64 = 0
+        /// The waiting connections, oldest first: one item each time a connection began waiting.
+        /// An item whose connection left, or is busy (it gets a new item when it waits again),
+        /// is dropped as it comes up. Finding the oldest was a scan of every connection at each
+        /// one admitted at the cap, a flood of unfinished requests' own cost (#26).
+        var waiting = Heap<Waiting>()
+
+        mutating func oldestWaiting() -> Entry? {
+            while let item = waiting.popMin() {
+                if let entry = entries[item.id], entry.order == item.order, entry.waiting { return entry }
+            }
+            return nil
+        }
+
+        /// Items of connections gone or busy are dropped once they outnumber the connections.
+        mutating func compact() {
+            guard waiting.count > 2 * entries.count + 64 else { return }
+            waiting = Heap(entries.filter(\.value.waiting).map { Waiting(order: $0.value.order, id: $0.key) })
+        }
     }
 
     let limit: Int
@@ -58,12 +84,15 @@ final class HTTPConnectionRegistry: Sendable {
         let evicted = state.withLock { s -> (any Channel)?? in
             var evict: Entry?
             if s.entries.count >= limit {
-                evict = s.entries.values.filter(\.waiting).min { $0.order < $1.order }
+                evict = s.oldestWaiting()
                 guard let victim = evict else { return .none }
                 s.entries.removeValue(forKey: ObjectIdentifier(victim.channel))
             }
-            s.entries[ObjectIdentifier(channel)] = Entry(channel: channel, order: s.next)
+            let id = ObjectIdentifier(channel)
+            s.entries[id] = Entry(channel: channel, order: s.next)
+            s.waiting.insert(Waiting(order: s.next, id: id))
             s.next += 1
+            s.compact()
             return .some(evict?.channel)
         }
         guard let evicted else { return false }
@@ -73,12 +102,26 @@ final class HTTPConnectionRegistry: Sendable {
 
     /// Whether `channel` is only waiting for a request (evictable) or busy with one.
     func setWaiting(_ channel: any Channel, _ waiting: Bool) {
-        state.withLock { s in s.entries[ObjectIdentifier(channel)]?.waiting = waiting }
+        state.withLock { s in
+            let id = ObjectIdentifier(channel)
+            guard let entry = s.entries[id], entry.waiting != waiting else { return }
+            s.entries[id]!.waiting = waiting
+            if waiting {
+                s.waiting.insert(Waiting(order: entry.order, id: id))
+                s.compact()
+            }
+        }
     }
 
     func remove(_ channel: any Channel) {
-        _ = state.withLock { $0.entries.removeValue(forKey: ObjectIdentifier(channel)) }
+        state.withLock { s in
+            s.entries.removeValue(forKey: ObjectIdentifier(channel))
+            s.compact()
+        }
     }
+
+    /// Connections registered, and items queued as waiting (for tests: the queue stays bounded).
+    var counts: (connections: Int, queued: Int) { state.withLock { ($0.entries.count, $0.waiting.count) } }
 }
 
 /// The first handler of an HTTP connection: it sees every byte before the parser and enforces
