@@ -414,9 +414,7 @@ struct RESTAPI: Sendable {
         let cost = try await store.costs(user: identity.user, link: .conversation, ids: [id])[id] ?? 0
         guard case .object(var pairs) = Self.adding(cost: cost, to: conversation.json) else { return HTTPResponse(.ok, json: conversation.json) }
         // A reply being written in it on this node: a page reloaded mid-reply resumes it.
-        if let live = chat.streams.hub.liveStreams.first(where: {
-            $0.owner == identity.user && $0.room == nil && $0.conversation == id && !$0.isEnded
-        }) {
+        if let live = chat.streams.hub.liveStreams(of: identity.user).first(where: { $0.room == nil && $0.conversation == id }) {
             var streaming: [(String, JSONValue)] = [("stream", .string(live.id))]
             if let message = live.kind.message { streaming.append(("message", .string(message))) }
             if let parent = live.kind.parent { streaming.append(("parent", .string(parent))) }

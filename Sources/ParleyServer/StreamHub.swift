@@ -19,6 +19,9 @@ final class StreamHub: Sendable {
         var ended = CircularBuffer<(id: String, at: ContinuousClock.Instant)>()
         var busyConversations: Set<String> = []
         var activeStreamsPerUser: [String: Int] = [:]
+        /// The ids in `streams` by owner: a user's streams are found without going through
+        /// everyone's (a conversation's page asked for every stream on the node, #26).
+        var byOwner: [String: Set<String>] = [:]
     }
 
     private let state = Mutex(State())
@@ -60,6 +63,7 @@ final class StreamHub: Sendable {
         state.withLock { s in
             expire(&s)
             s.streams[stream.id] = stream
+            s.byOwner[stream.owner, default: []].insert(stream.id)
         }
     }
 
@@ -84,13 +88,22 @@ final class StreamHub: Sendable {
         state.withLock { $0.streams.values.filter { !$0.isEnded } }
     }
 
+    /// `owner`'s streams that have not ended.
+    func liveStreams(of owner: String) -> [LiveStream] {
+        state.withLock { s in (s.byOwner[owner] ?? []).compactMap { s.streams[$0] }.filter { !$0.isEnded } }
+    }
+
     var retainedStreamCount: Int { state.withLock { $0.streams.count } }
+    /// Users with streams retained (for tests: the index forgets a user with their streams).
+    var ownersWithStreams: Int { state.withLock { $0.byOwner.count } }
 
     private func expire(_ s: inout State) {
         let horizon = ContinuousClock.now - retention
         while let first = s.ended.first, first.at <= horizon {
             s.ended.removeFirst()
-            s.streams.removeValue(forKey: first.id)
+            guard let stream = s.streams.removeValue(forKey: first.id) else { continue }
+            s.byOwner[stream.owner]?.remove(first.id)
+            if s.byOwner[stream.owner]?.isEmpty == true { s.byOwner[stream.owner] = nil }
         }
     }
 }

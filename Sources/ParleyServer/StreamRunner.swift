@@ -191,8 +191,8 @@ final class StreamRunner: Sendable {
     /// Stops the owner's streams (of `clone`, of `conversation`, or all of them) and waits for them
     /// to end, before the clone, the conversation or the whole account is deleted.
     func stopStreams(clone: String? = nil, conversation: String? = nil, owner: String) async {
-        let tasks = hub.liveStreams.filter {
-            $0.owner == owner && (clone == nil || $0.clone == clone) && (conversation == nil || ($0.room == nil && $0.conversation == conversation))
+        let tasks = hub.liveStreams(of: owner).filter {
+            (clone == nil || $0.clone == clone) && (conversation == nil || ($0.room == nil && $0.conversation == conversation))
         }.compactMap { $0.stop(.cancelled) }
         for task in tasks { await task.value }
     }
