@@ -119,6 +119,8 @@ struct LocalBroker: Broker {
 final class SocketHub: Sendable {
     private struct State {
         var byUser: [String: [String: ClientConnection]] = [:]
+        /// Sign-outs taken lately, by user (`signOut`).
+        var signOuts: [String: [(signOut: SignOut, at: ContinuousClock.Instant)]] = [:]
         var subscribers: [Topic: [String: ClientConnection]] = [:]
         /// Each socket's topics, so closing it unsubscribes it everywhere.
         var topics: [String: Set<Topic>] = [:]
@@ -180,16 +182,62 @@ final class SocketHub: Sendable {
 
     // MARK: Sockets
 
-    /// Adds a socket, subscribed to its user's topic, unless its user already has
-    /// `maxSocketsPerUser` (checked and added under one lock).
-    func add(_ connection: ClientConnection) -> Bool {
+    /// Why a socket was not added.
+    enum Refusal: Error, Equatable {
+        case tooManySockets
+        /// A sign-out taken here lately ends its token (checked before the sign-out).
+        case signedOut
+
+        /// The close frame's reason.
+        var reason: String {
+            switch self {
+            case .tooManySockets: "too many open sockets for this user"
+            case .signedOut: "signed out"
+            }
+        }
+    }
+
+    /// How long a sign-out is remembered for the sockets still being upgraded: far longer than
+    /// a handshake may take (its head must come within `HTTPTimeouts.head`).
+    static let signOutMemory: Duration = .seconds(60)
+
+    /// Adds a socket, subscribed to its user's topic; refused when its user has
+    /// `maxSocketsPerUser` already, or a sign-out taken here lately ends its token (checked and
+    /// added under one lock, the one `signOut` takes).
+    func register(_ connection: ClientConnection) -> Refusal? {
         state.withLock { s in
             let user = connection.identity.user
-            guard (s.byUser[user]?.count ?? 0) < maxSocketsPerUser else { return false }
+            if let recent = s.signOuts[user] {
+                let now = ContinuousClock.now
+                let kept = recent.filter { now - $0.at < Self.signOutMemory }
+                s.signOuts[user] = kept.isEmpty ? nil : kept
+                if kept.contains(where: { $0.signOut.ends(connection.identity) }) { return .signedOut }
+            }
+            guard (s.byUser[user]?.count ?? 0) < maxSocketsPerUser else { return .tooManySockets }
             s.byUser[user, default: [:]][connection.id] = connection
             subscribe(connection, to: .user(user), &s)
             socketsOpen?.increment()
-            return true
+            return nil
+        }
+    }
+
+    /// `register`, as a yes or no.
+    func add(_ connection: ClientConnection) -> Bool { register(connection) == nil }
+
+    /// A sign-out taken here (or told by another node): returns the sockets open now whose token
+    /// it ends, to be closed, and refuses those that register after it for `signOutMemory`
+    /// (their token was checked before it: without this a connect racing the sign-out kept its
+    /// socket until the token expired).
+    func signOut(_ signOut: SignOut) -> [ClientConnection] {
+        state.withLock { s in
+            let now = ContinuousClock.now
+            // Sign-outs are rare: the old ones of every user are forgotten here, keeping it small.
+            s.signOuts = s.signOuts.compactMapValues { list in
+                let kept = list.filter { now - $0.at < Self.signOutMemory }
+                return kept.isEmpty ? nil : kept
+            }
+            s.signOuts[signOut.user, default: []].append((signOut, now))
+            return (s.byUser[signOut.user] ?? [:]).values.filter { signOut.ends($0.identity) }
         }
     }
 

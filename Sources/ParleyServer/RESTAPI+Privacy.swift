@@ -146,8 +146,7 @@ extension RESTAPI {
     /// of the user's sessions, so their tokens are refused here at once. Returns the sockets closed.
     func signOutLocally(_ signOut: SignOut) async -> Int {
         authenticator.forgetSessions(of: signOut.user)
-        let closing = sockets.connections(of: signOut.user).filter { signOut.ends($0.identity) }
-            .map { $0.close(code: .policyViolation, reason: "signed out") }
+        let closing = sockets.signOut(signOut).map { $0.close(code: .policyViolation, reason: "signed out") }
         for socket in closing { try? await socket.get() }
         return closing.count
     }

@@ -12,7 +12,8 @@ protocol FrameHandler: Sendable {
 /// handler can be tested on an `EmbeddedChannel` with no store and no services behind it.
 protocol SocketServices: Sendable {
     /// Counts an opened socket; false when its user already has as many as allowed.
-    func register(_ connection: ClientConnection) -> Bool
+    /// Nil once registered; else why not.
+    func register(_ connection: ClientConnection) -> SocketHub.Refusal?
     /// The socket was welcomed: what waited for its user (scheduled messages) may be sent now.
     func welcomed(_ connection: ClientConnection)
     func handle(_ request: ClientFrame, from connection: ClientConnection, turn: RequestOrder.Turn)
@@ -30,7 +31,7 @@ struct ServerSocketServices: SocketServices {
     var roomsRefused = false
     var schedulesRefused = false
 
-    func register(_ connection: ClientConnection) -> Bool { hub.add(connection) }
+    func register(_ connection: ClientConnection) -> SocketHub.Refusal? { hub.register(connection) }
 
     func welcomed(_ connection: ClientConnection) {
         if !schedulesRefused { schedules.connected(connection) }

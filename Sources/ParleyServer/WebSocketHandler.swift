@@ -43,8 +43,8 @@ final class WebSocketHandler: ChannelInboundHandler {
 
     private func open(context: ChannelHandlerContext) {
         guard connection.opened() else { return }
-        guard services.register(connection) else {
-            close(context: context, code: .policyViolation, reason: "too many open sockets for this user")
+        if let refusal = services.register(connection) {
+            close(context: context, code: .policyViolation, reason: refusal.reason)
             return
         }
         if let expiresAt = connection.identity.expiresAt {

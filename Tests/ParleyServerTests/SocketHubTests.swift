@@ -1,3 +1,4 @@
+import Foundation
 import NIOCore
 import NIOEmbedded
 import NIOWebSocket
@@ -125,6 +126,29 @@ import Testing
         hub.subscribe(ann.connection, to: .stream("st_2"))  // a resume racing the close
         #expect(hub.topicCount == 0, "a closed socket is not subscribed again")
         #expect(hub.add(again.connection), "its place is free again")
+    }
+
+    /// A sign-out returns the sockets it ends, and refuses one whose token it ends that registers
+    /// after it (its token checked before the sign-out): a connect racing a sign-out keeps no
+    /// socket. Other sessions, and tokens issued after a sign-out everywhere, are not refused.
+    @Test func aSignOutEndsTheSocketsOfItsSessionsAndRefusesTheLateOnes() throws {
+        let hub = SocketHub()
+        func socket(_ id: String, session: String?, issuedAt: Double? = nil) throws -> ClientConnection {
+            let channel = EmbeddedChannel()
+            try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+            return ClientConnection(
+                id: id, identity: Identity(user: "ann", session: session, issuedAt: issuedAt.map(Date.init(timeIntervalSince1970:))),
+                channel: channel)
+        }
+        let (one, two) = (try socket("c1", session: "ses_1"), try socket("c2", session: "ses_2"))
+        #expect(hub.add(one) && hub.add(two))
+        #expect(hub.signOut(SignOut(user: "ann", session: "ses_1", at: 1_000)).map(\.id) == ["c1"])
+        #expect(hub.register(try socket("c3", session: "ses_1")) == .signedOut)
+        #expect(hub.register(try socket("c4", session: "ses_2")) == nil)
+        // Everywhere: every token issued at or before it, not one issued after.
+        #expect(Set(hub.signOut(SignOut(user: "ann", session: nil, at: 2_000_000)).map(\.id)) == ["c1", "c2", "c4"])
+        #expect(hub.register(try socket("c5", session: "ses_5", issuedAt: 1_999)) == .signedOut)
+        #expect(hub.register(try socket("c6", session: "ses_6", issuedAt: 2_001)) == nil)
     }
 
     /// A topic's recipients are kept between frames: every change of its subscribers must show in

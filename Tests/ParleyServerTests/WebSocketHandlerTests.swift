@@ -29,11 +29,11 @@ import Testing
             self.capacity = capacity
         }
 
-        func register(_ connection: ClientConnection) -> Bool {
+        func register(_ connection: ClientConnection) -> SocketHub.Refusal? {
             state.withLock { s in
-                guard s.open.count < capacity else { return false }
+                guard s.open.count < capacity else { return .tooManySockets }
                 s.open.append(connection.id)
-                return true
+                return nil
             }
         }
 
