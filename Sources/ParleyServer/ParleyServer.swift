@@ -338,6 +338,11 @@ public final class ParleyServer: Sendable {
         configuration: ServerConfiguration, ids: IDGenerator, slowReaders: Counter, logger: Logger,
         httpConnections: HTTPConnectionRegistry, flushes: FlushBatches
     ) throws {
+        // The identity the handshake's check verified, for the upgrade that follows on this
+        // loop: a token is checked once a socket (#26: twice was a tenth of a join's CPU). A
+        // sign-out between the check and the socket's registration is caught as it registers
+        // (`SocketHub.signOut`), an expiry in the upgrade below.
+        let verified = NIOLoopBoundBox<Identity?>(nil, eventLoop: channel.eventLoop)
         let upgrader = NIOWebSocketServerUpgrader(
             maxFrameSize: configuration.maxMessageBytes,
             // WebSocketHandler answers decoder errors itself, with a lingering close (not a reset).
@@ -361,9 +366,13 @@ public final class ParleyServer: Sendable {
                     return channel.eventLoop.makeSucceededFuture(nil)
                 }
                 // A refused upgrade falls through to the HTTP handler, which answers 401.
-                return channel.eventLoop.makeFutureWithTask {
+                return channel.eventLoop.makeFutureWithTask { () -> Identity? in
                     guard let identity = try? await authenticator.verify(headers: head.headers, uri: head.uri) else { return nil }
                     await api.signIns.accepted(identity, ip: ip, via: "socket")
+                    return identity
+                }.map { identity -> HTTPHeaders? in
+                    guard let identity else { return nil }
+                    verified.value = identity
                     var headers = HTTPHeaders()
                     if let deflate = deflateAgreement(head, configuration) {
                         headers.add(name: "Sec-WebSocket-Extensions", value: deflate.responseHeader)
@@ -372,8 +381,10 @@ public final class ParleyServer: Sendable {
                 }
             },
             upgradePipelineHandler: { channel, head in
-                channel.eventLoop.makeFutureWithTask {
-                    try await authenticator.verify(headers: head.headers, uri: head.uri)
+                channel.eventLoop.makeCompletedFuture { () throws -> Identity in
+                    guard let identity = verified.value else { throw AuthError.invalidToken }
+                    if let expiresAt = identity.expiresAt, expiresAt <= Date() { throw AuthError.expired }
+                    return identity
                 }.flatMapError { error in
                     // The token expired between the check and the upgrade.
                     channel.writeAndFlush(ClientConnection.closeFrame(code: .policyViolation, reason: "\(error)", allocator: channel.allocator))
