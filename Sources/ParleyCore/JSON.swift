@@ -54,23 +54,19 @@ public enum JSONValue: Sendable, Equatable {
 
     /// Parses UTF-8 JSON text (RFC 8259, strictly: see `JSONParser`); with a `shape`, builds only
     /// the members it names (the text is checked whole all the same, with the same errors).
+    /// `refusingRepeatedKeys`: an object naming a member twice is an error, where it otherwise
+    /// keeps the first value (a JOSE header: RFC 7515 4 lets a reader refuse it, so two readers
+    /// of one header cannot disagree on its `alg`).
     public static func parse<Bytes: Sequence>(
-        _ bytes: Bytes, keeping shape: JSONShape = .everything
+        _ bytes: Bytes, keeping shape: JSONShape = .everything, refusingRepeatedKeys: Bool = false
     ) throws(JSONSyntaxError) -> JSONValue where Bytes.Element == UInt8 {
         if let parsed = bytes.withContiguousStorageIfAvailable({ buffer in
-            Result { () throws(JSONSyntaxError) in try JSONParser.parse(buffer, keeping: shape) }
+            Result { () throws(JSONSyntaxError) in try JSONParser.parse(buffer, keeping: shape, refusingRepeatedKeys: refusingRepeatedKeys) }
         }) {
             return try parsed.get()
         }
-        return try Array(bytes).withUnsafeBufferPointer { buffer throws(JSONSyntaxError) in try JSONParser.parse(buffer, keeping: shape) }
-    }
-
-    /// Parses a JSON text in which no object may name a member twice (a JOSE header: RFC 7515
-    /// 4 lets a reader refuse it, so two readers of one header cannot disagree on its `alg`).
-    public static func parseRefusingRepeatedKeys<Bytes: Sequence>(_ bytes: Bytes) throws(JSONSyntaxError) -> JSONValue
-    where Bytes.Element == UInt8 {
-        try Array(bytes).withUnsafeBufferPointer { buffer throws(JSONSyntaxError) in
-            try JSONParser.parse(buffer, refusingRepeatedKeys: true)
+        return try Array(bytes).withUnsafeBufferPointer { buffer throws(JSONSyntaxError) in
+            try JSONParser.parse(buffer, keeping: shape, refusingRepeatedKeys: refusingRepeatedKeys)
         }
     }
 

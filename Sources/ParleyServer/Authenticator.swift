@@ -352,7 +352,7 @@ public struct Authenticator: Sendable {
         guard let encoded = token.split(separator: ".", maxSplits: 1, omittingEmptySubsequences: false).first else { return nil }
         var base64 = encoded.replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
         base64 += String(repeating: "=", count: (4 - base64.count % 4) % 4)
-        guard let data = Data(base64Encoded: base64), let header = try? JSONValue.parseRefusingRepeatedKeys(data), case .object = header
+        guard let data = Data(base64Encoded: base64), let header = try? JSONValue.parse(data, refusingRepeatedKeys: true), case .object = header
         else { return nil }
         return header
     }

@@ -109,9 +109,9 @@ struct DecodedByFoundation: Decodable {
     /// A JOSE header's reader refuses one instead, nested objects included.
     @Test func aRepeatedKeyCanBeRefused() throws {
         for text in [#"{"k":1,"j":0,"k":2}"#, #"{"a":{"k":1,"k":1}}"#] {
-            #expect(throws: JSONSyntaxError.self) { try JSONValue.parseRefusingRepeatedKeys(Array(text.utf8)) }
+            #expect(throws: JSONSyntaxError.self) { try JSONValue.parse(Array(text.utf8), refusingRepeatedKeys: true) }
         }
-        let distinct = try JSONValue.parseRefusingRepeatedKeys(Array(#"{"alg":"HS256","typ":"JWT","a":{"alg":1}}"#.utf8))
+        let distinct = try JSONValue.parse(Array(#"{"alg":"HS256","typ":"JWT","a":{"alg":1}}"#.utf8), refusingRepeatedKeys: true)
         #expect(distinct["alg"] == .string("HS256") && distinct["a"]?["alg"] == .int(1))
     }
 
