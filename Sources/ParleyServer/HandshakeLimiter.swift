@@ -46,30 +46,6 @@ final class HandshakeLimiter: Sendable {
     var tracked: Int { buckets.withLock { $0.count } }
 }
 
-extension Dictionary {
-    /// Keeps a limiter's table of addresses within `limit`: past it, the entries `isIdle` says
-    /// hold nothing are dropped, then as many as needed of those `isUnlimited` says do not limit
-    /// their address now, then arbitrary ones, down to three quarters of `limit`: the next sweep
-    /// is a quarter of `limit` new addresses away, O(1) an address amortised. (Swept back to
-    /// `limit` exactly, a flood of new addresses, what the limiters are for, paid a copy of the
-    /// whole table under the limiter's lock at each one, #26; and an address held back now is
-    /// the last to be forgotten.)
-    mutating func sweep(over limit: Int, dropping isIdle: (Value) -> Bool, thenDropping isUnlimited: (Value) -> Bool) {
-        guard count > limit else { return }
-        let keep = limit - limit / 4
-        self = filter { !isIdle($0.value) }
-        var excess = count - keep
-        if excess > 0 {
-            self = filter { entry in
-                guard excess > 0, isUnlimited(entry.value) else { return true }
-                excess -= 1
-                return false
-            }
-        }
-        if count > keep { self = Dictionary(uniqueKeysWithValues: prefix(keep).map { ($0.key, $0.value) }) }
-    }
-}
-
 /// Which addresses only this machine has: a peer's address (the limiters exempt it) or one to listen on (`--dev`).
 public enum LoopbackAddress {
     /// Whether `host` is an IP literal on the loopback network (127.0.0.0/8, ::1, or IPv4-mapped

@@ -87,10 +87,7 @@ final class RecentKeys: Sendable {
         recorded.withLock { recorded in
             if let at = recorded[key], within.map({ now - at < Timestamp.millis($0) }) ?? true { return false }
             recorded[key] = now
-            if recorded.count > capacity {
-                let keep = recorded.sorted { $0.value > $1.value }.prefix(capacity / 2)
-                recorded = Dictionary(uniqueKeysWithValues: keep.map { ($0.key, $0.value) })
-            }
+            if recorded.count > capacity { recorded.keepNewest(capacity / 2) { $0 } }
             return true
         }
     }

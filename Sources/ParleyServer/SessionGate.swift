@@ -45,10 +45,7 @@ final class SessionGate: Sendable {
                 // Full: the older half goes at once, amortised O(1) a read (#26). Finding the
                 // oldest at each read scanned them all under this lock: 0.8 ms at 10,000, paid by
                 // nearly every token check once a node had seen that many users.
-                if cache.count > capacity {
-                    let newer = cache.sorted { $0.value.read > $1.value.read }.prefix(max(1, capacity / 2))
-                    cache = Dictionary(uniqueKeysWithValues: newer.map { ($0.key, $0.value) })
-                }
+                if cache.count > capacity { cache.keepNewest(max(1, capacity / 2)) { $0.read } }
             }
             return read
         } catch {
