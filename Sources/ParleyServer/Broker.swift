@@ -117,10 +117,12 @@ struct LocalBroker: Broker {
 /// The sockets of this process: each user's, and which of them are subscribed to which topic.
 /// It owns no I/O beyond handing frames to `FanOut`.
 final class SocketHub: Sendable {
+    private typealias SignOutTaken = (signOut: SignOut, at: ContinuousClock.Instant)
+
     private struct State {
         var byUser: [String: [String: ClientConnection]] = [:]
         /// Sign-outs taken lately, by user (`signOut`).
-        var signOuts: [String: [(signOut: SignOut, at: ContinuousClock.Instant)]] = [:]
+        var signOuts: [String: [SignOutTaken]] = [:]
         var subscribers: [Topic: [String: ClientConnection]] = [:]
         /// Each socket's topics, so closing it unsubscribes it everywhere.
         var topics: [String: Set<Topic>] = [:]
@@ -208,10 +210,8 @@ final class SocketHub: Sendable {
         state.withLock { s in
             let user = connection.identity.user
             if let recent = s.signOuts[user] {
-                let now = ContinuousClock.now
-                let kept = recent.filter { now - $0.at < Self.signOutMemory }
-                s.signOuts[user] = kept.isEmpty ? nil : kept
-                if kept.contains(where: { $0.signOut.ends(connection.identity) }) { return .signedOut }
+                s.signOuts[user] = Self.recent(recent, now: .now)
+                if s.signOuts[user]?.contains(where: { $0.signOut.ends(connection.identity) }) == true { return .signedOut }
             }
             guard (s.byUser[user]?.count ?? 0) < maxSocketsPerUser else { return .tooManySockets }
             s.byUser[user, default: [:]][connection.id] = connection
@@ -224,6 +224,12 @@ final class SocketHub: Sendable {
     /// `register`, as a yes or no.
     func add(_ connection: ClientConnection) -> Bool { register(connection) == nil }
 
+    /// The sign-outs of `list` younger than `signOutMemory`; nil when none is.
+    private static func recent(_ list: [SignOutTaken], now: ContinuousClock.Instant) -> [SignOutTaken]? {
+        let kept = list.filter { now - $0.at < signOutMemory }
+        return kept.isEmpty ? nil : kept
+    }
+
     /// A sign-out taken here (or told by another node): returns the sockets open now whose token
     /// it ends, to be closed, and refuses those that register after it for `signOutMemory`
     /// (their token was checked before it: without this a connect racing the sign-out kept its
@@ -232,10 +238,7 @@ final class SocketHub: Sendable {
         state.withLock { s in
             let now = ContinuousClock.now
             // Sign-outs are rare: the old ones of every user are forgotten here, keeping it small.
-            s.signOuts = s.signOuts.compactMapValues { list in
-                let kept = list.filter { now - $0.at < Self.signOutMemory }
-                return kept.isEmpty ? nil : kept
-            }
+            s.signOuts = s.signOuts.compactMapValues { Self.recent($0, now: now) }
             s.signOuts[signOut.user, default: []].append((signOut, now))
             return (s.byUser[signOut.user] ?? [:]).values.filter { signOut.ends($0.identity) }
         }

@@ -11,8 +11,8 @@ protocol FrameHandler: Sendable {
 /// sockets, to have its requests served, and to be forgotten when it closes. A protocol so the
 /// handler can be tested on an `EmbeddedChannel` with no store and no services behind it.
 protocol SocketServices: Sendable {
-    /// Counts an opened socket; false when its user already has as many as allowed.
-    /// Nil once registered; else why not.
+    /// Counts an opened socket: nil once registered, else why not (its user has as many as
+    /// allowed, or signed its session out as it connected).
     func register(_ connection: ClientConnection) -> SocketHub.Refusal?
     /// The socket was welcomed: what waited for its user (scheduled messages) may be sent now.
     func welcomed(_ connection: ClientConnection)
