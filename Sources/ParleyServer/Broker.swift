@@ -200,7 +200,7 @@ final class SocketHub: Sendable {
     }
 
     /// How long a sign-out is remembered for the sockets still being upgraded: far longer than
-    /// a handshake may take (its head must come within `HTTPTimeouts.head`).
+    /// a handshake takes from its token check to its registration (milliseconds).
     static let signOutMemory: Duration = .seconds(60)
 
     /// Adds a socket, subscribed to its user's topic; refused when its user has
