@@ -128,9 +128,11 @@ final class PlanBook: Sendable {
     }
 }
 
-/// Per-user values read from the store and kept `freshness` ms; at most `capacity` users (all
-/// forgotten at once when full: the next reads go to the store).
-private final class FreshValues<Value: Sendable>: Sendable {
+/// Per-user values read from the store and kept `freshness` ms; at most `capacity` users. Full,
+/// it keeps the newer half (the stale ones go first), so a sweep is half the capacity of new
+/// users away and the users read lately keep their values: emptied at once, as it was, every
+/// active user's next check went to the store together.
+final class FreshValues<Value: Sendable>: Sendable {
     let freshness: Int64
     let capacity: Int
     private let values = Mutex<[String: (value: Value, readAt: Int64)]>([:])
@@ -144,7 +146,7 @@ private final class FreshValues<Value: Sendable>: Sendable {
         if let cached = values.withLock({ $0[user] }), now - cached.readAt < freshness { return cached.value }
         let value = try await read()
         values.withLock { values in
-            if values.count >= capacity { values.removeAll(keepingCapacity: true) }
+            if values.count >= capacity { values.keepNewest(capacity / 2) { $0.readAt } }
             values[user] = (value, now)
         }
         return value

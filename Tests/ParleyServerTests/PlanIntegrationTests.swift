@@ -449,3 +449,23 @@ final class TestClock: Sendable {
         await nats.stop()
     }
 }
+
+@Suite struct FreshValuesTests {
+    /// Full, the cache forgets its older half; the users read lately keep their values (it
+    /// used to forget everyone at once, sending every active user's next check to the store).
+    @Test func pastItsCapacityTheOlderHalfIsReadAgainAndTheNewerKept() async throws {
+        let values = FreshValues<Int>(freshness: 3_600_000, capacity: 4)
+        let reads = Mutex<[String]>([])
+        func value(_ user: String, at now: Int64) async throws -> Int {
+            try await values.value(of: user, now: now) {
+                reads.withLock { $0.append(user) }
+                return now.hashValue
+            }
+        }
+        for (at, user) in ["u0", "u1", "u2", "u3"].enumerated() { _ = try await value(user, at: Int64(at)) }
+        // A fifth user fills it: u0 and u1, read first, are forgotten; u2 and u3 are kept.
+        _ = try await value("u4", at: 10)
+        for user in ["u3", "u2", "u1", "u0"] { _ = try await value(user, at: 11) }
+        #expect(reads.withLock { $0 } == ["u0", "u1", "u2", "u3", "u4", "u1", "u0"])
+    }
+}
