@@ -55,12 +55,14 @@ extension MongoStore {
             }
             // Spend windows: a debit takes its amount from each window first (each take atomic
             // on its window's document), all given back if one or the balance refuses. A crash in
-            // between leaves a window charged for nothing: stricter, never looser.
+            // between leaves a window charged for nothing: stricter, never looser. A retry after
+            // a lost reply counts nothing twice (`WindowCall`).
+            let call = WindowCall()
             var taken: [SpendCap] = []
             if entry.credits < 0 || headroom > 0 {
                 for cap in caps {
-                    guard try Self.take(db, user: entry.user, cap, -entry.credits, headroom: headroom) else {
-                        for done in taken { try Self.give(db, user: entry.user, done, -entry.credits) }
+                    guard try Self.take(db, user: entry.user, cap, -entry.credits, headroom: headroom, call: call) else {
+                        for done in taken { try Self.give(db, user: entry.user, done, -entry.credits, call: call) }
                         try Self.mark(db, entry.id, "void")
                         let available = try Self.available(db, user: entry.user, caps)
                         return .overLimit(balance: try Self.account(db, entry.user)?.balance ?? 0, available: available)
@@ -71,9 +73,9 @@ extension MongoStore {
             let outcome = try Self.settle(
                 db, id: entry.id, user: entry.user, credits: entry.credits, allowOverdraft: allowOverdraft, headroom: headroom)
             if case .insufficient = outcome {
-                for done in taken { try Self.give(db, user: entry.user, done, -entry.credits) }
+                for done in taken { try Self.give(db, user: entry.user, done, -entry.credits, call: call) }
             } else if entry.credits > 0, outcome.isApplied {
-                for cap in caps { try Self.give(db, user: entry.user, cap, entry.credits) }
+                for cap in caps { try Self.give(db, user: entry.user, cap, entry.credits, call: call) }
             }
             return outcome
         }
@@ -82,10 +84,38 @@ extension MongoStore {
     /// A spend window's document id: the user and the window.
     static func windowID(_ user: String, _ window: String) -> JSONValue { .string(user + "\u{1F}" + window) }
 
+    /// One `apply`'s marks on the windows it changes: a take and a give each push theirs onto
+    /// the window's `calls` in the same update that changes `spent`, and change nothing where it
+    /// is there already. A command retried after its reply was lost (applied, then a network
+    /// failure) so finds its first attempt instead of counting again; a later `apply` of the same
+    /// entry (one refused before) is a new call with new marks. 64 random bits: short, since a
+    /// window keeps `windowCalls` of them, and never the same twice among those.
+    struct WindowCall {
+        let take: String
+        let give: String
+
+        init() {
+            let call = String(UInt64.random(in: 0...UInt64.max), radix: 36)
+            take = call + "+"
+            give = call + "-"
+        }
+    }
+
+    /// How many calls' marks a window keeps: far more than one user's replies in flight.
+    static let windowCalls = 256
+
+    /// The update that adds `amount` to a window's `spent` and marks it with `mark`.
+    private static func counting(_ amount: Int64, _ mark: String) -> JSONValue {
+        .object([
+            ("$inc", .object([("spent", .long(amount))])),
+            ("$push", .object([("calls", .object([("$each", .array([.string(mark)])), ("$slice", .int(-Int64(windowCalls)))]))])),
+        ])
+    }
+
     /// Adds `amount` to what `cap`'s window spent if it stays within `cap.max` with `headroom`
     /// to spare: the window is made first if missing (racing makers clash harmlessly), then one
     /// conditional `$inc` on it decides, atomic on its document.
-    private static func take(_ db: Database, user: String, _ cap: SpendCap, _ amount: Int64, headroom: Int64) throws -> Bool {
+    private static func take(_ db: Database, user: String, _ cap: SpendCap, _ amount: Int64, headroom: Int64, call: WindowCall) throws -> Bool {
         guard amount + headroom <= cap.max else { return false }
         let id = windowID(user, cap.window)
         do {
@@ -94,15 +124,23 @@ extension MongoStore {
                 update: .object([("$setOnInsert", .object([("spent", .long(0)), ("user", .string(user)), ("span", .string(cap.window))]))]),
                 upsert: true)
         } catch StoreError.duplicateKey {}
-        return try db.findAndModify(
-            "spend_windows", query: .object([("_id", id), ("spent", .object([("$lte", .long(cap.max - amount - headroom))]))]),
-            update: .object([("$inc", .object([("spent", .long(amount))]))])) != nil
+        let taken = try db.findAndModify(
+            "spend_windows",
+            query: .object([
+                ("_id", id), ("spent", .object([("$lte", .long(cap.max - amount - headroom))])), ("calls", .object([("$ne", .string(call.take))])),
+            ]),
+            update: counting(amount, call.take))
+        if taken != nil { return true }
+        // Refused, or taken by an attempt whose reply was lost.
+        let window = try db.find("spend_windows", filter: .object([("_id", id)]), limit: 1).first
+        return window?["calls"]?.strings?.contains(call.take) == true
     }
 
     /// Takes `amount` off what `cap`'s window spent (a refused debit undone, a settlement's return).
-    private static func give(_ db: Database, user: String, _ cap: SpendCap, _ amount: Int64) throws {
+    private static func give(_ db: Database, user: String, _ cap: SpendCap, _ amount: Int64, call: WindowCall) throws {
         _ = try db.update(
-            "spend_windows", query: .object([("_id", windowID(user, cap.window))]), update: .object([("$inc", .object([("spent", .long(-amount))]))]))
+            "spend_windows", query: .object([("_id", windowID(user, cap.window)), ("calls", .object([("$ne", .string(call.give))]))]),
+            update: counting(-amount, call.give))
     }
 
     /// What the tightest of `caps` still allows.

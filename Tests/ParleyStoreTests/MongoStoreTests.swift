@@ -17,18 +17,25 @@ import Testing
     }
 
     /// `blockTimeMS`: the command waits that long, then runs (mongod's `blockConnection`).
+    /// `skip` and `dropReply` are the wire test server's own (tests that use them run there
+    /// only): the first `skip` matching commands go through; the command runs and its reply is
+    /// lost.
     func failNext(
-        _ times: Int, _ commands: [String], app: String, errorCode: Int? = nil, closeConnection: Bool = false, blockTimeMS: Int? = nil
+        _ times: Int, _ commands: [String], app: String, errorCode: Int? = nil, closeConnection: Bool = false, blockTimeMS: Int? = nil,
+        skip: Int = 0, dropReply: Bool = false
     ) throws {
         let pool = try MongoClientPool(uri: MongoFixture.uri())
         var data: [(String, JSONValue)] = [("failCommands", .array(commands.map(JSONValue.string))), ("appName", .string(app))]
         if let errorCode { data.append(("errorCode", .int(Int64(errorCode)))) }
         if closeConnection { data.append(("closeConnection", .bool(true))) }
         if let blockTimeMS { data += [("blockConnection", .bool(true)), ("blockTimeMS", .int(Int64(blockTimeMS)))] }
+        if dropReply { data.append(("dropReply", .bool(true))) }
+        var mode: [(String, JSONValue)] = [("times", .int(Int64(times)))]
+        if skip > 0 { mode.append(("skip", .int(Int64(skip)))) }
         _ = try pool.command(
             .object([
                 ("configureFailPoint", .string("failCommand")),
-                ("mode", .object([("times", .int(Int64(times)))])),
+                ("mode", .object(mode)),
                 ("data", .object(data)),
             ]), database: "admin")
     }
@@ -105,6 +112,38 @@ import Testing
             (error as? MongoCommandError)?.isTransient == true
         }
         try turnOffFailPoint()
+    }
+
+    /// A spending window's take and give are retried when their reply is lost after they were
+    /// applied (a network failure): the retry finds its own first attempt, so the window counts
+    /// each once. (Counted twice, a lost give would let a user spend past their own limit.)
+    @Test(.enabled(if: !MongoFixture.isRealServer))
+    func aSpendingWindowCountsATakeAndAGiveOnceWhenTheirRepliesAreLost() async throws {
+        let (uri, app) = isolatedURI()
+        var options = MongoStore.Options()
+        options.backoff = .milliseconds(1)
+        let store = try await MongoStore.open(uri: uri, options: options)
+        let user = "spender"
+        func entry(_ id: String, _ credits: Int64) -> LedgerEntry {
+            LedgerEntry(id: id, user: user, kind: credits > 0 ? .grant : .debit, credits: credits, createdAt: 1)
+        }
+        #expect(try await store.apply(entry("g", 1_000), allowOverdraft: false).isApplied)
+        let caps = [SpendCap(window: "day:2026-12-06", max: 500), SpendCap(window: "month:2026-12", max: 100)]
+        // The debit's first findAndModify is the day window's take.
+        try failNext(1, ["findAndModify"], app: app, dropReply: true)
+        #expect(try await store.apply(entry("d1", -40), allowOverdraft: false, caps: caps).isApplied)
+        #expect(try await store.spent(user: user, windows: caps.map(\.window)) == ["day:2026-12-06": 40, "month:2026-12": 40])
+        // The month refuses this one, and the day gets its take back: the third update, after
+        // the two windows' makes.
+        try failNext(1, ["update"], app: app, skip: 2, dropReply: true)
+        let refused = try await store.apply(entry("d2", -80), allowOverdraft: false, caps: caps)
+        guard case .overLimit(balance: 960, available: 60) = refused else {
+            Issue.record("expected overLimit, got \(refused)")
+            return
+        }
+        #expect(try await store.spent(user: user, windows: caps.map(\.window)) == ["day:2026-12-06": 40, "month:2026-12": 40])
+        try turnOffFailPoint()
+        try await store.close()
     }
 
     /// Options that bound a command's wait and let no retry hide its failure.
