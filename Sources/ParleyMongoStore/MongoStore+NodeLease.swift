@@ -85,12 +85,12 @@ extension MongoStore {
     }
 
     /// Makes the lease `key` that `from` holds `lease.node`'s, live or not (`from` stopped and
-    /// was taken over); false when `from` does not hold it.
+    /// was taken over); false when `from` does not hold it (nor did when this call moved it and
+    /// the reply was lost: `findAndModifyOnce`).
     public func transferLease(_ key: String, from: String, to lease: NodeLease, in collection: String) async throws -> Bool {
         try await run { db in
-            let fields = Self.fields(lease)
-            let update = JSONValue.object([("$set", .object(fields)), ("$inc", .object([("epoch", .long(1))]))])
-            return try db.findAndModify(collection, query: .object([("_id", .string(key)), ("node", .string(from))]), update: update) != nil
+            try db.findAndModifyOnce(
+                collection, id: .string(key), query: [("node", .string(from))], set: Self.fields(lease), inc: [("epoch", .long(1))]) != nil
         }
     }
 

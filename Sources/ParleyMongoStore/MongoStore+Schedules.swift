@@ -2,7 +2,8 @@ import ParleyCore
 import ParleyStore
 
 /// Scheduled messages: one document per schedule; every status change is one conditional
-/// findAndModify on `{_id, status}`, so two servers (or a retry) can never both move it.
+/// findAndModify on `{_id, status}`, so two servers (or a retry) can never both move it, and a
+/// retry after a lost reply knows its first attempt moved it (`findAndModifyOnce`).
 extension MongoStore {
     public func createSchedule(_ s: Schedule) async throws {
         try await run { db in try db.insert("schedules", Self.document(s)) }
@@ -46,10 +47,8 @@ extension MongoStore {
         if let failure = change.failure { set.append(("failure", .string(failure))) }
         // Who fires it: in a cluster, only that node (or the one that takes it over) resumes it.
         if change.status == .firing, let node = db.options.node { set.append(("node", .string(node))) }
-        return try db.findAndModify(
-            "schedules", query: .object([("_id", .string(id)), ("status", .string(from.rawValue))]),
-            update: .object([("$set", .object(set))])
-        ).map(Self.schedule(from:))
+        return try db.findAndModifyOnce("schedules", id: .string(id), query: [("status", .string(from.rawValue))], set: set)
+            .map(Self.schedule(from:))
     }
 
     /// No multi-document transaction on a standalone server, so each step is idempotent instead:

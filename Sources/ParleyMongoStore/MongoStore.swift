@@ -678,6 +678,31 @@ struct Database: Sendable {
         guard let value = reply["value"], value != .null else { return nil }
         return value
     }
+
+    /// `findAndModify` of the document `id` with an update that makes `query` false for it (a
+    /// status moved on, a lease changed hands), `set` and `inc` being the update's `$set` and
+    /// `$inc`; returns the document after it, nil when `query` did not hold. A retry after a lost
+    /// reply (its first attempt applied, then the network failed) finds `query` false and would
+    /// answer nil for a change this call made, so the update also sets `call` to a mark of this
+    /// call's, and a retried call that finds nothing reads the document back: its own mark there
+    /// means its first attempt made the change.
+    func findAndModifyOnce(
+        _ collection: String, id: JSONValue, query: [(String, JSONValue)], set: [(String, JSONValue)], inc: [(String, JSONValue)] = []
+    ) throws -> JSONValue? {
+        let mark = JSONValue.string(String(UInt64.random(in: 0...UInt64.max), radix: 36))
+        var update: [(String, JSONValue)] = [("$set", .object(set + [("call", mark)]))]
+        if !inc.isEmpty { update.append(("$inc", .object(inc))) }
+        var wasRetried = false
+        let reply = try command(
+            .object([
+                ("findAndModify", .string(collection)), ("query", .object([("_id", id)] + query)), ("update", .object(update)),
+                ("new", .bool(true)),
+            ]),
+            retried: { wasRetried = $0 })
+        if let value = reply["value"], value != .null { return value }
+        guard wasRetried, let now = try find(collection, filter: .object([("_id", id)]), limit: 1).first, now["call"] == mark else { return nil }
+        return now
+    }
 }
 
 extension JSONValue {

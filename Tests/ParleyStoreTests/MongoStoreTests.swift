@@ -146,6 +146,43 @@ import Testing
         try await store.close()
     }
 
+    /// A schedule's move and a lease's handover whose reply is lost after they were applied:
+    /// the retry finds the document moved on, yet the call reports its own change, not another
+    /// writer's (it said "someone else moved it", and the schedule stayed firing with no one
+    /// firing it; the room's lease stayed with a node that did not run the room).
+    @Test(.enabled(if: !MongoFixture.isRealServer))
+    func aMoveWhoseReplyIsLostIsReportedAsTheCallsOwn() async throws {
+        let (uri, app) = isolatedURI()
+        var options = MongoStore.Options()
+        options.backoff = .milliseconds(1)
+        options.node = "node-a"
+        let store = try await MongoStore.open(uri: uri, options: options)
+        let id = "sc_lost_" + app
+        try await store.createSchedule(
+            Schedule(
+                id: id, owner: "alice", clone: "cl_1", conversation: nil, at: 5_000, content: .text("hi"), status: .pending, createdAt: 1,
+                updatedAt: 1))
+        try failNext(1, ["findAndModify"], app: app, dropReply: true)
+        let moved = try await store.transitionSchedule(id: id, from: .pending, to: ScheduleChange(status: .firing, updatedAt: 2))
+        #expect(moved?.status == .firing)
+        #expect(try await store.firingSchedules(node: "node-a").map(\.id) == [id])
+        // A move that did not happen still reports nil, retried or not.
+        try failNext(1, ["findAndModify"], app: app, closeConnection: true)
+        #expect(try await store.transitionSchedule(id: id, from: .pending, to: ScheduleChange(status: .cancelled, updatedAt: 3)) == nil)
+
+        let key = "rm_lost_" + app
+        let collection = "room_leases"
+        func lease(_ node: String) -> NodeLease { NodeLease(node: node, host: "h", pid: 1, expires: 2_000_000) }
+        #expect(try await store.claimNodeLease(lease("node-b"), now: 1_000_000, key: key, in: collection) == nil)
+        try failNext(1, ["findAndModify"], app: app, dropReply: true)
+        #expect(try await store.transferLease(key, from: "node-b", to: lease("node-c"), in: collection))
+        #expect(try await store.lease(key, in: collection)?.node == "node-c")
+        #expect(try await store.lease(key, in: collection)?.epoch == 1_000_001)
+        #expect(try await !store.transferLease(key, from: "node-b", to: lease("node-d"), in: collection))
+        try turnOffFailPoint()
+        try await store.close()
+    }
+
     /// Options that bound a command's wait and let no retry hide its failure.
     static func oneAttempt(socketTimeoutMS: Int32) -> MongoStore.Options {
         var options = MongoStore.Options()
