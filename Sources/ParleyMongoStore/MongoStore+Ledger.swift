@@ -162,9 +162,12 @@ extension MongoStore {
         if credits < 0 || headroom > 0, !allowOverdraft {
             filter.append(("balance", .object([("$gte", .long(-credits + headroom))])))
         }
+        // This call's mark: a retry after a lost reply finds its own apply, not an earlier call's.
+        let call = JSONValue.string(String(UInt64.random(in: 0...UInt64.max), radix: 36))
         let update: JSONValue = .object([
             ("$inc", .object([("balance", .long(credits)), ("applies", .long(1))])),
             ("$push", .object([("recent", .object([("$each", .array([.string(id)])), ("$slice", .int(-Int64(recentWindow)))]))])),
+            ("$set", .object([("call", call)])),
         ])
         var updated: JSONValue?
         do {
@@ -176,10 +179,12 @@ extension MongoStore {
             try mark(db, id, "applied", seq: updated["applies"]?.int64)
             return .applied(balance: updated["balance"]?.int64 ?? 0)
         }
-        let account = try self.account(db, user)
+        let document = try db.find("accounts", filter: .object([("_id", .string(user))]), limit: 1).first
+        let account = document.map(Self.account(from:))
         if let account, account.recent.contains(id) {
             try mark(db, id, "applied", seq: seq(of: id, in: account))
-            return .alreadyApplied(balance: account.balance)
+            // Applied by this call when its mark is the account's last.
+            return document?["call"] == call ? .applied(balance: account.balance) : .alreadyApplied(balance: account.balance)
         }
         try mark(db, id, "void")
         return .insufficient(balance: account?.balance ?? 0)
@@ -200,8 +205,11 @@ extension MongoStore {
     }
 
     static func account(_ db: Database, _ user: String) throws -> (balance: Int64, recent: [String], applies: Int64)? {
-        guard let doc = try db.find("accounts", filter: .object([("_id", .string(user))]), limit: 1).first else { return nil }
-        return (doc["balance"]?.int64 ?? 0, doc["recent"]?.strings ?? [], doc["applies"]?.int64 ?? 0)
+        try db.find("accounts", filter: .object([("_id", .string(user))]), limit: 1).first.map(account(from:))
+    }
+
+    static func account(from doc: JSONValue) -> (balance: Int64, recent: [String], applies: Int64) {
+        (doc["balance"]?.int64 ?? 0, doc["recent"]?.strings ?? [], doc["applies"]?.int64 ?? 0)
     }
 
     public func ledgerEntry(id: String) async throws -> LedgerEntry? {

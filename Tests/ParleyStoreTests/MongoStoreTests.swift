@@ -146,6 +146,30 @@ import Testing
         try await store.close()
     }
 
+    /// A ledger entry whose row insert, then whose balance change, loses its reply after it was
+    /// applied: applied once, and reported as this call's (`applied`, which meters and audits
+    /// it), not as an earlier call's (`alreadyApplied`, which a later call with its id gets).
+    @Test(.enabled(if: !MongoFixture.isRealServer))
+    func aLedgerEntryWhoseRepliesAreLostIsAppliedOnceAndReportedAsApplied() async throws {
+        let (uri, app) = isolatedURI()
+        var options = MongoStore.Options()
+        options.backoff = .milliseconds(1)
+        let store = try await MongoStore.open(uri: uri, options: options)
+        let user = "lost-" + app
+        func entry(_ id: String, _ credits: Int64) -> LedgerEntry {
+            LedgerEntry(id: id + app, user: user, kind: credits > 0 ? .grant : .debit, credits: credits, createdAt: 1)
+        }
+        try failNext(1, ["insert"], app: app, dropReply: true)
+        #expect(try await store.apply(entry("g", 1_000), allowOverdraft: false) == .applied(balance: 1_000))
+        try failNext(1, ["findAndModify"], app: app, dropReply: true)
+        #expect(try await store.apply(entry("d", -100), allowOverdraft: false) == .applied(balance: 900))
+        #expect(try await store.apply(entry("d", -100), allowOverdraft: false) == .alreadyApplied(balance: 900))
+        #expect(try await store.ledger(user: user, limit: 10, before: nil).map(\.credits).sorted() == [-100, 1_000])
+        #expect(try await store.balance(user: user) == 900)
+        try turnOffFailPoint()
+        try await store.close()
+    }
+
     /// A schedule's move and a lease's handover whose reply is lost after they were applied:
     /// the retry finds the document moved on, yet the call reports its own change, not another
     /// writer's (it said "someone else moved it", and the schedule stayed firing with no one
