@@ -129,10 +129,13 @@ extension MongoStore {
     }
 
     /// Removes a schedule that is still pending (one created over the limit); false when it
-    /// started firing meanwhile.
+    /// started firing meanwhile. Gone without a deletion counted is withdrawn too: a retry after
+    /// a lost reply finds nothing to delete where its first attempt deleted it (taken for "firing",
+    /// the user was told it was scheduled, and it never fired).
     public func withdrawSchedule(id: String) async throws -> Bool {
         try await run { db in
             try db.delete("schedules", query: .object([("_id", .string(id)), ("status", .string(Schedule.Status.pending.rawValue))])) == 1
+                || db.find("schedules", filter: .object([("_id", .string(id))]), limit: 1).isEmpty
         }
     }
 

@@ -170,10 +170,11 @@ import Testing
         try await store.close()
     }
 
-    /// A schedule's move and a lease's handover whose reply is lost after they were applied:
-    /// the retry finds the document moved on, yet the call reports its own change, not another
-    /// writer's (it said "someone else moved it", and the schedule stayed firing with no one
-    /// firing it; the room's lease stayed with a node that did not run the room).
+    /// A schedule's move, its withdrawal and a lease's handover whose reply is lost after they
+    /// were applied: the retry finds the document moved on (or gone), yet the call reports its
+    /// own change, not another writer's (it said "someone else moved it", and the schedule
+    /// stayed firing with no one firing it; the room's lease stayed with a node that did not
+    /// run the room).
     @Test(.enabled(if: !MongoFixture.isRealServer))
     func aMoveWhoseReplyIsLostIsReportedAsTheCallsOwn() async throws {
         let (uri, app) = isolatedURI()
@@ -193,6 +194,17 @@ import Testing
         // A move that did not happen still reports nil, retried or not.
         try failNext(1, ["findAndModify"], app: app, closeConnection: true)
         #expect(try await store.transitionSchedule(id: id, from: .pending, to: ScheduleChange(status: .cancelled, updatedAt: 3)) == nil)
+
+        // A withdrawal whose reply is lost: withdrawn, not taken for a schedule that started
+        // firing.
+        let over = "sc_over_" + app
+        try await store.createSchedule(
+            Schedule(
+                id: over, owner: "alice", clone: "cl_1", conversation: nil, at: 5_000, content: .text("hi"), status: .pending, createdAt: 1,
+                updatedAt: 1))
+        try failNext(1, ["delete"], app: app, dropReply: true)
+        #expect(try await store.withdrawSchedule(id: over))
+        #expect(try await !store.withdrawSchedule(id: id), "firing: not withdrawn")
 
         let key = "rm_lost_" + app
         let collection = "room_leases"
