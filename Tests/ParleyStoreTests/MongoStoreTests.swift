@@ -208,13 +208,18 @@ import Testing
 
         let key = "rm_lost_" + app
         let collection = "room_leases"
-        func lease(_ node: String) -> NodeLease { NodeLease(node: node, host: "h", pid: 1, expires: 2_000_000) }
+        func lease(_ node: String, until: Int64 = 2_000_000) -> NodeLease { NodeLease(node: node, host: "h", pid: 1, expires: until) }
         #expect(try await store.claimNodeLease(lease("node-b"), now: 1_000_000, key: key, in: collection) == nil)
         try failNext(1, ["findAndModify"], app: app, dropReply: true)
         #expect(try await store.transferLease(key, from: "node-b", to: lease("node-c"), in: collection))
         #expect(try await store.lease(key, in: collection)?.node == "node-c")
         #expect(try await store.lease(key, in: collection)?.epoch == 1_000_001)
         #expect(try await !store.transferLease(key, from: "node-b", to: lease("node-d"), in: collection))
+        // An expired lease taken over (the claim's second findAndModify, after "is it mine?").
+        try failNext(1, ["findAndModify"], app: app, skip: 1, dropReply: true)
+        #expect(try await store.claimNodeLease(lease("node-e", until: 3_015_000), now: 3_000_000, key: key, in: collection) == nil)
+        #expect(try await store.lease(key, in: collection)?.node == "node-e")
+        #expect(try await store.lease(key, in: collection)?.epoch == 1_000_002)
         try turnOffFailPoint()
         try await store.close()
     }
