@@ -194,7 +194,10 @@ public final class MongoStore: Store {
                 _ = try db.delete("voice_clips", query: .object([("conversation", .object([("$in", .array(ids))]))]))
             }
             _ = try db.delete("conversations", query: .object([("clone", .string(id)), ("owner", .string(owner))]))
-            return try db.delete("clones", query: .object([("_id", .string(id)), ("owner", .string(owner))])) > 0
+            // Found above and gone now, whatever the count says: a retry after a lost reply
+            // deletes nothing where its first attempt deleted the clone.
+            _ = try db.delete("clones", query: .object([("_id", .string(id)), ("owner", .string(owner))]))
+            return true
         }
     }
 
@@ -455,7 +458,9 @@ public final class MongoStore: Store {
             }
             _ = try db.delete("messages", query: .object([("conversation", .string(id))]))
             _ = try db.delete("voice_clips", query: .object([("conversation", .string(id))]))
-            return try db.delete("conversations", query: .object([("_id", .string(id)), ("owner", .string(owner))])) > 0
+            // Found above and gone now (as for a clone).
+            _ = try db.delete("conversations", query: .object([("_id", .string(id)), ("owner", .string(owner))]))
+            return true
         }
     }
 

@@ -70,6 +70,27 @@ import Testing
         try await store.close()
     }
 
+    /// A deletion whose last step loses its reply after deleting: the retry deletes nothing,
+    /// yet the clone was there and is gone, so the call says so (it said "no such clone", a
+    /// 404 to the user who just deleted it).
+    @Test(.enabled(if: !MongoFixture.isRealServer))
+    func aDeletionWhoseReplyIsLostStillReportsTheDeletion() async throws {
+        let (uri, app) = isolatedURI()
+        var options = MongoStore.Options()
+        options.backoff = .milliseconds(1)
+        let store = try await MongoStore.open(uri: uri, options: options)
+        let clone = makeClone(owner: "alice")
+        try await store.createClone(clone)
+        // Its conversations go first (it has none, so no messages or clips to delete): the
+        // clone's own deletion is the second.
+        try failNext(1, ["delete"], app: app, skip: 1, dropReply: true)
+        #expect(try await store.deleteClone(id: clone.id, owner: "alice"))
+        #expect(try await store.clone(id: clone.id, owner: "alice") == nil)
+        #expect(try await !store.deleteClone(id: clone.id, owner: "alice"))
+        try turnOffFailPoint()
+        try await store.close()
+    }
+
     @Test func retriesAreBoundedAndPermanentErrorsAreNotRetried() async throws {
         let (uri, app) = isolatedURI()
         var options = MongoStore.Options()
