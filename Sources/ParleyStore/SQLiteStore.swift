@@ -611,26 +611,43 @@ public final class SQLiteStore: Store {
             }
             guard !batch.isEmpty else { return }
             db.withLock { connection in
-                do {
-                    try connection.command("BEGIN IMMEDIATE")
-                } catch {
-                    for job in batch { job.fail(error) }
-                    return
+                var pending = batch[...]
+                while !pending.isEmpty {
+                    do {
+                        try connection.command("BEGIN IMMEDIATE")
+                    } catch {
+                        for job in pending { job.fail(error) }
+                        return
+                    }
+                    var finishers: [@Sendable ((any Error)?) -> Void] = []
+                    while let job = pending.popFirst() {
+                        finishers.append(job.execute(connection))
+                        // Some errors (a full disk, I/O) make SQLite roll the whole transaction
+                        // back, not only the failing call's savepoint: the calls before it in the
+                        // batch are undone too, and the ones after it must not run outside a
+                        // transaction (each would commit alone, then hear the batch's failed
+                        // commit: stored, yet told it failed). They go in a new transaction.
+                        if !connection.inTransaction { break }
+                    }
+                    var commitFailure: (any Error)?
+                    if connection.inTransaction {
+                        indexForSearchWhenDue(connection)
+                        do {
+                            try connection.command("COMMIT")
+                        } catch {
+                            commitFailure = error
+                            try? connection.command("ROLLBACK")
+                        }
+                        commits.add(1, ordering: .relaxed)
+                        commitCounter.increment()
+                    } else {
+                        commitFailure = StoreError.backend(
+                            "a call committed with this one failed, and SQLite rolled back both (a full disk or an I/O error)")
+                    }
+                    // Rolled back: what the journals hold is no longer known; each is written whole next.
+                    if commitFailure != nil { journaled.withLock { $0.forgetAll() } }
+                    for finish in finishers { finish(commitFailure) }
                 }
-                let finishers = batch.map { $0.execute(connection) }
-                indexForSearchWhenDue(connection)
-                var commitFailure: (any Error)?
-                do {
-                    try connection.command("COMMIT")
-                } catch {
-                    commitFailure = error
-                    try? connection.command("ROLLBACK")
-                }
-                // Rolled back: what the journals hold is no longer known; each is written whole next.
-                if commitFailure != nil { journaled.withLock { $0.forgetAll() } }
-                commits.add(1, ordering: .relaxed)
-                commitCounter.increment()
-                for finish in finishers { finish(commitFailure) }
             }
             let ended = NIODeadline.now().uptimeNanoseconds
             queue.withLock { q in

@@ -209,6 +209,49 @@ import Testing
         try await store.close()
     }
 
+    /// A call that fills the disk makes SQLite roll back the whole transaction of its batch, not
+    /// only its savepoint: the call before it is undone and told so, the call after it runs in a
+    /// new transaction, and every call that returned is stored, every one that threw is not.
+    /// (The call after it ran outside any transaction, committed alone, then heard the batch's
+    /// failed commit: stored, yet told it failed.)
+    @Test func aCallThatFillsTheDiskFailsWithItsBatchAndTheCallsAfterItStillCommit() async throws {
+        let store = try await SQLiteStore.open(path: temporaryPath("disk-full") + "/parley.sqlite")
+        try await store.run { db in
+            try db.exec("CREATE TABLE t (v INTEGER, pad BLOB)")
+            // The database may grow by a few pages only: to SQLite, as full as a full disk.
+            let pages = try db.query("PRAGMA page_count").first?["page_count"].int ?? 0
+            try db.exec("PRAGMA max_page_count = \(pages + 4)")
+        }
+        let (entered, enter) = AsyncStream<Void>.makeStream()
+        var signals = entered.makeAsyncIterator()
+        let gate = DispatchSemaphore(value: 0)
+        let held = Task {
+            try await store.run { _ in
+                enter.yield()
+                gate.wait()
+            }
+        }
+        _ = await signals.next()
+        @Sendable func write(_ v: Int, bytes: Int) -> Task<Void, any Error> {
+            Task { try await store.run { db in try db.exec("INSERT INTO t VALUES (\(v), zeroblob(\(bytes)))") } }
+        }
+        // One batch, in this order.
+        let before = write(1, bytes: 10)
+        try await until { store.waitingCalls == 1 }
+        let filling = write(2, bytes: 1_000_000)
+        try await until { store.waitingCalls == 2 }
+        let after = write(3, bytes: 10)
+        try await until { store.waitingCalls == 3 }
+        gate.signal()
+        try await held.value
+        var returned: [Int] = []
+        for (v, task) in [(1, before), (2, filling), (3, after)] where (try? await task.value) != nil { returned.append(v) }
+        let stored = try await store.read { db in try db.query("SELECT v FROM t ORDER BY v").compactMap { $0["v"].int } }
+        #expect(returned == [3])
+        #expect(stored == [3])
+        try await store.close()
+    }
+
     /// Each call of a batch runs in a savepoint, whose journal of the pages it changes outgrew
     /// SQLite's default 64 KiB in memory under load: every batch then made, wrote and deleted a
     /// file in /var/tmp (#26).
