@@ -40,6 +40,14 @@ import Testing
             ]), database: "admin")
     }
 
+    /// A store for tests that lose replies: its retries wait a millisecond.
+    func losingReplies(_ uri: String, node: String? = nil) async throws -> MongoStore {
+        var options = MongoStore.Options()
+        options.backoff = .milliseconds(1)
+        options.node = node
+        return try await MongoStore.open(uri: uri, options: options)
+    }
+
     func turnOffFailPoint() throws {
         _ = try MongoClientPool(uri: MongoFixture.uri()).command(
             .object([("configureFailPoint", .string("failCommand")), ("mode", .string("off"))]), database: "admin")
@@ -76,9 +84,7 @@ import Testing
     @Test(.enabled(if: !MongoFixture.isRealServer))
     func aDeletionWhoseReplyIsLostStillReportsTheDeletion() async throws {
         let (uri, app) = isolatedURI()
-        var options = MongoStore.Options()
-        options.backoff = .milliseconds(1)
-        let store = try await MongoStore.open(uri: uri, options: options)
+        let store = try await losingReplies(uri)
         let clone = makeClone(owner: "alice")
         try await store.createClone(clone)
         // Its conversations go first (it has none, so no messages or clips to delete): the
@@ -141,9 +147,7 @@ import Testing
     @Test(.enabled(if: !MongoFixture.isRealServer))
     func aSpendingWindowCountsATakeAndAGiveOnceWhenTheirRepliesAreLost() async throws {
         let (uri, app) = isolatedURI()
-        var options = MongoStore.Options()
-        options.backoff = .milliseconds(1)
-        let store = try await MongoStore.open(uri: uri, options: options)
+        let store = try await losingReplies(uri)
         let user = "spender"
         func entry(_ id: String, _ credits: Int64) -> LedgerEntry {
             LedgerEntry(id: id, user: user, kind: credits > 0 ? .grant : .debit, credits: credits, createdAt: 1)
@@ -173,9 +177,7 @@ import Testing
     @Test(.enabled(if: !MongoFixture.isRealServer))
     func aLedgerEntryWhoseRepliesAreLostIsAppliedOnceAndReportedAsApplied() async throws {
         let (uri, app) = isolatedURI()
-        var options = MongoStore.Options()
-        options.backoff = .milliseconds(1)
-        let store = try await MongoStore.open(uri: uri, options: options)
+        let store = try await losingReplies(uri)
         let user = "lost-" + app
         func entry(_ id: String, _ credits: Int64) -> LedgerEntry {
             LedgerEntry(id: id + app, user: user, kind: credits > 0 ? .grant : .debit, credits: credits, createdAt: 1)
@@ -199,15 +201,14 @@ import Testing
     @Test(.enabled(if: !MongoFixture.isRealServer))
     func aMoveWhoseReplyIsLostIsReportedAsTheCallsOwn() async throws {
         let (uri, app) = isolatedURI()
-        var options = MongoStore.Options()
-        options.backoff = .milliseconds(1)
-        options.node = "node-a"
-        let store = try await MongoStore.open(uri: uri, options: options)
-        let id = "sc_lost_" + app
-        try await store.createSchedule(
+        let store = try await losingReplies(uri, node: "node-a")
+        func pending(_ id: String) -> Schedule {
             Schedule(
                 id: id, owner: "alice", clone: "cl_1", conversation: nil, at: 5_000, content: .text("hi"), status: .pending, createdAt: 1,
-                updatedAt: 1))
+                updatedAt: 1)
+        }
+        let id = "sc_lost_" + app
+        try await store.createSchedule(pending(id))
         try failNext(1, ["findAndModify"], app: app, dropReply: true)
         let moved = try await store.transitionSchedule(id: id, from: .pending, to: ScheduleChange(status: .firing, updatedAt: 2))
         #expect(moved?.status == .firing)
@@ -219,10 +220,7 @@ import Testing
         // A withdrawal whose reply is lost: withdrawn, not taken for a schedule that started
         // firing.
         let over = "sc_over_" + app
-        try await store.createSchedule(
-            Schedule(
-                id: over, owner: "alice", clone: "cl_1", conversation: nil, at: 5_000, content: .text("hi"), status: .pending, createdAt: 1,
-                updatedAt: 1))
+        try await store.createSchedule(pending(over))
         try failNext(1, ["delete"], app: app, dropReply: true)
         #expect(try await store.withdrawSchedule(id: over))
         #expect(try await !store.withdrawSchedule(id: id), "firing: not withdrawn")
