@@ -3,20 +3,25 @@ import ParleyStore
 
 extension MongoStore {
     /// Read, change, and write back only if no other writer changed the order in between (its
-    /// history's length is the version); a lost race reads again.
+    /// history's length is the version); a lost race reads again. Each write carries this
+    /// call's mark: a read that finds it is a write whose reply was lost (the retry found the
+    /// version moved on), this call's, not another writer's.
     public func recordOrderChange(
         order id: String, user: String, key: String, credits: Int64?, change: PaymentOrder.Change
     ) async throws -> (order: PaymentOrder, applied: Bool) {
-        try await run { db in
+        let mark = JSONValue.string(String(UInt64.random(in: 0...UInt64.max), radix: 36))
+        return try await run { db in
             for _ in 0..<8 {
-                let stored = try db.find("payment_orders", filter: .object([("_id", .string(id))]), limit: 1).first.map(Self.order(from:))
+                let document = try db.find("payment_orders", filter: .object([("_id", .string(id))]), limit: 1).first
+                if let document, document["call"] == mark { return (Self.order(from: document), true) }
+                let stored = document.map(Self.order(from:))
                 let current =
                     stored
                     ?? PaymentOrder(id: id, key: key, user: user, credits: 0, status: change.status, history: [], createdAt: change.at, updatedAt: 0)
                 guard let next = current.applying(change, credits: credits) else { return (current, false) }
                 let fields: [(String, JSONValue)] = [
                     ("credits", .long(next.credits)), ("status", .string(next.status.rawValue)), ("history", PaymentOrder.json(next.history)),
-                    ("version", .long(Int64(next.history.count))), ("updated_at", .long(next.updatedAt)),
+                    ("version", .long(Int64(next.history.count))), ("updated_at", .long(next.updatedAt)), ("call", mark),
                 ]
                 if let stored {
                     let written = try db.update(

@@ -193,6 +193,25 @@ import Testing
         try await store.close()
     }
 
+    /// A payment order's change whose write loses its reply: recorded once, and reported as
+    /// this call's (the webhook's delivery was logged a duplicate of itself).
+    @Test(.enabled(if: !MongoFixture.isRealServer))
+    func anOrderChangeWhoseReplyIsLostIsReportedApplied() async throws {
+        let (uri, app) = isolatedURI()
+        let store = try await losingReplies(uri)
+        let order = "ord_lost_" + app
+        func change(_ status: PaymentOrder.Status, _ event: String) -> PaymentOrder.Change {
+            PaymentOrder.Change(status: status, at: 1_000, event: event)
+        }
+        #expect(try await store.recordOrderChange(order: order, user: "alice", key: "k", credits: 500, change: change(.created, "e1")).applied)
+        try failNext(1, ["update"], app: app, dropReply: true)
+        let paid = try await store.recordOrderChange(order: order, user: "alice", key: "k", credits: 500, change: change(.paid, "e2"))
+        #expect(paid.applied && paid.order.status == .paid && paid.order.history.count == 2)
+        #expect(try await !store.recordOrderChange(order: order, user: "alice", key: "k", credits: 500, change: change(.paid, "e2")).applied)
+        try turnOffFailPoint()
+        try await store.close()
+    }
+
     /// A schedule's move, its withdrawal and a lease's handover whose reply is lost after they
     /// were applied: the retry finds the document moved on (or gone), yet the call reports its
     /// own change, not another writer's (it said "someone else moved it", and the schedule
