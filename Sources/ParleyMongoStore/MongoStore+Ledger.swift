@@ -88,14 +88,13 @@ extension MongoStore {
     /// the window's `calls` in the same update that changes `spent`, and change nothing where it
     /// is there already. A command retried after its reply was lost (applied, then a network
     /// failure) so finds its first attempt instead of counting again; a later `apply` of the same
-    /// entry (one refused before) is a new call with new marks. 64 random bits: short, since a
-    /// window keeps `windowCalls` of them, and never the same twice among those.
+    /// entry (one refused before) is a new call with new marks.
     struct WindowCall {
         let take: String
         let give: String
 
         init() {
-            let call = String(UInt64.random(in: 0...UInt64.max), radix: 36)
+            let call = Database.callMark()
             take = call + "+"
             give = call + "-"
         }
@@ -163,7 +162,7 @@ extension MongoStore {
             filter.append(("balance", .object([("$gte", .long(-credits + headroom))])))
         }
         // This call's mark: a retry after a lost reply finds its own apply, not an earlier call's.
-        let call = JSONValue.string(String(UInt64.random(in: 0...UInt64.max), radix: 36))
+        let call = JSONValue.string(Database.callMark())
         let update: JSONValue = .object([
             ("$inc", .object([("balance", .long(credits)), ("applies", .long(1))])),
             ("$push", .object([("recent", .object([("$each", .array([.string(id)])), ("$slice", .int(-Int64(recentWindow)))]))])),

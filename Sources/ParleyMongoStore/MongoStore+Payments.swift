@@ -9,7 +9,7 @@ extension MongoStore {
     public func recordOrderChange(
         order id: String, user: String, key: String, credits: Int64?, change: PaymentOrder.Change
     ) async throws -> (order: PaymentOrder, applied: Bool) {
-        let mark = JSONValue.string(String(UInt64.random(in: 0...UInt64.max), radix: 36))
+        let mark = JSONValue.string(Database.callMark())
         return try await run { db in
             for _ in 0..<8 {
                 let document = try db.find("payment_orders", filter: .object([("_id", .string(id))]), limit: 1).first

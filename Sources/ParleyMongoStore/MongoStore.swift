@@ -590,6 +590,12 @@ struct Database: Sendable {
         }
     }
 
+    /// A mark of one call's writes, so that a read after a retry can tell them from another
+    /// writer's: the store retries a command that failed on the network, which may have been
+    /// applied with its reply lost. 64 random bits: short, and never the same twice among the
+    /// marks a document keeps.
+    static func callMark() -> String { String(UInt64.random(in: 0...UInt64.max), radix: 36) }
+
     /// Runs a command, retrying transient failures with exponential backoff. `retried` tells the
     /// body's caller whether an earlier attempt may have been applied already.
     func command(_ json: JSONValue, attempts: Int? = nil, retried: ((Bool) -> Void)? = nil) throws -> JSONValue {
@@ -694,7 +700,7 @@ struct Database: Sendable {
     func findAndModifyOnce(
         _ collection: String, id: JSONValue, query: [(String, JSONValue)], set: [(String, JSONValue)], inc: [(String, JSONValue)] = []
     ) throws -> JSONValue? {
-        let mark = JSONValue.string(String(UInt64.random(in: 0...UInt64.max), radix: 36))
+        let mark = JSONValue.string(Database.callMark())
         var update: [(String, JSONValue)] = [("$set", .object(set + [("call", mark)]))]
         if !inc.isEmpty { update.append(("$inc", .object(inc))) }
         var wasRetried = false
