@@ -46,8 +46,15 @@ extension MongoStore {
         }
     }
 
+    /// Looks first, as a clone's deletion does: a retry after a lost reply deletes nothing where
+    /// its first attempt deleted the clip, and the count alone would say there was none.
     public func deleteClip(id: String, owner: String) async throws -> Bool {
-        try await run { db in try db.delete("voice_clips", query: .object([("_id", .string(id)), ("owner", .string(owner))])) > 0 }
+        try await run { db in
+            let query = JSONValue.object([("_id", .string(id)), ("owner", .string(owner))])
+            guard try !db.find("voice_clips", filter: query, projection: .object([("_id", .int(1))]), limit: 1).isEmpty else { return false }
+            _ = try db.delete("voice_clips", query: query)
+            return true
+        }
     }
 
     public func purgeClips(createdBefore cutoff: Int64, limit: Int) async throws -> Int {

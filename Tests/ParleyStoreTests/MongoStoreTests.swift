@@ -79,8 +79,8 @@ import Testing
     }
 
     /// A deletion whose last step loses its reply after deleting: the retry deletes nothing,
-    /// yet the clone was there and is gone, so the call says so (it said "no such clone", a
-    /// 404 to the user who just deleted it).
+    /// yet the clone (or the voice clip) was there and is gone, so the call says so (it said
+    /// "no such clone", a 404 to the user who just deleted it).
     @Test(.enabled(if: !MongoFixture.isRealServer))
     func aDeletionWhoseReplyIsLostStillReportsTheDeletion() async throws {
         let (uri, app) = isolatedURI()
@@ -93,6 +93,13 @@ import Testing
         #expect(try await store.deleteClone(id: clone.id, owner: "alice"))
         #expect(try await store.clone(id: clone.id, owner: "alice") == nil)
         #expect(try await !store.deleteClone(id: clone.id, owner: "alice"))
+        let clip = VoiceClip(
+            id: "vc_lost_" + app, owner: "alice", stream: "st_1", conversation: nil, room: nil, message: nil, audio: [1, 2, 3], createdAt: 1)
+        try await store.saveClip(clip)
+        try failNext(1, ["delete"], app: app, dropReply: true)
+        #expect(try await store.deleteClip(id: clip.id, owner: "alice"))
+        #expect(try await store.clip(id: clip.id, owner: "alice", withAudio: false) == nil)
+        #expect(try await !store.deleteClip(id: clip.id, owner: "alice"))
         try turnOffFailPoint()
         try await store.close()
     }
