@@ -136,14 +136,22 @@ final class RoomService: FrameHandler {
 
     // MARK: REST
 
+    /// Whether room `id` runs here and has ended.
+    private func endedHere(_ id: String) -> Bool {
+        state.withLock { $0.rooms[id] }?.state.withLock { $0.room.status == .ended } ?? false
+    }
+
     /// The rooms `owner` made that have not ended (for a plan's room limit; two creates at the same
-    /// moment may both pass: the count is read first).
+    /// moment may both pass: the count is read first). A room run here that ended counts as
+    /// ended though its store write may still be on its way: its `ended` event goes out first,
+    /// and a moderator who then made a room was refused for the one just ended. (One run on
+    /// another node is counted as its store has it: ended once written there.)
     private func openRooms(of owner: String) async throws -> Int {
         var open = 0
         var after: String?
         while true {
             let page = try await store.rooms(owner: owner, limit: 200, after: after)
-            open += page.filter { $0.status != .ended }.count
+            open += page.filter { $0.status != .ended && !endedHere($0.id) }.count
             guard page.count == 200, let last = page.last else { return open }
             after = last.id
         }

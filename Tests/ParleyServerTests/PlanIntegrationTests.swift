@@ -2,12 +2,12 @@ import Crypto
 import Foundation
 import NIOHTTP1
 import ParleyCore
-import ParleyStore
 import ParleyTestSupport
 import Synchronization
 import Testing
 
 @testable import ParleyServer
+@testable import ParleyStore
 
 /// A clock a test moves (Unix ms), for billing periods.
 final class TestClock: Sendable {
@@ -415,6 +415,49 @@ final class TestClock: Sendable {
         _ = try await socket.next(type: "room.event")
         #expect(try await debate(server, token: token).status == .created, "the ended room no longer counts")
         try await expectInvariant(server, token: token)
+        await server.stop()
+    }
+
+    /// An ended room frees its place at once: a moderator who makes a room on seeing the last
+    /// one's `ended` event is not refused for it while its store write is still on its way (held
+    /// here behind a call that holds the store's writer).
+    @Test func anEndedRoomFreesItsPlaceBeforeItsStoreWriteLands() async throws {
+        let catalog = try PlanCatalog(
+            parsing: try JSONValue.parse(Array(#"{"plans": [{"id": "basic", "features": ["chat", "debate"], "limits": {"rooms": 1}}]}"#.utf8)))
+        let server = try await TestServer.start { $0.credits.plans = catalog }
+        let token = try await server.token("alice")
+        let socket = try await server.connect(token: token)
+        let room = try await debate(server, token: token)
+        #expect(room.status == .created)
+        let id = try room.json()["id"]!.stringValue!
+        try await socket.send(.object([("type", .string("room.join")), ("id", .string("j")), ("room", .string(id))]))
+        _ = try await socket.next(type: "room.state")
+
+        let store = try #require(server.server.store as? SQLiteStore)
+        let (entered, enter) = AsyncStream<Void>.makeStream()
+        var signals = entered.makeAsyncIterator()
+        let gate = DispatchSemaphore(value: 0)
+        let held = Task {
+            try await store.run { _ in
+                enter.yield()
+                gate.wait()
+            }
+        }
+        _ = await signals.next()
+        try await socket.send(.object([("type", .string("room.control")), ("id", .string("e")), ("room", .string(id)), ("action", .string("end"))]))
+        _ = try await socket.next(type: "room.event")
+        #expect(await holds(within: .seconds(10)) { store.waitingCalls == 1 }, "the ended room's write waits")
+        final class Finished: Sendable { let flag = Atomic(false) }
+        let finished = Finished()
+        let next = Task {
+            defer { finished.flag.store(true, ordering: .releasing) }
+            return try await debate(server, token: token)
+        }
+        // Refused at once (counted as open), or let through with its own write queued.
+        _ = await holds(within: .seconds(10)) { finished.flag.load(ordering: .acquiring) || store.waitingCalls >= 2 }
+        gate.signal()
+        try await held.value
+        #expect(try await next.value.status == .created)
         await server.stop()
     }
 
