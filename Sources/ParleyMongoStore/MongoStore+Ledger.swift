@@ -87,7 +87,8 @@ extension MongoStore {
     /// One `apply`'s marks on the windows it changes: a take and a give each push theirs onto
     /// the window's `calls` in the same update that changes `spent`, and change nothing where it
     /// is there already. A command retried after its reply was lost (applied, then a network
-    /// failure) so finds its first attempt instead of counting again; a later `apply` of the same
+    /// failure) so finds its first attempt instead of counting again (a take that finds nothing
+    /// after a retry reads the window back for its mark); a later `apply` of the same
     /// entry (one refused before) is a new call with new marks.
     struct WindowCall {
         let take: String
@@ -123,14 +124,16 @@ extension MongoStore {
                 update: .object([("$setOnInsert", .object([("spent", .long(0)), ("user", .string(user)), ("span", .string(cap.window))]))]),
                 upsert: true)
         } catch StoreError.duplicateKey {}
+        var wasRetried = false
         let taken = try db.findAndModify(
             "spend_windows",
             query: .object([
                 ("_id", id), ("spent", .object([("$lte", .long(cap.max - amount - headroom))])), ("calls", .object([("$ne", .string(call.take))])),
             ]),
-            update: counting(amount, call.take))
+            update: counting(amount, call.take), retried: { wasRetried = $0 })
         if taken != nil { return true }
-        // Refused, or taken by an attempt whose reply was lost.
+        guard wasRetried else { return false }
+        // Retried: refused, or taken by the attempt whose reply was lost.
         let window = try db.find("spend_windows", filter: .object([("_id", id)]), limit: 1).first
         return window?["calls"]?.strings?.contains(call.take) == true
     }

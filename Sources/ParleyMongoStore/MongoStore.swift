@@ -680,12 +680,17 @@ struct Database: Sendable {
     }
 
     /// Atomic read-modify-write of one document; returns it (after the update when `returnNew`).
-    func findAndModify(_ collection: String, query: JSONValue, update: JSONValue, upsert: Bool = false, returnNew: Bool = true) throws -> JSONValue? {
+    /// `retried`, as `command`'s: whether an earlier attempt may have been applied already.
+    func findAndModify(
+        _ collection: String, query: JSONValue, update: JSONValue, upsert: Bool = false, returnNew: Bool = true,
+        retried: ((Bool) -> Void)? = nil
+    ) throws -> JSONValue? {
         let reply = try command(
             .object([
                 ("findAndModify", .string(collection)), ("query", query), ("update", update),
                 ("upsert", .bool(upsert)), ("new", .bool(returnNew)),
-            ]))
+            ]),
+            retried: retried)
         guard let value = reply["value"], value != .null else { return nil }
         return value
     }
@@ -704,13 +709,9 @@ struct Database: Sendable {
         var update: [(String, JSONValue)] = [("$set", .object(set + [("call", mark)]))]
         if !inc.isEmpty { update.append(("$inc", .object(inc))) }
         var wasRetried = false
-        let reply = try command(
-            .object([
-                ("findAndModify", .string(collection)), ("query", .object([("_id", id)] + query)), ("update", .object(update)),
-                ("new", .bool(true)),
-            ]),
-            retried: { wasRetried = $0 })
-        if let value = reply["value"], value != .null { return value }
+        if let value = try findAndModify(collection, query: .object([("_id", id)] + query), update: .object(update), retried: { wasRetried = $0 }) {
+            return value
+        }
         guard wasRetried, let now = try find(collection, filter: .object([("_id", id)]), limit: 1).first, now["call"] == mark else { return nil }
         return now
     }
