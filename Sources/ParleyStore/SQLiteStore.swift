@@ -642,7 +642,7 @@ public final class SQLiteStore: Store {
                         commitCounter.increment()
                     } else {
                         commitFailure = StoreError.backend(
-                            "a call committed with this one failed, and SQLite rolled back both (a full disk or an I/O error)")
+                            "a call in the same transaction as this one failed, and SQLite rolled back both (a full disk or an I/O error)")
                     }
                     // Rolled back: what the journals hold is no longer known; each is written whole next.
                     if commitFailure != nil { journaled.withLock { $0.forgetAll() } }
