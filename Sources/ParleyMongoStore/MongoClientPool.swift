@@ -86,6 +86,9 @@ struct MongoCommandError: Error, CustomStringConvertible {
 
     var isDuplicateKey: Bool { code == 11000 || code == 11001 }
 
+    /// The server has no disk left to write on (`OutOfDiskSpace`).
+    var isOutOfRoom: Bool { code == 14031 }
+
     /// Failures worth retrying: the network, server selection, or a primary going away.
     var isTransient: Bool {
         if domain == MONGOC_ERROR_STREAM.rawValue || domain == MONGOC_ERROR_SERVER_SELECTION.rawValue { return true }

@@ -609,6 +609,7 @@ struct Database: Sendable {
             } catch let error as MongoCommandError {
                 attempt += 1
                 if error.isDuplicateKey { throw StoreError.duplicateKey(error.message) }
+                if error.isOutOfRoom { throw StoreError.full("\(error)") }
                 guard error.isTransient, attempt < limit else {
                     throw StoreError.backend(attempt > 1 ? "\(error) (after \(attempt) attempts)" : "\(error)")
                 }

@@ -43,6 +43,9 @@ struct SQLRow: Sendable {
 final class SQLiteConnection: @unchecked Sendable {
     private var handle: OpaquePointer?
     private var statements: [String: OpaquePointer] = [:]
+    /// How many calls have failed for lack of room (`SQLITE_FULL`: a full disk or
+    /// `max_page_count`), so the writer can tell a batch that ran out of room.
+    private(set) var roomFailures = 0
 
     init(path: String) throws {
         var db: OpaquePointer?
@@ -74,7 +77,7 @@ final class SQLiteConnection: @unchecked Sendable {
         if rc != SQLITE_OK {
             let message = error.map { String(cString: $0) } ?? "code \(rc)"
             sqlite3_free(error)
-            throw StoreError.backend("SQLite: \(message)")
+            throw failure(rc, "SQLite: \(message)")
         }
     }
 
@@ -147,6 +150,9 @@ final class SQLiteConnection: @unchecked Sendable {
     /// Rows changed by the last statement.
     var changes: Int { handle.map { Int(sqlite3_changes($0)) } ?? 0 }
 
+    /// Rows changed since the connection opened.
+    var totalChanges: Int64 { handle.map { sqlite3_total_changes64($0) } ?? 0 }
+
     /// Whether a transaction is open (the store's group commit runs every call inside one).
     var inTransaction: Bool { handle.map { sqlite3_get_autocommit($0) == 0 } ?? false }
 
@@ -195,6 +201,13 @@ final class SQLiteConnection: @unchecked Sendable {
         if parley_sqlite_is_unique_violation(rc) != 0 {
             return .duplicateKey(message)
         }
-        return .backend("SQLite error \(rc): \(message)")
+        return failure(rc, "SQLite error \(rc): \(message)")
+    }
+
+    private func failure(_ rc: Int32, _ message: String) -> StoreError {
+        // Extended result codes keep the primary code in the low byte.
+        guard rc & 0xff == SQLITE_FULL else { return .backend(message) }
+        roomFailures += 1
+        return .full(message)
     }
 }

@@ -390,6 +390,9 @@ public final class SQLiteStore: Store {
     private let commitCounter: CoreMetrics.Counter
     /// Group commits so far (what `commitCounter` counts), for tests.
     let commits = Atomic(0)
+    /// A batch had a call fail for lack of room (a full disk), and no batch has stored a row
+    /// since: `ping` says so, for `/healthz`.
+    private let outOfRoom = Atomic(false)
     /// Times the writer waited for more calls before a commit (`commitWindow`), for tests.
     let windowWaits = Atomic(0)
     /// What the journals of the replies streaming now hold in the store (see `saveStreamJournals`).
@@ -611,8 +614,19 @@ public final class SQLiteStore: Store {
             }
             guard !batch.isEmpty else { return }
             db.withLock { connection in
+                let roomFailures = connection.roomFailures
+                var storedRows = false
+                defer {
+                    // Out of room until a batch stores something again (a read alone, as `ping`, does not tell).
+                    if connection.roomFailures != roomFailures {
+                        outOfRoom.store(true, ordering: .relaxed)
+                    } else if storedRows {
+                        outOfRoom.store(false, ordering: .relaxed)
+                    }
+                }
                 var pending = batch[...]
                 while !pending.isEmpty {
+                    let (changesBefore, roomFailuresBefore) = (connection.totalChanges, connection.roomFailures)
                     do {
                         try connection.command("BEGIN IMMEDIATE")
                     } catch {
@@ -634,15 +648,18 @@ public final class SQLiteStore: Store {
                         indexForSearchWhenDue(connection)
                         do {
                             try connection.command("COMMIT")
+                            if connection.totalChanges != changesBefore { storedRows = true }
                         } catch {
                             commitFailure = error
                             try? connection.command("ROLLBACK")
                         }
                         commits.add(1, ordering: .relaxed)
                         commitCounter.increment()
+                    } else if connection.roomFailures != roomFailuresBefore {
+                        commitFailure = StoreError.full("a call in the same transaction as this one found no room, and SQLite rolled back both")
                     } else {
                         commitFailure = StoreError.backend(
-                            "a call in the same transaction as this one failed, and SQLite rolled back both (a full disk or an I/O error)")
+                            "a call in the same transaction as this one failed, and SQLite rolled back both (an I/O error)")
                     }
                     // Rolled back: what the journals hold is no longer known; each is written whole next.
                     if commitFailure != nil { journaled.withLock { $0.forgetAll() } }
@@ -711,5 +728,6 @@ public final class SQLiteStore: Store {
 
     public func ping() async throws {
         try await run { db in _ = try db.query("SELECT 1") }
+        if outOfRoom.load(ordering: .relaxed) { throw StoreError.full("the latest write found no room, and none has been stored since") }
     }
 }

@@ -78,6 +78,22 @@ import Testing
         try await store.close()
     }
 
+    /// A server out of disk space is reported as a store without room (clients are told
+    /// `unavailable`), not retried as if the network had failed.
+    @Test func aServerOutOfDiskSpaceIsAStoreWithoutRoom() async throws {
+        let (uri, app) = isolatedURI()
+        let store = try await MongoStore.open(uri: uri)
+        try failNext(1, ["insert"], app: app, errorCode: 14031)
+        await #expect {
+            try await store.createClone(makeClone(owner: "alice"))
+        } throws: { error in
+            guard case StoreError.full = error else { return false }
+            return true
+        }
+        try await store.createClone(makeClone(owner: "alice"))
+        try await store.close()
+    }
+
     /// A deletion whose last step loses its reply after deleting: the retry deletes nothing,
     /// yet the clone (or the voice clip) was there and is gone, so the call says so (it said
     /// "no such clone", a 404 to the user who just deleted it).

@@ -249,6 +249,40 @@ import Testing
         let stored = try await store.read { db in try db.query("SELECT v FROM t ORDER BY v").compactMap { $0["v"].int } }
         #expect(returned == [3])
         #expect(stored == [3])
+        // Both failed for lack of room, the one undone with the other too.
+        for task in [before, filling] {
+            await #expect {
+                try await task.value
+            } throws: { error in
+                guard case StoreError.full = error else { return false }
+                return true
+            }
+        }
+        try await store.close()
+    }
+
+    /// A write that finds no room throws `full` (a code the server can tell clients), and `ping`
+    /// says so until a write is stored again: a read alone does not clear it.
+    @Test func aWriteWithoutRoomThrowsFullAndPingSaysSoUntilAWriteIsStored() async throws {
+        let store = try await SQLiteStore.open(path: temporaryPath("no-room") + "/parley.sqlite")
+        let pages = try await store.run { db in
+            try db.exec("CREATE TABLE t (v INTEGER, pad BLOB)")
+            return try db.query("PRAGMA page_count").first?["page_count"].int ?? 0
+        }
+        try await store.run { db in try db.exec("PRAGMA max_page_count = \(pages + 2)") }
+        @Sendable func isFull(_ error: any Error) -> Bool {
+            guard case StoreError.full = error else { return false }
+            return true
+        }
+        try await store.ping()
+        await #expect(performing: { try await store.run { db in try db.exec("INSERT INTO t VALUES (1, zeroblob(100000))") } }, throws: isFull)
+        await #expect(performing: { try await store.ping() }, throws: isFull)
+        _ = try await store.read { db in try db.query("SELECT count(*) FROM t") }
+        _ = try await store.run { db in try db.query("SELECT count(*) FROM t") }
+        await #expect(performing: { try await store.ping() }, throws: isFull)
+        try await store.run { db in try db.exec("PRAGMA max_page_count = 1000000") }
+        try await store.run { db in try db.exec("INSERT INTO t VALUES (2, zeroblob(100000))") }
+        try await store.ping()
         try await store.close()
     }
 
