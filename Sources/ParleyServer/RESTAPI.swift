@@ -203,6 +203,7 @@ struct RESTAPI: Sendable {
             logger.error(
                 "request failed",
                 metadata: ["request": "\(request.id)", "method": "\(request.method)", "path": "\(request.path)", "error": "\(error)"])
+            if case StoreError.full = error { return APIError(.storeFull).response }
             return APIError(.internalServerError, .internal, "the request failed; try again").response
         }
     }
@@ -217,32 +218,42 @@ struct RESTAPI: Sendable {
     static let healthTimeout: Duration = .seconds(2)
 
     /// `GET /healthz`: 200 when the store answers a round trip within `healthTimeout`, else 503
-    /// (a balancer then sends no one here); 503 `draining` once a shutdown began, so a balancer
+    /// (a balancer then sends no one here), and 503 `"store":"full"` while its latest write
+    /// found no room (nearly every request writes: a reply its debit); 503 `draining` once a shutdown began, so a balancer
     /// stops sending new sockets while the replies in flight finish. Says nothing more to the
     /// unauthenticated caller.
     private func health() async -> HTTPResponse {
         let store = self.store
         // Unstructured, so a store that hangs cannot hold the answer (a task group would wait for it).
-        let healthy = await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
-            let pending = Mutex<CheckedContinuation<Bool, Never>?>(continuation)
-            let answer: @Sendable (Bool) -> Void = { healthy in pending.withLock { $0.take() }?.resume(returning: healthy) }
+        let storeState = await withCheckedContinuation { (continuation: CheckedContinuation<String, Never>) in
+            let pending = Mutex<CheckedContinuation<String, Never>?>(continuation)
+            let answer: @Sendable (String) -> Void = { state in pending.withLock { $0.take() }?.resume(returning: state) }
             let timer = Task {
                 try? await Task.sleep(for: Self.healthTimeout)
-                answer(false)
+                answer("unreachable")
             }
             Task {
-                answer((try? await store.ping()) != nil)
+                do {
+                    try await store.ping()
+                    answer("ok")
+                } catch StoreError.full {
+                    answer("full")
+                } catch {
+                    answer("unreachable")
+                }
                 timer.cancel()
             }
         }
-        if !healthy { logger.warning("health check: the store did not answer") }
+        let healthy = storeState == "ok"
+        if storeState == "unreachable" { logger.warning("health check: the store did not answer") }
+        if storeState == "full" { logger.warning("health check: the store has no room left") }
         let draining = !chat.streams.isAccepting
         // A cluster's node cut off from NATS would take sockets whose tabs elsewhere it cannot reach.
         let broker = (chat.streams.broker as? NATSBroker)?.isConnected
         if broker == false { logger.warning("health check: the broker is not connected") }
         let ready = healthy && broker != false
         var fields: [(String, JSONValue)] = [
-            ("status", .string(draining ? "draining" : ready ? "ok" : "unavailable")), ("store", .string(healthy ? "ok" : "unreachable")),
+            ("status", .string(draining ? "draining" : ready ? "ok" : "unavailable")), ("store", .string(storeState)),
         ]
         if let broker { fields.append(("broker", .string(broker ? "ok" : "unreachable"))) }
         return HTTPResponse(ready && !draining ? .ok : .serviceUnavailable, json: .object(fields))

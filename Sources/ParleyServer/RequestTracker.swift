@@ -1,5 +1,6 @@
 import Logging
 import ParleyCore
+import ParleyStore
 import Synchronization
 
 /// The requests the server is working on, whichever service serves them: each runs as a task
@@ -55,12 +56,15 @@ final class RequestTracker: Sendable {
         }
     }
 
-    /// Logs a failure the client cannot act on and returns the `internal` error it is told.
+    /// Logs a failure the client cannot act on and returns the error it is told: `internal`, or
+    /// `unavailable` when the store has no room left (a full disk: nothing is stored until an
+    /// operator makes room, so "try again" alone would mislead).
     func internalFailure(_ error: any Error, what: String, connection: ClientConnection? = nil, ref: String? = nil) -> FrameError {
         var metadata: Logger.Metadata = ["error": "\(error)"]
         if let connection { metadata["conn"] = "\(connection.id)" }
         if let ref { metadata["ref"] = "\(ref)" }
         logger.error("\(what) failed", metadata: metadata)
+        if case StoreError.full = error { return .storeFull }
         return FrameError(ref: nil, code: .internal, message: "the request failed; try again")
     }
 
@@ -102,4 +106,10 @@ final class RequestTracker: Sendable {
         let running = state.withLock { r in r.owners.filter { $0.value == user }.compactMap { r.running[$0.key] } }
         for task in running { await task.value }
     }
+}
+
+extension FrameError {
+    /// What a request that needed the store is told while the store has no room left.
+    static let storeFull = FrameError(
+        ref: nil, code: .unavailable, message: "the server has no room left to store anything; try again later")
 }

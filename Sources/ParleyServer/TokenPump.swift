@@ -62,7 +62,11 @@ struct ReleasedReply {
             failureCode = .rateLimited
         case let error as StoreError:
             logger.error("metering failed; stopping the stream", metadata: ["stream": "\(live.id)", "error": "\(error)"])
-            failure = "credits could not be charged; try again"
+            if case .full = error {
+                (failure, failureCode) = (FrameError.storeFull.message, .unavailable)
+            } else {
+                (failure, failureCode) = ("credits could not be charged; try again", .internal)
+            }
         default:
             metrics.providerFailed.increment()
             logger.error("provider failed", metadata: ["stream": "\(live.id)", "error": "\(error)"])

@@ -3,6 +3,7 @@ import Foundation
 import NIOHTTP1
 import ParleyCore
 import ParleyServer
+@testable import ParleyStore
 import ParleyTestSupport
 import Testing
 
@@ -117,6 +118,45 @@ import Testing
         let down = try await server.get("/healthz", token: nil)
         #expect(down.status == .serviceUnavailable)
         #expect(down.text == #"{"status":"unavailable","store":"unreachable"}"#)
+        await server.stop()
+    }
+
+    /// A store with no room left (a full disk) makes a request that writes fail `unavailable`
+    /// (503 over REST), not `internal`, and `/healthz` say `full` until a write is stored again.
+    @Test func aStoreWithoutRoomAnswersUnavailableAndHealthSaysFull() async throws {
+        let server = try await TestServer.start()
+        let token = try await server.token("alice")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        let store = try #require(server.server.store as? SQLiteStore)
+        // The database may not grow, and its free room is taken: to SQLite, as full as a full disk.
+        try await store.run { db in
+            let pages = try db.query("PRAGMA page_count").first?["page_count"].int ?? 0
+            try db.exec("PRAGMA max_page_count = \(pages); CREATE TABLE filler (pad BLOB)")
+        }
+        for size in [10_000, 1_000, 100, 10] {
+            // Each in its own call: one that finds no room undoes its whole transaction.
+            while (try? await store.run({ db in try db.exec("INSERT INTO filler VALUES (zeroblob(\(size)))") })) != nil {}
+        }
+        let long = String(repeating: "many words ", count: 700)
+        try await socket.chatSend(id: "c1", clone: clone, text: long)
+        let refused = try await socket.next(type: "error").frame
+        #expect(refused["ref"] == .string("c1"))
+        #expect(refused["code"] == .string("unavailable"))
+        let created = try await TestHTTPClient.json(
+            port: server.port, .POST, "/v1/clones", token: token, json: .object([("name", .string("Bo")), ("system_prompt", .string(long))]))
+        #expect(created.status == .serviceUnavailable)
+        #expect(try created.json()["error"]?["code"] == .string("unavailable"))
+        let full = try await server.get("/healthz", token: nil)
+        #expect(full.status == .serviceUnavailable)
+        #expect(full.text == #"{"status":"unavailable","store":"full"}"#)
+
+        try await store.run { db in try db.exec("PRAGMA max_page_count = 1073741823") }
+        try await socket.chatSend(id: "c2", clone: clone, text: long)
+        let end = try await socket.next(type: "stream.end").frame
+        #expect(end["reason"] == .string("complete"))
+        let healthy = try await server.get("/healthz", token: nil)
+        #expect(healthy.text == #"{"status":"ok","store":"ok"}"#)
         await server.stop()
     }
 

@@ -115,14 +115,7 @@ import Testing
                 store: ledger, configuration: configuration, logger: Logger(label: "test"), metrics: TestMetrics(), pseudonym: { $0 })
             let meter = credits.meter(user: "alice", stream: "st1", conversation: "cv1", model: SimulatedProvider.modelName, feature: .chat)
             try await meter.begin(inputTokens: 1)
-            let live = LiveStream(
-                id: "st1", owner: "alice", model: SimulatedProvider.modelName, kind: .reply(conversation: "cv1", clone: "cl1", schedule: nil),
-                bufferCapacity: 100, readers: [], broker: broker, hub: SocketHub())
-            let journal = StreamJournals(store: ledger, logger: Logger(label: "test")).open(
-                StreamJournal(
-                    stream: "st1", user: "alice", model: SimulatedProvider.modelName, feature: "chat", inputTokens: 1, target: .settleOnly,
-                    messageID: "msg1", createdAt: 0))
-            let reply = ReleasedReply(live: live, journal: journal, allocator: ByteBufferAllocator())
+            let reply = Self.reply(ledger: ledger, broker: broker)
             let (provider, metrics) = (self.provider, StreamMetrics(factory: TestMetrics()))
             pumped = Task {
                 await TokenPump.pump(
@@ -131,6 +124,18 @@ import Testing
             }
             // The pump has started once the provider was given its sink.
             while provider.sink.withLock({ $0 == nil }) { await Task.yield() }
+        }
+
+        /// An empty reply of stream "st1", journaled to `ledger`.
+        static func reply(ledger: GatedLedger, broker: RecordingBroker) -> ReleasedReply {
+            let live = LiveStream(
+                id: "st1", owner: "alice", model: SimulatedProvider.modelName, kind: .reply(conversation: "cv1", clone: "cl1", schedule: nil),
+                bufferCapacity: 100, readers: [], broker: broker, hub: SocketHub())
+            let journal = StreamJournals(store: ledger, logger: Logger(label: "test")).open(
+                StreamJournal(
+                    stream: "st1", user: "alice", model: SimulatedProvider.modelName, feature: "chat", inputTokens: 1, target: .settleOnly,
+                    messageID: "msg1", createdAt: 0))
+            return ReleasedReply(live: live, journal: journal, allocator: ByteBufferAllocator())
         }
 
         /// Sends `events` to the pump on its loop, in order, then `finished` when `finish`.
@@ -143,6 +148,20 @@ import Testing
         }
 
         var tokenFrames: [String] { broker.frames.withLock { $0.filter { $0.contains("\"token\"") } } }
+    }
+
+    /// A reply stopped because its tokens could not be paid for says why with a code the client
+    /// can act on: `unavailable` when the store had no room (it said `provider_error`, blaming
+    /// the model), `internal` for another store failure.
+    @Test func aReplyStoppedByTheStoreSaysSoInItsCode() {
+        let metrics = StreamMetrics(factory: TestMetrics())
+        var reply = Fixture.reply(ledger: GatedLedger(), broker: RecordingBroker())
+        reply.fail(StoreError.full("disk full"), metrics: metrics, logger: Logger(label: "test"))
+        #expect(reply.failureCode == .unavailable)
+        #expect(reply.failure == FrameError.storeFull.message)
+        reply.fail(StoreError.backend("gone"), metrics: metrics, logger: Logger(label: "test"))
+        #expect(reply.failureCode == .internal)
+        #expect(reply.failure == "credits could not be charged; try again")
     }
 
     @Test func tokensThatArriveWhileABatchIsBoughtGoOutInOrderOncePaid() async throws {
