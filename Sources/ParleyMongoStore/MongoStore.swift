@@ -611,7 +611,8 @@ struct Database: Sendable {
                 if error.isDuplicateKey { throw StoreError.duplicateKey(error.message) }
                 if error.isOutOfRoom { throw StoreError.full("\(error)") }
                 guard error.isTransient, attempt < limit else {
-                    throw StoreError.backend(attempt > 1 ? "\(error) (after \(attempt) attempts)" : "\(error)")
+                    let message = attempt > 1 ? "\(error) (after \(attempt) attempts)" : "\(error)"
+                    throw error.isTransient ? StoreError.unreachable(message) : StoreError.backend(message)
                 }
                 // A store thread, never an event loop: sleeping here blocks nobody else.
                 let (seconds, attoseconds) = delay.components

@@ -203,7 +203,7 @@ struct RESTAPI: Sendable {
             logger.error(
                 "request failed",
                 metadata: ["request": "\(request.id)", "method": "\(request.method)", "path": "\(request.path)", "error": "\(error)"])
-            if case StoreError.full = error { return APIError(.storeFull).response }
+            if let unavailable = FrameError.storeUnavailable(error) { return APIError(unavailable).response }
             return APIError(.internalServerError, .internal, "the request failed; try again").response
         }
     }

@@ -57,15 +57,13 @@ final class RequestTracker: Sendable {
     }
 
     /// Logs a failure the client cannot act on and returns the error it is told: `internal`, or
-    /// `unavailable` when the store has no room left (a full disk: nothing is stored until an
-    /// operator makes room, so "try again" alone would mislead).
+    /// `unavailable` when the store cannot take writes now (see `storeUnavailable`).
     func internalFailure(_ error: any Error, what: String, connection: ClientConnection? = nil, ref: String? = nil) -> FrameError {
         var metadata: Logger.Metadata = ["error": "\(error)"]
         if let connection { metadata["conn"] = "\(connection.id)" }
         if let ref { metadata["ref"] = "\(ref)" }
         logger.error("\(what) failed", metadata: metadata)
-        if case StoreError.full = error { return .storeFull }
-        return FrameError(ref: nil, code: .internal, message: "the request failed; try again")
+        return .storeUnavailable(error) ?? FrameError(ref: nil, code: .internal, message: "the request failed; try again")
     }
 
     /// Runs `body` as a request the shutdown waits for; false (and `body` never runs) once the
@@ -109,7 +107,17 @@ final class RequestTracker: Sendable {
 }
 
 extension FrameError {
-    /// What a request that needed the store is told while the store has no room left.
-    static let storeFull = FrameError(
-        ref: nil, code: .unavailable, message: "the server has no room left to store anything; try again later")
+    /// What a request that needed the store is told when `error` says the store cannot serve
+    /// it now, rather than that the request met a fault: no room left (a full disk: nothing is
+    /// stored until an operator makes room, so "try again" alone would mislead), or the
+    /// database out of reach after the store's retries. Nil for any other error.
+    static func storeUnavailable(_ error: any Error) -> FrameError? {
+        switch error {
+        case StoreError.full:
+            FrameError(ref: nil, code: .unavailable, message: "the server has no room left to store anything; try again later")
+        case StoreError.unreachable:
+            FrameError(ref: nil, code: .unavailable, message: "the server cannot reach its database; try again shortly")
+        default: nil
+        }
+    }
 }

@@ -62,8 +62,8 @@ struct ReleasedReply {
             failureCode = .rateLimited
         case let error as StoreError:
             logger.error("metering failed; stopping the stream", metadata: ["stream": "\(live.id)", "error": "\(error)"])
-            if case .full = error {
-                (failure, failureCode) = (FrameError.storeFull.message, .unavailable)
+            if let unavailable = FrameError.storeUnavailable(error) {
+                (failure, failureCode) = (unavailable.message, unavailable.code)
             } else {
                 (failure, failureCode) = ("credits could not be charged; try again", .internal)
             }

@@ -369,6 +369,9 @@ public enum StoreError: Error, Equatable, Sendable, CustomStringConvertible {
     /// The store has no room left to write (a full disk, or its size limit): nothing more is
     /// stored until room is made. Reads still work. The message is for operators.
     case full(String)
+    /// The backend cannot be reached (the network, or no primary to write to) after the
+    /// retries a call gets: try again shortly. The message is for operators.
+    case unreachable(String)
     /// The backend failed; the message is for operators, not clients.
     case backend(String)
 
@@ -379,6 +382,7 @@ public enum StoreError: Error, Equatable, Sendable, CustomStringConvertible {
             "the store's schema version \(found) is newer than this build supports (\(supported)); upgrade Parley"
         case .closed: "the store is closed"
         case .full(let message): "no room left to store anything: \(message)"
+        case .unreachable(let message): "the store is unreachable: \(message)"
         case .backend(let message): message
         }
     }
