@@ -346,8 +346,9 @@ actor CreditMeter {
     /// Reconciles what was charged with what the stream really used (the provider's usage when
     /// it reported one, else the prompt estimate and the tokens delivered): refunds unused
     /// prepaid credits or charges the rest, as far as the balance allows. Returns the stream's
-    /// cost and the balance after it.
-    func settle(usage: Usage) async -> (cost: Int64, balance: Int64) {
+    /// cost and the balance after it, and whether the store took the settlement (when not, the
+    /// caller keeps the stream's journal, so the recovery settles it).
+    func settle(usage: Usage) async -> (cost: Int64, balance: Int64, settled: Bool) {
         let actual =
             (pricing.inputCost(tokens: usage.inputTokens, model: model, feature: feature) ?? 0)
             + outputCost(usage.outputTokens)
@@ -377,13 +378,14 @@ actor CreditMeter {
                     }
                 }
                 balance = outcome.balance
-            } else {
-                balance = try await credits.store.balance(user: user)
+            } else if let current = try? await credits.store.balance(user: user) {
+                balance = current  // nothing to settle: without it, the last balance known
             }
         } catch {
             credits.logger.error("settling a stream failed", metadata: ["stream": "\(stream)", "error": "\(error)"])
+            return (charged, balance, false)
         }
-        return (charged, balance)
+        return (charged, balance, true)
     }
 
     private func outputCost(_ tokens: Int) -> Int64 {

@@ -62,7 +62,10 @@ struct StreamRecovery {
                 user: journal.user, stream: stream, conversation: conversation, room: room, model: journal.model,
                 feature: Feature(rawValue: journal.feature) ?? .chat)
             await meter.recover(charged: charged, batches: batches)
-            (outcome.cost, outcome.balance) = await meter.settle(usage: usage)
+            let (cost, balance, settled) = await meter.settle(usage: usage)
+            // Its journal stays for the next recovery.
+            guard settled else { throw SettlementFailed(stream: stream) }
+            (outcome.cost, outcome.balance) = (cost, balance)
         }
         do {
             switch journal.target {
@@ -101,4 +104,11 @@ struct StreamRecovery {
             ])
         return outcome
     }
+}
+
+/// A recovered stream's settlement could not be stored (logged where it failed): its journal
+/// stays for the next recovery.
+struct SettlementFailed: Error, CustomStringConvertible {
+    var stream: String
+    var description: String { "the settlement of stream \(stream) could not be stored" }
 }

@@ -330,19 +330,21 @@ final class StreamRunner: Sendable {
         // the recovery, which completes either (each step idempotent).
         let settling = Task { await meter.settle(usage: usage) }
         let storing = Task { try await persist(message) }
-        let (cost, balance) = await settling.value
+        let (cost, balance, settled) = await settling.value
         let stored = await storing.result
         var storedID: String? = message.id
         if case .failure(let error) = stored {
             logger.error(
                 "storing the reply failed; its journal keeps it for the next start-up", metadata: ["stream": "\(live.id)", "error": "\(error)"])
             storedID = nil
-            journal.offer(text: text, outputTokens: Int(seq))
         }
+        if !settled { logger.error("settling the reply failed; its journal keeps it for the next start-up", metadata: ["stream": "\(live.id)"]) }
         // Before stream.end: once a turn's task ends, its room moves on, and whoever awaits the
         // stream (an account deletion) must find no snapshot of it still to be written. (Its
-        // deletion goes with the node's next journal write.)
-        let keep = storedID == nil
+        // deletion goes with the node's next journal write.) A reply not stored or not settled
+        // keeps its journal, whole, for the recovery to finish (each of its steps idempotent).
+        let keep = storedID == nil || !settled
+        if keep { journal.offer(text: text, outputTokens: Int(seq)) }
         await Task { await journal.finish(keep: keep) }.value
         if reason == .error, let failure {
             let frame = allocator.buffer(bytes: ServerFrame.error(ref: ref, code: failureCode, message: failure))

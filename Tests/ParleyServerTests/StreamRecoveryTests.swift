@@ -1,7 +1,7 @@
 import Foundation
 import ParleyCore
 import ParleyServer
-import ParleyStore
+@testable import ParleyStore
 import ParleyTestSupport
 import Testing
 
@@ -31,6 +31,36 @@ import Testing
 
     private func paid(_ store: any Store, _ user: String, stream: String) async throws -> Int64 {
         -(try await store.ledger(user: user, limit: 500, before: nil).filter { $0.stream == stream }.reduce(0) { $0 + $1.credits })
+    }
+
+    /// A reply whose settlement the store refused (here a trigger; in life a full disk or a
+    /// database out of reach) keeps its journal, and the next start-up settles it: the refund
+    /// of its unused prepaid tokens was lost (its journal was deleted once the reply was stored).
+    @Test func aReplyWhoseSettlementFailedIsSettledAtTheNextStartUp() async throws {
+        let server = try await TestServer.start { $0.credits.batchTokens = 16 }
+        let store = try #require(server.server.store as? SQLiteStore)
+        try await store.run { db in
+            try db.exec(
+                "CREATE TRIGGER refuse_settlements BEFORE INSERT ON ledger WHEN NEW.id LIKE '%:settle' BEGIN SELECT RAISE(ABORT, 'refused'); END")
+        }
+        let (token, _, socket) = try await aliceSends("hello", on: server)
+        let (end, before) = try await socket.next(type: "stream.end")
+        #expect(end["reason"] == .string("complete"))
+        let stream = try #require(end["stream"]?.stringValue)
+        let conversation = try #require(before.first { $0["type"] == .string("stream.start") }?["conversation"]?.stringValue)
+        #expect(try await store.ledgerEntry(id: "\(stream):settle") == nil)
+        #expect(try await store.streamJournals(limit: 10, node: nil).map(\.stream) == [stream])
+
+        try await store.run { db in try db.exec("DROP TRIGGER refuse_settlements") }
+        let restarted = try await server.restarted()
+        let settlement = try #require(try await restarted.server.store.ledgerEntry(id: "\(stream):settle"))
+        #expect(settlement.credits > 0, "24 tokens used of 32 prepaid: a refund")
+        #expect(try await restarted.server.store.streamJournals(limit: 10, node: nil).isEmpty)
+        try await expectInvariant(restarted, token: token)
+        // Stored once, by the stream: the recovery's own store of it found it there.
+        let messages = try await restarted.get("/v1/conversations/\(conversation)/messages", token: token).json()["messages"]!.arrayValue!
+        #expect(messages.map { $0["id"] } == [messages.first?["id"], end["message"]])
+        await restarted.stop()
     }
 
     @Test(arguments: TestServer.StoreKind.allCases)
