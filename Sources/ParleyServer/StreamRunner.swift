@@ -102,9 +102,22 @@ final class StreamRunner: Sendable {
         return Prepared(id: id, prompt: prompt, request: request, model: model, meter: meter)
     }
 
-    /// Gives back what `prepare` charged, for a stream that will never run.
+    /// Gives back what `prepare` charged, for a stream that will never run. When the store
+    /// refuses the refund (often the very failure that stopped the stream), a journal of the
+    /// stream with nothing used waits for the next start-up's recovery to refund it.
     func abandon(_ prepared: Prepared) async {
-        _ = await prepared.meter.settle(usage: Usage(inputTokens: 0, outputTokens: 0))
+        let meter = prepared.meter
+        guard !(await meter.settle(usage: Usage(inputTokens: 0, outputTokens: 0))).settled else { return }
+        let journal = StreamJournal(
+            stream: prepared.id, user: meter.user, model: prepared.model, feature: meter.feature.rawValue, inputTokens: 0,
+            target: .settleOnly, messageID: ids.make(.message), createdAt: Int64(Timestamp.nowMillis()))
+        do {
+            try await store.saveStreamJournal(journal)
+        } catch {
+            logger.error(
+                "an abandoned stream could not be refunded, nor its refund kept for the next start-up",
+                metadata: ["stream": "\(prepared.id)", "error": "\(error)"])
+        }
     }
 
     /// Makes the stream, read by the sockets subscribed to `readers` now (a user's, a room's, a

@@ -2,7 +2,7 @@ import Foundation
 import NIOHTTP1
 import ParleyCore
 import ParleyLLM
-import ParleyStore
+@testable import ParleyStore
 import ParleyTestSupport
 import Testing
 
@@ -301,6 +301,39 @@ func standIn(_ text: String, _ tag: String) -> String { SimulatedProvider.transl
         let transcript = try await f.server.get("/v1/rooms/\(f.room)", token: f.tokens["bruno"]!).json()["transcript"]!.arrayValue!
         #expect(transcript.count == 1 && transcript[0]["untranslated"] == .bool(true))
         await f.server.stop()
+    }
+
+    /// A message whose storing fails after its translations were paid for gives their prompts
+    /// back; when the store refuses the refunds too (the same failure, often), they wait in
+    /// journals for the next start-up, which refunds them (they were lost).
+    @Test func translationsPaidForAMessageThatCouldNotBeStoredAreRefundedOnceTheStoreAllows() async throws {
+        let f = try await TranslationFixture.make(languages: ["alice": "en", "bruno": "pt", "chen": "zh"], members: ["bruno", "chen"])
+        let alice = try await f.connect("alice")
+        _ = try await f.ledger("alice")  // the starting grant, before anything is refused
+        let store = try #require(f.server.server.store as? SQLiteStore)
+        try await store.run { db in
+            try db.exec(
+                """
+                CREATE TRIGGER refuse_said BEFORE INSERT ON room_entries WHEN NEW.kind = 'said' BEGIN SELECT RAISE(ABORT, 'refused'); END;
+                CREATE TRIGGER refuse_settlements BEFORE INSERT ON ledger WHEN NEW.id LIKE '%:settle' BEGIN SELECT RAISE(ABORT, 'refused'); END;
+                """)
+        }
+        try await alice.say(f.room, "Good morning, all")
+        let refused = try await alice.next(type: "error").frame
+        #expect(refused["code"] == .string("internal"))
+        let paid = try await f.ledger("alice")
+        #expect(paid.debits.count == 2, "a prompt paid for each of the two other languages")
+        #expect(paid.debits.allSatisfy { $0["credits"]!.intValue! < 0 })
+        #expect(try await store.streamJournals(limit: 10, node: nil).count == 2)
+
+        try await store.run { db in try db.exec("DROP TRIGGER refuse_said; DROP TRIGGER refuse_settlements") }
+        let restarted = try await f.server.restarted()
+        let json = try await restarted.get("/v1/credits?limit=100", token: f.tokens["alice"]!).json()
+        let streams = json["entries"]!.arrayValue!.filter { $0["stream"] != nil }
+        #expect(streams.count == 4, "each prompt, then its refund")
+        #expect(streams.reduce(0) { $0 + $1["credits"]!.intValue! } == 0)
+        #expect(try await restarted.server.store.streamJournals(limit: 10, node: nil).isEmpty)
+        await restarted.stop()
     }
 
     @Test func badInputGetsClearErrors() async throws {
