@@ -233,7 +233,11 @@ let package = Package(
         ),
         .testTarget(name: "ParleyCoreTests", dependencies: ["ParleyCore", "ParleyLLM"], swiftSettings: strict),
         .testTarget(
-            name: "ParleyStoreTests", dependencies: ["ParleyStore", "ParleyMongoStore", "ParleyCore", "ParleyTestSupport"], swiftSettings: strict),
+            name: "ParleyStoreTests",
+            dependencies: [
+                "ParleyStore", "ParleyMongoStore", "ParleyCore", "ParleyTestSupport", .product(name: "MetricsTestKit", package: "swift-metrics"),
+            ],
+            swiftSettings: strict),
         .testTarget(
             name: "ParleyDeflateTests",
             dependencies: ["ParleyDeflate", .product(name: "NIOCore", package: "swift-nio")],

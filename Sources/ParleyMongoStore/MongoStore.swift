@@ -47,6 +47,7 @@ public final class MongoStore: Store {
     private let closed = Atomic(false)
     /// Each call from asking to its answer, retries included.
     private let latency: CoreMetrics.Timer
+    private let errors: StoreErrorCounter
 
     public var database: String { pool.database }
     public var node: String? { options.node }
@@ -60,6 +61,7 @@ public final class MongoStore: Store {
     private init(pool: MongoClientPool, threads: NIOThreadPool, leaseThreads: NIOThreadPool, options: Options) {
         latency = CoreMetrics.Timer(
             label: "parley_store_seconds", dimensions: [("store", "mongodb")], preferredDisplayUnit: .seconds, factory: options.metrics)
+        errors = StoreErrorCounter(store: "mongodb", factory: options.metrics)
         self.pool = pool
         self.threads = threads
         self.leaseThreads = leaseThreads
@@ -126,6 +128,9 @@ public final class MongoStore: Store {
             return try await (lane == .data ? threads : leaseThreads).runIfActive { try body(db) }
         } catch is NIOThreadPoolError.ThreadPoolInactive {
             throw StoreError.closed
+        } catch {
+            errors.count(error)
+            throw error
         }
     }
 

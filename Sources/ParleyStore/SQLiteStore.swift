@@ -388,6 +388,7 @@ public final class SQLiteStore: Store {
     private let latency: CoreMetrics.Timer
     /// `parley_store_commits_total{store="sqlite"}`: group commits (each one `fdatasync`).
     private let commitCounter: CoreMetrics.Counter
+    private let errors: StoreErrorCounter
     /// Group commits so far (what `commitCounter` counts), for tests.
     let commits = Atomic(0)
     /// A batch had a call fail for lack of room (a full disk), and no batch has stored a row
@@ -411,6 +412,7 @@ public final class SQLiteStore: Store {
         latency = CoreMetrics.Timer(
             label: "parley_store_seconds", dimensions: [("store", "sqlite")], preferredDisplayUnit: .seconds, factory: metrics)
         commitCounter = CoreMetrics.Counter(label: "parley_store_commits_total", dimensions: [("store", "sqlite")], factory: metrics)
+        errors = StoreErrorCounter(store: "sqlite", factory: metrics)
     }
 
     /// Opens (creating if needed) the database at `path` and migrates it to the current schema.
@@ -513,6 +515,7 @@ public final class SQLiteStore: Store {
         guard !closed.load(ordering: .acquiring) else { throw StoreError.closed }
         let started = NIODeadline.now()
         defer { latency.recordNanoseconds((NIODeadline.now() - started).nanoseconds) }
+        let errors = self.errors
         return try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, any Error>) in
             let job = Job(
                 execute: { db in
@@ -524,13 +527,18 @@ public final class SQLiteStore: Store {
                     }
                     return { commitFailure in
                         if let commitFailure, case .success = result {
+                            errors.count(commitFailure)
                             continuation.resume(throwing: commitFailure)
                         } else {
+                            if case .failure(let error) = result { errors.count(error) }
                             continuation.resume(with: result)
                         }
                     }
                 },
-                fail: { continuation.resume(throwing: $0) }
+                fail: {
+                    errors.count($0)
+                    continuation.resume(throwing: $0)
+                }
             )
             enqueue(job)
         }
@@ -544,13 +552,18 @@ public final class SQLiteStore: Store {
         guard !closed.load(ordering: .acquiring) else { throw StoreError.closed }
         let started = NIODeadline.now()
         defer { latency.recordNanoseconds((NIODeadline.now() - started).nanoseconds) }
-        return try await pool.runIfActive {
-            try self.reader.withLock { connection in
-                guard let connection else { throw StoreError.closed }
-                try connection.command("BEGIN")
-                defer { try? connection.command("COMMIT") }
-                return try body(connection)
+        do {
+            return try await pool.runIfActive {
+                try self.reader.withLock { connection in
+                    guard let connection else { throw StoreError.closed }
+                    try connection.command("BEGIN")
+                    defer { try? connection.command("COMMIT") }
+                    return try body(connection)
+                }
             }
+        } catch {
+            errors.count(error)
+            throw error
         }
     }
 

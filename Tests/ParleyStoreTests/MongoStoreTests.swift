@@ -1,3 +1,4 @@
+import MetricsTestKit
 import ParleyCore
 @testable import ParleyMongoStore
 import ParleyStore
@@ -122,9 +123,11 @@ import Testing
 
     @Test func retriesAreBoundedAndPermanentErrorsAreNotRetried() async throws {
         let (uri, app) = isolatedURI()
+        let metrics = TestMetrics()
         var options = MongoStore.Options()
         options.attempts = 3
         options.backoff = .milliseconds(1)
+        options.metrics = metrics
         let store = try await MongoStore.open(uri: uri, options: options)
         try failNext(3, ["find"], app: app, errorCode: 89)  // NetworkTimeout
         await #expect {
@@ -145,6 +148,9 @@ import Testing
             return true
         }
         #expect(try await store.clones(owner: "alice").isEmpty)
+        // Each failed call counted once, by kind, for an operator's alert.
+        #expect(try metrics.expectCounter("parley_store_errors_total", [("store", "mongodb"), ("kind", "unreachable")]).totalValue == 1)
+        #expect(try metrics.expectCounter("parley_store_errors_total", [("store", "mongodb"), ("kind", "failed")]).totalValue == 1)
         try turnOffFailPoint()
         try await store.close()
     }

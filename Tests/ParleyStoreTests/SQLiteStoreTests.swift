@@ -1,6 +1,7 @@
 import CSQLite
 import Dispatch
 import Foundation
+import MetricsTestKit
 import ParleyCore
 @testable import ParleyStore
 import Testing
@@ -264,7 +265,8 @@ import Testing
     /// A write that finds no room throws `full` (a code the server can tell clients), and `ping`
     /// says so until a write is stored again: a read alone does not clear it.
     @Test func aWriteWithoutRoomThrowsFullAndPingSaysSoUntilAWriteIsStored() async throws {
-        let store = try await SQLiteStore.open(path: temporaryPath("no-room") + "/parley.sqlite")
+        let metrics = TestMetrics()
+        let store = try await SQLiteStore.open(path: temporaryPath("no-room") + "/parley.sqlite", metrics: metrics)
         let pages = try await store.run { db in
             try db.exec("CREATE TABLE t (v INTEGER, pad BLOB)")
             return try db.query("PRAGMA page_count").first?["page_count"].int ?? 0
@@ -276,6 +278,9 @@ import Testing
         }
         try await store.ping()
         await #expect(performing: { try await store.run { db in try db.exec("INSERT INTO t VALUES (1, zeroblob(100000))") } }, throws: isFull)
+        // Counted for an operator's alert, once: the ping's own call read fine.
+        let full = try metrics.expectCounter("parley_store_errors_total", [("store", "sqlite"), ("kind", "full")])
+        #expect(full.totalValue == 1)
         await #expect(performing: { try await store.ping() }, throws: isFull)
         _ = try await store.read { db in try db.query("SELECT count(*) FROM t") }
         _ = try await store.run { db in try db.query("SELECT count(*) FROM t") }
@@ -283,6 +288,7 @@ import Testing
         try await store.run { db in try db.exec("PRAGMA max_page_count = 1000000") }
         try await store.run { db in try db.exec("INSERT INTO t VALUES (2, zeroblob(100000))") }
         try await store.ping()
+        #expect(full.totalValue == 1)
         try await store.close()
     }
 
