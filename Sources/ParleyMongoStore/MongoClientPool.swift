@@ -87,7 +87,7 @@ struct MongoCommandError: Error, CustomStringConvertible {
     var isDuplicateKey: Bool { code == 11000 || code == 11001 }
 
     /// The server has no disk left to write on (`OutOfDiskSpace`).
-    var isOutOfRoom: Bool { code == 14031 }
+    var isOutOfDiskSpace: Bool { code == 14031 }
 
     /// Failures worth retrying: the network, server selection, or a primary going away.
     var isTransient: Bool {

@@ -614,7 +614,7 @@ struct Database: Sendable {
             } catch let error as MongoCommandError {
                 attempt += 1
                 if error.isDuplicateKey { throw StoreError.duplicateKey(error.message) }
-                if error.isOutOfRoom { throw StoreError.full("\(error)") }
+                if error.isOutOfDiskSpace { throw StoreError.full("\(error)") }
                 guard error.isTransient, attempt < limit else {
                     let message = attempt > 1 ? "\(error) (after \(attempt) attempts)" : "\(error)"
                     throw error.isTransient ? StoreError.unreachable(message) : StoreError.backend(message)

@@ -219,9 +219,9 @@ struct RESTAPI: Sendable {
 
     /// `GET /healthz`: 200 when the store answers a round trip within `healthTimeout`, else 503
     /// (a balancer then sends no one here), and 503 `"store":"full"` while its latest write
-    /// found no room (nearly every request writes: a reply its debit); 503 `draining` once a shutdown began, so a balancer
-    /// stops sending new sockets while the replies in flight finish. Says nothing more to the
-    /// unauthenticated caller.
+    /// found no space (nearly every request writes: a reply its debit); 503 `draining` once a
+    /// shutdown began, so a balancer stops sending new sockets while the replies in flight
+    /// finish. Says nothing more to the unauthenticated caller.
     private func health() async -> HTTPResponse {
         let store = self.store
         // Unstructured, so a store that hangs cannot hold the answer (a task group would wait for it).
@@ -246,7 +246,7 @@ struct RESTAPI: Sendable {
         }
         let healthy = storeState == "ok"
         if storeState == "unreachable" { logger.warning("health check: the store did not answer") }
-        if storeState == "full" { logger.warning("health check: the store has no room left") }
+        if storeState == "full" { logger.warning("health check: the store has no space left") }
         let draining = !chat.streams.isAccepting
         // A cluster's node cut off from NATS would take sockets whose tabs elsewhere it cannot reach.
         let broker = (chat.streams.broker as? NATSBroker)?.isConnected

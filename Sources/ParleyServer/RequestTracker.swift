@@ -108,13 +108,13 @@ final class RequestTracker: Sendable {
 
 extension FrameError {
     /// What a request that needed the store is told when `error` says the store cannot serve
-    /// it now, rather than that the request met a fault: no room left (a full disk: nothing is
-    /// stored until an operator makes room, so "try again" alone would mislead), or the
+    /// it now, rather than that the request met a fault: no space left (a full disk: nothing is
+    /// stored until an operator frees space, so "try again" alone would mislead), or the
     /// database out of reach after the store's retries. Nil for any other error.
     static func storeUnavailable(_ error: any Error) -> FrameError? {
         switch error {
         case StoreError.full:
-            FrameError(ref: nil, code: .unavailable, message: "the server has no room left to store anything; try again later")
+            FrameError(ref: nil, code: .unavailable, message: "the server has no space left to store anything; try again later")
         case StoreError.unreachable:
             FrameError(ref: nil, code: .unavailable, message: "the server cannot reach its database; try again shortly")
         default: nil

@@ -43,9 +43,9 @@ struct SQLRow: Sendable {
 final class SQLiteConnection: @unchecked Sendable {
     private var handle: OpaquePointer?
     private var statements: [String: OpaquePointer] = [:]
-    /// How many calls have failed for lack of room (`SQLITE_FULL`: a full disk or
-    /// `max_page_count`), so the writer can tell a batch that ran out of room.
-    private(set) var roomFailures = 0
+    /// How many calls have failed for lack of space (`SQLITE_FULL`: a full disk or
+    /// `max_page_count`), so the writer can tell a batch that ran out of space.
+    private(set) var spaceFailures = 0
 
     init(path: String) throws {
         var db: OpaquePointer?
@@ -207,7 +207,7 @@ final class SQLiteConnection: @unchecked Sendable {
     private func failure(_ rc: Int32, _ message: String) -> StoreError {
         // Extended result codes keep the primary code in the low byte.
         guard rc & 0xff == SQLITE_FULL else { return .backend(message) }
-        roomFailures += 1
+        spaceFailures += 1
         return .full(message)
     }
 }

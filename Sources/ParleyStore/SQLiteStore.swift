@@ -391,9 +391,9 @@ public final class SQLiteStore: Store {
     private let errors: StoreErrorCounter
     /// Group commits so far (what `commitCounter` counts), for tests.
     let commits = Atomic(0)
-    /// A batch had a call fail for lack of room (a full disk), and no batch has stored a row
+    /// A batch had a call fail for lack of space (a full disk), and no batch has stored a row
     /// since: `ping` says so, for `/healthz`.
-    private let outOfRoom = Atomic(false)
+    private let outOfSpace = Atomic(false)
     /// Times the writer waited for more calls before a commit (`commitWindow`), for tests.
     let windowWaits = Atomic(0)
     /// What the journals of the replies streaming now hold in the store (see `saveStreamJournals`).
@@ -627,19 +627,19 @@ public final class SQLiteStore: Store {
             }
             guard !batch.isEmpty else { return }
             db.withLock { connection in
-                let roomFailures = connection.roomFailures
+                let spaceFailures = connection.spaceFailures
                 var storedRows = false
                 defer {
-                    // Out of room until a batch stores something again (a read alone, as `ping`, does not tell).
-                    if connection.roomFailures != roomFailures {
-                        outOfRoom.store(true, ordering: .relaxed)
+                    // Out of space until a batch stores something again (a read alone, as `ping`, does not tell).
+                    if connection.spaceFailures != spaceFailures {
+                        outOfSpace.store(true, ordering: .relaxed)
                     } else if storedRows {
-                        outOfRoom.store(false, ordering: .relaxed)
+                        outOfSpace.store(false, ordering: .relaxed)
                     }
                 }
                 var pending = batch[...]
                 while !pending.isEmpty {
-                    let (changesBefore, roomFailuresBefore) = (connection.totalChanges, connection.roomFailures)
+                    let (changesBefore, spaceFailuresBefore) = (connection.totalChanges, connection.spaceFailures)
                     do {
                         try connection.command("BEGIN IMMEDIATE")
                     } catch {
@@ -668,8 +668,8 @@ public final class SQLiteStore: Store {
                         }
                         commits.add(1, ordering: .relaxed)
                         commitCounter.increment()
-                    } else if connection.roomFailures != roomFailuresBefore {
-                        commitFailure = StoreError.full("a call in the same transaction as this one found no room, and SQLite rolled back both")
+                    } else if connection.spaceFailures != spaceFailuresBefore {
+                        commitFailure = StoreError.full("a call in the same transaction as this one found no space, and SQLite rolled back both")
                     } else {
                         commitFailure = StoreError.backend(
                             "a call in the same transaction as this one failed, and SQLite rolled back both (an I/O error)")
@@ -741,6 +741,6 @@ public final class SQLiteStore: Store {
 
     public func ping() async throws {
         try await run { db in _ = try db.query("SELECT 1") }
-        if outOfRoom.load(ordering: .relaxed) { throw StoreError.full("the latest write found no room, and none has been stored since") }
+        if outOfSpace.load(ordering: .relaxed) { throw StoreError.full("the latest write found no space, and none has been stored since") }
     }
 }

@@ -27,7 +27,7 @@ extension ChatStore {
 /// exactly as if it did not exist, so callers cannot leak existence by accident.
 public protocol Store: ChatStore, LedgerStore, StreamJournalStore, ScheduleStore, RoomStore, PrivacyStore, PlanStore, PaymentStore, MediaStore {
     /// A round trip through the store (for `/healthz`): throws when it cannot serve calls, and
-    /// `StoreError.full` when its latest write found no room (until a write is stored again).
+    /// `StoreError.full` when its latest write found no space (until a write is stored again).
     func ping() async throws
 
     /// Flushes and releases resources. Calls after `close` fail with `StoreError.closed`.
@@ -366,8 +366,8 @@ public enum StoreError: Error, Equatable, Sendable, CustomStringConvertible {
     /// The stored schema is newer than this build understands; refuse rather than corrupt it.
     case schemaTooNew(found: Int, supported: Int)
     case closed
-    /// The store has no room left to write (a full disk, or its size limit): nothing more is
-    /// stored until room is made. Reads still work. The message is for operators.
+    /// The store has no space left to write (a full disk, or its size limit): nothing more is
+    /// stored until space is freed. Reads still work. The message is for operators.
     case full(String)
     /// The backend cannot be reached (the network, or no primary to write to) after the
     /// retries a call gets: try again shortly. The message is for operators.
@@ -381,7 +381,7 @@ public enum StoreError: Error, Equatable, Sendable, CustomStringConvertible {
         case .schemaTooNew(let found, let supported):
             "the store's schema version \(found) is newer than this build supports (\(supported)); upgrade Parley"
         case .closed: "the store is closed"
-        case .full(let message): "no room left to store anything: \(message)"
+        case .full(let message): "no space left to store anything: \(message)"
         case .unreachable(let message): "the store is unreachable: \(message)"
         case .backend(let message): message
         }

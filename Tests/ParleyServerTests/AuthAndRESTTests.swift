@@ -121,21 +121,21 @@ import Testing
         await server.stop()
     }
 
-    /// A store with no room left (a full disk) makes a request that writes fail `unavailable`
+    /// A store with no space left (a full disk) makes a request that writes fail `unavailable`
     /// (503 over REST), not `internal`, and `/healthz` say `full` until a write is stored again.
-    @Test func aStoreWithoutRoomAnswersUnavailableAndHealthSaysFull() async throws {
+    @Test func aFullStoreAnswersUnavailableAndHealthSaysFull() async throws {
         let server = try await TestServer.start()
         let token = try await server.token("alice")
         let clone = try await server.createClone(token: token)["id"]!.stringValue!
         let socket = try await server.connect(token: token)
         let store = try #require(server.server.store as? SQLiteStore)
-        // The database may not grow, and its free room is taken: to SQLite, as full as a full disk.
+        // The database may not grow, and its free space is taken: to SQLite, as full as a full disk.
         try await store.run { db in
             let pages = try db.query("PRAGMA page_count").first?["page_count"].int ?? 0
             try db.exec("PRAGMA max_page_count = \(pages); CREATE TABLE filler (pad BLOB)")
         }
         for size in [10_000, 1_000, 100, 10] {
-            // Each in its own call: one that finds no room undoes its whole transaction.
+            // Each in its own call: one that finds no space undoes its whole transaction.
             while (try? await store.run({ db in try db.exec("INSERT INTO filler VALUES (zeroblob(\(size)))") })) != nil {}
         }
         let long = String(repeating: "many words ", count: 700)

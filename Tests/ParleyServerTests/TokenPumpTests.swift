@@ -151,14 +151,14 @@ import Testing
     }
 
     /// A reply stopped because its tokens could not be paid for says why with a code the client
-    /// can act on: `unavailable` when the store had no room or could not be reached (it said
+    /// can act on: `unavailable` when the store had no space or could not be reached (it said
     /// `provider_error`, blaming the model), `internal` for another store failure.
     @Test func aReplyStoppedByTheStoreSaysSoInItsCode() {
         let metrics = StreamMetrics(factory: TestMetrics())
         var reply = Fixture.reply(ledger: GatedLedger(), broker: RecordingBroker())
         reply.fail(StoreError.full("disk full"), metrics: metrics, logger: Logger(label: "test"))
         #expect(reply.failureCode == .unavailable)
-        #expect(reply.failure == "the server has no room left to store anything; try again later")
+        #expect(reply.failure == "the server has no space left to store anything; try again later")
         reply.fail(StoreError.unreachable("no primary"), metrics: metrics, logger: Logger(label: "test"))
         #expect(reply.failureCode == .unavailable)
         #expect(reply.failure == "the server cannot reach its database; try again shortly")

@@ -79,9 +79,9 @@ import Testing
         try await store.close()
     }
 
-    /// A server out of disk space is reported as a store without room (clients are told
+    /// A server out of disk space is reported as a full store (clients are told
     /// `unavailable`), not retried as if the network had failed.
-    @Test func aServerOutOfDiskSpaceIsAStoreWithoutRoom() async throws {
+    @Test func aServerOutOfDiskSpaceIsAFullStore() async throws {
         let (uri, app) = isolatedURI()
         let store = try await MongoStore.open(uri: uri)
         try failNext(1, ["insert"], app: app, errorCode: 14031)

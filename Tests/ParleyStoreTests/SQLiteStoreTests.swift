@@ -250,7 +250,7 @@ import Testing
         let stored = try await store.read { db in try db.query("SELECT v FROM t ORDER BY v").compactMap { $0["v"].int } }
         #expect(returned == [3])
         #expect(stored == [3])
-        // Both failed for lack of room, the one undone with the other too.
+        // Both failed for lack of space, the one undone with the other too.
         for task in [before, filling] {
             await #expect {
                 try await task.value
@@ -262,11 +262,11 @@ import Testing
         try await store.close()
     }
 
-    /// A write that finds no room throws `full` (a code the server can tell clients), and `ping`
+    /// A write that finds no space throws `full` (a code the server can tell clients), and `ping`
     /// says so until a write is stored again: a read alone does not clear it.
-    @Test func aWriteWithoutRoomThrowsFullAndPingSaysSoUntilAWriteIsStored() async throws {
+    @Test func aWriteWithoutSpaceThrowsFullAndPingSaysSoUntilAWriteIsStored() async throws {
         let metrics = TestMetrics()
-        let store = try await SQLiteStore.open(path: temporaryPath("no-room") + "/parley.sqlite", metrics: metrics)
+        let store = try await SQLiteStore.open(path: temporaryPath("no-space") + "/parley.sqlite", metrics: metrics)
         let pages = try await store.run { db in
             try db.exec("CREATE TABLE t (v INTEGER, pad BLOB)")
             return try db.query("PRAGMA page_count").first?["page_count"].int ?? 0
