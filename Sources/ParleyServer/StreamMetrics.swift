@@ -18,6 +18,10 @@ struct StreamMetrics: Sendable {
     let providerFailed: Counter
     /// `parley_provider_errors_total{kind="busy"}`: replies it could not take (its queue was full).
     let providerBusy: Counter
+    /// Streams whose message, settlement or refund the store refused since this process
+    /// started: their journals wait for the next start-up's recovery, so a value above 0 asks
+    /// for a restart once the store is healthy again.
+    let awaitingRecovery: Meter
 
     init(factory: any MetricsFactory) {
         active = Meter(label: "parley_streams_active", factory: factory)
@@ -31,6 +35,7 @@ struct StreamMetrics: Sendable {
         self.ended = ended
         providerFailed = Counter(label: "parley_provider_errors_total", dimensions: [("kind", "failed")], factory: factory)
         providerBusy = Counter(label: "parley_provider_errors_total", dimensions: [("kind", "busy")], factory: factory)
+        awaitingRecovery = Meter(label: "parley_streams_awaiting_recovery", factory: factory)
     }
 
     /// A stream ended; `reason` `error` is a provider that failed mid-reply or before it.

@@ -113,6 +113,7 @@ final class StreamRunner: Sendable {
             target: .settleOnly, messageID: ids.make(.message), createdAt: Int64(Timestamp.nowMillis()))
         do {
             try await store.saveStreamJournal(journal)
+            metrics.awaitingRecovery.increment()
         } catch {
             logger.error(
                 "an abandoned stream could not be refunded, nor its refund kept for the next start-up",
@@ -357,7 +358,10 @@ final class StreamRunner: Sendable {
         // deletion goes with the node's next journal write.) A reply not stored or not settled
         // keeps its journal, whole, for the recovery to finish (each of its steps idempotent).
         let keep = storedID == nil || !settled
-        if keep { journal.offer(text: text, outputTokens: Int(seq)) }
+        if keep {
+            journal.offer(text: text, outputTokens: Int(seq))
+            metrics.awaitingRecovery.increment()
+        }
         await Task { await journal.finish(keep: keep) }.value
         if reason == .error, let failure {
             let frame = allocator.buffer(bytes: ServerFrame.error(ref: ref, code: failureCode, message: failure))

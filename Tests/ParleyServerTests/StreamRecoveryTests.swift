@@ -1,4 +1,5 @@
 import Foundation
+import MetricsTestKit
 import ParleyCore
 import ParleyServer
 @testable import ParleyStore
@@ -37,7 +38,11 @@ import Testing
     /// database out of reach) keeps its journal, and the next start-up settles it: the refund
     /// of its unused prepaid tokens was lost (its journal was deleted once the reply was stored).
     @Test func aReplyWhoseSettlementFailedIsSettledAtTheNextStartUp() async throws {
-        let server = try await TestServer.start { $0.credits.batchTokens = 16 }
+        let metrics = TestMetrics()
+        let server = try await TestServer.start {
+            $0.credits.batchTokens = 16
+            $0.metrics = metrics
+        }
         let store = try #require(server.server.store as? SQLiteStore)
         try await store.run { db in
             try db.exec(
@@ -50,6 +55,7 @@ import Testing
         let conversation = try #require(before.first { $0["type"] == .string("stream.start") }?["conversation"]?.stringValue)
         #expect(try await store.ledgerEntry(id: "\(stream):settle") == nil)
         #expect(try await store.streamJournals(limit: 10, node: nil).map(\.stream) == [stream])
+        #expect(try metrics.expectMeter("parley_streams_awaiting_recovery").lastValue == 1, "an operator sees it waits for a restart")
 
         try await store.run { db in try db.exec("DROP TRIGGER refuse_settlements") }
         let restarted = try await server.restarted()

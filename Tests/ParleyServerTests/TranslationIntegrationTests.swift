@@ -1,4 +1,5 @@
 import Foundation
+import MetricsTestKit
 import NIOHTTP1
 import ParleyCore
 import ParleyLLM
@@ -307,7 +308,10 @@ func standIn(_ text: String, _ tag: String) -> String { SimulatedProvider.transl
     /// back; when the store refuses the refunds too (the same failure, often), they wait in
     /// journals for the next start-up, which refunds them (they were lost).
     @Test func translationsPaidForAMessageThatCouldNotBeStoredAreRefundedOnceTheStoreAllows() async throws {
-        let f = try await TranslationFixture.make(languages: ["alice": "en", "bruno": "pt", "chen": "zh"], members: ["bruno", "chen"])
+        let metrics = TestMetrics()
+        let f = try await TranslationFixture.make(languages: ["alice": "en", "bruno": "pt", "chen": "zh"], members: ["bruno", "chen"]) {
+            $0.metrics = metrics
+        }
         let alice = try await f.connect("alice")
         _ = try await f.ledger("alice")  // the starting grant, before anything is refused
         let store = try #require(f.server.server.store as? SQLiteStore)
@@ -325,6 +329,7 @@ func standIn(_ text: String, _ tag: String) -> String { SimulatedProvider.transl
         #expect(paid.debits.count == 2, "a prompt paid for each of the two other languages")
         #expect(paid.debits.allSatisfy { $0["credits"]!.intValue! < 0 })
         #expect(try await store.streamJournals(limit: 10, node: nil).count == 2)
+        #expect(try metrics.expectMeter("parley_streams_awaiting_recovery").lastValue == 2)
 
         try await store.run { db in try db.exec("DROP TRIGGER refuse_said; DROP TRIGGER refuse_settlements") }
         let restarted = try await f.server.restarted()
