@@ -110,9 +110,12 @@ extension FrameError {
     /// What a request that needed the store is told when `error` says the store cannot serve
     /// it now, rather than that the request met a fault: no space left (a full disk: nothing is
     /// stored until an operator frees space, so "try again" alone would mislead), or the
-    /// database out of reach after the store's retries. Nil for any other error.
+    /// database out of reach after the store's retries, or the store closed (a shutdown that
+    /// overtook the request). Nil for any other error.
     static func storeUnavailable(_ error: any Error) -> FrameError? {
         switch error {
+        case StoreError.closed:
+            FrameError(ref: nil, code: .unavailable, message: "the server is shutting down")
         case StoreError.full:
             FrameError(ref: nil, code: .unavailable, message: "the server has no space left to store anything; try again later")
         case StoreError.unreachable:

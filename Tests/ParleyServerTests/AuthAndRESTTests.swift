@@ -118,6 +118,10 @@ import Testing
         let down = try await server.get("/healthz", token: nil)
         #expect(down.status == .serviceUnavailable)
         #expect(down.text == #"{"status":"unavailable","store":"unreachable"}"#)
+        // A request the closed store cannot serve is told so, not that the server failed.
+        let refused = try await server.get("/v1/clones", token: try await server.token("alice"))
+        #expect(refused.status == .serviceUnavailable)
+        #expect(try refused.json()["error"]?["code"] == .string("unavailable"))
         await server.stop()
     }
 
