@@ -134,6 +134,9 @@ public struct ServerConfiguration: Sendable {
     public var drainGrace: Duration = .seconds(10)
     /// How long a clean shutdown then waits for sockets to finish closing.
     public var shutdownGrace: Duration = .seconds(5)
+    /// How long a reply whose message or settlement the store refused waits before it is tried
+    /// again (doubling each time, up to a minute; see `KeptReplies`).
+    public var keptReplyRetry: Duration = .seconds(1)
 
     /// Messages and room transcripts older than this are deleted unless their owner saved them;
     /// nil (the default) keeps them until the user deletes them or the account, as the privacy

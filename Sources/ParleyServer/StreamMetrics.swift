@@ -18,9 +18,8 @@ struct StreamMetrics: Sendable {
     let providerFailed: Counter
     /// `parley_provider_errors_total{kind="busy"}`: replies it could not take (its queue was full).
     let providerBusy: Counter
-    /// Streams whose message, settlement or refund the store refused since this process
-    /// started: their journals wait for the next start-up's recovery, so a value above 0 asks
-    /// for a restart once the store is healthy again.
+    /// Streams whose message, settlement or refund the store refused and that no retry has
+    /// finished (`KeptReplies`): their journals wait for the next start-up's recovery.
     let awaitingRecovery: Meter
 
     init(factory: any MetricsFactory) {

@@ -49,6 +49,8 @@ final class StreamRunner: Sendable {
     let speech: (any SpeechSynthesizer)?
     /// The journals of the replies in flight, written together.
     private let journals: StreamJournals
+    /// Replies whose message or settlement the store refused, tried again while the node runs.
+    let kept: KeptReplies
     private let audioBufferBytes: Int
     private let allocator = ByteBufferAllocator()
 
@@ -72,6 +74,7 @@ final class StreamRunner: Sendable {
         self.logger = logger
         self.ids = ids
         journals = StreamJournals(store: store, logger: logger)
+        kept = KeptReplies(store: store, metrics: metrics, logger: logger, firstDelay: configuration.keptReplyRetry)
     }
 
     /// Refuses a voiced request (`ref`, nil for REST) where the server has no speech service or
@@ -209,6 +212,9 @@ final class StreamRunner: Sendable {
             (clone == nil || $0.clone == clone) && (conversation == nil || ($0.room == nil && $0.conversation == conversation))
         }.compactMap { $0.stop(.cancelled) }
         for task in tasks { await task.value }
+        // A clone, a conversation or the account is going: what its retries had not stored
+        // waits for the start-up's recovery, which stores only where the target still exists.
+        await kept.cancel(owner: owner)
     }
 
     /// Stops every stream, lets each store its partial reply and send `stream.end` with reason
@@ -218,6 +224,7 @@ final class StreamRunner: Sendable {
         for stream in hub.liveStreams { stream.stop(.shutdown) }
         for task in running { await task.value }
         for stream in hub.liveStreams { await stream.task?.value }
+        await kept.cancelAll()
     }
 
     /// Writes what the journals still hold (the deletions of the last replies' journals), once
@@ -260,6 +267,15 @@ final class StreamRunner: Sendable {
                 timer.cancel()
                 finish(true)
             }
+        }
+    }
+
+    /// Whether a reply's conversation or room is still there to store it in.
+    private static func targetExists(_ target: StreamJournal.Target, owner: String, in store: any Store) async throws -> Bool {
+        switch target {
+        case .conversation(let id), .alternative(let id, _): try await store.conversation(id: id, owner: owner) != nil
+        case .roomTurn(let room, _): try await store.room(id: room) != nil
+        case .settleOnly: false
         }
     }
 
@@ -363,6 +379,20 @@ final class StreamRunner: Sendable {
             metrics.awaitingRecovery.increment()
         }
         await Task { await journal.finish(keep: keep) }.value
+        if keep {
+            let (store, owner) = (self.store, meter.user)
+            var work = KeptReplies.Work(stream: live.id, owner: owner)
+            if storedID == nil {
+                work.store = { @Sendable in
+                    // As the recovery does: nothing is stored where its target has gone (and a
+                    // translation, whose target is the room's transcript, is settled only).
+                    guard try await Self.targetExists(target, owner: owner, in: store) else { return }
+                    try await persist(message)
+                }
+            }
+            if !settled { work.settle = { @Sendable in await meter.settle(usage: usage).settled } }
+            kept.retry(work)
+        }
         if reason == .error, let failure {
             let frame = allocator.buffer(bytes: ServerFrame.error(ref: ref, code: failureCode, message: failure))
             live.publish(frame, audience: requester.map { .only(connection: $0.id) } ?? .everyone)

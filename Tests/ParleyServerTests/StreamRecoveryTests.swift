@@ -42,6 +42,7 @@ import Testing
         let server = try await TestServer.start {
             $0.credits.batchTokens = 16
             $0.metrics = metrics
+            $0.keptReplyRetry = .seconds(3600)  // the start-up's recovery, not a retry meanwhile
         }
         let store = try #require(server.server.store as? SQLiteStore)
         try await store.run { db in

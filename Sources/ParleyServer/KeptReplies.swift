@@ -1,0 +1,119 @@
+import Logging
+import ParleyStore
+import Synchronization
+
+/// The replies whose message or settlement the store refused, tried again while the node runs:
+/// their journals would otherwise wait for the next start-up's recovery, so a store that comes
+/// back (a full disk freed, a MongoDB election over) would leave the transcript without the
+/// reply, or the refund pending, until someone restarts the node. Each is tried after a growing
+/// delay until both are done (its journal is then deleted) or `attempts` have failed (then it
+/// stays for the start-up). An account deletion cancels its owner's first, a shutdown all: the
+/// journal keeps what they had not done.
+final class KeptReplies: Sendable {
+    /// What is still to be done for one reply; each step is idempotent (a message stored twice is
+    /// a duplicate key, a settlement's ledger id is its stream's), so a retry after an answer that
+    /// was lost does no harm.
+    struct Work: Sendable {
+        var stream: String
+        var owner: String
+        /// Stores the message; nil once stored.
+        var store: (@Sendable () async throws -> Void)? = nil
+        /// Settles the stream, true once the store took it; nil once settled.
+        var settle: (@Sendable () async -> Bool)? = nil
+    }
+
+    private struct Entry {
+        var owner: String
+        var task: Task<Void, Never>
+    }
+
+    /// More than this many waiting replies are left to the start-up (bounded memory).
+    static let limit = 1_000
+
+    private let entries = Mutex<[String: Entry]>([:])
+    private let store: any Store
+    private let metrics: StreamMetrics
+    private let logger: Logger
+    private let firstDelay: Duration
+    private let attempts: Int
+
+    init(store: any Store, metrics: StreamMetrics, logger: Logger, firstDelay: Duration, attempts: Int = 16) {
+        self.store = store
+        self.metrics = metrics
+        self.logger = logger
+        self.firstDelay = firstDelay
+        self.attempts = attempts
+    }
+
+    /// Replies being tried again now, for tests.
+    func waiting(owner: String? = nil) -> Int {
+        entries.withLock { e in owner.map { o in e.values.filter { $0.owner == o }.count } ?? e.count }
+    }
+
+    /// Tries `work` again later. Its journal was written whole first (or that write failed too:
+    /// the retry that finishes deletes whatever the store holds of it).
+    func retry(_ work: Work) {
+        let taken = entries.withLock { e -> Bool in
+            guard e[work.stream] == nil, e.count < Self.limit else { return false }
+            e[work.stream] = Entry(owner: work.owner, task: Task { await self.run(work) })
+            return true
+        }
+        if !taken {
+            logger.warning("too many replies wait for the store: this one waits for the next start-up", metadata: ["stream": "\(work.stream)"])
+        }
+    }
+
+    /// Stops trying the owner's replies (their account, a clone or a conversation of theirs is
+    /// being deleted; the start-up's recovery stores only where the target still exists) and
+    /// returns once no attempt of theirs is running.
+    func cancel(owner: String) async {
+        let tasks = entries.withLock { e in
+            let mine = e.filter { $0.value.owner == owner }
+            for stream in mine.keys { e.removeValue(forKey: stream) }
+            return mine.values.map(\.task)
+        }
+        for task in tasks { task.cancel() }
+        for task in tasks { await task.value }
+    }
+
+    /// Stops every retry (a shutdown): what they had not done waits in the journals.
+    func cancelAll() async {
+        let tasks = entries.withLock { e in
+            defer { e.removeAll() }
+            return e.values.map(\.task)
+        }
+        for task in tasks { task.cancel() }
+        for task in tasks { await task.value }
+    }
+
+    private func run(_ start: Work) async {
+        var work = start
+        var delay = firstDelay
+        defer { _ = entries.withLock { $0.removeValue(forKey: start.stream) } }
+        for _ in 0..<attempts {
+            do { try await Task.sleep(for: delay) } catch { return }
+            delay = min(delay * 2, .seconds(60))
+            if let settle = work.settle, await settle() { work.settle = nil }
+            if let save = work.store {
+                do {
+                    try await save()
+                    work.store = nil
+                } catch StoreError.duplicateKey {
+                    work.store = nil  // stored by an attempt whose answer was lost
+                } catch {
+                    continue
+                }
+            }
+            guard work.settle == nil, work.store == nil else { continue }
+            do {
+                try await store.deleteStreamJournal(stream: start.stream)
+            } catch {
+                continue
+            }
+            metrics.awaitingRecovery.decrement()
+            logger.notice("a reply the store had refused is stored and settled", metadata: ["stream": "\(start.stream)"])
+            return
+        }
+        logger.warning("a reply the store refused is left to the next start-up", metadata: ["stream": "\(start.stream)"])
+    }
+}

@@ -1,0 +1,65 @@
+import Foundation
+import MetricsTestKit
+import ParleyCore
+@testable import ParleyServer
+@testable import ParleyStore
+import ParleyTestSupport
+import Testing
+
+/// A reply whose message and settlement the store refused is tried again while the node runs,
+/// so a store that comes back does not leave it waiting for a restart; an account deletion stops
+/// the retries first.
+@Suite struct KeptRepliesTests {
+    /// SQLite triggers that refuse a reply's message and every settlement, as a full disk would.
+    static let refusing = """
+        CREATE TRIGGER refuse_replies BEFORE INSERT ON messages WHEN NEW.role = 'assistant' BEGIN SELECT RAISE(ABORT, 'refused'); END;
+        CREATE TRIGGER refuse_settlements BEFORE INSERT ON ledger WHEN NEW.id LIKE '%:settle' BEGIN SELECT RAISE(ABORT, 'refused'); END;
+        """
+
+    @Test func aReplyTheStoreRefusedIsStoredAndSettledOnceTheStoreTakesWritesAgain() async throws {
+        let metrics = TestMetrics()
+        let server = try await TestServer.start {
+            $0.metrics = metrics
+            $0.keptReplyRetry = .milliseconds(20)
+        }
+        let store = try #require(server.server.store as? SQLiteStore)
+        try await store.run { db in try db.exec(Self.refusing) }
+        let (token, _, socket) = try await aliceSends("hello", on: server)
+        let (end, before) = try await socket.next(type: "stream.end")
+        #expect(end["reason"] == .string("complete"))
+        #expect(end["message"] == nil, "not stored, so not named")
+        let stream = try #require(end["stream"]?.stringValue)
+        let conversation = try #require(before.first { $0["type"] == .string("stream.start") }?["conversation"]?.stringValue)
+        let waiting = try metrics.expectMeter("parley_streams_awaiting_recovery")
+        #expect(waiting.lastValue == 1)
+
+        try await store.run { db in try db.exec("DROP TRIGGER refuse_replies; DROP TRIGGER refuse_settlements") }
+        let finished = await holds(within: .seconds(30)) {
+            (try? await store.streamJournals(limit: 10, node: nil).isEmpty) == true
+        }
+        #expect(finished, "the retry stored and settled the reply, then deleted its journal")
+        #expect(try await store.ledgerEntry(id: "\(stream):settle") != nil)
+        let messages = try await server.get("/v1/conversations/\(conversation)/messages", token: token).json()["messages"]!.arrayValue!
+        #expect(messages.count == 2)
+        #expect(messages.last?["reason"] == .string("complete"), "stored as it ended, not as a crash's reply")
+        #expect(waiting.lastValue == 0)
+        #expect(server.server.chat.streams.kept.waiting() == 0)
+        try await expectInvariant(server, token: token)
+        await server.stop()
+    }
+
+    @Test func anAccountDeletionStopsItsRepliesRetriesBeforeDeleting() async throws {
+        let server = try await TestServer.start { $0.keptReplyRetry = .seconds(3600) }
+        let store = try #require(server.server.store as? SQLiteStore)
+        try await store.run { db in try db.exec(Self.refusing) }
+        let (token, _, socket) = try await aliceSends("hello", on: server)
+        _ = try await socket.next(type: "stream.end")
+        let kept = server.server.chat.streams.kept
+        #expect(kept.waiting(owner: "alice") == 1)
+        let deleted = try await TestHTTPClient.request(port: server.port, .DELETE, "/v1/me", token: token)
+        #expect(deleted.status == .ok)
+        #expect(kept.waiting() == 0, "a retry cannot store or charge for the deleted account")
+        #expect(try await store.streamJournals(limit: 10, node: nil).isEmpty)
+        await server.stop()
+    }
+}
