@@ -365,10 +365,10 @@ final class StreamRunner: Sendable {
         var storedID: String? = message.id
         if case .failure(let error) = stored {
             logger.error(
-                "storing the reply failed; its journal keeps it for the next start-up", metadata: ["stream": "\(live.id)", "error": "\(error)"])
+                "storing the reply failed; its journal keeps it, and it is tried again", metadata: ["stream": "\(live.id)", "error": "\(error)"])
             storedID = nil
         }
-        if !settled { logger.error("settling the reply failed; its journal keeps it for the next start-up", metadata: ["stream": "\(live.id)"]) }
+        if !settled { logger.error("settling the reply failed; its journal keeps it, and it is tried again", metadata: ["stream": "\(live.id)"]) }
         // Before stream.end: once a turn's task ends, its room moves on, and whoever awaits the
         // stream (an account deletion) must find no snapshot of it still to be written. (Its
         // deletion goes with the node's next journal write.) A reply not stored or not settled
