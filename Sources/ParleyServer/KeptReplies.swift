@@ -67,20 +67,19 @@ final class KeptReplies: Sendable {
     /// being deleted; the start-up's recovery stores only where the target still exists) and
     /// returns once no attempt of theirs is running.
     func cancel(owner: String) async {
-        let tasks = entries.withLock { e in
-            let mine = e.filter { $0.value.owner == owner }
-            for stream in mine.keys { e.removeValue(forKey: stream) }
-            return mine.values.map(\.task)
-        }
-        for task in tasks { task.cancel() }
-        for task in tasks { await task.value }
+        await cancel { $0 == owner }
     }
 
     /// Stops every retry (a shutdown): what they had not done waits in the journals.
     func cancelAll() async {
+        await cancel { _ in true }
+    }
+
+    private func cancel(where isOwner: (String) -> Bool) async {
         let tasks = entries.withLock { e in
-            defer { e.removeAll() }
-            return e.values.map(\.task)
+            let picked = e.filter { isOwner($0.value.owner) }
+            for stream in picked.keys { e.removeValue(forKey: stream) }
+            return picked.values.map(\.task)
         }
         for task in tasks { task.cancel() }
         for task in tasks { await task.value }

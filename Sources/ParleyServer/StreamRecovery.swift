@@ -68,11 +68,11 @@ struct StreamRecovery {
             (outcome.cost, outcome.balance) = (cost, balance)
         }
         do {
-            switch journal.target {
-            case .conversation(let id), .alternative(let id, _):
-                // Absent when its owner deleted it (or the account) meanwhile: nothing to show.
-                if try await store.conversation(id: id, owner: journal.user) != nil {
-                    outcome.stored = journal.messageID
+            // Absent when its owner deleted it (or the account, or the room) meanwhile: nothing to show.
+            if try await Self.targetExists(journal.target, owner: journal.user, in: store) {
+                outcome.stored = journal.messageID
+                switch journal.target {
+                case .conversation(let id), .alternative(let id, _):
                     var replacing: String?
                     // A regenerated reply takes its original's place, as it would have had it ended.
                     if case .alternative(_, let original) = journal.target { replacing = original }
@@ -81,17 +81,14 @@ struct StreamRecovery {
                             id: journal.messageID, conversation: id, role: .assistant, text: journal.text,
                             createdAt: journal.updatedAt, reason: .interrupted, usage: usage, stream: stream),
                         replacing: replacing)
-                }
-            case .roomTurn(let id, let speaker):
-                if try await store.room(id: id) != nil {
-                    outcome.stored = journal.messageID
+                case .roomTurn(let id, let speaker):
                     try await store.appendRoomEntry(
                         RoomEntry(
                             id: journal.messageID, room: id, kind: .turn, speaker: speaker, text: journal.text,
                             createdAt: journal.updatedAt, reason: .interrupted, stream: stream))
+                case .settleOnly:
+                    break
                 }
-            case .settleOnly:
-                break
             }
         } catch StoreError.duplicateKey {
             // Stored by the stream itself just before the crash, or by an earlier recovery.
@@ -103,6 +100,19 @@ struct StreamRecovery {
                 "stream": "\(stream)", "tokens": "\(journal.outputTokens)", "target": "\(journal.target.columns.kind)",
             ])
         return outcome
+    }
+}
+
+extension StreamRecovery {
+    /// Whether a journal's conversation or room is still there to store its reply in (a
+    /// settle-only journal, a translation's, has nothing to store). The recovery and a retry
+    /// while the node runs (`KeptReplies`) store only where it holds.
+    static func targetExists(_ target: StreamJournal.Target, owner: String, in store: any Store) async throws -> Bool {
+        switch target {
+        case .conversation(let id), .alternative(let id, _): try await store.conversation(id: id, owner: owner) != nil
+        case .roomTurn(let room, _): try await store.room(id: room) != nil
+        case .settleOnly: false
+        }
     }
 }
 

@@ -270,15 +270,6 @@ final class StreamRunner: Sendable {
         }
     }
 
-    /// Whether a reply's conversation or room is still there to store it in.
-    private static func targetExists(_ target: StreamJournal.Target, owner: String, in store: any Store) async throws -> Bool {
-        switch target {
-        case .conversation(let id), .alternative(let id, _): try await store.conversation(id: id, owner: owner) != nil
-        case .roomTurn(let room, _): try await store.room(id: room) != nil
-        case .settleOnly: false
-        }
-    }
-
     /// Stores a voiced reply's audio as its owner's clip (#29); its id, nil when storing failed
     /// (the audio was heard; only the copy is missing, and that is logged).
     private func keepClip(_ spoken: VoicedReply.Summary, of live: LiveStream, owner: String, message: String) async -> String? {
@@ -386,7 +377,7 @@ final class StreamRunner: Sendable {
                 work.store = { @Sendable in
                     // As the recovery does: nothing is stored where its target has gone (and a
                     // translation, whose target is the room's transcript, is settled only).
-                    guard try await Self.targetExists(target, owner: owner, in: store) else { return }
+                    guard try await StreamRecovery.targetExists(target, owner: owner, in: store) else { return }
                     try await persist(message)
                 }
             }
