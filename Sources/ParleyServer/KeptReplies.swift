@@ -2,10 +2,11 @@ import Logging
 import ParleyStore
 import Synchronization
 
-/// The replies whose message or settlement the store refused, tried again while the node runs:
-/// their journals would otherwise wait for the next start-up's recovery, so a store that comes
-/// back (a full disk freed, a MongoDB election over) would leave the transcript without the
-/// reply, or the refund pending, until someone restarts the node. Each is tried after a growing
+/// The replies whose message or settlement the store refused (and the refunds of streams
+/// abandoned before they ran), tried again while the node runs: their journals would otherwise
+/// wait for the next start-up's recovery, so a store that comes back (a full disk freed, a
+/// MongoDB election over) would leave the transcript without the reply, or the refund pending,
+/// until someone restarts the node. Each is tried after a growing
 /// delay until both are done (its journal is then deleted) or `attempts` have failed (then it
 /// stays for the start-up). An account deletion cancels its owner's first, a shutdown all: the
 /// journal keeps what they had not done.

@@ -106,22 +106,25 @@ final class StreamRunner: Sendable {
     }
 
     /// Gives back what `prepare` charged, for a stream that will never run. When the store
-    /// refuses the refund (often the very failure that stopped the stream), a journal of the
-    /// stream with nothing used waits for the next start-up's recovery to refund it.
+    /// refuses the refund (often the very failure that stopped the stream), it is tried again
+    /// while the node runs, and a journal of the stream with nothing used keeps it for the next
+    /// start-up's recovery meanwhile.
     func abandon(_ prepared: Prepared) async {
         let meter = prepared.meter
-        guard !(await meter.settle(usage: Usage(inputTokens: 0, outputTokens: 0))).settled else { return }
+        let nothing = Usage(inputTokens: 0, outputTokens: 0)
+        guard !(await meter.settle(usage: nothing)).settled else { return }
         let journal = StreamJournal(
             stream: prepared.id, user: meter.user, model: prepared.model, feature: meter.feature.rawValue, inputTokens: 0,
             target: .settleOnly, messageID: ids.make(.message), createdAt: Int64(Timestamp.nowMillis()))
         do {
             try await store.saveStreamJournal(journal)
-            metrics.awaitingRecovery.increment()
         } catch {
             logger.error(
-                "an abandoned stream could not be refunded, nor its refund kept for the next start-up",
+                "an abandoned stream's refund could not be kept for the next start-up; it is tried again while the node runs",
                 metadata: ["stream": "\(prepared.id)", "error": "\(error)"])
         }
+        metrics.awaitingRecovery.increment()
+        kept.retry(KeptReplies.Work(stream: prepared.id, owner: meter.user, settle: { @Sendable in await meter.settle(usage: nothing).settled }))
     }
 
     /// Makes the stream, read by the sockets subscribed to `readers` now (a user's, a room's, a

@@ -308,9 +308,44 @@ func standIn(_ text: String, _ tag: String) -> String { SimulatedProvider.transl
     /// back; when the store refuses the refunds too (the same failure, often), they wait in
     /// journals for the next start-up, which refunds them (they were lost).
     @Test func translationsPaidForAMessageThatCouldNotBeStoredAreRefundedOnceTheStoreAllows() async throws {
+        // The start-up's recovery, not a retry meanwhile.
+        let (f, store, metrics) = try await refusedTranslationRefunds(retry: .seconds(3600))
+        try await store.run { db in try db.exec("DROP TRIGGER refuse_said; DROP TRIGGER refuse_settlements") }
+        #expect(try metrics.expectMeter("parley_streams_awaiting_recovery").lastValue == 2)
+        let restarted = try await f.server.restarted()
+        let json = try await restarted.get("/v1/credits?limit=100", token: f.tokens["alice"]!).json()
+        let streams = json["entries"]!.arrayValue!.filter { $0["stream"] != nil }
+        #expect(streams.count == 4, "each prompt, then its refund")
+        #expect(streams.reduce(0) { $0 + $1["credits"]!.intValue! } == 0)
+        #expect(try await restarted.server.store.streamJournals(limit: 10, node: nil).isEmpty)
+        await restarted.stop()
+    }
+
+    /// The same refunds are tried again while the node runs: once the store takes writes again
+    /// they are there, without a restart (they waited for one).
+    @Test func translationsPaidForAMessageThatCouldNotBeStoredAreRefundedWithoutARestart() async throws {
+        let (f, store, metrics) = try await refusedTranslationRefunds(retry: .milliseconds(20))
+        try await store.run { db in try db.exec("DROP TRIGGER refuse_said; DROP TRIGGER refuse_settlements") }
+        let refunded = await holds(within: .seconds(30)) {
+            (try? await store.streamJournals(limit: 10, node: nil).isEmpty) == true
+        }
+        #expect(refunded, "the retries refunded both prompts, then deleted their journals")
+        let json = try await f.server.get("/v1/credits?limit=100", token: f.tokens["alice"]!).json()
+        let streams = json["entries"]!.arrayValue!.filter { $0["stream"] != nil }
+        #expect(streams.count == 4, "each prompt, then its refund")
+        #expect(streams.reduce(0) { $0 + $1["credits"]!.intValue! } == 0)
+        #expect(try metrics.expectMeter("parley_streams_awaiting_recovery").lastValue == 0)
+        #expect(f.server.server.chat.streams.kept.waiting() == 0)
+        await f.server.stop()
+    }
+
+    /// Alice says something in a three-language chat whose store refuses her message and every
+    /// settlement: both translations' prompts are paid for, and their refunds are refused.
+    private func refusedTranslationRefunds(retry: Duration) async throws -> (TranslationFixture, SQLiteStore, TestMetrics) {
         let metrics = TestMetrics()
         let f = try await TranslationFixture.make(languages: ["alice": "en", "bruno": "pt", "chen": "zh"], members: ["bruno", "chen"]) {
             $0.metrics = metrics
+            $0.keptReplyRetry = retry
         }
         let alice = try await f.connect("alice")
         _ = try await f.ledger("alice")  // the starting grant, before anything is refused
@@ -330,15 +365,7 @@ func standIn(_ text: String, _ tag: String) -> String { SimulatedProvider.transl
         #expect(paid.debits.allSatisfy { $0["credits"]!.intValue! < 0 })
         #expect(try await store.streamJournals(limit: 10, node: nil).count == 2)
         #expect(try metrics.expectMeter("parley_streams_awaiting_recovery").lastValue == 2)
-
-        try await store.run { db in try db.exec("DROP TRIGGER refuse_said; DROP TRIGGER refuse_settlements") }
-        let restarted = try await f.server.restarted()
-        let json = try await restarted.get("/v1/credits?limit=100", token: f.tokens["alice"]!).json()
-        let streams = json["entries"]!.arrayValue!.filter { $0["stream"] != nil }
-        #expect(streams.count == 4, "each prompt, then its refund")
-        #expect(streams.reduce(0) { $0 + $1["credits"]!.intValue! } == 0)
-        #expect(try await restarted.server.store.streamJournals(limit: 10, node: nil).isEmpty)
-        await restarted.stop()
+        return (f, store, metrics)
     }
 
     @Test func badInputGetsClearErrors() async throws {
