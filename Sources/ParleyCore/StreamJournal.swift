@@ -13,8 +13,10 @@ public struct StreamJournal: Sendable, Equatable {
         /// A debate turn in this room, said by this clone.
         case roomTurn(room: String, speaker: String)
         /// Nowhere: the credits are settled and the text is produced again (a scheduled message
-        /// is fired anew) or dropped (a translation).
-        case settleOnly
+        /// is fired anew) or dropped (a translation). The settlement is linked to the
+        /// conversation or room the stream's prompt was charged to, when either is named, so what
+        /// it refunds counts against what was spent there.
+        case settleOnly(conversation: String? = nil, room: String? = nil)
     }
 
     public var stream: String
@@ -52,13 +54,16 @@ public struct StreamJournal: Sendable, Equatable {
 
 extension StreamJournal.Target {
     /// How every backend stores a target: a kind, an id and (for room turns) a speaker; for an
-    /// alternative, the reply it replaces takes the speaker's place.
+    /// alternative, the reply it replaces takes the speaker's place, for a settle-only stream the
+    /// kind of what it is linked to (the id).
     public var columns: (kind: String, id: String?, speaker: String?) {
         switch self {
         case .conversation(let id): ("conversation", id, nil)
         case .alternative(let id, let replacing): ("alternative", id, replacing)
         case .roomTurn(let room, let speaker): ("room_turn", room, speaker)
-        case .settleOnly: ("settle_only", nil, nil)
+        case .settleOnly(_, let room?): ("settle_only", room, "room")
+        case .settleOnly(let conversation?, nil): ("settle_only", conversation, "conversation")
+        case .settleOnly(nil, nil): ("settle_only", nil, nil)
         }
     }
 
@@ -67,7 +72,9 @@ extension StreamJournal.Target {
         case ("conversation", let id?, _): self = .conversation(id)
         case ("alternative", let id?, let replacing?): self = .alternative(conversation: id, replacing: replacing)
         case ("room_turn", let room?, let speaker?): self = .roomTurn(room: room, speaker: speaker)
-        default: self = .settleOnly
+        case ("settle_only", let room?, "room"): self = .settleOnly(room: room)
+        case ("settle_only", let conversation?, "conversation"): self = .settleOnly(conversation: conversation)
+        default: self = .settleOnly()
         }
     }
 }

@@ -192,8 +192,9 @@ actor CreditMeter {
     private let credits: Credits
     let user: String
     private let stream: String
-    private let conversation: String?
-    private let room: String?
+    /// What the stream's entries are linked to.
+    let conversation: String?
+    let room: String?
     private let model: String
     let feature: Feature
     private var pricing: PricingTable { credits.configuration.pricing }

@@ -176,7 +176,7 @@ extension RoomService {
             let room = live.state.withLock { $0.room }
             let voice = original.speakerIsClone ? self.voice(of: original.speaker, in: room, language: job.target) : nil
             let message = await self.streams.run(
-                stream, job.prepared, messageID: self.ids.make(.roomEntry), journal: .settleOnly,
+                stream, job.prepared, messageID: self.ids.make(.roomEntry), journal: .settleOnly(),
                 paywall: live.payer(payer), voice: voice
             ) { message in
                 try await live.writer.append(Self.translation(message, of: original, into: job.target, stream: stream.id))
@@ -270,7 +270,7 @@ extension RoomService {
                     reason: message.reason, stream: prepared.id, lang: lang)
             }
             let recorded = await streams.run(
-                stream, prepared, messageID: entryID, journal: .settleOnly, paywall: live.payer(owner),
+                stream, prepared, messageID: entryID, journal: .settleOnly(), paywall: live.payer(owner),
                 voice: voice(of: clone.id, in: room, language: lang)
             ) { message in
                 try await live.writer.append(toEntry(message))

@@ -448,7 +448,7 @@ final class ScheduleService: FrameHandler {
                 kind: .reply(conversation: conversationID, clone: clone.id, schedule: schedule.id),
                 readers: [.user(schedule.owner)], bufferCapacity: configuration.resumeBufferTokens)
             let fired = Mutex<(Schedule, Message)?>(nil)
-            await streams.run(live, prepared, messageID: messageID, journal: .settleOnly) { message in
+            await streams.run(live, prepared, messageID: messageID, journal: .settleOnly()) { message in
                 if let done = try await store.completeSchedule(
                     id: schedule.id, message: message, newConversation: conversation, now: message.createdAt)
                 {

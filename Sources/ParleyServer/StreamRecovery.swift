@@ -47,7 +47,7 @@ struct StreamRecovery {
         switch journal.target {
         case .conversation(let id), .alternative(let id, _): conversation = id
         case .roomTurn(let id, _): room = id
-        case .settleOnly: break
+        case .settleOnly(let linked, let linkedRoom): (conversation, room) = (linked, linkedRoom)
         }
         var outcome = Finished(journal: journal, usage: usage)
         if try await store.ledgerEntry(id: "\(stream):settle") == nil {

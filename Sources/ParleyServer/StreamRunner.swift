@@ -115,7 +115,7 @@ final class StreamRunner: Sendable {
         guard !(await meter.settle(usage: nothing)).settled else { return }
         let journal = StreamJournal(
             stream: prepared.id, user: meter.user, model: prepared.model, feature: meter.feature.rawValue, inputTokens: 0,
-            target: .settleOnly, messageID: ids.make(.message), createdAt: Int64(Timestamp.nowMillis()))
+            target: Self.settleOnly(like: meter), messageID: ids.make(.message), createdAt: Int64(Timestamp.nowMillis()))
         do {
             try await store.saveStreamJournal(journal)
         } catch {
@@ -125,6 +125,12 @@ final class StreamRunner: Sendable {
         }
         metrics.awaitingRecovery.increment()
         kept.retry(KeptReplies.Work(stream: prepared.id, owner: meter.user, settle: { @Sendable in await meter.settle(usage: nothing).settled }))
+    }
+
+    /// A settle-only journal of `meter`'s stream: its settlement is linked to the conversation or
+    /// room its prompt's charge was, so a refund counts where the charge did.
+    private static func settleOnly(like meter: CreditMeter) -> StreamJournal.Target {
+        .settleOnly(conversation: meter.conversation, room: meter.room)
     }
 
     /// Makes the stream, read by the sockets subscribed to `readers` now (a user's, a room's, a
@@ -298,6 +304,7 @@ final class StreamRunner: Sendable {
         persist: @escaping @Sendable (Message) async throws -> Void
     ) async -> Message? {
         let (request, prompt, meter) = (prepared.request, prepared.prompt, prepared.meter)
+        let target = if case .settleOnly = target { Self.settleOnly(like: meter) } else { target }
         // Journaled as it streams, so a crash loses at most the last moments of what was sent.
         let journal = journals.open(
             StreamJournal(

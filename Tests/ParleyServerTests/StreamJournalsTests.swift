@@ -93,7 +93,7 @@ import Testing
 
     func journal(_ stream: String) -> StreamJournal {
         StreamJournal(
-            stream: stream, user: "alice", model: "simulated", feature: "chat", inputTokens: 1, target: .settleOnly, messageID: "msg_\(stream)",
+            stream: stream, user: "alice", model: "simulated", feature: "chat", inputTokens: 1, target: .settleOnly(), messageID: "msg_\(stream)",
             createdAt: 0)
     }
 

@@ -9,16 +9,17 @@ import Testing
 /// What start-up does with the journals a crash left: the real kill -9 of a chat reply is in
 /// Tests/interop/test_credits_crash.py; these cover the other targets on both stores.
 @Suite("Stream recovery") struct StreamRecoveryTests {
-    /// A stream as a crash leaves it: its prompt and one 16-token batch debited, its journal saved.
+    /// A stream as a crash leaves it: its prompt and one 16-token batch debited (linked to `room`
+    /// when given), its journal saved.
     private func leaveOpen(
         _ store: any Store, stream: String, user: String, target: StreamJournal.Target, text: String, tokens: Int,
-        feature: Feature
+        feature: Feature, room: String? = nil
     ) async throws -> StreamJournal {
         for (suffix, credits, count) in [("in", Int64(-10), 10), ("1", Int64(-32), 16)] {
             _ = try await store.apply(
                 LedgerEntry(
                     id: "\(stream):\(suffix)", user: user, kind: .debit, credits: credits, tokens: count, stream: stream,
-                    model: "simulated", feature: feature.rawValue, createdAt: 1_000), allowOverdraft: false)
+                    room: room, model: "simulated", feature: feature.rawValue, createdAt: 1_000), allowOverdraft: false)
         }
         // Recent: the retention purge at start-up must not take what recovery stores.
         let now = Int64(Timestamp.nowMillis())
@@ -95,8 +96,12 @@ import Testing
         let before = try await store.balance(user: "moe")
         let turn = try await leaveOpen(
             store, stream: "st_turn", user: "moe", target: .roomTurn(room: room, speaker: first), text: "Tea, for a start,",
-            tokens: 5, feature: .debate)
-        _ = try await leaveOpen(store, stream: "st_sched", user: "moe", target: .settleOnly, text: "Good morn", tokens: 3, feature: .scheduled)
+            tokens: 5, feature: .debate, room: room)
+        // A stream whose text is not kept (a translation's), its entries linked to the room.
+        _ = try await leaveOpen(
+            store, stream: "st_trans", user: "moe", target: .settleOnly(room: room), text: "Chá, para", tokens: 4, feature: .debate,
+            room: room)
+        _ = try await leaveOpen(store, stream: "st_sched", user: "moe", target: .settleOnly(), text: "Good morn", tokens: 3, feature: .scheduled)
         _ = try await leaveOpen(
             store, stream: "st_gone", user: "moe", target: .conversation("cv_01M8ZZZZZZ0000000000000000"), text: "Hel",
             tokens: 1, feature: .chat)
@@ -114,11 +119,14 @@ import Testing
         #expect(try await paid(after, "moe", stream: "st_turn") == 10 + 10)
         #expect(try await paid(after, "moe", stream: "st_sched") == 10 + 6)
         #expect(try await paid(after, "moe", stream: "st_gone") == 10 + 2, "settled even though its conversation is gone")
-        #expect(try await after.balance(user: "moe") == before - 20 - 16 - 12)
+        #expect(try await paid(after, "moe", stream: "st_trans") == 10 + 8)
+        #expect(try await after.balance(user: "moe") == before - 20 - 16 - 12 - 18)
+        // The room's cost counts the refunds its streams' settlements gave back.
+        #expect(try await after.costs(user: "moe", link: .room, ids: [room]) == [room: 20 + 18])
         // A second start-up finds nothing left to do: no entry or credit twice.
         let third = try await again.restarted()
         #expect(try await third.server.store.roomEntries(room: room, limit: 500, before: nil).filter { $0.stream == "st_turn" } == [stored])
-        #expect(try await third.server.store.balance(user: "moe") == before - 20 - 16 - 12)
+        #expect(try await third.server.store.balance(user: "moe") == before - 20 - 16 - 12 - 18)
         await third.stop()
     }
 

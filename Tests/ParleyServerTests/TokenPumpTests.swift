@@ -133,7 +133,7 @@ import Testing
                 bufferCapacity: 100, readers: [], broker: broker, hub: SocketHub())
             let journal = StreamJournals(store: ledger, logger: Logger(label: "test")).open(
                 StreamJournal(
-                    stream: "st1", user: "alice", model: SimulatedProvider.modelName, feature: "chat", inputTokens: 1, target: .settleOnly,
+                    stream: "st1", user: "alice", model: SimulatedProvider.modelName, feature: "chat", inputTokens: 1, target: .settleOnly(),
                     messageID: "msg1", createdAt: 0))
             return ReleasedReply(live: live, journal: journal, allocator: ByteBufferAllocator())
         }

@@ -317,6 +317,7 @@ func standIn(_ text: String, _ tag: String) -> String { SimulatedProvider.transl
         let streams = json["entries"]!.arrayValue!.filter { $0["stream"] != nil }
         #expect(streams.count == 4, "each prompt, then its refund")
         #expect(streams.reduce(0) { $0 + $1["credits"]!.intValue! } == 0)
+        #expect(try await restarted.server.store.costs(user: "alice", link: .room, ids: [f.room]) == [f.room: 0], "refunded where charged")
         #expect(try await restarted.server.store.streamJournals(limit: 10, node: nil).isEmpty)
         await restarted.stop()
     }
