@@ -213,6 +213,9 @@ final class ChatService: FrameHandler {
             if voice { try await streams.requireVoice(user: user, ref: ref, what: "voiced replies") }
             try await plans?.takeMessage(user: user, ref: ref)
             let userPlan = try await plans?.plan(of: user)
+            // A reply of theirs the store refused goes first, where it now can: before the next
+            // message, and in the history its prompt reads.
+            await streams.kept.storeNow(owner: user)
             let plan = try await makePlan()
             let conversation = plan.conversation
             let reservation = hub.reserve(user: user, conversation: conversation.id, planLimit: userPlan?.limits.concurrentStreams)

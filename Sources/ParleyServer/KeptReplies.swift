@@ -17,14 +17,39 @@ final class KeptReplies: Sendable {
     struct Work: Sendable {
         var stream: String
         var owner: String
-        /// Stores the message; nil once stored.
+        /// Stores the message; nil when there is none to store.
         var store: (@Sendable () async throws -> Void)? = nil
         /// Settles the stream, true once the store took it; nil once settled.
         var settle: (@Sendable () async -> Bool)? = nil
     }
 
+    /// A reply's message, stored once: by its retry, or earlier by its owner's next request.
+    private final class KeptMessage: Sendable {
+        private let save: (@Sendable () async throws -> Void)?
+        private let stored = Atomic<Bool>(false)
+
+        init(_ save: (@Sendable () async throws -> Void)?) {
+            self.save = save
+        }
+
+        /// True once stored (or when there was nothing to store).
+        func store() async -> Bool {
+            guard let save, !stored.load(ordering: .acquiring) else { return true }
+            do {
+                try await save()
+            } catch StoreError.duplicateKey {
+                // Stored by an attempt whose answer was lost.
+            } catch {
+                return false
+            }
+            stored.store(true, ordering: .releasing)
+            return true
+        }
+    }
+
     private struct Entry {
         var owner: String
+        var message: KeptMessage
         var task: Task<Void, Never>
     }
 
@@ -56,12 +81,21 @@ final class KeptReplies: Sendable {
     func retry(_ work: Work) {
         let taken = entries.withLock { e -> Bool in
             guard e[work.stream] == nil, e.count < Self.limit else { return false }
-            e[work.stream] = Entry(owner: work.owner, task: Task { await self.run(work) })
+            let message = KeptMessage(work.store)
+            e[work.stream] = Entry(owner: work.owner, message: message, task: Task { await self.run(work, message) })
             return true
         }
         if !taken {
             logger.warning("too many replies wait for the store: this one waits for the next start-up", metadata: ["stream": "\(work.stream)"])
         }
+    }
+
+    /// Stores the owner's waiting replies now, where the store takes them: their next message is
+    /// about to be stored and a prompt read from their conversation, and the reply it follows
+    /// belongs before it in both. Those still refused wait for their retry.
+    func storeNow(owner: String) async {
+        let messages = entries.withLock { e in e.isEmpty ? [] : e.values.filter { $0.owner == owner }.map(\.message) }
+        for message in messages { _ = await message.store() }
     }
 
     /// Stops trying the owner's replies (their account, a clone or a conversation of theirs is
@@ -86,7 +120,7 @@ final class KeptReplies: Sendable {
         for task in tasks { await task.value }
     }
 
-    private func run(_ start: Work) async {
+    private func run(_ start: Work, _ message: KeptMessage) async {
         var work = start
         var delay = firstDelay
         defer { _ = entries.withLock { $0.removeValue(forKey: start.stream) } }
@@ -94,17 +128,7 @@ final class KeptReplies: Sendable {
             do { try await Task.sleep(for: delay) } catch { return }
             delay = min(delay * 2, .seconds(60))
             if let settle = work.settle, await settle() { work.settle = nil }
-            if let save = work.store {
-                do {
-                    try await save()
-                    work.store = nil
-                } catch StoreError.duplicateKey {
-                    work.store = nil  // stored by an attempt whose answer was lost
-                } catch {
-                    continue
-                }
-            }
-            guard work.settle == nil, work.store == nil else { continue }
+            guard await message.store(), work.settle == nil else { continue }
             do {
                 try await store.deleteStreamJournal(stream: start.stream)
             } catch {

@@ -48,6 +48,29 @@ import Testing
         await server.stop()
     }
 
+    /// A reply the store refused, then the user's next message once the store takes writes
+    /// again, before any retry: the reply is stored first, so the transcript keeps its order.
+    @Test func aRefusedReplyIsStoredBeforeTheUsersNextMessage() async throws {
+        let server = try await TestServer.start { $0.keptReplyRetry = .seconds(3600) }
+        let store = try #require(server.server.store as? SQLiteStore)
+        try await store.run { db in
+            try db.exec(
+                "CREATE TRIGGER refuse_replies BEFORE INSERT ON messages WHEN NEW.role = 'assistant' BEGIN SELECT RAISE(ABORT, 'refused'); END")
+        }
+        let (token, clone, socket) = try await aliceSends("hello", on: server)
+        let first = try await socket.readReply()
+        #expect(first.end["message"] == nil, "not stored")
+        try await store.run { db in try db.exec("DROP TRIGGER refuse_replies") }
+
+        try await socket.chatSend(id: "c2", clone: clone, conversation: first.conversation, text: "and then?")
+        let second = try await socket.readReply()
+        let messages = try await server.get("/v1/conversations/\(first.conversation)/messages", token: token).json()["messages"]!.arrayValue!
+        #expect(messages.map { $0["role"]?.stringValue } == ["user", "assistant", "user", "assistant"])
+        #expect(messages.map { $0["text"]?.stringValue } == ["hello", first.text, "and then?", second.text])
+        #expect(messages[1]["reason"] == .string("complete"))
+        await server.stop()
+    }
+
     @Test func anAccountDeletionStopsItsRepliesRetriesBeforeDeleting() async throws {
         let server = try await TestServer.start { $0.keptReplyRetry = .seconds(3600) }
         let store = try #require(server.server.store as? SQLiteStore)
