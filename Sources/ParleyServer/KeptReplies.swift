@@ -6,10 +6,10 @@ import Synchronization
 /// abandoned before they ran), tried again while the node runs: their journals would otherwise
 /// wait for the next start-up's recovery, so a store that comes back (a full disk freed, a
 /// MongoDB election over) would leave the transcript without the reply, or the refund pending,
-/// until someone restarts the node. Each is tried after a growing
-/// delay until both are done (its journal is then deleted) or `attempts` have failed (then it
-/// stays for the start-up). An account deletion cancels its owner's first, a shutdown all: the
-/// journal keeps what they had not done.
+/// until someone restarts the node. Each is tried after a growing delay until both are done (its
+/// journal is then deleted) or `attempts` have failed (then it stays for the start-up). Deleting
+/// a clone or a conversation pauses its owner's meanwhile, deleting the account drops them (its
+/// journals go with it), and a shutdown stops all: the journals keep what they had not done.
 final class KeptReplies: Sendable {
     /// What is still to be done for one reply; each step is idempotent (a message stored twice is
     /// a duplicate key, a settlement's ledger id is its stream's), so a retry after an answer that
@@ -32,6 +32,8 @@ final class KeptReplies: Sendable {
             self.save = save
         }
 
+        var isStored: Bool { save == nil || stored.load(ordering: .acquiring) }
+
         /// True once stored (or when there was nothing to store).
         func store() async -> Bool {
             guard let save, !stored.load(ordering: .acquiring) else { return true }
@@ -50,7 +52,8 @@ final class KeptReplies: Sendable {
     private struct Entry {
         var owner: String
         var message: KeptMessage
-        var task: Task<Void, Never>
+        /// What is left to do when it was stopped before it finished.
+        var task: Task<Work?, Never>
     }
 
     /// More than this many waiting replies are left to the start-up (bounded memory).
@@ -98,34 +101,54 @@ final class KeptReplies: Sendable {
         for message in messages { _ = await message.store() }
     }
 
-    /// Stops trying the owner's replies (their account, a clone or a conversation of theirs is
-    /// being deleted; the start-up's recovery stores only where the target still exists) and
-    /// returns once no attempt of theirs is running.
-    func cancel(owner: String) async {
-        await cancel { $0 == owner }
+    /// Stops trying the owner's replies once no attempt of theirs is running, and returns what
+    /// they had left to do, for `resume`: a clone or a conversation of theirs is being deleted,
+    /// and no attempt may store into it meanwhile (after it, an attempt finds it gone and only
+    /// settles, as the start-up's recovery does).
+    func pause(owner: String) async -> [Work] {
+        await stop { $0 == owner }
+    }
+
+    /// Tries again what `pause` stopped, from its first delay.
+    func resume(_ paused: [Work]) {
+        for work in paused { retry(work) }
+    }
+
+    /// Stops trying the owner's replies for good, once no attempt of theirs is running: their
+    /// account is being deleted, and its journals with it.
+    func forget(owner: String) async {
+        let dropped = await stop { $0 == owner }
+        for _ in dropped { metrics.awaitingRecovery.decrement() }
     }
 
     /// Stops every retry (a shutdown): what they had not done waits in the journals.
     func cancelAll() async {
-        await cancel { _ in true }
+        _ = await stop { _ in true }
     }
 
-    private func cancel(where isOwner: (String) -> Bool) async {
+    private func stop(where isOwner: (String) -> Bool) async -> [Work] {
         let tasks = entries.withLock { e in
             let picked = e.filter { isOwner($0.value.owner) }
             for stream in picked.keys { e.removeValue(forKey: stream) }
             return picked.values.map(\.task)
         }
         for task in tasks { task.cancel() }
-        for task in tasks { await task.value }
+        var left: [Work] = []
+        for task in tasks { if let work = await task.value { left.append(work) } }
+        return left
     }
 
-    private func run(_ start: Work, _ message: KeptMessage) async {
+    private func run(_ start: Work, _ message: KeptMessage) async -> Work? {
         var work = start
         var delay = firstDelay
         defer { _ = entries.withLock { $0.removeValue(forKey: start.stream) } }
         for _ in 0..<attempts {
-            do { try await Task.sleep(for: delay) } catch { return }
+            do {
+                try await Task.sleep(for: delay)
+            } catch {
+                if message.isStored { work.store = nil }
+                return work
+            }
             delay = min(delay * 2, .seconds(60))
             if let settle = work.settle, await settle() { work.settle = nil }
             guard await message.store(), work.settle == nil else { continue }
@@ -136,8 +159,9 @@ final class KeptReplies: Sendable {
             }
             metrics.awaitingRecovery.decrement()
             logger.notice("a reply the store had refused is stored and settled", metadata: ["stream": "\(start.stream)"])
-            return
+            return nil
         }
         logger.warning("a reply the store refused is left to the next start-up", metadata: ["stream": "\(start.stream)"])
+        return nil
     }
 }

@@ -26,8 +26,10 @@ extension RESTAPI {
         guard try await store.conversation(id: id, owner: identity.user) != nil else {
             throw APIError(.notFound, .notFound, "no conversation \(id)")
         }
-        await chat.streams.stopStreams(conversation: id, owner: identity.user)
-        guard try await store.deleteConversation(id: id, owner: identity.user) else { throw APIError(.notFound, .notFound, "no conversation \(id)") }
+        let deleted = try await chat.streams.stopStreams(conversation: id, owner: identity.user) {
+            try await store.deleteConversation(id: id, owner: identity.user)
+        }
+        guard deleted else { throw APIError(.notFound, .notFound, "no conversation \(id)") }
         await audit.record("conversation.deleted", actor: identity.user, target: id, ip: request.remoteIP)
         return HTTPResponse(.noContent)
     }

@@ -393,9 +393,11 @@ struct RESTAPI: Sendable {
         _ = try await ownedClone(id, identity)
         // Replies still streaming end (and are stored) before their transcript is deleted, and
         // the clone's pending scheduled messages are cancelled.
-        await chat.streams.stopStreams(clone: id, owner: identity.user)
-        await schedules.cancelAll(clone: id, owner: identity.user)
-        guard try await store.deleteClone(id: id, owner: identity.user) else { throw Self.noClone(id) }
+        let deleted = try await chat.streams.stopStreams(clone: id, owner: identity.user) {
+            await schedules.cancelAll(clone: id, owner: identity.user)
+            return try await store.deleteClone(id: id, owner: identity.user)
+        }
+        guard deleted else { throw Self.noClone(id) }
         await audit.record("clone.deleted", actor: identity.user, target: id, ip: request.remoteIP)
         return HTTPResponse(.noContent)
     }

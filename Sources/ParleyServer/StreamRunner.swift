@@ -214,16 +214,30 @@ final class StreamRunner: Sendable {
 
     // MARK: Stop and drain
 
-    /// Stops the owner's streams (of `clone`, of `conversation`, or all of them) and waits for them
-    /// to end, before the clone, the conversation or the whole account is deleted.
-    func stopStreams(clone: String? = nil, conversation: String? = nil, owner: String) async {
+    /// Stops the owner's streams of `clone` or of `conversation` and waits for them to end, then
+    /// runs `deleting` (which deletes it) with the owner's retries of refused replies paused, so
+    /// none stores into what is being deleted; they go on after it.
+    func stopStreams<T>(
+        clone: String? = nil, conversation: String? = nil, owner: String, whileDeleting deleting: () async throws -> T
+    ) async rethrows -> T {
+        await stopLive(clone: clone, conversation: conversation, owner: owner)
+        let paused = await kept.pause(owner: owner)
+        defer { kept.resume(paused) }
+        return try await deleting()
+    }
+
+    /// Stops all the owner's streams and waits for them to end, and drops their retries: the
+    /// account is being deleted, with its journals.
+    func stopStreams(owner: String) async {
+        await stopLive(clone: nil, conversation: nil, owner: owner)
+        await kept.forget(owner: owner)
+    }
+
+    private func stopLive(clone: String?, conversation: String?, owner: String) async {
         let tasks = hub.liveStreams(of: owner).filter {
             (clone == nil || $0.clone == clone) && (conversation == nil || ($0.room == nil && $0.conversation == conversation))
         }.compactMap { $0.stop(.cancelled) }
         for task in tasks { await task.value }
-        // A clone, a conversation or the account is going: what its retries had not stored
-        // waits for the start-up's recovery, which stores only where the target still exists.
-        await kept.cancel(owner: owner)
     }
 
     /// Stops every stream, lets each store its partial reply and send `stream.end` with reason

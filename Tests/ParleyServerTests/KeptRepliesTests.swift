@@ -72,7 +72,11 @@ import Testing
     }
 
     @Test func anAccountDeletionStopsItsRepliesRetriesBeforeDeleting() async throws {
-        let server = try await TestServer.start { $0.keptReplyRetry = .seconds(3600) }
+        let metrics = TestMetrics()
+        let server = try await TestServer.start {
+            $0.metrics = metrics
+            $0.keptReplyRetry = .seconds(3600)
+        }
         let store = try #require(server.server.store as? SQLiteStore)
         try await store.run { db in try db.exec(Self.refusing) }
         let (token, _, socket) = try await aliceSends("hello", on: server)
@@ -83,6 +87,38 @@ import Testing
         #expect(deleted.status == .ok)
         #expect(kept.waiting() == 0, "a retry cannot store or charge for the deleted account")
         #expect(try await store.streamJournals(limit: 10, node: nil).isEmpty)
+        #expect(try metrics.expectMeter("parley_streams_awaiting_recovery").lastValue == 0, "nothing of theirs waits any more")
+        await server.stop()
+    }
+
+    /// Deleting the conversation of a reply the store refused pauses its retry while the
+    /// conversation goes, then the retry settles it and stores nothing (there is nowhere to).
+    @Test func aRefusedReplysConversationDeletedMeanwhileIsSettledAndNotStored() async throws {
+        let metrics = TestMetrics()
+        let server = try await TestServer.start {
+            $0.metrics = metrics
+            $0.keptReplyRetry = .milliseconds(20)
+        }
+        let store = try #require(server.server.store as? SQLiteStore)
+        try await store.run { db in try db.exec(Self.refusing) }
+        let (token, _, socket) = try await aliceSends("hello", on: server)
+        let reply = try await socket.readReply()
+        let deleted = try await TestHTTPClient.request(port: server.port, .DELETE, "/v1/conversations/\(reply.conversation)", token: token)
+        #expect(deleted.status == .noContent)
+        #expect(server.server.chat.streams.kept.waiting(owner: "alice") == 1, "tried again after the deletion")
+
+        try await store.run { db in try db.exec("DROP TRIGGER refuse_replies; DROP TRIGGER refuse_settlements") }
+        let finished = await holds(within: .seconds(30)) {
+            (try? await store.streamJournals(limit: 10, node: nil).isEmpty) == true
+        }
+        #expect(finished)
+        #expect(try await store.ledgerEntry(id: "\(reply.stream):settle") != nil)
+        let stored = try await store.run { db in
+            try db.query("SELECT COUNT(*) AS n FROM messages WHERE conversation = ?", [.text(reply.conversation)]).first?["n"].int
+        }
+        #expect(stored == 0, "nothing stored into the deleted conversation")
+        #expect(try metrics.expectMeter("parley_streams_awaiting_recovery").lastValue == 0)
+        try await expectInvariant(server, token: token)
         await server.stop()
     }
 }
