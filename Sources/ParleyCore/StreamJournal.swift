@@ -1,7 +1,8 @@
 /// A reply being generated, as far as it got: kept in the store while it streams (rewritten with
 /// each prepaid credit batch and a few times a second), so that after a crash, even `kill -9`, the
 /// next start-up can store what the user saw, marked `interrupted`, and settle its credits for
-/// exactly that text. Removed once the reply is stored the ordinary way.
+/// exactly that text. Removed once the reply is stored the ordinary way; kept whole, with how it
+/// ended, when the store refused that.
 public struct StreamJournal: Sendable, Equatable {
     /// Where the finished text goes.
     public enum Target: Sendable, Equatable {
@@ -33,10 +34,13 @@ public struct StreamJournal: Sendable, Equatable {
     public var outputTokens: Int
     public var createdAt: Int64
     public var updatedAt: Int64
+    /// How the reply ended, for one that ended but whose message or settlement the store refused
+    /// (it is stored with this reason); nil while it streams (a crash's is `interrupted`).
+    public var ended: StreamEndReason?
 
     public init(
         stream: String, user: String, model: String, feature: String, inputTokens: Int, target: Target, messageID: String,
-        text: String = "", outputTokens: Int = 0, createdAt: Int64, updatedAt: Int64? = nil
+        text: String = "", outputTokens: Int = 0, createdAt: Int64, updatedAt: Int64? = nil, ended: StreamEndReason? = nil
     ) {
         self.stream = stream
         self.user = user
@@ -49,6 +53,7 @@ public struct StreamJournal: Sendable, Equatable {
         self.outputTokens = outputTokens
         self.createdAt = createdAt
         self.updatedAt = updatedAt ?? createdAt
+        self.ended = ended
     }
 }
 

@@ -187,6 +187,7 @@ extension MongoStore {
                     ("target_kind", .string(target.kind)), ("target_id", target.id.map(JSONValue.string) ?? .null),
                     ("speaker", target.speaker.map(JSONValue.string) ?? .null), ("message_id", .string(j.messageID)), ("text", .string(j.text)),
                     ("output_tokens", .long(Int64(j.outputTokens))), ("created_at", .long(j.createdAt)), ("updated_at", .long(j.updatedAt)),
+                    ("ended", j.ended.map { .string($0.rawValue) } ?? .null),
                 ])
             return .object([("q", .object([("_id", .string(j.stream))])), ("u", .object([("$set", fields)])), ("upsert", .bool(true))])
         }
@@ -213,7 +214,8 @@ extension MongoStore {
                     target: .init(kind: d["target_kind"]?.stringValue ?? "", id: d["target_id"]?.stringValue, speaker: d["speaker"]?.stringValue),
                     messageID: d["message_id"]?.stringValue ?? "", text: d["text"]?.stringValue ?? "",
                     outputTokens: Int(d["output_tokens"]?.int64 ?? 0),
-                    createdAt: d["created_at"]?.int64 ?? 0, updatedAt: d["updated_at"]?.int64 ?? 0
+                    createdAt: d["created_at"]?.int64 ?? 0, updatedAt: d["updated_at"]?.int64 ?? 0,
+                    ended: d["ended"]?.stringValue.flatMap(StreamEndReason.init(rawValue:))
                 )
             }
         }

@@ -158,6 +158,18 @@ final class StreamJournalWriter: Sendable {
         }
     }
 
+    /// The reply as it ended (its message or settlement refused by the store): `finish(keep:)`
+    /// then writes it whole.
+    func ended(text: String, outputTokens: Int, reason: StreamEndReason) {
+        state.withLock { s in
+            guard !s.finished else { return }
+            s.journal.text = text
+            s.journal.outputTokens = outputTokens
+            s.journal.updatedAt = Int64(Timestamp.nowMillis())
+            s.journal.ended = reason
+        }
+    }
+
     /// Stops journaling, waits for a write in flight, and has the journal deleted with the next
     /// write, unless `keep` (the reply could not be stored: the journal is written whole now and
     /// the next start-up stores the reply from it).

@@ -3,7 +3,8 @@ import ParleyCore
 import ParleyStore
 
 /// Finishes, at start-up, the replies a crash (even `kill -9`) left open: each journal's text is
-/// stored where the reply belonged, marked `interrupted`, and its credits are settled for exactly
+/// stored where the reply belonged, marked `interrupted` (or as it ended, for a reply the store
+/// refused once it had), and its credits are settled for exactly
 /// that text (what its ledger entries prepaid beyond it is refunded). Runs before anything is
 /// served; every step is idempotent, so a crash during recovery only means it runs again.
 struct StreamRecovery {
@@ -79,13 +80,13 @@ struct StreamRecovery {
                     try await store.appendReply(
                         Message(
                             id: journal.messageID, conversation: id, role: .assistant, text: journal.text,
-                            createdAt: journal.updatedAt, reason: .interrupted, usage: usage, stream: stream),
+                            createdAt: journal.updatedAt, reason: journal.ended ?? .interrupted, usage: usage, stream: stream),
                         replacing: replacing)
                 case .roomTurn(let id, let speaker):
                     try await store.appendRoomEntry(
                         RoomEntry(
                             id: journal.messageID, room: id, kind: .turn, speaker: speaker, text: journal.text,
-                            createdAt: journal.updatedAt, reason: .interrupted, stream: stream))
+                            createdAt: journal.updatedAt, reason: journal.ended ?? .interrupted, stream: stream))
                 case .settleOnly:
                     break
                 }

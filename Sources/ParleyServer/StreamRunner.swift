@@ -390,7 +390,7 @@ final class StreamRunner: Sendable {
         // keeps its journal, whole, for the recovery to finish (each of its steps idempotent).
         let keep = storedID == nil || !settled
         if keep {
-            journal.offer(text: text, outputTokens: Int(seq))
+            journal.ended(text: text, outputTokens: Int(seq), reason: reason)
             metrics.awaitingRecovery.increment()
         }
         await Task { await journal.finish(keep: keep) }.value

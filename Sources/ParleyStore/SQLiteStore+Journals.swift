@@ -47,7 +47,7 @@ struct JournalTails: Sendable {
 /// The journals of replies in flight.
 extension SQLiteStore {
     static let journalColumns =
-        "stream, user, model, feature, input_tokens, target_kind, target_id, speaker, message_id, text, output_tokens, created_at, updated_at"
+        "stream, user, model, feature, input_tokens, target_kind, target_id, speaker, message_id, text, output_tokens, created_at, updated_at, ended"
     /// Tails a journal takes before its row is written whole again (then its tails are no longer read).
     static let maxTails = 32
     /// Tails appended between two compactions.
@@ -82,7 +82,10 @@ extension SQLiteStore {
             state.written[stream] = nil
         }
         for j in journals {
-            if var written = state.written[j.stream], written.tails < maxTails, let added = JournalTails.added(j.text, to: written) {
+            // An ended reply's journal is written whole once, with how it ended.
+            if j.ended == nil, var written = state.written[j.stream], written.tails < maxTails,
+                let added = JournalTails.added(j.text, to: written)
+            {
                 guard !added.isEmpty || j.outputTokens != written.outputTokens || j.updatedAt != written.updatedAt else { continue }
                 try db.query(
                     "INSERT INTO stream_journal_tails(stream, user, text, output_tokens, updated_at) VALUES(?, ?, ?, ?, ?)",
@@ -98,11 +101,12 @@ extension SQLiteStore {
                 // Whole: the tails written so far for the stream are then no longer its.
                 let target = j.target.columns
                 try db.query(
-                    "INSERT OR REPLACE INTO stream_journals(\(Self.journalColumns), tail_from) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT OR REPLACE INTO stream_journals(\(Self.journalColumns), tail_from) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [
                         .text(j.stream), .text(j.user), .text(j.model), .text(j.feature), .int(Int64(j.inputTokens)), .text(target.kind),
                         target.id.map(SQLValue.text) ?? .null, target.speaker.map(SQLValue.text) ?? .null, .text(j.messageID), .text(j.text),
-                        .int(Int64(j.outputTokens)), .int(j.createdAt), .int(j.updatedAt), .int(try newestTail(db)),
+                        .int(Int64(j.outputTokens)), .int(j.createdAt), .int(j.updatedAt), j.ended.map { .text($0.rawValue) } ?? .null,
+                        .int(try newestTail(db)),
                     ]
                 )
                 let bytes = j.text.utf8.count
@@ -208,7 +212,8 @@ extension SQLiteStore {
                     inputTokens: Int(r["input_tokens"].int ?? 0),
                     target: .init(kind: r["target_kind"].text ?? "", id: r["target_id"].text, speaker: r["speaker"].text),
                     messageID: r["message_id"].text ?? "", text: r["text"].text ?? "",
-                    outputTokens: Int(r["output_tokens"].int ?? 0), createdAt: r["created_at"].int ?? 0, updatedAt: r["updated_at"].int ?? 0
+                    outputTokens: Int(r["output_tokens"].int ?? 0), createdAt: r["created_at"].int ?? 0, updatedAt: r["updated_at"].int ?? 0,
+                    ended: r["ended"].text.flatMap(StreamEndReason.init(rawValue:))
                 )
                 from[journal.stream] = r["tail_from"].int ?? 0
                 return journal

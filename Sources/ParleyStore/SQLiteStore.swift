@@ -324,6 +324,9 @@ public final class SQLiteStore: Store {
         // alternatives, and every message stored wrote one index page fewer (#26: 7% of a chat
         // reply's WAL pages, `loadtest/wal-pages.py`).
         "DROP INDEX messages_on_path;",
+        // v25: how a journaled reply ended, when it did but the store refused its message or
+        // settlement (NULL: it was cut, by a crash or a lost node).
+        "ALTER TABLE stream_journals ADD COLUMN ended TEXT;",
     ]
 
     /// An FTS5 table `index` over `column` of `table` (v11's search): external content, so the

@@ -48,6 +48,27 @@ import Testing
         await server.stop()
     }
 
+    /// A reply the store refused, and a restart before any retry stored it: the start-up's
+    /// recovery stores it as it ended, not as a crash's reply.
+    @Test func aRefusedReplyLeftToTheStartUpIsStoredAsItEnded() async throws {
+        let server = try await TestServer.start { $0.keptReplyRetry = .seconds(3600) }
+        let store = try #require(server.server.store as? SQLiteStore)
+        try await store.run { db in try db.exec(Self.refusing) }
+        let (token, _, socket) = try await aliceSends("hello", on: server)
+        let reply = try await socket.readReply()
+        #expect(reply.reason == "complete" && reply.end["message"] == nil)
+        try await store.run { db in try db.exec("DROP TRIGGER refuse_replies; DROP TRIGGER refuse_settlements") }
+
+        let restarted = try await server.restarted()
+        let messages = try await restarted.get("/v1/conversations/\(reply.conversation)/messages", token: token).json()["messages"]!
+            .arrayValue!
+        #expect(messages.map { $0["text"]?.stringValue } == ["hello", reply.text])
+        #expect(messages.last?["reason"] == .string("complete"))
+        #expect(try await restarted.server.store.streamJournals(limit: 10, node: nil).isEmpty)
+        try await expectInvariant(restarted, token: token)
+        await restarted.stop()
+    }
+
     /// A reply the store refused, then the user's next message once the store takes writes
     /// again, before any retry: the reply is stored first, so the transcript keeps its order.
     @Test func aRefusedReplyIsStoredBeforeTheUsersNextMessage() async throws {

@@ -33,6 +33,12 @@ import Testing
             chat.outputTokens = 9
             try await store.saveStreamJournal(chat)
             #expect(try await store.streamJournals(limit: 10) == [turn, chat, scheduled])
+            // A reply that ended but could not be stored keeps how it ended.
+            chat.text += " The end."
+            chat.outputTokens = 12
+            chat.ended = .complete
+            try await store.saveStreamJournal(chat)
+            #expect(try await store.streamJournals(limit: 10) == [turn, chat, scheduled])
 
             try await store.deleteStreamJournal(stream: "st_turn")
             try await store.deleteStreamJournal(stream: "st_none")  // absent: nothing happens
