@@ -14,7 +14,7 @@ import Testing
 @Suite struct CreditMeterOpeningTests {
     static func open(_ backend: String) async throws -> any Store {
         if backend == "mongodb" { return try await MongoStore.open(uri: MongoFixture.uri()) }
-        let path = FileManager.default.temporaryDirectory.appendingPathComponent("parley-opening-\(UUID().uuidString).sqlite").path
+        let path = Scratch.path("opening", suffix: ".sqlite")
         return try await SQLiteStore.open(path: path)
     }
 

@@ -365,7 +365,7 @@ final class TestClock: Sendable {
     @Test func messageBucketsPastTheCapacityAreSweptRarelyAndKeepTheirLimits() async throws {
         let catalog = try PlanCatalog(
             parsing: try JSONValue.parse(Array(#"{"plans": [{"id": "basic", "limits": {"messages_per_minute": 2}}]}"#.utf8)))
-        let path = FileManager.default.temporaryDirectory.appendingPathComponent("parley-buckets-\(UUID().uuidString).sqlite").path
+        let path = Scratch.path("buckets", suffix: ".sqlite")
         let store = try await SQLiteStore.open(path: path)
         defer { try? FileManager.default.removeItem(atPath: path) }
         let book = PlanBook(catalog: catalog, store: store, clock: { 0 }, capacity: 4)

@@ -134,7 +134,7 @@ import Testing
 /// half is forgotten, and read from the store again when asked for.
 @Suite struct SessionGateTests {
     @Test func pastItsCapacityTheGateForgetsItsOlderUsersFirst() async throws {
-        let path = FileManager.default.temporaryDirectory.appendingPathComponent("parley-gate-\(UUID().uuidString).sqlite").path
+        let path = Scratch.path("gate", suffix: ".sqlite")
         let store = try await SQLiteStore.open(path: path)
         defer { try? FileManager.default.removeItem(atPath: path) }
         let gate = SessionGate(store: store, logger: Logger(label: "test"), freshness: .seconds(3600), capacity: 4)

@@ -11,9 +11,7 @@ import Testing
 /// do not mix, and a node that loses its lease is told.
 @Suite struct SoleNodeTests {
     func temporaryDirectory() throws -> String {
-        let path = FileManager.default.temporaryDirectory.appendingPathComponent("parley-lock-\(UUID().uuidString)").path
-        try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
-        return path
+        Scratch.directory("lock")
     }
 
     @Test func aSecondHolderOfTheDataDirectoryIsRefusedUntilTheFirstLetsGo() throws {

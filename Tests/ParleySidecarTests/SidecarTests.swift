@@ -25,9 +25,7 @@ private let fakeServer = """
     """
 
 private func temporaryDirectory() throws -> String {
-    let path = NSTemporaryDirectory() + "parley-sidecar-\(UUID().uuidString)"
-    try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
-    return path
+    Scratch.directory("sidecar")
 }
 
 /// Whether `pid` is a live process (a zombie waiting for a reaper counts as gone).

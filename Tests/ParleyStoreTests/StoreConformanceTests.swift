@@ -24,9 +24,7 @@ struct Backend: Sendable, CustomTestStringConvertible {
 }
 
 func temporaryPath(_ label: String) -> String {
-    let path = FileManager.default.temporaryDirectory.appendingPathComponent("parley-\(label)-\(UUID().uuidString)").path
-    try! FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
-    return path
+    Scratch.directory(label)
 }
 
 /// Opens a fresh store, runs `body`, and closes the store whatever happens.

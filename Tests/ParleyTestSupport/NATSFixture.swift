@@ -13,7 +13,7 @@ public final class NATSServer: @unchecked Sendable {
     public private(set) var url = ""
 
     public init() throws {
-        directory = FileManager.default.temporaryDirectory.appendingPathComponent("parley-nats-\(UUID().uuidString)").path
+        directory = Scratch.path("nats")
         (child, url) = try Self.launch(port: "-1", directory: directory)
     }
 

@@ -26,9 +26,7 @@ public final class TestServer: Sendable {
     ) async throws -> TestServer {
         var configuration = ServerConfiguration()
         configuration.port = 0
-        configuration.dataDirectory =
-            FileManager.default.temporaryDirectory
-            .appendingPathComponent("parley-test-\(UUID().uuidString)").path
+        configuration.dataDirectory = Scratch.path("server")
         configuration.eventLoopThreads = 2
         configuration.simulated.timeToFirstToken = .zero
         configuration.simulated.tokensPerSecond = 0
