@@ -4,9 +4,9 @@ import ParleyStore
 
 /// Finishes, at start-up, the replies a crash (even `kill -9`) left open: each journal's text is
 /// stored where the reply belonged, marked `interrupted` (or as it ended, for a reply the store
-/// refused once it had), and its credits are settled for exactly
-/// that text (what its ledger entries prepaid beyond it is refunded). Runs before anything is
-/// served; every step is idempotent, so a crash during recovery only means it runs again.
+/// refused once it had), and its credits are settled for exactly that text (what its ledger
+/// entries prepaid beyond it is refunded). Runs before anything is served; every step is
+/// idempotent, so a crash during recovery only means it runs again.
 struct StreamRecovery {
     let store: any Store
     let credits: Credits
