@@ -447,15 +447,26 @@ final class ScheduleService: FrameHandler {
                 id: prepared.id, owner: schedule.owner, model: prepared.model,
                 kind: .reply(conversation: conversationID, clone: clone.id, schedule: schedule.id),
                 readers: [.user(schedule.owner)], bufferCapacity: configuration.resumeBufferTokens)
-            let fired = Mutex<(Schedule, Message)?>(nil)
-            await streams.run(live, prepared, messageID: messageID, journal: .settleOnly()) { message in
-                if let done = try await store.completeSchedule(
-                    id: schedule.id, message: message, newConversation: conversation, now: message.createdAt)
-                {
-                    fired.withLock { $0 = (done, message) }
+            // Delivered by whichever finds the other done: this firing once its stream has
+            // ended, or, for a message the store refused, the retry that stores it later.
+            let delivery = Mutex<(fired: (Schedule, Message)?, ended: Bool)>((nil, false))
+            await streams.run(live, prepared, messageID: messageID, journal: .settleOnly(), persistsWhenKept: true) { message in
+                guard
+                    let done = try await store.completeSchedule(
+                        id: schedule.id, message: message, newConversation: conversation, now: message.createdAt)
+                else { return }
+                if delivery.withLock({ d in
+                    d.fired = (done, message)
+                    return d.ended
+                }) {
+                    await self.deliver(done, message)
                 }
             }
-            if let (done, message) = fired.withLock({ $0 }) {
+            let fired = delivery.withLock { d in
+                d.ended = true
+                return d.fired
+            }
+            if let (done, message) = fired {
                 await deliver(done, message)
             }
         }

@@ -150,17 +150,19 @@ final class StreamRunner: Sendable {
 
     /// Runs an opened stream (see `generate`) in a task the stream owns, so a stop cancels it,
     /// and returns the stored reply once the stream has ended. A stream opened while the server
-    /// shuts down ends at once, with reason `shutdown`.
+    /// shuts down ends at once, with reason `shutdown`. `persistsWhenKept`: a reply the store
+    /// refused is stored by `persist` when tried again though its journal names nowhere to store
+    /// it (a scheduled message's `persist` completes its schedule).
     @discardableResult
     func run(
         _ live: LiveStream, _ prepared: Prepared, ref: String? = nil, requester: ClientConnection? = nil, messageID: String,
         journal: StreamJournal.Target, paywall: Recipients? = nil, voice: CloneVoice? = nil, beforeEnd: (@Sendable () async -> Void)? = nil,
-        persist: @escaping @Sendable (Message) async throws -> Void
+        persistsWhenKept: Bool = false, persist: @escaping @Sendable (Message) async throws -> Void
     ) async -> Message? {
         let stored = Mutex<Message?>(nil)
         await start(
             live, prepared, ref: ref, requester: requester, messageID: messageID, journal: journal, paywall: paywall, voice: voice,
-            beforeEnd: beforeEnd, trackedFor: nil, persist: persist
+            beforeEnd: beforeEnd, trackedFor: nil, persistsWhenKept: persistsWhenKept, persist: persist
         ) { message in stored.withLock { $0 = message } }.value
         return stored.withLock { $0 }
     }
@@ -177,7 +179,7 @@ final class StreamRunner: Sendable {
     ) {
         start(
             live, prepared, ref: ref, requester: requester, messageID: messageID, journal: journal, paywall: nil, voice: voice,
-            beforeEnd: beforeEnd, trackedFor: live.owner, persist: persist
+            beforeEnd: beforeEnd, trackedFor: live.owner, persistsWhenKept: false, persist: persist
         ) { message in await Task { await then(message) }.value }
     }
 
@@ -187,13 +189,13 @@ final class StreamRunner: Sendable {
     private func start(
         _ live: LiveStream, _ prepared: Prepared, ref: String?, requester: ClientConnection?, messageID: String,
         journal: StreamJournal.Target, paywall: Recipients?, voice: CloneVoice?, beforeEnd: (@Sendable () async -> Void)?,
-        trackedFor user: String?, persist: @escaping @Sendable (Message) async throws -> Void,
+        trackedFor user: String?, persistsWhenKept: Bool, persist: @escaping @Sendable (Message) async throws -> Void,
         ended: @escaping @Sendable (Message?) async -> Void
     ) -> Task<Void, Never> {
         let body: @Sendable () async -> Void = {
             let message = await self.generate(
                 live, prepared, ref: ref, requester: requester, messageID: messageID, journal: journal,
-                paywall: paywall, voice: voice, beforeEnd: beforeEnd, persist: persist)
+                paywall: paywall, voice: voice, beforeEnd: beforeEnd, persistsWhenKept: persistsWhenKept, persist: persist)
             await ended(message)
         }
         let generation = user.flatMap { requests.start(for: $0, body) } ?? Task(operation: body)
@@ -314,7 +316,7 @@ final class StreamRunner: Sendable {
     /// to every reader, or to `paywall` (a room's moderator) when given.
     private func generate(
         _ live: LiveStream, _ prepared: Prepared, ref: String?, requester: ClientConnection?, messageID: String, journal target: StreamJournal.Target,
-        paywall recipients: Recipients?, voice: CloneVoice?, beforeEnd: (@Sendable () async -> Void)?,
+        paywall recipients: Recipients?, voice: CloneVoice?, beforeEnd: (@Sendable () async -> Void)?, persistsWhenKept: Bool,
         persist: @escaping @Sendable (Message) async throws -> Void
     ) async -> Message? {
         let (request, prompt, meter) = (prepared.request, prepared.prompt, prepared.meter)
@@ -401,7 +403,7 @@ final class StreamRunner: Sendable {
                 work.store = { @Sendable in
                     // As the recovery does: nothing is stored where its target has gone (and a
                     // translation, whose target is the room's transcript, is settled only).
-                    guard try await StreamRecovery.targetExists(target, owner: owner, in: store) else { return }
+                    if !persistsWhenKept, try await !StreamRecovery.targetExists(target, owner: owner, in: store) { return }
                     try await persist(message)
                 }
             }

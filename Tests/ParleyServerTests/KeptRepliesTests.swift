@@ -48,6 +48,29 @@ import Testing
         await server.stop()
     }
 
+    /// A scheduled message the store refused is stored by the retry once the store takes writes
+    /// again, which completes its schedule and delivers it (it stayed `firing` until a restart).
+    @Test func aScheduledMessageTheStoreRefusedIsDeliveredOnceStored() async throws {
+        let server = try await TestServer.start { $0.keptReplyRetry = .milliseconds(20) }
+        let store = try #require(server.server.store as? SQLiteStore)
+        let token = try await server.token("alice")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        try await store.run { db in try db.exec(Self.refusing) }
+        try await socket.scheduleCreate(id: "s1", clone: clone, delayMS: 10, prompt: "the weather")
+        let id = try await socket.next(type: "schedule.ok").frame["schedule"]!["id"]!.stringValue!
+        let reply = try await socket.readReply()
+        #expect(reply.reason == "complete" && reply.end["message"] == nil, "not stored")
+        #expect(try await server.schedule(id, token: token)["status"] == .string("firing"))
+
+        try await store.run { db in try db.exec("DROP TRIGGER refuse_replies; DROP TRIGGER refuse_settlements") }
+        let delivery = try await socket.next(type: "delivery").frame
+        #expect(delivery["schedule"] == .string(id))
+        #expect(delivery["message"]?["text"] == .string(reply.text))
+        _ = try await server.awaitSchedule(id, token: token, status: "delivered")
+        await server.stop()
+    }
+
     /// A reply the store refused, and a restart before any retry stored it: the start-up's
     /// recovery stores it as it ended, not as a crash's reply.
     @Test func aRefusedReplyLeftToTheStartUpIsStoredAsItEnded() async throws {
