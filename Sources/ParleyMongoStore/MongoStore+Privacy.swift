@@ -169,6 +169,7 @@ extension MongoStore {
     public func ping() async throws {
         // One attempt: a health check reports the store as it is now, not after backoff.
         try await run { db in _ = try db.command(.object([("ping", .int(1))]), attempts: 1) }
+        try space.check()
     }
 
     public func saveStreamJournal(_ j: StreamJournal) async throws {

@@ -30,6 +30,8 @@ public final class MongoStore: Store {
         /// ledger entries, stream journals) so that only it, or whoever takes a dead node's
         /// leftovers over, finishes them while other nodes serve.
         public var node: String?
+        /// How long `ping` says `full` after a write found the database out of disk space.
+        public var fullFor: Duration = .seconds(30)
 
         public init() {}
     }
@@ -48,6 +50,8 @@ public final class MongoStore: Store {
     /// Each call from asking to its answer, retries included.
     private let latency: CoreMetrics.Timer
     private let errors: StoreErrorCounter
+    /// A write lately found the database out of disk space: `ping` says so, for `/healthz`.
+    let space: SpaceWatch
 
     public var database: String { pool.database }
     public var node: String? { options.node }
@@ -62,6 +66,7 @@ public final class MongoStore: Store {
         latency = CoreMetrics.Timer(
             label: "parley_store_seconds", dimensions: [("store", "mongodb")], preferredDisplayUnit: .seconds, factory: options.metrics)
         errors = StoreErrorCounter(store: "mongodb", factory: options.metrics)
+        space = SpaceWatch(window: options.fullFor)
         self.pool = pool
         self.threads = threads
         self.leaseThreads = leaseThreads
@@ -130,6 +135,7 @@ public final class MongoStore: Store {
             throw StoreError.closed
         } catch {
             errors.count(error)
+            if case StoreError.full = error { space.failed() }
             throw error
         }
     }

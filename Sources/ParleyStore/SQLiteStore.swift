@@ -394,9 +394,9 @@ public final class SQLiteStore: Store {
     private let errors: StoreErrorCounter
     /// Group commits so far (what `commitCounter` counts), for tests.
     let commits = Atomic(0)
-    /// A batch had a call fail for lack of space (a full disk), and no batch has stored a row
-    /// since: `ping` says so, for `/healthz`.
-    private let outOfSpace = Atomic(false)
+    /// A batch had a call fail for lack of space (a full disk) lately, and no batch has stored a
+    /// row since: `ping` says so, for `/healthz`.
+    private let space: SpaceWatch
     /// Times the writer waited for more calls before a commit (`commitWindow`), for tests.
     let windowWaits = Atomic(0)
     /// What the journals of the replies streaming now hold in the store (see `saveStreamJournals`).
@@ -404,8 +404,9 @@ public final class SQLiteStore: Store {
 
     private init(
         connection: SQLiteConnection, reader: SQLiteConnection?, pool: NIOThreadPool, metrics: any MetricsFactory, indexingInterval: TimeAmount,
-        commitWindow: TimeAmount
+        commitWindow: TimeAmount, space: SpaceWatch
     ) {
+        self.space = space
         self.indexingInterval = indexingInterval
         self.commitWindow = commitWindow
         self.db = Mutex(connection)
@@ -420,10 +421,11 @@ public final class SQLiteStore: Store {
 
     /// Opens (creating if needed) the database at `path` and migrates it to the current schema.
     /// `indexingInterval`: how often the group commit brings search up to date (tests vary it);
-    /// `commitWindow`: see `defaultCommitWindow`.
+    /// `commitWindow`: see `defaultCommitWindow`; `space`: how long `ping` says `full` after a
+    /// write found no space (see `SpaceWatch`).
     public static func open(
         path: String, metrics: any MetricsFactory = MetricsSystem.factory, indexingInterval: TimeAmount = SQLiteStore.defaultIndexingInterval,
-        commitWindow: TimeAmount = SQLiteStore.defaultCommitWindow
+        commitWindow: TimeAmount = SQLiteStore.defaultCommitWindow, space: SpaceWatch = SpaceWatch()
     ) async throws -> SQLiteStore {
         let pool = NIOThreadPool(numberOfThreads: 2)
         pool.start()
@@ -457,7 +459,8 @@ public final class SQLiteStore: Store {
                 return (connection, reader)
             }
             return SQLiteStore(
-                connection: connection, reader: reader, pool: pool, metrics: metrics, indexingInterval: indexingInterval, commitWindow: commitWindow)
+                connection: connection, reader: reader, pool: pool, metrics: metrics, indexingInterval: indexingInterval, commitWindow: commitWindow,
+                space: space)
         } catch {
             try? await pool.shutdownGracefully()
             throw error
@@ -635,9 +638,9 @@ public final class SQLiteStore: Store {
                 defer {
                     // Out of space until a batch stores something again (a read alone, as `ping`, does not tell).
                     if connection.spaceFailures != spaceFailures {
-                        outOfSpace.store(true, ordering: .relaxed)
+                        space.failed()
                     } else if storedRows {
-                        outOfSpace.store(false, ordering: .relaxed)
+                        space.stored()
                     }
                 }
                 var pending = batch[...]
@@ -744,6 +747,6 @@ public final class SQLiteStore: Store {
 
     public func ping() async throws {
         try await run { db in _ = try db.query("SELECT 1") }
-        if outOfSpace.load(ordering: .relaxed) { throw StoreError.full("the latest write found no space, and none has been stored since") }
+        try space.check()
     }
 }

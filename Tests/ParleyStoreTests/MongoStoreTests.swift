@@ -95,6 +95,27 @@ import Testing
         try await store.close()
     }
 
+    /// `ping` (and so `/healthz`) says `full` for a while after a write found the database out
+    /// of disk space (it never did: a balancer kept sending requests that failed).
+    @Test func pingSaysFullForAWhileAfterTheServerRanOutOfSpace() async throws {
+        let (uri, app) = isolatedURI()
+        var options = MongoStore.Options()
+        options.fullFor = .seconds(2)
+        let store = try await MongoStore.open(uri: uri, options: options)
+        try await store.ping()
+        try failNext(1, ["insert"], app: app, errorCode: 14031)
+        _ = try? await store.createClone(makeClone(owner: "alice"))
+        await #expect {
+            try await store.ping()
+        } throws: { error in
+            guard case StoreError.full = error else { return false }
+            return true
+        }
+        let healthy = await holds(within: .seconds(30)) { (try? await store.ping()) != nil }
+        #expect(healthy, "no longer full once the window passed")
+        try await store.close()
+    }
+
     /// A deletion whose last step loses its reply after deleting: the retry deletes nothing,
     /// yet the clone (or the voice clip) was there and is gone, so the call says so (it said
     /// "no such clone", a 404 to the user who just deleted it).

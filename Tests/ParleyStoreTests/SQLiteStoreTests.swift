@@ -4,6 +4,7 @@ import Foundation
 import MetricsTestKit
 import ParleyCore
 @testable import ParleyStore
+import ParleyTestSupport
 import Testing
 
 /// What only the SQLite backend promises: durability across reopen and schema versioning.
@@ -289,6 +290,23 @@ import Testing
         try await store.run { db in try db.exec("INSERT INTO t VALUES (2, zeroblob(100000))") }
         try await store.ping()
         #expect(full.totalValue == 1)
+        try await store.close()
+    }
+
+    /// A node whose store said `full` may get no more requests (a balancer's health check) and so
+    /// store nothing more: its `ping` says `full` only for a while after the last write that
+    /// found no space, then tells again what the next write finds (it stayed `full` for good).
+    @Test func pingSaysFullForAWhileOnlyWithoutAWrite() async throws {
+        let store = try await SQLiteStore.open(path: temporaryPath("no-space-window") + "/parley.sqlite", space: SpaceWatch(window: .seconds(2)))
+        let pages = try await store.run { db in
+            try db.exec("CREATE TABLE t (v INTEGER, pad BLOB)")
+            return try db.query("PRAGMA page_count").first?["page_count"].int ?? 0
+        }
+        try await store.run { db in try db.exec("PRAGMA max_page_count = \(pages + 2)") }
+        _ = try? await store.run { db in try db.exec("INSERT INTO t VALUES (1, zeroblob(100000))") }
+        await #expect(throws: StoreError.self) { try await store.ping() }
+        let healthy = await holds(within: .seconds(30)) { (try? await store.ping()) != nil }
+        #expect(healthy, "no longer full once the window passed, with no write meanwhile")
         try await store.close()
     }
 
