@@ -7,23 +7,35 @@ import ParleyTestSupport
 import Testing
 
 /// A reply whose message and settlement the store refused is tried again while the node runs,
-/// so a store that comes back does not leave it waiting for a restart; an account deletion stops
-/// the retries first.
+/// so a store that comes back does not leave it waiting for a restart; the user's next message
+/// stores it first, a conversation's deletion pauses its retry, an account's drops it.
 @Suite struct KeptRepliesTests {
-    /// SQLite triggers that refuse a reply's message and every settlement, as a full disk would.
-    static let refusing = """
-        CREATE TRIGGER refuse_replies BEFORE INSERT ON messages WHEN NEW.role = 'assistant' BEGIN SELECT RAISE(ABORT, 'refused'); END;
-        CREATE TRIGGER refuse_settlements BEFORE INSERT ON ledger WHEN NEW.id LIKE '%:settle' BEGIN SELECT RAISE(ABORT, 'refused'); END;
-        """
+    /// An SQLite trigger that refuses a reply's message, as a full disk would.
+    static let refusingReplies =
+        "CREATE TRIGGER refuse_replies BEFORE INSERT ON messages WHEN NEW.role = 'assistant' BEGIN SELECT RAISE(ABORT, 'refused'); END;"
+    /// That, and one that refuses every settlement.
+    static let refusing =
+        refusingReplies + """
+            CREATE TRIGGER refuse_settlements BEFORE INSERT ON ledger WHEN NEW.id LIKE '%:settle' BEGIN SELECT RAISE(ABORT, 'refused'); END;
+            """
+
+    /// A server whose SQLite store refuses what `sql`'s triggers say, trying kept replies again
+    /// after `retry`.
+    private func refusingServer(
+        retry: Duration, metrics: TestMetrics? = nil, refusing sql: String = Self.refusing
+    ) async throws -> (TestServer, SQLiteStore) {
+        let server = try await TestServer.start {
+            if let metrics { $0.metrics = metrics }
+            $0.keptReplyRetry = retry
+        }
+        let store = try #require(server.server.store as? SQLiteStore)
+        try await store.run { db in try db.exec(sql) }
+        return (server, store)
+    }
 
     @Test func aReplyTheStoreRefusedIsStoredAndSettledOnceTheStoreTakesWritesAgain() async throws {
         let metrics = TestMetrics()
-        let server = try await TestServer.start {
-            $0.metrics = metrics
-            $0.keptReplyRetry = .milliseconds(20)
-        }
-        let store = try #require(server.server.store as? SQLiteStore)
-        try await store.run { db in try db.exec(Self.refusing) }
+        let (server, store) = try await refusingServer(retry: .milliseconds(20), metrics: metrics)
         let (token, _, socket) = try await aliceSends("hello", on: server)
         let (end, before) = try await socket.next(type: "stream.end")
         #expect(end["reason"] == .string("complete"))
@@ -51,12 +63,10 @@ import Testing
     /// A scheduled message the store refused is stored by the retry once the store takes writes
     /// again, which completes its schedule and delivers it (it stayed `firing` until a restart).
     @Test func aScheduledMessageTheStoreRefusedIsDeliveredOnceStored() async throws {
-        let server = try await TestServer.start { $0.keptReplyRetry = .milliseconds(20) }
-        let store = try #require(server.server.store as? SQLiteStore)
+        let (server, store) = try await refusingServer(retry: .milliseconds(20))
         let token = try await server.token("alice")
         let clone = try await server.createClone(token: token)["id"]!.stringValue!
         let socket = try await server.connect(token: token)
-        try await store.run { db in try db.exec(Self.refusing) }
         try await socket.scheduleCreate(id: "s1", clone: clone, delayMS: 10, prompt: "the weather")
         let id = try await socket.next(type: "schedule.ok").frame["schedule"]!["id"]!.stringValue!
         let reply = try await socket.readReply()
@@ -74,9 +84,7 @@ import Testing
     /// A reply the store refused, and a restart before any retry stored it: the start-up's
     /// recovery stores it as it ended, not as a crash's reply.
     @Test func aRefusedReplyLeftToTheStartUpIsStoredAsItEnded() async throws {
-        let server = try await TestServer.start { $0.keptReplyRetry = .seconds(3600) }
-        let store = try #require(server.server.store as? SQLiteStore)
-        try await store.run { db in try db.exec(Self.refusing) }
+        let (server, store) = try await refusingServer(retry: .seconds(3600))
         let (token, _, socket) = try await aliceSends("hello", on: server)
         let reply = try await socket.readReply()
         #expect(reply.reason == "complete" && reply.end["message"] == nil)
@@ -95,12 +103,7 @@ import Testing
     /// A reply the store refused, then the user's next message once the store takes writes
     /// again, before any retry: the reply is stored first, so the transcript keeps its order.
     @Test func aRefusedReplyIsStoredBeforeTheUsersNextMessage() async throws {
-        let server = try await TestServer.start { $0.keptReplyRetry = .seconds(3600) }
-        let store = try #require(server.server.store as? SQLiteStore)
-        try await store.run { db in
-            try db.exec(
-                "CREATE TRIGGER refuse_replies BEFORE INSERT ON messages WHEN NEW.role = 'assistant' BEGIN SELECT RAISE(ABORT, 'refused'); END")
-        }
+        let (server, store) = try await refusingServer(retry: .seconds(3600), refusing: Self.refusingReplies)
         let (token, clone, socket) = try await aliceSends("hello", on: server)
         let first = try await socket.readReply()
         #expect(first.end["message"] == nil, "not stored")
@@ -117,12 +120,7 @@ import Testing
 
     @Test func anAccountDeletionStopsItsRepliesRetriesBeforeDeleting() async throws {
         let metrics = TestMetrics()
-        let server = try await TestServer.start {
-            $0.metrics = metrics
-            $0.keptReplyRetry = .seconds(3600)
-        }
-        let store = try #require(server.server.store as? SQLiteStore)
-        try await store.run { db in try db.exec(Self.refusing) }
+        let (server, store) = try await refusingServer(retry: .seconds(3600), metrics: metrics)
         let (token, _, socket) = try await aliceSends("hello", on: server)
         _ = try await socket.next(type: "stream.end")
         let kept = server.server.chat.streams.kept
@@ -139,12 +137,7 @@ import Testing
     /// conversation goes, then the retry settles it and stores nothing (there is nowhere to).
     @Test func aRefusedReplysConversationDeletedMeanwhileIsSettledAndNotStored() async throws {
         let metrics = TestMetrics()
-        let server = try await TestServer.start {
-            $0.metrics = metrics
-            $0.keptReplyRetry = .milliseconds(20)
-        }
-        let store = try #require(server.server.store as? SQLiteStore)
-        try await store.run { db in try db.exec(Self.refusing) }
+        let (server, store) = try await refusingServer(retry: .milliseconds(20), metrics: metrics)
         let (token, _, socket) = try await aliceSends("hello", on: server)
         let reply = try await socket.readReply()
         let deleted = try await TestHTTPClient.request(port: server.port, .DELETE, "/v1/conversations/\(reply.conversation)", token: token)
