@@ -27,7 +27,7 @@ extension ChatStore {
 /// exactly as if it did not exist, so callers cannot leak existence by accident.
 public protocol Store: ChatStore, LedgerStore, StreamJournalStore, ScheduleStore, RoomStore, PrivacyStore, PlanStore, PaymentStore, MediaStore {
     /// A round trip through the store (for `/healthz`): throws when it cannot serve calls, and
-    /// `StoreError.full` when its latest write found no space (until a write is stored again).
+    /// `StoreError.full` for a while after a write found no space (see `SpaceWatch`).
     func ping() async throws
 
     /// Flushes and releases resources. Calls after `close` fail with `StoreError.closed`.
