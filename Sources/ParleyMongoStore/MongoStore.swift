@@ -30,7 +30,8 @@ public final class MongoStore: Store {
         /// ledger entries, stream journals) so that only it, or whoever takes a dead node's
         /// leftovers over, finishes them while other nodes serve.
         public var node: String?
-        /// How long `ping` says `full` after a write found the database out of disk space.
+        /// How long `ping` says `full` after a write found the database out of disk space (unless
+        /// a write succeeds meanwhile).
         public var fullFor: Duration = .seconds(30)
 
         public init() {}
@@ -50,7 +51,8 @@ public final class MongoStore: Store {
     /// Each call from asking to its answer, retries included.
     private let latency: CoreMetrics.Timer
     private let errors: StoreErrorCounter
-    /// A write lately found the database out of disk space: `ping` says so, for `/healthz`.
+    /// A write lately found the database out of disk space, and none succeeded since: `ping`
+    /// says so, for `/healthz`.
     let space: SpaceWatch
 
     public var database: String { pool.database }
@@ -126,7 +128,7 @@ public final class MongoStore: Store {
         on lane: Lane = .data, through other: MongoClientPool? = nil, _ body: @escaping @Sendable (Database) throws -> T
     ) async throws -> T {
         guard !closed.load(ordering: .acquiring) else { throw StoreError.closed }
-        let db = Database(pool: other ?? pool, options: options)
+        let db = Database(pool: other ?? pool, options: options, space: space)
         let started = NIODeadline.now()
         defer { latency.recordNanoseconds((NIODeadline.now() - started).nanoseconds) }
         do {
@@ -514,6 +516,11 @@ public final class MongoStore: Store {
 struct Database: Sendable {
     let pool: MongoClientPool
     let options: MongoStore.Options
+    /// Told when a write command succeeds: the server has space again.
+    var space: SpaceWatch? = nil
+
+    /// The commands that write (a success tells the server took a write).
+    static let writes: Set<String> = ["insert", "update", "delete", "findAndModify", "commitTransaction"]
 
     /// Indexes every query needs (created idempotently at start-up) and the schema version.
     static let indexes: [(collection: String, name: String, key: JSONValue, unique: Bool)] = [
@@ -616,7 +623,9 @@ struct Database: Sendable {
         while true {
             retried?(attempt > 0)
             do {
-                return try pool.command(json)
+                let answer = try pool.command(json)
+                if let space, case .object(let fields) = json, let name = fields.first?.0, Self.writes.contains(name) { space.stored() }
+                return answer
             } catch let error as MongoCommandError {
                 attempt += 1
                 if error.isDuplicateKey { throw StoreError.duplicateKey(error.message) }

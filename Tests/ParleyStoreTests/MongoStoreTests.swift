@@ -116,6 +116,18 @@ import Testing
         try await store.close()
     }
 
+    /// A write stored after one that found no space: `ping` is fine at once.
+    @Test func pingIsFineOnceAWriteIsStoredAgain() async throws {
+        let (uri, app) = isolatedURI()
+        let store = try await MongoStore.open(uri: uri)
+        try failNext(1, ["insert"], app: app, errorCode: 14031)
+        _ = try? await store.createClone(makeClone(owner: "alice"))
+        await #expect(throws: StoreError.self) { try await store.ping() }
+        try await store.createClone(makeClone(owner: "alice"))
+        try await store.ping()
+        try await store.close()
+    }
+
     /// A deletion whose last step loses its reply after deleting: the retry deletes nothing,
     /// yet the clone (or the voice clip) was there and is gone, so the call says so (it said
     /// "no such clone", a 404 to the user who just deleted it).
