@@ -450,7 +450,14 @@ final class ScheduleService: FrameHandler {
             // Delivered by whichever finds the other done: this firing once its stream has
             // ended, or, for a message the store refused, the retry that stores it later.
             let delivery = Mutex<(fired: (Schedule, Message)?, ended: Bool)>((nil, false))
-            await streams.run(live, prepared, messageID: messageID, journal: .settleOnly(), persistsWhenKept: true) { message in
+            // A retry stores it only while its clone, and the conversation it goes to, are there.
+            let (owner, cloneID) = (schedule.owner, clone.id)
+            let keptPlace: StreamRunner.KeptPlace = {
+                guard try await store.clone(id: cloneID, owner: owner) != nil else { return false }
+                guard !newConversation else { return true }
+                return try await store.conversation(id: conversationID, owner: owner) != nil
+            }
+            await streams.run(live, prepared, messageID: messageID, journal: .settleOnly(), keptPlace: keptPlace) { message in
                 guard
                     let done = try await store.completeSchedule(
                         id: schedule.id, message: message, newConversation: conversation, now: message.createdAt)

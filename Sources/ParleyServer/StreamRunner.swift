@@ -21,6 +21,9 @@ final class StreamRunner: Sendable {
         let audience: Audience
     }
 
+    /// Whether a refused reply's place is still there to store it in, when its retry comes.
+    typealias KeptPlace = @Sendable () async throws -> Bool
+
     /// A stream whose prompt is paid for, ready to open and run.
     struct Prepared: Sendable {
         let id: String
@@ -150,19 +153,20 @@ final class StreamRunner: Sendable {
 
     /// Runs an opened stream (see `generate`) in a task the stream owns, so a stop cancels it,
     /// and returns the stored reply once the stream has ended. A stream opened while the server
-    /// shuts down ends at once, with reason `shutdown`. `persistsWhenKept`: a reply the store
-    /// refused is stored by `persist` when tried again though its journal names nowhere to store
-    /// it (a scheduled message's `persist` completes its schedule).
+    /// shuts down ends at once, with reason `shutdown`. `keptPlace`: a reply the store refused
+    /// is stored by `persist` when tried again, though its journal names nowhere to store it,
+    /// where this finds its place still there (a scheduled message's `persist` completes its
+    /// schedule, and its clone and conversation may have been deleted meanwhile).
     @discardableResult
     func run(
         _ live: LiveStream, _ prepared: Prepared, ref: String? = nil, requester: ClientConnection? = nil, messageID: String,
         journal: StreamJournal.Target, paywall: Recipients? = nil, voice: CloneVoice? = nil, beforeEnd: (@Sendable () async -> Void)? = nil,
-        persistsWhenKept: Bool = false, persist: @escaping @Sendable (Message) async throws -> Void
+        keptPlace: KeptPlace? = nil, persist: @escaping @Sendable (Message) async throws -> Void
     ) async -> Message? {
         let stored = Mutex<Message?>(nil)
         await start(
             live, prepared, ref: ref, requester: requester, messageID: messageID, journal: journal, paywall: paywall, voice: voice,
-            beforeEnd: beforeEnd, trackedFor: nil, persistsWhenKept: persistsWhenKept, persist: persist
+            beforeEnd: beforeEnd, trackedFor: nil, keptPlace: keptPlace, persist: persist
         ) { message in stored.withLock { $0 = message } }.value
         return stored.withLock { $0 }
     }
@@ -179,7 +183,7 @@ final class StreamRunner: Sendable {
     ) {
         start(
             live, prepared, ref: ref, requester: requester, messageID: messageID, journal: journal, paywall: nil, voice: voice,
-            beforeEnd: beforeEnd, trackedFor: live.owner, persistsWhenKept: false, persist: persist
+            beforeEnd: beforeEnd, trackedFor: live.owner, keptPlace: nil, persist: persist
         ) { message in await Task { await then(message) }.value }
     }
 
@@ -189,13 +193,13 @@ final class StreamRunner: Sendable {
     private func start(
         _ live: LiveStream, _ prepared: Prepared, ref: String?, requester: ClientConnection?, messageID: String,
         journal: StreamJournal.Target, paywall: Recipients?, voice: CloneVoice?, beforeEnd: (@Sendable () async -> Void)?,
-        trackedFor user: String?, persistsWhenKept: Bool, persist: @escaping @Sendable (Message) async throws -> Void,
+        trackedFor user: String?, keptPlace: KeptPlace?, persist: @escaping @Sendable (Message) async throws -> Void,
         ended: @escaping @Sendable (Message?) async -> Void
     ) -> Task<Void, Never> {
         let body: @Sendable () async -> Void = {
             let message = await self.generate(
                 live, prepared, ref: ref, requester: requester, messageID: messageID, journal: journal,
-                paywall: paywall, voice: voice, beforeEnd: beforeEnd, persistsWhenKept: persistsWhenKept, persist: persist)
+                paywall: paywall, voice: voice, beforeEnd: beforeEnd, keptPlace: keptPlace, persist: persist)
             await ended(message)
         }
         let generation = user.flatMap { requests.start(for: $0, body) } ?? Task(operation: body)
@@ -316,7 +320,7 @@ final class StreamRunner: Sendable {
     /// to every reader, or to `paywall` (a room's moderator) when given.
     private func generate(
         _ live: LiveStream, _ prepared: Prepared, ref: String?, requester: ClientConnection?, messageID: String, journal target: StreamJournal.Target,
-        paywall recipients: Recipients?, voice: CloneVoice?, beforeEnd: (@Sendable () async -> Void)?, persistsWhenKept: Bool,
+        paywall recipients: Recipients?, voice: CloneVoice?, beforeEnd: (@Sendable () async -> Void)?, keptPlace: KeptPlace?,
         persist: @escaping @Sendable (Message) async throws -> Void
     ) async -> Message? {
         let (request, prompt, meter) = (prepared.request, prepared.prompt, prepared.meter)
@@ -403,7 +407,9 @@ final class StreamRunner: Sendable {
                 work.store = { @Sendable in
                     // As the recovery does: nothing is stored where its target has gone (and a
                     // translation, whose target is the room's transcript, is settled only).
-                    if !persistsWhenKept, try await !StreamRecovery.targetExists(target, owner: owner, in: store) { return }
+                    let there =
+                        if let keptPlace { try await keptPlace() } else { try await StreamRecovery.targetExists(target, owner: owner, in: store) }
+                    guard there else { return }
                     try await persist(message)
                 }
             }

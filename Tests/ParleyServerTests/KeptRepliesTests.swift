@@ -81,6 +81,31 @@ import Testing
         await server.stop()
     }
 
+    /// A scheduled message the store refused whose clone is deleted meanwhile: its retry
+    /// settles it and stores nothing (no conversation for a clone that is gone).
+    @Test func aRefusedScheduledMessageOfADeletedCloneIsSettledAndNotStored() async throws {
+        let (server, store) = try await refusingServer(retry: .milliseconds(20))
+        let token = try await server.token("alice")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        try await socket.scheduleCreate(id: "s1", clone: clone, delayMS: 10, prompt: "the weather")
+        _ = try await socket.next(type: "schedule.ok")
+        let reply = try await socket.readReply()
+        #expect(reply.end["message"] == nil, "not stored")
+        let deleted = try await TestHTTPClient.request(port: server.port, .DELETE, "/v1/clones/\(clone)", token: token)
+        #expect(deleted.status == .noContent)
+
+        try await store.run { db in try db.exec("DROP TRIGGER refuse_replies; DROP TRIGGER refuse_settlements") }
+        let finished = await holds(within: .seconds(30)) {
+            (try? await store.streamJournals(limit: 10, node: nil).isEmpty) == true
+        }
+        #expect(finished, "settled, and nothing left to store")
+        #expect(try await store.ledgerEntry(id: "\(reply.stream):settle") != nil)
+        let conversations = try await server.get("/v1/conversations", token: token).json()["conversations"]?.arrayValue
+        #expect(conversations == [], "no conversation made for the deleted clone")
+        await server.stop()
+    }
+
     /// A reply the store refused, and a restart before any retry stored it: the start-up's
     /// recovery stores it as it ended, not as a crash's reply.
     @Test func aRefusedReplyLeftToTheStartUpIsStoredAsItEnded() async throws {
