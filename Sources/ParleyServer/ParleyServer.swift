@@ -296,6 +296,9 @@ public final class ParleyServer: Sendable {
                     schedules: schedules, rooms: rooms, logger: logger, metrics: configuration.metrics) : nil
         }
         logger.info("listening", metadata: ["host": "\(configuration.host)", "port": "\(port)", "store": "\(describeStore(configuration))"])
+        if WebClient.resources == nil {
+            logger.warning("the web client is not beside this binary (its parley_ParleyServer.resources directory): / answers 404")
+        }
         if provider is SimulatedProvider || (provider as? ConcurrencyLimitedProvider)?.inner is SimulatedProvider {
             logger.notice("LLM provider: simulated (a development and load-test stand-in, not a model)")
         } else {

@@ -19,11 +19,17 @@ struct WebClient: Sendable {
         ("/app.css", "app.css", "text/css; charset=utf-8"),
     ]
 
-    /// Loads the files from the module's resource bundle; a missing one leaves that path
-    /// unserved (404) rather than failing start-up.
+    /// This module's resource bundle, where SwiftPM builds it: beside the executable. Nil for a
+    /// binary copied without it. (`Bundle.module` falls back to the build directory's absolute
+    /// path, and stops the process when that is gone too: a copied binary worked until its
+    /// build directory was deleted, then stopped at start-up.)
+    static let resources = Bundle(path: Bundle.main.bundleURL.appendingPathComponent("parley_ParleyServer.resources").path)
+
+    /// Loads the files from the module's resource bundle; a missing one (or a missing bundle)
+    /// leaves that path unserved (404) rather than failing start-up.
     static func load() -> WebClient {
         var files: [String: File] = [:]
-        guard let root = Bundle.module.resourceURL?.appendingPathComponent("WebClient") else { return WebClient(files: [:]) }
+        guard let root = resources?.resourceURL?.appendingPathComponent("WebClient") else { return WebClient(files: [:]) }
         for (path, name, type) in served {
             if let data = FileManager.default.contents(atPath: root.appendingPathComponent(name).path) {
                 files[path] = File(bytes: Array(data), contentType: type)

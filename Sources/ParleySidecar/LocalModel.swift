@@ -21,7 +21,7 @@ public struct LocalModel: Sendable, Equatable {
 
     /// The bundled SmolLM2 server, or nil when this build's bundle lacks the script.
     public static func bundled(parallel: Int) -> LocalModel? {
-        guard let script = Bundle.module.path(forResource: "model-server", ofType: "py") else { return nil }
+        guard let script = resources?.path(forResource: "model-server", ofType: "py") else { return nil }
         return LocalModel(command: [
             "python3", script, "--port", "{port}", "--parallel", String(parallel),
             "--context", String(parallel * bundledContextPerSlot), "--max-seconds", "0",
@@ -30,7 +30,11 @@ public struct LocalModel: Sendable, Equatable {
 
     /// The local voice's server script (#29: Piper and faster-whisper as OpenAI's audio API),
     /// nil when this build's bundle lacks it.
-    public static var bundledVoiceServer: String? { Bundle.module.path(forResource: "voice-server", ofType: "py") }
+    public static var bundledVoiceServer: String? { resources?.path(forResource: "voice-server", ofType: "py") }
+
+    /// This module's resource bundle, beside the executable; nil for a binary copied without it
+    /// (`Bundle.module` would look in the build directory, and stop the process without one).
+    static let resources = Bundle(path: Bundle.main.bundleURL.appendingPathComponent("parley_ParleySidecar.resources").path)
 
     /// A command given as one string: split on whitespace (no shell, so no quoting: a command
     /// that needs it belongs in a script). Nil when it has no words.
