@@ -63,14 +63,8 @@ import Testing
     /// A scheduled message the store refused is stored by the retry once the store takes writes
     /// again, which completes its schedule and delivers it (it stayed `firing` until a restart).
     @Test func aScheduledMessageTheStoreRefusedIsDeliveredOnceStored() async throws {
-        let (server, store) = try await refusingServer(retry: .milliseconds(20))
-        let token = try await server.token("alice")
-        let clone = try await server.createClone(token: token)["id"]!.stringValue!
-        let socket = try await server.connect(token: token)
-        try await socket.scheduleCreate(id: "s1", clone: clone, delayMS: 10, prompt: "the weather")
-        let id = try await socket.next(type: "schedule.ok").frame["schedule"]!["id"]!.stringValue!
-        let reply = try await socket.readReply()
-        #expect(reply.reason == "complete" && reply.end["message"] == nil, "not stored")
+        let (server, store, token, _, socket, id, reply) = try await refusedScheduledMessage()
+        #expect(reply.reason == "complete")
         #expect(try await server.schedule(id, token: token)["status"] == .string("firing"))
 
         try await store.run { db in try db.exec("DROP TRIGGER refuse_replies; DROP TRIGGER refuse_settlements") }
@@ -84,14 +78,7 @@ import Testing
     /// A scheduled message the store refused whose clone is deleted meanwhile: its retry
     /// settles it and stores nothing (no conversation for a clone that is gone).
     @Test func aRefusedScheduledMessageOfADeletedCloneIsSettledAndNotStored() async throws {
-        let (server, store) = try await refusingServer(retry: .milliseconds(20))
-        let token = try await server.token("alice")
-        let clone = try await server.createClone(token: token)["id"]!.stringValue!
-        let socket = try await server.connect(token: token)
-        try await socket.scheduleCreate(id: "s1", clone: clone, delayMS: 10, prompt: "the weather")
-        _ = try await socket.next(type: "schedule.ok")
-        let reply = try await socket.readReply()
-        #expect(reply.end["message"] == nil, "not stored")
+        let (server, store, token, clone, _, _, reply) = try await refusedScheduledMessage()
         let deleted = try await TestHTTPClient.request(port: server.port, .DELETE, "/v1/clones/\(clone)", token: token)
         #expect(deleted.status == .noContent)
 
@@ -104,6 +91,22 @@ import Testing
         let conversations = try await server.get("/v1/conversations", token: token).json()["conversations"]?.arrayValue
         #expect(conversations == [], "no conversation made for the deleted clone")
         await server.stop()
+    }
+
+    /// Alice schedules a message from her clone through a store that refuses it and its
+    /// settlement (`refusing`, retried after 20 ms); returns once its stream has ended, unstored.
+    private func refusedScheduledMessage() async throws -> (
+        server: TestServer, store: SQLiteStore, token: String, clone: String, socket: TestWebSocket, schedule: String, reply: StreamedReply
+    ) {
+        let (server, store) = try await refusingServer(retry: .milliseconds(20))
+        let token = try await server.token("alice")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        try await socket.scheduleCreate(id: "s1", clone: clone, delayMS: 10, prompt: "the weather")
+        let id = try await socket.next(type: "schedule.ok").frame["schedule"]!["id"]!.stringValue!
+        let reply = try await socket.readReply()
+        #expect(reply.end["message"] == nil, "not stored")
+        return (server, store, token, clone, socket, id, reply)
     }
 
     /// A reply the store refused, and a restart before any retry stored it: the start-up's
