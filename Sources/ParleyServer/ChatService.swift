@@ -215,7 +215,7 @@ final class ChatService: FrameHandler {
             let userPlan = try await plans?.plan(of: user)
             // A reply of theirs the store refused goes first, where it now can: before the next
             // message, and in the history its prompt reads.
-            await streams.kept.storeNow(owner: user)
+            try await streams.kept.storeNow(owner: user)
             let plan = try await makePlan()
             let conversation = plan.conversation
             let reservation = hub.reserve(user: user, conversation: conversation.id, planLimit: userPlan?.limits.concurrentStreams)

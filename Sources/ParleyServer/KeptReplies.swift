@@ -1,4 +1,5 @@
 import Logging
+import ParleyCore
 import ParleyStore
 import Synchronization
 
@@ -34,18 +35,16 @@ final class KeptReplies: Sendable {
 
         var isStored: Bool { save == nil || stored.load(ordering: .acquiring) }
 
-        /// True once stored (or when there was nothing to store).
-        func store() async -> Bool {
-            guard let save, !stored.load(ordering: .acquiring) else { return true }
+        /// Returns once stored (or when there was nothing to store); throws what the store
+        /// refused it with.
+        func store() async throws {
+            guard let save, !stored.load(ordering: .acquiring) else { return }
             do {
                 try await save()
             } catch StoreError.duplicateKey {
                 // Stored by an attempt whose answer was lost.
-            } catch {
-                return false
             }
             stored.store(true, ordering: .releasing)
-            return true
         }
     }
 
@@ -95,10 +94,21 @@ final class KeptReplies: Sendable {
 
     /// Stores the owner's waiting replies now, where the store takes them: their next message is
     /// about to be stored and a prompt read from their conversation, and the reply it follows
-    /// belongs before it in both. Those still refused wait for their retry.
-    func storeNow(owner: String) async {
+    /// belongs before it in both. One the store refused by itself waits for its retry; when the
+    /// store refuses as a whole (full, out of reach, closed) this throws that at once: the next
+    /// message would be refused too (after as long a wait again, on MongoDB the retries' server
+    /// selection), and must not be stored before them if the store came back in between.
+    func storeNow(owner: String) async throws {
         let messages = entries.withLock { e in e.isEmpty ? [] : e.values.filter { $0.owner == owner }.map(\.message) }
-        for message in messages { _ = await message.store() }
+        for message in messages {
+            do {
+                try await message.store()
+            } catch let refusal where FrameError.storeUnavailable(refusal) != nil {
+                throw refusal
+            } catch {
+                // This reply's own fault: its retry goes on, the user's message need not wait.
+            }
+        }
     }
 
     /// Stops trying the owner's replies once no attempt of theirs is running, and returns what
@@ -151,7 +161,7 @@ final class KeptReplies: Sendable {
             }
             delay = min(delay * 2, .seconds(60))
             if let settle = work.settle, await settle() { work.settle = nil }
-            guard await message.store(), work.settle == nil else { continue }
+            guard (try? await message.store()) != nil, work.settle == nil else { continue }
             do {
                 try await store.deleteStreamJournal(stream: start.stream)
             } catch {

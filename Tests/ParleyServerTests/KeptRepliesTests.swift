@@ -1,9 +1,11 @@
 import Foundation
+import Logging
 import MetricsTestKit
 import ParleyCore
 @testable import ParleyServer
 @testable import ParleyStore
 import ParleyTestSupport
+import Synchronization
 import Testing
 
 /// A reply whose message and settlement the store refused is tried again while the node runs,
@@ -144,6 +146,40 @@ import Testing
         #expect(messages.map { $0["text"]?.stringValue } == ["hello", first.text, "and then?", second.text])
         #expect(messages[1]["reason"] == .string("complete"))
         await server.stop()
+    }
+
+    /// The user's next request stores their waiting replies first, but a store that refuses as
+    /// a whole is not asked again for each: the first refusal ends the request with it (on
+    /// MongoDB each attempt can wait out the retries' server selection). A refusal of one reply's
+    /// own does not hold the request up.
+    @Test func aStoreThatRefusesEverythingIsAskedOnceBeforeTheNextMessage() async throws {
+        let store = try await SQLiteStore.open(path: Scratch.path("kept", suffix: ".sqlite"))
+        let kept = KeptReplies(
+            store: store, metrics: StreamMetrics(factory: TestMetrics()), logger: Logger(label: "test"), firstDelay: .seconds(3600))
+        let attempts = Mutex(0)
+        let refusal = Mutex<StoreError?>(.unreachable("no primary"))
+        for stream in ["st_1", "st_2", "st_3"] {
+            kept.retry(
+                .init(stream: stream, owner: "alice") {
+                    attempts.withLock { $0 += 1 }
+                    if let error = refusal.withLock({ $0 }) { throw error }
+                })
+        }
+        await #expect(throws: StoreError.unreachable("no primary")) { try await kept.storeNow(owner: "alice") }
+        #expect(attempts.withLock { $0 } == 1)
+        refusal.withLock { $0 = .full("disk") }
+        await #expect(throws: StoreError.full("disk")) { try await kept.storeNow(owner: "alice") }
+        #expect(attempts.withLock { $0 } == 2)
+
+        refusal.withLock { $0 = .backend("a constraint") }
+        try await kept.storeNow(owner: "alice")
+        #expect(attempts.withLock { $0 } == 5, "each tried, none throws")
+        refusal.withLock { $0 = nil }
+        try await kept.storeNow(owner: "alice")
+        try await kept.storeNow(owner: "alice")
+        #expect(attempts.withLock { $0 } == 8, "each stored once")
+        await kept.cancelAll()
+        try await store.close()
     }
 
     @Test func anAccountDeletionStopsItsRepliesRetriesBeforeDeleting() async throws {
