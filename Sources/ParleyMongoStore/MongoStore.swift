@@ -453,12 +453,12 @@ public final class MongoStore: Store {
 
     public func setSummary(_ summary: ConversationSummary, conversation id: String, owner: String, replacing previous: String?) async throws -> Bool {
         try await run { db in
-            // A missing field matches null: a conversation that never had a summary.
-            try db.update(
-                "conversations",
-                query: .object([("_id", .string(id)), ("owner", .string(owner)), ("summary_through", previous.map(JSONValue.string) ?? .null)]),
-                update: .object([("$set", .object([("summary", .string(summary.text)), ("summary_through", .string(summary.through))]))])
-            ).matched > 0
+            // A missing field matches null: a conversation that never had a summary. Once: a
+            // retry after a lost reply finds its own summary there, not someone else's.
+            try db.findAndModifyOnce(
+                "conversations", id: .string(id),
+                query: [("owner", .string(owner)), ("summary_through", previous.map(JSONValue.string) ?? .null)],
+                set: [("summary", .string(summary.text)), ("summary_through", .string(summary.through))]) != nil
         }
     }
 

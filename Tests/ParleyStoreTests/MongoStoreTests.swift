@@ -329,6 +329,25 @@ import Testing
         try await store.close()
     }
 
+    /// A conversation's summary whose write's reply is lost after it was applied: the retry
+    /// finds the summary it wrote over gone, yet reports it stored (it said "a newer summary was
+    /// stored meanwhile"), while a summary written over the same one by someone else still is not.
+    @Test(.enabled(if: !MongoFixture.isRealServer))
+    func aSummaryWhoseReplyIsLostIsReportedAsStored() async throws {
+        let (uri, app) = isolatedURI()
+        let store = try await losingReplies(uri)
+        let conversation = makeConversation(owner: "alice", clone: "cl_1")
+        try await store.createConversation(conversation)
+        let first = ConversationSummary(text: "They said hello.", through: "msg_1")
+        try failNext(1, ["update", "findAndModify"], app: app, dropReply: true)
+        #expect(try await store.setSummary(first, conversation: conversation.id, owner: "alice", replacing: nil))
+        #expect(try await store.conversation(id: conversation.id, owner: "alice")?.summary == first)
+        let other = ConversationSummary(text: "Someone else's.", through: "msg_2")
+        #expect(try await !store.setSummary(other, conversation: conversation.id, owner: "alice", replacing: nil))
+        try turnOffFailPoint()
+        try await store.close()
+    }
+
     /// Options that bound a command's wait and let no retry hide its failure.
     static func oneAttempt(socketTimeoutMS: Int32) -> MongoStore.Options {
         var options = MongoStore.Options()
