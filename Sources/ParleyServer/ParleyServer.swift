@@ -214,18 +214,22 @@ public final class ParleyServer: Sendable {
             paymentRetention: configuration.paymentRetention, mediaRetention: configuration.mediaRetention,
             interval: configuration.retentionInterval,
             logger: logger, metrics: configuration.metrics)
-        do {
-            // In a cluster, rooms are refused until they hold across nodes (#22): every node
-            // would otherwise resume every room. So are schedules without a shared store (tests).
-            if !configuration.isClustered || roomOwners != nil { try await rooms.start() }
-            if !configuration.isClustered || shards != nil { try await schedules.start() }
-        } catch {
+        /// Undoes what the start-up began, when a later step of it fails.
+        func abandonStart() async {
             await schedules.stopFiring()
             await schedules.drain()
             await clusterBroker?.close()
             await nodeLease?.release()
             try? await store.close()
             if ownsGroup { try? await group.shutdownGracefully() }
+        }
+        do {
+            // In a cluster, rooms are refused until they hold across nodes (#22): every node
+            // would otherwise resume every room. So are schedules without a shared store (tests).
+            if !configuration.isClustered || roomOwners != nil { try await rooms.start() }
+            if !configuration.isClustered || shards != nil { try await schedules.start() }
+        } catch {
+            await abandonStart()
             throw error
         }
         let handshakes = configuration.handshakesPerSecondPerIP.map {
@@ -280,12 +284,7 @@ public final class ParleyServer: Sendable {
         do {
             serverChannel = try await bootstrap.bind(host: configuration.host, port: configuration.port).get()
         } catch {
-            await schedules.stopFiring()
-            await schedules.drain()
-            await clusterBroker?.close()
-            await nodeLease?.release()
-            try? await store.close()
-            if ownsGroup { try? await group.shutdownGracefully() }
+            await abandonStart()
             throw ConfigurationError("cannot listen on \(configuration.host):\(configuration.port): \(error)")
         }
         let port = serverChannel.localAddress?.port ?? configuration.port

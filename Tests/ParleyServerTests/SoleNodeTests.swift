@@ -14,6 +14,25 @@ import Testing
         Scratch.directory("lock")
     }
 
+    /// A node whose port is taken stops at start-up with a message saying so, and lets go of
+    /// what it had opened: its data directory serves the next start at once.
+    @Test func aServerThatCannotListenSaysSoAndGivesItsDataDirectoryBack() async throws {
+        let first = try await TestServer.start()
+        let directory = try temporaryDirectory()
+        await #expect {
+            _ = try await TestServer.start {
+                $0.port = first.port
+                $0.dataDirectory = directory
+            }
+        } throws: { error in
+            "\(error)".contains("cannot listen on 127.0.0.1:\(first.port)")
+        }
+        let next = try await TestServer.start { $0.dataDirectory = directory }
+        #expect(try await next.get("/healthz", token: nil).status == .ok)
+        await next.stop()
+        await first.stop()
+    }
+
     @Test func aSecondHolderOfTheDataDirectoryIsRefusedUntilTheFirstLetsGo() throws {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }
