@@ -7,8 +7,9 @@ import Synchronization
 /// abandoned before they ran), tried again while the node runs: their journals would otherwise
 /// wait for the next start-up's recovery, so a store that comes back (a full disk freed, a
 /// MongoDB election over) would leave the transcript without the reply, or the refund pending,
-/// until someone restarts the node. Each is tried after a growing delay until both are done (its
-/// journal is then deleted) or `attempts` have failed (then it stays for the start-up). Deleting
+/// until someone restarts the node. Each is tried after a growing delay, or as soon as the store
+/// takes another write on the node, until both are done (its journal is then deleted) or
+/// `attempts` have failed (then it stays for the start-up). Deleting
 /// a clone or a conversation pauses its owner's meanwhile, deleting the account drops them (its
 /// journals go with it), and a shutdown stops all: the journals keep what they had not done.
 final class KeptReplies: Sendable {
@@ -59,6 +60,10 @@ final class KeptReplies: Sendable {
     static let limit = 1_000
 
     private let entries = Mutex<[String: Entry]>([:])
+    /// The retries waiting out a delay that a write the store took cuts short (`storeTookAWrite`),
+    /// by stream; `napping` counts them, so that a write with none waiting costs one atomic load.
+    private let sleepers = Mutex<[String: CheckedContinuation<Void, Never>]>([:])
+    private let napping = Atomic<Int>(0)
     private let store: any Store
     private let metrics: StreamMetrics
     private let logger: Logger
@@ -148,13 +153,31 @@ final class KeptReplies: Sendable {
         return left
     }
 
+    /// The store took a write on this node (a stream's opening debit): the retries waiting out a
+    /// delay try now, so a store that came back gets its kept replies at once rather than up to
+    /// a minute later (and, in a cluster, before the user's next message reaches another node).
+    func storeTookAWrite() {
+        guard napping.load(ordering: .relaxed) > 0 else { return }
+        let woken = sleepers.withLock { s in
+            defer { s.removeAll() }
+            napping.subtract(s.count, ordering: .relaxed)
+            return Array(s.values)
+        }
+        for sleeper in woken { sleeper.resume() }
+    }
+
     private func run(_ start: Work, _ message: KeptMessage) async -> Work? {
         var work = start
         var delay = firstDelay
+        var wakeable = true
         defer { _ = entries.withLock { $0.removeValue(forKey: start.stream) } }
         for _ in 0..<attempts {
             do {
-                try await Task.sleep(for: delay)
+                // An attempt a write woke that failed (the store takes some writes and refuses
+                // this one) waits its whole delay before the next: a node taking requests would
+                // otherwise spend every attempt within seconds.
+                let woken = try await wait(delay, stream: start.stream, wakeable: wakeable)
+                wakeable = !woken
             } catch {
                 if message.isStored { work.store = nil }
                 return work
@@ -173,5 +196,50 @@ final class KeptReplies: Sendable {
         }
         logger.warning("a reply the store refused is left to the next start-up", metadata: ["stream": "\(start.stream)"])
         return nil
+    }
+
+    /// Waits `delay`, or until a write the store took when `wakeable`; true when woken. Throws
+    /// when cancelled (a stop).
+    private func wait(_ delay: Duration, stream: String, wakeable: Bool) async throws -> Bool {
+        guard wakeable else {
+            try await Task.sleep(for: delay)
+            return false
+        }
+        return try await withThrowingTaskGroup(of: Bool.self) { group in
+            group.addTask {
+                try await Task.sleep(for: delay)
+                return false
+            }
+            group.addTask {
+                await self.sleep(stream: stream)
+                return !Task.isCancelled
+            }
+            defer { group.cancelAll() }
+            let woken = try await group.next() ?? false
+            try Task.checkCancellation()  // a stop cancels both: the sleeper may answer first
+            return woken
+        }
+    }
+
+    /// Returns at `storeTookAWrite`, or once cancelled.
+    private func sleep(stream: String) async {
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { (sleeper: CheckedContinuation<Void, Never>) in
+                let cancelled = sleepers.withLock { s -> Bool in
+                    guard !Task.isCancelled else { return true }
+                    s[stream] = sleeper
+                    napping.add(1, ordering: .relaxed)
+                    return false
+                }
+                if cancelled { sleeper.resume() }
+            }
+        } onCancel: {
+            let sleeper = sleepers.withLock { s -> CheckedContinuation<Void, Never>? in
+                guard let sleeper = s.removeValue(forKey: stream) else { return nil }
+                napping.subtract(1, ordering: .relaxed)
+                return sleeper
+            }
+            sleeper?.resume()
+        }
     }
 }

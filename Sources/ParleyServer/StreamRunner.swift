@@ -105,6 +105,7 @@ final class StreamRunner: Sendable {
         let id = streamID ?? ids.make(.stream)
         let meter = credits.meter(user: payer, stream: id, conversation: conversation, room: room, model: model, feature: feature)
         try await meter.begin(inputTokens: prompt.estimatedTokens, storing: opening.map { CreditMeter.Opening(opening: $0, store: store) })
+        kept.storeTookAWrite()
         return Prepared(id: id, prompt: prompt, request: request, model: model, meter: meter)
     }
 

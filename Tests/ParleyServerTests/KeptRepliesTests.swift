@@ -148,6 +148,29 @@ import Testing
         await server.stop()
     }
 
+    /// A reply the store refused is tried again as soon as the store takes another write on the
+    /// node (here another user's message), not at the end of its delay (up to a minute once
+    /// grown; an hour here): a store that came back gets it at once.
+    @Test func aRefusedReplyIsStoredOnceTheStoreTakesAnotherWrite() async throws {
+        let (server, store) = try await refusingServer(retry: .seconds(3600), refusing: Self.refusingReplies)
+        let (token, _, socket) = try await aliceSends("hello", on: server)
+        let first = try await socket.readReply()
+        #expect(first.end["message"] == nil, "not stored")
+        #expect(server.server.chat.streams.kept.waiting(owner: "alice") == 1)
+        try await store.run { db in try db.exec("DROP TRIGGER refuse_replies") }
+
+        let bob = try await server.token("bob")
+        let bobs = try await server.connect(token: bob)
+        try await bobs.chatSend(id: "b1", clone: try await server.createClone(token: bob)["id"]!.stringValue!, text: "hi")
+        _ = try await bobs.readReply()
+        let stored = await holds(within: .seconds(30)) { server.server.chat.streams.kept.waiting() == 0 }
+        #expect(stored, "tried again after bob's message was stored, not an hour later")
+        let messages = try await server.get("/v1/conversations/\(first.conversation)/messages", token: token).json()["messages"]!.arrayValue!
+        #expect(messages.map { $0["text"]?.stringValue } == ["hello", first.text])
+        #expect(try await store.streamJournals(limit: 10, node: nil).isEmpty)
+        await server.stop()
+    }
+
     /// The user's next request stores their waiting replies first, but a store that refuses as
     /// a whole is not asked again for each: the first refusal ends the request with it (on
     /// MongoDB each attempt can wait out the retries' server selection). A refusal of one reply's
