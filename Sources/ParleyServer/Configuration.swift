@@ -135,7 +135,8 @@ public struct ServerConfiguration: Sendable {
     /// How long a clean shutdown then waits for sockets to finish closing.
     public var shutdownGrace: Duration = .seconds(5)
     /// How long a reply whose message or settlement the store refused waits before it is tried
-    /// again (doubling each time, up to a minute; see `KeptReplies`).
+    /// again (doubling each time, up to a minute, or less once the store takes a write; see
+    /// `KeptReplies`); in a cluster, a conversation's release across the nodes too (`ReplySlots`).
     public var keptReplyRetry: Duration = .seconds(1)
 
     /// Messages and room transcripts older than this are deleted unless their owner saved them;

@@ -60,17 +60,16 @@ final class KeptReplies: Sendable {
     static let limit = 1_000
 
     private let entries = Mutex<[String: Entry]>([:])
-    /// The retries waiting out a delay that a write the store took cuts short (`storeTookAWrite`),
-    /// by stream; `napping` counts them, so that a write with none waiting costs one atomic load.
-    private let sleepers = Mutex<[String: CheckedContinuation<Void, Never>]>([:])
-    private let napping = Atomic<Int>(0)
     private let store: any Store
     private let metrics: StreamMetrics
     private let logger: Logger
     private let firstDelay: Duration
     private let attempts: Int
+    /// Cuts a retry's delay short once the store takes a write.
+    private let writes: StoreWrites
 
-    init(store: any Store, metrics: StreamMetrics, logger: Logger, firstDelay: Duration, attempts: Int = 16) {
+    init(store: any Store, metrics: StreamMetrics, logger: Logger, firstDelay: Duration, attempts: Int = 16, writes: StoreWrites = StoreWrites()) {
+        self.writes = writes
         self.store = store
         self.metrics = metrics
         self.logger = logger
@@ -153,19 +152,6 @@ final class KeptReplies: Sendable {
         return left
     }
 
-    /// The store took a write on this node (a stream's opening debit): the retries waiting out a
-    /// delay try now, so a store that came back gets its kept replies at once rather than up to
-    /// a minute later (and, in a cluster, before the user's next message reaches another node).
-    func storeTookAWrite() {
-        guard napping.load(ordering: .relaxed) > 0 else { return }
-        let woken = sleepers.withLock { s in
-            defer { s.removeAll() }
-            napping.subtract(s.count, ordering: .relaxed)
-            return Array(s.values)
-        }
-        for sleeper in woken { sleeper.resume() }
-    }
-
     private func run(_ start: Work, _ message: KeptMessage) async -> Work? {
         var work = start
         var delay = firstDelay
@@ -176,7 +162,7 @@ final class KeptReplies: Sendable {
                 // An attempt a write woke that failed (the store takes some writes and refuses
                 // this one) waits its whole delay before the next: a node taking requests would
                 // otherwise spend every attempt within seconds.
-                let woken = try await wait(delay, stream: start.stream, wakeable: wakeable)
+                let woken = try await writes.wait(delay, wakeable: wakeable)
                 wakeable = !woken
             } catch {
                 if message.isStored { work.store = nil }
@@ -196,50 +182,5 @@ final class KeptReplies: Sendable {
         }
         logger.warning("a reply the store refused is left to the next start-up", metadata: ["stream": "\(start.stream)"])
         return nil
-    }
-
-    /// Waits `delay`, or until a write the store took when `wakeable`; true when woken. Throws
-    /// when cancelled (a stop).
-    private func wait(_ delay: Duration, stream: String, wakeable: Bool) async throws -> Bool {
-        guard wakeable else {
-            try await Task.sleep(for: delay)
-            return false
-        }
-        return try await withThrowingTaskGroup(of: Bool.self) { group in
-            group.addTask {
-                try await Task.sleep(for: delay)
-                return false
-            }
-            group.addTask {
-                await self.sleep(stream: stream)
-                return !Task.isCancelled
-            }
-            defer { group.cancelAll() }
-            let woken = try await group.next() ?? false
-            try Task.checkCancellation()  // a stop cancels both: the sleeper may answer first
-            return woken
-        }
-    }
-
-    /// Returns at `storeTookAWrite`, or once cancelled.
-    private func sleep(stream: String) async {
-        await withTaskCancellationHandler {
-            await withCheckedContinuation { (sleeper: CheckedContinuation<Void, Never>) in
-                let cancelled = sleepers.withLock { s -> Bool in
-                    guard !Task.isCancelled else { return true }
-                    s[stream] = sleeper
-                    napping.add(1, ordering: .relaxed)
-                    return false
-                }
-                if cancelled { sleeper.resume() }
-            }
-        } onCancel: {
-            let sleeper = sleepers.withLock { s -> CheckedContinuation<Void, Never>? in
-                guard let sleeper = s.removeValue(forKey: stream) else { return nil }
-                napping.subtract(1, ordering: .relaxed)
-                return sleeper
-            }
-            sleeper?.resume()
-        }
     }
 }

@@ -182,13 +182,18 @@ public final class ParleyServer: Sendable {
         }
         let ownsGroup = eventLoopGroup == nil
         let group = eventLoopGroup ?? MultiThreadedEventLoopGroup(numberOfThreads: configuration.eventLoopThreads ?? System.coreCount)
+        let writes = StoreWrites()
         let streams = StreamRunner(
             store: store, credits: credits, provider: provider, hub: hub, sockets: sockets, broker: broker,
             requests: RequestTracker(logger: logger), loops: group,
             configuration: configuration, logger: logger, ids: ids,
             slots: clusterBroker.flatMap { _ in
-                (store as? MongoStore).map { ReplySlots(store: $0, node: nodeID, limit: configuration.maxConcurrentStreamsPerUser, logger: logger) }
-            })
+                (store as? MongoStore).map {
+                    ReplySlots(
+                        store: $0, node: nodeID, limit: configuration.maxConcurrentStreamsPerUser, logger: logger,
+                        retryAfter: configuration.keptReplyRetry, writes: writes)
+                }
+            }, writes: writes)
         let chat = ChatService(store: store, streams: streams, configuration: configuration, ids: ids)
         // The timer wheel lives on one event loop; firing hands work to tasks, never blocking it.
         // In a cluster on MongoDB, this node fires the schedules of the shards it holds.

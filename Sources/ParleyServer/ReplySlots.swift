@@ -1,6 +1,7 @@
 import Logging
 import ParleyCore
 import ParleyMongoStore
+import Synchronization
 
 /// In a cluster (#22), a reply's hold on its conversation across the nodes, after the node's
 /// own (`StreamHub.reserve`): no two nodes stream into one conversation at once, and a user's
@@ -10,25 +11,126 @@ struct ReplySlots: Sendable {
     let node: String
     let limit: Int
     let logger: Logger
+    /// Releases the store refused, tried again while the node runs.
+    private let retries: SlotReleases
+
+    init(
+        store: MongoStore, node: String, limit: Int, logger: Logger, retryAfter firstDelay: Duration = .seconds(1),
+        writes: StoreWrites = StoreWrites()
+    ) {
+        self.store = store
+        self.node = node
+        self.limit = limit
+        self.logger = logger
+        retries = SlotReleases(firstDelay: firstDelay, writes: writes, logger: logger)
+    }
 
     /// Takes `conversation` for one reply of `user`.
     func claim(user: String, conversation: String) async throws -> StreamHub.Reservation {
+        // This node's own hold, whose release the store refused and which waits for its retry:
+        // the node's reservation (taken before this) says no reply of it runs there any more.
+        await retries.releaseNow(conversation)
         switch try await store.claimReplySlot(
             conversation: conversation, user: user, node: node, limit: limit, now: Int64(Timestamp.nowMillis()))
         {
-        case .claimed: .reserved
-        case .conversationBusy: .conversationBusy
-        case .tooManyStreams: .tooManyStreams
+        case .claimed: return .reserved
+        case .conversationBusy: return .conversationBusy
+        case .tooManyStreams: return .tooManyStreams
         }
     }
 
-    /// Gives it back once the reply ended. A failure leaves it to this node's next start, or to
-    /// the node that takes this one over.
+    /// Gives it back once the reply ended. One the store refuses is tried again while the node
+    /// runs (a slot left held refuses the conversation's next message on every node, and
+    /// counts against the user's replies at once, until this node restarts); a shutdown leaves
+    /// what is still held to this node's next start, or to the node that takes this one over.
     func release(conversation: String) async {
+        let (store, node) = (self.store, self.node)
+        let release: @Sendable () async throws -> Void = { try await store.releaseReplySlot(conversation: conversation, node: node) }
         do {
-            try await store.releaseReplySlot(conversation: conversation, node: node)
+            try await release()
         } catch {
-            logger.error("giving a reply's conversation back failed", metadata: ["conversation": "\(conversation)", "error": "\(error)"])
+            logger.error(
+                "giving a reply's conversation back failed; it is tried again", metadata: ["conversation": "\(conversation)", "error": "\(error)"])
+            retries.retry(conversation, release)
+        }
+    }
+
+    /// Stops the retries (a shutdown).
+    func stopRetries() async {
+        await retries.cancelAll()
+    }
+
+    /// Releases waiting for their retry, for tests.
+    var releasesWaiting: Int { retries.count }
+}
+
+/// The releases of conversations the store refused, each tried after a growing delay (or once
+/// the store takes a write) until it is stored or the node stops; at most `limit` wait.
+final class SlotReleases: Sendable {
+    static let limit = 10_000
+
+    private struct Pending {
+        var release: @Sendable () async throws -> Void
+        var task: Task<Void, Never>
+    }
+
+    private let pending = Mutex<[String: Pending]>([:])
+    private let firstDelay: Duration
+    private let writes: StoreWrites
+    private let logger: Logger
+
+    init(firstDelay: Duration, writes: StoreWrites, logger: Logger) {
+        self.firstDelay = firstDelay
+        self.writes = writes
+        self.logger = logger
+    }
+
+    var count: Int { pending.withLock { $0.count } }
+
+    func retry(_ conversation: String, _ release: @escaping @Sendable () async throws -> Void) {
+        let taken = pending.withLock { p -> Bool in
+            guard p[conversation] == nil else { return true }  // one release does for both
+            guard p.count < Self.limit else { return false }
+            p[conversation] = Pending(release: release, task: Task { await self.run(conversation, release) })
+            return true
+        }
+        if !taken {
+            logger.error(
+                "too many releases wait for the store: this conversation waits for the node's restart", metadata: ["conversation": "\(conversation)"])
+        }
+    }
+
+    /// Releases `conversation` now if its release waits for a retry (where the store takes it).
+    func releaseNow(_ conversation: String) async {
+        guard let waiting = pending.withLock({ $0.isEmpty ? nil : $0[conversation] }) else { return }
+        guard (try? await waiting.release()) != nil else { return }
+        waiting.task.cancel()
+        await waiting.task.value
+    }
+
+    func cancelAll() async {
+        let tasks = pending.withLock { p in p.values.map(\.task) }
+        for task in tasks { task.cancel() }
+        for task in tasks { await task.value }
+    }
+
+    private func run(_ conversation: String, _ release: @Sendable () async throws -> Void) async {
+        defer { _ = pending.withLock { $0.removeValue(forKey: conversation) } }
+        var delay = firstDelay
+        var wakeable = true
+        while true {
+            do {
+                // As a kept reply's: a woken attempt that failed waits its whole next delay.
+                let woken = try await writes.wait(delay, wakeable: wakeable)
+                wakeable = !woken
+            } catch {
+                return  // cancelled: released meanwhile, or a shutdown
+            }
+            delay = min(delay * 2, .seconds(60))
+            if (try? await release()) != nil {
+                logger.notice("a reply's conversation the store had kept held is given back", metadata: ["conversation": "\(conversation)"])
+                return
+            }
         }
     }
 }

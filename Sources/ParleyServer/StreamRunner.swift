@@ -54,15 +54,18 @@ final class StreamRunner: Sendable {
     private let journals: StreamJournals
     /// Replies whose message or settlement the store refused, tried again while the node runs.
     let kept: KeptReplies
+    /// Told of each write the store takes, for what waits for it to come back (`kept`, `slots`).
+    private let writes: StoreWrites
     private let audioBufferBytes: Int
     private let allocator = ByteBufferAllocator()
 
     init(
         store: any Store, credits: Credits, provider: any LLMProvider, hub: StreamHub, sockets: SocketHub, broker: any Broker,
         requests: RequestTracker, loops: any EventLoopGroup,
-        configuration: ServerConfiguration, logger: Logger, ids: IDGenerator, slots: ReplySlots? = nil
+        configuration: ServerConfiguration, logger: Logger, ids: IDGenerator, slots: ReplySlots? = nil, writes: StoreWrites = StoreWrites()
     ) {
         self.slots = slots
+        self.writes = writes
         speech = configuration.speech
         audioBufferBytes = configuration.resumeAudioBytes
         self.loops = loops
@@ -77,7 +80,7 @@ final class StreamRunner: Sendable {
         self.logger = logger
         self.ids = ids
         journals = StreamJournals(store: store, logger: logger)
-        kept = KeptReplies(store: store, metrics: metrics, logger: logger, firstDelay: configuration.keptReplyRetry)
+        kept = KeptReplies(store: store, metrics: metrics, logger: logger, firstDelay: configuration.keptReplyRetry, writes: writes)
     }
 
     /// Refuses a voiced request (`ref`, nil for REST) where the server has no speech service or
@@ -105,7 +108,7 @@ final class StreamRunner: Sendable {
         let id = streamID ?? ids.make(.stream)
         let meter = credits.meter(user: payer, stream: id, conversation: conversation, room: room, model: model, feature: feature)
         try await meter.begin(inputTokens: prompt.estimatedTokens, storing: opening.map { CreditMeter.Opening(opening: $0, store: store) })
-        kept.storeTookAWrite()
+        writes.took()
         return Prepared(id: id, prompt: prompt, request: request, model: model, meter: meter)
     }
 
@@ -255,6 +258,7 @@ final class StreamRunner: Sendable {
         for task in running { await task.value }
         for stream in hub.liveStreams { await stream.task?.value }
         await kept.cancelAll()
+        await slots?.stopRetries()
     }
 
     /// Writes what the journals still hold (the deletions of the last replies' journals), once
