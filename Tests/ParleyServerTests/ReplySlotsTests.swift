@@ -11,18 +11,30 @@ import Testing
 /// again: left held, it refused the conversation's next message on every node, and counted
 /// against the user's replies, until the node restarted.
 @Suite(.serialized) struct ReplySlotsTests {
-    /// Fails the next `delete` of the clients of `app` with a non-transient error, so the store
-    /// does not retry it.
-    func failNextDelete(app: String) throws {
-        let data: JSONValue = .object([("failCommands", .array([.string("delete")])), ("appName", .string(app)), ("errorCode", .int(8))])
-        _ = try MongoClientPool(uri: MongoFixture.uri()).command(
-            .object([("configureFailPoint", .string("failCommand")), ("mode", .object([("times", .int(1))])), ("data", data)]),
-            database: "admin")
+    /// Fails the next `times` `command`s of the clients of `app` with `errorCode` (8: not
+    /// transient, so the store does not retry it; 91: transient, the database out of reach).
+    /// Only inside `MongoFixture.failPointLock`.
+    func failNext(_ times: Int, _ command: String, app: String, errorCode: Int) throws {
+        let data: JSONValue = .object([
+            ("failCommands", .array([.string(command)])), ("appName", .string(app)), ("errorCode", .int(Int64(errorCode))),
+        ])
+        try configureFailPoint(.object([("times", .int(Int64(times)))]), data: data)
     }
+
+    func configureFailPoint(_ mode: JSONValue, data: JSONValue = .object([])) throws {
+        _ = try MongoClientPool(uri: MongoFixture.uri()).command(
+            .object([("configureFailPoint", .string("failCommand")), ("mode", mode), ("data", data)]), database: "admin")
+    }
+
+    static func app() -> String { "parley-test-" + String(UInt64.random(in: 0...UInt64.max), radix: 36) }
 
     @Test(.enabled(if: !MongoFixture.isRealServer))
     func aReleaseTheStoreRefusedIsTriedAgainOnceItTakesAWrite() async throws {
-        let app = "parley-test-" + String(UInt64.random(in: 0...UInt64.max), radix: 36)
+        try await MongoFixture.failPointLock.withLock { try await releaseTriedAgain() }
+    }
+
+    private func releaseTriedAgain() async throws {
+        let app = Self.app()
         let uri = MongoFixture.uri(options: ["appname=" + app])
         let (store, other) = (try await MongoStore.open(uri: uri), try await MongoStore.open(uri: uri.replacingOccurrences(of: app, with: "other")))
         let writes = StoreWrites()
@@ -32,7 +44,7 @@ import Testing
         let conversation = "cv_" + app
 
         #expect(try await a.claim(user: "alice", conversation: conversation) == .reserved)
-        try failNextDelete(app: app)
+        try failNext(1, "delete", app: app, errorCode: 8)
         await a.release(conversation: conversation)
         #expect(a.releasesWaiting == 1)
         #expect(try await b.claim(user: "alice", conversation: conversation) == .conversationBusy, "still held")
@@ -44,7 +56,7 @@ import Testing
         // The node that holds it gives it back first when it claims it again (its own
         // reservation says no reply of it runs there).
         #expect(try await a.claim(user: "alice", conversation: conversation) == .reserved)
-        try failNextDelete(app: app)
+        try failNext(1, "delete", app: app, errorCode: 8)
         await a.release(conversation: conversation)
         #expect(a.releasesWaiting == 1)
         #expect(try await a.claim(user: "alice", conversation: conversation) == .reserved)

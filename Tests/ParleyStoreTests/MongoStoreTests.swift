@@ -8,7 +8,7 @@ import Testing
 /// What only the MongoDB backend promises: retries of transient failures, schema versioning,
 /// and a clear failure when the server cannot be reached. Runs against the wire test server or,
 /// with PARLEY_TEST_MONGODB_URI, a real mongod started with enableTestCommands.
-@Suite(.serialized) struct MongoStoreTests {
+@Suite(.serialized, .armsFailPoint) struct MongoStoreTests {
     /// Arms mongod's `failCommand` fail point (the wire test server implements the same subset).
     /// A database URI whose clients carry their own appName, so a fail point armed for it
     /// cannot hit the other tests running in parallel.
@@ -801,4 +801,18 @@ private struct CrashStaging {
         #expect(try await store.claimReplySlot(conversation: "cv_1", user: "alice", node: "node-b", limit: 3, now: 9) == .claimed)
         try await store.close()
     }
+}
+
+/// Each test of the suite holds the fail point (`MongoFixture.failPointLock`) while it runs.
+struct ArmsFailPoint: SuiteTrait, TestTrait, TestScoping {
+    var isRecursive: Bool { true }
+
+    func provideScope(for test: Test, testCase: Test.Case?, performing function: @Sendable () async throws -> Void) async throws {
+        guard testCase != nil else { return try await function() }  // the suite's own scope
+        try await MongoFixture.failPointLock.withLock { try await function() }
+    }
+}
+
+extension Trait where Self == ArmsFailPoint {
+    static var armsFailPoint: Self { ArmsFailPoint() }
 }
