@@ -275,7 +275,8 @@ final class ChatService: FrameHandler {
             // The cluster's hold on the conversation goes, like this node's, before stream.end: a
             // tab on another node that sends on seeing the end is never told a reply still streams.
             // (Outside the stream's task, which a stop cancels.) Before the title and the summary
-            // too: they take the model's time, and the next message may come meanwhile.
+            // too: they take the model's time, and the next message may come meanwhile. A reply the
+            // store refused keeps it until stored, so no node stores the next message before it.
             var releaseSlot: (@Sendable () async -> Void)?
             if let slots, let slot = clusterSlot {
                 releaseSlot = { await Task { await slots.release(conversation: slot) }.value }

@@ -23,29 +23,50 @@ final class KeptReplies: Sendable {
         var store: (@Sendable () async throws -> Void)? = nil
         /// Settles the stream, true once the store took it; nil once settled.
         var settle: (@Sendable () async -> Bool)? = nil
+        /// In a cluster, the reply's hold on its conversation across the nodes (`ReplySlots`),
+        /// kept while its message waits so that no node stores the conversation's next message
+        /// before it; given back once it is stored, or once it cannot keep its place (refused
+        /// for its own sake, given up, its account deleted). Nil once given back.
+        var releaseHold: (@Sendable () async -> Void)? = nil
     }
 
     /// A reply's message, stored once: by its retry, or earlier by its owner's next request.
     private final class KeptMessage: Sendable {
         private let save: (@Sendable () async throws -> Void)?
         private let stored = Atomic<Bool>(false)
+        private let hold: (@Sendable () async -> Void)?
+        private let held: Atomic<Bool>
 
-        init(_ save: (@Sendable () async throws -> Void)?) {
+        init(_ save: (@Sendable () async throws -> Void)?, hold: (@Sendable () async -> Void)?) {
             self.save = save
+            self.hold = hold
+            held = Atomic(hold != nil)
         }
 
         var isStored: Bool { save == nil || stored.load(ordering: .acquiring) }
+        var isHeld: Bool { held.load(ordering: .acquiring) }
 
         /// Returns once stored (or when there was nothing to store); throws what the store
-        /// refused it with.
+        /// refused it with. Lets the conversation go once stored, or when the store refused it
+        /// alone (its place would otherwise block the conversation for every attempt's delay).
         func store() async throws {
-            guard let save, !stored.load(ordering: .acquiring) else { return }
+            guard let save, !stored.load(ordering: .acquiring) else { return await letGo() }
             do {
                 try await save()
             } catch StoreError.duplicateKey {
                 // Stored by an attempt whose answer was lost.
+            } catch {
+                if FrameError.storeUnavailable(error) == nil { await letGo() }
+                throw error
             }
             stored.store(true, ordering: .releasing)
+            await letGo()
+        }
+
+        /// Gives the conversation's hold back, once.
+        func letGo() async {
+            guard let hold, held.exchange(false, ordering: .acquiringAndReleasing) else { return }
+            await hold()
         }
     }
 
@@ -87,12 +108,13 @@ final class KeptReplies: Sendable {
     func retry(_ work: Work) {
         let taken = entries.withLock { e -> Bool in
             guard e[work.stream] == nil, e.count < Self.limit else { return false }
-            let message = KeptMessage(work.store)
+            let message = KeptMessage(work.store, hold: work.releaseHold)
             e[work.stream] = Entry(owner: work.owner, message: message, task: Task { await self.run(work, message) })
             return true
         }
         if !taken {
             logger.warning("too many replies wait for the store: this one waits for the next start-up", metadata: ["stream": "\(work.stream)"])
+            if let release = work.releaseHold { Task { await release() } }
         }
     }
 
@@ -132,7 +154,10 @@ final class KeptReplies: Sendable {
     /// account is being deleted, and its journals with it.
     func forget(owner: String) async {
         let dropped = await stop { $0 == owner }
-        for _ in dropped { metrics.awaitingRecovery.decrement() }
+        for work in dropped {
+            metrics.awaitingRecovery.decrement()
+            await work.releaseHold?()
+        }
     }
 
     /// Stops every retry (a shutdown): what they had not done waits in the journals.
@@ -166,6 +191,7 @@ final class KeptReplies: Sendable {
                 wakeable = !woken
             } catch {
                 if message.isStored { work.store = nil }
+                if !message.isHeld { work.releaseHold = nil }
                 return work
             }
             delay = min(delay * 2, .seconds(60))
@@ -181,6 +207,7 @@ final class KeptReplies: Sendable {
             return nil
         }
         logger.warning("a reply the store refused is left to the next start-up", metadata: ["stream": "\(start.stream)"])
+        await message.letGo()
         return nil
     }
 }

@@ -180,6 +180,8 @@ final class StreamRunner: Sendable {
     /// of it). The stream's task is a request of its owner's, so a shutdown, a drain and an
     /// account deletion wait for `then` too. The request that opened the stream need not stay
     /// suspended beside it: at 9,000 replies streaming, those tasks were a quarter of the RSS (#26).
+    /// `beforeEnd`: the reply's hold on its conversation across the cluster, given back before
+    /// `stream.end`, or, when the store refused the reply's message, once it is stored.
     func launch(
         _ live: LiveStream, _ prepared: Prepared, ref: String, requester: ClientConnection, messageID: String,
         journal: StreamJournal.Target, voice: CloneVoice?, beforeEnd: (@Sendable () async -> Void)? = nil,
@@ -400,6 +402,10 @@ final class StreamRunner: Sendable {
         // deletion goes with the node's next journal write.) A reply not stored or not settled
         // keeps its journal, whole, for the recovery to finish (each of its steps idempotent).
         let keep = storedID == nil || !settled
+        // A reply's `beforeEnd` is its conversation's hold across the cluster (`ChatService`):
+        // while its message waits for the store, the hold stays, so no node stores the
+        // conversation's next message before it.
+        let holdWhileKept: Bool = if case .reply = live.kind { storedID == nil && beforeEnd != nil } else { false }
         if keep {
             journal.ended(text: text, outputTokens: Int(seq), reason: reason)
             metrics.awaitingRecovery.increment()
@@ -417,6 +423,7 @@ final class StreamRunner: Sendable {
                     guard there else { return }
                     try await persist(message)
                 }
+                if holdWhileKept { work.releaseHold = beforeEnd }
             }
             if !settled { work.settle = { @Sendable in await meter.settle(usage: usage).settled } }
             kept.retry(work)
@@ -430,7 +437,7 @@ final class StreamRunner: Sendable {
                 bytes: ServerFrame.paywall(stream: live.id, balance: balance, required: await meter.nextTokenCost, room: live.room))
             live.publish(paywall, to: recipients?.topic, audience: recipients?.audience ?? .everyone)
         }
-        await beforeEnd?()
+        if !holdWhileKept { await beforeEnd?() }
         // The reply is stored: its conversation takes the next message before stream.end goes out,
         // so a client that sends on seeing the end is never told a reply is still streaming.
         if case .reply = live.kind { hub.release(user: live.owner, conversation: live.conversation) }

@@ -68,4 +68,62 @@ import Testing
         try await store.close()
         try await other.close()
     }
+
+    /// A reply whose message the store refused on its node (the database out of reach there)
+    /// keeps its conversation held across the nodes until it is stored: the user's next message,
+    /// sent on another node once the database is back, is refused meanwhile and then comes after
+    /// it. (Given back as the stream ended, the other node stored the next message first, and
+    /// the reply followed it a second later.)
+    @Test(.enabled(if: !MongoFixture.isRealServer))
+    func aKeptReplyHoldsItsConversationOnEveryNodeUntilItIsStored() async throws {
+        try await MongoFixture.failPointLock.withLock { try await keptReplyHoldsItsConversation() }
+    }
+
+    private func keptReplyHoldsItsConversation() async throws {
+        let nats = try NATSServer()
+        let (database, app) = ("parley_test_" + Self.app().suffix(12), Self.app())
+        let secret = "cluster-test-secret-" + UUID().uuidString
+        let pace: @Sendable (inout ServerConfiguration) -> Void = {
+            $0.nodeLeasePeriod = .seconds(60)
+            $0.keptReplyRetry = .seconds(1)
+            $0.simulated.tokensPerSecond = 50
+            $0.simulated.replyTokens = 20
+        }
+        let uri = MongoFixture.uri(base: MongoFixture.baseURI, database: database, options: ["appname=" + app])
+        let a = try await TestServer.clusterNode("node-a", nats: nats, uri: uri, secret: secret, pace)
+        let b = try await TestServer.clusterNode(
+            "node-b", nats: nats, uri: MongoFixture.uri(base: MongoFixture.baseURI, database: database), secret: secret, pace)
+        let token = try await a.token("alice")
+        let clone = try await a.createClone(token: token)["id"]!.stringValue!
+        let onA = try await a.connect(token: token)
+        try await onA.chatSend(id: "c1", clone: clone, text: "hello")
+        let conversation = try #require(try await onA.next(type: "stream.start").frame["conversation"]?.stringValue)
+        _ = try await onA.readUntilToken()
+        try failNext(100_000, "insert", app: app, errorCode: 91)
+        let end = try await onA.next(type: "stream.end").frame
+        try configureFailPoint(.string("off"))
+        #expect(end["message"] == nil, "refused on node A, kept")
+        #expect(a.server.chat.streams.kept.waiting() == 1)
+
+        let onB = try await b.connect(token: token)
+        var refusals = 0
+        var answer: JSONValue = .null
+        while true {
+            try await onB.chatSend(id: "n\(refusals)", clone: clone, conversation: conversation, text: "and then?")
+            answer = try await onB.nextJSON()
+            while answer["type"] != .string("error") && answer["type"] != .string("stream.start") { answer = try await onB.nextJSON() }
+            guard answer["type"] == .string("error"), refusals < 5 else { break }
+            #expect(answer["code"] == .string("rate_limited"))
+            refusals += 1
+            #expect(await holds(within: .seconds(30)) { a.server.chat.streams.kept.waiting() == 0 })
+        }
+        #expect(answer["type"] == .string("stream.start"))
+        _ = try await onB.next(type: "stream.end")
+        let messages = try await b.get("/v1/conversations/\(conversation)/messages", token: token).json()["messages"]!.arrayValue!
+        #expect(messages.map { $0["role"]?.stringValue } == ["user", "assistant", "user", "assistant"])
+        #expect(messages.count == 4 && messages[2]["text"] == .string("and then?"))
+        await a.stop()
+        await b.stop()
+        await nats.stop()
+    }
 }
