@@ -4,7 +4,7 @@ import Synchronization
 /// Mutual exclusion across suspension points, first come first served: the bodies run through
 /// one lock never overlap, and they start in the order `run` was called. (An actor would not do:
 /// it lets another call in while a body awaits.)
-final class FIFOLock: Sendable {
+package final class FIFOLock: Sendable {
     private struct State {
         var busy = false
         var waiting = CircularBuffer<CheckedContinuation<Void, Never>>()
@@ -12,13 +12,15 @@ final class FIFOLock: Sendable {
 
     private let state = Mutex(State())
 
+    package init() {}
+
     /// Whether a body is running or waiting.
     var isBusy: Bool { state.withLock { $0.busy } }
 
     /// Bodies waiting for the one running.
     var waitingCount: Int { state.withLock { $0.waiting.count } }
 
-    func run<T>(_ body: () async throws -> T) async rethrows -> T {
+    package func run<T>(_ body: () async throws -> T) async rethrows -> T {
         await withCheckedContinuation { (waiter: CheckedContinuation<Void, Never>) in
             let runNow = state.withLock { s -> Bool in
                 guard s.busy else {

@@ -30,7 +30,7 @@ import Testing
 
     @Test(.enabled(if: !MongoFixture.isRealServer))
     func aReleaseTheStoreRefusedIsTriedAgainOnceItTakesAWrite() async throws {
-        try await MongoFixture.failPointLock.withLock { try await releaseTriedAgain() }
+        try await MongoFixture.failPointLock.run { try await releaseTriedAgain() }
     }
 
     private func releaseTriedAgain() async throws {
@@ -76,7 +76,7 @@ import Testing
     /// the reply followed it a second later.)
     @Test(.enabled(if: !MongoFixture.isRealServer))
     func aKeptReplyHoldsItsConversationOnEveryNodeUntilItIsStored() async throws {
-        try await MongoFixture.failPointLock.withLock { try await keptReplyHoldsItsConversation() }
+        try await MongoFixture.failPointLock.run { try await keptReplyHoldsItsConversation() }
     }
 
     private func keptReplyHoldsItsConversation() async throws {

@@ -809,7 +809,7 @@ struct ArmsFailPoint: SuiteTrait, TestTrait, TestScoping {
 
     func provideScope(for test: Test, testCase: Test.Case?, performing function: @Sendable () async throws -> Void) async throws {
         guard testCase != nil else { return try await function() }  // the suite's own scope
-        try await MongoFixture.failPointLock.withLock { try await function() }
+        try await MongoFixture.failPointLock.run { try await function() }
     }
 }
 

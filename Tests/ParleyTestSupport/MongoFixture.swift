@@ -1,5 +1,5 @@
 import Foundation
-import Synchronization
+import ParleyServer
 import ParleySidecar
 
 /// Where the MongoDB conformance run points: a real server when PARLEY_TEST_MONGODB_URI is set,
@@ -75,48 +75,5 @@ public enum MongoFixture {
 extension MongoFixture {
     /// A server has one `failCommand` fail point, and arming it replaces what another test armed:
     /// tests that arm it, in any suite of the run, take this first, one at a time.
-    public static let failPointLock = AsyncLock()
-}
-
-/// A lock held across suspension points, taken in the order it was asked for.
-public final class AsyncLock: Sendable {
-    private struct State {
-        var locked = false
-        var waiters: [CheckedContinuation<Void, Never>] = []
-    }
-
-    private let state = Mutex(State())
-
-    public init() {}
-
-    public func withLock<T>(_ body: () async throws -> T) async rethrows -> T {
-        await lock()
-        defer { unlock() }
-        return try await body()
-    }
-
-    private func lock() async {
-        await withCheckedContinuation { (waiter: CheckedContinuation<Void, Never>) in
-            let now = state.withLock { s -> Bool in
-                guard s.locked else {
-                    s.locked = true
-                    return true
-                }
-                s.waiters.append(waiter)
-                return false
-            }
-            if now { waiter.resume() }
-        }
-    }
-
-    private func unlock() {
-        let next = state.withLock { s -> CheckedContinuation<Void, Never>? in
-            guard !s.waiters.isEmpty else {
-                s.locked = false
-                return nil
-            }
-            return s.waiters.removeFirst()  // the lock passes to it, still taken
-        }
-        next?.resume()
-    }
+    package static let failPointLock = FIFOLock()
 }
