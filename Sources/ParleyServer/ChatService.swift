@@ -226,7 +226,8 @@ final class ChatService: FrameHandler {
             try refuse(reservation, conversation: conversation.id, ref: ref)
             reservedConversation = conversation.id
             if let slots {
-                try refuse(try await slots.claim(user: user, conversation: conversation.id), conversation: conversation.id, ref: ref)
+                try refuse(
+                    try await slots.claim(user: user, conversation: conversation.id), conversation: conversation.id, ref: ref, acrossNodes: true)
                 clusterSlot = conversation.id
             }
             let (summary, turns) = plan.isNew ? (nil, plan.history) : try await store.promptHistory(of: conversation, plan.history)
@@ -323,9 +324,15 @@ final class ChatService: FrameHandler {
         return try result.get()
     }
 
-    private func refuse(_ reservation: StreamHub.Reservation, conversation: String, ref: String) throws(FrameError) {
+    /// `acrossNodes`: the cluster's hold refused it, which a reply streaming on another node has,
+    /// and also one that ended while the store refused its message, until it is stored.
+    private func refuse(_ reservation: StreamHub.Reservation, conversation: String, ref: String, acrossNodes: Bool = false) throws(FrameError) {
         switch reservation {
         case .reserved: return
+        case .conversationBusy where acrossNodes:
+            throw FrameError(
+                ref: ref, code: .rateLimited,
+                message: "a reply in conversation \(conversation) is still streaming or waiting to be stored; try again shortly")
         case .conversationBusy:
             throw FrameError(ref: ref, code: .rateLimited, message: "a reply is already streaming in conversation \(conversation)")
         case .tooManyStreams, .overPlan:

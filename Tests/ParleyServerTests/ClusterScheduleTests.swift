@@ -191,7 +191,7 @@ private struct ScheduleCluster {
         try await send(onB, "c2", conversation: conversation)
         let busy = try await onB.next(type: "error").frame
         #expect(busy["ref"] == .string("c2"))
-        #expect(busy["message"] == .string("a reply is already streaming in conversation \(conversation)"))
+        #expect(busy["message"] == .string("a reply in conversation \(conversation) is still streaming or waiting to be stored; try again shortly"))
         // Another conversation from the other node: over Alice's limit of one.
         try await send(onB, "c3")
         let over = try await onB.next(type: "error").frame
