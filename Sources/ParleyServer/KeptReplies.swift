@@ -179,22 +179,16 @@ final class KeptReplies: Sendable {
 
     private func run(_ start: Work, _ message: KeptMessage) async -> Work? {
         var work = start
-        var delay = firstDelay
-        var wakeable = true
+        var backoff = writes.backoff(from: firstDelay)
         defer { _ = entries.withLock { $0.removeValue(forKey: start.stream) } }
         for _ in 0..<attempts {
             do {
-                // An attempt a write woke that failed (the store takes some writes and refuses
-                // this one) waits its whole delay before the next: a node taking requests would
-                // otherwise spend every attempt within seconds.
-                let woken = try await writes.wait(delay, wakeable: wakeable)
-                wakeable = !woken
+                try await backoff.pause()
             } catch {
                 if message.isStored { work.store = nil }
                 if !message.isHeld { work.releaseHold = nil }
                 return work
             }
-            delay = min(delay * 2, .seconds(60))
             if let settle = work.settle, await settle() { work.settle = nil }
             guard (try? await message.store()) != nil, work.settle == nil else { continue }
             do {

@@ -116,17 +116,13 @@ final class SlotReleases: Sendable {
 
     private func run(_ conversation: String, _ release: @Sendable () async throws -> Void) async {
         defer { _ = pending.withLock { $0.removeValue(forKey: conversation) } }
-        var delay = firstDelay
-        var wakeable = true
+        var backoff = writes.backoff(from: firstDelay)
         while true {
             do {
-                // As a kept reply's: a woken attempt that failed waits its whole next delay.
-                let woken = try await writes.wait(delay, wakeable: wakeable)
-                wakeable = !woken
+                try await backoff.pause()
             } catch {
                 return  // cancelled: released meanwhile, or a shutdown
             }
-            delay = min(delay * 2, .seconds(60))
             if (try? await release()) != nil {
                 logger.notice("a reply's conversation the store had kept held is given back", metadata: ["conversation": "\(conversation)"])
                 return

@@ -20,9 +20,28 @@ final class StoreWrites: Sendable {
         for sleeper in woken { sleeper.resume() }
     }
 
+    /// A retry's pauses: `first`, doubling up to a minute, each cut short once the store takes a
+    /// write, but for the pause after an attempt a write woke: that attempt failed (the store
+    /// takes some writes and refuses this one), and a node taking requests would otherwise spend
+    /// every attempt within seconds.
+    struct Backoff {
+        let writes: StoreWrites
+        var delay: Duration
+        var wakeable = true
+
+        /// Waits out the next pause; throws when cancelled.
+        mutating func pause() async throws {
+            let woken = try await writes.wait(delay, wakeable: wakeable)
+            wakeable = !woken
+            delay = min(delay * 2, .seconds(60))
+        }
+    }
+
+    func backoff(from first: Duration) -> Backoff { Backoff(writes: self, delay: first) }
+
     /// Waits `delay`, or until the store takes a write when `wakeable`; true when woken. Throws
     /// when cancelled.
-    func wait(_ delay: Duration, wakeable: Bool) async throws -> Bool {
+    private func wait(_ delay: Duration, wakeable: Bool) async throws -> Bool {
         guard wakeable else {
             try await Task.sleep(for: delay)
             return false
