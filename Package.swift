@@ -222,7 +222,7 @@ let package = Package(
         .target(
             name: "ParleyTestSupport",
             dependencies: [
-                "ParleyServer", "ParleyLLM", "ParleySidecar",
+                "ParleyServer", "ParleyLLM", "ParleySidecar", "ParleyMongoStore",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),

@@ -7,7 +7,7 @@ import ParleyStore
 
 /// Owns the process's `mongoc_client_pool_t` and its URI. Clients are popped for one command
 /// and pushed back at once, from any thread (the pool is thread-safe).
-final class MongoClientPool: @unchecked Sendable {
+package final class MongoClientPool: @unchecked Sendable {
     private static let initialized: Bool = {
         mongoc_init()
         // The driver logs every monitoring event by default; keep warnings and worse.
@@ -26,7 +26,7 @@ final class MongoClientPool: @unchecked Sendable {
 
     /// `socketTimeoutMS`: how long a command may wait for the server's answer, unless the URI
     /// says (nil: libmongoc's default, 300 s).
-    init(uri text: String, serverSelectionTimeoutMS: Int32 = 5_000, socketTimeoutMS: Int32? = nil) throws(StoreError) {
+    package init(uri text: String, serverSelectionTimeoutMS: Int32 = 5_000, socketTimeoutMS: Int32? = nil) throws(StoreError) {
         _ = Self.initialized
         var error = bson_error_t()
         guard let uri = mongoc_uri_new_with_error(text, &error) else {
@@ -59,7 +59,7 @@ final class MongoClientPool: @unchecked Sendable {
     /// Runs one database command and returns the server's reply. A reply with `ok: 0` or a
     /// network failure throws `MongoCommandError`; `writeErrors` inside an `ok: 1` reply do not
     /// (the caller interprets them).
-    func command(_ command: JSONValue, database: String? = nil) throws -> JSONValue {
+    package func command(_ command: JSONValue, database: String? = nil) throws -> JSONValue {
         let document = try BSONDocument(command)
         guard let client = mongoc_client_pool_pop(pool) else {
             throw StoreError.backend("no MongoDB client available")

@@ -1,7 +1,7 @@
 import Foundation
 import Logging
 import ParleyCore
-@testable import ParleyMongoStore
+import ParleyMongoStore
 @testable import ParleyServer
 import ParleyTestSupport
 import Testing
@@ -11,31 +11,13 @@ import Testing
 /// again: left held, it refused the conversation's next message on every node, and counted
 /// against the user's replies, until the node restarted.
 @Suite(.serialized) struct ReplySlotsTests {
-    /// Fails the next `times` `command`s of the clients of `app` with `errorCode` (8: not
-    /// transient, so the store does not retry it; 91: transient, the database out of reach).
-    /// Only inside `MongoFixture.failPointLock`.
-    func failNext(_ times: Int, _ command: String, app: String, errorCode: Int) throws {
-        let data: JSONValue = .object([
-            ("failCommands", .array([.string(command)])), ("appName", .string(app)), ("errorCode", .int(Int64(errorCode))),
-        ])
-        try configureFailPoint(.object([("times", .int(Int64(times)))]), data: data)
-    }
-
-    func configureFailPoint(_ mode: JSONValue, data: JSONValue = .object([])) throws {
-        _ = try MongoClientPool(uri: MongoFixture.uri()).command(
-            .object([("configureFailPoint", .string("failCommand")), ("mode", mode), ("data", data)]), database: "admin")
-    }
-
-    static func app() -> String { "parley-test-" + String(UInt64.random(in: 0...UInt64.max), radix: 36) }
-
     @Test(.enabled(if: !MongoFixture.isRealServer))
     func aReleaseTheStoreRefusedIsTriedAgainOnceItTakesAWrite() async throws {
         try await MongoFixture.failPointLock.run { try await releaseTriedAgain() }
     }
 
     private func releaseTriedAgain() async throws {
-        let app = Self.app()
-        let uri = MongoFixture.uri(options: ["appname=" + app])
+        let (uri, app) = MongoFixture.isolatedURI()
         let (store, other) = (try await MongoStore.open(uri: uri), try await MongoStore.open(uri: uri.replacingOccurrences(of: app, with: "other")))
         let writes = StoreWrites()
         let logger = Logger(label: "test")
@@ -44,7 +26,7 @@ import Testing
         let conversation = "cv_" + app
 
         #expect(try await a.claim(user: "alice", conversation: conversation) == .reserved)
-        try failNext(1, "delete", app: app, errorCode: 8)
+        try MongoFixture.failNext(1, ["delete"], app: app, errorCode: 8)  // not transient: not retried
         await a.release(conversation: conversation)
         #expect(a.releasesWaiting == 1)
         #expect(try await b.claim(user: "alice", conversation: conversation) == .conversationBusy, "still held")
@@ -56,7 +38,7 @@ import Testing
         // The node that holds it gives it back first when it claims it again (its own
         // reservation says no reply of it runs there).
         #expect(try await a.claim(user: "alice", conversation: conversation) == .reserved)
-        try failNext(1, "delete", app: app, errorCode: 8)
+        try MongoFixture.failNext(1, ["delete"], app: app, errorCode: 8)  // not transient: not retried
         await a.release(conversation: conversation)
         #expect(a.releasesWaiting == 1)
         #expect(try await a.claim(user: "alice", conversation: conversation) == .reserved)
@@ -81,7 +63,7 @@ import Testing
 
     private func keptReplyHoldsItsConversation() async throws {
         let nats = try NATSServer()
-        let (database, app) = ("parley_test_" + Self.app().suffix(12), Self.app())
+        let (database, app) = ("parley_test_" + MongoFixture.appName().suffix(12), MongoFixture.appName())
         let secret = "cluster-test-secret-" + UUID().uuidString
         let pace: @Sendable (inout ServerConfiguration) -> Void = {
             $0.nodeLeasePeriod = .seconds(60)
@@ -99,9 +81,9 @@ import Testing
         try await onA.chatSend(id: "c1", clone: clone, text: "hello")
         let conversation = try #require(try await onA.next(type: "stream.start").frame["conversation"]?.stringValue)
         _ = try await onA.readUntilToken()
-        try failNext(100_000, "insert", app: app, errorCode: 91)
+        try MongoFixture.failNext(100_000, ["insert"], app: app, errorCode: 91)  // transient: the database out of reach
         let end = try await onA.next(type: "stream.end").frame
-        try configureFailPoint(.string("off"))
+        try MongoFixture.turnOffFailPoint()
         #expect(end["message"] == nil, "refused on node A, kept")
         #expect(a.server.chat.streams.kept.waiting() == 1)
 

@@ -9,49 +9,12 @@ import Testing
 /// and a clear failure when the server cannot be reached. Runs against the wire test server or,
 /// with PARLEY_TEST_MONGODB_URI, a real mongod started with enableTestCommands.
 @Suite(.serialized, .armsFailPoint) struct MongoStoreTests {
-    /// Arms mongod's `failCommand` fail point (the wire test server implements the same subset).
-    /// A database URI whose clients carry their own appName, so a fail point armed for it
-    /// cannot hit the other tests running in parallel.
-    func isolatedURI() -> (uri: String, app: String) {
-        let app = "parley-test-" + String(UInt64.random(in: 0...UInt64.max), radix: 36)
-        return (MongoFixture.uri(options: ["appname=" + app]), app)
-    }
-
-    /// `blockTimeMS`: the command waits that long, then runs (mongod's `blockConnection`).
-    /// `skip` and `dropReply` are the wire test server's own (tests that use them run there
-    /// only): the first `skip` matching commands go through; the command runs and its reply is
-    /// lost.
-    func failNext(
-        _ times: Int, _ commands: [String], app: String, errorCode: Int? = nil, closeConnection: Bool = false, blockTimeMS: Int? = nil,
-        skip: Int = 0, dropReply: Bool = false
-    ) throws {
-        let pool = try MongoClientPool(uri: MongoFixture.uri())
-        var data: [(String, JSONValue)] = [("failCommands", .array(commands.map(JSONValue.string))), ("appName", .string(app))]
-        if let errorCode { data.append(("errorCode", .int(Int64(errorCode)))) }
-        if closeConnection { data.append(("closeConnection", .bool(true))) }
-        if let blockTimeMS { data += [("blockConnection", .bool(true)), ("blockTimeMS", .int(Int64(blockTimeMS)))] }
-        if dropReply { data.append(("dropReply", .bool(true))) }
-        var mode: [(String, JSONValue)] = [("times", .int(Int64(times)))]
-        if skip > 0 { mode.append(("skip", .int(Int64(skip)))) }
-        _ = try pool.command(
-            .object([
-                ("configureFailPoint", .string("failCommand")),
-                ("mode", .object(mode)),
-                ("data", .object(data)),
-            ]), database: "admin")
-    }
-
     /// A store for tests that lose replies: its retries wait a millisecond.
     func losingReplies(_ uri: String, node: String? = nil) async throws -> MongoStore {
         var options = MongoStore.Options()
         options.backoff = .milliseconds(1)
         options.node = node
         return try await MongoStore.open(uri: uri, options: options)
-    }
-
-    func turnOffFailPoint() throws {
-        _ = try MongoClientPool(uri: MongoFixture.uri()).command(
-            .object([("configureFailPoint", .string("failCommand")), ("mode", .string("off"))]), database: "admin")
     }
 
     @Test func aTestDatabaseURIKeepsTheBasesOptionsAndReplacesItsPath() {
@@ -64,17 +27,17 @@ import Testing
     }
 
     @Test func transientFailuresAreRetried() async throws {
-        let (uri, app) = isolatedURI()
+        let (uri, app) = MongoFixture.isolatedURI()
         let store = try await MongoStore.open(uri: uri)
         let clone = makeClone(owner: "alice")
         // NetworkTimeout: retried here. Not NotWritablePrimary: a real server's "not primary" makes
         // the driver mark it unknown until its monitor checks again (SDAM), which these
         // milliseconds of backoff do not outlast; the wire test server did not model that.
-        try failNext(2, ["insert"], app: app, errorCode: 89)
+        try MongoFixture.failNext(2, ["insert"], app: app, errorCode: 89)
         try await store.createClone(clone)
         #expect(try await store.clone(id: clone.id, owner: "alice") == clone)
 
-        try failNext(1, ["find"], app: app, closeConnection: true)  // the network drops once
+        try MongoFixture.failNext(1, ["find"], app: app, closeConnection: true)  // the network drops once
         #expect(try await store.clones(owner: "alice") == [clone])
         try await store.close()
     }
@@ -82,9 +45,9 @@ import Testing
     /// A server out of disk space is reported as a full store (clients are told
     /// `unavailable`), not retried as if the network had failed.
     @Test func aServerOutOfDiskSpaceIsAFullStore() async throws {
-        let (uri, app) = isolatedURI()
+        let (uri, app) = MongoFixture.isolatedURI()
         let store = try await MongoStore.open(uri: uri)
-        try failNext(1, ["insert"], app: app, errorCode: 14031)
+        try MongoFixture.failNext(1, ["insert"], app: app, errorCode: 14031)
         await #expect {
             try await store.createClone(makeClone(owner: "alice"))
         } throws: { error in
@@ -98,12 +61,12 @@ import Testing
     /// `ping` (and so `/healthz`) says `full` for a while after a write found the database out
     /// of disk space (it never did: a balancer kept sending requests that failed).
     @Test func pingSaysFullForAWhileAfterTheServerRanOutOfSpace() async throws {
-        let (uri, app) = isolatedURI()
+        let (uri, app) = MongoFixture.isolatedURI()
         var options = MongoStore.Options()
         options.fullFor = .seconds(2)
         let store = try await MongoStore.open(uri: uri, options: options)
         try await store.ping()
-        try failNext(1, ["insert"], app: app, errorCode: 14031)
+        try MongoFixture.failNext(1, ["insert"], app: app, errorCode: 14031)
         _ = try? await store.createClone(makeClone(owner: "alice"))
         await #expect {
             try await store.ping()
@@ -118,9 +81,9 @@ import Testing
 
     /// A write stored after one that found no space: `ping` is fine at once.
     @Test func pingIsFineOnceAWriteIsStoredAgain() async throws {
-        let (uri, app) = isolatedURI()
+        let (uri, app) = MongoFixture.isolatedURI()
         let store = try await MongoStore.open(uri: uri)
-        try failNext(1, ["insert"], app: app, errorCode: 14031)
+        try MongoFixture.failNext(1, ["insert"], app: app, errorCode: 14031)
         _ = try? await store.createClone(makeClone(owner: "alice"))
         await #expect(throws: StoreError.self) { try await store.ping() }
         try await store.createClone(makeClone(owner: "alice"))
@@ -133,36 +96,36 @@ import Testing
     /// "no such clone", a 404 to the user who just deleted it).
     @Test(.enabled(if: !MongoFixture.isRealServer))
     func aDeletionWhoseReplyIsLostStillReportsTheDeletion() async throws {
-        let (uri, app) = isolatedURI()
+        let (uri, app) = MongoFixture.isolatedURI()
         let store = try await losingReplies(uri)
         let clone = makeClone(owner: "alice")
         try await store.createClone(clone)
         // Its conversations go first (it has none, so no messages or clips to delete): the
         // clone's own deletion is the second.
-        try failNext(1, ["delete"], app: app, skip: 1, dropReply: true)
+        try MongoFixture.failNext(1, ["delete"], app: app, skip: 1, dropReply: true)
         #expect(try await store.deleteClone(id: clone.id, owner: "alice"))
         #expect(try await store.clone(id: clone.id, owner: "alice") == nil)
         #expect(try await !store.deleteClone(id: clone.id, owner: "alice"))
         let clip = VoiceClip(
             id: "vc_lost_" + app, owner: "alice", stream: "st_1", conversation: nil, room: nil, message: nil, audio: [1, 2, 3], createdAt: 1)
         try await store.saveClip(clip)
-        try failNext(1, ["delete"], app: app, dropReply: true)
+        try MongoFixture.failNext(1, ["delete"], app: app, dropReply: true)
         #expect(try await store.deleteClip(id: clip.id, owner: "alice"))
         #expect(try await store.clip(id: clip.id, owner: "alice", withAudio: false) == nil)
         #expect(try await !store.deleteClip(id: clip.id, owner: "alice"))
-        try turnOffFailPoint()
+        try MongoFixture.turnOffFailPoint()
         try await store.close()
     }
 
     @Test func retriesAreBoundedAndPermanentErrorsAreNotRetried() async throws {
-        let (uri, app) = isolatedURI()
+        let (uri, app) = MongoFixture.isolatedURI()
         let metrics = TestMetrics()
         var options = MongoStore.Options()
         options.attempts = 3
         options.backoff = .milliseconds(1)
         options.metrics = metrics
         let store = try await MongoStore.open(uri: uri, options: options)
-        try failNext(3, ["find"], app: app, errorCode: 89)  // NetworkTimeout
+        try MongoFixture.failNext(3, ["find"], app: app, errorCode: 89)  // NetworkTimeout
         await #expect {
             _ = try await store.clones(owner: "alice")
         } throws: { error in
@@ -173,7 +136,7 @@ import Testing
         // The fail point is used up: the store works again.
         #expect(try await store.clones(owner: "alice").isEmpty)
 
-        try failNext(1, ["find"], app: app, errorCode: 2)  // BadValue: permanent
+        try MongoFixture.failNext(1, ["find"], app: app, errorCode: 2)  // BadValue: permanent
         await #expect {
             _ = try await store.clones(owner: "alice")
         } throws: { error in
@@ -184,7 +147,7 @@ import Testing
         // Each failed call counted once, by kind, for an operator's alert.
         #expect(try metrics.expectCounter("parley_store_errors_total", [("store", "mongodb"), ("kind", "unreachable")]).totalValue == 1)
         #expect(try metrics.expectCounter("parley_store_errors_total", [("store", "mongodb"), ("kind", "failed")]).totalValue == 1)
-        try turnOffFailPoint()
+        try MongoFixture.turnOffFailPoint()
         try await store.close()
     }
 
@@ -197,15 +160,15 @@ import Testing
     /// block instead (not understood yet; the other four, and two runs of this suite alone, timed out).
     @Test(.enabled(if: !MongoFixture.isRealServer))
     func theURIsSocketTimeoutBoundsACommandTheServerDoesNotAnswer() throws {
-        let (uri, app) = isolatedURI()
+        let (uri, app) = MongoFixture.isolatedURI()
         let pool = try MongoClientPool(uri: uri + "&socketTimeoutMS=500")
-        try failNext(1, ["find"], app: app, blockTimeMS: 3_000)
+        try MongoFixture.failNext(1, ["find"], app: app, blockTimeMS: 3_000)
         #expect {
             _ = try pool.command(.object([("find", .string("clones")), ("filter", .object([]))]))
         } throws: { error in
             (error as? MongoCommandError)?.isTransient == true
         }
-        try turnOffFailPoint()
+        try MongoFixture.turnOffFailPoint()
     }
 
     /// A spending window's take and give are retried when their reply is lost after they were
@@ -213,7 +176,7 @@ import Testing
     /// each once. (Counted twice, a lost give would let a user spend past their own limit.)
     @Test(.enabled(if: !MongoFixture.isRealServer))
     func aSpendingWindowCountsATakeAndAGiveOnceWhenTheirRepliesAreLost() async throws {
-        let (uri, app) = isolatedURI()
+        let (uri, app) = MongoFixture.isolatedURI()
         let store = try await losingReplies(uri)
         let user = "spender"
         func entry(_ id: String, _ credits: Int64) -> LedgerEntry {
@@ -222,19 +185,19 @@ import Testing
         #expect(try await store.apply(entry("g", 1_000), allowOverdraft: false).isApplied)
         let caps = [SpendCap(window: "day:2026-12-06", max: 500), SpendCap(window: "month:2026-12", max: 100)]
         // The debit's first findAndModify is the day window's take.
-        try failNext(1, ["findAndModify"], app: app, dropReply: true)
+        try MongoFixture.failNext(1, ["findAndModify"], app: app, dropReply: true)
         #expect(try await store.apply(entry("d1", -40), allowOverdraft: false, caps: caps).isApplied)
         #expect(try await store.spent(user: user, windows: caps.map(\.window)) == ["day:2026-12-06": 40, "month:2026-12": 40])
         // The month refuses this one, and the day gets its take back: the third update, after
         // the two windows' makes.
-        try failNext(1, ["update"], app: app, skip: 2, dropReply: true)
+        try MongoFixture.failNext(1, ["update"], app: app, skip: 2, dropReply: true)
         let refused = try await store.apply(entry("d2", -80), allowOverdraft: false, caps: caps)
         guard case .overLimit(balance: 960, available: 60) = refused else {
             Issue.record("expected overLimit, got \(refused)")
             return
         }
         #expect(try await store.spent(user: user, windows: caps.map(\.window)) == ["day:2026-12-06": 40, "month:2026-12": 40])
-        try turnOffFailPoint()
+        try MongoFixture.turnOffFailPoint()
         try await store.close()
     }
 
@@ -243,20 +206,20 @@ import Testing
     /// it), not as an earlier call's (`alreadyApplied`, which a later call with its id gets).
     @Test(.enabled(if: !MongoFixture.isRealServer))
     func aLedgerEntryWhoseRepliesAreLostIsAppliedOnceAndReportedAsApplied() async throws {
-        let (uri, app) = isolatedURI()
+        let (uri, app) = MongoFixture.isolatedURI()
         let store = try await losingReplies(uri)
         let user = "lost-" + app
         func entry(_ id: String, _ credits: Int64) -> LedgerEntry {
             LedgerEntry(id: id + app, user: user, kind: credits > 0 ? .grant : .debit, credits: credits, createdAt: 1)
         }
-        try failNext(1, ["insert"], app: app, dropReply: true)
+        try MongoFixture.failNext(1, ["insert"], app: app, dropReply: true)
         #expect(try await store.apply(entry("g", 1_000), allowOverdraft: false) == .applied(balance: 1_000))
-        try failNext(1, ["findAndModify"], app: app, dropReply: true)
+        try MongoFixture.failNext(1, ["findAndModify"], app: app, dropReply: true)
         #expect(try await store.apply(entry("d", -100), allowOverdraft: false) == .applied(balance: 900))
         #expect(try await store.apply(entry("d", -100), allowOverdraft: false) == .alreadyApplied(balance: 900))
         #expect(try await store.ledger(user: user, limit: 10, before: nil).map(\.credits).sorted() == [-100, 1_000])
         #expect(try await store.balance(user: user) == 900)
-        try turnOffFailPoint()
+        try MongoFixture.turnOffFailPoint()
         try await store.close()
     }
 
@@ -264,18 +227,18 @@ import Testing
     /// this call's (the webhook's delivery was logged a duplicate of itself).
     @Test(.enabled(if: !MongoFixture.isRealServer))
     func anOrderChangeWhoseReplyIsLostIsReportedApplied() async throws {
-        let (uri, app) = isolatedURI()
+        let (uri, app) = MongoFixture.isolatedURI()
         let store = try await losingReplies(uri)
         let order = "ord_lost_" + app
         func change(_ status: PaymentOrder.Status, _ event: String) -> PaymentOrder.Change {
             PaymentOrder.Change(status: status, at: 1_000, event: event)
         }
         #expect(try await store.recordOrderChange(order: order, user: "alice", key: "k", credits: 500, change: change(.created, "e1")).applied)
-        try failNext(1, ["update"], app: app, dropReply: true)
+        try MongoFixture.failNext(1, ["update"], app: app, dropReply: true)
         let paid = try await store.recordOrderChange(order: order, user: "alice", key: "k", credits: 500, change: change(.paid, "e2"))
         #expect(paid.applied && paid.order.status == .paid && paid.order.history.count == 2)
         #expect(try await !store.recordOrderChange(order: order, user: "alice", key: "k", credits: 500, change: change(.paid, "e2")).applied)
-        try turnOffFailPoint()
+        try MongoFixture.turnOffFailPoint()
         try await store.close()
     }
 
@@ -286,7 +249,7 @@ import Testing
     /// run the room).
     @Test(.enabled(if: !MongoFixture.isRealServer))
     func aMoveWhoseReplyIsLostIsReportedAsTheCallsOwn() async throws {
-        let (uri, app) = isolatedURI()
+        let (uri, app) = MongoFixture.isolatedURI()
         let store = try await losingReplies(uri, node: "node-a")
         func pending(_ id: String) -> Schedule {
             Schedule(
@@ -295,19 +258,19 @@ import Testing
         }
         let id = "sc_lost_" + app
         try await store.createSchedule(pending(id))
-        try failNext(1, ["findAndModify"], app: app, dropReply: true)
+        try MongoFixture.failNext(1, ["findAndModify"], app: app, dropReply: true)
         let moved = try await store.transitionSchedule(id: id, from: .pending, to: ScheduleChange(status: .firing, updatedAt: 2))
         #expect(moved?.status == .firing)
         #expect(try await store.firingSchedules(node: "node-a").map(\.id) == [id])
         // A move that did not happen still reports nil, retried or not.
-        try failNext(1, ["findAndModify"], app: app, closeConnection: true)
+        try MongoFixture.failNext(1, ["findAndModify"], app: app, closeConnection: true)
         #expect(try await store.transitionSchedule(id: id, from: .pending, to: ScheduleChange(status: .cancelled, updatedAt: 3)) == nil)
 
         // A withdrawal whose reply is lost: withdrawn, not taken for a schedule that started
         // firing.
         let over = "sc_over_" + app
         try await store.createSchedule(pending(over))
-        try failNext(1, ["delete"], app: app, dropReply: true)
+        try MongoFixture.failNext(1, ["delete"], app: app, dropReply: true)
         #expect(try await store.withdrawSchedule(id: over))
         #expect(try await !store.withdrawSchedule(id: id), "firing: not withdrawn")
 
@@ -315,17 +278,17 @@ import Testing
         let collection = "room_leases"
         func lease(_ node: String, until: Int64 = 2_000_000) -> NodeLease { NodeLease(node: node, host: "h", pid: 1, expires: until) }
         #expect(try await store.claimNodeLease(lease("node-b"), now: 1_000_000, key: key, in: collection) == nil)
-        try failNext(1, ["findAndModify"], app: app, dropReply: true)
+        try MongoFixture.failNext(1, ["findAndModify"], app: app, dropReply: true)
         #expect(try await store.transferLease(key, from: "node-b", to: lease("node-c"), in: collection))
         #expect(try await store.lease(key, in: collection)?.node == "node-c")
         #expect(try await store.lease(key, in: collection)?.epoch == 1_000_001)
         #expect(try await !store.transferLease(key, from: "node-b", to: lease("node-d"), in: collection))
         // An expired lease taken over (the claim's second findAndModify, after "is it mine?").
-        try failNext(1, ["findAndModify"], app: app, skip: 1, dropReply: true)
+        try MongoFixture.failNext(1, ["findAndModify"], app: app, skip: 1, dropReply: true)
         #expect(try await store.claimNodeLease(lease("node-e", until: 3_015_000), now: 3_000_000, key: key, in: collection) == nil)
         #expect(try await store.lease(key, in: collection)?.node == "node-e")
         #expect(try await store.lease(key, in: collection)?.epoch == 1_000_002)
-        try turnOffFailPoint()
+        try MongoFixture.turnOffFailPoint()
         try await store.close()
     }
 
@@ -334,17 +297,17 @@ import Testing
     /// stored meanwhile"), while a summary written over the same one by someone else still is not.
     @Test(.enabled(if: !MongoFixture.isRealServer))
     func aSummaryWhoseReplyIsLostIsReportedAsStored() async throws {
-        let (uri, app) = isolatedURI()
+        let (uri, app) = MongoFixture.isolatedURI()
         let store = try await losingReplies(uri)
         let conversation = makeConversation(owner: "alice", clone: "cl_1")
         try await store.createConversation(conversation)
         let first = ConversationSummary(text: "They said hello.", through: "msg_1")
-        try failNext(1, ["update", "findAndModify"], app: app, dropReply: true)
+        try MongoFixture.failNext(1, ["update", "findAndModify"], app: app, dropReply: true)
         #expect(try await store.setSummary(first, conversation: conversation.id, owner: "alice", replacing: nil))
         #expect(try await store.conversation(id: conversation.id, owner: "alice")?.summary == first)
         let other = ConversationSummary(text: "Someone else's.", through: "msg_2")
         #expect(try await !store.setSummary(other, conversation: conversation.id, owner: "alice", replacing: nil))
-        try turnOffFailPoint()
+        try MongoFixture.turnOffFailPoint()
         try await store.close()
     }
 
@@ -361,13 +324,13 @@ import Testing
     /// it) where libmongoc would have waited out the 3 s block and succeeded.
     @Test(.enabled(if: !MongoFixture.isRealServer))
     func aServingStoreBoundsACommandTheServerDoesNotAnswer() async throws {
-        let (uri, app) = isolatedURI()
+        let (uri, app) = MongoFixture.isolatedURI()
         let store = try await MongoStore.open(uri: uri, options: Self.oneAttempt(socketTimeoutMS: 500))
-        try failNext(1, ["find"], app: app, blockTimeMS: 3_000)
+        try MongoFixture.failNext(1, ["find"], app: app, blockTimeMS: 3_000)
         await #expect(throws: StoreError.self) {
             _ = try await store.clones(owner: "alice")
         }
-        try turnOffFailPoint()
+        try MongoFixture.turnOffFailPoint()
         try await store.close()
     }
 
@@ -375,10 +338,10 @@ import Testing
     /// collection's) still completes.
     @Test(.enabled(if: !MongoFixture.isRealServer))
     func openingTheStoreWaitsForIndexBuildsLongerThanACommandMay() async throws {
-        let (uri, app) = isolatedURI()
-        try failNext(1, ["createIndexes"], app: app, blockTimeMS: 1_500)
+        let (uri, app) = MongoFixture.isolatedURI()
+        try MongoFixture.failNext(1, ["createIndexes"], app: app, blockTimeMS: 1_500)
         let store = try await MongoStore.open(uri: uri, options: Self.oneAttempt(socketTimeoutMS: 300))
-        try turnOffFailPoint()
+        try MongoFixture.turnOffFailPoint()
         try await store.close()
     }
 

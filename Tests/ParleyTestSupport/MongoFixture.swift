@@ -1,4 +1,6 @@
 import Foundation
+import ParleyCore
+import ParleyMongoStore
 import ParleyServer
 import ParleySidecar
 
@@ -72,8 +74,47 @@ public enum MongoFixture {
     }
 }
 
+/// mongod's `failCommand` fail point (the wire test server implements the same subset).
 extension MongoFixture {
     /// A server has one `failCommand` fail point, and arming it replaces what another test armed:
     /// tests that arm it, in any suite of the run, take this first, one at a time.
     package static let failPointLock = FIFOLock()
+
+    /// A name of a test's own for its clients (their appName), so a fail point armed for it
+    /// cannot hit the other tests running in parallel.
+    package static func appName() -> String { "parley-test-" + String(UInt64.random(in: 0...UInt64.max), radix: 36) }
+
+    /// A fresh database's URI whose clients carry an appName of their own (`appName`).
+    package static func isolatedURI() -> (uri: String, app: String) {
+        let app = appName()
+        return (uri(options: ["appname=" + app]), app)
+    }
+
+    /// Fails the next `times` of `commands` from the clients of `app`. `blockTimeMS`: the command
+    /// waits that long, then runs (mongod's `blockConnection`). `skip` and `dropReply` are the
+    /// wire test server's own (tests that use them run there only): the first `skip` matching
+    /// commands go through; the command runs and its reply is lost.
+    package static func failNext(
+        _ times: Int, _ commands: [String], app: String, errorCode: Int? = nil, closeConnection: Bool = false, blockTimeMS: Int? = nil,
+        skip: Int = 0, dropReply: Bool = false
+    ) throws {
+        var data: [(String, JSONValue)] = [("failCommands", .array(commands.map(JSONValue.string))), ("appName", .string(app))]
+        if let errorCode { data.append(("errorCode", .int(Int64(errorCode)))) }
+        if closeConnection { data.append(("closeConnection", .bool(true))) }
+        if let blockTimeMS { data += [("blockConnection", .bool(true)), ("blockTimeMS", .int(Int64(blockTimeMS)))] }
+        if dropReply { data.append(("dropReply", .bool(true))) }
+        var mode: [(String, JSONValue)] = [("times", .int(Int64(times)))]
+        if skip > 0 { mode.append(("skip", .int(Int64(skip)))) }
+        _ = try MongoClientPool(uri: uri()).command(
+            .object([
+                ("configureFailPoint", .string("failCommand")),
+                ("mode", .object(mode)),
+                ("data", .object(data)),
+            ]), database: "admin")
+    }
+
+    package static func turnOffFailPoint() throws {
+        _ = try MongoClientPool(uri: uri()).command(
+            .object([("configureFailPoint", .string("failCommand")), ("mode", .string("off"))]), database: "admin")
+    }
 }
