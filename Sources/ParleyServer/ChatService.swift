@@ -284,7 +284,7 @@ final class ChatService: FrameHandler {
             }
             clusterSlot = nil  // released once the stream ends
             streams.launch(
-                live, prepared, ref: ref, requester: connection, messageID: messageID, journal: journal, voice: speaking, beforeEnd: releaseSlot
+                live, prepared, ref: ref, requester: connection, messageID: messageID, journal: journal, voice: speaking, hold: releaseSlot
             ) {
                 var reply = $0
                 reply.parent = parent

@@ -170,7 +170,7 @@ final class StreamRunner: Sendable {
         let stored = Mutex<Message?>(nil)
         await start(
             live, prepared, ref: ref, requester: requester, messageID: messageID, journal: journal, paywall: paywall, voice: voice,
-            beforeEnd: beforeEnd, trackedFor: nil, keptPlace: keptPlace, persist: persist
+            beforeEnd: beforeEnd, hold: nil, trackedFor: nil, keptPlace: keptPlace, persist: persist
         ) { message in stored.withLock { $0 = message } }.value
         return stored.withLock { $0 }
     }
@@ -180,16 +180,16 @@ final class StreamRunner: Sendable {
     /// of it). The stream's task is a request of its owner's, so a shutdown, a drain and an
     /// account deletion wait for `then` too. The request that opened the stream need not stay
     /// suspended beside it: at 9,000 replies streaming, those tasks were a quarter of the RSS (#26).
-    /// `beforeEnd`: the reply's hold on its conversation across the cluster, given back before
+    /// `hold`: gives back the reply's hold on its conversation across the cluster, before
     /// `stream.end`, or, when the store refused the reply's message, once it is stored.
     func launch(
         _ live: LiveStream, _ prepared: Prepared, ref: String, requester: ClientConnection, messageID: String,
-        journal: StreamJournal.Target, voice: CloneVoice?, beforeEnd: (@Sendable () async -> Void)? = nil,
+        journal: StreamJournal.Target, voice: CloneVoice?, hold: (@Sendable () async -> Void)? = nil,
         persist: @escaping @Sendable (Message) async throws -> Void, then: @escaping @Sendable (Message?) async -> Void
     ) {
         start(
             live, prepared, ref: ref, requester: requester, messageID: messageID, journal: journal, paywall: nil, voice: voice,
-            beforeEnd: beforeEnd, trackedFor: live.owner, keptPlace: nil, persist: persist
+            beforeEnd: nil, hold: hold, trackedFor: live.owner, keptPlace: nil, persist: persist
         ) { message in await Task { await then(message) }.value }
     }
 
@@ -199,13 +199,14 @@ final class StreamRunner: Sendable {
     private func start(
         _ live: LiveStream, _ prepared: Prepared, ref: String?, requester: ClientConnection?, messageID: String,
         journal: StreamJournal.Target, paywall: Recipients?, voice: CloneVoice?, beforeEnd: (@Sendable () async -> Void)?,
-        trackedFor user: String?, keptPlace: KeptPlace?, persist: @escaping @Sendable (Message) async throws -> Void,
+        hold: (@Sendable () async -> Void)?, trackedFor user: String?, keptPlace: KeptPlace?,
+        persist: @escaping @Sendable (Message) async throws -> Void,
         ended: @escaping @Sendable (Message?) async -> Void
     ) -> Task<Void, Never> {
         let body: @Sendable () async -> Void = {
             let message = await self.generate(
                 live, prepared, ref: ref, requester: requester, messageID: messageID, journal: journal,
-                paywall: paywall, voice: voice, beforeEnd: beforeEnd, keptPlace: keptPlace, persist: persist)
+                paywall: paywall, voice: voice, beforeEnd: beforeEnd, hold: hold, keptPlace: keptPlace, persist: persist)
             await ended(message)
         }
         let generation = user.flatMap { requests.start(for: $0, body) } ?? Task(operation: body)
@@ -327,7 +328,8 @@ final class StreamRunner: Sendable {
     /// to every reader, or to `paywall` (a room's moderator) when given.
     private func generate(
         _ live: LiveStream, _ prepared: Prepared, ref: String?, requester: ClientConnection?, messageID: String, journal target: StreamJournal.Target,
-        paywall recipients: Recipients?, voice: CloneVoice?, beforeEnd: (@Sendable () async -> Void)?, keptPlace: KeptPlace?,
+        paywall recipients: Recipients?, voice: CloneVoice?, beforeEnd: (@Sendable () async -> Void)?,
+        hold: (@Sendable () async -> Void)?, keptPlace: KeptPlace?,
         persist: @escaping @Sendable (Message) async throws -> Void
     ) async -> Message? {
         let (request, prompt, meter) = (prepared.request, prepared.prompt, prepared.meter)
@@ -402,10 +404,9 @@ final class StreamRunner: Sendable {
         // deletion goes with the node's next journal write.) A reply not stored or not settled
         // keeps its journal, whole, for the recovery to finish (each of its steps idempotent).
         let keep = storedID == nil || !settled
-        // A reply's `beforeEnd` is its conversation's hold across the cluster (`ChatService`):
-        // while its message waits for the store, the hold stays, so no node stores the
-        // conversation's next message before it.
-        let holdWhileKept: Bool = if case .reply = live.kind { storedID == nil && beforeEnd != nil } else { false }
+        // While the message waits for the store, the conversation's hold across the cluster
+        // stays, so no node stores the conversation's next message before it.
+        let holdWhileKept = storedID == nil && hold != nil
         if keep {
             journal.ended(text: text, outputTokens: Int(seq), reason: reason)
             metrics.awaitingRecovery.increment()
@@ -423,7 +424,7 @@ final class StreamRunner: Sendable {
                     guard there else { return }
                     try await persist(message)
                 }
-                if holdWhileKept { work.releaseHold = beforeEnd }
+                if holdWhileKept { work.releaseHold = hold }
             }
             if !settled { work.settle = { @Sendable in await meter.settle(usage: usage).settled } }
             kept.retry(work)
@@ -437,7 +438,8 @@ final class StreamRunner: Sendable {
                 bytes: ServerFrame.paywall(stream: live.id, balance: balance, required: await meter.nextTokenCost, room: live.room))
             live.publish(paywall, to: recipients?.topic, audience: recipients?.audience ?? .everyone)
         }
-        if !holdWhileKept { await beforeEnd?() }
+        await beforeEnd?()
+        if !holdWhileKept { await hold?() }
         // The reply is stored: its conversation takes the next message before stream.end goes out,
         // so a client that sends on seeing the end is never told a reply is still streaming.
         if case .reply = live.kind { hub.release(user: live.owner, conversation: live.conversation) }
