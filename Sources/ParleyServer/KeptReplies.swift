@@ -109,7 +109,8 @@ final class KeptReplies: Sendable {
         let taken = entries.withLock { e -> Bool in
             guard e[work.stream] == nil, e.count < Self.limit else { return false }
             let message = KeptMessage(work.store, hold: work.releaseHold)
-            e[work.stream] = Entry(owner: work.owner, message: message, task: Task { await self.run(work, message) })
+            let backoff = writes.backoff(from: firstDelay)  // made here: a write before its task runs ends its first pause
+            e[work.stream] = Entry(owner: work.owner, message: message, task: Task { await self.run(work, message, backoff) })
             return true
         }
         if !taken {
@@ -177,9 +178,9 @@ final class KeptReplies: Sendable {
         return left
     }
 
-    private func run(_ start: Work, _ message: KeptMessage) async -> Work? {
+    private func run(_ start: Work, _ message: KeptMessage, _ first: StoreWrites.Backoff) async -> Work? {
         var work = start
-        var backoff = writes.backoff(from: firstDelay)
+        var backoff = first
         defer { _ = entries.withLock { $0.removeValue(forKey: start.stream) } }
         for _ in 0..<attempts {
             do {

@@ -46,12 +46,13 @@ struct ReplySlots: Sendable {
     func release(conversation: String) async {
         let (store, node) = (self.store, self.node)
         let release: @Sendable () async throws -> Void = { try await store.releaseReplySlot(conversation: conversation, node: node) }
+        let backoff = retries.backoff()  // a write the store takes from here on ends its first pause
         do {
             try await release()
         } catch {
             logger.error(
                 "giving a reply's conversation back failed; it is tried again", metadata: ["conversation": "\(conversation)", "error": "\(error)"])
-            retries.retry(conversation, release)
+            retries.retry(conversation, release, backoff)
         }
     }
 
@@ -87,11 +88,14 @@ final class SlotReleases: Sendable {
 
     var count: Int { pending.withLock { $0.count } }
 
-    func retry(_ conversation: String, _ release: @escaping @Sendable () async throws -> Void) {
+    /// The pauses of a retry whose first attempt is about to be made.
+    func backoff() -> StoreWrites.Backoff { writes.backoff(from: firstDelay) }
+
+    func retry(_ conversation: String, _ release: @escaping @Sendable () async throws -> Void, _ backoff: StoreWrites.Backoff) {
         let taken = pending.withLock { p -> Bool in
             guard p[conversation] == nil else { return true }  // one release does for both
             guard p.count < Self.limit else { return false }
-            p[conversation] = Pending(release: release, task: Task { await self.run(conversation, release) })
+            p[conversation] = Pending(release: release, task: Task { await self.run(conversation, release, backoff) })
             return true
         }
         if !taken {
@@ -114,9 +118,9 @@ final class SlotReleases: Sendable {
         for task in tasks { await task.value }
     }
 
-    private func run(_ conversation: String, _ release: @Sendable () async throws -> Void) async {
+    private func run(_ conversation: String, _ release: @Sendable () async throws -> Void, _ start: StoreWrites.Backoff) async {
         defer { _ = pending.withLock { $0.removeValue(forKey: conversation) } }
-        var backoff = writes.backoff(from: firstDelay)
+        var backoff = start
         while true {
             do {
                 try await backoff.pause()
