@@ -312,10 +312,16 @@ final class ChatService: FrameHandler {
     }
 
     /// Runs `body` with `conversation` held as a streaming reply holds it, so that no reply
-    /// starts or is stored in it meanwhile; nil (and `body` not run) while one streams in it.
+    /// starts or is stored in it meanwhile; nil (and `body` not run) while one streams in it, or
+    /// while one the store refused still waits to be stored there (it goes after the path's last
+    /// message: stored after a deletion or a branch chosen, it would answer a message that is
+    /// gone, or land on the other branch). Such a reply of this node's is stored first where the
+    /// store now takes it; a store that refuses as a whole throws that.
     func whileNoReplyStreams<T: Sendable>(user: String, conversation: String, _ body: () async throws -> T) async throws -> T? {
         guard case .reserved = hub.reserve(user: user, conversation: conversation) else { return nil }
         defer { hub.release(user: user, conversation: conversation) }
+        try await streams.kept.storeNow(owner: user)
+        guard !streams.kept.holdsMessage(owner: user, in: conversation) else { return nil }
         guard let slots else { return try await body() }
         guard case .reserved = try await slots.claim(user: user, conversation: conversation) else { return nil }
         let result: Result<T, any Error>

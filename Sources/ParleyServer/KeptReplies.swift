@@ -19,6 +19,8 @@ final class KeptReplies: Sendable {
     struct Work: Sendable {
         var stream: String
         var owner: String
+        /// The conversation (or room) its message goes to.
+        var place: String? = nil
         /// Stores the message; nil when there is none to store.
         var store: (@Sendable () async throws -> Void)? = nil
         /// Settles the stream, true once the store took it; nil once settled.
@@ -72,6 +74,7 @@ final class KeptReplies: Sendable {
 
     private struct Entry {
         var owner: String
+        var place: String?
         var message: KeptMessage
         /// What is left to do when it was stopped before it finished.
         var task: Task<Work?, Never>
@@ -103,6 +106,13 @@ final class KeptReplies: Sendable {
         entries.withLock { e in owner.map { o in e.values.filter { $0.owner == o }.count } ?? e.count }
     }
 
+    /// Whether a message of the owner's waits to be stored in `place`: it goes after the path's
+    /// last message, so that path must not change before it is stored (a deletion, a branch
+    /// chosen).
+    func holdsMessage(owner: String, in place: String) -> Bool {
+        entries.withLock { e in e.values.contains { $0.owner == owner && $0.place == place && !$0.message.isStored } }
+    }
+
     /// Tries `work` again later. Its journal was written whole first (or that write failed too:
     /// the retry that finishes deletes whatever the store holds of it).
     func retry(_ work: Work) {
@@ -110,7 +120,7 @@ final class KeptReplies: Sendable {
             guard e[work.stream] == nil, e.count < Self.limit else { return false }
             let message = KeptMessage(work.store, hold: work.releaseHold)
             let backoff = writes.backoff(from: firstDelay)  // made here: a write before its task runs ends its first pause
-            e[work.stream] = Entry(owner: work.owner, message: message, task: Task { await self.run(work, message, backoff) })
+            e[work.stream] = Entry(owner: work.owner, place: work.place, message: message, task: Task { await self.run(work, message, backoff) })
             return true
         }
         if !taken {

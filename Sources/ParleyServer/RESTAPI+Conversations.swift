@@ -35,7 +35,8 @@ extension RESTAPI {
     }
 
     /// `DELETE /v1/conversations/{id}/messages/{message}`: 200 `{"deleted": n}`, the message and
-    /// every message below it; 409 while a reply streams in the conversation.
+    /// every message below it; 409 while a reply streams in the conversation or waits to be stored
+    /// there.
     func deleteMessage(conversation id: String, message: String, _ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
         guard try await store.conversation(id: id, owner: identity.user) != nil else {
             throw APIError(.notFound, .notFound, "no conversation \(id)")
@@ -43,7 +44,9 @@ extension RESTAPI {
         let deleted = try await chat.whileNoReplyStreams(user: identity.user, conversation: id) {
             try await store.deleteMessage(id: message, conversation: id)
         }
-        guard let deleted else { throw APIError(.conflict, .conflict, "a reply is streaming in conversation \(id); delete once it ended") }
+        guard let deleted else {
+            throw APIError(.conflict, .conflict, "a reply in conversation \(id) is streaming or waiting to be stored; delete once it is stored")
+        }
         guard deleted > 0 else { throw APIError(.notFound, .notFound, "no message \(message) in conversation \(id)") }
         await audit.record("message.deleted", actor: identity.user, target: message, ip: request.remoteIP)
         return HTTPResponse(.ok, json: .object([("deleted", .int(Int64(deleted)))]))

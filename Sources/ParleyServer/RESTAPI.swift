@@ -489,7 +489,9 @@ struct RESTAPI: Sendable {
         let chosen = try await chat.whileNoReplyStreams(user: identity.user, conversation: id) { [message] in
             try await store.activate(message: message, conversation: id)
         }
-        guard let chosen else { throw APIError(.conflict, .conflict, "a reply is streaming in conversation \(id); choose once it ended") }
+        guard let chosen else {
+            throw APIError(.conflict, .conflict, "a reply in conversation \(id) is streaming or waiting to be stored; choose once it is stored")
+        }
         guard chosen else { throw APIError(.notFound, .notFound, "no message \(message) in conversation \(id)") }
         return HTTPResponse(.ok, json: try await pathPage(id, limit: Self.defaultPageSize, before: nil))
     }

@@ -414,7 +414,7 @@ final class StreamRunner: Sendable {
         await Task { await journal.finish(keep: keep) }.value
         if keep {
             let (store, owner) = (self.store, meter.user)
-            var work = KeptReplies.Work(stream: live.id, owner: owner)
+            var work = KeptReplies.Work(stream: live.id, owner: owner, place: live.conversation)
             if storedID == nil {
                 work.store = { @Sendable in
                     // As the recovery does: nothing is stored where its target has gone (and a

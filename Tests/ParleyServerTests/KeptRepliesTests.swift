@@ -172,6 +172,38 @@ import Testing
         await server.stop()
     }
 
+    /// A reply the store refused goes after the path's last message once stored: deleting the
+    /// message it answers (or choosing another branch) before that would leave it answering a
+    /// message that is gone. The deletion stores it first, and takes it with the message; while
+    /// the store still refuses it, the deletion is 409. (Deleted first, the retry stored it in
+    /// the emptied conversation as its only message.)
+    @Test func deletingTheMessageAReplyWaitingToBeStoredAnswersTakesTheReplyToo() async throws {
+        let (server, store) = try await refusingServer(retry: .seconds(3600), refusing: Self.refusingReplies)
+        let (token, _, socket) = try await aliceSends("hello", on: server)
+        let first = try await socket.readReply()
+        #expect(first.end["message"] == nil, "not stored")
+        let base = "/v1/conversations/\(first.conversation)"
+        let hello = try #require(try await server.get(base + "/messages", token: token).json()["messages"]?.arrayValue?.first?["id"]?.stringValue)
+
+        let refused = try await TestHTTPClient.request(port: server.port, .DELETE, base + "/messages/\(hello)", token: token)
+        #expect(refused.status == .conflict, "the store still refuses the reply: its place must not change")
+        #expect(try refused.json()["error"]?["message"]?.stringValue?.contains("waiting to be stored") == true)
+        try await store.run { db in try db.exec("DROP TRIGGER refuse_replies") }
+
+        let deleted = try await TestHTTPClient.request(port: server.port, .DELETE, base + "/messages/\(hello)", token: token)
+        #expect(deleted.status == .ok)
+        #expect(try deleted.json()["deleted"] == .int(2), "the question and its reply")
+        // Another user's write wakes the retry, which finds the reply stored (and deleted since).
+        let bob = try await server.token("bob")
+        let bobs = try await server.connect(token: bob)
+        try await bobs.chatSend(id: "b1", clone: try await server.createClone(token: bob)["id"]!.stringValue!, text: "hi")
+        _ = try await bobs.readReply()
+        #expect(await holds(within: .seconds(30)) { server.server.chat.streams.kept.waiting() == 0 })
+        let messages = try await server.get(base + "/messages", token: token).json()["messages"]?.arrayValue
+        #expect(messages == [], "no reply to a deleted question")
+        await server.stop()
+    }
+
     /// The user's next request stores their waiting replies first, but a store that refuses as
     /// a whole is not asked again for each: the first refusal ends the request with it (on
     /// MongoDB each attempt can wait out the retries' server selection). A refusal of one reply's
