@@ -331,7 +331,7 @@ final class ScheduleService: FrameHandler {
             releaseQuota(schedule)
             return try await fail(schedule, from: .pending, "the conversation \(conversationID) was deleted")
         }
-        try await holding(schedule, conversation: conversationID, isNew: newConversation) {
+        try await holding(schedule, conversation: conversationID, isNew: newConversation) { hold in
             let change = ScheduleChange(
                 status: .firing, updatedAt: Int64(Timestamp.nowMillis()), conversation: conversationID, message: messageID)
             guard let claimed = try await store.transitionSchedule(id: schedule.id, from: .pending, to: change) else {
@@ -340,7 +340,7 @@ final class ScheduleService: FrameHandler {
                 return  // cancelled just now
             }
             releaseQuota(schedule)
-            try await produce(claimed, clone: clone, newConversation: newConversation)
+            try await produce(claimed, clone: clone, newConversation: newConversation, hold: hold)
         }
     }
 
@@ -358,33 +358,57 @@ final class ScheduleService: FrameHandler {
         guard let clone = try await store.clone(id: schedule.clone, owner: schedule.owner) else {
             return try await fail(schedule, from: .firing, "the clone \(schedule.clone) was deleted")
         }
-        try await holding(schedule, conversation: conversationID, isNew: newConversation) {
-            try await produce(schedule, clone: clone, newConversation: newConversation)
+        try await holding(schedule, conversation: conversationID, isNew: newConversation) { hold in
+            try await produce(schedule, clone: clone, newConversation: newConversation, hold: hold)
         }
     }
 
     /// Runs `body` holding the conversation for one stream (this node's hold is released by
-    /// `body`'s paths, the cluster's after it); when it is busy (the owner is chatting in it),
-    /// the timer is re-armed to try again shortly. A text message for a new conversation needs
-    /// no claim: nothing else can be in that conversation and nothing is generated (so many
-    /// reminders due at once are not held back by the user's concurrent-stream limit).
-    private func holding(_ schedule: Schedule, conversation: String, isNew: Bool, _ body: () async throws -> Void) async throws {
-        if isNew, case .text = schedule.content { return try await body() }
+    /// `body`'s paths, the cluster's after it unless `body` handed it to the stream); when it is
+    /// busy (the owner is chatting in it), the timer is re-armed to try again shortly. A text
+    /// message for a new conversation needs no claim: nothing else can be in that conversation
+    /// and nothing is generated (so many reminders due at once are not held back by the user's
+    /// concurrent-stream limit).
+    private func holding(_ schedule: Schedule, conversation: String, isNew: Bool, _ body: (ClusterHold?) async throws -> Void) async throws {
+        if isNew, case .text = schedule.content { return try await body(nil) }
         var held = hub.reserve(user: schedule.owner, conversation: conversation) == .reserved
         if held, let slots = streams.slots {
             held = try await slots.claim(user: schedule.owner, conversation: conversation) == .reserved
             if !held { hub.release(user: schedule.owner, conversation: conversation) }
             guard held else { return rearm(schedule) }
+            let hold = ClusterHold { await slots.release(conversation: conversation) }
             do {
-                try await body()
+                try await body(hold)
             } catch {
-                await slots.release(conversation: conversation)
+                await hold.giveBack()
                 throw error
             }
-            return await slots.release(conversation: conversation)
+            return await hold.giveBack()
         }
         guard held else { return rearm(schedule) }
-        try await body()
+        try await body(nil)
+    }
+
+    /// A scheduled message's hold on its conversation across the cluster, given back after the
+    /// firing, or by its stream once handed over: a message the store refused keeps it until
+    /// stored, so that no node stores the conversation's next message before it.
+    private final class ClusterHold: Sendable {
+        private let release: @Sendable () async -> Void
+        private let handedOver = Atomic<Bool>(false)
+
+        init(_ release: @escaping @Sendable () async -> Void) { self.release = release }
+
+        /// For the stream, which gives it back from here on.
+        func handOver() -> @Sendable () async -> Void {
+            handedOver.store(true, ordering: .relaxed)
+            return release
+        }
+
+        /// Gives it back unless the stream took it over.
+        func giveBack() async {
+            guard !handedOver.load(ordering: .relaxed) else { return }
+            await release()
+        }
     }
 
     private func rearm(_ schedule: Schedule) {
@@ -395,7 +419,7 @@ final class ScheduleService: FrameHandler {
 
     /// Generates or writes the message of a claimed (`firing`) schedule, stores it and delivers it.
     /// The conversation is reserved by the caller and released here.
-    private func produce(_ schedule: Schedule, clone: Clone, newConversation: Bool) async throws {
+    private func produce(_ schedule: Schedule, clone: Clone, newConversation: Bool, hold: ClusterHold?) async throws {
         let messageID = schedule.message!
         let conversationID = schedule.conversation!
         let now = Int64(Timestamp.nowMillis())
@@ -457,7 +481,8 @@ final class ScheduleService: FrameHandler {
                 guard !newConversation else { return true }
                 return try await store.conversation(id: conversationID, owner: owner) != nil
             }
-            await streams.run(live, prepared, messageID: messageID, journal: .settleOnly(), keptPlace: keptPlace) { message in
+            await streams.run(live, prepared, messageID: messageID, journal: .settleOnly(), hold: hold?.handOver(), keptPlace: keptPlace) {
+                message in
                 guard
                     let done = try await store.completeSchedule(
                         id: schedule.id, message: message, newConversation: conversation, now: message.createdAt)

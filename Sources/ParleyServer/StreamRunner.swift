@@ -160,17 +160,18 @@ final class StreamRunner: Sendable {
     /// shuts down ends at once, with reason `shutdown`. `keptPlace`: a reply the store refused
     /// is stored by `persist` when tried again, though its journal names nowhere to store it,
     /// where this finds its place still there (a scheduled message's `persist` completes its
-    /// schedule, and its clone and conversation may have been deleted meanwhile).
+    /// schedule, and its clone and conversation may have been deleted meanwhile). `hold`: as
+    /// `launch`'s.
     @discardableResult
     func run(
         _ live: LiveStream, _ prepared: Prepared, ref: String? = nil, requester: ClientConnection? = nil, messageID: String,
         journal: StreamJournal.Target, paywall: Recipients? = nil, voice: CloneVoice? = nil, beforeEnd: (@Sendable () async -> Void)? = nil,
-        keptPlace: KeptPlace? = nil, persist: @escaping @Sendable (Message) async throws -> Void
+        hold: (@Sendable () async -> Void)? = nil, keptPlace: KeptPlace? = nil, persist: @escaping @Sendable (Message) async throws -> Void
     ) async -> Message? {
         let stored = Mutex<Message?>(nil)
         await start(
             live, prepared, ref: ref, requester: requester, messageID: messageID, journal: journal, paywall: paywall, voice: voice,
-            beforeEnd: beforeEnd, hold: nil, trackedFor: nil, keptPlace: keptPlace, persist: persist
+            beforeEnd: beforeEnd, hold: hold, trackedFor: nil, keptPlace: keptPlace, persist: persist
         ) { message in stored.withLock { $0 = message } }.value
         return stored.withLock { $0 }
     }

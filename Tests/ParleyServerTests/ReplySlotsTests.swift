@@ -61,7 +61,9 @@ import Testing
         try await MongoFixture.failPointLock.run { try await keptReplyHoldsItsConversation() }
     }
 
-    private func keptReplyHoldsItsConversation() async throws {
+    /// Two nodes on one database whose kept replies are tried again after a second; node A's
+    /// connections carry `app` as their name (a fail point's filter), node B's too when `bothNamed`.
+    private func twoNodes(bothNamed: Bool = false) async throws -> (nats: NATSServer, a: TestServer, b: TestServer, app: String) {
         let nats = try NATSServer()
         let (database, app) = ("parley_test_" + MongoFixture.appName().suffix(12), MongoFixture.appName())
         let secret = "cluster-test-secret-" + UUID().uuidString
@@ -71,10 +73,34 @@ import Testing
             $0.simulated.tokensPerSecond = 50
             $0.simulated.replyTokens = 20
         }
-        let uri = MongoFixture.uri(base: MongoFixture.baseURI, database: database, options: ["appname=" + app])
-        let a = try await TestServer.clusterNode("node-a", nats: nats, uri: uri, secret: secret, pace)
+        let named = MongoFixture.uri(base: MongoFixture.baseURI, database: database, options: ["appname=" + app])
+        let a = try await TestServer.clusterNode("node-a", nats: nats, uri: named, secret: secret, pace)
         let b = try await TestServer.clusterNode(
-            "node-b", nats: nats, uri: MongoFixture.uri(base: MongoFixture.baseURI, database: database), secret: secret, pace)
+            "node-b", nats: nats, uri: bothNamed ? named : MongoFixture.uri(base: MongoFixture.baseURI, database: database), secret: secret, pace)
+        return (nats, a, b, app)
+    }
+
+    /// Sends "and then?" into `conversation` on `socket` until it is not refused as busy (each
+    /// refusal waits for `node`'s kept replies to be stored), and reads its reply.
+    private func sendOnceFree(_ socket: TestWebSocket, clone: String, conversation: String, keptOn node: TestServer) async throws {
+        var refusals = 0
+        var answer: JSONValue = .null
+        while true {
+            try await socket.chatSend(id: "n\(refusals)", clone: clone, conversation: conversation, text: "and then?")
+            answer = try await socket.nextJSON()
+            while answer["type"] != .string("error") && answer["type"] != .string("stream.start") { answer = try await socket.nextJSON() }
+            guard answer["type"] == .string("error"), refusals < 5 else { break }
+            #expect(answer["code"] == .string("rate_limited"))
+            #expect(answer["message"]?.stringValue?.hasSuffix("is still streaming or waiting to be stored; try again shortly") == true)
+            refusals += 1
+            #expect(await holds(within: .seconds(30)) { node.server.chat.streams.kept.waiting() == 0 })
+        }
+        #expect(answer["type"] == .string("stream.start"))
+        _ = try await socket.next(type: "stream.end")
+    }
+
+    private func keptReplyHoldsItsConversation() async throws {
+        let (nats, a, b, app) = try await twoNodes()
         let token = try await a.token("alice")
         let clone = try await a.createClone(token: token)["id"]!.stringValue!
         let onA = try await a.connect(token: token)
@@ -88,23 +114,48 @@ import Testing
         #expect(a.server.chat.streams.kept.waiting() == 1)
 
         let onB = try await b.connect(token: token)
-        var refusals = 0
-        var answer: JSONValue = .null
-        while true {
-            try await onB.chatSend(id: "n\(refusals)", clone: clone, conversation: conversation, text: "and then?")
-            answer = try await onB.nextJSON()
-            while answer["type"] != .string("error") && answer["type"] != .string("stream.start") { answer = try await onB.nextJSON() }
-            guard answer["type"] == .string("error"), refusals < 5 else { break }
-            #expect(answer["code"] == .string("rate_limited"))
-            #expect(answer["message"]?.stringValue?.hasSuffix("is still streaming or waiting to be stored; try again shortly") == true)
-            refusals += 1
-            #expect(await holds(within: .seconds(30)) { a.server.chat.streams.kept.waiting() == 0 })
-        }
-        #expect(answer["type"] == .string("stream.start"))
-        _ = try await onB.next(type: "stream.end")
+        try await sendOnceFree(onB, clone: clone, conversation: conversation, keptOn: a)
         let messages = try await b.get("/v1/conversations/\(conversation)/messages", token: token).json()["messages"]!.arrayValue!
         #expect(messages.map { $0["role"]?.stringValue } == ["user", "assistant", "user", "assistant"])
         #expect(messages.count == 4 && messages[2]["text"] == .string("and then?"))
+        await a.stop()
+        await b.stop()
+        await nats.stop()
+    }
+
+    /// A scheduled message the store refused holds its conversation across the nodes the same
+    /// way: given back as its firing ended, the user's next message, sent on the other node,
+    /// was stored before it (user, assistant, user, scheduled, assistant).
+    @Test(.enabled(if: !MongoFixture.isRealServer))
+    func aKeptScheduledMessageHoldsItsConversationOnEveryNodeUntilItIsStored() async throws {
+        try await MongoFixture.failPointLock.run { try await keptScheduledMessageHoldsItsConversation() }
+    }
+
+    private func keptScheduledMessageHoldsItsConversation() async throws {
+        let (nats, a, b, app) = try await twoNodes(bothNamed: true)
+        let token = try await a.token("alice")
+        let clone = try await a.createClone(token: token)["id"]!.stringValue!
+        let onA = try await a.connect(token: token)
+        try await onA.chatSend(id: "c1", clone: clone, text: "hello")
+        let conversation = try await onA.readReply().conversation
+        let onB = try await b.connect(token: token)
+
+        try await onA.scheduleCreate(id: "s1", clone: clone, conversation: conversation, delayMS: 10, prompt: "the weather")
+        _ = try await onA.next(type: "stream.start")
+        _ = try await onA.readUntilToken()
+        try MongoFixture.failNext(100_000, ["insert"], app: app, errorCode: 91)  // transient: the database out of reach
+        let end = try await onA.next(type: "stream.end").frame
+        try MongoFixture.turnOffFailPoint()
+        #expect(end["message"] == nil, "refused, kept")
+        _ = try await onB.next(type: "stream.end")  // the owner's every socket reads it
+        // The message is sent on the node that did not fire the schedule (its shard's node).
+        let (firing, other) = a.server.chat.streams.kept.waiting() == 1 ? (a, onB) : (b, onA)
+        #expect(firing.server.chat.streams.kept.waiting() == 1)
+
+        try await sendOnceFree(other, clone: clone, conversation: conversation, keptOn: firing)
+        let messages = try await b.get("/v1/conversations/\(conversation)/messages", token: token).json()["messages"]!.arrayValue!
+        #expect(messages.map { $0["role"]?.stringValue } == ["user", "assistant", "assistant", "user", "assistant"])
+        #expect(messages.count == 5 && messages[3]["text"] == .string("and then?"))
         await a.stop()
         await b.stop()
         await nats.stop()
