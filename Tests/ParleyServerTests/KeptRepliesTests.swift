@@ -35,6 +35,26 @@ import Testing
         return (server, store)
     }
 
+    /// Alice's "hello", whose reply the store refused (`refusingReplies`; tried again after an
+    /// hour, or once the store takes another write on the node).
+    private func aliceRefusedReply() async throws -> (
+        server: TestServer, store: SQLiteStore, token: String, clone: String, socket: TestWebSocket, reply: StreamedReply
+    ) {
+        let (server, store) = try await refusingServer(retry: .seconds(3600), refusing: Self.refusingReplies)
+        let (token, clone, socket) = try await aliceSends("hello", on: server)
+        let reply = try await socket.readReply()
+        #expect(reply.end["message"] == nil, "not stored")
+        return (server, store, token, clone, socket, reply)
+    }
+
+    /// Bob's message and its reply: a write the store takes on the node.
+    private func bobChats(on server: TestServer) async throws {
+        let bob = try await server.token("bob")
+        let bobs = try await server.connect(token: bob)
+        try await bobs.chatSend(id: "b1", clone: try await server.createClone(token: bob)["id"]!.stringValue!, text: "hi")
+        _ = try await bobs.readReply()
+    }
+
     @Test func aReplyTheStoreRefusedIsStoredAndSettledOnceTheStoreTakesWritesAgain() async throws {
         let metrics = TestMetrics()
         let (server, store) = try await refusingServer(retry: .milliseconds(20), metrics: metrics)
@@ -133,10 +153,7 @@ import Testing
     /// A reply the store refused, then the user's next message once the store takes writes
     /// again, before any retry: the reply is stored first, so the transcript keeps its order.
     @Test func aRefusedReplyIsStoredBeforeTheUsersNextMessage() async throws {
-        let (server, store) = try await refusingServer(retry: .seconds(3600), refusing: Self.refusingReplies)
-        let (token, clone, socket) = try await aliceSends("hello", on: server)
-        let first = try await socket.readReply()
-        #expect(first.end["message"] == nil, "not stored")
+        let (server, store, token, clone, socket, first) = try await aliceRefusedReply()
         try await store.run { db in try db.exec("DROP TRIGGER refuse_replies") }
 
         try await socket.chatSend(id: "c2", clone: clone, conversation: first.conversation, text: "and then?")
@@ -152,17 +169,11 @@ import Testing
     /// node (here another user's message), not at the end of its delay (up to a minute once
     /// grown; an hour here): a store that came back gets it at once.
     @Test func aRefusedReplyIsStoredOnceTheStoreTakesAnotherWrite() async throws {
-        let (server, store) = try await refusingServer(retry: .seconds(3600), refusing: Self.refusingReplies)
-        let (token, _, socket) = try await aliceSends("hello", on: server)
-        let first = try await socket.readReply()
-        #expect(first.end["message"] == nil, "not stored")
+        let (server, store, token, _, _, first) = try await aliceRefusedReply()
         #expect(server.server.chat.streams.kept.waiting(owner: "alice") == 1)
         try await store.run { db in try db.exec("DROP TRIGGER refuse_replies") }
 
-        let bob = try await server.token("bob")
-        let bobs = try await server.connect(token: bob)
-        try await bobs.chatSend(id: "b1", clone: try await server.createClone(token: bob)["id"]!.stringValue!, text: "hi")
-        _ = try await bobs.readReply()
+        try await bobChats(on: server)
         let stored = await holds(within: .seconds(30)) { server.server.chat.streams.kept.waiting() == 0 }
         #expect(stored, "tried again after bob's message was stored, not an hour later")
         let messages = try await server.get("/v1/conversations/\(first.conversation)/messages", token: token).json()["messages"]!.arrayValue!
@@ -178,10 +189,7 @@ import Testing
     /// the store still refuses it, the deletion is 409. (Deleted first, the retry stored it in
     /// the emptied conversation as its only message.)
     @Test func deletingTheMessageAReplyWaitingToBeStoredAnswersTakesTheReplyToo() async throws {
-        let (server, store) = try await refusingServer(retry: .seconds(3600), refusing: Self.refusingReplies)
-        let (token, _, socket) = try await aliceSends("hello", on: server)
-        let first = try await socket.readReply()
-        #expect(first.end["message"] == nil, "not stored")
+        let (server, store, token, _, _, first) = try await aliceRefusedReply()
         let base = "/v1/conversations/\(first.conversation)"
         let hello = try #require(try await server.get(base + "/messages", token: token).json()["messages"]?.arrayValue?.first?["id"]?.stringValue)
 
@@ -194,10 +202,7 @@ import Testing
         #expect(deleted.status == .ok)
         #expect(try deleted.json()["deleted"] == .int(2), "the question and its reply")
         // Another user's write wakes the retry, which finds the reply stored (and deleted since).
-        let bob = try await server.token("bob")
-        let bobs = try await server.connect(token: bob)
-        try await bobs.chatSend(id: "b1", clone: try await server.createClone(token: bob)["id"]!.stringValue!, text: "hi")
-        _ = try await bobs.readReply()
+        try await bobChats(on: server)
         #expect(await holds(within: .seconds(30)) { server.server.chat.streams.kept.waiting() == 0 })
         let messages = try await server.get(base + "/messages", token: token).json()["messages"]?.arrayValue
         #expect(messages == [], "no reply to a deleted question")
