@@ -29,9 +29,8 @@ final class StoreWrites: Sendable {
     /// A retry's pauses: `first`, doubling up to a minute, each cut short once the store takes a
     /// write, but for the pause after an attempt a write woke: that attempt failed (the store
     /// takes some writes and refuses this one), and a node taking requests would otherwise spend
-    /// every attempt within seconds.
-    /// A write taken since the backoff was made (for the first pause) or since the last pause
-    /// ended (during the attempt) ends the pause at once.
+    /// every attempt within seconds. A write taken since the backoff was made (for the first
+    /// pause) or since the last pause ended (during the attempt) ends the pause at once.
     struct Backoff {
         let writes: StoreWrites
         var delay: Duration
@@ -47,8 +46,8 @@ final class StoreWrites: Sendable {
         }
     }
 
-    /// Make it where the attempt failed, before handing it to a task: a write taken in between
-    /// ends its first pause.
+    /// Made where the first attempt is made or has just failed, not in the retry's task: a write
+    /// taken before that task begins to wait ends its first pause.
     func backoff(from first: Duration) -> Backoff {
         Backoff(writes: self, delay: first, seen: taken.load(ordering: .sequentiallyConsistent))
     }
