@@ -148,25 +148,26 @@ final class StreamJournalWriter: Sendable {
 
     /// The text so far and the output tokens it holds.
     func offer(text: String, outputTokens: Int) {
-        state.withLock { s in
-            guard !s.finished else { return }
-            s.journal.text = text
-            s.journal.outputTokens = outputTokens
-            s.journal.updatedAt = Int64(Timestamp.nowMillis())
-            // Under this lock, so no snapshot is handed over once `finish` has begun.
-            journals.offer(s.journal)
+        update(text: text, outputTokens: outputTokens) { journal in
+            // Under the writer's lock, so no snapshot is handed over once `finish` has begun.
+            journals.offer(journal)
         }
     }
 
     /// The reply as it ended (its message or settlement refused by the store): `finish(keep:)`
     /// then writes it whole.
     func ended(text: String, outputTokens: Int, reason: StreamEndReason) {
+        update(text: text, outputTokens: outputTokens) { journal in journal.ended = reason }
+    }
+
+    /// Sets the text and its tokens, then `then`, unless finished.
+    private func update(text: String, outputTokens: Int, then: (inout StreamJournal) -> Void) {
         state.withLock { s in
             guard !s.finished else { return }
             s.journal.text = text
             s.journal.outputTokens = outputTokens
             s.journal.updatedAt = Int64(Timestamp.nowMillis())
-            s.journal.ended = reason
+            then(&s.journal)
         }
     }
 
