@@ -183,9 +183,8 @@ import Testing
         await server.stop()
     }
 
-    /// A reply the store refused goes after the path's last message once stored: deleting the
-    /// message it answers (or choosing another branch) before that would leave it answering a
-    /// message that is gone. The deletion stores it first, and takes it with the message; while
+    /// A reply the store refused is stored on the conversation's path as it is then: deleting
+    /// the message it answers before that would leave it answering a message that is gone. The deletion stores it first, and takes it with the message; while
     /// the store still refuses it, the deletion is 409. (Deleted first, the retry stored it in
     /// the emptied conversation as its only message.)
     @Test func deletingTheMessageAReplyWaitingToBeStoredAnswersTakesTheReplyToo() async throws {
@@ -206,6 +205,38 @@ import Testing
         #expect(await holds(within: .seconds(30)) { server.server.chat.streams.kept.waiting() == 0 })
         let messages = try await server.get(base + "/messages", token: token).json()["messages"]?.arrayValue
         #expect(messages == [], "no reply to a deleted question")
+        await server.stop()
+    }
+
+    /// Choosing another branch while a reply waits to be stored: it is stored first, on its own
+    /// branch, or the choice is 409 while the store still refuses it. (Chosen first, the retry
+    /// stored it on the chosen path: after the other reply to "hello", answering an "and then?"
+    /// that is off that path.)
+    @Test func choosingABranchWhileAReplyWaitsToBeStoredLeavesTheReplyOnItsOwnBranch() async throws {
+        let server = try await TestServer.start { $0.keptReplyRetry = .seconds(3600) }
+        let store = try #require(server.server.store as? SQLiteStore)
+        let (token, clone, socket) = try await aliceSends("hello", on: server)
+        let first = try await socket.readReply()
+        try await socket.chatRegenerate(id: "r1", message: first.end["message"]!.stringValue!)
+        let regenerated = try await socket.readReply()
+        try await store.run { db in try db.exec(Self.refusingReplies) }
+        try await socket.chatSend(id: "c2", clone: clone, conversation: first.conversation, text: "and then?")
+        let kept = try await socket.readReply()
+        #expect(kept.end["message"] == nil, "not stored")
+
+        let firstID = first.end["message"]!.stringValue!
+        #expect(try await server.choose(firstID, in: first.conversation, token: token).status == .conflict, "its place must not change")
+        try await store.run { db in try db.exec("DROP TRIGGER refuse_replies") }
+        #expect(try await server.choose(firstID, in: first.conversation, token: token).status == .ok)
+        try await bobChats(on: server)  // wakes the retry, which finds the reply stored
+        #expect(await holds(within: .seconds(30)) { server.server.chat.streams.kept.waiting() == 0 })
+        #expect(try await server.path(first.conversation, token: token).map { $0["text"]?.stringValue } == ["hello", first.text])
+        let back = try await server.choose(regenerated.end["message"]!.stringValue!, in: first.conversation, token: token)
+        #expect(back.status == .ok)
+        #expect(
+            try await server.path(first.conversation, token: token).map { $0["text"]?.stringValue } == [
+                "hello", regenerated.text, "and then?", kept.text,
+            ])
         await server.stop()
     }
 
