@@ -275,12 +275,12 @@ final class ChatService: FrameHandler {
             let speaking = voice ? configuration.voice(of: plan.clone) : nil
             // The cluster's hold on the conversation goes, like this node's, before stream.end: a
             // tab on another node that sends on seeing the end is never told a reply still streams.
-            // (Outside the stream's task, which a stop cancels.) Before the title and the summary
-            // too: they take the model's time, and the next message may come meanwhile. A reply the
-            // store refused keeps it until stored, so no node stores the next message before it.
+            // Before the title and the summary too: they take the model's time, and the next
+            // message may come meanwhile. A reply the store refused keeps it until stored, so no
+            // node stores the next message before it.
             var releaseSlot: (@Sendable () async -> Void)?
             if let slots, let slot = clusterSlot {
-                releaseSlot = { await Task { await slots.release(conversation: slot) }.value }
+                releaseSlot = { await slots.release(conversation: slot) }
             }
             clusterSlot = nil  // released once the stream ends
             streams.launch(
@@ -315,8 +315,8 @@ final class ChatService: FrameHandler {
     /// starts or is stored in it meanwhile; nil (and `body` not run) while one streams in it, or
     /// while one the store refused still waits to be stored there (it is stored on the path as
     /// it is then: after a deletion or a branch chosen, it would answer a message that is gone,
-    /// or show on the chosen path below a message off it). Such a reply of this node's is stored first where the
-    /// store now takes it; a store that refuses as a whole throws that.
+    /// or show on the chosen path below a message off it). Such a reply of this node's is stored
+    /// first where the store now takes it; a store that refuses as a whole throws that.
     func whileNoReplyStreams<T: Sendable>(user: String, conversation: String, _ body: () async throws -> T) async throws -> T? {
         guard case .reserved = hub.reserve(user: user, conversation: conversation) else { return nil }
         defer { hub.release(user: user, conversation: conversation) }

@@ -43,7 +43,13 @@ struct ReplySlots: Sendable {
     /// runs (a slot left held refuses the conversation's next message on every node, and
     /// counts against the user's replies at once, until this node restarts); a shutdown leaves
     /// what is still held to this node's next start, or to the node that takes this one over.
+    /// Runs outside the caller's task: a stopped stream's is cancelled, and the store's thread
+    /// pool refuses a call from a cancelled task (the release would wait for its retry).
     func release(conversation: String) async {
+        await Task { await releaseOrRetry(conversation) }.value
+    }
+
+    private func releaseOrRetry(_ conversation: String) async {
         let (store, node) = (self.store, self.node)
         let release: @Sendable () async throws -> Void = { try await store.releaseReplySlot(conversation: conversation, node: node) }
         let backoff = retries.backoff()  // a write the store takes from here on ends its first pause

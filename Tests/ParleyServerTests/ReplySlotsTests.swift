@@ -46,6 +46,19 @@ import Testing
         await a.release(conversation: conversation)
         #expect(try await b.claim(user: "alice", conversation: conversation) == .reserved)
         await b.release(conversation: conversation)
+
+        // Given back from a cancelled task (a stopped stream's, which gives its hold back as it
+        // ends): the store's thread pool refuses that task's calls, so it runs outside it.
+        #expect(try await a.claim(user: "alice", conversation: conversation) == .reserved)
+        let stopped = Task {
+            while !Task.isCancelled { await Task.yield() }
+            await a.release(conversation: conversation)
+        }
+        stopped.cancel()
+        await stopped.value
+        #expect(a.releasesWaiting == 0, "given back at once, not left to its retry")
+        #expect(try await b.claim(user: "alice", conversation: conversation) == .reserved)
+        await b.release(conversation: conversation)
         await a.stopRetries()
         try await store.close()
         try await other.close()
