@@ -300,8 +300,17 @@ public final class MongoStore: Store {
     }
 
     /// Inserts a message and moves its conversation's `updated_at`; `orIgnore` keeps an existing
-    /// message with the same id instead of failing.
-    static func append(_ m: Message, _ db: Database, orIgnore: Bool) throws {
+    /// message with the same id instead of failing. Without a parent it follows the path's last
+    /// message ("" when it is the first); with one, it is on the path only when that is its parent
+    /// (`ChatStore.appendMessage`), or when `forceOnPath` says so (the caller moves the path itself).
+    static func append(_ m: Message, _ db: Database, orIgnore: Bool, forceOnPath: Bool = false) throws {
+        let last = try db.find("messages", filter: Self.onPath(m.conversation), sort: Self.newestFirst, limit: 1).first?["_id"]?.stringValue ?? ""
+        let parent = m.parent ?? last
+        if parent != last, !parent.isEmpty,
+            try db.find("messages", filter: .object([("_id", .string(parent)), ("conversation", .string(m.conversation))]), limit: 1).isEmpty
+        {
+            throw ParentMessageGone(id: parent)
+        }
         var doc: [(String, JSONValue)] = [
             ("_id", .string(m.id)), ("conversation", .string(m.conversation)), ("role", .string(m.role.rawValue)),
             ("text", .string(m.text)), ("created_at", .long(m.createdAt)),
@@ -320,11 +329,8 @@ public final class MongoStore: Store {
             update: .object([("$max", .object([("updated_at", .long(m.createdAt))]))]), returnNew: false)
         doc.append(("owner", .string(conversation?["owner"]?.stringValue ?? "")))
         doc.append(("terms", Self.terms(m.text)))
-        // Without a parent it follows the path's last message ("" when it is the first).
-        let parent =
-            try m.parent
-            ?? (db.find("messages", filter: Self.onPath(m.conversation), sort: Self.newestFirst, limit: 1).first?["_id"]?.stringValue ?? "")
         doc.append(("parent", .string(parent)))
+        if parent != last, !forceOnPath { doc.append(("off_path", .bool(true))) }
         do {
             try db.insert("messages", .object(doc))
         } catch StoreError.duplicateKey(let key) {
@@ -387,7 +393,7 @@ public final class MongoStore: Store {
             }
             var stored = message
             stored.parent = parent
-            try Self.append(stored, db, orIgnore: false)
+            try Self.append(stored, db, orIgnore: false, forceOnPath: true)
             let leaving = Self.onPath(conversation, [("_id", .object([("$gte", .string(replaced)), ("$ne", .string(message.id))]))])
             _ = try db.update("messages", query: leaving, update: .object([("$set", .object([("off_path", .bool(true))]))]), multi: true)
             stored.parent = parent!.isEmpty ? nil : parent

@@ -250,6 +250,8 @@ final class ChatService: FrameHandler {
                     prompt, request: request, payer: user, feature: .chat, conversation: conversation.id, storing: opening)
             } catch let gone as ReplacedMessageLeftPath {
                 throw FrameError(ref: ref, code: .conflict, message: "message \(gone.id) left the conversation's path; try again")
+            } catch let gone as ParentMessageGone {
+                throw FrameError(ref: ref, code: .conflict, message: "message \(gone.id) was deleted; try again")
             } catch let refusal as CreditMeter.Refusal where refusal.bySpendLimit {
                 throw FrameError(
                     ref: ref, code: .spendLimit,

@@ -414,16 +414,21 @@ final class StreamRunner: Sendable {
         }
         await Task { await journal.finish(keep: keep) }.value
         if keep {
-            let (store, owner) = (self.store, meter.user)
+            let (store, owner, logger) = (self.store, meter.user, self.logger)
             var work = KeptReplies.Work(stream: live.id, owner: owner, place: live.conversation)
             if storedID == nil {
                 work.store = { @Sendable in
                     // As the recovery does: nothing is stored where its target has gone (and a
-                    // translation, whose target is the room's transcript, is settled only).
+                    // translation, whose target is the room's transcript, is settled only), nor
+                    // after a message deleted meanwhile (the reply would have gone with it).
                     let there =
                         if let keptPlace { try await keptPlace() } else { try await StreamRecovery.targetExists(target, owner: owner, in: store) }
                     guard there else { return }
-                    try await persist(message)
+                    do {
+                        try await persist(message)
+                    } catch is ParentMessageGone {
+                        logger.notice("the message a refused reply answers was deleted: the reply is not stored", metadata: ["stream": "\(live.id)"])
+                    }
                 }
                 if holdWhileKept { work.releaseHold = hold }
             }

@@ -183,10 +183,20 @@ extension SQLiteStore {
     /// Inserts a message and moves its conversation's `updated_at`; `orIgnore` keeps an existing
     /// message with the same id instead of failing.
     static func insert(_ m: Message, into db: SQLiteConnection, orIgnore: Bool) throws {
-        // Without a parent it follows the path's last message ('' when it is the first).
-        let leaf = "(SELECT id FROM messages WHERE conversation = ? AND off_path = 0 ORDER BY id DESC LIMIT 1)"
+        // Without a parent it follows the path's last message ('' when it is the first); with
+        // one, it is on the path only when that is its parent (`ChatStore.appendMessage`).
+        let last =
+            try db.query(
+                "SELECT id FROM messages WHERE conversation = ? AND off_path = 0 ORDER BY id DESC LIMIT 1", [.text(m.conversation)]
+            ).first?["id"].text ?? ""
+        let parent = m.parent ?? last
+        if parent != last, !parent.isEmpty,
+            try db.query("SELECT 1 FROM messages WHERE id = ? AND conversation = ?", [.text(parent), .text(m.conversation)]).isEmpty
+        {
+            throw ParentMessageGone(id: parent)
+        }
         try db.query(
-            "INSERT INTO messages(\(Self.messageColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, COALESCE(?, \(leaf), ''))"
+            "INSERT INTO messages(\(Self.messageFields)) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 + (orIgnore ? " ON CONFLICT(id) DO NOTHING" : ""),
             [
                 .text(m.id), .text(m.conversation), .text(m.role.rawValue), .text(m.text), .int(m.createdAt),
@@ -195,7 +205,7 @@ extension SQLiteStore {
                 m.usage.map { .int(Int64($0.outputTokens)) } ?? .null,
                 m.stream.map(SQLValue.text) ?? .null,
                 .int(m.saved ? 1 : 0),
-                m.parent.map(SQLValue.text) ?? .null, .text(m.conversation),
+                .text(parent), .int(parent == last ? 0 : 1),
             ]
         )
         try db.query(

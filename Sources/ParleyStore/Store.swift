@@ -7,8 +7,8 @@ extension ChatStore {
     }
 
     /// Stores a reply: in place of `replacing` (the reply it regenerates) while that is on the
-    /// path, else after the path's last message, so it is never lost. True when it took
-    /// `replacing`'s place (or replaced nothing).
+    /// path, else as `appendMessage` does (after its parent; after the path's last message when it
+    /// names none). True when it took `replacing`'s place (or replaced nothing).
     @discardableResult
     public func appendReply(_ reply: Message, replacing: String?) async throws -> Bool {
         if let replacing, try await appendAlternative(reply, replacing: replacing) != nil { return true }
@@ -56,6 +56,12 @@ public enum ReplyOpening: Sendable, Equatable {
 
 /// An edit's message could not take the place of `id`: that message left the conversation's path.
 public struct ReplacedMessageLeftPath: Error, Equatable {
+    public var id: String
+    public init(id: String) { self.id = id }
+}
+
+/// A message could not be stored after `id`, its parent: the conversation no longer has it.
+public struct ParentMessageGone: Error, Equatable {
     public var id: String
     public init(id: String) { self.id = id }
 }
@@ -129,8 +135,12 @@ public protocol ChatStore: Sendable {
     /// The owner's conversations, newest first, `limit` at most, older than `before` when given.
     func conversations(owner: String, limit: Int, before: String?) async throws -> [Conversation]
 
-    /// Appends a message to the conversation's path (after its `parent`, or after the path's last
-    /// message when that is nil) and moves the conversation's `updated_at` to the message's time.
+    /// Appends a message after its `parent` (after the path's last message when that is nil) and
+    /// moves the conversation's `updated_at` to the message's time. It is on the path when its
+    /// parent is the path's last message; otherwise it is kept off it, as an alternative (a reply
+    /// stored late, after its question was edited or answered another way, must not show on a
+    /// path whose messages it does not follow). Throws `ParentMessageGone`, storing nothing, when
+    /// the conversation no longer has its parent (deleted, with what was below it).
     func appendMessage(_ message: Message) async throws
     /// Appends `message` in place of `replaced` on the conversation's path: `replaced` and what
     /// follows it there leave the path (kept, as alternatives one can go back to) and `message`,

@@ -240,6 +240,53 @@ import Testing
         await server.stop()
     }
 
+    /// A reply the store refused for its own sake does not hold its conversation back (that would
+    /// block it for every attempt's delay), so the user may edit the message it answers meanwhile.
+    /// Stored later, it stays on the old branch, as an alternative, not on the new path below a
+    /// question it does not answer.
+    @Test func aRefusedReplyStoredAfterItsQuestionWasEditedStaysOnTheOldBranch() async throws {
+        let (server, store, token, clone, socket, first) = try await aliceRefusedReply()
+        let hello = try #require(try await server.path(first.conversation, token: token).first?["id"]?.stringValue)
+        // Only this reply is refused from now on.
+        try await store.run { db in
+            try db.exec(
+                "DROP TRIGGER refuse_replies; CREATE TRIGGER refuse_first BEFORE INSERT ON messages WHEN NEW.stream = '\(first.stream)' "
+                    + "BEGIN SELECT RAISE(ABORT, 'refused'); END;")
+        }
+        try await socket.chatEdit(id: "e1", message: hello, text: "hi there")
+        let edited = try await socket.readReply()
+        #expect(edited.end["message"] != nil)
+        try await store.run { db in try db.exec("DROP TRIGGER refuse_first") }
+
+        // The next message stores it first (its retry, woken by the edit's writes and refused,
+        // sleeps out its delay).
+        try await socket.chatSend(id: "c2", clone: clone, conversation: first.conversation, text: "and?")
+        let next = try await socket.readReply()
+        #expect(!server.server.chat.streams.kept.holdsMessage(owner: "alice", in: first.conversation), "stored")
+        #expect(
+            try await server.path(first.conversation, token: token).map { $0["text"]?.stringValue } == [
+                "hi there", edited.text, "and?", next.text,
+            ])
+        #expect(try await server.choose(hello, in: first.conversation, token: token).status == .ok)
+        #expect(try await server.path(first.conversation, token: token).map { $0["text"]?.stringValue } == ["hello", first.text])
+        await server.stop()
+    }
+
+    /// The message a refused reply answers deleted meanwhile (as another node may delete it: a
+    /// reply refused for its own sake does not hold its conversation across the nodes): its
+    /// retry stores nothing and ends, where every attempt would fail until the start-up.
+    @Test func aRefusedReplyWhoseQuestionWasDeletedIsNotStoredAndItsRetryEnds() async throws {
+        let (server, store, token, _, _, first) = try await aliceRefusedReply()
+        try await store.run { db in
+            try db.exec("DROP TRIGGER refuse_replies; DELETE FROM messages WHERE conversation = '\(first.conversation)'")
+        }
+        try await bobChats(on: server)  // wakes the retry
+        #expect(await holds(within: .seconds(30)) { server.server.chat.streams.kept.waiting() == 0 }, "done, not tried again")
+        #expect(try await server.path(first.conversation, token: token).isEmpty)
+        #expect(try await !store.streamJournals(limit: 10, node: nil).contains { $0.stream == first.stream })
+        await server.stop()
+    }
+
     /// The user's next request stores their waiting replies first, but a store that refuses as
     /// a whole is not asked again for each: the first refusal ends the request with it (on
     /// MongoDB each attempt can wait out the retries' server selection). A refusal of one reply's

@@ -125,6 +125,63 @@ import Testing
         }
     }
 
+    /// A message stored after its parent is on the path only when its parent ends the path: a
+    /// reply stored late (the store refused it for a while; a crash's recovery) must not show on a
+    /// path that went on without it, nor below a question edited away.
+    @Test(arguments: Backend.all)
+    func aMessageWhoseParentNoLongerEndsThePathIsKeptOffIt(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            let (id, messages) = try await conversation(store, ["hi", "hello"])
+            let (hi, hello) = (messages[0], messages[1])
+            var answer = makeMessage(id, "and you?", role: .user)
+            answer.parent = hello.id
+            try await store.appendMessage(answer)
+            #expect(try await path(store, id) == ["hi", "hello", "and you?"], "its parent ended the path")
+
+            // "hi" was answered and the path went on: a second answer to it is an alternative.
+            var late = makeMessage(id, "hey there", role: .assistant)
+            late.parent = hi.id
+            try await store.appendMessage(late)
+            #expect(try await path(store, id) == ["hi", "hello", "and you?"])
+            #expect(try await store.message(id: late.id)?.onPath == false)
+            #expect(
+                try await store.alternatives(of: [hello.id], conversation: id)[hello.id] == Alternatives(siblings: [hello.id, late.id], index: 0))
+
+            // After a message off the path: off it too, below it.
+            let edited = try #require(try await store.appendAlternative(makeMessage(id, "good morning"), replacing: hi.id))
+            var later = makeMessage(id, "fine, thanks", role: .assistant)
+            later.parent = answer.id
+            try await store.appendMessage(later)
+            #expect(try await path(store, id) == ["good morning"])
+            #expect(try await store.message(id: later.id)?.parent == answer.id)
+            #expect(try await store.activate(message: later.id, conversation: id))
+            #expect(try await path(store, id) == ["hi", "hello", "and you?", "fine, thanks"])
+            #expect(try await store.message(id: edited.id)?.onPath == false)
+        }
+    }
+
+    /// A message whose parent was deleted (with everything below it) is not stored: it would
+    /// answer nothing.
+    @Test(arguments: Backend.all)
+    func aMessageWhoseParentIsGoneIsNotStored(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            let (id, messages) = try await conversation(store, ["hi", "hello", "joke?"])
+            let before = try await store.conversation(id: id, owner: "alice")
+            #expect(try await store.deleteMessage(id: messages[2].id, conversation: id) == 1)
+            var late = makeMessage(id, "here is one", role: .assistant, at: 9_000)
+            late.parent = messages[2].id
+            await #expect(throws: ParentMessageGone(id: messages[2].id)) { try await store.appendMessage(late) }
+            #expect(try await store.message(id: late.id) == nil)
+            #expect(try await path(store, id) == ["hi", "hello"])
+            #expect(try await store.conversation(id: id, owner: "alice")?.updatedAt == before?.updatedAt, "nothing written")
+            // A parent in another conversation is not this one's.
+            let (other, _) = try await conversation(store, ["hi"])
+            late.parent = messages[0].id
+            late.conversation = other
+            await #expect(throws: ParentMessageGone(id: messages[0].id)) { try await store.appendMessage(late) }
+        }
+    }
+
     @Test(arguments: Backend.all)
     func conversationsAreRenamedAndDeletedOnlyByTheirOwner(_ backend: Backend) async throws {
         try await withStore(backend) { store in
