@@ -6,8 +6,9 @@
 public struct StreamJournal: Sendable, Equatable {
     /// Where the finished text goes.
     public enum Target: Sendable, Equatable {
-        /// An assistant message in this conversation.
-        case conversation(String)
+        /// An assistant message in this conversation, answering `parent` (nil: after the path's
+        /// last message), so that one stored late still follows the message it answers.
+        case conversation(String, parent: String? = nil)
         /// An assistant message in this conversation, in place of the reply `replacing` on its
         /// path (a regenerated reply, #24).
         case alternative(conversation: String, replacing: String)
@@ -58,12 +59,12 @@ public struct StreamJournal: Sendable, Equatable {
 }
 
 extension StreamJournal.Target {
-    /// How every backend stores a target: a kind, an id and (for room turns) a speaker; for an
-    /// alternative, the reply it replaces takes the speaker's place, for a settle-only stream the
-    /// kind of what it is linked to (the id).
+    /// How every backend stores a target: a kind, an id and (for room turns) a speaker; for a
+    /// conversation's reply its parent takes the speaker's place, for an alternative the reply it
+    /// replaces, for a settle-only stream the kind of what it is linked to (the id).
     public var columns: (kind: String, id: String?, speaker: String?) {
         switch self {
-        case .conversation(let id): ("conversation", id, nil)
+        case .conversation(let id, let parent): ("conversation", id, parent)
         case .alternative(let id, let replacing): ("alternative", id, replacing)
         case .roomTurn(let room, let speaker): ("room_turn", room, speaker)
         case .settleOnly(_, let room?): ("settle_only", room, "room")
@@ -74,7 +75,7 @@ extension StreamJournal.Target {
 
     public init(kind: String, id: String?, speaker: String?) {
         switch (kind, id, speaker) {
-        case ("conversation", let id?, _): self = .conversation(id)
+        case ("conversation", let id?, let parent): self = .conversation(id, parent: parent)
         case ("alternative", let id?, let replacing?): self = .alternative(conversation: id, replacing: replacing)
         case ("room_turn", let room?, let speaker?): self = .roomTurn(room: room, speaker: speaker)
         case ("settle_only", let room?, "room"): self = .settleOnly(room: room)

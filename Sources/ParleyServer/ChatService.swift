@@ -273,7 +273,7 @@ final class ChatService: FrameHandler {
             reservedConversation = nil  // the runner releases it when the stream ends
             let (store, logger, parent, replaced) = (self.store, streams.logger, plan.parent, plan.replacesReply)
             let journal: StreamJournal.Target =
-                replaced.map { .alternative(conversation: conversation.id, replacing: $0) } ?? .conversation(conversation.id)
+                replaced.map { .alternative(conversation: conversation.id, replacing: $0) } ?? .conversation(conversation.id, parent: plan.parent)
             let speaking = voice ? configuration.voice(of: plan.clone) : nil
             // The cluster's hold on the conversation goes, like this node's, before stream.end: a
             // tab on another node that sends on seeing the end is never told a reply still streams.

@@ -46,7 +46,7 @@ struct StreamRecovery {
         var room: String?
         var conversation: String?
         switch journal.target {
-        case .conversation(let id), .alternative(let id, _): conversation = id
+        case .conversation(let id, _), .alternative(let id, _): conversation = id
         case .roomTurn(let id, _): room = id
         case .settleOnly(let linked, let linkedRoom): (conversation, room) = (linked, linkedRoom)
         }
@@ -68,20 +68,22 @@ struct StreamRecovery {
             guard settled else { throw SettlementFailed(stream: stream) }
             (outcome.cost, outcome.balance) = (cost, balance)
         }
+        func reply(in conversation: String, parent: String?) -> Message {
+            Message(
+                id: journal.messageID, conversation: conversation, role: .assistant, text: journal.text, createdAt: journal.updatedAt,
+                reason: journal.ended ?? .interrupted, usage: usage, stream: stream, parent: parent)
+        }
         do {
             // Absent when its owner deleted it (or the account, or the room) meanwhile: nothing to show.
             if try await Self.targetExists(journal.target, owner: journal.user, in: store) {
                 outcome.stored = journal.messageID
                 switch journal.target {
-                case .conversation(let id), .alternative(let id, _):
-                    var replacing: String?
+                case .conversation(let id, let parent):
+                    // After the message it answers, wherever the path has gone since.
+                    try await store.appendReply(reply(in: id, parent: parent), replacing: nil)
+                case .alternative(let id, let original):
                     // A regenerated reply takes its original's place, as it would have had it ended.
-                    if case .alternative(_, let original) = journal.target { replacing = original }
-                    try await store.appendReply(
-                        Message(
-                            id: journal.messageID, conversation: id, role: .assistant, text: journal.text,
-                            createdAt: journal.updatedAt, reason: journal.ended ?? .interrupted, usage: usage, stream: stream),
-                        replacing: replacing)
+                    try await store.appendReply(reply(in: id, parent: nil), replacing: original)
                 case .roomTurn(let id, let speaker):
                     try await store.appendRoomEntry(
                         RoomEntry(
@@ -93,6 +95,9 @@ struct StreamRecovery {
             }
         } catch StoreError.duplicateKey {
             // Stored by the stream itself just before the crash, or by an earlier recovery.
+        } catch is ParentMessageGone {
+            // The message it answers was deleted meanwhile, with what was below it: so is the reply.
+            outcome.stored = nil
         }
         try await store.deleteStreamJournal(stream: stream)
         logger.notice(
@@ -110,7 +115,7 @@ extension StreamRecovery {
     /// while the node runs (`KeptReplies`) store only where it holds.
     static func targetExists(_ target: StreamJournal.Target, owner: String, in store: any Store) async throws -> Bool {
         switch target {
-        case .conversation(let id), .alternative(let id, _): try await store.conversation(id: id, owner: owner) != nil
+        case .conversation(let id, _), .alternative(let id, _): try await store.conversation(id: id, owner: owner) != nil
         case .roomTurn(let room, _): try await store.room(id: room) != nil
         case .settleOnly: false
         }

@@ -138,6 +138,10 @@ import Testing
         let (token, _, socket) = try await aliceSends("hello", on: server)
         let reply = try await socket.readReply()
         #expect(reply.reason == "complete" && reply.end["message"] == nil)
+        // Its journal names the message it answers, for the start-up to store it after.
+        let hello = try #require(try await server.path(reply.conversation, token: token).first?["id"]?.stringValue)
+        let journal = try await store.streamJournals(limit: 10, node: nil).first { $0.stream == reply.stream }
+        #expect(journal?.target == .conversation(reply.conversation, parent: hello))
         try await store.run { db in try db.exec("DROP TRIGGER refuse_replies; DROP TRIGGER refuse_settlements") }
 
         let restarted = try await server.restarted()

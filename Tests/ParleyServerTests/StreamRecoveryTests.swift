@@ -132,6 +132,42 @@ import Testing
 
     /// A regenerated reply cut by a crash takes its original's place on the path, as it would
     /// have had it ended; the original stays as an alternative.
+    /// A reply cut by a crash is stored after the message it answers (its journal names it),
+    /// whatever the path did before the start-up stored it (the user wrote on through another
+    /// node, or while its retries failed): off the path, as an alternative, once the path went on
+    /// past that message; not at all once that message was deleted (it is still settled).
+    @Test(arguments: TestServer.StoreKind.allCases)
+    func aReplyCutByACrashIsStoredAfterTheMessageItAnswers(_ kind: TestServer.StoreKind) async throws {
+        let server = try await TestServer.start(store: kind)
+        let token = try await server.token("ivy")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        try await socket.chatSend(id: "c1", clone: clone, text: "Hello")
+        let reply = try await socket.readReply()
+        try await socket.chatSend(id: "c2", clone: clone, conversation: reply.conversation, text: "And then?")
+        let second = try await socket.readReply()
+        let before = try await server.path(reply.conversation, token: token)
+        let question = try #require(before[2]["id"]?.stringValue)
+
+        let cut = try await leaveOpen(
+            server.server.store, stream: "st_cut", user: "ivy", target: .conversation(reply.conversation, parent: question),
+            text: "Then th", tokens: 2, feature: .chat)
+        _ = try await leaveOpen(
+            server.server.store, stream: "st_orphan", user: "ivy",
+            target: .conversation(reply.conversation, parent: "msg_01M8ZZZZZZ0000000000000000"),
+            text: "Nothing", tokens: 2, feature: .chat)
+        let again = try await server.restarted()
+        #expect(try await again.path(reply.conversation, token: token).map { $0["id"] } == before.map { $0["id"] }, "as the user left it")
+        let stored = try #require(try await again.server.store.message(id: cut.messageID, conversation: reply.conversation))
+        #expect(stored.parent == question && !stored.onPath && stored.text == "Then th" && stored.reason == .interrupted)
+        let alternatives = try await again.server.store.alternatives(of: [second.end["message"]!.stringValue!], conversation: reply.conversation)
+        #expect(alternatives.values.first?.count == 2)
+        #expect(try await again.server.store.everyMessage(conversation: reply.conversation, limit: 10, before: nil).count == 5, "not the orphan")
+        #expect(try await again.server.store.streamJournals(limit: 10).isEmpty)
+        #expect(try await paid(again.server.store, "ivy", stream: "st_orphan") == 10 + 4, "settled for what it streamed")
+        await again.stop()
+    }
+
     @Test(arguments: TestServer.StoreKind.allCases)
     func aRegeneratedReplyCutByACrashTakesItsOriginalsPlace(_ kind: TestServer.StoreKind) async throws {
         let server = try await TestServer.start(store: kind)

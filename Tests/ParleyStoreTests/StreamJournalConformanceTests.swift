@@ -12,16 +12,17 @@ import Testing
     @Test(arguments: Backend.all)
     func journalsAreReplacedListedOldestFirstAndDeleted(_ backend: Backend) async throws {
         try await withStore(backend) { store in
-            var chat = journal("st_chat", target: .conversation("cv_1"), at: 2_000)
+            var chat = journal("st_chat", target: .conversation("cv_1", parent: "msg_q"), at: 2_000)
+            let first = journal("st_first", target: .conversation("cv_4"), at: 7_000)
             let turn = journal("st_turn", user: "bob", target: .roomTurn(room: "rm_1", speaker: "cl_1"), at: 1_000)
             let scheduled = journal("st_sched", target: .settleOnly(conversation: "cv_3"), at: 3_000)
             let regenerated = journal("st_regen", user: "bob", target: .alternative(conversation: "cv_2", replacing: "msg_1"), at: 4_000)
             // Settle-only streams keep what their entries are linked to, or nothing.
             let translation = journal("st_trans", user: "bob", target: .settleOnly(room: "rm_2"), at: 5_000)
             let unlinked = journal("st_unlinked", user: "bob", target: .settleOnly(), at: 6_000)
-            for j in [chat, turn, scheduled, regenerated, translation, unlinked] { try await store.saveStreamJournal(j) }
-            #expect(try await store.streamJournals(limit: 10) == [turn, chat, scheduled, regenerated, translation, unlinked])
-            for stream in ["st_regen", "st_trans", "st_unlinked"] { try await store.deleteStreamJournal(stream: stream) }
+            for j in [chat, turn, scheduled, regenerated, translation, unlinked, first] { try await store.saveStreamJournal(j) }
+            #expect(try await store.streamJournals(limit: 10) == [turn, chat, scheduled, regenerated, translation, unlinked, first])
+            for stream in ["st_regen", "st_trans", "st_unlinked", "st_first"] { try await store.deleteStreamJournal(stream: stream) }
             #expect(try await store.streamJournals(limit: 1) == [turn])
 
             // Saving again replaces the text as it grows; it never adds a row.
