@@ -130,22 +130,27 @@ import Testing
         await third.stop()
     }
 
-    /// A regenerated reply cut by a crash takes its original's place on the path, as it would
-    /// have had it ended; the original stays as an alternative.
+    /// Ivy's "Hello" and "And then?", each answered: a conversation of four messages.
+    private func ivyChats(
+        _ kind: TestServer.StoreKind
+    ) async throws -> (server: TestServer, token: String, first: StreamedReply, second: StreamedReply) {
+        let server = try await TestServer.start(store: kind)
+        let token = try await server.token("ivy")
+        let clone = try await server.createClone(token: token)["id"]!.stringValue!
+        let socket = try await server.connect(token: token)
+        try await socket.chatSend(id: "c1", clone: clone, text: "Hello")
+        let first = try await socket.readReply()
+        try await socket.chatSend(id: "c2", clone: clone, conversation: first.conversation, text: "And then?")
+        return (server, token, first, try await socket.readReply())
+    }
+
     /// A reply cut by a crash is stored after the message it answers (its journal names it),
     /// whatever the path did before the start-up stored it (the user wrote on through another
     /// node, or while its retries failed): off the path, as an alternative, once the path went on
     /// past that message; not at all once that message was deleted (it is still settled).
     @Test(arguments: TestServer.StoreKind.allCases)
     func aReplyCutByACrashIsStoredAfterTheMessageItAnswers(_ kind: TestServer.StoreKind) async throws {
-        let server = try await TestServer.start(store: kind)
-        let token = try await server.token("ivy")
-        let clone = try await server.createClone(token: token)["id"]!.stringValue!
-        let socket = try await server.connect(token: token)
-        try await socket.chatSend(id: "c1", clone: clone, text: "Hello")
-        let reply = try await socket.readReply()
-        try await socket.chatSend(id: "c2", clone: clone, conversation: reply.conversation, text: "And then?")
-        let second = try await socket.readReply()
+        let (server, token, reply, second) = try await ivyChats(kind)
         let before = try await server.path(reply.conversation, token: token)
         let question = try #require(before[2]["id"]?.stringValue)
 
@@ -168,16 +173,11 @@ import Testing
         await again.stop()
     }
 
+    /// A regenerated reply cut by a crash takes its original's place on the path, as it would
+    /// have had it ended; the original stays as an alternative.
     @Test(arguments: TestServer.StoreKind.allCases)
     func aRegeneratedReplyCutByACrashTakesItsOriginalsPlace(_ kind: TestServer.StoreKind) async throws {
-        let server = try await TestServer.start(store: kind)
-        let token = try await server.token("ivy")
-        let clone = try await server.createClone(token: token)["id"]!.stringValue!
-        let socket = try await server.connect(token: token)
-        try await socket.chatSend(id: "c1", clone: clone, text: "Hello")
-        let reply = try await socket.readReply()
-        try await socket.chatSend(id: "c2", clone: clone, conversation: reply.conversation, text: "And then?")
-        _ = try await socket.readReply()
+        let (server, token, reply, _) = try await ivyChats(kind)
         let original = reply.end["message"]!.stringValue!
         let question = try await server.path(reply.conversation, token: token)[0]["id"]!
 
