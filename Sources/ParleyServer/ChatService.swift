@@ -292,7 +292,7 @@ final class ChatService: FrameHandler {
                 reply.parent = parent
                 // The conversation is held while it streams, so only a deletion makes the original leave the path.
                 if try await !store.appendReply(reply, replacing: replaced), let replaced {
-                    logger.warning("a regenerated reply's original left the path; stored after it", metadata: ["message": "\(replaced)"])
+                    logger.warning("a regenerated reply's original left the path; stored after the message it answers", metadata: ["message": "\(replaced)"])
                 }
             } then: { [self] stored in
                 if plan.isNew, configuration.generatedTitles, let stored, stored.reason == .complete, let message = plan.before.last {
