@@ -290,9 +290,12 @@ final class ChatService: FrameHandler {
             ) {
                 var reply = $0
                 reply.parent = parent
-                // The conversation is held while it streams, so only a deletion makes the original leave the path.
+                // The conversation is held while it streams: only a deletion makes the original leave
+                // the path, or a retry's late store find the path gone on (the user wrote on meanwhile).
                 if try await !store.appendReply(reply, replacing: replaced), let replaced {
-                    logger.warning("a regenerated reply's original left the path; stored after the message it answers", metadata: ["message": "\(replaced)"])
+                    logger.notice(
+                        "a regenerated reply could not take its original's place; stored after the message it answers",
+                        metadata: ["message": "\(replaced)"])
                 }
             } then: { [self] stored in
                 if plan.isNew, configuration.generatedTitles, let stored, stored.reason == .complete, let message = plan.before.last {

@@ -7,13 +7,27 @@ extension ChatStore {
     }
 
     /// Stores a reply: in place of `replacing` (the reply it regenerates) while that is on the
-    /// path, else as `appendMessage` does (after its parent; after the path's last message when it
-    /// names none). True when it took `replacing`'s place (or replaced nothing).
+    /// path, unless the path went on after the reply began (a message on it is newer than the
+    /// reply's id: the user wrote on while the store refused the reply, and must not see their
+    /// messages leave the path for it); else as `appendMessage` does, after its parent
+    /// (`replacing`'s when it names none), so off the path unless that ends it. True when it took
+    /// `replacing`'s place (or replaced nothing).
     @discardableResult
     public func appendReply(_ reply: Message, replacing: String?) async throws -> Bool {
-        if let replacing, try await appendAlternative(reply, replacing: replacing) != nil { return true }
+        guard let replacing else {
+            try await appendMessage(reply)
+            return true
+        }
+        var reply = reply
+        if let newest = try await messages(conversation: reply.conversation, limit: 1, before: nil).last, newest.id > reply.id {
+            if reply.parent == nil, let original = try await message(id: replacing, conversation: reply.conversation) {
+                reply.parent = original.parent ?? ""  // beside it
+            }
+        } else if try await appendAlternative(reply, replacing: replacing) != nil {
+            return true
+        }
         try await appendMessage(reply)
-        return replacing == nil
+        return false
     }
 }
 

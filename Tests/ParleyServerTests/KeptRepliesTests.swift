@@ -276,6 +276,37 @@ import Testing
         await server.stop()
     }
 
+    /// A regenerated reply the store refused for its own sake, while the user wrote on: stored
+    /// later, it stays beside the reply it regenerated, and the user's newer messages stay on
+    /// the path (it took their place before).
+    @Test func aRefusedRegeneratedReplyStoredAfterTheUserWroteOnStaysBesideItsOriginal() async throws {
+        let server = try await TestServer.start { $0.keptReplyRetry = .seconds(3600) }
+        let store = try #require(server.server.store as? SQLiteStore)
+        let (token, clone, socket) = try await aliceSends("hello", on: server)
+        let first = try await socket.readReply()
+        try await store.run { db in try db.exec(Self.refusingReplies) }
+        try await socket.chatRegenerate(id: "r1", message: first.end["message"]!.stringValue!)
+        let regenerated = try await socket.readReply()
+        #expect(regenerated.end["message"] == nil, "not stored")
+        // Only the regenerated reply is refused from now on.
+        try await store.run { db in
+            try db.exec(
+                "DROP TRIGGER refuse_replies; CREATE TRIGGER refuse_regenerated BEFORE INSERT ON messages WHEN NEW.stream = "
+                    + "'\(regenerated.stream)' BEGIN SELECT RAISE(ABORT, 'refused'); END;")
+        }
+        try await socket.chatSend(id: "c2", clone: clone, conversation: first.conversation, text: "and then?")
+        let second = try await socket.readReply()
+        try await store.run { db in try db.exec("DROP TRIGGER refuse_regenerated") }
+
+        try await socket.chatSend(id: "c3", clone: clone, conversation: first.conversation, text: "more")
+        let third = try await socket.readReply()  // stored after the regenerated reply, now stored
+        #expect(!server.server.chat.streams.kept.holdsMessage(owner: "alice", in: first.conversation), "stored")
+        let path = try await server.path(first.conversation, token: token)
+        #expect(path.map { $0["text"]?.stringValue } == ["hello", first.text, "and then?", second.text, "more", third.text])
+        #expect(path[1]["alternatives"] == .int(2), "the regenerated reply beside it")
+        await server.stop()
+    }
+
     /// The message a refused reply answers deleted meanwhile (as another node may delete it: a
     /// reply refused for its own sake does not hold its conversation across the nodes): its
     /// retry stores nothing and ends, where every attempt would fail until the start-up.

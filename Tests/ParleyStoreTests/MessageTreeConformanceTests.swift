@@ -160,6 +160,26 @@ import Testing
         }
     }
 
+    /// A regenerated reply stored late (the store refused it while the user wrote on) does not
+    /// take its original's place once the path has a message newer than the reply: it is stored
+    /// beside the original, off the path. One stored in time takes the place.
+    @Test(arguments: Backend.all)
+    func aRegeneratedReplyStoredAfterThePathWentOnStaysBesideItsOriginal(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            let (id, messages) = try await conversation(store, ["hi", "hello"])
+            let late = makeMessage(id, "hey", role: .assistant)  // begun before the two below
+            try await store.appendMessage(makeMessage(id, "more?"))
+            try await store.appendMessage(makeMessage(id, "sure", role: .assistant))
+            #expect(try await store.appendReply(late, replacing: messages[1].id) == false)
+            #expect(try await path(store, id) == ["hi", "hello", "more?", "sure"])
+            let stored = try #require(try await store.message(id: late.id))
+            #expect(stored.parent == messages[0].id && !stored.onPath)
+
+            #expect(try await store.appendReply(makeMessage(id, "howdy", role: .assistant), replacing: messages[1].id))
+            #expect(try await path(store, id) == ["hi", "howdy"])
+        }
+    }
+
     /// A message whose parent was deleted (with everything below it) is not stored: it would
     /// answer nothing.
     @Test(arguments: Backend.all)
