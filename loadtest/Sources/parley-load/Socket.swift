@@ -189,7 +189,10 @@ final class LoadSocketHandler: ChannelInboundHandler, @unchecked Sendable {
             let pong = WebSocketFrame(fin: true, opcode: .pong, maskKey: .random(), data: frame.data)
             context.writeAndFlush(wrapOutboundOut(pong), promise: nil)
         case .connectionClose:
-            if !socket.closing { socket.recorder.errors["closed_by_server", default: 0] += 1 }
+            // Counted by close code: what closed it (1008 a slow reader, 1011 a keepalive…).
+            var data = frame.unmaskedData
+            let code = data.readInteger(as: UInt16.self).map { " \($0)" } ?? ""
+            if !socket.closing { socket.recorder.errors["closed_by_server" + code, default: 0] += 1 }
             socket.closing = true
             context.close(promise: nil)
         default:
