@@ -318,10 +318,10 @@ final class ChatService: FrameHandler {
 
     /// Runs `body` with `conversation` held as a streaming reply holds it, so that no reply
     /// starts or is stored in it meanwhile; nil (and `body` not run) while one streams in it, or
-    /// while one the store refused still waits to be stored there (it is stored on the path as
-    /// it is then: after a deletion or a branch chosen, it would answer a message that is gone,
-    /// or show on the chosen path below a message off it). Such a reply of this node's is stored
-    /// first where the store now takes it; a store that refuses as a whole throws that.
+    /// while one the store refused still waits to be stored there, so that a deletion takes it
+    /// with its question and a branch chosen is read with it in place (stored afterwards, the
+    /// store's own rule would drop it, or keep it off the path). Such a reply of this node's is
+    /// stored first where the store now takes it; a store that refuses as a whole throws that.
     func whileNoReplyStreams<T: Sendable>(user: String, conversation: String, _ body: () async throws -> T) async throws -> T? {
         guard case .reserved = hub.reserve(user: user, conversation: conversation) else { return nil }
         defer { hub.release(user: user, conversation: conversation) }

@@ -106,8 +106,8 @@ final class KeptReplies: Sendable {
         entries.withLock { e in owner.map { o in e.values.filter { $0.owner == o }.count } ?? e.count }
     }
 
-    /// Whether a message of the owner's waits to be stored in `place`: it is stored on the path
-    /// as it is then, so that path must not change before (a deletion, a branch chosen).
+    /// Whether a message of the owner's waits to be stored in `place`: a deletion or a branch
+    /// chosen there waits for it (`ChatService.whileNoReplyStreams`).
     func holdsMessage(owner: String, in place: String) -> Bool {
         entries.withLock { e in e.values.contains { $0.owner == owner && $0.place == place && !$0.message.isStored } }
     }

@@ -187,10 +187,10 @@ import Testing
         await server.stop()
     }
 
-    /// A reply the store refused is stored on the conversation's path as it is then: deleting
-    /// the message it answers before that would leave it answering a message that is gone. The deletion stores it first, and takes it with the message; while
-    /// the store still refuses it, the deletion is 409. (Deleted first, the retry stored it in
-    /// the emptied conversation as its only message.)
+    /// Deleting the message a reply waiting to be stored answers: the deletion stores it first,
+    /// and takes it with the message; while the store still refuses it, the deletion is 409.
+    /// (Before `c595748`, deleted first, the retry stored it in the emptied conversation as its
+    /// only message; since `87740b6` the store would not store it at all.)
     @Test func deletingTheMessageAReplyWaitingToBeStoredAnswersTakesTheReplyToo() async throws {
         let (server, store, token, _, _, first) = try await aliceRefusedReply()
         let base = "/v1/conversations/\(first.conversation)"
@@ -213,9 +213,9 @@ import Testing
     }
 
     /// Choosing another branch while a reply waits to be stored: it is stored first, on its own
-    /// branch, or the choice is 409 while the store still refuses it. (Chosen first, the retry
-    /// stored it on the chosen path: after the other reply to "hello", answering an "and then?"
-    /// that is off that path.)
+    /// branch, or the choice is 409 while the store still refuses it. (Before `c595748`, chosen
+    /// first, the retry stored it on the chosen path: after the other reply to "hello",
+    /// answering an "and then?" that is off that path; since `87740b6` the store keeps it off.)
     @Test func choosingABranchWhileAReplyWaitsToBeStoredLeavesTheReplyOnItsOwnBranch() async throws {
         let server = try await TestServer.start { $0.keptReplyRetry = .seconds(3600) }
         let store = try #require(server.server.store as? SQLiteStore)
