@@ -304,13 +304,8 @@ public final class MongoStore: Store {
     /// message ("" when it is the first); with one, it is on the path only when that is its parent
     /// (`ChatStore.appendMessage`), or when `forceOnPath` says so (the caller moves the path itself).
     static func append(_ m: Message, _ db: Database, orIgnore: Bool, forceOnPath: Bool = false) throws {
-        let last = try db.find("messages", filter: Self.onPath(m.conversation), sort: Self.newestFirst, limit: 1).first?["_id"]?.stringValue ?? ""
-        let parent = m.parent ?? last
-        if parent != last, !parent.isEmpty,
-            try db.find("messages", filter: .object([("_id", .string(parent)), ("conversation", .string(m.conversation))]), limit: 1).isEmpty
-        {
-            throw ParentMessageGone(id: parent)
-        }
+        // The caller that moves the path itself has found the parent: nothing to look up.
+        let (parent, onPath) = try forceOnPath ? (m.parent ?? "", true) : place(m, db)
         var doc: [(String, JSONValue)] = [
             ("_id", .string(m.id)), ("conversation", .string(m.conversation)), ("role", .string(m.role.rawValue)),
             ("text", .string(m.text)), ("created_at", .long(m.createdAt)),
@@ -330,12 +325,25 @@ public final class MongoStore: Store {
         doc.append(("owner", .string(conversation?["owner"]?.stringValue ?? "")))
         doc.append(("terms", Self.terms(m.text)))
         doc.append(("parent", .string(parent)))
-        if parent != last, !forceOnPath { doc.append(("off_path", .bool(true))) }
+        if !onPath { doc.append(("off_path", .bool(true))) }
         do {
             try db.insert("messages", .object(doc))
         } catch StoreError.duplicateKey(let key) {
             guard orIgnore else { throw StoreError.duplicateKey(key) }
         }
+    }
+
+    /// `m`'s parent, and whether `m` goes on the path (its parent is the path's last message);
+    /// throws `ParentMessageGone` when the conversation no longer has its parent.
+    private static func place(_ m: Message, _ db: Database) throws -> (parent: String, onPath: Bool) {
+        let last = try db.find("messages", filter: Self.onPath(m.conversation), sort: Self.newestFirst, limit: 1).first?["_id"]?.stringValue ?? ""
+        let parent = m.parent ?? last
+        if parent != last, !parent.isEmpty,
+            try db.find("messages", filter: .object([("_id", .string(parent)), ("conversation", .string(m.conversation))]), limit: 1).isEmpty
+        {
+            throw ParentMessageGone(id: parent)
+        }
+        return (parent, parent == last)
     }
 
     /// A text's search terms as stored (a multikey index serves `terms` with the owner).
