@@ -16,8 +16,12 @@ protocol Ticking: AnyObject {
 final class LoopTicker: @unchecked Sendable {
     private let loop: any EventLoop
     private var wheel: TimerWheel<any Ticking>
-    /// The tick the NIO timer is set for, and that timer.
+    /// The tick the NIO timer is set for (0: as soon as the loop has polled), and that timer.
     private var armed: (tick: UInt64, timer: Scheduled<Void>)?
+    /// Timers whose deadline passed and that a fire left for the next (`budget`), oldest first.
+    private var expired = CircularBuffer<TimerWheel<any Ticking>.Expired>()
+    /// The loop's tick (`LoopPolls`) in which this wheel last fired.
+    private var firedInTick: UInt64?
 
     init(loop: any EventLoop) {
         self.loop = loop
@@ -39,24 +43,53 @@ final class LoopTicker: @unchecked Sendable {
 
     func cancel(_ handle: TimerHandle) {
         loop.preconditionInEventLoop()
-        _ = wheel.cancel(handle)
+        if wheel.cancel(handle) == nil, let index = expired.firstIndex(where: { $0.handle == handle }) {
+            expired.remove(at: index)
+        }
     }
 
     /// Sets the NIO timer for the wheel's next wakeup unless it is set for that or earlier.
     private func arm() {
-        guard let next = wheel.nextWakeup else { return }
+        guard let next = expired.isEmpty ? wheel.nextWakeup : 0 else { return }
         if let armed, armed.tick <= next { return }
         armed?.timer.cancel()
         let timer = loop.scheduleTask(deadline: .uptimeNanoseconds(next * 1_000_000)) { [self] in fire() }
         armed = (next, timer)
     }
 
+    /// Fires the timers whose deadline passed, for at most `budget`, and at most once per tick
+    /// of the loop: NIO runs every due timer and ready task before it polls the loop's sockets,
+    /// so a wheel that fell behind, due again as soon as it fired, would keep a saturated loop
+    /// from reading anything (#26: ticks of 5–9 s at 10,000 streams, pongs unread and live
+    /// sockets closed as silent). It waits for the poll instead (`LoopPolls`), looking again in
+    /// a moment, and what it left fires after it, before what came due since.
     private func fire() {
+        if let ticks = LoopPolls.finishedTicks {
+            if ticks == firedInTick {
+                armed = (0, loop.scheduleTask(in: Self.pollWait) { [self] in fire() })
+                return
+            }
+            firedInTick = ticks
+        }
         armed = nil
         // The ticks wholly passed: a timer's tick is never reached before its deadline.
-        for expired in wheel.advance(to: loop.now.uptimeNanoseconds / 1_000_000) { expired.payload.tick() }
+        let due = wheel.advance(to: loop.now.uptimeNanoseconds / 1_000_000)
+        if expired.isEmpty, !due.isEmpty { expired = CircularBuffer(due) } else { expired.append(contentsOf: due) }
+        let stop = NIODeadline.now() + Self.budget
+        var fired = 0
+        while let next = expired.popFirst() {
+            next.payload.tick()
+            fired += 1
+            if fired % 16 == 0, NIODeadline.now() >= stop { break }
+        }
         arm()
     }
+
+    /// The most one fire runs before the loop polls again (its timers' writes come on top).
+    static let budget = TimeAmount.milliseconds(2)
+    /// How long a ticker that already fired in the loop's current tick waits before it looks
+    /// again: the rest of the tick's tasks run meanwhile, then the poll.
+    static let pollWait = TimeAmount.microseconds(200)
 }
 
 /// The `LoopTicker` of each event loop a provider pushes on, made on first use. Held by the

@@ -181,7 +181,9 @@ public final class ParleyServer: Sendable {
             throw error
         }
         let ownsGroup = eventLoopGroup == nil
-        let group = eventLoopGroup ?? MultiThreadedEventLoopGroup(numberOfThreads: configuration.eventLoopThreads ?? System.coreCount)
+        let group =
+            eventLoopGroup
+            ?? MultiThreadedEventLoopGroup(numberOfThreads: configuration.eventLoopThreads ?? System.coreCount, metricsDelegate: LoopPolls.shared)
         let writes = StoreWrites()
         let streams = StreamRunner(
             store: store, credits: credits, provider: provider, hub: hub, sockets: sockets, broker: broker,

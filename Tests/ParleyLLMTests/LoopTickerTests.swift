@@ -1,0 +1,99 @@
+import Glibc
+import NIOCore
+import NIOPosix
+import Testing
+
+@testable import ParleyLLM
+
+/// A `LoopTicker` on a loop it saturates still lets that loop read its sockets (#26): NIO runs
+/// every due timer before it polls, so a wheel that is due again as soon as it fired, or one fire
+/// that runs every timer a long stall left, would hold every read until the load went.
+@Suite struct LoopTickerTests {
+    /// A timer that works for `work` when it fires; `again` times it comes back at once, late
+    /// already (a wheel that fell behind).
+    final class Busy: Ticking, @unchecked Sendable {
+        let run: Saturation
+        var again: Int
+
+        init(_ run: Saturation, again: Int) {
+            self.run = run
+            self.again = again
+        }
+
+        func tick() {
+            run.fired += 1
+            if run.fired == 1 { run.started.succeed() }
+            let end = NIODeadline.now() + run.work
+            while NIODeadline.now() < end {}
+            if again > 0 {
+                again -= 1
+                _ = run.ticker.schedule(self, at: run.loop.now - .milliseconds(5))
+            }
+        }
+    }
+
+    /// One saturated loop and the pipe it should read meanwhile. Touched on the loop only.
+    final class Saturation: @unchecked Sendable {
+        let loop: any EventLoop
+        let ticker: LoopTicker
+        let work: TimeAmount
+        let started: EventLoopPromise<Void>
+        /// Timers fired when the pipe's byte was read.
+        let read: EventLoopPromise<Int>
+        var fired = 0
+
+        init(loop: any EventLoop, work: TimeAmount) {
+            self.loop = loop
+            self.work = work
+            ticker = LoopTicker(loop: loop)
+            started = loop.makePromise()
+            read = loop.makePromise()
+        }
+    }
+
+    final class Reader: ChannelInboundHandler, @unchecked Sendable {
+        typealias InboundIn = ByteBuffer
+        let run: Saturation
+        init(_ run: Saturation) { self.run = run }
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) { run.read.succeed(run.fired) }
+    }
+
+    /// Starts `timers` (each firing `1 + again` times, `work` each) on a loop that reports its
+    /// ticks, writes a byte to a pipe that loop reads once the first fired, and returns how many
+    /// had fired when the loop read it, of how many in all.
+    func timersFiredBeforeTheRead(timers: Int, again: Int, work: TimeAmount) async throws -> (atRead: Int, total: Int) {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1, metricsDelegate: LoopPolls.shared)
+        let loop = group.next()
+        let run = Saturation(loop: loop, work: work)
+        var fds: [Int32] = [0, 0]
+        #expect(pipe(&fds) == 0)
+        let channel = try await NIOPipeBootstrap(group: loop)
+            .channelInitializer { channel in channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(Reader(run)) } }
+            .takingOwnershipOfDescriptor(input: fds[0]).get()
+        try await loop.submit {
+            for _ in 0..<timers { _ = run.ticker.schedule(Busy(run, again: again), at: loop.now) }
+        }.get()
+        try await run.started.futureResult.get()
+        var byte: UInt8 = 1
+        #expect(write(fds[1], &byte, 1) == 1)
+        let atRead = try await run.read.futureResult.get()
+        try await channel.close()
+        close(fds[1])
+        try await group.shutdownGracefully()
+        return (atRead, timers * (1 + again))
+    }
+
+    @Test func aWheelDueAgainAsSoonAsItFiredLetsTheLoopReadBetweenFires() async throws {
+        // One timer, late every time it comes back: 500 fires of 2 ms, a second of work. The
+        // loop reads at its next poll after the write, whenever the test gets to write; without
+        // a poll between fires, only once all 500 are done (the rest are dropped at shutdown).
+        let (atRead, total) = try await timersFiredBeforeTheRead(timers: 1, again: 499, work: .milliseconds(2))
+        #expect(atRead < total, "read after all \(total) fires: the loop waited for the wheel")
+    }
+
+    @Test func oneFireLeavesWhatIsPastItsBudgetForAfterThePoll() async throws {
+        // 500 timers due at once, 2 ms each: one fire that ran them all would take a second.
+        let (atRead, total) = try await timersFiredBeforeTheRead(timers: 500, again: 0, work: .milliseconds(2))
+        #expect(atRead < total, "read after all \(total) timers: one fire ran them all first")
+    }
+}
