@@ -110,7 +110,9 @@ extension TestServer {
     }
 
     @Test func whatCannotBeRegeneratedOrEditedIsRefusedClearly() async throws {
-        let server = try await TestServer.start { $0.simulated.tokensPerSecond = 50 }
+        // 24 tokens at 10 a second: the branch choice below must land while the reply streams,
+        // 2.4 s (at 50 a second it once came after the 0.5 s on a loaded machine).
+        let server = try await TestServer.start { $0.simulated.tokensPerSecond = 10 }
         let alice = try await server.token("alice")
         let clone = try await server.createClone(token: alice)["id"]!.stringValue!
         let socket = try await server.connect(token: alice)
