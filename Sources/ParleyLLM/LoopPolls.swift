@@ -9,28 +9,38 @@ import NIOPosix
 /// run). A tick's end is followed by a poll, so work that waits for the count to move waits for
 /// the loop to read its sockets (`LoopTicker`).
 public final class LoopPolls: NIOEventLoopMetricsDelegate, Sendable {
-    public static let shared = LoopPolls()
+    /// A tick this long is a stall: the loop read none of its sockets meanwhile.
+    public static let stall = TimeAmount.milliseconds(100)
 
     /// One loop thread's count, touched only on that thread.
     private final class Count: @unchecked Sendable {
         var ticks: UInt64 = 0
     }
 
-    private let counts = ThreadSpecificVariable<Count>()
+    /// Per thread: a loop's thread belongs to one group, whichever delegate that group has.
+    private static let counts = ThreadSpecificVariable<Count>()
+    private let stalled: (@Sendable (TimeAmount) -> Void)?
 
-    private init() {}
+    /// `stalled`: told each tick of `stall` or longer (on the loop's thread), with its length.
+    public init(stalled: (@Sendable (TimeAmount) -> Void)? = nil) {
+        self.stalled = stalled
+    }
 
     public func processedTick(info: NIOEventLoopTickInfo) {
-        if let count = counts.currentValue {
+        if let count = Self.counts.currentValue {
             count.ticks &+= 1
         } else {
             let count = Count()
             count.ticks = 1
-            counts.currentValue = count
+            Self.counts.currentValue = count
+        }
+        if let stalled {
+            let length = info.endTime - info.startTime
+            if length >= Self.stall { stalled(length) }
         }
     }
 
-    /// The ticks the calling thread's loop finished; nil when that loop does not report them here
-    /// (created without this delegate, or an embedded loop in tests), or before its first.
-    static var finishedTicks: UInt64? { shared.counts.currentValue?.ticks }
+    /// The ticks the calling thread's loop finished; nil when that loop does not report them to
+    /// a `LoopPolls` (created without one, or an embedded loop in tests), or before its first.
+    static var finishedTicks: UInt64? { counts.currentValue?.ticks }
 }

@@ -181,9 +181,7 @@ public final class ParleyServer: Sendable {
             throw error
         }
         let ownsGroup = eventLoopGroup == nil
-        let group =
-            eventLoopGroup
-            ?? MultiThreadedEventLoopGroup(numberOfThreads: configuration.eventLoopThreads ?? System.coreCount, metricsDelegate: LoopPolls.shared)
+        let group = eventLoopGroup ?? Self.eventLoops(configuration)
         let writes = StoreWrites()
         let streams = StreamRunner(
             store: store, credits: credits, provider: provider, hub: hub, sockets: sockets, broker: broker,
@@ -446,6 +444,17 @@ public final class ParleyServer: Sendable {
         )
         try channel.pipeline.syncOperations.addHandler(http, name: HTTPHandler.name)
         try channel.pipeline.syncOperations.addHandler(timeouts, name: HTTPTimeoutHandler.name, position: .first)
+    }
+
+    /// The server's event loops: they tell `LoopPolls` when each tick ends (the simulated
+    /// provider's timers that fell behind wait for the loop to read, #26), and a tick of
+    /// `LoopPolls.stall` or more, a loop that read nothing that long, counts in
+    /// `parley_event_loop_stalls_total`.
+    public static func eventLoops(_ configuration: ServerConfiguration) -> MultiThreadedEventLoopGroup {
+        let stalls = Counter(label: "parley_event_loop_stalls_total", factory: configuration.metrics)
+        return MultiThreadedEventLoopGroup(
+            numberOfThreads: configuration.eventLoopThreads ?? System.coreCount,
+            metricsDelegate: LoopPolls(stalled: { _ in stalls.increment() }))
     }
 
     /// permessage-deflate for this upgrade request, if the server has it on and the client offered

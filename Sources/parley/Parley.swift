@@ -594,10 +594,8 @@ struct Serve: AsyncParsableCommand {
         }
         let sidecars = [model, voice].compactMap { $0 }
         // The server's event loops, made here so that a model server's client shares them: a
-        // reply's upstream connection is then read on the loop that writes its tokens. They tell
-        // `LoopPolls` when each tick ends, so timers that fell behind let them read (#26).
-        let group = MultiThreadedEventLoopGroup(
-            numberOfThreads: configuration.eventLoopThreads ?? System.coreCount, metricsDelegate: LoopPolls.shared)
+        // reply's upstream connection is then read on the loop that writes its tokens.
+        let group = ParleyServer.eventLoops(configuration)
         // A model server gets a client of its own, with a connection for every reply that may stream at once.
         let upstream =
             usesHTTPProvider || ttsUrl != nil || sttUrl != nil || voice != nil
