@@ -73,8 +73,7 @@ final class LoopTicker: @unchecked Sendable {
         }
         armed = nil
         // The ticks wholly passed: a timer's tick is never reached before its deadline.
-        let due = wheel.advance(to: loop.now.uptimeNanoseconds / 1_000_000)
-        if expired.isEmpty, !due.isEmpty { expired = CircularBuffer(due) } else { expired.append(contentsOf: due) }
+        expired.append(contentsOf: wheel.advance(to: loop.now.uptimeNanoseconds / 1_000_000))
         let stop = NIODeadline.now() + Self.budget
         var fired = 0
         while let next = expired.popFirst() {
