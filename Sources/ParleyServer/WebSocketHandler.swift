@@ -17,6 +17,8 @@ final class WebSocketHandler: ChannelInboundHandler {
     /// for a whole interval after a ping is closed. nil: no keepalive.
     private let pingInterval: TimeAmount?
     private var heardSincePing = true
+    /// `bytesReceived` when the last ping was written.
+    private var receivedAtPing: UInt64?
     private var keepalive: Scheduled<Void>?
     /// Closes the socket when its token expires.
     private var expiry: Scheduled<Void>?
@@ -60,23 +62,53 @@ final class WebSocketHandler: ChannelInboundHandler {
     }
 
     /// Pings every `pingInterval`; a peer that sent nothing since the previous ping is gone
-    /// (a dead network path never says so): 1011, and the socket is released at once.
+    /// (a dead network path never says so): 1011, and the socket is released at once. What the
+    /// peer sent counts when its bytes reached this host, not when the loop read them: a loop
+    /// that fell behind (#26) must not take its own lateness for the peer's silence.
     private func scheduleKeepalive(context: ChannelHandlerContext) {
         guard let interval = pingInterval else { return }
         keepalive = context.eventLoop.assumeIsolated().scheduleTask(in: interval) { [self] in
             guard connection.acceptsFrames, context.channel.isActive else { return }
-            guard heardSincePing else {
-                // Closed at once, not after the write: a dead peer may never take it.
-                connection.drop(code: .unexpectedServerError, reason: "keepalive ping timeout")
-                return
+            guard !heardSincePing else { return ping(context: context) }
+            Self.bytesReceived(on: context.channel).assumeIsolated().whenSuccess { [self] received in
+                guard connection.acceptsFrames, context.channel.isActive else { return }
+                guard let received, let before = receivedAtPing, received > before else {
+                    // Closed at once, not after the write: a dead peer may never take it.
+                    connection.drop(code: .unexpectedServerError, reason: "keepalive ping timeout")
+                    return
+                }
+                ping(context: context)
             }
-            heardSincePing = false
-            context.writeAndFlush(
-                wrapOutboundOut(WebSocketFrame(fin: true, opcode: .ping, data: context.channel.allocator.buffer(string: "parley"))),
-                promise: nil)
-            scheduleKeepalive(context: context)
         }
     }
+
+    private func ping(context: ChannelHandlerContext) {
+        heardSincePing = false
+        context.writeAndFlush(
+            wrapOutboundOut(WebSocketFrame(fin: true, opcode: .ping, data: context.channel.allocator.buffer(string: "parley"))),
+            promise: nil)
+        Self.bytesReceived(on: context.channel).assumeIsolated().whenSuccess { [self] in receivedAtPing = $0 }
+        scheduleKeepalive(context: context)
+    }
+
+    /// The bytes the kernel has taken from the peer, read by the loop or not (TCP_INFO's
+    /// `tcpi_bytes_received`, Linux 4.1+); nil where that cannot be known (not a TCP socket,
+    /// not Linux).
+    static func bytesReceived(on channel: any Channel) -> EventLoopFuture<UInt64?> {
+        #if os(Linux)
+        guard let socket = channel as? any SocketOptionProvider else { return channel.eventLoop.makeSucceededFuture(nil) }
+        // The kernel's `struct tcp_info` only grows; the counter is its 17th 64-bit word (offset
+        // 128). Glibc's `tcp_info` stops before it; an older kernel leaves it zero.
+        let info: EventLoopFuture<TCPInfoWords> = socket.unsafeGetSocketOption(level: .tcp, name: .tcp_info)
+        return info.map { $0.16 == 0 ? nil : $0.16 }.recover { _ in nil }
+        #else
+        return channel.eventLoop.makeSucceededFuture(nil)
+        #endif
+    }
+
+    typealias TCPInfoWords = (
+        UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64
+    )
 
     func channelInactive(context: ChannelHandlerContext) {
         connection.channelClosed()

@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import NIOPosix
 import ParleyLLM
 import ParleyCore
 import ParleyServer
@@ -19,9 +20,10 @@ public final class TestServer: Sendable {
         public var description: String { rawValue }
     }
 
-    /// `provider` replaces the simulated one (not kept by `restarted`).
+    /// `provider` replaces the simulated one, `eventLoopGroup` the server's own (the caller's to
+    /// shut down after `stop`; neither is kept by `restarted`).
     public static func start(
-        store: StoreKind = .sqlite, provider: (any LLMProvider)? = nil,
+        store: StoreKind = .sqlite, provider: (any LLMProvider)? = nil, eventLoopGroup: MultiThreadedEventLoopGroup? = nil,
         _ configure: (inout ServerConfiguration) -> Void = { _ in }
     ) async throws -> TestServer {
         var configuration = ServerConfiguration()
@@ -36,13 +38,15 @@ public final class TestServer: Sendable {
         configuration.drainGrace = .zero
         if store == .mongodb { configuration.storeURI = MongoFixture.uri() }
         configure(&configuration)
-        return try await start(configuration, provider: provider)
+        return try await start(configuration, provider: provider, eventLoopGroup: eventLoopGroup)
     }
 
-    private static func start(_ configuration: ServerConfiguration, provider: (any LLMProvider)? = nil) async throws -> TestServer {
+    private static func start(
+        _ configuration: ServerConfiguration, provider: (any LLMProvider)? = nil, eventLoopGroup: MultiThreadedEventLoopGroup? = nil
+    ) async throws -> TestServer {
         var logger = Logger(label: "parley-test")
         logger.logLevel = .warning
-        let server = try await ParleyServer.start(configuration: configuration, provider: provider, logger: logger)
+        let server = try await ParleyServer.start(configuration: configuration, provider: provider, eventLoopGroup: eventLoopGroup, logger: logger)
         return TestServer(server: server, configuration: configuration)
     }
 

@@ -9,6 +9,8 @@ public enum TestInbound: Sendable, Equatable {
     case text(String)
     case binary([UInt8])
     case pong([UInt8])
+    /// Only for a socket connected with `pings: true` (this client never answers one itself).
+    case ping([UInt8])
     case close(code: UInt16?, reason: String)
     /// The TCP connection ended.
     case disconnected
@@ -48,10 +50,10 @@ public final class TestWebSocket {
     /// backlog pile up on the server instead of in this kernel).
     /// `observe` sees every text message on the event loop the moment it is decoded, with its
     /// arrival time (benchmarks time deliveries with it); messages it returns true for are
-    /// consumed, the others queue for `next` as usual.
+    /// consumed, the others queue for `next` as usual. `pings` queues the server's pings too.
     public static func connect(
         port: Int, uri: String = "/v1/ws", token: String? = nil, headers: HTTPHeaders = [:], receiveBuffer: Int? = nil,
-        observe: (@Sendable (ByteBuffer, ContinuousClock.Instant) -> Bool)? = nil
+        pings: Bool = false, observe: (@Sendable (ByteBuffer, ContinuousClock.Instant) -> Bool)? = nil
     ) async throws -> TestWebSocket {
         let (stream, continuation) = AsyncStream<Event>.makeStream()
         var headers = headers
@@ -71,7 +73,8 @@ public final class TestWebSocket {
                         maxFrameSize: 1 << 24,
                         upgradePipelineHandler: { channel, _ in
                             channel.eventLoop.makeCompletedFuture {
-                                try channel.pipeline.syncOperations.addHandler(FrameCollector(continuation: continuation, observe: observe))
+                                try channel.pipeline.syncOperations.addHandler(
+                                    FrameCollector(continuation: continuation, pings: pings, observe: observe))
                                 return channel
                             }
                         }
@@ -239,10 +242,12 @@ public final class TestWebSocket {
     private final class FrameCollector: ChannelInboundHandler {
         typealias InboundIn = WebSocketFrame
         let continuation: AsyncStream<Event>.Continuation
+        let pings: Bool
         let observe: (@Sendable (ByteBuffer, ContinuousClock.Instant) -> Bool)?
 
-        init(continuation: AsyncStream<Event>.Continuation, observe: (@Sendable (ByteBuffer, ContinuousClock.Instant) -> Bool)?) {
+        init(continuation: AsyncStream<Event>.Continuation, pings: Bool, observe: (@Sendable (ByteBuffer, ContinuousClock.Instant) -> Bool)?) {
             self.continuation = continuation
+            self.pings = pings
             self.observe = observe
         }
 
@@ -255,6 +260,7 @@ public final class TestWebSocket {
                 continuation.yield(.inbound(.text(String(buffer: payload))))
             case .binary: continuation.yield(.inbound(.binary(Array(payload.readableBytesView))))
             case .pong: continuation.yield(.inbound(.pong(Array(payload.readableBytesView))))
+            case .ping where pings: continuation.yield(.inbound(.ping(Array(payload.readableBytesView))))
             case .connectionClose:
                 let code = payload.readableBytes >= 2 ? payload.readInteger(as: UInt16.self) : nil
                 continuation.yield(.inbound(.close(code: code, reason: String(buffer: payload))))
