@@ -22,8 +22,22 @@ public final class LoopPolls: NIOEventLoopMetricsDelegate, Sendable {
     private let stalled: (@Sendable (TimeAmount) -> Void)?
 
     /// `stalled`: told each tick of `stall` or longer (on the loop's thread), with its length.
+    /// Give it to a group with `eventLoops`, which counts each loop's ticks from its first task.
     public init(stalled: (@Sendable (TimeAmount) -> Void)? = nil) {
         self.stalled = stalled
+    }
+
+    /// A group of `threads` loops that report their ticks to a new `LoopPolls`. Each loop's count
+    /// starts at 0 with its first task, before any the caller gives it: without it, work done
+    /// before the loop's first tick ended (a loop that has not polled yet, as busy as any) would
+    /// find no count and take the loop for one that does not report (a test's first timers ran a
+    /// whole second without a poll).
+    public static func eventLoops(threads: Int, stalled: (@Sendable (TimeAmount) -> Void)? = nil) -> MultiThreadedEventLoopGroup {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: threads, metricsDelegate: LoopPolls(stalled: stalled))
+        for loop in group.makeIterator() {
+            loop.execute { if counts.currentValue == nil { counts.currentValue = Count() } }
+        }
+        return group
     }
 
     public func processedTick(info: NIOEventLoopTickInfo) {
@@ -41,6 +55,7 @@ public final class LoopPolls: NIOEventLoopMetricsDelegate, Sendable {
     }
 
     /// The ticks the calling thread's loop finished; nil when that loop does not report them to
-    /// a `LoopPolls` (created without one, or an embedded loop in tests), or before its first.
+    /// a `LoopPolls` (created without one, or an embedded loop in tests), or, made other than by
+    /// `eventLoops`, before its first.
     static var finishedTicks: UInt64? { counts.currentValue?.ticks }
 }

@@ -452,9 +452,7 @@ public final class ParleyServer: Sendable {
     /// `parley_event_loop_stalls_total`.
     public static func eventLoops(_ configuration: ServerConfiguration) -> MultiThreadedEventLoopGroup {
         let stalls = Counter(label: "parley_event_loop_stalls_total", factory: configuration.metrics)
-        return MultiThreadedEventLoopGroup(
-            numberOfThreads: configuration.eventLoopThreads ?? System.coreCount,
-            metricsDelegate: LoopPolls(stalled: { _ in stalls.increment() }))
+        return LoopPolls.eventLoops(threads: configuration.eventLoopThreads ?? System.coreCount, stalled: { _ in stalls.increment() })
     }
 
     /// permessage-deflate for this upgrade request, if the server has it on and the client offered

@@ -61,7 +61,7 @@ import Testing
     /// ticks, writes a byte to a pipe that loop reads once the first fired, and returns how many
     /// had fired when the loop read it, of how many in all.
     func timersFiredBeforeTheRead(timers: Int, again: Int, work: TimeAmount) async throws -> (atRead: Int, total: Int) {
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1, metricsDelegate: LoopPolls())
+        let group = LoopPolls.eventLoops(threads: 1)
         let loop = group.next()
         let run = Saturation(loop: loop, work: work)
         var fds: [Int32] = [0, 0]
