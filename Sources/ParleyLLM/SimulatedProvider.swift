@@ -134,8 +134,8 @@ public struct SimulatedProvider: PushingLLMProvider {
     /// One pushed reply. Its state is touched only on `loop` (hence unchecked Sendable): each
     /// timer delivers every token due by then, so a late tick catches up instead of drifting.
     final class PushedRun: LLMRun, Ticking, @unchecked Sendable {
-        /// Most tokens handed over in one tick; the rest follow in the next, so an unpaced reply
-        /// does not hold its loop for its whole length.
+        /// Most tokens handed over in one fire; the rest follow in the ticker's next, after the
+        /// loop polled, so an unpaced reply does not hold its loop for its whole length.
         static let tokensPerTick = 64
 
         private let tokens: [String]
@@ -206,7 +206,10 @@ public struct SimulatedProvider: PushingLLMProvider {
             }
             guard let sink else { return }
             if next < tokens.count {
-                if handed == Self.tokensPerTick { loop.execute { self.fire() } } else { schedule() }
+                // Through the ticker also when the next token is due already (an unpaced reply,
+                // or one behind): it waits for the loop's poll, where a task queued now would run
+                // before it (NIO runs every ready task first), holding the loop for the reply.
+                schedule()
                 return
             }
             self.sink = nil

@@ -1,6 +1,7 @@
 import Glibc
 import NIOCore
 import NIOPosix
+import ParleyCore
 import Testing
 
 @testable import ParleyLLM
@@ -57,10 +58,34 @@ import Testing
         func channelRead(context: ChannelHandlerContext, data: NIOAny) { run.read.succeed(run.fired) }
     }
 
+    /// A reply's tokens, each `work` long to handle, counted as fires.
+    final class BusySink: LLMEventSink, @unchecked Sendable {
+        let run: Saturation
+        init(_ run: Saturation) { self.run = run }
+
+        func received(_ event: LLMEvent) {
+            guard case .token = event else { return }
+            run.fired += 1
+            if run.fired == 1 { run.started.succeed() }
+            busy(run.work)
+        }
+
+        func finished(_ error: (any Error)?) {}
+    }
+
     /// Starts `timers` (each firing `1 + again` times, `work` each) on a loop that reports its
     /// ticks, writes a byte to a pipe that loop reads once the first fired, and returns how many
     /// had fired when the loop read it, of how many in all.
     func timersFiredBeforeTheRead(timers: Int, again: Int, work: TimeAmount) async throws -> (atRead: Int, total: Int) {
+        let atRead = try await firedBeforeTheRead(work: work) { run in
+            for _ in 0..<timers { _ = run.ticker.schedule(Busy(run, again: again), at: run.loop.now) }
+        }
+        return (atRead, timers * (1 + again))
+    }
+
+    /// Runs `start` on a one-thread loop that reports its ticks, writes a byte to a pipe that
+    /// loop reads once the first fire came, and returns how many had come when the loop read it.
+    func firedBeforeTheRead(work: TimeAmount, start: @escaping @Sendable (Saturation) -> Void) async throws -> Int {
         let group = LoopPolls.eventLoops(threads: 1)
         let loop = group.next()
         let run = Saturation(loop: loop, work: work)
@@ -69,9 +94,7 @@ import Testing
         let channel = try await NIOPipeBootstrap(group: loop)
             .channelInitializer { channel in channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(Reader(run)) } }
             .takingOwnershipOfDescriptor(input: fds[0]).get()
-        try await loop.submit {
-            for _ in 0..<timers { _ = run.ticker.schedule(Busy(run, again: again), at: loop.now) }
-        }.get()
+        try await loop.submit { start(run) }.get()
         try await run.started.futureResult.get()
         var byte: UInt8 = 1
         #expect(write(fds[1], &byte, 1) == 1)
@@ -79,7 +102,7 @@ import Testing
         try await channel.close()
         close(fds[1])
         try await group.shutdownGracefully()
-        return (atRead, timers * (1 + again))
+        return atRead
     }
 
     @Test func aWheelDueAgainAsSoonAsItFiredLetsTheLoopReadBetweenFires() async throws {
@@ -94,5 +117,18 @@ import Testing
         // 500 timers due at once, 2 ms each: one fire that ran them all would take a second.
         let (atRead, total) = try await timersFiredBeforeTheRead(timers: 500, again: 0, work: .milliseconds(2))
         #expect(atRead < total, "read after all \(total) timers: one fire ran them all first")
+    }
+
+    @Test func anUnpacedReplyLetsTheLoopReadBetweenItsBatchesOfTokens() async throws {
+        // 2,560 tokens due at once, 200 µs each to handle: half a second of work, handed over
+        // 64 at a time. Each batch after the first must wait for the loop's poll; run as tasks
+        // queued at once, NIO would run them all before it.
+        let tokens = 64 * 40
+        let provider = SimulatedProvider(configuration: .init(timeToFirstToken: .zero, tokensPerSecond: 0, replyTokens: tokens))
+        let request = CompletionRequest(messages: [PromptMessage(role: .user, text: "Go on")], speaker: "Ada", maxOutputTokens: tokens)
+        let atRead = try await firedBeforeTheRead(work: .microseconds(200)) { run in
+            _ = provider.start(request, on: run.loop, sink: BusySink(run))
+        }
+        #expect(atRead < tokens, "read after all \(tokens) tokens: the reply held the loop")
     }
 }
