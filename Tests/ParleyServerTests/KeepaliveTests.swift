@@ -10,10 +10,13 @@ import Testing
 /// ping, not by what the server's loop has read of it (#26: a loop that fell behind closed live
 /// sockets with 1011).
 @Suite struct KeepaliveTests {
-    static let interval: Duration = .milliseconds(400)
+    static let interval: Duration = .seconds(1)
 
     /// A server on one loop of its own, so a test can hold that loop; pinging every `interval`.
-    func start() async throws -> (TestServer, MultiThreadedEventLoopGroup, TestWebSocket) {
+    /// `onPing` sees the server's pings as they arrive, on the client's event loop.
+    func start(
+        onPing: (@Sendable (any EventLoop, [UInt8], @escaping @Sendable () -> Void) -> Void)? = nil
+    ) async throws -> (TestServer, MultiThreadedEventLoopGroup, TestWebSocket) {
         var configuration = ServerConfiguration()
         configuration.eventLoopThreads = 1
         let group = ParleyServer.eventLoops(configuration)
@@ -21,39 +24,33 @@ import Testing
             $0.eventLoopThreads = 1
             $0.webSocketPingInterval = Self.interval
         }
-        let socket = try await TestWebSocket.connect(port: server.port, token: try await server.token("alice"), pings: true)
+        let loop = group.next()
+        var seen: (@Sendable ([UInt8], @escaping @Sendable () -> Void) -> Void)?
+        if let onPing { seen = { payload, pong in onPing(loop, payload, pong) } }
+        let socket = try await TestWebSocket.connect(port: server.port, token: try await server.token("alice"), pings: true, onPing: seen)
         #expect(try await socket.nextJSON()["type"] == .string("welcome"))
         return (server, group, socket)
     }
 
     @Test func aPeerThatAnsweredWhileTheLoopWasBusyIsPingedAgainNotClosed() async throws {
-        let (server, group, socket) = try await start()
+        // At the first ping the server's only loop is held past the ping's whole interval, and
+        // the pong is sent once it is held: the pong reaches the server's kernel meanwhile and is
+        // read only after the keepalive has judged (NIO runs the timers due before it polls
+        // again). All of it on event loops, so the test's own tasks' delays do not matter.
+        let first = Atomic(true)
+        let (server, group, socket) = try await start { serverLoop, _, pong in
+            guard first.exchange(false, ordering: .relaxed) else { return }
+            // The server wrote the ping before it arrived here: its verdict is due before this.
+            let due = NIODeadline.now() + TimeAmount(Self.interval) + .milliseconds(200)
+            serverLoop.execute {
+                pong()
+                while NIODeadline.now() < due {}
+            }
+        }
         guard case .ping(let payload) = try await socket.next() else {
             Issue.record("no first ping")
             return
         }
-        let pinged = NIODeadline.now()  // the server wrote it before this
-
-        // Hold the server's only loop past the ping's whole interval; the pong reaches the
-        // server's kernel meanwhile and is read only after the keepalive has run (NIO runs the
-        // timers due before it polls again).
-        let (holding, held) = AsyncStream<Void>.makeStream()
-        let sentAt = Atomic<UInt64>(0)  // uptime nanoseconds; 0 until the pong is written
-        let due = pinged + TimeAmount(Self.interval) + .milliseconds(100)
-        let hold = group.next().submit {
-            held.yield()
-            // Past the keepalive's deadline, and long enough after the write for loopback to deliver it.
-            while true {
-                let sent = sentAt.load(ordering: .acquiring)
-                if sent != 0, NIODeadline.now() >= max(due, .uptimeNanoseconds(sent) + .milliseconds(50)) { break }
-            }
-        }
-        var iterator = holding.makeAsyncIterator()
-        await iterator.next()
-        try await socket.send(WebSocketFrame(fin: true, opcode: .pong, data: ByteBuffer(bytes: payload)))
-        sentAt.store(NIODeadline.now().uptimeNanoseconds, ordering: .releasing)
-        try await hold.get()
-
         let after = try await socket.next()
         #expect(after == .ping(payload), "pinged again, not closed: \(after)")
         await socket.drop()

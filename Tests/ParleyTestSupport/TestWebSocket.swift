@@ -9,7 +9,8 @@ public enum TestInbound: Sendable, Equatable {
     case text(String)
     case binary([UInt8])
     case pong([UInt8])
-    /// Only for a socket connected with `pings: true` (this client never answers one itself).
+    /// Only for a socket connected with `pings: true` or an `onPing` (this client never answers
+    /// one itself).
     case ping([UInt8])
     case close(code: UInt16?, reason: String)
     /// The TCP connection ended.
@@ -50,10 +51,13 @@ public final class TestWebSocket {
     /// backlog pile up on the server instead of in this kernel).
     /// `observe` sees every text message on the event loop the moment it is decoded, with its
     /// arrival time (benchmarks time deliveries with it); messages it returns true for are
-    /// consumed, the others queue for `next` as usual. `pings` queues the server's pings too.
+    /// consumed, the others queue for `next` as usual. `pings` queues the server's pings too;
+    /// `onPing` also sees each as it arrives, on the event loop, with a function that sends its
+    /// pong (callable from any thread, at once or later).
     public static func connect(
         port: Int, uri: String = "/v1/ws", token: String? = nil, headers: HTTPHeaders = [:], receiveBuffer: Int? = nil,
-        pings: Bool = false, observe: (@Sendable (ByteBuffer, ContinuousClock.Instant) -> Bool)? = nil
+        pings: Bool = false, observe: (@Sendable (ByteBuffer, ContinuousClock.Instant) -> Bool)? = nil,
+        onPing: (@Sendable (_ payload: [UInt8], _ pong: @escaping @Sendable () -> Void) -> Void)? = nil
     ) async throws -> TestWebSocket {
         let (stream, continuation) = AsyncStream<Event>.makeStream()
         var headers = headers
@@ -74,7 +78,7 @@ public final class TestWebSocket {
                         upgradePipelineHandler: { channel, _ in
                             channel.eventLoop.makeCompletedFuture {
                                 try channel.pipeline.syncOperations.addHandler(
-                                    FrameCollector(continuation: continuation, pings: pings, observe: observe))
+                                    FrameCollector(continuation: continuation, pings: pings || onPing != nil, onPing: onPing, observe: observe))
                                 return channel
                             }
                         }
@@ -243,11 +247,16 @@ public final class TestWebSocket {
         typealias InboundIn = WebSocketFrame
         let continuation: AsyncStream<Event>.Continuation
         let pings: Bool
+        let onPing: (@Sendable ([UInt8], @escaping @Sendable () -> Void) -> Void)?
         let observe: (@Sendable (ByteBuffer, ContinuousClock.Instant) -> Bool)?
 
-        init(continuation: AsyncStream<Event>.Continuation, pings: Bool, observe: (@Sendable (ByteBuffer, ContinuousClock.Instant) -> Bool)?) {
+        init(
+            continuation: AsyncStream<Event>.Continuation, pings: Bool, onPing: (@Sendable ([UInt8], @escaping @Sendable () -> Void) -> Void)?,
+            observe: (@Sendable (ByteBuffer, ContinuousClock.Instant) -> Bool)?
+        ) {
             self.continuation = continuation
             self.pings = pings
+            self.onPing = onPing
             self.observe = observe
         }
 
@@ -260,7 +269,16 @@ public final class TestWebSocket {
                 continuation.yield(.inbound(.text(String(buffer: payload))))
             case .binary: continuation.yield(.inbound(.binary(Array(payload.readableBytesView))))
             case .pong: continuation.yield(.inbound(.pong(Array(payload.readableBytesView))))
-            case .ping where pings: continuation.yield(.inbound(.ping(Array(payload.readableBytesView))))
+            case .ping where pings:
+                let bytes = Array(payload.readableBytesView)
+                if let onPing {
+                    let channel = context.channel
+                    onPing(bytes) {
+                        let pong = WebSocketFrame(fin: true, opcode: .pong, maskKey: .random(), data: ByteBuffer(bytes: bytes))
+                        channel.writeAndFlush(pong, promise: nil)
+                    }
+                }
+                continuation.yield(.inbound(.ping(bytes)))
             case .connectionClose:
                 let code = payload.readableBytes >= 2 ? payload.readInteger(as: UInt16.self) : nil
                 continuation.yield(.inbound(.close(code: code, reason: String(buffer: payload))))
