@@ -21,13 +21,13 @@ public final class LoopPolls: NIOEventLoopMetricsDelegate, Sendable {
     private static let counts = ThreadSpecificVariable<Count>()
     private let stalled: (@Sendable (TimeAmount) -> Void)?
 
-    /// `stalled`: told each tick of `stall` or longer (on the loop's thread), with its length.
-    /// Give it to a group with `eventLoops`, which counts each loop's ticks from its first task.
-    public init(stalled: (@Sendable (TimeAmount) -> Void)? = nil) {
+    /// Made only by `eventLoops`, which counts each loop's ticks from its first task.
+    private init(stalled: (@Sendable (TimeAmount) -> Void)?) {
         self.stalled = stalled
     }
 
-    /// A group of `threads` loops that report their ticks to a new `LoopPolls`. Each loop's count
+    /// A group of `threads` loops that report their ticks to a new `LoopPolls`; `stalled` is told
+    /// each tick of `stall` or longer (on the loop's thread), with its length. Each loop's count
     /// starts at 0 with its first task, before any the caller gives it: without it, work done
     /// before the loop's first tick ended (a loop that has not polled yet, as busy as any) would
     /// find no count and take the loop for one that does not report (a test's first timers ran a
@@ -44,6 +44,7 @@ public final class LoopPolls: NIOEventLoopMetricsDelegate, Sendable {
         if let count = Self.counts.currentValue {
             count.ticks &+= 1
         } else {
+            // A tick that ended before the loop ran its first task (`eventLoops`' one).
             let count = Count()
             count.ticks = 1
             Self.counts.currentValue = count
@@ -54,8 +55,7 @@ public final class LoopPolls: NIOEventLoopMetricsDelegate, Sendable {
         }
     }
 
-    /// The ticks the calling thread's loop finished; nil when that loop does not report them to
-    /// a `LoopPolls` (created without one, or an embedded loop in tests), or, made other than by
-    /// `eventLoops`, before its first.
+    /// The ticks the calling thread's loop finished; nil when that loop does not report them (a
+    /// group not made by `eventLoops`, or an embedded loop in tests).
     static var finishedTicks: UInt64? { counts.currentValue?.ticks }
 }

@@ -17,11 +17,10 @@ func busy(_ work: TimeAmount) {
     @Test(.timeLimit(.minutes(1))) func aTickThatHeldTheLoopPastTheStallIsReportedAndAShortOneIsNot() async throws {
         let reported = Mutex<[TimeAmount]>([])
         let first = Mutex<CheckedContinuation<Void, Never>?>(nil)
-        let polls = LoopPolls(stalled: { length in
+        let group = LoopPolls.eventLoops(threads: 1) { length in
             reported.withLock { $0.append(length) }
             first.withLock { $0.take() }?.resume()
-        })
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1, metricsDelegate: polls)
+        }
         let loop = group.next()
         // A short tick first, ended before the long one starts (the second task is scheduled in
         // the future, so the first tick ends and the loop polls between them).
