@@ -40,6 +40,9 @@ public final class ClientConnection: Sendable {
         /// The WebSocket encoder's context, when frames need nothing from the pipeline (no
         /// permessage-deflate): a frame encoded once is written past the encoder to every socket.
         var pastEncoder: ChannelHandlerContext?
+        /// The channel's own write and flush, when no handler sits between the encoder and the
+        /// socket either (no TLS): whole frames then skip the pipeline's two hops per write.
+        var socket: (any ChannelCore)?
         var flushDue = false
         /// Tokens waiting for the flush, when the socket joins tokens.
         var held: HeldTokens?
@@ -72,8 +75,11 @@ public final class ClientConnection: Sendable {
 
     /// Frames may be written past the pipeline's WebSocket encoder (call on the loop, once the
     /// pipeline is complete): only when no handler between it and the tail changes outbound frames.
-    func writePastEncoder() throws {
+    /// `straightToSocket`: nothing between the encoder and the socket handles outbound data
+    /// either (no TLS handler): whole frames are handed to the channel itself.
+    func writePastEncoder(straightToSocket: Bool = false) throws {
         output.value.pastEncoder = try channel.pipeline.syncOperations.context(handlerType: WebSocketFrameEncoder.self)
+        if straightToSocket { output.value.socket = channel._channelCore }
     }
 
     /// The client's address (the peer's, or what a trusted proxy forwarded), for the audit log,
@@ -152,7 +158,7 @@ public final class ClientConnection: Sendable {
             let frame = encoded ?? WireFrame.text(payload, allocator: channel.allocator)
             guard promise != nil else { return keepForFlush(frame) }
             writeUnflushed()
-            encoder.write(NIOAny(frame), promise: promise)
+            writeWhole(frame, past: encoder, promise: promise)
         } else {
             channel.write(WebSocketFrame(fin: true, opcode: WireFrame.opcode(of: payload), data: payload), promise: promise)
         }
@@ -176,7 +182,17 @@ public final class ClientConnection: Sendable {
         guard let unflushed = output.value.unflushed else { return }
         output.value.unflushed = nil
         guard !cutOff.load(ordering: .relaxed), !output.value.closeWritten, let encoder = output.value.pastEncoder else { return }
-        encoder.write(NIOAny(unflushed), promise: nil)
+        writeWhole(unflushed, past: encoder, promise: nil)
+    }
+
+    /// Writes whole WebSocket frames past the encoder: to the channel itself when nothing else
+    /// is on the way to the socket.
+    private func writeWhole(_ frames: ByteBuffer, past encoder: ChannelHandlerContext, promise: EventLoopPromise<Void>?) {
+        if let socket = output.value.socket {
+            socket.write0(NIOAny(frames), promise: promise)
+        } else {
+            encoder.write(NIOAny(frames), promise: promise)
+        }
     }
 
     private func flushDue() {
@@ -211,7 +227,13 @@ public final class ClientConnection: Sendable {
         output.value.flushDue = false
         if joinsTokens, output.value.tokenFramesInFlight == 0 { writeHeld() }
         writeUnflushed()
-        if let encoder = output.value.pastEncoder { encoder.flush() } else { channel.flush() }
+        if let socket = output.value.socket {
+            socket.flush0()
+        } else if let encoder = output.value.pastEncoder {
+            encoder.flush()
+        } else {
+            channel.flush()
+        }
     }
 
     /// Sends one text message; the future succeeds once it was written to the socket.
@@ -250,6 +272,7 @@ public final class ClientConnection: Sendable {
         // The context would keep the torn-down pipeline alive.
         if channel.eventLoop.inEventLoop {
             output.value.pastEncoder = nil
+            output.value.socket = nil
             output.value.held = nil
             output.value.unflushed = nil
         }

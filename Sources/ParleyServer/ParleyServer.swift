@@ -421,8 +421,9 @@ public final class ParleyServer: Sendable {
                             limits: configuration.frameLimits, pingInterval: configuration.webSocketPingInterval.map(TimeAmount.init),
                             frameRate: configuration.maxFramesPerSecond),
                     ])
-                    // Without permessage-deflate no handler after the encoder changes an outbound frame.
-                    if deflate == nil { try connection.writePastEncoder() }
+                    // Without permessage-deflate no handler after the encoder changes an outbound frame;
+                    // without TLS none is between the encoder and the socket at all.
+                    if deflate == nil { try connection.writePastEncoder(straightToSocket: configuration.tls == nil) }
                 }
             }
         )

@@ -24,7 +24,11 @@ import Testing
         let counter = FlushCounter()
         let connection: ClientConnection
 
-        init(batch: FlushBatch? = nil, loop: EmbeddedEventLoop? = nil, joinsTokens: Bool = false, maxQueuedBytes: Int = 4 * 1024 * 1024) throws {
+        /// `straight`: whole frames go to the channel itself, past the counter too (no TLS).
+        init(
+            batch: FlushBatch? = nil, loop: EmbeddedEventLoop? = nil, joinsTokens: Bool = false, maxQueuedBytes: Int = 4 * 1024 * 1024,
+            straight: Bool = false
+        ) throws {
             self.loop = loop ?? EmbeddedEventLoop()
             channel = EmbeddedChannel(loop: self.loop)
             try channel.pipeline.syncOperations.addHandlers([counter, WebSocketFrameEncoder()])
@@ -32,7 +36,7 @@ import Testing
             connection = ClientConnection(
                 id: "c1", identity: Identity(user: "ann", role: nil), channel: channel, maxQueuedBytes: maxQueuedBytes, flushes: batch,
                 joinsTokens: joinsTokens)
-            try connection.writePastEncoder()
+            try connection.writePastEncoder(straightToSocket: straight)
         }
 
         /// The bytes that reached the socket, buffer by buffer.
@@ -96,24 +100,30 @@ import Testing
         #expect(Array(WireFrame.text(audio, allocator: ByteBufferAllocator()).readableBytesView) == (try encodedByNIO(audio, opcode: opcode)))
     }
 
-    @Test func framesWrittenInOneTickLeaveWithOneFlushInOrder() throws {
-        let socket = try Socket()
+    /// Both ways to the socket: through the handlers after the encoder (TLS), or straight to the
+    /// channel, which skips them (the counter sees nothing then).
+    @Test(arguments: [false, true])
+    func framesWrittenInOneTickLeaveWithOneFlushInOrder(straight: Bool) throws {
+        let socket = try Socket(straight: straight)
         for text in ["a", "b", "c"] { socket.connection.send(ByteBuffer(string: text)) }
         #expect(socket.counter.flushes == 0)
+        #expect(try socket.written().isEmpty)
         socket.loop.run()
-        #expect(socket.counter.flushes == 1)
+        #expect(socket.counter.flushes == (straight ? 0 : 1))
         // Handed to the socket as one buffer, the frames back to back.
         let expected = ["a", "b", "c"].flatMap { Array(WireFrame.text(ByteBuffer(string: $0), allocator: ByteBufferAllocator()).readableBytesView) }
         #expect(try socket.written() == [expected])
         // The next tick's frame gets a flush of its own.
         socket.connection.send(ByteBuffer(string: "d"))
+        #expect(try socket.written().isEmpty)
         socket.loop.run()
-        #expect(socket.counter.flushes == 2)
+        #expect(socket.counter.flushes == (straight ? 0 : 2))
         #expect(try socket.written().count == 1)
     }
 
-    @Test func aFrameThroughThePipelineKeepsItsPlaceAfterBatchedOnes() throws {
-        let socket = try Socket()
+    @Test(arguments: [false, true])
+    func aFrameThroughThePipelineKeepsItsPlaceAfterBatchedOnes(straight: Bool) throws {
+        let socket = try Socket(straight: straight)
         socket.connection.send(ByteBuffer(string: "token"))
         socket.connection.close(code: .goingAway, reason: "bye")  // through the encoder, flushed at once
         socket.loop.run()
@@ -124,8 +134,9 @@ import Testing
 
     /// A scheduled message's confirmed write goes through the pipeline at once: the frames
     /// kept for the tick's flush are handed over first.
-    @Test func aConfirmedWriteKeepsItsPlaceAfterFramesKeptForTheFlush() throws {
-        let socket = try Socket()
+    @Test(arguments: [false, true])
+    func aConfirmedWriteKeepsItsPlaceAfterFramesKeptForTheFlush(straight: Bool) throws {
+        let socket = try Socket(straight: straight)
         socket.connection.send(ByteBuffer(string: "{\"a\":1}"))
         let confirmed = socket.connection.write(ByteBuffer(string: "{\"b\":2}"))
         socket.loop.run()
@@ -136,8 +147,9 @@ import Testing
 
     /// Frames kept for the flush count against the socket's bound: a tick's worth beyond it cuts
     /// the socket off, and nothing kept goes after its close frame.
-    @Test func framesKeptForTheFlushCountAgainstTheBoundAndNoneFollowTheClose() throws {
-        let socket = try Socket(maxQueuedBytes: 100)
+    @Test(arguments: [false, true])
+    func framesKeptForTheFlushCountAgainstTheBoundAndNoneFollowTheClose(straight: Bool) throws {
+        let socket = try Socket(maxQueuedBytes: 100, straight: straight)
         for _ in 0..<5 { socket.connection.send(ByteBuffer(string: "{\"text\":\"" + String(repeating: "x", count: 20) + "\"}")) }
         socket.loop.run()
         let bytes = try socket.written().joined().map { $0 }
@@ -206,13 +218,14 @@ import Testing
         }
     }
 
-    static func joining(batch: FlushBatch? = nil, loop: EmbeddedEventLoop? = nil) throws -> Socket {
-        try Socket(batch: batch, loop: loop, joinsTokens: true)
+    static func joining(batch: FlushBatch? = nil, loop: EmbeddedEventLoop? = nil, straight: Bool = false) throws -> Socket {
+        try Socket(batch: batch, loop: loop, joinsTokens: true, straight: straight)
     }
 
-    @Test func tokensOfOneTickLeaveAsOneFrameWithTheirRangeAndTextJoined() throws {
-        let socket = try Self.joining()
-        let plain = try Socket(loop: socket.loop)
+    @Test(arguments: [false, true])
+    func tokensOfOneTickLeaveAsOneFrameWithTheirRangeAndTextJoined(straight: Bool) throws {
+        let socket = try Self.joining(straight: straight)
+        let plain = try Socket(loop: socket.loop, straight: straight)
         var stream = Stream("st_1")
         for (seq, text) in [(1, "He said "), (2, "\"hi\"\n"), (3, "é")] {
             let (frame, layout) = stream.token(Int64(seq), text)
@@ -225,7 +238,7 @@ import Testing
         #expect(parsed["text"]?.stringValue == "He said \"hi\"\né" && parsed["from"]?.intValue == 1 && parsed["seq"]?.intValue == 3)
         // A socket that did not ask gets every token as its own frame.
         #expect(try plain.frames().count == 3)
-        #expect(socket.counter.flushes == 1)
+        #expect(socket.counter.flushes == (straight ? 0 : 1))
     }
 
     @Test func aTokenAloneIsItsOwnFrameAndLeavesInItsTick() throws {
