@@ -37,12 +37,9 @@ public final class ClientConnection: Sendable {
     let joinsTokens: Bool
 
     private struct Output {
-        /// The WebSocket encoder's context, when frames need nothing from the pipeline (no
-        /// permessage-deflate): a frame encoded once is written past the encoder to every socket.
-        var pastEncoder: ChannelHandlerContext?
-        /// The channel's own write and flush, when no handler sits between the encoder and the
-        /// socket either (no TLS): whole frames then skip the pipeline's two hops per write.
-        var socket: (any ChannelCore)?
+        /// Where whole frames go when they need nothing from the pipeline (no permessage-deflate):
+        /// a frame encoded once is written past the encoder to every socket.
+        var pastEncoder: PastEncoder?
         var flushDue = false
         /// Tokens waiting for the flush, when the socket joins tokens.
         var held: HeldTokens?
@@ -56,6 +53,50 @@ public final class ClientConnection: Sendable {
         /// at the flush (#26: one pipeline write per socket per tick, not one per frame). A lone
         /// frame stays the buffer encoded once for every socket; a second one copies it.
         var unflushed: ByteBuffer?
+
+        /// Keeps a whole frame for the flush (none after our close frame); returns the bytes
+        /// kept and whether the socket's flush is still to be asked for. One access to the
+        /// loop-bound state a frame, not one a field (#26).
+        mutating func keep(_ frame: ByteBuffer) -> (bytes: Int, askFlush: Bool) {
+            guard !closeWritten else { return (0, false) }
+            // Appended in place: the box holds the only reference (a lone frame stays the
+            // buffer shared by every socket, and a second one copies it).
+            if unflushed == nil { unflushed = frame } else { unflushed!.writeImmutableBuffer(frame) }
+            defer { flushDue = true }
+            return (unflushed!.readableBytes, !flushDue)
+        }
+
+        /// The frames kept for the flush, taken, and where they go; nil when there are none, or
+        /// our close frame went (they are dropped then).
+        mutating func takeUnflushed() -> (frames: ByteBuffer, to: PastEncoder)? {
+            guard let frames = unflushed else { return nil }
+            unflushed = nil
+            guard !closeWritten, let pastEncoder else { return nil }
+            return (frames, pastEncoder)
+        }
+    }
+
+    /// Where whole WebSocket frames are written past the encoder.
+    enum PastEncoder {
+        /// The channel itself, when nothing else is on the way to the socket (no TLS handler):
+        /// what the pipeline's head would call, without the pipeline's two hops a write.
+        case socket(any ChannelCore)
+        /// Through the handlers after the encoder (TLS).
+        case handlers(after: ChannelHandlerContext)
+
+        func write(_ frames: ByteBuffer, promise: EventLoopPromise<Void>?) {
+            switch self {
+            case .socket(let core): core.write0(NIOAny(frames), promise: promise)
+            case .handlers(let encoder): encoder.write(NIOAny(frames), promise: promise)
+            }
+        }
+
+        func flush() {
+            switch self {
+            case .socket(let core): core.flush0()
+            case .handlers(let encoder): encoder.flush()
+            }
+        }
     }
 
     init(
@@ -78,8 +119,8 @@ public final class ClientConnection: Sendable {
     /// `straightToSocket`: nothing between the encoder and the socket handles outbound data
     /// either (no TLS handler): whole frames are handed to the channel itself.
     func writePastEncoder(straightToSocket: Bool = false) throws {
-        output.value.pastEncoder = try channel.pipeline.syncOperations.context(handlerType: WebSocketFrameEncoder.self)
-        if straightToSocket { output.value.socket = channel._channelCore }
+        let encoder = try channel.pipeline.syncOperations.context(handlerType: WebSocketFrameEncoder.self)
+        output.value.pastEncoder = straightToSocket ? .socket(channel._channelCore) : .handlers(after: encoder)
     }
 
     /// The client's address (the peer's, or what a trusted proxy forwarded), for the audit log,
@@ -148,51 +189,36 @@ public final class ClientConnection: Sendable {
             writeHeld()
         }
         write(payload, encoded: encoded)
-        flushDue()
     }
 
+    /// Writes a frame: kept for the flush (asked for here) without `promise`, at once with one.
     private func write(_ payload: ByteBuffer, encoded: ByteBuffer?, promise: EventLoopPromise<Void>? = nil) {
         // Not written inside an access to `output`: a failed write can close the channel at once,
         // and its close handler clears `output` (an overlapping access would trap).
-        if let encoder = output.value.pastEncoder {
+        if let pastEncoder = output.value.pastEncoder {
             let frame = encoded ?? WireFrame.text(payload, allocator: channel.allocator)
             guard promise != nil else { return keepForFlush(frame) }
             writeUnflushed()
-            writeWhole(frame, past: encoder, promise: promise)
+            pastEncoder.write(frame, promise: promise)
         } else {
             channel.write(WebSocketFrame(fin: true, opcode: WireFrame.opcode(of: payload), data: payload), promise: promise)
+            if promise == nil { flushDue() }
         }
     }
 
     /// Adds a whole frame to those the flush hands to NIO. They count against the socket's
     /// bound as NIO's queue does (NIO sees them only at the flush).
     private func keepForFlush(_ frame: ByteBuffer) {
-        guard !output.value.closeWritten else { return }  // nothing goes after our close frame
-        var unflushed = output.value.unflushed
-        output.value.unflushed = nil  // so the buffer below is the only reference: appended in place
-        if unflushed == nil { unflushed = frame } else { unflushed!.writeImmutableBuffer(frame) }
-        let bytes = unflushed!.readableBytes
-        output.value.unflushed = unflushed
+        let (bytes, askFlush) = output.value.keep(frame)
+        if askFlush { flushes.add(self) }
         if bytes > maxQueuedBytes { cutOffSlowReader() }
     }
 
     /// Hands the frames kept for the flush to NIO, before anything written to the socket after
     /// them; dropped once the socket is cut off or our close frame went.
     private func writeUnflushed() {
-        guard let unflushed = output.value.unflushed else { return }
-        output.value.unflushed = nil
-        guard !cutOff.load(ordering: .relaxed), !output.value.closeWritten, let encoder = output.value.pastEncoder else { return }
-        writeWhole(unflushed, past: encoder, promise: nil)
-    }
-
-    /// Writes whole WebSocket frames past the encoder: to the channel itself when nothing else
-    /// is on the way to the socket.
-    private func writeWhole(_ frames: ByteBuffer, past encoder: ChannelHandlerContext, promise: EventLoopPromise<Void>?) {
-        if let socket = output.value.socket {
-            socket.write0(NIOAny(frames), promise: promise)
-        } else {
-            encoder.write(NIOAny(frames), promise: promise)
-        }
+        guard let (frames, pastEncoder) = output.value.takeUnflushed(), !cutOff.load(ordering: .relaxed) else { return }
+        pastEncoder.write(frames, promise: nil)
     }
 
     private func flushDue() {
@@ -224,16 +250,14 @@ public final class ClientConnection: Sendable {
     /// The batch's flush: every frame written since the last one leaves now. Tokens held wait
     /// while a frame of tokens is still on its way: they could not leave before it anyway.
     fileprivate func flushOnLoop() {
-        output.value.flushDue = false
-        if joinsTokens, output.value.tokenFramesInFlight == 0 { writeHeld() }
-        writeUnflushed()
-        if let socket = output.value.socket {
-            socket.flush0()
-        } else if let encoder = output.value.pastEncoder {
-            encoder.flush()
-        } else {
-            channel.flush()
+        let heldGo = output.withValue { o in
+            o.flushDue = false
+            return joinsTokens && o.tokenFramesInFlight == 0
         }
+        if heldGo { writeHeld() }
+        writeUnflushed()
+        // Read after the writes: one that failed may have closed the channel and cleared it.
+        if let pastEncoder = output.value.pastEncoder { pastEncoder.flush() } else { channel.flush() }
     }
 
     /// Sends one text message; the future succeeds once it was written to the socket.
@@ -272,7 +296,6 @@ public final class ClientConnection: Sendable {
         // The context would keep the torn-down pipeline alive.
         if channel.eventLoop.inEventLoop {
             output.value.pastEncoder = nil
-            output.value.socket = nil
             output.value.held = nil
             output.value.unflushed = nil
         }
