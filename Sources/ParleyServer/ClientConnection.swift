@@ -62,8 +62,9 @@ public final class ClientConnection: Sendable {
             // Appended in place: the box holds the only reference (a lone frame stays the
             // buffer shared by every socket, and a second one copies it).
             if unflushed == nil { unflushed = frame } else { unflushed!.writeImmutableBuffer(frame) }
-            defer { flushDue = true }
-            return (unflushed!.readableBytes, !flushDue)
+            let askFlush = !flushDue
+            flushDue = true
+            return (unflushed!.readableBytes, askFlush)
         }
 
         /// The frames kept for the flush, taken, and where they go; nil when there are none, or
