@@ -620,7 +620,12 @@ public final class SQLiteStore: Store {
             if let due = Self.gatherUntil(lastBatch: lastBatch, lastCommit: lastCommit, waiting: waiting, window: commitWindow, now: now) {
                 // This thread only writes: the reads run on the pool's other one meanwhile.
                 windowWaits.add(1, ordering: .relaxed)
-                usleep(UInt32(min((due - now) / 1_000, 1_000_000)))
+                // usleep takes under a second and may end early: sleep until the window is over.
+                var now = now
+                while now < due {
+                    usleep(UInt32(min((due - now) / 1_000, 999_999)))
+                    now = NIODeadline.now().uptimeNanoseconds
+                }
             }
             let batch = queue.withLock { q -> [Job] in
                 guard !q.jobs.isEmpty else {

@@ -167,7 +167,9 @@ import Testing
     /// A writer whose last commit held several calls waits up to `commitWindow` for more before
     /// the next (one fsync for all of them); a caller writing alone is never held back.
     @Test func aBusyWriterGathersCallsForItsNextCommitButALoneOneCommitsAtOnce() async throws {
-        let store = try await SQLiteStore.open(path: temporaryPath("window") + "/parley.sqlite", commitWindow: .seconds(1))
+        // A window far longer than a busy machine takes to start a task: the later caller must
+        // reach the queue inside it (with one second, a CI run beside SecantusDB missed it).
+        let store = try await SQLiteStore.open(path: temporaryPath("window") + "/parley.sqlite", commitWindow: .seconds(5))
         try await store.run { db in try db.exec("CREATE TABLE t (v INTEGER)") }
         @Sendable func write(_ v: Int) -> Task<Void, any Error> { Task { try await store.run { db in try db.exec("INSERT INTO t VALUES (\(v))") } } }
 
@@ -198,8 +200,8 @@ import Testing
         try await until { store.waitingCalls == 1 }
         let before = store.commits.load(ordering: .relaxed)
         gates[1].signal()
-        try await Task.sleep(for: .milliseconds(100))  // the second caller comes later
-        let later = write(102)
+        try await until { store.windowWaits.load(ordering: .relaxed) == 1 }  // the writer is waiting
+        let later = write(102)  // and the second caller comes after it began to wait
         try await first.value
         for task in pair { try await task.value }
         try await waiting.value
