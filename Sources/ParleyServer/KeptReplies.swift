@@ -84,6 +84,9 @@ final class KeptReplies: Sendable {
     static let limit = 1_000
 
     private let entries = Mutex<[String: Entry]>([:])
+    /// How many replies `forget` dropped for an account deletion still under way, by owner: their
+    /// journals wait (and `parley_streams_awaiting_recovery` counts them) until it takes them.
+    private let droppedForDeletion = Mutex<[String: Int]>([:])
     private let store: any Store
     private let metrics: StreamMetrics
     private let logger: Logger
@@ -161,13 +164,24 @@ final class KeptReplies: Sendable {
     }
 
     /// Stops trying the owner's replies for good, once no attempt of theirs is running: their
-    /// account is being deleted, and its journals with it.
-    func forget(owner: String) async {
+    /// account is being deleted, and its journals with it. `untilDeleted`: this node deletes it,
+    /// and their journals stay counted until `deleted(owner:)` (a deletion the store fails leaves
+    /// them to the next start-up's recovery); otherwise another node does, and they are no longer
+    /// counted here.
+    func forget(owner: String, untilDeleted: Bool = false) async {
         let dropped = await stop { $0 == owner }
-        for work in dropped {
-            metrics.awaitingRecovery.decrement()
-            await work.releaseHold?()
+        if untilDeleted {
+            droppedForDeletion.withLock { $0[owner, default: 0] += dropped.count }
+        } else if !dropped.isEmpty {
+            metrics.awaitingRecovery.decrement(by: Double(dropped.count))
         }
+        for work in dropped { await work.releaseHold?() }
+    }
+
+    /// The owner's account is deleted, with the journals of the replies `forget` dropped for it.
+    func deleted(owner: String) {
+        guard let count = droppedForDeletion.withLock({ $0.removeValue(forKey: owner) }), count > 0 else { return }
+        metrics.awaitingRecovery.decrement(by: Double(count))
     }
 
     /// Stops every retry (a shutdown): what they had not done waits in the journals.

@@ -109,12 +109,13 @@ extension RESTAPI {
     /// Closes `user`'s sockets on this node (1008 "account deleted") and stops their replies
     /// once what the sockets asked for before they closed finished (a chat.send stores the
     /// message it answers): nothing of theirs is written here afterwards. Returns the sockets closed.
-    func closeLocally(user: String) async -> Int {
+    /// `deletingHere`: this node deletes the account (`KeptReplies.forget`'s `untilDeleted`).
+    func closeLocally(user: String, deletingHere: Bool = false) async -> Int {
         let closing = sockets.connections(of: user).map { $0.close(code: .policyViolation, reason: "account deleted") }
         for socket in closing { try? await socket.get() }
-        await chat.streams.stopStreams(owner: user)
+        await chat.streams.stopStreams(owner: user, untilDeleted: deletingHere)
         await chat.requests.settle(user: user)
-        await chat.streams.stopStreams(owner: user)
+        await chat.streams.stopStreams(owner: user, untilDeleted: deletingHere)
         credits.forget(user)
         return closing.count
     }
@@ -156,7 +157,7 @@ extension RESTAPI {
     /// everything of them but the ledger rows the law requires (kept under a pseudonym).
     func deleteAccount(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
         let user = identity.user
-        let closed = await closeLocally(user: user)
+        let closed = await closeLocally(user: user, deletingHere: true)
         // In a cluster every other node does the same for its sockets and streams first.
         let elsewhere = await otherNodes?.closeEverywhere(user: user) ?? 0
         await schedules.cancelAll(owner: user)
@@ -165,8 +166,9 @@ extension RESTAPI {
         let first = try await store.deleteUser(user, pseudonym: pseudonym)
         // A scheduled reply or a REST call that raced the deletion may have stored something
         // since: a second pass (idempotent) takes that too.
-        await chat.streams.stopStreams(owner: user)
+        await chat.streams.stopStreams(owner: user, untilDeleted: true)
         let report = first + (try await store.deleteUser(user, pseudonym: pseudonym))
+        chat.streams.kept.deleted(owner: user)
         credits.forget(user)
         await audit.record("user.deleted", actor: pseudonym, target: pseudonym, ip: request.remoteIP, detail: report.detail)
         logger.notice("account deleted", metadata: ["pseudonym": "\(pseudonym)", "sockets": "\(closed)", "nodes": "\(elsewhere)"])

@@ -241,10 +241,10 @@ final class StreamRunner: Sendable {
     }
 
     /// Stops all the owner's streams and waits for them to end, and drops their retries: the
-    /// account is being deleted, with its journals.
-    func stopStreams(owner: String) async {
+    /// account is being deleted, with its journals (by this node: `untilDeleted`, see `KeptReplies.forget`).
+    func stopStreams(owner: String, untilDeleted: Bool = false) async {
         await stopLive(clone: nil, conversation: nil, owner: owner)
-        await kept.forget(owner: owner)
+        await kept.forget(owner: owner, untilDeleted: untilDeleted)
     }
 
     private func stopLive(clone: String?, conversation: String?, owner: String) async {

@@ -371,6 +371,31 @@ import Testing
         await server.stop()
     }
 
+    /// An account deletion the store fails leaves the refused reply's journal for the next
+    /// start-up (its retry stays dropped: the account was being deleted), and the gauge still
+    /// counts it; the deletion asked again takes the journal, and the gauge its count.
+    @Test func aFailedAccountDeletionLeavesItsKeptReplyCountedUntilADeletionTakesIt() async throws {
+        let metrics = TestMetrics()
+        let (server, store) = try await refusingServer(retry: .seconds(3600), metrics: metrics)
+        let (token, _, socket) = try await aliceSends("hello", on: server)
+        _ = try await socket.next(type: "stream.end")
+        let waiting = try metrics.expectMeter("parley_streams_awaiting_recovery")
+        #expect(waiting.lastValue == 1)
+        try await store.run { db in try db.exec("CREATE TRIGGER refuse_deletion BEFORE DELETE ON clones BEGIN SELECT RAISE(ABORT, 'refused'); END;") }
+        let failed = try await TestHTTPClient.request(port: server.port, .DELETE, "/v1/me", token: token)
+        #expect(failed.status.code >= 500)
+        #expect(try await store.streamJournals(limit: 10, node: nil).count == 1)
+        #expect(waiting.lastValue == 1, "its journal still waits for a recovery")
+        #expect(server.server.chat.streams.kept.waiting(owner: "alice") == 0, "no retry for an account being deleted")
+
+        try await store.run { db in try db.exec("DROP TRIGGER refuse_deletion") }
+        let deleted = try await TestHTTPClient.request(port: server.port, .DELETE, "/v1/me", token: token)
+        #expect(deleted.status == .ok)
+        #expect(try await store.streamJournals(limit: 10, node: nil).isEmpty)
+        #expect(waiting.lastValue == 0, "nothing of theirs waits any more")
+        await server.stop()
+    }
+
     /// Deleting the conversation of a reply the store refused pauses its retry while the
     /// conversation goes, then the retry settles it and stores nothing (there is nowhere to).
     @Test func aRefusedReplysConversationDeletedMeanwhileIsSettledAndNotStored() async throws {
