@@ -15,6 +15,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         case receiving(HTTPRequestHead, ByteBuffer?, limit: Int)
         /// The body passed the cap; the rest is read and dropped, then 413 answers.
         case discarding(HTTPRequestHead, limit: Int)
+        /// The connection is being closed (a request the parser refused was answered).
+        case closing
     }
 
     private var state = State.idle
@@ -73,9 +75,31 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             var response = error.response
             response.headers.replaceOrAdd(name: "x-request-id", value: id)
             write(response, for: head, keepAlive: false, context: context)
-        case (.end, .idle):
+        case (.end, .idle), (_, .closing):
             break
         }
+    }
+
+    /// A request NIO's parser refused (a bad method, length, header or chunk): its framing is
+    /// lost, so it is answered with a JSON error and the connection closes once that is written,
+    /// not left open until the head timeout writes a 408 after it.
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        guard case .closing = state else {
+            guard let parserError = error as? HTTPParserError else { return context.fireErrorCaught(error) }
+            state = .closing
+            let refusal =
+                parserError == .headerOverflow
+                ? APIError(.requestHeaderFieldsTooLarge, .tooLarge, "the request's head is too large")
+                : APIError(.badRequest, .badRequest, "the request is not valid HTTP/1.1 (\(parserError))")
+            let head = HTTPRequestHead(version: .http1_1, method: .GET, uri: "")
+            let id = api.ids.make(.request)
+            api.logger.info("request", metadata: ["request": "\(id)", "status": "\(refusal.status.code)", "error": "\(parserError)"])
+            var response = refusal.response
+            response.headers.replaceOrAdd(name: "x-request-id", value: id)
+            write(response, for: head, keepAlive: false, context: context)
+            return
+        }
+        // Closing: what the parser says about the bytes after it does not matter any more.
     }
 
     private func respond(context: ChannelHandlerContext, head: HTTPRequestHead, request: HTTPRequest) {

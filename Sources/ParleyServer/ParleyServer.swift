@@ -441,7 +441,9 @@ public final class ParleyServer: Sendable {
                     _ = context.pipeline.removeHandler(name: HTTPHandler.name)
                     _ = context.pipeline.removeHandler(name: HTTPTimeoutHandler.name)
                 }
-            )
+            ),
+            // `HTTPHandler` answers what the parser refuses (a JSON body, then closed).
+            withErrorHandling: false
         )
         try channel.pipeline.syncOperations.addHandler(http, name: HTTPHandler.name)
         try channel.pipeline.syncOperations.addHandler(timeouts, name: HTTPTimeoutHandler.name, position: .first)

@@ -1,0 +1,69 @@
+"""How the real server answers requests at the edge of HTTP/1.1 framing: what its parser refuses
+gets a JSON error and the connection closes at once (the head timeout here is the default 10 s,
+so a connection left open would outlast each bound below)."""
+import json
+import socket
+
+import pytest
+
+from conftest import Server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(str(tmp_path_factory.mktemp("framing")))
+    yield s
+    assert s.stop() == 0
+
+
+def exchange(server, request, limit=5):
+    """Sends `request`, then returns everything the server sent until it closed; fails if the
+    connection is still open after `limit` seconds."""
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(request)
+    sock.settimeout(limit)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except socket.timeout:
+        pytest.fail(f"still open after {limit} s; got {data[:300]!r}")
+    finally:
+        sock.close()
+    return data
+
+
+def response(data):
+    """The status code, headers (lower-cased names) and JSON body of one whole response."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict((k.lower(), v.strip()) for k, v in (line.split(":", 1) for line in lines[1:]))
+    assert len(body) == int(headers["content-length"]), f"one response and nothing after it: {data!r}"
+    return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+@pytest.mark.parametrize("request_bytes, detail", [
+    (b"POST /v1/clones HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", "content-length"),
+    (b"BREW /v1/clones HTTP/1.1\r\nHost: x\r\n\r\n", "method"),
+    (b"POST /v1/clones HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "chunk size"),
+    (b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header: x\r\n\r\n", "header"),
+])
+def test_a_request_the_parser_refuses_gets_a_json_400_and_the_connection_closes(server, request_bytes, detail):
+    status, headers, body = response(exchange(server, request_bytes))
+    assert status == 400 and headers["connection"] == "close" and headers["x-request-id"].startswith("req_")
+    assert body["error"]["code"] == "bad_request"
+    assert body["error"]["message"].startswith("the request is not valid HTTP/1.1 (") and detail in body["error"]["message"]
+
+
+def test_a_head_too_large_gets_431(server):
+    status, headers, body = response(exchange(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n"))
+    assert status == 431 and headers["connection"] == "close"
+    assert body["error"]["code"] == "too_large"
+
+
+def test_a_refused_request_after_a_good_one_is_answered_after_it(server):
+    data = exchange(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nBREW / HTTP/1.1\r\nHost: x\r\n\r\n")
+    first, _, rest = data.partition(b'{"status":"ok","store":"ok"}')
+    assert first.startswith(b"HTTP/1.1 200 "), data
+    status, _, body = response(rest)
+    assert status == 400 and body["error"]["code"] == "bad_request"
