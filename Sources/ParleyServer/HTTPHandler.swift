@@ -13,8 +13,9 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     private enum State {
         case idle
         case receiving(HTTPRequestHead, ByteBuffer?, limit: Int)
-        /// The body passed the cap; the rest is read and dropped, then 413 answers.
-        case discarding(HTTPRequestHead, limit: Int)
+        /// The body passes the cap: 413 answered (`answered`: once written), the rest of the
+        /// request is read and dropped, then the connection closes.
+        case discarding(answered: EventLoopFuture<Void>)
         /// The connection is being closed (a request the parser refused was answered).
         case closing
     }
@@ -46,10 +47,22 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         switch (unwrapInboundIn(data), state) {
         case (.head(let head), _):
             timeouts?.headReceived()
-            state = .receiving(head, nil, limit: limit(for: head))
+            let limit = limit(for: head)
+            if let declared = head.headers.first(name: "content-length").flatMap(Int.init), declared > limit {
+                // Over the cap by its own account: answered now, so a client that waits for
+                // `100 Continue` (curl does past 1 MiB) never sends the body, and one that is
+                // sending it hears at once.
+                state = .discarding(answered: refuse(head, over: limit, context: context))
+                return
+            }
+            if Self.expectsContinue(head) {
+                // Without it such a client waits (curl a second) before it sends the body.
+                context.writeAndFlush(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .continue))), promise: nil)
+            }
+            state = .receiving(head, nil, limit: limit)
         case (.body(var chunk), .receiving(let head, var body, let limit)):
             if (body?.readableBytes ?? 0) + chunk.readableBytes > limit {
-                state = .discarding(head, limit: limit)
+                state = .discarding(answered: refuse(head, over: limit, context: context))
             } else if body == nil {
                 state = .receiving(head, chunk, limit: limit)
             } else {
@@ -66,26 +79,53 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
                 request: HTTPRequest(
                     head: head, body: body, remoteIP: api.clientIP(context.channel, head.headers),
                     id: api.ids.make(.request)))
-        case (.end, .discarding(let head, let limit)):
+        case (.end, .discarding(let answered)):
+            // The request is over and its answer said the connection closes.
             timeouts?.requestReceived()
-            state = .idle
-            let error = APIError(.payloadTooLarge, .tooLarge, "the request body is larger than \(limit) bytes")
-            let id = api.ids.make(.request)
-            api.logger.info("request", metadata: ["request": "\(id)", "method": "\(head.method)", "status": "413"])
-            var response = error.response
-            response.headers.replaceOrAdd(name: "x-request-id", value: id)
-            write(response, for: head, keepAlive: false, context: context)
+            state = .closing
+            let channel = context.channel
+            answered.whenComplete { _ in channel.close(promise: nil) }
         case (.end, .idle), (_, .closing):
             break
         }
+    }
+
+    /// Whether the client waits for `100 Continue` before it sends the body it announced (never
+    /// sent to an HTTP/1.0 client, RFC 9110 section 10.1.1).
+    static func expectsContinue(_ head: HTTPRequestHead) -> Bool {
+        guard (head.version.major, head.version.minor) >= (1, 1), head.headers["expect"].contains(where: { $0.lowercased() == "100-continue" }) else {
+            return false
+        }
+        let declared = head.headers.first(name: "content-length").flatMap(Int.init) ?? 0
+        return declared > 0 || head.headers["transfer-encoding"].contains { $0.lowercased().contains("chunked") }
+    }
+
+    /// Answers 413 before the request's end (its connection closes once the request is read),
+    /// and returns when that answer is written.
+    private func refuse(_ head: HTTPRequestHead, over limit: Int, context: ChannelHandlerContext) -> EventLoopFuture<Void> {
+        timeouts?.answeredEarly()
+        let error = APIError(.payloadTooLarge, .tooLarge, "the request body is larger than \(limit) bytes")
+        let id = api.ids.make(.request)
+        api.logger.info("request", metadata: ["request": "\(id)", "method": "\(head.method)", "status": "413"])
+        var response = error.response
+        response.headers.replaceOrAdd(name: "x-request-id", value: id)
+        return write(response, for: head, keepAlive: false, closing: false, context: context)
     }
 
     /// A request NIO's parser refused (a bad method, length, header or chunk): its framing is
     /// lost, so it is answered with a JSON error and the connection closes once that is written,
     /// not left open until the head timeout writes a 408 after it.
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        guard case .closing = state else {
-            guard let parserError = error as? HTTPParserError else { return context.fireErrorCaught(error) }
+        guard let parserError = error as? HTTPParserError else { return context.fireErrorCaught(error) }
+        switch state {
+        case .closing:
+            return  // what the parser says about the bytes after it does not matter any more
+        case .discarding(let answered):
+            // Answered already (413): closed once that is written.
+            state = .closing
+            let channel = context.channel
+            answered.whenComplete { _ in channel.close(promise: nil) }
+        case .idle, .receiving:
             state = .closing
             let refusal =
                 parserError == .headerOverflow
@@ -97,9 +137,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             var response = refusal.response
             response.headers.replaceOrAdd(name: "x-request-id", value: id)
             write(response, for: head, keepAlive: false, context: context)
-            return
         }
-        // Closing: what the parser says about the bytes after it does not matter any more.
     }
 
     private func respond(context: ChannelHandlerContext, head: HTTPRequestHead, request: HTTPRequest) {
@@ -111,9 +149,15 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
     }
 
-    private func write(_ response: HTTPResponse, for request: HTTPRequestHead, keepAlive: Bool, context: ChannelHandlerContext) {
+    /// Writes a response; without `keepAlive` the connection closes once it is written, unless
+    /// `closing` is false (the caller closes it later). Returns when it is written.
+    @discardableResult
+    private func write(
+        _ response: HTTPResponse, for request: HTTPRequestHead, keepAlive: Bool, closing: Bool = true, context: ChannelHandlerContext
+    ) -> EventLoopFuture<Void> {
         if let stream = response.stream, request.method != .HEAD {
-            return writeStreamed(response, stream, for: request, keepAlive: keepAlive, context: context)
+            writeStreamed(response, stream, for: request, keepAlive: keepAlive, context: context)
+            return context.eventLoop.makeSucceededVoidFuture()
         }
         var headers = response.headers
         headers.add(contentsOf: extraHeaders)
@@ -126,10 +170,11 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         let written = context.writeAndFlush(wrapOutboundOut(.end(nil)))
         if !keepAlive {
             let channel = context.channel
-            written.whenComplete { _ in channel.close(promise: nil) }
+            if closing { written.whenComplete { _ in channel.close(promise: nil) } }
         } else if let timeouts {
             written.assumeIsolated().whenSuccess { timeouts.responseSent() }
         }
+        return written
     }
 
     /// Sends the head, then lets the producer write the body off the event loop. Without a

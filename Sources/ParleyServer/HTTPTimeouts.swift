@@ -150,6 +150,8 @@ final class HTTPTimeoutHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var timer: Scheduled<Void>?
     /// Bytes of a next (pipelined) request came while answering this one.
     private var readAhead = false
+    /// The request being read was answered already (`answeredEarly`).
+    private var answered = false
     private var context: ChannelHandlerContext?
 
     init(timeouts: HTTPTimeouts, registry: HTTPConnectionRegistry?) {
@@ -192,6 +194,10 @@ final class HTTPTimeoutHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// A request's head was parsed: its body (if any) must keep coming.
     func headReceived() { enter(.body) }
 
+    /// The request was answered before its end (a body over the cap): a timeout now only closes,
+    /// since a 408 after that answer would read as garbage.
+    func answeredEarly() { answered = true }
+
     /// The whole request arrived: no client deadline while the server answers it.
     func requestReceived() { enter(.responding) }
 
@@ -226,7 +232,7 @@ final class HTTPTimeoutHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     private func expire(context: ChannelHandlerContext) {
-        if phase == .idle {
+        if phase == .idle || answered {
             context.close(promise: nil)
             return
         }

@@ -67,3 +67,68 @@ def test_a_refused_request_after_a_good_one_is_answered_after_it(server):
     assert first.startswith(b"HTTP/1.1 200 "), data
     status, _, body = response(rest)
     assert status == 400 and body["error"]["code"] == "bad_request"
+
+
+def head_only(server, path, headers, version="1.1"):
+    """A socket that sent a request head and no body yet."""
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(f"POST {path} HTTP/{version}\r\nHost: x\r\n".encode() + "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode() + b"\r\n")
+    sock.settimeout(5)
+    return sock
+
+
+def read_response(sock):
+    """One whole response with a Content-Length body, read from `sock`."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head = data.split(b"\r\n\r\n", 1)[0]
+    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")))
+    while len(data) < len(head) + 4 + length:
+        data += sock.recv(65536)
+    return response(data)
+
+
+def test_a_client_that_expects_100_continue_hears_it_before_it_sends_the_body(server):
+    body = json.dumps({"name": "Ada"}).encode()
+    sock = head_only(server, "/v1/clones", {
+        "Authorization": f"Bearer {server.token('alice')}", "Content-Type": "application/json",
+        "Content-Length": len(body), "Expect": "100-continue", "Connection": "close"})
+    assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n", "nothing else before the body"
+    sock.sendall(body)
+    status, _, clone = read_response(sock)
+    assert status == 201 and clone["name"] == "Ada"
+
+
+def test_an_http_1_0_client_gets_no_100_continue(server):
+    body = json.dumps({"name": "Ada"}).encode()
+    sock = head_only(server, "/v1/clones", {
+        "Authorization": f"Bearer {server.token('alice')}", "Content-Type": "application/json",
+        "Content-Length": len(body), "Expect": "100-continue"}, version="1.0")
+    sock.sendall(body)
+    status, _, _ = read_response(sock)
+    assert status == 201, "the final answer is the first thing it reads"
+
+
+@pytest.mark.parametrize("expect", [True, False])
+def test_a_body_announced_over_the_cap_is_refused_before_it_is_sent(server, expect):
+    headers = {"Content-Type": "application/json", "Content-Length": 2 * 1024 * 1024}
+    if expect:
+        headers["Expect"] = "100-continue"
+    sock = head_only(server, "/v1/clones", headers)
+    status, headers, body = read_response(sock)
+    assert status == 413 and headers["connection"] == "close" and body["error"]["code"] == "too_large"
+    # A client that sends the body anyway is read to its end, then the connection closes.
+    sock.sendall(b"x" * (2 * 1024 * 1024))
+    assert sock.recv(65536) == b"", "closed after the body, with nothing more said"
+
+
+def test_a_chunked_body_is_refused_once_it_passes_the_cap_and_closed_at_its_end(server):
+    sock = head_only(server, "/v1/clones", {"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+    piece = b"x" * 65536
+    for _ in range(17):  # 1.06 MiB, past the 1 MiB cap, and the body has not ended
+        sock.sendall(b"10000\r\n" + piece + b"\r\n")
+    status, headers, body = read_response(sock)
+    assert status == 413 and headers["connection"] == "close" and body["error"]["code"] == "too_large"
+    sock.sendall(b"0\r\n\r\n")
+    assert sock.recv(65536) == b"", "closed at the body's end, with nothing more said"

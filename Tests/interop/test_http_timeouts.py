@@ -84,6 +84,16 @@ def test_a_stalled_body_gets_408_and_a_trickling_one_is_read(server):
     assert data.startswith(b"HTTP/1.1 404 "), "read whole and answered (dev sign-in is off here)"
 
 
+def test_a_body_refused_at_its_head_and_never_sent_is_closed_at_the_body_timeout_with_nothing_after_the_413(server):
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(b"POST /v1/clones HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\nExpect: 100-continue\r\n\r\n")
+    data = read_until_closed(sock, 5)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 ") and b"connection: close" in head, data
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    assert body.startswith(b'{"error":{"code":"too_large"') and len(body) == length, f"no 408 after the 413: {data!r}"
+
+
 def test_an_idle_keep_alive_connection_is_closed_without_a_response(server):
     sock = socket.create_connection(("127.0.0.1", server.port))
     sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
