@@ -45,6 +45,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch (unwrapInboundIn(data), state) {
+        case (_, .closing):
+            break  // a request pipelined behind one whose answer closes the connection
         case (.head(let head), _):
             timeouts?.headReceived()
             let limit = limit(for: head)
@@ -85,7 +87,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             state = .closing
             let channel = context.channel
             answered.whenComplete { _ in channel.close(promise: nil) }
-        case (.end, .idle), (_, .closing):
+        case (.end, .idle):
             break
         }
     }

@@ -118,9 +118,15 @@ def test_a_body_announced_over_the_cap_is_refused_before_it_is_sent(server, expe
     sock = head_only(server, "/v1/clones", headers)
     status, headers, body = read_response(sock)
     assert status == 413 and headers["connection"] == "close" and body["error"]["code"] == "too_large"
-    # A client that sends the body anyway is read to its end, then the connection closes.
-    sock.sendall(b"x" * (2 * 1024 * 1024))
+    # A client that sends the body anyway is read to its end, then the connection closes: a
+    # request pipelined behind it is neither answered nor carried out.
+    token = server.token("pipeliner")
+    clone = json.dumps({"name": "Behind"}).encode()
+    behind = (f"POST /v1/clones HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+              f"Content-Type: application/json\r\nContent-Length: {len(clone)}\r\n\r\n").encode() + clone
+    sock.sendall(b"x" * (2 * 1024 * 1024) + behind)
     assert sock.recv(65536) == b"", "closed after the body, with nothing more said"
+    assert server.http("GET", "/v1/clones", token=token) == (200, {"clones": []})
 
 
 def test_a_chunked_body_is_refused_once_it_passes_the_cap_and_closed_at_its_end(server):
