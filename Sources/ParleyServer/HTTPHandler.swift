@@ -127,6 +127,10 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             state = .closing
             let channel = context.channel
             answered.whenComplete { _ in channel.close(promise: nil) }
+        case _ where parserError == .closedConnection:
+            // Bytes after a request that said `Connection: close`: its answer said so too and
+            // closes the connection once written; nothing after it is answered (RFC 9112 9.6).
+            state = .closing
         case .idle, .receiving:
             state = .closing
             let refusal =

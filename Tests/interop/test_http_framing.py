@@ -138,3 +138,14 @@ def test_a_chunked_body_is_refused_once_it_passes_the_cap_and_closed_at_its_end(
     assert status == 413 and headers["connection"] == "close" and body["error"]["code"] == "too_large"
     sock.sendall(b"0\r\n\r\n")
     assert sock.recv(65536) == b"", "closed at the body's end, with nothing more said"
+
+
+def test_nothing_after_a_request_that_says_connection_close_is_answered_or_carried_out(server):
+    token = server.token("closer")
+    clone = json.dumps({"name": "Behind"}).encode()
+    behind = (f"POST /v1/clones HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+              f"Content-Type: application/json\r\nContent-Length: {len(clone)}\r\n\r\n").encode() + clone
+    data = exchange(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" + behind)
+    status, headers, body = response(data)  # one response, nothing after it
+    assert status == 200 and headers["connection"] == "close" and body["status"] == "ok"
+    assert server.http("GET", "/v1/clones", token=token) == (200, {"clones": []})
