@@ -7,6 +7,7 @@ import socket
 import pytest
 
 from conftest import Server
+from test_http_timeouts import read_until_closed
 
 
 @pytest.fixture(scope="module")
@@ -19,18 +20,9 @@ def server(tmp_path_factory):
 def exchange(server, request, limit=5):
     """Sends `request`, then returns everything the server sent until it closed; fails if the
     connection is still open after `limit` seconds."""
-    sock = socket.create_connection(("127.0.0.1", server.port))
-    sock.sendall(request)
-    sock.settimeout(limit)
-    data = b""
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-    except socket.timeout:
-        pytest.fail(f"still open after {limit} s; got {data[:300]!r}")
-    finally:
-        sock.close()
-    return data
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(request)
+        return read_until_closed(sock, limit)
 
 
 def response(data):
