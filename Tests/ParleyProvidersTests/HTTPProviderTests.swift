@@ -1,4 +1,5 @@
 import AsyncHTTPClient
+import Glibc
 import NIOCore
 import NIOHTTP1
 import NIOPosix
@@ -391,7 +392,9 @@ let openAITranscript = """
     }
 
     @Test(arguments: [false, true]) func aModelServerThatIsNotThereIsRetriedThenNamedUnreachable(own: Bool) async throws {
-        let port = try await freePort()
+        let refusing = try RefusingPort()
+        defer { refusing.close() }
+        let port = refusing.port
         var options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(port)/v1", model: "smol")
         options.retries = 1
         options.connectTimeout = .milliseconds(300)
@@ -507,6 +510,32 @@ let openAITranscript = """
     }
 
     /// A port that was just free: nothing listens on it.
+    /// A port bound but not listening, for as long as it stays open: connecting to it is refused,
+    /// and no other test's server can take it meanwhile (a port found free and let go could be:
+    /// a CI run's provider once reached a Parley test server there and heard its 404).
+    struct RefusingPort {
+        let port: Int
+        private let descriptor: Int32
+
+        init() throws {
+            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            var address = sockaddr_in()
+            address.sin_family = sa_family_t(AF_INET)
+            address.sin_addr.s_addr = inet_addr("127.0.0.1")
+            var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+            let bound = withUnsafeMutablePointer(to: &address) { pointer in
+                pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { address in
+                    bind(fd, address, length) == 0 && getsockname(fd, address, &length) == 0
+                }
+            }
+            guard fd >= 0, bound else { throw IOError(errnoCode: errno, reason: "binding a refusing port") }
+            descriptor = fd
+            port = Int(UInt16(bigEndian: address.sin_port))
+        }
+
+        func close() { _ = Glibc.close(descriptor) }
+    }
+
     func freePort() async throws -> Int {
         let listener = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton).bind(host: "127.0.0.1", port: 0).get()
         let port = try #require(listener.localAddress?.port)
