@@ -50,13 +50,16 @@ final class FakeUpstream: Sendable {
 
     var port: Int { channel.localAddress!.port! }
 
+    /// `port`: one a `RefusingPort(shared: true)` holds (both bind it with `SO_REUSEPORT`).
     init(_ replies: [Reply], port: Int = 0) async throws {
         let script = Script(replies)
         let closed = MultiThreadedEventLoopGroup.singleton.any().makePromise(of: Void.self)
         let accepted = self.accepted
         self.script = script
         self.closed = closed
+        let reusePort = ChannelOptions.Types.SocketOption(level: .socket, name: NIOBSDSocket.Option(rawValue: CInt(SO_REUSEPORT)))
         channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .serverChannelOption(reusePort, value: port == 0 ? 0 : 1)
             .childChannelInitializer { channel in
                 accepted.value.add(1, ordering: .relaxed)
                 return channel.eventLoop.makeCompletedFuture {
@@ -464,7 +467,9 @@ let openAITranscript = """
     /// A model server that is still starting (connections refused) is tried again within the
     /// connect timeout, not failed at once: the reply (allowed no retries) gets its answer.
     @Test func ownConnectionsWaitForAModelServerThatIsStarting() async throws {
-        let port = try await freePort()
+        let refusing = try RefusingPort(shared: true)
+        defer { refusing.close() }
+        let port = refusing.port
         var options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(port)/v1", model: "smol")
         options.retries = 0
         options.connectTimeout = .seconds(20)
@@ -513,12 +518,15 @@ let openAITranscript = """
     /// A port bound but not listening, for as long as it stays open: connecting to it is refused,
     /// and no other test's server can take it meanwhile (a port found free and let go could be:
     /// a CI run's provider once reached a Parley test server there and heard its 404).
+    /// `shared`: a `FakeUpstream` may still listen on it (`SO_REUSEPORT`).
     struct RefusingPort {
         let port: Int
         private let descriptor: Int32
 
-        init() throws {
+        init(shared: Bool = false) throws {
             let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            var one: Int32 = 1
+            if shared { setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, socklen_t(MemoryLayout<Int32>.size)) }
             var address = sockaddr_in()
             address.sin_family = sa_family_t(AF_INET)
             address.sin_addr.s_addr = inet_addr("127.0.0.1")
@@ -534,13 +542,6 @@ let openAITranscript = """
         }
 
         func close() { _ = Glibc.close(descriptor) }
-    }
-
-    func freePort() async throws -> Int {
-        let listener = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton).bind(host: "127.0.0.1", port: 0).get()
-        let port = try #require(listener.localAddress?.port)
-        try await listener.close()
-        return port
     }
 
     /// Starts `request` on `provider` pushing to `loop`, and returns once the reply finished: its
