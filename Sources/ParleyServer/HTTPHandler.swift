@@ -136,13 +136,23 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             let refusal =
                 parserError == .headerOverflow
                 ? APIError(.requestHeaderFieldsTooLarge, .tooLarge, "the request's head is too large")
-                : APIError(.badRequest, .badRequest, "the request is not valid HTTP/1.1 (\(parserError))")
+                : APIError(.badRequest, .badRequest, "the request is not valid HTTP/1.1" + Self.detail(parserError))
             let head = HTTPRequestHead(version: .http1_1, method: .GET, uri: "")
             let id = api.ids.make(.request)
             api.logger.info("request", metadata: ["request": "\(id)", "status": "\(refusal.status.code)", "error": "\(parserError)"])
             var response = refusal.response
             response.headers.replaceOrAdd(name: "x-request-id", value: id)
             write(response, for: head, keepAlive: false, context: context)
+        }
+    }
+
+    /// What the parser found, in the client's terms: NIO's own words where they say it, none
+    /// where they only name the parser's state.
+    static func detail(_ error: HTTPParserError) -> String {
+        switch error {
+        case .paused: " (it looks like HTTP/2, which this server does not speak)"
+        case .unknown, .invalidInternalState, .strictModeAssertion: ""
+        default: " (\(error))"
         }
     }
 

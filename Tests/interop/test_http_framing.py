@@ -47,6 +47,17 @@ def test_a_request_the_parser_refuses_gets_a_json_400_and_the_connection_closes(
     assert body["error"]["message"].startswith("the request is not valid HTTP/1.1 (") and detail in body["error"]["message"]
 
 
+@pytest.mark.parametrize("request_bytes, message", [
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "the request is not valid HTTP/1.1 (it looks like HTTP/2, which this server does not speak)"),
+    # Both lengths (a request smuggler's pair): the parser says nothing a client could use.
+    (b"POST /v1/clones HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+     "the request is not valid HTTP/1.1"),
+])
+def test_what_the_parser_cannot_say_in_a_clients_terms_is_said_plainly(server, request_bytes, message):
+    status, _, body = response(exchange(server, request_bytes))
+    assert status == 400 and body["error"]["message"] == message
+
+
 def test_a_head_too_large_gets_431(server):
     status, headers, body = response(exchange(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n"))
     assert status == 431 and headers["connection"] == "close"
