@@ -16,7 +16,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         /// The body passes the cap: 413 answered (`answered`: once written), the rest of the
         /// request is read and dropped, then the connection closes.
         case discarding(answered: EventLoopFuture<Void>)
-        /// The connection is being closed (a request the parser refused was answered).
+        /// The connection is being closed, its last answer given: nothing read now is a request.
         case closing
     }
 
