@@ -1,3 +1,4 @@
+import Logging
 import NIOCore
 import NIOHTTP1
 
@@ -50,14 +51,15 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         case (.head(let head), _):
             timeouts?.headReceived()
             let limit = limit(for: head)
-            if let declared = head.headers.first(name: "content-length").flatMap(Int.init), declared > limit {
+            let declared = head.headers.first(name: "content-length").flatMap(Int.init)
+            if let declared, declared > limit {
                 // Over the cap by its own account: answered now, so a client that waits for
                 // `100 Continue` (curl does past 1 MiB) never sends the body, and one that is
                 // sending it hears at once.
                 state = .discarding(answered: refuse(head, over: limit, context: context))
                 return
             }
-            if Self.expectsContinue(head) {
+            if Self.expectsContinue(head, declaredLength: declared) {
                 // Without it such a client waits (curl a second) before it sends the body.
                 context.writeAndFlush(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .continue))), promise: nil)
             }
@@ -84,9 +86,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         case (.end, .discarding(let answered)):
             // The request is over and its answer said the connection closes.
             timeouts?.requestReceived()
-            state = .closing
-            let channel = context.channel
-            answered.whenComplete { _ in channel.close(promise: nil) }
+            close(after: answered, context: context)
         case (.end, .idle):
             break
         }
@@ -94,24 +94,40 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     /// Whether the client waits for `100 Continue` before it sends the body it announced (never
     /// sent to an HTTP/1.0 client, RFC 9110 section 10.1.1).
-    static func expectsContinue(_ head: HTTPRequestHead) -> Bool {
+    static func expectsContinue(_ head: HTTPRequestHead, declaredLength: Int?) -> Bool {
         guard (head.version.major, head.version.minor) >= (1, 1), head.headers["expect"].contains(where: { $0.lowercased() == "100-continue" }) else {
             return false
         }
-        let declared = head.headers.first(name: "content-length").flatMap(Int.init) ?? 0
-        return declared > 0 || head.headers["transfer-encoding"].contains { $0.lowercased().contains("chunked") }
+        return (declaredLength ?? 0) > 0 || head.headers["transfer-encoding"].contains { $0.lowercased().contains("chunked") }
     }
 
     /// Answers 413 before the request's end (its connection closes once the request is read),
     /// and returns when that answer is written.
     private func refuse(_ head: HTTPRequestHead, over limit: Int, context: ChannelHandlerContext) -> EventLoopFuture<Void> {
         timeouts?.answeredEarly()
-        let error = APIError(.payloadTooLarge, .tooLarge, "the request body is larger than \(limit) bytes")
+        let refusal = APIError(.payloadTooLarge, .tooLarge, "the request body is larger than \(limit) bytes")
+        return answer(refusal, for: head, logging: ["method": "\(head.method)"], closing: false, context: context)
+    }
+
+    /// Answers `refusal` here, not through the API (with an id and a log line of its own), and
+    /// closes the connection once it is written unless `closing` is false (the caller closes it
+    /// later). Returns when it is written.
+    private func answer(
+        _ refusal: APIError, for head: HTTPRequestHead, logging metadata: Logger.Metadata, closing: Bool, context: ChannelHandlerContext
+    ) -> EventLoopFuture<Void> {
         let id = api.ids.make(.request)
-        api.logger.info("request", metadata: ["request": "\(id)", "method": "\(head.method)", "status": "413"])
-        var response = error.response
+        api.logger.info("request", metadata: metadata.merging(["request": "\(id)", "status": "\(refusal.status.code)"]) { $1 })
+        var response = refusal.response
         response.headers.replaceOrAdd(name: "x-request-id", value: id)
-        return write(response, for: head, keepAlive: false, closing: false, context: context)
+        return write(response, for: head, keepAlive: false, closing: closing, context: context)
+    }
+
+    /// Closes the connection once its last answer, `answered`, is written; nothing read
+    /// meanwhile is a request.
+    private func close(after answered: EventLoopFuture<Void>, context: ChannelHandlerContext) {
+        state = .closing
+        let channel = context.channel
+        answered.whenComplete { _ in channel.close(promise: nil) }
     }
 
     /// A request NIO's parser refused (a bad method, length, header or chunk): its framing is
@@ -123,10 +139,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         case .closing:
             return  // what the parser says about the bytes after it does not matter any more
         case .discarding(let answered):
-            // Answered already (413): closed once that is written.
-            state = .closing
-            let channel = context.channel
-            answered.whenComplete { _ in channel.close(promise: nil) }
+            close(after: answered, context: context)  // answered already (413)
         case _ where parserError == .closedConnection:
             // Bytes after a request that said `Connection: close`: its answer said so too and
             // closes the connection once written; nothing after it is answered (RFC 9112 9.6).
@@ -137,12 +150,9 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
                 parserError == .headerOverflow
                 ? APIError(.requestHeaderFieldsTooLarge, .tooLarge, "the request's head is too large")
                 : APIError(.badRequest, .badRequest, "the request is not valid HTTP/1.1" + Self.detail(parserError))
-            let head = HTTPRequestHead(version: .http1_1, method: .GET, uri: "")
-            let id = api.ids.make(.request)
-            api.logger.info("request", metadata: ["request": "\(id)", "status": "\(refusal.status.code)", "error": "\(parserError)"])
-            var response = refusal.response
-            response.headers.replaceOrAdd(name: "x-request-id", value: id)
-            write(response, for: head, keepAlive: false, context: context)
+            _ = answer(
+                refusal, for: HTTPRequestHead(version: .http1_1, method: .GET, uri: ""), logging: ["error": "\(parserError)"], closing: true,
+                context: context)
         }
     }
 
