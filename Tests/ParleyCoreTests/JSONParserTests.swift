@@ -115,6 +115,28 @@ struct DecodedByFoundation: Decodable {
         #expect(distinct["alg"] == .string("HS256") && distinct["a"]?["alg"] == .int(1))
     }
 
+    /// Past `JSONParser.scannedMembers` a set finds a repeated key instead of a scan: both ways
+    /// keep the first value, and refuse it when asked, whichever earlier key comes again.
+    @Test(arguments: [1, 15, 16, 17, 40, 5_000])
+    func aRepeatedKeyIsFoundInAnObjectOfAnySize(_ count: Int) throws {
+        let members = (0..<count).map { #""k\#($0)":\#($0)"# }
+        for repeated in Set([0, count / 2, count - 1]) {
+            let text = "{" + (members + [#""k\#(repeated)":-1"#, #""z":0"#]).joined(separator: ",") + "}"
+            let value = try JSONValue.parse(Array(text.utf8))
+            guard case .object(let pairs) = value else {
+                Issue.record("not an object")
+                return
+            }
+            #expect(pairs.count == count + 1, "\(count) keys, k\(repeated) again")
+            #expect(value["k\(repeated)"] == .int(Int64(repeated)), "the first value stays")
+            #expect(pairs.last?.0 == "z")
+            let error = #expect(throws: JSONSyntaxError.self) { try JSONValue.parse(Array(text.utf8), refusingRepeatedKeys: true) }
+            #expect(error?.reason == #"the key "k\#(repeated)" is repeated"#)
+        }
+        let distinct = "{" + members.joined(separator: ",") + "}"
+        #expect(try JSONValue.parse(Array(distinct.utf8), refusingRepeatedKeys: true)["k\(count - 1)"] == .int(Int64(count - 1)))
+    }
+
     /// JSONDecoder let these through; RFC 8259 has no trailing comma.
     @Test(arguments: ["[1,]", #"{"a":1,}"#, "[,]"])
     func aTrailingCommaIsRefused(_ text: String) {
