@@ -151,9 +151,10 @@ extension ClientFrame {
     ) throws(FrameError) -> ClientFrame {
         let value: JSONValue
         do {
-            value = try JSONValue.parse(bytes)
+            value = try JSONValue.parse(bytes, refusingRepeatedKeys: true)
         } catch {
-            throw FrameError(ref: nil, code: .badRequest, message: "malformed JSON")
+            // A repeated member too (`HTTPRequest.json` says why).
+            throw FrameError(ref: nil, code: .badRequest, message: "malformed JSON: \(error.explanation)")
         }
         guard case .object = value else {
             throw FrameError(ref: nil, code: .badRequest, message: "a frame must be a JSON object")

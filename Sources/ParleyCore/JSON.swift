@@ -55,8 +55,8 @@ public enum JSONValue: Sendable, Equatable {
     /// Parses UTF-8 JSON text (RFC 8259, strictly: see `JSONParser`); with a `shape`, builds only
     /// the members it names (the text is checked whole all the same, with the same errors).
     /// `refusingRepeatedKeys`: an object naming a member twice is an error, where it otherwise
-    /// keeps the first value (a JOSE header: RFC 7515 4 lets a reader refuse it, so two readers
-    /// of one header cannot disagree on its `alg`).
+    /// keeps the first value (a JOSE header, RFC 7515 4, a request body or a client frame: two
+    /// readers of one text must not disagree on what it says).
     public static func parse<Bytes: Sequence>(
         _ bytes: Bytes, keeping shape: JSONShape = .everything, refusingRepeatedKeys: Bool = false
     ) throws(JSONSyntaxError) -> JSONValue where Bytes.Element == UInt8 {

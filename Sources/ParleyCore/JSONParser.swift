@@ -4,6 +4,8 @@ public struct JSONSyntaxError: Error, Equatable, CustomStringConvertible {
     public let reason: String
 
     public var description: String { "invalid JSON at byte \(offset): \(reason)" }
+    /// What is wrong and where, as an error message ends: "unexpected character at byte 7".
+    public var explanation: String { "\(reason) at byte \(offset)" }
 }
 
 /// Which parts of a JSON text to build (`JSONValue.parse(_:keeping:)`); the rest are checked as
@@ -32,15 +34,16 @@ public indirect enum JSONShape: Sendable {
 /// stream chunk is parsed here. Same answers as the decoder: integers that fit `Int64` are `.int`,
 /// other numbers `.double` (non-finite ones are refused); strings must be valid UTF-8 with no raw
 /// control characters, `\u` escapes must pair their surrogates; nesting stops at 512 levels; a
-/// repeated object key keeps its first value; a leading byte order mark is skipped. One difference:
-/// trailing commas (`[1,]`), which the decoder let through, are refused, as RFC 8259 says.
+/// repeated object key keeps its first value (or is refused, when asked); a leading byte order mark
+/// is skipped. One difference: trailing commas (`[1,]`), which the decoder let through, are
+/// refused, as RFC 8259 says.
 struct JSONParser: ~Copyable {
     static let maxDepth = 512
 
     private let bytes: UnsafeBufferPointer<UInt8>
     private var index = 0
     private var depth = 0
-    /// A repeated object key is an error rather than ignored (a JOSE header, RFC 7515 4).
+    /// A repeated object key is an error rather than ignored (a JOSE header, a request, a frame).
     private let refusesRepeatedKeys: Bool
 
     private init(_ bytes: UnsafeBufferPointer<UInt8>, refusesRepeatedKeys: Bool) {
@@ -112,6 +115,7 @@ struct JSONParser: ~Copyable {
         if try enterIsEmpty(closing: "}") { return .object(pairs) }
         while true {
             try atKey()
+            let keyStart = index
             let key = try string()
             try pastColon()
             if let kept = shape.member(key) {
@@ -119,7 +123,7 @@ struct JSONParser: ~Copyable {
                 if Self.isNew(key, in: pairs, keys: &keys) {
                     pairs.append((key, member))
                 } else if refusesRepeatedKeys {
-                    throw error("the key \"\(key)\" is repeated")
+                    throw JSONSyntaxError(offset: keyStart, reason: "the key \(Self.quoted(key)) is repeated")
                 }
             } else {
                 try skip()
@@ -139,6 +143,12 @@ struct JSONParser: ~Copyable {
     }
 
     static let scannedMembers = 16
+
+    /// A key as an error message names it: quoted, and cut at 64 characters (the message goes
+    /// back to the client, and into the log).
+    private static func quoted(_ key: String) -> String {
+        key.count <= 64 ? "\"\(key)\"" : "\"\(key.prefix(64))…\""
+    }
 
     /// At an object's member: its key's opening quote must be here.
     private func atKey() throws(JSONSyntaxError) {

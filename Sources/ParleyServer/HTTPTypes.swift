@@ -34,13 +34,15 @@ struct HTTPRequest: Sendable {
         self.query = query
     }
 
-    /// The body parsed as JSON; a 400 when absent or malformed.
+    /// The body parsed as JSON; a 400 when absent or malformed, saying what is wrong and where.
+    /// A member named twice is refused: readers disagree on which value counts (the first here,
+    /// the last in JavaScript), so a request must not mean two things.
     func json() throws(APIError) -> JSONValue {
         guard let body, body.readableBytes > 0 else { throw APIError(.badRequest, .badRequest, "the request needs a JSON body") }
         do {
-            return try JSONValue.parse(body.readableBytesView)
+            return try JSONValue.parse(body.readableBytesView, refusingRepeatedKeys: true)
         } catch {
-            throw APIError(.badRequest, .badRequest, "the body is not valid JSON")
+            throw APIError(.badRequest, .badRequest, "the body is not valid JSON: \(error.explanation)")
         }
     }
 }

@@ -40,7 +40,11 @@ import Testing
     }
 
     @Test func malformedFramesAreBadRequestsWithTheIdWhenReadable() {
-        #expect(failure("{nope") == FrameError(ref: nil, code: .badRequest, message: "malformed JSON"))
+        #expect(failure("{nope") == FrameError(ref: nil, code: .badRequest, message: "malformed JSON: expected a key in quotes at byte 1"))
+        // Named twice, a member would mean one thing here and another to a reader keeping the last.
+        #expect(
+            failure(#"{"type":"chat.send","id":"a","type":"room.leave"}"#)
+                == FrameError(ref: nil, code: .badRequest, message: #"malformed JSON: the key "type" is repeated at byte 29"#))
         #expect(failure("[1,2]")?.code == .badRequest)
         #expect(failure(#"{"id":"x"}"#) == FrameError(ref: "x", code: .badRequest, message: "missing field 'type'"))
         #expect(failure(#"{"type":"chat.send"}"#)?.message == "missing field 'id'")

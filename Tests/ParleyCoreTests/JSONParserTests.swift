@@ -111,6 +111,12 @@ struct DecodedByFoundation: Decodable {
         for text in [#"{"k":1,"j":0,"k":2}"#, #"{"a":{"k":1,"k":1}}"#] {
             #expect(throws: JSONSyntaxError.self) { try JSONValue.parse(Array(text.utf8), refusingRepeatedKeys: true) }
         }
+        // The error names the key where it comes again, cut short when it is long.
+        let long = String(repeating: "x", count: 100)
+        let error = #expect(throws: JSONSyntaxError.self) {
+            try JSONValue.parse(Array(#"{"\#(long)":1, "\#(long)":2}"#.utf8), refusingRepeatedKeys: true)
+        }
+        #expect(error == JSONSyntaxError(offset: 107, reason: #"the key "\#(long.prefix(64))…" is repeated"#))
         let distinct = try JSONValue.parse(Array(#"{"alg":"HS256","typ":"JWT","a":{"alg":1}}"#.utf8), refusingRepeatedKeys: true)
         #expect(distinct["alg"] == .string("HS256") && distinct["a"]?["alg"] == .int(1))
     }

@@ -199,7 +199,8 @@ import Testing
         let token = try await server.token("alice")
         let cases: [([UInt8]?, String)] = [
             (nil, "the request needs a JSON body"),
-            (Array("{oops".utf8), "the body is not valid JSON"),
+            (Array("{oops".utf8), "the body is not valid JSON: expected a key in quotes at byte 1"),
+            (Array(#"{"name":"A","name":"B"}"#.utf8), #"the body is not valid JSON: the key "name" is repeated at byte 12"#),
             (Array(#"{"traits":[]}"#.utf8), "missing field 'name'"),
             (Array(#"{"name":"A","sliders":{"x":500}}"#.utf8), "slider 'x' must be between 0 and 100"),
             (Array(#"{"name":"A","nmae":"B"}"#.utf8), "unknown field 'nmae'"),
