@@ -28,37 +28,45 @@ public struct SSEParser: Sendable {
     private var afterCR = false
     private var atStart = true
     private var data: [String] = []
+    /// Bytes of `data` so far: an event's data is bounded as a line is.
+    private var dataBytes = 0
     private var hasData = false
     private var event: String?
     private var id: String?
-    /// Longest line accepted; a longer one is an error, not unbounded memory.
+    /// Longest line accepted, and most data one event may gather from its `data` lines; more
+    /// is an error, not unbounded memory (an upstream sending `data` lines and never the empty
+    /// line that ends an event would otherwise grow one until a timeout).
     public let maxLineBytes: Int
 
-    public struct LineTooLong: Error, Equatable {}
+    /// What passed `maxLineBytes`.
+    public enum TooLong: Error, Equatable {
+        case line
+        case eventData
+    }
 
     public init(maxLineBytes: Int = 1 << 20) {
         self.maxLineBytes = maxLineBytes
     }
 
     /// Parses `bytes` and returns the events they completed, in order.
-    public mutating func feed(_ bytes: some Sequence<UInt8>) throws(LineTooLong) -> [SSEEvent] {
+    public mutating func feed(_ bytes: some Sequence<UInt8>) throws(TooLong) -> [SSEEvent] {
         let contiguous = bytes.withContiguousStorageIfAvailable { buffer in
-            Result { () throws(LineTooLong) in try feed(contiguous: buffer) }
+            Result { () throws(TooLong) in try feed(contiguous: buffer) }
         }
         if let contiguous { return try contiguous.get() }
-        return try Array(bytes).withUnsafeBufferPointer { buffer throws(LineTooLong) in try feed(contiguous: buffer) }
+        return try Array(bytes).withUnsafeBufferPointer { buffer throws(TooLong) in try feed(contiguous: buffer) }
     }
 
     /// Parses the readable bytes of `buffer` (not consumed) and returns the events they completed.
-    public mutating func feed(_ buffer: ByteBuffer) throws(LineTooLong) -> [SSEEvent] {
+    public mutating func feed(_ buffer: ByteBuffer) throws(TooLong) -> [SSEEvent] {
         let parsed = buffer.withUnsafeReadableBytes { raw in
-            Result { () throws(LineTooLong) in try feed(contiguous: raw.assumingMemoryBound(to: UInt8.self)) }
+            Result { () throws(TooLong) in try feed(contiguous: raw.assumingMemoryBound(to: UInt8.self)) }
         }
         return try parsed.get()
     }
 
     /// Lines are found by scanning for CR and LF and copied whole, not byte by byte.
-    private mutating func feed(contiguous bytes: UnsafeBufferPointer<UInt8>) throws(LineTooLong) -> [SSEEvent] {
+    private mutating func feed(contiguous bytes: UnsafeBufferPointer<UInt8>) throws(TooLong) -> [SSEEvent] {
         var out: [SSEEvent] = []
         var index = 0
         while index < bytes.count {
@@ -71,17 +79,17 @@ public struct SSEParser: Sendable {
             }
             var end = index
             while end < bytes.count, bytes[end] != UInt8(ascii: "\n"), bytes[end] != UInt8(ascii: "\r") { end += 1 }
-            guard line.count + (end - index) <= maxLineBytes else { throw LineTooLong() }
+            guard line.count + (end - index) <= maxLineBytes else { throw TooLong.line }
             line.append(contentsOf: UnsafeBufferPointer(rebasing: bytes[index..<end]))
             guard end < bytes.count else { break }
             afterCR = bytes[end] == UInt8(ascii: "\r")
-            endLine(&out)
+            try endLine(&out)
             index = end + 1
         }
         return out
     }
 
-    private mutating func endLine(_ out: inout [SSEEvent]) {
+    private mutating func endLine(_ out: inout [SSEEvent]) throws(TooLong) {
         defer { line.removeAll(keepingCapacity: true) }
         if atStart {
             atStart = false
@@ -90,6 +98,7 @@ public struct SSEParser: Sendable {
         guard !line.isEmpty else {
             if hasData { out.append(SSEEvent(event: event, data: data.count == 1 ? data[0] : data.joined(separator: "\n"), id: id)) }
             data.removeAll()
+            dataBytes = 0
             hasData = false
             event = nil
             return
@@ -104,6 +113,9 @@ public struct SSEParser: Sendable {
         let field = line[..<colon]
         func value() -> String { String(decoding: line[start...], as: UTF8.self) }
         if field.elementsEqual("data".utf8) {
+            // Each line after the first adds the "\n" that joins it.
+            dataBytes += line.count - start + (hasData ? 1 : 0)
+            guard dataBytes <= maxLineBytes else { throw TooLong.eventData }
             data.append(value())
             hasData = true
         } else if field.elementsEqual("event".utf8) {

@@ -159,7 +159,8 @@ enum HTTPStreaming {
             do {
                 events = try parser.feed(buffer)
             } catch {
-                fail(Failure(message: "the model provider sent a line too long for an event stream", retryable: false))
+                let what = error == .line ? "a line" : "an event"
+                fail(Failure(message: "the model provider sent \(what) too long for an event stream", retryable: false))
                 return
             }
             for event in events {

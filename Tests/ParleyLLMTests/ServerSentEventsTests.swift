@@ -50,7 +50,7 @@ import Testing
 
     @Test func aLineLongerThanTheLimitIsAnErrorNotUnboundedMemory() {
         var parser = SSEParser(maxLineBytes: 16)
-        #expect(throws: SSEParser.LineTooLong.self) { try parser.feed(Array("data: \(String(repeating: "x", count: 32))".utf8)) }
+        #expect(throws: SSEParser.TooLong.line) { try parser.feed(Array("data: \(String(repeating: "x", count: 32))".utf8)) }
     }
 
     /// The limit counts a line's bytes across reads: exactly the limit passes, one more does not.
@@ -59,7 +59,18 @@ import Testing
         _ = try parser.feed(Array("data: 012".utf8))
         #expect(try parser.feed(Array("3456789\n\n".utf8)) == [SSEEvent(data: "0123456789")])
         _ = try parser.feed(Array("data: 012".utf8))
-        #expect(throws: SSEParser.LineTooLong.self) { try parser.feed(Array("34567890".utf8)) }
+        #expect(throws: SSEParser.TooLong.line) { try parser.feed(Array("34567890".utf8)) }
+    }
+
+    /// `data` lines that never end their event gather up to the same limit: the event's data
+    /// (joined with "\n") may be exactly that long, one byte more is an error.
+    @Test func anEventsDataIsBoundedAsALineIs() throws {
+        var parser = SSEParser(maxLineBytes: 16)
+        #expect(try parser.feed(Array("data: 0123456\ndata: 01234567\n\n".utf8)) == [SSEEvent(data: "0123456\n01234567")])
+        let second = try parser.feed(Array(":hi\nevent: e\ndata\ndata: 0123456789\n\n".utf8))
+        #expect(second == [SSEEvent(event: "e", data: "\n0123456789")])
+        _ = try parser.feed(Array("data: 01234567\ndata: 0123456".utf8))
+        #expect(throws: SSEParser.TooLong.eventData) { try parser.feed(Array("7\n".utf8)) }
     }
 
     @Test func openAIChunksBecomeTextFinishUsageAndDone() throws {

@@ -394,6 +394,24 @@ let openAITranscript = """
         await upstream.stop()
     }
 
+    /// A line past 1 MiB, or `data` lines past 1 MiB that never end their event, end the reply
+    /// saying so after the tokens sent, instead of growing without bound until a timeout.
+    @Test(arguments: [(false, false), (true, false), (false, true), (true, true)])
+    func anUpstreamLineOrEventPastItsLimitEndsTheReply(own: Bool, event: Bool) async throws {
+        let line = "data: " + String(repeating: "x", count: 1000) + "\n"
+        let flood = event ? String(repeating: line, count: 1_100) : "data: " + String(repeating: "x", count: 1_100_000)
+        let upstream = try await FakeUpstream([.hang(pieces(firstHelChunk + flood, size: 64 * 1024))])
+        var options = HTTPProviderOptions(baseURL: "http://127.0.0.1:\(upstream.port)/v1", model: "smol")
+        options.retries = 0
+        var tokens: [LLMEvent] = []
+        let what = event ? "an event" : "a line"
+        await #expect(throws: ProviderError("the model provider sent \(what) too long for an event stream")) {
+            for try await event in openAIProvider(options, own: own).stream(request) { tokens.append(event) }
+        }
+        #expect(tokens == [.token("Hel")])
+        await upstream.stop()
+    }
+
     @Test(arguments: [false, true]) func aModelServerThatIsNotThereIsRetriedThenNamedUnreachable(own: Bool) async throws {
         let refusing = try RefusingPort()
         defer { refusing.close() }
