@@ -101,11 +101,19 @@ struct ConfigSources {
 
     private func file(_ path: String, invertible: (String) -> Bool) throws(Failure) -> [String] {
         guard let data = FileManager.default.contents(atPath: path) else { throw Failure(description: "\(path): cannot be read") }
-        guard let parsed = try? JSONValue.parse(Array(data)) else { throw Failure(description: "\(path): not valid JSON") }
+        // An option named twice is refused, not settled by its first value: an operator who adds
+        // a line at the end expects it to count, as most configuration formats would.
+        let parsed: JSONValue
+        do {
+            parsed = try JSONValue.parse(Array(data), refusingRepeatedKeys: true)
+        } catch {
+            throw Failure(description: "\(path): not valid JSON: \(error.explanation)")
+        }
         guard case .object(let members) = parsed else {
             throw Failure(description: "\(path): must be a JSON object of option names (without the leading --) to values")
         }
         var out: [String] = []
+        var named: Set<String> = []
         for (key, value) in members {
             let name = key.hasPrefix("--") ? String(key.dropFirst(2)) : key
             guard let option = known[name], name != "config" else {
@@ -113,6 +121,7 @@ struct ConfigSources {
                 throw Failure(
                     description: "\(path): unknown option '\(key)'" + (near.isEmpty ? "" : " (did you mean \(near.joined(separator: ", "))?)"))
             }
+            guard named.insert(name).inserted else { throw Failure(description: "\(path): option '\(name)' is given twice") }
             switch (option.isFlag, value) {
             case (_, .null):
                 continue

@@ -103,7 +103,16 @@ def test_bad_configuration_is_refused_with_its_source(data_dir, tmp_path):
         assert result.returncode == 64 and message in result.stderr, (options, env, result.stderr)
     (tmp_path / "broken.json").write_text("{not json")
     result = serve("--config", str(tmp_path / "broken.json"), data_dir=data_dir)
-    assert result.returncode == 64 and "not valid JSON" in result.stderr
+    assert result.returncode == 64 and "not valid JSON: expected a key in quotes at byte 1" in result.stderr
+    # An option given twice would count once, silently: the first, where an editor of the file
+    # expects the last.
+    for text, message in [
+        ('{"port": 9000, "log-level": "debug", "port": 9001}', 'not valid JSON: the key "port" is repeated at byte 37'),
+        ('{"port": 9000, "--port": 9001}', "option 'port' is given twice"),
+    ]:
+        (tmp_path / "twice.json").write_text(text)
+        result = serve("--config", str(tmp_path / "twice.json"), data_dir=data_dir)
+        assert result.returncode == 64 and message in result.stderr, (text, result.stderr)
 
 
 def test_dev_mode_needs_a_loopback_ip_literal(data_dir):
