@@ -723,10 +723,11 @@ extension Serve {
     var usesHTTPProvider: Bool { usesLocalModel || provider != "simulated" }
 
     /// A JSON configuration file read and checked by `parse`; what is wrong ends the process with
-    /// a message naming the file.
+    /// a message naming the file. A member named twice is wrong too (its first value would count,
+    /// where the one written last is what an editor of the file expects).
     static func readJSONFile<T>(_ path: String, what: String, _ parse: (JSONValue) throws(ParleyCore.ValidationError) -> T) throws -> T {
         do {
-            return try parse(try JSONValue.parse(try Data(contentsOf: URL(fileURLWithPath: path))))
+            return try parse(try JSONValue.parse(try Data(contentsOf: URL(fileURLWithPath: path)), refusingRepeatedKeys: true))
         } catch let error as ParleyCore.ValidationError {
             FileHandle.standardError.write(Data("parley: \(path): \(error.message)\n".utf8))
             throw ExitCode(1)

@@ -76,3 +76,9 @@ def test_a_bad_plans_file_stops_the_server_with_what_is_wrong(data_dir, tmp_path
                          capture_output=True, text=True, timeout=30)
     assert out.returncode != 0
     assert "unknown feature 'karaoke'" in out.stderr, out.stderr
+    # A plan's field named twice: the first value would count where the last was meant.
+    plans.write_text('{"plans": [{"id": "free", "monthly_credits": 0, "monthly_credits": 5000}]}')
+    out = subprocess.run([str(BINARY), "serve", "--port", "0", "--data-dir", str(data_dir), "--plans", str(plans)],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0
+    assert 'the key "monthly_credits" is repeated' in out.stderr, out.stderr
