@@ -14,9 +14,10 @@ public enum CardPNG {
         let trimmed = encoded.filter { !$0.isWhitespace }
         guard let decoded = Data(base64Encoded: trimmed) else { throw ValidationError("the PNG's card is not valid base64") }
         do {
-            return try JSONValue.parse(decoded)
+            // As strict as a card sent as JSON (`HTTPRequest.json`): a member named twice is refused.
+            return try JSONValue.parse(decoded, refusingRepeatedKeys: true)
         } catch {
-            throw ValidationError("the PNG's card is not valid JSON")
+            throw ValidationError("the PNG's card is not valid JSON: \(error.explanation)")
         }
     }
 
