@@ -238,7 +238,7 @@ public final class ParleyServer: Sendable {
             throw error
         }
         let handshakes = configuration.handshakesPerSecondPerIP.map {
-            HandshakeLimiter(rate: $0, limitsLoopback: configuration.limitLoopbackHandshakes)
+            RateLimiter.perAddress(rate: $0, limitsLoopback: configuration.limitLoopbackHandshakes)
         }
         let api = RESTAPI(
             store: store, chat: chat, schedules: schedules, rooms: rooms, credits: credits, authenticator: authenticator,

@@ -19,7 +19,7 @@ struct RESTAPI: Sendable {
     let configuration: ServerConfiguration
     let ids: IDGenerator
     let logger: Logger
-    let handshakes: HandshakeLimiter?
+    let handshakes: RateLimiter?
     let authFailures: AuthFailureLimiter?
     let sockets: SocketHub
     let audit: AuditLog
@@ -37,7 +37,7 @@ struct RESTAPI: Sendable {
     init(
         store: any Store, chat: ChatService, schedules: ScheduleService, rooms: RoomService, credits: Credits, authenticator: Authenticator,
         configuration: ServerConfiguration, ids: IDGenerator, logger: Logger, sockets: SocketHub, audit: AuditLog, retention: RetentionJob,
-        handshakes: HandshakeLimiter? = nil, authFailures: AuthFailureLimiter? = nil, otherNodes: (any OtherNodes)? = nil
+        handshakes: RateLimiter? = nil, authFailures: AuthFailureLimiter? = nil, otherNodes: (any OtherNodes)? = nil
     ) {
         self.otherNodes = otherNodes
         self.sockets = sockets

@@ -290,20 +290,20 @@ import Testing
     }
 }
 
-@Suite struct HandshakeLimiterTests {
+@Suite struct RateLimiterTests {
     @Test func eachAddressHasItsOwnBucket() {
-        let limiter = HandshakeLimiter(rate: 1)  // bursts of 2
+        let limiter = RateLimiter.perAddress(rate: 1)  // bursts of 2
         #expect(limiter.allow("10.0.0.1", now: 0) && limiter.allow("10.0.0.1", now: 0))
         #expect(!limiter.allow("10.0.0.1", now: 0) && limiter.isLimited("10.0.0.1", now: 0))
         #expect(limiter.allow("10.0.0.2", now: 0) && !limiter.isLimited("10.0.0.2", now: 0))
         #expect(limiter.allow("10.0.0.1", now: 1_000_000_000), "a second later one more")
         #expect((0..<10).allSatisfy { _ in limiter.allow("127.0.0.1", now: 0) }, "loopback is exempt unless asked")
-        let strict = HandshakeLimiter(rate: 1, limitsLoopback: true)
+        let strict = RateLimiter.perAddress(rate: 1, limitsLoopback: true)
         #expect(strict.allow("127.0.0.1", now: 0) && strict.allow("127.0.0.1", now: 0) && !strict.allow("127.0.0.1", now: 0))
     }
 
     @Test func memoryIsBoundedByForgettingIdleAddresses() {
-        let limiter = HandshakeLimiter(rate: 1, maxTracked: 100)
+        let limiter = RateLimiter(rate: 1, maxTracked: 100)
         for i in 0..<1_000 { _ = limiter.allow("10.0.\(i / 256).\(i % 256)", now: UInt64(i) * 1_000_000_000) }
         #expect(limiter.tracked <= 100)
         // A busy address seen just now is not forgotten while others are idle.
@@ -314,7 +314,7 @@ import Testing
     /// A flood of new addresses, none idle: a sweep makes room for a quarter more at once, so
     /// the table is not swept (copied) again at every new address.
     @Test func aFloodOfNewAddressesIsSweptAQuarterAtATime() {
-        let limiter = HandshakeLimiter(rate: 1, maxTracked: 100)
+        let limiter = RateLimiter(rate: 1, maxTracked: 100)
         var sizes: [Int] = []
         for i in 0..<1_000 {
             _ = limiter.allow("10.1.\(i / 256).\(i % 256)", now: 0)
