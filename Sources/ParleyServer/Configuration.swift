@@ -119,6 +119,11 @@ public struct ServerConfiguration: Sendable {
     /// it frames are dropped with an `error` `rate_limited`, and a socket that keeps going is
     /// closed with 1008. nil: no limit.
     public var maxFramesPerSecond: Int? = 50
+    /// REST requests one user may make per second on this node (token bucket, bursts of twice
+    /// that), counted once the token is accepted; beyond it 429 `rate_limited`. It bounds what one
+    /// account's script costs everyone else (a common word's search holds a store thread for
+    /// 25-40 ms). nil: no limit.
+    public var requestsPerSecondPerUser: Int? = 20
     /// Server pings on every WebSocket this often; a socket silent for a whole interval after a
     /// ping (no pong, no frame) is closed with 1011. nil: no keepalive.
     public var webSocketPingInterval: Duration? = .seconds(30)

@@ -20,6 +20,8 @@ struct RESTAPI: Sendable {
     let ids: IDGenerator
     let logger: Logger
     let handshakes: RateLimiter?
+    /// Each user's REST requests (`ServerConfiguration.requestsPerSecondPerUser`).
+    let requests: RateLimiter?
     let authFailures: AuthFailureLimiter?
     let sockets: SocketHub
     let audit: AuditLog
@@ -45,6 +47,7 @@ struct RESTAPI: Sendable {
         signIns = SignInAudit(log: audit)
         self.retention = retention
         self.handshakes = handshakes
+        requests = configuration.requestsPerSecondPerUser.map { RateLimiter(rate: $0) }
         self.authFailures = authFailures
         self.store = store
         self.chat = chat
@@ -191,6 +194,12 @@ struct RESTAPI: Sendable {
                 throw Self.methodNotAllowed(allowed)
             case .found(let handler, let parameters):
                 let identity = try await authenticate(request)
+                if let requests, !requests.allow(identity.user) {
+                    // A bucket refills a request within a second at any rate of one or more.
+                    throw APIError(
+                        .tooManyRequests, .rateLimited, "more than \(requests.rate) requests a second from \(identity.user); try again shortly",
+                        headers: ["retry-after": "1"])
+                }
                 return try await handler(request, parameters, identity)
             }
         } catch let error as APIError {

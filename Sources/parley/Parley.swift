@@ -226,6 +226,12 @@ struct Serve: AsyncParsableCommand {
     )
     var maxFramesPerSecond = 50
 
+    @Option(
+        help:
+            "REST requests one user may make per second on this node (bursts of twice that); beyond it 429 rate_limited with Retry-After. 0: no limit."
+    )
+    var maxRequestsPerSecond = 20
+
     @Option(help: "Seconds between server pings on each WebSocket; a socket silent for a whole interval after a ping is closed (1011). 0: no pings.")
     var wsPingInterval = 30
 
@@ -390,9 +396,9 @@ struct Serve: AsyncParsableCommand {
         guard (1024...(16 * 1024 * 1024)).contains(maxMessageBytes) else {
             throw ArgumentParser.ValidationError("--max-message-bytes must be 1024 to 16777216")
         }
-        guard maxSocketsPerUser >= 1, maxFramesPerSecond >= 0, maxHandshakesPerIp >= 0 else {
+        guard maxSocketsPerUser >= 1, maxFramesPerSecond >= 0, maxHandshakesPerIp >= 0, maxRequestsPerSecond >= 0 else {
             throw ArgumentParser.ValidationError(
-                "--max-sockets-per-user must be at least 1, --max-frames-per-second and --max-handshakes-per-ip 0 or more")
+                "--max-sockets-per-user must be at least 1, --max-frames-per-second, --max-handshakes-per-ip and --max-requests-per-second 0 or more")
         }
         guard (0...3600).contains(wsPingInterval) else { throw ArgumentParser.ValidationError("--ws-ping-interval must be 0-3600 seconds") }
         guard DeflateSettings.windowBitsRange.contains(wsDeflateWindowBits) else {
@@ -563,6 +569,7 @@ struct Serve: AsyncParsableCommand {
         configuration.handshakesPerSecondPerIP = maxHandshakesPerIp == 0 ? nil : maxHandshakesPerIp
         configuration.limitLoopbackHandshakes = limitLoopbackHandshakes
         configuration.maxFramesPerSecond = maxFramesPerSecond == 0 ? nil : maxFramesPerSecond
+        configuration.requestsPerSecondPerUser = maxRequestsPerSecond == 0 ? nil : maxRequestsPerSecond
         configuration.webSocketPingInterval = wsPingInterval == 0 ? nil : .seconds(wsPingInterval)
         configuration.devSignIn = dev
         configuration.generatedTitles = generatedTitles

@@ -215,6 +215,33 @@ import Testing
         await server.stop()
     }
 
+    /// One user's REST requests past the rate (1 a second, bursts of 2 here) are 429 with
+    /// `Retry-After`; another user's are not held back by them. How many pass depends only on
+    /// how long the loop took: the burst, plus one a second.
+    @Test func aUserPastTheRequestRateIsToldToWaitAndOthersAreNot() async throws {
+        let server = try await TestServer.start { $0.requestsPerSecondPerUser = 1 }
+        let (alice, bob) = (try await server.token("alice"), try await server.token("bob"))
+        var statuses: [HTTPResponseStatus] = []
+        let started = ContinuousClock.now
+        var refusal: TestHTTPResponse?
+        for _ in 0..<50 {
+            let response = try await server.get("/v1/clones", token: alice)
+            statuses.append(response.status)
+            if response.status == .tooManyRequests {
+                refusal = response
+                break
+            }
+        }
+        let seconds = Int((ContinuousClock.now - started).components.seconds)
+        #expect(statuses.prefix(2) == [.ok, .ok], "the burst")
+        #expect(statuses.count <= 3 + seconds, "refused once the burst and the refills are spent")
+        #expect(refusal?.errorCode == "rate_limited")
+        #expect(refusal?.headers.first(name: "retry-after") == "1")
+        #expect(try refusal?.json()["error"]?["message"] == .string("more than 1 requests a second from alice; try again shortly"))
+        #expect(try await server.get("/v1/clones", token: bob).status == .ok, "bob has his own bucket")
+        await server.stop()
+    }
+
     @Test func unknownRoutesWrongMethodsAndHugeBodies() async throws {
         let server = try await TestServer.start { $0.maxRequestBodyBytes = 1024 }
         let token = try await server.token("alice")
