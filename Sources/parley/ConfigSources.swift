@@ -79,7 +79,7 @@ struct ConfigSources {
                 fromEnvironment += flag(option.name, on, invertible: invertible)
                 if !on { switchedOff.insert("--\(option.name)") }
             } else {
-                fromEnvironment += ["--\(option.name)", value]
+                fromEnvironment.append(Self.valued(option.name, value))
             }
         }
         fromFile.removeAll { switchedOff.contains($0) }
@@ -96,8 +96,12 @@ struct ConfigSources {
     }
 
     private static func options(in arguments: [String]) -> [String] {
-        arguments.filter { $0.hasPrefix("--") }
+        arguments.filter { $0.hasPrefix("--") }.map { String($0.prefix { $0 != "=" }) }
     }
+
+    /// An option with its value as one argument: a value that starts with "-" (a negative
+    /// number) would otherwise be read as the next option, and the option as missing its value.
+    private static func valued(_ name: String, _ value: String) -> String { "--\(name)=\(value)" }
 
     private func file(_ path: String, invertible: (String) -> Bool) throws(Failure) -> [String] {
         guard let data = FileManager.default.contents(atPath: path) else { throw Failure(description: "\(path): cannot be read") }
@@ -130,15 +134,15 @@ struct ConfigSources {
             case (true, _):
                 throw Failure(description: "\(path): '\(key)' is a flag: give true or false")
             case (false, .string(let text)):
-                out += ["--\(name)", text]
+                out.append(Self.valued(name, text))
             case (false, .int(let number)):
-                out += ["--\(name)", String(number)]
+                out.append(Self.valued(name, String(number)))
             case (false, .double(let number)):
-                out += ["--\(name)", String(number)]
+                out.append(Self.valued(name, String(number)))
             case (false, .array(let items)):
                 let texts = items.compactMap { if case .string(let text) = $0 { text } else { nil } }
                 guard texts.count == items.count else { throw Failure(description: "\(path): '\(key)' as a list holds strings only") }
-                out += ["--\(name)", texts.joined(separator: ",")]
+                out.append(Self.valued(name, texts.joined(separator: ",")))
             case (false, _):
                 throw Failure(description: "\(path): '\(key)' needs a string, a number or a list of strings")
             }

@@ -96,6 +96,10 @@ def test_bad_configuration_is_refused_with_its_source(data_dir, tmp_path):
         (None, {"PARLEY_PORT": "99999"}, "(from the environment: --port)"),
         ({"trusted-proxies": "10.0.0.0/33"}, None, "--trusted-proxies: '10.0.0.0/33' is not an IP address or CIDR block"),
         (None, {"PARLEY_SQLITE_COMMIT_WINDOW_MS": "500"}, "--sqlite-commit-window-ms must be 0-100"),
+        # A negative value reaches the range check (it was read as an option, and its own
+        # option as missing a value).
+        ({"max-frames-per-second": -1}, None, "--max-requests-per-second 0 or more"),
+        (None, {"PARLEY_MAX_FRAMES_PER_SECOND": "-5"}, "--max-requests-per-second 0 or more"),
     ]
     for options, env, message in cases:
         args = ["--config", write(tmp_path / "bad.json", options)] if options is not None else []
