@@ -111,7 +111,7 @@ final class SQLiteConnection: @unchecked Sendable {
                 switch param {
                 case .null: sqlite3_bind_null(statement, index)
                 case .int(let v): sqlite3_bind_int64(statement, index, v)
-                case .text(let v): sqlite3_bind_text(statement, index, v, -1, parley_sqlite_transient())
+                case .text(let v): Self.bind(v, to: statement, at: index)
                 case .blob(let v):
                     v.withUnsafeBytes { sqlite3_bind_blob64(statement, index, $0.baseAddress, sqlite3_uint64($0.count), parley_sqlite_transient()) }
                 }
@@ -135,8 +135,10 @@ final class SQLiteConnection: @unchecked Sendable {
                     let bytes = sqlite3_column_blob(statement, c).map { Array(UnsafeRawBufferPointer(start: $0, count: count)) } ?? []
                     row.append(.blob(bytes))
                 default:
+                    // By its length, not up to a NUL: text may hold one (the text first, then its length, as SQLite asks).
                     if let text = sqlite3_column_text(statement, c) {
-                        row.append(.text(String(cString: text)))
+                        let count = Int(sqlite3_column_bytes(statement, c))
+                        row.append(.text(String(decoding: UnsafeBufferPointer(start: text, count: count), as: UTF8.self)))
                     } else {
                         row.append(.null)
                     }
@@ -145,6 +147,19 @@ final class SQLiteConnection: @unchecked Sendable {
             rows.append(SQLRow(values: row, columns: names))
         }
         return rows
+    }
+
+    /// Binds `text` with its length in bytes: a length of -1 would make SQLite stop at the first
+    /// NUL character, and "A\u{0}B" would be stored as "A".
+    private static func bind(_ text: String, to statement: OpaquePointer, at index: Int32) -> Int32 {
+        var text = text
+        return text.withUTF8 { utf8 in
+            // An empty buffer may have no address, and a NULL pointer would bind NULL, not "".
+            guard let base = utf8.baseAddress, utf8.count > 0 else { return sqlite3_bind_text(statement, index, "", 0, parley_sqlite_transient()) }
+            return base.withMemoryRebound(to: CChar.self, capacity: utf8.count) {
+                sqlite3_bind_text64(statement, index, $0, sqlite3_uint64(utf8.count), parley_sqlite_transient(), UInt8(SQLITE_UTF8))
+            }
+        }
     }
 
     /// Rows changed by the last statement.

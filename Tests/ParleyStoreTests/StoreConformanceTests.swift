@@ -98,6 +98,22 @@ func chained(_ messages: [Message]) -> [Message] {
         }
     }
 
+    /// Text is stored whole, a NUL character included: JSON and the wire allow it (`"\u0000"`),
+    /// and a store that cut it there kept "A" of a clone the API had answered as "A\u{0}B".
+    @Test(arguments: Backend.all)
+    func textWithANulCharacterIsStoredWhole(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            var clone = makeClone(owner: "alice", name: "A\u{0}B")
+            clone.memory = ["\u{0}", "tea\u{0}"]
+            try await store.createClone(clone)
+            #expect(try await store.clone(id: clone.id, owner: "alice") == clone)
+            let conversation = makeConversation(owner: "alice", clone: clone.id)
+            let message = makeMessage(conversation.id, "before\u{0}after 🌊")
+            try await store.createConversation(conversation, messages: [message])
+            #expect(try await store.message(id: message.id, conversation: conversation.id)?.text == "before\u{0}after 🌊")
+        }
+    }
+
     @Test(arguments: Backend.all)
     func listsOnlyTheOwnersClonesOldestFirst(_ backend: Backend) async throws {
         try await withStore(backend) { store in
