@@ -72,8 +72,9 @@ func makeRoom(owner: String = "mod", status: Room.Status = .open) -> Room {
             let en = LanguageTag("en")!, pt = LanguageTag("pt-BR")!
             var room = Room(
                 id: ids.make(.room), kind: .translation, owner: "alice", topic: "", debaters: [Room.Debater(clone: "cl_z", stance: "", name: "Zoé")],
-                rounds: 0, policy: .roundRobin, maxTokensPerTurn: 0, visibility: .private, members: ["bruno", "chen"],
-                languages: ["alice": en, "cl_z": LanguageTag("fr")!], createdAt: 1_000, updatedAt: 1_000)
+                rounds: 0, policy: .roundRobin, maxTokensPerTurn: 0, visibility: .private, members: ["bruno", "chen", "ann.lee@example.com"],
+                // A user id may hold dots (an e-mail as subject): MongoDB keeps it as a field name.
+                languages: ["alice": en, "cl_z": LanguageTag("fr")!, "ann.lee@example.com": pt], createdAt: 1_000, updatedAt: 1_000)
             try await store.createRoom(room)
             #expect(try await store.room(id: room.id) == room)
             room.languages["bruno"] = pt
