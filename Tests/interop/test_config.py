@@ -138,3 +138,27 @@ def test_a_second_server_on_a_data_directory_in_use_is_refused_and_the_first_ser
     assert second.returncode == 1, second.stderr
     assert f"another parley process (pid {first.proc.pid}) is using the data directory {data_dir}" in second.stderr, second.stderr
     assert first.http("GET", "/healthz")[0] == 200
+
+
+def test_a_users_request_rate_is_set_on_the_command_line_and_0_lifts_it(data_dir):
+    import time
+    server = Server(data_dir, "--max-requests-per-second", "1")
+    try:
+        token = server.token("rate")
+        statuses, started = [], time.monotonic()
+        while len(statuses) < 50 and 429 not in statuses:
+            statuses.append(server.http("GET", "/v1/clones", token)[0])
+        elapsed = time.monotonic() - started
+        # A burst of 2, then one a second: how many pass depends only on how long the loop took.
+        assert statuses[:2] == [200, 200] and statuses[-1] == 429, statuses
+        assert len(statuses) <= 3 + int(elapsed), (statuses, elapsed)
+        status, body = server.http("GET", "/v1/clones", server.token("other"))
+        assert status == 200, "another user's requests are not held back"
+    finally:
+        assert server.stop() == 0
+    server = Server(data_dir, "--max-requests-per-second", "0")
+    try:
+        token = server.token("rate")
+        assert all(server.http("GET", "/v1/clones", token)[0] == 200 for _ in range(60)), "0: no limit"
+    finally:
+        assert server.stop() == 0
