@@ -79,14 +79,23 @@ public struct PromptAssembler: Sendable {
     /// appears in `recent`, within `budget` tokens (the lowest priority dropped first), in
     /// insertion order.
     public static func lore(for clone: Clone, recent: [String], budget: Int) -> [LoreEntry] {
-        let folded = recent.map { $0.lowercased() }
+        // Keys are matched as `LoreKeyMatcher` says (bytes, in the newest 64 KiB), in the text as
+        // written for a case-sensitive entry, else both lowercased; each index is built once.
+        let keys = clone.profile.lorebook.reduce(0) { $0 + $1.keys.count }
+        var exact: LoreKeyMatcher?
+        var folded: LoreKeyMatcher?
         let triggered = clone.profile.lorebook.enumerated().filter { _, entry in
             guard entry.enabled, !entry.content.trimmedWhitespace.isEmpty else { return false }
             if entry.constant == true { return true }
             return entry.keys.contains { key in
                 let key = key.trimmedWhitespace
                 guard !key.isEmpty else { return false }
-                return entry.caseSensitive == true ? recent.contains { $0.contains(key) } : folded.contains { $0.contains(key.lowercased()) }
+                if entry.caseSensitive == true {
+                    if exact == nil { exact = LoreKeyMatcher(recent, keys: keys) }
+                    return exact!.occurs(key)
+                }
+                if folded == nil { folded = LoreKeyMatcher(recent.map { $0.lowercased() }, keys: keys) }
+                return folded!.occurs(key.lowercased())
             }
         }
         // Highest priority first (earlier entries first among equals), kept while they fit.

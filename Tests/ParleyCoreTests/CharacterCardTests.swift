@@ -156,6 +156,69 @@ func keepsEverything(_ received: JSONValue, in exported: JSONValue?, at path: St
     }
 }
 
+@Suite struct LoreKeyMatcherTests {
+    /// Against a plain search of each message's bytes, with and without the triples' index, on
+    /// random messages and keys over a small alphabet (many near misses, several-byte characters).
+    @Test(arguments: [0, LoreKeyMatcher.indexedKeys])
+    func aKeyOccursExactlyWhenAPlainSearchFindsItInOneMessage(keys: Int) {
+        var random = SplitMix64(seed: 26)
+        let alphabet = ["a", "b", "ab", "é", "🌊", " ", "A"]
+        func text(_ most: Int) -> String {
+            (0..<Int.random(in: 0...most, using: &random)).map { _ in alphabet.randomElement(using: &random)! }.joined()
+        }
+        func plain(_ key: String, _ messages: [String]) -> Bool {
+            let needle = Array(key.utf8)
+            return messages.contains { message in
+                let bytes = Array(message.utf8)
+                return bytes.count >= needle.count && (0...(bytes.count - needle.count)).contains { Array(bytes[$0..<($0 + needle.count)]) == needle }
+            }
+        }
+        var found = 0
+        for _ in 0..<300 {
+            let messages = (0..<Int.random(in: 0...4, using: &random)).map { _ in text(30) }
+            var matcher = LoreKeyMatcher(messages, keys: keys)
+            for _ in 0..<20 {
+                let key = text(6)
+                let occurs = matcher.occurs(key)
+                #expect(occurs == (!key.isEmpty && plain(key, messages)), "\(key) in \(messages)")
+                if occurs { found += 1 }
+            }
+        }
+        #expect(found > 500, "the draw finds keys as well as missing them")
+    }
+
+    @Test func aKeyDoesNotRunFromOneMessageIntoTheNextAndOnlyTheNewestBytesAreScanned() {
+        var split = LoreKeyMatcher(["the gu", "ild"], keys: 0)
+        let across = split.occurs("guild")
+        #expect(!across)
+        var whole = LoreKeyMatcher(["the gu", "guild"], keys: 100)
+        let inOne = whole.occurs("guild")
+        #expect(inOne)
+        let old = "dragon " + String(repeating: "x", count: LoreKeyMatcher.maxScannedBytes)
+        var long = LoreKeyMatcher([old, "hello"], keys: 100)
+        let (oldest, newest) = (long.occurs("dragon"), long.occurs("hello"))
+        #expect(!oldest, "past the newest 64 KiB")
+        #expect(newest)
+    }
+
+    /// Keys whose every triple is in the messages but which are not: each costs a search of the
+    /// whole text, and once the budget is spent such keys go unmatched (one that occurs in a
+    /// short text still matches past it: its search is short).
+    @Test func searchesStopAtTheBudgetWhenKeysAreCraftedAgainstTheMessages() {
+        // Every triple of a and b occurs in "aaababbb" repeated; four a's in a row never do.
+        let text = String(repeating: "aaababbb", count: LoreKeyMatcher.maxScannedBytes / 8)
+        var matcher = LoreKeyMatcher([text], keys: 100)
+        let searches = LoreKeyMatcher.searchBudget / LoreKeyMatcher.maxScannedBytes
+        let absent = (0..<searches).map { _ in matcher.occurs("aaaa") }
+        #expect(!absent.contains(true))
+        let afterTheBudget = matcher.occurs("bbbaaab")
+        #expect(!afterTheBudget, "the budget is spent: even a key that occurs goes unmatched")
+        var fresh = LoreKeyMatcher([text], keys: 100)
+        let withBudget = fresh.occurs("bbbaaab")
+        #expect(withBudget)
+    }
+}
+
 @Suite struct LorebookPromptTests {
     func mara() throws -> Clone { clone(from: try CharacterCard.parse(try sampleCard("v2-full"))) }
 
