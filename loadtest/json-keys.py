@@ -4,7 +4,7 @@
 Usage: loadtest/json-keys.py [--binary .build/release/parley] [--keys 10000,30000,90000]
 (from the project's root after `swift build -c release --product parley`).
 
-Starts `parley serve` on a free loopback port with a fresh data directory, then POSTs to
+Starts `parley serve` on loopback with a fresh data directory (`parley_server.py`), then POSTs to
 /v1/clones a JSON object of N distinct keys (`{"k0":0,"k1":0,…}`, 400: no name), three times per
 N, and prints each answer's time. Then sends two of the largest beside each other and times a
 GET of /v1/clones sent half a second later: how long one user's bodies hold the server for
@@ -12,22 +12,14 @@ another. Every request has a 120 s timeout.
 """
 import argparse
 import pathlib
-import shutil
-import socket
-import subprocess
-import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 
+from parley_server import ParleyServer
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main():
@@ -36,18 +28,10 @@ def main():
     parser.add_argument("--keys", default="10000,30000,90000")
     args = parser.parse_args()
     sizes = [int(n) for n in args.keys.split(",")]
-    data = tempfile.mkdtemp(prefix="json-keys-")
-    port = free_port()
-    server = subprocess.Popen(
-        [args.binary, "serve", "--port", str(port), "--data-dir", data],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        for line in server.stdout:
-            if "listening" in line:
-                break
-        token = subprocess.check_output([args.binary, "token", "--sub", "alice", "--data-dir", data], text=True).strip()
+    with ParleyServer(args.binary) as server:
+        token = server.token("alice")
         headers = {"Authorization": "Bearer " + token}
-        url = "http://127.0.0.1:%d/v1/clones" % port
+        url = server.base + "/v1/clones"
 
         def body(n):
             return ("{" + ",".join('"k%d":0' % i for i in range(n)) + "}").encode()
@@ -77,10 +61,6 @@ def main():
         print("GET /v1/clones beside two bodies of %d keys: %.3f s" % (max(sizes), time.monotonic() - started))
         for sender in senders:
             sender.join()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        shutil.rmtree(data, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@
 Usage: loadtest/lorebook-prompt.py [--binary .build/release/parley] [--replies 6]
 (from the project's root after `swift build -c release --product parley`).
 
-Starts `parley serve` on a free loopback port (simulated model: no time to first token, five
-tokens a reply), imports a card whose book holds 1,024 entries of 64 keys each (none of them
+Starts `parley serve` on loopback (`parley_server.py`; simulated model: no time to first token,
+five tokens a reply), imports a card whose book holds 1,024 entries of 64 keys each (none of them
 said, so every key is looked for) with `scan_depth` 1000, creates a plain clone beside it, and
 sends `--replies` messages of 7,900 characters to each clone in one conversation, printing each
 reply's time to first token. The difference is what finding the book's keys in the history costs.
@@ -13,22 +13,13 @@ reply's time to first token. The difference is what finding the book's keys in t
 import argparse
 import json
 import pathlib
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
 import urllib.request
 
+from parley_server import ParleyServer
 from websockets.sync.client import connect
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main():
@@ -36,20 +27,13 @@ def main():
     parser.add_argument("--binary", default=str(ROOT / ".build" / "release" / "parley"))
     parser.add_argument("--replies", type=int, default=6)
     args = parser.parse_args()
-    data = tempfile.mkdtemp(prefix="lorebook-")
-    port = free_port()
-    server = subprocess.Popen(
-        [args.binary, "serve", "--port", str(port), "--data-dir", data, "--log-level", "warning", "--sim-ttft-ms", "0",
-         "--sim-tokens-per-sec", "0", "--sim-reply-tokens", "5", "--starting-credits", "10000000"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        for line in server.stdout:
-            if "listening" in line:
-                break
-        token = subprocess.check_output([args.binary, "token", "--sub", "alice", "--data-dir", data], text=True).strip()
+    flags = ["--log-level", "warning", "--sim-ttft-ms", "0", "--sim-tokens-per-sec", "0", "--sim-reply-tokens", "5",
+             "--starting-credits", "10000000"]
+    with ParleyServer(args.binary, *flags) as server:
+        token = server.token("alice")
 
         def post(path, body):
-            request = urllib.request.Request("http://127.0.0.1:%d%s" % (port, path), data=json.dumps(body).encode(),
+            request = urllib.request.Request(server.base + path, data=json.dumps(body).encode(),
                                              headers={"Authorization": "Bearer " + token}, method="POST")
             with urllib.request.urlopen(request, timeout=120) as response:
                 return json.loads(response.read())
@@ -61,7 +45,7 @@ def main():
                 "data": {**persona, "character_book": {"entries": entries, "scan_depth": 1000}}}
         clones = [("plain", post("/v1/clones", {"name": "Plain"})["id"]), ("lorebook", post("/v1/clones/import", card)["id"])]
         text = ("lorem ipsum dolor sit amet " * 300)[:7900]
-        with connect("ws://127.0.0.1:%d/v1/ws?token=%s" % (port, token), max_size=None, open_timeout=30) as ws:
+        with connect("ws://127.0.0.1:%d/v1/ws?token=%s" % (server.port, token), max_size=None, open_timeout=30) as ws:
             ws.recv()  # welcome
             for name, clone in clones:
                 conversation, times = None, []
@@ -83,10 +67,6 @@ def main():
                             raise SystemExit(answer)
                     times.append(first)
                 print("%-8s time to first token, ms: %s" % (name, " ".join("%.0f" % (t * 1000) for t in times)))
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        shutil.rmtree(data, ignore_errors=True)
 
 
 if __name__ == "__main__":
