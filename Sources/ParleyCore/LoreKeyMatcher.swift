@@ -13,9 +13,9 @@ public struct LoreKeyMatcher {
     /// runs from one message into the next.
     private let text: [UInt8]
     private var singles = [Bool](repeating: false, count: 256)
-    private var pairs = [UInt64](repeating: 0, count: 1 << 10)
+    private var pairs = Bits(count: 1 << 16)
     /// A bit per triple of bytes; built only when there are keys enough to pay for its 2 MiB.
-    private var triples: [UInt64]
+    private var triples: Bits?
     /// Bytes the searches may still read.
     private var budget = Self.searchBudget
 
@@ -42,15 +42,13 @@ public struct LoreKeyMatcher {
             joined.append(contentsOf: message)
         }
         text = joined
-        triples = keys >= Self.indexedKeys ? [UInt64](repeating: 0, count: 1 << 18) : []
+        triples = keys >= Self.indexedKeys ? Bits(count: 1 << 24) : nil
         for (i, byte) in joined.enumerated() {
             singles[Int(byte)] = true
             guard i + 1 < joined.count else { continue }
-            let pair = Int(byte) << 8 | Int(joined[i + 1])
-            pairs[pair >> 6] |= 1 << UInt64(pair & 63)
-            guard !triples.isEmpty, i + 2 < joined.count else { continue }
-            let triple = pair << 8 | Int(joined[i + 2])
-            triples[triple >> 6] |= 1 << UInt64(triple & 63)
+            pairs.insert(Self.pair(joined, at: i))
+            guard i + 2 < joined.count else { continue }
+            triples?.insert(Self.triple(joined, at: i))
         }
     }
 
@@ -60,21 +58,26 @@ public struct LoreKeyMatcher {
         switch key.count {
         case 0: return false
         case 1: return singles[Int(key[0])]
-        case 2:
-            let pair = Int(key[0]) << 8 | Int(key[1])
-            return pairs[pair >> 6] & (1 << UInt64(pair & 63)) != 0
+        case 2: return pairs.contains(Self.pair(key, at: 0))
         default:
             guard key.count <= text.count else { return false }
-            if !triples.isEmpty {
-                for i in 0..<(key.count - 2) {
-                    let triple = Int(key[i]) << 16 | Int(key[i + 1]) << 8 | Int(key[i + 2])
-                    if triples[triple >> 6] & (1 << UInt64(triple & 63)) == 0 { return false }
-                }
-            }
+            if let triples, !(0..<(key.count - 2)).allSatisfy({ triples.contains(Self.triple(key, at: $0)) }) { return false }
             guard budget >= text.count else { return false }
             budget -= text.count
             return Self.find(key, in: text)
         }
+    }
+
+    /// The pair, and the triple, of bytes at `i`, as one number: the index's bit for it.
+    private static func pair(_ bytes: [UInt8], at i: Int) -> Int { Int(bytes[i]) << 8 | Int(bytes[i + 1]) }
+    private static func triple(_ bytes: [UInt8], at i: Int) -> Int { pair(bytes, at: i) << 8 | Int(bytes[i + 2]) }
+
+    /// A fixed set of small numbers, a bit each.
+    private struct Bits {
+        private var words: [UInt64]
+        init(count: Int) { words = [UInt64](repeating: 0, count: count / 64) }
+        mutating func insert(_ n: Int) { words[n >> 6] |= 1 << UInt64(n & 63) }
+        func contains(_ n: Int) -> Bool { words[n >> 6] & (1 << UInt64(n & 63)) != 0 }
     }
 
     /// Knuth-Morris-Pratt: linear in the text and the key, whatever bytes they repeat (a key
