@@ -33,6 +33,8 @@ public final class MongoStore: Store {
         /// How long `ping` says `full` after a write found the database out of disk space (unless
         /// a write succeeds meanwhile).
         public var fullFor: Duration = .seconds(30)
+        /// What `fullFor` is measured by.
+        public var spaceClock: SpaceWatch.Clock = SpaceWatch.uptime
 
         public init() {}
     }
@@ -68,7 +70,7 @@ public final class MongoStore: Store {
         latency = CoreMetrics.Timer(
             label: "parley_store_seconds", dimensions: [("store", "mongodb")], preferredDisplayUnit: .seconds, factory: options.metrics)
         errors = StoreErrorCounter(store: "mongodb", factory: options.metrics)
-        space = SpaceWatch(window: options.fullFor)
+        space = SpaceWatch(window: options.fullFor, clock: options.spaceClock)
         self.pool = pool
         self.threads = threads
         self.leaseThreads = leaseThreads

@@ -7,17 +7,24 @@ import Synchronization
 /// says `full` may store nothing more, and would otherwise never be seen healthy again; after it,
 /// the next write that finds no space says so again.
 public final class SpaceWatch: Sendable {
-    /// When the last write found no space (uptime nanoseconds); 0: none since one was stored.
+    /// Nanoseconds since some fixed moment that only moves forward (tests pass their own, so that
+    /// "the window passed" is something they do rather than wait for).
+    public typealias Clock = @Sendable () -> UInt64
+    public static let uptime: Clock = { NIODeadline.now().uptimeNanoseconds }
+
+    /// When the last write found no space (`clock` nanoseconds); 0: none since one was stored.
     private let lastFailure = Atomic<UInt64>(0)
     public let window: Duration
+    private let clock: Clock
 
-    public init(window: Duration = .seconds(30)) {
+    public init(window: Duration = .seconds(30), clock: @escaping Clock = SpaceWatch.uptime) {
         self.window = window
+        self.clock = clock
     }
 
     /// A write found no space.
     public func failed() {
-        lastFailure.store(max(1, NIODeadline.now().uptimeNanoseconds), ordering: .relaxed)
+        lastFailure.store(max(1, clock()), ordering: .relaxed)
     }
 
     /// A write was stored: there is space again.
@@ -29,7 +36,7 @@ public final class SpaceWatch: Sendable {
     public func check() throws {
         let last = lastFailure.load(ordering: .relaxed)
         guard last != 0 else { return }
-        let ago = Duration.nanoseconds(Int64(NIODeadline.now().uptimeNanoseconds &- last))
+        let ago = Duration.nanoseconds(Int64(clock() &- last))
         guard ago < window else { return }
         throw StoreError.full("a write found no space \(Int64(ago / .milliseconds(1))) ms ago, and none has been stored since")
     }

@@ -62,8 +62,10 @@ import Testing
     /// of disk space (it never did: a balancer kept sending requests that failed).
     @Test func pingSaysFullForAWhileAfterTheServerRanOutOfSpace() async throws {
         let (uri, app) = MongoFixture.isolatedURI()
+        let clock = ManualClock()
         var options = MongoStore.Options()
-        options.fullFor = .seconds(2)
+        options.fullFor = .seconds(30)
+        options.spaceClock = clock.now
         let store = try await MongoStore.open(uri: uri, options: options)
         try await store.ping()
         try MongoFixture.failNext(1, ["insert"], app: app, errorCode: 14031)
@@ -74,8 +76,10 @@ import Testing
             guard case StoreError.full = error else { return false }
             return true
         }
-        let healthy = await holds(within: .seconds(30)) { (try? await store.ping()) != nil }
-        #expect(healthy, "no longer full once the window passed")
+        clock.advance(by: .seconds(29))
+        await #expect(throws: StoreError.self, "still within the window") { try await store.ping() }
+        clock.advance(by: .seconds(1))
+        try await store.ping()
         try await store.close()
     }
 

@@ -298,8 +298,12 @@ import Testing
     /// A node whose store said `full` may get no more requests (a balancer's health check) and so
     /// store nothing more: its `ping` says `full` only for a while after the last write that
     /// found no space, then tells again what the next write finds (it stayed `full` for good).
+    /// The window is a test clock's, moved by the test: two real seconds once passed between the
+    /// failed write and the first ping on a loaded CI machine, and the test saw no `full` at all.
     @Test func pingSaysFullForAWhileOnlyWithoutAWrite() async throws {
-        let store = try await SQLiteStore.open(path: temporaryPath("no-space-window") + "/parley.sqlite", space: SpaceWatch(window: .seconds(2)))
+        let clock = ManualClock()
+        let store = try await SQLiteStore.open(
+            path: temporaryPath("no-space-window") + "/parley.sqlite", space: SpaceWatch(window: .seconds(30), clock: clock.now))
         let pages = try await store.run { db in
             try db.exec("CREATE TABLE t (v INTEGER, pad BLOB)")
             return try db.query("PRAGMA page_count").first?["page_count"].int ?? 0
@@ -307,8 +311,13 @@ import Testing
         try await store.run { db in try db.exec("PRAGMA max_page_count = \(pages + 2)") }
         _ = try? await store.run { db in try db.exec("INSERT INTO t VALUES (1, zeroblob(100000))") }
         await #expect(throws: StoreError.self) { try await store.ping() }
-        let healthy = await holds(within: .seconds(30)) { (try? await store.ping()) != nil }
-        #expect(healthy, "no longer full once the window passed, with no write meanwhile")
+        clock.advance(by: .seconds(29))
+        await #expect(throws: StoreError.self, "still within the window") { try await store.ping() }
+        clock.advance(by: .seconds(1))
+        try await store.ping()
+        // The next write that finds no space says so again.
+        _ = try? await store.run { db in try db.exec("INSERT INTO t VALUES (2, zeroblob(100000))") }
+        await #expect(throws: StoreError.self) { try await store.ping() }
         try await store.close()
     }
 
