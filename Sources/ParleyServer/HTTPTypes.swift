@@ -27,11 +27,38 @@ struct HTTPRequest: Sendable {
         self.body = body
         let components = URLComponents(string: head.uri)
         path = components?.percentEncodedPath ?? head.uri
-        var query: [String: String] = [:]
-        for item in components?.queryItems ?? [] where query[item.name] == nil {
-            query[item.name] = item.value ?? ""
+        switch Self.parameters(of: head.uri) {
+        case .success(let parameters):
+            query = parameters
+            queryError = nil
+        case .failure(let error):
+            query = [:]
+            queryError = error
         }
-        self.query = query
+    }
+
+    /// Why the query cannot be read, answered 400 before anything else: a parameter given twice
+    /// (readers disagree on which one counts: the first here once, the last in many frameworks)
+    /// or one that is not percent-encoded UTF-8 (it was read as empty and answered as missing).
+    var queryError: APIError?
+
+    /// The parameters of `uri`'s query (between `?` and any `#`), percent-decoded; `+` stays a
+    /// plus, as in RFC 3986 (a space is `%20`).
+    static func parameters(of uri: String) -> Result<[String: String], APIError> {
+        guard let start = uri.firstIndex(of: "?") else { return .success([:]) }
+        let query = uri[uri.index(after: start)...].prefix { $0 != "#" }
+        var parameters: [String: String] = [:]
+        for item in query.split(separator: "&", omittingEmptySubsequences: true) {
+            let (rawName, rawValue) = item.firstIndex(of: "=").map { (item[..<$0], item[item.index(after: $0)...]) } ?? (item, "")
+            let shown = rawName.count > 64 ? rawName.prefix(64) + "…" : rawName
+            guard let name = String(rawName).removingPercentEncoding, let value = String(rawValue).removingPercentEncoding else {
+                return .failure(APIError(.badRequest, .badRequest, "the query parameter '\(shown)' is not percent-encoded UTF-8"))
+            }
+            guard parameters.updateValue(value, forKey: name) == nil else {
+                return .failure(APIError(.badRequest, .badRequest, "the query parameter '\(shown)' is given twice"))
+            }
+        }
+        return .success(parameters)
     }
 
     /// The body parsed as JSON; a 400 when absent or malformed, saying what is wrong and where.

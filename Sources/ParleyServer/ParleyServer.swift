@@ -357,7 +357,7 @@ public final class ParleyServer: Sendable {
             shouldUpgrade: { channel, head in
                 // A malformed handshake is declined, and the HTTP handler answers what is wrong.
                 let request = HTTPRequest(head: head, body: nil)
-                guard request.path == "/v1/ws",
+                guard request.path == "/v1/ws", request.queryError == nil,
                     WebSocketHandshake.problem(method: head.method, version: head.version, headers: head.headers, query: request.query) == nil
                 else {
                     return channel.eventLoop.makeSucceededFuture(nil)

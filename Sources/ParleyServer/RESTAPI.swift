@@ -128,6 +128,7 @@ struct RESTAPI: Sendable {
 
     private func answer(_ request: HTTPRequest) async -> HTTPResponse {
         do {
+            if let queryError = request.queryError { throw queryError }
             switch request.path {
             case "/healthz":
                 guard request.method == .GET || request.method == .HEAD else { throw Self.methodNotAllowed([.GET]) }

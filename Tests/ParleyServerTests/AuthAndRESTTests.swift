@@ -215,6 +215,33 @@ import Testing
         await server.stop()
     }
 
+    /// A query that cannot be read one way only is a 400 saying why: a parameter given twice
+    /// (the first counted, where many frameworks count the last) or one that is not UTF-8 once
+    /// decoded (read as empty, it was answered as missing: "'q' must name at least one word").
+    @Test func aQueryReadableTwoWaysIsA400() async throws {
+        let server = try await TestServer.start()
+        let token = try await server.token("alice")
+        let name = String(repeating: "x", count: 70)
+        let long = "/v1/clones?\(name)&\(name)"
+        let cases: [(String, String)] = [
+            ("/v1/conversations?limit=5&limit=500", "the query parameter 'limit' is given twice"),
+            ("/v1/conversations?limit=5&li%6Dit=500", "the query parameter 'li%6Dit' is given twice"),
+            ("/v1/search?q=%FF", "the query parameter 'q' is not percent-encoded UTF-8"),
+            ("/v1/search?q=%zz", "the query parameter 'q' is not percent-encoded UTF-8"),
+            ("/v1/search?%FF=aardvark", "the query parameter '%FF' is not percent-encoded UTF-8"),
+            (long, "the query parameter '\(String(repeating: "x", count: 64))…' is given twice"),
+        ]
+        for (path, message) in cases {
+            let response = try await server.get(path, token: token)
+            #expect(response.status == .badRequest, "\(path)")
+            #expect(try response.json() == .object([("error", .object([("code", .string("bad_request")), ("message", .string(message))]))]))
+        }
+        // What still reads one way is answered as before: an empty parameter, a `+`, `%20`.
+        #expect(try await server.get("/v1/conversations?limit=2&&before=", token: token).status == .ok)
+        #expect(try await server.get("/v1/search?q=aard%20vark+x", token: token).status == .ok)
+        await server.stop()
+    }
+
     /// One user's REST requests past the rate (1 a second, bursts of 2 here) are 429 with
     /// `Retry-After`; another user's are not held back by them. How many pass depends only on
     /// how long the loop took: the burst, plus one a second.

@@ -254,6 +254,8 @@ def without(name):
     ("HTTP/1.0", GOOD, "GET /v1/ws?token={token} HTTP/1.0", 400),
     ("a POST", GOOD + ["Content-Length: 0"], "POST /v1/ws?token={token} HTTP/1.1", 405),
     ("joined what?", GOOD, "GET /v1/ws?coalesce=words&token={token} HTTP/1.1", 400),
+    ("whose token?", GOOD, "GET /v1/ws?token={token}&token=another HTTP/1.1", 400),
+    ("a token not in UTF-8", GOOD, "GET /v1/ws?token=%FF HTTP/1.1", 400),
 ])
 def test_a_malformed_handshake_gets_its_status(ws_server, case, lines, request_line, status):
     got, headers, body = raw_handshake(ws_server, lines, *([request_line] if request_line else []))
