@@ -371,7 +371,8 @@ public struct Authenticator: Sendable {
             }
             return nil
         }
-        return URLComponents(string: uri)?.queryItems?.first { $0.name == "token" }?.value
+        // Read as every query is (a query that reads two ways is refused before this counts).
+        return (try? HTTPRequest.parameters(of: uri).get())?["token"]
     }
 
     static func isValidSubject(_ subject: String) -> Bool {
