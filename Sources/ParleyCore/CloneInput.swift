@@ -216,6 +216,10 @@ public struct CloneFields: Sendable, Equatable {
 extension String {
     /// The string without leading and trailing whitespace and newlines.
     public var trimmedWhitespace: String {
+        // Most strings start and end with a printable ASCII byte: nothing to trim, and no
+        // Unicode property lookups (a reply trims each of a big lorebook's keys, 65,536 of them).
+        // Such a byte begins its character or ends one begun by a non-whitespace scalar.
+        if let head = utf8.first, let tail = utf8.last, (0x21...0x7E).contains(head), (0x21...0x7E).contains(tail) { return self }
         guard let first = firstIndex(where: { !$0.isWhitespace }) else { return "" }
         let last = lastIndex(where: { !$0.isWhitespace })!
         return String(self[first...last])

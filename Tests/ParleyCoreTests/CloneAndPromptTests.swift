@@ -135,3 +135,26 @@ import Testing
         #expect(prompt.droppedMessages == 2)
     }
 }
+
+@Suite struct TrimmedWhitespaceTests {
+    /// What trimming means, character by character (the fast path for strings that begin and end
+    /// with printable ASCII must agree with it).
+    static func characterwise(_ s: String) -> String {
+        guard let first = s.firstIndex(where: { !$0.isWhitespace }) else { return "" }
+        return String(s[first...s.lastIndex(where: { !$0.isWhitespace })!])
+    }
+
+    @Test func agreesWithTrimmingCharacterByCharacter() {
+        let ends = ["", " ", "\t", "\n", "\r\n", "\u{00A0}", "\u{3000}", "\u{2028}", "\u{0085}", "a", "~", "!", "é", "e\u{0301}", "\u{0600}", "🌊"]
+        let middles = ["", "x", " x ", "a b", "\u{0301}", "\u{200D}", "ab\u{00A0}cd"]
+        for head in ends {
+            for middle in middles {
+                for tail in ends {
+                    let s = head + middle + tail
+                    #expect(s.trimmedWhitespace == Self.characterwise(s), "\(Array(s.unicodeScalars))")
+                }
+            }
+        }
+        #expect("  Fact one \n".trimmedWhitespace == "Fact one" && "\u{0600}a ".trimmedWhitespace == "\u{0600}a")
+    }
+}
