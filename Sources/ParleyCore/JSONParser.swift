@@ -195,7 +195,8 @@ struct JSONParser: ~Copyable {
                 if try closes(with: "]") { return }
             }
         case UInt8(ascii: "\""): try skipString()
-        default: _ = try value()  // a literal or a number: nothing to allocate
+        case UInt8(ascii: "-"), UInt8(ascii: "0")...UInt8(ascii: "9"): try skipNumber()
+        default: _ = try value()  // a literal: nothing to allocate
         }
     }
 
@@ -340,9 +341,32 @@ struct JSONParser: ~Copyable {
     /// -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?
     private mutating func number() throws(JSONSyntaxError) -> JSONValue {
         let start = index
+        let (negative, digits, integral) = try scanNumber()
+        if integral, index - digits <= 18 {
+            // 18 digits fit Int64 whatever they are: no overflow to check.
+            var value: Int64 = 0
+            for offset in digits..<index { value = value &* 10 &+ Int64(bytes[offset] &- UInt8(ascii: "0")) }
+            return .int(negative ? -value : value)
+        }
+        return try converted(from: start, negative: negative, integral: integral)
+    }
+
+    /// `number()` without the value: an integer of at most 18 digits, surely in range, is only
+    /// scanned (a card's megabytes of numbers that no one reads are not converted).
+    private mutating func skipNumber() throws(JSONSyntaxError) {
+        let start = index
+        let (negative, digits, integral) = try scanNumber()
+        if integral, index - digits <= 18 { return }
+        _ = try converted(from: start, negative: negative, integral: integral)
+    }
+
+    /// Moves past the number at `index`, checking its grammar: whether it has a sign, where its
+    /// integer digits begin, and whether it has neither fraction nor exponent.
+    private mutating func scanNumber() throws(JSONSyntaxError) -> (negative: Bool, digits: Int, integral: Bool) {
         let negative = bytes[index] == UInt8(ascii: "-")
         if negative { index += 1 }
         guard index < bytes.count, isDigit(bytes[index]) else { throw error("a number needs a digit") }
+        let digits = index
         if bytes[index] == UInt8(ascii: "0") {
             index += 1
             if index < bytes.count, isDigit(bytes[index]) { throw error("a number with a leading zero") }
@@ -363,6 +387,11 @@ struct JSONParser: ~Copyable {
             guard index < bytes.count, isDigit(bytes[index]) else { throw error("a digit must follow the exponent") }
             while index < bytes.count, isDigit(bytes[index]) { index += 1 }
         }
+        return (negative, digits, integral)
+    }
+
+    /// The number just scanned from `start`: `.int` when it is an integer that fits, else a finite `.double`.
+    private func converted(from start: Int, negative: Bool, integral: Bool) throws(JSONSyntaxError) -> JSONValue {
         if integral, let value = integer(bytes[start..<index], negative: negative) { return .int(value) }
         let text = String(decoding: UnsafeBufferPointer(rebasing: bytes[start..<index]), as: UTF8.self)
         guard let double = Double(text), double.isFinite else { throw JSONSyntaxError(offset: start, reason: "a number out of range") }
