@@ -53,10 +53,19 @@ public struct CloneProfile: Sendable, Equatable {
     /// The card's other `data` fields in their order (creator_notes, tags, extensions without
     /// `parley`, `character_book` without its entries, V3 fields, unknown keys); fields equal to
     /// what an export writes by default are left out.
-    public var rest: [(String, JSONValue)] = []
+    public var rest: [(String, JSONValue)] {
+        get { extras.fields.rest }
+        set { extras = .parsed(rest: newValue, top: top) }
+    }
     /// Fields beside `spec` and `data` at the card's top level (tools keep V1 copies of the
     /// persona there for older readers), in their order.
-    public var top: [(String, JSONValue)] = []
+    public var top: [(String, JSONValue)] {
+        get { extras.fields.top }
+        set { extras = .parsed(rest: rest, top: newValue) }
+    }
+    /// `rest` and `top`, which only an export reads: a card's unknown fields can take megabytes,
+    /// and every reply reads its clone.
+    private var extras = Extras.parsed(rest: [], top: [])
     /// How the clone sounds when its replies are voiced (#29); nil: the server's default voice.
     /// Kept with the profile so both stores hold it without a column of its own.
     public var voice: CloneVoice?
@@ -74,8 +83,41 @@ public struct CloneProfile: Sendable, Equatable {
     }
 
     /// The rest's `character_book` object (book-level fields: scan_depth, token_budget…).
-    var book: [(String, JSONValue)] {
+    var book: [(String, JSONValue)] { Self.book(in: rest) }
+
+    static func book(in rest: [(String, JSONValue)]) -> [(String, JSONValue)] {
         if case .object(let pairs)? = rest.first(where: { $0.0 == "character_book" })?.1 { pairs } else { [] }
+    }
+
+    /// The book-level fields a prompt reads (scan_depth, token_budget), without the rest.
+    var bookSettings: JSONValue {
+        switch extras {
+        case .parsed: JSONValue.object(book)
+        case .stored(_, let settings): settings
+        }
+    }
+
+    /// The profile as read from storage, whose `rest` and `top` are parsed from its text only
+    /// when asked for (`settings`: the book's fields a prompt reads, parsed at once).
+    init(storedExtrasIn text: String, bookSettings settings: JSONValue) {
+        extras = .stored(text, bookSettings: settings)
+    }
+
+    private enum Extras: Sendable {
+        case parsed(rest: [(String, JSONValue)], top: [(String, JSONValue)])
+        /// The stored profile's text, checked as JSON when it was read.
+        case stored(String, bookSettings: JSONValue)
+
+        var fields: (rest: [(String, JSONValue)], top: [(String, JSONValue)]) {
+            switch self {
+            case .parsed(let rest, let top):
+                return (rest, top)
+            case .stored(let text, _):
+                let value = try? JSONValue.parse(text.utf8, keeping: .members([("rest", .everything), ("top", .everything)]))
+                func pairs(_ member: JSONValue?) -> [(String, JSONValue)] { if case .object(let pairs)? = member { pairs } else { [] } }
+                return (pairs(value?["rest"]), pairs(value?["top"]))
+            }
+        }
     }
 }
 
@@ -220,6 +262,7 @@ public enum CharacterCard {
     /// them, Parley's own fields in `extensions.parley`.
     public static func export(_ clone: Clone, spec: Spec) -> JSONValue {
         let profile = clone.profile
+        let (rest, top) = (profile.rest, profile.top)  // parsed from storage on each read
         var data: [(String, JSONValue)] = [
             ("name", .string(clone.name)),
             ("description", .string(profile.description)),
@@ -231,17 +274,17 @@ public enum CharacterCard {
             ("post_history_instructions", .string(profile.postHistoryInstructions)),
             ("alternate_greetings", .array(profile.alternateGreetings.map(JSONValue.string))),
         ]
-        for (key, value) in defaults(spec) where !profile.rest.contains(where: { $0.0 == key }) { data.append((key, value)) }
+        for (key, value) in defaults(spec) where !rest.contains(where: { $0.0 == key }) { data.append((key, value)) }
         var extensions: [(String, JSONValue)] = []
-        for (key, value) in profile.rest {
+        for (key, value) in rest {
             switch key {
             case "extensions": if case .object(let pairs) = value { extensions = pairs }
             case "character_book": break
             default: data.append((key, value))
             }
         }
-        if !profile.lorebook.isEmpty || profile.rest.contains(where: { $0.0 == "character_book" }) {
-            data.append(("character_book", .object(profile.book + [("entries", .array(profile.lorebook.map(json)))])))
+        if !profile.lorebook.isEmpty || rest.contains(where: { $0.0 == "character_book" }) {
+            data.append(("character_book", .object(CloneProfile.book(in: rest) + [("entries", .array(profile.lorebook.map(json)))])))
         }
         var parley: [(String, JSONValue)] = [
             ("traits", .array(clone.traits.map(JSONValue.string))),
@@ -252,10 +295,10 @@ public enum CharacterCard {
         extensions.append(("parley", .object(parley)))
         data.append(("extensions", .object(extensions)))
         // Top-level V1 copies of the persona say what the clone says now; other fields come back as they were.
-        let top = profile.top.map { key, value in
+        let copies = top.map { key, value in
             v1Copies.contains(key) ? (key, data.first { $0.0 == key }?.1 ?? value) : (key, value)
         }
-        return .object([("spec", .string(spec.rawValue)), ("spec_version", .string(spec.version)), ("data", .object(data))] + top)
+        return .object([("spec", .string(spec.rawValue)), ("spec_version", .string(spec.version)), ("data", .object(data))] + copies)
     }
 
     /// Fields older readers find at a card's top level, copies of the ones in `data`.
@@ -276,8 +319,18 @@ public enum CharacterCard {
 
     /// The profile as the REST API shows it (the card's other fields come with its export).
     public static func profileJSON(_ profile: CloneProfile) -> JSONValue {
-        guard case .object(let pairs) = storageJSON(profile) else { return .object([]) }
-        return .object(pairs.filter { $0.0 != "rest" && $0.0 != "top" && $0.0 != "voice" })
+        .object(personaJSON(profile))
+    }
+
+    /// The profile's own fields, as the API shows them and storage keeps them.
+    static func personaJSON(_ profile: CloneProfile) -> [(String, JSONValue)] {
+        [
+            ("description", .string(profile.description)), ("personality", .string(profile.personality)),
+            ("scenario", .string(profile.scenario)), ("first_mes", .string(profile.firstMessage)),
+            ("alternate_greetings", .array(profile.alternateGreetings.map(JSONValue.string))),
+            ("mes_example", .string(profile.exampleMessages)), ("post_history_instructions", .string(profile.postHistoryInstructions)),
+            ("lorebook", .array(profile.lorebook.map(json))),
+        ]
     }
 
     // MARK: Storage
@@ -286,19 +339,24 @@ public enum CharacterCard {
     /// `$`, which MongoDB field names cannot).
     public static func storageJSON(_ profile: CloneProfile) -> JSONValue {
         .object(
-            [
-                ("description", .string(profile.description)), ("personality", .string(profile.personality)),
-                ("scenario", .string(profile.scenario)), ("first_mes", .string(profile.firstMessage)),
-                ("alternate_greetings", .array(profile.alternateGreetings.map(JSONValue.string))),
-                ("mes_example", .string(profile.exampleMessages)), ("post_history_instructions", .string(profile.postHistoryInstructions)),
-                ("lorebook", .array(profile.lorebook.map(json))), ("rest", .object(profile.rest)), ("top", .object(profile.top)),
-            ] + (profile.voice.map { [("voice", $0.json)] } ?? []))
+            personaJSON(profile) + [("rest", .object(profile.rest)), ("top", .object(profile.top))]
+                + (profile.voice.map { [("voice", $0.json)] } ?? []))
     }
+
+    /// What of a stored profile a read builds: everything but `rest` and `top` (checked, not
+    /// built; see `CloneProfile.rest`), of which only the book's fields a prompt reads.
+    static let storedShape = JSONShape.members(
+        [
+            "description", "personality", "scenario", "first_mes", "alternate_greetings", "mes_example", "post_history_instructions",
+            "lorebook", "voice",
+        ].map { ($0, .everything) } + [
+            ("rest", .members([("character_book", .members([("scan_depth", .everything), ("token_budget", .everything)]))]))
+        ])
 
     /// Reads what `storageJSON` wrote; nil or unreadable text is an empty profile.
     public static func profile(fromStorage text: String?) -> CloneProfile {
-        guard let text, !text.isEmpty, let value = try? JSONValue.parse(Array(text.utf8)) else { return CloneProfile() }
-        var profile = CloneProfile()
+        guard let text, !text.isEmpty, let value = try? JSONValue.parse(text.utf8, keeping: storedShape) else { return CloneProfile() }
+        var profile = CloneProfile(storedExtrasIn: text, bookSettings: value["rest"]?["character_book"] ?? .object([]))
         profile.description = value["description"]?.stringValue ?? ""
         profile.personality = value["personality"]?.stringValue ?? ""
         profile.scenario = value["scenario"]?.stringValue ?? ""
@@ -307,8 +365,6 @@ public enum CharacterCard {
         profile.exampleMessages = value["mes_example"]?.stringValue ?? ""
         profile.postHistoryInstructions = value["post_history_instructions"]?.stringValue ?? ""
         profile.lorebook = (value["lorebook"]?.arrayValue ?? []).enumerated().compactMap { try? loreEntry($1, index: $0, limits: Limits()) }
-        if case .object(let rest)? = value["rest"] { profile.rest = rest }
-        if case .object(let top)? = value["top"] { profile.top = top }
         profile.voice = value["voice"].flatMap { try? CloneVoice.parse($0) }
         return profile
     }

@@ -119,7 +119,7 @@ public struct PromptAssembler: Sendable {
         let usable = history.filter { !$0.text.isEmpty && $0.role != .system }
         var systemText = Self.systemText(for: clone)
         if !clone.profile.lorebook.isEmpty {
-            let book = JSONValue.object(clone.profile.book)
+            let book = clone.profile.bookSettings
             let depth = book["scan_depth"]?.intValue.map { Int(clamping: $0) } ?? Self.defaultLoreScanDepth
             let budget = book["token_budget"]?.intValue.map { Int(clamping: $0) } ?? Self.defaultLoreBudget
             let lore = Self.lore(for: clone, recent: usable.suffix(max(0, depth)).map(\.text), budget: min(budget, contextBudget / 4))

@@ -220,23 +220,53 @@ func keepsEverything(_ received: JSONValue, in exported: JSONValue?, at path: St
 }
 
 @Suite struct LorebookPromptTests {
-    func mara() throws -> Clone { clone(from: try CharacterCard.parse(try sampleCard("v2-full"))) }
+    /// `stored`: as a store reads it back (the card's other fields parsed only when asked for).
+    func mara(stored: Bool = false) throws -> Clone {
+        var mara = clone(from: try CharacterCard.parse(try sampleCard("v2-full")))
+        if stored { mara.profile = CharacterCard.profile(fromStorage: CharacterCard.storageJSON(mara.profile).serializedString()) }
+        return mara
+    }
 
     func message(_ text: String, _ role: Role = .user, _ n: Int = 0) -> Message {
         Message(id: "m\(n)", conversation: "c", role: role, text: text, createdAt: Int64(n))
     }
 
-    @Test func anEntryEntersThePromptWhenItsKeyIsMentioned() throws {
+    @Test(arguments: [false, true]) func anEntryEntersThePromptWhenItsKeyIsMentioned(stored: Bool) throws {
         let assembler = PromptAssembler(contextBudget: 4096)
-        let quiet = assembler.assemble(clone: try mara(), history: [message("Nice weather up here.")])
+        let mara = try mara(stored: stored)
+        let quiet = assembler.assemble(clone: mara, history: [message("Nice weather up here.")])
         #expect(!quiet.messages[0].text.contains("Skyguild taxes"))
-        let mentioned = assembler.assemble(clone: try mara(), history: [message("What do you think of the GUILD?")])
+        let mentioned = assembler.assemble(clone: mara, history: [message("What do you think of the GUILD?")])
         #expect(mentioned.messages[0].text.contains("The Skyguild taxes every cargo that crosses the Rift."))
         // A disabled entry stays out even when its key is said.
-        #expect(!assembler.assemble(clone: try mara(), history: [message("How is the engine?")]).messages[0].text.contains("storm-glass"))
+        #expect(!assembler.assemble(clone: mara, history: [message("How is the engine?")]).messages[0].text.contains("storm-glass"))
         // Beyond the book's scan depth (3 messages) a mention no longer counts.
         let old = [message("the guild", .user, 0)] + (1...3).map { message("later \($0)", $0 % 2 == 1 ? .assistant : .user, $0) }
-        #expect(!assembler.assemble(clone: try mara(), history: old).messages[0].text.contains("Skyguild taxes"))
+        #expect(!assembler.assemble(clone: mara, history: old).messages[0].text.contains("Skyguild taxes"))
+        let within = [message("the guild", .user, 1)] + (2...3).map { message("later \($0)", $0 % 2 == 1 ? .assistant : .user, $0) }
+        #expect(assembler.assemble(clone: mara, history: within).messages[0].text.contains("Skyguild taxes"))
+    }
+
+    /// A read profile's card fields (`rest`, `top`: megabytes, in a card made to weigh) are
+    /// parsed from the stored text only when asked for, yet read, compared, changed and exported
+    /// as if they had been parsed with the rest.
+    @Test func aStoredProfilesCardFieldsReadAsIfParsedWithIt() throws {
+        let original = try mara()
+        let stored = try mara(stored: true)
+        #expect(stored == original)
+        #expect(JSONValue.object(stored.profile.rest) == .object(original.profile.rest) && !original.profile.rest.isEmpty)
+        #expect(JSONValue.object(stored.profile.top) == .object(original.profile.top) && !original.profile.top.isEmpty)
+        for spec in CharacterCard.Spec.allCases {
+            #expect(CharacterCard.export(stored, spec: spec) == CharacterCard.export(original, spec: spec), "\(spec)")
+        }
+        // Setting one keeps the other, however the profile was read.
+        var changed = stored
+        changed.profile.rest = [("creator_notes", .string("new"))]
+        #expect(JSONValue.object(changed.profile.top) == .object(original.profile.top))
+        changed.profile.top = []
+        #expect(JSONValue.object(changed.profile.rest) == .object([("creator_notes", .string("new"))]))
+        let reread = CharacterCard.profile(fromStorage: CharacterCard.storageJSON(changed.profile).serializedString())
+        #expect(changed != original && reread == changed.profile)
     }
 
     @Test func thePersonaMacrosAndPostHistoryInstructionsAreInPlace() throws {
