@@ -178,9 +178,17 @@ public final class MongoStore: Store {
         }
     }
 
-    public func clones(owner: String) async throws -> [Clone] {
+    public func clones(owner: String, limit: Int, after: String?) async throws -> [Clone] {
         try await run { db in
-            try db.find("clones", filter: .object([("owner", .string(owner))]), sort: .object([("_id", .int(1))])).map(Self.clone(from:))
+            var filter: [(String, JSONValue)] = [("owner", .string(owner))]
+            if let after { filter.append(("_id", .object([("$gt", .string(after))]))) }
+            return try db.find("clones", filter: .object(filter), sort: .object([("_id", .int(1))]), limit: limit).map(Self.clone(from:))
+        }
+    }
+
+    public func cloneCount(owner: String) async throws -> Int {
+        try await run { db in
+            Int(try db.command(.object([("count", .string("clones")), ("query", .object([("owner", .string(owner))]))]))["n"]?.int64 ?? 0)
         }
     }
 

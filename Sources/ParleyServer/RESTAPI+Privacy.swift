@@ -31,7 +31,8 @@ extension RESTAPI {
             // The header object without its closing brace; each section follows as a member.
             try await out.write(Array(header.serialized().dropLast()))
             try await out.write(#","clones":["#)
-            try await Self.writeAll(&out, try await store.clones(owner: user).map(\.json))
+            let clones = { (after: String?) in try await store.clones(owner: user, limit: Self.clonePage, after: after) }
+            try await Self.pages(&out, clones, cursor: \.id, size: Self.clonePage) { out, clone in try await out.write(clone.json.serialized()) }
             try await out.write(#"],"conversations":["#)
             try await Self.pages(&out, { try await store.conversations(owner: user, limit: Self.exportPage, before: $0) }, cursor: \.id) {
                 out, conversation in
@@ -79,17 +80,11 @@ extension RESTAPI {
         }
     }
 
-    private static func writeAll(_ out: inout HTTPBodyWriter, _ items: [JSONValue]) async throws {
-        for (index, item) in items.enumerated() {
-            if index > 0 { try await out.write(",") }
-            try await out.write(item.serialized())
-        }
-    }
-
     /// Writes every item of a paged query, comma-separated: `fetch` gets the cursor of the last
-    /// item written (nil first) and answers the next page in the order to write it.
-    private static func pages<Item>(
-        _ out: inout HTTPBodyWriter, _ fetch: (String?) async throws -> [Item], cursor: KeyPath<Item, String>,
+    /// item written (nil first) and answers the next page (`size` items unless it is the last)
+    /// in the order to write it.
+    static func pages<Item>(
+        _ out: inout HTTPBodyWriter, _ fetch: (String?) async throws -> [Item], cursor: KeyPath<Item, String>, size: Int = exportPage,
         _ write: (inout HTTPBodyWriter, Item) async throws -> Void
     ) async throws {
         var after: String?
@@ -101,7 +96,7 @@ extension RESTAPI {
                 first = false
                 try await write(&out, item)
             }
-            guard page.count == exportPage, let last = page.last else { return }
+            guard page.count == size, let last = page.last else { return }
             after = last[keyPath: cursor]
         }
     }

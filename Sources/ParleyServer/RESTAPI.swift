@@ -336,7 +336,7 @@ struct RESTAPI: Sendable {
         _ = try await store.ensureUser(identity.user, now: now)
         // A plan's clone limit (two creates at the same moment may both pass: the count is read first).
         if let plans = credits.plans, try await plans.plan(of: identity.user).limits.clones != nil {
-            let count = try await store.clones(owner: identity.user).count + 1
+            let count = try await store.cloneCount(owner: identity.user) + 1
             try await plans.require(count, of: .clones, user: identity.user, ref: nil, what: "clones")
         }
         let clone = fields.applied(
@@ -383,9 +383,27 @@ struct RESTAPI: Sendable {
         return fields
     }
 
+    /// Clones read from the store per page for a list or an export: each may carry megabytes.
+    static let clonePage = 16
+
+    /// `GET /v1/clones`: one page is answered whole; more are written page by page as they are
+    /// read (chunked), never held in memory together. A store that fails before the first page
+    /// is a clean error; after it, a truncated body (as for every streamed answer).
     private func listClones(_ identity: Identity) async throws -> HTTPResponse {
-        let clones = try await store.clones(owner: identity.user)
-        return HTTPResponse(.ok, json: .object([("clones", .array(clones.map(\.json)))]))
+        let (store, user) = (self.store, identity.user)
+        let first = try await store.clones(owner: user, limit: Self.clonePage, after: nil)
+        guard first.count == Self.clonePage else { return HTTPResponse(.ok, json: .object([("clones", .array(first.map(\.json)))])) }
+        return HTTPResponse(.ok, contentType: "application/json; charset=utf-8") { out in
+            try await out.write(#"{"clones":["#)
+            try await Self.pages(
+                &out,
+                { after in
+                    guard let after else { return first }
+                    return try await store.clones(owner: user, limit: Self.clonePage, after: after)
+                }, cursor: \.id, size: Self.clonePage
+            ) { out, clone in try await out.write(clone.json.serialized()) }
+            try await out.write("]}")
+        }
     }
 
     private func getClone(_ id: String, _ identity: Identity) async throws -> HTTPResponse {

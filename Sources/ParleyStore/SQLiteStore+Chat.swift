@@ -32,10 +32,19 @@ extension SQLiteStore {
         }
     }
 
-    public func clones(owner: String) async throws -> [Clone] {
+    public func clones(owner: String, limit: Int, after: String?) async throws -> [Clone] {
+        let page = Self.cursor("id", ">", after)
+        return try await read { db in
+            try db.query(
+                "SELECT \(Self.cloneColumns) FROM clones WHERE owner = ?\(page.sql) ORDER BY id LIMIT ?",
+                [.text(owner)] + page.params + [.int(Int64(limit))]
+            ).map(Self.clone(from:))
+        }
+    }
+
+    public func cloneCount(owner: String) async throws -> Int {
         try await read { db in
-            try db.query("SELECT \(Self.cloneColumns) FROM clones WHERE owner = ? ORDER BY id", [.text(owner)])
-                .map(Self.clone(from:))
+            Int(try db.query("SELECT count(*) AS n FROM clones WHERE owner = ?", [.text(owner)]).first?["n"].int ?? 0)
         }
     }
 

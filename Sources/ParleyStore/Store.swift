@@ -134,8 +134,11 @@ public protocol ChatStore: Sendable {
 
     func createClone(_ clone: Clone) async throws
     func clone(id: String, owner: String) async throws -> Clone?
-    /// The owner's clones, oldest first.
-    func clones(owner: String) async throws -> [Clone]
+    /// The owner's clones, oldest first, `limit` at most, after the one named `after` when given
+    /// (a clone may carry megabytes of lorebook: callers read them a page at a time).
+    func clones(owner: String, limit: Int, after: String?) async throws -> [Clone]
+    /// How many clones the owner has, without reading them.
+    func cloneCount(owner: String) async throws -> Int
     /// Replaces the stored clone with the same id and owner; false when there is none.
     func updateClone(_ clone: Clone) async throws -> Bool
     /// Deletes the clone with its conversations and their messages; false when there is none.

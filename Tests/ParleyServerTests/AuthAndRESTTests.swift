@@ -215,6 +215,31 @@ import Testing
         await server.stop()
     }
 
+    /// More clones than a page are written a page at a time as they are read (each may carry
+    /// megabytes: all of a user's were held in memory together, in the list and the export),
+    /// every one once, oldest first; a short list is answered whole, with its length.
+    @Test(arguments: TestServer.StoreKind.allCases)
+    func aLongListOfClonesIsWrittenAPageAtATime(_ store: TestServer.StoreKind) async throws {
+        let server = try await TestServer.start(store: store) { $0.requestsPerSecondPerUser = nil }
+        let token = try await server.token("alice")
+        var created: [String] = []
+        for n in 0..<3 { created.append(try #require(try await server.createClone(token: token, name: "C\(n)")["id"]?.stringValue)) }
+        let short = try await server.get("/v1/clones", token: token)
+        #expect(short.headers["content-length"].first.flatMap(Int.init) == short.body.count && short.headers["transfer-encoding"].isEmpty)
+        #expect(try short.json()["clones"]?.arrayValue?.compactMap { $0["id"]?.stringValue } == created)
+        for n in 3..<37 { created.append(try #require(try await server.createClone(token: token, name: "C\(n)")["id"]?.stringValue)) }
+        _ = try await server.createClone(token: try await server.token("bob"), name: "Bob's")
+        let long = try await server.get("/v1/clones", token: token)
+        #expect(long.status == .ok && long.headers["transfer-encoding"] == ["chunked"])
+        let listed = try long.json()["clones"]?.arrayValue ?? []
+        #expect(listed.compactMap { $0["id"]?.stringValue } == created)
+        #expect(listed.compactMap { $0["name"]?.stringValue } == (0..<37).map { "C\($0)" })
+        #expect(listed.last == (try await server.get("/v1/clones/\(created[36])", token: token).json()))
+        let exported = try await server.get("/v1/me/export", token: token).json()["clones"]?.arrayValue ?? []
+        #expect(exported.compactMap { $0["id"]?.stringValue } == created)
+        await server.stop()
+    }
+
     /// A query that cannot be read one way only is a 400 saying why: a parameter given twice
     /// (the first counted, where many frameworks count the last) or one that is not UTF-8 once
     /// decoded (read as empty, it was answered as missing: "'q' must name at least one word").

@@ -38,7 +38,7 @@ import Testing
         #expect(try await store.clone(id: clone.id, owner: "alice") == clone)
 
         try MongoFixture.failNext(1, ["find"], app: app, closeConnection: true)  // the network drops once
-        #expect(try await store.clones(owner: "alice") == [clone])
+        #expect(try await store.clones(owner: "alice", limit: 100, after: nil) == [clone])
         try await store.close()
     }
 
@@ -131,23 +131,23 @@ import Testing
         let store = try await MongoStore.open(uri: uri, options: options)
         try MongoFixture.failNext(3, ["find"], app: app, errorCode: 89)  // NetworkTimeout
         await #expect {
-            _ = try await store.clones(owner: "alice")
+            _ = try await store.clones(owner: "alice", limit: 100, after: nil)
         } throws: { error in
             // Told apart from a fault: the server answers `unavailable`, not `internal`.
             guard case StoreError.unreachable = error else { return false }
             return "\(error)".contains("after 3 attempts")
         }
         // The fail point is used up: the store works again.
-        #expect(try await store.clones(owner: "alice").isEmpty)
+        #expect(try await store.clones(owner: "alice", limit: 100, after: nil).isEmpty)
 
         try MongoFixture.failNext(1, ["find"], app: app, errorCode: 2)  // BadValue: permanent
         await #expect {
-            _ = try await store.clones(owner: "alice")
+            _ = try await store.clones(owner: "alice", limit: 100, after: nil)
         } throws: { error in
             guard case StoreError.backend = error else { return false }
             return true
         }
-        #expect(try await store.clones(owner: "alice").isEmpty)
+        #expect(try await store.clones(owner: "alice", limit: 100, after: nil).isEmpty)
         // Each failed call counted once, by kind, for an operator's alert.
         #expect(try metrics.expectCounter("parley_store_errors_total", [("store", "mongodb"), ("kind", "unreachable")]).totalValue == 1)
         #expect(try metrics.expectCounter("parley_store_errors_total", [("store", "mongodb"), ("kind", "failed")]).totalValue == 1)
@@ -332,7 +332,7 @@ import Testing
         let store = try await MongoStore.open(uri: uri, options: Self.oneAttempt(socketTimeoutMS: 500))
         try MongoFixture.failNext(1, ["find"], app: app, blockTimeMS: 3_000)
         await #expect(throws: StoreError.self) {
-            _ = try await store.clones(owner: "alice")
+            _ = try await store.clones(owner: "alice", limit: 100, after: nil)
         }
         try MongoFixture.turnOffFailPoint()
         try await store.close()

@@ -63,7 +63,7 @@ private func populate(_ store: any Store, _ user: String, welcomeAt: Int64 = 1_0
             #expect(report.rooms == 1 && report.roomEntries == 3, "her room's entry, what she said elsewhere and its translation")
             #expect(report.ledgerRowsKept == 2)
 
-            #expect(try await store.clones(owner: "alice").isEmpty)
+            #expect(try await store.clones(owner: "alice", limit: 100, after: nil).isEmpty)
             #expect(try await store.clone(id: alice.clone.id, owner: "alice") == nil)
             #expect(try await store.conversation(id: alice.conversation.id, owner: "alice") == nil)
             #expect(try await store.conversations(owner: "alice", limit: 10, before: nil).isEmpty)
@@ -91,7 +91,7 @@ private func populate(_ store: any Store, _ user: String, welcomeAt: Int64 = 1_0
             #expect(audit.filter { $0.actor == "deleted:0f0f" }.count == 1 && audit.filter { $0.target == "deleted:0f0f" }.count == 1)
 
             // Bob keeps everything.
-            #expect(try await store.clones(owner: "bob") == [bob.clone])
+            #expect(try await store.clones(owner: "bob", limit: 100, after: nil) == [bob.clone])
             #expect(try await store.messages(conversation: bob.conversation.id, limit: 10, before: nil) == bob.messages)
             #expect(try await store.schedule(id: bob.schedule.id, owner: "bob") == bob.schedule)
             #expect(try await store.roomEntries(room: bob.ownRoom.id, limit: 10, before: nil) == [bob.ownRoomEntry])
@@ -118,7 +118,7 @@ private func populate(_ store: any Store, _ user: String, welcomeAt: Int64 = 1_0
             let world = try await populate(store, "alice", welcomeAt: 5_000)
             let report = try await store.deleteUser("alice", pseudonym: "deleted:0f0f")
             #expect(report.clones == 1 && report.conversations == 1 && report.messages == 2 && report.rooms == 1)
-            #expect(try await store.clones(owner: "alice").isEmpty)
+            #expect(try await store.clones(owner: "alice", limit: 100, after: nil).isEmpty)
             #expect(try await store.conversation(id: world.conversation.id, owner: "alice") == nil)
             #expect(try await store.balance(user: "alice") == 0)
             let kept = try await allEntries(store, "deleted:0f0f")

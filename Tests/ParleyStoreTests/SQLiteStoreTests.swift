@@ -48,7 +48,7 @@ import Testing
         release.signal()
         try await write.value
         try await store.close()
-        await #expect(throws: StoreError.closed) { _ = try await store.clones(owner: "alice") }
+        await #expect(throws: StoreError.closed) { _ = try await store.clones(owner: "alice", limit: 100, after: nil) }
     }
 
     /// Messages stored before v10 have no parent recorded: each follows the one before it, and

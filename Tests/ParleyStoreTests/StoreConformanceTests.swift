@@ -121,9 +121,35 @@ func chained(_ messages: [Message]) -> [Message] {
             let b = makeClone(owner: "alice", name: "B")
             let c = makeClone(owner: "bob", name: "C")
             for clone in [b, c, a].sorted(by: { $0.id > $1.id }) { try await store.createClone(clone) }
-            #expect(try await store.clones(owner: "alice").map(\.name) == ["A", "B"])
-            #expect(try await store.clones(owner: "bob").map(\.name) == ["C"])
-            #expect(try await store.clones(owner: "carol").isEmpty)
+            #expect(try await store.clones(owner: "alice", limit: 100, after: nil).map(\.name) == ["A", "B"])
+            #expect(try await store.clones(owner: "bob", limit: 100, after: nil).map(\.name) == ["C"])
+            #expect(try await store.clones(owner: "carol", limit: 100, after: nil).isEmpty)
+        }
+    }
+
+    /// A page at a time (clones may carry megabytes each), and counted without being read.
+    @Test(arguments: Backend.all)
+    func clonesPageOldestFirstAndAreCounted(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            let alices = (0..<5).map { makeClone(owner: "alice", name: "A\($0)") }
+            for clone in alices.reversed() + [makeClone(owner: "bob", name: "B")] { try await store.createClone(clone) }
+            var seen: [String] = []
+            var after: String?
+            var pages = 0
+            repeat {
+                let page = try await store.clones(owner: "alice", limit: 2, after: after)
+                #expect(page.count <= 2)
+                seen += page.map(\.name)
+                after = page.count == 2 ? page.last?.id : nil
+                pages += 1
+            } while after != nil && pages < 10
+            #expect(seen == ["A0", "A1", "A2", "A3", "A4"] && pages == 3)
+            #expect(try await store.clones(owner: "alice", limit: 2, after: alices[3].id).map(\.name) == ["A4"])
+            #expect(try await store.cloneCount(owner: "alice") == 5)
+            #expect(try await store.cloneCount(owner: "bob") == 1)
+            #expect(try await store.cloneCount(owner: "carol") == 0)
+            _ = try await store.deleteClone(id: alices[0].id, owner: "alice")
+            #expect(try await store.cloneCount(owner: "alice") == 4)
         }
     }
 
@@ -329,7 +355,7 @@ func chained(_ messages: [Message]) -> [Message] {
         let store = try await backend.open()
         try await store.close()
         await #expect(throws: StoreError.closed) {
-            _ = try await store.clones(owner: "alice")
+            _ = try await store.clones(owner: "alice", limit: 100, after: nil)
         }
     }
 }
