@@ -55,17 +55,21 @@ public struct CloneProfile: Sendable, Equatable {
     /// what an export writes by default are left out.
     public var rest: [(String, JSONValue)] {
         get { extras.fields.rest }
-        set { extras = .parsed(rest: newValue, top: top) }
+        set { extras = .parsed(rest: newValue, top: extras.fields.top) }
     }
     /// Fields beside `spec` and `data` at the card's top level (tools keep V1 copies of the
     /// persona there for older readers), in their order.
     public var top: [(String, JSONValue)] {
         get { extras.fields.top }
-        set { extras = .parsed(rest: rest, top: newValue) }
+        set { extras = .parsed(rest: extras.fields.rest, top: newValue) }
     }
     /// `rest` and `top`, which only an export reads: a card's unknown fields can take megabytes,
     /// and every reply reads its clone.
     private var extras = Extras.parsed(rest: [], top: [])
+
+    /// `rest` and `top` together (one parse when read from storage).
+    var cardFields: (rest: [(String, JSONValue)], top: [(String, JSONValue)]) { extras.fields }
+
     /// How the clone sounds when its replies are voiced (#29); nil: the server's default voice.
     /// Kept with the profile so both stores hold it without a column of its own.
     public var voice: CloneVoice?
@@ -75,11 +79,14 @@ public struct CloneProfile: Sendable, Equatable {
     public var isEmpty: Bool { self == CloneProfile() }
 
     public static func == (a: CloneProfile, b: CloneProfile) -> Bool {
-        a.description == b.description && a.personality == b.personality && a.scenario == b.scenario
-            && a.firstMessage == b.firstMessage && a.alternateGreetings == b.alternateGreetings
-            && a.exampleMessages == b.exampleMessages && a.postHistoryInstructions == b.postHistoryInstructions
-            && a.lorebook == b.lorebook && JSONValue.object(a.rest) == JSONValue.object(b.rest)
-            && JSONValue.object(a.top) == JSONValue.object(b.top) && a.voice == b.voice
+        guard
+            a.description == b.description && a.personality == b.personality && a.scenario == b.scenario
+                && a.firstMessage == b.firstMessage && a.alternateGreetings == b.alternateGreetings
+                && a.exampleMessages == b.exampleMessages && a.postHistoryInstructions == b.postHistoryInstructions
+                && a.lorebook == b.lorebook && a.voice == b.voice
+        else { return false }
+        let (x, y) = (a.cardFields, b.cardFields)
+        return JSONValue.object(x.rest) == .object(y.rest) && JSONValue.object(x.top) == .object(y.top)
     }
 
     /// The rest's `character_book` object (book-level fields: scan_depth, token_budget…).
@@ -262,7 +269,7 @@ public enum CharacterCard {
     /// them, Parley's own fields in `extensions.parley`.
     public static func export(_ clone: Clone, spec: Spec) -> JSONValue {
         let profile = clone.profile
-        let (rest, top) = (profile.rest, profile.top)  // parsed from storage on each read
+        let (rest, top) = profile.cardFields  // parsed from storage on each read
         var data: [(String, JSONValue)] = [
             ("name", .string(clone.name)),
             ("description", .string(profile.description)),
@@ -338,8 +345,9 @@ public enum CharacterCard {
     /// The profile as one JSON document (both stores keep it as text: card keys may hold `.` or
     /// `$`, which MongoDB field names cannot).
     public static func storageJSON(_ profile: CloneProfile) -> JSONValue {
-        .object(
-            personaJSON(profile) + [("rest", .object(profile.rest)), ("top", .object(profile.top))]
+        let card = profile.cardFields
+        return .object(
+            personaJSON(profile) + [("rest", .object(card.rest)), ("top", .object(card.top))]
                 + (profile.voice.map { [("voice", $0.json)] } ?? []))
     }
 
