@@ -18,7 +18,6 @@ import time
 import urllib.request
 
 from parley_server import ParleyServer
-from websockets.sync.client import connect
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -50,28 +49,9 @@ def main():
         print("import: %.0f ms" % (took * 1000))
         plain, _ = call("POST", "/v1/clones", {"name": "Plain"})
         clones = [("plain", plain["id"]), ("big", big["id"])]
-        with connect("ws://127.0.0.1:%d/v1/ws?token=%s" % (server.port, token), max_size=None, open_timeout=30) as ws:
-            ws.recv()  # welcome
-            for name, clone in clones:
-                conversation, times = None, []
-                for i in range(args.replies):
-                    frame = {"type": "chat.send", "id": "%s%d" % (name, i), "clone": clone, "text": "hello there"}
-                    if conversation:
-                        frame["conversation"] = conversation
-                    sent, first = time.monotonic(), None
-                    ws.send(json.dumps(frame))
-                    while True:
-                        answer = json.loads(ws.recv(timeout=300))
-                        if answer["type"] == "stream.start":
-                            conversation = answer["conversation"]
-                        elif answer["type"] == "token" and first is None:
-                            first = time.monotonic() - sent
-                        elif answer["type"] == "stream.end":
-                            break
-                        elif answer["type"] == "error":
-                            raise SystemExit(answer)
-                    times.append(first)
-                print("%-6s time to first token, ms: %s" % (name, " ".join("%.0f" % (t * 1000) for t in times)))
+        for name, clone in clones:
+            times = server.first_token_times(token, clone, "hello there", args.replies)
+            print("%-6s time to first token, ms: %s" % (name, " ".join("%.0f" % (t * 1000) for t in times)))
         for name, clone in clones:
             reads = [call("GET", "/v1/clones/" + clone)[1] for _ in range(args.replies)]
             print("%-6s GET /v1/clones/<id>, ms: %s" % (name, " ".join("%.0f" % (t * 1000) for t in reads)))

@@ -13,11 +13,9 @@ reply's time to first token. The difference is what finding the book's keys in t
 import argparse
 import json
 import pathlib
-import time
 import urllib.request
 
 from parley_server import ParleyServer
-from websockets.sync.client import connect
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -45,29 +43,9 @@ def main():
                 "data": {**persona, "character_book": {"entries": entries, "scan_depth": 1000}}}
         clones = [("plain", post("/v1/clones", {"name": "Plain"})["id"]), ("lorebook", post("/v1/clones/import", card)["id"])]
         text = ("lorem ipsum dolor sit amet " * 300)[:7900]
-        with connect("ws://127.0.0.1:%d/v1/ws?token=%s" % (server.port, token), max_size=None, open_timeout=30) as ws:
-            ws.recv()  # welcome
-            for name, clone in clones:
-                conversation, times = None, []
-                for i in range(args.replies):
-                    frame = {"type": "chat.send", "id": "%s%d" % (name, i), "clone": clone, "text": text}
-                    if conversation:
-                        frame["conversation"] = conversation
-                    sent, first = time.monotonic(), None
-                    ws.send(json.dumps(frame))
-                    while True:
-                        answer = json.loads(ws.recv(timeout=300))
-                        if answer["type"] == "stream.start":
-                            conversation = answer["conversation"]
-                        elif answer["type"] == "token" and first is None:
-                            first = time.monotonic() - sent
-                        elif answer["type"] == "stream.end":
-                            break
-                        elif answer["type"] == "error":
-                            raise SystemExit(answer)
-                    times.append(first)
-                print("%-8s time to first token, ms: %s" % (name, " ".join("%.0f" % (t * 1000) for t in times)))
-
+        for name, clone in clones:
+            times = server.first_token_times(token, clone, text, args.replies)
+            print("%-8s time to first token, ms: %s" % (name, " ".join("%.0f" % (t * 1000) for t in times)))
 
 if __name__ == "__main__":
     main()

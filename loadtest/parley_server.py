@@ -6,9 +6,11 @@ removes the directory.
         token = server.token("alice")
         server.base  # http://127.0.0.1:<port>
 """
+import json
 import shutil
 import subprocess
 import tempfile
+import time
 
 
 class ParleyServer:
@@ -28,6 +30,32 @@ class ParleyServer:
                 return self
         self.__exit__(None, None, None)
         raise SystemExit("parley serve stopped before it listened")
+
+    def first_token_times(self, token, clone, text, replies):
+        """Sends `replies` messages of `text` to `clone` in one conversation over one socket;
+        the seconds each reply took to its first token."""
+        from websockets.sync.client import connect
+        conversation, times = None, []
+        with connect("ws://127.0.0.1:%d/v1/ws?token=%s" % (self.port, token), max_size=None, open_timeout=30) as ws:
+            ws.recv()  # welcome
+            for i in range(replies):
+                frame = {"type": "chat.send", "id": "m%d" % i, "clone": clone, "text": text}
+                if conversation:
+                    frame["conversation"] = conversation
+                sent, first = time.monotonic(), None
+                ws.send(json.dumps(frame))
+                while True:
+                    answer = json.loads(ws.recv(timeout=300))
+                    if answer["type"] == "stream.start":
+                        conversation = answer["conversation"]
+                    elif answer["type"] == "token" and first is None:
+                        first = time.monotonic() - sent
+                    elif answer["type"] == "stream.end":
+                        break
+                    elif answer["type"] == "error":
+                        raise SystemExit(answer)
+                times.append(first)
+        return times
 
     def token(self, sub):
         return subprocess.check_output([self.binary, "token", "--sub", sub, "--data-dir", self.data], text=True).strip()
