@@ -102,6 +102,9 @@ public struct ServerConfiguration: Sendable {
     public var maxRequestBodyBytes = 1024 * 1024
     /// Largest character card accepted by `POST /v1/clones/import` (card PNGs carry a picture).
     public var maxCardBytes = 8 * 1024 * 1024
+    /// Clones one user may have (a plan may allow fewer): creating one is free, and each may
+    /// carry a card of `maxCardBytes`, so without it one user could fill the disk.
+    public var maxClonesPerUser = 1_000
     /// Bytes a socket may have waiting to be written before it is closed (1008) as too slow.
     public var maxQueuedBytesPerSocket = 4 * 1024 * 1024
     /// SO_SNDBUF of accepted sockets; nil leaves the kernel's autotuning alone.

@@ -334,10 +334,15 @@ struct RESTAPI: Sendable {
     ) async throws -> HTTPResponse {
         let now = Int64(Timestamp.nowMillis())
         _ = try await store.ensureUser(identity.user, now: now)
-        // A plan's clone limit (two creates at the same moment may both pass: the count is read first).
+        // The server's and the plan's clone limits (two creates at the same moment may both
+        // pass: the count is read first).
+        let count = try await store.cloneCount(owner: identity.user) + 1
         if let plans = credits.plans, try await plans.plan(of: identity.user).limits.clones != nil {
-            let count = try await store.cloneCount(owner: identity.user) + 1
             try await plans.require(count, of: .clones, user: identity.user, ref: nil, what: "clones")
+        }
+        guard count <= configuration.maxClonesPerUser else {
+            throw APIError(
+                .tooManyRequests, .limitExceeded, "at most \(configuration.maxClonesPerUser) clones per user; delete one to make another")
         }
         let clone = fields.applied(
             to: Clone(

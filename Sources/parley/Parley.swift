@@ -251,6 +251,9 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Largest character card (JSON or PNG) POST /v1/clones/import accepts, in bytes.")
     var maxCardBytes = 8 * 1024 * 1024
 
+    @Option(help: "Clones one user may have (a plan may allow fewer); past it creating or importing one is 429 limit_exceeded.")
+    var maxClones = 1_000
+
     @Option(
         help: "Seconds SIGTERM lets the replies in flight finish (new requests are refused meanwhile) before ending the rest with reason shutdown.")
     var shutdownGrace = 10
@@ -408,6 +411,7 @@ struct Serve: AsyncParsableCommand {
         guard (1024...(256 * 1024 * 1024)).contains(maxCardBytes) else {
             throw ArgumentParser.ValidationError("--max-card-bytes must be 1024 to 268435456")
         }
+        guard (1...1_000_000).contains(maxClones) else { throw ArgumentParser.ValidationError("--max-clones must be 1-1000000") }
         guard maxSocketQueueBytes >= 64 * 1024 else { throw ArgumentParser.ValidationError("--max-socket-queue-bytes must be at least 65536") }
         guard (0...3600).contains(shutdownGrace) else { throw ArgumentParser.ValidationError("--shutdown-grace must be 0-3600 seconds") }
         guard (0...36_500).contains(retentionDays) else {
@@ -563,6 +567,7 @@ struct Serve: AsyncParsableCommand {
         configuration.scheduleTickMillis = Int64(scheduleTickMs)
         configuration.maxQueuedBytesPerSocket = maxSocketQueueBytes
         configuration.maxCardBytes = maxCardBytes
+        configuration.maxClonesPerUser = maxClones
         configuration.maxOutputTokens = maxReplyTokens ?? (usesLocalModel ? LocalModel.defaultReplyTokens : 1024)
         configuration.maxMessageBytes = maxMessageBytes
         configuration.maxSocketsPerUser = maxSocketsPerUser

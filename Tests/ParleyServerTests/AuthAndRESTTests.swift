@@ -240,6 +240,30 @@ import Testing
         await server.stop()
     }
 
+    /// A user's clones are capped (creating one is free, and each may carry megabytes of card):
+    /// past the cap, creating or importing is 429 `limit_exceeded`; a deletion makes room, and
+    /// another user has their own.
+    @Test func aUsersClonesAreCapped() async throws {
+        let server = try await TestServer.start { $0.maxClonesPerUser = 2 }
+        let alice = try await server.token("alice")
+        let first = try #require(try await server.createClone(token: alice)["id"]?.stringValue)
+        _ = try await server.createClone(token: alice)
+        let refused = try await TestHTTPClient.json(port: server.port, .POST, "/v1/clones", token: alice, json: .object([("name", .string("C"))]))
+        #expect(refused.status == .tooManyRequests && refused.errorCode == "limit_exceeded")
+        #expect(try refused.json()["error"]?["message"] == .string("at most 2 clones per user; delete one to make another"))
+        let card = JSONValue.object([
+            ("spec", .string("chara_card_v2")), ("spec_version", .string("2.0")),
+            ("data", .object([("name", .string("Mara")), ("description", .string("d"))])),
+        ])
+        let imported = try await TestHTTPClient.json(port: server.port, .POST, "/v1/clones/import", token: alice, json: card)
+        #expect(imported.status == .tooManyRequests && imported.errorCode == "limit_exceeded")
+        _ = try await server.createClone(token: try await server.token("bob"))
+        #expect(try await TestHTTPClient.request(port: server.port, .DELETE, "/v1/clones/\(first)", token: alice).status == .noContent)
+        #expect(try await TestHTTPClient.json(port: server.port, .POST, "/v1/clones/import", token: alice, json: card).status == .created)
+        #expect(try await server.get("/v1/clones", token: alice).json()["clones"]?.arrayValue?.count == 2)
+        await server.stop()
+    }
+
     /// A query that cannot be read one way only is a 400 saying why: a parameter given twice
     /// (the first counted, where many frameworks count the last) or one that is not UTF-8 once
     /// decoded (read as empty, it was answered as missing: "'q' must name at least one word").

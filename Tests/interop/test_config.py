@@ -100,6 +100,7 @@ def test_bad_configuration_is_refused_with_its_source(data_dir, tmp_path):
         # option as missing a value).
         ({"max-frames-per-second": -1}, None, "--max-requests-per-second 0 or more"),
         (None, {"PARLEY_MAX_FRAMES_PER_SECOND": "-5"}, "--max-requests-per-second 0 or more"),
+        ({"max-clones": 0}, None, "--max-clones must be 1-1000000"),
     ]
     for options, env, message in cases:
         args = ["--config", write(tmp_path / "bad.json", options)] if options is not None else []
