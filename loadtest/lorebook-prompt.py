@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What a big lorebook costs a reply before its first token.
 
-Usage: loadtest/lorebook-prompt.py [--binary .build/release/parley] [--replies 6]
+Usage: loadtest/lorebook-prompt.py [--binary .build/release/parley] [--replies 6] [--content-chars 0]
 (from the project's root after `swift build -c release --product parley`).
 
 Starts `parley serve` on loopback (`parley_server.py`; simulated model: no time to first token,
@@ -24,6 +24,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--binary", default=str(ROOT / ".build" / "release" / "parley"))
     parser.add_argument("--replies", type=int, default=6)
+    parser.add_argument("--content-chars", type=int, default=0,
+                        help="each entry's content this long (default: 'fact N'); a book's contents are read on every reply")
     args = parser.parse_args()
     flags = ["--log-level", "warning", "--sim-ttft-ms", "0", "--sim-tokens-per-sec", "0", "--sim-reply-tokens", "5",
              "--starting-credits", "10000000"]
@@ -36,7 +38,7 @@ def main():
             with urllib.request.urlopen(request, timeout=120) as response:
                 return json.loads(response.read())
 
-        entries = [{"keys": ["zqx%05dk%02d" % (i, j) for j in range(64)], "content": "fact %d" % i, "enabled": True,
+        entries = [{"keys": ["zqx%05dk%02d" % (i, j) for j in range(64)], "content": ("fact %d " % i + "the sky-port's lore " * (args.content_chars // 20 + 1))[:args.content_chars or len("fact %d" % i)], "enabled": True,
                     "insertion_order": i} for i in range(1024)]
         persona = {"name": "Lore", "description": "d", "personality": "", "scenario": "", "first_mes": "", "mes_example": ""}
         card = {"spec": "chara_card_v2", "spec_version": "2.0",

@@ -185,7 +185,7 @@ public enum CharacterCard {
         var data = try JSONObjectReader(dataValue, what: "'data'", prefix: "data.")
         func text(_ key: String) throws(ValidationError) -> String {
             let value = try data.string(key) ?? ""
-            guard value.count <= limits.maxTextLength else {
+            guard value.fits(characters: limits.maxTextLength) else {
                 throw ValidationError("'data.\(key)' is longer than \(limits.maxTextLength) characters")
             }
             return value
@@ -247,7 +247,9 @@ public enum CharacterCard {
         guard let keys = try entry.stringArray("keys") else { throw ValidationError(at + ".keys' is missing") }
         guard keys.count <= limits.maxKeysPerEntry else { throw ValidationError(at + ".keys' has more than \(limits.maxKeysPerEntry) keys") }
         guard let content = try entry.string("content") else { throw ValidationError(at + ".content' is missing") }
-        guard content.count <= limits.maxTextLength else { throw ValidationError(at + ".content' is longer than \(limits.maxTextLength) characters") }
+        guard content.fits(characters: limits.maxTextLength) else {
+            throw ValidationError(at + ".content' is longer than \(limits.maxTextLength) characters")
+        }
         func flag(_ key: String) throws(ValidationError) -> Bool? {
             guard let value = try entry.value(key) else { return nil }
             guard let bool = value.boolValue else { throw ValidationError(at + ".\(key)' must be a boolean") }

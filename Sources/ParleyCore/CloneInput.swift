@@ -56,7 +56,7 @@ public struct CloneFields: Sendable, Equatable {
             var fields = ProfileFields()
             for (key, path) in textKeys {
                 guard let text = try reader.string(key) else { continue }
-                guard text.count <= limits.maxTextLength else {
+                guard text.fits(characters: limits.maxTextLength) else {
                     throw ValidationError("'\(reader.prefix)\(key)' is longer than \(limits.maxTextLength) characters")
                 }
                 fields[keyPath: path] = text
@@ -113,7 +113,7 @@ public struct CloneFields: Sendable, Equatable {
         if let name = try reader.string("name") {
             let trimmed = name.trimmedWhitespace
             guard !trimmed.isEmpty else { throw ValidationError("'name' must not be empty") }
-            guard trimmed.count <= limits.maxNameLength else {
+            guard trimmed.fits(characters: limits.maxNameLength) else {
                 throw ValidationError("'name' is longer than \(limits.maxNameLength) characters")
             }
             fields.name = trimmed
@@ -124,7 +124,7 @@ public struct CloneFields: Sendable, Equatable {
             fields.traits = try entries(traits, field: "traits", maxCount: limits.maxTraits, maxLength: limits.maxTraitLength)
         }
         if let prompt = try reader.string("system_prompt") {
-            guard prompt.count <= limits.maxSystemPromptLength else {
+            guard prompt.fits(characters: limits.maxSystemPromptLength) else {
                 throw ValidationError("'system_prompt' is longer than \(limits.maxSystemPromptLength) characters")
             }
             fields.systemPrompt = prompt
@@ -172,7 +172,7 @@ public struct CloneFields: Sendable, Equatable {
         return try list.enumerated().map { (i, entry) throws(ValidationError) in
             let trimmed = entry.trimmedWhitespace
             guard !trimmed.isEmpty else { throw ValidationError("'\(field)[\(i)]' must not be empty") }
-            guard trimmed.count <= maxLength else {
+            guard trimmed.fits(characters: maxLength) else {
                 throw ValidationError("'\(field)[\(i)]' is longer than \(maxLength) characters")
             }
             return trimmed
@@ -214,6 +214,15 @@ public struct CloneFields: Sendable, Equatable {
 }
 
 extension String {
+    /// Whether the string has at most `limit` characters, counting no further than it needs: a
+    /// string of at most `limit` UTF-8 bytes does, and past that at most `limit + 1` characters
+    /// are walked (each lorebook entry's content was counted whole on every read of its clone).
+    public func fits(characters limit: Int) -> Bool {
+        if utf8.count <= limit { return true }
+        guard let end = index(startIndex, offsetBy: limit, limitedBy: endIndex) else { return true }
+        return end == endIndex
+    }
+
     /// The string without leading and trailing whitespace and newlines.
     public var trimmedWhitespace: String {
         // Most strings start and end with a printable ASCII byte: nothing to trim, and no

@@ -138,7 +138,7 @@ extension ClientFrame {
     static func messageText(_ reader: inout JSONObjectReader, limits: FrameLimits, ref: String?) throws -> String {
         let text = try reader.requiredString("text")
         guard !text.trimmedWhitespace.isEmpty else { throw ValidationError("'text' must not be empty") }
-        guard text.count <= limits.maxTextLength else {
+        guard text.fits(characters: limits.maxTextLength) else {
             throw FrameError(ref: ref, code: .tooLarge, message: "'text' is longer than \(limits.maxTextLength) characters")
         }
         return text
@@ -211,7 +211,7 @@ extension ClientFrame {
                 let room = try reader.requiredString("room")
                 let text = try reader.requiredString("text")
                 guard !text.trimmedWhitespace.isEmpty else { throw ValidationError("'text' must not be empty") }
-                guard text.count <= limits.rooms.maxSayLength else {
+                guard text.fits(characters: limits.rooms.maxSayLength) else {
                     throw FrameError(ref: ref, code: .tooLarge, message: "'text' is longer than \(limits.rooms.maxSayLength) characters")
                 }
                 frame = .room(.say(id: id, room: room, text: text))

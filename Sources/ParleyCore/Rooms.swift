@@ -289,7 +289,7 @@ public struct DebateRequest: Sendable, Equatable {
             let clone = try entry.requiredString("clone")
             let stance = try entry.string("stance") ?? ""
             try entry.rejectUnknown()
-            guard stance.count <= limits.maxStanceLength else {
+            guard stance.fits(characters: limits.maxStanceLength) else {
                 throw ValidationError("'clones[\(index)].stance' is longer than \(limits.maxStanceLength) characters")
             }
             guard !clones.contains(where: { $0.0 == clone }) else { throw ValidationError("clone \(clone) is listed twice") }

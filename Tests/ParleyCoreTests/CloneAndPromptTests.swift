@@ -158,3 +158,21 @@ import Testing
         #expect("  Fact one \n".trimmedWhitespace == "Fact one" && "\u{0600}a ".trimmedWhitespace == "\u{0600}a")
     }
 }
+
+@Suite struct FitsCharactersTests {
+    /// `fits(characters:)` says what counting every character says, for any limit, however many
+    /// bytes each character takes (ASCII, two-byte letters, combining marks, CRLF, joined emoji).
+    @Test func agreesWithCountingEveryCharacter() {
+        let pieces = ["a", "é", "e\u{0301}", "\r\n", "🌊", "👩‍👩‍👧", "\u{3000}", " "]
+        var strings = [""]
+        for piece in pieces {
+            for length in 1...5 { strings.append(String(repeating: piece, count: length)) }
+        }
+        strings += ["héllo🌊\r\nworld", pieces.joined(), pieces.joined(separator: "x")]
+        for string in strings {
+            for limit in 0...(string.utf8.count + 1) {
+                #expect(string.fits(characters: limit) == (string.count <= limit), "\(Array(string.unicodeScalars)) within \(limit)")
+            }
+        }
+    }
+}
