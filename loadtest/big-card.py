@@ -8,8 +8,9 @@ Starts `parley serve` on loopback (`parley_server.py`; simulated model: no time 
 five tokens a reply), imports a V2 card whose `extensions` hold an array of `--numbers` numbers
 (1,000,000 make a card of 7.9 MB, under the 8 MiB import limit) and creates a plain clone beside
 it. Then sends `--replies` short messages to each clone in one conversation, printing each
-reply's time to first token, and times `GET /v1/clones/<id>` of each and `GET /v1/clones`. The
-difference between the two clones is what the card's fields a prompt never uses cost a read.
+reply's time to first token, and times `GET /v1/clones/<id>` of each, `GET /v1/clones`, and a
+`PATCH` of each clone's name. The difference between the two clones is what the card's fields a
+prompt never uses cost a read (and a write that does not change them).
 """
 import argparse
 import json
@@ -57,6 +58,9 @@ def main():
             print("%-6s GET /v1/clones/<id>, ms: %s" % (name, " ".join("%.0f" % (t * 1000) for t in reads)))
         lists = [call("GET", "/v1/clones")[1] for _ in range(args.replies)]
         print("GET /v1/clones (both), ms: %s" % " ".join("%.0f" % (t * 1000) for t in lists))
+        for name, clone in clones:
+            renames = [call("PATCH", "/v1/clones/" + clone, {"name": "%s %d" % (name, i)})[1] for i in range(args.replies)]
+            print("%-6s PATCH /v1/clones/<id> (its name), ms: %s" % (name, " ".join("%.0f" % (t * 1000) for t in renames)))
 
 
 if __name__ == "__main__":

@@ -40,16 +40,18 @@ public struct LoreEntry: Sendable, Equatable {
 /// the card as received, so import then export is lossless (the spec forbids dropping unknown
 /// `extensions` keys).
 public struct CloneProfile: Sendable, Equatable {
-    public var description = ""
-    public var personality = ""
-    public var scenario = ""
-    public var firstMessage = ""
-    public var alternateGreetings: [String] = []
+    // Each field that storage keeps says when it changes: a profile read from storage and
+    // unchanged is written back as the very text it was read from (see `CharacterCard.storageText`).
+    public var description = "" { didSet { extras.changed() } }
+    public var personality = "" { didSet { extras.changed() } }
+    public var scenario = "" { didSet { extras.changed() } }
+    public var firstMessage = "" { didSet { extras.changed() } }
+    public var alternateGreetings: [String] = [] { didSet { extras.changed() } }
     /// `mes_example`: example dialogue showing the clone's style.
-    public var exampleMessages = ""
+    public var exampleMessages = "" { didSet { extras.changed() } }
     /// Instructions placed after the conversation history in the prompt.
-    public var postHistoryInstructions = ""
-    public var lorebook: [LoreEntry] = []
+    public var postHistoryInstructions = "" { didSet { extras.changed() } }
+    public var lorebook: [LoreEntry] = [] { didSet { extras.changed() } }
     /// The card's other `data` fields in their order (creator_notes, tags, extensions without
     /// `parley`, `character_book` without its entries, V3 fields, unknown keys); fields equal to
     /// what an export writes by default are left out.
@@ -72,11 +74,23 @@ public struct CloneProfile: Sendable, Equatable {
 
     /// How the clone sounds when its replies are voiced (#29); nil: the server's default voice.
     /// Kept with the profile so both stores hold it without a column of its own.
-    public var voice: CloneVoice?
+    public var voice: CloneVoice? { didSet { extras.changed() } }
 
     public init() {}
 
-    public var isEmpty: Bool { self == CloneProfile() }
+    /// A profile read from storage and unchanged is not empty (an empty one is stored as none),
+    /// which is answered without parsing its card fields.
+    public var isEmpty: Bool { storedText == nil && self == CloneProfile() }
+
+    /// The text this profile was read from, while nothing of it has changed.
+    var storedText: String? {
+        if case .stored(let text, _, unchanged: true) = extras { text } else { nil }
+    }
+
+    /// Read from storage: from now on a change to any field is a change to the text.
+    mutating func keepStoredText() {
+        if case .stored(let text, let settings, _) = extras { extras = .stored(text, bookSettings: settings, unchanged: true) }
+    }
 
     public static func == (a: CloneProfile, b: CloneProfile) -> Bool {
         guard
@@ -100,26 +114,31 @@ public struct CloneProfile: Sendable, Equatable {
     var bookSettings: JSONValue {
         switch extras {
         case .parsed: JSONValue.object(book)
-        case .stored(_, let settings): settings
+        case .stored(_, let settings, _): settings
         }
     }
 
     /// The profile as read from storage, whose `rest` and `top` are parsed from its text only
     /// when asked for (`settings`: the book's fields a prompt reads, parsed at once).
     init(storedExtrasIn text: String, bookSettings settings: JSONValue) {
-        extras = .stored(text, bookSettings: settings)
+        extras = .stored(text, bookSettings: settings, unchanged: false)
     }
 
     private enum Extras: Sendable {
         case parsed(rest: [(String, JSONValue)], top: [(String, JSONValue)])
-        /// The stored profile's text, checked as JSON when it was read.
-        case stored(String, bookSettings: JSONValue)
+        /// The stored profile's text, checked as JSON when it was read; `unchanged` while the
+        /// profile's other fields are as read from it.
+        case stored(String, bookSettings: JSONValue, unchanged: Bool)
+
+        mutating func changed() {
+            if case .stored(let text, let settings, true) = self { self = .stored(text, bookSettings: settings, unchanged: false) }
+        }
 
         var fields: (rest: [(String, JSONValue)], top: [(String, JSONValue)]) {
             switch self {
             case .parsed(let rest, let top):
                 return (rest, top)
-            case .stored(let text, _):
+            case .stored(let text, _, _):
                 let value = try? JSONValue.parse(text.utf8, keeping: .members([("rest", .everything), ("top", .everything)]))
                 func pairs(_ member: JSONValue?) -> [(String, JSONValue)] { if case .object(let pairs)? = member { pairs } else { [] } }
                 return (pairs(value?["rest"]), pairs(value?["top"]))
@@ -353,6 +372,13 @@ public enum CharacterCard {
                 + (profile.voice.map { [("voice", $0.json)] } ?? []))
     }
 
+    /// The text storage keeps for `profile`: the text it was read from while nothing of it has
+    /// changed (a write of a clone whose card holds megabytes, and whose edit touched only the
+    /// clone's own fields, neither parses nor serialises the card), else `storageJSON`'s.
+    public static func storageText(_ profile: CloneProfile) -> String {
+        profile.storedText ?? storageJSON(profile).serializedString()
+    }
+
     /// What of a stored profile a read builds: everything but `rest` and `top` (checked, not
     /// built; see `CloneProfile.rest`), of which only the book's fields a prompt reads.
     static let storedShape = JSONShape.members(
@@ -376,6 +402,7 @@ public enum CharacterCard {
         profile.postHistoryInstructions = value["post_history_instructions"]?.stringValue ?? ""
         profile.lorebook = (value["lorebook"]?.arrayValue ?? []).enumerated().compactMap { try? loreEntry($1, index: $0, limits: Limits()) }
         profile.voice = value["voice"].flatMap { try? CloneVoice.parse($0) }
+        profile.keepStoredText()
         return profile
     }
 }

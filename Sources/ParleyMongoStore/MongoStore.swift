@@ -237,7 +237,7 @@ public final class MongoStore: Store {
             ("sliders", c.slidersJSON),
             ("memory", .array(c.memory.map(JSONValue.string))), ("model", c.model.map(JSONValue.string) ?? .null),
             // As JSON text: card keys may hold `.` or `$`, which field names cannot.
-            ("profile_json", c.profile.isEmpty ? .null : .string(CharacterCard.storageJSON(c.profile).serializedString())),
+            ("profile_json", c.profile.isEmpty ? .null : .string(CharacterCard.storageText(c.profile))),
             ("created_at", .long(c.createdAt)), ("updated_at", .long(c.updatedAt)),
         ])
     }

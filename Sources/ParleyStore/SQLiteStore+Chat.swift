@@ -74,7 +74,7 @@ extension SQLiteStore {
             .text(clone.slidersJSON.serializedString()),
             .text(JSONValue.array(clone.memory.map(JSONValue.string)).serializedString()),
             clone.model.map(SQLValue.text) ?? .null,
-            clone.profile.isEmpty ? .null : .text(CharacterCard.storageJSON(clone.profile).serializedString()),
+            clone.profile.isEmpty ? .null : .text(CharacterCard.storageText(clone.profile)),
         ]
     }
 

@@ -247,6 +247,30 @@ func keepsEverything(_ received: JSONValue, in exported: JSONValue?, at path: St
         #expect(assembler.assemble(clone: mara, history: within).messages[0].text.contains("Skyguild taxes"))
     }
 
+    /// A profile read from storage and unchanged is written back as the very text it was read
+    /// from (an edit of the clone's own fields neither parses nor serialises its card); a change
+    /// to any of its fields is written.
+    @Test func anUnchangedStoredProfileIsWrittenBackAsItsTextAndAChangedOneAsChanged() throws {
+        // Spaces around the text tell it from what `storageJSON` would write.
+        let text = " " + CharacterCard.storageJSON(try mara().profile).serializedString() + " "
+        let stored = CharacterCard.profile(fromStorage: text)
+        #expect(CharacterCard.storageText(stored) == text && !stored.isEmpty)
+        let changes: [(String, (inout CloneProfile) -> Void)] = [
+            ("description", { $0.description = "new" }), ("personality", { $0.personality = "new" }),
+            ("scenario", { $0.scenario = "new" }), ("first_mes", { $0.firstMessage = "new" }),
+            ("alternate_greetings", { $0.alternateGreetings = ["new"] }), ("mes_example", { $0.exampleMessages = "new" }),
+            ("post_history_instructions", { $0.postHistoryInstructions = "new" }),
+            ("lorebook", { $0.lorebook = [LoreEntry(keys: ["k"], content: "new")] }), ("voice", { $0.voice = CloneVoice(name: "joe", speed: 1) }),
+            ("rest", { $0.rest = [("creator_notes", .string("new"))] }), ("top", { $0.top = [] }),
+        ]
+        for (field, change) in changes {
+            var changed = stored
+            change(&changed)
+            let written = CharacterCard.storageText(changed)
+            #expect(written != text && CharacterCard.profile(fromStorage: written) == changed && changed != stored, "\(field)")
+        }
+    }
+
     /// A read profile's card fields (`rest`, `top`: megabytes, in a card made to weigh) are
     /// parsed from the stored text only when asked for, yet read, compared, changed and exported
     /// as if they had been parsed with the rest.
