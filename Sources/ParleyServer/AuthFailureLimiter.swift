@@ -22,7 +22,7 @@ struct KeyedHasher: Sendable {
 /// Brute-force protection for authentication (REST tokens and WebSocket handshakes): failed
 /// sign-ins are counted per client IP, kept only as a keyed hash, with exponential backoff
 /// (`FailureBackoff`); a blocked address is answered 429 with `Retry-After` before its token is
-/// even checked. A success forgets the address. Memory is bounded like the handshake limiter's.
+/// even checked. A success forgets the address. Memory is bounded like `RateLimiter`'s.
 final class AuthFailureLimiter: Sendable {
     private let hasher: KeyedHasher
     private let entries = Mutex<[String: FailureBackoff]>([:])
@@ -37,7 +37,7 @@ final class AuthFailureLimiter: Sendable {
     }
 
     private func key(_ ip: String) -> String? {
-        if !limitsLoopback && LoopbackAddress.isLoopbackLiteral(ip) { return nil }
+        if LoopbackAddress.isExempt(ip, limitsLoopback: limitsLoopback) { return nil }
         return hasher.hash(ip)
     }
 

@@ -23,7 +23,7 @@ final class RateLimiter: Sendable {
     /// Per client IP, where loopback peers are a local proxy or a load test, not one client:
     /// unlimited unless `limitsLoopback`.
     static func perAddress(rate: Int, maxTracked: Int = 10_000, limitsLoopback: Bool = false) -> RateLimiter {
-        RateLimiter(rate: rate, maxTracked: maxTracked) { !limitsLoopback && LoopbackAddress.isLoopbackLiteral($0) }
+        RateLimiter(rate: rate, maxTracked: maxTracked) { LoopbackAddress.isExempt($0, limitsLoopback: limitsLoopback) }
     }
 
     /// Takes an event for `key`; false when it is over its rate.
@@ -63,5 +63,11 @@ public enum LoopbackAddress {
         let bytes = withUnsafeBytes(of: &v6) { Array($0) }
         if bytes == Array(repeating: 0, count: 15) + [1] { return true }
         return bytes.prefix(12) == Array(repeating: 0, count: 10) + [0xFF, 0xFF] && bytes[12] == 127
+    }
+
+    /// Whether the per-address limiters leave peer `ip` alone: a loopback peer is a local proxy
+    /// or a load test, not one client, unless the operator asked for it to be limited.
+    static func isExempt(_ ip: String, limitsLoopback: Bool) -> Bool {
+        !limitsLoopback && isLoopbackLiteral(ip)
     }
 }
