@@ -9,14 +9,6 @@ import Testing
 @testable import ParleyServer
 @testable import ParleyStore
 
-/// A clock a test moves (Unix ms), for billing periods.
-final class TestClock: Sendable {
-    private let now: Mutex<Int64>
-    init(_ millis: Int64) { now = Mutex(millis) }
-    func read() -> Int64 { now.withLock { $0 } }
-    func set(_ millis: Int64) { now.withLock { $0 = millis } }
-}
-
 /// Plans (#27) over the real server on both stores: a feature or a count the plan does not allow
 /// is refused with `plan_required` naming a plan that allows it; a subscription event changes the
 /// plan, once, whatever the order events arrive in; the allowance arrives once per period.
@@ -36,10 +28,10 @@ final class TestClock: Sendable {
     static let december: Int64 = 1_796_353_200_000
 
     /// `slow`: replies of 100 tokens at 5 a second, to be still streaming when the next request comes.
-    func server(_ store: TestServer.StoreKind, clock: TestClock, grant: Int64 = 0, slow: Bool = false) async throws -> TestServer {
+    func server(_ store: TestServer.StoreKind, clock: ManualClock, grant: Int64 = 0, slow: Bool = false) async throws -> TestServer {
         try await TestServer.start(store: store) {
             $0.credits.plans = Self.catalog
-            $0.credits.clock = { clock.read() }
+            $0.credits.clock = { clock.millis }
             $0.credits.paymentsSecret = Self.secret
             $0.credits.startingGrant = grant
             $0.credits.pricing = PricingTable(models: ["simulated": ModelPrice(inputPer1K: 0, outputPer1K: 1_000)])
@@ -49,8 +41,8 @@ final class TestClock: Sendable {
         }
     }
 
-    func event(_ server: TestServer, _ fields: [(String, JSONValue)], at clock: TestClock) async throws -> TestHTTPResponse {
-        let bytes = JSONValue.object(fields + [("timestamp", .int(clock.read() / 1000))]).serialized()
+    func event(_ server: TestServer, _ fields: [(String, JSONValue)], at clock: ManualClock) async throws -> TestHTTPResponse {
+        let bytes = JSONValue.object(fields + [("timestamp", .int(clock.millis / 1000))]).serialized()
         let mac = HMAC<SHA256>.authenticationCode(for: bytes, using: SymmetricKey(data: Array(Self.secret.utf8)))
         let hex = mac.map { String(format: "%02x", $0) }.joined()
         return try await TestHTTPClient.request(
@@ -58,12 +50,12 @@ final class TestClock: Sendable {
             headers: ["x-parley-signature": "sha256=\(hex)", "content-type": "application/json"], body: bytes)
     }
 
-    func activate(_ server: TestServer, _ user: String, plan: String, id: String, clock: TestClock) async throws -> TestHTTPResponse {
+    func activate(_ server: TestServer, _ user: String, plan: String, id: String, clock: ManualClock) async throws -> TestHTTPResponse {
         try await event(
             server,
             [
                 ("event", .string("subscription.activated")), ("event_id", .string(id)), ("user", .string(user)), ("plan", .string(plan)),
-                ("period_end", .int(clock.read() / 1000 + 30 * 86_400)),
+                ("period_end", .int(clock.millis / 1000 + 30 * 86_400)),
             ], at: clock)
     }
 
@@ -81,7 +73,7 @@ final class TestClock: Sendable {
 
     @Test(arguments: TestServer.StoreKind.allCases)
     func aFreeUserIsRefusedADebateUntilASubscriptionAllowsIt(_ store: TestServer.StoreKind) async throws {
-        let clock = TestClock(Self.december)
+        let clock = ManualClock(millis: Self.december)
         let server = try await server(store, clock: clock)
         let token = try await server.token("alice")
         let refused = try await debate(server, token: token)
@@ -97,11 +89,11 @@ final class TestClock: Sendable {
         // A replay, and a cancellation older than the activation, change nothing.
         let replay = try await activate(server, "alice", plan: "pro", id: "evt_1", clock: clock)
         #expect(try replay.json()["status"] == .string("stale"))
-        clock.set(Self.december - 60_000)
+        clock.set(millis: Self.december - 60_000)
         let late = try await event(
             server, [("event", .string("subscription.cancelled")), ("event_id", .string("evt_0")), ("user", .string("alice"))], at: clock)
         #expect(try late.json()["status"] == .string("stale"))
-        clock.set(Self.december + 60_000)
+        clock.set(millis: Self.december + 60_000)
         #expect(try await server.get("/v1/me", token: token).json()["subscription"]?["status"] == .string("active"))
 
         // A cancellation keeps the plan to the period's end; then the user is on the default plan.
@@ -109,7 +101,7 @@ final class TestClock: Sendable {
             server, [("event", .string("subscription.cancelled")), ("event_id", .string("evt_2")), ("user", .string("alice"))], at: clock)
         #expect(try cancelled.json()["status"] == .string("applied"))
         #expect(try await debate(server, token: token).status == .created)
-        clock.set(Self.december + 31 * 86_400_000)
+        clock.set(millis: Self.december + 31 * 86_400_000)
         #expect(try await debate(server, token: token).errorCode == "plan_required")
         #expect(try await server.get("/v1/me", token: token).json()["plan"]?["id"] == .string("free"))
         try await expectInvariant(server, token: token)
@@ -118,7 +110,7 @@ final class TestClock: Sendable {
 
     @Test(arguments: TestServer.StoreKind.allCases)
     func theAllowanceArrivesOncePerPeriodHoweverOftenItIsAskedAndAcrossARestart(_ store: TestServer.StoreKind) async throws {
-        let clock = TestClock(Self.december)
+        let clock = ManualClock(millis: Self.december)
         let server = try await server(store, clock: clock)
         let token = try await server.token("alice")
         #expect(try await activate(server, "alice", plan: "plus", id: "evt_p", clock: clock).status == .ok)
@@ -134,7 +126,7 @@ final class TestClock: Sendable {
         #expect(try await again.get("/v1/me", token: token).json()["balance"] == .int(spent), "no second allowance this period")
 
         // January: topped up to 1,000 once, whatever was left.
-        clock.set(Self.december + 31 * 86_400_000)
+        clock.set(millis: Self.december + 31 * 86_400_000)
         #expect(try await activate(again, "alice", plan: "plus", id: "evt_renew", clock: clock).status == .ok)
         for _ in 0..<2 { #expect(try await again.get("/v1/me", token: token).json()["balance"] == .int(1000)) }
         let entries = try await creditsOf(again, token: token).entries.compactMap { $0["id"]?.stringValue }
@@ -144,7 +136,7 @@ final class TestClock: Sendable {
     }
 
     @Test func aPlansLimitsAnswerPlanRequiredAndThePlansArePublic() async throws {
-        let clock = TestClock(Self.december)
+        let clock = ManualClock(millis: Self.december)
         let server = try await server(.sqlite, clock: clock, grant: 10_000, slow: true)
         let plans = try await TestHTTPClient.request(port: server.port, .GET, "/v1/plans")
         #expect(plans.status == .ok)
@@ -177,7 +169,8 @@ final class TestClock: Sendable {
         await server.stop()
     }
 
-    func order(_ server: TestServer, _ event: String, id: String, order: String, credits: Int64? = nil, clock: TestClock) async throws -> JSONValue {
+    func order(_ server: TestServer, _ event: String, id: String, order: String, credits: Int64? = nil, clock: ManualClock) async throws -> JSONValue
+    {
         var fields: [(String, JSONValue)] = [
             ("event", .string(event)), ("event_id", .string(id)), ("order_id", .string(order)), ("user", .string("alice")),
         ]
@@ -192,7 +185,7 @@ final class TestClock: Sendable {
     /// webhook log (refused deliveries too) are there to read.
     @Test(arguments: TestServer.StoreKind.allCases)
     func aRefundAfterTheCreditsWereSpentLeavesANegativeBalanceThatRefusesReplies(_ store: TestServer.StoreKind) async throws {
-        let clock = TestClock(Int64(Date().timeIntervalSince1970 * 1000))
+        let clock = ManualClock(millis: Int64(Date().timeIntervalSince1970 * 1000))
         let server = try await server(store, clock: clock)
         let token = try await server.token("alice")
         let admin = try await server.token("root", role: "admin")
@@ -248,7 +241,7 @@ final class TestClock: Sendable {
     /// Usage sums equal the ledger, however grouped, and each conversation's `cost` is its share.
     @Test(arguments: TestServer.StoreKind.allCases)
     func usageSumsEqualTheLedgerAndEachConversationShowsItsCost(_ store: TestServer.StoreKind) async throws {
-        let clock = TestClock(Int64(Date().timeIntervalSince1970 * 1000))
+        let clock = ManualClock(millis: Int64(Date().timeIntervalSince1970 * 1000))
         let server = try await server(store, clock: clock, grant: 1_000)
         let token = try await server.token("alice")
         let ada = try await server.createClone(token: token, name: "Ada")["id"]!.stringValue!
@@ -330,7 +323,7 @@ final class TestClock: Sendable {
     /// day, and counts what this node refused.
     @Test(arguments: TestServer.StoreKind.allCases)
     func theAdminsUsageViewSumsEveryUsersLedger(_ store: TestServer.StoreKind) async throws {
-        let clock = TestClock(Int64(Date().timeIntervalSince1970 * 1000))
+        let clock = ManualClock(millis: Int64(Date().timeIntervalSince1970 * 1000))
         let server = try await server(store, clock: clock, grant: 1_000)
         let admin = try await server.token("root", role: "admin")
         #expect(try await activate(server, "bob", plan: "pro", id: "evt_b", clock: clock).status == .ok)
@@ -466,11 +459,11 @@ final class TestClock: Sendable {
         let nats = try NATSServer()
         let uri = MongoFixture.uri()
         let secret = "cluster-test-secret-" + UUID().uuidString
-        let clock = TestClock(Self.december)
+        let clock = ManualClock(millis: Self.december)
         func node(_ id: String) async throws -> TestServer {
             try await TestServer.clusterNode(id, nats: nats, uri: uri, secret: secret) {
                 $0.credits.plans = Self.catalog
-                $0.credits.clock = { clock.read() }
+                $0.credits.clock = { clock.millis }
                 $0.credits.paymentsSecret = Self.secret
                 $0.credits.startingGrant = 0
             }
