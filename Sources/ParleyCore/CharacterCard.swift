@@ -87,11 +87,6 @@ public struct CloneProfile: Sendable, Equatable {
         if case .stored(let text, _, unchanged: true) = extras { text } else { nil }
     }
 
-    /// Read from storage: from now on a change to any field is a change to the text.
-    mutating func keepStoredText() {
-        if case .stored(let text, let settings, _) = extras { extras = .stored(text, bookSettings: settings, unchanged: true) }
-    }
-
     public static func == (a: CloneProfile, b: CloneProfile) -> Bool {
         guard
             a.description == b.description && a.personality == b.personality && a.scenario == b.scenario
@@ -118,10 +113,11 @@ public struct CloneProfile: Sendable, Equatable {
         }
     }
 
-    /// The profile as read from storage, whose `rest` and `top` are parsed from its text only
-    /// when asked for (`settings`: the book's fields a prompt reads, parsed at once).
-    init(storedExtrasIn text: String, bookSettings settings: JSONValue) {
-        extras = .stored(text, bookSettings: settings, unchanged: false)
+    /// Its other fields set from the stored `text`: `rest` and `top` are parsed from it only when
+    /// asked for (`settings`: the book's fields a prompt reads, parsed at once), and from now on a
+    /// change to any field is a change to the text.
+    mutating func readFromStorage(_ text: String, bookSettings settings: JSONValue) {
+        extras = .stored(text, bookSettings: settings, unchanged: true)
     }
 
     private enum Extras: Sendable {
@@ -392,7 +388,7 @@ public enum CharacterCard {
     /// Reads what `storageJSON` wrote; nil or unreadable text is an empty profile.
     public static func profile(fromStorage text: String?) -> CloneProfile {
         guard let text, !text.isEmpty, let value = try? JSONValue.parse(text.utf8, keeping: storedShape) else { return CloneProfile() }
-        var profile = CloneProfile(storedExtrasIn: text, bookSettings: value["rest"]?["character_book"] ?? .object([]))
+        var profile = CloneProfile()
         profile.description = value["description"]?.stringValue ?? ""
         profile.personality = value["personality"]?.stringValue ?? ""
         profile.scenario = value["scenario"]?.stringValue ?? ""
@@ -402,7 +398,7 @@ public enum CharacterCard {
         profile.postHistoryInstructions = value["post_history_instructions"]?.stringValue ?? ""
         profile.lorebook = (value["lorebook"]?.arrayValue ?? []).enumerated().compactMap { try? loreEntry($1, index: $0, limits: Limits()) }
         profile.voice = value["voice"].flatMap { try? CloneVoice.parse($0) }
-        profile.keepStoredText()
+        profile.readFromStorage(text, bookSettings: value["rest"]?["character_book"] ?? .object([]))
         return profile
     }
 }
