@@ -45,3 +45,20 @@ package final class FIFOLock: Sendable {
         return try await body()
     }
 }
+
+/// FIFO locks for keys (a user's creates, say), spread over a fixed number of locks so memory
+/// stays bounded whatever the keys: two keys may share one and wait for each other, which suits
+/// work that is rare per key.
+package struct StripedLocks: Sendable {
+    private let locks: [FIFOLock]
+
+    package init(stripes: Int = 64) {
+        locks = (0..<max(1, stripes)).map { _ in FIFOLock() }
+    }
+
+    package func run<T>(for key: String, _ body: () async throws -> T) async rethrows -> T {
+        var hasher = Hasher()
+        hasher.combine(key)
+        return try await locks[Int(UInt(bitPattern: hasher.finalize()) % UInt(locks.count))].run(body)
+    }
+}

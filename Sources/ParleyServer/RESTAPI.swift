@@ -35,6 +35,8 @@ struct RESTAPI: Sendable {
 
     private var router = Router<Identity>()
     private let webClient = WebClient.load()
+    /// A user's clone creates on this node, one at a time: each counts, then writes.
+    private let cloneCreates = StripedLocks()
 
     init(
         store: any Store, chat: ChatService, schedules: ScheduleService, rooms: RoomService, credits: Credits, authenticator: Authenticator,
@@ -334,27 +336,42 @@ struct RESTAPI: Sendable {
     ) async throws -> HTTPResponse {
         let now = Int64(Timestamp.nowMillis())
         _ = try await store.ensureUser(identity.user, now: now)
-        // The server's and the plan's clone limits (two creates at the same moment may both
-        // pass: the count is read first).
-        let count = try await store.cloneCount(owner: identity.user) + 1
-        if let plans = credits.plans, try await plans.plan(of: identity.user).limits.clones != nil {
-            try await plans.require(count, of: .clones, user: identity.user, ref: nil, what: "clones")
-        }
-        guard count <= configuration.maxClonesPerUser else {
-            throw APIError(
-                .tooManyRequests, .limitExceeded, "at most \(configuration.maxClonesPerUser) clones per user; delete one to make another")
-        }
         let clone = fields.applied(
             to: Clone(
                 id: ids.make(.clone), owner: identity.user, name: "", traits: [], systemPrompt: "", sliders: [:], memory: [],
                 createdAt: now, updatedAt: now, profile: profile),
             at: now
         )
-        try await store.createClone(clone)
+        try await cloneCreates.run(for: identity.user) {
+            try await allowClones(try await store.cloneCount(owner: identity.user) + 1, of: identity.user)
+            try await store.createClone(clone)
+            // Another node may have counted and written at the same moment: each counts again
+            // once written and takes its clone back if there are too many. The last one kept
+            // counted every other one kept, so no more than the limit stay (two nodes racing for
+            // the last place may both refuse).
+            do {
+                try await allowClones(try await store.cloneCount(owner: identity.user), of: identity.user)
+            } catch {
+                _ = try await store.deleteClone(id: clone.id, owner: identity.user)
+                throw error
+            }
+        }
         await audit.record(
             "clone.created", actor: identity.user, target: clone.id, ip: remoteIP,
             detail: profile.isEmpty ? [:] : ["source": "card"])
         return HTTPResponse(.created, json: clone.json, headers: ["location": "/v1/clones/\(clone.id)"])
+    }
+
+    /// Throws unless `user` may have `count` clones: the plan's limit (when it sets one), then
+    /// the server's.
+    private func allowClones(_ count: Int, of user: String) async throws {
+        if let plans = credits.plans, try await plans.plan(of: user).limits.clones != nil {
+            try await plans.require(count, of: .clones, user: user, ref: nil, what: "clones")
+        }
+        guard count <= configuration.maxClonesPerUser else {
+            throw APIError(
+                .tooManyRequests, .limitExceeded, "at most \(configuration.maxClonesPerUser) clones per user; delete one to make another")
+        }
     }
 
     /// `POST /v1/clones/import`: a Character Card V2/V3 as JSON, or as a PNG that carries one.

@@ -21,6 +21,8 @@ final class RoomService: FrameHandler {
     let logger: Logger
     let ids: IDGenerator
     let allocator = ByteBufferAllocator()
+    /// Room creates per owner (`create`).
+    private let creates = StripedLocks()
     /// Transcript entries kept in memory per room for prompts and `room.state`.
     static let keptEntries = 200
 
@@ -163,53 +165,63 @@ final class RoomService: FrameHandler {
             case .debate: try await streams.credits.plans?.require(.debate, user: owner, ref: nil, what: "debate rooms")
             case .translation: try await streams.credits.plans?.require(.translation, user: owner, ref: nil, what: "translation chats")
             }
-            if let plans = streams.credits.plans, try await plans.plan(of: owner).limits.rooms != nil {
-                try await plans.require(try await openRooms(of: owner) + 1, of: .rooms, user: owner, ref: nil, what: "open rooms")
+            // One owner's rooms are made one at a time on this node, each counted and written
+            // before the next is counted (two nodes at the same moment may still both make the
+            // last one a plan allows).
+            return try await creates.run(for: owner) {
+                if let plans = streams.credits.plans, try await plans.plan(of: owner).limits.rooms != nil {
+                    try await plans.require(try await openRooms(of: owner) + 1, of: .rooms, user: owner, ref: nil, what: "open rooms")
+                }
+                return try await make(owner: owner, request)
             }
-            let now = Int64(Timestamp.nowMillis())
-            let room: Room
-            switch request {
-            case .debate(let request):
-                if request.voice { try await streams.requireVoice(user: owner, ref: nil, what: "voiced debates") }
-                var debaters: [Room.Debater] = []
-                for (clone, stance) in request.clones {
-                    let found = try await ownClone(clone, owner: owner)
-                    debaters.append(
-                        Room.Debater(
-                            clone: clone, stance: stance, name: found.name,
-                            voice: request.voice ? configuration.voice(of: found) : nil))
-                }
-                room = Room(
-                    id: ids.make(.room), owner: owner, topic: request.topic, debaters: debaters, rounds: request.rounds,
-                    policy: request.policy, maxTokensPerTurn: request.maxTokensPerTurn, visibility: request.visibility,
-                    createdAt: now, updatedAt: now)
-            case .translation(let request):
-                let members = request.members.filter { $0 != owner }
-                if let stranger = request.languages.keys.sorted().first(where: { $0 != owner && !members.contains($0) }) {
-                    throw FrameError(ref: nil, code: .badRequest, message: "'languages' names \(stranger), who is not in 'members'")
-                }
-                var languages = request.languages
-                var debaters: [Room.Debater] = []
-                if request.voice { try await streams.requireVoice(user: owner, ref: nil, what: "voiced translation chats") }
-                for member in request.clones {
-                    let found = try await ownClone(member.clone, owner: owner)
-                    debaters.append(
-                        Room.Debater(
-                            clone: member.clone, stance: "", name: found.name,
-                            voice: request.voice ? configuration.voice(of: found) : nil))
-                    languages[member.clone] = member.language
-                }
-                room = Room(
-                    id: ids.make(.room), kind: .translation, owner: owner, topic: "", debaters: debaters, rounds: 0, policy: .roundRobin,
-                    maxTokensPerTurn: 0, visibility: .private, members: members, languages: languages, createdAt: now, updatedAt: now)
-            }
-            try await store.createRoom(room)
-            return room
         } catch let error as FrameError {
             throw error
         } catch {
             throw requests.internalFailure(error, what: "room request")
         }
+    }
+
+    /// The room `request` asks for, stored.
+    private func make(owner: String, _ request: RoomRequest) async throws -> Room {
+        let now = Int64(Timestamp.nowMillis())
+        let room: Room
+        switch request {
+        case .debate(let request):
+            if request.voice { try await streams.requireVoice(user: owner, ref: nil, what: "voiced debates") }
+            var debaters: [Room.Debater] = []
+            for (clone, stance) in request.clones {
+                let found = try await ownClone(clone, owner: owner)
+                debaters.append(
+                    Room.Debater(
+                        clone: clone, stance: stance, name: found.name,
+                        voice: request.voice ? configuration.voice(of: found) : nil))
+            }
+            room = Room(
+                id: ids.make(.room), owner: owner, topic: request.topic, debaters: debaters, rounds: request.rounds,
+                policy: request.policy, maxTokensPerTurn: request.maxTokensPerTurn, visibility: request.visibility,
+                createdAt: now, updatedAt: now)
+        case .translation(let request):
+            let members = request.members.filter { $0 != owner }
+            if let stranger = request.languages.keys.sorted().first(where: { $0 != owner && !members.contains($0) }) {
+                throw FrameError(ref: nil, code: .badRequest, message: "'languages' names \(stranger), who is not in 'members'")
+            }
+            var languages = request.languages
+            var debaters: [Room.Debater] = []
+            if request.voice { try await streams.requireVoice(user: owner, ref: nil, what: "voiced translation chats") }
+            for member in request.clones {
+                let found = try await ownClone(member.clone, owner: owner)
+                debaters.append(
+                    Room.Debater(
+                        clone: member.clone, stance: "", name: found.name,
+                        voice: request.voice ? configuration.voice(of: found) : nil))
+                languages[member.clone] = member.language
+            }
+            room = Room(
+                id: ids.make(.room), kind: .translation, owner: owner, topic: "", debaters: debaters, rounds: 0, policy: .roundRobin,
+                maxTokensPerTurn: 0, visibility: .private, members: members, languages: languages, createdAt: now, updatedAt: now)
+        }
+        try await store.createRoom(room)
+        return room
     }
 
     /// A clone's voice in `room` for a stream written in `language`: nil when the room is not

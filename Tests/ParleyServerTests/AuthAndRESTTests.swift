@@ -264,6 +264,30 @@ import Testing
         await server.stop()
     }
 
+    /// Creates sent at the same moment keep to the cap (each counted before it was written, so
+    /// all of them passed it): on one node exactly the cap is created, and every create answered
+    /// 201 is a clone the list shows.
+    @Test func clonesCreatedAtOnceKeepToTheCap() async throws {
+        let server = try await TestServer.start { $0.maxClonesPerUser = 3 }
+        let alice = try await server.token("alice")
+        let statuses = try await withThrowingTaskGroup(of: HTTPResponseStatus.self) { group in
+            for n in 0..<24 {
+                group.addTask {
+                    try await TestHTTPClient.json(
+                        port: server.port, .POST, "/v1/clones", token: alice, json: .object([("name", .string("C\(n)"))])
+                    ).status
+                }
+            }
+            return try await group.reduce(into: []) { $0.append($1) }
+        }
+        #expect(Set(statuses).isSubset(of: [.created, .tooManyRequests]), "\(statuses)")
+        let created = statuses.filter { $0 == .created }.count
+        let listed = try await server.get("/v1/clones", token: alice).json()["clones"]?.arrayValue?.count
+        #expect(created == 3, "\(statuses)")
+        #expect(listed == 3)
+        await server.stop()
+    }
+
     /// A query that cannot be read one way only is a 400 saying why: a parameter given twice
     /// (the first counted, where many frameworks count the last) or one that is not UTF-8 once
     /// decoded (read as empty, it was answered as missing: "'q' must name at least one word").

@@ -1,5 +1,6 @@
 import Foundation
 import MetricsTestKit
+import NIOHTTP1
 import NIOPosix
 import ParleyMongoStore
 import ParleyNATS
@@ -496,6 +497,36 @@ extension TestWebSocket {
         #expect(conversations["conversations"]?.arrayValue?.isEmpty == true)
         let messages = try await a.get("/v1/conversations/\(start["conversation"]!.stringValue!)/messages", token: fresh)
         #expect(messages.status == .notFound)
+        await a.stop()
+        await b.stop()
+        await nats.stop()
+    }
+
+    /// Creates sent to two nodes at once keep to the clone cap: each node takes its own one at
+    /// a time, and a node that finds too many once it has written takes its clone back. No more
+    /// than the cap stay, and every create answered 201 is one of them.
+    @Test func clonesCreatedOnTwoNodesAtOnceKeepToTheCap() async throws {
+        let nats = try NATSServer()
+        let uri = MongoFixture.uri()
+        let secret = "cluster-test-secret-" + UUID().uuidString
+        let a = try await TestServer.clusterNode("node-a", nats: nats, uri: uri, secret: secret) { $0.maxClonesPerUser = 3 }
+        let b = try await TestServer.clusterNode("node-b", nats: nats, uri: uri, secret: secret) { $0.maxClonesPerUser = 3 }
+        let token = try await a.token("alice")
+        let statuses = try await withThrowingTaskGroup(of: HTTPResponseStatus.self) { group in
+            for n in 0..<24 {
+                group.addTask {
+                    try await TestHTTPClient.json(
+                        port: (n % 2 == 0 ? a : b).port, .POST, "/v1/clones", token: token, json: .object([("name", .string("C\(n)"))])
+                    ).status
+                }
+            }
+            return try await group.reduce(into: []) { $0.append($1) }
+        }
+        #expect(Set(statuses).isSubset(of: [.created, .tooManyRequests]), "\(statuses)")
+        let created = statuses.filter { $0 == .created }.count
+        let listed = try await b.get("/v1/clones", token: token).json()["clones"]?.arrayValue?.count
+        #expect(created >= 1 && created <= 3, "\(statuses)")
+        #expect(listed == created)
         await a.stop()
         await b.stop()
         await nats.stop()

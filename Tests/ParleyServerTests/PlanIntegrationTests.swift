@@ -411,6 +411,23 @@ import Testing
         await server.stop()
     }
 
+    /// Rooms made at the same moment keep to the plan's open rooms: each was counted before it
+    /// was written, so all of them passed.
+    @Test func roomsMadeAtOnceKeepToThePlan() async throws {
+        let catalog = try PlanCatalog(
+            parsing: try JSONValue.parse(Array(#"{"plans": [{"id": "basic", "features": ["chat", "debate"], "limits": {"rooms": 2}}]}"#.utf8)))
+        let server = try await TestServer.start { $0.credits.plans = catalog }
+        let token = try await server.token("alice")
+        for _ in 0..<2 { _ = try await server.createClone(token: token) }
+        let statuses = try await withThrowingTaskGroup(of: HTTPResponseStatus.self) { group in
+            for _ in 0..<12 { group.addTask { try await debate(server, token: token).status } }
+            return try await group.reduce(into: []) { $0.append($1) }
+        }
+        #expect(statuses.filter { $0 == .created }.count == 2, "\(statuses)")
+        #expect(statuses.filter { $0 != .created }.allSatisfy { $0 == .paymentRequired }, "\(statuses)")
+        await server.stop()
+    }
+
     /// An ended room frees its place at once: a moderator who makes a room on seeing the last
     /// one's `ended` event is not refused for it while its store write is still on its way (held
     /// here behind a call that holds the store's writer).
