@@ -122,7 +122,7 @@ public struct CloneProfile: Sendable, Equatable {
 
     private enum Extras: Sendable {
         case parsed(rest: [(String, JSONValue)], top: [(String, JSONValue)])
-        /// The stored profile's text, checked as JSON when it was read; `unchanged` while the
+        /// The stored profile's text, read up to its card fields; `unchanged` while the
         /// profile's other fields are as read from it.
         case stored(String, bookSettings: JSONValue, unchanged: Bool)
 
@@ -135,9 +135,11 @@ public struct CloneProfile: Sendable, Equatable {
             case .parsed(let rest, let top):
                 return (rest, top)
             case .stored(let text, _, _):
-                let value = try? JSONValue.parse(text.utf8, keeping: .members([("rest", .everything), ("top", .everything)]))
+                let keep = JSONShape.members([("rest", .everything), ("top", .everything)])
+                let value = try? JSONValue.parse(text.utf8, keeping: .members([("card", keep)] + [("rest", .everything), ("top", .everything)]))
+                let card = value?["card"] ?? value
                 func pairs(_ member: JSONValue?) -> [(String, JSONValue)] { if case .object(let pairs)? = member { pairs } else { [] } }
-                return (pairs(value?["rest"]), pairs(value?["top"]))
+                return (pairs(card?["rest"]), pairs(card?["top"]))
             }
         }
     }
@@ -360,13 +362,18 @@ public enum CharacterCard {
     // MARK: Storage
 
     /// The profile as one JSON document (both stores keep it as text: card keys may hold `.` or
-    /// `$`, which MongoDB field names cannot).
+    /// `$`, which MongoDB field names cannot). The card's other fields come last, under `card`,
+    /// after a copy of the book's settings a prompt reads: a read stops where they begin.
     public static func storageJSON(_ profile: CloneProfile) -> JSONValue {
         let card = profile.cardFields
+        let settings = CloneProfile.book(in: card.rest).filter { key, _ in bookSettingKeys.contains(key) }
         return .object(
-            personaJSON(profile) + [("rest", .object(card.rest)), ("top", .object(card.top))]
-                + (profile.voice.map { [("voice", $0.json)] } ?? []))
+            personaJSON(profile) + (profile.voice.map { [("voice", $0.json)] } ?? [])
+                + [("book", .object(settings)), ("card", .object([("rest", .object(card.rest)), ("top", .object(card.top))]))])
     }
+
+    /// The book's fields a prompt reads.
+    static let bookSettingKeys = ["scan_depth", "token_budget"]
 
     /// The text storage keeps for `profile`: the text it was read from while nothing of it has
     /// changed (a write of a clone whose card holds megabytes, and whose edit touched only the
@@ -375,19 +382,22 @@ public enum CharacterCard {
         profile.storedText ?? storageJSON(profile).serializedString()
     }
 
-    /// What of a stored profile a read builds: everything but `rest` and `top` (checked, not
-    /// built; see `CloneProfile.rest`), of which only the book's fields a prompt reads.
+    /// What of a stored profile a read builds: everything up to the card's fields (`card`, not
+    /// read; see `CloneProfile.rest`). Text stored before they went last has them as `rest` and
+    /// `top` before `voice`: checked, not built, but for the book's settings.
     static let storedShape = JSONShape.members(
         [
             "description", "personality", "scenario", "first_mes", "alternate_greetings", "mes_example", "post_history_instructions",
-            "lorebook", "voice",
+            "lorebook", "voice", "book",
         ].map { ($0, .everything) } + [
-            ("rest", .members([("character_book", .members([("scan_depth", .everything), ("token_budget", .everything)]))]))
+            ("rest", .members([("character_book", .members(bookSettingKeys.map { ($0, .everything) }))]))
         ])
 
     /// Reads what `storageJSON` wrote; nil or unreadable text is an empty profile.
     public static func profile(fromStorage text: String?) -> CloneProfile {
-        guard let text, !text.isEmpty, let value = try? JSONValue.parse(text.utf8, keeping: storedShape) else { return CloneProfile() }
+        guard let text, !text.isEmpty, let value = try? JSONValue.parse(text.utf8, keeping: storedShape, stoppingAt: "card") else {
+            return CloneProfile()
+        }
         var profile = CloneProfile()
         profile.description = value["description"]?.stringValue ?? ""
         profile.personality = value["personality"]?.stringValue ?? ""
@@ -398,7 +408,7 @@ public enum CharacterCard {
         profile.postHistoryInstructions = value["post_history_instructions"]?.stringValue ?? ""
         profile.lorebook = (value["lorebook"]?.arrayValue ?? []).enumerated().compactMap { try? loreEntry($1, index: $0, limits: Limits()) }
         profile.voice = value["voice"].flatMap { try? CloneVoice.parse($0) }
-        profile.readFromStorage(text, bookSettings: value["rest"]?["character_book"] ?? .object([]))
+        profile.readFromStorage(text, bookSettings: value["book"] ?? value["rest"]?["character_book"] ?? .object([]))
         return profile
     }
 }

@@ -56,17 +56,21 @@ public enum JSONValue: Sendable, Equatable {
     /// the members it names (the text is checked whole all the same, with the same errors).
     /// `refusingRepeatedKeys`: an object naming a member twice is an error, where it otherwise
     /// keeps the first value (a JOSE header, RFC 7515 4, a request body or a client frame: two
-    /// readers of one text must not disagree on what it says).
+    /// readers of one text must not disagree on what it says). `stoppingAt`: a top-level object
+    /// is read up to its member of that key, and what follows is neither read nor checked (for
+    /// text this program wrote itself: a stored profile's card fields, megabytes, come last).
     public static func parse<Bytes: Sequence>(
-        _ bytes: Bytes, keeping shape: JSONShape = .everything, refusingRepeatedKeys: Bool = false
+        _ bytes: Bytes, keeping shape: JSONShape = .everything, refusingRepeatedKeys: Bool = false, stoppingAt stop: String? = nil
     ) throws(JSONSyntaxError) -> JSONValue where Bytes.Element == UInt8 {
         if let parsed = bytes.withContiguousStorageIfAvailable({ buffer in
-            Result { () throws(JSONSyntaxError) in try JSONParser.parse(buffer, keeping: shape, refusingRepeatedKeys: refusingRepeatedKeys) }
+            Result { () throws(JSONSyntaxError) in
+                try JSONParser.parse(buffer, keeping: shape, refusingRepeatedKeys: refusingRepeatedKeys, stoppingAt: stop)
+            }
         }) {
             return try parsed.get()
         }
         return try Array(bytes).withUnsafeBufferPointer { buffer throws(JSONSyntaxError) in
-            try JSONParser.parse(buffer, keeping: shape, refusingRepeatedKeys: refusingRepeatedKeys)
+            try JSONParser.parse(buffer, keeping: shape, refusingRepeatedKeys: refusingRepeatedKeys, stoppingAt: stop)
         }
     }
 

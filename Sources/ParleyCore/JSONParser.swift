@@ -52,11 +52,19 @@ struct JSONParser: ~Copyable {
     }
 
     static func parse(
-        _ bytes: UnsafeBufferPointer<UInt8>, keeping shape: JSONShape = .everything, refusingRepeatedKeys: Bool = false
+        _ bytes: UnsafeBufferPointer<UInt8>, keeping shape: JSONShape = .everything, refusingRepeatedKeys: Bool = false,
+        stoppingAt stop: String? = nil
     ) throws(JSONSyntaxError) -> JSONValue {
         var parser = JSONParser(bytes, refusesRepeatedKeys: refusingRepeatedKeys)
         if bytes.count >= 3, bytes[0] == 0xEF, bytes[1] == 0xBB, bytes[2] == 0xBF { parser.index = 3 }
         parser.skipWhitespace()
+        if let stop, parser.index < bytes.count, bytes[parser.index] == UInt8(ascii: "{") {
+            let (value, stopped) = try parser.object(shape, stoppingAt: stop)
+            if stopped { return value }
+            parser.skipWhitespace()
+            guard parser.index == bytes.count else { throw parser.error("unexpected text after the value") }
+            return value
+        }
         let value = try parser.value(shape)
         parser.skipWhitespace()
         guard parser.index == bytes.count else { throw parser.error("unexpected text after the value") }
@@ -109,14 +117,20 @@ struct JSONParser: ~Copyable {
     }
 
     private mutating func object(_ shape: JSONShape) throws(JSONSyntaxError) -> JSONValue {
+        try object(shape, stoppingAt: nil).value
+    }
+
+    /// An object; with `stop`, only up to its member of that key (`stopped`), what follows unread.
+    private mutating func object(_ shape: JSONShape, stoppingAt stop: String?) throws(JSONSyntaxError) -> (value: JSONValue, stopped: Bool) {
         defer { depth -= 1 }
         var pairs: [(String, JSONValue)] = []
         var keys: Set<String> = []
-        if try enterIsEmpty(closing: "}") { return .object(pairs) }
+        if try enterIsEmpty(closing: "}") { return (.object(pairs), false) }
         while true {
             try atKey()
             let keyStart = index
             let key = try string()
+            if key == stop { return (.object(pairs), true) }
             try pastColon()
             if let kept = shape.member(key) {
                 let member = try value(kept)
@@ -128,7 +142,7 @@ struct JSONParser: ~Copyable {
             } else {
                 try skip()
             }
-            if try closes(with: "}") { return .object(pairs) }
+            if try closes(with: "}") { return (.object(pairs), false) }
         }
     }
 

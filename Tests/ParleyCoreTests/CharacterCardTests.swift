@@ -1,4 +1,4 @@
-import ParleyCore
+@testable import ParleyCore
 import Testing
 
 /// The sample cards in Tests/fixtures/cards, which cover every field of each spec.
@@ -269,6 +269,29 @@ func keepsEverything(_ received: JSONValue, in exported: JSONValue?, at path: St
             let written = CharacterCard.storageText(changed)
             #expect(written != text && CharacterCard.profile(fromStorage: written) == changed && changed != stored, "\(field)")
         }
+    }
+
+    /// A stored profile is read up to its card fields, which are stored last: what a read builds
+    /// (persona, book, voice, the book's settings) reads the same with the text after them cut
+    /// and replaced by what is not even JSON. A profile stored with the card fields before the
+    /// voice (as before they went last) reads whole.
+    @Test func aStoredProfileIsReadUpToItsCardFields() throws {
+        var profile = try mara().profile
+        profile.voice = CloneVoice(name: "joe", speed: 1.25)
+        #expect(profile.bookSettings["scan_depth"] == .int(3) && !profile.rest.isEmpty)
+        let text = CharacterCard.storageJSON(profile).serializedString()
+        let cardStart = try #require(text.range(of: #""card":"#))
+        let read = CharacterCard.profile(fromStorage: text[..<cardStart.upperBound] + "[not json")
+        var expected = profile
+        (expected.rest, expected.top) = ([], [])
+        #expect(read == expected)
+        #expect(read.bookSettings["scan_depth"] == .int(3) && read.bookSettings["token_budget"] == profile.bookSettings["token_budget"])
+
+        let card = profile.cardFields
+        let before = JSONValue.object(
+            CharacterCard.personaJSON(profile) + [("rest", .object(card.rest)), ("top", .object(card.top)), ("voice", profile.voice!.json)])
+        let old = CharacterCard.profile(fromStorage: before.serializedString())
+        #expect(old == profile && old.bookSettings["scan_depth"] == .int(3))
     }
 
     /// A read profile's card fields (`rest`, `top`: megabytes, in a card made to weigh) are

@@ -210,6 +210,24 @@ struct DecodedByFoundation: Decodable {
         }
     }
 
+    /// A top-level object's member named to stop at ends the read: what follows is not read or
+    /// checked. Anywhere else the name is an ordinary key, or string, and a text without it is
+    /// read and checked whole.
+    @Test func aReadStopsAtTheTopLevelMemberItIsToldTo() throws {
+        func read(_ text: String, _ shape: JSONShape = .everything) throws(JSONSyntaxError) -> JSONValue {
+            try JSONValue.parse(Array(text.utf8), keeping: shape, stoppingAt: "card")
+        }
+        #expect(try read(#" {"a": 1, "b": [true], "card": [not json"#) == .object([("a", .int(1)), ("b", .array([.bool(true)]))]))
+        #expect(try read(#"{"card": {}} trailing"#) == .object([]))
+        #expect(try read(#"{"a": 1, "card" x"#, .members([("b", .everything)])) == .object([]))
+        let nested = #"{"a": {"card": 2}, "b": "card", "c": ["card"]}"#
+        #expect(try read(nested) == (try JSONValue.parse(Array(nested.utf8))))
+        #expect(throws: JSONSyntaxError(offset: 10, reason: "unexpected character")) { try read(#"{"a": [1, }, "card": 1}"#) }
+        #expect(throws: JSONSyntaxError(offset: 9, reason: "unexpected text after the value")) { try read(#"{"a": 1} x"#) }
+        #expect(throws: JSONSyntaxError(offset: 9, reason: "expected a key in quotes")) { try read(#"{"a": 1, card: 1}"#) }
+        #expect(try read("[1]") == .array([.int(1)]))
+    }
+
     @Test func aNonContiguousSequenceParsesToo() throws {
         let bytes = #"{"a":[1,2]}"#.utf8.lazy.map { $0 }
         #expect(try JSONValue.parse(bytes) == .object([("a", .array([.int(1), .int(2)]))]))
