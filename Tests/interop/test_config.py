@@ -163,3 +163,38 @@ def test_a_users_request_rate_is_set_on_the_command_line_and_0_lifts_it(data_dir
         assert all(server.http("GET", "/v1/clones", token)[0] == 200 for _ in range(60)), "0: no limit"
     finally:
         assert server.stop() == 0
+
+
+def test_readme_documents_every_serve_option_with_its_default():
+    """README's options are `parley serve --help`'s: each option is named there in backticks, each
+    row of its options table names an option that exists, and a row's plain default is the one
+    the command line applies (`10` for a help's `10.0`)."""
+    from conftest import ROOT
+    readme = (ROOT / "README.md").read_text()
+    usage = subprocess.run([str(BINARY), "serve", "--help"], capture_output=True, text=True, timeout=30)
+    options, current = {}, None
+    for line in (usage.stdout + usage.stderr).splitlines():
+        named = re.match(r"^  (--[a-z0-9-]+)", line)
+        if named:
+            current = named.group(1)
+            options[current] = line
+        elif current and line.startswith("   "):
+            options[current] += " " + line.strip()
+    assert len(options) > 50, usage
+    undocumented = [o for o in options if "`%s`" % o not in readme and "`%s " % o not in readme]
+    assert undocumented == [], "README does not name these options"
+    rows = {m.group(1): m.group(2).strip() for m in re.finditer(r"^\| `(--[a-z0-9-]+)`[^|]*\|([^|]*)\|", readme, re.M)}
+    assert [o for o in rows if o not in options] == [], "README's options table names options parley serve lacks"
+    def same(written, applied):
+        try:
+            return float(written) == float(applied)
+        except ValueError:
+            return written == applied
+
+    differing = {}
+    for option, cell in rows.items():
+        default = re.search(r"\(default: ([^)]*)\)", options[option])
+        plain = re.fullmatch(r"`([^`]+)`", cell)
+        if default and plain and not same(plain.group(1), default.group(1)):
+            differing[option] = (cell, default.group(1))
+    assert differing == {}, "README's default (first) against the command line's"
