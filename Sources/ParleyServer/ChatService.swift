@@ -347,7 +347,8 @@ final class ChatService: FrameHandler {
         case .conversationBusy:
             throw FrameError(ref: ref, code: .rateLimited, message: "a reply is already streaming in conversation \(conversation)")
         case .tooManyStreams, .overPlan:
-            throw FrameError(ref: ref, code: .rateLimited, message: "at most \(configuration.maxConcurrentStreamsPerUser) replies may stream at once")
+            let most = configuration.maxConcurrentStreamsPerUser
+            throw FrameError(ref: ref, code: .rateLimited, message: "at most \(most) \(most == 1 ? "reply" : "replies") may stream at once")
         }
     }
 

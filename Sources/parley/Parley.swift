@@ -255,6 +255,12 @@ struct Serve: AsyncParsableCommand {
     var maxClones = 1_000
 
     @Option(
+        help:
+            "Replies one user may have streaming at once, counted across a cluster's nodes (a plan may allow fewer); one more is refused with rate_limited."
+    )
+    var maxStreamsPerUser = 4
+
+    @Option(
         help: "Seconds SIGTERM lets the replies in flight finish (new requests are refused meanwhile) before ending the rest with reason shutdown.")
     var shutdownGrace = 10
 
@@ -412,6 +418,7 @@ struct Serve: AsyncParsableCommand {
             throw ArgumentParser.ValidationError("--max-card-bytes must be 1024 to 268435456")
         }
         guard (1...1_000_000).contains(maxClones) else { throw ArgumentParser.ValidationError("--max-clones must be 1-1000000") }
+        guard (1...10_000).contains(maxStreamsPerUser) else { throw ArgumentParser.ValidationError("--max-streams-per-user must be 1-10000") }
         guard maxSocketQueueBytes >= 64 * 1024 else { throw ArgumentParser.ValidationError("--max-socket-queue-bytes must be at least 65536") }
         guard (0...3600).contains(shutdownGrace) else { throw ArgumentParser.ValidationError("--shutdown-grace must be 0-3600 seconds") }
         guard (0...36_500).contains(retentionDays) else {
@@ -568,6 +575,7 @@ struct Serve: AsyncParsableCommand {
         configuration.maxQueuedBytesPerSocket = maxSocketQueueBytes
         configuration.maxCardBytes = maxCardBytes
         configuration.maxClonesPerUser = maxClones
+        configuration.maxConcurrentStreamsPerUser = maxStreamsPerUser
         configuration.maxOutputTokens = maxReplyTokens ?? (usesLocalModel ? LocalModel.defaultReplyTokens : 1024)
         configuration.maxMessageBytes = maxMessageBytes
         configuration.maxSocketsPerUser = maxSocketsPerUser

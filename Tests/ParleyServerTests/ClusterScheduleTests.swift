@@ -196,7 +196,7 @@ private struct ScheduleCluster {
         try await send(onB, "c3")
         let over = try await onB.next(type: "error").frame
         #expect(over["ref"] == .string("c3"))
-        #expect(over["message"] == .string("at most 1 replies may stream at once"))
+        #expect(over["message"] == .string("at most 1 reply may stream at once"))
         // Once the first reply ended, the other node may stream in that conversation: its hold
         // across the nodes is gone before stream.end goes out (as a third node sees it at once).
         var options = MongoStore.Options()

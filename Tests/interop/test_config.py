@@ -101,6 +101,7 @@ def test_bad_configuration_is_refused_with_its_source(data_dir, tmp_path):
         ({"max-frames-per-second": -1}, None, "--max-requests-per-second 0 or more"),
         (None, {"PARLEY_MAX_FRAMES_PER_SECOND": "-5"}, "--max-requests-per-second 0 or more"),
         ({"max-clones": 0}, None, "--max-clones must be 1-1000000"),
+        (None, {"PARLEY_MAX_STREAMS_PER_USER": "0"}, "--max-streams-per-user must be 1-10000"),
     ]
     for options, env, message in cases:
         args = ["--config", write(tmp_path / "bad.json", options)] if options is not None else []
@@ -198,3 +199,31 @@ def test_readme_documents_every_serve_option_with_its_default():
         if default and plain and not same(plain.group(1), default.group(1)):
             differing[option] = (cell, default.group(1))
     assert differing == {}, "README's default (first) against the command line's"
+
+
+def test_a_users_replies_at_once_are_set_on_the_command_line(data_dir):
+    """`--max-streams-per-user 2`: with two replies streaming (slowly, paced) in two conversations,
+    a third is refused with rate_limited and says how many may stream."""
+    server = Server(data_dir, "--max-streams-per-user", "2", "--sim-ttft-ms", "0", "--sim-tokens-per-sec", "2",
+                    "--sim-reply-tokens", "200")
+    try:
+        token = server.token("streams")
+        status, clone = server.http("POST", "/v1/clones", token, {"name": "Ada"})
+        assert status == 201, clone
+        raw = RawSocket(server, token)
+        assert raw.json()["type"] == "welcome"
+        started = 0
+        for n in range(3):
+            raw.send(0x1, json.dumps({"type": "chat.send", "id": "c%d" % n, "clone": clone["id"], "text": "hello"}).encode())
+            while True:
+                frame = raw.json()
+                if frame["type"] == "stream.start" and frame.get("ref") == "c%d" % n:
+                    started += 1
+                    break
+                if frame["type"] == "error":
+                    assert n == 2 and frame["ref"] == "c2", frame
+                    assert frame["code"] == "rate_limited" and frame["message"] == "at most 2 replies may stream at once", frame
+                    break
+        assert started == 2
+    finally:
+        assert server.stop() == 0
