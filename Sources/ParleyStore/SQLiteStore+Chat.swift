@@ -25,11 +25,13 @@ extension SQLiteStore {
         }
     }
 
+    // A clone's row is decoded after the read connection is let go: its profile may hold a
+    // megabyte of lorebook to parse, and every other read (the reply's own history among them)
+    // would wait for it.
     public func clone(id: String, owner: String) async throws -> Clone? {
         try await read { db in
-            try db.query("SELECT \(Self.cloneColumns) FROM clones WHERE id = ? AND owner = ?", [.text(id), .text(owner)])
-                .first.map(Self.clone(from:))
-        }
+            try db.query("SELECT \(Self.cloneColumns) FROM clones WHERE id = ? AND owner = ?", [.text(id), .text(owner)]).first
+        }.map(Self.clone(from:))
     }
 
     public func clones(owner: String, limit: Int, after: String?) async throws -> [Clone] {
@@ -38,8 +40,8 @@ extension SQLiteStore {
             try db.query(
                 "SELECT \(Self.cloneColumns) FROM clones WHERE owner = ?\(page.sql) ORDER BY id LIMIT ?",
                 [.text(owner)] + page.params + [.int(Int64(limit))]
-            ).map(Self.clone(from:))
-        }
+            )
+        }.map(Self.clone(from:))
     }
 
     public func cloneCount(owner: String) async throws -> Int {
