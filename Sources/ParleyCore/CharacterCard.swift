@@ -29,6 +29,17 @@ public struct LoreEntry: Sendable, Equatable {
         self.extra = extra
     }
 
+    /// The keys of which one must come up beside one of `keys`: `secondary_keys` when the entry
+    /// is `selective` (Character Card V2/V3: "require a key from both"), the first
+    /// `Limits.maxKeysPerEntry` of those that are not blank; none otherwise.
+    public var secondaryKeys: [String] {
+        guard case .bool(true)? = extra.first(where: { $0.0 == "selective" })?.1,
+            case .array(let items)? = extra.first(where: { $0.0 == "secondary_keys" })?.1
+        else { return [] }
+        let keys = items.lazy.compactMap(\.stringValue).filter { !$0.trimmedWhitespace.isEmpty }
+        return Array(keys.prefix(CharacterCard.Limits().maxKeysPerEntry))
+    }
+
     public static func == (a: LoreEntry, b: LoreEntry) -> Bool {
         a.keys == b.keys && a.content == b.content && a.enabled == b.enabled && a.insertionOrder == b.insertionOrder
             && a.priority == b.priority && a.constant == b.constant && a.caseSensitive == b.caseSensitive

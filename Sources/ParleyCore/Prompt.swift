@@ -84,19 +84,23 @@ public struct PromptAssembler: Sendable {
         let keys = clone.profile.lorebook.reduce(0) { $0 + $1.keys.count }
         var exact: LoreKeyMatcher?
         var folded: LoreKeyMatcher?
+        func occurs(_ key: String, caseSensitive: Bool) -> Bool {
+            let key = key.trimmedWhitespace
+            guard !key.isEmpty else { return false }
+            if caseSensitive {
+                if exact == nil { exact = LoreKeyMatcher(recent, keys: keys) }
+                return exact!.occurs(key)
+            }
+            if folded == nil { folded = LoreKeyMatcher(recent.map { $0.lowercased() }, keys: keys) }
+            return folded!.occurs(key.lowercased())
+        }
         let triggered = clone.profile.lorebook.enumerated().filter { _, entry in
             guard entry.enabled, !entry.content.trimmedWhitespace.isEmpty else { return false }
             if entry.constant == true { return true }
-            return entry.keys.contains { key in
-                let key = key.trimmedWhitespace
-                guard !key.isEmpty else { return false }
-                if entry.caseSensitive == true {
-                    if exact == nil { exact = LoreKeyMatcher(recent, keys: keys) }
-                    return exact!.occurs(key)
-                }
-                if folded == nil { folded = LoreKeyMatcher(recent.map { $0.lowercased() }, keys: keys) }
-                return folded!.occurs(key.lowercased())
-            }
+            let caseSensitive = entry.caseSensitive == true
+            guard entry.keys.contains(where: { occurs($0, caseSensitive: caseSensitive) }) else { return false }
+            let secondary = entry.secondaryKeys
+            return secondary.isEmpty || secondary.contains { occurs($0, caseSensitive: caseSensitive) }
         }
         // Highest priority first (earlier entries first among equals), kept while they fit.
         var kept: [(Int, LoreEntry)] = []

@@ -236,15 +236,45 @@ func keepsEverything(_ received: JSONValue, in exported: JSONValue?, at path: St
         let mara = try mara(stored: stored)
         let quiet = assembler.assemble(clone: mara, history: [message("Nice weather up here.")])
         #expect(!quiet.messages[0].text.contains("Skyguild taxes"))
-        let mentioned = assembler.assemble(clone: mara, history: [message("What do you think of the GUILD?")])
+        // The guild's entry is selective: "tax", its secondary key, must come up too.
+        let mentioned = assembler.assemble(clone: mara, history: [message("What do you think of the GUILD's tax?")])
         #expect(mentioned.messages[0].text.contains("The Skyguild taxes every cargo that crosses the Rift."))
         // A disabled entry stays out even when its key is said.
         #expect(!assembler.assemble(clone: mara, history: [message("How is the engine?")]).messages[0].text.contains("storm-glass"))
         // Beyond the book's scan depth (3 messages) a mention no longer counts.
-        let old = [message("the guild", .user, 0)] + (1...3).map { message("later \($0)", $0 % 2 == 1 ? .assistant : .user, $0) }
+        let old = [message("the guild tax", .user, 0)] + (1...3).map { message("later \($0)", $0 % 2 == 1 ? .assistant : .user, $0) }
         #expect(!assembler.assemble(clone: mara, history: old).messages[0].text.contains("Skyguild taxes"))
-        let within = [message("the guild", .user, 1)] + (2...3).map { message("later \($0)", $0 % 2 == 1 ? .assistant : .user, $0) }
+        let within = [message("the guild tax", .user, 1)] + (2...3).map { message("later \($0)", $0 % 2 == 1 ? .assistant : .user, $0) }
         #expect(assembler.assemble(clone: mara, history: within).messages[0].text.contains("Skyguild taxes"))
+    }
+
+    /// A `selective` entry needs one of its `secondary_keys` as well as one of its keys (Character
+    /// Card V2/V3: "require a key from both"), each found in any of the scanned messages; without
+    /// `selective`, or with no secondary keys, its keys alone bring it in.
+    @Test(arguments: [false, true]) func aSelectiveEntryNeedsOneOfItsSecondaryKeysToo(stored: Bool) throws {
+        let assembler = PromptAssembler(contextBudget: 4096)
+        func entry(_ content: String, selective: JSONValue?, secondary: [String]?) -> LoreEntry {
+            LoreEntry(
+                keys: ["guild"], content: content,
+                extra: (selective.map { [("selective", $0)] } ?? [])
+                    + (secondary.map { [("secondary_keys", .array($0.map(JSONValue.string)))] } ?? []))
+        }
+        var mara = try mara()
+        mara.profile.lorebook = [
+            entry("Selective lore.", selective: .bool(true), secondary: ["tax", "Levy"]),
+            entry("Not selective.", selective: .bool(false), secondary: ["tax"]),
+            entry("No secondary keys.", selective: .bool(true), secondary: [" "]),
+            entry("Secondary keys only.", selective: nil, secondary: ["tax"]),
+        ]
+        if stored { mara.profile = CharacterCard.profile(fromStorage: CharacterCard.storageJSON(mara.profile).serializedString()) }
+        func lore(_ texts: String...) -> String {
+            assembler.assemble(clone: mara, history: texts.enumerated().map { message($1, .user, $0) }).messages[0].text
+        }
+        let guildOnly = lore("The guild again.")
+        #expect(!guildOnly.contains("Selective lore."))
+        #expect(guildOnly.contains("Not selective.") && guildOnly.contains("No secondary keys.") && guildOnly.contains("Secondary keys only."))
+        #expect(!lore("A tax again.").contains("lore."))
+        #expect(lore("The guild again.", "A new LEVY.").contains("Selective lore."), "the second key, case folded, in another message")
     }
 
     /// A profile read from storage and unchanged is written back as the very text it was read

@@ -110,11 +110,11 @@ def test_an_imported_lorebook_reaches_the_provider(data_dir, fake_openai):  # no
 
         quiet = chat("Nice weather.")
         assert "Skyguild taxes" not in quiet[0]["content"]
-        asked = chat("Tell me about the guild.")
+        asked = chat("Tell me about the guild's tax.")
         system = asked[0]["content"]
         assert asked[0]["role"] == "system" and "The Skyguild taxes every cargo that crosses the Rift." in system
         assert "Captain Mara commands the airship Kestrel" in system and "{{char}}" not in system
-        assert asked[-2] == {"role": "user", "content": "Tell me about the guild."}
+        assert asked[-2] == {"role": "user", "content": "Tell me about the guild's tax."}
         assert asked[-1] == {"role": "system", "content": "Keep replies under three sentences."}, "post-history instructions come last"
     finally:
         assert server.stop() == 0
