@@ -29,6 +29,18 @@ public struct LoreEntry: Sendable, Equatable {
         self.extra = extra
     }
 
+    /// The content as a prompt takes it: without the decorator lines it may begin with (Character
+    /// Card V3: `@@depth 4`, `@@@` fallbacks; directions to a card tool, to be trimmed before the
+    /// content goes into a prompt, with the blank lines around them). Parley follows none of them.
+    public var promptContent: String {
+        guard content.utf8.first == UInt8(ascii: "@") || content.first?.isWhitespace == true,
+            content.trimmedWhitespace.hasPrefix("@@")
+        else { return content }
+        var lines = content.split(omittingEmptySubsequences: false, whereSeparator: \.isNewline)[...]  // "\r\n" is one Character
+        while let first = lines.first?.drop(while: \.isWhitespace), first.hasPrefix("@@") || first.isEmpty { lines.removeFirst() }
+        return lines.joined(separator: "\n")
+    }
+
     /// The keys of which one must come up beside one of `keys`: `secondary_keys` when the entry
     /// is `selective` (Character Card V2/V3: "require a key from both"), the first
     /// `Limits.maxKeysPerEntry` of those that are not blank; none otherwise.
@@ -120,25 +132,46 @@ public struct CloneProfile: Sendable, Equatable {
     var bookSettings: JSONValue {
         switch extras {
         case .parsed: JSONValue.object(book)
-        case .stored(_, let settings, _): settings
+        case .stored(_, let read, _): read.bookSettings
         }
     }
 
+    /// The card's `nickname` (V3): what `{{char}}` stands for in a prompt instead of the clone's
+    /// name; empty for none.
+    public var nickname: String {
+        switch extras {
+        case .parsed(let rest, _): Self.nickname(rest.first { $0.0 == "nickname" }?.1)
+        case .stored(_, let read, _): read.nickname
+        }
+    }
+
+    /// A card's `nickname` value as a prompt uses it: a string of 1-100 characters once trimmed.
+    static func nickname(_ value: JSONValue?) -> String {
+        guard let text = value?.stringValue?.trimmedWhitespace, text.fits(characters: 100) else { return "" }
+        return text
+    }
+
+    /// What a prompt reads of the card's fields, copied where storage keeps them before the rest.
+    struct PromptFields: Sendable {
+        var bookSettings: JSONValue
+        var nickname: String
+    }
+
     /// Its other fields set from the stored `text`: `rest` and `top` are parsed from it only when
-    /// asked for (`settings`: the book's fields a prompt reads, parsed at once), and from now on a
-    /// change to any field is a change to the text.
-    mutating func readFromStorage(_ text: String, bookSettings settings: JSONValue) {
-        extras = .stored(text, bookSettings: settings, unchanged: true)
+    /// asked for (`read`: what a prompt reads of them, parsed at once), and from now on a change
+    /// to any field is a change to the text.
+    mutating func readFromStorage(_ text: String, _ read: PromptFields) {
+        extras = .stored(text, read, unchanged: true)
     }
 
     private enum Extras: Sendable {
         case parsed(rest: [(String, JSONValue)], top: [(String, JSONValue)])
         /// The stored profile's text, read up to its card fields; `unchanged` while the
         /// profile's other fields are as read from it.
-        case stored(String, bookSettings: JSONValue, unchanged: Bool)
+        case stored(String, PromptFields, unchanged: Bool)
 
         mutating func changed() {
-            if case .stored(let text, let settings, true) = self { self = .stored(text, bookSettings: settings, unchanged: false) }
+            if case .stored(let text, let read, true) = self { self = .stored(text, read, unchanged: false) }
         }
 
         var fields: (rest: [(String, JSONValue)], top: [(String, JSONValue)]) {
@@ -378,9 +411,11 @@ public enum CharacterCard {
     public static func storageJSON(_ profile: CloneProfile) -> JSONValue {
         let card = profile.cardFields
         let settings = CloneProfile.book(in: card.rest).filter { key, _ in bookSettingKeys.contains(key) }
+        let nickname = CloneProfile.nickname(card.rest.first { $0.0 == "nickname" }?.1)
         return .object(
             personaJSON(profile) + (profile.voice.map { [("voice", $0.json)] } ?? [])
-                + [("book", .object(settings)), ("card", .object([("rest", .object(card.rest)), ("top", .object(card.top))]))])
+                + [("book", .object(settings))] + (nickname.isEmpty ? [] : [("nickname", .string(nickname))])
+                + [("card", .object([("rest", .object(card.rest)), ("top", .object(card.top))]))])
     }
 
     /// The book's fields a prompt reads.
@@ -399,9 +434,9 @@ public enum CharacterCard {
     static let storedShape = JSONShape.members(
         [
             "description", "personality", "scenario", "first_mes", "alternate_greetings", "mes_example", "post_history_instructions",
-            "lorebook", "voice", "book",
+            "lorebook", "voice", "book", "nickname",
         ].map { ($0, .everything) } + [
-            ("rest", .members([("character_book", .members(bookSettingKeys.map { ($0, .everything) }))]))
+            ("rest", .members([("character_book", .members(bookSettingKeys.map { ($0, .everything) })), ("nickname", .everything)]))
         ])
 
     /// Reads what `storageJSON` wrote; nil or unreadable text is an empty profile.
@@ -419,7 +454,11 @@ public enum CharacterCard {
         profile.postHistoryInstructions = value["post_history_instructions"]?.stringValue ?? ""
         profile.lorebook = (value["lorebook"]?.arrayValue ?? []).enumerated().compactMap { try? loreEntry($1, index: $0, limits: Limits()) }
         profile.voice = value["voice"].flatMap { try? CloneVoice.parse($0) }
-        profile.readFromStorage(text, bookSettings: value["book"] ?? value["rest"]?["character_book"] ?? .object([]))
+        profile.readFromStorage(
+            text,
+            CloneProfile.PromptFields(
+                bookSettings: value["book"] ?? value["rest"]?["character_book"] ?? .object([]),
+                nickname: CloneProfile.nickname(value["nickname"] ?? value["rest"]?["nickname"])))
         return profile
     }
 }

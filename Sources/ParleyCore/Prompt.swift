@@ -68,11 +68,20 @@ public struct PromptAssembler: Sendable {
         return text.isEmpty ? nil : expand(text, clone)
     }
 
-    /// Card macros: `{{char}}` is the clone, `{{user}}` the person talking to it.
+    /// Card macros: `{{char}}` (and the older `<BOT>`, `<CHAR>`) is the clone, by the card's
+    /// nickname when it has one (V3), `{{user}}` (`<USER>`) the person talking to it.
     static func expand(_ text: String, _ clone: Clone) -> String {
-        guard text.contains("{{") else { return text }
-        return text.replacing("{{char}}", with: clone.name).replacing("{{user}}", with: "User")
-            .replacing("{{Char}}", with: clone.name).replacing("{{User}}", with: "User")
+        guard text.contains("{{") || text.contains("<") else { return text }
+        let nickname = clone.profile.nickname
+        let char = nickname.isEmpty ? clone.name : nickname
+        var out = text.replacing("{{char}}", with: char).replacing("{{user}}", with: "User")
+            .replacing("{{Char}}", with: char).replacing("{{User}}", with: "User")
+        guard out.contains("<") else { return out }
+        let lowered = out.lowercased()
+        for (macro, value) in [("<bot>", char), ("<char>", char), ("<user>", "User")] where lowered.contains(macro) {
+            out = out.replacing(Regex<Substring>(verbatim: macro).ignoresCase(), with: value)
+        }
+        return out
     }
 
     /// The lorebook entries that enter the prompt: enabled ones that are constant or whose key
@@ -95,7 +104,7 @@ public struct PromptAssembler: Sendable {
             return folded!.occurs(key.lowercased())
         }
         let triggered = clone.profile.lorebook.enumerated().filter { _, entry in
-            guard entry.enabled, !entry.content.trimmedWhitespace.isEmpty else { return false }
+            guard entry.enabled, !entry.promptContent.trimmedWhitespace.isEmpty else { return false }
             if entry.constant == true { return true }
             let caseSensitive = entry.caseSensitive == true
             guard entry.keys.contains(where: { occurs($0, caseSensitive: caseSensitive) }) else { return false }
@@ -106,7 +115,7 @@ public struct PromptAssembler: Sendable {
         var kept: [(Int, LoreEntry)] = []
         var used = 0
         for (index, entry) in triggered.sorted(by: { ($0.1.priority ?? 0, -$0.0) > ($1.1.priority ?? 0, -$1.0) }) {
-            let cost = Tokenizer.count(entry.content)
+            let cost = Tokenizer.count(entry.promptContent)
             if used + cost > budget { continue }
             used += cost
             kept.append((index, entry))
@@ -128,7 +137,9 @@ public struct PromptAssembler: Sendable {
             let budget = book["token_budget"]?.intValue.map { Int(clamping: $0) } ?? Self.defaultLoreBudget
             let lore = Self.lore(for: clone, recent: usable.suffix(max(0, depth)).map(\.text), budget: min(budget, contextBudget / 4))
             if !lore.isEmpty {
-                systemText += "\nWhat you know that matters here:\n" + lore.map { "- " + Self.expand($0.content, clone) }.joined(separator: "\n")
+                systemText +=
+                    "\nWhat you know that matters here:\n"
+                    + lore.map { "- " + Self.expand($0.promptContent.trimmedWhitespace, clone) }.joined(separator: "\n")
             }
         }
         if let summary = summary?.trimmedWhitespace, !summary.isEmpty {

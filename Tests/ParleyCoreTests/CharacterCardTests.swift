@@ -356,6 +356,54 @@ func keepsEverything(_ received: JSONValue, in exported: JSONValue?, at path: St
         #expect(prompt.messages.last?.text == "Keep replies under three sentences.")
     }
 
+    /// A V3 card's `nickname` is what `{{char}}` (and the older `<BOT>`, `<char>`) stands for in
+    /// the prompt and the greeting, however the profile was read (as imported, stored, or stored
+    /// before the card's fields went last); the clone's name stays its name. `<USER>` is the user.
+    @Test(arguments: [0, 1, 2]) func aNicknameIsWhatCharStandsFor(read: Int) throws {
+        let card = try JSONValue.parse(
+            Array(
+                #"""
+                {"spec": "chara_card_v3", "spec_version": "3.0", "data": {"name": "Captain Mara Vell", "nickname": " Mara ",
+                 "description": "{{char}} flies; <BOT> and <char> too, for <User>.", "first_mes": "{{char}} here, {{user}}."}}
+                """#.utf8))
+        var mara = clone(from: try CharacterCard.parse(card))
+        switch read {
+        case 1: mara.profile = CharacterCard.profile(fromStorage: CharacterCard.storageJSON(mara.profile).serializedString())
+        case 2:
+            let fields = mara.profile.cardFields
+            let before = JSONValue.object(CharacterCard.personaJSON(mara.profile) + [("rest", .object(fields.rest)), ("top", .object(fields.top))])
+            mara.profile = CharacterCard.profile(fromStorage: before.serializedString())
+        default: break
+        }
+        #expect(mara.profile.nickname == "Mara")
+        let system = PromptAssembler(contextBudget: 4096).assemble(clone: mara, history: [message("Hello")]).messages[0].text
+        #expect(
+            system.contains("You are Captain Mara Vell.") && system.contains("Description: Mara flies; Mara and Mara too, for User."), "\(system)")
+        #expect(PromptAssembler.greeting(of: mara) == "Mara here, User.")
+        // Without a nickname, the name.
+        var plain = mara
+        plain.profile.rest = plain.profile.rest.filter { $0.0 != "nickname" }
+        #expect(PromptAssembler.greeting(of: plain) == "Captain Mara Vell here, User.")
+        #expect(JSONValue.object(mara.profile.rest).serializedString().contains(#""nickname":" Mara ""#), "exported as it came")
+    }
+
+    /// A V3 entry's content may begin with decorator lines (`@@depth 4`, fallbacks `@@@…`): they
+    /// are directions to a card tool, left out of the prompt with the blank lines around them;
+    /// an entry of decorators only adds nothing. A line that only contains `@@` later is text.
+    @Test func decoratorLinesAreLeftOutOfTheLore() {
+        var clone = Clone(id: "cl", owner: "u", name: "Ada", traits: [], systemPrompt: "", sliders: [:], memory: [], createdAt: 0, updatedAt: 0)
+        clone.profile.lorebook = [
+            LoreEntry(keys: ["sea"], content: "@@depth 4\r\n@@@instruct_depth 4\n\nThe sea is cold.\n@@ not a decorator here", insertionOrder: 1),
+            LoreEntry(keys: ["sea"], content: "@@position after_desc\n\n", insertionOrder: 2),
+            LoreEntry(keys: ["sea"], content: "  @@dont_activate_after_match\nWaves.", insertionOrder: 3),
+            LoreEntry(keys: ["sea"], content: "@@depth 2\r\nSalt.", insertionOrder: 4),
+        ]
+        let lore = PromptAssembler.lore(for: clone, recent: ["the sea"], budget: 500)
+        #expect(lore.map(\.promptContent) == ["The sea is cold.\n@@ not a decorator here", "Waves.", "Salt."])
+        let system = PromptAssembler(contextBudget: 4096).assemble(clone: clone, history: [message("the sea")]).messages[0].text
+        #expect(system.hasSuffix("What you know that matters here:\n- The sea is cold.\n@@ not a decorator here\n- Waves.\n- Salt."), "\(system)")
+    }
+
     @Test func overTheBudgetTheLowestPriorityIsDroppedFirstAndOrderIsKept() {
         let entries = [
             LoreEntry(keys: ["sea"], content: "low " + String(repeating: "word ", count: 30), insertionOrder: 1, priority: 1),
