@@ -44,7 +44,9 @@ public enum ClientFrame: Sendable, Equatable {
 /// Clone chat: a message, stopping a reply, and catching up on one.
 /// `voice`: the reply is spoken too, as binary audio frames (#29).
 public enum ChatFrame: Sendable, Equatable {
-    case send(id: String, clone: String, conversation: String?, text: String, voice: Bool = false)
+    /// `greeting`: which of the clone's greetings opens a new conversation (0: `first_mes`, k:
+    /// the k-th of `alternate_greetings`); nil: the first.
+    case send(id: String, clone: String, conversation: String?, text: String, voice: Bool = false, greeting: Int? = nil)
     /// A new reply in place of the assistant message `message` (kept as an alternative).
     case regenerate(id: String, message: String, voice: Bool = false)
     /// `text` in place of the user message `message` (kept, with its branch), and a reply to it.
@@ -55,7 +57,7 @@ public enum ChatFrame: Sendable, Equatable {
 
     public var id: String {
         switch self {
-        case .send(let id, _, _, _, _), .regenerate(let id, _, _), .edit(let id, _, _, _), .cancel(let id, _), .resume(let id, _, _, _): id
+        case .send(let id, _, _, _, _, _), .regenerate(let id, _, _), .edit(let id, _, _, _), .cancel(let id, _), .resume(let id, _, _, _): id
         }
     }
 }
@@ -174,7 +176,15 @@ extension ClientFrame {
                 let clone = try reader.requiredString("clone")
                 let conversation = try reader.string("conversation")
                 let text = try Self.messageText(&reader, limits: limits, ref: ref)
-                frame = .chat(.send(id: id, clone: clone, conversation: conversation, text: text, voice: try reader.bool("voice") ?? false))
+                let greeting = try reader.int("greeting")
+                if let greeting, greeting < 0 { throw ValidationError("'greeting' must be 0 or more") }
+                if greeting != nil, conversation != nil {
+                    throw ValidationError("'greeting' chooses how a new conversation opens: leave out 'conversation'")
+                }
+                frame = .chat(
+                    .send(
+                        id: id, clone: clone, conversation: conversation, text: text, voice: try reader.bool("voice") ?? false,
+                        greeting: greeting.map { Int(clamping: $0) }))
             case "chat.regenerate":
                 let message = try reader.requiredString("message")
                 frame = .chat(.regenerate(id: id, message: message, voice: try reader.bool("voice") ?? false))

@@ -61,11 +61,18 @@ public struct PromptAssembler: Sendable {
         return parts.joined(separator: "\n")
     }
 
-    /// The card's greeting (`first_mes`, macros expanded) that opens a new conversation; nil
-    /// for a clone without one.
-    public static func greeting(of clone: Clone) -> String? {
-        let text = clone.profile.firstMessage.trimmedWhitespace
+    /// The card's greeting (`first_mes`, or with `choice` k the k-th of `alternate_greetings`;
+    /// macros expanded) that opens a new conversation; nil for none.
+    public static func greeting(of clone: Clone, choice: Int = 0) -> String? {
+        let greetings = clone.profile.alternateGreetings
+        guard choice == 0 || greetings.indices.contains(choice - 1) else { return nil }
+        let text = (choice == 0 ? clone.profile.firstMessage : greetings[choice - 1]).trimmedWhitespace
         return text.isEmpty ? nil : expand(text, clone)
+    }
+
+    /// Every greeting a new conversation may open with, by `choice` (nil: that one is blank).
+    public static func greetings(of clone: Clone) -> [String?] {
+        (0...clone.profile.alternateGreetings.count).map { greeting(of: clone, choice: $0) }
     }
 
     /// Card macros: `{{char}}` (and the older `<BOT>`, `<CHAR>`) is the clone, by the card's

@@ -12,6 +12,7 @@ extension Clone {
             ("profile", CharacterCard.profileJSON(profile)),
             ("voice", profile.voice?.json ?? .null),
             ("greeting", PromptAssembler.greeting(of: self).map(JSONValue.string) ?? .null),
+            ("greetings", .array(PromptAssembler.greetings(of: self).map { $0.map(JSONValue.string) ?? .null })),
             ("created_at", .string(Timestamp.rfc3339(millis: createdAt))),
             ("updated_at", .string(Timestamp.rfc3339(millis: updatedAt))),
         ])

@@ -33,9 +33,10 @@ final class ChatService: FrameHandler {
     /// becomes an `error` frame.
     func handle(_ frame: ChatFrame, from connection: ClientConnection, turn: RequestOrder.Turn) {
         switch frame {
-        case let .send(id, clone, conversation, text, voice):
+        case let .send(id, clone, conversation, text, voice, greeting):
             requests.serve(id, from: connection, turn: turn, what: "chat.send") {
-                await self.chatSend(ref: id, cloneID: clone, conversationID: conversation, text: text, voice: voice, from: connection)
+                await self.chatSend(
+                    ref: id, cloneID: clone, conversationID: conversation, text: text, voice: voice, greeting: greeting, from: connection)
             }
         case let .regenerate(id, message, voice):
             requests.serve(id, from: connection, turn: turn, what: "chat.regenerate") {
@@ -113,7 +114,8 @@ final class ChatService: FrameHandler {
     }
 
     private func chatSend(
-        ref: String, cloneID: String, conversationID: String?, text: String, voice: Bool, from connection: ClientConnection
+        ref: String, cloneID: String, conversationID: String?, text: String, voice: Bool, greeting choice: Int?,
+        from connection: ClientConnection
     ) async {
         await reply(ref: ref, what: "chat.send", voice: voice, from: connection) { [self] in
             let user = connection.identity.user
@@ -126,7 +128,13 @@ final class ChatService: FrameHandler {
                     id: ids.make(.conversation), owner: user, clone: clone.id, title: Self.title(for: text), createdAt: now, updatedAt: now)
                 // A card's greeting opens a new conversation as its first message (made first, so its
                 // id sorts first): the transcript shows it and the prompt answers after it.
-                let greeting = PromptAssembler.greeting(of: clone).map {
+                let alternates = clone.profile.alternateGreetings.count
+                if let choice, choice > alternates {
+                    throw FrameError(
+                        ref: ref, code: .badRequest,
+                        message: "clone \(clone.id) has \(alternates) alternate greeting\(alternates == 1 ? "" : "s"): 'greeting' is 0-\(alternates)")
+                }
+                let greeting = PromptAssembler.greeting(of: clone, choice: choice ?? 0).map {
                     Message(id: ids.make(.message), conversation: conversation.id, role: .assistant, text: $0, createdAt: now)
                 }
                 let message = Message(

@@ -376,4 +376,52 @@ import Testing
         #expect(opened.first?["text"] == .string("Back again, User?"))
         await server.stop()
     }
+
+    /// A new conversation may open with one of the card's alternate greetings (`greeting`: k);
+    /// the clone lists them all, expanded. An index past them, or one given with a conversation,
+    /// is `bad_request`; a blank one opens with none.
+    @Test func aNewConversationOpensWithTheGreetingChosen() async throws {
+        let server = try await TestServer.start()
+        let token = try await server.token("alice")
+        let card = JSONValue.object([
+            ("spec", .string("chara_card_v2")), ("spec_version", .string("2.0")),
+            (
+                "data",
+                .object([
+                    ("name", .string("Seraphina")), ("first_mes", .string("Welcome, {{user}}.")),
+                    ("alternate_greetings", .array([.string("{{char}} waves."), .string("  ")])),
+                ])
+            ),
+        ])
+        let imported = try await TestHTTPClient.json(port: server.port, .POST, "/v1/clones/import", token: token, json: card)
+        let id = try #require(try imported.json()["id"]?.stringValue)
+        #expect(try imported.json()["greetings"] == .array([.string("Welcome, User."), .string("Seraphina waves."), .null]))
+        let socket = try await server.connect(token: token)
+        func send(_ ref: String, greeting: Int, conversation: String? = nil) async throws {
+            try await socket.send(
+                .object(
+                    [("type", .string("chat.send")), ("id", .string(ref)), ("clone", .string(id)), ("text", .string("Hi"))]
+                        + (conversation.map { [("conversation", .string($0))] } ?? []) + [("greeting", .int(Int64(greeting)))]))
+        }
+        func opening(_ conversation: String) async throws -> [String] {
+            try await server.get("/v1/conversations/\(conversation)/messages", token: token).json()["messages"]!.arrayValue!
+                .map { $0["text"]!.stringValue! }
+        }
+        try await send("g1", greeting: 1)
+        let chosen = try await socket.readReply()
+        #expect(try await opening(chosen.conversation).prefix(2) == ["Seraphina waves.", "Hi"])
+        try await send("g2", greeting: 2)
+        let blank = try await socket.readReply()
+        #expect(try await opening(blank.conversation).first == "Hi", "a blank greeting opens with none")
+
+        try await send("g3", greeting: 3)
+        let past = try await socket.next(type: "error").frame
+        #expect(past["ref"] == .string("g3") && past["code"] == .string("bad_request"))
+        #expect(past["message"] == .string("clone \(id) has 2 alternate greetings: 'greeting' is 0-2"))
+        try await send("g4", greeting: 0, conversation: chosen.conversation)
+        let begun = try await socket.next(type: "error").frame
+        #expect(begun["ref"] == .string("g4") && begun["code"] == .string("bad_request"))
+        #expect(begun["message"] == .string("'greeting' chooses how a new conversation opens: leave out 'conversation'"))
+        await server.stop()
+    }
 }

@@ -1154,3 +1154,31 @@ def test_a_reply_is_heard_as_it_streams_and_a_question_is_asked_by_voice(data_di
     finally:
         listening.close()
         assert server.stop() == 0
+
+
+def test_a_new_conversation_opens_with_the_greeting_chosen(web, browser):
+    """A card with alternate greetings: arrows on the greeting choose the one the new
+    conversation opens with; the choice is what the server stores first."""
+    token = web.token("ines")
+    card = {"spec": "chara_card_v2", "spec_version": "2.0",
+            "data": {"name": "Seraphina", "first_mes": "Welcome, {{user}}.", "alternate_greetings": ["{{char}} waves.", "{{char}} bows."]}}
+    status, clone = web.http("POST", "/v1/clones/import", token, card)
+    assert status == 201, clone
+    page = browser.new_page()
+    sign_in(page, web.base, "ines")
+    page.get_by_role("button", name="Chat").click()
+    greeting = page.locator("#messages li.greeting")
+    expect(greeting).to_contain_text("Welcome, User.", timeout=WAIT)
+    expect(greeting.locator(".alternative")).to_have_text("1/3")
+    greeting.get_by_role("button", name="›").click()
+    greeting.get_by_role("button", name="›").click()
+    expect(greeting).to_contain_text("Seraphina bows.")
+    expect(greeting.get_by_role("button", name="›")).to_be_disabled()
+    greeting.get_by_role("button", name="‹").click()
+    expect(greeting).to_contain_text("Seraphina waves.")
+    send(page, "Hello")
+    expect(assistant(page)).to_have_attribute("data-reason", "complete", timeout=WAIT)
+    conversation = web.http("GET", "/v1/conversations?limit=1", token)[1]["conversations"][0]["id"]
+    messages = web.http("GET", f"/v1/conversations/{conversation}/messages", token)[1]["messages"]
+    assert [(m["role"], m["text"]) for m in messages[:2]] == [("assistant", "Seraphina waves."), ("user", "Hello")]
+    page.close()

@@ -25,6 +25,7 @@ const state = {
   reloadOnWelcome: false,
   restoreRoom: null,     // a room the URL named, joined once connected
   speak: false,          // the open conversation's replies are asked with "voice": true (see speakingIn)
+  greeting: 0,           // which of the clone's greetings opens the next new conversation
 };
 
 // ---------- REST ----------
@@ -816,9 +817,11 @@ async function showConversation(id) {
   list.replaceChildren();
   loadConversations();
   if (!id) {
-    // A card's greeting opens every new conversation (the server stores it with the first message).
+    // A card's greeting opens every new conversation (the server stores it with the first
+    // message); with alternate greetings, arrows choose the one it opens with.
     const clone = state.clones.find((c) => c.id === state.cloneId);
-    if (clone?.greeting) addBubble(list, { who: clone.name, text: clone.greeting, kind: "assistant greeting" });
+    state.greeting = 0;
+    if (clone) showGreeting(list, clone);
     return;
   }
   const [page, conversation] = await Promise.all([
@@ -900,6 +903,31 @@ function actionButton(text, title, onclick) {
   button.title = title;
   button.onclick = onclick;
   return button;
+}
+
+// The greeting a new conversation will open with, and, when the card has alternates, "‹ 1/3 ›"
+// to choose another before the first message is sent.
+function showGreeting(list, clone) {
+  list.querySelector("li.greeting")?.remove();
+  const greetings = clone.greetings ?? [clone.greeting];
+  const text = greetings[state.greeting];
+  const el = text
+    ? addBubble(list, { who: clone.name, text, kind: "assistant greeting" })
+    : greetings.length > 1 ? addBubble(list, { who: clone.name, text: "(no greeting)", kind: "assistant greeting" }) : null;
+  if (!el || greetings.length < 2) return;
+  list.prepend(el);
+  const go = (index) => () => { state.greeting = index; showGreeting(list, clone); };
+  const actions = document.createElement("span");
+  actions.className = "actions";
+  const previous = actionButton("‹", "The previous greeting", go(state.greeting - 1));
+  previous.disabled = state.greeting === 0;
+  const position = document.createElement("span");
+  position.className = "alternative";
+  position.textContent = `${state.greeting + 1}/${greetings.length}`;
+  const next = actionButton("›", "The next greeting", go(state.greeting + 1));
+  next.disabled = state.greeting === greetings.length - 1;
+  actions.append(previous, position, next);
+  el.append(actions);
 }
 
 // "‹ 2/3 ›": the previous and next alternative of a message.
@@ -1016,6 +1044,8 @@ function sendChat(event) {
   hideBanner();
   const frame = { type: "chat.send", clone: state.cloneId, text };
   if (state.conversationId) frame.conversation = state.conversationId;
+  else if (state.greeting > 0) frame.greeting = state.greeting;
+  $("messages").querySelector("li.greeting .actions")?.remove();  // chosen, once sent
   if (state.speak && state.info?.voice?.speech) { frame.voice = true; player.unlock(); }
   const el = addBubble($("messages"), { who: state.user, text, kind: "user pending" });
   addNote(el, "sending…");
