@@ -145,6 +145,17 @@ public struct CloneProfile: Sendable, Equatable {
         }
     }
 
+    /// The card's character's note (SillyTavern's `extensions.depth_prompt`: `prompt`, `depth`,
+    /// `role`): text the prompt carries `depth` messages from the end of the history; nil for none.
+    public var characterNote: CharacterNote? {
+        switch extras {
+        case .parsed(let rest, _):
+            guard case .object(let extensions)? = rest.first(where: { $0.0 == "extensions" })?.1 else { return nil }
+            return CharacterNote(extensions.first { $0.0 == "depth_prompt" }?.1)
+        case .stored(_, let read, _): return read.characterNote
+        }
+    }
+
     /// A card's `nickname` value as a prompt uses it: a string of 1-100 characters once trimmed.
     static func nickname(_ value: JSONValue?) -> String {
         guard let text = value?.stringValue?.trimmedWhitespace, text.fits(characters: 100) else { return "" }
@@ -155,6 +166,7 @@ public struct CloneProfile: Sendable, Equatable {
     struct PromptFields: Sendable {
         var bookSettings: JSONValue
         var nickname: String
+        var characterNote: CharacterNote?
     }
 
     /// Its other fields set from the stored `text`: `rest` and `top` are parsed from it only when
@@ -187,6 +199,28 @@ public struct CloneProfile: Sendable, Equatable {
             }
         }
     }
+}
+
+/// SillyTavern's character's note (a card's `extensions.depth_prompt`), as a prompt uses it.
+public struct CharacterNote: Sendable, Equatable {
+    /// Not yet expanded (`{{char}}`…): the prompt does that.
+    public var text: String
+    /// Messages from the end of the history: 0 after the last one, 4 (the default) before the
+    /// fourth from last; past the history's start, before its first message.
+    public var depth: Int
+    public var role: Role
+
+    /// From a `depth_prompt` value: nil unless its `prompt` is text (not blank, at most 32,000
+    /// characters); a depth that is not a number 0-10000 is 4, a role other than `user` or
+    /// `assistant` is `system`.
+    init?(_ value: JSONValue?) {
+        guard let text = value?["prompt"]?.stringValue, !text.trimmedWhitespace.isEmpty, text.fits(characters: 32_000) else { return nil }
+        self.text = text.trimmedWhitespace
+        depth = value?["depth"]?.intValue.flatMap { (0...10_000).contains($0) ? Int($0) : nil } ?? 4
+        role = value?["role"]?.stringValue.flatMap(Role.init(rawValue:)) ?? .system
+    }
+
+    var json: JSONValue { .object([("prompt", .string(text)), ("depth", .int(Int64(depth))), ("role", .string(role.rawValue))]) }
 }
 
 /// Character Card V2 (`chara_card_v2`) and V3 (`chara_card_v3`), the format SillyTavern and most
@@ -412,9 +446,11 @@ public enum CharacterCard {
         let card = profile.cardFields
         let settings = CloneProfile.book(in: card.rest).filter { key, _ in bookSettingKeys.contains(key) }
         let nickname = CloneProfile.nickname(card.rest.first { $0.0 == "nickname" }?.1)
+        let note = profile.characterNote
         return .object(
             personaJSON(profile) + (profile.voice.map { [("voice", $0.json)] } ?? [])
                 + [("book", .object(settings))] + (nickname.isEmpty ? [] : [("nickname", .string(nickname))])
+                + (note.map { [("character_note", $0.json)] } ?? [])
                 + [("card", .object([("rest", .object(card.rest)), ("top", .object(card.top))]))])
     }
 
@@ -434,9 +470,15 @@ public enum CharacterCard {
     static let storedShape = JSONShape.members(
         [
             "description", "personality", "scenario", "first_mes", "alternate_greetings", "mes_example", "post_history_instructions",
-            "lorebook", "voice", "book", "nickname",
+            "lorebook", "voice", "book", "nickname", "character_note",
         ].map { ($0, .everything) } + [
-            ("rest", .members([("character_book", .members(bookSettingKeys.map { ($0, .everything) })), ("nickname", .everything)]))
+            (
+                "rest",
+                .members([
+                    ("character_book", .members(bookSettingKeys.map { ($0, .everything) })), ("nickname", .everything),
+                    ("extensions", .members([("depth_prompt", .everything)])),
+                ])
+            )
         ])
 
     /// Reads what `storageJSON` wrote; nil or unreadable text is an empty profile.
@@ -458,7 +500,8 @@ public enum CharacterCard {
             text,
             CloneProfile.PromptFields(
                 bookSettings: value["book"] ?? value["rest"]?["character_book"] ?? .object([]),
-                nickname: CloneProfile.nickname(value["nickname"] ?? value["rest"]?["nickname"])))
+                nickname: CloneProfile.nickname(value["nickname"] ?? value["rest"]?["nickname"]),
+                characterNote: CharacterNote(value["character_note"] ?? value["rest"]?["extensions"]?["depth_prompt"])))
         return profile
     }
 }

@@ -155,7 +155,10 @@ public struct PromptAssembler: Sendable {
         let system = PromptMessage(role: .system, text: systemText)
         let instructions = Self.expand(clone.profile.postHistoryInstructions.trimmedWhitespace, clone)
         let after = instructions.isEmpty ? nil : PromptMessage(role: .system, text: instructions)
-        var total = Tokenizer.count(system.text) + Self.perMessageOverhead + (after.map { Tokenizer.count($0.text) + Self.perMessageOverhead } ?? 0)
+        let noted = clone.profile.characterNote
+        let note = noted.map { PromptMessage(role: $0.role, text: Self.expand($0.text, clone)) }
+        var total = Tokenizer.count(system.text) + Self.perMessageOverhead
+        for extra in [after, note].compactMap(\.self) { total += Tokenizer.count(extra.text) + Self.perMessageOverhead }
         var kept: [PromptMessage] = []
         var dropped = 0
         for (offset, message) in usable.reversed().enumerated() {
@@ -167,7 +170,10 @@ public struct PromptAssembler: Sendable {
             total += cost
             kept.append(PromptMessage(role: message.role, text: message.text))
         }
-        // post_history_instructions come after the history, where the card wants them.
-        return AssembledPrompt(messages: [system] + kept.reversed() + (after.map { [$0] } ?? []), estimatedTokens: total, droppedMessages: dropped)
+        // The character's note goes `depth` messages from the end of the history kept, and
+        // post_history_instructions after it, where the card wants them.
+        var body = Array(kept.reversed())
+        if let note, let depth = noted?.depth { body.insert(note, at: max(0, body.count - depth)) }
+        return AssembledPrompt(messages: [system] + body + (after.map { [$0] } ?? []), estimatedTokens: total, droppedMessages: dropped)
     }
 }

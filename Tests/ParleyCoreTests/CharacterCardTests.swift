@@ -352,8 +352,48 @@ func keepsEverything(_ received: JSONValue, in exported: JSONValue?, at path: St
         #expect(system.hasPrefix("Stay in character as Captain Mara.\nYou are Captain Mara."))
         #expect(system.contains("Description: Captain Mara commands the airship Kestrel") && system.contains("Scenario: User has just stowed away"))
         #expect(system.contains("Examples of how you speak:"))
-        #expect(prompt.messages.map(\.role) == [.system, .user, .system])
+        // The card's character's note (depth 4) goes before the one message there is.
+        #expect(prompt.messages.map(\.role) == [.system, .system, .user, .system])
+        #expect(prompt.messages[1].text == "Mara is tired.")
         #expect(prompt.messages.last?.text == "Keep replies under three sentences.")
+    }
+
+    /// A card's character's note (SillyTavern's `extensions.depth_prompt`) goes `depth` messages
+    /// from the end of the history, in its role, macros expanded, however the profile was read;
+    /// past the history's start it goes first, at depth 0 after the last message.
+    @Test(arguments: [0, 1, 2]) func theCharactersNoteGoesItsDepthFromTheEnd(read: Int) throws {
+        func prompt(depth: JSONValue, role: String?, messages: Int) throws -> [String] {
+            var mara = try mara()
+            let note = JSONValue.object(
+                [("prompt", .string(" {{char}} is tired. ")), ("depth", depth)] + (role.map { [("role", .string($0))] } ?? []))
+            mara.profile.rest = mara.profile.rest.map { key, value in
+                guard key == "extensions", case .object(let pairs) = value else { return (key, value) }
+                return (key, .object(pairs.filter { $0.0 != "depth_prompt" } + [("depth_prompt", note)]))
+            }
+            switch read {
+            case 1: mara.profile = CharacterCard.profile(fromStorage: CharacterCard.storageJSON(mara.profile).serializedString())
+            case 2:
+                let fields = mara.profile.cardFields
+                let before = JSONValue.object(
+                    CharacterCard.personaJSON(mara.profile) + [("rest", .object(fields.rest)), ("top", .object(fields.top))])
+                mara.profile = CharacterCard.profile(fromStorage: before.serializedString())
+            default: break
+            }
+            let history = (0..<messages).map { message("m\($0)", $0 % 2 == 0 ? .user : .assistant, $0) }
+            return PromptAssembler(contextBudget: 4096).assemble(clone: mara, history: history).messages.dropFirst().map {
+                "\($0.role.rawValue): \($0.text)"
+            }
+        }
+        let note = "system: Captain Mara is tired."
+        let end = "system: Keep replies under three sentences."
+        #expect(
+            try prompt(depth: .int(2), role: nil, messages: 5) == ["user: m0", "assistant: m1", "user: m2", note, "assistant: m3", "user: m4", end])
+        #expect(try prompt(depth: .int(9), role: nil, messages: 3) == [note, "user: m0", "assistant: m1", "user: m2", end])
+        #expect(try prompt(depth: .int(0), role: "user", messages: 1) == ["user: m0", "user: Captain Mara is tired.", end])
+        #expect(
+            try prompt(depth: .string("four"), role: "narrator", messages: 5) == [
+                "user: m0", note, "assistant: m1", "user: m2", "assistant: m3", "user: m4", end,
+            ])
     }
 
     /// A V3 card's `nickname` is what `{{char}}` (and the older `<BOT>`, `<char>`) stands for in
