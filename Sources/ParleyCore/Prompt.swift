@@ -38,8 +38,8 @@ public struct PromptAssembler: Sendable {
     /// personality and scenario, traits, sliders, memory and example dialogue.
     public static func systemText(for clone: Clone) -> String {
         var parts: [String] = []
-        let own = clone.systemPrompt.trimmedWhitespace
-        if !own.isEmpty { parts.append(Self.expand(own, clone)) }
+        let own = Self.expand(clone.systemPrompt, clone).trimmedWhitespace
+        if !own.isEmpty { parts.append(own) }
         parts.append("You are \(clone.name).")
         let profile = clone.profile
         for (label, text) in [("Description", profile.description), ("Personality", profile.personality), ("Scenario", profile.scenario)] {
@@ -76,13 +76,16 @@ public struct PromptAssembler: Sendable {
     }
 
     /// Card macros: `{{char}}` (and the older `<BOT>`, `<CHAR>`) is the clone, by the card's
-    /// nickname when it has one (V3), `{{user}}` (`<USER>`) the person talking to it.
+    /// nickname when it has one (V3), `{{user}}` (`<USER>`) the person talking to it,
+    /// `{{original}}` nothing.
     static func expand(_ text: String, _ clone: Clone) -> String {
         guard text.contains("{{") || text.contains("<") else { return text }
         let nickname = clone.profile.nickname
         let char = nickname.isEmpty ? clone.name : nickname
+        // `{{original}}` (in a card's system prompt or post-history instructions) stands for the
+        // text the card replaces, which Parley does not have: nothing.
         var out = text.replacing("{{char}}", with: char).replacing("{{user}}", with: "User")
-            .replacing("{{Char}}", with: char).replacing("{{User}}", with: "User")
+            .replacing("{{Char}}", with: char).replacing("{{User}}", with: "User").replacing("{{original}}", with: "")
         guard out.contains("<") else { return out }
         let lowered = out.lowercased()
         for (macro, value) in [("<bot>", char), ("<char>", char), ("<user>", "User")] where lowered.contains(macro) {
@@ -153,7 +156,7 @@ public struct PromptAssembler: Sendable {
             systemText += "\nWhat was said earlier in this conversation, in short:\n" + summary
         }
         let system = PromptMessage(role: .system, text: systemText)
-        let instructions = Self.expand(clone.profile.postHistoryInstructions.trimmedWhitespace, clone)
+        let instructions = Self.expand(clone.profile.postHistoryInstructions, clone).trimmedWhitespace
         let after = instructions.isEmpty ? nil : PromptMessage(role: .system, text: instructions)
         let noted = clone.profile.characterNote
         let note = noted.map { PromptMessage(role: $0.role, text: Self.expand($0.text, clone)) }

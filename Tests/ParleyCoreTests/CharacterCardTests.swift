@@ -358,6 +358,17 @@ func keepsEverything(_ received: JSONValue, in exported: JSONValue?, at path: St
         #expect(prompt.messages.last?.text == "Keep replies under three sentences.")
     }
 
+    /// `{{original}}` in a card's system prompt or post-history instructions (V2: the text the
+    /// card's replaces) stands for nothing here: it is not sent to the model.
+    @Test func originalStandsForNothing() throws {
+        var mara = try mara()
+        mara.systemPrompt = "{{original}}\nStay in character as {{char}}."
+        mara.profile.postHistoryInstructions = "{{original}} Be brief."
+        let prompt = PromptAssembler(contextBudget: 4096).assemble(clone: mara, history: [message("Hello")])
+        #expect(prompt.messages[0].text.hasPrefix("Stay in character as Captain Mara.\nYou are Captain Mara."))
+        #expect(prompt.messages.last?.text == "Be brief.")
+    }
+
     /// A card's character's note (SillyTavern's `extensions.depth_prompt`) goes `depth` messages
     /// from the end of the history, in its role, macros expanded, however the profile was read;
     /// past the history's start it goes first, at depth 0 after the last message.
