@@ -46,7 +46,8 @@ public struct LoreEntry: Sendable, Equatable {
     /// `Limits.maxKeysPerEntry` of those that are not blank; none otherwise.
     public var secondaryKeys: [String] {
         guard case .bool(true)? = extra.first(where: { $0.0 == "selective" })?.1,
-            case .array(let items)? = extra.first(where: { $0.0 == "secondary_keys" })?.1
+            case .array(let items)? = extra.first(where: { $0.0 == "secondary_keys" })?.1,
+            extra.first(where: { $0.0 == "use_regex" })?.1 != .bool(true)  // V3: then they are ignored
         else { return [] }
         let keys = items.lazy.compactMap(\.stringValue).filter { !$0.trimmedWhitespace.isEmpty }
         return Array(keys.prefix(CharacterCard.Limits().maxKeysPerEntry))

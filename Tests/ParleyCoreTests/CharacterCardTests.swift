@@ -265,6 +265,9 @@ func keepsEverything(_ received: JSONValue, in exported: JSONValue?, at path: St
             entry("Not selective.", selective: .bool(false), secondary: ["tax"]),
             entry("No secondary keys.", selective: .bool(true), secondary: [" "]),
             entry("Secondary keys only.", selective: nil, secondary: ["tax"]),
+            LoreEntry(
+                keys: ["guild"], content: "Regex keys.",
+                extra: [("selective", .bool(true)), ("secondary_keys", .array([.string("tax")])), ("use_regex", .bool(true))]),
         ]
         if stored { mara.profile = CharacterCard.profile(fromStorage: CharacterCard.storageJSON(mara.profile).serializedString()) }
         func lore(_ texts: String...) -> String {
@@ -273,6 +276,7 @@ func keepsEverything(_ received: JSONValue, in exported: JSONValue?, at path: St
         let guildOnly = lore("The guild again.")
         #expect(!guildOnly.contains("Selective lore."))
         #expect(guildOnly.contains("Not selective.") && guildOnly.contains("No secondary keys.") && guildOnly.contains("Secondary keys only."))
+        #expect(guildOnly.contains("Regex keys."), "V3: with use_regex the secondary keys are ignored")
         #expect(!lore("A tax again.").contains("lore."))
         #expect(lore("The guild again.", "A new LEVY.").contains("Selective lore."), "the second key, case folded, in another message")
     }
