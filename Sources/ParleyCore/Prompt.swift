@@ -56,9 +56,18 @@ public struct PromptAssembler: Sendable {
         if !clone.memory.isEmpty {
             parts.append("Things you remember:\n" + clone.memory.map { "- \($0)" }.joined(separator: "\n"))
         }
-        let examples = profile.exampleMessages.trimmedWhitespace
+        let examples = Self.exampleDialogues(profile.exampleMessages)
         if !examples.isEmpty { parts.append("Examples of how you speak:\n" + Self.expand(examples, clone)) }
         return parts.joined(separator: "\n")
+    }
+
+    /// A card's `mes_example` as the persona shows it: the dialogues its `<START>` lines (any
+    /// case) begin, each trimmed, a blank line between them (the marker is for card tools, not
+    /// the model).
+    static func exampleDialogues(_ text: String) -> String {
+        guard text.contains("<") else { return text.trimmedWhitespace }
+        return text.replacing(Regex<Substring>(verbatim: "<START>").ignoresCase(), with: "\u{0}")
+            .split(separator: "\u{0}").map { String($0).trimmedWhitespace }.filter { !$0.isEmpty }.joined(separator: "\n\n")
     }
 
     /// The card's greeting (`first_mes`, or with `choice` k the k-th of `alternate_greetings`;

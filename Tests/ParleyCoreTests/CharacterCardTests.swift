@@ -362,6 +362,17 @@ func keepsEverything(_ received: JSONValue, in exported: JSONValue?, at path: St
         #expect(prompt.messages.last?.text == "Keep replies under three sentences.")
     }
 
+    /// A card's example dialogues reach the persona without their `<START>` markers: each
+    /// dialogue trimmed, a blank line between them.
+    @Test func exampleDialoguesLoseTheirStartMarkers() throws {
+        var mara = try mara()
+        mara.profile.exampleMessages = "<START>\n{{user}}: Hi\n{{char}}: Ahoy.\n<start>\n\n{{char}}: Stowaway!\n<START>\n"
+        let system = PromptAssembler.systemText(for: mara)
+        #expect(system.hasSuffix("Examples of how you speak:\nUser: Hi\nCaptain Mara: Ahoy.\n\nCaptain Mara: Stowaway!"), "\(system)")
+        #expect(PromptAssembler.exampleDialogues("No markers here. ") == "No markers here.")
+        #expect(PromptAssembler.exampleDialogues("<START>\n<START>").isEmpty)
+    }
+
     /// `{{original}}` in a card's system prompt or post-history instructions (V2: the text the
     /// card's replaces) stands for nothing here: it is not sent to the model.
     @Test func originalStandsForNothing() throws {
