@@ -958,14 +958,19 @@ def test_a_message_is_kept_the_data_downloaded_and_the_account_deleted(web, brow
     page.close()
 
 
-def test_a_cards_greeting_opens_a_new_conversation(web, browser):
-    token = web.token("noa")
-    card = {"spec": "chara_card_v2", "spec_version": "2.0", "data": {"name": "Seraphina", "first_mes": "Welcome, {{user}}. I am {{char}}."}}
-    status, clone = web.http("POST", "/v1/clones/import", token, card)
+def chat_with_card(web, browser, user, data):
+    """`user` signed in on a new page, on the Chat view, with a clone imported from a V2 card of `data`."""
+    token = web.token(user)
+    status, clone = web.http("POST", "/v1/clones/import", token, {"spec": "chara_card_v2", "spec_version": "2.0", "data": data})
     assert status == 201, clone
     page = browser.new_page()
-    sign_in(page, web.base, "noa")
+    sign_in(page, web.base, user)
     page.get_by_role("button", name="Chat").click()
+    return token, page
+
+
+def test_a_cards_greeting_opens_a_new_conversation(web, browser):
+    token, page = chat_with_card(web, browser, "noa", {"name": "Seraphina", "first_mes": "Welcome, {{user}}. I am {{char}}."})
     greeting = page.locator("#messages li.greeting")
     expect(greeting).to_contain_text("Welcome, User. I am Seraphina.", timeout=WAIT)
     send(page, "Hello")
@@ -1159,14 +1164,8 @@ def test_a_reply_is_heard_as_it_streams_and_a_question_is_asked_by_voice(data_di
 def test_a_new_conversation_opens_with_the_greeting_chosen(web, browser):
     """A card with alternate greetings: arrows on the greeting choose the one the new
     conversation opens with; the choice is what the server stores first."""
-    token = web.token("ines")
-    card = {"spec": "chara_card_v2", "spec_version": "2.0",
-            "data": {"name": "Seraphina", "first_mes": "Welcome, {{user}}.", "alternate_greetings": ["{{char}} waves.", "{{char}} bows."]}}
-    status, clone = web.http("POST", "/v1/clones/import", token, card)
-    assert status == 201, clone
-    page = browser.new_page()
-    sign_in(page, web.base, "ines")
-    page.get_by_role("button", name="Chat").click()
+    token, page = chat_with_card(web, browser, "ines", {
+        "name": "Seraphina", "first_mes": "Welcome, {{user}}.", "alternate_greetings": ["{{char}} waves.", "{{char}} bows."]})
     greeting = page.locator("#messages li.greeting")
     expect(greeting).to_contain_text("Welcome, User.", timeout=WAIT)
     expect(greeting.locator(".alternative")).to_have_text("1/3")

@@ -916,36 +916,35 @@ function showGreeting(list, clone) {
     : greetings.length > 1 ? addBubble(list, { who: clone.name, text: "(no greeting)", kind: "assistant greeting" }) : null;
   if (!el || greetings.length < 2) return;
   list.prepend(el);
-  const go = (index) => () => { state.greeting = index; showGreeting(list, clone); };
   const actions = document.createElement("span");
   actions.className = "actions";
-  const previous = actionButton("‹", "The previous greeting", go(state.greeting - 1));
-  previous.disabled = state.greeting === 0;
-  const position = document.createElement("span");
-  position.className = "alternative";
-  position.textContent = `${state.greeting + 1}/${greetings.length}`;
-  const next = actionButton("›", "The next greeting", go(state.greeting + 1));
-  next.disabled = state.greeting === greetings.length - 1;
-  actions.append(previous, position, next);
+  actions.append(...arrows(state.greeting, greetings.length, "greeting", (index) => () => {
+    state.greeting = index;
+    showGreeting(list, clone);
+  }));
   el.append(actions);
 }
 
 // "‹ 2/3 ›": the previous and next alternative of a message.
 function swipeControls(conversation, m) {
-  const go = (index) => async () => {
+  return arrows(m.alternative, m.alternatives, "alternative", (index) => async () => {
     try {
       renderPath(conversation, await api("POST", `/v1/conversations/${conversation}/active`, { message: m.id, alternative: index }));
     } catch (error) {
       showBanner(`Could not switch: ${error.message}`);
     }
-  };
-  const previous = actionButton("‹", "The previous alternative", go(m.alternative - 1));
-  previous.disabled = m.alternative === 0;
+  });
+}
+
+// "‹ 2/3 ›" for the `index`th of `count`; `go(i)` makes what choosing the i-th does.
+function arrows(index, count, what, go) {
+  const previous = actionButton("‹", `The previous ${what}`, go(index - 1));
+  previous.disabled = index === 0;
   const position = document.createElement("span");
   position.className = "alternative";
-  position.textContent = `${m.alternative + 1}/${m.alternatives}`;
-  const next = actionButton("›", "The next alternative", go(m.alternative + 1));
-  next.disabled = m.alternative === m.alternatives - 1;
+  position.textContent = `${index + 1}/${count}`;
+  const next = actionButton("›", `The next ${what}`, go(index + 1));
+  next.disabled = index === count - 1;
   return [previous, position, next];
 }
 
