@@ -41,6 +41,9 @@ public struct LoreEntry: Sendable, Equatable {
         return lines.joined(separator: "\n")
     }
 
+    /// The card places it before the character's definitions (`position` `before_char`).
+    public var isBeforeCharacter: Bool { extra.first { $0.0 == "position" }?.1 == .string("before_char") }
+
     /// The keys of which one must come up beside one of `keys`: `secondary_keys` when the entry
     /// is `selective` (Character Card V2/V3: "require a key from both"), the first
     /// `Limits.maxKeysPerEntry` of those that are not blank; none otherwise.

@@ -36,11 +36,13 @@ public struct PromptAssembler: Sendable {
 
     /// The persona as one system text: the clone's own prompt, then name, the card's description,
     /// personality and scenario, traits, sliders, memory and example dialogue.
-    public static func systemText(for clone: Clone) -> String {
+    /// `loreFirst`: lore the card places before the character's definitions (`before_char`).
+    public static func systemText(for clone: Clone, loreFirst: String? = nil) -> String {
         var parts: [String] = []
         let own = Self.expand(clone.systemPrompt, clone).trimmedWhitespace
         if !own.isEmpty { parts.append(own) }
         parts.append("You are \(clone.name).")
+        if let loreFirst { parts.append(loreFirst) }
         let profile = clone.profile
         for (label, text) in [("Description", profile.description), ("Personality", profile.personality), ("Scenario", profile.scenario)] {
             let text = text.trimmedWhitespace
@@ -149,18 +151,24 @@ public struct PromptAssembler: Sendable {
     /// the persona, as what was said before.
     public func assemble(clone: Clone, history: [Message], summary: String? = nil) -> AssembledPrompt {
         let usable = history.filter { !$0.text.isEmpty && $0.role != .system }
-        var systemText = Self.systemText(for: clone)
+        var lore: [LoreEntry] = []
         if !clone.profile.lorebook.isEmpty {
             let book = clone.profile.bookSettings
             let depth = book["scan_depth"]?.intValue.map { Int(clamping: $0) } ?? Self.defaultLoreScanDepth
             let budget = book["token_budget"]?.intValue.map { Int(clamping: $0) } ?? Self.defaultLoreBudget
-            let lore = Self.lore(for: clone, recent: usable.suffix(max(0, depth)).map(\.text), budget: min(budget, contextBudget / 4))
-            if !lore.isEmpty {
-                systemText +=
-                    "\nWhat you know that matters here:\n"
-                    + lore.map { "- " + Self.expand($0.promptContent.trimmedWhitespace, clone) }.joined(separator: "\n")
-            }
+            lore = Self.lore(for: clone, recent: usable.suffix(max(0, depth)).map(\.text), budget: min(budget, contextBudget / 4))
         }
+        // An entry placed `before_char` goes before the character's definitions, the others
+        // after the persona.
+        func block(_ entries: [LoreEntry]) -> String? {
+            entries.isEmpty
+                ? nil
+                : "What you know that matters here:\n"
+                    + entries.map { "- " + Self.expand($0.promptContent.trimmedWhitespace, clone) }.joined(separator: "\n")
+        }
+        let first = lore.filter(\.isBeforeCharacter)
+        var systemText = Self.systemText(for: clone, loreFirst: block(first))
+        if let after = block(lore.filter { !$0.isBeforeCharacter }) { systemText += "\n" + after }
         if let summary = summary?.trimmedWhitespace, !summary.isEmpty {
             systemText += "\nWhat was said earlier in this conversation, in short:\n" + summary
         }

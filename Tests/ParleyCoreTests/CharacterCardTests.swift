@@ -362,6 +362,20 @@ func keepsEverything(_ received: JSONValue, in exported: JSONValue?, at path: St
         #expect(prompt.messages.last?.text == "Keep replies under three sentences.")
     }
 
+    /// A lorebook entry the card places `before_char` goes before the character's definitions;
+    /// the others (`after_char`, or none) after the persona, as before.
+    @Test(arguments: [false, true]) func anEntryPlacedBeforeTheCharacterGoesBeforeItsDefinitions(stored: Bool) throws {
+        var mara = try mara()
+        mara.profile.lorebook.append(LoreEntry(keys: ["tax"], content: "Taxes are due at dawn.", extra: [("position", .string("after_char"))]))
+        if stored { mara.profile = CharacterCard.profile(fromStorage: CharacterCard.storageJSON(mara.profile).serializedString()) }
+        let system = PromptAssembler(contextBudget: 4096).assemble(clone: mara, history: [message("The guild's tax?")]).messages[0].text
+        #expect(
+            system.hasPrefix(
+                "Stay in character as Captain Mara.\nYou are Captain Mara.\nWhat you know that matters here:\n"
+                    + "- The Skyguild taxes every cargo that crosses the Rift.\nDescription: Captain Mara commands"), "\(system)")
+        #expect(system.hasSuffix("\nWhat you know that matters here:\n- Taxes are due at dawn."), "\(system)")
+    }
+
     /// A card's example dialogues reach the persona without their `<START>` markers: each
     /// dialogue trimmed, a blank line between them.
     @Test func exampleDialoguesLoseTheirStartMarkers() throws {
