@@ -118,3 +118,50 @@ def test_an_imported_lorebook_reaches_the_provider(data_dir, fake_openai):  # no
         assert asked[-1] == {"role": "system", "content": "Keep replies under three sentences."}, "post-history instructions come last"
     finally:
         assert server.stop() == 0
+
+
+def test_what_a_v3_card_asks_of_the_prompt_reaches_the_provider(data_dir, fake_openai):  # noqa: F811
+    """Through the real import, store and provider: the nickname stands for {{char}}, {{original}}
+    for nothing, the character's note sits at its depth, decorator lines and <START> markers stay
+    out, a selective entry waits for its secondary key, and the greeting chosen opens the chat."""
+    prices = data_dir / "prices.json"
+    prices.write_text(json.dumps({"models": {"fake-model": {"input_per_1k": 1, "output_per_1k": 1}}}))
+    server = Server(data_dir, "--provider", "openai", "--provider-url", f"http://127.0.0.1:{fake_openai}/v1",
+                    "--provider-model", "fake-model", "--prices", str(prices))
+    card = {"spec": "chara_card_v3", "spec_version": "3.0", "data": {
+        "name": "Captain Mara Vell", "nickname": "Mara", "system_prompt": "{{original}}Stay in character as {{char}}.",
+        "description": "<BOT> flies the Kestrel.", "first_mes": "Ahoy.", "alternate_greetings": ["{{char}} tips her hat."],
+        "mes_example": "<START>\n{{user}}: Hi\n{{char}}: Ahoy.\n<START>\n{{char}}: Off you go.",
+        "extensions": {"depth_prompt": {"prompt": "{{char}} is tired.", "depth": 1, "role": "system"}},
+        "character_book": {"entries": [
+            {"keys": ["engine"], "content": "@@depth 4\n\nThe engine runs on storm-glass.", "enabled": True, "insertion_order": 1,
+             "extensions": {}, "use_regex": False},
+            {"keys": ["guild"], "content": "The guild taxes cargo.", "selective": True, "secondary_keys": ["tax"], "enabled": True,
+             "insertion_order": 2, "extensions": {}, "use_regex": False}]}}}
+    try:
+        token = server.token("alice")
+        status, mara = server.http("POST", "/v1/clones/import", token, card)
+        assert status == 201, mara
+        assert mara["greetings"] == ["Ahoy.", "Mara tips her hat."]
+
+        async def first_chat():
+            import websockets
+            async with websockets.connect(f"ws://127.0.0.1:{server.port}/v1/ws?token={token}") as ws:
+                assert json.loads(await ws.recv())["type"] == "welcome"
+                await ws.send(json.dumps({"type": "chat.send", "id": "c1", "clone": mara["id"], "greeting": 1,
+                                          "text": "How is the engine? And the guild?"}))
+                while (frame := json.loads(await ws.recv()))["type"] != "stream.end":
+                    assert frame["type"] != "error", frame
+        import asyncio
+        asyncio.run(first_chat())
+        with urllib.request.urlopen(f"http://127.0.0.1:{fake_openai}/v1/requests", timeout=10) as resp:
+            messages = json.loads(resp.read())[-1]["body"]["messages"]
+        system = messages[0]["content"]
+        assert system.startswith("Stay in character as Mara.\nYou are Captain Mara Vell.\nDescription: Mara flies the Kestrel."), system
+        assert "Examples of how you speak:\nUser: Hi\nMara: Ahoy.\n\nMara: Off you go." in system and "<START>" not in system
+        assert "- The engine runs on storm-glass." in system and "@@" not in system
+        assert "guild taxes" not in system, "the selective entry waits for 'tax'"
+        assert [(m["role"], m["content"]) for m in messages[1:]] == [
+            ("assistant", "Mara tips her hat."), ("system", "Mara is tired."), ("user", "How is the engine? And the guild?")], messages
+    finally:
+        assert server.stop() == 0
