@@ -40,8 +40,10 @@ public final class MongoStore: Store {
     }
 
     /// 2: schedules carry their shard (#22). 3: messages carry their owner, and messages and
-    /// conversations their search terms (#24).
-    public static let schemaVersion = 3
+    /// conversations their search terms (#24). 4: a clone's `profile_json` keeps the card's
+    /// fields last (see `SQLiteStore`'s v26): an earlier build must refuse the database rather
+    /// than drop them.
+    public static let schemaVersion = 4
 
     private let pool: MongoClientPool
     private let threads: NIOThreadPool

@@ -327,6 +327,12 @@ public final class SQLiteStore: Store {
         // v25: how a journaled reply ended, when it did but the store refused its message or
         // settlement (NULL: it was cut, by a crash or a lost node).
         "ALTER TABLE stream_journals ADD COLUMN ended TEXT;",
+        // v26: a clone's stored profile keeps the card's fields last, under `card`, and a read
+        // stops before them (`CharacterCard.storageJSON`). Nothing to change in the rows (text
+        // stored before is still read), but a build before this one would read such a profile's
+        // card fields as none and drop them on its next write of the clone: the version tells it
+        // to refuse the database.
+        "SELECT 1;",
     ]
 
     /// An FTS5 table `index` over `column` of `table` (v11's search): external content, so the
