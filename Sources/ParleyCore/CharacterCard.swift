@@ -125,52 +125,52 @@ public struct CloneProfile: Sendable, Equatable {
         return JSONValue.object(x.rest) == .object(y.rest) && JSONValue.object(x.top) == .object(y.top)
     }
 
-    /// The rest's `character_book` object (book-level fields: scan_depth, token_budget…).
-    var book: [(String, JSONValue)] { Self.book(in: rest) }
-
     static func book(in rest: [(String, JSONValue)]) -> [(String, JSONValue)] {
         if case .object(let pairs)? = rest.first(where: { $0.0 == "character_book" })?.1 { pairs } else { [] }
     }
 
-    /// The book-level fields a prompt reads (scan_depth, token_budget), without the rest.
-    var bookSettings: JSONValue {
+    /// What a prompt reads of the card's fields: from `rest` itself, or as storage kept them
+    /// beside it (a stored profile's `rest` is parsed only when asked for).
+    var promptFields: PromptFields {
         switch extras {
-        case .parsed: JSONValue.object(book)
-        case .stored(_, let read, _): read.bookSettings
+        case .parsed(let rest, _): PromptFields(rest: rest)
+        case .stored(_, let read, _): read
         }
     }
+
+    /// The book-level fields a prompt reads (scan_depth, token_budget), without the rest.
+    var bookSettings: JSONValue { promptFields.bookSettings }
 
     /// The card's `nickname` (V3): what `{{char}}` stands for in a prompt instead of the clone's
     /// name; empty for none.
-    public var nickname: String {
-        switch extras {
-        case .parsed(let rest, _): Self.nickname(rest.first { $0.0 == "nickname" }?.1)
-        case .stored(_, let read, _): read.nickname
-        }
-    }
+    public var nickname: String { promptFields.nickname }
 
     /// The card's character's note (SillyTavern's `extensions.depth_prompt`: `prompt`, `depth`,
     /// `role`): text the prompt carries `depth` messages from the end of the history; nil for none.
-    public var characterNote: CharacterNote? {
-        switch extras {
-        case .parsed(let rest, _):
-            guard case .object(let extensions)? = rest.first(where: { $0.0 == "extensions" })?.1 else { return nil }
-            return CharacterNote(extensions.first { $0.0 == "depth_prompt" }?.1)
-        case .stored(_, let read, _): return read.characterNote
-        }
-    }
-
-    /// A card's `nickname` value as a prompt uses it: a string of 1-100 characters once trimmed.
-    static func nickname(_ value: JSONValue?) -> String {
-        guard let text = value?.stringValue?.trimmedWhitespace, text.fits(characters: 100) else { return "" }
-        return text
-    }
+    public var characterNote: CharacterNote? { promptFields.characterNote }
 
     /// What a prompt reads of the card's fields, copied where storage keeps them before the rest.
     struct PromptFields: Sendable {
         var bookSettings: JSONValue
+        /// A string of 1-100 characters once trimmed; empty for none.
         var nickname: String
         var characterNote: CharacterNote?
+
+        /// As storage keeps them (`CharacterCard.storageJSON`'s `book`, `nickname`, `character_note`).
+        init(bookSettings: JSONValue, nickname: JSONValue?, characterNote: JSONValue?) {
+            self.bookSettings = bookSettings
+            let name = nickname?.stringValue?.trimmedWhitespace ?? ""
+            self.nickname = name.fits(characters: 100) ? name : ""
+            self.characterNote = CharacterNote(characterNote)
+        }
+
+        /// From a card's other fields.
+        init(rest: [(String, JSONValue)]) {
+            let extensions = rest.first { $0.0 == "extensions" }?.1
+            self.init(
+                bookSettings: .object(CloneProfile.book(in: rest).filter { key, _ in CharacterCard.bookSettingKeys.contains(key) }),
+                nickname: rest.first { $0.0 == "nickname" }?.1, characterNote: extensions?["depth_prompt"])
+        }
     }
 
     /// Its other fields set from the stored `text`: `rest` and `top` are parsed from it only when
@@ -448,13 +448,11 @@ public enum CharacterCard {
     /// after a copy of the book's settings a prompt reads: a read stops where they begin.
     public static func storageJSON(_ profile: CloneProfile) -> JSONValue {
         let card = profile.cardFields
-        let settings = CloneProfile.book(in: card.rest).filter { key, _ in bookSettingKeys.contains(key) }
-        let nickname = CloneProfile.nickname(card.rest.first { $0.0 == "nickname" }?.1)
-        let note = profile.characterNote
+        let read = profile.promptFields
         return .object(
             personaJSON(profile) + (profile.voice.map { [("voice", $0.json)] } ?? [])
-                + [("book", .object(settings))] + (nickname.isEmpty ? [] : [("nickname", .string(nickname))])
-                + (note.map { [("character_note", $0.json)] } ?? [])
+                + [("book", read.bookSettings)] + (read.nickname.isEmpty ? [] : [("nickname", .string(read.nickname))])
+                + (read.characterNote.map { [("character_note", $0.json)] } ?? [])
                 + [("card", .object([("rest", .object(card.rest)), ("top", .object(card.top))]))])
     }
 
@@ -500,12 +498,16 @@ public enum CharacterCard {
         profile.postHistoryInstructions = value["post_history_instructions"]?.stringValue ?? ""
         profile.lorebook = (value["lorebook"]?.arrayValue ?? []).enumerated().compactMap { try? loreEntry($1, index: $0, limits: Limits()) }
         profile.voice = value["voice"].flatMap { try? CloneVoice.parse($0) }
-        profile.readFromStorage(
-            text,
-            CloneProfile.PromptFields(
-                bookSettings: value["book"] ?? value["rest"]?["character_book"] ?? .object([]),
-                nickname: CloneProfile.nickname(value["nickname"] ?? value["rest"]?["nickname"]),
-                characterNote: CharacterNote(value["character_note"] ?? value["rest"]?["extensions"]?["depth_prompt"])))
+        // Text stored before the card's fields went last has no `book`: its `rest` was read for them.
+        let read =
+            if let book = value["book"] {
+                CloneProfile.PromptFields(bookSettings: book, nickname: value["nickname"], characterNote: value["character_note"])
+            } else if case .object(let rest)? = value["rest"] {
+                CloneProfile.PromptFields(rest: rest)
+            } else {
+                CloneProfile.PromptFields(rest: [])
+            }
+        profile.readFromStorage(text, read)
         return profile
     }
 }

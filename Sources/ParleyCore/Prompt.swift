@@ -68,8 +68,8 @@ public struct PromptAssembler: Sendable {
     /// the model).
     static func exampleDialogues(_ text: String) -> String {
         guard text.contains("<") else { return text.trimmedWhitespace }
-        return text.replacing(Regex<Substring>(verbatim: "<START>").ignoresCase(), with: "\u{0}")
-            .split(separator: "\u{0}").map { String($0).trimmedWhitespace }.filter { !$0.isEmpty }.joined(separator: "\n\n")
+        return text.split(separator: Regex<Substring>(verbatim: "<START>").ignoresCase())
+            .map { String($0).trimmedWhitespace }.filter { !$0.isEmpty }.joined(separator: "\n\n")
     }
 
     /// The card's greeting (`first_mes`, or with `choice` k the k-th of `alternate_greetings`;

@@ -1,7 +1,8 @@
 /// JSON shapes of domain objects as the REST API and the protocol show them.
 extension Clone {
     public var json: JSONValue {
-        .object([
+        let greetings = PromptAssembler.greetings(of: self).map { $0.map(JSONValue.string) ?? .null }
+        return .object([
             ("id", .string(id)),
             ("name", .string(name)),
             ("traits", .array(traits.map(JSONValue.string))),
@@ -11,8 +12,8 @@ extension Clone {
             ("model", model.map(JSONValue.string) ?? .null),
             ("profile", CharacterCard.profileJSON(profile)),
             ("voice", profile.voice?.json ?? .null),
-            ("greeting", PromptAssembler.greeting(of: self).map(JSONValue.string) ?? .null),
-            ("greetings", .array(PromptAssembler.greetings(of: self).map { $0.map(JSONValue.string) ?? .null })),
+            ("greeting", greetings[0]),  // first_mes's
+            ("greetings", .array(greetings)),
             ("created_at", .string(Timestamp.rfc3339(millis: createdAt))),
             ("updated_at", .string(Timestamp.rfc3339(millis: updatedAt))),
         ])
