@@ -134,9 +134,11 @@ import Testing
         let socket = try await server.connect(token: token)
         let store = try #require(server.server.store as? SQLiteStore)
         // The database may not grow, and its free space is taken: to SQLite, as full as a full disk.
+        // (The filler's table made first: its root page may be one the database has no room for.)
         try await store.run { db in
+            try db.exec("CREATE TABLE filler (pad BLOB)")
             let pages = try db.query("PRAGMA page_count").first?["page_count"].int ?? 0
-            try db.exec("PRAGMA max_page_count = \(pages); CREATE TABLE filler (pad BLOB)")
+            try db.exec("PRAGMA max_page_count = \(pages)")
         }
         for size in [10_000, 1_000, 100, 10] {
             // Each in its own call: one that finds no space undoes its whole transaction.
