@@ -35,18 +35,24 @@ public struct PromptAssembler: Sendable {
     public static let defaultLoreBudget = 512
 
     /// The persona as one system text: the clone's own prompt, then name, the card's description,
-    /// personality and scenario, traits, sliders, memory and example dialogue.
+    /// personality and scenario, who it talks with (the user's persona, when they set one),
+    /// traits, sliders, memory and example dialogue.
     /// `loreFirst`: lore the card places before the character's definitions (`before_char`).
-    public static func systemText(for clone: Clone, loreFirst: String? = nil) -> String {
+    public static func systemText(for clone: Clone, loreFirst: String? = nil, user: Persona? = nil) -> String {
         var parts: [String] = []
-        let own = Self.expand(clone.systemPrompt, clone).trimmedWhitespace
+        let own = Self.expand(clone.systemPrompt, clone, user).trimmedWhitespace
         if !own.isEmpty { parts.append(own) }
         parts.append("You are \(clone.name).")
         if let loreFirst { parts.append(loreFirst) }
         let profile = clone.profile
         for (label, text) in [("Description", profile.description), ("Personality", profile.personality), ("Scenario", profile.scenario)] {
-            let text = text.trimmedWhitespace
-            if !text.isEmpty { parts.append("\(label): \(Self.expand(text, clone))") }
+            // Trimmed once expanded: a macro for nothing (`{{persona}}` without one) leaves no space.
+            let text = Self.expand(text, clone, user).trimmedWhitespace
+            if !text.isEmpty { parts.append("\(label): \(text)") }
+        }
+        if let user {
+            parts.append("You are talking with \(user.name).")
+            if !user.description.isEmpty { parts.append("About \(user.name): \(Self.expand(user.description, clone, user))") }
         }
         if !clone.traits.isEmpty {
             parts.append("Traits: \(clone.traits.joined(separator: ", ")).")
@@ -59,7 +65,7 @@ public struct PromptAssembler: Sendable {
             parts.append("Things you remember:\n" + clone.memory.map { "- \($0)" }.joined(separator: "\n"))
         }
         let examples = Self.exampleDialogues(profile.exampleMessages)
-        if !examples.isEmpty { parts.append("Examples of how you speak:\n" + Self.expand(examples, clone)) }
+        if !examples.isEmpty { parts.append("Examples of how you speak:\n" + Self.expand(examples, clone, user)) }
         return parts.joined(separator: "\n")
     }
 
@@ -73,33 +79,37 @@ public struct PromptAssembler: Sendable {
     }
 
     /// The card's greeting (`first_mes`, or with `choice` k the k-th of `alternate_greetings`;
-    /// macros expanded) that opens a new conversation; nil for none.
-    public static func greeting(of clone: Clone, choice: Int = 0) -> String? {
+    /// macros expanded for `user`) that opens a new conversation; nil for none.
+    public static func greeting(of clone: Clone, choice: Int = 0, user: Persona? = nil) -> String? {
         let greetings = clone.profile.alternateGreetings
         guard choice == 0 || greetings.indices.contains(choice - 1) else { return nil }
         let text = (choice == 0 ? clone.profile.firstMessage : greetings[choice - 1]).trimmedWhitespace
-        return text.isEmpty ? nil : expand(text, clone)
+        return text.isEmpty ? nil : expand(text, clone, user)
     }
 
     /// Every greeting a new conversation may open with, by `choice` (nil: that one is blank).
-    public static func greetings(of clone: Clone) -> [String?] {
-        (0...clone.profile.alternateGreetings.count).map { greeting(of: clone, choice: $0) }
+    public static func greetings(of clone: Clone, user: Persona? = nil) -> [String?] {
+        (0...clone.profile.alternateGreetings.count).map { greeting(of: clone, choice: $0, user: user) }
     }
 
     /// Card macros: `{{char}}` (and the older `<BOT>`, `<CHAR>`) is the clone, by the card's
-    /// nickname when it has one (V3), `{{user}}` (`<USER>`) the person talking to it,
+    /// nickname when it has one (V3), `{{user}}` (`<USER>`) the person talking to it (their
+    /// persona's name, else "User"), `{{persona}}` what their persona says of them,
     /// `{{original}}` nothing.
-    static func expand(_ text: String, _ clone: Clone) -> String {
+    static func expand(_ text: String, _ clone: Clone, _ persona: Persona? = nil) -> String {
         guard text.contains("{{") || text.contains("<") else { return text }
         let nickname = clone.profile.nickname
         let char = nickname.isEmpty ? clone.name : nickname
+        let user = persona?.name ?? Persona.defaultName
         // `{{original}}` (in a card's system prompt or post-history instructions) stands for the
-        // text the card replaces, which Parley does not have: nothing.
-        var out = text.replacing("{{char}}", with: char).replacing("{{user}}", with: "User")
-            .replacing("{{Char}}", with: char).replacing("{{User}}", with: "User").replacing("{{original}}", with: "")
+        // text the card replaces, which Parley does not have: nothing. `{{persona}}` last, so the
+        // macros a description holds stay as written.
+        var out = text.replacing("{{char}}", with: char).replacing("{{user}}", with: user)
+            .replacing("{{Char}}", with: char).replacing("{{User}}", with: user).replacing("{{original}}", with: "")
+            .replacing("{{persona}}", with: persona?.description ?? "")
         guard out.contains("<") else { return out }
         let lowered = out.lowercased()
-        for (macro, value) in [("<bot>", char), ("<char>", char), ("<user>", "User")] where lowered.contains(macro) {
+        for (macro, value) in [("<bot>", char), ("<char>", char), ("<user>", user)] where lowered.contains(macro) {
             out = out.replacing(Regex<Substring>(verbatim: macro).ignoresCase(), with: value)
         }
         return out
@@ -148,8 +158,9 @@ public struct PromptAssembler: Sendable {
     /// messages are kept; the last one is always kept, even alone over budget, because a reply
     /// to nothing is worse than a slightly long prompt (its length is capped at the edge).
     /// `summary`, when given, is the rolling summary of the turns before `history`: it follows
-    /// the persona, as what was said before.
-    public func assemble(clone: Clone, history: [Message], summary: String? = nil) -> AssembledPrompt {
+    /// the persona, as what was said before. `user`: the persona of the user it talks with, if
+    /// they set one.
+    public func assemble(clone: Clone, history: [Message], summary: String? = nil, user: Persona? = nil) -> AssembledPrompt {
         let usable = history.filter { !$0.text.isEmpty && $0.role != .system }
         var lore: [LoreEntry] = []
         if !clone.profile.lorebook.isEmpty {
@@ -164,19 +175,19 @@ public struct PromptAssembler: Sendable {
             entries.isEmpty
                 ? nil
                 : "What you know that matters here:\n"
-                    + entries.map { "- " + Self.expand($0.promptContent.trimmedWhitespace, clone) }.joined(separator: "\n")
+                    + entries.map { "- " + Self.expand($0.promptContent.trimmedWhitespace, clone, user) }.joined(separator: "\n")
         }
         let first = lore.filter(\.isBeforeCharacter)
-        var systemText = Self.systemText(for: clone, loreFirst: block(first))
+        var systemText = Self.systemText(for: clone, loreFirst: block(first), user: user)
         if let after = block(lore.filter { !$0.isBeforeCharacter }) { systemText += "\n" + after }
         if let summary = summary?.trimmedWhitespace, !summary.isEmpty {
             systemText += "\nWhat was said earlier in this conversation, in short:\n" + summary
         }
         let system = PromptMessage(role: .system, text: systemText)
-        let instructions = Self.expand(clone.profile.postHistoryInstructions, clone).trimmedWhitespace
+        let instructions = Self.expand(clone.profile.postHistoryInstructions, clone, user).trimmedWhitespace
         let after = instructions.isEmpty ? nil : PromptMessage(role: .system, text: instructions)
         let noted = clone.profile.characterNote
-        let note = noted.map { PromptMessage(role: $0.role, text: Self.expand($0.text, clone)) }
+        let note = noted.map { PromptMessage(role: $0.role, text: Self.expand($0.text, clone, user)) }
         var total = Tokenizer.count(system.text) + Self.perMessageOverhead
         for extra in [after, note].compactMap(\.self) { total += Tokenizer.count(extra.text) + Self.perMessageOverhead }
         var kept: [PromptMessage] = []

@@ -1,7 +1,10 @@
 /// JSON shapes of domain objects as the REST API and the protocol show them.
 extension Clone {
-    public var json: JSONValue {
-        let greetings = PromptAssembler.greetings(of: self).map { $0.map(JSONValue.string) ?? .null }
+    public var json: JSONValue { json(user: nil) }
+
+    /// As `user` sees it: its greetings' `{{user}}` is their persona's name.
+    public func json(user: Persona?) -> JSONValue {
+        let greetings = PromptAssembler.greetings(of: self, user: user).map { $0.map(JSONValue.string) ?? .null }
         return .object([
             ("id", .string(id)),
             ("name", .string(name)),

@@ -95,4 +95,25 @@ extension MongoStore {
             return try Self.delete(db, "spend_windows", field: "_id", in: over.compactMap { $0["_id"] })
         }
     }
+
+    public func persona(user: String) async throws -> Persona? {
+        try await run { db in
+            try db.find("personas", filter: .object([("_id", .string(user))]), limit: 1).first.map {
+                Persona(name: $0["name"]?.stringValue ?? "", description: $0["description"]?.stringValue ?? "")
+            }
+        }
+    }
+
+    public func setPersona(_ persona: Persona?, user: String) async throws {
+        try await run { db in
+            guard let persona else {
+                _ = try db.delete("personas", query: .object([("_id", .string(user))]))
+                return
+            }
+            _ = try db.update(
+                "personas", query: .object([("_id", .string(user))]),
+                update: .object([("$set", .object([("name", .string(persona.name)), ("description", .string(persona.description))]))]),
+                upsert: true)
+        }
+    }
 }

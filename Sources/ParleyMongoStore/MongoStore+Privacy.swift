@@ -53,6 +53,7 @@ extension MongoStore {
             _ = try db.delete("session_revocations", query: .object([("user", user)]))
             _ = try db.delete("subscriptions", query: .object([("_id", user)]))
             _ = try db.delete("spend_limits", query: .object([("_id", user)]))
+            _ = try db.delete("personas", query: .object([("_id", user)]))
             _ = try db.delete("spend_windows", query: .object([("user", user)]))
             report.voiceClips = Int(try db.delete("voice_clips", query: .object([("owner", user)])))
             let conversations = try Self.ids(db, "conversations", .object([("owner", user)]))

@@ -42,8 +42,9 @@ public final class MongoStore: Store {
     /// 2: schedules carry their shard (#22). 3: messages carry their owner, and messages and
     /// conversations their search terms (#24). 4: a clone's `profile_json` keeps the card's
     /// fields last (see `SQLiteStore`'s v26): an earlier build must refuse the database rather
-    /// than drop them.
-    public static let schemaVersion = 4
+    /// than drop them. 5: users' personas (`personas`), which an earlier build would not delete
+    /// with an account.
+    public static let schemaVersion = 5
 
     private let pool: MongoClientPool
     private let threads: NIOThreadPool

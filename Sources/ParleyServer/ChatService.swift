@@ -19,9 +19,13 @@ final class ChatService: FrameHandler {
     private let titles: ConversationTitles
     private let summaries: ConversationSummaries
 
-    init(store: any Store, streams: StreamRunner, configuration: ServerConfiguration, ids: IDGenerator) {
+    /// Who each user is to their clones: their persona's name is what `{{user}}` stands for.
+    let personas: Personas
+
+    init(store: any Store, streams: StreamRunner, configuration: ServerConfiguration, ids: IDGenerator, personas: Personas) {
         self.store = store
         self.streams = streams
+        self.personas = personas
         titles = ConversationTitles(streams: streams, store: store, ids: ids, configuration: configuration)
         summaries = ConversationSummaries(streams: streams, store: store, ids: ids, configuration: configuration)
         self.requests = streams.requests
@@ -134,7 +138,8 @@ final class ChatService: FrameHandler {
                         ref: ref, code: .badRequest,
                         message: "clone \(clone.id) has \(alternates) alternate greeting\(alternates == 1 ? "" : "s"): 'greeting' is 0-\(alternates)")
                 }
-                let greeting = PromptAssembler.greeting(of: clone, choice: choice ?? 0).map {
+                let persona = try await personas.persona(of: user)
+                let greeting = PromptAssembler.greeting(of: clone, choice: choice ?? 0, user: persona).map {
                     Message(id: ids.make(.message), conversation: conversation.id, role: .assistant, text: $0, createdAt: now)
                 }
                 let message = Message(
@@ -240,7 +245,7 @@ final class ChatService: FrameHandler {
             }
             let (summary, turns) = plan.isNew ? (nil, plan.history) : try await store.promptHistory(of: conversation, plan.history)
             let prompt = PromptAssembler(contextBudget: configuration.contextBudgetTokens).assemble(
-                clone: plan.clone, history: turns, summary: summary?.text)
+                clone: plan.clone, history: turns, summary: summary?.text, user: try await personas.persona(of: user))
             let request = CompletionRequest(
                 model: configuration.model(for: plan.clone), messages: prompt.messages, speaker: plan.clone.name,
                 maxOutputTokens: configuration.maxOutputTokens)

@@ -194,7 +194,8 @@ public final class ParleyServer: Sendable {
                         retryAfter: configuration.keptReplyRetry, writes: writes)
                 }
             }, writes: writes)
-        let chat = ChatService(store: store, streams: streams, configuration: configuration, ids: ids)
+        let personas = Personas(store: store, clock: configuration.credits.clock)
+        let chat = ChatService(store: store, streams: streams, configuration: configuration, ids: ids, personas: personas)
         // The timer wheel lives on one event loop; firing hands work to tasks, never blocking it.
         // In a cluster on MongoDB, this node fires the schedules of the shards it holds.
         let shards = clusterBroker.flatMap { broker in
@@ -204,7 +205,8 @@ public final class ParleyServer: Sendable {
             }
         }
         let schedules = ScheduleService(
-            store: store, streams: streams, configuration: configuration, logger: logger, ids: ids, loop: group.next(), cluster: shards)
+            store: store, streams: streams, configuration: configuration, logger: logger, ids: ids, loop: group.next(), cluster: shards,
+            personas: personas)
         // In a cluster on MongoDB, each room runs on the node holding its lease.
         let roomOwners = clusterBroker.flatMap { broker in
             (store as? MongoStore).map {

@@ -27,7 +27,31 @@ extension RESTAPI {
                 ),
                 ("balance", .int(try await store.balance(user: identity.user))),
                 ("limits", try await store.spendLimits(user: identity.user).json),
+                ("persona", try await personas.persona(of: identity.user)?.json ?? .null),
             ]))
+    }
+
+    /// `GET /v1/me/persona`: 200 with the caller's persona, 404 when they set none.
+    func persona(_ identity: Identity) async throws -> HTTPResponse {
+        guard let persona = try await personas.persona(of: identity.user) else {
+            throw APIError(.notFound, .notFound, "no persona set: replies call you '\(Persona.defaultName)'")
+        }
+        return HTTPResponse(.ok, json: persona.json)
+    }
+
+    /// `PUT /v1/me/persona {"name", "description"?}`: who the caller is to their clones, from
+    /// their next reply on (on another node of a cluster within 5 s) → 200 with it.
+    func setPersona(_ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
+        let persona = try Persona.parse(try request.json())
+        _ = try await store.ensureUser(identity.user, now: Int64(Timestamp.nowMillis()))
+        try await personas.set(persona, user: identity.user)
+        return HTTPResponse(.ok, json: persona.json)
+    }
+
+    /// `DELETE /v1/me/persona`: 204; replies call the caller "User" again.
+    func deletePersona(_ identity: Identity) async throws -> HTTPResponse {
+        try await personas.set(nil, user: identity.user)
+        return HTTPResponse(.noContent)
     }
 
     /// `PUT /v1/me/limits {"daily"?, "monthly"?}`: the caller's own spending limits in credits

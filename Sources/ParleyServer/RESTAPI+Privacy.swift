@@ -16,6 +16,7 @@ extension RESTAPI {
         let user = identity.user
         let account = try await store.ensureUser(user, now: Int64(Timestamp.nowMillis()))
         let balance = try await store.balance(user: user)
+        let persona = try await store.persona(user: user)
         let store = self.store
         let header = JSONValue.object([
             ("format", .string("parley-export")), ("version", .int(1)),
@@ -24,6 +25,7 @@ extension RESTAPI {
                 "account",
                 .object([
                     ("user", .string(user)), ("created_at", .string(Timestamp.rfc3339(millis: account.createdAt))), ("balance", .int(balance)),
+                    ("persona", persona?.json ?? .null),
                 ])
             ),
         ])
@@ -32,7 +34,9 @@ extension RESTAPI {
             try await out.write(Array(header.serialized().dropLast()))
             try await out.write(#","clones":["#)
             let clones = { (after: String?) in try await store.clones(owner: user, limit: Self.clonePage, after: after) }
-            try await Self.pages(&out, clones, cursor: \.id, size: Self.clonePage) { out, clone in try await out.write(clone.json.serialized()) }
+            try await Self.pages(&out, clones, cursor: \.id, size: Self.clonePage) { out, clone in
+                try await out.write(clone.json(user: persona).serialized())
+            }
             try await out.write(#"],"conversations":["#)
             try await Self.pages(&out, { try await store.conversations(owner: user, limit: Self.exportPage, before: $0) }, cursor: \.id) {
                 out, conversation in
@@ -112,6 +116,7 @@ extension RESTAPI {
         await chat.requests.settle(user: user)
         await chat.streams.stopStreams(owner: user, untilDeleted: deletingHere)
         credits.forget(user)
+        personas.forget(user)
         return closing.count
     }
 
@@ -165,6 +170,7 @@ extension RESTAPI {
         let report = first + (try await store.deleteUser(user, pseudonym: pseudonym))
         chat.streams.kept.deleted(owner: user)
         credits.forget(user)
+        personas.forget(user)
         await audit.record("user.deleted", actor: pseudonym, target: pseudonym, ip: request.remoteIP, detail: report.detail)
         logger.notice("account deleted", metadata: ["pseudonym": "\(pseudonym)", "sockets": "\(closed)", "nodes": "\(elsewhere)"])
         return HTTPResponse(

@@ -12,6 +12,7 @@ import Synchronization
 struct RESTAPI: Sendable {
     let store: any Store
     let chat: ChatService
+    var personas: Personas { chat.personas }
     let schedules: ScheduleService
     let rooms: RoomService
     let credits: Credits
@@ -105,6 +106,9 @@ struct RESTAPI: Sendable {
         router.add(.PUT, "/v1/me/limits") { [self] request, _, identity in try await setLimits(request, identity) }
         router.add(.GET, "/v1/me/usage") { [self] request, _, identity in try await usage(request, identity) }
         router.add(.GET, "/v1/me") { [self] _, _, identity in try await me(identity) }
+        router.add(.GET, "/v1/me/persona") { [self] _, _, identity in try await persona(identity) }
+        router.add(.PUT, "/v1/me/persona") { [self] request, _, identity in try await setPersona(request, identity) }
+        router.add(.DELETE, "/v1/me/persona") { [self] _, _, identity in try await deletePersona(identity) }
         router.add(.GET, "/v1/me/export") { [self] _, _, identity in try await exportAccount(identity) }
         router.add(.DELETE, "/v1/me") { [self] request, _, identity in try await deleteAccount(request, identity) }
         router.add(.POST, "/v1/me/sign-out") { [self] request, _, identity in try await signOut(request, identity) }
@@ -359,7 +363,8 @@ struct RESTAPI: Sendable {
         await audit.record(
             "clone.created", actor: identity.user, target: clone.id, ip: remoteIP,
             detail: profile.isEmpty ? [:] : ["source": "card"])
-        return HTTPResponse(.created, json: clone.json, headers: ["location": "/v1/clones/\(clone.id)"])
+        return HTTPResponse(
+            .created, json: clone.json(user: try await personas.persona(of: identity.user)), headers: ["location": "/v1/clones/\(clone.id)"])
     }
 
     /// Throws unless `user` may have `count` clones: the plan's limit (when it sets one), then
@@ -414,7 +419,10 @@ struct RESTAPI: Sendable {
     private func listClones(_ identity: Identity) async throws -> HTTPResponse {
         let (store, user) = (self.store, identity.user)
         let first = try await store.clones(owner: user, limit: Self.clonePage, after: nil)
-        guard first.count == Self.clonePage else { return HTTPResponse(.ok, json: .object([("clones", .array(first.map(\.json)))])) }
+        let persona = try await personas.persona(of: user)
+        guard first.count == Self.clonePage else {
+            return HTTPResponse(.ok, json: .object([("clones", .array(first.map { $0.json(user: persona) }))]))
+        }
         return HTTPResponse(.ok, contentType: "application/json; charset=utf-8") { out in
             try await out.write(#"{"clones":["#)
             try await Self.pages(
@@ -423,20 +431,20 @@ struct RESTAPI: Sendable {
                     guard let after else { return first }
                     return try await store.clones(owner: user, limit: Self.clonePage, after: after)
                 }, cursor: \.id, size: Self.clonePage
-            ) { out, clone in try await out.write(clone.json.serialized()) }
+            ) { out, clone in try await out.write(clone.json(user: persona).serialized()) }
             try await out.write("]}")
         }
     }
 
     private func getClone(_ id: String, _ identity: Identity) async throws -> HTTPResponse {
-        HTTPResponse(.ok, json: try await ownedClone(id, identity).json)
+        HTTPResponse(.ok, json: try await ownedClone(id, identity).json(user: try await personas.persona(of: identity.user)))
     }
 
     private func patchClone(_ id: String, _ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
         let fields = try offered(CloneFields.parse(try request.json(), requireName: false, limits: configuration.cloneLimits))
         let updated = fields.applied(to: try await ownedClone(id, identity), at: Int64(Timestamp.nowMillis()))
         guard try await store.updateClone(updated) else { throw Self.noClone(id) }
-        return HTTPResponse(.ok, json: updated.json)
+        return HTTPResponse(.ok, json: updated.json(user: try await personas.persona(of: identity.user)))
     }
 
     private func deleteClone(_ id: String, _ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {

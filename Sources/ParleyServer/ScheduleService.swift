@@ -50,12 +50,15 @@ final class ScheduleService: FrameHandler {
     }
 
     private let state = Mutex(State())
+    /// The owner's persona, for the prompt of a scheduled reply.
+    private let personas: Personas
 
     init(
         store: any Store, streams: StreamRunner, configuration: ServerConfiguration, logger: Logger, ids: IDGenerator, loop: any EventLoop,
-        cluster: ScheduleShardKeeper? = nil
+        cluster: ScheduleShardKeeper? = nil, personas: Personas
     ) {
         self.cluster = cluster
+        self.personas = personas
         self.store = store
         self.streams = streams
         self.requests = streams.requests
@@ -449,7 +452,7 @@ final class ScheduleService: FrameHandler {
                 (summary, turns) = try await store.promptHistory(of: existing, turns)
             }
             let prompt = PromptAssembler(contextBudget: configuration.contextBudgetTokens).assemble(
-                clone: clone, history: turns, summary: summary?.text)
+                clone: clone, history: turns, summary: summary?.text, user: try await personas.persona(of: schedule.owner))
             let request = CompletionRequest(
                 model: configuration.model(for: clone), messages: prompt.messages, speaker: clone.name, maxOutputTokens: configuration.maxOutputTokens
             )

@@ -63,4 +63,24 @@ extension SQLiteStore {
             return db.changes
         }
     }
+
+    public func persona(user: String) async throws -> Persona? {
+        try await read { db in
+            try db.query("SELECT name, description FROM personas WHERE user = ?", [.text(user)]).first.map {
+                Persona(name: $0["name"].text ?? "", description: $0["description"].text ?? "")
+            }
+        }
+    }
+
+    public func setPersona(_ persona: Persona?, user: String) async throws {
+        try await run { db in
+            guard let persona else {
+                try db.query("DELETE FROM personas WHERE user = ?", [.text(user)])
+                return
+            }
+            try db.query(
+                "INSERT INTO personas(user, name, description) VALUES(?, ?, ?) ON CONFLICT(user) DO UPDATE SET name = excluded.name, description = excluded.description",
+                [.text(user), .text(persona.name), .text(persona.description)])
+        }
+    }
 }

@@ -38,6 +38,7 @@ extension SQLiteStore {
                 try db.query("DELETE FROM session_revocations WHERE user = ?", user)
                 try db.query("DELETE FROM subscriptions WHERE user = ?", user)
                 try db.query("DELETE FROM spend_limits WHERE user = ?", user)
+                try db.query("DELETE FROM personas WHERE user = ?", user)
                 try db.query("DELETE FROM spend_windows WHERE user = ?", user)
                 try db.query("DELETE FROM voice_clips WHERE owner = ?", user)
                 report.voiceClips = db.changes

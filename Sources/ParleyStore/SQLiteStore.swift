@@ -333,6 +333,14 @@ public final class SQLiteStore: Store {
         // card fields as none and drop them on its next write of the clone: the version tells it
         // to refuse the database.
         "SELECT 1;",
+        // v27: who each user is to their clones (`Persona`), deleted with the account.
+        """
+        CREATE TABLE personas (
+            user TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            description TEXT NOT NULL
+        );
+        """,
     ]
 
     /// An FTS5 table `index` over `column` of `table` (v11's search): external content, so the

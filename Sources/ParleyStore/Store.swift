@@ -39,7 +39,9 @@ extension ChatStore {
 ///
 /// Ownership is part of every read: asking for another user's clone or conversation answers nil,
 /// exactly as if it did not exist, so callers cannot leak existence by accident.
-public protocol Store: ChatStore, LedgerStore, StreamJournalStore, ScheduleStore, RoomStore, PrivacyStore, PlanStore, PaymentStore, MediaStore {
+public protocol Store: ChatStore, LedgerStore, StreamJournalStore, ScheduleStore, RoomStore, PrivacyStore, PlanStore, PaymentStore, MediaStore,
+    PersonaStore
+{
     /// A round trip through the store (for `/healthz`): throws when it cannot serve calls, and
     /// `StoreError.full` for a while after a write found no space (see `SpaceWatch`).
     func ping() async throws
@@ -482,6 +484,13 @@ public protocol PlanStore: Sendable {
     /// Deletes up to `limit` spend windows of every user that are over: days before `day`
     /// (`day:YYYY-MM-DD`) and months before `month` (`month:YYYY-MM`); says how many.
     func purgeSpendWindows(before day: String, _ month: String, limit: Int) async throws -> Int
+}
+
+/// Who each user is to their clones (`Persona`). Deleting a user deletes theirs.
+public protocol PersonaStore: Sendable {
+    func persona(user: String) async throws -> Persona?
+    /// Stores `persona` as `user`'s in place of any before, or with nil removes theirs.
+    func setPersona(_ persona: Persona?, user: String) async throws
 }
 
 /// Payment orders and the webhook's delivery log (#27), kept 7 years for tax and disputes.

@@ -467,6 +467,58 @@ func keepsEverything(_ received: JSONValue, in exported: JSONValue?, at path: St
         #expect(JSONValue.object(mara.profile.rest).serializedString().contains(#""nickname":" Mara ""#), "exported as it came")
     }
 
+    /// A user's persona is who `{{user}}` (`<USER>`) is everywhere a card's text reaches the model
+    /// (system prompt, definitions, examples, lore, character's note, post-history
+    /// instructions, greetings), `{{persona}}` what it says of them, and the persona says who
+    /// the clone talks with; without one they are "User" and the persona says nothing of them.
+    @Test func aUsersPersonaIsWhoUserStandsFor() throws {
+        var mara = try mara()
+        mara.systemPrompt = "Stay in character as {{char}}, talking to {{user}}."
+        mara.profile.scenario = "<USER> has just stowed away. {{persona}}"
+        mara.profile.exampleMessages = "<START>\n{{User}}: Hi\n{{char}}: Ahoy."
+        mara.profile.postHistoryInstructions = "Answer {{user}} briefly."
+        mara.profile.firstMessage = "Who goes there, {{user}}?"
+        mara.profile.lorebook = [LoreEntry(keys: ["tax"], content: "{{user}} owes the guild's tax.")]
+        let ana = Persona(name: "Ana", description: "A cartographer; {{char}} distrusts {{user}}.")
+        let history = [message("The tax?")]
+        let with = PromptAssembler(contextBudget: 4096).assemble(clone: mara, history: history, user: ana).messages
+        let system = with[0].text
+        #expect(system.hasPrefix("Stay in character as Captain Mara, talking to Ana.\nYou are Captain Mara."), "\(system)")
+        #expect(system.contains("Scenario: Ana has just stowed away. A cartographer; {{char}} distrusts {{user}}."), "\(system)")
+        #expect(
+            system.contains("\nYou are talking with Ana.\nAbout Ana: A cartographer; Captain Mara distrusts Ana.\n"), "\(system)")
+        #expect(system.contains("Examples of how you speak:\nAna: Hi\nCaptain Mara: Ahoy.") && system.contains("- Ana owes the guild's tax."))
+        #expect(with.last?.text == "Answer Ana briefly.")
+        #expect(PromptAssembler.greeting(of: mara, user: ana) == "Who goes there, Ana?")
+        #expect(PromptAssembler.greetings(of: mara, user: ana).first == "Who goes there, Ana?")
+        #expect(mara.json(user: ana)["greeting"] == .string("Who goes there, Ana?"))
+        // A persona with no description: who, not what.
+        let named = PromptAssembler.systemText(for: mara, user: Persona(name: "Bo"))
+        #expect(named.contains("\nYou are talking with Bo.\n") && !named.contains("About Bo"), "\(named)")
+        // Without one: "User", and nothing said of them.
+        let without = PromptAssembler(contextBudget: 4096).assemble(clone: mara, history: history).messages
+        #expect(without[0].text.hasPrefix("Stay in character as Captain Mara, talking to User."))
+        #expect(!without[0].text.contains("talking with") && without[0].text.contains("Scenario: User has just stowed away.\n"))
+        #expect(mara.json["greeting"] == .string("Who goes there, User?"))
+    }
+
+    @Test func aPersonaIsOneLineOfANameAndABoundedDescription() throws {
+        func parse(_ text: String) throws -> Persona { try Persona.parse(try JSONValue.parse(Array(text.utf8))) }
+        #expect(try parse(#"{"name":"  Ana  ","description":" maps \n things "}"#) == Persona(name: "Ana", description: "maps \n things"))
+        #expect(try parse(#"{"name":"Ana"}"#) == Persona(name: "Ana"))
+        for (body, message) in [
+            (#"{}"#, "missing field 'name'"), (#"{"name":"  "}"#, "'name' must be one line of 1-50 characters"),
+            (#"{"name":"A\nB"}"#, "'name' must be one line of 1-50 characters"),
+            (#"{"name":"A\u0007"}"#, "'name' must be one line of 1-50 characters"),
+            ("{\"name\":\"\(String(repeating: "é", count: 51))\"}", "'name' must be one line of 1-50 characters"),
+            ("{\"name\":\"A\",\"description\":\"\(String(repeating: "x", count: 2_001))\"}", "'description' is longer than 2000 characters"),
+            (#"{"name":"A","age":3}"#, "unknown field 'age'"), (#"{"name":3}"#, "'name' must be a string, not number"),
+        ] {
+            #expect(throws: ValidationError(message), "\(body)") { try parse(body) }
+        }
+        #expect(try parse("{\"name\":\"\(String(repeating: "é", count: 50))\"}").name.count == 50)
+    }
+
     /// A V3 entry's content may begin with decorator lines (`@@depth 4`, fallbacks `@@@…`): they
     /// are directions to a card tool, left out of the prompt with the blank lines around them;
     /// an entry of decorators only adds nothing. A line that only contains `@@` later is text.

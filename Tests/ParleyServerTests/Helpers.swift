@@ -69,9 +69,11 @@ extension TestServer {
     }
 }
 
+typealias ExpectedReply = (tokens: [String], inputTokens: Int)
+
 /// The reply the simulated provider gives a clone for a transcript, computed the way the server does.
-func expectedReply(configuration: ServerConfiguration, clone: Clone, history: [Message]) -> (tokens: [String], inputTokens: Int) {
-    let prompt = PromptAssembler(contextBudget: configuration.contextBudgetTokens).assemble(clone: clone, history: history)
+func expectedReply(configuration: ServerConfiguration, clone: Clone, history: [Message], user: Persona? = nil) -> ExpectedReply {
+    let prompt = PromptAssembler(contextBudget: configuration.contextBudgetTokens).assemble(clone: clone, history: history, user: user)
     let request = CompletionRequest(messages: prompt.messages, speaker: clone.name, maxOutputTokens: configuration.maxOutputTokens)
     let provider = SimulatedProvider(configuration: configuration.simulated)
     return (provider.replyTokens(for: request), SimulatedProvider.inputTokens(request))

@@ -45,6 +45,22 @@ import Testing
     /// pages newest first per user and for all, moves to the pseudonym with its user, and goes
     /// after 7 years with the log.
     @Test(arguments: Backend.all)
+    func aPersonaIsStoredReplacedAndRemovedPerUser(_ backend: Backend) async throws {
+        try await withStore(backend) { store in
+            #expect(try await store.persona(user: "alice") == nil)
+            try await store.setPersona(Persona(name: "Ana", description: "Maps the Rift. «ünïcode» 🗺️"), user: "alice")
+            try await store.setPersona(Persona(name: "Bo"), user: "bob")
+            #expect(try await store.persona(user: "alice") == Persona(name: "Ana", description: "Maps the Rift. «ünïcode» 🗺️"))
+            try await store.setPersona(Persona(name: "Anaïs"), user: "alice")
+            #expect(try await store.persona(user: "alice") == Persona(name: "Anaïs", description: ""))
+            try await store.setPersona(nil, user: "alice")
+            #expect(try await store.persona(user: "alice") == nil)
+            try await store.setPersona(nil, user: "alice")
+            #expect(try await store.persona(user: "bob") == Persona(name: "Bo"))
+        }
+    }
+
+    @Test(arguments: Backend.all)
     func ordersRecordEachEventOnceAndMoveOnlyForward(_ backend: Backend) async throws {
         try await withStore(backend) { store in
             let key = ids.make(.payment)

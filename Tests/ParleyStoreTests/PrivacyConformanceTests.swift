@@ -29,6 +29,7 @@ private func populate(_ store: any Store, _ user: String, welcomeAt: Int64 = 1_0
     _ = try await store.apply(grant(user, 100, id: LedgerEntry.welcomeID(for: user), at: welcomeAt), allowOverdraft: false)
     _ = try await store.apply(debit(user, 30), allowOverdraft: false)
     try await store.appendAudit(AuditEvent(id: ids.make(.audit), at: 4_000, actor: user, action: "clone.created", target: clone.id, ipHash: "ab12"))
+    try await store.setPersona(Persona(name: "\(user) herself", description: "\(user)'s persona"), user: user)
     return World(clone: clone, conversation: conversation, messages: messages, schedule: schedule, ownRoom: room, ownRoomEntry: entry)
 }
 
@@ -78,6 +79,7 @@ private func populate(_ store: any Store, _ user: String, welcomeAt: Int64 = 1_0
             #expect(scrubbed.members == ["carol"] && scrubbed.languages == ["bob": LanguageTag("en")!] && scrubbed.muted.isEmpty)
             #expect(try await store.balance(user: "alice") == 0)
             #expect(try await store.ledger(user: "alice", limit: 10, before: nil).isEmpty)
+            #expect(try await store.persona(user: "alice") == nil)
 
             // The books still balance, under the pseudonym, with no link to content.
             let kept = try await allEntries(store, "deleted:0f0f")
@@ -96,6 +98,7 @@ private func populate(_ store: any Store, _ user: String, welcomeAt: Int64 = 1_0
             #expect(try await store.schedule(id: bob.schedule.id, owner: "bob") == bob.schedule)
             #expect(try await store.roomEntries(room: bob.ownRoom.id, limit: 10, before: nil) == [bob.ownRoomEntry])
             #expect(try await store.balance(user: "bob") == 70)
+            #expect(try await store.persona(user: "bob") == Persona(name: "bob herself", description: "bob's persona"))
             try await expectLedgerInvariant(store, "bob")
 
             // A retried deletion finds nothing more to do and moves no credits twice.

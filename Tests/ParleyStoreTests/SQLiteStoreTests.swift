@@ -101,7 +101,7 @@ import Testing
                 DROP TABLE session_revocations; DROP INDEX audit_by_age; DROP TABLE subscriptions;
                 DROP TABLE payment_orders; DROP TABLE webhook_deliveries; DROP INDEX ledger_by_conversation; DROP INDEX ledger_by_room;
                 DROP TABLE spend_limits; DROP TABLE spend_windows; DROP INDEX ledger_by_age; DROP TABLE voice_clips;
-                DROP TABLE search_progress; DROP TABLE stream_journal_tails; DROP INDEX stream_journals_by_tail;
+                DROP TABLE search_progress; DROP TABLE stream_journal_tails; DROP INDEX stream_journals_by_tail; DROP TABLE personas;
                 ALTER TABLE stream_journals DROP COLUMN tail_from; ALTER TABLE stream_journals DROP COLUMN ended;
                 CREATE INDEX messages_on_path ON messages(conversation, id) WHERE off_path = 0;
                 PRAGMA user_version = 10;

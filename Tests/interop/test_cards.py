@@ -165,3 +165,41 @@ def test_what_a_v3_card_asks_of_the_prompt_reaches_the_provider(data_dir, fake_o
             ("assistant", "Mara tips her hat."), ("system", "Mara is tired."), ("user", "How is the engine? And the guild?")], messages
     finally:
         assert server.stop() == 0
+
+
+def test_a_users_persona_reaches_the_provider_and_goes_with_the_account(data_dir, store_args, fake_openai):  # noqa: F811
+    """`PUT /v1/me/persona` through the real binary on both stores: the card's {{user}} is her
+    name in the greeting and the prompt, the system message says who the clone talks with, `GET
+    /v1/me` and the export show it (both by their schemas), and deleting the account deletes it."""
+    prices = data_dir / "prices.json"
+    prices.write_text(json.dumps({"models": {"fake-model": {"input_per_1k": 1, "output_per_1k": 1}}}))
+    server = Server(data_dir, "--provider", "openai", "--provider-url", f"http://127.0.0.1:{fake_openai}/v1",
+                    "--provider-model", "fake-model", "--prices", str(prices), *store_args)
+    card = {"spec": "chara_card_v2", "spec_version": "2.0", "data": {
+        "name": "Seraphina", "description": "{{char}} guards the glade for {{user}}.", "first_mes": "Welcome, {{user}}."}}
+    try:
+        token = server.token("alice")
+        status, refused = server.http("PUT", "/v1/me/persona", token, {"name": ""})
+        assert status == 400 and validate_rest("error", refused)["error"]["code"] == "bad_request", refused
+        status, persona = server.http("PUT", "/v1/me/persona", token, {"name": "Ana", "description": "A cartographer."})
+        assert status == 200 and validate_rest("persona", persona) == {"name": "Ana", "description": "A cartographer."}
+        status, me = server.http("GET", "/v1/me", token)
+        assert status == 200 and validate_rest("me", me)["persona"] == persona, me
+        status, seraphina = server.http("POST", "/v1/clones/import", token, card)
+        assert status == 201 and seraphina["greeting"] == "Welcome, Ana.", seraphina
+        chat_once(server, token, seraphina["id"], "Hello")
+        with urllib.request.urlopen(f"http://127.0.0.1:{fake_openai}/v1/requests", timeout=10) as resp:
+            messages = json.loads(resp.read())[-1]["body"]["messages"]
+        system = messages[0]["content"]
+        assert "Description: Seraphina guards the glade for Ana.\nYou are talking with Ana.\nAbout Ana: A cartographer." in system, system
+        assert [(m["role"], m["content"]) for m in messages[1:]] == [("assistant", "Welcome, Ana."), ("user", "Hello")], messages
+        status, export = server.http("GET", "/v1/me/export", token)
+        assert status == 200 and validate_rest("export", export)["account"]["persona"] == persona
+
+        assert server.http("DELETE", "/v1/me", token)[0] == 200
+        token = server.token("alice")
+        status, gone = server.http("GET", "/v1/me/persona", token)
+        assert status == 404 and gone["error"]["code"] == "not_found", gone
+        assert server.http("GET", "/v1/me", token)[1]["persona"] is None
+    finally:
+        assert server.stop() == 0

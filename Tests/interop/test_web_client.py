@@ -985,6 +985,35 @@ def test_a_cards_greeting_opens_a_new_conversation(web, browser):
     page.close()
 
 
+def test_the_name_saved_in_the_account_is_who_a_greeting_welcomes(web, browser):
+    # A persona set in Account names the user in a card's greeting (the new conversation's
+    # preview and the stored message), is shown again after a reload, and an empty name removes it.
+    token, page = chat_with_card(web, browser, "paz", {"name": "Seraphina", "first_mes": "Welcome, {{user}}."})
+    expect(page.locator("#messages li.greeting")).to_contain_text("Welcome, User.", timeout=WAIT)
+    page.get_by_role("button", name="Account").click()
+    page.get_by_label("What your clones call you").fill("  Inès Duval ")
+    page.get_by_label("About you (optional)").fill("A cartographer.")
+    page.get_by_role("button", name="Save who you are").click()
+    expect(page.locator("#persona-status")).to_have_text("Saved: your clones call you Inès Duval.", timeout=WAIT)
+    assert web.http("GET", "/v1/me/persona", token)[1] == {"name": "Inès Duval", "description": "A cartographer."}
+    page.get_by_role("button", name="Chat").click()
+    expect(page.locator("#messages li.greeting")).to_contain_text("Welcome, Inès Duval.", timeout=WAIT)
+    send(page, "Hello")
+    expect(assistant(page)).to_have_attribute("data-reason", "complete", timeout=WAIT)
+    conversation = web.http("GET", "/v1/conversations?limit=1", token)[1]["conversations"][0]["id"]
+    messages = web.http("GET", f"/v1/conversations/{conversation}/messages", token)[1]["messages"]
+    assert messages[0]["text"] == "Welcome, Inès Duval."
+    page.reload()
+    page.get_by_role("button", name="Account").click()
+    expect(page.get_by_label("What your clones call you")).to_have_value("Inès Duval", timeout=WAIT)
+    expect(page.get_by_label("About you (optional)")).to_have_value("A cartographer.")
+    page.get_by_label("What your clones call you").fill("")
+    page.get_by_role("button", name="Save who you are").click()
+    expect(page.locator("#persona-status")).to_have_text("Saved: your clones call you User.", timeout=WAIT)
+    assert web.http("GET", "/v1/me/persona", token)[0] == 404
+    page.close()
+
+
 def test_a_real_reply_from_the_local_model_names_its_model(data_dir, browser):
     # The first impression scripts/serve.sh gives: a clone answered by SmolLM2 running beside
     # Parley, the chat saying which model answers. The screenshot is README's.

@@ -301,6 +301,8 @@ async function loadPlan() {
     const status = me.subscription && me.subscription.status !== "active"
       ? ` Your subscription is ${me.subscription.status === "past_due" ? "past due" : "cancelled"}: it ends ${new Date(me.subscription.period_end).toLocaleDateString()}.` : "";
     $("plan-summary").textContent = `${plan.name} plan: ${plan.features.map((f) => PLAN_FEATURES[f] ?? f).join(", ")}.${allowance}${status} This month runs to ${last}.`;
+    $("persona-name").value = me.persona?.name ?? "";
+    $("persona-description").value = me.persona?.description ?? "";
     $("limit-daily").value = me.limits.daily ?? "";
     $("limit-monthly").value = me.limits.monthly ?? "";
     $("usage-days").replaceChildren(...(usage.groups.length ? usage.groups : [{ key: null, credits: 0 }]).map((g) => {
@@ -321,6 +323,28 @@ async function saveLimits(event) {
     $("limits-status").textContent = saved.daily === null && saved.monthly === null ? "Saved: no limits." : "Saved.";
   } catch (error) {
     $("limits-status").textContent = `Not saved: ${error.message}`;
+  }
+}
+
+// Who the user is to their clones (PUT /v1/me/persona); an empty name removes it ("User" again).
+// The clones are read again: their greetings name the user.
+async function savePersona(event) {
+  event.preventDefault();
+  const name = $("persona-name").value.trim();
+  try {
+    if (name === "") {
+      await api("DELETE", "/v1/me/persona");
+      $("persona-description").value = "";
+      $("persona-status").textContent = "Saved: your clones call you User.";
+    } else {
+      const saved = await api("PUT", "/v1/me/persona", { name, description: $("persona-description").value });
+      $("persona-name").value = saved.name;
+      $("persona-description").value = saved.description;
+      $("persona-status").textContent = `Saved: your clones call you ${saved.name}.`;
+    }
+    await loadClones();
+  } catch (error) {
+    $("persona-status").textContent = `Not saved: ${error.message}`;
   }
 }
 
@@ -1551,6 +1575,7 @@ async function start() {
   $("sign-out").onclick = signOut;
   $("export-account").onclick = exportAccount;
   $("limits-form").onsubmit = saveLimits;
+  $("persona-form").onsubmit = savePersona;
   $("delete-account").onclick = deleteAccount;
   $("search-form").onsubmit = search;
   $("chat-clone").onchange = () => { state.cloneId = $("chat-clone").value; showModel(); showConversation(null); };
