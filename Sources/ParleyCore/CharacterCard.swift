@@ -56,6 +56,40 @@ public struct LoreEntry: Sendable, Equatable {
         return Array(keys.prefix(CharacterCard.Limits().maxKeysPerEntry))
     }
 
+    /// How `secondaryKeys` combine (SillyTavern's `selectiveLogic`, which its card exports keep
+    /// in the entry's `extensions`).
+    public enum SecondaryKeyLogic: Int64, Sendable {
+        /// One of them comes up (the card specs' only mode, and the default).
+        case andAny = 0
+        /// Not every one of them comes up.
+        case notAll = 1
+        /// None of them comes up.
+        case notAny = 2
+        /// Every one of them comes up.
+        case andAll = 3
+    }
+
+    /// The entry's `extensions.selectiveLogic` (or a world-info file's top-level one); `andAny`
+    /// for none or a value SillyTavern does not define.
+    public var secondaryKeyLogic: SecondaryKeyLogic {
+        let extensions = extra.first { $0.0 == "extensions" }?.1
+        let value = extensions?["selectiveLogic"] ?? extra.first { $0.0 == "selectiveLogic" }?.1
+        return value?.intValue.flatMap(SecondaryKeyLogic.init(rawValue:)) ?? .andAny
+    }
+
+    /// Whether the secondary keys let the entry in, `found` telling whether a key comes up:
+    /// always without any.
+    public func secondaryKeysAllow(_ found: (String) -> Bool) -> Bool {
+        let secondary = secondaryKeys
+        guard !secondary.isEmpty else { return true }
+        switch secondaryKeyLogic {
+        case .andAny: return secondary.contains(where: found)
+        case .notAll: return !secondary.allSatisfy(found)
+        case .notAny: return !secondary.contains(where: found)
+        case .andAll: return secondary.allSatisfy(found)
+        }
+    }
+
     public static func == (a: LoreEntry, b: LoreEntry) -> Bool {
         a.keys == b.keys && a.content == b.content && a.enabled == b.enabled && a.insertionOrder == b.insertionOrder
             && a.priority == b.priority && a.constant == b.constant && a.caseSensitive == b.caseSensitive

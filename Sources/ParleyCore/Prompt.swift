@@ -139,8 +139,7 @@ public struct PromptAssembler: Sendable {
             if entry.constant == true { return true }
             let caseSensitive = entry.caseSensitive == true
             guard entry.keys.contains(where: { occurs($0, caseSensitive: caseSensitive) }) else { return false }
-            let secondary = entry.secondaryKeys
-            return secondary.isEmpty || secondary.contains { occurs($0, caseSensitive: caseSensitive) }
+            return entry.secondaryKeysAllow { occurs($0, caseSensitive: caseSensitive) }
         }
         // Highest priority first (earlier entries first among equals), kept while they fit.
         var kept: [(Int, LoreEntry)] = []

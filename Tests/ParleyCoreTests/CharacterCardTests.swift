@@ -281,6 +281,32 @@ func keepsEverything(_ received: JSONValue, in exported: JSONValue?, at path: St
         #expect(lore("The guild again.", "A new LEVY.").contains("Selective lore."), "the second key, case folded, in another message")
     }
 
+    /// SillyTavern's `selectiveLogic` (in the entry's `extensions`, as its card exports write it,
+    /// or at the entry's top, as its world-info files do) says how the secondary keys combine:
+    /// any (0, the default), not all (1), none (2), all (3), however the profile was read.
+    @Test(arguments: [false, true]) func selectiveLogicSaysHowTheSecondaryKeysCombine(stored: Bool) throws {
+        func entry(_ content: String, _ logic: JSONValue?, topLevel: Bool = false) -> LoreEntry {
+            var extra: [(String, JSONValue)] = [("selective", .bool(true)), ("secondary_keys", .array([.string("tax"), .string("levy")]))]
+            if let logic { extra.append(topLevel ? ("selectiveLogic", logic) : ("extensions", .object([("selectiveLogic", logic)]))) }
+            return LoreEntry(keys: ["guild"], content: content, extra: extra)
+        }
+        var mara = try mara()
+        mara.profile.lorebook = [
+            entry("Any.", nil), entry("Any, said.", .int(0)), entry("Not all.", .int(1)), entry("None.", .int(2)), entry("All.", .int(3)),
+            entry("All, top.", .int(3), topLevel: true), entry("Unknown: any.", .int(7)), entry("Not a number: any.", .string("3")),
+        ]
+        if stored { mara.profile = CharacterCard.profile(fromStorage: CharacterCard.storageJSON(mara.profile).serializedString()) }
+        func lore(_ text: String) -> Set<String> {
+            let system = PromptAssembler(contextBudget: 4096).assemble(clone: mara, history: [message(text)]).messages[0].text
+            return Set(mara.profile.lorebook.map(\.content).filter { system.contains("- \($0)\n") || system.hasSuffix("- \($0)") })
+        }
+        let any: Set = ["Any.", "Any, said.", "Unknown: any.", "Not a number: any."]
+        #expect(lore("The guild.") == ["Not all.", "None."])
+        #expect(lore("The guild's tax.") == any.union(["Not all."]))
+        #expect(lore("The guild's tax and levy.") == any.union(["All.", "All, top."]))
+        #expect(lore("A tax and a levy, no one else.").isEmpty, "the keys themselves first")
+    }
+
     /// A profile read from storage and unchanged is written back as the very text it was read
     /// from (an edit of the clone's own fields neither parses nor serialises its card); a change
     /// to any of its fields is written.
