@@ -17,6 +17,7 @@ extension SQLiteStore {
     static let cloneColumns = "id, owner, name, traits, system_prompt, sliders, memory, model, profile, created_at, updated_at"
 
     public func createClone(_ clone: Clone) async throws {
+        defer { decodedClones.written(ids: [clone.id]) }
         try await run { db in
             try db.query(
                 "INSERT INTO clones(\(Self.cloneColumns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -25,13 +26,21 @@ extension SQLiteStore {
         }
     }
 
-    // A clone's row is decoded after the read connection is let go: its profile may hold a
-    // megabyte of lorebook to parse, and every other read (the reply's own history among them)
-    // would wait for it.
+    // A clone decoded lately is not read again (`DecodedClones`). A clone's row is decoded after
+    // the read connection is let go: its profile may hold a megabyte of lorebook to parse, and
+    // every other read (the reply's own history among them) would wait for it.
     public func clone(id: String, owner: String) async throws -> Clone? {
-        try await read { db in
-            try db.query("SELECT \(Self.cloneColumns) FROM clones WHERE id = ? AND owner = ?", [.text(id), .text(owner)]).first
-        }.map(Self.clone(from:))
+        if let decoded = decodedClones.clone(id: id, owner: owner) { return decoded }
+        let generation = decodedClones.generation
+        guard
+            let row = try await read({ db in
+                try db.query("SELECT \(Self.cloneColumns) FROM clones WHERE id = ? AND owner = ?", [.text(id), .text(owner)]).first
+            })
+        else { return nil }
+        let clone = try Self.clone(from: row)
+        let bytes = ["profile", "system_prompt", "traits", "memory", "sliders"].reduce(0) { $0 + (row[$1].text?.utf8.count ?? 0) }
+        decodedClones.keep(clone, bytes: bytes, readAt: generation)
+        return clone
     }
 
     public func clones(owner: String, limit: Int, after: String?) async throws -> [Clone] {
@@ -51,7 +60,8 @@ extension SQLiteStore {
     }
 
     public func updateClone(_ clone: Clone) async throws -> Bool {
-        try await run { db in
+        defer { decodedClones.written(ids: [clone.id]) }
+        return try await run { db in
             try db.query(
                 "UPDATE clones SET name = ?, traits = ?, system_prompt = ?, sliders = ?, memory = ?, model = ?, profile = ?, updated_at = ? WHERE id = ? AND owner = ?",
                 Self.cloneValues(clone) + [.int(clone.updatedAt), .text(clone.id), .text(clone.owner)]
@@ -61,7 +71,8 @@ extension SQLiteStore {
     }
 
     public func deleteClone(id: String, owner: String) async throws -> Bool {
-        try await run { db in
+        defer { decodedClones.written(ids: [id]) }
+        return try await run { db in
             // Conversations and messages go with it through ON DELETE CASCADE.
             try db.query("DELETE FROM clones WHERE id = ? AND owner = ?", [.text(id), .text(owner)])
             return db.changes > 0

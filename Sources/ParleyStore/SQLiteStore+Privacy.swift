@@ -31,7 +31,8 @@ extension SQLiteStore {
     }
 
     public func deleteUser(_ id: String, pseudonym: String) async throws -> UserDeletion {
-        try await run { db in
+        defer { decodedClones.written(owner: id) }
+        return try await run { db in
             try db.transaction {
                 var report = UserDeletion()
                 let user: [SQLValue] = [.text(id)]

@@ -415,11 +415,16 @@ public final class SQLiteStore: Store {
     let windowWaits = Atomic(0)
     /// What the journals of the replies streaming now hold in the store (see `saveStreamJournals`).
     let journaled = Mutex(JournalTails())
+    /// Clones read lately, decoded (see `DecodedClones`).
+    let decodedClones: DecodedClones
+    /// What `decodedClones` may hold by default.
+    public static let defaultDecodedCloneBytes = 64 << 20
 
     private init(
         connection: SQLiteConnection, reader: SQLiteConnection?, pool: NIOThreadPool, metrics: any MetricsFactory, indexingInterval: TimeAmount,
-        commitWindow: TimeAmount, space: SpaceWatch
+        commitWindow: TimeAmount, space: SpaceWatch, decodedCloneBytes: Int
     ) {
+        decodedClones = DecodedClones(capacity: decodedCloneBytes)
         self.space = space
         self.indexingInterval = indexingInterval
         self.commitWindow = commitWindow
@@ -436,10 +441,12 @@ public final class SQLiteStore: Store {
     /// Opens (creating if needed) the database at `path` and migrates it to the current schema.
     /// `indexingInterval`: how often the group commit brings search up to date (tests vary it);
     /// `commitWindow`: see `defaultCommitWindow`; `space`: how long `ping` says `full` after a
-    /// write found no space (see `SpaceWatch`).
+    /// write found no space (see `SpaceWatch`); `decodedCloneBytes`: what `DecodedClones` may hold
+    /// (0: none).
     public static func open(
         path: String, metrics: any MetricsFactory = MetricsSystem.factory, indexingInterval: TimeAmount = SQLiteStore.defaultIndexingInterval,
-        commitWindow: TimeAmount = SQLiteStore.defaultCommitWindow, space: SpaceWatch = SpaceWatch()
+        commitWindow: TimeAmount = SQLiteStore.defaultCommitWindow, space: SpaceWatch = SpaceWatch(),
+        decodedCloneBytes: Int = SQLiteStore.defaultDecodedCloneBytes
     ) async throws -> SQLiteStore {
         let pool = NIOThreadPool(numberOfThreads: 2)
         pool.start()
@@ -474,7 +481,7 @@ public final class SQLiteStore: Store {
             }
             return SQLiteStore(
                 connection: connection, reader: reader, pool: pool, metrics: metrics, indexingInterval: indexingInterval, commitWindow: commitWindow,
-                space: space)
+                space: space, decodedCloneBytes: decodedCloneBytes)
         } catch {
             try? await pool.shutdownGracefully()
             throw error

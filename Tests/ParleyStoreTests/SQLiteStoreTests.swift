@@ -578,3 +578,78 @@ import Testing
         }
     }
 }
+
+/// `DecodedClones`: a clone read lately is not read again, and no write is missed.
+@Suite struct DecodedClonesTests {
+    /// Written behind the store's back (as no other process can), a clone read before stays as
+    /// read: the second read did not reach the database. Every write through the store is seen.
+    @Test func aCloneReadLatelyIsNotReadAgainButEveryWriteIsSeen() async throws {
+        let store = try await SQLiteStore.open(path: temporaryPath("decoded") + "/parley.sqlite")
+        var ada = makeClone(owner: "alice")
+        try await store.createClone(ada)
+        let bo = makeClone(owner: "alice", name: "Bo")
+        try await store.createClone(bo)
+        #expect(try await store.clone(id: ada.id, owner: "alice") == ada)
+        #expect(try await store.clone(id: ada.id, owner: "bob") == nil, "another owner's read finds nothing, kept or not")
+        let adaID = ada.id
+        try await store.run { db in try db.query("UPDATE clones SET name = 'Behind' WHERE id = ?", [.text(adaID)]) }
+        #expect(try await store.clone(id: ada.id, owner: "alice")?.name == "Ada", "kept, not read again")
+
+        ada.name = "Ada II"
+        ada.profile.description = "Renamed."
+        #expect(try await store.updateClone(ada))
+        #expect(try await store.clone(id: ada.id, owner: "alice") == ada)
+        #expect(try await store.deleteClone(id: ada.id, owner: "alice"))
+        #expect(try await store.clone(id: ada.id, owner: "alice") == nil)
+        #expect(try await store.clone(id: bo.id, owner: "alice") == bo)
+        _ = try await store.deleteUser("alice", pseudonym: "deleted:0b0b")
+        #expect(try await store.clone(id: bo.id, owner: "alice") == nil)
+        #expect(store.decodedClones.count == 0)
+        try await store.close()
+
+        // None kept with no room for them.
+        let none = try await SQLiteStore.open(path: temporaryPath("undecoded") + "/parley.sqlite", decodedCloneBytes: 0)
+        let cy = makeClone(owner: "carol", name: "Cy")
+        try await none.createClone(cy)
+        #expect(try await none.clone(id: cy.id, owner: "carol") == cy)
+        try await none.run { db in try db.query("UPDATE clones SET name = 'Behind' WHERE id = ?", [.text(cy.id)]) }
+        #expect(try await none.clone(id: cy.id, owner: "carol")?.name == "Behind")
+        try await none.close()
+    }
+
+    /// A read that began before a write ended keeps nothing (what it read may be the old row),
+    /// one that began after keeps its clone.
+    @Test func aReadThatRacedAWriteKeepsNothing() {
+        let decoded = DecodedClones(capacity: 1 << 20)
+        let ada = makeClone(owner: "alice")
+        let before = decoded.generation
+        decoded.written(ids: [ada.id])
+        decoded.keep(ada, bytes: 100, readAt: before)
+        #expect(decoded.clone(id: ada.id, owner: "alice") == nil)
+        // A write of another clone counts too: writes are not told apart.
+        let after = decoded.generation
+        decoded.written(ids: ["cl_other"])
+        decoded.keep(ada, bytes: 100, readAt: after)
+        #expect(decoded.count == 0)
+        decoded.keep(ada, bytes: 100, readAt: decoded.generation)
+        #expect(decoded.clone(id: ada.id, owner: "alice") == ada)
+    }
+
+    /// Over its capacity the least recently used go first, down to half; a clone over a quarter
+    /// of the capacity is never kept.
+    @Test func theLeastRecentlyUsedGoFirstAndAHugeCloneIsNotKept() {
+        let decoded = DecodedClones(capacity: 10_000)
+        let clones = (0..<6).map { makeClone(owner: "alice", name: "c\($0)") }
+        // Each counts 2 × 744 + 256 = 1,744 bytes: five fit in 10,000, the sixth is over.
+        for clone in clones.prefix(5) { decoded.keep(clone, bytes: 744, readAt: decoded.generation) }
+        #expect(decoded.count == 5)
+        #expect(decoded.clone(id: clones[0].id, owner: "alice") != nil)  // the oldest, used again
+        decoded.keep(clones[5], bytes: 744, readAt: decoded.generation)
+        // Half the capacity is 5,000: the two most recently used stay (clones[5], clones[0]).
+        #expect(decoded.count == 2)
+        #expect(decoded.clone(id: clones[5].id, owner: "alice") != nil && decoded.clone(id: clones[0].id, owner: "alice") != nil)
+        let huge = makeClone(owner: "alice", name: "huge")
+        decoded.keep(huge, bytes: 1_300, readAt: decoded.generation)
+        #expect(decoded.clone(id: huge.id, owner: "alice") == nil, "2 × 1,300 + 256 is over a quarter of 10,000")
+    }
+}
