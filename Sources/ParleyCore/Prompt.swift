@@ -124,21 +124,25 @@ public struct PromptAssembler: Sendable {
         let keys = clone.profile.lorebook.reduce(0) { $0 + $1.keys.count }
         var exact: LoreKeyMatcher?
         var folded: LoreKeyMatcher?
-        func occurs(_ key: String, caseSensitive: Bool) -> Bool {
-            let key = key.trimmedWhitespace
-            guard !key.isEmpty else { return false }
+        // `key` trimmed and not blank, and lowercased unless `caseSensitive`.
+        func occursAsSearched(_ key: String, caseSensitive: Bool) -> Bool {
             if caseSensitive {
                 if exact == nil { exact = LoreKeyMatcher(recent, keys: keys) }
                 return exact!.occurs(key)
             }
             if folded == nil { folded = LoreKeyMatcher(recent.map { $0.lowercased() }, keys: keys) }
-            return folded!.occurs(key.lowercased())
+            return folded!.occurs(key)
+        }
+        func occurs(_ key: String, caseSensitive: Bool) -> Bool {
+            let key = key.trimmedWhitespace
+            return !key.isEmpty && occursAsSearched(caseSensitive ? key : key.lowercased(), caseSensitive: caseSensitive)
         }
         let triggered = clone.profile.lorebook.enumerated().filter { _, entry in
             guard entry.enabled, !entry.promptContent.trimmedWhitespace.isEmpty else { return false }
             if entry.constant == true { return true }
             let caseSensitive = entry.caseSensitive == true
-            guard entry.keys.contains(where: { occurs($0, caseSensitive: caseSensitive) }) else { return false }
+            let searched = caseSensitive ? entry.searchKeys.exact : entry.searchKeys.folded
+            guard searched.contains(where: { occursAsSearched($0, caseSensitive: caseSensitive) }) else { return false }
             return entry.secondaryKeysAllow { occurs($0, caseSensitive: caseSensitive) }
         }
         // Highest priority first (earlier entries first among equals), kept while they fit.

@@ -248,6 +248,25 @@ func keepsEverything(_ received: JSONValue, in exported: JSONValue?, at path: St
         #expect(assembler.assemble(clone: mara, history: within).messages[0].text.contains("Skyguild taxes"))
     }
 
+    /// A key is looked for trimmed (a blank one never matches), case folded unless the entry is
+    /// case-sensitive; keys changed after the entry was made are the ones looked for.
+    @Test func keysAreLookedForTrimmedFoldedAndAsLastSet() throws {
+        var mara = try mara()
+        var rift = LoreEntry(keys: ["  ", " Rift Ward "], content: "The ward holds.")
+        let exact = LoreEntry(keys: ["Kestrel"], content: "Her ship.", caseSensitive: true)
+        mara.profile.lorebook = [rift, exact]
+        func lore(_ text: String) -> String {
+            PromptAssembler(contextBudget: 4096).assemble(clone: mara, history: [message(text)]).messages[0].text
+        }
+        #expect(lore("the RIFT WARD?").contains("The ward holds.") && !lore("a ward").contains("The ward holds."))
+        #expect(!lore("   ").contains("The ward holds."), "a blank key matches nothing")
+        #expect(lore("the Kestrel").contains("Her ship.") && !lore("the kestrel").contains("Her ship."))
+        rift.keys = ["Storm"]
+        mara.profile.lorebook = [rift, exact]
+        #expect(lore("a storm").contains("The ward holds.") && !lore("the rift ward").contains("The ward holds."))
+        #expect(rift.searchKeys.exact == ["Storm"] && rift.searchKeys.folded == ["storm"])
+    }
+
     /// A `selective` entry needs one of its `secondary_keys` as well as one of its keys (Character
     /// Card V2/V3: "require a key from both"), each found in any of the scanned messages; without
     /// `selective`, or with no secondary keys, its keys alone bring it in.
