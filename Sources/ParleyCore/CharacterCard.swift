@@ -51,6 +51,21 @@ public struct LoreEntry: Sendable, Equatable {
         return lines.joined(separator: "\n")
     }
 
+    /// SillyTavern places it "at depth" (its export's `extensions.position` 4): `depth` messages
+    /// from the end of the history (`extensions.depth`: 4 unless a number 0-10000), as a message
+    /// of `extensions.role` (1 user, 2 assistant, else system); nil for any other place.
+    public var atDepth: (depth: Int, role: Role)? {
+        guard let extensions = extra.first(where: { $0.0 == "extensions" })?.1, extensions["position"]?.intValue == 4 else { return nil }
+        let depth = extensions["depth"]?.intValue.flatMap { (0...10_000).contains($0) ? Int($0) : nil } ?? 4
+        let role: Role =
+            switch extensions["role"]?.intValue {
+            case 1: .user
+            case 2: .assistant
+            default: .system
+            }
+        return (depth, role)
+    }
+
     /// The card places it before the character's definitions (`position` `before_char`).
     public var isBeforeCharacter: Bool { extra.first { $0.0 == "position" }?.1 == .string("before_char") }
 

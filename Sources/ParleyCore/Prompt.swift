@@ -172,27 +172,40 @@ public struct PromptAssembler: Sendable {
             let budget = book["token_budget"]?.intValue.map { Int(clamping: $0) } ?? Self.defaultLoreBudget
             lore = Self.lore(for: clone, recent: usable.suffix(max(0, depth)).map(\.text), budget: min(budget, contextBudget / 4))
         }
-        // An entry placed `before_char` goes before the character's definitions, the others
-        // after the persona.
+        // An entry placed `before_char` goes before the character's definitions, one placed at a
+        // depth (SillyTavern's) among the messages, the others after the persona.
         func block(_ entries: [LoreEntry]) -> String? {
             entries.isEmpty
                 ? nil
                 : "What you know that matters here:\n"
                     + entries.map { "- " + Self.expand($0.promptContent.trimmedWhitespace, clone, user) }.joined(separator: "\n")
         }
-        let first = lore.filter(\.isBeforeCharacter)
+        let placed = lore.map { ($0, $0.atDepth) }
+        let first = placed.filter { $0.1 == nil && $0.0.isBeforeCharacter }.map(\.0)
         var systemText = Self.systemText(for: clone, loreFirst: block(first), user: user)
-        if let after = block(lore.filter { !$0.isBeforeCharacter }) { systemText += "\n" + after }
+        if let after = block(placed.filter { $0.1 == nil && !$0.0.isBeforeCharacter }.map(\.0)) { systemText += "\n" + after }
         if let summary = summary?.trimmedWhitespace, !summary.isEmpty {
             systemText += "\nWhat was said earlier in this conversation, in short:\n" + summary
         }
         let system = PromptMessage(role: .system, text: systemText)
         let instructions = Self.expand(clone.profile.postHistoryInstructions, clone, user).trimmedWhitespace
         let after = instructions.isEmpty ? nil : PromptMessage(role: .system, text: instructions)
-        let noted = clone.profile.characterNote
-        let note = noted.map { PromptMessage(role: $0.role, text: Self.expand($0.text, clone, user)) }
+        // What goes among the messages, by depth: the character's note, then the lore placed at
+        // that depth, one message per role in the order its entries go in.
+        var loreAtDepth: [(depth: Int, message: PromptMessage)] = []
+        for (entry, place) in placed {
+            guard let place else { continue }
+            let text = Self.expand(entry.promptContent.trimmedWhitespace, clone, user)
+            if let same = loreAtDepth.firstIndex(where: { $0.depth == place.depth && $0.message.role == place.role }) {
+                loreAtDepth[same].message.text += "\n" + text
+            } else {
+                loreAtDepth.append((place.depth, PromptMessage(role: place.role, text: text)))
+            }
+        }
+        let note = clone.profile.characterNote.map { ($0.depth, PromptMessage(role: $0.role, text: Self.expand($0.text, clone, user))) }
+        let inserts = (note.map { [$0] } ?? []) + loreAtDepth
         var total = Tokenizer.count(system.text) + Self.perMessageOverhead
-        for extra in [after, note].compactMap(\.self) { total += Tokenizer.count(extra.text) + Self.perMessageOverhead }
+        for extra in [after].compactMap(\.self) + inserts.map(\.message) { total += Tokenizer.count(extra.text) + Self.perMessageOverhead }
         var kept: [PromptMessage] = []
         var dropped = 0
         for (offset, message) in usable.reversed().enumerated() {
@@ -204,10 +217,14 @@ public struct PromptAssembler: Sendable {
             total += cost
             kept.append(PromptMessage(role: message.role, text: message.text))
         }
-        // The character's note goes `depth` messages from the end of the history kept, and
-        // post_history_instructions after it, where the card wants them.
-        var body = Array(kept.reversed())
-        if let note, let depth = noted?.depth { body.insert(note, at: max(0, body.count - depth)) }
+        // Each insert goes `depth` messages from the end of the history kept (past its start,
+        // first), and post_history_instructions after them all, where the card wants them.
+        let history = Array(kept.reversed())
+        var body: [PromptMessage] = []
+        for index in 0...history.count {
+            body += inserts.filter { max(0, history.count - $0.depth) == index }.map(\.message)
+            if index < history.count { body.append(history[index]) }
+        }
         return AssembledPrompt(messages: [system] + body + (after.map { [$0] } ?? []), estimatedTokens: total, droppedMessages: dropped)
     }
 }

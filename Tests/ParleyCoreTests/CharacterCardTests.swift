@@ -421,6 +421,43 @@ func keepsEverything(_ received: JSONValue, in exported: JSONValue?, at path: St
         #expect(system.hasSuffix("\nWhat you know that matters here:\n- Taxes are due at dawn."), "\(system)")
     }
 
+    /// An entry SillyTavern places "at depth" (its export's `extensions.position` 4) goes among
+    /// the messages, `extensions.depth` from the end, as a message of `extensions.role`: entries
+    /// of one depth and role in one message (in the order they go in), after the character's
+    /// note at that depth; its tokens counted. However the profile was read.
+    @Test(arguments: [false, true]) func anEntryPlacedAtADepthGoesAmongTheMessages(stored: Bool) throws {
+        func entry(_ content: String, _ extensions: [(String, JSONValue)], order: Int) -> LoreEntry {
+            LoreEntry(
+                keys: ["guild"], content: content, insertionOrder: order,
+                extra: [("position", .string("after_char")), ("extensions", .object(extensions))])
+        }
+        var mara = try mara()  // her character's note: "{{char}} is tired.", depth 4, system
+        mara.profile.lorebook = [
+            entry("The guild is watching.", [("position", .int(4)), ("depth", .int(1)), ("role", .int(0))], order: 1),
+            entry("{{char}} owes the guild.", [("position", .int(4)), ("depth", .int(1))], order: 2),
+            entry("The guild's envoy speaks.", [("position", .int(4)), ("depth", .int(1)), ("role", .int(1))], order: 3),
+            entry("Deep lore.", [("position", .int(4)), ("depth", .int(4)), ("role", .int(2))], order: 4),
+            entry("Default depth.", [("position", .int(4)), ("depth", .string("x"))], order: 5),
+            entry("After the persona.", [("position", .int(1))], order: 6),
+        ]
+        if stored { mara.profile = CharacterCard.profile(fromStorage: CharacterCard.storageJSON(mara.profile).serializedString()) }
+        let history = (0..<5).map { message($0 == 4 ? "The guild?" : "m\($0)", $0 % 2 == 0 ? .user : .assistant, $0) }
+        let prompt = PromptAssembler(contextBudget: 4096).assemble(clone: mara, history: history)
+        let lines = prompt.messages.dropFirst().map { "\($0.role.rawValue): \($0.text)" }
+        #expect(
+            lines == [
+                "user: m0", "system: Mara is tired.", "assistant: Deep lore.", "system: Default depth.", "assistant: m1", "user: m2",
+                "assistant: m3",
+                "system: The guild is watching.\nCaptain Mara owes the guild.", "user: The guild's envoy speaks.", "user: The guild?",
+                "system: Keep replies under three sentences.",
+            ], "\(lines)")
+        let system = prompt.messages[0].text
+        #expect(system.hasSuffix("What you know that matters here:\n- After the persona."), "\(system)")
+        #expect(!system.contains("Deep lore") && !system.contains("watching"))
+        let counted = prompt.messages.reduce(0) { $0 + Tokenizer.count($1.text) + PromptAssembler.perMessageOverhead }
+        #expect(prompt.estimatedTokens == counted)
+    }
+
     /// A card's example dialogues reach the persona without their `<START>` markers: each
     /// dialogue trimmed, a blank line between them.
     @Test func exampleDialoguesLoseTheirStartMarkers() throws {
