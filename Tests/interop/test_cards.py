@@ -123,7 +123,8 @@ def test_an_imported_lorebook_reaches_the_provider(data_dir, fake_openai):  # no
 def test_what_a_v3_card_asks_of_the_prompt_reaches_the_provider(data_dir, fake_openai):  # noqa: F811
     """Through the real import, store and provider: the nickname stands for {{char}}, {{original}}
     for nothing, the character's note sits at its depth, decorator lines and <START> markers stay
-    out, a selective entry waits for its secondary key, and the greeting chosen opens the chat."""
+    out, a selective entry waits for its secondary key (or, by SillyTavern's selectiveLogic, for
+    its absence), an entry placed at a depth goes there, and the greeting chosen opens the chat."""
     prices = data_dir / "prices.json"
     prices.write_text(json.dumps({"models": {"fake-model": {"input_per_1k": 1, "output_per_1k": 1}}}))
     server = Server(data_dir, "--provider", "openai", "--provider-url", f"http://127.0.0.1:{fake_openai}/v1",
@@ -137,7 +138,11 @@ def test_what_a_v3_card_asks_of_the_prompt_reaches_the_provider(data_dir, fake_o
             {"keys": ["engine"], "content": "@@depth 4\n\nThe engine runs on storm-glass.", "enabled": True, "insertion_order": 1,
              "extensions": {}, "use_regex": False},
             {"keys": ["guild"], "content": "The guild taxes cargo.", "selective": True, "secondary_keys": ["tax"], "enabled": True,
-             "insertion_order": 2, "extensions": {}, "use_regex": False}]}}}
+             "insertion_order": 2, "extensions": {}, "use_regex": False},
+            {"keys": ["engine"], "content": "{{char}} hears the engine.", "enabled": True, "insertion_order": 3, "use_regex": False,
+             "extensions": {"position": 4, "depth": 0, "role": 0}},
+            {"keys": ["engine"], "content": "The engine is a secret.", "selective": True, "secondary_keys": ["guild"], "enabled": True,
+             "insertion_order": 4, "use_regex": False, "extensions": {"selectiveLogic": 2}}]}}}
     try:
         token = server.token("alice")
         status, mara = server.http("POST", "/v1/clones/import", token, card)
@@ -161,8 +166,11 @@ def test_what_a_v3_card_asks_of_the_prompt_reaches_the_provider(data_dir, fake_o
         assert "Examples of how you speak:\nUser: Hi\nMara: Ahoy.\n\nMara: Off you go." in system and "<START>" not in system
         assert "- The engine runs on storm-glass." in system and "@@" not in system
         assert "guild taxes" not in system, "the selective entry waits for 'tax'"
+        assert "engine is a secret" not in system, "selectiveLogic 2 (none of them): 'guild' was said"
+        assert "hears the engine" not in system, "an entry placed at a depth is among the messages"
         assert [(m["role"], m["content"]) for m in messages[1:]] == [
-            ("assistant", "Mara tips her hat."), ("system", "Mara is tired."), ("user", "How is the engine? And the guild?")], messages
+            ("assistant", "Mara tips her hat."), ("system", "Mara is tired."), ("user", "How is the engine? And the guild?"),
+            ("system", "Mara hears the engine.")], messages
     finally:
         assert server.stop() == 0
 
