@@ -92,21 +92,16 @@ public struct PromptAssembler: Sendable {
         (0...clone.profile.alternateGreetings.count).map { greeting(of: clone, choice: $0, user: user) }
     }
 
-    /// Card macros: `{{char}}` (and the older `<BOT>`, `<CHAR>`) is the clone, by the card's
-    /// nickname when it has one (V3), `{{user}}` (`<USER>`) the person talking to it (their
-    /// persona's name, else "User"), `{{persona}}` what their persona says of them,
-    /// `{{original}}` nothing.
+    /// Card macros (`Macros`): `{{char}}` (and the older `<BOT>`, `<CHAR>`) is the clone, by the
+    /// card's nickname when it has one (V3), `{{user}}` (`<USER>`) the person talking to it (their
+    /// persona's name, else "User"), `{{persona}}` what their persona says of them.
     static func expand(_ text: String, _ clone: Clone, _ persona: Persona? = nil) -> String {
         guard text.contains("{{") || text.contains("<") else { return text }
         let nickname = clone.profile.nickname
         let char = nickname.isEmpty ? clone.name : nickname
         let user = persona?.name ?? Persona.defaultName
-        // `{{original}}` (in a card's system prompt or post-history instructions) stands for the
-        // text the card replaces, which Parley does not have: nothing. `{{persona}}` last, so the
-        // macros a description holds stay as written.
-        var out = text.replacing("{{char}}", with: char).replacing("{{user}}", with: user)
-            .replacing("{{Char}}", with: char).replacing("{{User}}", with: user).replacing("{{original}}", with: "")
-            .replacing("{{persona}}", with: persona?.description ?? "")
+        var macros = Macros(char: char, user: user, persona: persona?.description ?? "", seed: clone.id)
+        var out = text.contains("{{") ? macros.expand(text) : text
         guard out.contains("<") else { return out }
         let lowered = out.lowercased()
         for (macro, value) in [("<bot>", char), ("<char>", char), ("<user>", user)] where lowered.contains(macro) {
