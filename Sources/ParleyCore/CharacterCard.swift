@@ -41,33 +41,72 @@ public struct LoreEntry: Sendable, Equatable {
 
     /// The content as a prompt takes it: without the decorator lines it may begin with (Character
     /// Card V3: `@@depth 4`, `@@@` fallbacks; directions to a card tool, to be trimmed before the
-    /// content goes into a prompt, with the blank lines around them). Parley follows none of them.
+    /// content goes into a prompt, with the blank lines around them). `decorators` says which of
+    /// them Parley follows.
     public var promptContent: String {
+        guard let lines = decoratorLines else { return content }
+        return content.split(omittingEmptySubsequences: false, whereSeparator: \.isNewline).dropFirst(lines.count).joined(separator: "\n")
+    }
+
+    /// The lines the content begins with that are decorators, or blank (nil: it begins with none).
+    private var decoratorLines: [Substring]? {
         guard content.utf8.first == UInt8(ascii: "@") || content.first?.isWhitespace == true,
             content.trimmedWhitespace.hasPrefix("@@")
-        else { return content }
-        var lines = content.split(omittingEmptySubsequences: false, whereSeparator: \.isNewline)[...]  // "\r\n" is one Character
-        while let first = lines.first?.drop(while: \.isWhitespace), first.hasPrefix("@@") || first.isEmpty { lines.removeFirst() }
-        return lines.joined(separator: "\n")
+        else { return nil }
+        var lines: [Substring] = []
+        for line in content.split(omittingEmptySubsequences: false, whereSeparator: \.isNewline) {  // "\r\n" is one Character
+            let trimmed = line.drop(while: \.isWhitespace)
+            guard trimmed.hasPrefix("@@") || trimmed.isEmpty else { break }
+            lines.append(trimmed)
+        }
+        return lines
     }
 
-    /// SillyTavern places it "at depth" (its export's `extensions.position` 4): `depth` messages
-    /// from the end of the history (`extensions.depth`: 4 unless a number 0-10000), as a message
-    /// of `extensions.role` (1 user, 2 assistant, else system); nil for any other place.
-    public var atDepth: (depth: Int, role: Role)? {
-        guard let extensions = extra.first(where: { $0.0 == "extensions" })?.1, extensions["position"]?.intValue == 4 else { return nil }
-        let depth = extensions["depth"]?.intValue.flatMap { (0...10_000).contains($0) ? Int($0) : nil } ?? 4
-        let role: Role =
-            switch extensions["role"]?.intValue {
-            case 1: .user
-            case 2: .assistant
-            default: .system
+    /// The decorators (Character Card V3) its content begins with that Parley follows: of a
+    /// line's decorator and the `@@@` fallbacks under it, the first Parley knows.
+    public var decorators: [LoreDecorator] {
+        guard let lines = decoratorLines else { return [] }
+        var found: [LoreDecorator] = []
+        var settled = true
+        for line in lines where !line.isEmpty {
+            if line.hasPrefix("@@@") {
+                guard !settled, let decorator = LoreDecorator(line.dropFirst(3)) else { continue }
+                found.append(decorator)
+                settled = true
+            } else if let decorator = LoreDecorator(line.dropFirst(2)) {
+                found.append(decorator)
+                settled = true
+            } else {
+                settled = false
             }
-        return (depth, role)
+        }
+        return found
     }
 
-    /// The card places it before the character's definitions (`position` `before_char`).
-    public var isBeforeCharacter: Bool { extra.first { $0.0 == "position" }?.1 == .string("before_char") }
+    /// Where the entry goes in the prompt: V3's `@@position` (`before_desc`, `after_desc`), else
+    /// its `@@depth` (and `@@role`), else SillyTavern's "at depth" (its export's
+    /// `extensions.position` 4 with `depth`, 4 unless a number 0-10000, and `role`, 1 user, 2
+    /// assistant, else system), else the card's `position` (`before_char`, else after).
+    public var placement: LorePlacement {
+        let decorators = decorators
+        for case .position(let before) in decorators { return before ? .beforeCharacter : .afterCharacter }
+        for case .depth(let depth) in decorators {
+            var role = Role.system
+            for case .role(let said) in decorators { role = said }
+            return .atDepth(depth, role)
+        }
+        if let extensions = extra.first(where: { $0.0 == "extensions" })?.1, extensions["position"]?.intValue == 4 {
+            let depth = extensions["depth"]?.intValue.flatMap { (0...10_000).contains($0) ? Int($0) : nil } ?? 4
+            let role: Role =
+                switch extensions["role"]?.intValue {
+                case 1: .user
+                case 2: .assistant
+                default: .system
+                }
+            return .atDepth(depth, role)
+        }
+        return extra.first { $0.0 == "position" }?.1 == .string("before_char") ? .beforeCharacter : .afterCharacter
+    }
 
     /// The keys of which one must come up beside one of `keys`: `secondary_keys` when the entry
     /// is `selective` (Character Card V2/V3: "require a key from both"), the first
@@ -75,11 +114,14 @@ public struct LoreEntry: Sendable, Equatable {
     public var secondaryKeys: [String] {
         guard case .bool(true)? = extra.first(where: { $0.0 == "selective" })?.1,
             case .array(let items)? = extra.first(where: { $0.0 == "secondary_keys" })?.1,
-            extra.first(where: { $0.0 == "use_regex" })?.1 != .bool(true)  // V3: then they are ignored
+            !usesRegex  // V3: then they are ignored
         else { return [] }
         let keys = items.lazy.compactMap(\.stringValue).filter { !$0.trimmedWhitespace.isEmpty }
         return Array(keys.prefix(CharacterCard.Limits().maxKeysPerEntry))
     }
+
+    /// V3's `use_regex`: its keys are patterns (Parley matches them as text).
+    public var usesRegex: Bool { extra.first(where: { $0.0 == "use_regex" })?.1 == .bool(true) }
 
     /// How `secondaryKeys` combine (SillyTavern's `selectiveLogic`, which its card exports keep
     /// in the entry's `extensions`).
@@ -119,6 +161,62 @@ public struct LoreEntry: Sendable, Equatable {
         a.keys == b.keys && a.content == b.content && a.enabled == b.enabled && a.insertionOrder == b.insertionOrder
             && a.priority == b.priority && a.constant == b.constant && a.caseSensitive == b.caseSensitive
             && JSONValue.object(a.extra) == JSONValue.object(b.extra)
+    }
+}
+
+/// Where a lorebook entry goes in a prompt.
+public enum LorePlacement: Sendable, Equatable {
+    /// Before the character's definitions.
+    case beforeCharacter
+    /// After the persona.
+    case afterCharacter
+    /// Among the messages, that many from the end, as a message of that role.
+    case atDepth(Int, Role)
+}
+
+/// A Character Card V3 decorator that Parley follows (a lorebook entry's `@@name value` line).
+public enum LoreDecorator: Sendable, Equatable {
+    /// `@@depth N`: among the messages, N from the end (below 1: after the last).
+    case depth(Int)
+    /// `@@role assistant|system|user`: the role of the message `@@depth` makes.
+    case role(Role)
+    /// `@@activate`: in, whatever else says.
+    case activate
+    /// `@@dont_activate`: out, unless `@@activate`.
+    case dontActivate
+    /// `@@scan_depth N`: its keys are looked for in the last N messages, whatever the book says.
+    case scanDepth(Int)
+    /// `@@additional_keys A,B`: one of them must come up too.
+    case additionalKeys([String])
+    /// `@@exclude_keys A,B`: none of them may come up.
+    case excludeKeys([String])
+    /// `@@position before_desc|after_desc`: before or after the character's definitions.
+    case position(before: Bool)
+
+    /// From a line past its `@@` (or `@@@`): nil for a decorator Parley does not follow, or a
+    /// value it cannot read.
+    init?(_ line: Substring) {
+        let name = line.prefix { !$0.isWhitespace }.lowercased()
+        let value = String(line.dropFirst(name.count)).trimmedWhitespace
+        func number() -> Int? { Int(value).map { min(max($0, 0), 10_000) } }
+        func list() -> [String]? {
+            let items = value.split(separator: ",").map { String($0).trimmedWhitespace }.filter { !$0.isEmpty }
+            return items.isEmpty ? nil : Array(items.prefix(CharacterCard.Limits().maxKeysPerEntry))
+        }
+        let decorator: LoreDecorator? =
+            switch name {
+            case "depth": number().map(LoreDecorator.depth)
+            case "role": Role(rawValue: value.lowercased()).map(LoreDecorator.role)
+            case "activate": .activate
+            case "dont_activate": .dontActivate
+            case "scan_depth": number().map(LoreDecorator.scanDepth)
+            case "additional_keys": list().map(LoreDecorator.additionalKeys)
+            case "exclude_keys": list().map(LoreDecorator.excludeKeys)
+            case "position" where ["before_desc", "after_desc"].contains(value.lowercased()): .position(before: value.lowercased() == "before_desc")
+            default: nil
+            }
+        guard let decorator else { return nil }
+        self = decorator
     }
 }
 

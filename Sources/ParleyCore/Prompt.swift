@@ -111,34 +111,52 @@ public struct PromptAssembler: Sendable {
     }
 
     /// The lorebook entries that enter the prompt: enabled ones that are constant or whose key
-    /// appears in `recent`, within `budget` tokens (the lowest priority dropped first), in
+    /// appears in `recent` (or in the last messages of `history` an entry's `@@scan_depth` says),
+    /// as their decorators allow, within `budget` tokens (the lowest priority dropped first), in
     /// insertion order.
-    public static func lore(for clone: Clone, recent: [String], budget: Int) -> [LoreEntry] {
+    public static func lore(for clone: Clone, recent: [String], budget: Int, history: [String]? = nil) -> [LoreEntry] {
         // Keys are matched as `LoreKeyMatcher` says (bytes, in the newest 64 KiB), in the text as
-        // written for a case-sensitive entry, else both lowercased; each index is built once.
+        // written for a case-sensitive entry, else both lowercased; each index is built once for
+        // the book's scan depth and each other one an entry asks.
         let keys = clone.profile.lorebook.reduce(0) { $0 + $1.keys.count }
-        var exact: LoreKeyMatcher?
-        var folded: LoreKeyMatcher?
-        // `key` trimmed and not blank, and lowercased unless `caseSensitive`.
-        func occursAsSearched(_ key: String, caseSensitive: Bool) -> Bool {
+        var matchers: [Int?: (exact: LoreKeyMatcher?, folded: LoreKeyMatcher?)] = [:]
+        // `key` trimmed and not blank, and lowercased unless `caseSensitive`, in the last `depth`
+        // messages (nil: `recent`).
+        func occursAsSearched(_ key: String, caseSensitive: Bool, depth: Int?) -> Bool {
+            let messages = depth.map { Array((history ?? recent).suffix($0)) } ?? recent
             if caseSensitive {
-                if exact == nil { exact = LoreKeyMatcher(recent, keys: keys) }
-                return exact!.occurs(key)
+                if matchers[depth]?.exact == nil { matchers[depth, default: (nil, nil)].exact = LoreKeyMatcher(messages, keys: keys) }
+                return matchers[depth]!.exact!.occurs(key)
             }
-            if folded == nil { folded = LoreKeyMatcher(recent.map { $0.lowercased() }, keys: keys) }
-            return folded!.occurs(key)
+            if matchers[depth]?.folded == nil {
+                matchers[depth, default: (nil, nil)].folded = LoreKeyMatcher(messages.map { $0.lowercased() }, keys: keys)
+            }
+            return matchers[depth]!.folded!.occurs(key)
         }
-        func occurs(_ key: String, caseSensitive: Bool) -> Bool {
+        func occurs(_ key: String, caseSensitive: Bool, depth: Int?) -> Bool {
             let key = key.trimmedWhitespace
-            return !key.isEmpty && occursAsSearched(caseSensitive ? key : key.lowercased(), caseSensitive: caseSensitive)
+            return !key.isEmpty && occursAsSearched(caseSensitive ? key : key.lowercased(), caseSensitive: caseSensitive, depth: depth)
         }
         let triggered = clone.profile.lorebook.enumerated().filter { _, entry in
             guard entry.enabled, !entry.promptContent.trimmedWhitespace.isEmpty else { return false }
+            let decorators = entry.decorators
+            if decorators.contains(.activate) { return true }
+            if decorators.contains(.dontActivate) { return false }
             if entry.constant == true { return true }
             let caseSensitive = entry.caseSensitive == true
+            var depth: Int?
+            for case .scanDepth(let n) in decorators { depth = n }
             let searched = caseSensitive ? entry.searchKeys.exact : entry.searchKeys.folded
-            guard searched.contains(where: { occursAsSearched($0, caseSensitive: caseSensitive) }) else { return false }
-            return entry.secondaryKeysAllow { occurs($0, caseSensitive: caseSensitive) }
+            guard searched.contains(where: { occursAsSearched($0, caseSensitive: caseSensitive, depth: depth) }) else { return false }
+            let found = { (key: String) in occurs(key, caseSensitive: caseSensitive, depth: depth) }
+            for decorator in decorators {
+                switch decorator {
+                case .additionalKeys(let keys): guard keys.contains(where: found) else { return false }
+                case .excludeKeys(let keys) where !entry.usesRegex: guard !keys.contains(where: found) else { return false }
+                default: break
+                }
+            }
+            return entry.secondaryKeysAllow(found)
         }
         // Highest priority first (earlier entries first among equals), kept while they fit.
         var kept: [(Int, LoreEntry)] = []
@@ -165,7 +183,8 @@ public struct PromptAssembler: Sendable {
             let book = clone.profile.bookSettings
             let depth = book["scan_depth"]?.intValue.map { Int(clamping: $0) } ?? Self.defaultLoreScanDepth
             let budget = book["token_budget"]?.intValue.map { Int(clamping: $0) } ?? Self.defaultLoreBudget
-            lore = Self.lore(for: clone, recent: usable.suffix(max(0, depth)).map(\.text), budget: min(budget, contextBudget / 4))
+            lore = Self.lore(
+                for: clone, recent: usable.suffix(max(0, depth)).map(\.text), budget: min(budget, contextBudget / 4), history: usable.map(\.text))
         }
         // An entry placed `before_char` goes before the character's definitions, one placed at a
         // depth (SillyTavern's) among the messages, the others after the persona.
@@ -175,10 +194,9 @@ public struct PromptAssembler: Sendable {
                 : "What you know that matters here:\n"
                     + entries.map { "- " + Self.expand($0.promptContent.trimmedWhitespace, clone, user) }.joined(separator: "\n")
         }
-        let placed = lore.map { ($0, $0.atDepth) }
-        let first = placed.filter { $0.1 == nil && $0.0.isBeforeCharacter }.map(\.0)
-        var systemText = Self.systemText(for: clone, loreFirst: block(first), user: user)
-        if let after = block(placed.filter { $0.1 == nil && !$0.0.isBeforeCharacter }.map(\.0)) { systemText += "\n" + after }
+        let placed = lore.map { ($0, $0.placement) }
+        var systemText = Self.systemText(for: clone, loreFirst: block(placed.filter { $0.1 == .beforeCharacter }.map(\.0)), user: user)
+        if let after = block(placed.filter { $0.1 == .afterCharacter }.map(\.0)) { systemText += "\n" + after }
         if let summary = summary?.trimmedWhitespace, !summary.isEmpty {
             systemText += "\nWhat was said earlier in this conversation, in short:\n" + summary
         }
@@ -189,12 +207,12 @@ public struct PromptAssembler: Sendable {
         // that depth, one message per role in the order its entries go in.
         var loreAtDepth: [(depth: Int, message: PromptMessage)] = []
         for (entry, place) in placed {
-            guard let place else { continue }
+            guard case .atDepth(let depth, let role) = place else { continue }
             let text = Self.expand(entry.promptContent.trimmedWhitespace, clone, user)
-            if let same = loreAtDepth.firstIndex(where: { $0.depth == place.depth && $0.message.role == place.role }) {
+            if let same = loreAtDepth.firstIndex(where: { $0.depth == depth && $0.message.role == role }) {
                 loreAtDepth[same].message.text += "\n" + text
             } else {
-                loreAtDepth.append((place.depth, PromptMessage(role: place.role, text: text)))
+                loreAtDepth.append((depth, PromptMessage(role: role, text: text)))
             }
         }
         let note = clone.profile.characterNote.map { ($0.depth, PromptMessage(role: $0.role, text: Self.expand($0.text, clone, user))) }

@@ -602,8 +602,9 @@ func keepsEverything(_ received: JSONValue, in exported: JSONValue?, at path: St
     }
 
     /// A V3 entry's content may begin with decorator lines (`@@depth 4`, fallbacks `@@@…`): they
-    /// are directions to a card tool, left out of the prompt with the blank lines around them;
-    /// an entry of decorators only adds nothing. A line that only contains `@@` later is text.
+    /// are directions to a card tool, left out of the prompt with the blank lines around them
+    /// (the ones Parley follows, followed: `@@depth` puts an entry among the messages); an entry
+    /// of decorators only adds nothing. A line that only contains `@@` later is text.
     @Test func decoratorLinesAreLeftOutOfTheLore() {
         var clone = Clone(id: "cl", owner: "u", name: "Ada", traits: [], systemPrompt: "", sliders: [:], memory: [], createdAt: 0, updatedAt: 0)
         clone.profile.lorebook = [
@@ -614,8 +615,53 @@ func keepsEverything(_ received: JSONValue, in exported: JSONValue?, at path: St
         ]
         let lore = PromptAssembler.lore(for: clone, recent: ["the sea"], budget: 500)
         #expect(lore.map(\.promptContent) == ["The sea is cold.\n@@ not a decorator here", "Waves.", "Salt."])
-        let system = PromptAssembler(contextBudget: 4096).assemble(clone: clone, history: [message("the sea")]).messages[0].text
-        #expect(system.hasSuffix("What you know that matters here:\n- The sea is cold.\n@@ not a decorator here\n- Waves.\n- Salt."), "\(system)")
+        let messages = PromptAssembler(contextBudget: 4096).assemble(clone: clone, history: [message("the sea")]).messages
+        #expect(messages[0].text.hasSuffix("What you know that matters here:\n- Waves."), "\(messages[0].text)")
+        #expect(
+            messages.dropFirst().map { "\($0.role.rawValue): \($0.text)" } == [
+                "system: The sea is cold.\n@@ not a decorator here", "system: Salt.", "user: the sea",
+            ])
+    }
+
+    /// The V3 decorators Parley follows: `@@activate`, `@@dont_activate`, `@@scan_depth`,
+    /// `@@additional_keys`, `@@exclude_keys` (not with `use_regex`), `@@position`, `@@depth` with
+    /// `@@role`; of a decorator it does not follow, the first `@@@` fallback it does.
+    @Test func theDecoratorsParleyFollowsSayWhetherAndWhereAnEntryGoes() {
+        var clone = Clone(id: "cl", owner: "u", name: "Ada", traits: [], systemPrompt: "", sliders: [:], memory: [], createdAt: 0, updatedAt: 0)
+        func entry(_ decorators: String, _ text: String, keys: [String] = ["sea"], extra: [(String, JSONValue)] = []) -> LoreEntry {
+            LoreEntry(keys: keys, content: decorators + "\n" + text, extra: extra)
+        }
+        clone.profile.lorebook = [
+            entry("@@activate", "Always.", keys: ["never said"]),
+            entry("@@dont_activate", "Never."),
+            entry("@@dont_activate\n@@activate", "Activate wins."),
+            entry("@@scan_depth 6", "Six deep.", keys: ["anchor"]),
+            entry("@@additional_keys storm, gale", "With weather."),
+            entry("@@exclude_keys calm", "Not calm."),
+            entry("@@exclude_keys calm", "Regex: not excluded.", extra: [("use_regex", .bool(true))]),
+            entry("@@position before_desc", "Before."),
+            entry("@@risu_only 3\n@@@another_app 2\n@@@depth 0\n@@@depth 9\n@@role user", "After the last, as the user."),
+            entry("@@depth 1\n@@role narrator", "Depth 1, system: the role is unreadable."),
+        ]
+        func prompt(_ texts: String...) -> [String] {
+            let history = texts.enumerated().map { message($1, $0 % 2 == 0 ? .user : .assistant, $0) }
+            return PromptAssembler(contextBudget: 4096).assemble(clone: clone, history: history).messages.map {
+                "\($0.role.rawValue): \($0.text)"
+            }
+        }
+        // The book scans the last 4 messages by default: "anchor" 5 back is out of its reach,
+        // but not of the entry that scans 6.
+        let calm = prompt("the anchor", "x", "y", "z", "A calm sea.")
+        #expect(calm[0].hasPrefix("system: You are Ada.\nWhat you know that matters here:\n- Before.\n"), "\(calm[0])")
+        #expect(calm[0].hasSuffix("What you know that matters here:\n- Always.\n- Activate wins.\n- Six deep.\n- Regex: not excluded."), "\(calm[0])")
+        #expect(!prompt("the anchor", "w", "x", "y", "z", "v", "A calm sea.")[0].contains("Six deep."))
+        #expect(
+            Array(calm.suffix(3)) == ["system: Depth 1, system: the role is unreadable.", "user: A calm sea.", "user: After the last, as the user."])
+        let stormy = prompt("A stormy sea.")
+        #expect(stormy[0].contains("- With weather.") && stormy[0].contains("- Not calm.") && !stormy[0].contains("Six deep."), "\(stormy[0])")
+        #expect(!stormy[0].contains("Never."))
+        #expect(LoreEntry(keys: [], content: "@@depth x\n@@@depth 2\ntext").decorators == [.depth(2)], "an unreadable value falls back too")
+        #expect(LoreEntry(keys: [], content: "@@depth 3\n@@@depth 2\ntext").decorators == [.depth(3)], "a fallback only for one not followed")
     }
 
     @Test func overTheBudgetTheLowestPriorityIsDroppedFirstAndOrderIsKept() {
