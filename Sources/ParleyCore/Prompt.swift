@@ -119,19 +119,41 @@ public struct PromptAssembler: Sendable {
         // written for a case-sensitive entry, else both lowercased; each index is built once for
         // the book's scan depth and each other one an entry asks.
         let keys = clone.profile.lorebook.reduce(0) { $0 + $1.keys.count }
-        var matchers: [Int?: (exact: LoreKeyMatcher?, folded: LoreKeyMatcher?)] = [:]
+        // A class, so that a search mutates its matcher in place (through a dictionary's value,
+        // each search copied it: a reply of a big book took 2.5 times as long).
+        final class Matchers {
+            private let messages: [String]
+            private let keys: Int
+            private var exact: LoreKeyMatcher?
+            private var folded: LoreKeyMatcher?
+            init(_ messages: [String], keys: Int) {
+                self.messages = messages
+                self.keys = keys
+            }
+            func occurs(_ key: String, caseSensitive: Bool) -> Bool {
+                if caseSensitive {
+                    if exact == nil { exact = LoreKeyMatcher(messages, keys: keys) }
+                    return exact!.occurs(key)
+                }
+                if folded == nil { folded = LoreKeyMatcher(messages.map { $0.lowercased() }, keys: keys) }
+                return folded!.occurs(key)
+            }
+        }
+        let book = Matchers(recent, keys: keys)
+        var byDepth: [Int: Matchers] = [:]
         // `key` trimmed and not blank, and lowercased unless `caseSensitive`, in the last `depth`
         // messages (nil: `recent`).
         func occursAsSearched(_ key: String, caseSensitive: Bool, depth: Int?) -> Bool {
-            let messages = depth.map { Array((history ?? recent).suffix($0)) } ?? recent
-            if caseSensitive {
-                if matchers[depth]?.exact == nil { matchers[depth, default: (nil, nil)].exact = LoreKeyMatcher(messages, keys: keys) }
-                return matchers[depth]!.exact!.occurs(key)
+            var matchers = book
+            if let depth {
+                if let made = byDepth[depth] {
+                    matchers = made
+                } else {
+                    matchers = Matchers(Array((history ?? recent).suffix(depth)), keys: keys)
+                    byDepth[depth] = matchers
+                }
             }
-            if matchers[depth]?.folded == nil {
-                matchers[depth, default: (nil, nil)].folded = LoreKeyMatcher(messages.map { $0.lowercased() }, keys: keys)
-            }
-            return matchers[depth]!.folded!.occurs(key)
+            return matchers.occurs(key, caseSensitive: caseSensitive)
         }
         func occurs(_ key: String, caseSensitive: Bool, depth: Int?) -> Bool {
             let key = key.trimmedWhitespace
