@@ -120,6 +120,32 @@ public struct LoreEntry: Sendable, Equatable {
         return Array(keys.prefix(CharacterCard.Limits().maxKeysPerEntry))
     }
 
+    /// SillyTavern's settings for the entry, which its card exports keep in `extensions`.
+    private var sillyTavern: JSONValue? { extra.first(where: { $0.0 == "extensions" })?.1 }
+
+    /// Keys are looked for as written: the card's `case_sensitive`, else SillyTavern's
+    /// `extensions.case_sensitive` (null there: its default, not).
+    public var isCaseSensitive: Bool {
+        if let caseSensitive { return caseSensitive }
+        if case .bool(let said)? = sillyTavern?["case_sensitive"] { return said }
+        return false
+    }
+
+    /// The messages its keys are looked for in, when the entry says: V3's `@@scan_depth`, else
+    /// SillyTavern's `extensions.scan_depth` (a number 0-10000; null there: the book's).
+    public var scanDepth: Int? {
+        for case .scanDepth(let n) in decorators { return n }
+        return sillyTavern?["scan_depth"]?.intValue.flatMap { (0...10_000).contains($0) ? Int($0) : nil }
+    }
+
+    /// The chance, in percent, that the entry goes in when it is found: SillyTavern's
+    /// `extensions.probability` (0-100) when `extensions.useProbability` is true; 100 otherwise.
+    public var probability: Int {
+        guard sillyTavern?["useProbability"] == .bool(true), let percent = sillyTavern?["probability"]?.intValue, (0...100).contains(percent)
+        else { return 100 }
+        return Int(percent)
+    }
+
     /// V3's `use_regex`: its keys are patterns (Parley matches them as text).
     public var usesRegex: Bool { extra.first(where: { $0.0 == "use_regex" })?.1 == .bool(true) }
 

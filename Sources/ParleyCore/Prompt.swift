@@ -164,10 +164,15 @@ public struct PromptAssembler: Sendable {
             let decorators = entry.decorators
             if decorators.contains(.activate) { return true }
             if decorators.contains(.dontActivate) { return false }
-            if entry.constant == true { return true }
-            let caseSensitive = entry.caseSensitive == true
-            var depth: Int?
-            for case .scanDepth(let n) in decorators { depth = n }
+            // SillyTavern's chance, drawn once the entry is found, or constant (`@@activate` is in
+            // whatever it says).
+            func drawn() -> Bool {
+                let chance = entry.probability
+                return chance >= 100 || (chance > 0 && Int.random(in: 0..<100) < chance)
+            }
+            if entry.constant == true { return drawn() }
+            let caseSensitive = entry.isCaseSensitive
+            let depth = entry.scanDepth
             let searched = caseSensitive ? entry.searchKeys.exact : entry.searchKeys.folded
             guard searched.contains(where: { occursAsSearched($0, caseSensitive: caseSensitive, depth: depth) }) else { return false }
             let found = { (key: String) in occurs(key, caseSensitive: caseSensitive, depth: depth) }
@@ -178,7 +183,7 @@ public struct PromptAssembler: Sendable {
                 default: break
                 }
             }
-            return entry.secondaryKeysAllow(found)
+            return entry.secondaryKeysAllow(found) && drawn()
         }
         // Highest priority first (earlier entries first among equals), kept while they fit.
         var kept: [(Int, LoreEntry)] = []

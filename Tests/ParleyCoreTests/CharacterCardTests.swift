@@ -623,6 +623,42 @@ func keepsEverything(_ received: JSONValue, in exported: JSONValue?, at path: St
             ])
     }
 
+    /// SillyTavern's per-entry settings in its exports' `extensions`: `case_sensitive` (the card's
+    /// own wins), `scan_depth` (V3's `@@scan_depth` wins), and `probability` with `useProbability`
+    /// (a found or constant entry goes in that often; `@@activate` always), however the profile
+    /// was read.
+    @Test(arguments: [false, true]) func sillyTavernsCaseSensitivityScanDepthAndChanceAreFollowed(stored: Bool) throws {
+        var clone = Clone(id: "cl", owner: "u", name: "Ada", traits: [], systemPrompt: "", sliders: [:], memory: [], createdAt: 0, updatedAt: 0)
+        func entry(_ content: String, _ extensions: [(String, JSONValue)], keys: [String] = ["Rift"], caseSensitive: Bool? = nil) -> LoreEntry {
+            LoreEntry(keys: keys, content: content, caseSensitive: caseSensitive, extra: [("extensions", .object(extensions))])
+        }
+        clone.profile.lorebook = [
+            entry("As written.", [("case_sensitive", .bool(true))]),
+            entry("Card's own wins.", [("case_sensitive", .bool(true))], caseSensitive: false),
+            entry("Null: folded.", [("case_sensitive", .null)]),
+            entry("Six deep.", [("scan_depth", .int(6))], keys: ["anchor"]),
+            entry("@@scan_depth 1\nDecorator wins.", [("scan_depth", .int(6))], keys: ["anchor"]),
+            entry("Never.", [("probability", .int(0)), ("useProbability", .bool(true))]),
+            entry("Not used: always.", [("probability", .int(0)), ("useProbability", .bool(false))]),
+            LoreEntry(
+                keys: [], content: "Constant, half the time.", constant: true,
+                extra: [("extensions", .object([("probability", .int(50)), ("useProbability", .bool(true))]))]),
+            entry("@@activate\nActivated, whatever the chance.", [("probability", .int(0)), ("useProbability", .bool(true))]),
+        ]
+        if stored { clone.profile = CharacterCard.profile(fromStorage: CharacterCard.storageJSON(clone.profile).serializedString()) }
+        func lore(_ texts: String...) -> [String] {
+            PromptAssembler.lore(for: clone, recent: Array(texts.suffix(4)), budget: 10_000, history: texts).map(\.promptContent)
+        }
+        let folded = lore("anchor", "w", "x", "y", "the rift")
+        #expect(!folded.contains("As written.") && folded.contains("Card's own wins.") && folded.contains("Null: folded."))
+        #expect(folded.contains("Six deep.") && !folded.contains("Decorator wins."), "\(folded)")
+        #expect(!folded.contains("Never.") && folded.contains("Not used: always.") && folded.contains("Activated, whatever the chance."))
+        #expect(lore("The Rift").contains("As written."))
+        var constant = 0
+        for _ in 0..<200 where lore("nothing").contains("Constant, half the time.") { constant += 1 }
+        #expect((40...160).contains(constant), "\(constant) of 200")
+    }
+
     /// The V3 decorators Parley follows: `@@activate`, `@@dont_activate`, `@@scan_depth`,
     /// `@@additional_keys`, `@@exclude_keys` (not with `use_regex`), `@@position`, `@@depth` with
     /// `@@role`; of a decorator it does not follow, the first `@@@` fallback it does.
