@@ -122,8 +122,8 @@ def test_an_imported_lorebook_reaches_the_provider(data_dir, fake_openai):  # no
 
 def test_what_a_v3_card_asks_of_the_prompt_reaches_the_provider(data_dir, fake_openai):  # noqa: F811
     """Through the real import, store and provider: the nickname stands for {{char}}, {{original}}
-    for nothing, the character's note sits at its depth, decorator lines and <START> markers stay
-    out, a selective entry waits for its secondary key (or, by SillyTavern's selectiveLogic, for
+    for nothing, the character's note sits at its depth, decorator lines (followed: @@depth) and
+    <START> markers stay out, a selective entry waits for its secondary key (or, by SillyTavern's selectiveLogic, for
     its absence), an entry placed at a depth goes there, and the greeting chosen opens the chat."""
     prices = data_dir / "prices.json"
     prices.write_text(json.dumps({"models": {"fake-model": {"input_per_1k": 1, "output_per_1k": 1}}}))
@@ -164,13 +164,13 @@ def test_what_a_v3_card_asks_of_the_prompt_reaches_the_provider(data_dir, fake_o
         system = messages[0]["content"]
         assert system.startswith("Stay in character as Mara.\nYou are Captain Mara Vell.\nDescription: Mara flies the Kestrel."), system
         assert "Examples of how you speak:\nUser: Hi\nMara: Ahoy.\n\nMara: Off you go." in system and "<START>" not in system
-        assert "- The engine runs on storm-glass." in system and "@@" not in system
+        assert "storm-glass" not in system and "@@" not in system, "@@depth 4 puts the engine's entry among the messages"
         assert "guild taxes" not in system, "the selective entry waits for 'tax'"
         assert "engine is a secret" not in system, "selectiveLogic 2 (none of them): 'guild' was said"
         assert "hears the engine" not in system, "an entry placed at a depth is among the messages"
         assert [(m["role"], m["content"]) for m in messages[1:]] == [
-            ("assistant", "Mara tips her hat."), ("system", "Mara is tired."), ("user", "How is the engine? And the guild?"),
-            ("system", "Mara hears the engine.")], messages
+            ("system", "The engine runs on storm-glass."), ("assistant", "Mara tips her hat."), ("system", "Mara is tired."),
+            ("user", "How is the engine? And the guild?"), ("system", "Mara hears the engine.")], messages
     finally:
         assert server.stop() == 0
 
