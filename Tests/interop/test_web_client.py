@@ -990,9 +990,22 @@ def test_the_name_saved_in_the_account_is_who_a_greeting_welcomes(web, browser):
     # preview and the stored message), is shown again after a reload, and an empty name removes it.
     token, page = chat_with_card(web, browser, "paz", {"name": "Seraphina", "first_mes": "Welcome, {{user}}."})
     expect(page.locator("#messages li.greeting")).to_contain_text("Welcome, User.", timeout=WAIT)
-    page.get_by_role("button", name="Account").click()
+    # The Account view's GET /v1/me is held until the user has typed: what it answers (no
+    # persona) must not wipe what they typed.
+    held = []
+
+    def hold(route):
+        held.append(route)
+    page.route("**/v1/me", hold)
+    with page.expect_request("**/v1/me"):
+        page.get_by_role("button", name="Account").click()
     page.get_by_label("What your clones call you").fill("  Inès Duval ")
     page.get_by_label("About you (optional)").fill("A cartographer.")
+    assert len(held) == 1
+    held[0].continue_()
+    page.unroute("**/v1/me", hold)
+    expect(page.locator("#plan-summary")).to_contain_text("plan", timeout=WAIT)
+    expect(page.get_by_label("What your clones call you")).to_have_value("  Inès Duval ")
     page.get_by_role("button", name="Save who you are").click()
     expect(page.locator("#persona-status")).to_have_text("Saved: your clones call you Inès Duval.", timeout=WAIT)
     assert web.http("GET", "/v1/me/persona", token)[1] == {"name": "Inès Duval", "description": "A cartographer."}

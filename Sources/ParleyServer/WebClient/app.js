@@ -301,10 +301,10 @@ async function loadPlan() {
     const status = me.subscription && me.subscription.status !== "active"
       ? ` Your subscription is ${me.subscription.status === "past_due" ? "past due" : "cancelled"}: it ends ${new Date(me.subscription.period_end).toLocaleDateString()}.` : "";
     $("plan-summary").textContent = `${plan.name} plan: ${plan.features.map((f) => PLAN_FEATURES[f] ?? f).join(", ")}.${allowance}${status} This month runs to ${last}.`;
-    $("persona-name").value = me.persona?.name ?? "";
-    $("persona-description").value = me.persona?.description ?? "";
-    $("limit-daily").value = me.limits.daily ?? "";
-    $("limit-monthly").value = me.limits.monthly ?? "";
+    showLoaded("persona-name", me.persona?.name ?? "");
+    showLoaded("persona-description", me.persona?.description ?? "");
+    showLoaded("limit-daily", me.limits.daily ?? "");
+    showLoaded("limit-monthly", me.limits.monthly ?? "");
     $("usage-days").replaceChildren(...(usage.groups.length ? usage.groups : [{ key: null, credits: 0 }]).map((g) => {
       const li = document.createElement("li");
       li.textContent = g.key ? `${new Date(g.key + "T00:00:00Z").toLocaleDateString(undefined, { timeZone: "UTC" })}: ${credits(g.credits)}` : "Nothing spent yet this month.";
@@ -315,11 +315,20 @@ async function loadPlan() {
   }
 }
 
+// A field's value as the server has it, unless the user changed it since it was last shown
+// (they may type before GET /v1/me answers: their words stay).
+function showLoaded(id, value) {
+  const field = $(id);
+  if (field.value === (field.dataset.loaded ?? "")) field.value = String(value);
+  field.dataset.loaded = String(value);
+}
+
 async function saveLimits(event) {
   event.preventDefault();
   const value = (id) => $(id).value.trim() === "" ? null : Number($(id).value);
   try {
     const saved = await api("PUT", "/v1/me/limits", { daily: value("limit-daily"), monthly: value("limit-monthly") });
+    for (const [id, value] of [["limit-daily", saved.daily], ["limit-monthly", saved.monthly]]) $(id).dataset.loaded = String(value ?? "");
     $("limits-status").textContent = saved.daily === null && saved.monthly === null ? "Saved: no limits." : "Saved.";
   } catch (error) {
     $("limits-status").textContent = `Not saved: ${error.message}`;
@@ -334,12 +343,17 @@ async function savePersona(event) {
   try {
     if (name === "") {
       await api("DELETE", "/v1/me/persona");
-      $("persona-description").value = "";
+      for (const id of ["persona-name", "persona-description"]) {
+        $(id).value = "";
+        $(id).dataset.loaded = "";
+      }
       $("persona-status").textContent = "Saved: your clones call you User.";
     } else {
       const saved = await api("PUT", "/v1/me/persona", { name, description: $("persona-description").value });
-      $("persona-name").value = saved.name;
-      $("persona-description").value = saved.description;
+      for (const [id, value] of [["persona-name", saved.name], ["persona-description", saved.description]]) {
+        $(id).value = value;
+        $(id).dataset.loaded = value;
+      }
       $("persona-status").textContent = `Saved: your clones call you ${saved.name}.`;
     }
     await loadClones();
