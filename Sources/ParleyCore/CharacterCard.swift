@@ -95,8 +95,8 @@ public struct LoreEntry: Sendable, Equatable {
             for case .role(let said) in decorators { role = said }
             return .atDepth(depth, role)
         }
-        if let extensions = extra.first(where: { $0.0 == "extensions" })?.1, extensions["position"]?.intValue == 4 {
-            let depth = extensions["depth"]?.intValue.flatMap { (0...10_000).contains($0) ? Int($0) : nil } ?? 4
+        if let extensions, extensions["position"]?.intValue == 4 {
+            let depth = CharacterNote.depth(extensions["depth"]) ?? 4
             let role: Role =
                 switch extensions["role"]?.intValue {
                 case 1: .user
@@ -120,14 +120,14 @@ public struct LoreEntry: Sendable, Equatable {
         return Array(keys.prefix(CharacterCard.Limits().maxKeysPerEntry))
     }
 
-    /// SillyTavern's settings for the entry, which its card exports keep in `extensions`.
-    private var sillyTavern: JSONValue? { extra.first(where: { $0.0 == "extensions" })?.1 }
+    /// The entry's `extensions`, where SillyTavern's card exports keep its settings for it.
+    private var extensions: JSONValue? { extra.first(where: { $0.0 == "extensions" })?.1 }
 
     /// Keys are looked for as written: the card's `case_sensitive`, else SillyTavern's
     /// `extensions.case_sensitive` (null there: its default, not).
     public var isCaseSensitive: Bool {
         if let caseSensitive { return caseSensitive }
-        if case .bool(let said)? = sillyTavern?["case_sensitive"] { return said }
+        if case .bool(let said)? = extensions?["case_sensitive"] { return said }
         return false
     }
 
@@ -135,13 +135,13 @@ public struct LoreEntry: Sendable, Equatable {
     /// SillyTavern's `extensions.scan_depth` (a number 0-10000; null there: the book's).
     public var scanDepth: Int? {
         for case .scanDepth(let n) in decorators { return n }
-        return sillyTavern?["scan_depth"]?.intValue.flatMap { (0...10_000).contains($0) ? Int($0) : nil }
+        return CharacterNote.depth(extensions?["scan_depth"])
     }
 
     /// The chance, in percent, that the entry goes in when it is found: SillyTavern's
     /// `extensions.probability` (0-100) when `extensions.useProbability` is true; 100 otherwise.
     public var probability: Int {
-        guard sillyTavern?["useProbability"] == .bool(true), let percent = sillyTavern?["probability"]?.intValue, (0...100).contains(percent)
+        guard extensions?["useProbability"] == .bool(true), let percent = extensions?["probability"]?.intValue, (0...100).contains(percent)
         else { return 100 }
         return Int(percent)
     }
@@ -165,7 +165,6 @@ public struct LoreEntry: Sendable, Equatable {
     /// The entry's `extensions.selectiveLogic` (or a world-info file's top-level one); `andAny`
     /// for none or a value SillyTavern does not define.
     public var secondaryKeyLogic: SecondaryKeyLogic {
-        let extensions = extra.first { $0.0 == "extensions" }?.1
         let value = extensions?["selectiveLogic"] ?? extra.first { $0.0 == "selectiveLogic" }?.1
         return value?.intValue.flatMap(SecondaryKeyLogic.init(rawValue:)) ?? .andAny
     }
@@ -403,9 +402,12 @@ public struct CharacterNote: Sendable, Equatable {
     init?(_ value: JSONValue?) {
         guard let text = value?["prompt"]?.stringValue, !text.trimmedWhitespace.isEmpty, text.fits(characters: 32_000) else { return nil }
         self.text = text.trimmedWhitespace
-        depth = value?["depth"]?.intValue.flatMap { (0...10_000).contains($0) ? Int($0) : nil } ?? 4
+        depth = Self.depth(value?["depth"]) ?? 4
         role = value?["role"]?.stringValue.flatMap(Role.init(rawValue:)) ?? .system
     }
+
+    /// A depth as a card gives it (the note's, a lorebook entry's): a number 0-10000; nil otherwise.
+    static func depth(_ value: JSONValue?) -> Int? { value?.intValue.flatMap { (0...10_000).contains($0) ? Int($0) : nil } }
 
     var json: JSONValue { .object([("prompt", .string(text)), ("depth", .int(Int64(depth))), ("role", .string(role.rawValue))]) }
 }

@@ -363,8 +363,7 @@ struct RESTAPI: Sendable {
         await audit.record(
             "clone.created", actor: identity.user, target: clone.id, ip: remoteIP,
             detail: profile.isEmpty ? [:] : ["source": "card"])
-        return HTTPResponse(
-            .created, json: clone.json(user: try await personas.persona(of: identity.user)), headers: ["location": "/v1/clones/\(clone.id)"])
+        return HTTPResponse(.created, json: try await shown(clone, to: identity), headers: ["location": "/v1/clones/\(clone.id)"])
     }
 
     /// Throws unless `user` may have `count` clones: the plan's limit (when it sets one), then
@@ -410,6 +409,11 @@ struct RESTAPI: Sendable {
         return fields
     }
 
+    /// `clone` as the caller sees it: its greetings name their persona.
+    private func shown(_ clone: Clone, to identity: Identity) async throws -> JSONValue {
+        clone.json(user: try await personas.persona(of: identity.user))
+    }
+
     /// Clones read from the store per page for a list or an export: each may carry megabytes.
     static let clonePage = 16
 
@@ -437,14 +441,14 @@ struct RESTAPI: Sendable {
     }
 
     private func getClone(_ id: String, _ identity: Identity) async throws -> HTTPResponse {
-        HTTPResponse(.ok, json: try await ownedClone(id, identity).json(user: try await personas.persona(of: identity.user)))
+        HTTPResponse(.ok, json: try await shown(try await ownedClone(id, identity), to: identity))
     }
 
     private func patchClone(_ id: String, _ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {
         let fields = try offered(CloneFields.parse(try request.json(), requireName: false, limits: configuration.cloneLimits))
         let updated = fields.applied(to: try await ownedClone(id, identity), at: Int64(Timestamp.nowMillis()))
         guard try await store.updateClone(updated) else { throw Self.noClone(id) }
-        return HTTPResponse(.ok, json: updated.json(user: try await personas.persona(of: identity.user)))
+        return HTTPResponse(.ok, json: try await shown(updated, to: identity))
     }
 
     private func deleteClone(_ id: String, _ request: HTTPRequest, _ identity: Identity) async throws -> HTTPResponse {

@@ -34,10 +34,9 @@ final class DecodedClones: Sendable {
     /// The clone `id` of `owner`, if decoded lately; nil to read it.
     func clone(id: String, owner: String) -> Clone? {
         state.withLock { state in
-            guard var entry = state.byID[id], entry.clone.owner == owner else { return nil }
+            guard let entry = state.byID[id], entry.clone.owner == owner else { return nil }
             state.clock += 1
-            entry.used = state.clock
-            state.byID[id] = entry
+            state.byID[id]?.used = state.clock
             return entry.clone
         }
     }

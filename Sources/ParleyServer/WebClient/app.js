@@ -323,6 +323,12 @@ function showLoaded(id, value) {
   field.dataset.loaded = String(value);
 }
 
+// A field showing what the server now has, just saved.
+function showSaved(id, value) {
+  $(id).value = value;
+  $(id).dataset.loaded = value;
+}
+
 async function saveLimits(event) {
   event.preventDefault();
   const value = (id) => $(id).value.trim() === "" ? null : Number($(id).value);
@@ -343,17 +349,13 @@ async function savePersona(event) {
   try {
     if (name === "") {
       await api("DELETE", "/v1/me/persona");
-      for (const id of ["persona-name", "persona-description"]) {
-        $(id).value = "";
-        $(id).dataset.loaded = "";
-      }
+      showSaved("persona-name", "");
+      showSaved("persona-description", "");
       $("persona-status").textContent = "Saved: your clones call you User.";
     } else {
       const saved = await api("PUT", "/v1/me/persona", { name, description: $("persona-description").value });
-      for (const [id, value] of [["persona-name", saved.name], ["persona-description", saved.description]]) {
-        $(id).value = value;
-        $(id).dataset.loaded = value;
-      }
+      showSaved("persona-name", saved.name);
+      showSaved("persona-description", saved.description);
       $("persona-status").textContent = `Saved: your clones call you ${saved.name}.`;
     }
     await loadClones();
